@@ -1,0 +1,62 @@
+# tokenwire: `make run` starts the service on the bundled model; `make test` checks everything.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+BUF_VERSION := 1.75.0
+BUF := npx --yes @bufbuild/buf@$(BUF_VERSION)
+HOST ?= 127.0.0.1
+PORT ?= 50051
+
+.PHONY: install run test lint typecheck imports proto proto-lint pytest model clean help
+
+help:
+	@echo "make run    - install (first time) and start the server on the bundled model"
+	@echo "make test   - install (first time) and run lint, types, contracts and tests"
+	@echo "make proto  - regenerate Python stubs from protos/"
+	@echo "make model  - rebuild the bundled model (separate build env with torch)"
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	@echo "tokenwire: gRPC on $(HOST):$(PORT) (model: models/tiny-py)"
+	@echo "  stream:  $(BIN)/tokenwire generate 'def fib(n):' --stats"
+	@echo "  grpcurl: grpcurl -plaintext -d '{\"prompt\":\"def fib(n):\",\"max_tokens\":32}' $(HOST):$(PORT) tokenwire.v1.GenerationService/Generate"
+	@echo "  health:  grpcurl -plaintext $(HOST):$(PORT) grpc.health.v1.Health/Check"
+	@echo "  Ctrl-C drains in-flight streams and exits."
+	$(BIN)/tokenwire serve --host $(HOST) --port $(PORT) --log-format console
+
+test: install lint typecheck imports proto-lint pytest
+
+lint: install
+	$(BIN)/ruff check service clients tokenwire_cli tests scripts
+	$(BIN)/ruff format --check service clients tokenwire_cli tests scripts
+
+typecheck: install
+	$(BIN)/mypy
+
+imports: install
+	$(BIN)/lint-imports
+
+proto-lint:
+	cd protos && $(BUF) lint
+
+pytest: install
+	$(BIN)/pytest
+
+proto: install
+	$(BIN)/python scripts/gen_proto.py
+
+model:
+	$(PY) -m venv models/.venv
+	models/.venv/bin/python -m pip install -q -r models/requirements-build.txt
+	models/.venv/bin/python models/build_tiny.py --out models/tiny-py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,121 @@
+"""`tokenwire generate`: stream a completion to the terminal, optionally with timing stats."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import TextIO
+
+from clients.client import (
+    DEFAULT_TARGET,
+    Completion,
+    GenerateOptions,
+    Token,
+    TokenwireClient,
+    Usage,
+)
+from clients.errors import TokenwireError
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument("prompt", help="text to continue")
+    parser.add_argument(
+        "--target",
+        default=env("TOKENWIRE_TARGET", DEFAULT_TARGET),
+        help="server address, host:port or dns:///name:port (env TOKENWIRE_TARGET)",
+    )
+    parser.add_argument("--max-tokens", type=int, default=0, help="0 = server default")
+    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--request-id", default="")
+    parser.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    parser.add_argument(
+        "--stats", action="store_true", help="print TTFT, inter-token latency and tokens/s"
+    )
+
+
+def options_from_args(args: argparse.Namespace) -> GenerateOptions:
+    return GenerateOptions(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+        request_id=args.request_id,
+    )
+
+
+class StreamStats:
+    """Client-side view of a stream: when each token arrived."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.arrivals: list[float] = []
+
+    def token(self) -> None:
+        self.arrivals.append(time.perf_counter())
+
+    def render(self, completion: Completion | None, usage: Usage | None) -> str:
+        gaps = sorted(b - a for a, b in zip(self.arrivals, self.arrivals[1:], strict=False))
+        ttft = (self.arrivals[0] - self.started) * 1000 if self.arrivals else float("nan")
+        span = self.arrivals[-1] - self.arrivals[0] if len(self.arrivals) > 1 else 0.0
+        rate = (len(self.arrivals) - 1) / span if span > 0 else float("nan")
+        lines = [
+            f"tokens: {len(self.arrivals)}",
+            f"ttft: {ttft:.1f} ms",
+            f"itl p50: {_pct(gaps, 50):.2f} ms  p95: {_pct(gaps, 95):.2f} ms",
+            f"tokens/s: {rate:.1f}",
+            f"finish: {completion.finish_reason if completion else 'none'}",
+        ]
+        if usage is not None:
+            lines.append(
+                f"server: prompt {usage.prompt_tokens} tokens, queue {usage.queue_time_ms:.1f} ms, "
+                f"ttft {usage.time_to_first_token_ms:.1f} ms, request id {usage.request_id}"
+            )
+        return "\n".join(lines)
+
+
+def _pct(ordered: list[float], q: float) -> float:
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1000
+
+
+def run_generate(
+    args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+) -> int:
+    stats = StreamStats()
+    completion: Completion | None = None
+    usage: Usage | None = None
+    with TokenwireClient(args.target, timeout_s=args.timeout) as client:
+        try:
+            for event in client.generate(args.prompt, options_from_args(args)):
+                if isinstance(event, Token):
+                    stats.token()
+                    out.write(event.text)
+                    out.flush()
+                elif isinstance(event, Usage):
+                    usage = event
+                else:
+                    completion = event
+        except KeyboardInterrupt:
+            err.write("\n[cancelled]\n")
+            return 130
+        except TokenwireError as exc:
+            err.write(f"\nerror: {exc}\n")
+            return 1
+    out.write("\n")
+    if args.stats:
+        err.write(stats.render(completion, usage) + "\n")
+    return 0

@@ -1,0 +1,281 @@
+"""Typed tokenwire clients (async and sync) over the generated stubs.
+
+Both yield Token events as they arrive, then one Usage, then one Completion. Failures raise
+the TokenwireError subclass for their status. Leaving the iteration early cancels the RPC,
+which frees the server's batch slot at its next step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, TypeAlias
+
+import grpc
+from tokenwire.v1 import generate_pb2 as pb
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
+
+from clients.errors import from_rpc_error
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TIMEOUT_S = 120.0
+SERVICE = "tokenwire.v1.GenerationService"
+
+# Spread over every address a dns:/// or ipv4: target resolves to, and retry UNAVAILABLE
+# transparently while nothing has been received (a replica draining or gone).
+SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [
+            {
+                "name": [{"service": SERVICE}],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.service_config", SERVICE_CONFIG),
+    ("grpc.enable_retries", 1),
+    ("grpc.keepalive_time_ms", 30_000),
+]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Token:
+    text: str
+    id: int
+    index: int
+    logprob: float | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    queue_time_ms: float
+    time_to_first_token_ms: float
+    decode_time_ms: float
+    total_time_ms: float
+    request_id: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Completion:
+    finish_reason: str
+    """One of stop, length, stop_sequence, cancelled, deadline_exceeded."""
+    stop_sequence: str = ""
+
+
+StreamEvent: TypeAlias = Token | Usage | Completion
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelInfo:
+    model: str
+    context_length: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    provider: str
+    max_tokens_limit: int
+    default_max_tokens: int
+    max_batch_size: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GenerateOptions:
+    """Everything a Generate call can ask for besides the prompt. None means server default."""
+
+    max_tokens: int = 0
+    temperature: float | None = None
+    top_k: int = 0
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    request_id: str = ""
+
+    def to_pb(self, prompt: str) -> pb.GenerateRequest:
+        sampling = pb.SamplingParams(top_k=self.top_k)
+        for name in ("temperature", "top_p", "repetition_penalty", "seed"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(sampling, name, value)
+        return pb.GenerateRequest(
+            prompt=prompt,
+            max_tokens=self.max_tokens,
+            sampling=sampling,
+            stop=list(self.stop),
+            ignore_eos=self.ignore_eos,
+            logprobs=self.logprobs,
+            request_id=self.request_id,
+        )
+
+
+_FINISH_NAMES = {
+    value: name.removeprefix("FINISH_REASON_").lower() for name, value in pb.FinishReason.items()
+}
+
+
+def event_from_pb(message: pb.GenerateResponse) -> StreamEvent:
+    kind = message.WhichOneof("event")
+    if kind == "token":
+        t = message.token
+        return Token(t.text, t.id, t.index, t.logprob if t.HasField("logprob") else None)
+    if kind == "usage":
+        u = message.usage
+        return Usage(
+            prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
+            total_tokens=u.total_tokens,
+            queue_time_ms=u.queue_time_ms,
+            time_to_first_token_ms=u.time_to_first_token_ms,
+            decode_time_ms=u.decode_time_ms,
+            total_time_ms=u.total_time_ms,
+            request_id=u.request_id,
+        )
+    if kind == "completion":
+        c = message.completion
+        return Completion(_FINISH_NAMES.get(c.finish_reason, "unspecified"), c.stop_sequence)
+    raise ValueError(f"unknown GenerateResponse event {kind!r}")
+
+
+def model_info_from_pb(m: pb.GetModelInfoResponse) -> ModelInfo:
+    return ModelInfo(
+        model=m.model,
+        context_length=m.context_length,
+        vocab_size=m.vocab_size,
+        eos_token_ids=tuple(m.eos_token_ids),
+        provider=m.provider,
+        max_tokens_limit=m.max_tokens_limit,
+        default_max_tokens=m.default_max_tokens,
+        max_batch_size=m.max_batch_size,
+    )
+
+
+def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
+    return (("x-request-id", request_id),) if request_id else ()
+
+
+class AsyncTokenwireClient:
+    """grpc.aio client. Use as `async with AsyncTokenwireClient(target) as client:`."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self._channel = channel or grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.GenerationServiceStub(self._channel)
+        self.timeout_s = timeout_s
+
+    async def __aenter__(self) -> AsyncTokenwireClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def generate(
+        self, prompt: str, options: GenerateOptions | None = None, *, timeout_s: float | None = None
+    ) -> AsyncIterator[StreamEvent]:
+        options = options or GenerateOptions()
+        call = self._stub.Generate(
+            options.to_pb(prompt),
+            timeout=timeout_s or self.timeout_s,
+            metadata=_metadata(options.request_id),
+        )
+        try:
+            async for message in call:
+                yield event_from_pb(message)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
+    async def model_info(self) -> ModelInfo:
+        try:
+            reply = await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return model_info_from_pb(reply)
+
+    async def cancel(self, request_id: str) -> bool:
+        try:
+            reply = await self._stub.Cancel(
+                pb.CancelRequest(request_id=request_id), timeout=self.timeout_s
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return reply.cancelled
+
+
+class TokenwireClient:
+    """Blocking client. Closing the generator early (break, Ctrl-C) cancels the RPC."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self._channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.GenerationServiceStub(self._channel)
+        self.timeout_s = timeout_s
+
+    def __enter__(self) -> TokenwireClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def generate(
+        self, prompt: str, options: GenerateOptions | None = None, *, timeout_s: float | None = None
+    ) -> Iterator[StreamEvent]:
+        options = options or GenerateOptions()
+        call = self._stub.Generate(
+            options.to_pb(prompt),
+            timeout=timeout_s or self.timeout_s,
+            metadata=_metadata(options.request_id),
+        )
+        try:
+            for message in call:
+                yield event_from_pb(message)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
+    def model_info(self) -> ModelInfo:
+        try:
+            reply = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return model_info_from_pb(reply)
+
+    def cancel(self, request_id: str) -> bool:
+        try:
+            reply = self._stub.Cancel(
+                pb.CancelRequest(request_id=request_id), timeout=self.timeout_s
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return reply.cancelled

@@ -1,0 +1,86 @@
+"""Client-side exceptions, one per gRPC status a caller should handle differently."""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+
+class TokenwireError(Exception):
+    """A Generate/GetModelInfo/Cancel call failed. `code` is the gRPC status."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        field: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.field = field
+        self.retry_after_s = retry_after_s
+
+
+class InvalidArgument(TokenwireError):
+    """A request field is out of range; `field` names it."""
+
+
+class Overloaded(TokenwireError):
+    """The server is at capacity; retry after `retry_after_s`."""
+
+
+class Unavailable(TokenwireError):
+    """The server is down, starting or draining."""
+
+
+class DeadlineExceeded(TokenwireError):
+    """The call's deadline passed."""
+
+
+class Cancelled(TokenwireError):
+    """The call was cancelled."""
+
+
+class ServerError(TokenwireError):
+    """Any other failure (INTERNAL, UNKNOWN, ...)."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[TokenwireError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> TokenwireError:
+    """Translate a grpc error (sync or aio) into the matching TokenwireError."""
+    code: grpc.StatusCode = error.code()
+    message = str(error.details() or "")
+    field, retry_after = _rich_details(error)
+    cls = _BY_CODE.get(code, ServerError)
+    return cls(code, message, field=field, retry_after_s=retry_after)
+
+
+def _rich_details(error: grpc.RpcError) -> tuple[str | None, float | None]:
+    field: str | None = None
+    retry_after: float | None = None
+    try:
+        status = rpc_status.from_call(error)
+    except (ValueError, AttributeError):
+        status = None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            field = bad.field_violations[0].field if bad.field_violations else None
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            retry_after = info.retry_delay.ToNanoseconds() / 1e9
+    return field, retry_after

@@ -1,0 +1,133 @@
+"""Server settings: one frozen object, built once from a mapping (os.environ by default)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+ENV_PREFIX = "TOKENWIRE_"
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "tiny-py"
+
+Provider = Literal["auto", "cpu", "cuda"]
+LogFormat = Literal["json", "console"]
+
+
+class SettingsError(ValueError):
+    """A setting has a value outside its allowed range."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the server reads from its environment; validated at construction."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    model_dir: Path = BUNDLED_MODEL_DIR
+    provider: Provider = "auto"
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    max_batch_size: int = 16
+    max_queue: int = 64
+    max_tokens_limit: int = 512
+    default_max_tokens: int = 128
+    max_prompt_bytes: int = 262_144
+    max_stop_strings: int = 8
+    max_stop_length: int = 64
+    prefill_chunk_tokens: int = 256
+    drain_grace_s: float = 30.0
+    drain_notice_s: float = 0.0
+    max_connection_age_s: float = 0.0
+    log_format: LogFormat = "json"
+    log_content: bool = False
+
+    def __post_init__(self) -> None:
+        for check in _CHECKS:
+            check(self)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read TOKENWIRE_<FIELD> variables, then apply explicit overrides (e.g. CLI flags)."""
+        source = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = source.get(ENV_PREFIX + field.name.upper())
+            if raw is not None:
+                values[field.name] = _parse(field.name, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _parse(name: str, raw: str) -> Any:
+    kind = _FIELD_TYPES.get(name, str)
+    try:
+        return kind(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{ENV_PREFIX}{name.upper()}: cannot parse {raw!r}: {exc}") from exc
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+
+
+_PARSERS: dict[type, Callable[[str], Any]] = {int: int, float: float, bool: _parse_bool}
+_FIELD_TYPES: dict[str, Callable[[str], Any]] = {
+    f.name: _PARSERS.get(type(f.default), Path if isinstance(f.default, Path) else str)
+    for f in dataclasses.fields(Settings)
+}
+
+
+def _require(cond: bool, field: str, allowed: str, value: object) -> None:
+    if not cond:
+        raise SettingsError(f"{field}: must be {allowed}, got {value!r}")
+
+
+def _check_network(s: Settings) -> None:
+    _require(0 <= s.port <= 65535, "port", "between 0 and 65535", s.port)
+    _require(bool(s.host), "host", "non-empty", s.host)
+
+
+def _check_engine(s: Settings) -> None:
+    _require(s.provider in get_args(Provider), "provider", "auto, cpu or cuda", s.provider)
+    _require(s.intra_op_threads >= 0, "intra_op_threads", ">= 0 (0 = auto)", s.intra_op_threads)
+    _require(s.inter_op_threads >= 0, "inter_op_threads", ">= 0 (0 = auto)", s.inter_op_threads)
+    _require(
+        1 <= s.max_batch_size <= 1024, "max_batch_size", "between 1 and 1024", s.max_batch_size
+    )
+    _require(s.max_queue >= 0, "max_queue", ">= 0", s.max_queue)
+    _require(s.prefill_chunk_tokens >= 1, "prefill_chunk_tokens", ">= 1", s.prefill_chunk_tokens)
+
+
+def _check_limits(s: Settings) -> None:
+    _require(s.max_tokens_limit >= 1, "max_tokens_limit", ">= 1", s.max_tokens_limit)
+    _require(
+        1 <= s.default_max_tokens <= s.max_tokens_limit,
+        "default_max_tokens",
+        f"between 1 and max_tokens_limit ({s.max_tokens_limit})",
+        s.default_max_tokens,
+    )
+    _require(s.max_prompt_bytes >= 1, "max_prompt_bytes", ">= 1", s.max_prompt_bytes)
+    _require(s.max_stop_strings >= 0, "max_stop_strings", ">= 0", s.max_stop_strings)
+    _require(s.max_stop_length >= 1, "max_stop_length", ">= 1", s.max_stop_length)
+
+
+def _check_lifecycle(s: Settings) -> None:
+    _require(s.drain_grace_s >= 0, "drain_grace_s", ">= 0", s.drain_grace_s)
+    _require(s.drain_notice_s >= 0, "drain_notice_s", ">= 0", s.drain_notice_s)
+    _require(s.max_connection_age_s >= 0, "max_connection_age_s", ">= 0", s.max_connection_age_s)
+    _require(s.log_format in get_args(LogFormat), "log_format", "json or console", s.log_format)
+
+
+_CHECKS: tuple[Callable[[Settings], None], ...] = (
+    _check_network,
+    _check_engine,
+    _check_limits,
+    _check_lifecycle,
+)

@@ -1,0 +1,199 @@
+"""Plain domain types shared by the engine and the transports: requests, events, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import TypeAlias
+
+
+class FinishReason(enum.Enum):
+    """Why a generation ended. Values are the label values used in logs and metrics."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    STOP_SEQUENCE = "stop_sequence"
+    CANCELLED = "cancelled"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+
+
+class TokenwireError(Exception):
+    """Base of the errors the service reports to its callers."""
+
+
+class InvalidRequest(TokenwireError):
+    """A request field is outside its allowed range. The message names the field."""
+
+    def __init__(self, field: str, value: object, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        shown = value if not isinstance(value, str) or len(value) <= 40 else f"{value[:40]}..."
+        super().__init__(f"{field}: {reason}, got {shown!r}")
+
+
+class Overloaded(TokenwireError):
+    """The server cannot accept more work now; retry after the hint."""
+
+    def __init__(self, reason: str, retry_after_s: float) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(reason)
+
+
+class Unavailable(TokenwireError):
+    """The server is not accepting requests (warming up or draining)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How the next token is chosen. temperature 0 means greedy."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_range("sampling.temperature", self.temperature, 0.0, 2.0, "between 0 and 2")
+        if self.top_k < 0:
+            raise InvalidRequest("sampling.top_k", self.top_k, "must be >= 0 (0 disables)")
+        if not (0.0 < self.top_p <= 1.0) or math.isnan(self.top_p):
+            raise InvalidRequest("sampling.top_p", self.top_p, "must be in (0, 1]")
+        if not (0.0 < self.repetition_penalty <= 2.0) or math.isnan(self.repetition_penalty):
+            raise InvalidRequest(
+                "sampling.repetition_penalty", self.repetition_penalty, "must be in (0, 2]"
+            )
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise InvalidRequest("sampling.seed", self.seed, "must be in [0, 2^64)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _check_range(field: str, value: float, low: float, high: float, allowed: str) -> None:
+    if math.isnan(value) or not low <= value <= high:
+        raise InvalidRequest(field, value, f"must be {allowed}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Bounds every request is checked against before it is queued."""
+
+    context_length: int
+    max_tokens_limit: int
+    default_max_tokens: int
+    max_prompt_bytes: int
+    max_stop_strings: int
+    max_stop_length: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One generation as the engine sees it. Field checks that need no limits run here."""
+
+    request_id: str
+    prompt: str
+    max_tokens: int = 0
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    deadline: float | None = None
+    """Absolute time.monotonic() after which generation ends with DEADLINE_EXCEEDED."""
+
+    def __post_init__(self) -> None:
+        if not self.prompt:
+            raise InvalidRequest("prompt", self.prompt, "must be a non-empty string")
+        if self.max_tokens < 0:
+            raise InvalidRequest("max_tokens", self.max_tokens, "must be >= 0 (0 = default)")
+        for i, stop in enumerate(self.stop):
+            if not stop:
+                raise InvalidRequest(f"stop[{i}]", stop, "must be a non-empty string")
+
+    def check(self, limits: RequestLimits) -> None:
+        """Raise InvalidRequest when a field breaks one of the server's limits."""
+        prompt_bytes = len(self.prompt.encode("utf-8", "surrogatepass"))
+        if prompt_bytes > limits.max_prompt_bytes:
+            raise InvalidRequest(
+                "prompt",
+                f"<{prompt_bytes} bytes>",
+                f"must be at most {limits.max_prompt_bytes} bytes",
+            )
+        if self.max_tokens > limits.max_tokens_limit:
+            raise InvalidRequest(
+                "max_tokens",
+                self.max_tokens,
+                f"must be between 1 and {limits.max_tokens_limit} (0 = default)",
+            )
+        if len(self.stop) > limits.max_stop_strings:
+            raise InvalidRequest(
+                "stop",
+                f"<{len(self.stop)} strings>",
+                f"must hold at most {limits.max_stop_strings}",
+            )
+        for i, stop in enumerate(self.stop):
+            if len(stop) > limits.max_stop_length:
+                raise InvalidRequest(
+                    f"stop[{i}]", stop, f"must be at most {limits.max_stop_length} characters"
+                )
+
+    def token_budget(self, prompt_tokens: int, limits: RequestLimits) -> int:
+        """How many tokens may be generated; raise when the prompt leaves no room."""
+        room = limits.context_length - prompt_tokens
+        if room < 1:
+            raise InvalidRequest(
+                "prompt",
+                f"<{prompt_tokens} tokens>",
+                f"must be shorter than the context length of {limits.context_length} tokens",
+            )
+        if self.max_tokens == 0:
+            return min(limits.default_max_tokens, room)
+        if self.max_tokens > room:
+            raise InvalidRequest(
+                "max_tokens",
+                self.max_tokens,
+                f"must be at most {room}: the prompt has {prompt_tokens} tokens and the "
+                f"context length is {limits.context_length}",
+            )
+        return self.max_tokens
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One generated token and the text it releases (possibly empty)."""
+
+    text: str
+    token_id: int
+    index: int
+    logprob: float | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """Counts and timings of a finished generation, in seconds."""
+
+    request_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    queue_time_s: float
+    time_to_first_token_s: float
+    decode_time_s: float
+    total_time_s: float
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CompletionEvent:
+    """The last event of every accepted generation."""
+
+    finish_reason: FinishReason
+    stop_sequence: str = ""
+
+
+Event: TypeAlias = TokenEvent | UsageEvent | CompletionEvent

@@ -1,0 +1,20 @@
+"""The decode engine: ONNX Runtime model, KV cache, sampling, continuous batching."""
+
+from service.engine.engine import Engine, EngineConfig, GenerationHandle
+from service.engine.mailbox import EngineStopped
+from service.engine.model import ModelLoadError, ModelSpec, OnnxCausalLM
+from service.engine.observer import EngineObserver, NullObserver, RequestRecord, StepRecord
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineObserver",
+    "EngineStopped",
+    "GenerationHandle",
+    "ModelLoadError",
+    "ModelSpec",
+    "NullObserver",
+    "OnnxCausalLM",
+    "RequestRecord",
+    "StepRecord",
+]

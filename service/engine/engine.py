@@ -1,0 +1,213 @@
+"""The engine's admission interface: submit a request, get its event stream, cancel by id.
+
+Transports call Engine from their event loop; the model runs on the scheduler's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+
+from service.domain import (
+    Event,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequest,
+    Overloaded,
+    RequestLimits,
+    Unavailable,
+)
+from service.engine.mailbox import Mailbox
+from service.engine.model import OnnxCausalLM
+from service.engine.observer import EngineObserver, NullObserver, RequestRecord
+from service.engine.sampling import Sampler
+from service.engine.scheduler import Cancel, Scheduler, Submit
+from service.engine.sequence import Sequence
+from service.tokenizer import TextStream, Tokenizer
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EngineConfig:
+    max_batch_size: int = 16
+    max_queue: int = 64
+    prefill_chunk_tokens: int = 256
+    max_tokens_limit: int = 512
+    default_max_tokens: int = 128
+    max_prompt_bytes: int = 262_144
+    max_stop_strings: int = 8
+    max_stop_length: int = 64
+    retry_after_s: float = 1.0
+
+
+class GenerationHandle:
+    """A submitted request: iterate its events; cancel it by leaving early."""
+
+    def __init__(self, engine: Engine, sequence: Sequence) -> None:
+        self._engine = engine
+        self._sequence = sequence
+        self.request_id = sequence.request_id
+        self.prompt_tokens = len(sequence.prompt_ids)
+
+    def events(self) -> AsyncIterator[Event]:
+        return self._sequence.mailbox.events()
+
+    def cancel(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
+        self._engine.cancel(self.request_id, reason)
+
+    def record(self) -> RequestRecord | None:
+        """Timings of the finished request; None while it is still generating."""
+        if not self._sequence.finished or not self._sequence.token_times:
+            return None
+        return self._sequence.record(self._sequence.token_times[-1])
+
+
+class Engine:
+    """Admission, limits and lifecycle around the continuous-batching scheduler."""
+
+    def __init__(
+        self,
+        model: OnnxCausalLM,
+        tokenizer: Tokenizer,
+        config: EngineConfig | None = None,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.limits = RequestLimits(
+            context_length=model.spec.context_length,
+            max_tokens_limit=self.config.max_tokens_limit,
+            default_max_tokens=self.config.default_max_tokens,
+            max_prompt_bytes=self.config.max_prompt_bytes,
+            max_stop_strings=self.config.max_stop_strings,
+            max_stop_length=self.config.max_stop_length,
+        )
+        self._active: dict[str, Sequence] = {}
+        self._lock = threading.Lock()
+        self._accepting = False
+        self._scheduler = Scheduler(
+            model,
+            max_batch_size=self.config.max_batch_size,
+            prefill_chunk_tokens=self.config.prefill_chunk_tokens,
+            observer=observer or NullObserver(),
+            on_finished=self._release,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Run one prefill and a few decode steps so the first request pays no set-up cost."""
+        ids = self.tokenizer.encode("def warm_up():\n    return") or [0]
+        cache = self.model.empty_cache(1)
+        mask = [[1] * len(ids)]
+        logits, cache = self.model.forward(
+            np.asarray([ids], dtype=np.int64),
+            np.asarray(mask, dtype=np.int64),
+            np.arange(len(ids), dtype=np.int64)[None, :],
+            cache,
+        )
+        for step in range(4):
+            token = int(logits[0].argmax())
+            width = len(ids) + step + 1
+            logits, cache = self.model.forward(
+                np.asarray([[token]], dtype=np.int64),
+                np.ones((1, width), dtype=np.int64),
+                np.asarray([[width - 1]], dtype=np.int64),
+                cache,
+            )
+
+    def start(self) -> None:
+        self._scheduler.start()
+        self._accepting = True
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def wait_idle(self, limit_s: float) -> bool:
+        """Wait until no request is active; False if limit_s passed first."""
+        deadline = time.monotonic() + limit_s
+        # Requests are released on the decode thread; a short poll keeps that thread free of
+        # event-loop bookkeeping and only runs while draining.
+        while self.active_count and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        return self.active_count == 0
+
+    def shutdown(self) -> None:
+        """Cancel whatever is left and stop the decode thread."""
+        self._accepting = False
+        self._scheduler.shutdown()
+
+    # -- state ----------------------------------------------------------------------------------
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    @property
+    def running_count(self) -> int:
+        return self._scheduler.running
+
+    @property
+    def waiting_count(self) -> int:
+        return max(0, self.active_count - self._scheduler.running)
+
+    # -- requests -------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> GenerationHandle:
+        """Validate, tokenize and queue a request. Must be called from a running event loop.
+
+        Raises InvalidRequest, Overloaded or Unavailable; never blocks on the decode thread.
+        """
+        if not self._accepting:
+            raise Unavailable("the server is not accepting requests (starting or draining)")
+        request.check(self.limits)
+        prompt_ids = self.tokenizer.encode(request.prompt)
+        budget = request.token_budget(len(prompt_ids), self.limits)
+        sequence = Sequence(
+            request=request,
+            prompt_ids=prompt_ids,
+            budget=budget,
+            eos_ids=self.model.spec.eos_token_ids,
+            sampler=Sampler(request.sampling),
+            text=TextStream.create(self.tokenizer, request.stop),
+            mailbox=Mailbox(asyncio.get_running_loop()),
+        )
+        self._admit(sequence)
+        self._scheduler.post(Submit(sequence))
+        return GenerationHandle(self, sequence)
+
+    def _admit(self, sequence: Sequence) -> None:
+        capacity = self.config.max_batch_size + self.config.max_queue
+        with self._lock:
+            if sequence.request_id in self._active:
+                raise InvalidRequest(
+                    "request_id", sequence.request_id, "must not match a running request's id"
+                )
+            if len(self._active) >= capacity:
+                raise Overloaded(
+                    f"{len(self._active)} requests are running or queued (limit {capacity})",
+                    retry_after_s=self.config.retry_after_s,
+                )
+            self._active[sequence.request_id] = sequence
+
+    def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> bool:
+        """Stop a request at the next step boundary; False if no such request is active."""
+        with self._lock:
+            known = request_id in self._active
+        if known:
+            self._scheduler.post(Cancel(request_id, reason))
+        return known
+
+    def cancel_all(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
+        self._scheduler.post(Cancel(None, reason))
+
+    def _release(self, sequence: Sequence) -> None:
+        with self._lock:
+            if self._active.get(sequence.request_id) is sequence:
+                del self._active[sequence.request_id]

@@ -1,0 +1,60 @@
+"""Per-request event delivery from the decode thread to an asyncio consumer.
+
+The decode loop never waits on a consumer: publish() only schedules a put on the consumer's
+event loop. A mailbox holds at most max_tokens + 2 events, so a slow reader costs bounded memory
+and never slows the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+from service.domain import CompletionEvent, Event
+
+
+class EngineStopped(RuntimeError):
+    """The engine failed or stopped before finishing this request."""
+
+
+Delivery = Sequence[Event] | BaseException
+
+
+class Mailbox:
+    """Carries one request's events; iterate it on the loop that created it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
+
+    def deliver(self, item: Delivery) -> None:
+        """Called on the mailbox's loop (see publish_all)."""
+        self._queue.put_nowait(item)
+
+    async def events(self) -> AsyncIterator[Event]:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            for event in item:
+                yield event
+                if isinstance(event, CompletionEvent):
+                    return
+
+
+def publish_all(deliveries: list[tuple[Mailbox, Delivery]]) -> None:
+    """Hand a step's events to their consumers with one wake-up per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Mailbox, Delivery]]] = {}
+    for mailbox, item in deliveries:
+        by_loop.setdefault(mailbox.loop, []).append((mailbox, item))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver_batch, batch)
+        except RuntimeError:
+            # The consumer's loop is closed: nobody is left to read these events.
+            continue
+
+
+def _deliver_batch(batch: list[tuple[Mailbox, Delivery]]) -> None:
+    for mailbox, item in batch:
+        mailbox.deliver(item)

@@ -1,0 +1,83 @@
+"""What the engine tells the outside world about its work, as plain records.
+
+The engine calls an EngineObserver from its decode thread; exporters (metrics, logs) implement
+it elsewhere and must return quickly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Protocol
+
+from service.domain import FinishReason
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """Timestamps (time.monotonic seconds) and counts of one finished request."""
+
+    request_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    arrived_at: float
+    scheduled_at: float | None
+    first_token_at: float | None
+    finished_at: float
+    token_times: tuple[float, ...]
+    finish_reason: FinishReason
+
+    @property
+    def queue_time(self) -> float:
+        return (self.scheduled_at or self.finished_at) - self.arrived_at
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.arrived_at
+
+    @property
+    def inter_token_latencies(self) -> list[float]:
+        times = self.token_times
+        return [b - a for a, b in itertools.pairwise(times)]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One scheduler iteration: how many rows decoded and prompt tokens prefilled."""
+
+    batch_size: int
+    prefill_tokens: int
+    duration: float
+    running: int
+    waiting: int
+
+
+class EngineObserver(Protocol):
+    def request_finished(self, record: RequestRecord) -> None: ...
+
+    def step_finished(self, record: StepRecord) -> None: ...
+
+
+class NullObserver:
+    """Observes nothing."""
+
+    def request_finished(self, record: RequestRecord) -> None:
+        return None
+
+    def step_finished(self, record: StepRecord) -> None:
+        return None
+
+
+class FanOutObserver:
+    """Passes every record to several observers in order."""
+
+    def __init__(self, *observers: EngineObserver) -> None:
+        self._observers = observers
+
+    def request_finished(self, record: RequestRecord) -> None:
+        for observer in self._observers:
+            observer.request_finished(record)
+
+    def step_finished(self, record: StepRecord) -> None:
+        for observer in self._observers:
+            observer.step_finished(record)

@@ -1,0 +1,280 @@
+"""Continuous batching: the decode loop that runs on the engine's own thread.
+
+Every iteration is one step boundary:
+  1. apply cancels and expired deadlines (those rows leave the batch now);
+  2. admit waiting requests while the batch has free rows;
+  3. run at most one prefill forward: either a group of fresh prompts that together fit the
+     prefill budget (left-padded into one batch), or one chunk of a long prompt, so a long
+     prompt delays running streams by one chunk per step, never by its whole prefill;
+  4. run one batched decode forward for every running row;
+  5. publish the step's events, one wake-up per consumer loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from service.domain import FinishReason
+from service.engine.kv_cache import BatchKvCache
+from service.engine.mailbox import Delivery, EngineStopped, Mailbox, publish_all
+from service.engine.model import FloatArray, OnnxCausalLM
+from service.engine.observer import EngineObserver, StepRecord
+from service.engine.sampling import log_softmax_at
+from service.engine.sequence import Sequence
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Submit:
+    sequence: Sequence
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Cancel:
+    request_id: str | None  # None: every request
+    reason: FinishReason
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Shutdown:
+    pass
+
+
+Command = Submit | Cancel | Shutdown
+
+
+class Scheduler:
+    """Owns the batch. Only its thread touches sequences after submission."""
+
+    def __init__(
+        self,
+        model: OnnxCausalLM,
+        *,
+        max_batch_size: int,
+        prefill_chunk_tokens: int,
+        observer: EngineObserver,
+        on_finished: Callable[[Sequence], None],
+    ) -> None:
+        self._model = model
+        self._max_batch = max_batch_size
+        self._chunk = prefill_chunk_tokens
+        self._observer = observer
+        self._on_finished = on_finished
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._prefilling: list[Sequence] = []
+        self._running: list[Sequence] = []
+        self._cache = BatchKvCache.empty(model.empty_cache(0))
+        self._cancels: dict[str | None, FinishReason] = {}
+        self._finished: list[Sequence] = []
+        self._thread: threading.Thread | None = None
+        self.running = 0
+        self.waiting = 0
+
+    # -- called from other threads ------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="tokenwire-decode", daemon=True)
+        self._thread.start()
+
+    def post(self, command: Command) -> None:
+        self._inbox.put(command)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._inbox.put(Shutdown())
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- the decode thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while self._take_commands():
+            started = time.monotonic()
+            try:
+                prefill_tokens = self._step(started)
+            except Exception as exc:  # a failing forward must not take the server down
+                self._fail_all(exc)
+                continue
+            self._publish()
+            self._observer.step_finished(
+                StepRecord(
+                    batch_size=len(self._running),
+                    prefill_tokens=prefill_tokens,
+                    duration=time.monotonic() - started,
+                    running=self.running,
+                    waiting=self.waiting,
+                )
+            )
+        self._cancels[None] = FinishReason.CANCELLED
+        self._reap(time.monotonic())
+        self._publish()
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._running)
+
+    def _take_commands(self) -> bool:
+        """Absorb queued commands, blocking only while idle. False means shut down."""
+        block = not self._has_work()
+        while True:
+            try:
+                command = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if isinstance(command, Shutdown):
+                return False
+            if isinstance(command, Submit):
+                self._waiting.append(command.sequence)
+            else:
+                self._cancels[command.request_id] = command.reason
+            block = not self._has_work() and not self._cancels
+
+    def _step(self, now: float) -> int:
+        self._reap(now)
+        self._admit(now)
+        prefill_tokens = self._prefill()
+        self._decode()
+        self.running = len(self._running) + len(self._prefilling)
+        self.waiting = len(self._waiting)
+        return prefill_tokens
+
+    def _reap(self, now: float) -> None:
+        """End cancelled and expired requests; their rows leave the batch."""
+        everyone_reason = self._cancels.pop(None, None)
+        for seq in (*self._waiting, *self._prefilling, *self._running):
+            reason = self._cancels.get(seq.request_id, everyone_reason)
+            if reason is None and seq.expired(now):
+                reason = FinishReason.DEADLINE_EXCEEDED
+            if reason is not None:
+                seq.end(reason, now)
+        self._cancels.clear()
+        self._waiting = collections.deque(s for s in self._waiting if not self._retire(s))
+        self._prefilling = [s for s in self._prefilling if not self._retire(s)]
+        self._drop_finished_rows()
+
+    def _retire(self, seq: Sequence) -> bool:
+        if seq.finished:
+            self._finished.append(seq)
+        return seq.finished
+
+    def _drop_finished_rows(self) -> None:
+        keep = [i for i, s in enumerate(self._running) if not self._retire(s)]
+        if len(keep) != len(self._running):
+            self._cache.keep(keep)
+            self._running = [self._running[i] for i in keep]
+
+    def _admit(self, now: float) -> None:
+        while self._waiting and len(self._running) + len(self._prefilling) < self._max_batch:
+            seq = self._waiting.popleft()
+            seq.scheduled_at = now
+            self._prefilling.append(seq)
+
+    def _prefill(self) -> int:
+        """Run at most one prefill forward; return how many prompt tokens it processed."""
+        if not self._prefilling:
+            return 0
+        head = self._prefilling[0]
+        if head.prefilled > 0 or len(head.prompt_ids) > self._chunk:
+            group = [head]
+            size = min(len(head.prompt_ids) - head.prefilled, self._chunk)
+        else:
+            group, size, budget = [], 0, self._chunk
+            for seq in self._prefilling:
+                if seq.prefilled > 0 or len(seq.prompt_ids) > budget:
+                    break
+                group.append(seq)
+                budget -= len(seq.prompt_ids)
+                size = max(size, len(seq.prompt_ids))
+        logits, cache = self._prefill_forward(group, size)
+        done = [s for s in group if s.prefilled == len(s.prompt_ids)]
+        if not done:
+            head.cache = cache
+            return size
+        self._prefilling = [s for s in self._prefilling if s not in done]
+        self._sample(done, logits, time.monotonic())
+        alive = [i for i, s in enumerate(done) if not self._retire(s)]
+        if alive:
+            cache.keep(alive)
+            self._cache.extend(cache)
+            self._running.extend(done[i] for i in alive)
+        return sum(len(s.prompt_ids) for s in done) if len(group) > 1 else size
+
+    def _prefill_forward(self, group: list[Sequence], size: int) -> tuple[FloatArray, BatchKvCache]:
+        """Feed the next `size` prompt tokens of one chunked row, or whole prompts of a group."""
+        chunked = group[0].cache if len(group) == 1 else None
+        if chunked is not None:
+            seq = group[0]
+            cache = chunked
+            ids = [seq.prompt_ids[seq.prefilled : seq.prefilled + size]]
+            positions = [list(range(seq.prefilled, seq.prefilled + size))]
+            pad = [0]
+        else:
+            cache = BatchKvCache.empty(self._model.empty_cache(len(group)))
+            chunks = [s.prompt_ids[:size] for s in group]
+            pad = [size - len(c) for c in chunks]
+            ids = [[0] * p + c for p, c in zip(pad, chunks, strict=True)]
+            positions = [[0] * p + list(range(len(c))) for p, c in zip(pad, chunks, strict=True)]
+        mask = cache.mask_with(size)
+        for row, p in enumerate(pad):
+            mask[row, cache.columns : cache.columns + p] = 0
+        logits, present = self._model.forward(
+            np.asarray(ids, dtype=np.int64),
+            mask,
+            np.asarray(positions, dtype=np.int64),
+            cache.tensors,
+        )
+        cache.advance(present, mask)
+        for seq, p in zip(group, pad, strict=True):
+            seq.prefilled += size - p
+        return logits, cache
+
+    def _decode(self) -> None:
+        if not self._running:
+            return
+        rows = self._running
+        ids = np.asarray([[s.generated[-1]] for s in rows], dtype=np.int64)
+        positions = np.asarray([[s.next_position] for s in rows], dtype=np.int64)
+        mask = self._cache.mask_with(1)
+        logits, present = self._model.forward(ids, mask, positions, self._cache.tensors)
+        self._cache.advance(present, mask)
+        self._sample(rows, logits, time.monotonic())
+        self._drop_finished_rows()
+
+    @staticmethod
+    def _sample(rows: list[Sequence], logits: FloatArray, now: float) -> None:
+        for seq, row in zip(rows, logits, strict=True):
+            history = seq.history if seq.request.sampling.repetition_penalty != 1.0 else []
+            token = seq.sampler.choose(row, history)
+            logprob = log_softmax_at(row, token) if seq.request.logprobs else None
+            seq.accept(token, logprob, now)
+
+    def _publish(self) -> None:
+        deliveries: list[tuple[Mailbox, Delivery]] = []
+        for seq in (*self._prefilling, *self._running, *self._finished):
+            if seq.outbox:
+                deliveries.append((seq.mailbox, seq.take_events()))
+        publish_all(deliveries)
+        now = time.monotonic()
+        for seq in self._finished:
+            self._on_finished(seq)
+            self._observer.request_finished(seq.record(now))
+        self._finished.clear()
+        self.running = len(self._running) + len(self._prefilling)
+        self.waiting = len(self._waiting)
+
+    def _fail_all(self, exc: Exception) -> None:
+        """A forward failed: every active request ends with an error; the loop goes on."""
+        failed = [*self._waiting, *self._prefilling, *self._running]
+        error = EngineStopped(f"decode step failed: {type(exc).__name__}: {exc}")
+        publish_all([(seq.mailbox, error) for seq in failed])
+        for seq in failed:
+            self._on_finished(seq)
+        self._waiting.clear()
+        self._prefilling.clear()
+        self._running.clear()
+        self._cache = BatchKvCache.empty(self._model.empty_cache(0))
+        self.running = self.waiting = 0

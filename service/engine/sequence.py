@@ -1,0 +1,124 @@
+"""One request's generation state inside the engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from service.domain import (
+    CompletionEvent,
+    Event,
+    FinishReason,
+    GenerationRequest,
+    TokenEvent,
+    UsageEvent,
+)
+from service.engine.kv_cache import BatchKvCache
+from service.engine.mailbox import Mailbox
+from service.engine.observer import RequestRecord
+from service.engine.sampling import Sampler
+from service.tokenizer import TextStream
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Sequence:
+    """Prompt, generated ids, text pipeline and timings of one request."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    budget: int
+    eos_ids: frozenset[int]
+    sampler: Sampler
+    text: TextStream
+    mailbox: Mailbox
+    arrived_at: float = dataclasses.field(default_factory=time.monotonic)
+    generated: list[int] = dataclasses.field(default_factory=list)
+    prefilled: int = 0
+    cache: BatchKvCache | None = None
+    scheduled_at: float | None = None
+    token_times: list[float] = dataclasses.field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_sequence: str = ""
+    outbox: list[Event] = dataclasses.field(default_factory=list)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def next_position(self) -> int:
+        """Position id of the last generated token, the one the next decode step feeds."""
+        return len(self.prompt_ids) + len(self.generated) - 1
+
+    @property
+    def history(self) -> list[int]:
+        return self.prompt_ids + self.generated
+
+    def expired(self, now: float) -> bool:
+        deadline = self.request.deadline
+        return deadline is not None and now >= deadline
+
+    def accept(self, token_id: int, logprob: float | None, now: float) -> None:
+        """Record a sampled token, queue its event, and finish when a stop condition holds."""
+        self.generated.append(token_id)
+        self.token_times.append(now)
+        if token_id in self.eos_ids and not self.request.ignore_eos:
+            self.finish_reason = FinishReason.STOP
+            delta = self.text.flush()
+        else:
+            delta, stop = self.text.push(token_id)
+            if stop is not None:
+                self.finish_reason, self.stop_sequence = FinishReason.STOP_SEQUENCE, stop
+            elif len(self.generated) >= self.budget:
+                self.finish_reason = FinishReason.LENGTH
+                delta += self.text.flush()
+        index = len(self.generated) - 1
+        self.outbox.append(TokenEvent(delta, token_id, index, logprob))
+        if self.finish_reason is not None:
+            self._close(now)
+
+    def end(self, reason: FinishReason, now: float) -> None:
+        """Finish early (cancel, deadline). Held-back text belongs to no token and is dropped."""
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            self._close(now)
+
+    def _close(self, now: float) -> None:
+        self.outbox.append(self._usage(now))
+        assert self.finish_reason is not None
+        self.outbox.append(CompletionEvent(self.finish_reason, self.stop_sequence))
+        self.cache = None
+
+    def _usage(self, now: float) -> UsageEvent:
+        first = self.token_times[0] if self.token_times else None
+        return UsageEvent(
+            request_id=self.request_id,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.generated),
+            queue_time_s=(self.scheduled_at or now) - self.arrived_at,
+            time_to_first_token_s=(first - self.arrived_at) if first is not None else 0.0,
+            decode_time_s=(now - first) if first is not None else 0.0,
+            total_time_s=now - self.arrived_at,
+        )
+
+    def take_events(self) -> list[Event]:
+        events, self.outbox = self.outbox, []
+        return events
+
+    def record(self, now: float) -> RequestRecord:
+        assert self.finish_reason is not None
+        return RequestRecord(
+            request_id=self.request_id,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.generated),
+            arrived_at=self.arrived_at,
+            scheduled_at=self.scheduled_at,
+            first_token_at=self.token_times[0] if self.token_times else None,
+            finished_at=now,
+            token_times=tuple(self.token_times),
+            finish_reason=self.finish_reason,
+        )

@@ -1,0 +1,80 @@
+"""`tokenwire serve`: wire settings, model, engine and server together, run until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import structlog
+
+from service import __version__
+from service.config import Settings
+from service.engine import Engine, EngineConfig, OnnxCausalLM
+from service.rpc.server import TokenwireServer
+from service.telemetry import configure_logging
+from service.tokenizer import Tokenizer
+
+log = structlog.get_logger("tokenwire.server")
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig(
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        max_tokens_limit=settings.max_tokens_limit,
+        default_max_tokens=settings.default_max_tokens,
+        max_prompt_bytes=settings.max_prompt_bytes,
+        max_stop_strings=settings.max_stop_strings,
+        max_stop_length=settings.max_stop_length,
+    )
+
+
+def load_engine(settings: Settings) -> Engine:
+    """Load the model and tokenizer and warm them up (blocking; run it off the event loop)."""
+    model = OnnxCausalLM(
+        settings.model_dir,
+        provider=settings.provider,
+        intra_op_threads=settings.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+    )
+    engine = Engine(model, Tokenizer.from_dir(settings.model_dir), engine_config(settings))
+    engine.warm_up()
+    return engine
+
+
+async def run_server(settings: Settings, stop: asyncio.Event) -> None:
+    """Serve until `stop` is set, then drain. Health is NOT_SERVING until the model is warm."""
+    server = TokenwireServer(settings)
+    port = await server.start()
+    log.info("server.listening", host=settings.host, port=port, pid=os.getpid())
+    engine = await asyncio.to_thread(load_engine, settings)
+    await server.attach(engine)
+    log.info(
+        "server.started",
+        version=__version__,
+        model=engine.model.spec.name,
+        model_dir=str(settings.model_dir),
+        provider=engine.model.provider,
+        intra_op_threads=settings.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+        max_batch_size=settings.max_batch_size,
+        port=port,
+    )
+    await stop.wait()
+    await server.drain()
+
+
+async def _main(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await run_server(settings, stop)
+
+
+def serve(settings: Settings) -> int:
+    configure_logging(settings.log_format)
+    asyncio.run(_main(settings))
+    return 0

@@ -1,0 +1,113 @@
+"""Translation between protobuf messages and domain types. Nothing else touches protobuf."""
+
+from __future__ import annotations
+
+import uuid
+
+from tokenwire.v1 import generate_pb2 as pb
+
+from service.domain import (
+    CompletionEvent,
+    Event,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequest,
+    SamplingParams,
+    TokenEvent,
+    UsageEvent,
+)
+from service.engine import Engine
+
+MAX_REQUEST_ID_LENGTH = 128
+
+_FINISH_TO_PB: dict[FinishReason, pb.FinishReason.ValueType] = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.DEADLINE_EXCEEDED: pb.FINISH_REASON_DEADLINE_EXCEEDED,
+}
+
+
+def choose_request_id(field: str, header: str | None) -> str:
+    """The request's own id, else the x-request-id header, else a fresh one; checked."""
+    request_id = field or header or uuid.uuid4().hex
+    if len(request_id) > MAX_REQUEST_ID_LENGTH or not request_id.isprintable():
+        raise InvalidRequest(
+            "request_id",
+            request_id,
+            f"must be at most {MAX_REQUEST_ID_LENGTH} printable characters",
+        )
+    return request_id
+
+
+def sampling_from_pb(msg: pb.GenerateRequest) -> SamplingParams:
+    if not msg.HasField("sampling"):
+        return SamplingParams()
+    s = msg.sampling
+    return SamplingParams(
+        temperature=s.temperature if s.HasField("temperature") else 1.0,
+        top_k=s.top_k,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+        seed=s.seed if s.HasField("seed") else None,
+    )
+
+
+def request_from_pb(
+    msg: pb.GenerateRequest, request_id: str, deadline: float | None
+) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=request_id,
+        prompt=msg.prompt,
+        max_tokens=msg.max_tokens,
+        sampling=sampling_from_pb(msg),
+        stop=tuple(msg.stop),
+        ignore_eos=msg.ignore_eos,
+        logprobs=msg.logprobs,
+        deadline=deadline,
+    )
+
+
+def event_to_pb(event: Event) -> pb.GenerateResponse:
+    if isinstance(event, TokenEvent):
+        token = pb.Token(text=event.text, id=event.token_id, index=event.index)
+        if event.logprob is not None:
+            token.logprob = event.logprob
+        return pb.GenerateResponse(token=token)
+    if isinstance(event, UsageEvent):
+        return pb.GenerateResponse(usage=usage_to_pb(event))
+    return pb.GenerateResponse(completion=completion_to_pb(event))
+
+
+def usage_to_pb(event: UsageEvent) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=event.prompt_tokens,
+        completion_tokens=event.completion_tokens,
+        total_tokens=event.total_tokens,
+        queue_time_ms=event.queue_time_s * 1000,
+        time_to_first_token_ms=event.time_to_first_token_s * 1000,
+        decode_time_ms=event.decode_time_s * 1000,
+        total_time_ms=event.total_time_s * 1000,
+        request_id=event.request_id,
+    )
+
+
+def completion_to_pb(event: CompletionEvent) -> pb.Completion:
+    return pb.Completion(
+        finish_reason=_FINISH_TO_PB[event.finish_reason], stop_sequence=event.stop_sequence
+    )
+
+
+def model_info_to_pb(engine: Engine) -> pb.GetModelInfoResponse:
+    spec = engine.model.spec
+    return pb.GetModelInfoResponse(
+        model=spec.name,
+        context_length=spec.context_length,
+        vocab_size=spec.vocab_size,
+        eos_token_ids=sorted(spec.eos_token_ids),
+        provider=engine.model.provider,
+        max_tokens_limit=engine.config.max_tokens_limit,
+        default_max_tokens=engine.config.default_max_tokens,
+        max_batch_size=engine.config.max_batch_size,
+    )

@@ -1,0 +1,97 @@
+"""Turn a stream of token ids into a stream of text deltas that are safe to show.
+
+Two things make naive per-token decoding wrong:
+- byte-level tokens can split one UTF-8 character; decoding such a token alone yields U+FFFD.
+  `tokenizers.decoders.DecodeStream` buffers until the character is whole.
+- a stop string can arrive spread over several tokens; once its first half has been sent it
+  cannot be taken back. StopMatcher holds back the longest tail that could still begin one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tokenizers.decoders import DecodeStream
+
+from service.tokenizer.tokenizer import Tokenizer
+
+
+class IncrementalDetokenizer:
+    """Decodes one id at a time; returns only whole characters."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def step(self, token_id: int) -> str:
+        chunk = self._stream.step(self._tokenizer.inner, token_id)
+        return chunk or ""
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text and withholds text that could start one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = stops
+        self._held = ""
+
+    def push(self, delta: str) -> tuple[str, str | None]:
+        """Add text; return (text safe to emit, the stop string matched or None).
+
+        After a match, the emitted text ends right before the stop string and the rest is dropped.
+        """
+        text = self._held + delta
+        if not self._stops:
+            self._held = ""
+            return text, None
+        match = _earliest_match(text, self._stops)
+        if match is not None:
+            start, stop = match
+            self._held = ""
+            return text[:start], stop
+        keep = _longest_partial_suffix(text, self._stops)
+        self._held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], None
+
+    def flush(self) -> str:
+        """Release whatever is held back (the stream ended without a match)."""
+        held, self._held = self._held, ""
+        return held
+
+
+def _earliest_match(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
+    best: tuple[int, str] | None = None
+    for stop in stops:
+        at = text.find(stop)
+        if at >= 0 and (best is None or at < best[0]):
+            best = (at, stop)
+    return best
+
+
+def _longest_partial_suffix(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of some stop string."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+@dataclasses.dataclass(slots=True)
+class TextStream:
+    """Per-request text pipeline: ids -> whole characters -> stop-string-safe deltas."""
+
+    detokenizer: IncrementalDetokenizer
+    matcher: StopMatcher
+
+    @classmethod
+    def create(cls, tokenizer: Tokenizer, stops: tuple[str, ...]) -> TextStream:
+        return cls(IncrementalDetokenizer(tokenizer), StopMatcher(stops))
+
+    def push(self, token_id: int) -> tuple[str, str | None]:
+        return self.matcher.push(self.detokenizer.step(token_id))
+
+    def flush(self) -> str:
+        return self.matcher.flush()

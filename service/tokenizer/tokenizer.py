@@ -1,0 +1,33 @@
+"""The model's tokenizer, loaded from a Hugging Face tokenizer.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer as HfTokenizer
+
+
+class Tokenizer:
+    """Encodes prompts and decodes ids; a thin, typed face over `tokenizers`."""
+
+    def __init__(self, inner: HfTokenizer) -> None:
+        self.inner = inner
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> Tokenizer:
+        return cls(HfTokenizer.from_file(str(model_dir / "tokenizer.json")))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.inner.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str) -> list[int]:
+        # Special-token text in a prompt stays plain text: prompts must not forge control tokens.
+        return list(self.inner.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.inner.decode(ids, skip_special_tokens=True))
+
+    def token_id(self, token: str) -> int | None:
+        found = self.inner.token_to_id(token)
+        return None if found is None else int(found)

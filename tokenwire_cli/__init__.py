@@ -1,0 +1,1 @@
+"""The `tokenwire` command: composes the server (service) and the clients (clients)."""

@@ -1,0 +1,72 @@
+"""`tokenwire serve | generate`: one command line for the server and its clients."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run the gRPC server (flags override TOKENWIRE_* env vars)")
+    p.add_argument("--host", help="bind address (TOKENWIRE_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="gRPC port (TOKENWIRE_PORT, default 50051; 0 = any)")
+    p.add_argument("--model-dir", type=Path, help="model directory (TOKENWIRE_MODEL_DIR)")
+    p.add_argument("--provider", choices=["auto", "cpu", "cuda"], help="TOKENWIRE_PROVIDER")
+    p.add_argument("--intra-op-threads", type=int, help="ORT threads, 0 = auto")
+    p.add_argument("--max-batch-size", type=int, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, help="requests waiting beyond the batch")
+    p.add_argument("--drain-grace-s", type=float, help="seconds in-flight streams get on SIGTERM")
+    p.add_argument("--log-format", choices=["json", "console"])
+    p.add_argument("--log-content", action="store_true", default=None, help="log prompts/outputs")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from service.config import Settings, SettingsError
+    from service.main import serve
+
+    overrides = {
+        k: v for k, v in vars(args).items() if k not in {"command", "run"} and v is not None
+    }
+    try:
+        settings = Settings.from_env(**overrides)
+    except SettingsError as exc:
+        print(f"tokenwire serve: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from clients.cli import add_generate_arguments
+
+    p = sub.add_parser("generate", help="stream a completion from a running server")
+    add_generate_arguments(p)
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from clients.cli import run_generate
+
+    return run_generate(args)
+
+
+COMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
+    _add_serve,
+    _add_generate,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tokenwire", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    args = parser.parse_args(argv)
+    result: int = args.run(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
