@@ -2,10 +2,11 @@
 
 from service.engine.engine import Engine, EngineConfig, GenerationHandle
 from service.engine.mailbox import EngineStopped
-from service.engine.model import ModelLoadError, ModelSpec, OnnxCausalLM
+from service.engine.model import CausalLM, ModelLoadError, ModelSpec, OnnxCausalLM
 from service.engine.observer import EngineObserver, NullObserver, RequestRecord, StepRecord
 
 __all__ = [
+    "CausalLM",
     "Engine",
     "EngineConfig",
     "EngineObserver",

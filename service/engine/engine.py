@@ -20,10 +20,11 @@ from service.domain import (
     InvalidRequest,
     Overloaded,
     RequestLimits,
+    TokenwireError,
     Unavailable,
 )
 from service.engine.mailbox import Mailbox
-from service.engine.model import OnnxCausalLM
+from service.engine.model import CausalLM
 from service.engine.observer import EngineObserver, NullObserver, RequestRecord
 from service.engine.sampling import Sampler
 from service.engine.scheduler import Cancel, Scheduler, Submit
@@ -71,7 +72,7 @@ class Engine:
 
     def __init__(
         self,
-        model: OnnxCausalLM,
+        model: CausalLM,
         tokenizer: Tokenizer,
         config: EngineConfig | None = None,
         observer: EngineObserver | None = None,
@@ -87,6 +88,7 @@ class Engine:
             max_stop_strings=self.config.max_stop_strings,
             max_stop_length=self.config.max_stop_length,
         )
+        self._observer = observer or NullObserver()
         self._active: dict[str, Sequence] = {}
         self._lock = threading.Lock()
         self._accepting = False
@@ -94,7 +96,7 @@ class Engine:
             model,
             max_batch_size=self.config.max_batch_size,
             prefill_chunk_tokens=self.config.prefill_chunk_tokens,
-            observer=observer or NullObserver(),
+            observer=self._observer,
             on_finished=self._release,
         )
 
@@ -164,6 +166,13 @@ class Engine:
 
         Raises InvalidRequest, Overloaded or Unavailable; never blocks on the decode thread.
         """
+        try:
+            return self._submit(request)
+        except TokenwireError as exc:
+            self._observer.request_rejected(type(exc).__name__)
+            raise
+
+    def _submit(self, request: GenerationRequest) -> GenerationHandle:
         if not self._accepting:
             raise Unavailable("the server is not accepting requests (starting or draining)")
         request.check(self.limits)

@@ -14,7 +14,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -92,6 +92,23 @@ def choose_providers(preference: str) -> list[str]:
     if wants_cuda and CUDA in ort.get_available_providers():
         return [CUDA, CPU]
     return [CPU]
+
+
+class CausalLM(Protocol):
+    """What the scheduler needs from a model: its shape, an empty cache, and one step."""
+
+    spec: ModelSpec
+    provider: str
+
+    def empty_cache(self, batch: int = 1) -> list[FloatArray]: ...
+
+    def forward(
+        self,
+        input_ids: IntArray,
+        attention_mask: IntArray,
+        position_ids: IntArray,
+        past: list[FloatArray],
+    ) -> tuple[FloatArray, list[FloatArray]]: ...
 
 
 class OnnxCausalLM:

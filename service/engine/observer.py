@@ -25,7 +25,13 @@ class RequestRecord:
     first_token_at: float | None
     finished_at: float
     token_times: tuple[float, ...]
-    finish_reason: FinishReason
+    finish_reason: FinishReason | None
+    """None when the request failed inside the engine."""
+
+    @property
+    def outcome(self) -> str:
+        """finish_reason's value, or "error"."""
+        return "error" if self.finish_reason is None else self.finish_reason.value
 
     @property
     def queue_time(self) -> float:
@@ -55,6 +61,8 @@ class StepRecord:
 class EngineObserver(Protocol):
     def request_finished(self, record: RequestRecord) -> None: ...
 
+    def request_rejected(self, reason: str) -> None: ...
+
     def step_finished(self, record: StepRecord) -> None: ...
 
 
@@ -62,6 +70,9 @@ class NullObserver:
     """Observes nothing."""
 
     def request_finished(self, record: RequestRecord) -> None:
+        return None
+
+    def request_rejected(self, reason: str) -> None:
         return None
 
     def step_finished(self, record: StepRecord) -> None:
@@ -77,6 +88,10 @@ class FanOutObserver:
     def request_finished(self, record: RequestRecord) -> None:
         for observer in self._observers:
             observer.request_finished(record)
+
+    def request_rejected(self, reason: str) -> None:
+        for observer in self._observers:
+            observer.request_rejected(reason)
 
     def step_finished(self, record: StepRecord) -> None:
         for observer in self._observers:

@@ -24,7 +24,7 @@ import numpy as np
 from service.domain import FinishReason
 from service.engine.kv_cache import BatchKvCache
 from service.engine.mailbox import Delivery, EngineStopped, Mailbox, publish_all
-from service.engine.model import FloatArray, OnnxCausalLM
+from service.engine.model import CausalLM, FloatArray
 from service.engine.observer import EngineObserver, StepRecord
 from service.engine.sampling import log_softmax_at
 from service.engine.sequence import Sequence
@@ -54,7 +54,7 @@ class Scheduler:
 
     def __init__(
         self,
-        model: OnnxCausalLM,
+        model: CausalLM,
         *,
         max_batch_size: int,
         prefill_chunk_tokens: int,
@@ -271,8 +271,10 @@ class Scheduler:
         failed = [*self._waiting, *self._prefilling, *self._running]
         error = EngineStopped(f"decode step failed: {type(exc).__name__}: {exc}")
         publish_all([(seq.mailbox, error) for seq in failed])
+        now = time.monotonic()
         for seq in failed:
             self._on_finished(seq)
+            self._observer.request_finished(seq.record(now))
         self._waiting.clear()
         self._prefilling.clear()
         self._running.clear()

@@ -110,7 +110,7 @@ class Sequence:
         return events
 
     def record(self, now: float) -> RequestRecord:
-        assert self.finish_reason is not None
+        """What the observer sees; finish_reason None means the request failed."""
         return RequestRecord(
             request_id=self.request_id,
             prompt_tokens=len(self.prompt_ids),

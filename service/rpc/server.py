@@ -88,12 +88,13 @@ class TokenwireServer:
         log.info("server.draining", grace_s=settings.drain_grace_s, active=_active(engine))
         if settings.drain_notice_s:
             await asyncio.sleep(settings.drain_notice_s)
-        stopping = asyncio.create_task(self.server.stop(grace=settings.drain_grace_s + 2.0))
+        # The server keeps answering while streams finish: new requests get an explicit
+        # UNAVAILABLE (which clients retry elsewhere) rather than a transport-level cancel.
         if engine is not None and not await engine.wait_idle(settings.drain_grace_s):
             log.warning("server.drain_timeout", cancelled=engine.active_count)
             engine.cancel_all(FinishReason.CANCELLED)
             await engine.wait_idle(2.0)
-        await stopping
+        await self.server.stop(grace=1.0)
         if engine is not None:
             engine.shutdown()
         log.info("server.stopped")

@@ -1,0 +1,177 @@
+"""Prometheus metrics: the only module that imports prometheus_client.
+
+Names follow Prometheus conventions and line up with vLLM's and the OpenTelemetry GenAI
+conventions (see docs/observability.md). Labels are bounded: no request ids, no prompts.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from service.engine.observer import RequestRecord, StepRecord
+
+TTFT_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+ITL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
+DURATION_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    320.0,
+)
+STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024)
+FINISH_REASONS = (
+    "stop",
+    "length",
+    "stop_sequence",
+    "cancelled",
+    "deadline_exceeded",
+    "error",
+    "rejected",
+)
+
+
+class ServerMetrics:
+    """Engine observer that exports to a registry of its own (one per server instance)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram(
+            "tokenwire_time_to_first_token_seconds",
+            "Time from arrival to the first generated token.",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "tokenwire_inter_token_latency_seconds",
+            "Time between consecutive tokens of a stream.",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "tokenwire_request_duration_seconds",
+            "End-to-end time from arrival to the end of generation.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "tokenwire_request_queue_seconds",
+            "Time from arrival until prefill starts.",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.step = Histogram(
+            "tokenwire_decode_step_seconds",
+            "Duration of one scheduler step (prefill + batched decode).",
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "tokenwire_requests",
+            "Finished or rejected requests by outcome.",
+            ["finish_reason"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "tokenwire_prompt_tokens", "Prompt tokens processed.", registry=r
+        )
+        self.generation_tokens = Counter(
+            "tokenwire_generation_tokens", "Tokens generated.", registry=r
+        )
+        self.running = Gauge(
+            "tokenwire_requests_running", "Requests prefilling or decoding.", registry=r
+        )
+        self.waiting = Gauge(
+            "tokenwire_requests_waiting", "Requests queued for a batch slot.", registry=r
+        )
+        self.batch_size = Gauge("tokenwire_batch_size", "Rows in the last decode step.", registry=r)
+        self.build_info = Gauge(
+            "tokenwire_build_info",
+            "Version, model and provider (value 1).",
+            ["version", "model", "provider"],
+            registry=r,
+        )
+        for reason in FINISH_REASONS:
+            self.requests.labels(finish_reason=reason)
+
+    def describe_build(self, version: str, model: str, provider: str) -> None:
+        self.build_info.labels(version=version, model=model, provider=provider).set(1)
+
+    def request_finished(self, record: RequestRecord) -> None:
+        self.requests.labels(finish_reason=record.outcome).inc()
+        self.prompt_tokens.inc(record.prompt_tokens)
+        self.generation_tokens.inc(record.completion_tokens)
+        self.queue.observe(record.queue_time)
+        self.duration.observe(record.finished_at - record.arrived_at)
+        ttft = record.time_to_first_token
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        for gap in record.inter_token_latencies:
+            self.itl.observe(gap)
+
+    def request_rejected(self, reason: str) -> None:
+        self.requests.labels(finish_reason="rejected").inc()
+
+    def step_finished(self, record: StepRecord) -> None:
+        self.step.observe(record.duration)
+        self.batch_size.set(record.batch_size)
+        self.running.set(record.running)
+        self.waiting.set(record.waiting)
+
+    def serve(self, host: str, port: int) -> tuple[int, threading.Thread]:
+        """Expose /metrics on its own HTTP port; return the bound port and the server thread."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_port), thread

@@ -1,0 +1,96 @@
+"""Shared fixtures: the bundled model, and real servers on 127.0.0.1:0."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import pytest
+from tokenwire.v1 import generate_pb2 as pb
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
+
+from service.config import BUNDLED_MODEL_DIR, Settings
+from service.engine import CausalLM, Engine, ModelSpec, OnnxCausalLM
+from service.main import engine_config
+from service.rpc.server import TokenwireServer
+from service.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class RunningServer:
+    server: TokenwireServer
+    engine: Engine
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+
+async def start_server(model: CausalLM, tokenizer: Tokenizer, **overrides: object) -> RunningServer:
+    """A real grpc.aio server on an ephemeral loopback port, with a warm engine attached."""
+    settings = Settings(port=0, drain_grace_s=5.0, **overrides)  # type: ignore[arg-type]
+    engine = Engine(model, tokenizer, engine_config(settings))
+    server = TokenwireServer(settings)
+    await server.start()
+    await server.attach(engine)
+    return RunningServer(server, engine)
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_dir(BUNDLED_MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def spec() -> ModelSpec:
+    return ModelSpec.from_dir(BUNDLED_MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def onnx_model() -> OnnxCausalLM:
+    return OnnxCausalLM(BUNDLED_MODEL_DIR, provider="cpu", intra_op_threads=2)
+
+
+@pytest.fixture(scope="session")
+async def served(onnx_model: OnnxCausalLM, tokenizer: Tokenizer) -> AsyncIterator[RunningServer]:
+    """The bundled model behind a real server, shared by the tests that only read from it."""
+    running = await start_server(onnx_model, tokenizer)
+    yield running
+    await running.server.drain()
+
+
+@pytest.fixture
+async def stub(served: RunningServer) -> AsyncIterator[pb_grpc.GenerationServiceStub]:
+    async with grpc.aio.insecure_channel(served.target) as channel:
+        yield pb_grpc.GenerationServiceStub(channel)
+
+
+def greedy(prompt: str, max_tokens: int = 16, **fields: object) -> pb.GenerateRequest:
+    """A deterministic request: temperature 0, EOS ignored so the length is known."""
+    return pb.GenerateRequest(
+        prompt=prompt,
+        max_tokens=max_tokens,
+        sampling=pb.SamplingParams(temperature=0.0),
+        ignore_eos=True,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def collect(
+    stub: pb_grpc.GenerationServiceStub, request: pb.GenerateRequest, timeout: float = 60.0
+) -> list[pb.GenerateResponse]:
+    return [message async for message in stub.Generate(request, timeout=timeout)]
+
+
+def text_of(messages: list[pb.GenerateResponse]) -> str:
+    return "".join(m.token.text for m in messages if m.WhichOneof("event") == "token")
+
+
+async def eventually(condition: Callable[[], bool], within_s: float = 5.0) -> bool:
+    """Poll condition until it holds or within_s passes; return its last value."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not condition() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    return condition()

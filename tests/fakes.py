@@ -1,0 +1,55 @@
+"""A scripted model for timing and text corner cases: it forces a chosen continuation.
+
+It has the same interface as OnnxCausalLM (shape spec, empty cache, one step), so the real
+engine, scheduler, server and clients run unchanged on top of it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from service.engine import ModelSpec
+from service.engine.model import FloatArray, IntArray
+
+
+class ScriptedModel:
+    """After the token at position q, the most likely next token is script[q + 1] (else EOS)."""
+
+    provider = "ScriptedProvider"
+
+    def __init__(self, spec: ModelSpec, script: dict[int, int], step_delay_s: float = 0.0) -> None:
+        self.spec = spec
+        self.script = script
+        self.step_delay_s = step_delay_s
+        self.eos = min(spec.eos_token_ids)
+        self.calls = 0
+
+    @classmethod
+    def continuing(
+        cls, spec: ModelSpec, prompt_tokens: int, continuation: list[int], step_delay_s: float = 0.0
+    ) -> ScriptedModel:
+        script = {prompt_tokens + i: token for i, token in enumerate(continuation)}
+        return cls(spec, script, step_delay_s)
+
+    def empty_cache(self, batch: int = 1) -> list[FloatArray]:
+        return [np.zeros((batch, 1, 0, 1), dtype=np.float32) for _ in range(2)]
+
+    def forward(
+        self,
+        input_ids: IntArray,
+        attention_mask: IntArray,
+        position_ids: IntArray,
+        past: list[FloatArray],
+    ) -> tuple[FloatArray, list[FloatArray]]:
+        self.calls += 1
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
+        rows, new = input_ids.shape
+        logits = np.zeros((rows, self.spec.vocab_size), dtype=np.float32)
+        for row in range(rows):
+            nxt = int(position_ids[row, -1]) + 1
+            logits[row, self.script.get(nxt, self.eos)] = 30.0
+        grown = np.zeros((rows, 1, new, 1), dtype=np.float32)
+        return logits, [np.concatenate([p, grown], axis=2) for p in past]

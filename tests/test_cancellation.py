@@ -1,0 +1,70 @@
+"""Cancellation and deadlines reach the engine and free its slots."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from tokenwire.v1 import generate_pb2 as pb
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
+
+from tests.conftest import RunningServer, collect, eventually, greedy
+
+
+async def test_client_cancel_mid_stream_frees_the_engine(
+    stub: pb_grpc.GenerationServiceStub, served: RunningServer
+) -> None:
+    """Cancelling the RPC after a few tokens ends the request in the engine."""
+    call = stub.Generate(greedy("def long():", max_tokens=400))
+    received = 0
+    async for message in call:
+        received += message.WhichOneof("event") == "token"
+        if received == 3:
+            break
+    call.cancel()
+    assert await eventually(lambda: served.engine.active_count == 0, within_s=5.0)
+    assert served.engine.running_count == 0
+
+
+async def test_next_request_works_after_a_cancel(
+    stub: pb_grpc.GenerationServiceStub, served: RunningServer
+) -> None:
+    """A request after a cancelled one streams to completion."""
+    call = stub.Generate(greedy("while True:", max_tokens=400))
+    async for _ in call:
+        break
+    call.cancel()
+    messages = await collect(stub, greedy("if x:", max_tokens=6))
+    assert messages[-1].completion.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+async def test_deadline_ends_the_stream_with_deadline_exceeded(
+    stub: pb_grpc.GenerationServiceStub, served: RunningServer
+) -> None:
+    """A deadline shorter than the generation gives DEADLINE_EXCEEDED and frees the engine."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(stub, greedy("def slow():", max_tokens=450), timeout=0.05)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert await eventually(lambda: served.engine.active_count == 0, within_s=5.0)
+
+
+async def test_cancel_rpc_ends_a_stream_with_a_cancelled_completion(
+    stub: pb_grpc.GenerationServiceStub, served: RunningServer
+) -> None:
+    """Cancel(request_id) from another call ends that stream with usage + CANCELLED."""
+    call = stub.Generate(greedy("def other():", max_tokens=450, request_id="to-cancel"))
+    messages = []
+    async for message in call:
+        messages.append(message)
+        if len(messages) == 2:
+            reply = await stub.Cancel(pb.CancelRequest(request_id="to-cancel"))
+            assert reply.cancelled
+    assert messages[-1].completion.finish_reason == pb.FINISH_REASON_CANCELLED
+    assert messages[-2].usage.completion_tokens < 450
+
+
+async def test_cancel_of_an_unknown_id_reports_not_found(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    """Cancel for an id that is not running answers cancelled=false."""
+    reply = await stub.Cancel(pb.CancelRequest(request_id="nobody"))
+    assert not reply.cancelled

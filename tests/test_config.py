@@ -1,0 +1,33 @@
+"""Settings come from TOKENWIRE_* variables, are validated, and name a bad field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.config import Settings, SettingsError
+
+
+def test_environment_variables_set_fields() -> None:
+    """TOKENWIRE_PORT, _MODEL_DIR and _LOG_CONTENT are parsed into typed fields."""
+    env = {"TOKENWIRE_PORT": "6000", "TOKENWIRE_MODEL_DIR": "/m", "TOKENWIRE_LOG_CONTENT": "yes"}
+    settings = Settings.from_env(env)
+    assert (settings.port, settings.model_dir, settings.log_content) == (6000, Path("/m"), True)
+
+
+def test_explicit_overrides_beat_the_environment() -> None:
+    """A CLI flag passed as an override wins over the variable."""
+    assert Settings.from_env({"TOKENWIRE_PORT": "6000"}, port=7000).port == 7000
+
+
+def test_out_of_range_value_names_the_field() -> None:
+    """An invalid batch size raises SettingsError naming max_batch_size and its range."""
+    with pytest.raises(SettingsError, match=r"max_batch_size: must be between 1 and 1024"):
+        Settings.from_env({"TOKENWIRE_MAX_BATCH_SIZE": "0"})
+
+
+def test_unparsable_value_names_the_variable() -> None:
+    """A non-number port names TOKENWIRE_PORT."""
+    with pytest.raises(SettingsError, match="TOKENWIRE_PORT"):
+        Settings.from_env({"TOKENWIRE_PORT": "http"})

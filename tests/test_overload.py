@@ -1,0 +1,45 @@
+"""Admission control: a full server answers RESOURCE_EXHAUSTED at once, with a retry hint."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from tokenwire.v1 import generate_pb2 as pb
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
+
+from service.engine import ModelSpec
+from service.tokenizer import Tokenizer
+from tests.conftest import collect, start_server
+from tests.fakes import ScriptedModel
+
+
+async def test_full_queue_rejects_with_resource_exhausted_and_retry_info(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """With 1 running + 1 queued allowed, a third request is rejected with RetryInfo."""
+    slow = ScriptedModel(spec, {}, step_delay_s=0.02)
+    running = await start_server(slow, tokenizer, max_batch_size=1, max_queue=1)
+    request = pb.GenerateRequest(prompt="a", max_tokens=100, ignore_eos=True)
+    try:
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            first = asyncio.ensure_future(collect(stub, request))
+            second = asyncio.ensure_future(collect(stub, request))
+            while running.engine.active_count < 2:
+                await asyncio.sleep(0.005)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await collect(stub, request)
+            first.cancel()
+            second.cancel()
+    finally:
+        await running.server.drain()
+    error = caught.value
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert dict(error.trailing_metadata())["retry-after-ms"] == "1000"
+    info = error_details_pb2.RetryInfo()
+    rpc_status.from_call(error).details[0].Unpack(info)  # type: ignore[arg-type]
+    assert info.retry_delay.seconds == 1

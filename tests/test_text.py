@@ -1,0 +1,108 @@
+"""Text safety: whole UTF-8 characters only, and stop strings never leak, end to end."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from tokenwire.v1 import generate_pb2 as pb
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
+
+from service.engine import ModelSpec
+from service.tokenizer import StopMatcher, TextStream, Tokenizer
+from tests.conftest import RunningServer, collect, start_server
+from tests.fakes import ScriptedModel
+
+MIXED = "print('héllo 🐍🚀 世界 данные')  # ✓ ok"
+PROMPT = "say:"
+
+
+def test_byte_level_tokens_split_multibyte_characters(tokenizer: Tokenizer) -> None:
+    """The chosen text really exercises split characters (else the next tests prove nothing)."""
+    ids = tokenizer.encode(MIXED)
+    assert any("\ufffd" in tokenizer.inner.decode([i]) for i in ids)
+
+
+def test_text_stream_emits_whole_characters_that_reassemble_exactly(tokenizer: Tokenizer) -> None:
+    """Deltas never contain U+FFFD and join to tokenizer.decode(all ids)."""
+    ids = tokenizer.encode(MIXED)
+    stream = TextStream.create(tokenizer, ())
+    deltas = [stream.push(i)[0] for i in ids]
+    assert not any("\ufffd" in d for d in deltas)
+    assert "".join(deltas) + stream.flush() == tokenizer.decode(ids) == MIXED
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stops", "emitted", "matched"),
+    [
+        (["ab", "c<", "/e", "nd>tail"], ("</end>",), "abc", "</end>"),
+        (["hello wo", "rld"], ("world",), "hello ", "world"),
+        (["x<", "y"], ("<z>",), "x<y", None),
+        (["aaa", "ab"], ("aab",), "aa", "aab"),
+    ],
+)
+def test_stop_matcher_withholds_partial_stops(
+    pieces: list[str], stops: tuple[str, ...], emitted: str, matched: str | None
+) -> None:
+    """Text that could start a stop string is held until it cannot; a match cuts the output."""
+    matcher = StopMatcher(stops)
+    out, found = "", None
+    for piece in pieces:
+        text, found = matcher.push(piece)
+        out += text
+        if found:
+            break
+    else:
+        out += matcher.flush()
+    assert (out, found) == (emitted, matched)
+
+
+@pytest.fixture
+async def scripted(spec: ModelSpec, tokenizer: Tokenizer) -> AsyncIterator[RunningServer]:
+    """A server whose model always continues PROMPT with MIXED followed by '<END>more'."""
+    continuation = tokenizer.encode(MIXED + "<END>more")
+    model = ScriptedModel.continuing(spec, len(tokenizer.encode(PROMPT)), continuation)
+    running = await start_server(model, tokenizer)
+    yield running
+    await running.server.drain()
+
+
+async def _stream(running: RunningServer, request: pb.GenerateRequest) -> list[pb.GenerateResponse]:
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        return await collect(pb_grpc.GenerationServiceStub(channel), request)
+
+
+async def test_multibyte_text_reassembles_exactly_through_the_server(
+    scripted: RunningServer, tokenizer: Tokenizer
+) -> None:
+    """Emoji and CJK split over byte-level tokens arrive whole and join to the exact text."""
+    count = len(tokenizer.encode(MIXED))
+    messages = await _stream(scripted, pb.GenerateRequest(prompt=PROMPT, max_tokens=count))
+    deltas = [m.token.text for m in messages if m.WhichOneof("event") == "token"]
+    assert len(deltas) == count
+    assert not any("\ufffd" in d for d in deltas)
+    assert "".join(deltas) == MIXED
+
+
+async def test_stop_string_split_across_tokens_never_leaks(
+    scripted: RunningServer, tokenizer: Tokenizer
+) -> None:
+    """No delta carries any part of the stop string; the completion names it."""
+    messages = await _stream(
+        scripted, pb.GenerateRequest(prompt=PROMPT, max_tokens=200, stop=["<END>"])
+    )
+    deltas = [m.token.text for m in messages if m.WhichOneof("event") == "token"]
+    assert len(tokenizer.encode("<END>")) > 1
+    assert "".join(deltas) == MIXED
+    assert messages[-1].completion.finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
+    assert messages[-1].completion.stop_sequence == "<END>"
+
+
+async def test_eos_ends_the_stream_with_stop(scripted: RunningServer) -> None:
+    """When the model emits EOS the stream ends with FINISH_REASON_STOP and the text so far."""
+    messages = await _stream(scripted, pb.GenerateRequest(prompt=PROMPT, max_tokens=200))
+    assert messages[-1].completion.finish_reason == pb.FINISH_REASON_STOP
+    assert "".join(m.token.text for m in messages if m.WhichOneof("event") == "token") == (
+        MIXED + "<END>more"
+    )
