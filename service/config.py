@@ -37,6 +37,7 @@ class Settings:
     max_stop_strings: int = 8
     max_stop_length: int = 64
     prefill_chunk_tokens: int = 256
+    max_kv_tokens: int = 16384
     drain_grace_s: float = 30.0
     drain_notice_s: float = 0.0
     max_connection_age_s: float = 0.0
@@ -103,6 +104,7 @@ def _check_engine(s: Settings) -> None:
     )
     _require(s.max_queue >= 0, "max_queue", ">= 0", s.max_queue)
     _require(s.prefill_chunk_tokens >= 1, "prefill_chunk_tokens", ">= 1", s.prefill_chunk_tokens)
+    _require(s.max_kv_tokens >= 1, "max_kv_tokens", ">= 1", s.max_kv_tokens)
 
 
 def _check_limits(s: Settings) -> None:

@@ -23,6 +23,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        max_kv_tokens=settings.max_kv_tokens,
         max_tokens_limit=settings.max_tokens_limit,
         default_max_tokens=settings.default_max_tokens,
         max_prompt_bytes=settings.max_prompt_bytes,

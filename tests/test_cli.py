@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, eventually
 
 
 async def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -39,3 +40,30 @@ async def test_generate_reports_invalid_arguments_clearly(served: RunningServer)
     done = await _run_cli("x", "--target", served.target, "--top-p", "3")
     assert done.returncode == 1
     assert "INVALID_ARGUMENT: sampling.top_p" in done.stderr
+
+
+async def test_ctrl_c_cancels_the_stream_and_frees_the_server(served: RunningServer) -> None:
+    """SIGINT mid-stream exits 130 with [cancelled] and the server's slot is freed."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tokenwire_cli.main",
+        "generate",
+        "def forever():",
+        "--target",
+        served.target,
+        "--max-tokens",
+        "450",
+        "--ignore-eos",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    first = await asyncio.wait_for(proc.stdout.read(1), timeout=30)
+    assert await eventually(lambda: served.engine.active_count == 1)
+    proc.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert first
+    assert proc.returncode == 130
+    assert b"[cancelled]" in err
+    assert await eventually(lambda: served.engine.active_count == 0)

@@ -37,6 +37,8 @@ class EngineConfig:
     max_batch_size: int = 16
     max_queue: int = 64
     prefill_chunk_tokens: int = 256
+    max_kv_tokens: int = 16384
+    """Prompt + max_tokens reserved by all running requests together (KV-cache entries)."""
     max_tokens_limit: int = 512
     default_max_tokens: int = 128
     max_prompt_bytes: int = 262_144
@@ -96,6 +98,7 @@ class Engine:
             model,
             max_batch_size=self.config.max_batch_size,
             prefill_chunk_tokens=self.config.prefill_chunk_tokens,
+            max_kv_tokens=self.config.max_kv_tokens,
             observer=self._observer,
             on_finished=self._release,
         )
@@ -178,6 +181,13 @@ class Engine:
         request.check(self.limits)
         prompt_ids = self.tokenizer.encode(request.prompt)
         budget = request.token_budget(len(prompt_ids), self.limits)
+        if len(prompt_ids) + budget > self.config.max_kv_tokens:
+            raise InvalidRequest(
+                "max_tokens",
+                budget,
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens must be at most "
+                f"{self.config.max_kv_tokens}, the server's KV-cache budget",
+            )
         sequence = Sequence(
             request=request,
             prompt_ids=prompt_ids,

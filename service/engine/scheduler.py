@@ -58,12 +58,14 @@ class Scheduler:
         *,
         max_batch_size: int,
         prefill_chunk_tokens: int,
+        max_kv_tokens: int,
         observer: EngineObserver,
         on_finished: Callable[[Sequence], None],
     ) -> None:
         self._model = model
         self._max_batch = max_batch_size
         self._chunk = prefill_chunk_tokens
+        self._max_kv_tokens = max_kv_tokens
         self._observer = observer
         self._on_finished = on_finished
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
@@ -168,8 +170,15 @@ class Scheduler:
             self._running = [self._running[i] for i in keep]
 
     def _admit(self, now: float) -> None:
-        while self._waiting and len(self._running) + len(self._prefilling) < self._max_batch:
+        """Move waiting requests into prefill while rows and KV-cache budget allow (FIFO)."""
+        rows = len(self._running) + len(self._prefilling)
+        reserved = sum(s.reservation for s in (*self._running, *self._prefilling))
+        while self._waiting and rows < self._max_batch:
+            if reserved + self._waiting[0].reservation > self._max_kv_tokens:
+                break
             seq = self._waiting.popleft()
+            rows += 1
+            reserved += seq.reservation
             seq.scheduled_at = now
             self._prefilling.append(seq)
 

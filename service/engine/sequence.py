@@ -46,6 +46,11 @@ class Sequence:
         return self.request.request_id
 
     @property
+    def reservation(self) -> int:
+        """KV-cache entries this request may need: its prompt plus its token budget."""
+        return len(self.prompt_ids) + self.budget
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
