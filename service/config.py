@@ -41,6 +41,7 @@ class Settings:
     drain_grace_s: float = 30.0
     drain_notice_s: float = 0.0
     max_connection_age_s: float = 0.0
+    metrics_port: int = 9464
     log_format: LogFormat = "json"
     log_content: bool = False
 
@@ -93,6 +94,9 @@ def _require(cond: bool, field: str, allowed: str, value: object) -> None:
 def _check_network(s: Settings) -> None:
     _require(0 <= s.port <= 65535, "port", "between 0 and 65535", s.port)
     _require(bool(s.host), "host", "non-empty", s.host)
+    _require(
+        0 <= s.metrics_port <= 65535, "metrics_port", "between 0 (off) and 65535", s.metrics_port
+    )
 
 
 def _check_engine(s: Settings) -> None:

@@ -10,9 +10,10 @@ import structlog
 
 from service import __version__
 from service.config import Settings
-from service.engine import Engine, EngineConfig, OnnxCausalLM
+from service.engine import Engine, EngineConfig, EngineObserver, OnnxCausalLM
 from service.rpc.server import TokenwireServer
 from service.telemetry import configure_logging
+from service.telemetry.metrics import ServerMetrics
 from service.tokenizer import Tokenizer
 
 log = structlog.get_logger("tokenwire.server")
@@ -32,7 +33,7 @@ def engine_config(settings: Settings) -> EngineConfig:
     )
 
 
-def load_engine(settings: Settings) -> Engine:
+def load_engine(settings: Settings, observer: EngineObserver | None = None) -> Engine:
     """Load the model and tokenizer and warm them up (blocking; run it off the event loop)."""
     model = OnnxCausalLM(
         settings.model_dir,
@@ -40,7 +41,9 @@ def load_engine(settings: Settings) -> Engine:
         intra_op_threads=settings.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
     )
-    engine = Engine(model, Tokenizer.from_dir(settings.model_dir), engine_config(settings))
+    engine = Engine(
+        model, Tokenizer.from_dir(settings.model_dir), engine_config(settings), observer
+    )
     engine.warm_up()
     return engine
 
@@ -50,7 +53,12 @@ async def run_server(settings: Settings, stop: asyncio.Event) -> None:
     server = TokenwireServer(settings)
     port = await server.start()
     log.info("server.listening", host=settings.host, port=port, pid=os.getpid())
-    engine = await asyncio.to_thread(load_engine, settings)
+    metrics = ServerMetrics()
+    if settings.metrics_port:
+        metrics_port, _ = metrics.serve(settings.host, settings.metrics_port)
+        log.info("metrics.listening", url=f"http://{settings.host}:{metrics_port}/metrics")
+    engine = await asyncio.to_thread(load_engine, settings, metrics)
+    metrics.describe_build(__version__, engine.model.spec.name, engine.model.provider)
     await server.attach(engine)
     log.info(
         "server.started",

@@ -12,30 +12,37 @@ from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 from service.config import BUNDLED_MODEL_DIR, Settings
-from service.engine import CausalLM, Engine, ModelSpec, OnnxCausalLM
+from service.engine import CausalLM, Engine, EngineObserver, ModelSpec, OnnxCausalLM
 from service.main import engine_config
 from service.rpc.server import TokenwireServer
 from service.tokenizer import Tokenizer
+from tests.fakes import RecordingObserver
 
 
 @dataclasses.dataclass
 class RunningServer:
     server: TokenwireServer
     engine: Engine
+    observer: EngineObserver | None = None
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.server.port}"
 
 
-async def start_server(model: CausalLM, tokenizer: Tokenizer, **overrides: object) -> RunningServer:
+async def start_server(
+    model: CausalLM,
+    tokenizer: Tokenizer,
+    observer: EngineObserver | None = None,
+    **overrides: object,
+) -> RunningServer:
     """A real grpc.aio server on an ephemeral loopback port, with a warm engine attached."""
     settings = Settings(port=0, drain_grace_s=5.0, **overrides)  # type: ignore[arg-type]
-    engine = Engine(model, tokenizer, engine_config(settings))
+    engine = Engine(model, tokenizer, engine_config(settings), observer)
     server = TokenwireServer(settings)
     await server.start()
     await server.attach(engine)
-    return RunningServer(server, engine)
+    return RunningServer(server, engine, observer)
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +63,7 @@ def onnx_model() -> OnnxCausalLM:
 @pytest.fixture(scope="session")
 async def served(onnx_model: OnnxCausalLM, tokenizer: Tokenizer) -> AsyncIterator[RunningServer]:
     """The bundled model behind a real server, shared by the tests that only read from it."""
-    running = await start_server(onnx_model, tokenizer)
+    running = await start_server(onnx_model, tokenizer, RecordingObserver())
     yield running
     await running.server.drain()
 

@@ -10,8 +10,25 @@ import time
 
 import numpy as np
 
-from service.engine import ModelSpec
+from service.engine import ModelSpec, RequestRecord, StepRecord
 from service.engine.model import FloatArray, IntArray
+
+
+class RecordingObserver:
+    """Keeps every finished-request record the engine reports, by request id."""
+
+    def __init__(self) -> None:
+        self.finished: dict[str, RequestRecord] = {}
+        self.rejected: list[str] = []
+
+    def request_finished(self, record: RequestRecord) -> None:
+        self.finished[record.request_id] = record
+
+    def request_rejected(self, reason: str) -> None:
+        self.rejected.append(reason)
+
+    def step_finished(self, record: StepRecord) -> None:
+        return None
 
 
 class ScriptedModel:

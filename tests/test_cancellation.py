@@ -7,14 +7,22 @@ import pytest
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
+from service.domain import FinishReason
+from service.engine import RequestRecord
 from tests.conftest import RunningServer, collect, eventually, greedy
+from tests.fakes import RecordingObserver
+
+
+def _recorded(served: RunningServer, request_id: str) -> RequestRecord:
+    assert isinstance(served.observer, RecordingObserver)
+    return served.observer.finished[request_id]
 
 
 async def test_client_cancel_mid_stream_frees_the_engine(
     stub: pb_grpc.GenerationServiceStub, served: RunningServer
 ) -> None:
-    """Cancelling the RPC after a few tokens ends the request in the engine."""
-    call = stub.Generate(greedy("def long():", max_tokens=400))
+    """Cancelling the RPC after a few tokens ends the request in the engine as cancelled."""
+    call = stub.Generate(greedy("def long():", max_tokens=400, request_id="cancel-me"))
     received = 0
     async for message in call:
         received += message.WhichOneof("event") == "token"
@@ -23,6 +31,9 @@ async def test_client_cancel_mid_stream_frees_the_engine(
     call.cancel()
     assert await eventually(lambda: served.engine.active_count == 0, within_s=5.0)
     assert served.engine.running_count == 0
+    record = _recorded(served, "cancel-me")
+    assert record.finish_reason == FinishReason.CANCELLED
+    assert record.completion_tokens < 400
 
 
 async def test_next_request_works_after_a_cancel(
@@ -42,9 +53,12 @@ async def test_deadline_ends_the_stream_with_deadline_exceeded(
 ) -> None:
     """A deadline shorter than the generation gives DEADLINE_EXCEEDED and frees the engine."""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await collect(stub, greedy("def slow():", max_tokens=450), timeout=0.05)
+        await collect(stub, greedy("def slow():", max_tokens=450, request_id="late"), timeout=0.05)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert await eventually(lambda: served.engine.active_count == 0, within_s=5.0)
+    record = _recorded(served, "late")
+    assert record.finish_reason == FinishReason.DEADLINE_EXCEEDED
+    assert record.completion_tokens < 450
 
 
 async def test_cancel_rpc_ends_a_stream_with_a_cancelled_completion(

@@ -16,7 +16,7 @@ from tests.procs import ServerProcess
 
 @pytest.fixture
 def server_process() -> Iterator[ServerProcess]:
-    proc = ServerProcess("--drain-grace-s", "30")
+    proc = ServerProcess("--drain-grace-s", "30", "--metrics-port", "0")
     try:
         proc.wait_for("server.started")
         yield proc

@@ -18,6 +18,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--max-batch-size", type=int, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, help="requests waiting beyond the batch")
     p.add_argument("--drain-grace-s", type=float, help="seconds in-flight streams get on SIGTERM")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = off)")
     p.add_argument("--log-format", choices=["json", "console"])
     p.add_argument("--log-content", action="store_true", default=None, help="log prompts/outputs")
     p.set_defaults(run=_run_serve)

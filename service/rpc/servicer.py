@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -72,26 +71,24 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             log.info("request.rejected", error=str(exc), code=type(exc).__name__)
             await abort(context, exc)
             return
-        async for message in self._stream(handle, request, context):
-            yield message
-
-    async def _stream(
-        self, handle: GenerationHandle, request: pb.GenerateRequest, context: Context
-    ) -> AsyncIterator[pb.GenerateResponse]:
         summary = _StreamSummary(handle, request if self._log_content else None)
         try:
             async for event in handle.events():
                 summary.see(event)
                 yield convert.event_to_pb(event)
-        except asyncio.CancelledError:
-            expired = (context.time_remaining() or 1.0) <= 0
-            summary.reason = "deadline_exceeded" if expired else "cancelled"
-            handle.cancel(FinishReason.DEADLINE_EXCEEDED if expired else FinishReason.CANCELLED)
-            raise
         except EngineStopped as exc:
-            summary.reason = "error"
+            summary.failed = True
             await abort(context, exc)
         finally:
+            # Reached without a completion when the client cancelled, the deadline passed or
+            # the stream failed: make sure the engine frees the slot at its next step.
+            if not summary.completed:
+                # 10 ms of slack: grpc may cancel a hair before our own clock says so.
+                expired = deadline is not None and time.monotonic() >= deadline - 0.01
+                reason = FinishReason.DEADLINE_EXCEEDED if expired else FinishReason.CANCELLED
+                handle.cancel(reason)
+                if not summary.failed:
+                    summary.reason = reason.value
             summary.log()
 
     async def GetModelInfo(
@@ -130,6 +127,8 @@ class _StreamSummary:
         self.usage: UsageEvent | None = None
         self.reason = "error"
         self.stop_sequence = ""
+        self.completed = False
+        self.failed = False
 
     def see(self, event: TokenEvent | UsageEvent | CompletionEvent) -> None:
         if isinstance(event, TokenEvent):
@@ -141,6 +140,7 @@ class _StreamSummary:
         else:
             self.reason = event.finish_reason.value
             self.stop_sequence = event.stop_sequence
+            self.completed = True
 
     def log(self) -> None:
         fields: dict[str, object] = {
