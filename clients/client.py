@@ -88,6 +88,7 @@ class ModelInfo:
     max_tokens_limit: int
     default_max_tokens: int
     max_batch_size: int
+    chat_template: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -160,6 +161,7 @@ def model_info_from_pb(m: pb.GetModelInfoResponse) -> ModelInfo:
         max_tokens_limit=m.max_tokens_limit,
         default_max_tokens=m.default_max_tokens,
         max_batch_size=m.max_batch_size,
+        chat_template=m.chat_template,
     )
 
 

@@ -43,11 +43,13 @@ class ModelSpec:
     vocab_size: int
     context_length: int
     eos_token_ids: frozenset[int]
+    chat_template: str = ""
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ModelSpec:
         config = _read_json(model_dir / "config.json")
         generation = _read_json(model_dir / "generation_config.json", required=False)
+        tokenizer_config = _read_json(model_dir / "tokenizer_config.json", required=False)
         heads = int(config["num_attention_heads"])
         head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
         eos = _as_ids(generation.get("eos_token_id", config.get("eos_token_id")))
@@ -59,6 +61,7 @@ class ModelSpec:
             vocab_size=int(config["vocab_size"]),
             context_length=int(config.get("max_position_embeddings", 2048)),
             eos_token_ids=frozenset(eos),
+            chat_template=str(tokenizer_config.get("chat_template") or ""),
         )
 
 

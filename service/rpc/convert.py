@@ -110,4 +110,5 @@ def model_info_to_pb(engine: Engine) -> pb.GetModelInfoResponse:
         max_tokens_limit=engine.config.max_tokens_limit,
         default_max_tokens=engine.config.default_max_tokens,
         max_batch_size=engine.config.max_batch_size,
+        chat_template=spec.chat_template,
     )

@@ -62,7 +62,6 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 request.request_id, _metadata(context, "x-request-id")
             )
             structlog.contextvars.bind_contextvars(request_id=request_id, peer=context.peer())
-            await context.send_initial_metadata((("x-request-id", request_id),))
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
             engine = self._slot.get()
@@ -73,6 +72,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             return
         summary = _StreamSummary(handle, request if self._log_content else None)
         try:
+            # Headers go out only once the request is accepted: until then a failure is
+            # trailers-only, which clients may retry transparently (UNAVAILABLE).
+            await context.send_initial_metadata((("x-request-id", request_id),))
             async for event in handle.events():
                 summary.see(event)
                 yield convert.event_to_pb(event)

@@ -335,6 +335,7 @@ class GetModelInfoResponse(_message.Message):
     MAX_TOKENS_LIMIT_FIELD_NUMBER: _builtins.int
     DEFAULT_MAX_TOKENS_FIELD_NUMBER: _builtins.int
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name from its config."""
     context_length: _builtins.int
@@ -348,6 +349,8 @@ class GetModelInfoResponse(_message.Message):
     """max_tokens used when a request leaves it 0."""
     max_batch_size: _builtins.int
     """How many sequences decode together in one step."""
+    chat_template: _builtins.str
+    """The model's Jinja2 chat template (from tokenizer_config.json); empty when it has none."""
     @_builtins.property
     def eos_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -361,10 +364,11 @@ class GetModelInfoResponse(_message.Message):
         max_tokens_limit: _builtins.int = ...,
         default_max_tokens: _builtins.int = ...,
         max_batch_size: _builtins.int = ...,
+        chat_template: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "default_max_tokens", b"default_max_tokens", "eos_token_ids", b"eos_token_ids", "max_batch_size", b"max_batch_size", "max_tokens_limit", b"max_tokens_limit", "model", b"model", "provider", b"provider", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_template", b"chat_template", "context_length", b"context_length", "default_max_tokens", b"default_max_tokens", "eos_token_ids", b"eos_token_ids", "max_batch_size", b"max_batch_size", "max_tokens_limit", b"max_tokens_limit", "model", b"model", "provider", b"provider", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
