@@ -11,6 +11,9 @@ import pytest
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
+from clients.edge.resumable import ResumableStreams
+from clients.edge.server import EdgeServer
+from clients.edge.settings import EdgeSettings
 from service.config import BUNDLED_MODEL_DIR, Settings
 from service.engine import CausalLM, Engine, EngineObserver, ModelSpec, OnnxCausalLM
 from service.main import engine_config
@@ -101,3 +104,34 @@ async def eventually(condition: Callable[[], bool], within_s: float = 5.0) -> bo
     while not condition() and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.01)
     return condition()
+
+
+@dataclasses.dataclass
+class RunningEdge:
+    edge: EdgeServer
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.edge.port}"
+
+    @property
+    def streams(self) -> ResumableStreams:
+        ctx = self.edge.app.state.ctx
+        assert isinstance(ctx.streams, ResumableStreams)
+        return ctx.streams
+
+
+async def start_edge(target: str, **overrides: object) -> RunningEdge:
+    """The real edge app under uvicorn on an ephemeral loopback port."""
+    settings = EdgeSettings(port=0, grpc_target=target, **overrides)  # type: ignore[arg-type]
+    edge = EdgeServer(settings)
+    await edge.start()
+    return RunningEdge(edge)
+
+
+@pytest.fixture
+async def edge(served: RunningServer) -> AsyncIterator[RunningEdge]:
+    """The edge in front of the shared server, with a 2 s resume window."""
+    running = await start_edge(served.target, resume_window_s=2.0)
+    yield running
+    await running.edge.stop()

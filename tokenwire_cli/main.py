@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,9 +54,57 @@ def _run_generate(args: argparse.Namespace) -> int:
     return run_generate(args)
 
 
+def _add_edge(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("edge", help="run the HTTP/SSE edge (native SSE + OpenAI-compatible API)")
+    p.add_argument("--host", help="bind address (TOKENWIRE_EDGE_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (TOKENWIRE_EDGE_PORT, default 8000)")
+    p.add_argument("--grpc-target", help="server address (TOKENWIRE_GRPC_TARGET)")
+    p.add_argument("--resume-window-s", type=float, help="keep generating this long after a drop")
+    p.add_argument("--log-format", choices=["json", "console"], default=None)
+    p.set_defaults(run=_run_edge)
+
+
+def _run_edge(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from clients.edge.server import run_edge
+    from clients.edge.settings import EdgeSettings, EdgeSettingsError
+    from service.telemetry import configure_logging
+
+    fmt = args.log_format or os.environ.get("TOKENWIRE_LOG_FORMAT", "json")
+    overrides = {k: v for k, v in vars(args).items() if k not in {"command", "run", "log_format"}}
+    try:
+        settings = EdgeSettings.from_env(**overrides)
+    except EdgeSettingsError as exc:
+        print(f"tokenwire edge: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(fmt)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_edge(settings))
+    return 0
+
+
+def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("up", help="run the server and the edge together (what `make run` does)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--grpc-port", type=int, default=50051)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=9464)
+    p.set_defaults(run=_run_up)
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    from tokenwire_cli.up import run_up
+
+    return run_up(args.host, args.grpc_port, args.http_port, args.metrics_port)
+
+
 COMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
     _add_serve,
     _add_generate,
+    _add_edge,
+    _add_up,
 )
 
 

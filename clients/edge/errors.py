@@ -1,0 +1,88 @@
+"""gRPC status -> HTTP status and error bodies, for native and OpenAI-style routes."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import grpc
+
+from clients.errors import from_rpc_error
+
+HTTP_BY_GRPC: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+OPENAI_TYPE_BY_HTTP = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    410: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "request_cancelled",
+    503: "service_unavailable",
+    504: "timeout",
+}
+
+
+class EdgeError(Exception):
+    """An error with an HTTP status, a stable code and an optional field name."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+    @classmethod
+    def invalid(cls, field: str, reason: str) -> EdgeError:
+        return cls(400, "INVALID_ARGUMENT", f"{field}: {reason}", param=field)
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError) -> EdgeError:
+        typed = from_rpc_error(error)
+        status = HTTP_BY_GRPC.get(typed.code, 502 if typed.code == grpc.StatusCode.UNKNOWN else 500)
+        retry = typed.retry_after_s
+        if retry is None and status == 429:
+            retry = 1.0
+        return cls(status, typed.code.name, typed.message, param=typed.field, retry_after_s=retry)
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+    def native_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "status": self.status, "message": self.message}
+        if self.param:
+            body["field"] = self.param
+        return {"error": body}
+
+    def openai_body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": OPENAI_TYPE_BY_HTTP.get(self.status, "server_error"),
+                "param": self.param,
+                "code": self.code.lower(),
+            }
+        }

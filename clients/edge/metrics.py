@@ -1,0 +1,53 @@
+"""Edge metrics, exposed at /metrics on the edge itself."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+TTFT_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+ROUTES = ("native", "completions", "chat")
+OUTCOMES = ("completed", "client_disconnected", "resumed", "upstream_error", "rejected")
+
+
+class EdgeMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram(
+            "tokenwire_edge_time_to_first_token_seconds",
+            "Time from the HTTP request to the first token event written, as the client sees it.",
+            ["route"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.streams = Counter(
+            "tokenwire_edge_streams",
+            "HTTP streams by route and outcome.",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.active = Gauge("tokenwire_edge_active_streams", "HTTP streams open now.", registry=r)
+        self.buffer_bytes = Gauge(
+            "tokenwire_edge_resume_buffer_bytes", "Bytes held in resume buffers.", registry=r
+        )
+        for route in ROUTES:
+            for outcome in OUTCOMES:
+                self.streams.labels(route=route, outcome=outcome)

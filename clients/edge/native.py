@@ -1,0 +1,136 @@
+"""Native SSE API: /v1/generate (POST and EventSource GET), resume, cancel.
+
+Events: `token` {text, id, index, logprob?}, `usage` {...}, `done` {finish_reason,
+stop_sequence}, `error` {code, status, message}. Every event has `id: <request_id>:<seq>`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from tokenwire.v1 import generate_pb2 as pb
+
+from clients.client import Completion, GenerateOptions, Token, Usage, event_from_pb
+from clients.edge.body import Fields, read_json
+from clients.edge.context import EdgeContext, request_id_of
+from clients.edge.errors import EdgeError
+from clients.edge.resumable import ResumableStream, parse_event_id
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def options_from(fields: Fields, request_id: str) -> GenerateOptions:
+    return GenerateOptions(
+        max_tokens=fields.integer("max_tokens", 0) or 0,
+        temperature=fields.number("temperature"),
+        top_k=fields.integer("top_k", 0) or 0,
+        top_p=fields.number("top_p"),
+        repetition_penalty=fields.number("repetition_penalty"),
+        seed=fields.integer("seed"),
+        stop=fields.strings("stop"),
+        ignore_eos=fields.boolean("ignore_eos"),
+        logprobs=fields.boolean("logprobs"),
+        request_id=request_id,
+    )
+
+
+def native_event(message: pb.GenerateResponse) -> tuple[str, dict[str, Any]]:
+    event = event_from_pb(message)
+    if isinstance(event, Token):
+        data: dict[str, Any] = {"text": event.text, "id": event.id, "index": event.index}
+        if event.logprob is not None:
+            data["logprob"] = event.logprob
+        return "token", data
+    if isinstance(event, Usage):
+        return "usage", {
+            "prompt_tokens": event.prompt_tokens,
+            "completion_tokens": event.completion_tokens,
+            "total_tokens": event.total_tokens,
+            "queue_time_ms": event.queue_time_ms,
+            "time_to_first_token_ms": event.time_to_first_token_ms,
+            "decode_time_ms": event.decode_time_ms,
+            "total_time_ms": event.total_time_ms,
+            "request_id": event.request_id,
+        }
+    assert isinstance(event, Completion)
+    return "done", {"finish_reason": event.finish_reason, "stop_sequence": event.stop_sequence}
+
+
+def _sse(stream: ResumableStream, after: int, ctx: EdgeContext, route: str) -> Response:
+    started = time.perf_counter()
+
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        first = True
+        async for event in stream.follow(after):
+            if first and event.name == "token":
+                ctx.observe_ttft(route, time.perf_counter() - started)
+            first = False
+            yield ServerSentEvent(
+                event.data, event=event.name, id=f"{stream.request_id}:{event.seq}"
+            )
+            if event.name in {"done", "error"}:
+                ctx.outcome(route, "completed" if event.name == "done" else "upstream_error")
+
+    headers = {**SSE_HEADERS, "X-Request-ID": stream.request_id}
+    return EventSourceResponse(events(), headers=headers, ping=ctx.settings.ping_s)
+
+
+async def _resume(request: Request, ctx: EdgeContext, last_event_id: str) -> Response:
+    request_id, seq = parse_event_id(last_event_id)
+    stream = ctx.streams.get(request_id)
+    if stream.followers == 0:
+        ctx.outcome("native", "resumed")
+    return _sse(stream, seq, ctx, "native")
+
+
+async def _start(request: Request, ctx: EdgeContext, fields: Fields) -> Response:
+    prompt = fields.string("prompt")
+    request_id = request_id_of(request, fields.string("request_id"))
+    message = options_from(fields, request_id).to_pb(prompt)
+    upstream = await ctx.upstream.open(message, request_id)
+    stream = ctx.streams.open(upstream, native_event)
+    return _sse(stream, 0, ctx, "native")
+
+
+def _last_event_id(request: Request) -> str | None:
+    return request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+
+
+async def generate_post(request: Request) -> Response:
+    ctx = EdgeContext.of(request)
+    last = _last_event_id(request)
+    if last:
+        return await _resume(request, ctx, last)
+    body = await read_json(request, ctx.settings.max_body_bytes)
+    return await _start(request, ctx, Fields(body))
+
+
+async def generate_get(request: Request) -> Response:
+    """EventSource entry point; its automatic reconnect sends Last-Event-ID to the same URL."""
+    ctx = EdgeContext.of(request)
+    last = _last_event_id(request)
+    if last:
+        return await _resume(request, ctx, last)
+    return await _start(request, ctx, Fields(dict(request.query_params), from_query=True))
+
+
+async def resume(request: Request) -> Response:
+    """GET /v1/generate/{request_id}/events with Last-Event-ID (or ?last_event_id=)."""
+    ctx = EdgeContext.of(request)
+    request_id = request.path_params["request_id"]
+    last = _last_event_id(request) or f"{request_id}:0"
+    if parse_event_id(last)[0] != request_id:
+        raise EdgeError.invalid("Last-Event-ID", "must name the same request id as the path")
+    return await _resume(request, ctx, last)
+
+
+async def cancel(request: Request) -> Response:
+    ctx = EdgeContext.of(request)
+    stream = ctx.streams.get(request.path_params["request_id"])
+    stream.cancel()
+    return JSONResponse({"request_id": stream.request_id, "cancelled": True})

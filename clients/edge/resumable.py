@@ -1,0 +1,231 @@
+"""Resumable SSE streams: events are kept in a bounded buffer so a client that lost its
+connection can reconnect with Last-Event-ID and get exactly the events it missed.
+
+While nobody is connected, generation goes on for `window_s`; if nobody comes back by then the
+upstream RPC is cancelled. A finished stream stays readable for the same window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from tokenwire.v1 import generate_pb2 as pb
+
+from clients.edge.errors import EdgeError
+from clients.edge.upstream import UpstreamStream
+
+Convert = Callable[[pb.GenerateResponse], tuple[str, dict[str, Any]]]
+Outcome = Callable[[str], None]
+EXPIRED_MEMORY = 10_000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BufferedEvent:
+    seq: int
+    name: str
+    data: str
+
+    @property
+    def size(self) -> int:
+        return len(self.data) + len(self.name) + 24
+
+
+def parse_event_id(value: str) -> tuple[str, int]:
+    """'<request_id>:<seq>' -> (request_id, seq); EdgeError 400 when malformed."""
+    request_id, _, seq = value.rpartition(":")
+    if not request_id or not seq.isdigit():
+        raise EdgeError.invalid(
+            "Last-Event-ID", f"must look like <request_id>:<seq>, got {value!r}"
+        )
+    return request_id, int(seq)
+
+
+class ResumableStream:
+    """One generation's events, buffered, with any number of followers over time."""
+
+    def __init__(self, registry: ResumableStreams, upstream: UpstreamStream) -> None:
+        self.registry = registry
+        self.upstream = upstream
+        self.request_id = upstream.request_id
+        self.events: collections.deque[BufferedEvent] = collections.deque()
+        self.first_seq = 1
+        self.next_seq = 1
+        self.bytes = 0
+        self.done = False
+        self.followers = 0
+        self.resumed = False
+        self._changed = asyncio.Event()
+        self._pump: asyncio.Task[None] | None = None
+        self._timer: asyncio.Task[None] | None = None
+
+    def start(self, convert: Convert) -> None:
+        self._pump = asyncio.create_task(self._run(convert), name=f"pump-{self.request_id}")
+
+    async def _run(self, convert: Convert) -> None:
+        try:
+            async for message in self.upstream.messages():
+                self.append(*convert(message))
+        except EdgeError as error:
+            self.append("error", error.native_body()["error"])
+        finally:
+            self._finish()
+
+    def append(self, name: str, data: dict[str, Any]) -> None:
+        event = BufferedEvent(self.next_seq, name, json.dumps(data, separators=(",", ":")))
+        self.next_seq += 1
+        self.events.append(event)
+        self.bytes += event.size
+        self.registry.account(event.size)
+        while self.bytes > self.registry.stream_bytes and len(self.events) > 1:
+            dropped = self.events.popleft()
+            self.first_seq = dropped.seq + 1
+            self.bytes -= dropped.size
+            self.registry.account(-dropped.size)
+        self._changed.set()
+
+    def _finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self._changed.set()
+            self.registry.finished(self)
+
+    async def follow(self, after_seq: int) -> AsyncIterator[BufferedEvent]:
+        """Yield events with seq > after_seq, live, until the stream is done."""
+        if after_seq + 1 < self.first_seq:
+            raise EdgeError(410, "GONE", f"events after {after_seq} are no longer buffered")
+        self.followers += 1
+        self._stop_timer()
+        cursor = after_seq + 1
+        try:
+            while True:
+                index = cursor - self.first_seq
+                if 0 <= index < len(self.events):
+                    event = self.events[index]
+                    cursor += 1
+                    yield event
+                    continue
+                if self.done:
+                    return
+                self._changed.clear()
+                await self._changed.wait()
+        finally:
+            self.followers -= 1
+            if self.followers == 0:
+                self.registry.orphaned(self)
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """End generation now; followers get a final `done` event with the reason."""
+        if self.done:
+            return
+        self.upstream.cancel()
+        if self._pump is not None:
+            self._pump.cancel()
+        self.append("done", {"finish_reason": reason, "stop_sequence": ""})
+        self._finish()
+
+    def expire_later(self, delay: float) -> None:
+        self._stop_timer()
+        self._timer = asyncio.create_task(self._expire_after(delay))
+
+    async def _expire_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self.followers == 0:
+            self.registry.drop(self)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def abandon(self) -> None:
+        """Nobody came back: stop the upstream without telling anyone."""
+        self._stop_timer()
+        if not self.done:
+            self.upstream.cancel()
+            if self._pump is not None:
+                self._pump.cancel()
+
+
+class ResumableStreams:
+    """All buffered streams of this edge, bounded per stream and in total."""
+
+    def __init__(
+        self,
+        window_s: float,
+        stream_bytes: int,
+        total_bytes: int,
+        on_outcome: Outcome | None = None,
+    ) -> None:
+        self.window_s = window_s
+        self.stream_bytes = stream_bytes
+        self.total_bytes = total_bytes
+        self.bytes = 0
+        self._streams: dict[str, ResumableStream] = {}
+        self._expired: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._on_outcome = on_outcome or (lambda outcome: None)
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def account(self, delta: int) -> None:
+        self.bytes += delta
+
+    def open(self, upstream: UpstreamStream, convert: Convert) -> ResumableStream:
+        if self.bytes + self.stream_bytes > self.total_bytes:
+            self._evict_finished()
+        if self.bytes + self.stream_bytes > self.total_bytes:
+            upstream.cancel()
+            raise EdgeError(429, "RESOURCE_EXHAUSTED", "resume buffers are full", retry_after_s=1)
+        stream = ResumableStream(self, upstream)
+        self._streams[stream.request_id] = stream
+        stream.start(convert)
+        return stream
+
+    def get(self, request_id: str) -> ResumableStream:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            return stream
+        if request_id in self._expired:
+            raise EdgeError(410, "GONE", f"stream {request_id} has expired")
+        raise EdgeError(404, "NOT_FOUND", f"no stream with request id {request_id}")
+
+    def orphaned(self, stream: ResumableStream) -> None:
+        """The last follower left: keep it for the window, or end it now when the window is 0."""
+        if stream.done:
+            stream.expire_later(self.window_s)
+            return
+        self._on_outcome("client_disconnected")
+        if self.window_s == 0:
+            stream.abandon()
+            self.drop(stream)
+        else:
+            stream.expire_later(self.window_s)
+
+    def finished(self, stream: ResumableStream) -> None:
+        if stream.followers == 0:
+            stream.expire_later(self.window_s)
+
+    def drop(self, stream: ResumableStream) -> None:
+        stream.abandon()
+        if self._streams.get(stream.request_id) is stream:
+            del self._streams[stream.request_id]
+            self.account(-stream.bytes)
+            self._expired[stream.request_id] = None
+            while len(self._expired) > EXPIRED_MEMORY:
+                self._expired.popitem(last=False)
+
+    def _evict_finished(self) -> None:
+        for stream in [s for s in self._streams.values() if s.done and s.followers == 0]:
+            self.drop(stream)
+            if self.bytes + self.stream_bytes <= self.total_bytes:
+                return
+
+    def close(self) -> None:
+        for stream in list(self._streams.values()):
+            stream.abandon()
+            self.drop(stream)

@@ -1,0 +1,104 @@
+"""The edge's gRPC side: open a Generate stream and know, before answering HTTP, whether the
+server accepted it (bad input must become a 400, not an in-band error)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tokenwire.v1 import generate_pb2 as pb
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
+
+from clients.client import CHANNEL_OPTIONS, ModelInfo, model_info_from_pb
+from clients.edge.errors import EdgeError
+
+GenerateCall = grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse]
+
+
+class UpstreamStream:
+    """An accepted Generate call: iterate its messages; cancel() ends it at the server."""
+
+    def __init__(self, call: GenerateCall, request_id: str) -> None:
+        self._call = call
+        self.request_id = request_id
+
+    async def messages(self) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            while (message := await self._call.read()) is not grpc.aio.EOF:
+                assert isinstance(message, pb.GenerateResponse)
+                yield message
+        except grpc.RpcError as error:
+            raise EdgeError.from_rpc(error) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class Upstream:
+    """One channel to the server (or to every replica, with a dns:/// target)."""
+
+    def __init__(self, target: str, timeout_s: float = 600.0) -> None:
+        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.GenerationServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._timeout_s = timeout_s
+        self._info: ModelInfo | None = None
+        self._ready_at = 0.0
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def open(self, request: pb.GenerateRequest, request_id: str) -> UpstreamStream:
+        """Start a stream; raise EdgeError when the server refuses it."""
+        call = self._stub.Generate(
+            request, timeout=self._timeout_s, metadata=(("x-request-id", request_id),)
+        )
+        try:
+            header = dict(await call.initial_metadata())
+        except grpc.RpcError as error:
+            raise EdgeError.from_rpc(error) from None
+        if "x-request-id" not in header:
+            # A refusal is trailers-only: no header, only a status with its details.
+            raise await _refusal(call)
+        return UpstreamStream(call, str(header.get("x-request-id", request_id)))
+
+    async def model_info(self) -> ModelInfo:
+        if self._info is None:
+            try:
+                reply = await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+            except grpc.RpcError as error:
+                raise EdgeError.from_rpc(error) from None
+            self._info = model_info_from_pb(reply)
+        return self._info
+
+    async def ready(self) -> bool:
+        """True when the server reports SERVING (cached for half a second)."""
+        if time.monotonic() - self._ready_at < 0.5:
+            return True
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+        except grpc.RpcError:
+            return False
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            self._ready_at = time.monotonic()
+            return True
+        return False
+
+    async def cancel(self, request_id: str) -> bool:
+        try:
+            reply = await self._stub.Cancel(pb.CancelRequest(request_id=request_id), timeout=10)
+        except grpc.RpcError as error:
+            raise EdgeError.from_rpc(error) from None
+        return reply.cancelled
+
+
+async def _refusal(call: GenerateCall) -> EdgeError:
+    """The EdgeError of a call that ended before sending headers, with field/retry details."""
+    code = await call.code()
+    if code == grpc.StatusCode.OK:
+        return EdgeError(502, "UNKNOWN", "the server ended the stream without a response")
+    trailers = await call.trailing_metadata()
+    error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailers, await call.details())
+    return EdgeError.from_rpc(error)

@@ -1,0 +1,205 @@
+"""The native SSE API of the edge, against a real edge in front of a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from httpx_sse import ServerSentEvent, aconnect_sse
+
+from service.domain import FinishReason
+from tests.conftest import RunningEdge, RunningServer, eventually, start_edge
+from tests.fakes import RecordingObserver
+
+BODY = {"prompt": "def fib(n):", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+
+
+async def _events(
+    client: httpx.AsyncClient, method: str, url: str, **kwargs: object
+) -> tuple[httpx.Response, list[ServerSentEvent]]:
+    async with aconnect_sse(client, method, url, **kwargs) as source:  # type: ignore[arg-type]
+        return source.response, [e async for e in source.aiter_sse()]
+
+
+@pytest.fixture
+async def http(edge: RunningEdge) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=edge.url, timeout=30) as client:
+        yield client
+
+
+async def test_post_streams_tokens_then_usage_then_done(http: httpx.AsyncClient) -> None:
+    """POST /v1/generate yields token events, one usage, one done; ids count up from 1."""
+    response, events = await _events(http, "POST", "/v1/generate", json=BODY)
+    assert [e.event for e in events] == ["token"] * 12 + ["usage", "done"]
+    request_id = response.headers["x-request-id"]
+    assert [e.id for e in events] == [f"{request_id}:{i}" for i in range(1, 15)]
+    assert json.loads(events[-2].data)["completion_tokens"] == 12
+    assert json.loads(events[-1].data)["finish_reason"] == "length"
+
+
+async def test_stream_headers_defeat_proxy_buffering(http: httpx.AsyncClient) -> None:
+    """The response is text/event-stream with no-cache and X-Accel-Buffering: no."""
+    response, _ = await _events(http, "POST", "/v1/generate", json=BODY)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-cache"
+    assert response.headers["x-accel-buffering"] == "no"
+
+
+async def test_eventsource_get_streams_the_same_events(http: httpx.AsyncClient) -> None:
+    """GET /v1/generate?prompt=... (what EventSource sends) streams tokens, usage and done."""
+    params = {"prompt": "import os", "max_tokens": "5", "temperature": "0", "ignore_eos": "true"}
+    _, events = await _events(http, "GET", "/v1/generate", params=params)
+    assert [e.event for e in events] == ["token"] * 5 + ["usage", "done"]
+
+
+async def test_x_request_id_is_passed_to_the_server_and_returned(http: httpx.AsyncClient) -> None:
+    """An X-Request-ID header becomes the server's request id and comes back."""
+    headers = {"X-Request-ID": "edge-req-1"}
+    response, events = await _events(http, "POST", "/v1/generate", json=BODY, headers=headers)
+    assert response.headers["x-request-id"] == "edge-req-1"
+    assert json.loads(events[-2].data)["request_id"] == "edge-req-1"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": "x", "top_p": 7}, "sampling.top_p"),
+        ({"prompt": "x", "max_tokens": 100_000}, "max_tokens"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
+    ],
+)
+async def test_bad_input_is_400_naming_the_field(
+    http: httpx.AsyncClient, body: dict[str, object], field: str
+) -> None:
+    """Out-of-range or mistyped fields give HTTP 400 with the field named, before streaming."""
+    response = await http.post("/v1/generate", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["message"].startswith(f"{field}:")
+    assert error["code"] == "INVALID_ARGUMENT"
+
+
+async def test_oversize_body_is_413(http: httpx.AsyncClient) -> None:
+    """A body over the limit is refused with 413 before it is parsed."""
+    response = await http.post("/v1/generate", content=b"{" + b" " * 2_000_000 + b"}")
+    assert response.status_code == 413
+
+
+async def test_resume_with_last_event_id_replays_exactly_the_missed_events(
+    http: httpx.AsyncClient, edge: RunningEdge
+) -> None:
+    """Drop after 5 events, reconnect with Last-Event-ID: joined text equals an unbroken run."""
+    body = {
+        "prompt": "class Tree:",
+        "max_tokens": 40,
+        "temperature": 0.8,
+        "seed": 11,
+        "ignore_eos": True,
+    }
+    _, whole = await _events(http, "POST", "/v1/generate", json=body)
+    expected = "".join(json.loads(e.data)["text"] for e in whole if e.event == "token")
+    first: list[ServerSentEvent] = []
+    async with aconnect_sse(http, "POST", "/v1/generate", json=body) as source:
+        async for event in source.aiter_sse():
+            first.append(event)
+            if len(first) == 5:
+                break
+    last_id = first[-1].id
+    request_id = last_id.rsplit(":", 1)[0]
+    _, rest = await _events(http, "POST", "/v1/generate", headers={"Last-Event-ID": last_id})
+    events = first + rest
+    assert [e.id for e in events] == [f"{request_id}:{i}" for i in range(1, len(events) + 1)]
+    text = "".join(json.loads(e.data)["text"] for e in events if e.event == "token")
+    assert text == expected
+    assert events[-1].event == "done"
+
+
+async def test_eventsource_reconnect_url_resumes(http: httpx.AsyncClient) -> None:
+    """GET with last_event_id (or the Last-Event-ID header) resumes instead of starting anew."""
+    _, events = await _events(http, "POST", "/v1/generate", json=BODY)
+    request_id = events[0].id.rsplit(":", 1)[0]
+    _, rest = await _events(
+        http, "GET", f"/v1/generate/{request_id}/events", params={"last_event_id": events[9].id}
+    )
+    assert [e.id for e in rest] == [e.id for e in events[10:]]
+
+
+async def test_unknown_stream_is_404_and_expired_is_410(
+    served: RunningServer, edge: RunningEdge
+) -> None:
+    """A never-seen request id is 404; one whose resume window passed is 410."""
+    async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+        unknown = await http.get("/v1/generate/nope/events", headers={"Last-Event-ID": "nope:3"})
+        _, events = await _events(http, "POST", "/v1/generate", json=BODY)
+        request_id = events[0].id.rsplit(":", 1)[0]
+        assert await eventually(lambda: request_id not in edge.streams._streams, within_s=5)
+        gone = await http.get(f"/v1/generate/{request_id}/events")
+    assert unknown.status_code == 404
+    assert gone.status_code == 410
+
+
+async def test_cancel_endpoint_ends_the_stream_and_frees_the_server(
+    http: httpx.AsyncClient, served: RunningServer
+) -> None:
+    """POST /v1/generate/{id}/cancel ends the stream with done(cancelled); the slot is freed."""
+    body = {"prompt": "def f():", "max_tokens": 450, "ignore_eos": True}
+    events: list[ServerSentEvent] = []
+    async with aconnect_sse(http, "POST", "/v1/generate", json=body) as source:
+        async for event in source.aiter_sse():
+            events.append(event)
+            if len(events) == 3:
+                request_id = event.id.rsplit(":", 1)[0]
+                reply = await http.post(f"/v1/generate/{request_id}/cancel")
+                assert reply.json() == {"request_id": request_id, "cancelled": True}
+    assert events[-1].event == "done"
+    assert json.loads(events[-1].data)["finish_reason"] == "cancelled"
+    assert await eventually(lambda: served.engine.active_count == 0, within_s=2)
+
+
+def _finish_reason(served: RunningServer, request_id: str) -> FinishReason | None:
+    assert isinstance(served.observer, RecordingObserver)
+    record = served.observer.finished.get(request_id)
+    return None if record is None else record.finish_reason
+
+
+async def _drop_after_first_event(edge: RunningEdge, request_id: str) -> None:
+    body = {"prompt": "def g():", "max_tokens": 450, "ignore_eos": True, "temperature": 0}
+    async with (
+        httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
+        aconnect_sse(
+            http, "POST", "/v1/generate", json=body, headers={"X-Request-ID": request_id}
+        ) as source,
+    ):
+        async for _ in source.aiter_sse():
+            break
+
+
+async def test_disconnect_keeps_generating_for_the_window_then_cancels(
+    served: RunningServer,
+) -> None:
+    """Leaving a native stream keeps it generating for the window, then cancels it upstream."""
+    edge = await start_edge(served.target, resume_window_s=0.5)
+    try:
+        await _drop_after_first_event(edge, "drop-window")
+        await asyncio.sleep(0.2)
+        still_running = served.engine.active_count
+        assert await eventually(lambda: served.engine.active_count == 0, within_s=3)
+    finally:
+        await edge.edge.stop()
+    assert still_running == 1
+    assert _finish_reason(served, "drop-window") == FinishReason.CANCELLED
+
+
+async def test_window_zero_cancels_upstream_at_once(served: RunningServer) -> None:
+    """With resume_window_s=0 a disconnect cancels the upstream RPC within a second."""
+    edge = await start_edge(served.target, resume_window_s=0.0)
+    try:
+        await _drop_after_first_event(edge, "drop-now")
+        assert await eventually(lambda: served.engine.active_count == 0, within_s=1)
+    finally:
+        await edge.edge.stop()
+    assert _finish_reason(served, "drop-now") == FinishReason.CANCELLED
