@@ -1,0 +1,90 @@
+"""Edge error mapping and access control: 429 with Retry-After, 503 when down, 401 without key."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import httpx
+
+from service.engine import ModelSpec
+from service.tokenizer import Tokenizer
+from tests.conftest import RunningServer, start_edge, start_server
+from tests.fakes import ScriptedModel
+
+
+async def test_overload_maps_to_429_with_retry_after(spec: ModelSpec, tokenizer: Tokenizer) -> None:
+    """When the server answers RESOURCE_EXHAUSTED the edge answers 429 with Retry-After."""
+    slow = ScriptedModel(spec, {}, step_delay_s=0.02)
+    server = await start_server(slow, tokenizer, max_batch_size=1, max_queue=0)
+    edge = await start_edge(server.target)
+    body = {"prompt": "a", "max_tokens": 200, "ignore_eos": True}
+    try:
+        async with (
+            httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
+            http.stream("POST", "/v1/generate", json=body) as first,
+        ):
+            assert first.status_code == 200
+            refused = await http.post("/v1/generate", json=body)
+            chat = await http.post(
+                "/v1/chat/completions",
+                json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+            )
+    finally:
+        await edge.edge.stop()
+        await server.server.drain()
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "1"
+    assert chat.status_code == 429
+    assert chat.json()["error"]["type"] == "rate_limit_error"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_upstream_down_is_503_and_not_ready() -> None:
+    """With no server behind it, /readyz is 503 and a generation is 503; /healthz stays 200."""
+    edge = await start_edge(f"127.0.0.1:{_free_port()}", upstream_timeout_s=5.0)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            ready = await http.get("/readyz")
+            alive = await http.get("/healthz")
+            generate = await http.post("/v1/generate", json={"prompt": "x"})
+    finally:
+        await edge.edge.stop()
+    assert (ready.status_code, alive.status_code, generate.status_code) == (503, 200, 503)
+
+
+async def test_ready_when_the_server_is_serving(served: RunningServer) -> None:
+    """/readyz is 200 once the upstream health check says SERVING."""
+    edge = await start_edge(served.target)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            ready = await http.get("/readyz")
+    finally:
+        await edge.edge.stop()
+    assert ready.status_code == 200
+
+
+async def test_api_key_is_required_except_for_health_and_page(served: RunningServer) -> None:
+    """With keys configured: 401 without or with a wrong key, 200 with one; /healthz and / open."""
+    edge = await start_edge(served.target, api_keys=("k-one", "k-two"))
+    body = {"model": "m", "prompt": "x", "max_tokens": 2}
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            missing = await http.post("/v1/completions", json=body)
+            wrong = await http.post(
+                "/v1/completions", json=body, headers={"Authorization": "Bearer nope"}
+            )
+            right = await http.post(
+                "/v1/completions", json=body, headers={"Authorization": "Bearer k-two"}
+            )
+            open_paths = await asyncio.gather(http.get("/healthz"), http.get("/"))
+    finally:
+        await edge.edge.stop()
+    assert (missing.status_code, wrong.status_code, right.status_code) == (401, 401, 200)
+    assert missing.json()["error"]["type"] == "authentication_error"
+    assert [r.status_code for r in open_paths] == [200, 200]

@@ -1,0 +1,120 @@
+"""The OpenAI-compatible routes, driven by the official openai SDK against the real edge."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import RunningEdge, RunningServer, eventually
+
+
+@pytest.fixture
+async def sdk(edge: RunningEdge) -> AsyncIterator[openai.AsyncOpenAI]:
+    client = openai.AsyncOpenAI(base_url=f"{edge.url}/v1", api_key="unused", max_retries=0)
+    yield client
+    await client.close()
+
+
+async def test_models_lists_the_served_model(sdk: openai.AsyncOpenAI) -> None:
+    """GET /v1/models returns one model, the one the server serves."""
+    models = await sdk.models.list()
+    assert len(models.data) == 1
+    assert models.data[0].id
+
+
+async def test_chat_completion_without_streaming(sdk: openai.AsyncOpenAI) -> None:
+    """A non-streamed chat completion has an assistant message, finish_reason and usage."""
+    reply = await sdk.chat.completions.create(
+        model="any",
+        messages=[{"role": "user", "content": "Write a loop."}],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert reply.object == "chat.completion"
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason in {"length", "stop"}
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens <= 8
+
+
+async def test_chat_stream_chunks_follow_the_openai_format(sdk: openai.AsyncOpenAI) -> None:
+    """Chunks carry deltas, a final finish_reason chunk, and a usage chunk with no choices."""
+    stream = await sdk.chat.completions.create(
+        model="any",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+async def test_completions_stream_and_whole_agree(sdk: openai.AsyncOpenAI) -> None:
+    """Greedy /v1/completions gives the same text streamed and not streamed."""
+    whole = await sdk.completions.create(
+        model="any", prompt="def fib(n):", max_tokens=16, temperature=0
+    )
+    stream = await sdk.completions.create(
+        model="any", prompt="def fib(n):", max_tokens=16, temperature=0, stream=True
+    )
+    text = "".join([c.choices[0].text async for c in stream if c.choices])
+    assert whole.object == "text_completion"
+    assert text == whole.choices[0].text != ""
+
+
+async def test_stop_sequence_is_honoured_and_not_returned(sdk: openai.AsyncOpenAI) -> None:
+    """A stop string found in the output ends it with finish_reason stop, without the string."""
+    base = await sdk.completions.create(
+        model="any", prompt="import os\n", max_tokens=24, temperature=0
+    )
+    text = base.choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    if not stop.strip():
+        stop = text.strip()[:2]
+    cut = await sdk.completions.create(
+        model="any", prompt="import os\n", max_tokens=24, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].finish_reason == "stop"
+    assert stop not in cut.choices[0].text
+    assert text.startswith(cut.choices[0].text)
+
+
+async def test_invalid_parameter_raises_bad_request(sdk: openai.AsyncOpenAI) -> None:
+    """top_p out of range surfaces as openai.BadRequestError naming the field."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.completions.create(model="any", prompt="x", top_p=3.0)
+    assert "top_p" in str(caught.value)
+
+
+async def test_n_other_than_one_is_rejected_naming_n(sdk: openai.AsyncOpenAI) -> None:
+    """n=2 is a 400 whose param is n."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.chat.completions.create(
+            model="any", messages=[{"role": "user", "content": "x"}], n=2
+        )
+    assert caught.value.body["param"] == "n"  # type: ignore[index]
+
+
+async def test_client_disconnect_cancels_upstream_at_once(
+    edge: RunningEdge, served: RunningServer
+) -> None:
+    """Closing an OpenAI-style stream frees the server's slot within a second."""
+    body = {"model": "any", "prompt": "def long():", "max_tokens": 450, "stream": True}
+    async with (
+        httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
+        http.stream("POST", "/v1/completions", json=body) as response,
+    ):
+        async for line in response.aiter_lines():
+            if line.startswith("data:"):
+                break
+    assert await eventually(lambda: served.engine.active_count == 0, within_s=1)
