@@ -7,8 +7,9 @@ BUF_VERSION := 1.75.0
 BUF := npx --yes @bufbuild/buf@$(BUF_VERSION)
 HOST ?= 127.0.0.1
 PORT ?= 50051
+HTTP_PORT ?= 8000
 
-.PHONY: install run test lint typecheck imports proto proto-lint pytest model clean help
+.PHONY: install system-deps run test lint typecheck imports proto proto-lint pytest model clean help
 
 help:
 	@echo "make run    - install (first time) and start the server on the bundled model"
@@ -25,14 +26,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
-	@echo "tokenwire: gRPC on $(HOST):$(PORT) (model: models/tiny-py)"
-	@echo "  stream:  $(BIN)/tokenwire generate 'def fib(n):' --stats"
-	@echo "  grpcurl: grpcurl -plaintext -d '{\"prompt\":\"def fib(n):\",\"max_tokens\":32}' $(HOST):$(PORT) tokenwire.v1.GenerationService/Generate"
-	@echo "  health:  grpcurl -plaintext $(HOST):$(PORT) grpc.health.v1.Health/Check"
-	@echo "  Ctrl-C drains in-flight streams and exits."
-	$(BIN)/tokenwire serve --host $(HOST) --port $(PORT) --log-format console
+	@echo "starting tokenwire (gRPC $(HOST):$(PORT), HTTP $(HOST):$(HTTP_PORT)) on models/tiny-py ..."
+	$(BIN)/tokenwire up --host $(HOST) --grpc-port $(PORT) --http-port $(HTTP_PORT)
 
-test: install lint typecheck imports proto-lint pytest
+test: install system-deps lint typecheck imports proto-lint pytest
+
+# Headless Chromium for the browser-page tests (Debian package; CI runs as root).
+system-deps:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 lint: install
 	$(BIN)/ruff check service clients tokenwire_cli tests scripts
