@@ -106,6 +106,7 @@ def create_app(settings: EdgeSettings, upstream: Upstream | None = None) -> Star
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await ctx.upstream.connect(limit_s=1.0)
         yield
         ctx.streams.close()
         await ctx.upstream.close()

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import structlog
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -21,6 +22,7 @@ from clients.edge.context import EdgeContext, request_id_of
 from clients.edge.errors import EdgeError
 from clients.edge.resumable import ResumableStream, parse_event_id
 
+log = structlog.get_logger("tokenwire.edge")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -65,16 +67,31 @@ def _sse(stream: ResumableStream, after: int, ctx: EdgeContext, route: str) -> R
     started = time.perf_counter()
 
     async def events() -> AsyncIterator[ServerSentEvent]:
-        first = True
-        async for event in stream.follow(after):
-            if first and event.name == "token":
-                ctx.observe_ttft(route, time.perf_counter() - started)
-            first = False
-            yield ServerSentEvent(
-                event.data, event=event.name, id=f"{stream.request_id}:{event.seq}"
+        first, sent, outcome = True, 0, "client_disconnected"
+        ctx.metrics.active.inc()
+        try:
+            async for event in stream.follow(after):
+                if first and event.name == "token" and after == 0:
+                    ctx.observe_ttft(route, time.perf_counter() - started)
+                first = False
+                sent += 1
+                yield ServerSentEvent(
+                    event.data, event=event.name, id=f"{stream.request_id}:{event.seq}"
+                )
+                if event.name in {"done", "error"}:
+                    outcome = "completed" if event.name == "done" else "upstream_error"
+                    ctx.outcome(route, outcome)
+        finally:
+            ctx.metrics.active.dec()
+            log.info(
+                "edge.stream",
+                request_id=stream.request_id,
+                route=route,
+                resumed_after=after,
+                events=sent,
+                outcome=outcome,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
             )
-            if event.name in {"done", "error"}:
-                ctx.outcome(route, "completed" if event.name == "done" else "upstream_error")
 
     headers = {**SSE_HEADERS, "X-Request-ID": stream.request_id}
     return EventSourceResponse(events(), headers=headers, ping=ctx.settings.ping_s)

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import structlog
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
@@ -27,6 +28,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
+log = structlog.get_logger("tokenwire.edge")
 FINISH = {"stop": "stop", "stop_sequence": "stop", "length": "length"}
 _jinja = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
@@ -242,6 +244,13 @@ async def _stream(
         if not finished:
             upstream.cancel()
             ctx.outcome(route, "client_disconnected")
+        log.info(
+            "edge.stream",
+            request_id=upstream.request_id,
+            route=route,
+            outcome="completed" if finished else "client_disconnected",
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
 
 
 def _chunk(shape: _Shape, choices: list[dict[str, Any]], include_usage: bool) -> ServerSentEvent:

@@ -3,6 +3,7 @@ server accepted it (bad input must become a 400, not an in-band error)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -49,6 +50,14 @@ class Upstream:
 
     async def close(self) -> None:
         await self._channel.close()
+
+    async def connect(self, limit_s: float) -> bool:
+        """Open the connection early so the first request does not pay for it."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), limit_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def open(self, request: pb.GenerateRequest, request_id: str) -> UpstreamStream:
         """Start a stream; raise EdgeError when the server refuses it."""
