@@ -1,0 +1,46 @@
+"""The Grafana dashboard only queries metrics that the live server and edge expose."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.engine import OnnxCausalLM
+from service.telemetry.metrics import ServerMetrics
+from service.tokenizer import Tokenizer
+from tests.conftest import start_edge, start_server
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana" / "tokenwire-dashboard.json"
+
+
+def _sample_names(text: str) -> set[str]:
+    return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+async def test_every_dashboard_metric_exists_in_the_live_exposition(
+    onnx_model: OnnxCausalLM, tokenizer: Tokenizer
+) -> None:
+    """Each tokenwire_* name in a panel query is a sample name the server or edge exports."""
+    metrics = ServerMetrics()
+    port, _ = metrics.serve("127.0.0.1", 0)
+    server = await start_server(onnx_model, tokenizer, metrics)
+    edge = await start_edge(server.target)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            await http.post("/v1/generate", json={"prompt": "x", "max_tokens": 3})
+            edge_text = (await http.get("/metrics")).text
+            server_text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    finally:
+        await edge.edge.stop()
+        await server.server.drain()
+    exposed = _sample_names(server_text) | _sample_names(edge_text)
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for expr in queries for name in re.findall(r"tokenwire_[a-z_]+", expr)}
+    assert len(dashboard["panels"]) >= 10
+    assert used
+    assert used <= exposed, sorted(used - exposed)

@@ -1,0 +1,59 @@
+"""Edge metrics: client-side TTFT, streams by route and outcome, active streams, buffer bytes."""
+
+from __future__ import annotations
+
+import httpx
+from httpx_sse import aconnect_sse
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import RunningServer, eventually, start_edge
+
+BODY = {"prompt": "def f():", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+
+
+async def _values(http: httpx.AsyncClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = (await http.get("/metrics")).text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _streams(
+    values: dict[tuple[str, frozenset[tuple[str, str]]], float], route: str, outcome: str
+) -> float:
+    key = ("tokenwire_edge_streams_total", frozenset({("route", route), ("outcome", outcome)}))
+    return values.get(key, 0.0)
+
+
+async def test_edge_counts_outcomes_and_client_ttft(served: RunningServer) -> None:
+    """Completed, disconnected, resumed and rejected streams are counted; gauges return to 0."""
+    edge = await start_edge(served.target, resume_window_s=5.0)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            for _ in range(2):
+                async with aconnect_sse(http, "POST", "/v1/generate", json=BODY) as source:
+                    [e async for e in source.aiter_sse()]
+            long = {**BODY, "max_tokens": 60}
+            async with aconnect_sse(http, "POST", "/v1/generate", json=long) as source:
+                async for event in source.aiter_sse():
+                    last_id = event.id
+                    break
+            async with aconnect_sse(
+                http, "POST", "/v1/generate", headers={"Last-Event-ID": last_id}
+            ) as source:
+                [e async for e in source.aiter_sse()]
+            await http.post("/v1/generate", json={"prompt": ""})
+            assert await eventually(lambda: served.engine.active_count == 0)
+            values = await _values(http)
+    finally:
+        await edge.edge.stop()
+    assert _streams(values, "native", "completed") == 3
+    assert _streams(values, "native", "client_disconnected") == 1
+    assert _streams(values, "native", "resumed") == 1
+    assert _streams(values, "native", "rejected") == 1
+    ttft = ("tokenwire_edge_time_to_first_token_seconds_count", frozenset({("route", "native")}))
+    assert values[ttft] == 3
+    assert values[("tokenwire_edge_active_streams", frozenset())] == 0
+    assert values[("tokenwire_edge_resume_buffer_bytes", frozenset())] > 0
