@@ -42,6 +42,7 @@ class ScriptedModel:
         self.step_delay_s = step_delay_s
         self.eos = min(spec.eos_token_ids)
         self.calls = 0
+        self.fail_on_calls: set[int] = set()
 
     @classmethod
     def continuing(
@@ -61,6 +62,8 @@ class ScriptedModel:
         past: list[FloatArray],
     ) -> tuple[FloatArray, list[FloatArray]]:
         self.calls += 1
+        if self.calls in self.fail_on_calls:
+            raise RuntimeError(f"injected failure on call {self.calls}")
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         rows, new = input_ids.shape

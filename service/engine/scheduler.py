@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import structlog
 
 from service.domain import FinishReason
 from service.engine.kv_cache import BatchKvCache
@@ -28,6 +29,8 @@ from service.engine.model import CausalLM, FloatArray
 from service.engine.observer import EngineObserver, StepRecord
 from service.engine.sampling import log_softmax_at
 from service.engine.sequence import Sequence
+
+log = structlog.get_logger("tokenwire.engine")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -95,25 +98,29 @@ class Scheduler:
     # -- the decode thread ----------------------------------------------------------------------
     def _loop(self) -> None:
         while self._take_commands():
-            started = time.monotonic()
             try:
-                prefill_tokens = self._step(started)
-            except Exception as exc:  # a failing forward must not take the server down
+                self._iterate()
+            except Exception as exc:  # a failing step must not take the server down
+                log.exception("engine.step_failed", error=f"{type(exc).__name__}: {exc}")
                 self._fail_all(exc)
-                continue
-            self._publish()
-            self._observer.step_finished(
-                StepRecord(
-                    batch_size=len(self._running),
-                    prefill_tokens=prefill_tokens,
-                    duration=time.monotonic() - started,
-                    running=self.running,
-                    waiting=self.waiting,
-                )
-            )
         self._cancels[None] = FinishReason.CANCELLED
         self._reap(time.monotonic())
         self._publish()
+
+    def _iterate(self) -> None:
+        started = time.monotonic()
+        prefill_tokens = self._step(started)
+        batch_size = len(self._running)
+        self._publish()
+        self._observer.step_finished(
+            StepRecord(
+                batch_size=batch_size,
+                prefill_tokens=prefill_tokens,
+                duration=time.monotonic() - started,
+                running=self.running,
+                waiting=self.waiting,
+            )
+        )
 
     def _has_work(self) -> bool:
         return bool(self._waiting or self._prefilling or self._running)
@@ -277,7 +284,7 @@ class Scheduler:
 
     def _fail_all(self, exc: Exception) -> None:
         """A forward failed: every active request ends with an error; the loop goes on."""
-        failed = [*self._waiting, *self._prefilling, *self._running]
+        failed = [*self._waiting, *self._prefilling, *self._running, *self._finished]
         error = EngineStopped(f"decode step failed: {type(exc).__name__}: {exc}")
         publish_all([(seq.mailbox, error) for seq in failed])
         now = time.monotonic()
@@ -287,5 +294,6 @@ class Scheduler:
         self._waiting.clear()
         self._prefilling.clear()
         self._running.clear()
+        self._finished.clear()
         self._cache = BatchKvCache.empty(self._model.empty_cache(0))
         self.running = self.waiting = 0
