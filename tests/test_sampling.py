@@ -1,0 +1,52 @@
+"""Token choice: each knob does what it says on a known distribution."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.domain import SamplingParams
+from service.engine.sampling import Sampler, log_softmax_at
+
+LOGITS = np.log(np.asarray([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
+
+
+def _draws(params: SamplingParams, n: int = 400, history: list[int] | None = None) -> list[int]:
+    sampler = Sampler(params)
+    return [sampler.choose(LOGITS, history or []) for _ in range(n)]
+
+
+def test_temperature_zero_is_argmax() -> None:
+    """Greedy always picks the most likely token."""
+    assert set(_draws(SamplingParams(temperature=0.0), n=20)) == {0}
+
+
+def test_top_k_one_is_argmax_even_when_sampling() -> None:
+    """top_k=1 leaves only the most likely token to sample."""
+    assert set(_draws(SamplingParams(temperature=1.5, top_k=1, seed=1))) == {0}
+
+
+def test_top_p_cuts_the_tail() -> None:
+    """top_p=0.8 keeps tokens 0 and 1 (mass 0.8) and never samples 2 or 3."""
+    assert set(_draws(SamplingParams(temperature=1.0, top_p=0.8, seed=2))) == {0, 1}
+
+
+def test_unrestricted_sampling_reaches_the_tail() -> None:
+    """Without top-k/top-p every token with mass is eventually sampled."""
+    assert set(_draws(SamplingParams(temperature=1.0, seed=3), n=2000)) == {0, 1, 2, 3}
+
+
+def test_repetition_penalty_moves_greedy_off_a_seen_token() -> None:
+    """Penalising token 0 (already generated) makes greedy pick token 1."""
+    penalised = _draws(SamplingParams(temperature=0.0, repetition_penalty=2.0), n=1, history=[0])
+    assert penalised == [1]
+
+
+def test_same_seed_same_draws() -> None:
+    """Two samplers with one seed draw the same sequence."""
+    params = SamplingParams(temperature=1.0, seed=99)
+    assert _draws(params, n=50) == _draws(params, n=50)
+
+
+def test_logprob_is_log_of_the_softmax() -> None:
+    """log_softmax_at returns log p of the unmodified distribution."""
+    assert abs(log_softmax_at(LOGITS, 1) - float(np.log(0.3))) < 1e-5
