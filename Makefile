@@ -9,13 +9,14 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 HTTP_PORT ?= 8000
 
-.PHONY: install system-deps run test lint typecheck imports proto proto-lint pytest model clean help
+.PHONY: install system-deps bench bench-env bench-quick run test lint typecheck imports proto proto-lint pytest model clean help
 
 help:
 	@echo "make run    - install (first time) and start the server on the bundled model"
 	@echo "make test   - install (first time) and run lint, types, contracts and tests"
 	@echo "make proto  - regenerate Python stubs from protos/"
 	@echo "make model  - rebuild the bundled model (separate build env with torch)"
+	@echo "make bench  - benchmark against the plain ORT loop and ORT GenAI (docs/benchmarks.md)"
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -53,6 +54,29 @@ pytest: install
 
 proto: install
 	$(BIN)/python scripts/gen_proto.py
+
+# Benchmarks: a separate environment (torch, transformers, onnxruntime + onnxruntime-genai),
+# because onnxruntime and onnxruntime-gpu must not share one.
+BENCH_PY := bench/.venv/bin/python
+BENCH_STAMP := bench/.venv/.installed-stamp
+
+$(BENCH_STAMP): bench/requirements.txt
+	$(PY) -m venv bench/.venv
+	$(BENCH_PY) -m pip install -q --upgrade pip
+	$(BENCH_PY) -m pip install -q -r bench/requirements.txt
+	touch $(BENCH_STAMP)
+
+bench-env: $(BENCH_STAMP)
+
+bench: install bench-env
+	$(BENCH_PY) bench/build_models.py bench-56m
+	$(BIN)/python bench/run.py
+	$(BENCH_PY) bench/report.py
+
+bench-quick: install bench-env
+	$(BENCH_PY) bench/build_models.py bench-56m
+	$(BIN)/python bench/run.py --quick
+	$(BENCH_PY) bench/report.py
 
 model:
 	$(PY) -m venv models/.venv

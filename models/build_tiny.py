@@ -404,6 +404,17 @@ def check_parity(model: LlamaForCausalLM, cfg: dict, onnx_path: Path, tok: Token
     return tok.decode(seq)
 
 
+def save_hf(model: LlamaForCausalLM, onnx_dir: Path, hf_dir: Path) -> None:
+    """The same weights as a Hugging Face LlamaForCausalLM directory (for other runtimes)."""
+    from safetensors.torch import save_file
+
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        (hf_dir / name).write_bytes((onnx_dir / name).read_bytes())
+
+
 # ----------------------------------------------------------------------------- main
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -427,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus-bytes", type=int, default=12_000_000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default=NAME)
+    ap.add_argument("--save-hf", type=Path, default=None,
+                    help="also write a Hugging Face directory (config + model.safetensors + tokenizer)")
+    ap.add_argument("--skip-checks", action="store_true", help="skip the ONNX parity checks")
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -448,7 +462,9 @@ def main(argv: list[str] | None = None) -> int:
         "_name_or_path": args.name,
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": tok.get_vocab_size(),
+        # A corpus too small for --vocab merges leaves the tokenizer smaller; the embedding keeps
+        # the requested size (padded rows, as many released models have).
+        "vocab_size": max(args.vocab, tok.get_vocab_size()),
         "hidden_size": args.hidden,
         "intermediate_size": args.intermediate,
         "num_hidden_layers": args.layers,
@@ -501,8 +517,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         + "\n"
     )
-    sample = check_parity(model, cfg, out / "model.onnx", tok)
-    print("parity checks passed\n--- greedy sample ---\n" + sample + "\n---------------------", flush=True)
+    if args.save_hf is not None:
+        save_hf(model, out, args.save_hf)
+    if not args.skip_checks:
+        sample = check_parity(model, cfg, out / "model.onnx", tok)
+        print("parity checks passed\n--- greedy sample ---\n" + sample + "\n---------------------", flush=True)
     manifest = {
         "name": args.name,
         "seed": args.seed,
@@ -519,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         "build_seconds": round(time.time() - started, 1),
         "files": {p.name: sha256(p) for p in sorted(out.iterdir()) if p.name != "MANIFEST.json"},
     }
-    (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     print(f"wrote {out} in {manifest['build_seconds']} s", flush=True)
     return 0
 

@@ -99,6 +99,7 @@ class Engine:
             max_batch_size=self.config.max_batch_size,
             prefill_chunk_tokens=self.config.prefill_chunk_tokens,
             max_kv_tokens=self.config.max_kv_tokens,
+            vocab_limit=min(model.spec.vocab_size, tokenizer.vocab_size),
             observer=self._observer,
             on_finished=self._release,
         )

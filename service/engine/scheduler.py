@@ -62,12 +62,14 @@ class Scheduler:
         max_batch_size: int,
         prefill_chunk_tokens: int,
         max_kv_tokens: int,
+        vocab_limit: int,
         observer: EngineObserver,
         on_finished: Callable[[Sequence], None],
     ) -> None:
         self._model = model
         self._max_batch = max_batch_size
         self._chunk = prefill_chunk_tokens
+        self._vocab = vocab_limit
         self._max_kv_tokens = max_kv_tokens
         self._observer = observer
         self._on_finished = on_finished
@@ -146,6 +148,10 @@ class Scheduler:
         self._reap(now)
         self._admit(now)
         prefill_tokens = self._prefill()
+        if prefill_tokens:
+            # First tokens go out now, not after this step's decode forward: TTFT stays one
+            # prefill long.
+            self._publish()
         self._decode()
         self.running = len(self._running) + len(self._prefilling)
         self.waiting = len(self._waiting)
@@ -260,9 +266,9 @@ class Scheduler:
         self._sample(rows, logits, time.monotonic())
         self._drop_finished_rows()
 
-    @staticmethod
-    def _sample(rows: list[Sequence], logits: FloatArray, now: float) -> None:
-        for seq, row in zip(rows, logits, strict=True):
+    def _sample(self, rows: list[Sequence], logits: FloatArray, now: float) -> None:
+        # Padded embedding rows past the tokenizer's vocabulary are never sampled.
+        for seq, row in zip(rows, logits[:, : self._vocab], strict=True):
             history = seq.history if seq.request.sampling.repetition_penalty != 1.0 else []
             token = seq.sampler.choose(row, history)
             logprob = log_softmax_at(row, token) if seq.request.logprobs else None

@@ -1,0 +1,51 @@
+"""Build (and cache) the benchmark model in both forms, inside bench/.venv.
+
+  bench/.cache/bench-56m/onnx   Optimum layout, served by tokenwire and the raw loop
+  bench/.cache/bench-56m/hf     the same weights as a Hugging Face directory
+  bench/.cache/bench-56m/genai  ONNX Runtime GenAI format (its model builder, fp32, cpu)
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "bench" / ".cache"
+SIZES = {
+    "bench-56m": ["--layers", "8", "--hidden", "512", "--heads", "8", "--kv-heads", "8",
+                  "--intermediate", "1376", "--vocab", "32000", "--context", "512"],
+    "bench-small": ["--layers", "4", "--hidden", "256", "--heads", "8", "--kv-heads", "4",
+                    "--intermediate", "688", "--vocab", "4096", "--context", "512"],
+}
+
+
+def build(name: str) -> Path:
+    base = CACHE / name
+    onnx_dir, hf_dir, genai_dir = base / "onnx", base / "hf", base / "genai"
+    steps = [
+        ("optimum-layout ONNX + HF weights", onnx_dir / "model.onnx", [
+            sys.executable, str(ROOT / "models" / "build_tiny.py"), "--out", str(onnx_dir),
+            "--steps", "0", "--corpus-bytes", "4000000", "--save-hf", str(hf_dir),
+            "--skip-checks", "--name", name, *SIZES[name]]),
+        ("ONNX Runtime GenAI model", genai_dir / "genai_config.json", [
+            sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
+            "-o", str(genai_dir), "-p", "fp32", "-e", "cpu", "-c", str(base / "hf-cache")]),
+    ]
+    with tqdm(total=len(steps), desc=f"building {name}", unit="step") as bar:
+        for label, marker, command in steps:
+            bar.set_postfix_str(label)
+            if not marker.exists():
+                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            bar.update(1)
+    return base
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("name", choices=sorted(SIZES))
+    print(build(ap.parse_args().name))

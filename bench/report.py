@@ -1,0 +1,161 @@
+"""Regenerate docs/benchmarks.md and its plots from bench/results/latest.json (bench/.venv)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "latest.json"
+ANALYSIS = ROOT / "bench" / "analysis.md"
+DOC = ROOT / "docs" / "benchmarks.md"
+IMG = ROOT / "docs" / "img"
+
+TARGETS = [
+    ("service_b1_vs_genai_b1", ">=", 1.0, "single stream vs GenAI batch 1"),
+    ("service_b1_vs_raw_b1", ">=", 0.95, "single stream vs the plain ORT loop"),
+    ("service_c16_vs_genai_b16", ">=", 1.0, "16 streams vs GenAI static batch 16"),
+    ("service_c16_ttft_p50_vs_idle", "<=", 3.0, "TTFT p50 at 16 streams vs idle"),
+    ("service_overhead_cpu_ms_per_token_c1", "<=", 0.1, "service CPU ms/token above the raw loop"),
+    ("edge_c16_vs_grpc_c16", ">=", 0.97, "edge vs direct gRPC tokens/s, 16 streams"),
+    ("edge_ttft_p50_added_ms", "<=", 2.0, "TTFT p50 the edge adds (ms)"),
+    ("metrics_on_vs_off_c16", ">=", 0.98, "tokens/s with metrics on vs off, 16 streams"),
+]
+
+
+def label(row: dict[str, Any]) -> str:
+    if row["system"] != "tokenwire":
+        return f"{row['system']} static batch {row['concurrency']}"
+    return f"tokenwire {row['transport']} {row['concurrency']} streams ({row['arrival']})"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("| run | tokens/s | per stream | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | CPU ms/token |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines = [head]
+    for r in rows:
+        cpu = r.get("server_cpu_ms_per_token", r.get("cpu_ms_per_token"))
+        lines.append(
+            f"| {label(r)} | {r['tokens_per_s']:.1f} | {r['per_stream_tokens_per_s']:.1f} | "
+            f"{r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {r['itl_p50_ms']:.2f} | "
+            f"{r['itl_p99_ms']:.2f} | {'' if cpu is None else f'{cpu:.2f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def targets(ratios: dict[str, float]) -> str:
+    lines = ["| target | value | goal | |", "| --- | ---: | --- | --- |"]
+    for key, op, goal, text in TARGETS:
+        value = ratios.get(key)
+        if value is None:
+            continue
+        met = value >= goal if op == ">=" else value <= goal
+        lines.append(f"| {text} (`{key}`) | {value:.3f} | {op} {goal} | {'met' if met else 'missed'} |")
+    return "\n".join(lines)
+
+
+def plots(rows: list[dict[str, Any]]) -> None:
+    IMG.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for transport, arrival, style in (("grpc", "burst", "o-"), ("grpc", "poisson", "s--"),
+                                      ("edge", "burst", "^-")):
+        pts = sorted((r["concurrency"], r["tokens_per_s"]) for r in rows
+                     if r["system"] == "tokenwire" and r["transport"] == transport
+                     and r["arrival"] == arrival)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=f"tokenwire {transport} ({arrival})")
+    for system, style in (("ort-loop", "x:"), ("ort-genai", "d:")):
+        pts = sorted((r["concurrency"], r["tokens_per_s"]) for r in rows if r["system"] == system)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=f"{system} (static batch)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent streams / batch size")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_title("Throughput, 56M Llama, fp32, CPU")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(IMG / "bench-throughput.png", dpi=120)
+    plt.close(fig)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    grpc = sorted((r for r in rows if r["system"] == "tokenwire" and r["transport"] == "grpc"
+                   and r["arrival"] == "burst"), key=lambda r: r["concurrency"])
+    xs = [r["concurrency"] for r in grpc]
+    for key, style in (("ttft_p50_ms", "o-"), ("ttft_p99_ms", "o--")):
+        left.plot(xs, [r[key] for r in grpc], style, label=key.replace("_ms", "").replace("_", " "))
+    for key, style in (("itl_p50_ms", "s-"), ("itl_p99_ms", "s--")):
+        right.plot(xs, [r[key] for r in grpc], style, label=key.replace("_ms", "").replace("_", " "))
+    for ax, title in ((left, "Time to first token"), (right, "Inter-token latency")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel("ms")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(IMG / "bench-latency.png", dpi=120)
+    plt.close(fig)
+
+
+def fairness(rows: list[dict[str, Any]]) -> str:
+    lines = ["| prefill chunk | long prompt TTFT | running streams' ITL p50 otherwise | worst ITL during the prefill |",
+             "| ---: | ---: | ---: | ---: |"]
+    for f in rows:
+        lines.append(f"| {f['prefill_chunk_tokens']} | {f['long_prompt_ttft_ms']:.1f} ms | "
+                     f"{f['itl_p50_ms_otherwise']:.2f} ms | {f['itl_max_ms_during_prefill']:.2f} ms |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    result = json.loads(RESULTS.read_text())
+    plots(result["rows"])
+    m, w = result["machine"], result["workload"]
+    analysis = ANALYSIS.read_text() if ANALYSIS.exists() else ""
+    doc = f"""# Benchmarks
+
+Regenerate with `make bench` (about 5 minutes on 2 cores; `make bench-quick` for a shorter run).
+Everything below comes from `bench/results/latest.json`, measured side by side in one run.
+
+- machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}; ONNX Runtime {m['onnxruntime_service']}
+  (service, CPU provider of onnxruntime-gpu) / {m['onnxruntime_peers']} (peers); ONNX Runtime GenAI
+  {m['onnxruntime_genai']}; commit {m['git_commit']}; {m['date']}{' (quick run)' if result['quick'] else ''}
+- model: random-initialised Llama, 8 layers, hidden 512, vocab 32000 (~56M parameters), fp32, CPU;
+  the same weights in the Optimum layout (tokenwire and the plain loop) and the GenAI format
+- workload: prompt {w['prompt_tokens']} tokens, {w['new_tokens']} new tokens, greedy, EOS ignored;
+  tokenwire over gRPC on loopback with a light asyncio client in the same machine
+
+## Targets
+
+{targets(result['ratios'])}
+
+## All runs
+
+{table(result['rows'])}
+
+![throughput](img/bench-throughput.png)
+
+![latency](img/bench-latency.png)
+
+## Prefill fairness
+
+A 400-token prompt arrives while 4 streams decode. Prefill is interleaved with decoding, one
+chunk of `TOKENWIRE_PREFILL_CHUNK_TOKENS` per step, so running streams wait for one chunk at a
+time, never for the whole prompt.
+
+{fairness(result['fairness'])}
+
+{analysis}
+"""
+    DOC.write_text(doc)
+    print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""`make bench`: tokenwire against the plain ORT loop and ORT GenAI, side by side, one run.
+
+Runs in the service environment (.venv); peers run in bench/.venv (see peers.py). Writes
+bench/results/latest.json; bench/report.py turns it into docs/benchmarks.md with plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import onnxruntime
+from httpx_sse import aconnect_sse
+from tokenizers import Tokenizer
+from tokenwire.v1 import generate_pb2 as pb
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_PY = ROOT / "bench" / ".venv" / "bin" / "python"
+RESULTS = ROOT / "bench" / "results" / "latest.json"
+PROMPT_TOKENS, NEW_TOKENS = 32, 128
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def make_prompt(tokenizer: Tokenizer, n: int, seed: int = 0) -> str:
+    """A text that is exactly n tokens long (stdlib code, shifted by seed)."""
+    source = (Path(os.__file__).parent / "argparse.py").read_text()
+    ids = tokenizer.encode(source[seed * 97 :]).ids
+    for extra in range(0, 8):
+        text = tokenizer.decode(ids[: n + extra])
+        if len(tokenizer.encode(text).ids) == n:
+            return text
+    return tokenizer.decode(ids[:n])
+
+
+class Process:
+    """A tokenwire subprocess whose JSON log tells its port."""
+
+    def __init__(self, args: list[str], env: dict[str, str], ready_event: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tokenwire_cli.main", *args], stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, env={**os.environ, **env},
+        )
+        self.port = 0
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{args[0]} exited early")
+            record = json.loads(line) if line.startswith("{") else {}
+            if "port" in record and not self.port:
+                self.port = int(record["port"])
+            if "url" in record and not self.port:
+                self.port = int(re.findall(r":(\d+)/", record["url"])[0])
+            if record.get("event") == ready_event:
+                break
+        threading.Thread(target=self._read_rest, daemon=True).start()
+
+    def _read_rest(self) -> None:
+        assert self.proc.stdout is not None
+        for _ in self.proc.stdout:
+            pass
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def start_server(model_dir: Path, metrics: bool = False, chunk: int = 256) -> Process:
+    env = {"TOKENWIRE_LOG_FORMAT": "json", "TOKENWIRE_MAX_BATCH_SIZE": "32",
+           "TOKENWIRE_MAX_QUEUE": "256", "TOKENWIRE_PREFILL_CHUNK_TOKENS": str(chunk)}
+    args = ["serve", "--port", "0", "--model-dir", str(model_dir),
+            "--metrics-port", "19464" if metrics else "0"]
+    return Process(args, env, "server.started")
+
+
+async def one_stream(stub: pb_grpc.GenerationServiceStub, prompt: str, new: int) -> dict[str, Any]:
+    request = pb.GenerateRequest(prompt=prompt, max_tokens=new, ignore_eos=True,
+                                 sampling=pb.SamplingParams(temperature=0.0))
+    sent = time.perf_counter()
+    times: list[float] = []
+    async for message in stub.Generate(request, timeout=600):
+        if message.WhichOneof("event") == "token":
+            times.append(time.perf_counter())
+    return {"sent": sent, "times": times}
+
+
+async def edge_stream(http: httpx.AsyncClient, prompt: str, new: int) -> dict[str, Any]:
+    body = {"prompt": prompt, "max_tokens": new, "ignore_eos": True, "temperature": 0}
+    sent = time.perf_counter()
+    times: list[float] = []
+    async with aconnect_sse(http, "POST", "/v1/generate", json=body) as source:
+        async for event in source.aiter_sse():
+            if event.event == "token":
+                times.append(time.perf_counter())
+    return {"sent": sent, "times": times}
+
+
+def stream_row(streams: list[dict[str, Any]], cpu: float | None) -> dict[str, Any]:
+    start = min(s["sent"] for s in streams)
+    end = max(s["times"][-1] for s in streams)
+    tokens = sum(len(s["times"]) for s in streams)
+    ttft = [(s["times"][0] - s["sent"]) * 1000 for s in streams]
+    gaps = [(b - a) * 1000 for s in streams for a, b in zip(s["times"], s["times"][1:], strict=False)]
+    per_stream = [len(s["times"]) / (s["times"][-1] - s["sent"]) for s in streams]
+    row = {
+        "tokens_per_s": tokens / (end - start),
+        "per_stream_tokens_per_s": statistics.mean(per_stream),
+        "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
+        "itl_p50_ms": pct(gaps, 50), "itl_p99_ms": pct(gaps, 99),
+        "streams": len(streams), "tokens": tokens,
+    }
+    if cpu is not None:
+        row["server_cpu_ms_per_token"] = cpu * 1000 / tokens
+    return row
+
+
+async def run_load(open_stream: Any, prompts: list[str], concurrency: int, arrival: str,
+                   rate: float | None) -> list[dict[str, Any]]:
+    rng = random.Random(concurrency)
+    if arrival == "burst":
+        return list(await asyncio.gather(*(open_stream(prompts[i % len(prompts)])
+                                           for i in range(concurrency))))
+    tasks = []
+    for i in range(2 * concurrency):  # Poisson arrivals keeping about `concurrency` in flight
+        tasks.append(asyncio.create_task(open_stream(prompts[i % len(prompts)])))
+        await asyncio.sleep(rng.expovariate(rate or 1.0))
+    return list(await asyncio.gather(*tasks))
+
+
+async def service_rows(server: Process, prompts: list[str], levels: list[int],
+                       arrivals: list[str], label: str = "grpc") -> list[dict[str, Any]]:
+    rows = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        # Warm the connection and ORT's memory arena for every batch shape used below.
+        await asyncio.gather(*(one_stream(stub, p, 16) for p in prompts[: max(levels)]))
+        await one_stream(stub, prompts[0], NEW_TOKENS)
+        durations: dict[int, float] = {}
+        for arrival in arrivals:
+            for c in levels:
+                if arrival == "poisson" and c == 1:
+                    continue
+                rate = c / durations[c] if arrival == "poisson" else None
+                cpu0 = cpu_seconds(server.proc.pid)
+                streams = await run_load(lambda p: one_stream(stub, p, NEW_TOKENS), prompts, c,
+                                         arrival, rate)
+                row = stream_row(streams, cpu_seconds(server.proc.pid) - cpu0)
+                durations[c] = statistics.mean(s["times"][-1] - s["sent"] for s in streams)
+                rows.append({"system": "tokenwire", "transport": label, "concurrency": c,
+                             "arrival": arrival, **row})
+                print(f"  {label:5s} c={c:<3d} {arrival:7s} {row['tokens_per_s']:8.1f} tok/s  "
+                      f"ttft p50 {row['ttft_p50_ms']:7.1f} ms", flush=True)
+    return rows
+
+
+async def edge_rows(grpc_port: int, prompts: list[str], levels: list[int]) -> list[dict[str, Any]]:
+    edge = Process(["edge", "--port", "0", "--grpc-target", f"127.0.0.1:{grpc_port}"],
+                   {"TOKENWIRE_LOG_FORMAT": "json"}, "edge.listening")
+    rows = []
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{edge.port}", timeout=600) as http:
+            await asyncio.gather(*(edge_stream(http, p, 16) for p in prompts[: max(levels)]))
+            await edge_stream(http, prompts[0], NEW_TOKENS)
+            for c in levels:
+                streams = await run_load(lambda p: edge_stream(http, p, NEW_TOKENS), prompts, c,
+                                         "burst", None)
+                row = stream_row(streams, None)
+                rows.append({"system": "tokenwire", "transport": "edge", "concurrency": c,
+                             "arrival": "burst", **row})
+                print(f"  edge  c={c:<3d} burst   {row['tokens_per_s']:8.1f} tok/s  "
+                      f"ttft p50 {row['ttft_p50_ms']:7.1f} ms", flush=True)
+    finally:
+        edge.stop()
+    return rows
+
+
+async def fairness(model_dir: Path, prompts: list[str], long_prompt: str, chunk: int) -> dict[str, Any]:
+    """ITL of 4 running streams while a long prompt is prefilled beside them."""
+    server = start_server(model_dir, chunk=chunk)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            await one_stream(stub, prompts[0], 4)
+            running = [asyncio.create_task(one_stream(stub, p, NEW_TOKENS)) for p in prompts[:4]]
+            await asyncio.sleep(0.4)
+            arrived = time.perf_counter()
+            long = await one_stream(stub, long_prompt, 1)
+            prefilled = long["times"][0]
+            streams = await asyncio.gather(*running)
+    finally:
+        server.stop()
+    during, before = [], []
+    for s in streams:
+        for a, b in zip(s["times"], s["times"][1:], strict=False):
+            (during if b >= arrived and a <= prefilled else before).append((b - a) * 1000)
+    return {"prefill_chunk_tokens": chunk, "long_prompt_tokens": 400,
+            "long_prompt_ttft_ms": (prefilled - arrived) * 1000,
+            "itl_p50_ms_otherwise": pct(before, 50), "itl_max_ms_during_prefill": max(during or [0])}
+
+
+def peer(mode: str, model_dir: Path, batch: int) -> dict[str, Any]:
+    out = subprocess.run([str(BENCH_PY), str(ROOT / "bench" / "peers.py"), mode, str(model_dir),
+                          "--batch", str(batch), "--prompt-tokens", str(PROMPT_TOKENS),
+                          "--new-tokens", str(NEW_TOKENS)], check=True, capture_output=True, text=True)
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  {mode:5s} b={batch:<3d}        {row['tokens_per_s']:8.1f} tok/s  "
+          f"ttft {row['ttft_p50_ms']:7.1f} ms", flush=True)
+    return {"system": {"raw": "ort-loop", "genai": "ort-genai"}[mode], "transport": "in-process",
+            "concurrency": batch, "arrival": "static-batch", **row}
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    versions = subprocess.run([str(BENCH_PY), "-c", "import onnxruntime, onnxruntime_genai; "
+                               "print(onnxruntime.__version__, onnxruntime_genai.__version__)"],
+                              capture_output=True, text=True, check=True).stdout.split()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=ROOT, check=False).stdout.strip()
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime_service": onnxruntime.__version__, "onnxruntime_peers": versions[0],
+            "onnxruntime_genai": versions[1], "git_commit": commit,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any]:
+    return next(r for r in rows if all(r.get(k) == v for k, v in match.items()))
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    svc1 = find(rows, system="tokenwire", transport="grpc", concurrency=1, arrival="burst")
+    svc16 = find(rows, system="tokenwire", transport="grpc", concurrency=16, arrival="burst")
+    raw1 = find(rows, system="ort-loop", concurrency=1)
+    genai1 = find(rows, system="ort-genai", concurrency=1)
+    genai16 = find(rows, system="ort-genai", concurrency=16)
+    edge1 = find(rows, transport="edge", concurrency=1)
+    edge16 = find(rows, transport="edge", concurrency=16)
+    off16 = find(rows, transport="grpc-metrics-off", concurrency=16)
+    return {
+        "service_b1_vs_genai_b1": svc1["tokens_per_s"] / genai1["tokens_per_s"],
+        "service_b1_vs_raw_b1": svc1["tokens_per_s"] / raw1["tokens_per_s"],
+        "service_c16_vs_genai_b16": svc16["tokens_per_s"] / genai16["tokens_per_s"],
+        "service_c16_ttft_p50_vs_idle": svc16["ttft_p50_ms"] / svc1["ttft_p50_ms"],
+        "service_cpu_ms_per_token_c1": svc1["server_cpu_ms_per_token"],
+        "service_overhead_cpu_ms_per_token_c1": svc1["server_cpu_ms_per_token"] - raw1["cpu_ms_per_token"],
+        "edge_c16_vs_grpc_c16": edge16["tokens_per_s"] / svc16["tokens_per_s"],
+        "edge_ttft_p50_added_ms": edge1["ttft_p50_ms"] - svc1["ttft_p50_ms"],
+        "metrics_on_vs_off_c16": svc16["tokens_per_s"] / off16["tokens_per_s"],
+    }
+
+
+async def main(quick: bool) -> None:
+    model = ROOT / "bench" / ".cache" / "bench-56m"
+    onnx_dir, genai_dir = model / "onnx", model / "genai"
+    tokenizer = Tokenizer.from_file(str(onnx_dir / "tokenizer.json"))
+    prompts = [make_prompt(tokenizer, PROMPT_TOKENS, seed) for seed in range(32)]
+    long_prompt = make_prompt(tokenizer, 400, 99)
+    levels = [1, 16] if quick else [1, 4, 8, 16, 32]
+    batches = [1, 16] if quick else [1, 8, 16]
+    started = time.time()
+    rows: list[dict[str, Any]] = []
+    print("peers", flush=True)
+    for b in batches:
+        rows.append(peer("raw", onnx_dir, b))
+        rows.append(peer("genai", genai_dir, b))
+    print("tokenwire (metrics on)", flush=True)
+    server = start_server(onnx_dir, metrics=True)
+    try:
+        rows += await service_rows(server, prompts, levels, ["burst"] if quick else ["burst", "poisson"])
+        rows += await edge_rows(server.port, prompts, [1, 16])
+    finally:
+        server.stop()
+    print("tokenwire (metrics off)", flush=True)
+    server = start_server(onnx_dir, metrics=False)
+    try:
+        rows += await service_rows(server, prompts, [16], ["burst"], label="grpc-metrics-off")
+    finally:
+        server.stop()
+    print("prefill fairness", flush=True)
+    fair = [await fairness(onnx_dir, prompts, long_prompt, chunk) for chunk in (256, 64)]
+    result = {
+        "schema": 1,
+        "model": {"name": "bench-56m", "layers": 8, "hidden": 512, "vocab": 32000,
+                  "params_millions": 56, "dtype": "fp32", "provider": "CPUExecutionProvider"},
+        "workload": {"prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "greedy": True,
+                     "ignore_eos": True},
+        "machine": machine(), "quick": quick, "wall_s": round(time.time() - started, 1),
+        "rows": rows, "fairness": fair,
+    }
+    result["ratios"] = ratios(rows)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["ratios"], indent=2))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    asyncio.run(main(ap.parse_args().quick))
