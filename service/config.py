@@ -29,6 +29,7 @@ class Settings:
     provider: Provider = "auto"
     intra_op_threads: int = 0
     inter_op_threads: int = 1
+    ort_spinning: bool = True
     max_batch_size: int = 16
     max_queue: int = 64
     max_tokens_limit: int = 512

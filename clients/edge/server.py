@@ -33,8 +33,11 @@ class EdgeServer:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP matters: asyncio turns Nagle off (TCP_NODELAY) only on sockets that
+        # say so, and an SSE event held back by Nagle waits for a delayed ACK (~40 ms).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((self.settings.host, self.settings.port))
         self.port = int(sock.getsockname()[1])
         self._task = asyncio.create_task(self.server.serve(sockets=[sock]))

@@ -124,6 +124,7 @@ class OnnxCausalLM:
         provider: str = "auto",
         intra_op_threads: int = 0,
         inter_op_threads: int = 1,
+        spinning: bool = True,
     ) -> None:
         self.spec = ModelSpec.from_dir(model_dir)
         onnx_path = model_dir / "model.onnx"
@@ -133,6 +134,11 @@ class OnnxCausalLM:
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spinning:
+            # Idle ORT workers sleep instead of spinning: gives the CPU back to the event loop
+            # (and to co-located processes) between steps, at a small wake-up cost per step.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             os.fspath(onnx_path), options, providers=choose_providers(provider)
         )
