@@ -126,16 +126,24 @@ async def edge_stream(http: httpx.AsyncClient, prompt: str, new: int) -> dict[st
     return {"sent": sent, "times": times}
 
 
-def stream_row(streams: list[dict[str, Any]], cpu: float | None) -> dict[str, Any]:
-    start = min(s["sent"] for s in streams)
-    end = max(s["times"][-1] for s in streams)
+def stream_row(runs: list[list[dict[str, Any]]], cpu: float | None) -> dict[str, Any]:
+    """Throughput: median over repeated runs; latency percentiles: all streams pooled."""
+    rates = sorted(
+        sum(len(s["times"]) for s in run)
+        / (max(s["times"][-1] for s in run) - min(s["sent"] for s in run))
+        for run in runs
+    )
+    streams = [s for run in runs for s in run]
     tokens = sum(len(s["times"]) for s in streams)
     ttft = [(s["times"][0] - s["sent"]) * 1000 for s in streams]
     gaps = [(b - a) * 1000 for s in streams for a, b in zip(s["times"], s["times"][1:], strict=False)]
     per_stream = [len(s["times"]) / (s["times"][-1] - s["sent"]) for s in streams]
     row = {
-        "tokens_per_s": tokens / (end - start),
-        "per_stream_tokens_per_s": statistics.mean(per_stream),
+        "tokens_per_s": rates[len(rates) // 2],
+        # Run-to-run spread of identical runs: differences below it are noise.
+        "tokens_per_s_spread": (rates[-1] - rates[0]) / rates[len(rates) // 2],
+        "per_stream_tokens_per_s": statistics.median(per_stream),
+        "repeats": len(runs),
         "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
         "itl_p50_ms": pct(gaps, 50), "itl_p99_ms": pct(gaps, 99),
         "streams": len(streams), "tokens": tokens,
@@ -158,25 +166,41 @@ async def run_load(open_stream: Any, prompts: list[str], concurrency: int, arriv
     return list(await asyncio.gather(*tasks))
 
 
+def repeats_for(concurrency: int, arrival: str) -> int:
+    if arrival == "poisson":
+        return 1
+    return 5 if concurrency == 1 else 3
+
+
+async def measure(open_stream: Any, prompts: list[str], concurrency: int, arrival: str,
+                  rate: float | None, pid: int | None) -> dict[str, Any]:
+    runs, cpu = [], 0.0
+    for _ in range(repeats_for(concurrency, arrival)):
+        cpu0 = cpu_seconds(pid) if pid else 0.0
+        runs.append(await run_load(open_stream, prompts, concurrency, arrival, rate))
+        cpu += (cpu_seconds(pid) - cpu0) if pid else 0.0
+    return stream_row(runs, cpu if pid else None)
+
+
 async def service_rows(server: Process, prompts: list[str], levels: list[int],
-                       arrivals: list[str], label: str = "grpc") -> list[dict[str, Any]]:
+                       arrivals: list[str], label: str = "grpc",
+                       durations: dict[int, float] | None = None) -> list[dict[str, Any]]:
+    """Burst rows record each level's stream duration; Poisson rows use it (Little's law)."""
+    durations = {} if durations is None else durations
     rows = []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         # Warm the connection and ORT's memory arena for every batch shape used below.
         await asyncio.gather(*(one_stream(stub, p, 16) for p in prompts[: max(levels)]))
         await one_stream(stub, prompts[0], NEW_TOKENS)
-        durations: dict[int, float] = {}
         for arrival in arrivals:
             for c in levels:
                 if arrival == "poisson" and c == 1:
                     continue
                 rate = c / durations[c] if arrival == "poisson" else None
-                cpu0 = cpu_seconds(server.proc.pid)
-                streams = await run_load(lambda p: one_stream(stub, p, NEW_TOKENS), prompts, c,
-                                         arrival, rate)
-                row = stream_row(streams, cpu_seconds(server.proc.pid) - cpu0)
-                durations[c] = statistics.mean(s["times"][-1] - s["sent"] for s in streams)
+                row = await measure(lambda p: one_stream(stub, p, NEW_TOKENS), prompts, c,
+                                    arrival, rate, server.proc.pid)
+                durations[c] = NEW_TOKENS / row["per_stream_tokens_per_s"]
                 rows.append({"system": "tokenwire", "transport": label, "concurrency": c,
                              "arrival": arrival, **row})
                 print(f"  {label:5s} c={c:<3d} {arrival:7s} {row['tokens_per_s']:8.1f} tok/s  "
@@ -184,24 +208,59 @@ async def service_rows(server: Process, prompts: list[str], levels: list[int],
     return rows
 
 
-async def edge_rows(grpc_port: int, prompts: list[str], levels: list[int]) -> list[dict[str, Any]]:
-    edge = Process(["edge", "--port", "0", "--grpc-target", f"127.0.0.1:{grpc_port}"],
+async def paired_rows(server: Process, prompts: list[str], levels: list[int],
+                      rounds: int = 3) -> list[dict[str, Any]]:
+    """Edge and direct gRPC on the same server, alternating, so drift hits both alike."""
+    edge = Process(["edge", "--port", "0", "--grpc-target", f"127.0.0.1:{server.port}"],
                    {"TOKENWIRE_LOG_FORMAT": "json"}, "edge.listening")
     rows = []
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{edge.port}", timeout=600) as http:
+        async with (
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{edge.port}", timeout=600) as http,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        ):
+            stub = pb_grpc.GenerationServiceStub(channel)
             await asyncio.gather(*(edge_stream(http, p, 16) for p in prompts[: max(levels)]))
-            await edge_stream(http, prompts[0], NEW_TOKENS)
+            await one_stream(stub, prompts[0], 16)
             for c in levels:
-                streams = await run_load(lambda p: edge_stream(http, p, NEW_TOKENS), prompts, c,
-                                         "burst", None)
-                row = stream_row(streams, None)
-                rows.append({"system": "tokenwire", "transport": "edge", "concurrency": c,
-                             "arrival": "burst", **row})
-                print(f"  edge  c={c:<3d} burst   {row['tokens_per_s']:8.1f} tok/s  "
-                      f"ttft p50 {row['ttft_p50_ms']:7.1f} ms", flush=True)
+                via: dict[str, list[list[dict[str, Any]]]] = {"edge": [], "grpc": []}
+                for _ in range(rounds * (3 if c == 1 else 1)):
+                    via["grpc"].append(await run_load(
+                        lambda p: one_stream(stub, p, NEW_TOKENS), prompts, c, "burst", None))
+                    via["edge"].append(await run_load(
+                        lambda p: edge_stream(http, p, NEW_TOKENS), prompts, c, "burst", None))
+                for transport, runs in via.items():
+                    row = stream_row(runs, None)
+                    rows.append({"system": "tokenwire", "transport": f"{transport}-paired",
+                                 "concurrency": c, "arrival": "burst", **row})
+                    print(f"  {transport}-paired c={c:<3d} {row['tokens_per_s']:8.1f} tok/s  "
+                          f"ttft p50 {row['ttft_p50_ms']:7.1f} ms", flush=True)
     finally:
         edge.stop()
+    return rows
+
+
+async def metrics_ab(model_dir: Path, prompts: list[str], rounds: int) -> list[dict[str, Any]]:
+    """16 streams on fresh servers with the exporter on/off in ABBA order, cancelling drift."""
+    runs: dict[bool, list[list[dict[str, Any]]]] = {True: [], False: []}
+    for i in range(rounds):
+        for metrics in ((True, False) if i % 2 == 0 else (False, True)):
+            server = start_server(model_dir, metrics=metrics)
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                    stub = pb_grpc.GenerationServiceStub(channel)
+                    await asyncio.gather(*(one_stream(stub, p, 16) for p in prompts[:16]))
+                    for _ in range(3):
+                        runs[metrics].append(await run_load(
+                            lambda p: one_stream(stub, p, NEW_TOKENS), prompts, 16, "burst", None))
+            finally:
+                server.stop()
+    rows = []
+    for metrics, label in ((True, "grpc-metrics-on"), (False, "grpc-metrics-off")):
+        row = stream_row(runs[metrics], None)
+        rows.append({"system": "tokenwire", "transport": label, "concurrency": 16,
+                     "arrival": "burst", **row})
+        print(f"  {label} c=16 {row['tokens_per_s']:8.1f} tok/s", flush=True)
     return rows
 
 
@@ -227,6 +286,42 @@ async def fairness(model_dir: Path, prompts: list[str], long_prompt: str, chunk:
     return {"prefill_chunk_tokens": chunk, "long_prompt_tokens": 400,
             "long_prompt_ttft_ms": (prefilled - arrived) * 1000,
             "itl_p50_ms_otherwise": pct(before, 50), "itl_max_ms_during_prefill": max(during or [0])}
+
+
+async def headline(server: Process, model: Path, prompts: list[str], rounds: int) -> list[dict[str, Any]]:
+    """The ratio rows, interleaved: loop, GenAI and tokenwire take turns, `rounds` times.
+
+    The machine's speed drifts by more than the differences being measured; taking turns
+    exposes every system to the same drift, and each row keeps its median.
+    """
+    peers: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    service: dict[int, tuple[list[list[dict[str, Any]]], list[float]]] = {1: ([], []), 16: ([], [])}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        await asyncio.gather(*(one_stream(stub, p, 16) for p in prompts[:16]))
+        for _ in range(rounds):
+            for batch in (1, 16):
+                for mode, sub_dir in (("raw", "onnx"), ("genai", "genai")):
+                    peers.setdefault((mode, batch), []).append(peer(mode, model / sub_dir, batch))
+                runs, cpu = service[batch]
+                for _ in range(3 if batch == 1 else 1):
+                    cpu0 = cpu_seconds(server.proc.pid)
+                    runs.append(await run_load(lambda p: one_stream(stub, p, NEW_TOKENS), prompts,
+                                               batch, "burst", None))
+                    cpu.append(cpu_seconds(server.proc.pid) - cpu0)
+    rows = []
+    for (_, _), found in sorted(peers.items()):
+        median = sorted(found, key=lambda r: r["tokens_per_s"])[len(found) // 2]
+        rates = sorted(r["tokens_per_s"] for r in found)
+        rows.append({**median, "repeats": len(found),
+                     "tokens_per_s_spread": (rates[-1] - rates[0]) / rates[len(rates) // 2]})
+    for batch, (runs, cpu) in service.items():
+        row = stream_row(runs, sum(cpu))
+        rows.append({"system": "tokenwire", "transport": "grpc", "concurrency": batch,
+                     "arrival": "burst", **row})
+        print(f"  grpc  c={batch:<3d} burst   {row['tokens_per_s']:8.1f} tok/s  "
+              f"ttft p50 {row['ttft_p50_ms']:7.1f} ms (interleaved)", flush=True)
+    return rows
 
 
 def peer(mode: str, model_dir: Path, batch: int) -> dict[str, Any]:
@@ -264,9 +359,12 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     raw1 = find(rows, system="ort-loop", concurrency=1)
     genai1 = find(rows, system="ort-genai", concurrency=1)
     genai16 = find(rows, system="ort-genai", concurrency=16)
-    edge1 = find(rows, transport="edge", concurrency=1)
-    edge16 = find(rows, transport="edge", concurrency=16)
+    edge1 = find(rows, transport="edge-paired", concurrency=1)
+    edge16 = find(rows, transport="edge-paired", concurrency=16)
+    grpc1 = find(rows, transport="grpc-paired", concurrency=1)
+    grpc16 = find(rows, transport="grpc-paired", concurrency=16)
     off16 = find(rows, transport="grpc-metrics-off", concurrency=16)
+    on16 = find(rows, transport="grpc-metrics-on", concurrency=16)
     return {
         "service_b1_vs_genai_b1": svc1["tokens_per_s"] / genai1["tokens_per_s"],
         "service_b1_vs_raw_b1": svc1["tokens_per_s"] / raw1["tokens_per_s"],
@@ -274,9 +372,9 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
         "service_c16_ttft_p50_vs_idle": svc16["ttft_p50_ms"] / svc1["ttft_p50_ms"],
         "service_cpu_ms_per_token_c1": svc1["server_cpu_ms_per_token"],
         "service_overhead_cpu_ms_per_token_c1": svc1["server_cpu_ms_per_token"] - raw1["cpu_ms_per_token"],
-        "edge_c16_vs_grpc_c16": edge16["tokens_per_s"] / svc16["tokens_per_s"],
-        "edge_ttft_p50_added_ms": edge1["ttft_p50_ms"] - svc1["ttft_p50_ms"],
-        "metrics_on_vs_off_c16": svc16["tokens_per_s"] / off16["tokens_per_s"],
+        "edge_c16_vs_grpc_c16": edge16["tokens_per_s"] / grpc16["tokens_per_s"],
+        "edge_ttft_p50_added_ms": edge1["ttft_p50_ms"] - grpc1["ttft_p50_ms"],
+        "metrics_on_vs_off_c16": on16["tokens_per_s"] / off16["tokens_per_s"],
     }
 
 
@@ -286,27 +384,26 @@ async def main(quick: bool) -> None:
     tokenizer = Tokenizer.from_file(str(onnx_dir / "tokenizer.json"))
     prompts = [make_prompt(tokenizer, PROMPT_TOKENS, seed) for seed in range(32)]
     long_prompt = make_prompt(tokenizer, 400, 99)
-    levels = [1, 16] if quick else [1, 4, 8, 16, 32]
-    batches = [1, 16] if quick else [1, 8, 16]
     started = time.time()
     rows: list[dict[str, Any]] = []
-    print("peers", flush=True)
-    for b in batches:
-        rows.append(peer("raw", onnx_dir, b))
-        rows.append(peer("genai", genai_dir, b))
-    print("tokenwire (metrics on)", flush=True)
     server = start_server(onnx_dir, metrics=True)
     try:
-        rows += await service_rows(server, prompts, levels, ["burst"] if quick else ["burst", "poisson"])
-        rows += await edge_rows(server.port, prompts, [1, 16])
+        print("headline: plain loop, GenAI and tokenwire taking turns", flush=True)
+        rows += await headline(server, model, prompts, rounds=2 if quick else 3)
+        if not quick:
+            print("static batch 8", flush=True)
+            rows += [peer("raw", onnx_dir, 8), peer("genai", genai_dir, 8)]
+            print("tokenwire concurrency sweep", flush=True)
+            durations = {r["concurrency"]: NEW_TOKENS / r["per_stream_tokens_per_s"]
+                         for r in rows if r["system"] == "tokenwire"}
+            rows += await service_rows(server, prompts, [4, 8, 32], ["burst"], durations=durations)
+            rows += await service_rows(server, prompts, [4, 8, 16, 32], ["poisson"],
+                                       durations=durations)
+        rows += await paired_rows(server, prompts, [1, 16])
     finally:
         server.stop()
-    print("tokenwire (metrics off)", flush=True)
-    server = start_server(onnx_dir, metrics=False)
-    try:
-        rows += await service_rows(server, prompts, [16], ["burst"], label="grpc-metrics-off")
-    finally:
-        server.stop()
+    print("metrics exporter on vs off (alternating fresh servers)", flush=True)
+    rows += await metrics_ab(onnx_dir, prompts, rounds=2)
     print("prefill fairness", flush=True)
     fair = [await fairness(onnx_dir, prompts, long_prompt, chunk) for chunk in (256, 64)]
     result = {

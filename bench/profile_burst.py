@@ -1,0 +1,84 @@
+"""Where 16 simultaneous requests spend their time: cProfile of the engine, no transport.
+
+Run in the service environment: .venv/bin/python bench/profile_burst.py [--concurrency 16]
+Prints the share of wall time inside ONNX Runtime (session.run) versus the engine's Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from pathlib import Path
+
+from service.domain import GenerationRequest, SamplingParams, TokenEvent
+from service.engine import Engine, EngineConfig, OnnxCausalLM
+from service.tokenizer import Tokenizer
+
+MODEL = Path(__file__).resolve().parent / ".cache" / "bench-56m" / "onnx"
+
+
+async def burst(engine: Engine, prompt: str, concurrency: int) -> list[float]:
+    sent = time.perf_counter()
+
+    async def one(i: int) -> float:
+        request = GenerationRequest(f"p{i}-{time.monotonic_ns()}", prompt, max_tokens=128,
+                                    sampling=SamplingParams(temperature=0.0), ignore_eos=True)
+        first = 0.0
+        async for event in engine.submit(request).events():
+            if isinstance(event, TokenEvent) and not first:
+                first = time.perf_counter() - sent
+        return first
+
+    return list(await asyncio.gather(*(one(i) for i in range(concurrency))))
+
+
+class TimedModel:
+    """Wraps the model: how long each forward takes, split into prefill and decode."""
+
+    def __init__(self, model: OnnxCausalLM) -> None:
+        self.model = model
+        self.spec = model.spec
+        self.provider = model.provider
+        self.prefill: list[float] = []
+        self.decode: list[float] = []
+
+    def empty_cache(self, batch: int = 1):  # type: ignore[no-untyped-def]
+        return self.model.empty_cache(batch)
+
+    def forward(self, input_ids, attention_mask, position_ids, past):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        out = self.model.forward(input_ids, attention_mask, position_ids, past)
+        (self.prefill if input_ids.shape[1] > 1 else self.decode).append(
+            time.perf_counter() - started
+        )
+        return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--concurrency", type=int, default=16)
+    args = ap.parse_args()
+    timed = TimedModel(OnnxCausalLM(MODEL, provider="cpu"))
+    tokenizer = Tokenizer.from_dir(MODEL)
+    engine = Engine(timed, tokenizer, EngineConfig(max_batch_size=32))  # type: ignore[arg-type]
+    engine.warm_up()
+    engine.start()
+    prompt = tokenizer.decode(tokenizer.encode(Path(asyncio.__file__).read_text())[:32])
+    for c in (1, args.concurrency):
+        asyncio.run(burst(engine, prompt, c))  # warm the arena for these shapes
+        timed.prefill.clear()
+        timed.decode.clear()
+        started = time.perf_counter()
+        ttfts = sorted(asyncio.run(burst(engine, prompt, c)))
+        wall = time.perf_counter() - started
+        inside = sum(timed.prefill) + sum(timed.decode)
+        print(f"{c:2d} streams: wall {wall * 1000:6.0f} ms, TTFT p50 {ttfts[len(ttfts) // 2] * 1000:5.0f} ms; "
+              f"ONNX Runtime {inside / wall:5.1%} of wall "
+              f"({len(timed.prefill)} prefill forwards, {sum(timed.prefill) * 1000:.0f} ms; "
+              f"{len(timed.decode)} decode forwards, mean {1000 * sum(timed.decode) / max(1, len(timed.decode)):.1f} ms)")
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
