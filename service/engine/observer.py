@@ -77,22 +77,3 @@ class NullObserver:
 
     def step_finished(self, record: StepRecord) -> None:
         return None
-
-
-class FanOutObserver:
-    """Passes every record to several observers in order."""
-
-    def __init__(self, *observers: EngineObserver) -> None:
-        self._observers = observers
-
-    def request_finished(self, record: RequestRecord) -> None:
-        for observer in self._observers:
-            observer.request_finished(record)
-
-    def request_rejected(self, reason: str) -> None:
-        for observer in self._observers:
-            observer.request_rejected(reason)
-
-    def step_finished(self, record: StepRecord) -> None:
-        for observer in self._observers:
-            observer.step_finished(record)
