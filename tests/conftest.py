@@ -19,7 +19,7 @@ from service.engine import CausalLM, Engine, EngineObserver, ModelSpec, OnnxCaus
 from service.main import engine_config
 from service.rpc.server import TokenwireServer
 from service.tokenizer import Tokenizer
-from tests.fakes import RecordingObserver
+from tests.fakes import RecordingObserver, ScriptedModel
 
 
 @dataclasses.dataclass
@@ -135,3 +135,13 @@ async def edge(served: RunningServer) -> AsyncIterator[RunningEdge]:
     running = await start_edge(served.target, resume_window_s=2.0)
     yield running
     await running.edge.stop()
+
+
+@pytest.fixture
+async def paced(spec: ModelSpec, tokenizer: Tokenizer) -> AsyncIterator[RunningServer]:
+    """A server whose scripted model emits one non-EOS token every 10 ms: timing-safe streams."""
+    token = tokenizer.encode(" x")[0]
+    model = ScriptedModel(spec, dict.fromkeys(range(spec.context_length), token), 0.01)
+    running = await start_server(model, tokenizer, RecordingObserver())
+    yield running
+    await running.server.drain()

@@ -42,8 +42,9 @@ async def test_generate_reports_invalid_arguments_clearly(served: RunningServer)
     assert "INVALID_ARGUMENT: sampling.top_p" in done.stderr
 
 
-async def test_ctrl_c_cancels_the_stream_and_frees_the_server(served: RunningServer) -> None:
+async def test_ctrl_c_cancels_the_stream_and_frees_the_server(paced: RunningServer) -> None:
     """SIGINT mid-stream exits 130 with [cancelled] and the server's slot is freed."""
+    served = paced
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

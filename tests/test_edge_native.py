@@ -179,9 +179,10 @@ async def _drop_after_first_event(edge: RunningEdge, request_id: str) -> None:
 
 
 async def test_disconnect_keeps_generating_for_the_window_then_cancels(
-    served: RunningServer,
+    paced: RunningServer,
 ) -> None:
     """Leaving a native stream keeps it generating for the window, then cancels it upstream."""
+    served = paced
     edge = await start_edge(served.target, resume_window_s=0.5)
     try:
         await _drop_after_first_event(edge, "drop-window")
@@ -194,8 +195,9 @@ async def test_disconnect_keeps_generating_for_the_window_then_cancels(
     assert _finish_reason(served, "drop-window") == FinishReason.CANCELLED
 
 
-async def test_window_zero_cancels_upstream_at_once(served: RunningServer) -> None:
+async def test_window_zero_cancels_upstream_at_once(paced: RunningServer) -> None:
     """With resume_window_s=0 a disconnect cancels the upstream RPC within a second."""
+    served = paced
     edge = await start_edge(served.target, resume_window_s=0.0)
     try:
         await _drop_after_first_event(edge, "drop-now")

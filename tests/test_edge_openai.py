@@ -8,7 +8,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import RunningEdge, RunningServer, eventually
+from service.domain import FinishReason
+from tests.conftest import RunningEdge, RunningServer, eventually, start_edge
+from tests.fakes import RecordingObserver
 
 
 @pytest.fixture
@@ -105,16 +107,24 @@ async def test_n_other_than_one_is_rejected_naming_n(sdk: openai.AsyncOpenAI) ->
     assert caught.value.body["param"] == "n"  # type: ignore[index]
 
 
-async def test_client_disconnect_cancels_upstream_at_once(
-    edge: RunningEdge, served: RunningServer
-) -> None:
-    """Closing an OpenAI-style stream frees the server's slot within a second."""
+async def test_client_disconnect_cancels_upstream_at_once(paced: RunningServer) -> None:
+    """Closing an OpenAI-style stream cancels the generation within a second."""
+    edge = await start_edge(paced.target)
     body = {"model": "any", "prompt": "def long():", "max_tokens": 450, "stream": True}
-    async with (
-        httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
-        http.stream("POST", "/v1/completions", json=body) as response,
-    ):
-        async for line in response.aiter_lines():
-            if line.startswith("data:"):
-                break
-    assert await eventually(lambda: served.engine.active_count == 0, within_s=1)
+    try:
+        async with (
+            httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
+            http.stream(
+                "POST", "/v1/completions", json=body, headers={"X-Request-ID": "oai-drop"}
+            ) as response,
+        ):
+            async for line in response.aiter_lines():
+                if line.startswith("data:"):
+                    break
+        assert await eventually(lambda: paced.engine.active_count == 0, within_s=1)
+    finally:
+        await edge.edge.stop()
+    assert isinstance(paced.observer, RecordingObserver)
+    record = paced.observer.finished["oai-drop"]
+    assert record.finish_reason == FinishReason.CANCELLED
+    assert record.completion_tokens < 450
