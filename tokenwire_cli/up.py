@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 
 def _spawn(*args: str) -> subprocess.Popen[bytes]:
@@ -30,6 +32,17 @@ def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], limit_s: float =
     return False
 
 
+def _command() -> str:
+    """How to run `tokenwire` from here: on PATH, else the venv's script, relative if possible."""
+    script = Path(sys.executable).parent / "tokenwire"
+    if shutil.which("tokenwire") == str(script):
+        return "tokenwire"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
 def banner(host: str, grpc_port: int, http_port: int, metrics_port: int) -> str:
     web = f"http://{host}:{http_port}"
     lines = [
@@ -38,7 +51,7 @@ def banner(host: str, grpc_port: int, http_port: int, metrics_port: int) -> str:
         f"  browser:  {web}/",
         f'  grpcurl:  grpcurl -plaintext -d \'{{"prompt": "def fib(n):", "max_tokens": 32}}\' '
         f"{host}:{grpc_port} tokenwire.v1.GenerationService/Generate",
-        f"  cli:      tokenwire generate 'def fib(n):' --target {host}:{grpc_port} --stats",
+        f"  cli:      {_command()} generate 'def fib(n):' --target {host}:{grpc_port} --stats",
         f"  curl:     curl -N {web}/v1/generate -H 'Content-Type: application/json' "
         '-d \'{"prompt": "def fib(n):", "max_tokens": 32}\'',
         f'  OpenAI:   OpenAI(base_url="{web}/v1", api_key="none")',
