@@ -10,8 +10,9 @@ import time
 
 import numpy as np
 
-from service.engine import ModelSpec, RequestRecord, StepRecord
-from service.engine.model import FloatArray, IntArray
+from service.engine import ModelSpec, Padding, RequestRecord, StepRecord
+from service.engine.kv_cache import BatchKvCache
+from service.engine.types import FloatArray, IntArray
 
 
 class RecordingObserver:
@@ -35,6 +36,7 @@ class ScriptedModel:
     """After the token at position q, the most likely next token is script[q + 1] (else EOS)."""
 
     provider = "ScriptedProvider"
+    padding = Padding.SHIFTABLE
 
     def __init__(self, spec: ModelSpec, script: dict[int, int], step_delay_s: float = 0.0) -> None:
         self.spec = spec
@@ -51,8 +53,8 @@ class ScriptedModel:
         script = {prompt_tokens + i: token for i, token in enumerate(continuation)}
         return cls(spec, script, step_delay_s)
 
-    def empty_cache(self, batch: int = 1) -> list[FloatArray]:
-        return [np.zeros((batch, 1, 0, 1), dtype=np.float32) for _ in range(2)]
+    def new_cache(self, rows: int, columns: int = 0) -> BatchKvCache:
+        return BatchKvCache.zeros([(0, 1, 0, 1)] * 2, (2, 2), np.float32, rows, columns)
 
     def forward(
         self,

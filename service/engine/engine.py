@@ -108,13 +108,12 @@ class Engine:
     def warm_up(self) -> None:
         """Run one prefill and a few decode steps so the first request pays no set-up cost."""
         ids = self.tokenizer.encode("def warm_up():\n    return") or [0]
-        cache = self.model.empty_cache(1)
         mask = [[1] * len(ids)]
         logits, cache = self.model.forward(
             np.asarray([ids], dtype=np.int64),
             np.asarray(mask, dtype=np.int64),
             np.arange(len(ids), dtype=np.int64)[None, :],
-            cache,
+            self.model.new_cache(1).tensors,
         )
         for step in range(4):
             token = int(logits[0].argmax())
