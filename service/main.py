@@ -10,7 +10,7 @@ import structlog
 
 from service import __version__
 from service.config import Settings
-from service.engine import Engine, EngineConfig, EngineObserver, OnnxCausalLM
+from service.engine import Engine, EngineConfig, EngineObserver, ModelLoadError, OnnxCausalLM
 from service.rpc.server import TokenwireServer
 from service.telemetry import configure_logging
 from service.telemetry.metrics import ServerMetrics
@@ -49,8 +49,12 @@ def load_engine(settings: Settings, observer: EngineObserver | None = None) -> E
     return engine
 
 
-async def run_server(settings: Settings, stop: asyncio.Event) -> None:
-    """Serve until `stop` is set, then drain. Health is NOT_SERVING until the model is warm."""
+async def run_server(settings: Settings, stop: asyncio.Event) -> int:
+    """Serve until `stop` is set, then drain; return the exit status.
+
+    Health is NOT_SERVING until the model is warm. A model the engine cannot drive is refused
+    with one log line and status 2.
+    """
     server = TokenwireServer(settings)
     port = await server.start()
     log.info("server.listening", host=settings.host, port=port, pid=os.getpid())
@@ -58,7 +62,18 @@ async def run_server(settings: Settings, stop: asyncio.Event) -> None:
     if settings.metrics_port:
         metrics_port, _ = metrics.serve(settings.host, settings.metrics_port)
         log.info("metrics.listening", url=f"http://{settings.host}:{metrics_port}/metrics")
-    engine = await asyncio.to_thread(load_engine, settings, metrics)
+    try:
+        engine = await asyncio.to_thread(load_engine, settings, metrics)
+    except ModelLoadError as exc:
+        log.error("model.refused", model_dir=str(settings.model_dir), reason=str(exc))
+        await server.drain()
+        return 2
+    log.info(
+        "model.loaded",
+        model_dir=str(settings.model_dir),
+        cache=engine.model.layout.describe() if isinstance(engine.model, OnnxCausalLM) else "",
+        padding=engine.model.padding.value,
+    )
     metrics.describe_build(__version__, engine.model.spec.name, engine.model.provider)
     await server.attach(engine)
     log.info(
@@ -74,17 +89,17 @@ async def run_server(settings: Settings, stop: asyncio.Event) -> None:
     )
     await stop.wait()
     await server.drain()
+    return 0
 
 
-async def _main(settings: Settings) -> None:
+async def _main(settings: Settings) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await run_server(settings, stop)
+    return await run_server(settings, stop)
 
 
 def serve(settings: Settings) -> int:
     configure_logging(settings.log_format)
-    asyncio.run(_main(settings))
-    return 0
+    return asyncio.run(_main(settings))

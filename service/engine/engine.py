@@ -179,7 +179,9 @@ class Engine:
         if not self._accepting:
             raise Unavailable("the server is not accepting requests (starting or draining)")
         request.check(self.limits)
-        prompt_ids = self.tokenizer.encode(request.prompt)
+        prompt_ids = self.tokenizer.encode(
+            request.prompt, add_special_tokens=request.add_special_tokens
+        )
         budget = request.token_budget(len(prompt_ids), self.limits)
         if len(prompt_ids) + budget > self.config.max_kv_tokens:
             raise InvalidRequest(
