@@ -10,8 +10,9 @@ import time
 
 import numpy as np
 
-from service.engine import ModelSpec, Padding, RequestRecord, StepRecord
+from service.engine import ModelSpec, OnnxCausalLM, Padding, RequestRecord, StepRecord
 from service.engine.kv_cache import BatchKvCache
+from service.engine.padding import probe_padding
 from service.engine.types import FloatArray, IntArray
 
 
@@ -45,6 +46,8 @@ class ScriptedModel:
         self.eos = min(spec.eos_token_ids)
         self.calls = 0
         self.fail_on_calls: set[int] = set()
+        self.fail_on_prompt_token: int | None = None
+        """A prefill whose input holds this id fails, as a bad input would in ORT."""
 
     @classmethod
     def continuing(
@@ -66,6 +69,8 @@ class ScriptedModel:
         self.calls += 1
         if self.calls in self.fail_on_calls:
             raise RuntimeError(f"injected failure on call {self.calls}")
+        if input_ids.shape[1] > 1 and self.fail_on_prompt_token in input_ids:
+            raise RuntimeError("injected prefill failure")
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         rows, new = input_ids.shape
@@ -75,3 +80,36 @@ class ScriptedModel:
             logits[row, self.script.get(nxt, self.eos)] = 30.0
         grown = np.zeros((rows, 1, new, 1), dtype=np.float32)
         return logits, [np.concatenate([p, grown], axis=2) for p in past]
+
+
+class CountedPositionsModel:
+    """A real ONNX model whose positions come from the cache width, not from position_ids.
+
+    That is how Gemma-family exports (no position_ids input) behave. With `absolute_bias`, each
+    absolute position also shifts the logits, like learned positions counted from the width:
+    then any padding changes the output.
+    """
+
+    def __init__(self, inner: OnnxCausalLM, absolute_bias: float = 0.0) -> None:
+        self.inner = inner
+        self.spec = inner.spec
+        self.provider = inner.provider
+        table = np.random.default_rng(0).standard_normal((inner.spec.context_length + 8, 1))
+        self._bias = (absolute_bias * table).astype(np.float32)
+        self.padding = probe_padding(self)
+
+    def new_cache(self, rows: int, columns: int = 0) -> BatchKvCache:
+        return self.inner.new_cache(rows, columns)
+
+    def forward(
+        self,
+        input_ids: IntArray,
+        attention_mask: IntArray,
+        position_ids: IntArray,
+        past: list[FloatArray],
+    ) -> tuple[FloatArray, list[FloatArray]]:
+        width = attention_mask.shape[1]
+        counted = np.arange(width - input_ids.shape[1], width, dtype=np.int64)
+        positions = np.broadcast_to(counted, input_ids.shape)
+        logits, present = self.inner.forward(input_ids, attention_mask, positions, past)
+        return logits + self._bias[width - 1], present
