@@ -56,8 +56,10 @@ class ScriptedModel:
         script = {prompt_tokens + i: token for i, token in enumerate(continuation)}
         return cls(spec, script, step_delay_s)
 
-    def new_cache(self, rows: int, columns: int = 0) -> BatchKvCache:
-        return BatchKvCache.zeros([(0, 1, 0, 1)] * 2, (2, 2), np.float32, rows, columns)
+    def new_cache(self, rows: int, columns: int = 0, *, left_aligned: bool = False) -> BatchKvCache:
+        return BatchKvCache.zeros(
+            [(0, 1, 0, 1)] * 2, (2, 2), np.float32, rows, columns, left_aligned=left_aligned
+        )
 
     def forward(
         self,
@@ -65,6 +67,7 @@ class ScriptedModel:
         attention_mask: IntArray,
         position_ids: IntArray,
         past: list[FloatArray],
+        last: IntArray | None = None,
     ) -> tuple[FloatArray, list[FloatArray]]:
         self.calls += 1
         if self.calls in self.fail_on_calls:
@@ -98,8 +101,8 @@ class CountedPositionsModel:
         self._bias = (absolute_bias * table).astype(np.float32)
         self.padding = probe_padding(self)
 
-    def new_cache(self, rows: int, columns: int = 0) -> BatchKvCache:
-        return self.inner.new_cache(rows, columns)
+    def new_cache(self, rows: int, columns: int = 0, *, left_aligned: bool = False) -> BatchKvCache:
+        return self.inner.new_cache(rows, columns, left_aligned=left_aligned)
 
     def forward(
         self,
@@ -107,9 +110,10 @@ class CountedPositionsModel:
         attention_mask: IntArray,
         position_ids: IntArray,
         past: list[FloatArray],
+        last: IntArray | None = None,
     ) -> tuple[FloatArray, list[FloatArray]]:
         width = attention_mask.shape[1]
         counted = np.arange(width - input_ids.shape[1], width, dtype=np.int64)
         positions = np.broadcast_to(counted, input_ids.shape)
-        logits, present = self.inner.forward(input_ids, attention_mask, positions, past)
+        logits, present = self.inner.forward(input_ids, attention_mask, positions, past, last)
         return logits + self._bias[width - 1], present

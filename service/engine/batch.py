@@ -1,6 +1,7 @@
 """Cohorts: the rows that decode together in one forward, and where a new row may join.
 
-With a SHIFTABLE graph there is one cohort: joining rows are left-padded to the common width
+With a SHIFTABLE graph (and a RIGHT one, whose rows start at column 0) there is one cohort:
+joining rows are padded to the common width
 (or pad the others), and leaving rows take the all-padding columns with them. With a FIXED
 graph a row's padding is chosen at its first step and never changes, so a prefill is padded to
 the width of the cohort it will join, a row whose prompt is wider than every cohort starts a
@@ -15,6 +16,8 @@ import dataclasses
 from service.engine.kv_cache import BatchKvCache
 from service.engine.padding import Padding
 from service.engine.sequence import Sequence
+
+_ONE_COHORT = (Padding.SHIFTABLE, Padding.RIGHT)
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -45,7 +48,11 @@ class Placement:
 
     @property
     def trims(self) -> bool:
-        return self.padding is Padding.SHIFTABLE
+        return self.padding in _ONE_COHORT
+
+    @property
+    def left_aligned(self) -> bool:
+        return self.padding is Padding.RIGHT
 
     def groups_mixed_lengths(self) -> bool:
         """May prompts of different lengths share one prefill forward?"""
@@ -63,7 +70,7 @@ class Placement:
     def join(self, cohorts: list[Cohort], rows: list[Sequence], cache: BatchKvCache) -> None:
         """Put freshly prefilled rows into a cohort that takes them unchanged, or a new one."""
         for cohort in cohorts:
-            if self.padding is Padding.SHIFTABLE or cohort.cache.columns == cache.columns:
+            if self.padding in _ONE_COHORT or cohort.cache.columns == cache.columns:
                 cohort.cache.extend(cache)
                 cohort.rows.extend(rows)
                 return

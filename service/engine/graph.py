@@ -94,7 +94,7 @@ def read_layout(
         raise ModelLoadError(f"model.onnx has past inputs for layers {layers}: not 0..N-1")
     output_names = {o.name for o in outputs}
     tensors = tuple(
-        _cache_tensor(arg, output_names)
+        _cache_tensor(arg, output_names, spec)
         for layer in layers
         for arg in sorted(by_layer[layer], key=lambda a: a.name)
     )
@@ -106,20 +106,40 @@ def read_layout(
     return layout
 
 
-def _cache_tensor(arg: NodeArg, output_names: set[str]) -> CacheTensor:
+def _cache_tensor(arg: NodeArg, output_names: set[str], spec: ModelSpec) -> CacheTensor:
     present = arg.name.replace("past_key_values", "present", 1)
     if present not in output_names:
         raise ModelLoadError(f"model.onnx has input {arg.name} but no output {present}")
     dims = list(arg.shape)
-    symbolic = [i for i, d in enumerate(dims) if not isinstance(d, int) and i > 0]
-    if len(symbolic) != 1 or not isinstance(dims[0], (str, type(None))):
+    seq_axis = _sequence_axis(dims)
+    fixed: list[int] = []
+    for i, dim in enumerate(dims):
+        if i in (0, seq_axis):
+            fixed.append(0)
+        elif isinstance(dim, int):
+            fixed.append(dim)
+        elif i == len(dims) - 1 and spec.head_dim is not None:
+            # GenAI's builder leaves the head dim symbolic; its config states it.
+            fixed.append(spec.head_dim)
+        else:
+            raise ModelLoadError(
+                f"model.onnx input {arg.name} has shape {dims}: its axis {i} is dynamic and "
+                "neither the sequence nor a head dim the model's config states"
+            )
+    return CacheTensor(arg.name, present, tuple(fixed), seq_axis)
+
+
+def _sequence_axis(dims: list[int | str | None]) -> int:
+    """The dynamic axis after the batch axis: the only one, or the only one named "...seq..."."""
+    dynamic = [i for i, d in enumerate(dims) if not isinstance(d, int) and i > 0]
+    if len(dynamic) > 1:
+        dynamic = [i for i in dynamic if "seq" in str(dims[i]).lower()]
+    if len(dynamic) != 1 or isinstance(dims[0], int):
         raise ModelLoadError(
-            f"model.onnx input {arg.name} has shape {dims}: the engine drives caches with a "
-            "dynamic batch axis first and exactly one other dynamic axis (the sequence)"
+            f"a cache input has shape {dims}: the engine drives caches with a dynamic batch "
+            "axis first and one dynamic sequence axis"
         )
-    seq_axis = symbolic[0]
-    fixed = tuple(0 if i in (0, seq_axis) else int(d) for i, d in enumerate(dims))  # type: ignore[arg-type]
-    return CacheTensor(arg.name, present, fixed, seq_axis)
+    return dynamic[0]
 
 
 def check_against_config(layout: CacheLayout, spec: ModelSpec) -> None:

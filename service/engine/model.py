@@ -48,7 +48,7 @@ class CausalLM(Protocol):
     provider: str
     padding: Padding
 
-    def new_cache(self, rows: int, columns: int = 0) -> BatchKvCache:
+    def new_cache(self, rows: int, columns: int = 0, *, left_aligned: bool = False) -> BatchKvCache:
         """A cache of `rows` rows holding `columns` masked (padding) columns."""
         ...
 
@@ -58,7 +58,11 @@ class CausalLM(Protocol):
         attention_mask: IntArray,
         position_ids: IntArray,
         past: list[FloatArray],
-    ) -> tuple[FloatArray, list[FloatArray]]: ...
+        last: IntArray | None = None,
+    ) -> tuple[FloatArray, list[FloatArray]]:
+        """One step: logits [rows, vocab] at each row's `last` new position (default: the
+        final one) and the present cache tensors."""
+        ...
 
 
 class OnnxCausalLM:
@@ -96,8 +100,10 @@ class OnnxCausalLM:
         tolerance = FP16_TOLERANCE if self.layout.dtype is np.float16 else FP32_TOLERANCE
         self.padding: Padding = probe_padding(self, tolerance)
 
-    def new_cache(self, rows: int, columns: int = 0) -> BatchKvCache:
-        return BatchKvCache.zeros(self._shapes, self._axes, self.layout.dtype, rows, columns)
+    def new_cache(self, rows: int, columns: int = 0, *, left_aligned: bool = False) -> BatchKvCache:
+        return BatchKvCache.zeros(
+            self._shapes, self._axes, self.layout.dtype, rows, columns, left_aligned=left_aligned
+        )
 
     def forward(
         self,
@@ -105,15 +111,17 @@ class OnnxCausalLM:
         attention_mask: IntArray,
         position_ids: IntArray,
         past: list[FloatArray],
+        last: IntArray | None = None,
     ) -> tuple[FloatArray, list[FloatArray]]:
-        """Run one step; return the last position's logits [b, vocab] and the new cache."""
+        """Run one step; return each row's logits at `last` (default: the final position)."""
         feed: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self._has_position_ids:
             feed["position_ids"] = position_ids
         feed.update(zip(self.layout.past_names, past, strict=True))
         outputs = self.session.run(self.output_names, feed)
-        logits = np.asarray(outputs[0][:, -1, :], dtype=np.float32)
-        return logits, list(outputs[1:])
+        scores = outputs[0]
+        picked = scores[:, -1, :] if last is None else scores[np.arange(len(scores)), last, :]
+        return np.asarray(picked, dtype=np.float32), list(outputs[1:])
 
 
 def _session(

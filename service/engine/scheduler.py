@@ -268,28 +268,28 @@ class Scheduler:
             cache = chunked
             ids = [seq.prompt_ids[seq.prefilled : seq.prefilled + size]]
             positions = [list(range(seq.prefilled, seq.prefilled + size))]
-            pad = [0]
+            real = [size]
         else:
             width = size
             if len(group) > 1 or len(group[0].prompt_ids) == size:
                 width = self._placement.prefill_width(self._cohorts, size, group)
-            cache = self._model.new_cache(len(group), width - size)
+            left_aligned = self._placement.left_aligned
+            cache = self._model.new_cache(len(group), width - size, left_aligned=left_aligned)
             chunks = [s.prompt_ids[:size] for s in group]
-            pad = [size - len(c) for c in chunks]
-            ids = [[0] * p + c for p, c in zip(pad, chunks, strict=True)]
-            positions = [[0] * p + list(range(len(c))) for p, c in zip(pad, chunks, strict=True)]
-        mask = cache.mask_with(size)
-        for row, p in enumerate(pad):
-            mask[row, cache.columns : cache.columns + p] = 0
+            real = [len(c) for c in chunks]
+            ids = [_padded(c, size, left_aligned) for c in chunks]
+            positions = [_padded(list(range(len(c))), size, left_aligned) for c in chunks]
+        mask = cache.mask_with(size, real)
         logits, present = self._model.forward(
             np.asarray(ids, dtype=np.int64),
             mask,
             np.asarray(positions, dtype=np.int64),
             cache.tensors,
+            cache.last_positions(size, real),
         )
         cache.advance(present, mask)
-        for seq, p in zip(group, pad, strict=True):
-            seq.prefilled += size - p
+        for seq, fed in zip(group, real, strict=True):
+            seq.prefilled += fed
         return logits, cache
 
     def _decode(self, cohort: Cohort) -> None:
@@ -349,3 +349,9 @@ class Scheduler:
         self._prefilling.clear()
         self._cohorts.clear()
         self._publish()
+
+
+def _padded(values: list[int], size: int, on_right: bool) -> list[int]:
+    """values padded with zeros to size, after them (left-aligned rows) or before them."""
+    pad = [0] * (size - len(values))
+    return values + pad if on_right else pad + values

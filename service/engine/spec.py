@@ -1,6 +1,9 @@
 """What the engine needs to know about a model that the graph cannot say, from its JSON files.
 
-Families spell the same facts differently (`num_attention_heads` / `n_head` / `num_heads`,
+Two layouts are read: a Hugging Face / Optimum directory (config.json, generation_config.json,
+tokenizer_config.json) and an ONNX Runtime GenAI folder (genai_config.json, as its model
+builder writes it). Families spell the same facts differently (`num_attention_heads` /
+`n_head` / `num_heads`,
 `max_position_embeddings` / `n_positions` / `max_seq_len`, ...). Each fact is looked up under
 the aliases the common families use; the first key present wins. Shapes of the KV cache are
 not taken from here: the graph is their source of truth (see graph.py), and this file's values
@@ -35,6 +38,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "n_ctx",
     ),
 }
+GENAI_CONFIG = "genai_config.json"
 # A tokenizer_config.json model_max_length at or above this is transformers' "no limit" marker.
 _NO_LIMIT = 10**9
 
@@ -57,9 +61,13 @@ class ModelSpec:
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ModelSpec:
-        config = text_config(read_json(model_dir / "config.json"))
-        generation = read_json(model_dir / "generation_config.json", required=False)
         tokenizer_config = read_json(model_dir / "tokenizer_config.json", required=False)
+        if not (model_dir / "config.json").exists() and (model_dir / GENAI_CONFIG).exists():
+            config = genai_as_config(read_json(model_dir / GENAI_CONFIG))
+            generation: dict[str, Any] = {}
+        else:
+            config = text_config(read_json(model_dir / "config.json"))
+            generation = read_json(model_dir / "generation_config.json", required=False)
         vocab = lookup(config, "vocab_size")
         if vocab is None:
             raise ModelLoadError(_missing(model_dir, "vocab_size"))
@@ -69,13 +77,40 @@ class ModelSpec:
             vocab_size=vocab,
             context_length=_context_length(model_dir, config, tokenizer_config),
             eos_token_ids=frozenset(eos),
-            chat_template=str(tokenizer_config.get("chat_template") or ""),
+            chat_template=_chat_template(model_dir, tokenizer_config),
             bos_token=_token_text(tokenizer_config.get("bos_token")),
             eos_token=_token_text(tokenizer_config.get("eos_token")),
             num_layers=lookup(config, "num_layers"),
             num_kv_heads=_declared_kv_heads(config),
             head_dim=lookup(config, "head_dim"),
         )
+
+
+def genai_as_config(genai: dict[str, Any]) -> dict[str, Any]:
+    """genai_config.json's model section under config.json's key names."""
+    model = genai.get("model")
+    decoder = model.get("decoder") if isinstance(model, dict) else None
+    if not isinstance(model, dict) or not isinstance(decoder, dict):
+        raise ModelLoadError(f"{GENAI_CONFIG} has no model.decoder section")
+    return {
+        "_name_or_path": model.get("type", ""),
+        "vocab_size": model.get("vocab_size"),
+        "max_position_embeddings": model.get("context_length"),
+        "eos_token_id": model.get("eos_token_id"),
+        "num_hidden_layers": decoder.get("num_hidden_layers"),
+        "num_attention_heads": decoder.get("num_attention_heads"),
+        "num_key_value_heads": decoder.get("num_key_value_heads"),
+        "head_dim": decoder.get("head_size"),
+    }
+
+
+def _chat_template(model_dir: Path, tokenizer_config: dict[str, Any]) -> str:
+    """transformers writes the template into tokenizer_config.json or chat_template.jinja."""
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, str) and template:
+        return template
+    path = model_dir / "chat_template.jinja"
+    return path.read_text(encoding="utf-8") if path.exists() else ""
 
 
 def read_json(path: Path, *, required: bool = True) -> dict[str, Any]:
