@@ -133,6 +133,7 @@ class Scheduler:
                 duration=time.monotonic() - started,
                 running=self.running,
                 waiting=self.waiting,
+                kv_usage=self._reserved() / self._max_kv_tokens,
             )
         )
 
@@ -194,10 +195,14 @@ class Scheduler:
             self._finished.extend(cohort.drop_finished(trim=self._placement.trims))
         self._cohorts = [c for c in self._cohorts if c.rows]
 
+    def _reserved(self) -> int:
+        """KV-cache entries reserved by running and prefilling requests."""
+        return sum(s.reservation for s in (*self._running, *self._prefilling))
+
     def _admit(self, now: float) -> None:
         """Move waiting requests into prefill while rows and KV-cache budget allow (FIFO)."""
         rows = len(self._running) + len(self._prefilling)
-        reserved = sum(s.reservation for s in (*self._running, *self._prefilling))
+        reserved = self._reserved()
         while self._waiting and rows < self._max_batch:
             if reserved + self._waiting[0].reservation > self._max_kv_tokens:
                 break
@@ -310,10 +315,16 @@ class Scheduler:
 
     def _sample(self, rows: list[Sequence], logits: FloatArray, now: float) -> None:
         # Padded embedding rows past the tokenizer's vocabulary are never sampled.
-        for seq, row in zip(rows, logits[:, : self._vocab], strict=True):
+        scores = logits[:, : self._vocab]
+        argmax = scores.argmax(axis=1)  # one pass serves every plain greedy row
+        for seq, row, best in zip(rows, scores, argmax, strict=True):
             try:
-                history = seq.history if seq.request.sampling.repetition_penalty != 1.0 else []
-                token = seq.sampler.choose(row, history)
+                params = seq.request.sampling
+                if params.greedy and params.repetition_penalty == 1.0:
+                    token = int(best)
+                else:
+                    history = seq.history if params.repetition_penalty != 1.0 else []
+                    token = seq.sampler.choose(row, history)
                 logprob = log_softmax_at(row, token) if seq.request.logprobs else None
                 seq.accept(token, logprob, now)
             except Exception as exc:  # one request's sampling or text must not fail others
