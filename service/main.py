@@ -73,6 +73,7 @@ async def run_server(settings: Settings, stop: asyncio.Event) -> int:
         model_dir=str(settings.model_dir),
         cache=engine.model.layout.describe() if isinstance(engine.model, OnnxCausalLM) else "",
         padding=engine.model.padding.value,
+        kv_cache="preallocated, in place" if engine.kv_in_place else "batch tensors",
     )
     metrics.describe_build(__version__, engine.model.spec.name, engine.model.provider)
     await server.attach(engine)

@@ -13,6 +13,7 @@ import numpy as np
 from service.engine import ModelSpec, OnnxCausalLM, Padding, RequestRecord, StepRecord
 from service.engine.kv_cache import BatchKvCache
 from service.engine.padding import probe_padding
+from service.engine.slot_cache import SlotKvCache
 from service.engine.types import FloatArray, IntArray
 
 
@@ -61,6 +62,9 @@ class ScriptedModel:
             [(0, 1, 0, 1)] * 2, (2, 2), np.float32, rows, columns, left_aligned=left_aligned
         )
 
+    def new_slot_cache(self, slots: int, capacity: int) -> SlotKvCache | None:
+        return None
+
     def forward(
         self,
         input_ids: IntArray,
@@ -68,6 +72,8 @@ class ScriptedModel:
         position_ids: IntArray,
         past: list[FloatArray],
         last: IntArray | None = None,
+        *,
+        in_place: bool = False,
     ) -> tuple[FloatArray, list[FloatArray]]:
         self.calls += 1
         if self.calls in self.fail_on_calls:
@@ -104,6 +110,9 @@ class CountedPositionsModel:
     def new_cache(self, rows: int, columns: int = 0, *, left_aligned: bool = False) -> BatchKvCache:
         return self.inner.new_cache(rows, columns, left_aligned=left_aligned)
 
+    def new_slot_cache(self, slots: int, capacity: int) -> SlotKvCache | None:
+        return None
+
     def forward(
         self,
         input_ids: IntArray,
@@ -111,6 +120,8 @@ class CountedPositionsModel:
         position_ids: IntArray,
         past: list[FloatArray],
         last: IntArray | None = None,
+        *,
+        in_place: bool = False,
     ) -> tuple[FloatArray, list[FloatArray]]:
         width = attention_mask.shape[1]
         counted = np.arange(width - input_ids.shape[1], width, dtype=np.int64)

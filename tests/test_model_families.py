@@ -117,3 +117,29 @@ async def test_context_length_is_enforced_as_invalid_argument() -> None:
         await running.server.drain()
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"context length is {context}" in (caught.value.details() or "")
+
+
+def test_groupqueryattention_graphs_decode_in_place(family: tuple[Path, RunningServer]) -> None:
+    """GenAI folders (GroupQueryAttention) decode into the preallocated cache, others do not."""
+    model_dir, running = family
+    assert running.engine.kv_in_place == (model_dir.parent.name == "fixtures-genai")
+
+
+async def test_a_kv_budget_of_one_slot_queues_the_rest() -> None:
+    """With a KV budget of one context, requests take turns in the one slot and all finish
+    with their reference ids."""
+    model_dir = MODELS / "fixtures-genai" / "llama-fp32"
+    reference = _reference(model_dir)
+    model = OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=1)
+    running = await start_server(
+        model, Tokenizer.from_dir(model_dir), max_kv_tokens=model.spec.context_length
+    )
+    prompts = reference["prompts"][:3]
+    try:
+        got = await together(running.engine, [Job(p["text"], 8) for p in prompts])
+    finally:
+        await running.server.drain()
+    assert running.engine.config.max_batch_size > 1
+    for prompt, ids in zip(prompts, got, strict=True):
+        expected = prompt["output_ids"][:8]
+        assert ids[: len(expected)] == expected

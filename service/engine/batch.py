@@ -16,6 +16,7 @@ import dataclasses
 from service.engine.kv_cache import BatchKvCache
 from service.engine.padding import Padding
 from service.engine.sequence import Sequence
+from service.engine.slot_cache import SlotKvCache
 
 _ONE_COHORT = (Padding.SHIFTABLE, Padding.RIGHT)
 
@@ -24,7 +25,7 @@ _ONE_COHORT = (Padding.SHIFTABLE, Padding.RIGHT)
 class Cohort:
     """Rows decoded together: one cache, one row of it per sequence, in order."""
 
-    cache: BatchKvCache
+    cache: BatchKvCache | SlotKvCache
     rows: list[Sequence]
 
     def drop_finished(self, *, trim: bool) -> list[Sequence]:
@@ -33,18 +34,25 @@ class Cohort:
         if len(keep) == len(self.rows):
             return []
         gone = [s for s in self.rows if s.finished]
-        if keep:
-            self.cache.keep(keep, trim=trim)
-        self.rows = [self.rows[i] for i in keep]
+        order = self.cache.keep(keep, trim=trim)
+        self.rows = [self.rows[i] for i in order]
         return gone
 
 
 class Placement:
     """Chooses prefill widths and cohorts so that no running row's padding changes wrongly."""
 
-    def __init__(self, padding: Padding, context_length: int) -> None:
+    def __init__(
+        self, padding: Padding, context_length: int, slots: SlotKvCache | None = None
+    ) -> None:
         self.padding = padding
         self._context = context_length
+        self._slots = slots if padding is Padding.RIGHT else None
+
+    @property
+    def max_rows(self) -> int | None:
+        """Rows the preallocated cache holds, when there is one."""
+        return None if self._slots is None else self._slots.slots
 
     @property
     def trims(self) -> bool:
@@ -69,6 +77,8 @@ class Placement:
 
     def join(self, cohorts: list[Cohort], rows: list[Sequence], cache: BatchKvCache) -> None:
         """Put freshly prefilled rows into a cohort that takes them unchanged, or a new one."""
+        if self._slots is not None and not cohorts:
+            cohorts.append(Cohort(self._slots, []))
         for cohort in cohorts:
             if self.padding in _ONE_COHORT or cohort.cache.columns == cache.columns:
                 cohort.cache.extend(cache)

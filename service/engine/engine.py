@@ -156,6 +156,11 @@ class Engine:
         return len(self._active)
 
     @property
+    def kv_in_place(self) -> bool:
+        """The model writes its KV cache in place in preallocated slots."""
+        return self._scheduler.in_place
+
+    @property
     def running_count(self) -> int:
         return self._scheduler.running
 

@@ -28,6 +28,8 @@ from service.engine.types import AnyArray, FloatArray, IntArray
 class BatchKvCache:
     """Cache tensors [rows, ..., columns (on each tensor's seq axis), ...] plus the row masks."""
 
+    in_place = False
+
     def __init__(
         self,
         tensors: list[FloatArray],
@@ -108,9 +110,9 @@ class BatchKvCache:
         ]
         self.mask = np.concatenate([pad(self.mask, 1, width), pad(other.mask, 1, width)], axis=0)
 
-    def keep(self, rows: list[int], *, trim: bool = True) -> None:
+    def keep(self, rows: list[int], *, trim: bool = True) -> list[int]:
         """Keep only the given rows (in that order); with trim, drop all-padding columns on the
-        padded side."""
+        padded side. Return the rows' old indices in their new order (the given order)."""
         index = np.asarray(rows, dtype=np.intp)
         mask = self.mask[index]
         columns = slice(None)
@@ -127,6 +129,7 @@ class BatchKvCache:
             np.ascontiguousarray(t[index][_on_axis(t.ndim, axis, columns)])
             for t, axis in zip(self.tensors, self.axes, strict=True)
         ]
+        return list(rows)
 
     def pad_left(self, columns: int) -> None:
         """Insert `columns` masked columns in front of every (right-aligned) row."""

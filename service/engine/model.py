@@ -20,6 +20,7 @@ import onnxruntime as ort
 from service.engine.graph import CacheLayout, check_vocab, read_layout
 from service.engine.kv_cache import BatchKvCache
 from service.engine.padding import FP16_TOLERANCE, FP32_TOLERANCE, Padding, probe_padding
+from service.engine.slot_cache import SlotKvCache
 from service.engine.spec import ModelLoadError, ModelSpec
 from service.engine.types import FloatArray, IntArray
 
@@ -52,6 +53,10 @@ class CausalLM(Protocol):
         """A cache of `rows` rows holding `columns` masked (padding) columns."""
         ...
 
+    def new_slot_cache(self, slots: int, capacity: int) -> SlotKvCache | None:
+        """A preallocated cache the graph updates in place, or None where it cannot."""
+        ...
+
     def forward(
         self,
         input_ids: IntArray,
@@ -59,9 +64,12 @@ class CausalLM(Protocol):
         position_ids: IntArray,
         past: list[FloatArray],
         last: IntArray | None = None,
+        *,
+        in_place: bool = False,
     ) -> tuple[FloatArray, list[FloatArray]]:
         """One step: logits [rows, vocab] at each row's `last` new position (default: the
-        final one) and the present cache tensors."""
+        final one) and the present cache tensors. With in_place, `past` is bound as the
+        present outputs too and the graph writes into it."""
         ...
 
 
@@ -97,6 +105,7 @@ class OnnxCausalLM:
         self.output_names = ["logits", *self.layout.present_names]
         self._axes = tuple(t.seq_axis for t in self.layout.tensors)
         self._shapes = [t.shape for t in self.layout.tensors]
+        self._binding = self.session.io_binding()
         tolerance = FP16_TOLERANCE if self.layout.dtype is np.float16 else FP32_TOLERANCE
         self.padding: Padding = probe_padding(self, tolerance)
 
@@ -105,6 +114,12 @@ class OnnxCausalLM:
             self._shapes, self._axes, self.layout.dtype, rows, columns, left_aligned=left_aligned
         )
 
+    def new_slot_cache(self, slots: int, capacity: int) -> SlotKvCache | None:
+        # In-place writes are GroupQueryAttention's contract; buffers are host numpy arrays.
+        if self.padding is not Padding.RIGHT or self.provider != CPU:
+            return None
+        return SlotKvCache(self._shapes, self._axes, self.layout.dtype, slots, capacity)
+
     def forward(
         self,
         input_ids: IntArray,
@@ -112,16 +127,38 @@ class OnnxCausalLM:
         position_ids: IntArray,
         past: list[FloatArray],
         last: IntArray | None = None,
+        *,
+        in_place: bool = False,
     ) -> tuple[FloatArray, list[FloatArray]]:
         """Run one step; return each row's logits at `last` (default: the final position)."""
         feed: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self._has_position_ids:
             feed["position_ids"] = position_ids
-        feed.update(zip(self.layout.past_names, past, strict=True))
-        outputs = self.session.run(self.output_names, feed)
-        scores = outputs[0]
+        if in_place:
+            scores = self._run_in_place(feed, past)
+            present = past
+        else:
+            feed.update(zip(self.layout.past_names, past, strict=True))
+            outputs = self.session.run(self.output_names, feed)
+            scores, present = outputs[0], list(outputs[1:])
         picked = scores[:, -1, :] if last is None else scores[np.arange(len(scores)), last, :]
-        return np.asarray(picked, dtype=np.float32), list(outputs[1:])
+        return np.asarray(picked, dtype=np.float32), present
+
+    def _run_in_place(self, feed: dict[str, Any], past: list[FloatArray]) -> Any:
+        """Bind each cache view as its past input and its present output: one buffer."""
+        binding = self._binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output("logits", "cpu")
+        dtype = self.layout.dtype
+        for tensor, view in zip(self.layout.tensors, past, strict=True):
+            shape, pointer = list(view.shape), view.ctypes.data
+            binding.bind_input(tensor.name, "cpu", 0, dtype, shape, pointer)
+            binding.bind_output(tensor.present, "cpu", 0, dtype, shape, pointer)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
 
 
 def _session(

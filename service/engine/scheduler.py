@@ -73,8 +73,14 @@ class Scheduler:
         on_finished: Callable[[Sequence], None],
     ) -> None:
         self._model = model
-        self._placement = Placement(model.padding, model.spec.context_length)
-        self._max_batch = max_batch_size
+        # A graph that writes its cache in place gets one preallocated buffer, sized by the
+        # KV budget: every slot holds a whole context (or the budget, if smaller).
+        capacity = min(model.spec.context_length, max_kv_tokens)
+        slots = model.new_slot_cache(
+            min(max_batch_size, max(1, max_kv_tokens // capacity)), capacity
+        )
+        self._placement = Placement(model.padding, model.spec.context_length, slots)
+        self._max_batch = min(max_batch_size, self._placement.max_rows or max_batch_size)
         self._chunk = prefill_chunk_tokens
         self._vocab = vocab_limit
         self._max_kv_tokens = max_kv_tokens
@@ -104,6 +110,11 @@ class Scheduler:
         self._inbox.put(Shutdown())
         if self._thread is not None:
             self._thread.join(timeout)
+
+    @property
+    def in_place(self) -> bool:
+        """True when decoding writes into one preallocated cache (no per-step cache copy)."""
+        return self._placement.max_rows is not None
 
     # -- the decode thread ----------------------------------------------------------------------
     @property
@@ -303,7 +314,9 @@ class Scheduler:
         positions = np.asarray([[s.next_position] for s in rows], dtype=np.int64)
         mask = cache.mask_with(1)
         try:
-            logits, present = self._model.forward(ids, mask, positions, cache.tensors)
+            logits, present = self._model.forward(
+                ids, mask, positions, cache.tensors, in_place=cache.in_place
+            )
         except Exception as exc:  # this cohort's rows fail; other cohorts decode on
             log.exception("engine.decode_failed", rows=len(rows), error=str(exc))
             for seq in rows:

@@ -1,0 +1,108 @@
+"""A preallocated KV cache whose entries never move: GroupQueryAttention writes in place.
+
+One buffer per cache input, [slots, ..., capacity, ...], allocated once. Live rows occupy slots
+0..rows-1 (the graph runs on that contiguous view), each left-aligned with its own length; the
+graph is bound to the same buffer as past and present (IOBinding), reads each row's length
+from the mask's sum and writes the step's entries right after it, so a decode step copies no
+cache at all. A row that joins is copied into the next free slot and a row that leaves is
+replaced by the last live row: O(one row) either way, whatever the batch holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from service.engine.kv_cache import BatchKvCache
+from service.engine.types import FloatArray, IntArray
+
+
+class SlotKvCache:
+    """Live rows in slots 0..rows-1 of preallocated buffers; see the module docstring."""
+
+    in_place = True
+
+    def __init__(
+        self,
+        shapes: list[tuple[int, ...]],
+        axes: tuple[int, ...],
+        dtype: type[np.floating[Any]],
+        slots: int,
+        capacity: int,
+    ) -> None:
+        self.axes = axes
+        self.capacity = capacity
+        self.buffers: list[FloatArray] = []
+        for shape, axis in zip(shapes, axes, strict=True):
+            full = list(shape)
+            full[0], full[axis] = slots, capacity
+            self.buffers.append(np.zeros(full, dtype=dtype))
+        self.lengths: IntArray = np.zeros(slots, dtype=np.int64)
+        self.rows = 0
+
+    @property
+    def slots(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def columns(self) -> int:
+        """The longest live row: the attention mask's width before a step."""
+        return int(self.lengths[: self.rows].max()) if self.rows else 0
+
+    @property
+    def tensors(self) -> list[FloatArray]:
+        """The live rows of every buffer: contiguous views the graph reads and writes."""
+        return [b[: self.rows] for b in self.buffers]
+
+    def mask_with(self, new_columns: int, real: Sequence[int] | None = None) -> IntArray:
+        """Prefix masks: each row's length plus the new entries."""
+        added = np.full(self.rows, new_columns) if real is None else np.asarray(real)
+        total = self.lengths[: self.rows] + added
+        mask: IntArray = (np.arange(self.columns + new_columns)[None, :] < total[:, None]).astype(
+            np.int64
+        )
+        return mask
+
+    def advance(self, present: list[FloatArray], mask: IntArray) -> None:
+        """The graph wrote in place; only the lengths move on."""
+        self.lengths[: self.rows] = mask.sum(axis=1)
+
+    def extend(self, other: BatchKvCache) -> None:
+        """Copy other's (left-aligned) rows into the next free slots."""
+        added, width = other.rows, other.columns
+        if self.rows + added > self.slots or width > self.capacity:
+            raise ValueError(
+                f"{added} rows of {width} entries do not fit {self.slots - self.rows} free slots "
+                f"of {self.capacity}"
+            )
+        for buffer, tensor, axis in zip(self.buffers, other.tensors, self.axes, strict=True):
+            target = [slice(self.rows, self.rows + added)] + [slice(None)] * (buffer.ndim - 1)
+            target[axis] = slice(0, width)
+            buffer[tuple(target)] = tensor
+        self.lengths[self.rows : self.rows + added] = other.mask.sum(axis=1)
+        self.rows += added
+
+    def keep(self, rows: list[int], *, trim: bool = True) -> list[int]:
+        """Keep the given live rows; each freed slot below the new count takes the last live
+        row. Return the old index of the row now in each slot."""
+        order = list(range(self.rows))
+        kept = set(rows)
+        count = len(rows)
+        movers = [i for i in range(count, self.rows) if i in kept]
+        for hole in (i for i in range(count) if i not in kept):
+            source = movers.pop()
+            self._move(source, hole)
+            order[hole] = source
+        self.rows = count
+        return order[:count]
+
+    def _move(self, source: int, target: int) -> None:
+        length = int(self.lengths[source])
+        for buffer, axis in zip(self.buffers, self.axes, strict=True):
+            src: list[int | slice] = [source] + [slice(None)] * (buffer.ndim - 1)
+            src[axis] = slice(0, length)
+            dst = [target, *src[1:]]
+            buffer[tuple(dst)] = buffer[tuple(src)]
+        self.lengths[target] = length

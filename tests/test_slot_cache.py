@@ -1,0 +1,82 @@
+"""The preallocated in-place KV cache: rows join and leave by copying one row, never more."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.engine.kv_cache import BatchKvCache
+from service.engine.slot_cache import SlotKvCache
+
+SHAPES = [(0, 1, 0, 2), (0, 1, 0, 2)]
+AXES = (2, 2)
+
+
+def _prefilled(lengths: list[int], fill: float) -> BatchKvCache:
+    """Left-aligned rows whose entries are fill + row number, masked by their lengths."""
+    width = max(lengths)
+    cache = BatchKvCache.zeros(SHAPES, AXES, np.float32, len(lengths), 0, left_aligned=True)
+    cache.tensors = [
+        np.stack(
+            [np.full((1, width, 2), fill + row, dtype=np.float32) for row in range(len(lengths))]
+        )
+        for _ in SHAPES
+    ]
+    cache.mask = (np.arange(width)[None, :] < np.asarray(lengths)[:, None]).astype(np.int64)
+    return cache
+
+
+def _row(cache: SlotKvCache, slot: int) -> float:
+    return float(cache.buffers[0][slot, 0, 0, 0])
+
+
+def test_joining_rows_land_in_the_next_free_slots() -> None:
+    """Two prefilled rows join behind one already there, with their lengths."""
+    cache = SlotKvCache(SHAPES, AXES, np.float32, slots=4, capacity=8)
+    cache.extend(_prefilled([3], 10.0))
+    cache.extend(_prefilled([2, 5], 20.0))
+    assert cache.rows == 3
+    assert [_row(cache, i) for i in range(3)] == [10.0, 20.0, 21.0]
+    assert cache.lengths[:3].tolist() == [3, 2, 5]
+    assert cache.columns == 5
+
+
+def test_a_leaving_row_is_replaced_by_the_last_row_only() -> None:
+    """Dropping row 0 of 4 moves row 3 into slot 0; rows 1 and 2 stay where they were."""
+    cache = SlotKvCache(SHAPES, AXES, np.float32, slots=4, capacity=8)
+    cache.extend(_prefilled([1, 2, 3, 4], 0.0))
+    order = cache.keep([1, 2, 3])
+    assert order == [3, 1, 2]
+    assert [_row(cache, i) for i in range(3)] == [3.0, 1.0, 2.0]
+    assert cache.lengths[:3].tolist() == [4, 2, 3]
+
+
+def test_freed_slots_are_reused() -> None:
+    """After rows leave, new rows fill the freed slots and old entries are not visible."""
+    cache = SlotKvCache(SHAPES, AXES, np.float32, slots=2, capacity=8)
+    cache.extend(_prefilled([4, 4], 0.0))
+    cache.keep([])
+    cache.extend(_prefilled([2, 3], 50.0))
+    assert (cache.rows, [_row(cache, i) for i in range(2)]) == (2, [50.0, 51.0])
+    assert cache.mask_with(1).tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+
+
+def test_the_mask_is_each_rows_length_plus_the_new_entries() -> None:
+    """A decode step's mask is a prefix of ones per row, as wide as the longest row + 1."""
+    cache = SlotKvCache(SHAPES, AXES, np.float32, slots=3, capacity=8)
+    cache.extend(_prefilled([1, 3], 0.0))
+    mask = cache.mask_with(1)
+    cache.advance(cache.tensors, mask)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert cache.lengths[:2].tolist() == [2, 4]
+
+
+def test_rows_beyond_the_budget_are_refused() -> None:
+    """More rows than slots (or a row longer than a slot) is an error, never an overwrite."""
+    cache = SlotKvCache(SHAPES, AXES, np.float32, slots=1, capacity=4)
+    cache.extend(_prefilled([2], 0.0))
+    with pytest.raises(ValueError, match="do not fit"):
+        cache.extend(_prefilled([2], 1.0))
+    cache.keep([])
+    with pytest.raises(ValueError, match="do not fit"):
+        cache.extend(_prefilled([5], 1.0))
