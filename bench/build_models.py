@@ -3,6 +3,7 @@
   bench/.cache/bench-56m/onnx   Optimum layout, served by tokenwire and the raw loop
   bench/.cache/bench-56m/hf     the same weights as a Hugging Face directory
   bench/.cache/bench-56m/genai  ONNX Runtime GenAI format (its model builder, fp32, cpu)
+  bench/.cache/bench-56m/genai-int4  the same, int4 weights (MatMulNBits)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ SIZES = {
 def build(name: str) -> Path:
     base = CACHE / name
     onnx_dir, hf_dir, genai_dir = base / "onnx", base / "hf", base / "genai"
+    int4_dir = base / "genai-int4"
     steps = [
         ("optimum-layout ONNX + HF weights", onnx_dir / "model.onnx", [
             sys.executable, str(ROOT / "models" / "build_tiny.py"), "--out", str(onnx_dir),
@@ -37,6 +39,9 @@ def build(name: str) -> Path:
         ("ONNX Runtime GenAI model", genai_dir / "genai_config.json", [
             sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
             "-o", str(genai_dir), "-p", "fp32", "-e", "cpu", "-c", str(base / "hf-cache")]),
+        ("ONNX Runtime GenAI model, int4", int4_dir / "genai_config.json", [
+            sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
+            "-o", str(int4_dir), "-p", "int4", "-e", "cpu", "-c", str(base / "hf-cache")]),
     ]
     with tqdm(total=len(steps), desc=f"building {name}", unit="step") as bar:
         for label, marker, command in steps:
@@ -44,7 +49,8 @@ def build(name: str) -> Path:
             if not marker.exists():
                 subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             bar.update(1)
-    tune_genai(genai_dir)
+    for folder in (genai_dir, int4_dir):
+        tune_genai(folder)
     return base
 
 

@@ -50,9 +50,7 @@ def run_raw(model_dir: Path, batch: int, prompt: int, new: int) -> dict[str, flo
     """The loop every Optimum-export user writes: prefill, then one session.run per token."""
     import onnxruntime as ort
 
-    config = json.loads((model_dir / "config.json").read_text())
-    layers, kvh = config["num_hidden_layers"], config["num_key_value_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    layers, kvh, head_dim, vocab = shape_of(model_dir)
     # The same session options tokenwire uses by default (service/engine/model.py).
     options = ort.SessionOptions()
     options.intra_op_num_threads = 0
@@ -62,14 +60,17 @@ def run_raw(model_dir: Path, batch: int, prompt: int, new: int) -> dict[str, flo
                                    providers=["CPUExecutionProvider"])
     names = [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
     outputs = ["logits"] + [n.replace("past_key_values", "present") for n in names]
-    ids = prompt_ids(batch, prompt, config["vocab_size"])
+    ids = prompt_ids(batch, prompt, vocab)
+    has_positions = "position_ids" in {i.name for i in session.get_inputs()}
 
     def step(tokens: np.ndarray, past: list[np.ndarray], total: int) -> tuple[np.ndarray, list[np.ndarray]]:
         feed = {
             "input_ids": tokens,
             "attention_mask": np.ones((batch, total), dtype=np.int64),
-            "position_ids": np.tile(np.arange(total - tokens.shape[1], total, dtype=np.int64), (batch, 1)),
         }
+        if has_positions:
+            feed["position_ids"] = np.tile(np.arange(total - tokens.shape[1], total, dtype=np.int64),
+                                           (batch, 1))
         feed.update(zip(names, past, strict=True))
         out = session.run(outputs, feed)
         return out[0][:, -1, :], out[1:]
@@ -91,6 +92,19 @@ def run_raw(model_dir: Path, batch: int, prompt: int, new: int) -> dict[str, flo
         return ttft, gaps, time.perf_counter() - started
 
     return timed(generate, batch, new)
+
+
+def shape_of(model_dir: Path) -> tuple[int, int, int, int]:
+    """Layers, KV heads, head dim and vocabulary of an Optimum or a GenAI model folder."""
+    if (model_dir / "config.json").exists():
+        config = json.loads((model_dir / "config.json").read_text())
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        return (config["num_hidden_layers"], config["num_key_value_heads"], head_dim,
+                config["vocab_size"])
+    model = json.loads((model_dir / "genai_config.json").read_text())["model"]
+    decoder = model["decoder"]
+    return (decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"],
+            model["vocab_size"])
 
 
 def run_genai(model_dir: Path, batch: int, prompt: int, new: int) -> dict[str, float]:

@@ -324,6 +324,56 @@ async def headline(server: Process, model: Path, prompts: list[str], rounds: int
     return rows
 
 
+# Each graph form of the same weights, and the peers that run it.
+GRAPHS = [("genai-fp32", "genai", ("raw", "genai")), ("genai-int4", "genai-int4", ("raw", "genai"))]
+
+
+async def graph_rows(model: Path, prompts: list[str], rounds: int) -> list[dict[str, Any]]:
+    """tokenwire serving each GenAI graph against ORT GenAI and the plain loop on that graph,
+    taking turns: 1 stream, a burst of 16, 16 with staggered (Poisson) arrivals, and the engine
+    alone in its own process (no transport)."""
+    rows: list[dict[str, Any]] = []
+    for graph, sub_dir, peer_modes in GRAPHS:
+        model_dir = model / sub_dir
+        found: dict[tuple[str, str, int, str], list[dict[str, Any]]] = {}
+        server = start_server(model_dir)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stub = pb_grpc.GenerationServiceStub(channel)
+                await asyncio.gather(*(one_stream(stub, p, 16) for p in prompts[:16]))
+                for _ in range(rounds):
+                    for batch in (1, 16):
+                        for mode in peer_modes:
+                            row = peer(mode, model_dir, batch)
+                            found.setdefault((row["system"], "in-process", batch, "static-batch"),
+                                             []).append(row)
+                    alone = engine_alone(model_dir)
+                    found.setdefault(("tokenwire", "engine-alone", 1, "burst"), []).append(alone)
+                    for c, arrival in ((1, "burst"), (16, "burst"), (16, "poisson")):
+                        duration = NEW_TOKENS / found[("tokenwire", "grpc", 16, "burst")][-1][
+                            "per_stream_tokens_per_s"] if arrival == "poisson" else 1.0
+                        row = await measure(lambda p: one_stream(stub, p, NEW_TOKENS), prompts, c,
+                                            arrival, c / duration, server.proc.pid)
+                        found.setdefault(("tokenwire", "grpc", c, arrival), []).append(row)
+        finally:
+            server.stop()
+        for (system, transport, c, arrival), runs in found.items():
+            median = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
+            rows.append({**median, "system": system, "transport": transport, "concurrency": c,
+                         "arrival": arrival, "graph": graph, "repeats": len(runs)})
+            print(f"  {graph:10s} {system:9s} {transport:12s} c={c:<3d} {arrival:12s} "
+                  f"{median['tokens_per_s']:8.1f} tok/s  ttft p50 {median['ttft_p50_ms']:7.1f} ms",
+                  flush=True)
+    return rows
+
+
+def engine_alone(model_dir: Path) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "engine_alone.py"), str(model_dir),
+                          "--streams", "1", "--prompt-tokens", str(PROMPT_TOKENS),
+                          "--new-tokens", str(NEW_TOKENS)], check=True, capture_output=True, text=True)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def peer(mode: str, model_dir: Path, batch: int) -> dict[str, Any]:
     out = subprocess.run([str(BENCH_PY), str(ROOT / "bench" / "peers.py"), mode, str(model_dir),
                           "--batch", str(batch), "--prompt-tokens", str(PROMPT_TOKENS),
@@ -367,12 +417,37 @@ def find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any]:
     return next(r for r in rows if all(r.get(k) == v for k, v in match.items()))
 
 
+def graph_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The targets measured on the GenAI graphs (same graph for every system in a ratio)."""
+    def rate(graph: str, **match: Any) -> dict[str, Any]:
+        return find(rows, graph=graph, **match)
+
+    fp32, int4 = "genai-fp32", "genai-int4"
+    one = rate(fp32, system="tokenwire", transport="grpc", concurrency=1)
+    staggered = rate(fp32, system="tokenwire", transport="grpc", concurrency=16, arrival="poisson")
+    loop1 = rate(fp32, system="ort-loop", concurrency=1)
+    return {
+        "genai_graph_b1_vs_genai_b1": one["tokens_per_s"]
+        / rate(fp32, system="ort-genai", concurrency=1)["tokens_per_s"],
+        "genai_graph_c16_staggered_vs_genai_b16": staggered["tokens_per_s"]
+        / rate(fp32, system="ort-genai", concurrency=16)["tokens_per_s"],
+        "genai_graph_c16_staggered_ttft_p50_vs_idle": staggered["ttft_p50_ms"] / one["ttft_p50_ms"],
+        "int4_b1_vs_genai_int4_b1": rate(int4, system="tokenwire", transport="grpc",
+                                         concurrency=1)["tokens_per_s"]
+        / rate(int4, system="ort-genai", concurrency=1)["tokens_per_s"],
+        "engine_alone_vs_loop_b1": rate(fp32, transport="engine-alone")["tokens_per_s"]
+        / loop1["tokens_per_s"],
+        "grpc_vs_loop_b1": one["tokens_per_s"] / loop1["tokens_per_s"],
+    }
+
+
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
-    svc1 = find(rows, system="tokenwire", transport="grpc", concurrency=1, arrival="burst")
-    svc16 = find(rows, system="tokenwire", transport="grpc", concurrency=16, arrival="burst")
-    raw1 = find(rows, system="ort-loop", concurrency=1)
-    genai1 = find(rows, system="ort-genai", concurrency=1)
-    genai16 = find(rows, system="ort-genai", concurrency=16)
+    optimum = [r for r in rows if "graph" not in r]
+    svc1 = find(optimum, system="tokenwire", transport="grpc", concurrency=1, arrival="burst")
+    svc16 = find(optimum, system="tokenwire", transport="grpc", concurrency=16, arrival="burst")
+    raw1 = find(optimum, system="ort-loop", concurrency=1)
+    genai1 = find(optimum, system="ort-genai", concurrency=1)
+    genai16 = find(optimum, system="ort-genai", concurrency=16)
     edge1 = find(rows, transport="edge-paired", concurrency=1)
     edge16 = find(rows, transport="edge-paired", concurrency=16)
     grpc1 = find(rows, transport="grpc-paired", concurrency=1)
@@ -380,6 +455,7 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     off16 = find(rows, transport="grpc-metrics-off", concurrency=16)
     on16 = find(rows, transport="grpc-metrics-on", concurrency=16)
     return {
+        **graph_ratios(rows),
         "service_b1_vs_genai_b1": svc1["tokens_per_s"] / genai1["tokens_per_s"],
         "service_b1_vs_raw_b1": svc1["tokens_per_s"] / raw1["tokens_per_s"],
         "service_c16_vs_genai_b16": svc16["tokens_per_s"] / genai16["tokens_per_s"],
@@ -416,6 +492,9 @@ async def main(quick: bool) -> None:
         rows += await paired_rows(server, prompts, [1, 16])
     finally:
         server.stop()
+    print("the GenAI graphs, fp32 and int4: tokenwire, the plain loop and GenAI taking turns",
+          flush=True)
+    rows += await graph_rows(model, prompts, rounds=2 if quick else 3)
     print("metrics exporter on vs off (alternating fresh servers)", flush=True)
     rows += await metrics_ab(onnx_dir, prompts, rounds=2)
     print("prefill fairness", flush=True)
