@@ -37,8 +37,8 @@ system-deps:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 lint: install
-	$(BIN)/ruff check service clients tokenwire_cli tests scripts
-	$(BIN)/ruff format --check service clients tokenwire_cli tests scripts
+	$(BIN)/ruff check service clients tokenwire_cli tests scripts bench models
+	$(BIN)/ruff format --check service clients tokenwire_cli tests scripts bench models
 
 typecheck: install
 	$(BIN)/mypy

@@ -1,9 +1,9 @@
 """Build (and cache) the benchmark model in both forms, inside bench/.venv.
 
-  bench/.cache/bench-56m/onnx   Optimum layout, served by tokenwire and the raw loop
-  bench/.cache/bench-56m/hf     the same weights as a Hugging Face directory
-  bench/.cache/bench-56m/genai  ONNX Runtime GenAI format (its model builder, fp32, cpu)
-  bench/.cache/bench-56m/genai-int4  the same, int4 weights (MatMulNBits)
+bench/.cache/bench-56m/onnx   Optimum layout, served by tokenwire and the raw loop
+bench/.cache/bench-56m/hf     the same weights as a Hugging Face directory
+bench/.cache/bench-56m/genai  ONNX Runtime GenAI format (its model builder, fp32, cpu)
+bench/.cache/bench-56m/genai-int4  the same, int4 weights (MatMulNBits)
 """
 
 from __future__ import annotations
@@ -20,10 +20,38 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "bench" / ".cache"
 SIZES = {
-    "bench-56m": ["--layers", "8", "--hidden", "512", "--heads", "8", "--kv-heads", "8",
-                  "--intermediate", "1376", "--vocab", "32000", "--context", "512"],
-    "bench-small": ["--layers", "4", "--hidden", "256", "--heads", "8", "--kv-heads", "4",
-                    "--intermediate", "688", "--vocab", "4096", "--context", "512"],
+    "bench-56m": [
+        "--layers",
+        "8",
+        "--hidden",
+        "512",
+        "--heads",
+        "8",
+        "--kv-heads",
+        "8",
+        "--intermediate",
+        "1376",
+        "--vocab",
+        "32000",
+        "--context",
+        "512",
+    ],
+    "bench-small": [
+        "--layers",
+        "4",
+        "--hidden",
+        "256",
+        "--heads",
+        "8",
+        "--kv-heads",
+        "4",
+        "--intermediate",
+        "688",
+        "--vocab",
+        "4096",
+        "--context",
+        "512",
+    ],
 }
 
 
@@ -32,16 +60,64 @@ def build(name: str) -> Path:
     onnx_dir, hf_dir, genai_dir = base / "onnx", base / "hf", base / "genai"
     int4_dir = base / "genai-int4"
     steps = [
-        ("optimum-layout ONNX + HF weights", onnx_dir / "model.onnx", [
-            sys.executable, str(ROOT / "models" / "build_tiny.py"), "--out", str(onnx_dir),
-            "--steps", "0", "--corpus-bytes", "4000000", "--save-hf", str(hf_dir),
-            "--skip-checks", "--name", name, *SIZES[name]]),
-        ("ONNX Runtime GenAI model", genai_dir / "genai_config.json", [
-            sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
-            "-o", str(genai_dir), "-p", "fp32", "-e", "cpu", "-c", str(base / "hf-cache")]),
-        ("ONNX Runtime GenAI model, int4", int4_dir / "genai_config.json", [
-            sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
-            "-o", str(int4_dir), "-p", "int4", "-e", "cpu", "-c", str(base / "hf-cache")]),
+        (
+            "optimum-layout ONNX + HF weights",
+            onnx_dir / "model.onnx",
+            [
+                sys.executable,
+                str(ROOT / "models" / "build_tiny.py"),
+                "--out",
+                str(onnx_dir),
+                "--steps",
+                "0",
+                "--corpus-bytes",
+                "4000000",
+                "--save-hf",
+                str(hf_dir),
+                "--skip-checks",
+                "--name",
+                name,
+                *SIZES[name],
+            ],
+        ),
+        (
+            "ONNX Runtime GenAI model",
+            genai_dir / "genai_config.json",
+            [
+                sys.executable,
+                "-m",
+                "onnxruntime_genai.models.builder",
+                "-i",
+                str(hf_dir),
+                "-o",
+                str(genai_dir),
+                "-p",
+                "fp32",
+                "-e",
+                "cpu",
+                "-c",
+                str(base / "hf-cache"),
+            ],
+        ),
+        (
+            "ONNX Runtime GenAI model, int4",
+            int4_dir / "genai_config.json",
+            [
+                sys.executable,
+                "-m",
+                "onnxruntime_genai.models.builder",
+                "-i",
+                str(hf_dir),
+                "-o",
+                str(int4_dir),
+                "-p",
+                "int4",
+                "-e",
+                "cpu",
+                "-c",
+                str(base / "hf-cache"),
+            ],
+        ),
     ]
     with tqdm(total=len(steps), desc=f"building {name}", unit="step") as bar:
         for label, marker, command in steps:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import time
 from pathlib import Path
@@ -22,27 +23,40 @@ from service.tokenizer import Tokenizer
 
 async def run(engine: Engine, prompts: list[str], new: int) -> tuple[float, list[float], float]:
     async def one(i: int, prompt: str) -> list[float]:
-        request = GenerationRequest(f"r{i}-{time.monotonic_ns()}", prompt, max_tokens=new,
-                                    sampling=SamplingParams(temperature=0.0), ignore_eos=True)
-        return [time.perf_counter() async for e in engine.submit(request).events()
-                if isinstance(e, TokenEvent)]
+        request = GenerationRequest(
+            f"r{i}-{time.monotonic_ns()}",
+            prompt,
+            max_tokens=new,
+            sampling=SamplingParams(temperature=0.0),
+            ignore_eos=True,
+        )
+        return [
+            time.perf_counter()
+            async for e in engine.submit(request).events()
+            if isinstance(e, TokenEvent)
+        ]
 
     started = time.perf_counter()
     streams = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
     total = time.perf_counter() - started
     ttft = float(np.median([s[0] - started for s in streams]))
-    gaps = [b - a for s in streams for a, b in zip(s, s[1:], strict=False)]
+    gaps = [b - a for s in streams for a, b in itertools.pairwise(s)]
     return ttft, gaps, total
 
 
 async def main(model_dir: Path, streams: int, prompt: int, new: int) -> dict[str, Any]:
-    engine = Engine(OnnxCausalLM(model_dir, provider="cpu"), Tokenizer.from_dir(model_dir),
-                    EngineConfig(max_batch_size=max(16, streams)))
+    engine = Engine(
+        OnnxCausalLM(model_dir, provider="cpu"),
+        Tokenizer.from_dir(model_dir),
+        EngineConfig(max_batch_size=max(16, streams)),
+    )
     engine.start()
     vocab = engine.tokenizer.vocab_size
     rng = np.random.default_rng(0)
-    prompts = [engine.tokenizer.decode([int(t) for t in rng.integers(10, vocab - 10, prompt)])
-               for _ in range(streams)]
+    prompts = [
+        engine.tokenizer.decode([int(t) for t in rng.integers(10, vocab - 10, prompt)])
+        for _ in range(streams)
+    ]
     try:
         await run(engine, prompts, 16)
         runs = []
@@ -54,11 +68,15 @@ async def main(model_dir: Path, streams: int, prompt: int, new: int) -> dict[str
         engine.shutdown()
     total, ttft, gaps, cpu = sorted(runs, key=lambda r: r[0])[1]
     gaps_ms = np.asarray(gaps) * 1000
-    return {"cpu_ms_per_token": cpu * 1000 / (streams * new),
-            "tokens_per_s": streams * new / total, "per_stream_tokens_per_s": new / total,
-            "ttft_p50_ms": ttft * 1000, "ttft_p99_ms": ttft * 1000,
-            "itl_p50_ms": float(np.percentile(gaps_ms, 50)),
-            "itl_p99_ms": float(np.percentile(gaps_ms, 99))}
+    return {
+        "cpu_ms_per_token": cpu * 1000 / (streams * new),
+        "tokens_per_s": streams * new / total,
+        "per_stream_tokens_per_s": new / total,
+        "ttft_p50_ms": ttft * 1000,
+        "ttft_p99_ms": ttft * 1000,
+        "itl_p50_ms": float(np.percentile(gaps_ms, 50)),
+        "itl_p99_ms": float(np.percentile(gaps_ms, 99)),
+    }
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ def prompt_ids(batch: int, length: int, vocab: int) -> np.ndarray:
     return rng.integers(10, vocab - 10, size=(batch, length), dtype=np.int64)
 
 
-def summarise(batch: int, new: int, ttft: float, gaps: list[float], total: float,
-              cpu: float) -> dict[str, float]:
+def summarise(
+    batch: int, new: int, ttft: float, gaps: list[float], *, total: float, cpu: float
+) -> dict[str, float]:
     gaps_ms = np.asarray(gaps) * 1000
     return {
         "cpu_ms_per_token": cpu * 1000 / (batch * new),
@@ -43,7 +44,7 @@ def timed(generate: Any, batch: int, new: int, repeats: int = 1) -> dict[str, fl
         ttft, gaps, total = generate()
         runs.append((total, ttft, gaps, time.process_time() - cpu0))
     total, ttft, gaps, cpu = sorted(runs, key=lambda r: r[0])[repeats // 2]
-    return summarise(batch, new, ttft, gaps, total, cpu)
+    return summarise(batch, new, ttft, gaps, total=total, cpu=cpu)
 
 
 def run_raw(model_dir: Path, batch: int, prompt: int, new: int) -> dict[str, float]:
@@ -56,21 +57,25 @@ def run_raw(model_dir: Path, batch: int, prompt: int, new: int) -> dict[str, flo
     options.intra_op_num_threads = 0
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"]
+    )
     names = [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
     outputs = ["logits"] + [n.replace("past_key_values", "present") for n in names]
     ids = prompt_ids(batch, prompt, vocab)
     has_positions = "position_ids" in {i.name for i in session.get_inputs()}
 
-    def step(tokens: np.ndarray, past: list[np.ndarray], total: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    def step(
+        tokens: np.ndarray, past: list[np.ndarray], total: int
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         feed = {
             "input_ids": tokens,
             "attention_mask": np.ones((batch, total), dtype=np.int64),
         }
         if has_positions:
-            feed["position_ids"] = np.tile(np.arange(total - tokens.shape[1], total, dtype=np.int64),
-                                           (batch, 1))
+            feed["position_ids"] = np.tile(
+                np.arange(total - tokens.shape[1], total, dtype=np.int64), (batch, 1)
+            )
         feed.update(zip(names, past, strict=True))
         out = session.run(outputs, feed)
         return out[0][:, -1, :], out[1:]
@@ -99,12 +104,20 @@ def shape_of(model_dir: Path) -> tuple[int, int, int, int]:
     if (model_dir / "config.json").exists():
         config = json.loads((model_dir / "config.json").read_text())
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        return (config["num_hidden_layers"], config["num_key_value_heads"], head_dim,
-                config["vocab_size"])
+        return (
+            config["num_hidden_layers"],
+            config["num_key_value_heads"],
+            head_dim,
+            config["vocab_size"],
+        )
     model = json.loads((model_dir / "genai_config.json").read_text())["model"]
     decoder = model["decoder"]
-    return (decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"],
-            model["vocab_size"])
+    return (
+        decoder["num_hidden_layers"],
+        decoder["num_key_value_heads"],
+        decoder["head_size"],
+        model["vocab_size"],
+    )
 
 
 def run_genai(model_dir: Path, batch: int, prompt: int, new: int) -> dict[str, float]:
@@ -117,8 +130,9 @@ def run_genai(model_dir: Path, batch: int, prompt: int, new: int) -> dict[str, f
 
     def generate() -> tuple[float, list[float], float]:
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=prompt + new, min_length=prompt + new,
-                                  do_sample=False, batch_size=batch)
+        params.set_search_options(
+            max_length=prompt + new, min_length=prompt + new, do_sample=False, batch_size=batch
+        )
         generator = og.Generator(model, params)
         started = time.perf_counter()
         generator.append_tokens(ids)

@@ -22,8 +22,13 @@ async def burst(engine: Engine, prompt: str, concurrency: int) -> list[float]:
     sent = time.perf_counter()
 
     async def one(i: int) -> float:
-        request = GenerationRequest(f"p{i}-{time.monotonic_ns()}", prompt, max_tokens=128,
-                                    sampling=SamplingParams(temperature=0.0), ignore_eos=True)
+        request = GenerationRequest(
+            f"p{i}-{time.monotonic_ns()}",
+            prompt,
+            max_tokens=128,
+            sampling=SamplingParams(temperature=0.0),
+            ignore_eos=True,
+        )
         first = 0.0
         async for event in engine.submit(request).events():
             if isinstance(event, TokenEvent) and not first:
@@ -73,10 +78,14 @@ def main() -> None:
         ttfts = sorted(asyncio.run(burst(engine, prompt, c)))
         wall = time.perf_counter() - started
         inside = sum(timed.prefill) + sum(timed.decode)
-        print(f"{c:2d} streams: wall {wall * 1000:6.0f} ms, TTFT p50 {ttfts[len(ttfts) // 2] * 1000:5.0f} ms; "
-              f"ONNX Runtime {inside / wall:5.1%} of wall "
-              f"({len(timed.prefill)} prefill forwards, {sum(timed.prefill) * 1000:.0f} ms; "
-              f"{len(timed.decode)} decode forwards, mean {1000 * sum(timed.decode) / max(1, len(timed.decode)):.1f} ms)")
+        ttft_ms = ttfts[len(ttfts) // 2] * 1000
+        decode_ms = 1000 * sum(timed.decode) / max(1, len(timed.decode))
+        print(
+            f"{c:2d} streams: wall {wall * 1000:6.0f} ms, TTFT p50 {ttft_ms:5.0f} ms; "
+            f"ONNX Runtime {inside / wall:5.1%} of wall "
+            f"({len(timed.prefill)} prefill forwards, {sum(timed.prefill) * 1000:.0f} ms; "
+            f"{len(timed.decode)} decode forwards, mean {decode_ms:.1f} ms)"
+        )
     engine.shutdown()
 
 

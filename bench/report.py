@@ -9,7 +9,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "latest.json"
@@ -18,11 +18,24 @@ DOC = ROOT / "docs" / "benchmarks.md"
 IMG = ROOT / "docs" / "img"
 
 TARGETS = [
-    ("genai_graph_b1_vs_genai_b1", ">=", 1.0, "GenAI fp32 graph: 1 stream over gRPC vs GenAI batch 1"),
-    ("genai_graph_c16_staggered_vs_genai_b16", ">=", 1.3,
-     "GenAI fp32 graph: 16 staggered streams vs GenAI static batch 16"),
-    ("genai_graph_c16_staggered_ttft_p50_vs_idle", "<=", 3.0,
-     "GenAI fp32 graph: TTFT p50, 16 staggered streams vs idle"),
+    (
+        "genai_graph_b1_vs_genai_b1",
+        ">=",
+        1.0,
+        "GenAI fp32 graph: 1 stream over gRPC vs GenAI batch 1",
+    ),
+    (
+        "genai_graph_c16_staggered_vs_genai_b16",
+        ">=",
+        1.3,
+        "GenAI fp32 graph: 16 staggered streams vs GenAI static batch 16",
+    ),
+    (
+        "genai_graph_c16_staggered_ttft_p50_vs_idle",
+        "<=",
+        3.0,
+        "GenAI fp32 graph: TTFT p50, 16 staggered streams vs idle",
+    ),
     ("int4_b1_vs_genai_int4_b1", ">=", 1.0, "GenAI int4 graph: 1 stream vs GenAI int4 batch 1"),
     ("engine_alone_vs_loop_b1", ">=", 0.97, "GenAI fp32 graph: engine alone vs the plain loop"),
     ("grpc_vs_loop_b1", ">=", 0.9, "GenAI fp32 graph: gRPC service vs the plain loop"),
@@ -45,13 +58,19 @@ def label(row: dict[str, Any]) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| run | tokens/s | spread | per stream | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | CPU ms/token |\n"
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    head = (
+        "| run | tokens/s | spread | per stream | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | CPU ms/token |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
     lines = [head]
     for r in rows:
         cpu = r.get("server_cpu_ms_per_token", r.get("cpu_ms_per_token"))
         spread = r.get("tokens_per_s_spread")
-        runs = f"{spread:.0%} ({r['repeats']} runs)" if spread is not None and r.get("repeats", 1) > 1 else ""
+        runs = (
+            f"{spread:.0%} ({r['repeats']} runs)"
+            if spread is not None and r.get("repeats", 1) > 1
+            else ""
+        )
         lines.append(
             f"| {label(r)} | {r['tokens_per_s']:.1f} | {runs} | {r['per_stream_tokens_per_s']:.1f} | "
             f"{r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {r['itl_p50_ms']:.2f} | "
@@ -67,18 +86,27 @@ def targets(ratios: dict[str, float]) -> str:
         if value is None:
             continue
         met = value >= goal if op == ">=" else value <= goal
-        lines.append(f"| {text} (`{key}`) | {value:.3f} | {op} {goal} | {'met' if met else 'missed'} |")
+        lines.append(
+            f"| {text} (`{key}`) | {value:.3f} | {op} {goal} | {'met' if met else 'missed'} |"
+        )
     return "\n".join(lines)
 
 
 def plots(rows: list[dict[str, Any]]) -> None:
     IMG.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for transport, arrival, style in (("grpc", "burst", "o-"), ("grpc", "poisson", "s--"),
-                                      ("edge-paired", "burst", "^-")):
-        pts = sorted((r["concurrency"], r["tokens_per_s"]) for r in rows
-                     if r["system"] == "tokenwire" and r["transport"] == transport
-                     and r["arrival"] == arrival)
+    for transport, arrival, style in (
+        ("grpc", "burst", "o-"),
+        ("grpc", "poisson", "s--"),
+        ("edge-paired", "burst", "^-"),
+    ):
+        pts = sorted(
+            (r["concurrency"], r["tokens_per_s"])
+            for r in rows
+            if r["system"] == "tokenwire"
+            and r["transport"] == transport
+            and r["arrival"] == arrival
+        )
         if pts:
             ax.plot(*zip(*pts, strict=True), style, label=f"tokenwire {transport} ({arrival})")
     for system, style in (("ort-loop", "x:"), ("ort-genai", "d:")):
@@ -96,13 +124,21 @@ def plots(rows: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    grpc = sorted((r for r in rows if r["system"] == "tokenwire" and r["transport"] == "grpc"
-                   and r["arrival"] == "burst"), key=lambda r: r["concurrency"])
+    grpc = sorted(
+        (
+            r
+            for r in rows
+            if r["system"] == "tokenwire" and r["transport"] == "grpc" and r["arrival"] == "burst"
+        ),
+        key=lambda r: r["concurrency"],
+    )
     xs = [r["concurrency"] for r in grpc]
     for key, style in (("ttft_p50_ms", "o-"), ("ttft_p99_ms", "o--")):
         left.plot(xs, [r[key] for r in grpc], style, label=key.replace("_ms", "").replace("_", " "))
     for key, style in (("itl_p50_ms", "s-"), ("itl_p99_ms", "s--")):
-        right.plot(xs, [r[key] for r in grpc], style, label=key.replace("_ms", "").replace("_", " "))
+        right.plot(
+            xs, [r[key] for r in grpc], style, label=key.replace("_ms", "").replace("_", " ")
+        )
     for ax, title in ((left, "Time to first token"), (right, "Inter-token latency")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent streams")
@@ -116,11 +152,15 @@ def plots(rows: list[dict[str, Any]]) -> None:
 
 
 def fairness(rows: list[dict[str, Any]]) -> str:
-    lines = ["| prefill chunk | long prompt TTFT | running streams' ITL p50 otherwise | worst ITL during the prefill |",
-             "| ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| prefill chunk | long prompt TTFT | running streams' ITL p50 otherwise | worst ITL during the prefill |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
     for f in rows:
-        lines.append(f"| {f['prefill_chunk_tokens']} | {f['long_prompt_ttft_ms']:.1f} ms | "
-                     f"{f['itl_p50_ms_otherwise']:.2f} ms | {f['itl_max_ms_during_prefill']:.2f} ms |")
+        lines.append(
+            f"| {f['prefill_chunk_tokens']} | {f['long_prompt_ttft_ms']:.1f} ms | "
+            f"{f['itl_p50_ms_otherwise']:.2f} ms | {f['itl_max_ms_during_prefill']:.2f} ms |"
+        )
     return "\n".join(lines)
 
 
@@ -132,34 +172,42 @@ def readme_block(result: dict[str, Any]) -> str:
     r = result["ratios"]
 
     def tokenwire(graph: str, c: int, arrival: str) -> dict[str, Any]:
-        return next(x for x in result["rows"] if x["system"] == "tokenwire"
-                    and x.get("graph") == graph and x["transport"] == "grpc"
-                    and x["concurrency"] == c and x["arrival"] == arrival)
+        return next(
+            x
+            for x in result["rows"]
+            if x["system"] == "tokenwire"
+            and x.get("graph") == graph
+            and x["transport"] == "grpc"
+            and x["concurrency"] == c
+            and x["arrival"] == arrival
+        )
 
     svc1, svc16 = tokenwire("genai-fp32", 1, "burst"), tokenwire("genai-fp32", 16, "poisson")
     int4 = tokenwire("genai-int4", 1, "burst")
-    return "\n".join([
-        START,
-        f"On a 2-core CPU, 56M-parameter Llama, 32-token prompts, 128 new tokens, every system on "
-        f"the same ONNX Runtime GenAI graph, GenAI with one intra-op thread per core "
-        f"({result['machine']['date']}):",
-        "",
-        f"- one stream over gRPC, fp32: {svc1['tokens_per_s']:.0f} tokens/s, TTFT p50 "
-        f"{svc1['ttft_p50_ms']:.0f} ms = {r['genai_graph_b1_vs_genai_b1']:.2f}x ONNX Runtime "
-        f"GenAI's Generator, {r['grpc_vs_loop_b1']:.2f}x the plain ORT loop "
-        f"(engine alone: {r['engine_alone_vs_loop_b1']:.2f}x);",
-        f"- 16 streams arriving staggered: {svc16['tokens_per_s']:.0f} tokens/s = "
-        f"{r['genai_graph_c16_staggered_vs_genai_b16']:.2f}x GenAI's static batch of 16;",
-        f"- int4 weights, one stream: {int4['tokens_per_s']:.0f} tokens/s = "
-        f"{r['int4_b1_vs_genai_int4_b1']:.2f}x GenAI int4;",
-        f"- SSE edge: {r['edge_c16_vs_grpc_c16']:.2f}x direct gRPC tokens/s at 16 streams, "
-        f"+{r['edge_ttft_p50_added_ms']:.1f} ms TTFT p50;",
-        f"- metrics exporter on vs off: {r['metrics_on_vs_off_c16']:.2f}x.",
-        "",
-        "Full table, plots, the targets missed and why: [docs/benchmarks.md](docs/benchmarks.md)"
-        " (`make bench` regenerates it).",
-        END,
-    ])
+    return "\n".join(
+        [
+            START,
+            f"On a 2-core CPU, 56M-parameter Llama, 32-token prompts, 128 new tokens, every system on "
+            f"the same ONNX Runtime GenAI graph, GenAI with one intra-op thread per core "
+            f"({result['machine']['date']}):",
+            "",
+            f"- one stream over gRPC, fp32: {svc1['tokens_per_s']:.0f} tokens/s, TTFT p50 "
+            f"{svc1['ttft_p50_ms']:.0f} ms = {r['genai_graph_b1_vs_genai_b1']:.2f}x ONNX Runtime "
+            f"GenAI's Generator, {r['grpc_vs_loop_b1']:.2f}x the plain ORT loop "
+            f"(engine alone: {r['engine_alone_vs_loop_b1']:.2f}x);",
+            f"- 16 streams arriving staggered: {svc16['tokens_per_s']:.0f} tokens/s = "
+            f"{r['genai_graph_c16_staggered_vs_genai_b16']:.2f}x GenAI's static batch of 16;",
+            f"- int4 weights, one stream: {int4['tokens_per_s']:.0f} tokens/s = "
+            f"{r['int4_b1_vs_genai_int4_b1']:.2f}x GenAI int4;",
+            f"- SSE edge: {r['edge_c16_vs_grpc_c16']:.2f}x direct gRPC tokens/s at 16 streams, "
+            f"+{r['edge_ttft_p50_added_ms']:.1f} ms TTFT p50;",
+            f"- metrics exporter on vs off: {r['metrics_on_vs_off_c16']:.2f}x.",
+            "",
+            "Full table, plots, the targets missed and why: [docs/benchmarks.md](docs/benchmarks.md)"
+            " (`make bench` regenerates it).",
+            END,
+        ]
+    )
 
 
 def update_readme(result: dict[str, Any]) -> None:
@@ -186,22 +234,22 @@ def main() -> None:
 Regenerate with `make bench` (about 5 minutes on 2 cores; `make bench-quick` for a shorter run).
 Everything below comes from `bench/results/latest.json`, measured side by side in one run.
 
-- machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}; ONNX Runtime {m['onnxruntime_service']}
-  (service, CPU provider of onnxruntime-gpu) / {m['onnxruntime_peers']} (peers); ONNX Runtime GenAI
-  {m['onnxruntime_genai']}; commit {m['git_commit']}; {m['date']}{' (quick run)' if result['quick'] else ''}
+- machine: {m["cpu"]}, {m["cores"]} cores; Python {m["python"]}; ONNX Runtime {m["onnxruntime_service"]}
+  (service, CPU provider of onnxruntime-gpu) / {m["onnxruntime_peers"]} (peers); ONNX Runtime GenAI
+  {m["onnxruntime_genai"]}; commit {m["git_commit"]}; {m["date"]}{" (quick run)" if result["quick"] else ""}
 - model: random-initialised Llama, 8 layers, hidden 512, vocab 32000 (~56M parameters), fp32, CPU;
   the same weights in the Optimum layout (tokenwire and the plain loop) and the GenAI format
-- workload: prompt {w['prompt_tokens']} tokens, {w['new_tokens']} new tokens, greedy, EOS ignored;
+- workload: prompt {w["prompt_tokens"]} tokens, {w["new_tokens"]} new tokens, greedy, EOS ignored;
   tokenwire over gRPC on loopback with a light asyncio client in the same machine
-{knobs(result.get('peer_knobs', {}))}
+{knobs(result.get("peer_knobs", {}))}
 
 ## Targets
 
-{targets(result['ratios'])}
+{targets(result["ratios"])}
 
 ## All runs
 
-{table(result['rows'])}
+{table(result["rows"])}
 
 ![throughput](img/bench-throughput.png)
 
@@ -213,7 +261,7 @@ A 400-token prompt arrives while 4 streams decode. Prefill is interleaved with d
 chunk of `TOKENWIRE_PREFILL_CHUNK_TOKENS` per step, so running streams wait for one chunk at a
 time, never for the whole prompt.
 
-{fairness(result['fairness'])}
+{fairness(result["fairness"])}
 
 {analysis}
 """

@@ -52,7 +52,7 @@ def make_prompt(tokenizer: Tokenizer, n: int, seed: int = 0) -> str:
     """A text that is exactly n tokens long (stdlib code, shifted by seed)."""
     source = (Path(os.__file__).parent / "argparse.py").read_text()
     ids = tokenizer.encode(source[seed * 97 :]).ids
-    for extra in range(0, 8):
+    for extra in range(8):
         text = tokenizer.decode(ids[: n + extra])
         if len(tokenizer.encode(text).ids) == n:
             return text
@@ -64,8 +64,11 @@ class Process:
 
     def __init__(self, args: list[str], env: dict[str, str], ready_event: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tokenwire_cli.main", *args], stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, env={**os.environ, **env},
+            [sys.executable, "-m", "tokenwire_cli.main", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **env},
         )
         self.port = 0
         assert self.proc.stdout is not None
@@ -97,16 +100,28 @@ class Process:
 
 
 def start_server(model_dir: Path, metrics: bool = False, chunk: int = 256) -> Process:
-    env = {"TOKENWIRE_LOG_FORMAT": "json", "TOKENWIRE_MAX_BATCH_SIZE": "32",
-           "TOKENWIRE_MAX_QUEUE": "256", "TOKENWIRE_PREFILL_CHUNK_TOKENS": str(chunk)}
-    args = ["serve", "--port", "0", "--model-dir", str(model_dir),
-            "--metrics-port", "19464" if metrics else "0"]
+    env = {
+        "TOKENWIRE_LOG_FORMAT": "json",
+        "TOKENWIRE_MAX_BATCH_SIZE": "32",
+        "TOKENWIRE_MAX_QUEUE": "256",
+        "TOKENWIRE_PREFILL_CHUNK_TOKENS": str(chunk),
+    }
+    args = [
+        "serve",
+        "--port",
+        "0",
+        "--model-dir",
+        str(model_dir),
+        "--metrics-port",
+        "19464" if metrics else "0",
+    ]
     return Process(args, env, "server.started")
 
 
 async def one_stream(stub: pb_grpc.GenerationServiceStub, prompt: str, new: int) -> dict[str, Any]:
-    request = pb.GenerateRequest(prompt=prompt, max_tokens=new, ignore_eos=True,
-                                 sampling=pb.SamplingParams(temperature=0.0))
+    request = pb.GenerateRequest(
+        prompt=prompt, max_tokens=new, ignore_eos=True, sampling=pb.SamplingParams(temperature=0.0)
+    )
     sent = time.perf_counter()
     times: list[float] = []
     async for message in stub.Generate(request, timeout=600):
@@ -136,7 +151,9 @@ def stream_row(runs: list[list[dict[str, Any]]], cpu: float | None) -> dict[str,
     streams = [s for run in runs for s in run]
     tokens = sum(len(s["times"]) for s in streams)
     ttft = [(s["times"][0] - s["sent"]) * 1000 for s in streams]
-    gaps = [(b - a) * 1000 for s in streams for a, b in zip(s["times"], s["times"][1:], strict=False)]
+    gaps = [
+        (b - a) * 1000 for s in streams for a, b in zip(s["times"], s["times"][1:], strict=False)
+    ]
     per_stream = [len(s["times"]) / (s["times"][-1] - s["sent"]) for s in streams]
     row = {
         "tokens_per_s": rates[len(rates) // 2],
@@ -144,21 +161,28 @@ def stream_row(runs: list[list[dict[str, Any]]], cpu: float | None) -> dict[str,
         "tokens_per_s_spread": (rates[-1] - rates[0]) / rates[len(rates) // 2],
         "per_stream_tokens_per_s": statistics.median(per_stream),
         "repeats": len(runs),
-        "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
-        "itl_p50_ms": pct(gaps, 50), "itl_p99_ms": pct(gaps, 99),
-        "streams": len(streams), "tokens": tokens,
+        "ttft_p50_ms": pct(ttft, 50),
+        "ttft_p99_ms": pct(ttft, 99),
+        "itl_p50_ms": pct(gaps, 50),
+        "itl_p99_ms": pct(gaps, 99),
+        "streams": len(streams),
+        "tokens": tokens,
     }
     if cpu is not None:
         row["server_cpu_ms_per_token"] = cpu * 1000 / tokens
     return row
 
 
-async def run_load(open_stream: Any, prompts: list[str], concurrency: int, arrival: str,
-                   rate: float | None) -> list[dict[str, Any]]:
+async def run_load(
+    open_stream: Any, prompts: list[str], concurrency: int, arrival: str, rate: float | None
+) -> list[dict[str, Any]]:
     rng = random.Random(concurrency)
     if arrival == "burst":
-        return list(await asyncio.gather(*(open_stream(prompts[i % len(prompts)])
-                                           for i in range(concurrency))))
+        return list(
+            await asyncio.gather(
+                *(open_stream(prompts[i % len(prompts)]) for i in range(concurrency))
+            )
+        )
     tasks = []
     for i in range(2 * concurrency):  # Poisson arrivals keeping about `concurrency` in flight
         tasks.append(asyncio.create_task(open_stream(prompts[i % len(prompts)])))
@@ -172,8 +196,15 @@ def repeats_for(concurrency: int, arrival: str) -> int:
     return 5 if concurrency == 1 else 3
 
 
-async def measure(open_stream: Any, prompts: list[str], concurrency: int, arrival: str,
-                  rate: float | None, pid: int | None) -> dict[str, Any]:
+async def measure(
+    open_stream: Any,
+    prompts: list[str],
+    concurrency: int,
+    arrival: str,
+    *,
+    rate: float | None,
+    pid: int | None,
+) -> dict[str, Any]:
     runs, cpu = [], 0.0
     for _ in range(repeats_for(concurrency, arrival)):
         cpu0 = cpu_seconds(pid) if pid else 0.0
@@ -182,9 +213,15 @@ async def measure(open_stream: Any, prompts: list[str], concurrency: int, arriva
     return stream_row(runs, cpu if pid else None)
 
 
-async def service_rows(server: Process, prompts: list[str], levels: list[int],
-                       arrivals: list[str], label: str = "grpc",
-                       durations: dict[int, float] | None = None) -> list[dict[str, Any]]:
+async def service_rows(
+    server: Process,
+    prompts: list[str],
+    levels: list[int],
+    arrivals: list[str],
+    *,
+    label: str = "grpc",
+    durations: dict[int, float] | None = None,
+) -> list[dict[str, Any]]:
     """Burst rows record each level's stream duration; Poisson rows use it (Little's law)."""
     durations = {} if durations is None else durations
     rows = []
@@ -198,21 +235,41 @@ async def service_rows(server: Process, prompts: list[str], levels: list[int],
                 if arrival == "poisson" and c == 1:
                     continue
                 rate = c / durations[c] if arrival == "poisson" else None
-                row = await measure(lambda p: one_stream(stub, p, NEW_TOKENS), prompts, c,
-                                    arrival, rate, server.proc.pid)
+                row = await measure(
+                    lambda p, stub=stub: one_stream(stub, p, NEW_TOKENS),
+                    prompts,
+                    c,
+                    arrival,
+                    rate=rate,
+                    pid=server.proc.pid,
+                )
                 durations[c] = NEW_TOKENS / row["per_stream_tokens_per_s"]
-                rows.append({"system": "tokenwire", "transport": label, "concurrency": c,
-                             "arrival": arrival, **row})
-                print(f"  {label:5s} c={c:<3d} {arrival:7s} {row['tokens_per_s']:8.1f} tok/s  "
-                      f"ttft p50 {row['ttft_p50_ms']:7.1f} ms", flush=True)
+                rows.append(
+                    {
+                        "system": "tokenwire",
+                        "transport": label,
+                        "concurrency": c,
+                        "arrival": arrival,
+                        **row,
+                    }
+                )
+                print(
+                    f"  {label:5s} c={c:<3d} {arrival:7s} {row['tokens_per_s']:8.1f} tok/s  "
+                    f"ttft p50 {row['ttft_p50_ms']:7.1f} ms",
+                    flush=True,
+                )
     return rows
 
 
-async def paired_rows(server: Process, prompts: list[str], levels: list[int],
-                      rounds: int = 3) -> list[dict[str, Any]]:
+async def paired_rows(
+    server: Process, prompts: list[str], levels: list[int], rounds: int = 3
+) -> list[dict[str, Any]]:
     """Edge and direct gRPC on the same server, alternating, so drift hits both alike."""
-    edge = Process(["edge", "--port", "0", "--grpc-target", f"127.0.0.1:{server.port}"],
-                   {"TOKENWIRE_LOG_FORMAT": "json"}, "edge.listening")
+    edge = Process(
+        ["edge", "--port", "0", "--grpc-target", f"127.0.0.1:{server.port}"],
+        {"TOKENWIRE_LOG_FORMAT": "json"},
+        "edge.listening",
+    )
     rows = []
     try:
         async with (
@@ -225,16 +282,36 @@ async def paired_rows(server: Process, prompts: list[str], levels: list[int],
             for c in levels:
                 via: dict[str, list[list[dict[str, Any]]]] = {"edge": [], "grpc": []}
                 for _ in range(rounds * (3 if c == 1 else 1)):
-                    via["grpc"].append(await run_load(
-                        lambda p: one_stream(stub, p, NEW_TOKENS), prompts, c, "burst", None))
-                    via["edge"].append(await run_load(
-                        lambda p: edge_stream(http, p, NEW_TOKENS), prompts, c, "burst", None))
+                    via["grpc"].append(
+                        await run_load(
+                            lambda p, stub=stub: one_stream(stub, p, NEW_TOKENS),
+                            prompts,
+                            c,
+                            "burst",
+                            None,
+                        )
+                    )
+                    via["edge"].append(
+                        await run_load(
+                            lambda p: edge_stream(http, p, NEW_TOKENS), prompts, c, "burst", None
+                        )
+                    )
                 for transport, runs in via.items():
                     row = stream_row(runs, None)
-                    rows.append({"system": "tokenwire", "transport": f"{transport}-paired",
-                                 "concurrency": c, "arrival": "burst", **row})
-                    print(f"  {transport}-paired c={c:<3d} {row['tokens_per_s']:8.1f} tok/s  "
-                          f"ttft p50 {row['ttft_p50_ms']:7.1f} ms", flush=True)
+                    rows.append(
+                        {
+                            "system": "tokenwire",
+                            "transport": f"{transport}-paired",
+                            "concurrency": c,
+                            "arrival": "burst",
+                            **row,
+                        }
+                    )
+                    print(
+                        f"  {transport}-paired c={c:<3d} {row['tokens_per_s']:8.1f} tok/s  "
+                        f"ttft p50 {row['ttft_p50_ms']:7.1f} ms",
+                        flush=True,
+                    )
     finally:
         edge.stop()
     return rows
@@ -244,27 +321,43 @@ async def metrics_ab(model_dir: Path, prompts: list[str], rounds: int) -> list[d
     """16 streams on fresh servers with the exporter on/off in ABBA order, cancelling drift."""
     runs: dict[bool, list[list[dict[str, Any]]]] = {True: [], False: []}
     for i in range(rounds):
-        for metrics in ((True, False) if i % 2 == 0 else (False, True)):
+        for metrics in (True, False) if i % 2 == 0 else (False, True):
             server = start_server(model_dir, metrics=metrics)
             try:
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
                     stub = pb_grpc.GenerationServiceStub(channel)
                     await asyncio.gather(*(one_stream(stub, p, 16) for p in prompts[:16]))
                     for _ in range(3):
-                        runs[metrics].append(await run_load(
-                            lambda p: one_stream(stub, p, NEW_TOKENS), prompts, 16, "burst", None))
+                        runs[metrics].append(
+                            await run_load(
+                                lambda p, stub=stub: one_stream(stub, p, NEW_TOKENS),
+                                prompts,
+                                16,
+                                "burst",
+                                None,
+                            )
+                        )
             finally:
                 server.stop()
     rows = []
     for metrics, label in ((True, "grpc-metrics-on"), (False, "grpc-metrics-off")):
         row = stream_row(runs[metrics], None)
-        rows.append({"system": "tokenwire", "transport": label, "concurrency": 16,
-                     "arrival": "burst", **row})
+        rows.append(
+            {
+                "system": "tokenwire",
+                "transport": label,
+                "concurrency": 16,
+                "arrival": "burst",
+                **row,
+            }
+        )
         print(f"  {label} c=16 {row['tokens_per_s']:8.1f} tok/s", flush=True)
     return rows
 
 
-async def fairness(model_dir: Path, prompts: list[str], long_prompt: str, chunk: int) -> dict[str, Any]:
+async def fairness(
+    model_dir: Path, prompts: list[str], long_prompt: str, chunk: int
+) -> dict[str, Any]:
     """ITL of 4 running streams while a long prompt is prefilled beside them."""
     server = start_server(model_dir, chunk=chunk)
     try:
@@ -283,12 +376,18 @@ async def fairness(model_dir: Path, prompts: list[str], long_prompt: str, chunk:
     for s in streams:
         for a, b in zip(s["times"], s["times"][1:], strict=False):
             (during if b >= arrived and a <= prefilled else before).append((b - a) * 1000)
-    return {"prefill_chunk_tokens": chunk, "long_prompt_tokens": 400,
-            "long_prompt_ttft_ms": (prefilled - arrived) * 1000,
-            "itl_p50_ms_otherwise": pct(before, 50), "itl_max_ms_during_prefill": max(during or [0])}
+    return {
+        "prefill_chunk_tokens": chunk,
+        "long_prompt_tokens": 400,
+        "long_prompt_ttft_ms": (prefilled - arrived) * 1000,
+        "itl_p50_ms_otherwise": pct(before, 50),
+        "itl_max_ms_during_prefill": max(during or [0]),
+    }
 
 
-async def headline(server: Process, model: Path, prompts: list[str], rounds: int) -> list[dict[str, Any]]:
+async def headline(
+    server: Process, model: Path, prompts: list[str], rounds: int
+) -> list[dict[str, Any]]:
     """The ratio rows, interleaved: loop, GenAI and tokenwire take turns, `rounds` times.
 
     The machine's speed drifts by more than the differences being measured; taking turns
@@ -306,21 +405,43 @@ async def headline(server: Process, model: Path, prompts: list[str], rounds: int
                 runs, cpu = service[batch]
                 for _ in range(3 if batch == 1 else 1):
                     cpu0 = cpu_seconds(server.proc.pid)
-                    runs.append(await run_load(lambda p: one_stream(stub, p, NEW_TOKENS), prompts,
-                                               batch, "burst", None))
+                    runs.append(
+                        await run_load(
+                            lambda p, stub=stub: one_stream(stub, p, NEW_TOKENS),
+                            prompts,
+                            batch,
+                            "burst",
+                            None,
+                        )
+                    )
                     cpu.append(cpu_seconds(server.proc.pid) - cpu0)
     rows = []
     for (_, _), found in sorted(peers.items()):
         median = sorted(found, key=lambda r: r["tokens_per_s"])[len(found) // 2]
         rates = sorted(r["tokens_per_s"] for r in found)
-        rows.append({**median, "repeats": len(found),
-                     "tokens_per_s_spread": (rates[-1] - rates[0]) / rates[len(rates) // 2]})
+        rows.append(
+            {
+                **median,
+                "repeats": len(found),
+                "tokens_per_s_spread": (rates[-1] - rates[0]) / rates[len(rates) // 2],
+            }
+        )
     for batch, (runs, cpu) in service.items():
         row = stream_row(runs, sum(cpu))
-        rows.append({"system": "tokenwire", "transport": "grpc", "concurrency": batch,
-                     "arrival": "burst", **row})
-        print(f"  grpc  c={batch:<3d} burst   {row['tokens_per_s']:8.1f} tok/s  "
-              f"ttft p50 {row['ttft_p50_ms']:7.1f} ms (interleaved)", flush=True)
+        rows.append(
+            {
+                "system": "tokenwire",
+                "transport": "grpc",
+                "concurrency": batch,
+                "arrival": "burst",
+                **row,
+            }
+        )
+        print(
+            f"  grpc  c={batch:<3d} burst   {row['tokens_per_s']:8.1f} tok/s  "
+            f"ttft p50 {row['ttft_p50_ms']:7.1f} ms (interleaved)",
+            flush=True,
+        )
     return rows
 
 
@@ -345,58 +466,142 @@ async def graph_rows(model: Path, prompts: list[str], rounds: int) -> list[dict[
                     for batch in (1, 16):
                         for mode in peer_modes:
                             row = peer(mode, model_dir, batch)
-                            found.setdefault((row["system"], "in-process", batch, "static-batch"),
-                                             []).append(row)
+                            found.setdefault(
+                                (row["system"], "in-process", batch, "static-batch"), []
+                            ).append(row)
                     alone = engine_alone(model_dir)
                     found.setdefault(("tokenwire", "engine-alone", 1, "burst"), []).append(alone)
                     for c, arrival in ((1, "burst"), (16, "burst"), (16, "poisson")):
-                        duration = NEW_TOKENS / found[("tokenwire", "grpc", 16, "burst")][-1][
-                            "per_stream_tokens_per_s"] if arrival == "poisson" else 1.0
-                        row = await measure(lambda p: one_stream(stub, p, NEW_TOKENS), prompts, c,
-                                            arrival, c / duration, server.proc.pid)
+                        duration = (
+                            NEW_TOKENS
+                            / found[("tokenwire", "grpc", 16, "burst")][-1][
+                                "per_stream_tokens_per_s"
+                            ]
+                            if arrival == "poisson"
+                            else 1.0
+                        )
+                        row = await measure(
+                            lambda p, stub=stub: one_stream(stub, p, NEW_TOKENS),
+                            prompts,
+                            c,
+                            arrival,
+                            rate=c / duration,
+                            pid=server.proc.pid,
+                        )
                         found.setdefault(("tokenwire", "grpc", c, arrival), []).append(row)
         finally:
             server.stop()
         for (system, transport, c, arrival), runs in found.items():
             median = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
-            rows.append({**median, "system": system, "transport": transport, "concurrency": c,
-                         "arrival": arrival, "graph": graph, "repeats": len(runs)})
-            print(f"  {graph:10s} {system:9s} {transport:12s} c={c:<3d} {arrival:12s} "
-                  f"{median['tokens_per_s']:8.1f} tok/s  ttft p50 {median['ttft_p50_ms']:7.1f} ms",
-                  flush=True)
+            rows.append(
+                {
+                    **median,
+                    "system": system,
+                    "transport": transport,
+                    "concurrency": c,
+                    "arrival": arrival,
+                    "graph": graph,
+                    "repeats": len(runs),
+                }
+            )
+            print(
+                f"  {graph:10s} {system:9s} {transport:12s} c={c:<3d} {arrival:12s} "
+                f"{median['tokens_per_s']:8.1f} tok/s  ttft p50 {median['ttft_p50_ms']:7.1f} ms",
+                flush=True,
+            )
     return rows
 
 
 def engine_alone(model_dir: Path) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "engine_alone.py"), str(model_dir),
-                          "--streams", "1", "--prompt-tokens", str(PROMPT_TOKENS),
-                          "--new-tokens", str(NEW_TOKENS)], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "engine_alone.py"),
+            str(model_dir),
+            "--streams",
+            "1",
+            "--prompt-tokens",
+            str(PROMPT_TOKENS),
+            "--new-tokens",
+            str(NEW_TOKENS),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def peer(mode: str, model_dir: Path, batch: int) -> dict[str, Any]:
-    out = subprocess.run([str(BENCH_PY), str(ROOT / "bench" / "peers.py"), mode, str(model_dir),
-                          "--batch", str(batch), "--prompt-tokens", str(PROMPT_TOKENS),
-                          "--new-tokens", str(NEW_TOKENS)], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            str(BENCH_PY),
+            str(ROOT / "bench" / "peers.py"),
+            mode,
+            str(model_dir),
+            "--batch",
+            str(batch),
+            "--prompt-tokens",
+            str(PROMPT_TOKENS),
+            "--new-tokens",
+            str(NEW_TOKENS),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     row = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"  {mode:5s} b={batch:<3d}        {row['tokens_per_s']:8.1f} tok/s  "
-          f"ttft {row['ttft_p50_ms']:7.1f} ms", flush=True)
-    return {"system": {"raw": "ort-loop", "genai": "ort-genai"}[mode], "transport": "in-process",
-            "concurrency": batch, "arrival": "static-batch", **row}
+    print(
+        f"  {mode:5s} b={batch:<3d}        {row['tokens_per_s']:8.1f} tok/s  "
+        f"ttft {row['ttft_p50_ms']:7.1f} ms",
+        flush=True,
+    )
+    return {
+        "system": {"raw": "ort-loop", "genai": "ort-genai"}[mode],
+        "transport": "in-process",
+        "concurrency": batch,
+        "arrival": "static-batch",
+        **row,
+    }
 
 
 def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    versions = subprocess.run([str(BENCH_PY), "-c", "import onnxruntime, onnxruntime_genai; "
-                               "print(onnxruntime.__version__, onnxruntime_genai.__version__)"],
-                              capture_output=True, text=True, check=True).stdout.split()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT, check=False).stdout.strip()
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime_service": onnxruntime.__version__, "onnxruntime_peers": versions[0],
-            "onnxruntime_genai": versions[1], "git_commit": commit,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    versions = subprocess.run(
+        [
+            str(BENCH_PY),
+            "-c",
+            "import onnxruntime, onnxruntime_genai; "
+            "print(onnxruntime.__version__, onnxruntime_genai.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    ).stdout.strip()
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime_service": onnxruntime.__version__,
+        "onnxruntime_peers": versions[0],
+        "onnxruntime_genai": versions[1],
+        "git_commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def peer_knobs(genai_dir: Path) -> dict[str, str]:
@@ -405,11 +610,12 @@ def peer_knobs(genai_dir: Path) -> dict[str, str]:
     options = genai["model"]["decoder"].get("session_options", {})
     return {
         "ort-genai": "genai_config.json model.decoder.session_options "
-                     + json.dumps(options, sort_keys=True) + "; greedy search, static batch",
+        + json.dumps(options, sort_keys=True)
+        + "; greedy search, static batch",
         "ort-loop": "intra_op_num_threads 0 (one per core), inter_op_num_threads 1, "
-                    "ORT_ENABLE_ALL, spinning on; one session.run per token, numpy argmax",
+        "ORT_ENABLE_ALL, spinning on; one session.run per token, numpy argmax",
         "tokenwire": "defaults of `tokenwire serve` (intra_op_threads 0, inter_op_threads 1, "
-                     "spinning on, prefill chunk 256, max batch 16)",
+        "spinning on, prefill chunk 256, max batch 16)",
     }
 
 
@@ -419,6 +625,7 @@ def find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any]:
 
 def graph_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     """The targets measured on the GenAI graphs (same graph for every system in a ratio)."""
+
     def rate(graph: str, **match: Any) -> dict[str, Any]:
         return find(rows, graph=graph, **match)
 
@@ -432,8 +639,9 @@ def graph_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
         "genai_graph_c16_staggered_vs_genai_b16": staggered["tokens_per_s"]
         / rate(fp32, system="ort-genai", concurrency=16)["tokens_per_s"],
         "genai_graph_c16_staggered_ttft_p50_vs_idle": staggered["ttft_p50_ms"] / one["ttft_p50_ms"],
-        "int4_b1_vs_genai_int4_b1": rate(int4, system="tokenwire", transport="grpc",
-                                         concurrency=1)["tokens_per_s"]
+        "int4_b1_vs_genai_int4_b1": rate(int4, system="tokenwire", transport="grpc", concurrency=1)[
+            "tokens_per_s"
+        ]
         / rate(int4, system="ort-genai", concurrency=1)["tokens_per_s"],
         "engine_alone_vs_loop_b1": rate(fp32, transport="engine-alone")["tokens_per_s"]
         / loop1["tokens_per_s"],
@@ -461,7 +669,8 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
         "service_c16_vs_genai_b16": svc16["tokens_per_s"] / genai16["tokens_per_s"],
         "service_c16_ttft_p50_vs_idle": svc16["ttft_p50_ms"] / svc1["ttft_p50_ms"],
         "service_cpu_ms_per_token_c1": svc1["server_cpu_ms_per_token"],
-        "service_overhead_cpu_ms_per_token_c1": svc1["server_cpu_ms_per_token"] - raw1["cpu_ms_per_token"],
+        "service_overhead_cpu_ms_per_token_c1": svc1["server_cpu_ms_per_token"]
+        - raw1["cpu_ms_per_token"],
         "edge_c16_vs_grpc_c16": edge16["tokens_per_s"] / grpc16["tokens_per_s"],
         "edge_ttft_p50_added_ms": edge1["ttft_p50_ms"] - grpc1["ttft_p50_ms"],
         "metrics_on_vs_off_c16": on16["tokens_per_s"] / off16["tokens_per_s"],
@@ -484,16 +693,22 @@ async def main(quick: bool) -> None:
             print("static batch 8", flush=True)
             rows += [peer("raw", onnx_dir, 8), peer("genai", genai_dir, 8)]
             print("tokenwire concurrency sweep", flush=True)
-            durations = {r["concurrency"]: NEW_TOKENS / r["per_stream_tokens_per_s"]
-                         for r in rows if r["system"] == "tokenwire"}
+            durations = {
+                r["concurrency"]: NEW_TOKENS / r["per_stream_tokens_per_s"]
+                for r in rows
+                if r["system"] == "tokenwire"
+            }
             rows += await service_rows(server, prompts, [4, 8, 32], ["burst"], durations=durations)
-            rows += await service_rows(server, prompts, [4, 8, 16, 32], ["poisson"],
-                                       durations=durations)
+            rows += await service_rows(
+                server, prompts, [4, 8, 16, 32], ["poisson"], durations=durations
+            )
         rows += await paired_rows(server, prompts, [1, 16])
     finally:
         server.stop()
-    print("the GenAI graphs, fp32 and int4: tokenwire, the plain loop and GenAI taking turns",
-          flush=True)
+    print(
+        "the GenAI graphs, fp32 and int4: tokenwire, the plain loop and GenAI taking turns",
+        flush=True,
+    )
     rows += await graph_rows(model, prompts, rounds=2 if quick else 3)
     print("metrics exporter on vs off (alternating fresh servers)", flush=True)
     rows += await metrics_ab(onnx_dir, prompts, rounds=2)
@@ -501,13 +716,27 @@ async def main(quick: bool) -> None:
     fair = [await fairness(onnx_dir, prompts, long_prompt, chunk) for chunk in (256, 64)]
     result = {
         "schema": 1,
-        "model": {"name": "bench-56m", "layers": 8, "hidden": 512, "vocab": 32000,
-                  "params_millions": 56, "dtype": "fp32", "provider": "CPUExecutionProvider"},
-        "workload": {"prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "greedy": True,
-                     "ignore_eos": True},
-        "machine": machine(), "quick": quick, "wall_s": round(time.time() - started, 1),
+        "model": {
+            "name": "bench-56m",
+            "layers": 8,
+            "hidden": 512,
+            "vocab": 32000,
+            "params_millions": 56,
+            "dtype": "fp32",
+            "provider": "CPUExecutionProvider",
+        },
+        "workload": {
+            "prompt_tokens": PROMPT_TOKENS,
+            "new_tokens": NEW_TOKENS,
+            "greedy": True,
+            "ignore_eos": True,
+        },
+        "machine": machine(),
+        "quick": quick,
+        "wall_s": round(time.time() - started, 1),
         "peer_knobs": peer_knobs(genai_dir),
-        "rows": rows, "fairness": fair,
+        "rows": rows,
+        "fairness": fair,
     }
     result["ratios"] = ratios(rows)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

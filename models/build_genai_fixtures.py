@@ -37,9 +37,17 @@ PROMPTS = [
     "Namespaces are one honking great idea",
 ]
 LONG = " ".join(PROMPTS[:6])
-CORPUS = "\n".join([*PROMPTS, "Flat is better than nested.", "Sparse is better than dense.",
-                    "Readability counts.", "In the face of ambiguity, refuse to guess.",
-                    "def main():\n    return 0\n", "for i in range(10):\n    print(i)\n"])
+CORPUS = "\n".join(
+    [
+        *PROMPTS,
+        "Flat is better than nested.",
+        "Sparse is better than dense.",
+        "Readability counts.",
+        "In the face of ambiguity, refuse to guess.",
+        "def main():\n    return 0\n",
+        "for i in range(10):\n    print(i)\n",
+    ]
+)
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
@@ -47,9 +55,12 @@ def tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([CORPUS] * 4, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
@@ -57,19 +68,45 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 def hf_model(hf_dir: Path, tok: PreTrainedTokenizerFast) -> None:
     torch.manual_seed(1234)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, initializer_range=0.3,
-                         bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(config).eval().save_pretrained(hf_dir)
     tok.save_pretrained(hf_dir)
 
 
 def build(hf_dir: Path, precision: str, out: Path, cache: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
-                    "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache)],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(hf_dir),
+            "-o",
+            str(out),
+            "-p",
+            precision,
+            "-e",
+            "cpu",
+            "-c",
+            str(cache),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def references(out: Path, tok: PreTrainedTokenizerFast) -> dict[str, Any]:
@@ -84,10 +121,20 @@ def references(out: Path, tok: PreTrainedTokenizerFast) -> dict[str, Any]:
         generator.append_tokens([ids])
         while not generator.is_done():
             generator.generate_next_token()
-        prompts.append({"text": text, "prompt_ids": ids, "long": text == LONG,
-                        "output_ids": [int(t) for t in generator.get_sequence(0)][len(ids):]})
-    return {"family": "llama-genai", "onnxruntime_genai_version": og.__version__,
-            "max_new_tokens": NEW_TOKENS, "prompts": prompts}
+        prompts.append(
+            {
+                "text": text,
+                "prompt_ids": ids,
+                "long": text == LONG,
+                "output_ids": [int(t) for t in generator.get_sequence(0)][len(ids) :],
+            }
+        )
+    return {
+        "family": "llama-genai",
+        "onnxruntime_genai_version": og.__version__,
+        "max_new_tokens": NEW_TOKENS,
+        "prompts": prompts,
+    }
 
 
 def main() -> None:

@@ -106,7 +106,11 @@ class Attention(nn.Module):
     def __init__(self, cfg: dict) -> None:
         super().__init__()
         h, d = cfg["hidden_size"], cfg["head_dim"]
-        self.heads, self.kv_heads, self.head_dim = cfg["num_attention_heads"], cfg["num_key_value_heads"], d
+        self.heads, self.kv_heads, self.head_dim = (
+            cfg["num_attention_heads"],
+            cfg["num_key_value_heads"],
+            d,
+        )
         self.q_proj = nn.Linear(h, self.heads * d, bias=False)
         self.k_proj = nn.Linear(h, self.kv_heads * d, bias=False)
         self.v_proj = nn.Linear(h, self.kv_heads * d, bias=False)
@@ -165,15 +169,23 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.model = Decoder(cfg)
         cos, sin = rope_tables(cfg["max_position_embeddings"], cfg["head_dim"], cfg["rope_theta"])
-        self.register_buffer("cos", torch.from_numpy(np.concatenate([cos, cos], -1)), persistent=False)
-        self.register_buffer("sin", torch.from_numpy(np.concatenate([sin, sin], -1)), persistent=False)
+        self.register_buffer(
+            "cos", torch.from_numpy(np.concatenate([cos, cos], -1)), persistent=False
+        )
+        self.register_buffer(
+            "sin", torch.from_numpy(np.concatenate([sin, sin], -1)), persistent=False
+        )
         std = 0.02
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
         for layer in self.model.layers:  # scaled residual projections (GPT-2 style)
-            nn.init.normal_(layer.self_attn.o_proj.weight, std=std / math.sqrt(2 * len(self.model.layers)))
-            nn.init.normal_(layer.mlp.down_proj.weight, std=std / math.sqrt(2 * len(self.model.layers)))
+            nn.init.normal_(
+                layer.self_attn.o_proj.weight, std=std / math.sqrt(2 * len(self.model.layers))
+            )
+            nn.init.normal_(
+                layer.mlp.down_proj.weight, std=std / math.sqrt(2 * len(self.model.layers))
+            )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         s = ids.shape[1]
@@ -193,7 +205,11 @@ def train(model: LlamaForCausalLM, data: np.ndarray, args: argparse.Namespace) -
     loss_value, started = float("nan"), time.time()
     model.train()
     for step in range(1, args.steps + 1):
-        lr = args.lr * min(1.0, step / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        lr = (
+            args.lr
+            * min(1.0, step / warmup)
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        )
         for group in opt.param_groups:
             group["lr"] = lr
         starts = torch.randint(0, len(tokens) - args.seq - 1, (args.batch,), generator=gen)
@@ -207,7 +223,11 @@ def train(model: LlamaForCausalLM, data: np.ndarray, args: argparse.Namespace) -
         loss_value = float(loss)
         if step % 25 == 0 or step == args.steps:
             rate = step * args.batch * args.seq / (time.time() - started)
-            print(f"step {step:5d}/{args.steps}  loss {loss_value:.3f}  lr {lr:.2e}  {rate:,.0f} tok/s", flush=True)
+            print(
+                f"step {step:5d}/{args.steps}  loss {loss_value:.3f}  lr {lr:.2e}  "
+                f"{rate:,.0f} tok/s",
+                flush=True,
+            )
     model.eval()
     return loss_value
 
@@ -228,7 +248,14 @@ class GraphBuilder:
         self.inits.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], hint: str = "", outputs: list[str] | None = None, **attrs: object) -> str:
+    def op(
+        self,
+        op_type: str,
+        inputs: list[str],
+        hint: str = "",
+        outputs: list[str] | None = None,
+        **attrs: object,
+    ) -> str:
         outs = outputs or [self.name(hint or op_type.lower())]
         self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
         return outs[0]
@@ -237,7 +264,12 @@ class GraphBuilder:
 def export_onnx(model: LlamaForCausalLM, cfg: dict, path: Path) -> None:
     g = GraphBuilder()
     w = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
-    layers, heads, kvh, d = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    layers, heads, kvh, d = (
+        cfg["num_hidden_layers"],
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+        cfg["head_dim"],
+    )
     eps = cfg["rms_norm_eps"]
     cos, sin = rope_tables(cfg["max_position_embeddings"], d, cfg["rope_theta"])
     cos_t, sin_t = g.const(cos, "cos_table"), g.const(sin, "sin_table")
@@ -259,10 +291,20 @@ def export_onnx(model: LlamaForCausalLM, cfg: dict, path: Path) -> None:
     past = g.op("Sub", [total, seq], "past")
     key_idx = g.op("Range", [scalar(0), total, scalar(1)], "key_idx")
     query_idx = g.op("Range", [past, total, scalar(1)], "query_idx")
-    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [key_idx, i64(0)]), g.op("Unsqueeze", [query_idx, i64(1)])], "causal")
-    keep = g.op("Cast", [g.op("Unsqueeze", ["attention_mask", i64(1, 2)])], "keep_pad", to=TensorProto.BOOL)
+    causal = g.op(
+        "LessOrEqual",
+        [g.op("Unsqueeze", [key_idx, i64(0)]), g.op("Unsqueeze", [query_idx, i64(1)])],
+        "causal",
+    )
+    keep = g.op(
+        "Cast", [g.op("Unsqueeze", ["attention_mask", i64(1, 2)])], "keep_pad", to=TensorProto.BOOL
+    )
     allowed = g.op("And", [causal, keep], "allowed")
-    bias = g.op("Where", [allowed, g.const(np.float32(0.0), "zero"), g.const(np.float32(-1e9), "neg")], "mask_bias")
+    bias = g.op(
+        "Where",
+        [allowed, g.const(np.float32(0.0), "zero"), g.const(np.float32(-1e9), "neg")],
+        "mask_bias",
+    )
 
     scale = g.const(np.float32(1.0 / math.sqrt(d)), "scale")
     rep = heads // kvh
@@ -270,7 +312,9 @@ def export_onnx(model: LlamaForCausalLM, cfg: dict, path: Path) -> None:
 
     def rms(inp: str, weight: str) -> str:
         var = g.op("ReduceMean", [g.op("Mul", [inp, inp]), i64(-1)], "var", keepdims=1)
-        inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.const(np.float32(eps), "eps")])])])
+        inv = g.op(
+            "Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.const(np.float32(eps), "eps")])])]
+        )
         return g.op("Mul", [g.op("Mul", [inp, inv]), g.const(w[weight], weight)], "normed")
 
     def linear(inp: str, weight: str) -> str:
@@ -303,16 +347,27 @@ def export_onnx(model: LlamaForCausalLM, cfg: dict, path: Path) -> None:
         q = rope(heads_first(linear(h, p + "self_attn.q_proj.weight"), heads))
         k = rope(heads_first(linear(h, p + "self_attn.k_proj.weight"), kvh))
         v = heads_first(linear(h, p + "self_attn.v_proj.weight"), kvh)
-        k_all = g.op("Concat", [f"past_key_values.{i}.key", k], outputs=[f"present.{i}.key"], axis=2)
-        v_all = g.op("Concat", [f"past_key_values.{i}.value", v], outputs=[f"present.{i}.value"], axis=2)
-        scores = g.op("Mul", [g.op("MatMul", [q, g.op("Transpose", [repeat_kv(k_all)], perm=[0, 1, 3, 2])]), scale], "scores")
+        k_all = g.op(
+            "Concat", [f"past_key_values.{i}.key", k], outputs=[f"present.{i}.key"], axis=2
+        )
+        v_all = g.op(
+            "Concat", [f"past_key_values.{i}.value", v], outputs=[f"present.{i}.value"], axis=2
+        )
+        scores = g.op(
+            "Mul",
+            [g.op("MatMul", [q, g.op("Transpose", [repeat_kv(k_all)], perm=[0, 1, 3, 2])]), scale],
+            "scores",
+        )
         probs = g.op("Softmax", [g.op("Add", [scores, bias])], "probs", axis=-1)
         ctx = g.op("Transpose", [g.op("MatMul", [probs, repeat_kv(v_all)])], perm=[0, 2, 1, 3])
         ctx = g.op("Reshape", [ctx, i64(0, 0, heads * d)], "ctx")
         x = g.op("Add", [x, linear(ctx, p + "self_attn.o_proj.weight")], "resid")
         h = rms(x, p + "post_attention_layernorm.weight")
         gate = linear(h, p + "mlp.gate_proj.weight")
-        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), linear(h, p + "mlp.up_proj.weight")])
+        act = g.op(
+            "Mul",
+            [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), linear(h, p + "mlp.up_proj.weight")],
+        )
         x = g.op("Add", [x, linear(act, p + "mlp.down_proj.weight")], "resid")
 
     final = rms(x, "model.norm.weight")
@@ -322,16 +377,34 @@ def export_onnx(model: LlamaForCausalLM, cfg: dict, path: Path) -> None:
     f32, i64t = TensorProto.FLOAT, TensorProto.INT64
     inputs = [
         helper.make_tensor_value_info("input_ids", i64t, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info("attention_mask", i64t, ["batch_size", "total_sequence_length"]),
+        helper.make_tensor_value_info(
+            "attention_mask", i64t, ["batch_size", "total_sequence_length"]
+        ),
         helper.make_tensor_value_info("position_ids", i64t, ["batch_size", "sequence_length"]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length", cfg["vocab_size"]])]
+    outputs = [
+        helper.make_tensor_value_info(
+            "logits", f32, ["batch_size", "sequence_length", cfg["vocab_size"]]
+        )
+    ]
     for i in range(layers):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f32, ["batch_size", kvh, "past_sequence_length", d]))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, ["batch_size", kvh, "total_sequence_length", d]))
+            inputs.append(
+                helper.make_tensor_value_info(
+                    f"past_key_values.{i}.{kind}",
+                    f32,
+                    ["batch_size", kvh, "past_sequence_length", d],
+                )
+            )
+            outputs.append(
+                helper.make_tensor_value_info(
+                    f"present.{i}.{kind}", f32, ["batch_size", kvh, "total_sequence_length", d]
+                )
+            )
     graph = helper.make_graph(g.nodes, NAME, inputs, outputs, g.inits)
-    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="tokenwire")
+    onnx_model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="tokenwire"
+    )
     onnx_model.ir_version = 9
     onnx.checker.check_model(onnx_model, full_check=True)
     onnx.save(onnx_model, str(path))
@@ -347,9 +420,16 @@ def check_parity(model: LlamaForCausalLM, cfg: dict, onnx_path: Path, tok: Token
     def run(ids: list[list[int]], mask: np.ndarray, pos: np.ndarray, past: list[np.ndarray] | None):
         b = len(ids)
         past = past or [np.zeros((b, kvh, 0, d), np.float32) for _ in range(2 * layers)]
-        feed = {"input_ids": np.asarray(ids, np.int64), "attention_mask": mask.astype(np.int64), "position_ids": pos.astype(np.int64)}
+        feed = {
+            "input_ids": np.asarray(ids, np.int64),
+            "attention_mask": mask.astype(np.int64),
+            "position_ids": pos.astype(np.int64),
+        }
         for i in range(layers):
-            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
+            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = (
+                past[2 * i],
+                past[2 * i + 1],
+            )
         out = sess.run(None, feed)
         return out[0], out[1:]
 
@@ -411,7 +491,12 @@ def save_hf(model: LlamaForCausalLM, onnx_dir: Path, hf_dir: Path) -> None:
     hf_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
         (hf_dir / name).write_bytes((onnx_dir / name).read_bytes())
 
 
@@ -438,8 +523,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus-bytes", type=int, default=12_000_000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default=NAME)
-    ap.add_argument("--save-hf", type=Path, default=None,
-                    help="also write a Hugging Face directory (config + model.safetensors + tokenizer)")
+    ap.add_argument(
+        "--save-hf",
+        type=Path,
+        default=None,
+        help="also write a Hugging Face directory (config + model.safetensors + tokenizer)",
+    )
     ap.add_argument("--skip-checks", action="store_true", help="skip the ONNX parity checks")
     args = ap.parse_args(argv)
 
@@ -499,7 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     export_onnx(model, cfg, out / "model.onnx")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": eos, "eos_token_id": eos, "max_length": args.context}, indent=2) + "\n"
+        json.dumps({"bos_token_id": eos, "eos_token_id": eos, "max_length": args.context}, indent=2)
+        + "\n"
     )
     (out / "tokenizer_config.json").write_text(
         json.dumps(
@@ -521,7 +611,10 @@ def main(argv: list[str] | None = None) -> int:
         save_hf(model, out, args.save_hf)
     if not args.skip_checks:
         sample = check_parity(model, cfg, out / "model.onnx", tok)
-        print("parity checks passed\n--- greedy sample ---\n" + sample + "\n---------------------", flush=True)
+        print(
+            "parity checks passed\n--- greedy sample ---\n" + sample + "\n---------------------",
+            flush=True,
+        )
     manifest = {
         "name": args.name,
         "seed": args.seed,
