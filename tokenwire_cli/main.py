@@ -89,13 +89,16 @@ def _run_edge(args: argparse.Namespace) -> int:
 
     from clients.edge.server import run_edge
     from clients.edge.settings import EdgeSettings, EdgeSettingsError
+    from clients.edge.upstream import upstream_security
+    from clients.security import SecurityError
     from service.telemetry import configure_logging
 
     fmt = args.log_format or os.environ.get("TOKENWIRE_LOG_FORMAT", "json")
     overrides = {k: v for k, v in vars(args).items() if k not in {"command", "run", "log_format"}}
     try:
         settings = EdgeSettings.from_env(**overrides)
-    except EdgeSettingsError as exc:
+        upstream_security(settings)
+    except (EdgeSettingsError, SecurityError) as exc:
         print(f"tokenwire edge: {exc}", file=sys.stderr)
         return 2
     configure_logging(fmt)
