@@ -99,9 +99,7 @@ async def test_mtls_refuses_a_certificate_from_another_ca(
     mtls_server: RunningServer, pki: Pki
 ) -> None:
     """Under mTLS, a client certificate signed by an untrusted CA fails the handshake."""
-    security = ChannelSecurity(
-        tls_ca=pki.ca, tls_cert=pki.stranger_cert, tls_key=pki.stranger_key
-    )
+    security = ChannelSecurity(tls_ca=pki.ca, tls_cert=pki.stranger_cert, tls_key=pki.stranger_key)
     with pytest.raises(Unavailable):
         await _finish(mtls_server.target, security)
 

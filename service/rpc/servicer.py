@@ -81,9 +81,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 request.request_id, _metadata(context, "x-request-id")
             )
             principal = self._principal(context)
-            structlog.contextvars.bind_contextvars(
-                request_id=request_id, peer=context.peer(), principal=principal
-            )
+            structlog.contextvars.bind_contextvars(request_id=request_id, peer=context.peer())
+            if principal != ANONYMOUS:
+                structlog.contextvars.bind_contextvars(principal=principal)
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
             engine = self._slot.get()
