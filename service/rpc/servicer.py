@@ -75,27 +75,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         structlog.contextvars.clear_contextvars()
         self.last_arrival = time.monotonic()
         try:
-            if isinstance(request, Malformed):
-                raise request.error()
-            request_id = convert.choose_request_id(
-                request.request_id, _metadata(context, "x-request-id")
-            )
-            principal = self._principal(context)
-            structlog.contextvars.bind_contextvars(request_id=request_id, peer=context.peer())
-            if principal != ANONYMOUS:
-                structlog.contextvars.bind_contextvars(principal=principal)
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
-            engine = self._slot.get()
-            domain_request = convert.request_from_pb(
-                request, owned_id(principal, request_id), deadline
-            )
-            handle = engine.submit(domain_request)
+            handle, request_id, deadline = self._submit(request, context)
         except TokenwireError as exc:
             log_rejected(exc)
             await abort(context, exc)
             return
-        summary = _StreamSummary(handle, request if self._log_content else None)
+        logged = request if self._log_content and isinstance(request, pb.GenerateRequest) else None
+        summary = _StreamSummary(handle, logged)
         try:
             # Headers go out only once the request is accepted: until then a failure is
             # trailers-only, which clients may retry transparently (UNAVAILABLE).
@@ -117,6 +103,26 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 if not summary.failed:
                     summary.reason = reason.value
             summary.log()
+
+    def _submit(
+        self, request: pb.GenerateRequest | Malformed, context: Context
+    ) -> tuple[GenerationHandle, str, float | None]:
+        """Check the request and hand it to the engine under the caller's principal; bind the
+        log context. Raises TokenwireError when refused: nothing reaches the engine then."""
+        if isinstance(request, Malformed):
+            raise request.error()
+        request_id = convert.choose_request_id(
+            request.request_id, _metadata(context, "x-request-id")
+        )
+        principal = self._principal(context)
+        structlog.contextvars.bind_contextvars(request_id=request_id, peer=context.peer())
+        if principal != ANONYMOUS:
+            structlog.contextvars.bind_contextvars(principal=principal)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        engine = self._slot.get()
+        owned = convert.request_from_pb(request, owned_id(principal, request_id), deadline)
+        return engine.submit(owned), request_id, deadline
 
     async def GetModelInfo(
         self,
@@ -148,7 +154,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             raise
         principal = self._principal(context)
         cancelled = engine.cancel(owned_id(principal, target))
-        log.info("request.cancel", target=target, found=cancelled, principal=principal)
+        log.info("request.cancel", target=target, found=cancelled, principal=principal or None)
         return pb.CancelResponse(cancelled=cancelled)
 
 
