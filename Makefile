@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 HTTP_PORT ?= 8000
 
-.PHONY: install system-deps bench bench-env bench-quick run test lint typecheck imports proto proto-lint pytest model clean help
+.PHONY: install system-deps bench bench-env bench-quick run test lint typecheck imports proto proto-lint pytest model genai-fixtures clean help
 
 help:
 	@echo "make run    - install (first time) and start the server on the bundled model"
@@ -77,6 +77,10 @@ bench-quick: install bench-env
 	$(BENCH_PY) bench/build_models.py bench-56m
 	$(BIN)/python bench/run.py --quick
 	$(BENCH_PY) bench/report.py
+
+# Tiny ONNX Runtime GenAI folders (fp32, int4) with GenAI's own greedy references.
+genai-fixtures: bench-env
+	$(BENCH_PY) models/build_genai_fixtures.py
 
 model:
 	$(PY) -m venv models/.venv

@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +44,19 @@ def build(name: str) -> Path:
             if not marker.exists():
                 subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             bar.update(1)
+    tune_genai(genai_dir)
     return base
+
+
+def tune_genai(genai_dir: Path) -> dict[str, int]:
+    """Run GenAI at its best here: its builder leaves intra-op threads unset, which on this
+    machine halves its speed; one intra-op thread per core is what its docs recommend."""
+    path = genai_dir / "genai_config.json"
+    config = json.loads(path.read_text())
+    options = config["model"]["decoder"].setdefault("session_options", {})
+    options["intra_op_num_threads"] = os.cpu_count() or 1
+    path.write_text(json.dumps(config, indent=4) + "\n")
+    return {"intra_op_num_threads": options["intra_op_num_threads"]}
 
 
 if __name__ == "__main__":

@@ -53,7 +53,13 @@ def run_raw(model_dir: Path, batch: int, prompt: int, new: int) -> dict[str, flo
     config = json.loads((model_dir / "config.json").read_text())
     layers, kvh = config["num_hidden_layers"], config["num_key_value_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    # The same session options tokenwire uses by default (service/engine/model.py).
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 0
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), options,
+                                   providers=["CPUExecutionProvider"])
     names = [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
     outputs = ["logits"] + [n.replace("past_key_values", "present") for n in names]
     ids = prompt_ids(batch, prompt, config["vocab_size"])

@@ -153,6 +153,11 @@ def update_readme(result: dict[str, Any]) -> None:
         README.write_text(text)
 
 
+def knobs(peer_knobs: dict[str, str]) -> str:
+    """One line per system: the settings it ran with."""
+    return "\n".join(f"- `{name}` ran with: {text}" for name, text in sorted(peer_knobs.items()))
+
+
 def main() -> None:
     result = json.loads(RESULTS.read_text())
     update_readme(result)
@@ -171,6 +176,7 @@ Everything below comes from `bench/results/latest.json`, measured side by side i
   the same weights in the Optimum layout (tokenwire and the plain loop) and the GenAI format
 - workload: prompt {w['prompt_tokens']} tokens, {w['new_tokens']} new tokens, greedy, EOS ignored;
   tokenwire over gRPC on loopback with a light asyncio client in the same machine
+{knobs(result.get('peer_knobs', {}))}
 
 ## Targets
 

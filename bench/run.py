@@ -349,6 +349,20 @@ def machine() -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
+def peer_knobs(genai_dir: Path) -> dict[str, str]:
+    """Every setting each system ran with, as written in the report."""
+    genai = json.loads((genai_dir / "genai_config.json").read_text())
+    options = genai["model"]["decoder"].get("session_options", {})
+    return {
+        "ort-genai": "genai_config.json model.decoder.session_options "
+                     + json.dumps(options, sort_keys=True) + "; greedy search, static batch",
+        "ort-loop": "intra_op_num_threads 0 (one per core), inter_op_num_threads 1, "
+                    "ORT_ENABLE_ALL, spinning on; one session.run per token, numpy argmax",
+        "tokenwire": "defaults of `tokenwire serve` (intra_op_threads 0, inter_op_threads 1, "
+                     "spinning on, prefill chunk 256, max batch 16)",
+    }
+
+
 def find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any]:
     return next(r for r in rows if all(r.get(k) == v for k, v in match.items()))
 
@@ -413,6 +427,7 @@ async def main(quick: bool) -> None:
         "workload": {"prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "greedy": True,
                      "ignore_eos": True},
         "machine": machine(), "quick": quick, "wall_s": round(time.time() - started, 1),
+        "peer_knobs": peer_knobs(genai_dir),
         "rows": rows, "fairness": fair,
     }
     result["ratios"] = ratios(rows)

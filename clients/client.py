@@ -90,6 +90,8 @@ class ModelInfo:
     default_max_tokens: int
     max_batch_size: int
     chat_template: str = ""
+    bos_token: str = ""
+    eos_token: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -106,6 +108,8 @@ class GenerateOptions:
     ignore_eos: bool = False
     logprobs: bool = False
     request_id: str = ""
+    add_special_tokens: bool | None = None
+    """None: the tokenizer's own rule (e.g. add BOS); False for an already templated prompt."""
 
     def to_pb(self, prompt: str) -> pb.GenerateRequest:
         sampling = pb.SamplingParams(top_k=self.top_k)
@@ -121,6 +125,7 @@ class GenerateOptions:
             ignore_eos=self.ignore_eos,
             logprobs=self.logprobs,
             request_id=self.request_id,
+            add_special_tokens=self.add_special_tokens,
         )
 
 
@@ -163,6 +168,8 @@ def model_info_from_pb(m: pb.GetModelInfoResponse) -> ModelInfo:
         default_max_tokens=m.default_max_tokens,
         max_batch_size=m.max_batch_size,
         chat_template=m.chat_template,
+        bos_token=m.bos_token,
+        eos_token=m.eos_token,
     )
 
 

@@ -103,6 +103,8 @@ class GenerationRequest:
     logprobs: bool = False
     deadline: float | None = None
     """Absolute time.monotonic() after which generation ends with DEADLINE_EXCEEDED."""
+    add_special_tokens: bool = True
+    """Tokenize as the model's tokenizer does by default (e.g. with BOS); False for templates."""
 
     def __post_init__(self) -> None:
         if not self.prompt:

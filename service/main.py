@@ -10,7 +10,7 @@ import structlog
 
 from service import __version__
 from service.config import Settings
-from service.engine import Engine, EngineConfig, EngineObserver, OnnxCausalLM
+from service.engine import Engine, EngineConfig, EngineObserver, ModelLoadError, OnnxCausalLM
 from service.rpc.server import TokenwireServer
 from service.telemetry import configure_logging
 from service.telemetry.metrics import MetricsTls, ServerMetrics
@@ -56,8 +56,12 @@ def metrics_tls(settings: Settings) -> MetricsTls | None:
     return MetricsTls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
 
 
-async def run_server(settings: Settings, stop: asyncio.Event) -> None:
-    """Serve until `stop` is set, then drain. Health is NOT_SERVING until the model is warm."""
+async def run_server(settings: Settings, stop: asyncio.Event) -> int:
+    """Serve until `stop` is set, then drain; return the exit status.
+
+    Health is NOT_SERVING until the model is warm. A model the engine cannot drive is refused
+    with one log line and status 2.
+    """
     server = TokenwireServer(settings)
     port = await server.start()
     log.info("server.listening", host=settings.host, port=port, pid=os.getpid())
@@ -67,7 +71,18 @@ async def run_server(settings: Settings, stop: asyncio.Event) -> None:
         metrics_port, _ = metrics.serve(settings.host, settings.metrics_port, tls)
         scheme = "http" if tls is None else "https"
         log.info("metrics.listening", url=f"{scheme}://{settings.host}:{metrics_port}/metrics")
-    engine = await asyncio.to_thread(load_engine, settings, metrics)
+    try:
+        engine = await asyncio.to_thread(load_engine, settings, metrics)
+    except ModelLoadError as exc:
+        log.error("model.refused", model_dir=str(settings.model_dir), reason=str(exc))
+        await server.drain()
+        return 2
+    log.info(
+        "model.loaded",
+        model_dir=str(settings.model_dir),
+        cache=engine.model.layout.describe() if isinstance(engine.model, OnnxCausalLM) else "",
+        padding=engine.model.padding.value,
+    )
     metrics.describe_build(__version__, engine.model.spec.name, engine.model.provider)
     await server.attach(engine)
     log.info(
@@ -83,17 +98,17 @@ async def run_server(settings: Settings, stop: asyncio.Event) -> None:
     )
     await stop.wait()
     await server.drain()
+    return 0
 
 
-async def _main(settings: Settings) -> None:
+async def _main(settings: Settings) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await run_server(settings, stop)
+    return await run_server(settings, stop)
 
 
 def serve(settings: Settings) -> int:
     configure_logging(settings.log_format)
-    asyncio.run(_main(settings))
-    return 0
+    return asyncio.run(_main(settings))

@@ -10,8 +10,10 @@ import time
 
 import numpy as np
 
-from service.engine import ModelSpec, RequestRecord, StepRecord
-from service.engine.model import FloatArray, IntArray
+from service.engine import ModelSpec, OnnxCausalLM, Padding, RequestRecord, StepRecord
+from service.engine.kv_cache import BatchKvCache
+from service.engine.padding import probe_padding
+from service.engine.types import FloatArray, IntArray
 
 
 class RecordingObserver:
@@ -35,6 +37,7 @@ class ScriptedModel:
     """After the token at position q, the most likely next token is script[q + 1] (else EOS)."""
 
     provider = "ScriptedProvider"
+    padding = Padding.SHIFTABLE
 
     def __init__(self, spec: ModelSpec, script: dict[int, int], step_delay_s: float = 0.0) -> None:
         self.spec = spec
@@ -43,6 +46,8 @@ class ScriptedModel:
         self.eos = min(spec.eos_token_ids)
         self.calls = 0
         self.fail_on_calls: set[int] = set()
+        self.fail_on_prompt_token: int | None = None
+        """A prefill whose input holds this id fails, as a bad input would in ORT."""
 
     @classmethod
     def continuing(
@@ -51,8 +56,10 @@ class ScriptedModel:
         script = {prompt_tokens + i: token for i, token in enumerate(continuation)}
         return cls(spec, script, step_delay_s)
 
-    def empty_cache(self, batch: int = 1) -> list[FloatArray]:
-        return [np.zeros((batch, 1, 0, 1), dtype=np.float32) for _ in range(2)]
+    def new_cache(self, rows: int, columns: int = 0, *, left_aligned: bool = False) -> BatchKvCache:
+        return BatchKvCache.zeros(
+            [(0, 1, 0, 1)] * 2, (2, 2), np.float32, rows, columns, left_aligned=left_aligned
+        )
 
     def forward(
         self,
@@ -60,10 +67,13 @@ class ScriptedModel:
         attention_mask: IntArray,
         position_ids: IntArray,
         past: list[FloatArray],
+        last: IntArray | None = None,
     ) -> tuple[FloatArray, list[FloatArray]]:
         self.calls += 1
         if self.calls in self.fail_on_calls:
             raise RuntimeError(f"injected failure on call {self.calls}")
+        if input_ids.shape[1] > 1 and self.fail_on_prompt_token in input_ids:
+            raise RuntimeError("injected prefill failure")
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         rows, new = input_ids.shape
@@ -73,3 +83,37 @@ class ScriptedModel:
             logits[row, self.script.get(nxt, self.eos)] = 30.0
         grown = np.zeros((rows, 1, new, 1), dtype=np.float32)
         return logits, [np.concatenate([p, grown], axis=2) for p in past]
+
+
+class CountedPositionsModel:
+    """A real ONNX model whose positions come from the cache width, not from position_ids.
+
+    That is how Gemma-family exports (no position_ids input) behave. With `absolute_bias`, each
+    absolute position also shifts the logits, like learned positions counted from the width:
+    then any padding changes the output.
+    """
+
+    def __init__(self, inner: OnnxCausalLM, absolute_bias: float = 0.0) -> None:
+        self.inner = inner
+        self.spec = inner.spec
+        self.provider = inner.provider
+        table = np.random.default_rng(0).standard_normal((inner.spec.context_length + 8, 1))
+        self._bias = (absolute_bias * table).astype(np.float32)
+        self.padding = probe_padding(self)
+
+    def new_cache(self, rows: int, columns: int = 0, *, left_aligned: bool = False) -> BatchKvCache:
+        return self.inner.new_cache(rows, columns, left_aligned=left_aligned)
+
+    def forward(
+        self,
+        input_ids: IntArray,
+        attention_mask: IntArray,
+        position_ids: IntArray,
+        past: list[FloatArray],
+        last: IntArray | None = None,
+    ) -> tuple[FloatArray, list[FloatArray]]:
+        width = attention_mask.shape[1]
+        counted = np.arange(width - input_ids.shape[1], width, dtype=np.int64)
+        positions = np.broadcast_to(counted, input_ids.shape)
+        logits, present = self.inner.forward(input_ids, attention_mask, positions, past, last)
+        return logits + self._bias[width - 1], present

@@ -22,7 +22,7 @@ def greedy_without_cache(model: OnnxCausalLM, ids: list[int], steps: int) -> lis
             np.asarray([seq], dtype=np.int64),
             np.ones((1, n), dtype=np.int64),
             np.arange(n, dtype=np.int64)[None, :],
-            model.empty_cache(1),
+            model.new_cache(1).tensors,
         )
         seq.append(int(logits[0].argmax()))
     return seq[len(ids) :]

@@ -59,6 +59,7 @@ class Fuzzed:
     ignore_eos: bool = False
     logprobs: bool = False
     request_id: str = ""
+    add_special_tokens: bool | None = None
 
     def encode(self) -> bytes:
         """The wire bytes: scalars through protobuf, strings by hand so any code point goes."""
@@ -66,12 +67,15 @@ class Fuzzed:
         for name in ("temperature", "top_p", "repetition_penalty", "seed"):
             if (value := getattr(self, name)) is not None:
                 setattr(sampling, name, value)
-        scalars = pb.GenerateRequest(
+        message = pb.GenerateRequest(
             max_tokens=self.max_tokens,
             sampling=sampling,
             ignore_eos=self.ignore_eos,
             logprobs=self.logprobs,
-        ).SerializeToString()
+        )
+        if self.add_special_tokens is not None:
+            message.add_special_tokens = self.add_special_tokens
+        scalars = message.SerializeToString()
         strings = [(1, self.prompt), *((4, s) for s in self.stop), (7, self.request_id)]
         return scalars + b"".join(_string_field(n, s) for n, s in strings if s or n == 4)
 
@@ -118,6 +122,7 @@ wild = st.builds(
     request_id=st.one_of(
         st.just(""), ascii_id, text, st.text(any_char, min_size=120, max_size=140)
     ),
+    add_special_tokens=st.one_of(st.none(), st.booleans()),
 )
 """Anything the wire can carry: mostly refused, which is the point."""
 
@@ -137,6 +142,7 @@ plausible = st.builds(
     ignore_eos=st.booleans(),
     logprobs=st.booleans(),
     request_id=st.one_of(st.just(""), ascii_id),
+    add_special_tokens=st.one_of(st.none(), st.booleans()),
 )
 """Requests inside (or at the edges of) the documented ranges: these must generate."""
 

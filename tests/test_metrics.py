@@ -97,3 +97,24 @@ async def test_exposition_has_no_unbounded_labels(metered: tuple[RunningServer, 
     assert "unique-id-42" not in text
     labels = {k for (_, pairs) in (await scrape.samples()) for k, _ in pairs}
     assert labels <= {"finish_reason", "le", "version", "model", "provider"}
+
+
+async def test_kv_cache_usage_is_reported_while_streaming(
+    metered: tuple[RunningServer, Scraper],
+) -> None:
+    """tokenwire_kv_cache_usage_ratio is the reserved share of max_kv_tokens during a stream,
+    and 0 once it has ended."""
+    running, scrape = metered
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        call = stub.Generate(greedy("def g():", max_tokens=300))
+        seen = 0
+        async for _ in call:
+            seen += 1
+            if seen == 20:
+                during = await scrape.value("tokenwire_kv_cache_usage_ratio")
+    prompt_tokens = len(running.engine.tokenizer.encode("def g():"))
+    assert during == (prompt_tokens + 300) / running.engine.config.max_kv_tokens
+    assert await eventually(lambda: running.engine.active_count == 0)
+    await asyncio.sleep(0.05)
+    assert await scrape.value("tokenwire_kv_cache_usage_ratio") == 0

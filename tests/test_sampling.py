@@ -50,3 +50,25 @@ def test_same_seed_same_draws() -> None:
 def test_logprob_is_log_of_the_softmax() -> None:
     """log_softmax_at returns log p of the unmodified distribution."""
     assert abs(log_softmax_at(LOGITS, 1) - float(np.log(0.3))) < 1e-5
+
+
+def test_tiny_repetition_penalty_with_sampling_still_picks_a_token() -> None:
+    """repetition_penalty 1e-38 overflows float32 scores; the sampler still returns a valid id."""
+    logits = np.asarray([30.0, 20.0, -5.0, 1.0], dtype=np.float32)
+    sampler = Sampler(SamplingParams(temperature=1.0, repetition_penalty=1e-38, seed=4))
+    picks = {sampler.choose(logits, [0, 1, 2]) for _ in range(50)}
+    assert picks <= {0, 1, 2, 3}
+    assert picks
+
+
+def test_denormal_temperature_samples_like_greedy() -> None:
+    """A temperature of 1e-45 (inside the accepted range) picks the most likely token."""
+    sampler = Sampler(SamplingParams(temperature=1e-45, seed=5))
+    assert {sampler.choose(LOGITS, []) for _ in range(20)} == {0}
+
+
+def test_infinite_logits_do_not_produce_nan_probabilities() -> None:
+    """Logits with +inf and -inf entries are sampled among the +inf ones, never NaN."""
+    logits = np.asarray([np.inf, -np.inf, np.inf, 0.0], dtype=np.float32)
+    sampler = Sampler(SamplingParams(temperature=0.7, top_p=0.5, seed=6))
+    assert {sampler.choose(logits, []) for _ in range(50)} <= {0, 2}

@@ -49,6 +49,8 @@ def _options(fields: Fields, request_id: str, *, chat: bool) -> GenerateOptions:
         stop=fields.strings("stop"),
         logprobs=logprobs,
         request_id=request_id,
+        # A rendered chat template already holds the special tokens (BOS) the model expects.
+        add_special_tokens=False if chat else None,
     )
 
 
@@ -80,8 +82,16 @@ async def _chat_prompt(fields: Fields, ctx: EdgeContext) -> str:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise EdgeError.invalid(f"messages[{i}]", "must be an object with a string role")
         turns.append({"role": m["role"], "content": _content_text(m.get("content"), i)})
-    template = (await ctx.upstream.model_info()).chat_template or DEFAULT_CHAT_TEMPLATE
-    return str(_jinja.from_string(template).render(messages=turns, add_generation_prompt=True))
+    info = await ctx.upstream.model_info()
+    template = info.chat_template or DEFAULT_CHAT_TEMPLATE
+    return str(
+        _jinja.from_string(template).render(
+            messages=turns,
+            add_generation_prompt=True,
+            bos_token=info.bos_token,
+            eos_token=info.eos_token,
+        )
+    )
 
 
 class _Shape:

@@ -2,8 +2,10 @@
 
 from service.engine.engine import Engine, EngineConfig, GenerationHandle
 from service.engine.mailbox import EngineStopped
-from service.engine.model import CausalLM, ModelLoadError, ModelSpec, OnnxCausalLM
+from service.engine.model import CausalLM, OnnxCausalLM
 from service.engine.observer import EngineObserver, NullObserver, RequestRecord, StepRecord
+from service.engine.padding import Padding
+from service.engine.spec import ModelLoadError, ModelSpec
 
 __all__ = [
     "CausalLM",
@@ -16,6 +18,7 @@ __all__ = [
     "ModelSpec",
     "NullObserver",
     "OnnxCausalLM",
+    "Padding",
     "RequestRecord",
     "StepRecord",
 ]

@@ -108,13 +108,12 @@ class Engine:
     def warm_up(self) -> None:
         """Run one prefill and a few decode steps so the first request pays no set-up cost."""
         ids = self.tokenizer.encode("def warm_up():\n    return") or [0]
-        cache = self.model.empty_cache(1)
         mask = [[1] * len(ids)]
         logits, cache = self.model.forward(
             np.asarray([ids], dtype=np.int64),
             np.asarray(mask, dtype=np.int64),
             np.arange(len(ids), dtype=np.int64)[None, :],
-            cache,
+            self.model.new_cache(1).tensors,
         )
         for step in range(4):
             token = int(logits[0].argmax())
@@ -180,7 +179,9 @@ class Engine:
         if not self._accepting:
             raise Unavailable("the server is not accepting requests (starting or draining)")
         request.check(self.limits)
-        prompt_ids = self.tokenizer.encode(request.prompt)
+        prompt_ids = self.tokenizer.encode(
+            request.prompt, add_special_tokens=request.add_special_tokens
+        )
         budget = request.token_budget(len(prompt_ids), self.limits)
         if len(prompt_ids) + budget > self.config.max_kv_tokens:
             raise InvalidRequest(

@@ -56,6 +56,8 @@ class StepRecord:
     duration: float
     running: int
     waiting: int
+    kv_usage: float = 0.0
+    """Share of the KV-cache token budget reserved by running requests (prompt + max_tokens)."""
 
 
 class EngineObserver(Protocol):

@@ -1,7 +1,8 @@
 """Token choice per request: repetition penalty, temperature, top-k, top-p, seeded RNG.
 
 Each request owns its RNG, so a seeded request samples the same tokens whatever else runs in
-its batch.
+its batch. Scores are float64 and sanitised before exponentiation: no parameter the API accepts
+(a tiny repetition penalty, a tiny temperature) can turn them into NaN probabilities.
 """
 
 from __future__ import annotations
@@ -32,21 +33,25 @@ class Sampler:
         self._rng = np.random.default_rng(seed)
 
     def choose(self, logits: Logits, history: list[int]) -> int:
+        if self.params.greedy and not history:
+            return int(logits.argmax())
         scores = self._penalised(logits, history)
         if self.params.greedy:
             return int(scores.argmax())
-        return self._sample(scores.astype(np.float64) / self.params.temperature)
+        with np.errstate(over="ignore"):
+            return self._sample(_finite(scores / self.params.temperature))
 
-    def _penalised(self, logits: Logits, history: list[int]) -> Logits:
+    def _penalised(self, logits: Logits, history: list[int]) -> npt.NDArray[np.float64]:
+        scores = logits.astype(np.float64)
         penalty = self.params.repetition_penalty
         if penalty == 1.0 or not history:
-            return logits
+            return scores
         seen = np.unique(np.asarray(history, dtype=np.int64))
-        scores = logits.copy()
         picked = scores[seen]
         # As in CTRL / Hugging Face: shrink positive scores, grow negative ones.
-        scores[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
-        return scores
+        with np.errstate(over="ignore"):
+            scores[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
+        return _finite(scores)
 
     def _sample(self, scores: npt.NDArray[np.float64]) -> int:
         top_k, top_p = self.params.top_k, self.params.top_p
@@ -54,7 +59,11 @@ class Sampler:
         if 0 < top_k < order.size:
             order = order[:top_k]
         kept = scores[order]
-        probs = np.exp(kept - kept.max())
+        # Subtracting the maximum of finite scores keeps every exponent in (-inf, 0].
+        with np.errstate(over="ignore", invalid="ignore"):
+            probs = np.nan_to_num(np.exp(kept - kept.max()), nan=0.0)
+        if not probs.sum() > 0:
+            return int(order[0])
         probs /= probs.sum()
         if top_p < 1.0:
             # Keep the smallest prefix whose mass reaches top_p (always at least one token).
@@ -62,3 +71,9 @@ class Sampler:
             probs = probs[:cutoff] / probs[:cutoff].sum()
             order = order[:cutoff]
         return int(order[self._rng.choice(probs.size, p=probs)])
+
+
+def _finite(scores: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Overflowed scores become the largest finite ones: order is kept, NaN cannot appear."""
+    big = np.finfo(np.float64).max
+    return np.nan_to_num(scores, nan=-big, posinf=big, neginf=-big)

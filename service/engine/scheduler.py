@@ -6,8 +6,12 @@ Every iteration is one step boundary:
   3. run at most one prefill forward: either a group of fresh prompts that together fit the
      prefill budget (left-padded into one batch), or one chunk of a long prompt, so a long
      prompt delays running streams by one chunk per step, never by its whole prefill;
-  4. run one batched decode forward for every running row;
+  4. run one batched decode forward per cohort of running rows (see batch.py);
   5. publish the step's events, one wake-up per consumer loop.
+
+A failure stays with the requests it concerns: a prefill forward that fails is retried row by
+row and then fails only its row, a decode forward fails only its cohort, a sampling or
+detokenising error fails only its request. Every request that leaves gets a terminal event.
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ import numpy as np
 import structlog
 
 from service.domain import FinishReason
+from service.engine.batch import Cohort, Placement
 from service.engine.kv_cache import BatchKvCache
-from service.engine.mailbox import Delivery, EngineStopped, Mailbox, publish_all
-from service.engine.model import CausalLM, FloatArray
+from service.engine.mailbox import Delivery, Mailbox, publish_all
+from service.engine.model import CausalLM
 from service.engine.observer import EngineObserver, StepRecord
 from service.engine.sampling import log_softmax_at
 from service.engine.sequence import Sequence
+from service.engine.types import FloatArray
 
 log = structlog.get_logger("tokenwire.engine")
 
@@ -67,6 +73,7 @@ class Scheduler:
         on_finished: Callable[[Sequence], None],
     ) -> None:
         self._model = model
+        self._placement = Placement(model.padding, model.spec.context_length)
         self._max_batch = max_batch_size
         self._chunk = prefill_chunk_tokens
         self._vocab = vocab_limit
@@ -74,10 +81,11 @@ class Scheduler:
         self._observer = observer
         self._on_finished = on_finished
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._members: dict[Sequence, None] = {}
+        """Every submitted request not yet reported finished, in arrival order."""
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._prefilling: list[Sequence] = []
-        self._running: list[Sequence] = []
-        self._cache = BatchKvCache.empty(model.empty_cache(0))
+        self._cohorts: list[Cohort] = []
         self._cancels: dict[str | None, FinishReason] = {}
         self._finished: list[Sequence] = []
         self._thread: threading.Thread | None = None
@@ -98,6 +106,10 @@ class Scheduler:
             self._thread.join(timeout)
 
     # -- the decode thread ----------------------------------------------------------------------
+    @property
+    def _running(self) -> list[Sequence]:
+        return [s for cohort in self._cohorts for s in cohort.rows]
+
     def _loop(self) -> None:
         while self._take_commands():
             try:
@@ -121,11 +133,12 @@ class Scheduler:
                 duration=time.monotonic() - started,
                 running=self.running,
                 waiting=self.waiting,
+                kv_usage=self._reserved() / self._max_kv_tokens,
             )
         )
 
     def _has_work(self) -> bool:
-        return bool(self._waiting or self._prefilling or self._running)
+        return bool(self._waiting or self._prefilling or self._cohorts)
 
     def _take_commands(self) -> bool:
         """Absorb queued commands, blocking only while idle. False means shut down."""
@@ -139,6 +152,7 @@ class Scheduler:
             if isinstance(command, Shutdown):
                 return False
             if isinstance(command, Submit):
+                self._members[command.sequence] = None
                 self._waiting.append(command.sequence)
             else:
                 self._cancels[command.request_id] = command.reason
@@ -152,9 +166,9 @@ class Scheduler:
             # First tokens go out now, not after this step's decode forward: TTFT stays one
             # prefill long.
             self._publish()
-        self._decode()
-        self.running = len(self._running) + len(self._prefilling)
-        self.waiting = len(self._waiting)
+        for cohort in list(self._cohorts):
+            self._decode(cohort)
+        self._count()
         return prefill_tokens
 
     def _reap(self, now: float) -> None:
@@ -177,15 +191,18 @@ class Scheduler:
         return seq.finished
 
     def _drop_finished_rows(self) -> None:
-        keep = [i for i, s in enumerate(self._running) if not self._retire(s)]
-        if len(keep) != len(self._running):
-            self._cache.keep(keep)
-            self._running = [self._running[i] for i in keep]
+        for cohort in self._cohorts:
+            self._finished.extend(cohort.drop_finished(trim=self._placement.trims))
+        self._cohorts = [c for c in self._cohorts if c.rows]
+
+    def _reserved(self) -> int:
+        """KV-cache entries reserved by running and prefilling requests."""
+        return sum(s.reservation for s in (*self._running, *self._prefilling))
 
     def _admit(self, now: float) -> None:
         """Move waiting requests into prefill while rows and KV-cache budget allow (FIFO)."""
         rows = len(self._running) + len(self._prefilling)
-        reserved = sum(s.reservation for s in (*self._running, *self._prefilling))
+        reserved = self._reserved()
         while self._waiting and rows < self._max_batch:
             if reserved + self._waiting[0].reservation > self._max_kv_tokens:
                 break
@@ -195,35 +212,58 @@ class Scheduler:
             seq.scheduled_at = now
             self._prefilling.append(seq)
 
+    def _prefill_group(self) -> tuple[list[Sequence], int]:
+        """The rows of the next prefill forward and how many prompt positions it feeds."""
+        head = self._prefilling[0]
+        if head.prefilled > 0 or head.solo or len(head.prompt_ids) > self._chunk:
+            return [head], min(len(head.prompt_ids) - head.prefilled, self._chunk)
+        group, size, budget = [], 0, self._chunk
+        for seq in self._prefilling:
+            if seq.prefilled > 0 or seq.solo or len(seq.prompt_ids) > budget:
+                break
+            if not self._placement.groups_mixed_lengths() and len(seq.prompt_ids) != len(
+                head.prompt_ids
+            ):
+                break
+            group.append(seq)
+            budget -= len(seq.prompt_ids)
+            size = max(size, len(seq.prompt_ids))
+        return group, size
+
     def _prefill(self) -> int:
         """Run at most one prefill forward; return how many prompt tokens it processed."""
         if not self._prefilling:
             return 0
-        head = self._prefilling[0]
-        if head.prefilled > 0 or len(head.prompt_ids) > self._chunk:
-            group = [head]
-            size = min(len(head.prompt_ids) - head.prefilled, self._chunk)
-        else:
-            group, size, budget = [], 0, self._chunk
-            for seq in self._prefilling:
-                if seq.prefilled > 0 or len(seq.prompt_ids) > budget:
-                    break
-                group.append(seq)
-                budget -= len(seq.prompt_ids)
-                size = max(size, len(seq.prompt_ids))
-        logits, cache = self._prefill_forward(group, size)
+        group, size = self._prefill_group()
+        try:
+            logits, cache = self._prefill_forward(group, size)
+        except Exception as exc:  # an input one request brought must not fail the others
+            self._prefill_failed(group, exc)
+            return 0
         done = [s for s in group if s.prefilled == len(s.prompt_ids)]
         if not done:
-            head.cache = cache
+            group[0].cache = cache
             return size
         self._prefilling = [s for s in self._prefilling if s not in done]
         self._sample(done, logits, time.monotonic())
         alive = [i for i, s in enumerate(done) if not self._retire(s)]
         if alive:
-            cache.keep(alive)
-            self._cache.extend(cache)
-            self._running.extend(done[i] for i in alive)
+            cache.keep(alive, trim=self._placement.trims)
+            self._placement.join(self._cohorts, [done[i] for i in alive], cache)
         return sum(len(s.prompt_ids) for s in done) if len(group) > 1 else size
+
+    def _prefill_failed(self, group: list[Sequence], exc: Exception) -> None:
+        if len(group) > 1:
+            # Which prompt broke the forward is unknown: retry each alone.
+            log.warning("engine.prefill_group_failed", rows=len(group), error=str(exc))
+            for seq in group:
+                seq.solo = True
+            return
+        [seq] = group
+        log.warning("engine.prefill_failed", request_id=seq.request_id, error=str(exc))
+        seq.fail("prefill failed", exc)
+        self._prefilling.remove(seq)
+        self._retire(seq)
 
     def _prefill_forward(self, group: list[Sequence], size: int) -> tuple[FloatArray, BatchKvCache]:
         """Feed the next `size` prompt tokens of one chunked row, or whole prompts of a group."""
@@ -233,73 +273,96 @@ class Scheduler:
             cache = chunked
             ids = [seq.prompt_ids[seq.prefilled : seq.prefilled + size]]
             positions = [list(range(seq.prefilled, seq.prefilled + size))]
-            pad = [0]
+            real = [size]
         else:
-            cache = BatchKvCache.empty(self._model.empty_cache(len(group)))
+            width = size
+            if len(group) > 1 or len(group[0].prompt_ids) == size:
+                width = self._placement.prefill_width(self._cohorts, size, group)
+            left_aligned = self._placement.left_aligned
+            cache = self._model.new_cache(len(group), width - size, left_aligned=left_aligned)
             chunks = [s.prompt_ids[:size] for s in group]
-            pad = [size - len(c) for c in chunks]
-            ids = [[0] * p + c for p, c in zip(pad, chunks, strict=True)]
-            positions = [[0] * p + list(range(len(c))) for p, c in zip(pad, chunks, strict=True)]
-        mask = cache.mask_with(size)
-        for row, p in enumerate(pad):
-            mask[row, cache.columns : cache.columns + p] = 0
+            real = [len(c) for c in chunks]
+            ids = [_padded(c, size, left_aligned) for c in chunks]
+            positions = [_padded(list(range(len(c))), size, left_aligned) for c in chunks]
+        mask = cache.mask_with(size, real)
         logits, present = self._model.forward(
             np.asarray(ids, dtype=np.int64),
             mask,
             np.asarray(positions, dtype=np.int64),
             cache.tensors,
+            cache.last_positions(size, real),
         )
         cache.advance(present, mask)
-        for seq, p in zip(group, pad, strict=True):
-            seq.prefilled += size - p
+        for seq, fed in zip(group, real, strict=True):
+            seq.prefilled += fed
         return logits, cache
 
-    def _decode(self) -> None:
-        if not self._running:
-            return
-        rows = self._running
+    def _decode(self, cohort: Cohort) -> None:
+        rows, cache = cohort.rows, cohort.cache
         ids = np.asarray([[s.generated[-1]] for s in rows], dtype=np.int64)
         positions = np.asarray([[s.next_position] for s in rows], dtype=np.int64)
-        mask = self._cache.mask_with(1)
-        logits, present = self._model.forward(ids, mask, positions, self._cache.tensors)
-        self._cache.advance(present, mask)
-        self._sample(rows, logits, time.monotonic())
+        mask = cache.mask_with(1)
+        try:
+            logits, present = self._model.forward(ids, mask, positions, cache.tensors)
+        except Exception as exc:  # this cohort's rows fail; other cohorts decode on
+            log.exception("engine.decode_failed", rows=len(rows), error=str(exc))
+            for seq in rows:
+                seq.fail("decode step failed", exc)
+        else:
+            cache.advance(present, mask)
+            self._sample(rows, logits, time.monotonic())
         self._drop_finished_rows()
 
     def _sample(self, rows: list[Sequence], logits: FloatArray, now: float) -> None:
         # Padded embedding rows past the tokenizer's vocabulary are never sampled.
-        for seq, row in zip(rows, logits[:, : self._vocab], strict=True):
-            history = seq.history if seq.request.sampling.repetition_penalty != 1.0 else []
-            token = seq.sampler.choose(row, history)
-            logprob = log_softmax_at(row, token) if seq.request.logprobs else None
-            seq.accept(token, logprob, now)
+        scores = logits[:, : self._vocab]
+        argmax = scores.argmax(axis=1)  # one pass serves every plain greedy row
+        for seq, row, best in zip(rows, scores, argmax, strict=True):
+            try:
+                params = seq.request.sampling
+                if params.greedy and params.repetition_penalty == 1.0:
+                    token = int(best)
+                else:
+                    history = seq.history if params.repetition_penalty != 1.0 else []
+                    token = seq.sampler.choose(row, history)
+                logprob = log_softmax_at(row, token) if seq.request.logprobs else None
+                seq.accept(token, logprob, now)
+            except Exception as exc:  # one request's sampling or text must not fail others
+                log.exception("engine.sample_failed", request_id=seq.request_id)
+                seq.fail("sampling failed", exc)
 
     def _publish(self) -> None:
         deliveries: list[tuple[Mailbox, Delivery]] = []
         for seq in (*self._prefilling, *self._running, *self._finished):
             if seq.outbox:
                 deliveries.append((seq.mailbox, seq.take_events()))
+            if seq.error is not None:
+                deliveries.append((seq.mailbox, seq.error))
         publish_all(deliveries)
         now = time.monotonic()
         for seq in self._finished:
+            self._members.pop(seq, None)
             self._on_finished(seq)
             self._observer.request_finished(seq.record(now))
         self._finished.clear()
+        self._count()
+
+    def _count(self) -> None:
         self.running = len(self._running) + len(self._prefilling)
         self.waiting = len(self._waiting)
 
     def _fail_all(self, exc: Exception) -> None:
-        """A forward failed: every active request ends with an error; the loop goes on."""
-        failed = [*self._waiting, *self._prefilling, *self._running, *self._finished]
-        error = EngineStopped(f"decode step failed: {type(exc).__name__}: {exc}")
-        publish_all([(seq.mailbox, error) for seq in failed])
-        now = time.monotonic()
-        for seq in failed:
-            self._on_finished(seq)
-            self._observer.request_finished(seq.record(now))
+        """An unexpected error in the loop: every member request ends with it; the loop goes on."""
+        for seq in self._members:
+            seq.fail("engine step failed", exc)
+        self._finished = list(self._members)
         self._waiting.clear()
         self._prefilling.clear()
-        self._running.clear()
-        self._finished.clear()
-        self._cache = BatchKvCache.empty(self._model.empty_cache(0))
-        self.running = self.waiting = 0
+        self._cohorts.clear()
+        self._publish()
+
+
+def _padded(values: list[int], size: int, on_right: bool) -> list[int]:
+    """values padded with zeros to size, after them (left-aligned rows) or before them."""
+    pad = [0] * (size - len(values))
+    return values + pad if on_right else pad + values

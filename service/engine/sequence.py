@@ -14,7 +14,7 @@ from service.domain import (
     UsageEvent,
 )
 from service.engine.kv_cache import BatchKvCache
-from service.engine.mailbox import Mailbox
+from service.engine.mailbox import EngineStopped, Mailbox
 from service.engine.observer import RequestRecord
 from service.engine.sampling import Sampler
 from service.tokenizer import TextStream
@@ -40,6 +40,10 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stop_sequence: str = ""
     outbox: list[Event] = dataclasses.field(default_factory=list)
+    error: EngineStopped | None = None
+    """Set when the engine failed this request; delivered after the queued events."""
+    solo: bool = False
+    """Prefill this request alone (a group prefill that included it failed)."""
 
     @property
     def request_id(self) -> str:
@@ -52,7 +56,8 @@ class Sequence:
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        """Ended for any reason: completed, cancelled, expired, or failed."""
+        return self.finish_reason is not None or self.error is not None
 
     @property
     def next_position(self) -> int:
@@ -88,9 +93,15 @@ class Sequence:
 
     def end(self, reason: FinishReason, now: float) -> None:
         """Finish early (cancel, deadline). Held-back text belongs to no token and is dropped."""
-        if self.finish_reason is None:
+        if not self.finished:
             self.finish_reason = reason
             self._close(now)
+
+    def fail(self, what: str, exc: BaseException) -> None:
+        """End with an error: the consumer gets the events so far, then this error."""
+        if not self.finished:
+            self.error = EngineStopped(f"{what}: {type(exc).__name__}: {exc}")
+            self.cache = None
 
     def _close(self, now: float) -> None:
         self.outbox.append(self._usage(now))

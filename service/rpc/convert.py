@@ -73,6 +73,7 @@ def request_from_pb(
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs,
         deadline=deadline,
+        add_special_tokens=msg.add_special_tokens if msg.HasField("add_special_tokens") else True,
     )
 
 
@@ -118,4 +119,6 @@ def model_info_to_pb(engine: Engine) -> pb.GetModelInfoResponse:
         default_max_tokens=engine.config.default_max_tokens,
         max_batch_size=engine.config.max_batch_size,
         chat_template=spec.chat_template,
+        bos_token=spec.bos_token,
+        eos_token=spec.eos_token,
     )

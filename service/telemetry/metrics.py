@@ -141,6 +141,11 @@ class ServerMetrics:
             "tokenwire_requests_waiting", "Requests queued for a batch slot.", registry=r
         )
         self.batch_size = Gauge("tokenwire_batch_size", "Rows in the last decode step.", registry=r)
+        self.kv_cache_usage = Gauge(
+            "tokenwire_kv_cache_usage_ratio",
+            "Share of the KV-cache token budget (max_kv_tokens) reserved by running requests.",
+            registry=r,
+        )
         self.build_info = Gauge(
             "tokenwire_build_info",
             "Version, model and provider (value 1).",
@@ -173,6 +178,7 @@ class ServerMetrics:
         self.batch_size.set(record.batch_size)
         self.running.set(record.running)
         self.waiting.set(record.waiting)
+        self.kv_cache_usage.set(record.kv_usage)
 
     def serve(
         self, host: str, port: int, tls: MetricsTls | None = None

@@ -21,9 +21,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return int(self.inner.get_vocab_size(with_added_tokens=True))
 
-    def encode(self, text: str) -> list[int]:
-        # Special-token text in a prompt stays plain text: prompts must not forge control tokens.
-        return list(self.inner.encode(text, add_special_tokens=False).ids)
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of text. As transformers does, special-token text (e.g. "<|user|>") maps to
+        its special id; add_special_tokens adds what the tokenizer's post-processor adds (BOS for
+        Llama, Mistral, Gemma, ...), as `tokenizer(text)` does by default."""
+        return list(self.inner.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: list[int]) -> str:
         return str(self.inner.decode(ids, skip_special_tokens=True))

@@ -66,6 +66,7 @@ class GenerateRequest(_message.Message):
     IGNORE_EOS_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ADD_SPECIAL_TOKENS_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The text to continue. Required, non-empty."""
     max_tokens: _builtins.int
@@ -76,6 +77,11 @@ class GenerateRequest(_message.Message):
     """Return each token's log-probability under the model's unmodified distribution."""
     request_id: _builtins.str
     """Client-chosen id, echoed in Usage and usable with Cancel. Generated when empty."""
+    add_special_tokens: _builtins.bool
+    """Add the special tokens the model's tokenizer adds to a text (e.g. BOS), as the model's own
+    tokenizer does by default. Unset means true. Set false for a prompt rendered from the chat
+    template, which already contains them.
+    """
     @_builtins.property
     def sampling(self) -> Global___SamplingParams:
         """How to pick each token. Absent means temperature 1.0, no top-k/top-p, no penalty."""
@@ -94,12 +100,15 @@ class GenerateRequest(_message.Message):
         ignore_eos: _builtins.bool = ...,
         logprobs: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        add_special_tokens: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_add_special_tokens", b"_add_special_tokens", "add_special_tokens", b"add_special_tokens", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "stop", b"stop"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_add_special_tokens", b"_add_special_tokens", "add_special_tokens", b"add_special_tokens", "ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "stop", b"stop"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__add_special_tokens: _TypeAlias = _typing.Literal["add_special_tokens"]  # noqa: Y015
+    _WhichOneofArgType__add_special_tokens: _TypeAlias = _typing.Literal["_add_special_tokens", b"_add_special_tokens"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__add_special_tokens) -> _WhichOneofReturnType__add_special_tokens | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
@@ -336,6 +345,8 @@ class GetModelInfoResponse(_message.Message):
     DEFAULT_MAX_TOKENS_FIELD_NUMBER: _builtins.int
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
+    BOS_TOKEN_FIELD_NUMBER: _builtins.int
+    EOS_TOKEN_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name from its config."""
     context_length: _builtins.int
@@ -351,6 +362,9 @@ class GetModelInfoResponse(_message.Message):
     """How many sequences decode together in one step."""
     chat_template: _builtins.str
     """The model's Jinja2 chat template (from tokenizer_config.json); empty when it has none."""
+    bos_token: _builtins.str
+    """Text of the beginning- and end-of-sequence tokens, for rendering the chat template."""
+    eos_token: _builtins.str
     @_builtins.property
     def eos_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -365,10 +379,12 @@ class GetModelInfoResponse(_message.Message):
         default_max_tokens: _builtins.int = ...,
         max_batch_size: _builtins.int = ...,
         chat_template: _builtins.str = ...,
+        bos_token: _builtins.str = ...,
+        eos_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_template", b"chat_template", "context_length", b"context_length", "default_max_tokens", b"default_max_tokens", "eos_token_ids", b"eos_token_ids", "max_batch_size", b"max_batch_size", "max_tokens_limit", b"max_tokens_limit", "model", b"model", "provider", b"provider", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bos_token", b"bos_token", "chat_template", b"chat_template", "context_length", b"context_length", "default_max_tokens", b"default_max_tokens", "eos_token", b"eos_token", "eos_token_ids", b"eos_token_ids", "max_batch_size", b"max_batch_size", "max_tokens_limit", b"max_tokens_limit", "model", b"model", "provider", b"provider", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

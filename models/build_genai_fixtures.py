@@ -1,0 +1,108 @@
+"""Build tiny ONNX Runtime GenAI model folders (fp32 and int4) with GenAI greedy references.
+
+Inside the benchmark environment (torch, transformers, onnxruntime-genai):
+    bench/.venv/bin/python models/build_genai_fixtures.py        (`make genai-fixtures`)
+
+Writes models/fixtures-genai/llama-{fp32,int4}/: what `python -m onnxruntime_genai.models.builder`
+writes for a random-initialised 2-layer Llama (GroupQueryAttention, rotary inside, int4 weights
+as MatMulNBits), plus reference.json: each prompt's ids and the ids ONNX Runtime GenAI's
+Generator decodes greedily from them, alone (up to NEW_TOKENS, or up to and including EOS).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnxruntime_genai as og
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+OUT = Path(__file__).resolve().parent / "fixtures-genai"
+NEW_TOKENS = 16
+PROMPTS = [
+    "Beautiful is better than ugly.",
+    "Explicit",
+    "Simple is better than complex.\nComplex is better than complicated.",
+    "a",
+    "Errors should never pass silently.",
+    "Now is better than never.\nAlthough never is often better than *right* now.",
+    "If the implementation is hard to explain, it's a bad idea.",
+    "Namespaces are one honking great idea",
+]
+LONG = " ".join(PROMPTS[:6])
+CORPUS = "\n".join([*PROMPTS, "Flat is better than nested.", "Sparse is better than dense.",
+                    "Readability counts.", "In the face of ambiguity, refuse to guess.",
+                    "def main():\n    return 0\n", "for i in range(10):\n    print(i)\n"])
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A 320-entry byte-level BPE that adds BOS, as Llama's tokenizer does."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([CORPUS] * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def hf_model(hf_dir: Path, tok: PreTrainedTokenizerFast) -> None:
+    torch.manual_seed(1234)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, initializer_range=0.3,
+                         bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    LlamaForCausalLM(config).eval().save_pretrained(hf_dir)
+    tok.save_pretrained(hf_dir)
+
+
+def build(hf_dir: Path, precision: str, out: Path, cache: Path) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
+                    "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def references(out: Path, tok: PreTrainedTokenizerFast) -> dict[str, Any]:
+    model = og.Model(str(out))
+    prompts = []
+    for text in [*PROMPTS, LONG]:
+        ids = tok(text)["input_ids"]
+        params = og.GeneratorParams(model)
+        # No min_length: it would hide EOS from the argmax. A run that meets EOS ends there.
+        params.set_search_options(max_length=len(ids) + NEW_TOKENS, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens([ids])
+        while not generator.is_done():
+            generator.generate_next_token()
+        prompts.append({"text": text, "prompt_ids": ids, "long": text == LONG,
+                        "output_ids": [int(t) for t in generator.get_sequence(0)][len(ids):]})
+    return {"family": "llama-genai", "onnxruntime_genai_version": og.__version__,
+            "max_new_tokens": NEW_TOKENS, "prompts": prompts}
+
+
+def main() -> None:
+    tok = tokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = Path(tmp) / "hf"
+        hf_model(hf_dir, tok)
+        for precision in ("fp32", "int4"):
+            out = OUT / f"llama-{precision}"
+            build(hf_dir, precision, out, Path(tmp) / "cache")
+            reference = references(out, tok)
+            (out / "reference.json").write_text(json.dumps(reference, indent=1) + "\n")
+            size = sum(p.stat().st_size for p in out.iterdir()) // 1024
+            print(f"{out.relative_to(OUT.parent.parent)}: {size} KiB")
+
+
+if __name__ == "__main__":
+    main()

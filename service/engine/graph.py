@@ -1,0 +1,178 @@
+"""The KV cache's shape, read from the graph: the graph is the source of truth.
+
+An Optimum "with past" export names its cache inputs `past_key_values.{layer}.{key|value}`
+(`key_value` where a family fuses them) and its outputs `present.{layer}.{...}`. Each input's
+declared shape says the rest: axis 0 is the batch, exactly one other axis is symbolic (the
+sequence), every remaining axis is fixed (KV heads, head dim). Keys and values may differ
+(multi-query attention has one KV head; MLA exports have different key and value dims).
+config.json only cross-checks these numbers: when it disagrees, the load fails with both values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from service.engine.spec import ModelLoadError, ModelSpec
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value|key_value)$")
+_ORT_DTYPES: dict[str, type[np.floating[Any]]] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+}
+
+
+class NodeArg(Protocol):
+    """The part of onnxruntime.NodeArg this module reads."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def shape(self) -> Sequence[int | str | None]: ...
+
+    @property
+    def type(self) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CacheTensor:
+    """One cache input: its name, the present output that replaces it, and its layout."""
+
+    name: str
+    present: str
+    shape: tuple[int, ...]
+    """Fixed dims with the sequence axis set to 0 (batch axis 0 is filled in per use)."""
+    seq_axis: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CacheLayout:
+    """Every cache tensor of the graph, in layer order, and the cache dtype."""
+
+    tensors: tuple[CacheTensor, ...]
+    dtype: type[np.floating[Any]]
+    num_layers: int
+
+    @property
+    def past_names(self) -> list[str]:
+        return [t.name for t in self.tensors]
+
+    @property
+    def present_names(self) -> list[str]:
+        return [t.present for t in self.tensors]
+
+    def describe(self) -> str:
+        """Shapes as a log-friendly string, e.g. "key [b, 2, s, 16], value [b, 2, s, 8]"."""
+        seen: dict[str, str] = {}
+        for t in self.tensors:
+            kind = t.name.rsplit(".", 1)[1]
+            dims = ["s" if i == t.seq_axis else str(d) for i, d in enumerate(t.shape)]
+            seen.setdefault(kind, f"{kind} [b, {', '.join(dims[1:])}]")
+        return ", ".join(seen.values())
+
+
+def read_layout(
+    inputs: Sequence[NodeArg], outputs: Sequence[NodeArg], spec: ModelSpec
+) -> CacheLayout:
+    """Read the cache layout from the session's inputs and outputs, and check it against spec."""
+    by_layer: dict[int, list[NodeArg]] = {}
+    for arg in inputs:
+        if match := _PAST.match(arg.name):
+            by_layer.setdefault(int(match.group(1)), []).append(arg)
+    if not by_layer:
+        raise ModelLoadError(
+            "model.onnx has no past_key_values.N.key/value inputs: the engine drives decoder "
+            "graphs with a KV cache (Optimum task text-generation-with-past)"
+        )
+    layers = sorted(by_layer)
+    if layers != list(range(len(layers))):
+        raise ModelLoadError(f"model.onnx has past inputs for layers {layers}: not 0..N-1")
+    output_names = {o.name for o in outputs}
+    tensors = tuple(
+        _cache_tensor(arg, output_names, spec)
+        for layer in layers
+        for arg in sorted(by_layer[layer], key=lambda a: a.name)
+    )
+    dtypes = {next(a.type for a in inputs if a.name == t.name) for t in tensors}
+    if len(dtypes) != 1 or (dtype := dtypes.pop()) not in _ORT_DTYPES:
+        raise ModelLoadError(f"model.onnx cache inputs have element types {sorted(dtypes)}")
+    layout = CacheLayout(tensors, _ORT_DTYPES[dtype], len(layers))
+    check_against_config(layout, spec)
+    return layout
+
+
+def _cache_tensor(arg: NodeArg, output_names: set[str], spec: ModelSpec) -> CacheTensor:
+    present = arg.name.replace("past_key_values", "present", 1)
+    if present not in output_names:
+        raise ModelLoadError(f"model.onnx has input {arg.name} but no output {present}")
+    dims = list(arg.shape)
+    seq_axis = _sequence_axis(dims)
+    fixed: list[int] = []
+    for i, dim in enumerate(dims):
+        if i in (0, seq_axis):
+            fixed.append(0)
+        elif isinstance(dim, int):
+            fixed.append(dim)
+        elif i == len(dims) - 1 and spec.head_dim is not None:
+            # GenAI's builder leaves the head dim symbolic; its config states it.
+            fixed.append(spec.head_dim)
+        else:
+            raise ModelLoadError(
+                f"model.onnx input {arg.name} has shape {dims}: its axis {i} is dynamic and "
+                "neither the sequence nor a head dim the model's config states"
+            )
+    return CacheTensor(arg.name, present, tuple(fixed), seq_axis)
+
+
+def _sequence_axis(dims: list[int | str | None]) -> int:
+    """The dynamic axis after the batch axis: the only one, or the only one named "...seq..."."""
+    dynamic = [i for i, d in enumerate(dims) if not isinstance(d, int) and i > 0]
+    if len(dynamic) > 1:
+        dynamic = [i for i in dynamic if "seq" in str(dims[i]).lower()]
+    if len(dynamic) != 1 or isinstance(dims[0], int):
+        raise ModelLoadError(
+            f"a cache input has shape {dims}: the engine drives caches with a dynamic batch "
+            "axis first and one dynamic sequence axis"
+        )
+    return dynamic[0]
+
+
+def check_against_config(layout: CacheLayout, spec: ModelSpec) -> None:
+    """Fail with one line naming both values where config.json contradicts the graph."""
+    if spec.num_layers is not None and spec.num_layers != layout.num_layers:
+        raise ModelLoadError(
+            f"config.json says {spec.num_layers} layers but model.onnx has cache inputs for "
+            f"{layout.num_layers} layers"
+        )
+    standard = [t for t in layout.tensors if len(t.shape) == 4 and t.seq_axis == 2]
+    if spec.num_kv_heads is not None:
+        for t in standard:
+            if t.shape[1] != spec.num_kv_heads:
+                raise ModelLoadError(
+                    f"config.json says {spec.num_kv_heads} key/value heads but model.onnx input "
+                    f"{t.name} has {t.shape[1]}"
+                )
+    if spec.head_dim is not None:
+        for t in standard:
+            if t.name.endswith(".key") and t.shape[3] != spec.head_dim:
+                raise ModelLoadError(
+                    f"config.json says head_dim {spec.head_dim} but model.onnx input {t.name} "
+                    f"has {t.shape[3]}"
+                )
+
+
+def check_vocab(outputs: Sequence[NodeArg], spec: ModelSpec) -> None:
+    """The logits' last axis, where the graph fixes it, must equal config.json's vocab size."""
+    logits = next((o for o in outputs if o.name == "logits"), None)
+    if logits is None:
+        raise ModelLoadError("model.onnx has no 'logits' output")
+    width = list(logits.shape)[-1] if logits.shape else None
+    if isinstance(width, int) and width != spec.vocab_size:
+        raise ModelLoadError(
+            f"config.json says vocab size {spec.vocab_size} but model.onnx logits have {width}"
+        )

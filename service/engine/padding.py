@@ -1,0 +1,147 @@
+"""How a graph reacts to padding in front of a row, measured once at load.
+
+Rows of different lengths share a forward by left-padding the shorter ones (masked columns).
+Whether that is invisible depends on how the graph finds positions, which its inputs do not
+always say:
+- explicit `position_ids` (Llama family), positions from the mask's cumulative sum (BLOOM):
+  padding may be added or removed in front of a running row at any step;
+- positions counted from the cache width (Gemma family, Nemotron, GPT-OSS exports), ALiBi
+  relative to the last column (MPT): padding present from a row's first step only shifts all of
+  its positions alike (RoPE and ALiBi see differences), but changing it later moves the row;
+- learned absolute positions counted from the cache width: any padding changes the output;
+- GroupQueryAttention (ONNX Runtime GenAI's builder): each row's length is the sum of its mask
+  and its entries start at column 0, so rows are padded on the right instead.
+
+The probe first decodes two rows of different lengths padded on the right, GroupQueryAttention
+style; then a few pseudo-random tokens three ways, compared with a plain run: padding from the
+first step (as cache columns and as masked input tokens), and padding inserted after the
+prefill. The scheduler then never does what the graph cannot take.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from service.engine.types import FloatArray
+
+if TYPE_CHECKING:
+    from service.engine.model import CausalLM
+
+_PROMPT, _SHORT, _DECODE, _PAD = 6, 3, 4, 3
+# Padding changes only the accumulation order of masked (exactly zero) terms: fp32 noise is
+# around 1e-7 of the logit scale, while a shifted position moves logits by far more.
+FP32_TOLERANCE = 1e-5
+FP16_TOLERANCE = 1e-2
+
+
+class Padding(enum.Enum):
+    """What the scheduler may do with the padding in front of a running row."""
+
+    SHIFTABLE = "shiftable"
+    """Padding may change at any step: one batch, rows join and leave freely."""
+    FIXED = "fixed"
+    """Padding chosen at a row's first step must stay: rows join batches of their own width."""
+    NONE = "none"
+    """Any padding changes the output: only rows of equal length share a forward."""
+    RIGHT = "right"
+    """Rows start at column 0 and the mask's sum is each row's length (GroupQueryAttention):
+    one batch, rows join and leave freely, padded on the right."""
+
+
+def probe_padding(model: CausalLM, tolerance: float = FP32_TOLERANCE) -> Padding:
+    """Classify the model by decoding with and without padding (a handful of tiny forwards).
+
+    `tolerance` is relative to the logit scale: padding may only change rounding.
+    """
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, model.spec.vocab_size, 10)]
+    reference = _decode(model, ids)
+
+    def close(other: FloatArray, expected: FloatArray) -> bool:
+        scale = max(1.0, float(np.abs(expected).max()))
+        return bool(np.abs(other - expected).max() <= tolerance * scale)
+
+    def same(other: FloatArray) -> bool:
+        return close(other, reference)
+
+    short = _decode(model, ids, prompt=_SHORT)
+    if all(map(close, _decode_right_aligned(model, ids), (reference, short))):
+        return Padding.RIGHT
+    padded_from_start = (
+        _decode(model, ids, pad_columns=_PAD),
+        _decode(model, ids, pad_tokens=_PAD),
+    )
+    if not all(same(run) for run in padded_from_start):
+        return Padding.NONE
+    return Padding.SHIFTABLE if same(_decode(model, ids, shift=_PAD)) else Padding.FIXED
+
+
+def _decode_right_aligned(model: CausalLM, ids: list[int]) -> tuple[FloatArray, FloatArray]:
+    """Two rows, prompts of _PROMPT and _SHORT ids padded on the right, then the same decode
+    tokens; return each row's logits per step."""
+    cache = model.new_cache(2, left_aligned=True)
+    real = [_PROMPT, _SHORT]
+    tokens = [ids[:n] + [0] * (_PROMPT - n) for n in real]
+    positions = [list(range(n)) + [0] * (_PROMPT - n) for n in real]
+    mask = cache.mask_with(_PROMPT, real)
+    logits, present = model.forward(
+        np.asarray(tokens, dtype=np.int64),
+        mask,
+        np.asarray(positions, dtype=np.int64),
+        cache.tensors,
+        cache.last_positions(_PROMPT, real),
+    )
+    cache.advance(present, mask)
+    steps = [logits]
+    for step, token in enumerate(ids[_PROMPT : _PROMPT + _DECODE]):
+        mask = cache.mask_with(1)
+        logits, present = model.forward(
+            np.asarray([[token], [token]], dtype=np.int64),
+            mask,
+            np.asarray([[n + step] for n in real], dtype=np.int64),
+            cache.tensors,
+        )
+        cache.advance(present, mask)
+        steps.append(logits)
+    stacked = np.stack(steps).astype(np.float32)
+    return stacked[:, 0], stacked[:, 1]
+
+
+def _decode(
+    model: CausalLM,
+    ids: list[int],
+    *,
+    prompt: int = _PROMPT,
+    pad_columns: int = 0,
+    pad_tokens: int = 0,
+    shift: int = 0,
+) -> FloatArray:
+    """Prefill ids[:prompt], then decode ids[_PROMPT:] one by one; return every step's logits."""
+    cache = model.new_cache(1, pad_columns)
+    tokens = [0] * pad_tokens + ids[:prompt]
+    positions = [0] * pad_tokens + list(range(prompt))
+    mask = cache.mask_with(len(tokens))
+    mask[0, pad_columns : pad_columns + pad_tokens] = 0
+    logits, present = model.forward(
+        np.asarray([tokens], dtype=np.int64),
+        mask,
+        np.asarray([positions], dtype=np.int64),
+        cache.tensors,
+    )
+    cache.advance(present, mask)
+    if shift:
+        cache.pad_left(shift)
+    steps = [logits]
+    for position, token in enumerate(ids[_PROMPT : _PROMPT + _DECODE], start=prompt):
+        mask = cache.mask_with(1)
+        logits, present = model.forward(
+            np.asarray([[token]], dtype=np.int64),
+            mask,
+            np.asarray([[position]], dtype=np.int64),
+            cache.tensors,
+        )
+        cache.advance(present, mask)
+        steps.append(logits)
+    return np.concatenate(steps).astype(np.float32)

@@ -1,0 +1,185 @@
+"""What the engine needs to know about a model that the graph cannot say, from its JSON files.
+
+Two layouts are read: a Hugging Face / Optimum directory (config.json, generation_config.json,
+tokenizer_config.json) and an ONNX Runtime GenAI folder (genai_config.json, as its model
+builder writes it). Families spell the same facts differently (`num_attention_heads` /
+`n_head` / `num_heads`,
+`max_position_embeddings` / `n_positions` / `max_seq_len`, ...). Each fact is looked up under
+the aliases the common families use; the first key present wins. Shapes of the KV cache are
+not taken from here: the graph is their source of truth (see graph.py), and this file's values
+only cross-check it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+
+class ModelLoadError(RuntimeError):
+    """The model directory is missing a file or has a layout the engine cannot drive."""
+
+
+# First key present wins; the order follows how common each spelling is.
+ALIASES: dict[str, tuple[str, ...]] = {
+    "vocab_size": ("vocab_size", "n_vocab", "padded_vocab_size"),
+    "num_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    "num_heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
+    "num_kv_heads": ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num"),
+    "head_dim": ("head_dim",),
+    "context_length": (
+        "max_position_embeddings",
+        "n_positions",
+        "max_seq_len",
+        "max_sequence_length",
+        "seq_length",
+        "n_ctx",
+    ),
+}
+GENAI_CONFIG = "genai_config.json"
+# A tokenizer_config.json model_max_length at or above this is transformers' "no limit" marker.
+_NO_LIMIT = 10**9
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """Vocabulary, context, stop ids and declared shapes of a model, read from its directory."""
+
+    name: str
+    vocab_size: int
+    context_length: int
+    eos_token_ids: frozenset[int]
+    chat_template: str = ""
+    bos_token: str = ""
+    eos_token: str = ""
+    num_layers: int | None = None
+    num_kv_heads: int | None = None
+    """Only when config.json states it (or says multi_query): the graph is checked against it."""
+    head_dim: int | None = None
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> ModelSpec:
+        tokenizer_config = read_json(model_dir / "tokenizer_config.json", required=False)
+        if not (model_dir / "config.json").exists() and (model_dir / GENAI_CONFIG).exists():
+            config = genai_as_config(read_json(model_dir / GENAI_CONFIG))
+            generation: dict[str, Any] = {}
+        else:
+            config = text_config(read_json(model_dir / "config.json"))
+            generation = read_json(model_dir / "generation_config.json", required=False)
+        vocab = lookup(config, "vocab_size")
+        if vocab is None:
+            raise ModelLoadError(_missing(model_dir, "vocab_size"))
+        eos = _as_ids(generation.get("eos_token_id", config.get("eos_token_id")))
+        return cls(
+            name=str(config.get("_name_or_path") or model_dir.name),
+            vocab_size=vocab,
+            context_length=_context_length(model_dir, config, tokenizer_config),
+            eos_token_ids=frozenset(eos),
+            chat_template=_chat_template(model_dir, tokenizer_config),
+            bos_token=_token_text(tokenizer_config.get("bos_token")),
+            eos_token=_token_text(tokenizer_config.get("eos_token")),
+            num_layers=lookup(config, "num_layers"),
+            num_kv_heads=_declared_kv_heads(config),
+            head_dim=lookup(config, "head_dim"),
+        )
+
+
+def genai_as_config(genai: dict[str, Any]) -> dict[str, Any]:
+    """genai_config.json's model section under config.json's key names."""
+    model = genai.get("model")
+    decoder = model.get("decoder") if isinstance(model, dict) else None
+    if not isinstance(model, dict) or not isinstance(decoder, dict):
+        raise ModelLoadError(f"{GENAI_CONFIG} has no model.decoder section")
+    return {
+        "_name_or_path": model.get("type", ""),
+        "vocab_size": model.get("vocab_size"),
+        "max_position_embeddings": model.get("context_length"),
+        "eos_token_id": model.get("eos_token_id"),
+        "num_hidden_layers": decoder.get("num_hidden_layers"),
+        "num_attention_heads": decoder.get("num_attention_heads"),
+        "num_key_value_heads": decoder.get("num_key_value_heads"),
+        "head_dim": decoder.get("head_size"),
+    }
+
+
+def _chat_template(model_dir: Path, tokenizer_config: dict[str, Any]) -> str:
+    """transformers writes the template into tokenizer_config.json or chat_template.jinja."""
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, str) and template:
+        return template
+    path = model_dir / "chat_template.jinja"
+    return path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+def read_json(path: Path, *, required: bool = True) -> dict[str, Any]:
+    if not path.exists():
+        if required:
+            raise ModelLoadError(f"{path} is missing")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} is not a JSON object")
+    return data
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's part of a config (multimodal configs nest it as text_config)."""
+    nested = config.get("text_config")
+    return {**config, **nested} if isinstance(nested, dict) else config
+
+
+def lookup(config: dict[str, Any], fact: str) -> int | None:
+    """The fact's value under the first alias present, as an int; None if no alias is."""
+    for key in ALIASES[fact]:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _declared_kv_heads(config: dict[str, Any]) -> int | None:
+    stated = lookup(config, "num_kv_heads")
+    if stated is not None:
+        return stated
+    # Falcon's and StarCoder's multi-query flag: one KV head shared by every query head.
+    if config.get("multi_query") is True and not config.get("new_decoder_architecture"):
+        return 1
+    return None
+
+
+def _context_length(
+    model_dir: Path, config: dict[str, Any], tokenizer_config: dict[str, Any]
+) -> int:
+    found = lookup(config, "context_length")
+    if found is None:
+        limit = tokenizer_config.get("model_max_length")
+        if isinstance(limit, int) and 0 < limit < _NO_LIMIT:
+            found = limit
+    if found is None or found < 2:
+        raise ModelLoadError(_missing(model_dir, "context_length"))
+    return found
+
+
+def _missing(model_dir: Path, fact: str) -> str:
+    keys = ", ".join(ALIASES[fact])
+    return f"{model_dir / 'config.json'} states no {fact.replace('_', ' ')} (looked for {keys})"
+
+
+def _as_ids(value: object) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [int(v) for v in value]
+    return [int(str(value))]
+
+
+def _token_text(value: object) -> str:
+    """tokenizer_config writes special tokens as text or as {"content": text, ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else ""

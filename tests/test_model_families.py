@@ -1,0 +1,119 @@
+"""Every fixture family is served exactly: the reference greedy ids, alone and in a moving batch.
+
+models/fixtures/<family>/ holds a tiny random-initialised Optimum export and reference.json
+(prompts as transformers tokenizes them, PyTorch greedy ids for each prompt run alone), built
+by models/build_fixtures.py. models/fixtures-genai/llama-{fp32,int4}/ hold ONNX Runtime GenAI
+folders (GroupQueryAttention, int4 MatMulNBits) with ORT GenAI Generator greedy ids, built by
+models/build_genai_fixtures.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
+
+from service.engine import OnnxCausalLM
+from service.tokenizer import Tokenizer
+from tests.conftest import RunningServer, collect, greedy, start_server
+from tests.invariance import Job, together
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+FIXTURES = MODELS / "fixtures"
+FOLDERS = sorted(p for p in MODELS.glob("fixtures*/*") if (p / "reference.json").exists())
+
+
+def _reference(model_dir: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((model_dir / "reference.json").read_text())
+    return data
+
+
+@pytest.fixture(scope="module", params=FOLDERS, ids=[f"{p.parent.name}/{p.name}" for p in FOLDERS])
+async def family(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Path, RunningServer]]:
+    """One fixture model behind a real gRPC server."""
+    model_dir: Path = request.param
+    model = OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=1)
+    running = await start_server(
+        model, Tokenizer.from_dir(model_dir), max_batch_size=16, prefill_chunk_tokens=32
+    )
+    yield model_dir, running
+    await running.server.drain()
+
+
+def test_every_position_scheme_has_a_fixture() -> None:
+    """The fixtures cover explicit, counted and learned positions, ALiBi, MQA, BOS and GQA."""
+    required = {
+        "fixtures/llama",
+        "fixtures/gemma",
+        "fixtures/gpt2",
+        "fixtures/opt",
+        "fixtures/bloom",
+        "fixtures/falcon",
+        "fixtures/gpt_bigcode",
+        "fixtures/qwen2",
+        "fixtures-genai/llama-fp32",
+        "fixtures-genai/llama-int4",
+    }
+    assert required <= {f"{p.parent.name}/{p.name}" for p in FOLDERS}
+
+
+async def test_served_greedy_ids_equal_the_reference(family: tuple[Path, RunningServer]) -> None:
+    """Each prompt alone through the gRPC server gives the reference ids and prompt count."""
+    model_dir, running = family
+    reference = _reference(model_dir)
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        for prompt in reference["prompts"]:
+            messages = await collect(stub, greedy(prompt["text"], reference["max_new_tokens"]))
+            ids = [m.token.id for m in messages if m.WhichOneof("event") == "token"]
+            usage = next(m.usage for m in messages if m.WhichOneof("event") == "usage")
+            # A reference that met EOS ends there; the server was told to ignore EOS.
+            assert ids[: len(prompt["output_ids"])] == prompt["output_ids"], prompt["text"]
+            assert usage.prompt_tokens == len(prompt["prompt_ids"]), prompt["text"]
+
+
+async def test_batched_greedy_ids_equal_the_reference(
+    family: tuple[Path, RunningServer],
+) -> None:
+    """All prompts together (staggered joins, the long one mid-decode, different lengths so
+    rows leave at different steps) give each prompt's solo reference ids."""
+    model_dir, running = family
+    reference = _reference(model_dir)
+    prompts = sorted(reference["prompts"], key=lambda p: bool(p.get("long")))
+    n = reference["max_new_tokens"]
+    jobs = [Job(p["text"], n - (i * 5) % (n // 2)) for i, p in enumerate(prompts)]
+    got = await together(running.engine, jobs)
+    for job, prompt, ids in zip(jobs, prompts, got, strict=True):
+        expected = prompt["output_ids"][: job.max_tokens]
+        assert ids[: len(expected)] == expected, prompt["text"]
+
+
+def test_tokenization_matches_transformers(family: tuple[Path, RunningServer]) -> None:
+    """The engine encodes each prompt to the ids transformers gives (BOS and all)."""
+    model_dir, running = family
+    for prompt in _reference(model_dir)["prompts"]:
+        got = running.engine.tokenizer.encode(prompt["text"], add_special_tokens=True)
+        assert got == prompt["prompt_ids"], prompt["text"]
+
+
+async def test_context_length_is_enforced_as_invalid_argument() -> None:
+    """GPT-2's n_positions bounds prompt + max_tokens: beyond it is INVALID_ARGUMENT."""
+    model_dir = FIXTURES / "gpt2"
+    context = int(json.loads((model_dir / "config.json").read_text())["n_positions"])
+    model = OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=1)
+    # The server's own max_tokens limit sits above the context, so the context is what binds.
+    running = await start_server(model, Tokenizer.from_dir(model_dir), max_tokens_limit=4 * context)
+    try:
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await collect(stub, greedy("a b c d", context))
+    finally:
+        await running.server.drain()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"context length is {context}" in (caught.value.details() or "")

@@ -1,0 +1,119 @@
+"""Loading a model directory: config aliases, the graph as the source of truth, clean refusal."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.config import BUNDLED_MODEL_DIR
+from service.engine import ModelLoadError, ModelSpec, OnnxCausalLM
+
+
+def _copy_with_config(tmp_path: Path, **changes: Any) -> Path:
+    """The bundled model in tmp_path with config.json keys changed (None removes a key)."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(BUNDLED_MODEL_DIR, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (model_dir / "config.json").write_text(json.dumps(config))
+    return model_dir
+
+
+def test_gpt2_style_keys_are_read(tmp_path: Path) -> None:
+    """n_layer / n_head / n_positions stand in for num_hidden_layers / ... / max_position_*."""
+    model_dir = _copy_with_config(
+        tmp_path,
+        num_hidden_layers=None,
+        num_attention_heads=None,
+        max_position_embeddings=None,
+        n_layer=4,
+        n_head=8,
+        n_positions=128,
+    )
+    spec = ModelSpec.from_dir(model_dir)
+    assert (spec.num_layers, spec.context_length) == (4, 128)
+
+
+def test_mpt_style_context_key_is_read(tmp_path: Path) -> None:
+    """MPT's max_seq_len gives the context length."""
+    model_dir = _copy_with_config(tmp_path, max_position_embeddings=None, max_seq_len=300)
+    assert ModelSpec.from_dir(model_dir).context_length == 300
+
+
+def test_a_config_without_any_context_key_is_refused(tmp_path: Path) -> None:
+    """No context-length key anywhere: the load fails naming the keys it looked for."""
+    model_dir = _copy_with_config(tmp_path, max_position_embeddings=None)
+    tokenizer_config = model_dir / "tokenizer_config.json"
+    tokenizer_config.write_text(json.dumps({"model_max_length": 10**30}))
+    with pytest.raises(ModelLoadError, match="max_position_embeddings, n_positions"):
+        ModelSpec.from_dir(model_dir)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"num_hidden_layers": 3},
+            "config.json says 3 layers but model.onnx has cache inputs for 4",
+        ),
+        ({"num_key_value_heads": 2}, "config.json says 2 key/value heads but model.onnx input"),
+        ({"head_dim": 16}, "config.json says head_dim 16 but model.onnx input"),
+        ({"vocab_size": 4000}, "config.json says vocab size 4000 but model.onnx logits have 4096"),
+    ],
+)
+def test_config_contradicting_the_graph_names_both_values(
+    tmp_path: Path, change: dict[str, int], message: str
+) -> None:
+    """Where config.json and the graph disagree, the load fails with one line naming both."""
+    model_dir = _copy_with_config(tmp_path, **change)
+    with pytest.raises(ModelLoadError, match=message):
+        OnnxCausalLM(model_dir, provider="cpu")
+
+
+def test_cache_shapes_come_from_the_graph(tmp_path: Path) -> None:
+    """With the KV-head and head-dim keys removed, the cache layout is read from model.onnx."""
+    model_dir = _copy_with_config(tmp_path, num_key_value_heads=None, head_dim=None)
+    model = OnnxCausalLM(model_dir, provider="cpu")
+    assert model.layout.describe() == "key [b, 4, s, 32], value [b, 4, s, 32]"
+
+
+@pytest.mark.slow
+def test_refused_model_is_one_log_line_and_exit_status_2(tmp_path: Path) -> None:
+    """`tokenwire serve` on a model it cannot drive: status 2, one JSON refusal, no traceback."""
+    model_dir = _copy_with_config(tmp_path, num_hidden_layers=3)
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenwire_cli.main", "serve", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            "TOKENWIRE_MODEL_DIR": str(model_dir),
+            "TOKENWIRE_METRICS_PORT": "0",
+            "TOKENWIRE_LOG_FORMAT": "json",
+            "PATH": "/usr/bin:/bin",
+        },
+        check=False,
+    )
+    lines = (done.stdout + done.stderr).splitlines()
+    records = [json.loads(line) for line in lines]
+    refusals = [r for r in records if r["event"] == "model.refused"]
+    assert done.returncode == 2
+    assert refusals == [
+        {
+            "model_dir": str(model_dir),
+            "reason": "config.json says 3 layers but model.onnx has cache inputs for 4 layers",
+            "event": "model.refused",
+            "level": "error",
+            "timestamp": refusals[0]["timestamp"],
+        }
+    ]
