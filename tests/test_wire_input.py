@@ -80,6 +80,31 @@ async def test_malformed_protobuf_is_invalid_argument(served: RunningServer) -> 
     assert error.details().startswith("request:")
 
 
+SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"]
+
+
+@pytest.mark.parametrize("method", [m.name for m in SERVICE.methods])
+async def test_every_method_answers_malformed_bytes_with_invalid_argument(
+    served: RunningServer, method: str
+) -> None:
+    """Each GenerationService method in the proto (so a new one too) refuses corrupt bytes
+    with INVALID_ARGUMENT, never UNKNOWN."""
+    path = f"/{SERVICE.full_name}/{method}"
+    streaming = SERVICE.methods_by_name[method].server_streaming
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _send_raw(served.target, path, b"\xff\xff\xff\xff", streaming=streaming)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def _send_raw(target: str, path: str, body: bytes, *, streaming: bool) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        if streaming:
+            async for _ in channel.unary_stream(path)(body, timeout=10):
+                pass
+        else:
+            await channel.unary_unary(path)(body, timeout=10)
+
+
 async def test_invalid_utf8_in_a_string_field_is_invalid_argument(served: RunningServer) -> None:
     """A prompt whose bytes are not UTF-8 (here a lone surrogate) is INVALID_ARGUMENT."""
     prompt = "a\ud800b".encode("utf-8", "surrogatepass")
