@@ -60,6 +60,11 @@ class Fuzzed:
     logprobs: bool = False
     request_id: str = ""
     add_special_tokens: bool | None = None
+    header_id: str | None = None
+    """An x-request-id header (visible ASCII: all a gRPC client will send)."""
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return () if self.header_id is None else (("x-request-id", self.header_id),)
 
     def encode(self) -> bytes:
         """The wire bytes: scalars through protobuf, strings by hand so any code point goes."""
@@ -123,6 +128,9 @@ wild = st.builds(
         st.just(""), ascii_id, text, st.text(any_char, min_size=120, max_size=140)
     ),
     add_special_tokens=st.one_of(st.none(), st.booleans()),
+    header_id=st.one_of(
+        st.none(), st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=200)
+    ),
 )
 """Anything the wire can carry: mostly refused, which is the point."""
 
@@ -162,9 +170,11 @@ def fuzz_target() -> Iterator[str]:
         proc.close()
 
 
-def _outcome(channel: grpc.Channel, body: bytes) -> tuple[grpc.StatusCode, str, bool]:
+def _outcome(channel: grpc.Channel, request: Fuzzed) -> tuple[grpc.StatusCode, str, bool]:
     """Status, details and whether an OK stream ended with its completion."""
-    call = channel.unary_stream(GENERATE)(body, timeout=CALL_LIMIT_S)
+    call = channel.unary_stream(GENERATE)(
+        request.encode(), timeout=CALL_LIMIT_S, metadata=request.metadata()
+    )
     last = b""
     try:
         for message in call:
@@ -205,7 +215,7 @@ def test_fuzzed_generate_never_fails_internally_hangs_or_leaks(fuzz_target: str)
         # Issue 12: a tiny penalty overflowed logits to inf, NaN probabilities, failed batch.
         @example(Fuzzed(repetition_penalty=1e-38, temperature=1.0, max_tokens=8))
         def generate(request: Fuzzed) -> None:
-            code, details, completed = _outcome(channel, request.encode())
+            code, details, completed = _outcome(channel, request)
             assert code in ALLOWED, f"{code.name}: {details} for {request!r}"
             assert code != grpc.StatusCode.OK or completed, f"no completion for {request!r}"
 
