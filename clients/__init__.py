@@ -17,23 +17,28 @@ from clients.errors import (
     Overloaded,
     ServerError,
     TokenwireError,
+    Unauthenticated,
     Unavailable,
 )
+from clients.security import ChannelSecurity, SecurityError
 
 __all__ = [
     "AsyncTokenwireClient",
     "Cancelled",
+    "ChannelSecurity",
     "Completion",
     "DeadlineExceeded",
     "GenerateOptions",
     "InvalidArgument",
     "ModelInfo",
     "Overloaded",
+    "SecurityError",
     "ServerError",
     "StreamEvent",
     "Token",
     "TokenwireClient",
     "TokenwireError",
+    "Unauthenticated",
     "Unavailable",
     "Usage",
 ]

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 from typing import TextIO
 
 from clients.client import (
@@ -17,6 +18,7 @@ from clients.client import (
     Usage,
 )
 from clients.errors import TokenwireError
+from clients.security import ChannelSecurity, SecurityError
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +41,40 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     parser.add_argument(
         "--stats", action="store_true", help="print TTFT, inter-token latency and tokens/s"
+    )
+    add_security_arguments(parser)
+
+
+def add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    """--api-key and TLS flags; each defaults to its TOKENWIRE_* variable."""
+    env = os.environ.get
+    parser.add_argument(
+        "--api-key", default=env("TOKENWIRE_API_KEY", ""), help="bearer key (TOKENWIRE_API_KEY)"
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=env("TOKENWIRE_TLS", "").lower() in {"1", "true", "yes", "on"},
+        help="use TLS with the system's trust roots (TOKENWIRE_TLS)",
+    )
+    for flag, var, meaning in (
+        ("--tls-ca", "TOKENWIRE_TLS_CA", "CA certificate(s) to trust, PEM; implies --tls"),
+        ("--tls-cert", "TOKENWIRE_TLS_CLIENT_CERT", "client certificate for mTLS, PEM"),
+        ("--tls-key", "TOKENWIRE_TLS_CLIENT_KEY", "client private key for mTLS, PEM"),
+    ):
+        value = env(var)
+        parser.add_argument(
+            flag, type=Path, default=Path(value) if value else None, help=f"{meaning} ({var})"
+        )
+
+
+def security_from_args(args: argparse.Namespace) -> ChannelSecurity:
+    return ChannelSecurity(
+        api_key=args.api_key,
+        tls=args.tls,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
 
 
@@ -98,7 +134,12 @@ def run_generate(
     stats = StreamStats()
     completion: Completion | None = None
     usage: Usage | None = None
-    with TokenwireClient(args.target, timeout_s=args.timeout) as client:
+    try:
+        security = security_from_args(args)
+    except SecurityError as exc:
+        err.write(f"error: {exc}\n")
+        return 2
+    with TokenwireClient(args.target, timeout_s=args.timeout, security=security) as client:
         try:
             for event in client.generate(args.prompt, options_from_args(args)):
                 if isinstance(event, Token):

@@ -17,6 +17,7 @@ from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 from clients.errors import from_rpc_error
+from clients.security import ChannelSecurity, aio_channel, sync_channel
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 120.0
@@ -177,7 +178,10 @@ def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
 
 
 class AsyncTokenwireClient:
-    """grpc.aio client. Use as `async with AsyncTokenwireClient(target) as client:`."""
+    """grpc.aio client. Use as `async with AsyncTokenwireClient(target) as client:`.
+
+    security adds TLS and an API key (see ChannelSecurity); a given channel is used as is.
+    """
 
     def __init__(
         self,
@@ -185,8 +189,10 @@ class AsyncTokenwireClient:
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         channel: grpc.aio.Channel | None = None,
+        security: ChannelSecurity | None = None,
     ) -> None:
-        self._channel = channel or grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.security = security or ChannelSecurity()
+        self._channel = channel or aio_channel(target, self.security, CHANNEL_OPTIONS)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self.timeout_s = timeout_s
 
@@ -206,7 +212,7 @@ class AsyncTokenwireClient:
         call = self._stub.Generate(
             options.to_pb(prompt),
             timeout=timeout_s or self.timeout_s,
-            metadata=_metadata(options.request_id),
+            metadata=_metadata(options.request_id) + self.security.metadata(),
         )
         try:
             async for message in call:
@@ -218,7 +224,9 @@ class AsyncTokenwireClient:
 
     async def model_info(self) -> ModelInfo:
         try:
-            reply = await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s)
+            reply = await self._stub.GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self.security.metadata()
+            )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         return model_info_from_pb(reply)
@@ -226,7 +234,9 @@ class AsyncTokenwireClient:
     async def cancel(self, request_id: str) -> bool:
         try:
             reply = await self._stub.Cancel(
-                pb.CancelRequest(request_id=request_id), timeout=self.timeout_s
+                pb.CancelRequest(request_id=request_id),
+                timeout=self.timeout_s,
+                metadata=self.security.metadata(),
             )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
@@ -242,8 +252,10 @@ class TokenwireClient:
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         channel: grpc.Channel | None = None,
+        security: ChannelSecurity | None = None,
     ) -> None:
-        self._channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.security = security or ChannelSecurity()
+        self._channel = channel or sync_channel(target, self.security, CHANNEL_OPTIONS)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self.timeout_s = timeout_s
 
@@ -263,7 +275,7 @@ class TokenwireClient:
         call = self._stub.Generate(
             options.to_pb(prompt),
             timeout=timeout_s or self.timeout_s,
-            metadata=_metadata(options.request_id),
+            metadata=_metadata(options.request_id) + self.security.metadata(),
         )
         try:
             for message in call:
@@ -275,7 +287,9 @@ class TokenwireClient:
 
     def model_info(self) -> ModelInfo:
         try:
-            reply = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s)
+            reply = self._stub.GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self.security.metadata()
+            )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         return model_info_from_pb(reply)
@@ -283,7 +297,9 @@ class TokenwireClient:
     def cancel(self, request_id: str) -> bool:
         try:
             reply = self._stub.Cancel(
-                pb.CancelRequest(request_id=request_id), timeout=self.timeout_s
+                pb.CancelRequest(request_id=request_id),
+                timeout=self.timeout_s,
+                metadata=self.security.metadata(),
             )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None

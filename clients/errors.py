@@ -37,6 +37,10 @@ class Unavailable(TokenwireError):
     """The server is down, starting or draining."""
 
 
+class Unauthenticated(TokenwireError):
+    """The server requires an API key and none, or a wrong one, was sent."""
+
+
 class DeadlineExceeded(TokenwireError):
     """The call's deadline passed."""
 
@@ -53,6 +57,7 @@ _BY_CODE: dict[grpc.StatusCode, type[TokenwireError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,
 }

@@ -45,6 +45,16 @@ class Settings:
     metrics_port: int = 9464
     log_format: LogFormat = "json"
     log_content: bool = False
+    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    """Bearer keys callers must present (with api_keys_file); empty and no file = no auth."""
+    api_keys_file: Path | None = None
+    """One key per line; blank lines and lines starting with # are ignored."""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    """When set, clients must present a certificate signed by this CA (mTLS)."""
+    metrics_tls: bool = False
+    """Serve /metrics over TLS with tls_cert/tls_key (and require client certs with the CA)."""
 
     def __post_init__(self) -> None:
         for check in _CHECKS:
@@ -80,11 +90,35 @@ def _parse_bool(raw: str) -> bool:
     raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
 
 
+def _parse_list(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
 _PARSERS: dict[type, Callable[[str], Any]] = {int: int, float: float, bool: _parse_bool}
-_FIELD_TYPES: dict[str, Callable[[str], Any]] = {
-    f.name: _PARSERS.get(type(f.default), Path if isinstance(f.default, Path) else str)
-    for f in dataclasses.fields(Settings)
-}
+_PATHS = ("api_keys_file", "tls_cert", "tls_key", "tls_client_ca")
+_FIELD_TYPES: dict[str, Callable[[str], Any]] = (
+    {
+        f.name: _PARSERS.get(type(f.default), Path if isinstance(f.default, Path) else str)
+        for f in dataclasses.fields(Settings)
+    }
+    | dict.fromkeys(_PATHS, Path)
+    | {"api_keys": _parse_list}
+)
+
+
+def read_api_keys(path: Path) -> tuple[str, ...]:
+    """The keys in an api_keys_file: one a line, blank lines and # comments skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"api_keys_file: cannot read {str(path)!r}: {exc}") from exc
+    return tuple(k for line in lines if (k := line.strip()) and not k.startswith("#"))
+
+
+def all_api_keys(s: Settings) -> tuple[str, ...]:
+    """api_keys plus the keys in api_keys_file; empty means authentication is off."""
+    from_file = read_api_keys(s.api_keys_file) if s.api_keys_file is not None else ()
+    return s.api_keys + from_file
 
 
 def _require(cond: bool, field: str, allowed: str, value: object) -> None:
@@ -132,9 +166,50 @@ def _check_lifecycle(s: Settings) -> None:
     _require(s.log_format in get_args(LogFormat), "log_format", "json or console", s.log_format)
 
 
+def _valid_key(key: str) -> bool:
+    # A key travels as `authorization: Bearer <key>` metadata: visible ASCII, no spaces.
+    return bool(key) and all("!" <= c <= "~" for c in key)
+
+
+def _check_api_keys(s: Settings) -> None:
+    bad = [i for i, key in enumerate(s.api_keys) if not _valid_key(key)]
+    _require(not bad, "api_keys", "visible ASCII without spaces", f"<key #{bad[0]}>" if bad else "")
+    if s.api_keys_file is not None:
+        keys = read_api_keys(s.api_keys_file)
+        _require(bool(keys), "api_keys_file", "a file with at least one key", str(s.api_keys_file))
+        bad = [i for i, key in enumerate(keys) if not _valid_key(key)]
+        _require(
+            not bad,
+            "api_keys_file",
+            "visible ASCII keys",
+            f"<key on line #{bad[0] + 1}>" if bad else "",
+        )
+
+
+def _check_tls(s: Settings) -> None:
+    _require(
+        (s.tls_cert is None) == (s.tls_key is None),
+        "tls_key",
+        "set together with tls_cert",
+        s.tls_key,
+    )
+    _require(
+        s.tls_client_ca is None or s.tls_cert is not None,
+        "tls_client_ca",
+        "used only with tls_cert and tls_key",
+        s.tls_client_ca,
+    )
+    _require(not s.metrics_tls or s.tls_cert is not None, "metrics_tls", "used with tls_cert", True)
+    for name in _PATHS:
+        path = getattr(s, name)
+        _require(path is None or path.is_file(), name, "an existing file", path)
+
+
 _CHECKS: tuple[Callable[[Settings], None], ...] = (
     _check_network,
     _check_engine,
     _check_limits,
     _check_lifecycle,
+    _check_api_keys,
+    _check_tls,
 )

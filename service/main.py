@@ -13,7 +13,7 @@ from service.config import Settings
 from service.engine import Engine, EngineConfig, EngineObserver, ModelLoadError, OnnxCausalLM
 from service.rpc.server import TokenwireServer
 from service.telemetry import configure_logging
-from service.telemetry.metrics import ServerMetrics
+from service.telemetry.metrics import MetricsTls, ServerMetrics
 from service.tokenizer import Tokenizer
 
 log = structlog.get_logger("tokenwire.server")
@@ -49,6 +49,13 @@ def load_engine(settings: Settings, observer: EngineObserver | None = None) -> E
     return engine
 
 
+def metrics_tls(settings: Settings) -> MetricsTls | None:
+    """The /metrics port's TLS files, when metrics_tls is on (the gRPC port's certificate)."""
+    if not settings.metrics_tls or settings.tls_cert is None or settings.tls_key is None:
+        return None
+    return MetricsTls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+
+
 async def run_server(settings: Settings, stop: asyncio.Event) -> int:
     """Serve until `stop` is set, then drain; return the exit status.
 
@@ -60,8 +67,10 @@ async def run_server(settings: Settings, stop: asyncio.Event) -> int:
     log.info("server.listening", host=settings.host, port=port, pid=os.getpid())
     metrics = ServerMetrics()
     if settings.metrics_port:
-        metrics_port, _ = metrics.serve(settings.host, settings.metrics_port)
-        log.info("metrics.listening", url=f"http://{settings.host}:{metrics_port}/metrics")
+        tls = metrics_tls(settings)
+        metrics_port, _ = metrics.serve(settings.host, settings.metrics_port, tls)
+        scheme = "http" if tls is None else "https"
+        log.info("metrics.listening", url=f"{scheme}://{settings.host}:{metrics_port}/metrics")
     try:
         engine = await asyncio.to_thread(load_engine, settings, metrics)
     except ModelLoadError as exc:

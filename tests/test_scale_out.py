@@ -87,7 +87,7 @@ async def test_rollout_drains_one_replica_without_client_errors(trio: list[Serve
     after_drain = events[events.index("server.draining") :]
     assert "request.finished" in after_drain  # it really had streams in flight
     refused = [r for r in leaving.records if r.get("event") == "request.rejected"]
-    assert all("not accepting" in str(r.get("error")) for r in refused)
+    assert all("not accepting" in str(r.get("reason")) for r in refused)
 
 
 async def test_kill_nine_gives_prompt_unavailable_and_survivors_serve(

@@ -22,7 +22,26 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = off)")
     p.add_argument("--log-format", choices=["json", "console"])
     p.add_argument("--log-content", action="store_true", default=None, help="log prompts/outputs")
+    _add_serve_security(p)
     p.set_defaults(run=_run_serve)
+
+
+def _add_serve_security(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--api-keys-file", type=Path, help="bearer keys, one a line (TOKENWIRE_API_KEYS_FILE)"
+    )
+    p.add_argument(
+        "--tls-cert", type=Path, help="server certificate chain, PEM (TOKENWIRE_TLS_CERT)"
+    )
+    p.add_argument("--tls-key", type=Path, help="server private key, PEM (TOKENWIRE_TLS_KEY)")
+    p.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="require client certs from this CA (TOKENWIRE_TLS_CLIENT_CA)",
+    )
+    p.add_argument(
+        "--metrics-tls", action="store_true", default=None, help="serve /metrics over TLS too"
+    )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -70,13 +89,16 @@ def _run_edge(args: argparse.Namespace) -> int:
 
     from clients.edge.server import run_edge
     from clients.edge.settings import EdgeSettings, EdgeSettingsError
+    from clients.edge.upstream import upstream_security
+    from clients.security import SecurityError
     from service.telemetry import configure_logging
 
     fmt = args.log_format or os.environ.get("TOKENWIRE_LOG_FORMAT", "json")
     overrides = {k: v for k, v in vars(args).items() if k not in {"command", "run", "log_format"}}
     try:
         settings = EdgeSettings.from_env(**overrides)
-    except EdgeSettingsError as exc:
+        upstream_security(settings)
+    except (EdgeSettingsError, SecurityError) as exc:
         print(f"tokenwire edge: {exc}", file=sys.stderr)
         return 2
     configure_logging(fmt)

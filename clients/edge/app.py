@@ -94,7 +94,7 @@ def create_app(settings: EdgeSettings, upstream: Upstream | None = None) -> Star
     edge_metrics = EdgeMetrics()
     ctx = EdgeContext(
         settings=settings,
-        upstream=upstream or Upstream(settings.grpc_target, settings.upstream_timeout_s),
+        upstream=upstream or Upstream.from_settings(settings),
         streams=ResumableStreams(
             settings.resume_window_s,
             settings.resume_stream_bytes,

@@ -30,6 +30,13 @@ class EdgeSettings:
     resume_total_bytes: int = 64 * 1_048_576
     upstream_timeout_s: float = 600.0
     metrics: bool = True
+    # How the edge reaches the server: bearer key (default: the first of api_keys, so one
+    # TOKENWIRE_API_KEYS serves `tokenwire up`'s server and edge alike) and TLS files.
+    upstream_api_key: str = dataclasses.field(default="", repr=False)
+    upstream_tls: bool = False
+    upstream_tls_ca: str = ""
+    upstream_tls_cert: str = ""
+    upstream_tls_key: str = ""
 
     def __post_init__(self) -> None:
         checks = [

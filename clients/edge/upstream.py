@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -14,6 +15,8 @@ from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 from clients.client import CHANNEL_OPTIONS, ModelInfo, model_info_from_pb
 from clients.edge.errors import EdgeError
+from clients.edge.settings import EdgeSettings
+from clients.security import ChannelSecurity, aio_channel
 
 GenerateCall = grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse]
 
@@ -40,13 +43,22 @@ class UpstreamStream:
 class Upstream:
     """One channel to the server (or to every replica, with a dns:/// target)."""
 
-    def __init__(self, target: str, timeout_s: float = 600.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    def __init__(
+        self, target: str, timeout_s: float = 600.0, security: ChannelSecurity | None = None
+    ) -> None:
+        self._security = security or ChannelSecurity()
+        self._metadata = self._security.metadata()
+        self._channel = aio_channel(target, self._security, CHANNEL_OPTIONS)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout_s = timeout_s
         self._info: ModelInfo | None = None
         self._ready_at = 0.0
+
+    @classmethod
+    def from_settings(cls, settings: EdgeSettings) -> Upstream:
+        """The upstream channel the edge's settings describe (key, TLS files)."""
+        return cls(settings.grpc_target, settings.upstream_timeout_s, upstream_security(settings))
 
     async def close(self) -> None:
         await self._channel.close()
@@ -62,7 +74,9 @@ class Upstream:
     async def open(self, request: pb.GenerateRequest, request_id: str) -> UpstreamStream:
         """Start a stream; raise EdgeError when the server refuses it."""
         call = self._stub.Generate(
-            request, timeout=self._timeout_s, metadata=(("x-request-id", request_id),)
+            request,
+            timeout=self._timeout_s,
+            metadata=(("x-request-id", request_id), *self._metadata),
         )
         try:
             header = dict(await call.initial_metadata())
@@ -76,7 +90,9 @@ class Upstream:
     async def model_info(self) -> ModelInfo:
         if self._info is None:
             try:
-                reply = await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+                reply = await self._stub.GetModelInfo(
+                    pb.GetModelInfoRequest(), timeout=10, metadata=self._metadata
+                )
             except grpc.RpcError as error:
                 raise EdgeError.from_rpc(error) from None
             self._info = model_info_from_pb(reply)
@@ -97,10 +113,28 @@ class Upstream:
 
     async def cancel(self, request_id: str) -> bool:
         try:
-            reply = await self._stub.Cancel(pb.CancelRequest(request_id=request_id), timeout=10)
+            reply = await self._stub.Cancel(
+                pb.CancelRequest(request_id=request_id), timeout=10, metadata=self._metadata
+            )
         except grpc.RpcError as error:
             raise EdgeError.from_rpc(error) from None
         return reply.cancelled
+
+
+def upstream_security(settings: EdgeSettings) -> ChannelSecurity:
+    """Key and TLS for the upstream channel; raises SecurityError for inconsistent files."""
+    key = settings.upstream_api_key or (settings.api_keys[0] if settings.api_keys else "")
+    return ChannelSecurity(
+        api_key=key,
+        tls=settings.upstream_tls,
+        tls_ca=_path(settings.upstream_tls_ca),
+        tls_cert=_path(settings.upstream_tls_cert),
+        tls_key=_path(settings.upstream_tls_key),
+    )
+
+
+def _path(value: str) -> Path | None:
+    return Path(value) if value else None
 
 
 async def _refusal(call: GenerateCall) -> EdgeError:

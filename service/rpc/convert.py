@@ -29,16 +29,23 @@ _FINISH_TO_PB: dict[FinishReason, pb.FinishReason.ValueType] = {
 }
 
 
-def choose_request_id(field: str, header: str | None) -> str:
-    """The request's own id, else the x-request-id header, else a fresh one; checked."""
-    request_id = field or header or uuid.uuid4().hex
-    if len(request_id) > MAX_REQUEST_ID_LENGTH or not request_id.isprintable():
+def check_request_id(request_id: str) -> str:
+    """request_id as gRPC metadata can carry it: 1..128 printable ASCII characters."""
+    if not 1 <= len(request_id) <= MAX_REQUEST_ID_LENGTH or not all(
+        " " <= c <= "~" for c in request_id
+    ):
         raise InvalidRequest(
             "request_id",
             request_id,
-            f"must be at most {MAX_REQUEST_ID_LENGTH} printable characters",
+            f"must be non-empty, at most {MAX_REQUEST_ID_LENGTH} printable ASCII characters"
+            " (0x20-0x7E)",
         )
     return request_id
+
+
+def choose_request_id(field: str, header: str | None) -> str:
+    """The request's own id, else the x-request-id header, else a fresh one; checked."""
+    return check_request_id(field or header or uuid.uuid4().hex)
 
 
 def sampling_from_pb(msg: pb.GenerateRequest) -> SamplingParams:

@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tokenwire.v1 import generate_pb2 as pb
-from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
-from service.config import Settings
+from service.config import Settings, all_api_keys
 from service.domain import FinishReason
 from service.engine import Engine
+from service.rpc import handlers
+from service.rpc.auth import ApiKeyInterceptor, ApiKeys
 from service.rpc.servicer import EngineSlot, GenerationServicer
 
 log = structlog.get_logger("tokenwire.server")
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+QUIET_S = 0.05
+QUIET_LIMIT_S = 1.0
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -47,21 +51,32 @@ class TokenwireServer:
     settings: Settings
     server: grpc.aio.Server = dataclasses.field(init=False)
     health: health.aio.HealthServicer = dataclasses.field(init=False)
+    servicer: GenerationServicer = dataclasses.field(init=False)
     slot: EngineSlot = dataclasses.field(default_factory=EngineSlot)
     port: int = 0
 
     async def start(self) -> int:
         """Bind and start serving with health NOT_SERVING; return the bound port."""
-        self.server = grpc.aio.server(options=server_options(self.settings))
-        pb_grpc.add_GenerationServiceServicer_to_server(
-            GenerationServicer(self.slot, log_content=self.settings.log_content), self.server
+        keys = ApiKeys(all_api_keys(self.settings))
+        interceptors = (ApiKeyInterceptor(keys),) if keys.enabled else ()
+        self.server = grpc.aio.server(
+            options=server_options(self.settings), interceptors=interceptors
         )
+        self.servicer = GenerationServicer(
+            self.slot, keys=keys, log_content=self.settings.log_content
+        )
+        handlers.register(self.servicer, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         return self.port
@@ -94,10 +109,37 @@ class TokenwireServer:
             log.warning("server.drain_timeout", cancelled=engine.active_count)
             engine.cancel_all(FinishReason.CANCELLED)
             await engine.wait_idle(2.0)
+        await self._quiet_moment()
         await self.server.stop(grace=1.0)
         if engine is not None:
             engine.shutdown()
         log.info("server.stopped")
+
+    async def _quiet_moment(self) -> None:
+        """Wait (briefly) until no Generate call has arrived for QUIET_S.
+
+        Once grpc's stop begins, a call that reaches the server before the client has seen
+        its GOAWAY is cancelled by grpc core (CANCELLED, which clients do not retry). Calls
+        until now got UNAVAILABLE; stopping in a lull shrinks that window for clients that
+        pace their retries. See docs/security.md (drain) for what remains.
+        """
+        limit = time.monotonic() + QUIET_LIMIT_S
+        while time.monotonic() < limit:
+            idle = time.monotonic() - self.servicer.last_arrival
+            if idle >= QUIET_S:
+                return
+            await asyncio.sleep(QUIET_S - idle)
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS from tls_cert/tls_key; with tls_client_ca, clients must present a certificate."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    pair = (settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def _active(engine: Engine | None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,7 +14,9 @@ from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 from service.domain import (
     CompletionEvent,
+    Event,
     FinishReason,
+    InvalidRequest,
     TokenEvent,
     TokenwireError,
     Unavailable,
@@ -21,7 +24,9 @@ from service.domain import (
 )
 from service.engine import Engine, EngineStopped, GenerationHandle
 from service.rpc import convert
+from service.rpc.auth import ANONYMOUS, ApiKeys
 from service.rpc.errors import abort
+from service.rpc.handlers import Malformed
 from service.telemetry import ms, percentile
 
 log = structlog.get_logger("tokenwire.rpc")
@@ -49,35 +54,41 @@ def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | No
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    def __init__(self, slot: EngineSlot, *, log_content: bool = False) -> None:
+    """Generate, GetModelInfo and Cancel. Streams belong to the principal that started them."""
+
+    def __init__(
+        self, slot: EngineSlot, *, keys: ApiKeys | None = None, log_content: bool = False
+    ) -> None:
         self._slot = slot
+        self._keys = keys or ApiKeys(())
         self._log_content = log_content
+        self.last_arrival = 0.0
+        """time.monotonic() of the latest Generate call (the drain waits for a quiet moment)."""
+
+    def _principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        # The interceptor has refused unknown keys already; None cannot own anything anyway.
+        return self._keys.principal(context.invocation_metadata()) or ANONYMOUS
 
     async def Generate(
-        self, request: pb.GenerateRequest, context: Context
+        self, request: pb.GenerateRequest | Malformed, context: Context
     ) -> AsyncIterator[pb.GenerateResponse]:
         structlog.contextvars.clear_contextvars()
+        self.last_arrival = time.monotonic()
         try:
-            request_id = convert.choose_request_id(
-                request.request_id, _metadata(context, "x-request-id")
-            )
-            structlog.contextvars.bind_contextvars(request_id=request_id, peer=context.peer())
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
-            engine = self._slot.get()
-            handle = engine.submit(convert.request_from_pb(request, request_id, deadline))
+            handle, request_id, deadline = self._submit(request, context)
         except TokenwireError as exc:
-            log.info("request.rejected", error=str(exc), code=type(exc).__name__)
+            log_rejected(exc)
             await abort(context, exc)
             return
-        summary = _StreamSummary(handle, request if self._log_content else None)
+        logged = request if self._log_content and isinstance(request, pb.GenerateRequest) else None
+        summary = _StreamSummary(handle, logged)
         try:
             # Headers go out only once the request is accepted: until then a failure is
             # trailers-only, which clients may retry transparently (UNAVAILABLE).
             await context.send_initial_metadata((("x-request-id", request_id),))
             async for event in handle.events():
                 summary.see(event)
-                yield convert.event_to_pb(event)
+                yield convert.event_to_pb(_with_caller_id(event, request_id))
         except EngineStopped as exc:
             summary.failed = True
             await abort(context, exc)
@@ -93,12 +104,34 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     summary.reason = reason.value
             summary.log()
 
+    def _submit(
+        self, request: pb.GenerateRequest | Malformed, context: Context
+    ) -> tuple[GenerationHandle, str, float | None]:
+        """Check the request and hand it to the engine under the caller's principal; bind the
+        log context. Raises TokenwireError when refused: nothing reaches the engine then."""
+        if isinstance(request, Malformed):
+            raise request.error()
+        request_id = convert.choose_request_id(
+            request.request_id, _metadata(context, "x-request-id")
+        )
+        principal = self._principal(context)
+        structlog.contextvars.bind_contextvars(request_id=request_id, peer=context.peer())
+        if principal != ANONYMOUS:
+            structlog.contextvars.bind_contextvars(principal=principal)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        engine = self._slot.get()
+        owned = convert.request_from_pb(request, owned_id(principal, request_id), deadline)
+        return engine.submit(owned), request_id, deadline
+
     async def GetModelInfo(
         self,
-        request: pb.GetModelInfoRequest,
+        request: pb.GetModelInfoRequest | Malformed,
         context: grpc.aio.ServicerContext[pb.GetModelInfoRequest, pb.GetModelInfoResponse],
     ) -> pb.GetModelInfoResponse:
         try:
+            if isinstance(request, Malformed):
+                raise request.error()
             return convert.model_info_to_pb(self._slot.get())
         except TokenwireError as exc:
             await abort(context, exc)
@@ -106,16 +139,44 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def Cancel(
         self,
-        request: pb.CancelRequest,
+        request: pb.CancelRequest | Malformed,
         context: grpc.aio.ServicerContext[pb.CancelRequest, pb.CancelResponse],
     ) -> pb.CancelResponse:
+        """Cancel a stream of the caller's own; another principal's id answers as unknown."""
         try:
-            cancelled = self._slot.get().cancel(request.request_id)
+            if isinstance(request, Malformed):
+                raise request.error()
+            target = convert.check_request_id(request.request_id)
+            engine = self._slot.get()
         except TokenwireError as exc:
+            log_rejected(exc)
             await abort(context, exc)
             raise
-        log.info("request.cancel", target=request.request_id, found=cancelled)
+        principal = self._principal(context)
+        cancelled = engine.cancel(owned_id(principal, target))
+        log.info("request.cancel", target=target, found=cancelled, principal=principal or None)
         return pb.CancelResponse(cancelled=cancelled)
+
+
+def owned_id(principal: str, request_id: str) -> str:
+    """The engine's id for a principal's request: ids of different principals never meet,
+    so nobody can cancel, or learn of, another principal's stream by its id."""
+    return request_id if principal == ANONYMOUS else f"{principal}/{request_id}"
+
+
+def _with_caller_id(event: Event, request_id: str) -> Event:
+    """Usage echoes the id the caller chose, not the engine's principal-scoped one."""
+    if isinstance(event, UsageEvent) and event.request_id != request_id:
+        return dataclasses.replace(event, request_id=request_id)
+    return event
+
+
+def log_rejected(exc: TokenwireError) -> None:
+    """One line per refused request; names the field and the rule, never the caller's value."""
+    if isinstance(exc, InvalidRequest):
+        log.info("request.rejected", code=type(exc).__name__, field=exc.field, reason=exc.reason)
+    else:
+        log.info("request.rejected", code=type(exc).__name__, reason=str(exc))
 
 
 class _StreamSummary:

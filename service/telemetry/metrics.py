@@ -6,7 +6,10 @@ conventions (see docs/observability.md). Labels are bounded: no request ids, no 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -177,7 +180,23 @@ class ServerMetrics:
         self.waiting.set(record.waiting)
         self.kv_cache_usage.set(record.kv_usage)
 
-    def serve(self, host: str, port: int) -> tuple[int, threading.Thread]:
-        """Expose /metrics on its own HTTP port; return the bound port and the server thread."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(
+        self, host: str, port: int, tls: MetricsTls | None = None
+    ) -> tuple[int, threading.Thread]:
+        """Expose /metrics on its own port (HTTPS with tls); return the port and server thread."""
+        files: dict[str, Any] = {}
+        if tls is not None:
+            files = {"certfile": str(tls.cert), "keyfile": str(tls.key)}
+            if tls.client_ca is not None:
+                files |= {"client_cafile": str(tls.client_ca), "client_auth_required": True}
+        server, thread = start_http_server(port, addr=host, registry=self.registry, **files)
         return int(server.server_port), thread
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MetricsTls:
+    """Certificate files for an HTTPS /metrics port; with client_ca, scrapers need a cert."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
