@@ -117,3 +117,12 @@ def test_refused_model_is_one_log_line_and_exit_status_2(tmp_path: Path) -> None
             "timestamp": refusals[0]["timestamp"],
         }
     ]
+
+
+def test_falcon_multi_query_wins_over_its_kv_head_count(tmp_path: Path) -> None:
+    """Falcon's multi_query (without new_decoder_architecture) means one KV head, whatever its
+    num_kv_heads says, as transformers reads it."""
+    model_dir = _copy_with_config(
+        tmp_path, multi_query=True, new_decoder_architecture=False, num_kv_heads=4
+    )
+    assert ModelSpec.from_dir(model_dir).num_kv_heads == 1

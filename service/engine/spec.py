@@ -143,13 +143,11 @@ def lookup(config: dict[str, Any], fact: str) -> int | None:
 
 
 def _declared_kv_heads(config: dict[str, Any]) -> int | None:
-    stated = lookup(config, "num_kv_heads")
-    if stated is not None:
-        return stated
-    # Falcon's and StarCoder's multi-query flag: one KV head shared by every query head.
+    # Falcon's and StarCoder's multi-query flag: one KV head shared by every query head. It
+    # wins over Falcon's num_kv_heads, which only counts with new_decoder_architecture.
     if config.get("multi_query") is True and not config.get("new_decoder_architecture"):
         return 1
-    return None
+    return lookup(config, "num_kv_heads")
 
 
 def _context_length(
