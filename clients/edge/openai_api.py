@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
+from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
@@ -81,7 +82,14 @@ async def _chat_prompt(fields: Fields, ctx: EdgeContext) -> str:
             raise EdgeError.invalid(f"messages[{i}]", "must be an object with a string role")
         turns.append({"role": m["role"], "content": _content_text(m.get("content"), i)})
     template = (await ctx.upstream.model_info()).chat_template or DEFAULT_CHAT_TEMPLATE
-    return str(_jinja.from_string(template).render(messages=turns, add_generation_prompt=True))
+    try:
+        rendered = _jinja.from_string(template).render(messages=turns, add_generation_prompt=True)
+    except TemplateError as exc:
+        # Model templates refuse some conversations (roles not alternating, ...).
+        raise EdgeError.invalid(
+            "messages", f"the model's chat template refused them: {exc}"
+        ) from None
+    return str(rendered)
 
 
 class _Shape:

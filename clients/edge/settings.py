@@ -30,6 +30,8 @@ class EdgeSettings:
     resume_total_bytes: int = 64 * 1_048_576
     upstream_timeout_s: float = 600.0
     metrics: bool = True
+    drain_grace_s: float = 30.0
+    drain_notice_s: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -55,6 +57,8 @@ class EdgeSettings:
                 self.resume_total_bytes,
             ),
             (self.upstream_timeout_s > 0, "upstream_timeout_s", "> 0", self.upstream_timeout_s),
+            (self.drain_grace_s >= 0, "drain_grace_s", ">= 0", self.drain_grace_s),
+            (self.drain_notice_s >= 0, "drain_notice_s", ">= 0", self.drain_notice_s),
         ]
         for ok, field, allowed, value in checks:
             if not ok:
