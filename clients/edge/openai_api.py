@@ -164,8 +164,8 @@ async def _begin(
         raise EdgeError.invalid("stream_options", "must be an object")
     include_usage = bool(stream_options.get("include_usage", False))
     streaming = fields.boolean("stream")
-    upstream = await ctx.upstream.open(options.to_pb(prompt), request_id)
     model = (await ctx.upstream.model_info()).model
+    upstream = await ctx.upstream.open(options.to_pb(prompt), request_id)
     return (
         ctx,
         fields,

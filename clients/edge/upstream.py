@@ -75,6 +75,9 @@ class Upstream:
             header = dict(await call.initial_metadata())
         except grpc.RpcError as error:
             raise EdgeError.from_rpc(error) from None
+        except asyncio.CancelledError:
+            call.cancel()  # the HTTP client left before the server answered
+            raise
         if "x-request-id" not in header:
             # A refusal is trailers-only: no header, only a status with its details.
             raise await _refusal(call)
