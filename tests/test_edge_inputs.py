@@ -270,3 +270,42 @@ async def test_json_content_type_with_optional_charset_is_accepted(
         headers={"Content-Type": content_type},
     )
     assert response.status_code == 200
+
+
+@pytest.mark.parametrize("site", ["cross-site", "same-site"])
+async def test_browser_cross_site_get_is_403(http: httpx.AsyncClient, site: str) -> None:
+    """A GET a browser marks as cross-site (an <img> on another site) cannot start a stream."""
+    response = await http.get(
+        "/v1/generate",
+        params={"prompt": "x", "max_tokens": "2"},
+        headers={"Sec-Fetch-Site": site, "Origin": "https://elsewhere.example"},
+    )
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "PERMISSION_DENIED"
+
+
+async def test_same_origin_browser_get_streams(http: httpx.AsyncClient) -> None:
+    """The edge's own page (Sec-Fetch-Site: same-origin) and non-browser clients are served."""
+    response = await http.get(
+        "/v1/generate",
+        params={"prompt": "x", "max_tokens": "2"},
+        headers={"Sec-Fetch-Site": "same-origin"},
+    )
+    assert response.status_code == 200
+
+
+async def test_cross_site_request_from_an_allowed_origin_passes(served: RunningServer) -> None:
+    """With TOKENWIRE_CORS_ORIGINS listing the page's origin, its cross-site requests pass."""
+    edge = await start_edge(served.target, cors_origins=("https://app.example",))
+    headers = {"Sec-Fetch-Site": "cross-site", "Origin": "https://app.example"}
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as client:
+            response = await client.post(
+                "/v1/completions",
+                json={"model": "m", "prompt": "x", "max_tokens": 2},
+                headers=headers,
+            )
+    finally:
+        await edge.edge.stop()
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "https://app.example"

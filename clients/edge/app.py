@@ -18,7 +18,12 @@ from starlette.staticfiles import StaticFiles
 from clients.edge import native, openai_api
 from clients.edge.context import EdgeContext
 from clients.edge.errors import EdgeError
-from clients.edge.guards import ApiKeyMiddleware, DrainMiddleware, JsonOnlyMiddleware
+from clients.edge.guards import (
+    ApiKeyMiddleware,
+    CrossSiteMiddleware,
+    DrainMiddleware,
+    JsonOnlyMiddleware,
+)
 from clients.edge.metrics import EdgeMetrics
 from clients.edge.resumable import ResumableStreams
 from clients.edge.settings import EdgeSettings
@@ -83,7 +88,7 @@ def create_app(settings: EdgeSettings, upstream: Upstream | None = None) -> Star
         await ctx.upstream.close()
 
     # Outermost first: CORS answers preflights, the drain gate counts and refuses, then keys,
-    # then the content type.
+    # then where the request comes from and its content type.
     middleware = []
     if settings.cors_origins:
         middleware.append(
@@ -98,6 +103,7 @@ def create_app(settings: EdgeSettings, upstream: Upstream | None = None) -> Star
     middleware.append(Middleware(DrainMiddleware, drain=ctx.drain))
     if settings.api_keys:
         middleware.append(Middleware(ApiKeyMiddleware, keys=settings.api_keys))
+    middleware.append(Middleware(CrossSiteMiddleware, origins=settings.cors_origins))
     middleware.append(Middleware(JsonOnlyMiddleware))
     routes = [
         Route("/", page),

@@ -1,4 +1,5 @@
-"""ASGI middleware that runs before any route: API keys, JSON-only POSTs, and the drain gate."""
+"""ASGI middleware that runs before any route: API keys, cross-site and JSON-only checks, and
+the drain gate."""
 
 from __future__ import annotations
 
@@ -96,6 +97,29 @@ class JsonOnlyMiddleware:
                     param="Content-Type",
                 )
                 await _refuse(scope, receive, send, error)
+                return
+        await self.app(scope, receive, send)
+
+
+class CrossSiteMiddleware:
+    """Refuse API requests a browser marks as cross-site, unless their Origin is allowed.
+
+    Browsers label every request with `Sec-Fetch-Site`; a page on another site can still send
+    simple GETs (an `<img>` pointing at `/v1/generate?prompt=...` starts a generation). Clients
+    that are not browsers send no such header and are not affected.
+    """
+
+    def __init__(self, app: ASGIApp, origins: tuple[str, ...]) -> None:
+        self.app = app
+        self.origins = frozenset(origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("path", "").startswith("/v1/"):
+            headers = Headers(scope=scope)
+            site = headers.get("sec-fetch-site", "").lower()
+            if site in {"cross-site", "same-site"} and headers.get("origin") not in self.origins:
+                message = "cross-site requests need an allowed Origin (TOKENWIRE_CORS_ORIGINS)"
+                await _refuse(scope, receive, send, EdgeError(403, "PERMISSION_DENIED", message))
                 return
         await self.app(scope, receive, send)
 
