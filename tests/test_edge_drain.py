@@ -128,3 +128,28 @@ async def test_edge_process_drains_on_sigterm_exits_zero_and_logs_it(
     stopped = [r for r in proc.records if r.get("event") == "edge.stopped"]
     assert len(stopped) == 1
     assert stopped[0]["drained"] is True
+
+
+async def test_second_signal_cuts_the_edge_drain_short(paced: RunningServer) -> None:
+    """A second SIGTERM during the drain ends open streams at once with done(cancelled); the
+    edge still exits 0 and logs that it did not drain cleanly."""
+    proc = await asyncio.to_thread(EdgeProcess, paced.target, "--drain-grace-s", "60")
+    body = {**NATIVE, "max_tokens": 450}
+    try:
+        async with (
+            httpx.AsyncClient(base_url=proc.url, timeout=30) as http,
+            aconnect_sse(http, "POST", "/v1/generate", json=body) as source,
+        ):
+            stream = source.aiter_sse()
+            await anext(stream)
+            proc.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(proc.wait_for, "edge.draining", 10)
+            proc.proc.send_signal(signal.SIGTERM)
+            events = [event async for event in stream]
+        code = await asyncio.to_thread(proc.wait, 30)
+    finally:
+        proc.close()
+    assert json.loads(events[-1].data)["finish_reason"] == "cancelled"
+    assert len(events) < 300
+    assert code == 0
+    assert [r["drained"] for r in proc.records if r.get("event") == "edge.stopped"] == [False]

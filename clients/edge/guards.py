@@ -132,6 +132,8 @@ class Drain:
         """False from the first moment of a drain: /readyz answers 503."""
         self.draining = False
         """True once new API requests are refused (after the drain notice)."""
+        self.hurry = False
+        """True when the grace is cut short (a second signal): end what still runs now."""
         self.in_flight = 0
 
 

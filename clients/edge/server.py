@@ -7,7 +7,8 @@ first instead, and only then tells uvicorn to exit:
 1. `/readyz` turns 503 (load balancers stop sending), after `drain_notice_s` new API requests
    get 503 too; resumes and cancels of running streams still pass;
 2. in-flight requests and streams still generating run to their end, up to `drain_grace_s`;
-3. whatever is still running then is cancelled (native streams end with `done` / cancelled);
+3. whatever is still running then (or at a second signal) is cancelled: native streams end
+   with `done` / cancelled, OpenAI streams with an error chunk;
 4. uvicorn closes the connections and the app shuts down.
 """
 
@@ -88,11 +89,7 @@ class EdgeServer:
         ctx.drain.ready = False
         await asyncio.sleep(notice)
         ctx.drain.draining = True
-        clean = await _quiet(ctx, grace)
-        if not clean:
-            ctx.streams.cancel_all()
-            ctx.upstream.cancel_all()
-            await _quiet(ctx, CUT_WAIT_S)
+        clean = await _quiet(ctx, grace, grace=True)
         await self.stop()
         return clean
 
@@ -109,14 +106,21 @@ class EdgeServer:
             await self._task
 
 
-async def _quiet(ctx: EdgeContext, limit_s: float) -> bool:
-    """Wait until no API request is in flight and no stream is generating; False on timeout."""
+async def _quiet(ctx: EdgeContext, limit_s: float, *, grace: bool = False) -> bool:
+    """Wait until no API request is in flight and no stream is generating; False on timeout
+    (or, for the grace, when a second signal cuts it short)."""
     deadline = time.monotonic() + limit_s
     while ctx.drain.in_flight or ctx.streams.live:
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= deadline or (grace and ctx.drain.hurry):
             return False
         await asyncio.sleep(0.05)
     return True
+
+
+def _hurry(ctx: EdgeContext) -> None:
+    """A second signal: cut the grace short (streams still running end as cancelled)."""
+    ctx.drain.hurry = True
+    log.info("edge.drain_cut_short", in_flight=ctx.drain.in_flight, live=ctx.streams.live)
 
 
 async def run_edge(settings: EdgeSettings) -> None:
@@ -141,6 +145,8 @@ async def run_edge(settings: EdgeSettings) -> None:
         log.info("edge.stopped", reason="server exited")
         return
     log.info("edge.draining", in_flight=edge.ctx.drain.in_flight, live=edge.ctx.streams.live)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _hurry, edge.ctx)
     clean = await edge.drain()
     log.info(
         "edge.stopped",
