@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -74,6 +76,22 @@ async def test_foreign_key_cancel_is_answered_like_an_unknown_id_and_does_nothin
             rest = [event async for event in source.aiter_sse()]
     assert _shape(foreign, "keep-running") == _shape(unknown, "never-there")
     assert json.loads(rest[-1].data)["finish_reason"] == "length"
+
+
+async def test_foreign_and_unknown_ids_take_the_same_time(keyed: RunningEdge) -> None:
+    """Timing tells nothing either: interleaved resume and cancel calls with k2 on k1's live id
+    and on an unknown id have medians within noise (0.5 ms or a quarter of the median)."""
+    timings: dict[str, list[float]] = {"owned-by-k1": [], "never-there": []}
+    async with httpx.AsyncClient(base_url=keyed.url, timeout=30) as http:
+        await _first_event(http, "owned-by-k1")
+        for _ in range(40):
+            for request_id, sink in timings.items():
+                started = time.perf_counter()
+                await http.post(f"/v1/generate/{request_id}/cancel", json={}, headers=K2)
+                await http.get(f"/v1/generate/{request_id}/events", headers=K2)
+                sink.append(time.perf_counter() - started)
+    foreign, unknown = (statistics.median(sink) for sink in timings.values())
+    assert abs(foreign - unknown) < max(0.0005, 0.25 * unknown)
 
 
 async def test_owner_can_resume_and_cancel_its_stream(keyed: RunningEdge) -> None:
