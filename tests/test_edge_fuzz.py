@@ -35,7 +35,7 @@ FUZZ = settings(
     max_examples=int(_CUSTOM or 40),
     deadline=None,
     derandomize=_CUSTOM is None,
-    database=None,  # no example files written into the work tree
+    database=None,  # no saved examples: the derandomised run is the record
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
