@@ -258,7 +258,14 @@ async def test_post_without_json_content_type_is_415(
 
 
 @pytest.mark.parametrize(
-    "content_type", ["application/json", "application/json; charset=utf-8", "Application/JSON"]
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        'application/json;charset="UTF-8"',
+        "Application/JSON",
+        "application/json;",
+    ],
 )
 async def test_json_content_type_with_optional_charset_is_accepted(
     http: httpx.AsyncClient, content_type: str

@@ -68,7 +68,7 @@ def _is_json(content_type: str) -> bool:
     media, *params = (part.strip().lower() for part in content_type.split(";"))
     if media != "application/json":
         return False
-    for param in params:
+    for param in filter(None, params):  # tolerate a stray ';'
         name, _, value = param.partition("=")
         if name.strip() != "charset" or value.strip().strip('"') not in {"utf-8", "utf8"}:
             return False
