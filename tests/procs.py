@@ -1,4 +1,5 @@
-"""Start `tokenwire serve` as a real subprocess on 127.0.0.1:0 and read its JSON log lines."""
+"""Start `tokenwire serve` / `tokenwire edge` as real subprocesses on 127.0.0.1:0 and read their
+JSON log lines."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import time
 from typing import Any
 
 
-class ServerProcess:
-    """A server subprocess; stdout lines are parsed as JSON log records as they arrive."""
+class LoggingProcess:
+    """A `tokenwire` subprocess; stdout lines are parsed as JSON log records as they arrive."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        command = [sys.executable, "-m", "tokenwire_cli.main", "serve", "--port", "0", *args]
+        command = [sys.executable, "-m", "tokenwire_cli.main", *args]
         self.proc = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
@@ -29,7 +30,6 @@ class ServerProcess:
         self._lines: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.port = int(self.wait_for("server.listening")["port"])
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -40,10 +40,6 @@ class ServerProcess:
                 record = {"event": "raw", "line": line.rstrip()}
             self.records.append(record)
             self._lines.put(record)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
     def wait_for(self, event: str, timeout: float = 60.0) -> dict[str, Any]:
         """Block until a log record with this event arrives (or fail after timeout)."""
@@ -77,3 +73,23 @@ class ServerProcess:
         self._reader.join(5)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+class ServerProcess(LoggingProcess):
+    """`tokenwire serve` on an ephemeral port."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        super().__init__("serve", "--port", "0", *args, env=env)
+        self.port = int(self.wait_for("server.listening")["port"])
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+class EdgeProcess(LoggingProcess):
+    """`tokenwire edge` on an ephemeral port, in front of `target`."""
+
+    def __init__(self, target: str, *args: str, env: dict[str, str] | None = None) -> None:
+        super().__init__("edge", "--port", "0", "--grpc-target", target, *args, env=env)
+        self.url = str(self.wait_for("edge.listening")["url"]).rstrip("/")

@@ -41,7 +41,7 @@ async def test_edge_counts_outcomes_and_client_ttft(served: RunningServer) -> No
                     last_id = event.id
                     break
             async with aconnect_sse(
-                http, "POST", "/v1/generate", headers={"Last-Event-ID": last_id}
+                http, "POST", "/v1/generate", json={}, headers={"Last-Event-ID": last_id}
             ) as source:
                 [e async for e in source.aiter_sse()]
             await http.post("/v1/generate", json={"prompt": ""})

@@ -66,7 +66,7 @@ async def test_x_request_id_is_passed_to_the_server_and_returned(http: httpx.Asy
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"prompt": "x", "top_p": 7}, "sampling.top_p"),
+        ({"prompt": "x", "top_p": 7}, "top_p"),
         ({"prompt": "x", "max_tokens": 100_000}, "max_tokens"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
@@ -85,7 +85,11 @@ async def test_bad_input_is_400_naming_the_field(
 
 async def test_oversize_body_is_413(http: httpx.AsyncClient) -> None:
     """A body over the limit is refused with 413 before it is parsed."""
-    response = await http.post("/v1/generate", content=b"{" + b" " * 2_000_000 + b"}")
+    response = await http.post(
+        "/v1/generate",
+        content=b"{" + b" " * 2_000_000 + b"}",
+        headers={"Content-Type": "application/json"},
+    )
     assert response.status_code == 413
 
 
@@ -110,7 +114,9 @@ async def test_resume_with_last_event_id_replays_exactly_the_missed_events(
                 break
     last_id = first[-1].id
     request_id = last_id.rsplit(":", 1)[0]
-    _, rest = await _events(http, "POST", "/v1/generate", headers={"Last-Event-ID": last_id})
+    _, rest = await _events(
+        http, "POST", "/v1/generate", json={}, headers={"Last-Event-ID": last_id}
+    )
     events = first + rest
     assert [e.id for e in events] == [f"{request_id}:{i}" for i in range(1, len(events) + 1)]
     text = "".join(json.loads(e.data)["text"] for e in events if e.event == "token")
@@ -153,7 +159,7 @@ async def test_cancel_endpoint_ends_the_stream_and_frees_the_server(
             events.append(event)
             if len(events) == 3:
                 request_id = event.id.rsplit(":", 1)[0]
-                reply = await http.post(f"/v1/generate/{request_id}/cancel")
+                reply = await http.post(f"/v1/generate/{request_id}/cancel", json={})
                 assert reply.json() == {"request_id": request_id, "cancelled": True}
     assert events[-1].event == "done"
     assert json.loads(events[-1].data)["finish_reason"] == "cancelled"

@@ -100,13 +100,14 @@ def test_probe_ports_match_container_ports(overlay: str) -> None:
                     assert action["port"] in declared, (deployment["metadata"]["name"], probe)
 
 
+@pytest.mark.parametrize("deployment", ["tokenwire-server", "tokenwire-edge"])
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_grace_period_covers_prestop_and_drain(overlay: str) -> None:
-    """terminationGracePeriodSeconds >= preStop sleep + TOKENWIRE_DRAIN_GRACE_S."""
+def test_grace_period_covers_prestop_and_drain(overlay: str, deployment: str) -> None:
+    """terminationGracePeriodSeconds >= preStop sleep + TOKENWIRE_DRAIN_GRACE_S (both drain)."""
     docs = _docs(overlay)
-    spec = _find(docs, "Deployment", "tokenwire-server")["spec"]["template"]["spec"]
-    server = spec["containers"][0]
-    pre_stop = float(server["lifecycle"]["preStop"]["exec"]["command"][-1])
+    spec = _find(docs, "Deployment", deployment)["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    pre_stop = float(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     drain = float(_env(docs)["TOKENWIRE_DRAIN_GRACE_S"])
     assert spec["terminationGracePeriodSeconds"] >= pre_stop + drain
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
 import signal
 import socket
 import sys
 
 import httpx
+from httpx_sse import aconnect_sse
 
 
 def _free_ports(n: int) -> list[int]:
@@ -62,4 +66,74 @@ async def test_up_prints_the_urls_serves_and_stops_cleanly_on_ctrl_c() -> None:
     assert f'base_url="http://127.0.0.1:{http_port}/v1"' in text
     assert reply.status_code == 200
     assert "tokenwire_requests_total" in scraped.text
+    assert proc.returncode == 0
+
+
+async def _start_up(*args: str) -> tuple[asyncio.subprocess.Process, list[str], int]:
+    """`tokenwire up` with JSON logs; returns once the banner is out (lines read so far)."""
+    grpc_port, http_port, metrics_port = _free_ports(3)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tokenwire_cli.main",
+        "up",
+        "--grpc-port",
+        str(grpc_port),
+        "--http-port",
+        str(http_port),
+        "--metrics-port",
+        str(metrics_port),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "TOKENWIRE_LOG_FORMAT": "json"},
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    async with asyncio.timeout(90):
+        while not any("Ctrl-C" in line for line in lines):
+            lines.append((await proc.stdout.readline()).decode())
+    return proc, lines, http_port
+
+
+def _records(lines: list[str]) -> list[dict[str, object]]:
+    records = []
+    for line in lines:
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if isinstance(record, dict) and "event" in record:
+                records.append(record)
+    return records
+
+
+async def test_sigterm_lets_an_sse_stream_reach_done_then_stops_edge_then_server() -> None:
+    """SIGTERM to `tokenwire up` mid-stream: the SSE stream still gets every token and its
+    `done`, the edge stops before the server starts draining, and `up` exits 0."""
+    proc, lines, http_port = await _start_up("--drain-grace-s", "30")
+    body = {"prompt": "def f():", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+    try:
+        async with (
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=60) as http,
+            aconnect_sse(http, "POST", "/v1/generate", json=body) as source,
+        ):
+            stream = source.aiter_sse()
+            events = [await anext(stream)]
+            proc.send_signal(signal.SIGTERM)
+            events += [event async for event in stream]
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    lines += out.decode().splitlines()
+    records = _records(lines)
+    order = [record["event"] for record in records]
+    draining = records[order.index("edge.draining")]
+    assert events[-1].event == "done"
+    assert json.loads(events[-1].data)["finish_reason"] == "length"
+    assert sum(e.event == "token" for e in events) == 400
+    assert draining["in_flight"] == 1  # the stream was still running when the signal came
+    assert order.count("edge.stopped") == 1
+    assert order.index("edge.stopped") < order.index("server.draining")
+    assert "server.stopped" in order
     assert proc.returncode == 0

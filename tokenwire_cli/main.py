@@ -79,6 +79,9 @@ def _add_edge(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--port", type=int, help="HTTP port (TOKENWIRE_EDGE_PORT, default 8000)")
     p.add_argument("--grpc-target", help="server address (TOKENWIRE_GRPC_TARGET)")
     p.add_argument("--resume-window-s", type=float, help="keep generating this long after a drop")
+    p.add_argument(
+        "--drain-grace-s", type=float, help="seconds in-flight streams get on SIGTERM (default 30)"
+    )
     p.add_argument("--log-format", choices=["json", "console"], default=None)
     p.set_defaults(run=_run_edge)
 
@@ -113,13 +116,14 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--grpc-port", type=int, default=50051)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=9464)
+    p.add_argument("--drain-grace-s", type=float, help="drain grace of the edge, then the server")
     p.set_defaults(run=_run_up)
 
 
 def _run_up(args: argparse.Namespace) -> int:
     from tokenwire_cli.up import run_up
 
-    return run_up(args.host, args.grpc_port, args.http_port, args.metrics_port)
+    return run_up(args.host, args.grpc_port, args.http_port, args.metrics_port, args.drain_grace_s)
 
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (

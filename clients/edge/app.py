@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,48 +14,23 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clients.edge import native, openai_api
 from clients.edge.context import EdgeContext
 from clients.edge.errors import EdgeError
+from clients.edge.guards import (
+    ApiKeyMiddleware,
+    CrossSiteMiddleware,
+    DrainMiddleware,
+    JsonOnlyMiddleware,
+)
 from clients.edge.metrics import EdgeMetrics
 from clients.edge.resumable import ResumableStreams
 from clients.edge.settings import EdgeSettings
 from clients.edge.upstream import Upstream
 
 STATIC = Path(__file__).parent / "static"
-OPEN_PATHS = ("/healthz", "/readyz", "/static/", "/favicon.ico")
-
-
-class ApiKeyMiddleware:
-    """Every route but health and the page's files needs `Authorization: Bearer <key>`."""
-
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
-        self.app = app
-        self.keys = tuple(k.encode() for k in keys)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or path == "/" or path.startswith(OPEN_PATHS):
-            await self.app(scope, receive, send)
-            return
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        token = header[7:] if header[:7].lower() == b"bearer " else b""
-        if any(hmac.compare_digest(token, key) for key in self.keys):
-            await self.app(scope, receive, send)
-            return
-        error = EdgeError(
-            401, "UNAUTHENTICATED", "a valid `Authorization: Bearer <key>` is required"
-        )
-        response = JSONResponse(
-            _body(path, error), status_code=401, headers={"WWW-Authenticate": "Bearer"}
-        )
-        await response(scope, receive, send)
-
-
-def _body(path: str, error: EdgeError) -> dict[str, object]:
-    return error.native_body() if path.startswith("/v1/generate") else error.openai_body()
+REJECTED = frozenset({400, 409, 413, 415, 429, 503})
 
 
 async def _edge_error(request: Request, exc: Exception) -> Response:
@@ -66,9 +40,9 @@ async def _edge_error(request: Request, exc: Exception) -> Response:
     route = (
         "native" if path.startswith("/v1/generate") else "chat" if "chat" in path else "completions"
     )
-    if exc.status in {400, 413, 429, 503}:
+    if exc.status in REJECTED:
         ctx.outcome(route, "rejected")
-    return JSONResponse(_body(path, exc), status_code=exc.status, headers=exc.headers())
+    return JSONResponse(exc.body_for(path), status_code=exc.status, headers=exc.headers())
 
 
 async def healthz(request: Request) -> Response:
@@ -76,7 +50,9 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    ready = await EdgeContext.of(request).upstream.ready()
+    """200 while the server reports SERVING, 503 once this edge starts draining."""
+    ctx = EdgeContext.of(request)
+    ready = ctx.drain.ready and await ctx.upstream.ready()
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
@@ -111,6 +87,8 @@ def create_app(settings: EdgeSettings, upstream: Upstream | None = None) -> Star
         ctx.streams.close()
         await ctx.upstream.close()
 
+    # Outermost first: CORS answers preflights, the drain gate counts and refuses, then keys,
+    # then where the request comes from and its content type.
     middleware = []
     if settings.cors_origins:
         middleware.append(
@@ -122,8 +100,11 @@ def create_app(settings: EdgeSettings, upstream: Upstream | None = None) -> Star
                 expose_headers=["X-Request-ID"],
             )
         )
+    middleware.append(Middleware(DrainMiddleware, drain=ctx.drain))
     if settings.api_keys:
         middleware.append(Middleware(ApiKeyMiddleware, keys=settings.api_keys))
+    middleware.append(Middleware(CrossSiteMiddleware, origins=settings.cors_origins))
+    middleware.append(Middleware(JsonOnlyMiddleware))
     routes = [
         Route("/", page),
         Route("/healthz", healthz),

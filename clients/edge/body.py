@@ -1,33 +1,87 @@
-"""Reading request bodies and query strings into typed values, naming the field on error."""
+"""Reading request bodies and query strings into typed values, naming the field on error.
+
+Every number is range-checked here, before it can reach a protobuf field (where an
+out-of-range value raises ValueError, i.e. a 500): integers against their wire type and the
+documented range, floats for finiteness and the documented range.
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from starlette.requests import Request
 
 from clients.edge.errors import EdgeError
+from clients.edge.jsonsafe import OutOfRange, decode_object
+
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+# ASCII only: str.isdigit() accepts '²' and int() then raises.
+_QUERY_INT = re.compile(r"[+-]?[0-9]{1,40}", re.ASCII)
+_QUERY_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", re.ASCII)
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IntRange:
+    low: int
+    high: int
+
+    def describe(self) -> str:
+        return f"an integer between {self.low} and {self.high}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FloatRange:
+    low: float
+    high: float
+    low_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        return math.isfinite(value) and above and value <= self.high
+
+    def describe(self) -> str:
+        left = "(" if self.low_open else "["
+        return f"a number in {left}{self.low:g}, {self.high:g}]"
+
+
+# The documented ranges (docs/api.md) and, where wider, the protobuf wire types.
+INT_RANGES: dict[str, IntRange] = {
+    "max_tokens": IntRange(0, UINT32_MAX),
+    "max_completion_tokens": IntRange(0, UINT32_MAX),
+    "top_k": IntRange(0, UINT32_MAX),
+    "seed": IntRange(0, UINT64_MAX),
+    "n": IntRange(0, UINT32_MAX),
+    "logprobs": IntRange(0, 5),
+}
+FLOAT_RANGES: dict[str, FloatRange] = {
+    "temperature": FloatRange(0.0, 2.0),
+    "top_p": FloatRange(0.0, 1.0, low_open=True),
+    "repetition_penalty": FloatRange(0.0, 2.0, low_open=True),
+}
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The JSON object body; 413 past `limit` bytes, 400 when it is not a JSON object."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise EdgeError(413, "PAYLOAD_TOO_LARGE", f"request body must be at most {limit} bytes")
+    """The JSON object body; 413 past `limit` bytes, 400 naming the problem otherwise."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
     raw = bytearray()
     async for chunk in request.stream():
         raw += chunk
         if len(raw) > limit:
-            raise EdgeError(413, "PAYLOAD_TOO_LARGE", f"request body must be at most {limit} bytes")
-    try:
-        body = json.loads(raw or b"{}")
-    except json.JSONDecodeError as exc:
-        raise EdgeError.invalid("body", f"must be JSON ({exc.msg})") from None
-    if not isinstance(body, dict):
-        raise EdgeError.invalid("body", "must be a JSON object")
-    return body
+            raise _too_large(limit)
+    return decode_object(bytes(raw))
+
+
+def _too_large(limit: int) -> EdgeError:
+    return EdgeError(413, "PAYLOAD_TOO_LARGE", f"request body must be at most {limit} bytes")
 
 
 class Fields:
@@ -49,26 +103,37 @@ class Fields:
         return value
 
     def integer(self, name: str, default: int | None = None) -> int | None:
+        """An integer within INT_RANGES[name]; None (or default) when absent."""
         value = self._source.get(name)
         if value is None:
             return default
-        if self._from_query and isinstance(value, str) and value.lstrip("-").isdigit():
-            return int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise EdgeError.invalid(name, "must be an integer")
+        allowed = INT_RANGES[name]
+        if self._from_query and isinstance(value, str):
+            if not _QUERY_INT.fullmatch(value):
+                raise EdgeError.invalid(name, f"must be {allowed.describe()}")
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int | OutOfRange):
+            raise EdgeError.invalid(name, f"must be {allowed.describe()}")
+        if isinstance(value, OutOfRange) or not allowed.low <= value <= allowed.high:
+            raise EdgeError.invalid(name, f"must be {allowed.describe()}, got {value!r}")
         return value
 
     def number(self, name: str) -> float | None:
+        """A finite number within FLOAT_RANGES[name]; None when absent."""
         value = self._source.get(name)
         if value is None:
             return None
+        allowed = FLOAT_RANGES[name]
         if self._from_query and isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise EdgeError.invalid(name, "must be a number") from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise EdgeError.invalid(name, "must be a number")
+            if len(value) > 64 or not _QUERY_FLOAT.fullmatch(value):
+                raise EdgeError.invalid(name, f"must be {allowed.describe()}")
+            value = float(value)
+        # bool is an int, and an int past 2^53 has no exact float (past ~10^308, none at all).
+        exact = isinstance(value, float) or (
+            isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2**53
+        )
+        if not exact or not allowed.contains(float(value)):
+            raise EdgeError.invalid(name, f"must be {allowed.describe()}")
         return float(value)
 
     def boolean(self, name: str, default: bool = False) -> bool:
@@ -76,7 +141,9 @@ class Fields:
         if value is None:
             return default
         if self._from_query and isinstance(value, str):
-            return value.lower() in {"1", "true", "yes", "on"}
+            lowered = value.lower()
+            if lowered in _TRUE or lowered in _FALSE:
+                return lowered in _TRUE
         if not isinstance(value, bool):
             raise EdgeError.invalid(name, "must be true or false")
         return value

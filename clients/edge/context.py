@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import uuid
 
 from starlette.requests import Request
 
 from clients.edge.errors import EdgeError
+from clients.edge.guards import Drain
 from clients.edge.metrics import EdgeMetrics
 from clients.edge.resumable import ResumableStreams
 from clients.edge.settings import EdgeSettings
 from clients.edge.upstream import Upstream
 
 MAX_REQUEST_ID = 128
+# What gRPC metadata carries (printable ASCII) within the server's bound; no ':' because the
+# edge's event ids are `<request_id>:<seq>`, no space at either end because it is echoed in the
+# X-Request-ID response header, where HTTP forbids one.
+_ID_CHAR = r"\x21-\x39\x3b-\x7e"
+_REQUEST_ID = re.compile(rf"[{_ID_CHAR}](?:[ {_ID_CHAR}]{{0,{MAX_REQUEST_ID - 2}}}[{_ID_CHAR}])?")
 
 
 @dataclasses.dataclass
@@ -22,6 +29,7 @@ class EdgeContext:
     upstream: Upstream
     streams: ResumableStreams
     metrics: EdgeMetrics
+    drain: Drain = dataclasses.field(default_factory=Drain)
 
     @staticmethod
     def of(request: Request) -> EdgeContext:
@@ -37,10 +45,19 @@ class EdgeContext:
 
 
 def request_id_of(request: Request, field: str = "") -> str:
-    """X-Request-ID header, else the body's request_id, else a new one."""
-    request_id = request.headers.get("x-request-id") or field or uuid.uuid4().hex
-    if len(request_id) > MAX_REQUEST_ID or not request_id.isprintable() or ":" in request_id:
+    """X-Request-ID header, else the body's request_id, else a new one; both are checked."""
+    header = request.headers.get("x-request-id", "")
+    for given in (header, field):
+        if given:
+            check_request_id(given)
+    return header or field or uuid.uuid4().hex
+
+
+def check_request_id(request_id: str) -> None:
+    """EdgeError 400 naming request_id unless it is 1..128 printable ASCII characters, no ':'."""
+    if not _REQUEST_ID.fullmatch(request_id):
         raise EdgeError.invalid(
-            "request_id", f"must be at most {MAX_REQUEST_ID} printable characters without ':'"
+            "request_id",
+            f"must be 1 to {MAX_REQUEST_ID} printable ASCII characters (0x20-0x7E), without ':'"
+            " and without a space at either end",
         )
-    return request_id

@@ -25,13 +25,25 @@ OPENAI_TYPE_BY_HTTP = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    409: "invalid_request_error",
     410: "not_found_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     499: "request_cancelled",
     503: "service_unavailable",
     504: "timeout",
 }
+
+
+def _http_field(field: str | None, message: str) -> tuple[str | None, str]:
+    """The server's `sampling.top_p` is the HTTP API's flat `top_p`."""
+    if field is None or not field.startswith("sampling."):
+        return field, message
+    flat = field.removeprefix("sampling.")
+    if message.startswith(f"{field}:"):
+        message = flat + message.removeprefix(field)
+    return flat, message
 
 
 class EdgeError(Exception):
@@ -64,12 +76,17 @@ class EdgeError(Exception):
         retry = typed.retry_after_s
         if retry is None and status == 429:
             retry = 1.0
-        return cls(status, typed.code.name, typed.message, param=typed.field, retry_after_s=retry)
+        field, message = _http_field(typed.field, typed.message)
+        return cls(status, typed.code.name, message, param=field, retry_after_s=retry)
 
     def headers(self) -> dict[str, str]:
         if self.retry_after_s is None:
             return {}
         return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+    def body_for(self, path: str) -> dict[str, Any]:
+        """The native body on /v1/generate routes, OpenAI's everywhere else."""
+        return self.native_body() if path.startswith("/v1/generate") else self.openai_body()
 
     def native_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"code": self.code, "status": self.status, "message": self.message}

@@ -20,6 +20,7 @@ from clients.client import Completion, GenerateOptions, Token, Usage, event_from
 from clients.edge.body import Fields, read_json
 from clients.edge.context import EdgeContext, request_id_of
 from clients.edge.errors import EdgeError
+from clients.edge.guards import principal_of
 from clients.edge.resumable import ResumableStream, parse_event_id
 
 log = structlog.get_logger("tokenwire.edge")
@@ -99,7 +100,7 @@ def _sse(stream: ResumableStream, after: int, ctx: EdgeContext, route: str) -> R
 
 async def _resume(request: Request, ctx: EdgeContext, last_event_id: str) -> Response:
     request_id, seq = parse_event_id(last_event_id)
-    stream = ctx.streams.get(request_id)
+    stream = ctx.streams.get(request_id, principal_of(request.scope))
     if stream.followers == 0:
         ctx.outcome("native", "resumed")
     return _sse(stream, seq, ctx, "native")
@@ -109,8 +110,12 @@ async def _start(request: Request, ctx: EdgeContext, fields: Fields) -> Response
     prompt = fields.string("prompt")
     request_id = request_id_of(request, fields.string("request_id"))
     message = options_from(fields, request_id).to_pb(prompt)
-    upstream = await ctx.upstream.open(message, request_id)
-    stream = ctx.streams.open(upstream, native_event)
+    ctx.streams.claim(request_id)
+    try:
+        upstream = await ctx.upstream.open(message, request_id)
+        stream = ctx.streams.open(upstream, native_event, request_id, principal_of(request.scope))
+    finally:
+        ctx.streams.release(request_id)
     return _sse(stream, 0, ctx, "native")
 
 
@@ -147,7 +152,8 @@ async def resume(request: Request) -> Response:
 
 
 async def cancel(request: Request) -> Response:
+    """POST /v1/generate/{request_id}/cancel: only the stream's own caller can cancel it."""
     ctx = EdgeContext.of(request)
-    stream = ctx.streams.get(request.path_params["request_id"])
+    stream = ctx.streams.get(request.path_params["request_id"], principal_of(request.scope))
     stream.cancel()
     return JSONResponse({"request_id": stream.request_id, "cancelled": True})

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
+from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
@@ -84,14 +85,19 @@ async def _chat_prompt(fields: Fields, ctx: EdgeContext) -> str:
         turns.append({"role": m["role"], "content": _content_text(m.get("content"), i)})
     info = await ctx.upstream.model_info()
     template = info.chat_template or DEFAULT_CHAT_TEMPLATE
-    return str(
-        _jinja.from_string(template).render(
+    try:
+        rendered = _jinja.from_string(template).render(
             messages=turns,
             add_generation_prompt=True,
             bos_token=info.bos_token,
             eos_token=info.eos_token,
         )
-    )
+    except TemplateError as exc:
+        # Model templates refuse some conversations (roles not alternating, ...).
+        raise EdgeError.invalid(
+            "messages", f"the model's chat template refused them: {exc}"
+        ) from None
+    return str(rendered)
 
 
 class _Shape:
@@ -166,8 +172,8 @@ async def _begin(
         raise EdgeError.invalid("stream_options", "must be an object")
     include_usage = bool(stream_options.get("include_usage", False))
     streaming = fields.boolean("stream")
-    upstream = await ctx.upstream.open(options.to_pb(prompt), request_id)
     model = (await ctx.upstream.model_info()).model
+    upstream = await ctx.upstream.open(options.to_pb(prompt), request_id)
     return (
         ctx,
         fields,

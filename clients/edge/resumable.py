@@ -11,6 +11,7 @@ import asyncio
 import collections
 import dataclasses
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from clients.edge.upstream import UpstreamStream
 Convert = Callable[[pb.GenerateResponse], tuple[str, dict[str, Any]]]
 Outcome = Callable[[str], None]
 EXPIRED_MEMORY = 10_000
+_SEQ = re.compile(r"[0-9]{1,18}", re.ASCII)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,20 +40,26 @@ class BufferedEvent:
 def parse_event_id(value: str) -> tuple[str, int]:
     """'<request_id>:<seq>' -> (request_id, seq); EdgeError 400 when malformed."""
     request_id, _, seq = value.rpartition(":")
-    if not request_id or not seq.isdigit():
-        raise EdgeError.invalid(
-            "Last-Event-ID", f"must look like <request_id>:<seq>, got {value!r}"
-        )
+    # ASCII digits only: str.isdigit() accepts '²', which int() refuses.
+    if not request_id or not _SEQ.fullmatch(seq):
+        raise EdgeError.invalid("Last-Event-ID", "must look like <request_id>:<seq>")
     return request_id, int(seq)
 
 
 class ResumableStream:
     """One generation's events, buffered, with any number of followers over time."""
 
-    def __init__(self, registry: ResumableStreams, upstream: UpstreamStream) -> None:
+    def __init__(
+        self,
+        registry: ResumableStreams,
+        upstream: UpstreamStream,
+        request_id: str,
+        owner: str | None,
+    ) -> None:
         self.registry = registry
         self.upstream = upstream
-        self.request_id = upstream.request_id
+        self.request_id = request_id
+        self.owner = owner
         self.events: collections.deque[BufferedEvent] = collections.deque()
         self.first_seq = 1
         self.next_seq = 1
@@ -80,12 +88,10 @@ class ResumableStream:
         self.next_seq += 1
         self.events.append(event)
         self.bytes += event.size
-        self.registry.account(event.size)
         while self.bytes > self.registry.stream_bytes and len(self.events) > 1:
             dropped = self.events.popleft()
             self.first_seq = dropped.seq + 1
             self.bytes -= dropped.size
-            self.registry.account(-dropped.size)
         self._changed.set()
 
     def _finish(self) -> None:
@@ -152,7 +158,11 @@ class ResumableStream:
 
 
 class ResumableStreams:
-    """All buffered streams of this edge, bounded per stream and in total."""
+    """All buffered streams of this edge, bounded per stream and in total.
+
+    A stream belongs to the principal (API key fingerprint, or None without keys) that started
+    it: for anyone else it does not exist. Its id stays taken while it can still be resumed.
+    """
 
     def __init__(
         self,
@@ -164,33 +174,60 @@ class ResumableStreams:
         self.window_s = window_s
         self.stream_bytes = stream_bytes
         self.total_bytes = total_bytes
-        self.bytes = 0
         self._streams: dict[str, ResumableStream] = {}
-        self._expired: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._claimed: set[str] = set()
+        self._expired: collections.OrderedDict[str, str | None] = collections.OrderedDict()
         self._on_outcome = on_outcome or (lambda outcome: None)
 
     def __len__(self) -> int:
         return len(self._streams)
 
-    def account(self, delta: int) -> None:
-        self.bytes += delta
+    @property
+    def live(self) -> int:
+        """Streams still generating (with or without a client attached)."""
+        return sum(1 for stream in self._streams.values() if not stream.done)
 
-    def open(self, upstream: UpstreamStream, convert: Convert) -> ResumableStream:
-        if self.bytes + self.stream_bytes > self.total_bytes:
+    @property
+    def bytes(self) -> int:
+        """Bytes buffered by registered streams (summed, never tracked, so it cannot drift)."""
+        return sum(stream.bytes for stream in self._streams.values())
+
+    def claim(self, request_id: str) -> None:
+        """Reserve an id before the upstream call; 409 while a stream with it is resumable."""
+        if request_id in self._streams or request_id in self._claimed:
+            raise EdgeError(
+                409,
+                "ALREADY_EXISTS",
+                f"request_id: a stream with this id is still resumable (for up to "
+                f"{self.window_s:g} s after it ends); use a new id",
+                param="request_id",
+            )
+        self._claimed.add(request_id)
+
+    def release(self, request_id: str) -> None:
+        self._claimed.discard(request_id)
+
+    def open(
+        self, upstream: UpstreamStream, convert: Convert, request_id: str, owner: str | None
+    ) -> ResumableStream:
+        """Register the stream of a claimed id and start pumping its events."""
+        if not self._room():
             self._evict_finished()
-        if self.bytes + self.stream_bytes > self.total_bytes:
+        if not self._room():
             upstream.cancel()
             raise EdgeError(429, "RESOURCE_EXHAUSTED", "resume buffers are full", retry_after_s=1)
-        stream = ResumableStream(self, upstream)
-        self._streams[stream.request_id] = stream
+        stream = ResumableStream(self, upstream, request_id, owner)
+        self._streams[request_id] = stream
+        self._expired.pop(request_id, None)
         stream.start(convert)
         return stream
 
-    def get(self, request_id: str) -> ResumableStream:
+    def get(self, request_id: str, owner: str | None) -> ResumableStream:
+        """The caller's stream; another principal's is answered exactly like an unknown id."""
         stream = self._streams.get(request_id)
-        if stream is not None:
+        if stream is not None and stream.owner == owner:
             return stream
-        if request_id in self._expired:
+        if request_id in self._expired and self._expired[request_id] == owner:
             raise EdgeError(410, "GONE", f"stream {request_id} has expired")
         raise EdgeError(404, "NOT_FOUND", f"no stream with request id {request_id}")
 
@@ -214,16 +251,25 @@ class ResumableStreams:
         stream.abandon()
         if self._streams.get(stream.request_id) is stream:
             del self._streams[stream.request_id]
-            self.account(-stream.bytes)
-            self._expired[stream.request_id] = None
+            self._expired[stream.request_id] = stream.owner
             while len(self._expired) > EXPIRED_MEMORY:
                 self._expired.popitem(last=False)
 
     def _evict_finished(self) -> None:
+        excess = self.bytes + self.stream_bytes - self.total_bytes
         for stream in [s for s in self._streams.values() if s.done and s.followers == 0]:
-            self.drop(stream)
-            if self.bytes + self.stream_bytes <= self.total_bytes:
+            if excess <= 0:
                 return
+            excess -= stream.bytes
+            self.drop(stream)
+
+    def _room(self) -> bool:
+        return self.bytes + self.stream_bytes <= self.total_bytes
+
+    def cancel_all(self) -> None:
+        """End every stream still generating; followers get `done` with reason cancelled."""
+        for stream in list(self._streams.values()):
+            stream.cancel()
 
     def close(self) -> None:
         for stream in list(self._streams.values()):

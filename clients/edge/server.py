@@ -1,17 +1,44 @@
-"""Run the edge under uvicorn; `tokenwire edge` calls run_edge."""
+"""Run the edge under uvicorn and drain it on SIGTERM/SIGINT; `tokenwire edge` calls run_edge.
+
+uvicorn's own signal handling is not used: on a signal it begins its shutdown at once, and
+sse-starlette (which watches for it) ends every open event stream early. The edge drains
+first instead, and only then tells uvicorn to exit:
+
+1. `/readyz` turns 503 (load balancers stop sending), after `drain_notice_s` new API requests
+   get 503 too; resumes and cancels of running streams still pass;
+2. in-flight requests and streams still generating run to their end, up to `drain_grace_s`;
+3. whatever is still running then (or at a second signal) is cancelled: native streams end
+   with `done` / cancelled, OpenAI streams with an error chunk;
+4. uvicorn closes the connections and the app shuts down.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import socket
+import time
+from collections.abc import Iterator
 
 import structlog
 import uvicorn
 
 from clients.edge.app import create_app
+from clients.edge.context import EdgeContext
 from clients.edge.settings import EdgeSettings
 
 log = structlog.get_logger("tokenwire.edge")
+# After the grace, cancelled streams still need a moment to write their last event.
+CUT_WAIT_S = 2
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without signal handlers: the edge drains before asking it to exit."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class EdgeServer:
@@ -27,10 +54,17 @@ class EdgeServer:
             log_level="warning",
             lifespan="on",
             access_log=False,
+            timeout_graceful_shutdown=CUT_WAIT_S,
         )
-        self.server = uvicorn.Server(config)
+        self.server = _Uvicorn(config)
         self.port = settings.port
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def ctx(self) -> EdgeContext:
+        ctx = self.app.state.ctx
+        assert isinstance(ctx, EdgeContext)
+        return ctx
 
     async def start(self) -> int:
         # proto=IPPROTO_TCP matters: asyncio turns Nagle off (TCP_NODELAY) only on sockets that
@@ -47,18 +81,76 @@ class EdgeServer:
             await asyncio.sleep(0.01)
         return self.port
 
+    async def drain(self, grace_s: float | None = None, notice_s: float | None = None) -> bool:
+        """Drain as described above and stop; True when everything finished within the grace."""
+        ctx = self.ctx
+        grace = self.settings.drain_grace_s if grace_s is None else grace_s
+        notice = self.settings.drain_notice_s if notice_s is None else notice_s
+        ctx.drain.ready = False
+        await asyncio.sleep(notice)
+        ctx.drain.draining = True
+        clean = await _quiet(ctx, grace, grace=True)
+        await self.stop()
+        return clean
+
     async def stop(self) -> None:
+        """Stop now: cancel what still runs (streams end with their last event), then exit."""
+        ctx = self.ctx
+        ctx.drain.ready = False
+        ctx.drain.draining = True
+        ctx.streams.cancel_all()
+        ctx.upstream.cancel_all()
+        await _quiet(ctx, CUT_WAIT_S)
         self.server.should_exit = True
         if self._task is not None:
             await self._task
 
 
+async def _quiet(ctx: EdgeContext, limit_s: float, *, grace: bool = False) -> bool:
+    """Wait until no API request is in flight and no stream is generating; False on timeout
+    (or, for the grace, when a second signal cuts it short)."""
+    deadline = time.monotonic() + limit_s
+    while ctx.drain.in_flight or ctx.streams.live:
+        if time.monotonic() >= deadline or (grace and ctx.drain.hurry):
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def _hurry(ctx: EdgeContext) -> None:
+    """A second signal: cut the grace short (streams still running end as cancelled)."""
+    ctx.drain.hurry = True
+    log.info("edge.drain_cut_short", in_flight=ctx.drain.in_flight, live=ctx.streams.live)
+
+
 async def run_edge(settings: EdgeSettings) -> None:
+    """Serve until SIGTERM/SIGINT, then drain and log `edge.stopped`."""
     edge = EdgeServer(settings)
     port = await edge.start()
     log.info(
         "edge.listening", url=f"http://{settings.host}:{port}/", grpc_target=settings.grpc_target
     )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     assert edge._task is not None
-    await edge._task
-    log.info("edge.stopped")
+    serving = edge._task
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    started = time.monotonic()
+    if serving.done():
+        stopping.cancel()
+        await serving
+        log.info("edge.stopped", reason="server exited")
+        return
+    log.info("edge.draining", in_flight=edge.ctx.drain.in_flight, live=edge.ctx.streams.live)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _hurry, edge.ctx)
+    clean = await edge.drain()
+    log.info(
+        "edge.stopped",
+        reason="signal",
+        drained=clean,
+        drain_ms=round((time.monotonic() - started) * 1000, 1),
+    )

@@ -37,6 +37,8 @@ class EdgeSettings:
     upstream_tls_ca: str = ""
     upstream_tls_cert: str = ""
     upstream_tls_key: str = ""
+    drain_grace_s: float = 30.0
+    drain_notice_s: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -62,6 +64,8 @@ class EdgeSettings:
                 self.resume_total_bytes,
             ),
             (self.upstream_timeout_s > 0, "upstream_timeout_s", "> 0", self.upstream_timeout_s),
+            (self.drain_grace_s >= 0, "drain_grace_s", ">= 0", self.drain_grace_s),
+            (self.drain_notice_s >= 0, "drain_notice_s", ">= 0", self.drain_notice_s),
         ]
         for ok, field, allowed, value in checks:
             if not ok:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -24,9 +24,12 @@ GenerateCall = grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse]
 class UpstreamStream:
     """An accepted Generate call: iterate its messages; cancel() ends it at the server."""
 
-    def __init__(self, call: GenerateCall, request_id: str) -> None:
+    def __init__(
+        self, call: GenerateCall, request_id: str, on_end: Callable[[UpstreamStream], None]
+    ) -> None:
         self._call = call
         self.request_id = request_id
+        self._on_end = on_end
 
     async def messages(self) -> AsyncIterator[pb.GenerateResponse]:
         try:
@@ -35,9 +38,12 @@ class UpstreamStream:
                 yield message
         except grpc.RpcError as error:
             raise EdgeError.from_rpc(error) from None
+        finally:
+            self._on_end(self)
 
     def cancel(self) -> None:
         self._call.cancel()
+        self._on_end(self)
 
 
 class Upstream:
@@ -54,6 +60,7 @@ class Upstream:
         self._timeout_s = timeout_s
         self._info: ModelInfo | None = None
         self._ready_at = 0.0
+        self._open: set[UpstreamStream] = set()
 
     @classmethod
     def from_settings(cls, settings: EdgeSettings) -> Upstream:
@@ -82,10 +89,23 @@ class Upstream:
             header = dict(await call.initial_metadata())
         except grpc.RpcError as error:
             raise EdgeError.from_rpc(error) from None
+        except asyncio.CancelledError:
+            call.cancel()  # the HTTP client left before the server answered
+            raise
         if "x-request-id" not in header:
             # A refusal is trailers-only: no header, only a status with its details.
             raise await _refusal(call)
-        return UpstreamStream(call, str(header.get("x-request-id", request_id)))
+        stream = UpstreamStream(call, str(header.get("x-request-id", request_id)), self._ended)
+        self._open.add(stream)
+        return stream
+
+    def _ended(self, stream: UpstreamStream) -> None:
+        self._open.discard(stream)
+
+    def cancel_all(self) -> None:
+        """Cancel every Generate call still open (the end of a drain's grace)."""
+        for stream in list(self._open):
+            stream.cancel()
 
     async def model_info(self) -> ModelInfo:
         if self._info is None:

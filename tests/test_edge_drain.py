@@ -1,0 +1,155 @@
+"""Draining the edge: readiness first, then new requests refused, in-flight streams finish."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+
+import httpx
+from httpx_sse import ServerSentEvent, aconnect_sse
+
+from tests.conftest import RunningServer, eventually, start_edge
+from tests.procs import EdgeProcess
+
+NATIVE = {"prompt": "def f():", "max_tokens": 60, "ignore_eos": True}
+OPENAI = {"model": "m", "prompt": "x", "max_tokens": 60, "stream": True}
+
+
+async def _native_rest(http: httpx.AsyncClient, started: asyncio.Event) -> list[ServerSentEvent]:
+    async with aconnect_sse(http, "POST", "/v1/generate", json=NATIVE) as source:
+        events = []
+        async for event in source.aiter_sse():
+            events.append(event)
+            started.set()
+        return events
+
+
+async def _openai_lines(http: httpx.AsyncClient, started: asyncio.Event) -> list[str]:
+    async with http.stream("POST", "/v1/completions", json=OPENAI) as response:
+        lines = []
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                lines.append(line.removeprefix("data: "))
+                started.set()
+        return lines
+
+
+async def test_drain_refuses_new_work_while_in_flight_streams_finish(
+    paced: RunningServer,
+) -> None:
+    """During a drain /readyz and new requests are 503, while a native SSE stream and an OpenAI
+    stream already running both reach their `done` / `[DONE]`; the drain reports clean."""
+    edge = await start_edge(paced.target)
+    async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+        native_started, openai_started = asyncio.Event(), asyncio.Event()
+        native = asyncio.create_task(_native_rest(http, native_started))
+        openai = asyncio.create_task(_openai_lines(http, openai_started))
+        await asyncio.wait_for(asyncio.gather(native_started.wait(), openai_started.wait()), 10)
+        drain = asyncio.create_task(edge.edge.drain(grace_s=20))
+        assert await eventually(lambda: edge.edge.ctx.drain.draining, 2)
+        ready = await http.get("/readyz")
+        new_native = await http.post("/v1/generate", json=NATIVE)
+        new_openai = await http.post("/v1/completions", json=OPENAI)
+        events, lines = await asyncio.wait_for(asyncio.gather(native, openai), 20)
+    clean = await asyncio.wait_for(drain, 20)
+    assert (ready.status_code, new_native.status_code, new_openai.status_code) == (503, 503, 503)
+    assert new_native.json()["error"]["code"] == "UNAVAILABLE"
+    assert new_openai.json()["error"]["type"] == "service_unavailable"
+    assert events[-1].event == "done"
+    assert json.loads(events[-1].data)["finish_reason"] == "length"
+    assert lines[-1] == "[DONE]"
+    assert clean
+
+
+async def test_drain_past_its_grace_ends_streams_with_a_cancelled_done(
+    paced: RunningServer,
+) -> None:
+    """Streams still running when the grace ends get `done` with finish_reason cancelled."""
+    edge = await start_edge(paced.target)
+    body = {**NATIVE, "max_tokens": 400}
+    async with (
+        httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
+        aconnect_sse(http, "POST", "/v1/generate", json=body) as source,
+    ):
+        stream = source.aiter_sse()
+        events = [await anext(stream)]
+        clean = await edge.edge.drain(grace_s=0.2)
+        events += [event async for event in stream]
+    assert not clean
+    assert events[-1].event == "done"
+    assert json.loads(events[-1].data)["finish_reason"] == "cancelled"
+    assert await eventually(lambda: paced.engine.active_count == 0, 2)
+
+
+async def test_cancel_of_a_running_stream_passes_during_a_drain(paced: RunningServer) -> None:
+    """Cancelling an in-flight stream is not new work: it is served while draining."""
+    edge = await start_edge(paced.target)
+    body = {**NATIVE, "max_tokens": 400}
+    headers = {"X-Request-ID": "stop-me"}
+    async with (
+        httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
+        aconnect_sse(http, "POST", "/v1/generate", json=body, headers=headers) as source,
+    ):
+        stream = source.aiter_sse()
+        await anext(stream)
+        drain = asyncio.create_task(edge.edge.drain(grace_s=20))
+        assert await eventually(lambda: edge.edge.ctx.drain.draining, 2)
+        cancelled = await http.post("/v1/generate/stop-me/cancel", json={})
+        events = [event async for event in stream]
+    assert cancelled.status_code == 200
+    assert json.loads(events[-1].data)["finish_reason"] == "cancelled"
+    assert await asyncio.wait_for(drain, 10)
+
+
+async def test_edge_process_drains_on_sigterm_exits_zero_and_logs_it(
+    paced: RunningServer,
+) -> None:
+    """SIGTERM to `tokenwire edge`: /readyz 503, the open stream ends with done(length), exit
+    code 0, and one `edge.stopped` log line."""
+    proc = await asyncio.to_thread(EdgeProcess, paced.target, "--drain-grace-s", "20")
+    try:
+        async with (
+            httpx.AsyncClient(base_url=proc.url, timeout=30) as http,
+            aconnect_sse(http, "POST", "/v1/generate", json=NATIVE) as source,
+        ):
+            stream = source.aiter_sse()
+            events = [await anext(stream)]
+            proc.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(proc.wait_for, "edge.draining", 10)
+            ready = await http.get("/readyz")
+            events += [event async for event in stream]
+        code = await asyncio.to_thread(proc.wait, 30)
+    finally:
+        proc.close()
+    assert ready.status_code == 503
+    assert json.loads(events[-1].data)["finish_reason"] == "length"
+    assert code == 0
+    stopped = [r for r in proc.records if r.get("event") == "edge.stopped"]
+    assert len(stopped) == 1
+    assert stopped[0]["drained"] is True
+
+
+async def test_second_signal_cuts_the_edge_drain_short(paced: RunningServer) -> None:
+    """A second SIGTERM during the drain ends open streams at once with done(cancelled); the
+    edge still exits 0 and logs that it did not drain cleanly."""
+    proc = await asyncio.to_thread(EdgeProcess, paced.target, "--drain-grace-s", "60")
+    body = {**NATIVE, "max_tokens": 450}
+    try:
+        async with (
+            httpx.AsyncClient(base_url=proc.url, timeout=30) as http,
+            aconnect_sse(http, "POST", "/v1/generate", json=body) as source,
+        ):
+            stream = source.aiter_sse()
+            await anext(stream)
+            proc.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(proc.wait_for, "edge.draining", 10)
+            proc.proc.send_signal(signal.SIGTERM)
+            events = [event async for event in stream]
+        code = await asyncio.to_thread(proc.wait, 30)
+    finally:
+        proc.close()
+    assert json.loads(events[-1].data)["finish_reason"] == "cancelled"
+    assert len(events) < 300
+    assert code == 0
+    assert [r["drained"] for r in proc.records if r.get("event") == "edge.stopped"] == [False]

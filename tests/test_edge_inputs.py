@@ -1,0 +1,318 @@
+"""Hostile or malformed input to the edge is a 400 naming the field, never a 5xx.
+
+Each case here was once a 500 (found by fuzzing): deep nesting, huge integers, bad UTF-8,
+numbers outside the protobuf types, lone surrogates, Unicode digits, non-object bodies.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from tests.conftest import RunningServer, start_edge
+from tests.fakes import RecordingObserver
+
+JSON = {"Content-Type": "application/json"}
+HUGE = "1" * 5000
+DIGITS_401 = "1" * 401
+
+
+def _body(**fields: object) -> bytes:
+    return json.dumps({"prompt": "x", "max_tokens": 2, **fields}).encode()
+
+
+def _raw(prefix: str, value: str) -> bytes:
+    """A body whose `prefix` field holds a literal the json module would not write."""
+    return f'{{"prompt": "x", "{prefix}": {value}}}'.encode()
+
+
+NATIVE_BODIES = {
+    "deep nesting past the recursion limit": (b'{"prompt": ' + b"[" * 100_000 + b"}", "body"),
+    "nesting past the depth bound": (_raw("prompt", "[" * 40 + "]" * 40), "prompt"),
+    "5000-digit integer": (_raw("max_tokens", HUGE), "max_tokens"),
+    "invalid UTF-8": (b'{"prompt": "\xff\xfe"}', "body"),
+    "max_tokens -1": (_body(max_tokens=-1), "max_tokens"),
+    "max_tokens 2^32": (_body(max_tokens=4294967296), "max_tokens"),
+    "top_k -1": (_body(top_k=-1), "top_k"),
+    "top_k 2^32": (_body(top_k=2**32), "top_k"),
+    "seed -1": (_body(seed=-1), "seed"),
+    "seed 2^64": (_body(seed=2**64), "seed"),
+    "lone surrogate in prompt": (b'{"prompt": "a\\ud800b"}', "prompt"),
+    "lone surrogate in a stop list": (_raw("stop", '["\\udfff"]'), "stop[0]"),
+    "lone surrogate in a stop string": (_raw("stop", '"\\ud83d"'), "stop"),
+    "401-digit integer temperature": (_raw("temperature", DIGITS_401), "temperature"),
+    "401-digit float temperature": (_raw("temperature", DIGITS_401 + ".5"), "temperature"),
+    "NaN literal": (_raw("temperature", "NaN"), "body"),
+    "Infinity literal": (_raw("top_p", "Infinity"), "body"),
+    "array body": (b"[1, 2]", "body"),
+    "string body": (b'"prompt"', "body"),
+    "null body": (b"null", "body"),
+    "truncated JSON": (b'{"prompt": "x"', "body"),
+    "prompt of the wrong type": (_body(prompt=7), "prompt"),
+    "stop of the wrong type": (_body(stop=[1]), "stop"),
+    "ignore_eos of the wrong type": (_body(ignore_eos="yes"), "ignore_eos"),
+    "max_tokens as a boolean": (_body(max_tokens=True), "max_tokens"),
+    "max_tokens as a float": (_body(max_tokens=2.5), "max_tokens"),
+    "temperature as a string": (_body(temperature="hot"), "temperature"),
+    "temperature above 2": (_body(temperature=2.5), "temperature"),
+    "top_p of 0": (_body(top_p=0), "top_p"),
+    "repetition_penalty of 0": (_body(repetition_penalty=0), "repetition_penalty"),
+    "non-ASCII request_id": (_body(request_id="é"), "request_id"),
+    "request_id of 129 characters": (_body(request_id="r" * 129), "request_id"),
+    "request_id with a control character": (_body(request_id="a\x7fb"), "request_id"),
+    "request_id with a colon": (_body(request_id="a:b"), "request_id"),
+    "request_id with a leading space": (_body(request_id=" a"), "request_id"),
+}
+
+OPENAI_BODIES = {
+    "max_tokens -1": ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
+    "max_tokens 2^32": ({"prompt": "x", "max_tokens": 2**32}, "max_tokens"),
+    "seed 2^64": ({"prompt": "x", "seed": 2**64}, "seed"),
+    "seed -1": ({"prompt": "x", "seed": -1}, "seed"),
+    "temperature 1e308": ({"prompt": "x", "temperature": 1e308}, "temperature"),
+    "n of 2": ({"prompt": "x", "n": 2}, "n"),
+    "logprobs past 5": ({"prompt": "x", "logprobs": 99}, "logprobs"),
+    "prompt as a list of two": ({"prompt": ["a", "b"]}, "prompt"),
+    "stream_options not an object": ({"prompt": "x", "stream_options": 3}, "stream_options"),
+}
+
+CHAT = b'"messages": [{"role": "user", "content": "hi"}]'
+CHAT_BODIES = {
+    "lone surrogate in content": (
+        b'{"messages": [{"role": "user", "content": "\\udc00"}]}',
+        "messages[0].content",
+    ),
+    "messages not a list": (b'{"messages": "hi"}', "messages"),
+    "message without a role": (b'{"messages": [{"content": "hi"}]}', "messages[0]"),
+    "max_completion_tokens 2^32": (
+        b"{" + CHAT + b', "max_completion_tokens": 4294967296}',
+        "max_completion_tokens",
+    ),
+    "5000-digit top_p": (b"{" + CHAT + b', "top_p": ' + HUGE.encode() + b"}", "top_p"),
+}
+
+
+@pytest.fixture(scope="module")
+async def http(served: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
+    """One edge for the whole module: every request here is refused or short."""
+    edge = await start_edge(served.target, resume_window_s=0.0)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as client:
+            yield client
+    finally:
+        await edge.edge.stop()
+
+
+def _native_field(response: httpx.Response) -> str:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "INVALID_ARGUMENT"
+    assert error["message"].startswith(f"{error['field']}:")
+    return str(error["field"])
+
+
+def _openai_param(response: httpx.Response) -> str:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    return str(error["param"])
+
+
+@pytest.mark.parametrize(("raw", "field"), NATIVE_BODIES.values(), ids=NATIVE_BODIES.keys())
+async def test_native_malformed_body_is_400_naming_the_field(
+    http: httpx.AsyncClient, raw: bytes, field: str
+) -> None:
+    """POST /v1/generate with this body answers 400 with the native error body naming `field`."""
+    response = await http.post("/v1/generate", content=raw, headers=JSON)
+    assert _native_field(response) == field
+
+
+@pytest.mark.parametrize(("body", "param"), OPENAI_BODIES.values(), ids=OPENAI_BODIES.keys())
+async def test_openai_completions_bad_field_is_400_naming_it(
+    http: httpx.AsyncClient, body: dict[str, object], param: str
+) -> None:
+    """POST /v1/completions answers 400 with an OpenAI error body whose param is the field."""
+    response = await http.post("/v1/completions", json={"model": "m", **body})
+    assert _openai_param(response) == param
+
+
+@pytest.mark.parametrize(("raw", "param"), CHAT_BODIES.values(), ids=CHAT_BODIES.keys())
+async def test_openai_chat_bad_field_is_400_naming_it(
+    http: httpx.AsyncClient, raw: bytes, param: str
+) -> None:
+    """POST /v1/chat/completions answers 400 with an OpenAI error body naming the field."""
+    response = await http.post("/v1/chat/completions", content=raw, headers=JSON)
+    assert _openai_param(response) == param
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+async def test_openai_invalid_utf8_and_deep_nesting_are_400(
+    http: httpx.AsyncClient, route: str
+) -> None:
+    """Bad UTF-8 and 100,000 levels of nesting are OpenAI 400s naming `body`."""
+    bad_utf8 = await http.post(route, content=b'{"model": "\xc3"}', headers=JSON)
+    deep = await http.post(route, content=b"[" * 100_000, headers=JSON)
+    assert [_openai_param(bad_utf8), _openai_param(deep)] == ["body", "body"]
+
+
+@pytest.mark.parametrize("header", ["abc:\u00b2", "abc:-1", "abc:", "abc:1e3", ":3", "abc:" + HUGE])
+async def test_malformed_last_event_id_is_400(http: httpx.AsyncClient, header: str) -> None:
+    """A Last-Event-ID that is not `<id>:<ASCII digits>` (here: Unicode digit '²') is a 400."""
+    response = await http.post(
+        "/v1/generate", json={}, headers={"Last-Event-ID": header.encode("utf-8")}
+    )
+    assert _native_field(response) == "Last-Event-ID"
+
+
+async def test_unicode_digit_in_the_resume_route_is_400(http: httpx.AsyncClient) -> None:
+    """GET /v1/generate/{id}/events?last_event_id=abc:² is a 400 naming Last-Event-ID."""
+    response = await http.get("/v1/generate/abc/events", params={"last_event_id": "abc:\u00b2"})
+    assert _native_field(response) == "Last-Event-ID"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("max_tokens", "\u00b2"),
+        ("max_tokens", "-1"),
+        ("max_tokens", "4294967296"),
+        ("top_k", "\u0663"),
+        ("seed", "18446744073709551616"),
+        ("temperature", "\u0661.5"),
+        ("temperature", "nan"),
+        ("temperature", "inf"),
+        ("temperature", DIGITS_401),
+        ("ignore_eos", "maybe"),
+    ],
+)
+async def test_query_parameter_out_of_range_is_400(
+    http: httpx.AsyncClient, name: str, value: str
+) -> None:
+    """GET /v1/generate?<name>=<value> (Unicode digits, out of range, NaN) is a 400 naming it."""
+    response = await http.get("/v1/generate", params={"prompt": "x", name: value})
+    assert _native_field(response) == name
+
+
+@pytest.mark.parametrize("value", ["\u00e9t\u00e9", "a" * 129, "a\tb", "x:1"])
+async def test_bad_x_request_id_header_is_400(http: httpx.AsyncClient, value: str) -> None:
+    """X-Request-ID outside printable ASCII, or too long, is a 400 naming request_id."""
+    headers = {"X-Request-ID": value.encode("utf-8")}
+    native = await http.post("/v1/generate", json={"prompt": "x"}, headers=headers)
+    openai = await http.post("/v1/completions", json={"model": "m", "prompt": "x"}, headers=headers)
+    assert (_native_field(native), _openai_param(openai)) == ("request_id", "request_id")
+
+
+async def test_bad_request_id_never_reaches_the_server(
+    http: httpx.AsyncClient, served: RunningServer
+) -> None:
+    """A refused request_id is refused before the upstream call: the server sees nothing."""
+    observer = served.observer
+    assert isinstance(observer, RecordingObserver)
+    before = (len(observer.rejected), len(observer.finished))
+    response = await http.post("/v1/generate", json={"prompt": "x", "request_id": "\u00e9"})
+    assert response.status_code == 400
+    assert (len(observer.rejected), len(observer.finished)) == before
+
+
+async def test_largest_wire_values_are_not_a_5xx(http: httpx.AsyncClient) -> None:
+    """max_tokens 2^32-1 and seed 2^64-1 fit the wire: the server judges them (400 or 200)."""
+    response = await http.post(
+        "/v1/generate", json={"prompt": "x", "max_tokens": 2**32 - 1, "seed": 2**64 - 1}
+    )
+    assert _native_field(response) == "max_tokens"
+    seeded = await http.post(
+        "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2, "seed": 2**64 - 1}
+    )
+    assert seeded.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("route", "content_type"),
+    [
+        ("/v1/generate", "text/plain"),
+        ("/v1/generate", "application/x-www-form-urlencoded"),
+        ("/v1/generate", "multipart/form-data; boundary=x"),
+        ("/v1/generate", None),
+        ("/v1/generate", "application/json; charset=latin-1"),
+        ("/v1/generate/some-id/cancel", "text/plain"),
+        ("/v1/generate/some-id/cancel", None),
+        ("/v1/completions", "text/plain"),
+        ("/v1/chat/completions", "text/plain"),
+    ],
+)
+async def test_post_without_json_content_type_is_415(
+    http: httpx.AsyncClient, route: str, content_type: str | None
+) -> None:
+    """POSTs a browser may send cross-site without preflight (text/plain, forms, none) are 415."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    body = b'{"prompt": "x", "model": "m", "messages": [{"role": "user", "content": "x"}]}'
+    response = await http.post(route, content=body, headers=headers)
+    assert response.status_code == 415
+    error = response.json()["error"]
+    field = error["field"] if route.startswith("/v1/generate") else error["param"]
+    assert field == "Content-Type"
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        'application/json;charset="UTF-8"',
+        "Application/JSON",
+        "application/json;",
+    ],
+)
+async def test_json_content_type_with_optional_charset_is_accepted(
+    http: httpx.AsyncClient, content_type: str
+) -> None:
+    """application/json, with or without charset=utf-8 and in any case, starts a generation."""
+    response = await http.post(
+        "/v1/completions",
+        content=b'{"model": "m", "prompt": "x", "max_tokens": 2}',
+        headers={"Content-Type": content_type},
+    )
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("site", ["cross-site", "same-site"])
+async def test_browser_cross_site_get_is_403(http: httpx.AsyncClient, site: str) -> None:
+    """A GET a browser marks as cross-site (an <img> on another site) cannot start a stream."""
+    response = await http.get(
+        "/v1/generate",
+        params={"prompt": "x", "max_tokens": "2"},
+        headers={"Sec-Fetch-Site": site, "Origin": "https://elsewhere.example"},
+    )
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "PERMISSION_DENIED"
+
+
+async def test_same_origin_browser_get_streams(http: httpx.AsyncClient) -> None:
+    """The edge's own page (Sec-Fetch-Site: same-origin) and non-browser clients are served."""
+    response = await http.get(
+        "/v1/generate",
+        params={"prompt": "x", "max_tokens": "2"},
+        headers={"Sec-Fetch-Site": "same-origin"},
+    )
+    assert response.status_code == 200
+
+
+async def test_cross_site_request_from_an_allowed_origin_passes(served: RunningServer) -> None:
+    """With TOKENWIRE_CORS_ORIGINS listing the page's origin, its cross-site requests pass."""
+    edge = await start_edge(served.target, cors_origins=("https://app.example",))
+    headers = {"Sec-Fetch-Site": "cross-site", "Origin": "https://app.example"}
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as client:
+            response = await client.post(
+                "/v1/completions",
+                json={"model": "m", "prompt": "x", "max_tokens": 2},
+                headers=headers,
+            )
+    finally:
+        await edge.edge.stop()
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "https://app.example"
