@@ -143,3 +143,10 @@ async def test_a_kv_budget_of_one_slot_queues_the_rest() -> None:
     for prompt, ids in zip(prompts, got, strict=True):
         expected = prompt["output_ids"][:8]
         assert ids[: len(expected)] == expected
+
+
+def test_every_fixture_is_listed_in_the_models_doc() -> None:
+    """docs/models.md's table of supported families names every fixture that make test serves."""
+    doc = (MODELS.parent / "docs" / "models.md").read_text()
+    listed = {f"{p.parent.name}/{p.name}" for p in FOLDERS if f"`{p.parent.name}/{p.name}`" in doc}
+    assert listed == {f"{p.parent.name}/{p.name}" for p in FOLDERS}
