@@ -21,8 +21,8 @@ HTTP_PORT ?= 8000
 .PHONY: install system-deps bench bench-env bench-quick run test lint typecheck imports proto proto-lint pytest model genai-fixtures clean help
 
 help:
-	@echo "make run    - install (first time) and start the server on the bundled model"
-	@echo "make test   - install (first time) and run lint, types, contracts and tests"
+	@echo "make run    - install (runtime only, first time) and start the server and edge on the bundled model"
+	@echo "make test   - add the test tools (first time) and run lint, types, contracts and tests"
 	@echo "make proto  - regenerate Python stubs from protos/"
 	@echo "make model  - rebuild the bundled model (separate build env with torch)"
 	@echo "make bench  - benchmark against the plain ORT loop and ORT GenAI (docs/benchmarks.md)"

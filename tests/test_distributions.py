@@ -15,6 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE_LIBRARIES = ("onnxruntime", "numpy", "tokenizers")
+# The first test to use the client's venv builds it (about 10 s with a warm pip cache).
+VENV_TIMEOUT_S = 180
 
 
 def _run(
@@ -52,7 +54,7 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(VENV_TIMEOUT_S)
 def test_client_distribution_installs_without_the_engine_libraries(client_venv: Path) -> None:
     """`pip install ./clients` installs tokenwire-client and no onnxruntime*, numpy, tokenizers."""
     listed = _run(
@@ -66,6 +68,7 @@ def test_client_distribution_installs_without_the_engine_libraries(client_venv: 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(VENV_TIMEOUT_S)
 def test_client_distribution_provides_the_sdk_and_the_stubs(client_venv: Path) -> None:
     """The installed client imports its SDK classes and the generated stubs it carries."""
     code = (
@@ -81,6 +84,7 @@ def test_client_distribution_provides_the_sdk_and_the_stubs(client_venv: Path) -
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(VENV_TIMEOUT_S)
 def test_client_distribution_offers_the_client_verbs_only(client_venv: Path) -> None:
     """Its `tokenwire` command has `generate` (and `edge`), not the server's `serve` or `up`."""
     command = client_venv / "bin" / "tokenwire"
@@ -93,6 +97,7 @@ def test_client_distribution_offers_the_client_verbs_only(client_venv: Path) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(VENV_TIMEOUT_S)
 def test_edge_verb_without_the_edge_extra_says_how_to_get_it(client_venv: Path) -> None:
     """Without the [edge] extra, `tokenwire edge` exits 2 and names the extra to install."""
     edge = _run(client_venv / "bin" / "tokenwire", "edge", cwd=client_venv)
