@@ -15,6 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE_LIBRARIES = ("onnxruntime", "numpy", "tokenizers")
+TEST_TOOLS = ("pytest", "mypy", "playwright", "ruff", "hypothesis", "import-linter")
+SKIP = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
 # The first test to use the client's venv builds it (about 10 s with a warm pip cache).
 VENV_TIMEOUT_S = 180
 
@@ -40,9 +42,8 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with `pip install ./clients` and nothing else, from a copy of the sources
     (an in-tree build would leave build/ and *.egg-info/ in the checkout)."""
     work = tmp_path_factory.mktemp("client-dist")
-    skip = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
-    shutil.copytree(ROOT / "clients", work / "clients", ignore=skip)
-    shutil.copytree(ROOT / "protos", work / "protos", ignore=skip)
+    shutil.copytree(ROOT / "clients", work / "clients", ignore=SKIP)
+    shutil.copytree(ROOT / "protos", work / "protos", ignore=SKIP)
     venv = work / "venv"
     made = _run(sys.executable, "-m", "venv", venv, cwd=work)
     assert made.returncode == 0, made.stderr
@@ -103,6 +104,36 @@ def test_edge_verb_without_the_edge_extra_says_how_to_get_it(client_venv: Path) 
     edge = _run(client_venv / "bin" / "tokenwire", "edge", cwd=client_venv)
     assert edge.returncode == 2
     assert "pip install 'tokenwire-client[edge]'" in edge.stderr
+
+
+@pytest.mark.slow
+def test_runtime_install_brings_no_test_tools(tmp_path: Path) -> None:
+    """What `make run` installs (`./clients[edge]` and `.`, without extras) resolves to the
+    server, the client and their runtime libraries: no pytest, mypy, playwright or ruff."""
+    for part in ("clients", "protos", "service"):
+        shutil.copytree(ROOT / part, tmp_path / part, ignore=SKIP)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    report = tmp_path / "report.json"
+    resolved = _run(
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--dry-run",
+        "--ignore-installed",
+        "--quiet",
+        "--report",
+        report,
+        "./clients[edge]",
+        ".",
+        cwd=tmp_path,
+        timeout=90,
+    )
+    assert resolved.returncode == 0, resolved.stderr[-3000:]
+    names = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
+    assert {"tokenwire", "tokenwire-client", "onnxruntime-gpu", "starlette"} <= names
+    assert sorted(names & set(TEST_TOOLS)) == []
 
 
 @pytest.mark.parametrize("name", ["service", "clients", "tokenwire_cli"])
