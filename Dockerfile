@@ -6,10 +6,10 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY protos ./protos
 COPY service ./service
+# The client, the `tokenwire` command and the edge: the tokenwire-client distribution.
 COPY clients ./clients
-COPY tokenwire_cli ./tokenwire_cli
 RUN python -m venv /opt/tokenwire \
-    && /opt/tokenwire/bin/pip install --no-compile .
+    && /opt/tokenwire/bin/pip install --no-compile './clients[edge]' .
 
 FROM python:3.11-slim
 ENV PATH=/opt/tokenwire/bin:$PATH \

@@ -2,7 +2,16 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-stamp
+RUN_STAMP := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
+# Two distributions: the server (pyproject.toml) and tokenwire-client (clients/pyproject.toml),
+# which the server depends on. Both are installed editable, so code changes need no re-install.
+DISTS := pyproject.toml clients/pyproject.toml
+INSTALL := $(BIN)/python -m pip install -q -e './clients[edge]'
+# A venv made before the split holds a `tokenwire` that owns bin/tokenwire (now tokenwire-client's):
+# replacing it after tokenwire-client is in would delete the command, so it goes first.
+LEGACY := if [ -f $(VENV)/.installed-stamp ]; then \
+	$(BIN)/python -m pip uninstall -q -y tokenwire && rm $(VENV)/.installed-stamp; fi
 BUF_VERSION := 1.75.0
 BUF := npx --yes @bufbuild/buf@$(BUF_VERSION)
 HOST ?= 127.0.0.1
@@ -12,21 +21,31 @@ HTTP_PORT ?= 8000
 .PHONY: install system-deps bench bench-env bench-quick run test lint typecheck imports proto proto-lint pytest model genai-fixtures clean help
 
 help:
-	@echo "make run    - install (first time) and start the server on the bundled model"
-	@echo "make test   - install (first time) and run lint, types, contracts and tests"
+	@echo "make run    - install (runtime only, first time) and start the server and edge on the bundled model"
+	@echo "make test   - add the test tools (first time) and run lint, types, contracts and tests"
 	@echo "make proto  - regenerate Python stubs from protos/"
 	@echo "make model  - rebuild the bundled model (separate build env with torch)"
 	@echo "make bench  - benchmark against the plain ORT loop and ORT GenAI (docs/benchmarks.md)"
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
-	touch $(STAMP)
 
-install: $(STAMP)
+# What `make run` needs: runtime dependencies only (no pytest, mypy or playwright).
+$(RUN_STAMP): $(DISTS) | $(BIN)/python
+	@$(LEGACY)
+	$(INSTALL) -e .
+	touch $@
 
-run: install
+# What `make test` needs: the same plus the test extras.
+$(TEST_STAMP): $(DISTS) | $(BIN)/python
+	@$(LEGACY)
+	$(INSTALL) -e '.[test]'
+	touch $@ $(RUN_STAMP)
+
+install: $(TEST_STAMP)
+
+run: $(RUN_STAMP)
 	@echo "starting tokenwire (gRPC $(HOST):$(PORT), HTTP $(HOST):$(HTTP_PORT)) on models/tiny-py ..."
 	$(BIN)/tokenwire up --host $(HOST) --grpc-port $(PORT) --http-port $(HTTP_PORT)
 
@@ -37,10 +56,20 @@ system-deps:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 lint: install
-	$(BIN)/ruff check service clients tokenwire_cli tests scripts bench models
-	$(BIN)/ruff format --check service clients tokenwire_cli tests scripts bench models
+	$(BIN)/ruff check service clients tests scripts bench models
+	$(BIN)/ruff format --check service clients tests scripts bench models
+
+# mypy finds a module by its folder, and the folders keep their short names (service/ is
+# tokenwire.server), so it reads the code through links named as the code is imported.
+# Its messages name files under build/typecheck/tokenwire/{server,client,edge,v1}/.
+TYPES := build/typecheck/tokenwire
 
 typecheck: install
+	mkdir -p $(TYPES)
+	ln -sfn ../../../protos/tokenwire/v1 $(TYPES)/v1
+	ln -sfn ../../../service $(TYPES)/server
+	ln -sfn ../../../clients $(TYPES)/client
+	ln -sfn ../../../clients/edge $(TYPES)/edge
 	$(BIN)/mypy
 
 imports: install
@@ -88,4 +117,4 @@ model:
 	models/.venv/bin/python models/build_tiny.py --out models/tiny-py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache

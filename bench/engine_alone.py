@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from service.domain import GenerationRequest, SamplingParams, TokenEvent
-from service.engine import Engine, EngineConfig, OnnxCausalLM
-from service.tokenizer import Tokenizer
+from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
+from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
+from tokenwire.server.tokenizer import Tokenizer
 
 
 async def run(engine: Engine, prompts: list[str], new: int) -> tuple[float, list[float], float]:

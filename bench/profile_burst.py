@@ -11,9 +11,9 @@ import asyncio
 import time
 from pathlib import Path
 
-from service.domain import GenerationRequest, SamplingParams, TokenEvent
-from service.engine import Engine, EngineConfig, OnnxCausalLM
-from service.tokenizer import Tokenizer
+from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
+from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
+from tokenwire.server.tokenizer import Tokenizer
 
 MODEL = Path(__file__).resolve().parent / ".cache" / "bench-56m" / "onnx"
 

@@ -26,6 +26,7 @@ import httpx
 import onnxruntime
 from httpx_sse import aconnect_sse
 from tokenizers import Tokenizer
+
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
@@ -64,7 +65,7 @@ class Process:
 
     def __init__(self, args: list[str], env: dict[str, str], ready_event: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tokenwire_cli.main", *args],
+            [sys.executable, "-m", "tokenwire.client.command", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

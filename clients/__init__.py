@@ -1,6 +1,6 @@
 """Python client, CLI and edge adapters for tokenwire. Depends on the wire contract only."""
 
-from clients.client import (
+from tokenwire.client.client import (
     AsyncTokenwireClient,
     Completion,
     GenerateOptions,
@@ -10,7 +10,7 @@ from clients.client import (
     TokenwireClient,
     Usage,
 )
-from clients.errors import (
+from tokenwire.client.errors import (
     Cancelled,
     DeadlineExceeded,
     InvalidArgument,
@@ -20,7 +20,13 @@ from clients.errors import (
     Unauthenticated,
     Unavailable,
 )
-from clients.security import ChannelSecurity, SecurityError
+from tokenwire.client.security import ChannelSecurity, SecurityError
+
+# Installed as tokenwire.client (see clients/pyproject.toml). Imported by its folder name (from the
+# repository root, say, where Python puts the working directory on sys.path), each module
+# would load a second time beside the installed one, so that name is refused.
+if __name__ != "tokenwire.client":
+    raise ImportError(f"import tokenwire.client, not {__name__}")
 
 __all__ = [
     "AsyncTokenwireClient",

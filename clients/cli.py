@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from clients.client import (
+from tokenwire.client.client import (
     DEFAULT_TARGET,
     Completion,
     GenerateOptions,
@@ -17,8 +17,15 @@ from clients.client import (
     TokenwireClient,
     Usage,
 )
-from clients.errors import TokenwireError
-from clients.security import ChannelSecurity, SecurityError
+from tokenwire.client.errors import TokenwireError
+from tokenwire.client.security import ChannelSecurity, SecurityError
+
+
+def add_generate_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The `generate` verb of the `tokenwire` command (a `tokenwire.commands` entry point)."""
+    p = sub.add_parser("generate", help="stream a completion from a running server")
+    add_generate_arguments(p)
+    p.set_defaults(run=run_generate)
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, TypeAlias
 
 import grpc
+
+from tokenwire.client.errors import from_rpc_error
+from tokenwire.client.security import ChannelSecurity, aio_channel, sync_channel
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
-
-from clients.errors import from_rpc_error
-from clients.security import ChannelSecurity, aio_channel, sync_channel
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 120.0

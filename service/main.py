@@ -8,13 +8,19 @@ import signal
 
 import structlog
 
-from service import __version__
-from service.config import Settings
-from service.engine import Engine, EngineConfig, EngineObserver, ModelLoadError, OnnxCausalLM
-from service.rpc.server import TokenwireServer
-from service.telemetry import configure_logging
-from service.telemetry.metrics import MetricsTls, ServerMetrics
-from service.tokenizer import Tokenizer
+from tokenwire.server import __version__
+from tokenwire.server.config import Settings
+from tokenwire.server.engine import (
+    Engine,
+    EngineConfig,
+    EngineObserver,
+    ModelLoadError,
+    OnnxCausalLM,
+)
+from tokenwire.server.rpc.server import TokenwireServer
+from tokenwire.server.telemetry import configure_logging
+from tokenwire.server.telemetry.metrics import MetricsTls, ServerMetrics
+from tokenwire.server.tokenizer import Tokenizer
 
 log = structlog.get_logger("tokenwire.server")
 

@@ -8,18 +8,18 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
+
+from tests.fakes import RecordingObserver, ScriptedModel
+from tokenwire.edge.resumable import ResumableStreams
+from tokenwire.edge.server import EdgeServer
+from tokenwire.edge.settings import EdgeSettings
+from tokenwire.server.config import BUNDLED_MODEL_DIR, Settings
+from tokenwire.server.engine import CausalLM, Engine, EngineObserver, ModelSpec, OnnxCausalLM
+from tokenwire.server.main import engine_config
+from tokenwire.server.rpc.server import TokenwireServer
+from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
-
-from clients.edge.resumable import ResumableStreams
-from clients.edge.server import EdgeServer
-from clients.edge.settings import EdgeSettings
-from service.config import BUNDLED_MODEL_DIR, Settings
-from service.engine import CausalLM, Engine, EngineObserver, ModelSpec, OnnxCausalLM
-from service.main import engine_config
-from service.rpc.server import TokenwireServer
-from service.tokenizer import Tokenizer
-from tests.fakes import RecordingObserver, ScriptedModel
 
 
 @dataclasses.dataclass

@@ -10,11 +10,11 @@ import time
 
 import numpy as np
 
-from service.engine import ModelSpec, OnnxCausalLM, Padding, RequestRecord, StepRecord
-from service.engine.kv_cache import BatchKvCache
-from service.engine.padding import probe_padding
-from service.engine.slot_cache import SlotKvCache
-from service.engine.types import FloatArray, IntArray
+from tokenwire.server.engine import ModelSpec, OnnxCausalLM, Padding, RequestRecord, StepRecord
+from tokenwire.server.engine.kv_cache import BatchKvCache
+from tokenwire.server.engine.padding import probe_padding
+from tokenwire.server.engine.slot_cache import SlotKvCache
+from tokenwire.server.engine.types import FloatArray, IntArray
 
 
 class RecordingObserver:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from service.domain import GenerationRequest, SamplingParams, TokenEvent
-from service.engine import Engine
+from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
+from tokenwire.server.engine import Engine
 
 GREEDY = SamplingParams(temperature=0.0)
 

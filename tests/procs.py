@@ -18,7 +18,7 @@ class LoggingProcess:
     """A `tokenwire` subprocess; stdout lines are parsed as JSON log records as they arrive."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        command = [sys.executable, "-m", "tokenwire_cli.main", *args]
+        command = [sys.executable, "-m", "tokenwire.client.command", *args]
         self.proc = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,

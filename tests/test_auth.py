@@ -8,15 +8,15 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import RunningServer, greedy, start_edge, start_server
+from tokenwire.client import AsyncTokenwireClient, ChannelSecurity, Completion, GenerateOptions
+from tokenwire.client.errors import Unauthenticated
+from tokenwire.server.config import Settings, SettingsError, all_api_keys
+from tokenwire.server.engine import OnnxCausalLM
+from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
-
-from clients import AsyncTokenwireClient, ChannelSecurity, Completion, GenerateOptions
-from clients.errors import Unauthenticated
-from service.config import Settings, SettingsError, all_api_keys
-from service.engine import OnnxCausalLM
-from service.tokenizer import Tokenizer
-from tests.conftest import RunningServer, greedy, start_edge, start_server
 
 K1, K2 = "k1-secret-one", "k2-secret-two"
 SHORT = GenerateOptions(max_tokens=4, temperature=0.0, ignore_eos=True)

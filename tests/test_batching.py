@@ -6,14 +6,14 @@ import asyncio
 import random
 
 import grpc
-from tokenwire.v1 import generate_pb2 as pb
-from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
-from service.domain import GenerationRequest, SamplingParams, TokenEvent
-from service.engine import Engine, EngineConfig, ModelSpec, OnnxCausalLM
-from service.tokenizer import Tokenizer
 from tests.conftest import start_server
 from tests.fakes import ScriptedModel
+from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
+from tokenwire.server.engine import Engine, EngineConfig, ModelSpec, OnnxCausalLM
+from tokenwire.server.tokenizer import Tokenizer
+from tokenwire.v1 import generate_pb2 as pb
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 LINES = [
     "def fib(n):",

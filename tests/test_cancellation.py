@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import grpc
-from tokenwire.v1 import generate_pb2 as pb
-from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
-from service.domain import FinishReason
-from service.engine import RequestRecord
 from tests.conftest import RunningServer, collect, eventually, greedy
 from tests.fakes import RecordingObserver
+from tokenwire.server.domain import FinishReason
+from tokenwire.server.engine import RequestRecord
+from tokenwire.v1 import generate_pb2 as pb
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 
 def _recorded(served: RunningServer, request_id: str) -> RequestRecord:

@@ -11,7 +11,7 @@ from tests.conftest import RunningServer, eventually
 
 
 async def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "tokenwire_cli.main", "generate", *args]
+    command = [sys.executable, "-m", "tokenwire.client.command", "generate", *args]
     return await asyncio.to_thread(
         subprocess.run, command, capture_output=True, text=True, timeout=60, check=False
     )
@@ -48,7 +48,7 @@ async def test_ctrl_c_cancels_the_stream_and_frees_the_server(paced: RunningServ
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "tokenwire_cli.main",
+        "tokenwire.client.command",
         "generate",
         "def forever():",
         "--target",

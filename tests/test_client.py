@@ -11,9 +11,8 @@ import grpc_testing
 import pytest
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from tokenwire.v1 import generate_pb2 as pb
 
-from clients import (
+from tokenwire.client import (
     Completion,
     GenerateOptions,
     InvalidArgument,
@@ -22,6 +21,7 @@ from clients import (
     TokenwireClient,
     Usage,
 )
+from tokenwire.v1 import generate_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"]
 GENERATE = SERVICE.methods_by_name["Generate"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.config import Settings, SettingsError
+from tokenwire.server.config import Settings, SettingsError
 
 
 def test_environment_variables_set_fields() -> None:

@@ -9,10 +9,10 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.engine import OnnxCausalLM
-from service.telemetry.metrics import ServerMetrics
-from service.tokenizer import Tokenizer
 from tests.conftest import start_edge, start_server
+from tokenwire.server.engine import OnnxCausalLM
+from tokenwire.server.telemetry.metrics import ServerMetrics
+from tokenwire.server.tokenizer import Tokenizer
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana" / "tokenwire-dashboard.json"
 

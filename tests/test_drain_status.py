@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
-from service.engine import OnnxCausalLM
-from service.tokenizer import Tokenizer
 from tests.conftest import RunningServer, collect, greedy, start_server
+from tokenwire.server.engine import OnnxCausalLM
+from tokenwire.server.tokenizer import Tokenizer
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ import socket
 
 import httpx
 
-from service.engine import ModelSpec
-from service.tokenizer import Tokenizer
 from tests.conftest import RunningServer, start_edge, start_server
 from tests.fakes import ScriptedModel
+from tokenwire.server.engine import ModelSpec
+from tokenwire.server.tokenizer import Tokenizer
 
 
 async def test_overload_maps_to_429_with_retry_after(spec: ModelSpec, tokenizer: Tokenizer) -> None:

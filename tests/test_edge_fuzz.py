@@ -20,11 +20,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from service.config import BUNDLED_MODEL_DIR
-from service.engine import OnnxCausalLM
-from service.tokenizer import Tokenizer
 from tests.conftest import RunningEdge, RunningServer, eventually, start_edge, start_server
 from tests.fakes import RecordingObserver
+from tokenwire.server.config import BUNDLED_MODEL_DIR
+from tokenwire.server.engine import OnnxCausalLM
+from tokenwire.server.tokenizer import Tokenizer
 
 KEY = "fuzz-key"
 CAPACITY = 4

@@ -10,9 +10,9 @@ import httpx
 import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from service.domain import FinishReason
 from tests.conftest import RunningEdge, RunningServer, eventually, start_edge
 from tests.fakes import RecordingObserver
+from tokenwire.server.domain import FinishReason
 
 BODY = {"prompt": "def fib(n):", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
 

@@ -8,9 +8,9 @@ import httpx
 import openai
 import pytest
 
-from service.domain import FinishReason
 from tests.conftest import RunningEdge, RunningServer, eventually, start_edge
 from tests.fakes import RecordingObserver
+from tokenwire.server.domain import FinishReason
 
 
 @pytest.fixture

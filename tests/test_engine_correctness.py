@@ -6,9 +6,9 @@ import asyncio
 
 import numpy as np
 
-from service.domain import FinishReason, GenerationRequest, SamplingParams, TokenEvent
-from service.engine import Engine, EngineConfig, OnnxCausalLM
-from service.tokenizer import Tokenizer
+from tokenwire.server.domain import FinishReason, GenerationRequest, SamplingParams, TokenEvent
+from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
+from tokenwire.server.tokenizer import Tokenizer
 
 PROMPTS = ["def fib(n):", "import os\nimport sys\n", "class Stack:\n    def push(self, x):", "# x"]
 

@@ -6,13 +6,13 @@ import asyncio
 
 import grpc
 import pytest
-from tokenwire.v1 import generate_pb2 as pb
-from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
-from service.engine import ModelSpec
-from service.tokenizer import Tokenizer
 from tests.conftest import collect, start_server
 from tests.fakes import ScriptedModel
+from tokenwire.server.engine import ModelSpec
+from tokenwire.server.tokenizer import Tokenizer
+from tokenwire.v1 import generate_pb2 as pb
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 
 async def test_step_failure_is_internal_and_the_server_keeps_serving(

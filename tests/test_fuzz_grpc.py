@@ -17,11 +17,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
-from tokenwire.v1 import generate_pb2 as pb
-from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 from tests.conftest import greedy
 from tests.procs import ServerProcess
+from tokenwire.v1 import generate_pb2 as pb
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 EXAMPLES = int(os.environ.get("TOKENWIRE_FUZZ_EXAMPLES", "300"))
 CAPACITY = 4

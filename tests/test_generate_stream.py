@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from tests.conftest import collect, greedy, text_of
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
-
-from tests.conftest import collect, greedy, text_of
 
 
 async def test_stream_is_tokens_then_one_usage_then_one_completion(

@@ -6,11 +6,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from service.config import Settings
-from service.engine import Engine, OnnxCausalLM
-from service.rpc.server import SERVICE_NAME, TokenwireServer
-from service.tokenizer import Tokenizer
 from tests.conftest import RunningServer
+from tokenwire.server.config import Settings
+from tokenwire.server.engine import Engine, OnnxCausalLM
+from tokenwire.server.rpc.server import SERVICE_NAME, TokenwireServer
+from tokenwire.server.tokenizer import Tokenizer
 
 
 async def _health(target: str, service: str = "") -> int:

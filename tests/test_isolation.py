@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+
+from tests.conftest import collect, greedy, start_server
+from tokenwire.server.engine import OnnxCausalLM
+from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
-
-from service.engine import OnnxCausalLM
-from service.tokenizer import Tokenizer
-from tests.conftest import collect, greedy, start_server
 
 NAN_PRONE = [
     pb.SamplingParams(temperature=1.0, repetition_penalty=1e-38),

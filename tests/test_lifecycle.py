@@ -7,11 +7,11 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from tokenwire.v1 import generate_pb2 as pb
-from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 from tests.conftest import collect, greedy
 from tests.procs import ServerProcess
+from tokenwire.v1 import generate_pb2 as pb
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 
 @pytest.fixture

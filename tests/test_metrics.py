@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import RunningServer, collect, eventually, greedy, start_server
+from tokenwire.server.engine import OnnxCausalLM
+from tokenwire.server.telemetry.metrics import ServerMetrics
+from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
-
-from service.engine import OnnxCausalLM
-from service.telemetry.metrics import ServerMetrics
-from service.tokenizer import Tokenizer
-from tests.conftest import RunningServer, collect, eventually, greedy, start_server
 
 
 class Scraper:

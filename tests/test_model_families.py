@@ -16,12 +16,12 @@ from typing import Any
 
 import grpc
 import pytest
-from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
-from service.engine import OnnxCausalLM
-from service.tokenizer import Tokenizer
 from tests.conftest import RunningServer, collect, greedy, start_server
 from tests.invariance import Job, together
+from tokenwire.server.engine import OnnxCausalLM
+from tokenwire.server.tokenizer import Tokenizer
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 FIXTURES = MODELS / "fixtures"

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from service.config import BUNDLED_MODEL_DIR
-from service.engine import ModelLoadError, ModelSpec, OnnxCausalLM
+from tokenwire.server.config import BUNDLED_MODEL_DIR
+from tokenwire.server.engine import ModelLoadError, ModelSpec, OnnxCausalLM
 
 
 def _copy_with_config(tmp_path: Path, **changes: Any) -> Path:
@@ -92,7 +92,7 @@ def test_refused_model_is_one_log_line_and_exit_status_2(tmp_path: Path) -> None
     """`tokenwire serve` on a model it cannot drive: status 2, one JSON refusal, no traceback."""
     model_dir = _copy_with_config(tmp_path, num_hidden_layers=3)
     done = subprocess.run(
-        [sys.executable, "-m", "tokenwire_cli.main", "serve", "--port", "0"],
+        [sys.executable, "-m", "tokenwire.client.command", "serve", "--port", "0"],
         capture_output=True,
         text=True,
         timeout=60,

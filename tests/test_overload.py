@@ -8,13 +8,13 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from tokenwire.v1 import generate_pb2 as pb
-from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
-from service.engine import ModelSpec
-from service.tokenizer import Tokenizer
 from tests.conftest import collect, start_server
 from tests.fakes import ScriptedModel
+from tokenwire.server.engine import ModelSpec
+from tokenwire.server.tokenizer import Tokenizer
+from tokenwire.v1 import generate_pb2 as pb
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 
 async def test_full_queue_rejects_with_resource_exhausted_and_retry_info(

@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from service.engine import CausalLM, Engine, EngineConfig, OnnxCausalLM, Padding
-from service.tokenizer import Tokenizer
 from tests.fakes import CountedPositionsModel
 from tests.invariance import Job, alone, together
+from tokenwire.server.engine import CausalLM, Engine, EngineConfig, OnnxCausalLM, Padding
+from tokenwire.server.tokenizer import Tokenizer
 
 LONG = "import os\nimport sys\n\n\nclass Config:\n    def __init__(self, path):\n" * 6
 JOBS = [

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
-from service.engine import ModelSpec
-from service.tokenizer import Tokenizer
 from tests.conftest import RunningEdge, RunningServer, eventually, start_edge, start_server
 from tests.fakes import ScriptedModel
+from tokenwire.server.engine import ModelSpec
+from tokenwire.server.tokenizer import Tokenizer
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 CHROMIUM = shutil.which("chromium")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.domain import SamplingParams
-from service.engine.sampling import Sampler, log_softmax_at
+from tokenwire.server.domain import SamplingParams
+from tokenwire.server.engine.sampling import Sampler, log_softmax_at
 
 LOGITS = np.log(np.asarray([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
 

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from clients import AsyncTokenwireClient, Completion, GenerateOptions, Unavailable
 from tests.conftest import start_edge
 from tests.procs import ServerProcess
+from tokenwire.client import AsyncTokenwireClient, Completion, GenerateOptions, Unavailable
 
 OPTIONS = GenerateOptions(max_tokens=4, temperature=0.0, ignore_eos=True)
 

@@ -45,7 +45,7 @@ def secure_server(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def _generate(target: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "tokenwire_cli.main", "generate", "def f():", *args]
+    command = [sys.executable, "-m", "tokenwire.client.command", "generate", "def f():", *args]
     command += ["--target", target, "--max-tokens", "3", "--temperature", "0", "--timeout", "10"]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("TOKENWIRE_")}
     return subprocess.run(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.engine.kv_cache import BatchKvCache
-from service.engine.slot_cache import SlotKvCache
+from tokenwire.server.engine.kv_cache import BatchKvCache
+from tokenwire.server.engine.slot_cache import SlotKvCache
 
 SHAPES = [(0, 1, 0, 2), (0, 1, 0, 2)]
 AXES = (2, 2)

@@ -6,13 +6,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from tokenwire.v1 import generate_pb2 as pb
-from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
-from service.engine import ModelSpec
-from service.tokenizer import StopMatcher, TextStream, Tokenizer
 from tests.conftest import RunningServer, collect, start_server
 from tests.fakes import ScriptedModel
+from tokenwire.server.engine import ModelSpec
+from tokenwire.server.tokenizer import StopMatcher, TextStream, Tokenizer
+from tokenwire.v1 import generate_pb2 as pb
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 MIXED = "print('héllo 🐍🚀 世界 данные')  # ✓ ok"
 PROMPT = "say:"

@@ -12,13 +12,13 @@ import grpc
 import httpx
 import pytest
 
-from clients import AsyncTokenwireClient, ChannelSecurity, Completion, GenerateOptions
-from clients.errors import Unavailable
-from service.engine import OnnxCausalLM
-from service.telemetry.metrics import MetricsTls, ServerMetrics
-from service.tokenizer import Tokenizer
 from tests.conftest import RunningServer, start_edge, start_server
 from tests.pki import Pki, make_pki
+from tokenwire.client import AsyncTokenwireClient, ChannelSecurity, Completion, GenerateOptions
+from tokenwire.client.errors import Unavailable
+from tokenwire.server.engine import OnnxCausalLM
+from tokenwire.server.telemetry.metrics import MetricsTls, ServerMetrics
+from tokenwire.server.tokenizer import Tokenizer
 
 SHORT = GenerateOptions(max_tokens=4, temperature=0.0, ignore_eos=True)
 
@@ -155,7 +155,7 @@ def test_metrics_port_over_tls_requires_a_client_certificate(pki: Pki) -> None:
 
 def test_settings_refuse_a_certificate_without_its_key(pki: Pki) -> None:
     """tls_cert without tls_key is a settings error naming tls_key."""
-    from service.config import Settings, SettingsError
+    from tokenwire.server.config import Settings, SettingsError
 
     with pytest.raises(SettingsError, match="tls_key"):
         Settings.from_env({"TOKENWIRE_TLS_CERT": str(pki.server_cert)})
@@ -163,7 +163,7 @@ def test_settings_refuse_a_certificate_without_its_key(pki: Pki) -> None:
 
 def test_settings_refuse_a_missing_certificate_file(tmp_path: Path) -> None:
     """A TLS path that is not a file names the setting."""
-    from service.config import Settings, SettingsError
+    from tokenwire.server.config import Settings, SettingsError
 
     missing = str(tmp_path / "nope.pem")
     with pytest.raises(SettingsError, match="tls_cert: must be an existing file"):

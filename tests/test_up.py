@@ -31,7 +31,7 @@ async def test_up_prints_the_urls_serves_and_stops_cleanly_on_ctrl_c() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "tokenwire_cli.main",
+        "tokenwire.client.command",
         "up",
         "--grpc-port",
         str(grpc_port),
@@ -75,7 +75,7 @@ async def _start_up(*args: str) -> tuple[asyncio.subprocess.Process, list[str], 
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "tokenwire_cli.main",
+        "tokenwire.client.command",
         "up",
         "--grpc-port",
         str(grpc_port),

@@ -6,10 +6,10 @@ from __future__ import annotations
 import grpc
 import pytest
 from structlog.testing import capture_logs
-from tokenwire.v1 import generate_pb2 as pb
-from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 from tests.conftest import RunningServer, collect, greedy
+from tokenwire.v1 import generate_pb2 as pb
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 GENERATE = "/tokenwire.v1.GenerationService/Generate"
 

@@ -15,19 +15,19 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from clients.edge import native, openai_api
-from clients.edge.context import EdgeContext
-from clients.edge.errors import EdgeError
-from clients.edge.guards import (
+from tokenwire.edge import native, openai_api
+from tokenwire.edge.context import EdgeContext
+from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.guards import (
     ApiKeyMiddleware,
     CrossSiteMiddleware,
     DrainMiddleware,
     JsonOnlyMiddleware,
 )
-from clients.edge.metrics import EdgeMetrics
-from clients.edge.resumable import ResumableStreams
-from clients.edge.settings import EdgeSettings
-from clients.edge.upstream import Upstream
+from tokenwire.edge.metrics import EdgeMetrics
+from tokenwire.edge.resumable import ResumableStreams
+from tokenwire.edge.settings import EdgeSettings
+from tokenwire.edge.upstream import Upstream
 
 STATIC = Path(__file__).parent / "static"
 REJECTED = frozenset({400, 409, 413, 415, 429, 503})

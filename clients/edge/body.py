@@ -15,8 +15,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from clients.edge.errors import EdgeError
-from clients.edge.jsonsafe import OutOfRange, decode_object
+from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.jsonsafe import OutOfRange, decode_object
 
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1

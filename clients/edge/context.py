@@ -8,12 +8,12 @@ import uuid
 
 from starlette.requests import Request
 
-from clients.edge.errors import EdgeError
-from clients.edge.guards import Drain
-from clients.edge.metrics import EdgeMetrics
-from clients.edge.resumable import ResumableStreams
-from clients.edge.settings import EdgeSettings
-from clients.edge.upstream import Upstream
+from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.guards import Drain
+from tokenwire.edge.metrics import EdgeMetrics
+from tokenwire.edge.resumable import ResumableStreams
+from tokenwire.edge.settings import EdgeSettings
+from tokenwire.edge.upstream import Upstream
 
 MAX_REQUEST_ID = 128
 # What gRPC metadata carries (printable ASCII) within the server's bound; no ':' because the

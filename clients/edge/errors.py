@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from clients.errors import from_rpc_error
+from tokenwire.client.errors import from_rpc_error
 
 HTTP_BY_GRPC: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,

@@ -11,7 +11,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from clients.edge.errors import EdgeError
+from tokenwire.edge.errors import EdgeError
 
 OPEN_PATHS = ("/healthz", "/readyz", "/static/", "/favicon.ico")
 PRINCIPAL = "tokenwire.principal"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from clients.edge.errors import EdgeError
+from tokenwire.edge.errors import EdgeError
 
 MAX_DEPTH = 32
 # 2^64 has 20 digits; anything past 40 characters is out of every integer field's range.

@@ -14,14 +14,14 @@ import structlog
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from tokenwire.v1 import generate_pb2 as pb
 
-from clients.client import Completion, GenerateOptions, Token, Usage, event_from_pb
-from clients.edge.body import Fields, read_json
-from clients.edge.context import EdgeContext, request_id_of
-from clients.edge.errors import EdgeError
-from clients.edge.guards import principal_of
-from clients.edge.resumable import ResumableStream, parse_event_id
+from tokenwire.client.client import Completion, GenerateOptions, Token, Usage, event_from_pb
+from tokenwire.edge.body import Fields, read_json
+from tokenwire.edge.context import EdgeContext, request_id_of
+from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.guards import principal_of
+from tokenwire.edge.resumable import ResumableStream, parse_event_id
+from tokenwire.v1 import generate_pb2 as pb
 
 log = structlog.get_logger("tokenwire.edge")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

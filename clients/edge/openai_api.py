@@ -18,11 +18,11 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from clients.client import Completion, GenerateOptions, Token, Usage, event_from_pb
-from clients.edge.body import Fields, read_json
-from clients.edge.context import EdgeContext, request_id_of
-from clients.edge.errors import EdgeError
-from clients.edge.upstream import UpstreamStream
+from tokenwire.client.client import Completion, GenerateOptions, Token, Usage, event_from_pb
+from tokenwire.edge.body import Fields, read_json
+from tokenwire.edge.context import EdgeContext, request_id_of
+from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.upstream import UpstreamStream
 
 # Used when the model ships no chat template: role-tagged turns, then the assistant's turn.
 DEFAULT_CHAT_TEMPLATE = (

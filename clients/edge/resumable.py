@@ -15,10 +15,9 @@ import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.upstream import UpstreamStream
 from tokenwire.v1 import generate_pb2 as pb
-
-from clients.edge.errors import EdgeError
-from clients.edge.upstream import UpstreamStream
 
 Convert = Callable[[pb.GenerateResponse], tuple[str, dict[str, Any]]]
 Outcome = Callable[[str], None]

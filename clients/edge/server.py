@@ -24,9 +24,9 @@ from collections.abc import Iterator
 import structlog
 import uvicorn
 
-from clients.edge.app import create_app
-from clients.edge.context import EdgeContext
-from clients.edge.settings import EdgeSettings
+from tokenwire.edge.app import create_app
+from tokenwire.edge.context import EdgeContext
+from tokenwire.edge.settings import EdgeSettings
 
 log = structlog.get_logger("tokenwire.edge")
 # After the grace, cancelled streams still need a moment to write their last event.

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tokenwire.client.client import CHANNEL_OPTIONS, ModelInfo, model_info_from_pb
+from tokenwire.client.security import ChannelSecurity, aio_channel
+from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.settings import EdgeSettings
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
-
-from clients.client import CHANNEL_OPTIONS, ModelInfo, model_info_from_pb
-from clients.edge.errors import EdgeError
-from clients.edge.settings import EdgeSettings
-from clients.security import ChannelSecurity, aio_channel
 
 GenerateCall = grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse]
 

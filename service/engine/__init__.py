@@ -1,11 +1,11 @@
 """The decode engine: ONNX Runtime model, KV cache, sampling, continuous batching."""
 
-from service.engine.engine import Engine, EngineConfig, GenerationHandle
-from service.engine.mailbox import EngineStopped
-from service.engine.model import CausalLM, OnnxCausalLM
-from service.engine.observer import EngineObserver, NullObserver, RequestRecord, StepRecord
-from service.engine.padding import Padding
-from service.engine.spec import ModelLoadError, ModelSpec
+from tokenwire.server.engine.engine import Engine, EngineConfig, GenerationHandle
+from tokenwire.server.engine.mailbox import EngineStopped
+from tokenwire.server.engine.model import CausalLM, OnnxCausalLM
+from tokenwire.server.engine.observer import EngineObserver, NullObserver, RequestRecord, StepRecord
+from tokenwire.server.engine.padding import Padding
+from tokenwire.server.engine.spec import ModelLoadError, ModelSpec
 
 __all__ = [
     "CausalLM",

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from service.engine.kv_cache import BatchKvCache
-from service.engine.padding import Padding
-from service.engine.sequence import Sequence
-from service.engine.slot_cache import SlotKvCache
+from tokenwire.server.engine.kv_cache import BatchKvCache
+from tokenwire.server.engine.padding import Padding
+from tokenwire.server.engine.sequence import Sequence
+from tokenwire.server.engine.slot_cache import SlotKvCache
 
 _ONE_COHORT = (Padding.SHIFTABLE, Padding.RIGHT)
 

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
-from service.domain import (
+from tokenwire.server.domain import (
     Event,
     FinishReason,
     GenerationRequest,
@@ -23,13 +23,13 @@ from service.domain import (
     TokenwireError,
     Unavailable,
 )
-from service.engine.mailbox import Mailbox
-from service.engine.model import CausalLM
-from service.engine.observer import EngineObserver, NullObserver, RequestRecord
-from service.engine.sampling import Sampler
-from service.engine.scheduler import Cancel, Scheduler, Submit
-from service.engine.sequence import Sequence
-from service.tokenizer import TextStream, Tokenizer
+from tokenwire.server.engine.mailbox import Mailbox
+from tokenwire.server.engine.model import CausalLM
+from tokenwire.server.engine.observer import EngineObserver, NullObserver, RequestRecord
+from tokenwire.server.engine.sampling import Sampler
+from tokenwire.server.engine.scheduler import Cancel, Scheduler, Submit
+from tokenwire.server.engine.sequence import Sequence
+from tokenwire.server.tokenizer import TextStream, Tokenizer
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

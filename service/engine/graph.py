@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.engine.spec import ModelLoadError, ModelSpec
+from tokenwire.server.engine.spec import ModelLoadError, ModelSpec
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value|key_value)$")
 _ORT_DTYPES: dict[str, type[np.floating[Any]]] = {

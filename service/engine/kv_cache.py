@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from service.engine.types import AnyArray, FloatArray, IntArray
+from tokenwire.server.engine.types import AnyArray, FloatArray, IntArray
 
 
 class BatchKvCache:

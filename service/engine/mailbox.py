@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 
-from service.domain import CompletionEvent, Event
+from tokenwire.server.domain import CompletionEvent, Event
 
 
 class EngineStopped(RuntimeError):

@@ -17,12 +17,12 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from service.engine.graph import CacheLayout, check_vocab, read_layout
-from service.engine.kv_cache import BatchKvCache
-from service.engine.padding import FP16_TOLERANCE, FP32_TOLERANCE, Padding, probe_padding
-from service.engine.slot_cache import SlotKvCache
-from service.engine.spec import ModelLoadError, ModelSpec
-from service.engine.types import FloatArray, IntArray
+from tokenwire.server.engine.graph import CacheLayout, check_vocab, read_layout
+from tokenwire.server.engine.kv_cache import BatchKvCache
+from tokenwire.server.engine.padding import FP16_TOLERANCE, FP32_TOLERANCE, Padding, probe_padding
+from tokenwire.server.engine.slot_cache import SlotKvCache
+from tokenwire.server.engine.spec import ModelLoadError, ModelSpec
+from tokenwire.server.engine.types import FloatArray, IntArray
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"

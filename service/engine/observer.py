@@ -10,7 +10,7 @@ import dataclasses
 import itertools
 from typing import Protocol
 
-from service.domain import FinishReason
+from tokenwire.server.domain import FinishReason
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.engine.types import FloatArray
+from tokenwire.server.engine.types import FloatArray
 
 if TYPE_CHECKING:
-    from service.engine.model import CausalLM
+    from tokenwire.server.engine.model import CausalLM
 
 _PROMPT, _SHORT, _DECODE, _PAD = 6, 3, 4, 3
 # Padding changes only the accumulation order of masked (exactly zero) terms: fp32 noise is

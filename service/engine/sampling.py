@@ -12,7 +12,7 @@ import secrets
 import numpy as np
 import numpy.typing as npt
 
-from service.domain import SamplingParams
+from tokenwire.server.domain import SamplingParams
 
 Logits = npt.NDArray[np.float32]
 

@@ -26,15 +26,15 @@ from collections.abc import Callable
 import numpy as np
 import structlog
 
-from service.domain import FinishReason
-from service.engine.batch import Cohort, Placement
-from service.engine.kv_cache import BatchKvCache
-from service.engine.mailbox import Delivery, Mailbox, publish_all
-from service.engine.model import CausalLM
-from service.engine.observer import EngineObserver, StepRecord
-from service.engine.sampling import log_softmax_at
-from service.engine.sequence import Sequence
-from service.engine.types import FloatArray
+from tokenwire.server.domain import FinishReason
+from tokenwire.server.engine.batch import Cohort, Placement
+from tokenwire.server.engine.kv_cache import BatchKvCache
+from tokenwire.server.engine.mailbox import Delivery, Mailbox, publish_all
+from tokenwire.server.engine.model import CausalLM
+from tokenwire.server.engine.observer import EngineObserver, StepRecord
+from tokenwire.server.engine.sampling import log_softmax_at
+from tokenwire.server.engine.sequence import Sequence
+from tokenwire.server.engine.types import FloatArray
 
 log = structlog.get_logger("tokenwire.engine")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from service.domain import (
+from tokenwire.server.domain import (
     CompletionEvent,
     Event,
     FinishReason,
@@ -13,11 +13,11 @@ from service.domain import (
     TokenEvent,
     UsageEvent,
 )
-from service.engine.kv_cache import BatchKvCache
-from service.engine.mailbox import EngineStopped, Mailbox
-from service.engine.observer import RequestRecord
-from service.engine.sampling import Sampler
-from service.tokenizer import TextStream
+from tokenwire.server.engine.kv_cache import BatchKvCache
+from tokenwire.server.engine.mailbox import EngineStopped, Mailbox
+from tokenwire.server.engine.observer import RequestRecord
+from tokenwire.server.engine.sampling import Sampler
+from tokenwire.server.tokenizer import TextStream
 
 
 @dataclasses.dataclass(eq=False, slots=True)

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from service.engine.kv_cache import BatchKvCache
-from service.engine.types import FloatArray, IntArray
+from tokenwire.server.engine.kv_cache import BatchKvCache
+from tokenwire.server.engine.types import FloatArray, IntArray
 
 
 class SlotKvCache:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from tokenwire.v1 import generate_pb2 as pb
-
-from service.domain import (
+from tokenwire.server.domain import (
     CompletionEvent,
     Event,
     FinishReason,
@@ -16,7 +14,8 @@ from service.domain import (
     TokenEvent,
     UsageEvent,
 )
-from service.engine import Engine
+from tokenwire.server.engine import Engine
+from tokenwire.v1 import generate_pb2 as pb
 
 MAX_REQUEST_ID_LENGTH = 128
 

@@ -10,8 +10,8 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from service.domain import InvalidRequest, Overloaded, TokenwireError, Unavailable
-from service.engine import EngineStopped
+from tokenwire.server.domain import InvalidRequest, Overloaded, TokenwireError, Unavailable
+from tokenwire.server.engine import EngineStopped
 
 RETRY_AFTER_MS = "retry-after-ms"
 

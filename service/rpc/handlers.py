@@ -11,9 +11,9 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
-from tokenwire.v1 import generate_pb2 as pb
 
-from service.domain import InvalidRequest
+from tokenwire.server.domain import InvalidRequest
+from tokenwire.v1 import generate_pb2 as pb
 
 M = TypeVar("M")
 

@@ -10,14 +10,14 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from tokenwire.v1 import generate_pb2 as pb
 
-from service.config import Settings, all_api_keys
-from service.domain import FinishReason
-from service.engine import Engine
-from service.rpc import handlers
-from service.rpc.auth import ApiKeyInterceptor, ApiKeys
-from service.rpc.servicer import EngineSlot, GenerationServicer
+from tokenwire.server.config import Settings, all_api_keys
+from tokenwire.server.domain import FinishReason
+from tokenwire.server.engine import Engine
+from tokenwire.server.rpc import handlers
+from tokenwire.server.rpc.auth import ApiKeyInterceptor, ApiKeys
+from tokenwire.server.rpc.servicer import EngineSlot, GenerationServicer
+from tokenwire.v1 import generate_pb2 as pb
 
 log = structlog.get_logger("tokenwire.server")
 

@@ -9,10 +9,8 @@ from typing import Any
 
 import grpc
 import structlog
-from tokenwire.v1 import generate_pb2 as pb
-from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
-from service.domain import (
+from tokenwire.server.domain import (
     CompletionEvent,
     Event,
     FinishReason,
@@ -22,12 +20,14 @@ from service.domain import (
     Unavailable,
     UsageEvent,
 )
-from service.engine import Engine, EngineStopped, GenerationHandle
-from service.rpc import convert
-from service.rpc.auth import ANONYMOUS, ApiKeys
-from service.rpc.errors import abort
-from service.rpc.handlers import Malformed
-from service.telemetry import ms, percentile
+from tokenwire.server.engine import Engine, EngineStopped, GenerationHandle
+from tokenwire.server.rpc import convert
+from tokenwire.server.rpc.auth import ANONYMOUS, ApiKeys
+from tokenwire.server.rpc.errors import abort
+from tokenwire.server.rpc.handlers import Malformed
+from tokenwire.server.telemetry import ms, percentile
+from tokenwire.v1 import generate_pb2 as pb
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 log = structlog.get_logger("tokenwire.rpc")
 

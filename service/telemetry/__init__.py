@@ -1,5 +1,5 @@
 """Telemetry: structured logs and Prometheus metrics, fed by the engine's observer interface."""
 
-from service.telemetry.logs import configure_logging, ms, percentile
+from tokenwire.server.telemetry.logs import configure_logging, ms, percentile
 
 __all__ = ["configure_logging", "ms", "percentile"]

@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from service.engine.observer import RequestRecord, StepRecord
+from tokenwire.server.engine.observer import RequestRecord, StepRecord
 
 TTFT_BUCKETS = (
     0.001,

@@ -13,7 +13,7 @@ import dataclasses
 
 from tokenizers.decoders import DecodeStream
 
-from service.tokenizer.tokenizer import Tokenizer
+from tokenwire.server.tokenizer.tokenizer import Tokenizer
 
 
 class IncrementalDetokenizer:

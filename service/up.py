@@ -16,8 +16,10 @@ def _spawn(*args: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "TOKENWIRE_LOG_FORMAT": os.environ.get("TOKENWIRE_LOG_FORMAT", "console")}
     # A process group of its own: a terminal's Ctrl-C reaches `up` alone, which then stops the
     # children in order (the edge drains while the server still serves its streams).
+    # The children run the `tokenwire` command itself (from tokenwire-client, which this
+    # distribution depends on), so `serve` and `edge` start exactly as they do by hand.
     return subprocess.Popen(
-        [sys.executable, "-m", "tokenwire_cli.main", *args], env=env, process_group=0
+        [sys.executable, "-m", "tokenwire.client.command", *args], env=env, process_group=0
     )
 
 

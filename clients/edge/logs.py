@@ -1,0 +1,34 @@
+"""The edge process's log lines: JSON (or console) structlog records, request ids from contextvars.
+
+The same shape as the server's (`tokenwire.server.telemetry.logs`), written out here because the
+edge installs without the server and may not import it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+
+def configure_logging(fmt: str = "json", stream: TextIO | None = None) -> None:
+    """JSON lines on stdout by default; `console` for humans."""
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=stream is None and sys.stdout.isatty())
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        cache_logger_on_first_use=False,
+    )

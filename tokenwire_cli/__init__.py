@@ -1,1 +1,0 @@
-"""The `tokenwire` command: composes the server (service) and the clients (clients)."""
