@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 HTTP_PORT ?= 8000
 
-.PHONY: install system-deps bench bench-env bench-quick run test lint typecheck imports proto proto-lint pytest model clean help
+.PHONY: install system-deps bench bench-env bench-quick run test lint typecheck imports proto proto-lint pytest model fixtures clean help
 
 help:
 	@echo "make run    - install (first time) and start the server on the bundled model"
@@ -82,6 +82,11 @@ model:
 	$(PY) -m venv models/.venv
 	models/.venv/bin/python -m pip install -q -r models/requirements-build.txt
 	models/.venv/bin/python models/build_tiny.py --out models/tiny-py
+
+fixtures:
+	$(PY) -m venv models/.venv-fixtures
+	models/.venv-fixtures/bin/python -m pip install -q -r models/requirements-fixtures.txt
+	models/.venv-fixtures/bin/python models/build_fixtures.py --out models/fixtures
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
