@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -596,8 +597,14 @@ def probe_graph(decoder: OrtDecoder, refs: list[Reference]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- writing a fixture
+def _one_line(match: re.Match[str]) -> str:
+    return "[" + re.sub(r"\s*\n\s*", " ", match[0][1:-1]).strip() + "]"
+
+
 def write_json(path: Path, data: object) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    """Indented JSON with flat lists (ids, shapes, names) kept on one line each."""
+    text = re.sub(r"\[[^\[\]{}]*\]", _one_line, json.dumps(data, indent=2, ensure_ascii=False))
+    path.write_text(text + "\n", encoding="utf-8")
 
 
 def build_family(name: str, family: Family, out: Path) -> dict[str, Any]:
@@ -609,6 +616,7 @@ def build_family(name: str, family: Family, out: Path) -> dict[str, Any]:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     tok.save_pretrained(str(out))
+    model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(str(out))
     GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
