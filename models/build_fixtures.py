@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import re
 import shutil
 import sys
@@ -37,6 +36,7 @@ import onnx
 import onnxruntime as ort
 import torch
 import transformers
+from optimum.utils import logging as optimum_logging
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoConfig,
@@ -671,7 +671,8 @@ def quiet() -> None:
     for category in (torch.jit.TracerWarning, FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
     transformers.logging.set_verbosity_error()
-    logging.getLogger("optimum").setLevel(logging.ERROR)
+    # "Weight deduplication ... requires accelerate": tied matrices stay duplicated in the graph.
+    optimum_logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> int:
