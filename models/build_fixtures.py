@@ -508,7 +508,7 @@ def graph_layout(path: Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- ONNX Runtime probes
 class OrtDecoder:
-    """A plain greedy loop over the exported graph, batch 1, with optional padding probes."""
+    """A plain greedy loop over the exported graph, with the padding probes."""
 
     def __init__(self, path: Path, layout: dict[str, Any], pad_id: int) -> None:
         opts = ort.SessionOptions()
@@ -517,26 +517,23 @@ class OrtDecoder:
         self.layout = layout
         self.pad_id = pad_id
 
-    def _empty_past(self) -> dict[str, np.ndarray]:
+    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
         heads, k_dim, v_dim = (
             self.layout[k] for k in ("num_kv_heads", "key_head_dim", "value_head_dim")
         )
         past = {}
         for i in range(self.layout["num_layers"]):
-            past[f"past_key_values.{i}.key"] = np.zeros((1, heads, 0, k_dim), np.float32)
-            past[f"past_key_values.{i}.value"] = np.zeros((1, heads, 0, v_dim), np.float32)
+            past[f"past_key_values.{i}.key"] = np.zeros((batch, heads, 0, k_dim), np.float32)
+            past[f"past_key_values.{i}.value"] = np.zeros((batch, heads, 0, v_dim), np.float32)
         return past
 
     def _step(
-        self, ids: list[int], mask: list[int], positions: list[int], past: dict[str, np.ndarray]
+        self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: dict[str, np.ndarray]
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        feed = {
-            "input_ids": np.array([ids], np.int64),
-            "attention_mask": np.array([mask], np.int64),
-            **past,
-        }
+        """One forward pass over [batch, seq] inputs: last-position logits [batch, vocab], past."""
+        feed = {"input_ids": ids, "attention_mask": mask, **past}
         if self.layout["has_position_ids"]:
-            feed["position_ids"] = np.array([positions], np.int64)
+            feed["position_ids"] = positions
         names = [o.name for o in self.sess.get_outputs()]
         values = dict(zip(names, self.sess.run(names, feed), strict=True))
         present = {
@@ -544,32 +541,44 @@ class OrtDecoder:
             for n, v in values.items()
             if n.startswith("present.")
         }
-        return values["logits"][0, -1], present
+        return values["logits"][:, -1], present
+
+    def greedy_batch(
+        self, prompts: list[list[int]], steps: int, pad_left: int = 0, shift: int = 0
+    ) -> tuple[list[list[int]], np.ndarray]:
+        """Left-padded prefill of all rows, then one token per row per step.
+
+        Each row gets `pad_left` masked pad tokens plus enough to reach the longest prompt; masked
+        pad positions get position id 1 and real tokens count from 0, as transformers does. With
+        `shift`, that many masked zero columns are inserted at the left of every past tensor and
+        of the mask right after the prefill (what a batch cache does when a longer row joins).
+        Returns the ids per row and the step logits [steps, batch, vocab].
+        """
+        width = pad_left + max(map(len, prompts))
+        pads = [width - len(p) for p in prompts]
+        ids = np.array([[self.pad_id] * k + p for k, p in zip(pads, prompts, strict=True)])
+        mask = np.array([[0] * k + [1] * len(p) for k, p in zip(pads, prompts, strict=True)])
+        positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1)
+        logits, past = self._step(ids, mask, positions, self._empty_past(len(prompts)))
+        if shift:
+            past = {n: np.pad(v, ((0, 0), (0, 0), (shift, 0), (0, 0))) for n, v in past.items()}
+            mask = np.pad(mask, ((0, 0), (shift, 0)))
+        lengths = np.array([len(p) for p in prompts])
+        rows = [logits]
+        for step in range(1, steps):
+            mask = np.pad(mask, ((0, 0), (0, 1)), constant_values=1)
+            nxt = rows[-1].argmax(axis=1)[:, None]
+            logits, past = self._step(nxt, mask, (lengths + step - 1)[:, None], past)
+            rows.append(logits)
+        stacked = np.stack(rows)
+        return stacked.argmax(axis=2).T.tolist(), stacked
 
     def greedy(
         self, prompt: list[int], steps: int, pad_left: int = 0, shift: int = 0
     ) -> tuple[list[int], np.ndarray]:
-        """Prefill (left-padded by `pad_left` masked tokens), then decode one token at a time.
-
-        Masked pad positions get position id 1 and real tokens count from 0, as transformers does.
-        With `shift`, `shift` masked zero columns are inserted at the left of every past tensor and
-        of the mask right after the prefill (what a batch cache does when a longer row joins).
-        """
-        mask = [0] * pad_left + [1] * len(prompt)
-        positions = [1] * pad_left + list(range(len(prompt)))
-        logits, past = self._step(
-            [self.pad_id] * pad_left + prompt, mask, positions, self._empty_past()
-        )
-        if shift:
-            past = {n: np.pad(v, ((0, 0), (0, 0), (shift, 0), (0, 0))) for n, v in past.items()}
-            mask = [0] * shift + mask
-        out, rows = [int(logits.argmax())], [logits]
-        for _ in range(steps - 1):
-            mask.append(1)
-            logits, past = self._step([out[-1]], mask, [len(prompt) + len(out) - 1], past)
-            out.append(int(logits.argmax()))
-            rows.append(logits)
-        return out, np.stack(rows)
+        """greedy_batch for one row: its ids and step logits [steps, vocab]."""
+        ids, logits = self.greedy_batch([prompt], steps, pad_left, shift)
+        return ids[0], logits[:, 0]
 
 
 def probe_graph(decoder: OrtDecoder, refs: list[Reference]) -> dict[str, Any]:
@@ -583,7 +592,8 @@ def probe_graph(decoder: OrtDecoder, refs: list[Reference]) -> dict[str, Any]:
     found: dict[str, Any] = {
         "ort_greedy_matches_torch_prompts": len(refs),
         "probe": f"every prompt, k in {list(PAD_LEFT)} masked columns (pad id {decoder.pad_id}, "
-        "position id 1 for pads, real tokens' positions from 0); ids compared with no padding",
+        "position id 1 for pads, real tokens' positions from 0); ids compared with no padding. "
+        "batched: all prompts in one batch, left-padded to the longest, compared with solo",
     }
     for name, key in (("left_pad_from_start", "pad_left"), ("shift_mid_sequence", "shift")):
         same, diff = True, 0.0
@@ -594,6 +604,11 @@ def probe_graph(decoder: OrtDecoder, refs: list[Reference]) -> dict[str, Any]:
                 diff = max(diff, float(np.abs(got_logits - logits).max()))
         found[f"{name}_ok"] = same
         found[f"{name}_max_abs_logit_diff"] = diff
+    batch_ids, batch_logits = decoder.greedy_batch([r.prompt_ids for r in refs], NEW_TOKENS)
+    found["batched_left_pad_ok"] = batch_ids == [ids for ids, _ in base]
+    found["batched_left_pad_max_abs_logit_diff"] = float(
+        np.abs(batch_logits - np.stack([logits for _, logits in base], axis=1)).max()
+    )
     return found
 
 
@@ -651,7 +666,8 @@ def build_family(name: str, family: Family, out: Path) -> dict[str, Any]:
         f"pos_ids={layout['has_position_ids']!s:5s} "
         f"kv={layout['num_kv_heads']} dk={layout['key_head_dim']} dv={layout['value_head_dim']} "
         f"rel_margin={reference['min_rel_margin']:.2e} pad={layout['left_pad_from_start_ok']} "
-        f"shift={layout['shift_mid_sequence_ok']}  {time.time() - started:.1f} s",
+        f"shift={layout['shift_mid_sequence_ok']} batch={layout['batched_left_pad_ok']} "
+        f"{time.time() - started:.1f} s",
         flush=True,
     )
     return reference
