@@ -18,13 +18,14 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 HTTP_PORT ?= 8000
 
-.PHONY: install system-deps bench bench-env bench-quick run test lint typecheck imports proto proto-lint pytest model genai-fixtures clean help
+.PHONY: install system-deps bench bench-env bench-quick run test lint typecheck imports proto proto-lint pytest model fixtures genai-fixtures clean help
 
 help:
 	@echo "make run    - install (runtime only, first time) and start the server and edge on the bundled model"
 	@echo "make test   - add the test tools (first time) and run lint, types, contracts and tests"
 	@echo "make proto  - regenerate Python stubs from protos/"
 	@echo "make model  - rebuild the bundled model (separate build env with torch)"
+	@echo "make fixtures, make genai-fixtures - rebuild the model-family test fixtures"
 	@echo "make bench  - benchmark against the plain ORT loop and ORT GenAI (docs/benchmarks.md)"
 
 $(BIN)/python:
@@ -115,6 +116,11 @@ model:
 	$(PY) -m venv models/.venv
 	models/.venv/bin/python -m pip install -q -r models/requirements-build.txt
 	models/.venv/bin/python models/build_tiny.py --out models/tiny-py
+
+fixtures:
+	$(PY) -m venv models/.venv-fixtures
+	models/.venv-fixtures/bin/python -m pip install -q -r models/requirements-fixtures.txt
+	models/.venv-fixtures/bin/python models/build_fixtures.py --out models/fixtures
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache
