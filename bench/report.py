@@ -51,7 +51,8 @@ TARGETS = [
 
 
 def label(row: dict[str, Any]) -> str:
-    graph = f"[{row.get('graph', 'optimum-fp32')}] "
+    own = "genai-fp32" if row["system"] == "ort-genai" else "optimum-fp32"
+    graph = f"[{row.get('graph', own)}] "
     if row["system"] != "tokenwire":
         return f"{graph}{row['system']} static batch {row['concurrency']}"
     return f"{graph}tokenwire {row['transport']} {row['concurrency']} streams ({row['arrival']})"
@@ -231,7 +232,7 @@ def main() -> None:
     analysis = ANALYSIS.read_text() if ANALYSIS.exists() else ""
     doc = f"""# Benchmarks
 
-Regenerate with `make bench` (about 5 minutes on 2 cores; `make bench-quick` for a shorter run).
+Regenerate with `make bench` (about 10 minutes on 2 cores; `make bench-quick` for a shorter run).
 Everything below comes from `bench/results/latest.json`, measured side by side in one run.
 
 - machine: {m["cpu"]}, {m["cores"]} cores; Python {m["python"]}; ONNX Runtime {m["onnxruntime_service"]}
