@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import RunningEdge, RunningServer, eventually, start_edge
+from tests.conftest import RunningEdge, RunningServer, eventually, start_edge, start_server
 from tests.fakes import RecordingObserver
 from tokenwire.server.domain import FinishReason
+from tokenwire.server.engine import OnnxCausalLM
+from tokenwire.server.tokenizer import Tokenizer
 
 
 @pytest.fixture
@@ -128,3 +133,42 @@ async def test_client_disconnect_cancels_upstream_at_once(paced: RunningServer) 
     record = paced.observer.finished["oai-drop"]
     assert record.finish_reason == FinishReason.CANCELLED
     assert record.completion_tokens < 450
+
+
+LLAMA = Path(__file__).resolve().parent.parent / "models" / "fixtures" / "llama"
+
+
+@pytest.fixture
+def templated_llama(tmp_path: Path) -> Path:
+    """The Llama fixture (its tokenizer adds BOS) with a chat template that writes BOS itself."""
+    model_dir = tmp_path / "llama"
+    shutil.copytree(LLAMA, model_dir)
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = (
+        "{{ bos_token }}{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    )
+    config_path.write_text(json.dumps(config))
+    return model_dir
+
+
+async def test_chat_template_renders_bos_once(templated_llama: Path) -> None:
+    """A template that writes {{ bos_token }} gets the model's BOS text, and the server adds no
+    second BOS: prompt_tokens is what transformers counts for the rendered template."""
+    tokenizer = Tokenizer.from_dir(templated_llama)
+    running = await start_server(OnnxCausalLM(templated_llama, provider="cpu"), tokenizer)
+    edge = await start_edge(running.target)
+    try:
+        async with openai.AsyncOpenAI(
+            base_url=f"{edge.url}/v1", api_key="unused", max_retries=0
+        ) as client:
+            reply = await client.chat.completions.create(
+                model="any", messages=[{"role": "user", "content": "hello"}], max_tokens=2
+            )
+    finally:
+        await edge.edge.stop()
+        await running.server.drain()
+    rendered = tokenizer.encode("<s>hello\n")
+    assert rendered.count(tokenizer.token_id("<s>")) == 1
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens == len(rendered)
