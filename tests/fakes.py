@@ -7,6 +7,7 @@ engine, scheduler, server and clients run unchanged on top of it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -74,8 +75,11 @@ class ScriptedModel:
         last: IntArray | None = None,
         *,
         in_place: bool = False,
+        before_run: Callable[[], None] | None = None,
     ) -> tuple[FloatArray, list[FloatArray]]:
         self.calls += 1
+        if before_run is not None:
+            before_run()
         if self.calls in self.fail_on_calls:
             raise RuntimeError(f"injected failure on call {self.calls}")
         if input_ids.shape[1] > 1 and self.fail_on_prompt_token in input_ids:
@@ -122,9 +126,12 @@ class CountedPositionsModel:
         last: IntArray | None = None,
         *,
         in_place: bool = False,
+        before_run: Callable[[], None] | None = None,
     ) -> tuple[FloatArray, list[FloatArray]]:
         width = attention_mask.shape[1]
         counted = np.arange(width - input_ids.shape[1], width, dtype=np.int64)
         positions = np.broadcast_to(counted, input_ids.shape)
-        logits, present = self.inner.forward(input_ids, attention_mask, positions, past, last)
+        logits, present = self.inner.forward(
+            input_ids, attention_mask, positions, past, last, before_run=before_run
+        )
         return logits + self._bias[width - 1], present

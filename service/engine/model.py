@@ -11,6 +11,7 @@ spec.py); how the graph takes padding is measured once at load (see padding.py).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -66,10 +67,12 @@ class CausalLM(Protocol):
         last: IntArray | None = None,
         *,
         in_place: bool = False,
+        before_run: Callable[[], None] | None = None,
     ) -> tuple[FloatArray, list[FloatArray]]:
         """One step: logits [rows, vocab] at each row's `last` new position (default: the
         final one) and the present cache tensors. With in_place, `past` is bound as the
-        present outputs too and the graph writes into it."""
+        present outputs too and the graph writes into it. `before_run` is called right before
+        ONNX Runtime starts (which releases the GIL)."""
         ...
 
 
@@ -129,22 +132,27 @@ class OnnxCausalLM:
         last: IntArray | None = None,
         *,
         in_place: bool = False,
+        before_run: Callable[[], None] | None = None,
     ) -> tuple[FloatArray, list[FloatArray]]:
         """Run one step; return each row's logits at `last` (default: the final position)."""
         feed: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self._has_position_ids:
             feed["position_ids"] = position_ids
         if in_place:
-            scores = self._run_in_place(feed, past)
+            scores = self._run_in_place(feed, past, before_run)
             present = past
         else:
             feed.update(zip(self.layout.past_names, past, strict=True))
+            if before_run is not None:
+                before_run()
             outputs = self.session.run(self.output_names, feed)
             scores, present = outputs[0], list(outputs[1:])
         picked = scores[:, -1, :] if last is None else scores[np.arange(len(scores)), last, :]
         return np.asarray(picked, dtype=np.float32), present
 
-    def _run_in_place(self, feed: dict[str, Any], past: list[FloatArray]) -> Any:
+    def _run_in_place(
+        self, feed: dict[str, Any], past: list[FloatArray], before_run: Callable[[], None] | None
+    ) -> Any:
         """Bind each cache view as its past input and its present output: one buffer."""
         binding = self._binding
         binding.clear_binding_inputs()
@@ -157,6 +165,8 @@ class OnnxCausalLM:
             shape, pointer = list(view.shape), view.ctypes.data
             binding.bind_input(tensor.name, "cpu", 0, dtype, shape, pointer)
             binding.bind_output(tensor.present, "cpu", 0, dtype, shape, pointer)
+        if before_run is not None:
+            before_run()
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
 

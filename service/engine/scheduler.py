@@ -7,7 +7,9 @@ Every iteration is one step boundary:
      prefill budget (left-padded into one batch), or one chunk of a long prompt, so a long
      prompt delays running streams by one chunk per step, never by its whole prefill;
   4. run one batched decode forward per cohort of running rows (see batch.py);
-  5. publish the step's events, one wake-up per consumer loop.
+  5. publish the step's events, one wake-up per consumer loop, just before the next forward:
+     the consumers then write them while ONNX Runtime computes (it releases the GIL), and the
+     decode thread does not wait for the GIL behind them.
 
 A failure stays with the requests it concerns: a prefill forward that fails is retried row by
 row and then fails only its row, a decode forward fails only its cohort, a sampling or
@@ -29,7 +31,7 @@ import structlog
 from tokenwire.server.domain import FinishReason
 from tokenwire.server.engine.batch import Cohort, Placement
 from tokenwire.server.engine.kv_cache import BatchKvCache
-from tokenwire.server.engine.mailbox import Delivery, Mailbox, publish_all
+from tokenwire.server.engine.mailbox import Delivery, Mailbox, Publisher
 from tokenwire.server.engine.model import CausalLM
 from tokenwire.server.engine.observer import EngineObserver, StepRecord
 from tokenwire.server.engine.sampling import log_softmax_at
@@ -94,12 +96,16 @@ class Scheduler:
         self._cohorts: list[Cohort] = []
         self._cancels: dict[str | None, FinishReason] = {}
         self._finished: list[Sequence] = []
+        self._outgoing: list[tuple[Mailbox, Delivery]] = []
+        self._done: list[Sequence] = []
+        self._publisher: Publisher | None = None
         self._thread: threading.Thread | None = None
         self.running = 0
         self.waiting = 0
 
     # -- called from other threads ------------------------------------------------------------
     def start(self) -> None:
+        self._publisher = Publisher()
         self._thread = threading.Thread(target=self._loop, name="tokenwire-decode", daemon=True)
         self._thread.start()
 
@@ -131,6 +137,9 @@ class Scheduler:
         self._cancels[None] = FinishReason.CANCELLED
         self._reap(time.monotonic())
         self._publish()
+        self._flush()
+        if self._publisher is not None:
+            self._publisher.close()
 
     def _iterate(self) -> None:
         started = time.monotonic()
@@ -147,6 +156,8 @@ class Scheduler:
                 kv_usage=self._reserved() / self._max_kv_tokens,
             )
         )
+        if not self._has_work():
+            self._flush()
 
     def _has_work(self) -> bool:
         return bool(self._waiting or self._prefilling or self._cohorts)
@@ -302,6 +313,7 @@ class Scheduler:
             np.asarray(positions, dtype=np.int64),
             cache.tensors,
             cache.last_positions(size, real),
+            before_run=self._flush,
         )
         cache.advance(present, mask)
         for seq, fed in zip(group, real, strict=True):
@@ -315,7 +327,7 @@ class Scheduler:
         mask = cache.mask_with(1)
         try:
             logits, present = self._model.forward(
-                ids, mask, positions, cache.tensors, in_place=cache.in_place
+                ids, mask, positions, cache.tensors, in_place=cache.in_place, before_run=self._flush
             )
         except Exception as exc:  # this cohort's rows fail; other cohorts decode on
             log.exception("engine.decode_failed", rows=len(rows), error=str(exc))
@@ -345,20 +357,28 @@ class Scheduler:
                 seq.fail("sampling failed", exc)
 
     def _publish(self) -> None:
-        deliveries: list[tuple[Mailbox, Delivery]] = []
+        """Collect the step's events; `_flush` hands them over."""
         for seq in (*self._prefilling, *self._running, *self._finished):
             if seq.outbox:
-                deliveries.append((seq.mailbox, seq.take_events()))
+                self._outgoing.append((seq.mailbox, seq.take_events()))
             if seq.error is not None:
-                deliveries.append((seq.mailbox, seq.error))
-        publish_all(deliveries)
+                self._outgoing.append((seq.mailbox, seq.error))
+        self._done.extend(self._finished)
+        self._finished.clear()
+        self._count()
+
+    def _flush(self) -> None:
+        """Release finished requests, then wake the consumers: the last Python work before a
+        forward (or before the loop waits for commands)."""
         now = time.monotonic()
-        for seq in self._finished:
+        for seq in self._done:
             self._members.pop(seq, None)
             self._on_finished(seq)
             self._observer.request_finished(seq.record(now))
-        self._finished.clear()
-        self._count()
+        self._done.clear()
+        if self._outgoing and self._publisher is not None:
+            self._publisher.submit(self._outgoing)
+            self._outgoing = []
 
     def _count(self) -> None:
         self.running = len(self._running) + len(self._prefilling)
@@ -373,6 +393,7 @@ class Scheduler:
         self._prefilling.clear()
         self._cohorts.clear()
         self._publish()
+        self._flush()
 
 
 def _padded(values: list[int], size: int, on_right: bool) -> list[int]:
