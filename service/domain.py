@@ -105,6 +105,8 @@ class GenerationRequest:
     """Absolute time.monotonic() after which generation ends with DEADLINE_EXCEEDED."""
     add_special_tokens: bool = True
     """Tokenize as the model's tokenizer does by default (e.g. with BOS); False for templates."""
+    continuation: tuple[int, ...] = ()
+    """Token ids an interrupted stream already delivered; generation goes on after them."""
 
     def __post_init__(self) -> None:
         if not self.prompt:

@@ -12,7 +12,7 @@ LOGITS = np.log(np.asarray([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
 
 def _draws(params: SamplingParams, n: int = 400, history: list[int] | None = None) -> list[int]:
     sampler = Sampler(params)
-    return [sampler.choose(LOGITS, history or []) for _ in range(n)]
+    return [sampler.choose(LOGITS, history or [], index) for index in range(n)]
 
 
 def test_temperature_zero_is_argmax() -> None:
@@ -56,7 +56,7 @@ def test_tiny_repetition_penalty_with_sampling_still_picks_a_token() -> None:
     """repetition_penalty 1e-38 overflows float32 scores; the sampler still returns a valid id."""
     logits = np.asarray([30.0, 20.0, -5.0, 1.0], dtype=np.float32)
     sampler = Sampler(SamplingParams(temperature=1.0, repetition_penalty=1e-38, seed=4))
-    picks = {sampler.choose(logits, [0, 1, 2]) for _ in range(50)}
+    picks = {sampler.choose(logits, [0, 1, 2], i) for i in range(50)}
     assert picks <= {0, 1, 2, 3}
     assert picks
 
@@ -64,11 +64,22 @@ def test_tiny_repetition_penalty_with_sampling_still_picks_a_token() -> None:
 def test_denormal_temperature_samples_like_greedy() -> None:
     """A temperature of 1e-45 (inside the accepted range) picks the most likely token."""
     sampler = Sampler(SamplingParams(temperature=1e-45, seed=5))
-    assert {sampler.choose(LOGITS, []) for _ in range(20)} == {0}
+    assert {sampler.choose(LOGITS, [], i) for i in range(20)} == {0}
 
 
 def test_infinite_logits_do_not_produce_nan_probabilities() -> None:
     """Logits with +inf and -inf entries are sampled among the +inf ones, never NaN."""
     logits = np.asarray([np.inf, -np.inf, np.inf, 0.0], dtype=np.float32)
     sampler = Sampler(SamplingParams(temperature=0.7, top_p=0.5, seed=6))
-    assert {sampler.choose(logits, []) for _ in range(50)} <= {0, 2}
+    assert {sampler.choose(logits, [], i) for i in range(50)} <= {0, 2}
+
+
+def test_a_draw_depends_only_on_seed_and_index() -> None:
+    """Token i of a seeded request is the same whether or not tokens 0..i-1 were drawn by this
+    sampler: a continuation on another replica draws what the first would have."""
+    params = SamplingParams(temperature=1.0, seed=77)
+    sampler = Sampler(params)
+    first = [sampler.choose(LOGITS, [], i) for i in range(40)]
+    resumed = Sampler(params)
+    assert [resumed.choose(LOGITS, [], i) for i in range(25, 40)] == first[25:]
+    assert len(set(first)) > 1

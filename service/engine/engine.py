@@ -55,6 +55,8 @@ class GenerationHandle:
         self._sequence = sequence
         self.request_id = sequence.request_id
         self.prompt_tokens = len(sequence.prompt_ids)
+        self.seed = sequence.sampler.seed
+        """The sampling seed in use (chosen by the server when the request set none)."""
 
     def events(self) -> AsyncIterator[Event]:
         return self._sequence.mailbox.events()
@@ -94,12 +96,13 @@ class Engine:
         self._active: dict[str, Sequence] = {}
         self._lock = threading.Lock()
         self._accepting = False
+        self._vocab = min(model.spec.vocab_size, tokenizer.vocab_size)
         self._scheduler = Scheduler(
             model,
             max_batch_size=self.config.max_batch_size,
             prefill_chunk_tokens=self.config.prefill_chunk_tokens,
             max_kv_tokens=self.config.max_kv_tokens,
-            vocab_limit=min(model.spec.vocab_size, tokenizer.vocab_size),
+            vocab_limit=self._vocab,
             observer=self._observer,
             on_finished=self._release,
         )
@@ -188,6 +191,7 @@ class Engine:
             request.prompt, add_special_tokens=request.add_special_tokens
         )
         budget = request.token_budget(len(prompt_ids), self.limits)
+        self._check_continuation(request.continuation, budget)
         if len(prompt_ids) + budget > self.config.max_kv_tokens:
             raise InvalidRequest(
                 "max_tokens",
@@ -207,6 +211,20 @@ class Engine:
         self._admit(sequence)
         self._scheduler.post(Submit(sequence))
         return GenerationHandle(self, sequence)
+
+    def _check_continuation(self, continuation: tuple[int, ...], budget: int) -> None:
+        if len(continuation) > budget:
+            raise InvalidRequest(
+                "continuation_ids",
+                f"<{len(continuation)} ids>",
+                f"must hold at most max_tokens ({budget}) ids",
+            )
+        vocab = self._vocab
+        for i, token_id in enumerate(continuation):
+            if not 0 <= token_id < vocab:
+                raise InvalidRequest(
+                    f"continuation_ids[{i}]", token_id, f"must be a token id below {vocab}"
+                )
 
     def _admit(self, sequence: Sequence) -> None:
         capacity = self.config.max_batch_size + self.config.max_queue

@@ -1,8 +1,10 @@
 """Token choice per request: repetition penalty, temperature, top-k, top-p, seeded RNG.
 
-Each request owns its RNG, so a seeded request samples the same tokens whatever else runs in
-its batch. Scores are float64 and sanitised before exponentiation: no parameter the API accepts
-(a tiny repetition penalty, a tiny temperature) can turn them into NaN probabilities.
+A token's random draw depends only on the request's seed and the token's index: a seeded
+request samples the same tokens whatever else runs in its batch, and a generation continued
+from its first k tokens (on this replica or another) draws exactly what it would have drawn.
+Scores are float64 and sanitised before exponentiation: no parameter the API accepts (a tiny
+repetition penalty, a tiny temperature) can turn them into NaN probabilities.
 """
 
 from __future__ import annotations
@@ -29,17 +31,18 @@ class Sampler:
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
-        seed = params.seed if params.seed is not None else secrets.randbits(64)
-        self._rng = np.random.default_rng(seed)
+        # Unseeded requests get a seed too, so that every stream can be continued exactly.
+        self.seed: int = params.seed if params.seed is not None else secrets.randbits(63)
 
-    def choose(self, logits: Logits, history: list[int]) -> int:
+    def choose(self, logits: Logits, history: list[int], index: int) -> int:
+        """The token at position `index` of the generation (0 = the first generated token)."""
         if self.params.greedy and not history:
             return int(logits.argmax())
         scores = self._penalised(logits, history)
         if self.params.greedy:
             return int(scores.argmax())
         with np.errstate(over="ignore"):
-            return self._sample(_finite(scores / self.params.temperature))
+            return self._sample(_finite(scores / self.params.temperature), index)
 
     def _penalised(self, logits: Logits, history: list[int]) -> npt.NDArray[np.float64]:
         scores = logits.astype(np.float64)
@@ -53,7 +56,7 @@ class Sampler:
             scores[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
         return _finite(scores)
 
-    def _sample(self, scores: npt.NDArray[np.float64]) -> int:
+    def _sample(self, scores: npt.NDArray[np.float64], index: int) -> int:
         top_k, top_p = self.params.top_k, self.params.top_p
         order = np.argsort(-scores, kind="stable")
         if 0 < top_k < order.size:
@@ -70,7 +73,8 @@ class Sampler:
             cutoff = int(np.searchsorted(np.cumsum(probs), top_p)) + 1
             probs = probs[:cutoff] / probs[:cutoff].sum()
             order = order[:cutoff]
-        return int(order[self._rng.choice(probs.size, p=probs)])
+        rng = np.random.default_rng((self.seed, index))
+        return int(order[rng.choice(probs.size, p=probs)])
 
 
 def _finite(scores: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:

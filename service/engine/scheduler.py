@@ -237,19 +237,19 @@ class Scheduler:
     def _prefill_group(self) -> tuple[list[Sequence], int]:
         """The rows of the next prefill forward and how many prompt positions it feeds."""
         head = self._prefilling[0]
-        if head.prefilled > 0 or head.solo or len(head.prompt_ids) > self._chunk:
-            return [head], min(len(head.prompt_ids) - head.prefilled, self._chunk)
+        if head.prefilled > 0 or head.solo or len(head.context_ids) > self._chunk:
+            return [head], min(len(head.context_ids) - head.prefilled, self._chunk)
         group, size, budget = [], 0, self._chunk
         for seq in self._prefilling:
-            if seq.prefilled > 0 or seq.solo or len(seq.prompt_ids) > budget:
+            if seq.prefilled > 0 or seq.solo or len(seq.context_ids) > budget:
                 break
-            if not self._placement.groups_mixed_lengths() and len(seq.prompt_ids) != len(
-                head.prompt_ids
+            if not self._placement.groups_mixed_lengths() and len(seq.context_ids) != len(
+                head.context_ids
             ):
                 break
             group.append(seq)
-            budget -= len(seq.prompt_ids)
-            size = max(size, len(seq.prompt_ids))
+            budget -= len(seq.context_ids)
+            size = max(size, len(seq.context_ids))
         return group, size
 
     def _prefill(self) -> int:
@@ -262,7 +262,7 @@ class Scheduler:
         except Exception as exc:  # an input one request brought must not fail the others
             self._prefill_failed(group, exc)
             return 0
-        done = [s for s in group if s.prefilled == len(s.prompt_ids)]
+        done = [s for s in group if s.prefilled == len(s.context_ids)]
         if not done:
             group[0].cache = cache
             return size
@@ -272,7 +272,7 @@ class Scheduler:
         if alive:
             cache.keep(alive, trim=self._placement.trims)
             self._placement.join(self._cohorts, [done[i] for i in alive], cache)
-        return sum(len(s.prompt_ids) for s in done) if len(group) > 1 else size
+        return sum(len(s.context_ids) for s in done) if len(group) > 1 else size
 
     def _prefill_failed(self, group: list[Sequence], exc: Exception) -> None:
         if len(group) > 1:
@@ -293,16 +293,16 @@ class Scheduler:
         if chunked is not None:
             seq = group[0]
             cache = chunked
-            ids = [seq.prompt_ids[seq.prefilled : seq.prefilled + size]]
+            ids = [seq.context_ids[seq.prefilled : seq.prefilled + size]]
             positions = [list(range(seq.prefilled, seq.prefilled + size))]
             real = [size]
         else:
             width = size
-            if len(group) > 1 or len(group[0].prompt_ids) == size:
+            if len(group) > 1 or len(group[0].context_ids) == size:
                 width = self._placement.prefill_width(self._cohorts, size, group)
             left_aligned = self._placement.left_aligned
             cache = self._model.new_cache(len(group), width - size, left_aligned=left_aligned)
-            chunks = [s.prompt_ids[:size] for s in group]
+            chunks = [s.context_ids[:size] for s in group]
             real = [len(c) for c in chunks]
             ids = [_padded(c, size, left_aligned) for c in chunks]
             positions = [_padded(list(range(len(c))), size, left_aligned) for c in chunks]
@@ -349,7 +349,7 @@ class Scheduler:
                     token = int(best)
                 else:
                     history = seq.history if params.repetition_penalty != 1.0 else []
-                    token = seq.sampler.choose(row, history)
+                    token = seq.sampler.choose(row, history, len(seq.generated))
                 logprob = log_softmax_at(row, token) if seq.request.logprobs else None
                 seq.accept(token, logprob, now)
             except Exception as exc:  # one request's sampling or text must not fail others

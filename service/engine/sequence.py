@@ -26,6 +26,7 @@ class Sequence:
 
     request: GenerationRequest
     prompt_ids: list[int]
+    """The prompt as tokenized: what Usage.prompt_tokens counts."""
     budget: int
     eos_ids: frozenset[int]
     sampler: Sampler
@@ -44,6 +45,12 @@ class Sequence:
     """Set when the engine failed this request; delivered after the queued events."""
     solo: bool = False
     """Prefill this request alone (a group prefill that included it failed)."""
+    context_ids: list[int] = dataclasses.field(default_factory=list)
+    """What the prefill feeds: the prompt, then the tokens a continued generation already has."""
+
+    def __post_init__(self) -> None:
+        self.context_ids = self.prompt_ids + list(self.request.continuation)
+        self.resume(self.request.continuation)
 
     @property
     def request_id(self) -> str:
@@ -72,20 +79,36 @@ class Sequence:
         deadline = self.request.deadline
         return deadline is not None and now >= deadline
 
+    def resume(self, delivered: tuple[int, ...]) -> None:
+        """Take the tokens an interrupted stream already delivered: the text pipeline and the
+        stop conditions see them as if they had just been generated, but no event is queued
+        for them, so the stream goes on with the uninterrupted stream's indices and deltas. A
+        stream that had already ended (EOS, stop string, budget) ends again at once."""
+        for token_id in delivered:
+            self.generated.append(token_id)
+            if self._stops_at(token_id)[0] is not None:
+                self._close(time.monotonic())
+                return
+
+    def _stops_at(self, token_id: int) -> tuple[FinishReason | None, str]:
+        """Push the newest token through the text pipeline: set the finish reason if a stop
+        condition holds; return it and the text the token releases."""
+        if token_id in self.eos_ids and not self.request.ignore_eos:
+            self.finish_reason = FinishReason.STOP
+            return self.finish_reason, self.text.flush()
+        delta, stop = self.text.push(token_id)
+        if stop is not None:
+            self.finish_reason, self.stop_sequence = FinishReason.STOP_SEQUENCE, stop
+        elif len(self.generated) >= self.budget:
+            self.finish_reason = FinishReason.LENGTH
+            delta += self.text.flush()
+        return self.finish_reason, delta
+
     def accept(self, token_id: int, logprob: float | None, now: float) -> None:
         """Record a sampled token, queue its event, and finish when a stop condition holds."""
         self.generated.append(token_id)
         self.token_times.append(now)
-        if token_id in self.eos_ids and not self.request.ignore_eos:
-            self.finish_reason = FinishReason.STOP
-            delta = self.text.flush()
-        else:
-            delta, stop = self.text.push(token_id)
-            if stop is not None:
-                self.finish_reason, self.stop_sequence = FinishReason.STOP_SEQUENCE, stop
-            elif len(self.generated) >= self.budget:
-                self.finish_reason = FinishReason.LENGTH
-                delta += self.text.flush()
+        _, delta = self._stops_at(token_id)
         index = len(self.generated) - 1
         self.outbox.append(TokenEvent(delta, token_id, index, logprob))
         if self.finish_reason is not None:

@@ -73,6 +73,7 @@ def request_from_pb(
         logprobs=msg.logprobs,
         deadline=deadline,
         add_special_tokens=msg.add_special_tokens if msg.HasField("add_special_tokens") else True,
+        continuation=tuple(msg.continuation_ids),
     )
 
 

@@ -85,7 +85,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         try:
             # Headers go out only once the request is accepted: until then a failure is
             # trailers-only, which clients may retry transparently (UNAVAILABLE).
-            await context.send_initial_metadata((("x-request-id", request_id),))
+            # The seed lets a client continue this stream elsewhere with the same draws.
+            await context.send_initial_metadata(
+                (("x-request-id", request_id), ("x-tokenwire-seed", str(handle.seed)))
+            )
             async for event in handle.events():
                 summary.see(event)
                 yield convert.event_to_pb(_with_caller_id(event, request_id))

@@ -67,6 +67,7 @@ class GenerateRequest(_message.Message):
     LOGPROBS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ADD_SPECIAL_TOKENS_FIELD_NUMBER: _builtins.int
+    CONTINUATION_IDS_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The text to continue. Required, non-empty."""
     max_tokens: _builtins.int
@@ -90,6 +91,15 @@ class GenerateRequest(_message.Message):
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Generation stops when the text contains one of these; the stop string is not returned."""
 
+    @_builtins.property
+    def continuation_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Continue a generation from the token ids an interrupted stream already delivered (in
+        order, from index 0). The server feeds the prompt and these ids, then streams from index
+        len(continuation_ids) on, with the text deltas, finish conditions (max_tokens counts them,
+        stop strings may span the boundary, EOS) and Usage of the uninterrupted stream. With the
+        same seed (see the x-tokenwire-seed response header) sampled tokens are the same too.
+        """
+
     def __init__(
         self,
         *,
@@ -101,10 +111,11 @@ class GenerateRequest(_message.Message):
         logprobs: _builtins.bool = ...,
         request_id: _builtins.str = ...,
         add_special_tokens: _builtins.bool | None = ...,
+        continuation_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_add_special_tokens", b"_add_special_tokens", "add_special_tokens", b"add_special_tokens", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_add_special_tokens", b"_add_special_tokens", "add_special_tokens", b"add_special_tokens", "ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "stop", b"stop"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_add_special_tokens", b"_add_special_tokens", "add_special_tokens", b"add_special_tokens", "continuation_ids", b"continuation_ids", "ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "prompt", b"prompt", "request_id", b"request_id", "sampling", b"sampling", "stop", b"stop"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__add_special_tokens: _TypeAlias = _typing.Literal["add_special_tokens"]  # noqa: Y015
     _WhichOneofArgType__add_special_tokens: _TypeAlias = _typing.Literal["_add_special_tokens", b"_add_special_tokens"]  # noqa: Y015

@@ -1,0 +1,198 @@
+"""Continuing an interrupted generation: the rest of the stream is the uninterrupted one's.
+
+A client that received tokens 0..k-1 before its stream broke sends them back as
+continuation_ids (with the same seed); the server streams from index k with the same ids, text
+deltas, finish reason and Usage as if nothing had happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.conftest import greedy
+from tests.fakes import ScriptedModel
+from tokenwire.server.domain import (
+    CompletionEvent,
+    Event,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequest,
+    SamplingParams,
+    TokenEvent,
+    UsageEvent,
+)
+from tokenwire.server.engine import Engine, ModelSpec, OnnxCausalLM
+from tokenwire.server.tokenizer import Tokenizer
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
+
+PROMPT = "def fib(n):"
+
+
+@pytest.fixture
+async def engine(onnx_model: OnnxCausalLM, tokenizer: Tokenizer) -> AsyncIterator[Engine]:
+    running = Engine(onnx_model, tokenizer)
+    running.start()
+    yield running
+    running.shutdown()
+
+
+async def _events(engine: Engine, request: GenerationRequest) -> list[Event]:
+    return [event async for event in engine.submit(request).events()]
+
+
+def _request(
+    name: str,
+    max_tokens: int,
+    *,
+    prompt: str = PROMPT,
+    continuation: tuple[int, ...] = (),
+    sampling: SamplingParams | None = None,
+    stop: tuple[str, ...] = (),
+    ignore_eos: bool = False,
+) -> GenerationRequest:
+    return GenerationRequest(
+        name,
+        prompt,
+        max_tokens=max_tokens,
+        sampling=sampling or SamplingParams(temperature=0.0),
+        stop=stop,
+        ignore_eos=ignore_eos,
+        continuation=continuation,
+    )
+
+
+def _tokens(events: list[Event]) -> list[TokenEvent]:
+    return [e for e in events if isinstance(e, TokenEvent)]
+
+
+def _tail(events: list[Event]) -> tuple[int, FinishReason, str]:
+    usage = next(e for e in events if isinstance(e, UsageEvent))
+    completion = events[-1]
+    assert isinstance(completion, CompletionEvent)
+    return usage.completion_tokens, completion.finish_reason, completion.stop_sequence
+
+
+async def _assert_continues(engine: Engine, k: int, max_tokens: int, **fields: Any) -> None:
+    """Run uninterrupted, then continue from the first k ids: the rest must be identical."""
+    whole = await _events(engine, _request("whole", max_tokens, **fields))
+    delivered = tuple(t.token_id for t in _tokens(whole)[:k])
+    rest = await _events(engine, _request("rest", max_tokens, continuation=delivered, **fields))
+    assert _tokens(rest) == _tokens(whole)[k:]
+    assert _tail(rest) == _tail(whole)
+
+
+async def test_continuing_from_nothing_is_the_whole_stream(engine: Engine) -> None:
+    """An empty continuation (index 0) gives exactly the uninterrupted stream."""
+    await _assert_continues(
+        engine, 0, 16, sampling=SamplingParams(temperature=0.0), ignore_eos=True
+    )
+
+
+async def test_greedy_continuation_is_the_uninterrupted_tail(engine: Engine) -> None:
+    """Continuing greedy decoding after 10 of 24 tokens gives tokens 10..23 and the same Usage."""
+    await _assert_continues(
+        engine, 10, 24, sampling=SamplingParams(temperature=0.0), ignore_eos=True
+    )
+
+
+async def test_seeded_sampled_continuation_draws_the_same_tokens(engine: Engine) -> None:
+    """With the same seed, sampled tokens after the boundary are the ones first drawn."""
+    sampled = SamplingParams(temperature=0.9, top_p=0.95, seed=5)
+    await _assert_continues(engine, 7, 24, sampling=sampled, ignore_eos=True)
+
+
+async def test_an_unseeded_stream_can_be_continued_with_the_seed_it_was_given(
+    engine: Engine,
+) -> None:
+    """The server picks a seed for an unseeded request; continuing with it draws the same."""
+    handle = engine.submit(
+        _request("first", 20, sampling=SamplingParams(temperature=1.0), ignore_eos=True)
+    )
+    whole = [e async for e in handle.events()]
+    again = SamplingParams(temperature=1.0, seed=handle.seed)
+    delivered = tuple(t.token_id for t in _tokens(whole)[:5])
+    rest = await _events(
+        engine, _request("rest", 20, continuation=delivered, sampling=again, ignore_eos=True)
+    )
+    assert _tokens(rest) == _tokens(whole)[5:]
+
+
+async def test_continuing_at_max_tokens_minus_one_yields_one_token(engine: Engine) -> None:
+    """With max_tokens - 1 tokens delivered, one token follows, then LENGTH; Usage counts all."""
+    await _assert_continues(
+        engine, 11, 12, sampling=SamplingParams(temperature=0.0), ignore_eos=True
+    )
+
+
+async def test_a_continuation_longer_than_max_tokens_is_refused(engine: Engine) -> None:
+    """More delivered ids than max_tokens allows is INVALID_ARGUMENT naming continuation_ids."""
+    with pytest.raises(InvalidRequest, match="continuation_ids"):
+        engine.submit(_request("long", 4, continuation=(1, 2, 3, 4, 5)))
+
+
+def _scripted(spec: ModelSpec, tokenizer: Tokenizer, prompt: str, script: list[int]) -> Engine:
+    model = ScriptedModel.continuing(spec, len(tokenizer.encode(prompt)), script)
+    engine = Engine(model, tokenizer)
+    engine.start()
+    return engine
+
+
+async def test_continuing_inside_a_multibyte_character(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """Delivered up to the first byte of "é": the next token's delta is the whole "é"."""
+    ids = [tokenizer.token_id(c) for c in ("A", "\u00c3", "\u00a9", "B")]
+    engine = _scripted(spec, tokenizer, "x", [i for i in ids if i is not None])
+    try:
+        await _assert_continues(engine, 2, 4, prompt="x", ignore_eos=True)
+        rest = await _events(engine, _request("r", 4, prompt="x", continuation=tuple(ids[:2])))
+    finally:
+        engine.shutdown()
+    assert [t.text for t in _tokens(rest)] == ["\u00e9", "B"]
+
+
+async def test_continuing_inside_a_partial_stop_string(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """Delivered up to "X" of the stop string "XY": the held-back "X" never leaks, and "Y"
+    ends the stream as STOP_SEQUENCE, as without the interruption."""
+    ids = [tokenizer.token_id(c) for c in ("A", "X", "Y", "B")]
+    engine = _scripted(spec, tokenizer, "x", [i for i in ids if i is not None])
+    try:
+        await _assert_continues(engine, 2, 4, prompt="x", stop=("XY",))
+        rest = await _events(
+            engine,
+            _request("r", 4, prompt="x", continuation=tuple(ids[:2]), stop=("XY",)),
+        )
+    finally:
+        engine.shutdown()
+    assert [t.text for t in _tokens(rest)] == [""]
+    assert _tail(rest) == (3, FinishReason.STOP_SEQUENCE, "XY")
+
+
+async def test_continuing_after_eos_ends_at_once(spec: ModelSpec, tokenizer: Tokenizer) -> None:
+    """A delivered stream that already ended with EOS ends again with no new token."""
+    eos = min(spec.eos_token_ids)
+    a = tokenizer.token_id("A")
+    assert a is not None
+    engine = _scripted(spec, tokenizer, "x", [a, eos])
+    try:
+        await _assert_continues(engine, 2, 8, prompt="x")
+        rest = await _events(engine, _request("r", 8, prompt="x", continuation=(a, eos)))
+    finally:
+        engine.shutdown()
+    assert _tokens(rest) == []
+    assert _tail(rest) == (2, FinishReason.STOP, "")
+
+
+async def test_the_seed_is_sent_before_the_first_token(stub: pb_grpc.GenerationServiceStub) -> None:
+    """Every stream's initial metadata carries x-tokenwire-seed, so any stream can be resumed."""
+    call = stub.Generate(greedy("def f():", 4))
+    metadata = dict(await call.initial_metadata())
+    [_ async for _ in call]
+    assert int(str(metadata["x-tokenwire-seed"])) >= 0
+    assert await call.code() == grpc.StatusCode.OK
