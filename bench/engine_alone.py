@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from peers import summarise  # bench/ is the script's directory, hence on sys.path
 
 from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
 from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
@@ -67,16 +68,7 @@ async def main(model_dir: Path, streams: int, prompt: int, new: int) -> dict[str
     finally:
         engine.shutdown()
     total, ttft, gaps, cpu = sorted(runs, key=lambda r: r[0])[1]
-    gaps_ms = np.asarray(gaps) * 1000
-    return {
-        "cpu_ms_per_token": cpu * 1000 / (streams * new),
-        "tokens_per_s": streams * new / total,
-        "per_stream_tokens_per_s": new / total,
-        "ttft_p50_ms": ttft * 1000,
-        "ttft_p99_ms": ttft * 1000,
-        "itl_p50_ms": float(np.percentile(gaps_ms, 50)),
-        "itl_p99_ms": float(np.percentile(gaps_ms, 99)),
-    }
+    return summarise(streams, new, ttft, gaps, total=total, cpu=cpu)
 
 
 if __name__ == "__main__":
