@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -34,7 +36,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target",
         default=env("TOKENWIRE_TARGET", DEFAULT_TARGET),
-        help="server address, host:port or dns:///name:port (env TOKENWIRE_TARGET)",
+        help="server address(es): host:port, a comma-separated list to fail over across, or "
+        "dns:///name:port (env TOKENWIRE_TARGET)",
     )
     parser.add_argument("--max-tokens", type=int, default=0, help="0 = server default")
     parser.add_argument("--temperature", type=float, default=None, help="0 = greedy")
@@ -48,6 +51,15 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     parser.add_argument(
         "--stats", action="store_true", help="print TTFT, inter-token latency and tokens/s"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print every event as one JSON object per line"
+    )
+    parser.add_argument(
+        "--no-failover",
+        dest="failover",
+        action="store_false",
+        help="end with the error instead of continuing a broken stream on another target",
     )
     add_security_arguments(parser)
 
@@ -129,6 +141,12 @@ class StreamStats:
         return "\n".join(lines)
 
 
+def event_json(event: Token | Usage | Completion) -> dict[str, object]:
+    """{"token": {...}}, {"usage": {...}} or {"completion": {...}}: one line per event."""
+    kind = {Token: "token", Usage: "usage", Completion: "completion"}[type(event)]
+    return {kind: dataclasses.asdict(event)}
+
+
 def _pct(ordered: list[float], q: float) -> float:
     if not ordered:
         return float("nan")
@@ -148,11 +166,16 @@ def run_generate(
         return 2
     with TokenwireClient(args.target, timeout_s=args.timeout, security=security) as client:
         try:
-            for event in client.generate(args.prompt, options_from_args(args)):
+            events = client.generate(args.prompt, options_from_args(args), failover=args.failover)
+            for event in events:
+                if args.json:
+                    out.write(json.dumps(event_json(event)) + "\n")
+                    out.flush()
                 if isinstance(event, Token):
                     stats.token()
-                    out.write(event.text)
-                    out.flush()
+                    if not args.json:
+                        out.write(event.text)
+                        out.flush()
                 elif isinstance(event, Usage):
                     usage = event
                 else:
@@ -163,7 +186,8 @@ def run_generate(
         except TokenwireError as exc:
             err.write(f"\nerror: {exc}\n")
             return 1
-    out.write("\n")
+    if not args.json:
+        out.write("\n")
     if args.stats:
         err.write(stats.render(completion, usage) + "\n")
     return 0

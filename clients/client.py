@@ -7,14 +7,17 @@ which frees the server's batch slot at its next step.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, TypeAlias
 
 import grpc
 
 from tokenwire.client.errors import from_rpc_error
+from tokenwire.client.failover import Resumption, split_targets
 from tokenwire.client.security import ChannelSecurity, aio_channel, sync_channel
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
@@ -185,15 +188,21 @@ class AsyncTokenwireClient:
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         channel: grpc.aio.Channel | None = None,
         security: ChannelSecurity | None = None,
     ) -> None:
         self.security = security or ChannelSecurity()
-        self._channel = channel or aio_channel(target, self.security, CHANNEL_OPTIONS)
-        self._stub = pb_grpc.GenerationServiceStub(self._channel)
+        self._channels = (
+            [channel]
+            if channel
+            else [aio_channel(t, self.security, CHANNEL_OPTIONS) for t in split_targets(target)]
+        )
+        self._stubs = [pb_grpc.GenerationServiceStub(c) for c in self._channels]
+        self._stub = self._stubs[0]
+        self._next = 0
         self.timeout_s = timeout_s
 
     async def __aenter__(self) -> AsyncTokenwireClient:
@@ -203,24 +212,43 @@ class AsyncTokenwireClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
     async def generate(
-        self, prompt: str, options: GenerateOptions | None = None, *, timeout_s: float | None = None
+        self,
+        prompt: str,
+        options: GenerateOptions | None = None,
+        *,
+        timeout_s: float | None = None,
+        failover: bool = True,
     ) -> AsyncIterator[StreamEvent]:
-        options = options or GenerateOptions()
-        call = self._stub.Generate(
-            options.to_pb(prompt),
-            timeout=timeout_s or self.timeout_s,
-            metadata=_metadata(options.request_id) + self.security.metadata(),
-        )
-        try:
-            async for message in call:
-                yield event_from_pb(message)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        finally:
-            call.cancel()
+        """Stream one generation; with several targets (or a dns:/// name), a stream that
+        breaks with UNAVAILABLE continues on the next one (see failover.py) unless failover
+        is False."""
+        resume = Resumption(prompt, options or GenerateOptions())
+        while True:
+            stub = self._stubs[self._next]
+            call = stub.Generate(
+                resume.request(),
+                timeout=timeout_s or self.timeout_s,
+                metadata=_metadata(resume.options.request_id) + self.security.metadata(),
+            )
+            try:
+                resume.see_metadata(await call.initial_metadata())
+                async for message in call:
+                    event = event_from_pb(message)
+                    if isinstance(event, Token):
+                        resume.delivered.append(event.id)
+                    yield event
+                return
+            except grpc.RpcError as error:
+                if not resume.may_continue(error, failover):
+                    raise from_rpc_error(error) from None
+                self._next = (self._next + 1) % len(self._stubs)
+                await asyncio.sleep(resume.backoff_s)
+            finally:
+                call.cancel()
 
     async def model_info(self) -> ModelInfo:
         try:
@@ -248,15 +276,21 @@ class TokenwireClient:
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         channel: grpc.Channel | None = None,
         security: ChannelSecurity | None = None,
     ) -> None:
         self.security = security or ChannelSecurity()
-        self._channel = channel or sync_channel(target, self.security, CHANNEL_OPTIONS)
-        self._stub = pb_grpc.GenerationServiceStub(self._channel)
+        self._channels = (
+            [channel]
+            if channel
+            else [sync_channel(t, self.security, CHANNEL_OPTIONS) for t in split_targets(target)]
+        )
+        self._stubs = [pb_grpc.GenerationServiceStub(c) for c in self._channels]
+        self._stub = self._stubs[0]
+        self._next = 0
         self.timeout_s = timeout_s
 
     def __enter__(self) -> TokenwireClient:
@@ -266,24 +300,42 @@ class TokenwireClient:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def generate(
-        self, prompt: str, options: GenerateOptions | None = None, *, timeout_s: float | None = None
+        self,
+        prompt: str,
+        options: GenerateOptions | None = None,
+        *,
+        timeout_s: float | None = None,
+        failover: bool = True,
     ) -> Iterator[StreamEvent]:
-        options = options or GenerateOptions()
-        call = self._stub.Generate(
-            options.to_pb(prompt),
-            timeout=timeout_s or self.timeout_s,
-            metadata=_metadata(options.request_id) + self.security.metadata(),
-        )
-        try:
-            for message in call:
-                yield event_from_pb(message)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        finally:
-            call.cancel()
+        """Stream one generation, continuing on the next target if it breaks (see the async
+        client's generate)."""
+        resume = Resumption(prompt, options or GenerateOptions())
+        while True:
+            stub = self._stubs[self._next]
+            call = stub.Generate(
+                resume.request(),
+                timeout=timeout_s or self.timeout_s,
+                metadata=_metadata(resume.options.request_id) + self.security.metadata(),
+            )
+            try:
+                resume.see_metadata(call.initial_metadata())
+                for message in call:
+                    event = event_from_pb(message)
+                    if isinstance(event, Token):
+                        resume.delivered.append(event.id)
+                    yield event
+                return
+            except grpc.RpcError as error:
+                if not resume.may_continue(error, failover):
+                    raise from_rpc_error(error) from None
+                self._next = (self._next + 1) % len(self._stubs)
+                time.sleep(resume.backoff_s)
+            finally:
+                call.cancel()
 
     def model_info(self) -> ModelInfo:
         try:

@@ -1,0 +1,77 @@
+"""Streams that survive a replica: continue on the next target from what was received.
+
+When a stream breaks with UNAVAILABLE (the server died, or went away past its drain), the
+client asks the next target to continue the same generation: same prompt and options, the
+seed the first server reported (`x-tokenwire-seed`), and the token ids already delivered as
+`continuation_ids`. The server streams from the next index with the uninterrupted stream's
+text, finish conditions and Usage, so the caller sees one event sequence: no index twice, none
+missing, one Usage, one Completion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import grpc
+
+from tokenwire.v1 import generate_pb2 as pb
+
+if TYPE_CHECKING:
+    from tokenwire.client.client import GenerateOptions
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+MAX_FAILOVERS = 4
+
+
+def split_targets(target: str | Sequence[str]) -> list[str]:
+    """ "host1:port,host2:port" or a list of targets -> the list (dns:/// names stay whole)."""
+    parts = target.split(",") if isinstance(target, str) else list(target)
+    targets = [t.strip() for t in parts if t.strip()]
+    if not targets:
+        raise ValueError("at least one target is needed")
+    return targets
+
+
+@dataclasses.dataclass
+class Resumption:
+    """What a broken stream had delivered, and how to ask for the rest."""
+
+    prompt: str
+    options: GenerateOptions
+    delivered: list[int] = dataclasses.field(default_factory=list)
+    seed: int | None = None
+    request_id: str = ""
+    failovers: int = 0
+
+    def request(self) -> pb.GenerateRequest:
+        options = dataclasses.replace(
+            self.options,
+            seed=self.options.seed if self.options.seed is not None else self.seed,
+            request_id=self.options.request_id or self.request_id,
+        )
+        message = options.to_pb(self.prompt)
+        message.continuation_ids.extend(self.delivered)
+        return message
+
+    def see_metadata(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
+        for key, value in metadata or ():
+            text = value.decode() if isinstance(value, bytes) else value
+            if key == "x-tokenwire-seed" and self.seed is None:
+                self.seed = int(text)
+            elif key == "x-request-id" and not self.request_id:
+                self.request_id = text
+
+    def may_continue(self, error: grpc.RpcError, enabled: bool) -> bool:
+        """True (and one failover used) when the stream should continue on the next target."""
+        code: grpc.StatusCode = error.code()
+        if not enabled or code not in RETRYABLE or self.failovers >= MAX_FAILOVERS:
+            return False
+        self.failovers += 1
+        return True
+
+    @property
+    def backoff_s(self) -> float:
+        """Wait before the next attempt: 0 for the first failover, then doubling to 1 s."""
+        return 0.0 if self.failovers <= 1 else min(1.0, 0.1 * 2 ** (self.failovers - 2))

@@ -1,0 +1,112 @@
+"""A stream whose server is killed continues on another replica, as one event sequence.
+
+Two real `tokenwire serve` processes on the bundled model; the client streams 400 tokens from
+the first, which is killed with SIGKILL once 50 tokens have arrived. The client continues on
+the second with the tokens it already had: indices 0..399 exactly once, one Usage, one
+Completion, and, for greedy and seeded sampling, the ids an uninterrupted run gives.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from tests.procs import ServerProcess
+from tokenwire.client import AsyncTokenwireClient
+from tokenwire.client.client import Completion, GenerateOptions, StreamEvent, Token, Usage
+
+PROMPT = "def fib(n):"
+KILL_AT = 50
+OPTIONS = {
+    "greedy": GenerateOptions(max_tokens=400, temperature=0.0, ignore_eos=True),
+    "seeded": GenerateOptions(max_tokens=400, temperature=0.9, seed=42, ignore_eos=True),
+    "unseeded": GenerateOptions(max_tokens=400, temperature=0.9, ignore_eos=True),
+}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """Two server processes; the first is the one the client starts on."""
+    first = ServerProcess("--metrics-port", "0")
+    second = ServerProcess("--metrics-port", "0")
+    first.wait_for("server.started")
+    second.wait_for("server.started")
+    yield first, second
+    first.close()
+    second.close()
+
+
+def _assert_one_sequence(events: list[StreamEvent], tokens: int) -> None:
+    indices = [e.index for e in events if isinstance(e, Token)]
+    assert indices == list(range(tokens))
+    assert [type(e) for e in events[-2:]] == [Usage, Completion]
+    assert sum(isinstance(e, Usage | Completion) for e in events) == 2
+    usage = events[-2]
+    assert isinstance(usage, Usage)
+    assert usage.completion_tokens == tokens
+
+
+async def _stream(
+    targets: list[str], options: GenerateOptions, kill: ServerProcess | None
+) -> list[StreamEvent]:
+    events: list[StreamEvent] = []
+    async with AsyncTokenwireClient(targets) as client:
+        async for event in client.generate(PROMPT, options):
+            events.append(event)
+            if kill is not None and isinstance(event, Token) and event.index == KILL_AT:
+                kill.proc.kill()
+    return events
+
+
+@pytest.mark.parametrize("mode", sorted(OPTIONS))
+async def test_client_continues_on_the_survivor_after_kill_9(
+    pair: tuple[ServerProcess, ServerProcess], mode: str
+) -> None:
+    """Killing the serving replica mid-stream costs the caller nothing but a delay."""
+    first, second = pair
+    events = await _stream([first.target, second.target], OPTIONS[mode], kill=first)
+    second.wait_for("request.finished")
+    _assert_one_sequence(events, 400)
+    if mode != "unseeded":
+        alone = await _stream([second.target], OPTIONS[mode], kill=None)
+        assert [e.id for e in events if isinstance(e, Token)] == [
+            e.id for e in alone if isinstance(e, Token)
+        ]
+
+
+def test_cli_json_stream_continues_after_kill_9(pair: tuple[ServerProcess, ServerProcess]) -> None:
+    """`tokenwire generate --json --target a,b` prints one uninterrupted event per line."""
+    first, second = pair
+    command = [
+        sys.executable,
+        "-m",
+        "tokenwire.client.command",
+        "generate",
+        PROMPT,
+        "--json",
+        "--target",
+        f"{first.target},{second.target}",
+        "--max-tokens",
+        "400",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+    ]
+    lines = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(json.loads(line))
+            if len(lines) == KILL_AT:
+                first.proc.kill()
+        assert proc.wait(60) == 0
+    second.wait_for("request.finished")
+    tokens = [line["token"] for line in lines if "token" in line]
+    assert [t["index"] for t in tokens] == list(range(400))
+    assert [next(iter(line)) for line in lines[-2:]] == ["usage", "completion"]
