@@ -18,7 +18,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 HTTP_PORT ?= 8000
 
-.PHONY: install system-deps bench bench-env bench-quick run test lint typecheck imports proto proto-lint pytest model fixtures genai-fixtures clean help
+.PHONY: install system-deps bench bench-env bench-quick run test lint typecheck imports proto proto-lint proto-breaking proto-baseline pytest model fixtures genai-fixtures clean help
 
 help:
 	@echo "make run    - install (runtime only, first time) and start the server and edge on the bundled model"
@@ -50,7 +50,7 @@ run: $(RUN_STAMP)
 	@echo "starting tokenwire (gRPC $(HOST):$(PORT), HTTP $(HOST):$(HTTP_PORT)) on models/tiny-py ..."
 	$(BIN)/tokenwire up --host $(HOST) --grpc-port $(PORT) --http-port $(HTTP_PORT)
 
-test: install system-deps lint typecheck imports proto-lint pytest
+test: install system-deps lint typecheck imports proto-lint proto-breaking pytest
 
 # Headless Chromium for the browser-page tests (Debian package; CI runs as root).
 system-deps:
@@ -78,6 +78,15 @@ imports: install
 
 proto-lint:
 	cd protos && $(BUF) lint
+
+# Wire compatibility with the last published contract (protos/baseline.binpb, a buf image):
+# field numbers, names and types never change meaning. `make proto-baseline` moves it forward
+# when a release is published.
+proto-breaking:
+	cd protos && $(BUF) breaking --against baseline.binpb
+
+proto-baseline:
+	cd protos && $(BUF) build -o baseline.binpb
 
 pytest: install
 	$(BIN)/pytest

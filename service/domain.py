@@ -54,6 +54,11 @@ class SamplingParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits."""
 
     def __post_init__(self) -> None:
         _check_range("sampling.temperature", self.temperature, 0.0, 2.0, "between 0 and 2")
@@ -67,10 +72,28 @@ class SamplingParams:
             )
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise InvalidRequest("sampling.seed", self.seed, "must be in [0, 2^64)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_range(f"sampling.{name}", getattr(self, name), -2.0, 2.0, "between -2 and 2")
+        _check_range("sampling.min_p", self.min_p, 0.0, 1.0, "between 0 and 1")
+        for token_id, bias in self.logit_bias:
+            _check_range(
+                f"sampling.logit_bias[{token_id}]", bias, -100.0, 100.0, "between -100 and 100"
+            )
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the logits: the batch's one argmax serves it."""
+        return (
+            self.greedy
+            and self.repetition_penalty == 1.0
+            and self.presence_penalty == 0.0
+            and self.frequency_penalty == 0.0
+            and not self.logit_bias
+        )
 
 
 def _check_range(field: str, value: float, low: float, high: float, allowed: str) -> None:
@@ -107,10 +130,23 @@ class GenerationRequest:
     """Tokenize as the model's tokenizer does by default (e.g. with BOS); False for templates."""
     continuation: tuple[int, ...] = ()
     """Token ids an interrupted stream already delivered; generation goes on after them."""
+    prompt_ids: tuple[int, ...] = ()
+    """Pre-tokenised input, fed as is; exclusive with prompt."""
+    top_logprobs: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
-        if not self.prompt:
-            raise InvalidRequest("prompt", self.prompt, "must be a non-empty string")
+        if bool(self.prompt) == bool(self.prompt_ids):
+            raise InvalidRequest(
+                "prompt", self.prompt, "give either a non-empty prompt or prompt_ids, not both"
+            )
+        if not 0 <= self.top_logprobs <= 20:
+            raise InvalidRequest("top_logprobs", self.top_logprobs, "must be between 0 and 20")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("top_logprobs", self.top_logprobs, "needs logprobs set")
+        if self.min_tokens < 0:
+            raise InvalidRequest("min_tokens", self.min_tokens, "must be >= 0")
         if self.max_tokens < 0:
             raise InvalidRequest("max_tokens", self.max_tokens, "must be >= 0 (0 = default)")
         for i, stop in enumerate(self.stop):
@@ -166,6 +202,15 @@ class GenerationRequest:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class TopLogprob:
+    """One likely token at a position, under the unmodified distribution."""
+
+    token_id: int
+    logprob: float
+    text: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class TokenEvent:
     """One generated token and the text it releases (possibly empty)."""
 
@@ -173,6 +218,7 @@ class TokenEvent:
     token_id: int
     index: int
     logprob: float | None = None
+    top_logprobs: tuple[TopLogprob, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

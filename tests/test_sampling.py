@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from tokenwire.server.domain import SamplingParams
-from tokenwire.server.engine.sampling import Sampler, log_softmax_at
+from tokenwire.server.engine.sampling import Sampler, log_softmax_at, top_logprobs
 
 LOGITS = np.log(np.asarray([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
 
 
 def _draws(params: SamplingParams, n: int = 400, history: list[int] | None = None) -> list[int]:
     sampler = Sampler(params)
-    return [sampler.choose(LOGITS, history or [], index) for index in range(n)]
+    return [sampler.choose(LOGITS, index=index, generated=history or []) for index in range(n)]
 
 
 def test_temperature_zero_is_argmax() -> None:
@@ -56,7 +56,7 @@ def test_tiny_repetition_penalty_with_sampling_still_picks_a_token() -> None:
     """repetition_penalty 1e-38 overflows float32 scores; the sampler still returns a valid id."""
     logits = np.asarray([30.0, 20.0, -5.0, 1.0], dtype=np.float32)
     sampler = Sampler(SamplingParams(temperature=1.0, repetition_penalty=1e-38, seed=4))
-    picks = {sampler.choose(logits, [0, 1, 2], i) for i in range(50)}
+    picks = {sampler.choose(logits, index=i, generated=[0, 1, 2]) for i in range(50)}
     assert picks <= {0, 1, 2, 3}
     assert picks
 
@@ -64,14 +64,14 @@ def test_tiny_repetition_penalty_with_sampling_still_picks_a_token() -> None:
 def test_denormal_temperature_samples_like_greedy() -> None:
     """A temperature of 1e-45 (inside the accepted range) picks the most likely token."""
     sampler = Sampler(SamplingParams(temperature=1e-45, seed=5))
-    assert {sampler.choose(LOGITS, [], i) for i in range(20)} == {0}
+    assert {sampler.choose(LOGITS, index=i) for i in range(20)} == {0}
 
 
 def test_infinite_logits_do_not_produce_nan_probabilities() -> None:
     """Logits with +inf and -inf entries are sampled among the +inf ones, never NaN."""
     logits = np.asarray([np.inf, -np.inf, np.inf, 0.0], dtype=np.float32)
     sampler = Sampler(SamplingParams(temperature=0.7, top_p=0.5, seed=6))
-    assert {sampler.choose(logits, [], i) for i in range(50)} <= {0, 2}
+    assert {sampler.choose(logits, index=i) for i in range(50)} <= {0, 2}
 
 
 def test_a_draw_depends_only_on_seed_and_index() -> None:
@@ -79,7 +79,39 @@ def test_a_draw_depends_only_on_seed_and_index() -> None:
     sampler: a continuation on another replica draws what the first would have."""
     params = SamplingParams(temperature=1.0, seed=77)
     sampler = Sampler(params)
-    first = [sampler.choose(LOGITS, [], i) for i in range(40)]
+    first = [sampler.choose(LOGITS, index=i) for i in range(40)]
     resumed = Sampler(params)
-    assert [resumed.choose(LOGITS, [], i) for i in range(25, 40)] == first[25:]
+    assert [resumed.choose(LOGITS, index=i) for i in range(25, 40)] == first[25:]
     assert len(set(first)) > 1
+
+
+def test_presence_and_frequency_penalties_follow_the_openai_formula() -> None:
+    """Token 0 loses presence + frequency * count: 0.4 after one occurrence keeps it ahead of
+    token 1 (gap 0.51), 0.6 after two does not."""
+    params = SamplingParams(temperature=0.0, presence_penalty=0.2, frequency_penalty=0.2)
+    assert Sampler(params).choose(LOGITS, index=0, generated=[0]) == 0
+    assert Sampler(params).choose(LOGITS, index=0, generated=[0, 0]) == 1
+
+
+def test_logit_bias_steers_greedy() -> None:
+    """A +5 bias on the least likely token makes it the greedy choice."""
+    params = SamplingParams(temperature=0.0, logit_bias=((3, 5.0),))
+    assert Sampler(params).choose(LOGITS, index=0) == 3
+
+
+def test_min_p_drops_tokens_below_the_fraction_of_the_best() -> None:
+    """min_p=0.5 keeps tokens at least half as likely as token 0 (p=0.5): only 0 and 1."""
+    assert set(_draws(SamplingParams(temperature=1.0, min_p=0.5, seed=8))) == {0, 1}
+
+
+def test_suppressed_ids_are_never_chosen() -> None:
+    """Suppressing the most likely token (EOS before min_tokens) leaves the others."""
+    sampler = Sampler(SamplingParams(temperature=0.0))
+    assert sampler.choose(LOGITS, index=0, suppress={0}) == 1
+
+
+def test_top_logprobs_are_the_most_likely_first() -> None:
+    """The top 2 alternatives are tokens 0 and 1 with their log-probabilities."""
+    best = top_logprobs(LOGITS, 2)
+    assert [i for i, _ in best] == [0, 1]
+    assert abs(best[0][1] - np.log(0.5)) < 1e-6

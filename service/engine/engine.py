@@ -105,6 +105,7 @@ class Engine:
             vocab_limit=self._vocab,
             observer=self._observer,
             on_finished=self._release,
+            token_text=tokenizer.token_text,
         )
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -187,10 +188,11 @@ class Engine:
         if not self._accepting:
             raise Unavailable("the server is not accepting requests (starting or draining)")
         request.check(self.limits)
-        prompt_ids = self.tokenizer.encode(
+        prompt_ids = list(request.prompt_ids) or self.tokenizer.encode(
             request.prompt, add_special_tokens=request.add_special_tokens
         )
         budget = request.token_budget(len(prompt_ids), self.limits)
+        self._check_ids(request)
         self._check_continuation(request.continuation, budget)
         if len(prompt_ids) + budget > self.config.max_kv_tokens:
             raise InvalidRequest(
@@ -211,6 +213,20 @@ class Engine:
         self._admit(sequence)
         self._scheduler.post(Submit(sequence))
         return GenerationHandle(self, sequence)
+
+    def _check_ids(self, request: GenerationRequest) -> None:
+        """Every token id a request names must be in the vocabulary."""
+        named = (
+            ("prompt_ids", request.prompt_ids),
+            ("stop_token_ids", request.stop_token_ids),
+            ("sampling.logit_bias", tuple(i for i, _ in request.sampling.logit_bias)),
+        )
+        for field, ids in named:
+            for i, token_id in enumerate(ids):
+                if not 0 <= token_id < self._vocab:
+                    raise InvalidRequest(
+                        f"{field}[{i}]", token_id, f"must be a token id below {self._vocab}"
+                    )
 
     def _check_continuation(self, continuation: tuple[int, ...], budget: int) -> None:
         if len(continuation) > budget:

@@ -28,13 +28,13 @@ from collections.abc import Callable
 import numpy as np
 import structlog
 
-from tokenwire.server.domain import FinishReason
+from tokenwire.server.domain import FinishReason, TopLogprob
 from tokenwire.server.engine.batch import Cohort, Placement
 from tokenwire.server.engine.kv_cache import BatchKvCache
 from tokenwire.server.engine.mailbox import Delivery, Mailbox, Publisher
 from tokenwire.server.engine.model import CausalLM
 from tokenwire.server.engine.observer import EngineObserver, StepRecord
-from tokenwire.server.engine.sampling import log_softmax_at
+from tokenwire.server.engine.sampling import log_softmax_at, top_logprobs
 from tokenwire.server.engine.sequence import Sequence
 from tokenwire.server.engine.types import FloatArray
 
@@ -73,8 +73,10 @@ class Scheduler:
         vocab_limit: int,
         observer: EngineObserver,
         on_finished: Callable[[Sequence], None],
+        token_text: Callable[[int], str] = str,
     ) -> None:
         self._model = model
+        self._token_text = token_text
         # A graph that writes its cache in place gets one preallocated buffer, sized by the
         # KV budget: every slot holds a whole context (or the budget, if smaller).
         capacity = min(model.spec.context_length, max_kv_tokens)
@@ -344,17 +346,30 @@ class Scheduler:
         argmax = scores.argmax(axis=1)  # one pass serves every plain greedy row
         for seq, row, best in zip(rows, scores, argmax, strict=True):
             try:
-                params = seq.request.sampling
-                if params.greedy and params.repetition_penalty == 1.0:
+                suppress = seq.suppressed
+                if seq.request.sampling.plain_greedy and not suppress:
                     token = int(best)
                 else:
-                    history = seq.history if params.repetition_penalty != 1.0 else []
-                    token = seq.sampler.choose(row, history, len(seq.generated))
+                    token = seq.sampler.choose(
+                        row,
+                        index=len(seq.generated),
+                        prompt=seq.prompt_ids,
+                        generated=seq.generated,
+                        suppress=suppress,
+                    )
                 logprob = log_softmax_at(row, token) if seq.request.logprobs else None
-                seq.accept(token, logprob, now)
+                seq.accept(token, logprob, now, self._alternatives(seq, row))
             except Exception as exc:  # one request's sampling or text must not fail others
                 log.exception("engine.sample_failed", request_id=seq.request_id)
                 seq.fail("sampling failed", exc)
+
+    def _alternatives(self, seq: Sequence, row: FloatArray) -> tuple[TopLogprob, ...]:
+        if not seq.request.top_logprobs:
+            return ()
+        return tuple(
+            TopLogprob(token_id, logprob, self._token_text(token_id))
+            for token_id, logprob in top_logprobs(row, seq.request.top_logprobs)
+        )
 
     def _publish(self) -> None:
         """Collect the step's events; `_flush` hands them over."""

@@ -11,6 +11,7 @@ from tokenwire.server.domain import (
     FinishReason,
     GenerationRequest,
     TokenEvent,
+    TopLogprob,
     UsageEvent,
 )
 from tokenwire.server.engine.kv_cache import BatchKvCache
@@ -90,10 +91,20 @@ class Sequence:
                 self._close(time.monotonic())
                 return
 
+    @property
+    def suppressed(self) -> frozenset[int]:
+        """Ids that must not be chosen next: EOS and stop token ids before min_tokens."""
+        if len(self.generated) >= self.request.min_tokens:
+            return frozenset()
+        eos = frozenset() if self.request.ignore_eos else self.eos_ids
+        return eos | frozenset(self.request.stop_token_ids)
+
     def _stops_at(self, token_id: int) -> tuple[FinishReason | None, str]:
         """Push the newest token through the text pipeline: set the finish reason if a stop
         condition holds; return it and the text the token releases."""
-        if token_id in self.eos_ids and not self.request.ignore_eos:
+        if (
+            token_id in self.eos_ids and not self.request.ignore_eos
+        ) or token_id in self.request.stop_token_ids:
             self.finish_reason = FinishReason.STOP
             return self.finish_reason, self.text.flush()
         delta, stop = self.text.push(token_id)
@@ -104,13 +115,19 @@ class Sequence:
             delta += self.text.flush()
         return self.finish_reason, delta
 
-    def accept(self, token_id: int, logprob: float | None, now: float) -> None:
+    def accept(
+        self,
+        token_id: int,
+        logprob: float | None,
+        now: float,
+        top: tuple[TopLogprob, ...] = (),
+    ) -> None:
         """Record a sampled token, queue its event, and finish when a stop condition holds."""
         self.generated.append(token_id)
         self.token_times.append(now)
         _, delta = self._stops_at(token_id)
         index = len(self.generated) - 1
-        self.outbox.append(TokenEvent(delta, token_id, index, logprob))
+        self.outbox.append(TokenEvent(delta, token_id, index, logprob, top))
         if self.finish_reason is not None:
             self._close(now)
 

@@ -57,6 +57,10 @@ def sampling_from_pb(msg: pb.GenerateRequest) -> SamplingParams:
         top_p=s.top_p if s.HasField("top_p") else 1.0,
         repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
         seed=s.seed if s.HasField("seed") else None,
+        presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else 0.0,
+        frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else 0.0,
+        min_p=s.min_p if s.HasField("min_p") else 0.0,
+        logit_bias=tuple(sorted(s.logit_bias.items())),
     )
 
 
@@ -74,6 +78,10 @@ def request_from_pb(
         deadline=deadline,
         add_special_tokens=msg.add_special_tokens if msg.HasField("add_special_tokens") else True,
         continuation=tuple(msg.continuation_ids),
+        prompt_ids=tuple(msg.prompt_ids),
+        top_logprobs=msg.top_logprobs,
+        stop_token_ids=tuple(msg.stop_token_ids),
+        min_tokens=msg.min_tokens,
     )
 
 
@@ -82,6 +90,9 @@ def event_to_pb(event: Event) -> pb.GenerateResponse:
         token = pb.Token(text=event.text, id=event.token_id, index=event.index)
         if event.logprob is not None:
             token.logprob = event.logprob
+        token.top_logprobs.extend(
+            pb.TopLogprob(id=t.token_id, logprob=t.logprob, text=t.text) for t in event.top_logprobs
+        )
         return pb.GenerateResponse(token=token)
     if isinstance(event, UsageEvent):
         return pb.GenerateResponse(usage=usage_to_pb(event))

@@ -30,6 +30,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return str(self.inner.decode(ids, skip_special_tokens=True))
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text alone, special tokens included (may be part of a character)."""
+        return str(self.inner.decode([token_id], skip_special_tokens=False))
+
     def token_id(self, token: str) -> int | None:
         found = self.inner.token_to_id(token)
         return None if found is None else int(found)
