@@ -72,10 +72,6 @@ class Sequence:
         """Position id of the last generated token, the one the next decode step feeds."""
         return len(self.prompt_ids) + len(self.generated) - 1
 
-    @property
-    def history(self) -> list[int]:
-        return self.prompt_ids + self.generated
-
     def expired(self, now: float) -> bool:
         deadline = self.request.deadline
         return deadline is not None and now >= deadline
