@@ -8,6 +8,7 @@ Completion, and, for greedy and seeded sampling, the ids an uninterrupted run gi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -110,3 +111,27 @@ def test_cli_json_stream_continues_after_kill_9(pair: tuple[ServerProcess, Serve
     tokens = [line["token"] for line in lines if "token" in line]
     assert [t["index"] for t in tokens] == list(range(400))
     assert [next(iter(line)) for line in lines[-2:]] == ["usage", "completion"]
+
+
+async def test_one_round_robin_target_continues_on_another_address(
+    pair: tuple[ServerProcess, ServerProcess],
+) -> None:
+    """With one ipv4: target listing both replicas, two concurrent streams land one on each;
+    killing one replica mid-stream, both streams still arrive whole."""
+    first, second = pair
+    async with AsyncTokenwireClient(f"ipv4:{first.target},{second.target}") as client:
+        short = GenerateOptions(max_tokens=2, temperature=0.0)
+        for _ in range(4):  # round robin reaches both replicas once they are READY
+            [_ async for _ in client.generate(PROMPT, short)]
+
+        async def stream(kill: bool) -> list[StreamEvent]:
+            events: list[StreamEvent] = []
+            async for event in client.generate(PROMPT, OPTIONS["greedy"]):
+                events.append(event)
+                if kill and isinstance(event, Token) and event.index == KILL_AT:
+                    first.proc.kill()
+            return events
+
+        both = await asyncio.gather(stream(True), stream(False))
+    for events in both:
+        _assert_one_sequence(events, 400)
