@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 
-from tokenwire.server.domain import CompletionEvent, Event
+from tokenwire.server.domain import CompletionEvent, EngineStopped, Event
 
-
-class EngineStopped(RuntimeError):
-    """The engine failed or stopped before finishing this request."""
+__all__ = ["Delivery", "EngineStopped", "Mailbox"]
 
 
 Delivery = Sequence[Event] | BaseException
