@@ -110,7 +110,7 @@ def read_settings(
     """Build cls from flags (values that are not None), then variables, then defaults.
 
     flags: parsed command-line values by field name (other keys are ignored); env: the
-    variables (os.environ when None). A value that cannot be read or is out of range raises
+    variables (os.environ when None), where an empty one counts as unset. A value that cannot be read or is out of range raises
     SettingsError naming the variable or flag it came from.
     """
     given = vars(flags) if isinstance(flags, argparse.Namespace) else dict(flags or {})
@@ -121,7 +121,7 @@ def read_settings(
         if given.get(spec.name) is not None:
             values[spec.name] = given[spec.name]
             origins[spec.name] = spec.flag or spec.name
-        elif (raw := source.get(spec.env)) is not None:
+        elif (raw := source.get(spec.env, "")).strip():  # empty counts as unset
             try:
                 values[spec.name] = spec.parse(raw)
             except ValueError as exc:
