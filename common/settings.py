@@ -110,8 +110,8 @@ def read_settings(
     """Build cls from flags (values that are not None), then variables, then defaults.
 
     flags: parsed command-line values by field name (other keys are ignored); env: the
-    variables (os.environ when None), where an empty one counts as unset. A value that cannot be read or is out of range raises
-    SettingsError naming the variable or flag it came from.
+    variables (os.environ when None), where an empty one counts as unset. A value that cannot
+    be read or is out of range raises SettingsError naming the variable or flag it came from.
     """
     given = vars(flags) if isinstance(flags, argparse.Namespace) else dict(flags or {})
     source = os.environ if env is None else env

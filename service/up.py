@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import signal
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Literal
 
 from tokenwire.common import defaults
 from tokenwire.common.settings import require, setting
 from tokenwire.server.process import TokenwireProcess
+
+LogFormat = Literal["json", "console"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -27,21 +29,23 @@ class UpSettings:
     drain_grace_s: float = setting(
         defaults.DRAIN_GRACE_S, "drain grace of the edge, then of the server"
     )
+    # Console by default: `up` is for a terminal (serve and edge alone default to JSON).
+    log_format: LogFormat = setting("console", "log format of both: `json` or `console`")
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "http_port", "metrics_port"):
             port = getattr(self, name)
             require(0 <= port <= 65535, name, "between 0 and 65535", port)
         require(self.drain_grace_s >= 0, "drain_grace_s", ">= 0", self.drain_grace_s)
+        require(
+            self.log_format in ("json", "console"), "log_format", "json or console", self.log_format
+        )
 
 
 def _spawn(*args: str) -> TokenwireProcess:
     # A process group of its own: a terminal's Ctrl-C reaches `up` alone, which then stops the
     # children in order (the edge drains while the server still serves its streams).
-    fmt = os.environ.get("TOKENWIRE_LOG_FORMAT", "console")
-    return TokenwireProcess(
-        *args, env={"TOKENWIRE_LOG_FORMAT": fmt}, capture_logs=False, own_group=True
-    )
+    return TokenwireProcess(*args, capture_logs=False, own_group=True)
 
 
 class _Signals:
@@ -105,7 +109,8 @@ def banner(host: str, grpc_port: int, http_port: int, metrics_port: int) -> str:
 
 def run_up(settings: UpSettings) -> int:
     signals = _Signals()
-    host, grace = settings.host, ("--drain-grace-s", str(settings.drain_grace_s))
+    host = settings.host
+    grace = ("--drain-grace-s", str(settings.drain_grace_s), "--log-format", settings.log_format)
     server = _spawn(
         "serve",
         "--host",
