@@ -15,7 +15,7 @@ LEGACY := if [ -f $(VENV)/.installed-stamp ]; then \
 BUF_VERSION := 1.75.0
 BUF := npx --yes @bufbuild/buf@$(BUF_VERSION)
 # `make run HOST=0.0.0.0 PORT=... HTTP_PORT=...`; unset, `tokenwire up` reads TOKENWIRE_HOST,
-# TOKENWIRE_PORT and TOKENWIRE_EDGE_PORT, then its defaults (tokenwire/common/defaults.py).
+# TOKENWIRE_PORT and TOKENWIRE_EDGE_PORT, then its defaults (common/defaults.py).
 UP_FLAGS := $(if $(HOST),--host $(HOST)) $(if $(PORT),--grpc-port $(PORT)) $(if $(HTTP_PORT),--http-port $(HTTP_PORT))
 
 .PHONY: install system-deps bench bench-env bench-quick run test lint typecheck imports proto proto-lint pytest model fixtures genai-fixtures clean help

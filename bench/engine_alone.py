@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from tokenwire.common.stats import percentile
 from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
 from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
 from tokenwire.server.tokenizer import Tokenizer
@@ -67,16 +68,22 @@ async def main(model_dir: Path, streams: int, prompt: int, new: int) -> dict[str
     finally:
         engine.shutdown()
     total, ttft, gaps, cpu = sorted(runs, key=lambda r: r[0])[1]
-    gaps_ms = np.asarray(gaps) * 1000
+    gaps_ms = [gap * 1000 for gap in gaps]
     return {
         "cpu_ms_per_token": cpu * 1000 / (streams * new),
         "tokens_per_s": streams * new / total,
         "per_stream_tokens_per_s": new / total,
         "ttft_p50_ms": ttft * 1000,
         "ttft_p99_ms": ttft * 1000,
-        "itl_p50_ms": float(np.percentile(gaps_ms, 50)),
-        "itl_p99_ms": float(np.percentile(gaps_ms, 99)),
+        "itl_p50_ms": _pct(gaps_ms, 50),
+        "itl_p99_ms": _pct(gaps_ms, 99),
     }
+
+
+def _pct(values: list[float], q: float) -> float:
+    """Nearest-rank, as tokenwire's own summaries and bench/run.py."""
+    value = percentile(values, q)
+    return float("nan") if value is None else value
 
 
 if __name__ == "__main__":

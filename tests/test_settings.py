@@ -11,15 +11,17 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests.fakes import ScriptedModel
+from tokenwire.client.cli import ConnectionSettings
 from tokenwire.client.command import build_parser
 from tokenwire.common.settings import SettingsError, read_settings, settings_table
-from tokenwire.common.stats import percentile
 from tokenwire.edge.settings import EdgeSettings
 from tokenwire.server.config import Settings
 from tokenwire.server.domain import EngineStopped, TokenwireError
-from tokenwire.server.engine import EngineConfig
+from tokenwire.server.engine import Engine, EngineConfig, ModelSpec
 from tokenwire.server.main import engine_config
 from tokenwire.server.rpc.errors import to_status
+from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.server.up import UpSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +62,24 @@ def test_a_limit_reaches_the_engine_config(
 ) -> None:
     """max_queue by flag, variable or default ends up in the EngineConfig the server builds."""
     assert engine_config(serve_settings(argv, env)).max_queue == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        (["--max-prompt-bytes", "4000"], {}, 4000),
+        ([], {"TOKENWIRE_MAX_PROMPT_BYTES": "5000"}, 5000),
+        ([], {}, 262_144),
+    ],
+    ids=["flag", "env", "default"],
+)
+def test_a_request_limit_reaches_the_engine(
+    argv: list[str], env: dict[str, str], expected: int, spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """max_prompt_bytes by flag, variable or default is the bound a real Engine checks."""
+    config = engine_config(serve_settings(argv, env))
+    engine = Engine(ScriptedModel(spec, {}), tokenizer, config)
+    assert engine.limits.max_prompt_bytes == expected
 
 
 def test_a_flag_beats_the_variable_which_beats_the_default() -> None:
@@ -120,18 +140,10 @@ def test_every_engine_limit_is_a_server_setting() -> None:
 
 
 def test_the_docs_tables_are_the_settings() -> None:
-    """docs/operations.md carries the tables rendered from Settings and EdgeSettings."""
+    """docs/operations.md carries the table rendered from each process's settings class."""
     text = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
-    assert settings_table(Settings) in text
-    assert settings_table(EdgeSettings) in text
-    assert settings_table(UpSettings) in text
-
-
-def test_percentile_is_nearest_rank() -> None:
-    """p50 and p95 of 1..20 are 10 and 19 (nearest rank, no interpolation); none for no values."""
-    values = [float(v) for v in range(20, 0, -1)]
-    assert (percentile(values, 50), percentile(values, 95), percentile(values, 100)) == (10, 19, 20)
-    assert percentile([], 50) is None
+    for settings in (Settings, EdgeSettings, UpSettings, ConnectionSettings):
+        assert settings_table(settings) in text, settings.__name__
 
 
 def test_engine_stopped_is_a_domain_error_reported_as_internal() -> None:
