@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator, Sequence
 
 from tokenwire.server.domain import CompletionEvent, EngineStopped, Event
 
-__all__ = ["Delivery", "EngineStopped", "Mailbox"]
+# EngineStopped is a domain error now; re-exported for the engine modules that import it here.
+__all__ = ["Delivery", "EngineStopped", "Mailbox", "publish_all"]
 
 
 Delivery = Sequence[Event] | BaseException
