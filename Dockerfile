@@ -8,6 +8,8 @@ COPY protos ./protos
 COPY service ./service
 # The client, the `tokenwire` command and the edge: the tokenwire-client distribution.
 COPY clients ./clients
+# Settings rules, default ports, percentiles: shared by both, shipped by tokenwire-client.
+COPY common ./common
 RUN python -m venv /opt/tokenwire \
     && /opt/tokenwire/bin/pip install --no-compile './clients[edge]' .
 

@@ -14,9 +14,9 @@ LEGACY := if [ -f $(VENV)/.installed-stamp ]; then \
 	$(BIN)/python -m pip uninstall -q -y tokenwire && rm $(VENV)/.installed-stamp; fi
 BUF_VERSION := 1.75.0
 BUF := npx --yes @bufbuild/buf@$(BUF_VERSION)
-HOST ?= 127.0.0.1
-PORT ?= 50051
-HTTP_PORT ?= 8000
+# `make run HOST=0.0.0.0 PORT=... HTTP_PORT=...`; unset, `tokenwire up` reads TOKENWIRE_HOST,
+# TOKENWIRE_PORT and TOKENWIRE_EDGE_PORT, then its defaults (common/defaults.py).
+UP_FLAGS := $(if $(HOST),--host $(HOST)) $(if $(PORT),--grpc-port $(PORT)) $(if $(HTTP_PORT),--http-port $(HTTP_PORT))
 
 .PHONY: install system-deps bench bench-env bench-quick run test lint typecheck imports proto proto-lint proto-breaking proto-baseline pytest model fixtures genai-fixtures clean help
 
@@ -47,8 +47,8 @@ $(TEST_STAMP): $(DISTS) | $(BIN)/python
 install: $(TEST_STAMP)
 
 run: $(RUN_STAMP)
-	@echo "starting tokenwire (gRPC $(HOST):$(PORT), HTTP $(HOST):$(HTTP_PORT)) on models/tiny-py ..."
-	$(BIN)/tokenwire up --host $(HOST) --grpc-port $(PORT) --http-port $(HTTP_PORT)
+	@echo "starting tokenwire on models/tiny-py ..."
+	$(BIN)/tokenwire up $(UP_FLAGS)
 
 test: install system-deps lint typecheck imports proto-lint proto-breaking pytest
 
@@ -57,8 +57,8 @@ system-deps:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 lint: install
-	$(BIN)/ruff check service clients tests scripts bench models
-	$(BIN)/ruff format --check service clients tests scripts bench models
+	$(BIN)/ruff check service clients common tests scripts bench models
+	$(BIN)/ruff format --check service clients common tests scripts bench models
 
 # mypy finds a module by its folder, and the folders keep their short names (service/ is
 # tokenwire.server), so it reads the code through links named as the code is imported.
@@ -71,6 +71,7 @@ typecheck: install
 	ln -sfn ../../../service $(TYPES)/server
 	ln -sfn ../../../clients $(TYPES)/client
 	ln -sfn ../../../clients/edge $(TYPES)/edge
+	ln -sfn ../../../common $(TYPES)/common
 	$(BIN)/mypy
 
 imports: install

@@ -12,11 +12,9 @@ import json
 import os
 import platform
 import random
-import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,8 @@ import onnxruntime
 from httpx_sse import aconnect_sse
 from tokenizers import Tokenizer
 
+from tokenwire.common.stats import percentile
+from tokenwire.server.process import TokenwireProcess
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
@@ -38,10 +38,9 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+    """Nearest-rank, the rule the client's --stats and the server's log summary use."""
+    value = percentile(values, q)
+    return float("nan") if value is None else value
 
 
 def cpu_seconds(pid: int) -> float:
@@ -60,44 +59,14 @@ def make_prompt(tokenizer: Tokenizer, n: int, seed: int = 0) -> str:
     return tokenizer.decode(ids[:n])
 
 
-class Process:
-    """A tokenwire subprocess whose JSON log tells its port."""
+class Process(TokenwireProcess):
+    """A tokenwire subprocess, ready once its JSON log says so; its log tells its port."""
 
     def __init__(self, args: list[str], env: dict[str, str], ready_event: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tokenwire.client.command", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, **env},
-        )
-        self.port = 0
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"{args[0]} exited early")
-            record = json.loads(line) if line.startswith("{") else {}
-            if "port" in record and not self.port:
-                self.port = int(record["port"])
-            if "url" in record and not self.port:
-                self.port = int(re.findall(r":(\d+)/", record["url"])[0])
-            if record.get("event") == ready_event:
-                break
-        threading.Thread(target=self._read_rest, daemon=True).start()
-
-    def _read_rest(self) -> None:
-        assert self.proc.stdout is not None
-        for _ in self.proc.stdout:
-            pass
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        super().__init__(*args, env={"TOKENWIRE_LOG_FORMAT": "json", **env})
+        self.wait_for(ready_event, 180)
+        listening = "server.listening" if args[0] == "serve" else "edge.listening"
+        self.port = self.listening_port(listening)
 
 
 def start_server(model_dir: Path, metrics: bool = False, chunk: int = 256) -> Process:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,8 @@ from tokenwire.client.client import (
 )
 from tokenwire.client.errors import TokenwireError
 from tokenwire.client.security import ChannelSecurity, SecurityError
+from tokenwire.common.settings import SettingsError, add_flags, read_settings, setting
+from tokenwire.common.stats import percentile
 
 
 def add_generate_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,15 +31,37 @@ def add_generate_command(sub: argparse._SubParsersAction[argparse.ArgumentParser
     p.set_defaults(run=run_generate)
 
 
-def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    parser.add_argument("prompt", help="text to continue")
-    parser.add_argument(
-        "--target",
-        default=env("TOKENWIRE_TARGET", DEFAULT_TARGET),
-        help="server address(es): host:port, a comma-separated list to fail over across, or "
-        "dns:///name:port (env TOKENWIRE_TARGET)",
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConnectionSettings:
+    """Where `tokenwire generate` connects and how (flags, then TOKENWIRE_* variables)."""
+
+    target: str = setting(
+        DEFAULT_TARGET,
+        "server address(es): host:port, a comma-separated list to fail over across, or "
+        "dns:///name:port",
     )
+    api_key: str = setting("", "bearer key sent on every call", secret=True, flag=True)
+    tls: bool = setting(False, "use TLS with the system's trust roots")
+    tls_ca: Path | None = setting(None, "CA certificate(s) to trust, PEM; implies TLS")
+    tls_cert: Path | None = setting(
+        None, "client certificate for mTLS, PEM", env="TOKENWIRE_TLS_CLIENT_CERT"
+    )
+    tls_key: Path | None = setting(
+        None, "client private key for mTLS, PEM", env="TOKENWIRE_TLS_CLIENT_KEY"
+    )
+
+    def security(self) -> ChannelSecurity:
+        return ChannelSecurity(
+            api_key=self.api_key,
+            tls=self.tls,
+            tls_ca=self.tls_ca,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+        )
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="text to continue")
     parser.add_argument("--max-tokens", type=int, default=0, help="0 = server default")
     parser.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0)
@@ -61,40 +84,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="end with the error instead of continuing a broken stream on another target",
     )
-    add_security_arguments(parser)
-
-
-def add_security_arguments(parser: argparse.ArgumentParser) -> None:
-    """--api-key and TLS flags; each defaults to its TOKENWIRE_* variable."""
-    env = os.environ.get
-    parser.add_argument(
-        "--api-key", default=env("TOKENWIRE_API_KEY", ""), help="bearer key (TOKENWIRE_API_KEY)"
-    )
-    parser.add_argument(
-        "--tls",
-        action="store_true",
-        default=env("TOKENWIRE_TLS", "").lower() in {"1", "true", "yes", "on"},
-        help="use TLS with the system's trust roots (TOKENWIRE_TLS)",
-    )
-    for flag, var, meaning in (
-        ("--tls-ca", "TOKENWIRE_TLS_CA", "CA certificate(s) to trust, PEM; implies --tls"),
-        ("--tls-cert", "TOKENWIRE_TLS_CLIENT_CERT", "client certificate for mTLS, PEM"),
-        ("--tls-key", "TOKENWIRE_TLS_CLIENT_KEY", "client private key for mTLS, PEM"),
-    ):
-        value = env(var)
-        parser.add_argument(
-            flag, type=Path, default=Path(value) if value else None, help=f"{meaning} ({var})"
-        )
-
-
-def security_from_args(args: argparse.Namespace) -> ChannelSecurity:
-    return ChannelSecurity(
-        api_key=args.api_key,
-        tls=args.tls,
-        tls_ca=args.tls_ca,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-    )
+    add_flags(parser, ConnectionSettings)
 
 
 def options_from_args(args: argparse.Namespace) -> GenerateOptions:
@@ -122,14 +112,14 @@ class StreamStats:
         self.arrivals.append(time.perf_counter())
 
     def render(self, completion: Completion | None, usage: Usage | None) -> str:
-        gaps = sorted(b - a for a, b in zip(self.arrivals, self.arrivals[1:], strict=False))
+        gaps = [b - a for a, b in zip(self.arrivals, self.arrivals[1:], strict=False)]
         ttft = (self.arrivals[0] - self.started) * 1000 if self.arrivals else float("nan")
         span = self.arrivals[-1] - self.arrivals[0] if len(self.arrivals) > 1 else 0.0
         rate = (len(self.arrivals) - 1) / span if span > 0 else float("nan")
         lines = [
             f"tokens: {len(self.arrivals)}",
             f"ttft: {ttft:.1f} ms",
-            f"itl p50: {_pct(gaps, 50):.2f} ms  p95: {_pct(gaps, 95):.2f} ms",
+            f"itl p50: {_ms(percentile(gaps, 50)):.2f} ms  p95: {_ms(percentile(gaps, 95)):.2f} ms",
             f"tokens/s: {rate:.1f}",
             f"finish: {completion.finish_reason if completion else 'none'}",
         ]
@@ -147,10 +137,8 @@ def event_json(event: Token | Usage | Completion) -> dict[str, object]:
     return {kind: dataclasses.asdict(event)}
 
 
-def _pct(ordered: list[float], q: float) -> float:
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1000
+def _ms(seconds: float | None) -> float:
+    return float("nan") if seconds is None else seconds * 1000
 
 
 def run_generate(
@@ -160,11 +148,12 @@ def run_generate(
     completion: Completion | None = None
     usage: Usage | None = None
     try:
-        security = security_from_args(args)
-    except SecurityError as exc:
+        connection = read_settings(ConnectionSettings, args)
+        security = connection.security()
+    except (SettingsError, SecurityError) as exc:
         err.write(f"error: {exc}\n")
         return 2
-    with TokenwireClient(args.target, timeout_s=args.timeout, security=security) as client:
+    with TokenwireClient(connection.target, timeout_s=args.timeout, security=security) as client:
         try:
             events = client.generate(args.prompt, options_from_args(args), failover=args.failover)
             for event in events:

@@ -19,10 +19,11 @@ import grpc
 from tokenwire.client.errors import from_rpc_error
 from tokenwire.client.failover import Resumption, split_targets
 from tokenwire.client.security import ChannelSecurity, aio_channel, sync_channel
+from tokenwire.common import defaults
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
-DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TARGET = defaults.GRPC_TARGET
 DEFAULT_TIMEOUT_S = 120.0
 SERVICE = "tokenwire.v1.GenerationService"
 

@@ -1,109 +1,94 @@
-"""Server settings: one frozen object, built once from a mapping (os.environ by default)."""
+"""Server settings: one frozen object, read once from flags, TOKENWIRE_* variables, defaults."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-ENV_PREFIX = "TOKENWIRE_"
+from tokenwire.common import defaults
+from tokenwire.common.settings import SettingsError, read_settings, setting
+from tokenwire.common.settings import require as _require
+
+__all__ = ["BUNDLED_MODEL_DIR", "Settings", "SettingsError", "all_api_keys", "read_api_keys"]
+
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "tiny-py"
 
 Provider = Literal["auto", "cpu", "cuda"]
 LogFormat = Literal["json", "console"]
 
 
-class SettingsError(ValueError):
-    """A setting has a value outside its allowed range."""
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
-    """Everything the server reads from its environment; validated at construction."""
+    """Everything `tokenwire serve` reads (flags, then TOKENWIRE_* variables, then these
+    defaults; see tokenwire.common.settings); validated at construction."""
 
-    host: str = "127.0.0.1"
-    port: int = 50051
-    model_dir: Path = BUNDLED_MODEL_DIR
-    provider: Provider = "auto"
-    intra_op_threads: int = 0
-    inter_op_threads: int = 1
-    ort_spinning: bool = True
-    max_batch_size: int = 16
-    max_queue: int = 64
-    max_tokens_limit: int = 512
-    default_max_tokens: int = 128
-    max_prompt_bytes: int = 262_144
-    max_stop_strings: int = 8
-    max_stop_length: int = 64
-    prefill_chunk_tokens: int = 256
-    max_kv_tokens: int = 16384
-    drain_grace_s: float = 30.0
-    drain_notice_s: float = 0.0
-    max_connection_age_s: float = 0.0
-    metrics_port: int = 9464
-    log_format: LogFormat = "json"
-    log_content: bool = False
-    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
-    """Bearer keys callers must present (with api_keys_file); empty and no file = no auth."""
-    api_keys_file: Path | None = None
-    """One key per line; blank lines and lines starting with # are ignored."""
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    """When set, clients must present a certificate signed by this CA (mTLS)."""
-    metrics_tls: bool = False
-    """Serve /metrics over TLS with tls_cert/tls_key (and require client certs with the CA)."""
+    host: str = setting(defaults.HOST, "bind address (`0.0.0.0` in containers)")
+    port: int = setting(defaults.GRPC_PORT, "gRPC port; 0 picks a free one (logged)")
+    model_dir: Path = setting(
+        BUNDLED_MODEL_DIR, "model directory (Optimum layout)", shown="`models/tiny-py`"
+    )
+    provider: Provider = setting(
+        "auto", "`auto` (CUDA when a GPU and its provider are usable, else CPU), `cpu` or `cuda`"
+    )
+    intra_op_threads: int = setting(0, "ONNX Runtime intra-op threads (0 = one per core)")
+    inter_op_threads: int = setting(1, "ONNX Runtime inter-op threads (0 = auto)")
+    ort_spinning: bool = setting(
+        True, "idle ORT threads spin (fastest on dedicated cores; false frees shared CPUs)"
+    )
+    max_batch_size: int = setting(16, "sequences decoded together in one step (1 to 1024)")
+    max_queue: int = setting(64, "requests waiting beyond the batch; more get RESOURCE_EXHAUSTED")
+    max_tokens_limit: int = setting(512, "largest `max_tokens` accepted")
+    default_max_tokens: int = setting(128, "`max_tokens` when a request leaves it 0")
+    max_prompt_bytes: int = setting(262_144, "largest prompt in bytes")
+    max_stop_strings: int = setting(8, "most stop strings a request may give")
+    max_stop_length: int = setting(64, "longest stop string, in characters")
+    prefill_chunk_tokens: int = setting(256, "prompt tokens prefilled per step (chunked)")
+    max_kv_tokens: int = setting(
+        16384, "prompt + max_tokens of all running requests together; beyond it requests queue"
+    )
+    drain_grace_s: float = setting(
+        defaults.DRAIN_GRACE_S, "seconds in-flight streams may run after SIGTERM"
+    )
+    drain_notice_s: float = setting(
+        0.0, "pause after NOT_SERVING before refusing connections (for load balancers)"
+    )
+    max_connection_age_s: float = setting(
+        0.0, "age out client connections so they re-balance across replicas (0 = off)"
+    )
+    metrics_port: int = setting(defaults.METRICS_PORT, "Prometheus `/metrics` port; 0 = off")
+    log_format: LogFormat = setting("json", "`json` lines, or `console` for humans")
+    log_content: bool = setting(False, "include prompts and completions in logs")
+    api_keys: tuple[str, ...] = setting(
+        (),
+        "comma-separated bearer keys; with them (or a keys file) RPCs need one",
+        secret=True,
+        flag=False,
+    )
+    api_keys_file: Path | None = setting(
+        None, "bearer keys, one a line (`#` comments); added to TOKENWIRE_API_KEYS"
+    )
+    tls_cert: Path | None = setting(None, "serve gRPC over TLS with this certificate chain (PEM)")
+    tls_key: Path | None = setting(None, "the private key of tls_cert (PEM)")
+    tls_client_ca: Path | None = setting(
+        None, "require client certificates signed by this CA (mTLS)"
+    )
+    metrics_tls: bool = setting(
+        False, "serve `/metrics` over HTTPS with tls_cert (client certs with tls_client_ca)"
+    )
 
     def __post_init__(self) -> None:
         for check in _CHECKS:
             check(self)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Read TOKENWIRE_<FIELD> variables, then apply explicit overrides (e.g. CLI flags)."""
-        source = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            raw = source.get(ENV_PREFIX + field.name.upper())
-            if raw is not None:
-                values[field.name] = _parse(field.name, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+    def from_env(cls, env: Mapping[str, str] | None = None, **flags: Any) -> Settings:
+        """Read flags (keyword arguments), then TOKENWIRE_<FIELD> variables, then defaults."""
+        return read_settings(cls, flags, env)
 
 
-def _parse(name: str, raw: str) -> Any:
-    kind = _FIELD_TYPES.get(name, str)
-    try:
-        return kind(raw)
-    except ValueError as exc:
-        raise SettingsError(f"{ENV_PREFIX}{name.upper()}: cannot parse {raw!r}: {exc}") from exc
-
-
-def _parse_bool(raw: str) -> bool:
-    lowered = raw.strip().lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off", ""}:
-        return False
-    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
-
-
-def _parse_list(raw: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in raw.split(",") if part.strip())
-
-
-_PARSERS: dict[type, Callable[[str], Any]] = {int: int, float: float, bool: _parse_bool}
 _PATHS = ("api_keys_file", "tls_cert", "tls_key", "tls_client_ca")
-_FIELD_TYPES: dict[str, Callable[[str], Any]] = (
-    {
-        f.name: _PARSERS.get(type(f.default), Path if isinstance(f.default, Path) else str)
-        for f in dataclasses.fields(Settings)
-    }
-    | dict.fromkeys(_PATHS, Path)
-    | {"api_keys": _parse_list}
-)
 
 
 def read_api_keys(path: Path) -> tuple[str, ...]:
@@ -111,7 +96,7 @@ def read_api_keys(path: Path) -> tuple[str, ...]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise SettingsError(f"api_keys_file: cannot read {str(path)!r}: {exc}") from exc
+        raise SettingsError("api_keys_file", f"cannot read {str(path)!r}: {exc}") from exc
     return tuple(k for line in lines if (k := line.strip()) and not k.startswith("#"))
 
 
@@ -119,11 +104,6 @@ def all_api_keys(s: Settings) -> tuple[str, ...]:
     """api_keys plus the keys in api_keys_file; empty means authentication is off."""
     from_file = read_api_keys(s.api_keys_file) if s.api_keys_file is not None else ()
     return s.api_keys + from_file
-
-
-def _require(cond: bool, field: str, allowed: str, value: object) -> None:
-    if not cond:
-        raise SettingsError(f"{field}: must be {allowed}, got {value!r}")
 
 
 def _check_network(s: Settings) -> None:

@@ -45,6 +45,10 @@ class Unavailable(TokenwireError):
     """The server is not accepting requests (warming up or draining)."""
 
 
+class EngineStopped(TokenwireError):
+    """The engine failed or stopped before finishing this request (INTERNAL to the caller)."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How the next token is chosen. temperature 0 means greedy."""

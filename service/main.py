@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 
@@ -26,17 +27,13 @@ log = structlog.get_logger("tokenwire.server")
 
 
 def engine_config(settings: Settings) -> EngineConfig:
-    return EngineConfig(
-        max_batch_size=settings.max_batch_size,
-        max_queue=settings.max_queue,
-        prefill_chunk_tokens=settings.prefill_chunk_tokens,
-        max_kv_tokens=settings.max_kv_tokens,
-        max_tokens_limit=settings.max_tokens_limit,
-        default_max_tokens=settings.default_max_tokens,
-        max_prompt_bytes=settings.max_prompt_bytes,
-        max_stop_strings=settings.max_stop_strings,
-        max_stop_length=settings.max_stop_length,
-    )
+    """The engine's part of the settings: every EngineConfig field is the setting of its name
+    (a new engine limit is one field in each, with no wiring here); the rest keep defaults."""
+    names = {field.name for field in dataclasses.fields(EngineConfig)}
+    return EngineConfig(**{name: getattr(settings, name) for name in names & _SETTING_NAMES})
+
+
+_SETTING_NAMES = {field.name for field in dataclasses.fields(Settings)}
 
 
 def load_engine(settings: Settings, observer: EngineObserver | None = None) -> Engine:

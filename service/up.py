@@ -2,25 +2,50 @@
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Literal
+
+from tokenwire.common import defaults
+from tokenwire.common.settings import require, setting
+from tokenwire.server.process import TokenwireProcess
+
+LogFormat = Literal["json", "console"]
 
 
-def _spawn(*args: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "TOKENWIRE_LOG_FORMAT": os.environ.get("TOKENWIRE_LOG_FORMAT", "console")}
+@dataclasses.dataclass(frozen=True, slots=True)
+class UpSettings:
+    """What `tokenwire up` reads: the same variables `serve` and `edge` read for these values."""
+
+    host: str = setting(defaults.HOST, "bind address of the server and the edge")
+    grpc_port: int = setting(defaults.GRPC_PORT, "gRPC port of the server", env="TOKENWIRE_PORT")
+    http_port: int = setting(defaults.HTTP_PORT, "HTTP port of the edge", env="TOKENWIRE_EDGE_PORT")
+    metrics_port: int = setting(defaults.METRICS_PORT, "the server's `/metrics` port; 0 = off")
+    drain_grace_s: float = setting(
+        defaults.DRAIN_GRACE_S, "drain grace of the edge, then of the server"
+    )
+    # Console by default: `up` is for a terminal (serve and edge alone default to JSON).
+    log_format: LogFormat = setting("console", "log format of both: `json` or `console`")
+
+    def __post_init__(self) -> None:
+        for name in ("grpc_port", "http_port", "metrics_port"):
+            port = getattr(self, name)
+            require(0 <= port <= 65535, name, "between 0 and 65535", port)
+        require(self.drain_grace_s >= 0, "drain_grace_s", ">= 0", self.drain_grace_s)
+        require(
+            self.log_format in ("json", "console"), "log_format", "json or console", self.log_format
+        )
+
+
+def _spawn(*args: str) -> TokenwireProcess:
     # A process group of its own: a terminal's Ctrl-C reaches `up` alone, which then stops the
     # children in order (the edge drains while the server still serves its streams).
-    # The children run the `tokenwire` command itself (from tokenwire-client, which this
-    # distribution depends on), so `serve` and `edge` start exactly as they do by hand.
-    return subprocess.Popen(
-        [sys.executable, "-m", "tokenwire.client.command", *args], env=env, process_group=0
-    )
+    return TokenwireProcess(*args, capture_logs=False, own_group=True)
 
 
 class _Signals:
@@ -36,7 +61,7 @@ class _Signals:
 
 
 def _wait_ready(
-    url: str, procs: list[subprocess.Popen[bytes]], signals: _Signals, limit_s: float = 120.0
+    url: str, procs: list[TokenwireProcess], signals: _Signals, limit_s: float = 120.0
 ) -> bool:
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline and not signals.count:
@@ -82,43 +107,18 @@ def banner(host: str, grpc_port: int, http_port: int, metrics_port: int) -> str:
     return "\n".join(lines)
 
 
-def _stop(proc: subprocess.Popen[bytes], limit_s: float, signals: _Signals) -> int:
-    """SIGTERM, wait for the drain (a second Ctrl-C or the limit kills), return the exit code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    asked = signals.count
-    deadline = time.monotonic() + limit_s
-    while proc.poll() is None:
-        if signals.count > asked or time.monotonic() > deadline:
-            proc.kill()
-            return proc.wait()
-        time.sleep(0.05)
-    return proc.returncode
-
-
-def _grace(flag: float | None) -> float:
-    """The drain grace the children will use (flag, else TOKENWIRE_DRAIN_GRACE_S, else 30)."""
-    if flag is not None:
-        return flag
-    try:
-        return float(os.environ.get("TOKENWIRE_DRAIN_GRACE_S", "30"))
-    except ValueError:
-        return 30.0
-
-
-def run_up(
-    host: str, grpc_port: int, http_port: int, metrics_port: int, drain_grace_s: float | None = None
-) -> int:
+def run_up(settings: UpSettings) -> int:
     signals = _Signals()
-    grace = ("--drain-grace-s", str(drain_grace_s)) if drain_grace_s is not None else ()
+    host = settings.host
+    grace = ("--drain-grace-s", str(settings.drain_grace_s), "--log-format", settings.log_format)
     server = _spawn(
         "serve",
         "--host",
         host,
         "--port",
-        str(grpc_port),
+        str(settings.grpc_port),
         "--metrics-port",
-        str(metrics_port),
+        str(settings.metrics_port),
         *grace,
     )
     edge = _spawn(
@@ -126,18 +126,22 @@ def run_up(
         "--host",
         host,
         "--port",
-        str(http_port),
+        str(settings.http_port),
         "--grpc-target",
-        f"{host}:{grpc_port}",
+        f"{host}:{settings.grpc_port}",
         *grace,
     )
     procs = [server, edge]
-    if _wait_ready(f"http://{host}:{http_port}/readyz", procs, signals):
-        print(banner(host, grpc_port, http_port, metrics_port), flush=True)
+    if _wait_ready(f"http://{host}:{settings.http_port}/readyz", procs, signals):
+        print(
+            banner(host, settings.grpc_port, settings.http_port, settings.metrics_port), flush=True
+        )
     while not signals.count and all(p.poll() is None for p in procs):
         time.sleep(0.2)
     # The edge first: its streams finish while the server still serves them; then the server.
-    limit_s = _grace(drain_grace_s) + 30
-    codes = [_stop(edge, limit_s, signals), _stop(server, limit_s, signals)]
+    # A second Ctrl-C (or the limit) kills instead of waiting.
+    limit_s = settings.drain_grace_s + 30
+    asked = signals.count
+    codes = [p.stop(limit_s, lambda: signals.count > asked) for p in (edge, server)]
     print(f"tokenwire up: stopped (edge exit {codes[0]}, server exit {codes[1]})", flush=True)
     return 0 if signals.count or all(c == 0 for c in codes) else 1

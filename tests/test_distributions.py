@@ -44,6 +44,7 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("client-dist")
     shutil.copytree(ROOT / "clients", work / "clients", ignore=SKIP)
     shutil.copytree(ROOT / "protos", work / "protos", ignore=SKIP)
+    shutil.copytree(ROOT / "common", work / "common", ignore=SKIP)
     venv = work / "venv"
     made = _run(sys.executable, "-m", "venv", venv, cwd=work)
     assert made.returncode == 0, made.stderr
@@ -110,7 +111,7 @@ def test_edge_verb_without_the_edge_extra_says_how_to_get_it(client_venv: Path) 
 def test_runtime_install_brings_no_test_tools(tmp_path: Path) -> None:
     """What `make run` installs (`./clients[edge]` and `.`, without extras) resolves to the
     server, the client and their runtime libraries: no pytest, mypy, playwright or ruff."""
-    for part in ("clients", "protos", "service"):
+    for part in ("clients", "protos", "common", "service"):
         shutil.copytree(ROOT / part, tmp_path / part, ignore=SKIP)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, tmp_path / name)

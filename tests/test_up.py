@@ -137,3 +137,43 @@ async def test_sigterm_lets_an_sse_stream_reach_done_then_stops_edge_then_server
     assert order.index("edge.stopped") < order.index("server.draining")
     assert "server.stopped" in order
     assert proc.returncode == 0
+
+
+async def test_up_takes_its_ports_from_the_variables_serve_and_edge_read() -> None:
+    """With no flags, `tokenwire up` listens where TOKENWIRE_PORT, TOKENWIRE_EDGE_PORT and
+    TOKENWIRE_METRICS_PORT say, as `serve` and `edge` alone would."""
+    grpc_port, http_port, metrics_port = _free_ports(3)
+    ports = {
+        "TOKENWIRE_PORT": str(grpc_port),
+        "TOKENWIRE_EDGE_PORT": str(http_port),
+        "TOKENWIRE_METRICS_PORT": str(metrics_port),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tokenwire.client.command",
+        "up",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "TOKENWIRE_LOG_FORMAT": "json", **ports},
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(90):
+            while not any("Ctrl-C" in line for line in lines):
+                lines.append((await proc.stdout.readline()).decode())
+        async with httpx.AsyncClient(timeout=30) as http:
+            ready = await http.get(f"http://127.0.0.1:{http_port}/readyz")
+            scraped = await http.get(f"http://127.0.0.1:{metrics_port}/metrics")
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    listening = [r for r in _records(lines) if r["event"] == "server.listening"]
+    assert [r["port"] for r in listening] == [grpc_port]
+    assert ready.status_code == 200
+    assert scraped.status_code == 200
+    assert proc.returncode == 0

@@ -25,15 +25,15 @@ EDGE_MODULES = (
 
 
 def add_edge_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("edge", help="run the HTTP/SSE edge (native SSE + OpenAI-compatible API)")
-    p.add_argument("--host", help="bind address (TOKENWIRE_EDGE_HOST, default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="HTTP port (TOKENWIRE_EDGE_PORT, default 8000)")
-    p.add_argument("--grpc-target", help="server address (TOKENWIRE_GRPC_TARGET)")
-    p.add_argument("--resume-window-s", type=float, help="keep generating this long after a drop")
-    p.add_argument(
-        "--drain-grace-s", type=float, help="seconds in-flight streams get on SIGTERM (default 30)"
+    from tokenwire.common.settings import add_flags
+    from tokenwire.edge.settings import EdgeSettings
+
+    p = sub.add_parser(
+        "edge",
+        help="run the HTTP/SSE edge (native SSE + OpenAI-compatible API)",
+        description="Each flag overrides its TOKENWIRE_* variable, which overrides the default.",
     )
-    p.add_argument("--log-format", choices=["json", "console"], default=None)
+    add_flags(p, EdgeSettings)
     p.set_defaults(run=_run_edge)
 
 
@@ -52,23 +52,21 @@ def _run_edge(args: argparse.Namespace) -> int:
         )
         return 2
     import asyncio
-    import os
 
     from tokenwire.client.security import SecurityError
+    from tokenwire.common.settings import SettingsError, read_settings
     from tokenwire.edge.logs import configure_logging
     from tokenwire.edge.server import run_edge
-    from tokenwire.edge.settings import EdgeSettings, EdgeSettingsError
+    from tokenwire.edge.settings import EdgeSettings
     from tokenwire.edge.upstream import upstream_security
 
-    fmt = args.log_format or os.environ.get("TOKENWIRE_LOG_FORMAT", "json")
-    overrides = {k: v for k, v in vars(args).items() if k not in {"command", "run", "log_format"}}
     try:
-        settings = EdgeSettings.from_env(**overrides)
+        settings = read_settings(EdgeSettings, args)
         upstream_security(settings)
-    except (EdgeSettingsError, SecurityError) as exc:
+    except (SettingsError, SecurityError) as exc:
         print(f"tokenwire edge: {exc}", file=sys.stderr)
         return 2
-    configure_logging(fmt)
+    configure_logging(settings.log_format)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_edge(settings))
     return 0

@@ -1,97 +1,99 @@
-"""Edge settings, read once from TOKENWIRE_* variables (or flags) and validated."""
+"""Edge settings: one frozen object, read once from flags, TOKENWIRE_* variables, defaults."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
+from tokenwire.common import defaults
+from tokenwire.common.settings import SettingsError, read_settings, require, setting
 
-class EdgeSettingsError(ValueError):
-    """A setting has a value outside its allowed range."""
+# The edge's errors are the shared settings errors: one type, one message shape everywhere.
+EdgeSettingsError = SettingsError
 
-
-def _split(raw: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in raw.split(",") if part.strip())
+LogFormat = Literal["json", "console"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class EdgeSettings:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    grpc_target: str = "127.0.0.1:50051"
-    api_keys: tuple[str, ...] = ()
-    cors_origins: tuple[str, ...] = ()
-    resume_window_s: float = 10.0
-    ping_s: float = 15.0
-    max_body_bytes: int = 1_048_576
-    resume_stream_bytes: int = 1_048_576
-    resume_total_bytes: int = 64 * 1_048_576
-    upstream_timeout_s: float = 600.0
-    metrics: bool = True
+    """Everything `tokenwire edge` reads; validated at construction."""
+
+    host: str = setting(defaults.HOST, "bind address", env="TOKENWIRE_EDGE_HOST")
+    port: int = setting(
+        defaults.HTTP_PORT, "HTTP port; 0 picks a free one (logged)", env="TOKENWIRE_EDGE_PORT"
+    )
+    grpc_target: str = setting(
+        defaults.GRPC_TARGET,
+        "server address; `dns:///name:port` spreads over every replica (round_robin)",
+    )
+    api_keys: tuple[str, ...] = setting(
+        (),
+        "comma-separated bearer keys; with them all but health and page routes need one",
+        secret=True,
+        flag=False,
+    )
+    cors_origins: tuple[str, ...] = setting((), "comma-separated allowed origins")
+    resume_window_s: float = setting(
+        10.0, "how long a dropped native stream keeps generating for a resume (0 = cancel)"
+    )
+    ping_s: float = setting(15.0, "SSE ping comment interval (keeps proxies from cutting streams)")
+    max_body_bytes: int = setting(1_048_576, "larger request bodies get 413")
+    resume_stream_bytes: int = setting(1_048_576, "resume buffer of one stream, bytes")
+    resume_total_bytes: int = setting(64 * 1_048_576, "resume buffers of all streams, bytes")
+    upstream_timeout_s: float = setting(600.0, "deadline of each upstream Generate call")
+    metrics: bool = setting(True, "serve the edge's `/metrics`")
     # How the edge reaches the server: bearer key (default: the first of api_keys, so one
     # TOKENWIRE_API_KEYS serves `tokenwire up`'s server and edge alike) and TLS files.
-    upstream_api_key: str = dataclasses.field(default="", repr=False)
-    upstream_tls: bool = False
-    upstream_tls_ca: str = ""
-    upstream_tls_cert: str = ""
-    upstream_tls_key: str = ""
-    drain_grace_s: float = 30.0
-    drain_notice_s: float = 0.0
+    upstream_api_key: str = setting(
+        "",
+        "bearer key the edge sends to the server",
+        secret=True,
+        flag=False,
+        shown="first of `TOKENWIRE_API_KEYS`",
+    )
+    upstream_tls: bool = setting(False, "reach the server over TLS (system trust roots)")
+    upstream_tls_ca: str = setting("", "CA to trust for the server's certificate (implies TLS)")
+    upstream_tls_cert: str = setting("", "the edge's client certificate, for an mTLS server")
+    upstream_tls_key: str = setting("", "the key of upstream_tls_cert")
+    drain_grace_s: float = setting(
+        defaults.DRAIN_GRACE_S, "seconds open streams may run after SIGTERM before cancellation"
+    )
+    drain_notice_s: float = setting(
+        0.0, "pause after `/readyz` turns 503 before new requests are refused"
+    )
+    log_format: LogFormat = setting("json", "`json` lines, or `console` for humans")
 
     def __post_init__(self) -> None:
-        checks = [
-            (0 <= self.port <= 65535, "port", "between 0 and 65535", self.port),
-            (
-                self.resume_window_s >= 0,
-                "resume_window_s",
-                ">= 0 (0 = cancel on disconnect)",
-                self.resume_window_s,
-            ),
-            (self.ping_s > 0, "ping_s", "> 0", self.ping_s),
-            (self.max_body_bytes >= 1024, "max_body_bytes", ">= 1024", self.max_body_bytes),
-            (
-                self.resume_stream_bytes >= 1024,
-                "resume_stream_bytes",
-                ">= 1024",
-                self.resume_stream_bytes,
-            ),
-            (
-                self.resume_total_bytes >= self.resume_stream_bytes,
-                "resume_total_bytes",
-                ">= resume_stream_bytes",
-                self.resume_total_bytes,
-            ),
-            (self.upstream_timeout_s > 0, "upstream_timeout_s", "> 0", self.upstream_timeout_s),
-            (self.drain_grace_s >= 0, "drain_grace_s", ">= 0", self.drain_grace_s),
-            (self.drain_notice_s >= 0, "drain_notice_s", ">= 0", self.drain_notice_s),
-        ]
-        for ok, field, allowed, value in checks:
-            if not ok:
-                raise EdgeSettingsError(f"{field}: must be {allowed}, got {value!r}")
+        require(0 <= self.port <= 65535, "port", "between 0 and 65535", self.port)
+        require(
+            self.resume_window_s >= 0,
+            "resume_window_s",
+            ">= 0 (0 = cancel on disconnect)",
+            self.resume_window_s,
+        )
+        require(self.ping_s > 0, "ping_s", "> 0", self.ping_s)
+        require(self.max_body_bytes >= 1024, "max_body_bytes", ">= 1024", self.max_body_bytes)
+        require(
+            self.resume_stream_bytes >= 1024,
+            "resume_stream_bytes",
+            ">= 1024",
+            self.resume_stream_bytes,
+        )
+        require(
+            self.resume_total_bytes >= self.resume_stream_bytes,
+            "resume_total_bytes",
+            ">= resume_stream_bytes",
+            self.resume_total_bytes,
+        )
+        require(self.upstream_timeout_s > 0, "upstream_timeout_s", "> 0", self.upstream_timeout_s)
+        require(self.drain_grace_s >= 0, "drain_grace_s", ">= 0", self.drain_grace_s)
+        require(self.drain_notice_s >= 0, "drain_notice_s", ">= 0", self.drain_notice_s)
+        require(
+            self.log_format in ("json", "console"), "log_format", "json or console", self.log_format
+        )
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> EdgeSettings:
-        """TOKENWIRE_EDGE_HOST / _EDGE_PORT, TOKENWIRE_GRPC_TARGET, TOKENWIRE_API_KEYS, ..."""
-        source = os.environ if env is None else env
-        names = {"host": "EDGE_HOST", "port": "EDGE_PORT"}
-        values: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            raw = source.get("TOKENWIRE_" + names.get(field.name, field.name.upper()))
-            if raw is None:
-                continue
-            default = field.default
-            try:
-                if isinstance(default, tuple):
-                    values[field.name] = _split(raw)
-                elif isinstance(default, bool):
-                    values[field.name] = raw.strip().lower() in {"1", "true", "yes", "on"}
-                elif isinstance(default, int | float):
-                    values[field.name] = type(default)(raw)
-                else:
-                    values[field.name] = raw
-            except ValueError as exc:
-                raise EdgeSettingsError(f"TOKENWIRE_{field.name.upper()}: {exc}") from exc
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+    def from_env(cls, env: Mapping[str, str] | None = None, **flags: Any) -> EdgeSettings:
+        """Read flags (keyword arguments), then TOKENWIRE_* variables, then defaults."""
+        return read_settings(cls, flags, env)

@@ -47,6 +47,12 @@ class EngineConfig:
     retry_after_s: float = 1.0
 
 
+def request_limits(config: EngineConfig, context_length: int) -> RequestLimits:
+    """The per-request bounds: each RequestLimits field is the config field of its name."""
+    names = {f.name for f in dataclasses.fields(RequestLimits)} - {"context_length"}
+    return RequestLimits(context_length=context_length, **{n: getattr(config, n) for n in names})
+
+
 class GenerationHandle:
     """A submitted request: iterate its events; cancel it by leaving early."""
 
@@ -84,14 +90,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
-        self.limits = RequestLimits(
-            context_length=model.spec.context_length,
-            max_tokens_limit=self.config.max_tokens_limit,
-            default_max_tokens=self.config.default_max_tokens,
-            max_prompt_bytes=self.config.max_prompt_bytes,
-            max_stop_strings=self.config.max_stop_strings,
-            max_stop_length=self.config.max_stop_length,
-        )
+        self.limits = request_limits(self.config, model.spec.context_length)
         self._observer = observer or NullObserver()
         self._active: dict[str, Sequence] = {}
         self._lock = threading.Lock()

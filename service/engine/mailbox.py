@@ -12,11 +12,10 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Sequence
 
-from tokenwire.server.domain import CompletionEvent, Event
+from tokenwire.server.domain import CompletionEvent, EngineStopped, Event
 
-
-class EngineStopped(RuntimeError):
-    """The engine failed or stopped before finishing this request."""
+# EngineStopped is a domain error now; re-exported for the engine modules that import it here.
+__all__ = ["Delivery", "EngineStopped", "Mailbox", "publish_all"]
 
 
 Delivery = Sequence[Event] | BaseException

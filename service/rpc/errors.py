@@ -11,7 +11,6 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from tokenwire.server.domain import InvalidRequest, Overloaded, TokenwireError, Unavailable
-from tokenwire.server.engine import EngineStopped
 
 RETRY_AFTER_MS = "retry-after-ms"
 
@@ -35,7 +34,7 @@ def to_status(exc: BaseException) -> grpc.Status:
         return _with_metadata(status, hint)
     if isinstance(exc, Unavailable):
         return _status(code_pb2.UNAVAILABLE, str(exc))
-    if isinstance(exc, EngineStopped | TokenwireError):
+    if isinstance(exc, TokenwireError):  # EngineStopped and any other domain failure
         return _status(code_pb2.INTERNAL, str(exc))
     return _status(code_pb2.INTERNAL, f"internal error: {type(exc).__name__}")
 

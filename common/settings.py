@@ -1,0 +1,255 @@
+"""One way to read a process's settings: flags, then TOKENWIRE_* variables, then defaults.
+
+A process declares its settings once, as a frozen dataclass whose fields are made with
+`setting()`: the default, one line of meaning, and optionally the variable's name when it is not
+TOKENWIRE_<FIELD>. From that declaration come the command-line flags (`add_flags`), the reading
+(`read_settings`) and the documentation table (`settings_table`), so the server, the edge and
+the client parse booleans, numbers, lists and paths by the same rules, and an error names the
+variable or flag it came from and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+ENV_PREFIX = "TOKENWIRE_"
+_META = "tokenwire.setting"
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+BOOLEANS = "1/0, true/false, yes/no, on/off"
+
+S = TypeVar("S")
+
+
+class SettingsError(ValueError):
+    """A setting has a value outside its allowed range; `where` is a field, variable or flag."""
+
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(f"{where}: {message}")
+        self.where = where
+        self.message = message
+
+
+def require(cond: bool, field: str, allowed: str, value: object) -> None:
+    """The one validation message: `<field>: must be <allowed>, got <value>`."""
+    if not cond:
+        raise SettingsError(field, f"must be {allowed}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Meta:
+    meaning: str
+    env: str | None
+    flag: bool
+    shown: str | None
+
+
+def setting(
+    default: Any,
+    meaning: str,
+    *,
+    env: str | None = None,
+    flag: bool = True,
+    secret: bool = False,
+    shown: str | None = None,
+) -> Any:
+    """A settings field. env: the variable's name when not TOKENWIRE_<FIELD>; flag=False for
+    values that must not show in `ps`; secret: kept out of repr; shown: the default as the docs
+    write it."""
+    meta = _Meta(meaning, env, flag, shown)
+    return dataclasses.field(default=default, repr=not secret, metadata={_META: meta})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Spec:
+    """How one field is named, parsed and documented."""
+
+    name: str
+    env: str
+    flag: str | None
+    default: Any
+    meaning: str
+    shown: str
+    kind: Any
+    parse: Callable[[str], Any]
+
+
+def specs(cls: type[Any]) -> list[Spec]:
+    """The fields of a settings dataclass, with their variable, flag and parser."""
+    hints = get_type_hints(cls)
+    out = []
+    for field in dataclasses.fields(cls):
+        meta = field.metadata.get(_META) or _Meta("", None, True, None)
+        kind = hints[field.name]
+        out.append(
+            Spec(
+                name=field.name,
+                env=meta.env or ENV_PREFIX + field.name.upper(),
+                flag="--" + field.name.replace("_", "-") if meta.flag else None,
+                default=field.default,
+                meaning=meta.meaning,
+                shown=meta.shown or _show(field.default),
+                kind=kind,
+                parse=_parser(kind),
+            )
+        )
+    return out
+
+
+def read_settings(
+    cls: type[S],
+    flags: Mapping[str, Any] | argparse.Namespace | None = None,
+    env: Mapping[str, str] | None = None,
+) -> S:
+    """Build cls from flags (values that are not None), then variables, then defaults.
+
+    flags: parsed command-line values by field name (other keys are ignored); env: the
+    variables (os.environ when None), where an empty one counts as unset. A value that cannot
+    be read or is out of range raises SettingsError naming the variable or flag it came from.
+    """
+    given = vars(flags) if isinstance(flags, argparse.Namespace) else dict(flags or {})
+    source = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for spec in specs(cls):
+        if given.get(spec.name) is not None:
+            values[spec.name] = given[spec.name]
+            origins[spec.name] = spec.flag or spec.name
+        elif (raw := source.get(spec.env, "")).strip():  # empty counts as unset
+            try:
+                values[spec.name] = spec.parse(raw)
+            except ValueError as exc:
+                raise SettingsError(spec.env, f"cannot read {raw!r}: {exc}") from None
+            origins[spec.name] = spec.env
+    try:
+        return cls(**values)
+    except SettingsError as exc:
+        origin = origins.get(exc.where)
+        if origin is None:
+            raise
+        raise SettingsError(exc.where, f"{exc.message} (from {origin})") from None
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
+    """One flag per field (secrets excepted), each defaulting to None so variables apply."""
+    for spec in specs(cls):
+        if spec.flag is None:
+            continue
+        text = f"{spec.meaning} ({spec.env}, default {spec.shown})".replace("%", "%%")
+        if spec.kind is bool:
+            parser.add_argument(
+                spec.flag,
+                dest=spec.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=text,
+            )
+            continue
+        choices = get_args(spec.kind) if get_origin(spec.kind) is Literal else None
+        parser.add_argument(
+            spec.flag,
+            dest=spec.name,
+            type=_flag_type(spec.parse),
+            choices=choices,
+            default=None,
+            help=text,
+        )
+
+
+def settings_table(cls: type[Any]) -> str:
+    """The documentation table: variable, flag, default, meaning; one row a field."""
+    rows = ["| variable | flag | default | meaning |", "| --- | --- | --- | --- |"]
+    for spec in specs(cls):
+        flag = f"`{spec.flag}`" if spec.flag else ""
+        rows.append(f"| `{spec.env}` | {flag} | {spec.shown} | {spec.meaning} |")
+    return "\n".join(rows)
+
+
+def parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"expected one of {BOOLEANS}")
+
+
+def parse_list(raw: str) -> tuple[str, ...]:
+    """Comma-separated; blanks around items and empty items are dropped."""
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _number(kind: type[int] | type[float], what: str) -> Callable[[str], Any]:
+    def parse(raw: str) -> Any:
+        try:
+            return kind(raw.strip())
+        except ValueError:
+            raise ValueError(f"expected {what}") from None
+
+    return parse
+
+
+def _choice(allowed: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip()
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _optional(inner: Callable[[str], Any]) -> Callable[[str], Any]:
+    # An empty variable means "not set" for optional values (paths, mostly).
+    return lambda raw: inner(raw) if raw.strip() else None
+
+
+_SIMPLE: dict[Any, Callable[[str], Any]] = {
+    bool: parse_bool,
+    int: _number(int, "an integer"),
+    float: _number(float, "a number"),
+    str: str,
+    Path: Path,
+}
+
+
+def _parser(kind: Any) -> Callable[[str], Any]:
+    if kind in _SIMPLE:
+        return _SIMPLE[kind]
+    origin = get_origin(kind)
+    if origin is Literal:
+        return _choice(get_args(kind))
+    if origin is tuple:
+        return parse_list
+    if origin in (Union, types.UnionType):
+        rest = [arg for arg in get_args(kind) if arg is not type(None)]
+        if len(rest) == 1:
+            return _optional(_parser(rest[0]))
+    raise TypeError(f"no parser for settings of type {kind!r}")
+
+
+def _flag_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    # argparse names the flag in its message when the type raises ArgumentTypeError.
+    def convert(raw: str) -> Any:
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {raw!r}: {exc}") from None
+
+    return convert
+
+
+def _show(default: Any) -> str:
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    if default is None or default in ("", ()):
+        return "(none)"
+    if isinstance(default, float) and default.is_integer():
+        return str(int(default))
+    return str(default)
