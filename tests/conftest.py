@@ -21,6 +21,9 @@ from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
+MODEL = ModelSpec.from_dir(BUNDLED_MODEL_DIR).name
+"""The bundled model's id: what /v1/models lists and the OpenAI routes accept as `model`."""
+
 
 @dataclasses.dataclass
 class RunningServer:

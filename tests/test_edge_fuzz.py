@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import RunningEdge, RunningServer, eventually, start_edge, start_server
+from tests.conftest import MODEL, RunningEdge, RunningServer, eventually, start_edge, start_server
 from tests.fakes import RecordingObserver
 from tokenwire.server.config import BUNDLED_MODEL_DIR
 from tokenwire.server.engine import OnnxCausalLM
@@ -238,7 +238,7 @@ def _check(status: int, kind: str, body: bytes, *, native: bool) -> None:
 
 # --- one property test per route ------------------------------------------------------------
 
-CHAT_BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+CHAT_BASE = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 MESSAGES = st.lists(
     st.fixed_dictionaries(
         {"role": st.one_of(st.just("user"), VALUES)}, optional={"content": VALUES}
@@ -323,7 +323,7 @@ async def test_cancel_route_never_5xx(
 
 @FUZZ
 @given(
-    body=_bodies(OPENAI_VALID, {"model": "m", "prompt": "import os", "max_tokens": 4}),
+    body=_bodies(OPENAI_VALID, {"model": MODEL, "prompt": "import os", "max_tokens": 4}),
     headers=_headers(content_type=True),
 )
 async def test_completions_never_5xx(

@@ -39,6 +39,8 @@ class EdgeSettings:
     upstream_tls_key: str = ""
     drain_grace_s: float = 30.0
     drain_notice_s: float = 0.0
+    # Other names the OpenAI routes accept for the served model (TOKENWIRE_MODEL_ALIASES).
+    model_aliases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         checks = [
