@@ -344,3 +344,11 @@ async def test_model_not_found_counts_as_rejected(edge: RunningEdge) -> None:
     assert refused.status_code == 404
     line = 'tokenwire_edge_streams_total{outcome="rejected",route="completions"} 1.0'
     assert line in scrape
+
+
+async def test_request_without_model_gets_the_served_one(edge: RunningEdge) -> None:
+    """A body with no `model` (as vLLM allows) is answered by the served model."""
+    async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+        response = await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    assert response.status_code == 200
+    assert response.json()["model"] == MODEL

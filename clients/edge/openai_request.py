@@ -246,10 +246,9 @@ def _options(
 
 
 def check_model(request: OpenAIRequest, info: ModelInfo, aliases: tuple[str, ...]) -> None:
-    """400 without a model; 404 model_not_found unless it is the served model or an alias."""
-    if not request.model:
-        raise EdgeError.invalid("model", "is required", "missing_required_parameter")
-    if request.model == info.model or request.model in aliases:
+    """404 model_not_found unless `model` is the served model or an alias. Like vLLM, a request
+    that names no model gets the served one."""
+    if not request.model or request.model == info.model or request.model in aliases:
         return
     raise EdgeError(
         404,
