@@ -104,14 +104,15 @@ MESSAGE = st.fixed_dictionaries(
 )
 OPENAI_VALID: dict[str, st.SearchStrategy[Any]] = {
     **SAMPLING,
-    "model": st.text(max_size=12),
+    # Mostly the served model, so that bodies get past the model check into generation.
+    "model": st.one_of(st.just(MODEL), st.just(MODEL), st.text(max_size=12)),
     "prompt": st.one_of(
         st.text(min_size=1, max_size=40), st.lists(st.text(), min_size=1, max_size=1)
     ),
     "messages": st.lists(MESSAGE, min_size=1, max_size=3),
     "max_completion_tokens": st.integers(0, 8),
     "logprobs": st.one_of(st.booleans(), st.integers(0, 5)),
-    "n": st.just(1),
+    "n": st.integers(1, 3),
     "user": st.text(max_size=12),
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),

@@ -3,6 +3,8 @@ model ids, max_tokens, n choices, refused and accepted fields, OpenAI error bodi
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -352,3 +354,23 @@ async def test_request_without_model_gets_the_served_one(edge: RunningEdge) -> N
         response = await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
     assert response.status_code == 200
     assert response.json()["model"] == MODEL
+
+
+async def test_stream_cut_by_the_edge_ends_with_an_error_chunk(paced: RunningServer) -> None:
+    """When the edge stops with an n=2 stream still running, the stream ends with an OpenAI
+    error chunk (not silently) and both generations are cancelled."""
+    edge = await start_edge(paced.target)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 400, "n": 2, "stream": True}
+    lines: list[str] = []
+    async with (
+        httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
+        http.stream("POST", "/v1/completions", json=body) as response,
+    ):
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                lines.append(line.removeprefix("data: "))
+                if len(lines) == 1:
+                    stopping = asyncio.ensure_future(edge.edge.stop())
+    await stopping
+    assert "error" in json.loads(lines[-1])
+    assert await eventually(lambda: paced.engine.active_count == 0, within_s=2)

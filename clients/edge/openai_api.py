@@ -10,10 +10,11 @@ A client disconnect cancels every upstream call at once, streamed or not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from typing import Any
 
 import structlog
@@ -258,7 +259,7 @@ async def _whole(call: _Call) -> dict[str, Any]:
 
 async def _merged(
     upstreams: list[UpstreamStream],
-) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:
+) -> AsyncGenerator[tuple[int, pb.GenerateResponse], None]:
     """Every choice's messages, as they arrive, tagged with the choice's index."""
     queue: asyncio.Queue[tuple[int, pb.GenerateResponse | EdgeError | None]] = asyncio.Queue()
 
@@ -269,6 +270,11 @@ async def _merged(
             queue.put_nowait((index, None))
         except EdgeError as error:
             queue.put_nowait((index, error))
+        except asyncio.CancelledError:
+            # The call was cancelled under us (the end of a drain's grace): say so in-band.
+            # When it is this task that is cancelled, nobody reads the queue any more.
+            queue.put_nowait((index, EdgeError(499, "CANCELLED", "the generation was cancelled")))
+            raise
 
     pumps = [asyncio.ensure_future(pump(i, u)) for i, u in enumerate(upstreams)]
     try:
@@ -286,30 +292,49 @@ async def _merged(
             task.cancel()
 
 
+class _Chunks:
+    """Turns each choice's events into stream chunks, remembering what usage needs."""
+
+    def __init__(self, shape: _Shape, choices: int, include_usage: bool) -> None:
+        self.shape = shape
+        self.include_usage = include_usage
+        self.first = [True] * choices
+        self.usages: list[Usage | None] = [None] * choices
+
+    def of(self, index: int, event: Token | Usage | Completion) -> ServerSentEvent | None:
+        if isinstance(event, Usage):
+            self.usages[index] = event
+            return None
+        if isinstance(event, Token):
+            choice = self.shape.delta(index, event, None, self.first[index])
+            self.first[index] = False
+        else:
+            finish = FINISH.get(event.finish_reason, event.finish_reason)
+            choice = self.shape.delta(index, None, finish, self.first[index])
+        return _chunk(self.shape, [choice], self.include_usage)
+
+    def usage(self) -> ServerSentEvent:
+        body = self.shape.envelope([], chunk=True) | {"usage": _usage(self.usages)}
+        return ServerSentEvent(_json(body))
+
+
 async def _stream(call: _Call) -> AsyncIterator[ServerSentEvent]:
-    ctx, route, shape = call.ctx, call.route, call.shape
-    include_usage = call.request.include_usage
+    ctx, route = call.ctx, call.route
+    chunks = _Chunks(call.shape, len(call.upstreams), call.request.include_usage)
     started = time.perf_counter()
-    usages: list[Usage | None] = [None] * len(call.upstreams)
-    first = [True] * len(call.upstreams)
     finished = timed = False
     ctx.metrics.active.inc()
     try:
-        async for index, message in _merged(call.upstreams):
-            event = event_from_pb(message)
-            if isinstance(event, Token):
-                if not timed:
+        async with contextlib.aclosing(_merged(call.upstreams)) as merged:
+            async for index, message in merged:
+                event = event_from_pb(message)
+                if isinstance(event, Token) and not timed:
                     ctx.observe_ttft(route, time.perf_counter() - started)
                     timed = True
-                yield _chunk(shape, [shape.delta(index, event, None, first[index])], include_usage)
-                first[index] = False
-            elif isinstance(event, Usage):
-                usages[index] = event
-            elif isinstance(event, Completion):
-                finish = FINISH.get(event.finish_reason, event.finish_reason)
-                yield _chunk(shape, [shape.delta(index, None, finish, first[index])], include_usage)
-        if include_usage:
-            yield ServerSentEvent(_json(shape.envelope([], chunk=True) | {"usage": _usage(usages)}))
+                if (chunk := chunks.of(index, event)) is not None:
+                    yield chunk
+        if chunks.include_usage:
+            yield chunks.usage()
         yield ServerSentEvent("[DONE]")
         finished = True
         ctx.outcome(route, "completed")
