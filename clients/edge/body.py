@@ -59,8 +59,6 @@ INT_RANGES: dict[str, IntRange] = {
     "seed": IntRange(0, UINT64_MAX),
     "n": IntRange(1, 8),
     "logprobs": IntRange(0, 5),
-    "top_logprobs": IntRange(0, 20),
-    "best_of": IntRange(1, 20),
 }
 FLOAT_RANGES: dict[str, FloatRange] = {
     "temperature": FloatRange(0.0, 2.0),
