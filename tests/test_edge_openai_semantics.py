@@ -12,9 +12,18 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL, RunningEdge, RunningServer, eventually, start_edge
-from tests.fakes import RecordingObserver
+from tests.conftest import (
+    MODEL,
+    RunningEdge,
+    RunningServer,
+    eventually,
+    start_edge,
+    start_server,
+)
+from tests.fakes import RecordingObserver, ScriptedModel
 from tokenwire.server.domain import FinishReason
+from tokenwire.server.engine import ModelSpec
+from tokenwire.server.tokenizer import Tokenizer
 
 CHAT = [{"role": "user", "content": "Write a loop."}]
 # EOS ignored: every choice runs to max_tokens, so token counts are known.
@@ -96,24 +105,25 @@ async def test_max_tokens_zero_is_400(sdk: openai.AsyncOpenAI, chat: bool, strea
     assert (error["param"], error["code"]) == (name, "integer_below_min_value")
 
 
-@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
+@pytest.mark.parametrize(("chat", "stream"), ROUTES)
 async def test_server_limit_names_the_field_the_request_used(
-    sdk: openai.AsyncOpenAI, chat: bool
+    sdk: openai.AsyncOpenAI, chat: bool, stream: bool
 ) -> None:
     """The server's `max_tokens` refusal names max_completion_tokens when the request used it."""
     name = "max_completion_tokens" if chat else "max_tokens"
     with pytest.raises(openai.BadRequestError) as caught:
-        await _create(sdk, chat, False, model=MODEL, **{name: 100_000})
+        await _create(sdk, chat, stream, model=MODEL, **{name: 100_000})
     error = _error(caught)
     assert (error["param"], error["code"]) == (name, "invalid_value")
     assert error["message"].startswith(f"{name}:")
 
 
-async def test_chat_prompt_refusal_names_messages(sdk: openai.AsyncOpenAI) -> None:
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_chat_prompt_refusal_names_messages(sdk: openai.AsyncOpenAI, stream: bool) -> None:
     """A conversation the server finds too long is refused naming `messages`, not `prompt`."""
     huge = [{"role": "user", "content": "word " * 5000}]
     with pytest.raises(openai.BadRequestError) as caught:
-        await sdk.chat.completions.create(model=MODEL, messages=huge, max_tokens=2)
+        await sdk.chat.completions.create(model=MODEL, messages=huge, max_tokens=2, stream=stream)
     assert _error(caught)["param"] == "messages"
 
 
@@ -374,3 +384,23 @@ async def test_stream_cut_by_the_edge_ends_with_an_error_chunk(paced: RunningSer
     await stopping
     assert "error" in json.loads(lines[-1])
     assert await eventually(lambda: paced.engine.active_count == 0, within_s=2)
+
+
+async def test_n_beyond_capacity_is_429_and_frees_the_admitted_choices(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """When the server admits only some of n choices, the request is a 429 and the admitted
+    generations are cancelled at once (none keeps a slot for nobody)."""
+    slow = ScriptedModel(spec, {}, step_delay_s=0.01)
+    running = await start_server(slow, tokenizer, max_batch_size=1, max_queue=1)
+    edge = await start_edge(running.target)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 300, "n": 3, "ignore_eos": True}
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            refused = await http.post("/v1/completions", json=body)
+        assert await eventually(lambda: running.engine.active_count == 0, within_s=1)
+    finally:
+        await edge.edge.stop()
+        await running.server.drain()
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
