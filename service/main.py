@@ -65,10 +65,10 @@ async def run_server(settings: Settings, stop: asyncio.Event) -> int:
     Health is NOT_SERVING until the model is warm. A model the engine cannot drive is refused
     with one log line and status 2.
     """
-    server = TokenwireServer(settings)
+    metrics = ServerMetrics()
+    server = TokenwireServer(settings, observer=metrics)
     port = await server.start()
     log.info("server.listening", host=settings.host, port=port, pid=os.getpid())
-    metrics = ServerMetrics()
     if settings.metrics_port:
         tls = metrics_tls(settings)
         metrics_port, _ = metrics.serve(settings.host, settings.metrics_port, tls)

@@ -14,12 +14,22 @@ from tokenwire.edge.resumable import ResumableStreams
 from tokenwire.edge.server import EdgeServer
 from tokenwire.edge.settings import EdgeSettings
 from tokenwire.server.config import BUNDLED_MODEL_DIR, Settings
-from tokenwire.server.engine import CausalLM, Engine, EngineObserver, ModelSpec, OnnxCausalLM
+from tokenwire.server.engine import (
+    CausalLM,
+    Engine,
+    EngineObserver,
+    ModelSpec,
+    NullObserver,
+    OnnxCausalLM,
+)
 from tokenwire.server.main import engine_config
 from tokenwire.server.rpc.server import TokenwireServer
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
+
+MODEL = ModelSpec.from_dir(BUNDLED_MODEL_DIR).name
+"""The bundled model's id: what /v1/models lists and the OpenAI routes accept as `model`."""
 
 
 @dataclasses.dataclass
@@ -42,7 +52,7 @@ async def start_server(
     """A real grpc.aio server on an ephemeral loopback port, with a warm engine attached."""
     settings = Settings(port=0, drain_grace_s=5.0, **overrides)  # type: ignore[arg-type]
     engine = Engine(model, tokenizer, engine_config(settings), observer)
-    server = TokenwireServer(settings)
+    server = TokenwireServer(settings, observer=observer or NullObserver())
     await server.start()
     await server.attach(engine)
     return RunningServer(server, engine, observer)

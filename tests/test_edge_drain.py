@@ -9,11 +9,11 @@ import signal
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from tests.conftest import RunningServer, eventually, start_edge
+from tests.conftest import MODEL, RunningServer, eventually, start_edge
 from tests.procs import EdgeProcess
 
 NATIVE = {"prompt": "def f():", "max_tokens": 60, "ignore_eos": True}
-OPENAI = {"model": "m", "prompt": "x", "max_tokens": 60, "stream": True}
+OPENAI = {"model": MODEL, "prompt": "x", "max_tokens": 60, "stream": True}
 
 
 async def _native_rest(http: httpx.AsyncClient, started: asyncio.Event) -> list[ServerSentEvent]:

@@ -7,7 +7,7 @@ import socket
 
 import httpx
 
-from tests.conftest import RunningServer, start_edge, start_server
+from tests.conftest import MODEL, RunningServer, start_edge, start_server
 from tests.fakes import ScriptedModel
 from tokenwire.server.engine import ModelSpec
 from tokenwire.server.tokenizer import Tokenizer
@@ -28,7 +28,7 @@ async def test_overload_maps_to_429_with_retry_after(spec: ModelSpec, tokenizer:
             refused = await http.post("/v1/generate", json=body)
             chat = await http.post(
                 "/v1/chat/completions",
-                json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+                json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]},
             )
     finally:
         await edge.edge.stop()
@@ -72,7 +72,7 @@ async def test_ready_when_the_server_is_serving(served: RunningServer) -> None:
 async def test_api_key_is_required_except_for_health_and_page(served: RunningServer) -> None:
     """With keys configured: 401 without or with a wrong key, 200 with one; /healthz and / open."""
     edge = await start_edge(served.target, api_keys=("k-one", "k-two"))
-    body = {"model": "m", "prompt": "x", "max_tokens": 2}
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
     try:
         async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
             missing = await http.post("/v1/completions", json=body)

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import RunningEdge, RunningServer, eventually, start_edge, start_server
+from tests.conftest import MODEL, RunningEdge, RunningServer, eventually, start_edge, start_server
 from tests.fakes import RecordingObserver
 from tokenwire.server.config import BUNDLED_MODEL_DIR
 from tokenwire.server.engine import OnnxCausalLM
@@ -104,14 +104,15 @@ MESSAGE = st.fixed_dictionaries(
 )
 OPENAI_VALID: dict[str, st.SearchStrategy[Any]] = {
     **SAMPLING,
-    "model": st.text(max_size=12),
+    # Mostly the served model, so that bodies get past the model check into generation.
+    "model": st.one_of(st.just(MODEL), st.just(MODEL), st.text(max_size=12)),
     "prompt": st.one_of(
         st.text(min_size=1, max_size=40), st.lists(st.text(), min_size=1, max_size=1)
     ),
     "messages": st.lists(MESSAGE, min_size=1, max_size=3),
     "max_completion_tokens": st.integers(0, 8),
     "logprobs": st.one_of(st.booleans(), st.integers(0, 5)),
-    "n": st.just(1),
+    "n": st.integers(1, 3),
     "user": st.text(max_size=12),
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
@@ -238,7 +239,7 @@ def _check(status: int, kind: str, body: bytes, *, native: bool) -> None:
 
 # --- one property test per route ------------------------------------------------------------
 
-CHAT_BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+CHAT_BASE = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 MESSAGES = st.lists(
     st.fixed_dictionaries(
         {"role": st.one_of(st.just("user"), VALUES)}, optional={"content": VALUES}
@@ -323,7 +324,7 @@ async def test_cancel_route_never_5xx(
 
 @FUZZ
 @given(
-    body=_bodies(OPENAI_VALID, {"model": "m", "prompt": "import os", "max_tokens": 4}),
+    body=_bodies(OPENAI_VALID, {"model": MODEL, "prompt": "import os", "max_tokens": 4}),
     headers=_headers(content_type=True),
 )
 async def test_completions_never_5xx(

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from tests.conftest import RunningServer, start_edge
+from tests.conftest import MODEL, RunningServer, start_edge
 from tests.fakes import RecordingObserver
 
 JSON = {"Content-Type": "application/json"}
@@ -73,7 +73,8 @@ OPENAI_BODIES = {
     "seed 2^64": ({"prompt": "x", "seed": 2**64}, "seed"),
     "seed -1": ({"prompt": "x", "seed": -1}, "seed"),
     "temperature 1e308": ({"prompt": "x", "temperature": 1e308}, "temperature"),
-    "n of 2": ({"prompt": "x", "n": 2}, "n"),
+    "n of 9": ({"prompt": "x", "n": 9}, "n"),
+    "n of 0": ({"prompt": "x", "n": 0}, "n"),
     "logprobs past 5": ({"prompt": "x", "logprobs": 99}, "logprobs"),
     "prompt as a list of two": ({"prompt": ["a", "b"]}, "prompt"),
     "stream_options not an object": ({"prompt": "x", "stream_options": 3}, "stream_options"),
@@ -136,7 +137,7 @@ async def test_openai_completions_bad_field_is_400_naming_it(
     http: httpx.AsyncClient, body: dict[str, object], param: str
 ) -> None:
     """POST /v1/completions answers 400 with an OpenAI error body whose param is the field."""
-    response = await http.post("/v1/completions", json={"model": "m", **body})
+    response = await http.post("/v1/completions", json={"model": MODEL, **body})
     assert _openai_param(response) == param
 
 
@@ -202,7 +203,9 @@ async def test_bad_x_request_id_header_is_400(http: httpx.AsyncClient, value: st
     """X-Request-ID outside printable ASCII, or too long, is a 400 naming request_id."""
     headers = {"X-Request-ID": value.encode("utf-8")}
     native = await http.post("/v1/generate", json={"prompt": "x"}, headers=headers)
-    openai = await http.post("/v1/completions", json={"model": "m", "prompt": "x"}, headers=headers)
+    openai = await http.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "x"}, headers=headers
+    )
     assert (_native_field(native), _openai_param(openai)) == ("request_id", "request_id")
 
 
@@ -225,7 +228,7 @@ async def test_largest_wire_values_are_not_a_5xx(http: httpx.AsyncClient) -> Non
     )
     assert _native_field(response) == "max_tokens"
     seeded = await http.post(
-        "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2, "seed": 2**64 - 1}
+        "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2, "seed": 2**64 - 1}
     )
     assert seeded.status_code == 200
 
@@ -249,7 +252,9 @@ async def test_post_without_json_content_type_is_415(
 ) -> None:
     """POSTs a browser may send cross-site without preflight (text/plain, forms, none) are 415."""
     headers = {"Content-Type": content_type} if content_type else {}
-    body = b'{"prompt": "x", "model": "m", "messages": [{"role": "user", "content": "x"}]}'
+    body = json.dumps(
+        {"prompt": "x", "model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+    ).encode()
     response = await http.post(route, content=body, headers=headers)
     assert response.status_code == 415
     error = response.json()["error"]
@@ -273,7 +278,7 @@ async def test_json_content_type_with_optional_charset_is_accepted(
     """application/json, with or without charset=utf-8 and in any case, starts a generation."""
     response = await http.post(
         "/v1/completions",
-        content=b'{"model": "m", "prompt": "x", "max_tokens": 2}',
+        content=json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 2}).encode(),
         headers={"Content-Type": content_type},
     )
     assert response.status_code == 200
@@ -309,7 +314,7 @@ async def test_cross_site_request_from_an_allowed_origin_passes(served: RunningS
         async with httpx.AsyncClient(base_url=edge.url, timeout=30) as client:
             response = await client.post(
                 "/v1/completions",
-                json={"model": "m", "prompt": "x", "max_tokens": 2},
+                json={"model": MODEL, "prompt": "x", "max_tokens": 2},
                 headers=headers,
             )
     finally:

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import RunningEdge, RunningServer, eventually, start_edge, start_server
+from tests.conftest import MODEL, RunningEdge, RunningServer, eventually, start_edge, start_server
 from tests.fakes import RecordingObserver
 from tokenwire.server.domain import FinishReason
 from tokenwire.server.engine import OnnxCausalLM
@@ -35,7 +35,7 @@ async def test_models_lists_the_served_model(sdk: openai.AsyncOpenAI) -> None:
 async def test_chat_completion_without_streaming(sdk: openai.AsyncOpenAI) -> None:
     """A non-streamed chat completion has an assistant message, finish_reason and usage."""
     reply = await sdk.chat.completions.create(
-        model="any",
+        model=MODEL,
         messages=[{"role": "user", "content": "Write a loop."}],
         max_tokens=8,
         temperature=0,
@@ -50,7 +50,7 @@ async def test_chat_completion_without_streaming(sdk: openai.AsyncOpenAI) -> Non
 async def test_chat_stream_chunks_follow_the_openai_format(sdk: openai.AsyncOpenAI) -> None:
     """Chunks carry deltas, a final finish_reason chunk, and a usage chunk with no choices."""
     stream = await sdk.chat.completions.create(
-        model="any",
+        model=MODEL,
         messages=[{"role": "user", "content": "hi"}],
         max_tokens=6,
         temperature=0,
@@ -69,10 +69,10 @@ async def test_chat_stream_chunks_follow_the_openai_format(sdk: openai.AsyncOpen
 async def test_completions_stream_and_whole_agree(sdk: openai.AsyncOpenAI) -> None:
     """Greedy /v1/completions gives the same text streamed and not streamed."""
     whole = await sdk.completions.create(
-        model="any", prompt="def fib(n):", max_tokens=16, temperature=0
+        model=MODEL, prompt="def fib(n):", max_tokens=16, temperature=0
     )
     stream = await sdk.completions.create(
-        model="any", prompt="def fib(n):", max_tokens=16, temperature=0, stream=True
+        model=MODEL, prompt="def fib(n):", max_tokens=16, temperature=0, stream=True
     )
     text = "".join([c.choices[0].text async for c in stream if c.choices])
     assert whole.object == "text_completion"
@@ -82,14 +82,14 @@ async def test_completions_stream_and_whole_agree(sdk: openai.AsyncOpenAI) -> No
 async def test_stop_sequence_is_honoured_and_not_returned(sdk: openai.AsyncOpenAI) -> None:
     """A stop string found in the output ends it with finish_reason stop, without the string."""
     base = await sdk.completions.create(
-        model="any", prompt="import os\n", max_tokens=24, temperature=0
+        model=MODEL, prompt="import os\n", max_tokens=24, temperature=0
     )
     text = base.choices[0].text
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     if not stop.strip():
         stop = text.strip()[:2]
     cut = await sdk.completions.create(
-        model="any", prompt="import os\n", max_tokens=24, temperature=0, stop=[stop]
+        model=MODEL, prompt="import os\n", max_tokens=24, temperature=0, stop=[stop]
     )
     assert cut.choices[0].finish_reason == "stop"
     assert stop not in cut.choices[0].text
@@ -99,15 +99,15 @@ async def test_stop_sequence_is_honoured_and_not_returned(sdk: openai.AsyncOpenA
 async def test_invalid_parameter_raises_bad_request(sdk: openai.AsyncOpenAI) -> None:
     """top_p out of range surfaces as openai.BadRequestError naming the field."""
     with pytest.raises(openai.BadRequestError) as caught:
-        await sdk.completions.create(model="any", prompt="x", top_p=3.0)
+        await sdk.completions.create(model=MODEL, prompt="x", top_p=3.0)
     assert "top_p" in str(caught.value)
 
 
-async def test_n_other_than_one_is_rejected_naming_n(sdk: openai.AsyncOpenAI) -> None:
-    """n=2 is a 400 whose param is n."""
+async def test_n_above_eight_is_rejected_naming_n(sdk: openai.AsyncOpenAI) -> None:
+    """n=9 is a 400 whose param is n."""
     with pytest.raises(openai.BadRequestError) as caught:
         await sdk.chat.completions.create(
-            model="any", messages=[{"role": "user", "content": "x"}], n=2
+            model=MODEL, messages=[{"role": "user", "content": "x"}], n=9
         )
     assert caught.value.body["param"] == "n"  # type: ignore[index]
 
@@ -115,7 +115,7 @@ async def test_n_other_than_one_is_rejected_naming_n(sdk: openai.AsyncOpenAI) ->
 async def test_client_disconnect_cancels_upstream_at_once(paced: RunningServer) -> None:
     """Closing an OpenAI-style stream cancels the generation within a second."""
     edge = await start_edge(paced.target)
-    body = {"model": "any", "prompt": "def long():", "max_tokens": 450, "stream": True}
+    body = {"model": MODEL, "prompt": "def long():", "max_tokens": 450, "stream": True}
     try:
         async with (
             httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
@@ -162,8 +162,9 @@ async def test_chat_template_renders_bos_once(templated_llama: Path) -> None:
         async with openai.AsyncOpenAI(
             base_url=f"{edge.url}/v1", api_key="unused", max_retries=0
         ) as client:
+            model = (await client.models.list()).data[0].id
             reply = await client.chat.completions.create(
-                model="any", messages=[{"role": "user", "content": "hello"}], max_tokens=2
+                model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=2
             )
     finally:
         await edge.edge.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -23,10 +24,10 @@ def _tool(name: str) -> str:
     return found
 
 
-def _render(overlay: str) -> str:
+def _render(overlay: str, k8s: Path = ROOT / "k8s") -> str:
     kubectl = _tool("kubectl")
     done = subprocess.run(
-        [kubectl, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
+        [kubectl, "kustomize", str(k8s / "overlays" / overlay)],
         capture_output=True,
         text=True,
         check=True,
@@ -42,8 +43,26 @@ def _find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
 
 
+# kustomize's configMapGenerator appends a hash of the content to the name.
+HASHED_CONFIG = re.compile(r"tokenwire-config-[a-z0-9]{10}")
+
+
+def _config_map(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (found,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    return found
+
+
 def _env(docs: list[dict[str, Any]]) -> dict[str, str]:
-    return dict(_find(docs, "ConfigMap", "tokenwire-config")["data"])
+    return dict(_config_map(docs)["data"])
+
+
+def _containers(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each Deployment's first container, by Deployment name."""
+    return {
+        d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]
+        for d in docs
+        if d["kind"] == "Deployment"
+    }
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -146,3 +165,46 @@ def test_edge_balances_over_the_headless_service(overlay: str) -> None:
     assert target.startswith("dns:///tokenwire-grpc-headless")
     assert _find(docs, "Service", "tokenwire-grpc-headless")["spec"]["clusterIP"] == "None"
     assert float(_env(docs)["TOKENWIRE_MAX_CONNECTION_AGE_S"]) > 0
+
+
+IMAGES = {"tokenwire-server": "tokenwire-server", "tokenwire-edge": "tokenwire-edge"}
+"""Deployment -> the image name its base manifest uses, which overlays set with `images:`."""
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_image_is_set_through_kustomize_images(overlay: str) -> None:
+    """The overlay's `images:` sets both the server's and the edge's image, and what renders is
+    exactly what it says (no patch hard-codes an image)."""
+    kustomization = yaml.safe_load(
+        (ROOT / "k8s" / "overlays" / overlay / "kustomization.yaml").read_text()
+    )
+    wanted = {i["name"]: f"{i['newName']}:{i['newTag']}" for i in kustomization["images"]}
+    rendered = {name: c["image"] for name, c in _containers(_docs(overlay)).items()}
+    assert rendered == {deployment: wanted[image] for deployment, image in IMAGES.items()}
+    patches = (ROOT / "k8s" / "overlays" / overlay).glob("*.yaml")
+    assert not [p.name for p in patches if "image:" in p.read_text()]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_config_map_name_is_hashed_and_referenced_by_both_deployments(overlay: str) -> None:
+    """The ConfigMap is generated with a content hash in its name, and both Deployments read
+    that very name, so a config change rolls their pods."""
+    docs = _docs(overlay)
+    name = _config_map(docs)["metadata"]["name"]
+    assert HASHED_CONFIG.fullmatch(name)
+    for deployment, container in _containers(docs).items():
+        refs = [e["configMapRef"]["name"] for e in container["envFrom"]]
+        assert refs == [name], deployment
+
+
+def test_a_config_change_renames_the_config_map(tmp_path: Path) -> None:
+    """Changing one setting in a copy of k8s/ renders a ConfigMap with another name (the
+    rollout trigger); the copy keeps the tracked files untouched."""
+    copy = tmp_path / "k8s"
+    shutil.copytree(ROOT / "k8s", copy)
+    env = copy / "base" / "config.env"
+    env.write_text(env.read_text().replace("TOKENWIRE_MAX_QUEUE=64", "TOKENWIRE_MAX_QUEUE=65"))
+    before = _config_map(_docs("cpu"))["metadata"]["name"]
+    after = [d for d in yaml.safe_load_all(_render("cpu", copy)) if d]
+    assert _config_map(after)["metadata"]["name"] != before
+    assert _env(after)["TOKENWIRE_MAX_QUEUE"] == "65"

@@ -13,6 +13,8 @@ import sys
 import httpx
 from httpx_sse import aconnect_sse
 
+from tests.conftest import MODEL
+
 
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
@@ -51,7 +53,7 @@ async def test_up_prints_the_urls_serves_and_stops_cleanly_on_ctrl_c() -> None:
         async with httpx.AsyncClient(timeout=30) as http:
             reply = await http.post(
                 f"http://127.0.0.1:{http_port}/v1/completions",
-                json={"model": "m", "prompt": "import os", "max_tokens": 4},
+                json={"model": MODEL, "prompt": "import os", "max_tokens": 4},
             )
             scraped = await http.get(f"http://127.0.0.1:{metrics_port}/metrics")
         proc.send_signal(signal.SIGINT)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -40,9 +41,31 @@ async def _edge_error(request: Request, exc: Exception) -> Response:
     route = (
         "native" if path.startswith("/v1/generate") else "chat" if "chat" in path else "completions"
     )
-    if exc.status in REJECTED:
+    if exc.status in REJECTED or exc.openai_code == "model_not_found":
         ctx.outcome(route, "rejected")
     return JSONResponse(exc.body_for(path), status_code=exc.status, headers=exc.headers())
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Unknown routes (404) and wrong methods (405, with Allow) in the route's JSON error shape."""
+    assert isinstance(exc, HTTPException)
+    path = request.url.path
+    if exc.status_code == 405:
+        message = f"{request.method} is not allowed on {path}"
+        error = EdgeError(405, "METHOD_NOT_ALLOWED", message, openai_code="method_not_allowed")
+    elif exc.status_code == 404:
+        message = f"no route {request.method} {path}"
+        error = EdgeError(
+            404,
+            "NOT_FOUND",
+            message,
+            openai_code="unknown_url",
+            openai_type="invalid_request_error",
+        )
+    else:
+        error = EdgeError(exc.status_code, "HTTP_ERROR", str(exc.detail))
+    headers = dict(exc.headers or {})
+    return JSONResponse(error.body_for(path), status_code=exc.status_code, headers=headers)
 
 
 async def healthz(request: Request) -> Response:
@@ -109,8 +132,7 @@ def create_app(settings: EdgeSettings, upstream: Upstream | None = None) -> Star
         Route("/", page),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
-        Route("/v1/generate", native.generate_post, methods=["POST"]),
-        Route("/v1/generate", native.generate_get, methods=["GET"]),
+        Route("/v1/generate", native.generate, methods=["GET", "POST"]),
         Route("/v1/generate/{request_id}/events", native.resume, methods=["GET"]),
         Route("/v1/generate/{request_id}/cancel", native.cancel, methods=["POST"]),
         Route("/v1/completions", openai_api.completions, methods=["POST"]),
@@ -124,7 +146,7 @@ def create_app(settings: EdgeSettings, upstream: Upstream | None = None) -> Star
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={EdgeError: _edge_error},
+        exception_handlers={EdgeError: _edge_error, HTTPException: _http_error},
     )
     app.state.ctx = ctx
     return app

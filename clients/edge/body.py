@@ -57,7 +57,7 @@ INT_RANGES: dict[str, IntRange] = {
     "max_completion_tokens": IntRange(0, UINT32_MAX),
     "top_k": IntRange(0, UINT32_MAX),
     "seed": IntRange(0, UINT64_MAX),
-    "n": IntRange(0, UINT32_MAX),
+    "n": IntRange(1, 8),
     "logprobs": IntRange(0, 5),
 }
 FLOAT_RANGES: dict[str, FloatRange] = {
@@ -84,12 +84,22 @@ def _too_large(limit: int) -> EdgeError:
     return EdgeError(413, "PAYLOAD_TOO_LARGE", f"request body must be at most {limit} bytes")
 
 
+def _range_code(value: int | OutOfRange, allowed: IntRange) -> str:
+    """OpenAI's code for an integer out of its range."""
+    if isinstance(value, OutOfRange):
+        return "invalid_value"
+    return "integer_below_min_value" if value < allowed.low else "integer_above_max_value"
+
+
 class Fields:
     """Typed access to a JSON object or a query string; errors name the field."""
 
     def __init__(self, source: Mapping[str, Any], *, from_query: bool = False) -> None:
         self._source = source
         self._from_query = from_query
+
+    def names(self) -> list[str]:
+        return [str(name) for name in self._source]
 
     def has(self, name: str) -> bool:
         return self._source.get(name) is not None
@@ -113,9 +123,11 @@ class Fields:
                 raise EdgeError.invalid(name, f"must be {allowed.describe()}")
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int | OutOfRange):
-            raise EdgeError.invalid(name, f"must be {allowed.describe()}")
+            raise EdgeError.invalid(name, f"must be {allowed.describe()}", "invalid_type")
         if isinstance(value, OutOfRange) or not allowed.low <= value <= allowed.high:
-            raise EdgeError.invalid(name, f"must be {allowed.describe()}, got {value!r}")
+            raise EdgeError.invalid(
+                name, f"must be {allowed.describe()}, got {value!r}", _range_code(value, allowed)
+            )
         return value
 
     def number(self, name: str) -> float | None:

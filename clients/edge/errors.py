@@ -25,6 +25,7 @@ OPENAI_TYPE_BY_HTTP = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     409: "invalid_request_error",
     410: "not_found_error",
     413: "invalid_request_error",
@@ -33,6 +34,12 @@ OPENAI_TYPE_BY_HTTP = {
     499: "request_cancelled",
     503: "service_unavailable",
     504: "timeout",
+}
+# OpenAI's own codes where it has one (its API answers e.g. `rate_limit_exceeded`).
+OPENAI_CODE_BY_CODE = {
+    "INVALID_ARGUMENT": "invalid_value",
+    "UNAUTHENTICATED": "invalid_api_key",
+    "RESOURCE_EXHAUSTED": "rate_limit_exceeded",
 }
 
 
@@ -57,6 +64,8 @@ class EdgeError(Exception):
         *,
         param: str | None = None,
         retry_after_s: float | None = None,
+        openai_code: str | None = None,
+        openai_type: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -64,10 +73,15 @@ class EdgeError(Exception):
         self.message = message
         self.param = param
         self.retry_after_s = retry_after_s
+        self.openai_code = openai_code
+        """OpenAI's `code` when it is more precise than the native one (`model_not_found`)."""
+        self.openai_type = openai_type
 
     @classmethod
-    def invalid(cls, field: str, reason: str) -> EdgeError:
-        return cls(400, "INVALID_ARGUMENT", f"{field}: {reason}", param=field)
+    def invalid(cls, field: str, reason: str, openai_code: str | None = None) -> EdgeError:
+        return cls(
+            400, "INVALID_ARGUMENT", f"{field}: {reason}", param=field, openai_code=openai_code
+        )
 
     @classmethod
     def from_rpc(cls, error: grpc.RpcError) -> EdgeError:
@@ -95,11 +109,28 @@ class EdgeError(Exception):
         return {"error": body}
 
     def openai_body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": OPENAI_TYPE_BY_HTTP.get(self.status, "server_error"),
-                "param": self.param,
-                "code": self.code.lower(),
-            }
-        }
+        code = self.openai_code or OPENAI_CODE_BY_CODE.get(self.code, self.code.lower())
+        kind = self.openai_type or OPENAI_TYPE_BY_HTTP.get(self.status, "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": code}}
+
+    def renamed(self, names: dict[str, str]) -> EdgeError:
+        """The same error naming the field as the caller did (`prompt` -> `messages`), also at
+        the start of the message."""
+        if self.param is None:
+            return self
+        base = self.param.split("[", 1)[0]
+        new = names.get(self.param, names.get(base))
+        if new is None or new == self.param:
+            return self
+        message = self.message
+        if message.startswith(f"{self.param}:"):
+            message = new + message.removeprefix(self.param)
+        return EdgeError(
+            self.status,
+            self.code,
+            message,
+            param=new,
+            retry_after_s=self.retry_after_s,
+            openai_code=self.openai_code,
+            openai_type=self.openai_type,
+        )

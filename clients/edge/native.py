@@ -132,6 +132,13 @@ async def generate_post(request: Request) -> Response:
     return await _start(request, ctx, Fields(body))
 
 
+async def generate(request: Request) -> Response:
+    """One route for both methods, so a wrong method's 405 names both in `Allow`."""
+    if request.method == "POST":
+        return await generate_post(request)
+    return await generate_get(request)
+
+
 async def generate_get(request: Request) -> Response:
     """EventSource entry point; its automatic reconnect sends Last-Event-ID to the same URL."""
     ctx = EdgeContext.of(request)

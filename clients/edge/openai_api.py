@@ -1,103 +1,44 @@
 """OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
 
-Streaming follows OpenAI's chunk format: content deltas, then a chunk with an empty delta and
-the finish_reason, then (with stream_options.include_usage) a chunk with `choices: []` and
-`usage`, then `data: [DONE]`. A client disconnect cancels the upstream call at once.
+A request with `n` choices runs `n` upstream generations. Streaming follows OpenAI's chunk
+format: content deltas (choices interleaved, each chunk naming its choice's `index`), then per
+choice a chunk with an empty delta and the finish_reason, then (with
+stream_options.include_usage) a chunk with `choices: []` and `usage`, then `data: [DONE]`.
+A client disconnect cancels every upstream call at once, streamed or not.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
+import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from typing import Any
 
 import structlog
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from tokenwire.client.client import Completion, GenerateOptions, Token, Usage, event_from_pb
+from tokenwire.client.client import Completion, Token, Usage, event_from_pb
 from tokenwire.edge.body import Fields, read_json
 from tokenwire.edge.context import EdgeContext, request_id_of
 from tokenwire.edge.errors import EdgeError
-from tokenwire.edge.upstream import UpstreamStream
-
-# Used when the model ships no chat template: role-tagged turns, then the assistant's turn.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
+from tokenwire.edge.openai_request import (
+    OpenAIRequest,
+    chat_prompt,
+    chat_turns,
+    check_model,
+    completion_prompt,
+    read_request,
 )
+from tokenwire.edge.upstream import UpstreamStream
+from tokenwire.v1 import generate_pb2 as pb
+
 log = structlog.get_logger("tokenwire.edge")
 FINISH = {"stop": "stop", "stop_sequence": "stop", "length": "length"}
-_jinja = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-
-def _options(fields: Fields, request_id: str, *, chat: bool) -> GenerateOptions:
-    n = fields.integer("n", 1)
-    if n != 1:
-        raise EdgeError.invalid("n", "only n=1 is supported")
-    max_tokens = fields.integer("max_completion_tokens") if chat else None
-    if max_tokens is None:
-        max_tokens = fields.integer("max_tokens", 0)
-    logprobs = fields.boolean("logprobs") if chat else (fields.integer("logprobs") or 0) > 0
-    return GenerateOptions(
-        max_tokens=max_tokens or 0,
-        temperature=fields.number("temperature"),
-        top_p=fields.number("top_p"),
-        seed=fields.integer("seed"),
-        stop=fields.strings("stop"),
-        logprobs=logprobs,
-        request_id=request_id,
-        # A rendered chat template already holds the special tokens (BOS) the model expects.
-        add_special_tokens=False if chat else None,
-    )
-
-
-def _completion_prompt(fields: Fields) -> str:
-    prompt = fields.raw("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        return prompt[0]
-    if not isinstance(prompt, str):
-        raise EdgeError.invalid("prompt", "must be a string (or a list of one string)")
-    return prompt
-
-
-def _content_text(content: Any, index: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if all(isinstance(p, str) for p in parts):
-            return "".join(str(p) for p in parts)
-    raise EdgeError.invalid(f"messages[{index}].content", "must be a string or text parts")
-
-
-async def _chat_prompt(fields: Fields, ctx: EdgeContext) -> str:
-    messages = fields.raw("messages")
-    if not isinstance(messages, list) or not messages:
-        raise EdgeError.invalid("messages", "must be a non-empty list")
-    turns = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise EdgeError.invalid(f"messages[{i}]", "must be an object with a string role")
-        turns.append({"role": m["role"], "content": _content_text(m.get("content"), i)})
-    info = await ctx.upstream.model_info()
-    template = info.chat_template or DEFAULT_CHAT_TEMPLATE
-    try:
-        rendered = _jinja.from_string(template).render(
-            messages=turns,
-            add_generation_prompt=True,
-            bos_token=info.bos_token,
-            eos_token=info.eos_token,
-        )
-    except TemplateError as exc:
-        # Model templates refuse some conversations (roles not alternating, ...).
-        raise EdgeError.invalid(
-            "messages", f"the model's chat template refused them: {exc}"
-        ) from None
-    return str(rendered)
 
 
 class _Shape:
@@ -119,18 +60,36 @@ class _Shape:
             "choices": choices,
         }
 
-    def delta(self, token: Token | None, finish: str | None, first: bool) -> dict[str, Any]:
+    def delta(
+        self, index: int, token: Token | None, finish: str | None, first: bool
+    ) -> dict[str, Any]:
         text = token.text if token else ""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {}
             if token is not None and not first:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
         if token is not None and token.logprob is not None:
             choice["logprobs"] = _logprobs([token], chat=self.chat)
         return choice
+
+    def whole(self, index: int, result: _Result) -> dict[str, Any]:
+        text = "".join(t.text for t in result.tokens)
+        logprobs = (
+            _logprobs(result.tokens, chat=self.chat)
+            if any(t.logprob is not None for t in result.tokens)
+            else None
+        )
+        if self.chat:
+            choice: dict[str, Any] = {
+                "index": index,
+                "message": {"role": "assistant", "content": text},
+            }
+        else:
+            choice = {"index": index, "text": text}
+        return choice | {"logprobs": logprobs, "finish_reason": result.finish}
 
 
 def _logprobs(tokens: list[Token], *, chat: bool) -> dict[str, Any]:
@@ -145,109 +104,237 @@ def _logprobs(tokens: list[Token], *, chat: bool) -> dict[str, Any]:
             for t in tokens
         ]
         return {"content": content}
-    return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens]}
-
-
-def _usage(usage: Usage | None) -> dict[str, int] | None:
-    if usage is None:
-        return None
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t.text)
     return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
+        "tokens": [t.text for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": None,
+        "text_offset": offsets,
     }
 
 
-async def _begin(
-    request: Request, *, chat: bool
-) -> tuple[EdgeContext, Fields, UpstreamStream, _Shape, bool]:
+@dataclasses.dataclass
+class _Result:
+    """What one choice's generation produced."""
+
+    tokens: list[Token] = dataclasses.field(default_factory=list)
+    usage: Usage | None = None
+    finish: str = "stop"
+
+    def see(self, event: Token | Usage | Completion) -> None:
+        if isinstance(event, Token):
+            self.tokens.append(event)
+        elif isinstance(event, Usage):
+            self.usage = event
+        else:
+            self.finish = FINISH.get(event.finish_reason, event.finish_reason)
+
+
+def _usage(usages: list[Usage | None]) -> dict[str, int] | None:
+    """Usage of all choices: the prompt once (they share it), completion tokens summed."""
+    known = [u for u in usages if u is not None]
+    if not known:
+        return None
+    prompt = known[0].prompt_tokens
+    completion = sum(u.completion_tokens for u in known)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+@dataclasses.dataclass
+class _Call:
+    """An accepted OpenAI request: its upstream generations, one per choice."""
+
+    ctx: EdgeContext
+    route: str
+    request_id: str
+    request: OpenAIRequest
+    upstreams: list[UpstreamStream]
+    shape: _Shape
+
+    def cancel(self) -> None:
+        for upstream in self.upstreams:
+            upstream.cancel()
+
+
+async def _begin(request: Request, *, chat: bool) -> _Call:
     ctx = EdgeContext.of(request)
     fields = Fields(await read_json(request, ctx.settings.max_body_bytes))
-    fields.string("model")
     request_id = request_id_of(request, "")
-    prompt = await _chat_prompt(fields, ctx) if chat else _completion_prompt(fields)
-    options = _options(fields, request_id, chat=chat)
-    stream_options = fields.raw("stream_options") or {}
-    if not isinstance(stream_options, dict):
-        raise EdgeError.invalid("stream_options", "must be an object")
-    include_usage = bool(stream_options.get("include_usage", False))
-    streaming = fields.boolean("stream")
-    model = (await ctx.upstream.model_info()).model
-    upstream = await ctx.upstream.open(options.to_pb(prompt), request_id)
-    return (
-        ctx,
-        fields,
-        upstream,
-        _Shape(chat, upstream.request_id, model),
-        streaming and include_usage,
+    turns = chat_turns(fields) if chat else None
+    text = "" if chat else completion_prompt(fields)
+    parsed = read_request(fields, request_id, chat=chat)
+    info = await ctx.upstream.model_info()
+    check_model(parsed, info, ctx.settings.model_aliases)
+    prompt = chat_prompt(turns, info) if turns is not None else text
+    try:
+        upstreams = await _open_all(ctx, parsed, prompt)
+    except EdgeError as error:
+        raise error.renamed(parsed.names) from None
+    # One choice keeps the id the server settled on; n choices share the caller's.
+    base_id = upstreams[0].request_id if len(upstreams) == 1 else request_id
+    route = "chat" if chat else "completions"
+    return _Call(ctx, route, base_id, parsed, upstreams, _Shape(chat, base_id, info.model))
+
+
+async def _open_all(ctx: EdgeContext, parsed: OpenAIRequest, prompt: str) -> list[UpstreamStream]:
+    """Open every choice's generation; if any is refused, cancel the others and raise."""
+    results = await asyncio.gather(
+        *(ctx.upstream.open(o.to_pb(prompt), o.request_id) for o in parsed.choices),
+        return_exceptions=True,
     )
+    opened = [r for r in results if isinstance(r, UpstreamStream)]
+    for result in results:
+        if isinstance(result, BaseException):
+            for upstream in opened:
+                upstream.cancel()
+            raise result
+    return opened
 
 
 async def _respond(request: Request, *, chat: bool) -> Response:
-    route = "chat" if chat else "completions"
-    ctx, fields, upstream, shape, include_usage = await _begin(request, chat=chat)
-    headers = {"X-Request-ID": upstream.request_id}
-    if fields.boolean("stream"):
-        body = _stream(ctx, route, upstream, shape, include_usage)
+    call = await _begin(request, chat=chat)
+    headers = {"X-Request-ID": call.request_id}
+    if call.request.stream:
+        body = _stream(call)
         return EventSourceResponse(
-            body, headers={"Cache-Control": "no-cache", **headers}, ping=ctx.settings.ping_s
+            body, headers={"Cache-Control": "no-cache", **headers}, ping=call.ctx.settings.ping_s
         )
-    return JSONResponse(await _whole(ctx, route, upstream, shape), headers=headers)
+    whole = await _until_disconnect(request, _whole(call))
+    if whole is None:
+        call.ctx.outcome(call.route, "client_disconnected")
+        return Response(status_code=499)
+    return JSONResponse(whole, headers=headers)
 
 
-async def _whole(
-    ctx: EdgeContext, route: str, upstream: UpstreamStream, shape: _Shape
-) -> dict[str, Any]:
-    tokens: list[Token] = []
-    usage: Usage | None = None
-    finish = "stop"
+async def _until_disconnect(
+    request: Request, work: Coroutine[Any, Any, dict[str, Any]]
+) -> dict[str, Any] | None:
+    """The result of `work`, or None (work cancelled) when the HTTP client leaves first.
+
+    The body has been read, so the next ASGI message is the client's disconnect."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        async for message in upstream.messages():
-            event = event_from_pb(message)
-            if isinstance(event, Token):
-                tokens.append(event)
-            elif isinstance(event, Usage):
-                usage = event
-            elif isinstance(event, Completion):
-                finish = FINISH.get(event.finish_reason, event.finish_reason)
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        upstream.cancel()
-    text = "".join(t.text for t in tokens)
-    logprobs = (
-        _logprobs(tokens, chat=shape.chat) if any(t.logprob is not None for t in tokens) else None
-    )
-    if shape.chat:
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
-    else:
-        choice = {"index": 0, "text": text}
-    choice |= {"logprobs": logprobs, "finish_reason": finish}
-    ctx.outcome(route, "completed")
-    return shape.envelope([choice], chunk=False) | {"usage": _usage(usage)}
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+    if task.cancelled():
+        return None
+    return task.result()
 
 
-async def _stream(
-    ctx: EdgeContext, route: str, upstream: UpstreamStream, shape: _Shape, include_usage: bool
-) -> AsyncIterator[ServerSentEvent]:
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(upstream: UpstreamStream) -> _Result:
+    result = _Result()
+    async for message in upstream.messages():
+        event = event_from_pb(message)
+        result.see(event)
+    return result
+
+
+async def _whole(call: _Call) -> dict[str, Any]:
+    try:
+        results = await asyncio.gather(*(_collect(u) for u in call.upstreams))
+    finally:
+        call.cancel()
+    choices = [call.shape.whole(i, result) for i, result in enumerate(results)]
+    call.ctx.outcome(call.route, "completed")
+    usage = _usage([r.usage for r in results])
+    return call.shape.envelope(choices, chunk=False) | {"usage": usage}
+
+
+async def _merged(
+    upstreams: list[UpstreamStream],
+) -> AsyncGenerator[tuple[int, pb.GenerateResponse], None]:
+    """Every choice's messages, as they arrive, tagged with the choice's index."""
+    queue: asyncio.Queue[tuple[int, pb.GenerateResponse | EdgeError | None]] = asyncio.Queue()
+
+    async def pump(index: int, upstream: UpstreamStream) -> None:
+        try:
+            async for message in upstream.messages():
+                queue.put_nowait((index, message))
+            queue.put_nowait((index, None))
+        except EdgeError as error:
+            queue.put_nowait((index, error))
+        except asyncio.CancelledError:
+            # The call was cancelled under us (the end of a drain's grace): say so in-band.
+            # When it is this task that is cancelled, nobody reads the queue any more.
+            queue.put_nowait((index, EdgeError(499, "CANCELLED", "the generation was cancelled")))
+            raise
+
+    pumps = [asyncio.ensure_future(pump(i, u)) for i, u in enumerate(upstreams)]
+    try:
+        running = len(upstreams)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, EdgeError):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in pumps:
+            task.cancel()
+
+
+class _Chunks:
+    """Turns each choice's events into stream chunks, remembering what usage needs."""
+
+    def __init__(self, shape: _Shape, choices: int, include_usage: bool) -> None:
+        self.shape = shape
+        self.include_usage = include_usage
+        self.first = [True] * choices
+        self.usages: list[Usage | None] = [None] * choices
+
+    def of(self, index: int, event: Token | Usage | Completion) -> ServerSentEvent | None:
+        if isinstance(event, Usage):
+            self.usages[index] = event
+            return None
+        if isinstance(event, Token):
+            choice = self.shape.delta(index, event, None, self.first[index])
+            self.first[index] = False
+        else:
+            finish = FINISH.get(event.finish_reason, event.finish_reason)
+            choice = self.shape.delta(index, None, finish, self.first[index])
+        return _chunk(self.shape, [choice], self.include_usage)
+
+    def usage(self) -> ServerSentEvent:
+        body = self.shape.envelope([], chunk=True) | {"usage": _usage(self.usages)}
+        return ServerSentEvent(_json(body))
+
+
+async def _stream(call: _Call) -> AsyncIterator[ServerSentEvent]:
+    ctx, route = call.ctx, call.route
+    chunks = _Chunks(call.shape, len(call.upstreams), call.request.include_usage)
     started = time.perf_counter()
-    first = True
-    usage: Usage | None = None
-    finished = False
+    finished = timed = False
     ctx.metrics.active.inc()
     try:
-        async for message in upstream.messages():
-            event = event_from_pb(message)
-            if isinstance(event, Token):
-                if first:
+        async with contextlib.aclosing(_merged(call.upstreams)) as merged:
+            async for index, message in merged:
+                event = event_from_pb(message)
+                if isinstance(event, Token) and not timed:
                     ctx.observe_ttft(route, time.perf_counter() - started)
-                yield _chunk(shape, [shape.delta(event, None, first)], include_usage)
-                first = False
-            elif isinstance(event, Usage):
-                usage = event
-            elif isinstance(event, Completion):
-                finish = FINISH.get(event.finish_reason, event.finish_reason)
-                yield _chunk(shape, [shape.delta(None, finish, first)], include_usage)
-        if include_usage:
-            yield ServerSentEvent(_json(shape.envelope([], chunk=True) | {"usage": _usage(usage)}))
+                    timed = True
+                if (chunk := chunks.of(index, event)) is not None:
+                    yield chunk
+        if chunks.include_usage:
+            yield chunks.usage()
         yield ServerSentEvent("[DONE]")
         finished = True
         ctx.outcome(route, "completed")
@@ -257,13 +344,14 @@ async def _stream(
         yield ServerSentEvent(_json(error.openai_body()))
     finally:
         ctx.metrics.active.dec()
+        call.cancel()
         if not finished:
-            upstream.cancel()
             ctx.outcome(route, "client_disconnected")
         log.info(
             "edge.stream",
-            request_id=upstream.request_id,
+            request_id=call.request_id,
             route=route,
+            choices=len(call.upstreams),
             outcome="completed" if finished else "client_disconnected",
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
@@ -277,8 +365,6 @@ def _chunk(shape: _Shape, choices: list[dict[str, Any]], include_usage: bool) ->
 
 
 def _json(data: dict[str, Any]) -> str:
-    import json
-
     return json.dumps(data, separators=(",", ":"))
 
 
@@ -291,12 +377,18 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def models(request: Request) -> Response:
-    info = await EdgeContext.of(request).upstream.model_info()
-    card = {
-        "id": info.model,
-        "object": "model",
-        "created": 0,
-        "owned_by": "tokenwire",
-        "max_model_len": info.context_length,
-    }
-    return JSONResponse({"object": "list", "data": [card]})
+    """The served model, then each configured alias of it."""
+    ctx = EdgeContext.of(request)
+    info = await ctx.upstream.model_info()
+    cards = [
+        {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "tokenwire",
+            "root": info.model,
+            "max_model_len": info.context_length,
+        }
+        for name in dict.fromkeys((info.model, *ctx.settings.model_aliases))
+    ]
+    return JSONResponse({"object": "list", "data": cards})

@@ -63,6 +63,9 @@ class EdgeSettings:
         0.0, "pause after `/readyz` turns 503 before new requests are refused"
     )
     log_format: LogFormat = setting("json", "`json` lines, or `console` for humans")
+    model_aliases: tuple[str, ...] = setting(
+        (), "comma-separated other names the OpenAI routes accept for the served model"
+    )
 
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, "port", "between 0 and 65535", self.port)

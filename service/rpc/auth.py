@@ -69,10 +69,14 @@ Continuation: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable["Handler
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every RPC but health checks with UNAUTHENTICATED unless a configured key is sent."""
+    """Refuses every RPC but health checks with UNAUTHENTICATED unless a configured key is sent.
 
-    def __init__(self, keys: ApiKeys) -> None:
+    `on_refused` hears of each refused call by its method name (the servicer never sees them).
+    """
+
+    def __init__(self, keys: ApiKeys, on_refused: Callable[[str], None] | None = None) -> None:
         self._keys = keys
+        self._on_refused = on_refused
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -82,7 +86,11 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if method.startswith(OPEN_METHOD_PREFIXES) or self._keys.principal(metadata) is not None:
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
-        return None if handler is None else _refusing(handler)
+        if handler is None:
+            return None
+        if self._on_refused is not None:
+            self._on_refused(method)
+        return _refusing(handler)
 
 
 async def _refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:

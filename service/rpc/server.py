@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tokenwire.server.config import Settings, all_api_keys
 from tokenwire.server.domain import FinishReason
-from tokenwire.server.engine import Engine
+from tokenwire.server.engine import Engine, EngineObserver, NullObserver
 from tokenwire.server.rpc import handlers
 from tokenwire.server.rpc.auth import ApiKeyInterceptor, ApiKeys
 from tokenwire.server.rpc.servicer import EngineSlot, GenerationServicer
@@ -22,6 +22,7 @@ from tokenwire.v1 import generate_pb2 as pb
 log = structlog.get_logger("tokenwire.server")
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+GENERATE_METHOD = f"/{SERVICE_NAME}/Generate"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 QUIET_S = 0.05
 QUIET_LIMIT_S = 1.0
@@ -54,16 +55,19 @@ class TokenwireServer:
     servicer: GenerationServicer = dataclasses.field(init=False)
     slot: EngineSlot = dataclasses.field(default_factory=EngineSlot)
     port: int = 0
+    observer: EngineObserver = dataclasses.field(default_factory=NullObserver)
+    """Hears of Generate calls refused before they reach the engine (the engine's own
+    observer counts the rest), so every rejection is counted once."""
 
     async def start(self) -> int:
         """Bind and start serving with health NOT_SERVING; return the bound port."""
         keys = ApiKeys(all_api_keys(self.settings))
-        interceptors = (ApiKeyInterceptor(keys),) if keys.enabled else ()
+        interceptors = (ApiKeyInterceptor(keys, self._refused),) if keys.enabled else ()
         self.server = grpc.aio.server(
             options=server_options(self.settings), interceptors=interceptors
         )
         self.servicer = GenerationServicer(
-            self.slot, keys=keys, log_content=self.settings.log_content
+            self.slot, keys=keys, log_content=self.settings.log_content, observer=self.observer
         )
         handlers.register(self.servicer, self.server)
         self.health = health.aio.HealthServicer()
@@ -80,6 +84,11 @@ class TokenwireServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         return self.port
+
+    def _refused(self, method: str) -> None:
+        """A call the key check refused: a Generate counts as a rejected request."""
+        if method == GENERATE_METHOD:
+            self.observer.request_rejected("Unauthenticated")
 
     async def attach(self, engine: Engine) -> None:
         """The engine is warm: accept requests and report SERVING."""

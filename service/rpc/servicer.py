@@ -20,7 +20,13 @@ from tokenwire.server.domain import (
     Unavailable,
     UsageEvent,
 )
-from tokenwire.server.engine import Engine, EngineStopped, GenerationHandle
+from tokenwire.server.engine import (
+    Engine,
+    EngineObserver,
+    EngineStopped,
+    GenerationHandle,
+    NullObserver,
+)
 from tokenwire.server.rpc import convert
 from tokenwire.server.rpc.auth import ANONYMOUS, ApiKeys
 from tokenwire.server.rpc.errors import abort
@@ -57,11 +63,17 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """Generate, GetModelInfo and Cancel. Streams belong to the principal that started them."""
 
     def __init__(
-        self, slot: EngineSlot, *, keys: ApiKeys | None = None, log_content: bool = False
+        self,
+        slot: EngineSlot,
+        *,
+        keys: ApiKeys | None = None,
+        log_content: bool = False,
+        observer: EngineObserver | None = None,
     ) -> None:
         self._slot = slot
         self._keys = keys or ApiKeys(())
         self._log_content = log_content
+        self._observer = observer or NullObserver()
         self.last_arrival = 0.0
         """time.monotonic() of the latest Generate call (the drain waits for a quiet moment)."""
 
@@ -111,20 +123,26 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, request: pb.GenerateRequest | Malformed, context: Context
     ) -> tuple[GenerationHandle, str, float | None]:
         """Check the request and hand it to the engine under the caller's principal; bind the
-        log context. Raises TokenwireError when refused: nothing reaches the engine then."""
-        if isinstance(request, Malformed):
-            raise request.error()
-        request_id = convert.choose_request_id(
-            request.request_id, _metadata(context, "x-request-id")
-        )
-        principal = self._principal(context)
-        structlog.contextvars.bind_contextvars(request_id=request_id, peer=context.peer())
-        if principal != ANONYMOUS:
-            structlog.contextvars.bind_contextvars(principal=principal)
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        engine = self._slot.get()
-        owned = convert.request_from_pb(request, owned_id(principal, request_id), deadline)
+        log context. Raises TokenwireError when refused: nothing reaches the engine then.
+
+        Refusals before engine.submit are counted here; the engine counts its own."""
+        try:
+            if isinstance(request, Malformed):
+                raise request.error()
+            request_id = convert.choose_request_id(
+                request.request_id, _metadata(context, "x-request-id")
+            )
+            principal = self._principal(context)
+            structlog.contextvars.bind_contextvars(request_id=request_id, peer=context.peer())
+            if principal != ANONYMOUS:
+                structlog.contextvars.bind_contextvars(principal=principal)
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            engine = self._slot.get()
+            owned = convert.request_from_pb(request, owned_id(principal, request_id), deadline)
+        except TokenwireError as exc:
+            self._observer.request_rejected(type(exc).__name__)
+            raise
         return engine.submit(owned), request_id, deadline
 
     async def GetModelInfo(

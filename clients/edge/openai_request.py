@@ -1,0 +1,309 @@
+"""Reading an OpenAI request: which fields are honoured, which are refused, and the options of
+each of its `n` generations.
+
+Nothing is silently ignored. A field is either honoured, accepted because it cannot change the
+answer (`user`, `metadata`, ...), accepted at the one value that asks for nothing (`tools: []`,
+`presence_penalty: 0`, `response_format: {"type": "text"}`), or refused with a 400 naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from tokenwire.client.client import GenerateOptions, ModelInfo
+from tokenwire.edge.body import UINT64_MAX, Fields
+from tokenwire.edge.errors import EdgeError
+
+# Used when the model ships no chat template: role-tagged turns, then the assistant's turn.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+_jinja = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+# Read below (or by the route); the extensions top_k, repetition_penalty and ignore_eos are the
+# native API's, as vLLM accepts them too.
+HONOURED = frozenset(
+    {
+        "model",
+        "stream",
+        "stream_options",
+        "n",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "stop",
+        "logprobs",
+        "top_k",
+        "repetition_penalty",
+        "ignore_eos",
+    }
+)
+HONOURED_BY_ROUTE = {
+    True: frozenset({"messages", "max_completion_tokens"}),
+    False: frozenset({"prompt"}),
+}
+# Accepted as sent: they label, store or route the request but cannot change its answer.
+NEUTRAL = frozenset(
+    {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
+)
+
+
+def _empty(value: Any) -> bool:
+    return bool(value in ([], {}))
+
+
+def _zero(value: Any) -> bool:
+    return not isinstance(value, bool) and value == 0
+
+
+def _no_tools(value: Any) -> bool:
+    return bool(value == "none")
+
+
+def _text_format(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("type") == "text"
+
+
+def _text_only(value: Any) -> bool:
+    return bool(value == ["text"])
+
+
+def _one(value: Any) -> bool:
+    return not isinstance(value, bool) and value == 1
+
+
+def _false(value: Any) -> bool:
+    return value is False
+
+
+def _no_suffix(value: Any) -> bool:
+    return bool(value == "")
+
+
+def _any(value: Any) -> bool:
+    return True
+
+
+# Not supported: accepted only at the value that asks for nothing (null is always fine).
+IDLE_VALUE: dict[str, Callable[[Any], bool]] = {
+    "logit_bias": _empty,
+    "presence_penalty": _zero,
+    "frequency_penalty": _zero,
+}
+IDLE_BY_ROUTE: dict[bool, dict[str, Callable[[Any], bool]]] = {
+    True: {
+        "tools": _empty,
+        "functions": _empty,
+        "tool_choice": _no_tools,
+        "function_call": _no_tools,
+        "parallel_tool_calls": _any,  # meaningless without tools, which are refused
+        "response_format": _text_format,
+        "modalities": _text_only,
+        "top_logprobs": _zero,
+    },
+    False: {"echo": _false, "suffix": _no_suffix, "best_of": _one},
+}
+MAX_N = 8
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OpenAIRequest:
+    """What one OpenAI request asks for, checked; `choices` holds one option set per choice."""
+
+    chat: bool
+    model: str
+    stream: bool
+    include_usage: bool
+    choices: tuple[GenerateOptions, ...]
+    names: dict[str, str]
+    """Server field -> the OpenAI field this request used for it (errors name the latter)."""
+
+
+def check_fields(fields: Fields, *, chat: bool) -> None:
+    """400 for any field the edge does not honour at the value sent, naming the field."""
+    idle = IDLE_VALUE | IDLE_BY_ROUTE[chat]
+    known = HONOURED | HONOURED_BY_ROUTE[chat] | NEUTRAL
+    for name in fields.names():
+        value = fields.raw(name)
+        if name in known or value is None:
+            continue
+        if name not in idle:
+            raise EdgeError.invalid(
+                name, "unrecognized request argument for this route", "unknown_parameter"
+            )
+        if not idle[name](value):
+            raise EdgeError.invalid(
+                name, f"is not supported by this server (only {_idle_hint(name)})", _code(name)
+            )
+
+
+def _idle_hint(name: str) -> str:
+    hints = {
+        "tools": "[]",
+        "functions": "[]",
+        "tool_choice": '"none"',
+        "function_call": '"none"',
+        "response_format": '{"type": "text"}',
+        "modalities": '["text"]',
+        "logit_bias": "{}",
+        "echo": "false",
+        "suffix": '""',
+        "best_of": "1",
+    }
+    return f"{hints.get(name, '0')} or null is accepted"
+
+
+def _code(name: str) -> str:
+    """unsupported_parameter for features, unsupported_value for numbers with a no-op value."""
+    numeric = {"presence_penalty", "frequency_penalty", "top_logprobs", "best_of"}
+    return "unsupported_value" if name in numeric else "unsupported_parameter"
+
+
+def read_request(fields: Fields, request_id: str, *, chat: bool) -> OpenAIRequest:
+    """Check every field and build the options of each choice (distinct ids and seeds)."""
+    check_fields(fields, chat=chat)
+    n = fields.integer("n", 1) or 1
+    base, names = _options(fields, request_id, chat=chat)
+    choices = tuple(_choice(base, request_id, i, n) for i in range(n))
+    stream_options = fields.raw("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise EdgeError.invalid("stream_options", "must be an object", "invalid_type")
+    include_usage = stream_options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise EdgeError.invalid("stream_options.include_usage", "must be true or false")
+    stream = fields.boolean("stream")
+    model = fields.string("model")
+    return OpenAIRequest(chat, model, stream, stream and include_usage, choices, names)
+
+
+def _choice(base: GenerateOptions, request_id: str, index: int, n: int) -> GenerateOptions:
+    """Choice `index` of `n`: its own request id and, with a seed, its own seed (seed + index)."""
+    if n == 1:
+        return base
+    # Room for the suffix within the 128-character bound on request ids.
+    own_id = f"{request_id[:124]}-{index}"
+    seed = None if base.seed is None else (base.seed + index) % (UINT64_MAX + 1)
+    return dataclasses.replace(base, request_id=own_id, seed=seed)
+
+
+def _max_tokens(fields: Fields, *, chat: bool) -> tuple[int, str]:
+    """The token cap and the field that gave it; OpenAI's rule: at least 1."""
+    name = "max_completion_tokens" if chat and fields.has("max_completion_tokens") else "max_tokens"
+    if name != "max_tokens" and fields.has("max_tokens"):
+        raise EdgeError.invalid("max_tokens", "give max_tokens or max_completion_tokens, not both")
+    value = fields.integer(name)
+    if value is None:
+        return 0, name  # the server's default
+    if value < 1:
+        raise EdgeError.invalid(name, f"must be at least 1, got {value}", "integer_below_min_value")
+    return value, name
+
+
+def _logprobs(fields: Fields, *, chat: bool) -> bool:
+    """Chat: a boolean. Completions: 0 gives the chosen tokens' log-probabilities; asking for
+    alternatives (1..5) is refused, since only the chosen token's is known."""
+    if chat:
+        return fields.boolean("logprobs")
+    value = fields.integer("logprobs")
+    if value is None:
+        return False
+    if value > 0:
+        raise EdgeError.invalid(
+            "logprobs",
+            "only 0 (the chosen tokens' log-probabilities) is supported, not alternatives",
+            "unsupported_value",
+        )
+    return True
+
+
+def _options(
+    fields: Fields, request_id: str, *, chat: bool
+) -> tuple[GenerateOptions, dict[str, str]]:
+    max_tokens, max_name = _max_tokens(fields, chat=chat)
+    options = GenerateOptions(
+        max_tokens=max_tokens,
+        temperature=fields.number("temperature"),
+        top_k=fields.integer("top_k", 0) or 0,
+        top_p=fields.number("top_p"),
+        repetition_penalty=fields.number("repetition_penalty"),
+        seed=fields.integer("seed"),
+        stop=fields.strings("stop"),
+        ignore_eos=fields.boolean("ignore_eos"),
+        logprobs=_logprobs(fields, chat=chat),
+        request_id=request_id,
+        # A rendered chat template already holds the special tokens (BOS) the model expects.
+        add_special_tokens=False if chat else None,
+    )
+    names = {"max_tokens": max_name, "prompt": "messages" if chat else "prompt", "stop": "stop"}
+    return options, names
+
+
+def check_model(request: OpenAIRequest, info: ModelInfo, aliases: tuple[str, ...]) -> None:
+    """404 model_not_found unless `model` is the served model or an alias. Like vLLM, a request
+    that names no model gets the served one."""
+    if not request.model or request.model == info.model or request.model in aliases:
+        return
+    raise EdgeError(
+        404,
+        "NOT_FOUND",
+        f"The model `{request.model}` does not exist (this server serves `{info.model}`)",
+        param="model",
+        openai_code="model_not_found",
+        openai_type="invalid_request_error",
+    )
+
+
+def completion_prompt(fields: Fields) -> str:
+    prompt = fields.raw("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    if not isinstance(prompt, str):
+        raise EdgeError.invalid("prompt", "must be a string (or a list of one string)")
+    return prompt
+
+
+def _content_text(content: Any, index: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if len(parts) == len(content) and all(isinstance(p, str) for p in parts):
+            return "".join(str(p) for p in parts)
+    raise EdgeError.invalid(f"messages[{index}].content", "must be a string or text parts")
+
+
+def chat_turns(fields: Fields) -> list[dict[str, str]]:
+    messages = fields.raw("messages")
+    if not isinstance(messages, list) or not messages:
+        raise EdgeError.invalid("messages", "must be a non-empty list")
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise EdgeError.invalid(f"messages[{i}]", "must be an object with a string role")
+        turns.append({"role": m["role"], "content": _content_text(m.get("content"), i)})
+    return turns
+
+
+def chat_prompt(turns: list[dict[str, str]], info: ModelInfo) -> str:
+    """The turns rendered with the model's chat template (or the default one)."""
+    template = info.chat_template or DEFAULT_CHAT_TEMPLATE
+    try:
+        rendered = _jinja.from_string(template).render(
+            messages=turns,
+            add_generation_prompt=True,
+            bos_token=info.bos_token,
+            eos_token=info.eos_token,
+        )
+    except TemplateError as exc:
+        # Model templates refuse some conversations (roles not alternating, ...).
+        raise EdgeError.invalid(
+            "messages", f"the model's chat template refused them: {exc}"
+        ) from None
+    return str(rendered)

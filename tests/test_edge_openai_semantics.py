@@ -1,0 +1,406 @@
+"""OpenAI semantics of the edge, through the official openai SDK against a real edge and server:
+model ids, max_tokens, n choices, refused and accepted fields, OpenAI error bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import (
+    MODEL,
+    RunningEdge,
+    RunningServer,
+    eventually,
+    start_edge,
+    start_server,
+)
+from tests.fakes import RecordingObserver, ScriptedModel
+from tokenwire.server.domain import FinishReason
+from tokenwire.server.engine import ModelSpec
+from tokenwire.server.tokenizer import Tokenizer
+
+CHAT = [{"role": "user", "content": "Write a loop."}]
+# EOS ignored: every choice runs to max_tokens, so token counts are known.
+LONG = {"ignore_eos": True}
+
+
+@pytest.fixture
+async def sdk(edge: RunningEdge) -> AsyncIterator[openai.AsyncOpenAI]:
+    client = openai.AsyncOpenAI(base_url=f"{edge.url}/v1", api_key="unused", max_retries=0)
+    yield client
+    await client.close()
+
+
+def _error(caught: pytest.ExceptionInfo[openai.APIStatusError]) -> dict[str, Any]:
+    """The OpenAI error object of a refused call (the SDK unwraps `{"error": ...}`)."""
+    body = caught.value.body
+    assert isinstance(body, dict)
+    assert set(body) == {"message", "type", "param", "code"}
+    return body
+
+
+async def _create(sdk: openai.AsyncOpenAI, chat: bool, stream: bool, **fields: Any) -> Any:
+    """One chat or completions call; a stream is read to its end."""
+    if chat:
+        reply = await sdk.chat.completions.create(messages=CHAT, stream=stream, **fields)
+    else:
+        reply = await sdk.completions.create(prompt="def f():", stream=stream, **fields)
+    if stream:
+        return [chunk async for chunk in reply]
+    return reply
+
+
+ROUTES = [
+    pytest.param(chat, stream, id=f"{'chat' if chat else 'completions'}-{mode}")
+    for chat in (True, False)
+    for stream, mode in ((False, "whole"), (True, "stream"))
+]
+
+
+@pytest.mark.parametrize(("chat", "stream"), ROUTES)
+async def test_unknown_model_is_404_model_not_found(
+    sdk: openai.AsyncOpenAI, chat: bool, stream: bool
+) -> None:
+    """A model that is neither served nor an alias is OpenAI's 404 model_not_found."""
+    with pytest.raises(openai.NotFoundError) as caught:
+        await _create(sdk, chat, stream, model="gpt-4o", max_tokens=2)
+    error = _error(caught)
+    assert (error["type"], error["param"], error["code"]) == (
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+    )
+    assert "gpt-4o" in error["message"]
+
+
+async def test_alias_is_served_and_listed(served: RunningServer) -> None:
+    """With TOKENWIRE_MODEL_ALIASES set, /v1/models lists each alias and requests may use it."""
+    edge = await start_edge(served.target, model_aliases=("gpt-3.5-turbo", "tiny"))
+    try:
+        async with openai.AsyncOpenAI(
+            base_url=f"{edge.url}/v1", api_key="unused", max_retries=0
+        ) as client:
+            listed = [m.id for m in (await client.models.list()).data]
+            reply = await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2)
+    finally:
+        await edge.edge.stop()
+    assert listed == [MODEL, "gpt-3.5-turbo", "tiny"]
+    assert reply.model == MODEL
+    assert reply.choices[0].message.content is not None
+
+
+@pytest.mark.parametrize(("chat", "stream"), ROUTES)
+async def test_max_tokens_zero_is_400(sdk: openai.AsyncOpenAI, chat: bool, stream: bool) -> None:
+    """max_tokens (and chat's max_completion_tokens) below 1 is a 400 naming that field."""
+    name = "max_completion_tokens" if chat else "max_tokens"
+    with pytest.raises(openai.BadRequestError) as caught:
+        await _create(sdk, chat, stream, model=MODEL, **{name: 0})
+    error = _error(caught)
+    assert (error["param"], error["code"]) == (name, "integer_below_min_value")
+
+
+@pytest.mark.parametrize(("chat", "stream"), ROUTES)
+async def test_server_limit_names_the_field_the_request_used(
+    sdk: openai.AsyncOpenAI, chat: bool, stream: bool
+) -> None:
+    """The server's `max_tokens` refusal names max_completion_tokens when the request used it."""
+    name = "max_completion_tokens" if chat else "max_tokens"
+    with pytest.raises(openai.BadRequestError) as caught:
+        await _create(sdk, chat, stream, model=MODEL, **{name: 100_000})
+    error = _error(caught)
+    assert (error["param"], error["code"]) == (name, "invalid_value")
+    assert error["message"].startswith(f"{name}:")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_chat_prompt_refusal_names_messages(sdk: openai.AsyncOpenAI, stream: bool) -> None:
+    """A conversation the server finds too long is refused naming `messages`, not `prompt`."""
+    huge = [{"role": "user", "content": "word " * 5000}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.chat.completions.create(model=MODEL, messages=huge, max_tokens=2, stream=stream)
+    assert _error(caught)["param"] == "messages"
+
+
+async def test_n_whole_chat_returns_n_indexed_choices(sdk: openai.AsyncOpenAI) -> None:
+    """n=3 returns three choices indexed 0..2; usage counts the prompt once and every
+    choice's tokens."""
+    reply = await sdk.chat.completions.create(
+        model=MODEL, messages=CHAT, n=3, max_tokens=5, temperature=0, extra_body=LONG
+    )
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert len({c.message.content for c in reply.choices}) == 1  # greedy: all alike
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == 15
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 15
+
+
+async def test_n_stream_interleaves_choices_and_sums_usage(sdk: openai.AsyncOpenAI) -> None:
+    """Streamed n=3: every chunk names its choice, each choice gets its own role delta and
+    finish chunk, its deltas join to the non-streamed text, and usage sums all choices."""
+    whole = await sdk.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=6, temperature=0, extra_body=LONG
+    )
+    stream = await sdk.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        n=3,
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=LONG,
+    )
+    chunks = [chunk async for chunk in stream]
+    texts, roles, finishes = ["", "", ""], [0, 0, 0], [0, 0, 0]
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.delta.content or ""
+        roles[choice.index] += choice.delta.role == "assistant"
+        finishes[choice.index] += choice.finish_reason == "length"
+    assert texts == [whole.choices[0].message.content] * 3
+    assert (roles, finishes) == ([1, 1, 1], [1, 1, 1])
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 18
+
+
+async def test_n_completions_stream_and_whole_agree(sdk: openai.AsyncOpenAI) -> None:
+    """/v1/completions with n=2: streamed text per index equals the whole response's."""
+    fields: dict[str, Any] = {"model": MODEL, "n": 2, "max_tokens": 8, "temperature": 0}
+    whole = await sdk.completions.create(prompt="import os", **fields)
+    stream = await sdk.completions.create(prompt="import os", stream=True, **fields)
+    texts = ["", ""]
+    async for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [c.text for c in whole.choices]
+
+
+async def test_n_with_seed_gives_each_choice_seed_plus_index(sdk: openai.AsyncOpenAI) -> None:
+    """With a seed, choice i samples as a single request with seed + i would: reproducible,
+    and the choices differ from one another."""
+    fields: dict[str, Any] = {"model": MODEL, "max_tokens": 12, "temperature": 1.5}
+    many = await sdk.completions.create(prompt="def", n=3, seed=40, **fields)
+    singles = [
+        (await sdk.completions.create(prompt="def", seed=40 + i, **fields)).choices[0].text
+        for i in range(3)
+    ]
+    assert [c.text for c in many.choices] == singles
+    assert len(set(singles)) > 1
+
+
+async def test_n_stream_disconnect_cancels_every_choice(paced: RunningServer) -> None:
+    """Closing a streamed n=3 request cancels all three upstream generations at once."""
+    edge = await start_edge(paced.target)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 450, "n": 3, "stream": True}
+    try:
+        async with (
+            httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
+            http.stream(
+                "POST", "/v1/completions", json=body, headers={"X-Request-ID": "n-drop"}
+            ) as response,
+        ):
+            async for line in response.aiter_lines():
+                if line.startswith("data:"):
+                    break
+        assert await eventually(lambda: paced.engine.active_count == 0, within_s=1)
+    finally:
+        await edge.edge.stop()
+    assert isinstance(paced.observer, RecordingObserver)
+    records = [paced.observer.finished[f"n-drop-{i}"] for i in range(3)]
+    assert {r.finish_reason for r in records} == {FinishReason.CANCELLED}
+
+
+async def test_whole_response_disconnect_cancels_every_choice(paced: RunningServer) -> None:
+    """A client that leaves before a non-streamed n=2 answer is ready cancels both choices."""
+    edge = await start_edge(paced.target)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 450, "n": 2}
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=0.3) as http:
+            with pytest.raises(httpx.ReadTimeout):
+                await http.post("/v1/completions", json=body, headers={"X-Request-ID": "w-drop"})
+        assert await eventually(lambda: paced.engine.active_count == 0, within_s=1)
+    finally:
+        await edge.edge.stop()
+    assert isinstance(paced.observer, RecordingObserver)
+    records = [paced.observer.finished[f"w-drop-{i}"] for i in range(2)]
+    assert {r.finish_reason for r in records} == {FinishReason.CANCELLED}
+    assert all(r.completion_tokens < 450 for r in records)
+
+
+CHAT_REFUSED = {
+    "tools": (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+        "unsupported_parameter",
+    ),
+    "tool_choice": ({"tool_choice": "auto"}, "unsupported_parameter"),
+    "functions": ({"functions": [{"name": "f", "parameters": {}}]}, "unsupported_parameter"),
+    "function_call": ({"function_call": "auto"}, "unsupported_parameter"),
+    "response_format": ({"response_format": {"type": "json_object"}}, "unsupported_parameter"),
+    "logit_bias": ({"logit_bias": {"42": 5}}, "unsupported_parameter"),
+    "presence_penalty": ({"presence_penalty": 0.5}, "unsupported_value"),
+    "frequency_penalty": ({"frequency_penalty": -1}, "unsupported_value"),
+    "top_logprobs": ({"logprobs": True, "top_logprobs": 3}, "unsupported_value"),
+    "modalities": ({"modalities": ["text", "audio"]}, "unsupported_parameter"),
+}
+COMPLETIONS_REFUSED = {
+    "echo": ({"echo": True}, "unsupported_parameter"),
+    "suffix": ({"suffix": "end"}, "unsupported_parameter"),
+    "best_of": ({"best_of": 2}, "unsupported_value"),
+    "logprobs": ({"logprobs": 2}, "unsupported_value"),
+    "logit_bias": ({"logit_bias": {"42": 5}}, "unsupported_parameter"),
+    "presence_penalty": ({"presence_penalty": 1.0}, "unsupported_value"),
+}
+
+
+@pytest.mark.parametrize(("fields", "code"), CHAT_REFUSED.values(), ids=CHAT_REFUSED.keys())
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_chat_field_not_honoured_is_400_naming_it(
+    sdk: openai.AsyncOpenAI, fields: dict[str, Any], code: str, stream: bool
+) -> None:
+    """A chat field that would change the answer and is not supported is refused by name."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await _create(sdk, True, stream, model=MODEL, max_tokens=2, **fields)
+    error = _error(caught)
+    assert (error["param"], error["code"]) == (list(fields)[-1], code)
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"), COMPLETIONS_REFUSED.values(), ids=COMPLETIONS_REFUSED.keys()
+)
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_completions_field_not_honoured_is_400_naming_it(
+    sdk: openai.AsyncOpenAI, fields: dict[str, Any], code: str, stream: bool
+) -> None:
+    """A completions field that would change the answer and is not supported is refused."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await _create(sdk, False, stream, model=MODEL, max_tokens=2, **fields)
+    error = _error(caught)
+    assert (error["param"], error["code"]) == (list(fields)[-1], code)
+
+
+async def test_unknown_field_is_400_unknown_parameter(sdk: openai.AsyncOpenAI) -> None:
+    """A field OpenAI's API does not define (and the edge does not honour) is refused."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.completions.create(
+            model=MODEL, prompt="x", max_tokens=2, extra_body={"min_p": 0.1}
+        )
+    error = _error(caught)
+    assert (error["param"], error["code"]) == ("min_p", "unknown_parameter")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_fields_that_cannot_change_the_answer_are_accepted(
+    sdk: openai.AsyncOpenAI, stream: bool
+) -> None:
+    """user, metadata, store, service_tier, parallel_tool_calls, and the no-op values of
+    refused fields (tools [], presence_penalty 0, text response_format) are accepted."""
+    reply = await _create(
+        sdk,
+        True,
+        stream,
+        model=MODEL,
+        max_tokens=2,
+        user="u-1",
+        metadata={"team": "a"},
+        store=False,
+        service_tier="auto",
+        parallel_tool_calls=False,
+        presence_penalty=0,
+        frequency_penalty=0,
+        logit_bias={},
+        response_format={"type": "text"},
+        extra_body={"tools": [], "tool_choice": "none"},
+    )
+    assert reply
+
+
+async def test_completions_logprobs_zero_gives_the_chosen_tokens(sdk: openai.AsyncOpenAI) -> None:
+    """logprobs=0 on /v1/completions returns each chosen token's log-probability and offset."""
+    reply = await sdk.completions.create(
+        model=MODEL, prompt="def f():", max_tokens=4, logprobs=0, extra_body=LONG
+    )
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None
+    assert logprobs.tokens is not None
+    assert logprobs.token_logprobs is not None
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 4
+    assert all(lp is not None and lp <= 0 for lp in logprobs.token_logprobs)
+    assert "".join(logprobs.tokens) == reply.choices[0].text
+    assert logprobs.text_offset is not None
+    assert logprobs.text_offset[0] == 0
+
+
+async def test_max_tokens_and_max_completion_tokens_together_are_400(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    """Chat with both caps is a 400 naming max_tokens (one of them would be ignored)."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.chat.completions.create(
+            model=MODEL, messages=CHAT, max_tokens=2, max_completion_tokens=3
+        )
+    assert _error(caught)["param"] == "max_tokens"
+
+
+async def test_model_not_found_counts_as_rejected(edge: RunningEdge) -> None:
+    """A 404 model_not_found counts in tokenwire_edge_streams_total{outcome="rejected"}."""
+    async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+        refused = await http.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+        scrape = (await http.get("/metrics")).text
+    assert refused.status_code == 404
+    line = 'tokenwire_edge_streams_total{outcome="rejected",route="completions"} 1.0'
+    assert line in scrape
+
+
+async def test_request_without_model_gets_the_served_one(edge: RunningEdge) -> None:
+    """A body with no `model` (as vLLM allows) is answered by the served model."""
+    async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+        response = await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    assert response.status_code == 200
+    assert response.json()["model"] == MODEL
+
+
+async def test_stream_cut_by_the_edge_ends_with_an_error_chunk(paced: RunningServer) -> None:
+    """When the edge stops with an n=2 stream still running, the stream ends with an OpenAI
+    error chunk (not silently) and both generations are cancelled."""
+    edge = await start_edge(paced.target)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 400, "n": 2, "stream": True}
+    lines: list[str] = []
+    async with (
+        httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
+        http.stream("POST", "/v1/completions", json=body) as response,
+    ):
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                lines.append(line.removeprefix("data: "))
+                if len(lines) == 1:
+                    stopping = asyncio.ensure_future(edge.edge.stop())
+    await stopping
+    assert "error" in json.loads(lines[-1])
+    assert await eventually(lambda: paced.engine.active_count == 0, within_s=2)
+
+
+async def test_n_beyond_capacity_is_429_and_frees_the_admitted_choices(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """When the server admits only some of n choices, the request is a 429 and the admitted
+    generations are cancelled at once (none keeps a slot for nobody)."""
+    slow = ScriptedModel(spec, {}, step_delay_s=0.01)
+    running = await start_server(slow, tokenizer, max_batch_size=1, max_queue=1)
+    edge = await start_edge(running.target)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 300, "n": 3, "ignore_eos": True}
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            refused = await http.post("/v1/completions", json=body)
+        assert await eventually(lambda: running.engine.active_count == 0, within_s=1)
+    finally:
+        await edge.edge.stop()
+        await running.server.drain()
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
