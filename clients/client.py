@@ -54,11 +54,21 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class TopLogprob:
+    """One likely token at a position (unmodified distribution)."""
+
+    id: int
+    logprob: float
+    text: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Token:
     text: str
     id: int
     index: int
     logprob: float | None = None
+    top_logprobs: tuple[TopLogprob, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -114,13 +124,29 @@ class GenerateOptions:
     request_id: str = ""
     add_special_tokens: bool | None = None
     """None: the tokenizer's own rule (e.g. add BOS); False for an already templated prompt."""
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    min_p: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    top_logprobs: int = 0
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
 
     def to_pb(self, prompt: str) -> pb.GenerateRequest:
         sampling = pb.SamplingParams(top_k=self.top_k)
-        for name in ("temperature", "top_p", "repetition_penalty", "seed"):
+        for name in (
+            "temperature",
+            "top_p",
+            "repetition_penalty",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "min_p",
+        ):
             value = getattr(self, name)
             if value is not None:
                 setattr(sampling, name, value)
+        sampling.logit_bias.update(dict(self.logit_bias))
         return pb.GenerateRequest(
             prompt=prompt,
             max_tokens=self.max_tokens,
@@ -130,6 +156,9 @@ class GenerateOptions:
             logprobs=self.logprobs,
             request_id=self.request_id,
             add_special_tokens=self.add_special_tokens,
+            top_logprobs=self.top_logprobs,
+            min_tokens=self.min_tokens,
+            stop_token_ids=list(self.stop_token_ids),
         )
 
 
@@ -142,7 +171,10 @@ def event_from_pb(message: pb.GenerateResponse) -> StreamEvent:
     kind = message.WhichOneof("event")
     if kind == "token":
         t = message.token
-        return Token(t.text, t.id, t.index, t.logprob if t.HasField("logprob") else None)
+        alternatives = tuple(TopLogprob(a.id, a.logprob, a.text) for a in t.top_logprobs)
+        return Token(
+            t.text, t.id, t.index, t.logprob if t.HasField("logprob") else None, alternatives
+        )
     if kind == "usage":
         u = message.usage
         return Usage(

@@ -243,19 +243,12 @@ CHAT_REFUSED = {
     "functions": ({"functions": [{"name": "f", "parameters": {}}]}, "unsupported_parameter"),
     "function_call": ({"function_call": "auto"}, "unsupported_parameter"),
     "response_format": ({"response_format": {"type": "json_object"}}, "unsupported_parameter"),
-    "logit_bias": ({"logit_bias": {"42": 5}}, "unsupported_parameter"),
-    "presence_penalty": ({"presence_penalty": 0.5}, "unsupported_value"),
-    "frequency_penalty": ({"frequency_penalty": -1}, "unsupported_value"),
-    "top_logprobs": ({"logprobs": True, "top_logprobs": 3}, "unsupported_value"),
     "modalities": ({"modalities": ["text", "audio"]}, "unsupported_parameter"),
 }
 COMPLETIONS_REFUSED = {
     "echo": ({"echo": True}, "unsupported_parameter"),
     "suffix": ({"suffix": "end"}, "unsupported_parameter"),
     "best_of": ({"best_of": 2}, "unsupported_value"),
-    "logprobs": ({"logprobs": 2}, "unsupported_value"),
-    "logit_bias": ({"logit_bias": {"42": 5}}, "unsupported_parameter"),
-    "presence_penalty": ({"presence_penalty": 1.0}, "unsupported_value"),
 }
 
 
@@ -289,10 +282,10 @@ async def test_unknown_field_is_400_unknown_parameter(sdk: openai.AsyncOpenAI) -
     """A field OpenAI's API does not define (and the edge does not honour) is refused."""
     with pytest.raises(openai.BadRequestError) as caught:
         await sdk.completions.create(
-            model=MODEL, prompt="x", max_tokens=2, extra_body={"min_p": 0.1}
+            model=MODEL, prompt="x", max_tokens=2, extra_body={"mirostat_tau": 5.0}
         )
     error = _error(caught)
-    assert (error["param"], error["code"]) == ("min_p", "unknown_parameter")
+    assert (error["param"], error["code"]) == ("mirostat_tau", "unknown_parameter")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
@@ -404,3 +397,53 @@ async def test_n_beyond_capacity_is_429_and_frees_the_admitted_choices(
         await running.server.drain()
     assert refused.status_code == 429
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+async def test_chat_top_logprobs_list_alternatives(sdk: openai.AsyncOpenAI) -> None:
+    """logprobs + top_logprobs=3 on chat: every position lists 3 alternatives, most likely
+    first, and greedy's choice is the first."""
+    reply = await sdk.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "def f():"}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    content = reply.choices[0].logprobs.content if reply.choices[0].logprobs else None
+    assert content
+    for position in content:
+        assert len(position.top_logprobs) == 3
+        assert position.top_logprobs[0].logprob == pytest.approx(position.logprob, abs=1e-5)
+        ranked = [a.logprob for a in position.top_logprobs]
+        assert ranked == sorted(ranked, reverse=True)
+
+
+async def test_completions_logprobs_n_lists_n_alternatives(sdk: openai.AsyncOpenAI) -> None:
+    """Completions logprobs=2: the legacy top_logprobs holds up to 2 {text: logprob} per token."""
+    reply = await sdk.completions.create(
+        model=MODEL, prompt="def f():", max_tokens=5, temperature=0, logprobs=2
+    )
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None
+    assert logprobs.top_logprobs is not None
+    assert len(logprobs.top_logprobs) == 5
+    assert all(1 <= len(alternatives) <= 2 for alternatives in logprobs.top_logprobs)
+
+
+async def test_logit_bias_is_honoured(sdk: openai.AsyncOpenAI, tokenizer: Tokenizer) -> None:
+    """A +100 bias on one token id makes greedy completions repeat exactly that token."""
+    reply = await sdk.completions.create(
+        model=MODEL, prompt="x", max_tokens=4, temperature=0, logit_bias={"42": 100}
+    )
+    assert reply.choices[0].text == tokenizer.token_text(42) * 4
+
+
+async def test_frequency_penalty_is_honoured(sdk: openai.AsyncOpenAI) -> None:
+    """A strong frequency penalty changes greedy output on a prompt that repeats itself."""
+    prompt = "x = 1\n" * 8
+    plain = await sdk.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    penalised = await sdk.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=24, temperature=0, frequency_penalty=2.0
+    )
+    assert penalised.choices[0].text != plain.choices[0].text

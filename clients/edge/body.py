@@ -59,11 +59,16 @@ INT_RANGES: dict[str, IntRange] = {
     "seed": IntRange(0, UINT64_MAX),
     "n": IntRange(1, 8),
     "logprobs": IntRange(0, 5),
+    "top_logprobs": IntRange(0, 20),
+    "min_tokens": IntRange(0, UINT32_MAX),
 }
 FLOAT_RANGES: dict[str, FloatRange] = {
     "temperature": FloatRange(0.0, 2.0),
     "top_p": FloatRange(0.0, 1.0, low_open=True),
     "repetition_penalty": FloatRange(0.0, 2.0, low_open=True),
+    "presence_penalty": FloatRange(-2.0, 2.0),
+    "frequency_penalty": FloatRange(-2.0, 2.0),
+    "min_p": FloatRange(0.0, 1.0),
 }
 
 

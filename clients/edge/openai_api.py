@@ -99,7 +99,10 @@ def _logprobs(tokens: list[Token], *, chat: bool) -> dict[str, Any]:
                 "token": t.text,
                 "logprob": t.logprob,
                 "bytes": list(t.text.encode()),
-                "top_logprobs": [],
+                "top_logprobs": [
+                    {"token": a.text, "logprob": a.logprob, "bytes": list(a.text.encode())}
+                    for a in t.top_logprobs
+                ],
             }
             for t in tokens
         ]
@@ -108,10 +111,14 @@ def _logprobs(tokens: list[Token], *, chat: bool) -> dict[str, Any]:
     for t in tokens:
         offsets.append(at)
         at += len(t.text)
+    wanted = any(t.top_logprobs for t in tokens)
     return {
         "tokens": [t.text for t in tokens],
         "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": None,
+        # The legacy format: one {text: logprob} object per position.
+        "top_logprobs": [{a.text: a.logprob for a in t.top_logprobs} for t in tokens]
+        if wanted
+        else None,
         "text_offset": offsets,
     }
 

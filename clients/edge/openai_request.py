@@ -43,10 +43,15 @@ HONOURED = frozenset(
         "top_k",
         "repetition_penalty",
         "ignore_eos",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "min_p",
+        "min_tokens",
     }
 )
 HONOURED_BY_ROUTE = {
-    True: frozenset({"messages", "max_completion_tokens"}),
+    True: frozenset({"messages", "max_completion_tokens", "top_logprobs"}),
     False: frozenset({"prompt"}),
 }
 # Accepted as sent: they label, store or route the request but cannot change its answer.
@@ -92,11 +97,7 @@ def _any(value: Any) -> bool:
 
 
 # Not supported: accepted only at the value that asks for nothing (null is always fine).
-IDLE_VALUE: dict[str, Callable[[Any], bool]] = {
-    "logit_bias": _empty,
-    "presence_penalty": _zero,
-    "frequency_penalty": _zero,
-}
+IDLE_VALUE: dict[str, Callable[[Any], bool]] = {}
 IDLE_BY_ROUTE: dict[bool, dict[str, Callable[[Any], bool]]] = {
     True: {
         "tools": _empty,
@@ -106,7 +107,6 @@ IDLE_BY_ROUTE: dict[bool, dict[str, Callable[[Any], bool]]] = {
         "parallel_tool_calls": _any,  # meaningless without tools, which are refused
         "response_format": _text_format,
         "modalities": _text_only,
-        "top_logprobs": _zero,
     },
     False: {"echo": _false, "suffix": _no_suffix, "best_of": _one},
 }
@@ -206,27 +206,47 @@ def _max_tokens(fields: Fields, *, chat: bool) -> tuple[int, str]:
     return value, name
 
 
-def _logprobs(fields: Fields, *, chat: bool) -> bool:
-    """Chat: a boolean. Completions: 0 gives the chosen tokens' log-probabilities; asking for
-    alternatives (1..5) is refused, since only the chosen token's is known."""
+def _logprobs(fields: Fields, *, chat: bool) -> tuple[bool, int]:
+    """Whether to return log-probabilities, and how many alternatives per position. Chat:
+    `logprobs` (bool) and `top_logprobs` (0..20, needs logprobs). Completions: `logprobs` N
+    (0..5) returns the chosen tokens' and the N most likely at each position."""
     if chat:
-        return fields.boolean("logprobs")
+        wanted, top = fields.boolean("logprobs"), fields.integer("top_logprobs", 0) or 0
+        if top and not wanted:
+            raise EdgeError.invalid("top_logprobs", "needs logprobs: true")
+        return wanted, top
     value = fields.integer("logprobs")
-    if value is None:
-        return False
-    if value > 0:
+    return (False, 0) if value is None else (True, value)
+
+
+def _logit_bias(fields: Fields) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"<token id>": bias} object, biases in [-100, 100]."""
+    raw = fields.raw("logit_bias")
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
         raise EdgeError.invalid(
-            "logprobs",
-            "only 0 (the chosen tokens' log-probabilities) is supported, not alternatives",
-            "unsupported_value",
+            "logit_bias", "must be an object of token id -> bias", "invalid_type"
         )
-    return True
+    bias = []
+    for key, value in raw.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10):
+            raise EdgeError.invalid("logit_bias", f"keys must be token ids, got {key!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not -100 <= value <= 100
+        ):
+            raise EdgeError.invalid("logit_bias", f"biases must be between -100 and 100 ({key})")
+        bias.append((int(key), float(value)))
+    return tuple(sorted(bias))
 
 
 def _options(
     fields: Fields, request_id: str, *, chat: bool
 ) -> tuple[GenerateOptions, dict[str, str]]:
     max_tokens, max_name = _max_tokens(fields, chat=chat)
+    logprobs, top_logprobs = _logprobs(fields, chat=chat)
     options = GenerateOptions(
         max_tokens=max_tokens,
         temperature=fields.number("temperature"),
@@ -236,7 +256,13 @@ def _options(
         seed=fields.integer("seed"),
         stop=fields.strings("stop"),
         ignore_eos=fields.boolean("ignore_eos"),
-        logprobs=_logprobs(fields, chat=chat),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        presence_penalty=fields.number("presence_penalty"),
+        frequency_penalty=fields.number("frequency_penalty"),
+        min_p=fields.number("min_p"),
+        logit_bias=_logit_bias(fields),
+        min_tokens=fields.integer("min_tokens", 0) or 0,
         request_id=request_id,
         # A rendered chat template already holds the special tokens (BOS) the model expects.
         add_special_tokens=False if chat else None,
