@@ -14,9 +14,10 @@ LEGACY := if [ -f $(VENV)/.installed-stamp ]; then \
 	$(BIN)/python -m pip uninstall -q -y tokenwire && rm $(VENV)/.installed-stamp; fi
 BUF_VERSION := 1.75.0
 BUF := npx --yes @bufbuild/buf@$(BUF_VERSION)
-# `make run HOST=0.0.0.0 PORT=... HTTP_PORT=...`; unset, `tokenwire up` reads TOKENWIRE_HOST,
-# TOKENWIRE_PORT and TOKENWIRE_EDGE_PORT, then its defaults (common/defaults.py).
-UP_FLAGS := $(if $(HOST),--host $(HOST)) $(if $(PORT),--grpc-port $(PORT)) $(if $(HTTP_PORT),--http-port $(HTTP_PORT))
+# `make run HOST=0.0.0.0 PORT=... HTTP_PORT=... METRICS_PORT=...`; unset, `tokenwire up` reads
+# TOKENWIRE_HOST, TOKENWIRE_PORT, TOKENWIRE_EDGE_PORT and TOKENWIRE_METRICS_PORT, then its
+# defaults (common/defaults.py).
+UP_FLAGS := $(if $(HOST),--host $(HOST)) $(if $(PORT),--grpc-port $(PORT)) $(if $(HTTP_PORT),--http-port $(HTTP_PORT)) $(if $(METRICS_PORT),--metrics-port $(METRICS_PORT))
 
 .PHONY: install system-deps bench bench-env bench-quick run test lint typecheck imports proto proto-lint proto-breaking proto-baseline pytest model fixtures genai-fixtures clean help
 

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import os
 import signal
+import socket
 
 import structlog
 
@@ -59,19 +60,42 @@ def metrics_tls(settings: Settings) -> MetricsTls | None:
     return MetricsTls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
 
 
+def _check_free(host: str, port: int) -> None:
+    """Raise OSError if the port cannot be bound, before grpc tries (and logs its own noise)."""
+    if port:
+        with socket.create_server((host, port)):
+            pass
+
+
 async def run_server(settings: Settings, stop: asyncio.Event) -> int:
     """Serve until `stop` is set, then drain; return the exit status.
 
-    Health is NOT_SERVING until the model is warm. A model the engine cannot drive is refused
-    with one log line and status 2.
+    Health is NOT_SERVING until the model is warm. A port that cannot be bound, or a model the
+    engine cannot drive, is one log line and status 2.
     """
     metrics = ServerMetrics()
     server = TokenwireServer(settings, observer=metrics)
-    port = await server.start()
+    try:
+        _check_free(settings.host, settings.port)
+        port = await server.start()
+    except (OSError, RuntimeError) as exc:  # taken, not allowed, or grpc's "Failed to bind"
+        log.error(
+            "server.cannot_listen", address=f"{settings.host}:{settings.port}", reason=str(exc)
+        )
+        return 2
     log.info("server.listening", host=settings.host, port=port, pid=os.getpid())
     if settings.metrics_port:
         tls = metrics_tls(settings)
-        metrics_port, _ = metrics.serve(settings.host, settings.metrics_port, tls)
+        try:
+            metrics_port, _ = metrics.serve(settings.host, settings.metrics_port, tls)
+        except OSError as exc:
+            log.error(
+                "metrics.cannot_listen",
+                address=f"{settings.host}:{settings.metrics_port}",
+                reason=str(exc),
+            )
+            await server.drain()
+            return 2
         scheme = "http" if tls is None else "https"
         log.info("metrics.listening", url=f"{scheme}://{settings.host}:{metrics_port}/metrics")
     try:
