@@ -42,6 +42,18 @@ def split_targets(target: str | Sequence[str]) -> list[str]:
     return targets
 
 
+def continued(
+    request: pb.GenerateRequest, delivered: Sequence[int], seed: int | None
+) -> pb.GenerateRequest:
+    """The same request, continuing after `delivered` with the seed the first server used."""
+    message = pb.GenerateRequest()
+    message.CopyFrom(request)
+    message.continuation_ids.extend(delivered)
+    if seed is not None and not message.sampling.HasField("seed"):
+        message.sampling.seed = seed
+    return message
+
+
 @dataclasses.dataclass
 class Resumption:
     """What a broken stream had delivered, and how to ask for the rest."""
@@ -55,13 +67,9 @@ class Resumption:
 
     def request(self) -> pb.GenerateRequest:
         options = dataclasses.replace(
-            self.options,
-            seed=self.options.seed if self.options.seed is not None else self.seed,
-            request_id=self.options.request_id or self.request_id,
+            self.options, request_id=self.options.request_id or self.request_id
         )
-        message = options.to_pb(self.prompt)
-        message.continuation_ids.extend(self.delivered)
-        return message
+        return continued(options.to_pb(self.prompt), self.delivered, self.seed)
 
     def see_metadata(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
         for key, value in metadata or ():

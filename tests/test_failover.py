@@ -14,8 +14,11 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+import httpx
 import pytest
+from httpx_sse import aconnect_sse
 
+from tests.conftest import MODEL, start_edge
 from tests.procs import ServerProcess
 from tokenwire.client import AsyncTokenwireClient
 from tokenwire.client.client import Completion, GenerateOptions, StreamEvent, Token, Usage
@@ -135,3 +138,60 @@ async def test_one_round_robin_target_continues_on_another_address(
         both = await asyncio.gather(stream(True), stream(False))
     for events in both:
         _assert_one_sequence(events, 400)
+
+
+BODY = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+
+
+async def test_edge_native_stream_continues_after_its_server_is_killed(
+    pair: tuple[ServerProcess, ServerProcess],
+) -> None:
+    """A native SSE stream through an edge whose --grpc-target lists both replicas: the first
+    is killed after 50 token events, and the stream still has tokens 0..399, usage, done."""
+    first, second = pair
+    edge = await start_edge(f"{first.target},{second.target}")
+    events = []
+    try:
+        async with (
+            httpx.AsyncClient(base_url=edge.url, timeout=60) as http,
+            aconnect_sse(http, "POST", "/v1/generate", json=BODY) as source,
+        ):
+            async for event in source.aiter_sse():
+                events.append(event)
+                if sum(e.event == "token" for e in events) == KILL_AT and event.event == "token":
+                    first.proc.kill()
+    finally:
+        await edge.edge.stop()
+    second.wait_for("request.finished")
+    assert [json.loads(e.data)["index"] for e in events if e.event == "token"] == list(range(400))
+    assert [e.event for e in events[-2:]] == ["usage", "done"]
+
+
+async def test_edge_openai_stream_continues_after_its_server_is_killed(
+    pair: tuple[ServerProcess, ServerProcess],
+) -> None:
+    """An OpenAI completions stream through the edge loses its server after 50 chunks and
+    still ends with finish_reason length and no error chunk."""
+    first, second = pair
+    edge = await start_edge(f"{first.target},{second.target}")
+    chunks = []
+    try:
+        async with (
+            httpx.AsyncClient(base_url=edge.url, timeout=60) as http,
+            http.stream(
+                "POST", "/v1/completions", json={**BODY, "model": MODEL, "stream": True}
+            ) as response,
+        ):
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks.append(json.loads(line.removeprefix("data: ")))
+                    if len(chunks) == KILL_AT:
+                        first.proc.kill()
+    finally:
+        await edge.edge.stop()
+    second.wait_for("request.finished")
+    alone = await _stream([second.target], OPTIONS["greedy"], kill=None)
+    assert "error" not in json.dumps(chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    text = "".join(c["choices"][0]["text"] or "" for c in chunks if c["choices"])
+    assert text == "".join(e.text for e in alone if isinstance(e, Token))

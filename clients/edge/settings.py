@@ -25,7 +25,8 @@ class EdgeSettings:
     )
     grpc_target: str = setting(
         defaults.GRPC_TARGET,
-        "server address; `dns:///name:port` spreads over every replica (round_robin)",
+        "server address; a comma-separated list (streams fail over across them) or "
+        "`dns:///name:port` (round robin over every replica)",
     )
     api_keys: tuple[str, ...] = setting(
         (),

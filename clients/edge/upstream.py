@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tokenwire.client.client import CHANNEL_OPTIONS, ModelInfo, model_info_from_pb
+from tokenwire.client.failover import MAX_FAILOVERS, RETRYABLE, continued, split_targets
 from tokenwire.client.security import ChannelSecurity, aio_channel
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.settings import EdgeSettings
@@ -22,24 +23,58 @@ GenerateCall = grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse]
 
 
 class UpstreamStream:
-    """An accepted Generate call: iterate its messages; cancel() ends it at the server."""
+    """An accepted Generate call: iterate its messages; cancel() ends it at the server.
+
+    If the call breaks with UNAVAILABLE (its server died or went away), the stream continues
+    on the next target with the token ids already received (see tokenwire.client.failover):
+    the messages go on from the next index as if nothing had happened."""
 
     def __init__(
-        self, call: GenerateCall, request_id: str, on_end: Callable[[UpstreamStream], None]
+        self,
+        call: GenerateCall,
+        request_id: str,
+        on_end: Callable[[UpstreamStream], None],
+        *,
+        reopen: Callable[[pb.GenerateRequest], Awaitable[GenerateCall]] | None = None,
+        request: pb.GenerateRequest | None = None,
+        seed: int | None = None,
     ) -> None:
         self._call = call
         self.request_id = request_id
         self._on_end = on_end
+        self._reopen = reopen
+        self._request = request
+        self._seed = seed
+        self._delivered: list[int] = []
+        self._failovers = 0
 
     async def messages(self) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            while (message := await self._call.read()) is not grpc.aio.EOF:
-                assert isinstance(message, pb.GenerateResponse)
-                yield message
-        except grpc.RpcError as error:
-            raise EdgeError.from_rpc(error) from None
+            while True:
+                try:
+                    while (message := await self._call.read()) is not grpc.aio.EOF:
+                        assert isinstance(message, pb.GenerateResponse)
+                        if message.WhichOneof("event") == "token":
+                            self._delivered.append(message.token.id)
+                        yield message
+                    return
+                except grpc.RpcError as error:
+                    if not await self._continue(error):
+                        raise EdgeError.from_rpc(error) from None
         finally:
             self._on_end(self)
+
+    async def _continue(self, error: grpc.RpcError) -> bool:
+        """Reopen the call elsewhere after a retryable break; False when it cannot."""
+        code: grpc.StatusCode = error.code()
+        if self._reopen is None or self._request is None or code not in RETRYABLE:
+            return False
+        if self._failovers >= MAX_FAILOVERS:
+            return False
+        self._failovers += 1
+        request = continued(self._request, self._delivered, self._seed)
+        self._call = await self._reopen(request)
+        return True
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -47,16 +82,20 @@ class UpstreamStream:
 
 
 class Upstream:
-    """One channel to the server (or to every replica, with a dns:/// target)."""
+    """Channels to the server: one per target of a comma-separated list (streams fail over
+    across them), or one to every replica with a dns:/// target."""
 
     def __init__(
         self, target: str, timeout_s: float = 600.0, security: ChannelSecurity | None = None
     ) -> None:
         self._security = security or ChannelSecurity()
         self._metadata = self._security.metadata()
-        self._channel = aio_channel(target, self._security, CHANNEL_OPTIONS)
-        self._stub = pb_grpc.GenerationServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._channels = [
+            aio_channel(t, self._security, CHANNEL_OPTIONS) for t in split_targets(target)
+        ]
+        self._stubs = [pb_grpc.GenerationServiceStub(c) for c in self._channels]
+        self._healths = [health_pb2_grpc.HealthStub(c) for c in self._channels]
+        self._next = 0
         self._timeout_s = timeout_s
         self._info: ModelInfo | None = None
         self._ready_at = 0.0
@@ -68,23 +107,32 @@ class Upstream:
         return cls(settings.grpc_target, settings.upstream_timeout_s, upstream_security(settings))
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
     async def connect(self, limit_s: float) -> bool:
         """Open the connection early so the first request does not pay for it."""
         try:
-            await asyncio.wait_for(self._channel.channel_ready(), limit_s)
+            await asyncio.wait_for(self._channels[self._next].channel_ready(), limit_s)
         except TimeoutError:
             return False
         return True
 
-    async def open(self, request: pb.GenerateRequest, request_id: str) -> UpstreamStream:
-        """Start a stream; raise EdgeError when the server refuses it."""
-        call = self._stub.Generate(
+    def _call(self, request: pb.GenerateRequest, request_id: str) -> GenerateCall:
+        return self._stubs[self._next].Generate(
             request,
             timeout=self._timeout_s,
             metadata=(("x-request-id", request_id), *self._metadata),
         )
+
+    async def _reopen(self, request: pb.GenerateRequest) -> GenerateCall:
+        """The continuation of a broken stream, on the next target."""
+        self._next = (self._next + 1) % len(self._stubs)
+        return self._call(request, request.request_id)
+
+    async def open(self, request: pb.GenerateRequest, request_id: str) -> UpstreamStream:
+        """Start a stream; raise EdgeError when the server refuses it."""
+        call = self._call(request, request_id)
         try:
             header = dict(await call.initial_metadata())
         except grpc.RpcError as error:
@@ -95,7 +143,19 @@ class Upstream:
         if "x-request-id" not in header:
             # A refusal is trailers-only: no header, only a status with its details.
             raise await _refusal(call)
-        stream = UpstreamStream(call, str(header.get("x-request-id", request_id)), self._ended)
+        accepted_id = str(header.get("x-request-id", request_id))
+        seed = header.get("x-tokenwire-seed")
+        again = pb.GenerateRequest()
+        again.CopyFrom(request)
+        again.request_id = accepted_id
+        stream = UpstreamStream(
+            call,
+            accepted_id,
+            self._ended,
+            reopen=self._reopen,
+            request=again,
+            seed=int(str(seed)) if seed is not None else None,
+        )
         self._open.add(stream)
         return stream
 
@@ -110,7 +170,7 @@ class Upstream:
     async def model_info(self) -> ModelInfo:
         if self._info is None:
             try:
-                reply = await self._stub.GetModelInfo(
+                reply = await self._stubs[self._next].GetModelInfo(
                     pb.GetModelInfoRequest(), timeout=10, metadata=self._metadata
                 )
             except grpc.RpcError as error:
@@ -123,7 +183,9 @@ class Upstream:
         if time.monotonic() - self._ready_at < 0.5:
             return True
         try:
-            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+            reply = await self._healths[self._next].Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=2
+            )
         except grpc.RpcError:
             return False
         if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -132,13 +194,19 @@ class Upstream:
         return False
 
     async def cancel(self, request_id: str) -> bool:
-        try:
-            reply = await self._stub.Cancel(
-                pb.CancelRequest(request_id=request_id), timeout=10, metadata=self._metadata
-            )
-        except grpc.RpcError as error:
-            raise EdgeError.from_rpc(error) from None
-        return reply.cancelled
+        """Cancel on every target (a stream may have moved); True if any had it."""
+        found = False
+        for stub in self._stubs:
+            try:
+                reply = await stub.Cancel(
+                    pb.CancelRequest(request_id=request_id), timeout=10, metadata=self._metadata
+                )
+            except grpc.RpcError as error:
+                if len(self._stubs) == 1:
+                    raise EdgeError.from_rpc(error) from None
+                continue
+            found = found or reply.cancelled
+        return found
 
 
 def upstream_security(settings: EdgeSettings) -> ChannelSecurity:
