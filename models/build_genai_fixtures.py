@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import onnx
 import onnxruntime_genai as og
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -107,6 +108,10 @@ def build(hf_dir: Path, precision: str, out: Path, cache: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    # The builder stamps a per-run suffix into producer_version; keep the file byte-stable.
+    graph = onnx.load(out / "model.onnx", load_external_data=False)
+    graph.producer_version = og.__version__
+    onnx.save(graph, out / "model.onnx")
 
 
 def references(out: Path, tok: PreTrainedTokenizerFast) -> dict[str, Any]:
