@@ -74,6 +74,8 @@ typecheck: install
 	ln -sfn ../../../clients/edge $(TYPES)/edge
 	ln -sfn ../../../common $(TYPES)/common
 	$(BIN)/mypy
+	# bench/ scripts import their siblings (`peers`), so they are checked from inside bench/.
+	cd bench && MYPYPATH=../build/typecheck ../$(BIN)/mypy --config-file ../pyproject.toml *.py
 
 imports: install
 	$(BIN)/lint-imports

@@ -68,7 +68,8 @@ async def main(model_dir: Path, streams: int, prompt: int, new: int) -> dict[str
     finally:
         engine.shutdown()
     total, ttft, gaps, cpu = sorted(runs, key=lambda r: r[0])[1]
-    return summarise(streams, new, ttft, gaps, total=total, cpu=cpu)
+    summary: dict[str, Any] = summarise(streams, new, ttft, gaps, total=total, cpu=cpu)
+    return summary
 
 
 if __name__ == "__main__":

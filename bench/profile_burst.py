@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
 from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
+from tokenwire.server.engine.kv_cache import BatchKvCache
+from tokenwire.server.engine.slot_cache import SlotKvCache
+from tokenwire.server.engine.types import FloatArray, IntArray
 from tokenwire.server.tokenizer import Tokenizer
 
 MODEL = Path(__file__).resolve().parent / ".cache" / "bench-56m" / "onnx"
@@ -45,15 +49,37 @@ class TimedModel:
         self.model = model
         self.spec = model.spec
         self.provider = model.provider
+        self.padding = model.padding
         self.prefill: list[float] = []
         self.decode: list[float] = []
 
-    def empty_cache(self, batch: int = 1):  # type: ignore[no-untyped-def]
-        return self.model.empty_cache(batch)
+    def new_cache(self, rows: int, columns: int = 0, *, left_aligned: bool = False) -> BatchKvCache:
+        return self.model.new_cache(rows, columns, left_aligned=left_aligned)
 
-    def forward(self, input_ids, attention_mask, position_ids, past):  # type: ignore[no-untyped-def]
+    def new_slot_cache(self, slots: int, capacity: int) -> SlotKvCache | None:
+        return self.model.new_slot_cache(slots, capacity)
+
+    def forward(
+        self,
+        input_ids: IntArray,
+        attention_mask: IntArray,
+        position_ids: IntArray,
+        past: list[FloatArray],
+        last: IntArray | None = None,
+        *,
+        in_place: bool = False,
+        before_run: Callable[[], None] | None = None,
+    ) -> tuple[FloatArray, list[FloatArray]]:
         started = time.perf_counter()
-        out = self.model.forward(input_ids, attention_mask, position_ids, past)
+        out = self.model.forward(
+            input_ids,
+            attention_mask,
+            position_ids,
+            past,
+            last,
+            in_place=in_place,
+            before_run=before_run,
+        )
         (self.prefill if input_ids.shape[1] > 1 else self.decode).append(
             time.perf_counter() - started
         )
@@ -66,7 +92,7 @@ def main() -> None:
     args = ap.parse_args()
     timed = TimedModel(OnnxCausalLM(MODEL, provider="cpu"))
     tokenizer = Tokenizer.from_dir(MODEL)
-    engine = Engine(timed, tokenizer, EngineConfig(max_batch_size=32))  # type: ignore[arg-type]
+    engine = Engine(timed, tokenizer, EngineConfig(max_batch_size=32))
     engine.warm_up()
     engine.start()
     prompt = tokenizer.decode(tokenizer.encode(Path(asyncio.__file__).read_text())[:32])

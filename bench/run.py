@@ -94,7 +94,8 @@ async def one_stream(stub: pb_grpc.GenerationServiceStub, prompt: str, new: int)
     )
     sent = time.perf_counter()
     times: list[float] = []
-    async for message in stub.Generate(request, timeout=600):
+    call: Any = stub.Generate(request, timeout=600)  # an aio call: the stubs type the sync one
+    async for message in call:
         if message.WhichOneof("event") == "token":
             times.append(time.perf_counter())
     return {"sent": sent, "times": times}
@@ -342,7 +343,8 @@ async def fairness(
             streams = await asyncio.gather(*running)
     finally:
         server.stop()
-    during, before = [], []
+    during: list[float] = []
+    before: list[float] = []
     for s in streams:
         for a, b in zip(s["times"], s["times"][1:], strict=False):
             (during if b >= arrived and a <= prefilled else before).append((b - a) * 1000)
