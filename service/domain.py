@@ -236,6 +236,8 @@ class UsageEvent:
     time_to_first_token_s: float
     decode_time_s: float
     total_time_s: float
+    inter_token_latencies_s: tuple[float, ...] = ()
+    """Gaps between consecutive tokens, measured where they were generated."""
 
     @property
     def total_tokens(self) -> int:

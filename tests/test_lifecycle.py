@@ -37,6 +37,20 @@ def test_startup_logs_model_provider_and_threads(server_process: ServerProcess) 
     assert started["level"] == "info"
 
 
+async def test_each_stream_logs_one_summary_with_its_latencies(
+    server_process: ServerProcess,
+) -> None:
+    """A finished stream's request.finished line has its token count, TTFT and inter-token
+    latency percentiles (p50 <= p95 <= the whole duration)."""
+    async with grpc.aio.insecure_channel(server_process.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        await collect(stub, greedy("def f():", max_tokens=20, request_id="summary-1"))
+    line = server_process.wait_for("request.finished")
+    assert (line["request_id"], line["completion_tokens"]) == ("summary-1", 20)
+    assert 0 < line["itl_p50_ms"] <= line["itl_p95_ms"] <= line["duration_ms"]
+    assert line["ttft_ms"] > 0
+
+
 async def test_sigterm_lets_in_flight_streams_finish_then_exits_zero(
     server_process: ServerProcess,
 ) -> None:

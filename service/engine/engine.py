@@ -25,7 +25,7 @@ from tokenwire.server.domain import (
 )
 from tokenwire.server.engine.mailbox import Mailbox
 from tokenwire.server.engine.model import CausalLM
-from tokenwire.server.engine.observer import EngineObserver, NullObserver, RequestRecord
+from tokenwire.server.engine.observer import EngineObserver, NullObserver
 from tokenwire.server.engine.sampling import Sampler
 from tokenwire.server.engine.scheduler import Cancel, Scheduler, Submit
 from tokenwire.server.engine.sequence import Sequence
@@ -69,12 +69,6 @@ class GenerationHandle:
 
     def cancel(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
         self._engine.cancel(self.request_id, reason)
-
-    def record(self) -> RequestRecord | None:
-        """Timings of the finished request; None while it is still generating."""
-        if not self._sequence.finished or not self._sequence.token_times:
-            return None
-        return self._sequence.record(self._sequence.token_times[-1])
 
 
 class Engine:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 
 from tokenwire.server.domain import (
@@ -155,6 +156,7 @@ class Sequence:
             time_to_first_token_s=(first - self.arrived_at) if first is not None else 0.0,
             decode_time_s=(now - first) if first is not None else 0.0,
             total_time_s=now - self.arrived_at,
+            inter_token_latencies_s=tuple(b - a for a, b in itertools.pairwise(self.token_times)),
         )
 
     def take_events(self) -> list[Event]:

@@ -233,15 +233,12 @@ class _StreamSummary:
             "finish_reason": self.reason,
         }
         if self.usage is not None:
+            # Everything here arrived as events: the loop thread reads no engine state.
+            gaps = self.usage.inter_token_latencies_s
             fields |= {
                 "queue_ms": ms(self.usage.queue_time_s),
                 "ttft_ms": ms(self.usage.time_to_first_token_s),
                 "duration_ms": ms(self.usage.total_time_s),
-            }
-        record = self.handle.record()
-        if record is not None:
-            gaps = record.inter_token_latencies
-            fields |= {
                 "itl_p50_ms": ms(percentile(gaps, 50)),
                 "itl_p95_ms": ms(percentile(gaps, 95)),
             }
