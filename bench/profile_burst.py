@@ -15,6 +15,7 @@ from pathlib import Path
 from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
 from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
 from tokenwire.server.engine.kv_cache import BatchKvCache
+from tokenwire.server.engine.slot_buffer import PastTensors
 from tokenwire.server.engine.slot_cache import SlotKvCache
 from tokenwire.server.engine.types import FloatArray, IntArray
 from tokenwire.server.tokenizer import Tokenizer
@@ -64,7 +65,7 @@ class TimedModel:
         input_ids: IntArray,
         attention_mask: IntArray,
         position_ids: IntArray,
-        past: list[FloatArray],
+        past: PastTensors,
         last: IntArray | None = None,
         *,
         in_place: bool = False,

@@ -14,6 +14,7 @@ import numpy as np
 from tokenwire.server.engine import ModelSpec, OnnxCausalLM, Padding, RequestRecord, StepRecord
 from tokenwire.server.engine.kv_cache import BatchKvCache
 from tokenwire.server.engine.padding import probe_padding
+from tokenwire.server.engine.slot_buffer import PastTensors
 from tokenwire.server.engine.slot_cache import SlotKvCache
 from tokenwire.server.engine.types import FloatArray, IntArray
 
@@ -71,7 +72,7 @@ class ScriptedModel:
         input_ids: IntArray,
         attention_mask: IntArray,
         position_ids: IntArray,
-        past: list[FloatArray],
+        past: PastTensors,
         last: IntArray | None = None,
         *,
         in_place: bool = False,
@@ -122,7 +123,7 @@ class CountedPositionsModel:
         input_ids: IntArray,
         attention_mask: IntArray,
         position_ids: IntArray,
-        past: list[FloatArray],
+        past: PastTensors,
         last: IntArray | None = None,
         *,
         in_place: bool = False,

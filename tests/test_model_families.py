@@ -150,3 +150,27 @@ def test_every_fixture_is_listed_in_the_models_doc() -> None:
     doc = (MODELS.parent / "docs" / "models.md").read_text()
     listed = {f"{p.parent.name}/{p.name}" for p in FOLDERS if f"`{p.parent.name}/{p.name}`" in doc}
     assert listed == {f"{p.parent.name}/{p.name}" for p in FOLDERS}
+
+
+@pytest.mark.parametrize("folder", ["llama-fp32", "llama-int4"])
+async def test_a_cache_in_device_buffers_gives_the_reference_ids(folder: str) -> None:
+    """The cache kind CUDA uses (OrtValues copied through ONNX Runtime, here on the CPU
+    provider) serves the GenAI folders with the reference ids in a moving batch."""
+    model_dir = MODELS / "fixtures-genai" / folder
+    reference = _reference(model_dir)
+    model = OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=1, device_cache=True)
+    running = await start_server(
+        model, Tokenizer.from_dir(model_dir), max_batch_size=4, prefill_chunk_tokens=32
+    )
+    prompts = reference["prompts"]
+    n = reference["max_new_tokens"]
+    # More prompts than slots, different lengths: rows join freed slots and leave mid-batch.
+    jobs = [Job(p["text"], n - (i * 5) % (n // 2)) for i, p in enumerate(prompts)]
+    try:
+        got = await together(running.engine, jobs)
+    finally:
+        await running.server.drain()
+    assert running.engine.kv_in_place
+    for job, prompt, ids in zip(jobs, prompts, got, strict=True):
+        expected = prompt["output_ids"][: job.max_tokens]
+        assert ids[: len(expected)] == expected, prompt["text"]

@@ -1,12 +1,20 @@
-"""The preallocated in-place KV cache: rows join and leave by copying one row, never more."""
+"""The preallocated in-place KV cache: rows join and leave by copying one row, never more.
+
+Every behaviour holds for both buffer kinds: numpy arrays (CPU provider) and OrtValues on the
+model's device, copied through ONNX Runtime (CUDA; here run on the CPU provider).
+"""
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
 from tokenwire.server.engine.kv_cache import BatchKvCache
-from tokenwire.server.engine.slot_cache import SlotKvCache
+from tokenwire.server.engine.slot_buffer import ByteCopier, DeviceSlotBuffer, HostSlotBuffer
+from tokenwire.server.engine.slot_cache import BufferFactory, SlotKvCache
 
 SHAPES = [(0, 1, 0, 2), (0, 1, 0, 2)]
 AXES = (2, 2)
@@ -27,12 +35,28 @@ def _prefilled(lengths: list[int], fill: float) -> BatchKvCache:
 
 
 def _row(cache: SlotKvCache, slot: int) -> float:
-    return float(cache.buffers[0][slot, 0, 0, 0])
+    return float(cache.buffers[0].to_host()[slot, 0, 0, 0])
 
 
-def test_joining_rows_land_in_the_next_free_slots() -> None:
+NewCache = Callable[..., SlotKvCache]
+BUFFERS: dict[str, Callable[[], BufferFactory]] = {
+    "host": lambda: HostSlotBuffer,
+    "device": lambda: functools.partial(
+        DeviceSlotBuffer, device="cpu", copier=ByteCopier(["CPUExecutionProvider"])
+    ),
+}
+
+
+@pytest.fixture(params=sorted(BUFFERS))
+def new_cache(request: pytest.FixtureRequest) -> NewCache:
+    """SlotKvCache with one buffer kind; tests take it instead of the class."""
+    factory = BUFFERS[request.param]()
+    return functools.partial(SlotKvCache, buffer=factory)
+
+
+def test_joining_rows_land_in_the_next_free_slots(new_cache: NewCache) -> None:
     """Two prefilled rows join behind one already there, with their lengths."""
-    cache = SlotKvCache(SHAPES, AXES, np.float32, slots=4, capacity=8)
+    cache = new_cache(SHAPES, AXES, np.float32, slots=4, capacity=8)
     cache.extend(_prefilled([3], 10.0))
     cache.extend(_prefilled([2, 5], 20.0))
     assert cache.rows == 3
@@ -41,9 +65,9 @@ def test_joining_rows_land_in_the_next_free_slots() -> None:
     assert cache.columns == 5
 
 
-def test_a_leaving_row_is_replaced_by_the_last_row_only() -> None:
+def test_a_leaving_row_is_replaced_by_the_last_row_only(new_cache: NewCache) -> None:
     """Dropping row 0 of 4 moves row 3 into slot 0; rows 1 and 2 stay where they were."""
-    cache = SlotKvCache(SHAPES, AXES, np.float32, slots=4, capacity=8)
+    cache = new_cache(SHAPES, AXES, np.float32, slots=4, capacity=8)
     cache.extend(_prefilled([1, 2, 3, 4], 0.0))
     order = cache.keep([1, 2, 3])
     assert order == [3, 1, 2]
@@ -51,9 +75,9 @@ def test_a_leaving_row_is_replaced_by_the_last_row_only() -> None:
     assert cache.lengths[:3].tolist() == [4, 2, 3]
 
 
-def test_freed_slots_are_reused() -> None:
+def test_freed_slots_are_reused(new_cache: NewCache) -> None:
     """After rows leave, new rows fill the freed slots and old entries are not visible."""
-    cache = SlotKvCache(SHAPES, AXES, np.float32, slots=2, capacity=8)
+    cache = new_cache(SHAPES, AXES, np.float32, slots=2, capacity=8)
     cache.extend(_prefilled([4, 4], 0.0))
     cache.keep([])
     cache.extend(_prefilled([2, 3], 50.0))
@@ -61,9 +85,9 @@ def test_freed_slots_are_reused() -> None:
     assert cache.mask_with(1).tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
 
 
-def test_the_mask_is_each_rows_length_plus_the_new_entries() -> None:
+def test_the_mask_is_each_rows_length_plus_the_new_entries(new_cache: NewCache) -> None:
     """A decode step's mask is a prefix of ones per row, as wide as the longest row + 1."""
-    cache = SlotKvCache(SHAPES, AXES, np.float32, slots=3, capacity=8)
+    cache = new_cache(SHAPES, AXES, np.float32, slots=3, capacity=8)
     cache.extend(_prefilled([1, 3], 0.0))
     mask = cache.mask_with(1)
     cache.advance(cache.tensors, mask)
@@ -71,9 +95,9 @@ def test_the_mask_is_each_rows_length_plus_the_new_entries() -> None:
     assert cache.lengths[:2].tolist() == [2, 4]
 
 
-def test_rows_beyond_the_budget_are_refused() -> None:
+def test_rows_beyond_the_budget_are_refused(new_cache: NewCache) -> None:
     """More rows than slots (or a row longer than a slot) is an error, never an overwrite."""
-    cache = SlotKvCache(SHAPES, AXES, np.float32, slots=1, capacity=4)
+    cache = new_cache(SHAPES, AXES, np.float32, slots=1, capacity=4)
     cache.extend(_prefilled([2], 0.0))
     with pytest.raises(ValueError, match="do not fit"):
         cache.extend(_prefilled([2], 1.0))

@@ -10,6 +10,7 @@ spec.py); how the graph takes padding is measured once at load (see padding.py).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,12 @@ import onnxruntime as ort
 from tokenwire.server.engine.graph import CacheLayout, check_vocab, read_layout
 from tokenwire.server.engine.kv_cache import BatchKvCache
 from tokenwire.server.engine.padding import FP16_TOLERANCE, FP32_TOLERANCE, Padding, probe_padding
+from tokenwire.server.engine.slot_buffer import (
+    BoundTensor,
+    ByteCopier,
+    DeviceSlotBuffer,
+    PastTensors,
+)
 from tokenwire.server.engine.slot_cache import SlotKvCache
 from tokenwire.server.engine.spec import ModelLoadError, ModelSpec
 from tokenwire.server.engine.types import FloatArray, IntArray
@@ -28,6 +35,8 @@ from tokenwire.server.engine.types import FloatArray, IntArray
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 _DRIVEN_INPUTS = {"input_ids", "attention_mask", "position_ids"}
+# Where IOBinding puts a provider's tensors (ONNX Runtime's device names).
+_DEVICES = {CPU: "cpu", CUDA: "cuda"}
 
 
 def cuda_device_present() -> bool:
@@ -63,15 +72,16 @@ class CausalLM(Protocol):
         input_ids: IntArray,
         attention_mask: IntArray,
         position_ids: IntArray,
-        past: list[FloatArray],
+        past: PastTensors,
         last: IntArray | None = None,
         *,
         in_place: bool = False,
         before_run: Callable[[], None] | None = None,
     ) -> tuple[FloatArray, list[FloatArray]]:
         """One step: logits [rows, vocab] at each row's `last` new position (default: the
-        final one) and the present cache tensors. With in_place, `past` is bound as the
-        present outputs too and the graph writes into it. `before_run` is called right before
+        final one) and the present cache tensors. With in_place, `past` (tensors bound by
+        address, on the model's device) is bound as the present outputs too and the graph
+        writes into it; the present list is then empty. `before_run` is called right before
         ONNX Runtime starts (which releases the GIL)."""
         ...
 
@@ -87,13 +97,23 @@ class OnnxCausalLM:
         intra_op_threads: int = 0,
         inter_op_threads: int = 1,
         spinning: bool = True,
+        device_cache: bool | None = None,
+        profile_prefix: str | None = None,
     ) -> None:
+        """device_cache: keep a preallocated cache in OrtValues on the session's device (the
+        default on CUDA; on the CPU provider numpy arrays serve). False on CUDA falls back to
+        the copying cache (host arrays fed and fetched every step), for comparison only.
+        profile_prefix: record ONNX Runtime's profile (session.end_profiling() writes it)."""
         self.spec = ModelSpec.from_dir(model_dir)
         onnx_path = model_dir / "model.onnx"
         if not onnx_path.exists():
             raise ModelLoadError(f"{onnx_path} is missing")
-        self.session = _session(onnx_path, provider, intra_op_threads, inter_op_threads, spinning)
+        self.session = _session(
+            onnx_path, provider, (intra_op_threads, inter_op_threads), spinning, profile_prefix
+        )
         self.provider: str = self.session.get_providers()[0]
+        self.device = _DEVICES.get(self.provider, "cpu")
+        self._device_cache = self.provider != CPU if device_cache is None else device_cache
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         self.layout: CacheLayout = read_layout(inputs, outputs, self.spec)
         check_vocab(outputs, self.spec)
@@ -118,17 +138,26 @@ class OnnxCausalLM:
         )
 
     def new_slot_cache(self, slots: int, capacity: int) -> SlotKvCache | None:
-        # In-place writes are GroupQueryAttention's contract; buffers are host numpy arrays.
-        if self.padding is not Padding.RIGHT or self.provider != CPU:
+        # In-place writes are GroupQueryAttention's contract.
+        if self.padding is not Padding.RIGHT or self.provider not in _DEVICES:
             return None
-        return SlotKvCache(self._shapes, self._axes, self.layout.dtype, slots, capacity)
+        if not self._device_cache:
+            # Host arrays only where the provider computes in host memory.
+            if self.provider != CPU:
+                return None
+            return SlotKvCache(self._shapes, self._axes, self.layout.dtype, slots, capacity)
+        copier = ByteCopier(self.session.get_providers())
+        buffer = functools.partial(DeviceSlotBuffer, device=self.device, copier=copier)
+        return SlotKvCache(
+            self._shapes, self._axes, self.layout.dtype, slots, capacity, buffer=buffer
+        )
 
     def forward(
         self,
         input_ids: IntArray,
         attention_mask: IntArray,
         position_ids: IntArray,
-        past: list[FloatArray],
+        past: PastTensors,
         last: IntArray | None = None,
         *,
         in_place: bool = False,
@@ -138,9 +167,9 @@ class OnnxCausalLM:
         feed: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self._has_position_ids:
             feed["position_ids"] = position_ids
+        present: list[FloatArray] = []
         if in_place:
             scores = self._run_in_place(feed, past, before_run)
-            present = past
         else:
             feed.update(zip(self.layout.past_names, past, strict=True))
             if before_run is not None:
@@ -151,9 +180,13 @@ class OnnxCausalLM:
         return np.asarray(picked, dtype=np.float32), present
 
     def _run_in_place(
-        self, feed: dict[str, Any], past: list[FloatArray], before_run: Callable[[], None] | None
+        self,
+        feed: dict[str, Any],
+        past: PastTensors,
+        before_run: Callable[[], None] | None,
     ) -> Any:
-        """Bind each cache view as its past input and its present output: one buffer."""
+        """Bind each cache region as its past input and its present output: one buffer. The
+        step's small inputs go up from the host and its logits come back; the cache stays."""
         binding = self._binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
@@ -162,9 +195,11 @@ class OnnxCausalLM:
         binding.bind_output("logits", "cpu")
         dtype = self.layout.dtype
         for tensor, view in zip(self.layout.tensors, past, strict=True):
-            shape, pointer = list(view.shape), view.ctypes.data
-            binding.bind_input(tensor.name, "cpu", 0, dtype, shape, pointer)
-            binding.bind_output(tensor.present, "cpu", 0, dtype, shape, pointer)
+            if not isinstance(view, BoundTensor):
+                raise TypeError("an in-place step takes tensors bound by address")
+            shape = list(view.shape)
+            binding.bind_input(tensor.name, view.device, 0, dtype, shape, view.pointer)
+            binding.bind_output(tensor.present, view.device, 0, dtype, shape, view.pointer)
         if before_run is not None:
             before_run()
         self.session.run_with_iobinding(binding)
@@ -172,11 +207,17 @@ class OnnxCausalLM:
 
 
 def _session(
-    path: Path, provider: str, intra_op_threads: int, inter_op_threads: int, spinning: bool
+    path: Path,
+    provider: str,
+    threads: tuple[int, int],
+    spinning: bool,
+    profile_prefix: str | None,
 ) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = inter_op_threads
+    options.intra_op_num_threads, options.inter_op_num_threads = threads
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if not spinning:
         # Idle ORT workers sleep instead of spinning: gives the CPU back to the event loop

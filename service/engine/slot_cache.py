@@ -5,18 +5,23 @@ One buffer per cache input, [slots, ..., capacity, ...], allocated once. Live ro
 graph is bound to the same buffer as past and present (IOBinding), reads each row's length
 from the mask's sum and writes the step's entries right after it, so a decode step copies no
 cache at all. A row that joins is copied into the next free slot and a row that leaves is
-replaced by the last live row: O(one row) either way, whatever the batch holds.
+replaced by the last live row: O(one row) either way, whatever the batch holds. The buffers
+live where the model runs (slot_buffer.py): host memory on the CPU provider, device memory on
+CUDA.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from tokenwire.server.engine.kv_cache import BatchKvCache
+from tokenwire.server.engine.slot_buffer import BoundTensor, HostSlotBuffer, SlotBuffer
 from tokenwire.server.engine.types import FloatArray, IntArray
+
+BufferFactory = Callable[[tuple[int, ...], type[np.floating[Any]]], SlotBuffer]
 
 
 class SlotKvCache:
@@ -31,14 +36,16 @@ class SlotKvCache:
         dtype: type[np.floating[Any]],
         slots: int,
         capacity: int,
+        *,
+        buffer: BufferFactory = HostSlotBuffer,
     ) -> None:
         self.axes = axes
         self.capacity = capacity
-        self.buffers: list[FloatArray] = []
+        self.buffers: list[SlotBuffer] = []
         for shape, axis in zip(shapes, axes, strict=True):
             full = list(shape)
             full[0], full[axis] = slots, capacity
-            self.buffers.append(np.zeros(full, dtype=dtype))
+            self.buffers.append(buffer(tuple(full), dtype))
         self.lengths: IntArray = np.zeros(slots, dtype=np.int64)
         self.rows = 0
 
@@ -52,9 +59,13 @@ class SlotKvCache:
         return int(self.lengths[: self.rows].max()) if self.rows else 0
 
     @property
-    def tensors(self) -> list[FloatArray]:
-        """The live rows of every buffer: contiguous views the graph reads and writes."""
-        return [b[: self.rows] for b in self.buffers]
+    def device(self) -> str:
+        return self.buffers[0].device if self.buffers else "cpu"
+
+    @property
+    def tensors(self) -> list[BoundTensor]:
+        """The live rows of every buffer: contiguous regions the graph reads and writes."""
+        return [b.bound(self.rows) for b in self.buffers]
 
     def mask_with(self, new_columns: int, real: Sequence[int] | None = None) -> IntArray:
         """Prefix masks: each row's length plus the new entries."""
@@ -65,7 +76,7 @@ class SlotKvCache:
         )
         return mask
 
-    def advance(self, present: list[FloatArray], mask: IntArray) -> None:
+    def advance(self, present: Sequence[FloatArray | BoundTensor], mask: IntArray) -> None:
         """The graph wrote in place; only the lengths move on."""
         self.lengths[: self.rows] = mask.sum(axis=1)
 
@@ -78,9 +89,7 @@ class SlotKvCache:
                 f"of {self.capacity}"
             )
         for buffer, tensor, axis in zip(self.buffers, other.tensors, self.axes, strict=True):
-            target = [slice(self.rows, self.rows + added)] + [slice(None)] * (buffer.ndim - 1)
-            target[axis] = slice(0, width)
-            buffer[tuple(target)] = tensor
+            buffer.write_rows(self.rows, tensor, axis)
         self.lengths[self.rows : self.rows + added] = other.mask.sum(axis=1)
         self.rows += added
 
@@ -101,8 +110,5 @@ class SlotKvCache:
     def _move(self, source: int, target: int) -> None:
         length = int(self.lengths[source])
         for buffer, axis in zip(self.buffers, self.axes, strict=True):
-            src: list[int | slice] = [source] + [slice(None)] * (buffer.ndim - 1)
-            src[axis] = slice(0, length)
-            dst = [target, *src[1:]]
-            buffer[tuple(dst)] = buffer[tuple(src)]
+            buffer.move_row(source, target, length, axis)
         self.lengths[target] = length

@@ -1,0 +1,589 @@
+"""GPU benchmark: tokenwire against ONNX Runtime GenAI on one fp16 GenAI graph, CUDA provider.
+
+Runs on a machine with an NVIDIA GPU and one Python that has torch, transformers, onnx,
+onnxruntime-gpu and onnxruntime-genai-cuda, with tokenwire importable (bench/gpu.sh prepares
+that on a bare GPU machine). Every system runs the same graph, built here by GenAI's own model
+builder (`-p fp16 -e cuda`) from random-initialised Llama weights, with the same prompt ids
+(32 tokens), 128 greedy new tokens:
+
+- ORT GenAI Generator, batch 1 and a static batch of 16, with and without its CUDA graph
+  capture (`enable_cuda_graph`; the faster of the two is the peer's row);
+- tokenwire's engine alone (no transport), cache in device memory, and the same with the
+  copying cache (host arrays fed and fetched every step), to show what staying on the device
+  is worth;
+- tokenwire over gRPC (a server process on loopback): 1 stream, a burst of 16, and 16 with
+  staggered (Poisson) arrivals;
+- correctness: tokenwire's greedy ids (alone and in a batch of 16) against GenAI's;
+- ORT's profiler over decode steps: Memcpy nodes and host<->device copies per step.
+
+    python bench/gpu.py --out bench/results/gpu.json [--sizes bench-56m,bench-350m]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from peers import nearest_rank, summarise, timed  # bench/ is this script's directory
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT_TOKENS = 32
+NEW_TOKENS = 128
+VOCAB = 32000
+# `--provider cpu` runs the same script on the CPU provider (fp32 graph): a dry run of it.
+PROVIDER = {"name": "cuda", "precision": "fp16"}
+SIZES: dict[str, dict[str, int]] = {
+    # The CPU benchmark's model (bench/build_models.py), so the two reports read together.
+    "bench-56m": {"layers": 8, "hidden": 512, "heads": 8, "kv_heads": 8, "intermediate": 1376},
+    "bench-350m": {"layers": 24, "hidden": 1024, "heads": 16, "kv_heads": 8, "intermediate": 2816},
+}
+
+
+# -- the model ------------------------------------------------------------------------------
+
+
+def build(name: str, work: Path) -> Path:
+    """GenAI fp16 CUDA folder for SIZES[name]: random Llama weights, a word-level tokenizer of
+    the same vocabulary (ids are what is measured; text is incidental)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = work / name / f"genai-{PROVIDER['precision']}"
+    if (out / "genai_config.json").exists():
+        return out
+    hf_dir = work / name / "hf"
+    size = SIZES[name]
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=size["hidden"],
+        intermediate_size=size["intermediate"],
+        num_hidden_layers=size["layers"],
+        num_attention_heads=size["heads"],
+        num_key_value_heads=size["kv_heads"],
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    LlamaForCausalLM(config).eval().save_pretrained(hf_dir)
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.save_pretrained(hf_dir)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(hf_dir),
+            "-o",
+            str(out),
+            "-p",
+            PROVIDER["precision"],
+            "-e",
+            PROVIDER["name"],
+            "-c",
+            str(work / name / "cache"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    if built.returncode:
+        raise RuntimeError(f"the GenAI builder failed:\n{built.stderr[-4000:]}")
+    return out
+
+
+def prompts(count: int) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [[int(t) for t in row] for row in rng.integers(10, VOCAB - 10, (count, PROMPT_TOKENS))]
+
+
+@contextlib.contextmanager
+def cuda_graph(model_dir: Path, enabled: bool) -> Iterator[None]:
+    """GenAI's genai_config with CUDA graph capture on or off (restored afterwards)."""
+    path = model_dir / "genai_config.json"
+    if PROVIDER["name"] != "cuda":
+        yield
+        return
+    original = path.read_text()
+    config = json.loads(original)
+    options = config["model"]["decoder"].setdefault("session_options", {})
+    providers = options.setdefault("provider_options", [{"cuda": {}}])
+    for entry in providers:
+        if "cuda" in entry:
+            entry["cuda"]["enable_cuda_graph"] = "1" if enabled else "0"
+    path.write_text(json.dumps(config, indent=4))
+    try:
+        yield
+    finally:
+        path.write_text(original)
+
+
+# -- ORT GenAI --------------------------------------------------------------------------------
+
+
+def genai_rows(model_dir: Path) -> tuple[list[dict[str, Any]], dict[int, list[int]]]:
+    """GenAI at batch 1 and 16, CUDA graph capture off and on; its batch-16 greedy ids."""
+    import onnxruntime_genai as og
+
+    rows: list[dict[str, Any]] = []
+    reference: dict[int, list[int]] = {}
+    for graph in (False, True) if PROVIDER["name"] == "cuda" else (False,):
+        with cuda_graph(model_dir, graph):
+            model = og.Model(str(model_dir))
+            for batch in (1, 16):
+                keep = reference if batch == 16 and not graph else None
+                try:
+                    row = timed(genai_generate(model, batch, keep), batch, NEW_TOKENS, repeats=5)
+                except Exception as exc:  # e.g. CUDA graphs refused for this shape
+                    print(f"  genai cuda_graph={graph} b={batch}: {exc}", flush=True)
+                    continue
+                rows.append(
+                    {
+                        "system": "ort-genai",
+                        "transport": "in-process",
+                        "concurrency": batch,
+                        "arrival": "static-batch",
+                        "knobs": {"enable_cuda_graph": graph},
+                        **row,
+                    }
+                )
+                say(rows[-1])
+    return rows, reference
+
+
+def genai_generate(model: Any, batch: int, keep: dict[int, list[int]] | None) -> Any:
+    """One timed GenAI generation of `batch` prompts; `keep` receives the new ids."""
+    import onnxruntime_genai as og
+
+    ids = np.asarray(prompts(batch), dtype=np.int64)
+
+    def generate() -> tuple[float, list[float], float]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(
+            max_length=PROMPT_TOKENS + NEW_TOKENS,
+            min_length=PROMPT_TOKENS + NEW_TOKENS,
+            do_sample=False,
+            batch_size=batch,
+        )
+        generator = og.Generator(model, params)
+        started = time.perf_counter()
+        generator.append_tokens(ids)
+        generator.generate_next_token()
+        ttft = time.perf_counter() - started
+        last, gaps = time.perf_counter(), []
+        while not generator.is_done():
+            generator.generate_next_token()
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+        total = time.perf_counter() - started
+        if keep is not None:
+            for i in range(batch):
+                keep[i] = [int(t) for t in generator.get_sequence(i)][PROMPT_TOKENS:]
+        return ttft, gaps, total
+
+    return generate
+
+
+# -- tokenwire --------------------------------------------------------------------------------
+
+
+def engine_rows(model_dir: Path, reference: dict[int, list[int]]) -> list[dict[str, Any]]:
+    """The engine alone, in this process: device cache, then the copying cache."""
+    from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
+    from tokenwire.server.tokenizer import Tokenizer
+
+    rows = []
+    for device_cache in (True, False):
+        model = OnnxCausalLM(model_dir, provider=PROVIDER["name"], device_cache=device_cache)
+        engine = Engine(model, Tokenizer.from_dir(model_dir), EngineConfig(max_batch_size=32))
+        engine.warm_up()
+        engine.start()
+        where = "copying" if not engine.kv_in_place else "device" if device_cache else "host"
+        facts = {
+            "provider": model.provider,
+            "kv_in_place": engine.kv_in_place,
+            "cache": where,
+        }
+        print(f"  engine: {facts}", flush=True)
+        try:
+            for streams in (1, 16):
+                row = asyncio.run(engine_load(engine, streams))
+                rows.append(
+                    {
+                        "system": "tokenwire",
+                        "transport": "engine-alone",
+                        "concurrency": streams,
+                        "arrival": "burst",
+                        **facts,
+                        **row,
+                    }
+                )
+                say(rows[-1])
+            if device_cache:
+                rows.append(asyncio.run(correctness(engine, reference)))
+                print(f"  correctness: {rows[-1]}", flush=True)
+        finally:
+            engine.shutdown()
+    return rows
+
+
+async def engine_load(engine: Any, streams: int) -> dict[str, Any]:
+    runs = []
+    await engine_burst(engine, streams, 16)  # warm every batch shape
+    for _ in range(5 if streams == 1 else 3):
+        runs.append(await engine_burst(engine, streams, NEW_TOKENS))
+    total, ttft, gaps = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+    return summarise(streams, NEW_TOKENS, ttft, gaps, total=total, cpu=0.0)
+
+
+async def engine_burst(engine: Any, streams: int, new: int) -> tuple[float, float, list[float]]:
+    from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
+
+    async def one(i: int, ids: list[int]) -> list[float]:
+        request = GenerationRequest(
+            f"r{i}-{time.monotonic_ns()}",
+            "",
+            prompt_ids=tuple(ids),
+            max_tokens=new,
+            sampling=SamplingParams(temperature=0.0),
+            ignore_eos=True,
+        )
+        return [
+            time.perf_counter()
+            async for e in engine.submit(request).events()
+            if isinstance(e, TokenEvent)
+        ]
+
+    started = time.perf_counter()
+    got = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts(streams))))
+    total = time.perf_counter() - started
+    ttft = float(np.median([s[0] - started for s in got]))
+    gaps = [b - a for s in got for a, b in itertools.pairwise(s)]
+    return total, ttft, gaps
+
+
+async def correctness(engine: Any, reference: dict[int, list[int]]) -> dict[str, Any]:
+    """Greedy ids alone and with 15 neighbours joining at different steps, against GenAI's."""
+    from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
+
+    async def ids_of(i: int, ids: list[int], delay: float) -> list[int]:
+        await asyncio.sleep(delay)
+        request = GenerationRequest(
+            f"c{i}-{time.monotonic_ns()}",
+            "",
+            prompt_ids=tuple(ids),
+            max_tokens=NEW_TOKENS,
+            sampling=SamplingParams(temperature=0.0),
+            ignore_eos=True,
+        )
+        return [
+            e.token_id async for e in engine.submit(request).events() if isinstance(e, TokenEvent)
+        ]
+
+    rows = prompts(16)
+    alone = [await ids_of(i, p, 0.0) for i, p in enumerate(rows)]
+    together = await asyncio.gather(*(ids_of(i, p, 0.002 * i) for i, p in enumerate(rows)))
+    return {
+        "check": "greedy ids vs ORT GenAI on the same graph",
+        "alone_equal_genai": sum(alone[i] == reference.get(i) for i in range(16)),
+        "batched_equal_alone": sum(together[i] == alone[i] for i in range(16)),
+        "alone_common_prefix_min": min(prefix(alone[i], reference.get(i, [])) for i in range(16)),
+        "of": 16,
+    }
+
+
+def prefix(a: list[int], b: list[int]) -> int:
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+def grpc_rows(model_dir: Path) -> list[dict[str, Any]]:
+    """A tokenwire server process (CUDA, device cache) on loopback, driven over gRPC."""
+    env = {
+        **os.environ,
+        "TOKENWIRE_MODEL_DIR": str(model_dir),
+        "TOKENWIRE_PROVIDER": PROVIDER["name"],
+        "TOKENWIRE_PORT": "0",
+        "TOKENWIRE_METRICS_PORT": "0",
+        "TOKENWIRE_LOG_FORMAT": "json",
+        "TOKENWIRE_MAX_BATCH_SIZE": "32",
+        "TOKENWIRE_MAX_QUEUE": "256",
+    }
+    code = (
+        "import sys; from tokenwire.server.config import Settings; "
+        "from tokenwire.server.main import serve; sys.exit(serve(Settings.from_env()))"
+    )
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=log)
+    try:
+        port = wait_for_port(Path(log.name), proc)
+        return asyncio.run(grpc_load(port))
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def wait_for_port(log: Path, proc: subprocess.Popen[bytes]) -> int:
+    deadline = time.monotonic() + 300
+    port, started = 0, False
+    while time.monotonic() < deadline and proc.poll() is None:
+        for line in log.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("event") == "server.listening":
+                    port = int(event["port"])
+                started = started or event.get("event") == "server.started"
+        if port and started:
+            return port
+        time.sleep(0.2)
+    raise RuntimeError(f"server did not start:\n{log.read_text()[-4000:]}")
+
+
+async def grpc_load(port: int) -> list[dict[str, Any]]:
+    import grpc
+
+    from tokenwire.v1 import generate_pb2 as pb
+    from tokenwire.v1 import generate_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+
+        async def one(ids: list[int]) -> dict[str, Any]:
+            request = pb.GenerateRequest(
+                prompt_ids=ids,
+                max_tokens=NEW_TOKENS,
+                ignore_eos=True,
+                sampling=pb.SamplingParams(temperature=0.0),
+            )
+            sent, times = time.perf_counter(), []
+            call: Any = stub.Generate(request, timeout=600)
+            async for message in call:
+                if message.WhichOneof("event") == "token":
+                    times.append(time.perf_counter())
+            return {"sent": sent, "times": times}
+
+        rows = []
+        await asyncio.gather(*(one(p) for p in prompts(16)))
+        duration = 1.0
+        for streams, arrival in ((1, "burst"), (16, "burst"), (16, "poisson")):
+            runs = []
+            for _ in range(5 if streams == 1 else 3):
+                runs.append(await load(one, streams, arrival, streams / duration))
+            row = stream_row(runs)
+            if arrival == "burst" and streams == 16:
+                duration = NEW_TOKENS / row["per_stream_tokens_per_s"]
+            rows.append(
+                {
+                    "system": "tokenwire",
+                    "transport": "grpc",
+                    "concurrency": streams,
+                    "arrival": arrival,
+                    "cache": "device",
+                    **row,
+                }
+            )
+            say(rows[-1])
+        return rows
+
+
+async def load(one: Any, streams: int, arrival: str, rate: float) -> list[dict[str, Any]]:
+    ids = prompts(2 * streams)
+    if arrival == "burst":
+        return list(await asyncio.gather(*(one(ids[i]) for i in range(streams))))
+    rng, tasks = random.Random(streams), []
+    for i in range(2 * streams):  # Poisson arrivals keeping about `streams` in flight
+        tasks.append(asyncio.create_task(one(ids[i])))
+        await asyncio.sleep(rng.expovariate(rate))
+    return list(await asyncio.gather(*tasks))
+
+
+def stream_row(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    rates = sorted(
+        sum(len(s["times"]) for s in run)
+        / (max(s["times"][-1] for s in run) - min(s["sent"] for s in run))
+        for run in runs
+    )
+    streams = [s for run in runs for s in run]
+    ttft = [(s["times"][0] - s["sent"]) * 1000 for s in streams]
+    gaps = [(b - a) * 1000 for s in streams for a, b in itertools.pairwise(s["times"])]
+    return {
+        "tokens_per_s": rates[len(rates) // 2],
+        "per_stream_tokens_per_s": statistics.median(
+            len(s["times"]) / (s["times"][-1] - s["sent"]) for s in streams
+        ),
+        "ttft_p50_ms": nearest_rank(np.asarray(ttft), 50),
+        "itl_p50_ms": nearest_rank(np.asarray(gaps), 50),
+        "itl_p99_ms": nearest_rank(np.asarray(gaps), 99),
+        "repeats": len(runs),
+    }
+
+
+# -- where the cache lives --------------------------------------------------------------------
+
+
+def copies_per_step(model_dir: Path) -> dict[str, Any]:
+    """ORT's profiler over 32 decode steps of 16 rows in the preallocated device cache: the
+    copy nodes ONNX Runtime ran (Memcpy*), against every node it ran."""
+    from tokenwire.server.engine import OnnxCausalLM
+    from tokenwire.server.engine.slot_buffer import DeviceSlotBuffer
+
+    prefix = Path(tempfile.mkdtemp()) / "tokenwire"
+    model = OnnxCausalLM(
+        model_dir, provider=PROVIDER["name"], device_cache=True, profile_prefix=str(prefix)
+    )
+    cache = model.new_slot_cache(16, 512)
+    assert cache is not None, "no preallocated cache"
+    assert cache.device == PROVIDER["name"], "the cache is not on the device"
+    buffers = [b for b in cache.buffers if isinstance(b, DeviceSlotBuffer)]
+    prefill = model.new_cache(16, 0, left_aligned=True)
+    ids = np.asarray(prompts(16), dtype=np.int64)
+    mask = prefill.mask_with(PROMPT_TOKENS)
+    positions = np.tile(np.arange(PROMPT_TOKENS), (16, 1))
+    _, present = model.forward(ids, mask, positions, prefill.tensors)
+    prefill.advance(present, mask)
+    cache.extend(prefill)
+    tokens = np.full((16, 1), 11, dtype=np.int64)
+    for _ in range(32):
+        mask = cache.mask_with(1)
+        positions = mask.sum(axis=1, keepdims=True) - 1
+        model.forward(tokens, mask, positions, cache.tensors, in_place=True)
+        cache.advance([], mask)
+    events = json.loads(Path(model.session.end_profiling()).read_text())
+    nodes = [
+        e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
+    ]
+    copies = [e for e in nodes if "Memcpy" in e.get("args", {}).get("op_name", "")]
+    return {
+        "decode_steps": 32,
+        "rows": 16,
+        "cache_buffers_on_device": f"{len(buffers)} of {len(cache.buffers)}",
+        "cache_buffer_devices": sorted({b.value.device_name() for b in buffers}),
+        "cache_bytes_on_device": sum(b.nbytes for b in buffers),
+        "profiled_runs_include_prefill": 1,
+        "node_kernel_events": len(nodes),
+        "memcpy_kernel_events": len(copies),
+        "memcpy_ops": sorted({e["args"]["op_name"] + ":" + e["name"] for e in copies})[:20],
+    }
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def say(row: dict[str, Any]) -> None:
+    print(
+        f"  {row['system']:9s} {row['transport']:12s} c={row['concurrency']:<3d} "
+        f"{row['arrival']:12s} {row.get('cache', ''):8s} {row['tokens_per_s']:9.1f} tok/s  "
+        f"ttft p50 {row['ttft_p50_ms']:7.2f} ms  itl p50 {row['itl_p50_ms']:6.2f} ms",
+        flush=True,
+    )
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime as ort
+    import onnxruntime_genai as og
+
+    query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+    gpu = "none"
+    with contextlib.suppress(OSError):
+        gpu = subprocess.run(query, capture_output=True, text=True, check=False).stdout.strip()
+    return {
+        "gpu": gpu,
+        "cpu_cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "onnxruntime_genai": og.__version__,
+        "providers": ort.get_available_providers(),
+    }
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    def best(**match: Any) -> dict[str, Any]:
+        found = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+        return max(found, key=lambda r: r["tokens_per_s"])
+
+    genai1 = best(system="ort-genai", concurrency=1)["tokens_per_s"]
+    genai16 = best(system="ort-genai", concurrency=16)["tokens_per_s"]
+    grpc1 = best(system="tokenwire", transport="grpc", concurrency=1)["tokens_per_s"]
+    staggered = best(system="tokenwire", transport="grpc", concurrency=16, arrival="poisson")
+    burst16 = best(system="tokenwire", transport="grpc", concurrency=16, arrival="burst")
+    device1 = best(system="tokenwire", transport="engine-alone", concurrency=1, cache="device")
+    copying1 = best(system="tokenwire", transport="engine-alone", concurrency=1, cache="copying")
+    device16 = best(system="tokenwire", transport="engine-alone", concurrency=16, cache="device")
+    copying16 = best(system="tokenwire", transport="engine-alone", concurrency=16, cache="copying")
+    return {
+        "grpc_b1_vs_genai_b1": grpc1 / genai1,
+        "grpc_c16_burst_vs_genai_b16": burst16["tokens_per_s"] / genai16,
+        "grpc_c16_staggered_vs_genai_b16": staggered["tokens_per_s"] / genai16,
+        "engine_b1_vs_genai_b1": device1["tokens_per_s"] / genai1,
+        "device_cache_vs_copying_b1": device1["tokens_per_s"] / copying1["tokens_per_s"],
+        "device_cache_vs_copying_c16": device16["tokens_per_s"] / copying16["tokens_per_s"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--sizes", default="bench-56m")
+    ap.add_argument("--provider", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tokenwire-gpu")
+    args = ap.parse_args()
+    if args.provider == "cpu":
+        PROVIDER.update(name="cpu", precision="fp32")
+    report: dict[str, Any] = {"machine": machine(), "prompt_tokens": PROMPT_TOKENS}
+    report["new_tokens"] = NEW_TOKENS
+    report["models"] = {}
+    for name in args.sizes.split(","):
+        started = time.monotonic()
+        print(f"{name}: building", flush=True)
+        model_dir = build(name, args.work)
+        entry: dict[str, Any] = {"size": SIZES[name], "build_s": time.monotonic() - started}
+        report["models"][name] = entry
+        genai, reference = genai_rows(model_dir)
+        entry["rows"] = list(genai)
+        for label in ("engine", "grpc"):
+            try:
+                if label == "engine":
+                    entry["rows"] += engine_rows(model_dir, reference)
+                else:
+                    entry["rows"] += grpc_rows(model_dir)
+            except Exception as exc:
+                entry.setdefault("errors", {})[label] = f"{type(exc).__name__}: {exc}"
+                print(f"  {label} failed: {exc}", flush=True)
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+        with contextlib.suppress(Exception):
+            entry["ratios"] = ratios([r for r in entry["rows"] if "tokens_per_s" in r])
+        try:
+            entry["copies"] = copies_per_step(model_dir)
+        except Exception as exc:
+            entry.setdefault("errors", {})["copies"] = f"{type(exc).__name__}: {exc}"
+        entry["seconds"] = time.monotonic() - started
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps({name: entry.get("ratios"), "copies": entry.get("copies")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
