@@ -568,7 +568,8 @@ def main() -> None:
         model_dir = build(name, args.work)
         entry: dict[str, Any] = {"size": SIZES[name], "build_s": time.monotonic() - started}
         report["models"][name] = entry
-        entry["rows"], reference = [], {}
+        reference: dict[int, list[int]] = {}
+        entry["rows"] = []
         try:
             entry["rows"], reference = genai_rows(model_dir)
         except Exception as exc:  # the other rows are still worth having
