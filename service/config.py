@@ -60,6 +60,9 @@ class Settings:
     metrics_port: int = setting(defaults.METRICS_PORT, "Prometheus `/metrics` port; 0 = off")
     log_format: LogFormat = setting("json", "`json` lines, or `console` for humans")
     log_content: bool = setting(False, "include prompts and completions in logs")
+    otlp_endpoint: str = setting(
+        "", "OTLP/gRPC collector for traces, e.g. `http://otel-collector:4317`; empty = no export"
+    )
     api_keys: tuple[str, ...] = setting(
         (),
         "comma-separated bearer keys; with them (or a keys file) RPCs need one",
