@@ -170,6 +170,25 @@ async def test_grpc_clients_traceparent_is_the_generate_spans_parent(fresh: Trac
     assert _hex(generate.parent.span_id, 16) == CALLER_SPAN
 
 
+async def test_malformed_traceparent_starts_a_new_trace_and_the_request_is_served(
+    fresh: Traced,
+) -> None:
+    """A traceparent that is not W3C Trace Context is ignored: the edge answers 200 and its span
+    roots a new trace, which the server joins."""
+    async with httpx.AsyncClient(base_url=fresh.edge.url, timeout=60) as http:
+        response = await http.post(
+            "/v1/generate",
+            json={"prompt": "x", "max_tokens": 2},
+            # An all-zero trace id, and a byte that is not ASCII.
+            headers={"traceparent": f"00-{'0' * 32}-{CALLER_SPAN}-01".encode() + b"\xe9"},
+        )
+    assert response.status_code == 200
+    (edge_span,) = await _spans(fresh.edge_spans, 1)
+    generate = _named(await _spans(fresh.server_spans, 4), GENERATE_SPAN)
+    assert edge_span.parent is None
+    assert generate.context.trace_id == edge_span.context.trace_id != int(CALLER_TRACE, 16)
+
+
 async def test_request_log_lines_carry_the_trace_and_span_ids(fresh: Traced) -> None:
     """The server's request.finished line and the edge's edge.stream line name the trace id of
     the request, and each the id of its own span."""

@@ -76,7 +76,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self._keys = keys or ApiKeys(())
         self._log_content = log_content
         self._observer = observer or NullObserver()
-        self._tracer = (tracing or Tracing.from_endpoint("")).tracer
+        tracing = tracing or Tracing.from_endpoint("")
+        self._tracer = tracing.tracer
+        # Without an exporter the Generate span only lends its ids to the logs and the trace.
+        self._phases = tracing.exporter is not None
         self.last_arrival = 0.0
         """time.monotonic() of the latest Generate call (the drain waits for a quiet moment)."""
 
@@ -90,7 +93,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         structlog.contextvars.clear_contextvars()
         self.last_arrival = time.monotonic()
         # The caller's traceparent (sent by the edge, or by any gRPC client) is the parent.
-        span = GenerateSpan(self._tracer, context.invocation_metadata() or ())
+        span = GenerateSpan(self._tracer, context.invocation_metadata() or (), phases=self._phases)
         structlog.contextvars.bind_contextvars(**span.log_ids())
         try:
             handle, request_id, deadline = self._submit(request, context, span)

@@ -83,10 +83,18 @@ def _resource(version: str) -> Resource:
 class GenerateSpan:
     """The server span of one Generate call and, once the stream ends, its phases."""
 
-    def __init__(self, tracer: trace.Tracer, metadata: Iterable[tuple[str, str | bytes]]) -> None:
+    def __init__(
+        self,
+        tracer: trace.Tracer,
+        metadata: Iterable[tuple[str, str | bytes]],
+        *,
+        phases: bool = True,
+    ) -> None:
+        """phases: lay the queue, prefill and decode spans (pointless when nothing exports)."""
         # Only the W3C keys, and only text values: a malformed traceparent starts a new trace.
         carrier = {k: v for k, v in metadata if k in _W3C.fields and isinstance(v, str)}
         self._tracer = tracer
+        self._phases_wanted = phases
         self._wall_ns, self._mono = time.time_ns(), time.monotonic()
         self.span = tracer.start_span(
             GENERATE_SPAN,
@@ -149,7 +157,8 @@ class GenerateSpan:
                     "gen_ai.usage.output_tokens": usage.completion_tokens,
                 }
             )
-            self._phases(usage, arrived_at)
+            if self._phases_wanted:
+                self._phases(usage, arrived_at)
         if reason in _FAILED:
             self.span.set_attribute("error.type", reason)
             self.span.set_status(Status(StatusCode.ERROR, reason))
