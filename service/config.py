@@ -92,6 +92,9 @@ class Settings:
 
 
 _PATHS = ("api_keys_file", "tls_cert", "tls_key", "tls_client_ca")
+# The scheme says whether the exporter's channel is plaintext or TLS; without one it would
+# silently pick TLS.
+OTLP_SCHEMES = ("http://", "https://")
 
 
 def read_api_keys(path: Path) -> tuple[str, ...]:
@@ -114,6 +117,12 @@ def _check_network(s: Settings) -> None:
     _require(bool(s.host), "host", "non-empty", s.host)
     _require(
         0 <= s.metrics_port <= 65535, "metrics_port", "between 0 (off) and 65535", s.metrics_port
+    )
+    _require(
+        s.otlp_endpoint.startswith(OTLP_SCHEMES) or not s.otlp_endpoint,
+        "otlp_endpoint",
+        "an http:// (plaintext) or https:// URL, or empty",
+        s.otlp_endpoint,
     )
 
 

@@ -19,6 +19,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from structlog.testing import capture_logs
 
 from tests.conftest import MODEL, RunningEdge, collect, eventually, greedy
+from tokenwire.common.settings import SettingsError
 from tokenwire.edge import tracing as edge_tracing
 from tokenwire.edge.server import EdgeServer
 from tokenwire.edge.settings import EdgeSettings
@@ -254,3 +255,11 @@ def test_endpoint_setting_installs_an_otlp_exporter() -> None:
     finally:
         server.shutdown()
         edge.shutdown()
+
+
+@pytest.mark.parametrize("settings", [Settings, EdgeSettings])
+def test_endpoint_without_a_scheme_is_refused_naming_the_variable(settings: type) -> None:
+    """An endpoint without http:// or https:// (which would silently mean TLS) is a settings
+    error that names TOKENWIRE_OTLP_ENDPOINT."""
+    with pytest.raises(SettingsError, match="TOKENWIRE_OTLP_ENDPOINT"):
+        settings.from_env({"TOKENWIRE_OTLP_ENDPOINT": "collector:4317"})
