@@ -60,6 +60,9 @@ class Settings:
     metrics_port: int = setting(defaults.METRICS_PORT, "Prometheus `/metrics` port; 0 = off")
     log_format: LogFormat = setting("json", "`json` lines, or `console` for humans")
     log_content: bool = setting(False, "include prompts and completions in logs")
+    otlp_endpoint: str = setting(
+        "", "OTLP/gRPC collector for traces, e.g. `http://otel-collector:4317`; empty = no export"
+    )
     api_keys: tuple[str, ...] = setting(
         (),
         "comma-separated bearer keys; with them (or a keys file) RPCs need one",
@@ -89,6 +92,9 @@ class Settings:
 
 
 _PATHS = ("api_keys_file", "tls_cert", "tls_key", "tls_client_ca")
+# The scheme says whether the exporter's channel is plaintext or TLS; without one it would
+# silently pick TLS.
+OTLP_SCHEMES = ("http://", "https://")
 
 
 def read_api_keys(path: Path) -> tuple[str, ...]:
@@ -111,6 +117,12 @@ def _check_network(s: Settings) -> None:
     _require(bool(s.host), "host", "non-empty", s.host)
     _require(
         0 <= s.metrics_port <= 65535, "metrics_port", "between 0 (off) and 65535", s.metrics_port
+    )
+    _require(
+        s.otlp_endpoint.startswith(OTLP_SCHEMES) or not s.otlp_endpoint,
+        "otlp_endpoint",
+        "an http:// (plaintext) or https:// URL, or empty",
+        s.otlp_endpoint,
     )
 
 

@@ -22,6 +22,7 @@ from tokenwire.server.engine import (
 from tokenwire.server.rpc.server import TokenwireServer
 from tokenwire.server.telemetry import configure_logging
 from tokenwire.server.telemetry.metrics import MetricsTls, ServerMetrics
+from tokenwire.server.telemetry.tracing import Tracing
 from tokenwire.server.tokenizer import Tokenizer
 
 log = structlog.get_logger("tokenwire.server")
@@ -74,7 +75,17 @@ async def run_server(settings: Settings, stop: asyncio.Event) -> int:
     engine cannot drive, is one log line and status 2.
     """
     metrics = ServerMetrics()
-    server = TokenwireServer(settings, observer=metrics)
+    tracing = Tracing.from_endpoint(settings.otlp_endpoint, __version__)
+    server = TokenwireServer(settings, observer=metrics, tracing=tracing)
+    try:
+        return await _serve(settings, stop, server, metrics)
+    finally:
+        tracing.shutdown()  # the spans still batched go out before the process ends
+
+
+async def _serve(
+    settings: Settings, stop: asyncio.Event, server: TokenwireServer, metrics: ServerMetrics
+) -> int:
     try:
         _check_free(settings.host, settings.port)
         port = await server.start()

@@ -11,6 +11,9 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import generate_latest
+
+from tokenwire.server.telemetry.metrics import ServerMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERLAYS = ["cpu", "gpu"]
@@ -208,3 +211,85 @@ def test_a_config_change_renames_the_config_map(tmp_path: Path) -> None:
     after = [d for d in yaml.safe_load_all(_render("cpu", copy)) if d]
     assert _config_map(after)["metadata"]["name"] != before
     assert _env(after)["TOKENWIRE_MAX_QUEUE"] == "65"
+
+
+INFERENCE_POOL = ROOT / "k8s" / "examples" / "inference-pool.yaml"
+# kubernetes-validate knows the built-in kinds only; the InferencePool (a CRD) is checked below.
+CUSTOM_KINDS = {"InferencePool"}
+
+
+def _example() -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(INFERENCE_POOL.read_text()) if d]
+
+
+def _epp_flags() -> dict[str, str]:
+    epp = _find(_example(), "Deployment", "tokenwire-epp")
+    args = epp["spec"]["template"]["spec"]["containers"][0]["args"]
+    return dict(arg.removeprefix("--").split("=", 1) for arg in args)
+
+
+def test_inference_pool_examples_built_in_objects_validate_strictly(tmp_path: Path) -> None:
+    """The EPP's Deployment, Service and RBAC beside the InferencePool pass
+    kubernetes-validate --strict."""
+    built_in = tmp_path / "built-in.yaml"
+    built_in.write_text(
+        yaml.safe_dump_all([d for d in _example() if d["kind"] not in CUSTOM_KINDS])
+    )
+    done = subprocess.run(
+        [_tool("kubernetes-validate"), "--strict", str(built_in)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_inference_pool_selects_the_server_pods_on_their_grpc_port() -> None:
+    """The InferencePool has the v1 required fields; its selector matches the server pods (and
+    not the edge's), its port is their gRPC port over h2c, and its endpointPickerRef names the
+    EPP Service and one of that Service's ports."""
+    docs = _example()
+    pool = _find(docs, "InferencePool", "tokenwire")
+    assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+    spec = pool["spec"]
+    assert {"selector", "targetPorts", "endpointPickerRef"} <= set(spec)
+    rendered = _docs("cpu")
+    server = _find(rendered, "Deployment", "tokenwire-server")["spec"]["template"]
+    edge = _find(rendered, "Deployment", "tokenwire-edge")["spec"]["template"]
+    wanted = spec["selector"]["matchLabels"].items()
+    assert wanted <= server["metadata"]["labels"].items()
+    assert not wanted <= edge["metadata"]["labels"].items()
+    ports = {p["name"]: p["containerPort"] for p in server["spec"]["containers"][0]["ports"]}
+    assert [p["number"] for p in spec["targetPorts"]] == [ports["grpc"]]
+    assert spec["appProtocol"] == "kubernetes.io/h2c"
+    ref = spec["endpointPickerRef"]
+    service = _find(docs, "Service", ref["name"])
+    assert ref["port"]["number"] in {p["port"] for p in service["spec"]["ports"]}
+    assert ref["failureMode"] in {"FailOpen", "FailClose"}
+    assert pool["metadata"]["namespace"] == service["metadata"]["namespace"] == "tokenwire"
+
+
+def test_endpoint_picker_reads_metrics_the_server_exports() -> None:
+    """The EPP's metric flags name the waiting, running and KV-cache gauges a server exports,
+    on the server's metrics port, for this pool."""
+    flags = _epp_flags()
+    exposition = generate_latest(ServerMetrics().registry).decode()
+    gauges = {
+        flags[name]
+        for name in (
+            "total-queued-requests-metric",
+            "total-running-requests-metric",
+            "kv-cache-usage-percentage-metric",
+        )
+    }
+    assert gauges == {
+        "tokenwire_requests_waiting",
+        "tokenwire_requests_running",
+        "tokenwire_kv_cache_usage_ratio",
+    }
+    for gauge in gauges:
+        assert f"# TYPE {gauge} gauge" in exposition
+    server = _find(_docs("cpu"), "Deployment", "tokenwire-server")["spec"]["template"]["spec"]
+    ports = {p["name"]: p["containerPort"] for p in server["containers"][0]["ports"]}
+    assert int(flags["model-server-metrics-port"]) == ports["metrics"]
+    assert (flags["pool-name"], flags["pool-namespace"]) == ("tokenwire", "tokenwire")

@@ -28,6 +28,7 @@ from tokenwire.edge.guards import (
 from tokenwire.edge.metrics import EdgeMetrics
 from tokenwire.edge.resumable import ResumableStreams
 from tokenwire.edge.settings import EdgeSettings
+from tokenwire.edge.tracing import Tracing, TracingMiddleware
 from tokenwire.edge.upstream import Upstream
 
 STATIC = Path(__file__).parent / "static"
@@ -89,8 +90,11 @@ async def metrics(request: Request) -> Response:
     return PlainTextResponse(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def create_app(settings: EdgeSettings, upstream: Upstream | None = None) -> Starlette:
+def create_app(
+    settings: EdgeSettings, upstream: Upstream | None = None, tracing: Tracing | None = None
+) -> Starlette:
     edge_metrics = EdgeMetrics()
+    traces = tracing or Tracing.from_endpoint(settings.otlp_endpoint)
     ctx = EdgeContext(
         settings=settings,
         upstream=upstream or Upstream.from_settings(settings),
@@ -109,6 +113,7 @@ def create_app(settings: EdgeSettings, upstream: Upstream | None = None) -> Star
         yield
         ctx.streams.close()
         await ctx.upstream.close()
+        traces.shutdown()
 
     # Outermost first: CORS answers preflights, the drain gate counts and refuses, then keys,
     # then where the request comes from and its content type.
@@ -123,6 +128,8 @@ def create_app(settings: EdgeSettings, upstream: Upstream | None = None) -> Star
                 expose_headers=["X-Request-ID"],
             )
         )
+    # Outside the gates, so requests they refuse (draining, keys) have spans too.
+    middleware.append(Middleware(TracingMiddleware, tracer=traces.tracer))
     middleware.append(Middleware(DrainMiddleware, drain=ctx.drain))
     if settings.api_keys:
         middleware.append(Middleware(ApiKeyMiddleware, keys=settings.api_keys))

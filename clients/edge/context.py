@@ -13,6 +13,7 @@ from tokenwire.edge.guards import Drain
 from tokenwire.edge.metrics import EdgeMetrics
 from tokenwire.edge.resumable import ResumableStreams
 from tokenwire.edge.settings import EdgeSettings
+from tokenwire.edge.tracing import stream_failed
 from tokenwire.edge.upstream import Upstream
 
 MAX_REQUEST_ID = 128
@@ -39,6 +40,8 @@ class EdgeContext:
 
     def outcome(self, route: str, outcome: str) -> None:
         self.metrics.streams.labels(route=route, outcome=outcome).inc()
+        if outcome == "upstream_error":
+            stream_failed(outcome)
 
     def observe_ttft(self, route: str, seconds: float) -> None:
         self.metrics.ttft.labels(route=route).observe(seconds)

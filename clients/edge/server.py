@@ -27,6 +27,7 @@ import uvicorn
 from tokenwire.edge.app import create_app
 from tokenwire.edge.context import EdgeContext
 from tokenwire.edge.settings import EdgeSettings
+from tokenwire.edge.tracing import Tracing
 
 log = structlog.get_logger("tokenwire.edge")
 # After the grace, cancelled streams still need a moment to write their last event.
@@ -44,9 +45,9 @@ class _Uvicorn(uvicorn.Server):
 class EdgeServer:
     """A uvicorn server for the edge app; start() returns once it listens."""
 
-    def __init__(self, settings: EdgeSettings) -> None:
+    def __init__(self, settings: EdgeSettings, tracing: Tracing | None = None) -> None:
         self.settings = settings
-        self.app = create_app(settings)
+        self.app = create_app(settings, tracing=tracing)
         config = uvicorn.Config(
             self.app,
             host=settings.host,

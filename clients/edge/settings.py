@@ -44,6 +44,9 @@ class EdgeSettings:
     resume_total_bytes: int = setting(64 * 1_048_576, "resume buffers of all streams, bytes")
     upstream_timeout_s: float = setting(600.0, "deadline of each upstream Generate call")
     metrics: bool = setting(True, "serve the edge's `/metrics`")
+    otlp_endpoint: str = setting(
+        "", "OTLP/gRPC collector for traces, e.g. `http://otel-collector:4317`; empty = no export"
+    )
     # How the edge reaches the server: bearer key (default: the first of api_keys, so one
     # TOKENWIRE_API_KEYS serves `tokenwire up`'s server and edge alike) and TLS files.
     upstream_api_key: str = setting(
@@ -95,6 +98,13 @@ class EdgeSettings:
         require(self.drain_notice_s >= 0, "drain_notice_s", ">= 0", self.drain_notice_s)
         require(
             self.log_format in ("json", "console"), "log_format", "json or console", self.log_format
+        )
+        # The scheme says whether the exporter's channel is plaintext or TLS.
+        require(
+            self.otlp_endpoint.startswith(("http://", "https://")) or not self.otlp_endpoint,
+            "otlp_endpoint",
+            "an http:// (plaintext) or https:// URL, or empty",
+            self.otlp_endpoint,
         )
 
     @classmethod

@@ -16,6 +16,7 @@ from tokenwire.client.failover import MAX_FAILOVERS, RETRYABLE, continued, split
 from tokenwire.client.security import ChannelSecurity, aio_channel
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.settings import EdgeSettings
+from tokenwire.edge.tracing import upstream_metadata
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
@@ -122,7 +123,8 @@ class Upstream:
         return self._stubs[self._next].Generate(
             request,
             timeout=self._timeout_s,
-            metadata=(("x-request-id", request_id), *self._metadata),
+            # The traceparent of the edge request's span: the server continues its trace.
+            metadata=(("x-request-id", request_id), *self._metadata, *upstream_metadata()),
         )
 
     async def _reopen(self, request: pb.GenerateRequest) -> GenerateCall:

@@ -61,6 +61,8 @@ class GenerationHandle:
         self._sequence = sequence
         self.request_id = sequence.request_id
         self.prompt_tokens = len(sequence.prompt_ids)
+        self.arrived_at = sequence.arrived_at
+        """time.monotonic() at submission: what the Usage event's timings count from."""
         self.seed = sequence.sampler.seed
         """The sampling seed in use (chosen by the server when the request set none)."""
 

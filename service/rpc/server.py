@@ -17,6 +17,7 @@ from tokenwire.server.engine import Engine, EngineObserver, NullObserver
 from tokenwire.server.rpc import handlers
 from tokenwire.server.rpc.auth import ApiKeyInterceptor, ApiKeys
 from tokenwire.server.rpc.servicer import EngineSlot, GenerationServicer
+from tokenwire.server.telemetry.tracing import Tracing
 from tokenwire.v1 import generate_pb2 as pb
 
 log = structlog.get_logger("tokenwire.server")
@@ -58,6 +59,8 @@ class TokenwireServer:
     observer: EngineObserver = dataclasses.field(default_factory=NullObserver)
     """Hears of Generate calls refused before they reach the engine (the engine's own
     observer counts the rest), so every rejection is counted once."""
+    tracing: Tracing = dataclasses.field(default_factory=lambda: Tracing.from_endpoint(""))
+    """Where Generate spans go; by default nowhere (they still get ids for the logs)."""
 
     async def start(self) -> int:
         """Bind and start serving with health NOT_SERVING; return the bound port."""
@@ -67,7 +70,11 @@ class TokenwireServer:
             options=server_options(self.settings), interceptors=interceptors
         )
         self.servicer = GenerationServicer(
-            self.slot, keys=keys, log_content=self.settings.log_content, observer=self.observer
+            self.slot,
+            keys=keys,
+            log_content=self.settings.log_content,
+            observer=self.observer,
+            tracing=self.tracing,
         )
         handlers.register(self.servicer, self.server)
         self.health = health.aio.HealthServicer()

@@ -29,9 +29,10 @@ from tokenwire.server.engine import (
 )
 from tokenwire.server.rpc import convert
 from tokenwire.server.rpc.auth import ANONYMOUS, ApiKeys
-from tokenwire.server.rpc.errors import abort
+from tokenwire.server.rpc.errors import abort, to_status
 from tokenwire.server.rpc.handlers import Malformed
 from tokenwire.server.telemetry import ms, percentile
+from tokenwire.server.telemetry.tracing import GenerateSpan, Tracing
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
@@ -69,11 +70,16 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         keys: ApiKeys | None = None,
         log_content: bool = False,
         observer: EngineObserver | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._slot = slot
         self._keys = keys or ApiKeys(())
         self._log_content = log_content
         self._observer = observer or NullObserver()
+        tracing = tracing or Tracing.from_endpoint("")
+        self._tracer = tracing.tracer
+        # Without an exporter the Generate span only lends its ids to the logs and the trace.
+        self._phases = tracing.exporter is not None
         self.last_arrival = 0.0
         """time.monotonic() of the latest Generate call (the drain waits for a quiet moment)."""
 
@@ -86,10 +92,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         structlog.contextvars.clear_contextvars()
         self.last_arrival = time.monotonic()
+        # The caller's traceparent (sent by the edge, or by any gRPC client) is the parent.
+        span = GenerateSpan(self._tracer, context.invocation_metadata() or (), phases=self._phases)
+        structlog.contextvars.bind_contextvars(**span.log_ids())
         try:
-            handle, request_id, deadline = self._submit(request, context)
+            handle, request_id, deadline = self._submit(request, context, span)
         except TokenwireError as exc:
             log_rejected(exc)
+            _span_failed(span, exc)
             await abort(context, exc)
             return
         logged = request if self._log_content and isinstance(request, pb.GenerateRequest) else None
@@ -106,6 +116,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 yield convert.event_to_pb(_with_caller_id(event, request_id))
         except EngineStopped as exc:
             summary.failed = True
+            _span_failed(span, exc)
             await abort(context, exc)
         finally:
             # Reached without a completion when the client cancelled, the deadline passed or
@@ -118,9 +129,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 if not summary.failed:
                     summary.reason = reason.value
             summary.log()
+            if not summary.failed:
+                span.finished(summary.reason, summary.usage, handle.arrived_at)
 
     def _submit(
-        self, request: pb.GenerateRequest | Malformed, context: Context
+        self, request: pb.GenerateRequest | Malformed, context: Context, span: GenerateSpan
     ) -> tuple[GenerationHandle, str, float | None]:
         """Check the request and hand it to the engine under the caller's principal; bind the
         log context. Raises TokenwireError when refused: nothing reaches the engine then.
@@ -140,6 +153,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             deadline = None if remaining is None else time.monotonic() + remaining
             engine = self._slot.get()
             owned = convert.request_from_pb(request, owned_id(principal, request_id), deadline)
+            span.accepted(owned, request_id, engine.model.spec.name)
         except TokenwireError as exc:
             self._observer.request_rejected(type(exc).__name__)
             raise
@@ -190,6 +204,11 @@ def _with_caller_id(event: Event, request_id: str) -> Event:
     if isinstance(event, UsageEvent) and event.request_id != request_id:
         return dataclasses.replace(event, request_id=request_id)
     return event
+
+
+def _span_failed(span: GenerateSpan, exc: TokenwireError) -> None:
+    """End the call's span with the status the caller gets."""
+    span.refused(to_status(exc).code.name, type(exc).__name__, str(exc))
 
 
 def log_rejected(exc: TokenwireError) -> None:
