@@ -560,6 +560,8 @@ def main() -> None:
 
         print(f"torch {torch.__version__}, cuda {torch.cuda.is_available()}", flush=True)
     report: dict[str, Any] = {"machine": machine(), "prompt_tokens": PROMPT_TOKENS}
+    report["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    report["git_commit"] = os.environ.get("TOKENWIRE_COMMIT", "?")
     report["new_tokens"] = NEW_TOKENS
     report["models"] = {}
     for name in args.sizes.split(","):

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "latest.json"
+GPU_RESULTS = ROOT / "bench" / "results" / "gpu.json"
 ANALYSIS = ROOT / "bench" / "analysis.md"
 DOC = ROOT / "docs" / "benchmarks.md"
 IMG = ROOT / "docs" / "img"
@@ -80,9 +81,11 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def targets(ratios: dict[str, float]) -> str:
+def targets(
+    ratios: dict[str, float], goals: list[tuple[str, str, float, str]] | None = None
+) -> str:
     lines = ["| target | value | goal | |", "| --- | ---: | --- | --- |"]
-    for key, op, goal, text in TARGETS:
+    for key, op, goal, text in TARGETS if goals is None else goals:
         value = ratios.get(key)
         if value is None:
             continue
@@ -165,11 +168,117 @@ def fairness(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+GPU_TARGETS = [
+    (
+        "grpc_b1_vs_genai_b1",
+        ">=",
+        1.0,
+        "1 stream over gRPC vs GenAI batch 1 (its best: CUDA graph)",
+    ),
+    ("grpc_c16_staggered_vs_genai_b16", ">=", 1.3, "16 staggered streams vs GenAI static batch 16"),
+    ("grpc_c16_burst_vs_genai_b16", ">=", 1.0, "burst of 16 vs GenAI static batch 16"),
+    ("engine_b1_vs_genai_b1", ">=", 1.0, "engine alone, 1 stream, vs GenAI batch 1"),
+    ("device_cache_vs_copying_b1", ">=", 1.0, "cache on the device vs copied every step, 1 stream"),
+    (
+        "device_cache_vs_copying_c16",
+        ">=",
+        1.0,
+        "cache on the device vs copied every step, 16 streams",
+    ),
+]
+
+
+def gpu_label(row: dict[str, Any]) -> str:
+    if row["system"] == "ort-genai":
+        graph = "CUDA graph" if row.get("knobs", {}).get("enable_cuda_graph") else "no CUDA graph"
+        return f"ort-genai static batch {row['concurrency']} ({graph})"
+    cache = {"device": "cache on device", "copying": "cache copied per step"}[row["cache"]]
+    streams = f"{row['concurrency']} stream{'s' if row['concurrency'] > 1 else ''}"
+    return f"tokenwire {row['transport']} {streams} ({row['arrival']}, {cache})"
+
+
+def gpu_section(gpu: dict[str, Any]) -> str:
+    """Tables for each model of bench/results/gpu.json (bench/gpu.py)."""
+    m = gpu["machine"]
+    parts = [
+        f"Regenerate with `bench/gpu.sh OUT_DIR` on a GPU machine (bench/gpu.py; results in "
+        f"`bench/results/gpu.json`). Machine: {m['gpu']}, {m['cpu_cores']} CPU cores, Python "
+        f"{m['python']}, ONNX Runtime {m['onnxruntime']} (onnxruntime-gpu, CUDA provider), "
+        f"ONNX Runtime GenAI {m['onnxruntime_genai']} (onnxruntime-genai-cuda); "
+        f"{gpu.get('date', '')}, commit {gpu.get('git_commit', '?')}.",
+        "",
+        f"Workload: every system on the same fp16 graph written by GenAI's builder (`-p fp16 -e "
+        f"cuda`), random-initialised Llama weights, the same {gpu['prompt_tokens']}-token prompt "
+        f"ids, {gpu['new_tokens']} greedy new tokens. GenAI runs with its builder's session "
+        f"options, with and without CUDA graph capture (`enable_cuda_graph` in genai_config.json); "
+        f"tokenwire with the defaults of `tokenwire serve` (`TOKENWIRE_PROVIDER=cuda`).",
+    ]
+    for name, entry in gpu["models"].items():
+        size = entry["size"]
+        rows = [r for r in entry["rows"] if "tokens_per_s" in r]
+        checks = [r for r in entry["rows"] if "check" in r]
+        parts += [
+            "",
+            f"### {name}: {size['layers']} layers, hidden {size['hidden']}, {size['heads']} heads "
+            f"({size['kv_heads']} KV), fp16",
+            "",
+            "| run | tokens/s | TTFT p50 | ITL p50 | ITL p99 |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            *(
+                f"| {gpu_label(r)} | {r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.2f} ms | "
+                f"{r['itl_p50_ms']:.2f} ms | {r['itl_p99_ms']:.2f} ms |"
+                for r in rows
+            ),
+            "",
+            targets(entry.get("ratios", {}), GPU_TARGETS),
+        ]
+        for check in checks:
+            parts += [
+                "",
+                f"Greedy ids: {check['alone_equal_genai']} of {check['of']} prompts alone equal "
+                f"GenAI's (batch of 16); {check['batched_equal_alone']} of {check['of']} equal "
+                f"their own solo ids when 16 run together; the shortest common prefix with GenAI "
+                f"is {check['alone_common_prefix_min']} tokens.",
+            ]
+        copies = entry.get("copies")
+        if copies:
+            parts += [
+                "",
+                f"Where the cache lives: {copies['cache_buffers_on_device']} cache buffers on "
+                f"{', '.join(copies['cache_buffer_devices'])} "
+                f"({copies['cache_bytes_on_device'] / 2**20:.0f} MiB for 16 slots); ONNX Runtime's "
+                f"profiler over {copies['decode_steps']} decode steps of {copies['rows']} rows "
+                f"(and the prefill) recorded {copies['memcpy_kernel_events']} Memcpy nodes among "
+                f"{copies['node_kernel_events']} node runs.",
+            ]
+    return "\n".join(parts)
+
+
 README = ROOT / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
-def readme_block(result: dict[str, Any]) -> str:
+def readme_gpu(gpu: dict[str, Any] | None) -> list[str]:
+    if gpu is None or "bench-56m" not in gpu["models"]:
+        return []
+    entry = gpu["models"]["bench-56m"]
+    r = entry["ratios"]
+    one = next(
+        x
+        for x in entry["rows"]
+        if x.get("transport") == "grpc" and x["concurrency"] == 1 and "tokens_per_s" in x
+    )
+    return [
+        f"- on an {gpu['machine']['gpu'].split(',')[0]} (CUDA provider, fp16, same model shape): "
+        f"one stream over gRPC {one['tokens_per_s']:.0f} tokens/s = "
+        f"{r['grpc_b1_vs_genai_b1']:.2f}x GenAI with CUDA graphs; 16 staggered streams "
+        f"{r['grpc_c16_staggered_vs_genai_b16']:.2f}x GenAI's static batch of 16; keeping the "
+        f"KV cache on the device is {r['device_cache_vs_copying_c16']:.1f}x copying it at 16 "
+        f"streams.",
+    ]
+
+
+def readme_block(result: dict[str, Any], gpu: dict[str, Any] | None = None) -> str:
     r = result["ratios"]
 
     def tokenwire(graph: str, c: int, arrival: str) -> dict[str, Any]:
@@ -202,7 +311,10 @@ def readme_block(result: dict[str, Any]) -> str:
             f"{r['int4_b1_vs_genai_int4_b1']:.2f}x GenAI int4;",
             f"- SSE edge: {r['edge_c16_vs_grpc_c16']:.2f}x direct gRPC tokens/s at 16 streams, "
             f"+{r['edge_ttft_p50_added_ms']:.1f} ms TTFT p50;",
-            f"- metrics exporter on vs off: {r['metrics_on_vs_off_c16']:.2f}x.",
+            f"- metrics exporter on vs off: {r['metrics_on_vs_off_c16']:.2f}x;"
+            if gpu
+            else f"- metrics exporter on vs off: {r['metrics_on_vs_off_c16']:.2f}x.",
+            *readme_gpu(gpu),
             "",
             "Full table, plots, the targets missed and why: [docs/benchmarks.md](docs/benchmarks.md)"
             " (`make bench` regenerates it).",
@@ -211,11 +323,11 @@ def readme_block(result: dict[str, Any]) -> str:
     )
 
 
-def update_readme(result: dict[str, Any]) -> None:
+def update_readme(result: dict[str, Any], gpu: dict[str, Any] | None) -> None:
     text = README.read_text()
     if START in text and END in text:
         head, rest = text.split(START, 1)
-        text = head + readme_block(result) + rest.split(END, 1)[1]
+        text = head + readme_block(result, gpu) + rest.split(END, 1)[1]
         README.write_text(text)
 
 
@@ -226,7 +338,8 @@ def knobs(peer_knobs: dict[str, str]) -> str:
 
 def main() -> None:
     result = json.loads(RESULTS.read_text())
-    update_readme(result)
+    gpu = json.loads(GPU_RESULTS.read_text()) if GPU_RESULTS.exists() else None
+    update_readme(result, gpu)
     plots([row for row in result["rows"] if "graph" not in row])
     m, w = result["machine"], result["workload"]
     analysis = ANALYSIS.read_text() if ANALYSIS.exists() else ""
@@ -263,6 +376,10 @@ chunk of `TOKENWIRE_PREFILL_CHUNK_TOKENS` per step, so running streams wait for 
 time, never for the whole prompt.
 
 {fairness(result["fairness"])}
+
+## GPU
+
+{gpu_section(gpu) if gpu else "No GPU run is recorded (`bench/gpu.sh` makes one)."}
 
 {analysis}
 """
