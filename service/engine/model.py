@@ -129,6 +129,7 @@ class OnnxCausalLM:
         self._axes = tuple(t.seq_axis for t in self.layout.tensors)
         self._shapes = [t.shape for t in self.layout.tensors]
         self._binding = self.session.io_binding()
+        self._bound_regions: tuple[object, ...] = ()
         tolerance = FP16_TOLERANCE if self.layout.dtype is np.float16 else FP32_TOLERANCE
         self.padding: Padding = probe_padding(self, tolerance)
 
@@ -188,18 +189,24 @@ class OnnxCausalLM:
         """Bind each cache region as its past input and its present output: one buffer. The
         step's small inputs go up from the host and its logits come back; the cache stays."""
         binding = self._binding
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
+        regions = tuple(past)
+        # The cache's regions change only when rows join or leave: bind them then, not per step.
+        if regions != self._bound_regions:
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            # Outputs come back in binding order: the logits stay first.
+            binding.bind_output("logits", "cpu")
+            dtype = self.layout.dtype
+            for tensor, view in zip(self.layout.tensors, regions, strict=True):
+                if not isinstance(view, BoundTensor):
+                    raise TypeError("an in-place step takes tensors bound by address")
+                shape = list(view.shape)
+                binding.bind_input(tensor.name, view.device, 0, dtype, shape, view.pointer)
+                binding.bind_output(tensor.present, view.device, 0, dtype, shape, view.pointer)
+            self._bound_regions = regions
         for name, value in feed.items():
             binding.bind_cpu_input(name, value)
         binding.bind_output("logits", "cpu")
-        dtype = self.layout.dtype
-        for tensor, view in zip(self.layout.tensors, past, strict=True):
-            if not isinstance(view, BoundTensor):
-                raise TypeError("an in-place step takes tensors bound by address")
-            shape = list(view.shape)
-            binding.bind_input(tensor.name, view.device, 0, dtype, shape, view.pointer)
-            binding.bind_output(tensor.present, view.device, 0, dtype, shape, view.pointer)
         if before_run is not None:
             before_run()
         self.session.run_with_iobinding(binding)
