@@ -14,7 +14,7 @@ import pytest
 
 from tokenwire.server.engine.kv_cache import BatchKvCache
 from tokenwire.server.engine.slot_buffer import ByteCopier, DeviceSlotBuffer, HostSlotBuffer
-from tokenwire.server.engine.slot_cache import BufferFactory, SlotKvCache
+from tokenwire.server.engine.slot_cache import BufferFactory, SlotKvCache, SlotPrefill
 
 SHAPES = [(0, 1, 0, 2), (0, 1, 0, 2)]
 AXES = (2, 2)
@@ -104,3 +104,45 @@ def test_rows_beyond_the_budget_are_refused(new_cache: NewCache) -> None:
     cache.keep([])
     with pytest.raises(ValueError, match="do not fit"):
         cache.extend(_prefilled([5], 1.0))
+
+
+def _write_prefill(prefill: SlotPrefill, lengths: list[int], fill: float) -> None:
+    """Stand in for the graph: row i of the prefill holds fill + i, for lengths[i] entries."""
+    rows = _prefilled(lengths, fill)
+    for buffer, tensor, axis in zip(prefill.cache.buffers, rows.tensors, AXES, strict=True):
+        buffer.write_rows(prefill.first, tensor, axis)
+    prefill.advance([], prefill.mask_with(max(lengths), lengths))
+
+
+def test_rows_prefilled_in_free_slots_join_without_a_copy(new_cache: NewCache) -> None:
+    """A prefill written in the slots above the live rows joins by moving the row count."""
+    cache = new_cache(SHAPES, AXES, np.float32, slots=4, capacity=8)
+    cache.extend(_prefilled([3], 10.0))
+    prefill = cache.prefill(2)
+    assert prefill is not None
+    assert prefill.first == 1
+    _write_prefill(prefill, [2, 5], 20.0)
+    cache.extend(prefill)
+    assert cache.rows == 3
+    assert [_row(cache, i) for i in range(3)] == [10.0, 20.0, 21.0]
+    assert cache.lengths[:3].tolist() == [3, 2, 5]
+
+
+def test_a_prefilled_row_that_ends_at_once_is_dropped_before_joining(new_cache: NewCache) -> None:
+    """Keeping rows 0 and 2 of a prefill packs row 2 into the second slot; row 1 never joins."""
+    cache = new_cache(SHAPES, AXES, np.float32, slots=4, capacity=8)
+    prefill = cache.prefill(3)
+    assert prefill is not None
+    _write_prefill(prefill, [1, 2, 3], 30.0)
+    assert prefill.keep([0, 2]) == [0, 2]
+    cache.extend(prefill)
+    assert (cache.rows, [_row(cache, i) for i in range(2)]) == (2, [30.0, 32.0])
+    assert cache.lengths[:2].tolist() == [1, 3]
+
+
+def test_a_prefill_needs_free_slots(new_cache: NewCache) -> None:
+    """With fewer free slots than rows there is no in-place prefill (None, not an overwrite)."""
+    cache = new_cache(SHAPES, AXES, np.float32, slots=2, capacity=8)
+    cache.extend(_prefilled([1], 0.0))
+    assert cache.prefill(2) is None
+    assert cache.prefill(1) is not None

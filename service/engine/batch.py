@@ -16,7 +16,7 @@ import dataclasses
 from tokenwire.server.engine.kv_cache import BatchKvCache
 from tokenwire.server.engine.padding import Padding
 from tokenwire.server.engine.sequence import Sequence
-from tokenwire.server.engine.slot_cache import SlotKvCache
+from tokenwire.server.engine.slot_cache import SlotKvCache, SlotPrefill
 
 _ONE_COHORT = (Padding.SHIFTABLE, Padding.RIGHT)
 
@@ -75,10 +75,22 @@ class Placement:
         fitting = [c.cache.columns for c in cohorts if size <= c.cache.columns <= room]
         return min(fitting, default=size)
 
-    def join(self, cohorts: list[Cohort], rows: list[Sequence], cache: BatchKvCache) -> None:
+    def slot_prefill(self, group: list[Sequence], size: int) -> SlotPrefill | None:
+        """Free slots to prefill `group` in, when its whole prompts fit this forward."""
+        if self._slots is None or any(len(s.context_ids) > size for s in group):
+            return None
+        return self._slots.prefill(len(group))
+
+    def join(
+        self, cohorts: list[Cohort], rows: list[Sequence], cache: BatchKvCache | SlotPrefill
+    ) -> None:
         """Put freshly prefilled rows into a cohort that takes them unchanged, or a new one."""
         if self._slots is not None and not cohorts:
             cohorts.append(Cohort(self._slots, []))
+        if isinstance(cache, SlotPrefill):
+            cache.cache.extend(cache)
+            next(c for c in cohorts if c.cache is cache.cache).rows.extend(rows)
+            return
         for cohort in cohorts:
             if self.padding in _ONE_COHORT or cohort.cache.columns == cache.columns:
                 cohort.cache.extend(cache)

@@ -36,6 +36,7 @@ from tokenwire.server.engine.model import CausalLM
 from tokenwire.server.engine.observer import EngineObserver, StepRecord
 from tokenwire.server.engine.sampling import log_softmax_at, top_logprobs
 from tokenwire.server.engine.sequence import Sequence
+from tokenwire.server.engine.slot_cache import SlotPrefill
 from tokenwire.server.engine.types import FloatArray
 
 log = structlog.get_logger("tokenwire.engine")
@@ -266,7 +267,8 @@ class Scheduler:
             return 0
         done = [s for s in group if s.prefilled == len(s.context_ids)]
         if not done:
-            group[0].cache = cache
+            if isinstance(cache, BatchKvCache):  # prompts prefilled in slots are done
+                group[0].cache = cache
             return size
         self._prefilling = [s for s in self._prefilling if s not in done]
         self._sample(done, logits, time.monotonic())
@@ -289,10 +291,21 @@ class Scheduler:
         self._prefilling.remove(seq)
         self._retire(seq)
 
-    def _prefill_forward(self, group: list[Sequence], size: int) -> tuple[FloatArray, BatchKvCache]:
-        """Feed the next `size` prompt tokens of one chunked row, or whole prompts of a group."""
+    def _prefill_forward(
+        self, group: list[Sequence], size: int
+    ) -> tuple[FloatArray, BatchKvCache | SlotPrefill]:
+        """Feed the next `size` prompt tokens of one chunked row, or whole prompts of a group
+        (in place in free slots of the preallocated cache, where there is one)."""
         chunked = group[0].cache if len(group) == 1 else None
-        if chunked is not None:
+        cache: BatchKvCache | SlotPrefill
+        in_slots = None if chunked is not None else self._placement.slot_prefill(group, size)
+        if in_slots is not None:
+            cache = in_slots
+            chunks = [s.context_ids for s in group]
+            real = [len(c) for c in chunks]
+            ids = [_padded(c, size, True) for c in chunks]
+            positions = [_padded(list(range(len(c))), size, True) for c in chunks]
+        elif chunked is not None:
             seq = group[0]
             cache = chunked
             ids = [seq.context_ids[seq.prefilled : seq.prefilled + size]]
@@ -315,6 +328,7 @@ class Scheduler:
             np.asarray(positions, dtype=np.int64),
             cache.tensors,
             cache.last_positions(size, real),
+            in_place=cache.in_place,
             before_run=self._flush,
         )
         cache.advance(present, mask)

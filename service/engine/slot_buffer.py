@@ -44,8 +44,8 @@ class SlotBuffer(Protocol):
     device: str
     shape: tuple[int, ...]
 
-    def bound(self, rows: int) -> BoundTensor:
-        """Slots 0..rows-1 as one contiguous tensor."""
+    def bound(self, rows: int, first: int = 0) -> BoundTensor:
+        """Slots first..first+rows-1 as one contiguous tensor."""
         ...
 
     def write_rows(self, first: int, rows: AnyArray, axis: int) -> None:
@@ -71,8 +71,8 @@ class HostSlotBuffer:
         self.shape = shape
         self.array: AnyArray = np.zeros(shape, dtype=dtype)
 
-    def bound(self, rows: int) -> BoundTensor:
-        return BoundTensor("cpu", self.array.ctypes.data, (rows, *self.shape[1:]))
+    def bound(self, rows: int, first: int = 0) -> BoundTensor:
+        return BoundTensor("cpu", self.array[first:].ctypes.data, (rows, *self.shape[1:]))
 
     def write_rows(self, first: int, rows: AnyArray, axis: int) -> None:
         target = _region(self.array.ndim, axis, slice(first, first + len(rows)), rows.shape[axis])
@@ -106,8 +106,9 @@ class DeviceSlotBuffer:
         self._slot_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
         self.nbytes = self._slot_bytes * shape[0]
 
-    def bound(self, rows: int) -> BoundTensor:
-        return BoundTensor(self.device, self._base, (rows, *self.shape[1:]))
+    def bound(self, rows: int, first: int = 0) -> BoundTensor:
+        pointer = self._base + first * self._slot_bytes
+        return BoundTensor(self.device, pointer, (rows, *self.shape[1:]))
 
     def write_rows(self, first: int, rows: AnyArray, axis: int) -> None:
         # Whole slots go up in one copy: rows padded to the capacity on the host first (a

@@ -5,7 +5,9 @@ One buffer per cache input, [slots, ..., capacity, ...], allocated once. Live ro
 graph is bound to the same buffer as past and present (IOBinding), reads each row's length
 from the mask's sum and writes the step's entries right after it, so a decode step copies no
 cache at all. A row that joins is copied into the next free slot and a row that leaves is
-replaced by the last live row: O(one row) either way, whatever the batch holds. The buffers
+replaced by the last live row: O(one row) either way, whatever the batch holds. Whole prompts
+are prefilled straight into the free slots above the live rows (SlotPrefill), so that joining
+copies nothing at all. The buffers
 live where the model runs (slot_buffer.py): host memory on the CPU provider, device memory on
 CUDA.
 """
@@ -80,8 +82,20 @@ class SlotKvCache:
         """The graph wrote in place; only the lengths move on."""
         self.lengths[: self.rows] = mask.sum(axis=1)
 
-    def extend(self, other: BatchKvCache) -> None:
-        """Copy other's (left-aligned) rows into the next free slots."""
+    def prefill(self, rows: int) -> SlotPrefill | None:
+        """The next `rows` free slots, for a prefill written in place; None if they are not
+        free."""
+        return SlotPrefill(self, rows) if self.rows + rows <= self.slots else None
+
+    def extend(self, other: BatchKvCache | SlotPrefill) -> None:
+        """Take other's (left-aligned) rows into the next free slots: rows prefilled in place
+        there already are; others are copied."""
+        if isinstance(other, SlotPrefill):
+            if other.first != self.rows:
+                raise ValueError(f"rows prefilled at slot {other.first} cannot join at {self.rows}")
+            self.lengths[self.rows : self.rows + other.rows] = other.lengths
+            self.rows += other.rows
+            return
         added, width = other.rows, other.columns
         if self.rows + added > self.slots or width > self.capacity:
             raise ValueError(
@@ -112,3 +126,59 @@ class SlotKvCache:
         for buffer, axis in zip(self.buffers, self.axes, strict=True):
             buffer.move_row(source, target, length, axis)
         self.lengths[target] = length
+
+
+class SlotPrefill:
+    """Rows being prefilled in place in the free slots right above a SlotKvCache's live rows.
+
+    Used as the prefill's cache: the graph writes the prompts' entries straight into those
+    slots, rows that finish at their first token are dropped here, and joining the live rows
+    only moves the count (SlotKvCache.extend)."""
+
+    in_place = True
+
+    def __init__(self, cache: SlotKvCache, rows: int) -> None:
+        self.cache = cache
+        self.first = cache.rows
+        self.lengths: IntArray = np.zeros(rows, dtype=np.int64)
+
+    @property
+    def rows(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def columns(self) -> int:
+        return int(self.lengths.max()) if self.rows else 0
+
+    @property
+    def tensors(self) -> list[BoundTensor]:
+        return [b.bound(self.rows, self.first) for b in self.cache.buffers]
+
+    def mask_with(self, new_columns: int, real: Sequence[int] | None = None) -> IntArray:
+        """Prefix masks: each row's length plus its real new entries."""
+        added = np.full(self.rows, new_columns) if real is None else np.asarray(real)
+        total = self.lengths + added
+        mask: IntArray = (np.arange(self.columns + new_columns)[None, :] < total[:, None]).astype(
+            np.int64
+        )
+        return mask
+
+    def last_positions(self, new_columns: int, real: Sequence[int] | None = None) -> IntArray:
+        """Index, among the step's new positions, of each row's last real token."""
+        if real is None:
+            return np.full(self.rows, new_columns - 1, dtype=np.int64)
+        last: IntArray = np.asarray(real, dtype=np.int64) - 1
+        return last
+
+    def advance(self, present: Sequence[FloatArray | BoundTensor], mask: IntArray) -> None:
+        self.lengths = mask.sum(axis=1)
+
+    def keep(self, rows: list[int], *, trim: bool = True) -> list[int]:
+        """Keep the given rows (ascending), packed down from the first slot."""
+        for target, source in enumerate(rows):
+            if source != target:
+                length = int(self.lengths[source])
+                for buffer, axis in zip(self.cache.buffers, self.cache.axes, strict=True):
+                    buffer.move_row(self.first + source, self.first + target, length, axis)
+        self.lengths = self.lengths[rows]
+        return list(rows)
