@@ -21,6 +21,7 @@ EDGE_MODULES = (
     "prometheus_client",
     "structlog",
     "grpc_health",
+    "redis",
 )
 
 
