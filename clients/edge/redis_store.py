@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
@@ -29,6 +28,7 @@ from redis.exceptions import RedisError
 from tokenwire.client.failover import continued
 from tokenwire.edge import redis_keys as rk
 from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.redis_generation import Generation, Opener, quietly, store_error
 from tokenwire.edge.redis_keys import Keys
 from tokenwire.edge.resumable import (
     BufferedEvent,
@@ -44,9 +44,9 @@ from tokenwire.v1 import generate_pb2 as pb
 
 log = structlog.get_logger("tokenwire.edge")
 T = TypeVar("T")
-Opener = Callable[[], Awaitable[UpstreamStream]]
 READ_COUNT = 512
 MAX_CONNECTIONS = 4096
+SCRIPTS = ("CLAIM", "RELEASE_CLAIM", "APPEND", "TICK", "WATCH", "ASK_CANCEL", "RELEASE_LEASE")
 # A finished stream stays for the window, but never less than this: readers blocked on it must
 # still find its last event.
 MIN_DONE_MS = 1000
@@ -54,11 +54,6 @@ MIN_DONE_MS = 1000
 
 def _principal(owner: str | None) -> bytes:
     return b"-" if owner is None else b"k:" + owner.encode()
-
-
-def _store_error(error: RedisError) -> EdgeError:
-    log.warning("edge.resume_store_failed", error=str(error))
-    return EdgeError(503, "UNAVAILABLE", "the resume store is unavailable", retry_after_s=1)
 
 
 class RedisStreams:
@@ -88,23 +83,20 @@ class RedisStreams:
         self.client = aioredis.Redis.from_url(
             settings.resume_store, max_connections=MAX_CONNECTIONS, protocol=2
         )
-        self.scripts = {
-            name: self.client.register_script(getattr(rk, name))
-            for name in ("CLAIM", "RELEASE_CLAIM", "APPEND", "TICK", "WATCH", "ASK_CANCEL")
-        }
-        self.scripts["RELEASE_LEASE"] = self.client.register_script(rk.RELEASE_LEASE)
+        self.scripts = {name: self.client.register_script(getattr(rk, name)) for name in SCRIPTS}
         self.on_outcome = on_outcome or (lambda outcome: None)
         self.followers: collections.Counter[str] = collections.Counter()
         self._generations: dict[str, Generation] = {}
         self._claimed: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
+        self._closed = False
 
     async def redis(self, call: Awaitable[T]) -> T:
         """A Redis call whose failure is a 503 for the HTTP caller."""
         try:
             return await call
         except RedisError as error:
-            raise _store_error(error) from None
+            raise store_error(error) from None
 
     async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return await self.scripts[name](keys=keys, args=args)
@@ -220,6 +212,9 @@ class RedisStreams:
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run Redis housekeeping in the background (a reader that leaves cannot wait for it)."""
+        if self._closed:
+            work.close()  # the keys it would touch lapse by themselves
+            return
         task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -237,6 +232,7 @@ class RedisStreams:
             generation.cancel()
 
     async def close(self) -> None:
+        self._closed = True
         for generation in list(self._generations.values()):
             generation.stop()
         tasks = [t for g in self._generations.values() for t in g.tasks] + list(self._background)
@@ -266,165 +262,6 @@ def _made_up(error: EdgeError) -> BufferedEvent:
     return BufferedEvent(0, "error", json.dumps(error.native_body()["error"]))
 
 
-class Generation:
-    """This edge generating one stream: a reader of the upstream queues the events, one writer
-    appends them under the lease, a ticker refreshes the lease, sees cancels asked on other
-    edges and ends a stream nobody has read for the resume window."""
-
-    def __init__(
-        self,
-        store: RedisStreams,
-        request_id: str,
-        next_seq: int,
-        opener: Opener,
-        *,
-        skip_usage: bool,
-    ) -> None:
-        self.store = store
-        self.request_id = request_id
-        self.keys = Keys.of(request_id)
-        self.next_seq = next_seq
-        self.bytes = 0
-        self._sizes: collections.deque[tuple[int, int]] = collections.deque()
-        self._queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
-        self._opener = opener
-        self._skip_usage = skip_usage
-        self._upstream: UpstreamStream | None = None
-        self._cancelled = False
-        self._reader = asyncio.create_task(self._read(), name=f"read-{request_id}")
-        self._writer = asyncio.create_task(self._write(), name=f"write-{request_id}")
-        self._ticker = asyncio.create_task(self._tick(), name=f"lease-{request_id}")
-
-    @property
-    def tasks(self) -> list[asyncio.Task[None]]:
-        return [self._reader, self._writer, self._ticker]
-
-    async def _read(self) -> None:
-        try:
-            self._upstream = await self._opener()
-            async for message in self._upstream.messages():
-                name, data = self.store.convert(message)
-                if name == "usage" and self._skip_usage:
-                    continue  # the dead edge stored it already; only `done` was missing
-                self._queue.put_nowait((name, data))
-                if name in rk.TERMINAL:
-                    return
-            ended = EdgeError(502, "UNKNOWN", "the server ended the stream without a completion")
-            self._queue.put_nowait(("error", ended.native_body()["error"]))
-        except EdgeError as error:
-            self._queue.put_nowait(("error", error.native_body()["error"]))
-
-    async def _write(self) -> None:
-        try:
-            while True:
-                name, data = await self._queue.get()
-                verdict = await self._append(name, data)
-                if verdict == rk.LOST:
-                    log.info("edge.stream_lease_lost", request_id=self.request_id)
-                    self.stop()
-                    return
-                if name in rk.TERMINAL:
-                    return
-                if verdict == rk.CANCEL_ASKED:
-                    self.cancel()
-        except RedisError as error:
-            # Nothing more can be stored: stop generating. The lease lapses, and a reader that
-            # comes back once the store is reachable continues from what was stored.
-            _store_error(error)
-            self.stop()
-        finally:
-            self._ticker.cancel()
-            self.store.ended(self)
-
-    async def _append(self, name: str, data: dict[str, Any]) -> int:
-        seq = self.next_seq
-        payload = json.dumps(data, separators=(",", ":"))
-        token = struct.pack("<I", data["id"]) if name == "token" else b""
-        final = name in rk.TERMINAL
-        verdict = await self.store.script(
-            "APPEND",
-            [self.keys.lease, self.keys.events, self.keys.ids, self.keys.meta],
-            [
-                self.store.edge,
-                seq,
-                name,
-                payload,
-                token,
-                self.store.done_ttl_ms if final else self.store.live_ttl_ms,
-                "1" if final else "",
-                self._keep(seq, len(payload) + len(name) + 24),
-            ],
-        )
-        self.next_seq += 1
-        return int(verdict)
-
-    def _keep(self, seq: int, size: int) -> str:
-        """Account for one more event; the first seq to keep when older ones must go, else ''."""
-        self._sizes.append((seq, size))
-        self.bytes += size
-        first = ""
-        while self.bytes > self.store.stream_bytes and len(self._sizes) > 1:
-            dropped, dropped_size = self._sizes.popleft()
-            self.bytes -= dropped_size
-            first = str(dropped + 1)
-        return first
-
-    async def _tick(self) -> None:
-        detached_since: float | None = None
-        keys = self.keys
-        while True:
-            await asyncio.sleep(self.store.lease_s / 3)
-            try:
-                watching, cancel = await self.store.script(
-                    "TICK",
-                    [keys.lease, keys.events, keys.ids, keys.meta, keys.watch],
-                    [self.store.edge, self.store.lease_ms, self.store.live_ttl_ms],
-                )
-            except RedisError as error:
-                _store_error(error)
-                continue
-            if watching < 0:
-                self.stop()
-                return
-            if cancel:
-                self.cancel()
-            if watching or self._cancelled:
-                detached_since = None
-                continue
-            now = time.monotonic()
-            detached_since = detached_since or now
-            if now - detached_since >= self.store.window_s:
-                self._abandon()
-                return
-
-    def cancel(self) -> None:
-        """End generation now; readers get `done` with reason cancelled."""
-        if self._cancelled or self._writer.done():
-            return
-        self._cancelled = True
-        self._reader.cancel()
-        if self._upstream is not None:
-            self._upstream.cancel()
-        self._queue.put_nowait(("done", {"finish_reason": "cancelled", "stop_sequence": ""}))
-
-    def stop(self) -> None:
-        """Stop generating without a last event (the lease is lost, or the edge closes)."""
-        self._reader.cancel()
-        if self._upstream is not None:
-            self._upstream.cancel()
-        if asyncio.current_task() is not self._writer:
-            self._writer.cancel()
-        if asyncio.current_task() is not self._ticker:
-            self._ticker.cancel()
-
-    def _abandon(self) -> None:
-        """Nobody read the stream for the window: stop, and forget it (410 from now on)."""
-        log.info("edge.stream_abandoned", request_id=self.request_id)
-        self.stop()
-        keys = self.keys
-        self.store.spawn(_quietly(self.store.client.delete(keys.lease, keys.watch, *keys.stored)))
-
-
 class RedisStream:
     """A reader's view of one stored stream: the events after a seq, then live ones."""
 
@@ -452,7 +289,7 @@ class RedisStream:
                 del store.followers[self.request_id]
                 if not finished:
                     store.on_outcome("client_disconnected")
-            store.spawn(_quietly(store.client.zrem(self.keys.watch, member)))
+            store.spawn(quietly(store.client.zrem(self.keys.watch, member)))
 
     async def _events(self, after_seq: int, member: str) -> AsyncIterator[BufferedEvent]:
         store, keys = self.store, self.keys
@@ -486,7 +323,7 @@ class RedisStream:
                     yield _made_up(expired_stream(self.request_id))
                     return
         except RedisError as error:
-            yield _made_up(_store_error(error))
+            yield _made_up(store_error(error))
 
     async def _still_there(self) -> bool:
         """Nothing new for a while: is the stream still stored, and is its edge alive? A stream
@@ -500,9 +337,3 @@ class RedisStream:
         if state == b"open" and not leased:
             await self.store.take_over(self.request_id)
         return True
-
-
-async def _quietly(call: Awaitable[Any]) -> None:
-    """Housekeeping whose failure costs nothing: its keys lapse by themselves."""
-    with contextlib.suppress(RedisError):
-        await call
