@@ -18,6 +18,7 @@ from tests.procs import EdgeProcess, ServerProcess
 from tests.redisproc import RedisServer, free_port
 from tokenwire.common.settings import SettingsError
 from tokenwire.edge.redis_store import RedisStreams
+from tokenwire.edge.resumable import ResumableStreams
 from tokenwire.edge.settings import EdgeSettings
 
 BODY = {"prompt": "class Tree:", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
@@ -227,9 +228,12 @@ def test_a_resume_store_that_is_no_redis_url_names_the_setting() -> None:
     assert "TOKENWIRE_RESUME_STORE" in str(raised.value)
 
 
-async def test_the_edge_uses_redis_only_when_told(edges: tuple[RunningEdge, RunningEdge]) -> None:
-    """With --resume-store the edge's store is the Redis one (the default stays in memory)."""
+async def test_the_edge_uses_redis_only_when_told(
+    edges: tuple[RunningEdge, RunningEdge], edge: RunningEdge
+) -> None:
+    """With --resume-store the edge's store is the Redis one; without, it stays in memory."""
     assert isinstance(edges[0].store, RedisStreams)
+    assert isinstance(edge.store, ResumableStreams)
 
 
 LONG = {"prompt": "def fib(n):", "max_tokens": 400, "temperature": 0, "ignore_eos": True}

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("tokenwire.edge")
 Opener = Callable[[], Awaitable[UpstreamStream]]
+UNFINISHED: tuple[str, dict[str, Any]] = ("", {})
+"""Queued when the upstream ended: the stream's error unless a terminal event came first."""
+UNFINISHED_ERROR = EdgeError(502, "UNKNOWN", "the server ended the stream without a completion")
 
 
 def store_error(error: RedisError) -> EdgeError:
@@ -80,15 +83,23 @@ class Generation:
                 self._queue.put_nowait((name, data))
                 if name in rk.TERMINAL:
                     return
-            ended = EdgeError(502, "UNKNOWN", "the server ended the stream without a completion")
-            self._queue.put_nowait(("error", ended.native_body()["error"]))
         except EdgeError as error:
             self._queue.put_nowait(("error", error.native_body()["error"]))
+        except Exception:
+            log.exception("edge.stream_failed", request_id=self.request_id)
+            failed = EdgeError(500, "INTERNAL", "the edge failed to relay the stream")
+            self._queue.put_nowait(("error", failed.native_body()["error"]))
+        finally:
+            # However the reading ended (a call cancelled under it included), the writer ends
+            # the stream: after a terminal event this mark is never read.
+            self._queue.put_nowait(UNFINISHED)
 
     async def _write(self) -> None:
         try:
             while True:
                 name, data = await self._queue.get()
+                if (name, data) == UNFINISHED:
+                    name, data = "error", UNFINISHED_ERROR.native_body()["error"]
                 verdict = await self._append(name, data)
                 if verdict == rk.LOST:
                     log.info("edge.stream_lease_lost", request_id=self.request_id)
