@@ -279,3 +279,57 @@ async def test_a_stream_whose_edge_is_killed_continues_on_the_other_edge(
     assert [json.loads(e.data)["index"] for e in events if e.event == "token"] == list(range(400))
     assert _text(events) == _text(whole)
     assert taken["request_id"] == request_id
+
+
+@pytest.mark.slow
+async def test_a_reader_on_the_other_edge_rides_through_the_kill(
+    two_edge_processes: tuple[ServerProcess, EdgeProcess, EdgeProcess],
+) -> None:
+    """A reader already tailing edge A's stream on edge B, when A is killed, needs no
+    reconnect: B takes the stream over and the reader's events run on to `done`, each seq once."""
+    _, a, b = two_edge_processes
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=60) as on_a,
+        httpx.AsyncClient(base_url=b.url, timeout=60) as on_b,
+    ):
+        first = await _first(on_a, 5, LONG)
+        events = list(first)
+        async with aconnect_sse(
+            on_b, "GET", "/v1/generate", headers={"Last-Event-ID": first[-1].id}
+        ) as source:
+            async for event in source.aiter_sse():
+                events.append(event)
+                if len(events) == KILL_AFTER:
+                    a.proc.kill()
+    b.wait_for("edge.stream_taken_over", timeout=5)
+    request_id = first[0].id.rsplit(":", 1)[0]
+    assert [e.id for e in events] == [f"{request_id}:{i}" for i in range(1, len(events) + 1)]
+    assert [json.loads(e.data)["index"] for e in events if e.event == "token"] == list(range(400))
+    assert events[-1].event == "done"
+
+
+async def test_a_store_lost_mid_stream_ends_it_with_an_error_event(
+    paced: RunningServer, redis_server: RedisServer
+) -> None:
+    """kill -9 of Redis while a stream is read: the reader's stream ends with an `error`
+    event (UNAVAILABLE, without an id, so the client's Last-Event-ID stays on the last real
+    event) and the generation is cancelled upstream."""
+    edge = await start_edge(paced.target, resume_store=redis_server.url, resume_lease_s=0.5)
+    body = {"prompt": "x", "max_tokens": 400, "ignore_eos": True}
+    events: list[ServerSentEvent] = []
+    try:
+        async with (
+            httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
+            aconnect_sse(http, "POST", "/v1/generate", json=body) as source,
+        ):
+            async for event in source.aiter_sse():
+                events.append(event)
+                if len(events) == 3:
+                    redis_server.proc.kill()
+        assert await eventually(lambda: paced.engine.active_count == 0, within_s=5)
+    finally:
+        await edge.edge.stop()
+    assert events[-1].event == "error"
+    assert json.loads(events[-1].data)["code"] == "UNAVAILABLE"
+    assert events[-1].id == events[-2].id  # no id of its own: a resume starts after seq 3
+    assert len(events) < 400
