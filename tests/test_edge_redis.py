@@ -221,11 +221,16 @@ async def test_an_unreachable_store_is_503_not_500(served: RunningServer) -> Non
     assert reply.json()["error"]["code"] == "UNAVAILABLE"
 
 
-def test_a_resume_store_that_is_no_redis_url_names_the_setting() -> None:
-    """TOKENWIRE_RESUME_STORE must be empty or a redis://, rediss:// or unix:// URL."""
+@pytest.mark.parametrize(
+    "url", ["memcached://x:1", "redis://x:port/0", "redis://x/db", "redis://:6379", "rds://u:pw@x"]
+)
+def test_a_resume_store_that_is_no_redis_url_names_the_setting(url: str) -> None:
+    """TOKENWIRE_RESUME_STORE must be empty or a redis://, rediss:// or unix:// URL the client
+    can open; the error names the variable and never repeats a password."""
     with pytest.raises(SettingsError, match="resume_store") as raised:
-        EdgeSettings.from_env({"TOKENWIRE_RESUME_STORE": "memcached://x:1"})
+        EdgeSettings.from_env({"TOKENWIRE_RESUME_STORE": url})
     assert "TOKENWIRE_RESUME_STORE" in str(raised.value)
+    assert "pw" not in str(raised.value)
 
 
 async def test_the_edge_uses_redis_only_when_told(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -13,7 +15,23 @@ from tokenwire.common.settings import SettingsError, read_settings, require, set
 EdgeSettingsError = SettingsError
 
 LogFormat = Literal["json", "console"]
-RESUME_STORE_SCHEMES = ("redis://", "rediss://", "unix://")
+_DB = re.compile(r"/?[0-9]{0,9}", re.ASCII)
+
+
+def _is_store_url(url: str) -> bool:
+    """A Redis URL the client can open: redis[s]://host[:port][/db], or unix:///path."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (reading it checks it: a port that is no number raises)
+    except ValueError:
+        return False
+    if parts.scheme == "unix":
+        return bool(parts.path)
+    return (
+        parts.scheme in ("redis", "rediss")
+        and bool(parts.hostname)
+        and bool(_DB.fullmatch(parts.path))
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -91,10 +109,11 @@ class EdgeSettings:
             self.resume_window_s,
         )
         require(
-            self.resume_store.startswith(RESUME_STORE_SCHEMES) or not self.resume_store,
+            not self.resume_store or _is_store_url(self.resume_store),
             "resume_store",
-            "empty (memory) or a redis://, rediss:// or unix:// URL",
-            "<a URL>" if "@" in self.resume_store else self.resume_store,
+            "empty (memory) or a URL redis://host[:port][/db], rediss://... or unix:///path",
+            # A URL with credentials is not repeated in a message that may be logged.
+            "<a URL with credentials>" if "@" in self.resume_store else self.resume_store,
         )
         require(self.resume_lease_s > 0, "resume_lease_s", "> 0", self.resume_lease_s)
         require(self.ping_s > 0, "ping_s", "> 0", self.ping_s)
