@@ -53,9 +53,11 @@ run: $(RUN_STAMP)
 
 test: install system-deps lint typecheck imports proto-lint proto-breaking pytest
 
-# Headless Chromium for the browser-page tests (Debian package; CI runs as root).
+# Debian packages the tests start (CI runs as root): headless Chromium for the browser-page
+# tests, redis-server for the edge's shared resume store.
 system-deps:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 
 lint: install
 	$(BIN)/ruff check service clients common tests scripts bench models

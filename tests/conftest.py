@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 import pytest
 
 from tests.fakes import RecordingObserver, ScriptedModel
+from tests.redisproc import RedisServer
+from tokenwire.edge.context import EdgeContext
 from tokenwire.edge.resumable import ResumableStreams
 from tokenwire.edge.server import EdgeServer
 from tokenwire.edge.settings import EdgeSettings
+from tokenwire.edge.store import ResumeStore
 from tokenwire.server.config import BUNDLED_MODEL_DIR, Settings
 from tokenwire.server.engine import (
     CausalLM,
@@ -126,8 +129,16 @@ class RunningEdge:
 
     @property
     def streams(self) -> ResumableStreams:
+        """The in-memory store (the default)."""
         ctx = self.edge.app.state.ctx
         assert isinstance(ctx.streams, ResumableStreams)
+        return ctx.streams
+
+    @property
+    def store(self) -> ResumeStore:
+        """Whichever store the edge runs with."""
+        ctx = self.edge.app.state.ctx
+        assert isinstance(ctx, EdgeContext)
         return ctx.streams
 
 
@@ -145,6 +156,14 @@ async def edge(served: RunningServer) -> AsyncIterator[RunningEdge]:
     running = await start_edge(served.target, resume_window_s=2.0)
     yield running
     await running.edge.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server of this test's own on a loopback port."""
+    server = RedisServer()
+    yield server
+    server.close()
 
 
 @pytest.fixture

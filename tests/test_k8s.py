@@ -8,15 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 from prometheus_client import generate_latest
 
+from tokenwire.edge.settings import EdgeSettings
 from tokenwire.server.telemetry.metrics import ServerMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
-OVERLAYS = ["cpu", "gpu"]
+OVERLAYS = ["cpu", "gpu", "ha"]
 BIN = Path(sys.executable).parent
 
 
@@ -118,7 +120,8 @@ def test_probe_ports_match_container_ports(overlay: str) -> None:
             declared = {p["containerPort"] for p in c["ports"]} | {p["name"] for p in c["ports"]}
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 if probe in c:
-                    action = c[probe].get("grpc") or c[probe].get("httpGet")
+                    handler = c[probe]
+                    action = handler.get("grpc") or handler.get("httpGet") or handler["tcpSocket"]
                     assert action["port"] in declared, (deployment["metadata"]["name"], probe)
 
 
@@ -170,20 +173,23 @@ def test_edge_balances_over_the_headless_service(overlay: str) -> None:
     assert float(_env(docs)["TOKENWIRE_MAX_CONNECTION_AGE_S"]) > 0
 
 
+TOKENWIRE = ("tokenwire-server", "tokenwire-edge")
 IMAGES = {"tokenwire-server": "tokenwire-server", "tokenwire-edge": "tokenwire-edge"}
 """Deployment -> the image name its base manifest uses, which overlays set with `images:`."""
+IMAGES["tokenwire-redis"] = "redis"  # k8s/redis, in the ha overlay
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_image_is_set_through_kustomize_images(overlay: str) -> None:
-    """The overlay's `images:` sets both the server's and the edge's image, and what renders is
-    exactly what it says (no patch hard-codes an image)."""
+    """The overlay's `images:` sets the server's and the edge's image (and Redis' where it runs
+    one), and what renders is exactly what it says (no patch hard-codes an image)."""
     kustomization = yaml.safe_load(
         (ROOT / "k8s" / "overlays" / overlay / "kustomization.yaml").read_text()
     )
     wanted = {i["name"]: f"{i['newName']}:{i['newTag']}" for i in kustomization["images"]}
     rendered = {name: c["image"] for name, c in _containers(_docs(overlay)).items()}
-    assert rendered == {deployment: wanted[image] for deployment, image in IMAGES.items()}
+    assert set(TOKENWIRE) <= set(rendered)
+    assert rendered == {deployment: wanted[IMAGES[deployment]] for deployment in rendered}
     patches = (ROOT / "k8s" / "overlays" / overlay).glob("*.yaml")
     assert not [p.name for p in patches if "image:" in p.read_text()]
 
@@ -195,8 +201,9 @@ def test_config_map_name_is_hashed_and_referenced_by_both_deployments(overlay: s
     docs = _docs(overlay)
     name = _config_map(docs)["metadata"]["name"]
     assert HASHED_CONFIG.fullmatch(name)
-    for deployment, container in _containers(docs).items():
-        refs = [e["configMapRef"]["name"] for e in container["envFrom"]]
+    containers = _containers(docs)
+    for deployment in TOKENWIRE:
+        refs = [e["configMapRef"]["name"] for e in containers[deployment]["envFrom"]]
         assert refs == [name], deployment
 
 
@@ -293,3 +300,22 @@ def test_endpoint_picker_reads_metrics_the_server_exports() -> None:
     ports = {p["name"]: p["containerPort"] for p in server["containers"][0]["ports"]}
     assert int(flags["model-server-metrics-port"]) == ports["metrics"]
     assert (flags["pool-name"], flags["pool-namespace"]) == ("tokenwire", "tokenwire")
+
+
+def test_ha_overlay_points_two_edges_at_its_redis() -> None:
+    """The ha overlay runs at least two edges whose TOKENWIRE_RESUME_STORE (which the edge's own
+    settings accept) names the Redis Service it renders, on the port that Service serves."""
+    docs = _docs("ha")
+    env = _env(docs)
+    settings = EdgeSettings.from_env(env)
+    url = urlsplit(settings.resume_store)
+    service = _find(docs, "Service", str(url.hostname))
+    assert url.scheme == "redis"
+    assert url.port in {p["port"] for p in service["spec"]["ports"]}
+    redis = _find(docs, "Deployment", "tokenwire-redis")
+    assert (
+        service["spec"]["selector"].items()
+        <= redis["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert _find(docs, "Deployment", "tokenwire-edge")["spec"]["replicas"] >= 2
+    assert _find(docs, "HorizontalPodAutoscaler", "tokenwire-edge")["spec"]["minReplicas"] >= 2

@@ -26,8 +26,8 @@ from tokenwire.edge.guards import (
     JsonOnlyMiddleware,
 )
 from tokenwire.edge.metrics import EdgeMetrics
-from tokenwire.edge.resumable import ResumableStreams
 from tokenwire.edge.settings import EdgeSettings
+from tokenwire.edge.store import resume_store
 from tokenwire.edge.tracing import Tracing, TracingMiddleware
 from tokenwire.edge.upstream import Upstream
 
@@ -95,13 +95,14 @@ def create_app(
 ) -> Starlette:
     edge_metrics = EdgeMetrics()
     traces = tracing or Tracing.from_endpoint(settings.otlp_endpoint)
+    upstream = upstream or Upstream.from_settings(settings)
     ctx = EdgeContext(
         settings=settings,
-        upstream=upstream or Upstream.from_settings(settings),
-        streams=ResumableStreams(
-            settings.resume_window_s,
-            settings.resume_stream_bytes,
-            settings.resume_total_bytes,
+        upstream=upstream,
+        streams=resume_store(
+            settings,
+            upstream,
+            native.native_event,
             on_outcome=lambda outcome: edge_metrics.streams.labels("native", outcome).inc(),
         ),
         metrics=edge_metrics,
@@ -111,7 +112,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await ctx.upstream.connect(limit_s=1.0)
         yield
-        ctx.streams.close()
+        await ctx.streams.close()
         await ctx.upstream.close()
         traces.shutdown()
 

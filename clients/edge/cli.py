@@ -22,6 +22,7 @@ EDGE_MODULES = (
     "structlog",
     "grpc_health",
     "opentelemetry",
+    "redis",
 )
 
 

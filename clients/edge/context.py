@@ -11,8 +11,8 @@ from starlette.requests import Request
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.guards import Drain
 from tokenwire.edge.metrics import EdgeMetrics
-from tokenwire.edge.resumable import ResumableStreams
 from tokenwire.edge.settings import EdgeSettings
+from tokenwire.edge.store import ResumeStore
 from tokenwire.edge.tracing import stream_failed
 from tokenwire.edge.upstream import Upstream
 
@@ -28,7 +28,7 @@ _REQUEST_ID = re.compile(rf"[{_ID_CHAR}](?:[ {_ID_CHAR}]{{0,{MAX_REQUEST_ID - 2}
 class EdgeContext:
     settings: EdgeSettings
     upstream: Upstream
-    streams: ResumableStreams
+    streams: ResumeStore
     metrics: EdgeMetrics
     drain: Drain = dataclasses.field(default_factory=Drain)
 

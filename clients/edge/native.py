@@ -20,7 +20,8 @@ from tokenwire.edge.body import Fields, read_json
 from tokenwire.edge.context import EdgeContext, request_id_of
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.guards import principal_of
-from tokenwire.edge.resumable import ResumableStream, parse_event_id
+from tokenwire.edge.resumable import parse_event_id
+from tokenwire.edge.store import StoredStream
 from tokenwire.v1 import generate_pb2 as pb
 
 log = structlog.get_logger("tokenwire.edge")
@@ -64,7 +65,7 @@ def native_event(message: pb.GenerateResponse) -> tuple[str, dict[str, Any]]:
     return "done", {"finish_reason": event.finish_reason, "stop_sequence": event.stop_sequence}
 
 
-def _sse(stream: ResumableStream, after: int, ctx: EdgeContext, route: str) -> Response:
+def _sse(stream: StoredStream, after: int, ctx: EdgeContext, route: str) -> Response:
     started = time.perf_counter()
 
     async def events() -> AsyncIterator[ServerSentEvent]:
@@ -76,9 +77,9 @@ def _sse(stream: ResumableStream, after: int, ctx: EdgeContext, route: str) -> R
                     ctx.observe_ttft(route, time.perf_counter() - started)
                 first = False
                 sent += 1
-                yield ServerSentEvent(
-                    event.data, event=event.name, id=f"{stream.request_id}:{event.seq}"
-                )
+                # seq 0: an event this edge made up (the store failed), which no resume can name.
+                event_id = f"{stream.request_id}:{event.seq}" if event.seq else None
+                yield ServerSentEvent(event.data, event=event.name, id=event_id)
                 if event.name in {"done", "error"}:
                     outcome = "completed" if event.name == "done" else "upstream_error"
                     ctx.outcome(route, outcome)
@@ -100,7 +101,7 @@ def _sse(stream: ResumableStream, after: int, ctx: EdgeContext, route: str) -> R
 
 async def _resume(request: Request, ctx: EdgeContext, last_event_id: str) -> Response:
     request_id, seq = parse_event_id(last_event_id)
-    stream = ctx.streams.get(request_id, principal_of(request.scope))
+    stream = await ctx.streams.get(request_id, principal_of(request.scope))
     if stream.followers == 0:
         ctx.outcome("native", "resumed")
     return _sse(stream, seq, ctx, "native")
@@ -110,12 +111,12 @@ async def _start(request: Request, ctx: EdgeContext, fields: Fields) -> Response
     prompt = fields.string("prompt")
     request_id = request_id_of(request, fields.string("request_id"))
     message = options_from(fields, request_id).to_pb(prompt)
-    ctx.streams.claim(request_id)
+    await ctx.streams.claim(request_id)
     try:
         upstream = await ctx.upstream.open(message, request_id)
-        stream = ctx.streams.open(upstream, native_event, request_id, principal_of(request.scope))
+        stream = await ctx.streams.open(upstream, request_id, principal_of(request.scope))
     finally:
-        ctx.streams.release(request_id)
+        await ctx.streams.release(request_id)
     return _sse(stream, 0, ctx, "native")
 
 
@@ -161,6 +162,6 @@ async def resume(request: Request) -> Response:
 async def cancel(request: Request) -> Response:
     """POST /v1/generate/{request_id}/cancel: only the stream's own caller can cancel it."""
     ctx = EdgeContext.of(request)
-    stream = ctx.streams.get(request.path_params["request_id"], principal_of(request.scope))
-    stream.cancel()
-    return JSONResponse({"request_id": stream.request_id, "cancelled": True})
+    request_id = request.path_params["request_id"]
+    await ctx.streams.cancel(request_id, principal_of(request.scope))
+    return JSONResponse({"request_id": request_id, "cancelled": True})

@@ -45,6 +45,25 @@ def parse_event_id(value: str) -> tuple[str, int]:
     return request_id, int(seq)
 
 
+def id_taken(window_s: float) -> EdgeError:
+    """The 409 for a request id whose stream can still be resumed."""
+    return EdgeError(
+        409,
+        "ALREADY_EXISTS",
+        f"request_id: a stream with this id is still resumable (for up to "
+        f"{window_s:g} s after it ends); use a new id",
+        param="request_id",
+    )
+
+
+def unknown_stream(request_id: str) -> EdgeError:
+    return EdgeError(404, "NOT_FOUND", f"no stream with request id {request_id}")
+
+
+def expired_stream(request_id: str) -> EdgeError:
+    return EdgeError(410, "GONE", f"stream {request_id} has expired")
+
+
 class ResumableStream:
     """One generation's events, buffered, with any number of followers over time."""
 
@@ -168,9 +187,11 @@ class ResumableStreams:
         window_s: float,
         stream_bytes: int,
         total_bytes: int,
+        convert: Convert,
         on_outcome: Outcome | None = None,
     ) -> None:
         self.window_s = window_s
+        self.convert = convert
         self.stream_bytes = stream_bytes
         self.total_bytes = total_bytes
         self._streams: dict[str, ResumableStream] = {}
@@ -191,23 +212,17 @@ class ResumableStreams:
         """Bytes buffered by registered streams (summed, never tracked, so it cannot drift)."""
         return sum(stream.bytes for stream in self._streams.values())
 
-    def claim(self, request_id: str) -> None:
+    async def claim(self, request_id: str) -> None:
         """Reserve an id before the upstream call; 409 while a stream with it is resumable."""
         if request_id in self._streams or request_id in self._claimed:
-            raise EdgeError(
-                409,
-                "ALREADY_EXISTS",
-                f"request_id: a stream with this id is still resumable (for up to "
-                f"{self.window_s:g} s after it ends); use a new id",
-                param="request_id",
-            )
+            raise id_taken(self.window_s)
         self._claimed.add(request_id)
 
-    def release(self, request_id: str) -> None:
+    async def release(self, request_id: str) -> None:
         self._claimed.discard(request_id)
 
-    def open(
-        self, upstream: UpstreamStream, convert: Convert, request_id: str, owner: str | None
+    async def open(
+        self, upstream: UpstreamStream, request_id: str, owner: str | None
     ) -> ResumableStream:
         """Register the stream of a claimed id and start pumping its events."""
         if not self._room():
@@ -218,17 +233,23 @@ class ResumableStreams:
         stream = ResumableStream(self, upstream, request_id, owner)
         self._streams[request_id] = stream
         self._expired.pop(request_id, None)
-        stream.start(convert)
+        stream.start(self.convert)
         return stream
 
-    def get(self, request_id: str, owner: str | None) -> ResumableStream:
+    async def get(self, request_id: str, owner: str | None) -> ResumableStream:
+        return self.find(request_id, owner)
+
+    async def cancel(self, request_id: str, owner: str | None) -> None:
+        self.find(request_id, owner).cancel()
+
+    def find(self, request_id: str, owner: str | None) -> ResumableStream:
         """The caller's stream; another principal's is answered exactly like an unknown id."""
         stream = self._streams.get(request_id)
         if stream is not None and stream.owner == owner:
             return stream
         if request_id in self._expired and self._expired[request_id] == owner:
-            raise EdgeError(410, "GONE", f"stream {request_id} has expired")
-        raise EdgeError(404, "NOT_FOUND", f"no stream with request id {request_id}")
+            raise expired_stream(request_id)
+        raise unknown_stream(request_id)
 
     def orphaned(self, stream: ResumableStream) -> None:
         """The last follower left: keep it for the window, or end it now when the window is 0."""
@@ -270,7 +291,7 @@ class ResumableStreams:
         for stream in list(self._streams.values()):
             stream.cancel()
 
-    def close(self) -> None:
+    async def close(self) -> None:
         for stream in list(self._streams.values()):
             stream.abandon()
             self.drop(stream)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -13,6 +15,23 @@ from tokenwire.common.settings import SettingsError, read_settings, require, set
 EdgeSettingsError = SettingsError
 
 LogFormat = Literal["json", "console"]
+_DB = re.compile(r"/?[0-9]{0,9}", re.ASCII)
+
+
+def _is_store_url(url: str) -> bool:
+    """A Redis URL the client can open: redis[s]://host[:port][/db], or unix:///path."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (reading it checks it: a port that is no number raises)
+    except ValueError:
+        return False
+    if parts.scheme == "unix":
+        return bool(parts.path)
+    return (
+        parts.scheme in ("redis", "rediss")
+        and bool(parts.hostname)
+        and bool(_DB.fullmatch(parts.path))
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -37,6 +56,19 @@ class EdgeSettings:
     cors_origins: tuple[str, ...] = setting((), "comma-separated allowed origins")
     resume_window_s: float = setting(
         10.0, "how long a dropped native stream keeps generating for a resume (0 = cancel)"
+    )
+    resume_store: str = setting(
+        "",
+        "where native streams are kept for resumes: empty = this edge's memory; "
+        "`redis://host:port/db` = shared by every edge, so a resume may land on any replica "
+        "and a dead edge's streams continue on another",
+        secret=True,  # a redis:// URL may carry a password
+        shown="(memory)",
+    )
+    resume_lease_s: float = setting(
+        2.0,
+        "with a resume store: how long an edge's hold on the streams it generates outlives it "
+        "(another edge takes a dead edge's stream over after this)",
     )
     ping_s: float = setting(15.0, "SSE ping comment interval (keeps proxies from cutting streams)")
     max_body_bytes: int = setting(1_048_576, "larger request bodies get 413")
@@ -79,6 +111,14 @@ class EdgeSettings:
             ">= 0 (0 = cancel on disconnect)",
             self.resume_window_s,
         )
+        require(
+            not self.resume_store or _is_store_url(self.resume_store),
+            "resume_store",
+            "empty (memory) or a URL redis://host[:port][/db], rediss://... or unix:///path",
+            # A URL with credentials is not repeated in a message that may be logged.
+            "<a URL with credentials>" if "@" in self.resume_store else self.resume_store,
+        )
+        require(self.resume_lease_s > 0, "resume_lease_s", "> 0", self.resume_lease_s)
         require(self.ping_s > 0, "ping_s", "> 0", self.ping_s)
         require(self.max_body_bytes >= 1024, "max_body_bytes", ">= 1024", self.max_body_bytes)
         require(

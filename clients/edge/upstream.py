@@ -49,6 +49,16 @@ class UpstreamStream:
         self._delivered: list[int] = []
         self._failovers = 0
 
+    @property
+    def request(self) -> pb.GenerateRequest | None:
+        """The accepted request (with the id the server took), before any continuation."""
+        return self._request
+
+    @property
+    def seed(self) -> int | None:
+        """The sampling seed the server announced (`x-tokenwire-seed`)."""
+        return self._seed
+
     async def messages(self) -> AsyncIterator[pb.GenerateResponse]:
         try:
             while True:

@@ -1,0 +1,127 @@
+"""How a stream lies in Redis: its keys and the scripts that change them atomically.
+
+Keys of one stream (all under `tokenwire:resume:<request_id>:`, all expiring):
+
+- `meta`   hash: `state` (claimed | open | done), `principal`, `request` (the accepted
+           GenerateRequest, serialized), `seed` (the one the server announced), `first` (the
+           lowest seq still kept), `cancel` (set when a cancel reached another edge);
+- `events` stream: one entry per event, entry id `0-<seq>`, fields `n` (name), `d` (JSON data);
+- `ids`    string: the token ids delivered so far, 4 bytes each, little-endian (what a
+           continuation sends as `continuation_ids`);
+- `lease`  string: the id of the edge generating the stream; lapses `resume_lease_s` after
+           that edge last refreshed it;
+- `watch`  sorted set: one member per reader attached on any edge, scored by when it lapses
+           (Redis' own clock, so edges' clocks never meet);
+- `gone`   string: the principal, kept an hour, so an expired id answers 410 to its principal.
+
+Every write of an event goes through APPEND, which checks the lease first: an edge that lost
+its lease (it stalled past it and another edge took the stream over) writes nothing more.
+Entry ids are the seqs, so one seq can never be written twice either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+PREFIX = "tokenwire:resume:"
+GONE_S = 3600
+"""How long an expired id is remembered (410 instead of 404): an hour of tombstones, ~100
+bytes each."""
+CLAIM_MS = 60_000
+"""An id claimed by an edge that died before the server answered is free again after this."""
+TERMINAL = frozenset({"done", "error"})
+
+LOST = -1
+WRITTEN = 0
+CANCEL_ASKED = 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Keys:
+    meta: str
+    events: str
+    ids: str
+    lease: str
+    watch: str
+    gone: str
+
+    @classmethod
+    def of(cls, request_id: str) -> Keys:
+        base = f"{PREFIX}{request_id}:"
+        return cls(*(base + name for name in ("meta", "events", "ids", "lease", "watch", "gone")))
+
+    @property
+    def stored(self) -> list[str]:
+        """What a stream's TTL covers (the lease and the watchers lapse on their own)."""
+        return [self.events, self.ids, self.meta]
+
+
+# KEYS: meta; ARGV: ttl ms. 1 when the id was free and is now claimed.
+CLAIM = """
+if redis.call('HSETNX', KEYS[1], 'state', 'claimed') == 0 then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# KEYS: meta. Frees an id that was claimed but never opened.
+RELEASE_CLAIM = """
+if redis.call('HGET', KEYS[1], 'state') == 'claimed' then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: lease, events, ids, meta; ARGV: edge, seq, name, data, token bytes, ttl ms, final,
+# first seq to keep (or ''). LOST when the lease is not this edge's, else WRITTEN or
+# CANCEL_ASKED (another edge asked for a cancel).
+APPEND = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+redis.call('XADD', KEYS[2], '0-' .. ARGV[2], 'n', ARGV[3], 'd', ARGV[4])
+if ARGV[5] ~= '' then redis.call('APPEND', KEYS[3], ARGV[5]) end
+if ARGV[8] ~= '' then
+  redis.call('XTRIM', KEYS[2], 'MINID', '0-' .. ARGV[8])
+  redis.call('HSET', KEYS[4], 'first', ARGV[8])
+end
+for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
+if ARGV[7] == '1' then
+  redis.call('HSET', KEYS[4], 'state', 'done')
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+if redis.call('HGET', KEYS[4], 'cancel') then return 1 end
+return 0
+"""
+
+# KEYS: lease, events, ids, meta, watch; ARGV: edge, lease ms, ttl ms.
+# {LOST, 0} when the lease is not this edge's, else {readers attached, cancel asked}.
+TICK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1, 0} end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ms)
+local cancel = 0
+if redis.call('HGET', KEYS[4], 'cancel') then cancel = 1 end
+return {redis.call('ZCARD', KEYS[5]), cancel}
+"""
+
+# KEYS: watch; ARGV: member, lapse ms. A reader says it is still there.
+WATCH = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: meta. Ask the stream's edge to cancel it; 0 when it is not generating.
+ASK_CANCEL = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'open' then return 0 end
+redis.call('HSET', KEYS[1], 'cancel', '1')
+return 1
+"""
+
+# KEYS: lease; ARGV: edge. Let go of a lease this edge holds.
+RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""

@@ -1,0 +1,100 @@
+"""Where the edge keeps native streams for `Last-Event-ID` resumes: one small protocol, two
+stores behind it.
+
+- `ResumableStreams` (tokenwire.edge.resumable), the default: this edge's memory. A resume must
+  reach the edge that started the stream; it dies with that edge.
+- `RedisStreams` (tokenwire.edge.redis_store), with `--resume-store redis://host:port/db`: every
+  edge replica reads and writes the same streams, so a resume may land on any of them, and when
+  a stream's edge dies another one continues the generation from what the store holds.
+
+Both answer an id that is unknown, or that belongs to another principal, with the same 404, an
+expired one with 410 (to its own principal), and a still-resumable one reused with 409.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from tokenwire.edge.resumable import BufferedEvent, Convert, Outcome, ResumableStreams
+from tokenwire.edge.settings import EdgeSettings
+from tokenwire.edge.upstream import Upstream, UpstreamStream
+
+
+class StoredStream(Protocol):
+    """One stream as a reader sees it."""
+
+    @property
+    def request_id(self) -> str: ...
+
+    @property
+    def followers(self) -> int:
+        """Readers attached on this edge now."""
+        ...
+
+    def follow(self, after_seq: int) -> AsyncIterator[BufferedEvent]:
+        """Events with seq > after_seq, live, until the stream's `done` or `error`."""
+        ...
+
+
+class ResumeStore(Protocol):
+    """Every native stream an edge can serve a resume for."""
+
+    async def claim(self, request_id: str) -> None:
+        """Reserve an id before the upstream call; EdgeError 409 while it is resumable."""
+        ...
+
+    async def release(self, request_id: str) -> None:
+        """Give a claimed id back (a no-op once `open` used it)."""
+        ...
+
+    async def open(
+        self, upstream: UpstreamStream, request_id: str, owner: str | None
+    ) -> StoredStream:
+        """Keep the events of an accepted upstream stream, under its claimed id."""
+        ...
+
+    async def get(self, request_id: str, owner: str | None) -> StoredStream:
+        """The caller's stream; 404 for an unknown or foreign id, 410 for an expired one."""
+        ...
+
+    async def cancel(self, request_id: str, owner: str | None) -> None:
+        """End the caller's stream now: its readers get `done` with reason cancelled."""
+        ...
+
+    @property
+    def live(self) -> int:
+        """Streams this edge is generating."""
+        ...
+
+    @property
+    def bytes(self) -> int:
+        """Event bytes this edge holds for its streams."""
+        ...
+
+    def cancel_all(self) -> None:
+        """Cancel every stream this edge is generating (the end of a drain)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def resume_store(
+    settings: EdgeSettings,
+    upstream: Upstream,
+    convert: Convert,
+    on_outcome: Outcome | None = None,
+) -> ResumeStore:
+    """The store the settings name: memory by default, Redis with a redis:// URL."""
+    if not settings.resume_store:
+        return ResumableStreams(
+            settings.resume_window_s,
+            settings.resume_stream_bytes,
+            settings.resume_total_bytes,
+            convert,
+            on_outcome=on_outcome,
+        )
+    # Imported here: an edge without a resume store never loads the Redis client.
+    from tokenwire.edge.redis_store import RedisStreams
+
+    return RedisStreams(settings, upstream, convert, on_outcome)

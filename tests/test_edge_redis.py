@@ -1,0 +1,351 @@
+"""The edge's shared resume store: two edges in front of one server, one real redis-server.
+
+A stream started on one edge can be resumed on the other (it reads what the first writes); ids,
+owners and expiry answer as with the in-memory store; a dead store is a 503, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+from httpx_sse import ServerSentEvent, aconnect_sse
+
+from tests.conftest import RunningEdge, RunningServer, eventually, start_edge
+from tests.procs import EdgeProcess, ServerProcess
+from tests.redisproc import RedisServer, free_port
+from tokenwire.common.settings import SettingsError
+from tokenwire.edge.redis_store import RedisStreams
+from tokenwire.edge.resumable import ResumableStreams
+from tokenwire.edge.settings import EdgeSettings
+
+BODY = {"prompt": "class Tree:", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+K1 = {"Authorization": "Bearer k1"}
+K2 = {"Authorization": "Bearer k2"}
+
+
+async def _pair(target: str, url: str, **overrides: object) -> tuple[RunningEdge, RunningEdge]:
+    settings = {"resume_store": url, "resume_window_s": 2.0, "resume_lease_s": 0.5, **overrides}
+    return await start_edge(target, **settings), await start_edge(target, **settings)
+
+
+@pytest.fixture
+async def edges(
+    served: RunningServer, redis_server: RedisServer
+) -> AsyncIterator[tuple[RunningEdge, RunningEdge]]:
+    """Edges A and B in front of the shared server, both on one Redis."""
+    a, b = await _pair(served.target, redis_server.url)
+    yield a, b
+    await a.edge.stop()
+    await b.edge.stop()
+
+
+async def _events(
+    http: httpx.AsyncClient, method: str, url: str, **kwargs: object
+) -> list[ServerSentEvent]:
+    async with aconnect_sse(http, method, url, **kwargs) as source:  # type: ignore[arg-type]
+        return [e async for e in source.aiter_sse()]
+
+
+async def _first(
+    http: httpx.AsyncClient, count: int, body: dict[str, object], **kwargs: object
+) -> list[ServerSentEvent]:
+    """Start a stream and leave after `count` events (it keeps generating for the window)."""
+    events: list[ServerSentEvent] = []
+    async with aconnect_sse(http, "POST", "/v1/generate", json=body, **kwargs) as source:  # type: ignore[arg-type]
+        async for event in source.aiter_sse():
+            events.append(event)
+            if len(events) == count:
+                break
+    return events
+
+
+async def _status_within(http: httpx.AsyncClient, path: str, status: int, within_s: float) -> int:
+    """GET path until it answers `status` or within_s passes; the last status it answered."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while (answer := (await http.get(path)).status_code) != status:
+        if asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    return answer
+
+
+def _text(events: list[ServerSentEvent]) -> str:
+    return "".join(json.loads(e.data)["text"] for e in events if e.event == "token")
+
+
+async def test_a_resume_on_another_edge_gets_exactly_the_missing_events(
+    edges: tuple[RunningEdge, RunningEdge],
+) -> None:
+    """Leave edge A's stream after 5 events; Last-Event-ID on edge B (A alive) replays the rest:
+    ids 1..n once each, then `done`, and the text of an uninterrupted run."""
+    a, b = edges
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=30) as on_a,
+        httpx.AsyncClient(base_url=b.url, timeout=30) as on_b,
+    ):
+        whole = await _events(on_a, "POST", "/v1/generate", json=BODY)
+        first = await _first(on_a, 5, BODY)
+        rest = await _events(on_b, "GET", "/v1/generate", headers={"Last-Event-ID": first[-1].id})
+    request_id = first[0].id.rsplit(":", 1)[0]
+    events = first + rest
+    assert [e.id for e in events] == [f"{request_id}:{i}" for i in range(1, len(events) + 1)]
+    assert events[-1].event == "done"
+    assert _text(events) == _text(whole)
+
+
+async def test_an_unknown_id_is_the_same_404_as_in_memory(
+    served: RunningServer, edges: tuple[RunningEdge, RunningEdge]
+) -> None:
+    """A never-seen id on the Redis store answers exactly what the in-memory store answers."""
+    memory = await start_edge(served.target)
+    try:
+        replies = []
+        for edge in (edges[0], memory):
+            async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+                replies.append(
+                    await http.get("/v1/generate/nope/events", headers={"Last-Event-ID": "nope:3"})
+                )
+    finally:
+        await memory.edge.stop()
+    redis_reply, memory_reply = replies
+    assert redis_reply.status_code == 404
+    assert (redis_reply.status_code, redis_reply.json()) == (
+        memory_reply.status_code,
+        memory_reply.json(),
+    )
+
+
+async def test_another_keys_stream_is_404_on_every_edge(
+    paced: RunningServer, redis_server: RedisServer
+) -> None:
+    """k2 resuming or cancelling k1's live stream on the other edge gets the unknown-id 404."""
+    a, b = await _pair(paced.target, redis_server.url, api_keys=("k1", "k2"))
+    try:
+        async with (
+            httpx.AsyncClient(base_url=a.url, timeout=30) as on_a,
+            httpx.AsyncClient(base_url=b.url, timeout=30) as on_b,
+        ):
+            long = {"prompt": "x", "max_tokens": 150, "ignore_eos": True}
+            await _first(on_a, 1, long, headers={**K1, "X-Request-ID": "k1-stream"})
+            foreign = await on_b.get(
+                "/v1/generate/k1-stream/events", headers={**K2, "Last-Event-ID": "k1-stream:0"}
+            )
+            cancel = await on_b.post("/v1/generate/k1-stream/cancel", json={}, headers=K2)
+            unknown = await on_b.get(
+                "/v1/generate/never/events", headers={**K2, "Last-Event-ID": "never:0"}
+            )
+            own = await _events(
+                on_b,
+                "GET",
+                "/v1/generate/k1-stream/events",
+                headers={**K1, "Last-Event-ID": "k1-stream:1"},
+            )
+    finally:
+        await a.edge.stop()
+        await b.edge.stop()
+    expected = unknown.json()["error"]["message"].replace("never", "k1-stream")
+    assert (foreign.status_code, cancel.status_code) == (404, 404)
+    assert foreign.json()["error"]["message"] == expected
+    assert json.loads(own[-1].data)["finish_reason"] == "length"
+
+
+async def test_a_resumable_id_is_taken_on_every_edge(
+    edges: tuple[RunningEdge, RunningEdge],
+) -> None:
+    """An id whose stream started on edge A is refused on edge B with 409 naming request_id."""
+    a, b = edges
+    headers = {"X-Request-ID": "shared-id"}
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=30) as on_a,
+        httpx.AsyncClient(base_url=b.url, timeout=30) as on_b,
+    ):
+        await _events(on_a, "POST", "/v1/generate", json=BODY, headers=headers)
+        again = await on_b.post("/v1/generate", json=BODY, headers=headers)
+    assert again.status_code == 409
+    assert again.json()["error"]["field"] == "request_id"
+
+
+async def test_a_cancel_on_another_edge_ends_the_stream(
+    paced: RunningServer, redis_server: RedisServer
+) -> None:
+    """POST /cancel on edge B ends edge A's stream: its reader on A gets `done` (cancelled) and
+    the server's slot is freed."""
+    a, b = await _pair(paced.target, redis_server.url)
+    body = {"prompt": "x", "max_tokens": 400, "ignore_eos": True}
+    events: list[ServerSentEvent] = []
+    try:
+        async with (
+            httpx.AsyncClient(base_url=a.url, timeout=30) as on_a,
+            httpx.AsyncClient(base_url=b.url, timeout=30) as on_b,
+            aconnect_sse(
+                on_a, "POST", "/v1/generate", json=body, headers={"X-Request-ID": "c1"}
+            ) as source,
+        ):
+            async for event in source.aiter_sse():
+                events.append(event)
+                if len(events) == 3:
+                    reply = await on_b.post("/v1/generate/c1/cancel", json={})
+                    assert reply.json() == {"request_id": "c1", "cancelled": True}
+        assert await eventually(lambda: paced.engine.active_count == 0, within_s=5)
+    finally:
+        await a.edge.stop()
+        await b.edge.stop()
+    assert events[-1].event == "done"
+    assert json.loads(events[-1].data)["finish_reason"] == "cancelled"
+    assert len(events) < 400
+
+
+async def test_a_stream_nobody_reads_is_cancelled_after_the_window_then_410(
+    paced: RunningServer, redis_server: RedisServer
+) -> None:
+    """Left alone for the window, the stream's generation is cancelled upstream and its id
+    answers 410 to its owner on either edge."""
+    a, b = await _pair(paced.target, redis_server.url, resume_window_s=0.5, resume_lease_s=0.3)
+    body = {"prompt": "x", "max_tokens": 450, "ignore_eos": True}
+    try:
+        async with httpx.AsyncClient(base_url=b.url, timeout=30) as on_b:
+            async with httpx.AsyncClient(base_url=a.url, timeout=30) as on_a:
+                await _first(on_a, 1, body, headers={"X-Request-ID": "left"})
+            assert await eventually(lambda: paced.engine.active_count == 0, within_s=5)
+            gone = await _status_within(on_b, "/v1/generate/left/events", 410, within_s=5)
+    finally:
+        await a.edge.stop()
+        await b.edge.stop()
+    assert gone == 410
+
+
+async def test_an_unreachable_store_is_503_not_500(served: RunningServer) -> None:
+    """With Redis down, starting a stream is refused with 503 and the upstream call ends."""
+    edge = await start_edge(served.target, resume_store=f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            reply = await http.post("/v1/generate", json=BODY)
+            resume = await http.get("/v1/generate/x/events", headers={"Last-Event-ID": "x:1"})
+        assert await eventually(lambda: served.engine.active_count == 0, within_s=5)
+    finally:
+        await edge.edge.stop()
+    assert (reply.status_code, resume.status_code) == (503, 503)
+    assert reply.json()["error"]["code"] == "UNAVAILABLE"
+
+
+@pytest.mark.parametrize(
+    "url", ["memcached://x:1", "redis://x:port/0", "redis://x/db", "redis://:6379", "rds://u:pw@x"]
+)
+def test_a_resume_store_that_is_no_redis_url_names_the_setting(url: str) -> None:
+    """TOKENWIRE_RESUME_STORE must be empty or a redis://, rediss:// or unix:// URL the client
+    can open; the error names the variable and never repeats a password."""
+    with pytest.raises(SettingsError, match="resume_store") as raised:
+        EdgeSettings.from_env({"TOKENWIRE_RESUME_STORE": url})
+    assert "TOKENWIRE_RESUME_STORE" in str(raised.value)
+    assert "pw" not in str(raised.value)
+
+
+async def test_the_edge_uses_redis_only_when_told(
+    edges: tuple[RunningEdge, RunningEdge], edge: RunningEdge
+) -> None:
+    """With --resume-store the edge's store is the Redis one; without, it stays in memory."""
+    assert isinstance(edges[0].store, RedisStreams)
+    assert isinstance(edge.store, ResumableStreams)
+
+
+LONG = {"prompt": "def fib(n):", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+KILL_AFTER = 30
+
+
+@pytest.fixture
+def two_edge_processes(
+    redis_server: RedisServer,
+) -> Iterator[tuple[ServerProcess, EdgeProcess, EdgeProcess]]:
+    """One `tokenwire serve` and two `tokenwire edge` processes sharing one Redis."""
+    server = ServerProcess("--metrics-port", "0")
+    store = ("--resume-store", redis_server.url, "--resume-lease-s", "1")
+    a = EdgeProcess(server.target, *store)
+    b = EdgeProcess(server.target, *store)
+    server.wait_for("server.started")
+    yield server, a, b
+    for process in (a, b, server):
+        process.close()
+
+
+@pytest.mark.slow
+async def test_a_stream_whose_edge_is_killed_continues_on_the_other_edge(
+    two_edge_processes: tuple[ServerProcess, EdgeProcess, EdgeProcess],
+) -> None:
+    """kill -9 edge A after 30 events of a 400-token greedy stream; Last-Event-ID on edge B
+    gets exactly the missing events (B continues the generation), then `done`; the joined text
+    equals an uninterrupted greedy run."""
+    _, a, b = two_edge_processes
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=60) as on_a,
+        httpx.AsyncClient(base_url=b.url, timeout=60) as on_b,
+    ):
+        first = await _first(on_a, KILL_AFTER, LONG)
+        a.proc.kill()
+        rest = await _events(on_b, "GET", "/v1/generate", headers={"Last-Event-ID": first[-1].id})
+        whole = await _events(on_b, "POST", "/v1/generate", json=LONG)
+    taken = b.wait_for("edge.stream_taken_over", timeout=5)
+    request_id = first[0].id.rsplit(":", 1)[0]
+    events = first + rest
+    assert [e.id for e in events] == [f"{request_id}:{i}" for i in range(1, len(events) + 1)]
+    assert [e.event for e in events[-2:]] == ["usage", "done"]
+    assert [json.loads(e.data)["index"] for e in events if e.event == "token"] == list(range(400))
+    assert _text(events) == _text(whole)
+    assert taken["request_id"] == request_id
+
+
+@pytest.mark.slow
+async def test_a_reader_on_the_other_edge_rides_through_the_kill(
+    two_edge_processes: tuple[ServerProcess, EdgeProcess, EdgeProcess],
+) -> None:
+    """A reader already tailing edge A's stream on edge B, when A is killed, needs no
+    reconnect: B takes the stream over and the reader's events run on to `done`, each seq once."""
+    _, a, b = two_edge_processes
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=60) as on_a,
+        httpx.AsyncClient(base_url=b.url, timeout=60) as on_b,
+    ):
+        first = await _first(on_a, 5, LONG)
+        events = list(first)
+        async with aconnect_sse(
+            on_b, "GET", "/v1/generate", headers={"Last-Event-ID": first[-1].id}
+        ) as source:
+            async for event in source.aiter_sse():
+                events.append(event)
+                if len(events) == KILL_AFTER:
+                    a.proc.kill()
+    b.wait_for("edge.stream_taken_over", timeout=5)
+    request_id = first[0].id.rsplit(":", 1)[0]
+    assert [e.id for e in events] == [f"{request_id}:{i}" for i in range(1, len(events) + 1)]
+    assert [json.loads(e.data)["index"] for e in events if e.event == "token"] == list(range(400))
+    assert events[-1].event == "done"
+
+
+async def test_a_store_lost_mid_stream_ends_it_with_an_error_event(
+    paced: RunningServer, redis_server: RedisServer
+) -> None:
+    """kill -9 of Redis while a stream is read: the reader's stream ends with an `error`
+    event (UNAVAILABLE, without an id, so the client's Last-Event-ID stays on the last real
+    event) and the generation is cancelled upstream."""
+    edge = await start_edge(paced.target, resume_store=redis_server.url, resume_lease_s=0.5)
+    body = {"prompt": "x", "max_tokens": 400, "ignore_eos": True}
+    events: list[ServerSentEvent] = []
+    try:
+        async with (
+            httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
+            aconnect_sse(http, "POST", "/v1/generate", json=body) as source,
+        ):
+            async for event in source.aiter_sse():
+                events.append(event)
+                if len(events) == 3:
+                    redis_server.proc.kill()
+        assert await eventually(lambda: paced.engine.active_count == 0, within_s=5)
+    finally:
+        await edge.edge.stop()
+    assert events[-1].event == "error"
+    assert json.loads(events[-1].data)["code"] == "UNAVAILABLE"
+    assert events[-1].id == events[-2].id  # no id of its own: a resume starts after seq 3
+    assert len(events) < 400
