@@ -78,6 +78,8 @@ typecheck: install
 	$(BIN)/mypy
 	# bench/ scripts import their siblings (`peers`), so they are checked from inside bench/.
 	cd bench && MYPYPATH=../build/typecheck ../$(BIN)/mypy --config-file ../pyproject.toml *.py
+	# models/ build scripts import no siblings, so they are checked from the root.
+	$(BIN)/mypy models/*.py
 
 imports: install
 	$(BIN)/lint-imports

@@ -398,7 +398,8 @@ def torch_greedy(
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
         # PreTrainedModel's type lacks GenerationMixin (the *ForCausalLM classes mix it in).
-        out = model.generate(  # type: ignore[operator]
+        # unused-ignore: where transformers is not installed (`make typecheck`) it is Any.
+        out = model.generate(  # type: ignore[operator, unused-ignore]
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             generation_config=gen_cfg,

@@ -16,6 +16,10 @@ random initialisation (used for benchmark models).
 Run: python models/build_tiny.py --out models/tiny-py   (inside the build env, see `make model`)
 """
 
+# torch is not installed where `make typecheck` runs, so nn.Module is Any to mypy; the model
+# classes below subclass it.
+# mypy: allow-subclassing-any
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +30,10 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 import torch
 import torch.nn.functional as F
@@ -103,7 +109,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__()
         h, d = cfg["hidden_size"], cfg["head_dim"]
         self.heads, self.kv_heads, self.head_dim = (
@@ -129,7 +135,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__()
         h, i = cfg["hidden_size"], cfg["intermediate_size"]
         self.gate_proj = nn.Linear(h, i, bias=False)
@@ -141,7 +147,7 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__()
         eps = cfg["rms_norm_eps"]
         self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
@@ -155,7 +161,7 @@ class Layer(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg["num_hidden_layers"]))
@@ -165,7 +171,7 @@ class Decoder(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Parameter names match Hugging Face's LlamaForCausalLM (tied embeddings)."""
 
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__()
         self.model = Decoder(cfg)
         cos, sin = rope_tables(cfg["max_position_embeddings"], cfg["head_dim"], cfg["rope_theta"])
@@ -243,7 +249,7 @@ class GraphBuilder:
         self.count += 1
         return f"{hint}_{self.count}"
 
-    def const(self, value: np.ndarray, hint: str) -> str:
+    def const(self, value: npt.ArrayLike, hint: str) -> str:
         name = self.name(hint)
         self.inits.append(numpy_helper.from_array(np.asarray(value), name))
         return name
@@ -261,7 +267,7 @@ class GraphBuilder:
         return outs[0]
 
 
-def export_onnx(model: LlamaForCausalLM, cfg: dict, path: Path) -> None:
+def export_onnx(model: LlamaForCausalLM, cfg: dict[str, Any], path: Path) -> None:
     g = GraphBuilder()
     w = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     layers, heads, kvh, d = (
@@ -273,8 +279,12 @@ def export_onnx(model: LlamaForCausalLM, cfg: dict, path: Path) -> None:
     eps = cfg["rms_norm_eps"]
     cos, sin = rope_tables(cfg["max_position_embeddings"], d, cfg["rope_theta"])
     cos_t, sin_t = g.const(cos, "cos_table"), g.const(sin, "sin_table")
-    i64 = lambda *v: g.const(np.asarray(v, dtype=np.int64), "i64")  # noqa: E731
-    scalar = lambda v: g.const(np.int64(v), "s64")  # noqa: E731
+
+    def i64(*v: int) -> str:
+        return g.const(np.asarray(v, dtype=np.int64), "i64")
+
+    def scalar(v: int) -> str:
+        return g.const(np.int64(v), "s64")
 
     embed = g.const(w["model.embed_tokens.weight"], "embed_tokens")
     x = g.op("Gather", [embed, "input_ids"], "embedded")
@@ -411,13 +421,17 @@ def export_onnx(model: LlamaForCausalLM, cfg: dict, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- checks
-def check_parity(model: LlamaForCausalLM, cfg: dict, onnx_path: Path, tok: Tokenizer) -> str:
+def check_parity(
+    model: LlamaForCausalLM, cfg: dict[str, Any], onnx_path: Path, tok: Tokenizer
+) -> str:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     layers, kvh, d = cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"]
 
-    def run(ids: list[list[int]], mask: np.ndarray, pos: np.ndarray, past: list[np.ndarray] | None):
+    def run(
+        ids: list[list[int]], mask: np.ndarray, pos: np.ndarray, past: list[np.ndarray] | None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         b = len(ids)
         past = past or [np.zeros((b, kvh, 0, d), np.float32) for _ in range(2 * layers)]
         feed = {
@@ -544,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"corpus: {len(files)} files, {sum(map(len, texts)):,} chars", flush=True)
     tok = train_tokenizer(texts, args.vocab)
     eos = tok.token_to_id("<|endoftext|>")
+    assert eos is not None, "<|endoftext|> is one of SPECIAL_TOKENS"
     tok.save(str(out / "tokenizer.json"))
     print(f"tokenizer: {tok.get_vocab_size()} tokens", flush=True)
 
