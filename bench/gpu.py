@@ -143,17 +143,21 @@ def cuda_graph(model_dir: Path, enabled: bool) -> Iterator[None]:
 # -- ORT GenAI --------------------------------------------------------------------------------
 
 
-def genai_rows(model_dir: Path) -> tuple[list[dict[str, Any]], dict[int, list[int]]]:
-    """GenAI at batch 1 and 16, CUDA graph capture off and on; its batch-16 greedy ids."""
+Reference = dict[str, dict[int, list[int]]]
+
+
+def genai_rows(model_dir: Path) -> tuple[list[dict[str, Any]], Reference]:
+    """GenAI at batch 1 and 16, CUDA graph capture off and on; its greedy ids for each prompt
+    in a batch of 16 ("b16") and alone ("b1")."""
     import onnxruntime_genai as og
 
     rows: list[dict[str, Any]] = []
-    reference: dict[int, list[int]] = {}
+    reference: Reference = {"b16": {}, "b1": {}}
     for graph in (False, True) if PROVIDER["name"] == "cuda" else (False,):
         with cuda_graph(model_dir, graph):
             model = og.Model(str(model_dir))
             for batch in (1, 16):
-                keep = reference if batch == 16 and not graph else None
+                keep = reference["b16"] if batch == 16 and not graph else None
                 try:
                     row = timed(genai_generate(model, batch, keep), batch, NEW_TOKENS, repeats=5)
                 except Exception as exc:  # e.g. CUDA graphs refused for this shape
@@ -170,14 +174,24 @@ def genai_rows(model_dir: Path) -> tuple[list[dict[str, Any]], dict[int, list[in
                     }
                 )
                 say(rows[-1])
+            if not graph:
+                for i, ids in enumerate(prompts(16)):
+                    alone: dict[int, list[int]] = {}
+                    genai_generate(model, 1, alone, [ids])()
+                    reference["b1"][i] = alone[0]
     return rows, reference
 
 
-def genai_generate(model: Any, batch: int, keep: dict[int, list[int]] | None) -> Any:
+def genai_generate(
+    model: Any,
+    batch: int,
+    keep: dict[int, list[int]] | None,
+    rows: list[list[int]] | None = None,
+) -> Any:
     """One timed GenAI generation of `batch` prompts; `keep` receives the new ids."""
     import onnxruntime_genai as og
 
-    ids = np.asarray(prompts(batch), dtype=np.int64)
+    ids = np.asarray(prompts(batch) if rows is None else rows, dtype=np.int64)
 
     def generate() -> tuple[float, list[float], float]:
         params = og.GeneratorParams(model)
@@ -210,7 +224,7 @@ def genai_generate(model: Any, batch: int, keep: dict[int, list[int]] | None) ->
 # -- tokenwire --------------------------------------------------------------------------------
 
 
-def engine_rows(model_dir: Path, reference: dict[int, list[int]]) -> list[dict[str, Any]]:
+def engine_rows(model_dir: Path, reference: Reference) -> list[dict[str, Any]]:
     """The engine alone, in this process: device cache, then the copying cache."""
     from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
     from tokenwire.server.tokenizer import Tokenizer
@@ -285,8 +299,9 @@ async def engine_burst(engine: Any, streams: int, new: int) -> tuple[float, floa
     return total, ttft, gaps
 
 
-async def correctness(engine: Any, reference: dict[int, list[int]]) -> dict[str, Any]:
-    """Greedy ids alone and with 15 neighbours joining at different steps, against GenAI's."""
+async def correctness(engine: Any, reference: Reference) -> dict[str, Any]:
+    """Greedy ids alone and with 15 neighbours joining at different steps, against GenAI's
+    alone and in its batch of 16; and prompts of 16 different lengths, alone and together."""
     from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
 
     async def ids_of(i: int, ids: list[int], delay: float) -> list[int]:
@@ -306,11 +321,20 @@ async def correctness(engine: Any, reference: dict[int, list[int]]) -> dict[str,
     rows = prompts(16)
     alone = [await ids_of(i, p, 0.0) for i, p in enumerate(rows)]
     together = await asyncio.gather(*(ids_of(i, p, 0.002 * i) for i, p in enumerate(rows)))
+    mixed = [p[: 8 + (i * 5) % 25] for i, p in enumerate(rows)]
+    mixed_alone = [await ids_of(i, p, 0.0) for i, p in enumerate(mixed)]
+    mixed_together = await asyncio.gather(*(ids_of(i, p, 0.0) for i, p in enumerate(mixed)))
+    b1, b16 = reference["b1"], reference["b16"]
     return {
         "check": "greedy ids vs ORT GenAI on the same graph",
-        "alone_equal_genai": sum(alone[i] == reference.get(i) for i in range(16)),
+        "alone_equal_genai_alone": sum(alone[i] == b1.get(i) for i in range(16)),
+        "alone_equal_genai": sum(alone[i] == b16.get(i) for i in range(16)),
+        "genai_batch16_equal_genai_alone": sum(b16.get(i) == b1.get(i) for i in range(16)),
         "batched_equal_alone": sum(together[i] == alone[i] for i in range(16)),
-        "alone_common_prefix_min": min(prefix(alone[i], reference.get(i, [])) for i in range(16)),
+        "mixed_lengths_batched_equal_alone": sum(
+            mixed_together[i] == mixed_alone[i] for i in range(16)
+        ),
+        "alone_common_prefix_min": min(prefix(alone[i], b1.get(i, [])) for i in range(16)),
         "of": 16,
     }
 
@@ -570,7 +594,7 @@ def main() -> None:
         model_dir = build(name, args.work)
         entry: dict[str, Any] = {"size": SIZES[name], "build_s": time.monotonic() - started}
         report["models"][name] = entry
-        reference: dict[int, list[int]] = {}
+        reference: Reference = {"b16": {}, "b1": {}}
         entry["rows"] = []
         try:
             entry["rows"], reference = genai_rows(model_dir)

@@ -233,13 +233,7 @@ def gpu_section(gpu: dict[str, Any]) -> str:
             targets(entry.get("ratios", {}), GPU_TARGETS),
         ]
         for check in checks:
-            parts += [
-                "",
-                f"Greedy ids: {check['alone_equal_genai']} of {check['of']} prompts alone equal "
-                f"GenAI's (batch of 16); {check['batched_equal_alone']} of {check['of']} equal "
-                f"their own solo ids when 16 run together; the shortest common prefix with GenAI "
-                f"is {check['alone_common_prefix_min']} tokens.",
-            ]
+            parts += ["", greedy_check(check)]
         copies = entry.get("copies")
         if copies:
             parts += [
@@ -252,6 +246,28 @@ def gpu_section(gpu: dict[str, Any]) -> str:
                 f"{copies['node_kernel_events']} node runs.",
             ]
     return "\n".join(parts)
+
+
+def greedy_check(check: dict[str, Any]) -> str:
+    """One sentence per correctness record of bench/gpu.py (older records lack some counts)."""
+    n = check["of"]
+    said = [f"Greedy ids, {n} prompts of 32 tokens:"]
+    if "alone_equal_genai_alone" in check:
+        said.append(
+            f"tokenwire alone equals GenAI alone for {check['alone_equal_genai_alone']}, and "
+            f"GenAI's batch of 16 equals GenAI alone for "
+            f"{check['genai_batch16_equal_genai_alone']};"
+        )
+    said.append(
+        f"tokenwire alone equals GenAI's batch of 16 for {check['alone_equal_genai']}; "
+        f"tokenwire's 16 together equal their solo ids for {check['batched_equal_alone']}"
+    )
+    if "mixed_lengths_batched_equal_alone" in check:
+        said.append(
+            f"(prompts of 16 different lengths: {check['mixed_lengths_batched_equal_alone']})"
+        )
+    said.append(f"; the shortest prefix shared with GenAI is {check['alone_common_prefix_min']}.")
+    return " ".join(said).replace(" ;", ";")
 
 
 README = ROOT / "README.md"
