@@ -8,7 +8,8 @@
 # Wheels it expects (download them where pip reaches the registry, for cp312 manylinux x86_64):
 #   .whl/*.whl     onnxruntime-genai-cuda 0.18.0, grpcio 1.85.3, grpcio-health-checking,
 #                  grpcio-reflection, grpcio-status, protobuf 7.36, googleapis-common-protos,
-#                  structlog 26.1, prometheus-client 0.26, onnx-ir 1.1.0
+#                  structlog 26.1, prometheus-client 0.26, onnx-ir 1.1.0, opentelemetry-api and
+#                  -sdk 1.45.2, opentelemetry-semantic-conventions 0.66b2
 #   onnxruntime-gpu 1.31.1 as .whl/onnxruntime_gpu-*.whl, or as the parts of a tar.xz of its
 #   unpacked wheel in .gpu*/ortgpu.tar.xz.part* (too large to move in one piece).
 set -euo pipefail
