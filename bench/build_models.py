@@ -83,40 +83,12 @@ def build(name: str) -> Path:
         (
             "ONNX Runtime GenAI model",
             genai_dir / "genai_config.json",
-            [
-                sys.executable,
-                "-m",
-                "onnxruntime_genai.models.builder",
-                "-i",
-                str(hf_dir),
-                "-o",
-                str(genai_dir),
-                "-p",
-                "fp32",
-                "-e",
-                "cpu",
-                "-c",
-                str(base / "hf-cache"),
-            ],
+            genai_builder(hf_dir, genai_dir, "fp32", "cpu", base / "hf-cache"),
         ),
         (
             "ONNX Runtime GenAI model, int4",
             int4_dir / "genai_config.json",
-            [
-                sys.executable,
-                "-m",
-                "onnxruntime_genai.models.builder",
-                "-i",
-                str(hf_dir),
-                "-o",
-                str(int4_dir),
-                "-p",
-                "int4",
-                "-e",
-                "cpu",
-                "-c",
-                str(base / "hf-cache"),
-            ],
+            genai_builder(hf_dir, int4_dir, "int4", "cpu", base / "hf-cache"),
         ),
     ]
     with tqdm(total=len(steps), desc=f"building {name}", unit="step") as bar:
@@ -128,6 +100,16 @@ def build(name: str) -> Path:
     for folder in (genai_dir, int4_dir):
         tune_genai(folder)
     return base
+
+
+def genai_builder(hf_dir: Path, out: Path, precision: str, provider: str, cache: Path) -> list[str]:
+    """The command line of ONNX Runtime GenAI's model builder for one folder."""
+    return [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        *("-i", str(hf_dir), "-o", str(out), "-p", precision, "-e", provider, "-c", str(cache)),
+    ]
 
 
 def tune_genai(genai_dir: Path) -> dict[str, int]:

@@ -38,8 +38,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import engine_alone  # bench/ is this script's directory
 import numpy as np
-from peers import nearest_rank, summarise, timed  # bench/ is this script's directory
+from build_models import genai_builder
+from peers import genai_loop, nearest_rank, summarise, timed
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT_TOKENS = 32
@@ -90,21 +92,7 @@ def build(name: str, work: Path) -> Path:
     )
     fast.save_pretrained(hf_dir)
     built = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "onnxruntime_genai.models.builder",
-            "-i",
-            str(hf_dir),
-            "-o",
-            str(out),
-            "-p",
-            PROVIDER["precision"],
-            "-e",
-            PROVIDER["name"],
-            "-c",
-            str(work / name / "cache"),
-        ],
+        genai_builder(hf_dir, out, PROVIDER["precision"], PROVIDER["name"], work / name / "cache"),
         check=False,
         capture_output=True,
         text=True,
@@ -194,25 +182,7 @@ def genai_generate(
     ids = np.asarray(prompts(batch) if rows is None else rows, dtype=np.int64)
 
     def generate() -> tuple[float, list[float], float]:
-        params = og.GeneratorParams(model)
-        params.set_search_options(
-            max_length=PROMPT_TOKENS + NEW_TOKENS,
-            min_length=PROMPT_TOKENS + NEW_TOKENS,
-            do_sample=False,
-            batch_size=batch,
-        )
-        generator = og.Generator(model, params)
-        started = time.perf_counter()
-        generator.append_tokens(ids)
-        generator.generate_next_token()
-        ttft = time.perf_counter() - started
-        last, gaps = time.perf_counter(), []
-        while not generator.is_done():
-            generator.generate_next_token()
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-        total = time.perf_counter() - started
+        ttft, gaps, total, generator = genai_loop(og, model, ids, PROMPT_TOKENS + NEW_TOKENS)
         if keep is not None:
             for i in range(batch):
                 keep[i] = [int(t) for t in generator.get_sequence(i)][PROMPT_TOKENS:]
@@ -274,28 +244,7 @@ async def engine_load(engine: Any, streams: int) -> dict[str, Any]:
 
 
 async def engine_burst(engine: Any, streams: int, new: int) -> tuple[float, float, list[float]]:
-    from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
-
-    async def one(i: int, ids: list[int]) -> list[float]:
-        request = GenerationRequest(
-            f"r{i}-{time.monotonic_ns()}",
-            "",
-            prompt_ids=tuple(ids),
-            max_tokens=new,
-            sampling=SamplingParams(temperature=0.0),
-            ignore_eos=True,
-        )
-        return [
-            time.perf_counter()
-            async for e in engine.submit(request).events()
-            if isinstance(e, TokenEvent)
-        ]
-
-    started = time.perf_counter()
-    got = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts(streams))))
-    total = time.perf_counter() - started
-    ttft = float(np.median([s[0] - started for s in got]))
-    gaps = [b - a for s in got for a, b in itertools.pairwise(s)]
+    ttft, gaps, total = await engine_alone.run(engine, prompts(streams), new)
     return total, ttft, gaps
 
 

@@ -135,24 +135,33 @@ def run_genai(model_dir: Path, batch: int, prompt: int, new: int) -> dict[str, f
     ids = prompt_ids(batch, prompt, vocab)
 
     def generate() -> tuple[float, list[float], float]:
-        params = og.GeneratorParams(model)
-        params.set_search_options(
-            max_length=prompt + new, min_length=prompt + new, do_sample=False, batch_size=batch
-        )
-        generator = og.Generator(model, params)
-        started = time.perf_counter()
-        generator.append_tokens(ids)
-        generator.generate_next_token()
-        ttft = time.perf_counter() - started
-        last, gaps = time.perf_counter(), []
-        while not generator.is_done():
-            generator.generate_next_token()
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-        return ttft, gaps, time.perf_counter() - started
+        ttft, gaps, total, _ = genai_loop(og, model, ids, prompt + new)
+        return ttft, gaps, total
 
     return timed(generate, batch, new)
+
+
+def genai_loop(
+    og: Any, model: Any, ids: np.ndarray, length: int
+) -> tuple[float, list[float], float, Any]:
+    """One greedy GenAI generation of the rows of ids up to `length` tokens (EOS ignored):
+    TTFT, the inter-token gaps, the wall time, and the generator (for its sequences)."""
+    params = og.GeneratorParams(model)
+    params.set_search_options(
+        max_length=length, min_length=length, do_sample=False, batch_size=len(ids)
+    )
+    generator = og.Generator(model, params)
+    started = time.perf_counter()
+    generator.append_tokens(ids)
+    generator.generate_next_token()
+    ttft = time.perf_counter() - started
+    last, gaps = time.perf_counter(), []
+    while not generator.is_done():
+        generator.generate_next_token()
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    return ttft, gaps, time.perf_counter() - started, generator
 
 
 def main() -> None:

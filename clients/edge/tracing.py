@@ -5,24 +5,23 @@ trace starts here. The span is current while the request (and its event stream) 
 upstream Generate call carries its traceparent as gRPC metadata and the server's spans join the
 same trace; its trace and span ids are bound into the request's log lines.
 
-The provider set-up mirrors the server's (`tokenwire.server.telemetry.tracing`), written out
-here because the edge installs without the server and may not import it.
+The provider set-up is the server's too (`tokenwire.common.tracing`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import structlog
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.datastructures import Headers
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tokenwire.common.tracing import ProcessTracing
 
 SERVICE_NAME = "tokenwire-edge"
 TRACED_PREFIX = "/v1/"
@@ -36,46 +35,11 @@ _W3C = TraceContextTextMapPropagator()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Tracing:
-    """A tracer provider of this edge's own (never the process-global one) and its exporter."""
+class Tracing(ProcessTracing):
+    """The edge's own tracer provider and exporter."""
 
-    provider: TracerProvider
-    exporter: SpanExporter | None = None
-
-    @classmethod
-    def from_endpoint(cls, endpoint: str) -> Tracing:
-        """OTLP/gRPC export to endpoint (batched, off the request path); none when empty.
-
-        The exporter also reads the standard OTEL_EXPORTER_OTLP_* variables (headers,
-        certificates, timeout) and the provider OTEL_TRACES_SAMPLER."""
-        provider = TracerProvider(resource=_resource(), shutdown_on_exit=bool(endpoint))
-        if not endpoint:
-            return cls(provider)
-        # Imported here: an edge without an endpoint never loads the exporter's modules.
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        exporter = OTLPSpanExporter(endpoint=endpoint)
-        provider.add_span_processor(BatchSpanProcessor(exporter))
-        return cls(provider, exporter)
-
-    @classmethod
-    def to(cls, exporter: SpanExporter) -> Tracing:
-        """Each span handed to exporter as it ends (tests: the SDK's InMemorySpanExporter)."""
-        provider = TracerProvider(resource=_resource(), shutdown_on_exit=False)
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-        return cls(provider, exporter)
-
-    @property
-    def tracer(self) -> trace.Tracer:
-        return self.provider.get_tracer("tokenwire.edge")
-
-    def shutdown(self) -> None:
-        """Export what is still batched and stop the exporter."""
-        self.provider.shutdown()
-
-
-def _resource() -> Resource:
-    return Resource.create({"service.name": SERVICE_NAME})
+    service: ClassVar[str] = SERVICE_NAME
+    scope: ClassVar[str] = "tokenwire.edge"
 
 
 def upstream_metadata() -> tuple[tuple[str, str], ...]:

@@ -15,15 +15,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterable
+from typing import ClassVar
 
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
+from tokenwire.common.tracing import ProcessTracing
 from tokenwire.server.domain import GenerationRequest, UsageEvent
 
 SERVICE_NAME = "tokenwire-server"
@@ -35,49 +34,11 @@ _W3C = TraceContextTextMapPropagator()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Tracing:
-    """A tracer provider of this server's own (never the process-global one) and its exporter."""
+class Tracing(ProcessTracing):
+    """The server's own tracer provider and exporter."""
 
-    provider: TracerProvider
-    exporter: SpanExporter | None = None
-
-    @classmethod
-    def from_endpoint(cls, endpoint: str, version: str = "") -> Tracing:
-        """OTLP/gRPC export to endpoint (batched, off the request path); none when empty.
-
-        The exporter also reads the standard OTEL_EXPORTER_OTLP_* variables (headers,
-        certificates, timeout) and the provider OTEL_TRACES_SAMPLER."""
-        provider = TracerProvider(resource=_resource(version), shutdown_on_exit=bool(endpoint))
-        if not endpoint:
-            return cls(provider)
-        # Imported here: a server without an endpoint never loads the exporter's modules.
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        exporter = OTLPSpanExporter(endpoint=endpoint)
-        provider.add_span_processor(BatchSpanProcessor(exporter))
-        return cls(provider, exporter)
-
-    @classmethod
-    def to(cls, exporter: SpanExporter, version: str = "") -> Tracing:
-        """Each span handed to exporter as it ends (tests: the SDK's InMemorySpanExporter)."""
-        provider = TracerProvider(resource=_resource(version), shutdown_on_exit=False)
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-        return cls(provider, exporter)
-
-    @property
-    def tracer(self) -> trace.Tracer:
-        return self.provider.get_tracer("tokenwire.server")
-
-    def shutdown(self) -> None:
-        """Export what is still batched and stop the exporter."""
-        self.provider.shutdown()
-
-
-def _resource(version: str) -> Resource:
-    attributes: dict[str, str] = {"service.name": SERVICE_NAME}
-    if version:
-        attributes["service.version"] = version
-    return Resource.create(attributes)
+    service: ClassVar[str] = SERVICE_NAME
+    scope: ClassVar[str] = "tokenwire.server"
 
 
 class GenerateSpan:
