@@ -13,6 +13,7 @@ import pytest
 
 from tokenwire.server.config import BUNDLED_MODEL_DIR
 from tokenwire.server.engine import ModelLoadError, ModelSpec, OnnxCausalLM
+from tokenwire.server.engine.model import cuda_device_present
 
 
 def _copy_with_config(tmp_path: Path, **changes: Any) -> Path:
@@ -126,3 +127,12 @@ def test_falcon_multi_query_wins_over_its_kv_head_count(tmp_path: Path) -> None:
         tmp_path, multi_query=True, new_decoder_architecture=False, num_kv_heads=4
     )
     assert ModelSpec.from_dir(model_dir).num_kv_heads == 1
+
+
+@pytest.mark.skipif(cuda_device_present(), reason="a GPU is present: CUDA may really be usable")
+def test_asking_for_cuda_without_a_usable_gpu_is_refused() -> None:
+    """provider=cuda on a machine where ONNX Runtime cannot use CUDA is a load error naming the
+    provider, not a silent run on the CPU (provider=auto is the one that falls back)."""
+    with pytest.raises(ModelLoadError, match="provider cuda was asked for"):
+        OnnxCausalLM(BUNDLED_MODEL_DIR, provider="cuda")
+    assert OnnxCausalLM(BUNDLED_MODEL_DIR, provider="auto").provider == "CPUExecutionProvider"

@@ -112,6 +112,14 @@ class OnnxCausalLM:
             onnx_path, provider, (intra_op_threads, inter_op_threads), spinning, profile_prefix
         )
         self.provider: str = self.session.get_providers()[0]
+        if provider == "cuda" and self.provider != CUDA:
+            # onnxruntime-gpu lists CUDA even where its libraries are missing and then runs on
+            # the CPU: asked for CUDA explicitly, that must not pass unnoticed.
+            raise ModelLoadError(
+                f"provider cuda was asked for, but ONNX Runtime {ort.__version__} could not use "
+                "CUDAExecutionProvider here (no GPU, or its CUDA 13 / cuDNN 9 libraries are not "
+                "found); use provider auto or cpu to run on the CPU"
+            )
         self.device = _DEVICES.get(self.provider, "cpu")
         self._device_cache = self.provider != CPU if device_cache is None else device_cache
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
