@@ -31,7 +31,8 @@ class Settings:
     )
     provider: Provider = setting(
         "auto",
-        "`auto` (CUDA when a GPU and its provider are usable, else CPU), `cpu`, or `cuda` (no start without it)",
+        "`auto` (CUDA when a GPU and its provider are usable, else CPU), `cpu`, "
+        "or `cuda` (no start without it)",
     )
     intra_op_threads: int = setting(0, "ONNX Runtime intra-op threads (0 = one per core)")
     inter_op_threads: int = setting(1, "ONNX Runtime inter-op threads (0 = auto)")
