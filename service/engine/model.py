@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from tokenwire.server.engine.graph import CacheLayout, check_vocab, read_layout
 from tokenwire.server.engine.kv_cache import BatchKvCache
+from tokenwire.server.engine.logits import LogitsWidener, widens
 from tokenwire.server.engine.padding import FP16_TOLERANCE, FP32_TOLERANCE, Padding, probe_padding
 from tokenwire.server.engine.slot_buffer import (
     BoundTensor,
@@ -137,6 +138,8 @@ class OnnxCausalLM:
         self._axes = tuple(t.seq_axis for t in self.layout.tensors)
         self._shapes = [t.shape for t in self.layout.tensors]
         self._binding = self.session.io_binding()
+        logits_type = next(o.type for o in outputs if o.name == "logits")
+        self._widen = LogitsWidener(self.session.get_providers()) if widens(logits_type) else None
         self._bound_regions: tuple[object, ...] = ()
         tolerance = FP16_TOLERANCE if self.layout.dtype is np.float16 else FP32_TOLERANCE
         self.padding: Padding = probe_padding(self, tolerance)
@@ -203,7 +206,7 @@ class OnnxCausalLM:
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
             # Outputs come back in binding order: the logits stay first.
-            binding.bind_output("logits", "cpu")
+            binding.bind_output("logits", self._logits_device)
             dtype = self.layout.dtype
             for tensor, view in zip(self.layout.tensors, regions, strict=True):
                 if not isinstance(view, BoundTensor):
@@ -214,11 +217,17 @@ class OnnxCausalLM:
             self._bound_regions = regions
         for name, value in feed.items():
             binding.bind_cpu_input(name, value)
-        binding.bind_output("logits", "cpu")
+        binding.bind_output("logits", self._logits_device)
         if before_run is not None:
             before_run()
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
+        logits = binding.get_outputs()[0]
+        return logits.numpy() if self._widen is None else self._widen.to_host(logits)
+
+    @property
+    def _logits_device(self) -> str:
+        """fp16 logits stay where they were computed until they are widened."""
+        return "cpu" if self._widen is None else self.device
 
 
 def _session(
