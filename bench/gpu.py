@@ -195,17 +195,26 @@ def genai_generate(
 
 
 def engine_rows(model_dir: Path, reference: Reference) -> list[dict[str, Any]]:
-    """The engine alone, in this process: device cache, then the copying cache."""
+    """The engine alone, in this process: device cache; the same with prompts prefilled apart
+    and copied into their slots (the layout before in-place prefill, for comparison); the
+    copying cache."""
     from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
+    from tokenwire.server.engine.batch import Placement
     from tokenwire.server.tokenizer import Tokenizer
 
     rows = []
-    for device_cache in (True, False):
+    in_place_prefill = Placement.slot_prefill
+    for device_cache, prefill_in_slots in ((True, True), (True, False), (False, True)):
         model = OnnxCausalLM(model_dir, provider=PROVIDER["name"], device_cache=device_cache)
         engine = Engine(model, Tokenizer.from_dir(model_dir), EngineConfig(max_batch_size=32))
+        # Patched for this comparison only: no free slots offered, so prompts are prefilled in
+        # their own cache and copied in.
+        Placement.slot_prefill = in_place_prefill if prefill_in_slots else lambda *_: None  # type: ignore[method-assign]
         engine.warm_up()
         engine.start()
         where = "copying" if not engine.kv_in_place else "device" if device_cache else "host"
+        if not prefill_in_slots:
+            where += "-prefill-copied"
         facts = {
             "provider": model.provider,
             "kv_in_place": engine.kv_in_place,
@@ -226,11 +235,12 @@ def engine_rows(model_dir: Path, reference: Reference) -> list[dict[str, Any]]:
                     }
                 )
                 say(rows[-1])
-            if device_cache:
+            if device_cache and prefill_in_slots:
                 rows.append(asyncio.run(correctness(engine, reference)))
                 print(f"  correctness: {rows[-1]}", flush=True)
         finally:
             engine.shutdown()
+            Placement.slot_prefill = in_place_prefill  # type: ignore[method-assign]
     return rows
 
 

@@ -192,7 +192,11 @@ def gpu_label(row: dict[str, Any]) -> str:
     if row["system"] == "ort-genai":
         graph = "CUDA graph" if row.get("knobs", {}).get("enable_cuda_graph") else "no CUDA graph"
         return f"ort-genai static batch {row['concurrency']} ({graph})"
-    cache = {"device": "cache on device", "copying": "cache copied per step"}[row["cache"]]
+    cache = {
+        "device": "cache on device",
+        "device-prefill-copied": "cache on device, prompts prefilled apart and copied in",
+        "copying": "cache copied per step",
+    }[row["cache"]]
     streams = f"{row['concurrency']} stream{'s' if row['concurrency'] > 1 else ''}"
     return f"tokenwire {row['transport']} {streams} ({row['arrival']}, {cache})"
 
