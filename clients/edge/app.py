@@ -17,6 +17,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tokenwire.edge import native, openai_api
+from tokenwire.edge.accounting import accounted
 from tokenwire.edge.context import EdgeContext
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.guards import (
@@ -25,26 +26,22 @@ from tokenwire.edge.guards import (
     DrainMiddleware,
     JsonOnlyMiddleware,
 )
-from tokenwire.edge.metrics import EdgeMetrics
+from tokenwire.edge.metrics import EdgeMetrics, RouteName
+from tokenwire.edge.native_format import native_event
 from tokenwire.edge.settings import EdgeSettings
 from tokenwire.edge.store import resume_store
 from tokenwire.edge.tracing import Tracing, TracingMiddleware
 from tokenwire.edge.upstream import Upstream
 
 STATIC = Path(__file__).parent / "static"
-REJECTED = frozenset({400, 409, 413, 415, 429, 503})
+NATIVE, COMPLETIONS, CHAT = RouteName.NATIVE, RouteName.COMPLETIONS, RouteName.CHAT
 
 
 async def _edge_error(request: Request, exc: Exception) -> Response:
+    """An EdgeError as the route's JSON error (an accounted route has counted it already)."""
     assert isinstance(exc, EdgeError)
-    ctx = EdgeContext.of(request)
-    path = request.url.path
-    route = (
-        "native" if path.startswith("/v1/generate") else "chat" if "chat" in path else "completions"
-    )
-    if exc.status in REJECTED or exc.openai_code == "model_not_found":
-        ctx.outcome(route, "rejected")
-    return JSONResponse(exc.body_for(path), status_code=exc.status, headers=exc.headers())
+    body = exc.body_for(request.url.path)
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers())
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -99,12 +96,7 @@ def create_app(
     ctx = EdgeContext(
         settings=settings,
         upstream=upstream,
-        streams=resume_store(
-            settings,
-            upstream,
-            native.native_event,
-            on_outcome=lambda outcome: edge_metrics.streams.labels("native", outcome).inc(),
-        ),
+        streams=resume_store(settings, upstream, native_event),
         metrics=edge_metrics,
     )
 
@@ -140,11 +132,17 @@ def create_app(
         Route("/", page),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
-        Route("/v1/generate", native.generate, methods=["GET", "POST"]),
-        Route("/v1/generate/{request_id}/events", native.resume, methods=["GET"]),
-        Route("/v1/generate/{request_id}/cancel", native.cancel, methods=["POST"]),
-        Route("/v1/completions", openai_api.completions, methods=["POST"]),
-        Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
+        Route("/v1/generate", accounted(NATIVE, native.generate), methods=["GET", "POST"]),
+        Route(
+            "/v1/generate/{request_id}/events", accounted(NATIVE, native.resume), methods=["GET"]
+        ),
+        Route(
+            "/v1/generate/{request_id}/cancel", accounted(NATIVE, native.cancel), methods=["POST"]
+        ),
+        Route("/v1/completions", accounted(COMPLETIONS, openai_api.completions), methods=["POST"]),
+        Route(
+            "/v1/chat/completions", accounted(CHAT, openai_api.chat_completions), methods=["POST"]
+        ),
         Route("/v1/models", openai_api.models, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
