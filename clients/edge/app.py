@@ -13,7 +13,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tokenwire.edge import native, openai_api
@@ -87,29 +87,9 @@ async def metrics(request: Request) -> Response:
     return PlainTextResponse(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def create_app(
-    settings: EdgeSettings, upstream: Upstream | None = None, tracing: Tracing | None = None
-) -> Starlette:
-    edge_metrics = EdgeMetrics()
-    traces = tracing or Tracing.from_endpoint(settings.otlp_endpoint)
-    upstream = upstream or Upstream.from_settings(settings)
-    ctx = EdgeContext(
-        settings=settings,
-        upstream=upstream,
-        streams=resume_store(settings, upstream, native_event),
-        metrics=edge_metrics,
-    )
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await ctx.upstream.connect(limit_s=1.0)
-        yield
-        await ctx.streams.close()
-        await ctx.upstream.close()
-        traces.shutdown()
-
-    # Outermost first: CORS answers preflights, the drain gate counts and refuses, then keys,
-    # then where the request comes from and its content type.
+def _middleware(settings: EdgeSettings, ctx: EdgeContext, traces: Tracing) -> list[Middleware]:
+    """Outermost first: CORS answers preflights, the drain gate counts and refuses, then keys,
+    then where the request comes from and its content type."""
     middleware = []
     if settings.cors_origins:
         middleware.append(
@@ -128,7 +108,12 @@ def create_app(
         middleware.append(Middleware(ApiKeyMiddleware, keys=settings.api_keys))
     middleware.append(Middleware(CrossSiteMiddleware, origins=settings.cors_origins))
     middleware.append(Middleware(JsonOnlyMiddleware))
-    routes = [
+    return middleware
+
+
+def _routes(settings: EdgeSettings) -> list[BaseRoute]:
+    """The API routes that start or follow generations are accounted under their route name."""
+    routes: list[BaseRoute] = [
         Route("/", page),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
@@ -148,9 +133,32 @@ def create_app(
     ]
     if settings.metrics:
         routes.append(Route("/metrics", metrics))
+    return routes
+
+
+def create_app(
+    settings: EdgeSettings, upstream: Upstream | None = None, tracing: Tracing | None = None
+) -> Starlette:
+    traces = tracing or Tracing.from_endpoint(settings.otlp_endpoint)
+    upstream = upstream or Upstream.from_settings(settings)
+    ctx = EdgeContext(
+        settings=settings,
+        upstream=upstream,
+        streams=resume_store(settings, upstream, native_event),
+        metrics=EdgeMetrics(),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await ctx.upstream.connect(limit_s=1.0)
+        yield
+        await ctx.streams.close()
+        await ctx.upstream.close()
+        traces.shutdown()
+
     app = Starlette(
-        routes=routes,
-        middleware=middleware,
+        routes=_routes(settings),
+        middleware=_middleware(settings, ctx, traces),
         lifespan=lifespan,
         exception_handlers={EdgeError: _edge_error, HTTPException: _http_error},
     )
