@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
+from google.rpc import error_details_pb2, status_pb2
+
+# Where a server puts its google.rpc.Status (grpc_status's GRPC_DETAILS_METADATA_KEY).
+DETAILS_KEY = "grpc-status-details-bin"
+Trailers = Iterable[Any]
+"""A call's trailing metadata: (key, value) pairs (grpc's sync and aio types for it differ)."""
 
 
 class TokenwireError(Exception):
@@ -65,20 +72,37 @@ _BY_CODE: dict[grpc.StatusCode, type[TokenwireError]] = {
 
 def from_rpc_error(error: grpc.RpcError) -> TokenwireError:
     """Translate a grpc error (sync or aio) into the matching TokenwireError."""
-    code: grpc.StatusCode = error.code()
-    message = str(error.details() or "")
-    field, retry_after = _rich_details(error)
+    return from_status(error.code(), str(error.details() or ""), error.trailing_metadata())
+
+
+def from_status(code: grpc.StatusCode, message: str, trailers: Trailers | None) -> TokenwireError:
+    """The TokenwireError of a call's final status: its code, message and trailing metadata
+    (a call refused before its headers gives these without raising an RpcError)."""
+    field, retry_after = _rich_details(code, message, trailers or ())
     cls = _BY_CODE.get(code, ServerError)
     return cls(code, message, field=field, retry_after_s=retry_after)
 
 
-def _rich_details(error: grpc.RpcError) -> tuple[str | None, float | None]:
+def _rich_status(
+    code: grpc.StatusCode, message: str, trailers: Trailers
+) -> status_pb2.Status | None:
+    """The google.rpc.Status in the trailers, when it agrees with the call's code and message
+    (grpc_status.rpc_status.from_call's rule, read from the trailers themselves)."""
+    for key, value in trailers:
+        if key == DETAILS_KEY and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            if status.code == code.value[0] and status.message == message:
+                return status
+            return None
+    return None
+
+
+def _rich_details(
+    code: grpc.StatusCode, message: str, trailers: Trailers
+) -> tuple[str | None, float | None]:
     field: str | None = None
     retry_after: float | None = None
-    try:
-        status = rpc_status.from_call(error)
-    except (ValueError, AttributeError):
-        status = None
+    status = _rich_status(code, message, trailers)
     for detail in status.details if status is not None else ():
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()

@@ -13,10 +13,11 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tokenwire.edge import native, openai_api
+from tokenwire.edge.accounting import accounted
 from tokenwire.edge.context import EdgeContext
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.guards import (
@@ -25,26 +26,22 @@ from tokenwire.edge.guards import (
     DrainMiddleware,
     JsonOnlyMiddleware,
 )
-from tokenwire.edge.metrics import EdgeMetrics
+from tokenwire.edge.metrics import EdgeMetrics, RouteName
+from tokenwire.edge.native_format import native_event
 from tokenwire.edge.settings import EdgeSettings
 from tokenwire.edge.store import resume_store
 from tokenwire.edge.tracing import Tracing, TracingMiddleware
 from tokenwire.edge.upstream import Upstream
 
 STATIC = Path(__file__).parent / "static"
-REJECTED = frozenset({400, 409, 413, 415, 429, 503})
+NATIVE, COMPLETIONS, CHAT = RouteName.NATIVE, RouteName.COMPLETIONS, RouteName.CHAT
 
 
 async def _edge_error(request: Request, exc: Exception) -> Response:
+    """An EdgeError as the route's JSON error (an accounted route has counted it already)."""
     assert isinstance(exc, EdgeError)
-    ctx = EdgeContext.of(request)
-    path = request.url.path
-    route = (
-        "native" if path.startswith("/v1/generate") else "chat" if "chat" in path else "completions"
-    )
-    if exc.status in REJECTED or exc.openai_code == "model_not_found":
-        ctx.outcome(route, "rejected")
-    return JSONResponse(exc.body_for(path), status_code=exc.status, headers=exc.headers())
+    body = exc.body_for(request.url.path)
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers())
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -90,34 +87,9 @@ async def metrics(request: Request) -> Response:
     return PlainTextResponse(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def create_app(
-    settings: EdgeSettings, upstream: Upstream | None = None, tracing: Tracing | None = None
-) -> Starlette:
-    edge_metrics = EdgeMetrics()
-    traces = tracing or Tracing.from_endpoint(settings.otlp_endpoint)
-    upstream = upstream or Upstream.from_settings(settings)
-    ctx = EdgeContext(
-        settings=settings,
-        upstream=upstream,
-        streams=resume_store(
-            settings,
-            upstream,
-            native.native_event,
-            on_outcome=lambda outcome: edge_metrics.streams.labels("native", outcome).inc(),
-        ),
-        metrics=edge_metrics,
-    )
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await ctx.upstream.connect(limit_s=1.0)
-        yield
-        await ctx.streams.close()
-        await ctx.upstream.close()
-        traces.shutdown()
-
-    # Outermost first: CORS answers preflights, the drain gate counts and refuses, then keys,
-    # then where the request comes from and its content type.
+def _middleware(settings: EdgeSettings, ctx: EdgeContext, traces: Tracing) -> list[Middleware]:
+    """Outermost first: CORS answers preflights, the drain gate counts and refuses, then keys,
+    then where the request comes from and its content type."""
     middleware = []
     if settings.cors_origins:
         middleware.append(
@@ -136,23 +108,57 @@ def create_app(
         middleware.append(Middleware(ApiKeyMiddleware, keys=settings.api_keys))
     middleware.append(Middleware(CrossSiteMiddleware, origins=settings.cors_origins))
     middleware.append(Middleware(JsonOnlyMiddleware))
-    routes = [
+    return middleware
+
+
+def _routes(settings: EdgeSettings) -> list[BaseRoute]:
+    """The API routes that start or follow generations are accounted under their route name."""
+    routes: list[BaseRoute] = [
         Route("/", page),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
-        Route("/v1/generate", native.generate, methods=["GET", "POST"]),
-        Route("/v1/generate/{request_id}/events", native.resume, methods=["GET"]),
-        Route("/v1/generate/{request_id}/cancel", native.cancel, methods=["POST"]),
-        Route("/v1/completions", openai_api.completions, methods=["POST"]),
-        Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
+        Route("/v1/generate", accounted(NATIVE, native.generate), methods=["GET", "POST"]),
+        Route(
+            "/v1/generate/{request_id}/events", accounted(NATIVE, native.resume), methods=["GET"]
+        ),
+        Route(
+            "/v1/generate/{request_id}/cancel", accounted(NATIVE, native.cancel), methods=["POST"]
+        ),
+        Route("/v1/completions", accounted(COMPLETIONS, openai_api.completions), methods=["POST"]),
+        Route(
+            "/v1/chat/completions", accounted(CHAT, openai_api.chat_completions), methods=["POST"]
+        ),
         Route("/v1/models", openai_api.models, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     if settings.metrics:
         routes.append(Route("/metrics", metrics))
+    return routes
+
+
+def create_app(
+    settings: EdgeSettings, upstream: Upstream | None = None, tracing: Tracing | None = None
+) -> Starlette:
+    traces = tracing or Tracing.from_endpoint(settings.otlp_endpoint)
+    upstream = upstream or Upstream.from_settings(settings)
+    ctx = EdgeContext(
+        settings=settings,
+        upstream=upstream,
+        streams=resume_store(settings, upstream, native_event),
+        metrics=EdgeMetrics(),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await ctx.upstream.connect(limit_s=1.0)
+        yield
+        await ctx.streams.close()
+        await ctx.upstream.close()
+        traces.shutdown()
+
     app = Starlette(
-        routes=routes,
-        middleware=middleware,
+        routes=_routes(settings),
+        middleware=_middleware(settings, ctx, traces),
         lifespan=lifespan,
         exception_handlers={EdgeError: _edge_error, HTTPException: _http_error},
     )

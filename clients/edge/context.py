@@ -13,7 +13,6 @@ from tokenwire.edge.guards import Drain
 from tokenwire.edge.metrics import EdgeMetrics
 from tokenwire.edge.settings import EdgeSettings
 from tokenwire.edge.store import ResumeStore
-from tokenwire.edge.tracing import stream_failed
 from tokenwire.edge.upstream import Upstream
 
 MAX_REQUEST_ID = 128
@@ -37,14 +36,6 @@ class EdgeContext:
         ctx = request.app.state.ctx
         assert isinstance(ctx, EdgeContext)
         return ctx
-
-    def outcome(self, route: str, outcome: str) -> None:
-        self.metrics.streams.labels(route=route, outcome=outcome).inc()
-        if outcome == "upstream_error":
-            stream_failed(outcome)
-
-    def observe_ttft(self, route: str, seconds: float) -> None:
-        self.metrics.ttft.labels(route=route).observe(seconds)
 
 
 def request_id_of(request: Request, field: str = "") -> str:

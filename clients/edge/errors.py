@@ -1,4 +1,5 @@
-"""gRPC status -> HTTP status and error bodies, for native and OpenAI-style routes."""
+"""The edge's errors: one conversion from the client's errors (gRPC status) to an HTTP status
+and code (`edge_error`), and the error bodies of native and OpenAI-style routes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from tokenwire.client.errors import from_rpc_error
+from tokenwire.client.errors import TokenwireError
 
 HTTP_BY_GRPC: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -83,16 +84,6 @@ class EdgeError(Exception):
             400, "INVALID_ARGUMENT", f"{field}: {reason}", param=field, openai_code=openai_code
         )
 
-    @classmethod
-    def from_rpc(cls, error: grpc.RpcError) -> EdgeError:
-        typed = from_rpc_error(error)
-        status = HTTP_BY_GRPC.get(typed.code, 502 if typed.code == grpc.StatusCode.UNKNOWN else 500)
-        retry = typed.retry_after_s
-        if retry is None and status == 429:
-            retry = 1.0
-        field, message = _http_field(typed.field, typed.message)
-        return cls(status, typed.code.name, message, param=field, retry_after_s=retry)
-
     def headers(self) -> dict[str, str]:
         if self.retry_after_s is None:
             return {}
@@ -134,3 +125,14 @@ class EdgeError(Exception):
             openai_code=self.openai_code,
             openai_type=self.openai_type,
         )
+
+
+def edge_error(error: TokenwireError) -> EdgeError:
+    """The EdgeError of a failed upstream call, whichever route and format reports it: HTTP
+    status by gRPC status, the field in the HTTP API's name, a Retry-After on every 429."""
+    status = HTTP_BY_GRPC.get(error.code, 502 if error.code == grpc.StatusCode.UNKNOWN else 500)
+    retry = error.retry_after_s
+    if retry is None and status == 429:
+        retry = 1.0
+    field, message = _http_field(error.field, error.message)
+    return EdgeError(status, error.code.name, message, param=field, retry_after_s=retry)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 TTFT_BUCKETS = (
@@ -23,8 +25,24 @@ TTFT_BUCKETS = (
     7.5,
     10.0,
 )
-ROUTES = ("native", "completions", "chat")
-OUTCOMES = ("completed", "client_disconnected", "resumed", "upstream_error", "rejected")
+
+
+class RouteName(enum.StrEnum):
+    """The `route` label: which API a request speaks."""
+
+    NATIVE = "native"
+    COMPLETIONS = "completions"
+    CHAT = "chat"
+
+
+class Outcome(enum.StrEnum):
+    """The `outcome` label."""
+
+    COMPLETED = "completed"
+    CLIENT_DISCONNECTED = "client_disconnected"
+    RESUMED = "resumed"
+    UPSTREAM_ERROR = "upstream_error"
+    REJECTED = "rejected"
 
 
 class EdgeMetrics:
@@ -48,6 +66,6 @@ class EdgeMetrics:
         self.buffer_bytes = Gauge(
             "tokenwire_edge_resume_buffer_bytes", "Bytes held in resume buffers.", registry=r
         )
-        for route in ROUTES:
-            for outcome in OUTCOMES:
+        for route in RouteName:
+            for outcome in Outcome:
                 self.streams.labels(route=route, outcome=outcome)

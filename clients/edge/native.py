@@ -1,31 +1,25 @@
 """Native SSE API: /v1/generate (POST and EventSource GET), resume, cancel.
 
-Events: `token` {text, id, index, logprob?}, `usage` {...}, `done` {finish_reason,
-stop_sequence}, `error` {code, status, message}. Every event has `id: <request_id>:<seq>`.
+The stream goes through the edge pipeline (tokenwire.edge.pipeline) and is kept in the resume
+store in the native format (tokenwire.edge.native_format); every reader, the first one and each
+resume, relays it from there.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator
-from typing import Any
-
-import structlog
-from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from tokenwire.client.client import Completion, GenerateOptions, Token, Usage, event_from_pb
+from tokenwire.client.client import GenerateOptions
+from tokenwire.edge.accounting import Account
 from tokenwire.edge.body import Fields, read_json
 from tokenwire.edge.context import EdgeContext, request_id_of
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.guards import principal_of
+from tokenwire.edge.native_format import native_frames
+from tokenwire.edge.pipeline import open_generations, relay, sse_response
 from tokenwire.edge.resumable import parse_event_id
 from tokenwire.edge.store import StoredStream
-from tokenwire.v1 import generate_pb2 as pb
-
-log = structlog.get_logger("tokenwire.edge")
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def options_from(fields: Fields, request_id: str) -> GenerateOptions:
@@ -43,81 +37,34 @@ def options_from(fields: Fields, request_id: str) -> GenerateOptions:
     )
 
 
-def native_event(message: pb.GenerateResponse) -> tuple[str, dict[str, Any]]:
-    event = event_from_pb(message)
-    if isinstance(event, Token):
-        data: dict[str, Any] = {"text": event.text, "id": event.id, "index": event.index}
-        if event.logprob is not None:
-            data["logprob"] = event.logprob
-        return "token", data
-    if isinstance(event, Usage):
-        return "usage", {
-            "prompt_tokens": event.prompt_tokens,
-            "completion_tokens": event.completion_tokens,
-            "total_tokens": event.total_tokens,
-            "queue_time_ms": event.queue_time_ms,
-            "time_to_first_token_ms": event.time_to_first_token_ms,
-            "decode_time_ms": event.decode_time_ms,
-            "total_time_ms": event.total_time_ms,
-            "request_id": event.request_id,
-        }
-    assert isinstance(event, Completion)
-    return "done", {"finish_reason": event.finish_reason, "stop_sequence": event.stop_sequence}
-
-
-def _sse(stream: StoredStream, after: int, ctx: EdgeContext, route: str) -> Response:
-    started = time.perf_counter()
-
-    async def events() -> AsyncIterator[ServerSentEvent]:
-        first, sent, outcome = True, 0, "client_disconnected"
-        ctx.metrics.active.inc()
-        try:
-            async for event in stream.follow(after):
-                if first and event.name == "token" and after == 0:
-                    ctx.observe_ttft(route, time.perf_counter() - started)
-                first = False
-                sent += 1
-                # seq 0: an event this edge made up (the store failed), which no resume can name.
-                event_id = f"{stream.request_id}:{event.seq}" if event.seq else None
-                yield ServerSentEvent(event.data, event=event.name, id=event_id)
-                if event.name in {"done", "error"}:
-                    outcome = "completed" if event.name == "done" else "upstream_error"
-                    ctx.outcome(route, outcome)
-        finally:
-            ctx.metrics.active.dec()
-            log.info(
-                "edge.stream",
-                request_id=stream.request_id,
-                route=route,
-                resumed_after=after,
-                events=sent,
-                outcome=outcome,
-                duration_ms=round((time.perf_counter() - started) * 1000, 3),
-            )
-
-    headers = {**SSE_HEADERS, "X-Request-ID": stream.request_id}
-    return EventSourceResponse(events(), headers=headers, ping=ctx.settings.ping_s)
+def _sse(request: Request, stream: StoredStream, after: int) -> Response:
+    ctx = EdgeContext.of(request)
+    fields = {"request_id": stream.request_id, "resumed_after": after}
+    events = relay(
+        Account.of(request), native_frames(stream, after), timed=after == 0, log_fields=fields
+    )
+    return sse_response(events, stream.request_id, ctx.settings.ping_s)
 
 
 async def _resume(request: Request, ctx: EdgeContext, last_event_id: str) -> Response:
     request_id, seq = parse_event_id(last_event_id)
     stream = await ctx.streams.get(request_id, principal_of(request.scope))
     if stream.followers == 0:
-        ctx.outcome("native", "resumed")
-    return _sse(stream, seq, ctx, "native")
+        Account.of(request).resumed()
+    return _sse(request, stream, seq)
 
 
 async def _start(request: Request, ctx: EdgeContext, fields: Fields) -> Response:
     prompt = fields.string("prompt")
     request_id = request_id_of(request, fields.string("request_id"))
-    message = options_from(fields, request_id).to_pb(prompt)
+    options = options_from(fields, request_id)
     await ctx.streams.claim(request_id)
     try:
-        upstream = await ctx.upstream.open(message, request_id)
+        [upstream] = await open_generations(ctx.upstream, prompt, [options])
         stream = await ctx.streams.open(upstream, request_id, principal_of(request.scope))
     finally:
         await ctx.streams.release(request_id)
-    return _sse(stream, 0, ctx, "native")
+    return _sse(request, stream, 0)
 
 
 def _last_event_id(request: Request) -> str | None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from redis.exceptions import RedisError
 
+from tokenwire.client.client import Completion
 from tokenwire.edge import redis_keys as rk
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.redis_keys import Keys
@@ -76,19 +77,19 @@ class Generation:
     async def _read(self) -> None:
         try:
             self._upstream = await self._opener()
-            async for message in self._upstream.messages():
-                name, data = self.store.convert(message)
+            async for event in self._upstream.events():
+                name, data = self.store.encode(event)
                 if name == "usage" and self._skip_usage:
                     continue  # the dead edge stored it already; only `done` was missing
                 self._queue.put_nowait((name, data))
                 if name in rk.TERMINAL:
                     return
         except EdgeError as error:
-            self._queue.put_nowait(("error", error.native_body()["error"]))
+            self._queue.put_nowait(self.store.encode(error))
         except Exception:
             log.exception("edge.stream_failed", request_id=self.request_id)
             failed = EdgeError(500, "INTERNAL", "the edge failed to relay the stream")
-            self._queue.put_nowait(("error", failed.native_body()["error"]))
+            self._queue.put_nowait(self.store.encode(failed))
         finally:
             # However the reading ended (a call cancelled under it included), the writer ends
             # the stream: after a terminal event this mark is never read.
@@ -99,7 +100,7 @@ class Generation:
             while True:
                 name, data = await self._queue.get()
                 if (name, data) == UNFINISHED:
-                    name, data = "error", UNFINISHED_ERROR.native_body()["error"]
+                    name, data = self.store.encode(UNFINISHED_ERROR)
                 verdict = await self._append(name, data)
                 if verdict == rk.LOST:
                     log.info("edge.stream_lease_lost", request_id=self.request_id)
@@ -187,7 +188,7 @@ class Generation:
         self._reader.cancel()
         if self._upstream is not None:
             self._upstream.cancel()
-        self._queue.put_nowait(("done", {"finish_reason": "cancelled", "stop_sequence": ""}))
+        self._queue.put_nowait(self.store.encode(Completion("cancelled")))
 
     def stop(self) -> None:
         """Stop generating without a last event (the lease is lost, or the edge closes)."""

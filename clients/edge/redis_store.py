@@ -18,7 +18,7 @@ import json
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine
 from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
@@ -32,8 +32,7 @@ from tokenwire.edge.redis_generation import Generation, Opener, quietly, store_e
 from tokenwire.edge.redis_keys import Keys
 from tokenwire.edge.resumable import (
     BufferedEvent,
-    Convert,
-    Outcome,
+    Encode,
     expired_stream,
     id_taken,
     unknown_stream,
@@ -63,8 +62,7 @@ class RedisStreams:
         self,
         settings: EdgeSettings,
         upstream: Upstream,
-        convert: Convert,
-        on_outcome: Outcome | None = None,
+        encode: Encode,
     ) -> None:
         self.window_s = settings.resume_window_s
         self.lease_s = settings.resume_lease_s
@@ -73,7 +71,7 @@ class RedisStreams:
         self.done_ttl_ms = max(MIN_DONE_MS, round(settings.resume_window_s * 1000))
         self.stream_bytes = settings.resume_stream_bytes
         self.total_bytes = settings.resume_total_bytes
-        self.convert = convert
+        self.encode = encode
         self.upstream = upstream
         self.edge = uuid.uuid4().hex
         """This edge's name in the leases it holds."""
@@ -84,7 +82,6 @@ class RedisStreams:
             settings.resume_store, max_connections=MAX_CONNECTIONS, protocol=2
         )
         self.scripts = {name: self.client.register_script(getattr(rk, name)) for name in SCRIPTS}
-        self.on_outcome = on_outcome or (lambda outcome: None)
         self.followers: collections.Counter[str] = collections.Counter()
         self._generations: dict[str, Generation] = {}
         self._claimed: set[str] = set()
@@ -257,9 +254,10 @@ def _event(entry: tuple[bytes, dict[bytes, bytes]]) -> BufferedEvent:
     return BufferedEvent(seq, name, entry[1][b"d"].decode())
 
 
-def _made_up(error: EdgeError) -> BufferedEvent:
+def _made_up(store: RedisStreams, error: EdgeError) -> BufferedEvent:
     """An error event this edge tells its reader, not stored (seq 0: it has no id)."""
-    return BufferedEvent(0, "error", json.dumps(error.native_body()["error"]))
+    name, data = store.encode(error)
+    return BufferedEvent(0, name, json.dumps(data))
 
 
 class RedisStream:
@@ -274,21 +272,17 @@ class RedisStream:
     def followers(self) -> int:
         return self.store.followers[self.request_id]
 
-    async def follow(self, after_seq: int) -> AsyncIterator[BufferedEvent]:
+    async def follow(self, after_seq: int) -> AsyncGenerator[BufferedEvent, None]:
         store = self.store
         member = f"{store.edge}:{uuid.uuid4().hex}"
         store.followers[self.request_id] += 1
-        finished = False
         try:
             async for event in self._events(after_seq, member):
-                finished = event.name in rk.TERMINAL
                 yield event
         finally:
             store.followers[self.request_id] -= 1
             if store.followers[self.request_id] <= 0:
                 del store.followers[self.request_id]
-                if not finished:
-                    store.on_outcome("client_disconnected")
             store.spawn(quietly(store.client.zrem(self.keys.watch, member)))
 
     async def _events(self, after_seq: int, member: str) -> AsyncIterator[BufferedEvent]:
@@ -300,7 +294,7 @@ class RedisStream:
             first = await store.client.hget(keys.meta, "first")
             if after_seq + 1 < int(first or 1):
                 gone = EdgeError(410, "GONE", f"events after {after_seq} are no longer buffered")
-                yield _made_up(gone)
+                yield _made_up(store, gone)
                 return
             while True:
                 if time.monotonic() - watched_at >= store.lease_s / 3:
@@ -320,10 +314,10 @@ class RedisStream:
                     if event.name in rk.TERMINAL:
                         return
                 if not entries and not await self._still_there():
-                    yield _made_up(expired_stream(self.request_id))
+                    yield _made_up(store, expired_stream(self.request_id))
                     return
         except RedisError as error:
-            yield _made_up(store_error(error))
+            yield _made_up(store, store_error(error))
 
     async def _still_there(self) -> bool:
         """Nothing new for a while: is the stream still stored, and is its edge alive? A stream

@@ -12,15 +12,15 @@ import collections
 import dataclasses
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
+from tokenwire.client.client import Completion, StreamEvent
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.upstream import UpstreamStream
-from tokenwire.v1 import generate_pb2 as pb
 
-Convert = Callable[[pb.GenerateResponse], tuple[str, dict[str, Any]]]
-Outcome = Callable[[str], None]
+Encode = Callable[[StreamEvent | EdgeError], tuple[str, dict[str, Any]]]
+"""The stored format's encoder: a pipeline event (or the error ending it) -> name and data."""
 EXPIRED_MEMORY = 10_000
 _SEQ = re.compile(r"[0-9]{1,18}", re.ASCII)
 
@@ -89,15 +89,16 @@ class ResumableStream:
         self._pump: asyncio.Task[None] | None = None
         self._timer: asyncio.Task[None] | None = None
 
-    def start(self, convert: Convert) -> None:
-        self._pump = asyncio.create_task(self._run(convert), name=f"pump-{self.request_id}")
+    def start(self) -> None:
+        self._pump = asyncio.create_task(self._run(), name=f"pump-{self.request_id}")
 
-    async def _run(self, convert: Convert) -> None:
+    async def _run(self) -> None:
+        encode = self.registry.encode
         try:
-            async for message in self.upstream.messages():
-                self.append(*convert(message))
+            async for event in self.upstream.events():
+                self.append(*encode(event))
         except EdgeError as error:
-            self.append("error", error.native_body()["error"])
+            self.append(*encode(error))
         finally:
             self._finish()
 
@@ -118,7 +119,7 @@ class ResumableStream:
             self._changed.set()
             self.registry.finished(self)
 
-    async def follow(self, after_seq: int) -> AsyncIterator[BufferedEvent]:
+    async def follow(self, after_seq: int) -> AsyncGenerator[BufferedEvent, None]:
         """Yield events with seq > after_seq, live, until the stream is done."""
         if after_seq + 1 < self.first_seq:
             raise EdgeError(410, "GONE", f"events after {after_seq} are no longer buffered")
@@ -149,7 +150,7 @@ class ResumableStream:
         self.upstream.cancel()
         if self._pump is not None:
             self._pump.cancel()
-        self.append("done", {"finish_reason": reason, "stop_sequence": ""})
+        self.append(*self.registry.encode(Completion(reason)))
         self._finish()
 
     def expire_later(self, delay: float) -> None:
@@ -187,17 +188,15 @@ class ResumableStreams:
         window_s: float,
         stream_bytes: int,
         total_bytes: int,
-        convert: Convert,
-        on_outcome: Outcome | None = None,
+        encode: Encode,
     ) -> None:
         self.window_s = window_s
-        self.convert = convert
+        self.encode = encode
         self.stream_bytes = stream_bytes
         self.total_bytes = total_bytes
         self._streams: dict[str, ResumableStream] = {}
         self._claimed: set[str] = set()
         self._expired: collections.OrderedDict[str, str | None] = collections.OrderedDict()
-        self._on_outcome = on_outcome or (lambda outcome: None)
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -233,7 +232,7 @@ class ResumableStreams:
         stream = ResumableStream(self, upstream, request_id, owner)
         self._streams[request_id] = stream
         self._expired.pop(request_id, None)
-        stream.start(self.convert)
+        stream.start()
         return stream
 
     async def get(self, request_id: str, owner: str | None) -> ResumableStream:
@@ -256,7 +255,6 @@ class ResumableStreams:
         if stream.done:
             stream.expire_later(self.window_s)
             return
-        self._on_outcome("client_disconnected")
         if self.window_s == 0:
             stream.abandon()
             self.drop(stream)

@@ -13,10 +13,10 @@ expired one with 410 (to its own principal), and a still-resumable one reused wi
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Protocol
 
-from tokenwire.edge.resumable import BufferedEvent, Convert, Outcome, ResumableStreams
+from tokenwire.edge.resumable import BufferedEvent, Encode, ResumableStreams
 from tokenwire.edge.settings import EdgeSettings
 from tokenwire.edge.upstream import Upstream, UpstreamStream
 
@@ -32,7 +32,7 @@ class StoredStream(Protocol):
         """Readers attached on this edge now."""
         ...
 
-    def follow(self, after_seq: int) -> AsyncIterator[BufferedEvent]:
+    def follow(self, after_seq: int) -> AsyncGenerator[BufferedEvent, None]:
         """Events with seq > after_seq, live, until the stream's `done` or `error`."""
         ...
 
@@ -82,19 +82,18 @@ class ResumeStore(Protocol):
 def resume_store(
     settings: EdgeSettings,
     upstream: Upstream,
-    convert: Convert,
-    on_outcome: Outcome | None = None,
+    encode: Encode,
 ) -> ResumeStore:
-    """The store the settings name: memory by default, Redis with a redis:// URL."""
+    """The store the settings name (memory by default, Redis with a redis:// URL), keeping
+    events in the format `encode` gives them."""
     if not settings.resume_store:
         return ResumableStreams(
             settings.resume_window_s,
             settings.resume_stream_bytes,
             settings.resume_total_bytes,
-            convert,
-            on_outcome=on_outcome,
+            encode,
         )
     # Imported here: an edge without a resume store never loads the Redis client.
     from tokenwire.edge.redis_store import RedisStreams
 
-    return RedisStreams(settings, upstream, convert, on_outcome)
+    return RedisStreams(settings, upstream, encode)

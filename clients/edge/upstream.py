@@ -11,10 +11,18 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tokenwire.client.client import CHANNEL_OPTIONS, ModelInfo, model_info_from_pb
+from tokenwire.client.client import (
+    CHANNEL_OPTIONS,
+    ModelInfo,
+    StreamEvent,
+    Token,
+    event_from_pb,
+    model_info_from_pb,
+)
+from tokenwire.client.errors import from_rpc_error, from_status
 from tokenwire.client.failover import MAX_FAILOVERS, RETRYABLE, continued, split_targets
 from tokenwire.client.security import ChannelSecurity, aio_channel
-from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.errors import EdgeError, edge_error
 from tokenwire.edge.settings import EdgeSettings
 from tokenwire.edge.tracing import upstream_metadata
 from tokenwire.v1 import generate_pb2 as pb
@@ -24,11 +32,11 @@ GenerateCall = grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse]
 
 
 class UpstreamStream:
-    """An accepted Generate call: iterate its messages; cancel() ends it at the server.
+    """An accepted Generate call: iterate its events; cancel() ends it at the server.
 
     If the call breaks with UNAVAILABLE (its server died or went away), the stream continues
     on the next target with the token ids already received (see tokenwire.client.failover):
-    the messages go on from the next index as if nothing had happened."""
+    the events go on from the next index as if nothing had happened."""
 
     def __init__(
         self,
@@ -59,19 +67,21 @@ class UpstreamStream:
         """The sampling seed the server announced (`x-tokenwire-seed`)."""
         return self._seed
 
-    async def messages(self) -> AsyncIterator[pb.GenerateResponse]:
+    async def events(self) -> AsyncIterator[StreamEvent]:
+        """The generation's events; EdgeError when the call fails where it cannot continue."""
         try:
             while True:
                 try:
                     while (message := await self._call.read()) is not grpc.aio.EOF:
                         assert isinstance(message, pb.GenerateResponse)
-                        if message.WhichOneof("event") == "token":
-                            self._delivered.append(message.token.id)
-                        yield message
+                        event = event_from_pb(message)
+                        if isinstance(event, Token):
+                            self._delivered.append(event.id)
+                        yield event
                     return
                 except grpc.RpcError as error:
                     if not await self._continue(error):
-                        raise EdgeError.from_rpc(error) from None
+                        raise edge_error(from_rpc_error(error)) from None
         finally:
             self._on_end(self)
 
@@ -148,7 +158,7 @@ class Upstream:
         try:
             header = dict(await call.initial_metadata())
         except grpc.RpcError as error:
-            raise EdgeError.from_rpc(error) from None
+            raise edge_error(from_rpc_error(error)) from None
         except asyncio.CancelledError:
             call.cancel()  # the HTTP client left before the server answered
             raise
@@ -186,7 +196,7 @@ class Upstream:
                     pb.GetModelInfoRequest(), timeout=10, metadata=self._metadata
                 )
             except grpc.RpcError as error:
-                raise EdgeError.from_rpc(error) from None
+                raise edge_error(from_rpc_error(error)) from None
             self._info = model_info_from_pb(reply)
         return self._info
 
@@ -215,7 +225,7 @@ class Upstream:
                 )
             except grpc.RpcError as error:
                 if len(self._stubs) == 1:
-                    raise EdgeError.from_rpc(error) from None
+                    raise edge_error(from_rpc_error(error)) from None
                 continue
             found = found or reply.cancelled
         return found
@@ -243,5 +253,4 @@ async def _refusal(call: GenerateCall) -> EdgeError:
     if code == grpc.StatusCode.OK:
         return EdgeError(502, "UNKNOWN", "the server ended the stream without a response")
     trailers = await call.trailing_metadata()
-    error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailers, await call.details())
-    return EdgeError.from_rpc(error)
+    return edge_error(from_status(code, await call.details() or "", trailers))

@@ -1,0 +1,60 @@
+"""The native SSE format: pipeline events -> named events, and stored events -> frames.
+
+Events: `token` {text, id, index, logprob?}, `usage` {...}, `done` {finish_reason,
+stop_sequence}, `error` {code, status, message, field?}. Each is encoded once, when the resume
+store keeps it; every reader (the first one and each resume) gets the stored text, with
+`id: <request_id>:<seq>`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from sse_starlette import ServerSentEvent
+
+from tokenwire.client.client import Completion, StreamEvent, Token, Usage
+from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.metrics import Outcome
+from tokenwire.edge.pipeline import Frame
+from tokenwire.edge.store import StoredStream
+
+ENDINGS = {"done": Outcome.COMPLETED, "error": Outcome.UPSTREAM_ERROR}
+
+
+def native_event(event: StreamEvent | EdgeError) -> tuple[str, dict[str, Any]]:
+    """One pipeline event (or the error that ends the stream) as an event name and its data."""
+    if isinstance(event, EdgeError):
+        return "error", event.native_body()["error"]
+    if isinstance(event, Token):
+        data: dict[str, Any] = {"text": event.text, "id": event.id, "index": event.index}
+        if event.logprob is not None:
+            data["logprob"] = event.logprob
+        return "token", data
+    if isinstance(event, Usage):
+        return "usage", {
+            "prompt_tokens": event.prompt_tokens,
+            "completion_tokens": event.completion_tokens,
+            "total_tokens": event.total_tokens,
+            "queue_time_ms": event.queue_time_ms,
+            "time_to_first_token_ms": event.time_to_first_token_ms,
+            "decode_time_ms": event.decode_time_ms,
+            "total_time_ms": event.total_time_ms,
+            "request_id": event.request_id,
+        }
+    assert isinstance(event, Completion)
+    return "done", {"finish_reason": event.finish_reason, "stop_sequence": event.stop_sequence}
+
+
+async def native_frames(stream: StoredStream, after: int) -> AsyncGenerator[Frame, None]:
+    """The stored events after seq `after`, live, as SSE frames; `done` and `error` end it."""
+    async with contextlib.aclosing(stream.follow(after)) as events:
+        async for event in events:
+            # seq 0: an event this edge made up (the store failed), which no resume can name.
+            event_id = f"{stream.request_id}:{event.seq}" if event.seq else None
+            yield Frame(
+                ServerSentEvent(event.data, event=event.name, id=event_id),
+                token=event.name == "token",
+                outcome=ENDINGS.get(event.name),
+            )

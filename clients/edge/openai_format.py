@@ -1,0 +1,127 @@
+"""OpenAI's JSON shapes for the pipeline's events: whole responses, stream chunks, logprobs,
+usage. `completions` and `chat` differ only here."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from tokenwire.client.client import Completion, StreamEvent, Token, Usage
+
+FINISH = {"stop": "stop", "stop_sequence": "stop", "length": "length"}
+
+
+def finish_reason(event: Completion) -> str:
+    """OpenAI's finish_reason for the server's (its own names for the rest)."""
+    return FINISH.get(event.finish_reason, event.finish_reason)
+
+
+class Shape:
+    """The JSON shapes of one route (completions or chat)."""
+
+    def __init__(self, chat: bool, request_id: str, model: str) -> None:
+        self.chat = chat
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
+        self.model = model
+        self.created = int(time.time())
+
+    def envelope(self, choices: list[dict[str, Any]], *, chunk: bool) -> dict[str, Any]:
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {
+            "id": self.id,
+            "object": f"{kind}.chunk" if chunk and self.chat else kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def delta(
+        self, index: int, token: Token | None, finish: str | None, first: bool
+    ) -> dict[str, Any]:
+        text = token.text if token else ""
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {}
+            if token is not None and not first:
+                delta["content"] = text
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        if token is not None and token.logprob is not None:
+            choice["logprobs"] = logprobs([token], chat=self.chat)
+        return choice
+
+    def whole(self, index: int, result: Collected) -> dict[str, Any]:
+        text = "".join(t.text for t in result.tokens)
+        wanted = any(t.logprob is not None for t in result.tokens)
+        probs = logprobs(result.tokens, chat=self.chat) if wanted else None
+        if self.chat:
+            choice: dict[str, Any] = {
+                "index": index,
+                "message": {"role": "assistant", "content": text},
+            }
+        else:
+            choice = {"index": index, "text": text}
+        return choice | {"logprobs": probs, "finish_reason": result.finish}
+
+
+def logprobs(tokens: list[Token], *, chat: bool) -> dict[str, Any]:
+    if chat:
+        content = [
+            {
+                "token": t.text,
+                "logprob": t.logprob,
+                "bytes": list(t.text.encode()),
+                "top_logprobs": [
+                    {"token": a.text, "logprob": a.logprob, "bytes": list(a.text.encode())}
+                    for a in t.top_logprobs
+                ],
+            }
+            for t in tokens
+        ]
+        return {"content": content}
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t.text)
+    wanted = any(t.top_logprobs for t in tokens)
+    return {
+        "tokens": [t.text for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        # The legacy format: one {text: logprob} object per position.
+        "top_logprobs": [{a.text: a.logprob for a in t.top_logprobs} for t in tokens]
+        if wanted
+        else None,
+        "text_offset": offsets,
+    }
+
+
+@dataclasses.dataclass
+class Collected:
+    """What one choice's generation produced, for a whole (non-streamed) response."""
+
+    tokens: list[Token] = dataclasses.field(default_factory=list)
+    usage: Usage | None = None
+    finish: str = "stop"
+
+    def see(self, event: StreamEvent) -> None:
+        if isinstance(event, Token):
+            self.tokens.append(event)
+        elif isinstance(event, Usage):
+            self.usage = event
+        else:
+            self.finish = finish_reason(event)
+
+
+def usage(usages: list[Usage | None]) -> dict[str, int] | None:
+    """Usage of all choices: the prompt once (they share it), completion tokens summed."""
+    known = [u for u in usages if u is not None]
+    if not known:
+        return None
+    prompt = known[0].prompt_tokens
+    completion = sum(u.completion_tokens for u in known)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }

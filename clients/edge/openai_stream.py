@@ -1,0 +1,76 @@
+"""The OpenAI stream encoder: the pipeline's events of `n` choices as OpenAI's chunks.
+
+Content deltas (choices interleaved, each chunk naming its choice's `index`), then per choice a
+chunk with an empty delta and the finish_reason, then (with stream_options.include_usage) a
+chunk with `choices: []` and `usage`, then `data: [DONE]`. An upstream failure ends the stream
+with one chunk holding OpenAI's error object instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
+
+from sse_starlette import ServerSentEvent
+
+from tokenwire.client.client import StreamEvent, Token, Usage
+from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.metrics import Outcome
+from tokenwire.edge.openai_format import Shape, finish_reason, usage
+from tokenwire.edge.pipeline import Frame, merged
+from tokenwire.edge.upstream import UpstreamStream
+
+
+class Chunks:
+    """Turns each choice's events into stream chunks, remembering what usage needs."""
+
+    def __init__(self, shape: Shape, choices: int, include_usage: bool) -> None:
+        self.shape = shape
+        self.include_usage = include_usage
+        self.first = [True] * choices
+        self.usages: list[Usage | None] = [None] * choices
+
+    def of(self, index: int, event: StreamEvent) -> ServerSentEvent | None:
+        if isinstance(event, Usage):
+            self.usages[index] = event
+            return None
+        if isinstance(event, Token):
+            choice = self.shape.delta(index, event, None, self.first[index])
+            self.first[index] = False
+        else:
+            choice = self.shape.delta(index, None, finish_reason(event), self.first[index])
+        body = self.shape.envelope([choice], chunk=True)
+        if self.include_usage:
+            body["usage"] = None
+        return ServerSentEvent(_json(body))
+
+    def usage(self) -> ServerSentEvent:
+        body = self.shape.envelope([], chunk=True) | {"usage": usage(self.usages)}
+        return ServerSentEvent(_json(body))
+
+
+async def openai_frames(
+    shape: Shape, upstreams: Sequence[UpstreamStream], include_usage: bool
+) -> AsyncGenerator[Frame, None]:
+    """The chunks of every choice, then usage and [DONE]; or the error chunk. However it ends,
+    every choice's upstream call ends with it."""
+    chunks = Chunks(shape, len(upstreams), include_usage)
+    try:
+        async with contextlib.aclosing(merged(upstreams)) as events:
+            async for index, event in events:
+                if (chunk := chunks.of(index, event)) is not None:
+                    yield Frame(chunk, token=isinstance(event, Token))
+        if include_usage:
+            yield Frame(chunks.usage())
+        yield Frame(ServerSentEvent("[DONE]"), outcome=Outcome.COMPLETED)
+    except EdgeError as error:
+        yield Frame(ServerSentEvent(_json(error.openai_body())), outcome=Outcome.UPSTREAM_ERROR)
+    finally:
+        for upstream in upstreams:
+            upstream.cancel()
+
+
+def _json(data: dict[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"))

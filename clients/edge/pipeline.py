@@ -1,0 +1,139 @@
+"""The one pipeline behind native SSE and OpenAI streams.
+
+    HTTP request -> open_generations (Upstream: failover and continuation toward the servers)
+                 -> events: Token | Usage | Completion, or an EdgeError (errors.edge_error)
+                 -> an encoder: native (kept in the resume store for Last-Event-ID) or OpenAI
+                 -> Frames -> relay (TTFT, active streams, the outcome, the edge.stream line)
+
+An encoder turns the pipeline's events into SSE frames (`Frame`) or a JSON body; it knows the
+format and nothing else. Only native streams are kept in the resume store: OpenAI clients have
+no Last-Event-ID, so their events go from `merged` straight to their encoder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import Any
+
+import structlog
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from tokenwire.client.client import GenerateOptions, StreamEvent
+from tokenwire.edge.accounting import Account
+from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.metrics import Outcome
+from tokenwire.edge.upstream import Upstream, UpstreamStream
+
+log = structlog.get_logger("tokenwire.edge")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Frame:
+    """One SSE event an encoder made, with what the relay needs to know about it."""
+
+    event: ServerSentEvent
+    token: bool = False
+    """It carries a token (the first one, written, is the client's time to first token)."""
+    outcome: Outcome | None = None
+    """It ends the stream: completed, or upstream_error."""
+
+
+async def open_generations(
+    upstream: Upstream, prompt: str, choices: Sequence[GenerateOptions]
+) -> list[UpstreamStream]:
+    """Open one generation per choice; if any is refused, cancel the others and raise."""
+    results = await asyncio.gather(
+        *(upstream.open(o.to_pb(prompt), o.request_id) for o in choices),
+        return_exceptions=True,
+    )
+    opened = [r for r in results if isinstance(r, UpstreamStream)]
+    for result in results:
+        if isinstance(result, BaseException):
+            for stream in opened:
+                stream.cancel()
+            raise result
+    return opened
+
+
+async def merged(
+    upstreams: Sequence[UpstreamStream],
+) -> AsyncGenerator[tuple[int, StreamEvent], None]:
+    """Every choice's events, as they arrive, tagged with the choice's index; the first
+    choice's failure ends them all with its EdgeError."""
+    queue: asyncio.Queue[tuple[int, StreamEvent | EdgeError | None]] = asyncio.Queue()
+
+    async def pump(index: int, upstream: UpstreamStream) -> None:
+        try:
+            async for event in upstream.events():
+                queue.put_nowait((index, event))
+            queue.put_nowait((index, None))
+        except EdgeError as error:
+            queue.put_nowait((index, error))
+        except asyncio.CancelledError:
+            # The call was cancelled under us (the end of a drain's grace): say so in-band.
+            # When it is this task that is cancelled, nobody reads the queue any more.
+            queue.put_nowait((index, EdgeError(499, "CANCELLED", "the generation was cancelled")))
+            raise
+
+    pumps = [asyncio.ensure_future(pump(i, u)) for i, u in enumerate(upstreams)]
+    try:
+        running = len(upstreams)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, EdgeError):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in pumps:
+            task.cancel()
+
+
+async def relay(
+    account: Account,
+    frames: AsyncGenerator[Frame, None],
+    *,
+    timed: bool,
+    log_fields: dict[str, Any],
+) -> AsyncIterator[ServerSentEvent]:
+    """The encoder's frames as SSE events, accounted: TTFT at the first token (when `timed`),
+    the active-stream gauge, the outcome (client_disconnected when the client leaves first)
+    and one `edge.stream` log line."""
+    started = time.perf_counter()
+    sent = 0
+    account.stream_opened()
+    try:
+        async with contextlib.aclosing(frames):
+            async for frame in frames:
+                if frame.token and timed:
+                    account.first_token(time.perf_counter() - started)
+                    timed = False
+                sent += 1
+                yield frame.event
+                if frame.outcome is not None:
+                    account.end(frame.outcome)
+    finally:
+        account.stream_closed()
+        log.info(
+            "edge.stream",
+            **log_fields,
+            route=account.route,
+            events=sent,
+            outcome=account.outcome,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+
+
+def sse_response(
+    events: AsyncIterator[ServerSentEvent], request_id: str, ping_s: float
+) -> EventSourceResponse:
+    """The HTTP response of an event stream (native or OpenAI)."""
+    headers = {**SSE_HEADERS, "X-Request-ID": request_id}
+    return EventSourceResponse(events, headers=headers, ping=ping_s)

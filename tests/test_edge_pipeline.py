@@ -1,0 +1,136 @@
+"""Native SSE and OpenAI requests go through one edge pipeline: the same outcome accounting,
+labelled by each request's own route, and the same conversion of an upstream failure."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+from httpx_sse import aconnect_sse
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import MODEL, RunningServer, start_edge, start_server
+from tests.fakes import ScriptedModel
+from tokenwire.server.engine import ModelSpec
+from tokenwire.server.tokenizer import Tokenizer
+
+OUTCOMES = ("completed", "client_disconnected", "resumed", "upstream_error", "rejected")
+REQUESTS = {
+    "native": ("/v1/generate", {"prompt": "def f():"}),
+    "completions": ("/v1/completions", {"model": MODEL, "prompt": "def f():", "stream": True}),
+    "chat": (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True},
+    ),
+}
+
+
+async def _outcomes(http: httpx.AsyncClient) -> dict[str, dict[str, float]]:
+    """tokenwire_edge_streams_total by route, then outcome."""
+    counts: dict[str, dict[str, float]] = {route: {} for route in REQUESTS}
+    text = (await http.get("/metrics")).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tokenwire_edge_streams_total":
+                counts[sample.labels["route"]][sample.labels["outcome"]] = sample.value
+    return counts
+
+
+async def _data(http: httpx.AsyncClient, path: str, body: dict[str, Any]) -> list[str]:
+    """Every event's data of a stream read to its end."""
+    async with aconnect_sse(http, "POST", path, json=body) as source:
+        return [event.data async for event in source.aiter_sse()]
+
+
+async def _settles(check: Callable[[], Awaitable[bool]], within_s: float = 5.0) -> bool:
+    """True once the async condition holds (a stream is counted when its task ends)."""
+    deadline = time.monotonic() + within_s
+    while not await check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def _leave_after_first_event(
+    http: httpx.AsyncClient, path: str, body: dict[str, Any]
+) -> None:
+    async with aconnect_sse(http, "POST", path, json=body) as source:
+        async for _ in source.aiter_sse():
+            break
+
+
+async def test_each_request_counts_one_outcome_under_its_own_route(paced: RunningServer) -> None:
+    """On every route, a stream read to its end counts `completed`, a stream its client leaves
+    counts `client_disconnected`, a refused request counts `rejected`: one count per request,
+    under the route that served it and no other."""
+    edge = await start_edge(paced.target, resume_window_s=0.5)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            for path, body in REQUESTS.values():
+                await _data(http, path, {**body, "max_tokens": 3})
+                await _leave_after_first_event(http, path, {**body, "max_tokens": 200})
+                refused = await http.post(path, json={**body, "max_tokens": -1})
+                assert refused.status_code == 400
+            expected = {"completed": 1.0, "client_disconnected": 1.0, "rejected": 1.0}
+            settled = {route: {**dict.fromkeys(OUTCOMES, 0.0), **expected} for route in REQUESTS}
+
+            async def counted() -> bool:
+                return await _outcomes(http) == settled
+
+            assert await _settles(counted), await _outcomes(http)
+    finally:
+        await edge.edge.stop()
+
+
+async def _failing_server(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> tuple[RunningServer, ScriptedModel]:
+    """A server whose model emits one non-EOS token per step; tests arm its failures."""
+    token = tokenizer.encode(" x")[0]
+    model = ScriptedModel(spec, dict.fromkeys(range(spec.context_length), token), 0.005)
+    return await start_server(model, tokenizer), model
+
+
+async def test_an_upstream_failure_reads_the_same_on_every_route(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """A generation the server ends with INTERNAL after its first tokens is the same error in
+    every format: a native `error` event {code INTERNAL, status 500}, an OpenAI error chunk and
+    an OpenAI 500 response {type server_error, code internal}, each counted once as
+    `upstream_error` under its own route."""
+    running, model = await _failing_server(spec, tokenizer)
+    edge = await start_edge(running.target)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            errors = {}
+            for route, (path, body) in REQUESTS.items():
+                model.fail_on_calls = {model.calls + 3}
+                data = await _data(http, path, {**body, "max_tokens": 50, "ignore_eos": True})
+                errors[route] = json.loads(data[-1])
+            model.fail_on_calls = {model.calls + 3}
+            whole = await http.post(
+                "/v1/completions",
+                json={**REQUESTS["completions"][1], "stream": False, "max_tokens": 50},
+            )
+            counts = await _outcomes(http)
+    finally:
+        await edge.edge.stop()
+        await running.server.drain()
+    native = errors.pop("native")
+    assert (native["code"], native["status"]) == ("INTERNAL", 500)
+    assert whole.status_code == 500
+    for body in [*errors.values(), whole.json()]:
+        assert (body["error"]["type"], body["error"]["code"]) == ("server_error", "internal")
+        assert "injected failure" in body["error"]["message"]
+    assert "injected failure" in native["message"]
+    assert {route: counts[route]["upstream_error"] for route in REQUESTS} == {
+        "native": 1.0,
+        "completions": 2.0,
+        "chat": 1.0,
+    }
+    assert sum(sum(by_outcome.values()) for by_outcome in counts.values()) == 4.0
