@@ -9,6 +9,7 @@ models/build_genai_fixtures.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 
 from tests.conftest import RunningServer, collect, greedy, start_server
 from tests.invariance import Job, together
+from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
 from tokenwire.server.engine import OnnxCausalLM
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
@@ -174,3 +176,46 @@ async def test_a_cache_in_device_buffers_gives_the_reference_ids(folder: str) ->
     for job, prompt, ids in zip(jobs, prompts, got, strict=True):
         expected = prompt["output_ids"][: job.max_tokens]
         assert ids[: len(expected)] == expected, prompt["text"]
+
+
+@pytest.mark.parametrize("device_cache", [False, True], ids=["host-buffers", "device-buffers"])
+async def test_cancelled_rows_leave_the_preallocated_cache_and_neighbours_keep_their_ids(
+    device_cache: bool,
+) -> None:
+    """Eight streams share four slots; every other one is cancelled after its second token.
+    The others still give the reference ids, and afterwards no row, slot or KV entry is held."""
+    model_dir = MODELS / "fixtures-genai" / "llama-fp32"
+    reference = _reference(model_dir)
+    model = OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=1, device_cache=device_cache)
+    running = await start_server(model, Tokenizer.from_dir(model_dir), max_batch_size=4)
+    engine = running.engine
+    prompts = reference["prompts"][:8]
+    n = reference["max_new_tokens"]
+
+    async def stream(i: int, text: str) -> list[int]:
+        request = GenerationRequest(
+            f"c-{i}", text, max_tokens=n, sampling=SamplingParams(temperature=0.0)
+        )
+        handle = engine.submit(request)
+        ids: list[int] = []
+        async for event in handle.events():
+            if isinstance(event, TokenEvent):
+                ids.append(event.token_id)
+                if i % 2 and len(ids) == 2:
+                    handle.cancel()
+        return ids
+
+    try:
+        got = await asyncio.wait_for(
+            asyncio.gather(*(stream(i, p["text"]) for i, p in enumerate(prompts))), 60
+        )
+        assert await engine.wait_idle(10)
+    finally:
+        await running.server.drain()
+    for i, (prompt, ids) in enumerate(zip(prompts, got, strict=True)):
+        if i % 2:
+            assert len(ids) <= 3, prompt["text"]  # the cancel lands at the next step boundary
+        else:
+            assert ids == prompt["output_ids"][: len(ids)], prompt["text"]
+            assert len(ids) == len(prompt["output_ids"]), prompt["text"]
+    assert (engine.running_count, engine.waiting_count) == (0, 0)
