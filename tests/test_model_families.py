@@ -20,7 +20,13 @@ import pytest
 
 from tests.conftest import RunningServer, collect, greedy, start_server
 from tests.invariance import Job, together
-from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
+from tokenwire.server.domain import (
+    CompletionEvent,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+)
 from tokenwire.server.engine import OnnxCausalLM
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
@@ -182,28 +188,36 @@ async def test_a_cache_in_device_buffers_gives_the_reference_ids(folder: str) ->
 async def test_cancelled_rows_leave_the_preallocated_cache_and_neighbours_keep_their_ids(
     device_cache: bool,
 ) -> None:
-    """Eight streams share four slots; every other one is cancelled after its second token.
-    The others still give the reference ids, and afterwards no row, slot or KV entry is held."""
+    """Eight streams share four slots; every other one (450 tokens, EOS ignored) is cancelled after
+    its second token and ends CANCELLED. The others still give the reference ids, and
+    afterwards no row is running or waiting."""
     model_dir = MODELS / "fixtures-genai" / "llama-fp32"
     reference = _reference(model_dir)
     model = OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=1, device_cache=device_cache)
     running = await start_server(model, Tokenizer.from_dir(model_dir), max_batch_size=4)
     engine = running.engine
     prompts = reference["prompts"][:8]
-    n = reference["max_new_tokens"]
 
-    async def stream(i: int, text: str) -> list[int]:
+    async def stream(i: int, text: str) -> tuple[list[int], FinishReason | None]:
+        cancelled = i % 2 == 1
         request = GenerationRequest(
-            f"c-{i}", text, max_tokens=n, sampling=SamplingParams(temperature=0.0)
+            f"c-{i}",
+            text,
+            max_tokens=450 if cancelled else reference["max_new_tokens"],
+            sampling=SamplingParams(temperature=0.0),
+            ignore_eos=cancelled,
         )
         handle = engine.submit(request)
         ids: list[int] = []
+        reason = None
         async for event in handle.events():
             if isinstance(event, TokenEvent):
                 ids.append(event.token_id)
-                if i % 2 and len(ids) == 2:
+                if cancelled and len(ids) == 2:
                     handle.cancel()
-        return ids
+            elif isinstance(event, CompletionEvent):
+                reason = event.finish_reason
+        return ids, reason
 
     try:
         got = await asyncio.wait_for(
@@ -212,10 +226,9 @@ async def test_cancelled_rows_leave_the_preallocated_cache_and_neighbours_keep_t
         assert await engine.wait_idle(10)
     finally:
         await running.server.drain()
-    for i, (prompt, ids) in enumerate(zip(prompts, got, strict=True)):
+    for i, (prompt, (ids, reason)) in enumerate(zip(prompts, got, strict=True)):
         if i % 2:
-            assert len(ids) <= 3, prompt["text"]  # the cancel lands at the next step boundary
+            assert (reason, len(ids) < 450) == (FinishReason.CANCELLED, True), prompt["text"]
         else:
-            assert ids == prompt["output_ids"][: len(ids)], prompt["text"]
-            assert len(ids) == len(prompt["output_ids"]), prompt["text"]
+            assert ids == prompt["output_ids"], prompt["text"]
     assert (engine.running_count, engine.waiting_count) == (0, 0)
