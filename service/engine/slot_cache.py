@@ -71,12 +71,7 @@ class SlotKvCache:
 
     def mask_with(self, new_columns: int, real: Sequence[int] | None = None) -> IntArray:
         """Prefix masks: each row's length plus the new entries."""
-        added = np.full(self.rows, new_columns) if real is None else np.asarray(real)
-        total = self.lengths[: self.rows] + added
-        mask: IntArray = (np.arange(self.columns + new_columns)[None, :] < total[:, None]).astype(
-            np.int64
-        )
-        return mask
+        return _prefix_mask(self.lengths[: self.rows], new_columns, real)
 
     def advance(self, present: Sequence[FloatArray | BoundTensor], mask: IntArray) -> None:
         """The graph wrote in place; only the lengths move on."""
@@ -122,10 +117,13 @@ class SlotKvCache:
         return order[:count]
 
     def _move(self, source: int, target: int) -> None:
-        length = int(self.lengths[source])
+        self.move_slot(source, target, int(self.lengths[source]))
+        self.lengths[target] = self.lengths[source]
+
+    def move_slot(self, source: int, target: int, length: int) -> None:
+        """Copy slot `source`'s first `length` entries of every buffer into slot `target`."""
         for buffer, axis in zip(self.buffers, self.axes, strict=True):
             buffer.move_row(source, target, length, axis)
-        self.lengths[target] = length
 
 
 class SlotPrefill:
@@ -156,12 +154,7 @@ class SlotPrefill:
 
     def mask_with(self, new_columns: int, real: Sequence[int] | None = None) -> IntArray:
         """Prefix masks: each row's length plus its real new entries."""
-        added = np.full(self.rows, new_columns) if real is None else np.asarray(real)
-        total = self.lengths + added
-        mask: IntArray = (np.arange(self.columns + new_columns)[None, :] < total[:, None]).astype(
-            np.int64
-        )
-        return mask
+        return _prefix_mask(self.lengths, new_columns, real)
 
     def last_positions(self, new_columns: int, real: Sequence[int] | None = None) -> IntArray:
         """Index, among the step's new positions, of each row's last real token."""
@@ -178,7 +171,15 @@ class SlotPrefill:
         for target, source in enumerate(rows):
             if source != target:
                 length = int(self.lengths[source])
-                for buffer, axis in zip(self.cache.buffers, self.cache.axes, strict=True):
-                    buffer.move_row(self.first + source, self.first + target, length, axis)
+                self.cache.move_slot(self.first + source, self.first + target, length)
         self.lengths = self.lengths[rows]
         return list(rows)
+
+
+def _prefix_mask(lengths: IntArray, new_columns: int, real: Sequence[int] | None) -> IntArray:
+    """Each row a prefix of ones: its length plus its real new entries (default: all of them),
+    as wide as the longest row plus the new columns."""
+    added = np.full(len(lengths), new_columns) if real is None else np.asarray(real)
+    width = (int(lengths.max()) if len(lengths) else 0) + new_columns
+    mask: IntArray = (np.arange(width)[None, :] < (lengths + added)[:, None]).astype(np.int64)
+    return mask
