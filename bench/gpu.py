@@ -8,9 +8,9 @@ builder (`-p fp16 -e cuda`) from random-initialised Llama weights, with the same
 
 - ORT GenAI Generator, batch 1 and a static batch of 16, with and without its CUDA graph
   capture (`enable_cuda_graph`; the faster of the two is the peer's row);
-- tokenwire's engine alone (no transport), cache in device memory, and the same with the
-  copying cache (host arrays fed and fetched every step), to show what staying on the device
-  is worth;
+- tokenwire's engine alone (no transport), cache in device memory with decode steps replayed
+  as CUDA graphs (the default), the same uncaptured, and the copying cache (host arrays fed
+  and fetched every step), to show what graphs and staying on the device are worth;
 - tokenwire over gRPC (a server process on loopback): 1 stream, a burst of 16, and 16 with
   staggered (Poisson) arrivals;
 - correctness: tokenwire's greedy ids (alone and in a batch of 16) against GenAI's;
@@ -194,30 +194,36 @@ def genai_generate(
 # -- tokenwire --------------------------------------------------------------------------------
 
 
+# Engine configurations compared: (cache label, device_cache, cuda_graph).
+ENGINE_CONFIGS = (
+    ("device", True, True),  # the defaults of `tokenwire serve` on CUDA
+    ("device-uncaptured", True, False),
+    ("copying", False, False),
+)
+
+
 def engine_rows(model_dir: Path, reference: Reference) -> list[dict[str, Any]]:
-    """The engine alone, in this process: device cache; the same with prompts prefilled apart
-    and copied into their slots (the layout before in-place prefill, for comparison); the
-    copying cache."""
+    """The engine alone, in this process: device cache with decode steps replayed as CUDA
+    graphs (the default), the same without graphs, and the copying cache."""
     from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
-    from tokenwire.server.engine.batch import Placement
     from tokenwire.server.tokenizer import Tokenizer
 
     rows = []
-    in_place_prefill = Placement.slot_prefill
-    for device_cache, prefill_in_slots in ((True, True), (True, False), (False, True)):
-        model = OnnxCausalLM(model_dir, provider=PROVIDER["name"], device_cache=device_cache)
+    for where, device_cache, graphs in ENGINE_CONFIGS:
+        model = OnnxCausalLM(
+            model_dir,
+            provider=PROVIDER["name"],
+            device_cache=device_cache,
+            cuda_graph=graphs,
+            static_decode=graphs,  # the fixed bindings also run where nothing is captured (CPU)
+        )
         engine = Engine(model, Tokenizer.from_dir(model_dir), EngineConfig(max_batch_size=32))
-        # Patched for this comparison only: no free slots offered, so prompts are prefilled in
-        # their own cache and copied in.
-        Placement.slot_prefill = in_place_prefill if prefill_in_slots else lambda *_: None  # type: ignore[method-assign]
         engine.warm_up()
         engine.start()
-        where = "copying" if not engine.kv_in_place else "device" if device_cache else "host"
-        if not prefill_in_slots:
-            where += "-prefill-copied"
         facts = {
             "provider": model.provider,
             "kv_in_place": engine.kv_in_place,
+            "captures_graphs": model.captures_graphs,
             "cache": where,
         }
         print(f"  engine: {facts}", flush=True)
@@ -235,12 +241,12 @@ def engine_rows(model_dir: Path, reference: Reference) -> list[dict[str, Any]]:
                     }
                 )
                 say(rows[-1])
-            if device_cache and prefill_in_slots:
+            if where == "device":
                 rows.append(asyncio.run(correctness(engine, reference)))
+                rows[-1]["decode_graphs"] = model.decode_graphs
                 print(f"  correctness: {rows[-1]}", flush=True)
         finally:
             engine.shutdown()
-            Placement.slot_prefill = in_place_prefill  # type: ignore[method-assign]
     return rows
 
 
@@ -436,7 +442,11 @@ def copies_per_step(model_dir: Path) -> dict[str, Any]:
 
     prefix = Path(tempfile.mkdtemp()) / "tokenwire"
     model = OnnxCausalLM(
-        model_dir, provider=PROVIDER["name"], device_cache=True, profile_prefix=str(prefix)
+        model_dir,
+        provider=PROVIDER["name"],
+        device_cache=True,
+        cuda_graph=False,  # the profiler counts node runs: a replayed graph runs none
+        profile_prefix=str(prefix),
     )
     cache = model.new_slot_cache(16, 512)
     assert cache is not None, "no preallocated cache"
@@ -513,17 +523,21 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     grpc1 = best(system="tokenwire", transport="grpc", concurrency=1)["tokens_per_s"]
     staggered = best(system="tokenwire", transport="grpc", concurrency=16, arrival="poisson")
     burst16 = best(system="tokenwire", transport="grpc", concurrency=16, arrival="burst")
-    device1 = best(system="tokenwire", transport="engine-alone", concurrency=1, cache="device")
-    copying1 = best(system="tokenwire", transport="engine-alone", concurrency=1, cache="copying")
-    device16 = best(system="tokenwire", transport="engine-alone", concurrency=16, cache="device")
-    copying16 = best(system="tokenwire", transport="engine-alone", concurrency=16, cache="copying")
+
+    def engine(streams: int, cache: str) -> float:
+        found = best(system="tokenwire", transport="engine-alone", concurrency=streams, cache=cache)
+        return float(found["tokens_per_s"])
+
     return {
         "grpc_b1_vs_genai_b1": grpc1 / genai1,
         "grpc_c16_burst_vs_genai_b16": burst16["tokens_per_s"] / genai16,
         "grpc_c16_staggered_vs_genai_b16": staggered["tokens_per_s"] / genai16,
-        "engine_b1_vs_genai_b1": device1["tokens_per_s"] / genai1,
-        "device_cache_vs_copying_b1": device1["tokens_per_s"] / copying1["tokens_per_s"],
-        "device_cache_vs_copying_c16": device16["tokens_per_s"] / copying16["tokens_per_s"],
+        "engine_b1_vs_genai_b1": engine(1, "device") / genai1,
+        "engine_c16_vs_genai_b16": engine(16, "device") / genai16,
+        "cuda_graph_vs_uncaptured_b1": engine(1, "device") / engine(1, "device-uncaptured"),
+        "cuda_graph_vs_uncaptured_c16": engine(16, "device") / engine(16, "device-uncaptured"),
+        "device_cache_vs_copying_b1": engine(1, "device-uncaptured") / engine(1, "copying"),
+        "device_cache_vs_copying_c16": engine(16, "device-uncaptured") / engine(16, "copying"),
     }
 
 

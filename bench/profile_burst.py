@@ -69,6 +69,7 @@ class TimedModel:
         last: IntArray | None = None,
         *,
         in_place: bool = False,
+        decode: bool = False,
         before_run: Callable[[], None] | None = None,
     ) -> tuple[FloatArray, list[FloatArray]]:
         started = time.perf_counter()

@@ -39,6 +39,11 @@ class Settings:
     ort_spinning: bool = setting(
         True, "idle ORT threads spin (fastest on dedicated cores; false frees shared CPUs)"
     )
+    cuda_graph: bool = setting(
+        True,
+        "on CUDA, replay decode steps as CUDA graphs, one per batch size "
+        "(GroupQueryAttention graphs; others run uncaptured)",
+    )
     max_batch_size: int = setting(16, "sequences decoded together in one step (1 to 1024)")
     max_queue: int = setting(64, "requests waiting beyond the batch; more get RESOURCE_EXHAUSTED")
     max_tokens_limit: int = setting(512, "largest `max_tokens` accepted")

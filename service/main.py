@@ -46,6 +46,7 @@ def load_engine(settings: Settings, observer: EngineObserver | None = None) -> E
         intra_op_threads=settings.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
         spinning=settings.ort_spinning,
+        cuda_graph=settings.cuda_graph,
     )
     engine = Engine(
         model, Tokenizer.from_dir(settings.model_dir), engine_config(settings), observer

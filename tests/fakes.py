@@ -76,6 +76,7 @@ class ScriptedModel:
         last: IntArray | None = None,
         *,
         in_place: bool = False,
+        decode: bool = False,
         before_run: Callable[[], None] | None = None,
     ) -> tuple[FloatArray, list[FloatArray]]:
         self.calls += 1
@@ -127,6 +128,7 @@ class CountedPositionsModel:
         last: IntArray | None = None,
         *,
         in_place: bool = False,
+        decode: bool = False,
         before_run: Callable[[], None] | None = None,
     ) -> tuple[FloatArray, list[FloatArray]]:
         width = attention_mask.shape[1]

@@ -160,13 +160,24 @@ def test_every_fixture_is_listed_in_the_models_doc() -> None:
     assert listed == {f"{p.parent.name}/{p.name}" for p in FOLDERS}
 
 
+@pytest.mark.parametrize("static_decode", [False, True], ids=["bound-per-step", "fixed-bindings"])
 @pytest.mark.parametrize("folder", ["llama-fp32", "llama-int4"])
-async def test_a_cache_in_device_buffers_gives_the_reference_ids(folder: str) -> None:
+async def test_a_cache_in_device_buffers_gives_the_reference_ids(
+    folder: str, static_decode: bool
+) -> None:
     """The cache kind CUDA uses (OrtValues copied through ONNX Runtime, here on the CPU
-    provider) serves the GenAI folders with the reference ids in a moving batch."""
+    provider) serves the GenAI folders with the reference ids in a moving batch, with decode
+    steps bound per step and on the fixed per-batch-size bindings that CUDA graphs replay
+    (a mask as wide as the cache, inputs updated in place)."""
     model_dir = MODELS / "fixtures-genai" / folder
     reference = _reference(model_dir)
-    model = OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=1, device_cache=True)
+    model = OnnxCausalLM(
+        model_dir,
+        provider="cpu",
+        intra_op_threads=1,
+        device_cache=True,
+        static_decode=static_decode,
+    )
     running = await start_server(
         model, Tokenizer.from_dir(model_dir), max_batch_size=4, prefill_chunk_tokens=32
     )
@@ -179,6 +190,8 @@ async def test_a_cache_in_device_buffers_gives_the_reference_ids(folder: str) ->
     finally:
         await running.server.drain()
     assert running.engine.kv_in_place
+    # Rows joined and left: several batch sizes got their own fixed binding.
+    assert (model.decode_graphs > 1) == static_decode
     for job, prompt, ids in zip(jobs, prompts, got, strict=True):
         expected = prompt["output_ids"][: job.max_tokens]
         assert ids[: len(expected)] == expected, prompt["text"]

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
+import structlog
 
 from tokenwire.server.engine.graph import CacheLayout, check_vocab, read_layout
 from tokenwire.server.engine.kv_cache import BatchKvCache
@@ -31,6 +32,7 @@ from tokenwire.server.engine.slot_buffer import (
 )
 from tokenwire.server.engine.slot_cache import SlotKvCache
 from tokenwire.server.engine.spec import ModelLoadError, ModelSpec
+from tokenwire.server.engine.static_decode import StaticDecode, uncaptured_run
 from tokenwire.server.engine.types import FloatArray, IntArray
 
 CUDA = "CUDAExecutionProvider"
@@ -38,6 +40,7 @@ CPU = "CPUExecutionProvider"
 _DRIVEN_INPUTS = {"input_ids", "attention_mask", "position_ids"}
 # Where IOBinding puts a provider's tensors (ONNX Runtime's device names).
 _DEVICES = {CPU: "cpu", CUDA: "cuda"}
+log = structlog.get_logger("tokenwire.engine")
 
 
 def cuda_device_present() -> bool:
@@ -77,13 +80,16 @@ class CausalLM(Protocol):
         last: IntArray | None = None,
         *,
         in_place: bool = False,
+        decode: bool = False,
         before_run: Callable[[], None] | None = None,
     ) -> tuple[FloatArray, list[FloatArray]]:
         """One step: logits [rows, vocab] at each row's `last` new position (default: the
         final one) and the present cache tensors. With in_place, `past` (tensors bound by
         address, on the model's device) is bound as the present outputs too and the graph
-        writes into it; the present list is then empty. `before_run` is called right before
-        ONNX Runtime starts (which releases the GIL)."""
+        writes into it; the present list is then empty. `decode`: one new token per row,
+        over the live rows of the model's slot cache (a step that may be replayed as a CUDA
+        graph). `before_run` is called right before ONNX Runtime starts (which releases the
+        GIL)."""
         ...
 
 
@@ -99,19 +105,26 @@ class OnnxCausalLM:
         inter_op_threads: int = 1,
         spinning: bool = True,
         device_cache: bool | None = None,
+        cuda_graph: bool = True,
+        static_decode: bool | None = None,
         profile_prefix: str | None = None,
     ) -> None:
         """device_cache: keep a preallocated cache in OrtValues on the session's device (the
         default on CUDA; on the CPU provider numpy arrays serve). False on CUDA falls back to
         the copying cache (host arrays fed and fetched every step), for comparison only.
+        cuda_graph: on CUDA, replay decode steps of the preallocated cache as CUDA graphs, one
+        per batch size (static_decode.py); where ONNX Runtime cannot capture the graph, steps
+        run uncaptured (logged). static_decode: run decode steps on fixed bindings (default:
+        where CUDA graphs are captured; True on the CPU provider tests that path).
         profile_prefix: record ONNX Runtime's profile (session.end_profiling() writes it)."""
         self.spec = ModelSpec.from_dir(model_dir)
         onnx_path = model_dir / "model.onnx"
         if not onnx_path.exists():
             raise ModelLoadError(f"{onnx_path} is missing")
-        self.session = _session(
-            onnx_path, provider, (intra_op_threads, inter_op_threads), spinning, profile_prefix
-        )
+        options = _options((intra_op_threads, inter_op_threads), spinning, profile_prefix)
+        self.session = _session(onnx_path, options, provider, cuda_graph)
+        self.captures_graphs = _captures_graphs(self.session)
+        self._plain_run = uncaptured_run() if self.captures_graphs else None
         self.provider: str = self.session.get_providers()[0]
         if provider == "cuda" and self.provider != CUDA:
             # onnxruntime-gpu lists CUDA even where its libraries are missing and then runs on
@@ -142,7 +155,19 @@ class OnnxCausalLM:
         self._widen = LogitsWidener(self.session.get_providers()) if widens(logits_type) else None
         self._bound_regions: tuple[object, ...] = ()
         tolerance = FP16_TOLERANCE if self.layout.dtype is np.float16 else FP32_TOLERANCE
+        self._static: StaticDecode | None = None
         self.padding: Padding = probe_padding(self, tolerance)
+        wants_static = self.captures_graphs if static_decode is None else static_decode
+        if wants_static and self.padding is Padding.RIGHT:
+            logits_dtype = np.float16 if self._widen is not None else np.float32
+            self._static = StaticDecode(
+                self.session, self.layout, self.device, logits_dtype, self.spec.vocab_size
+            )
+
+    @property
+    def decode_graphs(self) -> int:
+        """Batch sizes decoded on fixed bindings so far (on CUDA, each one captured graph)."""
+        return 0 if self._static is None else self._static.graphs
 
     def new_cache(self, rows: int, columns: int = 0, *, left_aligned: bool = False) -> BatchKvCache:
         return BatchKvCache.zeros(
@@ -173,6 +198,7 @@ class OnnxCausalLM:
         last: IntArray | None = None,
         *,
         in_place: bool = False,
+        decode: bool = False,
         before_run: Callable[[], None] | None = None,
     ) -> tuple[FloatArray, list[FloatArray]]:
         """Run one step; return each row's logits at `last` (default: the final position)."""
@@ -180,13 +206,16 @@ class OnnxCausalLM:
         if self._has_position_ids:
             feed["position_ids"] = position_ids
         present: list[FloatArray] = []
-        if in_place:
+        if in_place and decode and self._static is not None:
+            regions = [_bound(view) for view in past]
+            scores = self._to_host(self._static.run(feed, regions, before_run))
+        elif in_place:
             scores = self._run_in_place(feed, past, before_run)
         else:
             feed.update(zip(self.layout.past_names, past, strict=True))
             if before_run is not None:
                 before_run()
-            outputs = self.session.run(self.output_names, feed)
+            outputs = self.session.run(self.output_names, feed, self._plain_run)
             scores, present = outputs[0], list(outputs[1:])
         picked = scores[:, -1, :] if last is None else scores[np.arange(len(scores)), last, :]
         return np.asarray(picked, dtype=np.float32), present
@@ -208,9 +237,7 @@ class OnnxCausalLM:
             # Outputs come back in binding order: the logits stay first.
             binding.bind_output("logits", self._logits_device)
             dtype = self.layout.dtype
-            for tensor, view in zip(self.layout.tensors, regions, strict=True):
-                if not isinstance(view, BoundTensor):
-                    raise TypeError("an in-place step takes tensors bound by address")
+            for tensor, view in zip(self.layout.tensors, map(_bound, regions), strict=True):
                 shape = list(view.shape)
                 binding.bind_input(tensor.name, view.device, 0, dtype, shape, view.pointer)
                 binding.bind_output(tensor.present, view.device, 0, dtype, shape, view.pointer)
@@ -220,9 +247,12 @@ class OnnxCausalLM:
         binding.bind_output("logits", self._logits_device)
         if before_run is not None:
             before_run()
-        self.session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0]
-        return logits.numpy() if self._widen is None else self._widen.to_host(logits)
+        self.session.run_with_iobinding(binding, self._plain_run)
+        return self._to_host(binding.get_outputs()[0])
+
+    def _to_host(self, logits: ort.OrtValue) -> FloatArray:
+        host: FloatArray = logits.numpy() if self._widen is None else self._widen.to_host(logits)
+        return host
 
     @property
     def _logits_device(self) -> str:
@@ -230,13 +260,15 @@ class OnnxCausalLM:
         return "cpu" if self._widen is None else self.device
 
 
-def _session(
-    path: Path,
-    provider: str,
-    threads: tuple[int, int],
-    spinning: bool,
-    profile_prefix: str | None,
-) -> ort.InferenceSession:
+def _bound(view: object) -> BoundTensor:
+    if not isinstance(view, BoundTensor):
+        raise TypeError("an in-place step takes tensors bound by address")
+    return view
+
+
+def _options(
+    threads: tuple[int, int], spinning: bool, profile_prefix: str | None
+) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads
     if profile_prefix is not None:
@@ -248,7 +280,26 @@ def _session(
         # (and to co-located processes) between steps, at a small wake-up cost per step.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
+
+
+def _session(
+    path: Path, options: ort.SessionOptions, provider: str, cuda_graph: bool
+) -> ort.InferenceSession:
+    providers: list[str | tuple[str, dict[str, str]]] = list(choose_providers(provider))
+    if cuda_graph and CUDA in providers:
+        captured = [(CUDA, {"enable_cuda_graph": "1"}), *providers[1:]]
+        try:
+            return ort.InferenceSession(os.fspath(path), options, providers=captured)
+        except Exception as exc:  # e.g. nodes the CUDA provider does not run: no graph capture
+            log.warning("engine.cuda_graph_unavailable", error=str(exc).splitlines()[0])
     try:
-        return ort.InferenceSession(os.fspath(path), options, providers=choose_providers(provider))
+        return ort.InferenceSession(os.fspath(path), options, providers=providers)
     except Exception as exc:  # ORT raises its own unrelated exception types for bad files
         raise ModelLoadError(f"{path} cannot be loaded by ONNX Runtime: {exc}") from exc
+
+
+def _captures_graphs(session: ort.InferenceSession) -> bool:
+    """Whether the session's CUDA provider records and replays CUDA graphs."""
+    cuda = session.get_provider_options().get(CUDA, {})
+    return bool(cuda.get("enable_cuda_graph") == "1")

@@ -343,7 +343,13 @@ class Scheduler:
         mask = cache.mask_with(1)
         try:
             logits, present = self._model.forward(
-                ids, mask, positions, cache.tensors, in_place=cache.in_place, before_run=self._flush
+                ids,
+                mask,
+                positions,
+                cache.tensors,
+                in_place=cache.in_place,
+                decode=True,
+                before_run=self._flush,
             )
         except Exception as exc:  # this cohort's rows fail; other cohorts decode on
             log.exception("engine.decode_failed", rows=len(rows), error=str(exc))

@@ -1,0 +1,125 @@
+"""Decode steps on fixed addresses, so that a GPU can replay each one as a CUDA graph.
+
+A CUDA graph records the kernels of one step together with the addresses they read and write;
+replaying it costs one launch instead of hundreds, which on a small or medium model is most of
+a step's time. It replays correctly only if every input and output sits where it was recorded,
+with the same shape. Per batch size that holds here: live rows occupy slots 0..rows-1 of the
+preallocated cache (slot_cache.py), so the cache regions of `rows` rows never move, and the
+step's ids, its attention mask (as wide as the cache's capacity, so that its shape never
+changes) and its logits get one buffer each per batch size, on the model's device, updated in
+place before every step. Each batch size is one graph (ONNX Runtime's `gpu_graph_id` run
+option), captured at its first steps and replayed after; every other run (prefill, probes)
+passes -1, which ONNX Runtime never captures.
+
+On the CPU provider nothing is captured: the same fixed bindings run as plain steps, which is
+how the tests check this path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from tokenwire.server.engine.graph import CacheLayout
+from tokenwire.server.engine.slot_buffer import BoundTensor
+from tokenwire.server.engine.types import IntArray
+
+GRAPH_ID = "gpu_graph_id"
+NEVER_CAPTURED = "-1"
+
+
+def uncaptured_run() -> ort.RunOptions:
+    """Run options for a step that must not be recorded (or replayed) as a CUDA graph."""
+    options = ort.RunOptions()
+    options.add_run_config_entry(GRAPH_ID, NEVER_CAPTURED)
+    return options
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Step:
+    """Everything one batch size's step is bound to; none of it moves after creation."""
+
+    binding: Any  # ort.IOBinding (untyped in onnxruntime's stubs)
+    inputs: dict[str, ort.OrtValue]
+    logits: ort.OrtValue
+    staging: IntArray
+    options: ort.RunOptions
+
+
+class StaticDecode:
+    """One fixed binding per set of cache regions (in practice: per batch size)."""
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        layout: CacheLayout,
+        device: str,
+        logits_dtype: type[np.floating[Any]],
+        vocab_size: int,
+    ) -> None:
+        self._session = session
+        self._layout = layout
+        self._device = device
+        self._logits_dtype = logits_dtype
+        self._vocab = vocab_size
+        self._steps: dict[tuple[BoundTensor, ...], _Step] = {}
+
+    @property
+    def graphs(self) -> int:
+        """Batch sizes bound so far (each one graph on CUDA)."""
+        return len(self._steps)
+
+    def run(
+        self,
+        feed: dict[str, IntArray],
+        regions: Sequence[BoundTensor],
+        before_run: Callable[[], None] | None,
+    ) -> ort.OrtValue:
+        """One decode step: feed holds input_ids [rows, 1], the rows' prefix attention_mask (at
+        most as wide as the capacity) and position_ids where the graph takes them. Returns
+        the logits, on the device, [rows, 1, vocab]."""
+        key = tuple(regions)
+        step = self._steps.get(key)
+        if step is None:
+            step = self._steps[key] = self._bind(key, sorted(feed), len(self._steps) + 1)
+        mask = feed["attention_mask"]
+        step.staging[:, : mask.shape[1]] = mask
+        step.staging[:, mask.shape[1] :] = 0
+        for name, value in step.inputs.items():
+            source = step.staging if name == "attention_mask" else feed[name]
+            value.update_inplace(np.ascontiguousarray(source, dtype=np.int64))
+        if before_run is not None:
+            before_run()
+        self._session.run_with_iobinding(step.binding, step.options)
+        return step.logits
+
+    def _bind(self, regions: tuple[BoundTensor, ...], names: list[str], graph_id: int) -> _Step:
+        rows = regions[0].shape[0]
+        capacity = regions[0].shape[self._layout.tensors[0].seq_axis]
+        staging: IntArray = np.zeros((rows, capacity), dtype=np.int64)
+        binding = self._session.io_binding()
+        inputs = {}
+        for name in names:
+            width = capacity if name == "attention_mask" else 1
+            # A buffer of its own (a CPU OrtValue would otherwise share the numpy array's memory).
+            value = ort.OrtValue.ortvalue_from_numpy(
+                np.zeros((rows, width), dtype=np.int64), self._device, 0
+            )
+            binding.bind_ortvalue_input(name, value)
+            inputs[name] = value
+        logits = ort.OrtValue.ortvalue_from_shape_and_type(
+            [rows, 1, self._vocab], self._logits_dtype, self._device, 0
+        )
+        binding.bind_ortvalue_output("logits", logits)
+        dtype = self._layout.dtype
+        for tensor, region in zip(self._layout.tensors, regions, strict=True):
+            shape = list(region.shape)
+            binding.bind_input(tensor.name, region.device, 0, dtype, shape, region.pointer)
+            binding.bind_output(tensor.present, region.device, 0, dtype, shape, region.pointer)
+        options = ort.RunOptions()
+        options.add_run_config_entry(GRAPH_ID, str(graph_id))
+        return _Step(binding, inputs, logits, staging, options)
