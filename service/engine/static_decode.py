@@ -5,11 +5,13 @@ replaying it costs one launch instead of hundreds, which on a small or medium mo
 a step's time. It replays correctly only if every input and output sits where it was recorded,
 with the same shape. Per batch size that holds here: live rows occupy slots 0..rows-1 of the
 preallocated cache (slot_cache.py), so the cache regions of `rows` rows never move, and the
-step's ids, its attention mask (as wide as the cache's capacity, so that its shape never
-changes) and its logits get one buffer each per batch size, on the model's device, updated in
-place before every step. Each batch size is one graph (ONNX Runtime's `gpu_graph_id` run
-option), captured at its first steps and replayed after; every other run (prefill, probes)
-passes -1, which ONNX Runtime never captures.
+step's ids, its attention mask and its logits get one buffer each, on the model's device,
+updated in place before every step. The mask's width is the attention's length, which costs
+time in proportion, so it is not the whole capacity but the next power of two (at least
+MIN_WIDTH) above the longest row: a handful of widths per batch size. Each (batch size, width)
+is one graph (ONNX Runtime's `gpu_graph_id` run option), captured at its first steps and
+replayed after; every other run (prefill, probes) passes -1, which ONNX Runtime never
+captures.
 
 On the CPU provider nothing is captured: the same fixed bindings run as plain steps, which is
 how the tests check this path.
@@ -30,6 +32,7 @@ from tokenwire.server.engine.types import IntArray
 
 GRAPH_ID = "gpu_graph_id"
 NEVER_CAPTURED = "-1"
+MIN_WIDTH = 64
 
 
 def uncaptured_run() -> ort.RunOptions:
@@ -51,7 +54,8 @@ class _Step:
 
 
 class StaticDecode:
-    """One fixed binding per set of cache regions (in practice: per batch size)."""
+    """One fixed binding per set of cache regions (in practice: per batch size) and mask
+    width."""
 
     def __init__(
         self,
@@ -66,11 +70,11 @@ class StaticDecode:
         self._device = device
         self._logits_dtype = logits_dtype
         self._vocab = vocab_size
-        self._steps: dict[tuple[BoundTensor, ...], _Step] = {}
+        self._steps: dict[tuple[tuple[BoundTensor, ...], int], _Step] = {}
 
     @property
     def graphs(self) -> int:
-        """Batch sizes bound so far (each one graph on CUDA)."""
+        """(Batch size, width) pairs bound so far (each one graph on CUDA)."""
         return len(self._steps)
 
     def run(
@@ -82,11 +86,12 @@ class StaticDecode:
         """One decode step: feed holds input_ids [rows, 1], the rows' prefix attention_mask (at
         most as wide as the capacity) and position_ids where the graph takes them. Returns
         the logits, on the device, [rows, 1, vocab]."""
-        key = tuple(regions)
+        mask = feed["attention_mask"]
+        capacity = regions[0].shape[self._layout.tensors[0].seq_axis]
+        key = (tuple(regions), _width(mask.shape[1], capacity))
         step = self._steps.get(key)
         if step is None:
-            step = self._steps[key] = self._bind(key, sorted(feed), len(self._steps) + 1)
-        mask = feed["attention_mask"]
+            step = self._steps[key] = self._bind(*key, sorted(feed), len(self._steps) + 1)
         step.staging[:, : mask.shape[1]] = mask
         step.staging[:, mask.shape[1] :] = 0
         for name, value in step.inputs.items():
@@ -97,14 +102,15 @@ class StaticDecode:
         self._session.run_with_iobinding(step.binding, step.options)
         return step.logits
 
-    def _bind(self, regions: tuple[BoundTensor, ...], names: list[str], graph_id: int) -> _Step:
+    def _bind(
+        self, regions: tuple[BoundTensor, ...], mask_width: int, names: list[str], graph_id: int
+    ) -> _Step:
         rows = regions[0].shape[0]
-        capacity = regions[0].shape[self._layout.tensors[0].seq_axis]
-        staging: IntArray = np.zeros((rows, capacity), dtype=np.int64)
+        staging: IntArray = np.zeros((rows, mask_width), dtype=np.int64)
         binding = self._session.io_binding()
         inputs = {}
         for name in names:
-            width = capacity if name == "attention_mask" else 1
+            width = mask_width if name == "attention_mask" else 1
             # A buffer of its own (a CPU OrtValue would otherwise share the numpy array's memory).
             value = ort.OrtValue.ortvalue_from_numpy(
                 np.zeros((rows, width), dtype=np.int64), self._device, 0
@@ -123,3 +129,8 @@ class StaticDecode:
         options = ort.RunOptions()
         options.add_run_config_entry(GRAPH_ID, str(graph_id))
         return _Step(binding, inputs, logits, staging, options)
+
+
+def _width(needed: int, capacity: int) -> int:
+    """The mask width a step of `needed` columns runs at: a power of two, within the capacity."""
+    return min(capacity, max(MIN_WIDTH, 1 << (needed - 1).bit_length()))
