@@ -100,10 +100,12 @@ def targets(
     goals: list[tuple[str, str, float, str]] | None = None,
     rounds: dict[str, list[float]] | None = None,
 ) -> str:
-    """One line per goal; `rounds` holds the per-round values of the paired ratios."""
+    """One line per goal; given `rounds` (the per-round values of the paired ratios), a column
+    with their lowest and highest."""
+    paired = rounds is not None
     lines = [
-        "| target | value | rounds (min-max) | goal | |",
-        "| --- | ---: | ---: | --- | --- |",
+        "| target | value |" + (" rounds (min-max) |" if paired else "") + " goal | |",
+        "| --- | ---: |" + (" ---: |" if paired else "") + " --- | --- |",
     ]
     for key, op, goal, text in TARGETS if goals is None else goals:
         value = ratios.get(key)
@@ -111,9 +113,9 @@ def targets(
             continue
         met = value >= goal if op == ">=" else value <= goal
         each = (rounds or {}).get(key)
-        spread = f"{min(each):.2f}-{max(each):.2f} ({len(each)})" if each else ""
+        spread = f" {min(each):.2f}-{max(each):.2f} ({len(each)}) |" if each else " |"
         lines.append(
-            f"| {text} (`{key}`) | {value:.3f} | {spread} | {op} {goal} | "
+            f"| {text} (`{key}`) | {value:.3f} |{spread if paired else ''} {op} {goal} | "
             f"{'met' if met else 'missed'} |"
         )
     return "\n".join(lines)
@@ -410,7 +412,7 @@ Everything below comes from `bench/results/latest.json`, measured side by side i
 
 ## Targets
 
-{targets(result["ratios"], rounds=result.get("ratio_rounds"))}
+{targets(result["ratios"], rounds=result.get("ratio_rounds", {}))}
 
 A ratio with rounds is paired: each round runs every system once in turn, the ratio is taken
 within each round, and the value is its median over the rounds; the column gives the lowest and
