@@ -1,18 +1,32 @@
-"""Peer measurements, run inside bench/.venv: the plain ORT decode loop and ORT GenAI.
+"""Peer measurements, run inside bench/.venv: the plain ORT decode loop, ORT GenAI's Generator
+and ORT GenAI's Engine.
 
 Usage: python bench/peers.py raw|genai MODEL_DIR --batch N [--prompt-tokens 32 --new-tokens 128]
-Prints one JSON object: tokens/s, per-stream tokens/s, TTFT and inter-token latencies.
+       python bench/peers.py genai-engine MODEL_DIR [--new-tokens 128] < WORKLOAD.json
+WORKLOAD.json: {"arrivals": [seconds after the start, ...], "prompts": [[ids], ...]}, one
+request per arrival. Prints one JSON object: tokens/s, per-stream tokens/s, TTFT and
+inter-token latencies.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# GenAI's Engine on this graph: the static-batching scheduler (its dynamic one needs a
+# paged-attention graph, which GenAI's builder writes for CUDA and WebGPU only). It takes
+# requests in batches of at most 4 whatever max_batch_size says; 16 is written so the
+# configured limit is never what holds it back.
+ENGINE_SECTION = {"static_batching": {"max_batch_size": 16}}
 
 
 def nearest_rank(values: np.ndarray, q: float) -> float:
@@ -26,18 +40,25 @@ def prompt_ids(batch: int, length: int, vocab: int) -> np.ndarray:
     return rng.integers(10, vocab - 10, size=(batch, length), dtype=np.int64)
 
 
+def latencies(ttft: list[float], gaps: list[float]) -> dict[str, float]:
+    """TTFT and inter-token percentiles in ms, from seconds."""
+    ttft_ms, gaps_ms = np.asarray(ttft) * 1000, np.asarray(gaps) * 1000
+    return {
+        "ttft_p50_ms": nearest_rank(ttft_ms, 50),
+        "ttft_p99_ms": nearest_rank(ttft_ms, 99),
+        "itl_p50_ms": nearest_rank(gaps_ms, 50),
+        "itl_p99_ms": nearest_rank(gaps_ms, 99),
+    }
+
+
 def summarise(
     batch: int, new: int, ttft: float, gaps: list[float], *, total: float, cpu: float
 ) -> dict[str, float]:
-    gaps_ms = np.asarray(gaps) * 1000
     return {
         "cpu_ms_per_token": cpu * 1000 / (batch * new),
         "tokens_per_s": batch * new / total,
         "per_stream_tokens_per_s": new / total,
-        "ttft_p50_ms": ttft * 1000,
-        "ttft_p99_ms": ttft * 1000,
-        "itl_p50_ms": nearest_rank(gaps_ms, 50),
-        "itl_p99_ms": nearest_rank(gaps_ms, 99),
+        **latencies([ttft], gaps),
     }
 
 
@@ -164,16 +185,117 @@ def genai_loop(
     return ttft, gaps, time.perf_counter() - started, generator
 
 
+@dataclass
+class Served:
+    """One Engine request: when it arrived, when each token came out, and the tokens."""
+
+    arrival: float
+    times: list[float] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+
+
+def summarise_served(served: list[Served], *, cpu: float) -> dict[str, float]:
+    """Requests that arrive apart, by the rules of run.py's stream_row: tokens over the span
+    from the first arrival to the last token, TTFT from each request's own arrival."""
+    tokens = sum(len(s.times) for s in served)
+    total = max(s.times[-1] for s in served) - min(s.arrival for s in served)
+    return {
+        "cpu_ms_per_token": cpu * 1000 / tokens,
+        "tokens_per_s": tokens / total,
+        "per_stream_tokens_per_s": float(
+            np.median([len(s.times) / (s.times[-1] - s.arrival) for s in served])
+        ),
+        **latencies(
+            [s.times[0] - s.arrival for s in served],
+            [b - a for s in served for a, b in itertools.pairwise(s.times)],
+        ),
+    }
+
+
+def engine_folder(model_dir: Path, into: Path) -> dict[str, Any]:
+    """model_dir's files linked into `into`, with ENGINE_SECTION added to its genai_config.json;
+    returns the settings the Engine runs with."""
+    for path in model_dir.iterdir():
+        if path.name != "genai_config.json":
+            (into / path.name).symlink_to(path.resolve())
+    config = json.loads((model_dir / "genai_config.json").read_text())
+    config["engine"] = ENGINE_SECTION
+    (into / "genai_config.json").write_text(json.dumps(config, indent=4))
+    return {
+        "engine": ENGINE_SECTION,
+        "session_options": config["model"]["decoder"].get("session_options", {}),
+    }
+
+
+def begin(og: Any, engine: Any, ids: list[int], new: int) -> Any:
+    """A greedy request of exactly `new` tokens (EOS masked until then, so it is ignored)."""
+    request = engine.create_request()
+    turn = og.TurnOptions(request)
+    turn.set_do_sample(False)
+    turn.set_min_generated_tokens(new)
+    turn.set_max_generated_tokens(new)
+    request.begin_turn(np.asarray(ids, dtype=np.int32), turn)
+    return request
+
+
+def serve(
+    og: Any, engine: Any, arrivals: list[float], prompts: list[list[int]], new: int
+) -> list[Served]:
+    """Request i begins at arrivals[i] seconds after the start, checked between Engine steps
+    (a step is not interrupted; the wait counts in the request's TTFT)."""
+    buffer = engine.create_event_buffer(256)
+    token, failed = og.EngineEventFlags.TOKEN.value, og.EngineEventFlags.FAILED.value
+    started = time.perf_counter()
+    served = [Served(started + a) for a in arrivals]
+    by_request: dict[Any, Served] = {}
+    while len(by_request) < len(served) or engine.has_pending_requests():
+        for i in range(len(by_request), len(served)):
+            if served[i].arrival > time.perf_counter():
+                break
+            by_request[begin(og, engine, prompts[i], new)] = served[i]
+        if not engine.has_pending_requests():
+            time.sleep(max(0.0, served[len(by_request)].arrival - time.perf_counter()))
+            continue
+        events = list(engine.run(buffer))
+        now = time.perf_counter()
+        for event in events:
+            if event.flags.value & failed:
+                raise RuntimeError(f"GenAI Engine request failed: {event.error_code}")
+            if event.flags.value & token:
+                by_request[event.request].times.append(now)
+                by_request[event.request].ids.append(event.token)
+    return served
+
+
+def run_genai_engine(model_dir: Path, workload: dict[str, Any], new: int) -> dict[str, Any]:
+    """The workload through GenAI's Engine, after a warm-up burst of every batch shape."""
+    import onnxruntime_genai as og
+
+    arrivals, prompts = workload["arrivals"], workload["prompts"]
+    with tempfile.TemporaryDirectory() as folder:
+        knobs = engine_folder(model_dir, Path(folder))
+        engine = og.Engine(og.Model(folder))
+        serve(og, engine, [0.0] * min(16, len(prompts)), prompts[:16], 16)
+        cpu0 = time.process_time()
+        served = serve(og, engine, arrivals, prompts, new)
+        cpu = time.process_time() - cpu0
+    return {**summarise_served(served, cpu=cpu), "knobs": knobs}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["raw", "genai"])
+    ap.add_argument("mode", choices=["raw", "genai", "genai-engine"])
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     args = ap.parse_args()
-    run = run_raw if args.mode == "raw" else run_genai
-    print(json.dumps(run(args.model_dir, args.batch, args.prompt_tokens, args.new_tokens)))
+    if args.mode == "genai-engine":
+        row = run_genai_engine(args.model_dir, json.load(sys.stdin), args.new_tokens)
+    else:
+        run = run_raw if args.mode == "raw" else run_genai
+        row = run(args.model_dir, args.batch, args.prompt_tokens, args.new_tokens)
+    print(json.dumps(row))
 
 
 if __name__ == "__main__":

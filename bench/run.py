@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import httpx
@@ -27,6 +28,7 @@ from tokenizers import Tokenizer
 
 from tokenwire.common.stats import percentile
 from tokenwire.server.process import TokenwireProcess
+from tokenwire.server.tokenizer import Tokenizer as ServerTokenizer
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
@@ -144,10 +146,20 @@ def stream_row(runs: list[list[dict[str, Any]]], cpu: float | None) -> dict[str,
     return row
 
 
+def arrival_offsets(concurrency: int, arrival: str, rate: float | None) -> list[float]:
+    """When each request of a load arrives, in seconds after the first: a burst of
+    `concurrency` at once, or 2 x `concurrency` Poisson arrivals at `rate` per second, which
+    keep about `concurrency` in flight. Seeded, so every system gets the same schedule."""
+    if arrival == "burst":
+        return [0.0] * concurrency
+    rng = random.Random(concurrency)
+    gaps = [rng.expovariate(rate or 1.0) for _ in range(2 * concurrency - 1)]
+    return list(itertools.accumulate(gaps, initial=0.0))
+
+
 async def run_load(
     open_stream: Any, prompts: list[str], concurrency: int, arrival: str, rate: float | None
 ) -> list[dict[str, Any]]:
-    rng = random.Random(concurrency)
     if arrival == "burst":
         return list(
             await asyncio.gather(
@@ -155,9 +167,10 @@ async def run_load(
             )
         )
     tasks = []
-    for i in range(2 * concurrency):  # Poisson arrivals keeping about `concurrency` in flight
+    started = time.perf_counter()
+    for i, offset in enumerate(arrival_offsets(concurrency, arrival, rate)):
+        await asyncio.sleep(max(0.0, started + offset - time.perf_counter()))
         tasks.append(asyncio.create_task(open_stream(prompts[i % len(prompts)])))
-        await asyncio.sleep(rng.expovariate(rate or 1.0))
     return list(await asyncio.gather(*tasks))
 
 
@@ -417,71 +430,127 @@ async def headline(
     return rows
 
 
-# Each graph form of the same weights, and the peers that run it.
-GRAPHS = [("genai-fp32", "genai", ("raw", "genai")), ("genai-int4", "genai-int4", ("raw", "genai"))]
+class Graph(NamedTuple):
+    """One graph form of the same weights, and the peers that run it."""
+
+    name: str
+    sub_dir: str
+    peers: tuple[str, ...]
+    # GenAI's Engine serving tokenwire's own 16-stream workloads (burst and staggered).
+    engine: bool
 
 
-async def graph_rows(model: Path, prompts: list[str], rounds: int) -> list[dict[str, Any]]:
+GRAPHS = [
+    Graph("genai-fp32", "genai", ("raw", "genai"), engine=True),
+    Graph("genai-int4", "genai-int4", ("raw", "genai"), engine=False),
+]
+Found = dict[tuple[str, str, int, str], list[dict[str, Any]]]
+# tokenwire's loads on each graph: 1 stream, a burst of 16, 16 with staggered arrivals.
+LOADS: list[dict[str, Any]] = [
+    {"concurrency": 1, "arrival": "burst"},
+    {"concurrency": 16, "arrival": "burst"},
+    {"concurrency": 16, "arrival": "poisson"},
+]
+
+
+def keep(found: Found, row: dict[str, Any]) -> None:
+    """One round's row, with the rows of the same system and load from the other rounds."""
+    key = (row["system"], row["transport"], row["concurrency"], row["arrival"])
+    found.setdefault(key, []).append(row)
+
+
+async def graph_rows(
+    model: Path, prompts: list[str], rounds: int, single_rounds: int
+) -> list[dict[str, Any]]:
     """tokenwire serving each GenAI graph against ORT GenAI and the plain loop on that graph,
     taking turns: 1 stream, a burst of 16, 16 with staggered (Poisson) arrivals, and the engine
-    alone in its own process (no transport)."""
+    alone in its own process (no transport). The 16-stream loads run in `rounds` rounds, the
+    cheaper 1-stream ones in `single_rounds`."""
     rows: list[dict[str, Any]] = []
-    for graph, sub_dir, peer_modes in GRAPHS:
-        model_dir = model / sub_dir
-        found: dict[tuple[str, str, int, str], list[dict[str, Any]]] = {}
+    for graph in GRAPHS:
+        model_dir = model / graph.sub_dir
+        tokenizer = ServerTokenizer.from_dir(model_dir)
+        # The ids the server makes of each prompt text, for the peers that take tokenwire's load.
+        ids = [tokenizer.encode(p, add_special_tokens=True) for p in prompts]
+        found: Found = {}
         server = start_server(model_dir)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
                 stub = pb_grpc.GenerationServiceStub(channel)
                 await asyncio.gather(*(one_stream(stub, p, 16) for p in prompts[:16]))
-                for _ in range(rounds):
-                    for batch in (1, 16):
-                        for mode in peer_modes:
-                            row = peer(mode, model_dir, batch)
-                            found.setdefault(
-                                (row["system"], "in-process", batch, "static-batch"), []
-                            ).append(row)
-                    alone = engine_alone(model_dir)
-                    found.setdefault(("tokenwire", "engine-alone", 1, "burst"), []).append(alone)
-                    for c, arrival in ((1, "burst"), (16, "burst"), (16, "poisson")):
-                        duration = (
-                            NEW_TOKENS
-                            / found[("tokenwire", "grpc", 16, "burst")][-1][
-                                "per_stream_tokens_per_s"
-                            ]
-                            if arrival == "poisson"
-                            else 1.0
-                        )
-                        row = await measure(
-                            lambda p, stub=stub: one_stream(stub, p, NEW_TOKENS),
-                            prompts,
-                            c,
-                            arrival,
-                            rate=c / duration,
-                            pid=server.proc.pid,
-                        )
-                        found.setdefault(("tokenwire", "grpc", c, arrival), []).append(row)
+                for i in range(single_rounds):
+                    await graph_round(
+                        graph,
+                        model_dir,
+                        service=(stub, server.proc.pid),
+                        prompts=prompts,
+                        ids=ids,
+                        found=found,
+                        full=i < rounds,
+                    )
         finally:
             server.stop()
-        for (system, transport, c, arrival), runs in found.items():
-            median = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
-            rows.append(
-                {
-                    **median,
-                    "system": system,
-                    "transport": transport,
-                    "concurrency": c,
-                    "arrival": arrival,
-                    "graph": graph,
-                    "repeats": len(runs),
-                }
-            )
-            print(
-                f"  {graph:10s} {system:9s} {transport:12s} c={c:<3d} {arrival:12s} "
-                f"{median['tokens_per_s']:8.1f} tok/s  ttft p50 {median['ttft_p50_ms']:7.1f} ms",
-                flush=True,
-            )
+        rows += [median_row(graph.name, runs) for runs in found.values()]
     return rows
+
+
+async def graph_round(
+    graph: Graph,
+    model_dir: Path,
+    *,
+    service: tuple[pb_grpc.GenerationServiceStub, int],
+    prompts: list[str],
+    ids: list[list[int]],
+    found: Found,
+    full: bool,
+) -> None:
+    """Every system once, in turn; `full` adds the 16-stream loads. The staggered load's rate
+    comes from this round's burst of 16 (Little's law), and GenAI's Engine gets the same
+    arrivals and prompts as tokenwire."""
+    stub, pid = service
+    for batch in (1, 16) if full else (1,):
+        for mode in graph.peers:
+            keep(found, peer(mode, model_dir, batch))
+    alone = engine_alone(model_dir)
+    keep(found, {"system": "tokenwire", "transport": "engine-alone", **LOADS[0], **alone})
+    for load in LOADS if full else LOADS[:1]:
+        c, arrival = load["concurrency"], load["arrival"]
+        rate = (
+            c
+            * found[("tokenwire", "grpc", 16, "burst")][-1]["per_stream_tokens_per_s"]
+            / NEW_TOKENS
+            if arrival == "poisson"
+            else None
+        )
+        row = await measure(
+            lambda p, stub=stub: one_stream(stub, p, NEW_TOKENS),
+            prompts,
+            c,
+            arrival,
+            rate=rate,
+            pid=pid,
+        )
+        keep(found, {"system": "tokenwire", "transport": "grpc", **load, **row})
+        if c == 16 and graph.engine:
+            keep(found, engine_peer(model_dir, arrival_offsets(c, arrival, rate), ids, c, arrival))
+
+
+def median_row(graph: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median round by tokens/s, with every round's tokens/s and TTFT p50 (for the paired
+    ratios, which divide within a round)."""
+    median = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
+    print(
+        f"  {graph:10s} {median['system']:16s} {median['transport']:12s} "
+        f"c={median['concurrency']:<3d} {median['arrival']:12s} "
+        f"{median['tokens_per_s']:8.1f} tok/s  ttft p50 {median['ttft_p50_ms']:7.1f} ms",
+        flush=True,
+    )
+    return {
+        **median,
+        "graph": graph,
+        "repeats": len(runs),
+        "rounds": [{k: r[k] for k in ("tokens_per_s", "ttft_p50_ms")} for r in runs],
+    }
 
 
 def engine_alone(model_dir: Path) -> dict[str, Any]:
@@ -504,25 +573,27 @@ def engine_alone(model_dir: Path) -> dict[str, Any]:
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def peer(mode: str, model_dir: Path, batch: int) -> dict[str, Any]:
+def run_peer(
+    mode: str, model_dir: Path, *flags: str, workload: str | None = None
+) -> dict[str, Any]:
+    """One peers.py measurement in bench/.venv, its JSON row."""
     out = subprocess.run(
-        [
-            str(BENCH_PY),
-            str(ROOT / "bench" / "peers.py"),
-            mode,
-            str(model_dir),
-            "--batch",
-            str(batch),
-            "--prompt-tokens",
-            str(PROMPT_TOKENS),
-            "--new-tokens",
-            str(NEW_TOKENS),
-        ],
+        [str(BENCH_PY), str(ROOT / "bench" / "peers.py"), mode, str(model_dir), *flags],
+        input=workload,
         check=True,
         capture_output=True,
         text=True,
     )
-    row = json.loads(out.stdout.strip().splitlines()[-1])
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def peer(mode: str, model_dir: Path, batch: int) -> dict[str, Any]:
+    row = run_peer(
+        mode,
+        model_dir,
+        *("--batch", str(batch), "--prompt-tokens", str(PROMPT_TOKENS)),
+        *("--new-tokens", str(NEW_TOKENS)),
+    )
     print(
         f"  {mode:5s} b={batch:<3d}        {row['tokens_per_s']:8.1f} tok/s  "
         f"ttft {row['ttft_p50_ms']:7.1f} ms",
@@ -533,6 +604,28 @@ def peer(mode: str, model_dir: Path, batch: int) -> dict[str, Any]:
         "transport": "in-process",
         "concurrency": batch,
         "arrival": "static-batch",
+        **row,
+    }
+
+
+def engine_peer(
+    model_dir: Path, offsets: list[float], ids: list[list[int]], concurrency: int, arrival: str
+) -> dict[str, Any]:
+    """GenAI's Engine (peers.py genai-engine) serving request i at offsets[i] with prompt i."""
+    workload = {"arrivals": offsets, "prompts": [ids[i % len(ids)] for i in range(len(offsets))]}
+    row = run_peer(
+        "genai-engine", model_dir, "--new-tokens", str(NEW_TOKENS), workload=json.dumps(workload)
+    )
+    print(
+        f"  genai Engine c={concurrency:<3d} {arrival:7s} {row['tokens_per_s']:8.1f} tok/s  "
+        f"ttft p50 {row['ttft_p50_ms']:7.1f} ms",
+        flush=True,
+    )
+    return {
+        "system": "ort-genai-engine",
+        "transport": "in-process",
+        "concurrency": concurrency,
+        "arrival": arrival,
         **row,
     }
 
@@ -576,18 +669,29 @@ def machine() -> dict[str, Any]:
     }
 
 
-def peer_knobs(genai_dir: Path) -> dict[str, str]:
+def peer_knobs(genai_dir: Path, rows: list[dict[str, Any]]) -> dict[str, str]:
     """Every setting each system ran with, as written in the report."""
     genai = json.loads((genai_dir / "genai_config.json").read_text())
     options = genai["model"]["decoder"].get("session_options", {})
+    engine = next(r["knobs"] for r in rows if r["system"] == "ort-genai-engine")
     return {
         "ort-genai": "genai_config.json model.decoder.session_options "
         + json.dumps(options, sort_keys=True)
         + "; greedy search, static batch",
+        "ort-genai-engine": "og.Engine on the fp32 graph; genai_config.json engine "
+        + json.dumps(engine["engine"], sort_keys=True)
+        + ", model.decoder.session_options "
+        + json.dumps(engine["session_options"], sort_keys=True)
+        + "; the static-batching scheduler (the dynamic one needs a paged-attention graph, "
+        "which GenAI's builder writes for CUDA and WebGPU only), which runs at most 4 requests "
+        "at a time and takes new ones when all of them have finished; each request begun at "
+        "its arrival time, between Engine steps; greedy (TurnOptions do_sample false), min and "
+        "max generated tokens 128; tokenwire's prompts and arrival times",
         "ort-loop": "intra_op_num_threads 0 (one per core), inter_op_num_threads 1, "
         "ORT_ENABLE_ALL, spinning on; one session.run per token, numpy argmax",
         "tokenwire": "defaults of `tokenwire serve` (intra_op_threads 0, inter_op_threads 1, "
-        "spinning on, prefill chunk 256, max batch 16)",
+        "spinning on, prefill chunk 256) with TOKENWIRE_MAX_BATCH_SIZE 32 and "
+        "TOKENWIRE_MAX_QUEUE 256",
     }
 
 
@@ -595,33 +699,49 @@ def find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any]:
     return next(r for r in rows if all(r.get(k) == v for k, v in match.items()))
 
 
-def graph_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """The targets measured on the GenAI graphs (same graph for every system in a ratio)."""
+def per_round(a: dict[str, Any], b: dict[str, Any], key: str = "tokens_per_s") -> list[float]:
+    """a's value over b's within each round both ran in: the machine's drift between rounds
+    cancels, which it does not in a ratio of medians."""
+    return [x[key] / y[key] for x, y in zip(a["rounds"], b["rounds"], strict=False)]
 
-    def rate(graph: str, **match: Any) -> dict[str, Any]:
+
+def graph_ratio_rounds(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """The targets measured on the GenAI graphs (same graph for every system in a ratio),
+    one value per round."""
+
+    def row(graph: str, **match: Any) -> dict[str, Any]:
         return find(rows, graph=graph, **match)
 
     fp32, int4 = "genai-fp32", "genai-int4"
-    one = rate(fp32, system="tokenwire", transport="grpc", concurrency=1)
-    staggered = rate(fp32, system="tokenwire", transport="grpc", concurrency=16, arrival="poisson")
-    loop1 = rate(fp32, system="ort-loop", concurrency=1)
+    one = row(fp32, system="tokenwire", transport="grpc", concurrency=1)
+    burst, staggered = (
+        row(fp32, system="tokenwire", transport="grpc", concurrency=16, arrival=arrival)
+        for arrival in ("burst", "poisson")
+    )
+    loop1 = row(fp32, system="ort-loop", concurrency=1)
     return {
-        "genai_graph_b1_vs_genai_b1": one["tokens_per_s"]
-        / rate(fp32, system="ort-genai", concurrency=1)["tokens_per_s"],
-        "genai_graph_c16_staggered_vs_genai_b16": staggered["tokens_per_s"]
-        / rate(fp32, system="ort-genai", concurrency=16)["tokens_per_s"],
-        "genai_graph_c16_staggered_ttft_p50_vs_idle": staggered["ttft_p50_ms"] / one["ttft_p50_ms"],
-        "int4_b1_vs_genai_int4_b1": rate(int4, system="tokenwire", transport="grpc", concurrency=1)[
-            "tokens_per_s"
-        ]
-        / rate(int4, system="ort-genai", concurrency=1)["tokens_per_s"],
-        "engine_alone_vs_loop_b1": rate(fp32, transport="engine-alone")["tokens_per_s"]
-        / loop1["tokens_per_s"],
-        "grpc_vs_loop_b1": one["tokens_per_s"] / loop1["tokens_per_s"],
+        "genai_graph_b1_vs_genai_b1": per_round(one, row(fp32, system="ort-genai", concurrency=1)),
+        "genai_graph_c16_staggered_vs_genai_b16": per_round(
+            staggered, row(fp32, system="ort-genai", concurrency=16)
+        ),
+        "genai_graph_c16_staggered_ttft_p50_vs_idle": per_round(staggered, one, "ttft_p50_ms"),
+        "int4_b1_vs_genai_int4_b1": per_round(
+            row(int4, system="tokenwire", transport="grpc", concurrency=1),
+            row(int4, system="ort-genai", concurrency=1),
+        ),
+        "engine_alone_vs_loop_b1": per_round(row(fp32, transport="engine-alone"), loop1),
+        "grpc_vs_loop_b1": per_round(one, loop1),
+        "genai_graph_c16_staggered_vs_genai_engine_staggered": per_round(
+            staggered, row(fp32, system="ort-genai-engine", arrival="poisson")
+        ),
+        "genai_graph_c16_burst_vs_genai_engine_burst": per_round(
+            burst, row(fp32, system="ort-genai-engine", arrival="burst")
+        ),
     }
 
 
-def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+def ratios(rows: list[dict[str, Any]], rounds: dict[str, list[float]]) -> dict[str, float]:
+    """The paired ratios' medians over rounds, then the ratios of the Optimum-graph rows."""
     optimum = [r for r in rows if "graph" not in r]
     svc1 = find(optimum, system="tokenwire", transport="grpc", concurrency=1, arrival="burst")
     svc16 = find(optimum, system="tokenwire", transport="grpc", concurrency=16, arrival="burst")
@@ -635,7 +755,7 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     off16 = find(rows, transport="grpc-metrics-off", concurrency=16)
     on16 = find(rows, transport="grpc-metrics-on", concurrency=16)
     return {
-        **graph_ratios(rows),
+        **{name: statistics.median(values) for name, values in rounds.items()},
         "service_b1_vs_genai_b1": svc1["tokens_per_s"] / genai1["tokens_per_s"],
         "service_b1_vs_raw_b1": svc1["tokens_per_s"] / raw1["tokens_per_s"],
         "service_c16_vs_genai_b16": svc16["tokens_per_s"] / genai16["tokens_per_s"],
@@ -681,7 +801,9 @@ async def main(quick: bool) -> None:
         "the GenAI graphs, fp32 and int4: tokenwire, the plain loop and GenAI taking turns",
         flush=True,
     )
-    rows += await graph_rows(model, prompts, rounds=2 if quick else 3)
+    rows += await graph_rows(
+        model, prompts, rounds=2 if quick else 3, single_rounds=3 if quick else 5
+    )
     print("metrics exporter on vs off (alternating fresh servers)", flush=True)
     rows += await metrics_ab(onnx_dir, prompts, rounds=2)
     print("prefill fairness", flush=True)
@@ -706,11 +828,13 @@ async def main(quick: bool) -> None:
         "machine": machine(),
         "quick": quick,
         "wall_s": round(time.time() - started, 1),
-        "peer_knobs": peer_knobs(genai_dir),
+        "peer_knobs": peer_knobs(genai_dir, rows),
         "rows": rows,
         "fairness": fair,
     }
-    result["ratios"] = ratios(rows)
+    paired = graph_ratio_rounds(rows)
+    result["ratio_rounds"] = paired
+    result["ratios"] = ratios(rows, paired)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["ratios"], indent=2))
