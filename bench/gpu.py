@@ -431,6 +431,76 @@ def stream_row(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
     }
 
 
+# -- where a decode step's time goes --------------------------------------------------------
+
+
+@contextlib.contextmanager
+def timers(targets: dict[str, tuple[Any, str]]) -> Iterator[dict[str, list[float]]]:
+    """Time every call of each (class, method) while inside: label -> [seconds, calls]."""
+    spent: dict[str, list[float]] = {label: [0.0, 0] for label in targets}
+    originals = {label: getattr(owner, name) for label, (owner, name) in targets.items()}
+
+    def timed(label: str, original: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[label][0] += time.perf_counter() - started
+                spent[label][1] += 1
+
+        return call
+
+    for label, (owner, name) in targets.items():
+        setattr(owner, name, timed(label, originals[label]))
+    try:
+        yield spent
+    finally:
+        for label, (owner, name) in targets.items():
+            setattr(owner, name, originals[label])
+
+
+def step_costs(model_dir: Path) -> list[dict[str, Any]]:
+    """The engine alone with the defaults, 1 and 16 streams: per decode step, the time in the
+    replayed model run, in putting the step's inputs on the device, in the argmax and the
+    logits' trip to the host, and the rest (the scheduler's Python), in microseconds."""
+    import onnxruntime as ort
+
+    from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
+    from tokenwire.server.engine.logits import LogitsReader
+    from tokenwire.server.engine.static_decode import StaticDecode
+    from tokenwire.server.tokenizer import Tokenizer
+
+    model = OnnxCausalLM(model_dir, provider=PROVIDER["name"], static_decode=True)
+    engine = Engine(model, Tokenizer.from_dir(model_dir), EngineConfig(max_batch_size=32))
+    engine.warm_up()
+    engine.start()
+    rows = []
+    targets = {
+        "decode step (StaticDecode.run)": (StaticDecode, "run"),
+        "every ORT run": (ort.InferenceSession, "run_with_iobinding"),
+        "inputs up (OrtValue.update_inplace)": (ort.OrtValue, "update_inplace"),
+        "argmax on the device": (LogitsReader, "argmax"),
+        "logits to the host": (LogitsReader, "to_host"),
+    }
+    try:
+        for streams in (1, 16):
+            asyncio.run(engine_burst(engine, streams, 16))
+            with timers(targets) as spent:
+                total, _, gaps = asyncio.run(engine_burst(engine, streams, NEW_TOKENS))
+            steps = max(1, int(spent["decode step (StaticDecode.run)"][1]))
+            row: dict[str, Any] = {"streams": streams, "decode_steps": steps}
+            row["wall_us_per_step"] = total * 1e6 / steps
+            row["itl_p50_us"] = nearest_rank(np.asarray(gaps), 50) * 1e6
+            for label, (seconds, calls) in spent.items():
+                row[label] = {"us_per_step": seconds * 1e6 / steps, "calls": int(calls)}
+            rows.append(row)
+            print(f"  step costs: {row}", flush=True)
+    finally:
+        engine.shutdown()
+    return rows
+
+
 # -- where the cache lives --------------------------------------------------------------------
 
 
@@ -586,6 +656,10 @@ def main() -> None:
             args.out.write_text(json.dumps(report, indent=1) + "\n")
         with contextlib.suppress(Exception):
             entry["ratios"] = ratios([r for r in entry["rows"] if "tokens_per_s" in r])
+        try:
+            entry["step_costs"] = step_costs(model_dir)
+        except Exception as exc:
+            entry.setdefault("errors", {})["step_costs"] = f"{type(exc).__name__}: {exc}"
         try:
             entry["copies"] = copies_per_step(model_dir)
         except Exception as exc:

@@ -15,6 +15,7 @@ from pathlib import Path
 from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
 from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
 from tokenwire.server.engine.kv_cache import BatchKvCache
+from tokenwire.server.engine.logits import Logits
 from tokenwire.server.engine.slot_buffer import PastTensors
 from tokenwire.server.engine.slot_cache import SlotKvCache
 from tokenwire.server.engine.types import FloatArray, IntArray
@@ -71,7 +72,7 @@ class TimedModel:
         in_place: bool = False,
         decode: bool = False,
         before_run: Callable[[], None] | None = None,
-    ) -> tuple[FloatArray, list[FloatArray]]:
+    ) -> tuple[Logits, list[FloatArray]]:
         started = time.perf_counter()
         out = self.model.forward(
             input_ids,
@@ -80,6 +81,7 @@ class TimedModel:
             past,
             last,
             in_place=in_place,
+            decode=decode,
             before_run=before_run,
         )
         (self.prefill if input_ids.shape[1] > 1 else self.decode).append(

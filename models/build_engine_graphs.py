@@ -1,4 +1,4 @@
-"""Build the engine's two one-node helper graphs in service/engine/:
+"""Build the engine's small helper graphs in service/engine/:
 
 - copy_bytes.onnx: Identity over a flat uint8 tensor. The engine runs it with IOBinding to copy
   a region of a KV-cache buffer that lives on the model's device (ONNX Runtime offers no slice
@@ -7,6 +7,11 @@
 - logits_fp32.onnx: Cast float16 -> float32 over [batch, positions, vocabulary]. A graph with
   fp16 logits has them widened where they were computed, so the host receives float32 (numpy
   converts fp16 about 30 times slower than a copy).
+- greedy_fp16.onnx, greedy_fp32.onnx: each row's highest-scoring id among the first `limit`
+  vocabulary entries of logits [batch, positions, vocabulary], at every position, ties to the
+  lowest id (numpy's argmax rule; fp16 is widened first, so the result equals the host's argmax
+  of the widened logits). Greedy rows get their next id where the logits were computed, and the
+  logits themselves stay there unless a row needs them.
 
     python models/build_engine_graphs.py        (any environment with the `onnx` package)
 
@@ -24,12 +29,12 @@ OUT = Path(__file__).resolve().parent.parent / "service" / "engine"
 
 
 def _model(
-    node: onnx.NodeProto,
+    nodes: onnx.NodeProto | list[onnx.NodeProto],
     inputs: list[onnx.ValueInfoProto],
     outputs: list[onnx.ValueInfoProto],
     name: str,
 ) -> onnx.ModelProto:
-    graph = helper.make_graph([node], name, inputs, outputs)
+    graph = helper.make_graph(nodes if isinstance(nodes, list) else [nodes], name, inputs, outputs)
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tokenwire"
     )
@@ -53,8 +58,56 @@ def logits_fp32() -> onnx.ModelProto:
     return _model(node, [logits], [widened], "logits_fp32")
 
 
+def greedy(dtype: int) -> onnx.ModelProto:
+    dims = ["batch", "positions", "vocabulary"]
+    logits = helper.make_tensor_value_info("logits", dtype, dims)
+    limit = helper.make_tensor_value_info("limit", TensorProto.INT64, [1])
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "positions"])
+    zero = helper.make_node(
+        "Constant",
+        [],
+        ["zero"],
+        name="zero",
+        value=helper.make_tensor("z", TensorProto.INT64, [1], [0]),
+    )
+    axis = helper.make_node(
+        "Constant",
+        [],
+        ["axis"],
+        name="axis",
+        value=helper.make_tensor("a", TensorProto.INT64, [1], [2]),
+    )
+    nodes = [zero, axis]
+    scores = "logits"
+    if dtype != TensorProto.FLOAT:
+        nodes.append(
+            helper.make_node("Cast", ["logits"], ["wide"], name="widen", to=TensorProto.FLOAT)
+        )
+        scores = "wide"
+    nodes.append(
+        helper.make_node("Slice", [scores, "zero", "limit", "axis"], ["kept"], name="keep")
+    )
+    nodes.append(helper.make_node("ArgMax", ["kept"], ["ids"], name="best", axis=2, keepdims=0))
+    return _model(nodes, [logits, limit], [ids], "greedy")
+
+
+def greedy_fp16() -> onnx.ModelProto:
+    return greedy(TensorProto.FLOAT16)
+
+
+def greedy_fp32() -> onnx.ModelProto:
+    return greedy(TensorProto.FLOAT)
+
+
+GRAPHS = {
+    "copy_bytes": copy_bytes,
+    "logits_fp32": logits_fp32,
+    "greedy_fp16": greedy_fp16,
+    "greedy_fp32": greedy_fp32,
+}
+
 if __name__ == "__main__":
-    for name, build in (("copy_bytes", copy_bytes), ("logits_fp32", logits_fp32)):
+    for name, build in GRAPHS.items():
         path = OUT / f"{name}.onnx"
         path.write_bytes(build().SerializeToString())
         print(path)

@@ -13,6 +13,7 @@ import numpy as np
 
 from tokenwire.server.engine import ModelSpec, OnnxCausalLM, Padding, RequestRecord, StepRecord
 from tokenwire.server.engine.kv_cache import BatchKvCache
+from tokenwire.server.engine.logits import HostLogits, Logits
 from tokenwire.server.engine.padding import probe_padding
 from tokenwire.server.engine.slot_buffer import PastTensors
 from tokenwire.server.engine.slot_cache import SlotKvCache
@@ -78,7 +79,7 @@ class ScriptedModel:
         in_place: bool = False,
         decode: bool = False,
         before_run: Callable[[], None] | None = None,
-    ) -> tuple[FloatArray, list[FloatArray]]:
+    ) -> tuple[Logits, list[FloatArray]]:
         self.calls += 1
         if before_run is not None:
             before_run()
@@ -94,7 +95,7 @@ class ScriptedModel:
             nxt = int(position_ids[row, -1]) + 1
             logits[row, self.script.get(nxt, self.eos)] = 30.0
         grown = np.zeros((rows, 1, new, 1), dtype=np.float32)
-        return logits, [np.concatenate([p, grown], axis=2) for p in past]
+        return HostLogits(logits), [np.concatenate([p, grown], axis=2) for p in past]
 
 
 class CountedPositionsModel:
@@ -130,11 +131,11 @@ class CountedPositionsModel:
         in_place: bool = False,
         decode: bool = False,
         before_run: Callable[[], None] | None = None,
-    ) -> tuple[FloatArray, list[FloatArray]]:
+    ) -> tuple[Logits, list[FloatArray]]:
         width = attention_mask.shape[1]
         counted = np.arange(width - input_ids.shape[1], width, dtype=np.int64)
         positions = np.broadcast_to(counted, input_ids.shape)
         logits, present = self.inner.forward(
             input_ids, attention_mask, positions, past, last, before_run=before_run
         )
-        return logits + self._bias[width - 1], present
+        return HostLogits(logits.host() + self._bias[width - 1]), present

@@ -24,7 +24,7 @@ def greedy_without_cache(model: OnnxCausalLM, ids: list[int], steps: int) -> lis
             np.arange(n, dtype=np.int64)[None, :],
             model.new_cache(1).tensors,
         )
-        seq.append(int(logits[0].argmax()))
+        seq.append(int(logits.host()[0].argmax()))
     return seq[len(ids) :]
 
 

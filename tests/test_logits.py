@@ -1,11 +1,20 @@
-"""fp16 logits reach the host as float32, widened by ONNX Runtime on the model's provider."""
+"""Logits on the device: their argmax computed there, the whole array brought to the host as
+float32 (fp16 widened by ONNX Runtime on the model's provider) only when asked for."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
-from tokenwire.server.engine.logits import LogitsWidener, widens
+from tokenwire.server.engine.logits import DeviceLogits, HostLogits, LogitsReader, widens
+
+CPU = ["CPUExecutionProvider"]
+
+
+def _logits(dtype: type[np.floating]) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((4, 1, 1000)) * 10).astype(dtype)
 
 
 def test_fp16_logits_are_widened_exactly() -> None:
@@ -15,7 +24,7 @@ def test_fp16_logits_are_widened_exactly() -> None:
     logits = (rng.standard_normal((3, 2, 1000)) * 1000).astype(np.float16)
     logits[0, 0, :4] = [np.inf, -np.inf, np.float16(65504), np.float16(-65504)]
     value = ort.OrtValue.ortvalue_from_numpy(logits)
-    widened = LogitsWidener(["CPUExecutionProvider"]).to_host(value)
+    widened = LogitsReader(CPU, half=True).to_host(value)
     assert widened.dtype == np.float32
     assert widened.shape == logits.shape
     assert np.array_equal(widened, logits.astype(np.float32))
@@ -25,3 +34,40 @@ def test_only_fp16_logits_are_widened() -> None:
     """float32 logits come back as they are; float16 ones are widened."""
     assert widens("tensor(float16)")
     assert not widens("tensor(float)")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=["fp16", "fp32"])
+def test_the_device_argmax_is_the_host_argmax_below_the_limit(dtype: type[np.floating]) -> None:
+    """Each row's best id computed by the greedy graph equals numpy's argmax of the widened
+    logits over the first `limit` ids: a higher score past the limit is ignored and ties go to
+    the lowest id."""
+    logits = _logits(dtype)
+    logits[0, 0, 900] = 100  # past the limit: never chosen
+    logits[1, 0, [17, 42]] = 90  # a tie: the lower id wins
+    reader = LogitsReader(CPU, half=dtype is np.float16)
+    best = reader.argmax(ort.OrtValue.ortvalue_from_numpy(logits), 800)[:, -1]
+    expected = logits[:, 0, :800].astype(np.float32).argmax(axis=1)
+    assert best.tolist() == expected.tolist()
+    assert best[1] == 17
+
+
+def test_device_logits_come_to_the_host_once_and_agree_with_the_device_argmax() -> None:
+    """host() returns the float32 rows of the last position, the same object on every call;
+    DeviceLogits' argmax equals the greedy graph's."""
+    logits = _logits(np.float16)
+    reader = LogitsReader(CPU, half=True)
+    value = ort.OrtValue.ortvalue_from_numpy(logits)
+    before = reader.argmax(value, 1000)[:, -1]
+    device = DeviceLogits(value, reader)
+    host = device.host()
+    assert host.dtype == np.float32
+    assert host.shape == (4, 1000)
+    assert host is device.host()
+    assert device.argmax(1000).tolist() == before.tolist()
+
+
+def test_host_logits_argmax_respects_the_limit() -> None:
+    """Logits already on the host: the argmax ignores ids at and past the limit."""
+    logits = _logits(np.float32)[:, 0, :]
+    logits[2, 999] = 1e6
+    assert HostLogits(logits).argmax(999).tolist() == logits[:, :999].argmax(axis=1).tolist()

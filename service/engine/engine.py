@@ -115,7 +115,7 @@ class Engine:
             self.model.new_cache(1).tensors,
         )
         for step in range(4):
-            token = int(logits[0].argmax())
+            token = int(logits.host()[0].argmax())
             width = len(ids) + step + 1
             logits, cache = self.model.forward(
                 np.asarray([[token]], dtype=np.int64),

@@ -22,7 +22,7 @@ import structlog
 
 from tokenwire.server.engine.graph import CacheLayout, check_vocab, read_layout
 from tokenwire.server.engine.kv_cache import BatchKvCache
-from tokenwire.server.engine.logits import LogitsWidener, widens
+from tokenwire.server.engine.logits import DeviceLogits, HostLogits, Logits, LogitsReader, widens
 from tokenwire.server.engine.padding import FP16_TOLERANCE, FP32_TOLERANCE, Padding, probe_padding
 from tokenwire.server.engine.slot_buffer import (
     BoundTensor,
@@ -82,7 +82,7 @@ class CausalLM(Protocol):
         in_place: bool = False,
         decode: bool = False,
         before_run: Callable[[], None] | None = None,
-    ) -> tuple[FloatArray, list[FloatArray]]:
+    ) -> tuple[Logits, list[FloatArray]]:
         """One step: logits [rows, vocab] at each row's `last` new position (default: the
         final one) and the present cache tensors. With in_place, `past` (tensors bound by
         address, on the model's device) is bound as the present outputs too and the graph
@@ -152,14 +152,15 @@ class OnnxCausalLM:
         self._shapes = [t.shape for t in self.layout.tensors]
         self._binding = self.session.io_binding()
         logits_type = next(o.type for o in outputs if o.name == "logits")
-        self._widen = LogitsWidener(self.session.get_providers()) if widens(logits_type) else None
+        self._half = widens(logits_type)
+        self._reader = LogitsReader(self.session.get_providers(), half=self._half)
         self._bound_regions: tuple[object, ...] = ()
         tolerance = FP16_TOLERANCE if self.layout.dtype is np.float16 else FP32_TOLERANCE
         self._static: StaticDecode | None = None
         self.padding: Padding = probe_padding(self, tolerance)
         wants_static = self.captures_graphs if static_decode is None else static_decode
         if wants_static and self.padding is Padding.RIGHT:
-            logits_dtype = np.float16 if self._widen is not None else np.float32
+            logits_dtype = np.float16 if self._half else np.float32
             self._static = StaticDecode(
                 self.session, self.layout, self.device, logits_dtype, self.spec.vocab_size
             )
@@ -200,7 +201,7 @@ class OnnxCausalLM:
         in_place: bool = False,
         decode: bool = False,
         before_run: Callable[[], None] | None = None,
-    ) -> tuple[FloatArray, list[FloatArray]]:
+    ) -> tuple[Logits, list[FloatArray]]:
         """Run one step; return each row's logits at `last` (default: the final position)."""
         feed: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self._has_position_ids:
@@ -208,8 +209,8 @@ class OnnxCausalLM:
         present: list[FloatArray] = []
         if in_place and decode and self._static is not None:
             regions = [_bound(view) for view in past]
-            scores = self._to_host(self._static.run(feed, regions, before_run))
-        elif in_place:
+            return DeviceLogits(self._static.run(feed, regions, before_run), self._reader), present
+        if in_place:
             scores = self._run_in_place(feed, past, before_run)
         else:
             feed.update(zip(self.layout.past_names, past, strict=True))
@@ -218,7 +219,7 @@ class OnnxCausalLM:
             outputs = self.session.run(self.output_names, feed, self._plain_run)
             scores, present = outputs[0], list(outputs[1:])
         picked = scores[:, -1, :] if last is None else scores[np.arange(len(scores)), last, :]
-        return np.asarray(picked, dtype=np.float32), present
+        return HostLogits(np.asarray(picked, dtype=np.float32)), present
 
     def _run_in_place(
         self,
@@ -248,16 +249,12 @@ class OnnxCausalLM:
         if before_run is not None:
             before_run()
         self.session.run_with_iobinding(binding, self._plain_run)
-        return self._to_host(binding.get_outputs()[0])
-
-    def _to_host(self, logits: ort.OrtValue) -> FloatArray:
-        host: FloatArray = logits.numpy() if self._widen is None else self._widen.to_host(logits)
-        return host
+        return self._reader.to_host(binding.get_outputs()[0])
 
     @property
     def _logits_device(self) -> str:
         """fp16 logits stay where they were computed until they are widened."""
-        return "cpu" if self._widen is None else self.device
+        return self.device if self._half else "cpu"
 
 
 def _bound(view: object) -> BoundTensor:

@@ -94,7 +94,7 @@ def _decode_right_aligned(model: CausalLM, ids: list[int]) -> tuple[FloatArray, 
         cache.last_positions(_PROMPT, real),
     )
     cache.advance(present, mask)
-    steps = [logits]
+    steps = [logits.host()]
     for step, token in enumerate(ids[_PROMPT : _PROMPT + _DECODE]):
         mask = cache.mask_with(1)
         logits, present = model.forward(
@@ -104,7 +104,7 @@ def _decode_right_aligned(model: CausalLM, ids: list[int]) -> tuple[FloatArray, 
             cache.tensors,
         )
         cache.advance(present, mask)
-        steps.append(logits)
+        steps.append(logits.host())
     stacked = np.stack(steps).astype(np.float32)
     return stacked[:, 0], stacked[:, 1]
 
@@ -133,7 +133,7 @@ def _decode(
     cache.advance(present, mask)
     if shift:
         cache.pad_left(shift)
-    steps = [logits]
+    steps = [logits.host()]
     for position, token in enumerate(ids[_PROMPT : _PROMPT + _DECODE], start=prompt):
         mask = cache.mask_with(1)
         logits, present = model.forward(
@@ -143,5 +143,5 @@ def _decode(
             cache.tensors,
         )
         cache.advance(present, mask)
-        steps.append(logits)
+        steps.append(logits.host())
     return np.concatenate(steps).astype(np.float32)

@@ -31,6 +31,7 @@ import structlog
 from tokenwire.server.domain import FinishReason, TopLogprob
 from tokenwire.server.engine.batch import Cohort, Placement
 from tokenwire.server.engine.kv_cache import BatchKvCache
+from tokenwire.server.engine.logits import Logits
 from tokenwire.server.engine.mailbox import Delivery, Mailbox, Publisher
 from tokenwire.server.engine.model import CausalLM
 from tokenwire.server.engine.observer import EngineObserver, StepRecord
@@ -293,7 +294,7 @@ class Scheduler:
 
     def _prefill_forward(
         self, group: list[Sequence], size: int
-    ) -> tuple[FloatArray, BatchKvCache | SlotPrefill]:
+    ) -> tuple[Logits, BatchKvCache | SlotPrefill]:
         """Feed the next `size` prompt tokens of one chunked row, or whole prompts of a group
         (in place in free slots of the preallocated cache, where there is one)."""
         chunked = group[0].cache if len(group) == 1 else None
@@ -360,23 +361,29 @@ class Scheduler:
             self._sample(rows, logits, time.monotonic())
         self._drop_finished_rows()
 
-    def _sample(self, rows: list[Sequence], logits: FloatArray, now: float) -> None:
+    def _sample(self, rows: list[Sequence], logits: Logits, now: float) -> None:
         # Padded embedding rows past the tokenizer's vocabulary are never sampled.
-        scores = logits[:, : self._vocab]
-        argmax = scores.argmax(axis=1)  # one pass serves every plain greedy row
-        for seq, row, best in zip(rows, scores, argmax, strict=True):
+        argmax = logits.argmax(self._vocab)  # one pass serves every plain greedy row
+        # The whole distribution reaches the host only when some row samples or reports it.
+        scores = logits.host()[:, : self._vocab] if any(map(_needs_scores, rows)) else None
+        for i, seq in enumerate(rows):
             try:
                 suppress = seq.suppressed
                 if seq.request.sampling.plain_greedy and not suppress:
-                    token = int(best)
+                    token = int(argmax[i])
                 else:
+                    assert scores is not None  # such a row needs the scores
                     token = seq.sampler.choose(
-                        row,
+                        scores[i],
                         index=len(seq.generated),
                         prompt=seq.prompt_ids,
                         generated=seq.generated,
                         suppress=suppress,
                     )
+                if scores is None:
+                    seq.accept(token, None, now, ())
+                    continue
+                row = scores[i]
                 logprob = log_softmax_at(row, token) if seq.request.logprobs else None
                 seq.accept(token, logprob, now, self._alternatives(seq, row))
             except Exception as exc:  # one request's sampling or text must not fail others
@@ -429,6 +436,13 @@ class Scheduler:
         self._cohorts.clear()
         self._publish()
         self._flush()
+
+
+def _needs_scores(seq: Sequence) -> bool:
+    """Whether a row needs the step's whole distribution, not just its argmax."""
+    request = seq.request
+    plain = request.sampling.plain_greedy and not seq.suppressed
+    return not plain or bool(request.logprobs) or bool(request.top_logprobs)
 
 
 def _padded(values: list[int], size: int, on_right: bool) -> list[int]:
