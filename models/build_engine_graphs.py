@@ -7,11 +7,12 @@
 - logits_fp32.onnx: Cast float16 -> float32 over [batch, positions, vocabulary]. A graph with
   fp16 logits has them widened where they were computed, so the host receives float32 (numpy
   converts fp16 about 30 times slower than a copy).
-- greedy_fp16.onnx, greedy_fp32.onnx: each row's highest-scoring id among the first `limit`
-  vocabulary entries of logits [batch, positions, vocabulary], at every position, ties to the
-  lowest id (numpy's argmax rule; fp16 is widened first, so the result equals the host's argmax
-  of the widened logits). Greedy rows get their next id where the logits were computed, and the
-  logits themselves stay there unless a row needs them.
+- greedy_fp16.onnx, greedy_fp32.onnx: each row's highest-scoring id of logits [batch,
+  positions, vocabulary], at every position, ties to the lowest id (numpy's argmax rule; fp16 is
+  widened first, so the result equals the host's argmax of the widened logits). Greedy rows get
+  their next id where the logits were computed, and the logits themselves stay there unless a
+  row needs them. The graph has no inputs but the logits, so that it can be replayed as a CUDA
+  graph too (a vocabulary limit would be a host-side input).
 
     python models/build_engine_graphs.py        (any environment with the `onnx` package)
 
@@ -61,34 +62,15 @@ def logits_fp32() -> onnx.ModelProto:
 def greedy(dtype: int) -> onnx.ModelProto:
     dims = ["batch", "positions", "vocabulary"]
     logits = helper.make_tensor_value_info("logits", dtype, dims)
-    limit = helper.make_tensor_value_info("limit", TensorProto.INT64, [1])
     ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "positions"])
-    zero = helper.make_node(
-        "Constant",
-        [],
-        ["zero"],
-        name="zero",
-        value=helper.make_tensor("z", TensorProto.INT64, [1], [0]),
-    )
-    axis = helper.make_node(
-        "Constant",
-        [],
-        ["axis"],
-        name="axis",
-        value=helper.make_tensor("a", TensorProto.INT64, [1], [2]),
-    )
-    nodes = [zero, axis]
-    scores = "logits"
+    nodes, scores = [], "logits"
     if dtype != TensorProto.FLOAT:
         nodes.append(
             helper.make_node("Cast", ["logits"], ["wide"], name="widen", to=TensorProto.FLOAT)
         )
         scores = "wide"
-    nodes.append(
-        helper.make_node("Slice", [scores, "zero", "limit", "axis"], ["kept"], name="keep")
-    )
-    nodes.append(helper.make_node("ArgMax", ["kept"], ["ids"], name="best", axis=2, keepdims=0))
-    return _model(nodes, [logits, limit], [ids], "greedy")
+    nodes.append(helper.make_node("ArgMax", [scores], ["ids"], name="best", axis=2, keepdims=0))
+    return _model(nodes, [logits], [ids], "greedy")
 
 
 def greedy_fp16() -> onnx.ModelProto:

@@ -37,28 +37,34 @@ def test_only_fp16_logits_are_widened() -> None:
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=["fp16", "fp32"])
-def test_the_device_argmax_is_the_host_argmax_below_the_limit(dtype: type[np.floating]) -> None:
-    """Each row's best id computed by the greedy graph equals numpy's argmax of the widened
-    logits over the first `limit` ids: a higher score past the limit is ignored and ties go to
-    the lowest id."""
+def test_the_device_argmax_is_the_host_argmax(dtype: type[np.floating]) -> None:
+    """Each row's best id from the greedy graph equals numpy's argmax of the widened logits;
+    ties go to the lowest id."""
     logits = _logits(dtype)
-    logits[0, 0, 900] = 100  # past the limit: never chosen
     logits[1, 0, [17, 42]] = 90  # a tie: the lower id wins
     reader = LogitsReader(CPU, half=dtype is np.float16)
-    best = reader.argmax(ort.OrtValue.ortvalue_from_numpy(logits), 800)[:, -1]
-    expected = logits[:, 0, :800].astype(np.float32).argmax(axis=1)
-    assert best.tolist() == expected.tolist()
+    best = reader.argmax(ort.OrtValue.ortvalue_from_numpy(logits))[:, -1]
+    assert best.tolist() == logits[:, 0, :].astype(np.float32).argmax(axis=1).tolist()
     assert best[1] == 17
+
+
+def test_a_best_id_past_the_limit_is_decided_among_the_ids_below_it() -> None:
+    """Rows whose highest score lies at or past the vocabulary limit (padded embedding rows)
+    get the best id below the limit; the other rows keep the device's answer."""
+    logits = _logits(np.float16)
+    logits[0, 0, 900] = 100
+    logits[3, 0, 800] = 100
+    device = DeviceLogits(ort.OrtValue.ortvalue_from_numpy(logits), LogitsReader(CPU, half=True))
+    best = device.argmax(800)
+    assert best.tolist() == logits[:, 0, :800].astype(np.float32).argmax(axis=1).tolist()
 
 
 def test_device_logits_come_to_the_host_once_and_agree_with_the_device_argmax() -> None:
     """host() returns the float32 rows of the last position, the same object on every call;
-    DeviceLogits' argmax equals the greedy graph's."""
+    the argmax read afterwards from that copy equals the device's."""
     logits = _logits(np.float16)
-    reader = LogitsReader(CPU, half=True)
-    value = ort.OrtValue.ortvalue_from_numpy(logits)
-    before = reader.argmax(value, 1000)[:, -1]
-    device = DeviceLogits(value, reader)
+    device = DeviceLogits(ort.OrtValue.ortvalue_from_numpy(logits), LogitsReader(CPU, half=True))
+    before = device.argmax(1000)
     host = device.host()
     assert host.dtype == np.float32
     assert host.shape == (4, 1000)

@@ -15,17 +15,22 @@ about 0.7 ms per step for 16 rows of a 32,000-entry vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
+import structlog
 
 from tokenwire.server.engine.types import FloatArray, IntArray
 
 _HERE = Path(__file__).parent
 _CAST_GRAPH = _HERE / "logits_fp32.onnx"
+_CUDA = "CUDAExecutionProvider"
+log = structlog.get_logger("tokenwire.engine")
 
 
 class Logits(Protocol):
@@ -55,15 +60,25 @@ class HostLogits:
 
 
 class LogitsReader:
-    """Reads logits held in OrtValues (any device): their argmax there, or all of them."""
+    """Reads logits held in OrtValues: their argmax where they are, or all of them on the host.
 
-    def __init__(self, providers: list[str], *, half: bool) -> None:
+    With `capture` (a CUDA session replaying graphs), the argmax of each logits buffer (one
+    per decode binding, static_decode.py) is itself recorded as a CUDA graph and replayed: a
+    few microseconds instead of a session run's launches."""
+
+    def __init__(self, providers: list[str], *, half: bool, capture: bool = False) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
-        self._half = half
         self._cast = _Graph(_CAST_GRAPH, options, providers) if half else None
         greedy = _HERE / f"greedy_{'fp16' if half else 'fp32'}.onnx"
-        self._greedy = _Graph(greedy, options, providers)
+        self._capture = capture and _CUDA in providers
+        captured = [(p, {"enable_cuda_graph": "1"}) if p == _CUDA else p for p in providers]
+        try:
+            self._greedy = _Graph(greedy, options, captured if self._capture else providers)
+        except Exception:  # a provider that cannot capture this graph: run it uncaptured
+            self._capture = False
+            self._greedy = _Graph(greedy, options, providers)
+        self._argmax: dict[int, _Argmax] = {}
 
     def to_host(self, logits: ort.OrtValue) -> FloatArray:
         """float32 logits on the host (float16 ones widened on their device first)."""
@@ -77,19 +92,40 @@ class LogitsReader:
         widened: FloatArray = binding.get_outputs()[0].numpy()
         return widened
 
-    def argmax(self, logits: ort.OrtValue, limit: int) -> IntArray:
-        """[rows, positions] best ids below `limit`, computed on the logits' device."""
-        binding = self._greedy.binding
-        binding.bind_ortvalue_input("logits", logits)
-        binding.bind_cpu_input("limit", np.asarray([limit], dtype=np.int64))
-        binding.bind_output("ids", "cpu")
-        self._greedy.session.run_with_iobinding(binding)
-        ids: IntArray = binding.get_outputs()[0].numpy()
+    def argmax(self, logits: ort.OrtValue) -> IntArray:
+        """[rows, positions] best ids over the whole vocabulary, computed on the logits'
+        device (logits at a fixed address, as a decode binding's are)."""
+        fixed = self._argmax.get(logits.data_ptr())
+        if fixed is None:
+            fixed = self._argmax[logits.data_ptr()] = self._bind(logits)
+        try:
+            self._greedy.session.run_with_iobinding(fixed.binding, fixed.options)
+        except Exception as exc:
+            if not self._capture:
+                raise
+            # Capture refused at run time: every argmax runs uncaptured from now on.
+            log.warning("engine.argmax_graph_uncaptured", error=str(exc).splitlines()[0])
+            self._capture = False
+            self._argmax.clear()
+            return self.argmax(logits)
+        ids: IntArray = fixed.ids.numpy()
         return ids
+
+    def _bind(self, logits: ort.OrtValue) -> _Argmax:
+        binding = self._greedy.session.io_binding()
+        binding.bind_ortvalue_input("logits", logits)
+        rows, positions, _ = logits.shape()
+        device = logits.device_name().lower()
+        ids = ort.OrtValue.ortvalue_from_shape_and_type([rows, positions], np.int64, device, 0)
+        binding.bind_ortvalue_output("ids", ids)
+        options = ort.RunOptions()
+        graph_id = len(self._argmax) + 1 if self._capture else -1
+        options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return _Argmax(binding, ids, options)
 
 
 class DeviceLogits:
-    """The [rows, 1, vocabulary] logits of a decode step, still where the model put them."""
+    """The [rows, 1, vocabulary] logits of a decode step, still on the model's device."""
 
     def __init__(self, value: ort.OrtValue, reader: LogitsReader) -> None:
         self._value = value
@@ -102,18 +138,35 @@ class DeviceLogits:
         return self._host
 
     def argmax(self, limit: int) -> IntArray:
-        # Logits in host memory (the CPU provider) are read there: numpy's argmax is faster
-        # than a session run. Logits already brought down need no second trip either.
-        if self._host is not None or self._value.device_name().lower() == "cpu":
-            return HostLogits(self.host()).argmax(limit)
-        best: IntArray = self._reader.argmax(self._value, limit)[:, -1]
+        if self._host is not None:  # already down: no second trip to the device
+            return HostLogits(self._host).argmax(limit)
+        best: IntArray = self._reader.argmax(self._value)[:, -1]
+        # A row whose best id lies past the limit (padded embedding rows) is decided on the
+        # host, among the ids below it.
+        past = best >= limit
+        if past.any():
+            best[past] = self.host()[past, :limit].argmax(axis=1)
         return best
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Argmax:
+    """The greedy graph bound to one logits buffer and its own output."""
+
+    binding: Any  # ort.IOBinding (untyped in onnxruntime's stubs)
+    ids: ort.OrtValue
+    options: ort.RunOptions
 
 
 class _Graph:
     """A helper graph's session and its one IOBinding."""
 
-    def __init__(self, path: Path, options: ort.SessionOptions, providers: list[str]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        options: ort.SessionOptions,
+        providers: Sequence[str | tuple[str, dict[str, str]]],
+    ) -> None:
         self.session = ort.InferenceSession(os.fspath(path), options, providers=providers)
         self.binding = self.session.io_binding()
 

@@ -5,8 +5,9 @@ replaying it costs one launch instead of hundreds, which on a small or medium mo
 a step's time. It replays correctly only if every input and output sits where it was recorded,
 with the same shape. Per batch size that holds here: live rows occupy slots 0..rows-1 of the
 preallocated cache (slot_cache.py), so the cache regions of `rows` rows never move, and the
-step's ids, its attention mask and its logits get one buffer each, on the model's device,
-updated in place before every step. The mask's width is the attention's length, which costs
+step's ids, its attention mask (and positions, where the graph takes them) share one buffer
+on the model's device, updated in place with one copy before every step, and its logits get
+one more. The mask's width is the attention's length, which costs
 time in proportion, so it is not the whole capacity but the next power of two (at least
 MIN_WIDTH) above the longest row: a handful of widths per batch size. Each (batch size, width)
 is one graph (ONNX Runtime's `gpu_graph_id` run option), captured at its first steps and
@@ -47,7 +48,8 @@ class _Step:
     """Everything one batch size's step is bound to; none of it moves after creation."""
 
     binding: Any  # ort.IOBinding (untyped in onnxruntime's stubs)
-    inputs: dict[str, ort.OrtValue]
+    inputs: ort.OrtValue  # every input, one after the other
+    views: dict[str, IntArray]  # each input's part of `staging`
     logits: ort.OrtValue
     staging: IntArray
     options: ort.RunOptions
@@ -92,11 +94,12 @@ class StaticDecode:
         step = self._steps.get(key)
         if step is None:
             step = self._steps[key] = self._bind(*key, sorted(feed), len(self._steps) + 1)
-        step.staging[:, : mask.shape[1]] = mask
-        step.staging[:, mask.shape[1] :] = 0
-        for name, value in step.inputs.items():
-            source = step.staging if name == "attention_mask" else feed[name]
-            value.update_inplace(np.ascontiguousarray(source, dtype=np.int64))
+        # Every input in one host array, laid out as on the device: one copy up per step.
+        for name, view in step.views.items():
+            source = feed[name]
+            view[:, : source.shape[1]] = source
+            view[:, source.shape[1] :] = 0
+        step.inputs.update_inplace(step.staging)
         if before_run is not None:
             before_run()
         self._session.run_with_iobinding(step.binding, step.options)
@@ -106,17 +109,18 @@ class StaticDecode:
         self, regions: tuple[BoundTensor, ...], mask_width: int, names: list[str], graph_id: int
     ) -> _Step:
         rows = regions[0].shape[0]
-        staging: IntArray = np.zeros((rows, mask_width), dtype=np.int64)
+        widths = {name: mask_width if name == "attention_mask" else 1 for name in names}
+        staging: IntArray = np.zeros(rows * sum(widths.values()), dtype=np.int64)
+        # A buffer of its own (a CPU OrtValue would otherwise share the numpy array's memory).
+        inputs = ort.OrtValue.ortvalue_from_numpy(np.zeros_like(staging), self._device, 0)
         binding = self._session.io_binding()
-        inputs = {}
-        for name in names:
-            width = mask_width if name == "attention_mask" else 1
-            # A buffer of its own (a CPU OrtValue would otherwise share the numpy array's memory).
-            value = ort.OrtValue.ortvalue_from_numpy(
-                np.zeros((rows, width), dtype=np.int64), self._device, 0
-            )
-            binding.bind_ortvalue_input(name, value)
-            inputs[name] = value
+        views, offset = {}, 0
+        for name, width in widths.items():
+            size = rows * width
+            views[name] = staging[offset : offset + size].reshape(rows, width)
+            pointer = inputs.data_ptr() + offset * staging.itemsize
+            binding.bind_input(name, self._device, 0, np.int64, [rows, width], pointer)
+            offset += size
         logits = ort.OrtValue.ortvalue_from_shape_and_type(
             [rows, 1, self._vocab], self._logits_dtype, self._device, 0
         )
@@ -128,7 +132,7 @@ class StaticDecode:
             binding.bind_output(tensor.present, region.device, 0, dtype, shape, region.pointer)
         options = ort.RunOptions()
         options.add_run_config_entry(GRAPH_ID, str(graph_id))
-        return _Step(binding, inputs, logits, staging, options)
+        return _Step(binding, inputs, views, logits, staging, options)
 
 
 def _width(needed: int, capacity: int) -> int:
