@@ -204,6 +204,19 @@ GPU_TARGETS = [
     ("grpc_c16_staggered_vs_genai_b16", ">=", 1.3, "16 staggered streams vs GenAI static batch 16"),
     ("grpc_c16_burst_vs_genai_b16", ">=", 1.0, "burst of 16 vs GenAI static batch 16"),
     ("engine_b1_vs_genai_b1", ">=", 1.0, "engine alone, 1 stream, vs GenAI batch 1"),
+    ("engine_c16_vs_genai_b16", ">=", 1.0, "engine alone, burst of 16, vs GenAI static batch 16"),
+    (
+        "cuda_graph_vs_uncaptured_b1",
+        ">=",
+        1.0,
+        "decode steps replayed as CUDA graphs vs uncaptured, 1 stream",
+    ),
+    (
+        "cuda_graph_vs_uncaptured_c16",
+        ">=",
+        1.0,
+        "decode steps replayed as CUDA graphs vs uncaptured, 16 streams",
+    ),
     ("device_cache_vs_copying_b1", ">=", 1.0, "cache on the device vs copied every step, 1 stream"),
     (
         "device_cache_vs_copying_c16",
@@ -219,7 +232,8 @@ def gpu_label(row: dict[str, Any]) -> str:
         graph = "CUDA graph" if row.get("knobs", {}).get("enable_cuda_graph") else "no CUDA graph"
         return f"ort-genai static batch {row['concurrency']} ({graph})"
     cache = {
-        "device": "cache on device",
+        "device": "cache on device, CUDA graphs",
+        "device-uncaptured": "cache on device, no CUDA graphs",
         "device-prefill-copied": "cache on device, prompts prefilled apart and copied in",
         "copying": "cache copied per step",
     }[row["cache"]]
@@ -264,6 +278,8 @@ def gpu_section(gpu: dict[str, Any]) -> str:
         ]
         for check in checks:
             parts += ["", greedy_check(check)]
+        if entry.get("step_costs"):
+            parts += ["", step_costs_table(entry["step_costs"])]
         copies = entry.get("copies")
         if copies:
             parts += [
@@ -276,6 +292,36 @@ def gpu_section(gpu: dict[str, Any]) -> str:
                 f"{copies['node_kernel_events']} node runs.",
             ]
     return "\n".join(parts)
+
+
+STEP_PARTS = [
+    ("decode step (StaticDecode.run)", "model step (inputs up, replayed graph)"),
+    ("inputs up (OrtValue.update_inplace)", "of which inputs up (one copy)"),
+    ("argmax on the device", "argmax on the device (replayed graph)"),
+    ("logits to the host", "whole logits to the host"),
+]
+
+
+def step_costs_table(costs: list[dict[str, Any]]) -> str:
+    """Where a decode step's time goes (bench/gpu.py step_costs), microseconds per step."""
+    head = " | ".join(f"{c['streams']} stream{'s' if c['streams'] > 1 else ''}" for c in costs)
+    lines = [
+        "Where a decode step's time goes (engine alone, defaults; microseconds per decode step, "
+        "timers around each call; the rest is the scheduler's Python and event hand-off):",
+        "",
+        f"| part | {head} |",
+        "| --- |" + " ---: |" * len(costs),
+    ]
+    for key, name in STEP_PARTS:
+        cells = " | ".join(f"{c[key]['us_per_step']:.0f}" for c in costs)
+        lines.append(f"| {name} | {cells} |")
+    timed = [STEP_PARTS[0][0], STEP_PARTS[2][0], STEP_PARTS[3][0]]
+    rests = [c["wall_us_per_step"] - sum(c[k]["us_per_step"] for k in timed) for c in costs]
+    rest = " | ".join(f"{r:.0f}" for r in rests)
+    lines.append(f"| the rest | {rest} |")
+    wall = " | ".join(f"{c['wall_us_per_step']:.0f}" for c in costs)
+    lines.append(f"| whole step (wall, timed) | {wall} |")
+    return "\n".join(lines)
 
 
 def greedy_check(check: dict[str, Any]) -> str:
@@ -305,31 +351,31 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def readme_gpu(gpu: dict[str, Any] | None) -> list[str]:
-    if gpu is None or "bench-56m" not in gpu["models"]:
+    if gpu is None:
         return []
-    entry = gpu["models"]["bench-56m"]
-    r = entry["ratios"]
-    one = next(
-        x
-        for x in entry["rows"]
-        if x.get("transport") == "grpc" and x["concurrency"] == 1 and "tokens_per_s" in x
-    )
-    plain = next(
-        x["tokens_per_s"]
-        for x in entry["rows"]
-        if x.get("system") == "ort-genai"
-        and x["concurrency"] == 1
-        and not x.get("knobs", {}).get("enable_cuda_graph")
-    )
-    return [
-        f"- on an {gpu['machine']['gpu'].split(',')[0]} (CUDA provider, fp16, same model shape): "
-        f"one stream over gRPC {one['tokens_per_s']:.0f} tokens/s = "
-        f"{r['grpc_b1_vs_genai_b1']:.2f}x GenAI with CUDA graphs "
-        f"({one['tokens_per_s'] / plain:.2f}x without); 16 staggered streams "
-        f"{r['grpc_c16_staggered_vs_genai_b16']:.2f}x GenAI's static batch of 16; keeping the "
-        f"KV cache on the device is {r['device_cache_vs_copying_c16']:.1f}x copying it at 16 "
-        f"streams.",
+    lines = [
+        f"- on an {gpu['machine']['gpu'].split(',')[0]} (CUDA provider, the same fp16 GenAI "
+        "graph for both; tokenwire replays its decode steps as CUDA graphs, GenAI's row is its "
+        "best: CUDA graphs at batch 1, where it can capture them):"
     ]
+    for name, entry in gpu["models"].items():
+        r = entry.get("ratios")
+        if not r:
+            continue
+        one = next(
+            x
+            for x in entry["rows"]
+            if x.get("transport") == "grpc" and x["concurrency"] == 1 and "tokens_per_s" in x
+        )
+        lines.append(
+            f"  {name}: one stream over gRPC {one['tokens_per_s']:.0f} tokens/s = "
+            f"{r['grpc_b1_vs_genai_b1']:.2f}x GenAI; a burst of 16 over gRPC "
+            f"{r['grpc_c16_burst_vs_genai_b16']:.2f}x and 16 staggered "
+            f"{r['grpc_c16_staggered_vs_genai_b16']:.2f}x GenAI's static batch of 16 (the engine "
+            f"alone: {r['engine_c16_vs_genai_b16']:.2f}x); CUDA graphs "
+            f"{r['cuda_graph_vs_uncaptured_b1']:.1f}x uncaptured steps at 1 stream."
+        )
+    return lines
 
 
 def readme_block(result: dict[str, Any], gpu: dict[str, Any] | None = None) -> str:
