@@ -70,9 +70,12 @@ class HostSlotBuffer:
     def __init__(self, shape: tuple[int, ...], dtype: type[np.floating[Any]]) -> None:
         self.shape = shape
         self.array: AnyArray = np.zeros(shape, dtype=dtype)
+        self._base = self.array.ctypes.data  # read once: numpy's .ctypes is slow
+        self._slot_bytes = self.array[0].nbytes
 
     def bound(self, rows: int, first: int = 0) -> BoundTensor:
-        return BoundTensor("cpu", self.array[first:].ctypes.data, (rows, *self.shape[1:]))
+        pointer = self._base + first * self._slot_bytes
+        return BoundTensor("cpu", pointer, (rows, *self.shape[1:]))
 
     def write_rows(self, first: int, rows: AnyArray, axis: int) -> None:
         target = _region(self.array.ndim, axis, slice(first, first + len(rows)), rows.shape[axis])

@@ -50,6 +50,7 @@ class SlotKvCache:
             self.buffers.append(buffer(tuple(full), dtype))
         self.lengths: IntArray = np.zeros(slots, dtype=np.int64)
         self.rows = 0
+        self._regions: dict[int, list[BoundTensor]] = {}
 
     @property
     def slots(self) -> int:
@@ -66,8 +67,12 @@ class SlotKvCache:
 
     @property
     def tensors(self) -> list[BoundTensor]:
-        """The live rows of every buffer: contiguous regions the graph reads and writes."""
-        return [b.bound(self.rows) for b in self.buffers]
+        """The live rows of every buffer: contiguous regions the graph reads and writes (the
+        same list for the same row count: the buffers never move)."""
+        regions = self._regions.get(self.rows)
+        if regions is None:
+            regions = self._regions[self.rows] = [b.bound(self.rows) for b in self.buffers]
+        return regions
 
     def mask_with(self, new_columns: int, real: Sequence[int] | None = None) -> IntArray:
         """Prefix masks: each row's length plus the new entries."""
@@ -179,7 +184,7 @@ class SlotPrefill:
 def _prefix_mask(lengths: IntArray, new_columns: int, real: Sequence[int] | None) -> IntArray:
     """Each row a prefix of ones: its length plus its real new entries (default: all of them),
     as wide as the longest row plus the new columns."""
-    added = np.full(len(lengths), new_columns) if real is None else np.asarray(real)
+    ends = lengths + (new_columns if real is None else np.asarray(real))
     width = (int(lengths.max()) if len(lengths) else 0) + new_columns
-    mask: IntArray = (np.arange(width)[None, :] < (lengths + added)[:, None]).astype(np.int64)
+    mask: IntArray = (np.arange(width) < ends[:, None]).astype(np.int64)
     return mask
