@@ -87,13 +87,20 @@ def request_from_pb(
 
 def event_to_pb(event: Event) -> pb.GenerateResponse:
     if isinstance(event, TokenEvent):
-        token = pb.Token(text=event.text, id=event.token_id, index=event.index)
+        # Filled in place (no sub-message copied in): this runs once per streamed token.
+        message = pb.GenerateResponse()
+        token = message.token
+        token.text = event.text
+        token.id = event.token_id
+        token.index = event.index
         if event.logprob is not None:
             token.logprob = event.logprob
-        token.top_logprobs.extend(
-            pb.TopLogprob(id=t.token_id, logprob=t.logprob, text=t.text) for t in event.top_logprobs
-        )
-        return pb.GenerateResponse(token=token)
+        if event.top_logprobs:
+            token.top_logprobs.extend(
+                pb.TopLogprob(id=t.token_id, logprob=t.logprob, text=t.text)
+                for t in event.top_logprobs
+            )
+        return message
     if isinstance(event, UsageEvent):
         return pb.GenerateResponse(usage=usage_to_pb(event))
     return pb.GenerateResponse(completion=completion_to_pb(event))
