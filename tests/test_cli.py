@@ -6,8 +6,22 @@ import asyncio
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+
+import pytest
 
 from tests.conftest import RunningServer, eventually
+
+
+@pytest.fixture
+def interruptible() -> Iterator[None]:
+    """Children get SIGINT's default disposition: a suite started as a background job inherits
+    an ignored SIGINT, which a child process would inherit too (and rightly ignore)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 async def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -42,6 +56,7 @@ async def test_generate_reports_invalid_arguments_clearly(served: RunningServer)
     assert "INVALID_ARGUMENT: sampling.top_p" in done.stderr
 
 
+@pytest.mark.usefixtures("interruptible")
 async def test_ctrl_c_cancels_the_stream_and_frees_the_server(paced: RunningServer) -> None:
     """SIGINT mid-stream exits 130 with [cancelled] and the server's slot is freed."""
     served = paced
