@@ -28,17 +28,16 @@ from collections.abc import Callable
 import numpy as np
 import structlog
 
-from tokenwire.server.domain import FinishReason, TopLogprob
+from tokenwire.server.domain import FinishReason
 from tokenwire.server.engine.batch import Cohort, Placement
 from tokenwire.server.engine.kv_cache import BatchKvCache
 from tokenwire.server.engine.logits import Logits
 from tokenwire.server.engine.mailbox import Delivery, Mailbox, Publisher
 from tokenwire.server.engine.model import CausalLM
 from tokenwire.server.engine.observer import EngineObserver, StepRecord
-from tokenwire.server.engine.sampling import log_softmax_at, top_logprobs
 from tokenwire.server.engine.sequence import Sequence
 from tokenwire.server.engine.slot_cache import SlotPrefill
-from tokenwire.server.engine.types import FloatArray
+from tokenwire.server.engine.token_choice import TokenChooser
 
 log = structlog.get_logger("tokenwire.engine")
 
@@ -78,7 +77,7 @@ class Scheduler:
         token_text: Callable[[int], str] = str,
     ) -> None:
         self._model = model
-        self._token_text = token_text
+        self._chooser = TokenChooser(vocab_limit, token_text)
         # A graph that writes its cache in place gets one preallocated buffer, sized by the
         # KV budget: every slot holds a whole context (or the budget, if smaller).
         capacity = min(model.spec.context_length, max_kv_tokens)
@@ -88,7 +87,6 @@ class Scheduler:
         self._placement = Placement(model.padding, model.spec.context_length, slots)
         self._max_batch = min(max_batch_size, self._placement.max_rows or max_batch_size)
         self._chunk = prefill_chunk_tokens
-        self._vocab = vocab_limit
         self._max_kv_tokens = max_kv_tokens
         self._observer = observer
         self._on_finished = on_finished
@@ -272,7 +270,7 @@ class Scheduler:
                 group[0].cache = cache
             return size
         self._prefilling = [s for s in self._prefilling if s not in done]
-        self._sample(done, logits, time.monotonic())
+        self._chooser.choose(done, logits, time.monotonic())
         alive = [i for i, s in enumerate(done) if not self._retire(s)]
         if alive:
             cache.keep(alive, trim=self._placement.trims)
@@ -358,45 +356,8 @@ class Scheduler:
                 seq.fail("decode step failed", exc)
         else:
             cache.advance(present, mask)
-            self._sample(rows, logits, time.monotonic())
+            self._chooser.choose(rows, logits, time.monotonic())
         self._drop_finished_rows()
-
-    def _sample(self, rows: list[Sequence], logits: Logits, now: float) -> None:
-        # Padded embedding rows past the tokenizer's vocabulary are never sampled.
-        argmax = logits.argmax(self._vocab)  # one pass serves every plain greedy row
-        # The whole distribution reaches the host only when some row samples or reports it.
-        scores = logits.host()[:, : self._vocab] if any(map(_needs_scores, rows)) else None
-        for i, seq in enumerate(rows):
-            try:
-                suppress = seq.suppressed
-                if seq.request.sampling.plain_greedy and not suppress:
-                    token = int(argmax[i])
-                else:
-                    assert scores is not None  # such a row needs the scores
-                    token = seq.sampler.choose(
-                        scores[i],
-                        index=len(seq.generated),
-                        prompt=seq.prompt_ids,
-                        generated=seq.generated,
-                        suppress=suppress,
-                    )
-                if scores is None:
-                    seq.accept(token, None, now, ())
-                    continue
-                row = scores[i]
-                logprob = log_softmax_at(row, token) if seq.request.logprobs else None
-                seq.accept(token, logprob, now, self._alternatives(seq, row))
-            except Exception as exc:  # one request's sampling or text must not fail others
-                log.exception("engine.sample_failed", request_id=seq.request_id)
-                seq.fail("sampling failed", exc)
-
-    def _alternatives(self, seq: Sequence, row: FloatArray) -> tuple[TopLogprob, ...]:
-        if not seq.request.top_logprobs:
-            return ()
-        return tuple(
-            TopLogprob(token_id, logprob, self._token_text(token_id))
-            for token_id, logprob in top_logprobs(row, seq.request.top_logprobs)
-        )
 
     def _publish(self) -> None:
         """Collect the step's events; `_flush` hands them over."""
@@ -436,13 +397,6 @@ class Scheduler:
         self._cohorts.clear()
         self._publish()
         self._flush()
-
-
-def _needs_scores(seq: Sequence) -> bool:
-    """Whether a row needs the step's whole distribution, not just its argmax."""
-    request = seq.request
-    plain = request.sampling.plain_greedy and not seq.suppressed
-    return not plain or bool(request.logprobs) or bool(request.top_logprobs)
 
 
 def _padded(values: list[int], size: int, on_right: bool) -> list[int]:
