@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import os
@@ -481,26 +482,18 @@ async def graph_rows(
                 # One round of every 1-stream system first, not counted: the first round ran
                 # slower for tokenwire than every later one in every ratio (0.65x against
                 # 0.85-1.0x), whatever the system measured first.
-                print(f"  {graph.name}: warm-up round (not counted)", flush=True)
-                await graph_round(
+                play = functools.partial(
+                    graph_round,
                     graph,
                     model_dir,
                     service=(stub, server.proc.pid),
                     prompts=prompts,
                     ids=ids,
-                    found={},
-                    full=False,
                 )
+                print(f"  {graph.name}: warm-up round (not counted)", flush=True)
+                await play(found={}, full=False)
                 for i in range(single_rounds):
-                    await graph_round(
-                        graph,
-                        model_dir,
-                        service=(stub, server.proc.pid),
-                        prompts=prompts,
-                        ids=ids,
-                        found=found,
-                        full=i < rounds,
-                    )
+                    await play(found=found, full=i < rounds)
         finally:
             server.stop()
         rows += [median_row(graph.name, runs) for runs in found.values()]

@@ -25,11 +25,11 @@ import numpy as np
 import onnxruntime as ort
 import structlog
 
+from tokenwire.server.engine.static_decode import CUDA, Providers, capturing, graph_run
 from tokenwire.server.engine.types import FloatArray, IntArray
 
 _HERE = Path(__file__).parent
 _CAST_GRAPH = _HERE / "logits_fp32.onnx"
-_CUDA = "CUDAExecutionProvider"
 log = structlog.get_logger("tokenwire.engine")
 
 
@@ -71,10 +71,10 @@ class LogitsReader:
         options.intra_op_num_threads = 1
         self._cast = _Graph(_CAST_GRAPH, options, providers) if half else None
         greedy = _HERE / f"greedy_{'fp16' if half else 'fp32'}.onnx"
-        self._capture = capture and _CUDA in providers
-        captured = [(p, {"enable_cuda_graph": "1"}) if p == _CUDA else p for p in providers]
+        self._capture = capture and CUDA in providers
+        chosen = capturing(providers) if self._capture else providers
         try:
-            self._greedy = _Graph(greedy, options, captured if self._capture else providers)
+            self._greedy = _Graph(greedy, options, chosen)
         except Exception:  # a provider that cannot capture this graph: run it uncaptured
             self._capture = False
             self._greedy = _Graph(greedy, options, providers)
@@ -118,10 +118,8 @@ class LogitsReader:
         device = logits.device_name().lower()
         ids = ort.OrtValue.ortvalue_from_shape_and_type([rows, positions], np.int64, device, 0)
         binding.bind_ortvalue_output("ids", ids)
-        options = ort.RunOptions()
         graph_id = len(self._argmax) + 1 if self._capture else -1
-        options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        return _Argmax(binding, ids, options)
+        return _Argmax(binding, ids, graph_run(graph_id))
 
 
 class DeviceLogits:
@@ -165,7 +163,7 @@ class _Graph:
         self,
         path: Path,
         options: ort.SessionOptions,
-        providers: Sequence[str | tuple[str, dict[str, str]]],
+        providers: Sequence[str] | Providers,
     ) -> None:
         self.session = ort.InferenceSession(os.fspath(path), options, providers=providers)
         self.binding = self.session.io_binding()

@@ -32,10 +32,15 @@ from tokenwire.server.engine.slot_buffer import (
 )
 from tokenwire.server.engine.slot_cache import SlotKvCache
 from tokenwire.server.engine.spec import ModelLoadError, ModelSpec
-from tokenwire.server.engine.static_decode import StaticDecode, uncaptured_run
+from tokenwire.server.engine.static_decode import (
+    CUDA,
+    StaticDecode,
+    captures_graphs,
+    capturing,
+    uncaptured_run,
+)
 from tokenwire.server.engine.types import FloatArray, IntArray
 
-CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 _DRIVEN_INPUTS = {"input_ids", "attention_mask", "position_ids"}
 # Where IOBinding puts a provider's tensors (ONNX Runtime's device names).
@@ -123,7 +128,7 @@ class OnnxCausalLM:
             raise ModelLoadError(f"{onnx_path} is missing")
         options = _options((intra_op_threads, inter_op_threads), spinning, profile_prefix)
         self.session = _session(onnx_path, options, provider, cuda_graph)
-        self.captures_graphs = _captures_graphs(self.session)
+        self.captures_graphs = captures_graphs(self.session)
         self._plain_run = uncaptured_run() if self.captures_graphs else None
         self.provider: str = self.session.get_providers()[0]
         if provider == "cuda" and self.provider != CUDA:
@@ -288,20 +293,13 @@ def _options(
 def _session(
     path: Path, options: ort.SessionOptions, provider: str, cuda_graph: bool
 ) -> ort.InferenceSession:
-    providers: list[str | tuple[str, dict[str, str]]] = list(choose_providers(provider))
+    providers = choose_providers(provider)
     if cuda_graph and CUDA in providers:
-        captured = [(CUDA, {"enable_cuda_graph": "1"}), *providers[1:]]
         try:
-            return ort.InferenceSession(os.fspath(path), options, providers=captured)
+            return ort.InferenceSession(os.fspath(path), options, providers=capturing(providers))
         except Exception as exc:  # e.g. nodes the CUDA provider does not run: no graph capture
             log.warning("engine.cuda_graph_unavailable", error=str(exc).splitlines()[0])
     try:
         return ort.InferenceSession(os.fspath(path), options, providers=providers)
     except Exception as exc:  # ORT raises its own unrelated exception types for bad files
         raise ModelLoadError(f"{path} cannot be loaded by ONNX Runtime: {exc}") from exc
-
-
-def _captures_graphs(session: ort.InferenceSession) -> bool:
-    """Whether the session's CUDA provider records and replays CUDA graphs."""
-    cuda = session.get_provider_options().get(CUDA, {})
-    return bool(cuda.get("enable_cuda_graph") == "1")

@@ -31,16 +31,33 @@ from tokenwire.server.engine.graph import CacheLayout
 from tokenwire.server.engine.slot_buffer import BoundTensor
 from tokenwire.server.engine.types import IntArray
 
-GRAPH_ID = "gpu_graph_id"
-NEVER_CAPTURED = "-1"
+CUDA = "CUDAExecutionProvider"
+_CAPTURE = "enable_cuda_graph"
 MIN_WIDTH = 64
+
+Providers = list[str | tuple[str, dict[str, str]]]
+
+
+def capturing(providers: Sequence[str]) -> Providers:
+    """The same providers with CUDA's graph capture switched on."""
+    return [(p, {_CAPTURE: "1"}) if p == CUDA else p for p in providers]
+
+
+def captures_graphs(session: ort.InferenceSession) -> bool:
+    """Whether the session's CUDA provider records and replays CUDA graphs."""
+    return bool(session.get_provider_options().get(CUDA, {}).get(_CAPTURE) == "1")
+
+
+def graph_run(graph_id: int) -> ort.RunOptions:
+    """Run options recording (then replaying) graph `graph_id`; -1: a run never captured."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return options
 
 
 def uncaptured_run() -> ort.RunOptions:
     """Run options for a step that must not be recorded (or replayed) as a CUDA graph."""
-    options = ort.RunOptions()
-    options.add_run_config_entry(GRAPH_ID, NEVER_CAPTURED)
-    return options
+    return graph_run(-1)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -130,9 +147,7 @@ class StaticDecode:
             shape = list(region.shape)
             binding.bind_input(tensor.name, region.device, 0, dtype, shape, region.pointer)
             binding.bind_output(tensor.present, region.device, 0, dtype, shape, region.pointer)
-        options = ort.RunOptions()
-        options.add_run_config_entry(GRAPH_ID, str(graph_id))
-        return _Step(binding, inputs, views, logits, staging, options)
+        return _Step(binding, inputs, views, logits, staging, graph_run(graph_id))
 
 
 def _width(needed: int, capacity: int) -> int:
