@@ -1,8 +1,9 @@
 """Peer measurements, run inside bench/.venv: the plain ORT decode loop, ORT GenAI's Generator
-and ORT GenAI's Engine.
+(alone, and as a static-batching server) and ORT GenAI's Engine.
 
 Usage: python bench/peers.py raw|genai MODEL_DIR --batch N [--prompt-tokens 32 --new-tokens 128]
        python bench/peers.py genai-engine MODEL_DIR [--new-tokens 128] < WORKLOAD.json
+       python bench/peers.py genai-static MODEL_DIR --batch 16 --policy queued|full < WORKLOAD.json
 WORKLOAD.json: {"arrivals": [seconds after the start, ...], "prompts": [[ids], ...]}, one
 request per arrival. Prints one JSON object: tokens/s, per-stream tokens/s, TTFT and
 inter-token latencies.
@@ -167,6 +168,16 @@ def genai_loop(
 ) -> tuple[float, list[float], float, Any]:
     """One greedy GenAI generation of the rows of ids up to `length` tokens (EOS ignored):
     TTFT, the inter-token gaps, the wall time, and the generator (for its sequences)."""
+    started, times, generator = genai_tokens(og, model, ids, length)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    return times[0] - started, gaps, times[-1] - started, generator
+
+
+def genai_tokens(
+    og: Any, model: Any, ids: np.ndarray, length: int
+) -> tuple[float, list[float], Any]:
+    """One greedy GenAI generation of the rows of ids up to `length` tokens (EOS ignored): when
+    the prompt went in (the generator made), when each step's tokens came out, the generator."""
     params = og.GeneratorParams(model)
     params.set_search_options(
         max_length=length, min_length=length, do_sample=False, batch_size=len(ids)
@@ -175,14 +186,11 @@ def genai_loop(
     started = time.perf_counter()
     generator.append_tokens(ids)
     generator.generate_next_token()
-    ttft = time.perf_counter() - started
-    last, gaps = time.perf_counter(), []
+    times = [time.perf_counter()]
     while not generator.is_done():
         generator.generate_next_token()
-        now = time.perf_counter()
-        gaps.append(now - last)
-        last = now
-    return ttft, gaps, time.perf_counter() - started, generator
+        times.append(time.perf_counter())
+    return started, times, generator
 
 
 @dataclass
@@ -282,16 +290,70 @@ def run_genai_engine(model_dir: Path, workload: dict[str, Any], new: int) -> dic
     return {**summarise_served(served, cpu=cpu), "knobs": knobs}
 
 
+def static_batches(
+    og: Any,
+    model: Any,
+    served: list[Served],
+    prompts: list[list[int]],
+    *,
+    new: int,
+    batch: int,
+    policy: str,
+) -> None:
+    """GenAI's Generator behind a static-batching server: when the Generator is free it takes
+    the requests that have arrived (at most `batch`; with policy "full" it first waits until
+    `batch` have arrived, or every request left has) and runs them together to the end; a
+    request that arrives meanwhile waits for the whole batch."""
+    if len({len(p) for p in prompts}) != 1:
+        raise SystemExit("genai-static needs prompts of one length (GenAI pads no batch here)")
+    done = 0
+    while done < len(served):
+        wanted = min(batch, len(served) - done) if policy == "full" else 1
+        time.sleep(max(0.0, served[done + wanted - 1].arrival - time.perf_counter()))
+        now = time.perf_counter()
+        group = [s for s in served[done : done + batch] if s.arrival <= now]
+        ids = np.asarray(prompts[done : done + len(group)], dtype=np.int32)
+        _, times, _ = genai_tokens(og, model, ids, ids.shape[1] + new)
+        for s in group:
+            s.times = list(times)
+        done += len(group)
+
+
+def run_genai_static(
+    model_dir: Path, workload: dict[str, Any], *, new: int, batch: int, policy: str
+) -> dict[str, Any]:
+    """The workload through `static_batches`, after a warm-up batch of the largest shape."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    arrivals, prompts = workload["arrivals"], workload["prompts"]
+    genai_tokens(og, model, np.asarray(prompts[:batch], dtype=np.int32), len(prompts[0]) + 16)
+    started = time.perf_counter()
+    served = [Served(started + a) for a in arrivals]
+    cpu0 = time.process_time()
+    static_batches(og, model, served, prompts, new=new, batch=batch, policy=policy)
+    return summarise_served(served, cpu=time.process_time() - cpu0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["raw", "genai", "genai-engine"])
+    ap.add_argument("mode", choices=["raw", "genai", "genai-engine", "genai-static"])
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--policy", choices=["queued", "full"], default="queued")
     args = ap.parse_args()
     if args.mode == "genai-engine":
         row = run_genai_engine(args.model_dir, json.load(sys.stdin), args.new_tokens)
+    elif args.mode == "genai-static":
+        row = run_genai_static(
+            args.model_dir,
+            json.load(sys.stdin),
+            new=args.new_tokens,
+            batch=args.batch,
+            policy=args.policy,
+        )
     else:
         run = run_raw if args.mode == "raw" else run_genai
         row = run(args.model_dir, args.batch, args.prompt_tokens, args.new_tokens)

@@ -538,7 +538,10 @@ async def graph_round(
         )
         keep(found, {"system": "tokenwire", "transport": "grpc", **load, **row})
         if c == 16 and graph.engine:
-            keep(found, engine_peer(model_dir, arrival_offsets(c, arrival, rate), ids, c, arrival))
+            offsets = arrival_offsets(c, arrival, rate)
+            keep(found, engine_peer(model_dir, offsets, ids, c, arrival))
+            if arrival == "poisson":
+                keep(found, static_server_peer(model_dir, offsets, ids, c))
 
 
 def median_row(graph: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -636,6 +639,42 @@ def engine_peer(
     }
 
 
+def static_server_peer(
+    model_dir: Path, offsets: list[float], ids: list[list[int]], batch: int
+) -> dict[str, Any]:
+    """GenAI's Generator as a static-batching server (peers.py genai-static) on the same
+    arrivals and prompts, under both of its dispatch policies; the faster one is its row."""
+    workload = json.dumps(
+        {"arrivals": offsets, "prompts": [ids[i % len(ids)] for i in range(len(offsets))]}
+    )
+    tried = [
+        {
+            **run_peer(
+                "genai-static",
+                model_dir,
+                *("--batch", str(batch), "--policy", policy, "--new-tokens", str(NEW_TOKENS)),
+                workload=workload,
+            ),
+            "policy": policy,
+        }
+        for policy in ("queued", "full")
+    ]
+    row = max(tried, key=lambda r: r["tokens_per_s"])
+    print(
+        f"  genai static server ({row['policy']}) c={batch:<3d} {row['tokens_per_s']:8.1f} tok/s  "
+        f"ttft p50 {row['ttft_p50_ms']:7.1f} ms",
+        flush=True,
+    )
+    return {
+        "system": "ort-genai-static-server",
+        "transport": "in-process",
+        "concurrency": batch,
+        "arrival": "poisson",
+        **row,
+        "policies": {r["policy"]: r["tokens_per_s"] for r in tried},
+    }
+
+
 def machine() -> dict[str, Any]:
     cpu = next(
         (
@@ -684,6 +723,11 @@ def peer_knobs(genai_dir: Path, rows: list[dict[str, Any]]) -> dict[str, str]:
         "ort-genai": "genai_config.json model.decoder.session_options "
         + json.dumps(options, sort_keys=True)
         + "; greedy search, static batch",
+        "ort-genai-static-server": "GenAI's Generator (same session options) behind a "
+        "static-batching server on tokenwire's staggered arrivals and prompts: when the "
+        "Generator is free it runs the requests that have arrived, at most 16, together to "
+        "the end ('queued'), or first waits until 16 have arrived or none are left to come "
+        "('full'); both run every round and the faster is the row",
         "ort-genai-engine": "og.Engine on the fp32 graph; genai_config.json engine "
         + json.dumps(engine["engine"], sort_keys=True)
         + ", model.decoder.session_options "
@@ -727,6 +771,12 @@ def graph_ratio_rounds(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
     loop1 = row(fp32, system="ort-loop", concurrency=1)
     return {
         "genai_graph_b1_vs_genai_b1": per_round(one, row(fp32, system="ort-genai", concurrency=1)),
+        "genai_graph_c16_staggered_vs_genai_static_server": per_round(
+            staggered, row(fp32, system="ort-genai-static-server")
+        ),
+        "genai_graph_c16_staggered_ttft_p50_vs_genai_static_server": per_round(
+            staggered, row(fp32, system="ort-genai-static-server"), "ttft_p50_ms"
+        ),
         "genai_graph_c16_staggered_vs_genai_b16": per_round(
             staggered, row(fp32, system="ort-genai", concurrency=16)
         ),
