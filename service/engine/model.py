@@ -162,6 +162,7 @@ class OnnxCausalLM:
             self.session.get_providers(), half=self._half, capture=self.captures_graphs
         )
         self._bound_regions: tuple[object, ...] = ()
+        self._decode_logits: dict[int, FloatArray] = {}
         tolerance = FP16_TOLERANCE if self.layout.dtype is np.float16 else FP32_TOLERANCE
         self._static: StaticDecode | None = None
         self.padding: Padding = probe_padding(self, tolerance)
@@ -221,7 +222,7 @@ class OnnxCausalLM:
                 return HostLogits(self._reader.to_host(logits)[:, -1, :]), present
             return DeviceLogits(logits, self._reader), present
         if in_place:
-            scores = self._run_in_place(feed, past, before_run)
+            scores = self._run_in_place(feed, past, before_run, decode=decode)
         else:
             feed.update(zip(self.layout.past_names, past, strict=True))
             if before_run is not None:
@@ -236,13 +237,22 @@ class OnnxCausalLM:
         feed: dict[str, Any],
         past: PastTensors,
         before_run: Callable[[], None] | None,
+        *,
+        decode: bool,
     ) -> Any:
         """Bind each cache region as its past input and its present output: one buffer. The
-        step's small inputs go up from the host and its logits come back; the cache stays."""
+        step's small inputs go up from the host and its logits come back; the cache stays.
+        A decode step's fp32 logits land in a host array kept per row count, which the step's
+        caller reads before the next forward."""
         binding = self._binding
         regions = tuple(past)
         # The cache's regions change only when rows join or leave: bind them then, not per step.
-        if regions != self._bound_regions:
+        # The cache hands out the same region objects while its rows stay, so identity
+        # settles most steps before the fields are compared.
+        bound = self._bound_regions
+        if len(regions) != len(bound) or (
+            any(a is not b for a, b in zip(regions, bound, strict=True)) and regions != bound
+        ):
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
             # Outputs come back in binding order: the logits stay first.
@@ -255,11 +265,22 @@ class OnnxCausalLM:
             self._bound_regions = regions
         for name, value in feed.items():
             binding.bind_cpu_input(name, value)
-        binding.bind_output("logits", self._logits_device)
+        rows = len(feed["input_ids"])
+        host = self._decode_logits.get(rows) if decode else None
+        if host is None:
+            binding.bind_output("logits", self._logits_device)
+        else:
+            binding.bind_output("logits", "cpu", 0, np.float32, list(host.shape), host.ctypes.data)
         if before_run is not None:
             before_run()
         self.session.run_with_iobinding(binding, self._plain_run)
-        return self._reader.to_host(binding.get_outputs()[0])
+        if host is not None:
+            return host
+        # Reading the outputs wraps every cache output too: done once per row count only.
+        scores = self._reader.to_host(binding.get_outputs()[0])
+        if decode and not self._half:
+            self._decode_logits[rows] = np.empty_like(scores)
+        return scores
 
     @property
     def _logits_device(self) -> str:

@@ -168,6 +168,8 @@ class Scheduler:
         """Absorb queued commands, blocking only while idle. False means shut down."""
         block = not self._has_work()
         while True:
+            if not block and self._inbox.empty():
+                return True
             try:
                 command = self._inbox.get(block=block)
             except queue.Empty:
