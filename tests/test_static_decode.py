@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
@@ -48,3 +49,32 @@ async def test_the_cpu_provider_captures_nothing_and_binds_per_step_by_default()
     assert len(await _greedy(model, tuple(range(10, 20)), 8)) == 8
     assert not model.captures_graphs
     assert model.decode_graphs == 0
+
+
+async def test_decode_logits_kept_per_row_count_give_each_row_its_own_ids() -> None:
+    """Two rows decoded together, then one after the other leaves, read their logits from host
+    arrays kept per row count (2, then 1), and each row's greedy ids equal its ids alone."""
+    model = OnnxCausalLM(GENAI_FP32, provider="cpu", intra_op_threads=1)
+    engine = Engine(model, Tokenizer.from_dir(GENAI_FP32), EngineConfig(max_batch_size=2))
+    engine.start()
+    prompts, lengths = (tuple(range(10, 30)), tuple(range(50, 62))), (6, 14)
+
+    async def one(i: int) -> list[int]:
+        request = GenerationRequest(
+            f"row{i}",
+            "",
+            prompt_ids=prompts[i],
+            max_tokens=lengths[i],
+            sampling=SamplingParams(temperature=0.0),
+            ignore_eos=True,
+        )
+        events = engine.submit(request).events()
+        return [e.token_id async for e in events if isinstance(e, TokenEvent)]
+
+    try:
+        together = await asyncio.gather(one(0), one(1))
+    finally:
+        engine.shutdown()
+    assert model.host_logits_rows == [1, 2]
+    alone = OnnxCausalLM(GENAI_FP32, provider="cpu", intra_op_threads=1)
+    assert together == [await _greedy(alone, prompts[i], lengths[i]) for i in range(2)]

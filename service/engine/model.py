@@ -178,6 +178,11 @@ class OnnxCausalLM:
         """Batch sizes decoded on fixed bindings so far (on CUDA, each one captured graph)."""
         return 0 if self._static is None else self._static.graphs
 
+    @property
+    def host_logits_rows(self) -> list[int]:
+        """Row counts whose decode steps write their logits into a kept host array."""
+        return sorted(self._decode_logits)
+
     def new_cache(self, rows: int, columns: int = 0, *, left_aligned: bool = False) -> BatchKvCache:
         return BatchKvCache.zeros(
             self._shapes, self._axes, self.layout.dtype, rows, columns, left_aligned=left_aligned
