@@ -29,7 +29,7 @@ def compare(model_dir: Path, prompts: int, prompt: int, new: int) -> dict[str, A
     with tempfile.TemporaryDirectory() as folder:
         knobs = engine_folder(model_dir, Path(folder))
         engine = og.Engine(og.Model(folder))
-        served = serve(og, engine, [0.0] * prompts, [row.tolist() for row in ids], new)
+        served = serve(og, engine, [0.0] * prompts, [row.tolist() for row in ids], [new] * prompts)
     shared = [
         next((i for i, (a, b) in enumerate(zip(s.ids, g, strict=True)) if a != b), len(g))
         for s, g in zip(served, alone, strict=True)

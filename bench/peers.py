@@ -2,11 +2,11 @@
 (alone, and as a static-batching server) and ORT GenAI's Engine.
 
 Usage: python bench/peers.py raw|genai MODEL_DIR --batch N [--prompt-tokens 32 --new-tokens 128]
-       python bench/peers.py genai-engine MODEL_DIR [--new-tokens 128] < WORKLOAD.json
+       python bench/peers.py genai-engine MODEL_DIR < WORKLOAD.json
        python bench/peers.py genai-static MODEL_DIR --batch 16 --policy queued|full < WORKLOAD.json
-WORKLOAD.json: {"arrivals": [seconds after the start, ...], "prompts": [[ids], ...]}, one
-request per arrival. Prints one JSON object: tokens/s, per-stream tokens/s, TTFT and
-inter-token latencies.
+WORKLOAD.json: {"arrivals": [seconds after the start, ...], "prompts": [[ids], ...],
+"lengths": [tokens to generate, ...]}, one request per arrival. Prints one JSON object:
+tokens/s, per-stream tokens/s, TTFT and inter-token latencies.
 """
 
 from __future__ import annotations
@@ -247,10 +247,11 @@ def begin(og: Any, engine: Any, ids: list[int], new: int) -> Any:
 
 
 def serve(
-    og: Any, engine: Any, arrivals: list[float], prompts: list[list[int]], new: int
+    og: Any, engine: Any, arrivals: list[float], prompts: list[list[int]], lengths: list[int]
 ) -> list[Served]:
-    """Request i begins at arrivals[i] seconds after the start, checked between Engine steps
-    (a step is not interrupted; the wait counts in the request's TTFT)."""
+    """Request i begins at arrivals[i] seconds after the start and generates lengths[i]
+    tokens; arrivals are checked between Engine steps (a step is not interrupted; the wait
+    counts in the request's TTFT)."""
     buffer = engine.create_event_buffer(256)
     token, failed = og.EngineEventFlags.TOKEN.value, og.EngineEventFlags.FAILED.value
     started = time.perf_counter()
@@ -260,7 +261,7 @@ def serve(
         for i in range(len(by_request), len(served)):
             if served[i].arrival > time.perf_counter():
                 break
-            by_request[begin(og, engine, prompts[i], new)] = served[i]
+            by_request[begin(og, engine, prompts[i], lengths[i])] = served[i]
         if not engine.has_pending_requests():
             time.sleep(max(0.0, served[len(by_request)].arrival - time.perf_counter()))
             continue
@@ -275,17 +276,18 @@ def serve(
     return served
 
 
-def run_genai_engine(model_dir: Path, workload: dict[str, Any], new: int) -> dict[str, Any]:
+def run_genai_engine(model_dir: Path, workload: dict[str, Any]) -> dict[str, Any]:
     """The workload through GenAI's Engine, after a warm-up burst of every batch shape."""
     import onnxruntime_genai as og
 
-    arrivals, prompts = workload["arrivals"], workload["prompts"]
+    arrivals, prompts, lengths = workload["arrivals"], workload["prompts"], workload["lengths"]
     with tempfile.TemporaryDirectory() as folder:
         knobs = engine_folder(model_dir, Path(folder))
         engine = og.Engine(og.Model(folder))
-        serve(og, engine, [0.0] * min(16, len(prompts)), prompts[:16], 16)
+        warm = min(16, len(prompts))
+        serve(og, engine, [0.0] * warm, prompts[:warm], [16] * warm)
         cpu0 = time.process_time()
-        served = serve(og, engine, arrivals, prompts, new)
+        served = serve(og, engine, arrivals, prompts, lengths)
         cpu = time.process_time() - cpu0
     return {**summarise_served(served, cpu=cpu), "knobs": knobs}
 
@@ -295,15 +297,16 @@ def static_batches(
     model: Any,
     served: list[Served],
     prompts: list[list[int]],
+    lengths: list[int],
     *,
-    new: int,
     batch: int,
     policy: str,
 ) -> None:
     """GenAI's Generator behind a static-batching server: when the Generator is free it takes
     the requests that have arrived (at most `batch`; with policy "full" it first waits until
-    `batch` have arrived, or every request left has) and runs them together to the end; a
-    request that arrives meanwhile waits for the whole batch."""
+    `batch` have arrived, or every request left has) and runs them together until the longest
+    has its tokens; a request is done once it has its own lengths[i] tokens, but its row stays
+    in the batch, and a request that arrives meanwhile waits for the whole batch."""
     if len({len(p) for p in prompts}) != 1:
         raise SystemExit("genai-static needs prompts of one length (GenAI pads no batch here)")
     done = 0
@@ -312,26 +315,27 @@ def static_batches(
         time.sleep(max(0.0, served[done + wanted - 1].arrival - time.perf_counter()))
         now = time.perf_counter()
         group = [s for s in served[done : done + batch] if s.arrival <= now]
+        wants = lengths[done : done + len(group)]
         ids = np.asarray(prompts[done : done + len(group)], dtype=np.int32)
-        _, times, _ = genai_tokens(og, model, ids, ids.shape[1] + new)
-        for s in group:
-            s.times = list(times)
+        _, times, _ = genai_tokens(og, model, ids, ids.shape[1] + max(wants))
+        for s, want in zip(group, wants, strict=True):
+            s.times = times[:want]
         done += len(group)
 
 
 def run_genai_static(
-    model_dir: Path, workload: dict[str, Any], *, new: int, batch: int, policy: str
+    model_dir: Path, workload: dict[str, Any], *, batch: int, policy: str
 ) -> dict[str, Any]:
     """The workload through `static_batches`, after a warm-up batch of the largest shape."""
     import onnxruntime_genai as og
 
     model = og.Model(str(model_dir))
-    arrivals, prompts = workload["arrivals"], workload["prompts"]
+    arrivals, prompts, lengths = workload["arrivals"], workload["prompts"], workload["lengths"]
     genai_tokens(og, model, np.asarray(prompts[:batch], dtype=np.int32), len(prompts[0]) + 16)
     started = time.perf_counter()
     served = [Served(started + a) for a in arrivals]
     cpu0 = time.process_time()
-    static_batches(og, model, served, prompts, new=new, batch=batch, policy=policy)
+    static_batches(og, model, served, prompts, lengths, batch=batch, policy=policy)
     return summarise_served(served, cpu=time.process_time() - cpu0)
 
 
@@ -345,12 +349,11 @@ def main() -> None:
     ap.add_argument("--policy", choices=["queued", "full"], default="queued")
     args = ap.parse_args()
     if args.mode == "genai-engine":
-        row = run_genai_engine(args.model_dir, json.load(sys.stdin), args.new_tokens)
+        row = run_genai_engine(args.model_dir, json.load(sys.stdin))
     elif args.mode == "genai-static":
         row = run_genai_static(
             args.model_dir,
             json.load(sys.stdin),
-            new=args.new_tokens,
             batch=args.batch,
             policy=args.policy,
         )

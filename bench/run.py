@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_PY = ROOT / "bench" / ".venv" / "bin" / "python"
 RESULTS = ROOT / "bench" / "results" / "latest.json"
 PROMPT_TOKENS, NEW_TOKENS = 32, 128
+MIXED = "poisson-mixed"
+"""Poisson arrivals with mixed output lengths (output_lengths), as traffic has them."""
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -150,7 +152,8 @@ def stream_row(runs: list[list[dict[str, Any]]], cpu: float | None) -> dict[str,
 def arrival_offsets(concurrency: int, arrival: str, rate: float | None) -> list[float]:
     """When each request of a load arrives, in seconds after the first: a burst of
     `concurrency` at once, or 2 x `concurrency` Poisson arrivals at `rate` per second, which
-    keep about `concurrency` in flight. Seeded, so every system gets the same schedule."""
+    keep about `concurrency` in flight (the mixed load arrives on the same schedule as the
+    plain Poisson one). Seeded, so every system gets the same schedule."""
     if arrival == "burst":
         return [0.0] * concurrency
     rng = random.Random(concurrency)
@@ -158,25 +161,37 @@ def arrival_offsets(concurrency: int, arrival: str, rate: float | None) -> list[
     return list(itertools.accumulate(gaps, initial=0.0))
 
 
+def output_lengths(arrival: str, count: int) -> list[int]:
+    """Each request's max_tokens: NEW_TOKENS, or in the mixed load seeded draws uniform in
+    [16, 2 x NEW_TOKENS - 16] (mean NEW_TOKENS, so it carries the tokens of the plain load)."""
+    if arrival != MIXED:
+        return [NEW_TOKENS] * count
+    rng = random.Random(count)
+    return [rng.randint(16, 2 * NEW_TOKENS - 16) for _ in range(count)]
+
+
 async def run_load(
     open_stream: Any, prompts: list[str], concurrency: int, arrival: str, rate: float | None
 ) -> list[dict[str, Any]]:
+    """One load: open_stream(prompt, max_tokens) for each request, at its arrival time."""
+    offsets = arrival_offsets(concurrency, arrival, rate)
+    lengths = output_lengths(arrival, len(offsets))
     if arrival == "burst":
         return list(
             await asyncio.gather(
-                *(open_stream(prompts[i % len(prompts)]) for i in range(concurrency))
+                *(open_stream(prompts[i % len(prompts)], lengths[i]) for i in range(concurrency))
             )
         )
     tasks = []
     started = time.perf_counter()
-    for i, offset in enumerate(arrival_offsets(concurrency, arrival, rate)):
+    for i, offset in enumerate(offsets):
         await asyncio.sleep(max(0.0, started + offset - time.perf_counter()))
-        tasks.append(asyncio.create_task(open_stream(prompts[i % len(prompts)])))
+        tasks.append(asyncio.create_task(open_stream(prompts[i % len(prompts)], lengths[i])))
     return list(await asyncio.gather(*tasks))
 
 
 def repeats_for(concurrency: int, arrival: str) -> int:
-    if arrival == "poisson":
+    if arrival != "burst":
         return 1
     return 5 if concurrency == 1 else 3
 
@@ -221,7 +236,7 @@ async def service_rows(
                     continue
                 rate = c / durations[c] if arrival == "poisson" else None
                 row = await measure(
-                    lambda p, stub=stub: one_stream(stub, p, NEW_TOKENS),
+                    lambda p, n, stub=stub: one_stream(stub, p, n),
                     prompts,
                     c,
                     arrival,
@@ -269,7 +284,7 @@ async def paired_rows(
                 for _ in range(rounds * (3 if c == 1 else 1)):
                     via["grpc"].append(
                         await run_load(
-                            lambda p, stub=stub: one_stream(stub, p, NEW_TOKENS),
+                            lambda p, n, stub=stub: one_stream(stub, p, n),
                             prompts,
                             c,
                             "burst",
@@ -278,7 +293,7 @@ async def paired_rows(
                     )
                     via["edge"].append(
                         await run_load(
-                            lambda p: edge_stream(http, p, NEW_TOKENS), prompts, c, "burst", None
+                            lambda p, n: edge_stream(http, p, n), prompts, c, "burst", None
                         )
                     )
                 for transport, runs in via.items():
@@ -315,7 +330,7 @@ async def metrics_ab(model_dir: Path, prompts: list[str], rounds: int) -> list[d
                     for _ in range(3):
                         runs[metrics].append(
                             await run_load(
-                                lambda p, stub=stub: one_stream(stub, p, NEW_TOKENS),
+                                lambda p, n, stub=stub: one_stream(stub, p, n),
                                 prompts,
                                 16,
                                 "burst",
@@ -393,7 +408,7 @@ async def headline(
                     cpu0 = cpu_seconds(server.proc.pid)
                     runs.append(
                         await run_load(
-                            lambda p, stub=stub: one_stream(stub, p, NEW_TOKENS),
+                            lambda p, n, stub=stub: one_stream(stub, p, n),
                             prompts,
                             batch,
                             "burst",
@@ -451,6 +466,7 @@ LOADS: list[dict[str, Any]] = [
     {"concurrency": 1, "arrival": "burst"},
     {"concurrency": 16, "arrival": "burst"},
     {"concurrency": 16, "arrival": "poisson"},
+    {"concurrency": 16, "arrival": MIXED},
 ]
 
 
@@ -510,26 +526,28 @@ async def graph_round(
     found: Found,
     full: bool,
 ) -> None:
-    """Every system once, in turn; `full` adds the 16-stream loads. The staggered load's rate
-    comes from this round's burst of 16 (Little's law), and GenAI's Engine gets the same
-    arrivals and prompts as tokenwire."""
+    """Every system once, in turn; `full` adds the 16-stream loads. The staggered loads' rate
+    comes from this round's burst of 16 (Little's law); GenAI's Engine and GenAI's Generator
+    as a static-batching server get the same arrivals, prompts and lengths as tokenwire, on
+    the graph that has those peers (the mixed-length load runs only there)."""
     stub, pid = service
     for batch in (1, 16) if full else (1,):
         for mode in graph.peers:
             keep(found, peer(mode, model_dir, batch))
     alone = engine_alone(model_dir)
     keep(found, {"system": "tokenwire", "transport": "engine-alone", **LOADS[0], **alone})
-    for load in LOADS if full else LOADS[:1]:
+    loads = [load for load in LOADS if graph.engine or load["arrival"] != MIXED]
+    for load in loads if full else loads[:1]:
         c, arrival = load["concurrency"], load["arrival"]
         rate = (
-            c
+            None
+            if arrival == "burst"
+            else c
             * found[("tokenwire", "grpc", 16, "burst")][-1]["per_stream_tokens_per_s"]
             / NEW_TOKENS
-            if arrival == "poisson"
-            else None
         )
         row = await measure(
-            lambda p, stub=stub: one_stream(stub, p, NEW_TOKENS),
+            lambda p, n, stub=stub: one_stream(stub, p, n),
             prompts,
             c,
             arrival,
@@ -539,9 +557,10 @@ async def graph_round(
         keep(found, {"system": "tokenwire", "transport": "grpc", **load, **row})
         if c == 16 and graph.engine:
             offsets = arrival_offsets(c, arrival, rate)
-            keep(found, engine_peer(model_dir, offsets, ids, c, arrival))
-            if arrival == "poisson":
-                keep(found, static_server_peer(model_dir, offsets, ids, c))
+            lengths = output_lengths(arrival, len(offsets))
+            keep(found, engine_peer(model_dir, offsets, lengths, ids, arrival))
+            if arrival != "burst":
+                keep(found, static_server_peer(model_dir, offsets, lengths, ids, arrival))
 
 
 def median_row(graph: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -617,16 +636,26 @@ def peer(mode: str, model_dir: Path, batch: int) -> dict[str, Any]:
     }
 
 
+def served_workload(offsets: list[float], lengths: list[int], ids: list[list[int]]) -> str:
+    """A load for the in-process peers: request i arrives at offsets[i] with prompt ids i and
+    asks for lengths[i] tokens."""
+    return json.dumps(
+        {
+            "arrivals": offsets,
+            "lengths": lengths,
+            "prompts": [ids[i % len(ids)] for i in range(len(offsets))],
+        }
+    )
+
+
 def engine_peer(
-    model_dir: Path, offsets: list[float], ids: list[list[int]], concurrency: int, arrival: str
+    model_dir: Path, offsets: list[float], lengths: list[int], ids: list[list[int]], arrival: str
 ) -> dict[str, Any]:
     """GenAI's Engine (peers.py genai-engine) serving request i at offsets[i] with prompt i."""
-    workload = {"arrivals": offsets, "prompts": [ids[i % len(ids)] for i in range(len(offsets))]}
-    row = run_peer(
-        "genai-engine", model_dir, "--new-tokens", str(NEW_TOKENS), workload=json.dumps(workload)
-    )
+    row = run_peer("genai-engine", model_dir, workload=served_workload(offsets, lengths, ids))
+    concurrency = 16
     print(
-        f"  genai Engine c={concurrency:<3d} {arrival:7s} {row['tokens_per_s']:8.1f} tok/s  "
+        f"  genai Engine c={concurrency:<3d} {arrival:13s} {row['tokens_per_s']:8.1f} tok/s  "
         f"ttft p50 {row['ttft_p50_ms']:7.1f} ms",
         flush=True,
     )
@@ -640,19 +669,18 @@ def engine_peer(
 
 
 def static_server_peer(
-    model_dir: Path, offsets: list[float], ids: list[list[int]], batch: int
+    model_dir: Path, offsets: list[float], lengths: list[int], ids: list[list[int]], arrival: str
 ) -> dict[str, Any]:
-    """GenAI's Generator as a static-batching server (peers.py genai-static) on the same
-    arrivals and prompts, under both of its dispatch policies; the faster one is its row."""
-    workload = json.dumps(
-        {"arrivals": offsets, "prompts": [ids[i % len(ids)] for i in range(len(offsets))]}
-    )
+    """GenAI's Generator as a static-batching server of at most 16 (peers.py genai-static) on
+    the same load, under both of its dispatch policies; the faster one is its row."""
+    batch = 16
+    workload = served_workload(offsets, lengths, ids)
     tried = [
         {
             **run_peer(
                 "genai-static",
                 model_dir,
-                *("--batch", str(batch), "--policy", policy, "--new-tokens", str(NEW_TOKENS)),
+                *("--batch", str(batch), "--policy", policy),
                 workload=workload,
             ),
             "policy": policy,
@@ -661,15 +689,15 @@ def static_server_peer(
     ]
     row = max(tried, key=lambda r: r["tokens_per_s"])
     print(
-        f"  genai static server ({row['policy']}) c={batch:<3d} {row['tokens_per_s']:8.1f} tok/s  "
-        f"ttft p50 {row['ttft_p50_ms']:7.1f} ms",
+        f"  genai static server ({row['policy']}) c={batch:<3d} {arrival:13s} "
+        f"{row['tokens_per_s']:8.1f} tok/s  ttft p50 {row['ttft_p50_ms']:7.1f} ms",
         flush=True,
     )
     return {
         "system": "ort-genai-static-server",
         "transport": "in-process",
         "concurrency": batch,
-        "arrival": "poisson",
+        "arrival": arrival,
         **row,
         "policies": {r["policy"]: r["tokens_per_s"] for r in tried},
     }
@@ -764,18 +792,24 @@ def graph_ratio_rounds(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
 
     fp32, int4 = "genai-fp32", "genai-int4"
     one = row(fp32, system="tokenwire", transport="grpc", concurrency=1)
-    burst, staggered = (
+    burst, staggered, mixed = (
         row(fp32, system="tokenwire", transport="grpc", concurrency=16, arrival=arrival)
-        for arrival in ("burst", "poisson")
+        for arrival in ("burst", "poisson", MIXED)
+    )
+    static, static_mixed = (
+        row(fp32, system="ort-genai-static-server", arrival=arrival)
+        for arrival in ("poisson", MIXED)
     )
     loop1 = row(fp32, system="ort-loop", concurrency=1)
     return {
         "genai_graph_b1_vs_genai_b1": per_round(one, row(fp32, system="ort-genai", concurrency=1)),
-        "genai_graph_c16_staggered_vs_genai_static_server": per_round(
-            staggered, row(fp32, system="ort-genai-static-server")
-        ),
+        "genai_graph_c16_staggered_vs_genai_static_server": per_round(staggered, static),
         "genai_graph_c16_staggered_ttft_p50_vs_genai_static_server": per_round(
-            staggered, row(fp32, system="ort-genai-static-server"), "ttft_p50_ms"
+            staggered, static, "ttft_p50_ms"
+        ),
+        "genai_graph_c16_mixed_vs_genai_static_server": per_round(mixed, static_mixed),
+        "genai_graph_c16_mixed_ttft_p50_vs_genai_static_server": per_round(
+            mixed, static_mixed, "ttft_p50_ms"
         ),
         "genai_graph_c16_staggered_vs_genai_b16": per_round(
             staggered, row(fp32, system="ort-genai", concurrency=16)
@@ -789,6 +823,9 @@ def graph_ratio_rounds(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
         "grpc_vs_loop_b1": per_round(one, loop1),
         "genai_graph_c16_staggered_vs_genai_engine_staggered": per_round(
             staggered, row(fp32, system="ort-genai-engine", arrival="poisson")
+        ),
+        "genai_graph_c16_mixed_vs_genai_engine_mixed": per_round(
+            mixed, row(fp32, system="ort-genai-engine", arrival=MIXED)
         ),
         "genai_graph_c16_burst_vs_genai_engine_burst": per_round(
             burst, row(fp32, system="ort-genai-engine", arrival="burst")
@@ -880,6 +917,8 @@ async def main(quick: bool) -> None:
             "new_tokens": NEW_TOKENS,
             "greedy": True,
             "ignore_eos": True,
+            "mixed_output_lengths": f"load {MIXED}: max_tokens per request uniform in "
+            f"[16, {2 * NEW_TOKENS - 16}], seeded (mean {NEW_TOKENS})",
         },
         "machine": machine(),
         "quick": quick,
