@@ -484,6 +484,33 @@ def update_readme(result: dict[str, Any], gpu: dict[str, Any] | None) -> None:
         README.write_text(text)
 
 
+def transport(found: dict[str, Any] | None) -> str:
+    """The transport-ceiling table (bench/transport.py), or why there is none."""
+    if not found:
+        return "Not measured in this run."
+    lines = [
+        f"A stand-in model that spends {found['step_ms']} ms per step with the GIL released (as "
+        "the host thread does while a GPU computes) and always picks the same token; engine, "
+        "scheduler, detokeniser, gRPC server and metrics are the real ones. Each stream asks for "
+        f"{found['new_tokens']} tokens, all streams at once.",
+        "",
+        "| system | streams | tokens/s | server CPU µs/token |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    names = {
+        "engine-alone": "engine alone (no transport)",
+        "grpc": "tokenwire over gRPC",
+        "grpc-bare": "bare grpc.aio servicer, same messages (no engine)",
+    }
+    for row in found["rows"]:
+        cpu = row.get("server_cpu_ms_per_token")
+        lines.append(
+            f"| {names[row['transport']]} | {row['concurrency']} | {row['tokens_per_s']:.0f} | "
+            f"{'' if cpu is None else f'{cpu * 1000:.0f}'} |"
+        )
+    return "\n".join(lines)
+
+
 def knobs(peer_knobs: dict[str, str]) -> str:
     """One line per system: the settings it ran with."""
     return "\n".join(f"- `{name}` ran with: {text}" for name, text in sorted(peer_knobs.items()))
@@ -536,6 +563,13 @@ chunk of `TOKENWIRE_PREFILL_CHUNK_TOKENS` per step, so running streams wait for 
 time, never for the whole prompt.
 
 {fairness(result["fairness"])}
+
+## Transport ceiling
+
+How many tokens/s one server process delivers when the model costs next to nothing
+(`bench/transport.py`): the bound a fast GPU meets.
+
+{transport(result.get("transport"))}
 
 ## GPU
 

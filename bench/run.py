@@ -601,6 +601,24 @@ def engine_alone(model_dir: Path) -> dict[str, Any]:
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def transport_ceiling() -> dict[str, Any]:
+    """bench/transport.py: tokens/s one server process delivers when the model costs next to
+    nothing (engine alone, tokenwire over gRPC, a bare grpc.aio servicer)."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "transport.py")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    found: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    for row in found["rows"]:
+        print(
+            f"  {row['transport']:12s} c={row['concurrency']:<3d} {row['tokens_per_s']:8.0f} tok/s",
+            flush=True,
+        )
+    return found
+
+
 def run_peer(
     mode: str, model_dir: Path, *flags: str, workload: str | None = None
 ) -> dict[str, Any]:
@@ -901,6 +919,8 @@ async def main(quick: bool) -> None:
     rows += await metrics_ab(onnx_dir, prompts, rounds=2)
     print("prefill fairness", flush=True)
     fair = [await fairness(onnx_dir, prompts, long_prompt, chunk) for chunk in (256, 64)]
+    print("transport ceiling (a stand-in model of 0.2 ms per step)", flush=True)
+    ceiling = transport_ceiling()
     result = {
         "schema": 1,
         "model": {
@@ -926,6 +946,7 @@ async def main(quick: bool) -> None:
         "peer_knobs": peer_knobs(genai_dir, rows),
         "rows": rows,
         "fairness": fair,
+        "transport": ceiling,
     }
     paired = graph_ratio_rounds(rows)
     result["ratio_rounds"] = paired
