@@ -546,7 +546,8 @@ def main() -> None:
     analysis = ANALYSIS.read_text() if ANALYSIS.exists() else ""
     doc = f"""# Benchmarks
 
-Regenerate with `make bench` (about 15 minutes on 2 cores; `make bench-quick` for a shorter run).
+Regenerate with `make bench` (about 8 minutes on 2 cores once its environment and models exist;
+`make bench-quick` for a shorter run).
 Everything below comes from `bench/results/latest.json`, measured side by side in one run.
 
 - machine: {m["cpu"]}, {m["cores"]} cores; Python {m["python"]}; ONNX Runtime {m["onnxruntime_service"]}
