@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from tokenwire.server.domain import SamplingParams
-from tokenwire.server.engine.sampling import Sampler, log_softmax_at, top_logprobs
+from tokenwire.server.engine.sampling import (
+    BLOCK,
+    TOP_P_HEAD,
+    Sampler,
+    _first_passing,
+    _keep_top_p,
+    log_softmax_at,
+    sample,
+    top_logprobs,
+)
 
 LOGITS = np.log(np.asarray([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
 
@@ -115,3 +126,71 @@ def test_top_logprobs_are_the_most_likely_first() -> None:
     best = top_logprobs(LOGITS, 2)
     assert [i for i, _ in best] == [0, 1]
     assert abs(best[0][1] - np.log(0.5)) < 1e-6
+
+
+def _batch_rows(rows: int, vocab: int, seed: int) -> tuple[np.ndarray, list[Sampler]]:
+    """Random logits (some rows peaked, some flat) and samplers with every truncation."""
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((rows, vocab)) * rng.uniform(0.1, 6.0, (rows, 1))).astype(
+        np.float32
+    )
+    kinds = [
+        SamplingParams(temperature=0.8),
+        SamplingParams(temperature=1.3, top_k=40),
+        SamplingParams(temperature=0.7, top_p=0.9),
+        SamplingParams(temperature=1.0, min_p=0.05),
+        SamplingParams(temperature=0.9, top_k=200, top_p=0.5, min_p=0.01),
+        SamplingParams(temperature=0.6, top_p=0.999),
+    ]
+    samplers = [
+        Sampler(dataclasses.replace(kinds[r % len(kinds)], seed=int(rng.integers(2**62))))
+        for r in range(rows)
+    ]
+    return logits, samplers
+
+
+def test_a_row_draws_the_same_alone_and_in_any_batch() -> None:
+    """Drawn with 11 other rows of other settings, from float32 logits or a float64 copy, each
+    row gets the token it gets alone: a seeded stream does not depend on its neighbours."""
+    logits, samplers = _batch_rows(12, 3000, seed=11)
+    for index in range(30):
+        together = sample(logits, samplers, [index] * 12)
+        copied = sample(logits.astype(np.float64), samplers, [index] * 12)
+        alone = [sample(logits[r : r + 1], samplers[r : r + 1], [index])[0] for r in range(12)]
+        assert together == alone == copied
+
+
+def test_draw_frequencies_follow_the_probabilities() -> None:
+    """4,000 draws from p = (0.5, 0.3, 0.15, 0.05) land on each token within 0.03 of p."""
+    draws = _draws(SamplingParams(temperature=1.0, seed=12), n=4000)
+    frequencies = np.bincount(draws, minlength=4) / len(draws)
+    assert np.abs(frequencies - np.exp(LOGITS)).max() < 0.03
+
+
+def test_the_two_level_running_sum_finds_what_a_plain_cumsum_finds() -> None:
+    """For weights with runs of zeros and random targets, the block-wise search returns the
+    position np.searchsorted finds on the whole cumulative sum, and never a zero weight."""
+    rng = np.random.default_rng(13)
+    for _ in range(200):
+        weights = rng.exponential(1.0, 4 * BLOCK) * (rng.random(4 * BLOCK) < 0.3)
+        cumulative = np.cumsum(weights)
+        target = rng.random() * cumulative[-1]
+        found = _first_passing(weights, target)
+        assert found == int(np.searchsorted(cumulative, target, side="right"))
+        assert weights[found] > 0
+
+
+def test_top_p_keeps_what_a_full_sort_keeps_with_or_without_the_head() -> None:
+    """top_p keeps the tokens a full descending sort keeps, on a peaked row (the largest
+    TOP_P_HEAD carry the mass) and on a flat one (they do not)."""
+    rng = np.random.default_rng(14)
+    size = 8 * TOP_P_HEAD
+    for spread in (8.0, 0.05):
+        weights = np.exp(rng.standard_normal(size) * spread)
+        weights /= weights.max()
+        ranked = np.sort(weights)[::-1]
+        last = int(np.searchsorted(np.cumsum(ranked), 0.9 * weights.sum()))
+        expected = weights >= ranked[last]
+        kept = weights.copy()
+        _keep_top_p(kept, 0.9)
+        assert ((kept > 0) == expected).all()

@@ -5,12 +5,21 @@ request samples the same tokens whatever else runs in its batch, and a generatio
 from its first k tokens (on this replica or another) draws exactly what it would have drawn.
 Scores are float64 and sanitised before exponentiation: no parameter the API accepts (a tiny
 repetition penalty, a tiny temperature) can turn them into NaN probabilities.
+
+The rows of a step that sample are drawn in one pass (`sample`): temperature, exponentiation,
+min-p and the draw's running sums run over all of them at once, and no row sorts its whole
+vocabulary unless it asks for top-p (top-k keeps the tokens scoring at least its k-th best
+score, as Hugging Face's warper does; top-p keeps the most likely tokens until their mass
+reaches top_p, ties with the last one kept included). Each row's draw is the token at which the
+running sum of its kept probabilities, in vocabulary order, passes u x their total, for one
+uniform u from the request's seed and the token's index.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Collection, Sequence
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -65,21 +74,43 @@ class Sampler:
         """The token at position `index` of the generation (0 = the first generated token).
 
         `suppress` lists ids that must not be chosen now (EOS before min_tokens)."""
-        scores = self._adjusted(logits, prompt, generated, suppress)
+        scores = self.adjusted(logits, prompt, generated, suppress)
         if self.params.greedy:
             return int(scores.argmax())
-        with np.errstate(over="ignore"):
-            return self._sample(_finite(scores / self.params.temperature), index)
+        return sample(scores[None, :], [self], [index])[0]
 
-    def _adjusted(
+    def adjusted(
         self,
         logits: Logits,
-        prompt: Sequence[int],
-        generated: Sequence[int],
-        suppress: Collection[int],
+        prompt: Sequence[int] = (),
+        generated: Sequence[int] = (),
+        suppress: Collection[int] = (),
     ) -> Scores:
+        """The row's scores after logit bias, penalties and suppression: float64, finite."""
+        scores: Scores = logits.astype(np.float64)
+        self.adjust(scores, prompt, generated, suppress)
+        return scores
+
+    @property
+    def changes_scores(self) -> bool:
+        """Whether `adjust` changes anything but non-finite scores (bias or penalties)."""
         p = self.params
-        scores = logits.astype(np.float64)
+        return bool(
+            self._bias_ids.size
+            or p.repetition_penalty != 1.0
+            or p.presence_penalty
+            or p.frequency_penalty
+        )
+
+    def adjust(
+        self,
+        scores: Scores,
+        prompt: Sequence[int] = (),
+        generated: Sequence[int] = (),
+        suppress: Collection[int] = (),
+    ) -> None:
+        """`adjusted`, in place on a float64 row."""
+        p = self.params
         if self._bias_ids.size:
             scores[self._bias_ids] += self._bias_values
         if p.repetition_penalty != 1.0 and (prompt or generated):
@@ -96,36 +127,80 @@ class Sampler:
             scores[ids] -= p.frequency_penalty * counts + p.presence_penalty
         if suppress:
             scores[np.fromiter(suppress, dtype=np.int64)] = -np.inf
-        return _finite(scores)
-
-    def _sample(self, scores: Scores, index: int) -> int:
-        top_k, top_p, min_p = self.params.top_k, self.params.top_p, self.params.min_p
-        order = np.argsort(-scores, kind="stable")
-        if 0 < top_k < order.size:
-            order = order[:top_k]
-        kept = scores[order]
-        # Subtracting the maximum of finite scores keeps every exponent in (-inf, 0].
-        with np.errstate(over="ignore", invalid="ignore"):
-            probs = np.nan_to_num(np.exp(kept - kept.max()), nan=0.0)
-        if not probs.sum() > 0:
-            return int(order[0])
-        probs /= probs.sum()
-        if min_p > 0.0:
-            # Sorted, so the tokens at least min_p times as likely as the first are a prefix.
-            cutoff = max(1, int(np.count_nonzero(probs >= min_p * probs[0])))
-            probs, order = probs[:cutoff] / probs[:cutoff].sum(), order[:cutoff]
-        if top_p < 1.0:
-            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-            cutoff = int(np.searchsorted(np.cumsum(probs), top_p)) + 1
-            probs = probs[:cutoff] / probs[:cutoff].sum()
-            order = order[:cutoff]
-        rng = np.random.default_rng((self.seed, index))
-        return int(order[rng.choice(probs.size, p=probs)])
+        _make_finite(scores)
 
 
-def _finite(scores: Scores) -> Scores:
-    """Overflowed scores become the largest finite ones: order is kept, NaN cannot appear.
+BLOCK = 256
+"""Positions per block of the two-level running sums (block totals first, then one block)."""
+TOP_P_HEAD = 1024
+"""How many of a row's largest weights top-p sorts first (the whole row if they fall short)."""
 
-    A suppressed token (-inf) stays below every finite score."""
-    big = np.finfo(np.float64).max
-    return np.nan_to_num(scores, nan=-big, posinf=big, neginf=-big)
+
+def sample(
+    scores: Scores | Logits, samplers: Sequence[Sampler], indices: Sequence[int]
+) -> list[int]:
+    """One drawn token per row of `scores` (adjusted and finite; row r belongs to samplers[r]
+    and is the token at position indices[r] of its generation), all rows in one pass, in
+    float64. A row's token does not depend on the other rows."""
+    rows, width = scores.shape
+    params = [s.params for s in samplers]
+    # Every row padded to whole blocks (weight 0 there); each op below runs once for all rows.
+    weights = np.empty((rows, -(-width // BLOCK) * BLOCK), dtype=np.float64)
+    weights[:, width:] = -np.inf
+    # (score - best) / temperature is in [-inf, 0]: the best token weighs exp(0) = 1, and no
+    # temperature the API accepts can make a NaN of it.
+    with np.errstate(over="ignore"):
+        best = scores.max(axis=1, keepdims=True)
+        # In float64 whatever the input: a row draws the same from float32 logits or a copy.
+        np.subtract(scores, best, out=weights[:, :width], dtype=np.float64)
+        weights /= np.asarray([p.temperature for p in params], dtype=np.float64)[:, None]
+    np.exp(weights, out=weights)
+    # min-p: with the best weighing 1, the threshold is min_p itself.
+    weights *= weights >= np.asarray([p.min_p for p in params], dtype=np.float64)[:, None]
+    for row, p in zip(weights, params, strict=True):
+        if 0 < p.top_k < width:
+            kth = np.partition(row[:width], width - p.top_k)[width - p.top_k]
+            np.multiply(row, row >= kth, out=row)
+        if p.top_p < 1.0:
+            _keep_top_p(row, p.top_p)
+    return [
+        _first_passing(row, np.random.default_rng((sampler.seed, index)).random() * row.sum())
+        for row, sampler, index in zip(weights, samplers, indices, strict=True)
+    ]
+
+
+def _keep_top_p(row: Scores, top_p: float) -> None:
+    """Zero all but the most likely weights whose mass first reaches top_p of the row's (the
+    last one's ties kept too). Only the TOP_P_HEAD largest are sorted when they carry that
+    mass, as they do in a trained model's peaked distributions; otherwise the whole row."""
+    target = top_p * row.sum()
+    head = min(row.size, TOP_P_HEAD)
+    largest = np.partition(row, row.size - head)[row.size - head :]
+    if head < row.size and not largest.sum() >= target:
+        largest = row
+    ranked = np.zeros(-(-largest.size // BLOCK) * BLOCK, dtype=np.float64)
+    ranked[: largest.size] = np.sort(largest)[::-1]
+    np.multiply(row, row >= ranked[_first_passing(ranked, target, side="left")], out=row)
+
+
+def _first_passing(values: Scores, target: float, side: Literal["left", "right"] = "right") -> int:
+    """The first position where the running sum of `values` (non-negative, whole blocks)
+    passes `target` ("right") or reaches it ("left"); the nearest position with a positive
+    value at or before it, should rounding land on a zero."""
+    blocks = np.cumsum(values.reshape(-1, BLOCK).sum(axis=1))
+    block = min(int(np.searchsorted(blocks, target, side=side)), blocks.size - 1)
+    start = block * BLOCK
+    inside = np.cumsum(values[start : start + BLOCK]) + (blocks[block - 1] if block else 0.0)
+    position = start + min(int(np.searchsorted(inside, target, side=side)), BLOCK - 1)
+    if values[position] > 0.0:
+        return position
+    kept = np.flatnonzero(values[: position + 1] > 0.0)
+    return int(kept[-1]) if kept.size else int(values.argmax())
+
+
+def _make_finite(scores: Scores) -> None:
+    """Overflowed scores become the largest finite ones, in place: order is kept, NaN cannot
+    appear. A suppressed token (-inf) stays below every finite score."""
+    if not np.isfinite(scores).all():
+        big = np.finfo(np.float64).max
+        np.nan_to_num(scores, copy=False, nan=-big, posinf=big, neginf=-big)

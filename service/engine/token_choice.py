@@ -2,19 +2,20 @@
 
 Plain greedy rows take one argmax over the batch (computed where the logits are: on the
 device for a replayed CUDA step, see logits.py); the whole distribution reaches the host only
-when some row samples or reports logprobs. A row whose choice or text fails ends with an error
-and the others go on.
+when some row samples or reports logprobs. The rows that sample are drawn together in one pass
+(sampling.sample). A row whose choice or text fails ends with an error and the others go on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import structlog
 
 from tokenwire.server.domain import TopLogprob
 from tokenwire.server.engine.logits import Logits
-from tokenwire.server.engine.sampling import log_softmax_at, top_logprobs
+from tokenwire.server.engine.sampling import Scores, log_softmax_at, sample, top_logprobs
 from tokenwire.server.engine.sequence import Sequence
 from tokenwire.server.engine.types import FloatArray
 
@@ -33,23 +34,23 @@ class TokenChooser:
         """Choose each row's next token from the step's logits (row i is rows[i]) and hand it
         to its sequence; a row whose choice fails ends with an error, the others go on."""
         # Padded embedding rows past the tokenizer's vocabulary are never sampled.
-        argmax = logits.argmax(self._vocab)  # one pass serves every plain greedy row
+        # One argmax serves every plain greedy row.
+        argmax = logits.argmax(self._vocab) if not all(map(_adjusts, rows)) else None
         # The whole distribution reaches the host only when some row samples or reports it.
         scores = logits.host()[:, : self._vocab] if any(map(_needs_scores, rows)) else None
+        chosen: dict[int, int | Exception] = {}
+        if scores is not None:
+            chosen = self._chosen_from_scores(rows, scores)
         for i, seq in enumerate(rows):
             try:
-                suppress = seq.suppressed
-                if seq.request.sampling.plain_greedy and not suppress:
+                choice = chosen.get(i)
+                if isinstance(choice, Exception):
+                    raise choice
+                if choice is None:
+                    assert argmax is not None  # a plain greedy row: the step's argmax is made
                     token = int(argmax[i])
                 else:
-                    assert scores is not None  # such a row needs the scores
-                    token = seq.sampler.choose(
-                        scores[i],
-                        index=len(seq.generated),
-                        prompt=seq.prompt_ids,
-                        generated=seq.generated,
-                        suppress=suppress,
-                    )
+                    token = choice
                 if scores is None:
                     seq.accept(token, None, now, ())
                     continue
@@ -60,6 +61,63 @@ class TokenChooser:
                 log.exception("engine.sample_failed", request_id=seq.request_id)
                 seq.fail("sampling failed", exc)
 
+    def _chosen_from_scores(
+        self, rows: list[Sequence], scores: FloatArray
+    ) -> dict[int, int | Exception]:
+        """The token (or the error) of every row that is not plain greedy, by row index: its
+        scores adjusted row by row in one float64 copy, the sampling rows then drawn in one
+        pass."""
+        chosen: dict[int, int | Exception] = {}
+        picked = [i for i, seq in enumerate(rows) if _adjusts(seq)]
+        if not picked:
+            return chosen
+        adjusted = scores if len(picked) == len(rows) else scores[picked]
+        # Rows that only sample are drawn from the float32 logits as they are (the draw works
+        # in float64 anyway); bias, penalties, suppression or non-finite logits need a copy.
+        copy = not np.isfinite(adjusted).all() or any(
+            rows[i].sampler.changes_scores or rows[i].suppressed for i in picked
+        )
+        if copy:
+            adjusted = adjusted.astype(np.float64)
+        drawing: list[int] = []
+        for j, i in enumerate(picked):
+            seq = rows[i]
+            try:
+                if copy:
+                    seq.sampler.adjust(adjusted[j], seq.prompt_ids, seq.generated, seq.suppressed)
+            except Exception as exc:
+                chosen[i] = exc
+                continue
+            if seq.request.sampling.greedy:
+                chosen[i] = int(adjusted[j].argmax())
+            else:
+                drawing.append(j)
+        if drawing:
+            at = [picked[j] for j in drawing]
+            some = adjusted if len(drawing) == len(picked) else adjusted[drawing]
+            chosen.update(self._draw([rows[i] for i in at], some, at))
+        return chosen
+
+    @staticmethod
+    def _draw(
+        rows: list[Sequence], adjusted: Scores | FloatArray, at: list[int]
+    ) -> dict[int, int | Exception]:
+        """One pass over all sampling rows (row k is rows[k], step row at[k]); should it fail,
+        each row alone, so that only the row that breaks it fails."""
+        samplers = [seq.sampler for seq in rows]
+        indices = [len(seq.generated) for seq in rows]
+        try:
+            return dict(zip(at, sample(adjusted, samplers, indices), strict=True))
+        except Exception:
+            log.warning("engine.batched_sampling_failed", rows=len(rows))
+        alone: dict[int, int | Exception] = {}
+        for k, i in enumerate(at):
+            try:
+                alone[i] = sample(adjusted[k : k + 1], samplers[k : k + 1], indices[k : k + 1])[0]
+            except Exception as exc:
+                alone[i] = exc
+        return alone
+
     def _alternatives(self, seq: Sequence, row: FloatArray) -> tuple[TopLogprob, ...]:
         if not seq.request.top_logprobs:
             return ()
@@ -67,6 +125,11 @@ class TokenChooser:
             TopLogprob(token_id, logprob, self._token_text(token_id))
             for token_id, logprob in top_logprobs(row, seq.request.top_logprobs)
         )
+
+
+def _adjusts(seq: Sequence) -> bool:
+    """Whether a row's token comes from its adjusted scores, not the step's argmax."""
+    return not seq.request.sampling.plain_greedy or bool(seq.suppressed)
 
 
 def _needs_scores(seq: Sequence) -> bool:

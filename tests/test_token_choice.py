@@ -1,0 +1,67 @@
+"""A step's token choice: plain greedy rows, adjusted greedy rows and sampling rows together."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from tokenwire.server.config import BUNDLED_MODEL_DIR
+from tokenwire.server.domain import GenerationRequest, SamplingParams
+from tokenwire.server.engine.logits import HostLogits
+from tokenwire.server.engine.mailbox import Mailbox
+from tokenwire.server.engine.sampling import Sampler
+from tokenwire.server.engine.sequence import Sequence
+from tokenwire.server.engine.token_choice import TokenChooser
+from tokenwire.server.tokenizer import TextStream, Tokenizer
+
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def _row(
+    loop: asyncio.AbstractEventLoop, tokenizer: Tokenizer, n: int, sampling: SamplingParams
+) -> Sequence:
+    request = GenerationRequest(f"r{n}", "", max_tokens=8, sampling=sampling, prompt_ids=(5, 6))
+    return Sequence(
+        request=request,
+        prompt_ids=[5, 6],
+        budget=8,
+        eos_ids=frozenset(),
+        sampler=Sampler(sampling),
+        text=TextStream.create(tokenizer, ()),
+        mailbox=Mailbox(loop),
+    )
+
+
+def test_a_row_whose_draw_breaks_fails_alone(loop: asyncio.AbstractEventLoop) -> None:
+    """One sampling row whose draw raises (its seed forced out of range) ends with an error;
+    the plain greedy row, the penalised greedy row and the other sampling rows of the same
+    step get their tokens."""
+    tokenizer = Tokenizer.from_dir(BUNDLED_MODEL_DIR)
+    rows = [
+        _row(loop, tokenizer, 0, SamplingParams(temperature=0.0)),
+        _row(loop, tokenizer, 1, SamplingParams(temperature=0.0, repetition_penalty=2.0)),
+        _row(loop, tokenizer, 2, SamplingParams(temperature=0.9, top_p=0.9, seed=3)),
+        _row(loop, tokenizer, 3, SamplingParams(temperature=0.9, seed=4)),
+        _row(loop, tokenizer, 4, SamplingParams(temperature=0.9, top_k=5, seed=5)),
+    ]
+    rows[3].sampler.seed = -1  # numpy's generator refuses a negative seed: this row's draw fails
+    logits = np.zeros((len(rows), VOCAB), dtype=np.float32)
+    logits[:, 7] = 5.0
+    logits[1, 6] = 6.0  # the best, but seen in the prompt: halved, it falls below token 7
+    TokenChooser(VOCAB, tokenizer.token_text).choose(rows, HostLogits(logits), 0.0)
+    assert rows[0].generated == [7]
+    assert rows[1].generated == [7]
+    assert [len(rows[i].generated) for i in (2, 4)] == [1, 1]
+    assert rows[3].generated == []
+    assert rows[3].error is not None
+    assert all(rows[i].error is None for i in (0, 1, 2, 4))
