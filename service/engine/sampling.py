@@ -141,10 +141,34 @@ def sample(
 ) -> list[int]:
     """One drawn token per row of `scores` (adjusted and finite; row r belongs to samplers[r]
     and is the token at position indices[r] of its generation), all rows in one pass, in
-    float64. A row's token does not depend on the other rows."""
+    float64. A row's token does not depend on the other rows.
+
+    Rows without top-k are weighed together over the whole vocabulary; a top-k row only over
+    its candidates (the tokens scoring at least its k-th best), in vocabulary order."""
+    rows, width = scores.shape
+    chosen = [0] * rows
+    whole = [r for r, s in enumerate(samplers) if not 0 < s.params.top_k < width]
+    if whole:
+        weights = _weights(
+            scores if len(whole) == rows else scores[whole], [samplers[r] for r in whole]
+        )
+        for row, r in zip(weights, whole, strict=True):
+            chosen[r] = _pick(row, samplers[r], indices[r])
+    for r, sampler in enumerate(samplers):
+        k = sampler.params.top_k
+        if 0 < k < width:
+            row = scores[r]
+            candidates = np.flatnonzero(row >= np.partition(row, width - k)[width - k])
+            weights = _weights(row[candidates][None, :], [sampler])[0]
+            chosen[r] = int(candidates[_pick(weights, sampler, indices[r])])
+    return chosen
+
+
+def _weights(scores: Scores | Logits, samplers: Sequence[Sampler]) -> Scores:
+    """exp((score - best) / temperature) per row, min-p applied, zeros after each row up to
+    whole blocks; every operation runs once over all rows."""
     rows, width = scores.shape
     params = [s.params for s in samplers]
-    # Every row padded to whole blocks (weight 0 there); each op below runs once for all rows.
     weights = np.empty((rows, -(-width // BLOCK) * BLOCK), dtype=np.float64)
     weights[:, width:] = -np.inf
     # (score - best) / temperature is in [-inf, 0]: the best token weighs exp(0) = 1, and no
@@ -157,16 +181,16 @@ def sample(
     np.exp(weights, out=weights)
     # min-p: with the best weighing 1, the threshold is min_p itself.
     weights *= weights >= np.asarray([p.min_p for p in params], dtype=np.float64)[:, None]
-    for row, p in zip(weights, params, strict=True):
-        if 0 < p.top_k < width:
-            kth = np.partition(row[:width], width - p.top_k)[width - p.top_k]
-            np.multiply(row, row >= kth, out=row)
-        if p.top_p < 1.0:
-            _keep_top_p(row, p.top_p)
-    return [
-        _first_passing(row, np.random.default_rng((sampler.seed, index)).random() * row.sum())
-        for row, sampler, index in zip(weights, samplers, indices, strict=True)
-    ]
+    return weights
+
+
+def _pick(weights: Scores, sampler: Sampler, index: int) -> int:
+    """Where the running sum of the row's weights (top-p applied) passes u x their total, u
+    the request's uniform draw for this index."""
+    if sampler.params.top_p < 1.0:
+        _keep_top_p(weights, sampler.params.top_p)
+    uniform = np.random.default_rng((sampler.seed, index)).random()
+    return _first_passing(weights, uniform * weights.sum())
 
 
 def _keep_top_p(row: Scores, top_p: float) -> None:
