@@ -2,6 +2,7 @@
 (alone, and as a static-batching server) and ORT GenAI's Engine.
 
 Usage: python bench/peers.py raw|genai MODEL_DIR --batch N [--prompt-tokens 32 --new-tokens 128]
+       [--sampling '{"temperature": 0.8, "top_k": 50, "top_p": 0.95}' (genai)]
        python bench/peers.py genai-engine MODEL_DIR < WORKLOAD.json
        python bench/peers.py genai-static MODEL_DIR --batch 16 --policy queued|full < WORKLOAD.json
 WORKLOAD.json: {"arrivals": [seconds after the start, ...], "prompts": [[ids], ...],
@@ -148,7 +149,10 @@ def shape_of(model_dir: Path) -> tuple[int, int, int, int]:
     )
 
 
-def run_genai(model_dir: Path, batch: int, prompt: int, new: int) -> dict[str, float]:
+def run_genai(
+    model_dir: Path, batch: int, prompt: int, new: int, sampling: dict[str, float] | None = None
+) -> dict[str, float]:
+    """GenAI's Generator, greedy or with the given sampling options (do_sample on)."""
     import onnxruntime_genai as og
 
     model = og.Model(str(model_dir))
@@ -157,30 +161,34 @@ def run_genai(model_dir: Path, batch: int, prompt: int, new: int) -> dict[str, f
     ids = prompt_ids(batch, prompt, vocab)
 
     def generate() -> tuple[float, list[float], float]:
-        ttft, gaps, total, _ = genai_loop(og, model, ids, prompt + new)
+        ttft, gaps, total, _ = genai_loop(og, model, ids, prompt + new, sampling)
         return ttft, gaps, total
 
     return timed(generate, batch, new)
 
 
 def genai_loop(
-    og: Any, model: Any, ids: np.ndarray, length: int
+    og: Any, model: Any, ids: np.ndarray, length: int, sampling: dict[str, float] | None = None
 ) -> tuple[float, list[float], float, Any]:
-    """One greedy GenAI generation of the rows of ids up to `length` tokens (EOS ignored):
-    TTFT, the inter-token gaps, the wall time, and the generator (for its sequences)."""
-    started, times, generator = genai_tokens(og, model, ids, length)
+    """One GenAI generation of the rows of ids up to `length` tokens (EOS ignored), greedy or
+    sampled: TTFT, the inter-token gaps, the wall time, and the generator (for its sequences)."""
+    started, times, generator = genai_tokens(og, model, ids, length, sampling)
     gaps = [b - a for a, b in itertools.pairwise(times)]
     return times[0] - started, gaps, times[-1] - started, generator
 
 
 def genai_tokens(
-    og: Any, model: Any, ids: np.ndarray, length: int
+    og: Any, model: Any, ids: np.ndarray, length: int, sampling: dict[str, float] | None = None
 ) -> tuple[float, list[float], Any]:
-    """One greedy GenAI generation of the rows of ids up to `length` tokens (EOS ignored): when
-    the prompt went in (the generator made), when each step's tokens came out, the generator."""
+    """One GenAI generation of the rows of ids up to `length` tokens (EOS ignored), greedy or
+    with `sampling`'s search options: when the prompt went in (the generator made), when each
+    step's tokens came out, the generator."""
     params = og.GeneratorParams(model)
     params.set_search_options(
-        max_length=length, min_length=length, do_sample=False, batch_size=len(ids)
+        max_length=length,
+        min_length=length,
+        batch_size=len(ids),
+        **({"do_sample": True, **sampling} if sampling else {"do_sample": False}),
     )
     generator = og.Generator(model, params)
     started = time.perf_counter()
@@ -347,6 +355,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--policy", choices=["queued", "full"], default="queued")
+    ap.add_argument("--sampling", type=json.loads, default=None, help="JSON search options")
     args = ap.parse_args()
     if args.mode == "genai-engine":
         row = run_genai_engine(args.model_dir, json.load(sys.stdin))
@@ -357,9 +366,12 @@ def main() -> None:
             batch=args.batch,
             policy=args.policy,
         )
+    elif args.mode == "raw":
+        row = run_raw(args.model_dir, args.batch, args.prompt_tokens, args.new_tokens)
     else:
-        run = run_raw if args.mode == "raw" else run_genai
-        row = run(args.model_dir, args.batch, args.prompt_tokens, args.new_tokens)
+        row = run_genai(
+            args.model_dir, args.batch, args.prompt_tokens, args.new_tokens, args.sampling
+        )
     print(json.dumps(row))
 
 

@@ -84,6 +84,13 @@ TARGETS = [
         "arrivals and lengths",
     ),
     (
+        "genai_graph_c16_sampled_vs_genai_b16_sampled",
+        ">=",
+        1.0,
+        "GenAI fp32 graph, sampled (temperature 0.8, top-k 50, top-p 0.95): burst of 16 vs "
+        "GenAI's static batch of 16 sampling alike",
+    ),
+    (
         "genai_graph_c16_burst_vs_genai_engine_burst",
         ">=",
         1.0,
@@ -102,7 +109,8 @@ TARGETS = [
 
 def label(row: dict[str, Any]) -> str:
     own = "genai-fp32" if row["system"] == "ort-genai" else "optimum-fp32"
-    graph = f"[{row.get('graph', own)}] "
+    sampled = ", sampled" if row.get("decoding") == "sampled" else ""
+    graph = f"[{row.get('graph', own)}{sampled}] "
     if row["system"] == "ort-genai-engine":
         return f"{graph}ort-genai Engine {row['concurrency']} requests ({row['arrival']})"
     if row["system"] == "ort-genai-static-server":
@@ -480,6 +488,9 @@ def readme_block(result: dict[str, Any], gpu: dict[str, Any] | None = None) -> s
             f"{r['genai_graph_c16_mixed_vs_genai_static_server']:.2f}x the tokens/s of GenAI's "
             f"static batch of 16 serving the same arrivals and lengths, at "
             f"{r['genai_graph_c16_mixed_ttft_p50_vs_genai_static_server']:.2f}x its TTFT p50;",
+            f"- 16 streams sampling (temperature 0.8, top-k 50, top-p 0.95) at once: "
+            f"{r['genai_graph_c16_sampled_vs_genai_b16_sampled']:.2f}x GenAI's static batch of "
+            f"16 sampling alike;",
             f"- int4 weights, one stream: {int4['tokens_per_s']:.0f} tokens/s = "
             f"{r['int4_b1_vs_genai_int4_b1']:.2f}x GenAI int4;",
             *readme_transport(result.get("transport")),

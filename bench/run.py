@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_PY = ROOT / "bench" / ".venv" / "bin" / "python"
 RESULTS = ROOT / "bench" / "results" / "latest.json"
 PROMPT_TOKENS, NEW_TOKENS = 32, 128
+SAMPLED = {"temperature": 0.8, "top_k": 50, "top_p": 0.95}
+"""The sampled rows' settings, for tokenwire and GenAI alike (a common chat configuration)."""
 MIXED = "poisson-mixed"
 """Poisson arrivals with mixed output lengths (output_lengths), as traffic has them."""
 TICK = os.sysconf("SC_CLK_TCK")
@@ -93,10 +95,18 @@ def start_server(model_dir: Path, metrics: bool = False, chunk: int = 256) -> Pr
     return Process(args, env, "server.started")
 
 
-async def one_stream(stub: pb_grpc.GenerationServiceStub, prompt: str, new: int) -> dict[str, Any]:
-    request = pb.GenerateRequest(
-        prompt=prompt, max_tokens=new, ignore_eos=True, sampling=pb.SamplingParams(temperature=0.0)
+async def one_stream(
+    stub: pb_grpc.GenerationServiceStub, prompt: str, new: int, *, sampled: bool = False
+) -> dict[str, Any]:
+    """One stream of `new` tokens: greedy, or sampled with SAMPLED."""
+    sampling = (
+        pb.SamplingParams(
+            temperature=SAMPLED["temperature"], top_k=int(SAMPLED["top_k"]), top_p=SAMPLED["top_p"]
+        )
+        if sampled
+        else pb.SamplingParams(temperature=0.0)
     )
+    request = pb.GenerateRequest(prompt=prompt, max_tokens=new, ignore_eos=True, sampling=sampling)
     sent = time.perf_counter()
     times: list[float] = []
     call: Any = stub.Generate(request, timeout=600)  # an aio call: the stubs type the sync one
@@ -460,7 +470,7 @@ GRAPHS = [
     Graph("genai-fp32", "genai", ("raw", "genai"), engine=True),
     Graph("genai-int4", "genai-int4", ("raw", "genai"), engine=False),
 ]
-Found = dict[tuple[str, str, int, str], list[dict[str, Any]]]
+Found = dict[tuple[str, str, int, str, str], list[dict[str, Any]]]
 # tokenwire's loads on each graph: 1 stream, a burst of 16, 16 with staggered arrivals.
 LOADS: list[dict[str, Any]] = [
     {"concurrency": 1, "arrival": "burst"},
@@ -472,7 +482,8 @@ LOADS: list[dict[str, Any]] = [
 
 def keep(found: Found, row: dict[str, Any]) -> None:
     """One round's row, with the rows of the same system and load from the other rounds."""
-    key = (row["system"], row["transport"], row["concurrency"], row["arrival"])
+    row.setdefault("decoding", "greedy")
+    key = (row["system"], row["transport"], row["concurrency"], row["arrival"], row["decoding"])
     found.setdefault(key, []).append(row)
 
 
@@ -543,7 +554,7 @@ async def graph_round(
             None
             if arrival == "burst"
             else c
-            * found[("tokenwire", "grpc", 16, "burst")][-1]["per_stream_tokens_per_s"]
+            * found[("tokenwire", "grpc", 16, "burst", "greedy")][-1]["per_stream_tokens_per_s"]
             / NEW_TOKENS
         )
         row = await measure(
@@ -561,6 +572,21 @@ async def graph_round(
             keep(found, engine_peer(model_dir, offsets, lengths, ids, arrival))
             if arrival != "burst":
                 keep(found, static_server_peer(model_dir, offsets, lengths, ids, arrival))
+    if full and graph.engine:
+        # Sampled decoding (SAMPLED), a burst of 16 against GenAI's static batch of 16.
+        keep(found, peer("genai", model_dir, 16, sampled=True))
+        row = await measure(
+            lambda p, n, stub=stub: one_stream(stub, p, n, sampled=True),
+            prompts,
+            16,
+            "burst",
+            rate=None,
+            pid=pid,
+        )
+        keep(
+            found,
+            {"system": "tokenwire", "transport": "grpc", **LOADS[1], **row, "decoding": "sampled"},
+        )
 
 
 def median_row(graph: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -633,15 +659,18 @@ def run_peer(
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def peer(mode: str, model_dir: Path, batch: int) -> dict[str, Any]:
+def peer(mode: str, model_dir: Path, batch: int, *, sampled: bool = False) -> dict[str, Any]:
+    """A static batch of the plain loop or GenAI's Generator; GenAI may sample (SAMPLED)."""
     row = run_peer(
         mode,
         model_dir,
         *("--batch", str(batch), "--prompt-tokens", str(PROMPT_TOKENS)),
         *("--new-tokens", str(NEW_TOKENS)),
+        *(("--sampling", json.dumps(SAMPLED)) if sampled else ()),
     )
+    decoding = "sampled" if sampled else "greedy"
     print(
-        f"  {mode:5s} b={batch:<3d}        {row['tokens_per_s']:8.1f} tok/s  "
+        f"  {mode:5s} b={batch:<3d} {decoding:7s} {row['tokens_per_s']:8.1f} tok/s  "
         f"ttft {row['ttft_p50_ms']:7.1f} ms",
         flush=True,
     )
@@ -650,6 +679,7 @@ def peer(mode: str, model_dir: Path, batch: int) -> dict[str, Any]:
         "transport": "in-process",
         "concurrency": batch,
         "arrival": "static-batch",
+        "decoding": decoding,
         **row,
     }
 
@@ -805,8 +835,8 @@ def graph_ratio_rounds(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
     """The targets measured on the GenAI graphs (same graph for every system in a ratio),
     one value per round."""
 
-    def row(graph: str, **match: Any) -> dict[str, Any]:
-        return find(rows, graph=graph, **match)
+    def row(graph: str, decoding: str = "greedy", **match: Any) -> dict[str, Any]:
+        return find(rows, graph=graph, decoding=decoding, **match)
 
     fp32, int4 = "genai-fp32", "genai-int4"
     one = row(fp32, system="tokenwire", transport="grpc", concurrency=1)
@@ -847,6 +877,10 @@ def graph_ratio_rounds(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
         ),
         "genai_graph_c16_burst_vs_genai_engine_burst": per_round(
             burst, row(fp32, system="ort-genai-engine", arrival="burst")
+        ),
+        "genai_graph_c16_sampled_vs_genai_b16_sampled": per_round(
+            row(fp32, "sampled", system="tokenwire", transport="grpc", concurrency=16),
+            row(fp32, "sampled", system="ort-genai", concurrency=16),
         ),
     }
 
@@ -937,6 +971,7 @@ async def main(quick: bool) -> None:
             "new_tokens": NEW_TOKENS,
             "greedy": True,
             "ignore_eos": True,
+            "sampled": f"rows with decoding 'sampled': {json.dumps(SAMPLED)}, both systems",
             "mixed_output_lengths": f"load {MIXED}: max_tokens per request uniform in "
             f"[16, {2 * NEW_TOKENS - 16}], seeded (mean {NEW_TOKENS})",
         },
