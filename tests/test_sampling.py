@@ -194,3 +194,13 @@ def test_top_p_keeps_what_a_full_sort_keeps_with_or_without_the_head() -> None:
         kept = weights.copy()
         _keep_top_p(kept, 0.9)
         assert ((kept > 0) == expected).all()
+
+
+def test_top_logprobs_list_equal_tokens_by_id_and_stop_at_n() -> None:
+    """Three tokens tie for best: the top 2 are the two lowest ids, each with its
+    log-probability (its logit minus the log normaliser)."""
+    logits = np.asarray([0.0, 2.0, 2.0, 1.0, 2.0], dtype=np.float32)
+    best = top_logprobs(logits, 2)
+    assert [i for i, _ in best] == [1, 2]
+    expected = 2.0 - float(np.log(np.exp(logits.astype(np.float64)).sum()))
+    assert all(abs(logp - expected) < 1e-9 for _, logp in best)

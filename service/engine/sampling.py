@@ -30,25 +30,30 @@ Logits = npt.NDArray[np.float32]
 Scores = npt.NDArray[np.float64]
 
 
-def log_softmax(logits: Logits) -> Scores:
-    """Natural-log probabilities under the unmodified distribution."""
-    scores: Scores = logits.astype(np.float64)
-    peak = float(scores.max())
-    shifted: Scores = scores - peak
-    return shifted - float(np.log(np.exp(shifted).sum()))
+def log_normaliser(logits: Logits) -> float:
+    """log(sum(exp(logits))) in float64: a token's log-probability is its logit minus this."""
+    peak = float(logits.max())
+    return peak + float(np.log(np.exp(logits.astype(np.float64) - peak).sum()))
 
 
-def log_softmax_at(logits: Logits, token_id: int) -> float:
-    """Natural-log probability of token_id under the unmodified distribution."""
-    return float(log_softmax(logits)[token_id])
+def log_softmax_at(logits: Logits, token_id: int, normaliser: float | None = None) -> float:
+    """Natural-log probability of token_id under the unmodified distribution (`normaliser`:
+    the row's log_normaliser, when it is known already)."""
+    norm = log_normaliser(logits) if normaliser is None else normaliser
+    return float(logits[token_id]) - norm
 
 
-def top_logprobs(logits: Logits, n: int) -> list[tuple[int, float]]:
-    """The n most likely token ids with their log-probabilities, most likely first."""
-    logp = log_softmax(logits)
-    best = np.argpartition(-logp, min(n, logp.size - 1))[:n]
-    best = best[np.argsort(-logp[best], kind="stable")]
-    return [(int(i), float(logp[i])) for i in best]
+def top_logprobs(
+    logits: Logits, n: int, normaliser: float | None = None
+) -> list[tuple[int, float]]:
+    """The n most likely token ids with their log-probabilities, most likely first (equal
+    ones by id); found by the n-th largest logit, no sort of the whole row."""
+    n = min(n, logits.size)
+    norm = log_normaliser(logits) if normaliser is None else normaliser
+    threshold = np.partition(logits, logits.size - n)[logits.size - n]
+    candidates = np.flatnonzero(logits >= threshold)
+    best = candidates[np.argsort(-logits[candidates], kind="stable")][:n]
+    return [(int(i), float(logits[i]) - norm) for i in best]
 
 
 class Sampler:

@@ -15,7 +15,13 @@ import structlog
 
 from tokenwire.server.domain import TopLogprob
 from tokenwire.server.engine.logits import Logits
-from tokenwire.server.engine.sampling import Scores, log_softmax_at, sample, top_logprobs
+from tokenwire.server.engine.sampling import (
+    Scores,
+    log_normaliser,
+    log_softmax_at,
+    sample,
+    top_logprobs,
+)
 from tokenwire.server.engine.sequence import Sequence
 from tokenwire.server.engine.types import FloatArray
 
@@ -54,9 +60,13 @@ class TokenChooser:
                 if scores is None:
                     seq.accept(token, None, now, ())
                     continue
-                row = scores[i]
-                logprob = log_softmax_at(row, token) if seq.request.logprobs else None
-                seq.accept(token, logprob, now, self._alternatives(seq, row))
+                row, request = scores[i], seq.request
+                if not (request.logprobs or request.top_logprobs):
+                    seq.accept(token, None, now, ())
+                    continue
+                norm = log_normaliser(row)  # once per row, for its logprob and alternatives
+                logprob = log_softmax_at(row, token, norm) if request.logprobs else None
+                seq.accept(token, logprob, now, self._alternatives(seq, row, norm))
             except Exception as exc:  # one request's sampling or text must not fail others
                 log.exception("engine.sample_failed", request_id=seq.request_id)
                 seq.fail("sampling failed", exc)
@@ -118,12 +128,14 @@ class TokenChooser:
                 alone[i] = exc
         return alone
 
-    def _alternatives(self, seq: Sequence, row: FloatArray) -> tuple[TopLogprob, ...]:
+    def _alternatives(
+        self, seq: Sequence, row: FloatArray, normaliser: float
+    ) -> tuple[TopLogprob, ...]:
         if not seq.request.top_logprobs:
             return ()
         return tuple(
             TopLogprob(token_id, logprob, self._token_text(token_id))
-            for token_id, logprob in top_logprobs(row, seq.request.top_logprobs)
+            for token_id, logprob in top_logprobs(row, seq.request.top_logprobs, normaliser)
         )
 
 
