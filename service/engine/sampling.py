@@ -79,22 +79,11 @@ class Sampler:
         """The token at position `index` of the generation (0 = the first generated token).
 
         `suppress` lists ids that must not be chosen now (EOS before min_tokens)."""
-        scores = self.adjusted(logits, prompt, generated, suppress)
+        scores: Scores = logits.astype(np.float64)
+        self.adjust(scores, prompt, generated, suppress)
         if self.params.greedy:
             return int(scores.argmax())
         return sample(scores[None, :], [self], [index])[0]
-
-    def adjusted(
-        self,
-        logits: Logits,
-        prompt: Sequence[int] = (),
-        generated: Sequence[int] = (),
-        suppress: Collection[int] = (),
-    ) -> Scores:
-        """The row's scores after logit bias, penalties and suppression: float64, finite."""
-        scores: Scores = logits.astype(np.float64)
-        self.adjust(scores, prompt, generated, suppress)
-        return scores
 
     @property
     def changes_scores(self) -> bool:
@@ -114,7 +103,8 @@ class Sampler:
         generated: Sequence[int] = (),
         suppress: Collection[int] = (),
     ) -> None:
-        """`adjusted`, in place on a float64 row."""
+        """Logit bias, penalties and suppression, in place on a float64 row, which is finite
+        afterwards."""
         p = self.params
         if self._bias_ids.size:
             scores[self._bias_ids] += self._bias_values
