@@ -49,6 +49,8 @@ def top_logprobs(
     """The n most likely token ids with their log-probabilities, most likely first (equal
     ones by id); found by the n-th largest logit, no sort of the whole row."""
     n = min(n, logits.size)
+    if n <= 0:
+        return []
     norm = log_normaliser(logits) if normaliser is None else normaliser
     threshold = np.partition(logits, logits.size - n)[logits.size - n]
     candidates = np.flatnonzero(logits >= threshold)
