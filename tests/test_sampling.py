@@ -204,3 +204,13 @@ def test_top_logprobs_list_equal_tokens_by_id_and_stop_at_n() -> None:
     assert [i for i, _ in best] == [1, 2]
     expected = 2.0 - float(np.log(np.exp(logits.astype(np.float64)).sum()))
     assert all(abs(logp - expected) < 1e-9 for _, logp in best)
+
+
+def test_suppressed_ids_stay_out_when_every_other_logit_is_minus_infinity() -> None:
+    """A suppressed token is never chosen, greedy or sampled, even where all other logits are
+    -inf (a suppressed id must rank below them)."""
+    logits = np.asarray([5.0, -np.inf, -np.inf, -np.inf], dtype=np.float32)
+    greedy = Sampler(SamplingParams(temperature=0.0))
+    sampled = Sampler(SamplingParams(temperature=1.0, seed=15))
+    assert greedy.choose(logits, index=0, suppress={0}) != 0
+    assert 0 not in {sampled.choose(logits, index=i, suppress={0}) for i in range(50)}

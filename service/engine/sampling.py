@@ -122,9 +122,12 @@ class Sampler:
             # As in the OpenAI API: per distinct generated token, and per occurrence.
             ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
             scores[ids] -= p.frequency_penalty * counts + p.presence_penalty
-        if suppress:
-            scores[np.fromiter(suppress, dtype=np.int64)] = -np.inf
         _make_finite(scores)
+        if suppress:
+            # Below every other score, -inf logits included (those become -max/2 here).
+            big = np.finfo(np.float64).max
+            np.maximum(scores, -big / 2, out=scores)
+            scores[np.fromiter(suppress, dtype=np.int64)] = -big
 
 
 BLOCK = 256
@@ -221,7 +224,7 @@ def _first_passing(values: Scores, target: float, side: Literal["left", "right"]
 
 def _make_finite(scores: Scores) -> None:
     """Overflowed scores become the largest finite ones, in place: order is kept, NaN cannot
-    appear. A suppressed token (-inf) stays below every finite score."""
+    appear."""
     if not np.isfinite(scores).all():
         big = np.finfo(np.float64).max
         np.nan_to_num(scores, copy=False, nan=-big, posinf=big, neginf=-big)
