@@ -28,20 +28,32 @@ import itertools
 import json
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import engine_alone  # bench/ is this script's directory
 import numpy as np
 from build_models import genai_builder
-from peers import genai_loop, nearest_rank, summarise, timed
+from peers import (
+    MIXED,
+    SAMPLED,
+    Served,
+    arrival_offsets,
+    genai_loop,
+    genai_tokens,
+    nearest_rank,
+    output_lengths,
+    static_batches,
+    summarise,
+    summarise_served,
+    timed,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT_TOKENS = 32
@@ -352,6 +364,17 @@ def wait_for_port(log: Path, proc: subprocess.Popen[bytes]) -> int:
     raise RuntimeError(f"server did not start:\n{log.read_text()[-4000:]}")
 
 
+GRPC_LOADS = (
+    (1, "burst", False),
+    (16, "burst", False),
+    (16, "poisson", False),
+    (16, MIXED, False),
+    (16, "burst", True),
+)
+"""tokenwire's gRPC loads: (streams, arrival, sampled); the staggered ones arrive at the rate
+that keeps 16 in flight at the burst's per-stream speed, and that rate goes in their rows."""
+
+
 async def grpc_load(port: int) -> list[dict[str, Any]]:
     import grpc
 
@@ -361,12 +384,18 @@ async def grpc_load(port: int) -> list[dict[str, Any]]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
 
-        async def one(ids: list[int]) -> dict[str, Any]:
+        async def one(ids: list[int], new: int, sampled: bool) -> dict[str, Any]:
+            sampling = (
+                pb.SamplingParams(
+                    temperature=SAMPLED["temperature"],
+                    top_k=int(SAMPLED["top_k"]),
+                    top_p=SAMPLED["top_p"],
+                )
+                if sampled
+                else pb.SamplingParams(temperature=0.0)
+            )
             request = pb.GenerateRequest(
-                prompt_ids=ids,
-                max_tokens=NEW_TOKENS,
-                ignore_eos=True,
-                sampling=pb.SamplingParams(temperature=0.0),
+                prompt_ids=ids, max_tokens=new, ignore_eos=True, sampling=sampling
             )
             sent, times = time.perf_counter(), []
             call: Any = stub.Generate(request, timeout=600)
@@ -376,22 +405,24 @@ async def grpc_load(port: int) -> list[dict[str, Any]]:
             return {"sent": sent, "times": times}
 
         rows = []
-        await asyncio.gather(*(one(p) for p in prompts(16)))
-        duration = 1.0
-        for streams, arrival in ((1, "burst"), (16, "burst"), (16, "poisson")):
+        await asyncio.gather(*(one(p, 16, False) for p in prompts(16)))
+        rate = 1.0
+        for streams, arrival, sampled in GRPC_LOADS:
             runs = []
             for _ in range(5 if streams == 1 else 3):
-                runs.append(await load(one, streams, arrival, streams / duration))
+                runs.append(await load(one, streams, arrival, rate, sampled))
             row = stream_row(runs)
-            if arrival == "burst" and streams == 16:
-                duration = NEW_TOKENS / row["per_stream_tokens_per_s"]
+            if (streams, arrival, sampled) == (16, "burst", False):
+                rate = streams * row["per_stream_tokens_per_s"] / NEW_TOKENS
             rows.append(
                 {
                     "system": "tokenwire",
                     "transport": "grpc",
                     "concurrency": streams,
                     "arrival": arrival,
+                    "decoding": "sampled" if sampled else "greedy",
                     "cache": "device",
+                    **({"rate": rate} if arrival != "burst" else {}),
                     **row,
                 }
             )
@@ -399,15 +430,74 @@ async def grpc_load(port: int) -> list[dict[str, Any]]:
         return rows
 
 
-async def load(one: Any, streams: int, arrival: str, rate: float) -> list[dict[str, Any]]:
-    ids = prompts(2 * streams)
-    if arrival == "burst":
-        return list(await asyncio.gather(*(one(ids[i]) for i in range(streams))))
-    rng, tasks = random.Random(streams), []
-    for i in range(2 * streams):  # Poisson arrivals keeping about `streams` in flight
-        tasks.append(asyncio.create_task(one(ids[i])))
-        await asyncio.sleep(rng.expovariate(rate))
+async def load(
+    one: Any, streams: int, arrival: str, rate: float, sampled: bool
+) -> list[dict[str, Any]]:
+    """One load: request i at its arrival offset (peers.arrival_offsets), asking for its
+    length (peers.output_lengths), with prompt i."""
+    offsets = arrival_offsets(streams, arrival, rate)
+    lengths = output_lengths(arrival, len(offsets), NEW_TOKENS)
+    ids = prompts(len(offsets))
+    started, tasks = time.perf_counter(), []
+    for i, offset in enumerate(offsets):
+        await asyncio.sleep(max(0.0, started + offset - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(ids[i], lengths[i], sampled)))
     return list(await asyncio.gather(*tasks))
+
+
+def serving_rows(model_dir: Path, grpc: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """GenAI on tokenwire's own loads: its Generator behind a static-batching server (at most
+    16; both dispatch policies, the faster kept) on the staggered arrivals, prompts and
+    lengths of the gRPC rows, and its static batch of 16 sampling with SAMPLED."""
+    import onnxruntime_genai as og
+
+    rows: list[dict[str, Any]] = []
+    with cuda_graph(model_dir, False):  # a batch of 16 is not captured
+        model = og.Model(str(model_dir))
+        for staggered in (r for r in grpc if "rate" in r):
+            arrival = staggered["arrival"]
+            offsets = arrival_offsets(16, arrival, staggered["rate"])
+            lengths = output_lengths(arrival, len(offsets), NEW_TOKENS)
+            ids = prompts(len(offsets))
+            genai_tokens(og, model, np.asarray(ids[:16], dtype=np.int32), PROMPT_TOKENS + 16)
+            tried = []
+            for policy in ("queued", "full"):
+                started = time.perf_counter()
+                served = [Served(started + a) for a in offsets]
+                static_batches(og, model, served, ids, lengths, batch=16, policy=policy)
+                tried.append({**summarise_served(served, cpu=0.0), "policy": policy})
+            rows.append(
+                {
+                    "system": "ort-genai-static-server",
+                    "transport": "in-process",
+                    "concurrency": 16,
+                    "arrival": arrival,
+                    "decoding": "greedy",
+                    **max(tried, key=lambda r: r["tokens_per_s"]),
+                }
+            )
+            say(rows[-1])
+        ids16 = np.asarray(prompts(16), dtype=np.int64)
+
+        def sampled() -> tuple[float, list[float], float]:
+            ttft, gaps, total, _ = genai_loop(
+                og, model, ids16, PROMPT_TOKENS + NEW_TOKENS, dict(SAMPLED)
+            )
+            return ttft, gaps, total
+
+        rows.append(
+            {
+                "system": "ort-genai",
+                "transport": "in-process",
+                "concurrency": 16,
+                "arrival": "static-batch",
+                "decoding": "sampled",
+                "knobs": {"enable_cuda_graph": False, **SAMPLED},
+                **timed(sampled, 16, NEW_TOKENS, repeats=3),
+            }
+        )
+        say(rows[-1])
+    return rows
 
 
 def stream_row(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
@@ -585,14 +675,16 @@ def machine() -> dict[str, Any]:
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     def best(**match: Any) -> dict[str, Any]:
-        found = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+        found = [r for r in rows if matches(r, match)]
         return max(found, key=lambda r: r["tokens_per_s"])
 
     genai1 = best(system="ort-genai", concurrency=1)["tokens_per_s"]
-    genai16 = best(system="ort-genai", concurrency=16)["tokens_per_s"]
+    genai16 = best(system="ort-genai", concurrency=16, decoding="greedy")["tokens_per_s"]
     grpc1 = best(system="tokenwire", transport="grpc", concurrency=1)["tokens_per_s"]
     staggered = best(system="tokenwire", transport="grpc", concurrency=16, arrival="poisson")
-    burst16 = best(system="tokenwire", transport="grpc", concurrency=16, arrival="burst")
+    burst16 = best(
+        system="tokenwire", transport="grpc", concurrency=16, arrival="burst", decoding="greedy"
+    )
 
     def engine(streams: int, cache: str) -> float:
         found = best(system="tokenwire", transport="engine-alone", concurrency=streams, cache=cache)
@@ -608,7 +700,38 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
         "cuda_graph_vs_uncaptured_c16": engine(16, "device") / engine(16, "device-uncaptured"),
         "device_cache_vs_copying_b1": engine(1, "device-uncaptured") / engine(1, "copying"),
         "device_cache_vs_copying_c16": engine(16, "device-uncaptured") / engine(16, "copying"),
+        **serving_ratios(rows),
     }
+
+
+def matches(row: dict[str, Any], match: dict[str, Any]) -> bool:
+    """Whether the row has every field of `match` (a row without `decoding` is greedy)."""
+    return all(row.get(k, "greedy" if k == "decoding" else None) == v for k, v in match.items())
+
+
+def serving_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """tokenwire against GenAI on the same serving loads, where both rows exist."""
+    pairs: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+        "grpc_c16_staggered_vs_genai_static_server": (
+            {"system": "tokenwire", "transport": "grpc", "arrival": "poisson"},
+            {"system": "ort-genai-static-server", "arrival": "poisson"},
+        ),
+        "grpc_c16_mixed_vs_genai_static_server": (
+            {"system": "tokenwire", "transport": "grpc", "arrival": MIXED},
+            {"system": "ort-genai-static-server", "arrival": MIXED},
+        ),
+        "grpc_c16_sampled_vs_genai_b16_sampled": (
+            {"system": "tokenwire", "transport": "grpc", "decoding": "sampled"},
+            {"system": "ort-genai", "concurrency": 16, "decoding": "sampled"},
+        ),
+    }
+    found = {}
+    for name, (ours, theirs) in pairs.items():
+        a = [r for r in rows if matches(r, ours)]
+        b = [r for r in rows if matches(r, theirs)]
+        if a and b:
+            found[name] = a[0]["tokens_per_s"] / b[0]["tokens_per_s"]
+    return found
 
 
 def main() -> None:
@@ -631,42 +754,54 @@ def main() -> None:
     report["git_commit"] = os.environ.get("TOKENWIRE_COMMIT", "?")
     report["new_tokens"] = NEW_TOKENS
     report["models"] = {}
-    for name in args.sizes.split(","):
-        started = time.monotonic()
-        print(f"{name}: building", flush=True)
-        model_dir = build(name, args.work)
-        entry: dict[str, Any] = {"size": SIZES[name], "build_s": time.monotonic() - started}
-        report["models"][name] = entry
-        reference: Reference = {"b16": {}, "b1": {}}
-        entry["rows"] = []
-        try:
-            entry["rows"], reference = genai_rows(model_dir)
-        except Exception as exc:  # the other rows are still worth having
-            entry.setdefault("errors", {})["genai"] = f"{type(exc).__name__}: {exc}"
-            print(f"  genai failed: {exc}", flush=True)
-        for label in ("engine", "grpc"):
-            try:
-                if label == "engine":
-                    entry["rows"] += engine_rows(model_dir, reference)
-                else:
-                    entry["rows"] += grpc_rows(model_dir)
-            except Exception as exc:
-                entry.setdefault("errors", {})[label] = f"{type(exc).__name__}: {exc}"
-                print(f"  {label} failed: {exc}", flush=True)
-            args.out.write_text(json.dumps(report, indent=1) + "\n")
-        with contextlib.suppress(Exception):
-            entry["ratios"] = ratios([r for r in entry["rows"] if "tokens_per_s" in r])
-        try:
-            entry["step_costs"] = step_costs(model_dir)
-        except Exception as exc:
-            entry.setdefault("errors", {})["step_costs"] = f"{type(exc).__name__}: {exc}"
-        try:
-            entry["copies"] = copies_per_step(model_dir)
-        except Exception as exc:
-            entry.setdefault("errors", {})["copies"] = f"{type(exc).__name__}: {exc}"
-        entry["seconds"] = time.monotonic() - started
+
+    def save() -> None:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
-        print(json.dumps({name: entry.get("ratios"), "copies": entry.get("copies")}), flush=True)
+
+    for name in args.sizes.split(","):
+        entry: dict[str, Any] = {}
+        report["models"][name] = entry
+        measure_size(name, args.work, entry, save)
+
+
+def measure_size(name: str, work: Path, entry: dict[str, Any], save: Callable[[], None]) -> None:
+    """Every section for one model size into `entry`; `save` writes the report so far."""
+    started = time.monotonic()
+    print(f"{name}: building", flush=True)
+    model_dir = build(name, work)
+    entry.update(size=SIZES[name], build_s=time.monotonic() - started)
+    reference: Reference = {"b16": {}, "b1": {}}
+    entry["rows"] = []
+    try:
+        entry["rows"], reference = genai_rows(model_dir)
+    except Exception as exc:  # the other rows are still worth having
+        entry.setdefault("errors", {})["genai"] = f"{type(exc).__name__}: {exc}"
+        print(f"  genai failed: {exc}", flush=True)
+    for label in ("engine", "grpc", "serving"):
+        try:
+            if label == "engine":
+                entry["rows"] += engine_rows(model_dir, reference)
+            elif label == "grpc":
+                entry["rows"] += grpc_rows(model_dir)
+            else:
+                entry["rows"] += serving_rows(model_dir, entry["rows"])
+        except Exception as exc:
+            entry.setdefault("errors", {})[label] = f"{type(exc).__name__}: {exc}"
+            print(f"  {label} failed: {exc}", flush=True)
+        save()
+    with contextlib.suppress(Exception):
+        entry["ratios"] = ratios([r for r in entry["rows"] if "tokens_per_s" in r])
+    try:
+        entry["step_costs"] = step_costs(model_dir)
+    except Exception as exc:
+        entry.setdefault("errors", {})["step_costs"] = f"{type(exc).__name__}: {exc}"
+    try:
+        entry["copies"] = copies_per_step(model_dir)
+    except Exception as exc:
+        entry.setdefault("errors", {})["copies"] = f"{type(exc).__name__}: {exc}"
+    entry["seconds"] = time.monotonic() - started
+    save()
+    print(json.dumps({name: entry.get("ratios"), "copies": entry.get("copies")}), flush=True)
 
 
 if __name__ == "__main__":

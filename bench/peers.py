@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import random
 import sys
 import tempfile
 import time
@@ -29,6 +30,33 @@ import numpy as np
 # requests in batches of at most 4 whatever max_batch_size says; 16 is written so the
 # configured limit is never what holds it back.
 ENGINE_SECTION = {"static_batching": {"max_batch_size": 16}}
+
+
+SAMPLED = {"temperature": 0.8, "top_k": 50, "top_p": 0.95}
+"""The sampled rows' settings, for tokenwire and GenAI alike (a common chat configuration)."""
+MIXED = "poisson-mixed"
+"""Poisson arrivals with mixed output lengths (output_lengths), as traffic has them."""
+
+
+def arrival_offsets(concurrency: int, arrival: str, rate: float | None) -> list[float]:
+    """When each request of a load arrives, in seconds after the first: a burst of
+    `concurrency` at once, or 2 x `concurrency` Poisson arrivals at `rate` per second, which
+    keep about `concurrency` in flight (the mixed load arrives on the same schedule as the
+    plain Poisson one). Seeded, so every system gets the same schedule."""
+    if arrival == "burst":
+        return [0.0] * concurrency
+    rng = random.Random(concurrency)
+    gaps = [rng.expovariate(rate or 1.0) for _ in range(2 * concurrency - 1)]
+    return list(itertools.accumulate(gaps, initial=0.0))
+
+
+def output_lengths(arrival: str, count: int, new: int) -> list[int]:
+    """Each request's max_tokens: `new`, or in the mixed load seeded draws uniform in
+    [16, 2 x new - 16] (mean `new`, so it carries the tokens of the plain load)."""
+    if arrival != MIXED:
+        return [new] * count
+    rng = random.Random(count)
+    return [rng.randint(16, 2 * new - 16) for _ in range(count)]
 
 
 def nearest_rank(values: np.ndarray, q: float) -> float:

@@ -250,7 +250,32 @@ GPU_TARGETS = [
         1.0,
         "1 stream over gRPC vs GenAI batch 1 (its best: CUDA graph)",
     ),
-    ("grpc_c16_staggered_vs_genai_b16", ">=", 1.3, "16 staggered streams vs GenAI static batch 16"),
+    (
+        "grpc_c16_staggered_vs_genai_static_server",
+        ">=",
+        1.3,
+        "16 staggered streams vs GenAI's static batch of 16 serving the same arrivals",
+    ),
+    (
+        "grpc_c16_mixed_vs_genai_static_server",
+        ">=",
+        1.3,
+        "16 staggered streams of mixed lengths vs GenAI's static batch of 16 serving the same "
+        "arrivals and lengths",
+    ),
+    (
+        "grpc_c16_staggered_vs_genai_b16",
+        ">=",
+        1.0,
+        "16 staggered streams vs GenAI static batch 16 given all prompts at once (a bound)",
+    ),
+    (
+        "grpc_c16_sampled_vs_genai_b16_sampled",
+        ">=",
+        1.0,
+        "burst of 16 sampling (temperature 0.8, top-k 50, top-p 0.95) vs GenAI's static batch "
+        "of 16 sampling alike",
+    ),
     ("grpc_c16_burst_vs_genai_b16", ">=", 1.0, "burst of 16 vs GenAI static batch 16"),
     ("engine_b1_vs_genai_b1", ">=", 1.0, "engine alone, 1 stream, vs GenAI batch 1"),
     ("engine_c16_vs_genai_b16", ">=", 1.0, "engine alone, burst of 16, vs GenAI static batch 16"),
@@ -277,9 +302,15 @@ GPU_TARGETS = [
 
 
 def gpu_label(row: dict[str, Any]) -> str:
+    sampled = ", sampled" if row.get("decoding") == "sampled" else ""
     if row["system"] == "ort-genai":
         graph = "CUDA graph" if row.get("knobs", {}).get("enable_cuda_graph") else "no CUDA graph"
-        return f"ort-genai static batch {row['concurrency']} ({graph})"
+        return f"ort-genai static batch {row['concurrency']} ({graph}{sampled})"
+    if row["system"] == "ort-genai-static-server":
+        return (
+            f"ort-genai static-batch server, at most {row['concurrency']} ({row['arrival']}, "
+            f"policy {row['policy']})"
+        )
     cache = {
         "device": "cache on device, CUDA graphs",
         "device-uncaptured": "cache on device, no CUDA graphs",
@@ -287,7 +318,7 @@ def gpu_label(row: dict[str, Any]) -> str:
         "copying": "cache copied per step",
     }[row["cache"]]
     streams = f"{row['concurrency']} stream{'s' if row['concurrency'] > 1 else ''}"
-    return f"tokenwire {row['transport']} {streams} ({row['arrival']}, {cache})"
+    return f"tokenwire {row['transport']} {streams} ({row['arrival']}, {cache}{sampled})"
 
 
 def gpu_section(gpu: dict[str, Any]) -> str:
@@ -423,6 +454,21 @@ def readme_gpu(gpu: dict[str, Any] | None) -> list[str]:
             f"{r['grpc_c16_staggered_vs_genai_b16']:.2f}x GenAI's static batch of 16 (the engine "
             f"alone: {r['engine_c16_vs_genai_b16']:.2f}x); CUDA graphs "
             f"{r['cuda_graph_vs_uncaptured_b1']:.1f}x uncaptured steps at 1 stream."
+            + "".join(
+                f" {text} {r[key]:.2f}x."
+                for key, text in (
+                    (
+                        "grpc_c16_staggered_vs_genai_static_server",
+                        "Staggered vs GenAI's static-batching server on the same arrivals:",
+                    ),
+                    ("grpc_c16_mixed_vs_genai_static_server", "The same with mixed lengths:"),
+                    (
+                        "grpc_c16_sampled_vs_genai_b16_sampled",
+                        "16 sampling streams vs GenAI sampling alike:",
+                    ),
+                )
+                if key in r
+            )
         )
     return lines
 

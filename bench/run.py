@@ -9,11 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import itertools
 import json
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -25,6 +23,7 @@ import grpc
 import httpx
 import onnxruntime
 from httpx_sse import aconnect_sse
+from peers import MIXED, SAMPLED, arrival_offsets, output_lengths  # bench/ is on sys.path
 from tokenizers import Tokenizer
 
 from tokenwire.common.stats import percentile
@@ -37,10 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_PY = ROOT / "bench" / ".venv" / "bin" / "python"
 RESULTS = ROOT / "bench" / "results" / "latest.json"
 PROMPT_TOKENS, NEW_TOKENS = 32, 128
-SAMPLED = {"temperature": 0.8, "top_k": 50, "top_p": 0.95}
-"""The sampled rows' settings, for tokenwire and GenAI alike (a common chat configuration)."""
-MIXED = "poisson-mixed"
-"""Poisson arrivals with mixed output lengths (output_lengths), as traffic has them."""
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -159,33 +154,12 @@ def stream_row(runs: list[list[dict[str, Any]]], cpu: float | None) -> dict[str,
     return row
 
 
-def arrival_offsets(concurrency: int, arrival: str, rate: float | None) -> list[float]:
-    """When each request of a load arrives, in seconds after the first: a burst of
-    `concurrency` at once, or 2 x `concurrency` Poisson arrivals at `rate` per second, which
-    keep about `concurrency` in flight (the mixed load arrives on the same schedule as the
-    plain Poisson one). Seeded, so every system gets the same schedule."""
-    if arrival == "burst":
-        return [0.0] * concurrency
-    rng = random.Random(concurrency)
-    gaps = [rng.expovariate(rate or 1.0) for _ in range(2 * concurrency - 1)]
-    return list(itertools.accumulate(gaps, initial=0.0))
-
-
-def output_lengths(arrival: str, count: int) -> list[int]:
-    """Each request's max_tokens: NEW_TOKENS, or in the mixed load seeded draws uniform in
-    [16, 2 x NEW_TOKENS - 16] (mean NEW_TOKENS, so it carries the tokens of the plain load)."""
-    if arrival != MIXED:
-        return [NEW_TOKENS] * count
-    rng = random.Random(count)
-    return [rng.randint(16, 2 * NEW_TOKENS - 16) for _ in range(count)]
-
-
 async def run_load(
     open_stream: Any, prompts: list[str], concurrency: int, arrival: str, rate: float | None
 ) -> list[dict[str, Any]]:
     """One load: open_stream(prompt, max_tokens) for each request, at its arrival time."""
     offsets = arrival_offsets(concurrency, arrival, rate)
-    lengths = output_lengths(arrival, len(offsets))
+    lengths = output_lengths(arrival, len(offsets), NEW_TOKENS)
     if arrival == "burst":
         return list(
             await asyncio.gather(
@@ -568,7 +542,7 @@ async def graph_round(
         keep(found, {"system": "tokenwire", "transport": "grpc", **load, **row})
         if c == 16 and graph.engine:
             offsets = arrival_offsets(c, arrival, rate)
-            lengths = output_lengths(arrival, len(offsets))
+            lengths = output_lengths(arrival, len(offsets), NEW_TOKENS)
             keep(found, engine_peer(model_dir, offsets, lengths, ids, arrival))
             if arrival != "burst":
                 keep(found, static_server_peer(model_dir, offsets, lengths, ids, arrival))
