@@ -180,7 +180,9 @@ def _weights(scores: Scores | Logits, samplers: Sequence[Sampler]) -> Scores:
         weights /= np.asarray([p.temperature for p in params], dtype=np.float64)[:, None]
     np.exp(weights, out=weights)
     # min-p: with the best weighing 1, the threshold is min_p itself.
-    weights *= weights >= np.asarray([p.min_p for p in params], dtype=np.float64)[:, None]
+    min_p = np.asarray([p.min_p for p in params], dtype=np.float64)[:, None]
+    if min_p.any():
+        weights *= weights >= min_p
     return weights
 
 
