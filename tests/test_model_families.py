@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from tests.conftest import RunningServer, collect, greedy, start_server
-from tests.invariance import Job, together
+from tests.invariance import Job, alone, together
 from tokenwire.server.domain import (
     CompletionEvent,
     FinishReason,
@@ -99,6 +99,27 @@ async def test_batched_greedy_ids_equal_the_reference(
     for job, prompt, ids in zip(jobs, prompts, got, strict=True):
         expected = prompt["output_ids"][: job.max_tokens]
         assert ids[: len(expected)] == expected, prompt["text"]
+
+
+async def test_seeded_sampled_ids_are_the_same_alone_and_in_a_moving_batch(
+    family: tuple[Path, RunningServer],
+) -> None:
+    """Seeded sampling rows (temperature, top-k, top-p, min-p) beside greedy rows, with the
+    same staggered joins and departures, draw the ids each draws alone."""
+    model_dir, running = family
+    reference = _reference(model_dir)
+    prompts = sorted(reference["prompts"], key=lambda p: bool(p.get("long")))
+    n = reference["max_new_tokens"]
+    kinds = [
+        SamplingParams(temperature=0.8, seed=11),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=12),
+        SamplingParams(temperature=0.7, min_p=0.05, seed=13),
+    ]
+    jobs = [
+        Job(p["text"], n - (i * 5) % (n // 2), kinds[i % len(kinds)]) for i, p in enumerate(prompts)
+    ]
+    assert await together(running.engine, jobs) == await alone(running.engine, jobs)
 
 
 def test_tokenization_matches_transformers(family: tuple[Path, RunningServer]) -> None:
