@@ -125,15 +125,20 @@ class Sampler:
         _make_finite(scores)
         if suppress:
             # Below every other score, -inf logits included (those become -max/2 here).
-            big = np.finfo(np.float64).max
-            np.maximum(scores, -big / 2, out=scores)
-            scores[np.fromiter(suppress, dtype=np.int64)] = -big
+            np.maximum(scores, -_BIG / 2, out=scores)
+            scores[np.fromiter(suppress, dtype=np.int64)] = -_BIG
 
 
 BLOCK = 256
 """Positions per block of the two-level running sums (block totals first, then one block)."""
 TOP_P_HEAD = 1024
 """How many of a row's largest weights top-p sorts first (the whole row if they fall short)."""
+_BIG = float(np.finfo(np.float64).max)
+
+
+def _whole_blocks(size: int) -> int:
+    """`size` rounded up to whole blocks."""
+    return -(-size // BLOCK) * BLOCK
 
 
 def sample(
@@ -169,7 +174,7 @@ def _weights(scores: Scores | Logits, samplers: Sequence[Sampler]) -> Scores:
     whole blocks; every operation runs once over all rows."""
     rows, width = scores.shape
     params = [s.params for s in samplers]
-    weights = np.empty((rows, -(-width // BLOCK) * BLOCK), dtype=np.float64)
+    weights = np.empty((rows, _whole_blocks(width)), dtype=np.float64)
     weights[:, width:] = -np.inf
     # (score - best) / temperature is in [-inf, 0]: the best token weighs exp(0) = 1, and no
     # temperature the API accepts can make a NaN of it.
@@ -204,7 +209,7 @@ def _keep_top_p(row: Scores, top_p: float) -> None:
     largest = np.partition(row, row.size - head)[row.size - head :]
     if head < row.size and not largest.sum() >= target:
         largest = row
-    ranked = np.zeros(-(-largest.size // BLOCK) * BLOCK, dtype=np.float64)
+    ranked = np.zeros(_whole_blocks(largest.size), dtype=np.float64)
     ranked[: largest.size] = np.sort(largest)[::-1]
     np.multiply(row, row >= ranked[_first_passing(ranked, target, side="left")], out=row)
 
@@ -228,5 +233,4 @@ def _make_finite(scores: Scores) -> None:
     """Overflowed scores become the largest finite ones, in place: order is kept, NaN cannot
     appear."""
     if not np.isfinite(scores).all():
-        big = np.finfo(np.float64).max
-        np.nan_to_num(scores, copy=False, nan=-big, posinf=big, neginf=-big)
+        np.nan_to_num(scores, copy=False, nan=-_BIG, posinf=_BIG, neginf=-_BIG)
