@@ -788,10 +788,12 @@ def peer_knobs(genai_dir: Path, rows: list[dict[str, Any]]) -> dict[str, str]:
         "its arrival time, between Engine steps; greedy (TurnOptions do_sample false), min and "
         "max generated tokens 128; tokenwire's prompts and arrival times",
         "ort-loop": "intra_op_num_threads 0 (one per core), inter_op_num_threads 1, "
-        "ORT_ENABLE_ALL, spinning on; one session.run per token, numpy argmax",
+        "ORT_ENABLE_ALL, spinning on; one session.run per token, numpy argmax; without "
+        "tokenwire's session.force_spinning_stop, which cost this loop 1-2 % in a side test "
+        "(nothing else runs between its steps)",
         "tokenwire": "defaults of `tokenwire serve` (intra_op_threads 0, inter_op_threads 1, "
-        "spinning on, prefill chunk 256) with TOKENWIRE_MAX_BATCH_SIZE 32 and "
-        "TOKENWIRE_MAX_QUEUE 256",
+        "spinning on within a step and stopped between steps (session.force_spinning_stop), "
+        "prefill chunk 256) with TOKENWIRE_MAX_BATCH_SIZE 32 and TOKENWIRE_MAX_QUEUE 256",
     }
 
 

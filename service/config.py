@@ -37,7 +37,9 @@ class Settings:
     intra_op_threads: int = setting(0, "ONNX Runtime intra-op threads (0 = one per core)")
     inter_op_threads: int = setting(1, "ONNX Runtime inter-op threads (0 = auto)")
     ort_spinning: bool = setting(
-        True, "idle ORT threads spin (fastest on dedicated cores; false frees shared CPUs)"
+        True,
+        "ORT threads spin between the kernels of a step and sleep between steps "
+        "(false: never spin, which frees shared CPUs at a cost per kernel)",
     )
     cuda_graph: bool = setting(
         True,

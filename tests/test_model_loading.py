@@ -136,3 +136,19 @@ def test_asking_for_cuda_without_a_usable_gpu_is_refused() -> None:
     with pytest.raises(ModelLoadError, match="provider cuda was asked for"):
         OnnxCausalLM(BUNDLED_MODEL_DIR, provider="cuda")
     assert OnnxCausalLM(BUNDLED_MODEL_DIR, provider="auto").provider == "CPUExecutionProvider"
+
+
+@pytest.mark.parametrize(
+    ("spinning", "entries"),
+    [
+        (True, {"session.force_spinning_stop": "1"}),
+        (False, {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}),
+    ],
+)
+def test_workers_spin_only_within_a_step(spinning: bool, entries: dict[str, str]) -> None:
+    """With spinning on, ORT's workers stop spinning when a run ends (the cores go to the
+    threads that send the step's tokens); with it off they never spin."""
+    model = OnnxCausalLM(BUNDLED_MODEL_DIR, provider="cpu", spinning=spinning)
+    options = model.session.get_session_options()
+    found = {key: options.get_session_config_entry(key) for key in entries}
+    assert found == entries

@@ -308,9 +308,14 @@ def _options(
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if not spinning:
+    if spinning:
+        # Workers spin between the kernels of a step (waking a sleeping one costs more than a
+        # small kernel) and stop when the run ends: between steps the cores belong to the
+        # threads that send the step's tokens, which spinning workers would only slow down.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    else:
         # Idle ORT workers sleep instead of spinning: gives the CPU back to the event loop
-        # (and to co-located processes) between steps, at a small wake-up cost per step.
+        # (and to co-located processes) within steps too, at a wake-up cost per kernel.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return options
