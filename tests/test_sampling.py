@@ -12,7 +12,9 @@ from tokenwire.server.engine.sampling import (
     TOP_P_HEAD,
     Sampler,
     _first_passing,
+    _first_passing_rows,
     _keep_top_p,
+    _top_p_rows,
     log_softmax_at,
     sample,
     top_logprobs,
@@ -178,6 +180,57 @@ def test_the_two_level_running_sum_finds_what_a_plain_cumsum_finds() -> None:
         found = _first_passing(weights, target)
         assert found == int(np.searchsorted(cumulative, target, side="right"))
         assert weights[found] > 0
+
+
+def test_the_search_of_many_rows_finds_what_each_row_finds_alone() -> None:
+    """Searched together, with either side, each row of weights (runs of zeros, some rows
+    all zero but one) gets the position np.searchsorted finds on its own cumulative sum."""
+    rng = np.random.default_rng(16)
+    for side in ("right", "left"):
+        weights = rng.exponential(1.0, (9, 3 * BLOCK)) * (rng.random((9, 3 * BLOCK)) < 0.3)
+        weights[0] = 0.0
+        weights[0, 5] = 1.0
+        cumulative = np.cumsum(weights, axis=1)
+        targets = rng.random(9) * cumulative[:, -1]
+        found = _first_passing_rows(weights, targets, side=side)
+        expected = [
+            int(np.searchsorted(row, target, side=side))
+            for row, target in zip(cumulative, targets, strict=True)
+        ]
+        assert found == expected
+        assert all(weights[r, position] > 0 for r, position in enumerate(found))
+
+
+def test_top_p_of_many_rows_keeps_what_each_row_keeps_alone() -> None:
+    """Rows no wider than TOP_P_HEAD, cut together with their own top_p, keep exactly what
+    _keep_top_p keeps of each alone."""
+    rng = np.random.default_rng(17)
+    weights = np.exp(rng.standard_normal((7, 2 * BLOCK)) * rng.uniform(0.1, 5.0, (7, 1)))
+    weights[:, 300:] = 0.0
+    top_p = rng.uniform(0.05, 0.99, 7)
+    together = _top_p_rows(weights, top_p)
+    for row, p, kept in zip(weights, top_p, together, strict=True):
+        alone = row.copy()
+        _keep_top_p(alone, float(p))
+        assert np.array_equal(alone, kept)
+
+
+def test_rows_tied_at_their_k_th_score_draw_the_same_alone_and_together() -> None:
+    """Where some rows' k-th best score is tied (they keep more than k candidates), every
+    row still draws what it draws alone, and only among its candidates."""
+    rng = np.random.default_rng(18)
+    logits = np.round(rng.standard_normal((8, 500)) * 2).astype(np.float32)
+    logits[1::2] = rng.standard_normal((4, 500)).astype(np.float32)  # untied rows between
+    samplers = [
+        Sampler(SamplingParams(temperature=1.0, top_k=20, seed=int(rng.integers(2**62))))
+        for _ in range(8)
+    ]
+    kth = np.sort(logits, axis=1)[:, -20]
+    for index in range(20):
+        together = sample(logits, samplers, [index] * 8)
+        alone = [sample(logits[r : r + 1], samplers[r : r + 1], [index])[0] for r in range(8)]
+        assert together == alone
+        assert all(logits[r, token] >= kth[r] for r, token in enumerate(together))
 
 
 def test_top_p_keeps_what_a_full_sort_keeps_with_or_without_the_head() -> None:

@@ -28,6 +28,7 @@ from tokenwire.server.domain import SamplingParams
 
 Logits = npt.NDArray[np.float32]
 Scores = npt.NDArray[np.float64]
+Side = Literal["left", "right"]
 
 
 def log_normaliser(logits: Logits) -> float:
@@ -148,24 +149,51 @@ def sample(
     and is the token at position indices[r] of its generation), all rows in one pass, in
     float64. A row's token does not depend on the other rows.
 
-    Rows without top-k are weighed together over the whole vocabulary; a top-k row only over
-    its candidates (the tokens scoring at least its k-th best), in vocabulary order."""
+    Rows without top-k are weighed together over the whole vocabulary; top-k rows, grouped by
+    k, only over their candidates (the tokens scoring at least their k-th best), in vocabulary
+    order."""
     rows, width = scores.shape
-    chosen = [0] * rows
-    whole = [r for r, s in enumerate(samplers) if not 0 < s.params.top_k < width]
-    if whole:
-        weights = _weights(
-            scores if len(whole) == rows else scores[whole], [samplers[r] for r in whole]
-        )
-        for row, r in zip(weights, whole, strict=True):
-            chosen[r] = _pick(row, samplers[r], indices[r])
+    groups: dict[int, list[int]] = {}
     for r, sampler in enumerate(samplers):
         k = sampler.params.top_k
-        if 0 < k < width:
-            row = scores[r]
-            candidates = np.flatnonzero(row >= np.partition(row, width - k)[width - k])
-            weights = _weights(row[candidates][None, :], [sampler])[0]
-            chosen[r] = int(candidates[_pick(weights, sampler, indices[r])])
+        groups.setdefault(k if 0 < k < width else 0, []).append(r)
+    chosen = [0] * rows
+    for k, members in groups.items():
+        block = scores if len(members) == rows else scores[members]
+        group = [samplers[r] for r in members]
+        at = [indices[r] for r in members]
+        picked = (
+            _sample_top_k(block, k, group, at)
+            if k
+            else _pick_rows(_weights(block, group), group, at)
+        )
+        for r, token in zip(members, picked, strict=True):
+            chosen[r] = token
+    return chosen
+
+
+def _sample_top_k(
+    scores: Scores | Logits, k: int, samplers: Sequence[Sampler], indices: Sequence[int]
+) -> list[int]:
+    """Rows that share top_k = k: each weighed over its candidates, all at once; where some
+    row's k-th best score is tied (it keeps more than k candidates), one row at a time."""
+    rows, width = scores.shape
+    kth = np.partition(scores, width - k, axis=1)[:, width - k]
+    # Every row's candidates, row after row, each row's in vocabulary order.
+    flat = np.flatnonzero(scores >= kth[:, None])
+    counts = np.bincount(flat // width, minlength=rows)
+    chosen = [0] * rows
+    if (counts == k).all():
+        columns = (flat % width).reshape(rows, k)
+        weights = _weights(np.take_along_axis(scores, columns, axis=1), samplers)
+        for r, position in enumerate(_pick_rows(weights, samplers, indices)):
+            chosen[r] = int(columns[r, position])
+        return chosen
+    ends = np.cumsum(counts)
+    for r in range(rows):
+        candidates = flat[ends[r] - counts[r] : ends[r]] % width
+        weights = _weights(scores[r, candidates][None, :], [samplers[r]])
+        chosen[r] = int(candidates[_pick_rows(weights, [samplers[r]], [indices[r]])[0]])
     return chosen
 
 
@@ -191,13 +219,33 @@ def _weights(scores: Scores | Logits, samplers: Sequence[Sampler]) -> Scores:
     return weights
 
 
-def _pick(weights: Scores, sampler: Sampler, index: int) -> int:
-    """Where the running sum of the row's weights (top-p applied) passes u x their total, u
-    the request's uniform draw for this index."""
-    if sampler.params.top_p < 1.0:
-        _keep_top_p(weights, sampler.params.top_p)
-    uniform = np.random.default_rng((sampler.seed, index)).random()
-    return _first_passing(weights, uniform * weights.sum())
+def _pick_rows(weights: Scores, samplers: Sequence[Sampler], indices: Sequence[int]) -> list[int]:
+    """Per row, where the running sum of its weights (top-p applied, in place) passes u x
+    their total, u the request's uniform draw for its index."""
+    top_p = np.asarray([s.params.top_p for s in samplers], dtype=np.float64)
+    cut = np.flatnonzero(top_p < 1.0)
+    if cut.size and weights.shape[1] <= TOP_P_HEAD:
+        # The head is the whole row: rank every cut row at once.
+        weights[cut] = _top_p_rows(weights[cut], top_p[cut])
+    else:
+        for r in cut:
+            _keep_top_p(weights[r], float(top_p[r]))
+    uniforms = np.asarray(
+        [
+            np.random.default_rng((s.seed, i)).random()
+            for s, i in zip(samplers, indices, strict=True)
+        ]
+    )
+    return _first_passing_rows(weights, uniforms * weights.sum(axis=1))
+
+
+def _top_p_rows(weights: Scores, top_p: Scores) -> Scores:
+    """_keep_top_p of rows no wider than TOP_P_HEAD, all at once (a new array)."""
+    ranked = np.ascontiguousarray(np.sort(weights, axis=1)[:, ::-1])
+    last = _first_passing_rows(ranked, top_p * weights.sum(axis=1), side="left")
+    threshold = ranked[np.arange(len(ranked)), last]
+    kept: Scores = weights * (weights >= threshold[:, None])
+    return kept
 
 
 def _keep_top_p(row: Scores, top_p: float) -> None:
@@ -214,19 +262,33 @@ def _keep_top_p(row: Scores, top_p: float) -> None:
     np.multiply(row, row >= ranked[_first_passing(ranked, target, side="left")], out=row)
 
 
-def _first_passing(values: Scores, target: float, side: Literal["left", "right"] = "right") -> int:
+def _first_passing(values: Scores, target: float, side: Side = "right") -> int:
     """The first position where the running sum of `values` (non-negative, whole blocks)
     passes `target` ("right") or reaches it ("left"); the nearest position with a positive
     value at or before it, should rounding land on a zero."""
-    blocks = np.cumsum(values.reshape(-1, BLOCK).sum(axis=1))
-    block = min(int(np.searchsorted(blocks, target, side=side)), blocks.size - 1)
-    start = block * BLOCK
-    inside = np.cumsum(values[start : start + BLOCK]) + (blocks[block - 1] if block else 0.0)
-    position = start + min(int(np.searchsorted(inside, target, side=side)), BLOCK - 1)
-    if values[position] > 0.0:
-        return position
-    kept = np.flatnonzero(values[: position + 1] > 0.0)
-    return int(kept[-1]) if kept.size else int(values.argmax())
+    return _first_passing_rows(values[None, :], np.asarray([target]), side)[0]
+
+
+def _first_passing_rows(values: Scores, targets: Scores, side: Side = "right") -> list[int]:
+    """_first_passing for each row of `values` and its target, all rows at once: block totals
+    first (their running sum finds each row's block), then the running sum inside that block."""
+    rows, width = values.shape
+    blocked = values.reshape(rows, width // BLOCK, BLOCK)
+    totals = np.cumsum(blocked.sum(axis=2), axis=1)
+    goal = targets[:, None]
+    # The running sums never decrease: counting the sums before the target is a binary search.
+    before = totals <= goal if side == "right" else totals < goal
+    block = np.minimum(np.count_nonzero(before, axis=1), totals.shape[1] - 1)
+    every = np.arange(rows)
+    offset = np.where(block > 0, totals[every, block - 1], 0.0)
+    inside = np.cumsum(blocked[every, block], axis=1) + offset[:, None]
+    before = inside <= goal if side == "right" else inside < goal
+    positions = block * BLOCK + np.minimum(np.count_nonzero(before, axis=1), BLOCK - 1)
+    found = positions.tolist()
+    for r in np.flatnonzero(values[every, positions] <= 0.0):
+        kept = np.flatnonzero(values[r, : positions[r] + 1] > 0.0)
+        found[r] = int(kept[-1]) if kept.size else int(values[r].argmax())
+    return found
 
 
 def _make_finite(scores: Scores) -> None:
