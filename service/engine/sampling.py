@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Collection, Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -178,14 +178,16 @@ def _sample_top_k(
     """Rows that share top_k = k: each weighed over its candidates, all at once; where some
     row's k-th best score is tied (it keeps more than k candidates), one row at a time."""
     rows, width = scores.shape
-    kth = np.partition(scores, width - k, axis=1)[:, width - k]
+    # (numpy's stubs lose the dtype of a partition or a gather of a union of array types)
+    kth = cast("Scores | Logits", np.partition(scores, width - k, axis=1)[:, width - k])
     # Every row's candidates, row after row, each row's in vocabulary order.
     flat = np.flatnonzero(scores >= kth[:, None])
     counts = np.bincount(flat // width, minlength=rows)
     chosen = [0] * rows
     if (counts == k).all():
         columns = (flat % width).reshape(rows, k)
-        weights = _weights(np.take_along_axis(scores, columns, axis=1), samplers)
+        candidates = cast("Scores | Logits", np.take_along_axis(scores, columns, axis=1))
+        weights = _weights(candidates, samplers)
         for r, position in enumerate(_pick_rows(weights, samplers, indices)):
             chosen[r] = int(columns[r, position])
         return chosen
@@ -284,7 +286,7 @@ def _first_passing_rows(values: Scores, targets: Scores, side: Side = "right") -
     inside = np.cumsum(blocked[every, block], axis=1) + offset[:, None]
     before = inside <= goal if side == "right" else inside < goal
     positions = block * BLOCK + np.minimum(np.count_nonzero(before, axis=1), BLOCK - 1)
-    found = positions.tolist()
+    found: list[int] = positions.tolist()
     for r in np.flatnonzero(values[every, positions] <= 0.0):
         kept = np.flatnonzero(values[r, : positions[r] + 1] > 0.0)
         found[r] = int(kept[-1]) if kept.size else int(values[r].argmax())
