@@ -9,8 +9,10 @@ builder (`-p fp16 -e cuda`) from random-initialised Llama weights, with the same
 - ORT GenAI Generator, batch 1 and a static batch of 16, with and without its CUDA graph
   capture (`enable_cuda_graph`; the faster of the two is the peer's row);
 - tokenwire's engine alone (no transport), cache in device memory with decode steps replayed
-  as CUDA graphs (the default), the same uncaptured, and the copying cache (host arrays fed
-  and fetched every step), to show what graphs and staying on the device are worth;
+  as CUDA graphs (the default), the same uncaptured, a cache that grows every step (as graphs
+  without GroupQueryAttention have it) kept on the device between steps, and the copying cache
+  (host arrays fed and fetched every step), to show what graphs and staying on the device are
+  worth;
 - tokenwire over gRPC (a server process on loopback): 1 stream, a burst of 16, and 16 with
   staggered (Poisson) arrivals;
 - correctness: tokenwire's greedy ids (alone and in a batch of 16) against GenAI's;
@@ -206,26 +208,31 @@ def genai_generate(
 # -- tokenwire --------------------------------------------------------------------------------
 
 
-# Engine configurations compared: (cache label, device_cache, cuda_graph).
+# Engine configurations compared: (cache label, device_cache, preallocated, cuda_graph).
 ENGINE_CONFIGS = (
-    ("device", True, True),  # the defaults of `tokenwire serve` on CUDA
-    ("device-uncaptured", True, False),
-    ("copying", False, False),
+    ("device", True, True, True),  # the defaults of `tokenwire serve` on CUDA
+    ("device-uncaptured", True, True, False),
+    # A cache that grows every step, as graphs without GroupQueryAttention (Optimum exports)
+    # have it, kept on the device between steps: what such graphs get on CUDA.
+    ("device-growing", True, False, False),
+    ("copying", False, False, False),
 )
 
 
 def engine_rows(model_dir: Path, reference: Reference) -> list[dict[str, Any]]:
     """The engine alone, in this process: device cache with decode steps replayed as CUDA
-    graphs (the default), the same without graphs, and the copying cache."""
+    graphs (the default), the same without graphs, a cache that grows every step kept on the
+    device, and the copying cache."""
     from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
     from tokenwire.server.tokenizer import Tokenizer
 
     rows = []
-    for where, device_cache, graphs in ENGINE_CONFIGS:
+    for where, device_cache, preallocated, graphs in ENGINE_CONFIGS:
         model = OnnxCausalLM(
             model_dir,
             provider=PROVIDER["name"],
             device_cache=device_cache,
+            preallocated=preallocated,
             cuda_graph=graphs,
             static_decode=graphs,  # the fixed bindings also run where nothing is captured (CPU)
         )
@@ -700,6 +707,8 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
         "cuda_graph_vs_uncaptured_c16": engine(16, "device") / engine(16, "device-uncaptured"),
         "device_cache_vs_copying_b1": engine(1, "device-uncaptured") / engine(1, "copying"),
         "device_cache_vs_copying_c16": engine(16, "device-uncaptured") / engine(16, "copying"),
+        "growing_on_device_vs_copying_b1": engine(1, "device-growing") / engine(1, "copying"),
+        "growing_on_device_vs_copying_c16": engine(16, "device-growing") / engine(16, "copying"),
         **serving_ratios(rows),
     }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
@@ -18,7 +18,7 @@ from tokenwire.server.engine.kv_cache import BatchKvCache
 from tokenwire.server.engine.logits import Logits
 from tokenwire.server.engine.slot_buffer import PastTensors
 from tokenwire.server.engine.slot_cache import SlotKvCache
-from tokenwire.server.engine.types import FloatArray, IntArray
+from tokenwire.server.engine.types import CacheTensor, IntArray
 from tokenwire.server.tokenizer import Tokenizer
 
 MODEL = Path(__file__).resolve().parent / ".cache" / "bench-56m" / "onnx"
@@ -72,7 +72,7 @@ class TimedModel:
         in_place: bool = False,
         decode: bool = False,
         before_run: Callable[[], None] | None = None,
-    ) -> tuple[Logits, list[FloatArray]]:
+    ) -> tuple[Logits, Sequence[CacheTensor]]:
         started = time.perf_counter()
         out = self.model.forward(
             input_ids,

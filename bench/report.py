@@ -298,6 +298,19 @@ GPU_TARGETS = [
         1.0,
         "cache on the device vs copied every step, 16 streams",
     ),
+    (
+        "growing_on_device_vs_copying_b1",
+        ">=",
+        1.0,
+        "a cache that grows every step (graphs without GroupQueryAttention) kept on the device "
+        "vs copied every step, 1 stream",
+    ),
+    (
+        "growing_on_device_vs_copying_c16",
+        ">=",
+        1.0,
+        "a cache that grows every step kept on the device vs copied every step, 16 streams",
+    ),
 ]
 
 
@@ -315,6 +328,7 @@ def gpu_label(row: dict[str, Any]) -> str:
         "device": "cache on device, CUDA graphs",
         "device-uncaptured": "cache on device, no CUDA graphs",
         "device-prefill-copied": "cache on device, prompts prefilled apart and copied in",
+        "device-growing": "cache growing every step, kept on device",
         "copying": "cache copied per step",
     }[row["cache"]]
     streams = f"{row['concurrency']} stream{'s' if row['concurrency'] > 1 else ''}"

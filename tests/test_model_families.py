@@ -266,3 +266,85 @@ async def test_cancelled_rows_leave_the_preallocated_cache_and_neighbours_keep_t
         else:
             assert ids == prompt["output_ids"], prompt["text"]
     assert (engine.running_count, engine.waiting_count) == (0, 0)
+
+
+OPTIMUM = [p for p in FOLDERS if p.parent.name == "fixtures"]
+
+
+@pytest.mark.parametrize("model_dir", OPTIMUM, ids=[p.name for p in OPTIMUM])
+async def test_copying_graphs_with_the_cache_left_on_the_device_give_the_reference_ids(
+    model_dir: Path,
+) -> None:
+    """The cache kind CUDA uses for graphs that copy their cache (each step's present
+    OrtValues read where they are by the next, here on the CPU provider) serves every
+    family with its reference ids in a moving batch: rows join and leave mid-decode."""
+    reference = _reference(model_dir)
+    model = OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=1, device_cache=True)
+    running = await start_server(
+        model, Tokenizer.from_dir(model_dir), max_batch_size=16, prefill_chunk_tokens=32
+    )
+    prompts = sorted(reference["prompts"], key=lambda p: bool(p.get("long")))
+    n = reference["max_new_tokens"]
+    jobs = [Job(p["text"], n - (i * 5) % (n // 2)) for i, p in enumerate(prompts)]
+    try:
+        got = await together(running.engine, jobs)
+    finally:
+        await running.server.drain()
+    assert not running.engine.kv_in_place
+    for job, prompt, ids in zip(jobs, prompts, got, strict=True):
+        expected = prompt["output_ids"][: job.max_tokens]
+        assert ids[: len(expected)] == expected, prompt["text"]
+
+
+async def test_a_copying_graph_uploads_its_cache_only_when_rows_join_or_leave() -> None:
+    """Three streams of 40, 30 and 20 tokens decoded on the device cache, the second and
+    third joining mid-decode: over at least 39 decode steps the cache goes up from the host
+    only when rows change (twice per join: the joining row's padded prefill and the merged
+    cache; once per departure), not every step; the ids equal those of host arrays."""
+    model_dir = FIXTURES / "llama"
+    prompts = [p["text"] for p in _reference(model_dir)["prompts"][:3]]
+    jobs = [Job(text, tokens) for text, tokens in zip(prompts, (40, 30, 20), strict=True)]
+    got = {}
+    for device_cache in (True, False):
+        model = OnnxCausalLM(
+            model_dir, provider="cpu", intra_op_threads=1, device_cache=device_cache
+        )
+        running = await start_server(model, Tokenizer.from_dir(model_dir), max_batch_size=4)
+        before = model.cache_uploads  # loading probes the graph's padding with its own steps
+        try:
+            got[device_cache] = await together(running.engine, jobs)
+        finally:
+            await running.server.drain()
+        if device_cache:
+            assert 1 <= model.cache_uploads - before <= 2 * 2 + 2
+    assert [len(ids) for ids in got[True]] == [40, 30, 20]
+    assert got[True] == got[False]
+
+
+@pytest.mark.parametrize("folder", ["llama-fp32", "llama-int4"])
+async def test_a_growing_cache_on_the_device_serves_groupqueryattention_graphs(
+    folder: str,
+) -> None:
+    """Without the preallocated cache (the comparison the GPU benchmark makes), a GenAI
+    folder's cache grows every step in OrtValues left where the model ran, rows join and
+    leave, and every prompt still gets its reference ids."""
+    model_dir = MODELS / "fixtures-genai" / folder
+    reference = _reference(model_dir)
+    model = OnnxCausalLM(
+        model_dir, provider="cpu", intra_op_threads=1, device_cache=True, preallocated=False
+    )
+    running = await start_server(
+        model, Tokenizer.from_dir(model_dir), max_batch_size=4, prefill_chunk_tokens=32
+    )
+    prompts = reference["prompts"]
+    n = reference["max_new_tokens"]
+    jobs = [Job(p["text"], n - (i * 5) % (n // 2)) for i, p in enumerate(prompts)]
+    try:
+        got = await together(running.engine, jobs)
+    finally:
+        await running.server.drain()
+    assert not running.engine.kv_in_place
+    assert model.cache_uploads > 0
+    for job, prompt, ids in zip(jobs, prompts, got, strict=True):
+        expected = prompt["output_ids"][: job.max_tokens]
+        assert ids[: len(expected)] == expected, prompt["text"]

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from tokenwire.server.engine.types import AnyArray, FloatArray, IntArray
+from tokenwire.server.engine.types import AnyArray, CacheTensor, FloatArray, IntArray, on_host
 
 
 class BatchKvCache:
@@ -32,13 +32,13 @@ class BatchKvCache:
 
     def __init__(
         self,
-        tensors: list[FloatArray],
+        tensors: Sequence[CacheTensor],
         axes: tuple[int, ...],
         mask: IntArray,
         *,
         left_aligned: bool = False,
     ) -> None:
-        self.tensors = tensors
+        self.tensors = list(tensors)
         self.axes = axes
         self.mask = mask
         self.left_aligned = left_aligned
@@ -55,7 +55,7 @@ class BatchKvCache:
         left_aligned: bool = False,
     ) -> BatchKvCache:
         """`columns` masked (padding) columns for `rows` rows; shapes have 0 at batch and seq."""
-        tensors = []
+        tensors: list[CacheTensor] = []
         for shape, axis in zip(shapes, axes, strict=True):
             full = list(shape)
             full[0], full[axis] = rows, columns
@@ -92,10 +92,18 @@ class BatchKvCache:
         last: IntArray = np.asarray(real, dtype=np.int64) - 1
         return last
 
-    def advance(self, present: list[FloatArray], mask: IntArray) -> None:
-        """Adopt the model's present tensors after a step run with `mask`."""
-        self.tensors = present
+    def advance(self, present: Sequence[CacheTensor], mask: IntArray) -> None:
+        """Adopt the model's present tensors after a step run with `mask` (host arrays, or
+        OrtValues left on the model's device: they stay there until rows join or leave)."""
+        self.tensors = list(present)
         self.mask = mask
+
+    def host_tensors(self) -> list[FloatArray]:
+        """The tensors as host arrays, fetched from the model's device if they are there
+        (rows joining or leaving are arranged on the host)."""
+        tensors = [on_host(t) for t in self.tensors]
+        self.tensors = list(tensors)
+        return tensors
 
     def extend(self, other: BatchKvCache) -> None:
         """Append other's rows below ours, padding whichever side is narrower."""
@@ -104,9 +112,10 @@ class BatchKvCache:
             return
         width = max(self.columns, other.columns)
         pad = _pad_right if self.left_aligned else _pad_left
+        pairs = zip(self.host_tensors(), other.host_tensors(), self.axes, strict=True)
         self.tensors = [
             np.concatenate([pad(a, axis, width), pad(b, axis, width)], axis=0)
-            for a, b, axis in zip(self.tensors, other.tensors, self.axes, strict=True)
+            for a, b, axis in pairs
         ]
         self.mask = np.concatenate([pad(self.mask, 1, width), pad(other.mask, 1, width)], axis=0)
 
@@ -127,7 +136,7 @@ class BatchKvCache:
         self.mask = np.ascontiguousarray(mask[:, columns])
         self.tensors = [
             np.ascontiguousarray(t[index][_on_axis(t.ndim, axis, columns)])
-            for t, axis in zip(self.tensors, self.axes, strict=True)
+            for t, axis in zip(self.host_tensors(), self.axes, strict=True)
         ]
         return list(rows)
 
@@ -135,7 +144,8 @@ class BatchKvCache:
         """Insert `columns` masked columns in front of every (right-aligned) row."""
         width = self.columns + columns
         self.tensors = [
-            _pad_left(t, axis, width) for t, axis in zip(self.tensors, self.axes, strict=True)
+            _pad_left(t, axis, width)
+            for t, axis in zip(self.host_tensors(), self.axes, strict=True)
         ]
         self.mask = _pad_left(self.mask, 1, width)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,7 +39,7 @@ from tokenwire.server.engine.static_decode import (
     capturing,
     uncaptured_run,
 )
-from tokenwire.server.engine.types import FloatArray, IntArray
+from tokenwire.server.engine.types import CacheTensor, FloatArray, IntArray
 
 CPU = "CPUExecutionProvider"
 _DRIVEN_INPUTS = {"input_ids", "attention_mask", "position_ids"}
@@ -87,14 +87,14 @@ class CausalLM(Protocol):
         in_place: bool = False,
         decode: bool = False,
         before_run: Callable[[], None] | None = None,
-    ) -> tuple[Logits, list[FloatArray]]:
+    ) -> tuple[Logits, Sequence[CacheTensor]]:
         """One step: logits [rows, vocab] at each row's `last` new position (default: the
-        final one) and the present cache tensors. With in_place, `past` (tensors bound by
-        address, on the model's device) is bound as the present outputs too and the graph
-        writes into it; the present list is then empty. `decode`: one new token per row,
-        over the live rows of the model's slot cache (a step that may be replayed as a CUDA
-        graph). `before_run` is called right before ONNX Runtime starts (which releases the
-        GIL)."""
+        final one) and the present cache tensors (host arrays, or OrtValues on the model's
+        device). With in_place, `past` (tensors bound by address, on the model's device) is
+        bound as the present outputs too and the graph writes into it; the present list is
+        then empty. `decode`: one new token per row, over the live rows of the model's slot
+        cache (a step that may be replayed as a CUDA graph). `before_run` is called right
+        before ONNX Runtime starts (which releases the GIL)."""
         ...
 
 
@@ -110,13 +110,18 @@ class OnnxCausalLM:
         inter_op_threads: int = 1,
         spinning: bool = True,
         device_cache: bool | None = None,
+        preallocated: bool = True,
         cuda_graph: bool = True,
         static_decode: bool | None = None,
         profile_prefix: str | None = None,
     ) -> None:
-        """device_cache: keep a preallocated cache in OrtValues on the session's device (the
-        default on CUDA; on the CPU provider numpy arrays serve). False on CUDA falls back to
-        the copying cache (host arrays fed and fetched every step), for comparison only.
+        """device_cache: keep the cache in OrtValues on the session's device: a preallocated
+        one where the graph writes in place (GroupQueryAttention), and otherwise each step's
+        present tensors, which the next step reads where they are (the default on CUDA; on
+        the CPU provider numpy arrays serve, and True tests that path). False on CUDA falls
+        back to host arrays fed and fetched every step, for comparison only.
+        preallocated: False gives GroupQueryAttention graphs too a cache that grows every
+        step, as other graphs have it (for comparison only).
         cuda_graph: on CUDA, replay decode steps of the preallocated cache as CUDA graphs, one
         per batch size (static_decode.py); where ONNX Runtime cannot capture the graph, steps
         run uncaptured (logged). static_decode: run decode steps on fixed bindings (default:
@@ -141,6 +146,7 @@ class OnnxCausalLM:
             )
         self.device = _DEVICES.get(self.provider, "cpu")
         self._device_cache = self.provider != CPU if device_cache is None else device_cache
+        self._preallocated = preallocated
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         self.layout: CacheLayout = read_layout(inputs, outputs, self.spec)
         check_vocab(outputs, self.spec)
@@ -156,6 +162,9 @@ class OnnxCausalLM:
         self._axes = tuple(t.seq_axis for t in self.layout.tensors)
         self._shapes = [t.shape for t in self.layout.tensors]
         self._binding = self.session.io_binding()
+        self._copying_binding = self.session.io_binding()
+        self.cache_uploads = 0
+        """Copying steps on the device cache whose past came up from host arrays."""
         logits_type = next(o.type for o in outputs if o.name == "logits")
         self._half = widens(logits_type)
         self._reader = LogitsReader(
@@ -190,7 +199,11 @@ class OnnxCausalLM:
 
     def new_slot_cache(self, slots: int, capacity: int) -> SlotKvCache | None:
         # In-place writes are GroupQueryAttention's contract.
-        if self.padding is not Padding.RIGHT or self.provider not in _DEVICES:
+        if (
+            not self._preallocated
+            or self.padding is not Padding.RIGHT
+            or self.provider not in _DEVICES
+        ):
             return None
         if not self._device_cache:
             # Host arrays only where the provider computes in host memory.
@@ -214,12 +227,12 @@ class OnnxCausalLM:
         in_place: bool = False,
         decode: bool = False,
         before_run: Callable[[], None] | None = None,
-    ) -> tuple[Logits, list[FloatArray]]:
+    ) -> tuple[Logits, Sequence[CacheTensor]]:
         """Run one step; return each row's logits at `last` (default: the final position)."""
         feed: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self._has_position_ids:
             feed["position_ids"] = position_ids
-        present: list[FloatArray] = []
+        present: Sequence[CacheTensor] = []
         if in_place and decode and self._static is not None:
             regions = [_bound(view) for view in past]
             logits = self._static.run(feed, regions, before_run)
@@ -228,6 +241,8 @@ class OnnxCausalLM:
             return DeviceLogits(logits, self._reader), present
         if in_place:
             scores = self._run_in_place(feed, past, before_run, decode=decode)
+        elif self._device_cache:
+            scores, present = self._run_on_device(feed, past, before_run)
         else:
             feed.update(zip(self.layout.past_names, past, strict=True))
             if before_run is not None:
@@ -236,6 +251,36 @@ class OnnxCausalLM:
             scores, present = outputs[0], list(outputs[1:])
         picked = scores[:, -1, :] if last is None else scores[np.arange(len(scores)), last, :]
         return HostLogits(np.asarray(picked, dtype=np.float32)), present
+
+    def _run_on_device(
+        self, feed: dict[str, Any], past: PastTensors, before_run: Callable[[], None] | None
+    ) -> tuple[FloatArray, list[ort.OrtValue]]:
+        """A copying step (present = past grown by the new entries) that leaves its present
+        tensors on the session's device, where the next step reads them: a cache that came
+        out of the previous step is bound where it is, and only host arrays (a new cache, or
+        rows just joined or dropped, arranged on the host) go up. The logits come down."""
+        binding = self._copying_binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, value)
+        uploads = 0
+        for name, tensor in zip(self.layout.past_names, past, strict=True):
+            if isinstance(tensor, ort.OrtValue):
+                binding.bind_ortvalue_input(name, tensor)
+            elif isinstance(tensor, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(tensor))
+                uploads += int(tensor.size > 0)
+            else:
+                raise TypeError("a copying step takes arrays or OrtValues, not bound regions")
+        self.cache_uploads += uploads > 0
+        for name in self.output_names:
+            binding.bind_output(name, self.device)
+        if before_run is not None:
+            before_run()
+        self.session.run_with_iobinding(binding, self._plain_run)
+        outputs = binding.get_outputs()
+        return self._reader.to_host(outputs[0]), list(outputs[1:])
 
     def _run_in_place(
         self,

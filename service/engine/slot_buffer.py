@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeAlias
 import numpy as np
 import onnxruntime as ort
 
-from tokenwire.server.engine.types import AnyArray, FloatArray
+from tokenwire.server.engine.types import AnyArray, CacheTensor
 
 _COPY_GRAPH = Path(__file__).with_name("copy_bytes.onnx")
 
@@ -34,8 +34,9 @@ class BoundTensor:
     shape: tuple[int, ...]
 
 
-PastTensors: TypeAlias = Sequence[FloatArray] | Sequence[BoundTensor]
-"""A step's cache input: arrays (a copying step) or regions bound by address (in place)."""
+PastTensors: TypeAlias = Sequence[CacheTensor] | Sequence[BoundTensor]
+"""A step's cache input: arrays or OrtValues (a copying step) or regions bound by address
+(in place)."""
 
 
 class SlotBuffer(Protocol):

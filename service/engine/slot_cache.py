@@ -21,7 +21,7 @@ import numpy as np
 
 from tokenwire.server.engine.kv_cache import BatchKvCache
 from tokenwire.server.engine.slot_buffer import BoundTensor, HostSlotBuffer, SlotBuffer
-from tokenwire.server.engine.types import FloatArray, IntArray
+from tokenwire.server.engine.types import CacheTensor, IntArray, on_host
 
 BufferFactory = Callable[[tuple[int, ...], type[np.floating[Any]]], SlotBuffer]
 
@@ -78,7 +78,7 @@ class SlotKvCache:
         """Prefix masks: each row's length plus the new entries."""
         return _prefix_mask(self.lengths[: self.rows], new_columns, real)
 
-    def advance(self, present: Sequence[FloatArray | BoundTensor], mask: IntArray) -> None:
+    def advance(self, present: Sequence[CacheTensor | BoundTensor], mask: IntArray) -> None:
         """The graph wrote in place; only the lengths move on."""
         self.lengths[: self.rows] = mask.sum(axis=1)
 
@@ -103,7 +103,7 @@ class SlotKvCache:
                 f"of {self.capacity}"
             )
         for buffer, tensor, axis in zip(self.buffers, other.tensors, self.axes, strict=True):
-            buffer.write_rows(self.rows, tensor, axis)
+            buffer.write_rows(self.rows, on_host(tensor), axis)
         self.lengths[self.rows : self.rows + added] = other.mask.sum(axis=1)
         self.rows += added
 
@@ -168,7 +168,7 @@ class SlotPrefill:
         last: IntArray = np.asarray(real, dtype=np.int64) - 1
         return last
 
-    def advance(self, present: Sequence[FloatArray | BoundTensor], mask: IntArray) -> None:
+    def advance(self, present: Sequence[CacheTensor | BoundTensor], mask: IntArray) -> None:
         self.lengths = mask.sum(axis=1)
 
     def keep(self, rows: list[int], *, trim: bool = True) -> list[int]:
