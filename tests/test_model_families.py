@@ -41,6 +41,34 @@ def _reference(model_dir: Path) -> dict[str, Any]:
     return data
 
 
+async def _moving_batch_kv_in_place(
+    model: OnnxCausalLM, model_dir: Path, max_batch_size: int, *, long_last: bool = False
+) -> bool:
+    """Serve every reference prompt in one moving batch, each asking for a different count so
+    rows join freed slots and leave mid-batch; assert each prompt's reference ids and return
+    whether the engine decoded into the preallocated cache."""
+    reference = _reference(model_dir)
+    running = await start_server(
+        model,
+        Tokenizer.from_dir(model_dir),
+        max_batch_size=max_batch_size,
+        prefill_chunk_tokens=32,
+    )
+    prompts = reference["prompts"]
+    if long_last:
+        prompts = sorted(prompts, key=lambda p: bool(p.get("long")))
+    n = reference["max_new_tokens"]
+    jobs = [Job(p["text"], n - (i * 5) % (n // 2)) for i, p in enumerate(prompts)]
+    try:
+        got = await together(running.engine, jobs)
+    finally:
+        await running.server.drain()
+    for job, prompt, ids in zip(jobs, prompts, got, strict=True):
+        expected = prompt["output_ids"][: job.max_tokens]
+        assert ids[: len(expected)] == expected, prompt["text"]
+    return running.engine.kv_in_place
+
+
 @pytest.fixture(scope="module", params=FOLDERS, ids=[f"{p.parent.name}/{p.name}" for p in FOLDERS])
 async def family(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Path, RunningServer]]:
     """One fixture model behind a real gRPC server."""
@@ -191,7 +219,6 @@ async def test_a_cache_in_device_buffers_gives_the_reference_ids(
     steps bound per step and on the fixed per-batch-size bindings that CUDA graphs replay
     (a mask as wide as the cache, inputs updated in place)."""
     model_dir = MODELS / "fixtures-genai" / folder
-    reference = _reference(model_dir)
     model = OnnxCausalLM(
         model_dir,
         provider="cpu",
@@ -199,23 +226,10 @@ async def test_a_cache_in_device_buffers_gives_the_reference_ids(
         device_cache=True,
         static_decode=static_decode,
     )
-    running = await start_server(
-        model, Tokenizer.from_dir(model_dir), max_batch_size=4, prefill_chunk_tokens=32
-    )
-    prompts = reference["prompts"]
-    n = reference["max_new_tokens"]
-    # More prompts than slots, different lengths: rows join freed slots and leave mid-batch.
-    jobs = [Job(p["text"], n - (i * 5) % (n // 2)) for i, p in enumerate(prompts)]
-    try:
-        got = await together(running.engine, jobs)
-    finally:
-        await running.server.drain()
-    assert running.engine.kv_in_place
+    # More prompts than slots: rows join freed slots and leave mid-batch.
+    assert await _moving_batch_kv_in_place(model, model_dir, max_batch_size=4)
     # Rows joined and left: several batch sizes got their own fixed binding.
     assert (model.decode_graphs > 1) == static_decode
-    for job, prompt, ids in zip(jobs, prompts, got, strict=True):
-        expected = prompt["output_ids"][: job.max_tokens]
-        assert ids[: len(expected)] == expected, prompt["text"]
 
 
 @pytest.mark.parametrize("device_cache", [False, True], ids=["host-buffers", "device-buffers"])
@@ -278,22 +292,8 @@ async def test_copying_graphs_with_the_cache_left_on_the_device_give_the_referen
     """The cache kind CUDA uses for graphs that copy their cache (each step's present
     OrtValues read where they are by the next, here on the CPU provider) serves every
     family with its reference ids in a moving batch: rows join and leave mid-decode."""
-    reference = _reference(model_dir)
     model = OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=1, device_cache=True)
-    running = await start_server(
-        model, Tokenizer.from_dir(model_dir), max_batch_size=16, prefill_chunk_tokens=32
-    )
-    prompts = sorted(reference["prompts"], key=lambda p: bool(p.get("long")))
-    n = reference["max_new_tokens"]
-    jobs = [Job(p["text"], n - (i * 5) % (n // 2)) for i, p in enumerate(prompts)]
-    try:
-        got = await together(running.engine, jobs)
-    finally:
-        await running.server.drain()
-    assert not running.engine.kv_in_place
-    for job, prompt, ids in zip(jobs, prompts, got, strict=True):
-        expected = prompt["output_ids"][: job.max_tokens]
-        assert ids[: len(expected)] == expected, prompt["text"]
+    assert not await _moving_batch_kv_in_place(model, model_dir, max_batch_size=16, long_last=True)
 
 
 async def test_a_copying_graph_uploads_its_cache_only_when_rows_join_or_leave() -> None:
@@ -329,22 +329,8 @@ async def test_a_growing_cache_on_the_device_serves_groupqueryattention_graphs(
     folder's cache grows every step in OrtValues left where the model ran, rows join and
     leave, and every prompt still gets its reference ids."""
     model_dir = MODELS / "fixtures-genai" / folder
-    reference = _reference(model_dir)
     model = OnnxCausalLM(
         model_dir, provider="cpu", intra_op_threads=1, device_cache=True, preallocated=False
     )
-    running = await start_server(
-        model, Tokenizer.from_dir(model_dir), max_batch_size=4, prefill_chunk_tokens=32
-    )
-    prompts = reference["prompts"]
-    n = reference["max_new_tokens"]
-    jobs = [Job(p["text"], n - (i * 5) % (n // 2)) for i, p in enumerate(prompts)]
-    try:
-        got = await together(running.engine, jobs)
-    finally:
-        await running.server.drain()
-    assert not running.engine.kv_in_place
+    assert not await _moving_batch_kv_in_place(model, model_dir, max_batch_size=4)
     assert model.cache_uploads > 0
-    for job, prompt, ids in zip(jobs, prompts, got, strict=True):
-        expected = prompt["output_ids"][: job.max_tokens]
-        assert ids[: len(expected)] == expected, prompt["text"]
