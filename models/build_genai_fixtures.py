@@ -1,12 +1,15 @@
-"""Build tiny ONNX Runtime GenAI model folders (fp32 and int4) with GenAI greedy references.
+"""Build tiny ONNX Runtime GenAI model folders with GenAI greedy references.
 
 Inside the benchmark environment (torch, transformers, onnxruntime-genai):
     bench/.venv/bin/python models/build_genai_fixtures.py        (`make genai-fixtures`)
 
-Writes models/fixtures-genai/llama-{fp32,int4}/: what `python -m onnxruntime_genai.models.builder`
-writes for a random-initialised 2-layer Llama (GroupQueryAttention, rotary inside, int4 weights
-as MatMulNBits), plus reference.json: each prompt's ids and the ids ONNX Runtime GenAI's
-Generator decodes greedily from them, alone (up to NEW_TOKENS, or up to and including EOS).
+Writes models/fixtures-genai/<family>-<precision>/: what
+`python -m onnxruntime_genai.models.builder` writes for a random-initialised model of each
+family in FAMILIES (GroupQueryAttention, rotary inside; int4 weights as MatMulNBits), plus
+reference.json: each prompt's ids and the ids ONNX Runtime GenAI's Generator decodes greedily
+from them, alone (up to NEW_TOKENS, or up to and including EOS). The families differ where the
+engine could go wrong: an attention window on alternate layers with soft-capped attention,
+partial rotary, query/key norms.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import onnx
 import onnxruntime_genai as og
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 OUT = Path(__file__).resolve().parent / "fixtures-genai"
 NEW_TOKENS = 16
@@ -67,26 +71,76 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
-def hf_model(hf_dir: Path, tok: PreTrainedTokenizerFast) -> None:
+class Family(NamedTuple):
+    """A family's transformers classes, what its config sets beyond COMMON, its precisions and
+    the builder's extra options."""
+
+    config: str
+    model: str
+    overrides: dict[str, Any]
+    precisions: tuple[str, ...] = ("fp32",)
+    extra_options: str = ""
+
+
+COMMON: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "initializer_range": 0.3,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+}
+# A window of 8 tokens is shorter than most prompts, so it cuts attention in the references.
+# The builder's default for windowed layers is a window-sized cache that GenAI slides; tokenwire
+# serves the full-length layout (`windowed_kv_cache=false`, the window still applied by
+# GroupQueryAttention).
+FULL_LENGTH_CACHES = "windowed_kv_cache=false"
+FAMILIES = {
+    "llama": Family(
+        "LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": False}, ("fp32", "int4")
+    ),
+    "gemma2": Family(
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        # Untied: with Gemma 2's post-sublayer norms a tied random model repeats one token.
+        {
+            "head_dim": 16,
+            "sliding_window": 8,
+            "query_pre_attn_scalar": 16,
+            "tie_word_embeddings": False,
+        },
+        extra_options=FULL_LENGTH_CACHES,
+    ),
+    # Head dim 32, rotary on half of it: GroupQueryAttention wants a rotary width of 16 or more.
+    "phi": Family(
+        "PhiConfig",
+        "PhiForCausalLM",
+        {
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "partial_rotary_factor": 0.5,
+            "tie_word_embeddings": False,
+        },
+    ),
+    "qwen3": Family(
+        "Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16, "tie_word_embeddings": False}
+    ),
+}
+
+
+def hf_model(hf_dir: Path, tok: PreTrainedTokenizerFast, family: Family) -> None:
     torch.manual_seed(1234)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.3,
-        bos_token_id=0,
-        eos_token_id=1,
-        tie_word_embeddings=False,
+    config = getattr(transformers, family.config)(
+        vocab_size=len(tok), **{**COMMON, **family.overrides}
     )
-    LlamaForCausalLM(config).eval().save_pretrained(hf_dir)
+    getattr(transformers, family.model)(config).eval().save_pretrained(hf_dir)
     tok.save_pretrained(hf_dir)
 
 
-def build(hf_dir: Path, precision: str, out: Path, cache: Path) -> None:
+def build(hf_dir: Path, precision: str, out: Path, cache: Path, extra_options: str) -> None:
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(
         [
@@ -103,6 +157,7 @@ def build(hf_dir: Path, precision: str, out: Path, cache: Path) -> None:
             "cpu",
             "-c",
             str(cache),
+            *(["--extra_options", extra_options] if extra_options else []),
         ],
         check=True,
         stdout=subprocess.DEVNULL,
@@ -114,7 +169,7 @@ def build(hf_dir: Path, precision: str, out: Path, cache: Path) -> None:
     onnx.save(graph, out / "model.onnx")
 
 
-def references(out: Path, tok: PreTrainedTokenizerFast) -> dict[str, Any]:
+def references(family: str, out: Path, tok: PreTrainedTokenizerFast) -> dict[str, Any]:
     model = og.Model(str(out))
     prompts = []
     for text in [*PROMPTS, LONG]:
@@ -135,7 +190,7 @@ def references(out: Path, tok: PreTrainedTokenizerFast) -> dict[str, Any]:
             }
         )
     return {
-        "family": "llama-genai",
+        "family": f"{family}-genai",
         "onnxruntime_genai_version": og.__version__,
         "max_new_tokens": NEW_TOKENS,
         "prompts": prompts,
@@ -144,16 +199,17 @@ def references(out: Path, tok: PreTrainedTokenizerFast) -> dict[str, Any]:
 
 def main() -> None:
     tok = tokenizer()
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = Path(tmp) / "hf"
-        hf_model(hf_dir, tok)
-        for precision in ("fp32", "int4"):
-            out = OUT / f"llama-{precision}"
-            build(hf_dir, precision, out, Path(tmp) / "cache")
-            reference = references(out, tok)
-            (out / "reference.json").write_text(json.dumps(reference, indent=1) + "\n")
-            size = sum(p.stat().st_size for p in out.iterdir()) // 1024
-            print(f"{out.relative_to(OUT.parent.parent)}: {size} KiB")
+    for name, family in FAMILIES.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_dir = Path(tmp) / "hf"
+            hf_model(hf_dir, tok, family)
+            for precision in family.precisions:
+                out = OUT / f"{name}-{precision}"
+                build(hf_dir, precision, out, Path(tmp) / "cache", family.extra_options)
+                reference = references(name, out, tok)
+                (out / "reference.json").write_text(json.dumps(reference, indent=1) + "\n")
+                size = sum(p.stat().st_size for p in out.iterdir()) // 1024
+                print(f"{out.relative_to(OUT.parent.parent)}: {size} KiB", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 models/fixtures/<family>/ holds a tiny random-initialised Optimum export and reference.json
 (prompts as transformers tokenizes them, PyTorch greedy ids for each prompt run alone), built
-by models/build_fixtures.py. models/fixtures-genai/llama-{fp32,int4}/ hold ONNX Runtime GenAI
-folders (GroupQueryAttention, int4 MatMulNBits) with ORT GenAI Generator greedy ids, built by
-models/build_genai_fixtures.py.
+by models/build_fixtures.py. models/fixtures-genai/<family>-<precision>/ hold ONNX Runtime
+GenAI folders (GroupQueryAttention, attention windows, int4 MatMulNBits) with ORT GenAI
+Generator greedy ids, built by models/build_genai_fixtures.py.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ async def family(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Path, Ru
 
 
 def test_every_position_scheme_has_a_fixture() -> None:
-    """The fixtures cover explicit, counted and learned positions, ALiBi, MQA, BOS and GQA."""
+    """The fixtures cover explicit, counted and learned positions, ALiBi, MQA, BOS, GQA and
+    attention windows in GroupQueryAttention."""
     required = {
         "fixtures/llama",
         "fixtures/gemma",
@@ -94,6 +95,7 @@ def test_every_position_scheme_has_a_fixture() -> None:
         "fixtures/qwen2",
         "fixtures-genai/llama-fp32",
         "fixtures-genai/llama-int4",
+        "fixtures-genai/gemma2-fp32",
     }
     assert required <= {f"{p.parent.name}/{p.name}" for p in FOLDERS}
 
@@ -210,14 +212,14 @@ def test_every_fixture_is_listed_in_the_models_doc() -> None:
 
 
 @pytest.mark.parametrize("static_decode", [False, True], ids=["bound-per-step", "fixed-bindings"])
-@pytest.mark.parametrize("folder", ["llama-fp32", "llama-int4"])
+@pytest.mark.parametrize("folder", ["llama-fp32", "llama-int4", "gemma2-fp32"])
 async def test_a_cache_in_device_buffers_gives_the_reference_ids(
     folder: str, static_decode: bool
 ) -> None:
     """The cache kind CUDA uses (OrtValues copied through ONNX Runtime, here on the CPU
     provider) serves the GenAI folders with the reference ids in a moving batch, with decode
     steps bound per step and on the fixed per-batch-size bindings that CUDA graphs replay
-    (a mask as wide as the cache, inputs updated in place)."""
+    (a mask as wide as the cache, inputs updated in place), attention windows included."""
     model_dir = MODELS / "fixtures-genai" / folder
     model = OnnxCausalLM(
         model_dir,

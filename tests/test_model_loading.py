@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tokenwire.server.config import BUNDLED_MODEL_DIR
-from tokenwire.server.engine import ModelLoadError, ModelSpec, OnnxCausalLM
+from tokenwire.server.engine import ModelLoadError, ModelSpec, OnnxCausalLM, Padding
 from tokenwire.server.engine.model import cuda_device_present
 
 
@@ -152,3 +152,54 @@ def test_workers_spin_only_within_a_step(spinning: bool, entries: dict[str, str]
     options = model.session.get_session_options()
     found = {key: options.get_session_config_entry(key) for key in entries}
     assert found == entries
+
+
+GENAI_LLAMA = BUNDLED_MODEL_DIR.parent / "fixtures-genai" / "llama-fp32"
+
+
+def _genai_copy(tmp_path: Path, **decoder: Any) -> Path:
+    """The GenAI llama fixture in tmp_path with genai_config.json's model.decoder keys set."""
+    model_dir = tmp_path / "genai"
+    shutil.copytree(GENAI_LLAMA, model_dir)
+    path = model_dir / "genai_config.json"
+    config = json.loads(path.read_text())
+    config["model"]["decoder"].update(decoder)
+    path.write_text(json.dumps(config))
+    return model_dir
+
+
+def test_a_genai_folder_with_window_sized_caches_is_refused_with_the_rebuild_option(
+    tmp_path: Path,
+) -> None:
+    """A GenAI folder whose windowed layers keep a window-sized cache (GenAI slides it) is
+    refused, naming the layers and the builder option that writes full-length caches."""
+    window = {"window_size": 8, "slide_key_value_cache": False, "layers": [0], "cache_slack": 0}
+    model_dir = _genai_copy(tmp_path, sliding_window=window)
+    with pytest.raises(ModelLoadError, match=r"layers \[0\] .* windowed_kv_cache=false"):
+        OnnxCausalLM(model_dir, provider="cpu")
+
+
+def test_a_genai_decoder_split_over_several_graphs_is_refused(tmp_path: Path) -> None:
+    """A GenAI decoder given as a pipeline of graphs is refused with one line saying so."""
+    model_dir = _genai_copy(tmp_path, pipeline=[{"embeddings": {"filename": "embeds.onnx"}}])
+    with pytest.raises(ModelLoadError, match="split over several graphs"):
+        ModelSpec.from_dir(model_dir)
+
+
+def test_a_genai_decoder_file_of_its_own_name_is_loaded(tmp_path: Path) -> None:
+    """genai_config.json's model.decoder.filename names the graph that is loaded, as published
+    GenAI folders name theirs."""
+    model_dir = _genai_copy(tmp_path, filename="llama-cpu-fp32.onnx")
+    (model_dir / "model.onnx").rename(model_dir / "llama-cpu-fp32.onnx")
+    model = OnnxCausalLM(model_dir, provider="cpu")
+    assert model.padding is Padding.RIGHT  # the GroupQueryAttention graph, probed
+
+
+@pytest.mark.parametrize("filename", ["../model.onnx", "sub/model.onnx", "", 3])
+def test_a_genai_decoder_file_outside_the_folder_is_refused(
+    tmp_path: Path, filename: object
+) -> None:
+    """model.decoder.filename must be a file name in the folder, not a path or another type."""
+    model_dir = _genai_copy(tmp_path, filename=filename)
+    with pytest.raises(ModelLoadError, match=r"model\.decoder\.filename must name a file"):
+        ModelSpec.from_dir(model_dir)

@@ -128,7 +128,7 @@ class OnnxCausalLM:
         where CUDA graphs are captured; True on the CPU provider tests that path).
         profile_prefix: record ONNX Runtime's profile (session.end_profiling() writes it)."""
         self.spec = ModelSpec.from_dir(model_dir)
-        onnx_path = model_dir / "model.onnx"
+        onnx_path = model_dir / self.spec.graph_file
         if not onnx_path.exists():
             raise ModelLoadError(f"{onnx_path} is missing")
         options = _options((intra_op_threads, inter_op_threads), spinning, profile_prefix)

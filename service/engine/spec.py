@@ -58,12 +58,16 @@ class ModelSpec:
     num_kv_heads: int | None = None
     """Only when config.json states it (or says multi_query): the graph is checked against it."""
     head_dim: int | None = None
+    graph_file: str = "model.onnx"
+    """The decoder graph's file in the folder (a GenAI folder may name its own)."""
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ModelSpec:
         tokenizer_config = read_json(model_dir / "tokenizer_config.json", required=False)
+        graph_file = "model.onnx"
         if not (model_dir / "config.json").exists() and (model_dir / GENAI_CONFIG).exists():
             config = genai_as_config(read_json(model_dir / GENAI_CONFIG))
+            graph_file = config["_graph_file"]
             generation: dict[str, Any] = {}
         else:
             config = text_config(read_json(model_dir / "config.json"))
@@ -83,17 +87,41 @@ class ModelSpec:
             num_layers=lookup(config, "num_layers"),
             num_kv_heads=_declared_kv_heads(config),
             head_dim=lookup(config, "head_dim"),
+            graph_file=graph_file,
         )
 
 
 def genai_as_config(genai: dict[str, Any]) -> dict[str, Any]:
-    """genai_config.json's model section under config.json's key names."""
+    """genai_config.json's model section under config.json's key names (and `_graph_file`,
+    the decoder's file). Refused: what GenAI's runtime does around the graph that the engine
+    does not (a window-sized cache it slides, a pipeline of several graphs)."""
     model = genai.get("model")
     decoder = model.get("decoder") if isinstance(model, dict) else None
     if not isinstance(model, dict) or not isinstance(decoder, dict):
         raise ModelLoadError(f"{GENAI_CONFIG} has no model.decoder section")
+    window = decoder.get("sliding_window")
+    if window is not None:
+        layers = window.get("layers") if isinstance(window, dict) else None
+        raise ModelLoadError(
+            f"{GENAI_CONFIG} model.decoder.sliding_window: layers {layers} keep a window-sized "
+            "cache that ONNX Runtime GenAI slides, which tokenwire does not drive; rebuild the "
+            "folder with full-length caches (the window still applies): python -m "
+            "onnxruntime_genai.models.builder ... --extra_options windowed_kv_cache=false"
+        )
+    if "pipeline" in decoder:
+        raise ModelLoadError(
+            f"{GENAI_CONFIG} model.decoder.pipeline: the decoder is split over several graphs; "
+            "tokenwire serves one decoder graph with its KV cache"
+        )
+    filename = decoder.get("filename", "model.onnx")
+    if not isinstance(filename, str) or not filename or Path(filename).name != filename:
+        raise ModelLoadError(
+            f"{GENAI_CONFIG} model.decoder.filename must name a file in the folder, "
+            f"got {filename!r}"
+        )
     return {
         "_name_or_path": model.get("type", ""),
+        "_graph_file": filename,
         "vocab_size": model.get("vocab_size"),
         "max_position_embeddings": model.get("context_length"),
         "eos_token_id": model.get("eos_token_id"),
