@@ -9,7 +9,7 @@ family in FAMILIES (GroupQueryAttention, rotary inside; int4 weights as MatMulNB
 reference.json: each prompt's ids and the ids ONNX Runtime GenAI's Generator decodes greedily
 from them, alone (up to NEW_TOKENS, or up to and including EOS). The families differ where the
 engine could go wrong: an attention window on alternate layers with soft-capped attention,
-partial rotary, query/key norms.
+partial rotary, LongRoPE (rotary tables chosen by the mask's width), query/key norms.
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ class Family(NamedTuple):
     overrides: dict[str, Any]
     precisions: tuple[str, ...] = ("fp32",)
     extra_options: str = ""
+    longest: int | None = None
+    """Only prompts whose ids plus NEW_TOKENS fit in this many get references."""
 
 
 COMMON: dict[str, Any] = {
@@ -125,6 +127,24 @@ FAMILIES = {
             "tie_word_embeddings": False,
         },
     ),
+    # LongRoPE: GenAI's graph picks its short or long rotary tables by the attention mask's
+    # width (beyond original_max_position_embeddings, 64); tokenwire serves 64 entries.
+    "phi3_longrope": Family(
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        {
+            "original_max_position_embeddings": 64,
+            "rope_scaling": {
+                "type": "longrope",
+                "rope_type": "longrope",
+                "short_factor": [1.0 + i / 10 for i in range(8)],
+                "long_factor": [1.0 + i / 2 for i in range(8)],
+            },
+            "pad_token_id": 1,
+            "tie_word_embeddings": False,
+        },
+        longest=64,
+    ),
     "qwen3": Family(
         "Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16, "tie_word_embeddings": False}
     ),
@@ -169,11 +189,15 @@ def build(hf_dir: Path, precision: str, out: Path, cache: Path, extra_options: s
     onnx.save(graph, out / "model.onnx")
 
 
-def references(family: str, out: Path, tok: PreTrainedTokenizerFast) -> dict[str, Any]:
+def references(
+    family: str, out: Path, tok: PreTrainedTokenizerFast, longest: int | None
+) -> dict[str, Any]:
     model = og.Model(str(out))
     prompts = []
     for text in [*PROMPTS, LONG]:
         ids = tok(text)["input_ids"]
+        if longest is not None and len(ids) + NEW_TOKENS > longest:
+            continue
         params = og.GeneratorParams(model)
         # No min_length: it would hide EOS from the argmax. A run that meets EOS ends there.
         params.set_search_options(max_length=len(ids) + NEW_TOKENS, do_sample=False)
@@ -206,7 +230,7 @@ def main() -> None:
             for precision in family.precisions:
                 out = OUT / f"{name}-{precision}"
                 build(hf_dir, precision, out, Path(tmp) / "cache", family.extra_options)
-                reference = references(name, out, tok)
+                reference = references(name, out, tok, family.longest)
                 (out / "reference.json").write_text(json.dumps(reference, indent=1) + "\n")
                 size = sum(p.stat().st_size for p in out.iterdir()) // 1024
                 print(f"{out.relative_to(OUT.parent.parent)}: {size} KiB", flush=True)

@@ -47,6 +47,7 @@ def load_engine(settings: Settings, observer: EngineObserver | None = None) -> E
         inter_op_threads=settings.inter_op_threads,
         spinning=settings.ort_spinning,
         cuda_graph=settings.cuda_graph,
+        max_kv_tokens=settings.max_kv_tokens,
     )
     engine = Engine(
         model, Tokenizer.from_dir(settings.model_dir), engine_config(settings), observer
@@ -122,7 +123,17 @@ async def _serve(
         cache=engine.model.layout.describe() if isinstance(engine.model, OnnxCausalLM) else "",
         padding=engine.model.padding.value,
         kv_cache="preallocated, in place" if engine.kv_in_place else "batch tensors",
+        context_length=engine.model.spec.context_length,
     )
+    if isinstance(engine.model, OnnxCausalLM) and engine.model.width_limit is not None:
+        log.warning(
+            "model.context_capped",
+            declared=engine.model.declared_context_length,
+            served=engine.model.width_limit,
+            reason="the graph reads the attention mask's width beyond this many entries (as "
+            "LongRoPE's rotary tables do in ONNX Runtime GenAI's builder): longer rows, and "
+            "rows beside them, would decode unlike the same row alone",
+        )
     metrics.describe_build(__version__, engine.model.spec.name, engine.model.provider)
     await server.attach(engine)
     log.info(

@@ -29,6 +29,7 @@ from tokenwire.server.domain import (
 )
 from tokenwire.server.engine import OnnxCausalLM
 from tokenwire.server.tokenizer import Tokenizer
+from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -82,8 +83,8 @@ async def family(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Path, Ru
 
 
 def test_every_position_scheme_has_a_fixture() -> None:
-    """The fixtures cover explicit, counted and learned positions, ALiBi, MQA, BOS, GQA and
-    attention windows in GroupQueryAttention."""
+    """The fixtures cover explicit, counted and learned positions, ALiBi, MQA, BOS, GQA,
+    attention windows in GroupQueryAttention and LongRoPE tables chosen by the mask's width."""
     required = {
         "fixtures/llama",
         "fixtures/gemma",
@@ -96,6 +97,7 @@ def test_every_position_scheme_has_a_fixture() -> None:
         "fixtures-genai/llama-fp32",
         "fixtures-genai/llama-int4",
         "fixtures-genai/gemma2-fp32",
+        "fixtures-genai/phi3_longrope-fp32",
     }
     assert required <= {f"{p.parent.name}/{p.name}" for p in FOLDERS}
 
@@ -336,3 +338,29 @@ async def test_a_growing_cache_on_the_device_serves_groupqueryattention_graphs(
     )
     assert not await _moving_batch_kv_in_place(model, model_dir, max_batch_size=4)
     assert model.cache_uploads > 0
+
+
+async def test_a_graph_that_reads_the_mask_width_is_served_within_the_width_it_ignores() -> None:
+    """A GenAI LongRoPE folder picks its rotary tables by the attention mask's width (long ones
+    past 64 entries, its original_max_position_embeddings): the load finds 64 and serves a
+    64-entry context, so no row ever decodes beside, or in chunks of, a wider mask than alone;
+    a request that would grow past it is INVALID_ARGUMENT naming max_tokens. A graph that reads
+    no width keeps its declared context."""
+    plain = OnnxCausalLM(MODELS / "fixtures-genai" / "llama-fp32", provider="cpu")
+    assert (plain.width_limit, plain.spec.context_length) == (None, 512)
+    model_dir = MODELS / "fixtures-genai" / "phi3_longrope-fp32"
+    model = OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=1)
+    assert (model.declared_context_length, model.width_limit) == (512, 64)
+    running = await start_server(model, Tokenizer.from_dir(model_dir))
+    prompt = _reference(model_dir)["prompts"][0]  # 16 ids
+    try:
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            fits = await collect(stub, greedy(prompt["text"], 64 - len(prompt["prompt_ids"])))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await collect(stub, greedy(prompt["text"], 65 - len(prompt["prompt_ids"])))
+    finally:
+        await running.server.drain()
+    assert fits[-1].completion.finish_reason == pb.FINISH_REASON_LENGTH
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_tokens" in (refused.value.details() or "")

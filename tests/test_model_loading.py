@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.procs import ServerProcess
 from tokenwire.server.config import BUNDLED_MODEL_DIR
 from tokenwire.server.engine import ModelLoadError, ModelSpec, OnnxCausalLM, Padding
 from tokenwire.server.engine.model import cuda_device_present
@@ -203,3 +204,19 @@ def test_a_genai_decoder_file_outside_the_folder_is_refused(
     model_dir = _genai_copy(tmp_path, filename=filename)
     with pytest.raises(ModelLoadError, match=r"model\.decoder\.filename must name a file"):
         ModelSpec.from_dir(model_dir)
+
+
+@pytest.mark.slow
+def test_a_capped_context_is_logged_with_what_was_declared_and_what_is_served() -> None:
+    """`tokenwire serve` on a graph that reads the mask's width logs one model.context_capped
+    warning (declared 512, served 64) and model.loaded says the context it serves."""
+    model_dir = BUNDLED_MODEL_DIR.parent / "fixtures-genai" / "phi3_longrope-fp32"
+    server = ServerProcess("--model-dir", str(model_dir), "--metrics-port", "0")
+    try:
+        capped = server.wait_for("model.context_capped")
+        loaded = server.wait_for("model.loaded")
+    finally:
+        server.stop()
+        server.close()
+    assert (capped["level"], capped["declared"], capped["served"]) == ("warning", 512, 64)
+    assert loaded["context_length"] == 64

@@ -10,6 +10,7 @@ spec.py); how the graph takes padding is measured once at load (see padding.py).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Sequence
@@ -23,7 +24,13 @@ import structlog
 from tokenwire.server.engine.graph import CacheLayout, check_vocab, read_layout
 from tokenwire.server.engine.kv_cache import BatchKvCache
 from tokenwire.server.engine.logits import DeviceLogits, HostLogits, Logits, LogitsReader, widens
-from tokenwire.server.engine.padding import FP16_TOLERANCE, FP32_TOLERANCE, Padding, probe_padding
+from tokenwire.server.engine.padding import (
+    FP16_TOLERANCE,
+    FP32_TOLERANCE,
+    Padding,
+    probe_padding,
+    probe_width_limit,
+)
 from tokenwire.server.engine.slot_buffer import (
     BoundTensor,
     ByteCopier,
@@ -114,6 +121,7 @@ class OnnxCausalLM:
         cuda_graph: bool = True,
         static_decode: bool | None = None,
         profile_prefix: str | None = None,
+        max_kv_tokens: int | None = None,
     ) -> None:
         """device_cache: keep the cache in OrtValues on the session's device: a preallocated
         one where the graph writes in place (GroupQueryAttention), and otherwise each step's
@@ -126,7 +134,9 @@ class OnnxCausalLM:
         per batch size (static_decode.py); where ONNX Runtime cannot capture the graph, steps
         run uncaptured (logged). static_decode: run decode steps on fixed bindings (default:
         where CUDA graphs are captured; True on the CPU provider tests that path).
-        profile_prefix: record ONNX Runtime's profile (session.end_profiling() writes it)."""
+        profile_prefix: record ONNX Runtime's profile (session.end_profiling() writes it).
+        max_kv_tokens: the engine's KV budget: a graph padded on the right is probed for mask
+        widths up to it (or the context), and its context capped where it reads the width."""
         self.spec = ModelSpec.from_dir(model_dir)
         onnx_path = model_dir / self.spec.graph_file
         if not onnx_path.exists():
@@ -175,6 +185,16 @@ class OnnxCausalLM:
         tolerance = FP16_TOLERANCE if self.layout.dtype is np.float16 else FP32_TOLERANCE
         self._static: StaticDecode | None = None
         self.padding: Padding = probe_padding(self, tolerance)
+        self.declared_context_length = self.spec.context_length
+        self.width_limit: int | None = None
+        """The widest attention mask rows do not notice, where some wider one changes them (a
+        graph that picks its rotary tables by the mask's width): the context is capped here,
+        so that no row shares a forward, or a prefill chunk, it would notice."""
+        if self.padding is Padding.RIGHT:
+            widths = min(self.spec.context_length, max_kv_tokens or self.spec.context_length)
+            self.width_limit = probe_width_limit(self, widths, tolerance)
+            if self.width_limit is not None:
+                self.spec = dataclasses.replace(self.spec, context_length=self.width_limit)
         wants_static = self.captures_graphs if static_decode is None else static_decode
         if wants_static and self.padding is Padding.RIGHT:
             logits_dtype = np.float16 if self._half else np.float32

@@ -16,6 +16,12 @@ The probe first decodes two rows of different lengths padded on the right, Group
 style; then a few pseudo-random tokens three ways, compared with a plain run: padding from the
 first step (as cache columns and as masked input tokens), and padding inserted after the
 prefill. The scheduler then never does what the graph cannot take.
+
+Rows padded on the right see the batch's mask width, and a graph may read it: GenAI's builder
+picks LongRoPE's rotary tables (Phi-3 128k, Phi-3.5) by the mask's width, short factors up to
+`original_max_position_embeddings` and long ones beyond, so a short row beside a long one, or a
+prompt prefilled in chunks, would be rotated unlike the same row alone. `probe_width_limit`
+finds the widest mask a row does not notice; the context is capped there (model.py).
 """
 
 from __future__ import annotations
@@ -76,6 +82,61 @@ def probe_padding(model: CausalLM, tolerance: float = FP32_TOLERANCE) -> Padding
     if not all(same(run) for run in padded_from_start):
         return Padding.NONE
     return Padding.SHIFTABLE if same(_decode(model, ids, shift=_PAD)) else Padding.FIXED
+
+
+def probe_width_limit(
+    model: CausalLM, widths: int, tolerance: float = FP32_TOLERANCE
+) -> int | None:
+    """For a graph padded on the right: None if a row's logits are the same under every mask
+    width up to `widths`, else the widest mask that leaves them as they are (found by
+    bisection: a handful of one-row steps, the widest holding `widths` cache entries)."""
+    ids = [int(i) for i in np.random.default_rng(1).integers(0, model.spec.vocab_size, _PROMPT)]
+    cache = model.new_cache(1, left_aligned=True)
+    prompt = np.asarray([ids[:-1]], dtype=np.int64)
+    mask = cache.mask_with(prompt.shape[1])
+    _, present = model.forward(prompt, mask, np.arange(prompt.shape[1])[None, :], cache.tensors)
+    cache.advance(present, mask)
+    past = cache.host_tensors()
+    length = len(ids)
+
+    def step(width: int) -> FloatArray:
+        """The next token's logits with the row's mask padded to `width` on the right."""
+        wide = [
+            np.concatenate([t, np.zeros_like(t, shape=_widened(t.shape, axis, width))], axis)
+            for t, axis in zip(past, cache.axes, strict=True)
+        ]
+        row_mask = (np.arange(width) < length).astype(np.int64)[None, :]
+        logits, _ = model.forward(
+            np.asarray([[ids[-1]]], dtype=np.int64),
+            row_mask,
+            np.asarray([[length - 1]], dtype=np.int64),
+            wide,
+        )
+        return logits.host().astype(np.float32)
+
+    alone = step(length)
+    scale = max(1.0, float(np.abs(alone).max()))
+
+    def noticed(width: int) -> bool:
+        return bool(np.abs(step(width) - alone).max() > tolerance * scale)
+
+    if widths <= length or not noticed(widths):
+        return None
+    same, differs = length, widths
+    while differs - same > 1:
+        middle = (same + differs) // 2
+        if noticed(middle):
+            differs = middle
+        else:
+            same = middle
+    return same
+
+
+def _widened(shape: tuple[int, ...], axis: int, width: int) -> tuple[int, ...]:
+    """The shape of the zero columns that pad a past tensor to width - 1 entries."""
+    extra = list(shape)
+    extra[axis] = width - 1 - shape[axis]
+    return tuple(extra)
 
 
 def _decode_right_aligned(model: CausalLM, ids: list[int]) -> tuple[FloatArray, FloatArray]:
