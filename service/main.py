@@ -125,14 +125,13 @@ async def _serve(
         kv_cache="preallocated, in place" if engine.kv_in_place else "batch tensors",
         context_length=engine.model.spec.context_length,
     )
-    if isinstance(engine.model, OnnxCausalLM) and engine.model.width_limit is not None:
+    spec = engine.model.spec
+    if spec.context_cap:
         log.warning(
             "model.context_capped",
-            declared=engine.model.declared_context_length,
-            served=engine.model.width_limit,
-            reason="the graph reads the attention mask's width beyond this many entries (as "
-            "LongRoPE's rotary tables do in ONNX Runtime GenAI's builder): longer rows, and "
-            "rows beside them, would decode unlike the same row alone",
+            declared=spec.declared_context_length,
+            served=spec.context_length,
+            reason=spec.context_cap,
         )
     metrics.describe_build(__version__, engine.model.spec.name, engine.model.provider)
     await server.attach(engine)

@@ -350,7 +350,7 @@ async def test_a_graph_that_reads_the_mask_width_is_served_within_the_width_it_i
     assert (plain.width_limit, plain.spec.context_length) == (None, 512)
     model_dir = MODELS / "fixtures-genai" / "phi3_longrope-fp32"
     model = OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=1)
-    assert (model.declared_context_length, model.width_limit) == (512, 64)
+    assert (model.spec.declared_context_length, model.width_limit) == (512, 64)
     running = await start_server(model, Tokenizer.from_dir(model_dir))
     prompt = _reference(model_dir)["prompts"][0]  # 16 ids
     try:

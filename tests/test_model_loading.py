@@ -220,3 +220,37 @@ def test_a_capped_context_is_logged_with_what_was_declared_and_what_is_served() 
         server.close()
     assert (capped["level"], capped["declared"], capped["served"]) == ("warning", 512, 64)
     assert loaded["context_length"] == 64
+
+
+LONGROPE = {"short_factor": [1.0] * 16, "long_factor": [2.0] * 16}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"rope_scaling": {"type": "longrope", **LONGROPE}, "original_max_position_embeddings": 64},
+        {"rope_scaling": {"type": "su", **LONGROPE}, "original_max_position_embeddings": 64},
+        {"rope_parameters": {"rope_type": "longrope", "original_max_position_embeddings": 64}},
+        {
+            "rope_parameters": {"full_attention": {"rope_type": "longrope"}},
+            "original_max_position_embeddings": 64,
+        },
+    ],
+    ids=["rope_scaling", "su", "rope_parameters", "per-layer-type"],
+)
+def test_an_export_with_longrope_serves_its_original_context(
+    tmp_path: Path, change: dict[str, Any]
+) -> None:
+    """An export whose config scales rotary with LongRoPE (Phi-3 128k, Phi-3.5) is served with
+    its original_max_position_embeddings as the context: past it the model switches to its long
+    tables, which an exported graph does not."""
+    spec = OnnxCausalLM(_copy_with_config(tmp_path, **change), provider="cpu").spec
+    assert (spec.declared_context_length, spec.context_length) == (512, 64)
+    assert "LongRoPE" in spec.context_cap
+
+
+def test_rope_scaling_that_switches_nothing_keeps_the_declared_context(tmp_path: Path) -> None:
+    """Static rope scaling (linear, llama3, yarn) changes no table mid-context: no cap."""
+    model_dir = _copy_with_config(tmp_path, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    spec = ModelSpec.from_dir(model_dir)
+    assert (spec.context_length, spec.context_cap) == (512, "")

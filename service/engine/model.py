@@ -185,7 +185,6 @@ class OnnxCausalLM:
         tolerance = FP16_TOLERANCE if self.layout.dtype is np.float16 else FP32_TOLERANCE
         self._static: StaticDecode | None = None
         self.padding: Padding = probe_padding(self, tolerance)
-        self.declared_context_length = self.spec.context_length
         self.width_limit: int | None = None
         """The widest attention mask rows do not notice, where some wider one changes them (a
         graph that picks its rotary tables by the mask's width): the context is capped here,
@@ -193,8 +192,14 @@ class OnnxCausalLM:
         if self.padding is Padding.RIGHT:
             widths = min(self.spec.context_length, max_kv_tokens or self.spec.context_length)
             self.width_limit = probe_width_limit(self, widths, tolerance)
-            if self.width_limit is not None:
-                self.spec = dataclasses.replace(self.spec, context_length=self.width_limit)
+            if self.width_limit is not None and self.width_limit < self.spec.context_length:
+                self.spec = dataclasses.replace(
+                    self.spec,
+                    context_length=self.width_limit,
+                    context_cap="the graph reads the attention mask's width past this many "
+                    "entries (as LongRoPE's tables do in ONNX Runtime GenAI's builder): longer "
+                    "rows, and rows beside them, would decode unlike the same row alone",
+                )
         wants_static = self.captures_graphs if static_decode is None else static_decode
         if wants_static and self.padding is Padding.RIGHT:
             logits_dtype = np.float16 if self._half else np.float32

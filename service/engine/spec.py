@@ -60,6 +60,9 @@ class ModelSpec:
     head_dim: int | None = None
     graph_file: str = "model.onnx"
     """The decoder graph's file in the folder (a GenAI folder may name its own)."""
+    declared_context_length: int = 0
+    """The context the config states; context_length is below it where context_cap says why."""
+    context_cap: str = ""
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ModelSpec:
@@ -76,10 +79,24 @@ class ModelSpec:
         if vocab is None:
             raise ModelLoadError(_missing(model_dir, "vocab_size"))
         eos = _as_ids(generation.get("eos_token_id", config.get("eos_token_id")))
+        declared = _context_length(model_dir, config, tokenizer_config)
+        original = _longrope_original(config)
+        context, cap = declared, ""
+        if original is not None and original < declared:
+            # Such exports trace one branch of LongRoPE's switch (the short tables, at the
+            # short sequences tracing uses); beyond the original context they would decode
+            # unlike the model they came from.
+            context = original
+            cap = (
+                "its rope scaling is LongRoPE, whose long tables an export does not switch to "
+                "past original_max_position_embeddings"
+            )
         return cls(
             name=str(config.get("_name_or_path") or model_dir.name),
             vocab_size=vocab,
-            context_length=_context_length(model_dir, config, tokenizer_config),
+            context_length=context,
+            declared_context_length=declared,
+            context_cap=cap,
             eos_token_ids=frozenset(eos),
             chat_template=_chat_template(model_dir, tokenizer_config),
             bos_token=_token_text(tokenizer_config.get("bos_token")),
@@ -189,6 +206,24 @@ def _context_length(
     if found is None or found < 2:
         raise ModelLoadError(_missing(model_dir, "context_length"))
     return found
+
+
+def _longrope_original(config: dict[str, Any]) -> int | None:
+    """original_max_position_embeddings where the config's rope scaling is LongRoPE ("su" in
+    early Phi-3 configs), under rope_scaling or rope_parameters (nested per layer type too)."""
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = config.get(key)
+        if not isinstance(rope, dict):
+            continue
+        for part in [rope, *(v for v in rope.values() if isinstance(v, dict))]:
+            if part.get("rope_type", part.get("type")) in ("longrope", "su"):
+                original = part.get(
+                    "original_max_position_embeddings",
+                    config.get("original_max_position_embeddings"),
+                )
+                if isinstance(original, int) and not isinstance(original, bool):
+                    return original
+    return None
 
 
 def _missing(model_dir: Path, fact: str) -> str:
