@@ -138,6 +138,7 @@ fixtures:
 	$(PY) -m venv models/.venv-fixtures
 	models/.venv-fixtures/bin/python -m pip install -q -r models/requirements-fixtures.txt
 	models/.venv-fixtures/bin/python models/build_fixtures.py --out models/fixtures
+	models/.venv-fixtures/bin/python models/build_int8_fixture.py
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache

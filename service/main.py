@@ -18,6 +18,7 @@ from tokenwire.server.engine import (
     EngineObserver,
     ModelLoadError,
     OnnxCausalLM,
+    Padding,
 )
 from tokenwire.server.rpc.server import TokenwireServer
 from tokenwire.server.telemetry import configure_logging
@@ -125,6 +126,13 @@ async def _serve(
         kv_cache="preallocated, in place" if engine.kv_in_place else "batch tensors",
         context_length=engine.model.spec.context_length,
     )
+    if engine.model.padding is Padding.ALONE:
+        log.warning(
+            "model.unbatched",
+            reason="rows sharing a forward change each other's outputs (activation scales "
+            "over the whole batch, as dynamically quantised int8 graphs compute them): every "
+            "row decodes in a forward of its own",
+        )
     spec = engine.model.spec
     if spec.context_cap:
         log.warning(

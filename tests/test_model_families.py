@@ -27,7 +27,7 @@ from tokenwire.server.domain import (
     SamplingParams,
     TokenEvent,
 )
-from tokenwire.server.engine import OnnxCausalLM
+from tokenwire.server.engine import OnnxCausalLM, Padding
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
@@ -364,3 +364,21 @@ async def test_a_graph_that_reads_the_mask_width_is_served_within_the_width_it_i
     assert fits[-1].completion.finish_reason == pb.FINISH_REASON_LENGTH
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "max_tokens" in (refused.value.details() or "")
+
+
+async def test_a_graph_whose_rows_change_each_other_decodes_every_row_alone() -> None:
+    """A dynamically quantised int8 graph computes its activation scales over the whole batch,
+    so rows sharing a forward change each other: the load probes it as `alone`, and every
+    request in a moving batch decodes the ids it decodes with the engine to itself."""
+    model_dir = MODELS / "fixtures-int8" / "llama-dynamic"
+    model = OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=1)
+    assert model.padding is Padding.ALONE
+    running = await start_server(model, Tokenizer.from_dir(model_dir), max_batch_size=8)
+    texts = [p["text"] for p in _reference(FIXTURES / "llama")["prompts"]]
+    jobs = [Job(text, 24 - i % 3) for i, text in enumerate(texts)]
+    try:
+        solo = await alone(running.engine, jobs)
+        batched = await together(running.engine, jobs)
+    finally:
+        await running.server.drain()
+    assert batched == solo

@@ -5,7 +5,8 @@ joining rows are padded to the common width
 (or pad the others), and leaving rows take the all-padding columns with them. With a FIXED
 graph a row's padding is chosen at its first step and never changes, so a prefill is padded to
 the width of the cohort it will join, a row whose prompt is wider than every cohort starts a
-cohort of its own, and cohorts never trim. With NONE only rows of equal length share a cohort.
+cohort of its own, and cohorts never trim. With NONE only rows of equal length share a cohort,
+and with ALONE every row is a cohort of its own.
 Each cohort costs one forward per step; all of them decode in the same scheduler step.
 """
 
@@ -64,7 +65,11 @@ class Placement:
 
     def groups_mixed_lengths(self) -> bool:
         """May prompts of different lengths share one prefill forward?"""
-        return self.padding is not Padding.NONE
+        return self.padding not in (Padding.NONE, Padding.ALONE)
+
+    def shares_forwards(self) -> bool:
+        """May rows share a forward at all?"""
+        return self.padding is not Padding.ALONE
 
     def prefill_width(self, cohorts: list[Cohort], size: int, group: list[Sequence]) -> int:
         """Cache width a fresh group's prefill should end at (>= size; extra is padding)."""
@@ -91,7 +96,7 @@ class Placement:
             cache.cache.extend(cache)
             next(c for c in cohorts if c.cache is cache.cache).rows.extend(rows)
             return
-        for cohort in cohorts:
+        for cohort in cohorts if self.shares_forwards() else ():
             if self.padding in _ONE_COHORT or cohort.cache.columns == cache.columns:
                 cohort.cache.extend(cache)
                 cohort.rows.extend(rows)

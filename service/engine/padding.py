@@ -12,10 +12,11 @@ always say:
 - GroupQueryAttention (ONNX Runtime GenAI's builder): each row's length is the sum of its mask
   and its entries start at column 0, so rows are padded on the right instead.
 
-The probe first decodes two rows of different lengths padded on the right, GroupQueryAttention
-style; then a few pseudo-random tokens three ways, compared with a plain run: padding from the
-first step (as cache columns and as masked input tokens), and padding inserted after the
-prefill. The scheduler then never does what the graph cannot take.
+The probe first decodes two rows of equal length together, compared with each alone (a graph
+that mixes rows decodes every row alone); then two rows of different lengths padded on the
+right, GroupQueryAttention style; then a few pseudo-random tokens three ways, compared with a
+plain run: padding from the first step (as cache columns and as masked input tokens), and
+padding inserted after the prefill. The scheduler then never does what the graph cannot take.
 
 Rows padded on the right see the batch's mask width, and a graph may read it: GenAI's builder
 picks LongRoPE's rotary tables (Phi-3 128k, Phi-3.5) by the mask's width, short factors up to
@@ -55,6 +56,9 @@ class Padding(enum.Enum):
     RIGHT = "right"
     """Rows start at column 0 and the mask's sum is each row's length (GroupQueryAttention):
     one batch, rows join and leave freely, padded on the right."""
+    ALONE = "alone"
+    """Rows change each other (activation scales over the whole batch, as dynamically quantised
+    int8 graphs compute them): every row decodes in a forward of its own."""
 
 
 def probe_padding(model: CausalLM, tolerance: float = FP32_TOLERANCE) -> Padding:
@@ -72,6 +76,10 @@ def probe_padding(model: CausalLM, tolerance: float = FP32_TOLERANCE) -> Padding
     def same(other: FloatArray) -> bool:
         return close(other, reference)
 
+    other = [int(i) for i in np.random.default_rng(2).integers(0, model.spec.vocab_size, 10)]
+    together = _decode_rows(model, [ids, other])
+    if not (same(together[:, 0]) and close(together[:, 1], _decode(model, other))):
+        return Padding.ALONE
     short = _decode(model, ids, prompt=_SHORT)
     if all(map(close, _decode_right_aligned(model, ids), (reference, short))):
         return Padding.RIGHT
@@ -168,6 +176,28 @@ def _decode_right_aligned(model: CausalLM, ids: list[int]) -> tuple[FloatArray, 
         steps.append(logits.host())
     stacked = np.stack(steps).astype(np.float32)
     return stacked[:, 0], stacked[:, 1]
+
+
+def _decode_rows(model: CausalLM, rows: list[list[int]]) -> FloatArray:
+    """Rows of equal length decoded together as _decode does one: logits [step, row, vocab]."""
+    cache = model.new_cache(len(rows))
+    tokens = np.asarray([r[:_PROMPT] for r in rows], dtype=np.int64)
+    positions = np.tile(np.arange(_PROMPT, dtype=np.int64), (len(rows), 1))
+    mask = cache.mask_with(_PROMPT)
+    logits, present = model.forward(tokens, mask, positions, cache.tensors)
+    cache.advance(present, mask)
+    steps = [logits.host()]
+    for position in range(_PROMPT, _PROMPT + _DECODE):
+        mask = cache.mask_with(1)
+        logits, present = model.forward(
+            np.asarray([[r[position]] for r in rows], dtype=np.int64),
+            mask,
+            np.full((len(rows), 1), position, dtype=np.int64),
+            cache.tensors,
+        )
+        cache.advance(present, mask)
+        steps.append(logits.host())
+    return np.stack(steps).astype(np.float32)
 
 
 def _decode(

@@ -241,7 +241,12 @@ class Scheduler:
     def _prefill_group(self) -> tuple[list[Sequence], int]:
         """The rows of the next prefill forward and how many prompt positions it feeds."""
         head = self._prefilling[0]
-        if head.prefilled > 0 or head.solo or len(head.context_ids) > self._chunk:
+        if (
+            head.prefilled > 0
+            or head.solo
+            or len(head.context_ids) > self._chunk
+            or not self._placement.shares_forwards()
+        ):
             return [head], min(len(head.context_ids) - head.prefilled, self._chunk)
         group, size, budget = [], 0, self._chunk
         for seq in self._prefilling:
