@@ -254,3 +254,19 @@ def test_rope_scaling_that_switches_nothing_keeps_the_declared_context(tmp_path:
     model_dir = _copy_with_config(tmp_path, rope_scaling={"rope_type": "linear", "factor": 2.0})
     spec = ModelSpec.from_dir(model_dir)
     assert (spec.context_length, spec.context_cap) == (512, "")
+
+
+@pytest.mark.slow
+def test_a_graph_served_without_batching_says_so_at_start() -> None:
+    """`tokenwire serve` on a graph whose rows change each other logs one model.unbatched
+    warning, and model.loaded says padding `alone`."""
+    model_dir = BUNDLED_MODEL_DIR.parent / "fixtures-int8" / "llama-dynamic"
+    server = ServerProcess("--model-dir", str(model_dir), "--metrics-port", "0")
+    try:
+        unbatched = server.wait_for("model.unbatched")
+        loaded = server.wait_for("model.loaded")
+    finally:
+        server.stop()
+        server.close()
+    assert unbatched["level"] == "warning"
+    assert loaded["padding"] == "alone"

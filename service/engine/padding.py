@@ -42,6 +42,10 @@ _PROMPT, _SHORT, _DECODE, _PAD = 6, 3, 4, 3
 # around 1e-7 of the logit scale, while a shifted position moves logits by far more.
 FP32_TOLERANCE = 1e-5
 FP16_TOLERANCE = 1e-2
+# Rows that change each other move by more than kernels picked per batch size do: activation
+# scales over the whole batch (dynamic int8) moved the fixtures' logits by 1e-2 to 1.3e-1 of
+# their scale; fp32 rows decoded together on the CPU equal their solo runs exactly.
+MIXING_TOLERANCE = 2e-3
 
 
 class Padding(enum.Enum):
@@ -69,16 +73,18 @@ def probe_padding(model: CausalLM, tolerance: float = FP32_TOLERANCE) -> Padding
     ids = [int(i) for i in np.random.default_rng(0).integers(0, model.spec.vocab_size, 10)]
     reference = _decode(model, ids)
 
-    def close(other: FloatArray, expected: FloatArray) -> bool:
+    def close(other: FloatArray, expected: FloatArray, within: float = tolerance) -> bool:
         scale = max(1.0, float(np.abs(expected).max()))
-        return bool(np.abs(other - expected).max() <= tolerance * scale)
+        return bool(np.abs(other - expected).max() <= within * scale)
 
     def same(other: FloatArray) -> bool:
         return close(other, reference)
 
     other = [int(i) for i in np.random.default_rng(2).integers(0, model.spec.vocab_size, 10)]
     together = _decode_rows(model, [ids, other])
-    if not (same(together[:, 0]) and close(together[:, 1], _decode(model, other))):
+    mixing = max(tolerance, MIXING_TOLERANCE)
+    pairs = ((together[:, 0], reference), (together[:, 1], _decode(model, other)))
+    if not all(close(got, alone, mixing) for got, alone in pairs):
         return Padding.ALONE
     short = _decode(model, ids, prompt=_SHORT)
     if all(map(close, _decode_right_aligned(model, ids), (reference, short))):
