@@ -230,6 +230,61 @@ FAMILIES: dict[str, Family] = {
     "olmo": Family("olmo", GQA, "gpt2", MPE),
     "stablelm": Family("stablelm", {**GQA, "partial_rotary_factor": 0.25}, "gpt2", MPE),
     "cohere": Family("cohere", GQA, "llama", MPE),
+    "arcee": Family("arcee", GQA, "llama", MPE),
+    "olmo2": Family("olmo2", GQA, "gpt2", MPE),
+    # Every other layer without rotary (NoPE).
+    "smollm3": Family("smollm3", {**GQA, "no_rope_layer_interval": 2}, "gpt2", MPE),
+    # Positions counted from the cache width; rotary on half of each head.
+    "nemotron": Family("nemotron", {**GQA, "partial_rotary_factor": 0.5}, "gpt2", MPE),
+    "glm": Family("glm", {**GQA, "head_dim": 8, "partial_rotary_factor": 0.5}, "gpt2", MPE),
+    "qwen3_moe": Family(
+        "qwen3_moe",
+        {
+            **GQA,
+            "head_dim": 16,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "decoder_sparse_step": 1,
+        },
+        "gpt2",
+        MPE,
+    ),
+    # Attention sinks, a windowed layer beside a full one, experts.
+    "gpt_oss": Family(
+        "gpt_oss",
+        {
+            **GQA,
+            "head_dim": 16,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "sliding_window": WINDOW,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+        "gpt2",
+        MPE,
+    ),
+    # Multi-head latent attention: keys 16 wide (8 without rotary + 8 rotary), values 8.
+    "deepseek_v3": Family(
+        "deepseek_v3",
+        {
+            **GQA,
+            "num_key_value_heads": HEADS,
+            "kv_lora_rank": 16,
+            "q_lora_rank": 16,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 8,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "first_k_dense_replace": 1,
+            "n_group": 1,
+            "topk_group": 1,
+        },
+        "llama",
+        MPE,
+    ),
     "gpt2": Family(
         "gpt2",
         {"n_embd": HIDDEN, "n_layer": LAYERS, "n_head": HEADS, "n_inner": FFN, "n_positions": 128},

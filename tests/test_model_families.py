@@ -83,8 +83,9 @@ async def family(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Path, Ru
 
 
 def test_every_position_scheme_has_a_fixture() -> None:
-    """The fixtures cover explicit, counted and learned positions, ALiBi, MQA, BOS, GQA,
-    attention windows in GroupQueryAttention and LongRoPE tables chosen by the mask's width."""
+    """The fixtures cover explicit, counted and learned positions, ALiBi, MQA, BOS, GQA, keys
+    and values of different widths (latent attention), attention sinks, attention windows (in
+    GroupQueryAttention too) and LongRoPE tables chosen by the mask's width."""
     required = {
         "fixtures/llama",
         "fixtures/gemma",
@@ -94,6 +95,8 @@ def test_every_position_scheme_has_a_fixture() -> None:
         "fixtures/falcon",
         "fixtures/gpt_bigcode",
         "fixtures/qwen2",
+        "fixtures/deepseek_v3",
+        "fixtures/gpt_oss",
         "fixtures-genai/llama-fp32",
         "fixtures-genai/llama-int4",
         "fixtures-genai/gemma2-fp32",

@@ -103,7 +103,7 @@ class ModelSpec:
             eos_token=_token_text(tokenizer_config.get("eos_token")),
             num_layers=lookup(config, "num_layers"),
             num_kv_heads=_declared_kv_heads(config),
-            head_dim=lookup(config, "head_dim"),
+            head_dim=_key_head_dim(config),
             graph_file=graph_file,
         )
 
@@ -206,6 +206,15 @@ def _context_length(
     if found is None or found < 2:
         raise ModelLoadError(_missing(model_dir, "context_length"))
     return found
+
+
+def _key_head_dim(config: dict[str, Any]) -> int | None:
+    """The keys' head dim: `head_dim`, or, for multi-head latent attention (DeepSeek V2/V3),
+    whose `head_dim` is the rotary part only, qk_nope_head_dim + qk_rope_head_dim."""
+    nope, rope = config.get("qk_nope_head_dim"), config.get("qk_rope_head_dim")
+    if isinstance(nope, int) and isinstance(rope, int):
+        return nope + rope
+    return lookup(config, "head_dim")
 
 
 def _longrope_original(config: dict[str, Any]) -> int | None:
