@@ -27,7 +27,14 @@ class Settings:
     host: str = setting(defaults.HOST, "bind address (`0.0.0.0` in containers)")
     port: int = setting(defaults.GRPC_PORT, "gRPC port; 0 picks a free one (logged)")
     model_dir: Path = setting(
-        BUNDLED_MODEL_DIR, "model directory (Optimum layout)", shown="`models/tiny-py`"
+        BUNDLED_MODEL_DIR,
+        "model directory (an Optimum export or an ONNX Runtime GenAI folder)",
+        shown="`models/tiny-py`",
+    )
+    model_file: str = setting(
+        "",
+        "the graph to load, relative to the model directory (e.g. `onnx/model_q4.onnx`); "
+        "empty: `model.onnx`, else `onnx/model.onnx`, or the file genai_config.json names",
     )
     provider: Provider = setting(
         "auto",

@@ -49,6 +49,7 @@ def load_engine(settings: Settings, observer: EngineObserver | None = None) -> E
         spinning=settings.ort_spinning,
         cuda_graph=settings.cuda_graph,
         max_kv_tokens=settings.max_kv_tokens,
+        model_file=settings.model_file,
     )
     engine = Engine(
         model, Tokenizer.from_dir(settings.model_dir), engine_config(settings), observer

@@ -270,3 +270,47 @@ def test_a_graph_served_without_batching_says_so_at_start() -> None:
         server.close()
     assert unbatched["level"] == "warning"
     assert loaded["padding"] == "alone"
+
+
+def _onnx_folder_layout(tmp_path: Path) -> Path:
+    """The bundled model with its graph moved to onnx/model.onnx, configs at the top."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(BUNDLED_MODEL_DIR, model_dir)
+    (model_dir / "onnx").mkdir()
+    (model_dir / "model.onnx").rename(model_dir / "onnx" / "model.onnx")
+    return model_dir
+
+
+def test_a_graph_in_an_onnx_folder_beside_the_configs_is_loaded(tmp_path: Path) -> None:
+    """With no model.onnx at the top, onnx/model.onnx is the graph (the layout of exports
+    that keep their graphs, and quantised variants, in an onnx/ folder)."""
+    model = OnnxCausalLM(_onnx_folder_layout(tmp_path), provider="cpu")
+    assert model.padding is Padding.SHIFTABLE
+
+
+def test_model_file_picks_the_graph_inside_the_folder(tmp_path: Path) -> None:
+    """model_file names the graph to load, relative to the folder (a variant beside others)."""
+    model_dir = _onnx_folder_layout(tmp_path)
+    (model_dir / "onnx" / "model.onnx").rename(model_dir / "onnx" / "model_variant.onnx")
+    model = OnnxCausalLM(model_dir, provider="cpu", model_file="onnx/model_variant.onnx")
+    assert model.padding is Padding.SHIFTABLE
+
+
+@pytest.mark.parametrize(
+    ("model_file", "message"),
+    [
+        ("../model/model.onnx", "must be a path inside"),
+        ("/etc/model.onnx", "must be a path inside"),
+        ("onnx/absent.onnx", "absent.onnx is missing"),
+        ("", "neither .*model.onnx nor .*onnx/model.onnx exists"),
+    ],
+)
+def test_a_graph_that_is_not_there_is_refused_naming_what_was_looked_for(
+    tmp_path: Path, model_file: str, message: str
+) -> None:
+    """A model_file outside the folder, or a graph that is not where it is looked for, is
+    refused with one line naming the paths."""
+    model_dir = _onnx_folder_layout(tmp_path)
+    (model_dir / "onnx" / "model.onnx").unlink()
+    with pytest.raises(ModelLoadError, match=message):
+        OnnxCausalLM(model_dir, provider="cpu", model_file=model_file)

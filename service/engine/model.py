@@ -38,7 +38,7 @@ from tokenwire.server.engine.slot_buffer import (
     PastTensors,
 )
 from tokenwire.server.engine.slot_cache import SlotKvCache
-from tokenwire.server.engine.spec import ModelLoadError, ModelSpec
+from tokenwire.server.engine.spec import ModelLoadError, ModelSpec, graph_path
 from tokenwire.server.engine.static_decode import (
     CUDA,
     StaticDecode,
@@ -122,6 +122,7 @@ class OnnxCausalLM:
         static_decode: bool | None = None,
         profile_prefix: str | None = None,
         max_kv_tokens: int | None = None,
+        model_file: str = "",
     ) -> None:
         """device_cache: keep the cache in OrtValues on the session's device: a preallocated
         one where the graph writes in place (GroupQueryAttention), and otherwise each step's
@@ -136,11 +137,10 @@ class OnnxCausalLM:
         where CUDA graphs are captured; True on the CPU provider tests that path).
         profile_prefix: record ONNX Runtime's profile (session.end_profiling() writes it).
         max_kv_tokens: the engine's KV budget: a graph padded on the right is probed for mask
-        widths up to it (or the context), and its context capped where it reads the width."""
+        widths up to it (or the context), and its context capped where it reads the width.
+        model_file: the graph to load, relative to model_dir (spec.graph_path)."""
         self.spec = ModelSpec.from_dir(model_dir)
-        onnx_path = model_dir / self.spec.graph_file
-        if not onnx_path.exists():
-            raise ModelLoadError(f"{onnx_path} is missing")
+        onnx_path = graph_path(model_dir, self.spec, model_file)
         options = _options((intra_op_threads, inter_op_threads), spinning, profile_prefix)
         self.session = _session(onnx_path, options, provider, cuda_graph)
         self.captures_graphs = captures_graphs(self.session)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 
 class ModelLoadError(RuntimeError):
@@ -106,6 +106,31 @@ class ModelSpec:
             head_dim=_key_head_dim(config),
             graph_file=graph_file,
         )
+
+
+def graph_path(model_dir: Path, spec: ModelSpec, model_file: str = "") -> Path:
+    """The graph to load: `model_file`, a path inside the folder, where one is given; else the
+    file the layout names (`model.onnx`, or a GenAI folder's own), or `onnx/model.onnx` (the
+    layout of exports whose graphs sit in an onnx/ folder beside the configs)."""
+    if model_file:
+        relative = Path(model_file)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise ModelLoadError(f"model_file {model_file!r} must be a path inside {model_dir}")
+        candidates = [model_dir / relative]
+    else:
+        candidates = [model_dir / spec.graph_file, model_dir / "onnx" / spec.graph_file]
+    for path in candidates:
+        if path.is_file():
+            return path
+    return _missing_graph(candidates)
+
+
+def _missing_graph(candidates: list[Path]) -> NoReturn:
+    if len(candidates) == 1:
+        raise ModelLoadError(f"{candidates[0]} is missing")
+    raise ModelLoadError(
+        f"no graph to load: neither {' nor '.join(str(p) for p in candidates)} exists"
+    )
 
 
 def genai_as_config(genai: dict[str, Any]) -> dict[str, Any]:
