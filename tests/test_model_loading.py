@@ -206,18 +206,22 @@ def test_a_genai_decoder_file_outside_the_folder_is_refused(
         ModelSpec.from_dir(model_dir)
 
 
+def _start_up_lines(fixture: str, event: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`tokenwire serve` on models/<fixture>: its `event` line and its model.loaded line."""
+    model_dir = BUNDLED_MODEL_DIR.parent / fixture
+    server = ServerProcess("--model-dir", str(model_dir), "--metrics-port", "0")
+    try:
+        return server.wait_for(event), server.wait_for("model.loaded")
+    finally:
+        server.stop()
+        server.close()
+
+
 @pytest.mark.slow
 def test_a_capped_context_is_logged_with_what_was_declared_and_what_is_served() -> None:
     """`tokenwire serve` on a graph that reads the mask's width logs one model.context_capped
     warning (declared 512, served 64) and model.loaded says the context it serves."""
-    model_dir = BUNDLED_MODEL_DIR.parent / "fixtures-genai" / "phi3_longrope-fp32"
-    server = ServerProcess("--model-dir", str(model_dir), "--metrics-port", "0")
-    try:
-        capped = server.wait_for("model.context_capped")
-        loaded = server.wait_for("model.loaded")
-    finally:
-        server.stop()
-        server.close()
+    capped, loaded = _start_up_lines("fixtures-genai/phi3_longrope-fp32", "model.context_capped")
     assert (capped["level"], capped["declared"], capped["served"]) == ("warning", 512, 64)
     assert loaded["context_length"] == 64
 
@@ -260,14 +264,7 @@ def test_rope_scaling_that_switches_nothing_keeps_the_declared_context(tmp_path:
 def test_a_graph_served_without_batching_says_so_at_start() -> None:
     """`tokenwire serve` on a graph whose rows change each other logs one model.unbatched
     warning, and model.loaded says padding `alone`."""
-    model_dir = BUNDLED_MODEL_DIR.parent / "fixtures-int8" / "llama-dynamic"
-    server = ServerProcess("--model-dir", str(model_dir), "--metrics-port", "0")
-    try:
-        unbatched = server.wait_for("model.unbatched")
-        loaded = server.wait_for("model.loaded")
-    finally:
-        server.stop()
-        server.close()
+    unbatched, loaded = _start_up_lines("fixtures-int8/llama-dynamic", "model.unbatched")
     assert unbatched["level"] == "warning"
     assert loaded["padding"] == "alone"
 
