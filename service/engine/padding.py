@@ -74,8 +74,7 @@ def probe_padding(model: CausalLM, tolerance: float = FP32_TOLERANCE) -> Padding
     reference = _decode(model, ids)
 
     def close(other: FloatArray, expected: FloatArray, within: float = tolerance) -> bool:
-        scale = max(1.0, float(np.abs(expected).max()))
-        return bool(np.abs(other - expected).max() <= within * scale)
+        return _close(other, expected, within)
 
     def same(other: FloatArray) -> bool:
         return close(other, reference)
@@ -129,10 +128,9 @@ def probe_width_limit(
         return logits.host().astype(np.float32)
 
     alone = step(length)
-    scale = max(1.0, float(np.abs(alone).max()))
 
     def noticed(width: int) -> bool:
-        return bool(np.abs(step(width) - alone).max() > tolerance * scale)
+        return not _close(step(width), alone, tolerance)
 
     if widths <= length or not noticed(widths):
         return None
@@ -144,6 +142,12 @@ def probe_width_limit(
         else:
             same = middle
     return same
+
+
+def _close(other: FloatArray, expected: FloatArray, within: float) -> bool:
+    """Equal but for `within` of the expected logits' scale (at least 1)."""
+    scale = max(1.0, float(np.abs(expected).max()))
+    return bool(np.abs(other - expected).max() <= within * scale)
 
 
 def _widened(shape: tuple[int, ...], axis: int, width: int) -> tuple[int, ...]:
