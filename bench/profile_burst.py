@@ -52,6 +52,7 @@ class TimedModel:
         self.spec = model.spec
         self.provider = model.provider
         self.padding = model.padding
+        self.width_limit = model.width_limit
         self.prefill: list[float] = []
         self.decode: list[float] = []
 

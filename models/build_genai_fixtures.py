@@ -7,7 +7,7 @@ Writes models/fixtures-genai/<family>-<precision>/: what
 `python -m onnxruntime_genai.models.builder` writes for a random-initialised model of each
 family in FAMILIES (GroupQueryAttention, rotary inside; int4 weights as MatMulNBits), plus
 reference.json: each prompt's ids and the ids ONNX Runtime GenAI's Generator decodes greedily
-from them, alone (up to NEW_TOKENS, or up to and including EOS). The families differ where the
+from them, alone (a family's new_tokens, or up to and including EOS). The families differ where the
 engine could go wrong: an attention window on alternate layers with soft-capped attention,
 partial rotary, LongRoPE (rotary tables chosen by the mask's width), query/key norms.
 """
@@ -80,8 +80,8 @@ class Family(NamedTuple):
     overrides: dict[str, Any]
     precisions: tuple[str, ...] = ("fp32",)
     extra_options: str = ""
-    longest: int | None = None
-    """Only prompts whose ids plus NEW_TOKENS fit in this many get references."""
+    new_tokens: int = NEW_TOKENS
+    """Greedy ids per prompt in the references."""
 
 
 COMMON: dict[str, Any] = {
@@ -128,7 +128,8 @@ FAMILIES = {
         },
     ),
     # LongRoPE: GenAI's graph picks its short or long rotary tables by the attention mask's
-    # width (beyond original_max_position_embeddings, 64); tokenwire serves 64 entries.
+    # width (beyond original_max_position_embeddings, 64). 48 new ids: prompts of 17 ids or
+    # more cross 64 entries while they decode, and the long prompt starts past them.
     "phi3_longrope": Family(
         "Phi3Config",
         "Phi3ForCausalLM",
@@ -143,7 +144,7 @@ FAMILIES = {
             "pad_token_id": 1,
             "tie_word_embeddings": False,
         },
-        longest=64,
+        new_tokens=48,
     ),
     "qwen3": Family(
         "Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16, "tie_word_embeddings": False}
@@ -189,18 +190,14 @@ def build(hf_dir: Path, precision: str, out: Path, cache: Path, extra_options: s
     onnx.save(graph, out / "model.onnx")
 
 
-def references(
-    family: str, out: Path, tok: PreTrainedTokenizerFast, longest: int | None
-) -> dict[str, Any]:
+def references(family: str, out: Path, tok: PreTrainedTokenizerFast, new: int) -> dict[str, Any]:
     model = og.Model(str(out))
     prompts = []
     for text in [*PROMPTS, LONG]:
         ids = tok(text)["input_ids"]
-        if longest is not None and len(ids) + NEW_TOKENS > longest:
-            continue
         params = og.GeneratorParams(model)
         # No min_length: it would hide EOS from the argmax. A run that meets EOS ends there.
-        params.set_search_options(max_length=len(ids) + NEW_TOKENS, do_sample=False)
+        params.set_search_options(max_length=len(ids) + new, do_sample=False)
         generator = og.Generator(model, params)
         generator.append_tokens([ids])
         while not generator.is_done():
@@ -216,21 +213,24 @@ def references(
     return {
         "family": f"{family}-genai",
         "onnxruntime_genai_version": og.__version__,
-        "max_new_tokens": NEW_TOKENS,
+        "max_new_tokens": new,
         "prompts": prompts,
     }
 
 
 def main() -> None:
+    """Build every family, or the families named on the command line."""
     tok = tokenizer()
-    for name, family in FAMILIES.items():
+    chosen = sys.argv[1:] or list(FAMILIES)
+    for name in chosen:
+        family = FAMILIES[name]
         with tempfile.TemporaryDirectory() as tmp:
             hf_dir = Path(tmp) / "hf"
             hf_model(hf_dir, tok, family)
             for precision in family.precisions:
                 out = OUT / f"{name}-{precision}"
                 build(hf_dir, precision, out, Path(tmp) / "cache", family.extra_options)
-                reference = references(name, out, tok, family.longest)
+                reference = references(name, out, tok, family.new_tokens)
                 (out / "reference.json").write_text(json.dumps(reference, indent=1) + "\n")
                 size = sum(p.stat().st_size for p in out.iterdir()) // 1024
                 print(f"{out.relative_to(OUT.parent.parent)}: {size} KiB", flush=True)

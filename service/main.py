@@ -126,6 +126,9 @@ async def _serve(
         padding=engine.model.padding.value,
         kv_cache="preallocated, in place" if engine.kv_in_place else "batch tensors",
         context_length=engine.model.spec.context_length,
+        # The widest attention mask rows share forwards within (None: any); rows past it
+        # decode in forwards of their own.
+        width_limit=engine.model.width_limit,
     )
     if engine.model.padding is Padding.ALONE:
         log.warning(

@@ -7,7 +7,7 @@ engine, scheduler, server and clients run unchanged on top of it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from tokenwire.server.engine.logits import HostLogits, Logits
 from tokenwire.server.engine.padding import probe_padding
 from tokenwire.server.engine.slot_buffer import PastTensors
 from tokenwire.server.engine.slot_cache import SlotKvCache
-from tokenwire.server.engine.types import FloatArray, IntArray
+from tokenwire.server.engine.types import CacheTensor, FloatArray, IntArray
 
 
 class RecordingObserver:
@@ -42,6 +42,7 @@ class ScriptedModel:
 
     provider = "ScriptedProvider"
     padding = Padding.SHIFTABLE
+    width_limit: int | None = None
 
     def __init__(self, spec: ModelSpec, script: dict[int, int], step_delay_s: float = 0.0) -> None:
         self.spec = spec
@@ -113,6 +114,7 @@ class CountedPositionsModel:
         table = np.random.default_rng(0).standard_normal((inner.spec.context_length + 8, 1))
         self._bias = (absolute_bias * table).astype(np.float32)
         self.padding = probe_padding(self)
+        self.width_limit = None
 
     def new_cache(self, rows: int, columns: int = 0, *, left_aligned: bool = False) -> BatchKvCache:
         return self.inner.new_cache(rows, columns, left_aligned=left_aligned)
@@ -139,3 +141,49 @@ class CountedPositionsModel:
             input_ids, attention_mask, positions, past, last, before_run=before_run
         )
         return HostLogits(logits.host() + self._bias[width - 1]), present
+
+
+class CountingModel:
+    """A real model that records the rows and the mask width of every forward it runs."""
+
+    def __init__(self, inner: OnnxCausalLM) -> None:
+        self.inner = inner
+        self.spec = inner.spec
+        self.provider = inner.provider
+        self.padding = inner.padding
+        self.width_limit = inner.width_limit
+        self.prefills: list[tuple[int, int]] = []
+        """(rows, mask width) of each prefill forward, in order."""
+        self.decodes: list[tuple[int, int]] = []
+        """(rows, mask width) of each decode forward, in order."""
+
+    def new_cache(self, rows: int, columns: int = 0, *, left_aligned: bool = False) -> BatchKvCache:
+        return self.inner.new_cache(rows, columns, left_aligned=left_aligned)
+
+    def new_slot_cache(self, slots: int, capacity: int) -> SlotKvCache | None:
+        return self.inner.new_slot_cache(slots, capacity)
+
+    def forward(
+        self,
+        input_ids: IntArray,
+        attention_mask: IntArray,
+        position_ids: IntArray,
+        past: PastTensors,
+        last: IntArray | None = None,
+        *,
+        in_place: bool = False,
+        decode: bool = False,
+        before_run: Callable[[], None] | None = None,
+    ) -> tuple[Logits, Sequence[CacheTensor]]:
+        rows, width = attention_mask.shape
+        (self.decodes if decode else self.prefills).append((rows, width))
+        return self.inner.forward(
+            input_ids,
+            attention_mask,
+            position_ids,
+            past,
+            last,
+            in_place=in_place,
+            decode=decode,
+            before_run=before_run,
+        )

@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 from tests.conftest import RunningServer, collect, greedy, start_server
+from tests.fakes import CountingModel
 from tests.invariance import Job, alone, together
 from tokenwire.server.domain import (
     CompletionEvent,
@@ -343,17 +344,74 @@ async def test_a_growing_cache_on_the_device_serves_groupqueryattention_graphs(
     assert model.cache_uploads > 0
 
 
-async def test_a_graph_that_reads_the_mask_width_is_served_within_the_width_it_ignores() -> None:
+def test_a_graph_that_reads_the_mask_width_keeps_its_declared_context() -> None:
     """A GenAI LongRoPE folder picks its rotary tables by the attention mask's width (long ones
-    past 64 entries, its original_max_position_embeddings): the load finds 64 and serves a
-    64-entry context, so no row ever decodes beside, or in chunks of, a wider mask than alone;
-    a request that would grow past it is INVALID_ARGUMENT naming max_tokens. A graph that reads
-    no width keeps its declared context."""
+    past 64 entries, its original_max_position_embeddings): the load finds the width limit, 64,
+    and keeps the declared context (rows past the limit decode alone; the reference tests show
+    their ids). A graph that reads no width has no limit."""
     plain = OnnxCausalLM(MODELS / "fixtures-genai" / "llama-fp32", provider="cpu")
     assert (plain.width_limit, plain.spec.context_length) == (None, 512)
+    model = OnnxCausalLM(
+        MODELS / "fixtures-genai" / "phi3_longrope-fp32", provider="cpu", intra_op_threads=1
+    )
+    assert (model.width_limit, model.spec.context_length, model.spec.context_cap) == (64, 512, "")
+
+
+def _width_jobs(prompts: list[dict[str, Any]]) -> list[Job]:
+    """Two 33-id prompts that grow past 64 entries after 31 tokens, three short ones that stay
+    within it to their end, and the 100-id prompt, past it from the start."""
+    by_length = {len(p["prompt_ids"]): p["text"] for p in prompts}
+    return [
+        Job(by_length[33], 60),
+        Job(by_length[33], 60),
+        Job(by_length[2], 60),
+        Job(by_length[5], 58),
+        Job(by_length[16], 47),
+        Job(by_length[100], 20),
+    ]
+
+
+async def _served_counting(model_dir: Path, jobs: list[Job]) -> CountingModel:
+    """Serve the jobs together (prefill chunks of 32) on a model that records its forwards."""
+    model = CountingModel(OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=1))
+    running = await start_server(
+        model, Tokenizer.from_dir(model_dir), max_batch_size=8, prefill_chunk_tokens=32
+    )
+    try:
+        got = await together(running.engine, jobs)
+    finally:
+        await running.server.drain()
+    assert [len(ids) for ids in got] == [job.max_tokens for job in jobs]
+    return model
+
+
+async def test_rows_past_the_width_limit_decode_alone_beside_the_rest_together() -> None:
+    """Every decode forward wider than the width limit (64) holds one row, and there are as
+    many as the rows past it decode (19 for the 100-id prompt, 28 for each 33-id prompt that
+    grows past 64); meanwhile the short rows decode together."""
     model_dir = MODELS / "fixtures-genai" / "phi3_longrope-fp32"
-    model = OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=1)
-    assert (model.spec.declared_context_length, model.width_limit) == (512, 64)
+    model = await _served_counting(model_dir, _width_jobs(_reference(model_dir)["prompts"]))
+    wide = [i for i, (rows, width) in enumerate(model.decodes) if width > 64]
+    assert {model.decodes[i][0] for i in wide} == {1}
+    assert len(wide) == 19 + 28 + 28
+    assert any(rows >= 3 for rows, _ in model.decodes[wide[0] :])
+
+
+async def test_a_prompt_wider_than_the_width_limit_is_prefilled_in_chunks_past_it() -> None:
+    """The 100-id prompt, with prefill chunks of 32, is prefilled in forwards 65, 97 and 100
+    entries wide: each chunk reads the long tables, as the whole prompt alone does."""
+    model_dir = MODELS / "fixtures-genai" / "phi3_longrope-fp32"
+    model = await _served_counting(model_dir, _width_jobs(_reference(model_dir)["prompts"]))
+    assert [width for _, width in model.prefills if width > 64] == [65, 97, 100]
+
+
+async def test_without_the_preallocated_cache_a_width_limited_graph_serves_only_the_width() -> None:
+    """With a cache that grows every step (no preallocated slots to decode rows alone in), the
+    LongRoPE folder is served within 64 entries: a request that would grow past it is
+    INVALID_ARGUMENT naming max_tokens."""
+    model_dir = MODELS / "fixtures-genai" / "phi3_longrope-fp32"
+    model = OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=1, preallocated=False)
+    assert (model.spec.declared_context_length, model.spec.context_length) == (512, 64)
     running = await start_server(model, Tokenizer.from_dir(model_dir))
     prompt = _reference(model_dir)["prompts"][0]  # 16 ids
     try:

@@ -206,9 +206,11 @@ def test_a_genai_decoder_file_outside_the_folder_is_refused(
         ModelSpec.from_dir(model_dir)
 
 
-def _start_up_lines(fixture: str, event: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`tokenwire serve` on models/<fixture>: its `event` line and its model.loaded line."""
-    model_dir = BUNDLED_MODEL_DIR.parent / fixture
+LONGROPE = {"short_factor": [1.0] * 16, "long_factor": [2.0] * 16}
+
+
+def _start_up_lines(model_dir: Path, event: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`tokenwire serve` on model_dir: its `event` line and its model.loaded line."""
     server = ServerProcess("--model-dir", str(model_dir), "--metrics-port", "0")
     try:
         return server.wait_for(event), server.wait_for("model.loaded")
@@ -218,15 +220,30 @@ def _start_up_lines(fixture: str, event: str) -> tuple[dict[str, Any], dict[str,
 
 
 @pytest.mark.slow
-def test_a_capped_context_is_logged_with_what_was_declared_and_what_is_served() -> None:
-    """`tokenwire serve` on a graph that reads the mask's width logs one model.context_capped
-    warning (declared 512, served 64) and model.loaded says the context it serves."""
-    capped, loaded = _start_up_lines("fixtures-genai/phi3_longrope-fp32", "model.context_capped")
+def test_a_capped_context_is_logged_with_what_was_declared_and_what_is_served(
+    tmp_path: Path,
+) -> None:
+    """`tokenwire serve` on an export whose config scales rotary with LongRoPE logs one
+    model.context_capped warning (declared 512, served 64) and model.loaded says the context it
+    serves."""
+    model_dir = _copy_with_config(
+        tmp_path,
+        rope_scaling={"type": "longrope", **LONGROPE},
+        original_max_position_embeddings=64,
+    )
+    capped, loaded = _start_up_lines(model_dir, "model.context_capped")
     assert (capped["level"], capped["declared"], capped["served"]) == ("warning", 512, 64)
     assert loaded["context_length"] == 64
 
 
-LONGROPE = {"short_factor": [1.0] * 16, "long_factor": [2.0] * 16}
+@pytest.mark.slow
+def test_a_width_limit_is_logged_beside_the_context_it_serves() -> None:
+    """`tokenwire serve` on a GenAI LongRoPE folder says in model.loaded the width its rows
+    share forwards within (64) and serves the declared context (512)."""
+    _, loaded = _start_up_lines(
+        BUNDLED_MODEL_DIR.parent / "fixtures-genai" / "phi3_longrope-fp32", "model.loaded"
+    )
+    assert (loaded["width_limit"], loaded["context_length"]) == (64, 512)
 
 
 @pytest.mark.parametrize(
@@ -264,7 +281,9 @@ def test_rope_scaling_that_switches_nothing_keeps_the_declared_context(tmp_path:
 def test_a_graph_served_without_batching_says_so_at_start() -> None:
     """`tokenwire serve` on a graph whose rows change each other logs one model.unbatched
     warning, and model.loaded says padding `alone`."""
-    unbatched, loaded = _start_up_lines("fixtures-int8/llama-dynamic", "model.unbatched")
+    unbatched, loaded = _start_up_lines(
+        BUNDLED_MODEL_DIR.parent / "fixtures-int8" / "llama-dynamic", "model.unbatched"
+    )
     assert unbatched["level"] == "warning"
     assert loaded["padding"] == "alone"
 

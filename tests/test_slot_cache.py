@@ -14,7 +14,7 @@ import pytest
 
 from tokenwire.server.engine.kv_cache import BatchKvCache
 from tokenwire.server.engine.slot_buffer import ByteCopier, DeviceSlotBuffer, HostSlotBuffer
-from tokenwire.server.engine.slot_cache import BufferFactory, SlotKvCache, SlotPrefill
+from tokenwire.server.engine.slot_cache import BufferFactory, SlotKvCache, SlotPrefill, SlotRange
 
 SHAPES = [(0, 1, 0, 2), (0, 1, 0, 2)]
 AXES = (2, 2)
@@ -146,3 +146,32 @@ def test_a_prefill_needs_free_slots(new_cache: NewCache) -> None:
     cache.extend(_prefilled([1], 0.0))
     assert cache.prefill(2) is None
     assert cache.prefill(1) is not None
+
+
+def test_two_rows_swap_through_the_first_free_slot(new_cache: NewCache) -> None:
+    """Swapping rows 0 and 2 of 3 exchanges their entries and lengths; row 1 stays."""
+    cache = new_cache(SHAPES, AXES, np.float32, slots=4, capacity=8)
+    cache.extend(_prefilled([1, 2, 3], 0.0))
+    cache.swap(0, 2)
+    assert [_row(cache, i) for i in range(3)] == [2.0, 1.0, 0.0]
+    assert cache.lengths[:3].tolist() == [3, 2, 1]
+
+
+def test_a_swap_needs_a_free_slot(new_cache: NewCache) -> None:
+    """With every slot live a swap is refused, never done by overwriting a row."""
+    cache = new_cache(SHAPES, AXES, np.float32, slots=2, capacity=8)
+    cache.extend(_prefilled([1, 2], 0.0))
+    with pytest.raises(ValueError, match="free slot"):
+        cache.swap(0, 1)
+
+
+def test_a_range_of_live_rows_decodes_as_a_cache_of_its_own(new_cache: NewCache) -> None:
+    """A SlotRange over rows 1..2 masks only their lengths and advances only them."""
+    cache = new_cache(SHAPES, AXES, np.float32, slots=4, capacity=8)
+    cache.extend(_prefilled([1, 3, 2], 0.0))
+    part = SlotRange(cache, 1, 2)
+    mask = part.mask_with(1)
+    part.advance(part.tensors, mask)
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert cache.lengths[:3].tolist() == [1, 4, 3]
+    assert [t.shape[0] for t in part.tensors] == [2, 2]

@@ -8,6 +8,12 @@ the width of the cohort it will join, a row whose prompt is wider than every coh
 cohort of its own, and cohorts never trim. With NONE only rows of equal length share a cohort,
 and with ALONE every row is a cohort of its own.
 Each cohort costs one forward per step; all of them decode in the same scheduler step.
+
+A graph with a width limit (one that reads the attention mask's width, as LongRoPE's tables do)
+decodes a row whose mask would be wider than the limit in a forward of its own, exactly as wide
+as the row alone; the rows between such rows share forwards whose masks stay within the limit.
+A prompt wider than the limit is prefilled in chunks that are all wider than it: its first chunk
+goes past the limit, as the whole prompt alone would.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ import dataclasses
 from tokenwire.server.engine.kv_cache import BatchKvCache
 from tokenwire.server.engine.padding import Padding
 from tokenwire.server.engine.sequence import Sequence
-from tokenwire.server.engine.slot_cache import SlotKvCache, SlotPrefill
+from tokenwire.server.engine.slot_cache import SlotKvCache, SlotPrefill, SlotRange
 
 _ONE_COHORT = (Padding.SHIFTABLE, Padding.RIGHT)
+DecodeCache = BatchKvCache | SlotKvCache | SlotRange
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -44,16 +51,26 @@ class Placement:
     """Chooses prefill widths and cohorts so that no running row's padding changes wrongly."""
 
     def __init__(
-        self, padding: Padding, context_length: int, slots: SlotKvCache | None = None
+        self,
+        padding: Padding,
+        context_length: int,
+        slots: SlotKvCache | None = None,
+        *,
+        width_limit: int | None = None,
     ) -> None:
         self.padding = padding
         self._context = context_length
         self._slots = slots if padding is Padding.RIGHT else None
+        # Without the preallocated cache the model serves no context past its width limit.
+        self._width = width_limit if self._slots is not None else None
 
     @property
     def max_rows(self) -> int | None:
-        """Rows the preallocated cache holds, when there is one."""
-        return None if self._slots is None else self._slots.slots
+        """Rows the preallocated cache holds, when there is one (with a width limit, one slot
+        stays free for reordering rows: see spare_slots)."""
+        if self._slots is None:
+            return None
+        return self._slots.slots - spare_slots(self._width)
 
     @property
     def trims(self) -> bool:
@@ -70,6 +87,34 @@ class Placement:
     def shares_forwards(self) -> bool:
         """May rows share a forward at all?"""
         return self.padding is not Padding.ALONE
+
+    def shares_prefill(self, seq: Sequence) -> bool:
+        """May this prompt share a prefill forward with others?"""
+        return self._width is None or len(seq.context_ids) <= self._width
+
+    def prefill_chunk(self, seq: Sequence, chunk: int) -> int:
+        """Prompt positions the next prefill forward of `seq` alone feeds: up to `chunk`, but a
+        first chunk past the width limit where the prompt is wider than it."""
+        left = len(seq.context_ids) - seq.prefilled
+        if self._width is not None and seq.prefilled == 0 and len(seq.context_ids) > self._width:
+            return min(left, max(chunk, self._width + 1))
+        return min(left, chunk)
+
+    def decode_runs(self, cohort: Cohort) -> list[tuple[list[Sequence], DecodeCache]]:
+        """The forwards of a cohort's decode step: one, unless rows would see a mask wider than
+        the width limit; those then run one per forward, after the other rows together."""
+        cache = cohort.cache
+        if self._width is None or not isinstance(cache, SlotKvCache):
+            return [(cohort.rows, cache)]
+        wide = (cache.lengths[: cache.rows] >= self._width).tolist()
+        if not any(wide):
+            return [(cohort.rows, cache)]
+        narrow = _narrow_first(cohort, cache, wide)
+        runs: list[tuple[list[Sequence], DecodeCache]] = []
+        if narrow:
+            runs.append((cohort.rows[:narrow], SlotRange(cache, 0, narrow)))
+        runs += [([cohort.rows[i]], SlotRange(cache, i, 1)) for i in range(narrow, cache.rows)]
+        return runs
 
     def prefill_width(self, cohorts: list[Cohort], size: int, group: list[Sequence]) -> int:
         """Cache width a fresh group's prefill should end at (>= size; extra is padding)."""
@@ -102,3 +147,26 @@ class Placement:
                 cohort.rows.extend(rows)
                 return
         cohorts.append(Cohort(cache, list(rows)))
+
+
+def spare_slots(width_limit: int | None) -> int:
+    """Slots a preallocated cache needs beyond its rows: one to swap rows through, with a width
+    limit."""
+    return 0 if width_limit is None else 1
+
+
+def _narrow_first(cohort: Cohort, cache: SlotKvCache, wide: list[bool]) -> int:
+    """Swap rows (cache slots and cohort order alike) so that the rows that are not wide fill
+    the first slots; return how many they are. A row swaps when it grows past the limit, or
+    when a row leaving left its slot to a wide one."""
+    i, j = 0, len(wide) - 1
+    while True:
+        while i < j and not wide[i]:
+            i += 1
+        while i < j and wide[j]:
+            j -= 1
+        if i >= j:
+            return wide.count(False)
+        cache.swap(i, j)
+        cohort.rows[i], cohort.rows[j] = cohort.rows[j], cohort.rows[i]
+        wide[i], wide[j] = False, True

@@ -74,6 +74,8 @@ class CausalLM(Protocol):
     spec: ModelSpec
     provider: str
     padding: Padding
+    width_limit: int | None
+    """The widest attention mask that rows sharing a forward do not notice (None: any)."""
 
     def new_cache(self, rows: int, columns: int = 0, *, left_aligned: bool = False) -> BatchKvCache:
         """A cache of `rows` rows holding `columns` masked (padding) columns."""
@@ -187,21 +189,22 @@ class OnnxCausalLM:
         self.padding: Padding = probe_padding(self, tolerance)
         self.width_limit: int | None = None
         """The widest attention mask rows do not notice, where some wider one changes them (a
-        graph that picks its rotary tables by the mask's width): the context is capped here,
-        so that no row shares a forward, or a prefill chunk, it would notice."""
+        graph that picks its rotary tables by the mask's width): rows past it decode alone in
+        the preallocated cache, or, without one, the context is capped here."""
         if self.padding is Padding.RIGHT:
             widths = min(self.spec.context_length, max_kv_tokens or self.spec.context_length)
             self.width_limit = probe_width_limit(self, widths, tolerance)
-            if self.width_limit is not None and self.width_limit < self.spec.context_length:
+            if self.width_limit is not None and not self._slot_cache_kind():
                 self.spec = dataclasses.replace(
                     self.spec,
                     context_length=self.width_limit,
                     context_cap="the graph reads the attention mask's width past this many "
-                    "entries (as LongRoPE's tables do in ONNX Runtime GenAI's builder): longer "
-                    "rows, and rows beside them, would decode unlike the same row alone",
+                    "entries (as LongRoPE's tables do in ONNX Runtime GenAI's builder), and "
+                    "without the preallocated cache rows past it cannot decode alone",
                 )
         wants_static = self.captures_graphs if static_decode is None else static_decode
-        if wants_static and self.padding is Padding.RIGHT:
+        # Fixed bindings hold the live rows from slot 0; rows past a width limit run alone.
+        if wants_static and self.padding is Padding.RIGHT and self.width_limit is None:
             logits_dtype = np.float16 if self._half else np.float32
             self._static = StaticDecode(
                 self.session, self.layout, self.device, logits_dtype, self.spec.vocab_size
@@ -222,18 +225,25 @@ class OnnxCausalLM:
             self._shapes, self._axes, self.layout.dtype, rows, columns, left_aligned=left_aligned
         )
 
-    def new_slot_cache(self, slots: int, capacity: int) -> SlotKvCache | None:
-        # In-place writes are GroupQueryAttention's contract.
+    def _slot_cache_kind(self) -> str:
+        """Where a preallocated cache would live ("host", "device"), or "" where there is none:
+        in-place writes are GroupQueryAttention's contract (RIGHT padding)."""
         if (
             not self._preallocated
             or self.padding is not Padding.RIGHT
             or self.provider not in _DEVICES
         ):
+            return ""
+        if self._device_cache:
+            return "device"
+        # Host arrays only where the provider computes in host memory.
+        return "host" if self.provider == CPU else ""
+
+    def new_slot_cache(self, slots: int, capacity: int) -> SlotKvCache | None:
+        kind = self._slot_cache_kind()
+        if not kind:
             return None
-        if not self._device_cache:
-            # Host arrays only where the provider computes in host memory.
-            if self.provider != CPU:
-                return None
+        if kind == "host":
             return SlotKvCache(self._shapes, self._axes, self.layout.dtype, slots, capacity)
         copier = ByteCopier(self.session.get_providers())
         buffer = functools.partial(DeviceSlotBuffer, device=self.device, copier=copier)

@@ -29,7 +29,7 @@ import numpy as np
 import structlog
 
 from tokenwire.server.domain import FinishReason
-from tokenwire.server.engine.batch import Cohort, Placement
+from tokenwire.server.engine.batch import Cohort, DecodeCache, Placement, spare_slots
 from tokenwire.server.engine.kv_cache import BatchKvCache
 from tokenwire.server.engine.logits import Logits
 from tokenwire.server.engine.mailbox import Delivery, Mailbox, Publisher
@@ -82,9 +82,12 @@ class Scheduler:
         # KV budget: every slot holds a whole context (or the budget, if smaller).
         capacity = min(model.spec.context_length, max_kv_tokens)
         slots = model.new_slot_cache(
-            min(max_batch_size, max(1, max_kv_tokens // capacity)), capacity
+            min(max_batch_size, max(1, max_kv_tokens // capacity)) + spare_slots(model.width_limit),
+            capacity,
         )
-        self._placement = Placement(model.padding, model.spec.context_length, slots)
+        self._placement = Placement(
+            model.padding, model.spec.context_length, slots, width_limit=model.width_limit
+        )
         self._max_batch = min(max_batch_size, self._placement.max_rows or max_batch_size)
         self._chunk = prefill_chunk_tokens
         self._max_kv_tokens = max_kv_tokens
@@ -246,11 +249,17 @@ class Scheduler:
             or head.solo
             or len(head.context_ids) > self._chunk
             or not self._placement.shares_forwards()
+            or not self._placement.shares_prefill(head)
         ):
-            return [head], min(len(head.context_ids) - head.prefilled, self._chunk)
+            return [head], self._placement.prefill_chunk(head, self._chunk)
         group, size, budget = [], 0, self._chunk
         for seq in self._prefilling:
-            if seq.prefilled > 0 or seq.solo or len(seq.context_ids) > budget:
+            if (
+                seq.prefilled > 0
+                or seq.solo
+                or len(seq.context_ids) > budget
+                or not self._placement.shares_prefill(seq)
+            ):
                 break
             if not self._placement.groups_mixed_lengths() and len(seq.context_ids) != len(
                 head.context_ids
@@ -343,7 +352,12 @@ class Scheduler:
         return logits, cache
 
     def _decode(self, cohort: Cohort) -> None:
-        rows, cache = cohort.rows, cohort.cache
+        for rows, cache in self._placement.decode_runs(cohort):
+            self._decode_run(rows, cache)
+        self._drop_finished_rows()
+
+    def _decode_run(self, rows: list[Sequence], cache: DecodeCache) -> None:
+        """One decode forward over these rows of a cohort's cache."""
         ids = np.asarray([[s.generated[-1]] for s in rows], dtype=np.int64)
         positions = np.asarray([[s.next_position] for s in rows], dtype=np.int64)
         mask = cache.mask_with(1)
@@ -357,14 +371,13 @@ class Scheduler:
                 decode=True,
                 before_run=self._flush,
             )
-        except Exception as exc:  # this cohort's rows fail; other cohorts decode on
+        except Exception as exc:  # this forward's rows fail; other forwards decode on
             log.exception("engine.decode_failed", rows=len(rows), error=str(exc))
             for seq in rows:
                 seq.fail("decode step failed", exc)
         else:
             cache.advance(present, mask)
             self._chooser.choose(rows, logits, time.monotonic())
-        self._drop_finished_rows()
 
     def _publish(self) -> None:
         """Collect the step's events; `_flush` hands them over."""

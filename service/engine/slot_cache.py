@@ -121,6 +121,15 @@ class SlotKvCache:
         self.rows = count
         return order[:count]
 
+    def swap(self, a: int, b: int) -> None:
+        """Exchange live rows a and b, through the first free slot (O(one row) each way)."""
+        if self.rows >= self.slots:
+            raise ValueError("swapping rows needs a free slot")
+        spare = self.rows
+        self._move(a, spare)
+        self._move(b, a)
+        self._move(spare, b)
+
     def _move(self, source: int, target: int) -> None:
         self.move_slot(source, target, int(self.lengths[source]))
         self.lengths[target] = self.lengths[source]
@@ -179,6 +188,30 @@ class SlotPrefill:
                 self.cache.move_slot(self.first + source, self.first + target, length)
         self.lengths = self.lengths[rows]
         return list(rows)
+
+
+class SlotRange:
+    """Live rows first..first+rows-1 of a SlotKvCache as a forward's cache of their own: each
+    row past a graph's width limit decodes alone, the rows between them together."""
+
+    in_place = True
+
+    def __init__(self, cache: SlotKvCache, first: int, rows: int) -> None:
+        self.cache = cache
+        self.first = first
+        self.rows = rows
+
+    @property
+    def tensors(self) -> list[BoundTensor]:
+        return [b.bound(self.rows, self.first) for b in self.cache.buffers]
+
+    def mask_with(self, new_columns: int) -> IntArray:
+        """Prefix masks as wide as the range's longest row plus the new entries."""
+        lengths = self.cache.lengths[self.first : self.first + self.rows]
+        return _prefix_mask(lengths, new_columns, None)
+
+    def advance(self, present: Sequence[CacheTensor | BoundTensor], mask: IntArray) -> None:
+        self.cache.lengths[self.first : self.first + self.rows] = mask.sum(axis=1)
 
 
 def _prefix_mask(lengths: IntArray, new_columns: int, real: Sequence[int] | None) -> IntArray:
