@@ -240,6 +240,19 @@ async def test_a_cache_in_device_buffers_gives_the_reference_ids(
     assert (model.decode_graphs > 1) == static_decode
 
 
+async def test_a_width_limited_graph_in_device_buffers_gives_the_reference_ids() -> None:
+    """The cache kind CUDA uses serves the LongRoPE folder with the reference ids in a moving
+    batch (rows that grow past the width limit swap slots through ONNX Runtime copies), and
+    its decode steps stay off the fixed bindings even where they are asked for: those hold
+    every live row in one forward."""
+    model_dir = MODELS / "fixtures-genai" / "phi3_longrope-fp32"
+    model = OnnxCausalLM(
+        model_dir, provider="cpu", intra_op_threads=1, device_cache=True, static_decode=True
+    )
+    assert await _moving_batch_kv_in_place(model, model_dir, max_batch_size=4, long_last=True)
+    assert model.decode_graphs == 0
+
+
 @pytest.mark.parametrize("device_cache", [False, True], ids=["host-buffers", "device-buffers"])
 async def test_cancelled_rows_leave_the_preallocated_cache_and_neighbours_keep_their_ids(
     device_cache: bool,
