@@ -57,6 +57,12 @@ async def alone(engine: Engine, jobs: list[Job]) -> list[list[int]]:
     return [await _run(engine, f"alone-{i}", job) for i, job in enumerate(jobs)]
 
 
+async def at_once(engine: Engine, jobs: list[Job]) -> list[list[int]]:
+    """Every job submitted at once: their rows decode side by side for as long as they last."""
+    runs = (_run(engine, f"burst-{i}", job) for i, job in enumerate(jobs))
+    return list(await asyncio.wait_for(asyncio.gather(*runs), 120))
+
+
 async def together(engine: Engine, jobs: list[Job]) -> list[list[int]]:
     """Every job in one batch, each joining once the previous one has streamed a few tokens."""
     gates = [asyncio.Event() for _ in range(len(jobs) + 1)]

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import RunningServer, collect, greedy, start_server
 from tests.fakes import CountingModel
-from tests.invariance import Job, alone, together
+from tests.invariance import Job, alone, at_once, together
 from tokenwire.server.domain import (
     CompletionEvent,
     FinishReason,
@@ -371,50 +371,74 @@ def test_a_graph_that_reads_the_mask_width_keeps_its_declared_context() -> None:
 
 
 def _width_jobs(prompts: list[dict[str, Any]]) -> list[Job]:
-    """Two 33-id prompts that grow past 64 entries after 31 tokens, three short ones that stay
-    within it to their end, and the 100-id prompt, past it from the start."""
+    """Short prompts that stay within 64 entries to their end, between a 24-id and a 23-id one
+    that grow past it after 41 and 42 tokens, and the 100-id prompt, past it from the start.
+    Prefilled in that order (prefill chunks of 32), the rows that grow wide sit between short
+    ones in the cache's slots."""
     by_length = {len(p["prompt_ids"]): p["text"] for p in prompts}
     return [
-        Job(by_length[33], 60),
-        Job(by_length[33], 60),
         Job(by_length[2], 60),
+        Job(by_length[24], 60),
         Job(by_length[5], 58),
+        Job(by_length[23], 60),
         Job(by_length[16], 47),
         Job(by_length[100], 20),
     ]
 
 
-async def _served_counting(model_dir: Path, jobs: list[Job]) -> CountingModel:
-    """Serve the jobs together (prefill chunks of 32) on a model that records its forwards."""
+async def _served_counting(
+    model_dir: Path, jobs: list[Job], max_batch_size: int = 8
+) -> tuple[CountingModel, list[list[int]]]:
+    """Serve the jobs at once (prefill chunks of 32) on a model that records its forwards."""
     model = CountingModel(OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=1))
     running = await start_server(
-        model, Tokenizer.from_dir(model_dir), max_batch_size=8, prefill_chunk_tokens=32
+        model,
+        Tokenizer.from_dir(model_dir),
+        max_batch_size=max_batch_size,
+        prefill_chunk_tokens=32,
     )
     try:
-        got = await together(running.engine, jobs)
+        got = await at_once(running.engine, jobs)
     finally:
         await running.server.drain()
     assert [len(ids) for ids in got] == [job.max_tokens for job in jobs]
-    return model
+    return model, got
 
 
 async def test_rows_past_the_width_limit_decode_alone_beside_the_rest_together() -> None:
     """Every decode forward wider than the width limit (64) holds one row, and there are as
-    many as the rows past it decode (19 for the 100-id prompt, 28 for each 33-id prompt that
-    grows past 64); meanwhile the short rows decode together."""
+    many as the rows past it decode (19 for the 100-id prompt, 19 and 18 for the 24- and 23-id
+    prompts that grow past 64); the other rows decode in one forward per step (the wide rows
+    between them moved to the last slots), so there are as many of those as the 2-id prompt,
+    which lasts longest, decodes (59)."""
     model_dir = MODELS / "fixtures-genai" / "phi3_longrope-fp32"
-    model = await _served_counting(model_dir, _width_jobs(_reference(model_dir)["prompts"]))
+    model, _ = await _served_counting(model_dir, _width_jobs(_reference(model_dir)["prompts"]))
     wide = [i for i, (rows, width) in enumerate(model.decodes) if width > 64]
     assert {model.decodes[i][0] for i in wide} == {1}
-    assert len(wide) == 19 + 28 + 28
-    assert any(rows >= 3 for rows, _ in model.decodes[wide[0] :])
+    assert len(wide) == 19 + 19 + 18
+    assert sum(1 for _, width in model.decodes if width <= 64) == 59
+
+
+async def test_with_every_slot_live_rows_past_the_width_limit_still_decode_alone() -> None:
+    """With as many slots as rows (no free slot to move wide rows to the end through), every
+    decode forward wider than the limit still holds one row, and every row decodes its
+    reference ids."""
+    model_dir = MODELS / "fixtures-genai" / "phi3_longrope-fp32"
+    prompts = _reference(model_dir)["prompts"]
+    jobs = _width_jobs(prompts)
+    model, got = await _served_counting(model_dir, jobs, max_batch_size=len(jobs))
+    assert {rows for rows, width in model.decodes if width > 64} == {1}
+    reference = {p["text"]: p["output_ids"] for p in prompts}
+    for job, ids in zip(jobs, got, strict=True):
+        expected = reference[job.prompt][: job.max_tokens]
+        assert ids[: len(expected)] == expected, job.prompt
 
 
 async def test_a_prompt_wider_than_the_width_limit_is_prefilled_in_chunks_past_it() -> None:
     """The 100-id prompt, with prefill chunks of 32, is prefilled in forwards 65, 97 and 100
     entries wide: each chunk reads the long tables, as the whole prompt alone does."""
     model_dir = MODELS / "fixtures-genai" / "phi3_longrope-fp32"
-    model = await _served_counting(model_dir, _width_jobs(_reference(model_dir)["prompts"]))
+    model, _ = await _served_counting(model_dir, _width_jobs(_reference(model_dir)["prompts"]))
     assert [width for _, width in model.prefills if width > 64] == [65, 97, 100]
 
 

@@ -66,11 +66,8 @@ class Placement:
 
     @property
     def max_rows(self) -> int | None:
-        """Rows the preallocated cache holds, when there is one (with a width limit, one slot
-        stays free for reordering rows: see spare_slots)."""
-        if self._slots is None:
-            return None
-        return self._slots.slots - spare_slots(self._width)
+        """Rows the preallocated cache holds, when there is one."""
+        return None if self._slots is None else self._slots.slots
 
     @property
     def trims(self) -> bool:
@@ -102,18 +99,24 @@ class Placement:
 
     def decode_runs(self, cohort: Cohort) -> list[tuple[list[Sequence], DecodeCache]]:
         """The forwards of a cohort's decode step: one, unless rows would see a mask wider than
-        the width limit; those then run one per forward, after the other rows together."""
+        the width limit; each of those then runs alone, and the rows between them together
+        (all of them in one forward where a free slot lets the wide rows move to the end)."""
         cache = cohort.cache
         if self._width is None or not isinstance(cache, SlotKvCache):
             return [(cohort.rows, cache)]
         wide = (cache.lengths[: cache.rows] >= self._width).tolist()
         if not any(wide):
             return [(cohort.rows, cache)]
-        narrow = _narrow_first(cohort, cache, wide)
+        if cache.rows < cache.slots:
+            _narrow_first(cohort, cache, wide)
         runs: list[tuple[list[Sequence], DecodeCache]] = []
-        if narrow:
-            runs.append((cohort.rows[:narrow], SlotRange(cache, 0, narrow)))
-        runs += [([cohort.rows[i]], SlotRange(cache, i, 1)) for i in range(narrow, cache.rows)]
+        start = 0
+        for row in [*(i for i, w in enumerate(wide) if w), cache.rows]:
+            if start < row:
+                runs.append((cohort.rows[start:row], SlotRange(cache, start, row - start)))
+            if row < cache.rows:
+                runs.append(([cohort.rows[row]], SlotRange(cache, row, 1)))
+            start = row + 1
         return runs
 
     def prefill_width(self, cohorts: list[Cohort], size: int, group: list[Sequence]) -> int:
@@ -149,16 +152,10 @@ class Placement:
         cohorts.append(Cohort(cache, list(rows)))
 
 
-def spare_slots(width_limit: int | None) -> int:
-    """Slots a preallocated cache needs beyond its rows: one to swap rows through, with a width
-    limit."""
-    return 0 if width_limit is None else 1
-
-
-def _narrow_first(cohort: Cohort, cache: SlotKvCache, wide: list[bool]) -> int:
-    """Swap rows (cache slots and cohort order alike) so that the rows that are not wide fill
-    the first slots; return how many they are. A row swaps when it grows past the limit, or
-    when a row leaving left its slot to a wide one."""
+def _narrow_first(cohort: Cohort, cache: SlotKvCache, wide: list[bool]) -> None:
+    """Swap rows (cache slots, cohort order and `wide` alike, through a free slot) so that the
+    rows that are not wide fill the first slots. A row swaps when it grows past the limit, or
+    when a row that left gave its slot to a wide one."""
     i, j = 0, len(wide) - 1
     while True:
         while i < j and not wide[i]:
@@ -166,7 +163,7 @@ def _narrow_first(cohort: Cohort, cache: SlotKvCache, wide: list[bool]) -> int:
         while i < j and wide[j]:
             j -= 1
         if i >= j:
-            return wide.count(False)
+            return
         cache.swap(i, j)
         cohort.rows[i], cohort.rows[j] = cohort.rows[j], cohort.rows[i]
         wide[i], wide[j] = False, True

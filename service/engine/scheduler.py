@@ -29,7 +29,7 @@ import numpy as np
 import structlog
 
 from tokenwire.server.domain import FinishReason
-from tokenwire.server.engine.batch import Cohort, DecodeCache, Placement, spare_slots
+from tokenwire.server.engine.batch import Cohort, DecodeCache, Placement
 from tokenwire.server.engine.kv_cache import BatchKvCache
 from tokenwire.server.engine.logits import Logits
 from tokenwire.server.engine.mailbox import Delivery, Mailbox, Publisher
@@ -82,8 +82,7 @@ class Scheduler:
         # KV budget: every slot holds a whole context (or the budget, if smaller).
         capacity = min(model.spec.context_length, max_kv_tokens)
         slots = model.new_slot_cache(
-            min(max_batch_size, max(1, max_kv_tokens // capacity)) + spare_slots(model.width_limit),
-            capacity,
+            min(max_batch_size, max(1, max_kv_tokens // capacity)), capacity
         )
         self._placement = Placement(
             model.padding, model.spec.context_length, slots, width_limit=model.width_limit
