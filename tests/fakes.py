@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -143,47 +145,21 @@ class CountedPositionsModel:
         return HostLogits(logits.host() + self._bias[width - 1]), present
 
 
-class CountingModel:
-    """A real model that records the rows and the mask width of every forward it runs."""
+class CountingModel(OnnxCausalLM):
+    """A real model that records the rows and the mask width of every forward it serves."""
 
-    def __init__(self, inner: OnnxCausalLM) -> None:
-        self.inner = inner
-        self.spec = inner.spec
-        self.provider = inner.provider
-        self.padding = inner.padding
-        self.width_limit = inner.width_limit
+    def __init__(self, model_dir: Path, **options: Any) -> None:
         self.prefills: list[tuple[int, int]] = []
         """(rows, mask width) of each prefill forward, in order."""
         self.decodes: list[tuple[int, int]] = []
         """(rows, mask width) of each decode forward, in order."""
-
-    def new_cache(self, rows: int, columns: int = 0, *, left_aligned: bool = False) -> BatchKvCache:
-        return self.inner.new_cache(rows, columns, left_aligned=left_aligned)
-
-    def new_slot_cache(self, slots: int, capacity: int) -> SlotKvCache | None:
-        return self.inner.new_slot_cache(slots, capacity)
+        super().__init__(model_dir, **options)
+        self.prefills.clear()  # the load's probes are not served forwards
+        self.decodes.clear()
 
     def forward(
-        self,
-        input_ids: IntArray,
-        attention_mask: IntArray,
-        position_ids: IntArray,
-        past: PastTensors,
-        last: IntArray | None = None,
-        *,
-        in_place: bool = False,
-        decode: bool = False,
-        before_run: Callable[[], None] | None = None,
+        self, input_ids: IntArray, attention_mask: IntArray, *args: Any, **kwargs: Any
     ) -> tuple[Logits, Sequence[CacheTensor]]:
         rows, width = attention_mask.shape
-        (self.decodes if decode else self.prefills).append((rows, width))
-        return self.inner.forward(
-            input_ids,
-            attention_mask,
-            position_ids,
-            past,
-            last,
-            in_place=in_place,
-            decode=decode,
-            before_run=before_run,
-        )
+        (self.decodes if kwargs.get("decode") else self.prefills).append((rows, width))
+        return super().forward(input_ids, attention_mask, *args, **kwargs)

@@ -390,7 +390,7 @@ async def _served_counting(
     model_dir: Path, jobs: list[Job], max_batch_size: int = 8
 ) -> tuple[CountingModel, list[list[int]]]:
     """Serve the jobs at once (prefill chunks of 32) on a model that records its forwards."""
-    model = CountingModel(OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=1))
+    model = CountingModel(model_dir, provider="cpu", intra_op_threads=1)
     running = await start_server(
         model,
         Tokenizer.from_dir(model_dir),
