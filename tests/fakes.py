@@ -146,20 +146,32 @@ class CountedPositionsModel:
 
 
 class CountingModel(OnnxCausalLM):
-    """A real model that records the rows and the mask width of every forward it serves."""
+    """A real model that records the forwards it serves and the slot caches it makes."""
 
     def __init__(self, model_dir: Path, **options: Any) -> None:
         self.prefills: list[tuple[int, int]] = []
         """(rows, mask width) of each prefill forward, in order."""
         self.decodes: list[tuple[int, int]] = []
         """(rows, mask width) of each decode forward, in order."""
+        self.in_place: list[bool] = []
+        """Whether each forward wrote its cache in place."""
+        self.slot_caches: list[tuple[int, int]] = []
+        """(slots, capacity) of each preallocated cache made."""
         super().__init__(model_dir, **options)
-        self.prefills.clear()  # the load's probes are not served forwards
-        self.decodes.clear()
+        self.forget()  # the load's probes are not served forwards
+
+    def forget(self) -> None:
+        for record in (self.prefills, self.decodes, self.in_place, self.slot_caches):
+            record.clear()
+
+    def new_slot_cache(self, slots: int, capacity: int) -> SlotKvCache | None:
+        self.slot_caches.append((slots, capacity))
+        return super().new_slot_cache(slots, capacity)
 
     def forward(
         self, input_ids: IntArray, attention_mask: IntArray, *args: Any, **kwargs: Any
     ) -> tuple[Logits, Sequence[CacheTensor]]:
         rows, width = attention_mask.shape
         (self.decodes if kwargs.get("decode") else self.prefills).append((rows, width))
+        self.in_place.append(bool(kwargs.get("in_place")))
         return super().forward(input_ids, attention_mask, *args, **kwargs)

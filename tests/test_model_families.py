@@ -29,6 +29,7 @@ from tokenwire.server.domain import (
     TokenEvent,
 )
 from tokenwire.server.engine import OnnxCausalLM, Padding
+from tokenwire.server.engine.padding import probe_width_limit
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
@@ -440,6 +441,19 @@ async def test_a_prompt_wider_than_the_width_limit_is_prefilled_in_chunks_past_i
     model_dir = MODELS / "fixtures-genai" / "phi3_longrope-fp32"
     model, _ = await _served_counting(model_dir, _width_jobs(_reference(model_dir)["prompts"]))
     assert [width for _, width in model.prefills if width > 64] == [65, 97, 100]
+
+
+def test_the_width_probe_steps_in_place_in_one_slot_of_the_models_cache() -> None:
+    """The load's width probe prefills its row into one slot as wide as the widest mask it
+    tries and steps in place there, so it holds no more than one slot of the cache it will
+    serve from; it finds the same limit, 64."""
+    model = CountingModel(
+        MODELS / "fixtures-genai" / "phi3_longrope-fp32", provider="cpu", intra_op_threads=1
+    )
+    assert probe_width_limit(model, 512) == 64
+    assert model.slot_caches == [(1, 512)]
+    assert model.in_place
+    assert all(model.in_place)
 
 
 async def test_without_the_preallocated_cache_a_width_limited_graph_serves_only_the_width() -> None:

@@ -22,16 +22,20 @@ Rows padded on the right see the batch's mask width, and a graph may read it: Ge
 picks LongRoPE's rotary tables (Phi-3 128k, Phi-3.5) by the mask's width, short factors up to
 `original_max_position_embeddings` and long ones beyond, so a short row beside a long one, or a
 prompt prefilled in chunks, would be rotated unlike the same row alone. `probe_width_limit`
-finds the widest mask a row does not notice; the context is capped there (model.py).
+finds the widest mask a row does not notice: rows past it decode alone (batch.py), or, without
+a preallocated cache, the context is capped there (model.py).
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tokenwire.server.engine.slot_buffer import PastTensors
+from tokenwire.server.engine.slot_cache import SlotKvCache, SlotPrefill
 from tokenwire.server.engine.types import FloatArray
 
 if TYPE_CHECKING:
@@ -102,31 +106,14 @@ def probe_width_limit(
 ) -> int | None:
     """For a graph padded on the right: None if a row's logits are the same under every mask
     width up to `widths`, else the widest mask that leaves them as they are (found by
-    bisection: a handful of one-row steps, the widest holding `widths` cache entries)."""
+    bisection: a handful of one-row steps, the widest holding `widths` cache entries). The
+    row's cache is one slot of the model's preallocated kind where it has one (no larger than
+    one slot of the cache it will serve from, where the graph writes in place), else host
+    arrays padded to each width."""
     ids = [int(i) for i in np.random.default_rng(1).integers(0, model.spec.vocab_size, _PROMPT)]
-    cache = model.new_cache(1, left_aligned=True)
-    prompt = np.asarray([ids[:-1]], dtype=np.int64)
-    mask = cache.mask_with(prompt.shape[1])
-    _, present = model.forward(prompt, mask, np.arange(prompt.shape[1])[None, :], cache.tensors)
-    cache.advance(present, mask)
-    past = cache.host_tensors()
     length = len(ids)
-
-    def step(width: int) -> FloatArray:
-        """The next token's logits with the row's mask padded to `width` on the right."""
-        wide = [
-            np.concatenate([t, np.zeros_like(t, shape=_widened(t.shape, axis, width))], axis)
-            for t, axis in zip(past, cache.axes, strict=True)
-        ]
-        row_mask = (np.arange(width) < length).astype(np.int64)[None, :]
-        logits, _ = model.forward(
-            np.asarray([[ids[-1]]], dtype=np.int64),
-            row_mask,
-            np.asarray([[length - 1]], dtype=np.int64),
-            wide,
-        )
-        return logits.host().astype(np.float32)
-
+    slot = model.new_slot_cache(1, widths)
+    step = _in_slot(model, ids, slot) if slot is not None else _padded_on_host(model, ids)
     alone = step(length)
 
     def noticed(width: int) -> bool:
@@ -142,6 +129,53 @@ def probe_width_limit(
         else:
             same = middle
     return same
+
+
+def _step_at(
+    model: CausalLM, ids: list[int], past: PastTensors, width: int, *, in_place: bool
+) -> FloatArray:
+    """The next token's logits after ids[:-1], the row's mask padded to `width` on the right."""
+    length = len(ids)
+    logits, _ = model.forward(
+        np.asarray([[ids[-1]]], dtype=np.int64),
+        (np.arange(width) < length).astype(np.int64)[None, :],
+        np.asarray([[length - 1]], dtype=np.int64),
+        past,
+        in_place=in_place,
+    )
+    return logits.host().astype(np.float32)
+
+
+def _in_slot(model: CausalLM, ids: list[int], slot: SlotKvCache) -> Callable[[int], FloatArray]:
+    """Steps on ids[:-1] prefilled in place into the one slot (every step writes the same
+    entry: the last token's, at the row's length)."""
+    prefill = SlotPrefill(slot, 1)
+    prompt = np.asarray([ids[:-1]], dtype=np.int64)
+    mask = prefill.mask_with(prompt.shape[1])
+    positions = np.arange(prompt.shape[1])[None, :]
+    model.forward(prompt, mask, positions, prefill.tensors, in_place=True)
+    prefill.advance([], mask)
+    slot.extend(prefill)
+    return lambda width: _step_at(model, ids, slot.tensors, width, in_place=True)
+
+
+def _padded_on_host(model: CausalLM, ids: list[int]) -> Callable[[int], FloatArray]:
+    """Steps on ids[:-1] prefilled into host arrays, padded with zero entries to each width."""
+    cache = model.new_cache(1, left_aligned=True)
+    prompt = np.asarray([ids[:-1]], dtype=np.int64)
+    mask = cache.mask_with(prompt.shape[1])
+    _, present = model.forward(prompt, mask, np.arange(prompt.shape[1])[None, :], cache.tensors)
+    cache.advance(present, mask)
+    past = cache.host_tensors()
+
+    def step(width: int) -> FloatArray:
+        wide = [
+            np.concatenate([t, np.zeros_like(t, shape=_widened(t.shape, axis, width))], axis)
+            for t, axis in zip(past, cache.axes, strict=True)
+        ]
+        return _step_at(model, ids, wide, width, in_place=False)
+
+    return step
 
 
 def _close(other: FloatArray, expected: FloatArray, within: float) -> bool:
