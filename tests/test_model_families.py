@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,9 @@ from tokenwire.server.domain import (
     TokenEvent,
 )
 from tokenwire.server.engine import OnnxCausalLM, Padding
+from tokenwire.server.engine.logits import Logits
 from tokenwire.server.engine.padding import probe_width_limit
+from tokenwire.server.engine.types import CacheTensor, IntArray
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
@@ -453,6 +456,65 @@ def test_the_width_probe_steps_in_place_in_one_slot_of_the_models_cache() -> Non
     assert probe_width_limit(model, 512) == 64
     assert model.slot_caches == [(1, 512)]
     assert model.in_place
+    assert all(model.in_place)
+
+
+async def test_a_prompt_longer_than_a_chunk_is_prefilled_in_place_and_gives_the_reference() -> None:
+    """The 100-id prompt, with prefill chunks of 32, is prefilled chunk by chunk in place in
+    the preallocated cache (no growing cache copied in afterwards) and decodes the reference
+    ids."""
+    model_dir = MODELS / "fixtures-genai" / "llama-fp32"
+    long = next(p for p in _reference(model_dir)["prompts"] if p["long"])
+    model = CountingModel(model_dir, provider="cpu", intra_op_threads=1)
+    running = await start_server(model, Tokenizer.from_dir(model_dir), prefill_chunk_tokens=32)
+    try:
+        [ids] = await at_once(running.engine, [Job(long["text"], len(long["output_ids"]))])
+    finally:
+        await running.server.drain()
+    assert ids == long["output_ids"]
+    assert [width for _, width in model.prefills] == [32, 64, 96, 100]
+    assert all(model.in_place)
+
+
+class _HeldSecondChunk(CountingModel):
+    """Blocks the decode thread in a prompt's second prefill chunk until told to go on."""
+
+    def __init__(self, model_dir: Path, **options: Any) -> None:
+        self.entered = threading.Event()
+        self.go_on = threading.Event()
+        super().__init__(model_dir, **options)
+
+    def forward(
+        self, input_ids: IntArray, attention_mask: IntArray, *args: Any, **kwargs: Any
+    ) -> tuple[Logits, Sequence[CacheTensor]]:
+        if not kwargs.get("decode") and attention_mask.shape[1] == 64 and self.prefills:
+            self.entered.set()
+            self.go_on.wait(30)
+        return super().forward(input_ids, attention_mask, *args, **kwargs)
+
+
+async def test_a_request_cancelled_between_its_chunks_gives_its_slot_back() -> None:
+    """A request cancelled while its prompt is prefilled in chunks ends cancelled, and the slot
+    held for it is free again: the next long prompt is prefilled in place there too, and
+    decodes the reference ids."""
+    model_dir = MODELS / "fixtures-genai" / "llama-fp32"
+    long = next(p for p in _reference(model_dir)["prompts"] if p["long"])
+    model = _HeldSecondChunk(model_dir, provider="cpu", intra_op_threads=1)
+    running = await start_server(model, Tokenizer.from_dir(model_dir), prefill_chunk_tokens=32)
+    try:
+        handle = running.engine.submit(GenerationRequest("first", long["text"], max_tokens=8))
+        await asyncio.to_thread(model.entered.wait, 30)
+        handle.cancel()
+        model.go_on.set()
+        events = [event async for event in handle.events()]
+        model.forget()
+        [ids] = await at_once(running.engine, [Job(long["text"], len(long["output_ids"]))])
+    finally:
+        model.go_on.set()
+        await running.server.drain()
+    assert isinstance(events[-1], CompletionEvent)
+    assert events[-1].finish_reason is FinishReason.CANCELLED
+    assert ids == long["output_ids"]
     assert all(model.in_place)
 
 

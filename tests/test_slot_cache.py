@@ -175,3 +175,34 @@ def test_a_range_of_live_rows_decodes_as_a_cache_of_its_own(new_cache: NewCache)
     assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
     assert cache.lengths[:3].tolist() == [1, 4, 3]
     assert [t.shape[0] for t in part.tensors] == [2, 2]
+
+
+def test_a_prompt_prefilled_in_chunks_holds_the_top_slot_and_moves_down_to_join(
+    new_cache: NewCache,
+) -> None:
+    """A chunked prefill is written into the top slot, which other prefills leave alone while
+    it is held; joining moves its row down behind the live rows and frees the slot."""
+    cache = new_cache(SHAPES, AXES, np.float32, slots=4, capacity=8)
+    cache.extend(_prefilled([3], 10.0))
+    chunk = cache.chunked_prefill()
+    assert chunk is not None
+    assert chunk.first == 3
+    assert cache.prefill(3) is None
+    _write_prefill(chunk, [5], 40.0)
+    cache.extend(chunk)
+    assert (cache.rows, cache.reserved) == (2, 0)
+    assert [_row(cache, i) for i in range(2)] == [10.0, 40.0]
+    assert cache.lengths[:2].tolist() == [3, 5]
+
+
+def test_the_held_top_slot_is_given_up_by_release(new_cache: NewCache) -> None:
+    """While the top slot is held no second chunked prefill gets it, nor a swap; release frees
+    it for both."""
+    cache = new_cache(SHAPES, AXES, np.float32, slots=3, capacity=8)
+    cache.extend(_prefilled([1, 2], 0.0))
+    assert cache.chunked_prefill() is not None
+    assert cache.chunked_prefill() is None
+    assert not cache.free_slot
+    cache.release()
+    assert cache.free_slot
+    assert cache.chunked_prefill() is not None

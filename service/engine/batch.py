@@ -107,7 +107,7 @@ class Placement:
         wide = (cache.lengths[: cache.rows] >= self._width).tolist()
         if not any(wide):
             return [(cohort.rows, cache)]
-        if cache.rows < cache.slots:
+        if cache.free_slot:
             _narrow_first(cohort, cache, wide)
         runs: list[tuple[list[Sequence], DecodeCache]] = []
         start = 0
@@ -127,6 +127,26 @@ class Placement:
         room = self._context - max(s.budget for s in group)
         fitting = [c.cache.columns for c in cohorts if size <= c.cache.columns <= room]
         return min(fitting, default=size)
+
+    def chunk_slot(self) -> SlotPrefill | None:
+        """The slot to prefill one prompt in, chunk by chunk, where there is a preallocated
+        cache: the top one, held until the row joins."""
+        return None if self._slots is None else self._slots.chunked_prefill()
+
+    def release_chunk_slot(self, prefilling: list[Sequence]) -> None:
+        """Free the top slot if no prompt being prefilled holds it any more (it was cancelled,
+        failed, or ended at its first token)."""
+        slots = self._slots
+        if slots is None or not slots.reserved:
+            return
+        if not any(isinstance(s.cache, SlotPrefill) for s in prefilling):
+            slots.release()
+
+    def clear(self) -> None:
+        """Every row is gone (the engine failed them all): the preallocated cache is empty."""
+        if self._slots is not None:
+            self._slots.keep([])
+            self._slots.release()
 
     def slot_prefill(self, group: list[Sequence], size: int) -> SlotPrefill | None:
         """Free slots to prefill `group` in, when its whole prompts fit this forward."""

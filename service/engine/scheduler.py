@@ -271,6 +271,7 @@ class Scheduler:
 
     def _prefill(self) -> int:
         """Run at most one prefill forward; return how many prompt tokens it processed."""
+        self._placement.release_chunk_slot(self._prefilling)
         if not self._prefilling:
             return 0
         group, size = self._prefill_group()
@@ -280,16 +281,18 @@ class Scheduler:
             self._prefill_failed(group, exc)
             return 0
         done = [s for s in group if s.prefilled == len(s.context_ids)]
-        if not done:
-            if isinstance(cache, BatchKvCache):  # prompts prefilled in slots are done
-                group[0].cache = cache
+        if not done:  # one prompt, prefilled in chunks: its cache waits for the next chunk
+            group[0].cache = cache
             return size
+        for seq in done:
+            seq.cache = None
         self._prefilling = [s for s in self._prefilling if s not in done]
         self._chooser.choose(done, logits, time.monotonic())
         alive = [i for i, s in enumerate(done) if not self._retire(s)]
         if alive:
             cache.keep(alive, trim=self._placement.trims)
             self._placement.join(self._cohorts, [done[i] for i in alive], cache)
+        self._placement.release_chunk_slot(self._prefilling)
         return sum(len(s.context_ids) for s in done) if len(group) > 1 else size
 
     def _prefill_failed(self, group: list[Sequence], exc: Exception) -> None:
@@ -309,8 +312,11 @@ class Scheduler:
         self, group: list[Sequence], size: int
     ) -> tuple[Logits, BatchKvCache | SlotPrefill]:
         """Feed the next `size` prompt tokens of one chunked row, or whole prompts of a group
-        (in place in free slots of the preallocated cache, where there is one)."""
+        (in place in free slots of the preallocated cache, where there is one: a chunked row in
+        the top slot, held for it between its chunks)."""
         chunked = group[0].cache if len(group) == 1 else None
+        if chunked is None and len(group) == 1 and len(group[0].context_ids) > size:
+            chunked = self._placement.chunk_slot()
         cache: BatchKvCache | SlotPrefill
         in_slots = None if chunked is not None else self._placement.slot_prefill(group, size)
         if in_slots is not None:
@@ -414,6 +420,7 @@ class Scheduler:
         self._waiting.clear()
         self._prefilling.clear()
         self._cohorts.clear()
+        self._placement.clear()
         self._publish()
         self._flush()
 

@@ -19,6 +19,7 @@ from tokenwire.server.engine.kv_cache import BatchKvCache
 from tokenwire.server.engine.mailbox import EngineStopped, Mailbox
 from tokenwire.server.engine.observer import RequestRecord
 from tokenwire.server.engine.sampling import Sampler
+from tokenwire.server.engine.slot_cache import SlotPrefill
 from tokenwire.server.tokenizer import TextStream
 
 
@@ -37,7 +38,8 @@ class Sequence:
     arrived_at: float = dataclasses.field(default_factory=time.monotonic)
     generated: list[int] = dataclasses.field(default_factory=list)
     prefilled: int = 0
-    cache: BatchKvCache | None = None
+    cache: BatchKvCache | SlotPrefill | None = None
+    """The cache of a prompt being prefilled in chunks, between its chunks."""
     scheduled_at: float | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)
     finish_reason: FinishReason | None = None

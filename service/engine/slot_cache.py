@@ -7,7 +7,8 @@ from the mask's sum and writes the step's entries right after it, so a decode st
 cache at all. A row that joins is copied into the next free slot and a row that leaves is
 replaced by the last live row: O(one row) either way, whatever the batch holds. Whole prompts
 are prefilled straight into the free slots above the live rows (SlotPrefill), so that joining
-copies nothing at all. The buffers
+copies nothing at all; a prompt prefilled in chunks is written into the top slot, held for it
+between its chunks, and moves down once when it joins. The buffers
 live where the model runs (slot_buffer.py): host memory on the CPU provider, device memory on
 CUDA.
 """
@@ -50,6 +51,8 @@ class SlotKvCache:
             self.buffers.append(buffer(tuple(full), dtype))
         self.lengths: IntArray = np.zeros(slots, dtype=np.int64)
         self.rows = 0
+        self.reserved = 0
+        """Top slots held by a prompt being prefilled there in chunks (0 or 1)."""
         self._regions: dict[int, list[BoundTensor]] = {}
 
     @property
@@ -82,17 +85,40 @@ class SlotKvCache:
         """The graph wrote in place; only the lengths move on."""
         self.lengths[: self.rows] = mask.sum(axis=1)
 
+    @property
+    def free_slot(self) -> bool:
+        """Whether a slot is neither live nor held."""
+        return self.rows < self.slots - self.reserved
+
     def prefill(self, rows: int) -> SlotPrefill | None:
         """The next `rows` free slots, for a prefill written in place; None if they are not
         free."""
-        return SlotPrefill(self, rows) if self.rows + rows <= self.slots else None
+        if self.rows + rows > self.slots - self.reserved:
+            return None
+        return SlotPrefill(self, rows)
+
+    def chunked_prefill(self) -> SlotPrefill | None:
+        """The top slot, held for one prompt prefilled there in chunks until it joins (or
+        `release`); None if it is held already or live."""
+        if self.reserved or not self.free_slot:
+            return None
+        self.reserved = 1
+        return SlotPrefill(self, 1, self.slots - 1)
+
+    def release(self) -> None:
+        """Give up the slot held for a prompt prefilled in chunks."""
+        self.reserved = 0
 
     def extend(self, other: BatchKvCache | SlotPrefill) -> None:
         """Take other's (left-aligned) rows into the next free slots: rows prefilled in place
         there already are; others are copied."""
         if isinstance(other, SlotPrefill):
             if other.first != self.rows:
-                raise ValueError(f"rows prefilled at slot {other.first} cannot join at {self.rows}")
+                # The slot held for a prompt prefilled in chunks: its row moves down once.
+                for row, length in enumerate(other.lengths.tolist()):
+                    self.move_slot(other.first + row, self.rows + row, length)
+            if self.reserved and other.first == self.slots - self.reserved:
+                self.reserved = 0
             self.lengths[self.rows : self.rows + other.rows] = other.lengths
             self.rows += other.rows
             return
@@ -123,7 +149,7 @@ class SlotKvCache:
 
     def swap(self, a: int, b: int) -> None:
         """Exchange live rows a and b, through the first free slot (O(one row) each way)."""
-        if self.rows >= self.slots:
+        if not self.free_slot:
             raise ValueError("swapping rows needs a free slot")
         spare = self.rows
         self._move(a, spare)
@@ -141,17 +167,18 @@ class SlotKvCache:
 
 
 class SlotPrefill:
-    """Rows being prefilled in place in the free slots right above a SlotKvCache's live rows.
+    """Rows being prefilled in place in the free slots right above a SlotKvCache's live rows,
+    or one prompt prefilled in chunks in the top slot, held for it.
 
     Used as the prefill's cache: the graph writes the prompts' entries straight into those
     slots, rows that finish at their first token are dropped here, and joining the live rows
-    only moves the count (SlotKvCache.extend)."""
+    only moves the count (SlotKvCache.extend); a row from the top slot moves down once."""
 
     in_place = True
 
-    def __init__(self, cache: SlotKvCache, rows: int) -> None:
+    def __init__(self, cache: SlotKvCache, rows: int, first: int | None = None) -> None:
         self.cache = cache
-        self.first = cache.rows
+        self.first = cache.rows if first is None else first
         self.lengths: IntArray = np.zeros(rows, dtype=np.int64)
 
     @property
