@@ -10,8 +10,10 @@ Generator greedy ids, built by models/build_genai_fixtures.py.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from tokenwire.server.domain import (
     TokenEvent,
 )
 from tokenwire.server.engine import OnnxCausalLM, Padding
+from tokenwire.server.engine.kv_cache import BatchKvCache
 from tokenwire.server.engine.logits import Logits
 from tokenwire.server.engine.padding import probe_width_limit
 from tokenwire.server.engine.types import CacheTensor, IntArray
@@ -502,8 +505,10 @@ async def test_a_request_cancelled_between_its_chunks_gives_its_slot_back() -> N
     model = _HeldSecondChunk(model_dir, provider="cpu", intra_op_threads=1)
     running = await start_server(model, Tokenizer.from_dir(model_dir), prefill_chunk_tokens=32)
     try:
-        handle = running.engine.submit(GenerationRequest("first", long["text"], max_tokens=8))
-        await asyncio.to_thread(model.entered.wait, 30)
+        handle = running.engine.submit(
+            GenerationRequest("first", long["text"], max_tokens=8, ignore_eos=True)
+        )
+        assert await asyncio.to_thread(model.entered.wait, 30)
         handle.cancel()
         model.go_on.set()
         events = [event async for event in handle.events()]
@@ -516,6 +521,59 @@ async def test_a_request_cancelled_between_its_chunks_gives_its_slot_back() -> N
     assert events[-1].finish_reason is FinishReason.CANCELLED
     assert ids == long["output_ids"]
     assert all(model.in_place)
+
+
+class _HeldDecode(CountingModel):
+    """Records the growing caches it makes; blocks the decode thread at the decode forward of
+    `hold_rows` rows until told to go on."""
+
+    def __init__(self, model_dir: Path, hold_rows: int, **options: Any) -> None:
+        self.hold_rows = hold_rows
+        self.entered = threading.Event()
+        self.go_on = threading.Event()
+        self.caches: list[weakref.ref[BatchKvCache]] = []
+        super().__init__(model_dir, **options)
+        self.caches.clear()  # the load's probes
+
+    def new_cache(self, rows: int, columns: int = 0, *, left_aligned: bool = False) -> BatchKvCache:
+        cache = super().new_cache(rows, columns, left_aligned=left_aligned)
+        self.caches.append(weakref.ref(cache))
+        return cache
+
+    def forward(
+        self, input_ids: IntArray, attention_mask: IntArray, *args: Any, **kwargs: Any
+    ) -> tuple[Logits, Sequence[CacheTensor]]:
+        if kwargs.get("decode") and len(input_ids) == self.hold_rows and not self.entered.is_set():
+            self.entered.set()
+            self.go_on.wait(30)
+        return super().forward(input_ids, attention_mask, *args, **kwargs)
+
+
+async def test_a_prompt_prefilled_in_chunks_keeps_no_cache_of_its_own_once_it_joins() -> None:
+    """A long prompt prefilled in chunks beside a running request joins that request's cache;
+    while both decode, the growing cache its chunks were prefilled in is gone (it used to stay
+    with the request until it finished: a second copy of its prompt's cache)."""
+    model_dir = FIXTURES / "llama"
+    texts = sorted((p["text"] for p in _reference(model_dir)["prompts"]), key=len)
+    model = _HeldDecode(model_dir, hold_rows=2, provider="cpu", intra_op_threads=1)
+    running = await start_server(model, Tokenizer.from_dir(model_dir), prefill_chunk_tokens=4)
+    engine = running.engine
+    try:
+        first = engine.submit(GenerationRequest("short", texts[0], max_tokens=200, ignore_eos=True))
+        await anext(first.events())
+        model.caches.clear()  # from here on, only the long prompt's prefill makes caches
+        second = engine.submit(GenerationRequest("long", texts[-1], max_tokens=8, ignore_eos=True))
+        assert await asyncio.to_thread(model.entered.wait, 30)
+        gc.collect()
+        alive = [ref() is not None for ref in model.caches]
+        model.go_on.set()
+        for handle in (first, second):
+            async for _ in handle.events():
+                pass
+    finally:
+        model.go_on.set()
+        await running.server.drain()
+    assert alive == [False]
 
 
 async def test_without_the_preallocated_cache_a_width_limited_graph_serves_only_the_width() -> None:
