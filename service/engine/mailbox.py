@@ -43,22 +43,37 @@ class Mailbox:
                     return
 
 
-def publish_all(deliveries: list[tuple[Mailbox, Delivery]]) -> None:
-    """Hand a step's events to their consumers with one wake-up per event loop."""
+def publish_all(
+    deliveries: list[tuple[Mailbox, Delivery]], handed: threading.Event | None = None
+) -> None:
+    """Hand a step's events to their consumers with one wake-up per event loop. `handed` is
+    set once a loop's consumers have run with them (each has passed its events on, e.g. to
+    its gRPC call) or at once if no loop is left to take them."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Mailbox, Delivery]]] = {}
     for mailbox, item in deliveries:
         by_loop.setdefault(mailbox.loop, []).append((mailbox, item))
+    scheduled = False
     for loop, batch in by_loop.items():
         try:
-            loop.call_soon_threadsafe(_deliver_batch, batch)
+            loop.call_soon_threadsafe(_deliver_batch, loop, batch, handed)
+            scheduled = True
         except RuntimeError:
             # The consumer's loop is closed: nobody is left to read these events.
             continue
+    if handed is not None and not scheduled:
+        handed.set()
 
 
-def _deliver_batch(batch: list[tuple[Mailbox, Delivery]]) -> None:
+def _deliver_batch(
+    loop: asyncio.AbstractEventLoop,
+    batch: list[tuple[Mailbox, Delivery]],
+    handed: threading.Event | None,
+) -> None:
     for mailbox, item in batch:
         mailbox.deliver(item)
+    if handed is not None:
+        # Queued behind the consumers each delivery has just woken: runs once they have.
+        loop.call_soon(handed.set)
 
 
 class Publisher:
@@ -72,12 +87,18 @@ class Publisher:
     """
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[list[tuple[Mailbox, Delivery]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[
+            tuple[list[tuple[Mailbox, Delivery]], threading.Event | None] | None
+        ] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="tokenwire-publish", daemon=True)
         self._thread.start()
 
-    def submit(self, deliveries: list[tuple[Mailbox, Delivery]]) -> None:
-        self._queue.put(deliveries)
+    def submit(
+        self, deliveries: list[tuple[Mailbox, Delivery]], handed: threading.Event | None = None
+    ) -> None:
+        """Queue a step's deliveries; `handed`, if given, is set once their consumers have run
+        with them (see publish_all)."""
+        self._queue.put((deliveries, handed))
 
     def close(self, timeout: float = 5.0) -> None:
         """Deliver what is queued, then stop the thread."""
@@ -85,5 +106,5 @@ class Publisher:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        while (deliveries := self._queue.get()) is not None:
-            publish_all(deliveries)
+        while (item := self._queue.get()) is not None:
+            publish_all(*item)
