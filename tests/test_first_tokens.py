@@ -22,17 +22,20 @@ from tokenwire.server.tokenizer import Tokenizer
 
 
 class _WatchedDecode(CountingModel):
-    """Notes, as each decode forward starts, whether the consumer had its first token."""
+    """Notes, as each decode forward starts, its rows and whether the consumer had its first
+    token."""
 
     def __init__(self, model_dir: Path, **options: Any) -> None:
         self.received = threading.Event()
         self.seen_at_decode: list[bool] = []
+        self.decode_rows: list[int] = []
         super().__init__(model_dir, **options)
 
     def forward(
         self, input_ids: IntArray, attention_mask: IntArray, *args: Any, **kwargs: Any
     ) -> tuple[Logits, Sequence[CacheTensor]]:
         if kwargs.get("decode"):
+            self.decode_rows.append(len(input_ids))
             self.seen_at_decode.append(self.received.is_set())
         return super().forward(input_ids, attention_mask, *args, **kwargs)
 
@@ -55,6 +58,31 @@ async def test_on_the_cpu_the_first_decode_waits_until_the_first_token_is_taken(
     finally:
         await running.server.drain()
     assert model.seen_at_decode[0]
+
+
+async def test_a_prefill_beside_running_streams_does_not_hold_their_decode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request that joins running streams gets no wait for its first token: the decode
+    forward of the step that prefilled it starts at once, for every row alike."""
+    monkeypatch.setattr(scheduler, "FIRST_TOKEN_WAIT_S", 10.0)
+    model = _WatchedDecode(BUNDLED_MODEL_DIR, provider="cpu")
+    running = await start_server(model, Tokenizer.from_dir(BUNDLED_MODEL_DIR))
+    engine = running.engine
+    try:
+        first = engine.submit(GenerationRequest("one", "Hello", max_tokens=200, ignore_eos=True))
+        await anext(first.events())
+        model.decode_rows.clear()
+        model.seen_at_decode.clear()
+        joining = engine.submit(GenerationRequest("two", "Hi", max_tokens=4, ignore_eos=True))
+        async for event in joining.events():
+            if isinstance(event, TokenEvent):
+                model.received.set()
+        async for _ in first.events():
+            pass
+    finally:
+        await running.server.drain()
+    assert not model.seen_at_decode[model.decode_rows.index(2)]
 
 
 def test_handing_over_is_reported_once_the_consumer_has_run() -> None:
