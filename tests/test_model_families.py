@@ -31,7 +31,7 @@ from tokenwire.server.domain import (
     SamplingParams,
     TokenEvent,
 )
-from tokenwire.server.engine import OnnxCausalLM, Padding
+from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM, Padding
 from tokenwire.server.engine.kv_cache import BatchKvCache
 from tokenwire.server.engine.logits import Logits
 from tokenwire.server.engine.padding import probe_width_limit
@@ -614,3 +614,72 @@ async def test_a_graph_whose_rows_change_each_other_decodes_every_row_alone() ->
     finally:
         await running.server.drain()
     assert batched == solo
+
+
+INT8 = MODELS / "fixtures-int8" / "llama-dynamic"
+
+
+def _int8_engine(model: OnnxCausalLM, chunk: int) -> Engine:
+    engine = Engine(model, Tokenizer.from_dir(INT8), EngineConfig(prefill_chunk_tokens=chunk))
+    engine.start()
+    return engine
+
+
+INT8_DRAWS = [SamplingParams(temperature=0.0)] + [
+    SamplingParams(temperature=0.8, top_k=20, seed=seed) for seed in (1, 2, 3)
+]
+
+
+async def _int8_ids(
+    engine: Engine, text: str, sampling: SamplingParams, continuation: tuple[int, ...] = ()
+) -> list[int]:
+    request = GenerationRequest(
+        "int8",
+        text,
+        max_tokens=20,
+        sampling=sampling,
+        ignore_eos=True,
+        continuation=continuation,
+    )
+    return [e.token_id async for e in engine.submit(request).events() if isinstance(e, TokenEvent)]
+
+
+@pytest.fixture(scope="module")
+def int8_model() -> OnnxCausalLM:
+    return OnnxCausalLM(INT8, provider="cpu")
+
+
+async def test_a_graph_whose_rows_change_each_other_takes_a_prompt_whole(
+    int8_model: OnnxCausalLM,
+) -> None:
+    """On a dynamically quantised int8 graph the positions of one forward change each other
+    too: a prompt longer than the prefill chunk is still fed in one forward, so it decodes
+    the ids (greedy and seeded) it decodes with a chunk larger than the prompt."""
+    texts = [p["text"] for p in _reference(FIXTURES / "llama")["prompts"]]
+    small, large = _int8_engine(int8_model, 4), _int8_engine(int8_model, 256)
+    try:
+        for text in texts:
+            for sampling in INT8_DRAWS:
+                got = await _int8_ids(small, text, sampling)
+                assert got == await _int8_ids(large, text, sampling), (text, sampling)
+    finally:
+        small.shutdown()
+        large.shutdown()
+
+
+async def test_a_continuation_on_a_graph_whose_rows_change_each_other_is_exact(
+    int8_model: OnnxCausalLM,
+) -> None:
+    """On a dynamically quantised int8 graph a stream continued from its first 8 ids (the
+    failover path) decodes exactly the rest of the uninterrupted stream, greedy and seeded:
+    the continuation's ids are fed one per forward, as they were first computed."""
+    texts = [p["text"] for p in _reference(FIXTURES / "llama")["prompts"]]
+    engine = _int8_engine(int8_model, 256)
+    try:
+        for text in texts:
+            for sampling in INT8_DRAWS:
+                whole = await _int8_ids(engine, text, sampling)
+                rest = await _int8_ids(engine, text, sampling, tuple(whole[:8]))
+                assert rest == whole[8:], (text, sampling)
+    finally:
+        engine.shutdown()

@@ -6,7 +6,9 @@ joining rows are padded to the common width
 graph a row's padding is chosen at its first step and never changes, so a prefill is padded to
 the width of the cohort it will join, a row whose prompt is wider than every cohort starts a
 cohort of its own, and cohorts never trim. With NONE only rows of equal length share a cohort,
-and with ALONE every row is a cohort of its own.
+and with ALONE every row is a cohort of its own; such a graph's positions in one forward change
+each other as its rows do, so a prompt is fed whole, never in chunks, and the ids of a
+continuation one per forward, as the stream it continues computed them.
 Each cohort costs one forward per step; all of them decode in the same scheduler step.
 
 A graph with a width limit (one that reads the attention mask's width, as LongRoPE's tables do)
@@ -91,7 +93,12 @@ class Placement:
 
     def prefill_chunk(self, seq: Sequence, chunk: int) -> int:
         """Prompt positions the next prefill forward of `seq` alone feeds: up to `chunk`, but a
-        first chunk past the width limit where the prompt is wider than it."""
+        first chunk past the width limit where the prompt is wider than it. Where rows change
+        each other (ALONE), so do the positions of one forward: the prompt goes in whole and
+        each id of a continuation one at a time, as the stream it continues computed them."""
+        if self.padding is Padding.ALONE:
+            prompt = len(seq.prompt_ids)
+            return prompt - seq.prefilled if seq.prefilled < prompt else 1
         left = len(seq.context_ids) - seq.prefilled
         if self._width is not None and seq.prefilled == 0 and len(seq.context_ids) > self._width:
             return min(left, max(chunk, self._width + 1))
