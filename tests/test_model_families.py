@@ -617,26 +617,29 @@ async def test_a_graph_whose_rows_change_each_other_decodes_every_row_alone() ->
 
 
 INT8 = MODELS / "fixtures-int8" / "llama-dynamic"
-
-
-def _int8_engine(model: OnnxCausalLM, chunk: int) -> Engine:
-    engine = Engine(model, Tokenizer.from_dir(INT8), EngineConfig(prefill_chunk_tokens=chunk))
-    engine.start()
-    return engine
-
-
-INT8_DRAWS = [SamplingParams(temperature=0.0)] + [
+LONGROPE = MODELS / "fixtures-genai" / "phi3_longrope-fp32"
+DRAWS = [SamplingParams(temperature=0.0)] + [
     SamplingParams(temperature=0.8, top_k=20, seed=seed) for seed in (1, 2, 3)
 ]
 
 
-async def _int8_ids(
-    engine: Engine, text: str, sampling: SamplingParams, continuation: tuple[int, ...] = ()
+def _engine(model: OnnxCausalLM, model_dir: Path, chunk: int) -> Engine:
+    engine = Engine(model, Tokenizer.from_dir(model_dir), EngineConfig(prefill_chunk_tokens=chunk))
+    engine.start()
+    return engine
+
+
+async def _ids(
+    engine: Engine,
+    text: str,
+    sampling: SamplingParams,
+    max_tokens: int,
+    continuation: tuple[int, ...] = (),
 ) -> list[int]:
     request = GenerationRequest(
-        "int8",
+        "ids",
         text,
-        max_tokens=20,
+        max_tokens=max_tokens,
         sampling=sampling,
         ignore_eos=True,
         continuation=continuation,
@@ -656,12 +659,12 @@ async def test_a_graph_whose_rows_change_each_other_takes_a_prompt_whole(
     too: a prompt longer than the prefill chunk is still fed in one forward, so it decodes
     the ids (greedy and seeded) it decodes with a chunk larger than the prompt."""
     texts = [p["text"] for p in _reference(FIXTURES / "llama")["prompts"]]
-    small, large = _int8_engine(int8_model, 4), _int8_engine(int8_model, 256)
+    small, large = _engine(int8_model, INT8, 4), _engine(int8_model, INT8, 256)
     try:
         for text in texts:
-            for sampling in INT8_DRAWS:
-                got = await _int8_ids(small, text, sampling)
-                assert got == await _int8_ids(large, text, sampling), (text, sampling)
+            for sampling in DRAWS:
+                got = await _ids(small, text, sampling, 20)
+                assert got == await _ids(large, text, sampling, 20), (text, sampling)
     finally:
         small.shutdown()
         large.shutdown()
@@ -674,12 +677,38 @@ async def test_a_continuation_on_a_graph_whose_rows_change_each_other_is_exact(
     failover path) decodes exactly the rest of the uninterrupted stream, greedy and seeded:
     the continuation's ids are fed one per forward, as they were first computed."""
     texts = [p["text"] for p in _reference(FIXTURES / "llama")["prompts"]]
-    engine = _int8_engine(int8_model, 256)
+    engine = _engine(int8_model, INT8, 256)
     try:
         for text in texts:
-            for sampling in INT8_DRAWS:
-                whole = await _int8_ids(engine, text, sampling)
-                rest = await _int8_ids(engine, text, sampling, tuple(whole[:8]))
+            for sampling in DRAWS:
+                whole = await _ids(engine, text, sampling, 20)
+                rest = await _ids(engine, text, sampling, 20, tuple(whole[:8]))
                 assert rest == whole[8:], (text, sampling)
     finally:
         engine.shutdown()
+
+
+async def test_a_continuation_past_the_width_limit_is_exact() -> None:
+    """On a LongRoPE graph (rotary tables chosen by the mask's width) a stream whose prompt is
+    within the width limit, continued from enough of its ids to go past it, decodes exactly
+    the rest of the uninterrupted stream: the positions within the limit are prefilled in
+    forwards within it, as the stream computed them, the rest past it."""
+    model = OnnxCausalLM(LONGROPE, provider="cpu", intra_op_threads=1)
+    limit = model.width_limit
+    assert limit is not None
+    engine = _engine(model, LONGROPE, 256)
+    crossed = 0
+    try:
+        for prompt in _reference(LONGROPE)["prompts"]:
+            length = len(prompt["prompt_ids"])
+            if length >= limit:
+                continue
+            for sampling in DRAWS[:2]:
+                whole = await _ids(engine, prompt["text"], sampling, 48)
+                resumed = limit - length + 4
+                rest = await _ids(engine, prompt["text"], sampling, 48, tuple(whole[:resumed]))
+                assert rest == whole[resumed:], (prompt["text"], sampling)
+                crossed += 1
+    finally:
+        engine.shutdown()
+    assert crossed >= 8

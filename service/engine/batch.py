@@ -15,7 +15,9 @@ A graph with a width limit (one that reads the attention mask's width, as LongRo
 decodes a row whose mask would be wider than the limit in a forward of its own, exactly as wide
 as the row alone; the rows between such rows share forwards whose masks stay within the limit.
 A prompt wider than the limit is prefilled in chunks that are all wider than it: its first chunk
-goes past the limit, as the whole prompt alone would.
+goes past the limit, as the whole prompt alone would. A continuation (a stream resumed from its
+ids) that takes a narrower prompt past the limit is prefilled up to the limit, then past it, as
+the stream computed it.
 """
 
 from __future__ import annotations
@@ -93,15 +95,22 @@ class Placement:
 
     def prefill_chunk(self, seq: Sequence, chunk: int) -> int:
         """Prompt positions the next prefill forward of `seq` alone feeds: up to `chunk`, but a
-        first chunk past the width limit where the prompt is wider than it. Where rows change
+        first chunk past the width limit where the prompt is wider than it, and no chunk across
+        the limit where only a continuation takes the context past it. Where rows change
         each other (ALONE), so do the positions of one forward: the prompt goes in whole and
         each id of a continuation one at a time, as the stream it continues computed them."""
         if self.padding is Padding.ALONE:
             prompt = len(seq.prompt_ids)
             return prompt - seq.prefilled if seq.prefilled < prompt else 1
         left = len(seq.context_ids) - seq.prefilled
-        if self._width is not None and seq.prefilled == 0 and len(seq.context_ids) > self._width:
-            return min(left, max(chunk, self._width + 1))
+        width = self._width
+        if width is not None and len(seq.context_ids) > width:
+            if len(seq.prompt_ids) > width:
+                return min(left, max(chunk, width + 1)) if seq.prefilled == 0 else min(left, chunk)
+            if seq.prefilled < width:
+                # A continuation that goes past the limit: its stream computed the positions
+                # within the limit in forwards within it, and so does this prefill.
+                return min(chunk, width - seq.prefilled)
         return min(left, chunk)
 
     def decode_runs(self, cohort: Cohort) -> list[tuple[list[Sequence], DecodeCache]]:
