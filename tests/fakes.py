@@ -157,16 +157,21 @@ class CountingModel(OnnxCausalLM):
         """Whether each forward wrote its cache in place."""
         self.slot_caches: list[tuple[int, int]] = []
         """(slots, capacity) of each preallocated cache made."""
+        self.made: list[SlotKvCache] = []
+        """Each preallocated cache made, to look into after the engine has used it."""
         super().__init__(model_dir, **options)
         self.forget()  # the load's probes are not served forwards
 
     def forget(self) -> None:
-        for record in (self.prefills, self.decodes, self.in_place, self.slot_caches):
+        for record in (self.prefills, self.decodes, self.in_place, self.slot_caches, self.made):
             record.clear()
 
     def new_slot_cache(self, slots: int, capacity: int) -> SlotKvCache | None:
         self.slot_caches.append((slots, capacity))
-        return super().new_slot_cache(slots, capacity)
+        cache = super().new_slot_cache(slots, capacity)
+        if cache is not None:
+            self.made.append(cache)
+        return cache
 
     def forward(
         self, input_ids: IntArray, attention_mask: IntArray, *args: Any, **kwargs: Any

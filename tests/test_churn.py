@@ -1,0 +1,266 @@
+"""Random traffic on real models: whatever joins, waits, leaves or is cancelled when, every
+stream is served exactly (the ids it gets alone) and ends, and nothing stays held afterwards.
+
+Each example is an engine with a random row count, prefill chunk and KV-cache budget, and a
+handful of requests of random prompts (short ones and a long one that is prefilled in chunks),
+lengths and decoding (greedy, or seeded sampling), each sent at once or once an earlier one
+has streamed some tokens, some cancelled after a random count of tokens. Few rows and small
+budgets make requests queue, rows join freed slots mid-decode and long prompts wait for room.
+Greedy ids are the fixture's reference ids; a seeded sampling request's are those it draws
+with an engine to itself. TOKENWIRE_CHURN_EXAMPLES sets the examples per model (default 30).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from tests.fakes import CountingModel
+from tokenwire.server.domain import (
+    CompletionEvent,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+)
+from tokenwire.server.engine import Engine, EngineConfig
+from tokenwire.server.tokenizer import Tokenizer
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+# Every fixture: Optimum exports of every family (caches that grow every step, rows padded to
+# a shared width, or to a width fixed at their first step, or unpadded), GenAI graphs (the
+# preallocated cache written in place; LongRoPE's width limit; attention windows; int4), and a
+# dynamically quantised int8 graph (every row its own forward).
+FOLDERS = {
+    f"{p.parent.name}/{p.name}": p
+    for p in sorted(MODELS.glob("fixtures*/*"))
+    if (p / "model.onnx").exists()
+}
+SAMPLED = SamplingParams(temperature=0.8, top_k=20, top_p=0.95)
+CHURN = settings(
+    max_examples=int(os.environ.get("TOKENWIRE_CHURN_EXAMPLES", "30")),
+    # The same examples on every run (CI included); raise the count to explore further.
+    derandomize=True,
+    deadline=None,
+    database=None,
+    phases=(Phase.explicit, Phase.generate, Phase.shrink),
+    suppress_health_check=(HealthCheck.too_slow,),
+    print_blob=True,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Arrival:
+    """One request of an example."""
+
+    prompt: int
+    """Index of its reference prompt."""
+    max_tokens: int
+    seed: int | None
+    """None: greedy; else seeded sampling (SAMPLED)."""
+    after: tuple[int, int] | None
+    """(an earlier request, its tokens streamed) before this one is sent; None: at once."""
+    cancel_after: int | None
+    """Cancel once this many of its tokens have streamed (0: right after it is sent)."""
+    resumed: int = 0
+    """Continue the stream from this many of its ids (as a failover does); 0: a fresh one."""
+
+    def request(
+        self, name: str, prompts: list[str], continuation: list[int], max_tokens: int = 0
+    ) -> GenerationRequest:
+        sampling = GREEDY if self.seed is None else dataclasses.replace(SAMPLED, seed=self.seed)
+        return GenerationRequest(
+            name,
+            prompts[self.prompt],
+            max_tokens=max_tokens or self.max_tokens,
+            sampling=sampling,
+            ignore_eos=True,
+            continuation=tuple(continuation[: self.resumed]),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    max_batch_size: int
+    prefill_chunk_tokens: int
+    max_kv_tokens: int
+    arrivals: list[Arrival]
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@dataclasses.dataclass
+class Fixture:
+    """One model, its prompts, and the ids a prompt gets alone, by (prompt, seed): greedy ones
+    (seed None) are the fixture's reference ids where it has them."""
+
+    model: CountingModel
+    tokenizer: Tokenizer
+    prompts: list[str]
+    lengths: list[int]
+    """New tokens per prompt: as many as its reference ids."""
+    longest: int
+    """Prompt + new tokens of the longest request: the smallest KV-cache budget that takes it."""
+    alone: dict[tuple[int, int | None], list[int]] = dataclasses.field(default_factory=dict)
+
+
+@st.composite
+def examples(draw: st.DrawFn, fixture: Fixture) -> Example:
+    lengths = fixture.lengths
+    arrivals: list[Arrival] = []
+    for i in range(draw(st.integers(1, 6))):
+        prompt = draw(st.integers(0, len(lengths) - 1))
+        max_tokens = draw(st.integers(1, lengths[prompt]))
+        seed = draw(st.none() | st.integers(1, 3))
+        after = None
+        if i and draw(st.booleans()):
+            earlier = draw(st.integers(0, i - 1))
+            after = (earlier, draw(st.integers(0, arrivals[earlier].max_tokens)))
+        cancel_after = None
+        if draw(st.integers(0, 3)) == 0:
+            cancel_after = draw(st.integers(0, max_tokens))
+        resumed = draw(st.integers(0, max_tokens - 1)) if draw(st.integers(0, 3)) == 0 else 0
+        arrivals.append(Arrival(prompt, max_tokens, seed, after, cancel_after, resumed))
+    return Example(
+        max_batch_size=draw(st.integers(1, 4)),
+        prefill_chunk_tokens=draw(st.sampled_from([8, 16, 32, 256])),
+        max_kv_tokens=fixture.longest + draw(st.sampled_from([0, 40, 1000])),
+        arrivals=arrivals,
+    )
+
+
+def _engine(fixture: Fixture, example: Example | None = None) -> Engine:
+    config = EngineConfig(max_kv_tokens=fixture.longest + 1000)
+    if example is not None:
+        config = EngineConfig(
+            max_batch_size=example.max_batch_size,
+            prefill_chunk_tokens=example.prefill_chunk_tokens,
+            max_kv_tokens=example.max_kv_tokens,
+        )
+    engine = Engine(fixture.model, fixture.tokenizer, config)
+    engine.start()
+    return engine
+
+
+async def _stream(engine: Engine, request: GenerationRequest) -> list[int]:
+    return [e.token_id async for e in engine.submit(request).events() if isinstance(e, TokenEvent)]
+
+
+def expected_ids(fixture: Fixture, arrival: Arrival) -> list[int]:
+    """The ids of this request's whole stream with an engine to itself."""
+    key = (arrival.prompt, arrival.seed)
+    if key not in fixture.alone:
+        engine = _engine(fixture)
+        try:
+            fresh = dataclasses.replace(arrival, resumed=0)
+            request = fresh.request("alone", fixture.prompts, [], fixture.lengths[arrival.prompt])
+            fixture.alone[key] = asyncio.run(_stream(engine, request))
+        finally:
+            engine.shutdown()
+    return fixture.alone[key][: arrival.max_tokens]
+
+
+async def play(
+    engine: Engine, prompts: list[str], arrivals: list[Arrival], whole: list[list[int]]
+) -> list[tuple[list[int], FinishReason]]:
+    """Run one example's requests (a resumed one continues from the start of its whole
+    stream); return each one's streamed ids and finish reason."""
+    progress = [0] * len(arrivals)
+    ended = [False] * len(arrivals)
+    changed = asyncio.Condition()
+
+    async def one(i: int, arrival: Arrival) -> tuple[list[int], FinishReason]:
+        if arrival.after is not None:
+            earlier, count = arrival.after
+            async with changed:
+                await changed.wait_for(lambda: progress[earlier] >= count or ended[earlier])
+        handle = engine.submit(arrival.request(f"churn-{i}", prompts, whole[i]))
+        if arrival.cancel_after == 0:
+            handle.cancel()
+        ids: list[int] = []
+        reason = None
+        try:
+            async for event in handle.events():
+                if isinstance(event, TokenEvent):
+                    ids.append(event.token_id)
+                    if len(ids) == arrival.cancel_after:
+                        handle.cancel()
+                elif isinstance(event, CompletionEvent):
+                    reason = event.finish_reason
+                async with changed:
+                    progress[i] = len(ids)
+                    changed.notify_all()
+        finally:
+            async with changed:
+                ended[i] = True
+                changed.notify_all()
+        assert reason is not None, f"request {i} ended without a completion"
+        return ids, reason
+
+    runs = (one(i, a) for i, a in enumerate(arrivals))
+    outcomes = list(await asyncio.wait_for(asyncio.gather(*runs), 60))
+    assert await engine.wait_idle(10.0), "requests still active"
+    return outcomes
+
+
+@pytest.fixture(scope="module", params=sorted(FOLDERS))
+def fixture(request: pytest.FixtureRequest) -> Fixture:
+    model_dir = FOLDERS[request.param]
+    # The int8 graph is the Optimum Llama fixture quantised: its prompts, its ids alone.
+    source = model_dir if (model_dir / "reference.json").exists() else MODELS / "fixtures" / "llama"
+    reference = json.loads((source / "reference.json").read_text())
+    tokenizer = Tokenizer.from_dir(model_dir)
+    prompts = [p["text"] for p in reference["prompts"]]
+    lengths = [len(p["output_ids"]) for p in reference["prompts"]]
+    longest = max(
+        len(tokenizer.encode(t, add_special_tokens=True)) + n
+        for t, n in zip(prompts, lengths, strict=True)
+    )
+    model = CountingModel(model_dir, provider="cpu", intra_op_threads=1)
+    fixture = Fixture(model, tokenizer, prompts, lengths, longest)
+    if source == model_dir:
+        fixture.alone = {(i, None): p["output_ids"] for i, p in enumerate(reference["prompts"])}
+    return fixture
+
+
+def test_random_traffic_is_served_exactly_and_leaves_nothing_held(fixture: Fixture) -> None:
+    """Every request streams the ids it gets alone (all of them, or a prefix where it was
+    cancelled; a resumed one the rest of them) and ends with a completion; afterwards no
+    request is active or running and no slot of the preallocated cache is live or held."""
+
+    @CHURN
+    @given(examples(fixture))
+    def example(example: Example) -> None:
+        whole = [expected_ids(fixture, a) for a in example.arrivals]
+        fixture.model.forget()
+        engine = _engine(fixture, example)
+        try:
+            outcomes = asyncio.run(play(engine, fixture.prompts, example.arrivals, whole))
+            assert engine.running_count == 0
+            held = [
+                (c.rows, c.reserved) for c in fixture.model.made if (c.rows, c.reserved) != (0, 0)
+            ]
+            assert not held, f"slots live or held: {held}"
+        finally:
+            engine.shutdown()
+        for i, (arrival, stream, (ids, reason)) in enumerate(
+            zip(example.arrivals, whole, outcomes, strict=True)
+        ):
+            want = stream[arrival.resumed :]
+            assert ids == want[: len(ids)], f"request {i}"
+            if arrival.cancel_after is None:
+                assert (ids, reason) == (want, FinishReason.LENGTH), f"request {i}"
+            else:
+                assert reason in (FinishReason.CANCELLED, FinishReason.LENGTH), f"request {i}"
+
+    example()
