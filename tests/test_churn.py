@@ -3,11 +3,12 @@ stream is served exactly (the ids it gets alone) and ends, and nothing stays hel
 
 Each example is an engine with a random row count, prefill chunk and KV-cache budget, and a
 handful of requests of random prompts (short ones and a long one that is prefilled in chunks),
-lengths and decoding (greedy, or seeded sampling), each sent at once or once an earlier one
+lengths and decoding (greedy or seeded sampling, with or without penalties, biases and
+alternatives), each sent at once or once an earlier one
 has streamed some tokens, some cancelled after a random count of tokens. Few rows and small
 budgets make requests queue, rows join freed slots mid-decode and long prompts wait for room.
-Greedy ids are the fixture's reference ids; a seeded sampling request's are those it draws
-with an engine to itself. TOKENWIRE_CHURN_EXAMPLES sets the examples per model (default 30).
+Plain greedy ids are the fixture's reference ids; any other request's are those it decodes with
+an engine to itself. TOKENWIRE_CHURN_EXAMPLES sets the examples per model (default 30).
 """
 
 from __future__ import annotations
@@ -43,7 +44,16 @@ FOLDERS = {
     for p in sorted(MODELS.glob("fixtures*/*"))
     if (p / "model.onnx").exists()
 }
-SAMPLED = SamplingParams(temperature=0.8, top_k=20, top_p=0.95)
+# How a request decodes: rows of each kind share a step's vectorised passes with the others.
+DECODINGS = [
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=0.8, top_k=20, top_p=0.95, seed=1),
+    SamplingParams(temperature=1.0, seed=2),
+    SamplingParams(temperature=0.7, min_p=0.1, seed=3),
+    SamplingParams(temperature=0.9, top_k=20, repetition_penalty=1.3, seed=4),
+    SamplingParams(temperature=0.0, frequency_penalty=0.8, presence_penalty=0.5),
+    SamplingParams(temperature=0.0, logit_bias=((5, 4.0), (9, -100.0))),
+]
 CHURN = settings(
     max_examples=int(os.environ.get("TOKENWIRE_CHURN_EXAMPLES", "30")),
     # The same examples on every run (CI included); raise the count to explore further.
@@ -65,8 +75,8 @@ class Arrival:
     prompt: int
     """Index of its reference prompt."""
     max_tokens: int
-    seed: int | None
-    """None: greedy; else seeded sampling (SAMPLED)."""
+    decoding: int
+    """Index of its DECODINGS entry."""
     after: tuple[int, int] | None
     """(an earlier request, its tokens streamed) before this one is sent; None: at once."""
     cancel_after: int | None
@@ -77,12 +87,13 @@ class Arrival:
     def request(
         self, name: str, prompts: list[str], continuation: list[int], max_tokens: int = 0
     ) -> GenerationRequest:
-        sampling = GREEDY if self.seed is None else dataclasses.replace(SAMPLED, seed=self.seed)
         return GenerationRequest(
             name,
             prompts[self.prompt],
             max_tokens=max_tokens or self.max_tokens,
-            sampling=sampling,
+            sampling=DECODINGS[self.decoding],
+            logprobs=bool(self.decoding % 2),
+            top_logprobs=2 if self.decoding % 2 else 0,
             ignore_eos=True,
             continuation=tuple(continuation[: self.resumed]),
         )
@@ -96,13 +107,10 @@ class Example:
     arrivals: list[Arrival]
 
 
-GREEDY = SamplingParams(temperature=0.0)
-
-
 @dataclasses.dataclass
 class Fixture:
-    """One model, its prompts, and the ids a prompt gets alone, by (prompt, seed): greedy ones
-    (seed None) are the fixture's reference ids where it has them."""
+    """One model, its prompts, and the ids a prompt gets alone, by (prompt, decoding): plain
+    greedy ones (decoding 0) are the fixture's reference ids where it has them."""
 
     model: CountingModel
     tokenizer: Tokenizer
@@ -111,7 +119,7 @@ class Fixture:
     """New tokens per prompt: as many as its reference ids."""
     longest: int
     """Prompt + new tokens of the longest request: the smallest KV-cache budget that takes it."""
-    alone: dict[tuple[int, int | None], list[int]] = dataclasses.field(default_factory=dict)
+    alone: dict[tuple[int, int], list[int]] = dataclasses.field(default_factory=dict)
 
 
 @st.composite
@@ -121,7 +129,7 @@ def examples(draw: st.DrawFn, fixture: Fixture) -> Example:
     for i in range(draw(st.integers(1, 6))):
         prompt = draw(st.integers(0, len(lengths) - 1))
         max_tokens = draw(st.integers(1, lengths[prompt]))
-        seed = draw(st.none() | st.integers(1, 3))
+        decoding = draw(st.integers(0, len(DECODINGS) - 1))
         after = None
         if i and draw(st.booleans()):
             earlier = draw(st.integers(0, i - 1))
@@ -130,7 +138,7 @@ def examples(draw: st.DrawFn, fixture: Fixture) -> Example:
         if draw(st.integers(0, 3)) == 0:
             cancel_after = draw(st.integers(0, max_tokens))
         resumed = draw(st.integers(0, max_tokens - 1)) if draw(st.integers(0, 3)) == 0 else 0
-        arrivals.append(Arrival(prompt, max_tokens, seed, after, cancel_after, resumed))
+        arrivals.append(Arrival(prompt, max_tokens, decoding, after, cancel_after, resumed))
     return Example(
         max_batch_size=draw(st.integers(1, 4)),
         prefill_chunk_tokens=draw(st.sampled_from([8, 16, 32, 256])),
@@ -158,7 +166,7 @@ async def _stream(engine: Engine, request: GenerationRequest) -> list[int]:
 
 def expected_ids(fixture: Fixture, arrival: Arrival) -> list[int]:
     """The ids of this request's whole stream with an engine to itself."""
-    key = (arrival.prompt, arrival.seed)
+    key = (arrival.prompt, arrival.decoding)
     if key not in fixture.alone:
         engine = _engine(fixture)
         try:
@@ -229,7 +237,7 @@ def fixture(request: pytest.FixtureRequest) -> Fixture:
     model = CountingModel(model_dir, provider="cpu", intra_op_threads=1)
     fixture = Fixture(model, tokenizer, prompts, lengths, longest)
     if source == model_dir:
-        fixture.alone = {(i, None): p["output_ids"] for i, p in enumerate(reference["prompts"])}
+        fixture.alone = {(i, 0): p["output_ids"] for i, p in enumerate(reference["prompts"])}
     return fixture
 
 
