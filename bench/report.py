@@ -527,7 +527,8 @@ def readme_block(result: dict[str, Any], gpu: dict[str, Any] | None = None) -> s
     return "\n".join(
         [
             START,
-            f"On a 2-core CPU, 56M-parameter Llama, 32-token prompts, 128 new tokens, every system on "
+            f"On a {result['machine']['cores']}-core {result['machine']['cpu']} CPU, 56M-parameter "
+            f"Llama, 32-token prompts, 128 new tokens, every system on "
             f"the same ONNX Runtime GenAI graph, GenAI with one intra-op thread per core "
             f"({result['machine']['date']}):",
             "",
