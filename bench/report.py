@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,13 @@ TARGETS = [
     ("edge_ttft_p50_added_ms", "<=", 2.0, "TTFT p50 the edge adds (ms)"),
     ("metrics_on_vs_off_c16", ">=", 0.98, "tokens/s with metrics on vs off, 16 streams"),
 ]
+
+
+def cpu_name(cpu: str) -> str:
+    """The CPU's model name without trademark signs and generic words ('Intel(R) Xeon(R)
+    Processor' -> 'Intel Xeon')."""
+    words = re.sub(r"\((R|TM)\)", "", cpu).split()
+    return " ".join(w for w in words if w.lower() not in {"processor", "cpu"})
 
 
 def label(row: dict[str, Any]) -> str:
@@ -527,7 +535,8 @@ def readme_block(result: dict[str, Any], gpu: dict[str, Any] | None = None) -> s
     return "\n".join(
         [
             START,
-            f"On a {result['machine']['cores']}-core {result['machine']['cpu']} CPU, 56M-parameter "
+            f"On a {result['machine']['cores']}-core {cpu_name(result['machine']['cpu'])} CPU, "
+            f"56M-parameter "
             f"Llama, 32-token prompts, 128 new tokens, every system on "
             f"the same ONNX Runtime GenAI graph, GenAI with one intra-op thread per core "
             f"({result['machine']['date']}):",
