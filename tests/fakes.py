@@ -159,6 +159,8 @@ class CountingModel(OnnxCausalLM):
         """(slots, capacity) of each preallocated cache made."""
         self.made: list[SlotKvCache] = []
         """Each preallocated cache made, to look into after the engine has used it."""
+        self.fail_on: set[int] = set()
+        """Forwards (counted from 1 since the last `forget`) that raise instead of running."""
         super().__init__(model_dir, **options)
         self.forget()  # the load's probes are not served forwards
 
@@ -178,5 +180,7 @@ class CountingModel(OnnxCausalLM):
     ) -> tuple[Logits, Sequence[CacheTensor]]:
         rows, width = attention_mask.shape
         (self.decodes if kwargs.get("decode") else self.prefills).append((rows, width))
+        if len(self.prefills) + len(self.decodes) in self.fail_on:
+            raise RuntimeError("a forward that fails")
         self.in_place.append(bool(kwargs.get("in_place")))
         return super().forward(input_ids, attention_mask, *args, **kwargs)

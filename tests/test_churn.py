@@ -19,6 +19,7 @@ import json
 import os
 from pathlib import Path
 
+import hypothesis
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 from tests.fakes import CountingModel
 from tokenwire.server.domain import (
     CompletionEvent,
+    EngineStopped,
     FinishReason,
     GenerationRequest,
     SamplingParams,
@@ -105,6 +107,8 @@ class Example:
     prefill_chunk_tokens: int
     max_kv_tokens: int
     arrivals: list[Arrival]
+    fail_on: int | None = None
+    """The forward (counted from 1) that raises; None: none does."""
 
 
 @dataclasses.dataclass
@@ -123,7 +127,7 @@ class Fixture:
 
 
 @st.composite
-def examples(draw: st.DrawFn, fixture: Fixture) -> Example:
+def examples(draw: st.DrawFn, fixture: Fixture, *, failing: bool = False) -> Example:
     lengths = fixture.lengths
     arrivals: list[Arrival] = []
     for i in range(draw(st.integers(1, 6))):
@@ -144,6 +148,7 @@ def examples(draw: st.DrawFn, fixture: Fixture) -> Example:
         prefill_chunk_tokens=draw(st.sampled_from([8, 16, 32, 256])),
         max_kv_tokens=fixture.longest + draw(st.sampled_from([0, 40, 1000])),
         arrivals=arrivals,
+        fail_on=draw(st.integers(1, 40)) if failing else None,
     )
 
 
@@ -180,14 +185,15 @@ def expected_ids(fixture: Fixture, arrival: Arrival) -> list[int]:
 
 async def play(
     engine: Engine, prompts: list[str], arrivals: list[Arrival], whole: list[list[int]]
-) -> list[tuple[list[int], FinishReason]]:
+) -> list[tuple[list[int], FinishReason | None]]:
     """Run one example's requests (a resumed one continues from the start of its whole
-    stream); return each one's streamed ids and finish reason."""
+    stream); return each one's streamed ids and finish reason (None: it ended with an
+    error)."""
     progress = [0] * len(arrivals)
     ended = [False] * len(arrivals)
     changed = asyncio.Condition()
 
-    async def one(i: int, arrival: Arrival) -> tuple[list[int], FinishReason]:
+    async def one(i: int, arrival: Arrival) -> tuple[list[int], FinishReason | None]:
         if arrival.after is not None:
             earlier, count = arrival.after
             async with changed:
@@ -208,6 +214,8 @@ async def play(
                 async with changed:
                     progress[i] = len(ids)
                     changed.notify_all()
+        except EngineStopped:
+            return ids, None
         finally:
             async with changed:
                 ended[i] = True
@@ -241,6 +249,33 @@ def fixture(request: pytest.FixtureRequest) -> Fixture:
     return fixture
 
 
+def _serve(fixture: Fixture, example: Example) -> list[tuple[list[int], FinishReason | None]]:
+    """Play an example on a fresh engine; check that nothing is left active, running or held
+    in a slot afterwards, and that every stream so far is a prefix of the one it gets alone."""
+    whole = [expected_ids(fixture, a) for a in example.arrivals]
+    fixture.model.forget()
+    fixture.model.fail_on = set() if example.fail_on is None else {example.fail_on}
+    engine = _engine(fixture, example)
+    try:
+        outcomes = asyncio.run(play(engine, fixture.prompts, example.arrivals, whole))
+        assert engine.running_count == 0
+        held = [(c.rows, c.reserved) for c in fixture.model.made if (c.rows, c.reserved) != (0, 0)]
+        assert not held, f"slots live or held: {held}"
+    finally:
+        fixture.model.fail_on = set()
+        engine.shutdown()
+    for i, (arrival, stream, (ids, reason)) in enumerate(
+        zip(example.arrivals, whole, outcomes, strict=True)
+    ):
+        want = stream[arrival.resumed :]
+        assert ids == want[: len(ids)], f"request {i}"
+        if reason is not None and arrival.cancel_after is None:
+            assert (ids, reason) == (want, FinishReason.LENGTH), f"request {i}"
+        elif reason is not None:
+            assert reason in (FinishReason.CANCELLED, FinishReason.LENGTH), f"request {i}"
+    return outcomes
+
+
 def test_random_traffic_is_served_exactly_and_leaves_nothing_held(fixture: Fixture) -> None:
     """Every request streams the ids it gets alone (all of them, or a prefix where it was
     cancelled; a resumed one the rest of them) and ends with a completion; afterwards no
@@ -249,26 +284,27 @@ def test_random_traffic_is_served_exactly_and_leaves_nothing_held(fixture: Fixtu
     @CHURN
     @given(examples(fixture))
     def example(example: Example) -> None:
-        whole = [expected_ids(fixture, a) for a in example.arrivals]
-        fixture.model.forget()
-        engine = _engine(fixture, example)
-        try:
-            outcomes = asyncio.run(play(engine, fixture.prompts, example.arrivals, whole))
-            assert engine.running_count == 0
-            held = [
-                (c.rows, c.reserved) for c in fixture.model.made if (c.rows, c.reserved) != (0, 0)
-            ]
-            assert not held, f"slots live or held: {held}"
-        finally:
-            engine.shutdown()
-        for i, (arrival, stream, (ids, reason)) in enumerate(
-            zip(example.arrivals, whole, outcomes, strict=True)
-        ):
-            want = stream[arrival.resumed :]
-            assert ids == want[: len(ids)], f"request {i}"
-            if arrival.cancel_after is None:
-                assert (ids, reason) == (want, FinishReason.LENGTH), f"request {i}"
-            else:
-                assert reason in (FinishReason.CANCELLED, FinishReason.LENGTH), f"request {i}"
+        outcomes = _serve(fixture, example)
+        assert all(reason is not None for _, reason in outcomes)
+
+    example()
+
+
+def test_a_failing_forward_ends_only_its_rows_and_leaves_nothing_held(fixture: Fixture) -> None:
+    """The same traffic with one forward raising: the requests whose rows it held end with an
+    error (at most a batch of them), every other request is served exactly as alone, and
+    nothing stays active, running or held in a slot."""
+
+    long = max(range(len(fixture.prompts)), key=lambda i: len(fixture.prompts[i]))
+    # The first chunk of a long prompt fails: the slot held for its chunks is given back.
+    chunk_fails = Example(1, 8, fixture.longest, [Arrival(long, 2, 0, None, None)], fail_on=1)
+
+    @settings(CHURN, max_examples=max(1, CHURN.max_examples // 3))
+    @given(examples(fixture, failing=True))
+    @hypothesis.example(chunk_fails)
+    def example(example: Example) -> None:
+        outcomes = _serve(fixture, example)
+        failed = sum(reason is None for _, reason in outcomes)
+        assert failed <= example.max_batch_size
 
     example()

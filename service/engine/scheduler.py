@@ -287,6 +287,7 @@ class Scheduler:
             logits, cache = self._prefill_forward(group, size)
         except Exception as exc:  # an input one request brought must not fail the others
             self._prefill_failed(group, exc)
+            self._placement.release_chunk_slot(self._prefilling)
             return 0
         done = [s for s in group if s.prefilled == len(s.context_ids)]
         if not done:  # one prompt, prefilled in chunks: its cache waits for the next chunk
