@@ -4,8 +4,9 @@ stream is served exactly (the ids it gets alone) and ends, and nothing stays hel
 Each example is an engine with a random row count, prefill chunk and KV-cache budget, and a
 handful of requests of random prompts (short ones and a long one that is prefilled in chunks),
 lengths and decoding (greedy or seeded sampling, with or without penalties, biases and
-alternatives), each sent at once or once an earlier one
-has streamed some tokens, some cancelled after a random count of tokens. Few rows and small
+alternatives), some with a deadline of a few milliseconds, each sent at once or once an earlier
+one has streamed some tokens, some cancelled after a random count of tokens, some resumed from
+part of their ids. Few rows and small
 budgets make requests queue, rows join freed slots mid-decode and long prompts wait for room.
 Plain greedy ids are the fixture's reference ids; any other request's are those it decodes with
 an engine to itself. TOKENWIRE_CHURN_EXAMPLES sets the examples per model (default 30).
@@ -17,6 +18,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 
 import hypothesis
@@ -85,10 +87,15 @@ class Arrival:
     """Cancel once this many of its tokens have streamed (0: right after it is sent)."""
     resumed: int = 0
     """Continue the stream from this many of its ids (as a failover does); 0: a fresh one."""
+    deadline_ms: int | None = None
+    """Its deadline, this long after it is sent; None: none."""
 
     def request(
         self, name: str, prompts: list[str], continuation: list[int], max_tokens: int = 0
     ) -> GenerationRequest:
+        deadline = None
+        if self.deadline_ms is not None:
+            deadline = time.monotonic() + self.deadline_ms / 1000
         return GenerationRequest(
             name,
             prompts[self.prompt],
@@ -98,6 +105,7 @@ class Arrival:
             top_logprobs=2 if self.decoding % 2 else 0,
             ignore_eos=True,
             continuation=tuple(continuation[: self.resumed]),
+            deadline=deadline,
         )
 
 
@@ -142,7 +150,10 @@ def examples(draw: st.DrawFn, fixture: Fixture, *, failing: bool = False) -> Exa
         if draw(st.integers(0, 3)) == 0:
             cancel_after = draw(st.integers(0, max_tokens))
         resumed = draw(st.integers(0, max_tokens - 1)) if draw(st.integers(0, 3)) == 0 else 0
-        arrivals.append(Arrival(prompt, max_tokens, decoding, after, cancel_after, resumed))
+        deadline_ms = draw(st.integers(0, 30)) if draw(st.integers(0, 5)) == 0 else None
+        arrivals.append(
+            Arrival(prompt, max_tokens, decoding, after, cancel_after, resumed, deadline_ms)
+        )
     return Example(
         max_batch_size=draw(st.integers(1, 4)),
         prefill_chunk_tokens=draw(st.sampled_from([8, 16, 32, 256])),
@@ -175,7 +186,7 @@ def expected_ids(fixture: Fixture, arrival: Arrival) -> list[int]:
     if key not in fixture.alone:
         engine = _engine(fixture)
         try:
-            fresh = dataclasses.replace(arrival, resumed=0)
+            fresh = dataclasses.replace(arrival, resumed=0, deadline_ms=None)
             request = fresh.request("alone", fixture.prompts, [], fixture.lengths[arrival.prompt])
             fixture.alone[key] = asyncio.run(_stream(engine, request))
         finally:
@@ -269,17 +280,23 @@ def _serve(fixture: Fixture, example: Example) -> list[tuple[list[int], FinishRe
     ):
         want = stream[arrival.resumed :]
         assert ids == want[: len(ids)], f"request {i}"
-        if reason is not None and arrival.cancel_after is None:
-            assert (ids, reason) == (want, FinishReason.LENGTH), f"request {i}"
-        elif reason is not None:
-            assert reason in (FinishReason.CANCELLED, FinishReason.LENGTH), f"request {i}"
+        ended = {FinishReason.LENGTH}
+        if arrival.cancel_after is not None:
+            ended.add(FinishReason.CANCELLED)
+        if arrival.deadline_ms is not None:
+            ended.add(FinishReason.DEADLINE_EXCEEDED)
+        if reason is not None:
+            assert reason in ended, f"request {i}"
+        if reason is FinishReason.LENGTH:
+            assert ids == want, f"request {i}"
     return outcomes
 
 
 def test_random_traffic_is_served_exactly_and_leaves_nothing_held(fixture: Fixture) -> None:
     """Every request streams the ids it gets alone (all of them, or a prefix where it was
-    cancelled; a resumed one the rest of them) and ends with a completion; afterwards no
-    request is active or running and no slot of the preallocated cache is live or held."""
+    cancelled or its deadline passed; a resumed one the rest of them) and ends with a
+    completion; afterwards no request is active or running and no slot of the preallocated
+    cache is live or held."""
 
     @CHURN
     @given(examples(fixture))
