@@ -43,10 +43,29 @@ MODELS = Path(__file__).resolve().parent.parent / "models"
 # a shared width, or to a width fixed at their first step, or unpadded), GenAI graphs (the
 # preallocated cache written in place; LongRoPE's width limit; attention windows; int4), and a
 # dynamically quantised int8 graph (every row its own forward).
-FOLDERS = {
-    f"{p.parent.name}/{p.name}": p
+FOLDERS: dict[str, tuple[Path, dict[str, bool]]] = {
+    f"{p.parent.name}/{p.name}": (p, {})
     for p in sorted(MODELS.glob("fixtures*/*"))
     if (p / "model.onnx").exists()
+}
+# The paths CUDA takes, forced on the CPU provider: caches in OrtValues (preallocated slots,
+# or each step's present tensors bound where they are), and decode steps on fixed bindings
+# (the steps CUDA replays as graphs).
+FOLDERS |= {
+    "fixtures-genai/llama-fp32 device cache": (
+        MODELS / "fixtures-genai" / "llama-fp32",
+        {"device_cache": True},
+    ),
+    "fixtures-genai/llama-fp32 fixed bindings": (
+        MODELS / "fixtures-genai" / "llama-fp32",
+        {"device_cache": True, "static_decode": True},
+    ),
+    "fixtures-genai/phi3_longrope-fp32 device cache": (
+        MODELS / "fixtures-genai" / "phi3_longrope-fp32",
+        {"device_cache": True},
+    ),
+    "fixtures/llama device cache": (MODELS / "fixtures" / "llama", {"device_cache": True}),
+    "fixtures/gemma device cache": (MODELS / "fixtures" / "gemma", {"device_cache": True}),
 }
 # How a request decodes: rows of each kind share a step's vectorised passes with the others.
 DECODINGS = [
@@ -242,7 +261,7 @@ async def play(
 
 @pytest.fixture(scope="module", params=sorted(FOLDERS))
 def fixture(request: pytest.FixtureRequest) -> Fixture:
-    model_dir = FOLDERS[request.param]
+    model_dir, options = FOLDERS[request.param]
     # The int8 graph is the Optimum Llama fixture quantised: its prompts, its ids alone.
     source = model_dir if (model_dir / "reference.json").exists() else MODELS / "fixtures" / "llama"
     reference = json.loads((source / "reference.json").read_text())
@@ -253,7 +272,7 @@ def fixture(request: pytest.FixtureRequest) -> Fixture:
         len(tokenizer.encode(t, add_special_tokens=True)) + n
         for t, n in zip(prompts, lengths, strict=True)
     )
-    model = CountingModel(model_dir, provider="cpu", intra_op_threads=1)
+    model = CountingModel(model_dir, provider="cpu", intra_op_threads=1, **options)
     fixture = Fixture(model, tokenizer, prompts, lengths, longest)
     if source == model_dir:
         fixture.alone = {(i, 0): p["output_ids"] for i, p in enumerate(reference["prompts"])}
