@@ -66,6 +66,8 @@ FOLDERS |= {
     ),
     "fixtures/llama device cache": (MODELS / "fixtures" / "llama", {"device_cache": True}),
     "fixtures/gemma device cache": (MODELS / "fixtures" / "gemma", {"device_cache": True}),
+    # The bundled model `make run` serves.
+    "tiny-py": (MODELS / "tiny-py", {}),
 }
 # How a request decodes: rows of each kind share a step's vectorised passes with the others.
 DECODINGS = [
@@ -262,7 +264,8 @@ async def play(
 @pytest.fixture(scope="module", params=sorted(FOLDERS))
 def fixture(request: pytest.FixtureRequest) -> Fixture:
     model_dir, options = FOLDERS[request.param]
-    # The int8 graph is the Optimum Llama fixture quantised: its prompts, its ids alone.
+    # Folders without reference ids (the int8 graph, the bundled model): the Optimum Llama
+    # fixture's prompts, and their ids alone.
     source = model_dir if (model_dir / "reference.json").exists() else MODELS / "fixtures" / "llama"
     reference = json.loads((source / "reference.json").read_text())
     tokenizer = Tokenizer.from_dir(model_dir)
