@@ -4,12 +4,12 @@ stream is served exactly (the ids it gets alone) and ends, and nothing stays hel
 Each example is an engine with a random row count, prefill chunk and KV-cache budget, and a
 handful of requests of random prompts (short ones and a long one that is prefilled in chunks),
 lengths and decoding (greedy or seeded sampling, with or without penalties, biases and
-alternatives), some with a deadline of a few milliseconds, each sent at once or once an earlier
-one has streamed some tokens, some cancelled after a random count of tokens, some resumed from
-part of their ids. Few rows and small
-budgets make requests queue, rows join freed slots mid-decode and long prompts wait for room.
-Plain greedy ids are the fixture's reference ids; any other request's are those it decodes with
-an engine to itself. TOKENWIRE_CHURN_EXAMPLES sets the examples per model (default 30).
+alternatives), some with a stop id or a deadline of a few milliseconds, each sent at once or
+once an earlier one has streamed some tokens, some cancelled after a random count of tokens,
+some resumed from part of their ids. Few rows and small budgets make requests queue, rows join
+freed slots mid-decode and long prompts wait for room. Plain greedy ids are the fixture's
+reference ids; any other request's are those it decodes with an engine to itself.
+TOKENWIRE_CHURN_EXAMPLES sets the examples per model (default 30).
 """
 
 from __future__ import annotations
@@ -110,24 +110,48 @@ class Arrival:
     """Continue the stream from this many of its ids (as a failover does); 0: a fresh one."""
     deadline_ms: int | None = None
     """Its deadline, this long after it is sent; None: none."""
+    stop_at: int | None = None
+    """The id at this index of its stream without stop ids is its stop id; None: none."""
 
-    def request(
-        self, name: str, prompts: list[str], continuation: list[int], max_tokens: int = 0
-    ) -> GenerationRequest:
-        deadline = None
-        if self.deadline_ms is not None:
-            deadline = time.monotonic() + self.deadline_ms / 1000
-        return GenerationRequest(
-            name,
-            prompts[self.prompt],
-            max_tokens=max_tokens or self.max_tokens,
-            sampling=DECODINGS[self.decoding],
-            logprobs=bool(self.decoding % 2),
-            top_logprobs=2 if self.decoding % 2 else 0,
-            ignore_eos=True,
-            continuation=tuple(continuation[: self.resumed]),
-            deadline=deadline,
-        )
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What an arrival asks for, resolved against the ids its prompt gets alone."""
+
+    stop_ids: tuple[int, ...]
+    whole: list[int]
+    """The ids of its whole stream with an engine to itself."""
+    resumed: int
+    """How many of them it continues from (fewer than the whole stream)."""
+
+
+def _request(
+    fixture: Fixture,
+    arrival: Arrival,
+    stop_ids: tuple[int, ...],
+    *,
+    name: str = "alone",
+    plan: Plan | None = None,
+) -> GenerationRequest:
+    """The arrival's request: alone, as long as its prompt's reference and without deadline
+    or continuation; or, with its plan, as the example sends it."""
+    max_tokens, continuation, deadline = fixture.lengths[arrival.prompt], (), None
+    if plan is not None:
+        max_tokens, continuation = arrival.max_tokens, tuple(plan.whole[: plan.resumed])
+        if arrival.deadline_ms is not None:
+            deadline = time.monotonic() + arrival.deadline_ms / 1000
+    return GenerationRequest(
+        name,
+        fixture.prompts[arrival.prompt],
+        max_tokens=max_tokens,
+        sampling=DECODINGS[arrival.decoding],
+        logprobs=bool(arrival.decoding % 2),
+        top_logprobs=2 if arrival.decoding % 2 else 0,
+        ignore_eos=True,
+        stop_token_ids=stop_ids,
+        continuation=continuation,
+        deadline=deadline,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +176,9 @@ class Fixture:
     """New tokens per prompt: as many as its reference ids."""
     longest: int
     """Prompt + new tokens of the longest request: the smallest KV-cache budget that takes it."""
-    alone: dict[tuple[int, int], list[int]] = dataclasses.field(default_factory=dict)
+    alone: dict[tuple[int, int, tuple[int, ...]], list[int]] = dataclasses.field(
+        default_factory=dict
+    )
 
 
 @st.composite
@@ -172,8 +198,11 @@ def examples(draw: st.DrawFn, fixture: Fixture, *, failing: bool = False) -> Exa
             cancel_after = draw(st.integers(0, max_tokens))
         resumed = draw(st.integers(0, max_tokens - 1)) if draw(st.integers(0, 3)) == 0 else 0
         deadline_ms = draw(st.integers(0, 30)) if draw(st.integers(0, 5)) == 0 else None
+        stop_at = draw(st.integers(0, max_tokens - 1)) if draw(st.integers(0, 4)) == 0 else None
         arrivals.append(
-            Arrival(prompt, max_tokens, decoding, after, cancel_after, resumed, deadline_ms)
+            Arrival(
+                prompt, max_tokens, decoding, after, cancel_after, resumed, deadline_ms, stop_at
+            )
         )
     return Example(
         max_batch_size=draw(st.integers(1, 4)),
@@ -201,22 +230,34 @@ async def _stream(engine: Engine, request: GenerationRequest) -> list[int]:
     return [e.token_id async for e in engine.submit(request).events() if isinstance(e, TokenEvent)]
 
 
-def expected_ids(fixture: Fixture, arrival: Arrival) -> list[int]:
-    """The ids of this request's whole stream with an engine to itself."""
-    key = (arrival.prompt, arrival.decoding)
+def _alone(fixture: Fixture, arrival: Arrival, stop_ids: tuple[int, ...]) -> list[int]:
+    """The ids its prompt gets alone with its decoding and these stop ids (cached)."""
+    key = (arrival.prompt, arrival.decoding, stop_ids)
     if key not in fixture.alone:
         engine = _engine(fixture)
         try:
-            fresh = dataclasses.replace(arrival, resumed=0, deadline_ms=None)
-            request = fresh.request("alone", fixture.prompts, [], fixture.lengths[arrival.prompt])
-            fixture.alone[key] = asyncio.run(_stream(engine, request))
+            fixture.alone[key] = asyncio.run(_stream(engine, _request(fixture, arrival, stop_ids)))
         finally:
             engine.shutdown()
-    return fixture.alone[key][: arrival.max_tokens]
+    return fixture.alone[key]
+
+
+def plan(fixture: Fixture, arrival: Arrival) -> Plan:
+    """Its stop ids, its whole stream alone, and how much of it a resumed request continues
+    from (a continuation holds no stop id: the stream would have ended there)."""
+    fresh = _alone(fixture, arrival, ())
+    stop_ids: tuple[int, ...] = ()
+    if arrival.stop_at is not None and arrival.stop_at < len(fresh):
+        stop_ids = (fresh[arrival.stop_at],)
+    whole = _alone(fixture, arrival, stop_ids)[: arrival.max_tokens]
+    resumed = min(arrival.resumed, len(whole) - 1) if whole else 0
+    if stop_ids and stop_ids[0] in whole[:resumed]:
+        resumed = whole.index(stop_ids[0])
+    return Plan(stop_ids, whole, resumed)
 
 
 async def play(
-    engine: Engine, prompts: list[str], arrivals: list[Arrival], whole: list[list[int]]
+    engine: Engine, fixture: Fixture, arrivals: list[Arrival], plans: list[Plan]
 ) -> list[tuple[list[int], FinishReason | None]]:
     """Run one example's requests (a resumed one continues from the start of its whole
     stream); return each one's streamed ids and finish reason (None: it ended with an
@@ -230,7 +271,8 @@ async def play(
             earlier, count = arrival.after
             async with changed:
                 await changed.wait_for(lambda: progress[earlier] >= count or ended[earlier])
-        handle = engine.submit(arrival.request(f"churn-{i}", prompts, whole[i]))
+        request = _request(fixture, arrival, plans[i].stop_ids, name=f"churn-{i}", plan=plans[i])
+        handle = engine.submit(request)
         if arrival.cancel_after == 0:
             handle.cancel()
         ids: list[int] = []
@@ -278,38 +320,38 @@ def fixture(request: pytest.FixtureRequest) -> Fixture:
     model = CountingModel(model_dir, provider="cpu", intra_op_threads=1, **options)
     fixture = Fixture(model, tokenizer, prompts, lengths, longest)
     if source == model_dir:
-        fixture.alone = {(i, 0): p["output_ids"] for i, p in enumerate(reference["prompts"])}
+        fixture.alone = {(i, 0, ()): p["output_ids"] for i, p in enumerate(reference["prompts"])}
     return fixture
 
 
 def _serve(fixture: Fixture, example: Example) -> list[tuple[list[int], FinishReason | None]]:
     """Play an example on a fresh engine; check that nothing is left active, running or held
     in a slot afterwards, and that every stream so far is a prefix of the one it gets alone."""
-    whole = [expected_ids(fixture, a) for a in example.arrivals]
+    plans = [plan(fixture, a) for a in example.arrivals]
     fixture.model.forget()
     fixture.model.fail_on = set() if example.fail_on is None else {example.fail_on}
     engine = _engine(fixture, example)
     try:
-        outcomes = asyncio.run(play(engine, fixture.prompts, example.arrivals, whole))
+        outcomes = asyncio.run(play(engine, fixture, example.arrivals, plans))
         assert engine.running_count == 0
         held = [(c.rows, c.reserved) for c in fixture.model.made if (c.rows, c.reserved) != (0, 0)]
         assert not held, f"slots live or held: {held}"
     finally:
         fixture.model.fail_on = set()
         engine.shutdown()
-    for i, (arrival, stream, (ids, reason)) in enumerate(
-        zip(example.arrivals, whole, outcomes, strict=True)
+    for i, (arrival, planned, (ids, reason)) in enumerate(
+        zip(example.arrivals, plans, outcomes, strict=True)
     ):
-        want = stream[arrival.resumed :]
+        want = planned.whole[planned.resumed :]
         assert ids == want[: len(ids)], f"request {i}"
-        ended = {FinishReason.LENGTH}
+        ended = {FinishReason.LENGTH, FinishReason.STOP}
         if arrival.cancel_after is not None:
             ended.add(FinishReason.CANCELLED)
         if arrival.deadline_ms is not None:
             ended.add(FinishReason.DEADLINE_EXCEEDED)
         if reason is not None:
             assert reason in ended, f"request {i}"
-        if reason is FinishReason.LENGTH:
+        if reason in (FinishReason.LENGTH, FinishReason.STOP):
             assert ids == want, f"request {i}"
     return outcomes
 
