@@ -180,7 +180,7 @@ class CountingModel(OnnxCausalLM):
     ) -> tuple[Logits, Sequence[CacheTensor]]:
         rows, width = attention_mask.shape
         (self.decodes if kwargs.get("decode") else self.prefills).append((rows, width))
+        self.in_place.append(bool(kwargs.get("in_place")))
         if len(self.prefills) + len(self.decodes) in self.fail_on:
             raise RuntimeError("a forward that fails")
-        self.in_place.append(bool(kwargs.get("in_place")))
         return super().forward(input_ids, attention_mask, *args, **kwargs)

@@ -106,8 +106,9 @@ class Placement:
         width = self._width
         if width is not None and len(seq.context_ids) > width:
             if len(seq.prompt_ids) > width:
-                return min(left, max(chunk, width + 1)) if seq.prefilled == 0 else min(left, chunk)
-            if seq.prefilled < width:
+                if seq.prefilled == 0:
+                    return min(left, max(chunk, width + 1))
+            elif seq.prefilled < width:
                 # A continuation that goes past the limit: its stream computed the positions
                 # within the limit in forwards within it, and so does this prefill.
                 return min(chunk, width - seq.prefilled)
