@@ -335,9 +335,14 @@ class OnnxCausalLM:
         # The cache hands out the same region objects while its rows stay, so identity
         # settles most steps before the fields are compared.
         bound = self._bound_regions
-        if len(regions) != len(bound) or (
-            any(a is not b for a, b in zip(regions, bound, strict=True)) and regions != bound
-        ):
+        same = len(regions) == len(bound) and all(
+            a is b for a, b in zip(regions, bound, strict=True)
+        )
+        if not same and regions == bound:
+            # Equal regions from other objects (a prefill bound its slots' views): keep the
+            # binding, and the objects, so that the next steps settle on identity alone.
+            self._bound_regions = regions
+        elif not same:
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
             # Outputs come back in binding order: the logits stay first.
