@@ -184,6 +184,8 @@ class OnnxCausalLM:
         )
         self._bound_regions: tuple[object, ...] = ()
         self._decode_logits: dict[int, FloatArray] = {}
+        self._logits_bound: FloatArray | None = None
+        """The host array the logits output is bound to now (None: bound to a device)."""
         tolerance = FP16_TOLERANCE if self.layout.dtype is np.float16 else FP32_TOLERANCE
         self._static: StaticDecode | None = None
         self.padding: Padding = probe_padding(self, tolerance)
@@ -347,6 +349,7 @@ class OnnxCausalLM:
             binding.clear_binding_outputs()
             # Outputs come back in binding order: the logits stay first.
             binding.bind_output("logits", self._logits_device)
+            self._logits_bound = None
             dtype = self.layout.dtype
             for tensor, view in zip(self.layout.tensors, map(_bound, regions), strict=True):
                 shape = list(view.shape)
@@ -359,8 +362,9 @@ class OnnxCausalLM:
         host = self._decode_logits.get(rows) if decode else None
         if host is None:
             binding.bind_output("logits", self._logits_device)
-        else:
+        elif host is not self._logits_bound:
             binding.bind_output("logits", "cpu", 0, np.float32, list(host.shape), host.ctypes.data)
+        self._logits_bound = host
         if before_run is not None:
             before_run()
         self.session.run_with_iobinding(binding, self._plain_run)

@@ -102,6 +102,8 @@ class Scheduler:
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._members: dict[Sequence, None] = {}
         """Every submitted request not yet reported finished, in arrival order."""
+        self._timed: set[Sequence] = set()
+        """The members with a deadline."""
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._prefilling: list[Sequence] = []
         self._cohorts: list[Cohort] = []
@@ -188,6 +190,8 @@ class Scheduler:
                 return False
             if isinstance(command, Submit):
                 self._members[command.sequence] = None
+                if command.sequence.request.deadline is not None:
+                    self._timed.add(command.sequence)
                 self._waiting.append(command.sequence)
             else:
                 self._cancels[command.request_id] = command.reason
@@ -210,7 +214,13 @@ class Scheduler:
     def _reap(self, now: float) -> None:
         """End cancelled and expired requests; their rows leave the batch."""
         everyone_reason = self._cancels.pop(None, None)
-        for seq in (*self._waiting, *self._prefilling, *self._running):
+        # Without a cancel only a deadline can end a request: most steps look at no row.
+        ending = (
+            (*self._waiting, *self._prefilling, *self._running)
+            if self._cancels or everyone_reason is not None
+            else self._timed
+        )
+        for seq in ending:
             reason = self._cancels.get(seq.request_id, everyone_reason)
             if reason is None and seq.expired(now):
                 reason = FinishReason.DEADLINE_EXCEEDED
@@ -430,6 +440,7 @@ class Scheduler:
         now = time.monotonic()
         for seq in self._done:
             self._members.pop(seq, None)
+            self._timed.discard(seq)
             self._on_finished(seq)
             self._observer.request_finished(seq.record(now))
         self._done.clear()

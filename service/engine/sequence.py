@@ -22,6 +22,9 @@ from tokenwire.server.engine.sampling import Sampler
 from tokenwire.server.engine.slot_cache import SlotPrefill
 from tokenwire.server.tokenizer import TextStream
 
+_NEVER = 1 << 62
+"""A generated length no request reaches."""
+
 
 @dataclasses.dataclass(eq=False, slots=True)
 class Sequence:
@@ -51,19 +54,33 @@ class Sequence:
     """Prefill this request alone (a group prefill that included it failed)."""
     context_ids: list[int] = dataclasses.field(default_factory=list)
     """What the prefill feeds: the prompt, then the tokens a continued generation already has."""
+    reservation: int = dataclasses.field(init=False)
+    """KV-cache entries this request may need: its prompt plus its token budget."""
+    stop_ids: frozenset[int] = dataclasses.field(init=False)
+    """Ids that end the generation: EOS (unless ignored) and the request's stop token ids."""
+    argmax_from: int = dataclasses.field(init=False)
+    """From this many generated tokens on, the next token is the step's plain argmax (greedy,
+    nothing changes the logits, nothing suppressed); a huge number if never."""
+    scores_until: int = dataclasses.field(init=False)
+    """Below this many generated tokens the row needs the step's whole distribution (it
+    samples, adjusts or suppresses, or reports logprobs); 0 if never."""
 
     def __post_init__(self) -> None:
-        self.context_ids = self.prompt_ids + list(self.request.continuation)
-        self.resume(self.request.continuation)
+        request = self.request
+        self.context_ids = self.prompt_ids + list(request.continuation)
+        self.reservation = len(self.prompt_ids) + self.budget
+        eos = frozenset() if request.ignore_eos else self.eos_ids
+        self.stop_ids = eos | frozenset(request.stop_token_ids)
+        # Stop ids are suppressed only before min_tokens (and only if there are any).
+        unsuppressed = request.min_tokens if self.stop_ids else 0
+        self.argmax_from = unsuppressed if request.sampling.plain_greedy else _NEVER
+        reports = request.logprobs or request.top_logprobs
+        self.scores_until = _NEVER if reports else self.argmax_from
+        self.resume(request.continuation)
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
-
-    @property
-    def reservation(self) -> int:
-        """KV-cache entries this request may need: its prompt plus its token budget."""
-        return len(self.prompt_ids) + self.budget
 
     @property
     def finished(self) -> bool:
@@ -95,15 +112,22 @@ class Sequence:
         """Ids that must not be chosen next: EOS and stop token ids before min_tokens."""
         if len(self.generated) >= self.request.min_tokens:
             return frozenset()
-        eos = frozenset() if self.request.ignore_eos else self.eos_ids
-        return eos | frozenset(self.request.stop_token_ids)
+        return self.stop_ids
+
+    @property
+    def plain(self) -> bool:
+        """Whether the next token is the step's plain argmax (see argmax_from)."""
+        return len(self.generated) >= self.argmax_from
+
+    @property
+    def needs_scores(self) -> bool:
+        """Whether the next token needs the step's whole distribution (see scores_until)."""
+        return len(self.generated) < self.scores_until
 
     def _stops_at(self, token_id: int) -> tuple[FinishReason | None, str]:
         """Push the newest token through the text pipeline: set the finish reason if a stop
         condition holds; return it and the text the token releases."""
-        if (
-            token_id in self.eos_ids and not self.request.ignore_eos
-        ) or token_id in self.request.stop_token_ids:
+        if token_id in self.stop_ids:
             self.finish_reason = FinishReason.STOP
             return self.finish_reason, self.text.flush()
         delta, stop = self.text.push(token_id)

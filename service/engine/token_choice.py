@@ -40,10 +40,20 @@ class TokenChooser:
         """Choose each row's next token from the step's logits (row i is rows[i]) and hand it
         to its sequence; a row whose choice fails ends with an error, the others go on."""
         # Padded embedding rows past the tokenizer's vocabulary are never sampled.
+        if all(seq.plain and not seq.needs_scores for seq in rows):
+            # The common step: one argmax serves every row, and nothing else is read.
+            for seq, token in zip(rows, logits.argmax(self._vocab).tolist(), strict=True):
+                try:
+                    seq.accept(token, None, now, ())
+                except Exception as exc:  # one request's text must not fail the others
+                    log.exception("engine.sample_failed", request_id=seq.request_id)
+                    seq.fail("sampling failed", exc)
+            return
         # One argmax serves every plain greedy row.
-        argmax = logits.argmax(self._vocab) if not all(map(_adjusts, rows)) else None
+        argmax = logits.argmax(self._vocab).tolist() if any(s.plain for s in rows) else None
         # The whole distribution reaches the host only when some row samples or reports it.
-        scores = logits.host()[:, : self._vocab] if any(map(_needs_scores, rows)) else None
+        wanted = any(seq.needs_scores for seq in rows)
+        scores = logits.host()[:, : self._vocab] if wanted else None
         chosen: dict[int, int | Exception] = {}
         if scores is not None:
             chosen = self._chosen_from_scores(rows, scores)
@@ -54,7 +64,7 @@ class TokenChooser:
                     raise choice
                 if choice is None:
                     assert argmax is not None  # a plain greedy row: the step's argmax is made
-                    token = int(argmax[i])
+                    token = argmax[i]
                 else:
                     token = choice
                 if scores is None:
@@ -78,7 +88,7 @@ class TokenChooser:
         scores adjusted row by row in one float64 copy, the sampling rows then drawn in one
         pass."""
         chosen: dict[int, int | Exception] = {}
-        picked = [i for i, seq in enumerate(rows) if _adjusts(seq)]
+        picked = [i for i, seq in enumerate(rows) if not seq.plain]
         if not picked:
             return chosen
         adjusted = scores if len(picked) == len(rows) else scores[picked]
@@ -137,15 +147,3 @@ class TokenChooser:
             TopLogprob(token_id, logprob, self._token_text(token_id))
             for token_id, logprob in top_logprobs(row, seq.request.top_logprobs, normaliser)
         )
-
-
-def _adjusts(seq: Sequence) -> bool:
-    """Whether a row's token comes from its adjusted scores, not the step's argmax."""
-    return not seq.request.sampling.plain_greedy or bool(seq.suppressed)
-
-
-def _needs_scores(seq: Sequence) -> bool:
-    """Whether a row needs the step's whole distribution, not just its argmax."""
-    request = seq.request
-    plain = request.sampling.plain_greedy and not seq.suppressed
-    return not plain or bool(request.logprobs) or bool(request.top_logprobs)
