@@ -247,6 +247,8 @@ class Scheduler:
 
     def _admit(self, now: float) -> None:
         """Move waiting requests into prefill while rows and KV-cache budget allow (FIFO)."""
+        if not self._waiting:
+            return
         rows = len(self._running) + len(self._prefilling)
         reserved = self._reserved()
         while self._waiting and rows < self._max_batch:
