@@ -1,6 +1,7 @@
 """The engine alone, no transport: N greedy streams through Engine in one process (.venv).
 
 Usage: python bench/engine_alone.py MODEL_DIR --streams N [--prompt-tokens 32 --new-tokens 128]
+       [--sampled] (peers.SAMPLED's settings, as the sampled rows use, instead of greedy)
 Prints one JSON object shaped like peers.py's: tokens/s, TTFT and inter-token latencies.
 """
 
@@ -16,18 +17,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from peers import summarise  # bench/ is the script's directory, hence on sys.path
+from peers import SAMPLED, summarise  # bench/ is the script's directory, hence on sys.path
 
 from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
 from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
 from tokenwire.server.tokenizer import Tokenizer
 
+GREEDY = SamplingParams(temperature=0.0)
+
 
 async def run(
-    engine: Engine, prompts: Sequence[str | list[int]], new: int
+    engine: Engine,
+    prompts: Sequence[str | list[int]],
+    new: int,
+    sampling: SamplingParams = GREEDY,
 ) -> tuple[float, list[float], float]:
-    """Every prompt (text, or token ids) as one greedy stream at once: the median TTFT, every
-    inter-token gap, the wall time."""
+    """Every prompt (text, or token ids) as one stream at once (greedy unless `sampling`
+    says otherwise): the median TTFT, every inter-token gap, the wall time."""
 
     async def one(i: int, prompt: str | list[int]) -> list[float]:
         text = prompt if isinstance(prompt, str) else ""
@@ -36,7 +42,7 @@ async def run(
             text,
             prompt_ids=() if isinstance(prompt, str) else tuple(prompt),
             max_tokens=new,
-            sampling=SamplingParams(temperature=0.0),
+            sampling=sampling,
             ignore_eos=True,
         )
         return [
@@ -53,7 +59,9 @@ async def run(
     return ttft, gaps, total
 
 
-async def main(model_dir: Path, streams: int, prompt: int, new: int) -> dict[str, Any]:
+async def main(
+    model_dir: Path, streams: int, prompt: int, new: int, *, sampled: bool = False
+) -> dict[str, Any]:
     engine = Engine(
         OnnxCausalLM(model_dir, provider="cpu"),
         Tokenizer.from_dir(model_dir),
@@ -66,12 +74,21 @@ async def main(model_dir: Path, streams: int, prompt: int, new: int) -> dict[str
         engine.tokenizer.decode([int(t) for t in rng.integers(10, vocab - 10, prompt)])
         for _ in range(streams)
     ]
+    sampling = (
+        SamplingParams(
+            temperature=SAMPLED["temperature"],
+            top_k=int(SAMPLED["top_k"]),
+            top_p=SAMPLED["top_p"],
+        )
+        if sampled
+        else GREEDY
+    )
     try:
-        await run(engine, prompts, 16)
+        await run(engine, prompts, 16, sampling)
         runs = []
         for _ in range(3):
             cpu0 = time.process_time()
-            ttft, gaps, total = await run(engine, prompts, new)
+            ttft, gaps, total = await run(engine, prompts, new, sampling)
             runs.append((total, ttft, gaps, time.process_time() - cpu0))
     finally:
         engine.shutdown()
@@ -86,5 +103,7 @@ if __name__ == "__main__":
     ap.add_argument("--streams", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--sampled", action="store_true")
     a = ap.parse_args()
-    print(json.dumps(asyncio.run(main(a.model_dir, a.streams, a.prompt_tokens, a.new_tokens))))
+    summary = main(a.model_dir, a.streams, a.prompt_tokens, a.new_tokens, sampled=a.sampled)
+    print(json.dumps(asyncio.run(summary)))

@@ -12,7 +12,7 @@ vocabulary unless it asks for top-p (top-k keeps the tokens scoring at least its
 score, as Hugging Face's warper does; top-p keeps the most likely tokens until their mass
 reaches top_p, ties with the last one kept included). Each row's draw is the token at which the
 running sum of its kept probabilities, in vocabulary order, passes u x their total, for one
-uniform u from the request's seed and the token's index.
+uniform u from the request's seed and the token's index (SplitMix64: `uniforms`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from tokenwire.server.domain import SamplingParams
 
 Logits = npt.NDArray[np.float32]
 Scores = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.intp]
 Side = Literal["left", "right"]
 
 
@@ -178,10 +179,8 @@ def _sample_top_k(
     """Rows that share top_k = k: each weighed over its candidates, all at once; where some
     row's k-th best score is tied (it keeps more than k candidates), one row at a time."""
     rows, width = scores.shape
-    # (numpy's stubs lose the dtype of a partition or a gather of a union of array types)
-    kth = cast("Scores | Logits", np.partition(scores, width - k, axis=1)[:, width - k])
     # Every row's candidates, row after row, each row's in vocabulary order.
-    flat = np.flatnonzero(scores >= kth[:, None])
+    flat = at_least_kth(scores, k)
     counts = np.bincount(flat // width, minlength=rows)
     chosen = [0] * rows
     if (counts == k).all():
@@ -197,6 +196,55 @@ def _sample_top_k(
         weights = _weights(scores[r, candidates][None, :], [samplers[r]])
         chosen[r] = int(candidates[_pick_rows(weights, [samplers[r]], [indices[r]])[0]])
     return chosen
+
+
+def at_least_kth(scores: Scores | Logits, k: int) -> IntArray:
+    """Flat indices (row-major) of every score at least its row's k-th best.
+
+    The k-th best of the maxima of 2k blocks of a row is a lower bound of the row's k-th best
+    (k blocks hold a score at least as high), and only the few scores that reach it need
+    ranking: two passes over the row, no partition of it."""
+    rows, width = scores.shape
+    blocks = 2 * k
+    if width < 8 * blocks:  # blocks too short to leave few scores above the bound
+        # (numpy's stubs lose the dtype of a partition of a union of array types)
+        kth = cast("Scores | Logits", np.partition(scores, width - k, axis=1)[:, width - k])
+        return np.flatnonzero(scores >= kth[:, None])
+    edges = np.linspace(0, width, blocks, endpoint=False).astype(np.intp)
+    maxima = np.maximum.reduceat(scores, edges, axis=1)
+    bound = cast("Scores | Logits", np.partition(maxima, blocks - k, axis=1)[:, blocks - k])
+    above = np.flatnonzero(scores >= bound[:, None])
+    row, column = np.divmod(above, width)
+    counts = np.bincount(row, minlength=rows)
+    values = scores[row, column]
+    # Each row's scores above its bound, padded to the widest row with -inf, then ranked.
+    widest = int(counts.max())
+    padded = np.full((rows, widest), -np.inf, dtype=scores.dtype)
+    starts = np.cumsum(counts) - counts
+    padded[row, np.arange(above.size) - np.repeat(starts, counts)] = values
+    kth = np.partition(padded, widest - k, axis=1)[:, widest - k]
+    kept: IntArray = above[values >= kth[row]]
+    return kept
+
+
+def uniforms(samplers: Sequence[Sampler], indices: Sequence[int]) -> Scores:
+    """Each row's uniform draw in [0, 1), from its request's seed and the token's index alone:
+    SplitMix64's output at step index + 1 of the sequence the mixed seed starts."""
+    seeds = _mix(np.asarray([s.seed for s in samplers], dtype=np.uint64))
+    steps = np.asarray(indices, dtype=np.uint64) + np.uint64(1)
+    drawn = _mix(seeds + steps * _GOLDEN_GAMMA) >> np.uint64(11)
+    return drawn.astype(np.float64) * 2.0**-53
+
+
+_GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(z: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """SplitMix64's finaliser (uint64 arithmetic wraps)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    mixed: npt.NDArray[np.uint64] = z ^ (z >> np.uint64(31))
+    return mixed
 
 
 def _weights(scores: Scores | Logits, samplers: Sequence[Sampler]) -> Scores:
@@ -232,13 +280,8 @@ def _pick_rows(weights: Scores, samplers: Sequence[Sampler], indices: Sequence[i
     else:
         for r in cut:
             _keep_top_p(weights[r], float(top_p[r]))
-    uniforms = np.asarray(
-        [
-            np.random.default_rng((s.seed, i)).random()
-            for s, i in zip(samplers, indices, strict=True)
-        ]
-    )
-    return _first_passing_rows(weights, uniforms * weights.sum(axis=1))
+    drawn = uniforms(samplers, indices)
+    return _first_passing_rows(weights, drawn * weights.sum(axis=1))
 
 
 def _top_p_rows(weights: Scores, top_p: Scores) -> Scores:
