@@ -5,7 +5,8 @@
 #
 #   bench/gpu.sh OUT_DIR [bench/gpu.py flags]
 #
-# Wheels it expects (download them where pip reaches the registry, for cp312 manylinux x86_64):
+# Wheels it expects (bench/gpu_wheels.sh fetches them where pip reaches the registry, for cp312
+# manylinux x86_64):
 #   .whl/*.whl     onnxruntime-genai-cuda 0.18.0, grpcio 1.85.3, grpcio-health-checking,
 #                  grpcio-reflection, grpcio-status, protobuf 7.36, googleapis-common-protos,
 #                  structlog 26.1, prometheus-client 0.26, onnx-ir 1.1.0, opentelemetry-api and
