@@ -41,7 +41,11 @@ class Settings:
         "`auto` (CUDA when a GPU and its provider are usable, else CPU), `cpu`, "
         "or `cuda` (no start without it)",
     )
-    intra_op_threads: int = setting(0, "ONNX Runtime intra-op threads (0 = one per core)")
+    intra_op_threads: int = setting(
+        0,
+        "ONNX Runtime intra-op threads (0 = the physical cores this process may run on, "
+        "capped by its container's CPU quota; logged at start)",
+    )
     inter_op_threads: int = setting(1, "ONNX Runtime inter-op threads (0 = auto)")
     ort_spinning: bool = setting(
         True,

@@ -12,6 +12,7 @@ import structlog
 
 from tokenwire.server import __version__
 from tokenwire.server.config import Settings
+from tokenwire.server.cpus import CpuBudget, cpu_budget
 from tokenwire.server.engine import (
     Engine,
     EngineConfig,
@@ -39,12 +40,19 @@ def engine_config(settings: Settings) -> EngineConfig:
 _SETTING_NAMES = {field.name for field in dataclasses.fields(Settings)}
 
 
+def intra_op_threads(settings: Settings) -> CpuBudget:
+    """ONNX Runtime's intra-op threads: the setting, or (0) this process's CPU budget."""
+    if settings.intra_op_threads:
+        return CpuBudget(settings.intra_op_threads, "intra_op_threads")
+    return cpu_budget()
+
+
 def load_engine(settings: Settings, observer: EngineObserver | None = None) -> Engine:
     """Load the model and tokenizer and warm them up (blocking; run it off the event loop)."""
     model = OnnxCausalLM(
         settings.model_dir,
         provider=settings.provider,
-        intra_op_threads=settings.intra_op_threads,
+        intra_op_threads=intra_op_threads(settings).cpus,
         inter_op_threads=settings.inter_op_threads,
         spinning=settings.ort_spinning,
         cuda_graph=settings.cuda_graph,
@@ -147,13 +155,15 @@ async def _serve(
         )
     metrics.describe_build(__version__, engine.model.spec.name, engine.model.provider)
     await server.attach(engine)
+    threads = intra_op_threads(settings)
     log.info(
         "server.started",
         version=__version__,
         model=engine.model.spec.name,
         model_dir=str(settings.model_dir),
         provider=engine.model.provider,
-        intra_op_threads=settings.intra_op_threads,
+        intra_op_threads=threads.cpus,
+        intra_op_threads_from=threads.source,
         inter_op_threads=settings.inter_op_threads,
         max_batch_size=settings.max_batch_size,
         port=port,
