@@ -121,8 +121,11 @@ async def _serve(
             return 2
         scheme = "http" if tls is None else "https"
         log.info("metrics.listening", url=f"{scheme}://{settings.host}:{metrics_port}/metrics")
+    # Resolved once: the engine computes with the number the start-up line reports.
+    threads = intra_op_threads(settings)
+    resolved = dataclasses.replace(settings, intra_op_threads=threads.cpus)
     try:
-        engine = await asyncio.to_thread(load_engine, settings, metrics)
+        engine = await asyncio.to_thread(load_engine, resolved, metrics)
     except ModelLoadError as exc:
         log.error("model.refused", model_dir=str(settings.model_dir), reason=str(exc))
         await server.drain()
@@ -155,7 +158,6 @@ async def _serve(
         )
     metrics.describe_build(__version__, engine.model.spec.name, engine.model.provider)
     await server.attach(engine)
-    threads = intra_op_threads(settings)
     log.info(
         "server.started",
         version=__version__,
