@@ -1,7 +1,10 @@
 """The engine alone, no transport: N greedy streams through Engine in one process (.venv).
 
 Usage: python bench/engine_alone.py MODEL_DIR --streams N [--prompt-tokens 32 --new-tokens 128]
-       [--sampled] (peers.SAMPLED's settings, as the sampled rows use, instead of greedy)
+       [--sampling greedy|bench|top-p|temperature]
+       (bench: peers.SAMPLED's settings, as the sampled rows use; top-p: temperature 0.7 and
+       top_p 0.9, as OpenAI-style clients send them; temperature: temperature 1 alone, the
+       OpenAI API's default; --sampled is --sampling bench)
 Prints one JSON object shaped like peers.py's: tokens/s, TTFT and inter-token latencies.
 """
 
@@ -24,6 +27,14 @@ from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
 from tokenwire.server.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0.0)
+SAMPLINGS = {
+    "greedy": GREEDY,
+    "bench": SamplingParams(
+        temperature=SAMPLED["temperature"], top_k=int(SAMPLED["top_k"]), top_p=SAMPLED["top_p"]
+    ),
+    "top-p": SamplingParams(temperature=0.7, top_p=0.9),
+    "temperature": SamplingParams(temperature=1.0),
+}
 
 
 async def run(
@@ -60,7 +71,7 @@ async def run(
 
 
 async def main(
-    model_dir: Path, streams: int, prompt: int, new: int, *, sampled: bool = False
+    model_dir: Path, streams: int, prompt: int, new: int, *, sampling: str = "greedy"
 ) -> dict[str, Any]:
     engine = Engine(
         OnnxCausalLM(model_dir, provider="cpu"),
@@ -74,21 +85,13 @@ async def main(
         engine.tokenizer.decode([int(t) for t in rng.integers(10, vocab - 10, prompt)])
         for _ in range(streams)
     ]
-    sampling = (
-        SamplingParams(
-            temperature=SAMPLED["temperature"],
-            top_k=int(SAMPLED["top_k"]),
-            top_p=SAMPLED["top_p"],
-        )
-        if sampled
-        else GREEDY
-    )
+    params = SAMPLINGS[sampling]
     try:
-        await run(engine, prompts, 16, sampling)
+        await run(engine, prompts, 16, params)
         runs = []
         for _ in range(3):
             cpu0 = time.process_time()
-            ttft, gaps, total = await run(engine, prompts, new, sampling)
+            ttft, gaps, total = await run(engine, prompts, new, params)
             runs.append((total, ttft, gaps, time.process_time() - cpu0))
     finally:
         engine.shutdown()
@@ -103,7 +106,9 @@ if __name__ == "__main__":
     ap.add_argument("--streams", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--sampled", action="store_true")
+    ap.add_argument("--sampling", choices=sorted(SAMPLINGS), default="greedy")
+    ap.add_argument("--sampled", action="store_true", help="the same as --sampling bench")
     a = ap.parse_args()
-    summary = main(a.model_dir, a.streams, a.prompt_tokens, a.new_tokens, sampled=a.sampled)
+    sampling = "bench" if a.sampled else a.sampling
+    summary = main(a.model_dir, a.streams, a.prompt_tokens, a.new_tokens, sampling=sampling)
     print(json.dumps(asyncio.run(summary)))

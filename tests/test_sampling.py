@@ -13,7 +13,6 @@ from tokenwire.server.engine.sampling import (
     Sampler,
     _first_passing,
     _first_passing_rows,
-    _keep_top_p,
     _top_p_rows,
     log_softmax_at,
     sample,
@@ -216,17 +215,24 @@ def test_the_search_of_many_rows_finds_what_each_row_finds_alone() -> None:
         assert all(weights[r, position] > 0 for r, position in enumerate(found))
 
 
+def _weight_rows(spreads: list[float], width: int, seed: int) -> np.ndarray:
+    """float32 weights (the best of each row weighs 1), zeros up to whole blocks: the larger
+    a row's spread, the fewer of its most likely tokens carry its mass."""
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((len(spreads), width)) * np.asarray(spreads)[:, None]
+    weights = np.zeros((len(spreads), -(-width // BLOCK) * BLOCK), dtype=np.float32)
+    weights[:, :width] = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return weights
+
+
 def test_top_p_of_many_rows_keeps_what_each_row_keeps_alone() -> None:
-    """Rows no wider than TOP_P_HEAD, cut together with their own top_p, keep exactly what
-    _keep_top_p keeps of each alone."""
-    rng = np.random.default_rng(17)
-    weights = np.exp(rng.standard_normal((7, 2 * BLOCK)) * rng.uniform(0.1, 5.0, (7, 1)))
-    weights[:, 300:] = 0.0
-    top_p = rng.uniform(0.05, 0.99, 7)
-    together = _top_p_rows(weights, top_p)
+    """Rows whose mass lies in their 64 largest weights, or beyond them, or spread over the
+    whole row, cut together with their own top_p, each keep exactly what they keep alone."""
+    weights = _weight_rows([12.0, 3.0, 2.0, 0.05, 8.0, 1.0, 2.5], 20_000, seed=17)
+    top_p = np.random.default_rng(18).uniform(0.05, 0.99, 7)
+    together = _top_p_rows(weights.copy(), top_p)
     for row, p, kept in zip(weights, top_p, together, strict=True):
-        alone = row.copy()
-        _keep_top_p(alone, float(p))
+        alone = _top_p_rows(row[None, :].copy(), np.asarray([p]))[0]
         assert np.array_equal(alone, kept)
 
 
@@ -248,20 +254,25 @@ def test_rows_tied_at_their_k_th_score_draw_the_same_alone_and_together() -> Non
         assert all(logits[r, token] >= kth[r] for r, token in enumerate(together))
 
 
-def test_top_p_keeps_what_a_full_sort_keeps_with_or_without_the_head() -> None:
-    """top_p keeps the tokens a full descending sort keeps, on a peaked row (the largest
-    TOP_P_HEAD carry the mass) and on a flat one (they do not)."""
-    rng = np.random.default_rng(14)
-    size = 8 * TOP_P_HEAD
-    for spread in (8.0, 0.05):
-        weights = np.exp(rng.standard_normal(size) * spread)
-        weights /= weights.max()
-        ranked = np.sort(weights)[::-1]
-        last = int(np.searchsorted(np.cumsum(ranked), 0.9 * weights.sum()))
-        expected = weights >= ranked[last]
-        kept = weights.copy()
-        _keep_top_p(kept, 0.9)
-        assert ((kept > 0) == expected).all()
+def test_top_p_keeps_what_a_full_sort_keeps_however_far_the_mass_spreads() -> None:
+    """top_p keeps the tokens a full descending sort keeps (with float64 running sums), on
+    rows whose mass lies in their TOP_P_HEAD largest weights, beyond them (where those carry
+    less than half of it, and more), and across the whole row (a flat one), and in rows too
+    narrow for a head."""
+    for width in (20_000, 700):
+        weights = _weight_rows([12.0, 2.5, 0.05, 3.2], width, seed=14)
+        ranked = np.sort(weights, axis=1)[:, ::-1].astype(np.float64)
+        running = np.cumsum(ranked, axis=1)
+        spread = [int(np.searchsorted(r, 0.9 * r[-1])) for r in running]
+        if width == 20_000:
+            assert spread[0] < TOP_P_HEAD < spread[3] < spread[1] < spread[2]
+            head = running[:, TOP_P_HEAD - 1] / running[:, -1]
+            assert head[1] < 0.5 < head[3] < 0.9
+        kept = _top_p_rows(weights.copy(), np.full(4, 0.9))
+        for r in range(4):
+            expected = weights[r] >= ranked[r, spread[r]]
+            assert ((kept[r] > 0) == expected).all()
+            assert np.array_equal(kept[r][expected], weights[r][expected])
 
 
 def test_top_logprobs_list_equal_tokens_by_id_and_stop_at_n() -> None:

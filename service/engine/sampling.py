@@ -3,14 +3,17 @@
 A token's random draw depends only on the request's seed and the token's index: a seeded
 request samples the same tokens whatever else runs in its batch, and a generation continued
 from its first k tokens (on this replica or another) draws exactly what it would have drawn.
-Scores are float64 and sanitised before exponentiation: no parameter the API accepts (a tiny
-repetition penalty, a tiny temperature) can turn them into NaN probabilities.
+Adjusted scores are float64 and sanitised before exponentiation, and the weights
+exp((score - best) / temperature) lie in [0, 1]: no parameter the API accepts (a tiny
+repetition penalty, a tiny temperature) can turn them into NaN probabilities. The weights are
+float32 (as the logits are) and every running sum over them is float64 from block totals on.
 
 The rows of a step that sample are drawn in one pass (`sample`): temperature, exponentiation,
 min-p and the draw's running sums run over all of them at once, and no row sorts its whole
-vocabulary unless it asks for top-p (top-k keeps the tokens scoring at least its k-th best
-score, as Hugging Face's warper does; top-p keeps the most likely tokens until their mass
-reaches top_p, ties with the last one kept included). Each row's draw is the token at which the
+vocabulary unless it asks for top-p and its most likely 64 tokens fall short of the mass
+(top-k keeps the tokens scoring at least its k-th best score, as Hugging Face's warper does;
+top-p keeps the most likely tokens until their mass reaches top_p, ties with the last one kept
+included). Each row's draw is the token at which the
 running sum of its kept probabilities, in vocabulary order, passes u x their total, for one
 uniform u from the request's seed and the token's index (SplitMix64: `uniforms`).
 """
@@ -28,6 +31,7 @@ from tokenwire.server.domain import SamplingParams
 
 Logits = npt.NDArray[np.float32]
 Scores = npt.NDArray[np.float64]
+Weights = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.intp]
 Side = Literal["left", "right"]
 
@@ -133,9 +137,11 @@ class Sampler:
 
 BLOCK = 256
 """Positions per block of the two-level running sums (block totals first, then one block)."""
-TOP_P_HEAD = 1024
-"""How many of a row's largest weights top-p sorts first (the whole row if they fall short)."""
+TOP_P_HEAD = 64
+"""How many of a row's largest weights (at least) top-p ranks first (the whole row if they
+fall short of its mass)."""
 _BIG = float(np.finfo(np.float64).max)
+_TINY = float(np.finfo(np.float32).tiny)
 
 
 def _whole_blocks(size: int) -> int:
@@ -147,8 +153,8 @@ def sample(
     scores: Scores | Logits, samplers: Sequence[Sampler], indices: Sequence[int]
 ) -> list[int]:
     """One drawn token per row of `scores` (adjusted and finite; row r belongs to samplers[r]
-    and is the token at position indices[r] of its generation), all rows in one pass, in
-    float64. A row's token does not depend on the other rows.
+    and is the token at position indices[r] of its generation), all rows in one pass. A row's
+    token does not depend on the other rows.
 
     Rows without top-k are weighed together over the whole vocabulary; top-k rows, grouped by
     k, only over their candidates (the tokens scoring at least their k-th best), in vocabulary
@@ -201,30 +207,51 @@ def _sample_top_k(
 def at_least_kth(scores: Scores | Logits, k: int) -> IntArray:
     """Flat indices (row-major) of every score at least its row's k-th best.
 
-    The k-th best of the maxima of 2k blocks of a row is a lower bound of the row's k-th best
-    (k blocks hold a score at least as high), and only the few scores that reach it need
+    Only the few scores that reach a lower bound of the k-th best (`_bound_of_kth`) need
     ranking: two passes over the row, no partition of it."""
     rows, width = scores.shape
-    blocks = 2 * k
-    if width < 8 * blocks:  # blocks too short to leave few scores above the bound
+    if width < 8 * 2 * k:  # blocks too short to leave few scores above the bound
         # (numpy's stubs lose the dtype of a partition of a union of array types)
         kth = cast("Scores | Logits", np.partition(scores, width - k, axis=1)[:, width - k])
         return np.flatnonzero(scores >= kth[:, None])
-    edges = np.linspace(0, width, blocks, endpoint=False).astype(np.intp)
-    maxima = np.maximum.reduceat(scores, edges, axis=1)
-    bound = cast("Scores | Logits", np.partition(maxima, blocks - k, axis=1)[:, blocks - k])
-    above = np.flatnonzero(scores >= bound[:, None])
-    row, column = np.divmod(above, width)
+    above, row, values = _at_least(scores, _bound_of_kth(scores, k))
     counts = np.bincount(row, minlength=rows)
-    values = scores[row, column]
     # Each row's scores above its bound, padded to the widest row with -inf, then ranked.
-    widest = int(counts.max())
-    padded = np.full((rows, widest), -np.inf, dtype=scores.dtype)
-    starts = np.cumsum(counts) - counts
-    padded[row, np.arange(above.size) - np.repeat(starts, counts)] = values
+    padded = _padded_rows(values, row, counts, -np.inf)
+    widest = padded.shape[1]
     kth = np.partition(padded, widest - k, axis=1)[:, widest - k]
     kept: IntArray = above[values >= kth[row]]
     return kept
+
+
+def _bound_of_kth(values: Scores | Logits, k: int) -> Scores | Logits:
+    """A lower bound of each row's k-th best value: the k-th best of the maxima of 2k blocks
+    of the row (k blocks hold a value at least that high). Rows at least 16k wide."""
+    width = values.shape[1]
+    blocks = 2 * k
+    edges = np.linspace(0, width, blocks, endpoint=False).astype(np.intp)
+    maxima = np.maximum.reduceat(values, edges, axis=1)
+    return cast("Scores | Logits", np.partition(maxima, blocks - k, axis=1)[:, blocks - k])
+
+
+def _at_least(
+    values: Scores | Logits | Weights, bound: npt.NDArray[np.floating]
+) -> tuple[IntArray, IntArray, npt.NDArray[np.floating]]:
+    """Flat indices, rows and values of every value at least its row's bound."""
+    above = np.flatnonzero(values >= bound[:, None])
+    row, column = np.divmod(above, values.shape[1])
+    return above, row, values[row, column]
+
+
+def _padded_rows(
+    values: npt.NDArray[np.floating], row: IntArray, counts: IntArray, fill: float
+) -> npt.NDArray[np.floating]:
+    """Values listed row after row (row[i] is the row of values[i], counts per row), each
+    row's left-aligned in a rectangle as wide as the widest, `fill` after them."""
+    padded = np.full((counts.size, max(int(counts.max(initial=0)), 1)), fill, dtype=values.dtype)
+    starts = np.cumsum(counts) - counts
+    padded[row, np.arange(values.size) - np.repeat(starts, counts)] = values
+    return padded
 
 
 def uniforms(samplers: Sequence[Sampler], indices: Sequence[int]) -> Scores:
@@ -247,86 +274,122 @@ def _mix(z: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     return mixed
 
 
-def _weights(scores: Scores | Logits, samplers: Sequence[Sampler]) -> Scores:
-    """exp((score - best) / temperature) per row, min-p applied, zeros after each row up to
-    whole blocks; every operation runs once over all rows."""
+def _weights(scores: Scores | Logits, samplers: Sequence[Sampler]) -> Weights:
+    """exp((score - best) / temperature) per row in float32, min-p applied, zeros after each
+    row up to whole blocks; every operation runs once over all rows."""
     rows, width = scores.shape
     params = [s.params for s in samplers]
-    weights = np.empty((rows, _whole_blocks(width)), dtype=np.float64)
+    weights = np.empty((rows, _whole_blocks(width)), dtype=np.float32)
     weights[:, width:] = -np.inf
     # (score - best) / temperature is in [-inf, 0]: the best token weighs exp(0) = 1, and no
-    # temperature the API accepts can make a NaN of it.
+    # temperature the API accepts can make a NaN of it (a temperature below float32's
+    # smallest normal divides by that instead: every other token still weighs 0).
     with np.errstate(over="ignore"):
         best = scores.max(axis=1, keepdims=True)
-        # In float64 whatever the input: a row draws the same from float32 logits or a copy.
-        np.subtract(scores, best, out=weights[:, :width], dtype=np.float64)
-        weights /= np.asarray([p.temperature for p in params], dtype=np.float64)[:, None]
+        # float32 logits subtract in float32; a float64 copy subtracts in float64 and rounds
+        # once, to the same float32 difference: a row draws the same from either.
+        np.subtract(scores, best, out=weights[:, :width], casting="same_kind")
+        temperature = np.asarray([p.temperature for p in params], dtype=np.float64)
+        if (temperature != 1.0).any():  # x / 1 is x: the API's default skips a pass
+            divisor = np.maximum(temperature, _TINY).astype(np.float32)
+            np.divide(weights, divisor[:, None], out=weights)
     np.exp(weights, out=weights)
     # min-p: with the best weighing 1, the threshold is min_p itself.
-    min_p = np.asarray([p.min_p for p in params], dtype=np.float64)[:, None]
+    min_p = np.asarray([p.min_p for p in params], dtype=np.float32)[:, None]
     if min_p.any():
         weights *= weights >= min_p
     return weights
 
 
-def _pick_rows(weights: Scores, samplers: Sequence[Sampler], indices: Sequence[int]) -> list[int]:
+def _pick_rows(weights: Weights, samplers: Sequence[Sampler], indices: Sequence[int]) -> list[int]:
     """Per row, where the running sum of its weights (top-p applied, in place) passes u x
     their total, u the request's uniform draw for its index."""
     top_p = np.asarray([s.params.top_p for s in samplers], dtype=np.float64)
     cut = np.flatnonzero(top_p < 1.0)
-    if cut.size and weights.shape[1] <= TOP_P_HEAD:
-        # The head is the whole row: rank every cut row at once.
-        weights[cut] = _top_p_rows(weights[cut], top_p[cut])
-    else:
-        for r in cut:
-            _keep_top_p(weights[r], float(top_p[r]))
-    drawn = uniforms(samplers, indices)
-    return _first_passing_rows(weights, drawn * weights.sum(axis=1))
+    if cut.size:
+        everyone = cut.size == len(samplers)
+        kept = _top_p_rows(weights if everyone else weights[cut], top_p[cut])
+        if not everyone:
+            weights[cut] = kept
+    totals = _running_totals(weights)
+    return _first_passing_rows(weights, uniforms(samplers, indices) * totals[:, -1], totals)
 
 
-def _top_p_rows(weights: Scores, top_p: Scores) -> Scores:
-    """_keep_top_p of rows no wider than TOP_P_HEAD, all at once (a new array)."""
-    ranked = np.ascontiguousarray(np.sort(weights, axis=1)[:, ::-1])
-    last = _first_passing_rows(ranked, top_p * weights.sum(axis=1), side="left")
-    threshold = ranked[np.arange(len(ranked)), last]
-    kept: Scores = weights * (weights >= threshold[:, None])
-    return kept
+def _top_p_rows(weights: Weights, top_p: Scores) -> Weights:
+    """Each row (whole blocks wide) cut to its top_p, in place, all rows at once: zero all but
+    the most likely weights whose mass first reaches top_p of the row's (the last one's ties
+    kept too).
+
+    The kept weights are a prefix of the row ranked from the most likely, so where they are
+    few only a prefix needs ranking: every weight at least a lower bound of the row's
+    TOP_P_HEAD-th best. Rows whose prefix falls short of the mass (flatter ones) are ranked
+    whole: sorting a float32 row costs less than finding a longer prefix."""
+    rows, width = weights.shape
+    targets = top_p * _running_totals(weights)[:, -1]
+    thresholds = np.zeros(rows, dtype=weights.dtype)
+    short = np.arange(rows)
+    if width >= 8 * 2 * TOP_P_HEAD:
+        # Zeros weigh nothing: a row with fewer positive weights than the head ranks them all.
+        bound = np.maximum(_bound_of_kth(weights, TOP_P_HEAD), np.finfo(np.float32).tiny)
+        _, row, values = _at_least(weights, bound)
+        ranked = _ranked(values, row, np.bincount(row, minlength=rows))
+        totals = _running_totals(ranked)
+        carried = totals[:, -1] >= targets
+        reached, short = np.flatnonzero(carried), np.flatnonzero(~carried)
+        last = _first_passing_rows(ranked[reached], targets[reached], totals[reached], "left")
+        thresholds[reached] = ranked[reached, last]
+    if short.size:
+        ranked = np.sort(weights[short], axis=1)[:, ::-1]
+        last = _first_passing_rows(ranked, targets[short], side="left")
+        thresholds[short] = ranked[np.arange(short.size), last]
+    weights *= weights >= thresholds[:, None]
+    return weights
 
 
-def _keep_top_p(row: Scores, top_p: float) -> None:
-    """Zero all but the most likely weights whose mass first reaches top_p of the row's (the
-    last one's ties kept too). Only the TOP_P_HEAD largest are sorted when they carry that
-    mass, as they do in a trained model's peaked distributions; otherwise the whole row."""
-    target = top_p * row.sum()
-    head = min(row.size, TOP_P_HEAD)
-    largest = np.partition(row, row.size - head)[row.size - head :]
-    if head < row.size and not largest.sum() >= target:
-        largest = row
-    ranked = np.zeros(_whole_blocks(largest.size), dtype=np.float64)
-    ranked[: largest.size] = np.sort(largest)[::-1]
-    np.multiply(row, row >= ranked[_first_passing(ranked, target, side="left")], out=row)
+def _ranked(values: npt.NDArray[np.floating], row: IntArray, counts: IntArray) -> Weights:
+    """Each row's values (listed row after row) from the largest, zeros after them up to
+    whole blocks."""
+    padded = _padded_rows(values, row, counts, 0.0)
+    ranked = np.zeros((counts.size, _whole_blocks(padded.shape[1])), dtype=np.float32)
+    ranked[:, : padded.shape[1]] = np.sort(padded, axis=1)[:, ::-1]
+    return ranked
 
 
-def _first_passing(values: Scores, target: float, side: Side = "right") -> int:
+def _running_totals(values: npt.NDArray[np.floating]) -> Scores:
+    """Each row's running sum at the end of each block (values whole blocks wide): blocks
+    summed in the values' type, their running sum in float64."""
+    rows, width = values.shape
+    sums = values.reshape(rows, width // BLOCK, BLOCK).sum(axis=2)
+    totals: Scores = np.cumsum(sums, axis=1, dtype=np.float64)
+    return totals
+
+
+def _first_passing(values: npt.NDArray[np.floating], target: float, side: Side = "right") -> int:
     """The first position where the running sum of `values` (non-negative, whole blocks)
     passes `target` ("right") or reaches it ("left"); the nearest position with a positive
     value at or before it, should rounding land on a zero."""
-    return _first_passing_rows(values[None, :], np.asarray([target]), side)[0]
+    return _first_passing_rows(values[None, :], np.asarray([target]), side=side)[0]
 
 
-def _first_passing_rows(values: Scores, targets: Scores, side: Side = "right") -> list[int]:
+def _first_passing_rows(
+    values: npt.NDArray[np.floating],
+    targets: Scores,
+    totals: Scores | None = None,
+    side: Side = "right",
+) -> list[int]:
     """_first_passing for each row of `values` and its target, all rows at once: block totals
-    first (their running sum finds each row's block), then the running sum inside that block."""
+    first (their running sum, `totals` where the caller has it, finds each row's block), then
+    the running sum inside that block."""
     rows, width = values.shape
     blocked = values.reshape(rows, width // BLOCK, BLOCK)
-    totals = np.cumsum(blocked.sum(axis=2), axis=1)
+    totals = _running_totals(values) if totals is None else totals
     goal = targets[:, None]
     # The running sums never decrease: counting the sums before the target is a binary search.
     before = totals <= goal if side == "right" else totals < goal
     block = np.minimum(np.count_nonzero(before, axis=1), totals.shape[1] - 1)
     every = np.arange(rows)
     offset = np.where(block > 0, totals[every, block - 1], 0.0)
-    inside = np.cumsum(blocked[every, block], axis=1) + offset[:, None]
+    inside = np.cumsum(blocked[every, block], axis=1, dtype=np.float64) + offset[:, None]
     before = inside <= goal if side == "right" else inside < goal
     positions = block * BLOCK + np.minimum(np.count_nonzero(before, axis=1), BLOCK - 1)
     found: list[int] = positions.tolist()

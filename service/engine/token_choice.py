@@ -92,8 +92,8 @@ class TokenChooser:
         if not picked:
             return chosen
         adjusted = scores if len(picked) == len(rows) else scores[picked]
-        # Rows that only sample are drawn from the float32 logits as they are (the draw works
-        # in float64 anyway); bias, penalties, suppression or non-finite logits need a copy.
+        # Rows that only sample are drawn from the float32 logits as they are (a float64 copy
+        # draws the same); bias, penalties, suppression or non-finite logits need the copy.
         copy = not np.isfinite(adjusted).all() or any(
             rows[i].sampler.changes_scores or rows[i].suppressed for i in picked
         )
