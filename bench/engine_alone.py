@@ -2,9 +2,9 @@
 
 Usage: python bench/engine_alone.py MODEL_DIR --streams N [--prompt-tokens 32 --new-tokens 128]
        [--sampling greedy|bench|top-p|temperature]
-       (bench: peers.SAMPLED's settings, as the sampled rows use; top-p: temperature 0.7 and
-       top_p 0.9, as OpenAI-style clients send them; temperature: temperature 1 alone, the
-       OpenAI API's default; --sampled is --sampling bench)
+       (bench: peers.SAMPLED's settings, as the sampled rows use; top-p: peers.TOP_P's,
+       temperature and top-p as OpenAI-style clients send them; temperature: temperature 1
+       alone, the OpenAI API's default; --sampled is --sampling bench)
 Prints one JSON object shaped like peers.py's: tokens/s, TTFT and inter-token latencies.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from peers import SAMPLED, summarise  # bench/ is the script's directory, hence on sys.path
+from peers import SAMPLED, TOP_P, summarise  # bench/ is the script's directory, hence on sys.path
 
 from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
 from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
@@ -32,7 +32,7 @@ SAMPLINGS = {
     "bench": SamplingParams(
         temperature=SAMPLED["temperature"], top_k=int(SAMPLED["top_k"]), top_p=SAMPLED["top_p"]
     ),
-    "top-p": SamplingParams(temperature=0.7, top_p=0.9),
+    "top-p": SamplingParams(temperature=TOP_P["temperature"], top_p=TOP_P["top_p"]),
     "temperature": SamplingParams(temperature=1.0),
 }
 

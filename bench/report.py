@@ -92,6 +92,13 @@ TARGETS = [
         "GenAI's static batch of 16 sampling alike",
     ),
     (
+        "genai_graph_c16_top_p_vs_genai_b16_top_p",
+        ">=",
+        1.0,
+        "GenAI fp32 graph, sampled OpenAI-style (temperature 0.7, top-p 0.9, no top-k): burst "
+        "of 16 vs GenAI's static batch of 16 sampling alike",
+    ),
+    (
         "genai_graph_c16_burst_vs_genai_engine_burst",
         ">=",
         1.0,
@@ -117,7 +124,8 @@ def cpu_name(cpu: str) -> str:
 
 def label(row: dict[str, Any]) -> str:
     own = "genai-fp32" if row["system"] == "ort-genai" else "optimum-fp32"
-    sampled = ", sampled" if row.get("decoding") == "sampled" else ""
+    decoding = row.get("decoding", "greedy")
+    sampled = "" if decoding == "greedy" else f", {decoding}"
     graph = f"[{row.get('graph', own)}{sampled}] "
     if row["system"] == "ort-genai-engine":
         return f"{graph}ort-genai Engine {row['concurrency']} requests ({row['arrival']})"
@@ -560,7 +568,8 @@ def readme_block(result: dict[str, Any], gpu: dict[str, Any] | None = None) -> s
             f"{r['genai_graph_c16_mixed_ttft_p50_vs_genai_static_server']:.2f}x its TTFT p50;",
             f"- 16 streams sampling (temperature 0.8, top-k 50, top-p 0.95) at once: "
             f"{r['genai_graph_c16_sampled_vs_genai_b16_sampled']:.2f}x GenAI's static batch of "
-            f"16 sampling alike;",
+            f"16 sampling alike; OpenAI-style (temperature 0.7, top-p 0.9, no top-k): "
+            f"{r['genai_graph_c16_top_p_vs_genai_b16_top_p']:.2f}x;",
             f"- int4 weights, one stream: {int4['tokens_per_s']:.0f} tokens/s = "
             f"{r['int4_b1_vs_genai_int4_b1']:.2f}x GenAI int4;",
             *readme_transport(result.get("transport")),

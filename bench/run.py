@@ -23,7 +23,7 @@ import grpc
 import httpx
 import onnxruntime
 from httpx_sse import aconnect_sse
-from peers import MIXED, SAMPLED, arrival_offsets, output_lengths  # bench/ is on sys.path
+from peers import MIXED, SAMPLINGS, arrival_offsets, output_lengths  # bench/ is on sys.path
 from tokenizers import Tokenizer
 
 from tokenwire.common.stats import percentile
@@ -91,15 +91,14 @@ def start_server(model_dir: Path, metrics: bool = False, chunk: int = 256) -> Pr
 
 
 async def one_stream(
-    stub: pb_grpc.GenerationServiceStub, prompt: str, new: int, *, sampled: bool = False
+    stub: pb_grpc.GenerationServiceStub, prompt: str, new: int, *, decoding: str = "greedy"
 ) -> dict[str, Any]:
-    """One stream of `new` tokens: greedy, or sampled with SAMPLED."""
-    sampling = (
-        pb.SamplingParams(
-            temperature=SAMPLED["temperature"], top_k=int(SAMPLED["top_k"]), top_p=SAMPLED["top_p"]
-        )
-        if sampled
-        else pb.SamplingParams(temperature=0.0)
+    """One stream of `new` tokens: greedy, or sampled with SAMPLINGS[decoding]."""
+    settings = SAMPLINGS.get(decoding, {"temperature": 0.0})
+    sampling = pb.SamplingParams(
+        temperature=settings["temperature"],
+        top_k=int(settings.get("top_k", 0)),
+        top_p=settings.get("top_p", 1.0),
     )
     request = pb.GenerateRequest(prompt=prompt, max_tokens=new, ignore_eos=True, sampling=sampling)
     sent = time.perf_counter()
@@ -546,11 +545,11 @@ async def graph_round(
             keep(found, engine_peer(model_dir, offsets, lengths, ids, arrival))
             if arrival != "burst":
                 keep(found, static_server_peer(model_dir, offsets, lengths, ids, arrival))
-    if full and graph.engine:
-        # Sampled decoding (SAMPLED), a burst of 16 against GenAI's static batch of 16.
-        keep(found, peer("genai", model_dir, 16, sampled=True))
+    for decoding in SAMPLINGS if full and graph.engine else ():
+        # Sampled decoding, a burst of 16 against GenAI's static batch of 16 sampling alike.
+        keep(found, peer("genai", model_dir, 16, decoding=decoding))
         row = await measure(
-            lambda p, n, stub=stub: one_stream(stub, p, n, sampled=True),
+            lambda p, n, stub=stub, d=decoding: one_stream(stub, p, n, decoding=d),
             prompts,
             16,
             "burst",
@@ -559,7 +558,7 @@ async def graph_round(
         )
         keep(
             found,
-            {"system": "tokenwire", "transport": "grpc", **LOADS[1], **row, "decoding": "sampled"},
+            {"system": "tokenwire", "transport": "grpc", **LOADS[1], **row, "decoding": decoding},
         )
 
 
@@ -633,16 +632,15 @@ def run_peer(
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def peer(mode: str, model_dir: Path, batch: int, *, sampled: bool = False) -> dict[str, Any]:
-    """A static batch of the plain loop or GenAI's Generator; GenAI may sample (SAMPLED)."""
+def peer(mode: str, model_dir: Path, batch: int, *, decoding: str = "greedy") -> dict[str, Any]:
+    """A static batch of the plain loop or GenAI's Generator; GenAI may sample (SAMPLINGS)."""
     row = run_peer(
         mode,
         model_dir,
         *("--batch", str(batch), "--prompt-tokens", str(PROMPT_TOKENS)),
         *("--new-tokens", str(NEW_TOKENS)),
-        *(("--sampling", json.dumps(SAMPLED)) if sampled else ()),
+        *(("--sampling", json.dumps(SAMPLINGS[decoding])) if decoding != "greedy" else ()),
     )
-    decoding = "sampled" if sampled else "greedy"
     print(
         f"  {mode:5s} b={batch:<3d} {decoding:7s} {row['tokens_per_s']:8.1f} tok/s  "
         f"ttft {row['ttft_p50_ms']:7.1f} ms",
@@ -772,7 +770,10 @@ def peer_knobs(genai_dir: Path, rows: list[dict[str, Any]]) -> dict[str, str]:
     return {
         "ort-genai": "genai_config.json model.decoder.session_options "
         + json.dumps(options, sort_keys=True)
-        + "; greedy search, static batch",
+        + "; greedy search, static batch; the sampled rows set do_sample and their settings "
+        "as search options, and where a row has no top-k, top_k = the vocabulary size (the "
+        "builder's genai_config.json default is top_k 50, which would cut every row to 50 "
+        "candidates; top_k 0, GenAI's other spelling of no top-k, runs slower here)",
         "ort-genai-static-server": "GenAI's Generator (same session options) behind a "
         "static-batching server on tokenwire's staggered arrivals and prompts: when the "
         "Generator is free it runs the requests that have arrived, at most 16, together to "
@@ -857,6 +858,10 @@ def graph_ratio_rounds(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
         "genai_graph_c16_sampled_vs_genai_b16_sampled": per_round(
             row(fp32, "sampled", system="tokenwire", transport="grpc", concurrency=16),
             row(fp32, "sampled", system="ort-genai", concurrency=16),
+        ),
+        "genai_graph_c16_top_p_vs_genai_b16_top_p": per_round(
+            row(fp32, "sampled-top-p", system="tokenwire", transport="grpc", concurrency=16),
+            row(fp32, "sampled-top-p", system="ort-genai", concurrency=16),
         ),
     }
 
@@ -947,7 +952,11 @@ async def main(quick: bool) -> None:
             "new_tokens": NEW_TOKENS,
             "greedy": True,
             "ignore_eos": True,
-            "sampled": f"rows with decoding 'sampled': {json.dumps(SAMPLED)}, both systems",
+            **{
+                decoding: f"rows with decoding '{decoding}': {json.dumps(settings)}, both systems"
+                + ("" if "top_k" in settings else " (GenAI: top_k = the vocabulary, no top-k)")
+                for decoding, settings in SAMPLINGS.items()
+            },
             "mixed_output_lengths": f"load {MIXED}: max_tokens per request uniform in "
             f"[16, {2 * NEW_TOKENS - 16}], seeded (mean {NEW_TOKENS})",
         },
