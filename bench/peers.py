@@ -33,6 +33,14 @@ ENGINE_SECTION = {"static_batching": {"max_batch_size": 16}}
 
 
 SAMPLED = {"temperature": 0.8, "top_k": 50, "top_p": 0.95}
+# GenAI's search keeps its genai_config.json top_k (the builder writes 50) unless a request
+# sets one, and spells "no top-k" two ways that run different code on the CPU: top_k 0 (its
+# nucleus path, which sorts a growing head of the row until it carries top_p) and top_k = the
+# vocabulary size (a partial sort of the whole row). Which is faster depends on how peaked the
+# rows are, so a row without top-k runs GenAI both ways and keeps the faster. -1 stands for
+# the vocabulary size, read from the model's genai_config.json.
+NO_TOP_K_VOCAB = -1
+NO_TOP_K = (0, NO_TOP_K_VOCAB)
 """The sampled rows' settings, for tokenwire and GenAI alike (a common chat configuration)."""
 TOP_P = {"temperature": 0.7, "top_p": 0.9}
 """The top-p rows' settings: as OpenAI-style clients send them, temperature and top-p over the
@@ -194,11 +202,7 @@ def run_genai(
     config = json.loads((model_dir / "genai_config.json").read_text())
     vocab = config["model"]["vocab_size"]
     ids = prompt_ids(batch, prompt, vocab)
-    if sampling and "top_k" not in sampling:
-        # No top-k: GenAI's search would otherwise keep its genai_config.json default (the
-        # builder writes top_k 50). GenAI spells "no top-k" as top_k 0 or as the vocabulary
-        # size; the vocabulary size runs faster here (int4 graph, batch 16, temperature 0.7
-        # and top-p 0.9: 243-245 against 177-180 tokens/s).
+    if sampling and sampling.get("top_k") == NO_TOP_K_VOCAB:
         sampling = {**sampling, "top_k": vocab}
 
     def generate() -> tuple[float, list[float], float]:

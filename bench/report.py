@@ -211,7 +211,7 @@ def plots(rows: list[dict[str, Any]]) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent streams / batch size")
     ax.set_ylabel("aggregate tokens/s")
-    ax.set_title("Throughput, 56M Llama, fp32, CPU")
+    ax.set_title("Throughput, bench-56m Llama, fp32, CPU")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -544,8 +544,8 @@ def readme_block(result: dict[str, Any], gpu: dict[str, Any] | None = None) -> s
         [
             START,
             f"On a {result['machine']['cores']}-core {cpu_name(result['machine']['cpu'])} CPU, "
-            f"56M-parameter "
-            f"Llama, 32-token prompts, 128 new tokens, every system on "
+            f"{result['model'].get('params_millions', 56)}M-parameter Llama "
+            f"{result['model'].get('training', 'with random weights')}, 32-token prompts, 128 new tokens, every system on "
             f"the same ONNX Runtime GenAI graph, GenAI with one intra-op thread per core "
             f"({result['machine']['date']}):",
             "",
@@ -636,15 +636,18 @@ def main() -> None:
     analysis = ANALYSIS.read_text() if ANALYSIS.exists() else ""
     doc = f"""# Benchmarks
 
-Regenerate with `make bench` (about 8 minutes on 2 cores once its environment and models exist;
+Regenerate with `make bench` (about 13 minutes on 2 cores once its environment and models exist;
 `make bench-quick` for a shorter run).
 Everything below comes from `bench/results/latest.json`, measured side by side in one run.
 
 - machine: {m["cpu"]}, {m["cores"]} cores; Python {m["python"]}; ONNX Runtime {m["onnxruntime_service"]}
   (service, CPU provider of onnxruntime-gpu) / {m["onnxruntime_peers"]} (peers); ONNX Runtime GenAI
   {m["onnxruntime_genai"]}; commit {m["git_commit"]}; {m["date"]}{" (quick run)" if result["quick"] else ""}
-- model: random-initialised Llama, 8 layers, hidden 512, vocab 32000 (~56M parameters), fp32, CPU;
-  the same weights in the Optimum layout (tokenwire and the plain loop) and the GenAI format
+- model: Llama, 8 layers, hidden 512, vocab 32000, {result["model"].get("params_millions", 56)}M parameters
+  (the output layer shares the embedding's weights), {result["model"].get("training", "with random weights")}
+  (`bench/build_models.py`): its next-token distributions are peaked as a trained model's, which is what sampled rows need;
+  fp32, CPU; the same weights in the Optimum layout (tokenwire and the plain loop) and the GenAI
+  format
 - workload: prompt {w["prompt_tokens"]} tokens, {w["new_tokens"]} new tokens, greedy, EOS ignored;
   tokenwire over gRPC on loopback with a light asyncio client in the same machine; staggered
   loads: 32 Poisson arrivals keeping about 16 in flight, every request asking for

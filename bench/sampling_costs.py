@@ -4,7 +4,7 @@ Draws the tokens of 16 rows over a 32,000-token vocabulary (the benchmark model'
 tokenwire's sampler (service/engine/sampling.py `sample`), from float32 logits drawn from a
 normal distribution: `peaked` rows (standard deviation 4: at temperature 0.8 a few dozen
 tokens carry 95 % of the mass, as in a trained model's rows) and `flat` ones (1.5: thousands
-do, as in the random-weight benchmark model's). Each setting is timed over `--repeats` rounds
+do, as in a random-initialised model's). Each setting is timed over `--repeats` rounds
 of 10 draws; the fastest and slowest round are printed.
 
 Usage: python bench/sampling_costs.py [--rows 16] [--vocab 32000] [--repeats 5]

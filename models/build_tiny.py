@@ -226,7 +226,7 @@ def train(model: LlamaForCausalLM, data: np.ndarray, args: argparse.Namespace) -
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
         if step % 25 == 0 or step == args.steps:
             rate = step * args.batch * args.seq / (time.time() - started)
             print(
