@@ -26,6 +26,7 @@ from httpx_sse import aconnect_sse
 from peers import (  # bench/ is on sys.path
     MIXED,
     NO_TOP_K,
+    NO_TOP_K_VOCAB,
     SAMPLINGS,
     arrival_offsets,
     output_lengths,
@@ -638,6 +639,11 @@ def run_peer(
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def top_k_name(top_k: float) -> str:
+    """How a row names GenAI's top_k (peers.NO_TOP_K_VOCAB stands for the vocabulary)."""
+    return "vocabulary" if top_k == NO_TOP_K_VOCAB else str(int(top_k))
+
+
 def peer(mode: str, model_dir: Path, batch: int, *, decoding: str = "greedy") -> dict[str, Any]:
     """A static batch of the plain loop or GenAI's Generator; GenAI may sample (SAMPLINGS).
     A sampling without top-k runs GenAI with each of its spellings of it (peers.NO_TOP_K) and
@@ -654,12 +660,12 @@ def peer(mode: str, model_dir: Path, batch: int, *, decoding: str = "greedy") ->
             *("--new-tokens", str(NEW_TOKENS)),
             *(("--sampling", json.dumps(sampling)) if sampling else ()),
         )
-        | ({"genai_top_k": sampling["top_k"]} if sampling else {})
+        | ({"genai_top_k": top_k_name(sampling["top_k"])} if sampling else {})
         for sampling in samplings
     ]
     row = max(tried, key=lambda r: r["tokens_per_s"])
     if len(tried) > 1:
-        row["genai_top_k_tokens_per_s"] = {str(r["genai_top_k"]): r["tokens_per_s"] for r in tried}
+        row["genai_top_k_tokens_per_s"] = {r["genai_top_k"]: r["tokens_per_s"] for r in tried}
     print(
         f"  {mode:5s} b={batch:<3d} {decoding:7s} {row['tokens_per_s']:8.1f} tok/s  "
         f"ttft {row['ttft_p50_ms']:7.1f} ms"
