@@ -11,6 +11,7 @@ from tokenwire.server.engine.sampling import (
     BLOCK,
     TOP_P_HEAD,
     Sampler,
+    _bound_of_kth,
     _first_passing,
     _first_passing_rows,
     _top_p_rows,
@@ -226,14 +227,28 @@ def _weight_rows(spreads: list[float], width: int, seed: int) -> np.ndarray:
 
 
 def test_top_p_of_many_rows_keeps_what_each_row_keeps_alone() -> None:
-    """Rows whose mass lies in their 64 largest weights, or beyond them, or spread over the
-    whole row, cut together with their own top_p, each keep exactly what they keep alone."""
+    """Rows whose mass lies in their TOP_P_HEAD largest weights, or beyond them, or spread over
+    the whole row, cut together with their own top_p, each keep exactly what they keep alone."""
     weights = _weight_rows([12.0, 3.0, 2.0, 0.05, 8.0, 1.0, 2.5], 20_000, seed=17)
     top_p = np.random.default_rng(18).uniform(0.05, 0.99, 7)
     together = _top_p_rows(weights.copy(), top_p)
     for row, p, kept in zip(weights, top_p, together, strict=True):
         alone = _top_p_rows(row[None, :].copy(), np.asarray([p]))[0]
         assert np.array_equal(alone, kept)
+
+
+def test_the_bound_of_the_kth_best_stays_tight_where_likely_tokens_crowd_the_first_ids() -> None:
+    """On rows whose scores fall with the token id (a vocabulary numbered by frequency, as a
+    model's likely tokens are), the bound of the k-th best lets at most 2k scores reach it;
+    it is never above the k-th best."""
+    rng = np.random.default_rng(21)
+    width, k = 20_000, 50
+    falling = -np.log1p(np.arange(width)) * 2.0
+    scores = (falling + rng.standard_normal((4, width)) * 0.5).astype(np.float32)
+    bound = _bound_of_kth(scores, k)
+    kth = np.sort(scores, axis=1)[:, width - k]
+    assert (bound <= kth).all()
+    assert ((scores >= bound[:, None]).sum(axis=1) <= 2 * k).all()
 
 
 def test_rows_tied_at_their_k_th_score_draw_the_same_alone_and_together() -> None:
@@ -260,7 +275,7 @@ def test_top_p_keeps_what_a_full_sort_keeps_however_far_the_mass_spreads() -> No
     less than half of it, and more), and across the whole row (a flat one), and in rows too
     narrow for a head."""
     for width in (20_000, 700):
-        weights = _weight_rows([12.0, 2.5, 0.05, 3.2], width, seed=14)
+        weights = _weight_rows([12.0, 2.0, 0.05, 2.4], width, seed=14)
         ranked = np.sort(weights, axis=1)[:, ::-1].astype(np.float64)
         running = np.cumsum(ranked, axis=1)
         spread = [int(np.searchsorted(r, 0.9 * r[-1])) for r in running]

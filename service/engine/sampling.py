@@ -10,7 +10,7 @@ float32 (as the logits are) and every running sum over them is float64 from bloc
 
 The rows of a step that sample are drawn in one pass (`sample`): temperature, exponentiation,
 min-p and the draw's running sums run over all of them at once, and no row sorts its whole
-vocabulary unless it asks for top-p and its most likely 64 tokens fall short of the mass
+vocabulary unless it asks for top-p and its most likely 256 tokens fall short of the mass
 (top-k keeps the tokens scoring at least its k-th best score, as Hugging Face's warper does;
 top-p keeps the most likely tokens until their mass reaches top_p, ties with the last one kept
 included). Each row's draw is the token at which the
@@ -137,9 +137,13 @@ class Sampler:
 
 BLOCK = 256
 """Positions per block of the two-level running sums (block totals first, then one block)."""
-TOP_P_HEAD = 64
+TOP_P_HEAD = 256
 """How many of a row's largest weights (at least) top-p ranks first (the whole row if they
-fall short of its mass)."""
+fall short of its mass). On the benchmark model's rows at temperature 0.7, 64 fell short for
+most rows and 512 ranked more than it saved."""
+BOUND_GROUPS = 1024
+"""How many strided groups a row's bound of its k-th best takes the maxima of (at least 2k,
+at most an eighth of the row): more groups, a tighter bound."""
 _BIG = float(np.finfo(np.float64).max)
 _TINY = float(np.finfo(np.float32).tiny)
 
@@ -225,13 +229,21 @@ def at_least_kth(scores: Scores | Logits, k: int) -> IntArray:
 
 
 def _bound_of_kth(values: Scores | Logits, k: int) -> Scores | Logits:
-    """A lower bound of each row's k-th best value: the k-th best of the maxima of 2k blocks
-    of the row (k blocks hold a value at least that high). Rows at least 16k wide."""
-    width = values.shape[1]
-    blocks = 2 * k
-    edges = np.linspace(0, width, blocks, endpoint=False).astype(np.intp)
-    maxima = np.maximum.reduceat(values, edges, axis=1)
-    return cast("Scores | Logits", np.partition(maxima, blocks - k, axis=1)[:, blocks - k])
+    """A lower bound of each row's k-th best value: the k-th best of the maxima of disjoint
+    groups of the row (k groups hold a value at least that high; positions past the last whole
+    round of groups are left out, which only lowers the bound). Rows at least 16k wide.
+
+    The groups are strided, group j holding positions j, j + G, j + 2G, ... for G groups, not
+    runs of neighbours: a vocabulary numbers its tokens roughly by frequency, so a model's
+    likely tokens crowd its first positions, where runs would all have high maxima and the
+    runs after them low ones, and the bound would fall far below the k-th best (on a trained
+    model's rows, about 900 scores reached the bound of the 50th best with 100 runs, about 50
+    with 1,024 strided groups)."""
+    rows, width = values.shape
+    groups = max(2 * k, min(BOUND_GROUPS, width // 8))
+    per_group = width // groups
+    maxima = values[:, : per_group * groups].reshape(rows, per_group, groups).max(axis=1)
+    return cast("Scores | Logits", np.partition(maxima, groups - k, axis=1)[:, groups - k])
 
 
 def _at_least(
