@@ -3,8 +3,10 @@
 Draws the tokens of 16 rows over a 32,000-token vocabulary (the benchmark model's) with
 tokenwire's sampler (service/engine/sampling.py `sample`), from float32 logits drawn from a
 normal distribution: `peaked` rows (standard deviation 4: at temperature 0.8 a few dozen
-tokens carry 95 % of the mass, as in a trained model's rows) and `flat` ones (1.5: thousands
-do, as in a random-initialised model's). Each setting is timed over `--repeats` rounds
+tokens carry 95 % of the mass, as in a trained model's rows), `ordered` ones (the same values,
+larger ones at lower ids with noise of deviation 1, as a vocabulary numbered by frequency
+places a model's likely tokens) and `flat` ones (1.5: thousands carry it, as in a
+random-initialised model's). Each setting is timed over `--repeats` rounds
 of 10 draws; the fastest and slowest round are printed.
 
 Usage: python bench/sampling_costs.py [--rows 16] [--vocab 32000] [--repeats 5]
@@ -31,7 +33,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "min-p 0.05": {"temperature": 0.8, "min_p": 0.05},
     "top-k and top-p (peers.SAMPLED)": dict(SAMPLED),
 }
-SPREADS = {"peaked": 4.0, "flat": 1.5}
+SPREADS = {"peaked": 4.0, "ordered": 4.0, "flat": 1.5}
 
 
 def costs(rows: int, vocab: int, repeats: int) -> dict[str, dict[str, list[float]]]:
@@ -39,6 +41,10 @@ def costs(rows: int, vocab: int, repeats: int) -> dict[str, dict[str, list[float
     found: dict[str, dict[str, list[float]]] = {}
     for spread_name, spread in SPREADS.items():
         logits = (rng.standard_normal((rows, vocab)) * spread).astype(np.float32)
+        if spread_name == "ordered":
+            logits = -np.sort(-logits, axis=1) + rng.standard_normal((rows, vocab)).astype(
+                np.float32
+            )
         for name, settings in SETTINGS.items():
             params = SamplingParams(**{**settings, "top_k": int(settings.get("top_k", 0))}, seed=3)
             samplers = [Sampler(params)] * rows
