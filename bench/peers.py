@@ -33,6 +33,12 @@ ENGINE_SECTION = {"static_batching": {"max_batch_size": 16}}
 
 
 SAMPLED = {"temperature": 0.8, "top_k": 50, "top_p": 0.95}
+"""The sampled rows' settings, for tokenwire and GenAI alike (a common chat configuration)."""
+TOP_P = {"temperature": 0.7, "top_p": 0.9}
+"""The top-p rows' settings: as OpenAI-style clients send them, temperature and top-p over the
+whole vocabulary (the OpenAI API has no top-k)."""
+SAMPLINGS = {"sampled": SAMPLED, "sampled-top-p": TOP_P}
+"""Each sampled decoding's settings, by the name its rows carry."""
 # GenAI's search keeps its genai_config.json top_k (the builder writes 50) unless a request
 # sets one, and spells "no top-k" two ways that run different code on the CPU: top_k 0 (its
 # nucleus path, which sorts a growing head of the row until it carries top_p) and top_k = the
@@ -41,12 +47,6 @@ SAMPLED = {"temperature": 0.8, "top_k": 50, "top_p": 0.95}
 # the vocabulary size, read from the model's genai_config.json.
 NO_TOP_K_VOCAB = -1
 NO_TOP_K = (0, NO_TOP_K_VOCAB)
-"""The sampled rows' settings, for tokenwire and GenAI alike (a common chat configuration)."""
-TOP_P = {"temperature": 0.7, "top_p": 0.9}
-"""The top-p rows' settings: as OpenAI-style clients send them, temperature and top-p over the
-whole vocabulary (the OpenAI API has no top-k)."""
-SAMPLINGS = {"sampled": SAMPLED, "sampled-top-p": TOP_P}
-"""Each sampled decoding's settings, by the name its rows carry."""
 MIXED = "poisson-mixed"
 """Poisson arrivals with mixed output lengths (output_lengths), as traffic has them."""
 
