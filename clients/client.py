@@ -131,6 +131,9 @@ class GenerateOptions:
     top_logprobs: int = 0
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    prompt_ids: tuple[int, ...] = ()
+    """Token ids fed to the model as they are (no special tokens added), in place of a prompt
+    text: generate with prompt "" and these."""
 
     def to_pb(self, prompt: str) -> pb.GenerateRequest:
         sampling = pb.SamplingParams(top_k=self.top_k)
@@ -159,6 +162,7 @@ class GenerateOptions:
             top_logprobs=self.top_logprobs,
             min_tokens=self.min_tokens,
             stop_token_ids=list(self.stop_token_ids),
+            prompt_ids=list(self.prompt_ids),
         )
 
 

@@ -153,6 +153,11 @@ class GenerationRequest:
             raise InvalidRequest("min_tokens", self.min_tokens, "must be >= 0")
         if self.max_tokens < 0:
             raise InvalidRequest("max_tokens", self.max_tokens, "must be >= 0 (0 = default)")
+        if self.max_tokens and self.min_tokens > self.max_tokens:
+            # Contradictory: the stream would end at max_tokens with min_tokens unmet.
+            raise InvalidRequest(
+                "min_tokens", self.min_tokens, f"must be at most max_tokens ({self.max_tokens})"
+            )
         for i, stop in enumerate(self.stop):
             if not stop:
                 raise InvalidRequest(f"stop[{i}]", stop, "must be a non-empty string")
@@ -171,6 +176,10 @@ class GenerationRequest:
                 "max_tokens",
                 self.max_tokens,
                 f"must be between 1 and {limits.max_tokens_limit} (0 = default)",
+            )
+        if self.min_tokens > limits.max_tokens_limit:
+            raise InvalidRequest(
+                "min_tokens", self.min_tokens, f"must be at most {limits.max_tokens_limit}"
             )
         if len(self.stop) > limits.max_stop_strings:
             raise InvalidRequest(

@@ -65,6 +65,13 @@ NATIVE_BODIES = {
     "request_id with a control character": (_body(request_id="a\x7fb"), "request_id"),
     "request_id with a colon": (_body(request_id="a:b"), "request_id"),
     "request_id with a leading space": (_body(request_id=" a"), "request_id"),
+    "a field the API does not have": (_body(temprature=0.5), "temprature"),
+    "continuation_ids (the edge's own)": (_body(continuation_ids=[1]), "continuation_ids"),
+    "logit_bias of the wrong type": (_body(logit_bias=[1]), "logit_bias"),
+    "stop_token_ids with a boolean": (_body(stop_token_ids=[True]), "stop_token_ids"),
+    "prompt_ids past 2^32": (_body(prompt_ids=[2**32]), "prompt_ids"),
+    "top_logprobs without logprobs": (_body(top_logprobs=2), "top_logprobs"),
+    "min_tokens above max_tokens": (_body(min_tokens=3), "min_tokens"),
 }
 
 OPENAI_BODIES = {
@@ -77,6 +84,15 @@ OPENAI_BODIES = {
     "n of 0": ({"prompt": "x", "n": 0}, "n"),
     "logprobs past 5": ({"prompt": "x", "logprobs": 99}, "logprobs"),
     "prompt as a list of two": ({"prompt": ["a", "b"]}, "prompt"),
+    "prompt as an empty list": ({"prompt": []}, "prompt"),
+    "prompt as two lists of token ids": ({"prompt": [[1], [2]]}, "prompt"),
+    "prompt mixing ids and text": ({"prompt": [1, "a"]}, "prompt"),
+    "prompt token id past 2^32": ({"prompt": [2**32]}, "prompt"),
+    "prompt token id past the vocabulary": ({"prompt": [10**9]}, "prompt"),
+    "min_tokens above max_tokens": (
+        {"prompt": "x", "max_tokens": 2, "min_tokens": 3},
+        "min_tokens",
+    ),
     "stream_options not an object": ({"prompt": "x", "stream_options": 3}, "stream_options"),
 }
 
@@ -88,6 +104,26 @@ CHAT_BODIES = {
     ),
     "messages not a list": (b'{"messages": "hi"}', "messages"),
     "message without a role": (b'{"messages": [{"content": "hi"}]}', "messages[0]"),
+    "a role OpenAI does not have": (
+        b'{"messages": [{"role": "wizard", "content": "hi"}]}',
+        "messages[0].role",
+    ),
+    "a tool turn": (
+        b'{"messages": [{"role": "tool", "content": "1", "tool_call_id": "c"}]}',
+        "messages[0].role",
+    ),
+    "an assistant turn with tool calls": (
+        b'{"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "c"}]}]}',
+        "messages[0].tool_calls",
+    ),
+    "a message field OpenAI does not have": (
+        b'{"messages": [{"role": "user", "content": "hi", "mood": "calm"}]}',
+        "messages[0].mood",
+    ),
+    "a name that is not a string": (
+        b'{"messages": [{"role": "user", "content": "hi", "name": 3}]}',
+        "messages[0].name",
+    ),
     "max_completion_tokens 2^32": (
         b"{" + CHAT + b', "max_completion_tokens": 4294967296}',
         "max_completion_tokens",

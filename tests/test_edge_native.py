@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -12,7 +13,10 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 
 from tests.conftest import RunningEdge, RunningServer, eventually, start_edge
 from tests.fakes import RecordingObserver
+from tokenwire.edge import native
 from tokenwire.server.domain import FinishReason
+from tokenwire.server.tokenizer import Tokenizer
+from tokenwire.v1 import generate_pb2 as pb
 
 BODY = {"prompt": "def fib(n):", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
 
@@ -28,6 +32,59 @@ async def _events(
 async def http(edge: RunningEdge) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=edge.url, timeout=30) as client:
         yield client
+
+
+def _tokens(events: list[ServerSentEvent]) -> list[dict[str, Any]]:
+    return [json.loads(e.data) for e in events if e.event == "token"]
+
+
+def test_the_body_takes_every_generate_request_field() -> None:
+    """Every GenerateRequest field (sampling's by their own names) is a native field, except
+    continuation_ids (the edge continues broken streams itself): a field added to the
+    contract cannot be missing from the SSE API unnoticed."""
+    names = {f.name for f in pb.GenerateRequest.DESCRIPTOR.fields} - {"sampling"}
+    names |= {f.name for f in pb.SamplingParams.DESCRIPTOR.fields}
+    assert names - {"continuation_ids"} == native.FIELDS
+
+
+async def test_logit_bias_forces_a_token(http: httpx.AsyncClient) -> None:
+    """A +100 logit_bias on one id makes every greedy token that id."""
+    body = {**BODY, "max_tokens": 4, "logit_bias": {"42": 100}}
+    _, events = await _events(http, "POST", "/v1/generate", json=body)
+    assert [t["id"] for t in _tokens(events)] == [42] * 4
+
+
+async def test_prompt_ids_give_what_the_prompt_text_gives(
+    http: httpx.AsyncClient, tokenizer: Tokenizer
+) -> None:
+    """The prompt's token ids, sent as prompt_ids, stream the same tokens as the text."""
+    _, by_text = await _events(http, "POST", "/v1/generate", json=BODY)
+    body = {k: v for k, v in BODY.items() if k != "prompt"}
+    body["prompt_ids"] = tokenizer.encode(str(BODY["prompt"]))
+    _, by_ids = await _events(http, "POST", "/v1/generate", json=body)
+    assert _tokens(by_ids) == _tokens(by_text)
+
+
+async def test_top_logprobs_come_with_each_token(http: httpx.AsyncClient) -> None:
+    """With logprobs and top_logprobs 3, each token event lists 3 alternatives, the greedy
+    choice first."""
+    body = {**BODY, "max_tokens": 3, "logprobs": True, "top_logprobs": 3}
+    _, events = await _events(http, "POST", "/v1/generate", json=body)
+    for token in _tokens(events):
+        assert len(token["top_logprobs"]) == 3
+        assert token["top_logprobs"][0]["id"] == token["id"]
+
+
+async def test_a_stop_token_id_ends_the_stream(http: httpx.AsyncClient) -> None:
+    """A stop_token_ids entry ends the stream when the model produces it, with `stop`."""
+    body = {k: v for k, v in BODY.items() if k != "ignore_eos"}
+    _, events = await _events(http, "POST", "/v1/generate", json=body)
+    first = [t["id"] for t in _tokens(events)]
+    _, events = await _events(
+        http, "POST", "/v1/generate", json={**body, "stop_token_ids": [first[1]]}
+    )
+    assert [t["id"] for t in _tokens(events)] == first[: first.index(first[1]) + 1]
+    assert json.loads(events[-1].data)["finish_reason"] == "stop"
 
 
 async def test_post_streams_tokens_then_usage_then_done(http: httpx.AsyncClient) -> None:

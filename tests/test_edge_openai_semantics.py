@@ -21,6 +21,8 @@ from tests.conftest import (
     start_server,
 )
 from tests.fakes import RecordingObserver, ScriptedModel
+from tokenwire.edge.body import Fields
+from tokenwire.edge.openai_request import chat_turns
 from tokenwire.server.domain import FinishReason
 from tokenwire.server.engine import ModelSpec
 from tokenwire.server.tokenizer import Tokenizer
@@ -447,3 +449,35 @@ async def test_frequency_penalty_is_honoured(sdk: openai.AsyncOpenAI) -> None:
         model=MODEL, prompt=prompt, max_tokens=24, temperature=0, frequency_penalty=2.0
     )
     assert penalised.choices[0].text != plain.choices[0].text
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["ids", "list-of-one"])
+async def test_completions_prompt_as_token_ids_gives_what_its_text_gives(
+    sdk: openai.AsyncOpenAI, tokenizer: Tokenizer, nested: bool
+) -> None:
+    """A completions prompt sent as its text's token ids (alone, or as OpenAI's list of one)
+    gives the text's completion, counted as the same prompt tokens."""
+    ids = tokenizer.encode("def f():")
+    by_text = await sdk.completions.create(
+        model=MODEL, prompt="def f():", max_tokens=6, temperature=0
+    )
+    by_ids = await sdk.completions.create(
+        model=MODEL, prompt=[ids] if nested else ids, max_tokens=6, temperature=0
+    )
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert by_ids.usage is not None
+    assert by_text.usage is not None
+    assert by_ids.usage.prompt_tokens == by_text.usage.prompt_tokens
+
+
+def test_developer_turn_reaches_the_template_as_system() -> None:
+    """OpenAI's developer role is the system role under its newer name: the model's chat
+    template, which knows only `system`, gets it as that."""
+    fields = Fields({"messages": [{"role": "developer", "content": "Be brief."}]})
+    assert chat_turns(fields) == [{"role": "system", "content": "Be brief."}]
+
+
+def test_message_name_reaches_the_template() -> None:
+    """A message's `name` (which participant spoke) goes to the chat template with its turn."""
+    fields = Fields({"messages": [{"role": "user", "content": "Hi.", "name": "ada"}]})
+    assert chat_turns(fields) == [{"role": "user", "content": "Hi.", "name": "ada"}]

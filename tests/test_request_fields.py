@@ -40,6 +40,7 @@ async def test_prompt_ids_give_what_the_prompt_text_gives(
         ({"prompt": "x", "stop_token_ids": [10**9]}, "stop_token_ids[0]"),
         ({"prompt": "x", "top_logprobs": 3}, "top_logprobs"),
         ({"prompt": "x", "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"prompt": "x", "min_tokens": 3}, "min_tokens"),
         ({"prompt": "x", "sampling": pb.SamplingParams(presence_penalty=3.0)}, "presence_penalty"),
         (
             {"prompt": "x", "sampling": pb.SamplingParams(frequency_penalty=-2.5)},

@@ -176,5 +176,45 @@ class Fields:
             return tuple(value)
         raise EdgeError.invalid(name, "must be a string or a list of strings")
 
+    def token_ids(self, name: str) -> tuple[int, ...]:
+        """A list of token ids (each an unsigned 32-bit integer; the server checks the
+        vocabulary); () when absent."""
+        value = self._source.get(name)
+        if value is None:
+            return ()
+        ids = token_ids_of(value)
+        if ids is None:
+            raise EdgeError.invalid(name, "must be a list of token ids", "invalid_type")
+        return ids
+
+    def token_biases(self, name: str) -> tuple[tuple[int, float], ...]:
+        """OpenAI's logit_bias: {"<token id>": bias}, biases in [-100, 100]; () when absent."""
+        raw = self._source.get(name)
+        if raw is None:
+            return ()
+        if not isinstance(raw, dict):
+            raise EdgeError.invalid(name, "must be an object of token id -> bias", "invalid_type")
+        bias = []
+        for key, value in raw.items():
+            if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10):
+                raise EdgeError.invalid(name, f"keys must be token ids, got {key!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not -100 <= value <= 100
+            ):
+                raise EdgeError.invalid(name, f"biases must be between -100 and 100 ({key})")
+            bias.append((int(key), float(value)))
+        return tuple(sorted(bias))
+
     def raw(self, name: str) -> Any:
         return self._source.get(name)
+
+
+def token_ids_of(value: Any) -> tuple[int, ...] | None:
+    """`value` as token ids (a list of unsigned 32-bit integers), or None if it is not one."""
+    if isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= UINT32_MAX for v in value
+    ):
+        return tuple(value)
+    return None

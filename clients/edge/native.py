@@ -21,18 +21,64 @@ from tokenwire.edge.pipeline import open_generations, relay, sse_response
 from tokenwire.edge.resumable import parse_event_id
 from tokenwire.edge.store import StoredStream
 
+# GenerateRequest's fields under their own names (sampling's flattened), all honoured; any
+# other field is a 400 naming it, never silently dropped. Not offered: continuation_ids (the
+# edge continues broken streams itself, and clients resume with Last-Event-ID).
+# `last_event_id` is the query's resume parameter (EventSource cannot set headers).
+FIELDS = frozenset(
+    {
+        "prompt",
+        "prompt_ids",
+        "add_special_tokens",
+        "max_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "seed",
+        "stop",
+        "stop_token_ids",
+        "ignore_eos",
+        "min_tokens",
+        "logprobs",
+        "top_logprobs",
+        "request_id",
+    }
+)
+QUERY_FIELDS = FIELDS | {"last_event_id"}
 
-def options_from(fields: Fields, request_id: str) -> GenerateOptions:
+
+def options_from(
+    fields: Fields, request_id: str, known: frozenset[str] = FIELDS
+) -> GenerateOptions:
+    for name in fields.names():
+        if name not in known and fields.raw(name) is not None:
+            raise EdgeError.invalid(name, "unrecognized request argument", "unknown_parameter")
     return GenerateOptions(
         max_tokens=fields.integer("max_tokens", 0) or 0,
         temperature=fields.number("temperature"),
         top_k=fields.integer("top_k", 0) or 0,
         top_p=fields.number("top_p"),
+        min_p=fields.number("min_p"),
         repetition_penalty=fields.number("repetition_penalty"),
+        presence_penalty=fields.number("presence_penalty"),
+        frequency_penalty=fields.number("frequency_penalty"),
+        logit_bias=fields.token_biases("logit_bias"),
         seed=fields.integer("seed"),
         stop=fields.strings("stop"),
+        stop_token_ids=fields.token_ids("stop_token_ids"),
         ignore_eos=fields.boolean("ignore_eos"),
+        min_tokens=fields.integer("min_tokens", 0) or 0,
         logprobs=fields.boolean("logprobs"),
+        top_logprobs=fields.integer("top_logprobs", 0) or 0,
+        prompt_ids=fields.token_ids("prompt_ids"),
+        add_special_tokens=(
+            fields.boolean("add_special_tokens") if fields.has("add_special_tokens") else None
+        ),
         request_id=request_id,
     )
 
@@ -54,10 +100,12 @@ async def _resume(request: Request, ctx: EdgeContext, last_event_id: str) -> Res
     return _sse(request, stream, seq)
 
 
-async def _start(request: Request, ctx: EdgeContext, fields: Fields) -> Response:
+async def _start(
+    request: Request, ctx: EdgeContext, fields: Fields, known: frozenset[str] = FIELDS
+) -> Response:
     prompt = fields.string("prompt")
     request_id = request_id_of(request, fields.string("request_id"))
-    options = options_from(fields, request_id)
+    options = options_from(fields, request_id, known)
     await ctx.streams.claim(request_id)
     try:
         [upstream] = await open_generations(ctx.upstream, prompt, [options])
@@ -93,7 +141,8 @@ async def generate_get(request: Request) -> Response:
     last = _last_event_id(request)
     if last:
         return await _resume(request, ctx, last)
-    return await _start(request, ctx, Fields(dict(request.query_params), from_query=True))
+    query = Fields(dict(request.query_params), from_query=True)
+    return await _start(request, ctx, query, QUERY_FIELDS)
 
 
 async def resume(request: Request) -> Response:

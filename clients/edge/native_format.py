@@ -1,6 +1,6 @@
 """The native SSE format: pipeline events -> named events, and stored events -> frames.
 
-Events: `token` {text, id, index, logprob?}, `usage` {...}, `done` {finish_reason,
+Events: `token` {text, id, index, logprob?, top_logprobs?}, `usage` {...}, `done` {finish_reason,
 stop_sequence}, `error` {code, status, message, field?}. Each is encoded once, when the resume
 store keeps it; every reader (the first one and each resume) gets the stored text, with
 `id: <request_id>:<seq>`.
@@ -31,6 +31,10 @@ def native_event(event: StreamEvent | EdgeError) -> tuple[str, dict[str, Any]]:
         data: dict[str, Any] = {"text": event.text, "id": event.id, "index": event.index}
         if event.logprob is not None:
             data["logprob"] = event.logprob
+        if event.top_logprobs:
+            data["top_logprobs"] = [
+                {"id": t.id, "logprob": t.logprob, "text": t.text} for t in event.top_logprobs
+            ]
         return "token", data
     if isinstance(event, Usage):
         return "usage", {

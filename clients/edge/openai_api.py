@@ -53,8 +53,8 @@ async def _begin(request: Request, *, chat: bool) -> _Call:
     fields = Fields(await read_json(request, ctx.settings.max_body_bytes))
     request_id = request_id_of(request, "")
     turns = chat_turns(fields) if chat else None
-    text = "" if chat else completion_prompt(fields)
-    parsed = read_request(fields, request_id, chat=chat)
+    text, ids = ("", ()) if chat else completion_prompt(fields)
+    parsed = read_request(fields, request_id, chat=chat, prompt_ids=ids)
     info = await ctx.upstream.model_info()
     check_model(parsed, info, ctx.settings.model_aliases)
     prompt = chat_prompt(turns, info) if turns is not None else text

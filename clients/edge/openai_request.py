@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tokenwire.client.client import GenerateOptions, ModelInfo
-from tokenwire.edge.body import UINT64_MAX, Fields
+from tokenwire.edge.body import UINT64_MAX, Fields, token_ids_of
 from tokenwire.edge.errors import EdgeError
 
 # Read below (or by the route); the extensions top_k, repetition_penalty and ignore_eos are the
@@ -102,6 +102,20 @@ IDLE_BY_ROUTE: dict[bool, dict[str, Callable[[Any], bool]]] = {
 }
 MAX_N = 8
 
+# The roles a conversation may use, as the model's chat template sees them: OpenAI's
+# `developer` is the system role under its newer name (templates know only `system`). Tool
+# turns answer tool calls, which need tools, which are refused.
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MESSAGE_FIELDS = frozenset({"role", "content", "name"})
+# Message fields that belong to tools or audio: accepted only where they ask for nothing.
+IDLE_IN_MESSAGE: dict[str, Callable[[Any], bool]] = {
+    "tool_calls": _empty,
+    "function_call": lambda value: False,
+    "tool_call_id": lambda value: False,
+    "audio": lambda value: False,
+    "refusal": lambda value: False,
+}
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class OpenAIRequest:
@@ -156,11 +170,15 @@ def _code(name: str) -> str:
     return "unsupported_value" if name in numeric else "unsupported_parameter"
 
 
-def read_request(fields: Fields, request_id: str, *, chat: bool) -> OpenAIRequest:
-    """Check every field and build the options of each choice (distinct ids and seeds)."""
+def read_request(
+    fields: Fields, request_id: str, *, chat: bool, prompt_ids: tuple[int, ...] = ()
+) -> OpenAIRequest:
+    """Check every field and build the options of each choice (distinct ids and seeds);
+    `prompt_ids` is a completions prompt given as token ids (see completion_prompt)."""
     check_fields(fields, chat=chat)
     n = fields.integer("n", 1) or 1
     base, names = _options(fields, request_id, chat=chat)
+    base = dataclasses.replace(base, prompt_ids=prompt_ids)
     choices = tuple(_choice(base, request_id, i, n) for i in range(n))
     stream_options = fields.raw("stream_options") or {}
     if not isinstance(stream_options, dict):
@@ -209,29 +227,6 @@ def _logprobs(fields: Fields, *, chat: bool) -> tuple[bool, int]:
     return (False, 0) if value is None else (True, value)
 
 
-def _logit_bias(fields: Fields) -> tuple[tuple[int, float], ...]:
-    """OpenAI's {"<token id>": bias} object, biases in [-100, 100]."""
-    raw = fields.raw("logit_bias")
-    if raw is None:
-        return ()
-    if not isinstance(raw, dict):
-        raise EdgeError.invalid(
-            "logit_bias", "must be an object of token id -> bias", "invalid_type"
-        )
-    bias = []
-    for key, value in raw.items():
-        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10):
-            raise EdgeError.invalid("logit_bias", f"keys must be token ids, got {key!r}")
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not -100 <= value <= 100
-        ):
-            raise EdgeError.invalid("logit_bias", f"biases must be between -100 and 100 ({key})")
-        bias.append((int(key), float(value)))
-    return tuple(sorted(bias))
-
-
 def _options(
     fields: Fields, request_id: str, *, chat: bool
 ) -> tuple[GenerateOptions, dict[str, str]]:
@@ -251,13 +246,14 @@ def _options(
         presence_penalty=fields.number("presence_penalty"),
         frequency_penalty=fields.number("frequency_penalty"),
         min_p=fields.number("min_p"),
-        logit_bias=_logit_bias(fields),
+        logit_bias=fields.token_biases("logit_bias"),
         min_tokens=fields.integer("min_tokens", 0) or 0,
         request_id=request_id,
         # A rendered chat template already holds the special tokens (BOS) the model expects.
         add_special_tokens=False if chat else None,
     )
-    names = {"max_tokens": max_name, "prompt": "messages" if chat else "prompt", "stop": "stop"}
+    prompt = "messages" if chat else "prompt"
+    names = {"max_tokens": max_name, "prompt": prompt, "prompt_ids": prompt, "stop": "stop"}
     return options, names
 
 
@@ -276,13 +272,22 @@ def check_model(request: OpenAIRequest, info: ModelInfo, aliases: tuple[str, ...
     )
 
 
-def completion_prompt(fields: Fields) -> str:
+def completion_prompt(fields: Fields) -> tuple[str, tuple[int, ...]]:
+    """The completions prompt as OpenAI takes it: a string, or token ids (fed to the model as
+    they are, no special tokens added), each alone or as a list of one. Returns (text, ids),
+    one of them empty. A list of several prompts is a batch, which this server does not take
+    (send one request per prompt)."""
     prompt = fields.raw("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        return prompt[0]
-    if not isinstance(prompt, str):
-        raise EdgeError.invalid("prompt", "must be a string (or a list of one string)")
-    return prompt
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt, ()
+    ids = token_ids_of(prompt)
+    if ids:
+        return "", ids
+    raise EdgeError.invalid(
+        "prompt", "must be a string or a non-empty list of token ids (or a list of one of either)"
+    )
 
 
 def _content_text(content: Any, index: int) -> str:
@@ -296,12 +301,44 @@ def _content_text(content: Any, index: int) -> str:
 
 
 def chat_turns(fields: Fields) -> list[dict[str, str]]:
+    """The conversation as the model's chat template takes it: role, content and, where the
+    caller named the speaker, name."""
     messages = fields.raw("messages")
     if not isinstance(messages, list) or not messages:
         raise EdgeError.invalid("messages", "must be a non-empty list")
-    turns = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise EdgeError.invalid(f"messages[{i}]", "must be an object with a string role")
-        turns.append({"role": m["role"], "content": _content_text(m.get("content"), i)})
-    return turns
+    return [_turn(message, i) for i, message in enumerate(messages)]
+
+
+def _turn(message: Any, index: int) -> dict[str, str]:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise EdgeError.invalid(where, "must be an object with a string role")
+    role = CHAT_ROLES.get(message["role"])
+    if role is None:
+        raise EdgeError.invalid(
+            f"{where}.role",
+            f"must be one of {', '.join(CHAT_ROLES)} (tools are not supported), "
+            f"got {message['role'][:40]!r}",
+        )
+    for key, value in message.items():
+        if key in MESSAGE_FIELDS or value is None:
+            continue
+        if key not in IDLE_IN_MESSAGE:
+            raise EdgeError.invalid(
+                f"{where}.{key}", "unrecognized message field", "unknown_parameter"
+            )
+        if not IDLE_IN_MESSAGE[key](value):
+            raise EdgeError.invalid(
+                f"{where}.{key}",
+                "is not supported by this server (tools are not; only [] or null is accepted)"
+                if key == "tool_calls"
+                else "is not supported by this server (only null is accepted)",
+                "unsupported_parameter",
+            )
+    turn = {"role": role, "content": _content_text(message.get("content"), index)}
+    name = message.get("name")
+    if name is not None:
+        if not isinstance(name, str):
+            raise EdgeError.invalid(f"{where}.name", "must be a string", "invalid_type")
+        turn["name"] = name
+    return turn
