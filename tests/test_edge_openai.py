@@ -32,6 +32,21 @@ async def test_models_lists_the_served_model(sdk: openai.AsyncOpenAI) -> None:
     assert models.data[0].id
 
 
+async def test_models_retrieve_gives_the_served_model_card(sdk: openai.AsyncOpenAI) -> None:
+    """GET /v1/models/{id} of the served model returns its card, as the list has it."""
+    card = await sdk.models.retrieve(MODEL)
+    assert card.model_dump() == (await sdk.models.list()).data[0].model_dump()
+
+
+async def test_models_retrieve_of_another_model_is_404(sdk: openai.AsyncOpenAI) -> None:
+    """GET /v1/models/{id} of a model that is not served is OpenAI's 404 model_not_found."""
+    with pytest.raises(openai.NotFoundError) as caught:
+        await sdk.models.retrieve("org/other-model")
+    body = caught.value.body
+    assert isinstance(body, dict)
+    assert (body["param"], body["code"]) == ("model", "model_not_found")
+
+
 async def test_chat_completion_without_streaming(sdk: openai.AsyncOpenAI) -> None:
     """A non-streamed chat completion has an assistant message, finish_reason and usage."""
     reply = await sdk.chat.completions.create(

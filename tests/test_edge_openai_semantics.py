@@ -82,17 +82,20 @@ async def test_unknown_model_is_404_model_not_found(
 
 
 async def test_alias_is_served_and_listed(served: RunningServer) -> None:
-    """With TOKENWIRE_MODEL_ALIASES set, /v1/models lists each alias and requests may use it."""
+    """With TOKENWIRE_MODEL_ALIASES set, /v1/models lists each alias, retrieves it by id, and
+    requests may use it."""
     edge = await start_edge(served.target, model_aliases=("gpt-3.5-turbo", "tiny"))
     try:
         async with openai.AsyncOpenAI(
             base_url=f"{edge.url}/v1", api_key="unused", max_retries=0
         ) as client:
             listed = [m.id for m in (await client.models.list()).data]
+            retrieved = (await client.models.retrieve("tiny")).id
             reply = await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2)
     finally:
         await edge.edge.stop()
     assert listed == [MODEL, "gpt-3.5-turbo", "tiny"]
+    assert retrieved == "tiny"
     assert reply.model == MODEL
     assert reply.choices[0].message.content is not None
 

@@ -129,6 +129,8 @@ def _routes(settings: EdgeSettings) -> list[BaseRoute]:
             "/v1/chat/completions", accounted(CHAT, openai_api.chat_completions), methods=["POST"]
         ),
         Route("/v1/models", openai_api.models, methods=["GET"]),
+        # A model id may hold slashes ("org/name"), as OpenAI's and the Hub's do.
+        Route("/v1/models/{model:path}", openai_api.model, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     if settings.metrics:

@@ -28,6 +28,7 @@ from tokenwire.edge.openai_request import (
     chat_turns,
     check_model,
     completion_prompt,
+    model_not_found,
     read_request,
 )
 from tokenwire.edge.openai_stream import openai_frames
@@ -134,11 +135,11 @@ async def chat_completions(request: Request) -> Response:
     return await _respond(request, chat=True)
 
 
-async def models(request: Request) -> Response:
+async def _model_cards(request: Request) -> list[dict[str, Any]]:
     """The served model, then each configured alias of it."""
     ctx = EdgeContext.of(request)
     info = await ctx.upstream.model_info()
-    cards = [
+    return [
         {
             "id": name,
             "object": "model",
@@ -149,4 +150,18 @@ async def models(request: Request) -> Response:
         }
         for name in dict.fromkeys((info.model, *ctx.settings.model_aliases))
     ]
-    return JSONResponse({"object": "list", "data": cards})
+
+
+async def models(request: Request) -> Response:
+    """GET /v1/models: the served model, then each configured alias of it."""
+    return JSONResponse({"object": "list", "data": await _model_cards(request)})
+
+
+async def model(request: Request) -> Response:
+    """GET /v1/models/{model}: that card, or 404 model_not_found."""
+    name = request.path_params["model"]
+    cards = await _model_cards(request)
+    for card in cards:
+        if card["id"] == name:
+            return JSONResponse(card)
+    raise model_not_found(name, cards[0]["root"])

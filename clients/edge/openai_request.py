@@ -262,10 +262,15 @@ def check_model(request: OpenAIRequest, info: ModelInfo, aliases: tuple[str, ...
     that names no model gets the served one."""
     if not request.model or request.model == info.model or request.model in aliases:
         return
-    raise EdgeError(
+    raise model_not_found(request.model, info.model)
+
+
+def model_not_found(name: str, served: str) -> EdgeError:
+    """OpenAI's 404 for a model id this edge does not serve."""
+    return EdgeError(
         404,
         "NOT_FOUND",
-        f"The model `{request.model}` does not exist (this server serves `{info.model}`)",
+        f"The model `{name[:200]}` does not exist (this server serves `{served}`)",
         param="model",
         openai_code="model_not_found",
         openai_type="invalid_request_error",
