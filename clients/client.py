@@ -16,7 +16,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from tokenwire.client.errors import from_rpc_error
+from tokenwire.client.errors import InvalidArgument, from_rpc_error
 from tokenwire.client.failover import Resumption, split_targets
 from tokenwire.client.security import ChannelSecurity, aio_channel, sync_channel
 from tokenwire.common import defaults
@@ -135,6 +135,22 @@ class GenerateOptions:
     """Token ids fed to the model as they are (no special tokens added), in place of a prompt
     text: generate with prompt "" and these."""
 
+    def __post_init__(self) -> None:
+        """Integers the wire cannot carry are InvalidArgument naming the field, as the server's
+        refusals are (the server checks its own, narrower limits)."""
+        u32, u64 = 2**32 - 1, 2**64 - 1
+        for name in ("max_tokens", "top_k", "top_logprobs", "min_tokens"):
+            _check_integer(name, getattr(self, name), u32)
+        if self.seed is not None:
+            _check_integer("seed", self.seed, u64)
+        for name, ids in (
+            ("prompt_ids", self.prompt_ids),
+            ("stop_token_ids", self.stop_token_ids),
+            ("logit_bias", [token for token, _ in self.logit_bias]),
+        ):
+            for i, token in enumerate(ids):
+                _check_integer(f"{name}[{i}]", token, u32)
+
     def to_pb(self, prompt: str) -> pb.GenerateRequest:
         sampling = pb.SamplingParams(top_k=self.top_k)
         for name in (
@@ -163,6 +179,15 @@ class GenerateOptions:
             min_tokens=self.min_tokens,
             stop_token_ids=list(self.stop_token_ids),
             prompt_ids=list(self.prompt_ids),
+        )
+
+
+def _check_integer(field: str, value: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise InvalidArgument(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{field}: must be an integer between 0 and {high}, got {value!r}",
+            field=field,
         )
 
 

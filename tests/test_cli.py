@@ -56,6 +56,14 @@ async def test_generate_reports_invalid_arguments_clearly(served: RunningServer)
     assert "INVALID_ARGUMENT: sampling.top_p" in done.stderr
 
 
+async def test_generate_reports_an_out_of_range_flag_clearly(served: RunningServer) -> None:
+    """A negative --max-tokens exits 1 with a message naming the field, not a traceback."""
+    done = await _run_cli("x", "--target", served.target, "--max-tokens", "-1")
+    assert done.returncode == 1
+    assert "INVALID_ARGUMENT: max_tokens" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.usefixtures("interruptible")
 async def test_ctrl_c_cancels_the_stream_and_frees_the_server(paced: RunningServer) -> None:
     """SIGINT mid-stream exits 130 with [cancelled] and the server's slot is freed."""

@@ -93,6 +93,25 @@ def test_client_sends_the_options_it_was_given(channel: grpc_testing.Channel) ->
     assert list(request.stop) == ["\n\n"]
 
 
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"seed": 2**64}, "seed"),
+        ({"prompt_ids": (1, 2**32)}, "prompt_ids[1]"),
+        ({"logit_bias": ((-5, 1.0),)}, "logit_bias[0]"),
+    ],
+)
+def test_an_integer_the_wire_cannot_carry_is_invalid_argument(
+    fields: dict[str, Any], field: str
+) -> None:
+    """Options holding an integer outside its protobuf type raise InvalidArgument naming the
+    field, as the server's refusals do, not protobuf's ValueError."""
+    with pytest.raises(InvalidArgument) as caught:
+        GenerateOptions(**fields)
+    assert caught.value.field == field
+
+
 def _rich(code: int, message: str, detail: Any) -> tuple[tuple[str, bytes], ...]:
     packed = any_pb2.Any()
     packed.Pack(detail)

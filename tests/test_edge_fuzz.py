@@ -89,9 +89,23 @@ SAMPLING = {
     "stop": st.one_of(st.text(min_size=1, max_size=8), st.lists(st.text(min_size=1, max_size=8))),
     "seed": st.integers(0, 2**64 - 1),
 }
+# Token ids within the vocabulary, past it, and past what the wire carries (2^32).
+TOKEN_ID = st.one_of(st.integers(0, 4000), st.integers(0, 2**33))
+EXTENSIONS = {
+    "min_p": st.floats(0, 1),
+    "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "min_tokens": st.integers(0, 8),
+    "logit_bias": st.dictionaries(TOKEN_ID.map(str), st.floats(-100, 100), max_size=3),
+}
 # Values each field accepts, so that many bodies get past validation into the engine.
 NATIVE_VALID: dict[str, st.SearchStrategy[Any]] = {
     **SAMPLING,
+    **EXTENSIONS,
+    "prompt_ids": st.lists(TOKEN_ID, min_size=1, max_size=8),
+    "stop_token_ids": st.lists(TOKEN_ID, max_size=3),
+    "top_logprobs": st.integers(0, 5),
+    "add_special_tokens": st.booleans(),
     "prompt": st.text(min_size=1, max_size=40),
     "top_k": st.integers(0, 50),
     "repetition_penalty": st.floats(0, 2, exclude_min=True),
@@ -100,14 +114,21 @@ NATIVE_VALID: dict[str, st.SearchStrategy[Any]] = {
     "request_id": PRINTABLE_ID.map(lambda text: text[:128].replace(":", "-")),
 }
 MESSAGE = st.fixed_dictionaries(
-    {"role": st.sampled_from(["system", "user", "assistant"]), "content": st.text(max_size=40)}
+    {
+        "role": st.sampled_from(["system", "developer", "user", "assistant"]),
+        "content": st.text(max_size=40),
+    },
+    optional={"name": st.text(max_size=8)},
 )
 OPENAI_VALID: dict[str, st.SearchStrategy[Any]] = {
     **SAMPLING,
+    **EXTENSIONS,
     # Mostly the served model, so that bodies get past the model check into generation.
     "model": st.one_of(st.just(MODEL), st.just(MODEL), st.text(max_size=12)),
     "prompt": st.one_of(
-        st.text(min_size=1, max_size=40), st.lists(st.text(), min_size=1, max_size=1)
+        st.text(min_size=1, max_size=40),
+        st.lists(st.text(), min_size=1, max_size=1),
+        st.lists(TOKEN_ID, min_size=1, max_size=8),
     ),
     "messages": st.lists(MESSAGE, min_size=1, max_size=3),
     "max_completion_tokens": st.integers(0, 8),

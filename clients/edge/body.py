@@ -196,8 +196,14 @@ class Fields:
             raise EdgeError.invalid(name, "must be an object of token id -> bias", "invalid_type")
         bias = []
         for key, value in raw.items():
-            if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10):
-                raise EdgeError.invalid(name, f"keys must be token ids, got {key!r}")
+            if not (
+                isinstance(key, str)
+                and key.isascii()
+                and key.isdigit()
+                and len(key) <= 10
+                and int(key) <= UINT32_MAX
+            ):
+                raise EdgeError.invalid(name, f"keys must be token ids, got {key[:40]!r}")
             if (
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
