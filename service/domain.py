@@ -203,7 +203,15 @@ class GenerationRequest:
                 f"must be shorter than the context length of {limits.context_length} tokens",
             )
         if self.max_tokens == 0:
-            return min(limits.default_max_tokens, room)
+            budget = min(limits.default_max_tokens, room)
+            if self.min_tokens > budget:
+                raise InvalidRequest(
+                    "min_tokens",
+                    self.min_tokens,
+                    f"must be at most {budget}, the tokens this request may generate without "
+                    "max_tokens (set max_tokens to ask for more)",
+                )
+            return budget
         if self.max_tokens > room:
             raise InvalidRequest(
                 "max_tokens",

@@ -113,3 +113,16 @@ async def test_min_tokens_holds_eos_back(eos_after_one: RunningServer) -> None:
     assert len(_ids(plain)) == 2
     assert len(_ids(held)) >= 4
     assert held[-1].WhichOneof("event") == "completion"
+
+
+async def test_min_tokens_beyond_the_default_budget_is_invalid_argument(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    """Without max_tokens, a min_tokens above what the request may generate by default is
+    INVALID_ARGUMENT naming min_tokens (it could not be honoured)."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(stub, pb.GenerateRequest(prompt="x", min_tokens=200))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = caught.value.details() or ""
+    assert details.startswith("min_tokens: must be at most")
+    assert "set max_tokens" in details
