@@ -130,6 +130,7 @@ async def _serve(
         log.error("model.refused", model_dir=str(settings.model_dir), reason=str(exc))
         await server.drain()
         return 2
+    rounding = engine.model.batch_rounding if isinstance(engine.model, OnnxCausalLM) else 0.0
     log.info(
         "model.loaded",
         model_dir=str(settings.model_dir),
@@ -140,7 +141,18 @@ async def _serve(
         # The widest attention mask rows share forwards within (None: any); rows past it
         # decode in forwards of their own.
         width_limit=engine.model.width_limit,
+        batch_rounding=rounding,
     )
+    if rounding and engine.model.padding is not Padding.ALONE:
+        log.warning(
+            "model.batch_rounding",
+            relative=rounding,
+            reason="ONNX Runtime computes a one-row product with another kernel than a "
+            "batched one here (MatMulNBits does on some CPUs), so a row decoded alone rounds "
+            "differently from the same row decoded beside others, by this much of the logit "
+            "scale: a request served alone and in a batch may get different tokens where two "
+            "are nearly tied, and a stream continued after a failover may differ likewise",
+        )
     if engine.model.padding is Padding.ALONE:
         log.warning(
             "model.unbatched",

@@ -288,6 +288,25 @@ def test_a_graph_served_without_batching_says_so_at_start() -> None:
     assert loaded["padding"] == "alone"
 
 
+@pytest.mark.slow
+def test_batch_rounding_is_reported_at_start() -> None:
+    """model.loaded carries the batch rounding the load-time probe measures on the int4 GenAI
+    graph (0 where this CPU computes a one-row MatMulNBits as a batched one), and where it is
+    above 0 a model.batch_rounding warning says what it means."""
+    model_dir = BUNDLED_MODEL_DIR.parent / "fixtures-genai" / "llama-int4"
+    measured = OnnxCausalLM(model_dir, provider="cpu").batch_rounding
+    server = ServerProcess("--model-dir", str(model_dir), "--metrics-port", "0")
+    try:
+        loaded = server.wait_for("model.loaded")
+        assert (loaded["batch_rounding"] > 0) == (measured > 0)
+        if measured > 0:
+            warning = server.wait_for("model.batch_rounding")
+            assert (warning["level"], warning["relative"]) == ("warning", loaded["batch_rounding"])
+    finally:
+        server.stop()
+        server.close()
+
+
 def _onnx_folder_layout(tmp_path: Path) -> Path:
     """The bundled model with its graph moved to onnx/model.onnx, configs at the top."""
     model_dir = tmp_path / "model"

@@ -28,7 +28,7 @@ from tokenwire.server.engine.padding import (
     FP16_TOLERANCE,
     FP32_TOLERANCE,
     Padding,
-    probe_padding,
+    probe,
     probe_width_limit,
 )
 from tokenwire.server.engine.slot_buffer import (
@@ -188,7 +188,11 @@ class OnnxCausalLM:
         """The host array the logits output is bound to now (None: bound to a device)."""
         tolerance = FP16_TOLERANCE if self.layout.dtype is np.float16 else FP32_TOLERANCE
         self._static: StaticDecode | None = None
-        self.padding: Padding = probe_padding(self, tolerance)
+        # batch_rounding: how far a row's logits beside another row land from the same row's
+        # alone, relative to their scale (0: never). Above 0 where ONNX Runtime computes a
+        # one-row product with another kernel than a batched one, as MatMulNBits (int4) does on
+        # some CPUs: a request's tokens then round differently served alone and in a batch.
+        self.padding, self.batch_rounding = probe(self, tolerance)
         self.width_limit: int | None = None
         """The widest attention mask rows do not notice, where some wider one changes them (a
         graph that picks its rotary tables by the mask's width): rows past it decode alone in

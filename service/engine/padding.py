@@ -48,7 +48,7 @@ FP32_TOLERANCE = 1e-5
 FP16_TOLERANCE = 1e-2
 # Rows that change each other move by more than kernels picked per batch size do: activation
 # scales over the whole batch (dynamic int8) moved the fixtures' logits by 1e-2 to 1.3e-1 of
-# their scale; fp32 rows decoded together on the CPU equal their solo runs exactly.
+# their scale; a one-row kernel that rounds otherwise (MatMulNBits on some CPUs) by about 1e-6.
 MIXING_TOLERANCE = 2e-3
 
 
@@ -74,6 +74,15 @@ def probe_padding(model: CausalLM, tolerance: float = FP32_TOLERANCE) -> Padding
 
     `tolerance` is relative to the logit scale: padding may only change rounding.
     """
+    return probe(model, tolerance)[0]
+
+
+def probe(model: CausalLM, tolerance: float = FP32_TOLERANCE) -> tuple[Padding, float]:
+    """The padding class (see probe_padding), and how far a row decoded beside another lands
+    from the same row decoded alone, relative to the logit scale: 0 where a row's logits never
+    depend on the batch, above 0 where ONNX Runtime takes another kernel for a one-row product
+    than for several (MatMulNBits does on some CPUs), which rounds alike only to within that
+    much."""
     ids = [int(i) for i in np.random.default_rng(0).integers(0, model.spec.vocab_size, 10)]
     reference = _decode(model, ids)
 
@@ -87,18 +96,20 @@ def probe_padding(model: CausalLM, tolerance: float = FP32_TOLERANCE) -> Padding
     together = _decode_rows(model, [ids, other])
     mixing = max(tolerance, MIXING_TOLERANCE)
     pairs = ((together[:, 0], reference), (together[:, 1], _decode(model, other)))
-    if not all(close(got, alone, mixing) for got, alone in pairs):
-        return Padding.ALONE
+    rounding = max(_distance(got, alone) for got, alone in pairs)
+    if rounding > mixing:
+        return Padding.ALONE, rounding
     short = _decode(model, ids, prompt=_SHORT)
     if all(map(close, _decode_right_aligned(model, ids), (reference, short))):
-        return Padding.RIGHT
+        return Padding.RIGHT, rounding
     padded_from_start = (
         _decode(model, ids, pad_columns=_PAD),
         _decode(model, ids, pad_tokens=_PAD),
     )
     if not all(same(run) for run in padded_from_start):
-        return Padding.NONE
-    return Padding.SHIFTABLE if same(_decode(model, ids, shift=_PAD)) else Padding.FIXED
+        return Padding.NONE, rounding
+    shiftable = same(_decode(model, ids, shift=_PAD))
+    return (Padding.SHIFTABLE if shiftable else Padding.FIXED), rounding
 
 
 def probe_width_limit(
@@ -180,8 +191,13 @@ def _padded_on_host(model: CausalLM, ids: list[int]) -> Callable[[int], FloatArr
 
 def _close(other: FloatArray, expected: FloatArray, within: float) -> bool:
     """Equal but for `within` of the expected logits' scale (at least 1)."""
+    return _distance(other, expected) <= within
+
+
+def _distance(other: FloatArray, expected: FloatArray) -> float:
+    """The largest difference, relative to the expected logits' scale (at least 1)."""
     scale = max(1.0, float(np.abs(expected).max()))
-    return bool(np.abs(other - expected).max() <= within * scale)
+    return float(np.abs(other - expected).max()) / scale
 
 
 def _widened(shape: tuple[int, ...], axis: int, width: int) -> tuple[int, ...]:
