@@ -148,10 +148,11 @@ async def _serve(
             "model.batch_rounding",
             relative=rounding,
             reason="ONNX Runtime computes a one-row product with another kernel than a "
-            "batched one here (MatMulNBits does on some CPUs), so a row decoded alone rounds "
-            "differently from the same row decoded beside others, by this much of the logit "
-            "scale: a request served alone and in a batch may get different tokens where two "
-            "are nearly tied, and a stream continued after a failover may differ likewise",
+            "batched one here (MatMulNBits on some CPUs, fp16 libraries on GPUs), so a row "
+            "decoded alone rounds differently from the same row decoded beside others, by "
+            "this much of the logit scale: a request served alone and in a batch may get "
+            "different tokens where two are nearly tied, and a stream continued after a "
+            "failover may differ likewise",
         )
     if engine.model.padding is Padding.ALONE:
         log.warning(
