@@ -169,6 +169,15 @@ def _check_limits(s: Settings) -> None:
     _require(s.max_prompt_bytes >= 1, "max_prompt_bytes", ">= 1", s.max_prompt_bytes)
     _require(s.max_stop_strings >= 0, "max_stop_strings", ">= 0", s.max_stop_strings)
     _require(s.max_stop_length >= 1, "max_stop_length", ">= 1", s.max_stop_length)
+    # The smallest request that leaves max_tokens unset (one prompt token, the default
+    # max_tokens) must fit the KV budget, or every such request would be refused.
+    _require(
+        s.max_kv_tokens > s.default_max_tokens,
+        "max_kv_tokens",
+        f"more than default_max_tokens ({s.default_max_tokens}): a one-token prompt with the "
+        "default max_tokens must fit",
+        s.max_kv_tokens,
+    )
 
 
 def _check_lifecycle(s: Settings) -> None:

@@ -31,3 +31,11 @@ def test_unparsable_value_names_the_variable() -> None:
     """A non-number port names TOKENWIRE_PORT."""
     with pytest.raises(SettingsError, match="TOKENWIRE_PORT"):
         Settings.from_env({"TOKENWIRE_PORT": "http"})
+
+
+def test_a_kv_budget_no_default_request_fits_is_refused() -> None:
+    """A KV budget that cannot hold a one-token prompt with the default max_tokens (so every
+    request leaving max_tokens unset would be refused) stops the server naming max_kv_tokens."""
+    env = {"TOKENWIRE_MAX_KV_TOKENS": "128", "TOKENWIRE_DEFAULT_MAX_TOKENS": "128"}
+    with pytest.raises(SettingsError, match=r"max_kv_tokens: must be more than default_max"):
+        Settings.from_env(env)
