@@ -19,8 +19,9 @@ from tokenwire.client.client import (
     Usage,
 )
 from tokenwire.client.errors import TokenwireError
+from tokenwire.client.failover import TARGET_RULE, names_a_target
 from tokenwire.client.security import ChannelSecurity, SecurityError
-from tokenwire.common.settings import SettingsError, add_flags, read_settings, setting
+from tokenwire.common.settings import SettingsError, add_flags, read_settings, require, setting
 from tokenwire.common.stats import percentile
 
 
@@ -49,6 +50,9 @@ class ConnectionSettings:
     tls_key: Path | None = setting(
         None, "client private key for mTLS, PEM", env="TOKENWIRE_TLS_CLIENT_KEY"
     )
+
+    def __post_init__(self) -> None:
+        require(names_a_target(self.target), "target", TARGET_RULE, self.target)
 
     def security(self) -> ChannelSecurity:
         return ChannelSecurity(

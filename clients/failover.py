@@ -42,6 +42,14 @@ def split_targets(target: str | Sequence[str]) -> list[str]:
     return targets
 
 
+def names_a_target(target: str) -> bool:
+    """Whether split_targets finds at least one target in `target`."""
+    return bool(target.replace(",", "").strip())
+
+
+TARGET_RULE = "a host:port, a comma-separated list of them, or dns:///name:port"
+
+
 def continued(
     request: pb.GenerateRequest, delivered: Sequence[int], seed: int | None
 ) -> pb.GenerateRequest:

@@ -118,6 +118,16 @@ def test_an_out_of_range_variable_names_field_and_variable() -> None:
         edge_settings([], {"TOKENWIRE_EDGE_PORT": "70000"})
 
 
+def test_a_target_list_naming_no_server_is_refused_naming_it() -> None:
+    """A gRPC target of only commas and spaces stops the edge and the CLI with a settings error
+    naming the field, not a traceback from the channel."""
+    with pytest.raises(SettingsError, match=r"grpc_target: must be a host:port"):
+        edge_settings(["--grpc-target", " , "], {})
+    args = build_parser().parse_args(["generate", "x", "--target", ","])
+    with pytest.raises(SettingsError, match=r"target: must be a host:port"):
+        read_settings(ConnectionSettings, args, {})
+
+
 def test_up_reads_the_ports_serve_and_edge_read() -> None:
     """`tokenwire up` takes TOKENWIRE_PORT, _EDGE_PORT and _METRICS_PORT, which its flags beat."""
     env = {

@@ -8,6 +8,7 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from tokenwire.client.failover import TARGET_RULE, names_a_target
 from tokenwire.common import defaults
 from tokenwire.common.settings import SettingsError, read_settings, require, setting
 
@@ -105,6 +106,7 @@ class EdgeSettings:
 
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, "port", "between 0 and 65535", self.port)
+        require(names_a_target(self.grpc_target), "grpc_target", TARGET_RULE, self.grpc_target)
         require(
             self.resume_window_s >= 0,
             "resume_window_s",
