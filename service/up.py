@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import shutil
 import signal
 import sys
@@ -33,9 +34,23 @@ class UpSettings:
     log_format: LogFormat = setting("console", "log format of both: `json` or `console`")
 
     def __post_init__(self) -> None:
-        for name in ("grpc_port", "http_port", "metrics_port"):
+        # `up` tells the edge where the server is and checks the edge's port: both fixed.
+        for name in ("grpc_port", "http_port"):
             port = getattr(self, name)
-            require(0 <= port <= 65535, name, "between 0 and 65535", port)
+            require(1 <= port <= 65535, name, "between 1 and 65535", port)
+        require(
+            0 <= self.metrics_port <= 65535,
+            "metrics_port",
+            "between 0 and 65535 (0 = off)",
+            self.metrics_port,
+        )
+        require(self.http_port != self.grpc_port, "http_port", "different from grpc_port", self.http_port)
+        require(
+            self.metrics_port not in (self.grpc_port, self.http_port),
+            "metrics_port",
+            "different from grpc_port and http_port",
+            self.metrics_port,
+        )
         require(self.drain_grace_s >= 0, "drain_grace_s", ">= 0", self.drain_grace_s)
         require(
             self.log_format in ("json", "console"), "log_format", "json or console", self.log_format
@@ -71,7 +86,8 @@ def _wait_ready(
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
                     return True
-        except OSError:
+        # Not up yet, or not HTTP (another program, or the gRPC server, on that port).
+        except (OSError, http.client.HTTPException):
             pass
         time.sleep(0.2)
     return False
@@ -132,16 +148,18 @@ def run_up(settings: UpSettings) -> int:
         *grace,
     )
     procs = [server, edge]
-    if _wait_ready(f"http://{host}:{settings.http_port}/readyz", procs, signals):
-        print(
-            banner(host, settings.grpc_port, settings.http_port, settings.metrics_port), flush=True
-        )
-    while not signals.count and all(p.poll() is None for p in procs):
-        time.sleep(0.2)
-    # The edge first: its streams finish while the server still serves them; then the server.
-    # A second Ctrl-C (or the limit) kills instead of waiting.
-    limit_s = settings.drain_grace_s + 30
-    asked = signals.count
-    codes = [p.stop(limit_s, lambda: signals.count > asked) for p in (edge, server)]
+    try:
+        if _wait_ready(f"http://{host}:{settings.http_port}/readyz", procs, signals):
+            ports = (settings.grpc_port, settings.http_port, settings.metrics_port)
+            print(banner(host, *ports), flush=True)
+        while not signals.count and all(p.poll() is None for p in procs):
+            time.sleep(0.2)
+    finally:
+        # The edge first: its streams finish while the server still serves them; then the
+        # server. A second Ctrl-C (or the limit) kills instead of waiting. The children have
+        # process groups of their own: nothing else stops them if `up` goes.
+        limit_s = settings.drain_grace_s + 30
+        asked = signals.count
+        codes = [p.stop(limit_s, lambda: signals.count > asked) for p in (edge, server)]
     print(f"tokenwire up: stopped (edge exit {codes[0]}, server exit {codes[1]})", flush=True)
     return 0 if signals.count or all(c == 0 for c in codes) else 1

@@ -128,6 +128,13 @@ def test_a_target_list_naming_no_server_is_refused_naming_it() -> None:
         read_settings(ConnectionSettings, args, {})
 
 
+def test_up_refuses_one_port_for_two_listeners() -> None:
+    """`tokenwire up` with the edge on the server's port is a settings error naming it."""
+    args = build_parser().parse_args(["up", "--grpc-port", "7001", "--http-port", "7001"])
+    with pytest.raises(SettingsError, match=r"http_port: must be different from grpc_port"):
+        read_settings(UpSettings, args, {})
+
+
 def test_up_reads_the_ports_serve_and_edge_read() -> None:
     """`tokenwire up` takes TOKENWIRE_PORT, _EDGE_PORT and _METRICS_PORT, which its flags beat."""
     env = {

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 
 import httpx
 from httpx_sse import aconnect_sse
@@ -179,3 +180,41 @@ async def test_up_takes_its_ports_from_the_variables_serve_and_edge_read() -> No
     assert ready.status_code == 200
     assert scraped.status_code == 200
     assert proc.returncode == 0
+
+
+def _answer_garbage(listener: socket.socket) -> None:
+    """Answer every connection with bytes that are not HTTP (as a gRPC server would)."""
+    with contextlib.suppress(OSError):
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(b"\x00\x00\x12\x04\x00 not HTTP\r\n\r\n")
+
+
+async def test_up_whose_edge_cannot_listen_stops_the_server_and_fails() -> None:
+    """With the edge's port held by another program that does not speak HTTP, `tokenwire up`
+    stops the server it started and exits 1: no child is left running (the gRPC port is free
+    again)."""
+    grpc_port, metrics_port = _free_ports(2)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        http_port = taken.getsockname()[1]
+        threading.Thread(target=_answer_garbage, args=(taken,), daemon=True).start()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tokenwire.client.command",
+            "up",
+            *("--grpc-port", str(grpc_port), "--http-port", str(http_port)),
+            *("--metrics-port", str(metrics_port)),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "TOKENWIRE_LOG_FORMAT": "json"},
+        )
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), 90)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+    assert proc.returncode == 1
+    assert b"edge exit 2" in out
+    socket.create_server(("127.0.0.1", grpc_port)).close()

@@ -70,5 +70,5 @@ def _run_edge(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log_format)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_edge(settings))
+        return asyncio.run(run_edge(settings))
     return 0

@@ -73,7 +73,14 @@ class EdgeServer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((self.settings.host, self.settings.port))
+        try:
+            sock.bind((self.settings.host, self.settings.port))
+            # A port another process listens on may still bind (SO_REUSEADDR): listening here
+            # makes it fail now, as OSError, rather than inside uvicorn.
+            sock.listen(self.server.config.backlog)
+        except OSError:
+            sock.close()
+            raise
         self.port = int(sock.getsockname()[1])
         self._task = asyncio.create_task(self.server.serve(sockets=[sock]))
         while not self.server.started:
@@ -124,10 +131,17 @@ def _hurry(ctx: EdgeContext) -> None:
     log.info("edge.drain_cut_short", in_flight=ctx.drain.in_flight, live=ctx.streams.live)
 
 
-async def run_edge(settings: EdgeSettings) -> None:
-    """Serve until SIGTERM/SIGINT, then drain and log `edge.stopped`."""
+async def run_edge(settings: EdgeSettings) -> int:
+    """Serve until SIGTERM/SIGINT, then drain and log `edge.stopped`; the exit status. A port
+    that cannot be listened on is one log line and status 2."""
     edge = EdgeServer(settings)
-    port = await edge.start()
+    try:
+        port = await edge.start()
+    except OSError as exc:  # taken, or not allowed
+        log.error(
+            "edge.cannot_listen", address=f"{settings.host}:{settings.port}", reason=str(exc)
+        )
+        return 2
     log.info(
         "edge.listening", url=f"http://{settings.host}:{port}/", grpc_target=settings.grpc_target
     )
@@ -144,7 +158,7 @@ async def run_edge(settings: EdgeSettings) -> None:
         stopping.cancel()
         await serving
         log.info("edge.stopped", reason="server exited")
-        return
+        return 0
     log.info("edge.draining", in_flight=edge.ctx.drain.in_flight, live=edge.ctx.streams.live)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _hurry, edge.ctx)
@@ -155,3 +169,4 @@ async def run_edge(settings: EdgeSettings) -> None:
         drained=clean,
         drain_ms=round((time.monotonic() - started) * 1000, 1),
     )
+    return 0
