@@ -44,7 +44,8 @@ class UpSettings:
             "between 0 and 65535 (0 = off)",
             self.metrics_port,
         )
-        require(self.http_port != self.grpc_port, "http_port", "different from grpc_port", self.http_port)
+        same = self.http_port == self.grpc_port
+        require(not same, "http_port", "different from grpc_port", self.http_port)
         require(
             self.metrics_port not in (self.grpc_port, self.http_port),
             "metrics_port",
