@@ -138,9 +138,7 @@ async def run_edge(settings: EdgeSettings) -> int:
     try:
         port = await edge.start()
     except OSError as exc:  # taken, or not allowed
-        log.error(
-            "edge.cannot_listen", address=f"{settings.host}:{settings.port}", reason=str(exc)
-        )
+        log.error("edge.cannot_listen", address=f"{settings.host}:{settings.port}", reason=str(exc))
         return 2
     log.info(
         "edge.listening", url=f"http://{settings.host}:{port}/", grpc_target=settings.grpc_target
