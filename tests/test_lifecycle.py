@@ -97,35 +97,14 @@ def test_finished_request_is_logged_without_its_prompt(server_process: ServerPro
 
 
 @pytest.mark.slow
-def test_a_busy_edge_port_is_one_log_line_and_exit_status_2() -> None:
-    """`tokenwire edge` on a port another process listens on: one JSON line naming the
-    address, status 2, nothing on stderr."""
+@pytest.mark.parametrize(("verb", "event"), [("serve", "server"), ("edge", "edge")])
+def test_a_busy_port_is_one_log_line_and_exit_status_2(verb: str, event: str) -> None:
+    """`tokenwire serve` (or `edge`) on a port another process listens on: one JSON line
+    naming the address, status 2, nothing on stderr."""
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         done = subprocess.run(
-            [sys.executable, "-m", "tokenwire.client.command", "edge", "--port", str(port)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={"TOKENWIRE_LOG_FORMAT": "json", "PATH": "/usr/bin:/bin"},
-            check=False,
-        )
-    records = [json.loads(line) for line in done.stdout.splitlines()]
-    assert done.returncode == 2
-    assert done.stderr == ""
-    assert [(r["event"], r["address"]) for r in records] == [
-        ("edge.cannot_listen", f"127.0.0.1:{port}")
-    ]
-
-
-@pytest.mark.slow
-def test_a_busy_port_is_one_log_line_and_exit_status_2() -> None:
-    """`tokenwire serve` on a port another process holds: one JSON line naming the address,
-    status 2, nothing on stderr."""
-    with socket.create_server(("127.0.0.1", 0)) as taken:
-        port = taken.getsockname()[1]
-        done = subprocess.run(
-            [sys.executable, "-m", "tokenwire.client.command", "serve", "--port", str(port)],
+            [sys.executable, "-m", "tokenwire.client.command", verb, "--port", str(port)],
             capture_output=True,
             text=True,
             timeout=60,
@@ -140,5 +119,5 @@ def test_a_busy_port_is_one_log_line_and_exit_status_2() -> None:
     assert done.returncode == 2
     assert done.stderr == ""
     assert [(r["event"], r["address"]) for r in records] == [
-        ("server.cannot_listen", f"127.0.0.1:{port}")
+        (f"{event}.cannot_listen", f"127.0.0.1:{port}")
     ]

@@ -72,25 +72,28 @@ async def test_up_prints_the_urls_serves_and_stops_cleanly_on_ctrl_c() -> None:
     assert proc.returncode == 0
 
 
-async def _start_up(*args: str) -> tuple[asyncio.subprocess.Process, list[str], int]:
-    """`tokenwire up` with JSON logs; returns once the banner is out (lines read so far)."""
-    grpc_port, http_port, metrics_port = _free_ports(3)
-    proc = await asyncio.create_subprocess_exec(
+async def _spawn_up(
+    grpc_port: int, http_port: int, metrics_port: int, *args: str
+) -> asyncio.subprocess.Process:
+    """`tokenwire up` on these ports with JSON logs, stdout and stderr piped together."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "tokenwire.client.command",
         "up",
-        "--grpc-port",
-        str(grpc_port),
-        "--http-port",
-        str(http_port),
-        "--metrics-port",
-        str(metrics_port),
+        *("--grpc-port", str(grpc_port), "--http-port", str(http_port)),
+        *("--metrics-port", str(metrics_port)),
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "TOKENWIRE_LOG_FORMAT": "json"},
     )
+
+
+async def _start_up(*args: str) -> tuple[asyncio.subprocess.Process, list[str], int]:
+    """`tokenwire up` with JSON logs; returns once the banner is out (lines read so far)."""
+    grpc_port, http_port, metrics_port = _free_ports(3)
+    proc = await _spawn_up(grpc_port, http_port, metrics_port, *args)
     assert proc.stdout is not None
     lines: list[str] = []
     async with asyncio.timeout(90):
@@ -199,17 +202,7 @@ async def test_up_whose_edge_cannot_listen_stops_the_server_and_fails() -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         http_port = taken.getsockname()[1]
         threading.Thread(target=_answer_garbage, args=(taken,), daemon=True).start()
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tokenwire.client.command",
-            "up",
-            *("--grpc-port", str(grpc_port), "--http-port", str(http_port)),
-            *("--metrics-port", str(metrics_port)),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, "TOKENWIRE_LOG_FORMAT": "json"},
-        )
+        proc = await _spawn_up(grpc_port, http_port, metrics_port)
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), 90)
         finally:
