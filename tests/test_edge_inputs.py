@@ -236,6 +236,14 @@ async def test_query_parameter_out_of_range_is_400(
     assert _native_field(response) == name
 
 
+async def test_a_repeated_query_parameter_is_400_naming_it(http: httpx.AsyncClient) -> None:
+    """GET /v1/generate?max_tokens=3&max_tokens=5 is a 400 naming max_tokens, not one of the
+    two values picked silently."""
+    params = [("prompt", "x"), ("max_tokens", "3"), ("max_tokens", "5")]
+    response = await http.get("/v1/generate", params=params)
+    assert _native_field(response) == "max_tokens"
+
+
 @pytest.mark.parametrize("value", ["\u00e9t\u00e9", "a" * 129, "a\tb", "x:1"])
 async def test_bad_x_request_id_header_is_400(http: httpx.AsyncClient, value: str) -> None:
     """X-Request-ID outside printable ASCII, or too long, is a 400 naming request_id."""

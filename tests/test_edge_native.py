@@ -112,6 +112,17 @@ async def test_eventsource_get_streams_the_same_events(http: httpx.AsyncClient) 
     assert [e.event for e in events] == ["token"] * 5 + ["usage", "done"]
 
 
+async def test_eventsource_get_takes_every_repeated_stop(http: httpx.AsyncClient) -> None:
+    """GET /v1/generate?stop=a&stop=b stops at either: here at the first of two stops, the
+    text of the stream's second token."""
+    params = {"prompt": "import os", "max_tokens": "8", "temperature": "0", "ignore_eos": "true"}
+    _, events = await _events(http, "GET", "/v1/generate", params=params)
+    second = _tokens(events)[1]["text"]
+    query = [*params.items(), ("stop", second), ("stop", "\u2603never")]
+    _, events = await _events(http, "GET", "/v1/generate", params=query)
+    assert json.loads(events[-1].data)["finish_reason"] == "stop_sequence"
+
+
 async def test_x_request_id_is_passed_to_the_server_and_returned(http: httpx.AsyncClient) -> None:
     """An X-Request-ID header becomes the server's request id and comes back."""
     headers = {"X-Request-ID": "edge-req-1"}

@@ -141,8 +141,12 @@ async def generate_get(request: Request) -> Response:
     last = _last_event_id(request)
     if last:
         return await _resume(request, ctx, last)
-    query = Fields(dict(request.query_params), from_query=True)
-    return await _start(request, ctx, query, QUERY_FIELDS)
+    # A repeated parameter stays a list: `stop` takes one (?stop=a&stop=b), any other field
+    # refuses it, where keeping one of the values would drop the others silently.
+    params = request.query_params
+    values = {name: params.getlist(name) for name in params}
+    query = {name: found[0] if len(found) == 1 else found for name, found in values.items()}
+    return await _start(request, ctx, Fields(query, from_query=True), QUERY_FIELDS)
 
 
 async def resume(request: Request) -> Response:
