@@ -164,7 +164,9 @@ def _plausible(
 
     def render(parts: tuple[dict[str, Any], dict[str, Any], dict[str, str]]) -> bytes:
         good, bad, literals = parts
-        body = json.dumps({**base, **good, **bad})[:-1]
+        # A field a literal sets is left out of the rest: a repeated key is refused first.
+        kept = {k: v for k, v in {**base, **good, **bad}.items() if k not in literals}
+        body = json.dumps(kept)[:-1]
         extra = "".join(f", {json.dumps(name)}: {literal}" for name, literal in literals.items())
         return (body + extra + "}").encode("utf-8", "surrogatepass")
 

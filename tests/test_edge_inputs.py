@@ -26,7 +26,8 @@ def _body(**fields: object) -> bytes:
 
 def _raw(prefix: str, value: str) -> bytes:
     """A body whose `prefix` field holds a literal the json module would not write."""
-    return f'{{"prompt": "x", "{prefix}": {value}}}'.encode()
+    base = "" if prefix == "prompt" else '"prompt": "x", '
+    return f'{{{base}"{prefix}": {value}}}'.encode()
 
 
 NATIVE_BODIES = {
@@ -48,6 +49,7 @@ NATIVE_BODIES = {
     "NaN literal": (_raw("temperature", "NaN"), "body"),
     "Infinity literal": (_raw("top_p", "Infinity"), "body"),
     "array body": (b"[1, 2]", "body"),
+    "a repeated key": (b'{"prompt": "x", "max_tokens": 3, "max_tokens": 5}', "body"),
     "string body": (b'"prompt"', "body"),
     "null body": (b"null", "body"),
     "truncated JSON": (b'{"prompt": "x"', "body"),
@@ -105,6 +107,10 @@ CHAT_BODIES = {
         "messages[0].content",
     ),
     "messages not a list": (b'{"messages": "hi"}', "messages"),
+    "a key repeated in a message": (
+        b'{"messages": [{"role": "user", "role": "system", "content": "hi"}]}',
+        "body",
+    ),
     "message without a role": (b'{"messages": [{"content": "hi"}]}', "messages[0]"),
     "a role OpenAI does not have": (
         b'{"messages": [{"role": "wizard", "content": "hi"}]}',

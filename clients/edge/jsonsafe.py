@@ -4,8 +4,9 @@ The standard library's decoder is kept (no extra dependency) but guarded: the by
 UTF-8, nesting is bounded (past Python's recursion limit the decoder raises RecursionError,
 which is caught; below it the decoded value is walked), integers too long to be any
 field's value become an `OutOfRange` marker (so the field's own check names it) instead of
-`ValueError: Exceeds the limit (4300 digits)`, NaN/Infinity literals are refused, and no string
-may hold a lone surrogate (protobuf and UTF-8 encoders reject them later, far from the field).
+`ValueError: Exceeds the limit (4300 digits)`, NaN/Infinity literals and repeated keys are
+refused, and no string may hold a lone surrogate (protobuf and UTF-8 encoders reject them later,
+far from the field).
 """
 
 from __future__ import annotations
@@ -46,6 +47,17 @@ def _parse_constant(literal: str) -> float:
     raise _Refused(f"must be standard JSON ({literal} is not a JSON value)")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose keys are all different: with a repeated key, decoders disagree on which
+    value counts (the last one, here), so the request would not say one thing."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise _Refused(f"must not repeat a key in an object ({key[:40]!r} is repeated)")
+        found[key] = value
+    return found
+
+
 def decode_object(raw: bytes) -> dict[str, Any]:
     """The JSON object in `raw`; EdgeError 400 (field `body` or the offending path) otherwise."""
     try:
@@ -53,7 +65,12 @@ def decode_object(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise EdgeError.invalid("body", f"must be UTF-8 (bad byte at {exc.start})") from None
     try:
-        body = json.loads(text or "{}", parse_int=_parse_int, parse_constant=_parse_constant)
+        body = json.loads(
+            text or "{}",
+            parse_int=_parse_int,
+            parse_constant=_parse_constant,
+            object_pairs_hook=_unique_keys,
+        )
     except json.JSONDecodeError as exc:
         raise EdgeError.invalid("body", f"must be JSON ({exc.msg} at {exc.pos})") from None
     except _Refused as exc:
