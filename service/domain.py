@@ -177,10 +177,6 @@ class GenerationRequest:
                 self.max_tokens,
                 f"must be between 1 and {limits.max_tokens_limit} (0 = default)",
             )
-        if self.min_tokens > limits.max_tokens_limit:
-            raise InvalidRequest(
-                "min_tokens", self.min_tokens, f"must be at most {limits.max_tokens_limit}"
-            )
         if len(self.stop) > limits.max_stop_strings:
             raise InvalidRequest(
                 "stop",
