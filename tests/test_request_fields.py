@@ -60,6 +60,19 @@ async def test_out_of_range_fields_are_invalid_argument_naming_them(
     assert field in (caught.value.details() or "")
 
 
+async def test_an_out_of_vocabulary_logit_bias_key_is_named_by_the_key(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    """A logit_bias entry whose token id is outside the vocabulary is INVALID_ARGUMENT naming
+    the entry by its key, as an out-of-range bias is, not by its place among the keys."""
+    request = pb.GenerateRequest(prompt="x", max_tokens=2)
+    request.sampling.logit_bias.update({1: 1.0, 10**6: 1.0})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(stub, request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (caught.value.details() or "").startswith("sampling.logit_bias[1000000]: ")
+
+
 async def test_top_logprobs_list_the_alternatives_most_likely_first(
     stub: pb_grpc.GenerationServiceStub,
 ) -> None:

@@ -210,17 +210,18 @@ class Engine:
         return GenerationHandle(self, sequence)
 
     def _check_ids(self, request: GenerationRequest) -> None:
-        """Every token id a request names must be in the vocabulary."""
+        """Every token id a request names must be in the vocabulary. A list's entry is named by
+        its index, a logit_bias entry by its key (the token id), as its value check names it."""
         named = (
-            ("prompt_ids", request.prompt_ids),
-            ("stop_token_ids", request.stop_token_ids),
-            ("sampling.logit_bias", tuple(i for i, _ in request.sampling.logit_bias)),
+            ("prompt_ids", enumerate(request.prompt_ids)),
+            ("stop_token_ids", enumerate(request.stop_token_ids)),
+            ("sampling.logit_bias", ((i, i) for i, _ in request.sampling.logit_bias)),
         )
         for field, ids in named:
-            for i, token_id in enumerate(ids):
+            for key, token_id in ids:
                 if not 0 <= token_id < self._vocab:
                     raise InvalidRequest(
-                        f"{field}[{i}]", token_id, f"must be a token id below {self._vocab}"
+                        f"{field}[{key}]", token_id, f"must be a token id below {self._vocab}"
                     )
 
     def _check_continuation(self, continuation: tuple[int, ...], budget: int) -> None:
