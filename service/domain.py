@@ -117,6 +117,10 @@ class RequestLimits:
     max_stop_length: int
 
 
+MAX_STOP_TOKEN_IDS = 1024
+"""Most stop_token_ids one request may list (each sampled token is looked up among them)."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """One generation as the engine sees it. Field checks that need no limits run here."""
@@ -161,6 +165,12 @@ class GenerationRequest:
         for i, stop in enumerate(self.stop):
             if not stop:
                 raise InvalidRequest(f"stop[{i}]", stop, "must be a non-empty string")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequest(
+                "stop_token_ids",
+                f"<{len(self.stop_token_ids)} ids>",
+                f"must hold at most {MAX_STOP_TOKEN_IDS}",
+            )
 
     def check(self, limits: RequestLimits) -> None:
         """Raise InvalidRequest when a field breaks one of the server's limits."""

@@ -73,6 +73,19 @@ async def test_an_out_of_vocabulary_logit_bias_key_is_named_by_the_key(
     assert (caught.value.details() or "").startswith("sampling.logit_bias[1000000]: ")
 
 
+async def test_more_than_1024_stop_token_ids_are_invalid_argument(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    """A request listing more than 1024 stop_token_ids is INVALID_ARGUMENT naming the field;
+    1024 of them are accepted."""
+    accepted = await collect(stub, greedy(PROMPT, 2, stop_token_ids=[1] * 1024))
+    assert accepted[-1].WhichOneof("event") == "completion"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(stub, greedy(PROMPT, 2, stop_token_ids=[1] * 1025))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (caught.value.details() or "").startswith("stop_token_ids: must hold at most 1024")
+
+
 async def test_top_logprobs_list_the_alternatives_most_likely_first(
     stub: pb_grpc.GenerationServiceStub,
 ) -> None:
