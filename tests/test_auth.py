@@ -154,6 +154,25 @@ async def test_two_principals_may_use_the_same_request_id(keyed: RunningServer) 
     assert second[-2].usage.request_id == rest[-2].usage.request_id == "same"
 
 
+async def test_a_duplicate_request_id_is_refused_naming_the_callers_own_id(
+    keyed: RunningServer,
+) -> None:
+    """A key reusing its own live request id gets INVALID_ARGUMENT showing the id it sent,
+    never the server's key-scoped form of it."""
+    async with grpc.aio.insecure_channel(keyed.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        request = greedy("def f():", max_tokens=300, request_id="dup")
+        first = stub.Generate(request, metadata=_bearer(K1))
+        await first.read()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Generate(request, metadata=_bearer(K1), timeout=10).read()
+        first.cancel()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = caught.value.details() or ""
+    assert details.startswith("request_id: ")
+    assert details.endswith("got 'dup'")
+
+
 async def test_cancel_without_auth_works_from_any_caller(served: RunningServer) -> None:
     """With no keys configured, Cancel from another connection stops the stream as before."""
     async with (

@@ -157,7 +157,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         except TokenwireError as exc:
             self._observer.request_rejected(type(exc).__name__)
             raise
-        return engine.submit(owned), request_id, deadline
+        try:
+            return engine.submit(owned), request_id, deadline
+        except InvalidRequest as exc:
+            raise _with_caller_value(exc, request_id) from None
 
     async def GetModelInfo(
         self,
@@ -204,6 +207,14 @@ def _with_caller_id(event: Event, request_id: str) -> Event:
     if isinstance(event, UsageEvent) and event.request_id != request_id:
         return dataclasses.replace(event, request_id=request_id)
     return event
+
+
+def _with_caller_value(exc: InvalidRequest, request_id: str) -> InvalidRequest:
+    """A refusal naming request_id shows the id the caller chose, not the engine's
+    principal-scoped one (which would reveal how ids are scoped)."""
+    if exc.field == "request_id" and exc.value != request_id:
+        return InvalidRequest(exc.field, request_id, exc.reason)
+    return exc
 
 
 def _span_failed(span: GenerateSpan, exc: TokenwireError) -> None:
