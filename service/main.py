@@ -25,7 +25,7 @@ from tokenwire.server.rpc.server import TokenwireServer
 from tokenwire.server.telemetry import configure_logging
 from tokenwire.server.telemetry.metrics import MetricsTls, ServerMetrics
 from tokenwire.server.telemetry.tracing import Tracing
-from tokenwire.server.tokenizer import Tokenizer
+from tokenwire.server.tokenizer import Tokenizer, TokenizerLoadError
 
 log = structlog.get_logger("tokenwire.server")
 
@@ -59,9 +59,11 @@ def load_engine(settings: Settings, observer: EngineObserver | None = None) -> E
         max_kv_tokens=settings.max_kv_tokens,
         model_file=settings.model_file,
     )
-    engine = Engine(
-        model, Tokenizer.from_dir(settings.model_dir), engine_config(settings), observer
-    )
+    try:
+        tokenizer = Tokenizer.from_dir(settings.model_dir)
+    except TokenizerLoadError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    engine = Engine(model, tokenizer, engine_config(settings), observer)
     engine.warm_up()
     return engine
 

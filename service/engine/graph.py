@@ -5,7 +5,8 @@ An Optimum "with past" export names its cache inputs `past_key_values.{layer}.{k
 declared shape says the rest: axis 0 is the batch, exactly one other axis is symbolic (the
 sequence), every remaining axis is fixed (KV heads, head dim). Keys and values may differ
 (multi-query attention has one KV head; MLA exports have different key and value dims).
-config.json only cross-checks these numbers: when it disagrees, the load fails with both values.
+The model's config (config.json, or genai_config.json) only cross-checks these numbers: when it
+disagrees, the load fails with both values.
 """
 
 from __future__ import annotations
@@ -77,39 +78,40 @@ class CacheLayout:
 
 
 def read_layout(
-    inputs: Sequence[NodeArg], outputs: Sequence[NodeArg], spec: ModelSpec
+    inputs: Sequence[NodeArg], outputs: Sequence[NodeArg], spec: ModelSpec, graph: str
 ) -> CacheLayout:
-    """Read the cache layout from the session's inputs and outputs, and check it against spec."""
+    """Read the cache layout from the session's inputs and outputs, and check it against spec.
+    `graph` names the graph's file in errors."""
     by_layer: dict[int, list[NodeArg]] = {}
     for arg in inputs:
         if match := _PAST.match(arg.name):
             by_layer.setdefault(int(match.group(1)), []).append(arg)
     if not by_layer:
         raise ModelLoadError(
-            "model.onnx has no past_key_values.N.key/value inputs: the engine drives decoder "
+            f"{graph} has no past_key_values.N.key/value inputs: the engine drives decoder "
             "graphs with a KV cache (Optimum task text-generation-with-past)"
         )
     layers = sorted(by_layer)
     if layers != list(range(len(layers))):
-        raise ModelLoadError(f"model.onnx has past inputs for layers {layers}: not 0..N-1")
+        raise ModelLoadError(f"{graph} has past inputs for layers {layers}: not 0..N-1")
     output_names = {o.name for o in outputs}
     tensors = tuple(
-        _cache_tensor(arg, output_names, spec)
+        _cache_tensor(arg, output_names, spec, graph)
         for layer in layers
         for arg in sorted(by_layer[layer], key=lambda a: a.name)
     )
     dtypes = {next(a.type for a in inputs if a.name == t.name) for t in tensors}
     if len(dtypes) != 1 or (dtype := dtypes.pop()) not in _ORT_DTYPES:
-        raise ModelLoadError(f"model.onnx cache inputs have element types {sorted(dtypes)}")
+        raise ModelLoadError(f"{graph} cache inputs have element types {sorted(dtypes)}")
     layout = CacheLayout(tensors, _ORT_DTYPES[dtype], len(layers))
-    check_against_config(layout, spec)
+    check_against_config(layout, spec, graph)
     return layout
 
 
-def _cache_tensor(arg: NodeArg, output_names: set[str], spec: ModelSpec) -> CacheTensor:
+def _cache_tensor(arg: NodeArg, output_names: set[str], spec: ModelSpec, graph: str) -> CacheTensor:
     present = arg.name.replace("past_key_values", "present", 1)
     if present not in output_names:
-        raise ModelLoadError(f"model.onnx has input {arg.name} but no output {present}")
+        raise ModelLoadError(f"{graph} has input {arg.name} but no output {present}")
     dims = list(arg.shape)
     seq_axis = _sequence_axis(dims)
     fixed: list[int] = []
@@ -119,11 +121,12 @@ def _cache_tensor(arg: NodeArg, output_names: set[str], spec: ModelSpec) -> Cach
         elif isinstance(dim, int):
             fixed.append(dim)
         elif i == len(dims) - 1 and spec.head_dim is not None:
-            # GenAI's builder leaves the head dim symbolic; its config states it.
+            # GenAI's builder leaves the head dim symbolic; its config states it (a wrong one
+            # fails the first forward at load, where model.py names the config).
             fixed.append(spec.head_dim)
         else:
             raise ModelLoadError(
-                f"model.onnx input {arg.name} has shape {dims}: its axis {i} is dynamic and "
+                f"{graph} input {arg.name} has shape {dims}: its axis {i} is dynamic and "
                 "neither the sequence nor a head dim the model's config states"
             )
     return CacheTensor(arg.name, present, tuple(fixed), seq_axis)
@@ -142,11 +145,12 @@ def _sequence_axis(dims: list[int | str | None]) -> int:
     return dynamic[0]
 
 
-def check_against_config(layout: CacheLayout, spec: ModelSpec) -> None:
-    """Fail with one line naming both values where config.json contradicts the graph."""
+def check_against_config(layout: CacheLayout, spec: ModelSpec, graph: str) -> None:
+    """Fail with one line naming both values where the model's config contradicts the graph."""
+    config = spec.config_file
     if spec.num_layers is not None and spec.num_layers != layout.num_layers:
         raise ModelLoadError(
-            f"config.json says {spec.num_layers} layers but model.onnx has cache inputs for "
+            f"{config} says {spec.num_layers} layers but {graph} has cache inputs for "
             f"{layout.num_layers} layers"
         )
     standard = [t for t in layout.tensors if len(t.shape) == 4 and t.seq_axis == 2]
@@ -154,25 +158,25 @@ def check_against_config(layout: CacheLayout, spec: ModelSpec) -> None:
         for t in standard:
             if t.shape[1] != spec.num_kv_heads:
                 raise ModelLoadError(
-                    f"config.json says {spec.num_kv_heads} key/value heads but model.onnx input "
+                    f"{config} says {spec.num_kv_heads} key/value heads but {graph} input "
                     f"{t.name} has {t.shape[1]}"
                 )
     if spec.head_dim is not None:
         for t in standard:
             if t.name.endswith(".key") and t.shape[3] != spec.head_dim:
                 raise ModelLoadError(
-                    f"config.json says head_dim {spec.head_dim} but model.onnx input {t.name} "
+                    f"{config} says head_dim {spec.head_dim} but {graph} input {t.name} "
                     f"has {t.shape[3]}"
                 )
 
 
-def check_vocab(outputs: Sequence[NodeArg], spec: ModelSpec) -> None:
-    """The logits' last axis, where the graph fixes it, must equal config.json's vocab size."""
+def check_vocab(outputs: Sequence[NodeArg], spec: ModelSpec, graph: str) -> None:
+    """The logits' last axis, where the graph fixes it, must equal the config's vocab size."""
     logits = next((o for o in outputs if o.name == "logits"), None)
     if logits is None:
-        raise ModelLoadError("model.onnx has no 'logits' output")
+        raise ModelLoadError(f"{graph} has no 'logits' output")
     width = list(logits.shape)[-1] if logits.shape else None
     if isinstance(width, int) and width != spec.vocab_size:
         raise ModelLoadError(
-            f"config.json says vocab size {spec.vocab_size} but model.onnx logits have {width}"
+            f"{spec.config_file} says vocab size {spec.vocab_size} but {graph} logits have {width}"
         )

@@ -160,8 +160,9 @@ class OnnxCausalLM:
         self._device_cache = self.provider != CPU if device_cache is None else device_cache
         self._preallocated = preallocated
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        self.layout: CacheLayout = read_layout(inputs, outputs, self.spec)
-        check_vocab(outputs, self.spec)
+        graph = onnx_path.relative_to(model_dir).as_posix()
+        self.layout: CacheLayout = read_layout(inputs, outputs, self.spec, graph)
+        check_vocab(outputs, self.spec, graph)
         names = {i.name for i in inputs}
         unknown = names - _DRIVEN_INPUTS - set(self.layout.past_names)
         if unknown or not {"input_ids", "attention_mask"} <= names:
@@ -188,17 +189,47 @@ class OnnxCausalLM:
         """The host array the logits output is bound to now (None: bound to a device)."""
         tolerance = FP16_TOLERANCE if self.layout.dtype is np.float16 else FP32_TOLERANCE
         self._static: StaticDecode | None = None
-        # batch_rounding: how far a row's logits beside another row land from the same row's
-        # alone, relative to their scale (0: never). Above 0 where ONNX Runtime computes a
-        # one-row product with another kernel than a batched one, as MatMulNBits (int4) does on
-        # some CPUs: a request's tokens then round differently served alone and in a batch.
-        self.padding, self.batch_rounding = probe(self, tolerance)
+        self.padding = Padding.ALONE
+        self.batch_rounding = 0.0
+        """How far a row's logits beside another row land from the same row's alone, relative
+        to their scale (0: never). Above 0 where ONNX Runtime computes a one-row product with
+        another kernel than a batched one, as MatMulNBits (int4) does on some CPUs: a
+        request's tokens then round differently served alone and in a batch."""
         self.width_limit: int | None = None
         """The widest attention mask rows do not notice, where some wider one changes them (a
         graph that picks its rotary tables by the mask's width): rows past it decode alone in
         the preallocated cache, or, without one, the context is capped here."""
+        self._measure(graph, tolerance, max_kv_tokens)
+        wants_static = self.captures_graphs if static_decode is None else static_decode
+        # Fixed bindings hold the live rows from slot 0; rows past a width limit run alone.
+        if wants_static and self.padding is Padding.RIGHT and self.width_limit is None:
+            logits_dtype = np.float16 if self._half else np.float32
+            self._static = StaticDecode(
+                self.session, self.layout, self.device, logits_dtype, self.spec.vocab_size
+            )
+
+    def _measure(self, graph: str, tolerance: float, max_kv_tokens: int | None) -> None:
+        """Probe the graph (_probe). These are its first forwards: a config that does not
+        describe it (a head size, or a context its tables lack) fails them, and says so."""
+        try:
+            self._probe(graph, tolerance, max_kv_tokens)
+        except Exception as exc:
+            if not _from_onnxruntime(exc):
+                raise
+            raise ModelLoadError(
+                f"{graph} fails a test forward at load, so {self.spec.config_file} may not "
+                f"describe it: {str(exc).strip().splitlines()[0]}"
+            ) from exc
+
+    def _probe(self, graph: str, tolerance: float, max_kv_tokens: int | None) -> None:
+        """How the graph takes padding and batches (padding.py): its padding class, batch
+        rounding and, for a graph padded on the right, the mask width it notices, every width
+        the server can serve (the context, or the KV budget) decoded once."""
+        widths = min(self.spec.context_length, max_kv_tokens or self.spec.context_length)
+        if self._has_position_ids:
+            self._check_last_position(graph, widths - 1)
+        self.padding, self.batch_rounding = probe(self, tolerance)
         if self.padding is Padding.RIGHT:
-            widths = min(self.spec.context_length, max_kv_tokens or self.spec.context_length)
             self.width_limit = probe_width_limit(self, widths, tolerance)
             if self.width_limit is not None and not self._slot_cache_kind():
                 self.spec = dataclasses.replace(
@@ -208,13 +239,26 @@ class OnnxCausalLM:
                     "entries (as LongRoPE's tables do in ONNX Runtime GenAI's builder), and "
                     "without the preallocated cache rows past it cannot decode alone",
                 )
-        wants_static = self.captures_graphs if static_decode is None else static_decode
-        # Fixed bindings hold the live rows from slot 0; rows past a width limit run alone.
-        if wants_static and self.padding is Padding.RIGHT and self.width_limit is None:
-            logits_dtype = np.float16 if self._half else np.float32
-            self._static = StaticDecode(
-                self.session, self.layout, self.device, logits_dtype, self.spec.vocab_size
+
+    def _check_last_position(self, graph: str, last: int) -> None:
+        """A token at the last position the server may serve must decode: a graph whose
+        position table is shorter than the context its config states (a learned table, a
+        rotary cache) fails here, not on the first long request."""
+        try:
+            self.forward(
+                np.zeros((1, 1), dtype=np.int64),
+                np.ones((1, 1), dtype=np.int64),
+                np.full((1, 1), last, dtype=np.int64),
+                self.new_cache(1).tensors,
             )
+        except Exception as exc:
+            if not _from_onnxruntime(exc):
+                raise
+            raise ModelLoadError(
+                f"{graph} fails at position {last}, within the context of "
+                f"{self.spec.context_length} tokens that {self.spec.config_file} states: "
+                f"{str(exc).strip().splitlines()[0]}"
+            ) from exc
 
     @property
     def decode_graphs(self) -> int:
@@ -384,6 +428,11 @@ class OnnxCausalLM:
     def _logits_device(self) -> str:
         """fp16 logits stay where they were computed until they are widened."""
         return self.device if self._half else "cpu"
+
+
+def _from_onnxruntime(exc: Exception) -> bool:
+    """An error ONNX Runtime raised running the graph (its own types, or RuntimeError)."""
+    return type(exc).__module__.startswith("onnxruntime") or type(exc) is RuntimeError
 
 
 def _bound(view: object) -> BoundTensor:

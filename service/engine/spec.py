@@ -39,6 +39,8 @@ ALIASES: dict[str, tuple[str, ...]] = {
     ),
 }
 GENAI_CONFIG = "genai_config.json"
+# Keys a config dict carries about itself: its file, and (GenAI) each fact's key there.
+_FILE, _KEYS = "_file", "_keys"
 # A tokenizer_config.json model_max_length at or above this is transformers' "no limit" marker.
 _NO_LIMIT = 10**9
 
@@ -63,24 +65,40 @@ class ModelSpec:
     declared_context_length: int = 0
     """The context the config states; context_length is below it where context_cap says why."""
     context_cap: str = ""
+    config_file: str = "config.json"
+    """The file the facts above come from (config.json, or a GenAI folder's genai_config.json)."""
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ModelSpec:
+        if not model_dir.is_dir():
+            raise ModelLoadError(f"model dir {model_dir} is not a directory")
         tokenizer_config = read_json(model_dir / "tokenizer_config.json", required=False)
         graph_file = "model.onnx"
-        if not (model_dir / "config.json").exists() and (model_dir / GENAI_CONFIG).exists():
+        if (model_dir / GENAI_CONFIG).exists():
+            # A GenAI folder: its runtime reads genai_config.json, and so does the engine. A
+            # config.json beside it (many such folders carry one) may only agree with it.
             config = genai_as_config(read_json(model_dir / GENAI_CONFIG))
+            config[_FILE] = str(model_dir / GENAI_CONFIG)
             graph_file = config["_graph_file"]
+            if (model_dir / "config.json").exists():
+                other = text_config(read_json(model_dir / "config.json"))
+                _check_agree(model_dir, config, {**other, _FILE: str(model_dir / "config.json")})
             generation: dict[str, Any] = {}
+            source = GENAI_CONFIG
         else:
             config = text_config(read_json(model_dir / "config.json"))
+            config[_FILE] = str(model_dir / "config.json")
             generation = read_json(model_dir / "generation_config.json", required=False)
+            source = "config.json"
         vocab = lookup(config, "vocab_size")
-        if vocab is None:
-            raise ModelLoadError(_missing(model_dir, "vocab_size"))
-        eos = _as_ids(generation.get("eos_token_id", config.get("eos_token_id")))
-        declared = _context_length(model_dir, config, tokenizer_config)
-        original = _longrope_original(config)
+        if vocab is None or vocab < 1:
+            raise ModelLoadError(_missing(model_dir / source, "vocab_size"))
+        if "eos_token_id" in generation:
+            eos = _as_ids(generation["eos_token_id"], model_dir / "generation_config.json", vocab)
+        else:
+            eos = _as_ids(config.get("eos_token_id"), model_dir / source, vocab)
+        declared = _context_length(model_dir / source, config, tokenizer_config)
+        original = None if source == GENAI_CONFIG else _longrope_original(config)
         context, cap = declared, ""
         if original is not None and original < declared:
             # Such exports trace one branch of LongRoPE's switch (the short tables, at the
@@ -105,6 +123,7 @@ class ModelSpec:
             num_kv_heads=_declared_kv_heads(config),
             head_dim=_key_head_dim(config),
             graph_file=graph_file,
+            config_file=source,
         )
 
 
@@ -171,16 +190,70 @@ def genai_as_config(genai: dict[str, Any]) -> dict[str, Any]:
         "num_attention_heads": decoder.get("num_attention_heads"),
         "num_key_value_heads": decoder.get("num_key_value_heads"),
         "head_dim": decoder.get("head_size"),
+        _KEYS: {
+            "vocab_size": "model.vocab_size",
+            "max_position_embeddings": "model.context_length",
+            "num_hidden_layers": "model.decoder.num_hidden_layers",
+            "num_attention_heads": "model.decoder.num_attention_heads",
+            "num_key_value_heads": "model.decoder.num_key_value_heads",
+            "head_dim": "model.decoder.head_size",
+        },
     }
 
 
+def _check_agree(model_dir: Path, genai: dict[str, Any], config: dict[str, Any]) -> None:
+    """Where config.json and genai_config.json both state a fact of the graph's shape, they
+    must state the same value: two descriptions of one folder that disagree describe two
+    models, and either could be the wrong one."""
+    stated = {
+        "vocab_size": (lookup(genai, "vocab_size"), lookup(config, "vocab_size")),
+        "num_layers": (lookup(genai, "num_layers"), lookup(config, "num_layers")),
+        "num_heads": (lookup(genai, "num_heads"), lookup(config, "num_heads")),
+        "num_kv_heads": (_declared_kv_heads(genai), _declared_kv_heads(config)),
+        "head_dim": (_key_head_dim(genai), _key_head_dim(config)),
+    }
+    for fact, (theirs, ours) in stated.items():
+        if theirs is not None and ours is not None and theirs != ours:
+            raise ModelLoadError(
+                f"{model_dir / GENAI_CONFIG} says {fact.replace('_', ' ')} {theirs} but "
+                f"{model_dir / 'config.json'} says {ours}: the folder describes two models"
+            )
+
+
 def _chat_template(model_dir: Path, tokenizer_config: dict[str, Any]) -> str:
-    """transformers writes the template into tokenizer_config.json or chat_template.jinja."""
-    template = tokenizer_config.get("chat_template")
-    if isinstance(template, str) and template:
-        return template
+    """The chat template as transformers finds it: chat_template.jinja where it exists, else
+    tokenizer_config.json's chat_template, a string or (older files) a list of named
+    templates, of which the one named "default" serves."""
     path = model_dir / "chat_template.jinja"
-    return path.read_text(encoding="utf-8") if path.exists() else ""
+    if path.exists():
+        return read_text(path)
+    template = tokenizer_config.get("chat_template")
+    where = f"{model_dir / 'tokenizer_config.json'} chat_template"
+    if template is None or isinstance(template, str):
+        return template or ""
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if len(named) != len(template) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in named.items()
+        ):
+            raise ModelLoadError(f"{where} must be a list of {{name, template}} strings")
+        if "default" not in named:
+            raise ModelLoadError(
+                f'{where} names templates {sorted(map(str, named))} but none "default", the '
+                "one chat requests use; put the one to serve in chat_template.jinja"
+            )
+        return str(named["default"])
+    raise ModelLoadError(f"{where} must be a string, got {type(template).__name__}")
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file of the folder, or a ModelLoadError naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelLoadError(f"{path} is not UTF-8 text: {exc}") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"{path} cannot be read: {exc.strerror or exc}") from exc
 
 
 def read_json(path: Path, *, required: bool = True) -> dict[str, Any]:
@@ -189,8 +262,8 @@ def read_json(path: Path, *, required: bool = True) -> dict[str, Any]:
             raise ModelLoadError(f"{path} is missing")
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} is not a JSON object")
@@ -204,11 +277,18 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def lookup(config: dict[str, Any], fact: str) -> int | None:
-    """The fact's value under the first alias present, as an int; None if no alias is."""
+    """The fact's value under the first alias present (and not null), as an int; None if no
+    alias is. A value of another type is refused, naming its file and key: skipping it would
+    take the next spelling, or a default, in its place."""
     for key in ALIASES[fact]:
         value = config.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            where = config.get(_FILE, "the model's config")
+            name = config.get(_KEYS, {}).get(key, key)
+            raise ModelLoadError(f"{where} {name} must be an integer, got {value!r}")
+        return value
     return None
 
 
@@ -221,7 +301,7 @@ def _declared_kv_heads(config: dict[str, Any]) -> int | None:
 
 
 def _context_length(
-    model_dir: Path, config: dict[str, Any], tokenizer_config: dict[str, Any]
+    config_path: Path, config: dict[str, Any], tokenizer_config: dict[str, Any]
 ) -> int:
     found = lookup(config, "context_length")
     if found is None:
@@ -229,7 +309,7 @@ def _context_length(
         if isinstance(limit, int) and 0 < limit < _NO_LIMIT:
             found = limit
     if found is None or found < 2:
-        raise ModelLoadError(_missing(model_dir, "context_length"))
+        raise ModelLoadError(_missing(config_path, "context_length"))
     return found
 
 
@@ -260,17 +340,30 @@ def _longrope_original(config: dict[str, Any]) -> int | None:
     return None
 
 
-def _missing(model_dir: Path, fact: str) -> str:
+def _missing(config_path: Path, fact: str) -> str:
     keys = ", ".join(ALIASES[fact])
-    return f"{model_dir / 'config.json'} states no {fact.replace('_', ' ')} (looked for {keys})"
+    return (
+        f"{config_path} states no {fact.replace('_', ' ')} as a positive integer "
+        f"(looked for {keys})"
+    )
 
 
-def _as_ids(value: object) -> list[int]:
+def _as_ids(value: object, path: Path, vocab: int) -> list[int]:
+    """eos_token_id: an id or a list of ids, each in the vocabulary (a stop id the model can
+    never produce would let every answer run to its token limit)."""
     if value is None:
         return []
-    if isinstance(value, list):
-        return [int(v) for v in value]
-    return [int(str(value))]
+    ids = value if isinstance(value, list) else [value]
+    for token_id in ids:
+        if not isinstance(token_id, int) or isinstance(token_id, bool):
+            raise ModelLoadError(
+                f"{path} eos_token_id must be a token id or a list of them, got {value!r}"
+            )
+        if not 0 <= token_id < vocab:
+            raise ModelLoadError(
+                f"{path} eos_token_id {token_id} is outside the vocabulary (0..{vocab - 1})"
+            )
+    return list(ids)
 
 
 def _token_text(value: object) -> str:

@@ -1,0 +1,302 @@
+"""Model folders that are wrong in their JSON, tokenizer or graph: each is refused at load with
+one line naming the file and what is wrong, or served as transformers would read it; none is
+served as some other model, and none fails with a traceback."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tokenwire.server.config import BUNDLED_MODEL_DIR, Settings
+from tokenwire.server.engine import ModelLoadError, ModelSpec, OnnxCausalLM
+from tokenwire.server.main import load_engine
+from tokenwire.server.tokenizer import Tokenizer, TokenizerLoadError
+
+FIXTURES = BUNDLED_MODEL_DIR.parent / "fixtures"
+GENAI_LLAMA = BUNDLED_MODEL_DIR.parent / "fixtures-genai" / "llama-fp32"
+LLAMA = FIXTURES / "llama"
+
+
+def _copy(source: Path, tmp_path: Path) -> Path:
+    model_dir = tmp_path / source.name
+    shutil.copytree(source, model_dir)
+    return model_dir
+
+
+def _edit(path: Path, **changes: Any) -> None:
+    """Set top-level keys of a JSON file (None removes one)."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
+def _genai(tmp_path: Path, model: dict[str, Any] | None = None, **decoder: Any) -> Path:
+    """The GenAI llama fixture with genai_config.json's model and model.decoder keys set."""
+    model_dir = _copy(GENAI_LLAMA, tmp_path)
+    path = model_dir / "genai_config.json"
+    config = json.loads(path.read_text())
+    config["model"].update(model or {})
+    config["model"]["decoder"].update(decoder)
+    path.write_text(json.dumps(config))
+    return model_dir
+
+
+def _matching_config_json(model_dir: Path) -> dict[str, Any]:
+    """A config.json that states what the folder's genai_config.json states."""
+    genai = json.loads((model_dir / "genai_config.json").read_text())["model"]
+    decoder = genai["decoder"]
+    return {
+        "vocab_size": genai["vocab_size"],
+        "num_hidden_layers": decoder["num_hidden_layers"],
+        "num_attention_heads": decoder["num_attention_heads"],
+        "num_key_value_heads": decoder["num_key_value_heads"],
+        "head_dim": decoder["head_size"],
+        "max_position_embeddings": genai["context_length"],
+        "eos_token_id": 1,
+    }
+
+
+def test_genai_config_rules_a_folder_that_also_has_a_config_json(tmp_path: Path) -> None:
+    """A GenAI folder with a config.json beside it (as published ones often have) is still read
+    from genai_config.json: its stop ids are the ones served."""
+    model_dir = _genai(tmp_path, model={"eos_token_id": [1, 5]})
+    (model_dir / "config.json").write_text(json.dumps(_matching_config_json(model_dir)))
+    assert ModelSpec.from_dir(model_dir).eos_token_ids == {1, 5}
+
+
+def test_a_config_json_beside_genai_config_does_not_lift_its_refusals(tmp_path: Path) -> None:
+    """What genai_config.json says the engine cannot drive (a window-sized cache) is refused
+    with a config.json beside it too."""
+    window = {"window_size": 8, "slide_key_value_cache": False, "layers": [0], "cache_slack": 0}
+    model_dir = _genai(tmp_path, sliding_window=window)
+    (model_dir / "config.json").write_text(json.dumps(_matching_config_json(model_dir)))
+    with pytest.raises(ModelLoadError, match="sliding_window"):
+        ModelSpec.from_dir(model_dir)
+
+
+def test_a_config_json_that_contradicts_genai_config_is_refused(tmp_path: Path) -> None:
+    """config.json and genai_config.json stating different shapes describe two models: the
+    load fails naming both files and both values."""
+    model_dir = _genai(tmp_path)
+    config = {**_matching_config_json(model_dir), "num_key_value_heads": 4}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ModelLoadError, match=r"genai_config.json says num kv heads 2 but .*config.json says 4"
+    ):
+        ModelSpec.from_dir(model_dir)
+
+
+@pytest.mark.parametrize("eos", [320, -1, [1, 999]])
+def test_a_stop_id_outside_the_vocabulary_is_refused(tmp_path: Path, eos: object) -> None:
+    """An eos_token_id the model can never produce is refused: every answer would run to its
+    token limit."""
+    model_dir = _copy(LLAMA, tmp_path)
+    _edit(model_dir / "generation_config.json", eos_token_id=eos)
+    with pytest.raises(
+        ModelLoadError, match=r"generation_config.json eos_token_id -?\d+ is outside the vocab"
+    ):
+        ModelSpec.from_dir(model_dir)
+
+
+@pytest.mark.parametrize("eos", ["abc", "2", 2.7, True, [2, None], [2.0], {"id": 2}])
+def test_a_stop_id_that_is_not_an_integer_is_refused(tmp_path: Path, eos: object) -> None:
+    """eos_token_id of another type than an id or a list of ids is refused naming the file,
+    not truncated, converted or raised as a Python error."""
+    model_dir = _copy(LLAMA, tmp_path)
+    _edit(model_dir / "generation_config.json", eos_token_id=eos)
+    with pytest.raises(
+        ModelLoadError, match=r"generation_config.json eos_token_id must be a token id"
+    ):
+        ModelSpec.from_dir(model_dir)
+
+
+def test_a_config_value_of_another_type_is_refused_naming_its_key(tmp_path: Path) -> None:
+    """A context length written as a string is refused naming file and key (skipping it would
+    serve the tokenizer's model_max_length in its place)."""
+    model_dir = _copy(LLAMA, tmp_path)
+    _edit(model_dir / "config.json", max_position_embeddings="256")
+    with pytest.raises(ModelLoadError, match=r"config.json max_position_embeddings must be an"):
+        ModelSpec.from_dir(model_dir)
+
+
+def test_a_genai_value_of_another_type_is_refused_naming_its_genai_key(tmp_path: Path) -> None:
+    """In genai_config.json the refusal names the key as that file spells it."""
+    model_dir = _genai(tmp_path, head_size="16")
+    with pytest.raises(ModelLoadError, match=r"model\.decoder\.head_size must be an integer"):
+        ModelSpec.from_dir(model_dir)
+
+
+def test_a_genai_head_size_the_graph_lacks_is_refused_at_load(tmp_path: Path) -> None:
+    """A head size the GroupQueryAttention graph does not have (the graph leaves that axis
+    symbolic, so the config is all that states it) fails the load's first forward, which
+    says that the config may not describe the graph."""
+    model_dir = _genai(tmp_path, head_size=8)
+    with pytest.raises(ModelLoadError, match=re.escape("genai_config.json may not describe it")):
+        OnnxCausalLM(model_dir, provider="cpu")
+
+
+def test_a_context_longer_than_the_graphs_rotary_tables_is_refused(tmp_path: Path) -> None:
+    """A GenAI context_length past the graph's rotary tables fails at load, not on the first
+    long request."""
+    model_dir = _genai(tmp_path, model={"context_length": 4096})
+    with pytest.raises(ModelLoadError, match="fails a test forward at load"):
+        OnnxCausalLM(model_dir, provider="cpu", max_kv_tokens=4096)
+
+
+def test_a_context_longer_than_a_learned_position_table_is_refused(tmp_path: Path) -> None:
+    """GPT-2's n_positions raised past its position table fails at load, naming the position
+    that does not decode."""
+    model_dir = _copy(FIXTURES / "gpt2", tmp_path)
+    _edit(model_dir / "config.json", n_positions=1024)
+    with pytest.raises(
+        ModelLoadError,
+        match=re.escape(
+            "fails at position 1023, within the context of 1024 tokens that config.json"
+        ),
+    ):
+        OnnxCausalLM(model_dir, provider="cpu")
+
+
+def test_errors_name_the_graph_file_that_was_loaded(tmp_path: Path) -> None:
+    """A contradiction found in a graph picked with model_file names that file."""
+    model_dir = _copy(LLAMA, tmp_path)
+    (model_dir / "onnx").mkdir()
+    (model_dir / "model.onnx").rename(model_dir / "onnx" / "model_q.onnx")
+    _edit(model_dir / "config.json", num_hidden_layers=3)
+    with pytest.raises(ModelLoadError, match=re.escape("but onnx/model_q.onnx has cache inputs")):
+        OnnxCausalLM(model_dir, provider="cpu", model_file="onnx/model_q.onnx")
+
+
+def test_a_model_dir_that_is_not_a_directory_says_so(tmp_path: Path) -> None:
+    """A model dir that does not exist is refused as such (not as a missing config.json)."""
+    with pytest.raises(ModelLoadError, match="is not a directory"):
+        ModelSpec.from_dir(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "generation_config.json"])
+def test_a_side_file_that_cannot_be_read_is_refused_naming_it(tmp_path: Path, name: str) -> None:
+    """A side file that is a directory is refused naming it (not an OSError traceback)."""
+    model_dir = _copy(LLAMA, tmp_path)
+    (model_dir / name).unlink(missing_ok=True)
+    (model_dir / name).mkdir()
+    with pytest.raises(ModelLoadError, match=f"{name} cannot be read"):
+        ModelSpec.from_dir(model_dir)
+
+
+def test_a_chat_template_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    """chat_template.jinja in another encoding is refused naming it."""
+    model_dir = _copy(LLAMA, tmp_path)
+    (model_dir / "chat_template.jinja").write_bytes(b"\xff{{ messages }}")
+    with pytest.raises(ModelLoadError, match=re.escape("chat_template.jinja is not UTF-8")):
+        ModelSpec.from_dir(model_dir)
+
+
+def test_named_chat_templates_serve_the_default_one(tmp_path: Path) -> None:
+    """tokenizer_config.json's older list of named templates serves the one named default,
+    as transformers does."""
+    model_dir = _copy(LLAMA, tmp_path)
+    templates = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
+    _edit(model_dir / "tokenizer_config.json", chat_template=templates)
+    assert ModelSpec.from_dir(model_dir).chat_template == "D"
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ([{"name": "tool_use", "template": "T"}], 'none "default"'),
+        ([{"name": "default"}], "must be a list of"),
+        (5, "must be a string, got int"),
+    ],
+)
+def test_a_chat_template_that_cannot_serve_chat_is_refused(
+    tmp_path: Path, template: object, message: str
+) -> None:
+    """A chat template the edge could not use (no default among named ones, another type) is
+    refused: served without it, chat requests would get a generic template silently."""
+    model_dir = _copy(LLAMA, tmp_path)
+    _edit(model_dir / "tokenizer_config.json", chat_template=template)
+    with pytest.raises(ModelLoadError, match=message):
+        ModelSpec.from_dir(model_dir)
+
+
+def test_chat_template_jinja_wins_over_tokenizer_config(tmp_path: Path) -> None:
+    """chat_template.jinja takes priority over tokenizer_config.json's template, as in
+    transformers."""
+    model_dir = _copy(LLAMA, tmp_path)
+    _edit(model_dir / "tokenizer_config.json", chat_template="from config")
+    (model_dir / "chat_template.jinja").write_text("from file")
+    assert ModelSpec.from_dir(model_dir).chat_template == "from file"
+
+
+def _llama_class(tmp_path: Path, **flags: Any) -> Path:
+    """The llama fixture with tokenizer_config.json naming LlamaTokenizerFast and flags set."""
+    model_dir = _copy(LLAMA, tmp_path)
+    _edit(model_dir / "tokenizer_config.json", tokenizer_class="LlamaTokenizerFast", **flags)
+    return model_dir
+
+
+def test_add_bos_token_false_is_honoured_for_llama_tokenizers(tmp_path: Path) -> None:
+    """LlamaTokenizerFast with add_bos_token false encodes without BOS, as transformers does,
+    though tokenizer.json's own post-processor adds it."""
+    plain = Tokenizer.from_dir(LLAMA).encode("hello world", add_special_tokens=True)
+    tokenizer = Tokenizer.from_dir(_llama_class(tmp_path, add_bos_token=False))
+    bos = tokenizer.token_id("<s>")
+    assert plain[0] == bos
+    assert tokenizer.encode("hello world", add_special_tokens=True) == plain[1:]
+
+
+def test_add_eos_token_true_is_honoured_for_llama_tokenizers(tmp_path: Path) -> None:
+    """LlamaTokenizerFast with add_eos_token true appends EOS after BOS and the text."""
+    plain = Tokenizer.from_dir(LLAMA).encode("hello world", add_special_tokens=True)
+    tokenizer = Tokenizer.from_dir(_llama_class(tmp_path, add_eos_token=True))
+    assert tokenizer.encode("hello world", add_special_tokens=True) == [
+        *plain,
+        tokenizer.token_id("</s>"),
+    ]
+
+
+def test_flags_of_tokenizers_that_ignore_them_change_nothing(tmp_path: Path) -> None:
+    """PreTrainedTokenizerFast does not read add_bos_token: tokenizer.json decides."""
+    model_dir = _copy(LLAMA, tmp_path)
+    _edit(model_dir / "tokenizer_config.json", add_bos_token=False)
+    plain = Tokenizer.from_dir(LLAMA).encode("hello world", add_special_tokens=True)
+    assert Tokenizer.from_dir(model_dir).encode("hello world", add_special_tokens=True) == plain
+
+
+def test_add_bos_token_without_a_bos_token_is_refused(tmp_path: Path) -> None:
+    """add_bos_token with a bos_token the vocabulary lacks is refused naming it."""
+    model_dir = _llama_class(tmp_path, bos_token="<absent>")
+    with pytest.raises(TokenizerLoadError, match="'<absent>' is not a token"):
+        Tokenizer.from_dir(model_dir)
+
+
+@pytest.mark.parametrize(("content", "message"), [(None, "is missing"), ("{", "cannot be loaded")])
+def test_a_missing_or_broken_tokenizer_is_refused_naming_it(
+    tmp_path: Path, content: str | None, message: str
+) -> None:
+    """tokenizer.json that is absent or not a tokenizer is refused naming the file."""
+    model_dir = _copy(LLAMA, tmp_path)
+    path = model_dir / "tokenizer.json"
+    path.unlink()
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(TokenizerLoadError, match=f"tokenizer.json {message}"):
+        Tokenizer.from_dir(model_dir)
+
+
+def test_the_server_refuses_a_broken_tokenizer_as_a_model_it_cannot_load(tmp_path: Path) -> None:
+    """load_engine turns a tokenizer refusal into the model refusal `serve` reports (one log
+    line, exit status 2), not a traceback."""
+    model_dir = _copy(LLAMA, tmp_path)
+    (model_dir / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match=re.escape("tokenizer.json is missing")):
+        load_engine(Settings(model_dir=model_dir, provider="cpu", intra_op_threads=1))
