@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-import grpc
+from collections.abc import AsyncIterator
 
-from tests.conftest import RunningServer, collect, eventually, greedy
-from tests.fakes import RecordingObserver
-from tokenwire.server.domain import FinishReason
-from tokenwire.server.engine import RequestRecord
+import grpc
+import pytest
+
+from tests.conftest import RunningServer, collect, eventually, greedy, start_server
+from tests.fakes import RecordingObserver, ScriptedModel
+from tokenwire.server.domain import (
+    CompletionEvent,
+    FinishReason,
+    GenerationRequest,
+    Overloaded,
+)
+from tokenwire.server.engine import ModelSpec, RequestRecord
+from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
@@ -89,3 +98,76 @@ async def test_cancel_of_an_unknown_id_reports_not_found(
     """Cancel for an id that is not running answers cancelled=false."""
     reply = await stub.Cancel(pb.CancelRequest(request_id="nobody"))
     assert not reply.cancelled
+
+
+SLOW_STEP_S = 0.3
+
+
+async def _slow_server(spec: ModelSpec, tokenizer: Tokenizer, **overrides: object) -> RunningServer:
+    """A scripted model that takes SLOW_STEP_S per forward: a cancel posted during a step
+    reaches the decode thread only at the step's end."""
+    token = tokenizer.encode(" x")[0]
+    model = ScriptedModel(spec, dict.fromkeys(range(spec.context_length), token), SLOW_STEP_S)
+    return await start_server(model, tokenizer, RecordingObserver(), **overrides)
+
+
+@pytest.fixture
+async def slow(spec: ModelSpec, tokenizer: Tokenizer) -> AsyncIterator[RunningServer]:
+    running = await _slow_server(spec, tokenizer)
+    yield running
+    await running.server.drain()
+
+
+async def _finish_reason(request: GenerationRequest, running: RunningServer) -> FinishReason:
+    events = [event async for event in running.engine.submit(request).events()]
+    assert isinstance(events[-1], CompletionEvent)
+    return events[-1].finish_reason
+
+
+async def test_a_cancelled_requests_id_is_free_for_a_new_request_at_once(
+    slow: RunningServer,
+) -> None:
+    """Right after Cancel answers, a new request with the same id is accepted and runs to its
+    end: the pending cancel ends the old stream only, never the new one."""
+    async with grpc.aio.insecure_channel(slow.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        old = stub.Generate(greedy("x", max_tokens=100, request_id="again"))
+        await old.read()
+        reply = await stub.Cancel(pb.CancelRequest(request_id="again"))
+        retry = await collect(stub, greedy("x", max_tokens=2, request_id="again"))
+        rest: list[pb.GenerateResponse] = []
+        while (message := await old.read()) is not grpc.aio.EOF:
+            rest.append(message)
+    assert reply.cancelled
+    assert retry[-1].completion.finish_reason == pb.FINISH_REASON_LENGTH
+    assert rest[-1].completion.finish_reason == pb.FINISH_REASON_CANCELLED
+
+
+async def test_a_stream_left_early_frees_its_id_at_once(slow: RunningServer) -> None:
+    """A handle cancelled by its consumer frees its id before the decode thread has seen the
+    cancel: a new request with that id is accepted and runs to its end."""
+    handle = slow.engine.submit(GenerationRequest("left", "x", max_tokens=100, ignore_eos=True))
+    await anext(aiter(handle.events()))
+    handle.cancel()
+    request = GenerationRequest("left", "x", max_tokens=2, ignore_eos=True)
+    assert await _finish_reason(request, slow) == FinishReason.LENGTH
+
+
+async def test_a_cancelled_request_holds_its_slot_until_the_engine_releases_it(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """With room for one request, a new one right after a cancel is refused as overload while
+    the cancelled one still holds the slot, and accepted once the engine has let it go."""
+    running = await _slow_server(spec, tokenizer, max_batch_size=1, max_queue=0)
+    try:
+        engine = running.engine
+        handle = engine.submit(GenerationRequest("first", "x", max_tokens=100, ignore_eos=True))
+        await anext(aiter(handle.events()))
+        handle.cancel()
+        with pytest.raises(Overloaded):
+            engine.submit(GenerationRequest("second", "x", max_tokens=2))
+        assert await eventually(lambda: engine.active_count == 0, within_s=5.0)
+        request = GenerationRequest("second", "x", max_tokens=2, ignore_eos=True)
+        assert await _finish_reason(request, running) == FinishReason.LENGTH
+    finally:
+        await running.server.drain()

@@ -70,7 +70,7 @@ class GenerationHandle:
         return self._sequence.mailbox.events()
 
     def cancel(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
-        self._engine.cancel(self.request_id, reason)
+        self._engine.end(self._sequence, reason)
 
 
 class Engine:
@@ -89,6 +89,10 @@ class Engine:
         self.limits = request_limits(self.config, model.spec.context_length)
         self._observer = observer or NullObserver()
         self._active: dict[str, Sequence] = {}
+        """The requests by id, until they end or are cancelled."""
+        self._leaving: set[Sequence] = set()
+        """Cancelled requests whose id is free again but whose slot the decode thread has yet to
+        release: they still count against capacity and keep a drain waiting."""
         self._lock = threading.Lock()
         self._accepting = False
         self._vocab = min(model.spec.vocab_size, tokenizer.vocab_size)
@@ -152,7 +156,7 @@ class Engine:
 
     @property
     def active_count(self) -> int:
-        return len(self._active)
+        return len(self._active) + len(self._leaving)
 
     @property
     def kv_in_place(self) -> bool:
@@ -245,9 +249,10 @@ class Engine:
                 raise InvalidRequest(
                     "request_id", sequence.request_id, "must not match a running request's id"
                 )
-            if len(self._active) >= capacity:
+            active = len(self._active) + len(self._leaving)
+            if active >= capacity:
                 raise Overloaded(
-                    f"{len(self._active)} requests are running or queued (limit {capacity})",
+                    f"{active} requests are running or queued (limit {capacity})",
                     retry_after_s=self.config.retry_after_s,
                 )
             self._active[sequence.request_id] = sequence
@@ -255,10 +260,21 @@ class Engine:
     def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> bool:
         """Stop a request at the next step boundary; False if no such request is active."""
         with self._lock:
-            known = request_id in self._active
-        if known:
-            self._scheduler.post(Cancel(request_id, reason))
-        return known
+            sequence = self._active.get(request_id)
+        return sequence is not None and self.end(sequence, reason)
+
+    def end(self, sequence: Sequence, reason: FinishReason = FinishReason.CANCELLED) -> bool:
+        """Stop this request at the next step boundary; False if it has ended or is ending.
+
+        Its id is free for a new request at once (for its caller the request is over); the
+        cancel applies to this request alone, never to a new one with the same id."""
+        with self._lock:
+            if self._active.get(sequence.request_id) is not sequence:
+                return False
+            del self._active[sequence.request_id]
+            self._leaving.add(sequence)
+        self._scheduler.post(Cancel(sequence, reason))
+        return True
 
     def cancel_all(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
         self._scheduler.post(Cancel(None, reason))
@@ -267,3 +283,4 @@ class Engine:
         with self._lock:
             if self._active.get(sequence.request_id) is sequence:
                 del self._active[sequence.request_id]
+            self._leaving.discard(sequence)

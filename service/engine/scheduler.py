@@ -55,7 +55,8 @@ class Submit:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Cancel:
-    request_id: str | None  # None: every request
+    sequence: Sequence | None  # None: every request
+    """The request itself, not its id: a new request may take the id before this applies."""
     reason: FinishReason
 
 
@@ -107,7 +108,7 @@ class Scheduler:
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._prefilling: list[Sequence] = []
         self._cohorts: list[Cohort] = []
-        self._cancels: dict[str | None, FinishReason] = {}
+        self._cancels: dict[Sequence | None, FinishReason] = {}
         self._finished: list[Sequence] = []
         self._outgoing: list[tuple[Mailbox, Delivery]] = []
         self._done: list[Sequence] = []
@@ -194,7 +195,7 @@ class Scheduler:
                     self._timed.add(command.sequence)
                 self._waiting.append(command.sequence)
             else:
-                self._cancels[command.request_id] = command.reason
+                self._cancels[command.sequence] = command.reason
             block = not self._has_work() and not self._cancels
 
     def _step(self, now: float) -> int:
@@ -221,7 +222,7 @@ class Scheduler:
             else self._timed
         )
         for seq in ending:
-            reason = self._cancels.get(seq.request_id, everyone_reason)
+            reason = self._cancels.get(seq, everyone_reason)
             if reason is None and seq.expired(now):
                 reason = FinishReason.DEADLINE_EXCEEDED
             if reason is not None:
