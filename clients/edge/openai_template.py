@@ -1,8 +1,20 @@
-"""Chat prompts: an OpenAI conversation rendered with the model's chat template (sandboxed)."""
+"""Chat prompts: an OpenAI conversation rendered with the model's chat template (sandboxed), in
+the environment transformers' `apply_chat_template` gives templates: `break`/`continue`, the
+`{% generation %}` tag, `raise_exception`, `strftime_now` and a `tojson` that keeps non-ASCII
+text and takes `indent`."""
 
 from __future__ import annotations
 
-from jinja2 import TemplateError
+import datetime
+import functools
+import json
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.parser
+from jinja2 import TemplateError, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tokenwire.client.client import ModelInfo
@@ -13,19 +25,73 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
-_jinja = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+
+class _Generation(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: transformers marks the assistant's tokens
+    with it for training masks; rendering a prompt keeps its body as it is."""
+
+    tags = {"generation"}  # noqa: RUF012 (jinja2's own class attribute)
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _tojson(
+    value: object,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.datetime.now().strftime(format)
+
+
+_jinja = ImmutableSandboxedEnvironment(
+    trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _Generation]
+)
+_jinja.filters["tojson"] = _tojson
+_jinja.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str) -> jinja2.Template:
+    """Compiled once per template text (a model's template is compiled by its first chat)."""
+    try:
+        return _jinja.from_string(template)
+    except TemplateSyntaxError as exc:
+        # The model's template, not the request, is at fault: a server-side error.
+        raise EdgeError(
+            500,
+            "INTERNAL",
+            f"the model's chat template is not valid Jinja (line {exc.lineno}: {exc.message})",
+            openai_type="server_error",
+        ) from None
 
 
 def chat_prompt(turns: list[dict[str, str]], info: ModelInfo) -> str:
     """The turns rendered with the model's chat template (or the default one)."""
-    template = info.chat_template or DEFAULT_CHAT_TEMPLATE
+    template = _compiled(info.chat_template or DEFAULT_CHAT_TEMPLATE)
+    context: dict[str, Any] = {
+        "messages": turns,
+        "add_generation_prompt": True,
+        "bos_token": info.bos_token,
+        "eos_token": info.eos_token,
+    }
     try:
-        rendered = _jinja.from_string(template).render(
-            messages=turns,
-            add_generation_prompt=True,
-            bos_token=info.bos_token,
-            eos_token=info.eos_token,
-        )
+        rendered = template.render(**context)
     except TemplateError as exc:
         # Model templates refuse some conversations (roles not alternating, ...).
         raise EdgeError.invalid(

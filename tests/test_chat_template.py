@@ -1,0 +1,85 @@
+"""Chat templates render as transformers' apply_chat_template renders them: the helpers and
+tags published templates use are there, a template's own refusal is the request's 400, and a
+template that does not compile is the server's fault, not the request's."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import pytest
+
+from tokenwire.client.client import ModelInfo
+from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.openai_template import chat_prompt
+
+TURNS = [{"role": "user", "content": "héllo"}, {"role": "assistant", "content": "hi"}]
+
+
+def _info(template: str) -> ModelInfo:
+    return ModelInfo(
+        model="m",
+        context_length=512,
+        vocab_size=320,
+        eos_token_ids=(1,),
+        provider="CPUExecutionProvider",
+        max_tokens_limit=256,
+        default_max_tokens=16,
+        max_batch_size=4,
+        chat_template=template,
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+
+
+def test_raise_exception_refuses_the_conversation_with_the_templates_message() -> None:
+    """A template's raise_exception (Mistral's "roles must alternate") is a 400 naming
+    messages that carries the template's own message."""
+    template = (
+        "{% if messages[0]['role'] != 'system' %}"
+        "{{ raise_exception('need a system turn') }}{% endif %}"
+    )
+    with pytest.raises(EdgeError) as caught:
+        chat_prompt(TURNS, _info(template))
+    assert (caught.value.status, caught.value.param) == (400, "messages")
+    assert caught.value.message.endswith("need a system turn")
+
+
+def test_loop_controls_are_available() -> None:
+    """{% break %} and {% continue %} (jinja2's loopcontrols, which transformers enables)."""
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{% break %}{% endif %}"
+        "[{{ m['content'] }}]{% endfor %}"
+    )
+    assert chat_prompt(TURNS, _info(template)) == "[héllo]"
+
+
+def test_the_generation_tag_renders_its_body() -> None:
+    """{% generation %}...{% endgeneration %} (training masks in transformers) keeps its body."""
+    template = (
+        "{% for m in messages %}{% generation %}<{{ m['content'] }}>{% endgeneration %}{% endfor %}"
+    )
+    assert chat_prompt(TURNS, _info(template)) == "<héllo><hi>"
+
+
+def test_tojson_keeps_text_and_takes_an_indent() -> None:
+    """tojson writes non-ASCII text as it is (no HTML escaping) and takes indent."""
+    template = "{{ messages[0] | tojson(indent=2) }}"
+    assert chat_prompt(TURNS, _info(template)) == json.dumps(TURNS[0], ensure_ascii=False, indent=2)
+
+
+def test_strftime_now_gives_todays_date() -> None:
+    """strftime_now, which Llama 3 templates call for the date, formats the local time."""
+    before = datetime.datetime.now().strftime("%Y-%m-%d")
+    got = chat_prompt(TURNS, _info("{{ strftime_now('%Y-%m-%d') }}"))
+    assert got in {before, datetime.datetime.now().strftime("%Y-%m-%d")}
+
+
+def test_a_template_that_does_not_compile_is_a_server_error() -> None:
+    """A template with a syntax error is a 500 naming the template and its line, not a 400
+    blaming the messages."""
+    with pytest.raises(EdgeError) as caught:
+        chat_prompt(TURNS, _info("ok\n{% for m in messages %}"))
+    assert caught.value.status == 500
+    assert caught.value.param is None
+    assert "chat template is not valid Jinja (line 2" in caught.value.message
