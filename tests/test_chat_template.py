@@ -83,3 +83,10 @@ def test_a_template_that_does_not_compile_is_a_server_error() -> None:
     assert caught.value.status == 500
     assert caught.value.param is None
     assert "chat template is not valid Jinja (line 2" in caught.value.message
+
+
+def test_tools_and_documents_are_none_as_transformers_passes_them() -> None:
+    """`tools` and `documents` are none (not undefined): a template that tests `is not none`
+    renders its no-tools branch."""
+    template = "{% if tools is not none or documents is not none %}T{% else %}plain{% endif %}"
+    assert chat_prompt(TURNS, _info(template)) == "plain"

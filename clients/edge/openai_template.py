@@ -86,6 +86,9 @@ def chat_prompt(turns: list[dict[str, str]], info: ModelInfo) -> str:
     template = _compiled(info.chat_template or DEFAULT_CHAT_TEMPLATE)
     context: dict[str, Any] = {
         "messages": turns,
+        # Passed as transformers passes them: `tools is not none` must be false.
+        "tools": None,
+        "documents": None,
         "add_generation_prompt": True,
         "bos_token": info.bos_token,
         "eos_token": info.eos_token,
