@@ -182,6 +182,14 @@ def test_a_model_dir_that_is_not_a_directory_says_so(tmp_path: Path) -> None:
         ModelSpec.from_dir(tmp_path / "absent")
 
 
+def test_a_model_file_that_is_a_directory_says_so(tmp_path: Path) -> None:
+    """--model-file naming a folder is refused as not a file (not as missing)."""
+    model_dir = _copy(LLAMA, tmp_path)
+    (model_dir / "onnx").mkdir()
+    with pytest.raises(ModelLoadError, match="onnx is not a file"):
+        OnnxCausalLM(model_dir, provider="cpu", model_file="onnx")
+
+
 @pytest.mark.parametrize("name", ["chat_template.jinja", "generation_config.json"])
 def test_a_side_file_that_cannot_be_read_is_refused_naming_it(tmp_path: Path, name: str) -> None:
     """A side file that is a directory is refused naming it (not an OSError traceback)."""

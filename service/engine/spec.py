@@ -146,7 +146,8 @@ def graph_path(model_dir: Path, spec: ModelSpec, model_file: str = "") -> Path:
 
 def _missing_graph(candidates: list[Path]) -> NoReturn:
     if len(candidates) == 1:
-        raise ModelLoadError(f"{candidates[0]} is missing")
+        what = "is not a file" if candidates[0].exists() else "is missing"
+        raise ModelLoadError(f"{candidates[0]} {what}")
     raise ModelLoadError(
         f"no graph to load: neither {' nor '.join(str(p) for p in candidates)} exists"
     )
