@@ -8,6 +8,7 @@ import numpy as np
 
 from tokenwire.server.domain import FinishReason, GenerationRequest, SamplingParams, TokenEvent
 from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
+from tokenwire.server.engine.engine import LONG_PROMPT_CHARS
 from tokenwire.server.tokenizer import Tokenizer
 
 PROMPTS = ["def fib(n):", "import os\nimport sys\n", "class Stack:\n    def push(self, x):", "# x"]
@@ -84,3 +85,25 @@ async def test_shutdown_ends_active_requests_as_cancelled(
     rest = [e async for e in events]
     assert getattr(rest[-1], "finish_reason", None) == FinishReason.CANCELLED
     assert engine.active_count == 0
+
+
+async def test_a_long_prompt_tokenized_on_a_worker_thread_is_fed_as_the_tokenizer_encodes_it(
+    onnx_model: OnnxCausalLM, tokenizer: Tokenizer
+) -> None:
+    """A prompt long enough for submit_async to tokenize it off the event loop is fed exactly
+    as Tokenizer.encode gives it: its greedy tokens equal recomputing from those ids."""
+    prompt = "#" * 5000 + "\ndef fib(n):"
+    assert len(prompt) > LONG_PROMPT_CHARS
+    ids = tokenizer.encode(prompt, add_special_tokens=True)
+    engine = Engine(onnx_model, tokenizer, EngineConfig())
+    engine.start()
+    try:
+        request = GenerationRequest(
+            "long", prompt, max_tokens=8, sampling=SamplingParams(temperature=0.0), ignore_eos=True
+        )
+        handle = await engine.submit_async(request)
+        got = [e.token_id async for e in handle.events() if isinstance(e, TokenEvent)]
+    finally:
+        engine.shutdown()
+    assert handle.prompt_tokens == len(ids)
+    assert got == greedy_without_cache(onnx_model, ids, 8)

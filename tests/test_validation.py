@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from tests.conftest import collect, greedy
+from tests.conftest import collect, greedy, start_server
+from tokenwire.server.engine import OnnxCausalLM
+from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
@@ -110,3 +113,43 @@ async def test_bad_requests_do_not_disturb_a_running_stream(
     messages = await good
     assert messages[-1].completion.finish_reason == pb.FINISH_REASON_LENGTH
     assert messages[-2].usage.completion_tokens == 40
+
+
+async def test_tokenizing_long_prompts_leaves_the_event_loop_free(
+    onnx_model: OnnxCausalLM, tokenizer: Tokenizer
+) -> None:
+    """While prompts far over the context are tokenized and refused (INVALID_ARGUMENT naming
+    prompt), the event loop that serves every stream never stalls for half as long as
+    tokenizing one of them takes."""
+    prompt = "".join(chr(0x100 + i % 0x600) for i in range(500_000))  # 1 MB of UTF-8
+    tokenizing_s = []
+    for _ in range(2):
+        started = time.monotonic()
+        tokenizer.encode(prompt)
+        tokenizing_s.append(time.monotonic() - started)
+    running = await start_server(onnx_model, tokenizer, max_prompt_bytes=2**21)
+    loop = asyncio.get_running_loop()
+    stalls: list[float] = []
+
+    async def watch() -> None:
+        while True:
+            started = loop.time()
+            await asyncio.sleep(0.005)
+            stalls.append(loop.time() - started - 0.005)
+
+    try:
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            watcher = asyncio.ensure_future(watch())
+            results = await asyncio.gather(
+                *(collect(stub, pb.GenerateRequest(prompt=prompt)) for _ in range(3)),
+                return_exceptions=True,
+            )
+            watcher.cancel()
+    finally:
+        await running.server.drain()
+    for result in results:
+        assert isinstance(result, grpc.aio.AioRpcError)
+        assert result.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (result.details() or "").startswith("prompt: must be shorter than the context")
+    assert max(stalls) < min(tokenizing_s) / 2

@@ -6,6 +6,7 @@ Transports call Engine from their event loop; the model runs on the scheduler's 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import threading
 import time
@@ -30,6 +31,10 @@ from tokenwire.server.engine.sampling import Sampler
 from tokenwire.server.engine.scheduler import Cancel, Scheduler, Submit
 from tokenwire.server.engine.sequence import Sequence
 from tokenwire.server.tokenizer import TextStream, Tokenizer
+
+LONG_PROMPT_CHARS = 4096
+"""Prompts longer than this are tokenized on a worker thread by submit_async (a 256 KiB
+prompt takes 0.1-0.2 s to tokenize on a CPU core, one of 4096 characters a few ms)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -95,6 +100,7 @@ class Engine:
         release: they still count against capacity and keep a drain waiting."""
         self._lock = threading.Lock()
         self._accepting = False
+        self._tokenizing: concurrent.futures.ThreadPoolExecutor | None = None
         self._vocab = min(model.spec.vocab_size, tokenizer.vocab_size)
         self._scheduler = Scheduler(
             model,
@@ -148,6 +154,8 @@ class Engine:
         """Cancel whatever is left and stop the decode thread."""
         self._accepting = False
         self._scheduler.shutdown()
+        if self._tokenizing is not None:
+            self._tokenizing.shutdown(wait=False, cancel_futures=True)
 
     # -- state ----------------------------------------------------------------------------------
     @property
@@ -183,13 +191,54 @@ class Engine:
             self._observer.request_rejected(type(exc).__name__)
             raise
 
-    def _submit(self, request: GenerationRequest) -> GenerationHandle:
+    async def submit_async(self, request: GenerationRequest) -> GenerationHandle:
+        """As submit, but a prompt over LONG_PROMPT_CHARS is tokenized on a worker thread, so
+        the event loop goes on serving other streams meanwhile (shorter ones are tokenized at
+        once: a thread hop would cost them more than it saves)."""
+        try:
+            prompt_ids = None
+            if len(request.prompt) > LONG_PROMPT_CHARS:
+                # Refuse what the cheap checks refuse before paying for the tokenizer.
+                self._check_open(request)
+                prompt_ids = await asyncio.get_running_loop().run_in_executor(
+                    self._tokenizer_thread(), self._encode_released, request
+                )
+            return self._submit(request, prompt_ids)
+        except TokenwireError as exc:
+            self._observer.request_rejected(type(exc).__name__)
+            raise
+
+    def _tokenizer_thread(self) -> concurrent.futures.ThreadPoolExecutor:
+        # One thread: long prompts queue behind each other rather than take every core from
+        # the decode thread.
+        if self._tokenizing is None:
+            self._tokenizing = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="tokenwire-tokenize"
+            )
+        return self._tokenizing
+
+    def _encode_released(self, request: GenerationRequest) -> list[int]:
+        """request.prompt's ids, as Tokenizer.encode gives them. `encode` holds the GIL while
+        it runs (it would stall the event loop from any thread); `encode_batch_fast` releases
+        it and computes no offsets, which nothing here reads."""
+        [encoding] = self.tokenizer.inner.encode_batch_fast(
+            [request.prompt], add_special_tokens=request.add_special_tokens
+        )
+        return list(encoding.ids)
+
+    def _check_open(self, request: GenerationRequest) -> None:
         if not self._accepting:
             raise Unavailable("the server is not accepting requests (starting or draining)")
         request.check(self.limits)
-        prompt_ids = list(request.prompt_ids) or self.tokenizer.encode(
-            request.prompt, add_special_tokens=request.add_special_tokens
-        )
+
+    def _submit(
+        self, request: GenerationRequest, prompt_ids: list[int] | None = None
+    ) -> GenerationHandle:
+        self._check_open(request)
+        if prompt_ids is None:
+            prompt_ids = list(request.prompt_ids) or self.tokenizer.encode(
+                request.prompt, add_special_tokens=request.add_special_tokens
+            )
         budget = request.token_budget(len(prompt_ids), self.limits)
         self._check_ids(request)
         self._check_continuation(request.continuation, budget)

@@ -96,7 +96,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         span = GenerateSpan(self._tracer, context.invocation_metadata() or (), phases=self._phases)
         structlog.contextvars.bind_contextvars(**span.log_ids())
         try:
-            handle, request_id, deadline = self._submit(request, context, span)
+            handle, request_id, deadline = await self._submit(request, context, span)
         except TokenwireError as exc:
             log_rejected(exc)
             _span_failed(span, exc)
@@ -132,7 +132,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             if not summary.failed:
                 span.finished(summary.reason, summary.usage, handle.arrived_at)
 
-    def _submit(
+    async def _submit(
         self, request: pb.GenerateRequest | Malformed, context: Context, span: GenerateSpan
     ) -> tuple[GenerationHandle, str, float | None]:
         """Check the request and hand it to the engine under the caller's principal; bind the
@@ -158,7 +158,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             self._observer.request_rejected(type(exc).__name__)
             raise
         try:
-            return engine.submit(owned), request_id, deadline
+            return await engine.submit_async(owned), request_id, deadline
         except InvalidRequest as exc:
             raise _with_caller_value(exc, request_id) from None
 
