@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 
 import numpy as np
+import structlog
 
 from tokenwire.server.domain import (
     Event,
@@ -30,7 +31,10 @@ from tokenwire.server.engine.observer import EngineObserver, NullObserver
 from tokenwire.server.engine.sampling import Sampler
 from tokenwire.server.engine.scheduler import Cancel, Scheduler, Submit
 from tokenwire.server.engine.sequence import Sequence
+from tokenwire.server.engine.spec import ModelLoadError
 from tokenwire.server.tokenizer import TextStream, Tokenizer
+
+log = structlog.get_logger("tokenwire.engine")
 
 LONG_PROMPT_CHARS = 4096
 """Prompts longer than this are tokenized on a worker thread by submit_async (a 256 KiB
@@ -102,6 +106,8 @@ class Engine:
         self._accepting = False
         self._tokenizing: concurrent.futures.ThreadPoolExecutor | None = None
         self._vocab = min(model.spec.vocab_size, tokenizer.vocab_size)
+        self._beyond_vocab = _added_ids_beyond(tokenizer, model.spec.vocab_size)
+        """Ids of the tokenizer's added tokens that the model has no row for, with their text."""
         self._scheduler = Scheduler(
             model,
             max_batch_size=self.config.max_batch_size,
@@ -239,6 +245,8 @@ class Engine:
             prompt_ids = list(request.prompt_ids) or self.tokenizer.encode(
                 request.prompt, add_special_tokens=request.add_special_tokens
             )
+        if self._beyond_vocab and not request.prompt_ids:
+            self._check_encoded(prompt_ids)
         budget = request.token_budget(len(prompt_ids), self.limits)
         self._check_ids(request)
         self._check_continuation(request.continuation, budget)
@@ -276,6 +284,18 @@ class Engine:
                     raise InvalidRequest(
                         f"{field}[{key}]", token_id, f"must be a token id below {self._vocab}"
                     )
+
+    def _check_encoded(self, prompt_ids: list[int]) -> None:
+        """The prompt's text must not encode to an added token the model has no row for."""
+        for token_id in prompt_ids:
+            text = self._beyond_vocab.get(token_id)
+            if text is not None:
+                raise InvalidRequest(
+                    "prompt",
+                    text,
+                    f"holds the token {text!r} (id {token_id}), which the tokenizer has but the "
+                    f"model's vocabulary of {self.model.spec.vocab_size} ids does not",
+                )
 
     def _check_continuation(self, continuation: tuple[int, ...], budget: int) -> None:
         if len(continuation) > budget:
@@ -333,3 +353,34 @@ class Engine:
             if self._active.get(sequence.request_id) is sequence:
                 del self._active[sequence.request_id]
             self._leaving.discard(sequence)
+
+
+MAX_IDS_LOGGED = 16
+
+
+def _added_ids_beyond(tokenizer: Tokenizer, vocab_size: int) -> dict[int, str]:
+    """The tokenizer's added tokens at ids the model has no row for (id -> text), logged once.
+
+    Raises ModelLoadError when the tokenizer's own vocabulary is larger than the model's: that
+    tokenizer belongs to another model, and ordinary text would encode to ids beyond it."""
+    base = tokenizer.inner.get_vocab(with_added_tokens=False)
+    base_size = max(base.values(), default=-1) + 1
+    if base_size > vocab_size:
+        raise ModelLoadError(
+            f"tokenizer.json has a vocabulary of {base_size} tokens but the model's has "
+            f"{vocab_size}: it is not this model's tokenizer"
+        )
+    beyond = {
+        int(token_id): str(token.content)
+        for token_id, token in tokenizer.inner.get_added_tokens_decoder().items()
+        if token_id >= vocab_size
+    }
+    if beyond:
+        # Such a model can still serve, but not a prompt that holds one of these tokens.
+        log.warning(
+            "model.tokenizer_ids_beyond_vocab",
+            vocab_size=vocab_size,
+            count=len(beyond),
+            ids=sorted(beyond)[:MAX_IDS_LOGGED],
+        )
+    return beyond
