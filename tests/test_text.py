@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import RunningServer, collect, start_server
 from tests.fakes import ScriptedModel
@@ -31,6 +33,32 @@ def test_text_stream_emits_whole_characters_that_reassemble_exactly(tokenizer: T
     deltas = [stream.push(i)[0] for i in ids]
     assert not any("\ufffd" in d for d in deltas)
     assert "".join(deltas) + stream.flush() == tokenizer.decode(ids) == MIXED
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(data=st.data())
+def test_deltas_of_any_ids_join_to_the_full_decode(
+    tokenizer: Tokenizer, data: st.DataObject
+) -> None:
+    """For any ids (byte tokens that form no character included), the deltas and the final
+    flush join to tokenizer.decode(ids): a character split over tokens arrives whole, bytes
+    that form none appear as U+FFFD exactly where the full decode has it, nothing is lost."""
+    partial = [i for i in range(tokenizer.vocab_size) if "\ufffd" in tokenizer.inner.decode([i])]
+    token = st.one_of(st.sampled_from(partial), st.integers(0, tokenizer.vocab_size - 1))
+    ids = data.draw(st.lists(token, max_size=24))
+    stream = TextStream.create(tokenizer, ())
+    deltas = [stream.push(i)[0] for i in ids]
+    assert "".join(deltas) + stream.flush() == tokenizer.decode(ids)
+
+
+def test_a_stream_ending_inside_a_character_ends_with_u_fffd(tokenizer: Tokenizer) -> None:
+    """Ids that end with the first bytes of a character: the flush releases U+FFFD for them,
+    as the full decode shows, instead of dropping them."""
+    ids = tokenizer.encode("ok 🐍")[:-1]
+    stream = TextStream.create(tokenizer, ())
+    deltas = [stream.push(i)[0] for i in ids]
+    assert "".join(deltas) == "ok "
+    assert stream.flush() == "\ufffd" == tokenizer.decode(ids).removeprefix("ok ")
 
 
 @pytest.mark.parametrize(
@@ -106,3 +134,20 @@ async def test_eos_ends_the_stream_with_stop(scripted: RunningServer) -> None:
     assert "".join(m.token.text for m in messages if m.WhichOneof("event") == "token") == (
         MIXED + "<END>more"
     )
+
+
+async def test_a_stream_ending_after_part_of_a_character_ends_with_u_fffd(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """When EOS follows the first bytes of a character, the stream's text ends with U+FFFD for
+    them, as the full decode does, rather than losing them."""
+    continuation = tokenizer.encode("ok 🐍")[:-1]
+    model = ScriptedModel.continuing(spec, len(tokenizer.encode(PROMPT)), continuation)
+    running = await start_server(model, tokenizer)
+    try:
+        messages = await _stream(running, pb.GenerateRequest(prompt=PROMPT, max_tokens=50))
+    finally:
+        await running.server.drain()
+    assert messages[-1].completion.finish_reason == pb.FINISH_REASON_STOP
+    text = "".join(m.token.text for m in messages if m.WhichOneof("event") == "token")
+    assert text == tokenizer.decode(continuation) == "ok \ufffd"

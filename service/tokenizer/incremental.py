@@ -2,7 +2,8 @@
 
 Two things make naive per-token decoding wrong:
 - byte-level tokens can split one UTF-8 character; decoding such a token alone yields U+FFFD.
-  `tokenizers.decoders.DecodeStream` buffers until the character is whole.
+  `tokenizers.decoders.DecodeStream` buffers until the character is whole. Bytes that form no
+  character (a model can sample any) come out as U+FFFD, as the full decode shows them.
 - a stop string can arrive spread over several tokens; once its first half has been sent it
   cannot be taken back. StopMatcher holds back the longest tail that could still begin one.
 """
@@ -17,15 +18,35 @@ from tokenwire.server.tokenizer.tokenizer import Tokenizer
 
 
 class IncrementalDetokenizer:
-    """Decodes one id at a time; returns only whole characters."""
+    """Decodes one id at a time; returns only whole characters. All steps and the final flush
+    join to the tokenizer's decode of all the ids."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
         self._stream = DecodeStream(skip_special_tokens=True)
+        self._context: list[int] = []
+        """The ids of the last text released: what DecodeStream decodes the next ids after."""
+        self._held: list[int] = []
+        """The ids since, whose text DecodeStream holds back."""
 
     def step(self, token_id: int) -> str:
+        self._held.append(token_id)
         chunk = self._stream.step(self._tokenizer.inner, token_id)
-        return chunk or ""
+        if not chunk:
+            return ""
+        self._context, self._held = self._held, []
+        return str(chunk)
+
+    def flush(self) -> str:
+        """The text held back when the stream ends. DecodeStream holds text ending in an
+        incomplete character (U+FFFD) until its next bytes come; when none will, the full
+        decode shows U+FFFD there, and so does this."""
+        if not self._held:
+            return ""
+        before = self._tokenizer.decode(self._context)
+        after = self._tokenizer.decode(self._context + self._held)
+        self._context, self._held = [], []
+        return after[len(before) :]
 
 
 class StopMatcher:
@@ -94,4 +115,7 @@ class TextStream:
         return self.matcher.push(self.detokenizer.step(token_id))
 
     def flush(self) -> str:
-        return self.matcher.flush()
+        """The rest of the text at the end of the stream: what the detokenizer and then the
+        stop matcher held back (up to a stop string, should the detokenizer's tail make one)."""
+        text, stop = self.matcher.push(self.detokenizer.flush())
+        return text if stop is not None else text + self.matcher.flush()
