@@ -143,13 +143,20 @@ class GenerateOptions:
             _check_integer(name, getattr(self, name), u32)
         if self.seed is not None:
             _check_integer("seed", self.seed, u64)
-        for name, ids in (
-            ("prompt_ids", self.prompt_ids),
-            ("stop_token_ids", self.stop_token_ids),
-            ("logit_bias", [token for token, _ in self.logit_bias]),
-        ):
+        for name, ids in (("prompt_ids", self.prompt_ids), ("stop_token_ids", self.stop_token_ids)):
             for i, token in enumerate(ids):
                 _check_integer(f"{name}[{i}]", token, u32)
+        seen: set[int] = set()
+        for token, _ in self.logit_bias:
+            # Named by the token, as the server names logit_bias entries.
+            _check_integer(f"logit_bias[{token}]", token, u32)
+            if token in seen:
+                raise InvalidArgument(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"logit_bias[{token}]: a token may have one bias, got two",
+                    field=f"logit_bias[{token}]",
+                )
+            seen.add(token)
 
     def to_pb(self, prompt: str) -> pb.GenerateRequest:
         sampling = pb.SamplingParams(top_k=self.top_k)

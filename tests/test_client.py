@@ -99,7 +99,7 @@ def test_client_sends_the_options_it_was_given(channel: grpc_testing.Channel) ->
         ({"max_tokens": -1}, "max_tokens"),
         ({"seed": 2**64}, "seed"),
         ({"prompt_ids": (1, 2**32)}, "prompt_ids[1]"),
-        ({"logit_bias": ((-5, 1.0),)}, "logit_bias[0]"),
+        ({"logit_bias": ((7, 1.0), (-5, 1.0))}, "logit_bias[-5]"),
     ],
 )
 def test_an_integer_the_wire_cannot_carry_is_invalid_argument(
@@ -110,6 +110,14 @@ def test_an_integer_the_wire_cannot_carry_is_invalid_argument(
     with pytest.raises(InvalidArgument) as caught:
         GenerateOptions(**fields)
     assert caught.value.field == field
+
+
+def test_a_token_biased_twice_is_invalid_argument_naming_it() -> None:
+    """Two biases for one token are refused naming the token (the wire's map would keep one
+    of them silently)."""
+    with pytest.raises(InvalidArgument) as caught:
+        GenerateOptions(logit_bias=((5, 1.0), (7, 2.0), (5, -1.0)))
+    assert caught.value.field == "logit_bias[5]"
 
 
 def _rich(code: int, message: str, detail: Any) -> tuple[tuple[str, bytes], ...]:

@@ -71,6 +71,7 @@ NATIVE_BODIES = {
     "continuation_ids (the edge's own)": (_body(continuation_ids=[1]), "continuation_ids"),
     "logit_bias of the wrong type": (_body(logit_bias=[1]), "logit_bias"),
     "logit_bias id past 2^32": (_body(logit_bias={"4294967296": 1}), "logit_bias"),
+    "logit_bias with two keys for one id": (_body(logit_bias={"5": 1, "05": -1}), "logit_bias"),
     "stop_token_ids with a boolean": (_body(stop_token_ids=[True]), "stop_token_ids"),
     "prompt_ids past 2^32": (_body(prompt_ids=[2**32]), "prompt_ids"),
     "top_logprobs without logprobs": (_body(top_logprobs=2), "top_logprobs"),
@@ -88,6 +89,10 @@ OPENAI_BODIES = {
     "logprobs past 5": ({"prompt": "x", "logprobs": 99}, "logprobs"),
     "prompt as a list of two": ({"prompt": ["a", "b"]}, "prompt"),
     "logit_bias id past 2^32": ({"prompt": "x", "logit_bias": {"9999999999": 1}}, "logit_bias"),
+    "logit_bias with two keys for one id": (
+        {"prompt": "x", "logit_bias": {"7": 1, "007": 2}},
+        "logit_bias",
+    ),
     "prompt as an empty list": ({"prompt": []}, "prompt"),
     "prompt as two lists of token ids": ({"prompt": [[1], [2]]}, "prompt"),
     "prompt mixing ids and text": ({"prompt": [1, "a"]}, "prompt"),

@@ -211,6 +211,11 @@ class Fields:
             ):
                 raise EdgeError.invalid(name, f"biases must be between -100 and 100 ({key})")
             bias.append((int(key), float(value)))
+        tokens = [token for token, _ in bias]
+        if len(set(tokens)) < len(tokens):
+            # "5" and "05" are two keys for one token: neither bias may win silently.
+            twice = next(t for t in tokens if tokens.count(t) > 1)
+            raise EdgeError.invalid(name, f"token {twice} has two biases (keys for one id)")
         return tuple(sorted(bias))
 
     def raw(self, name: str) -> Any:

@@ -11,10 +11,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from tokenwire.client.client import GenerateOptions
+from tokenwire.client.errors import InvalidArgument
 from tokenwire.edge.accounting import Account
 from tokenwire.edge.body import Fields, read_json
 from tokenwire.edge.context import EdgeContext, request_id_of
-from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.errors import EdgeError, edge_error
 from tokenwire.edge.guards import principal_of
 from tokenwire.edge.native_format import native_frames
 from tokenwire.edge.pipeline import open_generations, relay, sse_response
@@ -58,29 +59,33 @@ def options_from(
     for name in fields.names():
         if name not in known and fields.raw(name) is not None:
             raise EdgeError.invalid(name, "unrecognized request argument", "unknown_parameter")
-    return GenerateOptions(
-        max_tokens=fields.integer("max_tokens", 0) or 0,
-        temperature=fields.number("temperature"),
-        top_k=fields.integer("top_k", 0) or 0,
-        top_p=fields.number("top_p"),
-        min_p=fields.number("min_p"),
-        repetition_penalty=fields.number("repetition_penalty"),
-        presence_penalty=fields.number("presence_penalty"),
-        frequency_penalty=fields.number("frequency_penalty"),
-        logit_bias=fields.token_biases("logit_bias"),
-        seed=fields.integer("seed"),
-        stop=fields.strings("stop"),
-        stop_token_ids=fields.token_ids("stop_token_ids"),
-        ignore_eos=fields.boolean("ignore_eos"),
-        min_tokens=fields.integer("min_tokens", 0) or 0,
-        logprobs=fields.boolean("logprobs"),
-        top_logprobs=fields.integer("top_logprobs", 0) or 0,
-        prompt_ids=fields.token_ids("prompt_ids"),
-        add_special_tokens=(
-            fields.boolean("add_special_tokens") if fields.has("add_special_tokens") else None
-        ),
-        request_id=request_id,
-    )
+    try:
+        return GenerateOptions(
+            max_tokens=fields.integer("max_tokens", 0) or 0,
+            temperature=fields.number("temperature"),
+            top_k=fields.integer("top_k", 0) or 0,
+            top_p=fields.number("top_p"),
+            min_p=fields.number("min_p"),
+            repetition_penalty=fields.number("repetition_penalty"),
+            presence_penalty=fields.number("presence_penalty"),
+            frequency_penalty=fields.number("frequency_penalty"),
+            logit_bias=fields.token_biases("logit_bias"),
+            seed=fields.integer("seed"),
+            stop=fields.strings("stop"),
+            stop_token_ids=fields.token_ids("stop_token_ids"),
+            ignore_eos=fields.boolean("ignore_eos"),
+            min_tokens=fields.integer("min_tokens", 0) or 0,
+            logprobs=fields.boolean("logprobs"),
+            top_logprobs=fields.integer("top_logprobs", 0) or 0,
+            prompt_ids=fields.token_ids("prompt_ids"),
+            add_special_tokens=(
+                fields.boolean("add_special_tokens") if fields.has("add_special_tokens") else None
+            ),
+            request_id=request_id,
+        )
+    except InvalidArgument as error:
+        # The options' own checks (what the wire cannot carry): the request's 400 too.
+        raise edge_error(error) from None
 
 
 def _sse(request: Request, stream: StoredStream, after: int) -> Response:

@@ -13,8 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 from tokenwire.client.client import GenerateOptions, ModelInfo
+from tokenwire.client.errors import InvalidArgument
 from tokenwire.edge.body import UINT64_MAX, Fields, token_ids_of
-from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.errors import EdgeError, edge_error
 
 # Read below (or by the route); the extensions top_k, repetition_penalty and ignore_eos are the
 # native API's, as vLLM accepts them too.
@@ -232,26 +233,30 @@ def _options(
 ) -> tuple[GenerateOptions, dict[str, str]]:
     max_tokens, max_name = _max_tokens(fields, chat=chat)
     logprobs, top_logprobs = _logprobs(fields, chat=chat)
-    options = GenerateOptions(
-        max_tokens=max_tokens,
-        temperature=fields.number("temperature"),
-        top_k=fields.integer("top_k", 0) or 0,
-        top_p=fields.number("top_p"),
-        repetition_penalty=fields.number("repetition_penalty"),
-        seed=fields.integer("seed"),
-        stop=fields.strings("stop"),
-        ignore_eos=fields.boolean("ignore_eos"),
-        logprobs=logprobs,
-        top_logprobs=top_logprobs,
-        presence_penalty=fields.number("presence_penalty"),
-        frequency_penalty=fields.number("frequency_penalty"),
-        min_p=fields.number("min_p"),
-        logit_bias=fields.token_biases("logit_bias"),
-        min_tokens=fields.integer("min_tokens", 0) or 0,
-        request_id=request_id,
-        # A rendered chat template already holds the special tokens (BOS) the model expects.
-        add_special_tokens=False if chat else None,
-    )
+    try:
+        options = GenerateOptions(
+            max_tokens=max_tokens,
+            temperature=fields.number("temperature"),
+            top_k=fields.integer("top_k", 0) or 0,
+            top_p=fields.number("top_p"),
+            repetition_penalty=fields.number("repetition_penalty"),
+            seed=fields.integer("seed"),
+            stop=fields.strings("stop"),
+            ignore_eos=fields.boolean("ignore_eos"),
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            presence_penalty=fields.number("presence_penalty"),
+            frequency_penalty=fields.number("frequency_penalty"),
+            min_p=fields.number("min_p"),
+            logit_bias=fields.token_biases("logit_bias"),
+            min_tokens=fields.integer("min_tokens", 0) or 0,
+            request_id=request_id,
+            # A rendered chat template already holds the special tokens (BOS) the model expects.
+            add_special_tokens=False if chat else None,
+        )
+    except InvalidArgument as error:
+        # The options' own checks (what the wire cannot carry): the request's 400 too.
+        raise edge_error(error) from None
     prompt = "messages" if chat else "prompt"
     names = {"max_tokens": max_name, "prompt": prompt, "prompt_ids": prompt, "stop": "stop"}
     return options, names
