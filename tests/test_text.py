@@ -86,6 +86,50 @@ def test_stop_matcher_withholds_partial_stops(
     assert (out, found) == (emitted, matched)
 
 
+@pytest.mark.parametrize(
+    ("pieces", "armed_from", "emitted", "matched"),
+    [
+        # A stop string complete before the matcher is armed goes out as text.
+        (["x", "ab", "y", "ab", "z"], 3, "xaby", "ab"),
+        # One that begins before and ends after the arming matches.
+        (["xa", "b", "c"], 1, "x", "ab"),
+        # A stop string inside an ignored one, ending armed, matches where it begins.
+        (["a", "a", "a"], 2, "a", "aa"),
+        # Never armed within the text: nothing stops, nothing is lost.
+        (["ab", "ab"], 5, "abab", None),
+    ],
+)
+def test_a_stop_matcher_before_min_tokens_lets_stop_strings_through(
+    pieces: list[str], armed_from: int, emitted: str, matched: str | None
+) -> None:
+    """Pushed unarmed (before min_tokens), text holding a stop string is emitted, not cut; once
+    armed, a stop string that ends in the new text stops it, wherever it began."""
+    matcher = StopMatcher(("ab", "aa"))
+    out, found = "", None
+    for i, piece in enumerate(pieces):
+        text, found = matcher.push(piece, armed=i >= armed_from)
+        out += text
+        if found:
+            break
+    else:
+        out += matcher.flush()
+    assert (out, found) == (emitted, matched)
+
+
+async def test_min_tokens_holds_back_stop_strings(
+    scripted: RunningServer, tokenizer: Tokenizer
+) -> None:
+    """A stop string that completes within min_tokens does not end the stream (as in vLLM):
+    the stream goes on and stops at the next one after min_tokens."""
+    ids, first = tokenizer.encode(MIXED), MIXED.index("l")
+    min_tokens = next(n for n in range(1, len(ids)) if len(tokenizer.decode(ids[:n])) > first)
+    request = pb.GenerateRequest(prompt=PROMPT, max_tokens=200, stop=["l"], min_tokens=min_tokens)
+    messages = await _stream(scripted, request)
+    text = "".join(m.token.text for m in messages if m.WhichOneof("event") == "token")
+    assert text == MIXED[: MIXED.index("l", first + 1)]
+    assert messages[-1].completion.finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
+
+
 @pytest.fixture
 async def scripted(spec: ModelSpec, tokenizer: Tokenizer) -> AsyncIterator[RunningServer]:
     """A server whose model always continues PROMPT with MIXED followed by '<END>more'."""

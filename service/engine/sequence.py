@@ -130,7 +130,9 @@ class Sequence:
         if token_id in self.stop_ids:
             self.finish_reason = FinishReason.STOP
             return self.finish_reason, self.text.flush()
-        delta, stop = self.text.push(token_id)
+        # Stop strings, as EOS and stop ids, cannot end a stream before min_tokens: they count
+        # from the token after the min_tokens-th (a string may begin earlier and end there).
+        delta, stop = self.text.push(token_id, armed=len(self.generated) > self.request.min_tokens)
         if stop is not None:
             self.finish_reason, self.stop_sequence = FinishReason.STOP_SEQUENCE, stop
         elif len(self.generated) >= self.budget:

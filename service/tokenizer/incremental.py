@@ -56,23 +56,29 @@ class StopMatcher:
         self._stops = stops
         self._held = ""
 
-    def push(self, delta: str) -> tuple[str, str | None]:
+    def push(self, delta: str, *, armed: bool = True) -> tuple[str, str | None]:
         """Add text; return (text safe to emit, the stop string matched or None).
 
         After a match, the emitted text ends right before the stop string and the rest is dropped.
+        Not `armed` (before min_tokens), a stop string does not stop: its text goes out, and
+        only a stop string that ends in text pushed armed can match (it may begin earlier).
         """
         text = self._held + delta
         if not self._stops:
             self._held = ""
             return text, None
-        match = _earliest_match(text, self._stops)
-        if match is not None:
+        released = ""
+        while (match := _earliest_match(text, self._stops)) is not None:
             start, stop = match
-            self._held = ""
-            return text[:start], stop
+            if armed:
+                self._held = ""
+                return released + text[:start], stop
+            # Release through its first character, and look again: another stop string may
+            # begin inside this one and end in text still to come.
+            released, text = released + text[: start + 1], text[start + 1 :]
         keep = _longest_partial_suffix(text, self._stops)
         self._held = text[len(text) - keep :] if keep else ""
-        return text[: len(text) - keep], None
+        return released + text[: len(text) - keep], None
 
     def flush(self) -> str:
         """Release whatever is held back (the stream ended without a match)."""
@@ -111,8 +117,9 @@ class TextStream:
     def create(cls, tokenizer: Tokenizer, stops: tuple[str, ...]) -> TextStream:
         return cls(IncrementalDetokenizer(tokenizer), StopMatcher(stops))
 
-    def push(self, token_id: int) -> tuple[str, str | None]:
-        return self.matcher.push(self.detokenizer.step(token_id))
+    def push(self, token_id: int, *, armed: bool = True) -> tuple[str, str | None]:
+        """The text the token releases, and the stop string it completes (only `armed`)."""
+        return self.matcher.push(self.detokenizer.step(token_id), armed=armed)
 
     def flush(self) -> str:
         """The rest of the text at the end of the stream: what the detokenizer and then the
