@@ -69,6 +69,13 @@ class Token:
     index: int
     logprob: float | None = None
     top_logprobs: tuple[TopLogprob, ...] = ()
+    token_text: str | None = None
+    """The token's own text alone, where logprobs were asked for (`text` is the delta)."""
+
+    @property
+    def own_text(self) -> str:
+        """The token's own text where the server sent it, else its delta."""
+        return self.text if self.token_text is None else self.token_text
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -209,7 +216,12 @@ def event_from_pb(message: pb.GenerateResponse) -> StreamEvent:
         t = message.token
         alternatives = tuple(TopLogprob(a.id, a.logprob, a.text) for a in t.top_logprobs)
         return Token(
-            t.text, t.id, t.index, t.logprob if t.HasField("logprob") else None, alternatives
+            t.text,
+            t.id,
+            t.index,
+            t.logprob if t.HasField("logprob") else None,
+            alternatives,
+            t.token_text if t.HasField("token_text") else None,
         )
     if kind == "usage":
         u = message.usage

@@ -246,6 +246,8 @@ class TokenEvent:
     index: int
     logprob: float | None = None
     top_logprobs: tuple[TopLogprob, ...] = ()
+    token_text: str | None = None
+    """The token's own text alone, where logprobs were asked for (text is the delta)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -424,6 +424,35 @@ async def test_chat_top_logprobs_list_alternatives(sdk: openai.AsyncOpenAI) -> N
         assert ranked == sorted(ranked, reverse=True)
 
 
+async def test_logprobs_name_each_tokens_own_text_while_a_stop_holds_text_back(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    """Each logprobs position names its own token's text, even where the stream holds that
+    text back (it could begin a stop string) and sends it joined to the next: greedy's
+    choice is its own first alternative, and the completions offsets follow the tokens."""
+    first = await sdk.completions.create(
+        model=MODEL, prompt="def f():", max_tokens=5, temperature=0, logprobs=1
+    )
+    assert first.choices[0].logprobs is not None
+    tokens = first.choices[0].logprobs.tokens
+    assert tokens is not None
+    # A stop string that begins with the second token's text and never completes.
+    held = await sdk.completions.create(
+        model=MODEL,
+        prompt="def f():",
+        max_tokens=5,
+        temperature=0,
+        logprobs=1,
+        stop=[tokens[1] + "\x00"],
+    )
+    probs = held.choices[0].logprobs
+    assert probs is not None
+    assert probs.tokens == tokens
+    assert probs.top_logprobs is not None
+    assert [next(iter(a)) for a in probs.top_logprobs] == tokens
+    assert probs.text_offset == [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+
+
 async def test_completions_logprobs_n_lists_n_alternatives(sdk: openai.AsyncOpenAI) -> None:
     """Completions logprobs=2: the legacy top_logprobs holds up to 2 {text: logprob} per token."""
     reply = await sdk.completions.create(

@@ -103,6 +103,20 @@ async def test_top_logprobs_list_the_alternatives_most_likely_first(
         assert alternatives[0].logprob == pytest.approx(token.logprob, abs=1e-5)
 
 
+@pytest.mark.parametrize("logprobs", [True, False])
+async def test_token_text_is_each_tokens_own_text_with_logprobs(
+    stub: pb_grpc.GenerationServiceStub, tokenizer: Tokenizer, logprobs: bool
+) -> None:
+    """With logprobs, every Token carries its own text (what the tokenizer decodes for that
+    id alone); without, the field is unset (it costs bytes on every message)."""
+    messages = await collect(stub, greedy(PROMPT, 6, logprobs=logprobs))
+    tokens = [m.token for m in messages if m.WhichOneof("event") == "token"]
+    if logprobs:
+        assert [t.token_text for t in tokens] == [tokenizer.token_text(t.id) for t in tokens]
+    else:
+        assert not any(t.HasField("token_text") for t in tokens)
+
+
 async def test_a_stop_token_id_ends_the_stream(stub: pb_grpc.GenerationServiceStub) -> None:
     """When the model produces a listed stop token id the stream ends there with STOP."""
     first = _ids(await collect(stub, greedy(PROMPT, 4)))

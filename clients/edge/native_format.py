@@ -1,9 +1,9 @@
 """The native SSE format: pipeline events -> named events, and stored events -> frames.
 
-Events: `token` {text, id, index, logprob?, top_logprobs?}, `usage` {...}, `done` {finish_reason,
-stop_sequence}, `error` {code, status, message, field?}. Each is encoded once, when the resume
-store keeps it; every reader (the first one and each resume) gets the stored text, with
-`id: <request_id>:<seq>`.
+Events: `token` {text, id, index, logprob?, token_text?, top_logprobs?}, `usage` {...}, `done`
+{finish_reason, stop_sequence}, `error` {code, status, message, field?}. Each is encoded once,
+when the resume store keeps it; every reader (the first one and each resume) gets the stored
+text, with `id: <request_id>:<seq>`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ def native_event(event: StreamEvent | EdgeError) -> tuple[str, dict[str, Any]]:
         data: dict[str, Any] = {"text": event.text, "id": event.id, "index": event.index}
         if event.logprob is not None:
             data["logprob"] = event.logprob
+        if event.token_text is not None:
+            data["token_text"] = event.token_text
         if event.top_logprobs:
             data["top_logprobs"] = [
                 {"id": t.id, "logprob": t.logprob, "text": t.text} for t in event.top_logprobs

@@ -69,9 +69,9 @@ def logprobs(tokens: list[Token], *, chat: bool) -> dict[str, Any]:
     if chat:
         content = [
             {
-                "token": t.text,
+                "token": t.own_text,
                 "logprob": t.logprob,
-                "bytes": list(t.text.encode()),
+                "bytes": list(t.own_text.encode()),
                 "top_logprobs": [
                     {"token": a.text, "logprob": a.logprob, "bytes": list(a.text.encode())}
                     for a in t.top_logprobs
@@ -80,13 +80,14 @@ def logprobs(tokens: list[Token], *, chat: bool) -> dict[str, Any]:
             for t in tokens
         ]
         return {"content": content}
+    # Each token's own text and its offset in them (deltas hold text back and join tokens').
     offsets, at = [], 0
     for t in tokens:
         offsets.append(at)
-        at += len(t.text)
+        at += len(t.own_text)
     wanted = any(t.top_logprobs for t in tokens)
     return {
-        "tokens": [t.text for t in tokens],
+        "tokens": [t.own_text for t in tokens],
         "token_logprobs": [t.logprob for t in tokens],
         # The legacy format: one {text: logprob} object per position.
         "top_logprobs": [{a.text: a.logprob for a in t.top_logprobs} for t in tokens]

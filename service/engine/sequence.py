@@ -152,7 +152,8 @@ class Sequence:
         self.token_times.append(now)
         _, delta = self._stops_at(token_id)
         index = len(self.generated) - 1
-        self.outbox.append(TokenEvent(delta, token_id, index, logprob, top))
+        own = None if logprob is None else self.text.token_text(token_id)
+        self.outbox.append(TokenEvent(delta, token_id, index, logprob, top, own))
         if self.finish_reason is not None:
             self._close(now)
 

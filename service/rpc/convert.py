@@ -95,6 +95,8 @@ def event_to_pb(event: Event) -> pb.GenerateResponse:
         token.index = event.index
         if event.logprob is not None:
             token.logprob = event.logprob
+        if event.token_text is not None:
+            token.token_text = event.token_text
         if event.top_logprobs:
             token.top_logprobs.extend(
                 pb.TopLogprob(id=t.token_id, logprob=t.logprob, text=t.text)

@@ -22,7 +22,7 @@ class IncrementalDetokenizer:
     join to the tokenizer's decode of all the ids."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        self._tokenizer = tokenizer
+        self.tokenizer = tokenizer
         self._stream = DecodeStream(skip_special_tokens=True)
         self._context: list[int] = []
         """The ids of the last text released: what DecodeStream decodes the next ids after."""
@@ -31,7 +31,7 @@ class IncrementalDetokenizer:
 
     def step(self, token_id: int) -> str:
         self._held.append(token_id)
-        chunk = self._stream.step(self._tokenizer.inner, token_id)
+        chunk = self._stream.step(self.tokenizer.inner, token_id)
         if not chunk:
             return ""
         self._context, self._held = self._held, []
@@ -43,8 +43,8 @@ class IncrementalDetokenizer:
         decode shows U+FFFD there, and so does this."""
         if not self._held:
             return ""
-        before = self._tokenizer.decode(self._context)
-        after = self._tokenizer.decode(self._context + self._held)
+        before = self.tokenizer.decode(self._context)
+        after = self.tokenizer.decode(self._context + self._held)
         self._context, self._held = [], []
         return after[len(before) :]
 
@@ -120,6 +120,10 @@ class TextStream:
     def push(self, token_id: int, *, armed: bool = True) -> tuple[str, str | None]:
         """The text the token releases, and the stop string it completes (only `armed`)."""
         return self.matcher.push(self.detokenizer.step(token_id), armed=armed)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's own text (see Tokenizer.token_text), for logprobs."""
+        return self.detokenizer.tokenizer.token_text(token_id)
 
     def flush(self) -> str:
         """The rest of the text at the end of the stream: what the detokenizer and then the

@@ -90,7 +90,9 @@ class GenerateRequest(_message.Message):
     top_logprobs: _builtins.int
     """With logprobs, also return the N most likely tokens at each position (0..20)."""
     min_tokens: _builtins.int
-    """EOS and stop_token_ids are suppressed until this many tokens were generated."""
+    """EOS and stop_token_ids are suppressed until this many tokens were generated, and stop
+    strings count only from the next token on.
+    """
     @_builtins.property
     def sampling(self) -> Global___SamplingParams:
         """How to pick each token. Absent means temperature 1.0, no top-k/top-p, no penalty."""
@@ -298,6 +300,7 @@ class Token(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     LOGPROB_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    TOKEN_TEXT_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The text to append. May be empty while a multi-byte character is incomplete or while text
     that could begin a stop string is held back; the concatenation of all deltas is the output.
@@ -308,6 +311,11 @@ class Token(_message.Message):
     """Zero-based position of the token in the generated sequence."""
     logprob: _builtins.float
     """Natural-log probability of this token; set only when the request asked for logprobs."""
+    token_text: _builtins.str
+    """The token's own text alone (may be part of a multi-byte character), as TopLogprob.text
+    gives it; set only when the request asked for logprobs. Unlike `text`, it is never held
+    back or joined with other tokens' text, so logprobs line up with their tokens.
+    """
     @_builtins.property
     def top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopLogprob]:
         """The top_logprobs most likely tokens at this position, most likely first."""
@@ -320,14 +328,20 @@ class Token(_message.Message):
         index: _builtins.int = ...,
         logprob: _builtins.float | None = ...,
         top_logprobs: _abc.Iterable[Global___TopLogprob] | None = ...,
+        token_text: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_logprob", b"_logprob", "logprob", b"logprob"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_logprob", b"_logprob", "_token_text", b"_token_text", "logprob", b"logprob", "token_text", b"token_text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_logprob", b"_logprob", "id", b"id", "index", b"index", "logprob", b"logprob", "text", b"text", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_logprob", b"_logprob", "_token_text", b"_token_text", "id", b"id", "index", b"index", "logprob", b"logprob", "text", b"text", "token_text", b"token_text", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__logprob: _TypeAlias = _typing.Literal["logprob"]  # noqa: Y015
     _WhichOneofArgType__logprob: _TypeAlias = _typing.Literal["_logprob", b"_logprob"]  # noqa: Y015
+    _WhichOneofReturnType__token_text: _TypeAlias = _typing.Literal["token_text"]  # noqa: Y015
+    _WhichOneofArgType__token_text: _TypeAlias = _typing.Literal["_token_text", b"_token_text"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__logprob) -> _WhichOneofReturnType__logprob | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__token_text) -> _WhichOneofReturnType__token_text | None: ...
 
 Global___Token: _TypeAlias = Token  # noqa: Y015
 
