@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
@@ -57,3 +59,29 @@ async def test_edge_counts_outcomes_and_client_ttft(served: RunningServer) -> No
     assert values[ttft] == 3
     assert values[("tokenwire_edge_active_streams", frozenset())] == 0
     assert values[("tokenwire_edge_resume_buffer_bytes", frozenset())] > 0
+
+
+async def test_a_resume_refused_with_410_counts_no_outcome(served: RunningServer) -> None:
+    """A resume from events the buffer dropped is refused (410) without counting `resumed`
+    or `client_disconnected`: no stream was served to it."""
+    edge = await start_edge(served.target, resume_window_s=5.0, resume_stream_bytes=1024)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            async with aconnect_sse(
+                http, "POST", "/v1/generate", json={**BODY, "max_tokens": 60}
+            ) as source:
+                async for event in source.aiter_sse():
+                    last_id = event.id
+                    break
+            assert await eventually(lambda: served.engine.active_count == 0)
+            before = await _values(http)
+            while _streams(before, "native", "client_disconnected") == 0:
+                await asyncio.sleep(0.02)
+                before = await _values(http)
+            reply = await http.get("/v1/generate", headers={"Last-Event-ID": last_id})
+            after = await _values(http)
+    finally:
+        await edge.edge.stop()
+    assert reply.status_code == 410
+    for outcome in ("resumed", "client_disconnected"):
+        assert _streams(after, "native", outcome) == _streams(before, "native", outcome)

@@ -279,3 +279,54 @@ async def test_window_zero_cancels_upstream_at_once(paced: RunningServer) -> Non
     finally:
         await edge.edge.stop()
     assert _finish_reason(served, "drop-now") == FinishReason.CANCELLED
+
+
+async def _leave_after(
+    http: httpx.AsyncClient, count: int, body: dict[str, object]
+) -> list[ServerSentEvent]:
+    """Start a stream and leave after `count` events (it keeps generating for the window)."""
+    events: list[ServerSentEvent] = []
+    async with aconnect_sse(http, "POST", "/v1/generate", json=body) as source:
+        async for event in source.aiter_sse():
+            events.append(event)
+            if len(events) == count:
+                break
+    return events
+
+
+async def test_a_resume_from_events_the_buffer_dropped_is_410_before_any_event(
+    served: RunningServer,
+) -> None:
+    """With a 1 KiB buffer, a Last-Event-ID whose next events were dropped is a plain JSON
+    410, answered before any stream starts (never a 200 cut short)."""
+    edge = await start_edge(served.target, resume_window_s=5.0, resume_stream_bytes=1024)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            first = await _leave_after(http, 2, {**BODY, "max_tokens": 60})
+            assert await eventually(lambda: served.engine.active_count == 0)
+            reply = await http.get("/v1/generate", headers={"Last-Event-ID": first[-1].id})
+    finally:
+        await edge.edge.stop()
+    assert reply.status_code == 410
+    assert reply.headers["content-type"] == "application/json"
+    assert reply.json()["error"]["code"] == "GONE"
+
+
+async def test_a_reader_a_whole_buffer_behind_gets_a_410_error_event(
+    served: RunningServer,
+) -> None:
+    """A reader that falls so far behind that the buffer dropped its next event gets an
+    `error` event (GONE, without an id) instead of a silent jump to the events still kept."""
+    edge = await start_edge(served.target, resume_window_s=5.0, resume_stream_bytes=1024)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            first = await _leave_after(http, 1, {**BODY, "max_tokens": 60})
+            stream = await edge.store.get(first[0].id.rsplit(":", 1)[0], None)
+            reader = stream.follow(0)
+            assert (await anext(reader)).seq == 1
+            assert await eventually(lambda: served.engine.active_count == 0)
+            behind = await anext(reader)
+            await reader.aclose()
+    finally:
+        await edge.edge.stop()
+    assert (behind.seq, behind.name, json.loads(behind.data)["code"]) == (0, "error", "GONE")

@@ -119,6 +119,33 @@ async def test_an_unknown_id_is_the_same_404_as_in_memory(
     )
 
 
+async def _resume_after_drop(target: str, **overrides: object) -> httpx.Response:
+    """Leave a stream after 2 events on an edge with a 1 KiB buffer; once it has generated
+    every token, resume it from the second event."""
+    edge = await start_edge(
+        target, resume_window_s=5.0, resume_stream_bytes=1024, resume_lease_s=0.5, **overrides
+    )
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            first = await _first(http, 2, {**BODY, "max_tokens": 60})
+            await asyncio.sleep(0.5)
+            return await http.get("/v1/generate", headers={"Last-Event-ID": first[-1].id})
+    finally:
+        await edge.edge.stop()
+
+
+async def test_a_resume_from_dropped_events_is_the_same_410_as_in_memory(
+    served: RunningServer, redis_server: RedisServer
+) -> None:
+    """Events trimmed from the stored stream: the resume is the in-memory store's JSON 410,
+    answered before any stream starts."""
+    redis_reply = await _resume_after_drop(served.target, resume_store=redis_server.url)
+    memory_reply = await _resume_after_drop(served.target)
+    assert redis_reply.status_code == 410
+    assert redis_reply.headers["content-type"] == "application/json"
+    assert redis_reply.json() == memory_reply.json()
+
+
 async def test_another_keys_stream_is_404_on_every_edge(
     paced: RunningServer, redis_server: RedisServer
 ) -> None:

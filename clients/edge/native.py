@@ -19,7 +19,7 @@ from tokenwire.edge.errors import EdgeError, edge_error
 from tokenwire.edge.guards import principal_of
 from tokenwire.edge.native_format import native_frames
 from tokenwire.edge.pipeline import open_generations, relay, sse_response
-from tokenwire.edge.resumable import parse_event_id
+from tokenwire.edge.resumable import events_dropped, parse_event_id
 from tokenwire.edge.store import StoredStream
 
 # GenerateRequest's fields under their own names (sampling's flattened), all honoured; any
@@ -97,9 +97,18 @@ def _sse(request: Request, stream: StoredStream, after: int) -> Response:
     return sse_response(events, stream.request_id, ctx.settings.ping_s)
 
 
+async def _check_resume(stream: StoredStream, seq: int) -> None:
+    """Refuse, before the response starts, a resume that could not replay exactly the events
+    after `seq`: 410 when the buffer dropped some of them."""
+    first, _ = await stream.bounds()
+    if seq + 1 < first:
+        raise events_dropped(seq)
+
+
 async def _resume(request: Request, ctx: EdgeContext, last_event_id: str) -> Response:
     request_id, seq = parse_event_id(last_event_id)
     stream = await ctx.streams.get(request_id, principal_of(request.scope))
+    await _check_resume(stream, seq)
     if stream.followers == 0:
         Account.of(request).resumed()
     return _sse(request, stream, seq)

@@ -33,6 +33,7 @@ from tokenwire.edge.redis_keys import Keys
 from tokenwire.edge.resumable import (
     BufferedEvent,
     Encode,
+    events_dropped,
     expired_stream,
     id_taken,
     unknown_stream,
@@ -272,6 +273,13 @@ class RedisStream:
     def followers(self) -> int:
         return self.store.followers[self.request_id]
 
+    async def bounds(self) -> tuple[int, int]:
+        pipe = self.store.client.pipeline(transaction=False)
+        pipe.hget(self.keys.meta, "first")
+        pipe.xrevrange(self.keys.events, count=1)
+        first, last = await self.store.redis(pipe.execute())
+        return int(first or 1), _seq_and_name(last[0])[0] if last else 0
+
     async def follow(self, after_seq: int) -> AsyncGenerator[BufferedEvent, None]:
         store = self.store
         member = f"{store.edge}:{uuid.uuid4().hex}"
@@ -293,8 +301,7 @@ class RedisStream:
         try:
             first = await store.client.hget(keys.meta, "first")
             if after_seq + 1 < int(first or 1):
-                gone = EdgeError(410, "GONE", f"events after {after_seq} are no longer buffered")
-                yield _made_up(store, gone)
+                yield _made_up(store, events_dropped(after_seq))
                 return
             while True:
                 if time.monotonic() - watched_at >= store.lease_s / 3:
@@ -309,6 +316,10 @@ class RedisStream:
                 entries = reply[0][1] if reply else []
                 for entry in entries:
                     event = _event(entry)
+                    if event.seq != cursor + 1:
+                        # Trimmed before this reader got them: say so, never skip silently.
+                        yield _made_up(store, events_dropped(cursor))
+                        return
                     cursor = event.seq
                     yield event
                     if event.name in rk.TERMINAL:

@@ -64,6 +64,11 @@ def expired_stream(request_id: str) -> EdgeError:
     return EdgeError(410, "GONE", f"stream {request_id} has expired")
 
 
+def events_dropped(after_seq: int) -> EdgeError:
+    """The 410 for a resume from a seq whose next events the buffer no longer holds."""
+    return EdgeError(410, "GONE", f"events after {after_seq} are no longer buffered")
+
+
 class ResumableStream:
     """One generation's events, buffered, with any number of followers over time."""
 
@@ -119,17 +124,26 @@ class ResumableStream:
             self._changed.set()
             self.registry.finished(self)
 
+    async def bounds(self) -> tuple[int, int]:
+        """(oldest seq still buffered, newest seq appended; 0 before the first)."""
+        return self.first_seq, self.next_seq - 1
+
     async def follow(self, after_seq: int) -> AsyncGenerator[BufferedEvent, None]:
-        """Yield events with seq > after_seq, live, until the stream is done."""
-        if after_seq + 1 < self.first_seq:
-            raise EdgeError(410, "GONE", f"events after {after_seq} are no longer buffered")
+        """Yield events with seq > after_seq, live, until the stream is done. Events dropped
+        before this reader got them (it fell a whole buffer behind) end it with a 410 `error`
+        event: a reader never skips one silently."""
         self.followers += 1
         self._stop_timer()
         cursor = after_seq + 1
         try:
             while True:
                 index = cursor - self.first_seq
-                if 0 <= index < len(self.events):
+                if index < 0:
+                    name, data = self.registry.encode(events_dropped(cursor - 1))
+                    # seq 0: no resume can name it, so a later one starts from the last real id.
+                    yield BufferedEvent(0, name, json.dumps(data, separators=(",", ":")))
+                    return
+                if index < len(self.events):
                     event = self.events[index]
                     cursor += 1
                     yield event

@@ -8,7 +8,9 @@ stores behind it.
   a stream's edge dies another one continues the generation from what the store holds.
 
 Both answer an id that is unknown, or that belongs to another principal, with the same 404, an
-expired one with 410 (to its own principal), and a still-resumable one reused with 409.
+expired one with 410 (to its own principal), and a still-resumable one reused with 409; a
+resume's seq is checked against `StoredStream.bounds` before its response starts (native.py):
+410 when the events after it are no longer kept, 400 when it is past the newest event.
 """
 
 from __future__ import annotations
@@ -32,8 +34,14 @@ class StoredStream(Protocol):
         """Readers attached on this edge now."""
         ...
 
+    async def bounds(self) -> tuple[int, int]:
+        """(the oldest seq still kept, the newest seq stored; 0 before the first event): what
+        a resume may name, checked before its response starts."""
+        ...
+
     def follow(self, after_seq: int) -> AsyncGenerator[BufferedEvent, None]:
-        """Events with seq > after_seq, live, until the stream's `done` or `error`."""
+        """Events with seq > after_seq, live, until the stream's `done` or `error`; an `error`
+        (410, seq 0) when events this reader lacks are no longer kept."""
         ...
 
 
