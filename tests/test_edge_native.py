@@ -330,3 +330,36 @@ async def test_a_reader_a_whole_buffer_behind_gets_a_410_error_event(
     finally:
         await edge.edge.stop()
     assert (behind.seq, behind.name, json.loads(behind.data)["code"]) == (0, "error", "GONE")
+
+
+async def test_a_resume_past_a_finished_streams_last_event_is_400(
+    http: httpx.AsyncClient,
+) -> None:
+    """Last-Event-ID naming a seq the finished stream never reached is a 400 naming the
+    field, not an empty stream without `done` or `error`."""
+    _, events = await _events(http, "POST", "/v1/generate", json=BODY)
+    request_id = events[0].id.rsplit(":", 1)[0]
+    reply = await http.get(
+        f"/v1/generate/{request_id}/events", headers={"Last-Event-ID": f"{request_id}:99999"}
+    )
+    assert reply.status_code == 400
+    assert reply.json()["error"]["field"] == "Last-Event-ID"
+
+
+async def test_a_resume_past_a_running_streams_last_event_is_400_at_once(
+    paced: RunningServer,
+) -> None:
+    """On a stream still generating, a seq past the newest event is refused at once (query
+    parameter too), instead of waiting for it and skipping the events before it."""
+    edge = await start_edge(paced.target, resume_window_s=5.0)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            first = await _leave_after(http, 3, {"prompt": "x", "max_tokens": 450})
+            request_id = first[0].id.rsplit(":", 1)[0]
+            reply = await http.get("/v1/generate", params={"last_event_id": f"{request_id}:400"})
+            still_running = paced.engine.active_count
+            await http.post(f"/v1/generate/{request_id}/cancel", json={})
+    finally:
+        await edge.edge.stop()
+    assert (reply.status_code, still_running) == (400, 1)
+    assert reply.json()["error"]["field"] == "Last-Event-ID"

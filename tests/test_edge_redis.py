@@ -146,6 +146,28 @@ async def test_a_resume_from_dropped_events_is_the_same_410_as_in_memory(
     assert redis_reply.json() == memory_reply.json()
 
 
+async def test_a_resume_past_the_last_event_is_the_same_400_as_in_memory(
+    served: RunningServer, edges: tuple[RunningEdge, RunningEdge]
+) -> None:
+    """A seq past a finished stream's last event: the in-memory store's 400 naming
+    Last-Event-ID, on the Redis store too."""
+    memory = await start_edge(served.target)
+    try:
+        replies = []
+        for edge in (edges[0], memory):
+            async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+                events = await _events(http, "POST", "/v1/generate", json=BODY)
+                request_id = events[0].id.rsplit(":", 1)[0]
+                replies.append(
+                    await http.get("/v1/generate", headers={"Last-Event-ID": f"{request_id}:999"})
+                )
+    finally:
+        await memory.edge.stop()
+    redis_reply, memory_reply = replies
+    assert redis_reply.status_code == 400
+    assert redis_reply.json() == memory_reply.json()
+
+
 async def test_another_keys_stream_is_404_on_every_edge(
     paced: RunningServer, redis_server: RedisServer
 ) -> None:

@@ -99,8 +99,13 @@ def _sse(request: Request, stream: StoredStream, after: int) -> Response:
 
 async def _check_resume(stream: StoredStream, seq: int) -> None:
     """Refuse, before the response starts, a resume that could not replay exactly the events
-    after `seq`: 410 when the buffer dropped some of them."""
-    first, _ = await stream.bounds()
+    after `seq`: 410 when the buffer dropped some of them, 400 when `seq` is past the newest
+    event (no event with it was ever sent). The query's `last_event_id` is the same field."""
+    first, last = await stream.bounds()
+    if seq > last:
+        raise EdgeError.invalid(
+            "Last-Event-ID", f"seq {seq} is past the stream's last event ({last})"
+        )
     if seq + 1 < first:
         raise events_dropped(seq)
 
