@@ -13,7 +13,7 @@ import httpx
 from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MODEL, RunningServer, start_edge, start_server
+from tests.conftest import MODEL, RunningServer, eventually, start_edge, start_server
 from tests.fakes import ScriptedModel
 from tokenwire.server.engine import ModelSpec
 from tokenwire.server.tokenizer import Tokenizer
@@ -27,6 +27,7 @@ REQUESTS = {
         {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True},
     ),
 }
+PLAIN = {"Content-Type": "text/plain"}
 
 
 async def _outcomes(http: httpx.AsyncClient) -> dict[str, dict[str, float]]:
@@ -134,3 +135,71 @@ async def test_an_upstream_failure_reads_the_same_on_every_route(
         "chat": 1.0,
     }
     assert sum(sum(by_outcome.values()) for by_outcome in counts.values()) == 4.0
+
+
+def _only_rejected(counts: dict[str, dict[str, float]]) -> bool:
+    """One `rejected` per route, and nothing else counted."""
+    return counts == {
+        route: {**dict.fromkeys(OUTCOMES, 0.0), "rejected": 1.0} for route in REQUESTS
+    }
+
+
+async def test_a_request_refused_for_its_content_type_counts_rejected(
+    served: RunningServer,
+) -> None:
+    """A POST that is not JSON is refused (415) before it reaches its route, and still counts
+    `rejected` once under that route."""
+    edge = await start_edge(served.target)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            statuses = [
+                (await http.post(path, content=json.dumps(body), headers=PLAIN)).status_code
+                for path, body in REQUESTS.values()
+            ]
+            counts = await _outcomes(http)
+    finally:
+        await edge.edge.stop()
+    assert statuses == [415] * len(REQUESTS)
+    assert _only_rejected(counts), counts
+
+
+async def test_a_request_refused_while_draining_counts_rejected(paced: RunningServer) -> None:
+    """While the edge drains, a new request on each route is refused (503) and counts
+    `rejected` once under that route."""
+    edge = await start_edge(paced.target)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            async with aconnect_sse(
+                http, "POST", "/v1/generate", json={"prompt": "x", "max_tokens": 30}
+            ) as source:
+                drain = asyncio.create_task(edge.edge.drain(grace_s=20))
+                assert await eventually(lambda: edge.edge.ctx.drain.draining, 2)
+                statuses = [
+                    (await http.post(path, json=body)).status_code
+                    for path, body in REQUESTS.values()
+                ]
+                counts = await _outcomes(http)
+                [event async for event in source.aiter_sse()]
+            await drain
+    finally:
+        await edge.edge.stop()
+    assert statuses == [503] * len(REQUESTS)
+    assert {route: counts[route]["rejected"] for route in REQUESTS} == dict.fromkeys(REQUESTS, 1.0)
+
+
+async def test_a_cancel_or_a_resume_of_an_unknown_stream_counts_nothing(
+    served: RunningServer,
+) -> None:
+    """Requests that serve no stream count no outcome: a cancel (even one refused for its
+    content type) and a resume of an unknown id (404)."""
+    edge = await start_edge(served.target)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            refused = await http.post("/v1/generate/nope/cancel", content=b"{}", headers=PLAIN)
+            unknown = await http.post("/v1/generate/nope/cancel", json={})
+            resume = await http.get("/v1/generate/nope/events")
+            counts = await _outcomes(http)
+    finally:
+        await edge.edge.stop()
+    assert (refused.status_code, unknown.status_code, resume.status_code) == (415, 404, 404)
+    assert sum(sum(by_outcome.values()) for by_outcome in counts.values()) == 0

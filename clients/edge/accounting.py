@@ -1,26 +1,25 @@
 """What each API request came to, counted in one place for every route.
 
-Every route that starts or follows a generation is registered with `accounted(route, ...)`,
-which gives its requests an `Account` labelled with that route. An account ends once: the
-stream it answered completed, failed upstream or lost its client, or the request was refused
-before any stream began. A resume counts `resumed` as well, when it attaches to a stream that
-nobody was reading; it then ends like any other stream.
+`AccountingMiddleware`, the outermost layer, gives every request to a route that starts or
+follows a generation an `Account` labelled with that route, the moment the request arrives. An
+account ends once: the stream it answered completed, failed upstream or lost its client, or the
+request was refused before any stream began, by a gate (415, 503 while draining) or by the
+route. A resume counts `resumed` as well, when it attaches to a stream that nobody was reading;
+it then ends like any other stream.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Sequence
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tokenwire.edge.context import EdgeContext
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.metrics import EdgeMetrics, Outcome, RouteName
 from tokenwire.edge.tracing import stream_failed
 
-Endpoint = Callable[[Request], Awaitable[Response]]
 ACCOUNT = "tokenwire.account"
 """Scope key of the request's Account."""
 REFUSALS = frozenset({400, 409, 413, 415, 429, 503})
@@ -38,7 +37,9 @@ class Account:
     @staticmethod
     def of(request: Request) -> Account:
         account = request.scope.get(ACCOUNT)
-        assert isinstance(account, Account), "the route is not registered with accounted()"
+        assert isinstance(account, Account), (
+            "the route is not one of the accounted routes (app._accounted_routes)"
+        )
         return account
 
     def end(self, outcome: Outcome) -> None:
@@ -54,6 +55,11 @@ class Account:
         """An error answered as the request's HTTP status: a refusal unless the request had
         already ended (an upstream failure after the server accepted it)."""
         if error.status in REFUSALS or error.openai_code == "model_not_found":
+            self.end(Outcome.REJECTED)
+
+    def answered(self, status: int) -> None:
+        """The response starts with `status`: a refusal status ends a request not yet ended."""
+        if status in REFUSALS:
             self.end(Outcome.REJECTED)
 
     def resumed(self) -> None:
@@ -75,18 +81,38 @@ class Account:
         self.metrics.streams.labels(route=self.route, outcome=outcome).inc()
 
 
-def accounted(route: RouteName, endpoint: Endpoint) -> Endpoint:
-    """The endpoint, with an Account for each request; an EdgeError it raises is counted by
-    the account before the app answers it."""
+class AccountingMiddleware:
+    """Outermost: an Account for each request to an accounted route, made as it arrives, and
+    `rejected` for one refused before any stream, by a gate as by the route (counted as its
+    response starts, so a client that reads the refusal then the metrics sees it counted)."""
 
-    @functools.wraps(endpoint)
-    async def counted(request: Request) -> Response:
-        account = Account(EdgeContext.of(request).metrics, route)
-        request.scope[ACCOUNT] = account
-        try:
-            return await endpoint(request)
-        except EdgeError as error:
-            account.refused(error)
-            raise
+    def __init__(
+        self, app: ASGIApp, metrics: EdgeMetrics, routes: Sequence[tuple[BaseRoute, RouteName]]
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
 
-    return counted
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self._route(scope)
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        account = Account(self.metrics, route)
+        scope[ACCOUNT] = account
+
+        async def answering(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                account.answered(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, answering)
+
+    def _route(self, scope: Scope) -> RouteName | None:
+        """The label of the accounted route the request is for (its path and its method)."""
+        if scope["type"] != "http":
+            return None
+        for route, name in self.routes:
+            if route.matches(scope)[0] == Match.FULL:
+                return name
+        return None

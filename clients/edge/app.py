@@ -17,7 +17,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tokenwire.edge import native, openai_api
-from tokenwire.edge.accounting import accounted
+from tokenwire.edge.accounting import ACCOUNT, Account, AccountingMiddleware
 from tokenwire.edge.context import EdgeContext
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.guards import (
@@ -38,8 +38,11 @@ NATIVE, COMPLETIONS, CHAT = RouteName.NATIVE, RouteName.COMPLETIONS, RouteName.C
 
 
 async def _edge_error(request: Request, exc: Exception) -> Response:
-    """An EdgeError as the route's JSON error (an accounted route has counted it already)."""
+    """An EdgeError as the route's JSON error, counted by an accounted route's Account."""
     assert isinstance(exc, EdgeError)
+    account = request.scope.get(ACCOUNT)
+    if isinstance(account, Account):
+        account.refused(exc)
     body = exc.body_for(request.url.path)
     return JSONResponse(body, status_code=exc.status, headers=exc.headers())
 
@@ -87,10 +90,16 @@ async def metrics(request: Request) -> Response:
     return PlainTextResponse(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def _middleware(settings: EdgeSettings, ctx: EdgeContext, traces: Tracing) -> list[Middleware]:
-    """Outermost first: CORS answers preflights, the drain gate counts and refuses, then keys,
-    then where the request comes from and its content type."""
-    middleware = []
+Accounted = list[tuple[Route, RouteName]]
+
+
+def _middleware(
+    settings: EdgeSettings, ctx: EdgeContext, traces: Tracing, accounted: Accounted
+) -> list[Middleware]:
+    """Outermost first: accounting (each request's outcome, from its arrival), CORS answers
+    preflights, the drain gate counts and refuses, then keys, then where the request comes
+    from and its content type."""
+    middleware = [Middleware(AccountingMiddleware, metrics=ctx.metrics, routes=accounted)]
     if settings.cors_origins:
         middleware.append(
             Middleware(
@@ -111,23 +120,24 @@ def _middleware(settings: EdgeSettings, ctx: EdgeContext, traces: Tracing) -> li
     return middleware
 
 
-def _routes(settings: EdgeSettings) -> list[BaseRoute]:
-    """The API routes that start or follow generations are accounted under their route name."""
+def _accounted_routes() -> Accounted:
+    """The API routes that start or follow generations, with the label of their outcomes.
+    A cancel is not one: it ends a stream, whose own request counts the outcome."""
+    return [
+        (Route("/v1/generate", native.generate, methods=["GET", "POST"]), NATIVE),
+        (Route("/v1/generate/{request_id}/events", native.resume, methods=["GET"]), NATIVE),
+        (Route("/v1/completions", openai_api.completions, methods=["POST"]), COMPLETIONS),
+        (Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]), CHAT),
+    ]
+
+
+def _routes(settings: EdgeSettings, accounted: Accounted) -> list[BaseRoute]:
     routes: list[BaseRoute] = [
         Route("/", page),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
-        Route("/v1/generate", accounted(NATIVE, native.generate), methods=["GET", "POST"]),
-        Route(
-            "/v1/generate/{request_id}/events", accounted(NATIVE, native.resume), methods=["GET"]
-        ),
-        Route(
-            "/v1/generate/{request_id}/cancel", accounted(NATIVE, native.cancel), methods=["POST"]
-        ),
-        Route("/v1/completions", accounted(COMPLETIONS, openai_api.completions), methods=["POST"]),
-        Route(
-            "/v1/chat/completions", accounted(CHAT, openai_api.chat_completions), methods=["POST"]
-        ),
+        *(route for route, _ in accounted),
+        Route("/v1/generate/{request_id}/cancel", native.cancel, methods=["POST"]),
         Route("/v1/models", openai_api.models, methods=["GET"]),
         # A model id may hold slashes ("org/name"), as OpenAI's and the Hub's do.
         Route("/v1/models/{model:path}", openai_api.model, methods=["GET"]),
@@ -150,6 +160,8 @@ def create_app(
         metrics=EdgeMetrics(),
     )
 
+    accounted = _accounted_routes()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await ctx.upstream.connect(limit_s=1.0)
@@ -159,8 +171,8 @@ def create_app(
         traces.shutdown()
 
     app = Starlette(
-        routes=_routes(settings),
-        middleware=_middleware(settings, ctx, traces),
+        routes=_routes(settings, accounted),
+        middleware=_middleware(settings, ctx, traces, accounted),
         lifespan=lifespan,
         exception_handlers={EdgeError: _edge_error, HTTPException: _http_error},
     )
