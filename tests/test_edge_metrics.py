@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import httpx
 from httpx_sse import aconnect_sse
@@ -85,3 +86,56 @@ async def test_a_resume_refused_with_410_counts_no_outcome(served: RunningServer
     assert reply.status_code == 410
     for outcome in ("resumed", "client_disconnected"):
         assert _streams(after, "native", outcome) == _streams(before, "native", outcome)
+
+
+def _ttft(values: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> tuple[float, float]:
+    """(count, sum) of the native route's TTFT histogram."""
+    route = frozenset({("route", "native")})
+    return (
+        values[("tokenwire_edge_time_to_first_token_seconds_count", route)],
+        values[("tokenwire_edge_time_to_first_token_seconds_sum", route)],
+    )
+
+
+async def test_edge_ttft_starts_when_the_http_request_arrives(served: RunningServer) -> None:
+    """A request whose body takes 0.3 s to arrive has a TTFT of at least 0.3 s: the clock
+    starts at the request's arrival, not when the server accepted the stream."""
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield b'{"prompt": "def f():", '
+        await asyncio.sleep(0.3)
+        yield b'"max_tokens": 4}'
+
+    edge = await start_edge(served.target)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            headers = {"Content-Type": "application/json"}
+            async with aconnect_sse(
+                http, "POST", "/v1/generate", content=slow_body(), headers=headers
+            ) as source:
+                [e async for e in source.aiter_sse()]
+            count, seconds = _ttft(await _values(http))
+    finally:
+        await edge.edge.stop()
+    assert count == 1
+    assert seconds >= 0.3
+
+
+async def test_replays_and_resumes_add_no_ttft_observation(served: RunningServer) -> None:
+    """Only the first delivery of a stream is timed: replaying it whole (the events route
+    without Last-Event-ID) or resuming it adds nothing to the TTFT histogram."""
+    edge = await start_edge(served.target, resume_window_s=5.0)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            async with aconnect_sse(http, "POST", "/v1/generate", json=BODY) as source:
+                events = [e async for e in source.aiter_sse()]
+            request_id = events[0].id.rsplit(":", 1)[0]
+            for resume in ({}, {}, {"Last-Event-ID": events[0].id}):
+                async with aconnect_sse(
+                    http, "GET", f"/v1/generate/{request_id}/events", headers=resume
+                ) as source:
+                    assert [e.id async for e in source.aiter_sse()][-1] == events[-1].id
+            count, _ = _ttft(await _values(http))
+    finally:
+        await edge.edge.stop()
+    assert count == 1

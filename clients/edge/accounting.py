@@ -10,6 +10,7 @@ it then ends like any other stream.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from starlette.requests import Request
@@ -33,6 +34,8 @@ class Account:
         self.metrics = metrics
         self.route = route
         self.outcome: Outcome | None = None
+        self.arrived = time.perf_counter()
+        """When the request arrived (the account is made then): where its TTFT starts."""
 
     @staticmethod
     def of(request: Request) -> Account:
@@ -66,8 +69,9 @@ class Account:
         """A resume attached to a stream nobody was reading (counted besides its outcome)."""
         self._count(Outcome.RESUMED)
 
-    def first_token(self, seconds: float) -> None:
-        self.metrics.ttft.labels(route=self.route).observe(seconds)
+    def first_token(self) -> None:
+        """The stream's first token is written: its TTFT, from the request's arrival."""
+        self.metrics.ttft.labels(route=self.route).observe(time.perf_counter() - self.arrived)
 
     def stream_opened(self) -> None:
         self.metrics.active.inc()

@@ -88,11 +88,13 @@ def options_from(
         raise edge_error(error) from None
 
 
-def _sse(request: Request, stream: StoredStream, after: int) -> Response:
+def _sse(request: Request, stream: StoredStream, after: int, *, timed: bool) -> Response:
+    """The stored stream after seq `after` as the response; `timed` (TTFT observed) only for
+    the request that started it: a resume or replay, from seq 0 too, is not a first token."""
     ctx = EdgeContext.of(request)
     fields = {"request_id": stream.request_id, "resumed_after": after}
     events = relay(
-        Account.of(request), native_frames(stream, after), timed=after == 0, log_fields=fields
+        Account.of(request), native_frames(stream, after), timed=timed, log_fields=fields
     )
     return sse_response(events, stream.request_id, ctx.settings.ping_s)
 
@@ -116,7 +118,7 @@ async def _resume(request: Request, ctx: EdgeContext, last_event_id: str) -> Res
     await _check_resume(stream, seq)
     if stream.followers == 0:
         Account.of(request).resumed()
-    return _sse(request, stream, seq)
+    return _sse(request, stream, seq, timed=False)
 
 
 async def _start(
@@ -131,7 +133,7 @@ async def _start(
         stream = await ctx.streams.open(upstream, request_id, principal_of(request.scope))
     finally:
         await ctx.streams.release(request_id)
-    return _sse(request, stream, 0)
+    return _sse(request, stream, 0, timed=True)
 
 
 def _last_event_id(request: Request) -> str | None:

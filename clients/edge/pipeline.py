@@ -103,9 +103,10 @@ async def relay(
     timed: bool,
     log_fields: dict[str, Any],
 ) -> AsyncIterator[ServerSentEvent]:
-    """The encoder's frames as SSE events, accounted: TTFT at the first token (when `timed`),
-    the active-stream gauge, the outcome (client_disconnected when the client leaves first)
-    and one `edge.stream` log line."""
+    """The encoder's frames as SSE events, accounted: TTFT at the first token (when `timed`:
+    the first delivery of a stream, never a resume or replay of it), the active-stream gauge,
+    the outcome (client_disconnected when the client leaves first) and one `edge.stream` log
+    line."""
     started = time.perf_counter()
     sent = 0
     account.stream_opened()
@@ -113,7 +114,7 @@ async def relay(
         async with contextlib.aclosing(frames):
             async for frame in frames:
                 if frame.token and timed:
-                    account.first_token(time.perf_counter() - started)
+                    account.first_token()
                     timed = False
                 sent += 1
                 yield frame.event
