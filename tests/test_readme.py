@@ -65,3 +65,31 @@ def test_a_readme_example_runs_as_written(
     )
     assert done.returncode == 0, done.stderr
     assert end in done.stdout + done.stderr
+
+
+def test_the_readme_shows_the_curl_examples_real_output(live: dict[str, str]) -> None:
+    """The output the README shows under the curl example (its first token event and its
+    usage counts) is what that example prints against the bundled model."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    code = BLOCKS[1][1]
+    shown = readme[readme.index(code) + len(code) :]
+    first_token = re.search(r"^data: (\{\"text\".*\})$", shown, re.M)
+    usage = re.search(
+        r"^data: (\{\"prompt_tokens\":\d+,\"completion_tokens\":\d+,\"total_tokens\":\d+)",
+        shown,
+        re.M,
+    )
+    assert first_token is not None
+    assert usage is not None
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", code],
+        cwd=ROOT,
+        env=live,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    printed = [line.removeprefix("data: ") for line in done.stdout.splitlines()]
+    assert first_token.group(1) in printed
+    assert any(line.startswith(usage.group(1) + ",") for line in printed)
