@@ -73,6 +73,17 @@ def test_genai_config_rules_a_folder_that_also_has_a_config_json(tmp_path: Path)
     assert ModelSpec.from_dir(model_dir).eos_token_ids == {1, 5}
 
 
+def test_a_genai_folder_is_named_by_its_folder_not_its_architecture(tmp_path: Path) -> None:
+    """A GenAI folder's model name is the folder's (genai_config.json's model.type is the
+    architecture, "llama", which many models share), or the name a config.json beside it
+    gives."""
+    model_dir = _genai(tmp_path)
+    assert ModelSpec.from_dir(model_dir).name == model_dir.name
+    config = {**_matching_config_json(model_dir), "_name_or_path": "org/tiny-llama"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    assert ModelSpec.from_dir(model_dir).name == "org/tiny-llama"
+
+
 def test_a_config_json_beside_genai_config_does_not_lift_its_refusals(tmp_path: Path) -> None:
     """What genai_config.json says the engine cannot drive (a window-sized cache) is refused
     with a config.json beside it too."""

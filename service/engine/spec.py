@@ -83,6 +83,7 @@ class ModelSpec:
             if (model_dir / "config.json").exists():
                 other = text_config(read_json(model_dir / "config.json"))
                 _check_agree(model_dir, config, {**other, _FILE: str(model_dir / "config.json")})
+                config["_name_or_path"] = other.get("_name_or_path")
             generation: dict[str, Any] = {}
             source = GENAI_CONFIG
         else:
@@ -182,7 +183,8 @@ def genai_as_config(genai: dict[str, Any]) -> dict[str, Any]:
             f"got {filename!r}"
         )
     return {
-        "_name_or_path": model.get("type", ""),
+        # No Hugging Face id here (model.type is the architecture, "llama"): the folder's name
+        # serves, unless a config.json beside it names the model.
         "_graph_file": filename,
         "vocab_size": model.get("vocab_size"),
         "max_position_embeddings": model.get("context_length"),
