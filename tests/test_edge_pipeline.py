@@ -18,7 +18,15 @@ from tests.fakes import ScriptedModel
 from tokenwire.server.engine import ModelSpec
 from tokenwire.server.tokenizer import Tokenizer
 
-OUTCOMES = ("completed", "client_disconnected", "resumed", "upstream_error", "rejected")
+OUTCOMES = (
+    "completed",
+    "client_disconnected",
+    "resumed",
+    "upstream_error",
+    "rejected",
+    "cancelled",
+    "deadline_exceeded",
+)
 REQUESTS = {
     "native": ("/v1/generate", {"prompt": "def f():"}),
     "completions": ("/v1/completions", {"model": MODEL, "prompt": "def f():", "stream": True}),
@@ -203,3 +211,64 @@ async def test_a_cancel_or_a_resume_of_an_unknown_stream_counts_nothing(
         await edge.edge.stop()
     assert (refused.status_code, unknown.status_code, resume.status_code) == (415, 404, 404)
     assert sum(sum(by_outcome.values()) for by_outcome in counts.values()) == 0
+
+
+async def test_a_stream_cut_by_the_upstream_deadline_counts_deadline_exceeded_on_every_route(
+    paced: RunningServer,
+) -> None:
+    """A generation the upstream deadline cuts short counts `deadline_exceeded`, as the
+    server counts it, on every route: whether it ends in a `done`/finish chunk carrying that
+    reason or in an error carrying DEADLINE_EXCEEDED."""
+    edge = await start_edge(paced.target, upstream_timeout_s=0.3)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            for path, body in REQUESTS.values():
+                data = await _data(http, path, {**body, "max_tokens": 450, "ignore_eos": True})
+                assert "deadline" in (data[-2] + data[-1]).lower()
+
+            async def counted() -> bool:
+                counts = await _outcomes(http)
+                return all(counts[route]["deadline_exceeded"] == 1 for route in REQUESTS)
+
+            assert await _settles(counted), await _outcomes(http)
+            counts = await _outcomes(http)
+    finally:
+        await edge.edge.stop()
+    assert sum(sum(by_outcome.values()) for by_outcome in counts.values()) == len(REQUESTS)
+
+
+async def test_a_stream_cancelled_by_the_edge_counts_cancelled_on_every_route(
+    paced: RunningServer,
+) -> None:
+    """Streams still running when a drain's grace ends are cancelled (native: `done` with
+    reason cancelled; OpenAI: a CANCELLED error chunk) and count `cancelled`, as the server
+    counts a cancel, on every route."""
+    edge = await start_edge(paced.target)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            started = [asyncio.Event() for _ in REQUESTS]
+
+            async def read(path: str, body: dict[str, Any], first: asyncio.Event) -> None:
+                body = {**body, "max_tokens": 450, "ignore_eos": True}
+                async with aconnect_sse(http, "POST", path, json=body) as source:
+                    async for _ in source.aiter_sse():
+                        first.set()
+
+            readers = [
+                asyncio.create_task(read(path, body, first))
+                for (path, body), first in zip(REQUESTS.values(), started, strict=True)
+            ]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 10)
+            await edge.edge.drain(grace_s=0.2)
+            await asyncio.wait_for(asyncio.gather(*readers), 10)
+    finally:
+        await edge.edge.stop()
+    # The drained edge no longer answers /metrics: its registry is read directly.
+    registry = edge.edge.ctx.metrics.registry
+    cancelled = {
+        route: registry.get_sample_value(
+            "tokenwire_edge_streams_total", {"route": route, "outcome": "cancelled"}
+        )
+        for route in REQUESTS
+    }
+    assert cancelled == dict.fromkeys(REQUESTS, 1.0)

@@ -25,6 +25,23 @@ ACCOUNT = "tokenwire.account"
 """Scope key of the request's Account."""
 REFUSALS = frozenset({400, 409, 413, 415, 429, 503})
 """Statuses that count as `rejected`: the request was refused, no generation ran for it."""
+CUT_SHORT = {"cancelled": Outcome.CANCELLED, "deadline_exceeded": Outcome.DEADLINE_EXCEEDED}
+"""The server's finish reasons (and gRPC codes) of a generation it did not finish, as the
+server's own `tokenwire_requests_total` names them; any other finish is `completed`."""
+FAILED = frozenset({Outcome.UPSTREAM_ERROR, Outcome.DEADLINE_EXCEEDED})
+"""Outcomes whose span is marked failed (the server's spans mark a deadline failed too)."""
+
+
+def finished(finish_reason: str) -> Outcome:
+    """The outcome of a stream whose generation ended with this finish reason: cancelled and
+    deadline_exceeded as the server counts them, whichever route carried it."""
+    return CUT_SHORT.get(finish_reason, Outcome.COMPLETED)
+
+
+def failed(code: str) -> Outcome:
+    """The outcome of a stream ended by an error with this code (CANCELLED, DEADLINE_EXCEEDED,
+    INTERNAL, ...): the same cancel or deadline a `done` event can carry, else upstream_error."""
+    return CUT_SHORT.get(code.lower(), Outcome.UPSTREAM_ERROR)
 
 
 class Account:
@@ -51,7 +68,7 @@ class Account:
             return
         self.outcome = outcome
         self._count(outcome)
-        if outcome == Outcome.UPSTREAM_ERROR:
+        if outcome in FAILED:
             stream_failed(outcome)
 
     def refused(self, error: EdgeError) -> None:

@@ -43,6 +43,8 @@ class Outcome(enum.StrEnum):
     RESUMED = "resumed"
     UPSTREAM_ERROR = "upstream_error"
     REJECTED = "rejected"
+    CANCELLED = "cancelled"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
 
 
 class EdgeMetrics:

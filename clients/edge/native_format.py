@@ -9,18 +9,29 @@ text, with `id: <request_id>:<seq>`.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from sse_starlette import ServerSentEvent
 
 from tokenwire.client.client import Completion, StreamEvent, Token, Usage
+from tokenwire.edge.accounting import failed, finished
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.metrics import Outcome
 from tokenwire.edge.pipeline import Frame
+from tokenwire.edge.resumable import BufferedEvent
 from tokenwire.edge.store import StoredStream
 
-ENDINGS = {"done": Outcome.COMPLETED, "error": Outcome.UPSTREAM_ERROR}
+
+def ending(event: BufferedEvent) -> Outcome | None:
+    """The outcome a stored event ends its stream with (None: it ends nothing): by the `done`
+    event's finish reason or the `error` event's code, as on the OpenAI routes."""
+    if event.name == "done":
+        return finished(json.loads(event.data)["finish_reason"])
+    if event.name == "error":
+        return failed(json.loads(event.data)["code"])
+    return None
 
 
 def native_event(event: StreamEvent | EdgeError) -> tuple[str, dict[str, Any]]:
@@ -62,5 +73,5 @@ async def native_frames(stream: StoredStream, after: int) -> AsyncGenerator[Fram
             yield Frame(
                 ServerSentEvent(event.data, event=event.name, id=event_id),
                 token=event.name == "token",
-                outcome=ENDINGS.get(event.name),
+                outcome=ending(event),
             )

@@ -17,7 +17,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from tokenwire.edge.accounting import Account
+from tokenwire.edge.accounting import Account, failed, finished
 from tokenwire.edge.body import Fields, read_json
 from tokenwire.edge.context import EdgeContext, request_id_of
 from tokenwire.edge.errors import EdgeError
@@ -115,13 +115,14 @@ async def _whole(call: _Call) -> dict[str, Any]:
         async with contextlib.aclosing(merged(call.upstreams)) as events:
             async for index, event in events:
                 results[index].see(event)
-    except EdgeError:
-        call.account.end(Outcome.UPSTREAM_ERROR)
+    except EdgeError as error:
+        call.account.end(failed(error.code))
         raise
     finally:
         for upstream in call.upstreams:
             upstream.cancel()
-    call.account.end(Outcome.COMPLETED)
+    cut = [finished(r.finish) for r in results if finished(r.finish) != Outcome.COMPLETED]
+    call.account.end(cut[0] if cut else Outcome.COMPLETED)
     choices = [call.shape.whole(i, result) for i, result in enumerate(results)]
     body = call.shape.envelope(choices, chunk=False)
     return body | {"usage": usage([r.usage for r in results])}

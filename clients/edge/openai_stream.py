@@ -15,7 +15,8 @@ from typing import Any
 
 from sse_starlette import ServerSentEvent
 
-from tokenwire.client.client import StreamEvent, Token, Usage
+from tokenwire.client.client import Completion, StreamEvent, Token, Usage
+from tokenwire.edge.accounting import failed, finished
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.metrics import Outcome
 from tokenwire.edge.openai_format import Shape, finish_reason, usage
@@ -55,18 +56,22 @@ async def openai_frames(
     shape: Shape, upstreams: Sequence[UpstreamStream], include_usage: bool
 ) -> AsyncGenerator[Frame, None]:
     """The chunks of every choice, then usage and [DONE]; or the error chunk. However it ends,
-    every choice's upstream call ends with it."""
+    every choice's upstream call ends with it. The outcome: the first choice cut short
+    (cancelled, deadline_exceeded), else completed; or the error's."""
     chunks = Chunks(shape, len(upstreams), include_usage)
+    outcome = Outcome.COMPLETED
     try:
         async with contextlib.aclosing(merged(upstreams)) as events:
             async for index, event in events:
+                if isinstance(event, Completion) and outcome == Outcome.COMPLETED:
+                    outcome = finished(event.finish_reason)
                 if (chunk := chunks.of(index, event)) is not None:
                     yield Frame(chunk, token=isinstance(event, Token))
         if include_usage:
             yield Frame(chunks.usage())
-        yield Frame(ServerSentEvent("[DONE]"), outcome=Outcome.COMPLETED)
+        yield Frame(ServerSentEvent("[DONE]"), outcome=outcome)
     except EdgeError as error:
-        yield Frame(ServerSentEvent(_json(error.openai_body())), outcome=Outcome.UPSTREAM_ERROR)
+        yield Frame(ServerSentEvent(_json(error.openai_body())), outcome=failed(error.code))
     finally:
         for upstream in upstreams:
             upstream.cancel()
