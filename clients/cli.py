@@ -75,7 +75,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--request-id", default="")
-    parser.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="deadline in seconds of the whole stream, failovers included",
+    )
     parser.add_argument(
         "--stats", action="store_true", help="print TTFT, inter-token latency and tokens/s"
     )

@@ -2,7 +2,8 @@
 
 Both yield Token events as they arrive, then one Usage, then one Completion. Failures raise
 the TokenwireError subclass for their status. Leaving the iteration early cancels the RPC,
-which frees the server's batch slot at its next step.
+which frees the server's batch slot at its next step. A call's timeout covers the whole
+stream, failovers included (see failover.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from tokenwire.client.errors import InvalidArgument, from_rpc_error
-from tokenwire.client.failover import Resumption, split_targets
+from tokenwire.client.failover import Resumption, ServedModel, Targets, split_targets
 from tokenwire.client.security import ChannelSecurity, aio_channel, sync_channel
 from tokenwire.common import defaults
 from tokenwire.v1 import generate_pb2 as pb
@@ -276,15 +277,17 @@ class AsyncTokenwireClient:
         security: ChannelSecurity | None = None,
     ) -> None:
         self.security = security or ChannelSecurity()
+        names = ["the given channel"] if channel else split_targets(target)
         self._channels = (
             [channel]
             if channel
-            else [aio_channel(t, self.security, CHANNEL_OPTIONS) for t in split_targets(target)]
+            else [aio_channel(t, self.security, CHANNEL_OPTIONS) for t in names]
         )
         self._stubs = [pb_grpc.GenerationServiceStub(c) for c in self._channels]
         self._stub = self._stubs[0]
-        self._next = 0
+        self._targets = Targets(names)
         self.timeout_s = timeout_s
+        """Default deadline of a call, in seconds; a stream's failovers share it."""
 
     async def __aenter__(self) -> AsyncTokenwireClient:
         return self
@@ -304,32 +307,51 @@ class AsyncTokenwireClient:
         timeout_s: float | None = None,
         failover: bool = True,
     ) -> AsyncIterator[StreamEvent]:
-        """Stream one generation; with several targets (or a dns:/// name), a stream that
-        breaks with UNAVAILABLE continues on the next one (see failover.py) unless failover
-        is False."""
-        resume = Resumption(prompt, options or GenerateOptions())
+        """Stream one generation. `timeout_s` (default: the client's) bounds the whole call.
+
+        With several targets (or a dns:/// name), a target that answers UNAVAILABLE before the
+        stream starts, or a stream that breaks with UNAVAILABLE, goes on at the next target
+        (see failover.py) unless failover is False: the continuation gets the time left, and
+        runs only where the same model is served (else ModelMismatch)."""
+        options = options or GenerateOptions()
+        resume = Resumption.start(
+            options.to_pb(prompt), timeout_s or self.timeout_s, self._targets.next
+        )
+        metadata = _metadata(options.request_id) + self.security.metadata()
+        check = failover and self._targets.several
         while True:
-            stub = self._stubs[self._next]
-            call = stub.Generate(
-                resume.request(),
-                timeout=timeout_s or self.timeout_s,
-                metadata=_metadata(resume.options.request_id) + self.security.metadata(),
-            )
+            call = None
             try:
+                if check:
+                    await self._confirm_model(resume)
+                call = self._stubs[resume.target].Generate(
+                    resume.request(), timeout=resume.timeout_s(), metadata=metadata
+                )
                 resume.see_metadata(await call.initial_metadata())
                 async for message in call:
-                    event = event_from_pb(message)
-                    if isinstance(event, Token):
-                        resume.delivered.append(event.id)
-                    yield event
+                    if resume.admit(message):
+                        yield event_from_pb(message)
                 return
             except grpc.RpcError as error:
-                if not resume.may_continue(error, failover):
+                if not resume.may_continue(error.code(), failover):
                     raise from_rpc_error(error) from None
-                self._next = (self._next + 1) % len(self._stubs)
+                self._targets.move_on(resume, error.code())
                 await asyncio.sleep(resume.backoff_s)
             finally:
-                call.cancel()
+                if call is not None:
+                    call.cancel()
+
+    async def _confirm_model(self, resume: Resumption) -> None:
+        """ModelMismatch unless resume.target may carry on the stream (see failover.Targets)."""
+        served = self._targets.model(resume)
+        if served is None:
+            reply = await self._stubs[resume.target].GetModelInfo(
+                pb.GetModelInfoRequest(),
+                timeout=resume.timeout_s(),
+                metadata=self.security.metadata(),
+            )
+            served = self._targets.remember(resume.target, reply)
+        resume.confirm_model(self._targets.names[resume.target], served)
 
     async def model_info(self) -> ModelInfo:
         try:
@@ -364,15 +386,17 @@ class TokenwireClient:
         security: ChannelSecurity | None = None,
     ) -> None:
         self.security = security or ChannelSecurity()
+        names = ["the given channel"] if channel else split_targets(target)
         self._channels = (
             [channel]
             if channel
-            else [sync_channel(t, self.security, CHANNEL_OPTIONS) for t in split_targets(target)]
+            else [sync_channel(t, self.security, CHANNEL_OPTIONS) for t in names]
         )
         self._stubs = [pb_grpc.GenerationServiceStub(c) for c in self._channels]
         self._stub = self._stubs[0]
-        self._next = 0
+        self._targets = Targets(names)
         self.timeout_s = timeout_s
+        """Default deadline of a call, in seconds; a stream's failovers share it."""
 
     def __enter__(self) -> TokenwireClient:
         return self
@@ -392,31 +416,47 @@ class TokenwireClient:
         timeout_s: float | None = None,
         failover: bool = True,
     ) -> Iterator[StreamEvent]:
-        """Stream one generation, continuing on the next target if it breaks (see the async
-        client's generate)."""
-        resume = Resumption(prompt, options or GenerateOptions())
+        """Stream one generation, continuing on the next target if it breaks; `timeout_s`
+        bounds the whole call (see the async client's generate)."""
+        options = options or GenerateOptions()
+        resume = Resumption.start(
+            options.to_pb(prompt), timeout_s or self.timeout_s, self._targets.next
+        )
+        metadata = _metadata(options.request_id) + self.security.metadata()
+        check = failover and self._targets.several
         while True:
-            stub = self._stubs[self._next]
-            call = stub.Generate(
-                resume.request(),
-                timeout=timeout_s or self.timeout_s,
-                metadata=_metadata(resume.options.request_id) + self.security.metadata(),
-            )
+            call = None
             try:
+                if check:
+                    self._confirm_model(resume)
+                call = self._stubs[resume.target].Generate(
+                    resume.request(), timeout=resume.timeout_s(), metadata=metadata
+                )
                 resume.see_metadata(call.initial_metadata())
                 for message in call:
-                    event = event_from_pb(message)
-                    if isinstance(event, Token):
-                        resume.delivered.append(event.id)
-                    yield event
+                    if resume.admit(message):
+                        yield event_from_pb(message)
                 return
             except grpc.RpcError as error:
-                if not resume.may_continue(error, failover):
+                if not resume.may_continue(error.code(), failover):
                     raise from_rpc_error(error) from None
-                self._next = (self._next + 1) % len(self._stubs)
+                self._targets.move_on(resume, error.code())
                 time.sleep(resume.backoff_s)
             finally:
-                call.cancel()
+                if call is not None:
+                    call.cancel()
+
+    def _confirm_model(self, resume: Resumption) -> None:
+        """ModelMismatch unless resume.target may carry on the stream (see failover.Targets)."""
+        served: ServedModel | None = self._targets.model(resume)
+        if served is None:
+            reply = self._stubs[resume.target].GetModelInfo(
+                pb.GetModelInfoRequest(),
+                timeout=resume.timeout_s(),
+                metadata=self.security.metadata(),
+            )
+            served = self._targets.remember(resume.target, reply)
+        resume.confirm_model(self._targets.names[resume.target], served)
 
     def model_info(self) -> ModelInfo:
         try:

@@ -44,6 +44,12 @@ class Unavailable(TokenwireError):
     """The server is down, starting or draining."""
 
 
+class ModelMismatch(Unavailable):
+    """A broken stream could not continue: the next target serves another model than the one
+    whose tokens the stream had delivered, so it ended rather than splice the two. The message
+    names both; a new call (without the delivered tokens) may still succeed there."""
+
+
 class Unauthenticated(TokenwireError):
     """The server requires an API key and none, or a wrong one, was sent."""
 

@@ -5,21 +5,29 @@ client asks the next target to continue the same generation: same prompt and opt
 seed the first server reported (`x-tokenwire-seed`), and the token ids already delivered as
 `continuation_ids`. The server streams from the next index with the uninterrupted stream's
 text, finish conditions and Usage, so the caller sees one event sequence: no index twice, none
-missing, one Usage, one Completion.
+missing, one Usage, one Completion. A stream that breaks after its Usage keeps that Usage (its
+counts and timings are the real ones) and takes only the Completion from the continuation,
+which has nothing left to generate.
+
+The same rule opens a stream: a target that answers UNAVAILABLE before any event passes the
+request to the next one. A stream continues only where the same model is served (the model
+name, vocabulary size and EOS ids GetModelInfo reports): another model's tokens spliced into
+the stream would be wrong output, so the stream ends with ModelMismatch instead. The call's
+deadline covers every attempt: a continuation gets the time that is left.
+
+The Python client and the SSE edge both drive their streams through `Targets` and `Resumption`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
 import grpc
 
+from tokenwire.client.errors import DeadlineExceeded, ModelMismatch, ServerError
 from tokenwire.v1 import generate_pb2 as pb
-
-if TYPE_CHECKING:
-    from tokenwire.client.client import GenerateOptions
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 MAX_FAILOVERS = 4
@@ -62,22 +70,51 @@ def continued(
     return message
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServedModel:
+    """What two servers must share for one to continue the token ids the other generated."""
+
+    name: str
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def of(cls, reply: pb.GetModelInfoResponse) -> ServedModel:
+        return cls(reply.model, reply.vocab_size, tuple(reply.eos_token_ids))
+
+    def __str__(self) -> str:
+        return f"{self.name} (vocabulary {self.vocab_size}, eos ids {list(self.eos_token_ids)})"
+
+
 @dataclasses.dataclass
 class Resumption:
-    """What a broken stream had delivered, and how to ask for the rest."""
+    """One stream across the targets it runs on: what it delivered, and how to ask for the rest."""
 
-    prompt: str
-    options: GenerateOptions
+    first: pb.GenerateRequest
+    """The request as the caller made it (the edge sets the id the server accepted)."""
+    deadline: float
+    """time.monotonic() at which the whole call, failovers included, runs out of time."""
+    target: int = 0
+    """Index of the target the stream is on (see Targets)."""
     delivered: list[int] = dataclasses.field(default_factory=list)
     seed: int | None = None
     request_id: str = ""
     failovers: int = 0
+    usage_delivered: bool = False
+    model: ServedModel | None = None
+    """The model whose tokens the stream delivers, where the targets' models are checked."""
+    model_target: str = ""
+
+    @classmethod
+    def start(cls, request: pb.GenerateRequest, timeout_s: float, target: int = 0) -> Resumption:
+        return cls(request, time.monotonic() + timeout_s, target)
 
     def request(self) -> pb.GenerateRequest:
-        options = dataclasses.replace(
-            self.options, request_id=self.options.request_id or self.request_id
-        )
-        return continued(options.to_pb(self.prompt), self.delivered, self.seed)
+        """The request for the next attempt: the first one, after what was delivered."""
+        message = pb.GenerateRequest()
+        message.CopyFrom(self.first)
+        message.request_id = message.request_id or self.request_id
+        return continued(message, self.delivered, self.seed)
 
     def see_metadata(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
         for key, value in metadata or ():
@@ -87,9 +124,53 @@ class Resumption:
             elif key == "x-request-id" and not self.request_id:
                 self.request_id = text
 
-    def may_continue(self, error: grpc.RpcError, enabled: bool) -> bool:
-        """True (and one failover used) when the stream should continue on the next target."""
-        code: grpc.StatusCode = error.code()
+    def timeout_s(self) -> float:
+        """The time left for the next attempt; DeadlineExceeded when none is."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "the call's deadline passed before the stream could continue on another target",
+            )
+        return left
+
+    def admit(self, message: pb.GenerateResponse) -> bool:
+        """Record one message; False for one not to pass on: a continuation's Usage when the
+        stream had delivered its own before it broke."""
+        kind = message.WhichOneof("event")
+        if kind == "usage":
+            seen, self.usage_delivered = self.usage_delivered, True
+            return not seen
+        if kind == "token":
+            if self.usage_delivered:
+                # Every token precedes the Usage: a continuation that has more was not the
+                # continuation of this stream.
+                raise ServerError(
+                    grpc.StatusCode.INTERNAL,
+                    f"the stream continued with token index {message.token.index} after its Usage",
+                )
+            self.delivered.append(message.token.id)
+        return True
+
+    @property
+    def continuing(self) -> bool:
+        """Whether the next attempt goes on from output already delivered."""
+        return bool(self.delivered) or self.usage_delivered
+
+    def confirm_model(self, target: str, served: ServedModel) -> None:
+        """ModelMismatch when `target` serves another model than the one whose tokens the
+        stream delivered; before anything was delivered, its model becomes the stream's."""
+        if self.model is None or not self.continuing:
+            self.model, self.model_target = served, target
+        elif served != self.model:
+            raise ModelMismatch(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the stream cannot continue on {target}: it serves {served}, but the stream's "
+                f"tokens came from {self.model} on {self.model_target}",
+            )
+
+    def may_continue(self, code: grpc.StatusCode, enabled: bool = True) -> bool:
+        """True (and one failover used) when the stream should go on at the next target."""
         if not enabled or code not in RETRYABLE or self.failovers >= MAX_FAILOVERS:
             return False
         self.failovers += 1
@@ -97,5 +178,43 @@ class Resumption:
 
     @property
     def backoff_s(self) -> float:
-        """Wait before the next attempt: 0 for the first failover, then doubling to 1 s."""
-        return 0.0 if self.failovers <= 1 else min(1.0, 0.1 * 2 ** (self.failovers - 2))
+        """Wait before the next attempt: 0 for the first failover, then doubling to 1 s (never
+        past the deadline)."""
+        wait = 0.0 if self.failovers <= 1 else min(1.0, 0.1 * 2 ** (self.failovers - 2))
+        return max(0.0, min(wait, self.deadline - time.monotonic()))
+
+
+class Targets:
+    """The targets streams fail over across: which one a stream tries next, and the model each
+    serves (asked once per channel, again before a stream continues there, and forgotten when
+    a call there fails with UNAVAILABLE: what comes back may serve another model)."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.next = 0
+        self._models: dict[int, ServedModel] = {}
+
+    @property
+    def several(self) -> bool:
+        """Whether a stream may move to another channel (then the models are checked)."""
+        return len(self.names) > 1
+
+    def model(self, resume: Resumption) -> ServedModel | None:
+        """The model of resume.target when it is known well enough for this attempt."""
+        return None if resume.continuing else self._models.get(resume.target)
+
+    def remember(self, index: int, reply: pb.GetModelInfoResponse) -> ServedModel:
+        served = self._models[index] = ServedModel.of(reply)
+        return served
+
+    def move_on(self, resume: Resumption, code: grpc.StatusCode) -> None:
+        """After `code` ended an attempt on resume.target: the stream goes to the next target,
+        and so do the streams that start after it."""
+        resume.target = self.skip(resume.target, code)
+
+    def skip(self, index: int, code: grpc.StatusCode) -> int:
+        """The target after `index`, where `code` ended a call; new calls start there too."""
+        if code in RETRYABLE:
+            self._models.pop(index, None)
+        self.next = (index + 1) % len(self.names)
+        return self.next

@@ -69,6 +69,45 @@ async def test_ready_when_the_server_is_serving(served: RunningServer) -> None:
     assert ready.status_code == 200
 
 
+async def test_ready_while_any_target_is_serving(served: RunningServer) -> None:
+    """With --grpc-target dead,live the edge is ready: a stream would open on the live one."""
+    edge = await start_edge(f"127.0.0.1:{_free_port()},{served.target}")
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            ready = await http.get("/readyz")
+    finally:
+        await edge.edge.stop()
+    assert ready.status_code == 200
+
+
+async def test_a_dead_first_target_passes_new_streams_to_the_next(served: RunningServer) -> None:
+    """A native stream through an edge whose first target is dead opens on the second and
+    ends with `done`."""
+    edge = await start_edge(f"127.0.0.1:{_free_port()},{served.target}")
+    body = {"prompt": "x", "max_tokens": 2}
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            response = await http.post("/v1/generate", json=body)
+    finally:
+        await edge.edge.stop()
+    assert response.status_code == 200
+    assert "event: done" in response.text
+
+
+async def test_openai_routes_answer_with_a_dead_first_target(served: RunningServer) -> None:
+    """The OpenAI completions route, which asks the served model first, answers 200 from the
+    second target when the first is dead."""
+    edge = await start_edge(f"127.0.0.1:{_free_port()},{served.target}")
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            response = await http.post("/v1/completions", json=body)
+    finally:
+        await edge.edge.stop()
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["finish_reason"] == "length"
+
+
 async def test_api_key_is_required_except_for_health_and_page(served: RunningServer) -> None:
     """With keys configured: 401 without or with a wrong key, 200 with one; /healthz and / open."""
     edge = await start_edge(served.target, api_keys=("k-one", "k-two"))

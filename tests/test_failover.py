@@ -9,19 +9,29 @@ Completion, and, for greedy and seeded sampling, the ids an uninterrupted run gi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
+import grpc
 import httpx
 import pytest
-from httpx_sse import aconnect_sse
+from httpx_sse import ServerSentEvent, aconnect_sse
 
-from tests.conftest import MODEL, start_edge
+from tests.conftest import MODEL, RunningServer, start_edge, start_server
 from tests.procs import ServerProcess
-from tokenwire.client import AsyncTokenwireClient
+from tokenwire.client import AsyncTokenwireClient, TokenwireClient
 from tokenwire.client.client import Completion, GenerateOptions, StreamEvent, Token, Usage
+from tokenwire.client.errors import DeadlineExceeded, ModelMismatch
+from tokenwire.server.config import BUNDLED_MODEL_DIR
+from tokenwire.server.engine import OnnxCausalLM
+from tokenwire.server.tokenizer import Tokenizer
+from tokenwire.v1 import generate_pb2 as pb
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 PROMPT = "def fib(n):"
 KILL_AT = 50
@@ -195,3 +205,210 @@ async def test_edge_openai_stream_continues_after_its_server_is_killed(
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     text = "".join(c["choices"][0]["text"] or "" for c in chunks if c["choices"])
     assert text == "".join(e.text for e in alone if isinstance(e, Token))
+
+
+class CutRelay(pb_grpc.GenerationServiceServicer):
+    """A replica that dies at a chosen point: it relays to a real server and ends each stream
+    with UNAVAILABLE right after relaying the message `cut` picks."""
+
+    def __init__(self, target: str, cut: Callable[[pb.GenerateResponse], bool]) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = pb_grpc.GenerationServiceStub(self._channel)
+        self._cut = cut
+        self._server = grpc.aio.server()
+        pb_grpc.add_GenerationServiceServicer_to_server(self, self._server)
+        self.target = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
+
+    async def start(self) -> None:
+        await self._server.start()
+
+    async def stop(self) -> None:
+        await self._server.stop(0)
+        await self._channel.close()
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        call = self._stub.Generate(request)
+        header = await call.initial_metadata()
+        await context.send_initial_metadata(
+            [(k, v) for k, v in header if k in ("x-request-id", "x-tokenwire-seed")]
+        )
+        async for message in call:
+            yield message
+            if self._cut(message):
+                call.cancel()
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica went away")
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetModelInfoResponse:
+        return await self._stub.GetModelInfo(request)
+
+
+@contextlib.asynccontextmanager
+async def cut_relay(
+    target: str, cut: Callable[[pb.GenerateResponse], bool]
+) -> AsyncIterator[CutRelay]:
+    relay = CutRelay(target, cut)
+    await relay.start()
+    try:
+        yield relay
+    finally:
+        await relay.stop()
+
+
+def _after_usage(message: pb.GenerateResponse) -> bool:
+    return message.HasField("usage")
+
+
+def _after_token(index: int) -> Callable[[pb.GenerateResponse], bool]:
+    return lambda message: message.HasField("token") and message.token.index == index
+
+
+@pytest.fixture(scope="module")
+async def gpt2() -> AsyncIterator[RunningServer]:
+    """A server on another model (the gpt2 fixture) than the bundled one."""
+    model_dir = BUNDLED_MODEL_DIR.parent / "fixtures" / "gpt2"
+    model = OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=1)
+    running = await start_server(model, Tokenizer.from_dir(model_dir))
+    yield running
+    await running.server.drain()
+
+
+CUT_CASES = {
+    "length": (GenerateOptions(max_tokens=8, temperature=0.0, ignore_eos=True), "length"),
+    "stop": (GenerateOptions(max_tokens=40, temperature=0.0, stop=("\n",)), "stop_sequence"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CUT_CASES))
+async def test_a_stream_cut_after_its_usage_delivers_one_usage(
+    served: RunningServer, case: str
+) -> None:
+    """A replica that dies between Usage and Completion: the caller gets that Usage once (not
+    the continuation's again) and the continuation's Completion, with the stream's reason."""
+    options, reason = CUT_CASES[case]
+    async with (
+        cut_relay(served.target, _after_usage) as relay,
+        AsyncTokenwireClient([relay.target, served.target]) as client,
+    ):
+        events = [event async for event in client.generate(PROMPT, options)]
+    tokens = [e for e in events if isinstance(e, Token)]
+    assert [type(e) for e in events] == [Token] * len(tokens) + [Usage, Completion]
+    usage, completion = events[-2:]
+    assert isinstance(usage, Usage)
+    assert usage.completion_tokens == len(tokens)
+    assert isinstance(completion, Completion)
+    assert completion.finish_reason == reason
+
+
+async def test_the_blocking_client_delivers_one_usage_when_cut_after_it(
+    served: RunningServer,
+) -> None:
+    """The blocking client, too, passes on one Usage and one Completion when the stream's
+    replica dies between the two."""
+    options, _ = CUT_CASES["length"]
+    async with cut_relay(served.target, _after_usage) as relay:
+
+        def stream() -> list[StreamEvent]:
+            with TokenwireClient([relay.target, served.target]) as client:
+                return list(client.generate(PROMPT, options))
+
+        events = await asyncio.to_thread(stream)
+    assert [type(e) for e in events] == [Token] * 8 + [Usage, Completion]
+
+
+async def test_edge_stream_cut_after_its_usage_sends_one_usage(served: RunningServer) -> None:
+    """Through the edge, a replica that dies between Usage and Completion: the native stream
+    has its tokens, one `usage` and `done`."""
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    async with cut_relay(served.target, _after_usage) as relay:
+        edge = await start_edge(f"{relay.target},{served.target}")
+        try:
+            async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
+                events = await _sse(http, body)
+        finally:
+            await edge.edge.stop()
+    assert [e.event for e in events] == ["token"] * 8 + ["usage", "done"]
+
+
+async def _sse(http: httpx.AsyncClient, body: dict[str, Any]) -> list[ServerSentEvent]:
+    async with aconnect_sse(http, "POST", "/v1/generate", json=body) as source:
+        return [event async for event in source.aiter_sse()]
+
+
+async def test_client_refuses_to_continue_on_another_model(
+    served: RunningServer, gpt2: RunningServer
+) -> None:
+    """A stream of the bundled model whose replica dies continues nowhere when the next target
+    serves gpt2: ModelMismatch naming both models, after the bundled model's tokens only."""
+    options = GenerateOptions(max_tokens=16, temperature=0.0, ignore_eos=True)
+    events: list[StreamEvent] = []
+
+    async def stream(client: AsyncTokenwireClient) -> None:
+        async for event in client.generate(PROMPT, options):
+            events.append(event)
+
+    async with (
+        cut_relay(served.target, _after_token(3)) as relay,
+        AsyncTokenwireClient([relay.target, gpt2.target]) as client,
+    ):
+        with pytest.raises(ModelMismatch) as raised:
+            await stream(client)
+    assert [e.index for e in events if isinstance(e, Token)] == [0, 1, 2, 3]
+    assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+    assert MODEL in raised.value.message
+    assert "gpt2" in raised.value.message
+
+
+async def test_edge_refuses_to_continue_on_another_model(
+    served: RunningServer, gpt2: RunningServer
+) -> None:
+    """Through the edge, the same break ends the native stream with an UNAVAILABLE `error`
+    event naming both models instead of gpt2's tokens."""
+    body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    async with cut_relay(served.target, _after_token(3)) as relay:
+        edge = await start_edge(f"{relay.target},{gpt2.target}")
+        try:
+            async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
+                events = await _sse(http, body)
+        finally:
+            await edge.edge.stop()
+    assert [e.event for e in events] == ["token"] * 4 + ["error"]
+    error = json.loads(events[-1].data)
+    assert error["code"] == "UNAVAILABLE"
+    assert MODEL in error["message"]
+    assert "gpt2" in error["message"]
+
+
+async def test_failover_keeps_the_calls_deadline(paced: RunningServer) -> None:
+    """timeout_s bounds the whole call: a 0.5 s stream (a token per 10 ms) whose replica dies
+    after 40 tokens ends with DeadlineExceeded at 0.5 s, not 0.5 s after the failover."""
+    options = GenerateOptions(max_tokens=500, ignore_eos=True)
+    async with (
+        cut_relay(paced.target, _after_token(39)) as relay,
+        AsyncTokenwireClient([relay.target, paced.target]) as client,
+    ):
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            [_ async for _ in client.generate(PROMPT, options, timeout_s=0.5)]
+        elapsed = time.monotonic() - started
+    assert elapsed < 0.75
+
+
+async def test_edge_failover_keeps_the_upstream_deadline(paced: RunningServer) -> None:
+    """The edge's upstream_timeout_s bounds a stream with its failovers: the 0.5 s stream whose
+    replica dies after 40 tokens ends with a DEADLINE_EXCEEDED error at 0.5 s."""
+    body = {"prompt": PROMPT, "max_tokens": 500, "ignore_eos": True}
+    async with cut_relay(paced.target, _after_token(39)) as relay:
+        edge = await start_edge(f"{relay.target},{paced.target}", upstream_timeout_s=0.5)
+        try:
+            async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
+                started = time.monotonic()
+                events = await _sse(http, body)
+                elapsed = time.monotonic() - started
+        finally:
+            await edge.edge.stop()
+    assert json.loads(events[-1].data)["code"] == "DEADLINE_EXCEEDED"
+    assert elapsed < 0.75

@@ -45,7 +45,8 @@ class EdgeSettings:
     )
     grpc_target: str = setting(
         defaults.GRPC_TARGET,
-        "server address; a comma-separated list (streams fail over across them) or "
+        "server address; a comma-separated list (a stream opens on, and fails over to, the "
+        "next target that serves the same model; ready while any is SERVING) or "
         "`dns:///name:port` (round robin over every replica)",
     )
     api_keys: tuple[str, ...] = setting(
@@ -75,7 +76,9 @@ class EdgeSettings:
     max_body_bytes: int = setting(1_048_576, "larger request bodies get 413")
     resume_stream_bytes: int = setting(1_048_576, "resume buffer of one stream, bytes")
     resume_total_bytes: int = setting(64 * 1_048_576, "resume buffers of all streams, bytes")
-    upstream_timeout_s: float = setting(600.0, "deadline of each upstream Generate call")
+    upstream_timeout_s: float = setting(
+        600.0, "deadline of each upstream stream, its failovers included"
+    )
     metrics: bool = setting(True, "serve the edge's `/metrics`")
     otlp_endpoint: str = setting(
         "", "OTLP/gRPC collector for traces, e.g. `http://otel-collector:4317`; empty = no export"

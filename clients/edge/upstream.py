@@ -15,12 +15,11 @@ from tokenwire.client.client import (
     CHANNEL_OPTIONS,
     ModelInfo,
     StreamEvent,
-    Token,
     event_from_pb,
     model_info_from_pb,
 )
-from tokenwire.client.errors import from_rpc_error, from_status
-from tokenwire.client.failover import MAX_FAILOVERS, RETRYABLE, continued, split_targets
+from tokenwire.client.errors import TokenwireError, from_rpc_error, from_status
+from tokenwire.client.failover import RETRYABLE, Resumption, Targets, split_targets
 from tokenwire.client.security import ChannelSecurity, aio_channel
 from tokenwire.edge.errors import EdgeError, edge_error
 from tokenwire.edge.settings import EdgeSettings
@@ -36,36 +35,33 @@ class UpstreamStream:
 
     If the call breaks with UNAVAILABLE (its server died or went away), the stream continues
     on the next target with the token ids already received (see tokenwire.client.failover):
-    the events go on from the next index as if nothing had happened."""
+    the events go on from the next index as if nothing had happened, or, where the next target
+    serves another model or the deadline has passed, end with that error."""
 
     def __init__(
         self,
         call: GenerateCall,
-        request_id: str,
+        resume: Resumption,
         on_end: Callable[[UpstreamStream], None],
         *,
-        reopen: Callable[[pb.GenerateRequest], Awaitable[GenerateCall]] | None = None,
-        request: pb.GenerateRequest | None = None,
-        seed: int | None = None,
+        reopen: Callable[[Resumption], Awaitable[GenerateCall]] | None = None,
     ) -> None:
         self._call = call
-        self.request_id = request_id
+        self._resume = resume
+        self.request_id = resume.first.request_id
         self._on_end = on_end
         self._reopen = reopen
-        self._request = request
-        self._seed = seed
-        self._delivered: list[int] = []
-        self._failovers = 0
+        self._cancelled = False
 
     @property
     def request(self) -> pb.GenerateRequest | None:
         """The accepted request (with the id the server took), before any continuation."""
-        return self._request
+        return self._resume.first
 
     @property
     def seed(self) -> int | None:
         """The sampling seed the server announced (`x-tokenwire-seed`)."""
-        return self._seed
+        return self._resume.seed
 
     async def events(self) -> AsyncIterator[StreamEvent]:
         """The generation's events; EdgeError when the call fails where it cannot continue."""
@@ -74,49 +70,47 @@ class UpstreamStream:
                 try:
                     while (message := await self._call.read()) is not grpc.aio.EOF:
                         assert isinstance(message, pb.GenerateResponse)
-                        event = event_from_pb(message)
-                        if isinstance(event, Token):
-                            self._delivered.append(event.id)
-                        yield event
+                        if self._resume.admit(message):
+                            yield event_from_pb(message)
                     return
                 except grpc.RpcError as error:
-                    if not await self._continue(error):
-                        raise edge_error(from_rpc_error(error)) from None
+                    await self._continue(error)
+        except TokenwireError as error:
+            raise edge_error(error) from None
         finally:
             self._on_end(self)
 
-    async def _continue(self, error: grpc.RpcError) -> bool:
-        """Reopen the call elsewhere after a retryable break; False when it cannot."""
-        code: grpc.StatusCode = error.code()
-        if self._reopen is None or self._request is None or code not in RETRYABLE:
-            return False
-        if self._failovers >= MAX_FAILOVERS:
-            return False
-        self._failovers += 1
-        request = continued(self._request, self._delivered, self._seed)
-        self._call = await self._reopen(request)
-        return True
+    async def _continue(self, error: grpc.RpcError) -> None:
+        """Reopen the call elsewhere after a retryable break; raise when it cannot."""
+        if self._reopen is None or not self._resume.may_continue(error.code()):
+            raise from_rpc_error(error) from None
+        call = await self._reopen(self._resume)
+        if self._cancelled:
+            call.cancel()  # cancel() came while the stream was moving to this call
+        self._call = call
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._call.cancel()
         self._on_end(self)
 
 
 class Upstream:
-    """Channels to the server: one per target of a comma-separated list (streams fail over
-    across them), or one to every replica with a dns:/// target."""
+    """Channels to the server: one per target of a comma-separated list (streams open on the
+    next target when one is down, and fail over across them), or one to every replica with a
+    dns:/// target."""
 
     def __init__(
         self, target: str, timeout_s: float = 600.0, security: ChannelSecurity | None = None
     ) -> None:
         self._security = security or ChannelSecurity()
         self._metadata = self._security.metadata()
+        self._targets = Targets(split_targets(target))
         self._channels = [
-            aio_channel(t, self._security, CHANNEL_OPTIONS) for t in split_targets(target)
+            aio_channel(t, self._security, CHANNEL_OPTIONS) for t in self._targets.names
         ]
         self._stubs = [pb_grpc.GenerationServiceStub(c) for c in self._channels]
         self._healths = [health_pb2_grpc.HealthStub(c) for c in self._channels]
-        self._next = 0
         self._timeout_s = timeout_s
         self._info: ModelInfo | None = None
         self._ready_at = 0.0
@@ -132,54 +126,93 @@ class Upstream:
             await channel.close()
 
     async def connect(self, limit_s: float) -> bool:
-        """Open the connection early so the first request does not pay for it."""
+        """Open the connections early so the first request does not pay for them; True once
+        any target is connected."""
+        waits = [asyncio.ensure_future(channel.channel_ready()) for channel in self._channels]
         try:
-            await asyncio.wait_for(self._channels[self._next].channel_ready(), limit_s)
-        except TimeoutError:
-            return False
-        return True
+            done, _ = await asyncio.wait(
+                waits, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return bool(done)
 
-    def _call(self, request: pb.GenerateRequest, request_id: str) -> GenerateCall:
-        return self._stubs[self._next].Generate(
-            request,
-            timeout=self._timeout_s,
+    def _call(self, resume: Resumption, request_id: str) -> GenerateCall:
+        return self._stubs[resume.target].Generate(
+            resume.request(),
+            timeout=resume.timeout_s(),
             # The traceparent of the edge request's span: the server continues its trace.
             metadata=(("x-request-id", request_id), *self._metadata, *upstream_metadata()),
         )
 
-    async def _reopen(self, request: pb.GenerateRequest) -> GenerateCall:
-        """The continuation of a broken stream, on the next target."""
-        self._next = (self._next + 1) % len(self._stubs)
-        return self._call(request, request.request_id)
-
     async def open(self, request: pb.GenerateRequest, request_id: str) -> UpstreamStream:
-        """Start a stream; raise EdgeError when the server refuses it."""
-        call = self._call(request, request_id)
+        """Start a stream on the first target that accepts it (one that answers UNAVAILABLE
+        passes it to the next); raise EdgeError when the server refuses it. The stream's
+        failovers share its deadline."""
+        resume = Resumption.start(request, self._timeout_s, self._targets.next)
+        try:
+            call = await self._accepted(resume, request_id)
+        except TokenwireError as error:
+            raise edge_error(error) from None
+        accepted = pb.GenerateRequest()
+        accepted.CopyFrom(request)
+        accepted.request_id = resume.request_id or request_id
+        resume.first = accepted
+        stream = UpstreamStream(call, resume, self._ended, reopen=self._reopen)
+        self._open.add(stream)
+        return stream
+
+    async def _reopen(self, resume: Resumption) -> GenerateCall:
+        """The continuation of a broken stream, on the next target that accepts it."""
+        self._targets.move_on(resume, grpc.StatusCode.UNAVAILABLE)
+        await asyncio.sleep(resume.backoff_s)
+        return await self._accepted(resume, resume.request_id)
+
+    async def _accepted(self, resume: Resumption, request_id: str) -> GenerateCall:
+        """A call that resume.target, or the next one after each UNAVAILABLE, accepted;
+        the TokenwireError of the refusal that ends the attempts."""
+        while True:
+            outcome = await self._attempt(resume, request_id)
+            if not isinstance(outcome, TokenwireError):
+                return outcome
+            if not resume.may_continue(outcome.code):
+                raise outcome
+            self._targets.move_on(resume, outcome.code)
+            await asyncio.sleep(resume.backoff_s)
+
+    async def _attempt(self, resume: Resumption, request_id: str) -> GenerateCall | TokenwireError:
+        """One Generate call on resume.target: the call if accepted, else why not."""
+        try:
+            if self._targets.several:
+                await self._confirm_model(resume)
+        except grpc.RpcError as error:
+            return from_rpc_error(error)
+        call = self._call(resume, request_id)
         try:
             header = dict(await call.initial_metadata())
         except grpc.RpcError as error:
-            raise edge_error(from_rpc_error(error)) from None
+            return from_rpc_error(error)
         except asyncio.CancelledError:
             call.cancel()  # the HTTP client left before the server answered
             raise
         if "x-request-id" not in header:
             # A refusal is trailers-only: no header, only a status with its details.
-            raise await _refusal(call)
-        accepted_id = str(header.get("x-request-id", request_id))
-        seed = header.get("x-tokenwire-seed")
-        again = pb.GenerateRequest()
-        again.CopyFrom(request)
-        again.request_id = accepted_id
-        stream = UpstreamStream(
-            call,
-            accepted_id,
-            self._ended,
-            reopen=self._reopen,
-            request=again,
-            seed=int(str(seed)) if seed is not None else None,
-        )
-        self._open.add(stream)
-        return stream
+            return await _refusal(call)
+        resume.see_metadata(header.items())
+        return call
+
+    async def _confirm_model(self, resume: Resumption) -> None:
+        """ModelMismatch unless resume.target may carry on the stream (see failover.Targets)."""
+        served = self._targets.model(resume)
+        if served is None:
+            reply = await self._stubs[resume.target].GetModelInfo(
+                pb.GetModelInfoRequest(),
+                timeout=min(10.0, resume.timeout_s()),
+                metadata=self._metadata,
+            )
+            served = self._targets.remember(resume.target, reply)
+        resume.confirm_model(self._targets.names[resume.target], served)
 
     def _ended(self, stream: UpstreamStream) -> None:
         self._open.discard(stream)
@@ -190,29 +223,42 @@ class Upstream:
             stream.cancel()
 
     async def model_info(self) -> ModelInfo:
+        """The served model, asked once."""
         if self._info is None:
+            self._info = model_info_from_pb(await self._model_reply())
+        return self._info
+
+    async def _model_reply(self) -> pb.GetModelInfoResponse:
+        """GetModelInfo of the first target that answers, from the next one on."""
+        index, left = self._targets.next, len(self._stubs)
+        while True:
+            left -= 1
             try:
-                reply = await self._stubs[self._next].GetModelInfo(
+                reply = await self._stubs[index].GetModelInfo(
                     pb.GetModelInfoRequest(), timeout=10, metadata=self._metadata
                 )
             except grpc.RpcError as error:
-                raise edge_error(from_rpc_error(error)) from None
-            self._info = model_info_from_pb(reply)
-        return self._info
+                if error.code() not in RETRYABLE or not left:
+                    raise edge_error(from_rpc_error(error)) from None
+                index = self._targets.skip(index, error.code())
+            else:
+                self._targets.remember(index, reply)
+                return reply
 
     async def ready(self) -> bool:
-        """True when the server reports SERVING (cached for half a second)."""
+        """True when any target reports SERVING (cached for half a second): a stream opens
+        on the next target when one is down."""
         if time.monotonic() - self._ready_at < 0.5:
             return True
+        checks = [asyncio.ensure_future(_serving(health)) for health in self._healths]
         try:
-            reply = await self._healths[self._next].Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=2
-            )
-        except grpc.RpcError:
-            return False
-        if reply.status == health_pb2.HealthCheckResponse.SERVING:
-            self._ready_at = time.monotonic()
-            return True
+            for check in asyncio.as_completed(checks):
+                if await check:
+                    self._ready_at = time.monotonic()
+                    return True
+        finally:
+            for check in checks:
+                check.cancel()
         return False
 
     async def cancel(self, request_id: str) -> bool:
@@ -231,6 +277,14 @@ class Upstream:
         return found
 
 
+async def _serving(health: health_pb2_grpc.HealthStub) -> bool:
+    try:
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+    except grpc.RpcError:
+        return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
 def upstream_security(settings: EdgeSettings) -> ChannelSecurity:
     """Key and TLS for the upstream channel; raises SecurityError for inconsistent files."""
     key = settings.upstream_api_key or (settings.api_keys[0] if settings.api_keys else "")
@@ -247,10 +301,10 @@ def _path(value: str) -> Path | None:
     return Path(value) if value else None
 
 
-async def _refusal(call: GenerateCall) -> EdgeError:
-    """The EdgeError of a call that ended before sending headers, with field/retry details."""
+async def _refusal(call: GenerateCall) -> TokenwireError:
+    """The error of a call that ended before sending headers, with field/retry details."""
     code = await call.code()
     if code == grpc.StatusCode.OK:
-        return EdgeError(502, "UNKNOWN", "the server ended the stream without a response")
+        raise EdgeError(502, "UNKNOWN", "the server ended the stream without a response")
     trailers = await call.trailing_metadata()
-    return edge_error(from_status(code, await call.details() or "", trailers))
+    return from_status(code, await call.details() or "", trailers)
