@@ -346,6 +346,20 @@ async def test_a_resume_past_a_finished_streams_last_event_is_400(
     assert reply.json()["error"]["field"] == "Last-Event-ID"
 
 
+async def test_a_resume_from_the_event_that_ended_the_stream_is_204(
+    http: httpx.AsyncClient,
+) -> None:
+    """Last-Event-ID naming a finished stream's `done` is 204 (nothing follows it, and 204 is
+    what stops an EventSource from reconnecting), not an empty 200 it would retry forever."""
+    _, events = await _events(http, "POST", "/v1/generate", json=BODY)
+    assert events[-1].event == "done"
+    reply = await http.get(
+        f"/v1/generate/{events[-1].id.rsplit(':', 1)[0]}/events",
+        headers={"Last-Event-ID": events[-1].id},
+    )
+    assert (reply.status_code, reply.content) == (204, b"")
+
+
 async def test_a_resume_past_a_running_streams_last_event_is_400_at_once(
     paced: RunningServer,
 ) -> None:

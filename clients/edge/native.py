@@ -99,23 +99,27 @@ def _sse(request: Request, stream: StoredStream, after: int, *, timed: bool) -> 
     return sse_response(events, stream.request_id, ctx.settings.ping_s)
 
 
-async def _check_resume(stream: StoredStream, seq: int) -> None:
+async def _check_resume(stream: StoredStream, seq: int) -> bool:
     """Refuse, before the response starts, a resume that could not replay exactly the events
     after `seq`: 410 when the buffer dropped some of them, 400 when `seq` is past the newest
-    event (no event with it was ever sent). The query's `last_event_id` is the same field."""
-    first, last = await stream.bounds()
+    event (no event with it was ever sent). The query's `last_event_id` is the same field.
+    True when `seq` is the event that ended the stream: nothing follows it."""
+    first, last, ended = await stream.bounds()
     if seq > last:
         raise EdgeError.invalid(
             "Last-Event-ID", f"seq {seq} is past the stream's last event ({last})"
         )
     if seq + 1 < first:
         raise events_dropped(seq)
+    return ended and seq == last
 
 
 async def _resume(request: Request, ctx: EdgeContext, last_event_id: str) -> Response:
     request_id, seq = parse_event_id(last_event_id)
     stream = await ctx.streams.get(request_id, principal_of(request.scope))
-    await _check_resume(stream, seq)
+    if await _check_resume(stream, seq):
+        # The reader has every event: 204 is what stops an EventSource's reconnecting.
+        return Response(status_code=204)
     if stream.followers == 0:
         Account.of(request).resumed()
     return _sse(request, stream, seq, timed=False)

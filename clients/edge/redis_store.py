@@ -273,12 +273,13 @@ class RedisStream:
     def followers(self) -> int:
         return self.store.followers[self.request_id]
 
-    async def bounds(self) -> tuple[int, int]:
+    async def bounds(self) -> tuple[int, int, bool]:
         pipe = self.store.client.pipeline(transaction=False)
         pipe.hget(self.keys.meta, "first")
         pipe.xrevrange(self.keys.events, count=1)
         first, last = await self.store.redis(pipe.execute())
-        return int(first or 1), _seq_and_name(last[0])[0] if last else 0
+        seq, name = _seq_and_name(last[0]) if last else (0, "")
+        return int(first or 1), seq, name in rk.TERMINAL
 
     async def follow(self, after_seq: int) -> AsyncGenerator[BufferedEvent, None]:
         store = self.store

@@ -124,9 +124,9 @@ class ResumableStream:
             self._changed.set()
             self.registry.finished(self)
 
-    async def bounds(self) -> tuple[int, int]:
-        """(oldest seq still buffered, newest seq appended; 0 before the first)."""
-        return self.first_seq, self.next_seq - 1
+    async def bounds(self) -> tuple[int, int, bool]:
+        """(oldest seq still buffered, newest seq appended, 0 before the first; ended)."""
+        return self.first_seq, self.next_seq - 1, self.done
 
     async def follow(self, after_seq: int) -> AsyncGenerator[BufferedEvent, None]:
         """Yield events with seq > after_seq, live, until the stream is done. Events dropped

@@ -10,7 +10,8 @@ stores behind it.
 Both answer an id that is unknown, or that belongs to another principal, with the same 404, an
 expired one with 410 (to its own principal), and a still-resumable one reused with 409; a
 resume's seq is checked against `StoredStream.bounds` before its response starts (native.py):
-410 when the events after it are no longer kept, 400 when it is past the newest event.
+410 when the events after it are no longer kept, 400 when it is past the newest event, 204
+(no content: EventSource stops reconnecting) when it names the event that ended the stream.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ class StoredStream(Protocol):
         """Readers attached on this edge now."""
         ...
 
-    async def bounds(self) -> tuple[int, int]:
-        """(the oldest seq still kept, the newest seq stored; 0 before the first event): what
-        a resume may name, checked before its response starts."""
+    async def bounds(self) -> tuple[int, int, bool]:
+        """(the oldest seq still kept, the newest seq stored, 0 before the first event;
+        whether that one ended the stream): what a resume may name, checked before its
+        response starts."""
         ...
 
     def follow(self, after_seq: int) -> AsyncGenerator[BufferedEvent, None]:
