@@ -74,16 +74,21 @@ def test_stop_matcher_withholds_partial_stops(
     pieces: list[str], stops: tuple[str, ...], emitted: str, matched: str | None
 ) -> None:
     """Text that could start a stop string is held until it cannot; a match cuts the output."""
-    matcher = StopMatcher(stops)
-    out, found = "", None
-    for piece in pieces:
-        text, found = matcher.push(piece)
+    assert _matched(StopMatcher(stops), pieces) == (emitted, matched)
+
+
+def _matched(
+    matcher: StopMatcher, pieces: list[str], armed_from: int = 0
+) -> tuple[str, str | None]:
+    """The text the matcher lets out of `pieces` (armed from piece `armed_from` on) and the
+    stop string it found, if any."""
+    out = ""
+    for i, piece in enumerate(pieces):
+        text, found = matcher.push(piece, armed=i >= armed_from)
         out += text
         if found:
-            break
-    else:
-        out += matcher.flush()
-    assert (out, found) == (emitted, matched)
+            return out, found
+    return out + matcher.flush(), None
 
 
 @pytest.mark.parametrize(
@@ -104,16 +109,7 @@ def test_a_stop_matcher_before_min_tokens_lets_stop_strings_through(
 ) -> None:
     """Pushed unarmed (before min_tokens), text holding a stop string is emitted, not cut; once
     armed, a stop string that ends in the new text stops it, wherever it began."""
-    matcher = StopMatcher(("ab", "aa"))
-    out, found = "", None
-    for i, piece in enumerate(pieces):
-        text, found = matcher.push(piece, armed=i >= armed_from)
-        out += text
-        if found:
-            break
-    else:
-        out += matcher.flush()
-    assert (out, found) == (emitted, matched)
+    assert _matched(StopMatcher(("ab", "aa")), pieces, armed_from) == (emitted, matched)
 
 
 async def test_min_tokens_holds_back_stop_strings(
