@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 import urllib.error
 import urllib.request
@@ -151,6 +152,23 @@ def test_metrics_port_over_tls_requires_a_client_certificate(pki: Pki) -> None:
     scraper = ssl.create_default_context(cafile=str(pki.ca))
     scraper.load_cert_chain(str(pki.client_cert), str(pki.client_key))
     assert _fetch_metrics(url, scraper) == 200
+
+
+def test_an_idle_connection_does_not_hold_up_tls_scrapes(pki: Pki) -> None:
+    """A peer that connects to the HTTPS metrics port and says nothing holds up no scrape:
+    the handshake runs in the connection's own thread, not in the accepting loop."""
+    port, _ = ServerMetrics().serve(
+        "127.0.0.1", 0, MetricsTls(pki.server_cert, pki.server_key, pki.ca)
+    )
+    scraper = ssl.create_default_context(cafile=str(pki.ca))
+    scraper.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    with (
+        socket.create_connection(("127.0.0.1", port)),
+        urllib.request.urlopen(
+            f"https://localhost:{port}/metrics", timeout=3, context=scraper
+        ) as response,
+    ):
+        assert response.status == 200
 
 
 def test_settings_refuse_a_certificate_without_its_key(pki: Pki) -> None:

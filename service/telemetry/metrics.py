@@ -7,11 +7,15 @@ conventions (see docs/observability.md). Labels are bounded: no request ids, no 
 from __future__ import annotations
 
 import dataclasses
+import socket
+import ssl
 import threading
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from tokenwire.server.engine.observer import RequestRecord, StepRecord
 
@@ -183,14 +187,48 @@ class ServerMetrics:
     def serve(
         self, host: str, port: int, tls: MetricsTls | None = None
     ) -> tuple[int, threading.Thread]:
-        """Expose /metrics on its own port (HTTPS with tls); return the port and server thread."""
-        files: dict[str, Any] = {}
-        if tls is not None:
-            files = {"certfile": str(tls.cert), "keyfile": str(tls.key)}
-            if tls.client_ca is not None:
-                files |= {"client_cafile": str(tls.client_ca), "client_auth_required": True}
-        server, thread = start_http_server(port, addr=host, registry=self.registry, **files)
+        """Expose /metrics on its own port (HTTPS with tls); return the port and server thread.
+
+        Each connection has its own thread, in which the TLS handshake runs (with a time
+        limit): a peer that connects and says nothing holds up its own thread only, not the
+        accepting loop and every scrape behind it."""
+        server = _MetricsServer(host, port, None if tls is None else tls.context())
+        server.set_app(make_wsgi_app(self.registry))
+        thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+        thread.start()
         return int(server.server_port), thread
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log lines on stderr (scrapes every few seconds would flood it)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection; with `context`, TLS is negotiated in that thread."""
+
+    daemon_threads = True
+    timeout_s = 10.0
+    """How long a connection may take to negotiate TLS, and to send each read."""
+
+    def __init__(self, host: str, port: int, context: ssl.SSLContext | None) -> None:
+        # The family of the address asked for (an IPv6 host needs AF_INET6), before binding.
+        self.address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        self.context = context
+        super().__init__((host, port), _QuietHandler)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        request.settimeout(self.timeout_s)
+        if self.context is not None:
+            try:
+                request = self.context.wrap_socket(request, server_side=True)
+            except (OSError, ssl.SSLError):
+                # A failed or abandoned handshake ends this connection only.
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -200,3 +238,11 @@ class MetricsTls:
     cert: Path
     key: Path
     client_ca: Path | None = None
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, self.key)
+        if self.client_ca is not None:
+            context.load_verify_locations(self.client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
