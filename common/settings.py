@@ -181,8 +181,13 @@ def parse_bool(raw: str) -> bool:
 
 
 def parse_list(raw: str) -> tuple[str, ...]:
-    """Comma-separated; blanks around items and empty items are dropped."""
-    return tuple(part.strip() for part in raw.split(",") if part.strip())
+    """Comma-separated; blanks around items and empty items are dropped. A value that is only
+    separators (",") is refused: it would read as no items at all, as if unset (for API keys,
+    authentication off), which is not what such a value asks for."""
+    items = tuple(part.strip() for part in raw.split(",") if part.strip())
+    if raw.strip() and not items:
+        raise ValueError("a list of no items (leave it unset for none)")
+    return items
 
 
 def _number(kind: type[int] | type[float], what: str) -> Callable[[str], Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ssl
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -119,16 +120,28 @@ OTLP_SCHEMES = ("http://", "https://")
 
 def read_api_keys(path: Path) -> tuple[str, ...]:
     """The keys in an api_keys_file: one a line, blank lines and # comments skipped."""
+    return tuple(key for _, key in _key_lines(path))
+
+
+def _key_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number from 1, key) for each key line of an api_keys_file."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise SettingsError("api_keys_file", f"cannot read {str(path)!r}: {exc}") from exc
-    return tuple(k for line in lines if (k := line.strip()) and not k.startswith("#"))
+    return [
+        (number, key)
+        for number, line in enumerate(lines, start=1)
+        if (key := line.strip()) and not key.startswith("#")
+    ]
 
 
 def all_api_keys(s: Settings) -> tuple[str, ...]:
     """api_keys plus the keys in api_keys_file; empty means authentication is off."""
     from_file = read_api_keys(s.api_keys_file) if s.api_keys_file is not None else ()
+    if s.api_keys_file is not None and not from_file:
+        # Emptied since the settings were checked: authentication must not quietly go off.
+        raise SettingsError("api_keys_file", f"{str(s.api_keys_file)!r} holds no key")
     return s.api_keys + from_file
 
 
@@ -196,14 +209,14 @@ def _check_api_keys(s: Settings) -> None:
     bad = [i for i, key in enumerate(s.api_keys) if not _valid_key(key)]
     _require(not bad, "api_keys", "visible ASCII without spaces", f"<key #{bad[0]}>" if bad else "")
     if s.api_keys_file is not None:
-        keys = read_api_keys(s.api_keys_file)
-        _require(bool(keys), "api_keys_file", "a file with at least one key", str(s.api_keys_file))
-        bad = [i for i, key in enumerate(keys) if not _valid_key(key)]
+        lines = _key_lines(s.api_keys_file)
+        _require(bool(lines), "api_keys_file", "a file with at least one key", str(s.api_keys_file))
+        bad = [number for number, key in lines if not _valid_key(key)]
         _require(
             not bad,
             "api_keys_file",
             "visible ASCII keys",
-            f"<key on line #{bad[0] + 1}>" if bad else "",
+            f"<key on line {bad[0]}>" if bad else "",
         )
 
 
@@ -224,6 +237,23 @@ def _check_tls(s: Settings) -> None:
     for name in _PATHS:
         path = getattr(s, name)
         _require(path is None or path.is_file(), name, "an existing file", path)
+    if s.tls_cert is not None and s.tls_key is not None:
+        # Checked here, where the message can name the file: gRPC would only say that it
+        # failed to bind the port.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(s.tls_cert, s.tls_key)
+        except (ssl.SSLError, ValueError) as exc:
+            raise SettingsError(
+                "tls_cert", f"{str(s.tls_cert)!r} with tls_key cannot be used: {exc}"
+            ) from None
+        if s.tls_client_ca is not None:
+            try:
+                context.load_verify_locations(s.tls_client_ca)
+            except (ssl.SSLError, ValueError) as exc:
+                raise SettingsError(
+                    "tls_client_ca", f"{str(s.tls_client_ca)!r} holds no CA certificate: {exc}"
+                ) from None
 
 
 _CHECKS: tuple[Callable[[Settings], None], ...] = (

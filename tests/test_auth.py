@@ -218,6 +218,34 @@ def test_keys_come_from_the_environment_and_a_file(tmp_path: Path) -> None:
     assert "env-a" not in repr(settings)
 
 
+def test_a_bad_key_in_the_file_is_named_by_its_line(tmp_path: Path) -> None:
+    """A key with a space is refused naming its line in the file (comments and blank lines
+    counted), never the key itself."""
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# ops\n\ngood-key\nbad key\n")
+    with pytest.raises(SettingsError, match="<key on line 4>") as caught:
+        Settings.from_env({"TOKENWIRE_API_KEYS_FILE": str(keys_file)})
+    assert "bad key" not in str(caught.value)
+
+
+def test_a_keys_variable_of_only_commas_is_a_settings_error() -> None:
+    """TOKENWIRE_API_KEYS="," names no key: refused, rather than read as no keys, which would
+    turn authentication off."""
+    with pytest.raises(SettingsError, match="TOKENWIRE_API_KEYS"):
+        Settings.from_env({"TOKENWIRE_API_KEYS": " , "})
+
+
+def test_a_keys_file_emptied_after_the_check_still_refuses(tmp_path: Path) -> None:
+    """A keys file emptied between the settings check and the server reading its keys is an
+    error there too, not authentication turned off."""
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("only-key\n")
+    settings = Settings.from_env({"TOKENWIRE_API_KEYS_FILE": str(keys_file)})
+    keys_file.write_text("# rotated away\n")
+    with pytest.raises(SettingsError, match="api_keys_file"):
+        all_api_keys(settings)
+
+
 def test_an_empty_keys_file_is_a_settings_error(tmp_path: Path) -> None:
     """A keys file without keys would silently disable auth: refused, naming the setting."""
     keys_file = tmp_path / "keys"
