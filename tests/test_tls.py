@@ -179,6 +179,22 @@ def test_settings_refuse_a_certificate_without_its_key(pki: Pki) -> None:
         Settings.from_env({"TOKENWIRE_TLS_CERT": str(pki.server_cert)})
 
 
+@pytest.mark.parametrize("broken", ["tls_cert", "tls_key", "tls_client_ca"])
+def test_settings_refuse_a_file_that_is_not_pem(pki: Pki, tmp_path: Path, broken: str) -> None:
+    """A certificate, key or CA file that does not parse is a settings error naming the
+    setting (gRPC would only say it failed to bind the port)."""
+    from tokenwire.server.config import Settings, SettingsError
+
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    files = {"tls_cert": pki.server_cert, "tls_key": pki.server_key, "tls_client_ca": pki.ca}
+    files[broken] = junk
+    env = {f"TOKENWIRE_{name.upper()}": str(path) for name, path in files.items()}
+    expected = "tls_client_ca" if broken == "tls_client_ca" else "tls_cert"
+    with pytest.raises(SettingsError, match=expected):
+        Settings.from_env(env)
+
+
 def test_settings_refuse_a_missing_certificate_file(tmp_path: Path) -> None:
     """A TLS path that is not a file names the setting."""
     from tokenwire.server.config import Settings, SettingsError
