@@ -23,7 +23,7 @@ from tokenwire.edge.tracing import stream_failed
 
 ACCOUNT = "tokenwire.account"
 """Scope key of the request's Account."""
-REFUSALS = frozenset({400, 409, 413, 415, 429, 503})
+REFUSALS = frozenset({400, 408, 409, 413, 415, 429, 503})
 """Statuses that count as `rejected`: the request was refused, no generation ran for it."""
 CUT_SHORT = {"cancelled": Outcome.CANCELLED, "deadline_exceeded": Outcome.DEADLINE_EXCEEDED}
 """The server's finish reasons (and gRPC codes) of a generation it did not finish, as the

@@ -7,13 +7,14 @@ documented range, floats for finiteness and the documented range.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.jsonsafe import OutOfRange, decode_object
@@ -72,16 +73,31 @@ FLOAT_RANGES: dict[str, FloatRange] = {
 }
 
 
+BODY_TIMEOUT_S = 30.0
+"""How long a request body may take to arrive, whole."""
+
+
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The JSON object body; 413 past `limit` bytes, 400 naming the problem otherwise."""
+    """The JSON object body; 413 past `limit` bytes, 408 if it takes over BODY_TIMEOUT_S to
+    arrive (a client trickling it would hold a request open, and a drain, for ever), 400
+    naming the problem otherwise."""
     declared = request.headers.get("content-length", "")
     if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            raise _too_large(limit)
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > limit:
+                    raise _too_large(limit)
+    except TimeoutError:
+        raise EdgeError(
+            408, "REQUEST_TIMEOUT", f"the request body did not arrive within {BODY_TIMEOUT_S:g} s"
+        ) from None
+    except ClientDisconnect:
+        # Nobody is left to answer; 499 is the edge's code for a caller that went away.
+        raise EdgeError(499, "CANCELLED", "the client closed the connection") from None
     return decode_object(bytes(raw))
 
 

@@ -27,6 +27,7 @@ OPENAI_TYPE_BY_HTTP = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "invalid_request_error",
     410: "not_found_error",
     413: "invalid_request_error",

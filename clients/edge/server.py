@@ -21,8 +21,10 @@ import socket
 import time
 from collections.abc import Iterator
 
+import h11
 import structlog
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tokenwire.edge.app import create_app
 from tokenwire.edge.context import EdgeContext
@@ -32,6 +34,52 @@ from tokenwire.edge.tracing import Tracing
 log = structlog.get_logger("tokenwire.edge")
 # After the grace, cancelled streams still need a moment to write their last event.
 CUT_WAIT_S = 2
+
+
+HEAD_TIMEOUT_S = 10.0
+"""How long a connection may take to send a whole request head (request line and headers):
+one that connects and sends nothing, or trickles its headers, is closed then."""
+
+
+class _HeadDeadline(H11Protocol):
+    """h11 with a deadline for each request head: from the connection's start, and from the
+    end of each response on a kept-alive connection, a whole request head must arrive within
+    HEAD_TIMEOUT_S or the connection is closed (uvicorn's keep-alive timer stops at the first
+    byte, so a head trickled in, or a connection that sends nothing, could hold it open)."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_head()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            self._stop_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _await_head(self) -> None:
+        self._stop_head_timer()
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_too_slow)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
 
 
 class _Uvicorn(uvicorn.Server):
@@ -56,6 +104,7 @@ class EdgeServer:
             lifespan="on",
             access_log=False,
             timeout_graceful_shutdown=CUT_WAIT_S,
+            http=_HeadDeadline,
         )
         self.server = _Uvicorn(config)
         self.port = settings.port

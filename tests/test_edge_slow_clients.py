@@ -1,0 +1,83 @@
+"""Clients that hold the edge's connections without finishing a request: a connection that
+sends nothing, a request head trickled in, a body that never completes. Each is cut off within
+its time limit, so none can hold a connection, a request or a drain open for ever."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from tests.conftest import RunningEdge
+from tokenwire.edge import body, server
+
+SHORT_S = 0.3
+
+
+async def _closed_within(edge: RunningEdge, sent: bytes, limit_s: float) -> bytes:
+    """Connect, send `sent`, and read until the edge closes the connection (within limit_s)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", edge.edge.port)
+    try:
+        writer.write(sent)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), limit_s)
+    finally:
+        writer.close()
+
+
+async def test_a_connection_that_sends_nothing_is_closed(
+    edge: RunningEdge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection that never sends a request is closed after the head time limit."""
+    monkeypatch.setattr(server, "HEAD_TIMEOUT_S", SHORT_S)
+    assert await _closed_within(edge, b"", 5.0) == b""
+
+
+async def test_a_trickled_request_head_is_cut_off(
+    edge: RunningEdge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request head that is still incomplete at the time limit ends the connection."""
+    monkeypatch.setattr(server, "HEAD_TIMEOUT_S", SHORT_S)
+    got = await _closed_within(edge, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\n", 5.0)
+    assert not got.startswith(b"HTTP/1.1 200")
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_408(
+    edge: RunningEdge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body still incomplete at its time limit is answered 408 naming the limit."""
+    monkeypatch.setattr(body, "BODY_TIMEOUT_S", SHORT_S)
+    head = (
+        b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", edge.edge.port)
+    try:
+        writer.write(head + b'{"prompt": ')
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 5.0)
+        rest = await asyncio.wait_for(reader.read(4096), 5.0)
+    finally:
+        writer.close()
+    assert status.startswith(b"HTTP/1.1 408")
+    assert b"REQUEST_TIMEOUT" in rest
+
+
+async def test_a_client_leaving_mid_body_logs_no_error(
+    edge: RunningEdge, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that disconnects while sending its body ends that request quietly: no
+    exception reaches the server's error log."""
+    head = (
+        b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n"
+    )
+    with caplog.at_level(logging.ERROR):
+        _, writer = await asyncio.open_connection("127.0.0.1", edge.edge.port)
+        writer.write(head + b'{"prompt": ')
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.close()
+        await asyncio.sleep(0.3)
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
