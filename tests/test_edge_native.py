@@ -312,6 +312,28 @@ async def test_a_resume_from_events_the_buffer_dropped_is_410_before_any_event(
     assert reply.json()["error"]["code"] == "GONE"
 
 
+async def test_streams_opened_together_hold_no_more_than_the_total(
+    served: RunningServer,
+) -> None:
+    """Six streams opened at once, each generating past its own 4 KiB bound, hold at most the
+    8 KiB total between them (each was let in while the buffers were nearly empty), and
+    every reader still gets its whole stream."""
+    edge = await start_edge(
+        served.target, resume_window_s=5.0, resume_stream_bytes=4096, resume_total_bytes=8192
+    )
+    body = {**BODY, "max_tokens": 80, "ignore_eos": True}
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            streams = await asyncio.gather(
+                *(_events(http, "POST", "/v1/generate", json=body) for _ in range(6))
+            )
+            held = edge.streams.bytes
+    finally:
+        await edge.edge.stop()
+    assert [len(_tokens(events)) for _, events in streams] == [80] * 6
+    assert 0 < held <= 8192
+
+
 async def test_a_reader_a_whole_buffer_behind_gets_a_410_error_event(
     served: RunningServer,
 ) -> None:

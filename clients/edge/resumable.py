@@ -112,11 +112,19 @@ class ResumableStream:
         self.next_seq += 1
         self.events.append(event)
         self.bytes += event.size
+        self.registry.held += event.size
         while self.bytes > self.registry.stream_bytes and len(self.events) > 1:
-            dropped = self.events.popleft()
-            self.first_seq = dropped.seq + 1
-            self.bytes -= dropped.size
+            self.drop_oldest()
+        if self.registry.held > self.registry.total_bytes:
+            self.registry.make_room()
         self._changed.set()
+
+    def drop_oldest(self) -> None:
+        """Forget the oldest buffered event (a reader that still needed it gets a 410)."""
+        dropped = self.events.popleft()
+        self.first_seq = dropped.seq + 1
+        self.bytes -= dropped.size
+        self.registry.held -= dropped.size
 
     def _finish(self) -> None:
         if not self.done:
@@ -209,6 +217,8 @@ class ResumableStreams:
         self.stream_bytes = stream_bytes
         self.total_bytes = total_bytes
         self._streams: dict[str, ResumableStream] = {}
+        self.held = 0
+        """Bytes buffered by registered streams, kept as they change (`bytes` sums them)."""
         self._claimed: set[str] = set()
         self._expired: collections.OrderedDict[str, str | None] = collections.OrderedDict()
 
@@ -239,8 +249,8 @@ class ResumableStreams:
     ) -> ResumableStream:
         """Register the stream of a claimed id and start pumping its events."""
         if not self._room():
-            self._evict_finished()
-        if not self._room():
+            self._evict_finished(self.held + self.stream_bytes - self.total_bytes)
+        if self.held >= self.total_bytes:
             upstream.cancel()
             raise EdgeError(429, "RESOURCE_EXHAUSTED", "resume buffers are full", retry_after_s=1)
         stream = ResumableStream(self, upstream, request_id, owner)
@@ -283,20 +293,32 @@ class ResumableStreams:
         stream.abandon()
         if self._streams.get(stream.request_id) is stream:
             del self._streams[stream.request_id]
+            self.held -= stream.bytes
             self._expired[stream.request_id] = stream.owner
             while len(self._expired) > EXPIRED_MEMORY:
                 self._expired.popitem(last=False)
 
-    def _evict_finished(self) -> None:
-        excess = self.bytes + self.stream_bytes - self.total_bytes
+    def _evict_finished(self, excess: int) -> None:
+        """Drop finished streams nobody reads, oldest first, until `excess` bytes are free."""
         for stream in [s for s in self._streams.values() if s.done and s.followers == 0]:
             if excess <= 0:
                 return
             excess -= stream.bytes
             self.drop(stream)
 
+    def make_room(self) -> None:
+        """The streams' events passed the total: drop finished streams nobody reads, then the
+        oldest events of the stream holding most. Streams open together may each hold less
+        than their own bound, but never more than the total between them."""
+        self._evict_finished(self.held - self.total_bytes)
+        while self.held > self.total_bytes:
+            largest = max(self._streams.values(), key=lambda stream: stream.bytes)
+            if len(largest.events) <= 1:
+                return
+            largest.drop_oldest()
+
     def _room(self) -> bool:
-        return self.bytes + self.stream_bytes <= self.total_bytes
+        return self.held + self.stream_bytes <= self.total_bytes
 
     def cancel_all(self) -> None:
         """End every stream still generating; followers get `done` with reason cancelled."""
