@@ -282,7 +282,15 @@ async def test_an_unreachable_store_is_503_not_500(served: RunningServer) -> Non
 
 
 @pytest.mark.parametrize(
-    "url", ["memcached://x:1", "redis://x:port/0", "redis://x/db", "redis://:6379", "rds://u:pw@x"]
+    "url",
+    [
+        "memcached://x:1",
+        "redis://x:port/0",
+        "redis://x/db",
+        "redis://:6379",
+        "rds://u:pw@x",
+        "rds://x/0?password=pw",
+    ],
 )
 def test_a_resume_store_that_is_no_redis_url_names_the_setting(url: str) -> None:
     """TOKENWIRE_RESUME_STORE must be empty or a redis://, rediss:// or unix:// URL the client

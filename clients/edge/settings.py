@@ -120,8 +120,11 @@ class EdgeSettings:
             not self.resume_store or _is_store_url(self.resume_store),
             "resume_store",
             "empty (memory) or a URL redis://host[:port][/db], rediss://... or unix:///path",
-            # A URL with credentials is not repeated in a message that may be logged.
-            "<a URL with credentials>" if "@" in self.resume_store else self.resume_store,
+            # A URL that may carry credentials (user:password@, or ?password=) is not repeated
+            # in a message that may be logged.
+            "<a URL that may carry credentials>"
+            if "@" in self.resume_store or "?" in self.resume_store
+            else self.resume_store,
         )
         require(self.resume_lease_s > 0, "resume_lease_s", "> 0", self.resume_lease_s)
         require(self.ping_s > 0, "ping_s", "> 0", self.ping_s)
