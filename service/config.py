@@ -8,7 +8,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from tokenwire.common import defaults
+from tokenwire.common import defaults, keys
+from tokenwire.common.keys import read_api_keys
 from tokenwire.common.settings import SettingsError, read_settings, setting
 from tokenwire.common.settings import require as _require
 
@@ -118,31 +119,9 @@ _PATHS = ("api_keys_file", "tls_cert", "tls_key", "tls_client_ca")
 OTLP_SCHEMES = ("http://", "https://")
 
 
-def read_api_keys(path: Path) -> tuple[str, ...]:
-    """The keys in an api_keys_file: one a line, blank lines and # comments skipped."""
-    return tuple(key for _, key in _key_lines(path))
-
-
-def _key_lines(path: Path) -> list[tuple[int, str]]:
-    """(line number from 1, key) for each key line of an api_keys_file."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SettingsError("api_keys_file", f"cannot read {str(path)!r}: {exc}") from exc
-    return [
-        (number, key)
-        for number, line in enumerate(lines, start=1)
-        if (key := line.strip()) and not key.startswith("#")
-    ]
-
-
 def all_api_keys(s: Settings) -> tuple[str, ...]:
     """api_keys plus the keys in api_keys_file; empty means authentication is off."""
-    from_file = read_api_keys(s.api_keys_file) if s.api_keys_file is not None else ()
-    if s.api_keys_file is not None and not from_file:
-        # Emptied since the settings were checked: authentication must not quietly go off.
-        raise SettingsError("api_keys_file", f"{str(s.api_keys_file)!r} holds no key")
-    return s.api_keys + from_file
+    return keys.all_api_keys(s.api_keys, s.api_keys_file)
 
 
 def _check_network(s: Settings) -> None:
@@ -200,24 +179,8 @@ def _check_lifecycle(s: Settings) -> None:
     _require(s.log_format in get_args(LogFormat), "log_format", "json or console", s.log_format)
 
 
-def _valid_key(key: str) -> bool:
-    # A key travels as `authorization: Bearer <key>` metadata: visible ASCII, no spaces.
-    return bool(key) and all("!" <= c <= "~" for c in key)
-
-
 def _check_api_keys(s: Settings) -> None:
-    bad = [i for i, key in enumerate(s.api_keys) if not _valid_key(key)]
-    _require(not bad, "api_keys", "visible ASCII without spaces", f"<key #{bad[0]}>" if bad else "")
-    if s.api_keys_file is not None:
-        lines = _key_lines(s.api_keys_file)
-        _require(bool(lines), "api_keys_file", "a file with at least one key", str(s.api_keys_file))
-        bad = [number for number, key in lines if not _valid_key(key)]
-        _require(
-            not bad,
-            "api_keys_file",
-            "visible ASCII keys",
-            f"<key on line {bad[0]}>" if bad else "",
-        )
+    keys.check_api_keys(s.api_keys, s.api_keys_file)
 
 
 def _check_tls(s: Settings) -> None:

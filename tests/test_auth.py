@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.conftest import RunningServer, greedy, start_edge, start_server
 from tokenwire.client import AsyncTokenwireClient, ChannelSecurity, Completion, GenerateOptions
 from tokenwire.client.errors import Unauthenticated
+from tokenwire.edge.settings import EdgeSettings
 from tokenwire.server.config import Settings, SettingsError, all_api_keys
 from tokenwire.server.engine import OnnxCausalLM
 from tokenwire.server.tokenizer import Tokenizer
@@ -205,6 +206,37 @@ async def test_edge_presents_its_upstream_key(keyed: RunningServer) -> None:
     finally:
         await edge.edge.stop()
     assert response.status_code == 200, response.text
+
+
+async def test_an_edge_with_only_a_keys_file_guards_its_routes_and_sends_a_key(
+    keyed: RunningServer, tmp_path: Path
+) -> None:
+    """An edge given the server's keys as a file (as `tokenwire up` passes them) needs a key
+    from it on its routes, and sends the file's first key upstream."""
+    import httpx
+
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"# ops\n{K1}\n{K2}\n")
+    edge = await start_edge(keyed.target, api_keys_file=keys_file)
+    body = {"prompt": "def f():", "max_tokens": 3, "temperature": 0}
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{edge.edge.port}") as http:
+            anonymous = await http.post("/v1/completions", json=body)
+            keyed_reply = await http.post(
+                "/v1/completions", json=body, headers={"Authorization": f"Bearer {K2}"}
+            )
+    finally:
+        await edge.edge.stop()
+    assert anonymous.status_code == 401
+    assert keyed_reply.status_code == 200, keyed_reply.text
+
+
+def test_the_edge_refuses_a_key_it_could_never_match() -> None:
+    """An edge key with a space (no Authorization header can carry it) is a settings error
+    that does not show the key."""
+    with pytest.raises(SettingsError, match="api_keys") as caught:
+        EdgeSettings.from_env({"TOKENWIRE_API_KEYS": "good-key,has space"})
+    assert "has space" not in str(caught.value)
 
 
 def test_keys_come_from_the_environment_and_a_file(tmp_path: Path) -> None:

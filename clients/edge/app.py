@@ -113,8 +113,8 @@ def _middleware(
     # Outside the gates, so requests they refuse (draining, keys) have spans too.
     middleware.append(Middleware(TracingMiddleware, tracer=traces.tracer))
     middleware.append(Middleware(DrainMiddleware, drain=ctx.drain))
-    if settings.api_keys:
-        middleware.append(Middleware(ApiKeyMiddleware, keys=settings.api_keys))
+    if api_keys := settings.all_api_keys():
+        middleware.append(Middleware(ApiKeyMiddleware, keys=api_keys))
     middleware.append(Middleware(CrossSiteMiddleware, origins=settings.cors_origins))
     middleware.append(Middleware(JsonOnlyMiddleware))
     return middleware

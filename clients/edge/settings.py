@@ -6,10 +6,11 @@ import dataclasses
 import re
 import urllib.parse
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from tokenwire.client.failover import TARGET_RULE, names_a_target
-from tokenwire.common import defaults
+from tokenwire.common import defaults, keys
 from tokenwire.common.settings import SettingsError, read_settings, require, setting
 
 # The edge's errors are the shared settings errors: one type, one message shape everywhere.
@@ -51,9 +52,13 @@ class EdgeSettings:
     )
     api_keys: tuple[str, ...] = setting(
         (),
-        "comma-separated bearer keys; with them all but health and page routes need one",
+        "comma-separated bearer keys; with them (or a keys file) all but health and page "
+        "routes need one",
         secret=True,
         flag=False,
+    )
+    api_keys_file: Path | None = setting(
+        None, "bearer keys, one a line (`#` comments); added to TOKENWIRE_API_KEYS"
     )
     cors_origins: tuple[str, ...] = setting((), "comma-separated allowed origins")
     resume_window_s: float = setting(
@@ -90,7 +95,7 @@ class EdgeSettings:
         "bearer key the edge sends to the server",
         secret=True,
         flag=False,
-        shown="first of `TOKENWIRE_API_KEYS`",
+        shown="first of the edge's keys",
     )
     upstream_tls: bool = setting(False, "reach the server over TLS (system trust roots)")
     upstream_tls_ca: str = setting("", "CA to trust for the server's certificate (implies TLS)")
@@ -107,9 +112,14 @@ class EdgeSettings:
         (), "comma-separated other names the OpenAI routes accept for the served model"
     )
 
+    def all_api_keys(self) -> tuple[str, ...]:
+        """api_keys plus the keys file's, as the server reads them; empty: no authentication."""
+        return keys.all_api_keys(self.api_keys, self.api_keys_file)
+
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, "port", "between 0 and 65535", self.port)
         require(names_a_target(self.grpc_target), "grpc_target", TARGET_RULE, self.grpc_target)
+        keys.check_api_keys(self.api_keys, self.api_keys_file)
         require(
             self.resume_window_s >= 0,
             "resume_window_s",

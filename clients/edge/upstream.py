@@ -287,7 +287,8 @@ async def _serving(health: health_pb2_grpc.HealthStub) -> bool:
 
 def upstream_security(settings: EdgeSettings) -> ChannelSecurity:
     """Key and TLS for the upstream channel; raises SecurityError for inconsistent files."""
-    key = settings.upstream_api_key or (settings.api_keys[0] if settings.api_keys else "")
+    api_keys = settings.all_api_keys()
+    key = settings.upstream_api_key or (api_keys[0] if api_keys else "")
     return ChannelSecurity(
         api_key=key,
         tls=settings.upstream_tls,
