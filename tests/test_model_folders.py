@@ -294,7 +294,73 @@ def test_flags_of_tokenizers_that_ignore_them_change_nothing(tmp_path: Path) -> 
 def test_add_bos_token_without_a_bos_token_is_refused(tmp_path: Path) -> None:
     """add_bos_token with a bos_token the vocabulary lacks is refused naming it."""
     model_dir = _llama_class(tmp_path, bos_token="<absent>")
+    (model_dir / "special_tokens_map.json").unlink()
     with pytest.raises(TokenizerLoadError, match="'<absent>' is not a token"):
+        Tokenizer.from_dir(model_dir)
+
+
+def test_special_tokens_map_names_the_bos_that_add_bos_token_adds(tmp_path: Path) -> None:
+    """special_tokens_map.json's bos_token overrides tokenizer_config.json's, as in
+    transformers: it is the BOS a Llama tokenizer adds."""
+    model_dir = _llama_class(tmp_path, bos_token="<absent>")
+    _edit(model_dir / "special_tokens_map.json", bos_token="</s>")
+    tokenizer = Tokenizer.from_dir(model_dir)
+    assert tokenizer.encode("hi", add_special_tokens=True)[0] == tokenizer.token_id("</s>")
+
+
+def test_the_chat_templates_bos_is_special_tokens_maps(tmp_path: Path) -> None:
+    """The bos_token a chat template sees comes from special_tokens_map.json where it names
+    one (over tokenizer_config.json's), as transformers renders it."""
+    model_dir = _copy(LLAMA, tmp_path)
+    _edit(model_dir / "tokenizer_config.json", bos_token="<pad>")
+    _edit(model_dir / "special_tokens_map.json", bos_token={"content": "<s>", "lstrip": False})
+    assert ModelSpec.from_dir(model_dir).bos_token == "<s>"
+
+
+def _declare(model_dir: Path, token_id: int, content: str, **flags: bool) -> None:
+    """Add an entry to tokenizer_config.json's added_tokens_decoder."""
+    path = model_dir / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    entry = {"content": content, "special": True, "lstrip": False, "rstrip": False, **flags}
+    config.setdefault("added_tokens_decoder", {})[str(token_id)] = entry
+    path.write_text(json.dumps(config))
+
+
+def test_a_token_declared_only_in_tokenizer_config_encodes_to_its_id(tmp_path: Path) -> None:
+    """A special token tokenizer_config.json declares at the next id, which tokenizer.json
+    lacks, is registered as transformers registers it: its text encodes to that one id."""
+    model_dir = _copy(LLAMA, tmp_path)
+    _declare(model_dir, 320, "<|im_start|>")
+    tokenizer = Tokenizer.from_dir(model_dir)
+    assert tokenizer.encode("a<|im_start|>b")[1:2] == [320]
+
+
+def test_a_vocabulary_token_declared_special_is_special(tmp_path: Path) -> None:
+    """A token tokenizer.json has in its vocabulary but tokenizer_config.json declares special
+    keeps its id and becomes special, as in transformers: decoding skips it."""
+    model_dir = _copy(LLAMA, tmp_path)
+    plain = Tokenizer.from_dir(model_dir)
+    token_id = plain.encode("hello")[-1]
+    assert plain.decode([token_id]) != ""
+    _declare(model_dir, token_id, str(plain.inner.id_to_token(token_id)))
+    declared = Tokenizer.from_dir(model_dir)
+    assert (
+        declared.token_id(str(plain.inner.id_to_token(token_id))),
+        declared.decode([token_id]),
+    ) == (
+        token_id,
+        "",
+    )
+
+
+def test_a_token_the_two_files_place_apart_is_refused(tmp_path: Path) -> None:
+    """A token tokenizer_config.json declares at another id than tokenizer.json's is refused
+    naming both ids (one of the files belongs to another model)."""
+    model_dir = _copy(LLAMA, tmp_path)
+    _declare(model_dir, 7, "</s>")
+    with pytest.raises(
+        TokenizerLoadError, match=re.escape("as id 7 but tokenizer.json has it as id 2")
+    ):
         Tokenizer.from_dir(model_dir)
 
 

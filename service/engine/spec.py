@@ -73,6 +73,12 @@ class ModelSpec:
         if not model_dir.is_dir():
             raise ModelLoadError(f"model dir {model_dir} is not a directory")
         tokenizer_config = read_json(model_dir / "tokenizer_config.json", required=False)
+        # The special tokens' text, as transformers reads it: special_tokens_map.json over
+        # tokenizer_config.json (the chat template sees bos_token and eos_token).
+        specials = {
+            **tokenizer_config,
+            **read_json(model_dir / "special_tokens_map.json", required=False),
+        }
         graph_file = "model.onnx"
         if (model_dir / GENAI_CONFIG).exists():
             # A GenAI folder: its runtime reads genai_config.json, and so does the engine. A
@@ -118,8 +124,8 @@ class ModelSpec:
             context_cap=cap,
             eos_token_ids=frozenset(eos),
             chat_template=_chat_template(model_dir, tokenizer_config),
-            bos_token=_token_text(tokenizer_config.get("bos_token")),
-            eos_token=_token_text(tokenizer_config.get("eos_token")),
+            bos_token=_token_text(specials.get("bos_token")),
+            eos_token=_token_text(specials.get("eos_token")),
             num_layers=lookup(config, "num_layers"),
             num_kv_heads=_declared_kv_heads(config),
             head_dim=_key_head_dim(config),

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as HfTokenizer
-from tokenizers import processors
 
 # transformers tokenizer classes whose constructor rebuilds the post-processor from
 # tokenizer_config.json's add_bos_token / add_eos_token (their defaults here), whatever
@@ -33,9 +33,11 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> Tokenizer:
-        """tokenizer.json, with the special tokens `tokenizer(text)` adds in transformers:
-        tokenizer.json's own, or, for the classes whose constructor decides them from
-        tokenizer_config.json's add_bos_token and add_eos_token (Llama, Gemma, ...), those."""
+        """tokenizer.json as transformers loads it: with the added tokens tokenizer_config.json
+        declares (`added_tokens_decoder`) registered, and with the special tokens
+        `tokenizer(text)` adds: tokenizer.json's own, or, for the classes whose constructor
+        decides them from tokenizer_config.json's add_bos_token and add_eos_token (Llama,
+        Gemma, ...), those (their bos and eos as special_tokens_map.json overrides them)."""
         path = model_dir / "tokenizer.json"
         if not path.is_file():
             raise TokenizerLoadError(f"{path} is missing")
@@ -44,11 +46,56 @@ class Tokenizer:
         except Exception as exc:  # tokenizers raises plain Exception for unreadable files
             raise TokenizerLoadError(f"{path} cannot be loaded: {exc}") from exc
         tokenizer = cls(inner)
-        tokenizer._apply_flags(model_dir / "tokenizer_config.json")
+        config_path = model_dir / "tokenizer_config.json"
+        config = _read_config(config_path)
+        tokenizer._add_declared(config, config_path)
+        specials = _read_config(model_dir / "special_tokens_map.json")
+        tokenizer._apply_flags({**config, **specials}, config_path)
         return tokenizer
 
-    def _apply_flags(self, config_path: Path) -> None:
-        config = _read_config(config_path)
+    def _add_declared(self, config: dict[str, Any], config_path: Path) -> None:
+        """Register each token of tokenizer_config.json's added_tokens_decoder that
+        tokenizer.json does not hold as an added token (transformers does so at load, so that
+        its text encodes to its one id); refuse one whose id the two files disagree on."""
+        declared = config.get("added_tokens_decoder")
+        if declared is None:
+            return
+        if not isinstance(declared, dict):
+            raise TokenizerLoadError(f"{config_path} added_tokens_decoder must be an object")
+        registered = {int(i): t.content for i, t in self.inner.get_added_tokens_decoder().items()}
+        for key, entry in declared.items():
+            content = entry.get("content") if isinstance(entry, dict) else None
+            if not (isinstance(key, str) and key.isdigit() and isinstance(content, str)):
+                raise TokenizerLoadError(
+                    f"{config_path} added_tokens_decoder[{key!r}] must be an id with a content"
+                )
+            token_id = int(key)
+            if registered.get(token_id) == content:
+                continue
+            held = self.token_id(content)
+            if held is not None and held != token_id:
+                raise TokenizerLoadError(
+                    f"{config_path} declares {content!r} as id {token_id} but tokenizer.json "
+                    f"has it as id {held}"
+                )
+            special = entry.get("special") is True
+            token = AddedToken(
+                content,
+                single_word=entry.get("single_word") is True,
+                lstrip=entry.get("lstrip") is True,
+                rstrip=entry.get("rstrip") is True,
+                normalized=entry.get("normalized", not special) is True,
+                special=special,
+            )
+            add = self.inner.add_special_tokens if special else self.inner.add_tokens
+            add([token])
+            if self.token_id(content) != token_id:
+                raise TokenizerLoadError(
+                    f"{config_path} declares {content!r} as id {token_id}, which tokenizer.json "
+                    "has no place for"
+                )
+
+    def _apply_flags(self, config: dict[str, Any], config_path: Path) -> None:
         name = config.get("tokenizer_class")
         defaults = (
             _FLAGGED_CLASSES.get(name.removesuffix("Fast")) if isinstance(name, str) else None
