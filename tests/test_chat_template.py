@@ -90,3 +90,12 @@ def test_tools_and_documents_are_none_as_transformers_passes_them() -> None:
     renders its no-tools branch."""
     template = "{% if tools is not none or documents is not none %}T{% else %}plain{% endif %}"
     assert chat_prompt(TURNS, _info(template)) == "plain"
+
+
+def test_a_template_that_fails_in_its_own_code_is_a_server_error() -> None:
+    """A template that raises outside Jinja's errors (iterating None, as some tool-use
+    templates do) is a 500 with a message, not an unhandled exception."""
+    with pytest.raises(EdgeError) as caught:
+        chat_prompt(TURNS, _info("{% for t in tools %}{{ t }}{% endfor %}"))
+    assert caught.value.status == 500
+    assert "chat template failed on these messages: TypeError" in caught.value.message

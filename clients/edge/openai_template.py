@@ -100,4 +100,11 @@ def chat_prompt(turns: list[dict[str, str]], info: ModelInfo) -> str:
         raise EdgeError.invalid(
             "messages", f"the model's chat template refused them: {exc}"
         ) from None
+    except Exception as exc:  # the template's own fault (a TypeError in its code, ...)
+        raise EdgeError(
+            500,
+            "INTERNAL",
+            f"the model's chat template failed on these messages: {type(exc).__name__}: {exc}",
+            openai_type="server_error",
+        ) from None
     return str(rendered)
