@@ -17,6 +17,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from tokenwire.client import blocking
 from tokenwire.client.errors import InvalidArgument, from_rpc_error
 from tokenwire.client.failover import Resumption, ServedModel, Targets, split_targets
 from tokenwire.client.security import ChannelSecurity, aio_channel, sync_channel
@@ -432,8 +433,13 @@ class TokenwireClient:
                 call = self._stubs[resume.target].Generate(
                     resume.request(), timeout=resume.timeout_s(), metadata=metadata
                 )
-                resume.see_metadata(call.initial_metadata())
-                for message in call:
+                header = False
+                for message in blocking.messages(call, resume.deadline):
+                    if not header:
+                        # Read once a message came: a call that failed first may never
+                        # complete its header (see blocking.py).
+                        header = True
+                        resume.see_metadata(call.initial_metadata())
                     if resume.admit(message):
                         yield event_from_pb(message)
                 return

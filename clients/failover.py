@@ -10,9 +10,11 @@ counts and timings are the real ones) and takes only the Completion from the con
 which has nothing left to generate.
 
 The same rule opens a stream: a target that answers UNAVAILABLE before any event passes the
-request to the next one. A stream continues only where the same model is served (the model
-name, vocabulary size and EOS ids GetModelInfo reports): another model's tokens spliced into
-the stream would be wrong output, so the stream ends with ModelMismatch instead. The call's
+request to the next one (with a single target, to the same one again, with the backoff, until
+the failovers or the deadline run out). A stream continues only where the same model is
+served (the model name, vocabulary size and EOS ids GetModelInfo reports): another model's
+tokens spliced into the stream would be wrong output, so the stream ends with ModelMismatch
+instead. The call's
 deadline covers every attempt: a continuation gets the time that is left.
 
 The Python client and the SSE edge both drive their streams through `Targets` and `Resumption`.
@@ -104,6 +106,8 @@ class Resumption:
     model: ServedModel | None = None
     """The model whose tokens the stream delivers, where the targets' models are checked."""
     model_target: str = ""
+    retried: grpc.StatusCode | None = None
+    """The status that ended the last attempt the stream went on from."""
 
     @classmethod
     def start(cls, request: pb.GenerateRequest, timeout_s: float, target: int = 0) -> Resumption:
@@ -128,9 +132,10 @@ class Resumption:
         """The time left for the next attempt; DeadlineExceeded when none is."""
         left = self.deadline - time.monotonic()
         if left <= 0:
+            after = f" (the last attempt ended with {self.retried.name})" if self.retried else ""
             raise DeadlineExceeded(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
-                "the call's deadline passed before the stream could continue on another target",
+                f"the call's deadline passed before the stream could go on{after}",
             )
         return left
 
@@ -174,6 +179,7 @@ class Resumption:
         if not enabled or code not in RETRYABLE or self.failovers >= MAX_FAILOVERS:
             return False
         self.failovers += 1
+        self.retried = code
         return True
 
     @property

@@ -13,6 +13,7 @@ import contextlib
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -26,7 +27,7 @@ from tests.conftest import MODEL, RunningServer, start_edge, start_server
 from tests.procs import ServerProcess
 from tokenwire.client import AsyncTokenwireClient, TokenwireClient
 from tokenwire.client.client import Completion, GenerateOptions, StreamEvent, Token, Usage
-from tokenwire.client.errors import DeadlineExceeded, ModelMismatch
+from tokenwire.client.errors import DeadlineExceeded, ModelMismatch, TokenwireError, Unavailable
 from tokenwire.server.config import BUNDLED_MODEL_DIR
 from tokenwire.server.engine import OnnxCausalLM
 from tokenwire.server.tokenizer import Tokenizer
@@ -412,3 +413,32 @@ async def test_edge_failover_keeps_the_upstream_deadline(paced: RunningServer) -
             await edge.edge.stop()
     assert json.loads(events[-1].data)["code"] == "DEADLINE_EXCEEDED"
     assert elapsed < 0.75
+
+
+def test_a_single_draining_target_ends_the_call_within_its_timeout() -> None:
+    """The blocking client, started as its only server begins to drain (refusing with
+    UNAVAILABLE) and then goes away: the call ends with Unavailable within its 10 s timeout,
+    instead of waiting on a header that grpc's sync stream never completes."""
+    server = ServerProcess("--metrics-port", "0", env={"TOKENWIRE_DRAIN_NOTICE_S": "2"})
+    server.wait_for("server.started")
+    ended: list[BaseException] = []
+
+    def call() -> None:
+        with TokenwireClient(server.target, timeout_s=10) as client:
+            try:
+                list(client.generate(PROMPT, GenerateOptions(max_tokens=2)))
+            except TokenwireError as error:
+                ended.append(error)
+
+    caller = threading.Thread(target=call, daemon=True)
+    try:
+        server.terminate()
+        started = time.monotonic()
+        caller.start()
+        caller.join(12)
+        took = time.monotonic() - started
+    finally:
+        server.close()
+    assert not caller.is_alive(), "the call outlived its timeout"
+    assert [type(e) for e in ended] == [Unavailable]
+    assert took < 10.5

@@ -1,0 +1,79 @@
+"""Read a blocking gRPC stream with every wait bounded.
+
+grpc's sync stream can leave its reader waiting after the call has ended: a call that a
+draining server refuses as it goes away can end with UNAVAILABLE while the operations that
+read its header and messages never complete, so `initial_metadata()` and `next()` wait forever,
+past the call's deadline (grpc.aio does not do this). So a daemon thread reads the call, and the
+caller waits on a queue that the call's end reaches too: once the call has ended with an error,
+the reader gets a short grace for messages already on their way, then the call's own error is
+raised. No wait lasts past the deadline (plus that grace).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import TypeVar, cast
+
+import grpc
+
+from tokenwire.client.errors import DeadlineExceeded
+
+GRACE_S = 0.5
+"""How long an ended call's reader may still deliver before the call's error is raised."""
+
+_FINISHED = object()
+"""The reader's last item after every message of a call that ended with OK."""
+_ENDED = object()
+"""The call's done-callback: its status is known."""
+
+T = TypeVar("T")
+
+
+def messages(call: grpc._CallIterator[T], deadline: float) -> Iterator[T]:
+    """The call's messages; the call (a grpc.RpcError) raised when it failed, DeadlineExceeded
+    when neither a message nor its end came by `deadline` (time.monotonic())."""
+    inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+    threading.Thread(target=_read, args=(call, inbox), name="tokenwire-stream", daemon=True).start()
+    _notice_end(call, inbox)
+    failed = False
+    while True:
+        wait = GRACE_S if failed else max(0.0, deadline - time.monotonic()) + GRACE_S
+        try:
+            item = inbox.get(timeout=wait)
+        except queue.Empty:
+            if failed:
+                raise cast(grpc.RpcError, call) from None  # a failed call is its own error
+            call.cancel()
+            raise DeadlineExceeded(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "the stream neither went on nor ended"
+            ) from None
+        if item is _FINISHED:
+            return
+        if item is _ENDED:
+            failed = call.code() is not grpc.StatusCode.OK
+        elif isinstance(item, grpc.RpcError):
+            raise item
+        else:
+            yield cast(T, item)
+
+
+def _notice_end(call: grpc._CallIterator[T], inbox: queue.SimpleQueue[object]) -> None:
+    try:
+        registered = call.add_callback(lambda: inbox.put(_ENDED))
+    except NotImplementedError:  # grpc_testing's calls: only their deadline bounds them
+        return
+    if not registered:
+        inbox.put(_ENDED)  # it had ended already
+
+
+def _read(call: grpc._CallIterator[T], inbox: queue.SimpleQueue[object]) -> None:
+    try:
+        for message in call:
+            inbox.put(message)
+    except grpc.RpcError as error:
+        inbox.put(error)
+    else:
+        inbox.put(_FINISHED)
