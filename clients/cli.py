@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -14,6 +16,7 @@ from tokenwire.client.client import (
     DEFAULT_TARGET,
     Completion,
     GenerateOptions,
+    StreamEvent,
     Token,
     TokenwireClient,
     Usage,
@@ -150,19 +153,40 @@ def _ms(seconds: float | None) -> float:
     return float("nan") if seconds is None else seconds * 1000
 
 
+BROKEN_PIPE = 128 + 13
+"""The exit status when stdout closes early (`| head`): a shell's for a command that SIGPIPE
+ended, as `yes | head` gives, without the traceback Python would print."""
+
+
 def run_generate(
     args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr
 ) -> int:
-    stats = StreamStats()
-    completion: Completion | None = None
-    usage: Usage | None = None
     try:
         connection = read_settings(ConnectionSettings, args)
         security = connection.security()
     except (SettingsError, SecurityError) as exc:
         err.write(f"error: {exc}\n")
         return 2
-    with TokenwireClient(connection.target, timeout_s=args.timeout, security=security) as client:
+    try:
+        return _stream(args, connection.target, security, out, err)
+    except BrokenPipeError:
+        # The reader left; the stream was cancelled as the error unwound through it.
+        _discard(out)
+        return BROKEN_PIPE
+
+
+def _stream(
+    args: argparse.Namespace,
+    target: str,
+    security: ChannelSecurity,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    stats = StreamStats()
+    completion: Completion | None = None
+    usage: Usage | None = None
+    with TokenwireClient(target, timeout_s=args.timeout, security=security) as client:
+        events: Iterator[StreamEvent] = iter(())
         try:
             events = client.generate(args.prompt, options_from_args(args), failover=args.failover)
             for event in events:
@@ -184,8 +208,23 @@ def run_generate(
         except TokenwireError as exc:
             err.write(f"\nerror: {exc}\n")
             return 1
+        finally:
+            if isinstance(events, Generator):
+                events.close()  # cancels the call when the loop ended early
     if not args.json:
         out.write("\n")
+        out.flush()
     if args.stats:
         err.write(stats.render(completion, usage) + "\n")
     return 0
+
+
+def _discard(out: TextIO) -> None:
+    """Point a closed stdout at /dev/null, so the flush at exit does not fail again."""
+    try:
+        fd = out.fileno()
+    except (OSError, ValueError):  # not a file (a test's StringIO)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)

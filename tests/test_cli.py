@@ -91,3 +91,32 @@ async def test_ctrl_c_cancels_the_stream_and_frees_the_server(paced: RunningServ
     assert proc.returncode == 130
     assert b"[cancelled]" in err
     assert await eventually(lambda: served.engine.active_count == 0)
+
+
+async def test_a_closed_stdout_ends_the_cli_quietly(paced: RunningServer) -> None:
+    """stdout closing mid-stream (`| head -c 20`) ends the CLI with status 141, as SIGPIPE
+    would, and no traceback."""
+    command = [
+        sys.executable,
+        "-m",
+        "tokenwire.client.command",
+        "generate",
+        "def fib(n):",
+        "--target",
+        paced.target,
+        "--max-tokens",
+        "300",
+        "--ignore-eos",
+    ]
+
+    def run() -> tuple[int, bytes]:
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+            assert proc.stdout is not None
+            assert proc.stderr is not None
+            assert len(proc.stdout.read(20)) == 20
+            proc.stdout.close()
+            return proc.wait(30), proc.stderr.read()
+
+    status, err = await asyncio.to_thread(run)
+    assert err == b""
+    assert status == 141
