@@ -21,7 +21,7 @@ from tokenwire.client import blocking
 from tokenwire.client.errors import InvalidArgument, from_rpc_error
 from tokenwire.client.failover import Resumption, ServedModel, Targets, split_targets
 from tokenwire.client.security import ChannelSecurity, aio_channel, sync_channel
-from tokenwire.common import defaults
+from tokenwire.common import defaults, request_ids
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
@@ -148,6 +148,13 @@ class GenerateOptions:
         """Integers the wire cannot carry are InvalidArgument naming the field, as the server's
         refusals are (the server checks its own, narrower limits)."""
         u32, u64 = 2**32 - 1, 2**64 - 1
+        if self.request_id and not request_ids.carried(self.request_id):
+            # Sent as x-request-id metadata too, which grpc would refuse locally (INTERNAL).
+            raise InvalidArgument(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request_id: {request_ids.RULE}, got {request_ids.shown(self.request_id)}",
+                field="request_id",
+            )
         for name in ("max_tokens", "top_k", "top_logprobs", "min_tokens"):
             _check_integer(name, getattr(self, name), u32)
         if self.seed is not None:

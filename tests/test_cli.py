@@ -64,6 +64,13 @@ async def test_generate_reports_an_out_of_range_flag_clearly(served: RunningServ
     assert "Traceback" not in done.stderr
 
 
+async def test_generate_refuses_a_request_id_metadata_cannot_carry(served: RunningServer) -> None:
+    """--request-id é exits 1 with INVALID_ARGUMENT naming request_id, not INTERNAL."""
+    done = await _run_cli("x", "--target", served.target, "--request-id", "é")
+    assert done.returncode == 1
+    assert "INVALID_ARGUMENT: request_id" in done.stderr
+
+
 @pytest.mark.usefixtures("interruptible")
 async def test_ctrl_c_cancels_the_stream_and_frees_the_server(paced: RunningServer) -> None:
     """SIGINT mid-stream exits 130 with [cancelled] and the server's slot is freed."""

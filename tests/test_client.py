@@ -120,6 +120,17 @@ def test_a_token_biased_twice_is_invalid_argument_naming_it() -> None:
     assert caught.value.field == "logit_bias[5]"
 
 
+@pytest.mark.parametrize("request_id", ["é", "a\x01b", "x" * 129])
+def test_a_request_id_metadata_cannot_carry_is_invalid_argument(request_id: str) -> None:
+    """An id that x-request-id metadata cannot carry is refused as InvalidArgument naming
+    request_id when the options are made, as the server refuses it, instead of failing inside
+    grpc as INTERNAL."""
+    with pytest.raises(InvalidArgument) as caught:
+        GenerateOptions(request_id=request_id)
+    assert caught.value.field == "request_id"
+    assert caught.value.message.startswith("request_id: must be non-empty, at most 128 printable")
+
+
 def _rich(code: int, message: str, detail: Any) -> tuple[tuple[str, bytes], ...]:
     packed = any_pb2.Any()
     packed.Pack(detail)

@@ -8,6 +8,7 @@ import uuid
 
 from starlette.requests import Request
 
+from tokenwire.common import request_ids
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.guards import Drain
 from tokenwire.edge.metrics import EdgeMetrics
@@ -15,7 +16,7 @@ from tokenwire.edge.settings import EdgeSettings
 from tokenwire.edge.store import ResumeStore
 from tokenwire.edge.upstream import Upstream
 
-MAX_REQUEST_ID = 128
+MAX_REQUEST_ID = request_ids.MAX_LENGTH
 # What gRPC metadata carries (printable ASCII) within the server's bound; no ':' because the
 # edge's event ids are `<request_id>:<seq>`, no space at either end because it is echoed in the
 # X-Request-ID response header, where HTTP forbids one.

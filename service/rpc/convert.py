@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+from tokenwire.common import request_ids
 from tokenwire.server.domain import (
     CompletionEvent,
     Event,
@@ -17,8 +18,6 @@ from tokenwire.server.domain import (
 from tokenwire.server.engine import Engine
 from tokenwire.v1 import generate_pb2 as pb
 
-MAX_REQUEST_ID_LENGTH = 128
-
 _FINISH_TO_PB: dict[FinishReason, pb.FinishReason.ValueType] = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -29,16 +28,9 @@ _FINISH_TO_PB: dict[FinishReason, pb.FinishReason.ValueType] = {
 
 
 def check_request_id(request_id: str) -> str:
-    """request_id as gRPC metadata can carry it: 1..128 printable ASCII characters."""
-    if not 1 <= len(request_id) <= MAX_REQUEST_ID_LENGTH or not all(
-        " " <= c <= "~" for c in request_id
-    ):
-        raise InvalidRequest(
-            "request_id",
-            request_id,
-            f"must be non-empty, at most {MAX_REQUEST_ID_LENGTH} printable ASCII characters"
-            " (0x20-0x7E)",
-        )
+    """request_id as gRPC metadata can carry it (tokenwire.common.request_ids)."""
+    if not request_ids.carried(request_id):
+        raise InvalidRequest("request_id", request_id, request_ids.RULE)
     return request_id
 
 
