@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -22,8 +23,8 @@ from tokenwire.client.client import (
     Usage,
 )
 from tokenwire.client.errors import TokenwireError
-from tokenwire.client.failover import TARGET_RULE, names_a_target
 from tokenwire.client.security import ChannelSecurity, SecurityError
+from tokenwire.client.targets import TARGET_RULE, names_a_target
 from tokenwire.common.settings import SettingsError, add_flags, read_settings, require, setting
 from tokenwire.common.stats import percentile
 
@@ -164,6 +165,7 @@ def run_generate(
     try:
         connection = read_settings(ConnectionSettings, args)
         security = connection.security()
+        _check_timeout(args.timeout)
     except (SettingsError, SecurityError) as exc:
         err.write(f"error: {exc}\n")
         return 2
@@ -173,6 +175,12 @@ def run_generate(
         # The reader left; the stream was cancelled as the error unwound through it.
         _discard(out)
         return BROKEN_PIPE
+
+
+def _check_timeout(seconds: float) -> None:
+    # 0 or less would fail every call as DEADLINE_EXCEEDED only once it was made.
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise SettingsError("--timeout", f"must be a number of seconds above 0, got {seconds!r}")
 
 
 def _stream(

@@ -19,8 +19,9 @@ import grpc
 
 from tokenwire.client import blocking
 from tokenwire.client.errors import InvalidArgument, from_rpc_error
-from tokenwire.client.failover import Resumption, ServedModel, Targets, split_targets
+from tokenwire.client.failover import Resumption, ServedModel, Targets
 from tokenwire.client.security import ChannelSecurity, aio_channel, sync_channel
+from tokenwire.client.targets import split_targets
 from tokenwire.common import defaults, request_ids
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc

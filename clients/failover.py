@@ -35,31 +35,6 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 MAX_FAILOVERS = 4
 
 
-# gRPC target schemes whose own syntax lists several addresses ("ipv4:a:1,b:2"): such a
-# target is one channel that round robin spreads over, and a broken stream retries on it.
-_LIST_SCHEMES = ("ipv4:", "ipv6:", "dns:", "unix:", "unix-abstract:", "xds:")
-
-
-def split_targets(target: str | Sequence[str]) -> list[str]:
-    """Targets to fail over across: "host1:port,host2:port" or a list gives one channel each;
-    a target with a scheme (ipv4:a,b or dns:///name) stays one channel."""
-    if isinstance(target, str) and target.strip().startswith(_LIST_SCHEMES):
-        return [target.strip()]
-    parts = target.split(",") if isinstance(target, str) else list(target)
-    targets = [t.strip() for t in parts if t.strip()]
-    if not targets:
-        raise ValueError("at least one target is needed")
-    return targets
-
-
-def names_a_target(target: str) -> bool:
-    """Whether split_targets finds at least one target in `target`."""
-    return bool(target.replace(",", "").strip())
-
-
-TARGET_RULE = "a host:port, a comma-separated list of them, or dns:///name:port"
-
-
 def continued(
     request: pb.GenerateRequest, delivered: Sequence[int], seed: int | None
 ) -> pb.GenerateRequest:

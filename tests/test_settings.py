@@ -128,6 +128,57 @@ def test_a_target_list_naming_no_server_is_refused_naming_it() -> None:
         read_settings(ConnectionSettings, args, {})
 
 
+def test_a_target_that_is_no_address_is_refused_naming_it() -> None:
+    """`--target 'not a target'` is a settings error naming the field for the CLI and the
+    edge, not a resolver failure at the first call."""
+    with pytest.raises(SettingsError, match=r"grpc_target: must be a host:port"):
+        edge_settings(["--grpc-target", "not a target"], {})
+    for target in ("not a target", "a:1,b:", "host:99999", "[::1:50051"):
+        args = build_parser().parse_args(["generate", "x", "--target", target])
+        with pytest.raises(SettingsError, match=r"target: must be a host:port"):
+            read_settings(ConnectionSettings, args, {})
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "127.0.0.1:50051",
+        "localhost",
+        "[::1]:50051",
+        "dns:///tokenwire.default.svc.cluster.local:50051",
+        "dns://8.8.8.8/tokenwire.example:50051",
+        "unix:/run/tokenwire.sock",
+        "unix:///run/tokenwire.sock",
+        "ipv4:127.0.0.1:50051,127.0.0.2:50051",
+        "ipv6:[::1]:50051,[::2]:50051",
+        "a.example:50051, b.example:50051",
+    ],
+)
+def test_every_grpc_target_form_is_accepted(target: str) -> None:
+    """The target forms grpc's channel takes pass the settings check."""
+    args = build_parser().parse_args(["generate", "x", "--target", target])
+    assert read_settings(ConnectionSettings, args, {}).target == target
+    assert edge_settings(["--grpc-target", target], {}).grpc_target == target
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan"])
+def test_a_timeout_not_above_zero_stops_the_cli_naming_it(timeout: str) -> None:
+    """`tokenwire generate --timeout -1` (or 0) exits 2 with one line naming --timeout, before
+    any call, instead of failing the call with DEADLINE_EXCEEDED."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenwire.client.command", "generate", "x", "--timeout", timeout],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert (
+        done.stderr
+        == f"error: --timeout: must be a number of seconds above 0, got {float(timeout)!r}\n"
+    )
+
+
 def test_up_refuses_one_port_for_two_listeners() -> None:
     """`tokenwire up` with the edge on the server's port is a settings error naming it."""
     args = build_parser().parse_args(["up", "--grpc-port", "7001", "--http-port", "7001"])

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from tokenwire.client.failover import TARGET_RULE, names_a_target
+from tokenwire.client.targets import TARGET_RULE, names_a_target
 from tokenwire.common import defaults, keys
 from tokenwire.common.settings import SettingsError, read_settings, require, setting
 

@@ -19,8 +19,9 @@ from tokenwire.client.client import (
     model_info_from_pb,
 )
 from tokenwire.client.errors import TokenwireError, from_rpc_error, from_status
-from tokenwire.client.failover import RETRYABLE, Resumption, Targets, split_targets
+from tokenwire.client.failover import RETRYABLE, Resumption, Targets
 from tokenwire.client.security import ChannelSecurity, aio_channel
+from tokenwire.client.targets import split_targets
 from tokenwire.edge.errors import EdgeError, edge_error
 from tokenwire.edge.settings import EdgeSettings
 from tokenwire.edge.tracing import upstream_metadata
