@@ -12,6 +12,7 @@ import pytest
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+import tokenwire.client
 from tokenwire.client import (
     Completion,
     GenerateOptions,
@@ -20,6 +21,7 @@ from tokenwire.client import (
     Token,
     TokenwireClient,
     Usage,
+    errors,
 )
 from tokenwire.v1 import generate_pb2 as pb
 
@@ -129,6 +131,14 @@ def test_a_request_id_metadata_cannot_carry_is_invalid_argument(request_id: str)
         GenerateOptions(request_id=request_id)
     assert caught.value.field == "request_id"
     assert caught.value.message.startswith("request_id: must be non-empty, at most 128 printable")
+
+
+def test_model_mismatch_is_a_public_error_type() -> None:
+    """ModelMismatch, which a failover can raise, is exported with the client's other errors,
+    as a kind of Unavailable."""
+    assert tokenwire.client.ModelMismatch is errors.ModelMismatch
+    assert "ModelMismatch" in tokenwire.client.__all__
+    assert issubclass(tokenwire.client.ModelMismatch, tokenwire.client.Unavailable)
 
 
 def _rich(code: int, message: str, detail: Any) -> tuple[tuple[str, bytes], ...]:
