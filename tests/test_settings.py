@@ -214,6 +214,24 @@ def test_the_docs_tables_are_the_settings() -> None:
         assert settings_table(settings) in text, settings.__name__
 
 
+@pytest.mark.parametrize(
+    ("settings", "verb"),
+    [
+        (Settings, "serve"),
+        (ConnectionSettings, "generate"),
+        (UpSettings, "up"),
+        (EdgeSettings, "edge"),
+    ],
+)
+def test_each_docs_table_is_under_its_commands_heading(settings: type, verb: str) -> None:
+    """In docs/operations.md the heading nearest above a settings table names its command, so
+    no table reads as part of another command's section."""
+    text = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    above = text[: text.index(settings_table(settings))]
+    headings = [line for line in above.splitlines() if line.startswith("#")]
+    assert headings[-1] == f"### `tokenwire {verb}`"
+
+
 def test_engine_stopped_is_a_domain_error_reported_as_internal() -> None:
     """EngineStopped is a TokenwireError and still maps to INTERNAL with its message."""
     exc = EngineStopped("decode failed")
