@@ -336,7 +336,8 @@ class AsyncTokenwireClient:
                 call = self._stubs[resume.target].Generate(
                     resume.request(), timeout=resume.timeout_s(), metadata=metadata
                 )
-                resume.see_metadata(await call.initial_metadata())
+                name = self._targets.names[resume.target]
+                resume.see_metadata(await call.initial_metadata(), name)
                 async for message in call:
                     if resume.admit(message):
                         yield event_from_pb(message)
@@ -447,7 +448,8 @@ class TokenwireClient:
                         # Read once a message came: a call that failed first may never
                         # complete its header (see blocking.py).
                         header = True
-                        resume.see_metadata(call.initial_metadata())
+                        name = self._targets.names[resume.target]
+                        resume.see_metadata(call.initial_metadata(), name)
                     if resume.admit(message):
                         yield event_from_pb(message)
                 return

@@ -12,9 +12,11 @@ which has nothing left to generate.
 The same rule opens a stream: a target that answers UNAVAILABLE before any event passes the
 request to the next one (with a single target, to the same one again, with the backoff, until
 the failovers or the deadline run out). A stream continues only where the same model is
-served (the model name, vocabulary size and EOS ids GetModelInfo reports): another model's
-tokens spliced into the stream would be wrong output, so the stream ends with ModelMismatch
-instead. The call's
+served (the model name, vocabulary size and EOS ids): another model's tokens spliced into the
+stream would be wrong output, so the stream ends with ModelMismatch instead. Every attempt's
+initial metadata names the model of the server that streams it (`x-tokenwire-model`), and is
+checked before any of its events is passed on; with several targets, GetModelInfo is also
+asked before the delivered ids are sent to another one. The call's
 deadline covers every attempt: a continuation gets the time that is left.
 
 The Python client and the SSE edge both drive their streams through `Targets` and `Resumption`.
@@ -29,6 +31,7 @@ from collections.abc import Iterable, Sequence
 import grpc
 
 from tokenwire.client.errors import DeadlineExceeded, ModelMismatch, ServerError
+from tokenwire.common import model_identity
 from tokenwire.v1 import generate_pb2 as pb
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
@@ -57,7 +60,13 @@ class ServedModel:
 
     @classmethod
     def of(cls, reply: pb.GetModelInfoResponse) -> ServedModel:
-        return cls(reply.model, reply.vocab_size, tuple(reply.eos_token_ids))
+        return cls(reply.model, reply.vocab_size, tuple(sorted(reply.eos_token_ids)))
+
+    @classmethod
+    def of_header(cls, value: str) -> ServedModel | None:
+        """The model an `x-tokenwire-model` value names; None for one that is not readable."""
+        parsed = model_identity.parse_model_header(value)
+        return None if parsed is None else cls(*parsed)
 
     def __str__(self) -> str:
         return f"{self.name} (vocabulary {self.vocab_size}, eos ids {list(self.eos_token_ids)})"
@@ -95,13 +104,20 @@ class Resumption:
         message.request_id = message.request_id or self.request_id
         return continued(message, self.delivered, self.seed)
 
-    def see_metadata(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
+    def see_metadata(
+        self, metadata: Iterable[tuple[str, str | bytes]] | None, target: str = ""
+    ) -> None:
+        """Read an attempt's initial metadata, before any of its events is passed on: the seed,
+        the request id, and the model of the server that streams (ModelMismatch when a
+        continuation's is not the one whose tokens were delivered)."""
         for key, value in metadata or ():
             text = value.decode() if isinstance(value, bytes) else value
             if key == "x-tokenwire-seed" and self.seed is None:
                 self.seed = int(text)
             elif key == "x-request-id" and not self.request_id:
                 self.request_id = text
+            elif key == model_identity.HEADER and (served := ServedModel.of_header(text)):
+                self.confirm_model(target, served)
 
     def timeout_s(self) -> float:
         """The time left for the next attempt; DeadlineExceeded when none is."""

@@ -35,6 +35,7 @@ from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 PROMPT = "def fib(n):"
+MODEL_KEY = "x-tokenwire-model"
 KILL_AT = 50
 OPTIONS = {
     "greedy": GenerateOptions(max_tokens=400, temperature=0.0, ignore_eos=True),
@@ -210,11 +211,20 @@ async def test_edge_openai_stream_continues_after_its_server_is_killed(
 
 class CutRelay(pb_grpc.GenerationServiceServicer):
     """A replica that dies at a chosen point: it relays to a real server and ends each stream
-    with UNAVAILABLE right after relaying the message `cut` picks."""
+    with UNAVAILABLE right after relaying the message `cut` picks. With `info_target`, its
+    GetModelInfo answers come from that other server (as when replicas behind one channel, or
+    a target replaced since its answer was kept, serve different models)."""
 
-    def __init__(self, target: str, cut: Callable[[pb.GenerateResponse], bool]) -> None:
+    def __init__(
+        self,
+        target: str,
+        cut: Callable[[pb.GenerateResponse], bool],
+        info_target: str | None = None,
+    ) -> None:
         self._channel = grpc.aio.insecure_channel(target)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
+        self._info_channel = grpc.aio.insecure_channel(info_target or target)
+        self._info_stub = pb_grpc.GenerationServiceStub(self._info_channel)
         self._cut = cut
         self._server = grpc.aio.server()
         pb_grpc.add_GenerationServiceServicer_to_server(self, self._server)
@@ -226,6 +236,7 @@ class CutRelay(pb_grpc.GenerationServiceServicer):
     async def stop(self) -> None:
         await self._server.stop(0)
         await self._channel.close()
+        await self._info_channel.close()
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -233,7 +244,7 @@ class CutRelay(pb_grpc.GenerationServiceServicer):
         call = self._stub.Generate(request)
         header = await call.initial_metadata()
         await context.send_initial_metadata(
-            [(k, v) for k, v in header if k in ("x-request-id", "x-tokenwire-seed")]
+            [(k, v) for k, v in header if k in ("x-request-id", "x-tokenwire-seed", MODEL_KEY)]
         )
         async for message in call:
             yield message
@@ -244,14 +255,14 @@ class CutRelay(pb_grpc.GenerationServiceServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetModelInfoResponse:
-        return await self._stub.GetModelInfo(request)
+        return await self._info_stub.GetModelInfo(request)
 
 
 @contextlib.asynccontextmanager
 async def cut_relay(
-    target: str, cut: Callable[[pb.GenerateResponse], bool]
+    target: str, cut: Callable[[pb.GenerateResponse], bool], info_target: str | None = None
 ) -> AsyncIterator[CutRelay]:
-    relay = CutRelay(target, cut)
+    relay = CutRelay(target, cut, info_target)
     await relay.start()
     try:
         yield relay
@@ -442,3 +453,90 @@ def test_a_single_draining_target_ends_the_call_within_its_timeout() -> None:
     assert not caller.is_alive(), "the call outlived its timeout"
     assert [type(e) for e in ended] == [Unavailable]
     assert took < 10.5
+
+
+def _never(message: pb.GenerateResponse) -> bool:
+    return False
+
+
+async def test_every_stream_names_its_model_in_its_initial_metadata(
+    stub: pb_grpc.GenerationServiceStub, served: RunningServer
+) -> None:
+    """A Generate call's initial metadata carries x-tokenwire-model: the model's name, its
+    vocabulary size and its EOS ids, as GetModelInfo reports them."""
+    info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+    call = stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_tokens=1))
+    header = dict(await call.initial_metadata())
+    [_ async for _ in call]
+    eos = ",".join(str(i) for i in info.eos_token_ids)
+    assert header[MODEL_KEY] == f"{info.model};vocab={info.vocab_size};eos={eos}"
+
+
+async def test_client_checks_the_model_of_the_replica_that_streams(
+    served: RunningServer, gpt2: RunningServer
+) -> None:
+    """A continuation streamed by a gpt2 replica whose channel answered GetModelInfo with the
+    bundled model ends with ModelMismatch before any gpt2 event: the stream's own metadata
+    names the model that streams. (The cut comes after token 0, whose id gpt2's small
+    vocabulary holds: an id beyond it would be refused as INVALID_ARGUMENT.)"""
+    options = GenerateOptions(max_tokens=16, temperature=0.0, ignore_eos=True)
+    events: list[StreamEvent] = []
+    async with (
+        cut_relay(served.target, _after_token(0)) as relay,
+        cut_relay(gpt2.target, _never, info_target=served.target) as disguised,
+        AsyncTokenwireClient([relay.target, disguised.target]) as client,
+    ):
+        with pytest.raises(ModelMismatch) as raised:
+            await _collect(client.generate(PROMPT, options), events)
+    assert [e.index for e in events if isinstance(e, Token)] == [0]
+    assert "gpt2" in raised.value.message
+    assert MODEL in raised.value.message
+
+
+async def test_the_blocking_client_checks_the_model_of_the_replica_that_streams(
+    served: RunningServer, gpt2: RunningServer
+) -> None:
+    """The blocking client, too, ends with ModelMismatch when the replica that continues the
+    stream serves gpt2, whatever its channel's GetModelInfo said."""
+    options = GenerateOptions(max_tokens=16, temperature=0.0, ignore_eos=True)
+    events: list[StreamEvent] = []
+    async with (
+        cut_relay(served.target, _after_token(0)) as relay,
+        cut_relay(gpt2.target, _never, info_target=served.target) as disguised,
+    ):
+
+        def stream() -> None:
+            with TokenwireClient([relay.target, disguised.target]) as client:
+                events.extend(client.generate(PROMPT, options))
+
+        with pytest.raises(ModelMismatch):
+            await asyncio.to_thread(stream)
+    assert [e.index for e in events if isinstance(e, Token)] == [0]
+
+
+async def test_edge_checks_the_model_of_the_replica_that_streams(
+    served: RunningServer, gpt2: RunningServer
+) -> None:
+    """Through the edge, a continuation streamed by gpt2 behind a channel whose GetModelInfo
+    names the bundled model ends the native stream with an UNAVAILABLE `error` naming both."""
+    body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    async with (
+        cut_relay(served.target, _after_token(0)) as relay,
+        cut_relay(gpt2.target, _never, info_target=served.target) as disguised,
+    ):
+        edge = await start_edge(f"{relay.target},{disguised.target}")
+        try:
+            async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
+                events = await _sse(http, body)
+        finally:
+            await edge.edge.stop()
+    assert [e.event for e in events] == ["token", "error"]
+    error = json.loads(events[-1].data)
+    assert error["code"] == "UNAVAILABLE"
+    assert "gpt2" in error["message"]
+    assert MODEL in error["message"]
+
+
+async def _collect(events: AsyncIterator[StreamEvent], into: list[StreamEvent]) -> None:
+    async for event in events:
+        into.append(event)

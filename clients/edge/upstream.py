@@ -200,7 +200,11 @@ class Upstream:
         if "x-request-id" not in header:
             # A refusal is trailers-only: no header, only a status with its details.
             return await _refusal(call)
-        resume.see_metadata(header.items())
+        try:
+            resume.see_metadata(header.items(), self._targets.names[resume.target])
+        except TokenwireError:
+            call.cancel()  # another model than the stream's: none of its events goes out
+            raise
         return call
 
     async def _confirm_model(self, resume: Resumption) -> None:

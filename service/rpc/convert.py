@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from tokenwire.common import request_ids
+from tokenwire.common import model_identity, request_ids
 from tokenwire.server.domain import (
     CompletionEvent,
     Event,
@@ -117,6 +117,12 @@ def completion_to_pb(event: CompletionEvent) -> pb.Completion:
     return pb.Completion(
         finish_reason=_FINISH_TO_PB[event.finish_reason], stop_sequence=event.stop_sequence
     )
+
+
+def model_header(engine: Engine) -> str:
+    """The x-tokenwire-model value of the served model (tokenwire.common.model_identity)."""
+    spec = engine.model.spec
+    return model_identity.model_header(spec.name, spec.vocab_size, spec.eos_token_ids)
 
 
 def model_info_to_pb(engine: Engine) -> pb.GetModelInfoResponse:

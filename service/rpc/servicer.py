@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import structlog
 
+from tokenwire.common import model_identity
 from tokenwire.server.domain import (
     CompletionEvent,
     Event,
@@ -108,8 +109,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             # Headers go out only once the request is accepted: until then a failure is
             # trailers-only, which clients may retry transparently (UNAVAILABLE).
             # The seed lets a client continue this stream elsewhere with the same draws.
+            # The model lets a client check that a continuation runs on the same model.
             await context.send_initial_metadata(
-                (("x-request-id", request_id), ("x-tokenwire-seed", str(handle.seed)))
+                (
+                    ("x-request-id", request_id),
+                    ("x-tokenwire-seed", str(handle.seed)),
+                    (model_identity.HEADER, convert.model_header(self._slot.get())),
+                )
             )
             async for event in handle.events():
                 summary.see(event)
