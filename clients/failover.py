@@ -68,6 +68,10 @@ class ServedModel:
         parsed = model_identity.parse_model_header(value)
         return None if parsed is None else cls(*parsed)
 
+    def header(self) -> str:
+        """Its `x-tokenwire-model` value."""
+        return model_identity.model_header(self.name, self.vocab_size, self.eos_token_ids)
+
     def __str__(self) -> str:
         return f"{self.name} (vocabulary {self.vocab_size}, eos ids {list(self.eos_token_ids)})"
 

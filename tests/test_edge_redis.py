@@ -7,6 +7,7 @@ owners and expiry answer as with the in-memory store; a dead store is a 503, nev
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Iterator
 
@@ -14,13 +15,16 @@ import httpx
 import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from tests.conftest import RunningEdge, RunningServer, eventually, start_edge
+from tests.conftest import MODEL, RunningEdge, RunningServer, eventually, start_edge, start_server
+from tests.fakes import ScriptedModel
 from tests.procs import EdgeProcess, ServerProcess
 from tests.redisproc import RedisServer, free_port
 from tokenwire.common.settings import SettingsError
 from tokenwire.edge.redis_store import RedisStreams
 from tokenwire.edge.resumable import ResumableStreams
 from tokenwire.edge.settings import EdgeSettings
+from tokenwire.server.engine import ModelSpec
+from tokenwire.server.tokenizer import Tokenizer
 
 BODY = {"prompt": "class Tree:", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
 K1 = {"Authorization": "Bearer k1"}
@@ -406,3 +410,47 @@ async def test_a_store_lost_mid_stream_ends_it_with_an_error_event(
     assert json.loads(events[-1].data)["code"] == "UNAVAILABLE"
     assert events[-1].id == events[-2].id  # no id of its own: a resume starts after seq 3
     assert len(events) < 400
+
+
+@pytest.fixture
+async def renamed(spec: ModelSpec, tokenizer: Tokenizer) -> AsyncIterator[RunningServer]:
+    """A server like `paced` (a token every 10 ms, the same vocabulary) whose model has
+    another name: another model, as far as a continuation is concerned."""
+    token = tokenizer.encode(" x")[0]
+    other = dataclasses.replace(spec, name="another-model")
+    model = ScriptedModel(other, dict.fromkeys(range(spec.context_length), token), 0.01)
+    running = await start_server(model, tokenizer)
+    yield running
+    await running.server.drain()
+
+
+async def test_a_takeover_on_another_model_ends_the_stream_with_an_error(
+    paced: RunningServer, renamed: RunningServer, redis_server: RedisServer
+) -> None:
+    """Edge A's stream of the bundled model, taken over by edge B whose server serves another
+    model: B splices none of that model's tokens in, the stream ends with an UNAVAILABLE
+    `error` event naming both models."""
+    settings = {"resume_store": redis_server.url, "resume_window_s": 2.0, "resume_lease_s": 0.5}
+    a = await start_edge(paced.target, **settings)
+    b = await start_edge(renamed.target, **settings)
+    body = {"prompt": "x", "max_tokens": 400, "ignore_eos": True}
+    try:
+        async with (
+            httpx.AsyncClient(base_url=a.url, timeout=30) as on_a,
+            httpx.AsyncClient(base_url=b.url, timeout=30) as on_b,
+        ):
+            first = await _first(on_a, 3, body, headers={"X-Request-ID": "m1"})
+            store = a.store
+            assert isinstance(store, RedisStreams)
+            assert await eventually(lambda: not store.followers)  # A's reader has left
+            await store.close()  # edge A dies: it stops generating, and its lease lapses
+            last = {"Last-Event-ID": first[-1].id}
+            rest = await _events(on_b, "GET", "/v1/generate", headers=last)
+    finally:
+        await a.edge.stop()
+        await b.edge.stop()
+    assert rest[-1].event == "error"
+    error = json.loads(rest[-1].data)
+    assert error["code"] == "UNAVAILABLE", error
+    assert "another-model" in error["message"]
+    assert MODEL in error["message"]

@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from tokenwire.client.failover import continued
+from tokenwire.client.failover import ServedModel
 from tokenwire.edge import redis_keys as rk
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.redis_generation import Generation, Opener, quietly, store_error
@@ -39,7 +39,7 @@ from tokenwire.edge.resumable import (
     unknown_stream,
 )
 from tokenwire.edge.settings import EdgeSettings
-from tokenwire.edge.upstream import Upstream, UpstreamStream
+from tokenwire.edge.upstream import Delivered, Upstream, UpstreamStream
 from tokenwire.v1 import generate_pb2 as pb
 
 log = structlog.get_logger("tokenwire.edge")
@@ -123,6 +123,7 @@ class RedisStreams:
             "principal": _principal(owner),
             "request": request.SerializeToString(),
             "seed": "" if upstream.seed is None else str(upstream.seed),
+            "model": "" if upstream.model is None else upstream.model.header(),
             "first": 1,
         }
         pipe = self.client.pipeline(transaction=True)
@@ -180,18 +181,23 @@ class RedisStreams:
             await self.script("RELEASE_LEASE", [keys.lease], [self.edge])
             return
         request = pb.GenerateRequest.FromString(meta[b"request"])
-        seed = int(meta[b"seed"]) if meta.get(b"seed") else None
         packed = packed or b""
-        delivered = list(struct.unpack(f"<{len(packed) // 4}I", packed))
+        delivered = Delivered(
+            ids=struct.unpack(f"<{len(packed) // 4}I", packed),
+            seed=int(meta[b"seed"]) if meta.get(b"seed") else None,
+            # The continuation must run on the model whose tokens were stored (a stream begun
+            # before the edges stored it continues unchecked).
+            model=ServedModel.of_header(meta.get(b"model", b"").decode()),
+        )
         log.info(
             "edge.stream_taken_over",
             request_id=request_id,
             after_seq=last_seq,
-            tokens=len(delivered),
+            tokens=len(delivered.ids),
         )
 
         async def reopen() -> UpstreamStream:
-            return await self.upstream.open(continued(request, delivered, seed), request_id)
+            return await self.upstream.open(request, request_id, delivered)
 
         generation = self._start(request_id, last_seq + 1, reopen, skip_usage=last_name == "usage")
         if meta.get(b"cancel"):

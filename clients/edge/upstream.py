@@ -4,6 +4,7 @@ server accepted it (bad input must become a 400, not an in-band error)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from tokenwire.client.client import (
     model_info_from_pb,
 )
 from tokenwire.client.errors import TokenwireError, from_rpc_error, from_status
-from tokenwire.client.failover import RETRYABLE, Resumption, Targets
+from tokenwire.client.failover import RETRYABLE, Resumption, ServedModel, Targets
 from tokenwire.client.security import ChannelSecurity, aio_channel
 from tokenwire.client.targets import split_targets
 from tokenwire.edge.errors import EdgeError, edge_error
@@ -29,6 +30,16 @@ from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 GenerateCall = grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Delivered:
+    """What a stream begun elsewhere delivered: its token ids, the seed its server announced
+    and the model whose tokens they are (None where it is not known)."""
+
+    ids: tuple[int, ...]
+    seed: int | None
+    model: ServedModel | None
 
 
 class UpstreamStream:
@@ -63,6 +74,11 @@ class UpstreamStream:
     def seed(self) -> int | None:
         """The sampling seed the server announced (`x-tokenwire-seed`)."""
         return self._resume.seed
+
+    @property
+    def model(self) -> ServedModel | None:
+        """The model whose tokens the stream delivers (`x-tokenwire-model`), when known."""
+        return self._resume.model
 
     async def events(self) -> AsyncIterator[StreamEvent]:
         """The generation's events; EdgeError when the call fails where it cannot continue."""
@@ -147,11 +163,20 @@ class Upstream:
             metadata=(("x-request-id", request_id), *self._metadata, *upstream_metadata()),
         )
 
-    async def open(self, request: pb.GenerateRequest, request_id: str) -> UpstreamStream:
+    async def open(
+        self,
+        request: pb.GenerateRequest,
+        request_id: str,
+        after: Delivered | None = None,
+    ) -> UpstreamStream:
         """Start a stream on the first target that accepts it (one that answers UNAVAILABLE
         passes it to the next); raise EdgeError when the server refuses it. The stream's
-        failovers share its deadline."""
+        failovers share its deadline. With `after`, the stream continues a generation another
+        edge began: from its delivered ids and seed, on the same model only."""
         resume = Resumption.start(request, self._timeout_s, self._targets.next)
+        if after is not None:
+            resume.delivered, resume.seed = list(after.ids), after.seed
+            resume.model, resume.model_target = after.model, "the edge that began the stream"
         try:
             call = await self._accepted(resume, request_id)
         except TokenwireError as error:
