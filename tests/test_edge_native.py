@@ -234,6 +234,25 @@ async def test_cancel_endpoint_ends_the_stream_and_frees_the_server(
     assert await eventually(lambda: served.engine.active_count == 0, within_s=2)
 
 
+async def test_a_cancelled_stream_ends_with_usage_then_done(
+    http: httpx.AsyncClient, served: RunningServer
+) -> None:
+    """A stream stopped through the cancel route ends as a cancelled gRPC stream does: the
+    server's `usage` (counting the tokens sent), then `done` with reason cancelled."""
+    body = {"prompt": "def f():", "max_tokens": 450, "ignore_eos": True}
+    events: list[ServerSentEvent] = []
+    async with aconnect_sse(http, "POST", "/v1/generate", json=body) as source:
+        async for event in source.aiter_sse():
+            events.append(event)
+            if len(events) == 3:
+                request_id = event.id.rsplit(":", 1)[0]
+                await http.post(f"/v1/generate/{request_id}/cancel", json={})
+    assert [e.event for e in events[-2:]] == ["usage", "done"]
+    usage = json.loads(events[-2].data)
+    assert usage["completion_tokens"] == sum(e.event == "token" for e in events)
+    assert json.loads(events[-1].data)["finish_reason"] == "cancelled"
+
+
 def _finish_reason(served: RunningServer, request_id: str) -> FinishReason | None:
     assert isinstance(served.observer, RecordingObserver)
     record = served.observer.finished.get(request_id)

@@ -454,3 +454,28 @@ async def test_a_takeover_on_another_model_ends_the_stream_with_an_error(
     assert error["code"] == "UNAVAILABLE", error
     assert "another-model" in error["message"]
     assert MODEL in error["message"]
+
+
+async def test_a_stream_cancelled_on_its_own_edge_ends_with_usage_then_done(
+    paced: RunningServer, redis_server: RedisServer
+) -> None:
+    """With the Redis store, a cancel that reaches the edge generating the stream ends it as a
+    cancelled gRPC stream ends: the server's `usage`, then `done` (cancelled)."""
+    edge = await start_edge(paced.target, resume_store=redis_server.url, resume_lease_s=0.5)
+    body = {"prompt": "x", "max_tokens": 400, "ignore_eos": True}
+    events: list[ServerSentEvent] = []
+    try:
+        async with (
+            httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
+            aconnect_sse(
+                http, "POST", "/v1/generate", json=body, headers={"X-Request-ID": "u1"}
+            ) as source,
+        ):
+            async for event in source.aiter_sse():
+                events.append(event)
+                if len(events) == 3:
+                    await http.post("/v1/generate/u1/cancel", json={})
+    finally:
+        await edge.edge.stop()
+    assert [e.event for e in events[-2:]] == ["usage", "done"]
+    assert json.loads(events[-1].data)["finish_reason"] == "cancelled"

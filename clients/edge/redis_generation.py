@@ -24,6 +24,7 @@ from tokenwire.client.client import Completion
 from tokenwire.edge import redis_keys as rk
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.redis_keys import Keys
+from tokenwire.edge.resumable import CANCEL_WAIT_S
 from tokenwire.edge.upstream import UpstreamStream
 
 if TYPE_CHECKING:
@@ -179,6 +180,15 @@ class Generation:
             if now - detached_since >= self.store.window_s:
                 self._abandon()
                 return
+
+    async def cancel_at_server(self) -> None:
+        """The cancel route on this edge: the server ends the generation, so readers get its
+        `usage` and `done` (cancelled); cut here, with `done` alone, where it cannot or has
+        not within CANCEL_WAIT_S (see ResumableStream.cancel_at_server)."""
+        upstream = self._upstream
+        if upstream is not None and not self._writer.done() and await upstream.cancel_at_server():
+            await asyncio.wait({self._writer}, timeout=CANCEL_WAIT_S)
+        self.cancel()
 
     def cancel(self) -> None:
         """End generation now; readers get `done` with reason cancelled."""

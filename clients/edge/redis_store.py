@@ -157,7 +157,7 @@ class RedisStreams:
         await self.get(request_id, owner)
         generation = self._generations.get(request_id)
         if generation is not None:
-            generation.cancel()
+            await generation.cancel_at_server()
             return
         # Another edge generates it: it sees the flag at its next event or lease refresh. If
         # that edge is gone, taking the stream over ends it (the flag is seen there too).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import re
@@ -22,6 +23,8 @@ from tokenwire.edge.upstream import UpstreamStream
 Encode = Callable[[StreamEvent | EdgeError], tuple[str, dict[str, Any]]]
 """The stored format's encoder: a pipeline event (or the error ending it) -> name and data."""
 EXPIRED_MEMORY = 10_000
+CANCEL_WAIT_S = 2.0
+"""How long a cancelled stream waits for the server's own end before it is cut here."""
 _SEQ = re.compile(r"[0-9]{1,18}", re.ASCII)
 
 
@@ -91,6 +94,7 @@ class ResumableStream:
         self.followers = 0
         self.resumed = False
         self._changed = asyncio.Event()
+        self._ended = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
         self._timer: asyncio.Task[None] | None = None
 
@@ -130,6 +134,7 @@ class ResumableStream:
         if not self.done:
             self.done = True
             self._changed.set()
+            self._ended.set()
             self.registry.finished(self)
 
     async def bounds(self) -> tuple[int, int, bool]:
@@ -164,6 +169,16 @@ class ResumableStream:
             self.followers -= 1
             if self.followers == 0:
                 self.registry.orphaned(self)
+
+    async def cancel_at_server(self) -> None:
+        """The cancel route: the server ends the generation, so the readers get its `usage`
+        and a `done` (cancelled), as a gRPC caller does. Where the server cannot (it no longer
+        runs the stream, or cannot be reached) or has not within CANCEL_WAIT_S, the stream is
+        cut here, with `done` alone."""
+        if not self.done and await self.upstream.cancel_at_server():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ended.wait(), CANCEL_WAIT_S)
+        self.cancel()
 
     def cancel(self, reason: str = "cancelled") -> None:
         """End generation now; followers get a final `done` event with the reason."""
@@ -263,7 +278,7 @@ class ResumableStreams:
         return self.find(request_id, owner)
 
     async def cancel(self, request_id: str, owner: str | None) -> None:
-        self.find(request_id, owner).cancel()
+        await self.find(request_id, owner).cancel_at_server()
 
     def find(self, request_id: str, owner: str | None) -> ResumableStream:
         """The caller's stream; another principal's is answered exactly like an unknown id."""

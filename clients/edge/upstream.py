@@ -57,12 +57,14 @@ class UpstreamStream:
         on_end: Callable[[UpstreamStream], None],
         *,
         reopen: Callable[[Resumption], Awaitable[GenerateCall]] | None = None,
+        ask_cancel: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self._call = call
         self._resume = resume
         self.request_id = resume.first.request_id
         self._on_end = on_end
         self._reopen = reopen
+        self._ask_cancel = ask_cancel
         self._cancelled = False
 
     @property
@@ -110,6 +112,17 @@ class UpstreamStream:
         self._cancelled = True
         self._call.cancel()
         self._on_end(self)
+
+    async def cancel_at_server(self) -> bool:
+        """Ask the server to cancel the generation: its stream then ends as over gRPC, with
+        its Usage and a cancelled Completion. False where the server could not be asked or
+        had no such stream running."""
+        if self._ask_cancel is None:
+            return False
+        try:
+            return await self._ask_cancel(self.request_id)
+        except EdgeError:
+            return False
 
 
 class Upstream:
@@ -185,7 +198,9 @@ class Upstream:
         accepted.CopyFrom(request)
         accepted.request_id = resume.request_id or request_id
         resume.first = accepted
-        stream = UpstreamStream(call, resume, self._ended, reopen=self._reopen)
+        stream = UpstreamStream(
+            call, resume, self._ended, reopen=self._reopen, ask_cancel=self.cancel
+        )
         self._open.add(stream)
         return stream
 
