@@ -67,6 +67,8 @@ class Generation:
         self._skip_usage = skip_usage
         self._upstream: UpstreamStream | None = None
         self._cancelled = False
+        self._stopped = False
+        """stop() was called: nothing more may be stored, not even the unfinished mark."""
         self._reader = asyncio.create_task(self._read(), name=f"read-{request_id}")
         self._writer = asyncio.create_task(self._write(), name=f"write-{request_id}")
         self._ticker = asyncio.create_task(self._tick(), name=f"lease-{request_id}")
@@ -100,6 +102,9 @@ class Generation:
         try:
             while True:
                 name, data = await self._queue.get()
+                if self._stopped:
+                    # A cancel may not reach a call into Redis in flight; the stop still holds.
+                    return
                 if (name, data) == UNFINISHED:
                     name, data = self.store.encode(UNFINISHED_ERROR)
                 verdict = await self._append(name, data)
@@ -202,6 +207,7 @@ class Generation:
 
     def stop(self) -> None:
         """Stop generating without a last event (the lease is lost, or the edge closes)."""
+        self._stopped = True
         self._reader.cancel()
         if self._upstream is not None:
             self._upstream.cancel()
