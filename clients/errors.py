@@ -24,12 +24,16 @@ class TokenwireError(Exception):
         *,
         field: str | None = None,
         retry_after_s: float | None = None,
+        from_channel: bool = False,
     ) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
         self.field = field
         self.retry_after_s = retry_after_s
+        self.from_channel = from_channel
+        """The status came from this side's channel (no server sent it: a connection, TLS or
+        name resolution failure), so its message speaks of addresses, not of the request."""
 
 
 class InvalidArgument(TokenwireError):
@@ -86,7 +90,15 @@ def from_status(code: grpc.StatusCode, message: str, trailers: Trailers | None) 
     (a call refused before its headers gives these without raising an RpcError)."""
     field, retry_after = _rich_details(code, message, trailers or ())
     cls = _BY_CODE.get(code, ServerError)
-    return cls(code, message, field=field, retry_after_s=retry_after)
+    # tokenwire's server sends every error with its google.rpc.Status in the trailers.
+    channel = code in _CHANNEL_CODES and _rich_status(code, message, trailers or ()) is None
+    return cls(code, message, field=field, retry_after_s=retry_after, from_channel=channel)
+
+
+_CHANNEL_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+)
+"""Codes a client's own channel reports (cannot connect, TLS failed, the stream broke)."""
 
 
 def _rich_status(

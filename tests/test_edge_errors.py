@@ -58,6 +58,22 @@ async def test_upstream_down_is_503_and_not_ready() -> None:
     assert (ready.status_code, alive.status_code, generate.status_code) == (503, 200, 503)
 
 
+async def test_an_unreachable_server_is_503_without_its_address() -> None:
+    """The 503 for a server the edge cannot reach says so without the channel's own words
+    (internal addresses, ports, TLS details), which stay in the edge's log."""
+    port = _free_port()
+    edge = await start_edge(f"127.0.0.1:{port}", upstream_timeout_s=5.0)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            native = await http.post("/v1/generate", json={"prompt": "x"})
+            openai = await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
+    finally:
+        await edge.edge.stop()
+    assert (native.status_code, openai.status_code) == (503, 503)
+    assert native.json()["error"]["message"] == "the server cannot be reached"
+    assert str(port) not in native.text + openai.text
+
+
 async def test_ready_when_the_server_is_serving(served: RunningServer) -> None:
     """/readyz is 200 once the upstream health check says SERVING."""
     edge = await start_edge(served.target)

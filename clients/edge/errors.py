@@ -7,8 +7,11 @@ import math
 from typing import Any
 
 import grpc
+import structlog
 
 from tokenwire.client.errors import TokenwireError
+
+log = structlog.get_logger("tokenwire.edge")
 
 HTTP_BY_GRPC: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -136,4 +139,16 @@ def edge_error(error: TokenwireError) -> EdgeError:
     if retry is None and status == 429:
         retry = 1.0
     field, message = _http_field(error.field, error.message)
+    if error.from_channel:
+        # The edge's own channel failed (connect, TLS, DNS): its words name internal addresses
+        # and certificates, which the log keeps and HTTP callers do not get.
+        log.warning("edge.upstream_failed", code=error.code.name, error=error.message)
+        message = _CHANNEL_MESSAGES.get(error.code, "the server cannot be reached")
     return EdgeError(status, error.code.name, message, param=field, retry_after_s=retry)
+
+
+_CHANNEL_MESSAGES = {
+    grpc.StatusCode.UNAVAILABLE: "the server cannot be reached",
+    grpc.StatusCode.UNKNOWN: "the stream to the server broke",
+    grpc.StatusCode.INTERNAL: "the stream to the server broke",
+}
