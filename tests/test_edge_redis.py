@@ -123,6 +123,42 @@ async def test_an_unknown_id_is_the_same_404_as_in_memory(
     )
 
 
+async def test_streams_opened_together_keep_no_more_than_the_total(
+    served: RunningServer, redis_server: RedisServer
+) -> None:
+    """Six streams opened at once on a Redis-backed edge, each generating past its own 4 KiB
+    bound, keep at most the 8 KiB total between them while they generate, and every reader
+    gets its whole stream."""
+    edge = await start_edge(
+        served.target,
+        resume_store=redis_server.url,
+        resume_stream_bytes=4096,
+        resume_total_bytes=8192,
+    )
+    store = edge.store
+    assert isinstance(store, RedisStreams)
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, store.bytes)
+            await asyncio.sleep(0)
+
+    body = {**BODY, "max_tokens": 80, "ignore_eos": True}
+    watcher = asyncio.create_task(watch())
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            streams = await asyncio.gather(
+                *(_events(http, "POST", "/v1/generate", json=body) for _ in range(6))
+            )
+    finally:
+        watcher.cancel()
+        await edge.edge.stop()
+    assert [sum(e.event == "token" for e in events) for events in streams] == [80] * 6
+    assert 0 < peak <= 8192
+
+
 async def _resume_after_drop(target: str, **overrides: object) -> httpx.Response:
     """Leave a stream after 2 events on an edge with a 1 KiB buffer; once it has generated
     every token, resume it from the second event."""

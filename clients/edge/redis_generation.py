@@ -148,13 +148,20 @@ class Generation:
         return int(verdict)
 
     def _keep(self, seq: int, size: int) -> str:
-        """Account for one more event; the first seq to keep when older ones must go, else ''."""
+        """Account for one more event; the first seq to keep when older ones must go, else ''.
+        Older events go past the stream's own bound, and past the total of every stream this
+        edge generates (streams opened together cannot each grow to their bound past it)."""
         self._sizes.append((seq, size))
         self.bytes += size
+        store = self.store
+        store.held += size
         first = ""
-        while self.bytes > self.store.stream_bytes and len(self._sizes) > 1:
+        while len(self._sizes) > 1 and (
+            self.bytes > store.stream_bytes or store.held > store.total_bytes
+        ):
             dropped, dropped_size = self._sizes.popleft()
             self.bytes -= dropped_size
+            store.held -= dropped_size
             first = str(dropped + 1)
         return first
 

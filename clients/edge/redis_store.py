@@ -85,6 +85,9 @@ class RedisStreams:
         self.scripts = {name: self.client.register_script(getattr(rk, name)) for name in SCRIPTS}
         self.followers: collections.Counter[str] = collections.Counter()
         self._generations: dict[str, Generation] = {}
+        self.held = 0
+        """Bytes of the events kept for the streams this edge generates, kept as they change
+        (`bytes` sums them); bounded by total_bytes as events arrive (Generation._keep)."""
         self._claimed: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
@@ -113,7 +116,7 @@ class RedisStreams:
     async def open(
         self, upstream: UpstreamStream, request_id: str, owner: str | None
     ) -> RedisStream:
-        if self.bytes + self.stream_bytes > self.total_bytes:
+        if self.held >= self.total_bytes:
             upstream.cancel()
             raise EdgeError(429, "RESOURCE_EXHAUSTED", "resume buffers are full", retry_after_s=1)
         keys = Keys.of(request_id)
@@ -213,6 +216,7 @@ class RedisStreams:
     def ended(self, generation: Generation) -> None:
         if self._generations.get(generation.request_id) is generation:
             del self._generations[generation.request_id]
+            self.held -= generation.bytes
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run Redis housekeeping in the background (a reader that leaves cannot wait for it)."""
