@@ -7,7 +7,9 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
+import httpx
 import pytest
+from httpx_sse import ServerSentEvent, aconnect_sse
 
 from tests.fakes import RecordingObserver, ScriptedModel
 from tests.redisproc import RedisServer
@@ -174,3 +176,25 @@ async def paced(spec: ModelSpec, tokenizer: Tokenizer) -> AsyncIterator[RunningS
     running = await start_server(model, tokenizer, RecordingObserver())
     yield running
     await running.server.drain()
+
+
+async def cancelled_after(
+    reader: httpx.AsyncClient,
+    canceller: httpx.AsyncClient,
+    count: int,
+    body: dict[str, object],
+    request_id: str,
+) -> tuple[list[ServerSentEvent], httpx.Response]:
+    """Start a native stream with `reader`, and after its first `count` events ask
+    `canceller` (the same edge or another one) to cancel it; return every event the reader got
+    and the cancel's reply."""
+    events: list[ServerSentEvent] = []
+    reply: httpx.Response | None = None
+    headers = {"X-Request-ID": request_id}
+    async with aconnect_sse(reader, "POST", "/v1/generate", json=body, headers=headers) as source:
+        async for event in source.aiter_sse():
+            events.append(event)
+            if len(events) == count:
+                reply = await canceller.post(f"/v1/generate/{request_id}/cancel", json={})
+    assert reply is not None, f"the stream ended before {count} events"
+    return events, reply

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from tests.conftest import RunningEdge, RunningServer, eventually, start_edge
+from tests.conftest import RunningEdge, RunningServer, cancelled_after, eventually, start_edge
 from tests.fakes import RecordingObserver
 from tokenwire.edge import native
 from tokenwire.server.domain import FinishReason
@@ -221,14 +221,8 @@ async def test_cancel_endpoint_ends_the_stream_and_frees_the_server(
 ) -> None:
     """POST /v1/generate/{id}/cancel ends the stream with done(cancelled); the slot is freed."""
     body = {"prompt": "def f():", "max_tokens": 450, "ignore_eos": True}
-    events: list[ServerSentEvent] = []
-    async with aconnect_sse(http, "POST", "/v1/generate", json=body) as source:
-        async for event in source.aiter_sse():
-            events.append(event)
-            if len(events) == 3:
-                request_id = event.id.rsplit(":", 1)[0]
-                reply = await http.post(f"/v1/generate/{request_id}/cancel", json={})
-                assert reply.json() == {"request_id": request_id, "cancelled": True}
+    events, reply = await cancelled_after(http, http, 3, body, "to-cancel")
+    assert reply.json() == {"request_id": "to-cancel", "cancelled": True}
     assert events[-1].event == "done"
     assert json.loads(events[-1].data)["finish_reason"] == "cancelled"
     assert await eventually(lambda: served.engine.active_count == 0, within_s=2)
@@ -240,13 +234,7 @@ async def test_a_cancelled_stream_ends_with_usage_then_done(
     """A stream stopped through the cancel route ends as a cancelled gRPC stream does: the
     server's `usage` (counting the tokens sent), then `done` with reason cancelled."""
     body = {"prompt": "def f():", "max_tokens": 450, "ignore_eos": True}
-    events: list[ServerSentEvent] = []
-    async with aconnect_sse(http, "POST", "/v1/generate", json=body) as source:
-        async for event in source.aiter_sse():
-            events.append(event)
-            if len(events) == 3:
-                request_id = event.id.rsplit(":", 1)[0]
-                await http.post(f"/v1/generate/{request_id}/cancel", json={})
+    events, _ = await cancelled_after(http, http, 3, body, "to-cancel-too")
     assert [e.event for e in events[-2:]] == ["usage", "done"]
     usage = json.loads(events[-2].data)
     assert usage["completion_tokens"] == sum(e.event == "token" for e in events)

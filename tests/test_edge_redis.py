@@ -15,7 +15,15 @@ import httpx
 import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from tests.conftest import MODEL, RunningEdge, RunningServer, eventually, start_edge, start_server
+from tests.conftest import (
+    MODEL,
+    RunningEdge,
+    RunningServer,
+    cancelled_after,
+    eventually,
+    start_edge,
+    start_server,
+)
 from tests.fakes import ScriptedModel
 from tests.procs import EdgeProcess, ServerProcess
 from tests.redisproc import RedisServer, free_port
@@ -265,20 +273,13 @@ async def test_a_cancel_on_another_edge_ends_the_stream(
     the server's slot is freed."""
     a, b = await _pair(paced.target, redis_server.url)
     body = {"prompt": "x", "max_tokens": 400, "ignore_eos": True}
-    events: list[ServerSentEvent] = []
     try:
         async with (
             httpx.AsyncClient(base_url=a.url, timeout=30) as on_a,
             httpx.AsyncClient(base_url=b.url, timeout=30) as on_b,
-            aconnect_sse(
-                on_a, "POST", "/v1/generate", json=body, headers={"X-Request-ID": "c1"}
-            ) as source,
         ):
-            async for event in source.aiter_sse():
-                events.append(event)
-                if len(events) == 3:
-                    reply = await on_b.post("/v1/generate/c1/cancel", json={})
-                    assert reply.json() == {"request_id": "c1", "cancelled": True}
+            events, reply = await cancelled_after(on_a, on_b, 3, body, "c1")
+        assert reply.json() == {"request_id": "c1", "cancelled": True}
         assert await eventually(lambda: paced.engine.active_count == 0, within_s=5)
     finally:
         await a.edge.stop()
@@ -429,17 +430,9 @@ async def test_a_store_lost_mid_stream_ends_it_with_an_error_event(
     event) and the generation is cancelled upstream."""
     edge = await start_edge(paced.target, resume_store=redis_server.url, resume_lease_s=0.5)
     body = {"prompt": "x", "max_tokens": 400, "ignore_eos": True}
-    events: list[ServerSentEvent] = []
     try:
-        async with (
-            httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
-            aconnect_sse(http, "POST", "/v1/generate", json=body) as source,
-        ):
-            async for event in source.aiter_sse():
-                events.append(event)
-                if len(events) == 3:
-                    redis_server.proc.kill()
-        assert await eventually(lambda: paced.engine.active_count == 0, within_s=5)
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            events, _ = await cancelled_after(http, http, 3, body, "u1")
     finally:
         await edge.edge.stop()
     assert events[-1].event == "error"
