@@ -430,9 +430,17 @@ async def test_a_store_lost_mid_stream_ends_it_with_an_error_event(
     event) and the generation is cancelled upstream."""
     edge = await start_edge(paced.target, resume_store=redis_server.url, resume_lease_s=0.5)
     body = {"prompt": "x", "max_tokens": 400, "ignore_eos": True}
+    events: list[ServerSentEvent] = []
     try:
-        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
-            events, _ = await cancelled_after(http, http, 3, body, "u1")
+        async with (
+            httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
+            aconnect_sse(http, "POST", "/v1/generate", json=body) as source,
+        ):
+            async for event in source.aiter_sse():
+                events.append(event)
+                if len(events) == 3:
+                    redis_server.proc.kill()
+        assert await eventually(lambda: paced.engine.active_count == 0, within_s=5)
     finally:
         await edge.edge.stop()
     assert events[-1].event == "error"
@@ -492,18 +500,9 @@ async def test_a_stream_cancelled_on_its_own_edge_ends_with_usage_then_done(
     cancelled gRPC stream ends: the server's `usage`, then `done` (cancelled)."""
     edge = await start_edge(paced.target, resume_store=redis_server.url, resume_lease_s=0.5)
     body = {"prompt": "x", "max_tokens": 400, "ignore_eos": True}
-    events: list[ServerSentEvent] = []
     try:
-        async with (
-            httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
-            aconnect_sse(
-                http, "POST", "/v1/generate", json=body, headers={"X-Request-ID": "u1"}
-            ) as source,
-        ):
-            async for event in source.aiter_sse():
-                events.append(event)
-                if len(events) == 3:
-                    await http.post("/v1/generate/u1/cancel", json={})
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            events, _ = await cancelled_after(http, http, 3, body, "u1")
     finally:
         await edge.edge.stop()
     assert [e.event for e in events[-2:]] == ["usage", "done"]
