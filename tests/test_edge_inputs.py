@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import MODEL, RunningServer, start_edge
 from tests.fakes import RecordingObserver
+from tokenwire.client.client import GenerateOptions
+from tokenwire.edge.errors import EdgeError, as_request_errors
 
 JSON = {"Content-Type": "application/json"}
 HUGE = "1" * 5000
@@ -378,3 +380,11 @@ async def test_cross_site_request_from_an_allowed_origin_passes(served: RunningS
         await edge.edge.stop()
     assert response.status_code == 200
     assert response.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_the_clients_own_refusals_become_the_requests_400() -> None:
+    """An option the client library refuses while the edge builds a request (what the wire
+    cannot carry) is the request's 400 naming the field, not a 500."""
+    with pytest.raises(EdgeError) as caught, as_request_errors():
+        GenerateOptions(logit_bias=((5, 1.0), (5, 2.0)))
+    assert (caught.value.status, caught.value.param) == (400, "logit_bias[5]")

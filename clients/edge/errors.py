@@ -3,13 +3,15 @@ and code (`edge_error`), and the error bodies of native and OpenAI-style routes.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import structlog
 
-from tokenwire.client.errors import TokenwireError
+from tokenwire.client.errors import InvalidArgument, TokenwireError
 
 log = structlog.get_logger("tokenwire.edge")
 
@@ -152,3 +154,13 @@ _CHANNEL_MESSAGES = {
     grpc.StatusCode.UNKNOWN: "the stream to the server broke",
     grpc.StatusCode.INTERNAL: "the stream to the server broke",
 }
+
+
+@contextlib.contextmanager
+def as_request_errors() -> Iterator[None]:
+    """The client library's own refusals of what the wire cannot carry (InvalidArgument, raised
+    building GenerateOptions) as the request's 400, as the server's refusals are."""
+    try:
+        yield
+    except InvalidArgument as error:
+        raise edge_error(error) from None

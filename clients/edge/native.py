@@ -11,11 +11,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from tokenwire.client.client import GenerateOptions
-from tokenwire.client.errors import InvalidArgument
 from tokenwire.edge.accounting import Account
 from tokenwire.edge.body import Fields, read_json
 from tokenwire.edge.context import EdgeContext, request_id_of
-from tokenwire.edge.errors import EdgeError, edge_error
+from tokenwire.edge.errors import EdgeError, as_request_errors
 from tokenwire.edge.guards import principal_of
 from tokenwire.edge.native_format import native_frames
 from tokenwire.edge.pipeline import open_generations, relay, sse_response
@@ -59,7 +58,7 @@ def options_from(
     for name in fields.names():
         if name not in known and fields.raw(name) is not None:
             raise EdgeError.invalid(name, "unrecognized request argument", "unknown_parameter")
-    try:
+    with as_request_errors():
         return GenerateOptions(
             max_tokens=fields.integer("max_tokens", 0) or 0,
             temperature=fields.number("temperature"),
@@ -83,9 +82,6 @@ def options_from(
             ),
             request_id=request_id,
         )
-    except InvalidArgument as error:
-        # The options' own checks (what the wire cannot carry): the request's 400 too.
-        raise edge_error(error) from None
 
 
 def _sse(request: Request, stream: StoredStream, after: int, *, timed: bool) -> Response:

@@ -13,9 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 from tokenwire.client.client import GenerateOptions, ModelInfo
-from tokenwire.client.errors import InvalidArgument
 from tokenwire.edge.body import UINT64_MAX, Fields, token_ids_of
-from tokenwire.edge.errors import EdgeError, edge_error
+from tokenwire.edge.errors import EdgeError, as_request_errors
 
 # Read below (or by the route); the extensions top_k, repetition_penalty and ignore_eos are the
 # native API's, as vLLM accepts them too.
@@ -233,7 +232,7 @@ def _options(
 ) -> tuple[GenerateOptions, dict[str, str]]:
     max_tokens, max_name = _max_tokens(fields, chat=chat)
     logprobs, top_logprobs = _logprobs(fields, chat=chat)
-    try:
+    with as_request_errors():
         options = GenerateOptions(
             max_tokens=max_tokens,
             temperature=fields.number("temperature"),
@@ -254,9 +253,6 @@ def _options(
             # A rendered chat template already holds the special tokens (BOS) the model expects.
             add_special_tokens=False if chat else None,
         )
-    except InvalidArgument as error:
-        # The options' own checks (what the wire cannot carry): the request's 400 too.
-        raise edge_error(error) from None
     prompt = "messages" if chat else "prompt"
     names = {"max_tokens": max_name, "prompt": prompt, "prompt_ids": prompt, "stop": "stop"}
     return options, names
