@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
-from playwright.async_api import Browser, Page, async_playwright
+from httpx_sse import aconnect_sse
+from playwright.async_api import Browser, Page, Route, async_playwright
 
 from tests.conftest import RunningEdge, RunningServer, eventually, start_edge, start_server
 from tests.fakes import ScriptedModel
@@ -94,3 +97,129 @@ async def test_stop_button_cancels_the_generation(
         await server.server.drain()
     assert freed
     assert shown == "cancelled"
+
+
+SSE = (
+    'id: r:1\r\nevent: token\r\ndata: {"text":"a","id":1,"index":0}\r\n\r\n'
+    ": a comment\r\n"
+    'id: r:2\r\nevent: token\r\ndata: {"text":"\u00e9\u00e8","id":2,"index":1}\r\n\r\n'
+    'id: r:3\r\nevent: done\r\ndata: {"finish_reason":"length","stop_sequence":""}\r\n\r\n'
+)
+READ_IN_PIECES = """async ([text, size]) => {
+  const bytes = new TextEncoder().encode(text);
+  const stream = new ReadableStream({
+    start(controller) {
+      for (let i = 0; i < bytes.length; i += size) controller.enqueue(bytes.slice(i, i + size));
+      controller.close();
+    },
+  });
+  const events = [];
+  await readEvents(new Response(stream), (ev) => events.push([ev.event, ev.id, ev.data]));
+  return events;
+}"""
+
+
+async def test_events_cut_anywhere_by_the_network_parse_alike(
+    browser: Browser, edge: RunningEdge
+) -> None:
+    """The page reads the same events whatever sizes the network cuts the body into, a cut
+    between the \\r and \\n of a line end, or inside a character, included."""
+    page = await _open(browser, edge)
+    whole = await page.evaluate(READ_IN_PIECES, [SSE, len(SSE.encode())])
+    assert [event for event, _, _ in whole] == ["token", "token", "done"]
+    for size in (1, 2, 3, 7, 37):
+        assert await page.evaluate(READ_IN_PIECES, [SSE, size]) == whole, size
+
+
+async def test_stop_before_the_first_event_cancels_the_request(
+    browser: Browser, spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """Stop while the request still waits in the server's queue cancels it there: it never
+    takes the slot when the slot frees (the page names its request id itself)."""
+    prompt = "loop"
+    endless = [tokenizer.encode(" x")[0]] * 450
+    model = ScriptedModel.continuing(spec, len(tokenizer.encode(prompt)), endless, 0.01)
+    server: RunningServer = await start_server(model, tokenizer, max_batch_size=1)
+    edge = await start_edge(server.target)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            body = {"prompt": prompt, "max_tokens": 450}
+            async with aconnect_sse(
+                http, "POST", "/v1/generate", json=body, headers={"X-Request-ID": "occupier"}
+            ) as occupier:
+                await anext(occupier.aiter_sse())  # the one slot is taken
+                page = await _open(browser, edge)
+                await page.fill("#prompt", prompt)
+                await page.fill("#max_tokens", "450")
+                await page.click("#generate")
+                assert await eventually(lambda: server.engine.waiting_count == 1, within_s=5)
+                await page.click("#stop_button")
+                await http.post("/v1/generate/occupier/cancel", json={})
+            idle = await eventually(lambda: server.engine.active_count == 0, within_s=1)
+    finally:
+        await edge.edge.stop()
+        await server.server.drain()
+    assert idle
+
+
+async def test_a_stream_cut_again_and_again_still_completes(
+    browser: Browser, edge: RunningEdge
+) -> None:
+    """A stream whose every connection breaks after a few events resumes as often as it takes:
+    only drops in a row that bring no event make the page give up."""
+    page = await _open(browser, edge)
+
+    async def cut_short(route: Route) -> None:
+        response = await route.fetch()
+        events = (await response.body()).split(b"\r\n\r\n")
+        await route.fulfill(response=response, body=b"\r\n\r\n".join(events[:4]) + b"\r\n\r\n")
+
+    await page.route("**/v1/generate**", cut_short)
+    await page.fill("#prompt", "def fib(n):")
+    await page.fill("#max_tokens", "60")
+    await page.fill("#temperature", "0")
+    await page.click("#generate")
+    await page.wait_for_function(
+        "['done', 'error'].includes(document.getElementById('status').textContent)",
+        timeout=20_000,
+    )
+    assert (await page.text_content("#status"), await page.text_content("#count")) == (
+        "done",
+        "60",
+    )
+
+
+async def test_a_late_cancel_answer_does_not_touch_the_next_run(
+    browser: Browser, spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """Stop ends the run on the page at once; its cancel's answer, however late, does not mark
+    the run started after it as stopped or cancelled."""
+    prompt = "loop"
+    endless = [tokenizer.encode(" x")[0]] * 450
+    model = ScriptedModel.continuing(spec, len(tokenizer.encode(prompt)), endless, 0.01)
+    server: RunningServer = await start_server(model, tokenizer)
+    edge = await start_edge(server.target)
+    try:
+        page = await _open(browser, edge)
+
+        async def slow_cancel(route: Route) -> None:
+            await asyncio.sleep(0.5)
+            await route.continue_()
+
+        await page.route("**/cancel", slow_cancel)
+        await page.fill("#prompt", prompt)
+        await page.fill("#max_tokens", "450")
+        await page.click("#generate")
+        await page.wait_for_function("document.getElementById('output').textContent.length > 10")
+        await page.click("#stop_button")
+        stopped = await page.text_content("#status")
+        await page.fill("#max_tokens", "5")
+        await page.click("#generate")
+        await page.wait_for_function("document.getElementById('status').textContent === 'done'")
+        await asyncio.sleep(0.6)  # past the first run's cancel answer
+        after = (await page.text_content("#status"), await page.text_content("#finish"))
+    finally:
+        await edge.edge.stop()
+        await server.server.drain()
+    assert stopped == "stopped"
+    assert after == ("done", "length")

@@ -1,7 +1,8 @@
 // tokenwire page: streams /v1/generate over fetch, resumes with Last-Event-ID after a drop.
 "use strict";
 const $ = (id) => document.getElementById(id);
-let current = null; // { requestId, lastEventId, controller, stopped }
+let current = null; // the run on screen: { requestId, lastEventId, controller, stopped, ... }
+const MAX_RETRIES = 8; // resumes in a row that bring no event before the page gives up
 
 function setStatus(text, cls) {
   const el = $("status");
@@ -17,53 +18,55 @@ function headers() {
 }
 
 function body() {
-  const b = {
-    prompt: $("prompt").value,
-    max_tokens: Number($("max_tokens").value),
-    temperature: Number($("temperature").value),
-    top_p: Number($("top_p").value),
-  };
+  const b = { prompt: $("prompt").value };
+  // An empty field is left out (the server's default), not sent as 0.
+  for (const name of ["max_tokens", "temperature", "top_p"]) {
+    const value = $(name).value.trim();
+    if (value !== "") b[name] = Number(value);
+  }
   const stop = $("stop").value.replace(/\\n/g, "\n");
   if (stop) b.stop = [stop];
   return b;
 }
 
-// Parse a text/event-stream body, calling onEvent({event, data, id}) per event.
+// Parse a text/event-stream body, calling onEvent({event, data, id}) per event. Lines end at
+// \r\n, \n or \r, wherever the network cuts the bytes (a \r that ends a read may be the first
+// half of a \r\n, so it waits for the next read).
 async function readEvents(response, onEvent) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
+  let ev = { event: "message", data: null, id: null };
+  const line = /\r\n|\n|\r(?!$)/;
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) return;
-    buffer += decoder.decode(value, { stream: true }).replace(/\r\n/g, "\n");
-    let cut;
-    while ((cut = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, cut);
-      buffer = buffer.slice(cut + 2);
-      const ev = { event: "message", data: "", id: null };
-      for (const line of block.split("\n")) {
-        if (line.startsWith(":")) continue;
-        const [field, ...rest] = line.split(":");
-        const value = rest.join(":").replace(/^ /, "");
-        if (field === "event") ev.event = value;
-        else if (field === "data") ev.data += (ev.data ? "\n" : "") + value;
-        else if (field === "id") ev.id = value;
+    if (done) return; // an event the body ends before its blank line is not dispatched
+    buffer += decoder.decode(value, { stream: true });
+    let m;
+    while ((m = line.exec(buffer)) !== null) {
+      const text = buffer.slice(0, m.index);
+      buffer = buffer.slice(m.index + m[0].length);
+      if (text === "") {
+        if (ev.data !== null) onEvent(ev);
+        ev = { event: "message", data: null, id: null };
+        continue;
       }
-      if (ev.data) onEvent(ev);
+      if (text.startsWith(":")) continue;
+      const colon = text.indexOf(":");
+      const field = colon < 0 ? text : text.slice(0, colon);
+      const content = colon < 0 ? "" : text.slice(colon + 1).replace(/^ /, "");
+      if (field === "event") ev.event = content;
+      else if (field === "data") ev.data = ev.data === null ? content : ev.data + "\n" + content;
+      else if (field === "id") ev.id = content;
     }
   }
 }
 
 function handle(ev, run, stats) {
-  if (ev.id) {
-    run.lastEventId = ev.id;
-    if (!run.requestId) {
-      run.requestId = ev.id.slice(0, ev.id.lastIndexOf(":"));
-      $("request_id").textContent = run.requestId;
-    }
-  }
-  const data = JSON.parse(ev.data);
+  if (run !== current) return; // a stopped run's last bytes
+  const data = JSON.parse(ev.data); // before the id counts: a broken event is fetched again
+  if (ev.id) run.lastEventId = ev.id;
+  run.progress = true;
   if (ev.event === "token") {
     const now = performance.now();
     if (stats.first === null) {
@@ -92,64 +95,92 @@ async function errorText(response) {
   catch (e) { return response.statusText; }
 }
 
+function newRequestId() {
+  // Chosen here, so that Stop can cancel the request before its first event arrives.
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function cancelUpstream(run) {
+  // Fire and forget: the page does not wait for the answer, and nothing it says is shown.
+  fetch(`/v1/generate/${encodeURIComponent(run.requestId)}/cancel`, { method: "POST", headers: headers() })
+    .catch(() => {});
+}
+
 async function run() {
-  const r = { requestId: null, lastEventId: null, controller: null, finished: false, failed: false, stopped: false };
+  const r = {
+    requestId: newRequestId(), lastEventId: null, controller: null,
+    finished: false, failed: false, stopped: false, progress: false,
+  };
   current = r;
   const stats = { start: performance.now(), first: null, count: 0 };
-  for (const id of ["ttft", "rate", "finish", "usage", "request_id"]) $(id).textContent = "–";
+  for (const id of ["ttft", "rate", "finish", "usage"]) $(id).textContent = "–";
+  $("request_id").textContent = r.requestId;
   $("count").textContent = "0";
   $("output").textContent = "";
   $("generate").disabled = true;
   $("stop_button").disabled = false;
   setStatus("connecting", "streaming");
-  let attempt = 0;
+  let retries = 0;
+  let resumed = false;
   while (!r.finished && !r.stopped) {
     r.controller = new AbortController();
+    r.progress = false;
     try {
       let response;
+      const h = headers();
       if (r.lastEventId === null) {
-        response = await fetch("/v1/generate", { method: "POST", headers: headers(), body: JSON.stringify(body()), signal: r.controller.signal });
+        h["X-Request-ID"] = r.requestId;
+        response = await fetch("/v1/generate", { method: "POST", headers: h, body: JSON.stringify(body()), signal: r.controller.signal });
       } else {
-        const h = headers();
         h["Last-Event-ID"] = r.lastEventId;
         response = await fetch(`/v1/generate/${encodeURIComponent(r.requestId)}/events`, { headers: h, signal: r.controller.signal });
       }
+      if (response.status === 204) { r.finished = true; break; } // every event was read
       if (!response.ok) {
-        $("finish").textContent = `error ${response.status}: ${await errorText(response)}`;
-        setStatus("error");
-        break;
+        const transient = resumed && (response.status === 429 || response.status === 503);
+        const text = `error ${response.status}: ${await errorText(response)}`;
+        if (!transient) { if (r === current) { $("finish").textContent = text; setStatus("error"); } break; }
+        throw new Error(text);
       }
-      setStatus(attempt > 0 ? "resumed" : "streaming");
+      if (r === current) setStatus(resumed ? "resumed" : "streaming");
       await readEvents(response, (ev) => handle(ev, r, stats));
-      if (!r.finished && !r.stopped) throw new Error("stream ended early");
+      if (!r.finished && !r.stopped) throw new Error("the stream ended early");
     } catch (e) {
       if (r.stopped) break;
-      attempt += 1;
-      if (attempt > 8 || r.lastEventId === null) { setStatus("error"); $("finish").textContent = String(e); break; }
-      setStatus("reconnecting");
-      await new Promise((res) => setTimeout(res, Math.min(2000, 100 * 2 ** attempt)));
+      // A resume that brought events starts the count again: only drops in a row give up.
+      retries = r.progress ? 1 : retries + 1;
+      if (retries > MAX_RETRIES || r.lastEventId === null) {
+        if (r.lastEventId !== null) cancelUpstream(r);
+        if (r === current) { setStatus("error"); $("finish").textContent = String(e.message || e); }
+        break;
+      }
+      resumed = true;
+      if (r === current) setStatus("reconnecting");
+      await new Promise((res) => setTimeout(res, Math.min(2000, 100 * 2 ** retries)));
     }
   }
-  if (r.finished && !r.failed) setStatus(r.stopped ? "stopped" : "done", "done");
+  if (r !== current) return; // stopped, and another run owns the page now
+  if (r.finished && !r.failed) setStatus("done");
   if (r.failed) setStatus("error");
   $("generate").disabled = false;
   $("stop_button").disabled = true;
 }
 
-async function stop() {
+function stop() {
   const r = current;
-  if (!r) return;
+  if (!r || r.stopped) return;
   r.stopped = true;
-  $("stop_button").disabled = true;
-  if (r.requestId) {
-    try { await fetch(`/v1/generate/${encodeURIComponent(r.requestId)}/cancel`, { method: "POST", headers: headers() }); } catch (e) { /* the stream is ending anyway */ }
-  }
+  current = null; // its last bytes and its answers no longer reach the page
   if (r.controller) r.controller.abort();
+  cancelUpstream(r);
   $("finish").textContent = "cancelled";
   setStatus("stopped", "done");
+  $("generate").disabled = false;
+  $("stop_button").disabled = true;
 }
 
 $("form").addEventListener("submit", (e) => { e.preventDefault(); run(); });
 $("stop_button").addEventListener("click", stop);
 $("api_key").value = localStorage.getItem("tokenwire_api_key") || "";
-$("api_key").addEventListener("change", () => localStorage.setItem("tokenwire_api_key", $("api_key").value));
+$("api_key").addEventListener("change", () => localStorage.setItem("tokenwire_api_key", $("api_key").value.trim()));
