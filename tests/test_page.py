@@ -73,15 +73,25 @@ async def test_tokens_appear_with_stats_and_finish(
     assert shot.stat().st_size > 0
 
 
+LOOP = "loop"
+
+
+async def _looping(
+    spec: ModelSpec, tokenizer: Tokenizer, **overrides: object
+) -> tuple[RunningServer, RunningEdge]:
+    """A server whose model answers LOOP with 450 tokens, one every 10 ms, and its edge."""
+    endless = [tokenizer.encode(" x")[0]] * 450
+    model = ScriptedModel.continuing(spec, len(tokenizer.encode(LOOP)), endless, 0.01)
+    server = await start_server(model, tokenizer, **overrides)
+    return server, await start_edge(server.target)
+
+
 async def test_stop_button_cancels_the_generation(
     browser: Browser, spec: ModelSpec, tokenizer: Tokenizer
 ) -> None:
     """Stop during a long generation ends it in the page and frees the server's slot."""
-    prompt = "loop"
-    endless = [tokenizer.encode(" x")[0]] * 450
-    model = ScriptedModel.continuing(spec, len(tokenizer.encode(prompt)), endless, 0.01)
-    server: RunningServer = await start_server(model, tokenizer)
-    edge = await start_edge(server.target)
+    prompt = LOOP
+    server, edge = await _looping(spec, tokenizer)
     try:
         page = await _open(browser, edge)
         await page.fill("#prompt", prompt)
@@ -136,11 +146,8 @@ async def test_stop_before_the_first_event_cancels_the_request(
 ) -> None:
     """Stop while the request still waits in the server's queue cancels it there: it never
     takes the slot when the slot frees (the page names its request id itself)."""
-    prompt = "loop"
-    endless = [tokenizer.encode(" x")[0]] * 450
-    model = ScriptedModel.continuing(spec, len(tokenizer.encode(prompt)), endless, 0.01)
-    server: RunningServer = await start_server(model, tokenizer, max_batch_size=1)
-    edge = await start_edge(server.target)
+    prompt = LOOP
+    server, edge = await _looping(spec, tokenizer, max_batch_size=1)
     try:
         async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
             body = {"prompt": prompt, "max_tokens": 450}
@@ -194,11 +201,8 @@ async def test_a_late_cancel_answer_does_not_touch_the_next_run(
 ) -> None:
     """Stop ends the run on the page at once; its cancel's answer, however late, does not mark
     the run started after it as stopped or cancelled."""
-    prompt = "loop"
-    endless = [tokenizer.encode(" x")[0]] * 450
-    model = ScriptedModel.continuing(spec, len(tokenizer.encode(prompt)), endless, 0.01)
-    server: RunningServer = await start_server(model, tokenizer)
-    edge = await start_edge(server.target)
+    prompt = LOOP
+    server, edge = await _looping(spec, tokenizer)
     try:
         page = await _open(browser, edge)
 
