@@ -23,11 +23,13 @@ from tokenwire.server.engine.types import CacheTensor, FloatArray, IntArray
 
 
 class RecordingObserver:
-    """Keeps every finished-request record the engine reports, by request id."""
+    """Keeps every finished-request record the engine reports, by request id, and every
+    step's record."""
 
     def __init__(self) -> None:
         self.finished: dict[str, RequestRecord] = {}
         self.rejected: list[str] = []
+        self.steps: list[StepRecord] = []
 
     def request_finished(self, record: RequestRecord) -> None:
         self.finished[record.request_id] = record
@@ -36,7 +38,7 @@ class RecordingObserver:
         self.rejected.append(reason)
 
     def step_finished(self, record: StepRecord) -> None:
-        return None
+        self.steps.append(record)
 
 
 class ScriptedModel:

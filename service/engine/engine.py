@@ -78,8 +78,12 @@ class GenerationHandle:
     def events(self) -> AsyncIterator[Event]:
         return self._sequence.mailbox.events()
 
-    def cancel(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
-        self._engine.end(self._sequence, reason)
+    def cancel(self, reason: FinishReason = FinishReason.CANCELLED) -> FinishReason | None:
+        """End the request; returns the outcome every report gives it: `reason`, or the
+        engine's own finish reason if it had already finished (None: it failed)."""
+        if self._engine.end(self._sequence, reason):
+            return reason
+        return self._sequence.ended_by_caller or self._sequence.finish_reason
 
 
 class Engine:
@@ -339,6 +343,8 @@ class Engine:
         cancel applies to this request alone, never to a new one with the same id."""
         with self._lock:
             if self._active.get(sequence.request_id) is not sequence:
+                return False
+            if not sequence.claim_end(reason):  # it has just ended; its release is under way
                 return False
             del self._active[sequence.request_id]
             self._leaving.add(sequence)

@@ -111,6 +111,8 @@ class Scheduler:
         self._cancels: dict[Sequence | None, FinishReason] = {}
         self._finished: list[Sequence] = []
         self._outgoing: list[tuple[Mailbox, Delivery]] = []
+        self._decoded = 0
+        """Rows in this step's decode forwards."""
         self._done: list[Sequence] = []
         self._publisher: Publisher | None = None
         self._thread: threading.Thread | None = None
@@ -157,12 +159,12 @@ class Scheduler:
 
     def _iterate(self) -> None:
         started = time.monotonic()
+        self._decoded = 0
         prefill_tokens = self._step(started)
-        batch_size = len(self._running)
         self._publish()
         self._observer.step_finished(
             StepRecord(
-                batch_size=batch_size,
+                batch_size=self._decoded,
                 prefill_tokens=prefill_tokens,
                 duration=time.monotonic() - started,
                 running=self.running,
@@ -200,7 +202,7 @@ class Scheduler:
 
     def _step(self, now: float) -> int:
         self._reap(now)
-        self._admit(now)
+        self._admit()
         prefill_tokens = self._prefill()
         if prefill_tokens:
             # First tokens go out now, not after this step's decode forward: TTFT stays one
@@ -246,7 +248,7 @@ class Scheduler:
         """KV-cache entries reserved by running and prefilling requests."""
         return sum(s.reservation for s in (*self._running, *self._prefilling))
 
-    def _admit(self, now: float) -> None:
+    def _admit(self) -> None:
         """Move waiting requests into prefill while rows and KV-cache budget allow (FIFO)."""
         if not self._waiting:
             return
@@ -258,7 +260,6 @@ class Scheduler:
             seq = self._waiting.popleft()
             rows += 1
             reserved += seq.reservation
-            seq.scheduled_at = now
             self._prefilling.append(seq)
 
     def _prefill_group(self) -> tuple[list[Sequence], int]:
@@ -336,6 +337,10 @@ class Scheduler:
         """Feed the next `size` prompt tokens of one chunked row, or whole prompts of a group
         (in place in free slots of the preallocated cache, where there is one: a chunked row in
         the top slot, held for it between its chunks)."""
+        started = time.monotonic()
+        for seq in group:  # a request's queue time ends when its prefill starts
+            if seq.scheduled_at is None:
+                seq.scheduled_at = started
         chunked = group[0].cache if len(group) == 1 else None
         if chunked is None and len(group) == 1 and len(group[0].context_ids) > size:
             chunked = self._placement.chunk_slot()
@@ -385,6 +390,7 @@ class Scheduler:
 
     def _decode_run(self, rows: list[Sequence], cache: DecodeCache) -> None:
         """One decode forward over these rows of a cohort's cache."""
+        self._decoded += len(rows)
         ids = np.asarray([[s.generated[-1]] for s in rows], dtype=np.int64)
         positions = np.asarray([[s.next_position] for s in rows], dtype=np.int64)
         mask = cache.mask_with(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 import time
 
 from tokenwire.server.domain import (
@@ -64,6 +65,14 @@ class Sequence:
     scores_until: int = dataclasses.field(init=False)
     """Below this many generated tokens the row needs the step's whole distribution (it
     samples, adjusts or suppresses, or reports logprobs); 0 if never."""
+    resumed: int = dataclasses.field(init=False)
+    """How many of `generated` a continued stream brought (its continuation_ids, up to the
+    first that ends it): they were fed as context, not generated here."""
+    ended_by_caller: FinishReason | None = None
+    """Set by `claim_end` (another thread) when the caller ends the request before the engine
+    has: the outcome every report gives, the stream's own completion included."""
+    _ending: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+    """Orders `claim_end` against the decode thread's end of the request."""
 
     def __post_init__(self) -> None:
         request = self.request
@@ -77,6 +86,7 @@ class Sequence:
         reports = request.logprobs or request.top_logprobs
         self.scores_until = _NEVER if reports else self.argmax_from
         self.resume(request.continuation)
+        self.resumed = len(self.generated)
 
     @property
     def request_id(self) -> str:
@@ -157,6 +167,16 @@ class Sequence:
         if self.finish_reason is not None:
             self._close(now)
 
+    def claim_end(self, reason: FinishReason) -> bool:
+        """From the caller's thread: end with `reason` unless the engine has ended the request
+        already (False). The decode thread then closes it with this reason, even if its own
+        stop condition holds first, so the stream, its log and its metrics agree."""
+        with self._ending:
+            if self.finished:
+                return False
+            self.ended_by_caller = reason
+            return True
+
     def end(self, reason: FinishReason, now: float) -> None:
         """Finish early (cancel, deadline). Held-back text belongs to no token and is dropped."""
         if not self.finished:
@@ -164,12 +184,21 @@ class Sequence:
             self._close(now)
 
     def fail(self, what: str, exc: BaseException) -> None:
-        """End with an error: the consumer gets the events so far, then this error."""
-        if not self.finished:
-            self.error = EngineStopped(f"{what}: {type(exc).__name__}: {exc}")
-            self.cache = None
+        """End with an error: the consumer gets the events so far, then this error (unless
+        its caller had ended it: then it ends as the caller said)."""
+        if self.finished:
+            return
+        with self._ending:
+            if self.ended_by_caller is None:
+                self.error = EngineStopped(f"{what}: {type(exc).__name__}: {exc}")
+                self.cache = None
+                return
+        self.end(self.ended_by_caller, time.monotonic())
 
     def _close(self, now: float) -> None:
+        with self._ending:
+            if self.ended_by_caller is not None:
+                self.finish_reason, self.stop_sequence = self.ended_by_caller, ""
         self.outbox.append(self._usage(now))
         assert self.finish_reason is not None
         self.outbox.append(CompletionEvent(self.finish_reason, self.stop_sequence))
@@ -193,11 +222,13 @@ class Sequence:
         return events
 
     def record(self, now: float) -> RequestRecord:
-        """What the observer sees; finish_reason None means the request failed."""
+        """What the observer sees: the work done here (a continued stream's delivered tokens
+        count as context fed, not as tokens generated) and the outcome its caller saw;
+        finish_reason None means the request failed."""
         return RequestRecord(
             request_id=self.request_id,
-            prompt_tokens=len(self.prompt_ids),
-            completion_tokens=len(self.generated),
+            prompt_tokens=len(self.prompt_ids) + self.resumed,
+            completion_tokens=len(self.generated) - self.resumed,
             arrived_at=self.arrived_at,
             scheduled_at=self.scheduled_at,
             first_token_at=self.token_times[0] if self.token_times else None,

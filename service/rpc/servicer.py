@@ -131,9 +131,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 # 10 ms of slack: grpc may cancel a hair before our own clock says so.
                 expired = deadline is not None and time.monotonic() >= deadline - 0.01
                 reason = FinishReason.DEADLINE_EXCEEDED if expired else FinishReason.CANCELLED
-                handle.cancel(reason)
+                outcome = handle.cancel(reason)
                 if not summary.failed:
-                    summary.reason = reason.value
+                    # The engine's own reason where it had finished first: one outcome in the
+                    # log, the span and the metrics.
+                    summary.reason = "error" if outcome is None else outcome.value
             summary.log()
             if not summary.failed:
                 span.finished(summary.reason, summary.usage, handle.arrived_at)
