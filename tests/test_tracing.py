@@ -227,6 +227,24 @@ async def test_refused_generate_span_has_error_status(fresh: Traced) -> None:
     assert attributes["error.type"] == "InvalidRequest"
 
 
+async def test_a_call_that_ends_while_its_prompt_is_tokenized_ends_its_span(
+    fresh: Traced,
+) -> None:
+    """A call whose deadline passes while its long prompt is being tokenized (before the
+    engine accepts it) ends its Generate span with DEADLINE_EXCEEDED and logs its end."""
+    prompt = "def f(x): return x + 1\n" * 11_000  # about 0.1 s of tokenizing
+    with capture_logs() as logs:
+        async with grpc.aio.insecure_channel(fresh.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await collect(stub, greedy(prompt, 2), timeout=0.02)
+        (generate,) = await _spans(fresh.server_spans, 1)
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert generate.status.status_code == StatusCode.ERROR
+    assert dict(generate.attributes or {})["rpc.response.status_code"] == "DEADLINE_EXCEEDED"
+    assert any(e["event"] == "request.rejected" and e["code"] == "DEADLINE_EXCEEDED" for e in logs)
+
+
 async def test_refused_edge_request_span_has_error_status(fresh: Traced) -> None:
     """A request the edge answers 400 ends its span with status ERROR and the status code."""
     response = await _completion(fresh, temperature=5)

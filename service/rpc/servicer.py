@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -103,6 +104,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             _span_failed(span, exc)
             await abort(context, exc)
             return
+        except asyncio.CancelledError:  # the call ended while a long prompt was tokenized
+            remaining = context.time_remaining()
+            code = (
+                "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0.01 else "CANCELLED"
+            )
+            reason = "the call ended before the request was accepted"
+            log.info("request.rejected", code=code, reason=reason)
+            span.refused(code, "CancelledError", reason)
+            raise
         logged = request if self._log_content and isinstance(request, pb.GenerateRequest) else None
         summary = _StreamSummary(handle, logged)
         try:
