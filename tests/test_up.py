@@ -9,9 +9,9 @@ import os
 import signal
 import socket
 import sys
-import threading
 
 import httpx
+import pytest
 from httpx_sse import aconnect_sse
 
 from tests.conftest import MODEL
@@ -73,9 +73,10 @@ async def test_up_prints_the_urls_serves_and_stops_cleanly_on_ctrl_c() -> None:
 
 
 async def _spawn_up(
-    grpc_port: int, http_port: int, metrics_port: int, *args: str
+    grpc_port: int, http_port: int, metrics_port: int, *args: str, env: dict[str, str] | None = None
 ) -> asyncio.subprocess.Process:
-    """`tokenwire up` on these ports with JSON logs, stdout and stderr piped together."""
+    """`tokenwire up` on these ports with JSON logs (and `env`), stdout and stderr piped
+    together."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -86,7 +87,7 @@ async def _spawn_up(
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "TOKENWIRE_LOG_FORMAT": "json"},
+        env={**os.environ, "TOKENWIRE_LOG_FORMAT": "json", **(env or {})},
     )
 
 
@@ -185,29 +186,38 @@ async def test_up_takes_its_ports_from_the_variables_serve_and_edge_read() -> No
     assert proc.returncode == 0
 
 
-def _answer_garbage(listener: socket.socket) -> None:
-    """Answer every connection with bytes that are not HTTP (as a gRPC server would)."""
-    with contextlib.suppress(OSError):
-        while True:
-            conn, _ = listener.accept()
-            with conn:
-                conn.sendall(b"\x00\x00\x12\x04\x00 not HTTP\r\n\r\n")
-
-
-async def test_up_whose_edge_cannot_listen_stops_the_server_and_fails() -> None:
-    """With the edge's port held by another program that does not speak HTTP, `tokenwire up`
-    stops the server it started and exits 1: no child is left running (the gRPC port is free
-    again)."""
-    grpc_port, metrics_port = _free_ports(2)
-    with socket.create_server(("127.0.0.1", 0)) as taken:
-        http_port = taken.getsockname()[1]
-        threading.Thread(target=_answer_garbage, args=(taken,), daemon=True).start()
-        proc = await _spawn_up(grpc_port, http_port, metrics_port)
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), 90)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-    assert proc.returncode == 1
+async def test_up_whose_edge_cannot_start_stops_the_server_and_exits_2() -> None:
+    """With a setting the edge refuses (TOKENWIRE_MAX_BODY_BYTES=1), `tokenwire up` stops the
+    server it started and exits 2, as the edge did: no child is left running (the gRPC port is
+    free again)."""
+    grpc_port, http_port, metrics_port = _free_ports(3)
+    proc = await _spawn_up(
+        grpc_port, http_port, metrics_port, env={"TOKENWIRE_MAX_BODY_BYTES": "1"}
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 90)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert proc.returncode == 2
     assert b"edge exit 2" in out
     socket.create_server(("127.0.0.1", grpc_port)).close()
+
+
+@pytest.mark.parametrize("held", ["grpc", "http", "metrics"])
+async def test_up_with_a_port_taken_starts_nothing_and_exits_2(held: str) -> None:
+    """With one of its ports held by another program, `tokenwire up` prints one line naming
+    the address and exits 2 before starting anything: no banner, no child (the other ports
+    stay free)."""
+    ports = dict(zip(["grpc", "http", "metrics"], _free_ports(3), strict=True))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        ports[held] = taken.getsockname()[1]
+        proc = await _spawn_up(ports["grpc"], ports["http"], ports["metrics"])
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    lines = out.decode().splitlines()
+    assert proc.returncode == 2
+    assert len(lines) == 1
+    assert f"cannot listen on 127.0.0.1:{ports[held]}" in lines[0]
+    for name, port in ports.items():
+        if name != held:
+            socket.create_server(("127.0.0.1", port)).close()
