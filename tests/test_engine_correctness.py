@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 
@@ -107,3 +108,22 @@ async def test_a_long_prompt_tokenized_on_a_worker_thread_is_fed_as_the_tokenize
         engine.shutdown()
     assert handle.prompt_tokens == len(ids)
     assert got == greedy_without_cache(onnx_model, ids, 8)
+
+
+async def test_a_long_prompts_timings_count_from_its_arrival_not_from_its_tokenizing(
+    onnx_model: OnnxCausalLM, tokenizer: Tokenizer
+) -> None:
+    """The timings of a prompt tokenized on the worker thread (queue time, TTFT, Usage) count
+    from submit_async's call: the handle's arrival comes before the tokenizing, not after."""
+    prompt = "#" * 5000 + "\ndef fib(n):"
+    engine = Engine(onnx_model, tokenizer, EngineConfig())
+    engine.start()
+    try:
+        request = GenerationRequest("long", prompt, max_tokens=1, ignore_eos=True)
+        called = time.monotonic()
+        handle = await engine.submit_async(request)
+        returned = time.monotonic()
+        assert [e async for e in handle.events()]
+    finally:
+        engine.shutdown()
+    assert handle.arrived_at - called < (returned - called) / 2
