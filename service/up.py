@@ -6,6 +6,7 @@ import dataclasses
 import http.client
 import shutil
 import signal
+import socket
 import sys
 import time
 import urllib.request
@@ -124,7 +125,32 @@ def banner(host: str, grpc_port: int, http_port: int, metrics_port: int) -> str:
     return "\n".join(lines)
 
 
+def taken_port(settings: UpSettings) -> str | None:
+    """One line naming the first of `up`'s ports that cannot be bound on its host (another
+    program listens there), or None. Checked before anything starts: a child that found its
+    port taken would exit, but another tokenwire answering there would pass for it."""
+    ports = (
+        (settings.grpc_port, "the server's gRPC port (--grpc-port, TOKENWIRE_PORT)"),
+        (settings.http_port, "the edge's HTTP port (--http-port, TOKENWIRE_EDGE_PORT)"),
+        (settings.metrics_port, "the metrics port (--metrics-port, TOKENWIRE_METRICS_PORT)"),
+    )
+    for port, what in ports:
+        if not port:
+            continue
+        try:
+            socket.create_server((settings.host, port)).close()
+        except OSError as exc:
+            return f"tokenwire up: cannot listen on {settings.host}:{port}, {what}: {exc.strerror}"
+    return None
+
+
 def run_up(settings: UpSettings) -> int:
+    """Start the server and the edge, print where to go, stop both on Ctrl-C. Exit status 2
+    when a port is taken (before anything starts) or a child could not start (exit 2)."""
+    taken = taken_port(settings)
+    if taken is not None:
+        print(taken, file=sys.stderr, flush=True)
+        return 2
     signals = _Signals()
     host = settings.host
     grace = ("--drain-grace-s", str(settings.drain_grace_s), "--log-format", settings.log_format)
@@ -163,4 +189,6 @@ def run_up(settings: UpSettings) -> int:
         asked = signals.count
         codes = [p.stop(limit_s, lambda: signals.count > asked) for p in (edge, server)]
     print(f"tokenwire up: stopped (edge exit {codes[0]}, server exit {codes[1]})", flush=True)
-    return 0 if signals.count or all(c == 0 for c in codes) else 1
+    if signals.count or all(c == 0 for c in codes):
+        return 0
+    return 2 if 2 in codes else 1
