@@ -196,7 +196,7 @@ class Engine:
         Raises InvalidRequest, Overloaded or Unavailable; never blocks on the decode thread.
         """
         try:
-            return self._submit(request)
+            return self._submit(request, time.monotonic())
         except TokenwireError as exc:
             self._observer.request_rejected(type(exc).__name__)
             raise
@@ -204,7 +204,9 @@ class Engine:
     async def submit_async(self, request: GenerationRequest) -> GenerationHandle:
         """As submit, but a prompt over LONG_PROMPT_CHARS is tokenized on a worker thread, so
         the event loop goes on serving other streams meanwhile (shorter ones are tokenized at
-        once: a thread hop would cost them more than it saves)."""
+        once: a thread hop would cost them more than it saves). The request's timings count
+        from this call, its tokenizing included."""
+        arrived_at = time.monotonic()
         try:
             prompt_ids = None
             if len(request.prompt) > LONG_PROMPT_CHARS:
@@ -213,7 +215,7 @@ class Engine:
                 prompt_ids = await asyncio.get_running_loop().run_in_executor(
                     self._tokenizer_thread(), self._encode_released, request
                 )
-            return self._submit(request, prompt_ids)
+            return self._submit(request, arrived_at, prompt_ids)
         except TokenwireError as exc:
             self._observer.request_rejected(type(exc).__name__)
             raise
@@ -242,7 +244,7 @@ class Engine:
         request.check(self.limits)
 
     def _submit(
-        self, request: GenerationRequest, prompt_ids: list[int] | None = None
+        self, request: GenerationRequest, arrived_at: float, prompt_ids: list[int] | None = None
     ) -> GenerationHandle:
         self._check_open(request)
         if prompt_ids is None:
@@ -269,6 +271,7 @@ class Engine:
             sampler=Sampler(request.sampling),
             text=TextStream.create(self.tokenizer, request.stop),
             mailbox=Mailbox(asyncio.get_running_loop()),
+            arrived_at=arrived_at,
         )
         self._admit(sequence)
         self._scheduler.post(Submit(sequence))
