@@ -109,9 +109,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             code = (
                 "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0.01 else "CANCELLED"
             )
-            reason = "the call ended before the request was accepted"
-            log.info("request.rejected", code=code, reason=reason)
-            span.refused(code, "CancelledError", reason)
+            ended = "the call ended before the request was accepted"
+            log.info("request.rejected", code=code, reason=ended)
+            span.refused(code, "CancelledError", ended)
             raise
         logged = request if self._log_content and isinstance(request, pb.GenerateRequest) else None
         summary = _StreamSummary(handle, logged)
