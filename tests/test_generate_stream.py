@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from tests.conftest import collect, greedy, text_of
+import grpc
+import pytest
+
+from tests.conftest import collect, greedy, start_server, text_of
+from tokenwire.server.engine import OnnxCausalLM
+from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
@@ -103,3 +108,23 @@ async def test_get_model_info_describes_the_bundled_model(
     assert list(info.eos_token_ids)
     assert info.provider == "CPUExecutionProvider"
     assert info.max_tokens_limit >= info.default_max_tokens > 0
+
+
+async def test_model_info_context_is_the_kv_budget_where_that_is_smaller(
+    onnx_model: OnnxCausalLM, tokenizer: Tokenizer
+) -> None:
+    """With a KV-cache budget below the model's context, GetModelInfo's context_length is the
+    budget: the longest prompt plus max_tokens a request may hold there."""
+    running = await start_server(onnx_model, tokenizer, max_kv_tokens=200)
+    try:
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+            refused = stub.Generate(greedy("x", max_tokens=info.context_length))
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await refused.read()
+    finally:
+        await running.server.drain()
+    assert onnx_model.spec.context_length > 200
+    assert info.context_length == 200
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT

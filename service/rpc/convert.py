@@ -129,7 +129,8 @@ def model_info_to_pb(engine: Engine) -> pb.GetModelInfoResponse:
     spec = engine.model.spec
     return pb.GetModelInfoResponse(
         model=spec.name,
-        context_length=spec.context_length,
+        # What a request may hold: the model's context, or the KV budget where it is smaller.
+        context_length=min(spec.context_length, engine.config.max_kv_tokens),
         vocab_size=spec.vocab_size,
         eos_token_ids=sorted(spec.eos_token_ids),
         provider=engine.model.provider,

@@ -482,7 +482,9 @@ class GetModelInfoResponse(_message.Message):
     model: _builtins.str
     """Model name from its config."""
     context_length: _builtins.int
-    """Longest prompt plus generated tokens the model accepts."""
+    """Longest prompt plus generated tokens a request may hold: the model's context, or the
+    server's KV-cache budget (max_kv_tokens) where that is smaller.
+    """
     vocab_size: _builtins.int
     provider: _builtins.str
     """The ONNX Runtime execution provider in use, e.g. CUDAExecutionProvider."""

@@ -60,7 +60,8 @@ class GenerationServiceServicer:
         """Generate streams one GenerateResponse.token per generated token, then exactly one
         GenerateResponse.usage, then exactly one GenerateResponse.completion. A stream that ends
         otherwise ends with a non-OK gRPC status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE,
-        CANCELLED, DEADLINE_EXCEEDED).
+        CANCELLED, DEADLINE_EXCEEDED, UNAUTHENTICATED without a valid API key where the server
+        requires one, INTERNAL when the engine failed the request).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,7 +37,8 @@ class GenerationServiceStub:
     """Generate streams one GenerateResponse.token per generated token, then exactly one
     GenerateResponse.usage, then exactly one GenerateResponse.completion. A stream that ends
     otherwise ends with a non-OK gRPC status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE,
-    CANCELLED, DEADLINE_EXCEEDED).
+    CANCELLED, DEADLINE_EXCEEDED, UNAUTHENTICATED without a valid API key where the server
+    requires one, INTERNAL when the engine failed the request).
     """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_generate_pb2.GetModelInfoRequest, _generate_pb2.GetModelInfoResponse]
     """GetModelInfo describes the served model and the server's request limits."""
@@ -55,7 +56,8 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     """Generate streams one GenerateResponse.token per generated token, then exactly one
     GenerateResponse.usage, then exactly one GenerateResponse.completion. A stream that ends
     otherwise ends with a non-OK gRPC status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE,
-    CANCELLED, DEADLINE_EXCEEDED).
+    CANCELLED, DEADLINE_EXCEEDED, UNAUTHENTICATED without a valid API key where the server
+    requires one, INTERNAL when the engine failed the request).
     """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_generate_pb2.GetModelInfoRequest, _generate_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """GetModelInfo describes the served model and the server's request limits."""
@@ -76,7 +78,8 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         """Generate streams one GenerateResponse.token per generated token, then exactly one
         GenerateResponse.usage, then exactly one GenerateResponse.completion. A stream that ends
         otherwise ends with a non-OK gRPC status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE,
-        CANCELLED, DEADLINE_EXCEEDED).
+        CANCELLED, DEADLINE_EXCEEDED, UNAUTHENTICATED without a valid API key where the server
+        requires one, INTERNAL when the engine failed the request).
         """
 
     @_abc_1.abstractmethod
