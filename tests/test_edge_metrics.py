@@ -1,4 +1,5 @@
-"""Edge metrics: client-side TTFT, streams by route and outcome, active streams, buffer bytes."""
+"""Edge metrics: client-side TTFT, streams by route and outcome, failovers, active streams,
+buffer bytes."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
+import pytest
 from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import RunningServer, eventually, start_edge
+from tests.conftest import MODEL, RunningServer, eventually, start_edge
+from tests.procs import ServerProcess
 
 BODY = {"prompt": "def f():", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
 
@@ -139,3 +142,52 @@ async def test_replays_and_resumes_add_no_ttft_observation(served: RunningServer
     finally:
         await edge.edge.stop()
     assert count == 1
+
+
+async def test_a_replay_counts_its_outcome_and_no_resume(served: RunningServer) -> None:
+    """Reading a finished stream again from its start (the events route without
+    Last-Event-ID) counts the replay's own outcome, `completed`, and no `resumed`."""
+    edge = await start_edge(served.target, resume_window_s=5.0)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            async with aconnect_sse(http, "POST", "/v1/generate", json=BODY) as source:
+                events = [e async for e in source.aiter_sse()]
+            request_id = events[0].id.rsplit(":", 1)[0]
+            async with aconnect_sse(http, "GET", f"/v1/generate/{request_id}/events") as source:
+                [e async for e in source.aiter_sse()]
+            values = await _values(http)
+    finally:
+        await edge.edge.stop()
+    assert _streams(values, "native", "resumed") == 0
+    assert _streams(values, "native", "completed") == 2
+
+
+@pytest.mark.slow
+async def test_a_failover_is_counted_by_route(served: RunningServer) -> None:
+    """An OpenAI stream whose server is killed mid-stream goes on on the other target and
+    counts one tokenwire_edge_failovers_total{route="completions"}."""
+    first = ServerProcess("--metrics-port", "0")
+    try:
+        first.wait_for("server.started")
+        edge = await start_edge(f"{first.target},{served.target}")
+        body = {**BODY, "model": MODEL, "max_tokens": 400, "stream": True}
+        try:
+            async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    lines = []
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: ") and first.proc.poll() is None:
+                            first.proc.kill()
+                        lines.append(line)
+                values = await _values(http)
+        finally:
+            await edge.edge.stop()
+    finally:
+        first.close()
+    assert "data: [DONE]" in lines
+    failovers = {
+        dict(labels)["route"]: value
+        for (name, labels), value in values.items()
+        if name == "tokenwire_edge_failovers_total"
+    }
+    assert failovers == {"native": 0, "completions": 1, "chat": 0}

@@ -1,26 +1,35 @@
-"""What each API request came to, counted in one place for every route.
+"""What each API request came to, counted and logged in one place for every route.
 
-`AccountingMiddleware`, the outermost layer, gives every request to a route that starts or
-follows a generation an `Account` labelled with that route, the moment the request arrives. An
-account ends once: the stream it answered completed, failed upstream or lost its client, or the
-request was refused before any stream began, by a gate (415, 503 while draining) or by the
-route. A resume counts `resumed` as well, when it attaches to a stream that nobody was reading;
-it then ends like any other stream.
+`AccountingMiddleware` gives every request to a route that starts or follows a generation an
+`Account` labelled with that route, the moment the request arrives. An account ends once: the
+stream it answered completed, failed upstream or lost its client, the whole response was
+written, or the request was refused before any stream began, by a gate (415, 503 while
+draining) or by the route. A resume counts `resumed` as well, when it attaches to a stream that
+nobody was reading; it then ends like any other stream. A replay (the events route without
+Last-Event-ID) is not a resume: it counts its own outcome only. Once the response is over, a
+request that was counted writes its one `edge.stream` line.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import structlog
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tokenwire.edge.context import valid_request_id
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.metrics import EdgeMetrics, Outcome, RouteName
 from tokenwire.edge.tracing import stream_failed
+from tokenwire.edge.upstream import Failover
 
+log = structlog.get_logger("tokenwire.edge")
 ACCOUNT = "tokenwire.account"
 """Scope key of the request's Account."""
 REFUSALS = frozenset({400, 408, 409, 413, 415, 429, 503})
@@ -45,12 +54,22 @@ def failed(code: str) -> Outcome:
 
 
 class Account:
-    """One request's outcome on one route, counted once; TTFT and the active-stream gauge."""
+    """One request's outcome on one route, counted once and logged once; TTFT and the
+    active-stream gauge."""
 
-    def __init__(self, metrics: EdgeMetrics, route: RouteName) -> None:
+    def __init__(self, metrics: EdgeMetrics, route: RouteName, request_id: str) -> None:
         self.metrics = metrics
         self.route = route
+        self.request_id = request_id
+        """The id the request goes by: its valid X-Request-ID or a new one, until the route
+        settles on the stream's."""
         self.outcome: Outcome | None = None
+        self.status: int | None = None
+        """The HTTP status the response started with."""
+        self.events = 0
+        """SSE events written (0 for a response that is not an event stream)."""
+        self.details: dict[str, Any] = {}
+        """What the route adds to the request's line (`choices`, `resumed_after`): no content."""
         self.arrived = time.perf_counter()
         """When the request arrived (the account is made then): where its TTFT starts."""
 
@@ -79,6 +98,7 @@ class Account:
 
     def answered(self, status: int) -> None:
         """The response starts with `status`: a refusal status ends a request not yet ended."""
+        self.status = status
         if status in REFUSALS:
             self.end(Outcome.REJECTED)
 
@@ -98,14 +118,41 @@ class Account:
         self.metrics.active.dec()
         self.end(Outcome.CLIENT_DISCONNECTED)
 
+    def report(self) -> None:
+        """The request's `edge.stream` line, once its response is over; a request that counted
+        no outcome (a 204, 401, 404 or 410 resume...) writes none. Ids, counts and labels
+        only: never a prompt, a completion or a key."""
+        if self.outcome is None:
+            return
+        log.info(
+            "edge.stream",
+            request_id=self.request_id,
+            route=self.route,
+            outcome=self.outcome,
+            status=self.status,
+            events=self.events,
+            duration_ms=round((time.perf_counter() - self.arrived) * 1000, 3),
+            **self.details,
+        )
+
     def _count(self, outcome: Outcome) -> None:
         self.metrics.streams.labels(route=self.route, outcome=outcome).inc()
 
 
+def failovers_counted(metrics: EdgeMetrics) -> Callable[[Failover], None]:
+    """What the upstream reports each failover to: tokenwire_edge_failovers_total{route}."""
+
+    def count(failover: Failover) -> None:
+        metrics.failovers.labels(route=failover.route).inc()
+
+    return count
+
+
 class AccountingMiddleware:
-    """Outermost: an Account for each request to an accounted route, made as it arrives, and
-    `rejected` for one refused before any stream, by a gate as by the route (counted as its
-    response starts, so a client that reads the refusal then the metrics sees it counted)."""
+    """Before the gates: an Account for each request to an accounted route, made as it
+    arrives, and `rejected` for one refused before any stream, by a gate as by the route
+    (counted as its response starts, so a client that reads the refusal then the metrics sees
+    it counted). Inside the tracing middleware, so the request's line carries its trace ids."""
 
     def __init__(
         self, app: ASGIApp, metrics: EdgeMetrics, routes: Sequence[tuple[BaseRoute, RouteName]]
@@ -119,7 +166,7 @@ class AccountingMiddleware:
         if route is None:
             await self.app(scope, receive, send)
             return
-        account = Account(self.metrics, route)
+        account = Account(self.metrics, route, _given_id(scope))
         scope[ACCOUNT] = account
 
         async def answering(message: Message) -> None:
@@ -127,7 +174,10 @@ class AccountingMiddleware:
                 account.answered(message["status"])
             await send(message)
 
-        await self.app(scope, receive, answering)
+        try:
+            await self.app(scope, receive, answering)
+        finally:
+            account.report()
 
     def _route(self, scope: Scope) -> RouteName | None:
         """The label of the accounted route the request is for (its path and its method)."""
@@ -137,3 +187,10 @@ class AccountingMiddleware:
             if route.matches(scope)[0] == Match.FULL:
                 return name
         return None
+
+
+def _given_id(scope: Scope) -> str:
+    """The caller's X-Request-ID where it is a valid one, else a new id: what a request refused
+    before its route reads its id goes by (an invalid header is never logged)."""
+    header = Headers(scope=scope).get("x-request-id", "")
+    return header if valid_request_id(header) else uuid.uuid4().hex

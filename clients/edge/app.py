@@ -17,7 +17,12 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tokenwire.edge import native, openai_api
-from tokenwire.edge.accounting import ACCOUNT, Account, AccountingMiddleware
+from tokenwire.edge.accounting import (
+    ACCOUNT,
+    Account,
+    AccountingMiddleware,
+    failovers_counted,
+)
 from tokenwire.edge.context import EdgeContext
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.guards import (
@@ -96,10 +101,10 @@ Accounted = list[tuple[Route, RouteName]]
 def _middleware(
     settings: EdgeSettings, ctx: EdgeContext, traces: Tracing, accounted: Accounted
 ) -> list[Middleware]:
-    """Outermost first: accounting (each request's outcome, from its arrival), CORS answers
-    preflights, the drain gate counts and refuses, then keys, then where the request comes
-    from and its content type."""
-    middleware = [Middleware(AccountingMiddleware, metrics=ctx.metrics, routes=accounted)]
+    """Outermost first: CORS answers preflights, tracing (a span per API request), accounting
+    (each request's outcome and its log line, from its arrival), the drain gate refuses, then
+    keys, then where the request comes from and its content type."""
+    middleware: list[Middleware] = []
     if settings.cors_origins:
         middleware.append(
             Middleware(
@@ -110,8 +115,10 @@ def _middleware(
                 expose_headers=["X-Request-ID"],
             )
         )
-    # Outside the gates, so requests they refuse (draining, keys) have spans too.
+    # Outside the gates, so requests they refuse (draining, keys) have spans and are counted;
+    # accounting inside tracing, so each request's line carries its trace and span ids.
     middleware.append(Middleware(TracingMiddleware, tracer=traces.tracer))
+    middleware.append(Middleware(AccountingMiddleware, metrics=ctx.metrics, routes=accounted))
     middleware.append(Middleware(DrainMiddleware, drain=ctx.drain))
     if api_keys := settings.all_api_keys():
         middleware.append(Middleware(ApiKeyMiddleware, keys=api_keys))
@@ -152,12 +159,14 @@ def create_app(
     settings: EdgeSettings, upstream: Upstream | None = None, tracing: Tracing | None = None
 ) -> Starlette:
     traces = tracing or Tracing.from_endpoint(settings.otlp_endpoint)
-    upstream = upstream or Upstream.from_settings(settings)
+    metrics = EdgeMetrics()
+    # An upstream passed in reports its failovers to whatever its maker gave it.
+    upstream = upstream or Upstream.from_settings(settings, failovers_counted(metrics))
     ctx = EdgeContext(
         settings=settings,
         upstream=upstream,
         streams=resume_store(settings, upstream, native_event),
-        metrics=EdgeMetrics(),
+        metrics=metrics,
     )
 
     accounted = _accounted_routes()

@@ -48,9 +48,14 @@ def request_id_of(request: Request, field: str = "") -> str:
     return header or field or uuid.uuid4().hex
 
 
+def valid_request_id(request_id: str) -> bool:
+    """Whether the edge takes `request_id`: 1..128 printable ASCII characters, no ':'."""
+    return _REQUEST_ID.fullmatch(request_id) is not None
+
+
 def check_request_id(request_id: str) -> None:
     """EdgeError 400 naming request_id unless it is 1..128 printable ASCII characters, no ':'."""
-    if not _REQUEST_ID.fullmatch(request_id):
+    if not valid_request_id(request_id):
         raise EdgeError.invalid(
             "request_id",
             f"must be 1 to {MAX_REQUEST_ID} printable ASCII characters (0x20-0x7E), without ':'"

@@ -64,10 +64,17 @@ class EdgeMetrics:
             ["route", "outcome"],
             registry=r,
         )
+        self.failovers = Counter(
+            "tokenwire_edge_failovers",
+            "Streams that went on on another server after theirs broke, by route.",
+            ["route"],
+            registry=r,
+        )
         self.active = Gauge("tokenwire_edge_active_streams", "HTTP streams open now.", registry=r)
         self.buffer_bytes = Gauge(
             "tokenwire_edge_resume_buffer_bytes", "Bytes held in resume buffers.", registry=r
         )
         for route in RouteName:
+            self.failovers.labels(route=route)
             for outcome in Outcome:
                 self.streams.labels(route=route, outcome=outcome)

@@ -88,10 +88,10 @@ def _sse(request: Request, stream: StoredStream, after: int, *, timed: bool) -> 
     """The stored stream after seq `after` as the response; `timed` (TTFT observed) only for
     the request that started it: a resume or replay, from seq 0 too, is not a first token."""
     ctx = EdgeContext.of(request)
-    fields = {"request_id": stream.request_id, "resumed_after": after}
-    events = relay(
-        Account.of(request), native_frames(stream, after), timed=timed, log_fields=fields
-    )
+    account = Account.of(request)
+    account.request_id = stream.request_id
+    account.details["resumed_after"] = after
+    events = relay(account, native_frames(stream, after), timed=timed)
     return sse_response(events, stream.request_id, ctx.settings.ping_s)
 
 
@@ -110,26 +110,32 @@ async def _check_resume(stream: StoredStream, seq: int) -> bool:
     return ended and seq == last
 
 
-async def _resume(request: Request, ctx: EdgeContext, last_event_id: str) -> Response:
+async def _resume(
+    request: Request, ctx: EdgeContext, last_event_id: str, *, replay: bool = False
+) -> Response:
+    """A resume after the event `last_event_id` names, or with `replay` the whole stream."""
+    account = Account.of(request)
     request_id, seq = parse_event_id(last_event_id)
+    account.request_id = request_id
     stream = await ctx.streams.get(request_id, principal_of(request.scope))
     if await _check_resume(stream, seq):
         # The reader has every event: 204 is what stops an EventSource's reconnecting.
         return Response(status_code=204)
-    if stream.followers == 0:
-        Account.of(request).resumed()
+    if stream.followers == 0 and not replay:
+        account.resumed()
     return _sse(request, stream, seq, timed=False)
 
 
 async def _start(
     request: Request, ctx: EdgeContext, fields: Fields, known: frozenset[str] = FIELDS
 ) -> Response:
+    account = Account.of(request)
     prompt = fields.string("prompt")
-    request_id = request_id_of(request, fields.string("request_id"))
+    request_id = account.request_id = request_id_of(request, fields.string("request_id"))
     options = options_from(fields, request_id, known)
     await ctx.streams.claim(request_id)
     try:
-        [upstream] = await open_generations(ctx.upstream, prompt, [options])
+        [upstream] = await open_generations(ctx.upstream, prompt, [options], account.route)
         stream = await ctx.streams.open(upstream, request_id, principal_of(request.scope))
     finally:
         await ctx.streams.release(request_id)
@@ -171,10 +177,13 @@ async def generate_get(request: Request) -> Response:
 
 
 async def resume(request: Request) -> Response:
-    """GET /v1/generate/{request_id}/events with Last-Event-ID (or ?last_event_id=)."""
+    """GET /v1/generate/{request_id}/events with Last-Event-ID (or ?last_event_id=); without
+    one, a replay of the whole stream."""
     ctx = EdgeContext.of(request)
     request_id = request.path_params["request_id"]
-    last = _last_event_id(request) or f"{request_id}:0"
+    last = _last_event_id(request)
+    if not last:
+        return await _resume(request, ctx, f"{request_id}:0", replay=True)
     if parse_event_id(last)[0] != request_id:
         raise EdgeError.invalid("Last-Event-ID", "must name the same request id as the path")
     return await _resume(request, ctx, last)

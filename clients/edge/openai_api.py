@@ -51,8 +51,9 @@ class _Call:
 
 async def _begin(request: Request, *, chat: bool) -> _Call:
     ctx = EdgeContext.of(request)
+    account = Account.of(request)
     fields = Fields(await read_json(request, ctx.settings.max_body_bytes))
-    request_id = request_id_of(request, "")
+    request_id = account.request_id = request_id_of(request, "")
     turns = chat_turns(fields) if chat else None
     text, ids = ("", ()) if chat else completion_prompt(fields)
     parsed = read_request(fields, request_id, chat=chat, prompt_ids=ids)
@@ -60,21 +61,21 @@ async def _begin(request: Request, *, chat: bool) -> _Call:
     check_model(parsed, info, ctx.settings.model_aliases)
     prompt = chat_prompt(turns, info) if turns is not None else text
     try:
-        upstreams = await open_generations(ctx.upstream, prompt, parsed.choices)
+        upstreams = await open_generations(ctx.upstream, prompt, parsed.choices, account.route)
     except EdgeError as error:
         raise error.renamed(parsed.names) from None
     # One choice keeps the id the server settled on; n choices share the caller's.
-    base_id = upstreams[0].request_id if len(upstreams) == 1 else request_id
+    base_id = account.request_id = upstreams[0].request_id if len(upstreams) == 1 else request_id
+    account.details["choices"] = len(upstreams)
     shape = Shape(chat, base_id, info.model)
-    return _Call(ctx, Account.of(request), base_id, parsed, upstreams, shape)
+    return _Call(ctx, account, base_id, parsed, upstreams, shape)
 
 
 async def _respond(request: Request, *, chat: bool) -> Response:
     call = await _begin(request, chat=chat)
     if call.request.stream:
         frames = openai_frames(call.shape, call.upstreams, call.request.include_usage)
-        fields = {"request_id": call.request_id, "choices": len(call.upstreams)}
-        events = relay(call.account, frames, timed=True, log_fields=fields)
+        events = relay(call.account, frames, timed=True)
         return sse_response(events, call.request_id, call.ctx.settings.ping_s)
     whole = await _until_disconnect(request, _whole(call))
     if whole is None:

@@ -3,7 +3,7 @@
     HTTP request -> open_generations (Upstream: failover and continuation toward the servers)
                  -> events: Token | Usage | Completion, or an EdgeError (errors.edge_error)
                  -> an encoder: native (kept in the resume store for Last-Event-ID) or OpenAI
-                 -> Frames -> relay (TTFT, active streams, the outcome, the edge.stream line)
+                 -> Frames -> relay (TTFT, active streams, the outcome, the events written)
 
 An encoder turns the pipeline's events into SSE frames (`Frame`) or a JSON body; it knows the
 format and nothing else. Only native streams are kept in the resume store: OpenAI clients have
@@ -15,20 +15,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from typing import Any
 
-import structlog
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from tokenwire.client.client import GenerateOptions, StreamEvent
 from tokenwire.edge.accounting import Account
 from tokenwire.edge.errors import EdgeError
-from tokenwire.edge.metrics import Outcome
+from tokenwire.edge.metrics import Outcome, RouteName
 from tokenwire.edge.upstream import Upstream, UpstreamStream
 
-log = structlog.get_logger("tokenwire.edge")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -44,11 +40,12 @@ class Frame:
 
 
 async def open_generations(
-    upstream: Upstream, prompt: str, choices: Sequence[GenerateOptions]
+    upstream: Upstream, prompt: str, choices: Sequence[GenerateOptions], route: RouteName
 ) -> list[UpstreamStream]:
-    """Open one generation per choice; if any is refused, cancel the others and raise."""
+    """Open one generation per choice for a request on `route` (the label of its failovers);
+    if any is refused, cancel the others and raise."""
     results = await asyncio.gather(
-        *(upstream.open(o.to_pb(prompt), o.request_id) for o in choices),
+        *(upstream.open(o.to_pb(prompt), o.request_id, route=route) for o in choices),
         return_exceptions=True,
     )
     opened = [r for r in results if isinstance(r, UpstreamStream)]
@@ -97,18 +94,11 @@ async def merged(
 
 
 async def relay(
-    account: Account,
-    frames: AsyncGenerator[Frame, None],
-    *,
-    timed: bool,
-    log_fields: dict[str, Any],
+    account: Account, frames: AsyncGenerator[Frame, None], *, timed: bool
 ) -> AsyncIterator[ServerSentEvent]:
     """The encoder's frames as SSE events, accounted: TTFT at the first token (when `timed`:
     the first delivery of a stream, never a resume or replay of it), the active-stream gauge,
-    the outcome (client_disconnected when the client leaves first) and one `edge.stream` log
-    line."""
-    started = time.perf_counter()
-    sent = 0
+    the events written and the outcome (client_disconnected when the client leaves first)."""
     account.stream_opened()
     try:
         async with contextlib.aclosing(frames):
@@ -116,20 +106,12 @@ async def relay(
                 if frame.token and timed:
                     account.first_token()
                     timed = False
-                sent += 1
+                account.events += 1
                 yield frame.event
                 if frame.outcome is not None:
                     account.end(frame.outcome)
     finally:
         account.stream_closed()
-        log.info(
-            "edge.stream",
-            **log_fields,
-            route=account.route,
-            events=sent,
-            outcome=account.outcome,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
-        )
 
 
 def sse_response(

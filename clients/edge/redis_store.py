@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 from tokenwire.client.failover import ServedModel
 from tokenwire.edge import redis_keys as rk
 from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.metrics import RouteName
 from tokenwire.edge.redis_generation import Generation, Opener, quietly, store_error
 from tokenwire.edge.redis_keys import Keys
 from tokenwire.edge.resumable import (
@@ -50,6 +51,8 @@ SCRIPTS = ("CLAIM", "RELEASE_CLAIM", "APPEND", "TICK", "WATCH", "ASK_CANCEL", "R
 # A finished stream stays for the window, but never less than this: readers blocked on it must
 # still find its last event.
 MIN_DONE_MS = 1000
+NATIVE = RouteName.NATIVE
+"""The route of every stored stream (only native streams are kept), and of its failovers."""
 
 
 def _principal(owner: str | None) -> bytes:
@@ -200,7 +203,7 @@ class RedisStreams:
         )
 
         async def reopen() -> UpstreamStream:
-            return await self.upstream.open(request, request_id, delivered)
+            return await self.upstream.open(request, request_id, delivered, route=NATIVE)
 
         generation = self._start(request_id, last_seq + 1, reopen, skip_usage=last_name == "usage")
         if meta.get(b"cancel"):

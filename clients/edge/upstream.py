@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
+import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tokenwire.client.client import (
@@ -30,6 +32,23 @@ from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 GenerateCall = grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse]
+Reopen = Callable[[Resumption, grpc.StatusCode], Awaitable[GenerateCall]]
+log = structlog.get_logger("tokenwire.edge")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Failover:
+    """A stream whose call broke and that went on on another target."""
+
+    request_id: str
+    route: str
+    """The route of the request that opened the stream (the metric's label)."""
+    code: str
+    """The gRPC status the broken call ended with (UNAVAILABLE: its server died or left)."""
+    from_index: int
+    """Tokens delivered before the break: the index of the first one the new call sends."""
+    target: str
+    """The target the stream went on on, as configured (an address: no key, no certificate)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,7 +75,7 @@ class UpstreamStream:
         resume: Resumption,
         on_end: Callable[[UpstreamStream], None],
         *,
-        reopen: Callable[[Resumption], Awaitable[GenerateCall]] | None = None,
+        reopen: Reopen | None = None,
         ask_cancel: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self._call = call
@@ -103,7 +122,7 @@ class UpstreamStream:
         """Reopen the call elsewhere after a retryable break; raise when it cannot."""
         if self._reopen is None or not self._resume.may_continue(error.code()):
             raise from_rpc_error(error) from None
-        call = await self._reopen(self._resume)
+        call = await self._reopen(self._resume, error.code())
         if self._cancelled:
             call.cancel()  # cancel() came while the stream was moving to this call
         self._call = call
@@ -128,11 +147,17 @@ class UpstreamStream:
 class Upstream:
     """Channels to the server: one per target of a comma-separated list (streams open on the
     next target when one is down, and fail over across them), or one to every replica with a
-    dns:/// target."""
+    dns:/// target. Each failover is logged (`edge.stream_failover`) and given to
+    `on_failover`."""
 
     def __init__(
-        self, target: str, timeout_s: float = 600.0, security: ChannelSecurity | None = None
+        self,
+        target: str,
+        timeout_s: float = 600.0,
+        security: ChannelSecurity | None = None,
+        on_failover: Callable[[Failover], None] | None = None,
     ) -> None:
+        self._on_failover = on_failover
         self._security = security or ChannelSecurity()
         self._metadata = self._security.metadata()
         self._targets = Targets(split_targets(target))
@@ -147,9 +172,16 @@ class Upstream:
         self._open: set[UpstreamStream] = set()
 
     @classmethod
-    def from_settings(cls, settings: EdgeSettings) -> Upstream:
+    def from_settings(
+        cls, settings: EdgeSettings, on_failover: Callable[[Failover], None] | None = None
+    ) -> Upstream:
         """The upstream channel the edge's settings describe (key, TLS files)."""
-        return cls(settings.grpc_target, settings.upstream_timeout_s, upstream_security(settings))
+        return cls(
+            settings.grpc_target,
+            settings.upstream_timeout_s,
+            upstream_security(settings),
+            on_failover,
+        )
 
     async def close(self) -> None:
         for channel in self._channels:
@@ -181,11 +213,14 @@ class Upstream:
         request: pb.GenerateRequest,
         request_id: str,
         after: Delivered | None = None,
+        *,
+        route: str,
     ) -> UpstreamStream:
         """Start a stream on the first target that accepts it (one that answers UNAVAILABLE
         passes it to the next); raise EdgeError when the server refuses it. The stream's
-        failovers share its deadline. With `after`, the stream continues a generation another
-        edge began: from its delivered ids and seed, on the same model only."""
+        failovers share its deadline and count for `route`. With `after`, the stream continues
+        a generation another edge began: from its delivered ids and seed, on the same model
+        only."""
         resume = Resumption.start(request, self._timeout_s, self._targets.next)
         if after is not None:
             resume.delivered, resume.seed = list(after.ids), after.seed
@@ -199,16 +234,32 @@ class Upstream:
         accepted.request_id = resume.request_id or request_id
         resume.first = accepted
         stream = UpstreamStream(
-            call, resume, self._ended, reopen=self._reopen, ask_cancel=self.cancel
+            call,
+            resume,
+            self._ended,
+            reopen=functools.partial(self._reopen, route),
+            ask_cancel=self.cancel,
         )
         self._open.add(stream)
         return stream
 
-    async def _reopen(self, resume: Resumption) -> GenerateCall:
-        """The continuation of a broken stream, on the next target that accepts it."""
+    async def _reopen(self, route: str, resume: Resumption, code: grpc.StatusCode) -> GenerateCall:
+        """The continuation of a stream broken with `code`, on the next target that accepts
+        it: a failover, logged and reported."""
         self._targets.move_on(resume, grpc.StatusCode.UNAVAILABLE)
         await asyncio.sleep(resume.backoff_s)
-        return await self._accepted(resume, resume.request_id)
+        call = await self._accepted(resume, resume.request_id)
+        failover = Failover(
+            request_id=resume.request_id,
+            route=route,
+            code=code.name,
+            from_index=len(resume.delivered),
+            target=self._targets.names[resume.target],
+        )
+        log.warning("edge.stream_failover", **dataclasses.asdict(failover))
+        if self._on_failover is not None:
+            self._on_failover(failover)
+        return call
 
     async def _accepted(self, resume: Resumption, request_id: str) -> GenerateCall:
         """A call that resume.target, or the next one after each UNAVAILABLE, accepted;
