@@ -153,3 +153,20 @@ async def test_second_signal_cuts_the_edge_drain_short(paced: RunningServer) -> 
     assert len(events) < 300
     assert code == 0
     assert [r["drained"] for r in proc.records if r.get("event") == "edge.stopped"] == [False]
+
+
+async def test_an_empty_last_event_id_is_a_new_request_and_refused_during_a_drain(
+    paced: RunningServer,
+) -> None:
+    """While draining, a POST with an empty Last-Event-ID header (or query parameter) starts
+    no stream: it is a new request, not a resume, and gets the drain's 503."""
+    edge = await start_edge(paced.target)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            edge.edge.ctx.drain.draining = True
+            by_header = await http.post("/v1/generate", json=NATIVE, headers={"Last-Event-ID": ""})
+            by_query = await http.post("/v1/generate?last_event_id=", json=NATIVE)
+    finally:
+        edge.edge.ctx.drain.draining = False
+        await edge.edge.stop()
+    assert (by_header.status_code, by_query.status_code) == (503, 503)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from urllib.parse import parse_qs
 
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, QueryParams
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -144,10 +143,9 @@ def continues_a_stream(scope: Scope) -> bool:
         return True
     if path != "/v1/generate":
         return False
-    if "last-event-id" in Headers(scope=scope):
-        return True
-    query = scope.get("query_string", b"").decode("latin-1")
-    return "last_event_id" in parse_qs(query)
+    # As the route reads it: an empty Last-Event-ID starts a new stream, so it is no resume.
+    query = QueryParams(scope.get("query_string", b""))
+    return bool(Headers(scope=scope).get("last-event-id") or query.get("last_event_id"))
 
 
 class DrainMiddleware:
