@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 import urllib.request
 from collections.abc import AsyncIterator
 
@@ -12,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RunningServer, collect, eventually, greedy, start_server
 from tokenwire.server.engine import OnnxCausalLM
-from tokenwire.server.telemetry.metrics import ServerMetrics
+from tokenwire.server.telemetry.metrics import ServerMetrics, _MetricsServer
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
@@ -118,3 +120,72 @@ async def test_kv_cache_usage_is_reported_while_streaming(
     assert await eventually(lambda: running.engine.active_count == 0)
     await asyncio.sleep(0.05)
     assert await scrape.value("tokenwire_kv_cache_usage_ratio") == 0
+
+
+def _closed_within(sock: socket.socket, limit_s: float, trickle: bool) -> float | None:
+    """Seconds until the server closed `sock` (None if still open after limit_s), sending a
+    byte of a request every 0.2 s meanwhile when `trickle`."""
+    started = time.monotonic()
+    sock.settimeout(0.2)
+    while (elapsed := time.monotonic() - started) < limit_s:
+        try:
+            if trickle:
+                sock.sendall(b"G")
+            if sock.recv(1024) == b"":
+                return elapsed
+        except TimeoutError:
+            continue
+        except OSError:
+            return elapsed
+    return None
+
+
+def test_a_trickled_request_is_cut_when_its_connection_time_is_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer sending its request a byte every 0.2 s (each read well within the limit) is
+    disconnected once the connection's time (1 s here) is up, not served for ever."""
+    monkeypatch.setattr(_MetricsServer, "timeout_s", 1.0)
+    port, _ = ServerMetrics().serve("127.0.0.1", 0)
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        closed = _closed_within(sock, 5.0, trickle=True)
+    assert closed is not None
+    assert closed < 3.0
+
+
+def test_connections_past_the_limit_are_closed_and_scrapes_resume_when_one_leaves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With two connections allowed, two idle peers hold both slots: a third connection is
+    closed at once; once a peer leaves, a scrape is answered."""
+    monkeypatch.setattr(_MetricsServer, "max_connections", 2)
+    port, _ = ServerMetrics().serve("127.0.0.1", 0)
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    try:
+        time.sleep(0.2)  # both accepted
+        with socket.create_connection(("127.0.0.1", port)) as third:
+            refused = _closed_within(third, 2.0, trickle=False)
+        idle.pop().close()
+        time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            status = answer.status
+    finally:
+        for sock in idle:
+            sock.close()
+    assert refused is not None
+    assert refused < 1.0
+    assert status == 200
+
+
+def test_a_connection_that_times_out_prints_no_traceback(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A peer that stops halfway through its request ends its connection with one log line,
+    not a Python traceback on stderr."""
+    monkeypatch.setattr(_MetricsServer, "timeout_s", 0.5)
+    port, _ = ServerMetrics().serve("127.0.0.1", 0)
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /metr")
+        assert _closed_within(sock, 3.0, trickle=False) is not None
+    time.sleep(0.2)
+    assert "Traceback" not in capfd.readouterr().err

@@ -6,18 +6,23 @@ conventions (see docs/observability.md). Labels are bounded: no request ids, no 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 import ssl
+import sys
 import threading
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from tokenwire.server.engine.observer import RequestRecord, StepRecord
+
+log = structlog.get_logger("tokenwire.metrics")
 
 TTFT_BUCKETS = (
     0.001,
@@ -207,28 +212,62 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class _MetricsServer(ThreadingMixIn, WSGIServer):
-    """A thread per connection; with `context`, TLS is negotiated in that thread."""
+    """A thread per connection, at most `max_connections` at once; with `context`, TLS is
+    negotiated in that thread. A connection is closed `timeout_s` after it was accepted,
+    whatever it is doing: a peer that trickles its request a byte at a time holds its thread
+    no longer than one that says nothing."""
 
     daemon_threads = True
     timeout_s = 10.0
-    """How long a connection may take to negotiate TLS, and to send each read."""
+    """How long a connection may stay open: TLS handshake, request and answer."""
+    max_connections = 64
+    """Connections served at once; more are closed as they are accepted."""
 
     def __init__(self, host: str, port: int, context: ssl.SSLContext | None) -> None:
         # The family of the address asked for (an IPv6 host needs AF_INET6), before binding.
         self.address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         self.context = context
+        self._slots = threading.BoundedSemaphore(self.max_connections)
         super().__init__((host, port), _QuietHandler)
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # every slot is taken: this connection waits not
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        request.settimeout(self.timeout_s)
-        if self.context is not None:
-            try:
-                request = self.context.wrap_socket(request, server_side=True)
-            except (OSError, ssl.SSLError):
-                # A failed or abandoned handshake ends this connection only.
-                self.shutdown_request(request)
-                return
-        super().process_request_thread(request, client_address)
+        # Shutting the socket down ends any read or write in progress, at the deadline.
+        deadline = threading.Timer(self.timeout_s, _cut, args=(request,))
+        deadline.daemon = True
+        deadline.start()
+        try:
+            request.settimeout(self.timeout_s)
+            if self.context is not None:
+                try:
+                    request = self.context.wrap_socket(request, server_side=True)
+                except (OSError, ssl.SSLError):
+                    # A failed or abandoned handshake ends this connection only.
+                    self.shutdown_request(request)
+                    return
+            super().process_request_thread(request, client_address)
+        finally:
+            deadline.cancel()
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One log line for a connection that failed (timed out, cut, reset), no traceback."""
+        error = sys.exc_info()[1]
+        log.info("metrics.connection_failed", error=f"{type(error).__name__}: {error}")
+
+
+def _cut(request: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        request.shutdown(socket.SHUT_RDWR)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
