@@ -12,7 +12,10 @@ import httpx
 import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from tests.conftest import RunningEdge, RunningServer, eventually, start_edge
+from tests.conftest import MODEL, RunningEdge, RunningServer, eventually, start_edge, start_server
+from tests.fakes import ScriptedModel
+from tokenwire.server.engine import ModelSpec
+from tokenwire.server.tokenizer import Tokenizer
 
 K1 = {"Authorization": "Bearer k1"}
 K2 = {"Authorization": "Bearer k2"}
@@ -199,3 +202,48 @@ async def test_an_id_is_free_again_once_its_window_passed(paced: RunningServer) 
         await edge.edge.stop()
     assert (first.status_code, second.status_code) == (200, 200)
     assert second.text.count("event: done") == 1
+
+
+async def test_a_cancel_of_a_reused_id_on_another_replica_leaves_the_owners_stream_alone(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """Two replicas behind one keyed edge: k1's OpenAI stream runs on the first; k2 starts a
+    stream under the same id, which lands on the second (the first no longer accepts), and
+    cancels it. The cancel, sent to every replica, ends k2's stream only: k1's runs to its
+    length (ids are scoped by their caller's key at the servers)."""
+    token = tokenizer.encode(" x")[0]
+    script = dict.fromkeys(range(spec.context_length), token)
+    first, second = [
+        await start_server(ScriptedModel(spec, script, 0.01), tokenizer) for _ in range(2)
+    ]
+    edge = await start_edge(f"{first.target},{second.target}", api_keys=("k1", "k2"))
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 300, "ignore_eos": True, "stream": True}
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            headers = {**K1, "X-Request-ID": "shared-id"}
+            async with aconnect_sse(
+                http, "POST", "/v1/completions", json=body, headers=headers
+            ) as victim:
+                events = victim.aiter_sse()
+                await anext(events)
+                first.engine.stop_accepting()  # k2's stream goes to the second replica
+                own_headers = {**K2, "X-Request-ID": "shared-id"}
+                async with aconnect_sse(
+                    http, "POST", "/v1/generate", json=LONG, headers=own_headers
+                ) as own:
+                    own_stream = own.aiter_sse()
+                    await anext(own_stream)
+                    cancel = await http.post("/v1/generate/shared-id/cancel", json={}, headers=K2)
+                    own_events = [e async for e in own_stream]
+                chunks = [
+                    json.loads(e.data) for e in [e async for e in events] if e.data != "[DONE]"
+                ]
+    finally:
+        await edge.edge.stop()
+        for server in (first, second):
+            await server.server.drain()
+    assert cancel.json()["cancelled"]
+    [done] = [e for e in own_events if e.event == "done"]
+    assert json.loads(done.data)["finish_reason"] == "cancelled"
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")]
+    assert [f for f in finishes if f] == ["length"]

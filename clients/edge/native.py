@@ -135,8 +135,9 @@ async def _start(
     options = options_from(fields, request_id, known)
     await ctx.streams.claim(request_id)
     try:
-        [upstream] = await open_generations(ctx.upstream, prompt, [options], account.route)
-        stream = await ctx.streams.open(upstream, request_id, principal_of(request.scope))
+        owner = principal_of(request.scope)
+        [upstream] = await open_generations(ctx.upstream, prompt, [options], account.route, owner)
+        stream = await ctx.streams.open(upstream, request_id, owner)
     finally:
         await ctx.streams.release(request_id)
     return _sse(request, stream, 0, timed=True)

@@ -21,6 +21,7 @@ from tokenwire.edge.accounting import Account, failed, finished
 from tokenwire.edge.body import Fields, read_json
 from tokenwire.edge.context import EdgeContext, request_id_of
 from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.guards import principal_of
 from tokenwire.edge.metrics import Outcome
 from tokenwire.edge.openai_format import Collected, Shape, usage
 from tokenwire.edge.openai_request import (
@@ -61,7 +62,10 @@ async def _begin(request: Request, *, chat: bool) -> _Call:
     check_model(parsed, info, ctx.settings.model_aliases)
     prompt = chat_prompt(turns, info) if turns is not None else text
     try:
-        upstreams = await open_generations(ctx.upstream, prompt, parsed.choices, account.route)
+        owner = principal_of(request.scope)
+        upstreams = await open_generations(
+            ctx.upstream, prompt, parsed.choices, account.route, owner
+        )
     except EdgeError as error:
         raise error.renamed(parsed.names) from None
     # One choice keeps the id the server settled on; n choices share the caller's.

@@ -59,6 +59,11 @@ def _principal(owner: str | None) -> bytes:
     return b"-" if owner is None else b"k:" + owner.encode()
 
 
+def _owner(principal: bytes | None) -> str | None:
+    """The owner a stored principal names (_principal's inverse)."""
+    return principal[2:].decode() if principal and principal.startswith(b"k:") else None
+
+
 class RedisStreams:
     """The edge's streams in Redis; the same answers as the in-memory store (404, 409, 410)."""
 
@@ -203,7 +208,9 @@ class RedisStreams:
         )
 
         async def reopen() -> UpstreamStream:
-            return await self.upstream.open(request, request_id, delivered, route=NATIVE)
+            return await self.upstream.open(
+                request, request_id, delivered, route=NATIVE, owner=_owner(meta.get(b"principal"))
+            )
 
         generation = self._start(request_id, last_seq + 1, reopen, skip_usage=last_name == "usage")
         if meta.get(b"cancel"):

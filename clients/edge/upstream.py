@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from tokenwire.client.client import (
     CHANNEL_OPTIONS,
     ModelInfo,
     StreamEvent,
+    Usage,
     event_from_pb,
     model_info_from_pb,
 )
@@ -25,6 +27,7 @@ from tokenwire.client.errors import TokenwireError, from_rpc_error, from_status
 from tokenwire.client.failover import RETRYABLE, Resumption, ServedModel, Targets
 from tokenwire.client.security import ChannelSecurity, aio_channel
 from tokenwire.client.targets import split_targets
+from tokenwire.common import request_ids
 from tokenwire.edge.errors import EdgeError, edge_error
 from tokenwire.edge.settings import EdgeSettings
 from tokenwire.edge.tracing import upstream_metadata
@@ -32,6 +35,8 @@ from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 GenerateCall = grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse]
+OWNER_TAG = 16
+"""Characters of a caller's principal (its key's fingerprint) that scope its ids upstream."""
 Reopen = Callable[[Resumption, grpc.StatusCode], Awaitable[GenerateCall]]
 log = structlog.get_logger("tokenwire.edge")
 
@@ -77,10 +82,14 @@ class UpstreamStream:
         *,
         reopen: Reopen | None = None,
         ask_cancel: Callable[[str], Awaitable[bool]] | None = None,
+        caller_id: str = "",
     ) -> None:
         self._call = call
         self._resume = resume
-        self.request_id = resume.first.request_id
+        self._server_id = resume.first.request_id
+        """The id the stream goes by at the server (scoped by its caller, see upstream_id)."""
+        self.request_id = caller_id or self._server_id
+        """The id the caller chose, which every answer of the edge shows."""
         self._on_end = on_end
         self._reopen = reopen
         self._ask_cancel = ask_cancel
@@ -109,7 +118,7 @@ class UpstreamStream:
                     while (message := await self._call.read()) is not grpc.aio.EOF:
                         assert isinstance(message, pb.GenerateResponse)
                         if self._resume.admit(message):
-                            yield event_from_pb(message)
+                            yield self._as_caller_sees(event_from_pb(message))
                     return
                 except grpc.RpcError as error:
                     await self._continue(error)
@@ -117,6 +126,12 @@ class UpstreamStream:
             raise edge_error(error) from None
         finally:
             self._on_end(self)
+
+    def _as_caller_sees(self, event: StreamEvent) -> StreamEvent:
+        """Usage names the caller's id, not the server's scoped one."""
+        if isinstance(event, Usage) and event.request_id == self._server_id:
+            return dataclasses.replace(event, request_id=self.request_id)
+        return event
 
     async def _continue(self, error: grpc.RpcError) -> None:
         """Reopen the call elsewhere after a retryable break; raise when it cannot."""
@@ -139,7 +154,7 @@ class UpstreamStream:
         if self._ask_cancel is None:
             return False
         try:
-            return await self._ask_cancel(self.request_id)
+            return await self._ask_cancel(self._server_id)
         except EdgeError:
             return False
 
@@ -215,30 +230,31 @@ class Upstream:
         after: Delivered | None = None,
         *,
         route: str,
+        owner: str | None,
     ) -> UpstreamStream:
         """Start a stream on the first target that accepts it (one that answers UNAVAILABLE
         passes it to the next); raise EdgeError when the server refuses it. The stream's
         failovers share its deadline and count for `route`. With `after`, the stream continues
         a generation another edge began: from its delivered ids and seed, on the same model
-        only."""
+        only. `owner` is the caller's principal: the server sees the id scoped by it."""
+        server_id = upstream_id(request_id, owner)
+        request = _with_id(request, server_id)
         resume = Resumption.start(request, self._timeout_s, self._targets.next)
         if after is not None:
             resume.delivered, resume.seed = list(after.ids), after.seed
             resume.model, resume.model_target = after.model, "the edge that began the stream"
         try:
-            call = await self._accepted(resume, request_id)
+            call = await self._accepted(resume, server_id)
         except TokenwireError as error:
             raise edge_error(error) from None
-        accepted = pb.GenerateRequest()
-        accepted.CopyFrom(request)
-        accepted.request_id = resume.request_id or request_id
-        resume.first = accepted
+        resume.first = _with_id(request, resume.request_id or server_id)
         stream = UpstreamStream(
             call,
             resume,
             self._ended,
             reopen=functools.partial(self._reopen, route),
             ask_cancel=self.cancel,
+            caller_id=request_id,
         )
         self._open.add(stream)
         return stream
@@ -371,6 +387,27 @@ class Upstream:
                 continue
             found = found or reply.cancelled
         return found
+
+
+def upstream_id(request_id: str, owner: str | None) -> str:
+    """The id a caller's request goes by at the server. All of the edge's callers reach the
+    server with the edge's one key, so where the edge has keys of its own each caller's ids are
+    scoped by its principal: two callers' ids never meet at a server, and a caller's cancel
+    (sent to every replica, or to whichever one a dns:/// balancer picks) can find its own
+    stream only. An id too long to carry its scope goes by a digest of itself."""
+    if owner is None:
+        return request_id
+    scoped = f"{owner[:OWNER_TAG]}:{request_id}"
+    if request_ids.carried(scoped):
+        return scoped
+    return f"{owner[:OWNER_TAG]}:#{hashlib.sha256(request_id.encode()).hexdigest()}"
+
+
+def _with_id(request: pb.GenerateRequest, request_id: str) -> pb.GenerateRequest:
+    named = pb.GenerateRequest()
+    named.CopyFrom(request)
+    named.request_id = request_id
+    return named
 
 
 async def _serving(health: health_pb2_grpc.HealthStub) -> bool:
