@@ -5,6 +5,7 @@ subprocess where one is killed) and a real edge on 127.0.0.1, logs captured with
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -13,8 +14,18 @@ import pytest
 from httpx_sse import aconnect_sse
 from structlog.testing import capture_logs
 
-from tests.conftest import MODEL, RunningEdge, RunningServer, eventually, start_edge
+from tests.conftest import (
+    MODEL,
+    RunningEdge,
+    RunningServer,
+    eventually,
+    start_edge,
+    start_server,
+)
+from tests.fakes import ScriptedModel
 from tests.procs import ServerProcess
+from tokenwire.server.engine import ModelSpec
+from tokenwire.server.tokenizer import Tokenizer
 
 Logs = list[dict[str, Any]]
 PROMPT = "def secret_prompt_marker():"
@@ -98,6 +109,29 @@ async def test_a_refused_request_writes_one_end_line(
     line = await _one_end_line(logs, f"refused-{case}")
     assert (line["route"], line["outcome"], line["status"]) == (route, "rejected", status)
     assert line["events"] == 0
+
+
+async def test_a_request_failed_before_any_stream_writes_one_end_line(
+    spec: ModelSpec, tokenizer: Tokenizer, logs: Logs
+) -> None:
+    """A request the edge answers with a 5xx before any stream begins (here a 500: the model's
+    chat template does not compile) writes one edge.stream line, outcome `upstream_error`,
+    with that status."""
+    broken = dataclasses.replace(spec, chat_template="{% for m in messages %}{{ m.content }}")
+    running = await start_server(ScriptedModel(broken, {}), tokenizer)
+    edge = await start_edge(running.target)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 2}
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            response = await http.post(
+                "/v1/chat/completions", json=body, headers={"X-Request-ID": "template-500"}
+            )
+    finally:
+        await edge.edge.stop()
+        await running.server.drain()
+    assert response.status_code == 500
+    line = await _one_end_line(logs, "template-500")
+    assert (line["route"], line["outcome"], line["status"]) == ("chat", "upstream_error", 500)
 
 
 async def test_a_stream_writes_one_end_line_with_its_status(edge: RunningEdge, logs: Logs) -> None:

@@ -4,6 +4,7 @@ buffer bytes."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 
 import httpx
@@ -191,3 +192,26 @@ async def test_a_failover_is_counted_by_route(served: RunningServer) -> None:
         if name == "tokenwire_edge_failovers_total"
     }
     assert failovers == {"native": 0, "completions": 1, "chat": 0}
+
+
+async def test_a_stream_no_server_accepts_before_its_deadline_counts_deadline_exceeded() -> None:
+    """A stream whose upstream deadline passes before any server accepts it (its only target
+    takes the connection and never answers) is a 504 counted once, as `deadline_exceeded`,
+    as a stream the deadline cuts later is."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        edge = await start_edge(f"127.0.0.1:{silent.getsockname()[1]}", upstream_timeout_s=0.5)
+        try:
+            async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+                response = await http.post("/v1/generate", json=BODY)
+                values = await _values(http)
+        finally:
+            await edge.edge.stop()
+    assert response.status_code == 504
+    counted = {
+        dict(labels)["outcome"]: value
+        for (name, labels), value in values.items()
+        if name == "tokenwire_edge_streams_total" and value
+    }
+    assert counted == {"deadline_exceeded": 1.0}

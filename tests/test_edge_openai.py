@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL, RunningEdge, RunningServer, eventually, start_edge, start_server
+from tests.conftest import (
+    MODEL,
+    RunningEdge,
+    RunningServer,
+    eventually,
+    start_edge,
+    start_server,
+)
 from tests.fakes import RecordingObserver
 from tokenwire.server.domain import FinishReason
 from tokenwire.server.engine import OnnxCausalLM
@@ -188,3 +197,115 @@ async def test_chat_template_renders_bos_once(templated_llama: Path) -> None:
     assert rendered.count(tokenizer.token_id("<s>")) == 1
     assert reply.usage is not None
     assert reply.usage.prompt_tokens == len(rendered)
+
+
+OPENAI_FINISH_REASONS = {"stop", "length", "content_filter", "tool_calls", "function_call"}
+ROUTES = {
+    "completions": ("/v1/completions", {"prompt": "x"}),
+    "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+}
+RUNS_LONG = {"model": MODEL, "max_tokens": 450, "ignore_eos": True}
+# How the server ends a generation it cuts short (its finish reason, as the engine gives it at
+# a deadline or at the end of a drain's grace), and the OpenAI error that reports it.
+CUT_SHORT = {
+    "deadline": (FinishReason.DEADLINE_EXCEEDED, 504, "timeout", "deadline_exceeded"),
+    "cancel": (FinishReason.CANCELLED, 503, "service_unavailable", "cancelled"),
+}
+
+
+async def _whole_cut_by_the_server(
+    paced: RunningServer, path: str, body: dict[str, object], reason: FinishReason
+) -> httpx.Response:
+    """A whole (non-streamed) answer whose generation the server's engine ends with `reason`
+    while it runs, as it ends one whose deadline passed or one a drain cancels."""
+    edge = await start_edge(paced.target)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            answer = asyncio.ensure_future(http.post(path, json={**RUNS_LONG, **body}))
+            assert await eventually(lambda: paced.engine.active_count == 1)
+            paced.engine.cancel_all(reason)
+            return await answer
+    finally:
+        await edge.edge.stop()
+
+
+@pytest.mark.parametrize("cut", sorted(CUT_SHORT))
+@pytest.mark.parametrize("route", sorted(ROUTES))
+async def test_a_whole_response_its_server_cuts_short_is_an_openai_error(
+    paced: RunningServer, route: str, cut: str
+) -> None:
+    """A non-streamed answer whose generation the server ends at its deadline is a 504, one
+    it cancels a 503, each with OpenAI's error body: never a 200 whose finish_reason OpenAI
+    does not have."""
+    reason, status, kind, code = CUT_SHORT[cut]
+    path, body = ROUTES[route]
+    response = await _whole_cut_by_the_server(paced, path, body, reason)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == (kind, None, code)
+
+
+@pytest.mark.parametrize("cut", sorted(CUT_SHORT))
+async def test_a_stream_its_server_cuts_short_ends_with_an_error_chunk(
+    paced: RunningServer, cut: str
+) -> None:
+    """A stream whose generation the server ends at its deadline, or cancels, ends with the
+    error chunk of the whole response's error (no [DONE]); no chunk carries a finish_reason
+    OpenAI does not have."""
+    reason, _, kind, code = CUT_SHORT[cut]
+    edge = await start_edge(paced.target)
+    body = {**RUNS_LONG, "prompt": "x", "stream": True}
+    data: list[dict[str, Any]] = []
+    try:
+        async with (
+            httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
+            http.stream("POST", "/v1/completions", json=body) as response,
+        ):
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    data.append(json.loads(line.removeprefix("data: ")))
+                    if len(data) == 1:
+                        paced.engine.cancel_all(reason)
+    finally:
+        await edge.edge.stop()
+    *chunks, last = data
+    error = last["error"]
+    assert (error["type"], error["param"], error["code"]) == (kind, None, code)
+    finishes = {c["choices"][0]["finish_reason"] for c in chunks}
+    assert finishes <= OPENAI_FINISH_REASONS | {None}
+
+
+async def test_the_deadline_reads_the_same_whichever_side_notices_it(
+    paced: RunningServer,
+) -> None:
+    """A whole answer whose upstream deadline (TOKENWIRE_UPSTREAM_TIMEOUT_S) passes is the
+    same 504 body when gRPC ends the call as when the server ends the generation first."""
+    by_server = await _whole_cut_by_the_server(
+        paced, "/v1/completions", {"prompt": "x"}, FinishReason.DEADLINE_EXCEEDED
+    )
+    edge = await start_edge(paced.target, upstream_timeout_s=0.3)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            by_grpc = await http.post("/v1/completions", json={**RUNS_LONG, "prompt": "x"})
+    finally:
+        await edge.edge.stop()
+    assert (by_grpc.status_code, by_grpc.json()) == (504, by_server.json())
+
+
+async def test_a_whole_response_the_edge_cancels_is_503(paced: RunningServer) -> None:
+    """A non-streamed answer still running when the edge's drain grace ends is a 503
+    `cancelled`, as its stream's error chunk says: not a 499, which is the code of a caller
+    that left."""
+    edge = await start_edge(paced.target)
+    async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+        answer = asyncio.ensure_future(
+            http.post("/v1/completions", json={**RUNS_LONG, "prompt": "x"})
+        )
+        try:
+            assert await eventually(lambda: paced.engine.active_count == 1)
+        finally:
+            await edge.edge.drain(grace_s=0.3)
+        response = await answer
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("service_unavailable", "cancelled")

@@ -297,12 +297,19 @@ async def test_unknown_field_is_400_unknown_parameter(sdk: openai.AsyncOpenAI) -
 async def test_fields_that_cannot_change_the_answer_are_accepted(
     sdk: openai.AsyncOpenAI, stream: bool
 ) -> None:
-    """user, metadata, store, service_tier, parallel_tool_calls, and the no-op values of
-    refused fields (tools [], presence_penalty 0, text response_format) are accepted."""
-    reply = await _create(
-        sdk,
-        True,
-        stream,
+    """user, metadata, store, service_tier, parallel_tool_calls, stream_options'
+    include_obfuscation (no delta is padded, whichever value), a text part's
+    prompt_cache_breakpoint, and the no-op values of refused fields (tools [],
+    presence_penalty 0, text response_format) are accepted."""
+    part = {
+        "type": "text",
+        "text": "Write a loop.",
+        "prompt_cache_breakpoint": {"mode": "explicit"},
+    }
+    messages: Any = [{"role": "user", "content": [part]}]
+    reply: Any = await sdk.chat.completions.create(
+        messages=messages,
+        stream=stream,
         model=MODEL,
         max_tokens=2,
         user="u-1",
@@ -314,9 +321,10 @@ async def test_fields_that_cannot_change_the_answer_are_accepted(
         frequency_penalty=0,
         logit_bias={},
         response_format={"type": "text"},
+        stream_options={"include_usage": stream, "include_obfuscation": True},
         extra_body={"tools": [], "tool_choice": "none"},
     )
-    assert reply
+    assert [chunk async for chunk in reply] if stream else reply
 
 
 async def test_completions_logprobs_zero_gives_the_chosen_tokens(sdk: openai.AsyncOpenAI) -> None:

@@ -3,11 +3,11 @@
 `AccountingMiddleware` gives every request to a route that starts or follows a generation an
 `Account` labelled with that route, the moment the request arrives. An account ends once: the
 stream it answered completed, failed upstream or lost its client, the whole response was
-written, or the request was refused before any stream began, by a gate (415, 503 while
-draining) or by the route. A resume counts `resumed` as well, when it attaches to a stream that
-nobody was reading; it then ends like any other stream. A replay (the events route without
-Last-Event-ID) is not a resume: it counts its own outcome only. Once the response is over, a
-request that was counted writes its one `edge.stream` line.
+written, the request was refused before any stream began, by a gate (415, 503 while draining)
+or by the route, or it failed before any stream began (a 5xx). A resume counts `resumed` as
+well, when it attaches to a stream that nobody was reading; it then ends like any other stream.
+A replay (the events route without Last-Event-ID) is not a resume: it counts its own outcome
+only. Once the response is over, a request that was counted writes its one `edge.stream` line.
 """
 
 from __future__ import annotations
@@ -91,10 +91,15 @@ class Account:
             stream_failed(outcome)
 
     def refused(self, error: EdgeError) -> None:
-        """An error answered as the request's HTTP status: a refusal unless the request had
-        already ended (an upstream failure after the server accepted it)."""
+        """An error answered as the request's HTTP status, unless the request had already ended
+        (an upstream failure after the server accepted it): a refusal is `rejected`; a failure
+        (5xx: the server failed the stream at its open, its deadline passed before the server
+        accepted it, the model's chat template failed) counts as the same error ending a
+        stream would (deadline_exceeded, cancelled, else upstream_error)."""
         if error.status in REFUSALS or error.openai_code == "model_not_found":
             self.end(Outcome.REJECTED)
+        elif error.status >= 500:
+            self.end(failed(error.code))
 
     def answered(self, status: int) -> None:
         """The response starts with `status`: a refusal status ends a request not yet ended."""

@@ -17,13 +17,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from tokenwire.edge.accounting import Account, failed, finished
+from tokenwire.edge.accounting import Account, failed
 from tokenwire.edge.body import Fields, read_json
 from tokenwire.edge.context import EdgeContext, request_id_of
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.guards import principal_of
 from tokenwire.edge.metrics import Outcome
-from tokenwire.edge.openai_format import Collected, Shape, usage
+from tokenwire.edge.openai_format import Collected, Shape, openai_error, usage
 from tokenwire.edge.openai_request import (
     OpenAIRequest,
     chat_turns,
@@ -67,7 +67,7 @@ async def _begin(request: Request, *, chat: bool) -> _Call:
             ctx.upstream, prompt, parsed.choices, account.route, owner
         )
     except EdgeError as error:
-        raise error.renamed(parsed.names) from None
+        raise openai_error(error.renamed(parsed.names)) from None
     # One choice keeps the id the server settled on; n choices share the caller's.
     base_id = account.request_id = upstreams[0].request_id if len(upstreams) == 1 else request_id
     account.details["choices"] = len(upstreams)
@@ -114,20 +114,21 @@ async def _disconnected(request: Request) -> None:
 
 
 async def _whole(call: _Call) -> dict[str, Any]:
-    """Every choice collected into one response; an upstream failure is the request's error."""
+    """Every choice collected into one response. An upstream failure, or a choice cut short
+    (a deadline: 504, a cancel: 503), is the request's error, as a stream's error chunk says."""
     results = [Collected() for _ in call.upstreams]
     try:
         async with contextlib.aclosing(merged(call.upstreams)) as events:
             async for index, event in events:
                 results[index].see(event)
     except EdgeError as error:
+        error = openai_error(error)
         call.account.end(failed(error.code))
-        raise
+        raise error from None
     finally:
         for upstream in call.upstreams:
             upstream.cancel()
-    cut = [finished(r.finish) for r in results if finished(r.finish) != Outcome.COMPLETED]
-    call.account.end(cut[0] if cut else Outcome.COMPLETED)
+    call.account.end(Outcome.COMPLETED)
     choices = [call.shape.whole(i, result) for i, result in enumerate(results)]
     body = call.shape.envelope(choices, chunk=False)
     return body | {"usage": usage([r.usage for r in results])}

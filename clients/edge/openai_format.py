@@ -1,5 +1,5 @@
 """OpenAI's JSON shapes for the pipeline's events: whole responses, stream chunks, logprobs,
-usage. `completions` and `chat` differ only here."""
+usage, and the errors of generations cut short. `completions` and `chat` differ only here."""
 
 from __future__ import annotations
 
@@ -8,13 +8,57 @@ import time
 from typing import Any
 
 from tokenwire.client.client import Completion, StreamEvent, Token, Usage
+from tokenwire.edge.errors import EdgeError
 
 FINISH = {"stop": "stop", "stop_sequence": "stop", "length": "length"}
+"""OpenAI's finish_reason for each way the server finishes a generation. OpenAI has none for
+a generation cut short (a deadline, a cancel): an OpenAI answer reports those as errors."""
+
+
+def _deadline_passed() -> EdgeError:
+    return EdgeError(
+        504,
+        "DEADLINE_EXCEEDED",
+        "the generation did not finish within its deadline (the edge's upstream timeout)",
+    )
+
+
+def _cancelled() -> EdgeError:
+    return EdgeError(
+        503,
+        "CANCELLED",
+        "the generation was cancelled before it finished (its server or this edge was "
+        "shutting down, or a cancel named it); retry the request",
+    )
+
+
+CUT_SHORT = {"DEADLINE_EXCEEDED": _deadline_passed, "CANCELLED": _cancelled}
+"""The OpenAI error of a generation cut short, by the gRPC status (or finish reason) saying
+how. Never a 499: the caller of a whole response or a stream that left is not answered."""
+
+
+def openai_error(error: EdgeError) -> EdgeError:
+    """The error an OpenAI answer gives for `error`: for a deadline one 504, for a cancel one
+    503, the same whichever side noticed it (the server, in its finish reason, or gRPC)."""
+    made = CUT_SHORT.get(error.code)
+    return error if made is None else made()
 
 
 def finish_reason(event: Completion) -> str:
-    """OpenAI's finish_reason for the server's (its own names for the rest)."""
-    return FINISH.get(event.finish_reason, event.finish_reason)
+    """OpenAI's finish_reason of a generation that finished; raises the EdgeError of one cut
+    short (openai_error's) or ended with a reason this edge does not know (502)."""
+    reason = FINISH.get(event.finish_reason)
+    if reason is not None:
+        return reason
+    made = CUT_SHORT.get(event.finish_reason.upper())
+    if made is not None:
+        raise made()
+    raise EdgeError(
+        502,
+        "UNKNOWN",
+        f"the server ended the generation with a finish reason OpenAI has no name for "
+        f"({event.finish_reason[:40]!r})",
+    )
 
 
 class Shape:

@@ -4,6 +4,9 @@ each of its `n` generations.
 Nothing is silently ignored. A field is either honoured, accepted because it cannot change the
 answer (`user`, `metadata`, ...), accepted at the one value that asks for nothing (`tools: []`,
 `presence_penalty: 0`, `response_format: {"type": "text"}`), or refused with a 400 naming it.
+The objects inside a request (`stream_options`, `response_format`, a message, a content part)
+are read the same way: a key the edge does not read is a 400 naming its path
+(`stream_options.bogus`, `messages[0].content[1].bogus`).
 """
 
 from __future__ import annotations
@@ -102,6 +105,19 @@ IDLE_BY_ROUTE: dict[bool, dict[str, Callable[[Any], bool]]] = {
 }
 MAX_N = 8
 
+# The keys of the request's objects the edge reads (null is always fine, as at the top level);
+# any other is a 400 naming its path. `include_obfuscation` asks OpenAI to pad each delta with
+# a random `obfuscation` string (against length side-channels); this edge adds none, whichever
+# value is sent, so a client library that sends OpenAI's default, true, keeps working.
+KEYS_OF: dict[str, frozenset[str]] = {
+    "stream_options": frozenset({"include_usage", "include_obfuscation"}),
+    # The only format accepted, {"type": "text"}, has no other key.
+    "response_format": frozenset({"type"}),
+}
+# A text content part's keys, as OpenAI defines them: `prompt_cache_breakpoint` marks where a
+# cacheable prefix ends, which cannot change the answer (as `prompt_cache_key` cannot).
+TEXT_PART_KEYS = frozenset({"type", "text", "prompt_cache_breakpoint"})
+
 # The roles a conversation may use, as the model's chat template sees them: OpenAI's
 # `developer` is the system role under its newer name (templates know only `system`). Tool
 # turns answer tool calls, which need tools, which are refused.
@@ -131,20 +147,39 @@ class OpenAIRequest:
 
 
 def check_fields(fields: Fields, *, chat: bool) -> None:
-    """400 for any field the edge does not honour at the value sent, naming the field."""
+    """400 for any field the edge does not honour at the value sent, naming the field, and for
+    any key of its objects (KEYS_OF) the edge does not read, naming the key's path."""
     idle = IDLE_VALUE | IDLE_BY_ROUTE[chat]
     known = HONOURED | HONOURED_BY_ROUTE[chat] | NEUTRAL
     for name in fields.names():
         value = fields.raw(name)
-        if name in known or value is None:
+        if value is None:
             continue
-        if name not in idle:
+        if name not in known:
+            _check_idle(name, value, idle)
+        if name in KEYS_OF and isinstance(value, dict):
+            _check_keys(value, KEYS_OF[name], name)
+
+
+def _check_idle(name: str, value: Any, idle: dict[str, Callable[[Any], bool]]) -> None:
+    """400 unless `name` is a field not supported, sent at the value that asks for nothing."""
+    if name not in idle:
+        raise EdgeError.invalid(
+            name, "unrecognized request argument for this route", "unknown_parameter"
+        )
+    if not idle[name](value):
+        raise EdgeError.invalid(
+            name, f"is not supported by this server (only {_idle_hint(name)})", _code(name)
+        )
+
+
+def _check_keys(value: dict[str, Any], known: frozenset[str], where: str) -> None:
+    """400 unknown_parameter naming `where.key` for a key of the object `value` that is not
+    `known` and not null (a null key asks for nothing, as a null field does)."""
+    for key, item in value.items():
+        if key not in known and item is not None:
             raise EdgeError.invalid(
-                name, "unrecognized request argument for this route", "unknown_parameter"
-            )
-        if not idle[name](value):
-            raise EdgeError.invalid(
-                name, f"is not supported by this server (only {_idle_hint(name)})", _code(name)
+                f"{where}.{key}", "unrecognized argument in this object", "unknown_parameter"
             )
 
 
@@ -180,15 +215,26 @@ def read_request(
     base, names = _options(fields, request_id, chat=chat)
     base = dataclasses.replace(base, prompt_ids=prompt_ids)
     choices = tuple(_choice(base, request_id, i, n) for i in range(n))
-    stream_options = fields.raw("stream_options") or {}
-    if not isinstance(stream_options, dict):
-        raise EdgeError.invalid("stream_options", "must be an object", "invalid_type")
-    include_usage = stream_options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise EdgeError.invalid("stream_options.include_usage", "must be true or false")
+    include_usage = _include_usage(fields)
     stream = fields.boolean("stream")
     model = fields.string("model")
     return OpenAIRequest(chat, model, stream, stream and include_usage, choices, names)
+
+
+def _include_usage(fields: Fields) -> bool:
+    """stream_options.include_usage; its other key, include_obfuscation, must be a boolean
+    too, and either value asks for nothing (see KEYS_OF)."""
+    options = fields.raw("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise EdgeError.invalid("stream_options", "must be an object", "invalid_type")
+    for key in ("include_usage", "include_obfuscation"):
+        if not isinstance(options.get(key), bool | None):
+            raise EdgeError.invalid(
+                f"stream_options.{key}", "must be true or false", "invalid_type"
+            )
+    return bool(options.get("include_usage"))
 
 
 def _choice(base: GenerateOptions, request_id: str, index: int, n: int) -> GenerateOptions:
@@ -297,13 +343,17 @@ def completion_prompt(fields: Fields) -> tuple[str, tuple[int, ...]]:
 
 
 def _content_text(content: Any, index: int) -> str:
+    """A message's content: a string, or text parts (`{"type": "text", "text"}`) joined."""
+    where = f"messages[{index}].content"
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
         if len(parts) == len(content) and all(isinstance(p, str) for p in parts):
+            for i, part in enumerate(content):
+                _check_keys(part, TEXT_PART_KEYS, f"{where}[{i}]")
             return "".join(str(p) for p in parts)
-    raise EdgeError.invalid(f"messages[{index}].content", "must be a string or text parts")
+    raise EdgeError.invalid(where, "must be a string or text parts")
 
 
 def chat_turns(fields: Fields) -> list[dict[str, str]]:

@@ -2,8 +2,9 @@
 
 Content deltas (choices interleaved, each chunk naming its choice's `index`), then per choice a
 chunk with an empty delta and the finish_reason, then (with stream_options.include_usage) a
-chunk with `choices: []` and `usage`, then `data: [DONE]`. An upstream failure ends the stream
-with one chunk holding OpenAI's error object instead.
+chunk with `choices: []` and `usage`, then `data: [DONE]`. An upstream failure, or a choice cut
+short (a deadline, a cancel: OpenAI has no finish_reason for those), ends the stream with one
+chunk holding OpenAI's error object instead (tokenwire.edge.openai_format.openai_error).
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from typing import Any
 
 from sse_starlette import ServerSentEvent
 
-from tokenwire.client.client import Completion, StreamEvent, Token, Usage
-from tokenwire.edge.accounting import failed, finished
+from tokenwire.client.client import StreamEvent, Token, Usage
+from tokenwire.edge.accounting import failed
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.metrics import Outcome
-from tokenwire.edge.openai_format import Shape, finish_reason, usage
+from tokenwire.edge.openai_format import Shape, finish_reason, openai_error, usage
 from tokenwire.edge.pipeline import Frame, merged
 from tokenwire.edge.upstream import UpstreamStream
 
@@ -55,22 +56,20 @@ class Chunks:
 async def openai_frames(
     shape: Shape, upstreams: Sequence[UpstreamStream], include_usage: bool
 ) -> AsyncGenerator[Frame, None]:
-    """The chunks of every choice, then usage and [DONE]; or the error chunk. However it ends,
-    every choice's upstream call ends with it. The outcome: the first choice cut short
-    (cancelled, deadline_exceeded), else completed; or the error's."""
+    """The chunks of every choice, then usage and [DONE] (outcome completed); or the error
+    chunk (outcome the error's: cancelled, deadline_exceeded or upstream_error). However it
+    ends, every choice's upstream call ends with it."""
     chunks = Chunks(shape, len(upstreams), include_usage)
-    outcome = Outcome.COMPLETED
     try:
         async with contextlib.aclosing(merged(upstreams)) as events:
             async for index, event in events:
-                if isinstance(event, Completion) and outcome == Outcome.COMPLETED:
-                    outcome = finished(event.finish_reason)
                 if (chunk := chunks.of(index, event)) is not None:
                     yield Frame(chunk, token=isinstance(event, Token))
         if include_usage:
             yield Frame(chunks.usage())
-        yield Frame(ServerSentEvent("[DONE]"), outcome=outcome)
+        yield Frame(ServerSentEvent("[DONE]"), outcome=Outcome.COMPLETED)
     except EdgeError as error:
+        error = openai_error(error)
         yield Frame(ServerSentEvent(_json(error.openai_body())), outcome=failed(error.code))
     finally:
         for upstream in upstreams:
