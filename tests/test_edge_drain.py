@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
+import time
 
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
@@ -170,3 +172,22 @@ async def test_an_empty_last_event_id_is_a_new_request_and_refused_during_a_drai
         edge.edge.ctx.drain.draining = False
         await edge.edge.stop()
     assert (by_header.status_code, by_query.status_code) == (503, 503)
+
+
+async def test_a_stream_still_opening_when_the_grace_ends_is_answered_at_once() -> None:
+    """A request whose server has not answered yet (it accepted the connection and says
+    nothing) when the drain's grace ends is answered 503 then, and the edge stops,
+    instead of both waiting for the upstream timeout."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        edge = await start_edge(target, upstream_timeout_s=30.0)
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            started = time.monotonic()
+            request = asyncio.create_task(http.post("/v1/generate", json=NATIVE))
+            await asyncio.sleep(0.3)
+            clean = await asyncio.wait_for(edge.edge.drain(grace_s=0.5), 10)
+            response = await asyncio.wait_for(request, 10)
+            took = time.monotonic() - started
+    assert not clean
+    assert response.status_code == 503
+    assert took < 5.0

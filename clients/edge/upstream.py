@@ -185,6 +185,10 @@ class Upstream:
         self._info: ModelInfo | None = None
         self._ready_at = 0.0
         self._open: set[UpstreamStream] = set()
+        self._opening: set[GenerateCall] = set()
+        """Calls still waiting for their server's answer (accepted or refused)."""
+        self._stopping = False
+        """cancel_all has run: the edge is stopping."""
 
     @classmethod
     def from_settings(
@@ -297,6 +301,7 @@ class Upstream:
         except grpc.RpcError as error:
             return from_rpc_error(error)
         call = self._call(resume, request_id)
+        self._opening.add(call)
         try:
             header = dict(await call.initial_metadata())
         except grpc.RpcError as error:
@@ -304,6 +309,10 @@ class Upstream:
         except asyncio.CancelledError:
             call.cancel()  # the HTTP client left before the server answered
             raise
+        finally:
+            self._opening.discard(call)
+        if self._stopping and "x-request-id" not in header:
+            raise EdgeError(503, "UNAVAILABLE", "the edge is shutting down; retry", retry_after_s=1)
         if "x-request-id" not in header:
             # A refusal is trailers-only: no header, only a status with its details.
             return await _refusal(call)
@@ -330,9 +339,13 @@ class Upstream:
         self._open.discard(stream)
 
     def cancel_all(self) -> None:
-        """Cancel every Generate call still open (the end of a drain's grace)."""
+        """Cancel every Generate call still open or still waiting for its server's answer
+        (the end of a drain's grace): a request whose stream is opening gets a 503."""
+        self._stopping = True
         for stream in list(self._open):
             stream.cancel()
+        for call in list(self._opening):
+            call.cancel()
 
     async def model_info(self) -> ModelInfo:
         """The served model, asked once."""
