@@ -1,7 +1,9 @@
 """The engine alone, no transport: N greedy streams through Engine in one process (.venv).
 
 Usage: python bench/engine_alone.py MODEL_DIR --streams N [--prompt-tokens 32 --new-tokens 128]
-       [--sampling greedy|bench|top-p|temperature]
+       [--sampling greedy|bench|top-p|temperature] [--threads N]
+       (--threads: ONNX Runtime intra-op threads; 0, the default, is `tokenwire serve`'s own
+       default, this process's CPU budget)
        (bench: peers.SAMPLED's settings, as the sampled rows use; top-p: peers.TOP_P's,
        temperature and top-p as OpenAI-style clients send them; temperature: temperature 1
        alone, the OpenAI API's default; --sampled is --sampling bench)
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 from peers import SAMPLED, TOP_P, summarise  # bench/ is the script's directory, hence on sys.path
 
+from tokenwire.server.cpus import cpu_budget
 from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
 from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
 from tokenwire.server.tokenizer import Tokenizer
@@ -71,10 +74,18 @@ async def run(
 
 
 async def main(
-    model_dir: Path, streams: int, prompt: int, new: int, *, sampling: str = "greedy"
+    model_dir: Path,
+    streams: int,
+    prompt: int,
+    new: int,
+    *,
+    sampling: str = "greedy",
+    threads: int = 0,
 ) -> dict[str, Any]:
     engine = Engine(
-        OnnxCausalLM(model_dir, provider="cpu"),
+        # The thread count `tokenwire serve` computes with (ONNX Runtime's own default counts
+        # the machine's cores, not this process's budget).
+        OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=threads or cpu_budget().cpus),
         Tokenizer.from_dir(model_dir),
         EngineConfig(max_batch_size=max(16, streams)),
     )
@@ -108,7 +119,10 @@ if __name__ == "__main__":
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--sampling", choices=sorted(SAMPLINGS), default="greedy")
     ap.add_argument("--sampled", action="store_true", help="the same as --sampling bench")
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: CPU budget)")
     a = ap.parse_args()
     sampling = "bench" if a.sampled else a.sampling
-    summary = main(a.model_dir, a.streams, a.prompt_tokens, a.new_tokens, sampling=sampling)
+    summary = main(
+        a.model_dir, a.streams, a.prompt_tokens, a.new_tokens, sampling=sampling, threads=a.threads
+    )
     print(json.dumps(asyncio.run(summary)))

@@ -45,12 +45,15 @@ from build_models import genai_builder
 from peers import (
     MIXED,
     SAMPLED,
+    GeneratorPool,
     Served,
     arrival_offsets,
+    genai_generator,
     genai_loop,
-    genai_tokens,
+    genai_steps,
     nearest_rank,
     output_lengths,
+    rewinds_cleanly,
     static_batches,
     summarise,
     summarise_served,
@@ -150,7 +153,10 @@ Reference = dict[str, dict[int, list[int]]]
 
 def genai_rows(model_dir: Path) -> tuple[list[dict[str, Any]], Reference]:
     """GenAI at batch 1 and 16, CUDA graph capture off and on; its greedy ids for each prompt
-    in a batch of 16 ("b16") and alone ("b1")."""
+    in a batch of 16 ("b16") and alone ("b1"). Each row reuses one Generator, made before the
+    clock (peers.GeneratorPool), where a rewound Generator was seen to give a fresh one's
+    greedy ids on this provider (peers.rewinds_cleanly); otherwise each run makes its own, the
+    clock started before its GeneratorParams. The row's knobs say which."""
     import onnxruntime_genai as og
 
     rows: list[dict[str, Any]] = []
@@ -161,7 +167,9 @@ def genai_rows(model_dir: Path) -> tuple[list[dict[str, Any]], Reference]:
             for batch in (1, 16):
                 keep = reference["b16"] if batch == 16 and not graph else None
                 try:
-                    row = timed(genai_generate(model, batch, keep), batch, NEW_TOKENS, repeats=5)
+                    pool = genai_pool(og, model, batch)
+                    generate = genai_generate(model, batch, keep, pool=pool)
+                    row = timed(generate, batch, NEW_TOKENS, repeats=5)
                 except Exception as exc:  # e.g. CUDA graphs refused for this shape
                     print(f"  genai cuda_graph={graph} b={batch}: {exc}", flush=True)
                     continue
@@ -171,7 +179,7 @@ def genai_rows(model_dir: Path) -> tuple[list[dict[str, Any]], Reference]:
                         "transport": "in-process",
                         "concurrency": batch,
                         "arrival": "static-batch",
-                        "knobs": {"enable_cuda_graph": graph},
+                        "knobs": {"enable_cuda_graph": graph, "generator_reused": pool.reuse},
                         **row,
                     }
                 )
@@ -184,19 +192,44 @@ def genai_rows(model_dir: Path) -> tuple[list[dict[str, Any]], Reference]:
     return rows, reference
 
 
+def genai_pool(og: Any, model: Any, batch: int) -> GeneratorPool:
+    """A pool with the Generator of `batch` rows made, reusing it if rewinding it gives a fresh
+    Generator's greedy ids here."""
+    ids = np.asarray(prompts(batch), dtype=np.int64)
+    try:
+        reuse = rewinds_cleanly(og, model, ids, NEW_TOKENS)
+    except Exception as exc:  # a provider or graph mode that cannot rewind
+        print(f"  genai b={batch}: no rewind ({exc})", flush=True)
+        reuse = False
+    pool = GeneratorPool(og, model, reuse=reuse)
+    if reuse:
+        pool.make(batch, PROMPT_TOKENS + NEW_TOKENS)
+    return pool
+
+
 def genai_generate(
     model: Any,
     batch: int,
     keep: dict[int, list[int]] | None,
     rows: list[list[int]] | None = None,
+    *,
+    pool: GeneratorPool | None = None,
 ) -> Any:
-    """One timed GenAI generation of `batch` prompts; `keep` receives the new ids."""
+    """One timed GenAI generation of `batch` prompts; `keep` receives the new ids. With a pool
+    that reuses its Generators the clock starts before the prompt goes in; otherwise before
+    a fresh Generator's GeneratorParams."""
     import onnxruntime_genai as og
 
     ids = np.asarray(prompts(batch) if rows is None else rows, dtype=np.int64)
 
     def generate() -> tuple[float, list[float], float]:
-        ttft, gaps, total, generator = genai_loop(og, model, ids, PROMPT_TOKENS + NEW_TOKENS)
+        if pool is not None and pool.reuse:
+            generator = pool.get(batch, PROMPT_TOKENS + NEW_TOKENS)
+            started, times = genai_steps(generator, ids, NEW_TOKENS)
+            gaps = [b - a for a, b in itertools.pairwise(times)]
+            ttft, total = times[0] - started, times[-1] - started
+        else:
+            ttft, gaps, total, generator = genai_loop(og, model, ids, PROMPT_TOKENS + NEW_TOKENS)
         if keep is not None:
             for i in range(batch):
                 keep[i] = [int(t) for t in generator.get_sequence(i)][PROMPT_TOKENS:]
@@ -454,43 +487,30 @@ async def load(
 
 def serving_rows(model_dir: Path, grpc: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """GenAI on tokenwire's own loads: its Generator behind a static-batching server (at most
-    16; both dispatch policies, the faster kept) on the staggered arrivals, prompts and
-    lengths of the gRPC rows, and its static batch of 16 sampling with SAMPLED."""
+    16) on the staggered arrivals, prompts and lengths of the gRPC rows, and its static batch
+    of 16 sampling with SAMPLED. The dispatch policy is picked once per load, by one warm-up
+    run of each (the faster); the row is a further run of the pick alone."""
     import onnxruntime_genai as og
 
     rows: list[dict[str, Any]] = []
     with cuda_graph(model_dir, False):  # a batch of 16 is not captured
         model = og.Model(str(model_dir))
+        reuse = genai_pool(og, model, 16).reuse
         for staggered in (r for r in grpc if "rate" in r):
-            arrival = staggered["arrival"]
-            offsets = arrival_offsets(16, arrival, staggered["rate"])
-            lengths = output_lengths(arrival, len(offsets), NEW_TOKENS)
-            ids = prompts(len(offsets))
-            genai_tokens(og, model, np.asarray(ids[:16], dtype=np.int32), PROMPT_TOKENS + 16)
-            tried = []
-            for policy in ("queued", "full"):
-                started = time.perf_counter()
-                served = [Served(started + a) for a in offsets]
-                static_batches(og, model, served, ids, lengths, batch=16, policy=policy)
-                tried.append({**summarise_served(served, cpu=0.0), "policy": policy})
             rows.append(
-                {
-                    "system": "ort-genai-static-server",
-                    "transport": "in-process",
-                    "concurrency": 16,
-                    "arrival": arrival,
-                    "decoding": "greedy",
-                    **max(tried, key=lambda r: r["tokens_per_s"]),
-                }
+                static_server_row(og, model, staggered["arrival"], staggered["rate"], reuse)
             )
             say(rows[-1])
         ids16 = np.asarray(prompts(16), dtype=np.int64)
+        sampling = GeneratorPool(og, model, dict(SAMPLED), reuse=reuse)
 
         def sampled() -> tuple[float, list[float], float]:
-            ttft, gaps, total, _ = genai_loop(
-                og, model, ids16, PROMPT_TOKENS + NEW_TOKENS, dict(SAMPLED)
-            )
-            return ttft, gaps, total
+            if not reuse:
+                return genai_loop(og, model, ids16, PROMPT_TOKENS + NEW_TOKENS, dict(SAMPLED))[:3]
+            generator = sampling.get(16, PROMPT_TOKENS + NEW_TOKENS)
+            started, times = genai_steps(generator, ids16, NEW_TOKENS)
+            gaps = [b - a for a, b in itertools.pairwise(times)]
+            return times[0] - started, gaps, times[-1] - started
 
         rows.append(
             {
@@ -499,12 +519,49 @@ def serving_rows(model_dir: Path, grpc: list[dict[str, Any]]) -> list[dict[str, 
                 "concurrency": 16,
                 "arrival": "static-batch",
                 "decoding": "sampled",
-                "knobs": {"enable_cuda_graph": False, **SAMPLED},
+                "knobs": {"enable_cuda_graph": False, "generator_reused": reuse, **SAMPLED},
                 **timed(sampled, 16, NEW_TOKENS, repeats=3),
             }
         )
         say(rows[-1])
     return rows
+
+
+def static_server_row(
+    og: Any, model: Any, arrival: str, rate: float, reuse: bool
+) -> dict[str, Any]:
+    """GenAI's static-batching server (peers.static_batches, at most 16) on one staggered
+    load: each policy once as its warm-up, then the faster alone for the row. Generators are
+    reused (`reuse`) as peers.run_genai_static reuses them."""
+    offsets = arrival_offsets(16, arrival, rate)
+    lengths = output_lengths(arrival, len(offsets), NEW_TOKENS)
+    ids = prompts(len(offsets))
+    warm = np.asarray(ids[:16], dtype=np.int32)
+    genai_steps(genai_generator(og, model, 16, PROMPT_TOKENS + 16), warm, 16)
+    pool = GeneratorPool(og, model, reuse=reuse)
+    if reuse and len(set(lengths)) == 1:
+        for count in range(1, 17):
+            pool.make(count, PROMPT_TOKENS + lengths[0])
+
+    def serve_load(policy: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        served = [Served(started + a) for a in offsets]
+        static_batches(pool, served, ids, lengths, batch=16, policy=policy)
+        return summarise_served(served, cpu=0.0)
+
+    tried = {policy: serve_load(policy)["tokens_per_s"] for policy in ("queued", "full")}
+    policy = max(tried, key=lambda name: tried[name])
+    return {
+        "system": "ort-genai-static-server",
+        "transport": "in-process",
+        "concurrency": 16,
+        "arrival": arrival,
+        "decoding": "greedy",
+        **serve_load(policy),
+        "policy": policy,
+        "policy_warm_up_tokens_per_s": tried,
+        "knobs": {"generator_reused": reuse},
+    }
 
 
 def stream_row(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ Usage: python bench/peers.py raw|genai MODEL_DIR --batch N [--prompt-tokens 32 -
        [--sampling '{"temperature": 0.8, "top_k": 50, "top_p": 0.95}' (genai)]
        python bench/peers.py genai-engine MODEL_DIR < WORKLOAD.json
        python bench/peers.py genai-static MODEL_DIR --batch 16 --policy queued|full < WORKLOAD.json
+       (every mode: [--threads N], intra-op threads; 0, the default, leaves each system's own)
 WORKLOAD.json: {"arrivals": [seconds after the start, ...], "prompts": [[ids], ...],
 "lengths": [tokens to generate, ...]}, one request per arrival. Prints one JSON object:
 tokens/s, per-stream tokens/s, TTFT and inter-token latencies.
@@ -117,8 +118,11 @@ def timed(generate: Any, batch: int, new: int, repeats: int = 1) -> dict[str, fl
     return summarise(batch, new, ttft, gaps, total=total, cpu=cpu)
 
 
-def run_raw(model_dir: Path, batch: int, prompt: int, new: int) -> dict[str, float]:
-    """The loop every Optimum-export user writes: prefill, then one session.run per token."""
+def run_raw(
+    model_dir: Path, batch: int, prompt: int, new: int, threads: int = 0
+) -> dict[str, float]:
+    """The loop every Optimum-export user writes: prefill, then one session.run per token, with
+    `threads` intra-op threads (0: ONNX Runtime's default)."""
     import onnxruntime as ort
 
     layers, kvh, head_dim, vocab = shape_of(model_dir)
@@ -126,7 +130,7 @@ def run_raw(model_dir: Path, batch: int, prompt: int, new: int) -> dict[str, flo
     # session.force_spinning_stop: nothing runs between this loop's steps, and stopping
     # the workers there cost it 1-2 % in a side test, so it runs at its best without.
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 0
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(
@@ -192,58 +196,125 @@ def shape_of(model_dir: Path) -> tuple[int, int, int, int]:
     )
 
 
+def genai_model(og: Any, model_dir: Path, threads: int = 0) -> Any:
+    """GenAI's model of model_dir; `threads` (0: as genai_config.json says) sets its decoder
+    session's intra-op threads when the session is made (og.Config.overlay), so every system
+    computes with the same number without the cached folder being rewritten."""
+    config = og.Config(str(model_dir))
+    if threads:
+        options = {"session_options": {"intra_op_num_threads": threads}}
+        config.overlay(json.dumps({"model": {"decoder": options}}))
+    return og.Model(config)
+
+
 def run_genai(
-    model_dir: Path, batch: int, prompt: int, new: int, sampling: dict[str, float] | None = None
+    model_dir: Path,
+    batch: int,
+    prompt: int,
+    new: int,
+    sampling: dict[str, float] | None = None,
+    *,
+    threads: int = 0,
 ) -> dict[str, float]:
-    """GenAI's Generator, greedy or with the given sampling options (do_sample on)."""
+    """GenAI's Generator, greedy or with the given sampling options (do_sample on): one
+    Generator made before the clock and reused for every run (GeneratorPool)."""
     import onnxruntime_genai as og
 
-    model = og.Model(str(model_dir))
+    model = genai_model(og, model_dir, threads)
     config = json.loads((model_dir / "genai_config.json").read_text())
     vocab = config["model"]["vocab_size"]
     ids = prompt_ids(batch, prompt, vocab)
     if sampling and sampling.get("top_k") == NO_TOP_K_VOCAB:
         sampling = {**sampling, "top_k": vocab}
+    pool = GeneratorPool(og, model, sampling)
+    generator = pool.make(batch, prompt + new)
 
     def generate() -> tuple[float, list[float], float]:
-        ttft, gaps, total, _ = genai_loop(og, model, ids, prompt + new, sampling)
-        return ttft, gaps, total
+        started, times = genai_steps(generator, ids, new)
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        return times[0] - started, gaps, times[-1] - started
 
     return timed(generate, batch, new)
+
+
+def genai_generator(
+    og: Any, model: Any, rows: int, length: int, sampling: dict[str, float] | None = None
+) -> Any:
+    """A Generator for `rows` prompts generating up to `length` tokens in all (EOS ignored
+    until then: min_length = max_length), greedy or with `sampling`'s search options."""
+    params = og.GeneratorParams(model)
+    params.set_search_options(
+        max_length=length,
+        min_length=length,
+        batch_size=rows,
+        **({"do_sample": True, **sampling} if sampling else {"do_sample": False}),
+    )
+    return og.Generator(model, params)
+
+
+def genai_steps(generator: Any, ids: np.ndarray, new: int) -> tuple[float, list[float]]:
+    """`new` tokens for the rows of ids on `generator` (made for their number of rows): when
+    the clock started, just before the prompt tokens go in (prefill included, as every other
+    system's clock has it), and when each step's tokens came out. A Generator that ran before
+    is rewound first (Generator.rewind_to(0), outside the clock: it is its reset for the next
+    batch, which the same greedy ids as a fresh Generator's show it is)."""
+    if generator.token_count():
+        generator.rewind_to(0)
+    started = time.perf_counter()
+    generator.append_tokens(ids)
+    times = []
+    for _ in range(new):
+        generator.generate_next_token()
+        times.append(time.perf_counter())
+    return started, times
+
+
+class GeneratorPool:
+    """GenAI Generators by shape (rows, max_length), as a server keeps them at its best: made
+    once and reused, rewound between batches, so a batch pays for its prefill and steps but not
+    for making a Generator. `make` makes one ahead of the clock; `get` returns the one of that
+    shape, making it (inside the caller's clock) the first time. With reuse off, `get` makes a
+    fresh Generator every time (where rewinding was not seen to give a fresh one's ids)."""
+
+    def __init__(
+        self, og: Any, model: Any, sampling: dict[str, float] | None = None, *, reuse: bool = True
+    ) -> None:
+        self._og, self._model, self._sampling, self.reuse = og, model, sampling, reuse
+        self._made: dict[tuple[int, int], Any] = {}
+
+    def make(self, rows: int, length: int) -> Any:
+        generator = genai_generator(self._og, self._model, rows, length, self._sampling)
+        if self.reuse:
+            self._made[(rows, length)] = generator
+        return generator
+
+    def get(self, rows: int, length: int) -> Any:
+        return self._made.get((rows, length)) or self.make(rows, length)
 
 
 def genai_loop(
     og: Any, model: Any, ids: np.ndarray, length: int, sampling: dict[str, float] | None = None
 ) -> tuple[float, list[float], float, Any]:
-    """One GenAI generation of the rows of ids up to `length` tokens (EOS ignored), greedy or
-    sampled: TTFT, the inter-token gaps, the wall time, and the generator (for its sequences)."""
-    started, times, generator = genai_tokens(og, model, ids, length, sampling)
+    """One GenAI generation of the rows of ids up to `length` tokens (EOS ignored) on a fresh
+    Generator, greedy or sampled, the clock started before its GeneratorParams (its making
+    counts, as every other system's setup does): TTFT, the inter-token gaps, the wall time, and
+    the generator (for its sequences)."""
+    started = time.perf_counter()
+    generator = genai_generator(og, model, len(ids), length, sampling)
+    _, times = genai_steps(generator, ids, length - ids.shape[1])
     gaps = [b - a for a, b in itertools.pairwise(times)]
     return times[0] - started, gaps, times[-1] - started, generator
 
 
-def genai_tokens(
-    og: Any, model: Any, ids: np.ndarray, length: int, sampling: dict[str, float] | None = None
-) -> tuple[float, list[float], Any]:
-    """One GenAI generation of the rows of ids up to `length` tokens (EOS ignored), greedy or
-    with `sampling`'s search options: when the prompt went in (the generator made), when each
-    step's tokens came out, the generator."""
-    params = og.GeneratorParams(model)
-    params.set_search_options(
-        max_length=length,
-        min_length=length,
-        batch_size=len(ids),
-        **({"do_sample": True, **sampling} if sampling else {"do_sample": False}),
-    )
-    generator = og.Generator(model, params)
-    started = time.perf_counter()
-    generator.append_tokens(ids)
-    generator.generate_next_token()
-    times = [time.perf_counter()]
-    while not generator.is_done():
-        generator.generate_next_token()
-        times.append(time.perf_counter())
-    return started, times, generator
+def rewinds_cleanly(og: Any, model: Any, ids: np.ndarray, new: int) -> bool:
+    """Whether a Generator rewound to 0 after another prompt gives the greedy ids a fresh one
+    gives the rows of ids (so reusing one is sound on this model and provider)."""
+    length = ids.shape[1] + new
+    fresh = genai_loop(og, model, ids, length)[3]
+    reused = genai_generator(og, model, len(ids), length)
+    genai_steps(reused, ids[:, ::-1].copy(), new)  # another prompt first
+    genai_steps(reused, ids, new)
+    return all(list(fresh.get_sequence(i)) == list(reused.get_sequence(i)) for i in range(len(ids)))
 
 
 @dataclass
@@ -273,14 +344,17 @@ def summarise_served(served: list[Served], *, cpu: float) -> dict[str, float]:
     }
 
 
-def engine_folder(model_dir: Path, into: Path) -> dict[str, Any]:
-    """model_dir's files linked into `into`, with ENGINE_SECTION added to its genai_config.json;
-    returns the settings the Engine runs with."""
+def engine_folder(model_dir: Path, into: Path, threads: int = 0) -> dict[str, Any]:
+    """model_dir's files linked into `into`, with ENGINE_SECTION added to its genai_config.json
+    (and `threads` intra-op threads, unless 0); returns the settings the Engine runs with."""
     for path in model_dir.iterdir():
         if path.name != "genai_config.json":
             (into / path.name).symlink_to(path.resolve())
     config = json.loads((model_dir / "genai_config.json").read_text())
     config["engine"] = ENGINE_SECTION
+    if threads:
+        options = config["model"]["decoder"].setdefault("session_options", {})
+        options["intra_op_num_threads"] = threads
     (into / "genai_config.json").write_text(json.dumps(config, indent=4))
     return {
         "engine": ENGINE_SECTION,
@@ -329,13 +403,15 @@ def serve(
     return served
 
 
-def run_genai_engine(model_dir: Path, workload: dict[str, Any]) -> dict[str, Any]:
-    """The workload through GenAI's Engine, after a warm-up burst of every batch shape."""
+def run_genai_engine(model_dir: Path, workload: dict[str, Any], threads: int = 0) -> dict[str, Any]:
+    """The workload through GenAI's Engine, after a warm-up burst of every batch shape. The
+    Engine is made before the clock, as a server is started before its load; each request's
+    clock starts at its arrival, before its Request is made (`serve`)."""
     import onnxruntime_genai as og
 
     arrivals, prompts, lengths = workload["arrivals"], workload["prompts"], workload["lengths"]
     with tempfile.TemporaryDirectory() as folder:
-        knobs = engine_folder(model_dir, Path(folder))
+        knobs = engine_folder(model_dir, Path(folder), threads)
         engine = og.Engine(og.Model(folder))
         warm = min(16, len(prompts))
         serve(og, engine, [0.0] * warm, prompts[:warm], [16] * warm)
@@ -346,8 +422,7 @@ def run_genai_engine(model_dir: Path, workload: dict[str, Any]) -> dict[str, Any
 
 
 def static_batches(
-    og: Any,
-    model: Any,
+    pool: GeneratorPool,
     served: list[Served],
     prompts: list[list[int]],
     lengths: list[int],
@@ -359,7 +434,9 @@ def static_batches(
     the requests that have arrived (at most `batch`; with policy "full" it first waits until
     `batch` have arrived, or every request left has) and runs them together until the longest
     has its tokens; a request is done once it has its own lengths[i] tokens, but its row stays
-    in the batch, and a request that arrives meanwhile waits for the whole batch."""
+    in the batch, and a request that arrives meanwhile waits for the whole batch. Each group
+    runs on the pool's Generator of its shape (rows, prompt + its longest request); its
+    requests' clocks run from their arrivals, so whatever the pool does for them counts."""
     if len({len(p) for p in prompts}) != 1:
         raise SystemExit("genai-static needs prompts of one length (GenAI pads no batch here)")
     done = 0
@@ -370,25 +447,39 @@ def static_batches(
         group = [s for s in served[done : done + batch] if s.arrival <= now]
         wants = lengths[done : done + len(group)]
         ids = np.asarray(prompts[done : done + len(group)], dtype=np.int32)
-        _, times, _ = genai_tokens(og, model, ids, ids.shape[1] + max(wants))
+        generator = pool.get(len(group), ids.shape[1] + max(wants))
+        _, times = genai_steps(generator, ids, max(wants))
         for s, want in zip(group, wants, strict=True):
             s.times = times[:want]
         done += len(group)
 
 
 def run_genai_static(
-    model_dir: Path, workload: dict[str, Any], *, batch: int, policy: str
+    model_dir: Path, workload: dict[str, Any], *, batch: int, policy: str, threads: int = 0
 ) -> dict[str, Any]:
-    """The workload through `static_batches`, after a warm-up batch of the largest shape."""
+    """The workload through `static_batches`, after a warm-up batch of the largest shape.
+
+    Where every request asks for the same length, each group needs a Generator of that length
+    for its number of rows: one for each number, 1 to `batch`, is made before the load. With
+    mixed lengths a group's Generator is made for its longest request when first needed, and
+    kept for the next group of that shape: one sized for the longest request of the whole load
+    would serve every group, but its steps ran up to 10 % slower (16 rows, 272 positions
+    against 160) than a group's own length costs to make (12-45 ms)."""
     import onnxruntime_genai as og
 
-    model = og.Model(str(model_dir))
+    model = genai_model(og, model_dir, threads)
     arrivals, prompts, lengths = workload["arrivals"], workload["prompts"], workload["lengths"]
-    genai_tokens(og, model, np.asarray(prompts[:batch], dtype=np.int32), len(prompts[0]) + 16)
+    prompt = len(prompts[0])
+    pool = GeneratorPool(og, model)
+    if len(set(lengths)) == 1:
+        for rows in range(1, batch + 1):
+            pool.make(rows, prompt + lengths[0])
+    warm = np.asarray(prompts[:batch], dtype=np.int32)
+    genai_steps(genai_generator(og, model, len(warm), prompt + 16), warm, 16)
     started = time.perf_counter()
     served = [Served(started + a) for a in arrivals]
     cpu0 = time.process_time()
-    static_batches(og, model, served, prompts, lengths, batch=batch, policy=policy)
+    static_batches(pool, served, prompts, lengths, batch=batch, policy=policy)
     return summarise_served(served, cpu=time.process_time() - cpu0)
 
 
@@ -401,21 +492,31 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--policy", choices=["queued", "full"], default="queued")
     ap.add_argument("--sampling", type=json.loads, default=None, help="JSON search options")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="intra-op threads (0: each system's default)"
+    )
     args = ap.parse_args()
+    threads = args.threads
     if args.mode == "genai-engine":
-        row = run_genai_engine(args.model_dir, json.load(sys.stdin))
+        row = run_genai_engine(args.model_dir, json.load(sys.stdin), threads)
     elif args.mode == "genai-static":
         row = run_genai_static(
             args.model_dir,
             json.load(sys.stdin),
             batch=args.batch,
             policy=args.policy,
+            threads=threads,
         )
     elif args.mode == "raw":
-        row = run_raw(args.model_dir, args.batch, args.prompt_tokens, args.new_tokens)
+        row = run_raw(args.model_dir, args.batch, args.prompt_tokens, args.new_tokens, threads)
     else:
         row = run_genai(
-            args.model_dir, args.batch, args.prompt_tokens, args.new_tokens, args.sampling
+            args.model_dir,
+            args.batch,
+            args.prompt_tokens,
+            args.new_tokens,
+            args.sampling,
+            threads=threads,
         )
     print(json.dumps(row))
 

@@ -34,6 +34,7 @@ from peers import (  # bench/ is on sys.path
 from tokenizers import Tokenizer
 
 from tokenwire.common.stats import percentile
+from tokenwire.server.cpus import CpuBudget, cpu_budget
 from tokenwire.server.process import TokenwireProcess
 from tokenwire.server.tokenizer import Tokenizer as ServerTokenizer
 from tokenwire.v1 import generate_pb2 as pb
@@ -44,6 +45,14 @@ BENCH_PY = ROOT / "bench" / ".venv" / "bin" / "python"
 RESULTS = ROOT / "bench" / "results" / "latest.json"
 PROMPT_TOKENS, NEW_TOKENS = 32, 128
 TICK = os.sysconf("SC_CLK_TCK")
+
+
+@functools.cache
+def threads() -> CpuBudget:
+    """The intra-op threads every system computes with: tokenwire's own default, the physical
+    cores this process may run on capped by its CPU quota (`tokenwire serve`'s cpu_budget),
+    read once, when first needed."""
+    return cpu_budget()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -84,6 +93,7 @@ def start_server(model_dir: Path, metrics: bool = False, chunk: int = 256) -> Pr
         "TOKENWIRE_MAX_BATCH_SIZE": "32",
         "TOKENWIRE_MAX_QUEUE": "256",
         "TOKENWIRE_PREFILL_CHUNK_TOKENS": str(chunk),
+        "TOKENWIRE_INTRA_OP_THREADS": str(threads().cpus),
     }
     args = [
         "serve",
@@ -128,8 +138,12 @@ async def edge_stream(http: httpx.AsyncClient, prompt: str, new: int) -> dict[st
     return {"sent": sent, "times": times}
 
 
-def stream_row(runs: list[list[dict[str, Any]]], cpu: float | None) -> dict[str, Any]:
-    """Throughput: median over repeated runs; latency percentiles: all streams pooled."""
+def stream_row(
+    runs: list[list[dict[str, Any]]], cpu: float | None, client_cpu: float | None = None
+) -> dict[str, Any]:
+    """Throughput: median over repeated runs; latency percentiles: all streams pooled. CPU per
+    token, where measured: the server process's (`cpu`) and the load generator's, this
+    process (`client_cpu`), apart."""
     rates = sorted(
         sum(len(s["times"]) for s in run)
         / (max(s["times"][-1] for s in run) - min(s["sent"] for s in run))
@@ -157,6 +171,8 @@ def stream_row(runs: list[list[dict[str, Any]]], cpu: float | None) -> dict[str,
     }
     if cpu is not None:
         row["server_cpu_ms_per_token"] = cpu * 1000 / tokens
+    if client_cpu is not None:
+        row["client_cpu_ms_per_token"] = client_cpu * 1000 / tokens
     return row
 
 
@@ -186,6 +202,22 @@ def repeats_for(concurrency: int, arrival: str) -> int:
     return 5 if concurrency == 1 else 3
 
 
+async def costed_load(
+    open_stream: Any,
+    prompts: list[str],
+    concurrency: int,
+    arrival: str,
+    *,
+    rate: float | None,
+    pid: int,
+) -> tuple[list[dict[str, Any]], float, float]:
+    """One load (run_load), with the CPU seconds the server process (pid) and this process,
+    the load generator, spent on it."""
+    server0, client0 = cpu_seconds(pid), time.process_time()
+    run = await run_load(open_stream, prompts, concurrency, arrival, rate)
+    return run, cpu_seconds(pid) - server0, time.process_time() - client0
+
+
 async def measure(
     open_stream: Any,
     prompts: list[str],
@@ -193,14 +225,16 @@ async def measure(
     arrival: str,
     *,
     rate: float | None,
-    pid: int | None,
+    pid: int,
 ) -> dict[str, Any]:
-    runs, cpu = [], 0.0
+    runs, server, client = [], 0.0, 0.0
     for _ in range(repeats_for(concurrency, arrival)):
-        cpu0 = cpu_seconds(pid) if pid else 0.0
-        runs.append(await run_load(open_stream, prompts, concurrency, arrival, rate))
-        cpu += (cpu_seconds(pid) - cpu0) if pid else 0.0
-    return stream_row(runs, cpu if pid else None)
+        run, server_cpu, client_cpu = await costed_load(
+            open_stream, prompts, concurrency, arrival, rate=rate, pid=pid
+        )
+        runs.append(run)
+        server, client = server + server_cpu, client + client_cpu
+    return stream_row(runs, server, client)
 
 
 async def service_rows(
@@ -385,7 +419,10 @@ async def headline(
     exposes every system to the same drift, and each row keeps its median.
     """
     peers: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    service: dict[int, tuple[list[list[dict[str, Any]]], list[float]]] = {1: ([], []), 16: ([], [])}
+    service: dict[int, tuple[list[list[dict[str, Any]]], list[float], list[float]]] = {
+        1: ([], [], []),
+        16: ([], [], []),
+    }
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         await asyncio.gather(*(one_stream(stub, p, 16) for p in prompts[:16]))
@@ -393,19 +430,19 @@ async def headline(
             for batch in (1, 16):
                 for mode, sub_dir in (("raw", "onnx"), ("genai", "genai")):
                     peers.setdefault((mode, batch), []).append(peer(mode, model / sub_dir, batch))
-                runs, cpu = service[batch]
+                runs, server_cpu, client_cpu = service[batch]
                 for _ in range(3 if batch == 1 else 1):
-                    cpu0 = cpu_seconds(server.proc.pid)
-                    runs.append(
-                        await run_load(
-                            lambda p, n, stub=stub: one_stream(stub, p, n),
-                            prompts,
-                            batch,
-                            "burst",
-                            None,
-                        )
+                    run, server_s, client_s = await costed_load(
+                        lambda p, n, stub=stub: one_stream(stub, p, n),
+                        prompts,
+                        batch,
+                        "burst",
+                        rate=None,
+                        pid=server.proc.pid,
                     )
-                    cpu.append(cpu_seconds(server.proc.pid) - cpu0)
+                    runs.append(run)
+                    server_cpu.append(server_s)
+                    client_cpu.append(client_s)
     rows = []
     for (_, _), found in sorted(peers.items()):
         median = sorted(found, key=lambda r: r["tokens_per_s"])[len(found) // 2]
@@ -417,8 +454,8 @@ async def headline(
                 "tokens_per_s_spread": (rates[-1] - rates[0]) / rates[len(rates) // 2],
             }
         )
-    for batch, (runs, cpu) in service.items():
-        row = stream_row(runs, sum(cpu))
+    for batch, (runs, server_cpu, client_cpu) in service.items():
+        row = stream_row(runs, sum(server_cpu), sum(client_cpu))
         rows.append(
             {
                 "system": "tokenwire",
@@ -498,9 +535,12 @@ async def graph_rows(
                     ids=ids,
                 )
                 print(f"  {graph.name}: warm-up round (not counted)", flush=True)
-                await play(found={}, full=False)
+                await play(found={}, full=False, policies={})
+                policies = (
+                    await static_policies(model_dir, stub, prompts, ids) if graph.engine else {}
+                )
                 for i in range(single_rounds):
-                    await play(found=found, full=i < rounds)
+                    await play(found=found, full=i < rounds, policies=policies)
         finally:
             server.stop()
         rows += [median_row(graph.name, runs) for runs in found.values()]
@@ -516,11 +556,13 @@ async def graph_round(
     ids: list[list[int]],
     found: Found,
     full: bool,
+    policies: dict[str, dict[str, Any]],
 ) -> None:
     """Every system once, in turn; `full` adds the 16-stream loads. The staggered loads' rate
     comes from this round's burst of 16 (Little's law); GenAI's Engine and GenAI's Generator
-    as a static-batching server get the same arrivals, prompts and lengths as tokenwire, on
-    the graph that has those peers (the mixed-length load runs only there)."""
+    as a static-batching server (with the policy `policies` holds for the load) get the same
+    arrivals, prompts and lengths as tokenwire, on the graph that has those peers (the
+    mixed-length load runs only there)."""
     stub, pid = service
     for batch in (1, 16) if full else (1,):
         for mode in graph.peers:
@@ -551,7 +593,9 @@ async def graph_round(
             lengths = output_lengths(arrival, len(offsets), NEW_TOKENS)
             keep(found, engine_peer(model_dir, offsets, lengths, ids, arrival))
             if arrival != "burst":
-                keep(found, static_server_peer(model_dir, offsets, lengths, ids, arrival))
+                picked = policies[arrival]
+                row = static_server_peer(model_dir, offsets, lengths, ids, picked["policy"])
+                keep(found, {**row, "arrival": arrival, **picked})
     for decoding in SAMPLINGS if full and graph.engine else ():
         # Sampled decoding, a burst of 16 against GenAI's static batch of 16 sampling alike.
         keep(found, peer("genai", model_dir, 16, decoding=decoding))
@@ -567,6 +611,34 @@ async def graph_round(
             found,
             {"system": "tokenwire", "transport": "grpc", **LOADS[1], **row, "decoding": decoding},
         )
+
+
+async def static_policies(
+    model_dir: Path,
+    stub: pb_grpc.GenerationServiceStub,
+    prompts: list[str],
+    ids: list[list[int]],
+) -> dict[str, dict[str, Any]]:
+    """The static-batching server's dispatch policy for each staggered load, picked once, in
+    the warm-up: one run of each policy on the load (its rate from one burst of 16 through
+    tokenwire, as a round has it), the faster by tokens/s. Every counted round then runs the
+    pick alone, so the row keeps no faster noise of two runs."""
+    burst = await run_load(
+        lambda p, n, stub=stub: one_stream(stub, p, n), prompts, 16, "burst", None
+    )
+    rate = 16 * stream_row([burst], None)["per_stream_tokens_per_s"] / NEW_TOKENS
+    picks = {}
+    for arrival in ("poisson", MIXED):
+        offsets = arrival_offsets(16, arrival, rate)
+        lengths = output_lengths(arrival, len(offsets), NEW_TOKENS)
+        tried = {
+            policy: static_server_peer(model_dir, offsets, lengths, ids, policy)["tokens_per_s"]
+            for policy in STATIC_POLICIES
+        }
+        policy = max(tried, key=lambda name: tried[name])
+        picks[arrival] = {"policy": policy, "policy_warm_up_tokens_per_s": tried}
+        print(f"  static server on {arrival}: policy {policy} (warm-up {tried})", flush=True)
+    return picks
 
 
 def median_row(graph: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -593,12 +665,8 @@ def engine_alone(model_dir: Path) -> dict[str, Any]:
             sys.executable,
             str(ROOT / "bench" / "engine_alone.py"),
             str(model_dir),
-            "--streams",
-            "1",
-            "--prompt-tokens",
-            str(PROMPT_TOKENS),
-            "--new-tokens",
-            str(NEW_TOKENS),
+            *("--streams", "1", "--threads", str(threads().cpus)),
+            *("--prompt-tokens", str(PROMPT_TOKENS), "--new-tokens", str(NEW_TOKENS)),
         ],
         check=True,
         capture_output=True,
@@ -628,9 +696,13 @@ def transport_ceiling() -> dict[str, Any]:
 def run_peer(
     mode: str, model_dir: Path, *flags: str, workload: str | None = None
 ) -> dict[str, Any]:
-    """One peers.py measurement in bench/.venv, its JSON row."""
+    """One peers.py measurement in bench/.venv, its JSON row; the peer computes with
+    tokenwire's thread count (threads())."""
     out = subprocess.run(
-        [str(BENCH_PY), str(ROOT / "bench" / "peers.py"), mode, str(model_dir), *flags],
+        [
+            *(str(BENCH_PY), str(ROOT / "bench" / "peers.py"), mode, str(model_dir), *flags),
+            *("--threads", str(threads().cpus)),
+        ],
         input=workload,
         check=True,
         capture_output=True,
@@ -714,28 +786,21 @@ def engine_peer(
     }
 
 
+STATIC_POLICIES = ("queued", "full")
+"""The static-batching server's dispatch policies (peers.py static_batches)."""
+
+
 def static_server_peer(
-    model_dir: Path, offsets: list[float], lengths: list[int], ids: list[list[int]], arrival: str
+    model_dir: Path, offsets: list[float], lengths: list[int], ids: list[list[int]], policy: str
 ) -> dict[str, Any]:
     """GenAI's Generator as a static-batching server of at most 16 (peers.py genai-static) on
-    the same load, under both of its dispatch policies; the faster one is its row."""
+    the same load, under one of its dispatch policies."""
     batch = 16
     workload = served_workload(offsets, lengths, ids)
-    tried = [
-        {
-            **run_peer(
-                "genai-static",
-                model_dir,
-                *("--batch", str(batch), "--policy", policy),
-                workload=workload,
-            ),
-            "policy": policy,
-        }
-        for policy in ("queued", "full")
-    ]
-    row = max(tried, key=lambda r: r["tokens_per_s"])
+    flags = ("--batch", str(batch), "--policy", policy)
+    row = run_peer("genai-static", model_dir, *flags, workload=workload)
     print(
-        f"  genai static server ({row['policy']}) c={batch:<3d} {arrival:13s} "
+        f"  genai static server ({policy}) c={batch:<3d} "
         f"{row['tokens_per_s']:8.1f} tok/s  ttft p50 {row['ttft_p50_ms']:7.1f} ms",
         flush=True,
     )
@@ -743,9 +808,8 @@ def static_server_peer(
         "system": "ort-genai-static-server",
         "transport": "in-process",
         "concurrency": batch,
-        "arrival": arrival,
         **row,
-        "policies": {r["policy"]: r["tokens_per_s"] for r in tried},
+        "policy": policy,
     }
 
 
@@ -791,37 +855,50 @@ def machine() -> dict[str, Any]:
 def peer_knobs(genai_dir: Path, rows: list[dict[str, Any]]) -> dict[str, str]:
     """Every setting each system ran with, as written in the report."""
     genai = json.loads((genai_dir / "genai_config.json").read_text())
-    options = genai["model"]["decoder"].get("session_options", {})
+    n = threads().cpus
+    options = {**genai["model"]["decoder"].get("session_options", {}), "intra_op_num_threads": n}
     engine = next(r["knobs"] for r in rows if r["system"] == "ort-genai-engine")
+    picks = {r["arrival"]: r["policy"] for r in rows if r["system"] == "ort-genai-static-server"}
     return {
-        "ort-genai": "genai_config.json model.decoder.session_options "
+        "ort-genai": "model.decoder.session_options "
         + json.dumps(options, sort_keys=True)
-        + "; greedy search, static batch; the sampled rows set do_sample and their settings "
-        "as search options; where a row has no top-k, GenAI runs with top_k 0 (its nucleus "
-        "path) and with top_k = the vocabulary size (a partial sort of the whole row), and the "
-        "faster is the row (the builder's genai_config.json default, top_k 50, would cut every "
-        "row to 50 candidates)",
+        + f" (genai_config.json's, with intra_op_num_threads {n} set when the session is made, "
+        "og.Config.overlay); greedy search, static batch; one Generator per batch shape, made "
+        "before the clock and reused for every run (Generator.rewind_to(0) between runs, which "
+        "gives a fresh Generator's greedy ids and prefills the new prompt), the clock started "
+        "before the prompt tokens are appended; the sampled rows set do_sample and their "
+        "settings as search options; where a row has no top-k, GenAI runs with top_k 0 (its "
+        "nucleus path) and with top_k = the vocabulary size (a partial sort of the whole row), "
+        "and the faster is the row (the builder's genai_config.json default, top_k 50, would "
+        "cut every row to 50 candidates)",
         "ort-genai-static-server": "GenAI's Generator (same session options) behind a "
         "static-batching server on tokenwire's staggered arrivals and prompts: when the "
         "Generator is free it runs the requests that have arrived, at most 16, together to "
         "the end ('queued'), or first waits until 16 have arrived or none are left to come "
-        "('full'); both run every round and the faster is the row",
+        "('full'); the policy is picked once per load in the warm-up round (one run of each, "
+        f"the faster by tokens/s) and runs every counted round: {json.dumps(picks)}; "
+        "Generators reused as in ort-genai: with equal lengths one per number of rows, made "
+        "before the load; with mixed lengths one per (rows, longest request) made when first "
+        "needed, inside the requests' clocks; every request's clock runs from its arrival",
         "ort-genai-engine": "og.Engine on the fp32 graph; genai_config.json engine "
         + json.dumps(engine["engine"], sort_keys=True)
         + ", model.decoder.session_options "
         + json.dumps(engine["session_options"], sort_keys=True)
         + "; the static-batching scheduler (the dynamic one needs a paged-attention graph, "
         "which GenAI's builder writes for CUDA and WebGPU only), which runs at most 4 requests "
-        "at a time and takes new ones when all of them have finished; each request begun at "
-        "its arrival time, between Engine steps; greedy (TurnOptions do_sample false), min and "
+        "at a time and takes new ones when all of them have finished; the Engine made before "
+        "the load, each request begun at its arrival time, between Engine steps, its clock "
+        "started before its Request is made; greedy (TurnOptions do_sample false), min and "
         "max generated tokens 128; tokenwire's prompts and arrival times",
-        "ort-loop": "intra_op_num_threads 0 (one per core), inter_op_num_threads 1, "
+        "ort-loop": f"intra_op_num_threads {n}, inter_op_num_threads 1, "
         "ORT_ENABLE_ALL, spinning on; one session.run per token, numpy argmax; without "
         "tokenwire's session.force_spinning_stop, which cost this loop 1-2 % in a side test "
         "(nothing else runs between its steps)",
-        "tokenwire": "defaults of `tokenwire serve` (intra_op_threads 0, inter_op_threads 1, "
-        "spinning on within a step and stopped between steps (session.force_spinning_stop), "
-        "prefill chunk 256) with TOKENWIRE_MAX_BATCH_SIZE 32 and TOKENWIRE_MAX_QUEUE 256",
+        "tokenwire": f"defaults of `tokenwire serve` (intra_op_threads {n}, the default it "
+        "resolves to, set explicitly; inter_op_threads 1, spinning on within a step and "
+        "stopped between steps (session.force_spinning_stop), prefill chunk 256) with "
+        "TOKENWIRE_MAX_BATCH_SIZE 32 and TOKENWIRE_MAX_QUEUE 256; the engine alone with the "
+        f"same model settings ({n} intra-op threads)",
     }
 
 
@@ -907,15 +984,20 @@ def ratios(rows: list[dict[str, Any]], rounds: dict[str, list[float]]) -> dict[s
     grpc16 = find(rows, transport="grpc-paired", concurrency=16)
     off16 = find(rows, transport="grpc-metrics-off", concurrency=16)
     on16 = find(rows, transport="grpc-metrics-on", concurrency=16)
+    with_client = svc1["server_cpu_ms_per_token"] + svc1["client_cpu_ms_per_token"]
     return {
         **{name: statistics.median(values) for name, values in rounds.items()},
         "service_b1_vs_genai_b1": svc1["tokens_per_s"] / genai1["tokens_per_s"],
         "service_b1_vs_raw_b1": svc1["tokens_per_s"] / raw1["tokens_per_s"],
         "service_c16_vs_genai_b16": svc16["tokens_per_s"] / genai16["tokens_per_s"],
         "service_c16_ttft_p50_vs_idle": svc16["ttft_p50_ms"] / svc1["ttft_p50_ms"],
+        # The server process alone, and with the load generator (this process) added: the
+        # plain loop's process holds both its model and its "client".
         "service_cpu_ms_per_token_c1": svc1["server_cpu_ms_per_token"],
         "service_overhead_cpu_ms_per_token_c1": svc1["server_cpu_ms_per_token"]
         - raw1["cpu_ms_per_token"],
+        "service_with_client_cpu_ms_per_token_c1": with_client,
+        "service_with_client_overhead_cpu_ms_per_token_c1": with_client - raw1["cpu_ms_per_token"],
         "edge_c16_vs_grpc_c16": edge16["tokens_per_s"] / grpc16["tokens_per_s"],
         "edge_ttft_p50_added_ms": edge1["ttft_p50_ms"] - grpc1["ttft_p50_ms"],
         "metrics_on_vs_off_c16": on16["tokens_per_s"] / off16["tokens_per_s"],
@@ -996,6 +1078,8 @@ async def main(quick: bool) -> None:
         "machine": machine(),
         "quick": quick,
         "wall_s": round(time.time() - started, 1),
+        # One intra-op thread count for every system (tokenwire's cpu_budget), and its source.
+        "threads": {"intra_op_threads": threads().cpus, "source": threads().source},
         "peer_knobs": peer_knobs(genai_dir, rows),
         "rows": rows,
         "fairness": fair,
