@@ -68,13 +68,22 @@ class Settings:
     max_stop_length: int = setting(64, "longest stop string, in characters")
     prefill_chunk_tokens: int = setting(256, "prompt tokens prefilled per step (chunked)")
     max_kv_tokens: int = setting(
-        16384, "prompt + max_tokens of all running requests together; beyond it requests queue"
+        16384,
+        "prompt + max_tokens of all running requests together; beyond it requests queue (one "
+        "request holds at most this many)",
+    )
+    max_context_tokens: int = setting(
+        0,
+        "longest prompt + max_tokens one request may hold; 0 = the model's context (a "
+        "preallocated cache row holds this many positions: lower it to fit more rows)",
     )
     drain_grace_s: float = setting(
         defaults.DRAIN_GRACE_S, "seconds in-flight streams may run after SIGTERM"
     )
     drain_notice_s: float = setting(
-        0.0, "pause after NOT_SERVING before refusing connections (for load balancers)"
+        0.0,
+        "pause after NOT_SERVING (new requests already get UNAVAILABLE) before the drain waits "
+        "for streams and closes the port",
     )
     max_connection_age_s: float = setting(
         0.0, "age out client connections so they re-balance across replicas (0 = off)"
@@ -148,6 +157,12 @@ def _check_engine(s: Settings) -> None:
     _require(s.max_queue >= 0, "max_queue", ">= 0", s.max_queue)
     _require(s.prefill_chunk_tokens >= 1, "prefill_chunk_tokens", ">= 1", s.prefill_chunk_tokens)
     _require(s.max_kv_tokens >= 1, "max_kv_tokens", ">= 1", s.max_kv_tokens)
+    _require(
+        s.max_context_tokens == 0 or s.max_context_tokens >= 2,
+        "max_context_tokens",
+        "0 (the model's context) or at least 2",
+        s.max_context_tokens,
+    )
 
 
 def _check_limits(s: Settings) -> None:

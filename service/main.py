@@ -140,11 +140,23 @@ async def _serve(
         padding=engine.model.padding.value,
         kv_cache="preallocated, in place" if engine.kv_in_place else "batch tensors",
         context_length=engine.model.spec.context_length,
+        request_tokens=engine.limits.context_length,
+        rows=engine.max_rows,
         # The widest attention mask rows share forwards within (None: any); rows past it
         # decode in forwards of their own.
         width_limit=engine.model.width_limit,
         batch_rounding=rounding,
     )
+    if engine.max_rows < settings.max_batch_size:
+        log.warning(
+            "model.rows_limited",
+            rows=engine.max_rows,
+            max_batch_size=settings.max_batch_size,
+            reason=f"each row of the preallocated cache holds a whole request "
+            f"({engine.limits.context_length} positions), and max_kv_tokens "
+            f"({settings.max_kv_tokens}) holds {engine.max_rows}: raise max_kv_tokens (memory) "
+            "or lower max_context_tokens to decode more requests together",
+        )
     if rounding and engine.model.padding is not Padding.ALONE:
         log.warning(
             "model.batch_rounding",

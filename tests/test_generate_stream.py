@@ -128,3 +128,40 @@ async def test_model_info_context_is_the_kv_budget_where_that_is_smaller(
     assert onnx_model.spec.context_length > 200
     assert info.context_length == 200
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_under_a_small_kv_budget_the_default_max_tokens_shrinks_to_fit(
+    onnx_model: OnnxCausalLM, tokenizer: Tokenizer
+) -> None:
+    """With a KV budget (200) below the model's context, a prompt that fits and asks for no
+    max_tokens is served, generating what the budget leaves (as on a model of that context),
+    instead of being refused for a max_tokens it never sent."""
+    prompt_ids = list(range(10, 160))  # 150 tokens: 50 left, below the default of 128
+    running = await start_server(onnx_model, tokenizer, max_kv_tokens=200)
+    try:
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            request = pb.GenerateRequest(prompt_ids=prompt_ids, ignore_eos=True)
+            messages = await collect(stub, request)
+    finally:
+        await running.server.drain()
+    assert messages[-2].usage.completion_tokens == 50
+    assert messages[-1].completion.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+async def test_under_a_small_kv_budget_a_prompt_that_fills_it_is_refused_naming_the_prompt(
+    onnx_model: OnnxCausalLM, tokenizer: Tokenizer
+) -> None:
+    """With a KV budget (200) below the model's context, a 200-token prompt leaves no room:
+    INVALID_ARGUMENT naming `prompt`, as on a model of that context, not `max_tokens`."""
+    running = await start_server(onnx_model, tokenizer, max_kv_tokens=200)
+    try:
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            request = pb.GenerateRequest(prompt_ids=list(range(10, 210)), max_tokens=1)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await collect(stub, request)
+    finally:
+        await running.server.drain()
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (refused.value.details() or "").startswith("prompt")

@@ -349,3 +349,23 @@ def test_a_graph_that_is_not_there_is_refused_naming_what_was_looked_for(
     (model_dir / "onnx" / "model.onnx").unlink()
     with pytest.raises(ModelLoadError, match=message):
         OnnxCausalLM(model_dir, provider="cpu", model_file=model_file)
+
+
+@pytest.mark.slow
+def test_a_cache_that_holds_fewer_rows_than_max_batch_size_says_so_at_start() -> None:
+    """`tokenwire serve` on a GroupQueryAttention graph (512-token context) with 1200 KV
+    tokens decodes two requests together, not max_batch_size: model.loaded says `rows` 2 and a
+    model.rows_limited warning names the settings that change it."""
+    model_dir = BUNDLED_MODEL_DIR.parent / "fixtures-genai" / "llama-fp32"
+    server = ServerProcess(
+        "--model-dir", str(model_dir), "--metrics-port", "0", "--max-kv-tokens", "1200"
+    )
+    try:
+        limited = server.wait_for("model.rows_limited")
+        loaded = server.wait_for("model.loaded")
+    finally:
+        server.stop()
+        server.close()
+    assert loaded["rows"] == limited["rows"] == 2
+    assert limited["level"] == "warning"
+    assert "max_context_tokens" in limited["reason"]

@@ -48,6 +48,8 @@ class EngineConfig:
     prefill_chunk_tokens: int = 256
     max_kv_tokens: int = 16384
     """Prompt + max_tokens reserved by all running requests together (KV-cache entries)."""
+    max_context_tokens: int = 0
+    """Prompt + max_tokens of one request at most; 0: the model's context."""
     max_tokens_limit: int = 512
     default_max_tokens: int = 128
     max_prompt_bytes: int = 262_144
@@ -99,7 +101,12 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
-        self.limits = request_limits(self.config, model.spec.context_length)
+        # A request holds at most the model's context (or less, as configured), and no more
+        # than the whole KV budget.
+        context = model.spec.context_length
+        if self.config.max_context_tokens:
+            context = min(context, self.config.max_context_tokens)
+        self.limits = request_limits(self.config, min(context, self.config.max_kv_tokens))
         self._observer = observer or NullObserver()
         self._active: dict[str, Sequence] = {}
         """The requests by id, until they end or are cancelled."""
@@ -117,6 +124,7 @@ class Engine:
             max_batch_size=self.config.max_batch_size,
             prefill_chunk_tokens=self.config.prefill_chunk_tokens,
             max_kv_tokens=self.config.max_kv_tokens,
+            context_tokens=self.limits.context_length,
             vocab_limit=self._vocab,
             observer=self._observer,
             on_finished=self._release,
@@ -180,6 +188,12 @@ class Engine:
     def kv_in_place(self) -> bool:
         """The model writes its KV cache in place in preallocated slots."""
         return self._scheduler.in_place
+
+    @property
+    def max_rows(self) -> int:
+        """Requests decoded together at most: max_batch_size, or fewer where a preallocated
+        cache holds fewer rows (each a whole context) within max_kv_tokens."""
+        return self._scheduler.max_rows
 
     @property
     def running_count(self) -> int:
@@ -256,13 +270,6 @@ class Engine:
         budget = request.token_budget(len(prompt_ids), self.limits)
         self._check_ids(request)
         self._check_continuation(request.continuation, budget)
-        if len(prompt_ids) + budget > self.config.max_kv_tokens:
-            raise InvalidRequest(
-                "max_tokens",
-                budget,
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens must be at most "
-                f"{self.config.max_kv_tokens}, the server's KV-cache budget",
-            )
         sequence = Sequence(
             request=request,
             prompt_ids=prompt_ids,

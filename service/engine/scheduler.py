@@ -78,6 +78,7 @@ class Scheduler:
         max_batch_size: int,
         prefill_chunk_tokens: int,
         max_kv_tokens: int,
+        context_tokens: int,
         vocab_limit: int,
         observer: EngineObserver,
         on_finished: Callable[[Sequence], None],
@@ -86,10 +87,9 @@ class Scheduler:
         self._model = model
         self._chooser = TokenChooser(vocab_limit, token_text)
         # A graph that writes its cache in place gets one preallocated buffer, sized by the
-        # KV budget: every slot holds a whole context (or the budget, if smaller).
-        capacity = min(model.spec.context_length, max_kv_tokens)
+        # KV budget: every slot holds the longest request (context_tokens positions).
         slots = model.new_slot_cache(
-            min(max_batch_size, max(1, max_kv_tokens // capacity)), capacity
+            min(max_batch_size, max(1, max_kv_tokens // context_tokens)), context_tokens
         )
         self._placement = Placement(
             model.padding, model.spec.context_length, slots, width_limit=model.width_limit
@@ -134,6 +134,11 @@ class Scheduler:
             self._thread.join(timeout)
 
     @property
+    def max_rows(self) -> int:
+        """Rows decoded together at most (max_batch_size, or the preallocated cache's slots)."""
+        return self._max_batch
+
+    @property
     def in_place(self) -> bool:
         """True when decoding writes into one preallocated cache (no per-step cache copy)."""
         return self._placement.max_rows is not None
@@ -169,7 +174,7 @@ class Scheduler:
                 duration=time.monotonic() - started,
                 running=self.running,
                 waiting=self.waiting,
-                kv_usage=self._reserved() / self._max_kv_tokens,
+                kv_usage=self._kv_usage(),
             )
         )
         if not self._has_work():
@@ -243,6 +248,14 @@ class Scheduler:
         for cohort in self._cohorts:
             self._finished.extend(cohort.drop_finished(trim=self._placement.trims))
         self._cohorts = [c for c in self._cohorts if c.rows]
+
+    def _kv_usage(self) -> float:
+        """The share of the KV cache in use: of a preallocated cache, its rows taken (each
+        holds a whole request); otherwise the share of max_kv_tokens reserved."""
+        slots = self._placement.max_rows
+        if slots is not None:
+            return (len(self._running) + len(self._prefilling)) / slots
+        return self._reserved() / self._max_kv_tokens
 
     def _reserved(self) -> int:
         """KV-cache entries reserved by running and prefilling requests."""

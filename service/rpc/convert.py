@@ -130,13 +130,13 @@ def model_info_to_pb(engine: Engine) -> pb.GetModelInfoResponse:
     return pb.GetModelInfoResponse(
         model=spec.name,
         # What a request may hold: the model's context, or the KV budget where it is smaller.
-        context_length=min(spec.context_length, engine.config.max_kv_tokens),
+        context_length=engine.limits.context_length,
         vocab_size=spec.vocab_size,
         eos_token_ids=sorted(spec.eos_token_ids),
         provider=engine.model.provider,
         max_tokens_limit=engine.config.max_tokens_limit,
         default_max_tokens=engine.config.default_max_tokens,
-        max_batch_size=engine.config.max_batch_size,
+        max_batch_size=engine.max_rows,
         chat_template=spec.chat_template,
         bos_token=spec.bos_token,
         eos_token=spec.eos_token,

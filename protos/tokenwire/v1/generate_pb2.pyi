@@ -493,7 +493,9 @@ class GetModelInfoResponse(_message.Message):
     default_max_tokens: _builtins.int
     """max_tokens used when a request leaves it 0."""
     max_batch_size: _builtins.int
-    """How many sequences decode together in one step."""
+    """How many sequences decode together in one step at most: the server's max_batch_size, or
+    fewer where its preallocated KV cache holds fewer rows.
+    """
     chat_template: _builtins.str
     """The model's Jinja2 chat template (from tokenizer_config.json); empty when it has none."""
     bos_token: _builtins.str
