@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -15,7 +16,7 @@ from tokenwire.server.domain import (
     GenerationRequest,
     TokenEvent,
 )
-from tokenwire.server.engine import Engine, ModelSpec, OnnxCausalLM, RequestRecord
+from tokenwire.server.engine import Engine, ModelSpec, OnnxCausalLM, RequestRecord, StepRecord
 from tokenwire.server.tokenizer import Tokenizer
 
 STEP_S = 0.3
@@ -120,3 +121,34 @@ async def test_a_continued_stream_counts_only_the_tokens_generated_here(
     whole_record, record = observer.finished["whole"], observer.finished["rest"]
     assert record.completion_tokens == 4
     assert record.prompt_tokens == whole_record.prompt_tokens + 6
+
+
+class _BrokenObserver(RecordingObserver):
+    """An exporter with a bug: every report raises."""
+
+    def request_finished(self, record: RequestRecord) -> None:
+        raise RuntimeError("exporter bug")
+
+    def step_finished(self, record: StepRecord) -> None:
+        raise RuntimeError("exporter bug")
+
+
+async def test_an_observer_that_raises_fails_no_request(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """An observer whose every report raises neither fails a request nor stops the engine:
+    two requests in turn run to their length and the engine ends idle."""
+    token = tokenizer.encode(" x")[0]
+    model = ScriptedModel(spec, dict.fromkeys(range(spec.context_length), token))
+    engine = Engine(model, tokenizer, observer=_BrokenObserver())
+    engine.start()
+    try:
+        ends = []
+        async with asyncio.timeout(10):  # a request the failure left hanging fails here
+            for i in range(2):
+                events = [e async for e in engine.submit(_request(f"r{i}", 3)).events()]
+                ends.append(events[-1])
+        assert await eventually(lambda: engine.active_count == 0)
+    finally:
+        engine.shutdown()
+    assert [getattr(e, "finish_reason", None) for e in ends] == [FinishReason.LENGTH] * 2

@@ -27,7 +27,7 @@ from tokenwire.server.domain import (
 )
 from tokenwire.server.engine.mailbox import Mailbox
 from tokenwire.server.engine.model import CausalLM
-from tokenwire.server.engine.observer import EngineObserver, NullObserver
+from tokenwire.server.engine.observer import EngineObserver, GuardedObserver, NullObserver
 from tokenwire.server.engine.sampling import Sampler
 from tokenwire.server.engine.scheduler import Cancel, Scheduler, Submit
 from tokenwire.server.engine.sequence import Sequence
@@ -107,7 +107,7 @@ class Engine:
         if self.config.max_context_tokens:
             context = min(context, self.config.max_context_tokens)
         self.limits = request_limits(self.config, min(context, self.config.max_kv_tokens))
-        self._observer = observer or NullObserver()
+        self._observer = GuardedObserver(observer or NullObserver())
         self._active: dict[str, Sequence] = {}
         """The requests by id, until they end or are cancelled."""
         self._leaving: set[Sequence] = set()

@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+import structlog
 
 from tokenwire.server.domain import FinishReason
+
+log = structlog.get_logger("tokenwire.engine")
+Record = TypeVar("Record")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -79,3 +85,30 @@ class NullObserver:
 
     def step_finished(self, record: StepRecord) -> None:
         return None
+
+
+class GuardedObserver:
+    """An observer whose failures stay its own: an exporter that raises never fails a request
+    or the decode loop (it would otherwise end every request of every step); each method's
+    first failure is logged."""
+
+    def __init__(self, inner: EngineObserver) -> None:
+        self._inner = inner
+        self._failed: set[str] = set()
+
+    def request_finished(self, record: RequestRecord) -> None:
+        self._call("request_finished", self._inner.request_finished, record)
+
+    def request_rejected(self, reason: str) -> None:
+        self._call("request_rejected", self._inner.request_rejected, reason)
+
+    def step_finished(self, record: StepRecord) -> None:
+        self._call("step_finished", self._inner.step_finished, record)
+
+    def _call(self, name: str, method: Callable[[Record], None], record: Record) -> None:
+        try:
+            method(record)
+        except Exception as exc:
+            if name not in self._failed:
+                self._failed.add(name)
+                log.exception("engine.observer_failed", method=name, error=str(exc))
