@@ -396,6 +396,47 @@ async def test_a_stream_whose_edge_is_killed_continues_on_the_other_edge(
 
 
 @pytest.mark.slow
+async def test_a_keyed_stream_taken_over_keeps_its_callers_id_and_its_scope(
+    redis_server: RedisServer,
+) -> None:
+    """With API keys, a stream whose edge is killed goes on from the other edge under the same
+    key-scoped id at the server (both calls' server log lines name it), and its Usage shows
+    the caller's own id."""
+    server = ServerProcess("--metrics-port", "0")
+    store = ("--resume-store", redis_server.url, "--resume-lease-s", "1")
+    keys = {"TOKENWIRE_API_KEYS": "k1,k2"}
+    a, b = (
+        EdgeProcess(server.target, *store, env=keys),
+        EdgeProcess(server.target, *store, env=keys),
+    )
+    try:
+        server.wait_for("server.started")
+        async with (
+            httpx.AsyncClient(base_url=a.url, timeout=60) as on_a,
+            httpx.AsyncClient(base_url=b.url, timeout=60) as on_b,
+        ):
+            headers = {**K1, "X-Request-ID": "keyed-stream"}
+            first = await _first(on_a, KILL_AFTER, LONG, headers=headers)
+            a.proc.kill()
+            rest = await _events(
+                on_b, "GET", "/v1/generate", headers={**K1, "Last-Event-ID": first[-1].id}
+            )
+        b.wait_for("edge.stream_taken_over", timeout=5)
+        server.terminate()
+        server.wait_for("server.stopped", timeout=30)  # every line before it has been read
+        finished = [r for r in server.records if r.get("event") == "request.finished"]
+    finally:
+        for process in (a, b, server):
+            process.close()
+    [usage] = [json.loads(e.data) for e in rest if e.event == "usage"]
+    scoped = {str(r["request_id"]) for r in finished}
+    assert usage["request_id"] == "keyed-stream"
+    assert len(finished) == 2
+    assert len(scoped) == 1
+    assert scoped.pop().endswith(":keyed-stream")
+
+
+@pytest.mark.slow
 async def test_a_reader_on_the_other_edge_rides_through_the_kill(
     two_edge_processes: tuple[ServerProcess, EdgeProcess, EdgeProcess],
 ) -> None:
