@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
 import httpx
@@ -118,6 +119,22 @@ async def eventually(condition: Callable[[], bool], within_s: float = 5.0) -> bo
     deadline = asyncio.get_running_loop().time() + within_s
     while not condition() and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.01)
+    return condition()
+
+
+async def eventually_awaited(check: Callable[[], Awaitable[bool]], within_s: float = 5.0) -> bool:
+    """Await check until it holds or within_s passes; return its last value."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not await check() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+    return await check()
+
+
+def eventually_blocking(condition: Callable[[], bool], within_s: float = 5.0) -> bool:
+    """`eventually` for a synchronous test: poll condition, sleeping between tries."""
+    deadline = time.monotonic() + within_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
     return condition()
 
 
