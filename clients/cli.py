@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import TextIO
 
@@ -160,8 +161,14 @@ ended, as `yes | head` gives, without the traceback Python would print."""
 
 
 def run_generate(
-    args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+    args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
+    """Stream to `out` (default: the standard output at the time of the call), report on
+    `err`; 0 for a finished stream, 1 for one that failed or was cut short, 2 for bad settings,
+    130 for Ctrl-C, 141 when the reader of the output left."""
+    # sys.stderr is None where the process was started with it closed: say nothing then.
+    err = sys.stderr if err is None else err
+    err = io.StringIO() if err is None else err
     try:
         connection = read_settings(ConnectionSettings, args)
         security = connection.security()
@@ -169,12 +176,20 @@ def run_generate(
     except (SettingsError, SecurityError) as exc:
         err.write(f"error: {exc}\n")
         return 2
+    out = sys.stdout if out is None else out
+    if out is None:  # started with stdout closed (`>&-`)
+        err.write("error: no standard output to write the completion to\n")
+        return 1
     try:
         return _stream(args, connection.target, security, out, err)
     except BrokenPipeError:
         # The reader left; the stream was cancelled as the error unwound through it.
         _discard(out)
         return BROKEN_PIPE
+    except OSError as exc:  # a full disk, an unwritable stdout; the stream was cancelled too
+        _discard(out)
+        err.write(f"error: cannot write the output: {exc}\n")
+        return 1
 
 
 def _check_timeout(seconds: float) -> None:
@@ -194,21 +209,14 @@ def _stream(
     completion: Completion | None = None
     usage: Usage | None = None
     with TokenwireClient(target, timeout_s=args.timeout, security=security) as client:
-        events: Iterator[StreamEvent] = iter(())
+        events: Generator[StreamEvent, None, None] | None = None
         try:
             events = client.generate(args.prompt, options_from_args(args), failover=args.failover)
             for event in events:
-                if args.json:
-                    out.write(json.dumps(event_json(event)) + "\n")
-                    out.flush()
-                if isinstance(event, Token):
-                    stats.token()
-                    if not args.json:
-                        out.write(event.text)
-                        out.flush()
-                elif isinstance(event, Usage):
+                _show(event, args.json, out, stats)
+                if isinstance(event, Usage):
                     usage = event
-                else:
+                elif isinstance(event, Completion):
                     completion = event
         except KeyboardInterrupt:
             err.write("\n[cancelled]\n")
@@ -217,18 +225,36 @@ def _stream(
             err.write(f"\nerror: {exc}\n")
             return 1
         finally:
-            if isinstance(events, Generator):
+            if events is not None:
                 events.close()  # cancels the call when the loop ended early
     if not args.json:
         out.write("\n")
         out.flush()
     if args.stats:
         err.write(stats.render(completion, usage) + "\n")
+    if completion is not None and completion.finish_reason == "cancelled":
+        # A Cancel from elsewhere, or the server's drain running out: the output is partial.
+        err.write("error: the stream was cancelled before it finished\n")
+        return 1
     return 0
 
 
+def _show(event: StreamEvent, json_lines: bool, out: TextIO, stats: StreamStats) -> None:
+    """Write one event: a token's text, or with json_lines every event as a JSON line."""
+    if isinstance(event, Token):
+        stats.token()
+    if json_lines:
+        out.write(json.dumps(event_json(event)) + "\n")
+    elif isinstance(event, Token):
+        out.write(event.text)
+    else:
+        return
+    out.flush()
+
+
 def _discard(out: TextIO) -> None:
-    """Point a closed stdout at /dev/null, so the flush at exit does not fail again."""
+    """Point an unwritable stdout (closed by its reader, on a full disk) at /dev/null, so the
+    flush at exit does not fail again."""
     try:
         fd = out.fileno()
     except (OSError, ValueError):  # not a file (a test's StringIO)

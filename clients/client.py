@@ -1,9 +1,11 @@
 """Typed tokenwire clients (async and sync) over the generated stubs.
 
-Both yield Token events as they arrive, then one Usage, then one Completion. Failures raise
-the TokenwireError subclass for their status. Leaving the iteration early cancels the RPC,
-which frees the server's batch slot at its next step. A call's timeout covers the whole
-stream, failovers included (see failover.py).
+Both yield Token events as they arrive, then one Usage, then one Completion, and end there.
+Failures raise the TokenwireError subclass for their status; a deadline is DeadlineExceeded
+whichever side noticed it (the server's `deadline_exceeded` Completion is passed on, then
+raised as DeadlineExceeded). Closing the stream's generator cancels the RPC, which frees the
+server's batch slot at its next step. A call's timeout covers the whole stream, failovers
+included (see failover.py). Every method of a closed client raises ValueError.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Generator, Sequence
 from typing import Any, TypeAlias
 
 import grpc
 
 from tokenwire.client import blocking
-from tokenwire.client.errors import InvalidArgument, from_rpc_error
+from tokenwire.client.errors import Cancelled, DeadlineExceeded, InvalidArgument, from_rpc_error
 from tokenwire.client.failover import Resumption, ServedModel, Targets
 from tokenwire.client.security import ChannelSecurity, aio_channel, sync_channel
 from tokenwire.client.targets import split_targets
@@ -129,6 +132,7 @@ class GenerateOptions:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: Sequence[str] = ()
+    """Stop strings; one str is one stop string."""
     ignore_eos: bool = False
     logprobs: bool = False
     request_id: str = ""
@@ -149,6 +153,9 @@ class GenerateOptions:
         """Integers the wire cannot carry are InvalidArgument naming the field, as the server's
         refusals are (the server checks its own, narrower limits)."""
         u32, u64 = 2**32 - 1, 2**64 - 1
+        if isinstance(self.stop, str):
+            # A str is a Sequence[str] of its letters; one string is what `stop="x"` means.
+            object.__setattr__(self, "stop", (self.stop,))
         if self.request_id and not request_ids.carried(self.request_id):
             # Sent as x-request-id metadata too, which grpc would refuse locally (INTERNAL).
             raise InvalidArgument(
@@ -267,6 +274,40 @@ def model_info_from_pb(m: pb.GetModelInfoResponse) -> ModelInfo:
     )
 
 
+CLOSED = "the tokenwire client is closed"
+"""The message of the ValueError every method of a closed client raises."""
+
+
+def _timeout(seconds: float) -> float:
+    """`timeout_s` as given, when it is a finite number of seconds above 0 (else ValueError:
+    0 or less would expire every call at once, inf is beyond what grpc can carry)."""
+    try:
+        valid = not isinstance(seconds, bool) and math.isfinite(seconds) and seconds > 0
+    except TypeError:  # not a number at all
+        valid = False
+    if not valid:
+        raise ValueError(f"timeout_s: must be a finite number of seconds above 0, got {seconds!r}")
+    return seconds
+
+
+def _ended(event: StreamEvent) -> bool:
+    """Whether `event`, just passed on, ends the stream; DeadlineExceeded where it ended at the
+    server's deadline, so a deadline surfaces the same whichever side noticed it first."""
+    if not isinstance(event, Completion):
+        return False
+    if event.finish_reason == "deadline_exceeded":
+        raise DeadlineExceeded(
+            grpc.StatusCode.DEADLINE_EXCEEDED, "the server ended the stream at its deadline"
+        )
+    return True
+
+
+def _closed_call(closed: bool) -> Cancelled:
+    """The error of a call that the closing of its channel cancelled."""
+    why = ": the client was closed" if closed else ""
+    return Cancelled(grpc.StatusCode.CANCELLED, f"the call was cancelled{why}")
+
+
 def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
     return (("x-request-id", request_id),) if request_id else ()
 
@@ -285,6 +326,8 @@ class AsyncTokenwireClient:
         channel: grpc.aio.Channel | None = None,
         security: ChannelSecurity | None = None,
     ) -> None:
+        self.timeout_s = _timeout(timeout_s)
+        """Default deadline of a call, in seconds; a stream's failovers share it."""
         self.security = security or ChannelSecurity()
         names = ["the given channel"] if channel else split_targets(target)
         self._channels = (
@@ -295,40 +338,53 @@ class AsyncTokenwireClient:
         self._stubs = [pb_grpc.GenerationServiceStub(c) for c in self._channels]
         self._stub = self._stubs[0]
         self._targets = Targets(names)
-        self.timeout_s = timeout_s
-        """Default deadline of a call, in seconds; a stream's failovers share it."""
+        self._closed = False
 
     async def __aenter__(self) -> AsyncTokenwireClient:
+        self._check_open()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
+        """Close the channels: running calls end with Cancelled, later ones raise ValueError."""
+        self._closed = True
         for channel in self._channels:
             await channel.close()
 
-    async def generate(
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(CLOSED)
+
+    def generate(
         self,
         prompt: str,
         options: GenerateOptions | None = None,
         *,
         timeout_s: float | None = None,
         failover: bool = True,
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         """Stream one generation. `timeout_s` (default: the client's) bounds the whole call.
 
-        With several targets (or a dns:/// name), a target that answers UNAVAILABLE before the
-        stream starts, or a stream that breaks with UNAVAILABLE, goes on at the next target
-        (see failover.py) unless failover is False: the continuation gets the time left, and
-        runs only where the same model is served (else ModelMismatch)."""
-        options = options or GenerateOptions()
-        resume = Resumption.start(
-            options.to_pb(prompt), timeout_s or self.timeout_s, self._targets.next
-        )
+        Closing the generator (`await events.aclose()`, or leaving an `async for` over a
+        generator not kept elsewhere) cancels the call. With several targets (or a dns:///
+        name), a target that answers UNAVAILABLE before the stream starts, or a stream that
+        breaks with UNAVAILABLE, goes on at the next target (see failover.py) unless failover
+        is False: the continuation gets the time left, and runs only where the same model is
+        served (else ModelMismatch)."""
+        self._check_open()
+        seconds = self.timeout_s if timeout_s is None else _timeout(timeout_s)
+        return self._stream(prompt, options or GenerateOptions(), seconds, failover)
+
+    async def _stream(
+        self, prompt: str, options: GenerateOptions, timeout_s: float, failover: bool
+    ) -> AsyncGenerator[StreamEvent, None]:
+        resume = Resumption.start(options.to_pb(prompt), timeout_s, self._targets.next)
         metadata = _metadata(options.request_id) + self.security.metadata()
         check = failover and self._targets.several
         while True:
+            self._check_open()
             call = None
             try:
                 if check:
@@ -340,8 +396,18 @@ class AsyncTokenwireClient:
                 resume.see_metadata(await call.initial_metadata(), name)
                 async for message in call:
                     if resume.admit(message):
-                        yield event_from_pb(message)
+                        event = event_from_pb(message)
+                        yield event
+                        if _ended(event):
+                            return
                 return
+            except asyncio.CancelledError:
+                # grpc.aio raises CancelledError in the reader of a call that close() cancelled;
+                # only the cancellation of the reading task itself should propagate as one.
+                task = asyncio.current_task()
+                if call is None or not call.cancelled() or (task and task.cancelling()):
+                    raise
+                raise _closed_call(self._closed) from None
             except grpc.RpcError as error:
                 if not resume.may_continue(error.code(), failover):
                     raise from_rpc_error(error) from None
@@ -364,6 +430,7 @@ class AsyncTokenwireClient:
         resume.confirm_model(self._targets.names[resume.target], served)
 
     async def model_info(self) -> ModelInfo:
+        self._check_open()
         try:
             reply = await self._stub.GetModelInfo(
                 pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self.security.metadata()
@@ -373,6 +440,7 @@ class AsyncTokenwireClient:
         return model_info_from_pb(reply)
 
     async def cancel(self, request_id: str) -> bool:
+        self._check_open()
         try:
             reply = await self._stub.Cancel(
                 pb.CancelRequest(request_id=request_id),
@@ -385,7 +453,7 @@ class AsyncTokenwireClient:
 
 
 class TokenwireClient:
-    """Blocking client. Closing the generator early (break, Ctrl-C) cancels the RPC."""
+    """Blocking client. Closing the generator early (`events.close()`, Ctrl-C) cancels the RPC."""
 
     def __init__(
         self,
@@ -395,6 +463,8 @@ class TokenwireClient:
         channel: grpc.Channel | None = None,
         security: ChannelSecurity | None = None,
     ) -> None:
+        self.timeout_s = _timeout(timeout_s)
+        """Default deadline of a call, in seconds; a stream's failovers share it."""
         self.security = security or ChannelSecurity()
         names = ["the given channel"] if channel else split_targets(target)
         self._channels = (
@@ -405,18 +475,24 @@ class TokenwireClient:
         self._stubs = [pb_grpc.GenerationServiceStub(c) for c in self._channels]
         self._stub = self._stubs[0]
         self._targets = Targets(names)
-        self.timeout_s = timeout_s
-        """Default deadline of a call, in seconds; a stream's failovers share it."""
+        self._closed = False
 
     def __enter__(self) -> TokenwireClient:
+        self._check_open()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
+        """Close the channels: running calls end with Cancelled, later ones raise ValueError."""
+        self._closed = True
         for channel in self._channels:
             channel.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(CLOSED)
 
     def generate(
         self,
@@ -425,16 +501,22 @@ class TokenwireClient:
         *,
         timeout_s: float | None = None,
         failover: bool = True,
-    ) -> Iterator[StreamEvent]:
+    ) -> Generator[StreamEvent, None, None]:
         """Stream one generation, continuing on the next target if it breaks; `timeout_s`
-        bounds the whole call (see the async client's generate)."""
-        options = options or GenerateOptions()
-        resume = Resumption.start(
-            options.to_pb(prompt), timeout_s or self.timeout_s, self._targets.next
-        )
+        bounds the whole call, and closing the generator (`events.close()`, or leaving a `for`
+        over a generator not kept elsewhere) cancels it (see the async client's generate)."""
+        self._check_open()
+        seconds = self.timeout_s if timeout_s is None else _timeout(timeout_s)
+        return self._stream(prompt, options or GenerateOptions(), seconds, failover)
+
+    def _stream(
+        self, prompt: str, options: GenerateOptions, timeout_s: float, failover: bool
+    ) -> Generator[StreamEvent, None, None]:
+        resume = Resumption.start(options.to_pb(prompt), timeout_s, self._targets.next)
         metadata = _metadata(options.request_id) + self.security.metadata()
         check = failover and self._targets.several
         while True:
+            self._check_open()
             call = None
             try:
                 if check:
@@ -451,7 +533,10 @@ class TokenwireClient:
                         name = self._targets.names[resume.target]
                         resume.see_metadata(call.initial_metadata(), name)
                     if resume.admit(message):
-                        yield event_from_pb(message)
+                        event = event_from_pb(message)
+                        yield event
+                        if _ended(event):
+                            return
                 return
             except grpc.RpcError as error:
                 if not resume.may_continue(error.code(), failover):
@@ -475,6 +560,7 @@ class TokenwireClient:
         resume.confirm_model(self._targets.names[resume.target], served)
 
     def model_info(self) -> ModelInfo:
+        self._check_open()
         try:
             reply = self._stub.GetModelInfo(
                 pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self.security.metadata()
@@ -484,6 +570,7 @@ class TokenwireClient:
         return model_info_from_pb(reply)
 
     def cancel(self, request_id: str) -> bool:
+        self._check_open()
         try:
             reply = self._stub.Cancel(
                 pb.CancelRequest(request_id=request_id),
