@@ -8,7 +8,7 @@ import random
 import grpc
 
 from tests.conftest import start_server
-from tests.fakes import ScriptedModel
+from tests.fakes import RecordingObserver, ScriptedModel
 from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
 from tokenwire.server.engine import Engine, EngineConfig, ModelSpec, OnnxCausalLM
 from tokenwire.server.tokenizer import Tokenizer
@@ -85,16 +85,22 @@ async def test_kv_budget_limits_how_many_requests_run_together(
     """With a KV budget for two requests, a third waits in the queue until one finishes."""
     model = ScriptedModel(spec, {}, step_delay_s=0.01)
     reservation = len(tokenizer.encode("abc")) + 24
-    engine = _engine(model, tokenizer, max_batch_size=8, max_kv_tokens=2 * reservation)  # type: ignore[arg-type]
+    steps = RecordingObserver()
+    config = EngineConfig(max_batch_size=8, max_kv_tokens=2 * reservation)
+    engine = Engine(model, tokenizer, config, steps)  # type: ignore[arg-type]
+    engine.start()
     try:
         greedy = SamplingParams(temperature=0.0)
-        tasks = [asyncio.ensure_future(_generate(engine, f"k{i}", "abc", greedy)) for i in range(3)]
-        await asyncio.sleep(0.1)
-        running, waiting = engine.running_count, engine.waiting_count
-        await asyncio.gather(*tasks)
+        finished = await asyncio.gather(
+            *(_generate(engine, f"k{i}", "abc", greedy) for i in range(3))
+        )
     finally:
         engine.shutdown()
-    assert (running, waiting) == (2, 1)
+    # Every step reports how many requests ran and waited: none ran three at once, and the
+    # third waited while two ran.
+    assert [len(tokens) for tokens in finished] == [24, 24, 24]
+    assert max(step.running for step in steps.steps) == 2
+    assert any((step.running, step.waiting) == (2, 1) for step in steps.steps)
 
 
 async def test_cancellation_storm_leaves_nothing_running(

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from tests.conftest import RunningServer, collect, greedy, start_server
+from tests.conftest import RunningServer, collect, eventually, greedy, start_server
 from tokenwire.server.engine import OnnxCausalLM
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
@@ -47,7 +47,7 @@ async def test_generate_while_streams_drain_is_unavailable(doomed: RunningServer
         running = stub.Generate(greedy("def f():", max_tokens=400))
         await running.read()
         drain = asyncio.create_task(doomed.server.drain())
-        await asyncio.sleep(0.01)
+        assert await eventually(lambda: not doomed.engine.accepting)
         status = await _status(stub)
         running.cancel()
         await drain

@@ -179,15 +179,21 @@ async def test_a_stream_still_opening_when_the_grace_ends_is_answered_at_once() 
     nothing) when the drain's grace ends is answered 503 then, and the edge stops,
     instead of both waiting for the upstream timeout."""
     with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent.settimeout(10)  # the accepting thread ends by itself if nothing connects
         target = f"127.0.0.1:{silent.getsockname()[1]}"
         edge = await start_edge(target, upstream_timeout_s=30.0)
+        accepting = asyncio.create_task(asyncio.to_thread(silent.accept))
         async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
             started = time.monotonic()
             request = asyncio.create_task(http.post("/v1/generate", json=NATIVE))
-            await asyncio.sleep(0.3)
-            clean = await asyncio.wait_for(edge.edge.drain(grace_s=0.5), 10)
-            response = await asyncio.wait_for(request, 10)
+            # The request is in the edge, and the edge's connection to the silent server is up.
+            upstream, _ = await asyncio.wait_for(accepting, 15)
+            in_flight = await eventually(lambda: edge.edge.ctx.drain.in_flight == 1)
+            with upstream:
+                clean = await asyncio.wait_for(edge.edge.drain(grace_s=0.5), 10)
+                response = await asyncio.wait_for(request, 10)
             took = time.monotonic() - started
+    assert in_flight
     assert not clean
     assert response.status_code == 503
     assert took < 5.0

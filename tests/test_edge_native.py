@@ -264,12 +264,20 @@ async def test_disconnect_keeps_generating_for_the_window_then_cancels(
 ) -> None:
     """Leaving a native stream keeps it generating for the window, then cancels it upstream."""
     served = paced
-    edge = await start_edge(served.target, resume_window_s=0.5)
+    assert isinstance(served.observer, RecordingObserver)
+    steps = served.observer.steps
+    # 2.5 s: far longer than the check below, far shorter than the 450 tokens' 4.5 s.
+    edge = await start_edge(served.target, resume_window_s=2.5)
     try:
         await _drop_after_first_event(edge, "drop-window")
-        await asyncio.sleep(0.2)
+        dropped_at = len(steps)
+        # Twenty more decode steps (0.2 s at the least) after the client left, unless the
+        # request ends first.
+        await eventually(
+            lambda: len(steps) >= dropped_at + 20 or served.engine.active_count == 0, within_s=2
+        )
         still_running = served.engine.active_count
-        assert await eventually(lambda: served.engine.active_count == 0, within_s=3)
+        assert await eventually(lambda: served.engine.active_count == 0, within_s=10)
     finally:
         await edge.edge.stop()
     assert still_running == 1

@@ -176,7 +176,8 @@ async def _resume_after_drop(target: str, **overrides: object) -> httpx.Response
     try:
         async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
             first = await _first(http, 2, {**BODY, "max_tokens": 60})
-            await asyncio.sleep(0.5)
+            # The edge generates no stream once the last event is stored.
+            assert await eventually(lambda: edge.store.live == 0)
             return await http.get("/v1/generate", headers={"Last-Event-ID": first[-1].id})
     finally:
         await edge.edge.stop()

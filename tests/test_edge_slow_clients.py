@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from tests.conftest import RunningEdge
+from tests.conftest import RunningEdge, eventually
 from tokenwire.edge import body, server
 
 SHORT_S = 0.3
@@ -73,11 +73,15 @@ async def test_a_client_leaving_mid_body_logs_no_error(
         b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Content-Length: 100\r\n\r\n"
     )
+    state = edge.edge.server.server_state
     with caplog.at_level(logging.ERROR):
         _, writer = await asyncio.open_connection("127.0.0.1", edge.edge.port)
         writer.write(head + b'{"prompt": ')
         await writer.drain()
-        await asyncio.sleep(0.2)
+        # The request is in the app, reading its body.
+        reading = await eventually(lambda: edge.edge.ctx.drain.in_flight == 1)
         writer.close()
-        await asyncio.sleep(0.3)
+        # uvicorn drops a request's task once it has run (and logged any exception it raised).
+        ended = await eventually(lambda: not state.tasks and not state.connections)
+    assert (reading, ended) == (True, True)
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -203,26 +203,33 @@ async def test_a_late_cancel_answer_does_not_touch_the_next_run(
     the run started after it as stopped or cancelled."""
     prompt = LOOP
     server, edge = await _looping(spec, tokenizer)
+    next_run_done = asyncio.Event()
     try:
         page = await _open(browser, edge)
 
-        async def slow_cancel(route: Route) -> None:
-            await asyncio.sleep(0.5)
+        async def late_cancel(route: Route) -> None:
+            # The cancel reaches the edge only once the next run is done: its answer is late.
+            await next_run_done.wait()
             await route.continue_()
 
-        await page.route("**/cancel", slow_cancel)
+        await page.route("**/cancel", late_cancel)
         await page.fill("#prompt", prompt)
         await page.fill("#max_tokens", "450")
         await page.click("#generate")
         await page.wait_for_function("document.getElementById('output').textContent.length > 10")
-        await page.click("#stop_button")
-        stopped = await page.text_content("#status")
-        await page.fill("#max_tokens", "5")
-        await page.click("#generate")
-        await page.wait_for_function("document.getElementById('status').textContent === 'done'")
-        await asyncio.sleep(0.6)  # past the first run's cancel answer
+        async with page.expect_response("**/cancel") as cancel_answer:
+            await page.click("#stop_button")
+            stopped = await page.text_content("#status")
+            await page.fill("#max_tokens", "5")
+            await page.click("#generate")
+            await page.wait_for_function("document.getElementById('status').textContent === 'done'")
+            next_run_done.set()
+        await (await cancel_answer.value).finished()
+        # One more turn of the page's event loop: any reaction to the answer has run.
+        await page.evaluate("() => new Promise((resolve) => setTimeout(resolve, 0))")
         after = (await page.text_content("#status"), await page.text_content("#finish"))
     finally:
+        next_run_done.set()
         await edge.edge.stop()
         await server.server.drain()
     assert stopped == "stopped"

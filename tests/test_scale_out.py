@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import start_edge
+from tests.conftest import eventually, start_edge
 from tests.procs import ServerProcess
 from tokenwire.client import AsyncTokenwireClient, Completion, GenerateOptions, Unavailable
 
@@ -46,6 +46,22 @@ async def _run(
     return [event async for event in client.generate("def f():", options, failover=failover)]
 
 
+async def _run_noting_start(
+    client: AsyncTokenwireClient,
+    options: GenerateOptions,
+    started: list[None],
+    *,
+    failover: bool = True,
+) -> list[object]:
+    """`_run`, adding to `started` when the first event arrives (the stream is under way)."""
+    events: list[object] = []
+    async for event in client.generate("def f():", options, failover=failover):
+        if not events:
+            started.append(None)
+        events.append(event)
+    return events
+
+
 async def _connected(client: AsyncTokenwireClient, servers: list[ServerProcess]) -> None:
     """Round robin only picks READY subchannels: wait until every replica has served one."""
     for _ in range(100):
@@ -63,8 +79,13 @@ async def test_round_robin_spreads_streams_over_all_replicas(trio: list[ServerPr
         before = [_served(s) for s in trio]
         results = await asyncio.gather(*(_run(client, OPTIONS) for _ in range(30)))
     assert all(isinstance(r[-1], Completion) for r in results)
-    await asyncio.sleep(0.3)  # let the last log lines arrive
-    counts = [_served(s) - b for s, b in zip(trio, before, strict=True)]
+
+    def counts_now() -> list[int]:
+        return [_served(s) - b for s, b in zip(trio, before, strict=True)]
+
+    # A server logs request.finished a little after the stream's end reached the client.
+    assert await eventually(lambda: sum(counts_now()) >= 30, within_s=10), counts_now()
+    counts = counts_now()
     assert sum(counts) == 30
     assert min(counts) >= 5, counts
 
@@ -74,8 +95,9 @@ async def test_rollout_drains_one_replica_without_client_errors(trio: list[Serve
     long = GenerateOptions(max_tokens=200, temperature=0.0, ignore_eos=True)
     async with AsyncTokenwireClient(_target(trio)) as client:
         await _connected(client, trio)
-        running = [asyncio.create_task(_run(client, long)) for _ in range(6)]
-        await asyncio.sleep(0.2)
+        started: list[None] = []
+        running = [asyncio.create_task(_run_noting_start(client, long, started)) for _ in range(6)]
+        assert await eventually(lambda: len(started) == 6, within_s=30)
         leaving = trio[0]
         leaving.terminate()
         leaving.wait_for("server.draining")
@@ -101,9 +123,11 @@ async def test_kill_nine_gives_prompt_unavailable_and_survivors_serve(
     outcomes: list[tuple[str, float]] = []
     killed_at = 0.0
 
+    started: list[None] = []
+
     async def stream(client: AsyncTokenwireClient) -> None:
         try:
-            await _run(client, long, failover=False)
+            await _run_noting_start(client, long, started, failover=False)
             outcomes.append(("completed", 0.0))
         except Unavailable:
             outcomes.append(("unavailable", time.monotonic() - killed_at))
@@ -111,7 +135,7 @@ async def test_kill_nine_gives_prompt_unavailable_and_survivors_serve(
     async with AsyncTokenwireClient(_target(trio)) as client:
         await _connected(client, trio)
         tasks = [asyncio.create_task(stream(client)) for _ in range(6)]
-        await asyncio.sleep(0.2)
+        assert await eventually(lambda: len(started) == 6, within_s=30)
         killed_at = time.monotonic()
         os.kill(trio[0].proc.pid, signal.SIGKILL)
         await asyncio.wait_for(asyncio.gather(*tasks), 30)
