@@ -163,14 +163,22 @@ async def test_an_empty_last_event_id_is_a_new_request_and_refused_during_a_drai
     """While draining, a POST with an empty Last-Event-ID header (or query parameter) starts
     no stream: it is a new request, not a resume, and gets the drain's 503."""
     edge = await start_edge(paced.target)
-    try:
-        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
-            edge.edge.ctx.drain.draining = True
-            by_header = await http.post("/v1/generate", json=NATIVE, headers={"Last-Event-ID": ""})
-            by_query = await http.post("/v1/generate?last_event_id=", json=NATIVE)
-    finally:
-        edge.edge.ctx.drain.draining = False
-        await edge.edge.stop()
+    body = {**NATIVE, "max_tokens": 400}
+    headers = {"X-Request-ID": "holds-the-drain"}
+    async with (
+        httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
+        aconnect_sse(http, "POST", "/v1/generate", json=body, headers=headers) as source,
+    ):
+        # A running stream keeps the drain in progress while the two requests arrive.
+        stream = source.aiter_sse()
+        await anext(stream)
+        drain = asyncio.create_task(edge.edge.drain(grace_s=20))
+        assert await eventually(lambda: edge.edge.ctx.drain.draining, 2)
+        by_header = await http.post("/v1/generate", json=NATIVE, headers={"Last-Event-ID": ""})
+        by_query = await http.post("/v1/generate?last_event_id=", json=NATIVE)
+        await http.post("/v1/generate/holds-the-drain/cancel", json={})
+        [_ async for _ in stream]
+    assert await asyncio.wait_for(drain, 10)
     assert (by_header.status_code, by_query.status_code) == (503, 503)
 
 
