@@ -18,7 +18,7 @@ from tests.fakes import ScriptedModel
 from tokenwire.server.engine import ModelSpec
 from tokenwire.server.tokenizer import Tokenizer
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+CHECKOUT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium")
 FLAGS = [
     "--headless=new",
@@ -53,8 +53,11 @@ async def test_tokens_appear_with_stats_and_finish(
 ) -> None:
     """Generate streams text into the page, then shows TTFT, tokens/s, finish reason and usage.
 
-    The screenshot goes to a temporary folder, or to docs/screenshot.png when
-    TOKENWIRE_UPDATE_SCREENSHOT=1 asks for the documentation's picture to be refreshed."""
+    The page's screenshot goes to a temporary folder, or to the file that
+    TOKENWIRE_UPDATE_SCREENSHOT names (an absolute path outside the checkout: a test writes
+    nothing in the tree). To refresh the README's picture by hand, run this test with
+    TOKENWIRE_UPDATE_SCREENSHOT=/tmp/screenshot.png, then
+    `cp /tmp/screenshot.png docs/screenshot.png`."""
     page = await _open(browser, edge)
     await page.fill("#prompt", "def fib(n):")
     await page.fill("#max_tokens", "48")
@@ -67,10 +70,23 @@ async def test_tokens_appear_with_stats_and_finish(
     assert (await page.text_content("#ttft") or "").endswith("ms")
     assert (await page.text_content("#status")) == "done"
     assert "+" in (await page.text_content("#usage") or "")
-    refresh = os.environ.get("TOKENWIRE_UPDATE_SCREENSHOT") == "1"
-    shot = DOCS / "screenshot.png" if refresh else tmp_path / "screenshot.png"
+    shot = _screenshot_path(tmp_path)
     await page.screenshot(path=str(shot))
     assert shot.stat().st_size > 0
+
+
+def _screenshot_path(tmp_path: Path) -> Path:
+    """Where the screenshot goes: TOKENWIRE_UPDATE_SCREENSHOT's file, else tmp_path."""
+    asked = os.environ.get("TOKENWIRE_UPDATE_SCREENSHOT")
+    if not asked:
+        return tmp_path / "screenshot.png"
+    path = Path(asked)
+    if not path.is_absolute() or path.resolve().is_relative_to(CHECKOUT):
+        pytest.fail(
+            f"TOKENWIRE_UPDATE_SCREENSHOT={asked!r}: name an absolute path outside the checkout "
+            "(e.g. /tmp/screenshot.png), then copy it to docs/screenshot.png yourself"
+        )
+    return path
 
 
 LOOP = "loop"
