@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
@@ -11,6 +13,7 @@ import grpc
 import httpx
 import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from tests.fakes import RecordingObserver, ScriptedModel
 from tests.redisproc import RedisServer
@@ -33,6 +36,17 @@ from tokenwire.server.rpc.server import TokenwireServer
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
+
+# Hypothesis keeps caches (constants found in the code, Unicode tables) under ./.hypothesis even
+# with database=None: it keeps them in a folder of this run's own instead, so a test run writes
+# nothing in the tree. Set before any test asks Hypothesis for its storage.
+HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="tokenwire-hypothesis-")
+set_hypothesis_home_dir(HYPOTHESIS_HOME)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(HYPOTHESIS_HOME, ignore_errors=True)
+
 
 MODEL = ModelSpec.from_dir(BUNDLED_MODEL_DIR).name
 """The bundled model's id: what /v1/models lists and the OpenAI routes accept as `model`."""
