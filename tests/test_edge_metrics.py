@@ -12,7 +12,7 @@ import pytest
 from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MODEL, RunningServer, eventually, start_edge
+from tests.conftest import MODEL, RunningServer, eventually, eventually_awaited, start_edge
 from tests.procs import ServerProcess
 
 BODY = {"prompt": "def f():", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
@@ -79,10 +79,12 @@ async def test_a_resume_refused_with_410_counts_no_outcome(served: RunningServer
                     last_id = event.id
                     break
             assert await eventually(lambda: served.engine.active_count == 0)
+
+            async def disconnect_counted() -> bool:
+                return _streams(await _values(http), "native", "client_disconnected") > 0
+
+            assert await eventually_awaited(disconnect_counted)
             before = await _values(http)
-            while _streams(before, "native", "client_disconnected") == 0:
-                await asyncio.sleep(0.02)
-                before = await _values(http)
             reply = await http.get("/v1/generate", headers={"Last-Event-ID": last_id})
             after = await _values(http)
     finally:

@@ -9,7 +9,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from tests.conftest import collect, start_server
+from tests.conftest import collect, eventually, start_server
 from tests.fakes import ScriptedModel
 from tokenwire.server.engine import ModelSpec
 from tokenwire.server.tokenizer import Tokenizer
@@ -29,8 +29,7 @@ async def test_full_queue_rejects_with_resource_exhausted_and_retry_info(
             stub = pb_grpc.GenerationServiceStub(channel)
             first = asyncio.ensure_future(collect(stub, request))
             second = asyncio.ensure_future(collect(stub, request))
-            while running.engine.active_count < 2:
-                await asyncio.sleep(0.005)
+            assert await eventually(lambda: running.engine.active_count == 2)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await collect(stub, request)
             first.cancel()

@@ -28,6 +28,20 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+async def _banner(proc: asyncio.subprocess.Process, within_s: float = 90.0) -> list[str]:
+    """The lines `up` prints up to and including its banner's Ctrl-C line; fails at once if
+    the output ends first (the process exited), and after within_s if the banner never comes."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    async with asyncio.timeout(within_s):
+        while not any("Ctrl-C" in line for line in lines):
+            line = await proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"`up` ended its output before the banner: {lines}")
+            lines.append(line.decode())
+    return lines
+
+
 async def test_up_prints_the_urls_serves_and_stops_cleanly_on_ctrl_c() -> None:
     """The banner names the browser URL, grpcurl and the OpenAI base URL; SIGINT exits 0."""
     grpc_port, http_port, metrics_port = _free_ports(3)
@@ -45,12 +59,9 @@ async def test_up_prints_the_urls_serves_and_stops_cleanly_on_ctrl_c() -> None:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    assert proc.stdout is not None
-    banner = []
+    banner: list[str] = []
     try:
-        async with asyncio.timeout(90):
-            while not any("Ctrl-C" in line for line in banner):
-                banner.append((await proc.stdout.readline()).decode())
+        banner = await _banner(proc)
         async with httpx.AsyncClient(timeout=30) as http:
             reply = await http.post(
                 f"http://127.0.0.1:{http_port}/v1/completions",
@@ -95,11 +106,12 @@ async def _start_up(*args: str) -> tuple[asyncio.subprocess.Process, list[str], 
     """`tokenwire up` with JSON logs; returns once the banner is out (lines read so far)."""
     grpc_port, http_port, metrics_port = _free_ports(3)
     proc = await _spawn_up(grpc_port, http_port, metrics_port, *args)
-    assert proc.stdout is not None
-    lines: list[str] = []
-    async with asyncio.timeout(90):
-        while not any("Ctrl-C" in line for line in lines):
-            lines.append((await proc.stdout.readline()).decode())
+    try:
+        lines = await _banner(proc)
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
     return proc, lines, http_port
 
 
@@ -164,12 +176,9 @@ async def test_up_takes_its_ports_from_the_variables_serve_and_edge_read() -> No
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "TOKENWIRE_LOG_FORMAT": "json", **ports},
     )
-    assert proc.stdout is not None
     lines: list[str] = []
     try:
-        async with asyncio.timeout(90):
-            while not any("Ctrl-C" in line for line in lines):
-                lines.append((await proc.stdout.readline()).decode())
+        lines = await _banner(proc)
         async with httpx.AsyncClient(timeout=30) as http:
             ready = await http.get(f"http://127.0.0.1:{http_port}/readyz")
             scraped = await http.get(f"http://127.0.0.1:{metrics_port}/metrics")
