@@ -68,6 +68,7 @@ def test_client_yields_typed_events_in_order(channel: grpc_testing.Channel) -> N
     thread = _serve_once(channel, script)
     events = list(_collect(TokenwireClient(channel=channel), GenerateOptions(max_tokens=2)))
     thread.join(5)
+    assert not thread.is_alive(), "the scripted server side never finished"
     assert events[:2] == [Token("he", 5, 0), Token("llo", 9, 1)]
     assert isinstance(events[2], Usage)
     assert events[2].total_tokens == 3
@@ -86,6 +87,7 @@ def test_client_sends_the_options_it_was_given(channel: grpc_testing.Channel) ->
     options = GenerateOptions(max_tokens=7, temperature=0.0, seed=3, stop=("\n\n",))
     list(_collect(TokenwireClient(channel=channel), options))
     thread.join(5)
+    assert not thread.is_alive(), "the scripted server side never finished"
     request = seen[0]
     assert request.max_tokens == 7
     assert request.sampling.HasField("temperature")
@@ -164,6 +166,7 @@ def test_invalid_argument_becomes_invalid_argument_naming_the_field(
     with pytest.raises(InvalidArgument) as caught:
         list(_collect(TokenwireClient(channel=channel), GenerateOptions(top_p=1.5)))
     thread.join(5)
+    assert not thread.is_alive(), "the scripted server side never finished"
     assert caught.value.field == "sampling.top_p"
     assert "(0, 1]" in caught.value.message
 
@@ -182,4 +185,5 @@ def test_resource_exhausted_becomes_overloaded_with_retry_hint(
     with pytest.raises(Overloaded) as caught:
         list(_collect(TokenwireClient(channel=channel), GenerateOptions()))
     thread.join(5)
+    assert not thread.is_alive(), "the scripted server side never finished"
     assert caught.value.retry_after_s == 2.0
