@@ -64,6 +64,7 @@ def _scripted_stream(reason: int, status: grpc.StatusCode) -> list[object]:
     except Exception as error:  # what the stream raised is the test's subject
         seen.append(error)
     thread.join(5)
+    assert not thread.is_alive(), "the scripted server's thread did not finish"
     return seen
 
 
