@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
 import time
+from collections.abc import AsyncIterator
 
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from tests.conftest import MODEL, RunningServer, eventually, start_edge
+from tests.conftest import MODEL, RunningEdge, RunningServer, eventually, start_edge
 from tests.procs import EdgeProcess
 
 NATIVE = {"prompt": "def f():", "max_tokens": 60, "ignore_eos": True}
@@ -84,19 +86,29 @@ async def test_drain_past_its_grace_ends_streams_with_a_cancelled_done(
     assert await eventually(lambda: paced.engine.active_count == 0, 2)
 
 
-async def test_cancel_of_a_running_stream_passes_during_a_drain(paced: RunningServer) -> None:
-    """Cancelling an in-flight stream is not new work: it is served while draining."""
-    edge = await start_edge(paced.target)
+@contextlib.asynccontextmanager
+async def _draining(
+    edge: RunningEdge, http: httpx.AsyncClient, request_id: str
+) -> AsyncIterator[tuple[asyncio.Task[bool], AsyncIterator[ServerSentEvent]]]:
+    """A drain of `edge` under way, held open by a running 400-token stream named
+    `request_id`: the drain's task and the rest of the stream's events."""
     body = {**NATIVE, "max_tokens": 400}
-    headers = {"X-Request-ID": "stop-me"}
-    async with (
-        httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
-        aconnect_sse(http, "POST", "/v1/generate", json=body, headers=headers) as source,
-    ):
+    headers = {"X-Request-ID": request_id}
+    async with aconnect_sse(http, "POST", "/v1/generate", json=body, headers=headers) as source:
         stream = source.aiter_sse()
         await anext(stream)
         drain = asyncio.create_task(edge.edge.drain(grace_s=20))
         assert await eventually(lambda: edge.edge.ctx.drain.draining, 2)
+        yield drain, stream
+
+
+async def test_cancel_of_a_running_stream_passes_during_a_drain(paced: RunningServer) -> None:
+    """Cancelling an in-flight stream is not new work: it is served while draining."""
+    edge = await start_edge(paced.target)
+    async with (
+        httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
+        _draining(edge, http, "stop-me") as (drain, stream),
+    ):
         cancelled = await http.post("/v1/generate/stop-me/cancel", json={})
         events = [event async for event in stream]
     assert cancelled.status_code == 200
@@ -163,17 +175,11 @@ async def test_an_empty_last_event_id_is_a_new_request_and_refused_during_a_drai
     """While draining, a POST with an empty Last-Event-ID header (or query parameter) starts
     no stream: it is a new request, not a resume, and gets the drain's 503."""
     edge = await start_edge(paced.target)
-    body = {**NATIVE, "max_tokens": 400}
-    headers = {"X-Request-ID": "holds-the-drain"}
     async with (
         httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
-        aconnect_sse(http, "POST", "/v1/generate", json=body, headers=headers) as source,
-    ):
         # A running stream keeps the drain in progress while the two requests arrive.
-        stream = source.aiter_sse()
-        await anext(stream)
-        drain = asyncio.create_task(edge.edge.drain(grace_s=20))
-        assert await eventually(lambda: edge.edge.ctx.drain.draining, 2)
+        _draining(edge, http, "holds-the-drain") as (drain, stream),
+    ):
         by_header = await http.post("/v1/generate", json=NATIVE, headers={"Last-Event-ID": ""})
         by_query = await http.post("/v1/generate?last_event_id=", json=NATIVE)
         await http.post("/v1/generate/holds-the-drain/cancel", json={})
