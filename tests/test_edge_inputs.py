@@ -106,6 +106,10 @@ OPENAI_BODIES = {
     ),
     "stream_options not an object": ({"prompt": "x", "stream_options": 3}, "stream_options"),
     "stream_options as 0": ({"prompt": "x", "stream_options": 0}, "stream_options"),
+    "stream_options without a stream": (
+        {"prompt": "x", "stream_options": {"include_usage": True}},
+        "stream_options",
+    ),
     "include_obfuscation not a boolean": (
         {"prompt": "x", "stream": True, "stream_options": {"include_obfuscation": "yes"}},
         "stream_options.include_obfuscation",

@@ -217,6 +217,9 @@ def read_request(
     choices = tuple(_choice(base, request_id, i, n) for i in range(n))
     include_usage = _include_usage(fields)
     stream = fields.boolean("stream")
+    if fields.raw("stream_options") is not None and not stream:
+        # As OpenAI and vLLM answer: the options of a stream need a stream.
+        raise EdgeError.invalid("stream_options", "is only allowed when `stream` is true")
     model = fields.string("model")
     return OpenAIRequest(chat, model, stream, stream and include_usage, choices, names)
 
