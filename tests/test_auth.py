@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from structlog.testing import capture_logs
 
 from tests.conftest import RunningServer, greedy, start_edge, start_server
 from tokenwire.client import AsyncTokenwireClient, ChannelSecurity, Completion, GenerateOptions
@@ -64,6 +65,18 @@ async def test_generate_without_a_key_is_unauthenticated(keyed: RunningServer) -
 async def test_generate_with_a_wrong_key_is_unauthenticated(keyed: RunningServer) -> None:
     """A bearer key that is not configured gets UNAUTHENTICATED."""
     assert await _code(keyed.target, _bearer("k1-secret-onE")) == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_refused_key_is_one_rejected_log_line_without_the_key(
+    keyed: RunningServer,
+) -> None:
+    """A Generate refused for its key logs one request.rejected line, as every other refused
+    request does, and the line does not hold the key it brought."""
+    with capture_logs() as logs:
+        await _code(keyed.target, _bearer("k1-secret-onE"))
+    rejected = [e for e in logs if e["event"] == "request.rejected"]
+    assert [e["code"] for e in rejected] == ["Unauthenticated"]
+    assert "k1-secret-onE" not in str(rejected)
 
 
 async def test_generate_with_a_configured_key_streams(keyed: RunningServer) -> None:

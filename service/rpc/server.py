@@ -93,9 +93,13 @@ class TokenwireServer:
         return self.port
 
     def _refused(self, method: str) -> None:
-        """A call the key check refused: a Generate counts as a rejected request."""
+        """A call the key check refused: a Generate counts as a rejected request, and logs one
+        request.rejected line as every other refusal does (never the key it brought)."""
         if method == GENERATE_METHOD:
             self.observer.request_rejected("Unauthenticated")
+            log.info(
+                "request.rejected", code="Unauthenticated", reason="no valid API key was given"
+            )
 
     async def attach(self, engine: Engine) -> None:
         """The engine is warm: accept requests and report SERVING."""
