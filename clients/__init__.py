@@ -1,15 +1,6 @@
 """Python client, CLI and edge adapters for tokenwire. Depends on the wire contract only."""
 
-from tokenwire.client.client import (
-    AsyncTokenwireClient,
-    Completion,
-    GenerateOptions,
-    ModelInfo,
-    StreamEvent,
-    Token,
-    TokenwireClient,
-    Usage,
-)
+from tokenwire.client.client import AsyncTokenwireClient, TokenwireClient
 from tokenwire.client.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -20,6 +11,14 @@ from tokenwire.client.errors import (
     TokenwireError,
     Unauthenticated,
     Unavailable,
+)
+from tokenwire.client.messages import (
+    Completion,
+    GenerateOptions,
+    ModelInfo,
+    StreamEvent,
+    Token,
+    Usage,
 )
 from tokenwire.client.security import ChannelSecurity, SecurityError
 

@@ -14,16 +14,9 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import TextIO
 
-from tokenwire.client.client import (
-    DEFAULT_TARGET,
-    Completion,
-    GenerateOptions,
-    StreamEvent,
-    Token,
-    TokenwireClient,
-    Usage,
-)
+from tokenwire.client.client import DEFAULT_TARGET, TokenwireClient
 from tokenwire.client.errors import TokenwireError
+from tokenwire.client.messages import Completion, GenerateOptions, StreamEvent, Token, Usage
 from tokenwire.client.security import ChannelSecurity, SecurityError
 from tokenwire.client.targets import TARGET_RULE, names_a_target
 from tokenwire.common.settings import SettingsError, add_flags, read_settings, require, setting

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tokenwire.client.client import ModelInfo
+from tokenwire.client.messages import ModelInfo
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.openai_template import chat_prompt
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import MODEL, RunningServer, start_edge
 from tests.fakes import RecordingObserver
-from tokenwire.client.client import GenerateOptions
+from tokenwire.client.messages import GenerateOptions
 from tokenwire.edge.errors import EdgeError, as_request_errors
 
 JSON = {"Content-Type": "application/json"}

@@ -26,8 +26,8 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from tests.conftest import MODEL, RunningServer, start_edge, start_server
 from tests.procs import ServerProcess
 from tokenwire.client import AsyncTokenwireClient, TokenwireClient
-from tokenwire.client.client import Completion, GenerateOptions, StreamEvent, Token, Usage
 from tokenwire.client.errors import DeadlineExceeded, ModelMismatch, TokenwireError, Unavailable
+from tokenwire.client.messages import Completion, GenerateOptions, StreamEvent, Token, Usage
 from tokenwire.server.config import BUNDLED_MODEL_DIR
 from tokenwire.server.engine import OnnxCausalLM
 from tokenwire.server.tokenizer import Tokenizer

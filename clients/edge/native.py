@@ -10,7 +10,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from tokenwire.client.client import GenerateOptions
+from tokenwire.client.messages import GenerateOptions
 from tokenwire.edge.accounting import Account
 from tokenwire.edge.body import Fields, read_json
 from tokenwire.edge.context import EdgeContext, request_id_of

@@ -15,7 +15,7 @@ from typing import Any
 
 from sse_starlette import ServerSentEvent
 
-from tokenwire.client.client import Completion, StreamEvent, Token, Usage
+from tokenwire.client.messages import Completion, StreamEvent, Token, Usage
 from tokenwire.edge.accounting import failed, finished
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.metrics import Outcome

@@ -7,7 +7,7 @@ import dataclasses
 import time
 from typing import Any
 
-from tokenwire.client.client import Completion, StreamEvent, Token, Usage
+from tokenwire.client.messages import Completion, StreamEvent, Token, Usage
 from tokenwire.edge.errors import EdgeError
 
 FINISH = {"stop": "stop", "stop_sequence": "stop", "length": "length"}

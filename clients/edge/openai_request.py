@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from tokenwire.client.client import GenerateOptions, ModelInfo
+from tokenwire.client.messages import GenerateOptions, ModelInfo
 from tokenwire.edge.body import UINT64_MAX, Fields, token_ids_of
 from tokenwire.edge.errors import EdgeError, as_request_errors
 

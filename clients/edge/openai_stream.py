@@ -16,7 +16,7 @@ from typing import Any
 
 from sse_starlette import ServerSentEvent
 
-from tokenwire.client.client import StreamEvent, Token, Usage
+from tokenwire.client.messages import StreamEvent, Token, Usage
 from tokenwire.edge.accounting import failed
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.metrics import Outcome

@@ -17,7 +17,7 @@ import jinja2.parser
 from jinja2 import TemplateError, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from tokenwire.client.client import ModelInfo
+from tokenwire.client.messages import ModelInfo
 from tokenwire.edge.errors import EdgeError
 
 # Used when the model ships no chat template: role-tagged turns, then the assistant's turn.

@@ -19,7 +19,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from tokenwire.client.client import GenerateOptions, StreamEvent
+from tokenwire.client.messages import GenerateOptions, StreamEvent
 from tokenwire.edge.accounting import Account
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.metrics import Outcome, RouteName

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from redis.exceptions import RedisError
 
-from tokenwire.client.client import Completion
+from tokenwire.client.messages import Completion
 from tokenwire.edge import redis_keys as rk
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.redis_keys import Keys

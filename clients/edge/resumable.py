@@ -16,7 +16,7 @@ import re
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-from tokenwire.client.client import Completion, StreamEvent
+from tokenwire.client.messages import Completion, StreamEvent
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.upstream import UpstreamStream
 

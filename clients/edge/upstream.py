@@ -15,16 +15,16 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tokenwire.client.client import (
-    CHANNEL_OPTIONS,
+from tokenwire.client.client import CHANNEL_OPTIONS
+from tokenwire.client.errors import TokenwireError, from_rpc_error, from_status
+from tokenwire.client.failover import RETRYABLE, Resumption, ServedModel, Targets
+from tokenwire.client.messages import (
     ModelInfo,
     StreamEvent,
     Usage,
     event_from_pb,
     model_info_from_pb,
 )
-from tokenwire.client.errors import TokenwireError, from_rpc_error, from_status
-from tokenwire.client.failover import RETRYABLE, Resumption, ServedModel, Targets
 from tokenwire.client.security import ChannelSecurity, aio_channel
 from tokenwire.client.targets import split_targets
 from tokenwire.common import request_ids
