@@ -67,18 +67,17 @@ class StopMatcher:
         if not self._stops:
             self._held = ""
             return text, None
-        released = ""
-        while (match := _earliest_match(text, self._stops)) is not None:
-            start, stop = match
-            if armed:
-                self._held = ""
-                return released + text[:start], stop
-            # Release through its first character, and look again: another stop string may
-            # begin inside this one and end in text still to come.
-            released, text = released + text[: start + 1], text[start + 1 :]
+        # The held text may hold a stop string that ended unarmed: only one that ends in the
+        # new text can match.
+        match = _earliest_match(text, self._stops, ending_after=len(self._held)) if armed else None
+        if match is not None:
+            self._held = ""
+            return text[: match[0]], match[1]
+        # Armed or not, hold back from the earliest place a stop string could still begin: one
+        # that ends unarmed inside a longer one must not let the longer one's start go out.
         keep = _longest_partial_suffix(text, self._stops)
         self._held = text[len(text) - keep :] if keep else ""
-        return released + text[: len(text) - keep], None
+        return text[: len(text) - keep], None
 
     def flush(self) -> str:
         """Release whatever is held back (the stream ended without a match)."""
@@ -86,10 +85,11 @@ class StopMatcher:
         return held
 
 
-def _earliest_match(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
+def _earliest_match(text: str, stops: tuple[str, ...], ending_after: int) -> tuple[int, str] | None:
+    """Where the first stop string that ends past `ending_after` begins, and which it is."""
     best: tuple[int, str] | None = None
     for stop in stops:
-        at = text.find(stop)
+        at = text.find(stop, max(0, ending_after - len(stop) + 1))
         if at >= 0 and (best is None or at < best[0]):
             best = (at, stop)
     return best
