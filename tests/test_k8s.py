@@ -301,8 +301,9 @@ def test_endpoint_picker_reads_metrics_the_server_exports() -> None:
 
 
 def test_ha_overlay_points_two_edges_at_its_redis() -> None:
-    """The ha overlay runs at least two edges whose TOKENWIRE_RESUME_STORE (which the edge's own
-    settings accept) names the Redis Service it renders, on the port that Service serves."""
+    """The ha overlay runs at least two edges (its autoscaler's floor) whose
+    TOKENWIRE_RESUME_STORE (which the edge's own settings accept) names the Redis Service it
+    renders, on the port that Service serves."""
     docs = _docs("ha")
     env = _env(docs)
     settings = EdgeSettings.from_env(env)
@@ -315,5 +316,17 @@ def test_ha_overlay_points_two_edges_at_its_redis() -> None:
         service["spec"]["selector"].items()
         <= redis["spec"]["template"]["metadata"]["labels"].items()
     )
-    assert _find(docs, "Deployment", "tokenwire-edge")["spec"]["replicas"] >= 2
     assert _find(docs, "HorizontalPodAutoscaler", "tokenwire-edge")["spec"]["minReplicas"] >= 2
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu", "ha"])
+def test_autoscaled_deployments_leave_their_replica_count_to_the_autoscaler(overlay: str) -> None:
+    """No Deployment that a HorizontalPodAutoscaler scales sets spec.replicas: re-applying the
+    manifests for a configuration change would otherwise reset a scaled-out Deployment to it."""
+    docs = _docs(overlay)
+    scaled = [
+        d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"
+    ]
+    assert scaled
+    for name in scaled:
+        assert "replicas" not in _find(docs, "Deployment", name)["spec"], name
