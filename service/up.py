@@ -108,6 +108,8 @@ def _command() -> str:
 
 def banner(host: str, grpc_port: int, http_port: int, metrics_port: int) -> str:
     web = f"http://{host}:{http_port}"
+    # Port 0 turns the server's metrics off: no address to show for them.
+    server_metrics = f"http://{host}:{metrics_port}/metrics (server), " if metrics_port else ""
     lines = [
         "",
         "tokenwire is up",
@@ -118,7 +120,7 @@ def banner(host: str, grpc_port: int, http_port: int, metrics_port: int) -> str:
         f"  curl:     curl -N {web}/v1/generate -H 'Content-Type: application/json' "
         '-d \'{"prompt": "def fib(n):", "max_tokens": 32}\'',
         f'  OpenAI:   OpenAI(base_url="{web}/v1", api_key="none")',
-        f"  metrics:  http://{host}:{metrics_port}/metrics (server), {web}/metrics (edge)",
+        f"  metrics:  {server_metrics}{web}/metrics (edge)",
         "  Ctrl-C drains streams and stops both.",
         "",
     ]

@@ -15,6 +15,7 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from tests.conftest import MODEL
+from tokenwire.server.up import banner
 
 
 def _free_ports(n: int) -> list[int]:
@@ -230,3 +231,13 @@ async def test_up_with_a_port_taken_starts_nothing_and_exits_2(held: str) -> Non
     for name, port in ports.items():
         if name != held:
             socket.create_server(("127.0.0.1", port)).close()
+
+
+def test_banner_shows_no_server_metrics_address_when_they_are_off() -> None:
+    """With --metrics-port 0 (the server's metrics off) the banner names only the edge's
+    /metrics, never a :0 address; with a port it names both."""
+    off = banner("127.0.0.1", 50051, 8000, 0)
+    on = banner("127.0.0.1", 50051, 8000, 9464)
+    assert ":0/" not in off
+    assert "http://127.0.0.1:8000/metrics (edge)" in off
+    assert "http://127.0.0.1:9464/metrics (server)" in on
