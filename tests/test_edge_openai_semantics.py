@@ -524,3 +524,11 @@ def test_message_name_reaches_the_template() -> None:
     """A message's `name` (which participant spoke) goes to the chat template with its turn."""
     fields = Fields({"messages": [{"role": "user", "content": "Hi.", "name": "ada"}]})
     assert chat_turns(fields) == [{"role": "user", "content": "Hi.", "name": "ada"}]
+
+
+def test_text_parts_of_a_message_reach_the_template_one_line_each() -> None:
+    """A content list of text parts is one message whose parts are joined by newlines (as vLLM
+    joins them), so "hi" and "there" do not run together into "hithere"."""
+    parts = [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]
+    fields = Fields({"messages": [{"role": "user", "content": parts}]})
+    assert chat_turns(fields) == [{"role": "user", "content": "hi\nthere"}]

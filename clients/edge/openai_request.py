@@ -346,7 +346,8 @@ def completion_prompt(fields: Fields) -> tuple[str, tuple[int, ...]]:
 
 
 def _content_text(content: Any, index: int) -> str:
-    """A message's content: a string, or text parts (`{"type": "text", "text"}`) joined."""
+    """A message's content: a string, or text parts (`{"type": "text", "text"}`) joined by
+    newlines, as vLLM joins them (two parts read as two lines, not one run-on word)."""
     where = f"messages[{index}].content"
     if isinstance(content, str):
         return content
@@ -355,7 +356,7 @@ def _content_text(content: Any, index: int) -> str:
         if len(parts) == len(content) and all(isinstance(p, str) for p in parts):
             for i, part in enumerate(content):
                 _check_keys(part, TEXT_PART_KEYS, f"{where}[{i}]")
-            return "".join(str(p) for p in parts)
+            return "\n".join(str(p) for p in parts)
     raise EdgeError.invalid(where, "must be a string or text parts")
 
 
