@@ -85,6 +85,7 @@ class Sequence:
         self.argmax_from = unsuppressed if request.sampling.plain_greedy else _NEVER
         reports = request.logprobs or request.top_logprobs
         self.scores_until = _NEVER if reports else self.argmax_from
+        self.text.start_after(self.prompt_ids)
         self.resume(request.continuation)
         self.resumed = len(self.generated)
 
