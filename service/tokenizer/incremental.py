@@ -44,11 +44,26 @@ class IncrementalDetokenizer:
 
     def step(self, token_id: int) -> str:
         self._held.append(token_id)
-        chunk = self._stream.step(self.tokenizer.inner, token_id)
+        try:
+            chunk = self._stream.step(self.tokenizer.inner, token_id)
+        except Exception as exc:  # tokenizers raises plain Exception
+            if not str(exc).startswith(_INVALID_PREFIX):
+                raise
+            chunk = self._restart()
         if not chunk:
             return ""
         self._context, self._held = self._held, []
         return str(chunk)
+
+    def _restart(self) -> str | None:
+        """Decode the held ids anew, alone, as the stream's start (as vLLM restarts its
+        stream). DecodeStream refuses ids that change text it has released: with byte
+        fallback, bytes that form no character with the bytes before them make the decoder
+        show the whole run of bytes as U+FFFD, the released character's too, and released
+        text cannot be taken back. The stray bytes come out as U+FFFD where they come."""
+        self._context = []
+        self._stream = DecodeStream(skip_special_tokens=True)
+        return self._stream.step(self.tokenizer.inner, self._held)
 
     def flush(self) -> str:
         """The text held back when the stream ends. DecodeStream holds text ending in an
@@ -58,9 +73,15 @@ class IncrementalDetokenizer:
             return ""
         before = self.tokenizer.decode(self._context)
         after = self.tokenizer.decode(self._context + self._held)
+        if not after.startswith(before):
+            # Held bytes that form no character with the released ones (see _restart).
+            before, after = "", self.tokenizer.decode(self._held)
         self._context, self._held = [], []
         return after[len(before) :]
 
+
+_INVALID_PREFIX = "Invalid prefix encountered"
+"""How DecodeStream's error begins when new ids change the text it has released."""
 
 _PROMPT_TAIL_IDS = (4, 23)
 """The fewest and the most of the prompt's last ids the first token is decoded after (as vLLM)."""
