@@ -118,7 +118,9 @@ class GenerateRequest(_message.Message):
 
     @_builtins.property
     def stop_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Generation also ends (FINISH_REASON_STOP) when the model produces one of these token ids."""
+        """Generation also ends (FINISH_REASON_STOP) when the model produces one of these token ids.
+        Unlike EOS's, the token's text is part of the output (a special token has none).
+        """
 
     def __init__(
         self,
