@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -143,8 +144,27 @@ class Tokenizer:
         return str(self.inner.decode(ids, skip_special_tokens=True))
 
     def token_text(self, token_id: int) -> str:
-        """One token's text alone, special tokens included (may be part of a character)."""
-        return str(self.inner.decode([token_id], skip_special_tokens=False))
+        """One token's text alone, special tokens included (may be part of a character), as
+        it reads after other text: SentencePiece decoders (Llama 2, Mistral, Gemma) drop the
+        space that begins a text, so "▁Hello" decoded alone is "Hello" but " Hello" after a
+        letter. Byte-level BPE text is the token's alone either way."""
+        alone = [token_id]
+        if self._lead is None:
+            return str(self.inner.decode(alone, skip_special_tokens=False))
+        lead_id, lead = self._lead
+        text = str(self.inner.decode([lead_id, token_id], skip_special_tokens=False))
+        if text.startswith(lead):
+            return text[len(lead) :]
+        return str(self.inner.decode(alone, skip_special_tokens=False))
+
+    @functools.cached_property
+    def _lead(self) -> tuple[int, str] | None:
+        """A token that decodes to one plain letter, to decode a token after (see token_text)."""
+        for letter in "axeo":
+            token_id = self.token_id(letter)
+            if token_id is not None and self.inner.decode([token_id]) == letter:
+                return token_id, letter
+        return None
 
     def token_id(self, token: str) -> int | None:
         found = self.inner.token_to_id(token)
