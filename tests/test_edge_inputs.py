@@ -397,3 +397,29 @@ def test_the_clients_own_refusals_become_the_requests_400() -> None:
     with pytest.raises(EdgeError) as caught, as_request_errors():
         GenerateOptions(logit_bias=((5, 1.0), (5, 2.0)))
     assert (caught.value.status, caught.value.param) == (400, "logit_bias[5]")
+
+
+@pytest.mark.parametrize("name", ["top_p", "repetition_penalty"])
+@pytest.mark.parametrize("route", ["/v1/generate", "/v1/completions"])
+async def test_a_value_above_an_open_lower_end_that_is_0_as_a_float32_is_refused_as_sent(
+    http: httpx.AsyncClient, route: str, name: str
+) -> None:
+    """top_p or repetition_penalty 1e-46 is above 0 but travels as a 32-bit float, 0.0: the
+    edge refuses it, 400 naming the field, echoing 1e-46 (never "got 0.0")."""
+    response = await http.post(route, json={"prompt": "x", "max_tokens": 2, name: 1e-46})
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert message.startswith(f"{name}: must be a number in (0, ")
+    assert "got 1e-46" in message
+    assert "got 0.0" not in message
+
+
+@pytest.mark.parametrize("name", ["top_p", "repetition_penalty"])
+async def test_the_smallest_positive_float32_above_an_open_lower_end_is_served(
+    http: httpx.AsyncClient, name: str
+) -> None:
+    """top_p or repetition_penalty 2^-149, the smallest float32 above 0, is served."""
+    response = await http.post(
+        "/v1/completions", json={"prompt": "x", "max_tokens": 2, name: 2.0**-149}
+    )
+    assert response.status_code == 200, response.text

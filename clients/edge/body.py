@@ -2,7 +2,8 @@
 
 Every number is range-checked here, before it can reach a protobuf field (where an
 out-of-range value raises ValueError, i.e. a 500): integers against their wire type and the
-documented range, floats for finiteness and the documented range.
+documented range, floats for finiteness and the documented range, as the 32-bit floats the
+wire carries too (an open lower end is refused by the server where the value rounds onto it).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import dataclasses
 import math
 import re
+import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,6 +48,11 @@ class FloatRange:
     def contains(self, value: float) -> bool:
         above = value > self.low if self.low_open else value >= self.low
         return math.isfinite(value) and above and value <= self.high
+
+    def lost_on_the_wire(self, value: float) -> bool:
+        """Whether a value within the range leaves it as the 32-bit float the wire carries:
+        above an open lower end here, at it there (1e-46 is 0.0 as a float32)."""
+        return self.low_open and as_float32(value) <= self.low
 
     def describe(self) -> str:
         left = "(" if self.low_open else "["
@@ -167,6 +174,12 @@ class Fields:
         )
         if not exact or not allowed.contains(float(value)):
             raise EdgeError.invalid(name, f"must be {allowed.describe()}")
+        if allowed.lost_on_the_wire(float(value)):
+            raise EdgeError.invalid(
+                name,
+                f"must be {allowed.describe()}, got {value!r}, which is "
+                f"{as_float32(float(value)):g} as the 32-bit float the server receives",
+            )
         return float(value)
 
     def boolean(self, name: str, default: bool = False) -> bool:
@@ -236,6 +249,13 @@ class Fields:
 
     def raw(self, name: str) -> Any:
         return self._source.get(name)
+
+
+def as_float32(value: float) -> float:
+    """`value` rounded to a 32-bit float, as a protobuf float field carries it (a value within
+    float32's range: every documented range is)."""
+    packed: float = struct.unpack("<f", struct.pack("<f", value))[0]
+    return packed
 
 
 def token_ids_of(value: Any) -> tuple[int, ...] | None:
