@@ -9,7 +9,9 @@
   converts fp16 about 30 times slower than a copy).
 - greedy_fp16.onnx, greedy_fp32.onnx: each row's highest-scoring id of logits [batch,
   positions, vocabulary], at every position, ties to the lowest id (numpy's argmax rule; fp16 is
-  widened first, so the result equals the host's argmax of the widened logits). Greedy rows get
+  widened first, so the result equals the host's argmax of the widened logits). A NaN scores as
+  -inf (IsNaN, Where), as on the host (logits.best_ids): ArgMax's treatment of NaN is the
+  provider's, and plain greedy rows must not pick a NaN that sampled rows rank last. Greedy rows get
   their next id where the logits were computed, and the logits themselves stay there unless a
   row needs them. The graph has no inputs but the logits, so that it can be replayed as a CUDA
   graph too (a vocabulary limit would be a host-side input).
@@ -21,6 +23,7 @@ The output is byte-stable: rebuilding writes the same files.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import onnx
@@ -69,7 +72,13 @@ def greedy(dtype: int) -> onnx.ModelProto:
             helper.make_node("Cast", ["logits"], ["wide"], name="widen", to=TensorProto.FLOAT)
         )
         scores = "wide"
-    nodes.append(helper.make_node("ArgMax", [scores], ["ids"], name="best", axis=2, keepdims=0))
+    lowest = helper.make_tensor("lowest", TensorProto.FLOAT, [], [-math.inf])
+    nodes += [
+        helper.make_node("IsNaN", [scores], ["nan"], name="find_nan"),
+        helper.make_node("Constant", [], ["minus_inf"], name="minus_inf", value=lowest),
+        helper.make_node("Where", ["nan", "minus_inf", scores], ["ranked"], name="nan_lowest"),
+        helper.make_node("ArgMax", ["ranked"], ["ids"], name="best", axis=2, keepdims=0),
+    ]
     return _model(nodes, [logits], [ids], "greedy")
 
 

@@ -6,7 +6,8 @@ numpy array (HostLogits). Logits the model leaves on its device (DeviceLogits: t
 of static_decode.py, on CUDA a replayed graph) answer the argmax where they are, through a
 small graph on the same provider (greedy_fp16/fp32.onnx), and come down only when a row needs
 them: for a batch of greedy rows a step moves a few bytes to the host, not
-rows x vocabulary floats.
+rows x vocabulary floats. Either argmax ranks a NaN logit as -inf, as the adjusted scores of
+sampling rows do: a model's NaN is chosen by no kind of row.
 
 float16 logits are widened where they were computed (logits_fp32.onnx) when they do come down,
 so the host always receives float32 ready for sampling; widening on the host instead costs numpy
@@ -41,7 +42,8 @@ class Logits(Protocol):
         ...
 
     def argmax(self, limit: int) -> IntArray:
-        """Each row's highest-scoring id below `limit` (ties: the lowest id)."""
+        """Each row's highest-scoring id below `limit` (ties: the lowest id; a NaN scores as
+        -inf, as the adjusted scores of sampling.py rank it too)."""
         ...
 
 
@@ -55,8 +57,7 @@ class HostLogits:
         return self._array
 
     def argmax(self, limit: int) -> IntArray:
-        best: IntArray = self._array[:, :limit].argmax(axis=1)
-        return best
+        return best_ids(self._array[:, :limit])
 
 
 class LogitsReader:
@@ -143,8 +144,23 @@ class DeviceLogits:
         # host, among the ids below it.
         past = best >= limit
         if past.any():
-            best[past] = self.host()[past, :limit].argmax(axis=1)
+            best[past] = best_ids(self.host()[past, :limit])
         return best
+
+
+def best_ids(scores: FloatArray) -> IntArray:
+    """Each row's highest-scoring id (ties: the lowest), a NaN scoring as -inf.
+
+    numpy's argmax returns the first NaN of a row that holds one, so a model that produced a
+    NaN logit would have it chosen by plain greedy rows and by no other kind. A row that picked
+    a NaN is ranked again without them: finite rows cost one argmax, as before."""
+    best: IntArray = scores.argmax(axis=1)
+    rows = np.arange(scores.shape[0])
+    picked_nan = np.flatnonzero(np.isnan(scores[rows, best]))
+    if picked_nan.size:
+        clean = np.where(np.isnan(scores[picked_nan]), -np.inf, scores[picked_nan])
+        best[picked_nan] = clean.argmax(axis=1)
+    return best
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

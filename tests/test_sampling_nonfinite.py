@@ -1,0 +1,116 @@
+"""Non-finite logits (a model's NaN, +inf or -inf) in token choice.
+
+Every kind of row ranks a NaN logit as -inf: plain greedy rows (one argmax, on the host or in
+the device's greedy graph) as the rows whose scores are adjusted do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from tokenwire.server.config import BUNDLED_MODEL_DIR
+from tokenwire.server.domain import GenerationRequest, SamplingParams
+from tokenwire.server.engine.logits import HostLogits, LogitsReader
+from tokenwire.server.engine.mailbox import Mailbox
+from tokenwire.server.engine.sampling import Sampler
+from tokenwire.server.engine.sequence import Sequence
+from tokenwire.server.engine.token_choice import TokenChooser
+from tokenwire.server.tokenizer import TextStream, Tokenizer
+
+VOCAB = 64
+CPU = ["CPUExecutionProvider"]
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def _row(
+    loop: asyncio.AbstractEventLoop,
+    tokenizer: Tokenizer,
+    n: int,
+    sampling: SamplingParams,
+    *,
+    logprobs: bool = False,
+    alternatives: int = 0,
+) -> Sequence:
+    request = GenerationRequest(
+        f"r{n}",
+        "",
+        max_tokens=8,
+        sampling=sampling,
+        prompt_ids=(5, 6),
+        logprobs=logprobs,
+        top_logprobs=alternatives,
+    )
+    return Sequence(
+        request=request,
+        prompt_ids=[5, 6],
+        budget=8,
+        eos_ids=frozenset(),
+        sampler=Sampler(sampling),
+        text=TextStream.create(tokenizer, ()),
+        mailbox=Mailbox(loop),
+    )
+
+
+def _row_logits(rows: int, fill: float, at: int) -> np.ndarray:
+    """Logits whose best finite token is 10 (5.0), with `fill` at id `at`."""
+    logits = np.zeros((rows, VOCAB), dtype=np.float32)
+    logits[:, 10] = 5.0
+    logits[:, at] = fill
+    return logits
+
+
+def test_the_host_argmax_ranks_a_nan_logit_last() -> None:
+    """HostLogits.argmax picks each row's best finite id where a NaN logit comes before it
+    (numpy's argmax alone would return the NaN's id)."""
+    logits = _row_logits(3, np.nan, 3)
+    logits[2, :] = np.nan  # a row of NaN only: id 0, as the adjusted scores choose
+    assert HostLogits(logits).argmax(VOCAB).tolist() == [10, 10, 0]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=["fp16", "fp32"])
+def test_the_device_argmax_ranks_a_nan_logit_last(dtype: type[np.floating]) -> None:
+    """The greedy graph (the argmax of logits left on the device) picks each row's best finite
+    id, a NaN at id 0 or after the best one included, as the host does."""
+    logits = _row_logits(3, np.nan, 0).astype(dtype)
+    logits[1, 0] = 0.0
+    logits[1, 20] = np.nan
+    logits[2, :] = np.nan
+    reader = LogitsReader(CPU, half=dtype is np.float16)
+    best = reader.argmax(ort.OrtValue.ortvalue_from_numpy(logits[:, None, :].copy()))[:, -1]
+    assert best.tolist() == [10, 10, 0]
+    assert best.tolist() == HostLogits(logits.astype(np.float32)).argmax(VOCAB).tolist()
+
+
+def test_plain_and_adjusted_greedy_rows_pick_the_same_token_beside_a_nan_logit(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """In one step, a plain greedy row, a penalised greedy row and a greedy row asking for
+    logprobs all take the best finite token, not the NaN before it."""
+    tokenizer = Tokenizer.from_dir(BUNDLED_MODEL_DIR)
+    rows = [
+        _row(loop, tokenizer, 0, SamplingParams(temperature=0.0)),
+        _row(loop, tokenizer, 1, SamplingParams(temperature=0.0, repetition_penalty=1.0001)),
+        _row(loop, tokenizer, 2, SamplingParams(temperature=0.0), logprobs=True),
+    ]
+    TokenChooser(VOCAB, tokenizer.token_text).choose(rows, HostLogits(_row_logits(3, np.nan, 3)), 0)
+    assert [r.generated for r in rows] == [[10], [10], [10]]
+
+
+def test_plain_greedy_rows_alone_skip_a_nan_logit(loop: asyncio.AbstractEventLoop) -> None:
+    """A step of plain greedy rows only (the one-argmax fast path) takes the best finite
+    token, not the NaN before it."""
+    tokenizer = Tokenizer.from_dir(BUNDLED_MODEL_DIR)
+    rows = [_row(loop, tokenizer, n, SamplingParams(temperature=0.0)) for n in range(2)]
+    TokenChooser(VOCAB, tokenizer.token_text).choose(rows, HostLogits(_row_logits(2, np.nan, 3)), 0)
+    assert [r.generated for r in rows] == [[10], [10]]
