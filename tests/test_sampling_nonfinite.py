@@ -1,12 +1,15 @@
-"""Non-finite logits (a model's NaN, +inf or -inf) in token choice.
+"""Non-finite logits (a model's NaN, +inf or -inf) in token choice and logprobs.
 
 Every kind of row ranks a NaN logit as -inf: plain greedy rows (one argmax, on the host or in
-the device's greedy graph) as the rows whose scores are adjusted do.
+the device's greedy graph) as the rows whose scores are adjusted do. A log-probability is
+never NaN and never below LOGPROB_FLOOR: the normaliser sums the finite logits, +inf logits
+hold all the mass, and tokens without mass are not listed as alternatives.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,10 +17,16 @@ import onnxruntime as ort
 import pytest
 
 from tokenwire.server.config import BUNDLED_MODEL_DIR
-from tokenwire.server.domain import GenerationRequest, SamplingParams
+from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
 from tokenwire.server.engine.logits import HostLogits, LogitsReader
 from tokenwire.server.engine.mailbox import Mailbox
-from tokenwire.server.engine.sampling import Sampler
+from tokenwire.server.engine.sampling import (
+    LOGPROB_FLOOR,
+    Sampler,
+    log_normaliser,
+    log_softmax_at,
+    top_logprobs,
+)
 from tokenwire.server.engine.sequence import Sequence
 from tokenwire.server.engine.token_choice import TokenChooser
 from tokenwire.server.tokenizer import TextStream, Tokenizer
@@ -114,3 +123,72 @@ def test_plain_greedy_rows_alone_skip_a_nan_logit(loop: asyncio.AbstractEventLoo
     rows = [_row(loop, tokenizer, n, SamplingParams(temperature=0.0)) for n in range(2)]
     TokenChooser(VOCAB, tokenizer.token_text).choose(rows, HostLogits(_row_logits(2, np.nan, 3)), 0)
     assert [r.generated for r in rows] == [[10], [10]]
+
+
+def test_a_nan_logit_leaves_the_other_logprobs_as_without_it() -> None:
+    """A NaN logit has no mass: the normaliser, a token's logprob and the alternatives are
+    those of the same row without it (the NaN token itself at the floor, never listed)."""
+    row = _row_logits(1, np.nan, 3)[0]
+    without = np.delete(row, 3)
+    assert log_normaliser(row) == log_normaliser(without)
+    assert log_softmax_at(row, 10) == log_softmax_at(without, 9)
+    assert log_softmax_at(row, 3) == LOGPROB_FLOOR
+    listed = top_logprobs(row, 3)
+    assert [i for i, _ in listed] == [10, 0, 1]
+    assert [p for _, p in listed] == [p for _, p in top_logprobs(without, 3)]
+
+
+def test_infinite_logits_hold_all_the_probability() -> None:
+    """Two +inf logits share all the mass: each has log(1/2), a finite token the floor, and
+    the alternatives are those two only."""
+    row = _row_logits(1, np.inf, 3)[0]
+    row[7] = np.inf
+    assert log_softmax_at(row, 3) == log_softmax_at(row, 7) == -math.log(2)
+    assert log_softmax_at(row, 10) == LOGPROB_FLOOR
+    assert top_logprobs(row, 5) == [(3, -math.log(2)), (7, -math.log(2))]
+
+
+def test_masked_tokens_are_at_the_floor_and_never_alternatives() -> None:
+    """Tokens with -inf logits (masked) report LOGPROB_FLOOR, and top_logprobs lists only the
+    tokens with probability, fewer than asked for where they are fewer."""
+    row = np.full(VOCAB, -np.inf, dtype=np.float32)
+    row[[40, 41, 42]] = [3.0, 2.0, 1.0]
+    assert log_softmax_at(row, 0) == LOGPROB_FLOOR
+    listed = top_logprobs(row, 5)
+    assert [i for i, _ in listed] == [40, 41, 42]
+    assert all(math.isfinite(p) and p < 0 for _, p in listed)
+
+
+def test_a_row_without_finite_logits_reports_the_floor() -> None:
+    """A row whose logits are all -inf or NaN gives no token any probability: the one chosen
+    (id 0, as every kind of row chooses there) reports the floor, and no alternative is
+    listed."""
+    row = np.full(VOCAB, -np.inf, dtype=np.float32)
+    row[5] = np.nan
+    assert log_softmax_at(row, 0) == LOGPROB_FLOOR
+    assert top_logprobs(row, 3) == []
+
+
+def test_logprob_events_are_finite_beside_non_finite_logits(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """Greedy and sampled rows asking for logprobs and 5 alternatives, where most logits are
+    -inf and one is NaN, get finite logprobs at or above the floor, and as alternatives only
+    the tokens with probability."""
+    tokenizer = Tokenizer.from_dir(BUNDLED_MODEL_DIR)
+    kinds = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=1)]
+    rows = [
+        _row(loop, tokenizer, n, sampling, logprobs=True, alternatives=5)
+        for n, sampling in enumerate(kinds)
+    ]
+    logits = np.full((2, VOCAB), -np.inf, dtype=np.float32)
+    logits[:, [10, 11, 12]] = [3.0, 2.0, 1.0]
+    logits[:, 3] = np.nan
+    TokenChooser(VOCAB, tokenizer.token_text).choose(rows, HostLogits(logits), 0.0)
+    for seq in rows:
+        token = next(e for e in seq.outbox if isinstance(e, TokenEvent))
+        assert token.logprob is not None
+        assert math.isfinite(token.logprob)
+        assert LOGPROB_FLOOR <= token.logprob < 0
+        assert [a.token_id for a in token.top_logprobs] == [10, 11, 12]
+        assert all(math.isfinite(a.logprob) for a in token.top_logprobs)

@@ -18,6 +18,7 @@ from sse_starlette import ServerSentEvent
 from tokenwire.client.messages import Completion, StreamEvent, Token, Usage
 from tokenwire.edge.accounting import failed, finished
 from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.logprob_json import finite_logprob, listed_alternatives
 from tokenwire.edge.metrics import Outcome
 from tokenwire.edge.pipeline import Frame
 from tokenwire.edge.resumable import BufferedEvent
@@ -41,12 +42,13 @@ def native_event(event: StreamEvent | EdgeError) -> tuple[str, dict[str, Any]]:
     if isinstance(event, Token):
         data: dict[str, Any] = {"text": event.text, "id": event.id, "index": event.index}
         if event.logprob is not None:
-            data["logprob"] = event.logprob
+            data["logprob"] = finite_logprob(event.logprob)
         if event.token_text is not None:
             data["token_text"] = event.token_text
         if event.top_logprobs:
             data["top_logprobs"] = [
-                {"id": t.id, "logprob": t.logprob, "text": t.text} for t in event.top_logprobs
+                {"id": t.id, "logprob": t.logprob, "text": t.text}
+                for t in listed_alternatives(event.top_logprobs)
             ]
         return "token", data
     if isinstance(event, Usage):

@@ -9,6 +9,7 @@ from typing import Any
 
 from tokenwire.client.messages import Completion, StreamEvent, Token, Usage
 from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.logprob_json import finite_logprob, listed_alternatives
 
 FINISH = {"stop": "stop", "stop_sequence": "stop", "length": "length"}
 """OpenAI's finish_reason for each way the server finishes a generation. OpenAI has none for
@@ -110,15 +111,17 @@ class Shape:
 
 
 def logprobs(tokens: list[Token], *, chat: bool) -> dict[str, Any]:
+    """OpenAI's logprobs of these tokens, every log-probability a number JSON can carry
+    (logprob_json)."""
     if chat:
         content = [
             {
                 "token": t.own_text,
-                "logprob": t.logprob,
+                "logprob": _logprob(t),
                 "bytes": list(t.own_text.encode()),
                 "top_logprobs": [
                     {"token": a.text, "logprob": a.logprob, "bytes": list(a.text.encode())}
-                    for a in t.top_logprobs
+                    for a in listed_alternatives(t.top_logprobs)
                 ],
             }
             for t in tokens
@@ -132,13 +135,19 @@ def logprobs(tokens: list[Token], *, chat: bool) -> dict[str, Any]:
     wanted = any(t.top_logprobs for t in tokens)
     return {
         "tokens": [t.own_text for t in tokens],
-        "token_logprobs": [t.logprob for t in tokens],
+        "token_logprobs": [_logprob(t) for t in tokens],
         # The legacy format: one {text: logprob} object per position.
-        "top_logprobs": [{a.text: a.logprob for a in t.top_logprobs} for t in tokens]
+        "top_logprobs": [
+            {a.text: a.logprob for a in listed_alternatives(t.top_logprobs)} for t in tokens
+        ]
         if wanted
         else None,
         "text_offset": offsets,
     }
+
+
+def _logprob(token: Token) -> float | None:
+    return None if token.logprob is None else finite_logprob(token.logprob)
 
 
 @dataclasses.dataclass

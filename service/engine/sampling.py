@@ -20,6 +20,7 @@ uniform u from the request's seed and the token's index (SplitMix64: `uniforms`)
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Collection, Sequence
 from typing import Literal, cast
@@ -36,32 +37,59 @@ IntArray = npt.NDArray[np.intp]
 Side = Literal["left", "right"]
 
 
+LOGPROB_FLOOR = -9999.0
+"""The log-probability reported for a token the distribution gives no mass (a -inf or NaN
+logit, or a finite one beside +inf logits), and the lowest one reported at all: a number JSON
+can carry, as vLLM's OpenAI server clamps it."""
+
+
 def log_normaliser(logits: Logits) -> float:
-    """log(sum(exp(logits))) in float64: a token's log-probability is its logit minus this."""
+    """log(sum(exp(logits))) in float64 over the finite logits: a token's log-probability is its
+    logit minus this (log_softmax_at). A NaN logit has no mass, as a -inf one; where some logits
+    are +inf they hold all the mass, and the normaliser is +inf."""
     peak = float(logits.max())
+    if not math.isfinite(peak):  # a NaN or +inf logit, or no finite one
+        if np.isposinf(logits).any():
+            return math.inf
+        finite = logits[np.isfinite(logits)]
+        return log_normaliser(finite) if finite.size else -math.inf
     return peak + float(np.log(np.exp(logits.astype(np.float64) - peak).sum()))
 
 
 def log_softmax_at(logits: Logits, token_id: int, normaliser: float | None = None) -> float:
     """Natural-log probability of token_id under the unmodified distribution (`normaliser`:
-    the row's log_normaliser, when it is known already)."""
+    the row's log_normaliser, when it is known already), never below LOGPROB_FLOOR."""
     norm = log_normaliser(logits) if normaliser is None else normaliser
-    return float(logits[token_id]) - norm
+    return max(_log_probability(logits, token_id, norm), LOGPROB_FLOOR)
+
+
+def _log_probability(logits: Logits, token_id: int, normaliser: float) -> float:
+    """The token's log-probability, -inf where it has no mass; +inf logits share all of it."""
+    logit = float(logits[token_id])
+    if normaliser == math.inf:
+        return -math.log(np.count_nonzero(np.isposinf(logits))) if logit == math.inf else -math.inf
+    value = logit - normaliser
+    return value if not math.isnan(value) else -math.inf
 
 
 def top_logprobs(
     logits: Logits, n: int, normaliser: float | None = None
 ) -> list[tuple[int, float]]:
-    """The n most likely token ids with their log-probabilities, most likely first (equal
-    ones by id); found by the n-th largest logit, no sort of the whole row."""
+    """The n most likely token ids with their log-probabilities (never below LOGPROB_FLOOR),
+    most likely first (equal ones by id); found by the n-th largest logit, no sort of the whole
+    row. Tokens without mass (-inf or NaN logits) are not listed: there may be fewer than n."""
     n = min(n, logits.size)
     if n <= 0:
         return []
     norm = log_normaliser(logits) if normaliser is None else normaliser
-    threshold = np.partition(logits, logits.size - n)[logits.size - n]
-    candidates = np.flatnonzero(logits >= threshold)
-    best = candidates[np.argsort(-logits[candidates], kind="stable")][:n]
-    return [(int(i), float(logits[i]) - norm) for i in best]
+    ranked = logits
+    if np.isnan(ranked).any():  # numpy ranks NaN above everything: as -inf, it has no mass
+        ranked = np.where(np.isnan(ranked), np.float32(-np.inf), ranked)
+    threshold = np.partition(ranked, ranked.size - n)[ranked.size - n]
+    candidates = np.flatnonzero(ranked >= threshold)
+    best = candidates[np.argsort(-ranked[candidates], kind="stable")][:n]
+    listed = [(int(i), _log_probability(ranked, int(i), norm)) for i in best]
+    return [(i, max(p, LOGPROB_FLOOR)) for i, p in listed if p > -math.inf]
 
 
 class Sampler:

@@ -312,7 +312,10 @@ class Token(_message.Message):
     index: _builtins.int
     """Zero-based position of the token in the generated sequence."""
     logprob: _builtins.float
-    """Natural-log probability of this token; set only when the request asked for logprobs."""
+    """Natural-log probability of this token; set only when the request asked for logprobs.
+    Never NaN and never below -9999, the value of a token without probability (a -inf or NaN
+    logit).
+    """
     token_text: _builtins.str
     """The token's own text alone (may be part of a multi-byte character), as TopLogprob.text
     gives it; set only when the request asked for logprobs. Unlike `text`, it is never held
@@ -320,7 +323,9 @@ class Token(_message.Message):
     """
     @_builtins.property
     def top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopLogprob]:
-        """The top_logprobs most likely tokens at this position, most likely first."""
+        """The top_logprobs most likely tokens at this position, most likely first; only tokens
+        with probability, so fewer where fewer have any.
+        """
 
     def __init__(
         self,

@@ -1,0 +1,167 @@
+"""Logprobs at the edge: always numbers JSON can carry.
+
+A model whose logits are -inf for most of its vocabulary (masked tokens) and NaN for one id
+is served behind a real server and edge: whole OpenAI responses, OpenAI stream chunks and
+native SSE events hold finite logprobs (never below -9999, vLLM's floor) and list only tokens
+with probability as alternatives. The edge floors what a server sends as well, for servers
+that send -inf or NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import start_edge, start_server
+from tests.fakes import ScriptedModel
+from tokenwire.client.messages import Token, TopLogprob
+from tokenwire.edge.logprob_json import LOGPROB_FLOOR
+from tokenwire.edge.native_format import native_event
+from tokenwire.edge.openai_format import logprobs
+from tokenwire.server.engine import ModelSpec
+from tokenwire.server.engine.logits import HostLogits, Logits
+from tokenwire.server.engine.types import FloatArray
+from tokenwire.server.tokenizer import Tokenizer
+
+LIKELY = [400, 401, 402]
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+class MaskedModel(ScriptedModel):
+    """Logits of -inf but for three ids (3.0, 2.0, 1.0) and a NaN at id 300."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Logits, list[FloatArray]]:
+        logits, present = super().forward(*args, **kwargs)
+        masked = np.full_like(logits.host(), -np.inf)
+        masked[:, LIKELY] = [3.0, 2.0, 1.0]
+        masked[:, 300] = np.nan
+        return HostLogits(masked), present
+
+
+@pytest.fixture(scope="module")
+async def masked(spec: ModelSpec, tokenizer: Tokenizer) -> AsyncIterator[httpx.AsyncClient]:
+    """An edge in front of a server of the masked model."""
+    server = await start_server(MaskedModel(spec, {}), tokenizer)
+    edge = await start_edge(server.target, resume_window_s=0.0)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as client:
+            yield client
+    finally:
+        await edge.edge.stop()
+        await server.server.drain()
+
+
+def _strict(text: str) -> Any:
+    """JSON as a standard decoder reads it: NaN, Infinity and -Infinity are refused."""
+
+    def refuse(literal: str) -> None:
+        raise AssertionError(f"{literal} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _data(body: str) -> list[Any]:
+    """The JSON of every SSE data line but [DONE]."""
+    lines = [line.removeprefix("data:").strip() for line in body.splitlines()]
+    return [_strict(line) for line in lines if line.startswith(("{", "[")) and line != "[DONE]"]
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value) and LOGPROB_FLOOR <= value <= 0
+
+
+async def test_a_whole_chat_response_with_masked_logits_lists_only_likely_alternatives(
+    masked: httpx.AsyncClient,
+) -> None:
+    """A whole chat response asking for 5 alternatives is a 200 of standard JSON: each token's
+    logprob finite, its alternatives the three tokens with probability."""
+    response = await masked.post(
+        "/v1/chat/completions",
+        json={"messages": CHAT, "max_tokens": 2, "logprobs": True, "top_logprobs": 5},
+    )
+    assert response.status_code == 200, response.text
+    content = _strict(response.text)["choices"][0]["logprobs"]["content"]
+    assert len(content) == 2
+    for entry in content:
+        assert _finite(entry["logprob"])
+        assert len(entry["top_logprobs"]) == len(LIKELY)
+        assert all(_finite(a["logprob"]) for a in entry["top_logprobs"])
+
+
+async def test_streamed_completion_chunks_with_masked_logits_are_standard_json(
+    masked: httpx.AsyncClient,
+) -> None:
+    """Every chunk of a completions stream asking for 5 alternatives is standard JSON (no NaN,
+    no -Infinity), with finite logprobs and the three tokens with probability listed."""
+    response = await masked.post(
+        "/v1/completions",
+        json={"prompt": "x", "max_tokens": 2, "logprobs": 5, "stream": True},
+    )
+    assert response.status_code == 200, response.text
+    chunks = [c for c in _data(response.text) if c["choices"] and c["choices"][0]["logprobs"]]
+    assert len(chunks) == 2
+    for chunk in chunks:
+        probs = chunk["choices"][0]["logprobs"]
+        assert all(_finite(p) for p in probs["token_logprobs"])
+        assert [len(alternatives) for alternatives in probs["top_logprobs"]] == [len(LIKELY)]
+
+
+async def test_native_token_events_with_masked_logits_are_standard_json(
+    masked: httpx.AsyncClient,
+) -> None:
+    """Native SSE token events asking for 5 alternatives are standard JSON, with finite
+    logprobs and the three tokens with probability listed."""
+    response = await masked.post(
+        "/v1/generate",
+        json={"prompt": "x", "max_tokens": 2, "logprobs": True, "top_logprobs": 5},
+    )
+    assert response.status_code == 200, response.text
+    tokens = [d for d in _data(response.text) if "logprob" in d]
+    assert len(tokens) == 2
+    for token in tokens:
+        assert _finite(token["logprob"])
+        assert sorted(a["id"] for a in token["top_logprobs"]) == LIKELY
+
+
+# What a server that reports raw values would send: a masked token chosen, -inf and NaN
+# alternatives beside a likely one.
+RAW = Token(
+    text="a",
+    id=5,
+    index=0,
+    logprob=-math.inf,
+    top_logprobs=(
+        TopLogprob(7, -0.25, "b"),
+        TopLogprob(8, -math.inf, "c"),
+        TopLogprob(9, math.nan, "d"),
+    ),
+    token_text="a",
+)
+
+
+def test_the_native_format_floors_non_finite_logprobs_a_server_sends() -> None:
+    """A token event whose logprob is -inf reports -9999, and its -inf and NaN alternatives
+    are left out."""
+    _, data = native_event(RAW)
+    assert data["logprob"] == LOGPROB_FLOOR
+    assert data["top_logprobs"] == [{"id": 7, "logprob": -0.25, "text": "b"}]
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
+def test_the_openai_format_floors_non_finite_logprobs_a_server_sends(chat: bool) -> None:
+    """OpenAI logprobs of a token whose logprob is -inf report -9999, and its -inf and NaN
+    alternatives are left out."""
+    body = _strict(json.dumps(logprobs([RAW], chat=chat)))
+    if chat:
+        [entry] = body["content"]
+        assert entry["logprob"] == LOGPROB_FLOOR
+        assert [a["token"] for a in entry["top_logprobs"]] == ["b"]
+    else:
+        assert body["token_logprobs"] == [LOGPROB_FLOOR]
+        assert body["top_logprobs"] == [{"b": -0.25}]
