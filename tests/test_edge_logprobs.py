@@ -1,4 +1,4 @@
-"""Logprobs at the edge: always numbers JSON can carry.
+"""Logprobs at the edge: always numbers JSON can carry, and streamed offsets that add up.
 
 A model whose logits are -inf for most of its vocabulary (masked tokens) and NaN for one id
 is served behind a real server and edge: whole OpenAI responses, OpenAI stream chunks and
@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import start_edge, start_server
+from tests.conftest import MODEL, RunningEdge, start_edge, start_server
 from tests.fakes import ScriptedModel
 from tokenwire.client.messages import Token, TopLogprob
 from tokenwire.edge.logprob_json import LOGPROB_FLOOR
@@ -165,3 +165,25 @@ def test_the_openai_format_floors_non_finite_logprobs_a_server_sends(chat: bool)
     else:
         assert body["token_logprobs"] == [LOGPROB_FLOOR]
         assert body["top_logprobs"] == [{"b": -0.25}]
+
+
+async def test_streamed_completion_text_offsets_count_each_choices_text(
+    edge: RunningEdge,
+) -> None:
+    """The text_offset of each streamed completions chunk is where its token starts in its own
+    choice's text: two streamed choices each give the offsets of the whole response."""
+    body = {"model": MODEL, "prompt": "def f():", "max_tokens": 8, "temperature": 0}
+    body |= {"logprobs": 1, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=edge.url, timeout=30) as client:
+        whole = await client.post("/v1/completions", json=body)
+        streamed = await client.post("/v1/completions", json=body | {"stream": True, "n": 2})
+    assert whole.status_code == streamed.status_code == 200
+    expected = whole.json()["choices"][0]["logprobs"]["text_offset"]
+    offsets: dict[int, list[int]] = {0: [], 1: []}
+    for chunk in _data(streamed.text):
+        for choice in chunk["choices"]:
+            if choice["logprobs"] is not None:
+                offsets[choice["index"]] += choice["logprobs"]["text_offset"]
+    assert len(expected) == 8
+    assert expected[-1] > 0
+    assert offsets == {0: expected, 1: expected}

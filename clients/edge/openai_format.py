@@ -82,8 +82,10 @@ class Shape:
         }
 
     def delta(
-        self, index: int, token: Token | None, finish: str | None, first: bool
+        self, index: int, token: Token | None, finish: str | None, first: bool, offset: int = 0
     ) -> dict[str, Any]:
+        """One choice's stream chunk: its token's text (and logprobs, the token's text_offset
+        being `offset`, the length of the choice's tokens before it), or its finish."""
         text = token.text if token else ""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {}
@@ -93,7 +95,7 @@ class Shape:
         else:
             choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
         if token is not None and token.logprob is not None:
-            choice["logprobs"] = logprobs([token], chat=self.chat)
+            choice["logprobs"] = logprobs([token], chat=self.chat, text_offset=offset)
         return choice
 
     def whole(self, index: int, result: Collected) -> dict[str, Any]:
@@ -110,9 +112,9 @@ class Shape:
         return choice | {"logprobs": probs, "finish_reason": result.finish}
 
 
-def logprobs(tokens: list[Token], *, chat: bool) -> dict[str, Any]:
-    """OpenAI's logprobs of these tokens, every log-probability a number JSON can carry
-    (logprob_json)."""
+def logprobs(tokens: list[Token], *, chat: bool, text_offset: int = 0) -> dict[str, Any]:
+    """OpenAI's logprobs of these tokens (completions: the first one's text_offset is
+    `text_offset`); every log-probability a number JSON can carry (logprob_json)."""
     if chat:
         content = [
             {
@@ -128,7 +130,7 @@ def logprobs(tokens: list[Token], *, chat: bool) -> dict[str, Any]:
         ]
         return {"content": content}
     # Each token's own text and its offset in them (deltas hold text back and join tokens').
-    offsets, at = [], 0
+    offsets, at = [], text_offset
     for t in tokens:
         offsets.append(at)
         at += len(t.own_text)

@@ -33,14 +33,18 @@ class Chunks:
         self.include_usage = include_usage
         self.first = [True] * choices
         self.usages: list[Usage | None] = [None] * choices
+        # Each choice's text so far, in its tokens' own texts: the next token's text_offset,
+        # as a whole response counts it.
+        self.offsets = [0] * choices
 
     def of(self, index: int, event: StreamEvent) -> ServerSentEvent | None:
         if isinstance(event, Usage):
             self.usages[index] = event
             return None
         if isinstance(event, Token):
-            choice = self.shape.delta(index, event, None, self.first[index])
+            choice = self.shape.delta(index, event, None, self.first[index], self.offsets[index])
             self.first[index] = False
+            self.offsets[index] += len(event.own_text)
         else:
             choice = self.shape.delta(index, None, finish_reason(event), self.first[index])
         body = self.shape.envelope([choice], chunk=True)
