@@ -3,7 +3,7 @@ each of its `n` generations.
 
 Nothing is silently ignored. A field is either honoured, accepted because it cannot change the
 answer (`user`, `metadata`, ...), accepted at the one value that asks for nothing (`tools: []`,
-`presence_penalty: 0`, `response_format: {"type": "text"}`), or refused with a 400 naming it.
+`best_of: 1`, `response_format: {"type": "text"}`), or refused with a 400 naming it.
 The objects inside a request (`stream_options`, `response_format`, a message, a content part)
 are read the same way: a key the edge does not read is a 400 naming its path
 (`stream_options.bogus`, `messages[0].content[1].bogus`).

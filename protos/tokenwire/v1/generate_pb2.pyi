@@ -187,7 +187,7 @@ class SamplingParams(_message.Message):
     temperature: _builtins.float
     """0 means greedy (argmax). Unset means 1.0. Allowed range [0, 2]."""
     top_k: _builtins.int
-    """Keep only the k most likely tokens. 0 disables."""
+    """Keep the k most likely tokens, and any token tied with the k-th. 0 disables."""
     top_p: _builtins.float
     """Nucleus sampling mass in (0, 1]. Unset means 1.0."""
     repetition_penalty: _builtins.float
@@ -200,7 +200,9 @@ class SamplingParams(_message.Message):
     """
     frequency_penalty: _builtins.float
     min_p: _builtins.float
-    """Keep only tokens whose probability is at least min_p times the most likely one's, [0, 1]."""
+    """Keep only tokens whose probability is at least min_p times the most likely one's, [0, 1],
+    the probabilities being those after logit_bias, the penalties and temperature.
+    """
     @_builtins.property
     def logit_bias(self) -> _containers.ScalarMap[_builtins.int, _builtins.float]:
         """Added to the logits of these token ids before sampling (and greedy choice), [-100, 100]."""
