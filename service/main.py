@@ -161,12 +161,14 @@ async def _serve(
         log.warning(
             "model.batch_rounding",
             relative=rounding,
-            reason="ONNX Runtime computes a one-row product with another kernel than a "
-            "batched one here (MatMulNBits on some CPUs, fp16 libraries on GPUs), so a row "
-            "decoded alone rounds differently from the same row decoded beside others, by "
-            "this much of the logit scale: a request served alone and in a batch may get "
-            "different tokens where two are nearly tied, and a stream continued after a "
-            "failover may differ likewise",
+            reason="a row decoded beside others rounds differently from the same row "
+            "decoded alone, by this much of the logit scale: masked padding columns in front "
+            "of a shorter row change the order its attention sums in (left-padded graphs), or "
+            "ONNX Runtime computes a one-row product with another kernel than a batched one "
+            "(MatMulNBits on some CPUs, fp16 libraries on GPUs). A request served alone and in "
+            "a batch may get different tokens where two are nearly tied (greedy) or where a "
+            "seeded draw falls that near a boundary between two tokens, and a stream "
+            "continued after a failover may differ likewise",
         )
     if engine.model.padding is Padding.ALONE:
         log.warning(

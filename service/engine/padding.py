@@ -17,6 +17,13 @@ that mixes rows decodes every row alone); then two rows of different lengths pad
 right, GroupQueryAttention style; then a few pseudo-random tokens three ways, compared with a
 plain run: padding from the first step (as cache columns and as masked input tokens), and
 padding inserted after the prefill. The scheduler then never does what the graph cannot take.
+What it does take is not always exact: the runs a class allows (rows batched, padded on the
+right, padded from the first step, shifted) are judged within a tolerance, but their distance
+from the plain run is kept, and the largest is the model's batch rounding. Masked columns in
+front of a row change the order its attention sums in, so every left-padded fixture rounds a
+padded row 1e-7 to 2e-6 of the logit scale away from the same row alone: small for greedy
+tokens, enough to flip a seeded draw that falls near a boundary between two tokens, so the
+server reports it (model.batch_rounding).
 
 Rows padded on the right see the batch's mask width, and a graph may read it: GenAI's builder
 picks LongRoPE's rotary tables (Phi-3 128k, Phi-3.5) by the mask's width, short factors up to
@@ -78,20 +85,15 @@ def probe_padding(model: CausalLM, tolerance: float = FP32_TOLERANCE) -> Padding
 
 
 def probe(model: CausalLM, tolerance: float = FP32_TOLERANCE) -> tuple[Padding, float]:
-    """The padding class (see probe_padding), and how far a row decoded beside another lands
-    from the same row decoded alone, relative to the logit scale: 0 where a row's logits never
-    depend on the batch, above 0 where ONNX Runtime takes another kernel for a one-row product
-    than for several (MatMulNBits does on some CPUs), which rounds alike only to within that
-    much."""
+    """The padding class (see probe_padding), and how far a row served beside others lands
+    from the same row served alone, relative to the logit scale (the batch rounding): the
+    largest distance of the runs the class lets the scheduler make of a row. 0 where a row's
+    logits never depend on the batch; above 0 where ONNX Runtime takes another kernel for a
+    one-row product than for several (MatMulNBits does on some CPUs), or where masked padding
+    columns in front of a row change the order in which its attention sums (left-padded rows,
+    on every CPU measured), each of which rounds alike only to within that much."""
     ids = [int(i) for i in np.random.default_rng(0).integers(0, model.spec.vocab_size, 10)]
     reference = _decode(model, ids)
-
-    def close(other: FloatArray, expected: FloatArray, within: float = tolerance) -> bool:
-        return _close(other, expected, within)
-
-    def same(other: FloatArray) -> bool:
-        return close(other, reference)
-
     other = [int(i) for i in np.random.default_rng(2).integers(0, model.spec.vocab_size, 10)]
     together = _decode_rows(model, [ids, other])
     mixing = max(tolerance, MIXING_TOLERANCE)
@@ -100,16 +102,22 @@ def probe(model: CausalLM, tolerance: float = FP32_TOLERANCE) -> tuple[Padding, 
     if rounding > mixing:
         return Padding.ALONE, rounding
     short = _decode(model, ids, prompt=_SHORT)
-    if all(map(close, _decode_right_aligned(model, ids), (reference, short))):
-        return Padding.RIGHT, rounding
-    padded_from_start = (
-        _decode(model, ids, pad_columns=_PAD),
-        _decode(model, ids, pad_tokens=_PAD),
+    right = list(zip(_decode_right_aligned(model, ids), (reference, short), strict=True))
+    if all(_close(got, alone, tolerance) for got, alone in right):
+        return Padding.RIGHT, max(rounding, *(_distance(got, alone) for got, alone in right))
+    # Padding from the first step, as cache columns and as masked input tokens; then padding
+    # inserted after the prefill. Each a class allows is a run the scheduler makes: its
+    # distance from the plain run is batch rounding too.
+    from_start = max(
+        _distance(_decode(model, ids, pad_columns=_PAD), reference),
+        _distance(_decode(model, ids, pad_tokens=_PAD), reference),
     )
-    if not all(same(run) for run in padded_from_start):
+    if from_start > tolerance:
         return Padding.NONE, rounding
-    shiftable = same(_decode(model, ids, shift=_PAD))
-    return (Padding.SHIFTABLE if shiftable else Padding.FIXED), rounding
+    shifted = _distance(_decode(model, ids, shift=_PAD), reference)
+    if shifted > tolerance:
+        return Padding.FIXED, max(rounding, from_start)
+    return Padding.SHIFTABLE, max(rounding, from_start, shifted)
 
 
 def probe_width_limit(

@@ -107,7 +107,8 @@ class GenerateRequest(_message.Message):
         order, from index 0). The server feeds the prompt and these ids, then streams from index
         len(continuation_ids) on, with the text deltas, finish conditions (max_tokens counts them,
         stop strings may span the boundary, EOS) and Usage of the uninterrupted stream. With the
-        same seed (see the x-tokenwire-seed response header) sampled tokens are the same too.
+        same seed (see the x-tokenwire-seed response header) sampled tokens are drawn alike too:
+        the same but where the recomputed logits round a near tie or a draw otherwise.
         """
 
     @_builtins.property
@@ -193,7 +194,11 @@ class SamplingParams(_message.Message):
     repetition_penalty: _builtins.float
     """Penalises tokens already in the prompt or output; 1.0 disables. Allowed range (0, 2]."""
     seed: _builtins.int
-    """Makes sampling reproducible for this request whatever runs beside it. Unset means random."""
+    """Makes sampling reproducible: a token's random draw depends only on the seed and its index,
+    whatever runs beside it. The logits it draws from may round otherwise beside other
+    requests (the server logs its batch rounding at start), so a draw that falls that near a
+    boundary between two tokens can differ. Unset means random (see x-tokenwire-seed).
+    """
     presence_penalty: _builtins.float
     """OpenAI-style penalties on tokens already generated, in [-2, 2]: presence subtracts a
     constant from every token seen once or more, frequency subtracts per occurrence.
