@@ -148,6 +148,14 @@ def test_infinite_logits_hold_all_the_probability() -> None:
     assert top_logprobs(row, 5) == [(3, -math.log(2)), (7, -math.log(2))]
 
 
+def test_a_lone_infinite_logit_has_log_probability_zero() -> None:
+    """One +inf logit holds all the mass: its log-probability is 0.0 (not -0.0, which JSON
+    would carry as "-0.0")."""
+    logprob = log_softmax_at(_row_logits(1, np.inf, 3)[0], 3)
+    assert logprob == 0.0
+    assert math.copysign(1.0, logprob) == 1.0
+
+
 def test_masked_tokens_are_at_the_floor_and_never_alternatives() -> None:
     """Tokens with -inf logits (masked) report LOGPROB_FLOOR, and top_logprobs lists only the
     tokens with probability, fewer than asked for where they are fewer."""

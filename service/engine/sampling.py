@@ -67,7 +67,10 @@ def _log_probability(logits: Logits, token_id: int, normaliser: float) -> float:
     """The token's log-probability, -inf where it has no mass; +inf logits share all of it."""
     logit = float(logits[token_id])
     if normaliser == math.inf:
-        return -math.log(np.count_nonzero(np.isposinf(logits))) if logit == math.inf else -math.inf
+        if logit != math.inf:
+            return -math.inf
+        # 0.0 - log(1) is 0.0, where -log(1) would be -0.0.
+        return 0.0 - math.log(np.count_nonzero(np.isposinf(logits)))
     value = logit - normaliser
     return value if not math.isnan(value) else -math.inf
 
