@@ -56,11 +56,12 @@ class IncrementalDetokenizer:
         return str(chunk)
 
     def _restart(self) -> str | None:
-        """Decode the held ids anew, alone, as the stream's start (as vLLM restarts its
-        stream). DecodeStream refuses ids that change text it has released: with byte
-        fallback, bytes that form no character with the bytes before them make the decoder
-        show the whole run of bytes as U+FFFD, the released character's too, and released
-        text cannot be taken back. The stray bytes come out as U+FFFD where they come."""
+        """Decode the held ids anew, alone, as the start of a new stream. DecodeStream refuses
+        ids that change text it has released: with byte fallback, bytes that form no character
+        with the bytes before them make the decoder show the whole run of bytes as U+FFFD, the
+        released character's too, and released text cannot be taken back. (vLLM restarts from
+        the newest id alone, losing the held bytes; here they come out as U+FFFD where they
+        come.)"""
         self._context = []
         self._stream = DecodeStream(skip_special_tokens=True)
         return self._stream.step(self.tokenizer.inner, self._held)
