@@ -138,18 +138,12 @@ class Sequence:
     def _stops_at(self, token_id: int) -> tuple[FinishReason | None, str]:
         """Push the newest token through the text pipeline: set the finish reason if a stop
         condition holds; return it and the text the token releases."""
-        # Stop strings, as EOS and stop ids, cannot end a stream before min_tokens: they count
-        # from the token after the min_tokens-th (a string may begin earlier and end there).
-        armed = len(self.generated) > self.request.min_tokens
         if token_id in self.stop_ids:
             self.finish_reason = FinishReason.STOP
-            if token_id in self.eos_ids and not self.request.ignore_eos:
-                return self.finish_reason, self.text.flush()
-            # A stop token id's text is part of the output, as any generated token's (a
-            # special token has none), up to a stop string it completes.
-            delta, stop = self.text.push(token_id, armed=armed)
-            return self.finish_reason, delta + (self.text.flush() if stop is None else "")
-        delta, stop = self.text.push(token_id, armed=armed)
+            return self.finish_reason, self.text.flush()
+        # Stop strings, as EOS and stop ids, cannot end a stream before min_tokens: they count
+        # from the token after the min_tokens-th (a string may begin earlier and end there).
+        delta, stop = self.text.push(token_id, armed=len(self.generated) > self.request.min_tokens)
         if stop is not None:
             self.finish_reason, self.stop_sequence = FinishReason.STOP_SEQUENCE, stop
         elif len(self.generated) >= self.budget:

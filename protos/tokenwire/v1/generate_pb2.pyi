@@ -119,8 +119,8 @@ class GenerateRequest(_message.Message):
 
     @_builtins.property
     def stop_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Generation also ends (FINISH_REASON_STOP) when the model produces one of these token ids.
-        Unlike EOS's, the token's text is part of the output (a special token has none).
+        """Generation also ends (FINISH_REASON_STOP) when the model produces one of these token ids;
+        like EOS, that token adds no text to the output.
         """
 
     def __init__(
