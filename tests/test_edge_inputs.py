@@ -7,6 +7,7 @@ numbers outside the protobuf types, lone surrogates, Unicode digits, non-object 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -15,6 +16,7 @@ import pytest
 from tests.conftest import MODEL, RunningServer, start_edge
 from tests.fakes import RecordingObserver
 from tokenwire.client.messages import GenerateOptions
+from tokenwire.edge.body import Fields
 from tokenwire.edge.errors import EdgeError, as_request_errors
 
 JSON = {"Content-Type": "application/json"}
@@ -423,3 +425,16 @@ async def test_the_smallest_positive_float32_above_an_open_lower_end_is_served(
         "/v1/completions", json={"prompt": "x", "max_tokens": 2, name: 2.0**-149}
     )
     assert response.status_code == 200, response.text
+
+
+def test_a_duplicate_among_many_logit_bias_keys_is_found_in_one_pass() -> None:
+    """A logit_bias of 50,000 keys and one more naming the last one's token again ("49999" and
+    "049999") is refused naming that token at once: the check is one pass over the keys (a pass per key took
+    the event loop, and every stream on it, for seconds)."""
+    raw = {str(i): 1.0 for i in range(50_000)} | {"049999": 1.0}
+    started = time.perf_counter()
+    with pytest.raises(EdgeError) as refused:
+        Fields({"logit_bias": raw}).token_biases("logit_bias")
+    assert time.perf_counter() - started < 2.0
+    assert refused.value.param == "logit_bias"
+    assert "token 49999 has two biases" in refused.value.message

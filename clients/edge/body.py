@@ -223,7 +223,7 @@ class Fields:
             return ()
         if not isinstance(raw, dict):
             raise EdgeError.invalid(name, "must be an object of token id -> bias", "invalid_type")
-        bias = []
+        bias: dict[int, float] = {}
         for key, value in raw.items():
             if not (
                 isinstance(key, str)
@@ -239,13 +239,12 @@ class Fields:
                 or not -100 <= value <= 100
             ):
                 raise EdgeError.invalid(name, f"biases must be between -100 and 100 ({key})")
-            bias.append((int(key), float(value)))
-        tokens = [token for token, _ in bias]
-        if len(set(tokens)) < len(tokens):
-            # "5" and "05" are two keys for one token: neither bias may win silently.
-            twice = next(t for t in tokens if tokens.count(t) > 1)
-            raise EdgeError.invalid(name, f"token {twice} has two biases (keys for one id)")
-        return tuple(sorted(bias))
+            token = int(key)
+            if token in bias:
+                # "5" and "05" are two keys for one token: neither bias may win silently.
+                raise EdgeError.invalid(name, f"token {token} has two biases (keys for one id)")
+            bias[token] = float(value)
+        return tuple(sorted(bias.items()))
 
     def raw(self, name: str) -> Any:
         return self._source.get(name)
