@@ -6,8 +6,16 @@ import asyncio
 import time
 
 import numpy as np
+import pytest
 
-from tokenwire.server.domain import FinishReason, GenerationRequest, SamplingParams, TokenEvent
+from tokenwire.server.domain import (
+    FinishReason,
+    GenerationRequest,
+    InvalidRequest,
+    Overloaded,
+    SamplingParams,
+    TokenEvent,
+)
 from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
 from tokenwire.server.engine.engine import LONG_PROMPT_CHARS
 from tokenwire.server.tokenizer import Tokenizer
@@ -127,3 +135,50 @@ async def test_a_long_prompts_timings_count_from_its_arrival_not_from_its_tokeni
     finally:
         engine.shutdown()
     assert handle.arrived_at - called < (returned - called) / 2
+
+
+async def test_a_long_prompt_waiting_for_the_tokenizer_holds_a_place_in_the_capacity(
+    onnx_model: OnnxCausalLM, tokenizer: Tokenizer
+) -> None:
+    """With room for one request, a second long prompt that arrives while the first is being
+    tokenized is refused (Overloaded) at once, before the first is even admitted: long prompts
+    no longer queue for the tokenizer without bound, each refused only after its turn."""
+    prompt = "#" * 5000 + "\ndef fib(n):"
+    engine = Engine(onnx_model, tokenizer, EngineConfig(max_batch_size=1, max_queue=0))
+    engine.start()
+    try:
+        first = asyncio.create_task(
+            engine.submit_async(GenerationRequest("a", prompt, max_tokens=1, ignore_eos=True))
+        )
+        second = asyncio.create_task(
+            engine.submit_async(GenerationRequest("b", prompt, max_tokens=1, ignore_eos=True))
+        )
+        done, _ = await asyncio.wait({first, second}, return_when=asyncio.FIRST_COMPLETED)
+        assert done == {second}
+        with pytest.raises(Overloaded):
+            second.result()
+        handle = await first
+        assert [e async for e in handle.events()]
+    finally:
+        engine.shutdown()
+
+
+async def test_a_long_prompt_gives_its_tokenizer_place_back(
+    onnx_model: OnnxCausalLM, tokenizer: Tokenizer
+) -> None:
+    """With room for one request, long prompts sent one after the other are each admitted:
+    the place a prompt held while it was tokenized is given back, whether the request was
+    then admitted or refused (a prompt beyond the context)."""
+    fits = "#" * 5000 + "\ndef fib(n):"
+    too_long = "x " * 60_000
+    engine = Engine(onnx_model, tokenizer, EngineConfig(max_batch_size=1, max_queue=0))
+    engine.start()
+    try:
+        with pytest.raises(InvalidRequest):
+            await engine.submit_async(GenerationRequest("big", too_long, max_tokens=1))
+        for i in range(3):
+            request = GenerationRequest(f"r{i}", fits, max_tokens=1, ignore_eos=True)
+            handle = await engine.submit_async(request)
+            assert [e async for e in handle.events()]
+    finally:
+        engine.shutdown()

@@ -116,6 +116,9 @@ class Engine:
         self._lock = threading.Lock()
         self._accepting = False
         self._tokenizing: concurrent.futures.ThreadPoolExecutor | None = None
+        self._waiting_for_tokenizer = 0
+        """Long prompts queued for or in the tokenizer thread: each holds a place in the
+        capacity, so a flood of them is refused at once instead of queueing without bound."""
         self._vocab = min(model.spec.vocab_size, tokenizer.vocab_size)
         self._beyond_vocab = _added_ids_beyond(tokenizer, model.spec.vocab_size)
         """Ids of the tokenizer's added tokens that the model has no row for, with their text."""
@@ -226,9 +229,16 @@ class Engine:
             if len(request.prompt) > LONG_PROMPT_CHARS:
                 # Refuse what the cheap checks refuse before paying for the tokenizer.
                 self._check_open(request)
-                prompt_ids = await asyncio.get_running_loop().run_in_executor(
-                    self._tokenizer_thread(), self._encode_released, request
-                )
+                self._hold_place()
+                try:
+                    prompt_ids = await asyncio.get_running_loop().run_in_executor(
+                        self._tokenizer_thread(), self._encode_released, request
+                    )
+                finally:
+                    # Given back just before _submit takes a place of its own, with no await
+                    # between: nothing else can take it meanwhile.
+                    with self._lock:
+                        self._waiting_for_tokenizer -= 1
             return self._submit(request, arrived_at, prompt_ids)
         except TokenwireError as exc:
             self._observer.request_rejected(type(exc).__name__)
@@ -326,19 +336,30 @@ class Engine:
                 )
 
     def _admit(self, sequence: Sequence) -> None:
-        capacity = self.config.max_batch_size + self.config.max_queue
         with self._lock:
             if sequence.request_id in self._active:
                 raise InvalidRequest(
                     "request_id", sequence.request_id, "must not match a running request's id"
                 )
-            active = len(self._active) + len(self._leaving)
-            if active >= capacity:
-                raise Overloaded(
-                    f"{active} requests are running or queued (limit {capacity})",
-                    retry_after_s=self.config.retry_after_s,
-                )
+            self._check_capacity()
             self._active[sequence.request_id] = sequence
+
+    def _hold_place(self) -> None:
+        """Take a place in the capacity for a long prompt while it waits for the tokenizer."""
+        with self._lock:
+            self._check_capacity()
+            self._waiting_for_tokenizer += 1
+
+    def _check_capacity(self) -> None:
+        """Overloaded when running, queued and tokenizing requests fill the batch and the queue
+        (called under the lock)."""
+        capacity = self.config.max_batch_size + self.config.max_queue
+        held = len(self._active) + len(self._leaving) + self._waiting_for_tokenizer
+        if held >= capacity:
+            raise Overloaded(
+                f"{held} requests are running, queued or being tokenized (limit {capacity})",
+                retry_after_s=self.config.retry_after_s,
+            )
 
     def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> bool:
         """Stop a request at the next step boundary; False if no such request is active."""
