@@ -21,6 +21,14 @@ class TopLogprob:
     id: int
     logprob: float
     text: str
+    token_bytes: bytes | None = None
+    """The token's own bytes, exact where text is only part of a character (None: the server
+    sent none)."""
+
+    @property
+    def own_bytes(self) -> bytes:
+        """The token's own bytes where the server sent them, else its text's UTF-8."""
+        return self.text.encode() if self.token_bytes is None else self.token_bytes
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -32,11 +40,21 @@ class Token:
     top_logprobs: tuple[TopLogprob, ...] = ()
     token_text: str | None = None
     """The token's own text alone, where logprobs were asked for (`text` is the delta)."""
+    token_bytes: bytes | None = None
+    """The token's own bytes, where logprobs were asked for: exact where token_text is only
+    part of a multi-byte character (U+FFFD), so that consecutive tokens' bytes join into the
+    characters they spell."""
 
     @property
     def own_text(self) -> str:
         """The token's own text where the server sent it, else its delta."""
         return self.text if self.token_text is None else self.token_text
+
+    @property
+    def own_bytes(self) -> bytes:
+        """The token's own bytes where the server sent them (servers before token_bytes send
+        none), else its own text's UTF-8."""
+        return self.own_text.encode() if self.token_bytes is None else self.token_bytes
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -186,7 +204,12 @@ def event_from_pb(message: pb.GenerateResponse) -> StreamEvent:
     kind = message.WhichOneof("event")
     if kind == "token":
         t = message.token
-        alternatives = tuple(TopLogprob(a.id, a.logprob, a.text) for a in t.top_logprobs)
+        alternatives = tuple(
+            TopLogprob(
+                a.id, a.logprob, a.text, a.token_bytes if a.HasField("token_bytes") else None
+            )
+            for a in t.top_logprobs
+        )
         return Token(
             t.text,
             t.id,
@@ -194,6 +217,7 @@ def event_from_pb(message: pb.GenerateResponse) -> StreamEvent:
             t.logprob if t.HasField("logprob") else None,
             alternatives,
             t.token_text if t.HasField("token_text") else None,
+            t.token_bytes if t.HasField("token_bytes") else None,
         )
     if kind == "usage":
         u = message.usage

@@ -235,6 +235,8 @@ class TopLogprob:
     token_id: int
     logprob: float
     text: str
+    token_bytes: bytes
+    """The token's own bytes (Tokenizer.token_bytes): exact where text is part of a character."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -248,6 +250,9 @@ class TokenEvent:
     top_logprobs: tuple[TopLogprob, ...] = ()
     token_text: str | None = None
     """The token's own text alone, where logprobs were asked for (text is the delta)."""
+    token_bytes: bytes | None = None
+    """The token's own bytes, where logprobs were asked for: exact where token_text is only
+    part of a character (U+FFFD), so that consecutive tokens' bytes join into characters."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

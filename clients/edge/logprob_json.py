@@ -10,6 +10,7 @@ alternatives without probability left out.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 
@@ -33,7 +34,7 @@ def listed_alternatives(alternatives: Iterable[TopLogprob]) -> list[TopLogprob]:
     """The alternatives worth listing: those with some probability (a -inf or NaN
     log-probability is none), each with a finite log-probability."""
     return [
-        TopLogprob(a.id, finite_logprob(a.logprob), a.text)
+        dataclasses.replace(a, logprob=finite_logprob(a.logprob))
         for a in alternatives
         if a.logprob > -math.inf
     ]

@@ -1,6 +1,7 @@
 """The native SSE format: pipeline events -> named events, and stored events -> frames.
 
-Events: `token` {text, id, index, logprob?, token_text?, top_logprobs?}, `usage` {...}, `done`
+Events: `token` {text, id, index, logprob?, token_text?, token_bytes?, top_logprobs?} (bytes
+as lists of ints, as OpenAI's logprobs `bytes`), `usage` {...}, `done`
 {finish_reason, stop_sequence}, `error` {code, status, message, field?}. Each is encoded once,
 when the resume store keeps it; every reader (the first one and each resume) gets the stored
 text, with `id: <request_id>:<seq>`.
@@ -15,7 +16,7 @@ from typing import Any
 
 from sse_starlette import ServerSentEvent
 
-from tokenwire.client.messages import Completion, StreamEvent, Token, Usage
+from tokenwire.client.messages import Completion, StreamEvent, Token, TopLogprob, Usage
 from tokenwire.edge.accounting import failed, finished
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.logprob_json import finite_logprob, listed_alternatives
@@ -45,10 +46,11 @@ def native_event(event: StreamEvent | EdgeError) -> tuple[str, dict[str, Any]]:
             data["logprob"] = finite_logprob(event.logprob)
         if event.token_text is not None:
             data["token_text"] = event.token_text
+        if event.token_bytes is not None:
+            data["token_bytes"] = list(event.token_bytes)
         if event.top_logprobs:
             data["top_logprobs"] = [
-                {"id": t.id, "logprob": t.logprob, "text": t.text}
-                for t in listed_alternatives(event.top_logprobs)
+                _alternative(t) for t in listed_alternatives(event.top_logprobs)
             ]
         return "token", data
     if isinstance(event, Usage):
@@ -64,6 +66,17 @@ def native_event(event: StreamEvent | EdgeError) -> tuple[str, dict[str, Any]]:
         }
     assert isinstance(event, Completion)
     return "done", {"finish_reason": event.finish_reason, "stop_sequence": event.stop_sequence}
+
+
+def _alternative(alternative: TopLogprob) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": alternative.id,
+        "logprob": alternative.logprob,
+        "text": alternative.text,
+    }
+    if alternative.token_bytes is not None:
+        data["token_bytes"] = list(alternative.token_bytes)
+    return data
 
 
 async def native_frames(stream: StoredStream, after: int) -> AsyncGenerator[Frame, None]:

@@ -120,9 +120,10 @@ def logprobs(tokens: list[Token], *, chat: bool, text_offset: int = 0) -> dict[s
             {
                 "token": t.own_text,
                 "logprob": _logprob(t),
-                "bytes": list(t.own_text.encode()),
+                # The token's own bytes, which join into the characters that span tokens.
+                "bytes": list(t.own_bytes),
                 "top_logprobs": [
-                    {"token": a.text, "logprob": a.logprob, "bytes": list(a.text.encode())}
+                    {"token": a.text, "logprob": a.logprob, "bytes": list(a.own_bytes)}
                     for a in listed_alternatives(t.top_logprobs)
                 ],
             }

@@ -163,8 +163,10 @@ class Sequence:
         self.token_times.append(now)
         _, delta = self._stops_at(token_id)
         index = len(self.generated) - 1
-        own = None if logprob is None else self.text.token_text(token_id)
-        self.outbox.append(TokenEvent(delta, token_id, index, logprob, top, own))
+        own, own_bytes = None, None
+        if logprob is not None:  # a token's own text and bytes only serve logprobs
+            own, own_bytes = self.text.token_text(token_id), self.text.token_bytes(token_id)
+        self.outbox.append(TokenEvent(delta, token_id, index, logprob, top, own, own_bytes))
         if self.finish_reason is not None:
             self._close(now)
 

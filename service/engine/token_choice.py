@@ -144,6 +144,9 @@ class TokenChooser:
         if not seq.request.top_logprobs:
             return ()
         return tuple(
-            TopLogprob(token_id, logprob, self._token_text(token_id))
+            # The bytes from the row's own text pipeline, as its chosen token's (Sequence.accept).
+            TopLogprob(
+                token_id, logprob, self._token_text(token_id), seq.text.token_bytes(token_id)
+            )
             for token_id, logprob in top_logprobs(row, seq.request.top_logprobs, normaliser)
         )

@@ -89,9 +89,13 @@ def event_to_pb(event: Event) -> pb.GenerateResponse:
             token.logprob = event.logprob
         if event.token_text is not None:
             token.token_text = event.token_text
+        if event.token_bytes is not None:
+            token.token_bytes = event.token_bytes
         if event.top_logprobs:
             token.top_logprobs.extend(
-                pb.TopLogprob(id=t.token_id, logprob=t.logprob, text=t.text)
+                pb.TopLogprob(
+                    id=t.token_id, logprob=t.logprob, text=t.text, token_bytes=t.token_bytes
+                )
                 for t in event.top_logprobs
             )
         return message

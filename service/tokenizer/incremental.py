@@ -181,6 +181,10 @@ class TextStream:
         """One token's own text (see Tokenizer.token_text), for logprobs."""
         return self.detokenizer.tokenizer.token_text(token_id)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's own bytes (see Tokenizer.token_bytes), for logprobs."""
+        return self.detokenizer.tokenizer.token_bytes(token_id)
+
     def flush(self) -> str:
         """The rest of the text at the end of the stream: what the detokenizer and then the
         stop matcher held back (up to a stop string, should the detokenizer's tail make one)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,36 @@ _FLAGGED_CLASSES: dict[str, tuple[bool, bool]] = {
     "CohereTokenizer": (True, False),
     "GPTNeoXTokenizer": (False, False),
 }
+
+
+def _gpt2_byte_of() -> dict[str, int]:
+    """The inverse of GPT-2's bytes_to_unicode: byte-level BPE spells each byte as one
+    printable character (printable Latin-1 bytes as themselves, the rest from U+0100 on)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    kept += range(ord("®"), ord("ÿ") + 1)
+    shifted = [b for b in range(256) if b not in kept]
+    return {chr(b): b for b in kept} | {chr(256 + n): b for n, b in enumerate(shifted)}
+
+
+_GPT2_BYTE_OF = _gpt2_byte_of()
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+"""A byte fallback token, as tokenizers' ByteFallback decoder reads it."""
+
+
+def _byte_level_bytes(piece: str) -> bytes | None:
+    try:
+        return bytes(_GPT2_BYTE_OF[c] for c in piece)
+    except KeyError:  # not a byte-level spelling: let the decoder say
+        return None
+
+
+def _byte_fallback_bytes(piece: str) -> bytes | None:
+    found = _BYTE_TOKEN.fullmatch(piece)
+    return None if found is None else bytes([int(found.group(1), 16)])
+
+
+def _no_bytes(piece: str) -> bytes | None:
+    return None
 
 
 class TokenizerLoadError(RuntimeError):
@@ -165,6 +197,40 @@ class Tokenizer:
             if token_id is not None and self.inner.decode([token_id]) == letter:
                 return token_id, letter
         return None
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's own bytes (OpenAI's logprobs `bytes`): token_text's UTF-8, but exact
+        where token_text holds only part of a character (U+FFFD), so that the bytes of
+        consecutive tokens join into the characters they spell. Exact for byte-level BPE
+        vocabularies (GPT-2's byte alphabet) and byte fallback tokens (`<0xNN>`); an added
+        token is its content. Computed per call, only for requests that ask for logprobs."""
+        added = self._added_content.get(token_id)
+        if added is not None:
+            return added.encode()
+        piece = self.inner.id_to_token(token_id)
+        spelt = None if piece is None else self._piece_bytes(piece)
+        return self.token_text(token_id).encode() if spelt is None else spelt
+
+    @functools.cached_property
+    def _added_content(self) -> dict[int, str]:
+        """Added tokens by id: decoded as their content, never through the model's decoder."""
+        return {int(i): t.content for i, t in self.inner.get_added_tokens_decoder().items()}
+
+    @functools.cached_property
+    def _piece_bytes(self) -> Callable[[str], bytes | None]:
+        """How the decoder turns a vocabulary piece into bytes, where that is exact (None:
+        the piece's text is its token_text). A decoder that is GPT-2's ByteLevel alone maps
+        every piece through the byte alphabet; one with ByteFallback makes `<0xNN>` its byte
+        (and its other pieces, SentencePiece's "▁" spaces included, are their token_text)."""
+        decoder = self.inner.decoder
+        state = json.loads(decoder.__getstate__()) if decoder is not None else {}
+        steps = state.get("decoders", []) if state.get("type") == "Sequence" else [state]
+        kinds = [step.get("type") for step in steps]
+        if kinds == ["ByteLevel"]:
+            return _byte_level_bytes
+        if "ByteFallback" in kinds:
+            return _byte_fallback_bytes
+        return _no_bytes
 
     def token_id(self, token: str) -> int | None:
         found = self.inner.token_to_id(token)

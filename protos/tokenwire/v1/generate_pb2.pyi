@@ -310,6 +310,7 @@ class Token(_message.Message):
     LOGPROB_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     TOKEN_TEXT_FIELD_NUMBER: _builtins.int
+    TOKEN_BYTES_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The text to append. May be empty while a multi-byte character is incomplete or while text
     that could begin a stop string is held back; the concatenation of all deltas is the output.
@@ -328,6 +329,12 @@ class Token(_message.Message):
     gives it; set only when the request asked for logprobs. Unlike `text`, it is never held
     back or joined with other tokens' text, so logprobs line up with their tokens.
     """
+    token_bytes: _builtins.bytes
+    """The token's own bytes, in the output's UTF-8, as TopLogprob.token_bytes gives them; set
+    only when the request asked for logprobs. Where token_text holds only part of a
+    multi-byte character (it then reads U+FFFD), these are that part's bytes: the bytes of
+    consecutive tokens join into the characters they spell (OpenAI's logprobs `bytes`).
+    """
     @_builtins.property
     def top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopLogprob]:
         """The top_logprobs most likely tokens at this position, most likely first; only tokens
@@ -343,17 +350,22 @@ class Token(_message.Message):
         logprob: _builtins.float | None = ...,
         top_logprobs: _abc.Iterable[Global___TopLogprob] | None = ...,
         token_text: _builtins.str | None = ...,
+        token_bytes: _builtins.bytes | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_logprob", b"_logprob", "_token_text", b"_token_text", "logprob", b"logprob", "token_text", b"token_text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_logprob", b"_logprob", "_token_bytes", b"_token_bytes", "_token_text", b"_token_text", "logprob", b"logprob", "token_bytes", b"token_bytes", "token_text", b"token_text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_logprob", b"_logprob", "_token_text", b"_token_text", "id", b"id", "index", b"index", "logprob", b"logprob", "text", b"text", "token_text", b"token_text", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_logprob", b"_logprob", "_token_bytes", b"_token_bytes", "_token_text", b"_token_text", "id", b"id", "index", b"index", "logprob", b"logprob", "text", b"text", "token_bytes", b"token_bytes", "token_text", b"token_text", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__logprob: _TypeAlias = _typing.Literal["logprob"]  # noqa: Y015
     _WhichOneofArgType__logprob: _TypeAlias = _typing.Literal["_logprob", b"_logprob"]  # noqa: Y015
+    _WhichOneofReturnType__token_bytes: _TypeAlias = _typing.Literal["token_bytes"]  # noqa: Y015
+    _WhichOneofArgType__token_bytes: _TypeAlias = _typing.Literal["_token_bytes", b"_token_bytes"]  # noqa: Y015
     _WhichOneofReturnType__token_text: _TypeAlias = _typing.Literal["token_text"]  # noqa: Y015
     _WhichOneofArgType__token_text: _TypeAlias = _typing.Literal["_token_text", b"_token_text"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__logprob) -> _WhichOneofReturnType__logprob | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__token_bytes) -> _WhichOneofReturnType__token_bytes | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__token_text) -> _WhichOneofReturnType__token_text | None: ...
 
@@ -368,22 +380,30 @@ class TopLogprob(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     LOGPROB_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    TOKEN_BYTES_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     logprob: _builtins.float
     text: _builtins.str
     """The token's text alone (may be part of a multi-byte character)."""
+    token_bytes: _builtins.bytes
+    """The token's own bytes, exact where text holds only part of a multi-byte character (see
+    Token.token_bytes). Unset by servers that predate it.
+    """
     def __init__(
         self,
         *,
         id: _builtins.int = ...,
         logprob: _builtins.float = ...,
         text: _builtins.str = ...,
+        token_bytes: _builtins.bytes | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_token_bytes", b"_token_bytes", "token_bytes", b"token_bytes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "logprob", b"logprob", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_token_bytes", b"_token_bytes", "id", b"id", "logprob", b"logprob", "text", b"text", "token_bytes", b"token_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__token_bytes: _TypeAlias = _typing.Literal["token_bytes"]  # noqa: Y015
+    _WhichOneofArgType__token_bytes: _TypeAlias = _typing.Literal["_token_bytes", b"_token_bytes"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__token_bytes) -> _WhichOneofReturnType__token_bytes | None: ...
 
 Global___TopLogprob: _TypeAlias = TopLogprob  # noqa: Y015
 
