@@ -429,8 +429,8 @@ async def test_the_smallest_positive_float32_above_an_open_lower_end_is_served(
 
 def test_a_duplicate_among_many_logit_bias_keys_is_found_in_one_pass() -> None:
     """A logit_bias of 50,000 keys and one more naming the last one's token again ("49999" and
-    "049999") is refused naming that token at once: the check is one pass over the keys (a pass per key took
-    the event loop, and every stream on it, for seconds)."""
+    "049999") is refused naming that token at once: the check is one pass over the keys (a pass
+    per key took the event loop, and every stream on it, for seconds)."""
     raw = {str(i): 1.0 for i in range(50_000)} | {"049999": 1.0}
     started = time.perf_counter()
     with pytest.raises(EdgeError) as refused:
