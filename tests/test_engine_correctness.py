@@ -182,3 +182,43 @@ async def test_a_long_prompt_gives_its_tokenizer_place_back(
             assert [e async for e in handle.events()]
     finally:
         engine.shutdown()
+
+
+class _CountingEngine(Engine):
+    """The engine, counting the long prompts its tokenizer thread encodes."""
+
+    encoded = 0
+
+    def _encode_released(self, request: GenerationRequest) -> list[int]:
+        self.encoded += 1
+        return super()._encode_released(request)
+
+
+async def test_requests_with_the_same_long_prompt_share_one_tokenizing(
+    onnx_model: OnnxCausalLM, tokenizer: Tokenizer
+) -> None:
+    """Four requests that bring the same long prompt at once (an OpenAI request's n choices)
+    are tokenized once between them, each fed the ids Tokenizer.encode gives; a different
+    prompt, or the same one after that tokenizing ended, is tokenized anew."""
+    prompt = "#" * 5000 + "\ndef fib(n):"
+    ids = tokenizer.encode(prompt, add_special_tokens=True)
+    engine = _CountingEngine(onnx_model, tokenizer, EngineConfig())
+    engine.start()
+    try:
+        handles = await asyncio.gather(
+            *(
+                engine.submit_async(GenerationRequest(f"n{i}", prompt, max_tokens=1))
+                for i in range(4)
+            )
+        )
+        assert engine.encoded == 1
+        assert [h.prompt_tokens for h in handles] == [len(ids)] * 4
+        for handle in handles:
+            assert [e async for e in handle.events()]
+        again = await engine.submit_async(GenerationRequest("again", prompt, max_tokens=1))
+        other = await engine.submit_async(GenerationRequest("other", prompt + "#", max_tokens=1))
+        assert engine.encoded == 3
+        for handle in (again, other):
+            assert [e async for e in handle.events()]
+    finally:
+        engine.shutdown()

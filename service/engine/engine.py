@@ -116,6 +116,8 @@ class Engine:
         self._lock = threading.Lock()
         self._accepting = False
         self._tokenizing: concurrent.futures.ThreadPoolExecutor | None = None
+        self._encodings: dict[tuple[str, bool], asyncio.Future[list[int]]] = {}
+        """Long prompts being tokenized, by (prompt, add_special_tokens): one tokenizing each."""
         self._waiting_for_tokenizer = 0
         """Long prompts queued for or in the tokenizer thread: each holds a place in the
         capacity, so a flood of them is refused at once instead of queueing without bound."""
@@ -231,9 +233,7 @@ class Engine:
                 self._check_open(request)
                 self._hold_place()
                 try:
-                    prompt_ids = await asyncio.get_running_loop().run_in_executor(
-                        self._tokenizer_thread(), self._encode_released, request
-                    )
+                    prompt_ids = await self._encode_long(request)
                 finally:
                     # Given back just before _submit takes a place of its own, with no await
                     # between: nothing else can take it meanwhile.
@@ -243,6 +243,26 @@ class Engine:
         except TokenwireError as exc:
             self._observer.request_rejected(type(exc).__name__)
             raise
+
+    async def _encode_long(self, request: GenerationRequest) -> list[int]:
+        """The long prompt's ids from the tokenizer thread. Requests that bring the same prompt
+        while it is being tokenized (an OpenAI request's n choices, a client's retries) wait
+        for that one tokenizing instead of queueing one each."""
+        key = (request.prompt, request.add_special_tokens)
+        pending = self._encodings.get(key)
+        if pending is None:
+            pending = asyncio.get_running_loop().run_in_executor(
+                self._tokenizer_thread(), self._encode_released, request
+            )
+            self._encodings[key] = pending
+
+            def forget(done: asyncio.Future[list[int]]) -> None:
+                if self._encodings.get(key) is done:
+                    del self._encodings[key]
+
+            pending.add_done_callback(forget)
+        # Shielded: one caller leaving does not cancel the others' tokenizing.
+        return list(await asyncio.shield(pending))
 
     def _tokenizer_thread(self) -> concurrent.futures.ThreadPoolExecutor:
         # One thread: long prompts queue behind each other rather than take every core from
