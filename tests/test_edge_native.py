@@ -414,3 +414,16 @@ async def test_a_resume_past_a_running_streams_last_event_is_400_at_once(
         await edge.edge.stop()
     assert (reply.status_code, still_running) == (400, 1)
     assert reply.json()["error"]["field"] == "Last-Event-ID"
+
+
+async def test_a_last_event_id_whose_request_id_breaks_the_rule_is_400_without_echoing_it(
+    http: httpx.AsyncClient,
+) -> None:
+    """A Last-Event-ID whose id part no request id could have (8 KiB of it, or a ':' inside)
+    is a 400 naming Last-Event-ID, and the error does not echo the id back."""
+    for bad in ("x" * 8192 + ":3", "a:b:3"):
+        reply = await http.post("/v1/generate", json={}, headers={"Last-Event-ID": bad})
+        assert reply.status_code == 400, bad
+        body = reply.json()
+        assert body["error"]["field"] == "Last-Event-ID"
+        assert len(reply.text) < 1024

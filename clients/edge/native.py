@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from tokenwire.client.messages import GenerateOptions
 from tokenwire.edge.accounting import Account
 from tokenwire.edge.body import Fields, read_json
-from tokenwire.edge.context import EdgeContext, request_id_of
+from tokenwire.edge.context import EdgeContext, request_id_of, valid_request_id
 from tokenwire.edge.errors import EdgeError, as_request_errors
 from tokenwire.edge.guards import principal_of
 from tokenwire.edge.native_format import native_frames
@@ -116,6 +116,11 @@ async def _resume(
     """A resume after the event `last_event_id` names, or with `replay` the whole stream."""
     account = Account.of(request)
     request_id, seq = parse_event_id(last_event_id)
+    if not valid_request_id(request_id):
+        # No stream has such an id: say why, without echoing what may be kilobytes of it.
+        raise EdgeError.invalid(
+            "Last-Event-ID", "its request id must follow the request_id rule (docs/api.md)"
+        )
     account.request_id = request_id
     stream = await ctx.streams.get(request_id, principal_of(request.scope))
     if await _check_resume(stream, seq):
