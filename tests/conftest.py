@@ -15,6 +15,7 @@ import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
 from hypothesis.configuration import set_hypothesis_home_dir
 
+from tests import sentencepiece
 from tests.fakes import RecordingObserver, ScriptedModel
 from tests.redisproc import RedisServer
 from tokenwire.edge.context import EdgeContext
@@ -81,6 +82,24 @@ async def start_server(
 @pytest.fixture(scope="session")
 def tokenizer() -> Tokenizer:
     return Tokenizer.from_dir(BUNDLED_MODEL_DIR)
+
+
+@pytest.fixture(scope="module", params=sorted(sentencepiece.LAYOUTS))
+def sp_tokenizer(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Tokenizer:
+    """A SentencePiece-style tokenizer (each layout of tests/sentencepiece.py), written at test
+    time."""
+    folder = tmp_path_factory.mktemp(request.param)
+    return Tokenizer.from_dir(sentencepiece.write(folder, request.param))
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop for the mailboxes of Sequences that tests drive without an engine."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,7 @@ adds after the prompt, so the space its "▁" stands for is kept, from the first
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,21 +13,6 @@ from tests.sequences import accept_all, deltas, sequence
 from tokenwire.server.tokenizer import TextStream, Tokenizer
 
 SENTENCE = "Hello world é;x a"
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module", params=sorted(sentencepiece.LAYOUTS))
-def sp_tokenizer(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Tokenizer:
-    folder: Path = tmp_path_factory.mktemp(request.param)
-    return Tokenizer.from_dir(sentencepiece.write(folder, request.param))
 
 
 def _after_prompt(tokenizer: Tokenizer, prompt: list[int], generated: list[int]) -> str:

@@ -4,9 +4,6 @@ adds no text to the output (as in vLLM), while text held back before it still go
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-
-import pytest
 
 from tests.sequences import accept_all, completion, deltas, sequence, usage
 from tokenwire.server.domain import CompletionEvent, FinishReason
@@ -14,13 +11,6 @@ from tokenwire.server.tokenizer import Tokenizer
 
 PROMPT = "say:"
 SAID = "x = 1; y"
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
 
 
 def _semicolon(tokenizer: Tokenizer, ids: list[int]) -> int:

@@ -5,28 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from tests import sentencepiece
 from tests.sequences import sequence
 from tokenwire.server.domain import TokenEvent
 from tokenwire.server.tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module", params=sorted(sentencepiece.LAYOUTS))
-def sp_tokenizer(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Tokenizer:
-    return Tokenizer.from_dir(sentencepiece.write(tmp_path_factory.mktemp("sp"), request.param))
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import onnxruntime as ort
@@ -33,13 +32,6 @@ from tokenwire.server.tokenizer import TextStream, Tokenizer
 
 VOCAB = 64
 CPU = ["CPUExecutionProvider"]
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
 
 
 def _row(

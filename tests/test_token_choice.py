@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import numpy as np
-import pytest
 
 from tokenwire.server.config import BUNDLED_MODEL_DIR
 from tokenwire.server.domain import GenerationRequest, SamplingParams
@@ -18,13 +16,6 @@ from tokenwire.server.engine.token_choice import TokenChooser
 from tokenwire.server.tokenizer import TextStream, Tokenizer
 
 VOCAB = 64
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
 
 
 def _row(
