@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -61,24 +62,62 @@ async def open_generations(
     return opened
 
 
+HELD_PER_CHOICE = 4
+"""Events per choice a merge holds for its reader (its queue holds HELD_PER_CHOICE * n). A call
+that finds the queue full waits, so a reader that stops (an HTTP client that reads nothing)
+stops taking events from its calls, and gRPC's flow control keeps the rest at the server,
+whose per-request mailbox is bounded (max_tokens + 2 events) and whose decode loop never
+waits for it."""
+
+
+@dataclasses.dataclass(eq=False)
+class Backlog:
+    """How far one merge's upstream calls are ahead of its reader."""
+
+    choices: int
+    taken: int = 0
+    """Events taken from the calls."""
+    given: int = 0
+    """Events given to the reader."""
+
+    @property
+    def held(self) -> int:
+        """Events the merge holds: at most (HELD_PER_CHOICE + 1) * choices (the queue, and one
+        in each waiting call's hand)."""
+        return self.taken - self.given
+
+
+BACKLOGS: weakref.WeakSet[Backlog] = weakref.WeakSet()
+"""The backlog of every merge now running (what a test reads to see the bound kept)."""
+
+
 async def merged(
     upstreams: Sequence[UpstreamStream],
 ) -> AsyncGenerator[tuple[int, StreamEvent], None]:
     """Every choice's events, as they arrive, tagged with the choice's index; the first
-    choice's failure ends them all with its EdgeError."""
-    queue: asyncio.Queue[tuple[int, StreamEvent | EdgeError | None]] = asyncio.Queue()
+    choice's failure ends them all with its EdgeError. At most HELD_PER_CHOICE events per
+    choice wait for the reader, and one more in each choice's hand."""
+    queue: asyncio.Queue[tuple[int, StreamEvent | EdgeError | None]] = asyncio.Queue(
+        maxsize=HELD_PER_CHOICE * len(upstreams)
+    )
+    backlog = Backlog(len(upstreams))
+    BACKLOGS.add(backlog)
 
     async def pump(index: int, upstream: UpstreamStream) -> None:
         try:
             async for event in upstream.events():
-                queue.put_nowait((index, event))
-            queue.put_nowait((index, None))
+                backlog.taken += 1
+                await queue.put((index, event))
+            await queue.put((index, None))
         except EdgeError as error:
-            queue.put_nowait((index, error))
+            await queue.put((index, error))
         except asyncio.CancelledError:
             # The call was cancelled under us (the end of a drain's grace): say so in-band.
             # When it is this task that is cancelled, nobody reads the queue any more.
-            queue.put_nowait((index, EdgeError(499, "CANCELLED", "the generation was cancelled")))
+            task = asyncio.current_task()
+            if task is not None and not task.cancelling():
+                cancelled = EdgeError(499, "CANCELLED", "the generation was cancelled")
+                await queue.put((index, cancelled))
             raise
 
     pumps = [asyncio.ensure_future(pump(i, u)) for i, u in enumerate(upstreams)]
@@ -91,10 +130,12 @@ async def merged(
             elif isinstance(item, EdgeError):
                 raise item
             else:
+                backlog.given += 1
                 yield index, item
     finally:
         for task in pumps:
             task.cancel()
+        BACKLOGS.discard(backlog)
 
 
 async def relay(

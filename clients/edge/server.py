@@ -18,8 +18,10 @@ import asyncio
 import contextlib
 import signal
 import socket
+import struct
 import time
 from collections.abc import Iterator
+from typing import ClassVar
 
 import h11
 import structlog
@@ -27,6 +29,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tokenwire.edge.app import create_app
+from tokenwire.edge.connections import ConnectionLimits
 from tokenwire.edge.context import EdgeContext
 from tokenwire.edge.settings import EdgeSettings
 from tokenwire.edge.tracing import Tracing
@@ -41,13 +44,24 @@ HEAD_TIMEOUT_S = 10.0
 one that connects and sends nothing, or trickles its headers, is closed then."""
 
 
-class _HeadDeadline(H11Protocol):
-    """h11 with a deadline for each request head: from the connection's start, and from the
-    end of each response on a kept-alive connection, a whole request head must arrive within
-    HEAD_TIMEOUT_S or the connection is closed (uvicorn's keep-alive timer stops at the first
-    byte, so a head trickled in, or a connection that sends nothing, could hold it open)."""
+class _EdgeH11(H11Protocol):
+    """h11 with the edge's bounds on each connection (`limits`, one edge's):
 
+    - a deadline for each request head: from the connection's start, and from the end of each
+      response on a kept-alive connection, a whole request head must arrive within
+      HEAD_TIMEOUT_S or the connection is closed (uvicorn's keep-alive timer stops at the first
+      byte, so a head trickled in, or a connection that sends nothing, could hold it open);
+    - a send timeout: a client that takes no data for `send_timeout_s` while the edge has some
+      for it is cut, unsent data dropped. Its stream then ends as a disconnect does (an OpenAI
+      stream's upstream calls are cancelled), and nothing waits to flush to it: uvicorn's own
+      close, after a response or an error, waits for the client to read what is left, which a
+      client that reads nothing never does.
+    """
+
+    limits: ClassVar[ConnectionLimits]
     _head_timer: asyncio.TimerHandle | None = None
+    _stall_timer: asyncio.TimerHandle | None = None
+    _unsent_at_watch = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -62,9 +76,22 @@ class _HeadDeadline(H11Protocol):
         super().on_response_complete()
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
             self._await_head()
+        if self.transport.get_write_buffer_size():
+            self._watch_writes()  # from the response's last write
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._watch_writes()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._stop_stall_timer()
+        if self.transport.get_write_buffer_size():
+            self._watch_writes()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        self._stop_stall_timer()
         super().connection_lost(exc)
 
     def _await_head(self) -> None:
@@ -81,6 +108,54 @@ class _HeadDeadline(H11Protocol):
         if not self.transport.is_closing():
             self.transport.close()
 
+    def _watch_writes(self) -> None:
+        """Check the client's progress send_timeout_s from now (again, while data waits)."""
+        self._stop_stall_timer()
+        self._unsent_at_watch = self.transport.get_write_buffer_size()
+        self._stall_timer = self.loop.call_later(self.limits.send_timeout_s, self._check_writes)
+
+    def _stop_stall_timer(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _check_writes(self) -> None:
+        """Cut a client that took no data since the watch began: writing has stayed paused
+        (the buffer above its high-water mark: a resume would have stopped the watch), or the
+        connection is closing and none of what is left was sent."""
+        self._stall_timer = None
+        unsent = self.transport.get_write_buffer_size()
+        closing_unread = self.transport.is_closing() and unsent >= self._unsent_at_watch
+        if unsent and (self.flow.write_paused or closing_unread):
+            self.limits.stalled.count(
+                unsent_bytes=unsent, send_timeout_s=self.limits.send_timeout_s
+            )
+            self._cut()
+        elif unsent:
+            self._watch_writes()
+
+    def _cut(self) -> None:
+        """Close now, dropping unsent data (a reset, so the kernel holds nothing for it)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        self.transport.abort()
+
+
+_RESET = struct.pack("ii", 1, 0)
+"""SO_LINGER on with a 0 s timeout: close() resets the connection at once."""
+
+
+def _protocol_with(limits: ConnectionLimits) -> type[_EdgeH11]:
+    """The protocol class bound to one edge's limits (a process may run several edges)."""
+
+    class EdgeH11(_EdgeH11):
+        pass
+
+    EdgeH11.limits = limits
+    return EdgeH11
+
 
 class _Uvicorn(uvicorn.Server):
     """uvicorn without signal handlers: the edge drains before asking it to exit."""
@@ -96,6 +171,7 @@ class EdgeServer:
     def __init__(self, settings: EdgeSettings, tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.app = create_app(settings, tracing=tracing)
+        self.limits = ConnectionLimits(settings.send_timeout_s)
         config = uvicorn.Config(
             self.app,
             host=settings.host,
@@ -104,7 +180,7 @@ class EdgeServer:
             lifespan="on",
             access_log=False,
             timeout_graceful_shutdown=CUT_WAIT_S,
-            http=_HeadDeadline,
+            http=_protocol_with(self.limits),
         )
         self.server = _Uvicorn(config)
         self.port = settings.port

@@ -78,6 +78,11 @@ class EdgeSettings:
         "(another edge takes a dead edge's stream over after this)",
     )
     ping_s: float = setting(15.0, "SSE ping comment interval (keeps proxies from cutting streams)")
+    send_timeout_s: float = setting(
+        30.0,
+        "a client that takes no data for this long while the edge has some for it (a stream "
+        "or a response it stopped reading) is cut: its connection closed, as if it had left",
+    )
     max_body_bytes: int = setting(1_048_576, "larger request bodies get 413")
     resume_stream_bytes: int = setting(1_048_576, "resume buffer of one stream, bytes")
     resume_total_bytes: int = setting(64 * 1_048_576, "resume buffers of all streams, bytes")
@@ -138,6 +143,7 @@ class EdgeSettings:
         )
         require(self.resume_lease_s > 0, "resume_lease_s", "> 0", self.resume_lease_s)
         require(self.ping_s > 0, "ping_s", "> 0", self.ping_s)
+        require(self.send_timeout_s > 0, "send_timeout_s", "> 0", self.send_timeout_s)
         require(self.max_body_bytes >= 1024, "max_body_bytes", ">= 1024", self.max_body_bytes)
         require(
             self.resume_stream_bytes >= 1024,

@@ -1,0 +1,216 @@
+"""What a client that stops reading can hold at the edge is bounded: its stream holds a few
+events of each choice (the rest waits at the server), and a client that takes no data for
+send_timeout_s is cut and its generations cancelled. A real server and a real edge on
+127.0.0.1; the stalled clients are raw sockets that read nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import h11
+import pytest
+
+from tests.conftest import MODEL, RunningEdge, RunningServer, eventually, start_edge
+from tokenwire.edge import pipeline
+
+MAX_TOKENS = 480
+"""Near the bundled model's 512-token context: with 20 top logprobs, far more than the socket
+buffers between the edge and a client that reads nothing can take."""
+
+
+def _chat(n: int, *, stream: bool = True) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "n": n,
+        "max_tokens": MAX_TOKENS,
+        "stream": stream,
+        "logprobs": True,
+        "top_logprobs": 20,
+        "ignore_eos": True,
+    }
+
+
+NATIVE = {
+    "prompt": "def f(x):",
+    "max_tokens": MAX_TOKENS,
+    "logprobs": True,
+    "top_logprobs": 20,
+    "ignore_eos": True,
+}
+ROUTES = {"native": ("/v1/generate", NATIVE), "chat": ("/v1/chat/completions", _chat(2))}
+
+
+class RawClient:
+    """One HTTP/1.1 request on a socket with a 4 KiB receive buffer, read only when asked."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.conn = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    async def post(cls, port: int, path: str, body: dict[str, Any]) -> RawClient:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        client = cls(sock)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            payload = json.dumps(body).encode()
+            headers = [
+                ("Host", "edge"),
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(payload))),
+            ]
+            request = client.conn.send(h11.Request(method="POST", target=path, headers=headers))
+            data = client.conn.send(h11.Data(data=payload))
+            end = client.conn.send(h11.EndOfMessage())
+            await loop.sock_sendall(sock, (request or b"") + (data or b"") + (end or b""))
+        except BaseException:
+            sock.close()
+            raise
+        return client
+
+    async def body(self, within_s: float) -> bytes:
+        """Read the whole response body (the stream to its end)."""
+        loop = asyncio.get_running_loop()
+        parts: list[bytes] = []
+        async with asyncio.timeout(within_s):
+            while True:
+                event = self.conn.next_event()
+                if event is h11.NEED_DATA:
+                    self.conn.receive_data(await loop.sock_recv(self.sock, 65536))
+                elif isinstance(event, h11.Data):
+                    parts.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    return b"".join(parts)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _small_send_buffers(edge: RunningEdge) -> None:
+    """Connections the edge accepts from now on get a 16 KiB kernel send buffer (accepted
+    sockets inherit the listener's): what the kernel takes of a stalled stream is then a few
+    events, whatever the system's TCP autotuning allows (4 MiB by default)."""
+    for server in edge.edge.server.servers:
+        for sock in server.sockets:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+
+
+def _connections(edge: RunningEdge) -> int:
+    """HTTP connections the edge holds open."""
+    return len(edge.edge.server.server_state.connections)
+
+
+@pytest.fixture
+async def quick_cut(paced: RunningServer) -> AsyncIterator[RunningEdge]:
+    """An edge in front of the paced server (a token every 10 ms: a 480-token stream runs
+    ~5 s) that cuts a client after 0.5 s without progress and cancels a dropped native
+    stream at once."""
+    running = await start_edge(paced.target, send_timeout_s=0.5, resume_window_s=0.0)
+    yield running
+    await running.edge.stop()
+
+
+async def test_a_stalled_chat_stream_holds_a_few_events_of_each_choice(
+    served: RunningServer, edge: RunningEdge
+) -> None:
+    """A chat stream with 8 choices whose client reads nothing holds at most
+    HELD_PER_CHOICE + 1 events of each choice at the edge once the server has generated all of
+    them: the edge stops taking events from its upstream calls, and the rest stay upstream."""
+    n = 8
+    _small_send_buffers(edge)
+    client = await RawClient.post(edge.edge.port, "/v1/chat/completions", _chat(n))
+    try:
+
+        def stalled() -> bool:
+            backlogs = list(pipeline.BACKLOGS)
+            return (
+                served.engine.running_count == 0
+                and len(backlogs) == 1
+                and backlogs[0].held >= pipeline.HELD_PER_CHOICE * n
+            )
+
+        assert await eventually(stalled, within_s=60)
+        [backlog] = pipeline.BACKLOGS
+        assert backlog.held <= (pipeline.HELD_PER_CHOICE + 1) * n
+        assert backlog.taken < n * MAX_TOKENS // 4
+    finally:
+        client.close()
+
+
+async def test_a_stalled_chat_stream_read_again_delivers_every_event(
+    served: RunningServer, edge: RunningEdge
+) -> None:
+    """A chat stream whose client stopped reading until the server had generated every token
+    (the edge holding only its bounded backlog) delivers every chunk of every choice, then
+    [DONE], once the client reads again."""
+    n = 4
+    _small_send_buffers(edge)
+    client = await RawClient.post(edge.edge.port, "/v1/chat/completions", _chat(n))
+    try:
+
+        def stalled() -> bool:
+            backlogs = list(pipeline.BACKLOGS)
+            return served.engine.running_count == 0 and any(
+                b.held >= pipeline.HELD_PER_CHOICE * n for b in backlogs
+            )
+
+        assert await eventually(stalled, within_s=60)
+        body = (await client.body(within_s=60)).decode()
+    finally:
+        client.close()
+    data = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    tokens = [0] * n
+    for chunk in map(json.loads, data[:-1]):
+        for choice in chunk["choices"]:
+            tokens[choice["index"]] += choice["finish_reason"] is None
+    assert tokens == [MAX_TOKENS] * n
+
+
+@pytest.mark.parametrize("route", ROUTES)
+async def test_a_client_that_takes_no_data_is_cut_and_its_generations_cancelled(
+    paced: RunningServer, quick_cut: RunningEdge, route: str
+) -> None:
+    """A client that reads nothing of its stream (native, or chat with 2 choices) for longer
+    than send_timeout_s is cut: the edge drops its connection, and the server's running count
+    returns to 0 with every generation cancelled, long before it could have finished."""
+    path, body = ROUTES[route]
+    choices = int(body.get("n", 1))
+    _small_send_buffers(quick_cut)
+    client = await RawClient.post(quick_cut.edge.port, path, body)
+    assert paced.observer is not None
+    records = paced.observer.finished  # type: ignore[attr-defined]
+    try:
+        assert await eventually(lambda: _connections(quick_cut) == 1)
+        cut = await eventually(lambda: _connections(quick_cut) == 0, within_s=20)
+        settled = await eventually(
+            lambda: paced.engine.running_count == 0 and len(records) == choices, within_s=10
+        )
+    finally:
+        client.close()
+    assert (cut, settled) == (True, True)
+    assert {r.outcome for r in records.values()} == {"cancelled"}
+    assert all(r.completion_tokens < MAX_TOKENS for r in records.values())
+
+
+async def test_a_whole_response_its_client_does_not_read_is_cut(served: RunningServer) -> None:
+    """A whole (non-streamed) chat response far larger than the write buffer, whose client
+    reads none of it, is cut send_timeout_s after its writing stalls: the edge does not hold
+    the connection and its unsent body until the client goes."""
+    edge = await start_edge(served.target, send_timeout_s=0.5)
+    _small_send_buffers(edge)
+    client = await RawClient.post(edge.edge.port, "/v1/chat/completions", _chat(4, stream=False))
+    try:
+        assert await eventually(lambda: _connections(edge) == 1)
+        assert await eventually(lambda: _connections(edge) == 0, within_s=60)
+    finally:
+        client.close()
+        await edge.edge.stop()
