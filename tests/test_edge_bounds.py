@@ -1,21 +1,33 @@
-"""What a client that stops reading can hold at the edge is bounded: its stream holds a few
-events of each choice (the rest waits at the server), and a client that takes no data for
-send_timeout_s is cut and its generations cancelled. A real server and a real edge on
-127.0.0.1; the stalled clients are raw sockets that read nothing."""
+"""What one client, or many, can hold at the edge is bounded: a stream whose client stops reading
+holds a few events of each choice (the rest waits at the server), a client that takes no data
+for send_timeout_s is cut and its generations cancelled, and connections beyond
+max_connections are refused while those within it are served. A real server and a real edge
+on 127.0.0.1; the stalled clients are raw sockets that read nothing."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import resource
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import h11
+import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from tests.conftest import MODEL, RunningEdge, RunningServer, eventually, start_edge
 from tokenwire.edge import pipeline
+from tokenwire.edge.connections import (
+    ACCEPT_FAILED,
+    FD_RESERVE,
+    PROBE_ROOM,
+    STORE_RESERVE,
+    connection_cap,
+)
 
 MAX_TOKENS = 480
 """Near the bundled model's 512-token context: with 20 top logprobs, far more than the socket
@@ -214,3 +226,109 @@ async def test_a_whole_response_its_client_does_not_read_is_cut(served: RunningS
     finally:
         client.close()
         await edge.edge.stop()
+
+
+@pytest.fixture
+async def capped(served: RunningServer) -> AsyncIterator[RunningEdge]:
+    """An edge that serves 2 connections at once."""
+    running = await start_edge(served.target, max_connections=2)
+    yield running
+    await running.edge.stop()
+
+
+def _one_connection(edge: RunningEdge) -> httpx.AsyncClient:
+    """A client that keeps one connection to the edge and reuses it."""
+    return httpx.AsyncClient(base_url=edge.url, timeout=10, limits=httpx.Limits(max_connections=1))
+
+
+async def test_a_connection_beyond_the_cap_gets_503_while_those_within_are_served(
+    capped: RunningEdge,
+) -> None:
+    """With max_connections=2 and two connections open, a request on a third gets 503 in the
+    route's error shape with `Connection: close`, while the first two are still answered."""
+    async with (
+        _one_connection(capped) as first,
+        _one_connection(capped) as second,
+        _one_connection(capped) as third,
+    ):
+        assert (await first.get("/v1/models")).status_code == 200
+        assert (await second.get("/v1/models")).status_code == 200
+        refused = await third.post("/v1/generate", json={"prompt": "x", "max_tokens": 1})
+        assert refused.status_code == 503
+        assert refused.headers["connection"] == "close"
+        assert refused.json()["error"]["code"] == "UNAVAILABLE"
+        assert (await first.get("/v1/models")).status_code == 200
+        assert (await second.get("/v1/models")).status_code == 200
+
+
+async def test_health_probes_beyond_the_cap_are_answered(capped: RunningEdge) -> None:
+    """With max_connections=2 and two connections open, /healthz and /readyz on further
+    connections are still answered (then those connections close)."""
+    async with _one_connection(capped) as first, _one_connection(capped) as second:
+        assert (await first.get("/v1/models")).status_code == 200
+        assert (await second.get("/v1/models")).status_code == 200
+        for path in ("/healthz", "/readyz"):
+            async with _one_connection(capped) as probe:
+                answer = await probe.get(path)
+            assert (answer.status_code, answer.headers["connection"]) == (200, "close")
+
+
+async def test_a_connection_beyond_the_probe_room_is_closed_at_once(capped: RunningEdge) -> None:
+    """Connections beyond max_connections + PROBE_ROOM are closed as soon as they are accepted
+    (well before the request-head deadline), so the cap bounds the edge's file descriptors."""
+    held = [
+        await asyncio.open_connection("127.0.0.1", capped.edge.port) for _ in range(2 + PROBE_ROOM)
+    ]
+    try:
+        assert await eventually(lambda: _connections(capped) == 2 + PROBE_ROOM)
+        reader, writer = await asyncio.open_connection("127.0.0.1", capped.edge.port)
+        try:
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(), 5.0)
+        finally:
+            writer.close()
+    finally:
+        for _, w in held:
+            w.close()
+
+
+async def test_the_soft_open_files_limit_is_raised_to_the_hard_one(served: RunningServer) -> None:
+    """At start the edge raises its soft RLIMIT_NOFILE to the hard limit, so that its
+    connection cap is not held to a low default (1024 on many systems)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 1024:
+        pytest.skip(f"the hard open-files limit ({hard}) leaves nothing to raise to")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        edge = await start_edge(served.target)
+        try:
+            assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+        finally:
+            await edge.edge.stop()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_max_connections_is_lowered_to_fit_the_open_files_limit() -> None:
+    """max_connections is kept where it fits under the open-files limit with the edge's
+    reserve, lowered where it does not, and halved (less the store's writers) with a Redis
+    resume store, where each stream read holds a Redis connection of its own."""
+    room = 1024 - FD_RESERVE - PROBE_ROOM
+    assert connection_cap(900, 1024) == 900
+    assert connection_cap(2000, 1024) == room
+    assert connection_cap(2000, 1024, resume_store=True) == (room - STORE_RESERVE) // 2
+    assert connection_cap(900, 10) == 1
+
+
+async def test_failed_accepts_are_one_log_line_per_interval(edge: RunningEdge) -> None:
+    """The edge's event loop reports accepts that fail for want of file descriptors (asyncio
+    tries up to `backlog` of them per wake-up, each with a traceback) as one
+    `edge.accept_failed` warning per interval, with their count."""
+    loop = asyncio.get_running_loop()
+    failure = OSError(errno.EMFILE, "Too many open files")
+    with capture_logs() as logs:
+        for _ in range(1000):
+            loop.call_exception_handler({"message": ACCEPT_FAILED, "exception": failure})
+    assert [(line["event"], line["log_level"]) for line in logs] == [
+        ("edge.accept_failed", "warning")
+    ]

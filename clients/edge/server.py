@@ -21,15 +21,26 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import h11
 import structlog
 import uvicorn
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.server import ServerState
 
 from tokenwire.edge.app import create_app
-from tokenwire.edge.connections import ConnectionLimits
+from tokenwire.edge.connections import (
+    PROBE_ROOM,
+    PROBES,
+    ConnectionLimits,
+    closing,
+    connection_cap,
+    over_capacity,
+    quiet_accept_errors,
+    raise_open_files_limit,
+)
 from tokenwire.edge.context import EdgeContext
 from tokenwire.edge.settings import EdgeSettings
 from tokenwire.edge.tracing import Tracing
@@ -55,17 +66,50 @@ class _EdgeH11(H11Protocol):
       for it is cut, unsent data dropped. Its stream then ends as a disconnect does (an OpenAI
       stream's upstream calls are cancelled), and nothing waits to flush to it: uvicorn's own
       close, after a response or an error, waits for the client to read what is left, which a
-      client that reads nothing never does.
+      client that reads nothing never does;
+    - the connection cap: on a connection that opens while `max_connections` others are open,
+      a health probe is answered and any other request gets 503, and the connection closes;
+      one that opens beyond PROBE_ROOM more is closed as soon as it is accepted. Connections
+      within the cap are served as before, whatever arrives after them.
     """
 
     limits: ClassVar[ConnectionLimits]
     _head_timer: asyncio.TimerHandle | None = None
     _stall_timer: asyncio.TimerHandle | None = None
     _unsent_at_watch = 0
+    _over_cap = False
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._app = self.app
+        self.app = self._admit
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # Counted as it opens: a connection beyond the cap stays beyond it.
+        self._over_cap = len(self.connections) > self.limits.max_connections
+        if len(self.connections) > self.limits.max_connections + PROBE_ROOM:
+            self.limits.over_capacity.count(connections=len(self.connections), refused="accept")
+            self._cut()
+            return
         self._await_head()
+
+    async def _admit(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app, for a request on a connection that opened within the cap; on one beyond
+        it, a probe is answered and any other request refused, and the connection closes."""
+        if not self._over_cap:
+            await self._app(scope, receive, send)
+        elif scope.get("path") in PROBES:
+            await self._app(scope, receive, closing(send))
+        else:
+            self.limits.over_capacity.count(connections=len(self.connections), refused="request")
+            await over_capacity(scope, receive, send)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -171,7 +215,7 @@ class EdgeServer:
     def __init__(self, settings: EdgeSettings, tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.app = create_app(settings, tracing=tracing)
-        self.limits = ConnectionLimits(settings.send_timeout_s)
+        self.limits = ConnectionLimits(settings.max_connections, settings.send_timeout_s)
         config = uvicorn.Config(
             self.app,
             host=settings.host,
@@ -193,6 +237,7 @@ class EdgeServer:
         return ctx
 
     async def start(self) -> int:
+        self._bound_connections()
         # proto=IPPROTO_TCP matters: asyncio turns Nagle off (TCP_NODELAY) only on sockets that
         # say so, and an SSE event held back by Nagle waits for a delayed ACK (~40 ms).
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -213,6 +258,30 @@ class EdgeServer:
                 await self._task
             await asyncio.sleep(0.01)
         return self.port
+
+    def _bound_connections(self) -> None:
+        """Raise the open-files limit, settle max_connections under it (logged: both limits,
+        and a warning where the setting is lowered), and quiet failed accepts."""
+        files = raise_open_files_limit()
+        store = bool(self.settings.resume_store)
+        cap = connection_cap(self.settings.max_connections, files.soft, resume_store=store)
+        self.limits.max_connections = cap
+        log.info(
+            "edge.open_files",
+            soft_was=files.soft_was,
+            soft=files.soft,
+            hard=files.hard,
+            max_connections=cap,
+        )
+        if cap < self.settings.max_connections:
+            log.warning(
+                "edge.max_connections_lowered",
+                configured=self.settings.max_connections,
+                max_connections=cap,
+                open_files=files.soft,
+                resume_store=store,
+            )
+        quiet_accept_errors(asyncio.get_running_loop())
 
     async def drain(self, grace_s: float | None = None, notice_s: float | None = None) -> bool:
         """Drain as described above and stop; True when everything finished within the grace."""

@@ -83,6 +83,11 @@ class EdgeSettings:
         "a client that takes no data for this long while the edge has some for it (a stream "
         "or a response it stopped reading) is cut: its connection closed, as if it had left",
     )
+    max_connections: int = setting(
+        900,
+        "HTTP connections served at once; beyond them requests get 503 (health probes are "
+        "answered) and their connection closed; lowered to fit the open-files limit",
+    )
     max_body_bytes: int = setting(1_048_576, "larger request bodies get 413")
     resume_stream_bytes: int = setting(1_048_576, "resume buffer of one stream, bytes")
     resume_total_bytes: int = setting(64 * 1_048_576, "resume buffers of all streams, bytes")
@@ -144,6 +149,7 @@ class EdgeSettings:
         require(self.resume_lease_s > 0, "resume_lease_s", "> 0", self.resume_lease_s)
         require(self.ping_s > 0, "ping_s", "> 0", self.ping_s)
         require(self.send_timeout_s > 0, "send_timeout_s", "> 0", self.send_timeout_s)
+        require(self.max_connections >= 1, "max_connections", ">= 1", self.max_connections)
         require(self.max_body_bytes >= 1024, "max_body_bytes", ">= 1024", self.max_body_bytes)
         require(
             self.resume_stream_bytes >= 1024,
