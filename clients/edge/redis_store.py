@@ -3,25 +3,26 @@ resume them and, when the edge generating one dies, continue it.
 
 Who owns a stream: the edge that generates it holds its lease (tokenwire.edge.redis_keys),
 refreshes it while it streams, and is its only writer. Readers, on that edge or any other, tail
-the stored events with XREAD BLOCK. A reader that finds the lease lapsed on a stream that has
-not ended takes it (SET NX), and its edge continues the generation through the contract's
-continuation: the stored request, the seed the server announced and the token ids already
-delivered; the new events follow on the same stream from the next seq, so a client that
-reconnects with `Last-Event-ID` gets exactly the events it lacks, whichever edge it reaches.
+the stored events; the readers of one stream on one edge share one XREAD BLOCK
+(tokenwire.edge.redis_readers). A tail that finds the lease lapsed on a stream that has not ended
+takes it (SET NX), and its edge continues the generation through the contract's continuation:
+the stored request, the seed the server announced and the token ids already delivered; the new
+events follow on the same stream from the next seq, so a client that reconnects with
+`Last-Event-ID` gets exactly the events it lacks, whichever edge it reaches.
+
+Connections: writes, short reads and blocking reads have pools of their own, and readers are
+bounded (tokenwire.edge.redis_pools), so readers can neither stall a generation nor refuse a
+new stream; a resume past the bound is a 503 before its response starts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import json
 import struct
-import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine
-from typing import Any, TypeVar, cast
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
@@ -31,10 +32,10 @@ from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.metrics import RouteName
 from tokenwire.edge.redis_generation import Generation, Opener, quietly, store_error
 from tokenwire.edge.redis_keys import Keys
+from tokenwire.edge.redis_pools import MAX_CONNECTIONS, Pools, Seats, waiting_client
+from tokenwire.edge.redis_readers import Entry, RedisStream, Tail, made_up, stored_event
 from tokenwire.edge.resumable import (
-    BufferedEvent,
     Encode,
-    events_dropped,
     expired_stream,
     id_taken,
     unknown_stream,
@@ -45,9 +46,24 @@ from tokenwire.v1 import generate_pb2 as pb
 
 log = structlog.get_logger("tokenwire.edge")
 T = TypeVar("T")
-READ_COUNT = 512
-MAX_CONNECTIONS = 4096
-SCRIPTS = ("CLAIM", "RELEASE_CLAIM", "APPEND", "TICK", "WATCH", "ASK_CANCEL", "RELEASE_LEASE")
+SCRIPTS = (
+    "CLAIM",
+    "RELEASE_CLAIM",
+    "APPEND",
+    "TICK",
+    "TAKE",
+    "WATCH",
+    "ASK_CANCEL",
+    "RELEASE_LEASE",
+)
+WRITE_WAIT_S = 1.0
+"""How long a write waits for a free connection of its pool before the try fails (and is tried
+again: see Generation._append)."""
+READ_WAIT_S = 5.0
+"""How long a read waits for a free connection of its pool before it fails (a 503)."""
+BUSY_TRIES_S = (0.05, 0.1, 0.2, 0.4, 0.8)
+"""Waits between the tries of a take-over's continuation that the server refuses because the
+generation it continues still runs there (its edge stopped it a moment ago)."""
 # A finished stream stays for the window, but never less than this: readers blocked on it must
 # still find its last event.
 MIN_DONE_MS = 1000
@@ -72,6 +88,7 @@ class RedisStreams:
         settings: EdgeSettings,
         upstream: Upstream,
         encode: Encode,
+        pools: Pools | None = None,
     ) -> None:
         self.window_s = settings.resume_window_s
         self.lease_s = settings.resume_lease_s
@@ -83,15 +100,15 @@ class RedisStreams:
         self.encode = encode
         self.upstream = upstream
         self.edge = uuid.uuid4().hex
-        """This edge's name in the leases it holds."""
-        # Every reader tails its stream with a blocking XREAD, which holds a connection while
-        # it waits: the pool is sized for many readers (Redis allows 10,000 clients by
-        # default). RESP2 pins the shapes of the replies read here.
-        self.client = aioredis.Redis.from_url(
-            settings.resume_store, max_connections=MAX_CONNECTIONS, protocol=2
-        )
-        self.scripts = {name: self.client.register_script(getattr(rk, name)) for name in SCRIPTS}
-        self.followers: collections.Counter[str] = collections.Counter()
+        """This edge's name in the leases it holds and the streams it reads."""
+        self.pools = pools or Pools.within(MAX_CONNECTIONS)
+        self.writes = waiting_client(settings.resume_store, self.pools.writes, WRITE_WAIT_S)
+        self.reads = waiting_client(settings.resume_store, self.pools.reads, READ_WAIT_S)
+        self.waits = waiting_client(settings.resume_store, self.pools.waits, READ_WAIT_S)
+        self.scripts = {name: self.writes.register_script(getattr(rk, name)) for name in SCRIPTS}
+        self.seats = Seats(self.pools.followers)
+        self.tails: dict[str, Tail] = {}
+        """The streams read on this edge, each with its readers here."""
         self._generations: dict[str, Generation] = {}
         self.held = 0
         """Bytes of the events kept for the streams this edge generates, kept as they change
@@ -99,6 +116,11 @@ class RedisStreams:
         self._claimed: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
+
+    @property
+    def followers(self) -> dict[str, int]:
+        """Readers attached on this edge, by stream."""
+        return {request_id: tail.readers for request_id, tail in self.tails.items()}
 
     async def redis(self, call: Awaitable[T]) -> T:
         """A Redis call whose failure is a 503 for the HTTP caller."""
@@ -108,7 +130,12 @@ class RedisStreams:
             raise store_error(error) from None
 
     async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """One of the scripts, on the writers' pool."""
         return await self.scripts[name](keys=keys, args=args)
+
+    def holder(self) -> str:
+        """A new generation's name in the lease it holds: this edge's, and its own."""
+        return f"{self.edge}:{uuid.uuid4().hex[:12]}"
 
     async def claim(self, request_id: str) -> None:
         keys = Keys.of(request_id)
@@ -129,6 +156,7 @@ class RedisStreams:
             raise EdgeError(429, "RESOURCE_EXHAUSTED", "resume buffers are full", retry_after_s=1)
         keys = Keys.of(request_id)
         request = upstream.request or pb.GenerateRequest()
+        holder = self.holder()
         meta = {
             "state": "open",
             "principal": _principal(owner),
@@ -136,11 +164,12 @@ class RedisStreams:
             "seed": "" if upstream.seed is None else str(upstream.seed),
             "model": "" if upstream.model is None else upstream.model.header(),
             "first": 1,
+            "holder": holder,
         }
-        pipe = self.client.pipeline(transaction=True)
+        pipe = self.writes.pipeline(transaction=True)
         pipe.hset(keys.meta, mapping=meta)  # type: ignore[arg-type]
         pipe.pexpire(keys.meta, self.live_ttl_ms)
-        pipe.set(keys.lease, self.edge, px=self.lease_ms)
+        pipe.set(keys.lease, holder, px=self.lease_ms)
         pipe.set(keys.gone, _principal(owner), ex=rk.GONE_S)
         try:
             await self.redis(pipe.execute())
@@ -148,24 +177,36 @@ class RedisStreams:
             upstream.cancel()
             raise
         self._claimed.discard(request_id)
-        self._start(request_id, 1, _ready(upstream), skip_usage=False)
+        self._start(request_id, 1, _ready(upstream), holder, skip_usage=False)
         return RedisStream(self, request_id)
 
     async def get(self, request_id: str, owner: str | None) -> RedisStream:
+        """The caller's stream, with a seat for its reader: a 503 when this edge's readers fill
+        the bound, answered before any call to the store."""
+        seat = self.seats.admit()
+        try:
+            await self._find(request_id, owner)
+        except BaseException:
+            seat.release()
+            raise
+        return RedisStream(self, request_id, seat)
+
+    async def _find(self, request_id: str, owner: str | None) -> None:
+        """Nothing when the caller's stream is stored; 404 or 410 otherwise."""
         keys = Keys.of(request_id)
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self.reads.pipeline(transaction=False)
         pipe.hmget(keys.meta, ["state", "principal"])
         pipe.get(keys.gone)
         (state, principal), gone = await self.redis(pipe.execute())
         caller = _principal(owner)
         if state in (b"open", b"done") and principal == caller:
-            return RedisStream(self, request_id)
+            return
         if gone == caller:
             raise expired_stream(request_id)
         raise unknown_stream(request_id)
 
     async def cancel(self, request_id: str, owner: str | None) -> None:
-        await self.get(request_id, owner)
+        await self._find(request_id, owner)
         generation = self._generations.get(request_id)
         if generation is not None:
             await generation.cancel_at_server()
@@ -176,20 +217,23 @@ class RedisStreams:
             await self.redis(self.take_over(request_id))
 
     async def take_over(self, request_id: str) -> None:
-        """Continue a stream whose edge's lease lapsed, if this edge wins its lease."""
+        """Continue a stream whose edge's lease lapsed, if this edge wins its lease. Never one
+        this edge still generates: a generation stays registered until its call to the server
+        has ended, whatever ended it."""
         keys = Keys.of(request_id)
         if request_id in self._generations:
             return
-        if not await self.client.set(keys.lease, self.edge, nx=True, px=self.lease_ms):
+        holder = self.holder()
+        if not await self.script("TAKE", [keys.lease, keys.meta], [holder, self.lease_ms]):
             return
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self.writes.pipeline(transaction=False)
         pipe.hgetall(keys.meta)
         pipe.get(keys.ids)
         pipe.xrevrange(keys.events, count=1)
         meta, packed, last = await pipe.execute()
         last_seq, last_name = _seq_and_name(last[0]) if last else (0, "")
         if meta.get(b"state") != b"open" or last_name in rk.TERMINAL:
-            await self.script("RELEASE_LEASE", [keys.lease], [self.edge])
+            await self.script("RELEASE_LEASE", [keys.lease], [holder])
             return
         request = pb.GenerateRequest.FromString(meta[b"request"])
         packed = packed or b""
@@ -208,18 +252,19 @@ class RedisStreams:
         )
 
         async def reopen() -> UpstreamStream:
-            return await self.upstream.open(
-                request, request_id, delivered, route=NATIVE, owner=_owner(meta.get(b"principal"))
-            )
+            owner = _owner(meta.get(b"principal"))
+            return await _continued(self.upstream, request, request_id, delivered, owner)
 
-        generation = self._start(request_id, last_seq + 1, reopen, skip_usage=last_name == "usage")
+        generation = self._start(
+            request_id, last_seq + 1, reopen, holder, skip_usage=last_name == "usage"
+        )
         if meta.get(b"cancel"):
             generation.cancel()
 
     def _start(
-        self, request_id: str, next_seq: int, opener: Opener, *, skip_usage: bool
+        self, request_id: str, next_seq: int, opener: Opener, holder: str, *, skip_usage: bool
     ) -> Generation:
-        generation = Generation(self, request_id, next_seq, opener, skip_usage=skip_usage)
+        generation = Generation(self, request_id, next_seq, opener, holder, skip_usage=skip_usage)
         self._generations[request_id] = generation
         return generation
 
@@ -227,6 +272,32 @@ class RedisStreams:
         if self._generations.get(generation.request_id) is generation:
             del self._generations[generation.request_id]
             self.held -= generation.bytes
+
+    def failed(self, request_id: str, error: EdgeError) -> None:
+        """This edge's generation of the stream failed: its readers here end with `error`."""
+        tail = self.tails.get(request_id)
+        if tail is not None:
+            tail.fail(made_up(self, error))
+
+    def attach(self, request_id: str, after_seq: int) -> Tail:
+        """A reader of the stream joins this edge's tail of it (a new one if it has none)."""
+        tail = self.tails.get(request_id)
+        if tail is None or not tail.running:
+            tail = self.tails[request_id] = Tail(self, request_id, after_seq)
+        tail.readers += 1
+        return tail
+
+    def detach(self, tail: Tail) -> None:
+        """A reader left; the last one stops the tail, and this edge no longer reads it."""
+        tail.readers -= 1
+        if tail.readers > 0:
+            return
+        tail.stop()
+        if self.tails.get(tail.request_id) is tail:
+            del self.tails[tail.request_id]
+            # A reader that comes at once marks it again; a mark lost meanwhile is back within
+            # a third of a lease, far within the window that abandoning a stream needs.
+            self.spawn(quietly(self.reads.zrem(tail.keys.watch, self.edge)))
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run Redis housekeeping in the background (a reader that leaves cannot wait for it)."""
@@ -253,9 +324,33 @@ class RedisStreams:
         self._closed = True
         for generation in list(self._generations.values()):
             generation.stop()
+        for tail in self.tails.values():
+            tail.stop()
         tasks = [t for g in self._generations.values() for t in g.tasks] + list(self._background)
+        tasks += [tail.task for tail in self.tails.values()]
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.client.aclose()
+        for client in (self.writes, self.reads, self.waits):
+            await client.aclose()
+
+
+async def _continued(
+    upstream: Upstream,
+    request: pb.GenerateRequest,
+    request_id: str,
+    delivered: Delivered,
+    owner: str | None,
+) -> UpstreamStream:
+    """The continuation of a taken-over stream. The generation it continues may still run at
+    the server (its edge stopped it a moment ago, and the server ends it at its next step),
+    which then refuses the id: that refusal is tried again, BUSY_TRIES_S apart."""
+    for wait_s in BUSY_TRIES_S:
+        try:
+            return await upstream.open(request, request_id, delivered, route=NATIVE, owner=owner)
+        except EdgeError as error:
+            if error.param != "request_id":
+                raise
+            await asyncio.sleep(wait_s)
+    return await upstream.open(request, request_id, delivered, route=NATIVE, owner=owner)
 
 
 def _ready(upstream: UpstreamStream) -> Opener:
@@ -265,101 +360,6 @@ def _ready(upstream: UpstreamStream) -> Opener:
     return opened
 
 
-def _seq_and_name(entry: tuple[bytes, dict[bytes, bytes]]) -> tuple[int, str]:
-    entry_id, fields = entry
-    return int(entry_id.split(b"-")[1]), fields[b"n"].decode()
-
-
-def _event(entry: tuple[bytes, dict[bytes, bytes]]) -> BufferedEvent:
-    seq, name = _seq_and_name(entry)
-    return BufferedEvent(seq, name, entry[1][b"d"].decode())
-
-
-def _made_up(store: RedisStreams, error: EdgeError) -> BufferedEvent:
-    """An error event this edge tells its reader, not stored (seq 0: it has no id)."""
-    name, data = store.encode(error)
-    return BufferedEvent(0, name, json.dumps(data))
-
-
-class RedisStream:
-    """A reader's view of one stored stream: the events after a seq, then live ones."""
-
-    def __init__(self, store: RedisStreams, request_id: str) -> None:
-        self.store = store
-        self.request_id = request_id
-        self.keys = Keys.of(request_id)
-
-    @property
-    def followers(self) -> int:
-        return self.store.followers[self.request_id]
-
-    async def bounds(self) -> tuple[int, int, bool]:
-        pipe = self.store.client.pipeline(transaction=False)
-        pipe.hget(self.keys.meta, "first")
-        pipe.xrevrange(self.keys.events, count=1)
-        first, last = await self.store.redis(pipe.execute())
-        seq, name = _seq_and_name(last[0]) if last else (0, "")
-        return int(first or 1), seq, name in rk.TERMINAL
-
-    async def follow(self, after_seq: int) -> AsyncGenerator[BufferedEvent, None]:
-        store = self.store
-        member = f"{store.edge}:{uuid.uuid4().hex}"
-        store.followers[self.request_id] += 1
-        try:
-            async for event in self._events(after_seq, member):
-                yield event
-        finally:
-            store.followers[self.request_id] -= 1
-            if store.followers[self.request_id] <= 0:
-                del store.followers[self.request_id]
-            store.spawn(quietly(store.client.zrem(self.keys.watch, member)))
-
-    async def _events(self, after_seq: int, member: str) -> AsyncIterator[BufferedEvent]:
-        store, keys = self.store, self.keys
-        cursor = after_seq
-        block_ms = max(10, store.lease_ms // 2)
-        watched_at = float("-inf")
-        try:
-            first = await store.client.hget(keys.meta, "first")
-            if after_seq + 1 < int(first or 1):
-                yield _made_up(store, events_dropped(after_seq))
-                return
-            while True:
-                if time.monotonic() - watched_at >= store.lease_s / 3:
-                    await store.script("WATCH", [keys.watch], [member, 2 * store.lease_ms])
-                    watched_at = time.monotonic()
-                reply = cast(
-                    list[Any],
-                    await store.client.xread(
-                        {keys.events: f"0-{cursor}"}, count=READ_COUNT, block=block_ms
-                    ),
-                )
-                entries = reply[0][1] if reply else []
-                for entry in entries:
-                    event = _event(entry)
-                    if event.seq != cursor + 1:
-                        # Trimmed before this reader got them: say so, never skip silently.
-                        yield _made_up(store, events_dropped(cursor))
-                        return
-                    cursor = event.seq
-                    yield event
-                    if event.name in rk.TERMINAL:
-                        return
-                if not entries and not await self._still_there():
-                    yield _made_up(store, expired_stream(self.request_id))
-                    return
-        except RedisError as error:
-            yield _made_up(store, store_error(error))
-
-    async def _still_there(self) -> bool:
-        """Nothing new for a while: is the stream still stored, and is its edge alive? A stream
-        whose edge died is taken over here."""
-        pipe = self.store.client.pipeline(transaction=False)
-        pipe.hget(self.keys.meta, "state")
-        pipe.exists(self.keys.lease)
-        state, leased = await pipe.execute()
-        if state is None:
-            return False
-        if state == b"open" and not leased:
-            await self.store.take_over(self.request_id)
-        return True
+def _seq_and_name(entry: Entry) -> tuple[int, str]:
+    event = stored_event(entry)
+    return event.seq, event.name

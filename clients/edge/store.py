@@ -65,7 +65,9 @@ class ResumeStore(Protocol):
         ...
 
     async def get(self, request_id: str, owner: str | None) -> StoredStream:
-        """The caller's stream; 404 for an unknown or foreign id, 410 for an expired one."""
+        """The caller's stream; 404 for an unknown or foreign id, 410 for an expired one. The
+        Redis store answers 503 instead when this edge serves as many readers as it may
+        (tokenwire.edge.redis_pools): a resume is refused before its response starts."""
         ...
 
     async def cancel(self, request_id: str, owner: str | None) -> None:
