@@ -35,6 +35,7 @@ from tokenwire.edge.connections import (
     PROBE_ROOM,
     PROBES,
     ConnectionLimits,
+    OpenFiles,
     closing,
     connection_cap,
     over_capacity,
@@ -237,7 +238,7 @@ class EdgeServer:
         return ctx
 
     async def start(self) -> int:
-        self._bound_connections()
+        files = self._bound_connections()
         # proto=IPPROTO_TCP matters: asyncio turns Nagle off (TCP_NODELAY) only on sockets that
         # say so, and an SSE event held back by Nagle waits for a delayed ACK (~40 ms).
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -252,6 +253,14 @@ class EdgeServer:
             sock.close()
             raise
         self.port = int(sock.getsockname()[1])
+        # Logged once listening: a port that cannot be had is the one line a failed start says.
+        log.info(
+            "edge.open_files",
+            soft_was=files.soft_was,
+            soft=files.soft,
+            hard=files.hard,
+            max_connections=self.limits.max_connections,
+        )
         self._task = asyncio.create_task(self.server.serve(sockets=[sock]))
         while not self.server.started:
             if self._task.done():
@@ -259,20 +268,13 @@ class EdgeServer:
             await asyncio.sleep(0.01)
         return self.port
 
-    def _bound_connections(self) -> None:
-        """Raise the open-files limit, settle max_connections under it (logged: both limits,
-        and a warning where the setting is lowered), and quiet failed accepts."""
+    def _bound_connections(self) -> OpenFiles:
+        """Raise the open-files limit, settle max_connections under it (a warning where the
+        setting is lowered), and quiet failed accepts; the limits, for start to log."""
         files = raise_open_files_limit()
         store = bool(self.settings.resume_store)
         cap = connection_cap(self.settings.max_connections, files.soft, resume_store=store)
         self.limits.max_connections = cap
-        log.info(
-            "edge.open_files",
-            soft_was=files.soft_was,
-            soft=files.soft,
-            hard=files.hard,
-            max_connections=cap,
-        )
         if cap < self.settings.max_connections:
             log.warning(
                 "edge.max_connections_lowered",
@@ -282,6 +284,7 @@ class EdgeServer:
                 resume_store=store,
             )
         quiet_accept_errors(asyncio.get_running_loop())
+        return files
 
     async def drain(self, grace_s: float | None = None, notice_s: float | None = None) -> bool:
         """Drain as described above and stop; True when everything finished within the grace."""
