@@ -109,6 +109,28 @@ async def test_a_resume_on_another_edge_gets_exactly_the_missing_events(
     assert _text(events) == _text(whole)
 
 
+async def test_a_finished_stream_replays_whole_on_either_edge_at_once(
+    edges: tuple[RunningEdge, RunningEdge],
+) -> None:
+    """A stream that has ended, read again from its start (GET .../events, no Last-Event-ID)
+    on its own edge and on the other, gives every event through `done` at once, well within
+    the resume window, not an error when the window ends."""
+    a, b = edges
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=30) as on_a,
+        httpx.AsyncClient(base_url=b.url, timeout=30) as on_b,
+    ):
+        live = await _events(on_a, "POST", "/v1/generate", json=BODY)
+        request_id = live[0].id.rsplit(":", 1)[0]
+        for http in (on_a, on_b):
+            started = asyncio.get_running_loop().time()
+            again = await _events(http, "GET", f"/v1/generate/{request_id}/events")
+            assert asyncio.get_running_loop().time() - started < 1.0
+            assert [(e.id, e.event, e.data) for e in again] == [
+                (e.id, e.event, e.data) for e in live
+            ]
+
+
 async def test_an_unknown_id_is_the_same_404_as_in_memory(
     served: RunningServer, edges: tuple[RunningEdge, RunningEdge]
 ) -> None:

@@ -110,7 +110,12 @@ class Tail:
         try:
             top = cast(list[Entry], await store.reads.xrevrange(self.keys.events, count=1))
             if top:
-                self.last = max(self.last, stored_event(top[0]).seq)
+                newest = stored_event(top[0])
+                self.last = max(self.last, newest.seq)
+                # Readers waiting for news learn that the store holds events they lack.
+                self._wake()
+                if newest.name in rk.TERMINAL:
+                    return  # a finished stream: its readers find every event in the store
             await self._follow()
         except RedisError as error:
             self._ended(made_up(store, store_error(error)))
