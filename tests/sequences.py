@@ -28,12 +28,15 @@ def sequence(
     *,
     max_tokens: int = 16,
     eos_ids: frozenset[int] = frozenset(),
+    sampling: SamplingParams | None = None,
+    request_id: str = "r",
     **fields: object,
 ) -> Sequence:
-    """A greedy request for prompt_ids (any other GenerationRequest field in `fields`)."""
-    sampling = SamplingParams(temperature=0.0)
+    """A request for prompt_ids, greedy unless `sampling` says otherwise (any other
+    GenerationRequest field in `fields`)."""
+    sampling = sampling or SamplingParams(temperature=0.0)
     request = GenerationRequest(
-        "r",
+        request_id,
         "",
         max_tokens=max_tokens,
         sampling=sampling,

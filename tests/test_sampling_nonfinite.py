@@ -15,20 +15,19 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from tests.sequences import sequence
 from tokenwire.server.config import BUNDLED_MODEL_DIR
-from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
+from tokenwire.server.domain import SamplingParams, TokenEvent
 from tokenwire.server.engine.logits import HostLogits, LogitsReader
-from tokenwire.server.engine.mailbox import Mailbox
 from tokenwire.server.engine.sampling import (
     LOGPROB_FLOOR,
-    Sampler,
     log_normaliser,
     log_softmax_at,
     top_logprobs,
 )
 from tokenwire.server.engine.sequence import Sequence
 from tokenwire.server.engine.token_choice import TokenChooser
-from tokenwire.server.tokenizer import TextStream, Tokenizer
+from tokenwire.server.tokenizer import Tokenizer
 
 VOCAB = 64
 CPU = ["CPUExecutionProvider"]
@@ -43,23 +42,15 @@ def _row(
     logprobs: bool = False,
     alternatives: int = 0,
 ) -> Sequence:
-    request = GenerationRequest(
-        f"r{n}",
-        "",
+    return sequence(
+        loop,
+        tokenizer,
+        [5, 6],
         max_tokens=8,
         sampling=sampling,
-        prompt_ids=(5, 6),
+        request_id=f"r{n}",
         logprobs=logprobs,
         top_logprobs=alternatives,
-    )
-    return Sequence(
-        request=request,
-        prompt_ids=[5, 6],
-        budget=8,
-        eos_ids=frozenset(),
-        sampler=Sampler(sampling),
-        text=TextStream.create(tokenizer, ()),
-        mailbox=Mailbox(loop),
     )
 
 

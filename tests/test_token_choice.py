@@ -6,14 +6,13 @@ import asyncio
 
 import numpy as np
 
+from tests.sequences import sequence
 from tokenwire.server.config import BUNDLED_MODEL_DIR
-from tokenwire.server.domain import GenerationRequest, SamplingParams
+from tokenwire.server.domain import SamplingParams
 from tokenwire.server.engine.logits import HostLogits
-from tokenwire.server.engine.mailbox import Mailbox
-from tokenwire.server.engine.sampling import Sampler
 from tokenwire.server.engine.sequence import Sequence
 from tokenwire.server.engine.token_choice import TokenChooser
-from tokenwire.server.tokenizer import TextStream, Tokenizer
+from tokenwire.server.tokenizer import Tokenizer
 
 VOCAB = 64
 
@@ -21,16 +20,7 @@ VOCAB = 64
 def _row(
     loop: asyncio.AbstractEventLoop, tokenizer: Tokenizer, n: int, sampling: SamplingParams
 ) -> Sequence:
-    request = GenerationRequest(f"r{n}", "", max_tokens=8, sampling=sampling, prompt_ids=(5, 6))
-    return Sequence(
-        request=request,
-        prompt_ids=[5, 6],
-        budget=8,
-        eos_ids=frozenset(),
-        sampler=Sampler(sampling),
-        text=TextStream.create(tokenizer, ()),
-        mailbox=Mailbox(loop),
-    )
+    return sequence(loop, tokenizer, [5, 6], max_tokens=8, sampling=sampling, request_id=f"r{n}")
 
 
 def test_a_row_whose_draw_breaks_fails_alone(loop: asyncio.AbstractEventLoop) -> None:
