@@ -102,6 +102,21 @@ class RawClient:
                 elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
                     return b"".join(parts)
 
+    async def body_slowly(self, within_s: float, pause_s: float) -> bytes:
+        """Read the whole response body 4 KiB at a time, pausing pause_s after each read."""
+        loop = asyncio.get_running_loop()
+        parts: list[bytes] = []
+        async with asyncio.timeout(within_s):
+            while True:
+                event = self.conn.next_event()
+                if event is h11.NEED_DATA:
+                    self.conn.receive_data(await loop.sock_recv(self.sock, 4096))
+                    await asyncio.sleep(pause_s)
+                elif isinstance(event, h11.Data):
+                    parts.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    return b"".join(parts)
+
     def close(self) -> None:
         self.sock.close()
 
@@ -226,6 +241,26 @@ async def test_a_whole_response_its_client_does_not_read_is_cut(served: RunningS
     finally:
         client.close()
         await edge.edge.stop()
+
+
+async def test_a_whole_response_read_slowly_but_steadily_is_not_cut(
+    served: RunningServer,
+) -> None:
+    """A whole chat response far larger than the write buffer, read 4 KiB every 0.05 s (its
+    writing stays paused for seconds, longer than send_timeout_s), arrives whole: the client
+    takes some data within every send_timeout_s, so it is never cut."""
+    edge = await start_edge(served.target, send_timeout_s=0.5)
+    _small_send_buffers(edge)
+    body = {**_chat(1, stream=False), "max_tokens": 200}
+    client = await RawClient.post(edge.edge.port, "/v1/chat/completions", body)
+    try:
+        whole = await client.body_slowly(within_s=90, pause_s=0.05)
+    finally:
+        client.close()
+        await edge.edge.stop()
+    assert len(whole) > 200_000
+    reply = json.loads(whole)
+    assert reply["usage"]["completion_tokens"] == 200
 
 
 @pytest.fixture

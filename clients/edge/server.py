@@ -165,13 +165,14 @@ class _EdgeH11(H11Protocol):
             self._stall_timer = None
 
     def _check_writes(self) -> None:
-        """Cut a client that took no data since the watch began: writing has stayed paused
-        (the buffer above its high-water mark: a resume would have stopped the watch), or the
-        connection is closing and none of what is left was sent."""
+        """Cut a client that took no data since the watch began: nothing of the buffer went
+        out while writing stayed paused (above its high-water mark: a resume would have
+        stopped the watch) or the connection was closing. A client that takes some, however
+        slowly (a large whole response over a slow link), is watched again."""
         self._stall_timer = None
         unsent = self.transport.get_write_buffer_size()
-        closing_unread = self.transport.is_closing() and unsent >= self._unsent_at_watch
-        if unsent and (self.flow.write_paused or closing_unread):
+        stalled = unsent and unsent >= self._unsent_at_watch
+        if stalled and (self.flow.write_paused or self.transport.is_closing()):
             self.limits.stalled.count(
                 unsent_bytes=unsent, send_timeout_s=self.limits.send_timeout_s
             )
