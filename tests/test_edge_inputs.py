@@ -41,9 +41,9 @@ NATIVE_BODIES = {
     "invalid UTF-8": (b'{"prompt": "\xff\xfe"}', "body"),
     "max_tokens -1": (_body(max_tokens=-1), "max_tokens"),
     "max_tokens 2^32": (_body(max_tokens=4294967296), "max_tokens"),
-    "top_k -1": (_body(top_k=-1), "top_k"),
+    "top_k -2": (_body(top_k=-2), "top_k"),
     "top_k 2^32": (_body(top_k=2**32), "top_k"),
-    "seed -1": (_body(seed=-1), "seed"),
+    "seed below -2^63": (_body(seed=-(2**63) - 1), "seed"),
     "seed 2^64": (_body(seed=2**64), "seed"),
     "lone surrogate in prompt": (b'{"prompt": "a\\ud800b"}', "prompt"),
     "lone surrogate in a stop list": (_raw("stop", '["\\udfff"]'), "stop[0]"),
@@ -86,7 +86,7 @@ OPENAI_BODIES = {
     "max_tokens -1": ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
     "max_tokens 2^32": ({"prompt": "x", "max_tokens": 2**32}, "max_tokens"),
     "seed 2^64": ({"prompt": "x", "seed": 2**64}, "seed"),
-    "seed -1": ({"prompt": "x", "seed": -1}, "seed"),
+    "seed below -2^63": ({"prompt": "x", "seed": -(2**63) - 1}, "seed"),
     "temperature 1e308": ({"prompt": "x", "temperature": 1e308}, "temperature"),
     "n of 9": ({"prompt": "x", "n": 9}, "n"),
     "n of 0": ({"prompt": "x", "n": 0}, "n"),
@@ -438,3 +438,18 @@ def test_a_duplicate_among_many_logit_bias_keys_is_found_in_one_pass() -> None:
     assert time.perf_counter() - started < 2.0
     assert refused.value.param == "logit_bias"
     assert "token 49999 has two biases" in refused.value.message
+
+
+def test_top_k_minus_one_is_off_as_in_vllm() -> None:
+    """top_k -1, vLLM's spelling of off (clients written for vLLM send it), is top_k 0."""
+    assert Fields({"top_k": -1}).top_k() == 0
+    assert Fields({"top_k": 7}).top_k() == 7
+    assert Fields({}).top_k() == 0
+
+
+def test_a_negative_seed_is_its_64_bit_twos_complement() -> None:
+    """A negative seed (OpenAI and vLLM take any 64-bit integer) reaches the server as the same
+    64 bits read unsigned: one seed, one sequence of draws, and distinct seeds stay distinct."""
+    assert Fields({"seed": -1}).seed() == 2**64 - 1
+    assert Fields({"seed": -(2**63)}).seed() == 2**63
+    assert Fields({"seed": 5}).seed() == 5

@@ -187,6 +187,18 @@ async def test_n_completions_stream_and_whole_agree(sdk: openai.AsyncOpenAI) -> 
     assert texts == [c.text for c in whole.choices]
 
 
+async def test_a_negative_seed_samples_as_its_unsigned_twin(sdk: openai.AsyncOpenAI) -> None:
+    """seed -7 is accepted and samples exactly as seed 2^64 - 7 (the same 64 bits), twice
+    alike: reproducible like any seed."""
+    fields: dict[str, Any] = {"model": MODEL, "max_tokens": 12, "temperature": 1.5}
+    negative = [
+        (await sdk.completions.create(prompt="def", seed=-7, **fields)).choices[0].text
+        for _ in range(2)
+    ]
+    twin = (await sdk.completions.create(prompt="def", seed=2**64 - 7, **fields)).choices[0].text
+    assert negative == [twin, twin]
+
+
 async def test_n_with_seed_gives_each_choice_seed_plus_index(sdk: openai.AsyncOpenAI) -> None:
     """With a seed, choice i samples as a single request with seed + i would: reproducible,
     and the choices differ from one another."""

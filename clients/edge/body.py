@@ -63,8 +63,10 @@ class FloatRange:
 INT_RANGES: dict[str, IntRange] = {
     "max_tokens": IntRange(0, UINT32_MAX),
     "max_completion_tokens": IntRange(0, UINT32_MAX),
-    "top_k": IntRange(0, UINT32_MAX),
-    "seed": IntRange(0, UINT64_MAX),
+    # -1 is vLLM's "off" (as 0), which clients written for vLLM send.
+    "top_k": IntRange(-1, UINT32_MAX),
+    # OpenAI and vLLM take any 64-bit integer, negative ones included.
+    "seed": IntRange(-(2**63), UINT64_MAX),
     "n": IntRange(1, 8),
     "logprobs": IntRange(0, 5),
     "top_logprobs": IntRange(0, 20),
@@ -157,6 +159,16 @@ class Fields:
                 name, f"must be {allowed.describe()}, got {value!r}", _range_code(value, allowed)
             )
         return value
+
+    def top_k(self) -> int:
+        """top_k, 0 (off) when absent; -1, vLLM's spelling of off, is 0 too."""
+        return max(0, self.integer("top_k", 0) or 0)
+
+    def seed(self) -> int | None:
+        """seed as the wire's unsigned 64 bits: a negative one is its two's complement, so
+        every seed a client may send still names one sequence of draws of its own."""
+        value = self.integer("seed")
+        return None if value is None else value % (UINT64_MAX + 1)
 
     def number(self, name: str) -> float | None:
         """A finite number within FLOAT_RANGES[name]; None when absent."""

@@ -285,10 +285,10 @@ def _options(
         options = GenerateOptions(
             max_tokens=max_tokens,
             temperature=fields.number("temperature"),
-            top_k=fields.integer("top_k", 0) or 0,
+            top_k=fields.top_k(),
             top_p=fields.number("top_p"),
             repetition_penalty=fields.number("repetition_penalty"),
-            seed=fields.integer("seed"),
+            seed=fields.seed(),
             stop=fields.strings("stop"),
             ignore_eos=fields.boolean("ignore_eos"),
             logprobs=logprobs,
