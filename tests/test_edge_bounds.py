@@ -88,30 +88,19 @@ class RawClient:
             raise
         return client
 
-    async def body(self, within_s: float) -> bytes:
-        """Read the whole response body (the stream to its end)."""
+    async def body(self, within_s: float, pause_s: float = 0.0) -> bytes:
+        """Read the whole response body (the stream to its end); with pause_s, 4 KiB at a
+        time, pausing that long after each read."""
         loop = asyncio.get_running_loop()
+        size = 4096 if pause_s else 65536
         parts: list[bytes] = []
         async with asyncio.timeout(within_s):
             while True:
                 event = self.conn.next_event()
                 if event is h11.NEED_DATA:
-                    self.conn.receive_data(await loop.sock_recv(self.sock, 65536))
-                elif isinstance(event, h11.Data):
-                    parts.append(bytes(event.data))
-                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                    return b"".join(parts)
-
-    async def body_slowly(self, within_s: float, pause_s: float) -> bytes:
-        """Read the whole response body 4 KiB at a time, pausing pause_s after each read."""
-        loop = asyncio.get_running_loop()
-        parts: list[bytes] = []
-        async with asyncio.timeout(within_s):
-            while True:
-                event = self.conn.next_event()
-                if event is h11.NEED_DATA:
-                    self.conn.receive_data(await loop.sock_recv(self.sock, 4096))
-                    await asyncio.sleep(pause_s)
+                    self.conn.receive_data(await loop.sock_recv(self.sock, size))
+                    if pause_s:
+                        await asyncio.sleep(pause_s)
                 elif isinstance(event, h11.Data):
                     parts.append(bytes(event.data))
                 elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
@@ -254,7 +243,7 @@ async def test_a_whole_response_read_slowly_but_steadily_is_not_cut(
     body = {**_chat(1, stream=False), "max_tokens": 200}
     client = await RawClient.post(edge.edge.port, "/v1/chat/completions", body)
     try:
-        whole = await client.body_slowly(within_s=90, pause_s=0.05)
+        whole = await client.body(within_s=90, pause_s=0.05)
     finally:
         client.close()
         await edge.edge.stop()
