@@ -12,7 +12,7 @@ from tokenwire.server.domain import SamplingParams
 from tokenwire.server.engine.logits import HostLogits
 from tokenwire.server.engine.sequence import Sequence
 from tokenwire.server.engine.token_choice import TokenChooser
-from tokenwire.server.tokenizer import Tokenizer
+from tokenwire.server.tokenizer import TextStream, Tokenizer
 
 VOCAB = 64
 
@@ -46,3 +46,29 @@ def test_a_row_whose_draw_breaks_fails_alone(loop: asyncio.AbstractEventLoop) ->
     assert rows[3].generated == []
     assert rows[3].error is not None
     assert all(rows[i].error is None for i in (0, 1, 2, 4))
+
+
+class _BrokenFlush(TextStream):
+    """A text pipeline whose end-of-stream flush raises."""
+
+    def flush(self) -> str:
+        raise ValueError("flush broke")
+
+
+def test_a_row_whose_text_breaks_as_it_ends_fails_with_an_error(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """A row whose last token (its stop id) breaks the text pipeline's flush ends with an
+    error, so its stream has a terminal event, and the other row of the step is served."""
+    tokenizer = Tokenizer.from_dir(BUNDLED_MODEL_DIR)
+    rows = [_row(loop, tokenizer, n, SamplingParams(temperature=0.0)) for n in range(2)]
+    rows[0].stop_ids = frozenset({7})
+    broken = TextStream.create(tokenizer, ())
+    rows[0].text = _BrokenFlush(broken.detokenizer, broken.matcher)
+    logits = np.zeros((len(rows), VOCAB), dtype=np.float32)
+    logits[:, 7] = 5.0
+    TokenChooser(VOCAB, tokenizer.token_text).choose(rows, HostLogits(logits), 0.0)
+    assert rows[0].error is not None
+    assert rows[0].finished
+    assert rows[1].generated == [7]
+    assert rows[1].error is None

@@ -65,7 +65,9 @@ def request_limits(config: EngineConfig, context_length: int) -> RequestLimits:
 
 
 class GenerationHandle:
-    """A submitted request: iterate its events; cancel it by leaving early."""
+    """A submitted request: iterate its events; `cancel` ends it early. Leaving the iteration
+    does not: the request decodes on, holding its row, until it ends or is cancelled (the
+    caller knows why it left, and cancels with that reason)."""
 
     def __init__(self, engine: Engine, sequence: Sequence) -> None:
         self._engine = engine
@@ -116,7 +118,7 @@ class Engine:
         self._lock = threading.Lock()
         self._accepting = False
         self._tokenizing: concurrent.futures.ThreadPoolExecutor | None = None
-        self._encodings: dict[tuple[str, bool], asyncio.Future[list[int]]] = {}
+        self._encodings: dict[tuple[str, bool], concurrent.futures.Future[list[int]]] = {}
         """Long prompts being tokenized, by (prompt, add_special_tokens): one tokenizing each."""
         self._waiting_for_tokenizer = 0
         """Long prompts queued for or in the tokenizer thread: each holds a place in the
@@ -175,10 +177,12 @@ class Engine:
 
     def shutdown(self) -> None:
         """Cancel whatever is left and stop the decode thread."""
-        self._accepting = False
+        with self._lock:  # a request admitted before this has its Submit posted already
+            self._accepting = False
+            tokenizing = self._tokenizing
         self._scheduler.shutdown()
-        if self._tokenizing is not None:
-            self._tokenizing.shutdown(wait=False, cancel_futures=True)
+        if tokenizing is not None:
+            tokenizing.shutdown(wait=False, cancel_futures=True)
 
     # -- state ----------------------------------------------------------------------------------
     @property
@@ -247,26 +251,41 @@ class Engine:
     async def _encode_long(self, request: GenerationRequest) -> list[int]:
         """The long prompt's ids from the tokenizer thread. Requests that bring the same prompt
         while it is being tokenized (an OpenAI request's n choices, a client's retries) wait
-        for that one tokenizing instead of queueing one each."""
+        for that one tokenizing instead of queueing one each, whichever event loop they come
+        from. Unavailable if the engine shuts down first."""
         key = (request.prompt, request.add_special_tokens)
-        pending = self._encodings.get(key)
-        if pending is None:
-            pending = asyncio.get_running_loop().run_in_executor(
-                self._tokenizer_thread(), self._encode_released, request
-            )
-            self._encodings[key] = pending
+        with self._lock:
+            pending = self._encodings.get(key)
+            made = pending is None
+            if pending is None:
+                try:
+                    pending = self._tokenizer_thread().submit(self._encode_released, request)
+                except RuntimeError:  # shut down since this request was checked
+                    raise Unavailable("the server is shutting down") from None
+                self._encodings[key] = pending
+        if made:  # outside the lock: a future already done runs its callback at once
+            pending.add_done_callback(lambda done: self._forget_encoding(key, done))
+        try:
+            # Shielded: one caller leaving does not cancel the others' tokenizing.
+            shared: asyncio.Future[list[int]] = asyncio.wrap_future(pending)
+            return list(await asyncio.shield(shared))
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if pending.cancelled() and not (task is not None and task.cancelling()):
+                # shutdown() dropped the queued tokenizing, not the caller.
+                raise Unavailable("the server is shutting down") from None
+            raise
 
-            def forget(done: asyncio.Future[list[int]]) -> None:
-                if self._encodings.get(key) is done:
-                    del self._encodings[key]
-
-            pending.add_done_callback(forget)
-        # Shielded: one caller leaving does not cancel the others' tokenizing.
-        return list(await asyncio.shield(pending))
+    def _forget_encoding(
+        self, key: tuple[str, bool], done: concurrent.futures.Future[list[int]]
+    ) -> None:
+        with self._lock:
+            if self._encodings.get(key) is done:
+                del self._encodings[key]
 
     def _tokenizer_thread(self) -> concurrent.futures.ThreadPoolExecutor:
-        # One thread: long prompts queue behind each other rather than take every core from
-        # the decode thread.
+        """The tokenizer thread, made on first use (called under the lock). One thread: long
+        prompts queue behind each other rather than take every core from the decode thread."""
         if self._tokenizing is None:
             self._tokenizing = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="tokenwire-tokenize"
@@ -283,9 +302,12 @@ class Engine:
         return list(encoding.ids)
 
     def _check_open(self, request: GenerationRequest) -> None:
+        self._check_accepting()
+        request.check(self.limits)
+
+    def _check_accepting(self) -> None:
         if not self._accepting:
             raise Unavailable("the server is not accepting requests (starting or draining)")
-        request.check(self.limits)
 
     def _submit(
         self, request: GenerationRequest, arrived_at: float, prompt_ids: list[int] | None = None
@@ -311,7 +333,6 @@ class Engine:
             arrived_at=arrived_at,
         )
         self._admit(sequence)
-        self._scheduler.post(Submit(sequence))
         return GenerationHandle(self, sequence)
 
     def _check_ids(self, request: GenerationRequest) -> None:
@@ -356,13 +377,18 @@ class Engine:
                 )
 
     def _admit(self, sequence: Sequence) -> None:
+        """Make the request active and hand it to the decode thread, under the lock that
+        shutdown() takes: a request is admitted before the decode thread is told to stop (and
+        ends with the others) or refused."""
         with self._lock:
+            self._check_accepting()
             if sequence.request_id in self._active:
                 raise InvalidRequest(
                     "request_id", sequence.request_id, "must not match a running request's id"
                 )
             self._check_capacity()
             self._active[sequence.request_id] = sequence
+            self._scheduler.post(Submit(sequence))
 
     def _hold_place(self) -> None:
         """Take a place in the capacity for a long prompt while it waits for the tokenizer."""

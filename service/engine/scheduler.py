@@ -155,6 +155,7 @@ class Scheduler:
             except Exception as exc:  # a failing step must not take the server down
                 log.exception("engine.step_failed", error=f"{type(exc).__name__}: {exc}")
                 self._fail_all(exc)
+        self._take_left_behind()
         self._cancels[None] = FinishReason.CANCELLED
         self._reap(time.monotonic())
         self._publish()
@@ -197,13 +198,26 @@ class Scheduler:
             if isinstance(command, Shutdown):
                 return False
             if isinstance(command, Submit):
-                self._members[command.sequence] = None
-                if command.sequence.request.deadline is not None:
-                    self._timed.add(command.sequence)
-                self._waiting.append(command.sequence)
+                self._enqueue(command.sequence)
             else:
                 self._cancels[command.sequence] = command.reason
             block = not self._has_work() and not self._cancels
+
+    def _take_left_behind(self) -> None:
+        """After Shutdown: requests submitted behind it join the members, to end with them."""
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, Submit):
+                self._enqueue(command.sequence)
+
+    def _enqueue(self, sequence: Sequence) -> None:
+        self._members[sequence] = None
+        if sequence.request.deadline is not None:
+            self._timed.add(sequence)
+        self._waiting.append(sequence)
 
     def _step(self, now: float) -> int:
         self._reap(now)
@@ -475,10 +489,13 @@ class Scheduler:
         self.waiting = len(self._waiting)
 
     def _fail_all(self, exc: Exception) -> None:
-        """An unexpected error in the loop: every member request ends with it; the loop goes on."""
-        for seq in self._members:
+        """An unexpected error in the loop: every member request ends with it; the loop goes on.
+        Requests that had already ended this step end as they did, reported once."""
+        ended = {*self._finished, *self._done}
+        failing = [seq for seq in self._members if seq not in ended]
+        for seq in failing:
             seq.fail("engine step failed", exc)
-        self._finished = list(self._members)
+        self._finished.extend(failing)
         self._waiting.clear()
         self._prefilling.clear()
         self._cohorts.clear()

@@ -137,18 +137,21 @@ class Sequence:
 
     def _stops_at(self, token_id: int) -> tuple[FinishReason | None, str]:
         """Push the newest token through the text pipeline: set the finish reason if a stop
-        condition holds; return it and the text the token releases."""
+        condition holds; return it and the text the token releases. The reason is set last:
+        should the text pipeline fail, the request is not finished yet and fails (with a
+        terminal error) instead of ending without its completion."""
         if token_id in self.stop_ids:
+            delta = self.text.flush()
             self.finish_reason = FinishReason.STOP
-            return self.finish_reason, self.text.flush()
+            return self.finish_reason, delta
         # Stop strings, as EOS and stop ids, cannot end a stream before min_tokens: they count
         # from the token after the min_tokens-th (a string may begin earlier and end there).
         delta, stop = self.text.push(token_id, armed=len(self.generated) > self.request.min_tokens)
         if stop is not None:
             self.finish_reason, self.stop_sequence = FinishReason.STOP_SEQUENCE, stop
         elif len(self.generated) >= self.budget:
-            self.finish_reason = FinishReason.LENGTH
             delta += self.text.flush()
+            self.finish_reason = FinishReason.LENGTH
         return self.finish_reason, delta
 
     def accept(
@@ -161,11 +164,11 @@ class Sequence:
         """Record a sampled token, queue its event, and finish when a stop condition holds."""
         self.generated.append(token_id)
         self.token_times.append(now)
-        _, delta = self._stops_at(token_id)
-        index = len(self.generated) - 1
         own, own_bytes = None, None
         if logprob is not None:  # a token's own text and bytes only serve logprobs
             own, own_bytes = self.text.token_text(token_id), self.text.token_bytes(token_id)
+        _, delta = self._stops_at(token_id)
+        index = len(self.generated) - 1
         self.outbox.append(TokenEvent(delta, token_id, index, logprob, top, own, own_bytes))
         if self.finish_reason is not None:
             self._close(now)

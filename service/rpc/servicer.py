@@ -111,6 +111,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             )
             ended = "the call ended before the request was accepted"
             log.info("request.rejected", code=code, reason=ended)
+            self._observer.request_rejected(code)
             span.refused(code, "CancelledError", ended)
             raise
         logged = request if self._log_content and isinstance(request, pb.GenerateRequest) else None
