@@ -4,6 +4,7 @@ served as some other model, and none fails with a traceback."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -14,6 +15,7 @@ import pytest
 
 from tokenwire.server.config import BUNDLED_MODEL_DIR, Settings
 from tokenwire.server.engine import ModelLoadError, ModelSpec, OnnxCausalLM
+from tokenwire.server.engine.graph import check_vocab, read_layout
 from tokenwire.server.main import load_engine
 from tokenwire.server.tokenizer import Tokenizer, TokenizerLoadError
 
@@ -385,3 +387,103 @@ def test_the_server_refuses_a_broken_tokenizer_as_a_model_it_cannot_load(tmp_pat
     (model_dir / "tokenizer.json").unlink()
     with pytest.raises(ModelLoadError, match=re.escape("tokenizer.json is missing")):
         load_engine(Settings(model_dir=model_dir, provider="cpu", intra_op_threads=1))
+
+
+@pytest.mark.parametrize("provider", ["dml", "webgpu", "NvTensorRtRtx"])
+def test_a_genai_folder_built_for_another_execution_provider_is_refused(
+    tmp_path: Path, provider: str
+) -> None:
+    """A folder whose genai_config.json names an execution provider other than the CPU or
+    CUDA (built with `-e dml`, say, whose LongRoPE graphs leave the rotary table's offset to
+    that provider) is refused, naming the key and the provider, not served with other
+    tokens."""
+    options = {"log_id": "onnxruntime-genai", "provider_options": [{provider: {}}]}
+    model_dir = _genai(tmp_path, session_options=options)
+    with pytest.raises(
+        ModelLoadError, match=rf"session_options\.provider_options names {provider}: "
+    ):
+        ModelSpec.from_dir(model_dir)
+
+
+def test_a_genai_folder_built_for_cuda_is_read(tmp_path: Path) -> None:
+    """A folder built with `-e cuda` (provider_options names cuda) is read as any other."""
+    options = {"log_id": "onnxruntime-genai", "provider_options": [{"cuda": {}}]}
+    model_dir = _genai(tmp_path, session_options=options)
+    assert ModelSpec.from_dir(model_dir).vocab_size > 0
+
+
+def test_a_window_on_every_layer_is_refused_in_words(tmp_path: Path) -> None:
+    """A sliding window the builder lists with no layers (every layer has it) is refused
+    saying the folder's layers keep a window-sized cache, not "layers []"."""
+    window = {"window_size": 8, "slide_key_value_cache": False, "layers": [], "cache_slack": 0}
+    with pytest.raises(ModelLoadError, match="sliding_window: its layers keep a window-sized"):
+        ModelSpec.from_dir(_genai(tmp_path, sliding_window=window))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Arg:
+    """An input or output of a graph, as ONNX Runtime's session lists it."""
+
+    name: str
+    shape: list[int | str]
+    type: str = "tensor(float)"
+
+
+def _cache(layers: int, dtype: str = "tensor(float)") -> tuple[list[_Arg], list[_Arg]]:
+    """A graph's cache inputs and outputs for the GenAI llama fixture's shape."""
+    spec = ModelSpec.from_dir(GENAI_LLAMA)
+    assert spec.num_kv_heads is not None
+    assert spec.head_dim is not None
+    shape: list[int | str] = ["batch", spec.num_kv_heads, "past", spec.head_dim]
+    inputs, outputs = [], []
+    for layer in range(layers):
+        for kind in ("key", "value"):
+            inputs.append(_Arg(f"past_key_values.{layer}.{kind}", shape, dtype))
+            outputs.append(_Arg(f"present.{layer}.{kind}", shape, dtype))
+    return inputs, outputs
+
+
+def test_logits_of_the_last_position_only_are_refused() -> None:
+    """A graph whose logits hold one position per row (GenAI's builder with
+    prune_lm_head=true) is refused naming the option, not failed with an IndexError on the
+    first prefill of rows of different lengths."""
+    spec = ModelSpec.from_dir(GENAI_LLAMA)
+    pruned = [_Arg("logits", ["batch", 1, spec.vocab_size])]
+    with pytest.raises(ModelLoadError, match=r"logits cover only the last position.*prune_lm"):
+        check_vocab(pruned, spec, "model.onnx")
+
+
+def test_a_quantized_kv_cache_is_refused_naming_its_element_type() -> None:
+    """Cache inputs of int8 (GenAI's kv_cache_quant_scheme) are refused naming that type and
+    the types served."""
+    spec = ModelSpec.from_dir(GENAI_LLAMA)
+    inputs, outputs = _cache(spec.num_layers or 0, "tensor(int8)")
+    with pytest.raises(ModelLoadError, match=re.escape("element types ['tensor(int8)']")):
+        read_layout(inputs, outputs, spec, "model.onnx")
+
+
+def test_state_inputs_besides_the_kv_cache_are_refused_naming_them() -> None:
+    """A graph that also carries a convolution's state per layer (a hybrid model) is refused
+    naming those inputs, not as a KV cache with missing layers."""
+    spec = ModelSpec.from_dir(GENAI_LLAMA)
+    inputs, outputs = _cache(spec.num_layers or 0)
+    inputs.append(_Arg("past_conv.0", ["batch", 16, 3]))
+    with pytest.raises(ModelLoadError, match=r"state inputs besides its KV cache \(past_conv\.0\)"):
+        read_layout(inputs, outputs, spec, "model.onnx")
+
+
+class _UnreadableOutputs(OnnxCausalLM):
+    """The GenAI llama fixture, its batched forwards failing as unreadable logits would."""
+
+    def forward(self, ids: Any, *args: Any, **kwargs: Any) -> Any:
+        if len(ids) > 1:
+            raise IndexError("index 5 is out of bounds for axis 1 with size 1")
+        return super().forward(ids, *args, **kwargs)
+
+
+def test_a_graph_whose_outputs_cannot_be_read_is_refused_in_one_line() -> None:
+    """A test forward at load that fails outside ONNX Runtime (outputs of a shape the engine
+    cannot read) is refused as a ModelLoadError naming the graph and the error, so the
+    server says so in one line instead of a traceback."""
+    with pytest.raises(ModelLoadError, match=r"model\.onnx gives outputs tokenwire cannot read"):
+        _UnreadableOutputs(GENAI_LLAMA, provider="cpu")

@@ -21,6 +21,8 @@ import numpy as np
 from tokenwire.server.engine.spec import ModelLoadError, ModelSpec
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value|key_value)$")
+_OTHER_STATE = re.compile(r"^past(?!_key_values\.)[._].*\d")
+"""A per-layer state input that is not a KV cache (a convolution's, a recurrent layer's)."""
 _ORT_DTYPES: dict[str, type[np.floating[Any]]] = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -83,9 +85,18 @@ def read_layout(
     """Read the cache layout from the session's inputs and outputs, and check it against spec.
     `graph` names the graph's file in errors."""
     by_layer: dict[int, list[NodeArg]] = {}
+    other_states = []
     for arg in inputs:
         if match := _PAST.match(arg.name):
             by_layer.setdefault(int(match.group(1)), []).append(arg)
+        elif _OTHER_STATE.match(arg.name):
+            other_states.append(arg.name)
+    if other_states:
+        raise ModelLoadError(
+            f"{graph} has state inputs besides its KV cache ({', '.join(other_states[:4])}"
+            f"{', ...' if len(other_states) > 4 else ''}): a model with convolution or "
+            "recurrent layers, which tokenwire does not serve (it carries a KV cache only)"
+        )
     if not by_layer:
         raise ModelLoadError(
             f"{graph} has no past_key_values.N.key/value inputs: the engine drives decoder "
@@ -100,10 +111,14 @@ def read_layout(
         for layer in layers
         for arg in sorted(by_layer[layer], key=lambda a: a.name)
     )
-    dtypes = {next(a.type for a in inputs if a.name == t.name) for t in tensors}
-    if len(dtypes) != 1 or (dtype := dtypes.pop()) not in _ORT_DTYPES:
-        raise ModelLoadError(f"{graph} cache inputs have element types {sorted(dtypes)}")
-    layout = CacheLayout(tensors, _ORT_DTYPES[dtype], len(layers))
+    dtypes = sorted({next(a.type for a in inputs if a.name == t.name) for t in tensors})
+    if len(dtypes) != 1 or dtypes[0] not in _ORT_DTYPES:
+        raise ModelLoadError(
+            f"{graph} cache inputs have element types {dtypes}: tokenwire serves caches of "
+            f"{' or '.join(sorted(_ORT_DTYPES))} (not a quantized KV cache, such as ONNX "
+            "Runtime GenAI's builder writes with kv_cache_quant_scheme)"
+        )
+    layout = CacheLayout(tensors, _ORT_DTYPES[dtypes[0]], len(layers))
     check_against_config(layout, spec, graph)
     return layout
 
@@ -175,7 +190,15 @@ def check_vocab(outputs: Sequence[NodeArg], spec: ModelSpec, graph: str) -> None
     logits = next((o for o in outputs if o.name == "logits"), None)
     if logits is None:
         raise ModelLoadError(f"{graph} has no 'logits' output")
-    width = list(logits.shape)[-1] if logits.shape else None
+    shape = list(logits.shape or ())
+    if len(shape) == 3 and shape[1] == 1:
+        raise ModelLoadError(
+            f"{graph} logits cover only the last position of each row (logits {shape}, as "
+            "ONNX Runtime GenAI's builder writes with prune_lm_head=true): rows of different "
+            "lengths share a prefill here, each read at its own last position; rebuild the "
+            "graph without prune_lm_head"
+        )
+    width = shape[-1] if shape else None
     if isinstance(width, int) and width != spec.vocab_size:
         raise ModelLoadError(
             f"{spec.config_file} says vocab size {spec.vocab_size} but {graph} logits have {width}"

@@ -214,12 +214,22 @@ class OnnxCausalLM:
         describe it (a head size, or a context its tables lack) fails them, and says so."""
         try:
             self._probe(graph, tolerance, max_kv_tokens)
+        except ModelLoadError:
+            raise
         except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             if not _from_onnxruntime(exc):
-                raise
+                # Outputs the engine cannot read (shapes no engine path expects): refused as
+                # a graph it cannot drive, in one line, not a traceback.
+                raise ModelLoadError(
+                    f"{graph} gives outputs tokenwire cannot read in a test forward at load "
+                    f"({type(exc).__name__}: {first})"
+                ) from exc
             raise ModelLoadError(
                 f"{graph} fails a test forward at load, so {self.spec.config_file} may not "
-                f"describe it: {str(exc).strip().splitlines()[0]}"
+                f"describe it, or ONNX Runtime's {self.provider} cannot run it"
+                f"{' (an fp16 graph on the CPU provider, say)' if self.provider == CPU else ''}"
+                f": {first}"
             ) from exc
 
     def _probe(self, graph: str, tolerance: float, max_kv_tokens: int | None) -> None:

@@ -160,6 +160,33 @@ def _missing_graph(candidates: list[Path]) -> NoReturn:
     )
 
 
+BUILT_FOR = frozenset({"cuda"})
+"""Execution providers a GenAI folder may be built for (besides the CPU, which names none in
+provider_options): their graphs follow ONNX Runtime's own operator contracts, on either
+provider tokenwire runs."""
+
+
+def _check_built_for(decoder: dict[str, Any]) -> None:
+    """Refuse a folder built for another execution provider (`builder -e dml|webgpu|...`): its
+    graph may rely on what that provider's kernels do beyond the operator's contract (DML and
+    WebGPU LongRoPE builds join the short and long rotary tables into one, whose row offset the
+    provider applies), and served here it would decode other tokens without an error."""
+    options = decoder.get("session_options")
+    providers = options.get("provider_options") if isinstance(options, dict) else None
+    if not isinstance(providers, list):
+        return
+    names = sorted({str(name) for entry in providers if isinstance(entry, dict) for name in entry})
+    foreign = [name for name in names if name.lower() not in BUILT_FOR]
+    if foreign:
+        raise ModelLoadError(
+            f"{GENAI_CONFIG} model.decoder.session_options.provider_options names "
+            f"{', '.join(foreign)}: the folder was built for that execution provider, whose "
+            "graphs may count on its own kernels' conventions; tokenwire runs ONNX Runtime's "
+            "CPU and CUDA providers: rebuild it with python -m onnxruntime_genai.models.builder "
+            "... -e cpu (or -e cuda)"
+        )
+
+
 def genai_as_config(genai: dict[str, Any]) -> dict[str, Any]:
     """genai_config.json's model section under config.json's key names (and `_graph_file`,
     the decoder's file). Refused: what GenAI's runtime does around the graph that the engine
@@ -168,11 +195,14 @@ def genai_as_config(genai: dict[str, Any]) -> dict[str, Any]:
     decoder = model.get("decoder") if isinstance(model, dict) else None
     if not isinstance(model, dict) or not isinstance(decoder, dict):
         raise ModelLoadError(f"{GENAI_CONFIG} has no model.decoder section")
+    _check_built_for(decoder)
     window = decoder.get("sliding_window")
     if window is not None:
         layers = window.get("layers") if isinstance(window, dict) else None
+        # The builder lists no layers when every layer has the window.
+        which = f"layers {layers}" if layers else "its layers"
         raise ModelLoadError(
-            f"{GENAI_CONFIG} model.decoder.sliding_window: layers {layers} keep a window-sized "
+            f"{GENAI_CONFIG} model.decoder.sliding_window: {which} keep a window-sized "
             "cache that ONNX Runtime GenAI slides, which tokenwire does not drive; rebuild the "
             "folder with full-length caches (the window still applies): python -m "
             "onnxruntime_genai.models.builder ... --extra_options windowed_kv_cache=false"
