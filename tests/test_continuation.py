@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.conftest import greedy
+from tests.conftest import RunningServer, collect, greedy
 from tests.fakes import ScriptedModel
 from tokenwire.server.domain import (
     CompletionEvent,
@@ -27,6 +27,7 @@ from tokenwire.server.domain import (
 )
 from tokenwire.server.engine import Engine, ModelSpec, OnnxCausalLM
 from tokenwire.server.tokenizer import Tokenizer
+from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 PROMPT = "def fib(n):"
@@ -196,3 +197,28 @@ async def test_the_seed_is_sent_before_the_first_token(stub: pb_grpc.GenerationS
     [_ async for _ in call]
     assert int(str(metadata["x-tokenwire-seed"])) >= 0
     assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_a_continuation_replaces_the_callers_running_stream_of_its_id(
+    paced: RunningServer,
+) -> None:
+    """A continuation that arrives while the server still runs the stream it continues (its
+    connection broke, the server has yet to notice) is served, not refused for its id: the
+    running stream ends as cancelled and the continuation streams the rest (a fresh request
+    with a running stream's id is still refused: test_auth)."""
+    async with grpc.aio.insecure_channel(paced.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        first = stub.Generate(greedy("x", 40, request_id="kept"))
+        delivered = []
+        while len(delivered) < 3:
+            message = await first.read()
+            assert isinstance(message, pb.GenerateResponse)
+            delivered.append(message.token.id)
+        rest = await collect(stub, greedy("x", 40, request_id="kept", continuation_ids=delivered))
+        left = []
+        while isinstance(message := await first.read(), pb.GenerateResponse):
+            left.append(message)
+    assert [m.token.index for m in rest if m.HasField("token")] == list(range(3, 40))
+    assert rest[-1].completion.finish_reason == pb.FINISH_REASON_LENGTH
+    assert left[-1].completion.finish_reason == pb.FINISH_REASON_CANCELLED
+    assert paced.engine.active_count == 0

@@ -382,11 +382,17 @@ class Engine:
         ends with the others) or refused."""
         with self._lock:
             self._check_accepting()
-            if sequence.request_id in self._active:
+            running = self._active.get(sequence.request_id)
+            if running is not None and not sequence.request.continuation:
                 raise InvalidRequest(
                     "request_id", sequence.request_id, "must not match a running request's id"
                 )
-            self._check_capacity()
+            self._check_capacity(replacing=running is not None)
+            if running is not None:
+                # A continuation of the caller's own running stream: its caller lost that
+                # stream (a broken connection the server has yet to notice) and goes on here.
+                self._end_locked(running, FinishReason.CANCELLED)
+                log.info("request.replaced", reason="a continuation with its id arrived")
             self._active[sequence.request_id] = sequence
             self._scheduler.post(Submit(sequence))
 
@@ -396,11 +402,11 @@ class Engine:
             self._check_capacity()
             self._waiting_for_tokenizer += 1
 
-    def _check_capacity(self) -> None:
+    def _check_capacity(self, *, replacing: bool = False) -> None:
         """Overloaded when running, queued and tokenizing requests fill the batch and the queue
-        (called under the lock)."""
+        (called under the lock); a request `replacing` a running one takes no more."""
         capacity = self.config.max_batch_size + self.config.max_queue
-        held = len(self._active) + len(self._leaving) + self._waiting_for_tokenizer
+        held = len(self._active) + len(self._leaving) + self._waiting_for_tokenizer - replacing
         if held >= capacity:
             raise Overloaded(
                 f"{held} requests are running, queued or being tokenized (limit {capacity})",
@@ -419,12 +425,16 @@ class Engine:
         Its id is free for a new request at once (for its caller the request is over); the
         cancel applies to this request alone, never to a new one with the same id."""
         with self._lock:
-            if self._active.get(sequence.request_id) is not sequence:
-                return False
-            if not sequence.claim_end(reason):  # it has just ended; its release is under way
-                return False
-            del self._active[sequence.request_id]
-            self._leaving.add(sequence)
+            return self._end_locked(sequence, reason)
+
+    def _end_locked(self, sequence: Sequence, reason: FinishReason) -> bool:
+        """end() under the lock."""
+        if self._active.get(sequence.request_id) is not sequence:
+            return False
+        if not sequence.claim_end(reason):  # it has just ended; its release is under way
+            return False
+        del self._active[sequence.request_id]
+        self._leaving.add(sequence)
         self._scheduler.post(Cancel(sequence, reason))
         return True
 
