@@ -129,6 +129,8 @@ class Scheduler:
         self._inbox.put(command)
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """End every request and stop the thread. Commands posted after this are not read:
+        the engine admits no request once it has called it (Engine._admit)."""
         self._inbox.put(Shutdown())
         if self._thread is not None:
             self._thread.join(timeout)
@@ -155,7 +157,6 @@ class Scheduler:
             except Exception as exc:  # a failing step must not take the server down
                 log.exception("engine.step_failed", error=f"{type(exc).__name__}: {exc}")
                 self._fail_all(exc)
-        self._take_left_behind()
         self._cancels[None] = FinishReason.CANCELLED
         self._reap(time.monotonic())
         self._publish()
@@ -202,16 +203,6 @@ class Scheduler:
             else:
                 self._cancels[command.sequence] = command.reason
             block = not self._has_work() and not self._cancels
-
-    def _take_left_behind(self) -> None:
-        """After Shutdown: requests submitted behind it join the members, to end with them."""
-        while True:
-            try:
-                command = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(command, Submit):
-                self._enqueue(command.sequence)
 
     def _enqueue(self, sequence: Sequence) -> None:
         self._members[sequence] = None
