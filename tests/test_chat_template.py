@@ -99,3 +99,59 @@ def test_a_template_that_fails_in_its_own_code_is_a_server_error() -> None:
         chat_prompt(TURNS, _info("{% for t in tools %}{{ t }}{% endfor %}"))
     assert caught.value.status == 500
     assert "chat template failed on these messages: TypeError" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ settings.name }}",  # an undefined name's attribute
+        "{{ ''.__class__.__mro__ }}",  # what the sandbox forbids
+    ],
+)
+def test_a_template_that_breaks_jinjas_rules_is_a_server_error(template: str) -> None:
+    """A template fault that Jinja reports as its own error (an undefined name, what the
+    sandbox forbids) is a 500, as transformers fails on it too, not a 400 blaming the
+    messages."""
+    with pytest.raises(EdgeError) as caught:
+        chat_prompt(TURNS, _info(template))
+    assert caught.value.status == 500
+    assert "chat template failed on these messages" in caught.value.message
+
+
+PARTS = [
+    {
+        "role": "user",
+        "content": [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}],
+    }
+]
+
+
+def test_text_parts_reach_a_template_that_reads_content_as_a_string_one_line_each() -> None:
+    """A template that prints content as one string gets a message's text parts joined by
+    newlines (as vLLM joins them), not the Python list."""
+    assert chat_prompt(PARTS, _info("{{ messages[0]['content'] }}")) == "first\nsecond"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{% for m in messages %}{% for p in m['content'] %}[{{ p['text'] }}]{% endfor %}"
+        "{% endfor %}",
+        "{% for m in messages %}{% set c = m.content %}{% for p in c %}[{{ p.text }}]{% endfor %}"
+        "{% endfor %}",
+        "{% for m in messages %}{% for p in m['content'] | selectattr('type', 'equalto', 'text') %}"
+        "[{{ p['text'] }}]{% endfor %}{% endfor %}",
+    ],
+)
+def test_text_parts_reach_a_template_that_loops_over_content_as_parts(template: str) -> None:
+    """A template that loops over a message's content (Gemma 3's) gets the text parts as they
+    were sent, as transformers passes them, not one string of joined lines."""
+    assert chat_prompt(PARTS, _info(template)) == "[first][second]"
+
+
+def test_empty_tool_calls_reach_the_template() -> None:
+    """An assistant turn's empty tool_calls reaches the template as sent, so a template that
+    tests for the key (Llama 3.1's) renders or refuses as transformers' rendering does."""
+    turns = [{"role": "assistant", "content": "b", "tool_calls": []}]
+    template = "{% for m in messages %}{{ 'tool_calls' in m }}{% endfor %}"
+    assert chat_prompt(turns, _info(template)) == "True"

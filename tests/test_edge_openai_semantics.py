@@ -538,9 +538,10 @@ def test_message_name_reaches_the_template() -> None:
     assert chat_turns(fields) == [{"role": "user", "content": "Hi.", "name": "ada"}]
 
 
-def test_text_parts_of_a_message_reach_the_template_one_line_each() -> None:
-    """A content list of text parts is one message whose parts are joined by newlines (as vLLM
-    joins them), so "hi" and "there" do not run together into "hithere"."""
+def test_text_parts_of_a_message_reach_the_template_as_parts() -> None:
+    """A content list of text parts is one message whose parts go to the chat template as
+    parts (the template decides how to read them, see test_chat_template), empty tool_calls
+    with them."""
     parts = [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]
-    fields = Fields({"messages": [{"role": "user", "content": parts}]})
-    assert chat_turns(fields) == [{"role": "user", "content": "hi\nthere"}]
+    fields = Fields({"messages": [{"role": "assistant", "content": parts, "tool_calls": []}]})
+    assert chat_turns(fields) == [{"role": "assistant", "content": parts, "tool_calls": []}]

@@ -345,9 +345,9 @@ def completion_prompt(fields: Fields) -> tuple[str, tuple[int, ...]]:
     )
 
 
-def _content_text(content: Any, index: int) -> str:
-    """A message's content: a string, or text parts (`{"type": "text", "text"}`) joined by
-    newlines, as vLLM joins them (two parts read as two lines, not one run-on word)."""
+def _content(content: Any, index: int) -> str | list[dict[str, str]]:
+    """A message's content: a string, or text parts (`{"type": "text", "text"}`, kept as
+    parts: the chat template reads them as it reads content, see openai_template)."""
     where = f"messages[{index}].content"
     if isinstance(content, str):
         return content
@@ -356,20 +356,20 @@ def _content_text(content: Any, index: int) -> str:
         if len(parts) == len(content) and all(isinstance(p, str) for p in parts):
             for i, part in enumerate(content):
                 _check_keys(part, TEXT_PART_KEYS, f"{where}[{i}]")
-            return "\n".join(str(p) for p in parts)
+            return [{"type": "text", "text": str(p)} for p in parts]
     raise EdgeError.invalid(where, "must be a string or text parts")
 
 
-def chat_turns(fields: Fields) -> list[dict[str, str]]:
+def chat_turns(fields: Fields) -> list[dict[str, Any]]:
     """The conversation as the model's chat template takes it: role, content and, where the
-    caller named the speaker, name."""
+    caller sent them, name and (empty) tool_calls."""
     messages = fields.raw("messages")
     if not isinstance(messages, list) or not messages:
         raise EdgeError.invalid("messages", "must be a non-empty list")
     return [_turn(message, i) for i, message in enumerate(messages)]
 
 
-def _turn(message: Any, index: int) -> dict[str, str]:
+def _turn(message: Any, index: int) -> dict[str, Any]:
     where = f"messages[{index}]"
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise EdgeError.invalid(where, "must be an object with a string role")
@@ -395,7 +395,11 @@ def _turn(message: Any, index: int) -> dict[str, str]:
                 else "is not supported by this server (only null is accepted)",
                 "unsupported_parameter",
             )
-    turn = {"role": role, "content": _content_text(message.get("content"), index)}
+    turn: dict[str, Any] = {"role": role, "content": _content(message.get("content"), index)}
+    if message.get("tool_calls") is not None:
+        # Empty (anything else is refused above), and passed on as sent: templates test for
+        # the key, and refuse as transformers' rendering does.
+        turn["tool_calls"] = []
     name = message.get("name")
     if name is not None:
         if not isinstance(name, str):

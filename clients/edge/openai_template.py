@@ -39,8 +39,12 @@ class _Generation(jinja2.ext.Extension):
         return jinja2.nodes.Scope(body).set_lineno(lineno)
 
 
+class TemplateRefusal(TemplateError):
+    """The template refused the conversation (`raise_exception`): the caller's to change."""
+
+
 def _raise_exception(message: str) -> None:
-    raise TemplateError(message)
+    raise TemplateRefusal(message)
 
 
 def _tojson(
@@ -81,11 +85,57 @@ def _compiled(template: str) -> jinja2.Template:
         ) from None
 
 
-def chat_prompt(turns: list[dict[str, str]], info: ModelInfo) -> str:
-    """The turns rendered with the model's chat template (or the default one)."""
-    template = _compiled(info.chat_template or DEFAULT_CHAT_TEMPLATE)
+def _is_content(node: jinja2.nodes.Node) -> bool:
+    """`x['content']` or `x.content`, filters applied to it or not."""
+    while isinstance(node, jinja2.nodes.Filter) and node.node is not None:
+        node = node.node
+    if isinstance(node, jinja2.nodes.Getitem):
+        return isinstance(node.arg, jinja2.nodes.Const) and node.arg.value == "content"
+    return isinstance(node, jinja2.nodes.Getattr) and node.attr == "content"
+
+
+@functools.lru_cache(maxsize=8)
+def reads_content_parts(template: str) -> bool:
+    """Whether the template loops over a message's content, directly or through a variable
+    set from it: it takes OpenAI's list of text parts as it is (Gemma 3's, Llama 4's), where
+    other templates read content as one string (vLLM tells the two apart the same way)."""
+    try:
+        tree = _jinja.parse(template)
+    except TemplateSyntaxError:
+        return False
+    names = {
+        node.target.name
+        for node in tree.find_all(jinja2.nodes.Assign)
+        if isinstance(node.target, jinja2.nodes.Name) and _is_content(node.node)
+    }
+    return any(
+        _is_content(loop.iter)
+        or (isinstance(loop.iter, jinja2.nodes.Name) and loop.iter.name in names)
+        for loop in tree.find_all(jinja2.nodes.For)
+    )
+
+
+def _as_template_reads(turns: list[dict[str, Any]], parts: bool) -> list[dict[str, Any]]:
+    """The turns with each content of text parts as the template reads content: the parts as
+    they are, or their texts joined by newlines into one string (as vLLM joins them: two parts
+    read as two lines, not one run-on word)."""
+    if parts:
+        return turns
+    return [
+        {**turn, "content": "\n".join(part["text"] for part in turn["content"])}
+        if isinstance(turn["content"], list)
+        else turn
+        for turn in turns
+    ]
+
+
+def chat_prompt(turns: list[dict[str, Any]], info: ModelInfo) -> str:
+    """The turns rendered with the model's chat template (or the default one); a content of
+    text parts as the template reads content (see reads_content_parts)."""
+    source = info.chat_template or DEFAULT_CHAT_TEMPLATE
+    template = _compiled(source)
     context: dict[str, Any] = {
-        "messages": turns,
+        "messages": _as_template_reads(turns, reads_content_parts(source)),
         # Passed as transformers passes them: `tools is not none` must be false.
         "tools": None,
         "documents": None,
@@ -95,12 +145,13 @@ def chat_prompt(turns: list[dict[str, str]], info: ModelInfo) -> str:
     }
     try:
         rendered = template.render(**context)
-    except TemplateError as exc:
+    except TemplateRefusal as exc:
         # Model templates refuse some conversations (roles not alternating, ...).
         raise EdgeError.invalid(
             "messages", f"the model's chat template refused them: {exc}"
         ) from None
-    except Exception as exc:  # the template's own fault (a TypeError in its code, ...)
+    except Exception as exc:  # the template's own fault (a TypeError in its code, an
+        # undefined name, what the sandbox forbids, ...)
         raise EdgeError(
             500,
             "INTERNAL",
