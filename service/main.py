@@ -171,11 +171,16 @@ async def _serve(
             "continued after a failover may differ likewise",
         )
     if engine.model.padding is Padding.ALONE:
+        quantizers = (
+            engine.model.quantizes_activations if isinstance(engine.model, OnnxCausalLM) else []
+        )
         log.warning(
             "model.unbatched",
-            reason="rows sharing a forward change each other's outputs (activation scales "
-            "over the whole batch, as dynamically quantised int8 graphs compute them): every "
-            "row decodes in a forward of its own",
+            reason="rows sharing a forward would change each other's outputs (activations "
+            "quantised with scales over the whole batch, as dynamically quantised int8 graphs "
+            "do, or with fixed scales, where a padded row's rounding can cross a quantisation "
+            "step): every row decodes in a forward of its own",
+            quantizers=quantizers,
         )
     spec = engine.model.spec
     if spec.context_cap:

@@ -611,11 +611,14 @@ async def test_without_the_preallocated_cache_a_width_limited_graph_serves_only_
     assert "max_tokens" in (refused.value.details() or "")
 
 
-async def test_a_graph_whose_rows_change_each_other_decodes_every_row_alone() -> None:
-    """A dynamically quantised int8 graph computes its activation scales over the whole batch,
-    so rows sharing a forward change each other: the load probes it as `alone`, and every
-    request in a moving batch decodes the ids it decodes with the engine to itself."""
-    model_dir = MODELS / "fixtures-int8" / "llama-dynamic"
+@pytest.mark.parametrize("name", ["llama-dynamic", "llama-qdq"])
+async def test_a_graph_whose_rows_change_each_other_decodes_every_row_alone(name: str) -> None:
+    """A graph that quantises its activations (a dynamically quantised one, with scales over
+    the whole batch; a static QDQ one, whose fixed scales turn a padded row's rounding into
+    whole quantisation steps) has rows that change each other when they share a forward: it
+    loads as `alone`, and every request in a moving batch decodes the ids it decodes with the
+    engine to itself."""
+    model_dir = MODELS / "fixtures-int8" / name
     model = OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=1)
     assert model.padding is Padding.ALONE
     running = await start_server(model, Tokenizer.from_dir(model_dir), max_batch_size=8)

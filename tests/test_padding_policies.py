@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import numpy as np
 import pytest
 
 from tests.fakes import CountedPositionsModel
 from tests.invariance import Job, alone, together
-from tokenwire.server.engine import CausalLM, Engine, EngineConfig, OnnxCausalLM, Padding
+from tokenwire.server.engine import CausalLM, Engine, EngineConfig, OnnxCausalLM, Padding, padding
 from tokenwire.server.tokenizer import Tokenizer
 
 LONG = "import os\nimport sys\n\n\nclass Config:\n    def __init__(self, path):\n" * 6
@@ -91,3 +92,20 @@ async def test_shifting_a_counted_positions_row_changes_its_tokens(
     model.padding = Padding.SHIFTABLE
     async for engine in _engine(model, tokenizer):
         assert await together(engine, JOBS) != await alone(engine, JOBS)
+
+
+def test_logits_that_turn_nan_only_when_padded_are_not_close() -> None:
+    """A padded run whose logits hold NaN where the plain run's do not is infinitely far from
+    it (a NaN compared with `>` passes every check, which would class the graph shiftable),
+    while NaN in both runs at the same place counts as equal."""
+    plain = np.array([[1.0, np.nan, 2.0]], dtype=np.float32)
+    assert padding._distance(np.array([[np.nan, np.nan, 2.0]], dtype=np.float32), plain) == np.inf
+    assert padding._distance(plain.copy(), plain) == 0.0
+
+
+def test_masked_vocabulary_entries_leave_the_scale_to_the_finite_logits() -> None:
+    """Logits of -inf (entries a graph masks) in both runs count as equal and do not make the
+    scale infinite, which would make every difference 0."""
+    plain = np.array([[-np.inf, 1.0, 2.0]], dtype=np.float32)
+    other = np.array([[-np.inf, 1.0, 3.0]], dtype=np.float32)
+    assert padding._distance(other, plain) == pytest.approx(0.5)

@@ -105,9 +105,9 @@ def read_layout(
     layers = sorted(by_layer)
     if layers != list(range(len(layers))):
         raise ModelLoadError(f"{graph} has past inputs for layers {layers}: not 0..N-1")
-    output_names = {o.name for o in outputs}
+    by_name = {o.name: o for o in outputs}
     tensors = tuple(
-        _cache_tensor(arg, output_names, spec, graph)
+        _cache_tensor(arg, by_name, spec, graph)
         for layer in layers
         for arg in sorted(by_layer[layer], key=lambda a: a.name)
     )
@@ -123,12 +123,22 @@ def read_layout(
     return layout
 
 
-def _cache_tensor(arg: NodeArg, output_names: set[str], spec: ModelSpec, graph: str) -> CacheTensor:
+def _cache_tensor(
+    arg: NodeArg, outputs: dict[str, NodeArg], spec: ModelSpec, graph: str
+) -> CacheTensor:
     present = arg.name.replace("past_key_values", "present", 1)
-    if present not in output_names:
+    output = outputs.get(present)
+    if output is None:
         raise ModelLoadError(f"{graph} has input {arg.name} but no output {present}")
+    if output.type != arg.type:
+        # The next step feeds this output back as that input (an export that casts some
+        # layers' caches, as Optimum's fp16 export of Gemma 2 does).
+        raise ModelLoadError(
+            f"{graph} output {present} is {output.type} but input {arg.name}, which the next "
+            f"step feeds it to, is {arg.type}"
+        )
     dims = list(arg.shape)
-    seq_axis = _sequence_axis(dims)
+    seq_axis = _sequence_axis(dims, f"{graph} input {arg.name}")
     fixed: list[int] = []
     for i, dim in enumerate(dims):
         if i in (0, seq_axis):
@@ -147,15 +157,16 @@ def _cache_tensor(arg: NodeArg, output_names: set[str], spec: ModelSpec, graph: 
     return CacheTensor(arg.name, present, tuple(fixed), seq_axis)
 
 
-def _sequence_axis(dims: list[int | str | None]) -> int:
+def _sequence_axis(dims: list[int | str | None], where: str) -> int:
     """The dynamic axis after the batch axis: the only one, or the only one named "...seq..."."""
     dynamic = [i for i, d in enumerate(dims) if not isinstance(d, int) and i > 0]
     if len(dynamic) > 1:
         dynamic = [i for i in dynamic if "seq" in str(dims[i]).lower()]
     if len(dynamic) != 1 or isinstance(dims[0], int):
         raise ModelLoadError(
-            f"a cache input has shape {dims}: the engine drives caches with a dynamic batch "
-            "axis first and one dynamic sequence axis"
+            f"{where} has shape {dims}: the engine drives caches with a dynamic batch axis "
+            "first and one dynamic sequence axis (a graph exported with fixed shapes, as "
+            "optimum-cli's --no-dynamic-axes writes, cannot serve)"
         )
     return dynamic[0]
 

@@ -22,6 +22,7 @@ import onnxruntime as ort
 import structlog
 
 from tokenwire.server.engine.graph import CacheLayout, check_vocab, read_layout
+from tokenwire.server.engine.graph_ops import op_types
 from tokenwire.server.engine.kv_cache import BatchKvCache
 from tokenwire.server.engine.logits import DeviceLogits, HostLogits, Logits, LogitsReader, widens
 from tokenwire.server.engine.padding import (
@@ -200,6 +201,9 @@ class OnnxCausalLM:
         """The widest attention mask rows do not notice, where some wider one changes them (a
         graph that picks its rotary tables by the mask's width): rows past it decode alone in
         the preallocated cache, or, without one, the context is capped here."""
+        self.quantizes_activations = sorted(ACTIVATION_QUANTIZERS & op_types(onnx_path))
+        """The graph's operators that quantise activations: with them every row decodes
+        alone (see ACTIVATION_QUANTIZERS)."""
         self._measure(graph, tolerance, max_kv_tokens)
         wants_static = self.captures_graphs if static_decode is None else static_decode
         # Fixed bindings hold the live rows from slot 0; rows past a width limit run alone.
@@ -239,6 +243,9 @@ class OnnxCausalLM:
         widths = min(self.spec.context_length, max_kv_tokens or self.spec.context_length)
         if self._has_position_ids:
             self._check_last_position(graph, widths - 1)
+        if self.quantizes_activations:
+            self.padding = Padding.ALONE  # whatever a sample of rows shows
+            return
         self.padding, self.batch_rounding = probe(self, tolerance)
         if self.padding is Padding.RIGHT:
             self.width_limit = probe_width_limit(self, widths, tolerance)
@@ -439,6 +446,15 @@ class OnnxCausalLM:
     def _logits_device(self) -> str:
         """fp16 logits stay where they were computed until they are widened."""
         return self.device if self._half else "cpu"
+
+
+ACTIVATION_QUANTIZERS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear"})
+"""Operators that quantise activations. With scales over the whole batch (dynamic int8) rows
+change each other; with fixed scales (static int8, QDQ or QOperator) the rounding that masked
+padding in front of a row brings (1e-7 of the logit scale) can cross a quantisation step,
+which moves the row's logits by 1e-2 of their scale and its tokens with them. Load probes
+sample too few rows and paddings to catch the second, so the graph's operators decide: such
+a graph decodes every row in a forward of its own."""
 
 
 def _from_onnxruntime(exc: Exception) -> bool:

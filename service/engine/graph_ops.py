@@ -1,0 +1,55 @@
+"""The operator types of an ONNX graph's top level, read from its file without the onnx
+package: three fields of ONNX's protobuf schema (ModelProto.graph = 7, GraphProto.node = 1,
+NodeProto.op_type = 4), described here; every other field is skipped as unknown."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from tokenwire.server.engine.spec import ModelLoadError
+
+_PACKAGE = "tokenwire.onnx_ops"
+
+
+@functools.cache
+def _model_message() -> Any:
+    """A message class that reads an ONNX ModelProto's node op types and nothing else."""
+    proto = descriptor_pb2.FieldDescriptorProto
+    schema = descriptor_pb2.FileDescriptorProto(
+        name="tokenwire_onnx_ops.proto", package=_PACKAGE, syntax="proto2"
+    )
+    node = schema.message_type.add(name="Node")
+    node.field.add(name="op_type", number=4, type=proto.TYPE_STRING, label=proto.LABEL_OPTIONAL)
+    graph = schema.message_type.add(name="Graph")
+    graph.field.add(
+        name="node",
+        number=1,
+        type=proto.TYPE_MESSAGE,
+        type_name=f".{_PACKAGE}.Node",
+        label=proto.LABEL_REPEATED,
+    )
+    model = schema.message_type.add(name="Model")
+    model.field.add(
+        name="graph",
+        number=7,
+        type=proto.TYPE_MESSAGE,
+        type_name=f".{_PACKAGE}.Graph",
+        label=proto.LABEL_OPTIONAL,
+    )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(schema)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.Model"))
+
+
+def op_types(path: Path) -> frozenset[str]:
+    """The op types of the nodes of the graph in `path` (not those of subgraphs)."""
+    model = _model_message()()
+    try:
+        model.ParseFromString(path.read_bytes())
+    except Exception as exc:  # ONNX Runtime has read the file: only a reader's limit fails here
+        raise ModelLoadError(f"{path.name} could not be read for its operators: {exc}") from exc
+    return frozenset(str(node.op_type) for node in model.graph.node)

@@ -1,0 +1,74 @@
+"""A graph's cache inputs and outputs, as ONNX Runtime lists them, are read into the layout the
+engine drives, or refused in one line naming the graph file and the input or output at fault."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+from tokenwire.server.config import BUNDLED_MODEL_DIR
+from tokenwire.server.engine import ModelLoadError, ModelSpec
+from tokenwire.server.engine.graph import read_layout
+
+GENAI_LLAMA = BUNDLED_MODEL_DIR.parent / "fixtures-genai" / "llama-fp32"
+
+
+@dataclasses.dataclass(frozen=True)
+class Arg:
+    """An input or output of a graph, as ONNX Runtime's session lists it."""
+
+    name: str
+    shape: list[int | str]
+    type: str = "tensor(float)"
+
+
+def cache(
+    spec: ModelSpec, dtype: str = "tensor(float)", batch: int | str = "batch"
+) -> tuple[list[Arg], list[Arg]]:
+    """The cache inputs and outputs of a graph of the spec's shape."""
+    assert spec.num_kv_heads is not None
+    assert spec.head_dim is not None
+    shape: list[int | str] = [batch, spec.num_kv_heads, "past_sequence_length", spec.head_dim]
+    inputs, outputs = [], []
+    for layer in range(spec.num_layers or 0):
+        for kind in ("key", "value"):
+            inputs.append(Arg(f"past_key_values.{layer}.{kind}", shape, dtype))
+            outputs.append(Arg(f"present.{layer}.{kind}", shape, dtype))
+    return inputs, outputs
+
+
+def test_the_layout_of_a_well_formed_cache_is_read() -> None:
+    """Cache inputs with a dynamic batch and sequence axis, each with its present output of the
+    same type, are read as the spec's layers (the baseline of the refusals below)."""
+    spec = ModelSpec.from_dir(GENAI_LLAMA)
+    inputs, outputs = cache(spec)
+    assert read_layout(inputs, outputs, spec, "model.onnx").num_layers == spec.num_layers
+
+
+def test_a_cache_of_fixed_shape_is_refused_naming_the_graph_and_input() -> None:
+    """A cache input without a dynamic batch axis (an export with --no-dynamic-axes) is refused
+    naming the graph file and the input."""
+    spec = ModelSpec.from_dir(GENAI_LLAMA)
+    inputs, outputs = cache(spec, batch=2)
+    with pytest.raises(
+        ModelLoadError, match=re.escape("model.onnx input past_key_values.0.key has shape [2, ")
+    ):
+        read_layout(inputs, outputs, spec, "model.onnx")
+
+
+def test_a_present_output_of_another_type_than_its_past_is_refused_naming_both() -> None:
+    """A present output whose element type differs from the past input the next step feeds it
+    to (an fp16 export that casts one layer's cache to float) is refused naming both, not left
+    to fail the load's second forward with a message that blames the config."""
+    spec = ModelSpec.from_dir(GENAI_LLAMA)
+    inputs, outputs = cache(spec, "tensor(float16)")
+    outputs[2] = Arg(outputs[2].name, outputs[2].shape, "tensor(float)")
+    with pytest.raises(
+        ModelLoadError,
+        match=re.escape(
+            "model.onnx output present.1.key is tensor(float) but input past_key_values.1.key"
+        ),
+    ):
+        read_layout(inputs, outputs, spec, "model.onnx")
