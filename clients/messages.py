@@ -4,7 +4,7 @@ GenerateOptions, plain frozen dataclasses, and their conversions from and to the
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TypeAlias
 
 import grpc
@@ -92,6 +92,10 @@ class ModelInfo:
     chat_template: str = ""
     bos_token: str = ""
     eos_token: str = ""
+    template_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Each special token's text by name (bos_token, eos_token, unk_token, pad_token, ...,
+    image_token, ...), the variables the chat template is given; empty from a server that
+    sends only bos_token and eos_token."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -250,4 +254,5 @@ def model_info_from_pb(m: pb.GetModelInfoResponse) -> ModelInfo:
         chat_template=m.chat_template,
         bos_token=m.bos_token,
         eos_token=m.eos_token,
+        template_tokens=dict(m.template_tokens),
     )

@@ -4,6 +4,7 @@ template that does not compile is the server's fault, not the request's."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 
@@ -155,3 +156,14 @@ def test_empty_tool_calls_reach_the_template() -> None:
     turns = [{"role": "assistant", "content": "b", "tool_calls": []}]
     template = "{% for m in messages %}{{ 'tool_calls' in m }}{% endfor %}"
     assert chat_prompt(turns, _info(template)) == "True"
+
+
+def test_the_template_sees_each_template_token_by_name() -> None:
+    """Each special token the server names (unk_token, a named extra such as image_token, ...)
+    is a variable of the template under its name, as transformers passes the tokenizer's
+    special_tokens_map."""
+    info = dataclasses.replace(
+        _info("{{ unk_token }}|{{ image_token }}|{{ bos_token }}"),
+        template_tokens={"bos_token": "<s>", "unk_token": "<unk>", "image_token": "<image>"},
+    )
+    assert chat_prompt(TURNS, info) == "<unk>|<image>|<s>"

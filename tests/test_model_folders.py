@@ -302,21 +302,113 @@ def test_add_bos_token_without_a_bos_token_is_refused(tmp_path: Path) -> None:
 
 
 def test_special_tokens_map_names_the_bos_that_add_bos_token_adds(tmp_path: Path) -> None:
-    """special_tokens_map.json's bos_token overrides tokenizer_config.json's, as in
-    transformers: it is the BOS a Llama tokenizer adds."""
-    model_dir = _llama_class(tmp_path, bos_token="<absent>")
+    """Where tokenizer_config.json has no added_tokens_decoder, special_tokens_map.json's
+    bos_token overrides tokenizer_config.json's, as in transformers: it is the BOS a Llama
+    tokenizer adds."""
+    model_dir = _llama_class(tmp_path, bos_token="<absent>", added_tokens_decoder=None)
     _edit(model_dir / "special_tokens_map.json", bos_token="</s>")
     tokenizer = Tokenizer.from_dir(model_dir)
     assert tokenizer.encode("hi", add_special_tokens=True)[0] == tokenizer.token_id("</s>")
 
 
 def test_the_chat_templates_bos_is_special_tokens_maps(tmp_path: Path) -> None:
-    """The bos_token a chat template sees comes from special_tokens_map.json where it names
-    one (over tokenizer_config.json's), as transformers renders it."""
+    """Where tokenizer_config.json has no added_tokens_decoder, the bos_token a chat template
+    sees comes from special_tokens_map.json where it names one (over tokenizer_config.json's),
+    as transformers renders it."""
     model_dir = _copy(LLAMA, tmp_path)
-    _edit(model_dir / "tokenizer_config.json", bos_token="<pad>")
+    _edit(model_dir / "tokenizer_config.json", bos_token="<pad>", added_tokens_decoder=None)
     _edit(model_dir / "special_tokens_map.json", bos_token={"content": "<s>", "lstrip": False})
     assert ModelSpec.from_dir(model_dir).bos_token == "<s>"
+
+
+def test_beside_added_tokens_decoder_the_bos_added_is_tokenizer_configs(tmp_path: Path) -> None:
+    """Where tokenizer_config.json has an added_tokens_decoder, transformers does not read
+    special_tokens_map.json: the BOS a Llama tokenizer adds is tokenizer_config.json's, though
+    special_tokens_map.json names another."""
+    model_dir = _llama_class(tmp_path, bos_token="</s>")
+    _edit(model_dir / "special_tokens_map.json", bos_token="<s>")
+    tokenizer = Tokenizer.from_dir(model_dir)
+    assert tokenizer.encode("hi", add_special_tokens=True)[0] == tokenizer.token_id("</s>")
+
+
+def test_beside_added_tokens_decoder_the_chat_templates_bos_is_tokenizer_configs(
+    tmp_path: Path,
+) -> None:
+    """Where tokenizer_config.json has an added_tokens_decoder, the bos_token a chat template
+    sees is tokenizer_config.json's, though special_tokens_map.json names another (transformers
+    does not read that file then)."""
+    model_dir = _copy(LLAMA, tmp_path)
+    _edit(model_dir / "tokenizer_config.json", bos_token="<pad>")
+    _edit(model_dir / "special_tokens_map.json", bos_token="<s>")
+    assert ModelSpec.from_dir(model_dir).bos_token == "<pad>"
+
+
+def test_the_chat_template_is_given_every_named_special_token(tmp_path: Path) -> None:
+    """The template tokens are every special token tokenizer_config.json names with its text
+    (unk_token, pad_token and mask_token too, not only bos_token and eos_token), as
+    transformers' special_tokens_map holds them; a null one is left out."""
+    model_dir = _copy(LLAMA, tmp_path)
+    _edit(
+        model_dir / "tokenizer_config.json",
+        mask_token={"__type": "AddedToken", "content": "<mask>"},
+    )
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config["sep_token"] = None
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    assert ModelSpec.from_dir(model_dir).template_tokens == {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "mask_token": "<mask>",
+    }
+
+
+def test_named_extra_special_tokens_are_template_tokens(tmp_path: Path) -> None:
+    """The named tokens of tokenizer_config.json's extra_special_tokens object
+    ({"image_token": "<image>"}) are template tokens by their names."""
+    model_dir = _copy(LLAMA, tmp_path)
+    _edit(model_dir / "tokenizer_config.json", extra_special_tokens={"image_token": "<image>"})
+    assert ModelSpec.from_dir(model_dir).template_tokens["image_token"] == "<image>"
+
+
+def test_another_token_entry_of_tokenizer_config_is_a_template_token(tmp_path: Path) -> None:
+    """A `*_token` entry of tokenizer_config.json besides the named ones (Gemma 3's
+    boi_token) is a template token by its name."""
+    model_dir = _copy(LLAMA, tmp_path)
+    _edit(model_dir / "tokenizer_config.json", boi_token="<start_of_image>")
+    assert ModelSpec.from_dir(model_dir).template_tokens["boi_token"] == "<start_of_image>"
+
+
+def test_a_list_of_extra_special_tokens_adds_no_template_token(tmp_path: Path) -> None:
+    """Extra special tokens given as a list (additional_special_tokens) have no names: the
+    template tokens are the named ones alone, as in transformers."""
+    model_dir = _copy(LLAMA, tmp_path)
+    _edit(model_dir / "tokenizer_config.json", additional_special_tokens=["<a>"])
+    _edit(model_dir / "special_tokens_map.json", additional_special_tokens=["<a>"])
+    assert set(ModelSpec.from_dir(model_dir).template_tokens) == {
+        "bos_token",
+        "eos_token",
+        "unk_token",
+        "pad_token",
+    }
+
+
+def test_tokenizer_configs_own_named_token_stays_over_special_tokens_maps(
+    tmp_path: Path,
+) -> None:
+    """Where special_tokens_map.json is read (no added_tokens_decoder), a token named outside
+    bos/eos/unk/sep/pad/cls/mask keeps tokenizer_config.json's text over that file's, as in
+    transformers, while that file's own named extra tokens are added."""
+    model_dir = _copy(LLAMA, tmp_path)
+    _edit(model_dir / "tokenizer_config.json", image_token="<cfg>", added_tokens_decoder=None)
+    _edit(
+        model_dir / "special_tokens_map.json",
+        image_token="<map>",
+        extra_special_tokens={"video_token": "<video>"},
+    )
+    tokens = ModelSpec.from_dir(model_dir).template_tokens
+    assert (tokens["image_token"], tokens["video_token"]) == ("<cfg>", "<video>")
 
 
 def _declare(model_dir: Path, token_id: int, content: str, **flags: bool) -> None:

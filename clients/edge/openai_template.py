@@ -135,13 +135,16 @@ def chat_prompt(turns: list[dict[str, Any]], info: ModelInfo) -> str:
     source = info.chat_template or DEFAULT_CHAT_TEMPLATE
     template = _compiled(source)
     context: dict[str, Any] = {
+        # Each special token by name, as transformers passes its special_tokens_map (a server
+        # that sends no template_tokens sends bos_token and eos_token alone).
+        "bos_token": info.bos_token,
+        "eos_token": info.eos_token,
+        **info.template_tokens,
         "messages": _as_template_reads(turns, reads_content_parts(source)),
         # Passed as transformers passes them: `tools is not none` must be false.
         "tools": None,
         "documents": None,
         "add_generation_prompt": True,
-        "bos_token": info.bos_token,
-        "eos_token": info.eos_token,
     }
     try:
         rendered = template.render(**context)

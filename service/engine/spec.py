@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
+
+from tokenwire.server.tokenizer.tokenizer import template_tokens
 
 
 class ModelLoadError(RuntimeError):
@@ -56,6 +59,9 @@ class ModelSpec:
     chat_template: str = ""
     bos_token: str = ""
     eos_token: str = ""
+    template_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Each special token's text by name (bos_token, eos_token, unk_token, pad_token, ...,
+    image_token, ...): the variables transformers gives the chat template."""
     num_layers: int | None = None
     num_kv_heads: int | None = None
     """Only when config.json states it (or says multi_query): the graph is checked against it."""
@@ -73,12 +79,11 @@ class ModelSpec:
         if not model_dir.is_dir():
             raise ModelLoadError(f"model dir {model_dir} is not a directory")
         tokenizer_config = read_json(model_dir / "tokenizer_config.json", required=False)
-        # The special tokens' text, as transformers reads it: special_tokens_map.json over
-        # tokenizer_config.json (the chat template sees bos_token and eos_token).
-        specials = {
-            **tokenizer_config,
-            **read_json(model_dir / "special_tokens_map.json", required=False),
-        }
+        # The special tokens' text, as transformers reads it from the two files (the chat
+        # template sees each by its name).
+        specials = template_tokens(
+            tokenizer_config, read_json(model_dir / "special_tokens_map.json", required=False)
+        )
         graph_file = "model.onnx"
         if (model_dir / GENAI_CONFIG).exists():
             # A GenAI folder: its runtime reads genai_config.json, and so does the engine. A
@@ -124,8 +129,9 @@ class ModelSpec:
             context_cap=cap,
             eos_token_ids=frozenset(eos),
             chat_template=_chat_template(model_dir, tokenizer_config),
-            bos_token=_token_text(specials.get("bos_token")),
-            eos_token=_token_text(specials.get("eos_token")),
+            bos_token=specials.get("bos_token", ""),
+            eos_token=specials.get("eos_token", ""),
+            template_tokens=specials,
             num_layers=lookup(config, "num_layers"),
             num_kv_heads=_declared_kv_heads(config),
             head_dim=_key_head_dim(config),
@@ -403,10 +409,3 @@ def _as_ids(value: object, path: Path, vocab: int) -> list[int]:
                 f"{path} eos_token_id {token_id} is outside the vocabulary (0..{vocab - 1})"
             )
     return list(ids)
-
-
-def _token_text(value: object) -> str:
-    """tokenizer_config writes special tokens as text or as {"content": text, ...}."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else ""

@@ -144,4 +144,5 @@ def model_info_to_pb(engine: Engine) -> pb.GetModelInfoResponse:
         chat_template=spec.chat_template,
         bos_token=spec.bos_token,
         eos_token=spec.eos_token,
+        template_tokens=spec.template_tokens,
     )

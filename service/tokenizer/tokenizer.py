@@ -54,6 +54,64 @@ def _no_bytes(piece: str) -> bytes | None:
     return None
 
 
+NAMED_SPECIAL_TOKENS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+"""The special tokens every transformers tokenizer has a name for (SPECIAL_TOKENS_ATTRIBUTES)."""
+
+
+def tokenizer_settings(
+    config: dict[str, Any], special_tokens_map: dict[str, Any]
+) -> dict[str, Any]:
+    """tokenizer_config.json's entries as transformers reads them beside special_tokens_map.json:
+    that file is read only where tokenizer_config.json has no added_tokens_decoder, and then
+    its entries replace tokenizer_config.json's; beside an added_tokens_decoder it is not read
+    at all, and tokenizer_config.json's bos_token, eos_token, ... are the ones."""
+    if "added_tokens_decoder" in config:
+        return dict(config)
+    return {**config, **special_tokens_map}
+
+
+def template_tokens(config: dict[str, Any], special_tokens_map: dict[str, Any]) -> dict[str, str]:
+    """The text of each special token by name, as transformers' `special_tokens_map` holds it
+    (the variables apply_chat_template gives a chat template): every `*_token` entry of the
+    files as tokenizer_settings reads them whose value is a token's text (null ones, flags and
+    lists are not), and the named tokens of an extra_special_tokens (or older
+    additional_special_tokens) object, such as {"image_token": "<image>"}. As in transformers,
+    tokenizer_config.json's own text for a name outside NAMED_SPECIAL_TOKENS, and those named
+    tokens, are set last, over what special_tokens_map.json says; a list of extra special
+    tokens has no names and is left out."""
+    tokens: dict[str, str] = {}
+    for key, value in tokenizer_settings(config, special_tokens_map).items():
+        text = _token_value(value)
+        if key.endswith("_token") and text is not None:
+            tokens[key] = text
+    late: list[object] = [
+        {
+            key: value
+            for key, value in config.items()
+            if key.endswith("_token") and key not in NAMED_SPECIAL_TOKENS and isinstance(value, str)
+        },
+        config.get("extra_special_tokens") or config.get("additional_special_tokens"),
+    ]
+    if "added_tokens_decoder" not in config:
+        late.append(special_tokens_map.get("extra_special_tokens"))
+    for named in late:
+        if not isinstance(named, dict):
+            continue
+        for key, value in named.items():
+            text = _token_value(value)
+            if isinstance(key, str) and text is not None:
+                tokens[key] = text
+    return tokens
+
+
 class TokenizerLoadError(RuntimeError):
     """tokenizer.json (or what tokenizer_config.json says of it) cannot be used."""
 
@@ -70,7 +128,7 @@ class Tokenizer:
         declares (`added_tokens_decoder`) registered, and with the special tokens
         `tokenizer(text)` adds: tokenizer.json's own, or, for the classes whose constructor
         decides them from tokenizer_config.json's add_bos_token and add_eos_token (Llama,
-        Gemma, ...), those (their bos and eos as special_tokens_map.json overrides them)."""
+        Gemma, ...), those (their bos and eos as tokenizer_settings reads them)."""
         path = model_dir / "tokenizer.json"
         if not path.is_file():
             raise TokenizerLoadError(f"{path} is missing")
@@ -83,7 +141,7 @@ class Tokenizer:
         config = _read_config(config_path)
         tokenizer._add_declared(config, config_path)
         specials = _read_config(model_dir / "special_tokens_map.json")
-        tokenizer._apply_flags({**config, **specials}, config_path)
+        tokenizer._apply_flags(tokenizer_settings(config, specials), config_path)
         return tokenizer
 
     def _add_declared(self, config: dict[str, Any], config_path: Path) -> None:
@@ -258,8 +316,13 @@ def _flag(config: dict[str, Any], key: str, default: bool, path: Path) -> bool:
     return value
 
 
-def _token_text(value: object) -> str:
-    """tokenizer_config writes special tokens as text or as {"content": text, ...}."""
+def _token_value(value: object) -> str | None:
+    """A special token's text: the files write it as text or as {"content": text, ...}."""
     if isinstance(value, dict):
         value = value.get("content")
-    return value if isinstance(value, str) else ""
+    return value if isinstance(value, str) else None
+
+
+def _token_text(value: object) -> str:
+    """A special token's text, or "" where the value is none."""
+    return _token_value(value) or ""

@@ -502,6 +502,26 @@ class GetModelInfoResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TemplateTokensEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MODEL_FIELD_NUMBER: _builtins.int
     CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
     VOCAB_SIZE_FIELD_NUMBER: _builtins.int
@@ -513,6 +533,7 @@ class GetModelInfoResponse(_message.Message):
     CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     BOS_TOKEN_FIELD_NUMBER: _builtins.int
     EOS_TOKEN_FIELD_NUMBER: _builtins.int
+    TEMPLATE_TOKENS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name from its config."""
     context_length: _builtins.int
@@ -537,6 +558,15 @@ class GetModelInfoResponse(_message.Message):
     eos_token: _builtins.str
     @_builtins.property
     def eos_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def template_tokens(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Text of each special token the tokenizer names, by name: bos_token and eos_token, the
+        other named ones (unk_token, pad_token, sep_token, cls_token, mask_token) and any other
+        `*_token` the tokenizer files name (image_token, ...), as transformers' apply_chat_template
+        passes them to the template. Empty from servers that predate it (they send only the two
+        fields above).
+        """
+
     def __init__(
         self,
         *,
@@ -551,10 +581,11 @@ class GetModelInfoResponse(_message.Message):
         chat_template: _builtins.str = ...,
         bos_token: _builtins.str = ...,
         eos_token: _builtins.str = ...,
+        template_tokens: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bos_token", b"bos_token", "chat_template", b"chat_template", "context_length", b"context_length", "default_max_tokens", b"default_max_tokens", "eos_token", b"eos_token", "eos_token_ids", b"eos_token_ids", "max_batch_size", b"max_batch_size", "max_tokens_limit", b"max_tokens_limit", "model", b"model", "provider", b"provider", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bos_token", b"bos_token", "chat_template", b"chat_template", "context_length", b"context_length", "default_max_tokens", b"default_max_tokens", "eos_token", b"eos_token", "eos_token_ids", b"eos_token_ids", "max_batch_size", b"max_batch_size", "max_tokens_limit", b"max_tokens_limit", "model", b"model", "provider", b"provider", "template_tokens", b"template_tokens", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
