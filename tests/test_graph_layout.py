@@ -10,7 +10,7 @@ import pytest
 
 from tokenwire.server.config import BUNDLED_MODEL_DIR
 from tokenwire.server.engine import ModelLoadError, ModelSpec
-from tokenwire.server.engine.graph import read_layout
+from tokenwire.server.engine.graph import check_vocab, read_layout
 
 GENAI_LLAMA = BUNDLED_MODEL_DIR.parent / "fixtures-genai" / "llama-fp32"
 
@@ -71,4 +71,33 @@ def test_a_present_output_of_another_type_than_its_past_is_refused_naming_both()
             "model.onnx output present.1.key is tensor(float) but input past_key_values.1.key"
         ),
     ):
+        read_layout(inputs, outputs, spec, "model.onnx")
+
+
+def test_logits_of_the_last_position_only_are_refused() -> None:
+    """A graph whose logits hold one position per row (GenAI's builder with
+    prune_lm_head=true) is refused naming the option, not failed with an IndexError on the
+    first prefill of rows of different lengths."""
+    spec = ModelSpec.from_dir(GENAI_LLAMA)
+    pruned = [Arg("logits", ["batch", 1, spec.vocab_size])]
+    with pytest.raises(ModelLoadError, match=r"logits cover only the last position.*prune_lm"):
+        check_vocab(pruned, spec, "model.onnx")
+
+
+def test_a_quantized_kv_cache_is_refused_naming_its_element_type() -> None:
+    """Cache inputs of int8 (GenAI's kv_cache_quant_scheme) are refused naming that type and
+    the types served."""
+    spec = ModelSpec.from_dir(GENAI_LLAMA)
+    inputs, outputs = cache(spec, "tensor(int8)")
+    with pytest.raises(ModelLoadError, match=re.escape("element types ['tensor(int8)']")):
+        read_layout(inputs, outputs, spec, "model.onnx")
+
+
+def test_state_inputs_besides_the_kv_cache_are_refused_naming_them() -> None:
+    """A graph that also carries a convolution's state per layer (a hybrid model) is refused
+    naming those inputs, not as a KV cache with missing layers."""
+    spec = ModelSpec.from_dir(GENAI_LLAMA)
+    inputs, outputs = cache(spec)
+    inputs.append(Arg("past_conv.0", ["batch", 16, 3]))
+    with pytest.raises(ModelLoadError, match=r"state inputs besides its KV cache \(past_conv\.0\)"):
         read_layout(inputs, outputs, spec, "model.onnx")

@@ -4,7 +4,6 @@ served as some other model, and none fails with a traceback."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import shutil
@@ -15,7 +14,6 @@ import pytest
 
 from tokenwire.server.config import BUNDLED_MODEL_DIR, Settings
 from tokenwire.server.engine import ModelLoadError, ModelSpec, OnnxCausalLM
-from tokenwire.server.engine.graph import check_vocab, read_layout
 from tokenwire.server.main import load_engine
 from tokenwire.server.tokenizer import Tokenizer, TokenizerLoadError
 
@@ -510,58 +508,6 @@ def test_a_window_on_every_layer_is_refused_in_words(tmp_path: Path) -> None:
     window = {"window_size": 8, "slide_key_value_cache": False, "layers": [], "cache_slack": 0}
     with pytest.raises(ModelLoadError, match="sliding_window: its layers keep a window-sized"):
         ModelSpec.from_dir(_genai(tmp_path, sliding_window=window))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Arg:
-    """An input or output of a graph, as ONNX Runtime's session lists it."""
-
-    name: str
-    shape: list[int | str]
-    type: str = "tensor(float)"
-
-
-def _cache(layers: int, dtype: str = "tensor(float)") -> tuple[list[_Arg], list[_Arg]]:
-    """A graph's cache inputs and outputs for the GenAI llama fixture's shape."""
-    spec = ModelSpec.from_dir(GENAI_LLAMA)
-    assert spec.num_kv_heads is not None
-    assert spec.head_dim is not None
-    shape: list[int | str] = ["batch", spec.num_kv_heads, "past", spec.head_dim]
-    inputs, outputs = [], []
-    for layer in range(layers):
-        for kind in ("key", "value"):
-            inputs.append(_Arg(f"past_key_values.{layer}.{kind}", shape, dtype))
-            outputs.append(_Arg(f"present.{layer}.{kind}", shape, dtype))
-    return inputs, outputs
-
-
-def test_logits_of_the_last_position_only_are_refused() -> None:
-    """A graph whose logits hold one position per row (GenAI's builder with
-    prune_lm_head=true) is refused naming the option, not failed with an IndexError on the
-    first prefill of rows of different lengths."""
-    spec = ModelSpec.from_dir(GENAI_LLAMA)
-    pruned = [_Arg("logits", ["batch", 1, spec.vocab_size])]
-    with pytest.raises(ModelLoadError, match=r"logits cover only the last position.*prune_lm"):
-        check_vocab(pruned, spec, "model.onnx")
-
-
-def test_a_quantized_kv_cache_is_refused_naming_its_element_type() -> None:
-    """Cache inputs of int8 (GenAI's kv_cache_quant_scheme) are refused naming that type and
-    the types served."""
-    spec = ModelSpec.from_dir(GENAI_LLAMA)
-    inputs, outputs = _cache(spec.num_layers or 0, "tensor(int8)")
-    with pytest.raises(ModelLoadError, match=re.escape("element types ['tensor(int8)']")):
-        read_layout(inputs, outputs, spec, "model.onnx")
-
-
-def test_state_inputs_besides_the_kv_cache_are_refused_naming_them() -> None:
-    """A graph that also carries a convolution's state per layer (a hybrid model) is refused
-    naming those inputs, not as a KV cache with missing layers."""
-    spec = ModelSpec.from_dir(GENAI_LLAMA)
-    inputs, outputs = _cache(spec.num_layers or 0)
-    inputs.append(_Arg("past_conv.0", ["batch", 16, 3]))
-    with pytest.raises(ModelLoadError, match=r"state inputs besides its KV cache \(past_conv\.0\)"):
-        read_layout(inputs, outputs, spec, "model.onnx")
 
 
 class _UnreadableOutputs(OnnxCausalLM):

@@ -24,22 +24,18 @@ def _model_message() -> Any:
     )
     node = schema.message_type.add(name="Node")
     node.field.add(name="op_type", number=4, type=proto.TYPE_STRING, label=proto.LABEL_OPTIONAL)
-    graph = schema.message_type.add(name="Graph")
-    graph.field.add(
-        name="node",
-        number=1,
-        type=proto.TYPE_MESSAGE,
-        type_name=f".{_PACKAGE}.Node",
-        label=proto.LABEL_REPEATED,
-    )
-    model = schema.message_type.add(name="Model")
-    model.field.add(
-        name="graph",
-        number=7,
-        type=proto.TYPE_MESSAGE,
-        type_name=f".{_PACKAGE}.Graph",
-        label=proto.LABEL_OPTIONAL,
-    )
+    # Graph.node (repeated Node) = 1; Model.graph (Graph) = 7.
+    for message, field, number, of, label in (
+        ("Graph", "node", 1, "Node", proto.LABEL_REPEATED),
+        ("Model", "graph", 7, "Graph", proto.LABEL_OPTIONAL),
+    ):
+        schema.message_type.add(name=message).field.add(
+            name=field,
+            number=number,
+            type=proto.TYPE_MESSAGE,
+            type_name=f".{_PACKAGE}.{of}",
+            label=label,
+        )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(schema)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.Model"))
