@@ -204,7 +204,7 @@ class GenerationRequest:
         room = limits.context_length - prompt_tokens
         if room < 1:
             raise InvalidRequest(
-                "prompt",
+                "prompt_ids" if self.prompt_ids else "prompt",
                 f"<{prompt_tokens} tokens>",
                 f"must be shorter than the context length of {limits.context_length} tokens",
             )

@@ -11,7 +11,9 @@ from grpc_status import rpc_status
 
 from tests.conftest import collect, eventually, start_server
 from tests.fakes import ScriptedModel
-from tokenwire.server.engine import ModelSpec
+from tokenwire.server.config import BUNDLED_MODEL_DIR
+from tokenwire.server.domain import GenerationRequest, Overloaded
+from tokenwire.server.engine import Engine, EngineConfig, ModelSpec, OnnxCausalLM
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
@@ -42,3 +44,25 @@ async def test_full_queue_rejects_with_resource_exhausted_and_retry_info(
     info = error_details_pb2.RetryInfo()
     rpc_status.from_call(error).details[0].Unpack(info)  # type: ignore[arg-type]
     assert info.retry_delay.seconds == 1
+
+
+async def test_the_queue_counts_from_the_rows_a_preallocated_cache_holds(
+    tokenizer: Tokenizer,
+) -> None:
+    """Where the preallocated cache holds fewer rows than max_batch_size (two whole contexts
+    in max_kv_tokens), max_queue counts from those rows: with no queue, a third request is
+    Overloaded at once, naming both numbers, instead of waiting behind the two."""
+    model_dir = BUNDLED_MODEL_DIR.parent / "fixtures-genai" / "llama-fp32"
+    model = OnnxCausalLM(model_dir, provider="cpu")
+    context = model.spec.context_length
+    config = EngineConfig(max_batch_size=8, max_queue=0, max_kv_tokens=2 * context)
+    engine = Engine(model, Tokenizer.from_dir(model_dir), config)
+    engine.start()
+    try:
+        assert engine.max_rows == 2
+        for name in ("a", "b"):
+            engine.submit(GenerationRequest(name, "x", max_tokens=64, ignore_eos=True))
+        with pytest.raises(Overloaded, match=r"limit 2: 2 rows decoded together \+ max_queue 0"):
+            engine.submit(GenerationRequest("c", "x", max_tokens=64, ignore_eos=True))
+    finally:
+        engine.shutdown()

@@ -60,6 +60,18 @@ async def test_out_of_range_fields_are_invalid_argument_naming_them(
     assert field in (caught.value.details() or "")
 
 
+async def test_prompt_ids_that_fill_the_context_are_refused_naming_prompt_ids(
+    stub: pb_grpc.GenerationServiceStub, spec: ModelSpec
+) -> None:
+    """Pre-tokenised input as long as the context leaves no room to generate: the refusal
+    names prompt_ids, the field the caller sent, not prompt."""
+    request = pb.GenerateRequest(max_tokens=1, prompt_ids=[5] * spec.context_length)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(stub, request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (caught.value.details() or "").startswith("prompt_ids: must be shorter than the context")
+
+
 async def test_an_out_of_vocabulary_logit_bias_key_is_named_by_the_key(
     stub: pb_grpc.GenerationServiceStub,
 ) -> None:

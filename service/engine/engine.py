@@ -403,13 +403,17 @@ class Engine:
             self._waiting_for_tokenizer += 1
 
     def _check_capacity(self, *, replacing: bool = False) -> None:
-        """Overloaded when running, queued and tokenizing requests fill the batch and the queue
-        (called under the lock); a request `replacing` a running one takes no more."""
-        capacity = self.config.max_batch_size + self.config.max_queue
+        """Overloaded when running, queued and tokenizing requests fill the rows decoded
+        together (max_rows: max_batch_size, or fewer where a preallocated cache holds fewer)
+        and the queue (called under the lock); a request `replacing` a running one takes no
+        more. Where the KV budget lets fewer requests run at once than max_rows, the rest of
+        those places wait too."""
+        capacity = self.max_rows + self.config.max_queue
         held = len(self._active) + len(self._leaving) + self._waiting_for_tokenizer - replacing
         if held >= capacity:
             raise Overloaded(
-                f"{held} requests are running, queued or being tokenized (limit {capacity})",
+                f"{held} requests are running, queued or being tokenized (limit {capacity}: "
+                f"{self.max_rows} rows decoded together + max_queue {self.config.max_queue})",
                 retry_after_s=self.config.retry_after_s,
             )
 
