@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 from collections.abc import Callable, Mapping
@@ -23,6 +24,12 @@ _META = "tokenwire.setting"
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 BOOLEANS = "1/0, true/false, yes/no, on/off"
+MAX_SECONDS = 1_000_000
+"""The longest any duration setting (`*_s`) may be: about 11.6 days. Durations reach gRPC as
+milliseconds in 32-bit integers (2**31 ms is about 24.8 days; connection ageing adds a few
+seconds to its grace) and as call deadlines, and reach the event loop's timers: bounded well
+inside all of them, a value too large is a settings error, not an overflow at start or a
+deadline that has passed before the call begins."""
 
 S = TypeVar("S")
 
@@ -40,6 +47,14 @@ def require(cond: bool, field: str, allowed: str, value: object) -> None:
     """The one validation message: `<field>: must be <allowed>, got <value>`."""
     if not cond:
         raise SettingsError(field, f"must be {allowed}, got {value!r}")
+
+
+def require_seconds(value: float, field: str, least: float = 0, *, above: bool = False) -> None:
+    """A duration setting: at least `least` (above it, with above=True) and at most
+    MAX_SECONDS; NaN and infinities are out of range."""
+    low = value > least if above else value >= least
+    lowest = f"above {least} and at most" if above else f"between {least} and"
+    require(low and value <= MAX_SECONDS, field, f"{lowest} {MAX_SECONDS} seconds", value)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -193,9 +208,14 @@ def parse_list(raw: str) -> tuple[str, ...]:
 def _number(kind: type[int] | type[float], what: str) -> Callable[[str], Any]:
     def parse(raw: str) -> Any:
         try:
-            return kind(raw.strip())
+            value = kind(raw.strip())
         except ValueError:
             raise ValueError(f"expected {what}") from None
+        # `inf` and `nan` read as floats, but no setting means them: an infinite duration
+        # would overflow where it becomes milliseconds, or wait forever.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"expected {what}")
+        return value
 
     return parse
 
@@ -218,7 +238,7 @@ def _optional(inner: Callable[[str], Any]) -> Callable[[str], Any]:
 _SIMPLE: dict[Any, Callable[[str], Any]] = {
     bool: parse_bool,
     int: _number(int, "an integer"),
-    float: _number(float, "a number"),
+    float: _number(float, "a finite number"),
     str: str,
     Path: Path,
 }

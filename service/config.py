@@ -10,7 +10,7 @@ from typing import Any, Literal, get_args
 
 from tokenwire.common import defaults, keys
 from tokenwire.common.keys import read_api_keys
-from tokenwire.common.settings import SettingsError, read_settings, setting
+from tokenwire.common.settings import SettingsError, read_settings, require_seconds, setting
 from tokenwire.common.settings import require as _require
 
 __all__ = ["BUNDLED_MODEL_DIR", "Settings", "SettingsError", "all_api_keys", "read_api_keys"]
@@ -188,9 +188,10 @@ def _check_limits(s: Settings) -> None:
 
 
 def _check_lifecycle(s: Settings) -> None:
-    _require(s.drain_grace_s >= 0, "drain_grace_s", ">= 0", s.drain_grace_s)
-    _require(s.drain_notice_s >= 0, "drain_notice_s", ">= 0", s.drain_notice_s)
-    _require(s.max_connection_age_s >= 0, "max_connection_age_s", ">= 0", s.max_connection_age_s)
+    # Each reaches gRPC in milliseconds (connection ageing) or a timer: see MAX_SECONDS.
+    require_seconds(s.drain_grace_s, "drain_grace_s")
+    require_seconds(s.drain_notice_s, "drain_notice_s")
+    require_seconds(s.max_connection_age_s, "max_connection_age_s")
     _require(s.log_format in get_args(LogFormat), "log_format", "json or console", s.log_format)
 
 

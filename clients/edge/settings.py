@@ -11,12 +11,20 @@ from typing import Any, Literal
 
 from tokenwire.client.targets import TARGET_RULE, names_a_target
 from tokenwire.common import defaults, keys
-from tokenwire.common.settings import SettingsError, read_settings, require, setting
+from tokenwire.common.settings import (
+    SettingsError,
+    read_settings,
+    require,
+    require_seconds,
+    setting,
+)
 
 # The edge's errors are the shared settings errors: one type, one message shape everywhere.
 EdgeSettingsError = SettingsError
 
 LogFormat = Literal["json", "console"]
+MIN_PING_S = 1
+"""The shortest SSE ping interval, in seconds."""
 _DB = re.compile(r"/?[0-9]{0,9}", re.ASCII)
 
 
@@ -77,7 +85,9 @@ class EdgeSettings:
         "with a resume store: how long an edge's hold on the streams it generates outlives it "
         "(another edge takes a dead edge's stream over after this)",
     )
-    ping_s: float = setting(15.0, "SSE ping comment interval (keeps proxies from cutting streams)")
+    ping_s: float = setting(
+        15.0, "SSE ping comment interval, 1 s or more (keeps proxies from cutting streams)"
+    )
     send_timeout_s: float = setting(
         30.0,
         "a client that takes no data for this long while the edge has some for it (a stream "
@@ -130,12 +140,9 @@ class EdgeSettings:
         require(0 <= self.port <= 65535, "port", "between 0 and 65535", self.port)
         require(names_a_target(self.grpc_target), "grpc_target", TARGET_RULE, self.grpc_target)
         keys.check_api_keys(self.api_keys, self.api_keys_file)
-        require(
-            self.resume_window_s >= 0,
-            "resume_window_s",
-            ">= 0 (0 = cancel on disconnect)",
-            self.resume_window_s,
-        )
+        # Durations reach gRPC deadlines, Redis expiries in milliseconds and timers: each is
+        # finite and at most MAX_SECONDS.
+        require_seconds(self.resume_window_s, "resume_window_s")
         require(
             not self.resume_store or _is_store_url(self.resume_store),
             "resume_store",
@@ -146,9 +153,10 @@ class EdgeSettings:
             if "@" in self.resume_store or "?" in self.resume_store
             else self.resume_store,
         )
-        require(self.resume_lease_s > 0, "resume_lease_s", "> 0", self.resume_lease_s)
-        require(self.ping_s > 0, "ping_s", "> 0", self.ping_s)
-        require(self.send_timeout_s > 0, "send_timeout_s", "> 0", self.send_timeout_s)
+        require_seconds(self.resume_lease_s, "resume_lease_s", above=True)
+        # A ping is an event on every open stream: more than one a second only adds traffic.
+        require_seconds(self.ping_s, "ping_s", MIN_PING_S)
+        require_seconds(self.send_timeout_s, "send_timeout_s", above=True)
         require(self.max_connections >= 1, "max_connections", ">= 1", self.max_connections)
         require(self.max_body_bytes >= 1024, "max_body_bytes", ">= 1024", self.max_body_bytes)
         require(
@@ -163,9 +171,9 @@ class EdgeSettings:
             ">= resume_stream_bytes",
             self.resume_total_bytes,
         )
-        require(self.upstream_timeout_s > 0, "upstream_timeout_s", "> 0", self.upstream_timeout_s)
-        require(self.drain_grace_s >= 0, "drain_grace_s", ">= 0", self.drain_grace_s)
-        require(self.drain_notice_s >= 0, "drain_notice_s", ">= 0", self.drain_notice_s)
+        require_seconds(self.upstream_timeout_s, "upstream_timeout_s", above=True)
+        require_seconds(self.drain_grace_s, "drain_grace_s")
+        require_seconds(self.drain_notice_s, "drain_notice_s")
         require(
             self.log_format in ("json", "console"), "log_format", "json or console", self.log_format
         )

@@ -1,0 +1,85 @@
+"""Settings whose values reach gRPC, timers or ONNX Runtime are bounded where they are read: a
+value those cannot take stops the process with one line naming it (status 2), never a
+traceback later or a server that misbehaves."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tokenwire.client.command import build_parser
+from tokenwire.common.settings import MAX_SECONDS, SettingsError, read_settings
+from tokenwire.edge.settings import EdgeSettings
+from tokenwire.server.config import Settings
+
+SERVER_DURATIONS = ("drain_grace_s", "drain_notice_s", "max_connection_age_s")
+EDGE_DURATIONS = (
+    "resume_window_s",
+    "resume_lease_s",
+    "ping_s",
+    "send_timeout_s",
+    "upstream_timeout_s",
+    "drain_grace_s",
+    "drain_notice_s",
+)
+
+
+def _tokenwire(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tokenwire.client.command", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("raw", ["inf", "-inf", "Infinity", "nan"])
+def test_a_number_that_is_not_finite_is_refused_naming_the_variable(raw: str) -> None:
+    """TOKENWIRE_DRAIN_NOTICE_S=inf (or nan) cannot be read: the error names the variable and
+    asks for a finite number (an infinite notice would keep SIGTERM from ever ending)."""
+    for cls in (Settings, EdgeSettings):
+        with pytest.raises(
+            SettingsError,
+            match=rf"TOKENWIRE_DRAIN_NOTICE_S: cannot read '{raw}': expected a finite number",
+        ):
+            read_settings(cls, {}, {"TOKENWIRE_DRAIN_NOTICE_S": raw})
+
+
+def test_an_infinite_flag_stops_serve_with_one_line_and_status_2() -> None:
+    """`tokenwire serve --max-connection-age-s inf` exits 2 naming the flag, before the gRPC
+    server turns the seconds into milliseconds (which overflowed, with a traceback)."""
+    done = _tokenwire(
+        "serve", "--port", "0", "--metrics-port", "0", "--max-connection-age-s", "inf"
+    )
+    assert done.returncode == 2
+    assert "--max-connection-age-s: cannot read 'inf': expected a finite number" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("cls", "field"),
+    [(Settings, f) for f in SERVER_DURATIONS] + [(EdgeSettings, f) for f in EDGE_DURATIONS],
+    ids=[f"serve-{f}" for f in SERVER_DURATIONS] + [f"edge-{f}" for f in EDGE_DURATIONS],
+)
+def test_a_duration_beyond_the_longest_is_refused_naming_it(cls: type, field: str) -> None:
+    """Every seconds setting takes at most MAX_SECONDS and refuses 1e10 naming the field, its
+    range and the variable (1e10 s of grace or age overflowed gRPC's milliseconds; an upstream
+    timeout that large made every request a 504 at once)."""
+    variable = f"TOKENWIRE_{field.upper()}"
+    assert getattr(read_settings(cls, {}, {variable: str(MAX_SECONDS)}), field) == MAX_SECONDS
+    with pytest.raises(
+        SettingsError,
+        match=rf"{field}: must be .* {MAX_SECONDS} seconds, got 10000000000.0 \(from {variable}\)",
+    ):
+        read_settings(cls, {}, {variable: "1e10"})
+
+
+def test_a_ping_interval_under_a_second_is_refused() -> None:
+    """`tokenwire edge --ping-s 1e-9` is a settings error naming ping_s and its range: a ping
+    is an event on every open stream."""
+    args = build_parser().parse_args(["edge", "--ping-s", "1e-9"])
+    with pytest.raises(SettingsError, match=r"ping_s: must be between 1 and 1000000 seconds"):
+        read_settings(EdgeSettings, args, {})
