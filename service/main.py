@@ -82,15 +82,20 @@ def _check_free(host: str, port: int) -> None:
             pass
 
 
-async def run_server(settings: Settings, stop: asyncio.Event) -> int:
-    """Serve until `stop` is set, then drain; return the exit status.
+async def run_server(
+    settings: Settings, stop: asyncio.Event, hurry: asyncio.Event | None = None
+) -> int:
+    """Serve until `stop` is set, then drain (cut short once `hurry` is set); return the exit
+    status.
 
     Health is NOT_SERVING until the model is warm. A port that cannot be bound, or a model the
     engine cannot drive, is one log line and status 2.
     """
     metrics = ServerMetrics()
     tracing = Tracing.from_endpoint(settings.otlp_endpoint, __version__)
-    server = TokenwireServer(settings, observer=metrics, tracing=tracing)
+    server = TokenwireServer(
+        settings, observer=metrics, tracing=tracing, hurry=hurry or asyncio.Event()
+    )
     try:
         return await _serve(settings, stop, server, metrics)
     finally:
@@ -210,11 +215,20 @@ async def _serve(
 
 
 async def _main(settings: Settings) -> int:
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def signalled() -> None:
+        # The first SIGTERM/SIGINT drains; a second cuts the drain short, as the edge's does.
+        if not stop.is_set():
+            stop.set()
+        elif not hurry.is_set():
+            log.info("server.drain_cut_short")
+            hurry.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return await run_server(settings, stop)
+        loop.add_signal_handler(sig, signalled)
+    return await run_server(settings, stop, hurry)
 
 
 def serve(settings: Settings) -> int:

@@ -7,9 +7,10 @@ first instead, and only then tells uvicorn to exit:
 1. `/readyz` turns 503 (load balancers stop sending), after `drain_notice_s` new API requests
    get 503 too; resumes and cancels of running streams still pass;
 2. in-flight requests and streams still generating run to their end, up to `drain_grace_s`;
-3. whatever is still running then (or at a second signal) is cancelled: native streams end
-   with `done` / cancelled, OpenAI streams with an error chunk;
-4. uvicorn closes the connections and the app shuts down.
+3. whatever is still running then is cancelled: native streams end with `done` / cancelled,
+   OpenAI streams with an error chunk;
+4. a second signal cuts steps 1 and 2 short: what is still running is cancelled at once;
+5. uvicorn closes the connections and the app shuts down.
 """
 
 from __future__ import annotations
@@ -231,6 +232,7 @@ class EdgeServer:
         self.server = _Uvicorn(config)
         self.port = settings.port
         self._task: asyncio.Task[None] | None = None
+        self._hurried = asyncio.Event()
 
     @property
     def ctx(self) -> EdgeContext:
@@ -293,11 +295,20 @@ class EdgeServer:
         grace = self.settings.drain_grace_s if grace_s is None else grace_s
         notice = self.settings.drain_notice_s if notice_s is None else notice_s
         ctx.drain.ready = False
-        await asyncio.sleep(notice)
+        with contextlib.suppress(TimeoutError):  # the notice ends early at a second signal
+            await asyncio.wait_for(self._hurried.wait(), notice)
         ctx.drain.draining = True
         clean = await _quiet(ctx, grace, grace=True)
         await self.stop()
         return clean
+
+    def hurry(self) -> None:
+        """A second signal: cut the drain notice and the grace short (streams still running
+        end as cancelled)."""
+        ctx = self.ctx
+        ctx.drain.hurry = True
+        self._hurried.set()
+        log.info("edge.drain_cut_short", in_flight=ctx.drain.in_flight, live=ctx.streams.live)
 
     async def stop(self) -> None:
         """Stop now: cancel what still runs (streams end with their last event), then exit."""
@@ -321,12 +332,6 @@ async def _quiet(ctx: EdgeContext, limit_s: float, *, grace: bool = False) -> bo
             return False
         await asyncio.sleep(0.05)
     return True
-
-
-def _hurry(ctx: EdgeContext) -> None:
-    """A second signal: cut the grace short (streams still running end as cancelled)."""
-    ctx.drain.hurry = True
-    log.info("edge.drain_cut_short", in_flight=ctx.drain.in_flight, live=ctx.streams.live)
 
 
 async def run_edge(settings: EdgeSettings) -> int:
@@ -357,7 +362,7 @@ async def run_edge(settings: EdgeSettings) -> int:
         return 0
     log.info("edge.draining", in_flight=edge.ctx.drain.in_flight, live=edge.ctx.streams.live)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _hurry, edge.ctx)
+        loop.add_signal_handler(sig, edge.hurry)
     clean = await edge.drain()
     log.info(
         "edge.stopped",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Awaitable
 
 import grpc
 import structlog
@@ -61,6 +62,9 @@ class TokenwireServer:
     observer counts the rest), so every rejection is counted once."""
     tracing: Tracing = dataclasses.field(default_factory=lambda: Tracing.from_endpoint(""))
     """Where Generate spans go; by default nowhere (they still get ids for the logs)."""
+    hurry: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    """Set (a second signal) to cut a drain short: its notice and its grace end at once, and
+    streams still running end CANCELLED."""
 
     async def start(self) -> int:
         """Bind and start serving with health NOT_SERVING; return the bound port."""
@@ -122,10 +126,12 @@ class TokenwireServer:
             engine.stop_accepting()
         log.info("server.draining", grace_s=settings.drain_grace_s, active=_active(engine))
         if settings.drain_notice_s:
-            await asyncio.sleep(settings.drain_notice_s)
+            await self._unless_hurried(asyncio.sleep(settings.drain_notice_s, True))
         # The server keeps answering while streams finish: new requests get an explicit
         # UNAVAILABLE (which clients retry elsewhere) rather than a transport-level cancel.
-        if engine is not None and not await engine.wait_idle(settings.drain_grace_s):
+        if engine is not None and not await self._unless_hurried(
+            engine.wait_idle(settings.drain_grace_s)
+        ):
             log.warning("server.drain_timeout", cancelled=engine.active_count)
             engine.cancel_all(FinishReason.CANCELLED)
             await engine.wait_idle(2.0)
@@ -134,6 +140,17 @@ class TokenwireServer:
         if engine is not None:
             engine.shutdown()
         log.info("server.stopped")
+
+    async def _unless_hurried(self, wait: Awaitable[bool]) -> bool:
+        """What `wait` returns, or False as soon as `hurry` is set (`wait` is cancelled)."""
+        waiting = asyncio.ensure_future(wait)
+        hurried = asyncio.ensure_future(self.hurry.wait())
+        try:
+            await asyncio.wait({waiting, hurried}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+            hurried.cancel()
+        return waiting.done() and not waiting.cancelled() and waiting.result()
 
     async def _quiet_moment(self) -> None:
         """Wait (briefly) until no Generate call has arrived for QUIET_S.
