@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.conftest import RunningServer, collect, greedy
+from tests.conftest import RunningServer, collect, greedy, start_server
 from tests.fakes import ScriptedModel
 from tokenwire.server.domain import (
     CompletionEvent,
@@ -26,6 +26,7 @@ from tokenwire.server.domain import (
     UsageEvent,
 )
 from tokenwire.server.engine import Engine, ModelSpec, OnnxCausalLM
+from tokenwire.server.engine.engine import LONG_PROMPT_CHARS
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
@@ -222,3 +223,30 @@ async def test_a_continuation_replaces_the_callers_running_stream_of_its_id(
     assert rest[-1].completion.finish_reason == pb.FINISH_REASON_LENGTH
     assert left[-1].completion.finish_reason == pb.FINISH_REASON_CANCELLED
     assert paced.engine.active_count == 0
+
+
+async def test_a_long_continuation_replaces_its_stream_on_a_full_server(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """On a server with room for one request, a continuation whose prompt is long enough to be
+    tokenized on the worker thread takes the place of the stream it replaces (as a short one
+    does), instead of being refused as overloaded while that stream decodes on."""
+    token = tokenizer.encode(" x")[0]
+    model = ScriptedModel(spec, dict.fromkeys(range(spec.context_length), token), 0.01)
+    running = await start_server(model, tokenizer, max_batch_size=1, max_queue=0)
+    prompt = "#" * (LONG_PROMPT_CHARS + 100) + "\ndef f(n):"
+    try:
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            first = stub.Generate(greedy(prompt, 40, request_id="kept"))
+            delivered = []
+            while len(delivered) < 3:
+                message = await first.read()
+                assert isinstance(message, pb.GenerateResponse)
+                delivered.append(message.token.id)
+            rest = await collect(
+                stub, greedy(prompt, 40, request_id="kept", continuation_ids=delivered)
+            )
+    finally:
+        await running.server.drain()
+    assert rest[-1].completion.finish_reason == pb.FINISH_REASON_LENGTH

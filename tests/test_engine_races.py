@@ -219,3 +219,17 @@ async def test_a_call_that_ends_while_its_prompt_is_tokenized_is_counted(
     finally:
         engine.release.set()
         await server.drain()
+
+
+async def test_a_long_prompt_checked_before_a_shutdown_starts_no_tokenizer_thread(
+    onnx_model: OnnxCausalLM, tokenizer: Tokenizer
+) -> None:
+    """A long prompt whose checks pass just before the engine shuts down is refused as
+    Unavailable before it is tokenized: no tokenizer thread is made after the shutdown, to be
+    left running."""
+    engine = _ShutDownAfterTheCheck(onnx_model, tokenizer, EngineConfig())
+    engine.start()
+    with pytest.raises(Unavailable):
+        await engine.submit_async(GenerationRequest("late", LONG, max_tokens=2))
+    assert engine._tokenizing is None
+    assert engine.active_count == 0

@@ -235,7 +235,7 @@ class Engine:
             if len(request.prompt) > LONG_PROMPT_CHARS:
                 # Refuse what the cheap checks refuse before paying for the tokenizer.
                 self._check_open(request)
-                self._hold_place()
+                self._hold_place(request)
                 try:
                     prompt_ids = await self._encode_long(request)
                 finally:
@@ -255,6 +255,7 @@ class Engine:
         from. Unavailable if the engine shuts down first."""
         key = (request.prompt, request.add_special_tokens)
         with self._lock:
+            self._check_accepting()  # no tokenizer thread made after shutdown()
             pending = self._encodings.get(key)
             made = pending is None
             if pending is None:
@@ -387,20 +388,27 @@ class Engine:
                 raise InvalidRequest(
                     "request_id", sequence.request_id, "must not match a running request's id"
                 )
-            self._check_capacity(replacing=running is not None)
+            self._check_capacity(replacing=self._replaces(sequence.request))
             if running is not None:
                 # A continuation of the caller's own running stream: its caller lost that
                 # stream (a broken connection the server has yet to notice) and goes on here.
                 self._end_locked(running, FinishReason.CANCELLED)
-                log.info("request.replaced", reason="a continuation with its id arrived")
             self._active[sequence.request_id] = sequence
             self._scheduler.post(Submit(sequence))
+        if running is not None:
+            log.info("request.replaced", reason="a continuation with its id arrived")
 
-    def _hold_place(self) -> None:
-        """Take a place in the capacity for a long prompt while it waits for the tokenizer."""
+    def _hold_place(self, request: GenerationRequest) -> None:
+        """Take a place in the capacity for a long prompt while it waits for the tokenizer (a
+        continuation of the caller's running request takes that one's, see _admit)."""
         with self._lock:
-            self._check_capacity()
+            self._check_capacity(replacing=self._replaces(request))
             self._waiting_for_tokenizer += 1
+
+    def _replaces(self, request: GenerationRequest) -> bool:
+        """Whether the request continues the caller's running request of its id (under the
+        lock): it replaces that one (see _admit)."""
+        return bool(request.continuation) and request.request_id in self._active
 
     def _check_capacity(self, *, replacing: bool = False) -> None:
         """Overloaded when running, queued and tokenizing requests fill the rows decoded
