@@ -150,12 +150,18 @@ def test_text_parts_reach_a_template_that_loops_over_content_as_parts(template: 
     assert chat_prompt(PARTS, _info(template)) == "[first][second]"
 
 
-def test_empty_tool_calls_reach_the_template() -> None:
-    """An assistant turn's empty tool_calls reaches the template as sent, so a template that
-    tests for the key (Llama 3.1's) renders or refuses as transformers' rendering does."""
-    turns = [{"role": "assistant", "content": "b", "tool_calls": []}]
-    template = "{% for m in messages %}{{ 'tool_calls' in m }}{% endfor %}"
-    assert chat_prompt(turns, _info(template)) == "True"
+def test_a_template_that_reads_some_turns_content_as_a_string_gets_them_joined() -> None:
+    """A template that loops over the user's content parts but adds the system turn's content
+    to a string (Mistral Small 3.1's) fails on parts there: it is rendered again with every
+    turn's text parts joined, not answered with a 500."""
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ '[SYS]' + m['content'] }}"
+        "{% elif m['content'] is string %}{{ m['content'] }}"
+        "{% else %}{% for p in m['content'] %}[{{ p['text'] }}]{% endfor %}{% endif %}"
+        "{% endfor %}"
+    )
+    turns = [{"role": "system", "content": PARTS[0]["content"]}, *PARTS]
+    assert chat_prompt(turns, _info(template)) == "[SYS]first\nsecondfirst\nsecond"
 
 
 def test_the_template_sees_each_template_token_by_name() -> None:

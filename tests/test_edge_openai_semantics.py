@@ -540,8 +540,15 @@ def test_message_name_reaches_the_template() -> None:
 
 def test_text_parts_of_a_message_reach_the_template_as_parts() -> None:
     """A content list of text parts is one message whose parts go to the chat template as
-    parts (the template decides how to read them, see test_chat_template), empty tool_calls
-    with them."""
+    parts (the template decides how to read them, see test_chat_template)."""
     parts = [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]
-    fields = Fields({"messages": [{"role": "assistant", "content": parts, "tool_calls": []}]})
-    assert chat_turns(fields) == [{"role": "assistant", "content": parts, "tool_calls": []}]
+    fields = Fields({"messages": [{"role": "user", "content": parts}]})
+    assert chat_turns(fields) == [{"role": "user", "content": parts}]
+
+
+def test_empty_tool_calls_do_not_reach_the_template() -> None:
+    """An assistant turn's empty tool_calls means no tool call: the turn reaches the chat
+    template without the key, so a template that tests for it (Mistral v0.3's) renders the
+    turn's text, not an empty tool call."""
+    fields = Fields({"messages": [{"role": "assistant", "content": "b", "tool_calls": []}]})
+    assert chat_turns(fields) == [{"role": "assistant", "content": "b"}]

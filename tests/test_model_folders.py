@@ -329,6 +329,18 @@ def test_beside_added_tokens_decoder_the_bos_added_is_tokenizer_configs(tmp_path
     assert tokenizer.encode("hi", add_special_tokens=True)[0] == tokenizer.token_id("</s>")
 
 
+def test_a_bos_only_special_tokens_map_names_is_the_one_added(tmp_path: Path) -> None:
+    """Beside an added_tokens_decoder, a bos_token that tokenizer_config.json does not name is
+    special_tokens_map.json's (transformers takes the Llama class's default, `<s>`, which that
+    file states): the folder loads and its tokenizer adds that BOS, instead of being refused
+    for a BOS that names no token."""
+    model_dir = _llama_class(tmp_path)
+    _edit(model_dir / "tokenizer_config.json", bos_token=None)
+    _edit(model_dir / "special_tokens_map.json", bos_token="<s>")
+    tokenizer = Tokenizer.from_dir(model_dir)
+    assert tokenizer.encode("hi", add_special_tokens=True)[0] == tokenizer.token_id("<s>")
+
+
 def test_beside_added_tokens_decoder_the_chat_templates_bos_is_tokenizer_configs(
     tmp_path: Path,
 ) -> None:

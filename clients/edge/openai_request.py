@@ -362,7 +362,7 @@ def _content(content: Any, index: int) -> str | list[dict[str, str]]:
 
 def chat_turns(fields: Fields) -> list[dict[str, Any]]:
     """The conversation as the model's chat template takes it: role, content and, where the
-    caller sent them, name and (empty) tool_calls."""
+    caller named the speaker, name."""
     messages = fields.raw("messages")
     if not isinstance(messages, list) or not messages:
         raise EdgeError.invalid("messages", "must be a non-empty list")
@@ -395,11 +395,10 @@ def _turn(message: Any, index: int) -> dict[str, Any]:
                 else "is not supported by this server (only null is accepted)",
                 "unsupported_parameter",
             )
+    # An empty tool_calls (anything else is refused above) means no tool call, as clients
+    # send it on plain assistant turns: it does not reach the template, where a test for the
+    # key (Mistral v0.3's) would render an empty tool call in place of the turn's text.
     turn: dict[str, Any] = {"role": role, "content": _content(message.get("content"), index)}
-    if message.get("tool_calls") is not None:
-        # Empty (anything else is refused above), and passed on as sent: templates test for
-        # the key, and refuse as transformers' rendering does.
-        turn["tool_calls"] = []
     name = message.get("name")
     if name is not None:
         if not isinstance(name, str):

@@ -140,14 +140,23 @@ def chat_prompt(turns: list[dict[str, Any]], info: ModelInfo) -> str:
         "bos_token": info.bos_token,
         "eos_token": info.eos_token,
         **info.template_tokens,
-        "messages": _as_template_reads(turns, reads_content_parts(source)),
         # Passed as transformers passes them: `tools is not none` must be false.
         "tools": None,
         "documents": None,
         "add_generation_prompt": True,
     }
+    parts = reads_content_parts(source) and any(isinstance(t["content"], list) for t in turns)
     try:
-        rendered = template.render(**context)
+        try:
+            rendered = template.render(messages=_as_template_reads(turns, parts), **context)
+        except TemplateRefusal:
+            raise
+        except Exception:
+            if not parts:
+                raise
+            # A template that loops over some turns' content may still read others' as one
+            # string (Mistral Small 3.1 prefixes the system turn's): it gets them joined.
+            rendered = template.render(messages=_as_template_reads(turns, False), **context)
     except TemplateRefusal as exc:
         # Model templates refuse some conversations (roles not alternating, ...).
         raise EdgeError.invalid(

@@ -63,7 +63,8 @@ READ_WAIT_S = 5.0
 """How long a read waits for a free connection of its pool before it fails (a 503)."""
 BUSY_TRIES_S = (0.05, 0.1, 0.2, 0.4, 0.8)
 """Waits between the tries of a take-over's continuation that the server refuses because the
-generation it continues still runs there (its edge stopped it a moment ago)."""
+generation it continues still runs there (its edge stopped it a moment ago) and none of its
+tokens were delivered (a continuation with some replaces that generation at once)."""
 # A finished stream stays for the window, but never less than this: readers blocked on it must
 # still find its last event.
 MIN_DONE_MS = 1000
@@ -341,8 +342,9 @@ async def _continued(
     owner: str | None,
 ) -> UpstreamStream:
     """The continuation of a taken-over stream. The generation it continues may still run at
-    the server (its edge stopped it a moment ago, and the server ends it at its next step),
-    which then refuses the id: that refusal is tried again, BUSY_TRIES_S apart."""
+    the server (its edge stopped it a moment ago, and the server ends it at its next step):
+    a continuation with delivered ids replaces it there, and one without any is refused for
+    the id, which is tried again, BUSY_TRIES_S apart."""
     for wait_s in BUSY_TRIES_S:
         try:
             return await upstream.open(request, request_id, delivered, route=NATIVE, owner=owner)

@@ -94,8 +94,10 @@ def read_layout(
     if other_states:
         raise ModelLoadError(
             f"{graph} has state inputs besides its KV cache ({', '.join(other_states[:4])}"
-            f"{', ...' if len(other_states) > 4 else ''}): a model with convolution or "
-            "recurrent layers, which tokenwire does not serve (it carries a KV cache only)"
+            f"{', ...' if len(other_states) > 4 else ''}): tokenwire carries a KV cache as "
+            "past_key_values.N.key/value (Optimum's and ONNX Runtime GenAI's layout) and no "
+            "other state (a convolution's or recurrent layer's, or a cache in another layout "
+            "such as past_N)"
         )
     if not by_layer:
         raise ModelLoadError(

@@ -1,51 +1,24 @@
-"""The operator types of an ONNX graph's top level, read from its file without the onnx
-package: three fields of ONNX's protobuf schema (ModelProto.graph = 7, GraphProto.node = 1,
-NodeProto.op_type = 4), described here; every other field is skipped as unknown."""
+"""Which of some operator types an ONNX graph file uses, read without the onnx package and
+without loading the file: a node's op type is stored as protobuf field 4 of NodeProto, a
+length-delimited string, so its bytes are the tag 0x22, the name's length and the name. One
+pass over the mapped file finds them in the graph, its subgraphs and its functions alike."""
 
 from __future__ import annotations
 
-import functools
+import mmap
+import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-from tokenwire.server.engine.spec import ModelLoadError
-
-_PACKAGE = "tokenwire.onnx_ops"
+_OP_TYPE_TAG = b"\x22"  # field 4, wire type 2 (length-delimited)
 
 
-@functools.cache
-def _model_message() -> Any:
-    """A message class that reads an ONNX ModelProto's node op types and nothing else."""
-    proto = descriptor_pb2.FieldDescriptorProto
-    schema = descriptor_pb2.FileDescriptorProto(
-        name="tokenwire_onnx_ops.proto", package=_PACKAGE, syntax="proto2"
-    )
-    node = schema.message_type.add(name="Node")
-    node.field.add(name="op_type", number=4, type=proto.TYPE_STRING, label=proto.LABEL_OPTIONAL)
-    # Graph.node (repeated Node) = 1; Model.graph (Graph) = 7.
-    for message, field, number, of, label in (
-        ("Graph", "node", 1, "Node", proto.LABEL_REPEATED),
-        ("Model", "graph", 7, "Graph", proto.LABEL_OPTIONAL),
-    ):
-        schema.message_type.add(name=message).field.add(
-            name=field,
-            number=number,
-            type=proto.TYPE_MESSAGE,
-            type_name=f".{_PACKAGE}.{of}",
-            label=label,
-        )
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(schema)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.Model"))
-
-
-def op_types(path: Path) -> frozenset[str]:
-    """The op types of the nodes of the graph in `path` (not those of subgraphs)."""
-    model = _model_message()()
-    try:
-        model.ParseFromString(path.read_bytes())
-    except Exception as exc:  # ONNX Runtime has read the file: only a reader's limit fails here
-        raise ModelLoadError(f"{path.name} could not be read for its operators: {exc}") from exc
-    return frozenset(str(node.op_type) for node in model.graph.node)
+def op_types_among(path: Path, names: Iterable[str]) -> frozenset[str]:
+    """The op types in `names` (each under 128 bytes) that nodes in the file at `path` use."""
+    encoded = {bytes([len(name)]) + name.encode(): name for name in names}
+    pattern = re.compile(_OP_TYPE_TAG + b"(" + b"|".join(map(re.escape, encoded)) + b")")
+    with path.open("rb") as file:
+        if file.seek(0, 2) == 0:
+            return frozenset()
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return frozenset(encoded[match.group(1)] for match in pattern.finditer(mapped))

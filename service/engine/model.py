@@ -22,7 +22,7 @@ import onnxruntime as ort
 import structlog
 
 from tokenwire.server.engine.graph import CacheLayout, check_vocab, read_layout
-from tokenwire.server.engine.graph_ops import op_types
+from tokenwire.server.engine.graph_ops import op_types_among
 from tokenwire.server.engine.kv_cache import BatchKvCache
 from tokenwire.server.engine.logits import DeviceLogits, HostLogits, Logits, LogitsReader, widens
 from tokenwire.server.engine.padding import (
@@ -201,7 +201,7 @@ class OnnxCausalLM:
         """The widest attention mask rows do not notice, where some wider one changes them (a
         graph that picks its rotary tables by the mask's width): rows past it decode alone in
         the preallocated cache, or, without one, the context is capped here."""
-        self.quantizes_activations = sorted(ACTIVATION_QUANTIZERS & op_types(onnx_path))
+        self.quantizes_activations = sorted(op_types_among(onnx_path, ACTIVATION_QUANTIZERS))
         """The graph's operators that quantise activations: with them every row decodes
         alone (see ACTIVATION_QUANTIZERS)."""
         self._measure(graph, tolerance, max_kv_tokens)
@@ -222,19 +222,21 @@ class OnnxCausalLM:
             raise
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            if not _from_onnxruntime(exc):
+            if _from_onnxruntime(exc):
+                raise ModelLoadError(
+                    f"{graph} fails a test forward at load, so {self.spec.config_file} may not "
+                    f"describe it, or ONNX Runtime's {self.provider} cannot run it"
+                    f"{' (an fp16 graph on the CPU provider, say)' if self.provider == CPU else ''}"
+                    f": {first}"
+                ) from exc
+            if isinstance(exc, (IndexError, ValueError, TypeError)):
                 # Outputs the engine cannot read (shapes no engine path expects): refused as
                 # a graph it cannot drive, in one line, not a traceback.
                 raise ModelLoadError(
                     f"{graph} gives outputs tokenwire cannot read in a test forward at load "
                     f"({type(exc).__name__}: {first})"
                 ) from exc
-            raise ModelLoadError(
-                f"{graph} fails a test forward at load, so {self.spec.config_file} may not "
-                f"describe it, or ONNX Runtime's {self.provider} cannot run it"
-                f"{' (an fp16 graph on the CPU provider, say)' if self.provider == CPU else ''}"
-                f": {first}"
-            ) from exc
+            raise
 
     def _probe(self, graph: str, tolerance: float, max_kv_tokens: int | None) -> None:
         """How the graph takes padding and batches (padding.py): its padding class, batch
@@ -448,7 +450,17 @@ class OnnxCausalLM:
         return self.device if self._half else "cpu"
 
 
-ACTIVATION_QUANTIZERS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear"})
+ACTIVATION_QUANTIZERS = frozenset(
+    {
+        "QuantizeLinear",
+        "DynamicQuantizeLinear",
+        # What ONNX Runtime fuses them into, in a graph saved after its optimisations.
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "QAttention",
+        "QGemm",
+    }
+)
 """Operators that quantise activations. With scales over the whole batch (dynamic int8) rows
 change each other; with fixed scales (static int8, QDQ or QOperator) the rounding that masked
 padding in front of a row brings (1e-7 of the logit scale) can cross a quantisation step,

@@ -71,10 +71,12 @@ def tokenizer_settings(
 ) -> dict[str, Any]:
     """tokenizer_config.json's entries as transformers reads them beside special_tokens_map.json:
     that file is read only where tokenizer_config.json has no added_tokens_decoder, and then
-    its entries replace tokenizer_config.json's; beside an added_tokens_decoder it is not read
-    at all, and tokenizer_config.json's bos_token, eos_token, ... are the ones."""
+    its entries replace tokenizer_config.json's; beside an added_tokens_decoder,
+    tokenizer_config.json's bos_token, eos_token, ... are the ones, and special_tokens_map.json
+    only names those it does not (where transformers takes the tokenizer class's default,
+    which that file states: `<s>` for a Llama tokenizer)."""
     if "added_tokens_decoder" in config:
-        return dict(config)
+        return {**{k: v for k, v in special_tokens_map.items() if k not in config}, **config}
     return {**config, **special_tokens_map}
 
 
