@@ -18,6 +18,8 @@ __all__ = ["BUNDLED_MODEL_DIR", "Settings", "SettingsError", "all_api_keys", "re
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "tiny-py"
 
 Provider = Literal["auto", "cpu", "cuda"]
+MAX_THREADS = 1024
+"""The most ONNX Runtime threads of either kind a server may ask for."""
 LogFormat = Literal["json", "console"]
 
 
@@ -45,10 +47,11 @@ class Settings:
     )
     intra_op_threads: int = setting(
         0,
-        "ONNX Runtime intra-op threads (0 = the physical cores this process may run on, "
-        "capped by its container's CPU quota; logged at start)",
+        "ONNX Runtime intra-op threads, at most 1024 (0 = the physical cores this process may "
+        "run on, capped by its container's CPU quota; logged at start, with a warning when "
+        "more than the CPUs it may use)",
     )
-    inter_op_threads: int = setting(1, "ONNX Runtime inter-op threads (0 = auto)")
+    inter_op_threads: int = setting(1, "ONNX Runtime inter-op threads, at most 1024 (0 = auto)")
     ort_spinning: bool = setting(
         True,
         "ORT threads spin between the kernels of a step and sleep between steps "
@@ -149,8 +152,11 @@ def _check_network(s: Settings) -> None:
 
 def _check_engine(s: Settings) -> None:
     _require(s.provider in get_args(Provider), "provider", "auto, cpu or cuda", s.provider)
-    _require(s.intra_op_threads >= 0, "intra_op_threads", ">= 0 (0 = auto)", s.intra_op_threads)
-    _require(s.inter_op_threads >= 0, "inter_op_threads", ">= 0 (0 = auto)", s.inter_op_threads)
+    for name in ("intra_op_threads", "inter_op_threads"):
+        threads = getattr(s, name)
+        # ONNX Runtime takes a C int and starts every thread it is given.
+        allowed = f"between 0 (auto) and {MAX_THREADS}"
+        _require(0 <= threads <= MAX_THREADS, name, allowed, threads)
     _require(
         1 <= s.max_batch_size <= 1024, "max_batch_size", "between 1 and 1024", s.max_batch_size
     )

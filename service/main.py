@@ -7,6 +7,7 @@ import dataclasses
 import os
 import signal
 import socket
+from pathlib import Path
 
 import structlog
 
@@ -45,6 +46,13 @@ def intra_op_threads(settings: Settings) -> CpuBudget:
     if settings.intra_op_threads:
         return CpuBudget(settings.intra_op_threads, "intra_op_threads")
     return cpu_budget()
+
+
+def cpus_available() -> CpuBudget:
+    """The CPUs this process may run on, hyperthreads counted (its affinity mask), capped by
+    its CPU quota: intra-op threads beyond these wait for each other at every operator."""
+    # With no topology to read, the budget counts the affinity mask's CPUs, not cores.
+    return cpu_budget(topology=Path(os.devnull))
 
 
 def load_engine(settings: Settings, observer: EngineObserver | None = None) -> Engine:
@@ -130,6 +138,17 @@ async def _serve(
         log.info("metrics.listening", url=f"{scheme}://{settings.host}:{metrics_port}/metrics")
     # Resolved once: the engine computes with the number the start-up line reports.
     threads = intra_op_threads(settings)
+    available = cpus_available()
+    if threads.cpus > available.cpus:
+        log.warning(
+            "server.threads_beyond_cpus",
+            intra_op_threads=threads.cpus,
+            cpus=available.cpus,
+            cpus_from=available.source,
+            reason="more intra-op threads than CPUs this process may use wait for each other "
+            "at every operator, which makes each step slower: lower intra_op_threads, or "
+            "leave it 0 for the physical cores",
+        )
     resolved = dataclasses.replace(settings, intra_op_threads=threads.cpus)
     try:
         engine = await asyncio.to_thread(load_engine, resolved, metrics)

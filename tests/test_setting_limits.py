@@ -9,10 +9,12 @@ import sys
 
 import pytest
 
+from tests.procs import ServerProcess
 from tokenwire.client.command import build_parser
 from tokenwire.common.settings import MAX_SECONDS, SettingsError, read_settings
 from tokenwire.edge.settings import EdgeSettings
 from tokenwire.server.config import Settings
+from tokenwire.server.main import cpus_available
 
 SERVER_DURATIONS = ("drain_grace_s", "drain_notice_s", "max_connection_age_s")
 EDGE_DURATIONS = (
@@ -83,3 +85,32 @@ def test_a_ping_interval_under_a_second_is_refused() -> None:
     args = build_parser().parse_args(["edge", "--ping-s", "1e-9"])
     with pytest.raises(SettingsError, match=r"ping_s: must be between 1 and 1000000 seconds"):
         read_settings(EdgeSettings, args, {})
+
+
+@pytest.mark.parametrize("flag", ["--intra-op-threads", "--inter-op-threads"])
+def test_more_threads_than_onnx_runtime_can_start_are_refused(flag: str) -> None:
+    """`--intra-op-threads 3000000000` (or inter-op) is a settings error naming the field and
+    its range, not a traceback from ONNX Runtime's session options."""
+    field = flag.removeprefix("--").replace("-", "_")
+    args = build_parser().parse_args(["serve", flag, "3000000000"])
+    with pytest.raises(
+        SettingsError,
+        match=rf"{field}: must be between 0 \(auto\) and 1024, got 3000000000 \(from {flag}\)",
+    ):
+        read_settings(Settings, args, {})
+
+
+def test_more_intra_op_threads_than_cpus_is_a_warning_at_start() -> None:
+    """A server given more intra-op threads than the CPUs it may use starts, and says so in
+    one warning naming both numbers."""
+    cpus = cpus_available().cpus
+    env = {"TOKENWIRE_INTRA_OP_THREADS": str(cpus + 1)}
+    proc = ServerProcess("--metrics-port", "0", env=env)
+    try:
+        warning = proc.wait_for("server.threads_beyond_cpus")
+        started = proc.wait_for("server.started")
+    finally:
+        proc.close()
+    assert warning["level"] == "warning"
+    assert (warning["intra_op_threads"], warning["cpus"]) == (cpus + 1, cpus)
+    assert started["intra_op_threads"] == cpus + 1
