@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import types
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -55,6 +56,23 @@ def require_seconds(value: float, field: str, least: float = 0, *, above: bool =
     low = value > least if above else value >= least
     lowest = f"above {least} and at most" if above else f"between {least} and"
     require(low and value <= MAX_SECONDS, field, f"{lowest} {MAX_SECONDS} seconds", value)
+
+
+def require_collector_url(value: str, field: str) -> None:
+    """An OTLP/gRPC collector's address: empty (no export), or an http:// (plaintext) or
+    https:// (TLS) URL with a host and, if any, a numeric port. The scheme is required: without
+    one the exporter would silently pick TLS; and a URL that does not parse would stop the
+    process only when the exporter is made, with a traceback."""
+    if not value:
+        return
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018 (reading it checks it: a port that is no number raises)
+    except ValueError:
+        usable = False
+    else:
+        usable = value.startswith(("http://", "https://")) and bool(parts.hostname)
+    require(usable, field, "an http:// (plaintext) or https:// URL with a host, or empty", value)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

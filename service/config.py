@@ -10,7 +10,13 @@ from typing import Any, Literal, get_args
 
 from tokenwire.common import defaults, keys
 from tokenwire.common.keys import read_api_keys
-from tokenwire.common.settings import SettingsError, read_settings, require_seconds, setting
+from tokenwire.common.settings import (
+    SettingsError,
+    read_settings,
+    require_collector_url,
+    require_seconds,
+    setting,
+)
 from tokenwire.common.settings import require as _require
 
 __all__ = ["BUNDLED_MODEL_DIR", "Settings", "SettingsError", "all_api_keys", "read_api_keys"]
@@ -126,9 +132,6 @@ class Settings:
 
 
 _PATHS = ("api_keys_file", "tls_cert", "tls_key", "tls_client_ca")
-# The scheme says whether the exporter's channel is plaintext or TLS; without one it would
-# silently pick TLS.
-OTLP_SCHEMES = ("http://", "https://")
 
 
 def all_api_keys(s: Settings) -> tuple[str, ...]:
@@ -142,12 +145,7 @@ def _check_network(s: Settings) -> None:
     _require(
         0 <= s.metrics_port <= 65535, "metrics_port", "between 0 (off) and 65535", s.metrics_port
     )
-    _require(
-        s.otlp_endpoint.startswith(OTLP_SCHEMES) or not s.otlp_endpoint,
-        "otlp_endpoint",
-        "an http:// (plaintext) or https:// URL, or empty",
-        s.otlp_endpoint,
-    )
+    require_collector_url(s.otlp_endpoint, "otlp_endpoint")
 
 
 def _check_engine(s: Settings) -> None:

@@ -114,3 +114,29 @@ def test_more_intra_op_threads_than_cpus_is_a_warning_at_start() -> None:
     assert warning["level"] == "warning"
     assert (warning["intra_op_threads"], warning["cpus"]) == (cpus + 1, cpus)
     assert started["intra_op_threads"] == cpus + 1
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["http://[::1", "http://", "https://:4317", "http://collector:port"],
+)
+def test_a_collector_url_that_does_not_parse_is_refused_naming_it(endpoint: str) -> None:
+    """An OTLP endpoint that is no http(s) URL with a host (an unclosed IPv6 bracket, no host,
+    a port that is no number) is a settings error naming otlp_endpoint, for the server and the
+    edge alike."""
+    for cls in (Settings, EdgeSettings):
+        with pytest.raises(
+            SettingsError, match=r"otlp_endpoint: must be an http:// .* with a host"
+        ):
+            read_settings(cls, {}, {"TOKENWIRE_OTLP_ENDPOINT": endpoint})
+
+
+@pytest.mark.parametrize("verb", ["serve", "edge"])
+def test_a_malformed_collector_url_stops_the_process_with_status_2(verb: str) -> None:
+    """`tokenwire serve` (or `edge`) `--otlp-endpoint 'http://[::1'` exits 2 with one line
+    naming the flag, not a traceback from the exporter."""
+    done = _tokenwire(verb, "--port", "0", "--otlp-endpoint", "http://[::1")
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"tokenwire {verb}: otlp_endpoint: must be")
+    assert "(from --otlp-endpoint)" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -15,6 +15,7 @@ from tokenwire.common.settings import (
     SettingsError,
     read_settings,
     require,
+    require_collector_url,
     require_seconds,
     setting,
 )
@@ -177,13 +178,7 @@ class EdgeSettings:
         require(
             self.log_format in ("json", "console"), "log_format", "json or console", self.log_format
         )
-        # The scheme says whether the exporter's channel is plaintext or TLS.
-        require(
-            self.otlp_endpoint.startswith(("http://", "https://")) or not self.otlp_endpoint,
-            "otlp_endpoint",
-            "an http:// (plaintext) or https:// URL, or empty",
-            self.otlp_endpoint,
-        )
+        require_collector_url(self.otlp_endpoint, "otlp_endpoint")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **flags: Any) -> EdgeSettings:
