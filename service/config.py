@@ -26,6 +26,8 @@ BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "tiny-py
 Provider = Literal["auto", "cpu", "cuda"]
 MAX_THREADS = 1024
 """The most ONNX Runtime threads of either kind a server may ask for."""
+MAX_PROMPT_BYTES = 64 * 1024 * 1024
+"""The largest max_prompt_bytes: far more than any model's context holds."""
 LogFormat = Literal["json", "console"]
 
 
@@ -72,7 +74,11 @@ class Settings:
     max_queue: int = setting(64, "requests waiting beyond the batch; more get RESOURCE_EXHAUSTED")
     max_tokens_limit: int = setting(512, "largest `max_tokens` accepted")
     default_max_tokens: int = setting(128, "`max_tokens` when a request leaves it 0")
-    max_prompt_bytes: int = setting(262_144, "largest prompt in bytes")
+    max_prompt_bytes: int = setting(
+        262_144,
+        "largest prompt in bytes, at most 64 MiB (gRPC takes requests up to 4 MiB, or up to "
+        "this plus 1 MiB where that is more)",
+    )
     max_stop_strings: int = setting(8, "most stop strings a request may give")
     max_stop_length: int = setting(64, "longest stop string, in characters")
     prefill_chunk_tokens: int = setting(256, "prompt tokens prefilled per step (chunked)")
@@ -177,7 +183,13 @@ def _check_limits(s: Settings) -> None:
         f"between 1 and max_tokens_limit ({s.max_tokens_limit})",
         s.default_max_tokens,
     )
-    _require(s.max_prompt_bytes >= 1, "max_prompt_bytes", ">= 1", s.max_prompt_bytes)
+    # It sizes gRPC's message limit, a 32-bit integer (see rpc/server.py max_message_bytes).
+    _require(
+        1 <= s.max_prompt_bytes <= MAX_PROMPT_BYTES,
+        "max_prompt_bytes",
+        f"between 1 and {MAX_PROMPT_BYTES}",
+        s.max_prompt_bytes,
+    )
     _require(s.max_stop_strings >= 0, "max_stop_strings", ">= 0", s.max_stop_strings)
     _require(s.max_stop_length >= 1, "max_stop_length", ">= 1", s.max_stop_length)
     # The smallest request that leaves max_tokens unset (one prompt token, the default

@@ -140,3 +140,14 @@ def test_a_malformed_collector_url_stops_the_process_with_status_2(verb: str) ->
     assert done.stderr.startswith(f"tokenwire {verb}: otlp_endpoint: must be")
     assert "(from --otlp-endpoint)" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_prompt_limit_grpc_cannot_size_a_message_for_is_refused() -> None:
+    """max_prompt_bytes sizes gRPC's message limit (a 32-bit integer): above 64 MiB it is a
+    settings error naming the field and its range."""
+    with pytest.raises(
+        SettingsError,
+        match=r"max_prompt_bytes: must be between 1 and 67108864, got 3000000000 \(from "
+        r"TOKENWIRE_MAX_PROMPT_BYTES\)",
+    ):
+        read_settings(Settings, {}, {"TOKENWIRE_MAX_PROMPT_BYTES": "3000000000"})

@@ -136,6 +136,11 @@ class EdgeError(Exception):
 def edge_error(error: TokenwireError) -> EdgeError:
     """The EdgeError of a failed upstream call, whichever route and format reports it: HTTP
     status by gRPC status, the field in the HTTP API's name, a Retry-After on every 429."""
+    if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and TOO_LARGE in error.message:
+        # gRPC refused the request for its size before the server read it: not an overload to
+        # retry later, but a request that no retry mends (the prompt is what grows it).
+        message = f"prompt: the request is larger than the server takes ({error.message})"
+        return EdgeError(413, "PAYLOAD_TOO_LARGE", message, param="prompt")
     status = HTTP_BY_GRPC.get(error.code, 502 if error.code == grpc.StatusCode.UNKNOWN else 500)
     retry = error.retry_after_s
     if retry is None and status == 429:
@@ -148,6 +153,10 @@ def edge_error(error: TokenwireError) -> EdgeError:
         message = _CHANNEL_MESSAGES.get(error.code, "the server cannot be reached")
     return EdgeError(status, error.code.name, message, param=field, retry_after_s=retry)
 
+
+TOO_LARGE = "message larger than max"
+"""What gRPC says of a message over its size limit, sent (`Sent message larger than max`) or
+received (`Received message larger than max (N vs. M)`), with RESOURCE_EXHAUSTED."""
 
 _CHANNEL_MESSAGES = {
     grpc.StatusCode.UNAVAILABLE: "the server cannot be reached",

@@ -26,13 +26,24 @@ log = structlog.get_logger("tokenwire.server")
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 GENERATE_METHOD = f"/{SERVICE_NAME}/Generate"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+"""gRPC's own limit on a received message, kept unless max_prompt_bytes needs more."""
+MESSAGE_ROOM_BYTES = 1024 * 1024
+"""Room beside a prompt of max_prompt_bytes for a request's other fields (continuation ids,
+stop strings, logit bias; prompt_ids come instead of a prompt)."""
 QUIET_S = 0.05
 QUIET_LIMIT_S = 1.0
 
 
+def max_message_bytes(settings: Settings) -> int:
+    """The largest request gRPC takes: 4 MiB, or a prompt of max_prompt_bytes with room for the
+    rest where that is more. Without it a prompt limit above 4 MiB could never apply: gRPC
+    would refuse the message first, with RESOURCE_EXHAUSTED naming no field."""
+    return max(MAX_MESSAGE_BYTES, settings.max_prompt_bytes + MESSAGE_ROOM_BYTES)
+
+
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     options = [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", max_message_bytes(settings)),
         ("grpc.so_reuseport", 0),
     ]
     if settings.max_connection_age_s > 0:
