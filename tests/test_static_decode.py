@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
 from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
+from tokenwire.server.engine.static_decode import StaticDecode
 from tokenwire.server.tokenizer import Tokenizer
 
 GENAI_FP32 = Path(__file__).resolve().parent.parent / "models" / "fixtures-genai" / "llama-fp32"
@@ -78,3 +81,24 @@ async def test_decode_logits_kept_per_row_count_give_each_row_its_own_ids() -> N
     assert model.host_logits_rows == [1, 2]
     alone = OnnxCausalLM(GENAI_FP32, provider="cpu", intra_op_threads=1)
     assert together == [await _greedy(alone, prompts[i], lengths[i]) for i in range(2)]
+
+
+async def test_a_step_onnx_runtime_refuses_on_fixed_bindings_runs_on_bindings_per_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fixed-binding step that ONNX Runtime refuses at run time (a CUDA graph it cannot
+    capture) runs again on bindings made per step, from then on: requests get the greedy ids
+    they get without fixed bindings, instead of all failing at their first decode step."""
+    prompt = tuple(range(10, 20))
+    plain = OnnxCausalLM(GENAI_FP32, provider="cpu", intra_op_threads=1, static_decode=False)
+    expected = await _greedy(plain, prompt, 8)
+    refusals = []
+
+    def refuse(self: StaticDecode, *args: object) -> object:
+        refusals.append(self)
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : operation not permitted when capturing")
+
+    monkeypatch.setattr(StaticDecode, "run", refuse)
+    fixed = OnnxCausalLM(GENAI_FP32, provider="cpu", intra_op_threads=1, static_decode=True)
+    assert [await _greedy(fixed, prompt, 8) for _ in range(2)] == [expected, expected]
+    assert len(refusals) == 1

@@ -339,11 +339,11 @@ class OnnxCausalLM:
             feed["position_ids"] = position_ids
         present: Sequence[CacheTensor] = []
         if in_place and decode and self._static is not None:
-            regions = [_bound(view) for view in past]
-            logits = self._static.run(feed, regions, before_run)
-            if self.device == "cpu":  # numpy reads host memory faster than a session run
-                return HostLogits(self._reader.to_host(logits)[:, -1, :]), present
-            return DeviceLogits(logits, self._reader), present
+            logits = self._static_step(feed, [_bound(view) for view in past], before_run)
+            if logits is not None:
+                if self.device == "cpu":  # numpy reads host memory faster than a session run
+                    return HostLogits(self._reader.to_host(logits)[:, -1, :]), present
+                return DeviceLogits(logits, self._reader), present
         if in_place:
             scores = self._run_in_place(feed, past, before_run, decode=decode)
         elif self._device_cache:
@@ -356,6 +356,30 @@ class OnnxCausalLM:
             scores, present = outputs[0], list(outputs[1:])
         picked = scores[:, -1, :] if last is None else scores[np.arange(len(scores)), last, :]
         return HostLogits(np.asarray(picked, dtype=np.float32)), present
+
+    def _static_step(
+        self,
+        feed: dict[str, Any],
+        regions: list[BoundTensor],
+        before_run: Callable[[], None] | None,
+    ) -> ort.OrtValue | None:
+        """The decode step on fixed bindings (a CUDA graph replayed, on CUDA); None, from now
+        on, where ONNX Runtime refuses it (a graph it cannot capture): steps then run on
+        bindings made per step, as without CUDA graphs (the step writes the same cache entries
+        again, so nothing is left half-done)."""
+        assert self._static is not None
+        try:
+            return self._static.run(feed, regions, before_run)
+        except Exception as exc:
+            if not _from_onnxruntime(exc):
+                raise
+            log.warning(
+                "model.static_decode_failed",
+                error=(str(exc).strip().splitlines() or [type(exc).__name__])[0],
+                reason="decode steps run on bindings made per step from now on",
+            )
+            self._static = None
+            return None
 
     def _run_on_device(
         self, feed: dict[str, Any], past: PastTensors, before_run: Callable[[], None] | None
