@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import math
 import os
+import socket
 import types
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -56,6 +57,18 @@ def require_seconds(value: float, field: str, least: float = 0, *, above: bool =
     low = value > least if above else value >= least
     lowest = f"above {least} and at most" if above else f"between {least} and"
     require(low and value <= MAX_SECONDS, field, f"{lowest} {MAX_SECONDS} seconds", value)
+
+
+def host_port(host: str, port: int) -> str:
+    """A host setting and a port as an address or a URL writes them: `host:port`, with an IPv6
+    literal in brackets (`[::1]:50051`), where a bare one would read as part of the port."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def host_family(host: str) -> socket.AddressFamily:
+    """The socket family to listen on a host setting with: IPv6 for an IPv6 literal, else IPv4
+    (a name listens on its IPv4 address)."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def require_collector_url(value: str, field: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import structlog
 
+from tokenwire.common.settings import host_family, host_port
 from tokenwire.server import __version__
 from tokenwire.server.config import Settings
 from tokenwire.server.cpus import CpuBudget, cpu_budget
@@ -86,7 +87,7 @@ def metrics_tls(settings: Settings) -> MetricsTls | None:
 def _check_free(host: str, port: int) -> None:
     """Raise OSError if the port cannot be bound, before grpc tries (and logs its own noise)."""
     if port:
-        with socket.create_server((host, port)):
+        with socket.create_server((host, port), family=host_family(host)):
             pass
 
 
@@ -118,7 +119,7 @@ async def _serve(
         port = await server.start()
     except (OSError, RuntimeError) as exc:  # taken, not allowed, or grpc's "Failed to bind"
         log.error(
-            "server.cannot_listen", address=f"{settings.host}:{settings.port}", reason=str(exc)
+            "server.cannot_listen", address=host_port(settings.host, settings.port), reason=str(exc)
         )
         return 2
     log.info("server.listening", host=settings.host, port=port, pid=os.getpid())
@@ -129,13 +130,14 @@ async def _serve(
         except OSError as exc:
             log.error(
                 "metrics.cannot_listen",
-                address=f"{settings.host}:{settings.metrics_port}",
+                address=host_port(settings.host, settings.metrics_port),
                 reason=str(exc),
             )
             await server.drain()
             return 2
         scheme = "http" if tls is None else "https"
-        log.info("metrics.listening", url=f"{scheme}://{settings.host}:{metrics_port}/metrics")
+        where = host_port(settings.host, metrics_port)
+        log.info("metrics.listening", url=f"{scheme}://{where}/metrics")
     # Resolved once: the engine computes with the number the start-up line reports.
     threads = intra_op_threads(settings)
     available = cpus_available()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from tokenwire.common import defaults
-from tokenwire.common.settings import require, setting
+from tokenwire.common.settings import host_family, host_port, require, setting
 from tokenwire.server.process import TokenwireProcess
 
 LogFormat = Literal["json", "console"]
@@ -107,16 +107,18 @@ def _command() -> str:
 
 
 def banner(host: str, grpc_port: int, http_port: int, metrics_port: int) -> str:
-    web = f"http://{host}:{http_port}"
+    web = f"http://{host_port(host, http_port)}"
+    grpc_address = host_port(host, grpc_port)
     # Port 0 turns the server's metrics off: no address to show for them.
-    server_metrics = f"http://{host}:{metrics_port}/metrics (server), " if metrics_port else ""
+    metrics_url = f"http://{host_port(host, metrics_port)}/metrics"
+    server_metrics = f"{metrics_url} (server), " if metrics_port else ""
     lines = [
         "",
         "tokenwire is up",
         f"  browser:  {web}/",
         f'  grpcurl:  grpcurl -plaintext -d \'{{"prompt": "def fib(n):", "max_tokens": 32}}\' '
-        f"{host}:{grpc_port} tokenwire.v1.GenerationService/Generate",
-        f"  cli:      {_command()} generate 'def fib(n):' --target {host}:{grpc_port} --stats",
+        f"{grpc_address} tokenwire.v1.GenerationService/Generate",
+        f"  cli:      {_command()} generate 'def fib(n):' --target {grpc_address} --stats",
         f"  curl:     curl -N {web}/v1/generate -H 'Content-Type: application/json' "
         '-d \'{"prompt": "def fib(n):", "max_tokens": 32}\'',
         f'  OpenAI:   OpenAI(base_url="{web}/v1", api_key="none")',
@@ -140,9 +142,10 @@ def taken_port(settings: UpSettings) -> str | None:
         if not port:
             continue
         try:
-            socket.create_server((settings.host, port)).close()
+            socket.create_server((settings.host, port), family=host_family(settings.host)).close()
         except OSError as exc:
-            return f"tokenwire up: cannot listen on {settings.host}:{port}, {what}: {exc.strerror}"
+            where = host_port(settings.host, port)
+            return f"tokenwire up: cannot listen on {where}, {what}: {exc.strerror}"
     return None
 
 
@@ -173,12 +176,12 @@ def run_up(settings: UpSettings) -> int:
         "--port",
         str(settings.http_port),
         "--grpc-target",
-        f"{host}:{settings.grpc_port}",
+        host_port(host, settings.grpc_port),
         *grace,
     )
     procs = [server, edge]
     try:
-        if _wait_ready(f"http://{host}:{settings.http_port}/readyz", procs, signals):
+        if _wait_ready(f"http://{host_port(host, settings.http_port)}/readyz", procs, signals):
             ports = (settings.grpc_port, settings.http_port, settings.metrics_port)
             print(banner(host, *ports), flush=True)
         while not signals.count and all(p.poll() is None for p in procs):

@@ -31,6 +31,7 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
+from tokenwire.common.settings import host_family, host_port
 from tokenwire.edge.app import create_app
 from tokenwire.edge.connections import (
     PROBE_ROOM,
@@ -244,7 +245,8 @@ class EdgeServer:
         files = self._bound_connections()
         # proto=IPPROTO_TCP matters: asyncio turns Nagle off (TCP_NODELAY) only on sockets that
         # say so, and an SSE event held back by Nagle waits for a delayed ACK (~40 ms).
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        family = host_family(self.settings.host)
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
@@ -341,11 +343,11 @@ async def run_edge(settings: EdgeSettings) -> int:
     try:
         port = await edge.start()
     except OSError as exc:  # taken, or not allowed
-        log.error("edge.cannot_listen", address=f"{settings.host}:{settings.port}", reason=str(exc))
+        address = host_port(settings.host, settings.port)
+        log.error("edge.cannot_listen", address=address, reason=str(exc))
         return 2
-    log.info(
-        "edge.listening", url=f"http://{settings.host}:{port}/", grpc_target=settings.grpc_target
-    )
+    url = f"http://{host_port(settings.host, port)}/"
+    log.info("edge.listening", url=url, grpc_target=settings.grpc_target)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -12,6 +12,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tokenwire.common.settings import host_port
 from tokenwire.server.config import Settings, all_api_keys
 from tokenwire.server.domain import FinishReason
 from tokenwire.server.engine import Engine, EngineObserver, NullObserver
@@ -97,7 +98,7 @@ class TokenwireServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        address = f"{self.settings.host}:{self.settings.port}"
+        address = host_port(self.settings.host, self.settings.port)
         credentials = server_credentials(self.settings)
         if credentials is None:
             self.port = self.server.add_insecure_port(address)
