@@ -45,6 +45,11 @@ def _is_store_url(url: str) -> bool:
     )
 
 
+def _names(field: str) -> str:
+    """The variable and the flag that set a field of the edge's (those named after it)."""
+    return f"TOKENWIRE_{field.upper()}, --{field.replace('_', '-')}"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class EdgeSettings:
     """Everything `tokenwire edge` reads; validated at construction."""
@@ -179,6 +184,22 @@ class EdgeSettings:
             self.log_format in ("json", "console"), "log_format", "json or console", self.log_format
         )
         require_collector_url(self.otlp_endpoint, "otlp_endpoint")
+        self._check_upstream_security()
+
+    def _check_upstream_security(self) -> None:
+        """The upstream key and TLS files, checked here so that a message names the setting
+        (and the variable or flag it came from) rather than the channel's own field."""
+        key = self.upstream_api_key
+        allowed = "visible ASCII without spaces"
+        require(not key or keys.valid_key(key), "upstream_api_key", allowed, "<the key>")
+        pair = ("upstream_tls_cert", "upstream_tls_key")
+        for given, other in (pair, pair[::-1]):
+            value = getattr(self, given)
+            alone = bool(value) and not getattr(self, other)
+            require(not alone, given, f"given with {other} ({_names(other)})", value)
+        for name in ("upstream_tls_ca", "upstream_tls_cert", "upstream_tls_key"):
+            path = getattr(self, name)
+            require(not path or Path(path).is_file(), name, "an existing file", path)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **flags: Any) -> EdgeSettings:

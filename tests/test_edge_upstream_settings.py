@@ -1,0 +1,56 @@
+"""The edge's settings for reaching its server (key, TLS files) are refused by the names the
+user set them by: the setting, and the variable or flag it came from."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _edge(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tokenwire.client.command", "edge", "--port", "0", *args],
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_an_upstream_ca_that_is_no_file_names_its_variable() -> None:
+    """TOKENWIRE_UPSTREAM_TLS_CA naming no file stops the edge (status 2) with one line naming
+    upstream_tls_ca and the variable, not the channel's `tls_ca`."""
+    done = _edge(env={"TOKENWIRE_UPSTREAM_TLS_CA": "/no/such/ca.pem"})
+    assert done.returncode == 2
+    assert done.stderr == (
+        "tokenwire edge: upstream_tls_ca: must be an existing file, got '/no/such/ca.pem' "
+        "(from TOKENWIRE_UPSTREAM_TLS_CA)\n"
+    )
+
+
+def test_an_upstream_client_certificate_without_its_key_names_both_settings(
+    tmp_path: Path,
+) -> None:
+    """`--upstream-tls-cert` without a key stops the edge naming the flag given and the
+    variable and flag of the key it needs, not `tls_cert and tls_key`."""
+    cert = tmp_path / "client.pem"
+    cert.write_text("-----BEGIN CERTIFICATE-----\n")
+    done = _edge("--upstream-tls-cert", str(cert))
+    assert done.returncode == 2
+    assert done.stderr.startswith(
+        "tokenwire edge: upstream_tls_cert: must be given with upstream_tls_key "
+        "(TOKENWIRE_UPSTREAM_TLS_KEY, --upstream-tls-key)"
+    )
+    assert done.stderr.endswith("(from --upstream-tls-cert)\n")
+
+
+def test_an_upstream_key_metadata_cannot_carry_names_its_variable_not_the_key() -> None:
+    """TOKENWIRE_UPSTREAM_API_KEY with a space stops the edge naming upstream_api_key and the
+    variable, never repeating the key."""
+    done = _edge(env={"TOKENWIRE_UPSTREAM_API_KEY": "secret with spaces"})
+    assert done.returncode == 2
+    assert "upstream_api_key: must be visible ASCII without spaces" in done.stderr
+    assert "(from TOKENWIRE_UPSTREAM_API_KEY)" in done.stderr
+    assert "secret" not in done.stderr
