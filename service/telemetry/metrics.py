@@ -152,7 +152,9 @@ class ServerMetrics:
         self.batch_size = Gauge("tokenwire_batch_size", "Rows in the last decode step.", registry=r)
         self.kv_cache_usage = Gauge(
             "tokenwire_kv_cache_usage_ratio",
-            "Share of the KV-cache token budget (max_kv_tokens) reserved by running requests.",
+            "Share of the KV cache in use: of its token budget (max_kv_tokens) reserved by "
+            "running requests, or, for a preallocated cache, of its rows taken (each holds a "
+            "whole request).",
             registry=r,
         )
         self.build_info = Gauge(
