@@ -19,7 +19,14 @@ from tokenwire.client.errors import TokenwireError
 from tokenwire.client.messages import Completion, GenerateOptions, StreamEvent, Token, Usage
 from tokenwire.client.security import ChannelSecurity, SecurityError
 from tokenwire.client.targets import TARGET_RULE, names_a_target
-from tokenwire.common.settings import SettingsError, add_flags, read_settings, require, setting
+from tokenwire.common.settings import (
+    MAX_SECONDS,
+    SettingsError,
+    add_flags,
+    read_settings,
+    require,
+    setting,
+)
 from tokenwire.common.stats import percentile
 
 
@@ -186,9 +193,13 @@ def run_generate(
 
 
 def _check_timeout(seconds: float) -> None:
-    # 0 or less would fail every call as DEADLINE_EXCEEDED only once it was made.
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise SettingsError("--timeout", f"must be a number of seconds above 0, got {seconds!r}")
+    # 0 or less, or beyond what a gRPC deadline holds, would fail every call as
+    # DEADLINE_EXCEEDED only once it was made.
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS):
+        raise SettingsError(
+            "--timeout",
+            f"must be a number of seconds above 0 and at most {MAX_SECONDS}, got {seconds!r}",
+        )
 
 
 def _stream(

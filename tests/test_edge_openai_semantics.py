@@ -123,6 +123,23 @@ async def test_server_limit_names_the_field_the_request_used(
     assert error["message"].startswith(f"{name}:")
 
 
+async def test_a_refusal_that_refers_to_max_tokens_names_max_completion_tokens(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    """A refusal of another field whose message refers to max_tokens (min_tokens above it)
+    names max_completion_tokens there when the chat request used that field."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            max_completion_tokens=4,
+            extra_body={"min_tokens": 6},
+        )
+    error = _error(caught)
+    assert error["param"] == "min_tokens"
+    assert error["message"] == "min_tokens: must be at most max_completion_tokens (4), got 6"
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 async def test_chat_prompt_refusal_names_messages(sdk: openai.AsyncOpenAI, stream: bool) -> None:
     """A conversation the server finds too long is refused naming `messages`, not `prompt`."""

@@ -14,7 +14,7 @@ import pytest
 from tests.fakes import ScriptedModel
 from tokenwire.client.cli import ConnectionSettings
 from tokenwire.client.command import build_parser
-from tokenwire.common.settings import SettingsError, read_settings, settings_table
+from tokenwire.common.settings import MAX_SECONDS, SettingsError, read_settings, settings_table
 from tokenwire.edge.settings import EdgeSettings
 from tokenwire.server.config import Settings
 from tokenwire.server.domain import EngineStopped, TokenwireError
@@ -161,10 +161,11 @@ def test_every_grpc_target_form_is_accepted(target: str) -> None:
     assert edge_settings(["--grpc-target", target], {}).grpc_target == target
 
 
-@pytest.mark.parametrize("timeout", ["-1", "0", "nan"])
-def test_a_timeout_not_above_zero_stops_the_cli_naming_it(timeout: str) -> None:
-    """`tokenwire generate --timeout -1` (or 0) exits 2 with one line naming --timeout, before
-    any call, instead of failing the call with DEADLINE_EXCEEDED."""
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "1e300"])
+def test_a_timeout_out_of_range_stops_the_cli_naming_it(timeout: str) -> None:
+    """`tokenwire generate --timeout -1` (or 0, or more than a gRPC deadline holds) exits 2
+    with one line naming --timeout, before any call, instead of failing the call with
+    DEADLINE_EXCEEDED."""
     done = subprocess.run(
         [sys.executable, "-m", "tokenwire.client.command", "generate", "x", "--timeout", timeout],
         capture_output=True,
@@ -175,7 +176,8 @@ def test_a_timeout_not_above_zero_stops_the_cli_naming_it(timeout: str) -> None:
     assert done.returncode == 2
     assert (
         done.stderr
-        == f"error: --timeout: must be a number of seconds above 0, got {float(timeout)!r}\n"
+        == f"error: --timeout: must be a number of seconds above 0 and at most {MAX_SECONDS}, "
+        f"got {float(timeout)!r}\n"
     )
 
 

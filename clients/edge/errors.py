@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -112,16 +113,22 @@ class EdgeError(Exception):
 
     def renamed(self, names: dict[str, str]) -> EdgeError:
         """The same error naming the field as the caller did (`prompt` -> `messages`), also at
-        the start of the message."""
+        the start of the message, and naming other fields the message refers to as the caller
+        did too (`max_tokens` -> `max_completion_tokens`)."""
         if self.param is None:
             return self
         base = self.param.split("[", 1)[0]
-        new = names.get(self.param, names.get(base))
-        if new is None or new == self.param:
-            return self
+        new = names.get(self.param, names.get(base)) or self.param
         message = self.message
         if message.startswith(f"{self.param}:"):
             message = new + message.removeprefix(self.param)
+        head, sep, tail = message.partition(":")
+        for server, caller in names.items():
+            if "_" in server and server != caller:  # a field's name, not a word of the text
+                tail = re.sub(rf"\b{re.escape(server)}\b", caller, tail)
+        message = head + sep + tail
+        if new == self.param and message == self.message:
+            return self
         return EdgeError(
             self.status,
             self.code,
