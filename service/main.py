@@ -228,6 +228,14 @@ async def _serve(
         intra_op_threads_from=threads.source,
         inter_op_threads=settings.inter_op_threads,
         max_batch_size=settings.max_batch_size,
+        # The limits in effect (engine.config: what the engine was built with).
+        max_queue=engine.config.max_queue,
+        max_kv_tokens=engine.config.max_kv_tokens,
+        prefill_chunk_tokens=engine.config.prefill_chunk_tokens,
+        max_tokens_limit=engine.config.max_tokens_limit,
+        default_max_tokens=engine.config.default_max_tokens,
+        max_prompt_bytes=engine.config.max_prompt_bytes,
+        drain_grace_s=settings.drain_grace_s,
         port=port,
     )
     await stop.wait()

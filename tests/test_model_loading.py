@@ -369,3 +369,22 @@ def test_a_cache_that_holds_fewer_rows_than_max_batch_size_says_so_at_start() ->
     assert loaded["rows"] == limited["rows"] == 2
     assert limited["level"] == "warning"
     assert "max_context_tokens" in limited["reason"]
+
+
+@pytest.mark.slow
+def test_the_limits_in_effect_are_logged_at_start() -> None:
+    """server.started names the limits the engine runs with, as set (queue, KV budget,
+    prefill chunk, max_tokens cap and default, prompt size, drain grace), so an operator sees
+    what a deployment's variables came to."""
+    env = {"TOKENWIRE_MAX_QUEUE": "7", "TOKENWIRE_PREFILL_CHUNK_TOKENS": "96"}
+    server = ServerProcess("--metrics-port", "0", "--max-kv-tokens", "4096", env=env)
+    try:
+        started = server.wait_for("server.started")
+    finally:
+        server.stop()
+        server.close()
+    assert (started["max_queue"], started["prefill_chunk_tokens"]) == (7, 96)
+    assert started["max_kv_tokens"] == 4096
+    assert {"max_tokens_limit", "default_max_tokens", "max_prompt_bytes", "drain_grace_s"} <= set(
+        started
+    )
