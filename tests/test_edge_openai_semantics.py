@@ -123,6 +123,32 @@ async def test_server_limit_names_the_field_the_request_used(
     assert error["message"].startswith(f"{name}:")
 
 
+async def test_each_streamed_chat_choice_opens_with_a_role_chunk_without_logprobs(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    """A streamed chat choice starts, as OpenAI's and vLLM's do, with a chunk holding the role,
+    empty content and no logprobs; its tokens follow one chunk each, so the SDKs' stream
+    helpers (which start a choice from its first chunk) count each token's logprobs once."""
+    stream = await sdk.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        n=2,
+        max_tokens=4,
+        logprobs=True,
+        stream=True,
+    )
+    by_choice: dict[int, list[Any]] = {0: [], 1: []}
+    async for chunk in stream:
+        for choice in chunk.choices:
+            by_choice[choice.index].append(choice)
+    for choices in by_choice.values():
+        first = choices[0]
+        assert (first.delta.role, first.delta.content, first.logprobs) == ("assistant", "", None)
+        assert all(c.delta.role is None for c in choices[1:])
+        entries = [e for c in choices[1:] if c.logprobs for e in c.logprobs.content or []]
+        assert len(entries) == 4
+
+
 async def test_a_refusal_that_refers_to_max_tokens_names_max_completion_tokens(
     sdk: openai.AsyncOpenAI,
 ) -> None:

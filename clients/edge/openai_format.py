@@ -81,16 +81,21 @@ class Shape:
             "choices": choices,
         }
 
+    def role(self, index: int) -> dict[str, Any]:
+        """A chat choice's first stream chunk, as OpenAI and vLLM send it: the role, empty
+        content, no logprobs (the first token comes in a chunk of its own, so the SDKs'
+        stream helpers, which start a choice from this chunk, count each token once)."""
+        delta = {"role": "assistant", "content": ""}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+
     def delta(
-        self, index: int, token: Token | None, finish: str | None, first: bool, offset: int = 0
+        self, index: int, token: Token | None, finish: str | None, offset: int = 0
     ) -> dict[str, Any]:
         """One choice's stream chunk: its token's text (and logprobs, the token's text_offset
         being `offset`, the length of the choice's tokens before it), or its finish."""
         text = token.text if token else ""
         if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {}
-            if token is not None and not first:
-                delta["content"] = text
+            delta: dict[str, Any] = {"content": text} if token is not None else {}
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}

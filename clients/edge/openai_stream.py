@@ -37,16 +37,24 @@ class Chunks:
         # as a whole response counts it.
         self.offsets = [0] * choices
 
-    def of(self, index: int, event: StreamEvent) -> ServerSentEvent | None:
+    def of(self, index: int, event: StreamEvent) -> list[ServerSentEvent]:
+        """The chunks an event makes: none for usage; a chat choice's role chunk before its
+        first; then the token's or the finish's."""
         if isinstance(event, Usage):
             self.usages[index] = event
-            return None
+            return []
+        chunks = []
+        if self.first[index] and self.shape.chat:
+            chunks.append(self._chunk(self.shape.role(index)))
+        self.first[index] = False
         if isinstance(event, Token):
-            choice = self.shape.delta(index, event, None, self.first[index], self.offsets[index])
-            self.first[index] = False
+            chunks.append(self._chunk(self.shape.delta(index, event, None, self.offsets[index])))
             self.offsets[index] += len(event.own_text)
         else:
-            choice = self.shape.delta(index, None, finish_reason(event), self.first[index])
+            chunks.append(self._chunk(self.shape.delta(index, None, finish_reason(event))))
+        return chunks
+
+    def _chunk(self, choice: dict[str, Any]) -> ServerSentEvent:
         body = self.shape.envelope([choice], chunk=True)
         if self.include_usage:
             body["usage"] = None
@@ -67,8 +75,10 @@ async def openai_frames(
     try:
         async with contextlib.aclosing(merged(upstreams)) as events:
             async for index, event in events:
-                if (chunk := chunks.of(index, event)) is not None:
-                    yield Frame(chunk, token=isinstance(event, Token))
+                made = chunks.of(index, event)
+                for i, chunk in enumerate(made):
+                    # The role chunk is no token: the last chunk an event makes is its own.
+                    yield Frame(chunk, token=isinstance(event, Token) and i == len(made) - 1)
         if include_usage:
             yield Frame(chunks.usage())
         yield Frame(ServerSentEvent("[DONE]"), outcome=Outcome.COMPLETED)
