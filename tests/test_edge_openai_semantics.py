@@ -166,6 +166,51 @@ async def test_a_refusal_that_refers_to_max_tokens_names_max_completion_tokens(
     assert error["message"] == "min_tokens: must be at most max_completion_tokens (4), got 6"
 
 
+@pytest.mark.parametrize(
+    ("content", "max_tokens"),
+    [("word " * 5000, 2), ("hi", 510)],
+    ids=["prompt", "max_tokens"],
+)
+async def test_a_request_the_context_cannot_hold_is_context_length_exceeded(
+    sdk: openai.AsyncOpenAI, content: str, max_tokens: int
+) -> None:
+    """A conversation longer than the context, or a max_tokens the context has no room for
+    after the prompt, is a 400 with OpenAI's code context_length_exceeded, which client
+    libraries read as a context overflow."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=max_tokens
+        )
+    error = _error(caught)
+    assert error["code"] == "context_length_exceeded"
+    assert "the context length" in error["message"]
+
+
+async def test_a_batch_of_prompts_is_refused_saying_to_send_one_per_request(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    """Several prompts in one completions request (as LangChain's OpenAI LLM batches them) are
+    a 400 that says a batch is not served and to send one request per prompt."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.completions.create(model=MODEL, prompt=["def a():", "def b():"], max_tokens=2)
+    error = _error(caught)
+    assert (error["param"], error["code"]) == ("prompt", "unsupported_value")
+    assert "send one request per prompt" in error["message"]
+
+
+async def test_a_refused_request_answers_with_its_request_id(sdk: openai.AsyncOpenAI) -> None:
+    """A refused request's answer carries X-Request-ID (the caller's, where it sent a valid
+    one), as OpenAI's errors do: the SDK's error has the id the edge's log line goes by."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            temperature=9,
+            extra_headers={"X-Request-ID": "refused-1"},
+        )
+    assert caught.value.request_id == "refused-1"
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 async def test_chat_prompt_refusal_names_messages(sdk: openai.AsyncOpenAI, stream: bool) -> None:
     """A conversation the server finds too long is refused naming `messages`, not `prompt`."""

@@ -158,7 +158,23 @@ def edge_error(error: TokenwireError) -> EdgeError:
         # and certificates, which the log keeps and HTTP callers do not get.
         log.warning("edge.upstream_failed", code=error.code.name, error=error.message)
         message = _CHANNEL_MESSAGES.get(error.code, "the server cannot be reached")
-    return EdgeError(status, error.code.name, message, param=field, retry_after_s=retry)
+    overflow = error.code == grpc.StatusCode.INVALID_ARGUMENT and CONTEXT_LENGTH in message
+    return EdgeError(
+        status,
+        error.code.name,
+        message,
+        param=field,
+        retry_after_s=retry,
+        # OpenAI's code for it, by which client libraries (LangChain, LiteLLM) tell a context
+        # overflow from other bad requests, to trim the conversation or fall back.
+        openai_code="context_length_exceeded" if overflow else None,
+    )
+
+
+CONTEXT_LENGTH = "the context length"
+"""What the server's refusals of a prompt, or of a max_tokens, that the model's context cannot
+hold say (`prompt: must be shorter than the context length of 512 tokens`, `max_tokens: must be
+at most 500: the prompt has 12 tokens and the context length is 512`)."""
 
 
 TOO_LARGE = "message larger than max"

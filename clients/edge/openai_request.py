@@ -340,6 +340,13 @@ def completion_prompt(fields: Fields) -> tuple[str, tuple[int, ...]]:
     ids = token_ids_of(prompt)
     if ids:
         return "", ids
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
+        raise EdgeError.invalid(
+            "prompt",
+            f"a batch of {len(prompt)} prompts is not served: send one request per prompt "
+            "(LangChain's OpenAI LLM: batch_size=1)",
+            "unsupported_value",
+        )
     raise EdgeError.invalid(
         "prompt", "must be a string or a non-empty list of token ids (or a list of one of either)"
     )
