@@ -27,6 +27,7 @@ from tokenwire.edge.openai_format import Collected, Shape, openai_error, usage
 from tokenwire.edge.openai_request import (
     OpenAIRequest,
     chat_turns,
+    check_max_tokens,
     check_model,
     completion_prompt,
     model_not_found,
@@ -60,6 +61,7 @@ async def _begin(request: Request, *, chat: bool) -> _Call:
     parsed = read_request(fields, request_id, chat=chat, prompt_ids=ids)
     info = await ctx.upstream.model_info()
     check_model(parsed, info, ctx.settings.model_aliases)
+    check_max_tokens(parsed, info)
     prompt = chat_prompt(turns, info) if turns is not None else text
     try:
         owner = principal_of(request.scope)

@@ -315,6 +315,17 @@ def check_model(request: OpenAIRequest, info: ModelInfo, aliases: tuple[str, ...
     raise model_not_found(request.model, info.model)
 
 
+def check_max_tokens(request: OpenAIRequest, info: ModelInfo) -> None:
+    """A max_tokens above the server's cap is refused as OpenAI refuses an integer out of its
+    range (`integer_above_max_value`), naming the field the request used."""
+    asked, limit = request.choices[0].max_tokens, info.max_tokens_limit
+    if limit and asked > limit:
+        name = request.names["max_tokens"]
+        raise EdgeError.invalid(
+            name, f"must be at most {limit}, got {asked}", "integer_above_max_value"
+        )
+
+
 def model_not_found(name: str, served: str) -> EdgeError:
     """OpenAI's 404 for a model id this edge does not serve."""
     return EdgeError(
