@@ -332,6 +332,20 @@ async def test_post_without_json_content_type_is_415(
     assert field == "Content-Type"
 
 
+async def test_a_refusal_before_the_route_answers_with_the_request_id(
+    http: httpx.AsyncClient,
+) -> None:
+    """A generating request refused before its route runs (here a body that is not JSON) still
+    answers with the X-Request-ID its log line goes by, the caller's own."""
+    response = await http.post(
+        "/v1/chat/completions",
+        content=b"x",
+        headers={"Content-Type": "text/plain", "X-Request-ID": "gate-1"},
+    )
+    assert response.status_code == 415
+    assert response.headers["X-Request-ID"] == "gate-1"
+
+
 @pytest.mark.parametrize(
     "content_type",
     [

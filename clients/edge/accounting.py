@@ -24,13 +24,15 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenwire.edge.context import valid_request_id
-from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.errors import ACCOUNT_KEY, EdgeError
 from tokenwire.edge.metrics import EdgeMetrics, Outcome, RouteName
 from tokenwire.edge.tracing import stream_failed
 from tokenwire.edge.upstream import Failover
 
 log = structlog.get_logger("tokenwire.edge")
-ACCOUNT = "tokenwire.account"
+ACCOUNT = ACCOUNT_KEY
+
+
 """Scope key of the request's Account."""
 REFUSALS = frozenset({400, 408, 409, 413, 415, 429, 503})
 """Statuses that count as `rejected`: the request was refused, no generation ran for it."""

@@ -24,7 +24,7 @@ from tokenwire.edge.accounting import (
     failovers_counted,
 )
 from tokenwire.edge.context import EdgeContext
-from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.errors import EdgeError, request_id_header
 from tokenwire.edge.guards import (
     ApiKeyMiddleware,
     CrossSiteMiddleware,
@@ -46,13 +46,10 @@ async def _edge_error(request: Request, exc: Exception) -> Response:
     """An EdgeError as the route's JSON error, counted by an accounted route's Account."""
     assert isinstance(exc, EdgeError)
     account = request.scope.get(ACCOUNT)
-    headers = exc.headers()
     if isinstance(account, Account):
         account.refused(exc)
-        # The id the request's log line and trace go by, as on a success (OpenAI sends it on
-        # errors too; the SDKs read it into the error's request_id).
-        headers["X-Request-ID"] = account.request_id
     body = exc.body_for(request.url.path)
+    headers = {**exc.headers(), **request_id_header(request.scope)}
     return JSONResponse(body, status_code=exc.status, headers=headers)
 
 

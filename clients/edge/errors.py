@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import grpc
@@ -138,6 +138,18 @@ class EdgeError(Exception):
             openai_code=self.openai_code,
             openai_type=self.openai_type,
         )
+
+
+ACCOUNT_KEY = "tokenwire.account"
+"""The scope key of a generating request's Account (accounting.py)."""
+
+
+def request_id_header(scope: MutableMapping[str, Any]) -> dict[str, str]:
+    """X-Request-ID for an answer on an accounted (generating) route: the id its log line and
+    trace go by, on a refusal as on a success (OpenAI sends it on errors too; the SDKs read it
+    into the error's request_id). Empty elsewhere."""
+    request_id = getattr(scope.get(ACCOUNT_KEY), "request_id", None)
+    return {"X-Request-ID": request_id} if isinstance(request_id, str) else {}
 
 
 def edge_error(error: TokenwireError) -> EdgeError:

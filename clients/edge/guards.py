@@ -10,7 +10,7 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tokenwire.edge.errors import EdgeError
+from tokenwire.edge.errors import EdgeError, request_id_header
 
 OPEN_PATHS = ("/healthz", "/readyz", "/static/", "/favicon.ico")
 PRINCIPAL = "tokenwire.principal"
@@ -23,7 +23,7 @@ def principal_of(scope: Scope) -> str | None:
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, error: EdgeError) -> None:
-    headers = {**error.headers(), **_extra_headers(error)}
+    headers = {**error.headers(), **_extra_headers(error), **request_id_header(scope)}
     response = JSONResponse(
         error.body_for(scope.get("path", "")), status_code=error.status, headers=headers
     )
