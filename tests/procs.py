@@ -3,6 +3,8 @@ JSON log lines (through tokenwire.server.process, the helper `tokenwire up` uses
 
 from __future__ import annotations
 
+from typing import Any
+
 from tokenwire.server.process import TokenwireProcess
 
 
@@ -31,3 +33,16 @@ class EdgeProcess(LoggingProcess):
     def __init__(self, target: str, *args: str, env: dict[str, str] | None = None) -> None:
         super().__init__("edge", "--port", "0", "--grpc-target", target, *args, env=env)
         self.url = str(self.wait_for("edge.listening")["url"]).rstrip("/")
+
+
+def rounding_at_start(*args: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """`tokenwire serve` with these arguments: its model.loaded line, and its
+    model.batch_rounding warning where model.loaded reports a rounding above 0 (else None)."""
+    server = ServerProcess("--metrics-port", "0", *args)
+    try:
+        loaded = server.wait_for("model.loaded")
+        warning = server.wait_for("model.batch_rounding") if loaded["batch_rounding"] > 0 else None
+        return loaded, warning
+    finally:
+        server.stop()
+        server.close()

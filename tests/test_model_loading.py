@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.procs import ServerProcess
+from tests.procs import ServerProcess, rounding_at_start
 from tokenwire.server.config import BUNDLED_MODEL_DIR
 from tokenwire.server.engine import ModelLoadError, ModelSpec, OnnxCausalLM, Padding
 from tokenwire.server.engine.model import cuda_device_present
@@ -295,16 +295,11 @@ def test_batch_rounding_is_reported_at_start() -> None:
     above 0 a model.batch_rounding warning says what it means."""
     model_dir = BUNDLED_MODEL_DIR.parent / "fixtures-genai" / "llama-int4"
     measured = OnnxCausalLM(model_dir, provider="cpu").batch_rounding
-    server = ServerProcess("--model-dir", str(model_dir), "--metrics-port", "0")
-    try:
-        loaded = server.wait_for("model.loaded")
-        assert (loaded["batch_rounding"] > 0) == (measured > 0)
-        if measured > 0:
-            warning = server.wait_for("model.batch_rounding")
-            assert (warning["level"], warning["relative"]) == ("warning", loaded["batch_rounding"])
-    finally:
-        server.stop()
-        server.close()
+    loaded, warning = rounding_at_start("--model-dir", str(model_dir))
+    assert (loaded["batch_rounding"] > 0) == (measured > 0)
+    if measured > 0:
+        assert warning is not None
+        assert (warning["level"], warning["relative"]) == ("warning", loaded["batch_rounding"])
 
 
 def _onnx_folder_layout(tmp_path: Path) -> Path:

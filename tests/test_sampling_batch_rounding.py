@@ -14,7 +14,7 @@ import asyncio
 
 import pytest
 
-from tests.procs import ServerProcess
+from tests.procs import rounding_at_start
 from tokenwire.server.config import BUNDLED_MODEL_DIR
 from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
 from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM
@@ -66,14 +66,9 @@ def test_the_bundled_model_warns_of_its_batch_rounding_at_start() -> None:
     model.loaded and, where it is above 0 (its left-padded rows round otherwise on every CPU
     measured), logs a model.batch_rounding warning with the same figure."""
     measured = OnnxCausalLM(BUNDLED_MODEL_DIR, provider="cpu").batch_rounding
-    server = ServerProcess("--metrics-port", "0")
-    try:
-        loaded = server.wait_for("model.loaded")
-        assert (loaded["batch_rounding"] > 0) == (measured > 0)
-        if measured > 0:
-            warning = server.wait_for("model.batch_rounding")
-            assert (warning["level"], warning["relative"]) == ("warning", loaded["batch_rounding"])
-            assert "padding" in warning["reason"]
-    finally:
-        server.stop()
-        server.close()
+    loaded, warning = rounding_at_start()
+    assert (loaded["batch_rounding"] > 0) == (measured > 0)
+    if measured > 0:
+        assert warning is not None
+        assert (warning["level"], warning["relative"]) == ("warning", loaded["batch_rounding"])
+        assert "padding" in warning["reason"]
