@@ -187,16 +187,86 @@ async def test_a_request_the_context_cannot_hold_is_context_length_exceeded(
     assert "the context length" in error["message"]
 
 
-async def test_a_batch_of_prompts_is_refused_saying_to_send_one_per_request(
+BATCH = ["def a():", "class B:"]
+
+
+async def _alone(sdk: openai.AsyncOpenAI, prompt: str | list[int], **fields: Any) -> Any:
+    return await sdk.completions.create(model=MODEL, prompt=prompt, extra_body=LONG, **fields)
+
+
+async def test_a_batch_of_prompts_numbers_choices_prompt_by_prompt(
     sdk: openai.AsyncOpenAI,
 ) -> None:
-    """Several prompts in one completions request (as LangChain's OpenAI LLM batches them) are
-    a 400 that says a batch is not served and to send one request per prompt."""
+    """A completions batch (a list of prompts, as LangChain's OpenAI LLM sends them) with n=2
+    answers 2 choices per prompt, indexed prompt by prompt, each the text its prompt gets
+    alone; usage counts each prompt once and every choice's tokens."""
+    fields: dict[str, Any] = {"max_tokens": 4, "temperature": 0}
+    alone = [await _alone(sdk, prompt, **fields) for prompt in BATCH]
+    reply = await _alone(sdk, BATCH, n=2, **fields)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    expected = [a.choices[0].text for a in alone for _ in range(2)]
+    assert [c.text for c in reply.choices] == expected
+    assert expected[0] != expected[2]
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert reply.usage.completion_tokens == 16
+
+
+async def test_a_streamed_batch_of_token_id_prompts_matches_each_alone(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    """A streamed batch of token id prompts: each index's deltas join to the text its prompt
+    gets alone, and the usage chunk sums the prompts' tokens."""
+    batch = [[101, 102, 103], [104, 105]]
+    fields: dict[str, Any] = {"max_tokens": 5, "temperature": 0}
+    alone = [(await _alone(sdk, ids, **fields)).choices[0].text for ids in batch]
+    stream = await _alone(sdk, batch, stream=True, stream_options={"include_usage": True}, **fields)
+    texts = ["", ""]
+    chunks = [chunk async for chunk in stream]
+    for chunk in chunks[:-1]:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == alone
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.prompt_tokens == 5
+
+
+async def test_each_prompt_of_a_seeded_batch_samples_as_it_would_alone(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    """With a seed, each prompt of a batch gets the text a request of that prompt alone with
+    the same seed gets: batching does not change a seeded answer."""
+    fields: dict[str, Any] = {"max_tokens": 8, "temperature": 1.0, "seed": 7}
+    alone = [(await _alone(sdk, prompt, **fields)).choices[0].text for prompt in BATCH]
+    reply = await _alone(sdk, BATCH, **fields)
+    assert [c.text for c in reply.choices] == alone
+
+
+async def test_a_batch_over_the_generation_limit_is_refused_naming_prompt(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    """A batch whose prompts times n exceed the generations one request may open is a 400
+    naming prompt, saying how many it asked for, before anything runs."""
     with pytest.raises(openai.BadRequestError) as caught:
-        await sdk.completions.create(model=MODEL, prompt=["def a():", "def b():"], max_tokens=2)
+        await _alone(sdk, ["x"] * 9, n=8, max_tokens=2)
     error = _error(caught)
     assert (error["param"], error["code"]) == ("prompt", "unsupported_value")
-    assert "send one request per prompt" in error["message"]
+    assert "72 generations" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "param"),
+    [(["ok", 5], "prompt[1]"), (["ok", []], "prompt[1]"), ([], "prompt"), ({}, "prompt")],
+    ids=["number", "empty-ids", "empty-list", "object"],
+)
+async def test_a_bad_prompt_is_refused_naming_the_entry(
+    sdk: openai.AsyncOpenAI, prompt: Any, param: str
+) -> None:
+    """A prompt of the wrong shape is a 400 naming `prompt`, or the entry of a batch at
+    fault (`prompt[1]`)."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    assert _error(caught)["param"] == param
 
 
 async def test_a_refused_request_answers_with_its_request_id(sdk: openai.AsyncOpenAI) -> None:

@@ -141,7 +141,7 @@ async def _start(
     await ctx.streams.claim(request_id)
     try:
         owner = principal_of(request.scope)
-        [upstream] = await open_generations(ctx.upstream, prompt, [options], account.route, owner)
+        [upstream] = await open_generations(ctx.upstream, [prompt], [options], account.route, owner)
         stream = await ctx.streams.open(upstream, request_id, owner)
     finally:
         await ctx.streams.release(request_id)

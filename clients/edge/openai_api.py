@@ -29,7 +29,6 @@ from tokenwire.edge.openai_request import (
     chat_turns,
     check_max_tokens,
     check_model,
-    completion_prompt,
     model_not_found,
     read_request,
 )
@@ -57,20 +56,19 @@ async def _begin(request: Request, *, chat: bool) -> _Call:
     fields = Fields(await read_json(request, ctx.settings.max_body_bytes))
     request_id = account.request_id = request_id_of(request, "")
     turns = chat_turns(fields) if chat else None
-    text, ids = ("", ()) if chat else completion_prompt(fields)
-    parsed = read_request(fields, request_id, chat=chat, prompt_ids=ids)
+    parsed = read_request(fields, request_id, chat=chat)
     info = await ctx.upstream.model_info()
     check_model(parsed, info, ctx.settings.model_aliases)
     check_max_tokens(parsed, info)
-    prompt = chat_prompt(turns, info) if turns is not None else text
+    prompts = parsed.prompts(chat_prompt(turns, info) if turns is not None else "")
     try:
         owner = principal_of(request.scope)
         upstreams = await open_generations(
-            ctx.upstream, prompt, parsed.choices, account.route, owner
+            ctx.upstream, prompts, parsed.choices, account.route, owner
         )
     except EdgeError as error:
         raise openai_error(error.renamed(parsed.names)) from None
-    # One choice keeps the id the server settled on; n choices share the caller's.
+    # One generation keeps the id the server settled on; several share the caller's.
     base_id = account.request_id = upstreams[0].request_id if len(upstreams) == 1 else request_id
     account.details["choices"] = len(upstreams)
     shape = Shape(chat, base_id, info.model)
@@ -80,7 +78,9 @@ async def _begin(request: Request, *, chat: bool) -> _Call:
 async def _respond(request: Request, *, chat: bool) -> Response:
     call = await _begin(request, chat=chat)
     if call.request.stream:
-        frames = openai_frames(call.shape, call.upstreams, call.request.include_usage)
+        frames = openai_frames(
+            call.shape, call.upstreams, call.request.include_usage, call.request.n
+        )
         events = relay(call.account, frames, timed=True)
         return sse_response(events, call.request_id, call.ctx.settings.ping_s)
     whole = await _until_disconnect(request, _whole(call))
@@ -133,7 +133,7 @@ async def _whole(call: _Call) -> dict[str, Any]:
     call.account.end(Outcome.COMPLETED)
     choices = [call.shape.whole(i, result) for i, result in enumerate(results)]
     body = call.shape.envelope(choices, chunk=False)
-    return body | {"usage": usage([r.usage for r in results])}
+    return body | {"usage": usage([r.usage for r in results], call.request.n)}
 
 
 async def completions(request: Request) -> Response:

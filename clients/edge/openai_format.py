@@ -175,13 +175,14 @@ class Collected:
             self.finish = finish_reason(event)
 
 
-def usage(usages: list[Usage | None]) -> dict[str, int] | None:
-    """Usage of all choices: the prompt once (they share it), completion tokens summed."""
-    known = [u for u in usages if u is not None]
-    if not known:
+def usage(usages: list[Usage | None], n: int = 1) -> dict[str, int] | None:
+    """Usage of all generations, `n` per prompt: each prompt once (its choices share it),
+    completion tokens summed."""
+    if all(u is None for u in usages):
         return None
-    prompt = known[0].prompt_tokens
-    completion = sum(u.completion_tokens for u in known)
+    groups = (usages[k : k + n] for k in range(0, len(usages), n))
+    prompt = sum(next((u.prompt_tokens for u in g if u is not None), 0) for g in groups)
+    completion = sum(u.completion_tokens for u in usages if u is not None)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 from tokenwire.client.messages import GenerateOptions, ModelInfo
-from tokenwire.edge.body import UINT64_MAX, Fields, token_ids_of
+from tokenwire.edge.body import UINT64_MAX, Fields
 from tokenwire.edge.errors import EdgeError, as_request_errors
+from tokenwire.edge.openai_prompts import completion_prompts
 
 # Read below (or by the route); the extensions top_k, repetition_penalty and ignore_eos are the
 # native API's, as vLLM accepts them too.
@@ -142,8 +143,19 @@ class OpenAIRequest:
     stream: bool
     include_usage: bool
     choices: tuple[GenerateOptions, ...]
+    """One option set per generation: `n` for each prompt, prompt by prompt."""
     names: dict[str, str]
     """Server field -> the OpenAI field this request used for it (errors name the latter)."""
+    n: int
+    """Choices per prompt."""
+    texts: tuple[str, ...]
+    """Each prompt's text (empty where it is token ids, and for chat, whose prompt is its
+    rendered conversation)."""
+
+    def prompts(self, chat_prompt: str = "") -> list[str]:
+        """The prompt text of each generation, in the order of `choices`."""
+        texts = (chat_prompt,) if self.chat else self.texts
+        return [texts[g // self.n] for g in range(len(self.choices))]
 
 
 def check_fields(fields: Fields, *, chat: bool) -> None:
@@ -205,23 +217,27 @@ def _code(name: str) -> str:
     return "unsupported_value" if name in numeric else "unsupported_parameter"
 
 
-def read_request(
-    fields: Fields, request_id: str, *, chat: bool, prompt_ids: tuple[int, ...] = ()
-) -> OpenAIRequest:
-    """Check every field and build the options of each choice (distinct ids and seeds);
-    `prompt_ids` is a completions prompt given as token ids (see completion_prompt)."""
+def read_request(fields: Fields, request_id: str, *, chat: bool) -> OpenAIRequest:
+    """Check every field and build the options of each generation: `n` per prompt (a
+    completions request may send a batch of prompts), with distinct ids and seeds."""
     check_fields(fields, chat=chat)
     n = fields.integer("n", 1) or 1
+    prompts = (("", ()),) if chat else completion_prompts(fields, n)
     base, names = _options(fields, request_id, chat=chat)
-    base = dataclasses.replace(base, prompt_ids=prompt_ids)
-    choices = tuple(_choice(base, request_id, i, n) for i in range(n))
+    total = len(prompts) * n
+    choices = tuple(
+        _choice(dataclasses.replace(base, prompt_ids=ids), request_id, k * n + i, total, i)
+        for k, (_, ids) in enumerate(prompts)
+        for i in range(n)
+    )
     include_usage = _include_usage(fields)
     stream = fields.boolean("stream")
     if fields.raw("stream_options") is not None and not stream:
         # As OpenAI and vLLM answer: the options of a stream need a stream.
         raise EdgeError.invalid("stream_options", "is only allowed when `stream` is true")
     model = fields.string("model")
-    return OpenAIRequest(chat, model, stream, stream and include_usage, choices, names)
+    texts = tuple(text for text, _ in prompts)
+    return OpenAIRequest(chat, model, stream, stream and include_usage, choices, names, n, texts)
 
 
 def _include_usage(fields: Fields) -> bool:
@@ -240,13 +256,16 @@ def _include_usage(fields: Fields) -> bool:
     return bool(options.get("include_usage"))
 
 
-def _choice(base: GenerateOptions, request_id: str, index: int, n: int) -> GenerateOptions:
-    """Choice `index` of `n`: its own request id and, with a seed, its own seed (seed + index)."""
-    if n == 1:
+def _choice(
+    base: GenerateOptions, request_id: str, index: int, total: int, nth: int
+) -> GenerateOptions:
+    """Generation `index` of `total`, the `nth` choice of its prompt: its own request id and,
+    with a seed, its own seed (seed + nth: each prompt of a batch samples as it would alone)."""
+    if total == 1:
         return base
-    # Room for the suffix within the 128-character bound on request ids.
+    # Room for the suffix (at most MAX_GENERATIONS - 1) within the 128-character bound on ids.
     own_id = f"{request_id[:124]}-{index}"
-    seed = None if base.seed is None else (base.seed + index) % (UINT64_MAX + 1)
+    seed = None if base.seed is None else (base.seed + nth) % (UINT64_MAX + 1)
     return dataclasses.replace(base, request_id=own_id, seed=seed)
 
 
@@ -335,31 +354,6 @@ def model_not_found(name: str, served: str) -> EdgeError:
         param="model",
         openai_code="model_not_found",
         openai_type="invalid_request_error",
-    )
-
-
-def completion_prompt(fields: Fields) -> tuple[str, tuple[int, ...]]:
-    """The completions prompt as OpenAI takes it: a string, or token ids (fed to the model as
-    they are, no special tokens added), each alone or as a list of one. Returns (text, ids),
-    one of them empty. A list of several prompts is a batch, which this server does not take
-    (send one request per prompt)."""
-    prompt = fields.raw("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return prompt, ()
-    ids = token_ids_of(prompt)
-    if ids:
-        return "", ids
-    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
-        raise EdgeError.invalid(
-            "prompt",
-            f"a batch of {len(prompt)} prompts is not served: send one request per prompt "
-            "(LangChain's OpenAI LLM: batch_size=1)",
-            "unsupported_value",
-        )
-    raise EdgeError.invalid(
-        "prompt", "must be a string or a non-empty list of token ids (or a list of one of either)"
     )
 
 

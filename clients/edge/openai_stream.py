@@ -28,8 +28,9 @@ from tokenwire.edge.upstream import UpstreamStream
 class Chunks:
     """Turns each choice's events into stream chunks, remembering what usage needs."""
 
-    def __init__(self, shape: Shape, choices: int, include_usage: bool) -> None:
+    def __init__(self, shape: Shape, choices: int, include_usage: bool, n: int = 1) -> None:
         self.shape = shape
+        self.n = n
         self.include_usage = include_usage
         self.first = [True] * choices
         self.usages: list[Usage | None] = [None] * choices
@@ -61,17 +62,17 @@ class Chunks:
         return ServerSentEvent(_json(body))
 
     def usage(self) -> ServerSentEvent:
-        body = self.shape.envelope([], chunk=True) | {"usage": usage(self.usages)}
+        body = self.shape.envelope([], chunk=True) | {"usage": usage(self.usages, self.n)}
         return ServerSentEvent(_json(body))
 
 
 async def openai_frames(
-    shape: Shape, upstreams: Sequence[UpstreamStream], include_usage: bool
+    shape: Shape, upstreams: Sequence[UpstreamStream], include_usage: bool, n: int = 1
 ) -> AsyncGenerator[Frame, None]:
-    """The chunks of every choice, then usage and [DONE] (outcome completed); or the error
-    chunk (outcome the error's: cancelled, deadline_exceeded or upstream_error). However it
-    ends, every choice's upstream call ends with it."""
-    chunks = Chunks(shape, len(upstreams), include_usage)
+    """The chunks of every choice (`n` per prompt), then usage and [DONE] (outcome completed);
+    or the error chunk (outcome the error's: cancelled, deadline_exceeded or upstream_error).
+    However it ends, every choice's upstream call ends with it."""
+    chunks = Chunks(shape, len(upstreams), include_usage, n)
     try:
         async with contextlib.aclosing(merged(upstreams)) as events:
             async for index, event in events:

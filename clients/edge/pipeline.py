@@ -42,15 +42,18 @@ class Frame:
 
 async def open_generations(
     upstream: Upstream,
-    prompt: str,
+    prompts: Sequence[str],
     choices: Sequence[GenerateOptions],
     route: RouteName,
     owner: str | None,
 ) -> list[UpstreamStream]:
-    """Open one generation per choice for `owner`'s request on `route` (the label of its
-    failovers); if any is refused, cancel the others and raise."""
+    """Open one generation per choice, the choice's prompt beside it, for `owner`'s request on
+    `route` (the label of its failovers); if any is refused, cancel the others and raise."""
     results = await asyncio.gather(
-        *(upstream.open(o.to_pb(prompt), o.request_id, route=route, owner=owner) for o in choices),
+        *(
+            upstream.open(o.to_pb(p), o.request_id, route=route, owner=owner)
+            for p, o in zip(prompts, choices, strict=True)
+        ),
         return_exceptions=True,
     )
     opened = [r for r in results if isinstance(r, UpstreamStream)]

@@ -1,0 +1,59 @@
+"""A completions request's prompts, as OpenAI takes them: a string, a list of token ids, or a
+list of either (a batch). Each prompt of a batch is generated `n` times; OpenAI numbers the
+choices prompt by prompt (choice `i` of prompt `k` is `index` k * n + i), as vLLM does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenwire.edge.body import Fields, token_ids_of
+from tokenwire.edge.errors import EdgeError
+
+MAX_GENERATIONS = 64
+"""The most generations one request opens (prompts times n): a batch runs as that many
+streams at the server, where each takes a row of its batch like any other request."""
+
+Prompt = tuple[str, tuple[int, ...]]
+"""One prompt: its text, or its token ids (fed to the model as they are, no special tokens
+added); the other one empty."""
+
+_SHAPES = (
+    "must be a string, a non-empty list of token ids, or a non-empty list of either "
+    "(a batch of prompts)"
+)
+
+
+def completion_prompts(fields: Fields, n: int) -> tuple[Prompt, ...]:
+    """The prompts of a completions request, each checked: one for a string or a list of
+    token ids, one per entry for a list of strings or of token id lists."""
+    prompt = fields.raw("prompt")
+    if isinstance(prompt, str):
+        return ((prompt, ()),)
+    ids = token_ids_of(prompt)
+    if ids:
+        return (("", ids),)
+    if not isinstance(prompt, list) or not prompt or _is_int(prompt[0]):
+        # A list that starts with an integer is token ids, with one that is not.
+        raise EdgeError.invalid("prompt", _SHAPES)
+    if len(prompt) * n > MAX_GENERATIONS:
+        raise EdgeError.invalid(
+            "prompt",
+            f"a batch of {len(prompt)} prompts with n={n} asks for {len(prompt) * n} "
+            f"generations, more than the {MAX_GENERATIONS} one request may open: "
+            "send the batch in parts",
+            "unsupported_value",
+        )
+    return tuple(_entry(entry, k) for k, entry in enumerate(prompt))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry(entry: Any, index: int) -> Prompt:
+    if isinstance(entry, str):
+        return entry, ()
+    ids = token_ids_of(entry)
+    if ids:
+        return "", ids
+    raise EdgeError.invalid(f"prompt[{index}]", "must be a string or a non-empty list of token ids")
