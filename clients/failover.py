@@ -96,6 +96,9 @@ class Resumption:
     model_target: str = ""
     retried: grpc.StatusCode | None = None
     """The status that ended the last attempt the stream went on from."""
+    begun: bool = False
+    """A server accepted an attempt (or another edge began the stream): the next attempt
+    retries the stream, and replaces it where that server still runs it."""
 
     @classmethod
     def start(cls, request: pb.GenerateRequest, timeout_s: float, target: int = 0) -> Resumption:
@@ -106,6 +109,7 @@ class Resumption:
         message = pb.GenerateRequest()
         message.CopyFrom(self.first)
         message.request_id = message.request_id or self.request_id
+        message.retry = self.begun
         return continued(message, self.delivered, self.seed)
 
     def see_metadata(
@@ -113,13 +117,15 @@ class Resumption:
     ) -> None:
         """Read an attempt's initial metadata, before any of its events is passed on: the seed,
         the request id, and the model of the server that streams (ModelMismatch when a
-        continuation's is not the one whose tokens were delivered)."""
+        continuation's is not the one whose tokens were delivered). A server sends the request
+        id when it accepts a stream (a refusal has none): the stream has begun."""
         for key, value in metadata or ():
             text = value.decode() if isinstance(value, bytes) else value
             if key == "x-tokenwire-seed" and self.seed is None:
                 self.seed = int(text)
-            elif key == "x-request-id" and not self.request_id:
-                self.request_id = text
+            elif key == "x-request-id":
+                self.begun = True
+                self.request_id = self.request_id or text
             elif key == model_identity.HEADER and (served := ServedModel.of_header(text)):
                 self.confirm_model(target, served)
 

@@ -138,6 +138,9 @@ class GenerationRequest:
     """Tokenize as the model's tokenizer does by default (e.g. with BOS); False for templates."""
     continuation: tuple[int, ...] = ()
     """Token ids an interrupted stream already delivered; generation goes on after them."""
+    retry: bool = False
+    """It retries a broken stream of its id (continuation may be empty): a running request of
+    that id is replaced, not a reason to refuse it."""
     prompt_ids: tuple[int, ...] = ()
     """Pre-tokenised input, fed as is; exclusive with prompt."""
     top_logprobs: int = 0

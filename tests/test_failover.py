@@ -27,6 +27,7 @@ from tests.conftest import MODEL, RunningServer, start_edge, start_server
 from tests.procs import ServerProcess
 from tokenwire.client import AsyncTokenwireClient, TokenwireClient
 from tokenwire.client.errors import DeadlineExceeded, ModelMismatch, TokenwireError, Unavailable
+from tokenwire.client.failover import Resumption
 from tokenwire.client.messages import Completion, GenerateOptions, StreamEvent, Token, Usage
 from tokenwire.server.config import BUNDLED_MODEL_DIR
 from tokenwire.server.engine import OnnxCausalLM
@@ -268,6 +269,61 @@ async def cut_relay(
         yield relay
     finally:
         await relay.stop()
+
+
+class LosesFirstStream(CutRelay):
+    """A replica whose first stream breaks right after its headers, before any token, while
+    the server behind it runs that stream on (it has yet to notice the break); later streams
+    pass through whole."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target, lambda message: False)
+        self.lost: list[Any] = []
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        if self.lost:
+            async for message in super().Generate(request, context):
+                yield message
+            return
+        call = self._stub.Generate(request)
+        self.lost.append(call)
+        header = await call.initial_metadata()
+        await context.send_initial_metadata(
+            [(k, v) for k, v in header if k in ("x-request-id", "x-tokenwire-seed", MODEL_KEY)]
+        )
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica went away")
+
+
+async def test_a_stream_broken_before_its_first_token_is_retried_in_its_place(
+    paced: RunningServer,
+) -> None:
+    """A stream that breaks after its server accepted it but before its first token is retried
+    with its id on the same server, which still runs the broken stream: the retry takes its
+    place and streams the whole generation, instead of being refused for a taken id."""
+    options = GenerateOptions(max_tokens=12, temperature=0.0, ignore_eos=True)
+    relay = LosesFirstStream(paced.target)
+    await relay.start()
+    try:
+        async with AsyncTokenwireClient([relay.target]) as client:
+            events = [event async for event in client.generate(PROMPT, options)]
+    finally:
+        await relay.stop()
+    _assert_one_sequence(events, 12)
+    assert len(relay.lost) == 1
+
+
+def test_only_an_attempt_after_an_accepted_one_is_a_retry() -> None:
+    """A stream's first attempt, and one after a server refused it (no request id in its
+    headers), is no retry, so a fresh request with a running id is still refused; an attempt
+    after a server accepted the stream is one."""
+    resume = Resumption.start(pb.GenerateRequest(prompt="x"), 10.0)
+    assert not resume.request().retry
+    resume.see_metadata([])
+    assert not resume.request().retry
+    resume.see_metadata([("x-request-id", "kept")])
+    assert resume.request().retry
 
 
 def _after_usage(message: pb.GenerateResponse) -> bool:

@@ -245,7 +245,7 @@ class Upstream:
         request = _with_id(request, server_id)
         resume = Resumption.start(request, self._timeout_s, self._targets.next)
         if after is not None:
-            resume.delivered, resume.seed = list(after.ids), after.seed
+            resume.delivered, resume.seed, resume.begun = list(after.ids), after.seed, True
             resume.model, resume.model_target = after.model, "the edge that began the stream"
         try:
             call = await self._accepted(resume, server_id)

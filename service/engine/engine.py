@@ -384,19 +384,19 @@ class Engine:
         with self._lock:
             self._check_accepting()
             running = self._active.get(sequence.request_id)
-            if running is not None and not sequence.request.continuation:
+            if running is not None and not _goes_on(sequence.request):
                 raise InvalidRequest(
                     "request_id", sequence.request_id, "must not match a running request's id"
                 )
             self._check_capacity(replacing=self._replaces(sequence.request))
             if running is not None:
-                # A continuation of the caller's own running stream: its caller lost that
-                # stream (a broken connection the server has yet to notice) and goes on here.
+                # A retry or continuation of the caller's own running stream: its caller lost
+                # that stream (a broken connection the server has yet to notice) and goes on here.
                 self._end_locked(running, FinishReason.CANCELLED)
             self._active[sequence.request_id] = sequence
             self._scheduler.post(Submit(sequence))
         if running is not None:
-            log.info("request.replaced", reason="a continuation with its id arrived")
+            log.info("request.replaced", reason="a retry of its id arrived")
 
     def _hold_place(self, request: GenerationRequest) -> None:
         """Take a place in the capacity for a long prompt while it waits for the tokenizer (a
@@ -408,7 +408,7 @@ class Engine:
     def _replaces(self, request: GenerationRequest) -> bool:
         """Whether the request continues the caller's running request of its id (under the
         lock): it replaces that one (see _admit)."""
-        return bool(request.continuation) and request.request_id in self._active
+        return _goes_on(request) and request.request_id in self._active
 
     def _check_capacity(self, *, replacing: bool = False) -> None:
         """Overloaded when running, queued and tokenizing requests fill the rows decoded
@@ -489,3 +489,9 @@ def _added_ids_beyond(tokenizer: Tokenizer, vocab_size: int) -> dict[int, str]:
             ids=sorted(beyond)[:MAX_IDS_LOGGED],
         )
     return beyond
+
+
+def _goes_on(request: GenerationRequest) -> bool:
+    """Whether the request goes on with a broken stream of its id: a retry, or a continuation
+    (which only a retry sends)."""
+    return request.retry or bool(request.continuation)

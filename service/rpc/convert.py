@@ -70,6 +70,7 @@ def request_from_pb(
         deadline=deadline,
         add_special_tokens=msg.add_special_tokens if msg.HasField("add_special_tokens") else True,
         continuation=tuple(msg.continuation_ids),
+        retry=msg.retry,
         prompt_ids=tuple(msg.prompt_ids),
         top_logprobs=msg.top_logprobs,
         stop_token_ids=tuple(msg.stop_token_ids),

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btokenwire/v1/generate.proto\x12\x0ctokenwire.v1\"\xd5\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.tokenwire.v1.SamplingParams\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x10\n\x08logprobs\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x08 \x01(\x08H\x00\x88\x01\x01\x12\x18\n\x10\x63ontinuation_ids\x18\t \x03(\r\x12\x12\n\nprompt_ids\x18\n \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\r\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\r\x12\x12\n\nmin_tokens\x18\r \x01(\rB\x15\n\x13_add_special_tokens\"\xb6\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x12\n\x05min_p\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12?\n\nlogit_bias\x18\t \x03(\x0b\x32+.tokenwire.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x08\n\x06_min_p\"\x97\x01\n\x10GenerateResponse\x12$\n\x05token\x18\x01 \x01(\x0b\x32\x13.tokenwire.v1.TokenH\x00\x12$\n\x05usage\x18\x02 \x01(\x0b\x32\x13.tokenwire.v1.UsageH\x00\x12.\n\ncompletion\x18\x03 \x01(\x0b\x32\x18.tokenwire.v1.CompletionH\x00\x42\x07\n\x05\x65vent\"\xd4\x01\n\x05Token\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\r\x12\r\n\x05index\x18\x03 \x01(\r\x12\x14\n\x07logprob\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12.\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x18.tokenwire.v1.TopLogprob\x12\x17\n\ntoken_text\x18\x06 \x01(\tH\x01\x88\x01\x01\x12\x18\n\x0btoken_bytes\x18\x07 \x01(\x0cH\x02\x88\x01\x01\x42\n\n\x08_logprobB\r\n\x0b_token_textB\x0e\n\x0c_token_bytes\"a\n\nTopLogprob\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x18\n\x0btoken_bytes\x18\x04 \x01(\x0cH\x00\x88\x01\x01\x42\x0e\n\x0c_token_bytes\"\xc9\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rqueue_time_ms\x18\x04 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x05 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_time_ms\x18\x06 \x01(\x01\x12\x15\n\rtotal_time_ms\x18\x07 \x01(\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"V\n\nCompletion\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.tokenwire.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\x8d\x03\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\x18\n\x10max_tokens_limit\x18\x06 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x15\n\rchat_template\x18\t \x01(\t\x12\x11\n\tbos_token\x18\n \x01(\t\x12\x11\n\teos_token\x18\x0b \x01(\t\x12O\n\x0ftemplate_tokens\x18\x0c \x03(\x0b\x32\x36.tokenwire.v1.GetModelInfoResponse.TemplateTokensEntry\x1a\x35\n\x13TemplateTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08*\xc2\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12#\n\x1f\x46INISH_REASON_DEADLINE_EXCEEDED\x10\x05\x32\xfc\x01\n\x11GenerationService\x12K\n\x08Generate\x12\x1d.tokenwire.v1.GenerateRequest\x1a\x1e.tokenwire.v1.GenerateResponse0\x01\x12U\n\x0cGetModelInfo\x12!.tokenwire.v1.GetModelInfoRequest\x1a\".tokenwire.v1.GetModelInfoResponse\x12\x43\n\x06\x43\x61ncel\x12\x1b.tokenwire.v1.CancelRequest\x1a\x1c.tokenwire.v1.CancelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btokenwire/v1/generate.proto\x12\x0ctokenwire.v1\"\xe4\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.tokenwire.v1.SamplingParams\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x10\n\x08logprobs\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x08 \x01(\x08H\x00\x88\x01\x01\x12\x18\n\x10\x63ontinuation_ids\x18\t \x03(\r\x12\x12\n\nprompt_ids\x18\n \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\r\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\r\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\r\n\x05retry\x18\x0e \x01(\x08\x42\x15\n\x13_add_special_tokens\"\xb6\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x12\n\x05min_p\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12?\n\nlogit_bias\x18\t \x03(\x0b\x32+.tokenwire.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x08\n\x06_min_p\"\x97\x01\n\x10GenerateResponse\x12$\n\x05token\x18\x01 \x01(\x0b\x32\x13.tokenwire.v1.TokenH\x00\x12$\n\x05usage\x18\x02 \x01(\x0b\x32\x13.tokenwire.v1.UsageH\x00\x12.\n\ncompletion\x18\x03 \x01(\x0b\x32\x18.tokenwire.v1.CompletionH\x00\x42\x07\n\x05\x65vent\"\xd4\x01\n\x05Token\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\r\x12\r\n\x05index\x18\x03 \x01(\r\x12\x14\n\x07logprob\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12.\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x18.tokenwire.v1.TopLogprob\x12\x17\n\ntoken_text\x18\x06 \x01(\tH\x01\x88\x01\x01\x12\x18\n\x0btoken_bytes\x18\x07 \x01(\x0cH\x02\x88\x01\x01\x42\n\n\x08_logprobB\r\n\x0b_token_textB\x0e\n\x0c_token_bytes\"a\n\nTopLogprob\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x18\n\x0btoken_bytes\x18\x04 \x01(\x0cH\x00\x88\x01\x01\x42\x0e\n\x0c_token_bytes\"\xc9\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rqueue_time_ms\x18\x04 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x05 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_time_ms\x18\x06 \x01(\x01\x12\x15\n\rtotal_time_ms\x18\x07 \x01(\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"V\n\nCompletion\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.tokenwire.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\x8d\x03\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\x18\n\x10max_tokens_limit\x18\x06 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x15\n\rchat_template\x18\t \x01(\t\x12\x11\n\tbos_token\x18\n \x01(\t\x12\x11\n\teos_token\x18\x0b \x01(\t\x12O\n\x0ftemplate_tokens\x18\x0c \x03(\x0b\x32\x36.tokenwire.v1.GetModelInfoResponse.TemplateTokensEntry\x1a\x35\n\x13TemplateTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08*\xc2\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12#\n\x1f\x46INISH_REASON_DEADLINE_EXCEEDED\x10\x05\x32\xfc\x01\n\x11GenerationService\x12K\n\x08Generate\x12\x1d.tokenwire.v1.GenerateRequest\x1a\x1e.tokenwire.v1.GenerateResponse0\x01\x12U\n\x0cGetModelInfo\x12!.tokenwire.v1.GetModelInfoRequest\x1a\".tokenwire.v1.GetModelInfoResponse\x12\x43\n\x06\x43\x61ncel\x12\x1b.tokenwire.v1.CancelRequest\x1a\x1c.tokenwire.v1.CancelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,34 +35,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_GETMODELINFORESPONSE_TEMPLATETOKENSENTRY']._loaded_options = None
   _globals['_GETMODELINFORESPONSE_TEMPLATETOKENSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2088
-  _globals['_FINISHREASON']._serialized_end=2282
+  _globals['_FINISHREASON']._serialized_start=2103
+  _globals['_FINISHREASON']._serialized_end=2297
   _globals['_GENERATEREQUEST']._serialized_start=46
-  _globals['_GENERATEREQUEST']._serialized_end=387
-  _globals['_SAMPLINGPARAMS']._serialized_start=390
-  _globals['_SAMPLINGPARAMS']._serialized_end=828
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=669
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=717
-  _globals['_GENERATERESPONSE']._serialized_start=831
-  _globals['_GENERATERESPONSE']._serialized_end=982
-  _globals['_TOKEN']._serialized_start=985
-  _globals['_TOKEN']._serialized_end=1197
-  _globals['_TOPLOGPROB']._serialized_start=1199
-  _globals['_TOPLOGPROB']._serialized_end=1296
-  _globals['_USAGE']._serialized_start=1299
-  _globals['_USAGE']._serialized_end=1500
-  _globals['_COMPLETION']._serialized_start=1502
-  _globals['_COMPLETION']._serialized_end=1588
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1590
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1611
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1614
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2011
-  _globals['_GETMODELINFORESPONSE_TEMPLATETOKENSENTRY']._serialized_start=1958
-  _globals['_GETMODELINFORESPONSE_TEMPLATETOKENSENTRY']._serialized_end=2011
-  _globals['_CANCELREQUEST']._serialized_start=2013
-  _globals['_CANCELREQUEST']._serialized_end=2048
-  _globals['_CANCELRESPONSE']._serialized_start=2050
-  _globals['_CANCELRESPONSE']._serialized_end=2085
-  _globals['_GENERATIONSERVICE']._serialized_start=2285
-  _globals['_GENERATIONSERVICE']._serialized_end=2537
+  _globals['_GENERATEREQUEST']._serialized_end=402
+  _globals['_SAMPLINGPARAMS']._serialized_start=405
+  _globals['_SAMPLINGPARAMS']._serialized_end=843
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=684
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=732
+  _globals['_GENERATERESPONSE']._serialized_start=846
+  _globals['_GENERATERESPONSE']._serialized_end=997
+  _globals['_TOKEN']._serialized_start=1000
+  _globals['_TOKEN']._serialized_end=1212
+  _globals['_TOPLOGPROB']._serialized_start=1214
+  _globals['_TOPLOGPROB']._serialized_end=1311
+  _globals['_USAGE']._serialized_start=1314
+  _globals['_USAGE']._serialized_end=1515
+  _globals['_COMPLETION']._serialized_start=1517
+  _globals['_COMPLETION']._serialized_end=1603
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1605
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1626
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1629
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2026
+  _globals['_GETMODELINFORESPONSE_TEMPLATETOKENSENTRY']._serialized_start=1973
+  _globals['_GETMODELINFORESPONSE_TEMPLATETOKENSENTRY']._serialized_end=2026
+  _globals['_CANCELREQUEST']._serialized_start=2028
+  _globals['_CANCELREQUEST']._serialized_end=2063
+  _globals['_CANCELRESPONSE']._serialized_start=2065
+  _globals['_CANCELRESPONSE']._serialized_end=2100
+  _globals['_GENERATIONSERVICE']._serialized_start=2300
+  _globals['_GENERATIONSERVICE']._serialized_end=2552
 # @@protoc_insertion_point(module_scope)

@@ -72,6 +72,7 @@ class GenerateRequest(_message.Message):
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     STOP_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     MIN_TOKENS_FIELD_NUMBER: _builtins.int
+    RETRY_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The text to continue. Required, non-empty, unless prompt_ids is given instead."""
     max_tokens: _builtins.int
@@ -92,6 +93,13 @@ class GenerateRequest(_message.Message):
     min_tokens: _builtins.int
     """EOS and stop_token_ids are suppressed until this many tokens were generated, and stop
     strings count only from the next token on.
+    """
+    retry: _builtins.bool
+    """This request retries a stream of the same request_id that broke (continuation_ids holds
+    what that stream delivered, which may be nothing). A running request of that id and caller,
+    whose broken connection the server has yet to notice, ends as CANCELLED and this request
+    takes its place, where without retry (and with no continuation_ids) the id is refused as
+    taken. The Python client and the edge set it on every failover.
     """
     @_builtins.property
     def sampling(self) -> Global___SamplingParams:
@@ -139,10 +147,11 @@ class GenerateRequest(_message.Message):
         top_logprobs: _builtins.int = ...,
         stop_token_ids: _abc.Iterable[_builtins.int] | None = ...,
         min_tokens: _builtins.int = ...,
+        retry: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_add_special_tokens", b"_add_special_tokens", "add_special_tokens", b"add_special_tokens", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_add_special_tokens", b"_add_special_tokens", "add_special_tokens", b"add_special_tokens", "continuation_ids", b"continuation_ids", "ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "min_tokens", b"min_tokens", "prompt", b"prompt", "prompt_ids", b"prompt_ids", "request_id", b"request_id", "sampling", b"sampling", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_add_special_tokens", b"_add_special_tokens", "add_special_tokens", b"add_special_tokens", "continuation_ids", b"continuation_ids", "ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "min_tokens", b"min_tokens", "prompt", b"prompt", "prompt_ids", b"prompt_ids", "request_id", b"request_id", "retry", b"retry", "sampling", b"sampling", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__add_special_tokens: _TypeAlias = _typing.Literal["add_special_tokens"]  # noqa: Y015
     _WhichOneofArgType__add_special_tokens: _TypeAlias = _typing.Literal["_add_special_tokens", b"_add_special_tokens"]  # noqa: Y015
