@@ -96,6 +96,8 @@ class ModelInfo:
     """Each special token's text by name (bos_token, eos_token, unk_token, pad_token, ...,
     image_token, ...), the variables the chat template is given; empty from a server that
     sends only bos_token and eos_token."""
+    max_requests: int = 0
+    """Requests the server holds at once (rows and queue); 0 from a server that does not say."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -255,4 +257,5 @@ def model_info_from_pb(m: pb.GetModelInfoResponse) -> ModelInfo:
         bos_token=m.bos_token,
         eos_token=m.eos_token,
         template_tokens=dict(m.template_tokens),
+        max_requests=m.max_requests,
     )

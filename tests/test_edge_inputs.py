@@ -100,7 +100,7 @@ OPENAI_BODIES = {
     "prompt as an empty list": ({"prompt": []}, "prompt"),
     "prompt mixing ids and text": ({"prompt": [1, "a"]}, "prompt"),
     "prompt token id past 2^32": ({"prompt": [2**32]}, "prompt"),
-    "prompt token id past the vocabulary": ({"prompt": [10**9]}, "prompt"),
+    "prompt token id past the vocabulary": ({"prompt": [10**9]}, "prompt[0]"),
     "min_tokens above max_tokens": (
         {"prompt": "x", "max_tokens": 2, "min_tokens": 3},
         "min_tokens",

@@ -40,11 +40,11 @@ def _tokens(events: list[ServerSentEvent]) -> list[dict[str, Any]]:
 
 def test_the_body_takes_every_generate_request_field() -> None:
     """Every GenerateRequest field (sampling's by their own names) is a native field, except
-    continuation_ids (the edge continues broken streams itself): a field added to the
-    contract cannot be missing from the SSE API unnoticed."""
+    continuation_ids and retry (the edge continues and retries broken streams itself): a field
+    added to the contract cannot be missing from the SSE API unnoticed."""
     names = {f.name for f in pb.GenerateRequest.DESCRIPTOR.fields} - {"sampling"}
     names |= {f.name for f in pb.SamplingParams.DESCRIPTOR.fields}
-    assert names - {"continuation_ids"} == native.FIELDS
+    assert names - {"continuation_ids", "retry"} == native.FIELDS
 
 
 async def test_logit_bias_forces_a_token(http: httpx.AsyncClient) -> None:

@@ -269,6 +269,53 @@ async def test_a_bad_prompt_is_refused_naming_the_entry(
     assert _error(caught)["param"] == param
 
 
+@pytest.mark.parametrize(
+    ("prompt", "param"),
+    [
+        ([[1, 2], [3, 10**9]], "prompt[1][1]"),
+        (["def a():", "x" * 300_000], "prompt[1]"),
+        ([5, 10**9], "prompt[1]"),
+    ],
+    ids=["batch-ids", "batch-text", "ids"],
+)
+async def test_a_prompt_the_server_refuses_is_named_by_its_place(
+    sdk: openai.AsyncOpenAI, prompt: Any, param: str
+) -> None:
+    """A prompt the server refuses (an id past the vocabulary, a text past its size limit) is
+    named by its place: the batch entry, and the id within it."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    error = _error(caught)
+    assert error["param"] == param
+    assert error["message"].startswith(f"{param}: ")
+
+
+@pytest.mark.parametrize(("prompt", "param"), [("", "prompt"), (["a", ""], "prompt[1]")])
+async def test_an_empty_prompt_is_refused_as_empty(
+    sdk: openai.AsyncOpenAI, prompt: Any, param: str
+) -> None:
+    """An empty completions prompt (alone or in a batch) is a 400 naming it that says it is
+    empty."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    error = _error(caught)
+    assert (error["param"], error["message"]) == (param, f"{param}: must not be empty")
+
+
+async def test_a_refusal_keeps_the_value_it_echoes_as_sent(sdk: openai.AsyncOpenAI) -> None:
+    """A refusal that echoes the caller's value keeps it as sent: field names inside it are
+    not renamed as the refusal's own wording is (max_tokens -> max_completion_tokens)."""
+    stop = "see max_tokens " * 8
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.chat.completions.create(
+            model=MODEL, messages=CHAT, max_completion_tokens=4, stop=[stop]
+        )
+    error = _error(caught)
+    assert error["param"].startswith("stop")
+    assert "see max_tokens see max_tokens" in error["message"]
+    assert "max_completion_tokens" not in error["message"]
+
+
 async def test_a_refused_request_answers_with_its_request_id(sdk: openai.AsyncOpenAI) -> None:
     """A refused request's answer carries X-Request-ID (the caller's, where it sent a valid
     one), as OpenAI's errors do: the SDK's error has the id the edge's log line goes by."""
@@ -566,24 +613,58 @@ async def test_stream_cut_by_the_edge_ends_with_an_error_chunk(paced: RunningSer
     assert await eventually(lambda: paced.engine.active_count == 0, within_s=2)
 
 
-async def test_n_beyond_capacity_is_429_and_frees_the_admitted_choices(
+async def test_n_beyond_free_capacity_is_429_and_frees_the_admitted_choices(
     spec: ModelSpec, tokenizer: Tokenizer
 ) -> None:
-    """When the server admits only some of n choices, the request is a 429 and the admitted
-    generations are cancelled at once (none keeps a slot for nobody)."""
+    """When the server, busy with another stream, admits only some of n choices, the request
+    is a 429 and the admitted generations are cancelled at once (none keeps a slot for
+    nobody)."""
     slow = ScriptedModel(spec, {}, step_delay_s=0.01)
-    running = await start_server(slow, tokenizer, max_batch_size=1, max_queue=1)
+    running = await start_server(slow, tokenizer, max_batch_size=1, max_queue=2)
     edge = await start_edge(running.target)
     body = {"model": MODEL, "prompt": "x", "max_tokens": 300, "n": 3, "ignore_eos": True}
     try:
-        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+        busy = body | {"n": 1, "stream": True}
+        async with (
+            httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
+            http.stream("POST", "/v1/completions", json=busy),
+        ):
+            assert await eventually(lambda: running.engine.active_count == 1, within_s=2)
             refused = await http.post("/v1/completions", json=body)
-        assert await eventually(lambda: running.engine.active_count == 0, within_s=1)
+            assert await eventually(lambda: running.engine.active_count == 1, within_s=1)
     finally:
         await edge.edge.stop()
         await running.server.drain()
     assert refused.status_code == 429
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [({"prompt": "x", "n": 4}, "n"), ({"prompt": ["x", "y"], "n": 2}, "prompt")],
+    ids=["n", "batch"],
+)
+async def test_more_generations_than_the_server_holds_is_400(
+    spec: ModelSpec, tokenizer: Tokenizer, fields: dict[str, Any], param: str
+) -> None:
+    """A request opening more generations at once than the server holds (its rows and queue)
+    is a 400 naming n, or prompt for a batch, not a 429 that no wait could end; nothing
+    reaches the server."""
+    slow = ScriptedModel(spec, {}, step_delay_s=0.01)
+    running = await start_server(slow, tokenizer, max_batch_size=1, max_queue=2)
+    edge = await start_edge(running.target)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            refused = await http.post(
+                "/v1/completions", json={"model": MODEL, "max_tokens": 3} | fields
+            )
+    finally:
+        await edge.edge.stop()
+        await running.server.drain()
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert (error["param"], error["code"]) == (param, "unsupported_value")
+    assert "4 generations at once, more than the 3 requests" in error["message"]
 
 
 async def test_chat_top_logprobs_list_alternatives(sdk: openai.AsyncOpenAI) -> None:

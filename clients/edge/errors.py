@@ -84,6 +84,8 @@ class EdgeError(Exception):
         self.openai_code = openai_code
         """OpenAI's `code` when it is more precise than the native one (`model_not_found`)."""
         self.openai_type = openai_type
+        self.generation: int | None = None
+        """Which of a request's generations the server refused (set by open_generations)."""
 
     @classmethod
     def invalid(cls, field: str, reason: str, openai_code: str | None = None) -> EdgeError:
@@ -112,21 +114,24 @@ class EdgeError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": code}}
 
     def renamed(self, names: dict[str, str]) -> EdgeError:
-        """The same error naming the field as the caller did (`prompt` -> `messages`), also at
-        the start of the message, and naming other fields the message refers to as the caller
-        did too (`max_tokens` -> `max_completion_tokens`)."""
+        """The same error naming the field as the caller did (`prompt` -> `messages`,
+        `prompt_ids[3]` -> `prompt[3]`), also at the start of the message, and naming other
+        fields its reason refers to as the caller did too (`max_tokens` ->
+        `max_completion_tokens`); the caller's own value it echoes (after `, got `) is kept."""
         if self.param is None:
             return self
-        base = self.param.split("[", 1)[0]
-        new = names.get(self.param, names.get(base)) or self.param
+        base, bracket, rest = self.param.partition("[")
+        new = names.get(self.param) or (names[base] + bracket + rest if base in names else "")
+        new = new or self.param
         message = self.message
         if message.startswith(f"{self.param}:"):
             message = new + message.removeprefix(self.param)
         head, sep, tail = message.partition(":")
+        reason, got, value = tail.partition(", got ")
         for server, caller in names.items():
             if "_" in server and server != caller:  # a field's name, not a word of the text
-                tail = re.sub(rf"\b{re.escape(server)}\b", caller, tail)
-        message = head + sep + tail
+                reason = re.sub(rf"\b{re.escape(server)}\b", caller, reason)
+        message = head + sep + reason + got + value
         if new == self.param and message == self.message:
             return self
         return EdgeError(

@@ -22,8 +22,9 @@ from tokenwire.edge.resumable import events_dropped, parse_event_id
 from tokenwire.edge.store import StoredStream
 
 # GenerateRequest's fields under their own names (sampling's flattened), all honoured; any
-# other field is a 400 naming it, never silently dropped. Not offered: continuation_ids (the
-# edge continues broken streams itself, and clients resume with Last-Event-ID).
+# other field is a 400 naming it, never silently dropped. Not offered: continuation_ids and
+# retry (the edge continues and retries broken streams itself, and clients resume with
+# Last-Event-ID).
 # `last_event_id` is the query's resume parameter (EventSource cannot set headers).
 FIELDS = frozenset(
     {

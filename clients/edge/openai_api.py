@@ -24,6 +24,7 @@ from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.guards import principal_of
 from tokenwire.edge.metrics import Outcome
 from tokenwire.edge.openai_format import Collected, Shape, openai_error, usage
+from tokenwire.edge.openai_prompts import check_generations
 from tokenwire.edge.openai_request import (
     OpenAIRequest,
     chat_turns,
@@ -60,6 +61,7 @@ async def _begin(request: Request, *, chat: bool) -> _Call:
     info = await ctx.upstream.model_info()
     check_model(parsed, info, ctx.settings.model_aliases)
     check_max_tokens(parsed, info)
+    check_generations(parsed.n, len(parsed.choices), info)
     prompts = parsed.prompts(chat_prompt(turns, info) if turns is not None else "")
     try:
         owner = principal_of(request.scope)
@@ -67,7 +69,7 @@ async def _begin(request: Request, *, chat: bool) -> _Call:
             ctx.upstream, prompts, parsed.choices, account.route, owner
         )
     except EdgeError as error:
-        raise openai_error(error.renamed(parsed.names)) from None
+        raise openai_error(error.renamed(parsed.names_for(error.generation))) from None
     # One generation keeps the id the server settled on; several share the caller's.
     base_id = account.request_id = upstreams[0].request_id if len(upstreams) == 1 else request_id
     account.details["choices"] = len(upstreams)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tokenwire.client.messages import ModelInfo
 from tokenwire.edge.body import Fields, token_ids_of
 from tokenwire.edge.errors import EdgeError
 
@@ -28,7 +29,7 @@ def completion_prompts(fields: Fields, n: int) -> tuple[Prompt, ...]:
     token ids, one per entry for a list of strings or of token id lists."""
     prompt = fields.raw("prompt")
     if isinstance(prompt, str):
-        return ((prompt, ()),)
+        return (_text(prompt, "prompt"),)
     ids = token_ids_of(prompt)
     if ids:
         return (("", ids),)
@@ -52,8 +53,29 @@ def _is_int(value: Any) -> bool:
 
 def _entry(entry: Any, index: int) -> Prompt:
     if isinstance(entry, str):
-        return entry, ()
+        return _text(entry, f"prompt[{index}]")
     ids = token_ids_of(entry)
     if ids:
         return "", ids
     raise EdgeError.invalid(f"prompt[{index}]", "must be a string or a non-empty list of token ids")
+
+
+def _text(prompt: str, where: str) -> Prompt:
+    if not prompt:
+        raise EdgeError.invalid(where, "must not be empty")
+    return prompt, ()
+
+
+def check_generations(n: int, generations: int, info: ModelInfo) -> None:
+    """A 400 for a request that opens more generations than the server holds at once (its
+    rows and queue): refused as overloaded however long it waits, it could never run. Names
+    `n`, or `prompt` for a batch."""
+    if not info.max_requests or generations <= info.max_requests:
+        return
+    field = "n" if generations == n else "prompt"
+    raise EdgeError.invalid(
+        field,
+        f"asks for {generations} generations at once, more than the {info.max_requests} "
+        "requests the server holds at once (its rows and queue)",
+        "unsupported_value",
+    )

@@ -152,6 +152,14 @@ class OpenAIRequest:
     """Each prompt's text (empty where it is token ids, and for chat, whose prompt is its
     rendered conversation)."""
 
+    def names_for(self, generation: int | None) -> dict[str, str]:
+        """`names`, with a batch's prompt named by its place (`prompt[2]`) for a refusal of
+        `generation`."""
+        if generation is None or len(self.texts) < 2:
+            return self.names
+        where = f"prompt[{generation // self.n}]"
+        return self.names | {"prompt": where, "prompt_ids": where}
+
     def prompts(self, chat_prompt: str = "") -> list[str]:
         """The prompt text of each generation, in the order of `choices`."""
         texts = (chat_prompt,) if self.chat else self.texts

@@ -57,10 +57,12 @@ async def open_generations(
         return_exceptions=True,
     )
     opened = [r for r in results if isinstance(r, UpstreamStream)]
-    for result in results:
+    for index, result in enumerate(results):
         if isinstance(result, BaseException):
             for stream in opened:
                 stream.cancel()
+            if isinstance(result, EdgeError):
+                result.generation = index
             raise result
     return opened
 

@@ -146,4 +146,5 @@ def model_info_to_pb(engine: Engine) -> pb.GetModelInfoResponse:
         bos_token=spec.bos_token,
         eos_token=spec.eos_token,
         template_tokens=spec.template_tokens,
+        max_requests=engine.max_rows + engine.config.max_queue,
     )

@@ -543,6 +543,7 @@ class GetModelInfoResponse(_message.Message):
     BOS_TOKEN_FIELD_NUMBER: _builtins.int
     EOS_TOKEN_FIELD_NUMBER: _builtins.int
     TEMPLATE_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_REQUESTS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name from its config."""
     context_length: _builtins.int
@@ -565,6 +566,12 @@ class GetModelInfoResponse(_message.Message):
     bos_token: _builtins.str
     """Text of the beginning- and end-of-sequence tokens, for rendering the chat template."""
     eos_token: _builtins.str
+    max_requests: _builtins.int
+    """How many requests the server holds at once: max_batch_size rows decoding and its queue
+    (max_queue). Beyond that a request is refused RESOURCE_EXHAUSTED, so a caller that opens
+    more streams than this at once for one answer can never have them all. 0 from servers that
+    predate it.
+    """
     @_builtins.property
     def eos_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -591,10 +598,11 @@ class GetModelInfoResponse(_message.Message):
         bos_token: _builtins.str = ...,
         eos_token: _builtins.str = ...,
         template_tokens: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        max_requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bos_token", b"bos_token", "chat_template", b"chat_template", "context_length", b"context_length", "default_max_tokens", b"default_max_tokens", "eos_token", b"eos_token", "eos_token_ids", b"eos_token_ids", "max_batch_size", b"max_batch_size", "max_tokens_limit", b"max_tokens_limit", "model", b"model", "provider", b"provider", "template_tokens", b"template_tokens", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bos_token", b"bos_token", "chat_template", b"chat_template", "context_length", b"context_length", "default_max_tokens", b"default_max_tokens", "eos_token", b"eos_token", "eos_token_ids", b"eos_token_ids", "max_batch_size", b"max_batch_size", "max_requests", b"max_requests", "max_tokens_limit", b"max_tokens_limit", "model", b"model", "provider", b"provider", "template_tokens", b"template_tokens", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
