@@ -428,8 +428,10 @@ class Engine:
     def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> bool:
         """Stop a request at the next step boundary; False if no such request is active."""
         with self._lock:
+            # Looked up and ended at once: a retry that replaces the request meanwhile is not
+            # the one named (it is, by a later cancel).
             sequence = self._active.get(request_id)
-        return sequence is not None and self.end(sequence, reason)
+            return sequence is not None and self._end_locked(sequence, reason)
 
     def end(self, sequence: Sequence, reason: FinishReason = FinishReason.CANCELLED) -> bool:
         """Stop this request at the next step boundary; False if it has ended or is ending.
