@@ -343,8 +343,8 @@ async def _continued(
 ) -> UpstreamStream:
     """The continuation of a taken-over stream. The generation it continues may still run at
     the server (its edge stopped it a moment ago, and the server ends it at its next step):
-    a continuation with delivered ids replaces it there, and one without any is refused for
-    the id, which is tried again, BUSY_TRIES_S apart."""
+    the continuation, a retry, replaces it there. A server that predates `retry` refuses one
+    without delivered ids for the id, which is tried again, BUSY_TRIES_S apart."""
     for wait_s in BUSY_TRIES_S:
         try:
             return await upstream.open(request, request_id, delivered, route=NATIVE, owner=owner)
