@@ -173,3 +173,100 @@ def test_the_template_sees_each_template_token_by_name() -> None:
         template_tokens={"bos_token": "<s>", "unk_token": "<unk>", "image_token": "<image>"},
     )
     assert chat_prompt(TURNS, info) == "<unk>|<image>|<s>"
+
+
+# SmolVLM-Instruct's template (Idefics3's): it reads content only as a list of parts.
+SMOLVLM = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+# llava-1.5-hf's template: it reads content only as a list of parts, through selectattr.
+LLAVA = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+STRING_TURNS = [
+    {"role": "system", "content": "Be terse."},
+    {"role": "user", "content": "What is 2+2?"},
+]
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        (
+            SMOLVLM,
+            "<|im_start|>System: Be terse.<end_of_utterance>\n"
+            "User: What is 2+2?<end_of_utterance>\nAssistant:",
+        ),
+        (LLAVA, "Be terse. USER: What is 2+2? ASSISTANT:"),
+    ],
+    ids=["smolvlm", "llava"],
+)
+@pytest.mark.parametrize("user_as_parts", [False, True], ids=["all-strings", "mixed"])
+def test_string_content_reaches_a_template_that_reads_only_parts_as_one_text_part(
+    template: str, expected: str, user_as_parts: bool
+) -> None:
+    """A template that reads content only as parts (no `is string` branch: SmolVLM's,
+    llava's) renders the text of every turn sent as a string, whether or not another turn was
+    sent as parts, not an empty turn from looping over the string's characters."""
+    turns = [dict(turn) for turn in STRING_TURNS]
+    if user_as_parts:
+        turns[1]["content"] = [{"type": "text", "text": "What is 2+2?"}]
+    assert chat_prompt(turns, _info(template)) == expected
+
+
+# Gemma 3's way of reading content: as a string where it is one, else part by part.
+STRING_OR_PARTS = (
+    "{% for m in messages %}<{{ m['role'] }}>"
+    "{% if m['content'] is string %}{{ m['content'] | trim }}"
+    "{% else %}{% for item in m['content'] %}{% if item['type'] == 'text' %}"
+    "{{ item['text'] | trim }}{% endif %}{% endfor %}{% endif %}</{{ m['role'] }}>"
+    "{% endfor %}"
+)
+
+
+def test_a_template_that_reads_strings_or_parts_renders_string_content_as_it_did() -> None:
+    """A template with a branch for string content and one for parts (Gemma 3's, Qwen2-VL's)
+    renders string turns' text as its string branch does: the same prompt as before string
+    content reached such templates as parts."""
+    turns = [*STRING_TURNS, {"role": "assistant", "content": " 4 "}]
+    assert chat_prompt(turns, _info(STRING_OR_PARTS)) == (
+        "<system>Be terse.</system><user>What is 2+2?</user><assistant>4</assistant>"
+    )
+
+
+def test_a_template_that_prints_one_turns_content_whole_renders_its_text() -> None:
+    """A template that loops over the user's content but prints the system turn's whole
+    (`{{ content }}`, `| trim`) renders that turn's text, its parts joined by newlines, not
+    the Python form of a list of parts."""
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}[{{ m['content'] }}|"
+        "{{ m['content'] | trim }}]{% else %}{% for p in m['content'] %}{{ p['text'] }}"
+        "{% endfor %}{% endif %}{% endfor %}"
+    )
+    turns = [{"role": "system", "content": PARTS[0]["content"]}, *STRING_TURNS[1:]]
+    assert chat_prompt(turns, _info(template)) == "[first\nsecond|first\nsecond]What is 2+2?"
+
+
+def test_a_template_that_fails_on_parts_renders_string_content_as_it_did() -> None:
+    """A template that loops over the user's content parts but adds the system turn's content
+    to a string (Mistral Small 3.1's) renders a conversation sent as strings as it did before
+    string content reached such templates as parts: as strings, not answered with a 500."""
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ '[SYS]' + m['content'] }}"
+        "{% elif m['content'] is string %}{{ m['content'] }}"
+        "{% else %}{% for p in m['content'] %}[{{ p['text'] }}]{% endfor %}{% endif %}"
+        "{% endfor %}"
+    )
+    assert chat_prompt(STRING_TURNS, _info(template)) == "[SYS]Be terse.What is 2+2?"

@@ -97,8 +97,9 @@ def _is_content(node: jinja2.nodes.Node) -> bool:
 @functools.lru_cache(maxsize=8)
 def reads_content_parts(template: str) -> bool:
     """Whether the template loops over a message's content, directly or through a variable
-    set from it: it takes OpenAI's list of text parts as it is (Gemma 3's, Llama 4's), where
-    other templates read content as one string (vLLM tells the two apart the same way)."""
+    set from it: it reads content as OpenAI's list of text parts (Gemma 3's, Llama 4's,
+    SmolVLM's, llava's), where other templates read content as one string (vLLM tells the two
+    apart the same way)."""
     try:
         tree = _jinja.parse(template)
     except TemplateSyntaxError:
@@ -115,23 +116,39 @@ def reads_content_parts(template: str) -> bool:
     )
 
 
-def _as_template_reads(turns: list[dict[str, Any]], parts: bool) -> list[dict[str, Any]]:
-    """The turns with each content of text parts as the template reads content: the parts as
-    they are, or their texts joined by newlines into one string (as vLLM joins them: two parts
+class _TextParts(list[dict[str, str]]):
+    """A content as text parts, for a template that loops over content. Printed whole (some
+    templates loop over the user's content but print the system turn's, `{{ content }}` or
+    `| trim`), it reads as its texts joined by newlines, not as a Python list."""
+
+    def __str__(self) -> str:
+        return _joined(self)
+
+
+def _joined(content: str | list[dict[str, str]]) -> str:
+    """A content as one string: text parts joined by newlines (as vLLM joins them: two parts
     read as two lines, not one run-on word)."""
-    if parts:
-        return turns
-    return [
-        {**turn, "content": "\n".join(part["text"] for part in turn["content"])}
-        if isinstance(turn["content"], list)
-        else turn
-        for turn in turns
-    ]
+    return content if isinstance(content, str) else "\n".join(part["text"] for part in content)
+
+
+def _as_parts(content: str | list[dict[str, str]]) -> _TextParts:
+    """A content as text parts: a string is one text part (as vLLM gives it to such templates:
+    a template that reads only parts would otherwise loop over the string's characters and
+    print none of its text)."""
+    return _TextParts([{"type": "text", "text": content}] if isinstance(content, str) else content)
+
+
+def _as_template_reads(turns: list[dict[str, Any]], parts: bool) -> list[dict[str, Any]]:
+    """The turns with each content as the template reads content: every turn's as text parts
+    (a string as one part), or every turn's as one string."""
+    read = _as_parts if parts else _joined
+    return [{**turn, "content": read(turn["content"])} for turn in turns]
 
 
 def chat_prompt(turns: list[dict[str, Any]], info: ModelInfo) -> str:
-    """The turns rendered with the model's chat template (or the default one); a content of
-    text parts as the template reads content (see reads_content_parts)."""
+    """The turns rendered with the model's chat template (or the default one). A template that
+    loops over content (see reads_content_parts) gets every turn's content as text parts, sent
+    as a string or not; any other gets every turn's as one string."""
     source = info.chat_template or DEFAULT_CHAT_TEMPLATE
     template = _compiled(source)
     context: dict[str, Any] = {
@@ -145,7 +162,7 @@ def chat_prompt(turns: list[dict[str, Any]], info: ModelInfo) -> str:
         "documents": None,
         "add_generation_prompt": True,
     }
-    parts = reads_content_parts(source) and any(isinstance(t["content"], list) for t in turns)
+    parts = reads_content_parts(source)
     try:
         try:
             rendered = template.render(messages=_as_template_reads(turns, parts), **context)
@@ -155,7 +172,7 @@ def chat_prompt(turns: list[dict[str, Any]], info: ModelInfo) -> str:
             if not parts:
                 raise
             # A template that loops over some turns' content may still read others' as one
-            # string (Mistral Small 3.1 prefixes the system turn's): it gets them joined.
+            # string (Mistral Small 3.1 prefixes the system turn's): it gets every turn's as one.
             rendered = template.render(messages=_as_template_reads(turns, False), **context)
     except TemplateRefusal as exc:
         # Model templates refuse some conversations (roles not alternating, ...).
