@@ -232,6 +232,8 @@ FAMILIES: dict[str, Family] = {
     "cohere": Family("cohere", GQA, "llama", MPE),
     "arcee": Family("arcee", GQA, "llama", MPE),
     "olmo2": Family("olmo2", GQA, "gpt2", MPE),
+    # Rotary on interleaved pairs; head_dim stated (Helium's config defaults to 128).
+    "helium": Family("helium", {**GQA, "head_dim": HIDDEN // HEADS}, "gpt2", MPE),
     # Every other layer without rotary (NoPE).
     "smollm3": Family("smollm3", {**GQA, "no_rope_layer_interval": 2}, "gpt2", MPE),
     # Positions counted from the cache width; rotary on half of each head.
