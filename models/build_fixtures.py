@@ -226,6 +226,25 @@ FAMILIES: dict[str, Family] = {
     # Untied: with Gemma 2/3's post-sublayer norms a tied random model only repeats its input.
     "gemma2": Family("gemma2", GEMMA23, "gemma", MPE),
     "gemma3_text": Family("gemma3_text", GEMMA23, "gemma", MPE),
+    # The multimodal Gemma 3 (Gemma3ForConditionalGeneration) exported for text: the language
+    # model's config nested as text_config, a tiny vision tower the text graph leaves out.
+    "gemma3": Family(
+        "gemma3",
+        {
+            "text_config": GEMMA23,
+            "vision_config": {
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "image_size": 28,
+                "patch_size": 14,
+            },
+            "mm_tokens_per_image": 4,
+        },
+        "gemma",
+        MPE,
+    ),
     "granite": Family("granite", GQA, "gpt2", MPE),
     "olmo": Family("olmo", GQA, "gpt2", MPE),
     "stablelm": Family("stablelm", {**GQA, "partial_rotary_factor": 0.25}, "gpt2", MPE),
@@ -400,23 +419,36 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+def text_config(family: Family) -> dict[str, Any]:
+    """The language model's config keys (a multimodal config nests them as text_config)."""
+    nested = family.config.get("text_config")
+    return dict(nested) if isinstance(nested, dict) else family.config
+
+
 def context_length(family: Family) -> int:
-    return int(family.config.get(family.context_key or "", CONTEXT))
+    return int(text_config(family).get(family.context_key or "", CONTEXT))
 
 
 def build_model(family: Family, tok: PreTrainedTokenizerFast, seed: int) -> PreTrainedModel:
     """A seeded random model; every matrix is re-drawn from N(0, init_std) so logits spread out."""
-    cfg = AutoConfig.for_model(
-        family.model_type,
-        **family.config,
-        vocab_size=len(tok),
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        initializer_range=family.init_std,
-    )
-    for key, value in family.config.items():  # some configs drop keys they do not declare
-        setattr(cfg, key, value)
+    tokens = {
+        "vocab_size": len(tok),
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "initializer_range": family.init_std,
+    }
+    text = text_config(family)
+    nested = "text_config" in family.config
+    if nested:  # the ids at both levels, the vocabulary only where the language model reads it
+        config = {**family.config, "text_config": {**text, **tokens}}
+        tokens = {k: v for k, v in tokens.items() if k != "vocab_size"}
+    else:
+        config = family.config
+    cfg = AutoConfig.for_model(family.model_type, **config, **tokens)
+    # Some configs drop keys they do not declare.
+    for key, value in text.items():
+        setattr(cfg.get_text_config() if nested else cfg, key, value)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)

@@ -4,8 +4,12 @@ engine drives, or refused in one line naming the graph file and the input or out
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+import shutil
+from pathlib import Path
 
+import onnxruntime as ort
 import pytest
 
 from tokenwire.server.config import BUNDLED_MODEL_DIR
@@ -13,6 +17,7 @@ from tokenwire.server.engine import ModelLoadError, ModelSpec
 from tokenwire.server.engine.graph import check_vocab, read_layout
 
 GENAI_LLAMA = BUNDLED_MODEL_DIR.parent / "fixtures-genai" / "llama-fp32"
+GEMMA3 = BUNDLED_MODEL_DIR.parent / "fixtures" / "gemma3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,3 +106,29 @@ def test_state_inputs_besides_the_kv_cache_are_refused_naming_them() -> None:
     inputs.append(Arg("past_conv.0", ["batch", 16, 3]))
     with pytest.raises(ModelLoadError, match=r"state inputs besides its KV cache \(past_conv\.0\)"):
         read_layout(inputs, outputs, spec, "model.onnx")
+
+
+def test_a_multimodal_exports_cache_is_checked_against_its_nested_text_config(
+    tmp_path: Path,
+) -> None:
+    """The multimodal Gemma 3 export (Gemma3ForConditionalGeneration) states its language
+    model's vocabulary, context, layers, KV heads and head dim only under text_config: they are
+    read from there, its graph's cache matches them, and a nested value the graph contradicts
+    is refused naming both."""
+    config = json.loads((GEMMA3 / "config.json").read_text())
+    assert not {"vocab_size", "max_position_embeddings", "num_hidden_layers"} & set(config)
+    spec = ModelSpec.from_dir(GEMMA3)
+    stated = (spec.vocab_size, spec.context_length, spec.num_layers, spec.num_kv_heads)
+    assert (*stated, spec.head_dim) == (320, 256, 2, 2, 16)
+    session = ort.InferenceSession(str(GEMMA3 / "model.onnx"), providers=["CPUExecutionProvider"])
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    assert read_layout(inputs, outputs, spec, "model.onnx").num_layers == 2
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(GEMMA3 / name, tmp_path / name)
+    config["text_config"]["num_key_value_heads"] = 4
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ModelLoadError,
+        match=re.escape("says 4 key/value heads but model.onnx input past_key_values.0.key has 2"),
+    ):
+        read_layout(inputs, outputs, ModelSpec.from_dir(tmp_path), "model.onnx")
