@@ -206,6 +206,20 @@ GEMMA23 = {
     "sliding_window": WINDOW,
     "tie_word_embeddings": False,
 }
+# The decoder of an encoder-decoder family, served alone (BartForCausalLM, ...): positions come
+# from the cache width (learned in BART, sinusoidal in Marian). The encoder is not built, but
+# config.json's num_hidden_layers is its layer count (and transformers sizes generate()'s cache
+# by it), so it equals the decoder's.
+SEQ2SEQ_DECODER = {
+    "d_model": HIDDEN,
+    "decoder_layers": LAYERS,
+    "decoder_attention_heads": HEADS,
+    "decoder_ffn_dim": FFN,
+    "encoder_layers": LAYERS,
+    "encoder_attention_heads": HEADS,
+    "encoder_ffn_dim": FFN,
+    "max_position_embeddings": CONTEXT,
+}
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", GQA, "llama", MPE),
@@ -404,6 +418,9 @@ FAMILIES: dict[str, Family] = {
         "opt",
         MPE,
     ),
+    # OPT's tokenizer: BART's decoder starts from </s> (its decoder_start_token_id) too.
+    "bart": Family("bart", SEQ2SEQ_DECODER, "opt", MPE),
+    "marian": Family("marian", SEQ2SEQ_DECODER, "gpt2", MPE),
     "mpt": Family(
         "mpt",
         {

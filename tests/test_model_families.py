@@ -728,3 +728,45 @@ async def test_a_continuation_past_the_width_limit_is_exact() -> None:
     finally:
         engine.shutdown()
     assert crossed >= 8
+
+
+class _PaddingRecorder(CountingModel):
+    """Records, for each forward it serves, whether its attention mask masks an entry."""
+
+    def __init__(self, model_dir: Path, **options: Any) -> None:
+        self.padded: list[bool] = []
+        super().__init__(model_dir, **options)
+        self.padded.clear()  # the load's probes pad on purpose
+
+    def forward(
+        self, input_ids: IntArray, attention_mask: IntArray, *args: Any, **kwargs: Any
+    ) -> tuple[Logits, Sequence[CacheTensor]]:
+        self.padded.append(bool((attention_mask == 0).any()))
+        return super().forward(input_ids, attention_mask, *args, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["bart", "marian"])
+async def test_absolute_positions_counted_from_the_cache_width_are_never_padded(name: str) -> None:
+    """The decoders of BART and Marian served alone take no position_ids: each position is the
+    cache width, looked up in a table of absolute positions (learned, sinusoidal), so a masked
+    column in front of a row moves every later position of it. They load as `none`: with every
+    prompt submitted twice at once, no forward masks an entry, rows of equal length still share
+    forwards, and every request decodes its prompt's reference ids."""
+    model_dir = FIXTURES / name
+    reference = _reference(model_dir)
+    model = _PaddingRecorder(model_dir, provider="cpu", intra_op_threads=1)
+    assert model.padding is Padding.NONE
+    running = await start_server(
+        model, Tokenizer.from_dir(model_dir), max_batch_size=16, prefill_chunk_tokens=32
+    )
+    prompts = [p for p in reference["prompts"] for _ in range(2)]
+    jobs = [Job(p["text"], reference["max_new_tokens"]) for p in prompts]
+    try:
+        got = await at_once(running.engine, jobs)
+    finally:
+        await running.server.drain()
+    for prompt, ids in zip(prompts, got, strict=True):
+        assert ids == prompt["output_ids"], prompt["text"]
+    assert model.padded
+    assert not any(model.padded)
+    assert max(rows for rows, _ in model.prefills + model.decodes) >= 2
