@@ -132,3 +132,20 @@ def test_a_multimodal_exports_cache_is_checked_against_its_nested_text_config(
         match=re.escape("says 4 key/value heads but model.onnx input past_key_values.0.key has 2"),
     ):
         read_layout(inputs, outputs, ModelSpec.from_dir(tmp_path), "model.onnx")
+
+
+def test_a_decoders_depth_comes_from_its_decoder_layers(tmp_path: Path) -> None:
+    """The decoder of an encoder-decoder (BART's, served alone) whose encoder is deeper than
+    it (as distilbart's 12 encoder and 6 decoder layers) is read by decoder_layers, which its
+    graph's cache matches, not by num_hidden_layers (the encoder's): it loads."""
+    bart = BUNDLED_MODEL_DIR.parent / "fixtures" / "bart"
+    config = json.loads((bart / "config.json").read_text())
+    deeper = {"encoder_layers": 6, "num_hidden_layers": 6}
+    (tmp_path / "config.json").write_text(json.dumps(config | deeper))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(bart / name, tmp_path / name)
+    spec = ModelSpec.from_dir(tmp_path)
+    assert spec.num_layers == 2
+    session = ort.InferenceSession(str(bart / "model.onnx"), providers=["CPUExecutionProvider"])
+    layout = read_layout(session.get_inputs(), session.get_outputs(), spec, "model.onnx")
+    assert layout.num_layers == 2

@@ -28,7 +28,9 @@ class ModelLoadError(RuntimeError):
 # First key present wins; the order follows how common each spelling is.
 ALIASES: dict[str, tuple[str, ...]] = {
     "vocab_size": ("vocab_size", "n_vocab", "padded_vocab_size"),
-    "num_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    # An encoder-decoder's config (BART's, served as its decoder alone) names the decoder's
+    # depth apart; its num_hidden_layers is the encoder's.
+    "num_layers": ("decoder_layers", "num_hidden_layers", "n_layer", "num_layers", "n_layers"),
     "num_heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
     "num_kv_heads": ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num"),
     "head_dim": ("head_dim",),
