@@ -213,11 +213,14 @@ class AsyncTokenwireClient:
         """ModelMismatch unless resume.target may carry on the stream (see failover.Targets)."""
         served = self._targets.model(resume)
         if served is None:
-            reply = await self._stubs[resume.target].GetModelInfo(
-                pb.GetModelInfoRequest(),
-                timeout=resume.timeout_s(),
-                metadata=self.security.metadata(),
-            )
+            try:
+                reply = await self._stubs[resume.target].GetModelInfo(
+                    pb.GetModelInfoRequest(),
+                    timeout=resume.model_check_s(),
+                    metadata=self.security.metadata(),
+                )
+            except grpc.RpcError as error:
+                raise resume.unanswered(error, self._targets.names[resume.target]) from None
             served = self._targets.remember(resume.target, reply)
         resume.confirm_model(self._targets.names[resume.target], served)
 
@@ -343,11 +346,14 @@ class TokenwireClient:
         """ModelMismatch unless resume.target may carry on the stream (see failover.Targets)."""
         served: ServedModel | None = self._targets.model(resume)
         if served is None:
-            reply = self._stubs[resume.target].GetModelInfo(
-                pb.GetModelInfoRequest(),
-                timeout=resume.timeout_s(),
-                metadata=self.security.metadata(),
-            )
+            try:
+                reply = self._stubs[resume.target].GetModelInfo(
+                    pb.GetModelInfoRequest(),
+                    timeout=resume.model_check_s(),
+                    metadata=self.security.metadata(),
+                )
+            except grpc.RpcError as error:
+                raise resume.unanswered(error, self._targets.names[resume.target]) from None
             served = self._targets.remember(resume.target, reply)
         resume.confirm_model(self._targets.names[resume.target], served)
 

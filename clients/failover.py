@@ -16,8 +16,10 @@ served (the model name, vocabulary size and EOS ids): another model's tokens spl
 stream would be wrong output, so the stream ends with ModelMismatch instead. Every attempt's
 initial metadata names the model of the server that streams it (`x-tokenwire-model`), and is
 checked before any of its events is passed on; with several targets, GetModelInfo is also
-asked before the delivered ids are sent to another one. The call's
-deadline covers every attempt: a continuation gets the time that is left.
+asked before the delivered ids are sent to another one; a target that does not answer it
+within MODEL_CHECK_S (a host that takes connections and never answers) counts as unavailable.
+The call's deadline covers every attempt: a continuation gets the time that is left. A stream
+that broke after its Completion is over: nothing continues it.
 
 The Python client and the SSE edge both drive their streams through `Targets` and `Resumption`.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import grpc
 
@@ -36,6 +39,26 @@ from tokenwire.v1 import generate_pb2 as pb
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 MAX_FAILOVERS = 4
+MODEL_CHECK_S = 10.0
+"""How long a target may take to say which model it serves before a stream moves on."""
+
+
+class Unanswered(grpc.RpcError):
+    """A target's model check that ran out of its MODEL_CHECK_S while the call had time left:
+    UNAVAILABLE, as from a target that refuses connections, so the stream moves on."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self._details = f"{target} did not say which model it serves within {MODEL_CHECK_S:g} s"
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[Any, ...]:  # grpc's stubs keep their type private
+        return ()
 
 
 def continued(
@@ -96,6 +119,8 @@ class Resumption:
     model_target: str = ""
     retried: grpc.StatusCode | None = None
     """The status that ended the last attempt the stream went on from."""
+    completed: bool = False
+    """The Completion was delivered: the stream is over, whatever its call does next."""
     begun: bool = False
     """A server accepted an attempt (or another edge began the stream): the next attempt
     retries the stream, and replaces it where that server still runs it."""
@@ -147,6 +172,8 @@ class Resumption:
         if kind == "usage":
             seen, self.usage_delivered = self.usage_delivered, True
             return not seen
+        if kind == "completion":
+            self.completed = True
         if kind == "token":
             if self.usage_delivered:
                 # Every token precedes the Usage: a continuation that has more was not the
@@ -174,6 +201,16 @@ class Resumption:
                 f"the stream cannot continue on {target}: it serves {served}, but the stream's "
                 f"tokens came from {self.model} on {self.model_target}",
             )
+
+    def model_check_s(self) -> float:
+        """The time a target's model check may take: MODEL_CHECK_S, or what is left."""
+        return min(MODEL_CHECK_S, self.timeout_s())
+
+    def unanswered(self, error: grpc.RpcError, target: str) -> grpc.RpcError:
+        """The error a failed model check of `target` counts as: Unanswered (a failover) when
+        it ran out of its own time while the call has time left, else the check's error."""
+        timed_out = error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        return Unanswered(target) if timed_out and self.deadline > time.monotonic() else error
 
     def may_continue(self, code: grpc.StatusCode, enabled: bool = True) -> bool:
         """True (and one failover used) when the stream should go on at the next target."""

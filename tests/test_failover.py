@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 
 from tests.conftest import MODEL, RunningServer, start_edge, start_server
 from tests.procs import ServerProcess
-from tokenwire.client import AsyncTokenwireClient, TokenwireClient
+from tokenwire.client import AsyncTokenwireClient, TokenwireClient, failover
 from tokenwire.client.errors import DeadlineExceeded, ModelMismatch, TokenwireError, Unavailable
 from tokenwire.client.failover import Resumption
 from tokenwire.client.messages import Completion, GenerateOptions, StreamEvent, Token, Usage
@@ -399,6 +400,65 @@ async def test_edge_stream_cut_after_its_usage_sends_one_usage(served: RunningSe
         finally:
             await edge.edge.stop()
     assert [e.event for e in events] == ["token"] * 8 + ["usage", "done"]
+
+
+def _after_completion(message: pb.GenerateResponse) -> bool:
+    return message.HasField("completion")
+
+
+async def test_edge_stream_cut_after_its_completion_ends_once(served: RunningServer) -> None:
+    """Through the edge, a replica that dies after the stream's Completion, before its call
+    ends: the stream is over, so nothing continues it elsewhere and the native stream has
+    one `usage` and one `done`."""
+    body = {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    async with cut_relay(served.target, _after_completion) as relay:
+        edge = await start_edge(f"{relay.target},{served.target}")
+        try:
+            async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
+                events = await _sse(http, body)
+        finally:
+            await edge.edge.stop()
+    assert [e.event for e in events] == ["token"] * 5 + ["usage", "done"]
+
+
+@contextlib.contextmanager
+def black_hole() -> Iterator[str]:
+    """A target that takes TCP connections and never answers (a host gone silent)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+async def test_client_moves_on_from_a_target_that_never_answers(
+    served: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first target that takes connections and never answers costs a stream its model
+    check's time (MODEL_CHECK_S, shortened here), then the stream runs on the next target
+    within the call's timeout, instead of waiting there until the deadline."""
+    monkeypatch.setattr(failover, "MODEL_CHECK_S", 0.5)
+    options = GenerateOptions(max_tokens=6, temperature=0.0, ignore_eos=True)
+    with black_hole() as silent:
+        async with AsyncTokenwireClient([silent, served.target], timeout_s=5) as client:
+            events = [event async for event in client.generate(PROMPT, options)]
+    _assert_one_sequence(events, 6)
+
+
+async def test_edge_moves_on_from_a_target_that_never_answers(
+    served: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the edge, a first target that takes connections and never answers: the stream
+    runs on the next target after the model check's time, not a 504."""
+    monkeypatch.setattr(failover, "MODEL_CHECK_S", 0.5)
+    body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    with black_hole() as silent:
+        edge = await start_edge(f"{silent},{served.target}")
+        try:
+            async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
+                events = await _sse(http, body)
+        finally:
+            await edge.edge.stop()
+    assert [e.event for e in events] == ["token"] * 6 + ["usage", "done"]
 
 
 async def _sse(http: httpx.AsyncClient, body: dict[str, Any]) -> list[ServerSentEvent]:

@@ -121,6 +121,8 @@ class UpstreamStream:
                             yield self._as_caller_sees(event_from_pb(message))
                     return
                 except grpc.RpcError as error:
+                    if self._resume.completed:
+                        return  # the call broke after the stream's end: nothing is missing
                     await self._continue(error)
         except TokenwireError as error:
             raise edge_error(error) from None
@@ -327,11 +329,14 @@ class Upstream:
         """ModelMismatch unless resume.target may carry on the stream (see failover.Targets)."""
         served = self._targets.model(resume)
         if served is None:
-            reply = await self._stubs[resume.target].GetModelInfo(
-                pb.GetModelInfoRequest(),
-                timeout=min(10.0, resume.timeout_s()),
-                metadata=self._metadata,
-            )
+            try:
+                reply = await self._stubs[resume.target].GetModelInfo(
+                    pb.GetModelInfoRequest(),
+                    timeout=resume.model_check_s(),
+                    metadata=self._metadata,
+                )
+            except grpc.RpcError as error:
+                raise resume.unanswered(error, self._targets.names[resume.target]) from None
             served = self._targets.remember(resume.target, reply)
         resume.confirm_model(self._targets.names[resume.target], served)
 
