@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.pki import make_pki
+
 
 def _edge(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -53,4 +57,47 @@ def test_an_upstream_key_metadata_cannot_carry_names_its_variable_not_the_key() 
     assert done.returncode == 2
     assert "upstream_api_key: must be visible ASCII without spaces" in done.stderr
     assert "(from TOKENWIRE_UPSTREAM_API_KEY)" in done.stderr
+    assert "secret" not in done.stderr
+
+
+def test_an_upstream_ca_that_holds_no_certificate_stops_the_edge(tmp_path: Path) -> None:
+    """An upstream CA file that holds no certificate stops the edge at start (status 2)
+    naming upstream_tls_ca, instead of an edge whose every call fails its handshake."""
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("hello\n")
+    done = _edge("--upstream-tls-ca", str(garbage))
+    assert done.returncode == 2
+    assert done.stderr.startswith("tokenwire edge: upstream_tls_ca: ")
+    assert "holds no CA certificate" in done.stderr
+
+
+def test_an_upstream_certificate_with_another_key_stops_the_edge(tmp_path: Path) -> None:
+    """An upstream client certificate with a key that is not its own stops the edge at start
+    (status 2) naming upstream_tls_cert and upstream_tls_key."""
+    pki = make_pki(tmp_path)
+    done = _edge(
+        "--upstream-tls-cert", str(pki.client_cert), "--upstream-tls-key", str(pki.stranger_key)
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("tokenwire edge: upstream_tls_cert: ")
+    assert "with upstream_tls_key cannot be used" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "option"),
+    [
+        ("redis://user:secret@127.0.0.1:6379/0?socket_timeout=abc", "socket_timeout"),
+        ("redis://user:secret@127.0.0.1:6379/0?bogus=1", "bogus"),
+    ],
+    ids=["unreadable", "unknown"],
+)
+def test_resume_store_options_redis_cannot_take_stop_the_edge_without_the_url(
+    url: str, option: str
+) -> None:
+    """A Redis URL whose query option redis-py cannot read or does not take stops the edge
+    at start (status 2) naming resume_store and the option, never the URL's credentials."""
+    done = _edge("--resume-store", url)
+    assert done.returncode == 2
+    assert done.stderr.startswith("tokenwire edge: resume_store: its options do not work")
+    assert option in done.stderr
     assert "secret" not in done.stderr

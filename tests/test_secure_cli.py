@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +107,14 @@ def test_cli_refuses_a_client_certificate_without_its_key(pki: Pki) -> None:
     done = _generate("127.0.0.1:1", "--tls-cert", str(pki.client_cert), env={})
     assert done.returncode == 2
     assert "tls_cert and tls_key" in done.stderr
+
+
+def test_cli_refuses_a_ca_file_that_holds_no_certificate(tmp_path: Path) -> None:
+    """--tls-ca naming a file that holds no certificate is a usage error (exit 2) naming
+    tls_ca, before any call (not a handshake failure on the call)."""
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("hello\n")
+    done = _generate("127.0.0.1:1", "--tls-ca", str(garbage), env={})
+    assert done.returncode == 2
+    assert "tls_ca:" in done.stderr
+    assert "holds no CA certificate" in done.stderr

@@ -9,6 +9,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import redis.asyncio as aioredis
+
+from tokenwire.client.security import tls_files_problem
 from tokenwire.client.targets import TARGET_RULE, names_a_target
 from tokenwire.common import defaults, keys
 from tokenwire.common.settings import (
@@ -43,6 +46,20 @@ def _is_store_url(url: str) -> bool:
         and bool(parts.hostname)
         and bool(_DB.fullmatch(parts.path))
     )
+
+
+def _store_options_problem(url: str) -> str | None:
+    """Why redis-py cannot make a connection of the URL (a query option it does not take, or
+    a value it cannot read: `?socket_timeout=abc`), or None; nothing is connected. The reason
+    names the option, never the URL, which may carry credentials."""
+    try:
+        aioredis.ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        return str(exc)
+    except TypeError as exc:
+        unknown = str(exc).rpartition("argument ")[2] or "an option"
+        return f"{unknown} is not an option redis-py takes"
+    return None
 
 
 def _names(field: str) -> str:
@@ -159,6 +176,10 @@ class EdgeSettings:
             if "@" in self.resume_store or "?" in self.resume_store
             else self.resume_store,
         )
+        if self.resume_store and _is_store_url(self.resume_store):
+            problem = _store_options_problem(self.resume_store)
+            if problem is not None:
+                raise SettingsError("resume_store", f"its options do not work: {problem}")
         require_seconds(self.resume_lease_s, "resume_lease_s", above=True)
         # A ping is an event on every open stream: more than one a second only adds traffic.
         require_seconds(self.ping_s, "ping_s", MIN_PING_S)
@@ -200,6 +221,11 @@ class EdgeSettings:
         for name in ("upstream_tls_ca", "upstream_tls_cert", "upstream_tls_key"):
             path = getattr(self, name)
             require(not path or Path(path).is_file(), name, "an existing file", path)
+        files = (self.upstream_tls_ca, self.upstream_tls_cert, self.upstream_tls_key)
+        problem = tls_files_problem(*files)
+        if problem is not None:
+            name, why = problem
+            raise SettingsError(f"upstream_{name}", why.replace("tls_key", "upstream_tls_key"))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **flags: Any) -> EdgeSettings:
