@@ -6,6 +6,7 @@ subprocess where one is killed) and a real edge on 127.0.0.1, logs captured with
 from __future__ import annotations
 
 import dataclasses
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -23,7 +24,7 @@ from tests.conftest import (
     start_server,
 )
 from tests.fakes import ScriptedModel
-from tests.procs import ServerProcess
+from tests.procs import EdgeProcess, ServerProcess
 from tokenwire.server.engine import ModelSpec
 from tokenwire.server.tokenizer import Tokenizer
 
@@ -179,3 +180,22 @@ async def test_a_stream_that_fails_over_logs_a_warning(served: RunningServer, lo
     assert line["log_level"] == "warning"
     assert (line["route"], line["code"], line["target"]) == ("native", "UNAVAILABLE", served.target)
     assert 1 <= line["from_index"] < 400
+
+
+def test_a_malformed_http_request_is_logged_as_a_json_line() -> None:
+    """uvicorn's warning about a malformed HTTP request (a NUL in a header) reaches the edge's
+    log as a JSON line of the edge's shape (level, logger, timestamp), not as plain text among
+    the JSON lines a log pipeline parses."""
+    edge = EdgeProcess("127.0.0.1:1")
+    try:
+        host, port = edge.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n")
+            assert conn.recv(1024).startswith(b"HTTP/1.1 400")
+        line = edge.wait_for("Invalid HTTP request received.", timeout=10)
+    finally:
+        edge.stop()
+        edge.close()
+    assert (line["level"], line["logger"]) == ("warning", "uvicorn.error")
+    assert "timestamp" in line
+    assert not [r for r in edge.records if r["event"] == "raw"]

@@ -32,3 +32,23 @@ def configure_logging(fmt: str = "json", stream: TextIO | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
         cache_logger_on_first_use=False,
     )
+    _route_standard_logging(renderer, stream or sys.stdout)
+
+
+def _route_standard_logging(renderer: Any, stream: TextIO) -> None:
+    """Warnings of libraries that log through the standard library (uvicorn's about malformed
+    HTTP requests, asyncio's, gRPC's) as lines of the same shape, not plain text among JSON."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.WARNING)

@@ -225,6 +225,8 @@ class EdgeServer:
             host=settings.host,
             port=settings.port,
             log_level="warning",
+            # No logging set-up of uvicorn's own: its loggers reach the edge's (logs.py).
+            log_config=None,
             lifespan="on",
             access_log=False,
             timeout_graceful_shutdown=CUT_WAIT_S,
