@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -50,6 +51,18 @@ def test_a_resumed_stream_goes_on_with_the_text_of_the_uninterrupted_one(
         assert deltas(accept_all(resumed, rest[delivered:])) == whole[delivered:]
 
 
+@pytest.mark.parametrize("prompt", ["Hello \ufffd", "a\ufffd", "Hello \ufffd world"])
+def test_a_u_fffd_in_the_prompt_keeps_the_first_tokens_leading_space(
+    loop: asyncio.AbstractEventLoop, sp_tokenizer: Tokenizer, prompt: str
+) -> None:
+    """A prompt whose text holds U+FFFD near its end (sent as such, not a cut character):
+    generated "▁world" still says " world", as decode(prompt + generated) continues it."""
+    ids = sp_tokenizer.encode(prompt)
+    generated = sp_tokenizer.encode(" world")[-1:]
+    events = accept_all(sequence(loop, sp_tokenizer, ids, max_tokens=1), generated)
+    assert deltas(events) == [" world"] == [_after_prompt(sp_tokenizer, ids, generated)]
+
+
 def test_a_stream_ending_inside_a_character_ends_with_u_fffd_after_the_prompt(
     sp_tokenizer: Tokenizer,
 ) -> None:
@@ -65,6 +78,7 @@ def test_a_stream_ending_inside_a_character_ends_with_u_fffd_after_the_prompt(
 
 
 CHARACTER = st.characters(codec="utf-8", exclude_characters="\ufffd")
+PROMPT_CHARACTER = st.one_of(CHARACTER, st.just("\ufffd"))
 
 
 @settings(max_examples=300, deadline=None, database=None)
@@ -72,9 +86,10 @@ CHARACTER = st.characters(codec="utf-8", exclude_characters="\ufffd")
 def test_deltas_join_to_what_the_generated_ids_add_to_the_prompt(
     sp_tokenizer: Tokenizer, data: st.DataObject
 ) -> None:
-    """For any prompt and any generated pieces, specials and characters spelt in byte tokens,
-    the deltas and the final flush join to decode(prompt + generated) less decode(prompt)."""
-    prompt = sp_tokenizer.encode(data.draw(st.text(CHARACTER, max_size=12), "prompt"))
+    """For any prompt (U+FFFD in its text included) and any generated pieces, specials and
+    characters spelt in byte tokens, the deltas and the final flush join to decode(prompt +
+    generated) less decode(prompt)."""
+    prompt = sp_tokenizer.encode(data.draw(st.text(PROMPT_CHARACTER, max_size=12), "prompt"))
     piece = st.sampled_from(
         [sp_tokenizer.token_id(p) for p in (*sentencepiece.SPECIALS, *sentencepiece.PIECES)]
     )
