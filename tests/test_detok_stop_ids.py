@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from tests.sequences import accept_all, completion, deltas, sequence, usage
 from tokenwire.server.domain import CompletionEvent, FinishReason
 from tokenwire.server.tokenizer import Tokenizer
@@ -50,3 +52,34 @@ def test_text_held_back_for_a_stop_string_goes_out_at_a_stop_token(
     events = accept_all(seq, generated)
     assert "".join(deltas(events)) == "x = 1"
     assert completion(events) == CompletionEvent(FinishReason.STOP)
+
+
+def _byte_token(tokenizer: Tokenizer, byte: int) -> int:
+    """The id of the token that is this one byte alone."""
+    return next(i for i in range(tokenizer.vocab_size) if tokenizer.token_bytes(i) == bytes([byte]))
+
+
+@pytest.mark.parametrize("end", ["length", "eos"])
+def test_a_stop_string_the_streams_last_text_completes_ends_it_at_that_string(
+    loop: asyncio.AbstractEventLoop, tokenizer: Tokenizer, end: str
+) -> None:
+    """stop=["\\ufffd"], and the stream's last tokens the first bytes of an emoji that never
+    completes (U+FFFD in the text the stream ends with, at its max_tokens or at EOS): the
+    output is cut before the stop string and the stream ends FINISH_REASON_STOP_SEQUENCE
+    naming it, not with its length or EOS as if nothing had been cut."""
+    a = next(i for i in tokenizer.encode("a") if tokenizer.decode([i]) == "a")
+    generated = [a, _byte_token(tokenizer, 0xF0), _byte_token(tokenizer, 0x9F)]
+    eos = frozenset({0})
+    if end == "eos":
+        generated.append(0)
+    seq = sequence(
+        loop,
+        tokenizer,
+        tokenizer.encode(PROMPT),
+        max_tokens=len(generated),
+        eos_ids=eos,
+        stop=("\ufffd",),
+    )
+    events = accept_all(seq, generated)
+    assert "".join(deltas(events)) == "a"
+    assert completion(events) == CompletionEvent(FinishReason.STOP_SEQUENCE, "\ufffd")

@@ -140,19 +140,30 @@ class Sequence:
         condition holds; return it and the text the token releases. The reason is set last:
         should the text pipeline fail, the request is not finished yet and fails (with a
         terminal error) instead of ending without its completion."""
-        if token_id in self.stop_ids:
-            delta = self.text.flush()
-            self.finish_reason = FinishReason.STOP
-            return self.finish_reason, delta
         # Stop strings, as EOS and stop ids, cannot end a stream before min_tokens: they count
         # from the token after the min_tokens-th (a string may begin earlier and end there).
-        delta, stop = self.text.push(token_id, armed=len(self.generated) > self.request.min_tokens)
-        if stop is not None:
-            self.finish_reason, self.stop_sequence = FinishReason.STOP_SEQUENCE, stop
-        elif len(self.generated) >= self.budget:
-            delta += self.text.flush()
-            self.finish_reason = FinishReason.LENGTH
+        armed = len(self.generated) > self.request.min_tokens
+        if token_id in self.stop_ids:
+            delta, stop = self.text.finish(armed=armed)
+            self._finish(FinishReason.STOP, stop)
+            return self.finish_reason, delta
+        delta, stop = self.text.push(token_id, armed=armed)
+        if stop is None and len(self.generated) >= self.budget:
+            # The text held back for a character still to complete comes out now, and may
+            # complete a stop string: the stream then ends at it, its text cut there.
+            tail, stop = self.text.finish(armed=armed)
+            delta += tail
+            self._finish(FinishReason.LENGTH, stop)
+        elif stop is not None:
+            self._finish(FinishReason.STOP_SEQUENCE, stop)
         return self.finish_reason, delta
+
+    def _finish(self, reason: FinishReason, stop: str | None) -> None:
+        """End with `reason`, or at the stop string the text completed."""
+        if stop is None:
+            self.finish_reason = reason
+        else:
+            self.finish_reason, self.stop_sequence = FinishReason.STOP_SEQUENCE, stop
 
     def accept(
         self,

@@ -217,5 +217,10 @@ class TextStream:
     def flush(self) -> str:
         """The rest of the text at the end of the stream: what the detokenizer and then the
         stop matcher held back (up to a stop string, should the detokenizer's tail make one)."""
-        text, stop = self.matcher.push(self.detokenizer.flush())
-        return text if stop is not None else text + self.matcher.flush()
+        return self.finish()[0]
+
+    def finish(self, *, armed: bool = True) -> tuple[str, str | None]:
+        """flush's text, and the stop string the detokenizer's tail completes (only `armed`):
+        the text the stream ends with is cut there, so the stream ends at that stop string."""
+        text, stop = self.matcher.push(self.detokenizer.flush(), armed=armed)
+        return (text, stop) if stop is not None else (text + self.matcher.flush(), None)
