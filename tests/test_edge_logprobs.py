@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from httpx_sse import aconnect_sse
 
 from tests.conftest import MODEL, RunningEdge, start_edge, start_server
 from tests.fakes import ScriptedModel
@@ -187,3 +188,44 @@ async def test_streamed_completion_text_offsets_count_each_choices_text(
     assert len(expected) == 8
     assert expected[-1] > 0
     assert offsets == {0: expected, 1: expected}
+
+
+async def test_text_offsets_of_a_character_spelt_in_byte_tokens_point_into_the_text(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """ "a", the four byte tokens of "😀", then "b": every completions text_offset points into
+    the choice's text, streamed as whole: the byte tokens at the emoji, "b" right after it
+    (not four characters on, where the tokens' own texts, U+FFFD each, would put it)."""
+    emoji = [_byte_token(tokenizer, value) for value in "😀".encode()]
+    a, b = tokenizer.token_id("a"), tokenizer.token_id("b")
+    assert a is not None
+    assert b is not None
+    prompt = tokenizer.encode("x = ")
+    model = ScriptedModel.continuing(spec, len(prompt), [a, *emoji, b])
+    running = await start_server(model, tokenizer)
+    edge = await start_edge(running.target)
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 6, "logprobs": 0}
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            whole = (await http.post("/v1/completions", json=body)).json()["choices"][0]
+            streamed = await _streamed_offsets(http, body | {"stream": True})
+    finally:
+        await edge.edge.stop()
+        await running.server.drain()
+    assert whole["text"] == "a😀b"
+    assert whole["logprobs"]["text_offset"] == [0, 1, 1, 1, 1, 2] == streamed
+
+
+async def _streamed_offsets(http: httpx.AsyncClient, body: dict[str, Any]) -> list[int]:
+    offsets: list[int] = []
+    async with aconnect_sse(http, "POST", "/v1/completions", json=body) as source:
+        async for event in source.aiter_sse():
+            if event.data != "[DONE]":
+                for choice in json.loads(event.data)["choices"]:
+                    if choice["logprobs"]:
+                        offsets += choice["logprobs"]["text_offset"]
+    return offsets
+
+
+def _byte_token(tokenizer: Tokenizer, byte: int) -> int:
+    return next(i for i in range(tokenizer.vocab_size) if tokenizer.token_bytes(i) == bytes([byte]))

@@ -3,6 +3,7 @@ usage, and the errors of generations cut short. `completions` and `chat` differ 
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import time
 from typing import Any
@@ -135,11 +136,8 @@ def logprobs(tokens: list[Token], *, chat: bool, text_offset: int = 0) -> dict[s
             for t in tokens
         ]
         return {"content": content}
-    # Each token's own text and its offset in them (deltas hold text back and join tokens').
-    offsets, at = [], text_offset
-    for t in tokens:
-        offsets.append(at)
-        at += len(t.own_text)
+    counter = TextOffsets(text_offset)
+    offsets = [counter.of(t) for t in tokens]
     wanted = any(t.top_logprobs for t in tokens)
     return {
         "tokens": [t.own_text for t in tokens],
@@ -152,6 +150,23 @@ def logprobs(tokens: list[Token], *, chat: bool, text_offset: int = 0) -> dict[s
         else None,
         "text_offset": offsets,
     }
+
+
+class TextOffsets:
+    """Where each token of a choice starts in its text (completions' text_offset): the length
+    of the characters the tokens before it make of their own bytes, decoded as they join. A
+    token that holds part of a character adds nothing until the one that completes it; text a
+    stop string held back counts where its tokens came, not where the stream let it out."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.at = start
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def of(self, token: Token) -> int:
+        """The token's offset; the next token's is past the characters its bytes complete."""
+        at = self.at
+        self.at += len(self._decoder.decode(token.own_bytes or b""))
+        return at
 
 
 def _logprob(token: Token) -> float | None:

@@ -20,7 +20,13 @@ from tokenwire.client.messages import StreamEvent, Token, Usage
 from tokenwire.edge.accounting import failed
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.metrics import Outcome
-from tokenwire.edge.openai_format import Shape, finish_reason, openai_error, usage
+from tokenwire.edge.openai_format import (
+    Shape,
+    TextOffsets,
+    finish_reason,
+    openai_error,
+    usage,
+)
 from tokenwire.edge.pipeline import Frame, merged
 from tokenwire.edge.upstream import UpstreamStream
 
@@ -34,9 +40,8 @@ class Chunks:
         self.include_usage = include_usage
         self.first = [True] * choices
         self.usages: list[Usage | None] = [None] * choices
-        # Each choice's text so far, in its tokens' own texts: the next token's text_offset,
-        # as a whole response counts it.
-        self.offsets = [0] * choices
+        # Each choice's next text_offset, counted as a whole response counts it.
+        self.offsets = [TextOffsets() for _ in range(choices)]
 
     def of(self, index: int, event: StreamEvent) -> list[ServerSentEvent]:
         """The chunks an event makes: none for usage; a chat choice's role chunk before its
@@ -49,8 +54,8 @@ class Chunks:
             chunks.append(self._chunk(self.shape.role(index)))
         self.first[index] = False
         if isinstance(event, Token):
-            chunks.append(self._chunk(self.shape.delta(index, event, None, self.offsets[index])))
-            self.offsets[index] += len(event.own_text)
+            offset = self.offsets[index].of(event)
+            chunks.append(self._chunk(self.shape.delta(index, event, None, offset)))
         else:
             chunks.append(self._chunk(self.shape.delta(index, None, finish_reason(event))))
         return chunks
