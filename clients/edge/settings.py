@@ -9,8 +9,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import redis.asyncio as aioredis
-
 from tokenwire.client.security import tls_files_problem
 from tokenwire.client.targets import TARGET_RULE, names_a_target
 from tokenwire.common import defaults, keys
@@ -52,6 +50,9 @@ def _store_options_problem(url: str) -> str | None:
     """Why redis-py cannot make a connection of the URL (a query option it does not take, or
     a value it cannot read: `?socket_timeout=abc`), or None; nothing is connected. The reason
     names the option, never the URL, which may carry credentials."""
+    # Imported here: the settings build `tokenwire edge`'s flags without the edge extra.
+    import redis.asyncio as aioredis
+
     try:
         aioredis.ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
     except ValueError as exc:
