@@ -228,6 +228,22 @@ async def test_cancel_endpoint_ends_the_stream_and_frees_the_server(
     assert await eventually(lambda: served.engine.active_count == 0, within_s=2)
 
 
+async def test_cancelling_a_stream_that_ended_says_it_was_not_cancelled(
+    http: httpx.AsyncClient,
+) -> None:
+    """The cancel route on a stream that had already finished answers `cancelled: false`, as
+    gRPC's Cancel does, and the stream keeps its own end (done: length) for resumes."""
+    body = {"prompt": "def f():", "max_tokens": 3, "ignore_eos": True}
+    _, events = await _events(
+        http, "POST", "/v1/generate", json=body, headers={"X-Request-ID": "ended"}
+    )
+    reply = await http.post("/v1/generate/ended/cancel", json={})
+    _, replay = await _events(http, "GET", "/v1/generate/ended/events")
+    assert reply.json() == {"request_id": "ended", "cancelled": False}
+    assert json.loads(events[-1].data)["finish_reason"] == "length"
+    assert [e.data for e in replay] == [e.data for e in events]
+
+
 async def test_a_cancelled_stream_ends_with_usage_then_done(
     http: httpx.AsyncClient, served: RunningServer
 ) -> None:

@@ -312,6 +312,25 @@ async def test_a_cancel_on_another_edge_ends_the_stream(
     assert len(events) < 400
 
 
+async def test_cancelling_an_ended_stream_on_another_edge_says_it_was_not_cancelled(
+    edges: tuple[RunningEdge, RunningEdge],
+) -> None:
+    """The cancel route on edge B for a stream edge A finished answers `cancelled: false`."""
+    a, b = edges
+    body = {"prompt": "x", "max_tokens": 3, "ignore_eos": True}
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=30) as on_a,
+        httpx.AsyncClient(base_url=b.url, timeout=30) as on_b,
+    ):
+        async with aconnect_sse(
+            on_a, "POST", "/v1/generate", json=body, headers={"X-Request-ID": "ended-b"}
+        ) as source:
+            events = [e async for e in source.aiter_sse()]
+        reply = await on_b.post("/v1/generate/ended-b/cancel", json={})
+    assert events[-1].event == "done"
+    assert reply.json() == {"request_id": "ended-b", "cancelled": False}
+
+
 async def test_a_stream_nobody_reads_is_cancelled_after_the_window_then_410(
     paced: RunningServer, redis_server: RedisServer
 ) -> None:

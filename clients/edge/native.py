@@ -197,8 +197,9 @@ async def resume(request: Request) -> Response:
 
 
 async def cancel(request: Request) -> Response:
-    """POST /v1/generate/{request_id}/cancel: only the stream's own caller can cancel it."""
+    """POST /v1/generate/{request_id}/cancel: only the stream's own caller can cancel it;
+    `cancelled` says whether it was still running (a stream that had ended stays as it was)."""
     ctx = EdgeContext.of(request)
     request_id = request.path_params["request_id"]
-    await ctx.streams.cancel(request_id, principal_of(request.scope))
-    return JSONResponse({"request_id": request_id, "cancelled": True})
+    cancelled = await ctx.streams.cancel(request_id, principal_of(request.scope))
+    return JSONResponse({"request_id": request_id, "cancelled": cancelled})

@@ -229,14 +229,18 @@ class Generation:
                 self._abandon()
                 return
 
-    async def cancel_at_server(self) -> None:
+    async def cancel_at_server(self) -> bool:
         """The cancel route on this edge: the server ends the generation, so readers get its
         `usage` and `done` (cancelled); cut here, with `done` alone, where it cannot or has
-        not within CANCEL_WAIT_S (see ResumableStream.cancel_at_server)."""
+        not within CANCEL_WAIT_S (see ResumableStream.cancel_at_server). False for a
+        generation that had already ended."""
+        if self._cancelled or self._writer.done():
+            return False
         upstream = self._upstream
-        if upstream is not None and not self._writer.done() and await upstream.cancel_at_server():
+        if upstream is not None and await upstream.cancel_at_server():
             await asyncio.wait({self._writer}, timeout=CANCEL_WAIT_S)
         self.cancel()
+        return True
 
     def cancel(self) -> None:
         """End generation now; readers get `done` with reason cancelled."""

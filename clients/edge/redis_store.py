@@ -206,16 +206,17 @@ class RedisStreams:
             raise expired_stream(request_id)
         raise unknown_stream(request_id)
 
-    async def cancel(self, request_id: str, owner: str | None) -> None:
+    async def cancel(self, request_id: str, owner: str | None) -> bool:
         await self._find(request_id, owner)
         generation = self._generations.get(request_id)
         if generation is not None:
-            await generation.cancel_at_server()
-            return
+            return await generation.cancel_at_server()
         # Another edge generates it: it sees the flag at its next event or lease refresh. If
         # that edge is gone, taking the stream over ends it (the flag is seen there too).
-        if await self.redis(self.script("ASK_CANCEL", [Keys.of(request_id).meta], [])):
-            await self.redis(self.take_over(request_id))
+        if not await self.redis(self.script("ASK_CANCEL", [Keys.of(request_id).meta], [])):
+            return False  # the stream had ended
+        await self.redis(self.take_over(request_id))
+        return True
 
     async def take_over(self, request_id: str) -> None:
         """Continue a stream whose edge's lease lapsed, if this edge wins its lease. Never one

@@ -170,15 +170,18 @@ class ResumableStream:
             if self.followers == 0:
                 self.registry.orphaned(self)
 
-    async def cancel_at_server(self) -> None:
+    async def cancel_at_server(self) -> bool:
         """The cancel route: the server ends the generation, so the readers get its `usage`
         and a `done` (cancelled), as a gRPC caller does. Where the server cannot (it no longer
         runs the stream, or cannot be reached) or has not within CANCEL_WAIT_S, the stream is
-        cut here, with `done` alone."""
-        if not self.done and await self.upstream.cancel_at_server():
+        cut here, with `done` alone. False for a stream that had already ended."""
+        if self.done:
+            return False
+        if await self.upstream.cancel_at_server():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ended.wait(), CANCEL_WAIT_S)
         self.cancel()
+        return True
 
     def cancel(self, reason: str = "cancelled") -> None:
         """End generation now; followers get a final `done` event with the reason."""
@@ -277,8 +280,8 @@ class ResumableStreams:
     async def get(self, request_id: str, owner: str | None) -> ResumableStream:
         return self.find(request_id, owner)
 
-    async def cancel(self, request_id: str, owner: str | None) -> None:
-        await self.find(request_id, owner).cancel_at_server()
+    async def cancel(self, request_id: str, owner: str | None) -> bool:
+        return await self.find(request_id, owner).cancel_at_server()
 
     def find(self, request_id: str, owner: str | None) -> ResumableStream:
         """The caller's stream; another principal's is answered exactly like an unknown id."""

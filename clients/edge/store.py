@@ -70,8 +70,9 @@ class ResumeStore(Protocol):
         (tokenwire.edge.redis_pools): a resume is refused before its response starts."""
         ...
 
-    async def cancel(self, request_id: str, owner: str | None) -> None:
-        """End the caller's stream now: its readers get `done` with reason cancelled."""
+    async def cancel(self, request_id: str, owner: str | None) -> bool:
+        """End the caller's stream now: its readers get `done` with reason cancelled. False
+        where it had already ended (the stream is kept for resumes as it was)."""
         ...
 
     @property
