@@ -104,7 +104,7 @@ def test_edge_verb_without_the_edge_extra_says_how_to_get_it(client_venv: Path) 
     """Without the [edge] extra, `tokenwire edge` exits 2 and names the extra to install."""
     edge = _run(client_venv / "bin" / "tokenwire", "edge", cwd=client_venv)
     assert edge.returncode == 2
-    assert "pip install 'tokenwire-client[edge]'" in edge.stderr
+    assert "pip install './clients[edge]'" in edge.stderr
 
 
 @pytest.mark.slow

@@ -49,7 +49,7 @@ def _run_edge(args: argparse.Namespace) -> int:
     if missing:
         print(
             f"tokenwire edge: needs {', '.join(missing)}; "
-            "install the edge extra: pip install 'tokenwire-client[edge]'",
+            "install the edge extra: pip install './clients[edge]' (from a checkout)",
             file=sys.stderr,
         )
         return 2
