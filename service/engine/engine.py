@@ -25,6 +25,7 @@ from tokenwire.server.domain import (
     TokenwireError,
     Unavailable,
 )
+from tokenwire.server.engine.admission import Tokenizing, cancel_tokenizing, tokenizing_places
 from tokenwire.server.engine.mailbox import Mailbox
 from tokenwire.server.engine.model import CausalLM
 from tokenwire.server.engine.observer import EngineObserver, GuardedObserver, NullObserver
@@ -115,12 +116,14 @@ class Engine:
         self._leaving: set[Sequence] = set()
         """Cancelled requests whose id is free again but whose slot the decode thread has yet to
         release: they still count against capacity and keep a drain waiting."""
+        self._replaced: set[Sequence] = set()
+        """Leaving requests a retry of their id replaced: their place is the retry's."""
         self._lock = threading.Lock()
         self._accepting = False
         self._tokenizing: concurrent.futures.ThreadPoolExecutor | None = None
         self._encodings: dict[tuple[str, bool], concurrent.futures.Future[list[int]]] = {}
         """Long prompts being tokenized, by (prompt, add_special_tokens): one tokenizing each."""
-        self._waiting_for_tokenizer = 0
+        self._tokenizing_requests: list[Tokenizing] = []
         """Long prompts queued for or in the tokenizer thread: each holds a place in the
         capacity, so a flood of them is refused at once instead of queueing without bound."""
         self._vocab = min(model.spec.vocab_size, tokenizer.vocab_size)
@@ -235,14 +238,15 @@ class Engine:
             if len(request.prompt) > LONG_PROMPT_CHARS:
                 # Refuse what the cheap checks refuse before paying for the tokenizer.
                 self._check_open(request)
-                self._hold_place(request)
+                waiting = self._hold_place(request)
                 try:
                     prompt_ids = await self._encode_long(request)
                 finally:
                     # Given back just before _submit takes a place of its own, with no await
                     # between: nothing else can take it meanwhile.
                     with self._lock:
-                        self._waiting_for_tokenizer -= 1
+                        self._tokenizing_requests.remove(waiting)
+                return self._submit(request, arrived_at, prompt_ids, waiting.cancelled)
             return self._submit(request, arrived_at, prompt_ids)
         except TokenwireError as exc:
             self._observer.request_rejected(type(exc).__name__)
@@ -311,7 +315,11 @@ class Engine:
             raise Unavailable("the server is not accepting requests (starting or draining)")
 
     def _submit(
-        self, request: GenerationRequest, arrived_at: float, prompt_ids: list[int] | None = None
+        self,
+        request: GenerationRequest,
+        arrived_at: float,
+        prompt_ids: list[int] | None = None,
+        cancelled: bool = False,
     ) -> GenerationHandle:
         self._check_open(request)
         if prompt_ids is None:
@@ -333,7 +341,10 @@ class Engine:
             mailbox=Mailbox(asyncio.get_running_loop()),
             arrived_at=arrived_at,
         )
-        self._admit(sequence)
+        if cancelled:
+            self._admit_cancelled(sequence)
+        else:
+            self._admit(sequence)
         return GenerationHandle(self, sequence)
 
     def _check_ids(self, request: GenerationRequest) -> None:
@@ -389,21 +400,39 @@ class Engine:
                     "request_id", sequence.request_id, "must not match a running request's id"
                 )
             self._check_capacity(replacing=self._replaces(sequence.request))
-            if running is not None:
-                # A retry or continuation of the caller's own running stream: its caller lost
-                # that stream (a broken connection the server has yet to notice) and goes on here.
-                self._end_locked(running, FinishReason.CANCELLED)
+            # A retry or continuation of the caller's own running stream: its caller lost that
+            # stream (a broken connection the server has yet to notice) and goes on here.
+            if running is not None and self._end_locked(running, FinishReason.CANCELLED):
+                self._replaced.add(running)
+            if _goes_on(sequence.request):
+                # An older retry still waiting for the tokenizer would replace this one later.
+                cancel_tokenizing(self._tokenizing_requests, sequence.request_id)
             self._active[sequence.request_id] = sequence
             self._scheduler.post(Submit(sequence))
         if running is not None:
             log.info("request.replaced", reason="a retry of its id arrived")
 
-    def _hold_place(self, request: GenerationRequest) -> None:
+    def _admit_cancelled(self, sequence: Sequence) -> None:
+        """A request cancelled while its prompt was tokenized (by Cancel, or a newer retry of
+        its id): it ends at once, as cancelled, through the decode thread like any other (its
+        usage, completion and metrics), and takes no id and replaces nothing."""
+        with self._lock:
+            self._check_accepting()
+            sequence.claim_end(FinishReason.CANCELLED)
+            self._leaving.add(sequence)
+            self._scheduler.post(Submit(sequence))
+            self._scheduler.post(Cancel(sequence, FinishReason.CANCELLED))
+
+    def _hold_place(self, request: GenerationRequest) -> Tokenizing:
         """Take a place in the capacity for a long prompt while it waits for the tokenizer (a
-        continuation of the caller's running request takes that one's, see _admit)."""
+        retry of the caller's running request takes that one's, see _admit)."""
         with self._lock:
             self._check_capacity(replacing=self._replaces(request))
-            self._waiting_for_tokenizer += 1
+            waiting = Tokenizing(request.request_id, _goes_on(request))
+            if waiting.goes_on:
+                cancel_tokenizing(self._tokenizing_requests, request.request_id)
+            self._tokenizing_requests.append(waiting)
+            return waiting
 
     def _replaces(self, request: GenerationRequest) -> bool:
         """Whether the request continues the caller's running request of its id (under the
@@ -417,7 +446,9 @@ class Engine:
         more. Where the KV budget lets fewer requests run at once than max_rows, the rest of
         those places wait too."""
         capacity = self.max_rows + self.config.max_queue
-        held = len(self._active) + len(self._leaving) + self._waiting_for_tokenizer - replacing
+        leaving = len(self._leaving) - len(self._replaced)
+        waiting = tokenizing_places(self._tokenizing_requests, self._active)
+        held = len(self._active) + leaving + waiting - replacing
         if held >= capacity:
             raise Overloaded(
                 f"{held} requests are running, queued or being tokenized (limit {capacity}: "
@@ -429,9 +460,11 @@ class Engine:
         """Stop a request at the next step boundary; False if no such request is active."""
         with self._lock:
             # Looked up and ended at once: a retry that replaces the request meanwhile is not
-            # the one named (it is, by a later cancel).
+            # the one named (it is, by a later cancel). One still waiting for the tokenizer
+            # ends as soon as it is tokenized.
             sequence = self._active.get(request_id)
-            return sequence is not None and self._end_locked(sequence, reason)
+            ended = sequence is not None and self._end_locked(sequence, reason)
+            return cancel_tokenizing(self._tokenizing_requests, request_id) or ended
 
     def end(self, sequence: Sequence, reason: FinishReason = FinishReason.CANCELLED) -> bool:
         """Stop this request at the next step boundary; False if it has ended or is ending.
@@ -460,6 +493,7 @@ class Engine:
             if self._active.get(sequence.request_id) is sequence:
                 del self._active[sequence.request_id]
             self._leaving.discard(sequence)
+            self._replaced.discard(sequence)
 
 
 MAX_IDS_LOGGED = 16

@@ -1,0 +1,151 @@
+"""The places retries take in the capacity: a retry takes the place of the request of its id it
+replaces, at once and while its long prompt is tokenized; Cancel reaches a request whose long
+prompt is still being tokenized. A real server on 127.0.0.1 with a scripted model (one token
+every 20 ms) and room for few requests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+import pytest
+
+from tests.conftest import RunningServer, collect, eventually, greedy, start_server
+from tests.fakes import ScriptedModel
+from tokenwire.server.engine import Engine, ModelSpec
+from tokenwire.server.engine.engine import LONG_PROMPT_CHARS
+from tokenwire.server.tokenizer import Tokenizer
+from tokenwire.v1 import generate_pb2 as pb
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
+
+LONG = "#" * (LONG_PROMPT_CHARS + 100) + "\ndef f(n):"
+Call = grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse]
+
+
+async def _server(spec: ModelSpec, tokenizer: Tokenizer, rows: int, queue: int) -> RunningServer:
+    token = tokenizer.encode(" x")[0]
+    model = ScriptedModel(spec, dict.fromkeys(range(spec.context_length), token), 0.02)
+    return await start_server(model, tokenizer, max_batch_size=rows, max_queue=queue)
+
+
+@pytest.fixture
+async def one_place(spec: ModelSpec, tokenizer: Tokenizer) -> AsyncIterator[RunningServer]:
+    """Room for one request: one row, no queue."""
+    running = await _server(spec, tokenizer, 1, 0)
+    yield running
+    await running.server.drain()
+
+
+@pytest.fixture
+async def two_places(spec: ModelSpec, tokenizer: Tokenizer) -> AsyncIterator[RunningServer]:
+    """Room for two requests: one row and a queue of one."""
+    running = await _server(spec, tokenizer, 1, 1)
+    yield running
+    await running.server.drain()
+
+
+@pytest.fixture
+def tokenizer_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Long prompts wait on the tokenizer thread until the event is set (set at the end)."""
+    gate = threading.Event()
+    encode = Engine._encode_released
+
+    def gated(engine: Engine, request: object) -> list[int]:
+        gate.wait(10)
+        return encode(engine, request)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Engine, "_encode_released", gated)
+    yield gate
+    gate.set()
+
+
+async def _reason(call: Call) -> str:
+    """How a stream ended: its finish reason's name, or the status that ended it."""
+    last = None
+    try:
+        while isinstance(message := await call.read(), pb.GenerateResponse):
+            last = message
+    except grpc.aio.AioRpcError as error:
+        return error.code().name
+    assert last is not None
+    return pb.FinishReason.Name(last.completion.finish_reason)
+
+
+async def _running(stub: pb_grpc.GenerationServiceStub, request_id: str) -> Call:
+    """A long request of this id, running: its first token has come."""
+    call: Call = stub.Generate(greedy("x", 200, request_id=request_id))
+    await call.read()
+    return call
+
+
+async def test_two_retries_at_once_each_take_the_place_of_the_one_before(
+    one_place: RunningServer,
+) -> None:
+    """On a server with room for one request, two retries of its running request arriving at
+    once are both taken: each replaces the one before (ending it as cancelled), and the
+    newer retry runs to its end; neither is refused as overloaded."""
+    async with grpc.aio.insecure_channel(one_place.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        first = await _running(stub, "kept")
+        retries = [stub.Generate(greedy("x", 10, request_id="kept", retry=True)) for _ in "ab"]
+        ends = await asyncio.gather(_reason(first), *map(_reason, retries))
+    assert sorted(ends) == [
+        "FINISH_REASON_CANCELLED",
+        "FINISH_REASON_CANCELLED",
+        "FINISH_REASON_LENGTH",
+    ]
+    assert ends[0] == "FINISH_REASON_CANCELLED"
+
+
+async def test_a_retry_leaves_room_for_another_request(two_places: RunningServer) -> None:
+    """On a server with room for two, a retry of its running request takes that one's place,
+    so a request of another id that comes right after is taken too."""
+    async with grpc.aio.insecure_channel(two_places.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        first = await _running(stub, "kept")
+        retry = stub.Generate(greedy("x", 10, request_id="kept", retry=True))
+        await retry.initial_metadata()
+        other = await collect(stub, greedy("y", 3, request_id="other"))
+        ends = await asyncio.gather(_reason(first), _reason(retry))
+    assert other[-1].completion.finish_reason == pb.FINISH_REASON_LENGTH
+    assert ends == ["FINISH_REASON_CANCELLED", "FINISH_REASON_LENGTH"]
+
+
+async def test_a_long_retry_being_tokenized_leaves_room_for_another_request(
+    two_places: RunningServer, tokenizer_gate: threading.Event
+) -> None:
+    """On a server with room for two, a retry of its running request whose long prompt waits
+    for the tokenizer holds that request's place, not one more: a request of another id that
+    comes meanwhile is taken."""
+    async with grpc.aio.insecure_channel(two_places.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        first = await _running(stub, "kept")
+        retry = stub.Generate(greedy(LONG, 5, request_id="kept", retry=True))
+        assert await eventually(lambda: bool(two_places.engine._tokenizing_requests))
+        other = stub.Generate(greedy("y", 3, request_id="other"))
+        accepted = "x-request-id" in dict(await other.initial_metadata())
+        tokenizer_gate.set()
+        ends = await asyncio.gather(_reason(first), _reason(retry), _reason(other))
+    assert accepted
+    assert ends == ["FINISH_REASON_CANCELLED", "FINISH_REASON_LENGTH", "FINISH_REASON_LENGTH"]
+
+
+async def test_cancel_reaches_a_request_whose_long_prompt_is_being_tokenized(
+    two_places: RunningServer, tokenizer_gate: threading.Event
+) -> None:
+    """Cancel of a request whose long prompt waits for the tokenizer says it cancelled it, and
+    the stream ends as cancelled (with its usage) as soon as the prompt is tokenized, without
+    generating; the server's capacity is whole again."""
+    async with grpc.aio.insecure_channel(two_places.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        waiting = asyncio.ensure_future(collect(stub, greedy(LONG, 50, request_id="long")))
+        assert await eventually(lambda: bool(two_places.engine._tokenizing_requests))
+        reply = await stub.Cancel(pb.CancelRequest(request_id="long"))
+        tokenizer_gate.set()
+        messages = await waiting
+    assert reply.cancelled
+    assert [m.WhichOneof("event") for m in messages] == ["usage", "completion"]
+    assert messages[-1].completion.finish_reason == pb.FINISH_REASON_CANCELLED
+    assert await eventually(lambda: two_places.engine.active_count == 0)
