@@ -29,10 +29,15 @@ from tokenwire.server.engine.admission import Tokenizing, cancel_tokenizing, tok
 from tokenwire.server.engine.mailbox import Mailbox
 from tokenwire.server.engine.model import CausalLM
 from tokenwire.server.engine.observer import EngineObserver, GuardedObserver, NullObserver
+from tokenwire.server.engine.request_checks import (
+    added_ids_beyond,
+    check_continuation,
+    check_encoded,
+    check_ids,
+)
 from tokenwire.server.engine.sampling import Sampler
 from tokenwire.server.engine.scheduler import Cancel, Scheduler, Submit
 from tokenwire.server.engine.sequence import Sequence
-from tokenwire.server.engine.spec import ModelLoadError
 from tokenwire.server.tokenizer import TextStream, Tokenizer
 
 log = structlog.get_logger("tokenwire.engine")
@@ -127,7 +132,7 @@ class Engine:
         """Long prompts queued for or in the tokenizer thread: each holds a place in the
         capacity, so a flood of them is refused at once instead of queueing without bound."""
         self._vocab = min(model.spec.vocab_size, tokenizer.vocab_size)
-        self._beyond_vocab = _added_ids_beyond(tokenizer, model.spec.vocab_size)
+        self._beyond_vocab = added_ids_beyond(tokenizer, model.spec.vocab_size)
         """Ids of the tokenizer's added tokens that the model has no row for, with their text."""
         self._scheduler = Scheduler(
             model,
@@ -327,10 +332,10 @@ class Engine:
                 request.prompt, add_special_tokens=request.add_special_tokens
             )
         if self._beyond_vocab and not request.prompt_ids:
-            self._check_encoded(prompt_ids)
+            check_encoded(prompt_ids, self._beyond_vocab, self.model.spec.vocab_size)
         budget = request.token_budget(len(prompt_ids), self.limits)
-        self._check_ids(request)
-        self._check_continuation(request.continuation, budget)
+        check_ids(request, self._vocab)
+        check_continuation(request.continuation, budget, self._vocab)
         sequence = Sequence(
             request=request,
             prompt_ids=prompt_ids,
@@ -346,47 +351,6 @@ class Engine:
         else:
             self._admit(sequence)
         return GenerationHandle(self, sequence)
-
-    def _check_ids(self, request: GenerationRequest) -> None:
-        """Every token id a request names must be in the vocabulary. A list's entry is named by
-        its index, a logit_bias entry by its key (the token id), as its value check names it."""
-        named = (
-            ("prompt_ids", enumerate(request.prompt_ids)),
-            ("stop_token_ids", enumerate(request.stop_token_ids)),
-            ("sampling.logit_bias", ((i, i) for i, _ in request.sampling.logit_bias)),
-        )
-        for field, ids in named:
-            for key, token_id in ids:
-                if not 0 <= token_id < self._vocab:
-                    raise InvalidRequest(
-                        f"{field}[{key}]", token_id, f"must be a token id below {self._vocab}"
-                    )
-
-    def _check_encoded(self, prompt_ids: list[int]) -> None:
-        """The prompt's text must not encode to an added token the model has no row for."""
-        for token_id in prompt_ids:
-            text = self._beyond_vocab.get(token_id)
-            if text is not None:
-                raise InvalidRequest(
-                    "prompt",
-                    text,
-                    f"holds the token {text!r} (id {token_id}), which the tokenizer has but the "
-                    f"model's vocabulary of {self.model.spec.vocab_size} ids does not",
-                )
-
-    def _check_continuation(self, continuation: tuple[int, ...], budget: int) -> None:
-        if len(continuation) > budget:
-            raise InvalidRequest(
-                "continuation_ids",
-                f"<{len(continuation)} ids>",
-                f"must hold at most max_tokens ({budget}) ids",
-            )
-        vocab = self._vocab
-        for i, token_id in enumerate(continuation):
-            if not 0 <= token_id < vocab:
-                raise InvalidRequest(
-                    f"continuation_ids[{i}]", token_id, f"must be a token id below {vocab}"
-                )
 
     def _admit(self, sequence: Sequence) -> None:
         """Make the request active and hand it to the decode thread, under the lock that
@@ -494,37 +458,6 @@ class Engine:
                 del self._active[sequence.request_id]
             self._leaving.discard(sequence)
             self._replaced.discard(sequence)
-
-
-MAX_IDS_LOGGED = 16
-
-
-def _added_ids_beyond(tokenizer: Tokenizer, vocab_size: int) -> dict[int, str]:
-    """The tokenizer's added tokens at ids the model has no row for (id -> text), logged once.
-
-    Raises ModelLoadError when the tokenizer's own vocabulary is larger than the model's: that
-    tokenizer belongs to another model, and ordinary text would encode to ids beyond it."""
-    base = tokenizer.inner.get_vocab(with_added_tokens=False)
-    base_size = max(base.values(), default=-1) + 1
-    if base_size > vocab_size:
-        raise ModelLoadError(
-            f"tokenizer.json has a vocabulary of {base_size} tokens but the model's has "
-            f"{vocab_size}: it is not this model's tokenizer"
-        )
-    beyond = {
-        int(token_id): str(token.content)
-        for token_id, token in tokenizer.inner.get_added_tokens_decoder().items()
-        if token_id >= vocab_size
-    }
-    if beyond:
-        # Such a model can still serve, but not a prompt that holds one of these tokens.
-        log.warning(
-            "model.tokenizer_ids_beyond_vocab",
-            vocab_size=vocab_size,
-            count=len(beyond),
-            ids=sorted(beyond)[:MAX_IDS_LOGGED],
-        )
-    return beyond
 
 
 def _goes_on(request: GenerationRequest) -> bool:
