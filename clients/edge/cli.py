@@ -56,8 +56,8 @@ def _run_edge(args: argparse.Namespace) -> int:
     import asyncio
 
     from tokenwire.client.security import SecurityError
+    from tokenwire.common.logs import configure_logging
     from tokenwire.common.settings import SettingsError, read_settings
-    from tokenwire.edge.logs import configure_logging
     from tokenwire.edge.server import run_edge
     from tokenwire.edge.settings import EdgeSettings
     from tokenwire.edge.upstream import upstream_security

@@ -225,7 +225,7 @@ class EdgeServer:
             host=settings.host,
             port=settings.port,
             log_level="warning",
-            # No logging set-up of uvicorn's own: its loggers reach the edge's (logs.py).
+            # No logging set-up of uvicorn's own: its loggers reach the edge's (common/logs.py).
             log_config=None,
             lifespan="on",
             access_log=False,

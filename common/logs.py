@@ -1,7 +1,5 @@
-"""The edge process's log lines: JSON (or console) structlog records, request ids from contextvars.
-
-The same shape as the server's (`tokenwire.server.telemetry.logs`), written out here because the
-edge installs without the server and may not import it.
+"""Log lines of every tokenwire process: JSON (or console) structlog records, request ids from
+contextvars, and the standard library's records (uvicorn's, asyncio's, gRPC's) in the same shape.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ import structlog
 
 
 def configure_logging(fmt: str = "json", stream: TextIO | None = None) -> None:
-    """JSON lines on stdout by default; `console` for humans."""
+    """JSON lines on stdout by default; `console` for humans. Request ids come from contextvars."""
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=stream is None and sys.stdout.isatty())
         if fmt == "console"
