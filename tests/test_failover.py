@@ -393,12 +393,7 @@ async def test_edge_stream_cut_after_its_usage_sends_one_usage(served: RunningSe
     has its tokens, one `usage` and `done`."""
     body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
     async with cut_relay(served.target, _after_usage) as relay:
-        edge = await start_edge(f"{relay.target},{served.target}")
-        try:
-            async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
-                events = await _sse(http, body)
-        finally:
-            await edge.edge.stop()
+        events = await _through_edge(f"{relay.target},{served.target}", body)
     assert [e.event for e in events] == ["token"] * 8 + ["usage", "done"]
 
 
@@ -412,12 +407,7 @@ async def test_edge_stream_cut_after_its_completion_ends_once(served: RunningSer
     one `usage` and one `done`."""
     body = {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "ignore_eos": True}
     async with cut_relay(served.target, _after_completion) as relay:
-        edge = await start_edge(f"{relay.target},{served.target}")
-        try:
-            async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
-                events = await _sse(http, body)
-        finally:
-            await edge.edge.stop()
+        events = await _through_edge(f"{relay.target},{served.target}", body)
     assert [e.event for e in events] == ["token"] * 5 + ["usage", "done"]
 
 
@@ -452,13 +442,18 @@ async def test_edge_moves_on_from_a_target_that_never_answers(
     monkeypatch.setattr(failover, "MODEL_CHECK_S", 0.5)
     body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     with black_hole() as silent:
-        edge = await start_edge(f"{silent},{served.target}")
-        try:
-            async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
-                events = await _sse(http, body)
-        finally:
-            await edge.edge.stop()
+        events = await _through_edge(f"{silent},{served.target}", body)
     assert [e.event for e in events] == ["token"] * 6 + ["usage", "done"]
+
+
+async def _through_edge(targets: str, body: dict[str, Any]) -> list[ServerSentEvent]:
+    """A native stream's events through an edge of its own in front of `targets`."""
+    edge = await start_edge(targets)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
+            return await _sse(http, body)
+    finally:
+        await edge.edge.stop()
 
 
 async def _sse(http: httpx.AsyncClient, body: dict[str, Any]) -> list[ServerSentEvent]:
