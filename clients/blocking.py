@@ -11,10 +11,11 @@ raised. No wait lasts past the deadline (plus that grace).
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar, cast
 
 import grpc
@@ -32,11 +33,29 @@ _ENDED = object()
 T = TypeVar("T")
 
 
-def messages(call: grpc._CallIterator[T], deadline: float) -> Iterator[T]:
+Header = Callable[[Sequence[tuple[str, str | bytes]]], None]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Header:
+    metadata: Sequence[tuple[str, str | bytes]]
+
+
+def messages(
+    call: grpc._CallIterator[T], deadline: float, on_header: Header | None = None
+) -> Iterator[T]:
     """The call's messages; the call (a grpc.RpcError) raised when it failed, DeadlineExceeded
-    when neither a message nor its end came by `deadline` (time.monotonic())."""
+    when neither a message nor its end came by `deadline` (time.monotonic()). With
+    `on_header`, the call's initial metadata goes to it first, before any message or error
+    (a stream that breaks before its first message was still accepted: a retry says so)."""
     inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
-    threading.Thread(target=_read, args=(call, inbox), name="tokenwire-stream", daemon=True).start()
+    reader = threading.Thread(
+        target=_read,
+        args=(call, inbox, on_header is not None),
+        name="tokenwire-stream",
+        daemon=True,
+    )
+    reader.start()
     _notice_end(call, inbox)
     failed = False
     while True:
@@ -52,7 +71,10 @@ def messages(call: grpc._CallIterator[T], deadline: float) -> Iterator[T]:
             ) from None
         if item is _FINISHED:
             return
-        if item is _ENDED:
+        if isinstance(item, _Header):
+            assert on_header is not None
+            on_header(item.metadata)
+        elif item is _ENDED:
             failed = call.code() is not grpc.StatusCode.OK
         elif isinstance(item, grpc.RpcError):
             raise item
@@ -69,8 +91,12 @@ def _notice_end(call: grpc._CallIterator[T], inbox: queue.SimpleQueue[object]) -
         inbox.put(_ENDED)  # it had ended already
 
 
-def _read(call: grpc._CallIterator[T], inbox: queue.SimpleQueue[object]) -> None:
+def _read(call: grpc._CallIterator[T], inbox: queue.SimpleQueue[object], header: bool) -> None:
     try:
+        if header:
+            # A call refused before its header may never complete this read (see above): the
+            # caller's wait ends with the call's end, as it does for a message.
+            inbox.put(_Header(tuple(call.initial_metadata() or ())))
         for message in call:
             inbox.put(message)
     except grpc.RpcError as error:

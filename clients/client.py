@@ -11,6 +11,7 @@ included (see failover.py). Every method of a closed client raises ValueError.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import time
@@ -319,14 +320,9 @@ class TokenwireClient:
                 call = self._stubs[resume.target].Generate(
                     resume.request(), timeout=resume.timeout_s(), metadata=metadata
                 )
-                header = False
-                for message in blocking.messages(call, resume.deadline):
-                    if not header:
-                        # Read once a message came: a call that failed first may never
-                        # complete its header (see blocking.py).
-                        header = True
-                        name = self._targets.names[resume.target]
-                        resume.see_metadata(call.initial_metadata(), name)
+                name = self._targets.names[resume.target]
+                header = functools.partial(resume.see_metadata, target=name)
+                for message in blocking.messages(call, resume.deadline, header):
                     if resume.admit(message):
                         event = event_from_pb(message)
                         yield event

@@ -656,3 +656,24 @@ async def test_edge_checks_the_model_of_the_replica_that_streams(
 async def _collect(events: AsyncIterator[StreamEvent], into: list[StreamEvent]) -> None:
     async for event in events:
         into.append(event)
+
+
+async def test_the_blocking_client_retries_a_stream_broken_before_its_first_token(
+    paced: RunningServer,
+) -> None:
+    """The blocking client, too, retries a stream its server accepted and that broke before its
+    first token as a retry of its id: the server, still running the broken one, replaces it
+    and the caller's own request id is not refused as taken."""
+    options = GenerateOptions(max_tokens=12, temperature=0.0, ignore_eos=True, request_id="mine")
+    relay = LosesFirstStream(paced.target)
+    await relay.start()
+    try:
+
+        def stream() -> list[StreamEvent]:
+            with TokenwireClient([relay.target]) as client:
+                return list(client.generate(PROMPT, options))
+
+        events = await asyncio.to_thread(stream)
+    finally:
+        await relay.stop()
+    _assert_one_sequence(events, 12)
