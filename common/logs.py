@@ -39,7 +39,11 @@ def _route_standard_logging(renderer: Any, stream: TextIO) -> None:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,  # a record's traceback, as text
+                renderer,
+            ],
             foreign_pre_chain=[
                 structlog.stdlib.add_logger_name,
                 structlog.processors.add_log_level,

@@ -6,7 +6,10 @@ subprocess where one is killed) and a real edge on 127.0.0.1, logs captured with
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -199,3 +202,25 @@ def test_a_malformed_http_request_is_logged_as_a_json_line() -> None:
     assert (line["level"], line["logger"]) == ("warning", "uvicorn.error")
     assert "timestamp" in line
     assert not [r for r in edge.records if r["event"] == "raw"]
+
+
+def test_a_standard_library_records_traceback_is_kept_in_its_json_line() -> None:
+    """A library's exception logged through the standard library (uvicorn's "Exception in
+    ASGI application", asyncio's "Task exception was never retrieved") keeps its traceback,
+    as text in the JSON line's `exception`, not a repr of the traceback object."""
+    script = (
+        "import logging\n"
+        "from tokenwire.common.logs import configure_logging\n"
+        "configure_logging('json')\n"
+        "try:\n"
+        "    1 / 0\n"
+        "except ZeroDivisionError:\n"
+        "    logging.getLogger('uvicorn.error').exception('Exception in ASGI application')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    [line] = [json.loads(text) for text in done.stdout.splitlines()]
+    assert line["event"] == "Exception in ASGI application"
+    assert "Traceback (most recent call last)" in line["exception"]
+    assert "ZeroDivisionError" in line["exception"]
