@@ -43,6 +43,12 @@ MODEL_CHECK_S = 10.0
 """How long a target may take to say which model it serves before a stream moves on."""
 
 
+def checked(error: grpc.RpcError, target: str) -> grpc.RpcError:
+    """The error a model check of `target` that failed with `error` counts as: Unanswered
+    where it ran out of its MODEL_CHECK_S, else its own."""
+    return Unanswered(target) if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else error
+
+
 class Unanswered(grpc.RpcError):
     """A target's model check that ran out of its MODEL_CHECK_S while the call had time left:
     UNAVAILABLE, as from a target that refuses connections, so the stream moves on."""
@@ -209,8 +215,7 @@ class Resumption:
     def unanswered(self, error: grpc.RpcError, target: str) -> grpc.RpcError:
         """The error a failed model check of `target` counts as: Unanswered (a failover) when
         it ran out of its own time while the call has time left, else the check's error."""
-        timed_out = error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        return Unanswered(target) if timed_out and self.deadline > time.monotonic() else error
+        return checked(error, target) if self.deadline > time.monotonic() else error
 
     def may_continue(self, code: grpc.StatusCode, enabled: bool = True) -> bool:
         """True (and one failover used) when the stream should go on at the next target."""

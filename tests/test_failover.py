@@ -446,6 +446,25 @@ async def test_edge_moves_on_from_a_target_that_never_answers(
     assert [e.event for e in events] == ["token"] * 6 + ["usage", "done"]
 
 
+async def test_edge_openai_routes_move_on_from_a_target_that_never_answers(
+    served: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OpenAI request through an edge whose first target takes connections and never
+    answers: the model it asks the targets for comes from the next one, after the check's
+    time, and the request is answered (not a 504)."""
+    monkeypatch.setattr(failover, "MODEL_CHECK_S", 0.5)
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 3}
+    with black_hole() as silent:
+        edge = await start_edge(f"{silent},{served.target}")
+        try:
+            async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
+                answer = await http.post("/v1/completions", json=body)
+        finally:
+            await edge.edge.stop()
+    assert answer.status_code == 200
+    assert answer.json()["usage"]["completion_tokens"] == 3
+
+
 async def _through_edge(targets: str, body: dict[str, Any]) -> list[ServerSentEvent]:
     """A native stream's events through an edge of its own in front of `targets`."""
     edge = await start_edge(targets)

@@ -15,6 +15,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tokenwire.client import failover
 from tokenwire.client.client import CHANNEL_OPTIONS
 from tokenwire.client.errors import TokenwireError, from_rpc_error, from_status
 from tokenwire.client.failover import RETRYABLE, Resumption, ServedModel, Targets
@@ -365,9 +366,13 @@ class Upstream:
             left -= 1
             try:
                 reply = await self._stubs[index].GetModelInfo(
-                    pb.GetModelInfoRequest(), timeout=10, metadata=self._metadata
+                    pb.GetModelInfoRequest(),
+                    timeout=failover.MODEL_CHECK_S,
+                    metadata=self._metadata,
                 )
-            except grpc.RpcError as error:
+            except grpc.RpcError as failed:
+                # A target that takes connections and never answers is passed over too.
+                error = failover.checked(failed, self._targets.names[index])
                 if error.code() not in RETRYABLE or not left:
                     raise edge_error(from_rpc_error(error)) from None
                 index = self._targets.skip(index, error.code())
