@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
 import pytest
 
+from tests.conftest import eventually
 from tokenwire.server.domain import (
     FinishReason,
     GenerationRequest,
@@ -185,11 +187,14 @@ async def test_a_long_prompt_gives_its_tokenizer_place_back(
 
 
 class _CountingEngine(Engine):
-    """The engine, counting the long prompts its tokenizer thread encodes."""
+    """The engine, counting the long prompts its tokenizer thread encodes, which waits for
+    `gate` before each."""
 
     encoded = 0
+    gate: threading.Event
 
     def _encode_released(self, request: GenerationRequest) -> list[int]:
+        self.gate.wait(10)
         self.encoded += 1
         return super()._encode_released(request)
 
@@ -203,14 +208,19 @@ async def test_requests_with_the_same_long_prompt_share_one_tokenizing(
     prompt = "#" * 5000 + "\ndef fib(n):"
     ids = tokenizer.encode(prompt, add_special_tokens=True)
     engine = _CountingEngine(onnx_model, tokenizer, EngineConfig())
+    engine.gate = threading.Event()
     engine.start()
     try:
-        handles = await asyncio.gather(
-            *(
+        submitted = [
+            asyncio.ensure_future(
                 engine.submit_async(GenerationRequest(f"n{i}", prompt, max_tokens=1))
-                for i in range(4)
             )
-        )
+            for i in range(4)
+        ]
+        # All four wait for the tokenizer before it runs, however slow this machine is.
+        assert await eventually(lambda: len(engine._tokenizing_requests) == 4)
+        engine.gate.set()
+        handles = await asyncio.gather(*submitted)
         assert engine.encoded == 1
         assert [h.prompt_tokens for h in handles] == [len(ids)] * 4
         for handle in handles:

@@ -21,11 +21,13 @@ class Tokenizing:
 
 def tokenizing_places(waiting: Iterable[Tokenizing], running: Container[str]) -> int:
     """The places the requests waiting for the tokenizer hold: one each, but none for the
-    first retry of an id that is running, which takes that request's place."""
+    first retry of an id that is running, which takes that request's place (a cancelled one
+    will not: it holds a place of its own until it has ended)."""
     taken: set[str] = set()
     places = 0
     for entry in waiting:
-        if entry.goes_on and entry.request_id in running and entry.request_id not in taken:
+        free = entry.goes_on and not entry.cancelled and entry.request_id not in taken
+        if free and entry.request_id in running:
             taken.add(entry.request_id)
         else:
             places += 1

@@ -384,17 +384,16 @@ class Engine:
             self._check_accepting()
             sequence.claim_end(FinishReason.CANCELLED)
             self._leaving.add(sequence)
-            self._scheduler.post(Submit(sequence))
-            self._scheduler.post(Cancel(sequence, FinishReason.CANCELLED))
+            self._scheduler.post(Submit(sequence))  # it arrives ended (Scheduler._enqueue)
 
     def _hold_place(self, request: GenerationRequest) -> Tokenizing:
         """Take a place in the capacity for a long prompt while it waits for the tokenizer (a
         retry of the caller's running request takes that one's, see _admit)."""
         with self._lock:
             self._check_capacity(replacing=self._replaces(request))
+            # Older retries of its id waiting too are cancelled once this one is admitted
+            # (_admit), not before: this one may yet be refused.
             waiting = Tokenizing(request.request_id, _goes_on(request))
-            if waiting.goes_on:
-                cancel_tokenizing(self._tokenizing_requests, request.request_id)
             self._tokenizing_requests.append(waiting)
             return waiting
 

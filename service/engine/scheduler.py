@@ -209,6 +209,10 @@ class Scheduler:
         if sequence.request.deadline is not None:
             self._timed.add(sequence)
         self._waiting.append(sequence)
+        if sequence.ended_by_caller is not None:
+            # Ended before it was handed over (cancelled while its prompt was tokenized): it
+            # ends at this step's reap, before any forward runs it.
+            self._cancels[sequence] = sequence.ended_by_caller
 
     def _step(self, now: float) -> int:
         self._reap(now)
