@@ -4,11 +4,12 @@ bearer API key. One frozen object, used to build channels and per-call metadata.
 from __future__ import annotations
 
 import dataclasses
-import ssl
 from pathlib import Path
 from typing import Any
 
 import grpc
+
+from tokenwire.common.tls import tls_files_problem
 
 
 class SecurityError(ValueError):
@@ -38,7 +39,7 @@ class ChannelSecurity:
                 raise SecurityError(f"{name}: {str(path)!r} is not a readable file")
         problem = tls_files_problem(self.tls_ca, self.tls_cert, self.tls_key)
         if problem is not None:
-            raise SecurityError(f"{problem[0]}: {problem[1]}")
+            raise SecurityError(f"tls_{problem[0]}: {problem[1]}")
 
     @property
     def uses_tls(self) -> bool:
@@ -54,27 +55,6 @@ class ChannelSecurity:
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
-
-
-def tls_files_problem(
-    ca: Path | str | None, cert: Path | str | None, key: Path | str | None
-) -> tuple[str, str] | None:
-    """(tls_ca, tls_cert or tls_key; why) for TLS files that exist but do not load: a CA file
-    that holds no certificate, a certificate and key that do not parse or do not match.
-    Checked before a channel is made, where the message can name the file: gRPC would only
-    log that a handshake failed, on every call."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if ca:
-        try:
-            context.load_verify_locations(ca)
-        except (ssl.SSLError, ValueError) as exc:
-            return "tls_ca", f"{str(ca)!r} holds no CA certificate: {exc}"
-    if cert and key:
-        try:
-            context.load_cert_chain(cert, key)
-        except (ssl.SSLError, ValueError) as exc:
-            return "tls_cert", f"{str(cert)!r} with tls_key cannot be used: {exc}"
-    return None
 
 
 def _read(path: Path | None) -> bytes | None:

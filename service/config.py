@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import ssl
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -18,6 +17,7 @@ from tokenwire.common.settings import (
     setting,
 )
 from tokenwire.common.settings import require as _require
+from tokenwire.common.tls import tls_files_problem
 
 __all__ = ["BUNDLED_MODEL_DIR", "Settings", "SettingsError", "all_api_keys", "read_api_keys"]
 
@@ -232,23 +232,10 @@ def _check_tls(s: Settings) -> None:
     for name in _PATHS:
         path = getattr(s, name)
         _require(path is None or path.is_file(), name, "an existing file", path)
-    if s.tls_cert is not None and s.tls_key is not None:
-        # Checked here, where the message can name the file: gRPC would only say that it
-        # failed to bind the port.
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            context.load_cert_chain(s.tls_cert, s.tls_key)
-        except (ssl.SSLError, ValueError) as exc:
-            raise SettingsError(
-                "tls_cert", f"{str(s.tls_cert)!r} with tls_key cannot be used: {exc}"
-            ) from None
-        if s.tls_client_ca is not None:
-            try:
-                context.load_verify_locations(s.tls_client_ca)
-            except (ssl.SSLError, ValueError) as exc:
-                raise SettingsError(
-                    "tls_client_ca", f"{str(s.tls_client_ca)!r} holds no CA certificate: {exc}"
-                ) from None
+    problem = tls_files_problem(s.tls_client_ca, s.tls_cert, s.tls_key)
+    if problem is not None:
+        which, why = problem
+        raise SettingsError("tls_client_ca" if which == "ca" else "tls_cert", why)
 
 
 _CHECKS: tuple[Callable[[Settings], None], ...] = (

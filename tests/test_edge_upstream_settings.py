@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from tests.pki import make_pki
 
@@ -73,14 +74,14 @@ def test_an_upstream_ca_that_holds_no_certificate_stops_the_edge(tmp_path: Path)
 
 def test_an_upstream_certificate_with_another_key_stops_the_edge(tmp_path: Path) -> None:
     """An upstream client certificate with a key that is not its own stops the edge at start
-    (status 2) naming upstream_tls_cert and upstream_tls_key."""
+    (status 2) naming upstream_tls_cert and saying its key cannot be used with it."""
     pki = make_pki(tmp_path)
     done = _edge(
         "--upstream-tls-cert", str(pki.client_cert), "--upstream-tls-key", str(pki.stranger_key)
     )
     assert done.returncode == 2
     assert done.stderr.startswith("tokenwire edge: upstream_tls_cert: ")
-    assert "with upstream_tls_key cannot be used" in done.stderr
+    assert "with its key cannot be used" in done.stderr
 
 
 @pytest.mark.parametrize(
@@ -101,3 +102,23 @@ def test_resume_store_options_redis_cannot_take_stop_the_edge_without_the_url(
     assert done.stderr.startswith("tokenwire edge: resume_store: its options do not work")
     assert option in done.stderr
     assert "secret" not in done.stderr
+
+
+def test_an_encrypted_upstream_key_stops_the_edge_saying_so(tmp_path: Path) -> None:
+    """An upstream client key encrypted with a passphrase stops the edge at start (status 2)
+    naming upstream_tls_cert and saying the key is encrypted, never asking for a passphrase
+    (stdin is a terminal-less pipe here; on a terminal it would prompt)."""
+    pki = make_pki(tmp_path)
+    key = serialization.load_pem_private_key(pki.client_key.read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    done = _edge("--upstream-tls-cert", str(pki.client_cert), "--upstream-tls-key", str(encrypted))
+    assert done.returncode == 2
+    assert done.stderr.startswith("tokenwire edge: upstream_tls_cert: ")
+    assert "the key is encrypted with a passphrase" in done.stderr

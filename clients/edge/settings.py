@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from tokenwire.client.security import tls_files_problem
 from tokenwire.client.targets import TARGET_RULE, names_a_target
 from tokenwire.common import defaults, keys
 from tokenwire.common.settings import (
@@ -20,6 +19,7 @@ from tokenwire.common.settings import (
     require_seconds,
     setting,
 )
+from tokenwire.common.tls import tls_files_problem
 
 # The edge's errors are the shared settings errors: one type, one message shape everywhere.
 EdgeSettingsError = SettingsError
@@ -52,10 +52,11 @@ def _store_options_problem(url: str) -> str | None:
     names the option, never the URL, which may carry credentials."""
     # Imported here: the settings build `tokenwire edge`'s flags without the edge extra.
     import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
 
     try:
         aioredis.ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
-    except ValueError as exc:
+    except (ValueError, RedisError) as exc:
         return str(exc)
     except TypeError as exc:
         unknown = str(exc).rpartition("argument ")[2] or "an option"
@@ -225,8 +226,8 @@ class EdgeSettings:
         files = (self.upstream_tls_ca, self.upstream_tls_cert, self.upstream_tls_key)
         problem = tls_files_problem(*files)
         if problem is not None:
-            name, why = problem
-            raise SettingsError(f"upstream_{name}", why.replace("tls_key", "upstream_tls_key"))
+            which, why = problem
+            raise SettingsError(f"upstream_tls_{which}", why)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **flags: Any) -> EdgeSettings:
