@@ -275,8 +275,9 @@ async def test_a_bad_prompt_is_refused_naming_the_entry(
         ([[1, 2], [3, 10**9]], "prompt[1][1]"),
         (["def a():", "x" * 300_000], "prompt[1]"),
         ([5, 10**9], "prompt[1]"),
+        ([[1, 2, 3, 10**9]], "prompt[0][3]"),
     ],
-    ids=["batch-ids", "batch-text", "ids"],
+    ids=["batch-ids", "batch-text", "ids", "batch-of-one"],
 )
 async def test_a_prompt_the_server_refuses_is_named_by_its_place(
     sdk: openai.AsyncOpenAI, prompt: Any, param: str
@@ -651,7 +652,8 @@ async def test_more_generations_than_the_server_holds_is_400(
     is a 400 naming n, or prompt for a batch, not a 429 that no wait could end; nothing
     reaches the server."""
     slow = ScriptedModel(spec, {}, step_delay_s=0.01)
-    running = await start_server(slow, tokenizer, max_batch_size=1, max_queue=2)
+    observer = RecordingObserver()
+    running = await start_server(slow, tokenizer, observer, max_batch_size=1, max_queue=2)
     edge = await start_edge(running.target)
     try:
         async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
@@ -661,6 +663,7 @@ async def test_more_generations_than_the_server_holds_is_400(
     finally:
         await edge.edge.stop()
         await running.server.drain()
+    assert observer.finished == {}
     assert refused.status_code == 400
     error = refused.json()["error"]
     assert (error["param"], error["code"]) == (param, "unsupported_value")

@@ -24,15 +24,16 @@ _SHAPES = (
 )
 
 
-def completion_prompts(fields: Fields, n: int) -> tuple[Prompt, ...]:
-    """The prompts of a completions request, each checked: one for a string or a list of
-    token ids, one per entry for a list of strings or of token id lists."""
+def completion_prompts(fields: Fields, n: int) -> tuple[tuple[Prompt, ...], bool]:
+    """The prompts of a completions request, each checked, and whether they came as a batch:
+    one for a string or a list of token ids, one per entry for a list of strings or of token
+    id lists (a batch)."""
     prompt = fields.raw("prompt")
     if isinstance(prompt, str):
-        return (_text(prompt, "prompt"),)
+        return (_text(prompt, "prompt"),), False
     ids = token_ids_of(prompt)
     if ids:
-        return (("", ids),)
+        return (("", ids),), False
     if not isinstance(prompt, list) or not prompt or _is_int(prompt[0]):
         # A list that starts with an integer is token ids, with one that is not.
         raise EdgeError.invalid("prompt", _SHAPES)
@@ -44,7 +45,7 @@ def completion_prompts(fields: Fields, n: int) -> tuple[Prompt, ...]:
             "send the batch in parts",
             "unsupported_value",
         )
-    return tuple(_entry(entry, k) for k, entry in enumerate(prompt))
+    return tuple(_entry(entry, k) for k, entry in enumerate(prompt)), True
 
 
 def _is_int(value: Any) -> bool:

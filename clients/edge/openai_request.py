@@ -151,11 +151,14 @@ class OpenAIRequest:
     texts: tuple[str, ...]
     """Each prompt's text (empty where it is token ids, and for chat, whose prompt is its
     rendered conversation)."""
+    batch: bool = False
+    """The completions prompt was a list of prompts (a batch, even of one): a refusal names
+    its entry (`prompt[0]`)."""
 
     def names_for(self, generation: int | None) -> dict[str, str]:
         """`names`, with a batch's prompt named by its place (`prompt[2]`) for a refusal of
         `generation`."""
-        if generation is None or len(self.texts) < 2:
+        if generation is None or not self.batch:
             return self.names
         where = f"prompt[{generation // self.n}]"
         return self.names | {"prompt": where, "prompt_ids": where}
@@ -230,7 +233,7 @@ def read_request(fields: Fields, request_id: str, *, chat: bool) -> OpenAIReques
     completions request may send a batch of prompts), with distinct ids and seeds."""
     check_fields(fields, chat=chat)
     n = fields.integer("n", 1) or 1
-    prompts = (("", ()),) if chat else completion_prompts(fields, n)
+    prompts, batch = ((("", ()),), False) if chat else completion_prompts(fields, n)
     base, names = _options(fields, request_id, chat=chat)
     total = len(prompts) * n
     choices = tuple(
@@ -245,7 +248,8 @@ def read_request(fields: Fields, request_id: str, *, chat: bool) -> OpenAIReques
         raise EdgeError.invalid("stream_options", "is only allowed when `stream` is true")
     model = fields.string("model")
     texts = tuple(text for text, _ in prompts)
-    return OpenAIRequest(chat, model, stream, stream and include_usage, choices, names, n, texts)
+    with_usage = stream and include_usage
+    return OpenAIRequest(chat, model, stream, with_usage, choices, names, n, texts, batch)
 
 
 def _include_usage(fields: Fields) -> bool:
