@@ -51,7 +51,7 @@ def test_a_row_whose_draw_breaks_fails_alone(loop: asyncio.AbstractEventLoop) ->
 class _BrokenFlush(TextStream):
     """A text pipeline whose end-of-stream flush raises."""
 
-    def flush(self) -> str:
+    def finish(self, *, armed: bool = True) -> tuple[str, str | None]:
         raise ValueError("flush broke")
 
 
