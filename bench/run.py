@@ -423,6 +423,8 @@ async def headline(
         1: ([], [], []),
         16: ([], [], []),
     }
+    # Each round's runs of tokenwire, by concurrency: one row per round, for the paired ratio.
+    by_round: dict[int, list[list[list[dict[str, Any]]]]] = {1: [], 16: []}
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         await asyncio.gather(*(one_stream(stub, p, 16) for p in prompts[:16]))
@@ -431,6 +433,7 @@ async def headline(
                 for mode, sub_dir in (("raw", "onnx"), ("genai", "genai")):
                     peers.setdefault((mode, batch), []).append(peer(mode, model / sub_dir, batch))
                 runs, server_cpu, client_cpu = service[batch]
+                by_round[batch].append([])
                 for _ in range(3 if batch == 1 else 1):
                     run, server_s, client_s = await costed_load(
                         lambda p, n, stub=stub: one_stream(stub, p, n),
@@ -441,6 +444,7 @@ async def headline(
                         pid=server.proc.pid,
                     )
                     runs.append(run)
+                    by_round[batch][-1].append(run)
                     server_cpu.append(server_s)
                     client_cpu.append(client_s)
     rows = []
@@ -452,6 +456,7 @@ async def headline(
                 **median,
                 "repeats": len(found),
                 "tokens_per_s_spread": (rates[-1] - rates[0]) / rates[len(rates) // 2],
+                "rounds": [{k: r[k] for k in ("tokens_per_s", "ttft_p50_ms")} for r in found],
             }
         )
     for batch, (runs, server_cpu, client_cpu) in service.items():
@@ -463,6 +468,7 @@ async def headline(
                 "concurrency": batch,
                 "arrival": "burst",
                 **row,
+                "rounds": [_round(each) for each in by_round[batch]],
             }
         )
         print(
@@ -471,6 +477,12 @@ async def headline(
             flush=True,
         )
     return rows
+
+
+def _round(runs: list[list[dict[str, Any]]]) -> dict[str, float]:
+    """One round's tokens/s and TTFT p50 of tokenwire's runs in it."""
+    row = stream_row(runs, None)
+    return {"tokens_per_s": row["tokens_per_s"], "ttft_p50_ms": row["ttft_p50_ms"]}
 
 
 class Graph(NamedTuple):
@@ -919,6 +931,7 @@ def graph_ratio_rounds(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
     def row(graph: str, decoding: str = "greedy", **match: Any) -> dict[str, Any]:
         return find(rows, graph=graph, decoding=decoding, **match)
 
+    optimum = [r for r in rows if "graph" not in r]
     fp32, int4 = "genai-fp32", "genai-int4"
     one = row(fp32, system="tokenwire", transport="grpc", concurrency=1)
     burst, staggered, mixed = (
@@ -950,6 +963,10 @@ def graph_ratio_rounds(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
         ),
         "engine_alone_vs_loop_b1": per_round(row(fp32, transport="engine-alone"), loop1),
         "grpc_vs_loop_b1": per_round(one, loop1),
+        "service_b1_vs_raw_b1": per_round(
+            find(optimum, system="tokenwire", transport="grpc", concurrency=1, arrival="burst"),
+            find(optimum, system="ort-loop", concurrency=1),
+        ),
         "genai_graph_c16_staggered_vs_genai_engine_staggered": per_round(
             staggered, row(fp32, system="ort-genai-engine", arrival="poisson")
         ),
@@ -988,7 +1005,6 @@ def ratios(rows: list[dict[str, Any]], rounds: dict[str, list[float]]) -> dict[s
     return {
         **{name: statistics.median(values) for name, values in rounds.items()},
         "service_b1_vs_genai_b1": svc1["tokens_per_s"] / genai1["tokens_per_s"],
-        "service_b1_vs_raw_b1": svc1["tokens_per_s"] / raw1["tokens_per_s"],
         "service_c16_vs_genai_b16": svc16["tokens_per_s"] / genai16["tokens_per_s"],
         "service_c16_ttft_p50_vs_idle": svc16["ttft_p50_ms"] / svc1["ttft_p50_ms"],
         # The server process alone, and with the load generator (this process) added: the
