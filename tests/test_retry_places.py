@@ -149,3 +149,21 @@ async def test_cancel_reaches_a_request_whose_long_prompt_is_being_tokenized(
     assert [m.WhichOneof("event") for m in messages] == ["usage", "completion"]
     assert messages[-1].completion.finish_reason == pb.FINISH_REASON_CANCELLED
     assert await eventually(lambda: two_places.engine.active_count == 0)
+
+
+async def test_of_two_long_retries_waiting_for_the_tokenizer_the_newer_wins(
+    two_places: RunningServer, tokenizer_gate: threading.Event
+) -> None:
+    """Two retries of a running request whose long prompts both wait for the tokenizer: the
+    newer one (its caller is the live one) runs to its end, and the older one, like the
+    request they both retry, ends as cancelled, as it does for short retries."""
+    async with grpc.aio.insecure_channel(two_places.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        first = await _running(stub, "kept")
+        older = stub.Generate(greedy(LONG, 5, request_id="kept", retry=True))
+        assert await eventually(lambda: len(two_places.engine._tokenizing_requests) == 1)
+        newer = stub.Generate(greedy(LONG, 5, request_id="kept", retry=True))
+        assert await eventually(lambda: len(two_places.engine._tokenizing_requests) == 2)
+        tokenizer_gate.set()
+        ends = await asyncio.gather(_reason(first), _reason(older), _reason(newer))
+    assert ends == ["FINISH_REASON_CANCELLED", "FINISH_REASON_CANCELLED", "FINISH_REASON_LENGTH"]

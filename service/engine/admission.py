@@ -17,6 +17,8 @@ class Tokenizing:
     """A retry or continuation: it takes the place of its id's running request, if any."""
     cancelled: bool = False
     """Ended before it ran: once tokenized, it ends at once as cancelled, replacing nothing."""
+    order: int = 0
+    """When it arrived, among the engine's requests: of an id's retries, the newest wins."""
 
 
 def tokenizing_places(waiting: Iterable[Tokenizing], running: Container[str]) -> int:
@@ -34,10 +36,14 @@ def tokenizing_places(waiting: Iterable[Tokenizing], running: Container[str]) ->
     return places
 
 
-def cancel_tokenizing(waiting: Iterable[Tokenizing], request_id: str) -> bool:
-    """Mark the id's requests waiting for the tokenizer cancelled; whether there was one."""
+def cancel_tokenizing(
+    waiting: Iterable[Tokenizing], request_id: str, before: int | None = None
+) -> bool:
+    """Mark the id's requests waiting for the tokenizer cancelled (only those that arrived
+    `before` that order, where given); whether there was one."""
     found = False
     for entry in waiting:
-        if entry.request_id == request_id and not entry.cancelled:
+        older = before is None or entry.order < before
+        if entry.request_id == request_id and older and not entry.cancelled:
             entry.cancelled = found = True
     return found

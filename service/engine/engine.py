@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import itertools
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -129,6 +130,7 @@ class Engine:
         self._encodings: dict[tuple[str, bool], concurrent.futures.Future[list[int]]] = {}
         """Long prompts being tokenized, by (prompt, add_special_tokens): one tokenizing each."""
         self._tokenizing_requests: list[Tokenizing] = []
+        self._arrivals = itertools.count()
         """Long prompts queued for or in the tokenizer thread: each holds a place in the
         capacity, so a flood of them is refused at once instead of queueing without bound."""
         self._vocab = min(model.spec.vocab_size, tokenizer.vocab_size)
@@ -251,7 +253,7 @@ class Engine:
                     # between: nothing else can take it meanwhile.
                     with self._lock:
                         self._tokenizing_requests.remove(waiting)
-                return self._submit(request, arrived_at, prompt_ids, waiting.cancelled)
+                return self._submit(request, arrived_at, prompt_ids, waiting)
             return self._submit(request, arrived_at, prompt_ids)
         except TokenwireError as exc:
             self._observer.request_rejected(type(exc).__name__)
@@ -324,7 +326,7 @@ class Engine:
         request: GenerationRequest,
         arrived_at: float,
         prompt_ids: list[int] | None = None,
-        cancelled: bool = False,
+        waited: Tokenizing | None = None,
     ) -> GenerationHandle:
         self._check_open(request)
         if prompt_ids is None:
@@ -346,13 +348,13 @@ class Engine:
             mailbox=Mailbox(asyncio.get_running_loop()),
             arrived_at=arrived_at,
         )
-        if cancelled:
+        if waited is not None and waited.cancelled:
             self._admit_cancelled(sequence)
         else:
-            self._admit(sequence)
+            self._admit(sequence, None if waited is None else waited.order)
         return GenerationHandle(self, sequence)
 
-    def _admit(self, sequence: Sequence) -> None:
+    def _admit(self, sequence: Sequence, order: int | None = None) -> None:
         """Make the request active and hand it to the decode thread, under the lock that
         shutdown() takes: a request is admitted before the decode thread is told to stop (and
         ends with the others) or refused."""
@@ -369,8 +371,10 @@ class Engine:
             if running is not None and self._end_locked(running, FinishReason.CANCELLED):
                 self._replaced.add(running)
             if _goes_on(sequence.request):
-                # An older retry still waiting for the tokenizer would replace this one later.
-                cancel_tokenizing(self._tokenizing_requests, sequence.request_id)
+                # An older retry still waiting for the tokenizer would replace this one later
+                # (a newer one will: of an id's retries the newest wins). `order` is this
+                # one's arrival where it waited for the tokenizer too; else it came just now.
+                cancel_tokenizing(self._tokenizing_requests, sequence.request_id, order)
             self._active[sequence.request_id] = sequence
             self._scheduler.post(Submit(sequence))
         if running is not None:
@@ -393,7 +397,7 @@ class Engine:
             self._check_capacity(replacing=self._replaces(request))
             # Older retries of its id waiting too are cancelled once this one is admitted
             # (_admit), not before: this one may yet be refused.
-            waiting = Tokenizing(request.request_id, _goes_on(request))
+            waiting = Tokenizing(request.request_id, _goes_on(request), order=next(self._arrivals))
             self._tokenizing_requests.append(waiting)
             return waiting
 
