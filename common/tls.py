@@ -11,11 +11,15 @@ Problem = tuple[str, str]
 
 
 def tls_files_problem(
-    ca: Path | str | None, cert: Path | str | None, key: Path | str | None
+    ca: Path | str | None,
+    cert: Path | str | None,
+    key: Path | str | None,
+    key_setting: str = "tls_key",
 ) -> Problem | None:
     """Why these files cannot be used, or None: a CA file that holds no certificate; a
     certificate and key that do not parse, do not match, or a key encrypted with a passphrase
-    (never asked for on a terminal: the service reads its key unattended)."""
+    (never asked for on a terminal: the service reads its key unattended). The message names
+    the key by `key_setting` and its path."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if ca:
         try:
@@ -27,7 +31,7 @@ def tls_files_problem(
             context.load_cert_chain(cert, key, password=b"")
         except (ssl.SSLError, ValueError, OSError) as exc:
             why = "the key is encrypted with a passphrase" if _encrypted(key) else str(exc)
-            return "cert", f"{str(cert)!r} with its key cannot be used: {why}"
+            return "cert", f"{str(cert)!r} with {key_setting} {str(key)!r} cannot be used: {why}"
     return None
 
 

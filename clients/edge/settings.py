@@ -224,7 +224,7 @@ class EdgeSettings:
             path = getattr(self, name)
             require(not path or Path(path).is_file(), name, "an existing file", path)
         files = (self.upstream_tls_ca, self.upstream_tls_cert, self.upstream_tls_key)
-        problem = tls_files_problem(*files)
+        problem = tls_files_problem(*files, key_setting="upstream_tls_key")
         if problem is not None:
             which, why = problem
             raise SettingsError(f"upstream_tls_{which}", why)
