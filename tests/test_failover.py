@@ -542,8 +542,10 @@ async def test_failover_keeps_the_calls_deadline(paced: RunningServer) -> None:
 
 async def test_edge_failover_keeps_the_upstream_deadline(paced: RunningServer) -> None:
     """The edge's upstream_timeout_s bounds a stream with its failovers: with a 3 s timeout, the
-    5 s stream whose replica dies after 200 tokens (2 s) ends with a DEADLINE_EXCEEDED error at
-    3 s, not 3 s after the failover (5 s)."""
+    5 s stream whose replica dies after 200 tokens (2 s) ends at its deadline at 3 s, not 3 s
+    after the failover (5 s). Whichever side notices the deadline first ends it, so the end is
+    either form the native route documents: an error DEADLINE_EXCEEDED (gRPC ended the call),
+    or a done with finish_reason deadline_exceeded (the server ended the generation)."""
     body = {"prompt": PROMPT, "max_tokens": 500, "ignore_eos": True}
     async with cut_relay(paced.target, _after_token(199)) as relay:
         edge = await start_edge(f"{relay.target},{paced.target}", upstream_timeout_s=3.0)
@@ -554,8 +556,15 @@ async def test_edge_failover_keeps_the_upstream_deadline(paced: RunningServer) -
                 elapsed = time.monotonic() - started
         finally:
             await edge.edge.stop()
-    assert json.loads(events[-1].data)["code"] == "DEADLINE_EXCEEDED"
+    assert _deadline_end(events[-1]), events[-1]
     assert elapsed < 4.0  # halfway between the two
+
+
+def _deadline_end(event: ServerSentEvent) -> bool:
+    data = json.loads(event.data)
+    if event.event == "error":
+        return bool(data["code"] == "DEADLINE_EXCEEDED")
+    return event.event == "done" and data["finish_reason"] == "deadline_exceeded"
 
 
 def test_a_single_draining_target_ends_the_call_within_its_timeout() -> None:
