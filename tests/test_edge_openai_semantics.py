@@ -291,6 +291,18 @@ async def test_a_prompt_the_server_refuses_is_named_by_its_place(
     assert error["message"].startswith(f"{param}: ")
 
 
+async def test_a_batch_max_tokens_refusal_names_the_prompt_it_overflows(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    """A batch whose max_tokens one prompt's room in the context cannot hold is a 400 on
+    max_tokens whose message names that prompt by its place (`prompt[1] has 401 tokens`)."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.completions.create(model=MODEL, prompt=["hi", "word " * 400], max_tokens=300)
+    error = _error(caught)
+    assert (error["param"], error["code"]) == ("max_tokens", "context_length_exceeded")
+    assert ": prompt[1] has " in error["message"], error["message"]
+
+
 @pytest.mark.parametrize(("prompt", "param"), [("", "prompt"), (["a", ""], "prompt[1]")])
 async def test_an_empty_prompt_is_refused_as_empty(
     sdk: openai.AsyncOpenAI, prompt: Any, param: str

@@ -117,7 +117,8 @@ class EdgeError(Exception):
         """The same error naming the field as the caller did (`prompt` -> `messages`,
         `prompt_ids[3]` -> `prompt[3]`), also at the start of the message, and naming other
         fields its reason refers to as the caller did too (`max_tokens` ->
-        `max_completion_tokens`); the caller's own value it echoes (after `, got `) is kept."""
+        `max_completion_tokens`, "the prompt" -> `prompt[2]` in a batch); the caller's own
+        value it echoes (after `, got `) is kept."""
         if self.param is None:
             return self
         base, bracket, rest = self.param.partition("[")
@@ -131,6 +132,9 @@ class EdgeError(Exception):
         for server, caller in names.items():
             if "_" in server and server != caller:  # a field's name, not a word of the text
                 reason = re.sub(rf"\b{re.escape(server)}\b", caller, reason)
+        place = names.get("prompt", "")
+        if "[" in place:  # one prompt of a batch: the reason's "the prompt" is that one
+            reason = re.sub(r"\bthe prompt\b", place, reason)
         message = head + sep + reason + got + value
         if new == self.param and message == self.message:
             return self
