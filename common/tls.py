@@ -17,9 +17,10 @@ def tls_files_problem(
     key_setting: str = "tls_key",
 ) -> Problem | None:
     """Why these files cannot be used, or None: a CA file that holds no certificate; a
-    certificate and key that do not parse, do not match, or a key encrypted with a passphrase
-    (never asked for on a terminal: the service reads its key unattended). The message names
-    the key by `key_setting` and its path."""
+    certificate and key that do not parse, do not match, a key encrypted with a passphrase
+    (never asked for on a terminal: the service reads its key unattended), or a key too weak
+    for OpenSSL's default security level (RSA below 2048 bits). The message names the key by
+    `key_setting` and its path."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if ca:
         try:
@@ -30,7 +31,11 @@ def tls_files_problem(
         try:
             context.load_cert_chain(cert, key, password=b"")
         except (ssl.SSLError, ValueError, OSError) as exc:
-            why = "the key is encrypted with a passphrase" if _encrypted(key) else str(exc)
+            why = str(exc)
+            if _encrypted(key):
+                why = "the key is encrypted with a passphrase"
+            elif "KEY_TOO_SMALL" in why:
+                why = f"the key is too weak (RSA needs 2048 bits or more, or use an EC key): {exc}"
             return "cert", f"{str(cert)!r} with {key_setting} {str(key)!r} cannot be used: {why}"
     return None
 

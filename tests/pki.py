@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from pathlib import Path
 
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,3 +40,31 @@ def make_pki(directory: Path) -> Pki:
     client = _write(ca.issue_cert("client.tokenwire.test"), directory, "client")
     stranger = _write(other_ca.issue_cert("stranger.tokenwire.test"), directory, "stranger")
     return Pki(ca_path, *server, *client, *stranger)
+
+
+def make_weak_pair(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate with a 1024-bit RSA key: one OpenSSL's default security
+    level refuses."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "weak.pem", directory / "weak.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path

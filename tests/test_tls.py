@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import RunningServer, start_edge, start_server
-from tests.pki import Pki, make_pki
+from tests.pki import Pki, make_pki, make_weak_pair
 from tokenwire.client import AsyncTokenwireClient, ChannelSecurity, Completion, GenerateOptions
 from tokenwire.client.errors import Unavailable
 from tokenwire.server.engine import OnnxCausalLM
@@ -193,6 +193,19 @@ def test_settings_refuse_a_file_that_is_not_pem(pki: Pki, tmp_path: Path, broken
     expected = "tls_client_ca" if broken == "tls_client_ca" else "tls_cert"
     with pytest.raises(SettingsError, match=expected):
         Settings.from_env(env)
+
+
+def test_settings_refuse_a_key_too_weak_for_openssl(tmp_path: Path) -> None:
+    """A 1024-bit RSA key is a settings error naming tls_cert that says the key is too weak
+    and what is strong enough, instead of OpenSSL's bare 'ee key too small'."""
+    from tokenwire.server.config import Settings, SettingsError
+
+    cert, key = make_weak_pair(tmp_path)
+    env = {"TOKENWIRE_TLS_CERT": str(cert), "TOKENWIRE_TLS_KEY": str(key)}
+    with pytest.raises(SettingsError, match="tls_cert") as caught:
+        Settings.from_env(env)
+    assert "too weak" in str(caught.value)
+    assert "2048" in str(caught.value)
 
 
 def test_settings_refuse_a_missing_certificate_file(tmp_path: Path) -> None:
