@@ -57,6 +57,9 @@ class ScriptedModel:
         self.fail_on_calls: set[int] = set()
         self.fail_on_prompt_token: int | None = None
         """A prefill whose input holds this id fails, as a bad input would in ORT."""
+        self.malformed_on_calls: set[int] = set()
+        """Calls whose forward returns no cache tensors: the engine fails in its own code (not
+        in a forward) once rows of that cache join or leave."""
 
     @classmethod
     def continuing(
@@ -100,6 +103,8 @@ class ScriptedModel:
             nxt = int(position_ids[row, -1]) + 1
             logits[row, self.script.get(nxt, self.eos)] = 30.0
         grown = np.zeros((rows, 1, new, 1), dtype=np.float32)
+        if self.calls in self.malformed_on_calls:
+            return HostLogits(logits), []
         return HostLogits(logits), [np.concatenate([p, grown], axis=2) for p in past]
 
 

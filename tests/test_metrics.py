@@ -23,7 +23,8 @@ from tests.conftest import (
     greedy,
     start_server,
 )
-from tokenwire.server.engine import OnnxCausalLM
+from tests.fakes import ScriptedModel
+from tokenwire.server.engine import ModelSpec, OnnxCausalLM
 from tokenwire.server.telemetry.metrics import ServerMetrics, _MetricsServer
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
@@ -104,6 +105,41 @@ async def test_cancel_and_rejection_are_counted_and_gauges_return_to_zero(
     assert await scrape.value("tokenwire_requests_total", finish_reason="rejected") == 1
     assert await scrape.value("tokenwire_requests_running") == 0
     assert await scrape.value("tokenwire_requests_waiting") == 0
+
+
+async def test_gauges_return_to_zero_after_a_failed_step(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """A step that fails in the engine's own code (outside any forward) while two streams run
+    ends the one still running with INTERNAL, and the running and KV-cache gauges, read while
+    the engine is idle after it, are 0 again instead of the last good step's values."""
+    model = ScriptedModel(spec, {}, step_delay_s=0.002)
+    metrics = ServerMetrics()
+    port, _ = metrics.serve("127.0.0.1", 0)
+    scrape = Scraper(port)
+    running = await start_server(model, tokenizer, metrics)
+    model.malformed_on_calls = {model.calls + 3}  # the rows' cache breaks when one leaves
+    try:
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            ends = await asyncio.gather(
+                collect(stub, pb.GenerateRequest(prompt="x", max_tokens=6, ignore_eos=True)),
+                collect(stub, pb.GenerateRequest(prompt="x", max_tokens=60, ignore_eos=True)),
+                return_exceptions=True,
+            )
+
+        async def recorded() -> bool:
+            return await scrape.value("tokenwire_requests_total", finish_reason="error") >= 1
+
+        assert await eventually_awaited(recorded)
+        assert any(
+            isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.INTERNAL
+            for e in ends
+        ), ends
+        assert await scrape.value("tokenwire_requests_running") == 0
+        assert await scrape.value("tokenwire_kv_cache_usage_ratio") == 0
+    finally:
+        await running.server.drain()
 
 
 async def test_exposition_has_no_unbounded_labels(metered: tuple[RunningServer, Scraper]) -> None:

@@ -64,6 +64,9 @@ class StepRecord:
     waiting: int
     kv_usage: float = 0.0
     """Share of the KV-cache token budget reserved by running requests (prompt + max_tokens)."""
+    stepped: bool = True
+    """False for a record of the engine's state alone, where no step completed (one failed, or
+    the loop ended): its duration is no step's."""
 
 
 class EngineObserver(Protocol):

@@ -152,23 +152,30 @@ class Scheduler:
 
     def _loop(self) -> None:
         while self._take_commands():
+            started = time.monotonic()
             try:
-                self._iterate()
+                self._iterate(started)
             except Exception as exc:  # a failing step must not take the server down
                 log.exception("engine.step_failed", error=f"{type(exc).__name__}: {exc}")
                 self._fail_all(exc)
+                self._record_gauges()  # the requests it ended leave the gauges
         self._cancels[None] = FinishReason.CANCELLED
         self._reap(time.monotonic())
         self._publish()
         self._flush()
+        self._record_gauges()
         if self._publisher is not None:
             self._publisher.close()
 
-    def _iterate(self) -> None:
-        started = time.monotonic()
+    def _iterate(self, started: float) -> None:
         self._decoded = 0
         prefill_tokens = self._step(started)
         self._publish()
+        self._record_step(started, prefill_tokens)
+        if not self._has_work():
+            self._flush()
+
+    def _record_step(self, started: float, prefill_tokens: int) -> None:
         self._observer.step_finished(
             StepRecord(
                 batch_size=self._decoded,
@@ -179,8 +186,13 @@ class Scheduler:
                 kv_usage=self._kv_usage(),
             )
         )
-        if not self._has_work():
-            self._flush()
+
+    def _record_gauges(self) -> None:
+        """The engine's state where no step completed (a step failed, or the loop ends)."""
+        self._decoded = 0
+        self._observer.step_finished(
+            StepRecord(0, 0, 0.0, self.running, self.waiting, self._kv_usage(), stepped=False)
+        )
 
     def _has_work(self) -> bool:
         return bool(self._waiting or self._prefilling or self._cohorts)

@@ -185,7 +185,8 @@ class ServerMetrics:
         self.requests.labels(finish_reason="rejected").inc()
 
     def step_finished(self, record: StepRecord) -> None:
-        self.step.observe(record.duration)
+        if record.stepped:
+            self.step.observe(record.duration)
         self.batch_size.set(record.batch_size)
         self.running.set(record.running)
         self.waiting.set(record.waiting)
