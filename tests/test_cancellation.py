@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from structlog.testing import capture_logs
 
-from tests.conftest import RunningServer, collect, eventually, greedy, start_server
+from tests.conftest import (
+    RunningServer,
+    collect,
+    eventually,
+    greedy,
+    start_server,
+)
 from tests.fakes import RecordingObserver, ScriptedModel
 from tokenwire.server.domain import (
     CompletionEvent,
@@ -90,6 +98,38 @@ async def test_cancel_rpc_ends_a_stream_with_a_cancelled_completion(
             assert reply.cancelled
     assert messages[-1].completion.finish_reason == pb.FINISH_REASON_CANCELLED
     assert messages[-2].usage.completion_tokens < 450
+
+
+async def test_a_stream_cancelled_before_its_first_token_logs_no_latencies(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """A stream cancelled while it waits in the queue logs its request.finished line without
+    ttft_ms or inter-token percentiles (it had no token), not with a ttft_ms of 0."""
+    running = await start_server(
+        ScriptedModel(spec, {}, step_delay_s=0.01), tokenizer, max_batch_size=1
+    )
+    try:
+        with capture_logs() as logs:
+            async with grpc.aio.insecure_channel(running.target) as channel:
+                stub = pb_grpc.GenerationServiceStub(channel)
+                first = stub.Generate(
+                    pb.GenerateRequest(prompt="x", max_tokens=300, ignore_eos=True)
+                )
+                await anext(aiter(first))  # it holds the only row: the next request waits
+                queued = stub.Generate(greedy("y", max_tokens=5, request_id="queued"))
+
+                for _ in range(250):  # until the server has it (a cancel is answered once)
+                    if (await stub.Cancel(pb.CancelRequest(request_id="queued"))).cancelled:
+                        break
+                    await asyncio.sleep(0.02)
+                messages = [m async for m in queued]
+                first.cancel()
+    finally:
+        await running.server.drain()
+    assert messages[-1].completion.finish_reason == pb.FINISH_REASON_CANCELLED
+    [line] = [e for e in logs if e["event"] == "request.finished" and e["completion_tokens"] == 0]
+    assert "queue_ms" in line
+    assert not {"ttft_ms", "itl_p50_ms", "itl_p95_ms"} & set(line), line
 
 
 async def test_cancel_of_an_unknown_id_reports_not_found(

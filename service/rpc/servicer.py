@@ -286,11 +286,15 @@ class _StreamSummary:
             gaps = self.usage.inter_token_latencies_s
             fields |= {
                 "queue_ms": ms(self.usage.queue_time_s),
-                "ttft_ms": ms(self.usage.time_to_first_token_s),
                 "duration_ms": ms(self.usage.total_time_s),
-                "itl_p50_ms": ms(percentile(gaps, 50)),
-                "itl_p95_ms": ms(percentile(gaps, 95)),
             }
+            if self.usage.time_to_first_token_s > 0:  # 0: no token was generated here
+                fields["ttft_ms"] = ms(self.usage.time_to_first_token_s)
+            if gaps:
+                fields |= {
+                    "itl_p50_ms": ms(percentile(gaps, 50)),
+                    "itl_p95_ms": ms(percentile(gaps, 95)),
+                }
         if self.content_of is not None:
             fields |= {"prompt": self.content_of.prompt, "completion": "".join(self.text)}
         log.info("request.finished", **fields)

@@ -436,9 +436,11 @@ class Usage(_message.Message):
     queue_time_ms: _builtins.float
     """Time between the server accepting the request and its prefill starting."""
     time_to_first_token_ms: _builtins.float
-    """Time between the server accepting the request and the first token being ready."""
+    """Time between the server accepting the request and the first token being ready; 0 when
+    the stream generated no token on this server.
+    """
     decode_time_ms: _builtins.float
-    """Time between the first and the last token."""
+    """Time between the first and the last token (0 when it generated none)."""
     total_time_ms: _builtins.float
     """Time between the server accepting the request and the end of generation."""
     request_id: _builtins.str
