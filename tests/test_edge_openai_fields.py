@@ -1,6 +1,7 @@
 """The objects inside an OpenAI request are read as strictly as its top-level fields: a key the
-edge does not read is a 400 naming its full path, never dropped silently. Real server and edge
-on 127.0.0.1, requests as raw JSON (the SDK's types would refuse some of these bodies)."""
+edge does not read is a 400 naming its full path, never dropped silently; a value of the wrong
+JSON type is told apart from a value out of range by its code. Real server and edge on
+127.0.0.1, requests as raw JSON (the SDK's types would refuse some of these bodies)."""
 
 from __future__ import annotations
 
@@ -73,3 +74,85 @@ async def test_an_unknown_key_of_a_nested_object_is_400_naming_its_path(
         "unknown_parameter",
     )
     assert error["message"].startswith(f"{path}:")
+
+
+COMPLETIONS_PATH = "/v1/completions"
+# A field sent with a value of the wrong JSON type; `param` must name the field.
+WRONG_TYPES: dict[str, tuple[str, Any]] = {
+    "temperature as a string": ("temperature", "0.7"),
+    "top_p as a boolean": ("top_p", True),
+    "stream as a string": ("stream", "yes"),
+    "ignore_eos as an integer": ("ignore_eos", 1),
+    "model as an integer": ("model", 3),
+    "stop as an integer": ("stop", 5),
+    "stop as a list of integers": ("stop", [5]),
+    "n as a string": ("n", "2"),
+    "logit_bias bias as a string": ("logit_bias", {"5": "1"}),
+    "prompt as an object": ("prompt", {"text": "hi"}),
+    "batch entry as a number": ("prompt", ["hi", 2.5]),
+}
+
+
+@pytest.mark.parametrize(("name", "value"), WRONG_TYPES.values(), ids=WRONG_TYPES.keys())
+async def test_a_value_of_the_wrong_json_type_is_invalid_type(
+    http: httpx.AsyncClient, name: str, value: Any
+) -> None:
+    """A field whose JSON value has the wrong type (a string for a number, an integer for a
+    boolean or a string...) is 400 with OpenAI's code `invalid_type`, naming the field."""
+    body = {"model": MODEL, "prompt": "def f():", "max_tokens": 2, name: value}
+    response = await http.post(COMPLETIONS_PATH, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == (
+        "invalid_request_error",
+        "prompt[1]" if value == ["hi", 2.5] else name,
+        "invalid_type",
+    )
+
+
+WRONG_MESSAGES: dict[str, tuple[Any, str]] = {
+    "messages as an object": (USER, "messages"),
+    "a message as a string": (["hi"], "messages[0]"),
+    "a role as a number": ([{"role": 1, "content": "hi"}], "messages[0]"),
+    "content as a number": ([{"role": "user", "content": 7}], "messages[0].content"),
+    "a content part as a string": ([{"role": "user", "content": ["hi"]}], "messages[0].content"),
+    "a part's text as a number": (
+        [{"role": "user", "content": [{"type": "text", "text": 7}]}],
+        "messages[0].content",
+    ),
+}
+
+
+@pytest.mark.parametrize(("messages", "path"), WRONG_MESSAGES.values(), ids=WRONG_MESSAGES.keys())
+async def test_a_chat_message_of_the_wrong_json_type_is_invalid_type(
+    http: httpx.AsyncClient, messages: Any, path: str
+) -> None:
+    """`messages`, a message, its role, its content or a content part of the wrong JSON type
+    is 400 `invalid_type`, naming where it is."""
+    response = await http.post(CHAT_PATH, json=_chat(messages=messages))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (path, "invalid_type")
+
+
+# A value of the right JSON type that the field does not allow, and the code it gets.
+WRONG_VALUES: dict[str, tuple[str, Any, str]] = {
+    "temperature above its range": ("temperature", 3.0, "invalid_value"),
+    "top_p an integer past 2^53": ("top_p", 2**53 + 1, "invalid_value"),
+    "logit_bias bias above its range": ("logit_bias", {"5": 101}, "invalid_value"),
+    "n above its range": ("n", 9, "integer_above_max_value"),
+    "an empty prompt": ("prompt", "", "invalid_value"),
+}
+
+
+@pytest.mark.parametrize(("name", "value", "code"), WRONG_VALUES.values(), ids=WRONG_VALUES.keys())
+async def test_a_value_of_the_right_type_out_of_range_keeps_its_range_code(
+    http: httpx.AsyncClient, name: str, value: Any, code: str
+) -> None:
+    """A value of the right JSON type outside the field's range is 400 with its range code
+    (`invalid_value`, or OpenAI's integer bound codes), not `invalid_type`."""
+    body = {"model": MODEL, "prompt": "def f():", "max_tokens": 2, name: value}
+    response = await http.post(COMPLETIONS_PATH, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (name, code)

@@ -134,12 +134,17 @@ class Fields:
     def has(self, name: str) -> bool:
         return self._source.get(name) is not None
 
+    def _wrong_type(self, name: str, reason: str) -> EdgeError:
+        """The 400 for a value of the wrong JSON type: OpenAI's `invalid_type`. A query value
+        is always a string, so there it is a value that does not parse: `invalid_value`."""
+        return EdgeError.invalid(name, reason, None if self._from_query else "invalid_type")
+
     def string(self, name: str, default: str = "") -> str:
         value = self._source.get(name, default)
         if value is None:
             return default
         if not isinstance(value, str):
-            raise EdgeError.invalid(name, "must be a string")
+            raise self._wrong_type(name, "must be a string")
         return value
 
     def integer(self, name: str, default: int | None = None) -> int | None:
@@ -153,7 +158,7 @@ class Fields:
                 raise EdgeError.invalid(name, f"must be {allowed.describe()}")
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int | OutOfRange):
-            raise EdgeError.invalid(name, f"must be {allowed.describe()}", "invalid_type")
+            raise self._wrong_type(name, f"must be {allowed.describe()}")
         if isinstance(value, OutOfRange) or not allowed.low <= value <= allowed.high:
             raise EdgeError.invalid(
                 name, f"must be {allowed.describe()}, got {value!r}", _range_code(value, allowed)
@@ -180,11 +185,15 @@ class Fields:
             if len(value) > 64 or not _QUERY_FLOAT.fullmatch(value):
                 raise EdgeError.invalid(name, f"must be {allowed.describe()}")
             value = float(value)
-        # bool is an int, and an int past 2^53 has no exact float (past ~10^308, none at all).
-        exact = isinstance(value, float) or (
-            isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2**53
-        )
-        if not exact or not allowed.contains(float(value)):
+        # bool is an int, but not a JSON number.
+        if isinstance(value, bool) or not isinstance(value, int | float | OutOfRange):
+            raise self._wrong_type(name, f"must be {allowed.describe()}")
+        # An int past 2^53 has no exact float (past ~10^308, none at all).
+        if (
+            isinstance(value, OutOfRange)
+            or (isinstance(value, int) and abs(value) > 2**53)
+            or not allowed.contains(float(value))
+        ):
             raise EdgeError.invalid(name, f"must be {allowed.describe()}")
         if allowed.lost_on_the_wire(float(value)):
             raise EdgeError.invalid(
@@ -203,7 +212,7 @@ class Fields:
             if lowered in _TRUE or lowered in _FALSE:
                 return lowered in _TRUE
         if not isinstance(value, bool):
-            raise EdgeError.invalid(name, "must be true or false")
+            raise self._wrong_type(name, "must be true or false")
         return value
 
     def strings(self, name: str) -> tuple[str, ...]:
@@ -215,7 +224,7 @@ class Fields:
             return (value,)
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
-        raise EdgeError.invalid(name, "must be a string or a list of strings")
+        raise self._wrong_type(name, "must be a string or a list of strings")
 
     def token_ids(self, name: str) -> tuple[int, ...]:
         """A list of token ids (each an unsigned 32-bit integer; the server checks the
@@ -225,7 +234,7 @@ class Fields:
             return ()
         ids = token_ids_of(value)
         if ids is None:
-            raise EdgeError.invalid(name, "must be a list of token ids", "invalid_type")
+            raise self._wrong_type(name, "must be a list of token ids")
         return ids
 
     def token_biases(self, name: str) -> tuple[tuple[int, float], ...]:
@@ -234,7 +243,7 @@ class Fields:
         if raw is None:
             return ()
         if not isinstance(raw, dict):
-            raise EdgeError.invalid(name, "must be an object of token id -> bias", "invalid_type")
+            raise self._wrong_type(name, "must be an object of token id -> bias")
         bias: dict[int, float] = {}
         for key, value in raw.items():
             if not (
@@ -245,12 +254,11 @@ class Fields:
                 and int(key) <= UINT32_MAX
             ):
                 raise EdgeError.invalid(name, f"keys must be token ids, got {key[:40]!r}")
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not -100 <= value <= 100
-            ):
-                raise EdgeError.invalid(name, f"biases must be between -100 and 100 ({key})")
+            reason = f"biases must be between -100 and 100 ({key})"
+            if isinstance(value, bool) or not isinstance(value, int | float | OutOfRange):
+                raise self._wrong_type(name, reason)
+            if isinstance(value, OutOfRange) or not -100 <= value <= 100:
+                raise EdgeError.invalid(name, reason)
             token = int(key)
             if token in bias:
                 # "5" and "05" are two keys for one token: neither bias may win silently.

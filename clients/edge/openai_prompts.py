@@ -34,7 +34,10 @@ def completion_prompts(fields: Fields, n: int) -> tuple[tuple[Prompt, ...], bool
     ids = token_ids_of(prompt)
     if ids:
         return (("", ids),), False
-    if not isinstance(prompt, list) or not prompt or _is_int(prompt[0]):
+    if not isinstance(prompt, list):
+        # No prompt at all is a missing value; a number or an object, a wrong type.
+        raise EdgeError.invalid("prompt", _SHAPES, None if prompt is None else "invalid_type")
+    if not prompt or _is_int(prompt[0]):
         # A list that starts with an integer is token ids, with one that is not.
         raise EdgeError.invalid("prompt", _SHAPES)
     if len(prompt) * n > MAX_GENERATIONS:
@@ -58,7 +61,11 @@ def _entry(entry: Any, index: int) -> Prompt:
     ids = token_ids_of(entry)
     if ids:
         return "", ids
-    raise EdgeError.invalid(f"prompt[{index}]", "must be a string or a non-empty list of token ids")
+    raise EdgeError.invalid(
+        f"prompt[{index}]",
+        "must be a string or a non-empty list of token ids",
+        None if isinstance(entry, list) else "invalid_type",
+    )
 
 
 def _text(prompt: str, where: str) -> Prompt:

@@ -375,13 +375,20 @@ def _content(content: Any, index: int) -> str | list[dict[str, str]]:
     where = f"messages[{index}].content"
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if len(parts) == len(content) and all(isinstance(p, str) for p in parts):
-            for i, part in enumerate(content):
-                _check_keys(part, TEXT_PART_KEYS, f"{where}[{i}]")
-            return [{"type": "text", "text": str(p)} for p in parts]
-    raise EdgeError.invalid(where, "must be a string or text parts")
+    reason = "must be a string or text parts"
+    if not isinstance(content, list):
+        # null (no content) is a value the edge does not take; a number, an object... a type.
+        raise EdgeError.invalid(where, reason, None if content is None else "invalid_type")
+    for part in content:
+        if not isinstance(part, dict) or (
+            part.get("type") == "text" and not isinstance(part.get("text"), str)
+        ):
+            raise EdgeError.invalid(where, reason, "invalid_type")
+        if part.get("type") != "text":  # an image, audio or file part
+            raise EdgeError.invalid(where, reason)
+    for i, part in enumerate(content):
+        _check_keys(part, TEXT_PART_KEYS, f"{where}[{i}]")
+    return [{"type": "text", "text": str(part["text"])} for part in content]
 
 
 def chat_turns(fields: Fields) -> list[dict[str, Any]]:
@@ -389,14 +396,21 @@ def chat_turns(fields: Fields) -> list[dict[str, Any]]:
     caller named the speaker, name."""
     messages = fields.raw("messages")
     if not isinstance(messages, list) or not messages:
-        raise EdgeError.invalid("messages", "must be a non-empty list")
+        wrong_type = messages is not None and not isinstance(messages, list)
+        raise EdgeError.invalid(
+            "messages", "must be a non-empty list", "invalid_type" if wrong_type else None
+        )
     return [_turn(message, i) for i, message in enumerate(messages)]
 
 
 def _turn(message: Any, index: int) -> dict[str, Any]:
     where = f"messages[{index}]"
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-        raise EdgeError.invalid(where, "must be an object with a string role")
+        # An object without a role lacks a value; anything else has a wrong type.
+        missing = isinstance(message, dict) and message.get("role") is None
+        raise EdgeError.invalid(
+            where, "must be an object with a string role", None if missing else "invalid_type"
+        )
     role = CHAT_ROLES.get(message["role"])
     if role is None:
         raise EdgeError.invalid(
