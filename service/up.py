@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from tokenwire.common import defaults
-from tokenwire.common.settings import host_family, host_port, require, setting
+from tokenwire.common.settings import host_family, host_port, require, require_seconds, setting
 from tokenwire.server.process import TokenwireProcess
 
 LogFormat = Literal["json", "console"]
@@ -53,7 +53,7 @@ class UpSettings:
             "different from grpc_port and http_port",
             self.metrics_port,
         )
-        require(self.drain_grace_s >= 0, "drain_grace_s", ">= 0", self.drain_grace_s)
+        require_seconds(self.drain_grace_s, "drain_grace_s")
         require(
             self.log_format in ("json", "console"), "log_format", "json or console", self.log_format
         )

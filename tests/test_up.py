@@ -214,6 +214,21 @@ async def test_up_whose_edge_cannot_start_stops_the_server_and_exits_2() -> None
     socket.create_server(("127.0.0.1", grpc_port)).close()
 
 
+async def test_up_refuses_a_drain_grace_beyond_the_longest_duration_itself() -> None:
+    """TOKENWIRE_DRAIN_GRACE_S=2000000 (past the 1000000 s every duration setting takes) stops
+    `tokenwire up` before it starts a child: status 2 and one line from `up` naming
+    drain_grace_s, its range and the variable."""
+    grpc_port, http_port, metrics_port = _free_ports(3)
+    env = {"TOKENWIRE_DRAIN_GRACE_S": "2000000"}
+    proc = await _spawn_up(grpc_port, http_port, metrics_port, env=env)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2
+    assert out.decode().splitlines() == [
+        "tokenwire up: drain_grace_s: must be between 0 and 1000000 seconds, got 2000000.0 "
+        "(from TOKENWIRE_DRAIN_GRACE_S)"
+    ]
+
+
 @pytest.mark.parametrize("held", ["grpc", "http", "metrics"])
 async def test_up_with_a_port_taken_starts_nothing_and_exits_2(held: str) -> None:
     """With one of its ports held by another program, `tokenwire up` prints one line naming
