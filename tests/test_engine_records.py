@@ -88,6 +88,7 @@ async def test_queue_time_ends_when_the_prefill_starts(slow: RunningServer) -> N
     for handle in (long, short):
         assert isinstance([event async for event in handle.events()][-1], CompletionEvent)
     record = await _recorded(slow, "short")
+    assert record.queue_time is not None
     assert record.queue_time >= 2 * STEP_S
 
 

@@ -142,6 +142,68 @@ async def test_gauges_return_to_zero_after_a_failed_step(
         await running.server.drain()
 
 
+@pytest.fixture
+async def one_row(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> AsyncIterator[tuple[RunningServer, Scraper]]:
+    """A metered server of one row on a scripted model (a step per 10 ms)."""
+    metrics = ServerMetrics()
+    port, _ = metrics.serve("127.0.0.1", 0)
+    model = ScriptedModel(spec, {}, step_delay_s=0.01)
+    running = await start_server(model, tokenizer, metrics, max_batch_size=1)
+    yield running, Scraper(port)
+    await running.server.drain()
+
+
+async def _cancel_while_queued(running: RunningServer) -> None:
+    """One stream runs on the only row while another waits behind it and is cancelled; then
+    the first finishes."""
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        first = stub.Generate(pb.GenerateRequest(prompt="x", max_tokens=30, ignore_eos=True))
+        await anext(aiter(first))
+        queued = stub.Generate(greedy("waits here", max_tokens=5, request_id="queued"))
+        for _ in range(250):  # until the server has it (a cancel is answered once)
+            if (await stub.Cancel(pb.CancelRequest(request_id="queued"))).cancelled:
+                break
+            await asyncio.sleep(0.02)
+        assert [m async for m in queued][-1].completion.finish_reason == (
+            pb.FINISH_REASON_CANCELLED
+        )
+        assert [m async for m in first][-1].completion.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+async def _counted(scrape: Scraper, finished: int) -> bool:
+    async def recorded() -> bool:
+        return await scrape.value("tokenwire_requests_total", finish_reason="length") == finished
+
+    return await eventually_awaited(recorded)
+
+
+async def test_a_request_cancelled_in_the_queue_observes_no_queue_time(
+    one_row: tuple[RunningServer, Scraper],
+) -> None:
+    """Queue time is arrival to the first prefill forward: a request cancelled while it waits
+    for a row never had one and adds no observation (the one that ran adds one)."""
+    running, scrape = one_row
+    await _cancel_while_queued(running)
+    assert await _counted(scrape, 1)
+    assert await scrape.value("tokenwire_requests_total", finish_reason="cancelled") == 1
+    assert await scrape.value("tokenwire_request_queue_seconds_count") == 1
+
+
+async def test_a_request_cancelled_in_the_queue_processes_no_prompt_tokens(
+    one_row: tuple[RunningServer, Scraper],
+) -> None:
+    """tokenwire_prompt_tokens_total counts prompt tokens processed: a request cancelled
+    before its prefill adds none; the one that ran adds its prompt (one token, "x")."""
+    running, scrape = one_row
+    await _cancel_while_queued(running)
+    assert await _counted(scrape, 1)
+    assert await scrape.value("tokenwire_requests_total", finish_reason="cancelled") == 1
+    assert await scrape.value("tokenwire_prompt_tokens_total") == 1
+
+
 async def test_exposition_has_no_unbounded_labels(metered: tuple[RunningServer, Scraper]) -> None:
     """Only bounded labels appear: no request ids, whatever requests ran."""
     running, scrape = metered

@@ -25,6 +25,7 @@ class RequestRecord:
 
     request_id: str
     prompt_tokens: int
+    """Context positions prefilled: the prompt, and a continued stream's delivered tokens."""
     completion_tokens: int
     arrived_at: float
     scheduled_at: float | None
@@ -40,8 +41,9 @@ class RequestRecord:
         return "error" if self.finish_reason is None else self.finish_reason.value
 
     @property
-    def queue_time(self) -> float:
-        return (self.scheduled_at or self.finished_at) - self.arrived_at
+    def queue_time(self) -> float | None:
+        """Arrival to the first prefill forward; None for a request that ended before one."""
+        return None if self.scheduled_at is None else self.scheduled_at - self.arrived_at
 
     @property
     def time_to_first_token(self) -> float | None:

@@ -239,12 +239,13 @@ class Sequence:
         return events
 
     def record(self, now: float) -> RequestRecord:
-        """What the observer sees: the work done here (a continued stream's delivered tokens
-        count as context fed, not as tokens generated) and the outcome its caller saw;
-        finish_reason None means the request failed."""
+        """What the observer sees: the work done here (the context positions prefilled, where
+        a continued stream's delivered tokens count, not as tokens generated; none for a
+        request that ended before its prefill) and the outcome its caller saw; finish_reason
+        None means the request failed."""
         return RequestRecord(
             request_id=self.request_id,
-            prompt_tokens=len(self.prompt_ids) + self.resumed,
+            prompt_tokens=self.prefilled,
             completion_tokens=len(self.generated) - self.resumed,
             arrived_at=self.arrived_at,
             scheduled_at=self.scheduled_at,

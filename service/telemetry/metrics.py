@@ -173,7 +173,8 @@ class ServerMetrics:
         self.requests.labels(finish_reason=record.outcome).inc()
         self.prompt_tokens.inc(record.prompt_tokens)
         self.generation_tokens.inc(record.completion_tokens)
-        self.queue.observe(record.queue_time)
+        if record.queue_time is not None:
+            self.queue.observe(record.queue_time)
         self.duration.observe(record.finished_at - record.arrived_at)
         ttft = record.time_to_first_token
         if ttft is not None:
