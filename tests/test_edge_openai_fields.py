@@ -5,6 +5,8 @@ JSON type is told apart from a value out of range by its code. Real server and e
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -90,7 +92,18 @@ WRONG_TYPES: dict[str, tuple[str, Any]] = {
     "logit_bias bias as a string": ("logit_bias", {"5": "1"}),
     "prompt as an object": ("prompt", {"text": "hi"}),
     "batch entry as a number": ("prompt", ["hi", 2.5]),
+    "user as an integer": ("user", 5),
+    "store as a string": ("store", "true"),
+    "metadata as a list": ("metadata", ["a"]),
+    "metadata value as a number": ("metadata", {"team": 7}),
+    "service_tier as a boolean": ("service_tier", True),
+    "prompt_cache_key as an object": ("prompt_cache_key", {}),
+    "safety_identifier as an integer": ("safety_identifier", 9),
 }
+
+
+# Where `param` names a place inside the field rather than the field.
+PARAMS = {json.dumps(["hi", 2.5]): "prompt[1]", json.dumps({"team": 7}): "metadata.team"}
 
 
 @pytest.mark.parametrize(("name", "value"), WRONG_TYPES.values(), ids=WRONG_TYPES.keys())
@@ -105,7 +118,7 @@ async def test_a_value_of_the_wrong_json_type_is_invalid_type(
     error = response.json()["error"]
     assert (error["type"], error["param"], error["code"]) == (
         "invalid_request_error",
-        "prompt[1]" if value == ["hi", 2.5] else name,
+        PARAMS.get(json.dumps(value), name),
         "invalid_type",
     )
 

@@ -49,6 +49,8 @@ HONOURED_BY_ROUTE = {
     False: frozenset({"prompt"}),
 }
 # Accepted as sent: they label, store or route the request but cannot change its answer.
+# Each must still have its JSON type: a string, `store` a boolean, `metadata` an object of
+# strings.
 NEUTRAL = frozenset(
     {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
 )
@@ -180,8 +182,25 @@ def check_fields(fields: Fields, *, chat: bool) -> None:
             continue
         if name not in known:
             _check_idle(name, value, idle)
+        if name in NEUTRAL:
+            _check_neutral(name, value)
         if name in KEYS_OF and isinstance(value, dict):
             _check_keys(value, KEYS_OF[name], name)
+
+
+def _check_neutral(name: str, value: Any) -> None:
+    """400 invalid_type for a field accepted as sent whose JSON type is not its own."""
+    if name == "store":
+        if not isinstance(value, bool):
+            raise EdgeError.invalid(name, "must be true or false", "invalid_type")
+    elif name == "metadata":
+        if not isinstance(value, dict):
+            raise EdgeError.invalid(name, "must be an object of strings", "invalid_type")
+        for key, item in value.items():
+            if not isinstance(item, str):
+                raise EdgeError.invalid(f"{name}.{key}", "must be a string", "invalid_type")
+    elif not isinstance(value, str):
+        raise EdgeError.invalid(name, "must be a string", "invalid_type")
 
 
 def _check_idle(name: str, value: Any, idle: dict[str, Callable[[Any], bool]]) -> None:
