@@ -6,7 +6,6 @@ JSON type is told apart from a value out of range by its code. Real server and e
 from __future__ import annotations
 
 import json
-
 from collections.abc import AsyncIterator
 from typing import Any
 
