@@ -24,7 +24,7 @@ from tests.conftest import (
     start_server,
 )
 from tests.fakes import ScriptedModel
-from tokenwire.server.engine import ModelSpec, OnnxCausalLM
+from tokenwire.server.engine import CausalLM, ModelSpec, OnnxCausalLM
 from tokenwire.server.telemetry.metrics import ServerMetrics, _MetricsServer
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
@@ -53,14 +53,21 @@ class Scraper:
         return (await self.samples()).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+async def _metered(
+    model: CausalLM, tokenizer: Tokenizer, **overrides: object
+) -> tuple[RunningServer, Scraper]:
+    """A real server exporting its metrics on their own port, and a scraper of them."""
+    metrics = ServerMetrics()
+    port, _ = metrics.serve("127.0.0.1", 0)
+    return await start_server(model, tokenizer, metrics, **overrides), Scraper(port)
+
+
 @pytest.fixture
 async def metered(
     onnx_model: OnnxCausalLM, tokenizer: Tokenizer
 ) -> AsyncIterator[tuple[RunningServer, Scraper]]:
-    metrics = ServerMetrics()
-    port, _ = metrics.serve("127.0.0.1", 0)
-    running = await start_server(onnx_model, tokenizer, metrics, max_batch_size=2, max_queue=1)
-    yield running, Scraper(port)
+    running, scrape = await _metered(onnx_model, tokenizer, max_batch_size=2, max_queue=1)
+    yield running, scrape
     await running.server.drain()
 
 
@@ -114,10 +121,7 @@ async def test_gauges_return_to_zero_after_a_failed_step(
     ends the one still running with INTERNAL, and the running and KV-cache gauges, read while
     the engine is idle after it, are 0 again instead of the last good step's values."""
     model = ScriptedModel(spec, {}, step_delay_s=0.002)
-    metrics = ServerMetrics()
-    port, _ = metrics.serve("127.0.0.1", 0)
-    scrape = Scraper(port)
-    running = await start_server(model, tokenizer, metrics)
+    running, scrape = await _metered(model, tokenizer)
     model.malformed_on_calls = {model.calls + 3}  # the rows' cache breaks when one leaves
     try:
         async with grpc.aio.insecure_channel(running.target) as channel:
@@ -147,11 +151,9 @@ async def one_row(
     spec: ModelSpec, tokenizer: Tokenizer
 ) -> AsyncIterator[tuple[RunningServer, Scraper]]:
     """A metered server of one row on a scripted model (a step per 10 ms)."""
-    metrics = ServerMetrics()
-    port, _ = metrics.serve("127.0.0.1", 0)
     model = ScriptedModel(spec, {}, step_delay_s=0.01)
-    running = await start_server(model, tokenizer, metrics, max_batch_size=1)
-    yield running, Scraper(port)
+    running, scrape = await _metered(model, tokenizer, max_batch_size=1)
+    yield running, scrape
     await running.server.drain()
 
 
