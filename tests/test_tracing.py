@@ -6,7 +6,8 @@ edge on 127.0.0.1:0."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
 import httpx
@@ -24,7 +25,9 @@ from tokenwire.edge import tracing as edge_tracing
 from tokenwire.edge.server import EdgeServer
 from tokenwire.edge.settings import EdgeSettings
 from tokenwire.server.config import Settings
+from tokenwire.server.domain import GenerationRequest
 from tokenwire.server.engine import Engine, OnnxCausalLM
+from tokenwire.server.engine.engine import LONG_PROMPT_CHARS
 from tokenwire.server.main import engine_config
 from tokenwire.server.rpc.server import TokenwireServer
 from tokenwire.server.telemetry.tracing import GENERATE_SPAN, Tracing
@@ -227,17 +230,46 @@ async def test_refused_generate_span_has_error_status(fresh: Traced) -> None:
     assert attributes["error.type"] == "InvalidRequest"
 
 
+@dataclasses.dataclass
+class _Gate:
+    reached: threading.Event
+    """A long prompt has reached the tokenizer thread."""
+    release: threading.Event
+    """Set: the held prompts are tokenized."""
+
+
+@pytest.fixture
+def tokenizer_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Gate]:
+    """Long prompts wait on the tokenizer thread until `release` is set (set at the end)."""
+    gate = _Gate(threading.Event(), threading.Event())
+    encode = Engine._encode_released
+
+    def gated(engine: Engine, request: GenerationRequest) -> list[int]:
+        gate.reached.set()
+        gate.release.wait(10)
+        return encode(engine, request)
+
+    monkeypatch.setattr(Engine, "_encode_released", gated)
+    yield gate
+    gate.release.set()
+
+
 async def test_a_call_that_ends_while_its_prompt_is_tokenized_ends_its_span(
-    fresh: Traced,
+    fresh: Traced, tokenizer_gate: _Gate
 ) -> None:
-    """A call whose deadline passes while its long prompt is being tokenized (before the
-    engine accepts it) ends its Generate span with DEADLINE_EXCEEDED and logs its end."""
-    prompt = "def f(x): return x + 1\n" * 11_000  # about 0.1 s of tokenizing
+    """A call whose deadline passes while its long prompt is being tokenized (held on the
+    tokenizer thread until then, before the engine accepts it) ends its Generate span with
+    DEADLINE_EXCEEDED and logs its end."""
+    prompt = "#" * (LONG_PROMPT_CHARS + 100) + "\ndef f(n):"
     with capture_logs() as logs:
         async with grpc.aio.insecure_channel(fresh.target) as channel:
+            await channel.channel_ready()
             stub = pb_grpc.GenerationServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as ended:
-                await collect(stub, greedy(prompt, 2), timeout=0.02)
+                await collect(stub, greedy(prompt, 2), timeout=0.5)
+        assert tokenizer_gate.reached.is_set(), (
+            "the call ended before its prompt reached the tokenizer"
+        )
         (generate,) = await _spans(fresh.server_spans, 1)
     assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert generate.status.status_code == StatusCode.ERROR
