@@ -4,9 +4,11 @@ own failures: each still ends once, and is reported once."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -36,6 +38,22 @@ from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 LONG = "#" * (LONG_PROMPT_CHARS + 900) + "\ndef fib(n):"
 
 
+class _Encodings(dict[tuple[str, bool], "concurrent.futures.Future[list[int]]"]):
+    """The engine's long prompts being tokenized, counting the lookups that found one: the
+    requests that joined a tokenizing under way (until a tokenizing ends and is forgotten,
+    which looks it up too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found = 0
+
+    def get(self, key: object, default: object = None) -> Any:
+        found = super().get(key, default)  # type: ignore[call-overload]
+        if found is not None:
+            self.found += 1
+        return found
+
+
 class _HeldTokenizing(Engine):
     """The engine, its tokenizer thread held at each long prompt until `release` is set."""
 
@@ -44,6 +62,7 @@ class _HeldTokenizing(Engine):
         self.started = threading.Event()
         self.release = threading.Event()
         self.encoded = 0
+        self._encodings = self.encodings = _Encodings()
 
     def _encode_released(self, request: GenerationRequest) -> list[int]:
         self.started.set()
@@ -86,7 +105,8 @@ async def test_a_long_prompt_shared_by_two_event_loops_serves_both(
         assert await asyncio.to_thread(engine.started.wait, 10)
         thread = threading.Thread(target=from_another_loop)
         thread.start()
-        await asyncio.sleep(0.05)  # the other loop is waiting for the tokenizing by now
+        # The other loop has found the tokenizing under way, and waits for it.
+        assert await eventually(lambda: engine.encodings.found == 1)
         engine.release.set()
         assert await _outcome((await first).events()) is FinishReason.LENGTH
         await asyncio.to_thread(thread.join, 10)
