@@ -29,9 +29,12 @@ from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 
-def _recorded(served: RunningServer, request_id: str) -> RequestRecord:
+async def _recorded(served: RunningServer, request_id: str) -> RequestRecord:
+    """The request's record, once the observer has it (just after the engine released it)."""
     assert isinstance(served.observer, RecordingObserver)
-    return served.observer.finished[request_id]
+    finished = served.observer.finished
+    assert await eventually(lambda: request_id in finished, within_s=10.0)
+    return finished[request_id]
 
 
 async def test_client_cancel_mid_stream_frees_the_engine(
@@ -47,7 +50,7 @@ async def test_client_cancel_mid_stream_frees_the_engine(
     call.cancel()
     assert await eventually(lambda: served.engine.active_count == 0, within_s=5.0)
     assert served.engine.running_count == 0
-    record = _recorded(served, "cancel-me")
+    record = await _recorded(served, "cancel-me")
     assert record.finish_reason == FinishReason.CANCELLED
     assert record.completion_tokens < 400
 
@@ -64,25 +67,27 @@ async def test_next_request_works_after_a_cancel(
     assert messages[-1].completion.finish_reason == pb.FINISH_REASON_LENGTH
 
 
-async def test_deadline_ends_the_stream_with_deadline_exceeded(
-    stub: pb_grpc.GenerationServiceStub, served: RunningServer
-) -> None:
-    """A deadline shorter than the generation ends it as deadline_exceeded and frees the engine.
+async def test_deadline_ends_the_stream_with_deadline_exceeded(slow: RunningServer) -> None:
+    """A deadline shorter than the generation (0.5 s, on a model taking SLOW_STEP_S a step: it
+    passes while the request is generating) ends it as deadline_exceeded and frees the engine.
 
     Whichever notices first, the client sees it: a DEADLINE_EXCEEDED status (gRPC's timer) or a
     completion with FINISH_REASON_DEADLINE_EXCEEDED (the engine's check between steps).
     """
-    request = greedy("def slow():", max_tokens=450, request_id="late")
-    try:
-        messages = await collect(stub, request, timeout=0.05)
-        seen = messages[-1].completion.finish_reason
-    except grpc.aio.AioRpcError as error:
-        seen = error.code()
+    request = greedy("def slow():", max_tokens=100, request_id="late")
+    async with grpc.aio.insecure_channel(slow.target) as channel:
+        await channel.channel_ready()  # the deadline covers the call, not the connection
+        stub = pb_grpc.GenerationServiceStub(channel)
+        try:
+            messages = await collect(stub, request, timeout=0.5)
+            seen = messages[-1].completion.finish_reason
+        except grpc.aio.AioRpcError as error:
+            seen = error.code()
     assert seen in {grpc.StatusCode.DEADLINE_EXCEEDED, pb.FINISH_REASON_DEADLINE_EXCEEDED}
-    assert await eventually(lambda: served.engine.active_count == 0, within_s=5.0)
-    record = _recorded(served, "late")
+    assert await eventually(lambda: slow.engine.active_count == 0, within_s=5.0)
+    record = await _recorded(slow, "late")
     assert record.finish_reason == FinishReason.DEADLINE_EXCEEDED
-    assert record.completion_tokens < 450
+    assert record.completion_tokens < 100
 
 
 async def test_cancel_rpc_ends_a_stream_with_a_cancelled_completion(
