@@ -18,10 +18,14 @@ from tests.procs import EdgeProcess
 
 NATIVE = {"prompt": "def f():", "max_tokens": 60, "ignore_eos": True}
 OPENAI = {"model": MODEL, "prompt": "x", "max_tokens": 60, "stream": True}
+OUTLASTING = 300
+"""max_tokens of a stream that must run to its end after the drain's checks: 3 s on the
+`paced` server, far longer than the checks take even on a loaded machine."""
 
 
 async def _native_rest(http: httpx.AsyncClient, started: asyncio.Event) -> list[ServerSentEvent]:
-    async with aconnect_sse(http, "POST", "/v1/generate", json=NATIVE) as source:
+    body = {**NATIVE, "max_tokens": OUTLASTING}
+    async with aconnect_sse(http, "POST", "/v1/generate", json=body) as source:
         events = []
         async for event in source.aiter_sse():
             events.append(event)
@@ -30,7 +34,8 @@ async def _native_rest(http: httpx.AsyncClient, started: asyncio.Event) -> list[
 
 
 async def _openai_lines(http: httpx.AsyncClient, started: asyncio.Event) -> list[str]:
-    async with http.stream("POST", "/v1/completions", json=OPENAI) as response:
+    body = {**OPENAI, "max_tokens": OUTLASTING}
+    async with http.stream("POST", "/v1/completions", json=body) as response:
         lines = []
         async for line in response.aiter_lines():
             if line.startswith("data: "):
@@ -43,7 +48,8 @@ async def test_drain_refuses_new_work_while_in_flight_streams_finish(
     paced: RunningServer,
 ) -> None:
     """During a drain /readyz and new requests are 503, while a native SSE stream and an OpenAI
-    stream already running both reach their `done` / `[DONE]`; the drain reports clean."""
+    stream already running (long enough to outlast those checks) both reach their `done` /
+    `[DONE]`; the drain reports clean."""
     edge = await start_edge(paced.target)
     async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
         native_started, openai_started = asyncio.Event(), asyncio.Event()
@@ -119,13 +125,14 @@ async def test_cancel_of_a_running_stream_passes_during_a_drain(paced: RunningSe
 async def test_edge_process_drains_on_sigterm_exits_zero_and_logs_it(
     paced: RunningServer,
 ) -> None:
-    """SIGTERM to `tokenwire edge`: /readyz 503, the open stream ends with done(length), exit
-    code 0, and one `edge.stopped` log line."""
+    """SIGTERM to `tokenwire edge`: /readyz 503, the open stream (long enough to outlast that
+    check) ends with done(length), exit code 0, and one `edge.stopped` log line."""
     proc = await asyncio.to_thread(EdgeProcess, paced.target, "--drain-grace-s", "20")
+    body = {**NATIVE, "max_tokens": OUTLASTING}
     try:
         async with (
             httpx.AsyncClient(base_url=proc.url, timeout=30) as http,
-            aconnect_sse(http, "POST", "/v1/generate", json=NATIVE) as source,
+            aconnect_sse(http, "POST", "/v1/generate", json=body) as source,
         ):
             stream = source.aiter_sse()
             events = [await anext(stream)]

@@ -172,14 +172,19 @@ async def test_a_request_refused_for_its_content_type_counts_rejected(
 
 
 async def test_a_request_refused_while_draining_counts_rejected(paced: RunningServer) -> None:
-    """While the edge drains, a new request on each route is refused (503) and counts
+    """While the edge drains (held open by a running 400-token stream, cancelled once the
+    requests are answered), a new request on each route is refused (503) and counts
     `rejected` once under that route."""
     edge = await start_edge(paced.target)
     try:
         async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            long = {"prompt": "x", "max_tokens": 400, "ignore_eos": True}
+            headers = {"X-Request-ID": "holds-the-drain"}
             async with aconnect_sse(
-                http, "POST", "/v1/generate", json={"prompt": "x", "max_tokens": 30}
+                http, "POST", "/v1/generate", json=long, headers=headers
             ) as source:
+                stream = source.aiter_sse()
+                await anext(stream)
                 drain = asyncio.create_task(edge.edge.drain(grace_s=20))
                 assert await eventually(lambda: edge.edge.ctx.drain.draining, 2)
                 statuses = [
@@ -187,8 +192,9 @@ async def test_a_request_refused_while_draining_counts_rejected(paced: RunningSe
                     for path, body in REQUESTS.values()
                 ]
                 counts = await _outcomes(http)
-                [event async for event in source.aiter_sse()]
-            await drain
+                await http.post("/v1/generate/holds-the-drain/cancel", json={})
+                [event async for event in stream]
+            await asyncio.wait_for(drain, 10)
     finally:
         await edge.edge.stop()
     assert statuses == [503] * len(REQUESTS)
