@@ -35,7 +35,8 @@ def _streams(
 
 
 async def test_edge_counts_outcomes_and_client_ttft(served: RunningServer) -> None:
-    """Completed, disconnected, resumed and rejected streams are counted; gauges return to 0."""
+    """Completed, disconnected, resumed (once the edge has counted the disconnect: the stream
+    has no reader then) and rejected streams are counted; gauges return to 0."""
     edge = await start_edge(served.target, resume_window_s=5.0)
     try:
         async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
@@ -47,6 +48,11 @@ async def test_edge_counts_outcomes_and_client_ttft(served: RunningServer) -> No
                 async for event in source.aiter_sse():
                     last_id = event.id
                     break
+
+            async def disconnect_counted() -> bool:
+                return _streams(await _values(http), "native", "client_disconnected") > 0
+
+            assert await eventually_awaited(disconnect_counted)
             async with aconnect_sse(
                 http, "POST", "/v1/generate", json={}, headers={"Last-Event-ID": last_id}
             ) as source:
