@@ -257,10 +257,13 @@ async def test_a_cancelled_stream_ends_with_usage_then_done(
     assert json.loads(events[-1].data)["finish_reason"] == "cancelled"
 
 
-def _finish_reason(served: RunningServer, request_id: str) -> FinishReason | None:
+async def _finish_reason(served: RunningServer, request_id: str) -> FinishReason | None:
+    """The request's finish reason, once the observer has its record (just after the engine
+    released it)."""
     assert isinstance(served.observer, RecordingObserver)
-    record = served.observer.finished.get(request_id)
-    return None if record is None else record.finish_reason
+    finished = served.observer.finished
+    assert await eventually(lambda: request_id in finished, within_s=10)
+    return finished[request_id].finish_reason
 
 
 async def _drop_after_first_event(edge: RunningEdge, request_id: str) -> None:
@@ -297,7 +300,7 @@ async def test_disconnect_keeps_generating_for_the_window_then_cancels(
     finally:
         await edge.edge.stop()
     assert still_running == 1
-    assert _finish_reason(served, "drop-window") == FinishReason.CANCELLED
+    assert await _finish_reason(served, "drop-window") == FinishReason.CANCELLED
 
 
 async def test_window_zero_cancels_upstream_at_once(paced: RunningServer) -> None:
@@ -309,7 +312,7 @@ async def test_window_zero_cancels_upstream_at_once(paced: RunningServer) -> Non
         assert await eventually(lambda: served.engine.active_count == 0, within_s=1)
     finally:
         await edge.edge.stop()
-    assert _finish_reason(served, "drop-now") == FinishReason.CANCELLED
+    assert await _finish_reason(served, "drop-now") == FinishReason.CANCELLED
 
 
 async def _leave_after(
