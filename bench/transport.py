@@ -136,6 +136,16 @@ class BareServicer(pb_grpc.GenerationServiceServicer):
     ) -> pb.GetModelInfoResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the bare servicer only streams")
 
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.TokenizeResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the bare servicer only streams")
+
+    async def Detokenize(
+        self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DetokenizeResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the bare servicer only streams")
+
 
 def serve(kind: str, step_s: float, streams: int, ports: Queue[int]) -> None:
     """A server process: tokenwire's server over the stand-in, or the bare servicer."""

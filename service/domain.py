@@ -177,13 +177,7 @@ class GenerationRequest:
 
     def check(self, limits: RequestLimits) -> None:
         """Raise InvalidRequest when a field breaks one of the server's limits."""
-        prompt_bytes = len(self.prompt.encode("utf-8", "surrogatepass"))
-        if prompt_bytes > limits.max_prompt_bytes:
-            raise InvalidRequest(
-                "prompt",
-                f"<{prompt_bytes} bytes>",
-                f"must be at most {limits.max_prompt_bytes} bytes",
-            )
+        check_text_size("prompt", self.prompt, limits.max_prompt_bytes)
         if self.max_tokens > limits.max_tokens_limit:
             raise InvalidRequest(
                 "max_tokens",
@@ -229,6 +223,59 @@ class GenerationRequest:
                 f"context length is {limits.context_length}",
             )
         return self.max_tokens
+
+
+def check_text_size(field: str, text: str, max_bytes: int) -> None:
+    """A text the server takes holds at most max_bytes of UTF-8 (max_prompt_bytes)."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise InvalidRequest(field, f"<{size} bytes>", f"must be at most {max_bytes} bytes")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenizeRequest:
+    """A text whose token ids are asked for, as a GenerationRequest's prompt would have them."""
+
+    text: str
+    add_special_tokens: bool = True
+    """As GenerationRequest.add_special_tokens: False for a text rendered from a template."""
+    with_pieces: bool = False
+    """Also each token's own text and bytes."""
+
+    def __post_init__(self) -> None:
+        if not self.text:
+            raise InvalidRequest("text", self.text, "must be a non-empty string")
+
+    def check(self, limits: RequestLimits) -> None:
+        """The text is held to the prompt's size limit."""
+        check_text_size("text", self.text, limits.max_prompt_bytes)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DetokenizeRequest:
+    """Token ids whose text is asked for."""
+
+    token_ids: tuple[int, ...]
+    skip_special_tokens: bool = False
+
+    def check(self, vocab: int) -> None:
+        """Every id is in the vocabulary; the first that is not is named by its index."""
+        for i, token_id in enumerate(self.token_ids):
+            if not 0 <= token_id < vocab:
+                raise InvalidRequest(
+                    f"token_ids[{i}]", token_id, f"must be a token id below {vocab}"
+                )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Tokens:
+    """A text's token ids, with each token's own text and bytes where they were asked for."""
+
+    ids: tuple[int, ...]
+    pieces: tuple[str, ...] = ()
+    """Each token's own text (Tokenizer.token_text), as a generated token's token_text."""
+    piece_bytes: tuple[bytes, ...] = ()
+    """Each token's own bytes (Tokenizer.token_bytes), as a generated token's token_bytes."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

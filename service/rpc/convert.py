@@ -7,12 +7,15 @@ import uuid
 from tokenwire.common import model_identity, request_ids
 from tokenwire.server.domain import (
     CompletionEvent,
+    DetokenizeRequest,
     Event,
     FinishReason,
     GenerationRequest,
     InvalidRequest,
     SamplingParams,
     TokenEvent,
+    TokenizeRequest,
+    Tokens,
     UsageEvent,
 )
 from tokenwire.server.engine import Engine
@@ -148,3 +151,24 @@ def model_info_to_pb(engine: Engine) -> pb.GetModelInfoResponse:
         template_tokens=spec.template_tokens,
         max_requests=engine.max_rows + engine.config.max_queue,
     )
+
+
+def tokenize_from_pb(msg: pb.TokenizeRequest) -> TokenizeRequest:
+    return TokenizeRequest(
+        text=msg.text,
+        add_special_tokens=msg.add_special_tokens if msg.HasField("add_special_tokens") else True,
+        with_pieces=msg.with_pieces,
+    )
+
+
+def tokens_to_pb(tokens: Tokens, context_length: int) -> pb.TokenizeResponse:
+    return pb.TokenizeResponse(
+        token_ids=tokens.ids,
+        pieces=tokens.pieces,
+        piece_bytes=tokens.piece_bytes,
+        context_length=context_length,
+    )
+
+
+def detokenize_from_pb(msg: pb.DetokenizeRequest) -> DetokenizeRequest:
+    return DetokenizeRequest(tuple(msg.token_ids), msg.skip_special_tokens)

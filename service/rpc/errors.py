@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import grpc
+import structlog
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -13,6 +14,8 @@ from grpc_status import rpc_status
 from tokenwire.server.domain import InvalidRequest, Overloaded, TokenwireError, Unavailable
 
 RETRY_AFTER_MS = "retry-after-ms"
+
+log = structlog.get_logger("tokenwire.rpc")
 
 
 def to_status(exc: BaseException) -> grpc.Status:
@@ -68,3 +71,11 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException)
     """End the RPC with exc's status. Raises, as context.abort does."""
     status = to_status(exc)
     await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def log_rejected(exc: TokenwireError) -> None:
+    """One line per refused request; names the field and the rule, never the caller's value."""
+    if isinstance(exc, InvalidRequest):
+        log.info("request.rejected", code=type(exc).__name__, field=exc.field, reason=exc.reason)
+    else:
+        log.info("request.rejected", code=type(exc).__name__, reason=str(exc))

@@ -56,6 +56,10 @@ class Servicer(Protocol):
     def GetModelInfo(self) -> Callable[..., Any]: ...
     @property
     def Cancel(self) -> Callable[..., Any]: ...
+    @property
+    def Tokenize(self) -> Callable[..., Any]: ...
+    @property
+    def Detokenize(self) -> Callable[..., Any]: ...
 
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
@@ -78,6 +82,16 @@ def register(servicer: Servicer, server: grpc.aio.Server) -> None:
             servicer.Cancel,
             request_deserializer=lenient(pb.CancelRequest),
             response_serializer=pb.CancelResponse.SerializeToString,
+        ),
+        "Tokenize": grpc.unary_unary_rpc_method_handler(
+            servicer.Tokenize,
+            request_deserializer=lenient(pb.TokenizeRequest),
+            response_serializer=pb.TokenizeResponse.SerializeToString,
+        ),
+        "Detokenize": grpc.unary_unary_rpc_method_handler(
+            servicer.Detokenize,
+            request_deserializer=lenient(pb.DetokenizeRequest),
+            response_serializer=pb.DetokenizeResponse.SerializeToString,
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -26,6 +26,10 @@ log = structlog.get_logger("tokenwire.server")
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 GENERATE_METHOD = f"/{SERVICE_NAME}/Generate"
+LOGGED_WHEN_REFUSED = frozenset(
+    f"/{SERVICE_NAME}/{name}" for name in ("Generate", "Tokenize", "Detokenize")
+)
+"""Methods whose calls log every refusal, the key check's included: each logs one line a call."""
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 """gRPC's own limit on a received message, kept unless max_prompt_bytes needs more."""
 MESSAGE_ROOM_BYTES = 1024 * 1024
@@ -109,10 +113,12 @@ class TokenwireServer:
         return self.port
 
     def _refused(self, method: str) -> None:
-        """A call the key check refused: a Generate counts as a rejected request, and logs one
-        request.rejected line as every other refusal does (never the key it brought)."""
+        """A call the key check refused: a Generate counts as a rejected request; it, a
+        Tokenize and a Detokenize log one request.rejected line as their other refusals do
+        (never the key it brought)."""
         if method == GENERATE_METHOD:
             self.observer.request_rejected("Unauthenticated")
+        if method in LOGGED_WHEN_REFUSED:
             log.info(
                 "request.rejected", code="Unauthenticated", reason="no valid API key was given"
             )
@@ -149,6 +155,7 @@ class TokenwireServer:
             await engine.wait_idle(2.0)
         await self._quiet_moment()
         await self.server.stop(grace=1.0)
+        self.servicer.tokens.shutdown()
         if engine is not None:
             engine.shutdown()
         log.info("server.stopped")

@@ -31,8 +31,9 @@ from tokenwire.server.engine import (
 )
 from tokenwire.server.rpc import convert
 from tokenwire.server.rpc.auth import ANONYMOUS, ApiKeys
-from tokenwire.server.rpc.errors import abort, to_status
+from tokenwire.server.rpc.errors import abort, log_rejected, to_status
 from tokenwire.server.rpc.handlers import Malformed
+from tokenwire.server.rpc.tokens import TokenCalls
 from tokenwire.server.telemetry import ms, percentile
 from tokenwire.server.telemetry.tracing import GenerateSpan, Tracing
 from tokenwire.v1 import generate_pb2 as pb
@@ -63,7 +64,8 @@ def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | No
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    """Generate, GetModelInfo and Cancel. Streams belong to the principal that started them."""
+    """Generate, GetModelInfo, Cancel, and Tokenize and Detokenize (tokens.TokenCalls). Streams
+    belong to the principal that started them."""
 
     def __init__(
         self,
@@ -84,6 +86,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self._phases = tracing.exporter is not None
         self.last_arrival = 0.0
         """time.monotonic() of the latest Generate call (the drain waits for a quiet moment)."""
+        self.tokens = TokenCalls(slot.get)
 
     def _principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         # The interceptor has refused unknown keys already; None cannot own anything anyway.
@@ -214,6 +217,22 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         log.info("request.cancel", target=target, found=cancelled, principal=principal or None)
         return pb.CancelResponse(cancelled=cancelled)
 
+    async def Tokenize(
+        self,
+        request: pb.TokenizeRequest | Malformed,
+        context: grpc.aio.ServicerContext[pb.TokenizeRequest, pb.TokenizeResponse],
+    ) -> pb.TokenizeResponse:
+        """A text's token ids, as Generate feeds them to the model."""
+        return await self.tokens.tokenize(request, context, self._principal(context))
+
+    async def Detokenize(
+        self,
+        request: pb.DetokenizeRequest | Malformed,
+        context: grpc.aio.ServicerContext[pb.DetokenizeRequest, pb.DetokenizeResponse],
+    ) -> pb.DetokenizeResponse:
+        """The text of token ids."""
+        return await self.tokens.detokenize(request, context, self._principal(context))
+
 
 def owned_id(principal: str, request_id: str) -> str:
     """The engine's id for a principal's request: ids of different principals never meet,
@@ -239,14 +258,6 @@ def _with_caller_value(exc: InvalidRequest, request_id: str) -> InvalidRequest:
 def _span_failed(span: GenerateSpan, exc: TokenwireError) -> None:
     """End the call's span with the status the caller gets."""
     span.refused(to_status(exc).code.name, type(exc).__name__, str(exc))
-
-
-def log_rejected(exc: TokenwireError) -> None:
-    """One line per refused request; names the field and the rule, never the caller's value."""
-    if isinstance(exc, InvalidRequest):
-        log.info("request.rejected", code=type(exc).__name__, field=exc.field, reason=exc.reason)
-    else:
-        log.info("request.rejected", code=type(exc).__name__, reason=str(exc))
 
 
 class _StreamSummary:

@@ -50,6 +50,16 @@ class GenerationServiceStub:
                 request_serializer=tokenwire_dot_v1_dot_generate__pb2.CancelRequest.SerializeToString,
                 response_deserializer=tokenwire_dot_v1_dot_generate__pb2.CancelResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/tokenwire.v1.GenerationService/Tokenize',
+                request_serializer=tokenwire_dot_v1_dot_generate__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_generate__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/tokenwire.v1.GenerationService/Detokenize',
+                request_serializer=tokenwire_dot_v1_dot_generate__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_generate__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -82,6 +92,27 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Tokenize gives a text's token ids: those Generate feeds the model for that text as its
+        prompt (with the same add_special_tokens), so their count is that Generate's
+        Usage.prompt_tokens, and the context they must fit in. Nothing is generated. A call that
+        ends otherwise ends with INVALID_ARGUMENT (an empty text, one over the server's
+        max_prompt_bytes), RESOURCE_EXHAUSTED (too many long texts wait for the tokenizer),
+        UNAVAILABLE (the model is loading or the server is draining) or UNAUTHENTICATED (as for
+        Generate).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Detokenize gives the text of token ids, as the model's tokenizer decodes them. Its
+        statuses are Tokenize's; INVALID_ARGUMENT names the first id past the vocabulary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +130,16 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=tokenwire_dot_v1_dot_generate__pb2.CancelRequest.FromString,
                     response_serializer=tokenwire_dot_v1_dot_generate__pb2.CancelResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=tokenwire_dot_v1_dot_generate__pb2.TokenizeRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_generate__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=tokenwire_dot_v1_dot_generate__pb2.DetokenizeRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_generate__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -183,6 +224,60 @@ class GenerationService:
             '/tokenwire.v1.GenerationService/Cancel',
             tokenwire_dot_v1_dot_generate__pb2.CancelRequest.SerializeToString,
             tokenwire_dot_v1_dot_generate__pb2.CancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.GenerationService/Tokenize',
+            tokenwire_dot_v1_dot_generate__pb2.TokenizeRequest.SerializeToString,
+            tokenwire_dot_v1_dot_generate__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.GenerationService/Detokenize',
+            tokenwire_dot_v1_dot_generate__pb2.DetokenizeRequest.SerializeToString,
+            tokenwire_dot_v1_dot_generate__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,19 @@ class GenerationServiceStub:
     """Cancel stops a running generation by its request id. The cancelled stream still ends
     with usage and a completion whose finish reason is FINISH_REASON_CANCELLED.
     """
+    Tokenize: _grpc.UnaryUnaryMultiCallable[_generate_pb2.TokenizeRequest, _generate_pb2.TokenizeResponse]
+    """Tokenize gives a text's token ids: those Generate feeds the model for that text as its
+    prompt (with the same add_special_tokens), so their count is that Generate's
+    Usage.prompt_tokens, and the context they must fit in. Nothing is generated. A call that
+    ends otherwise ends with INVALID_ARGUMENT (an empty text, one over the server's
+    max_prompt_bytes), RESOURCE_EXHAUSTED (too many long texts wait for the tokenizer),
+    UNAVAILABLE (the model is loading or the server is draining) or UNAUTHENTICATED (as for
+    Generate).
+    """
+    Detokenize: _grpc.UnaryUnaryMultiCallable[_generate_pb2.DetokenizeRequest, _generate_pb2.DetokenizeResponse]
+    """Detokenize gives the text of token ids, as the model's tokenizer decodes them. Its
+    statuses are Tokenize's; INVALID_ARGUMENT names the first id past the vocabulary.
+    """
 
 @_typing.type_check_only
 class GenerationServiceAsyncStub(GenerationServiceStub):
@@ -64,6 +77,19 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     Cancel: _aio.UnaryUnaryMultiCallable[_generate_pb2.CancelRequest, _generate_pb2.CancelResponse]  # type: ignore[assignment]
     """Cancel stops a running generation by its request id. The cancelled stream still ends
     with usage and a completion whose finish reason is FINISH_REASON_CANCELLED.
+    """
+    Tokenize: _aio.UnaryUnaryMultiCallable[_generate_pb2.TokenizeRequest, _generate_pb2.TokenizeResponse]  # type: ignore[assignment]
+    """Tokenize gives a text's token ids: those Generate feeds the model for that text as its
+    prompt (with the same add_special_tokens), so their count is that Generate's
+    Usage.prompt_tokens, and the context they must fit in. Nothing is generated. A call that
+    ends otherwise ends with INVALID_ARGUMENT (an empty text, one over the server's
+    max_prompt_bytes), RESOURCE_EXHAUSTED (too many long texts wait for the tokenizer),
+    UNAVAILABLE (the model is loading or the server is draining) or UNAUTHENTICATED (as for
+    Generate).
+    """
+    Detokenize: _aio.UnaryUnaryMultiCallable[_generate_pb2.DetokenizeRequest, _generate_pb2.DetokenizeResponse]  # type: ignore[assignment]
+    """Detokenize gives the text of token ids, as the model's tokenizer decodes them. Its
+    statuses are Tokenize's; INVALID_ARGUMENT names the first id past the vocabulary.
     """
 
 class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -98,6 +124,31 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_generate_pb2.CancelResponse, _abc.Awaitable[_generate_pb2.CancelResponse]]:
         """Cancel stops a running generation by its request id. The cancelled stream still ends
         with usage and a completion whose finish reason is FINISH_REASON_CANCELLED.
+        """
+
+    @_abc_1.abstractmethod
+    def Tokenize(
+        self,
+        request: _generate_pb2.TokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generate_pb2.TokenizeResponse, _abc.Awaitable[_generate_pb2.TokenizeResponse]]:
+        """Tokenize gives a text's token ids: those Generate feeds the model for that text as its
+        prompt (with the same add_special_tokens), so their count is that Generate's
+        Usage.prompt_tokens, and the context they must fit in. Nothing is generated. A call that
+        ends otherwise ends with INVALID_ARGUMENT (an empty text, one over the server's
+        max_prompt_bytes), RESOURCE_EXHAUSTED (too many long texts wait for the tokenizer),
+        UNAVAILABLE (the model is loading or the server is draining) or UNAUTHENTICATED (as for
+        Generate).
+        """
+
+    @_abc_1.abstractmethod
+    def Detokenize(
+        self,
+        request: _generate_pb2.DetokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generate_pb2.DetokenizeResponse, _abc.Awaitable[_generate_pb2.DetokenizeResponse]]:
+        """Detokenize gives the text of token ids, as the model's tokenizer decodes them. Its
+        statuses are Tokenize's; INVALID_ARGUMENT names the first id past the vocabulary.
         """
 
 def add_GenerationServiceServicer_to_server(servicer: GenerationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
