@@ -18,6 +18,7 @@ from tokenwire.client.messages import (
     ModelInfo,
     StreamEvent,
     Token,
+    Tokenization,
     Usage,
 )
 from tokenwire.client.security import ChannelSecurity, SecurityError
@@ -43,6 +44,7 @@ __all__ = [
     "ServerError",
     "StreamEvent",
     "Token",
+    "Tokenization",
     "TokenwireClient",
     "TokenwireError",
     "Unauthenticated",

@@ -16,7 +16,7 @@ import json
 import math
 import time
 from collections.abc import AsyncGenerator, Generator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -28,8 +28,12 @@ from tokenwire.client.messages import (
     GenerateOptions,
     ModelInfo,
     StreamEvent,
+    Tokenization,
+    detokenize_request,
     event_from_pb,
     model_info_from_pb,
+    tokenization_from_pb,
+    tokenize_request,
 )
 from tokenwire.client.security import ChannelSecurity, aio_channel, sync_channel
 from tokenwire.client.targets import split_targets
@@ -69,6 +73,9 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 
 CLOSED = "the tokenwire client is closed"
 """The message of the ValueError every method of a closed client raises."""
+
+Request = TypeVar("Request")
+Reply = TypeVar("Reply")
 
 
 def _timeout(seconds: float) -> float:
@@ -225,27 +232,43 @@ class AsyncTokenwireClient:
             served = self._targets.remember(resume.target, reply)
         resume.confirm_model(self._targets.names[resume.target], served)
 
-    async def model_info(self) -> ModelInfo:
-        self._check_open()
+    async def _unary(
+        self, method: grpc.aio.UnaryUnaryMultiCallable[Request, Reply], request: Request
+    ) -> Reply:
+        """One unary call to the first target, within the client's timeout, with its key (the
+        channel retries UNAVAILABLE, as for every call); a failure as its TokenwireError."""
         try:
-            reply = await self._stub.GetModelInfo(
-                pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self.security.metadata()
-            )
+            return await method(request, timeout=self.timeout_s, metadata=self.security.metadata())
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
-        return model_info_from_pb(reply)
+
+    async def model_info(self) -> ModelInfo:
+        self._check_open()
+        return model_info_from_pb(
+            await self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest())
+        )
 
     async def cancel(self, request_id: str) -> bool:
         self._check_open()
-        try:
-            reply = await self._stub.Cancel(
-                pb.CancelRequest(request_id=request_id),
-                timeout=self.timeout_s,
-                metadata=self.security.metadata(),
-            )
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        reply = await self._unary(self._stub.Cancel, pb.CancelRequest(request_id=request_id))
         return reply.cancelled
+
+    async def tokenize(
+        self, text: str, *, add_special_tokens: bool = True, with_pieces: bool = False
+    ) -> Tokenization:
+        """The ids the server feeds the model for `text` as a prompt (their count is that
+        Generate's Usage.prompt_tokens) and its context length; with_pieces adds each token's
+        own text and bytes. add_special_tokens=False for a text rendered from a chat template,
+        as for GenerateOptions."""
+        self._check_open()
+        request = tokenize_request(text, add_special_tokens, with_pieces)
+        return tokenization_from_pb(await self._unary(self._stub.Tokenize, request))
+
+    async def detokenize(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        """The text of token ids, special tokens' included unless skip_special_tokens."""
+        self._check_open()
+        request = detokenize_request(ids, skip_special_tokens)
+        return (await self._unary(self._stub.Detokenize, request)).text
 
 
 class TokenwireClient:
@@ -353,24 +376,33 @@ class TokenwireClient:
             served = self._targets.remember(resume.target, reply)
         resume.confirm_model(self._targets.names[resume.target], served)
 
-    def model_info(self) -> ModelInfo:
-        self._check_open()
+    def _unary(
+        self, method: grpc.UnaryUnaryMultiCallable[Request, Reply], request: Request
+    ) -> Reply:
+        """One unary call, as the async client's _unary makes it."""
         try:
-            reply = self._stub.GetModelInfo(
-                pb.GetModelInfoRequest(), timeout=self.timeout_s, metadata=self.security.metadata()
-            )
+            return method(request, timeout=self.timeout_s, metadata=self.security.metadata())
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
-        return model_info_from_pb(reply)
+
+    def model_info(self) -> ModelInfo:
+        self._check_open()
+        return model_info_from_pb(self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
 
     def cancel(self, request_id: str) -> bool:
         self._check_open()
-        try:
-            reply = self._stub.Cancel(
-                pb.CancelRequest(request_id=request_id),
-                timeout=self.timeout_s,
-                metadata=self.security.metadata(),
-            )
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        return reply.cancelled
+        return self._unary(self._stub.Cancel, pb.CancelRequest(request_id=request_id)).cancelled
+
+    def tokenize(
+        self, text: str, *, add_special_tokens: bool = True, with_pieces: bool = False
+    ) -> Tokenization:
+        """As the async client's tokenize."""
+        self._check_open()
+        request = tokenize_request(text, add_special_tokens, with_pieces)
+        return tokenization_from_pb(self._unary(self._stub.Tokenize, request))
+
+    def detokenize(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        """The text of token ids, special tokens' included unless skip_special_tokens."""
+        self._check_open()
+        request = detokenize_request(ids, skip_special_tokens)
+        return self._unary(self._stub.Detokenize, request).text

@@ -101,6 +101,21 @@ class ModelInfo:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Tokenization:
+    """A text's token ids as the server feeds them to the model for it as a prompt (their count
+    is the Usage.prompt_tokens of that Generate), and the context they must fit in."""
+
+    ids: tuple[int, ...]
+    context_length: int
+    """Longest prompt plus generated tokens a request may hold (ModelInfo.context_length)."""
+    pieces: tuple[str, ...] = ()
+    """With pieces asked for, each token's own text, one per id (as Token.token_text)."""
+    piece_bytes: tuple[bytes, ...] = ()
+    """With pieces asked for, each token's own bytes, one per id (as Token.token_bytes): exact
+    where a piece is part of a multi-byte character, so that they join into the text's UTF-8."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class GenerateOptions:
     """Everything a Generate call can ask for besides the prompt. None means server default."""
 
@@ -259,3 +274,26 @@ def model_info_from_pb(m: pb.GetModelInfoResponse) -> ModelInfo:
         template_tokens=dict(m.template_tokens),
         max_requests=m.max_requests,
     )
+
+
+def tokenize_request(text: str, add_special_tokens: bool, with_pieces: bool) -> pb.TokenizeRequest:
+    return pb.TokenizeRequest(
+        text=text, add_special_tokens=add_special_tokens, with_pieces=with_pieces
+    )
+
+
+def tokenization_from_pb(m: pb.TokenizeResponse) -> Tokenization:
+    return Tokenization(
+        ids=tuple(m.token_ids),
+        context_length=m.context_length,
+        pieces=tuple(m.pieces),
+        piece_bytes=tuple(m.piece_bytes),
+    )
+
+
+def detokenize_request(ids: Sequence[int], skip_special_tokens: bool) -> pb.DetokenizeRequest:
+    """The request for `ids`; an id the wire cannot carry is InvalidArgument naming it
+    (`token_ids[i]`), as the server names one past the vocabulary."""
+    for i, token in enumerate(ids):
+        _check_integer(f"token_ids[{i}]", token, 2**32 - 1)
+    return pb.DetokenizeRequest(token_ids=list(ids), skip_special_tokens=skip_special_tokens)

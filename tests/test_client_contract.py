@@ -146,6 +146,8 @@ SYNC_CALLS: dict[str, Callable[[TokenwireClient], object]] = {
     "generate": lambda c: c.generate("x"),
     "model_info": lambda c: c.model_info(),
     "cancel": lambda c: c.cancel("a"),
+    "tokenize": lambda c: c.tokenize("x"),
+    "detokenize": lambda c: c.detokenize([1]),
     "enter": lambda c: c.__enter__(),
 }
 
@@ -164,6 +166,8 @@ ASYNC_CALLS: dict[str, Callable[[AsyncTokenwireClient], Any]] = {
     "generate": lambda c: c.generate("x").__anext__(),
     "model_info": lambda c: c.model_info(),
     "cancel": lambda c: c.cancel("a"),
+    "tokenize": lambda c: c.tokenize("x"),
+    "detokenize": lambda c: c.detokenize([1]),
     "enter": lambda c: c.__aenter__(),
 }
 

@@ -1,5 +1,5 @@
-"""Tokenize and Detokenize over gRPC: the ids Generate feeds the model, their text, the
-refusals that name their field, keys, and what a call costs the event loop."""
+"""Tokenize and Detokenize over gRPC and through the Python clients: the ids Generate feeds the
+model, their text, the refusals that name their field, keys, and what a call costs the loop."""
 
 from __future__ import annotations
 
@@ -15,7 +15,12 @@ from tokenizers import Tokenizer as HfTokenizer
 
 from tests.conftest import RunningServer, collect, greedy, start_server
 from tests.fakes import RecordingObserver
-from tokenwire.client.errors import from_rpc_error
+from tokenwire.client import (
+    AsyncTokenwireClient,
+    Tokenization,
+    TokenwireClient,
+)
+from tokenwire.client.errors import InvalidArgument, Unauthenticated, from_rpc_error
 from tokenwire.server.config import Settings
 from tokenwire.server.engine import OnnxCausalLM
 from tokenwire.server.rpc.server import TokenwireServer
@@ -319,3 +324,74 @@ async def test_a_long_text_leaves_the_event_loop_free(served: RunningServer) -> 
         await long
     assert len(gaps) > 3, f"the long text took {took:.3f} s only"
     assert max(gaps) < took / 2
+
+
+async def test_the_async_client_tokenizes_and_detokenizes(served: RunningServer) -> None:
+    """AsyncTokenwireClient.tokenize gives ids, pieces and the context length; detokenize
+    gives the text back."""
+    async with AsyncTokenwireClient(served.target, timeout_s=10) as client:
+        tokens = await client.tokenize("def f():", with_pieces=True)
+        text = await client.detokenize(tokens.ids)
+        info = await client.model_info()
+    assert tokens.ids == tuple(served.engine.tokenizer.encode("def f():"))
+    assert "".join(tokens.pieces) == text == "def f():"
+    assert tokens.context_length == info.context_length
+
+
+async def test_the_blocking_client_tokenizes_and_detokenizes(served: RunningServer) -> None:
+    """TokenwireClient.tokenize and detokenize answer as the async client's do."""
+
+    def call() -> tuple[Tokenization, str]:
+        with TokenwireClient(served.target, timeout_s=10) as client:
+            tokens = client.tokenize("def f():", with_pieces=True)
+            return tokens, client.detokenize(tokens.ids)
+
+    tokens, text = await asyncio.to_thread(call)
+    assert tokens.ids == tuple(served.engine.tokenizer.encode("def f():"))
+    assert "".join(tokens.pieces) == text == "def f():"
+
+
+async def test_the_blocking_client_adds_no_bos_when_asked(llama: RunningServer) -> None:
+    """The blocking client's add_special_tokens=False reaches the server: no BOS."""
+
+    def call() -> tuple[Tokenization, Tokenization]:
+        with TokenwireClient(llama.target, timeout_s=10) as client:
+            return (
+                client.tokenize("Hello world"),
+                client.tokenize("Hello world", add_special_tokens=False),
+            )
+
+    with_bos, without = await asyncio.to_thread(call)
+    assert with_bos.ids[1:] == without.ids
+    assert len(with_bos.ids) == len(without.ids) + 1
+
+
+async def test_the_clients_raise_invalid_argument_naming_the_field(
+    served: RunningServer,
+) -> None:
+    """A refused call raises InvalidArgument with the server's field; an id the wire cannot
+    carry is refused before it is sent, named the same way."""
+    async with AsyncTokenwireClient(served.target, timeout_s=10) as client:
+        with pytest.raises(InvalidArgument) as empty:
+            await client.tokenize("")
+        with pytest.raises(InvalidArgument) as negative:
+            await client.detokenize([5, -1])
+    assert empty.value.field == "text"
+    assert negative.value.field == "token_ids[1]"
+
+
+async def test_the_client_without_a_key_raises_unauthenticated(
+    onnx_model: OnnxCausalLM, tokenizer: Tokenizer
+) -> None:
+    """Where keys are set, the client's tokenize without one raises Unauthenticated."""
+    keyed = await start_server(onnx_model, tokenizer, api_keys=(KEY,))
+
+    def call() -> None:
+        with TokenwireClient(keyed.target, timeout_s=10) as client:
+            client.tokenize("def f():")
+
+    try:
+        with pytest.raises(Unauthenticated):
+            await asyncio.to_thread(call)
+    finally:
+        await keyed.server.drain()
