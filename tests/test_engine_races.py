@@ -129,7 +129,8 @@ async def test_a_long_prompt_dropped_from_the_tokenizer_by_shutdown_is_unavailab
         running = asyncio.create_task(engine.submit_async(GenerationRequest("a", LONG)))
         assert await asyncio.to_thread(engine.started.wait, 10)
         queued = asyncio.create_task(engine.submit_async(GenerationRequest("b", LONG + "#")))
-        await asyncio.sleep(0.05)
+        # Its place is held in the same synchronous run that queues it for the tokenizer.
+        assert await eventually(lambda: len(engine._tokenizing_requests) == 2)
         engine.shutdown()
         engine.release.set()
         for task in (queued, running):
