@@ -16,7 +16,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from tokenwire.edge import native, openai_api
+from tokenwire.edge import native, openai_api, token_routes
 from tokenwire.edge.accounting import (
     ACCOUNT,
     Account,
@@ -149,6 +149,11 @@ def _routes(settings: EdgeSettings, accounted: Accounted) -> list[BaseRoute]:
         Route("/v1/models", openai_api.models, methods=["GET"]),
         # A model id may hold slashes ("org/name"), as OpenAI's and the Hub's do.
         Route("/v1/models/{model:path}", openai_api.model, methods=["GET"]),
+        # vLLM's token routes, where vLLM serves them and beside the rest of the API.
+        Route("/tokenize", token_routes.tokenize, methods=["POST"]),
+        Route("/detokenize", token_routes.detokenize, methods=["POST"]),
+        Route("/v1/tokenize", token_routes.tokenize, methods=["POST"]),
+        Route("/v1/detokenize", token_routes.detokenize, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     if settings.metrics:

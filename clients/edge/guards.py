@@ -13,8 +13,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tokenwire.edge.errors import EdgeError, request_id_header
 
 OPEN_PATHS = ("/healthz", "/readyz", "/static/", "/favicon.ico")
+TOKEN_PATHS = ("/tokenize", "/detokenize")
+"""vLLM's token routes, outside /v1/ where vLLM serves them: API routes all the same."""
 PRINCIPAL = "tokenwire.principal"
 """Scope key: a fingerprint of the API key that authenticated the request (absent: no keys)."""
+
+
+def is_api(path: str) -> bool:
+    """Whether `path` is an API route, which the drain and cross-site gates cover: /v1/* and
+    the token routes."""
+    return path.startswith("/v1/") or path in TOKEN_PATHS
 
 
 def principal_of(scope: Scope) -> str | None:
@@ -101,7 +109,7 @@ class JsonOnlyMiddleware:
 
 
 class CrossSiteMiddleware:
-    """Refuse API requests a browser marks as cross-site, unless their Origin is allowed.
+    """Refuse API requests (is_api) a browser marks as cross-site, unless their Origin is allowed.
 
     Browsers label every request with `Sec-Fetch-Site`; a page on another site can still send
     simple GETs (an `<img>` pointing at `/v1/generate?prompt=...` starts a generation). Clients
@@ -113,7 +121,7 @@ class CrossSiteMiddleware:
         self.origins = frozenset(origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope.get("path", "").startswith("/v1/"):
+        if scope["type"] == "http" and is_api(scope.get("path", "")):
             headers = Headers(scope=scope)
             site = headers.get("sec-fetch-site", "").lower()
             if site in {"cross-site", "same-site"} and headers.get("origin") not in self.origins:
@@ -156,7 +164,7 @@ class DrainMiddleware:
         self.drain = drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
+        if scope["type"] != "http" or not is_api(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
         if self.drain.draining and not continues_a_stream(scope):

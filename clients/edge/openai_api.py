@@ -59,7 +59,7 @@ async def _begin(request: Request, *, chat: bool) -> _Call:
     turns = chat_turns(fields) if chat else None
     parsed = read_request(fields, request_id, chat=chat)
     info = await ctx.upstream.model_info()
-    check_model(parsed, info, ctx.settings.model_aliases)
+    check_model(parsed.model, info, ctx.settings.model_aliases)
     check_max_tokens(parsed, info)
     check_generations(parsed.n, len(parsed.choices), info)
     prompts = parsed.prompts(chat_prompt(turns, info) if turns is not None else "")

@@ -357,12 +357,12 @@ def _options(
     return options, names
 
 
-def check_model(request: OpenAIRequest, info: ModelInfo, aliases: tuple[str, ...]) -> None:
+def check_model(model: str, info: ModelInfo, aliases: tuple[str, ...]) -> None:
     """404 model_not_found unless `model` is the served model or an alias. Like vLLM, a request
     that names no model gets the served one."""
-    if not request.model or request.model == info.model or request.model in aliases:
+    if not model or model == info.model or model in aliases:
         return
-    raise model_not_found(request.model, info.model)
+    raise model_not_found(model, info.model)
 
 
 def check_max_tokens(request: OpenAIRequest, info: ModelInfo) -> None:

@@ -145,10 +145,13 @@ def _as_template_reads(turns: list[dict[str, Any]], parts: bool) -> list[dict[st
     return [{**turn, "content": read(turn["content"])} for turn in turns]
 
 
-def chat_prompt(turns: list[dict[str, Any]], info: ModelInfo) -> str:
-    """The turns rendered with the model's chat template (or the default one). A template that
-    loops over content (see reads_content_parts) gets every turn's content as text parts, sent
-    as a string or not; any other gets every turn's as one string."""
+def chat_prompt(
+    turns: list[dict[str, Any]], info: ModelInfo, *, add_generation_prompt: bool = True
+) -> str:
+    """The turns rendered with the model's chat template (or the default one), by default
+    followed by the assistant turn's start (add_generation_prompt). A template that loops over
+    content (see reads_content_parts) gets every turn's content as text parts, sent as a
+    string or not; any other gets every turn's as one string."""
     source = info.chat_template or DEFAULT_CHAT_TEMPLATE
     template = _compiled(source)
     context: dict[str, Any] = {
@@ -160,7 +163,7 @@ def chat_prompt(turns: list[dict[str, Any]], info: ModelInfo) -> str:
         # Passed as transformers passes them: `tools is not none` must be false.
         "tools": None,
         "documents": None,
-        "add_generation_prompt": True,
+        "add_generation_prompt": add_generation_prompt,
     }
     parts = reads_content_parts(source)
     try:

@@ -10,6 +10,7 @@ import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import structlog
@@ -39,6 +40,7 @@ GenerateCall = grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse]
 OWNER_TAG = 16
 """Characters of a caller's principal (its key's fingerprint) that scope its ids upstream."""
 Reopen = Callable[[Resumption, grpc.StatusCode], Awaitable[GenerateCall]]
+Reply = TypeVar("Reply")
 log = structlog.get_logger("tokenwire.edge")
 
 
@@ -360,25 +362,53 @@ class Upstream:
         return self._info
 
     async def _model_reply(self) -> pb.GetModelInfoResponse:
-        """GetModelInfo of the first target that answers, from the next one on."""
+        """GetModelInfo of the first target that answers, from the next one on; a target that
+        takes connections and never answers within MODEL_CHECK_S is passed over too."""
+        index, reply = await self._first_answer(
+            lambda i: self._stubs[i].GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=failover.MODEL_CHECK_S, metadata=self._metadata
+            ),
+            unanswered_passes=True,
+        )
+        self._targets.remember(index, reply)
+        return reply
+
+    async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        """Tokenize on the first target that answers, as model_info asks, within the
+        upstream timeout; EdgeError when it fails."""
+        _, reply = await self._first_answer(
+            lambda i: self._stubs[i].Tokenize(
+                request, timeout=self._timeout_s, metadata=self._metadata
+            )
+        )
+        return reply
+
+    async def detokenize(self, request: pb.DetokenizeRequest) -> pb.DetokenizeResponse:
+        """Detokenize, as tokenize asks."""
+        _, reply = await self._first_answer(
+            lambda i: self._stubs[i].Detokenize(
+                request, timeout=self._timeout_s, metadata=self._metadata
+            )
+        )
+        return reply
+
+    async def _first_answer(
+        self, ask: Callable[[int], Awaitable[Reply]], *, unanswered_passes: bool = False
+    ) -> tuple[int, Reply]:
+        """The first target's answer to ask(index) and its index, from the next target on: one
+        that is UNAVAILABLE (with unanswered_passes, one whose call ran out of its time too)
+        passes the call to the next; EdgeError for any other failure, or for the last one."""
         index, left = self._targets.next, len(self._stubs)
         while True:
             left -= 1
             try:
-                reply = await self._stubs[index].GetModelInfo(
-                    pb.GetModelInfoRequest(),
-                    timeout=failover.MODEL_CHECK_S,
-                    metadata=self._metadata,
-                )
+                return index, await ask(index)
             except grpc.RpcError as failed:
-                # A target that takes connections and never answers is passed over too.
-                error = failover.checked(failed, self._targets.names[index])
+                name = self._targets.names[index]
+                error = failover.checked(failed, name) if unanswered_passes else failed
                 if error.code() not in RETRYABLE or not left:
                     raise edge_error(from_rpc_error(error)) from None
                 index = self._targets.skip(index, error.code())
-            else:
-                self._targets.remember(index, reply)
-                return reply
 
     async def ready(self) -> bool:
         """True when any target reports SERVING (cached for half a second): a stream opens
