@@ -1,4 +1,5 @@
-"""`tokenwire generate`: stream a completion to the terminal, optionally with timing stats."""
+"""`tokenwire generate`: stream a completion to the terminal, optionally with timing stats;
+`tokenwire tokenize`: print the token ids a server gives a text."""
 
 from __future__ import annotations
 
@@ -35,6 +36,24 @@ def add_generate_command(sub: argparse._SubParsersAction[argparse.ArgumentParser
     p = sub.add_parser("generate", help="stream a completion from a running server")
     add_generate_arguments(p)
     p.set_defaults(run=run_generate)
+
+
+def add_tokenize_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The `tokenize` verb of the `tokenwire` command (a `tokenwire.commands` entry point)."""
+    p = sub.add_parser("tokenize", help="print the token ids a running server gives a text")
+    p.add_argument("text", help="text to tokenize, as a prompt")
+    p.add_argument(
+        "--pieces", action="store_true", help="print each id with its token's text, one a line"
+    )
+    p.add_argument(
+        "--no-special-tokens",
+        dest="add_special_tokens",
+        action="store_false",
+        help="add no special tokens (BOS), as for a prompt rendered from a chat template",
+    )
+    p.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    add_flags(p, ConnectionSettings)
+    p.set_defaults(run=run_tokenize)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -166,22 +185,17 @@ def run_generate(
     """Stream to `out` (default: the standard output at the time of the call), report on
     `err`; 0 for a finished stream, 1 for one that failed or was cut short, 2 for bad settings,
     130 for Ctrl-C, 141 when the reader of the output left."""
-    # sys.stderr is None where the process was started with it closed: say nothing then.
-    err = sys.stderr if err is None else err
-    err = io.StringIO() if err is None else err
-    try:
-        connection = read_settings(ConnectionSettings, args)
-        security = connection.security()
-        _check_timeout(args.timeout)
-    except (SettingsError, SecurityError) as exc:
-        err.write(f"error: {exc}\n")
+    err = _errors(err)
+    connected = _connection(args, err)
+    if connected is None:
         return 2
+    target, security = connected
     out = sys.stdout if out is None else out
     if out is None:  # started with stdout closed (`>&-`)
         err.write("error: no standard output to write the completion to\n")
         return 1
     try:
-        return _stream(args, connection.target, security, out, err)
+        return _stream(args, target, security, out, err)
     except BrokenPipeError:
         # The reader left; the stream was cancelled as the error unwound through it.
         _discard(out)
@@ -190,6 +204,58 @@ def run_generate(
         _discard(out)
         err.write(f"error: cannot write the output: {exc}\n")
         return 1
+
+
+def run_tokenize(
+    args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Print the text's ids on one line (with --pieces, each id and its token's text as a JSON
+    string, tab-separated, one a line) on `out`; 0, 1 for a call that failed (an `error:` line
+    on `err`), 2 for bad settings."""
+    err = _errors(err)
+    connected = _connection(args, err)
+    if connected is None:
+        return 2
+    target, security = connected
+    try:
+        with TokenwireClient(target, timeout_s=args.timeout, security=security) as client:
+            tokens = client.tokenize(
+                args.text, add_special_tokens=args.add_special_tokens, with_pieces=args.pieces
+            )
+    except TokenwireError as exc:
+        err.write(f"error: {exc}\n")
+        return 1
+    out = sys.stdout if out is None else out
+    if out is None:  # started with stdout closed (`>&-`)
+        err.write("error: no standard output to write the ids to\n")
+        return 1
+    if args.pieces:
+        pairs = zip(tokens.ids, tokens.pieces, strict=True)
+        out.writelines(f"{i}\t{json.dumps(piece, ensure_ascii=False)}\n" for i, piece in pairs)
+    else:
+        out.write(" ".join(map(str, tokens.ids)) + "\n")
+    out.flush()
+    return 0
+
+
+def _errors(err: TextIO | None) -> TextIO:
+    """Where to report: `err`, else the standard error at the time of the call, or nowhere
+    (sys.stderr is None where the process was started with it closed: say nothing then)."""
+    err = sys.stderr if err is None else err
+    return io.StringIO() if err is None else err
+
+
+def _connection(args: argparse.Namespace, err: TextIO) -> tuple[str, ChannelSecurity] | None:
+    """The target and channel security the flags and variables give, or None (reported on
+    `err`) where a setting or --timeout is refused."""
+    try:
+        connection = read_settings(ConnectionSettings, args)
+        security = connection.security()
+        _check_timeout(args.timeout)
+    except (SettingsError, SecurityError) as exc:
+        err.write(f"error: {exc}\n")
+        return None
+    return connection.target, security
 
 
 def _check_timeout(seconds: float) -> None:

@@ -2,7 +2,7 @@
 
 Each installed distribution declares its verbs as `tokenwire.commands` entry points, each a
 function that adds one subparser (and its `run` default) to the command line. tokenwire-client
-alone offers `generate` and `edge`; the full tokenwire install adds `serve` and `up`.
+alone offers `generate`, `tokenize` and `edge`; the full tokenwire install adds `serve` and `up`.
 """
 
 from __future__ import annotations

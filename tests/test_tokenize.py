@@ -1,9 +1,13 @@
-"""Tokenize and Detokenize over gRPC and through the Python clients: the ids Generate feeds the
-model, their text, the refusals that name their field, keys, and what a call costs the loop."""
+"""Tokenize and Detokenize over gRPC, through the Python clients and `tokenwire tokenize`: the
+ids Generate feeds the model, their text, the refusals that name their field, keys, and what a
+call costs the event loop."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -395,3 +399,35 @@ async def test_the_client_without_a_key_raises_unauthenticated(
             await asyncio.to_thread(call)
     finally:
         await keyed.server.drain()
+
+
+async def _tokenize_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "tokenwire.client.command", "tokenize", *args]
+    return await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+async def test_the_cli_prints_the_ids(served: RunningServer) -> None:
+    """`tokenwire tokenize TEXT --target T` prints the server's ids on one line and exits 0."""
+    done = await _tokenize_cli("def fib(n):", "--target", served.target)
+    assert done.returncode == 0, done.stderr
+    ids = served.engine.tokenizer.encode("def fib(n):")
+    assert done.stdout == " ".join(map(str, ids)) + "\n"
+
+
+async def test_the_cli_prints_each_id_with_its_piece(served: RunningServer) -> None:
+    """--pieces prints one line per token: its id, a tab, its text as a JSON string."""
+    done = await _tokenize_cli("def f(x):\n", "--target", served.target, "--pieces")
+    assert done.returncode == 0, done.stderr
+    lines = [line.split("\t") for line in done.stdout.splitlines()]
+    ids = served.engine.tokenizer.encode("def f(x):\n")
+    assert [int(i) for i, _ in lines] == ids
+    assert "".join(json.loads(piece) for _, piece in lines) == "def f(x):\n"
+
+
+async def test_the_cli_reports_a_refusal_naming_the_field(served: RunningServer) -> None:
+    """A refused call exits 1 with one `error:` line naming the field, no traceback."""
+    done = await _tokenize_cli("", "--target", served.target)
+    assert done.returncode == 1
+    assert done.stderr == "error: INVALID_ARGUMENT: text: must be a non-empty string, got ''\n"
