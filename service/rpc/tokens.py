@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import structlog
@@ -28,6 +28,7 @@ from tokenwire.v1 import generate_pb2 as pb
 log = structlog.get_logger("tokenwire.rpc")
 
 Context = grpc.aio.ServicerContext[Any, Any]
+T = TypeVar("T")
 
 
 class TokenCalls:
@@ -89,7 +90,8 @@ class TokenCalls:
             raise Unavailable("the server is not accepting requests (starting or draining)")
         return engine
 
-    async def _run(self, engine: Engine, job: functools.partial[Any]) -> Any:
+    async def _run(self, engine: Engine, job: Callable[[], T]) -> T:
+        """job's result from the tokenizer thread, which holds as many as the engine does."""
         limit = engine.max_rows + engine.config.max_queue
         return await self._thread.run(job, limit=limit, retry_after_s=engine.config.retry_after_s)
 
