@@ -8,6 +8,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -26,7 +27,8 @@ from tokenwire.client import (
 )
 from tokenwire.client.errors import InvalidArgument, Unauthenticated, from_rpc_error
 from tokenwire.server.config import Settings
-from tokenwire.server.engine import OnnxCausalLM
+from tokenwire.server.domain import GenerationRequest
+from tokenwire.server.engine import Engine, OnnxCausalLM
 from tokenwire.server.rpc.server import TokenwireServer
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
@@ -328,6 +330,39 @@ async def test_a_long_text_leaves_the_event_loop_free(served: RunningServer) -> 
         await long
     assert len(gaps) > 3, f"the long text took {took:.3f} s only"
     assert max(gaps) < took / 2
+
+
+async def test_a_long_text_waits_behind_a_long_prompt_on_the_one_tokenizer_thread(
+    served: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long Tokenize input queues on the thread that tokenizes Generate's long prompts:
+    behind a long prompt that thread holds, it is answered only once that prompt is done (no
+    second tokenizer thread takes another core from decoding)."""
+    entered, gate = threading.Event(), threading.Event()
+    encode = Engine._encode_released
+
+    def gated(engine: Engine, request: GenerationRequest) -> list[int]:
+        entered.set()
+        gate.wait(10)
+        return encode(engine, request)
+
+    monkeypatch.setattr(Engine, "_encode_released", gated)
+    try:
+        async with grpc.aio.insecure_channel(served.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            generate = stub.Generate(greedy(LONG, max_tokens=1), timeout=30)
+            assert await asyncio.to_thread(entered.wait, 10)
+            tokenize = asyncio.ensure_future(
+                stub.Tokenize(pb.TokenizeRequest(text=LONG + "#"), timeout=30)
+            )
+            done, _ = await asyncio.wait({tokenize}, timeout=0.5)
+            assert not done, "answered while the tokenizer thread was held"
+            gate.set()
+            reply = await tokenize
+            generate.cancel()
+    finally:
+        gate.set()
+    assert list(reply.token_ids) == served.engine.tokenizer.encode(LONG + "#")
 
 
 async def test_the_async_client_tokenizes_and_detokenizes(served: RunningServer) -> None:

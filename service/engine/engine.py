@@ -11,7 +11,8 @@ import dataclasses
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 import numpy as np
 import structlog
@@ -42,6 +43,7 @@ from tokenwire.server.engine.sequence import Sequence
 from tokenwire.server.tokenizer import TextStream, Tokenizer
 
 log = structlog.get_logger("tokenwire.engine")
+T = TypeVar("T")
 
 LONG_PROMPT_CHARS = 4096
 """Prompts longer than this are tokenized on a worker thread by submit_async (a 256 KiB
@@ -303,6 +305,17 @@ class Engine:
                 1, thread_name_prefix="tokenwire-tokenize"
             )
         return self._tokenizing
+
+    def on_tokenizer_thread(self, job: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """job queued on the thread that tokenizes long prompts (a long Tokenize input queues
+        with them, so no two take a core each from the decode thread). Unavailable once the
+        engine has stopped taking requests."""
+        with self._lock:
+            self._check_accepting()
+            try:
+                return self._tokenizer_thread().submit(job)
+            except RuntimeError:  # shut down since
+                raise Unavailable("the server is shutting down") from None
 
     def _encode_released(self, request: GenerationRequest) -> list[int]:
         """request.prompt's ids, as Tokenizer.encode gives them. `encode` holds the GIL while

@@ -22,7 +22,7 @@ from tokenwire.server.rpc.auth import ANONYMOUS
 from tokenwire.server.rpc.errors import abort, log_rejected
 from tokenwire.server.rpc.handlers import Malformed
 from tokenwire.server.telemetry import ms
-from tokenwire.server.tokenizer import TokenizerThread, detokenize, tokenize
+from tokenwire.server.tokenizer import LongInputs, detokenize, tokenize
 from tokenwire.v1 import generate_pb2 as pb
 
 log = structlog.get_logger("tokenwire.rpc")
@@ -33,13 +33,13 @@ T = TypeVar("T")
 
 class TokenCalls:
     """The two calls, on the engine `engine_of` gives (Unavailable while the model loads). A
-    text over LONG_PROMPT_CHARS characters (over as many ids, to decode) goes to a tokenizer
-    thread, as Generate's long prompts do; at most as many wait as the server holds requests
-    (GetModelInfoResponse.max_requests), more are Overloaded."""
+    text over LONG_PROMPT_CHARS characters (over as many ids, to decode) goes to the engine's
+    tokenizer thread, queued with Generate's long prompts; at most as many wait as the server
+    holds requests (GetModelInfoResponse.max_requests), more are Overloaded."""
 
     def __init__(self, engine_of: Callable[[], Engine]) -> None:
         self._engine_of = engine_of
-        self._thread = TokenizerThread()
+        self._long = LongInputs()
 
     async def tokenize(
         self, request: pb.TokenizeRequest | Malformed, context: Context, principal: str
@@ -91,13 +91,19 @@ class TokenCalls:
         return engine
 
     async def _run(self, engine: Engine, job: Callable[[], T]) -> T:
-        """job's result from the tokenizer thread, which holds as many as the engine does."""
+        """job's result from the engine's tokenizer thread, where at most as many of these
+        wait as the engine holds requests."""
         limit = engine.max_rows + engine.config.max_queue
-        return await self._thread.run(job, limit=limit, retry_after_s=engine.config.retry_after_s)
+        return await self._long.run(
+            job,
+            engine.on_tokenizer_thread,
+            limit=limit,
+            retry_after_s=engine.config.retry_after_s,
+        )
 
     def shutdown(self) -> None:
-        """Stop the tokenizer thread (the server has stopped taking calls)."""
-        self._thread.shutdown()
+        """Refuse later long inputs (the server has stopped taking calls)."""
+        self._long.shutdown()
 
 
 def _check_in_model(ids: tuple[int, ...], engine: Engine) -> None:

@@ -1,5 +1,6 @@
 """Token counting on request: a text's ids exactly as the engine encodes a prompt, the text of
-ids, and one thread of its own for long inputs, so the event loop serves other calls meanwhile."""
+ids, and the bound on long inputs queued on the engine's tokenizer thread, where they run so
+that the event loop serves other calls meanwhile."""
 
 from __future__ import annotations
 
@@ -47,23 +48,29 @@ def detokenize(tokenizer: Tokenizer, request: DetokenizeRequest) -> str:
     return str(text)
 
 
-class TokenizerThread:
-    """One thread for long Tokenize and Detokenize inputs, made on first use. Long inputs queue
-    behind each other rather than take every core from the decode thread, as the engine's long
-    prompts do on its own tokenizer thread; a caller that leaves takes its queued input out.
+class LongInputs:
+    """Long Tokenize and Detokenize inputs queued on the engine's tokenizer thread, behind and
+    among its long prompts: one thread for every long input, so none takes more than its one
+    core from the decode thread. A caller that leaves takes its queued input out.
 
-    At most `limit` inputs wait or run at once: one more is Overloaded at once, so a flood of
-    long texts is refused instead of queueing (and holding its memory) without bound."""
+    At most `limit` of these inputs wait or run at once: one more is Overloaded at once, so a
+    flood of long texts is refused instead of queueing (and holding its memory) without bound."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._held = 0
         self._closed = False
 
-    async def run(self, job: Callable[[], T], *, limit: int, retry_after_s: float) -> T:
-        """job's result from the thread. Overloaded where `limit` inputs are held already,
-        Unavailable once the thread is shut down."""
+    async def run(
+        self,
+        job: Callable[[], T],
+        submit: Callable[[Callable[[], T]], concurrent.futures.Future[T]],
+        *,
+        limit: int,
+        retry_after_s: float,
+    ) -> T:
+        """job's result from the thread `submit` queues it on. Overloaded where `limit` inputs
+        are held already, Unavailable once shut down (here, or by the thread's owner)."""
         with self._lock:
             if self._closed:
                 raise Unavailable("the server is shutting down")
@@ -72,7 +79,7 @@ class TokenizerThread:
                     f"{self._held} long inputs already wait for the tokenizer; retry later",
                     retry_after_s,
                 )
-            pending = self._thread().submit(job)
+            pending = submit(job)
             self._held += 1
         # Released when the job ends or leaves the queue, not when its caller stops waiting:
         # a job the thread has begun still holds its place until it is done.
@@ -82,25 +89,14 @@ class TokenizerThread:
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if pending.cancelled() and not (task is not None and task.cancelling()):
-                raise Unavailable("the server is shutting down") from None  # shutdown() dropped it
+                raise Unavailable("the server is shutting down") from None  # shutdown dropped it
             raise
-
-    def _thread(self) -> concurrent.futures.ThreadPoolExecutor:
-        """The thread, made on first use (called under the lock)."""
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="tokenwire-token-count"
-            )
-        return self._executor
 
     def _release(self, done: object) -> None:
         with self._lock:
             self._held -= 1
 
     def shutdown(self) -> None:
-        """Drop what still waits and let the thread end; later inputs are Unavailable."""
+        """Later inputs are Unavailable (the thread's owner drops those still queued)."""
         with self._lock:
             self._closed = True
-            executor = self._executor
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
