@@ -68,6 +68,9 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.service_config", SERVICE_CONFIG),
     ("grpc.enable_retries", 1),
     ("grpc.keepalive_time_ms", 30_000),
+    # A Tokenize or Detokenize reply grows with its input (a text's pieces, the text of its
+    # ids) past gRPC's 4 MiB default; the server bounds the input instead.
+    ("grpc.max_receive_message_length", -1),
 ]
 
 

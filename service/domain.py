@@ -258,8 +258,14 @@ class DetokenizeRequest:
     token_ids: tuple[int, ...]
     skip_special_tokens: bool = False
 
-    def check(self, vocab: int) -> None:
-        """Every id is in the vocabulary; the first that is not is named by its index."""
+    def check(self, vocab: int, most: int) -> None:
+        """At most `most` ids (max_prompt_bytes: as many as the longest text the server takes
+        holds tokens, so that a reply stays within what such a text gives), every one in the
+        vocabulary; the first that is not is named by its index."""
+        if len(self.token_ids) > most:
+            raise InvalidRequest(
+                "token_ids", f"<{len(self.token_ids)} ids>", f"must hold at most {most} ids"
+            )
         for i, token_id in enumerate(self.token_ids):
             if not 0 <= token_id < vocab:
                 raise InvalidRequest(

@@ -166,6 +166,30 @@ async def test_a_long_id_list_is_decoded(served: RunningServer) -> None:
     assert await _detokenize(served.target, ids) == LONG * 2
 
 
+async def test_more_ids_than_the_longest_text_holds_are_refused_naming_token_ids(
+    served: RunningServer,
+) -> None:
+    """Detokenize of more ids than max_prompt_bytes (the most tokens a text the server takes
+    holds) is INVALID_ARGUMENT naming `token_ids`, before any is decoded."""
+    most = served.server.settings.max_prompt_bytes
+    error = await _refusal(_detokenize(served.target, [5] * (most + 1)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert from_rpc_error(error).field == "token_ids"
+
+
+async def test_the_client_takes_a_reply_over_grpcs_default_message_size(
+    served: RunningServer,
+) -> None:
+    """A Detokenize reply over gRPC's 4 MiB default receive size (120,000 ids of a 41-character
+    token) reaches the client whole."""
+    token_id = 1897  # "\n" and 40 spaces in the bundled tokenizer
+    width = len(served.engine.tokenizer.inner.decode([token_id]))
+    assert width * 120_000 > 4 * 1024 * 1024
+    async with AsyncTokenwireClient(served.target, timeout_s=30) as client:
+        text = await client.detokenize([token_id] * 120_000)
+    assert len(text) == width * 120_000
+
+
 async def test_an_empty_text_is_invalid_argument_naming_text(served: RunningServer) -> None:
     """An empty text is INVALID_ARGUMENT with a BadRequest naming `text`."""
     error = await _refusal(_tokenize(served.target, ""))

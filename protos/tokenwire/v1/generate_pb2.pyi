@@ -755,7 +755,12 @@ class DetokenizeRequest(_message.Message):
     """
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """The ids, each below the vocabulary size (GetModelInfoResponse.vocab_size). May be empty."""
+        """The ids, each one the tokenizer has and below the vocabulary size
+        (GetModelInfoResponse.vocab_size; a model whose embedding rows outnumber its tokenizer's
+        tokens takes only the tokenizer's, as Generate's prompt_ids does); at most as many as
+        the server's max_prompt_bytes setting (the most tokens a text it takes can hold). May be
+        empty.
+        """
 
     def __init__(
         self,
