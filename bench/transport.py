@@ -126,25 +126,10 @@ class BareServicer(pb_grpc.GenerationServiceServicer):
         yield pb.GenerateResponse(usage=pb.Usage(completion_tokens=request.max_tokens))
         yield pb.GenerateResponse(completion=pb.Completion(finish_reason=pb.FINISH_REASON_LENGTH))
 
-    async def Cancel(
-        self, request: pb.CancelRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.CancelResponse:
+    async def _only_streams(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the bare servicer only streams")
 
-    async def GetModelInfo(
-        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.GetModelInfoResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the bare servicer only streams")
-
-    async def Tokenize(
-        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.TokenizeResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the bare servicer only streams")
-
-    async def Detokenize(
-        self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.DetokenizeResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the bare servicer only streams")
+    Cancel = GetModelInfo = Tokenize = Detokenize = _only_streams
 
 
 def serve(kind: str, step_s: float, streams: int, ports: Queue[int]) -> None:

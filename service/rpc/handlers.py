@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from tokenwire.server.domain import InvalidRequest
 from tokenwire.v1 import generate_pb2 as pb
@@ -65,6 +65,15 @@ class Servicer(Protocol):
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 
 
+UNARY: dict[str, tuple[type[Message], type[Message]]] = {
+    "GetModelInfo": (pb.GetModelInfoRequest, pb.GetModelInfoResponse),
+    "Cancel": (pb.CancelRequest, pb.CancelResponse),
+    "Tokenize": (pb.TokenizeRequest, pb.TokenizeResponse),
+    "Detokenize": (pb.DetokenizeRequest, pb.DetokenizeResponse),
+}
+"""The service's unary methods: request and response types by name."""
+
+
 def register(servicer: Servicer, server: grpc.aio.Server) -> None:
     """Add GenerationService to server, as the generated add_..._to_server would."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
@@ -73,26 +82,12 @@ def register(servicer: Servicer, server: grpc.aio.Server) -> None:
             request_deserializer=lenient(pb.GenerateRequest),
             response_serializer=pb.GenerateResponse.SerializeToString,
         ),
-        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetModelInfo,
-            request_deserializer=lenient(pb.GetModelInfoRequest),
-            response_serializer=pb.GetModelInfoResponse.SerializeToString,
-        ),
-        "Cancel": grpc.unary_unary_rpc_method_handler(
-            servicer.Cancel,
-            request_deserializer=lenient(pb.CancelRequest),
-            response_serializer=pb.CancelResponse.SerializeToString,
-        ),
-        "Tokenize": grpc.unary_unary_rpc_method_handler(
-            servicer.Tokenize,
-            request_deserializer=lenient(pb.TokenizeRequest),
-            response_serializer=pb.TokenizeResponse.SerializeToString,
-        ),
-        "Detokenize": grpc.unary_unary_rpc_method_handler(
-            servicer.Detokenize,
-            request_deserializer=lenient(pb.DetokenizeRequest),
-            response_serializer=pb.DetokenizeResponse.SerializeToString,
-        ),
     }
+    for name, (request, response) in UNARY.items():
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=lenient(request),
+            response_serializer=response.SerializeToString,
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
