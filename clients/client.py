@@ -45,11 +45,14 @@ DEFAULT_TARGET = defaults.GRPC_TARGET
 DEFAULT_TIMEOUT_S = 120.0
 SERVICE = "tokenwire.v1.GenerationService"
 
-# Spread over every address a dns:/// or ipv4: target resolves to, and retry UNAVAILABLE
-# transparently while nothing has been received (a replica draining or gone).
+# Spread over every address a dns:/// or ipv4: target resolves to, skipping those whose health
+# (grpc.health.v1, watched by the channel) is not SERVING: a replica loading or draining gets
+# no new call, and a health check of the channel reaches a serving one. Retry UNAVAILABLE
+# transparently while nothing has been received (a replica that went away meanwhile).
 SERVICE_CONFIG = json.dumps(
     {
         "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": ""},
         "methodConfig": [
             {
                 "name": [{"service": SERVICE}],
