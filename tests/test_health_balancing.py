@@ -26,7 +26,8 @@ async def pair(
     spec: ModelSpec, tokenizer: Tokenizer
 ) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
     """Two servers of a scripted model (a step per 10 ms); the first is put into a drain held
-    open by a stream of 500 tokens (5 s, as long as the drain waits for it; the tests end sooner)."""
+    open by a stream of 500 tokens (5 s, as long as the drain waits for it; the tests end
+    sooner)."""
     model = ScriptedModel(spec, {}, step_delay_s=0.01)
     draining = await start_server(model, tokenizer, RecordingObserver())
     serving = await start_server(model, tokenizer, RecordingObserver())
