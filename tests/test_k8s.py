@@ -330,3 +330,24 @@ def test_autoscaled_deployments_leave_their_replica_count_to_the_autoscaler(over
     assert scaled
     for name in scaled:
         assert "replicas" not in _find(docs, "Deployment", name)["spec"], name
+
+
+PART_OF = ("app.kubernetes.io/part-of", "tokenwire")
+"""The label a PodMonitor selects the pods by (docs/deploy.md, Metrics)."""
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pod_monitor_label_reaches_the_pods_but_not_the_selectors(overlay: str) -> None:
+    """kustomize's `labels` put app.kubernetes.io/part-of on every pod template (includeTemplates:
+    a PodMonitor selects pods, not Deployments) and leave every selector alone (a Deployment's
+    selector is immutable once applied)."""
+    key, value = PART_OF
+    for d in _docs(overlay):
+        spec = d.get("spec", {})
+        if d["kind"] == "Deployment":
+            assert spec["template"]["metadata"]["labels"].get(key) == value, d["metadata"]["name"]
+            assert key not in spec["selector"]["matchLabels"], d["metadata"]["name"]
+        elif d["kind"] == "Service":
+            assert key not in spec["selector"], d["metadata"]["name"]
+        elif d["kind"] == "PodDisruptionBudget":
+            assert key not in spec["selector"]["matchLabels"], d["metadata"]["name"]
