@@ -351,3 +351,22 @@ def test_pod_monitor_label_reaches_the_pods_but_not_the_selectors(overlay: str) 
             assert key not in spec["selector"], d["metadata"]["name"]
         elif d["kind"] == "PodDisruptionBudget":
             assert key not in spec["selector"]["matchLabels"], d["metadata"]["name"]
+
+
+UPSTREAM_HEALTH_DEADLINE_S = 2
+"""How long the edge's /readyz waits for a server's health answer (clients/edge/upstream.py)."""
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_give_a_busy_pod_time_to_answer(overlay: str) -> None:
+    """No probe runs on the default 1 s timeout: liveness waits 5 s per try and restarts after 6
+    missed ones (a busy event loop answers late, it is not dead), readiness waits 3 s or more,
+    and the edge's readiness outlasts the upstream health check its /readyz waits for."""
+    containers = _containers(_docs(overlay))
+    for name, c in containers.items():
+        live, ready = c["livenessProbe"], c["readinessProbe"]
+        assert live.get("timeoutSeconds", 1) >= 5, name
+        assert live.get("failureThreshold", 3) >= 6, name
+        assert ready.get("timeoutSeconds", 1) >= 3, name
+    edge_ready = containers["tokenwire-edge"]["readinessProbe"]
+    assert edge_ready["timeoutSeconds"] > UPSTREAM_HEALTH_DEADLINE_S
