@@ -370,3 +370,78 @@ def test_probes_give_a_busy_pod_time_to_answer(overlay: str) -> None:
         assert ready.get("timeoutSeconds", 1) >= 3, name
     edge_ready = containers["tokenwire-edge"]["readinessProbe"]
     assert edge_ready["timeoutSeconds"] > UPSTREAM_HEALTH_DEADLINE_S
+
+
+def _whole_cpus(quantity: str) -> int:
+    assert re.fullmatch(r"[1-9][0-9]*", str(quantity)), f"{quantity!r} is not whole CPUs"
+    return int(quantity)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_server_is_guaranteed_whole_cpus(overlay: str) -> None:
+    """The server asks for what it may use, in whole CPUs (its intra-op threads, one per whole
+    CPU of its quota, spin between operators): requests equal limits, so the pod is Guaranteed
+    rather than running its threads on fewer guaranteed CPUs than it has threads."""
+    server = _containers(_docs(overlay))["tokenwire-server"]
+    resources = server["resources"]
+    assert resources["requests"] == resources["limits"]
+    assert _whole_cpus(resources["limits"]["cpu"]) >= 1
+
+
+QUEUE_AUTOSCALING = "../../components/queue-autoscaling"
+"""The component that scales the server on its queue, as an overlay names it."""
+
+
+def _server_autoscalers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        d
+        for d in docs
+        if d["kind"] == "HorizontalPodAutoscaler"
+        and d["spec"]["scaleTargetRef"]["name"] == "tokenwire-server"
+    ]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_server_has_no_cpu_autoscaler_by_default(overlay: str) -> None:
+    """Without the queue component no autoscaler scales the server (a CPU target would hold it
+    at its maximum), and it runs two replicas, so its PodDisruptionBudget leaves one serving."""
+    docs = _docs(overlay)
+    assert _server_autoscalers(docs) == []
+    assert _find(docs, "Deployment", "tokenwire-server")["spec"]["replicas"] >= 2
+
+
+def _with_queue_autoscaling(overlay: str, tmp_path: Path) -> list[dict[str, Any]]:
+    """The overlay rendered with the queue component added, as docs/deploy.md says to, in a
+    copy of k8s/."""
+    copy = tmp_path / "k8s"
+    shutil.copytree(ROOT / "k8s", copy)
+    kustomization = copy / "overlays" / overlay / "kustomization.yaml"
+    spec = yaml.safe_load(kustomization.read_text())
+    spec.setdefault("components", []).append(QUEUE_AUTOSCALING)
+    kustomization.write_text(yaml.safe_dump(spec))
+    rendered = tmp_path / f"{overlay}.yaml"
+    rendered.write_text(_render(overlay, copy))
+    _validate_strictly(rendered)
+    return [d for d in yaml.safe_load_all(rendered.read_text()) if d]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_queue_component_scales_the_server_on_gauges_it_exports(
+    overlay: str, tmp_path: Path
+) -> None:
+    """Added to any overlay, the component renders valid manifests with exactly one autoscaler
+    for the server (nothing in the base collides with it), on per-pod gauges the server
+    exports, and takes the server's replica count out of the Deployment."""
+    docs = _with_queue_autoscaling(overlay, tmp_path)
+    (hpa,) = _server_autoscalers(docs)
+    names = [(d["kind"], d["metadata"]["name"]) for d in docs]
+    assert len(names) == len(set(names))
+    assert hpa["metadata"]["namespace"] == "tokenwire"
+    assert hpa["spec"]["minReplicas"] >= 2
+    metrics = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
+    assert "tokenwire_requests_waiting" in metrics
+    assert {m["type"] for m in hpa["spec"]["metrics"]} == {"Pods"}
+    exposition = generate_latest(ServerMetrics().registry).decode()
+    for gauge in metrics:
+        assert f"# TYPE {gauge} gauge" in exposition
+    assert "replicas" not in _find(docs, "Deployment", "tokenwire-server")["spec"]
