@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -14,7 +15,9 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
+from tokenwire.common.settings import specs
 from tokenwire.edge.settings import EdgeSettings
+from tokenwire.server.config import Settings
 from tokenwire.server.telemetry.metrics import ServerMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,7 +210,7 @@ def test_config_map_name_is_hashed_and_referenced_by_both_deployments(overlay: s
     assert HASHED_CONFIG.fullmatch(name)
     containers = _containers(docs)
     for deployment in TOKENWIRE:
-        refs = [e["configMapRef"]["name"] for e in containers[deployment]["envFrom"]]
+        refs = [e["configMapRef"]["name"] for e in containers[deployment]["envFrom"][:1]]
         assert refs == [name], deployment
 
 
@@ -410,14 +413,14 @@ def test_server_has_no_cpu_autoscaler_by_default(overlay: str) -> None:
     assert _find(docs, "Deployment", "tokenwire-server")["spec"]["replicas"] >= 2
 
 
-def _with_queue_autoscaling(overlay: str, tmp_path: Path) -> list[dict[str, Any]]:
-    """The overlay rendered with the queue component added, as docs/deploy.md says to, in a
-    copy of k8s/."""
+def _with_components(overlay: str, tmp_path: Path, *components: str) -> list[dict[str, Any]]:
+    """The overlay rendered with components added, as docs/deploy.md says to, in a copy of
+    k8s/; kubernetes-validate --strict accepts what renders."""
     copy = tmp_path / "k8s"
     shutil.copytree(ROOT / "k8s", copy)
     kustomization = copy / "overlays" / overlay / "kustomization.yaml"
     spec = yaml.safe_load(kustomization.read_text())
-    spec.setdefault("components", []).append(QUEUE_AUTOSCALING)
+    spec.setdefault("components", []).extend(components)
     kustomization.write_text(yaml.safe_dump(spec))
     rendered = tmp_path / f"{overlay}.yaml"
     rendered.write_text(_render(overlay, copy))
@@ -432,7 +435,7 @@ def test_queue_component_scales_the_server_on_gauges_it_exports(
     """Added to any overlay, the component renders valid manifests with exactly one autoscaler
     for the server (nothing in the base collides with it), on per-pod gauges the server
     exports, and takes the server's replica count out of the Deployment."""
-    docs = _with_queue_autoscaling(overlay, tmp_path)
+    docs = _with_components(overlay, tmp_path, QUEUE_AUTOSCALING)
     (hpa,) = _server_autoscalers(docs)
     names = [(d["kind"], d["metadata"]["name"]) for d in docs]
     assert len(names) == len(set(names))
@@ -445,3 +448,107 @@ def test_queue_component_scales_the_server_on_gauges_it_exports(
     for gauge in metrics:
         assert f"# TYPE {gauge} gauge" in exposition
     assert "replicas" not in _find(docs, "Deployment", "tokenwire-server")["spec"]
+
+
+SECRET = "tokenwire-secrets"
+
+
+def _secret_variables() -> set[str]:
+    """The variables of the server's and the edge's settings that are secrets (kept out of
+    their repr): TOKENWIRE_API_KEYS, TOKENWIRE_UPSTREAM_API_KEY, TOKENWIRE_RESUME_STORE."""
+    found = set()
+    for cls in (Settings, EdgeSettings):
+        secret = {f.name for f in dataclasses.fields(cls) if not f.repr}
+        found |= {spec.env for spec in specs(cls) if spec.name in secret}
+    return found
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_secrets_come_from_an_optional_secret_read_after_the_config(overlay: str) -> None:
+    """Both Deployments read the Secret tokenwire-secrets (optional: without it the pods start,
+    unauthenticated) after the ConfigMap, so its values win; the ConfigMap holds no API key,
+    and a resume store URL in it carries no password."""
+    docs = _docs(overlay)
+    assert {"TOKENWIRE_API_KEYS", "TOKENWIRE_UPSTREAM_API_KEY"} <= _secret_variables()
+    for deployment in TOKENWIRE:
+        env_from = _containers(docs)[deployment]["envFrom"]
+        assert "configMapRef" in env_from[0], deployment
+        assert env_from[1:] == [{"secretRef": {"name": SECRET, "optional": True}}], deployment
+    env = _env(docs)
+    in_config = _secret_variables() & set(env)
+    assert in_config <= {"TOKENWIRE_RESUME_STORE"}
+    if "TOKENWIRE_RESUME_STORE" in env:
+        assert urlsplit(env["TOKENWIRE_RESUME_STORE"]).password is None
+
+
+def test_deploy_docs_create_the_secret_with_settings_that_exist() -> None:
+    """docs/deploy.md's `kubectl create secret` names the Secret the Deployments read and only
+    variables that the server or the edge read as secrets."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    assert f"kubectl -n tokenwire create secret generic {SECRET}" in text
+    named = set(re.findall(r"--from-literal=(TOKENWIRE_[A-Z_]+)=", text))
+    assert "TOKENWIRE_API_KEYS" in named
+    assert named <= _secret_variables()
+
+
+NETWORK_POLICY = "../../components/network-policy"
+"""The component that lets only the edges reach the servers' gRPC port."""
+
+
+def _pods(docs: list[dict[str, Any]], selector: dict[str, str]) -> list[str]:
+    """The Deployments whose pods a label selector picks."""
+    return [
+        d["metadata"]["name"]
+        for d in docs
+        if d["kind"] == "Deployment"
+        and selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+    ]
+
+
+def _policy(docs: list[dict[str, Any]], name: str) -> dict[str, dict[str, set[Any]]]:
+    """A NetworkPolicy as {target Deployment: {source Deployment: ports}}: the Deployment whose
+    pods it selects, the ones whose pods its ingress rules admit ("*" for any source), and the
+    ports each may reach, each checked to be one the target's containers declare."""
+    policy = _find(docs, "NetworkPolicy", name)["spec"]
+    assert policy["policyTypes"] == ["Ingress"]
+    (target,) = _pods(docs, policy["podSelector"]["matchLabels"])
+    pod = _find(docs, "Deployment", target)["spec"]["template"]["spec"]
+    declared = {p["containerPort"] for c in pod["containers"] for p in c["ports"]} | {
+        p["name"] for c in pod["containers"] for p in c["ports"]
+    }
+    rules: dict[str, set[Any]] = {}
+    for rule in policy["ingress"]:
+        sources = ["*"]
+        if "from" in rule:
+            assert all(set(peer) == {"podSelector"} for peer in rule["from"]), rule
+            sources = [
+                n for peer in rule["from"] for n in _pods(docs, peer["podSelector"]["matchLabels"])
+            ]
+            assert sources, rule  # a selector that matches no pod admits nobody
+        ports = {p["port"] for p in rule["ports"]}
+        assert ports <= declared, (name, ports)
+        for source in sources:
+            rules.setdefault(source, set()).update(ports)
+    return {target: rules}
+
+
+def test_redis_accepts_only_the_edges() -> None:
+    """In the ha overlay, Redis' NetworkPolicy selects the Redis pods and admits the edge pods,
+    and nothing else, on the port Redis serves."""
+    docs = _docs("ha")
+    assert _policy(docs, "tokenwire-redis") == {"tokenwire-redis": {"tokenwire-edge": {"redis"}}}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policy_component_admits_only_edges_to_grpc(overlay: str, tmp_path: Path) -> None:
+    """Added to any overlay (with queue autoscaling too), the component's NetworkPolicy selects
+    the server pods and admits the edge pods to the gRPC port, and anyone to the metrics port
+    only; the result validates."""
+    docs = _with_components(overlay, tmp_path, NETWORK_POLICY, QUEUE_AUTOSCALING)
+    assert _policy(docs, "tokenwire-server") == {
+        "tokenwire-server": {"tokenwire-edge": {"grpc"}, "*": {"metrics"}}
+    }
+    policies = {d["metadata"]["name"] for d in docs if d["kind"] == "NetworkPolicy"}
+    assert policies == (
+        {"tokenwire-server", "tokenwire-redis"} if overlay == "ha" else {"tokenwire-server"}
+    )
