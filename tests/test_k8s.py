@@ -170,6 +170,21 @@ def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_provider() -> None:
     assert _env(docs)["TOKENWIRE_PROVIDER"] == "cuda"
 
 
+def test_gpu_overlay_schedules_only_on_a_driver_cuda_13_runs_on() -> None:
+    """The GPU server requires a node whose NVIDIA driver major version (GPU feature
+    discovery's label) is 580 or more: CUDA 13, which onnxruntime-gpu 1.31 is built for, does
+    not load on an older one."""
+    pod = _find(_docs("gpu"), "Deployment", "tokenwire-server")["spec"]["template"]["spec"]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    [expression] = [
+        e
+        for term in terms["nodeSelectorTerms"]
+        for e in term["matchExpressions"]
+        if e["key"] == "nvidia.com/cuda.driver.major"
+    ]
+    assert (expression["operator"], expression["values"]) == ("Gt", ["579"])
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_edge_balances_over_the_headless_service(overlay: str) -> None:
     """The edge targets dns:/// of the headless Service, which has no cluster IP."""
