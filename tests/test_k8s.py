@@ -159,6 +159,18 @@ def test_pods_are_locked_down_and_bounded(overlay: str) -> None:
                 assert {"cpu", "memory"} <= set(c["resources"][kind]), (c["name"], kind)
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_replicas_spread_over_nodes(overlay: str) -> None:
+    """The server's and the edge's pods spread over nodes (hostname, skew 1, preferred, not
+    required), each Deployment counting its own pods: its selector's labels."""
+    for name in ("tokenwire-server", "tokenwire-edge"):
+        deployment = _find(_docs(overlay), "Deployment", name)
+        [spread] = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+        assert (spread["topologyKey"], spread["maxSkew"]) == ("kubernetes.io/hostname", 1)
+        assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
+        assert spread["labelSelector"] == deployment["spec"]["selector"]
+
+
 def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_provider() -> None:
     """The GPU overlay requests nvidia.com/gpu, tolerates GPU taints and selects CUDA."""
     docs = _docs("gpu")
