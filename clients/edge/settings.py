@@ -81,7 +81,7 @@ class EdgeSettings:
         defaults.GRPC_TARGET,
         "server address; a comma-separated list (a stream opens on, and fails over to, the "
         "next target that serves the same model; ready while any is SERVING) or "
-        "`dns:///name:port` (round robin over every replica)",
+        "`dns:///name:port` (round robin over every replica whose health is SERVING)",
     )
     api_keys: tuple[str, ...] = setting(
         (),
