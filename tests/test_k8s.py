@@ -183,18 +183,20 @@ def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_provider() -> None:
 
 
 def test_gpu_overlay_schedules_only_on_a_driver_cuda_13_runs_on() -> None:
-    """The GPU server requires a node whose NVIDIA driver major version (GPU feature
-    discovery's label) is 580 or more: CUDA 13, which onnxruntime-gpu 1.31 is built for, does
-    not load on an older one."""
+    """The GPU server requires a node whose NVIDIA driver major version is 580 or more (CUDA
+    13, which onnxruntime-gpu 1.31 is built for, does not load on an older one): every
+    alternative term asks that of one of GPU feature discovery's driver labels, and both of
+    them (the current and the older name) have a term."""
     pod = _find(_docs("gpu"), "Deployment", "tokenwire-server")["spec"]["template"]["spec"]
     terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-    [expression] = [
-        e
-        for term in terms["nodeSelectorTerms"]
-        for e in term["matchExpressions"]
-        if e["key"] == "nvidia.com/cuda.driver.major"
-    ]
-    assert (expression["operator"], expression["values"]) == ("Gt", ["579"])
+    asked = [term["matchExpressions"] for term in terms["nodeSelectorTerms"]]
+    assert [[(e["operator"], e["values"]) for e in term] for term in asked] == [
+        [("Gt", ["579"])]
+    ] * len(asked)
+    assert {term[0]["key"] for term in asked} == {
+        "nvidia.com/cuda.driver-version.major",
+        "nvidia.com/cuda.driver.major",
+    }
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
