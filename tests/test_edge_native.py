@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
 
 from tests.conftest import RunningEdge, RunningServer, cancelled_after, eventually, start_edge
 from tests.fakes import RecordingObserver
+from tests.replicas import SlowReplica
 from tokenwire.edge import native
+from tokenwire.edge.upstream import Upstream
 from tokenwire.server.domain import FinishReason
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 BODY = {"prompt": "def fib(n):", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
 
@@ -242,6 +247,30 @@ async def test_cancelling_a_stream_that_ended_says_it_was_not_cancelled(
     assert reply.json() == {"request_id": "ended", "cancelled": False}
     assert json.loads(events[-1].data)["finish_reason"] == "length"
     assert [e.data for e in replay] == [e.data for e in events]
+
+
+async def test_a_cancel_asks_every_target_at_once(served: RunningServer) -> None:
+    """The upstream's cancel asks all its targets together and answers when one had the
+    stream: a replica that takes 2 s to answer does not hold it up."""
+    slow = SlowReplica(served.target, 2.0, gives_up=False)
+    await slow.start()
+    upstream = Upstream(f"{slow.target},{served.target}")
+    channel = grpc.aio.insecure_channel(served.target)
+    asked = pb.GenerateRequest(prompt="def f():", max_tokens=400, ignore_eos=True)
+    asked.request_id = "on-the-second"
+    call = pb_grpc.GenerationServiceStub(channel).Generate(asked)
+    try:
+        await call.read()  # the stream runs at the second target
+        started = time.monotonic()
+        found = await upstream.cancel("on-the-second")
+        took = time.monotonic() - started
+    finally:
+        call.cancel()
+        await channel.close()
+        await upstream.close()
+        await slow.stop()
+    assert found is True
+    assert took < 1.0, took
 
 
 async def test_a_cancelled_stream_ends_with_usage_then_done(

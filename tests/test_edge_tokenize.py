@@ -3,6 +3,7 @@ the fields they refuse by name, and the gates every API route has."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import MODEL, RunningEdge, RunningServer, start_edge, start_server
+from tests.replicas import SlowReplica
 from tokenwire.edge.metrics import Outcome, RouteName
 from tokenwire.server.engine import OnnxCausalLM
 from tokenwire.server.tokenizer import Tokenizer
@@ -146,6 +148,33 @@ async def test_a_target_gone_away_passes_the_call_to_the_next(
     finally:
         await edge.edge.stop()
     assert text == {"prompt": "x = 1"}
+
+
+async def test_the_upstream_timeout_covers_every_target_a_call_tries(
+    served: RunningServer,
+) -> None:
+    """A /tokenize that a failing replica passes on to the next target has one upstream
+    timeout for both: the first replica's four attempts (0.2 s each, then UNAVAILABLE) take
+    0.8-1.5 s of its 2 s, the second would answer after 1.3 s more, and the caller gets a 504
+    when the 2 s are up instead of an answer after 2.1 s or more."""
+    replicas = [
+        SlowReplica(served.target, 0.2, gives_up=True),
+        SlowReplica(served.target, 1.3, gives_up=False),
+    ]
+    for replica in replicas:
+        await replica.start()
+    edge = await start_edge(",".join(r.target for r in replicas), upstream_timeout_s=2.0)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            started = time.monotonic()
+            error = await _error(http, "/tokenize", {"prompt": "x = 1"}, status=504)
+            took = time.monotonic() - started
+    finally:
+        await edge.edge.stop()
+        for replica in replicas:
+            await replica.stop()
+    assert error["code"] == "deadline_exceeded", error
+    assert took < 2.1, took
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,8 @@ from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 GenerateCall = grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse]
 OWNER_TAG = 16
+CANCEL_TIMEOUT_S = 10.0
+"""How long a cancel waits for each target's answer (all targets are asked at once)."""
 """Characters of a caller's principal (its key's fingerprint) that scope its ids upstream."""
 Reopen = Callable[[Resumption, grpc.StatusCode], Awaitable[GenerateCall]]
 Reply = TypeVar("Reply")
@@ -375,20 +377,18 @@ class Upstream:
 
     async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
         """Tokenize on the first target that answers, as model_info asks, within the
-        upstream timeout; EdgeError when it fails."""
+        upstream timeout (one for all the targets it tries); EdgeError when it fails."""
+        left = _time_left(self._timeout_s)
         _, reply = await self._first_answer(
-            lambda i: self._stubs[i].Tokenize(
-                request, timeout=self._timeout_s, metadata=self._metadata
-            )
+            lambda i: self._stubs[i].Tokenize(request, timeout=left(), metadata=self._metadata)
         )
         return reply
 
     async def detokenize(self, request: pb.DetokenizeRequest) -> pb.DetokenizeResponse:
         """Detokenize, as tokenize asks."""
+        left = _time_left(self._timeout_s)
         _, reply = await self._first_answer(
-            lambda i: self._stubs[i].Detokenize(
-                request, timeout=self._timeout_s, metadata=self._metadata
-            )
+            lambda i: self._stubs[i].Detokenize(request, timeout=left(), metadata=self._metadata)
         )
         return reply
 
@@ -427,19 +427,37 @@ class Upstream:
         return False
 
     async def cancel(self, request_id: str) -> bool:
-        """Cancel on every target (a stream may have moved); True if any had it."""
-        found = False
-        for stub in self._stubs:
-            try:
-                reply = await stub.Cancel(
-                    pb.CancelRequest(request_id=request_id), timeout=10, metadata=self._metadata
+        """Cancel on every target at once (a stream may have moved); True as soon as one had
+        it (the others' answers are not waited for), False once none had it."""
+        asks = [
+            asyncio.ensure_future(
+                stub.Cancel(
+                    pb.CancelRequest(request_id=request_id),
+                    timeout=CANCEL_TIMEOUT_S,
+                    metadata=self._metadata,
                 )
-            except grpc.RpcError as error:
-                if len(self._stubs) == 1:
-                    raise edge_error(from_rpc_error(error)) from None
-                continue
-            found = found or reply.cancelled
-        return found
+            )
+            for stub in self._stubs
+        ]
+        try:
+            for ask in asyncio.as_completed(asks):
+                try:
+                    if (await ask).cancelled:
+                        return True
+                except grpc.RpcError as error:
+                    if len(self._stubs) == 1:
+                        raise edge_error(from_rpc_error(error)) from None
+            return False
+        finally:
+            for ask in asks:
+                ask.cancel()
+
+
+def _time_left(limit_s: float) -> Callable[[], float]:
+    """Seconds left of limit_s from now, each time it is asked (at least 1 ms: a call whose
+    time is gone then ends DEADLINE_EXCEEDED at once)."""
+    deadline = time.monotonic() + limit_s
+    return lambda: max(deadline - time.monotonic(), 0.001)
 
 
 def upstream_id(request_id: str, owner: str | None) -> str:

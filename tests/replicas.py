@@ -1,0 +1,56 @@
+"""A slow replica: a gRPC server in front of a real one whose Tokenize and Cancel answers
+take a chosen time, then come from the real server or end UNAVAILABLE (a replica going
+away). Its model info is the real server's, answered at once."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+
+from tokenwire.v1 import generate_pb2 as pb
+from tokenwire.v1 import generate_pb2_grpc as pb_grpc
+
+
+class SlowReplica(pb_grpc.GenerationServiceServicer):
+    """Tokenize and Cancel take `delay_s`, then end UNAVAILABLE (with `gives_up`) or relay
+    the real server's answer."""
+
+    def __init__(self, target: str, delay_s: float, *, gives_up: bool) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = pb_grpc.GenerationServiceStub(self._channel)
+        self._delay_s = delay_s
+        self._gives_up = gives_up
+        self._server = grpc.aio.server()
+        pb_grpc.add_GenerationServiceServicer_to_server(self, self._server)
+        self.target = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
+
+    async def start(self) -> None:
+        await self._server.start()
+
+    async def stop(self) -> None:
+        await self._server.stop(0)
+        await self._channel.close()
+
+    async def _wait(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await asyncio.sleep(self._delay_s)
+        if self._gives_up:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica went away")
+
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.TokenizeResponse:
+        await self._wait(context)
+        return await self._stub.Tokenize(request)
+
+    async def Cancel(
+        self, request: pb.CancelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CancelResponse:
+        await self._wait(context)
+        return await self._stub.Cancel(request)
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetModelInfoResponse:
+        return await self._stub.GetModelInfo(request)
