@@ -76,8 +76,9 @@ NATIVE_BODIES = {
     "logit_bias of the wrong type": (_body(logit_bias=[1]), "logit_bias"),
     "logit_bias id past 2^32": (_body(logit_bias={"4294967296": 1}), "logit_bias"),
     "logit_bias with two keys for one id": (_body(logit_bias={"5": 1, "05": -1}), "logit_bias"),
-    "stop_token_ids with a boolean": (_body(stop_token_ids=[True]), "stop_token_ids"),
-    "prompt_ids past 2^32": (_body(prompt_ids=[2**32]), "prompt_ids"),
+    "stop_token_ids with a boolean": (_body(stop_token_ids=[True]), "stop_token_ids[0]"),
+    "stop_token_ids with a negative id": (_body(stop_token_ids=[3, -1]), "stop_token_ids[1]"),
+    "prompt_ids past 2^32": (_body(prompt_ids=[2**32]), "prompt_ids[0]"),
     "top_logprobs without logprobs": (_body(top_logprobs=2), "top_logprobs"),
     "min_tokens above max_tokens": (_body(min_tokens=3), "min_tokens"),
 }
@@ -98,8 +99,8 @@ OPENAI_BODIES = {
         "logit_bias",
     ),
     "prompt as an empty list": ({"prompt": []}, "prompt"),
-    "prompt mixing ids and text": ({"prompt": [1, "a"]}, "prompt"),
-    "prompt token id past 2^32": ({"prompt": [2**32]}, "prompt"),
+    "prompt mixing ids and text": ({"prompt": [1, "a"]}, "prompt[1]"),
+    "prompt token id past 2^32": ({"prompt": [2**32]}, "prompt[0]"),
     "prompt token id past the vocabulary": ({"prompt": [10**9]}, "prompt[0]"),
     "min_tokens above max_tokens": (
         {"prompt": "x", "max_tokens": 2, "min_tokens": 3},
@@ -200,6 +201,39 @@ async def test_openai_completions_bad_field_is_400_naming_it(
     """POST /v1/completions answers 400 with an OpenAI error body whose param is the field."""
     response = await http.post("/v1/completions", json={"model": MODEL, **body})
     assert _openai_param(response) == param
+
+
+TOKEN_ID_ENTRIES = {
+    "a prompt id that is text": (
+        {"prompt": [1, "a"]},
+        "prompt[1]",
+        "invalid_type",
+    ),
+    "a prompt id past 2^32": (
+        {"prompt": [1, 2**32]},
+        "prompt[1]",
+        "invalid_value",
+    ),
+    "a batch entry's id that is text": (
+        {"prompt": [[1], [2, None]]},
+        "prompt[1][1]",
+        "invalid_type",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"), TOKEN_ID_ENTRIES.values(), ids=TOKEN_ID_ENTRIES.keys()
+)
+async def test_a_bad_token_id_is_named_with_its_index_and_kind(
+    http: httpx.AsyncClient, body: dict[str, object], param: str, code: str
+) -> None:
+    """A list of token ids with one bad entry is a 400 naming that entry (field[index]): an
+    entry that is no integer is invalid_type, an integer that is no token id invalid_value."""
+    response = await http.post("/v1/completions", json={"model": MODEL, **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (param, code)
 
 
 @pytest.mark.parametrize(("raw", "param"), CHAT_BODIES.values(), ids=CHAT_BODIES.keys())

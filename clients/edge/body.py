@@ -232,10 +232,9 @@ class Fields:
         value = self._source.get(name)
         if value is None:
             return ()
-        ids = token_ids_of(value)
-        if ids is None:
+        if not isinstance(value, list):
             raise self._wrong_type(name, "must be a list of token ids")
-        return ids
+        return checked_token_ids(value, name, None if self._from_query else "invalid_type")
 
     def token_biases(self, name: str) -> tuple[tuple[int, float], ...]:
         """OpenAI's logit_bias: {"<token id>": bias}, biases in [-100, 100]; () when absent."""
@@ -275,6 +274,23 @@ def as_float32(value: float) -> float:
     float32's range: every documented range is)."""
     packed: float = struct.unpack("<f", struct.pack("<f", value))[0]
     return packed
+
+
+def checked_token_ids(
+    value: list[Any], name: str, wrong_type: str | None = "invalid_type"
+) -> tuple[int, ...]:
+    """`value` as token ids; the 400 names the first entry that is not one: `wrong_type` for
+    an entry that is not an integer, `invalid_value` for one outside 0..2^32-1."""
+    for index, entry in enumerate(value):
+        if isinstance(entry, bool) or not isinstance(entry, int):
+            raise EdgeError.invalid(
+                f"{name}[{index}]", "must be a token id (an integer)", wrong_type
+            )
+        if not 0 <= entry <= UINT32_MAX:
+            raise EdgeError.invalid(
+                f"{name}[{index}]", f"must be a token id between 0 and {UINT32_MAX}"
+            )
+    return tuple(value)
 
 
 def token_ids_of(value: Any) -> tuple[int, ...] | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from tokenwire.client.messages import ModelInfo
-from tokenwire.edge.body import Fields, token_ids_of
+from tokenwire.edge.body import Fields, checked_token_ids, token_ids_of
 from tokenwire.edge.errors import EdgeError
 
 MAX_GENERATIONS = 64
@@ -37,9 +37,12 @@ def completion_prompts(fields: Fields, n: int) -> tuple[tuple[Prompt, ...], bool
     if not isinstance(prompt, list):
         # No prompt at all is a missing value; a number or an object, a wrong type.
         raise EdgeError.invalid("prompt", _SHAPES, None if prompt is None else "invalid_type")
-    if not prompt or _is_int(prompt[0]):
-        # A list that starts with an integer is token ids, with one that is not.
+    if not prompt:
         raise EdgeError.invalid("prompt", _SHAPES)
+    if _is_int(prompt[0]):
+        # A list that starts with an integer is token ids: the 400 names the first entry
+        # that is not one.
+        return (("", checked_token_ids(prompt, "prompt")),), False
     if len(prompt) * n > MAX_GENERATIONS:
         raise EdgeError.invalid(
             "prompt",
@@ -58,9 +61,8 @@ def _is_int(value: Any) -> bool:
 def _entry(entry: Any, index: int) -> Prompt:
     if isinstance(entry, str):
         return _text(entry, f"prompt[{index}]")
-    ids = token_ids_of(entry)
-    if ids:
-        return "", ids
+    if isinstance(entry, list) and entry and _is_int(entry[0]):
+        return "", checked_token_ids(entry, f"prompt[{index}]")
     raise EdgeError.invalid(
         f"prompt[{index}]",
         "must be a string or a non-empty list of token ids",
