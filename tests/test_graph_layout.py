@@ -14,7 +14,7 @@ import pytest
 
 from tokenwire.server.config import BUNDLED_MODEL_DIR
 from tokenwire.server.engine import ModelLoadError, ModelSpec
-from tokenwire.server.engine.graph import check_vocab, read_layout
+from tokenwire.server.engine.graph import check_types, check_vocab, read_layout
 
 GENAI_LLAMA = BUNDLED_MODEL_DIR.parent / "fixtures-genai" / "llama-fp32"
 GEMMA3 = BUNDLED_MODEL_DIR.parent / "fixtures" / "gemma3"
@@ -142,10 +142,35 @@ def test_a_decoders_depth_comes_from_its_decoder_layers(tmp_path: Path) -> None:
     config = json.loads((bart / "config.json").read_text())
     deeper = {"encoder_layers": 6, "num_hidden_layers": 6}
     (tmp_path / "config.json").write_text(json.dumps(config | deeper))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(bart / name, tmp_path / name)
     spec = ModelSpec.from_dir(tmp_path)
     assert spec.num_layers == 2
     session = ort.InferenceSession(str(bart / "model.onnx"), providers=["CPUExecutionProvider"])
     layout = read_layout(session.get_inputs(), session.get_outputs(), spec, "model.onnx")
     assert layout.num_layers == 2
+
+
+@pytest.mark.parametrize(
+    ("inputs", "outputs", "named"),
+    [
+        ([Arg("attention_mask", ["batch", "width"], "tensor(int32)")], [], "attention_mask"),
+        ([Arg("position_ids", ["batch", "width"], "tensor(int32)")], [], "position_ids"),
+        ([], [Arg("logits", ["batch", "width", 320], "tensor(bfloat16)")], "logits"),
+    ],
+)
+def test_a_graph_typed_unlike_what_the_engine_feeds_is_refused_naming_the_tensor(
+    inputs: list[Arg], outputs: list[Arg], named: str
+) -> None:
+    """Ids, mask or positions other than int64, or logits other than float32/float16, are
+    refused naming the tensor and its type (not blamed on a probe forward at load)."""
+    with pytest.raises(ModelLoadError, match=rf"model.onnx (input|output) {named} is tensor\("):
+        check_types(inputs, outputs, "model.onnx")
+
+
+def test_the_bundled_graphs_types_are_what_the_engine_feeds() -> None:
+    """The bundled graph (int64 inputs, float logits) passes the type check."""
+    session = ort.InferenceSession(
+        str(BUNDLED_MODEL_DIR / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    check_types(session.get_inputs(), session.get_outputs(), "model.onnx")

@@ -106,6 +106,82 @@ def test_a_config_json_that_contradicts_genai_config_is_refused(tmp_path: Path) 
         ModelSpec.from_dir(model_dir)
 
 
+@pytest.mark.parametrize(
+    ("outer", "nested", "stops"),
+    [([1, 5], 1, {1, 5}), (None, [1, 5], {1, 5}), (1, None, {1})],
+)
+def test_the_outer_configs_stop_ids_win_over_its_text_configs(
+    tmp_path: Path, outer: object, nested: object, stops: set[int]
+) -> None:
+    """In a multimodal config.json (no generation_config.json), the stop ids are the outer
+    config's eos_token_id, as transformers' generation config takes them; text_config's fill
+    in only where the outer config has none."""
+    model_dir = _copy(FIXTURES / "gemma3", tmp_path)
+    (model_dir / "generation_config.json").unlink()
+    config = json.loads((model_dir / "config.json").read_text())
+    config["eos_token_id"] = outer
+    config["text_config"] = {**config.get("text_config", {}), "eos_token_id": nested}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    assert ModelSpec.from_dir(model_dir).eos_token_ids == stops
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("suppress_tokens", [7, 9]),
+        ("bad_words_ids", [[7, 9]]),
+        ("forced_eos_token_id", 2),
+        ("no_repeat_ngram_size", 3),
+        ("min_new_tokens", 4),
+    ],
+)
+def test_a_generation_config_that_forces_or_bans_tokens_is_refused(
+    tmp_path: Path, key: str, value: object
+) -> None:
+    """generation_config.json setting what transformers' generate applies to every answer's
+    tokens (bans, forced ids, repeat bans, a minimum length) is refused naming the file and
+    the key: served without it, the model would decode other tokens than its reference."""
+    model_dir = _copy(LLAMA, tmp_path)
+    _edit(model_dir / "generation_config.json", **{key: value})
+    with pytest.raises(ModelLoadError, match=rf"generation_config.json sets {key} = "):
+        ModelSpec.from_dir(model_dir)
+
+
+def test_without_a_generation_config_the_configs_own_forcing_is_refused(tmp_path: Path) -> None:
+    """Without generation_config.json, config.json's own forced_eos_token_id (which
+    transformers' generate then takes) is refused naming config.json."""
+    model_dir = _copy(FIXTURES / "bart", tmp_path)
+    (model_dir / "generation_config.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"config.json sets forced_eos_token_id = 2"):
+        ModelSpec.from_dir(model_dir)
+
+
+def test_default_valued_forcing_keys_load(tmp_path: Path) -> None:
+    """The keys at their defaults (empty lists, 0, null), as exports often write them, load."""
+    model_dir = _copy(LLAMA, tmp_path)
+    _edit(
+        model_dir / "generation_config.json",
+        suppress_tokens=[],
+        no_repeat_ngram_size=0,
+        min_length=0,
+        begin_suppress_tokens=[],
+    )
+    assert ModelSpec.from_dir(model_dir).eos_token_ids
+
+
+@pytest.mark.parametrize("key", ["min_length", "no_repeat_ngram_size"])
+def test_a_genai_search_section_that_forces_tokens_is_refused(tmp_path: Path, key: str) -> None:
+    """genai_config.json's search.min_length or search.no_repeat_ngram_size above 0 (which the
+    Generator applies to every request) is refused naming the file and the key."""
+    model_dir = _genai(tmp_path)
+    path = model_dir / "genai_config.json"
+    config = json.loads(path.read_text())
+    config["search"][key] = 3
+    path.write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=rf"genai_config.json search.{key} = 3"):
+        ModelSpec.from_dir(model_dir)
+
+
 @pytest.mark.parametrize("eos", [320, -1, [1, 999]])
 def test_a_stop_id_outside_the_vocabulary_is_refused(tmp_path: Path, eos: object) -> None:
     """An eos_token_id the model can never produce is refused: every answer would run to its

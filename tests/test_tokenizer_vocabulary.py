@@ -85,3 +85,26 @@ async def test_prompts_without_such_a_token_are_served(extended: RunningServer) 
         stub = pb_grpc.GenerationServiceStub(channel)
         messages = await collect(stub, pb.GenerateRequest(prompt="def f():", max_tokens=4))
     assert messages[-1].WhichOneof("event") == "completion"
+
+
+async def test_the_ids_above_a_gap_in_the_tokenizers_ids_can_be_chosen(
+    onnx_model: OnnxCausalLM, spec: ModelSpec
+) -> None:
+    """A tokenizer whose ids leave a gap (fewer tokens than its highest id + 1, as tokenizers
+    ported from tiktoken have) does not hide the ids above the gap from the model: greedy
+    decoding with a +100 bias on the highest id picks that id every step."""
+    top = spec.vocab_size - 1
+    holed = {f"w{i}": i for i in range(spec.vocab_size) if not 100 <= i < 110}
+    words = Tokenizer(HfTokenizer(models.WordLevel(holed, unk_token="w0")))
+    running = await start_server(onnx_model, words)
+    try:
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            asked = pb.GenerateRequest(prompt_ids=[1, 2, 3], max_tokens=3, ignore_eos=True)
+            asked.sampling.temperature = 0.0
+            asked.sampling.logit_bias[top] = 100.0
+            messages = await collect(stub, asked)
+    finally:
+        await running.server.drain()
+    ids = [m.token.id for m in messages if m.WhichOneof("event") == "token"]
+    assert ids == [top] * 3

@@ -206,6 +206,12 @@ class Engine:
         return len(self._active) + len(self._leaving)
 
     @property
+    def id_limit(self) -> int:
+        """Token ids below this are the ids the engine takes and chooses: those both the model
+        (a row of logits) and the tokenizer (an id it decodes) have."""
+        return self._vocab
+
+    @property
     def kv_in_place(self) -> bool:
         """The model writes its KV cache in place in preallocated slots."""
         return self._scheduler.in_place

@@ -198,6 +198,37 @@ def check_against_config(layout: CacheLayout, spec: ModelSpec, graph: str) -> No
                 )
 
 
+LOGITS_TYPES = frozenset({"tensor(float)", "tensor(float16)"})
+ID_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def check_types(inputs: Sequence[NodeArg], outputs: Sequence[NodeArg], graph: str) -> None:
+    """The engine feeds int64 ids, mask and positions and reads float32 or float16 logits: a
+    graph typed otherwise is refused naming the tensor (its first forward would fail with
+    ONNX Runtime's word for it, or read the logits wrongly)."""
+    for arg in inputs:
+        if arg.name in ID_INPUTS and arg.type != "tensor(int64)":
+            raise ModelLoadError(
+                f"{graph} input {arg.name} is {arg.type}: the engine feeds it as tensor(int64) "
+                "(export the graph with int64 ids, mask and positions)"
+            )
+    for arg in outputs:
+        if arg.name == "logits" and arg.type not in LOGITS_TYPES:
+            raise ModelLoadError(
+                f"{graph} output logits is {arg.type}: the engine reads tensor(float) or "
+                "tensor(float16) logits"
+            )
+
+
+def check_io(
+    inputs: Sequence[NodeArg], outputs: Sequence[NodeArg], spec: ModelSpec, graph: str
+) -> None:
+    """The graph's logits (their width, their positions) and the types of what the engine
+    feeds and reads."""
+    check_vocab(outputs, spec, graph)
+    check_types(inputs, outputs, graph)
+
+
 def check_vocab(outputs: Sequence[NodeArg], spec: ModelSpec, graph: str) -> None:
     """The logits' last axis, where the graph fixes it, must equal the config's vocab size."""
     logits = next((o for o in outputs if o.name == "logits"), None)

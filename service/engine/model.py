@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import structlog
 
-from tokenwire.server.engine.graph import CacheLayout, check_vocab, read_layout
+from tokenwire.server.engine.graph import CacheLayout, check_io, read_layout
 from tokenwire.server.engine.graph_ops import op_types_among
 from tokenwire.server.engine.kv_cache import BatchKvCache
 from tokenwire.server.engine.logits import DeviceLogits, HostLogits, Logits, LogitsReader, widens
@@ -163,7 +163,7 @@ class OnnxCausalLM:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         graph = onnx_path.relative_to(model_dir).as_posix()
         self.layout: CacheLayout = read_layout(inputs, outputs, self.spec, graph)
-        check_vocab(outputs, self.spec, graph)
+        check_io(inputs, outputs, self.spec, graph)
         names = {i.name for i in inputs}
         unknown = names - _DRIVEN_INPUTS - set(self.layout.past_names)
         if unknown or not {"input_ids", "attention_mask"} <= names:

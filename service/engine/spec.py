@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
+from tokenwire.server.engine.forcing import forcing, genai_forcing
 from tokenwire.server.tokenizer.tokenizer import template_tokens
 
 
@@ -90,7 +91,9 @@ class ModelSpec:
         if (model_dir / GENAI_CONFIG).exists():
             # A GenAI folder: its runtime reads genai_config.json, and so does the engine. A
             # config.json beside it (many such folders carry one) may only agree with it.
-            config = genai_as_config(read_json(model_dir / GENAI_CONFIG))
+            genai = read_json(model_dir / GENAI_CONFIG)
+            _refuse(genai_forcing(genai, model_dir / GENAI_CONFIG))
+            config = genai_as_config(genai)
             config[_FILE] = str(model_dir / GENAI_CONFIG)
             graph_file = config["_graph_file"]
             if (model_dir / "config.json").exists():
@@ -100,10 +103,21 @@ class ModelSpec:
             generation: dict[str, Any] = {}
             source = GENAI_CONFIG
         else:
-            config = text_config(read_json(model_dir / "config.json"))
+            outer = read_json(model_dir / "config.json")
+            config = text_config(outer)
             config[_FILE] = str(model_dir / "config.json")
+            if outer.get("eos_token_id") is not None:
+                # As transformers' generation config takes it: the outer config's stop ids,
+                # the nested text_config's only where the outer has none.
+                config["eos_token_id"] = outer["eos_token_id"]
             generation = read_json(model_dir / "generation_config.json", required=False)
             source = "config.json"
+            # transformers' generate takes generation_config.json where there is one, else
+            # the config's own settings (the outer config's, text_config's where it has none).
+            if generation:
+                _refuse(forcing(generation, model_dir / "generation_config.json"))
+            else:
+                _refuse(forcing({**config, **outer}, model_dir / "config.json"))
         vocab = lookup(config, "vocab_size")
         if vocab is None or vocab < 1:
             raise ModelLoadError(_missing(model_dir / source, "vocab_size"))
@@ -393,6 +407,11 @@ def _missing(config_path: Path, fact: str) -> str:
         f"{config_path} states no {fact.replace('_', ' ')} as a positive integer "
         f"(looked for {keys})"
     )
+
+
+def _refuse(reason: str | None) -> None:
+    if reason is not None:
+        raise ModelLoadError(reason)
 
 
 def _as_ids(value: object, path: Path, vocab: int) -> list[int]:

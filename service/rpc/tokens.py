@@ -71,8 +71,7 @@ class TokenCalls:
             engine = self._open_engine()
             asked = convert.detokenize_from_pb(request)
             # The ids the engine takes as prompt_ids: those both the model and the tokenizer have.
-            vocab = min(engine.model.spec.vocab_size, engine.tokenizer.vocab_size)
-            asked.check(vocab, engine.limits.max_prompt_bytes)
+            asked.check(engine.id_limit, engine.limits.max_prompt_bytes)
             job = functools.partial(detokenize, engine.tokenizer, asked)
             text = (
                 await self._run(engine, job) if len(asked.token_ids) > LONG_PROMPT_CHARS else job()

@@ -224,7 +224,9 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.inner.get_vocab_size(with_added_tokens=True))
+        """The tokenizer's id range: its highest id + 1 (a vocabulary whose ids leave a gap,
+        as tokenizers ported from tiktoken have, holds fewer tokens than that)."""
+        return max(self.inner.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         """Token ids of text. As transformers does, special-token text (e.g. "<|user|>") maps to
