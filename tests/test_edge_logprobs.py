@@ -156,8 +156,8 @@ def test_the_native_format_floors_non_finite_logprobs_a_server_sends() -> None:
 
 @pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
 def test_the_openai_format_floors_non_finite_logprobs_a_server_sends(chat: bool) -> None:
-    """OpenAI logprobs of a token whose logprob is -inf report -9999, and its -inf and NaN
-    alternatives are left out."""
+    """OpenAI logprobs of a token whose logprob is -inf report -9999 (completions list the
+    sampled token too), and its -inf and NaN alternatives are left out."""
     body = _strict(json.dumps(logprobs([RAW], chat=chat)))
     if chat:
         [entry] = body["content"]
@@ -165,7 +165,31 @@ def test_the_openai_format_floors_non_finite_logprobs_a_server_sends(chat: bool)
         assert [a["token"] for a in entry["top_logprobs"]] == ["b"]
     else:
         assert body["token_logprobs"] == [LOGPROB_FLOOR]
-        assert body["top_logprobs"] == [{"b": -0.25}]
+        assert body["top_logprobs"] == [{"a": LOGPROB_FLOOR, "b": -0.25}]
+
+
+@pytest.mark.parametrize("asked", [0, 1, 2])
+async def test_completions_top_logprobs_list_the_sampled_token_and_the_most_likely(
+    masked: httpx.AsyncClient, asked: int
+) -> None:
+    """/v1/completions with logprobs=N lists at each position the sampled token first and
+    then the N most likely, as OpenAI and vLLM do (up to N+1 entries): here a bias makes the
+    least likely of the three tokens with probability the sampled one."""
+    response = await masked.post(
+        "/v1/completions",
+        json={
+            "prompt": "x",
+            "max_tokens": 2,
+            "logprobs": asked,
+            "temperature": 0,
+            "logit_bias": {str(LIKELY[-1]): 100},
+        },
+    )
+    assert response.status_code == 200, response.text
+    probs = response.json()["choices"][0]["logprobs"]
+    for sampled, listed in zip(probs["tokens"], probs["top_logprobs"], strict=True):
+        assert list(listed)[0] == sampled
+        assert len(listed) == asked + 1
 
 
 async def test_streamed_completion_text_offsets_count_each_choices_text(

@@ -138,18 +138,22 @@ def logprobs(tokens: list[Token], *, chat: bool, text_offset: int = 0) -> dict[s
         return {"content": content}
     counter = TextOffsets(text_offset)
     offsets = [counter.of(t) for t in tokens]
-    wanted = any(t.top_logprobs for t in tokens)
     return {
         "tokens": [t.own_text for t in tokens],
         "token_logprobs": [_logprob(t) for t in tokens],
-        # The legacy format: one {text: logprob} object per position.
-        "top_logprobs": [
-            {a.text: a.logprob for a in listed_alternatives(t.top_logprobs)} for t in tokens
-        ]
-        if wanted
-        else None,
+        # The legacy format: one {text: logprob} object per position, the sampled token's
+        # first and then the `logprobs` most likely (up to logprobs + 1 entries, as OpenAI
+        # and vLLM give them; logprobs=0 lists the sampled token alone).
+        "top_logprobs": [_sampled_and_top(t) for t in tokens],
         "text_offset": offsets,
     }
+
+
+def _sampled_and_top(token: Token) -> dict[str, float | None]:
+    listed: dict[str, float | None] = {token.own_text: _logprob(token)}
+    for alternative in listed_alternatives(token.top_logprobs):
+        listed.setdefault(alternative.text, alternative.logprob)
+    return listed
 
 
 class TextOffsets:
