@@ -168,3 +168,46 @@ async def test_a_value_of_the_right_type_out_of_range_keeps_its_range_code(
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert (error["param"], error["code"]) == (name, code)
+
+
+# A value OpenAI refuses that the edge used to take: (path, body, param, code).
+OPENAI_REFUSES: dict[str, tuple[str, dict[str, Any], str, str]] = {
+    "parallel_tool_calls as a string": (
+        CHAT_PATH,
+        _chat(parallel_tool_calls="yes"),
+        "parallel_tool_calls",
+        "invalid_type",
+    ),
+    "an unknown service_tier": (
+        CHAT_PATH,
+        _chat(service_tier="fast"),
+        "service_tier",
+        "invalid_value",
+    ),
+    "content as an empty list of parts": (
+        CHAT_PATH,
+        {"model": MODEL, "messages": [{"role": "user", "content": []}]},
+        "messages[0].content",
+        "empty_array",
+    ),
+    "best_of below n": (
+        COMPLETIONS_PATH,
+        {"model": MODEL, "prompt": "x", "max_tokens": 2, "best_of": 1, "n": 2},
+        "best_of",
+        "invalid_value",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "code"), OPENAI_REFUSES.values(), ids=OPENAI_REFUSES.keys()
+)
+async def test_values_openai_refuses_are_400_naming_the_field(
+    http: httpx.AsyncClient, path: str, body: dict[str, Any], param: str, code: str
+) -> None:
+    """A non-boolean parallel_tool_calls, a service_tier OpenAI does not have, a message
+    content of no parts, and best_of below n are 400 naming the field, as OpenAI answers."""
+    response = await http.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (param, code)

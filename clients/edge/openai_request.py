@@ -54,6 +54,8 @@ HONOURED_BY_ROUTE = {
 NEUTRAL = frozenset(
     {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
 )
+SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority")
+"""OpenAI's processing tiers: each is served alike here, any other is a 400 as at OpenAI."""
 
 
 def _empty(value: Any) -> bool:
@@ -88,8 +90,8 @@ def _no_suffix(value: Any) -> bool:
     return bool(value == "")
 
 
-def _any(value: Any) -> bool:
-    return True
+def _boolean(value: Any) -> bool:
+    return isinstance(value, bool)
 
 
 # Not supported: accepted only at the value that asks for nothing (null is always fine).
@@ -100,7 +102,7 @@ IDLE_BY_ROUTE: dict[bool, dict[str, Callable[[Any], bool]]] = {
         "functions": _empty,
         "tool_choice": _no_tools,
         "function_call": _no_tools,
-        "parallel_tool_calls": _any,  # meaningless without tools, which are refused
+        "parallel_tool_calls": _boolean,  # meaningless without tools, which are refused
         "response_format": _text_format,
         "modalities": _text_only,
     },
@@ -201,6 +203,8 @@ def _check_neutral(name: str, value: Any) -> None:
                 raise EdgeError.invalid(f"{name}.{key}", "must be a string", "invalid_type")
     elif not isinstance(value, str):
         raise EdgeError.invalid(name, "must be a string", "invalid_type")
+    elif name == "service_tier" and value not in SERVICE_TIERS:
+        raise EdgeError.invalid(name, f"must be one of {', '.join(SERVICE_TIERS)}")
 
 
 def _check_idle(name: str, value: Any, idle: dict[str, Callable[[Any], bool]]) -> None:
@@ -209,6 +213,8 @@ def _check_idle(name: str, value: Any, idle: dict[str, Callable[[Any], bool]]) -
         raise EdgeError.invalid(
             name, "unrecognized request argument for this route", "unknown_parameter"
         )
+    if name == "parallel_tool_calls" and not _boolean(value):
+        raise EdgeError.invalid(name, "must be true or false", "invalid_type")
     if not idle[name](value):
         raise EdgeError.invalid(
             name, f"is not supported by this server (only {_idle_hint(name)})", _code(name)
@@ -252,6 +258,9 @@ def read_request(fields: Fields, request_id: str, *, chat: bool) -> OpenAIReques
     completions request may send a batch of prompts), with distinct ids and seeds."""
     check_fields(fields, chat=chat)
     n = fields.integer("n", 1) or 1
+    if not chat and fields.has("best_of") and n > 1:
+        # best_of is 1 here (check_fields): OpenAI and vLLM need best_of >= n.
+        raise EdgeError.invalid("best_of", f"must be at least n ({n})")
     prompts, batch = ((("", ()),), False) if chat else completion_prompts(fields, n)
     base, names = _options(fields, request_id, chat=chat)
     total = len(prompts) * n
@@ -398,6 +407,8 @@ def _content(content: Any, index: int) -> str | list[dict[str, str]]:
     if not isinstance(content, list):
         # null (no content) is a value the edge does not take; a number, an object... a type.
         raise EdgeError.invalid(where, reason, None if content is None else "invalid_type")
+    if not content:
+        raise EdgeError.invalid(where, "must hold at least one text part", "empty_array")
     for part in content:
         if not isinstance(part, dict) or (
             part.get("type") == "text" and not isinstance(part.get("text"), str)
