@@ -247,3 +247,38 @@ async def test_a_cancel_of_a_reused_id_on_another_replica_leaves_the_owners_stre
     assert json.loads(done.data)["finish_reason"] == "cancelled"
     finishes = [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")]
     assert [f for f in finishes if f] == ["length"]
+
+
+async def test_openai_requests_sharing_an_x_request_id_both_run(paced: RunningServer) -> None:
+    """Two /v1/completions sent at once with one X-Request-ID (as a proxy that gives calls made
+    in parallel one id sends them) are both answered, under distinct response ids: the later
+    runs under the id made unique instead of a 400."""
+    edge = await start_edge(paced.target)
+    body = {"prompt": "x", "max_tokens": 40, "ignore_eos": True}
+    headers = {"X-Request-ID": "shared"}
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            replies = await asyncio.gather(
+                *(http.post("/v1/completions", json=body, headers=headers) for _ in range(2))
+            )
+    finally:
+        await edge.edge.stop()
+    assert [r.status_code for r in replies] == [200, 200], [r.text for r in replies]
+    ids = {r.json()["id"] for r in replies}
+    assert len(ids) == 2
+    assert all(i.startswith("cmpl-shared") for i in ids)
+
+
+async def test_the_bodys_request_id_wins_over_the_header(edge: RunningEdge) -> None:
+    """A native stream sent with both X-Request-ID and a body request_id goes by the body's
+    (as the server takes the field over the metadata): its events and its events route use
+    that id."""
+    body = {"prompt": "x", "max_tokens": 3, "ignore_eos": True, "request_id": "mine-1"}
+    async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+        async with aconnect_sse(
+            http, "POST", "/v1/generate", json=body, headers={"X-Request-ID": "hdr-1"}
+        ) as source:
+            events = [event async for event in source.aiter_sse()]
+        replay = await http.get("/v1/generate/mine-1/events")
+    assert {e.id.rsplit(":", 1)[0] for e in events} == {"mine-1"}
+    assert replay.status_code == 200

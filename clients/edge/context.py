@@ -40,12 +40,19 @@ class EdgeContext:
 
 
 def request_id_of(request: Request, field: str = "") -> str:
-    """X-Request-ID header, else the body's request_id, else a new one; both are checked."""
+    """The body's request_id, else the X-Request-ID header, else a new one (as the server
+    takes a request's id over its x-request-id metadata); both are checked."""
     header = request.headers.get("x-request-id", "")
     for given in (header, field):
         if given:
             check_request_id(given)
-    return header or field or uuid.uuid4().hex
+    return field or header or uuid.uuid4().hex
+
+
+def unique_id(request_id: str) -> str:
+    """`request_id` made unique: its first characters, then random ones, within the bound
+    on ids (a choice's suffix, `-<index>`, still leaves 20 random hex digits)."""
+    return f"{request_id[: MAX_REQUEST_ID - 25]}-{uuid.uuid4().hex[:24]}"
 
 
 def valid_request_id(request_id: str) -> bool:

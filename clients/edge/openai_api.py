@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 
 from tokenwire.edge.accounting import Account, failed
 from tokenwire.edge.body import Fields, read_json
-from tokenwire.edge.context import EdgeContext, request_id_of
+from tokenwire.edge.context import EdgeContext, request_id_of, unique_id
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.guards import principal_of
 from tokenwire.edge.metrics import Outcome
@@ -63,11 +63,22 @@ async def _begin(request: Request, *, chat: bool) -> _Call:
     check_max_tokens(parsed, info)
     check_generations(parsed.n, len(parsed.choices), info)
     prompts = parsed.prompts(chat_prompt(turns, info) if turns is not None else "")
+    owner = principal_of(request.scope)
     try:
-        owner = principal_of(request.scope)
-        upstreams = await open_generations(
-            ctx.upstream, prompts, parsed.choices, account.route, owner
-        )
+        try:
+            upstreams = await open_generations(
+                ctx.upstream, prompts, parsed.choices, account.route, owner
+            )
+        except EdgeError as error:
+            if error.param != "request_id":
+                raise
+            # Another request of the caller's runs under this id (a proxy that gives calls
+            # made in parallel one X-Request-ID). These routes address no stream by its id,
+            # so this one runs under the id made unique rather than being refused.
+            parsed = read_request(fields, unique_id(request_id), chat=chat)
+            upstreams = await open_generations(
+                ctx.upstream, prompts, parsed.choices, account.route, owner
+            )
     except EdgeError as error:
         raise openai_error(error.renamed(parsed.names_for(error.generation))) from None
     # One generation keeps the id the server settled on; several share the caller's.
