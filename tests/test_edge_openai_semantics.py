@@ -807,3 +807,29 @@ def test_empty_tool_calls_do_not_reach_the_template() -> None:
     turn's text, not an empty tool call."""
     fields = Fields({"messages": [{"role": "assistant", "content": "b", "tool_calls": []}]})
     assert chat_turns(fields) == [{"role": "assistant", "content": "b"}]
+
+
+async def test_completions_without_max_tokens_take_openais_default_of_16(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    """A completion that sets no max_tokens stops at 16 tokens (OpenAI's default, as vLLM's),
+    with finish_reason length."""
+    reply = await sdk.completions.create(
+        model=MODEL, prompt="def f():", extra_body={"ignore_eos": True}
+    )
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == 16
+    assert reply.choices[0].finish_reason == "length"
+
+
+async def test_chat_without_max_tokens_takes_the_servers_default(
+    sdk: openai.AsyncOpenAI, served: RunningServer
+) -> None:
+    """A chat completion that sets no max_tokens runs to the server's default_max_tokens."""
+    reply = await sdk.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        extra_body={"ignore_eos": True},
+    )
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == served.engine.config.default_max_tokens

@@ -109,6 +109,8 @@ IDLE_BY_ROUTE: dict[bool, dict[str, Callable[[Any], bool]]] = {
     False: {"echo": _false, "suffix": _no_suffix, "best_of": _one},
 }
 MAX_N = 8
+COMPLETIONS_MAX_TOKENS = 16
+"""max_tokens of a completions request that sets none: OpenAI's default (and vLLM's)."""
 
 # The keys of the request's objects the edge reads (null is always fine, as at the top level);
 # any other is a 400 naming its path. `include_obfuscation` asks OpenAI to pad each delta with
@@ -316,7 +318,9 @@ def _max_tokens(fields: Fields, *, chat: bool) -> tuple[int, str]:
         raise EdgeError.invalid("max_tokens", "give max_tokens or max_completion_tokens, not both")
     value = fields.integer(name)
     if value is None:
-        return 0, name  # the server's default
+        # OpenAI's defaults: 16 for completions (as vLLM takes it too); chat has none of its
+        # own, so the server's default_max_tokens applies.
+        return (0 if chat else COMPLETIONS_MAX_TOKENS), name
     if value < 1:
         raise EdgeError.invalid(name, f"must be at least 1, got {value}", "integer_below_min_value")
     return value, name
