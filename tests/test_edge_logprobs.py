@@ -188,7 +188,7 @@ async def test_completions_top_logprobs_list_the_sampled_token_and_the_most_like
     assert response.status_code == 200, response.text
     probs = response.json()["choices"][0]["logprobs"]
     for sampled, listed in zip(probs["tokens"], probs["top_logprobs"], strict=True):
-        assert list(listed)[0] == sampled
+        assert next(iter(listed)) == sampled
         assert len(listed) == asked + 1
 
 
