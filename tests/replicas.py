@@ -1,6 +1,6 @@
-"""A slow replica: a gRPC server in front of a real one whose Tokenize and Cancel answers
-take a chosen time, then come from the real server or end UNAVAILABLE (a replica going
-away). Its model info is the real server's, answered at once."""
+"""Replicas for failover tests: gRPC servers in front of a real one. A slow replica's Tokenize
+and Cancel answers take a chosen time, then come from the real server or end UNAVAILABLE (a
+replica going away); its model info is the real server's, answered at once."""
 
 from __future__ import annotations
 
@@ -13,25 +13,40 @@ from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 
-class SlowReplica(pb_grpc.GenerationServiceServicer):
-    """Tokenize and Cancel take `delay_s`, then end UNAVAILABLE (with `gives_up`) or relay
-    the real server's answer."""
+class Relay(pb_grpc.GenerationServiceServicer):
+    """A gRPC server on loopback in front of a real one (`_stub` calls it); subclasses answer
+    the methods they relay."""
 
-    def __init__(self, target: str, delay_s: float, *, gives_up: bool) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
-        self._stub = pb_grpc.GenerationServiceStub(self._channel)
-        self._delay_s = delay_s
-        self._gives_up = gives_up
+    def __init__(self, target: str) -> None:
+        self._channels: list[grpc.aio.Channel] = []
+        self._stub = self._stub_of(target)
         self._server = grpc.aio.server()
         pb_grpc.add_GenerationServiceServicer_to_server(self, self._server)
         self.target = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
+
+    def _stub_of(self, target: str) -> pb_grpc.GenerationServiceStub:
+        """A stub on a channel of its own to `target`, closed by stop()."""
+        channel = grpc.aio.insecure_channel(target)
+        self._channels.append(channel)
+        return pb_grpc.GenerationServiceStub(channel)
 
     async def start(self) -> None:
         await self._server.start()
 
     async def stop(self) -> None:
         await self._server.stop(0)
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
+
+
+class SlowReplica(Relay):
+    """Tokenize and Cancel take `delay_s`, then end UNAVAILABLE (with `gives_up`) or relay
+    the real server's answer."""
+
+    def __init__(self, target: str, delay_s: float, *, gives_up: bool) -> None:
+        super().__init__(target)
+        self._delay_s = delay_s
+        self._gives_up = gives_up
 
     async def _wait(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await asyncio.sleep(self._delay_s)

@@ -26,6 +26,7 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 
 from tests.conftest import MODEL, RunningServer, start_edge, start_server
 from tests.procs import ServerProcess
+from tests.replicas import Relay
 from tokenwire.client import AsyncTokenwireClient, TokenwireClient, failover
 from tokenwire.client.errors import DeadlineExceeded, ModelMismatch, TokenwireError, Unavailable
 from tokenwire.client.failover import Resumption
@@ -211,7 +212,7 @@ async def test_edge_openai_stream_continues_after_its_server_is_killed(
     assert text == "".join(e.text for e in alone if isinstance(e, Token))
 
 
-class CutRelay(pb_grpc.GenerationServiceServicer):
+class CutRelay(Relay):
     """A replica that dies at a chosen point: it relays to a real server and ends each stream
     with UNAVAILABLE right after relaying the message `cut` picks. With `info_target`, its
     GetModelInfo answers come from that other server (as when replicas behind one channel, or
@@ -223,22 +224,9 @@ class CutRelay(pb_grpc.GenerationServiceServicer):
         cut: Callable[[pb.GenerateResponse], bool],
         info_target: str | None = None,
     ) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
-        self._stub = pb_grpc.GenerationServiceStub(self._channel)
-        self._info_channel = grpc.aio.insecure_channel(info_target or target)
-        self._info_stub = pb_grpc.GenerationServiceStub(self._info_channel)
+        super().__init__(target)
+        self._info_stub = self._stub_of(info_target or target)
         self._cut = cut
-        self._server = grpc.aio.server()
-        pb_grpc.add_GenerationServiceServicer_to_server(self, self._server)
-        self.target = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
-
-    async def start(self) -> None:
-        await self._server.start()
-
-    async def stop(self) -> None:
-        await self._server.stop(0)
-        await self._channel.close()
-        await self._info_channel.close()
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
