@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from httpx_sse import ServerSentEvent, aconnect_sse
 
 from tests.conftest import (
@@ -590,3 +591,25 @@ async def test_a_stream_cancelled_on_its_own_edge_ends_with_usage_then_done(
         await edge.edge.stop()
     assert [e.event for e in events[-2:]] == ["usage", "done"]
     assert json.loads(events[-1].data)["finish_reason"] == "cancelled"
+
+
+async def test_a_stream_whose_meta_was_evicted_leaves_nothing_to_its_ids_next_stream(
+    edges: tuple[RunningEdge, RunningEdge], redis_server: RedisServer
+) -> None:
+    """Where Redis dropped a stream's meta but not its events (eviction under memory
+    pressure), a new stream of that id starts empty: its answer and its replay hold its own
+    one token, none of the earlier stream's 40."""
+    a, b = edges
+    headers = {"X-Request-ID": "evicted"}
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=30) as on_a,
+        httpx.AsyncClient(base_url=b.url, timeout=30) as on_b,
+        aioredis.Redis(port=redis_server.port) as admin,
+    ):
+        await _events(on_a, "POST", "/v1/generate", json=BODY, headers=headers)
+        assert await admin.delete("tokenwire:resume:evicted:meta") == 1
+        short = {**BODY, "max_tokens": 1}
+        answer = await _events(on_b, "POST", "/v1/generate", json=short, headers=headers)
+        replay = await _events(on_b, "GET", "/v1/generate/evicted/events")
+    assert [e.event for e in answer] == ["token", "usage", "done"]
+    assert [(e.id, e.data) for e in replay] == [(e.id, e.data) for e in answer]

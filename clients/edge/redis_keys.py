@@ -13,7 +13,8 @@ Keys of one stream (all under `tokenwire:resume:<request_id>:`, all expiring):
            `resume_lease_s` after that generation last refreshed it;
 - `watch`  sorted set: one member per edge with a reader of the stream attached, scored by when
            it lapses (Redis' own clock, so edges' clocks never meet);
-- `gone`   string: the principal, kept an hour, so an expired id answers 410 to its principal.
+- `gone`   string: the principal, kept ten minutes from the stream's opening, so an expired id
+           answers 410 to its principal.
 
 Every write of an event goes through APPEND, which checks the lease first: a generation whose
 lease another edge took (it stalled past it, and that edge took the stream over) writes nothing
@@ -29,9 +30,9 @@ from __future__ import annotations
 import dataclasses
 
 PREFIX = "tokenwire:resume:"
-GONE_S = 3600
-"""How long an expired id is remembered (410 instead of 404): an hour of tombstones, ~100
-bytes each."""
+GONE_S = 600
+"""How long an id is remembered after its stream was opened (410 instead of 404 once it
+expired): ten minutes of tombstones, ~100 bytes each, one per stream opened in them."""
 CLAIM_MS = 60_000
 """An id claimed by an edge that died before the server answered is free again after this."""
 TERMINAL = frozenset({"done", "error"})
@@ -56,15 +57,24 @@ class Keys:
         return cls(*(base + name for name in ("meta", "events", "ids", "lease", "watch", "gone")))
 
     @property
+    def claimed(self) -> list[str]:
+        """What CLAIM takes: the meta, then what an earlier stream of the id may have left."""
+        return [self.meta, self.events, self.ids, self.lease, self.watch]
+
+    @property
     def stored(self) -> list[str]:
         """What a stream's TTL covers (the lease and the watchers lapse on their own)."""
         return [self.events, self.ids, self.meta]
 
 
-# KEYS: meta; ARGV: ttl ms. 1 when the id was free and is now claimed.
+# KEYS: meta, events, ids, lease, watch; ARGV: ttl ms. 1 when the id was free and is now
+# claimed. What a stream of the id left without its meta (evicted under memory pressure, or
+# expired a moment apart) is deleted with the claim: the new stream's events and ids start
+# empty, and none of an earlier caller's is ever read as this one's.
 CLAIM = """
 if redis.call('HSETNX', KEYS[1], 'state', 'claimed') == 0 then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 return 1
 """
 

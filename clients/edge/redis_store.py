@@ -140,7 +140,7 @@ class RedisStreams:
 
     async def claim(self, request_id: str) -> None:
         keys = Keys.of(request_id)
-        if not await self.redis(self.script("CLAIM", [keys.meta], [rk.CLAIM_MS])):
+        if not await self.redis(self.script("CLAIM", keys.claimed, [rk.CLAIM_MS])):
             raise id_taken(self.window_s)
         self._claimed.add(request_id)
 
