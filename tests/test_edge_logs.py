@@ -5,6 +5,7 @@ subprocess where one is killed) and a real edge on 127.0.0.1, logs captured with
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import socket
@@ -224,3 +225,30 @@ def test_a_standard_library_records_traceback_is_kept_in_its_json_line() -> None
     assert line["event"] == "Exception in ASGI application"
     assert "Traceback (most recent call last)" in line["exception"]
     assert "ZeroDivisionError" in line["exception"]
+
+
+async def test_a_replay_whose_client_leaves_logs_no_write_warnings(served: RunningServer) -> None:
+    """A client that reads the start of a long replay and leaves (as `curl ... | head -c 200`
+    does) costs the edge's log no asyncio warning per event it still had for that client
+    (one per write, hundreds for one disconnect, before)."""
+    edge = EdgeProcess(served.target)
+    try:
+        body = {"prompt": "def f():", "max_tokens": 480, "ignore_eos": True}
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            reply = await http.post("/v1/generate", json=body, headers={"X-Request-ID": "rp"})
+            assert reply.status_code == 200
+        host, port = edge.url.removeprefix("http://").rsplit(":", 1)
+
+        def read_the_start_and_leave() -> None:
+            with socket.create_connection((host, int(port)), timeout=10) as conn:
+                conn.sendall(
+                    f"GET /v1/generate/rp/events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+                )
+                conn.recv(200)
+
+        await asyncio.to_thread(read_the_start_and_leave)
+        await asyncio.sleep(1.0)  # the edge writes the rest of the replay meanwhile
+    finally:
+        edge.stop()
+        edge.close()
+    assert [r for r in edge.records if "raised exception" in str(r["event"])] == []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import resource
 import time
 from collections.abc import Callable
@@ -151,8 +152,26 @@ class AcceptErrors:
             loop.default_exception_handler(context)
 
 
+LOST_WRITE = "socket.send() raised exception."
+"""What asyncio's transport logs for each write after its connection broke, until the
+protocol hears of the loss: a stream replayed to a client that left writes its buffered events
+in one go, one warning each, hundreds for one caller's disconnect."""
+
+
+class LostWrites(logging.Filter):
+    """Drops asyncio's LOST_WRITE warnings: the stream's end is logged once as a disconnect
+    (`edge.stream`, outcome client_disconnected) instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != LOST_WRITE
+
+
 def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
-    """Install AcceptErrors on `loop` (once: several edges may share a loop, as tests do)."""
+    """Install AcceptErrors on `loop` (once: several edges may share a loop, as tests do), and
+    LostWrites on asyncio's logger (once)."""
     handler = loop.get_exception_handler()
     if not isinstance(handler, AcceptErrors):
         loop.set_exception_handler(AcceptErrors(handler))
+    quieted = logging.getLogger("asyncio")
+    if not any(isinstance(f, LostWrites) for f in quieted.filters):
+        quieted.addFilter(LostWrites())
