@@ -53,6 +53,7 @@ class TimedModel:
         self.provider = model.provider
         self.padding = model.padding
         self.width_limit = model.width_limit
+        self.steps_continuations = model.steps_continuations
         self.prefill: list[float] = []
         self.decode: list[float] = []
 

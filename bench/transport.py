@@ -62,6 +62,7 @@ class StandInModel:
     provider = "StandIn"
     padding = Padding.SHIFTABLE
     width_limit: int | None = None
+    steps_continuations = False
 
     def __init__(self, spec: ModelSpec, token: int, step_s: float) -> None:
         self.spec = spec

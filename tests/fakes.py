@@ -47,6 +47,7 @@ class ScriptedModel:
     provider = "ScriptedProvider"
     padding = Padding.SHIFTABLE
     width_limit: int | None = None
+    steps_continuations = False
 
     def __init__(self, spec: ModelSpec, script: dict[int, int], step_delay_s: float = 0.0) -> None:
         self.spec = spec
@@ -124,6 +125,7 @@ class CountedPositionsModel:
         self._bias = (absolute_bias * table).astype(np.float32)
         self.padding = probe_padding(self)
         self.width_limit = None
+        self.steps_continuations = False
 
     def new_cache(self, rows: int, columns: int = 0, *, left_aligned: bool = False) -> BatchKvCache:
         return self.inner.new_cache(rows, columns, left_aligned=left_aligned)

@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import RunningServer, collect, greedy, start_server
 from tests.fakes import ScriptedModel
+from tokenwire.server.config import BUNDLED_MODEL_DIR
 from tokenwire.server.domain import (
     CompletionEvent,
     Event,
@@ -25,7 +26,7 @@ from tokenwire.server.domain import (
     TokenEvent,
     UsageEvent,
 )
-from tokenwire.server.engine import Engine, ModelSpec, OnnxCausalLM
+from tokenwire.server.engine import Engine, EngineConfig, ModelSpec, OnnxCausalLM
 from tokenwire.server.engine.engine import LONG_PROMPT_CHARS
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
@@ -121,6 +122,55 @@ async def test_an_unseeded_stream_can_be_continued_with_the_seed_it_was_given(
         engine, _request("rest", 20, continuation=delivered, sampling=again, ignore_eos=True)
     )
     assert _tokens(rest) == _tokens(whole)[5:]
+
+
+INT4 = BUNDLED_MODEL_DIR.parent / "fixtures-genai" / "llama-int4"
+
+
+@pytest.mark.parametrize(
+    ("prompt_ids", "k", "sampling", "max_tokens"),
+    [
+        ((96, 54, 246, 206, 44, 14, 143, 234, 62, 134), 15, SamplingParams(temperature=0.0), 40),
+        (
+            (164, 162, 210, 41, 287, 159, 242, 37, 187, 41, 74, 57, 204, 239, 65, 230, 9, 196, 246)
+            + (124, 153),
+            12,
+            SamplingParams(temperature=1.0, seed=2422859385),
+            32,
+        ),
+    ],
+    ids=["greedy", "seeded"],
+)
+async def test_an_int4_graphs_continuation_is_the_uninterrupted_tail(
+    prompt_ids: tuple[int, ...], k: int, sampling: SamplingParams, max_tokens: int
+) -> None:
+    """On the int4 GenAI graph, whose MatMulNBits quantise each row's activations, continuing
+    after k tokens gives the uninterrupted stream's tail: the continuation's ids go in one per
+    forward, as the stream's decode steps fed them (prefilled together, their positions
+    rounded into other tokens: a greedy resume here went on with another token at once)."""
+    model = OnnxCausalLM(INT4, provider="cpu", intra_op_threads=2)
+    engine = Engine(model, Tokenizer.from_dir(INT4), EngineConfig(prefill_chunk_tokens=256))
+    engine.start()
+    try:
+
+        async def ids(continuation: tuple[int, ...]) -> list[int]:
+            request = GenerationRequest(
+                f"r{len(continuation)}",
+                "",
+                prompt_ids=prompt_ids,
+                max_tokens=max_tokens,
+                sampling=sampling,
+                ignore_eos=True,
+                continuation=continuation,
+            )
+            return [t.token_id for t in _tokens(await _events(engine, request))]
+
+        whole = await ids(())
+        rest = await ids(tuple(whole[:k]))
+    finally:
+        engine.shutdown()
+    assert model.steps_continuations
+    assert rest == whole[k:]
 
 
 async def test_continuing_at_max_tokens_minus_one_yields_one_token(engine: Engine) -> None:

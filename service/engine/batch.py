@@ -61,8 +61,10 @@ class Placement:
         slots: SlotKvCache | None = None,
         *,
         width_limit: int | None = None,
+        steps_continuations: bool = False,
     ) -> None:
         self.padding = padding
+        self._steps = steps_continuations
         self._context = context_length
         self._slots = slots if padding is Padding.RIGHT else None
         # Without the preallocated cache the model serves no context past its width limit.
@@ -90,7 +92,10 @@ class Placement:
         return self.padding is not Padding.ALONE
 
     def shares_prefill(self, seq: Sequence) -> bool:
-        """May this prompt share a prefill forward with others?"""
+        """May this prompt share a prefill forward with others? (Not one with a continuation
+        the model takes one id per forward.)"""
+        if self._steps and len(seq.context_ids) > len(seq.prompt_ids):
+            return False
         return self._width is None or len(seq.context_ids) <= self._width
 
     def prefill_chunk(self, seq: Sequence, chunk: int) -> int:
@@ -99,9 +104,17 @@ class Placement:
         the limit where only a continuation takes the context past it. Where rows change
         each other (ALONE), so do the positions of one forward: the prompt goes in whole and
         each id of a continuation one at a time, as the stream it continues computed them."""
+        prompt = len(seq.prompt_ids)
         if self.padding is Padding.ALONE:
-            prompt = len(seq.prompt_ids)
             return prompt - seq.prefilled if seq.prefilled < prompt else 1
+        if self._steps and len(seq.context_ids) > prompt:
+            # The continuation's ids one per forward, as its stream's decode steps fed them.
+            if seq.prefilled >= prompt:
+                return 1
+            return min(self._chunk_within(seq, chunk), prompt - seq.prefilled)
+        return self._chunk_within(seq, chunk)
+
+    def _chunk_within(self, seq: Sequence, chunk: int) -> int:
         left = len(seq.context_ids) - seq.prefilled
         width = self._width
         if width is not None and len(seq.context_ids) > width:

@@ -78,6 +78,11 @@ class CausalLM(Protocol):
     width_limit: int | None
     """The widest attention mask that rows sharing a forward do not notice (None: any)."""
 
+    @property
+    def steps_continuations(self) -> bool:
+        """A continuation's ids go in one per forward, as its stream computed them."""
+        ...
+
     def new_cache(self, rows: int, columns: int = 0, *, left_aligned: bool = False) -> BatchKvCache:
         """A cache of `rows` rows holding `columns` masked (padding) columns."""
         ...
@@ -201,9 +206,9 @@ class OnnxCausalLM:
         """The widest attention mask rows do not notice, where some wider one changes them (a
         graph that picks its rotary tables by the mask's width): rows past it decode alone in
         the preallocated cache, or, without one, the context is capped here."""
-        self.quantizes_activations = sorted(op_types_among(onnx_path, ACTIVATION_QUANTIZERS))
-        """The graph's operators that quantise activations: with them every row decodes
-        alone (see ACTIVATION_QUANTIZERS)."""
+        self.quantizing_ops = op_types_among(onnx_path, ACTIVATION_QUANTIZERS | ROW_QUANTIZERS)
+        """The graph's operators that quantise activations (ACTIVATION_QUANTIZERS,
+        ROW_QUANTIZERS)."""
         self._measure(graph, tolerance, max_kv_tokens)
         wants_static = self.captures_graphs if static_decode is None else static_decode
         # Fixed bindings hold the live rows from slot 0; rows past a width limit run alone.
@@ -469,6 +474,18 @@ class OnnxCausalLM:
         return scores
 
     @property
+    def quantizes_activations(self) -> list[str]:
+        """The graph's operators that quantise activations across rows, or with fixed scales:
+        with them every row decodes alone (see ACTIVATION_QUANTIZERS)."""
+        return sorted(self.quantizing_ops & ACTIVATION_QUANTIZERS)
+
+    @property
+    def steps_continuations(self) -> bool:
+        """Whether a continuation's ids go in one per forward, as the stream it continues
+        computed them (see ROW_QUANTIZERS)."""
+        return bool(self.quantizing_ops & ROW_QUANTIZERS)
+
+    @property
     def _logits_device(self) -> str:
         """fp16 logits stay where they were computed until they are widened."""
         return self.device if self._half else "cpu"
@@ -491,6 +508,14 @@ padding in front of a row brings (1e-7 of the logit scale) can cross a quantisat
 which moves the row's logits by 1e-2 of their scale and its tokens with them. Load probes
 sample too few rows and paddings to catch the second, so the graph's operators decide: such
 a graph decodes every row in a forward of its own."""
+
+ROW_QUANTIZERS = frozenset({"MatMulNBits"})
+"""Operators that may quantise each row's activations to int8 (int4 weights with
+`accuracy_level` 4, as ONNX Runtime GenAI's builder writes them for the CPU). Rows do not
+change each other, but one position computed in a prefill rounds about 1e-7 of the logit
+scale unlike the same position computed in a decode step, which a quantisation step can turn
+into 1e-2 and another token: a continuation, whose stream computed its ids in decode steps,
+feeds them one per forward too (a resume then costs one forward per delivered token)."""
 
 
 def _from_onnxruntime(exc: Exception) -> bool:

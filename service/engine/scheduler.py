@@ -92,7 +92,11 @@ class Scheduler:
             min(max_batch_size, max(1, max_kv_tokens // context_tokens)), context_tokens
         )
         self._placement = Placement(
-            model.padding, model.spec.context_length, slots, width_limit=model.width_limit
+            model.padding,
+            model.spec.context_length,
+            slots,
+            width_limit=model.width_limit,
+            steps_continuations=model.steps_continuations,
         )
         self._max_batch = min(max_batch_size, self._placement.max_rows or max_batch_size)
         self._chunk = prefill_chunk_tokens
