@@ -114,6 +114,27 @@ async def test_cancel_and_rejection_are_counted_and_gauges_return_to_zero(
     assert await scrape.value("tokenwire_requests_waiting") == 0
 
 
+async def test_the_batch_size_gauge_is_0_once_the_server_is_idle(
+    metered: tuple[RunningServer, Scraper],
+) -> None:
+    """After the last stream ends, tokenwire_batch_size reads 0 (no batch is decoding), not the
+    size of the last step."""
+    running, scrape = metered
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        await asyncio.gather(
+            *(collect(stub, greedy(p, max_tokens=6)) for p in ("def f():", "def g():"))
+        )
+
+    async def idle() -> bool:
+        return (
+            await scrape.value("tokenwire_requests_total", finish_reason="length") == 2
+            and await scrape.value("tokenwire_batch_size") == 0
+        )
+
+    assert await eventually_awaited(idle)
+
+
 async def test_gauges_return_to_zero_after_a_failed_step(
     spec: ModelSpec, tokenizer: Tokenizer
 ) -> None:

@@ -178,6 +178,7 @@ class Scheduler:
         self._record_step(started, prefill_tokens)
         if not self._has_work():
             self._flush()
+            self._record_gauges()  # idle: no batch until the next request
 
     def _record_step(self, started: float, prefill_tokens: int) -> None:
         self._observer.step_finished(
