@@ -75,7 +75,7 @@ class RawClient:
             await loop.sock_connect(sock, ("127.0.0.1", port))
             payload = json.dumps(body).encode()
             headers = [
-                ("Host", "edge"),
+                ("Host", "127.0.0.1"),
                 ("Content-Type", "application/json"),
                 ("Content-Length", str(len(payload))),
             ]

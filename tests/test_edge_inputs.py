@@ -500,3 +500,30 @@ def test_a_negative_seed_is_its_64_bit_twos_complement() -> None:
     assert Fields({"seed": -1}).seed() == 2**64 - 1
     assert Fields({"seed": -(2**63)}).seed() == 2**63
     assert Fields({"seed": 5}).seed() == 5
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [("attacker.example:8000", 403), ("localhost:8000", 200), ("[::1]:8000", 200)],
+)
+async def test_a_loopback_edge_answers_only_requests_naming_a_loopback_host(
+    http: httpx.AsyncClient, host: str, status: int
+) -> None:
+    """An edge listening on 127.0.0.1 refuses (403) a request whose Host header names another
+    site, as a page that rebinds its own name to 127.0.0.1 sends it, and serves one naming a
+    loopback address."""
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+    response = await http.post("/v1/completions", json=body, headers={"Host": host})
+    assert response.status_code == status, response.text
+
+
+async def test_an_edge_listening_on_every_address_takes_any_host(served: RunningServer) -> None:
+    """An edge bound to 0.0.0.0 (behind a load balancer, in a pod) serves whatever Host its
+    callers name."""
+    edge = await start_edge(served.target, host="0.0.0.0")
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            response = await http.get("/healthz", headers={"Host": "edge.example.com"})
+    finally:
+        await edge.edge.stop()
+    assert response.status_code == 200

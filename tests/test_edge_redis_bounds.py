@@ -71,7 +71,7 @@ async def _idle_resumes(edge: RunningEdge, request_id: str, count: int) -> list[
     """`count` resumes of the stream from raw sockets that never read: readers that hold on."""
     writers = []
     head = (
-        f"GET /v1/generate/{request_id}/events HTTP/1.1\r\nHost: x\r\n"
+        f"GET /v1/generate/{request_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         f"Last-Event-ID: {request_id}:1\r\n\r\n"
     )
     for _ in range(count):

@@ -69,3 +69,24 @@ async def test_wrong_method_on_a_native_route_names_every_allowed_method(
     assert response.status_code == 405
     assert {"GET", "POST"} <= set(response.headers["allow"].replace(" ", "").split(","))
     assert response.json()["error"]["code"] == "METHOD_NOT_ALLOWED"
+
+
+@pytest.mark.parametrize("path", ["/", "/static/app.js"])
+async def test_the_page_and_its_files_carry_a_content_security_policy(
+    http: httpx.AsyncClient, path: str
+) -> None:
+    """The page and its files come with a policy that loads from the edge alone and lets no
+    other page frame them, and with nosniff."""
+    response = await http.get(path)
+    assert response.status_code == 200
+    policy = response.headers["content-security-policy"]
+    assert "default-src 'self'" in policy
+    assert "frame-ancestors 'none'" in policy
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_api_answers_carry_nosniff(http: httpx.AsyncClient) -> None:
+    """API answers (here /v1/models and a 404) are never sniffed into another content type."""
+    for path in ("/v1/models", "/v1/nothing"):
+        response = await http.get(path)
+        assert response.headers["x-content-type-options"] == "nosniff", path

@@ -39,7 +39,7 @@ async def test_a_trickled_request_head_is_cut_off(
 ) -> None:
     """A request head that is still incomplete at the time limit ends the connection."""
     monkeypatch.setattr(server, "HEAD_TIMEOUT_S", SHORT_S)
-    got = await _closed_within(edge, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\n", 5.0)
+    got = await _closed_within(edge, b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n", 5.0)
     assert not got.startswith(b"HTTP/1.1 200")
 
 
@@ -49,7 +49,7 @@ async def test_a_body_that_does_not_arrive_in_time_is_408(
     """A body still incomplete at its time limit is answered 408 naming the limit."""
     monkeypatch.setattr(body, "BODY_TIMEOUT_S", SHORT_S)
     head = (
-        b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: 100\r\n\r\n"
     )
     reader, writer = await asyncio.open_connection("127.0.0.1", edge.edge.port)
@@ -70,7 +70,7 @@ async def test_a_client_leaving_mid_body_logs_no_error(
     """A client that disconnects while sending its body ends that request quietly: no
     exception reaches the server's error log."""
     head = (
-        b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: 100\r\n\r\n"
     )
     state = edge.edge.server.server_state

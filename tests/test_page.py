@@ -42,10 +42,32 @@ async def browser() -> AsyncIterator[Browser]:
         await browser.close()
 
 
-async def _open(browser: Browser, edge: RunningEdge) -> Page:
-    page = await browser.new_page(viewport={"width": 1100, "height": 820})
+async def _open(browser: Browser, edge: RunningEdge, *, csp: bool = False) -> Page:
+    """The edge's page in a new tab. The tests' own probes (wait_for_function) are scripts the
+    page's content security policy forbids, so the policy is off unless `csp`."""
+    page = await browser.new_page(viewport={"width": 1100, "height": 820}, bypass_csp=not csp)
     await page.goto(edge.url + "/")
     return page
+
+
+async def test_the_page_runs_under_its_content_security_policy(
+    browser: Browser, edge: RunningEdge
+) -> None:
+    """With the edge's content security policy in force, the page's own script streams a
+    generation to its end, and the browser reports no violation of the policy."""
+    page = await _open(browser, edge, csp=True)
+    violations: list[str] = []
+    page.on("console", lambda m: violations.append(m.text) if "Security Policy" in m.text else None)
+    await page.fill("#prompt", "def fib(n):")
+    await page.fill("#max_tokens", "8")
+    await page.click("#generate")
+    for _ in range(300):
+        if await page.text_content("#status") == "done":
+            break
+        await asyncio.sleep(0.1)
+    assert await page.text_content("#status") == "done"
+    assert await page.text_content("#output")
+    assert violations == []
 
 
 async def test_tokens_appear_with_stats_and_finish(

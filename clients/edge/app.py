@@ -30,6 +30,9 @@ from tokenwire.edge.guards import (
     CrossSiteMiddleware,
     DrainMiddleware,
     JsonOnlyMiddleware,
+    LoopbackHostMiddleware,
+    SecurityHeadersMiddleware,
+    is_loopback,
 )
 from tokenwire.edge.metrics import EdgeMetrics, RouteName
 from tokenwire.edge.native_format import native_event
@@ -102,10 +105,13 @@ Accounted = list[tuple[Route, RouteName]]
 def _middleware(
     settings: EdgeSettings, ctx: EdgeContext, traces: Tracing, accounted: Accounted
 ) -> list[Middleware]:
-    """Outermost first: CORS answers preflights, tracing (a span per API request), accounting
+    """Outermost first: security headers on every answer, the Host check of a loopback edge,
+    CORS answers preflights, tracing (a span per API request), accounting
     (each request's outcome and its log line, from its arrival), the drain gate refuses, then
     keys, then where the request comes from and its content type."""
-    middleware: list[Middleware] = []
+    middleware: list[Middleware] = [Middleware(SecurityHeadersMiddleware)]
+    if is_loopback(settings.host):
+        middleware.append(Middleware(LoopbackHostMiddleware))
     if settings.cors_origins:
         middleware.append(
             Middleware(

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 
 from starlette.datastructures import Headers, QueryParams
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenwire.edge.errors import EdgeError, request_id_header
 
@@ -129,6 +130,83 @@ class CrossSiteMiddleware:
                 await _refuse(scope, receive, send, EdgeError(403, "PERMISSION_DENIED", message))
                 return
         await self.app(scope, receive, send)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name, IPv6 with or without brackets) is this machine's
+    loopback: localhost, 127.0.0.0/8 or ::1."""
+    name = host.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(header: str) -> str:
+    """The host part of a Host header value ("[::1]:8000" -> "::1", "a:80" -> "a")."""
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class LoopbackHostMiddleware:
+    """On an edge bound to a loopback address, refuse requests whose Host header names
+    anything else. A page on another site that makes its own name resolve to 127.0.0.1 (DNS
+    rebinding) is same-origin to the browser, so neither Sec-Fetch-Site nor CORS stops it from
+    reading the edge's answers; the Host header it sends still names that site."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not is_loopback(
+            _host_name(Headers(scope=scope).get("host", ""))
+        ):
+            message = (
+                "the Host header must name a loopback address (localhost, 127.0.0.1, [::1]) "
+                "on an edge that listens on one"
+            )
+            await _refuse(scope, receive, send, EdgeError(403, "PERMISSION_DENIED", message))
+            return
+        await self.app(scope, receive, send)
+
+
+PAGE_HEADERS = (
+    # The page loads its script, style and data from the edge alone and is framed by no one.
+    (
+        b"content-security-policy",
+        b"default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    ),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+)
+
+
+class SecurityHeadersMiddleware:
+    """`X-Content-Type-Options: nosniff` on every answer (a JSON or event-stream body is never
+    read as a page or a script), and on the page and its files a content security policy
+    that lets them load from the edge only and be framed by no other page."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        extra = [(b"x-content-type-options", b"nosniff")]
+        if path == "/" or path.startswith("/static/"):
+            extra.extend(PAGE_HEADERS)
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 class Drain:
