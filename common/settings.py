@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import math
 import os
 import socket
@@ -69,6 +70,18 @@ def host_family(host: str) -> socket.AddressFamily:
     """The socket family to listen on a host setting with: IPv6 for an IPv6 literal, else IPv4
     (a name listens on its IPv4 address)."""
     return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name, IPv6 with or without brackets) is this machine's
+    loopback: localhost, 127.0.0.0/8 or ::1."""
+    name = host.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def require_collector_url(value: str, field: str) -> None:

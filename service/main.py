@@ -11,9 +11,9 @@ from pathlib import Path
 
 import structlog
 
-from tokenwire.common.settings import host_family, host_port
+from tokenwire.common.settings import host_family, host_port, is_loopback
 from tokenwire.server import __version__
-from tokenwire.server.config import Settings
+from tokenwire.server.config import Settings, all_api_keys
 from tokenwire.server.cpus import CpuBudget, cpu_budget
 from tokenwire.server.engine import (
     Engine,
@@ -123,6 +123,13 @@ async def _serve(
         )
         return 2
     log.info("server.listening", host=settings.host, port=port, pid=os.getpid())
+    if not (all_api_keys(settings) or settings.tls_client_ca or is_loopback(settings.host)):
+        log.warning(
+            "server.unauthenticated",
+            host=settings.host,
+            reason="no API keys and no client certificates: anyone who reaches this address "
+            "can generate; set TOKENWIRE_API_KEYS (or TOKENWIRE_API_KEYS_FILE)",
+        )
     if settings.metrics_port:
         tls = metrics_tls(settings)
         try:

@@ -11,8 +11,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from structlog.testing import capture_logs
 
 from tests.conftest import RunningServer, greedy, start_edge, start_server
+from tests.procs import ServerProcess
 from tokenwire.client import AsyncTokenwireClient, ChannelSecurity, Completion, GenerateOptions
 from tokenwire.client.errors import Unauthenticated
+from tokenwire.edge.server import warn_about_keys
 from tokenwire.edge.settings import EdgeSettings
 from tokenwire.server.config import Settings, SettingsError, all_api_keys
 from tokenwire.server.engine import OnnxCausalLM
@@ -297,3 +299,43 @@ def test_an_empty_keys_file_is_a_settings_error(tmp_path: Path) -> None:
     keys_file.write_text("# nothing yet\n")
     with pytest.raises(SettingsError, match="api_keys_file"):
         Settings.from_env({"TOKENWIRE_API_KEYS_FILE": str(keys_file)})
+
+
+@pytest.mark.parametrize(
+    ("host", "keys", "upstream", "warnings"),
+    [
+        ("0.0.0.0", (), "", ["edge.unauthenticated"]),
+        ("127.0.0.1", (), "", []),
+        ("0.0.0.0", ("k1", "k2"), "", ["edge.upstream_key_is_a_callers"]),
+        ("0.0.0.0", ("k1", "k2"), "edge-only", []),
+        ("0.0.0.0", ("k1",), "", []),
+    ],
+)
+def test_the_edge_warns_at_start_where_its_keys_leave_it_open(
+    host: str, keys: tuple[str, ...], upstream: str, warnings: list[str]
+) -> None:
+    """An edge on an address beyond this machine without keys warns `edge.unauthenticated`;
+    one whose upstream key is one of several callers' keys warns
+    `edge.upstream_key_is_a_callers`; a loopback edge, a dedicated upstream key or a single
+    caller's key warn of nothing."""
+    settings = EdgeSettings(
+        port=0, grpc_target="127.0.0.1:1", host=host, api_keys=keys, upstream_api_key=upstream
+    )
+    with capture_logs() as logs:
+        warn_about_keys(settings)
+    assert [line["event"] for line in logs if line["log_level"] == "warning"] == warnings
+
+
+@pytest.mark.parametrize(("env", "warned"), [({}, True), ({"TOKENWIRE_API_KEYS": "k1"}, False)])
+def test_a_server_on_every_address_without_keys_warns_at_start(
+    env: dict[str, str], warned: bool
+) -> None:
+    """`tokenwire serve --host 0.0.0.0` without keys (or client certificates) logs
+    `server.unauthenticated` before it starts serving; with keys it does not."""
+    server = ServerProcess("--host", "0.0.0.0", "--metrics-port", "0", env=env)
+    try:
+        server.wait_for("server.started")
+    finally:
+        server.stop()
+        server.close()
+    assert any(r["event"] == "server.unauthenticated" for r in server.records) is warned

@@ -16,6 +16,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from tokenwire.common.settings import is_loopback
 from tokenwire.edge import native, openai_api, token_routes
 from tokenwire.edge.accounting import (
     ACCOUNT,
@@ -32,7 +33,6 @@ from tokenwire.edge.guards import (
     JsonOnlyMiddleware,
     LoopbackHostMiddleware,
     SecurityHeadersMiddleware,
-    is_loopback,
 )
 from tokenwire.edge.metrics import EdgeMetrics, RouteName
 from tokenwire.edge.native_format import native_event

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 
 from starlette.datastructures import Headers, QueryParams
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tokenwire.common.settings import is_loopback
 from tokenwire.edge.errors import EdgeError, request_id_header
 
 OPEN_PATHS = ("/healthz", "/readyz", "/static/", "/favicon.ico")
@@ -130,18 +130,6 @@ class CrossSiteMiddleware:
                 await _refuse(scope, receive, send, EdgeError(403, "PERMISSION_DENIED", message))
                 return
         await self.app(scope, receive, send)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` (an address or a name, IPv6 with or without brackets) is this machine's
-    loopback: localhost, 127.0.0.0/8 or ::1."""
-    name = host.strip("[]").lower()
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def _host_name(header: str) -> str:

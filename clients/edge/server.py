@@ -31,7 +31,7 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
-from tokenwire.common.settings import host_family, host_port
+from tokenwire.common.settings import host_family, host_port, is_loopback
 from tokenwire.edge.app import create_app
 from tokenwire.edge.connections import (
     PROBE_ROOM,
@@ -338,6 +338,30 @@ async def _quiet(ctx: EdgeContext, limit_s: float, *, grace: bool = False) -> bo
     return True
 
 
+def warn_about_keys(settings: EdgeSettings) -> None:
+    """Start-up warnings where the keys leave the edge open: no keys on an address beyond this
+    machine (`edge.unauthenticated`), or, with several callers' keys, one of them sent
+    upstream (`edge.upstream_key_is_a_callers`: its holder can reach the servers with the
+    edge's authority, other callers' streams included)."""
+    keys = settings.all_api_keys()
+    if not keys and not is_loopback(settings.host):
+        log.warning(
+            "edge.unauthenticated",
+            host=settings.host,
+            reason="no API keys: anyone who reaches this address can generate; set "
+            "TOKENWIRE_API_KEYS (or TOKENWIRE_API_KEYS_FILE)",
+        )
+    upstream = settings.upstream_api_key or (keys[0] if keys else "")
+    if len(keys) > 1 and upstream in keys:
+        log.warning(
+            "edge.upstream_key_is_a_callers",
+            reason="the key the edge sends to the servers is one of its callers' keys: its "
+            "holder can call the servers with the edge's authority, where every caller's "
+            "streams run; set TOKENWIRE_UPSTREAM_API_KEY to a key only the edge and the "
+            "servers hold",
+        )
+
+
 async def run_edge(settings: EdgeSettings) -> int:
     """Serve until SIGTERM/SIGINT, then drain and log `edge.stopped`; the exit status. A port
     that cannot be listened on is one log line and status 2."""
@@ -350,6 +374,7 @@ async def run_edge(settings: EdgeSettings) -> int:
         return 2
     url = f"http://{host_port(settings.host, port)}/"
     log.info("edge.listening", url=url, grpc_target=settings.grpc_target)
+    warn_about_keys(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
