@@ -517,6 +517,19 @@ async def test_a_loopback_edge_answers_only_requests_naming_a_loopback_host(
     assert response.status_code == status, response.text
 
 
+async def test_a_loopback_edge_answers_the_hosts_it_is_told_to(served: RunningServer) -> None:
+    """With TOKENWIRE_ALLOWED_HOSTS naming a reverse proxy's Host, a loopback edge serves
+    requests naming it, and still refuses others."""
+    edge = await start_edge(served.target, allowed_hosts=("api.example.com",))
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            named = await http.get("/healthz", headers={"Host": "API.example.com"})
+            other = await http.get("/healthz", headers={"Host": "evil.example.com"})
+    finally:
+        await edge.edge.stop()
+    assert (named.status_code, other.status_code) == (200, 403)
+
+
 async def test_an_edge_listening_on_every_address_takes_any_host(served: RunningServer) -> None:
     """An edge bound to 0.0.0.0 (behind a load balancer, in a pod) serves whatever Host its
     callers name."""

@@ -111,7 +111,7 @@ def _middleware(
     keys, then where the request comes from and its content type."""
     middleware: list[Middleware] = [Middleware(SecurityHeadersMiddleware)]
     if is_loopback(settings.host):
-        middleware.append(Middleware(LoopbackHostMiddleware))
+        middleware.append(Middleware(LoopbackHostMiddleware, allowed=settings.allowed_hosts))
     if settings.cors_origins:
         middleware.append(
             Middleware(

@@ -145,20 +145,24 @@ class LoopbackHostMiddleware:
     rebinding) is same-origin to the browser, so neither Sec-Fetch-Site nor CORS stops it from
     reading the edge's answers; the Host header it sends still names that site."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, allowed: tuple[str, ...] = ()) -> None:
         self.app = app
+        self.allowed = frozenset(name.lower() for name in allowed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not is_loopback(
-            _host_name(Headers(scope=scope).get("host", ""))
-        ):
+        if scope["type"] == "http" and not self._allows(Headers(scope=scope).get("host", "")):
             message = (
                 "the Host header must name a loopback address (localhost, 127.0.0.1, [::1]) "
-                "on an edge that listens on one"
+                "on an edge that listens on one; a reverse proxy's own Host goes in "
+                "TOKENWIRE_ALLOWED_HOSTS"
             )
             await _refuse(scope, receive, send, EdgeError(403, "PERMISSION_DENIED", message))
             return
         await self.app(scope, receive, send)
+
+    def _allows(self, header: str) -> bool:
+        host = _host_name(header).lower()
+        return is_loopback(host) or host in self.allowed
 
 
 PAGE_HEADERS = (

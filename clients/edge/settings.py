@@ -94,6 +94,11 @@ class EdgeSettings:
         None, "bearer keys, one a line (`#` comments); added to TOKENWIRE_API_KEYS"
     )
     cors_origins: tuple[str, ...] = setting((), "comma-separated allowed origins")
+    allowed_hosts: tuple[str, ...] = setting(
+        (),
+        "comma-separated Host names an edge on a loopback address answers besides loopback "
+        "ones (a reverse proxy's on the same machine that passes its own Host)",
+    )
     resume_window_s: float = setting(
         10.0, "how long a dropped native stream keeps generating for a resume (0 = cancel)"
     )
