@@ -22,7 +22,7 @@ import grpc
 
 from tokenwire.client import blocking
 from tokenwire.client.errors import Cancelled, DeadlineExceeded, from_rpc_error
-from tokenwire.client.failover import Resumption, ServedModel, Targets
+from tokenwire.client.failover import CutShort, Resumption, ServedModel, Targets
 from tokenwire.client.messages import (
     Completion,
     GenerateOptions,
@@ -190,7 +190,8 @@ class AsyncTokenwireClient:
         metadata = _metadata(options.request_id) + self.security.metadata()
         check = failover and self._targets.several
         while True:
-            self._check_open()
+            if self._closed:  # closed while the stream waited to go on elsewhere
+                raise _closed_call(True)
             call = None
             try:
                 if check:
@@ -206,7 +207,7 @@ class AsyncTokenwireClient:
                         yield event
                         if _ended(event):
                             return
-                return
+                raise CutShort
             except asyncio.CancelledError:
                 # grpc.aio raises CancelledError in the reader of a call that close() cancelled;
                 # only the cancellation of the reading task itself should propagate as one.
@@ -341,7 +342,8 @@ class TokenwireClient:
         metadata = _metadata(options.request_id) + self.security.metadata()
         check = failover and self._targets.several
         while True:
-            self._check_open()
+            if self._closed:  # closed while the stream waited to go on elsewhere
+                raise _closed_call(True)
             call = None
             try:
                 if check:
@@ -357,7 +359,7 @@ class TokenwireClient:
                         yield event
                         if _ended(event):
                             return
-                return
+                raise CutShort
             except grpc.RpcError as error:
                 if not resume.may_continue(error.code(), failover):
                     raise from_rpc_error(error) from None

@@ -105,6 +105,21 @@ class ServedModel:
         return f"{self.name} (vocabulary {self.vocab_size}, eos ids {list(self.eos_token_ids)})"
 
 
+class CutShort(grpc.RpcError):
+    """A call that ended with OK before its stream's Completion (every accepted stream ends
+    with a Completion or an error status): taken as a break, UNAVAILABLE, which the stream
+    goes on from where failover may, and which its caller gets where it may not."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "the stream ended without its Completion"
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+
 @dataclasses.dataclass
 class Resumption:
     """One stream across the targets it runs on: what it delivered, and how to ask for the rest."""
@@ -181,6 +196,14 @@ class Resumption:
         if kind == "completion":
             self.completed = True
         if kind == "token":
+            if message.token.index != len(self.delivered):
+                # A continuation goes on at the index after the delivered tokens; one that does
+                # not (a server that ignored continuation_ids) would splice a second stream in.
+                raise ServerError(
+                    grpc.StatusCode.INTERNAL,
+                    f"the stream went on with token index {message.token.index} after "
+                    f"{len(self.delivered)} delivered tokens",
+                )
             if self.usage_delivered:
                 # Every token precedes the Usage: a continuation that has more was not the
                 # continuation of this stream.

@@ -81,6 +81,8 @@ def test_client_sends_the_options_it_was_given(channel: grpc_testing.Channel) ->
 
     def script(rpc: Any, request: pb.GenerateRequest) -> None:
         seen.append(request)
+        done = pb.Completion(finish_reason=pb.FINISH_REASON_LENGTH)
+        rpc.send_response(pb.GenerateResponse(completion=done))
         rpc.terminate((), grpc.StatusCode.OK, "")
 
     thread = _serve_once(channel, script)

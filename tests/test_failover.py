@@ -24,11 +24,17 @@ import httpx
 import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from tests.conftest import MODEL, RunningServer, start_edge, start_server
+from tests.conftest import MODEL, RunningServer, eventually, start_edge, start_server
 from tests.procs import ServerProcess
 from tests.replicas import Relay
 from tokenwire.client import AsyncTokenwireClient, TokenwireClient, failover
-from tokenwire.client.errors import DeadlineExceeded, ModelMismatch, TokenwireError, Unavailable
+from tokenwire.client.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    ModelMismatch,
+    TokenwireError,
+    Unavailable,
+)
 from tokenwire.client.failover import Resumption
 from tokenwire.client.messages import Completion, GenerateOptions, StreamEvent, Token, Usage
 from tokenwire.server.config import BUNDLED_MODEL_DIR
@@ -693,3 +699,135 @@ async def test_the_blocking_client_retries_a_stream_broken_before_its_first_toke
     finally:
         await relay.stop()
     _assert_one_sequence(events, 12)
+
+
+class EndsEarly(CutRelay):
+    """A replica whose streams end with OK, no Usage and no Completion, right after relaying
+    the message `cut` picks: a stream cut short without an error."""
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        call = self._stub.Generate(request)
+        header = await call.initial_metadata()
+        await context.send_initial_metadata(
+            [(k, v) for k, v in header if k in ("x-request-id", "x-tokenwire-seed", MODEL_KEY)]
+        )
+        async for message in call:
+            yield message
+            if self._cut(message):
+                call.cancel()
+                return
+
+
+class StartsOver(CutRelay):
+    """A replica that drops a continuation's ids (as a server unaware of them would) and so
+    streams the request again from its first token."""
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        del request.continuation_ids[:]
+        request.retry = False
+        async for message in super().Generate(request, context):
+            yield message
+
+
+def _fifth_token(message: pb.GenerateResponse) -> bool:
+    return message.WhichOneof("event") == "token" and message.token.index == 4
+
+
+SHORT = GenerateOptions(max_tokens=20, temperature=0.0, ignore_eos=True)
+
+
+async def test_a_stream_that_ends_without_its_completion_goes_on_at_the_next_target(
+    served: RunningServer,
+) -> None:
+    """A call that ends with OK after 5 tokens, without Usage or Completion, is a break: the
+    client goes on at the next target, and the caller gets each token once, one Usage and
+    one Completion."""
+    relay = EndsEarly(served.target, _fifth_token)
+    await relay.start()
+    try:
+        async with AsyncTokenwireClient([relay.target, served.target]) as client:
+            events = [event async for event in client.generate(PROMPT, SHORT)]
+    finally:
+        await relay.stop()
+    _assert_one_sequence(events, 20)
+
+
+async def test_a_stream_that_ends_without_its_completion_is_an_error_where_it_cannot_go_on(
+    served: RunningServer,
+) -> None:
+    """With failover off, a call that ends with OK before its Completion raises Unavailable
+    (the stream was cut short) instead of ending as if it were whole."""
+    relay = EndsEarly(served.target, _fifth_token)
+    await relay.start()
+    try:
+        async with AsyncTokenwireClient([relay.target]) as client:
+            with pytest.raises(Unavailable, match="without its Completion"):
+                async for _ in client.generate(PROMPT, SHORT, failover=False):
+                    pass
+    finally:
+        await relay.stop()
+
+
+async def test_a_continuation_that_starts_over_is_refused(
+    served: RunningServer, onnx_model: OnnxCausalLM, tokenizer: Tokenizer
+) -> None:
+    """A next target that drops the continuation's ids and streams from token 0 again ends the
+    stream with an error (INTERNAL) instead of splicing a second stream into the first."""
+    other = await start_server(onnx_model, tokenizer)
+    async with cut_relay(served.target, _fifth_token) as first:
+        second = StartsOver(other.target, lambda message: False)
+        await second.start()
+        try:
+            async with AsyncTokenwireClient([first.target, second.target]) as client:
+                indices: list[int] = []
+
+                async def read() -> None:
+                    async for event in client.generate(PROMPT, SHORT):
+                        if isinstance(event, Token):
+                            indices.append(event.index)
+
+                with pytest.raises(TokenwireError, match="went on with token index 0"):
+                    await read()
+        finally:
+            await second.stop()
+            await other.server.drain()
+    assert indices == [0, 1, 2, 3, 4]
+
+
+class RefusesAll(CutRelay):
+    """A replica that ends every stream UNAVAILABLE after its headers, before its first token,
+    counting calls (the headers make the channel pass the break on instead of retrying it)."""
+
+    calls = 0
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        self.calls += 1
+        await context.send_initial_metadata([("x-relay", "refusing")])
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica went away")
+        yield pb.GenerateResponse()  # never reached: makes this a stream handler
+
+
+async def test_closing_the_client_while_a_stream_waits_to_go_on_cancels_it(
+    served: RunningServer,
+) -> None:
+    """A client closed while a stream waits before its next failover (the backoff after a
+    third failed attempt, 0.2 s) ends that stream with Cancelled, as it ends running ones."""
+    relay = RefusesAll(served.target, lambda message: False)
+    await relay.start()
+    try:
+        client = AsyncTokenwireClient([relay.target, relay.target])
+        stream = client.generate(PROMPT, SHORT)
+        reading = asyncio.ensure_future(anext(stream))
+        assert await eventually(lambda: relay.calls >= 3, within_s=5)
+        await asyncio.sleep(0.05)
+        await client.close()
+        with pytest.raises(Cancelled):
+            await reading
+    finally:
+        await relay.stop()

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenwire.client import failover
 from tokenwire.client.client import CHANNEL_OPTIONS
 from tokenwire.client.errors import TokenwireError, from_rpc_error, from_status
-from tokenwire.client.failover import RETRYABLE, Resumption, ServedModel, Targets
+from tokenwire.client.failover import RETRYABLE, CutShort, Resumption, ServedModel, Targets
 from tokenwire.client.messages import (
     ModelInfo,
     StreamEvent,
@@ -124,6 +124,8 @@ class UpstreamStream:
                         assert isinstance(message, pb.GenerateResponse)
                         if self._resume.admit(message):
                             yield self._as_caller_sees(event_from_pb(message))
+                    if not self._resume.completed:
+                        raise CutShort
                     return
                 except grpc.RpcError as error:
                     if self._resume.completed:
