@@ -249,12 +249,15 @@ async def test_a_cancel_of_a_reused_id_on_another_replica_leaves_the_owners_stre
     assert [f for f in finishes if f] == ["length"]
 
 
-async def test_openai_requests_sharing_an_x_request_id_both_run(paced: RunningServer) -> None:
+@pytest.mark.parametrize("n", [1, 2])
+async def test_openai_requests_sharing_an_x_request_id_both_run(
+    paced: RunningServer, n: int
+) -> None:
     """Two /v1/completions sent at once with one X-Request-ID (as a proxy that gives calls made
-    in parallel one id sends them) are both answered, under distinct response ids: the later
-    runs under the id made unique instead of a 400."""
+    in parallel one id sends them), of one or of two choices, are both answered, under
+    distinct response ids: the later runs under the id made unique instead of a 400."""
     edge = await start_edge(paced.target)
-    body = {"prompt": "x", "max_tokens": 40, "ignore_eos": True}
+    body = {"prompt": "x", "max_tokens": 40, "ignore_eos": True, "n": n}
     headers = {"X-Request-ID": "shared"}
     try:
         async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:

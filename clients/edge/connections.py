@@ -118,7 +118,7 @@ async def over_capacity(scope: Scope, receive: Receive, send: Send) -> None:
     error = EdgeError(
         503, "UNAVAILABLE", "the edge has too many connections; retry", retry_after_s=1
     )
-    headers = {**error.headers(), "Connection": "close"}
+    headers = {**error.headers(), "Connection": "close", "X-Content-Type-Options": "nosniff"}
     body = error.body_for(str(scope.get("path", "")))
     await JSONResponse(body, status_code=503, headers=headers)(scope, receive, send)
 

@@ -75,7 +75,8 @@ async def _begin(request: Request, *, chat: bool) -> _Call:
             # Another request of the caller's runs under this id (a proxy that gives calls
             # made in parallel one X-Request-ID). These routes address no stream by its id,
             # so this one runs under the id made unique rather than being refused.
-            parsed = read_request(fields, unique_id(request_id), chat=chat)
+            request_id = account.request_id = unique_id(request_id)
+            parsed = read_request(fields, request_id, chat=chat)
             upstreams = await open_generations(
                 ctx.upstream, prompts, parsed.choices, account.route, owner
             )

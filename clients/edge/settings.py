@@ -73,7 +73,12 @@ def _names(field: str) -> str:
 class EdgeSettings:
     """Everything `tokenwire edge` reads; validated at construction."""
 
-    host: str = setting(defaults.HOST, "bind address", env="TOKENWIRE_EDGE_HOST")
+    host: str = setting(
+        defaults.HOST,
+        "bind address; on a loopback one the edge answers only loopback Host names (and "
+        "allowed_hosts)",
+        env="TOKENWIRE_EDGE_HOST",
+    )
     port: int = setting(
         defaults.HTTP_PORT, "HTTP port; 0 picks a free one (logged)", env="TOKENWIRE_EDGE_PORT"
     )
@@ -132,7 +137,9 @@ class EdgeSettings:
     resume_stream_bytes: int = setting(1_048_576, "resume buffer of one stream, bytes")
     resume_total_bytes: int = setting(64 * 1_048_576, "resume buffers of all streams, bytes")
     upstream_timeout_s: float = setting(
-        600.0, "deadline of each upstream stream, its failovers included"
+        600.0,
+        "deadline of each upstream stream, its failovers included, and of a tokenize or "
+        "detokenize call over all the targets it tries",
     )
     metrics: bool = setting(True, "serve the edge's `/metrics`")
     otlp_endpoint: str = setting(
