@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TextIO
 
@@ -194,16 +194,8 @@ def run_generate(
     if out is None:  # started with stdout closed (`>&-`)
         err.write("error: no standard output to write the completion to\n")
         return 1
-    try:
-        return _stream(args, target, security, out, err)
-    except BrokenPipeError:
-        # The reader left; the stream was cancelled as the error unwound through it.
-        _discard(out)
-        return BROKEN_PIPE
-    except OSError as exc:  # a full disk, an unwritable stdout; the stream was cancelled too
-        _discard(out)
-        err.write(f"error: cannot write the output: {exc}\n")
-        return 1
+    # A write that fails unwinds through the stream, which cancels its call.
+    return _written(lambda: _stream(args, target, security, out, err), out, err)
 
 
 def run_tokenize(
@@ -211,23 +203,48 @@ def run_tokenize(
 ) -> int:
     """Print the text's ids on one line (with --pieces, each id and its token's text as a JSON
     string, tab-separated, one a line) on `out`; 0, 1 for a call that failed (an `error:` line
-    on `err`), 2 for bad settings."""
+    on `err`), 2 for bad settings, 130 for Ctrl-C, 141 when the reader of the output left (as
+    `generate` answers)."""
     err = _errors(err)
     connected = _connection(args, err)
     if connected is None:
         return 2
     target, security = connected
+    out = sys.stdout if out is None else out
+    if out is None:  # started with stdout closed (`>&-`)
+        err.write("error: no standard output to write the ids to\n")
+        return 1
+    return _written(lambda: _tokenize(args, target, security, out, err), out, err)
+
+
+def _written(write: Callable[[], int], out: TextIO, err: TextIO) -> int:
+    """write()'s status, or the status of an output that could not be written: 141 where its
+    reader left (`| head`), as a shell gives a command SIGPIPE ended, without the traceback
+    Python would print; 1 for another failure (a full disk)."""
+    try:
+        return write()
+    except BrokenPipeError:
+        _discard(out)
+        return BROKEN_PIPE
+    except OSError as exc:
+        _discard(out)
+        err.write(f"error: cannot write the output: {exc}\n")
+        return 1
+
+
+def _tokenize(
+    args: argparse.Namespace, target: str, security: ChannelSecurity, out: TextIO, err: TextIO
+) -> int:
     try:
         with TokenwireClient(target, timeout_s=args.timeout, security=security) as client:
             tokens = client.tokenize(
                 args.text, add_special_tokens=args.add_special_tokens, with_pieces=args.pieces
             )
+    except KeyboardInterrupt:
+        err.write("\n[cancelled]\n")
+        return 130
     except TokenwireError as exc:
         err.write(f"error: {exc}\n")
-        return 1
-    out = sys.stdout if out is None else out
-    if out is None:  # started with stdout closed (`>&-`)
-        err.write("error: no standard output to write the ids to\n")
         return 1
     if args.pieces:
         pairs = zip(tokens.ids, tokens.pieces, strict=True)

@@ -127,3 +127,29 @@ async def test_a_closed_stdout_ends_the_cli_quietly(paced: RunningServer) -> Non
     status, err = await asyncio.to_thread(run)
     assert err == b""
     assert status == 141
+
+
+async def test_tokenize_into_a_closed_pipe_ends_quietly(served: RunningServer) -> None:
+    """`tokenwire tokenize ... | head` whose reader has left ends with status 141 and no
+    traceback, as `generate` does."""
+    command = [
+        sys.executable,
+        "-m",
+        "tokenwire.client.command",
+        "tokenize",
+        "def fib(n):\n    return n",
+        "--pieces",
+        "--target",
+        served.target,
+    ]
+
+    def run() -> tuple[int, bytes]:
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+            assert proc.stdout is not None
+            assert proc.stderr is not None
+            proc.stdout.close()  # the reader leaves before the ids are written
+            return proc.wait(30), proc.stderr.read()
+
+    status, err = await asyncio.to_thread(run)
+    assert err == b""
+    assert status == 141
