@@ -157,22 +157,25 @@ class GenerateOptions:
                 f"request_id: {request_ids.RULE}, got {request_ids.shown(self.request_id)}",
                 field="request_id",
             )
-        for name in ("max_tokens", "top_k", "top_logprobs", "min_tokens"):
+        # Fields are named as the server names them: the sampling ones by their place in the
+        # request (sampling.top_k), whichever side refuses them.
+        for name in ("max_tokens", "top_logprobs", "min_tokens"):
             _check_integer(name, getattr(self, name), u32)
+        _check_integer("sampling.top_k", self.top_k, u32)
         if self.seed is not None:
-            _check_integer("seed", self.seed, u64)
+            _check_integer("sampling.seed", self.seed, u64)
         for name, ids in (("prompt_ids", self.prompt_ids), ("stop_token_ids", self.stop_token_ids)):
             for i, token in enumerate(ids):
                 _check_integer(f"{name}[{i}]", token, u32)
         seen: set[int] = set()
         for token, _ in self.logit_bias:
             # Named by the token, as the server names logit_bias entries.
-            _check_integer(f"logit_bias[{token}]", token, u32)
+            _check_integer(f"sampling.logit_bias[{token}]", token, u32)
             if token in seen:
                 raise InvalidArgument(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"logit_bias[{token}]: a token may have one bias, got two",
-                    field=f"logit_bias[{token}]",
+                    f"sampling.logit_bias[{token}]: a token may have one bias, got two",
+                    field=f"sampling.logit_bias[{token}]",
                 )
             seen.add(token)
 

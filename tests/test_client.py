@@ -103,9 +103,10 @@ def test_client_sends_the_options_it_was_given(channel: grpc_testing.Channel) ->
     ("fields", "field"),
     [
         ({"max_tokens": -1}, "max_tokens"),
-        ({"seed": 2**64}, "seed"),
+        ({"seed": 2**64}, "sampling.seed"),
+        ({"top_k": 2**32}, "sampling.top_k"),
         ({"prompt_ids": (1, 2**32)}, "prompt_ids[1]"),
-        ({"logit_bias": ((7, 1.0), (-5, 1.0))}, "logit_bias[-5]"),
+        ({"logit_bias": ((7, 1.0), (-5, 1.0))}, "sampling.logit_bias[-5]"),
     ],
 )
 def test_an_integer_the_wire_cannot_carry_is_invalid_argument(
@@ -123,7 +124,7 @@ def test_a_token_biased_twice_is_invalid_argument_naming_it() -> None:
     of them silently)."""
     with pytest.raises(InvalidArgument) as caught:
         GenerateOptions(logit_bias=((5, 1.0), (7, 2.0), (5, -1.0)))
-    assert caught.value.field == "logit_bias[5]"
+    assert caught.value.field == "sampling.logit_bias[5]"
 
 
 @pytest.mark.parametrize("request_id", ["é", "a\x01b", "x" * 129])
