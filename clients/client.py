@@ -114,6 +114,14 @@ def _closed_call(closed: bool) -> Cancelled:
     return Cancelled(grpc.StatusCode.CANCELLED, f"the call was cancelled{why}")
 
 
+def _none_cancelled(failures: list[grpc.RpcError], asked: int) -> bool:
+    """False (no target had the stream running), or the first failure where every target
+    failed."""
+    if failures and len(failures) == asked:
+        raise from_rpc_error(failures[0])
+    return False
+
+
 def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
     return (("x-request-id", request_id),) if request_id else ()
 
@@ -256,9 +264,30 @@ class AsyncTokenwireClient:
         )
 
     async def cancel(self, request_id: str) -> bool:
+        """Cancel the caller's stream `request_id` on every target at once (a stream may have
+        failed over to any of them): True as soon as one had it running, False once none had;
+        the first target's error where every target failed. One target naming several
+        addresses (ipv4:a,b or dns:///) reaches the address its balancer picks: closing the
+        stream's generator cancels it wherever it runs."""
         self._check_open()
-        reply = await self._unary(self._stub.Cancel, pb.CancelRequest(request_id=request_id))
-        return reply.cancelled
+        request = pb.CancelRequest(request_id=request_id)
+        metadata = self.security.metadata()
+        asks = [
+            asyncio.ensure_future(stub.Cancel(request, timeout=self.timeout_s, metadata=metadata))
+            for stub in self._stubs
+        ]
+        failures: list[grpc.RpcError] = []
+        try:
+            for ask in asyncio.as_completed(asks):
+                try:
+                    if (await ask).cancelled:
+                        return True
+                except grpc.RpcError as error:
+                    failures.append(error)
+        finally:
+            for ask in asks:
+                ask.cancel()
+        return _none_cancelled(failures, len(asks))
 
     async def tokenize(
         self, text: str, *, add_special_tokens: bool = True, with_pieces: bool = False
@@ -398,8 +427,26 @@ class TokenwireClient:
         return model_info_from_pb(self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
 
     def cancel(self, request_id: str) -> bool:
+        """As the async client's cancel: every target is asked at once."""
         self._check_open()
-        return self._unary(self._stub.Cancel, pb.CancelRequest(request_id=request_id)).cancelled
+        request = pb.CancelRequest(request_id=request_id)
+        metadata = self.security.metadata()
+        asks = [
+            stub.Cancel.future(request, timeout=self.timeout_s, metadata=metadata)
+            for stub in self._stubs
+        ]
+        failures: list[grpc.RpcError] = []
+        try:
+            for ask in asks:
+                try:
+                    if ask.result().cancelled:
+                        return True
+                except grpc.RpcError as error:
+                    failures.append(error)
+        finally:
+            for ask in asks:
+                ask.cancel()
+        return _none_cancelled(failures, len(asks))
 
     def tokenize(
         self, text: str, *, add_special_tokens: bool = True, with_pieces: bool = False

@@ -831,3 +831,34 @@ async def test_closing_the_client_while_a_stream_waits_to_go_on_cancels_it(
             await reading
     finally:
         await relay.stop()
+
+
+@pytest.mark.parametrize("blocking", [False, True], ids=["async", "blocking"])
+async def test_a_cancel_reaches_the_target_that_runs_the_stream(
+    served: RunningServer, onnx_model: OnnxCausalLM, tokenizer: Tokenizer, blocking: bool
+) -> None:
+    """A client with two targets cancels a stream running on its second one (where a
+    failover took it): Cancel asks every target, and answers True."""
+    other = await start_server(onnx_model, tokenizer)
+    channel = grpc.aio.insecure_channel(served.target)
+    asked = pb.GenerateRequest(prompt=PROMPT, max_tokens=400, ignore_eos=True)
+    asked.request_id = "on-the-second"
+    call = pb_grpc.GenerationServiceStub(channel).Generate(asked)
+    try:
+        await call.read()  # the stream runs at the client's second target
+        targets = [other.target, served.target]
+        if blocking:
+
+            def cancel() -> bool:
+                with TokenwireClient(targets) as client:
+                    return client.cancel("on-the-second")
+
+            found = await asyncio.to_thread(cancel)
+        else:
+            async with AsyncTokenwireClient(targets) as client:
+                found = await client.cancel("on-the-second")
+    finally:
+        call.cancel()
+        await channel.close()
+        await other.server.drain()
+    assert found is True
