@@ -40,6 +40,12 @@ class InvalidArgument(TokenwireError):
     """A request field is out of range; `field` names it."""
 
 
+class RequestTooLarge(InvalidArgument):
+    """The request is larger than the server's channel takes (gRPC's RESOURCE_EXHAUSTED for a
+    message over its size limit, before the server reads it): no retry mends it. `field` is
+    prompt, what grows a request."""
+
+
 class Overloaded(TokenwireError):
     """The server is at capacity; retry after `retry_after_s`."""
 
@@ -89,11 +95,17 @@ def from_status(code: grpc.StatusCode, message: str, trailers: Trailers | None) 
     """The TokenwireError of a call's final status: its code, message and trailing metadata
     (a call refused before its headers gives these without raising an RpcError)."""
     field, retry_after = _rich_details(code, message, trailers or ())
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and TOO_LARGE in message:
+        return RequestTooLarge(code, message, field="prompt")
     cls = _BY_CODE.get(code, ServerError)
     # tokenwire's server sends every error with its google.rpc.Status in the trailers.
     channel = code in _CHANNEL_CODES and _rich_status(code, message, trailers or ()) is None
     return cls(code, message, field=field, retry_after_s=retry_after, from_channel=channel)
 
+
+TOO_LARGE = "message larger than max"
+"""What gRPC says of a message over its size limit, sent (`Sent message larger than max`) or
+received (`Received message larger than max (N vs. M)`), with RESOURCE_EXHAUSTED."""
 
 _CHANNEL_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}

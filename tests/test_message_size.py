@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import MODEL, RunningServer, greedy, start_edge, start_server
 from tests.fakes import ScriptedModel
+from tokenwire.client import AsyncTokenwireClient, GenerateOptions
+from tokenwire.client.errors import InvalidArgument, Overloaded
 from tokenwire.server.engine import ModelSpec
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
@@ -59,3 +61,17 @@ async def test_a_request_over_the_servers_message_limit_is_413_naming_the_prompt
     assert "Retry-After" not in response.headers
     assert error.get("field", error.get("param")) == "prompt"
     assert error["message"].startswith("prompt: the request is larger than the server takes")
+
+
+async def test_the_client_raises_a_request_over_the_message_limit_as_too_large(
+    paced: RunningServer,
+) -> None:
+    """The Python client raises a 5 MiB prompt's refusal (gRPC's RESOURCE_EXHAUSTED for the
+    message size) as RequestTooLarge, an InvalidArgument naming `prompt`, not as Overloaded,
+    which callers retry."""
+    async with AsyncTokenwireClient(paced.target) as client:
+        with pytest.raises(InvalidArgument) as refused:
+            await client.generate("a" * (5 * MIB), GenerateOptions(max_tokens=1)).__anext__()
+    assert type(refused.value).__name__ == "RequestTooLarge"
+    assert not isinstance(refused.value, Overloaded)
+    assert refused.value.field == "prompt"

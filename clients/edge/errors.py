@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import structlog
 
-from tokenwire.client.errors import InvalidArgument, TokenwireError
+from tokenwire.client.errors import InvalidArgument, RequestTooLarge, TokenwireError
 
 log = structlog.get_logger("tokenwire.edge")
 
@@ -164,7 +164,7 @@ def request_id_header(scope: MutableMapping[str, Any]) -> dict[str, str]:
 def edge_error(error: TokenwireError) -> EdgeError:
     """The EdgeError of a failed upstream call, whichever route and format reports it: HTTP
     status by gRPC status, the field in the HTTP API's name, a Retry-After on every 429."""
-    if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and TOO_LARGE in error.message:
+    if isinstance(error, RequestTooLarge):
         # gRPC refused the request for its size before the server read it: not an overload to
         # retry later, but a request that no retry mends (the prompt is what grows it).
         message = f"prompt: the request is larger than the server takes ({error.message})"
@@ -197,10 +197,6 @@ CONTEXT_LENGTH = "the context length"
 hold say (`prompt: must be shorter than the context length of 512 tokens`, `max_tokens: must be
 at most 500: the prompt has 12 tokens and the context length is 512`)."""
 
-
-TOO_LARGE = "message larger than max"
-"""What gRPC says of a message over its size limit, sent (`Sent message larger than max`) or
-received (`Received message larger than max (N vs. M)`), with RESOURCE_EXHAUSTED."""
 
 _CHANNEL_MESSAGES = {
     grpc.StatusCode.UNAVAILABLE: "the server cannot be reached",
