@@ -169,6 +169,10 @@ class Resumption:
             text = value.decode() if isinstance(value, bytes) else value
             if key == "x-tokenwire-seed" and self.seed is None:
                 self.seed = int(text)
+            elif key == "x-tokenwire-max-tokens" and self.first.max_tokens == 0:
+                # A request that left max_tokens to the server asks every continuation for the
+                # length its first server gave it: another replica's default may differ.
+                self.first.max_tokens = int(text)
             elif key == "x-request-id":
                 self.begun = True
                 self.request_id = self.request_id or text

@@ -45,6 +45,8 @@ from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 PROMPT = "def fib(n):"
 MODEL_KEY = "x-tokenwire-model"
+RELAYED = ("x-request-id", "x-tokenwire-seed", MODEL_KEY, "x-tokenwire-max-tokens")
+"""The initial metadata a relay passes on from the server behind it."""
 KILL_AT = 50
 OPTIONS = {
     "greedy": GenerateOptions(max_tokens=400, temperature=0.0, ignore_eos=True),
@@ -239,9 +241,7 @@ class CutRelay(Relay):
     ) -> AsyncIterator[pb.GenerateResponse]:
         call = self._stub.Generate(request)
         header = await call.initial_metadata()
-        await context.send_initial_metadata(
-            [(k, v) for k, v in header if k in ("x-request-id", "x-tokenwire-seed", MODEL_KEY)]
-        )
+        await context.send_initial_metadata([(k, v) for k, v in header if k in RELAYED])
         async for message in call:
             yield message
             if self._cut(message):
@@ -285,9 +285,7 @@ class LosesFirstStream(CutRelay):
         call = self._stub.Generate(request)
         self.lost.append(call)
         header = await call.initial_metadata()
-        await context.send_initial_metadata(
-            [(k, v) for k, v in header if k in ("x-request-id", "x-tokenwire-seed", MODEL_KEY)]
-        )
+        await context.send_initial_metadata([(k, v) for k, v in header if k in RELAYED])
         await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica went away")
 
 
@@ -710,9 +708,7 @@ class EndsEarly(CutRelay):
     ) -> AsyncIterator[pb.GenerateResponse]:
         call = self._stub.Generate(request)
         header = await call.initial_metadata()
-        await context.send_initial_metadata(
-            [(k, v) for k, v in header if k in ("x-request-id", "x-tokenwire-seed", MODEL_KEY)]
-        )
+        await context.send_initial_metadata([(k, v) for k, v in header if k in RELAYED])
         async for message in call:
             yield message
             if self._cut(message):
@@ -862,3 +858,26 @@ async def test_a_cancel_reaches_the_target_that_runs_the_stream(
         await channel.close()
         await other.server.drain()
     assert found is True
+
+
+async def test_a_continuation_asks_for_the_length_its_first_server_gave(
+    served: RunningServer, onnx_model: OnnxCausalLM, tokenizer: Tokenizer
+) -> None:
+    """A stream that leaves max_tokens to its server (default 128) and fails over after 10
+    tokens to a replica whose default is 20 still runs to 128 tokens: the first server's budget
+    (x-tokenwire-max-tokens) is what the continuation asks for."""
+    other = await start_server(onnx_model, tokenizer, default_max_tokens=20)
+    options = GenerateOptions(temperature=0.0, ignore_eos=True)
+    try:
+        async with (
+            cut_relay(served.target, _tenth_token) as relay,
+            AsyncTokenwireClient([relay.target, other.target]) as client,
+        ):
+            events = [event async for event in client.generate(PROMPT, options)]
+    finally:
+        await other.server.drain()
+    _assert_one_sequence(events, served.engine.config.default_max_tokens)
+
+
+def _tenth_token(message: pb.GenerateResponse) -> bool:
+    return message.WhichOneof("event") == "token" and message.token.index == 9

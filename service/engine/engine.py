@@ -87,6 +87,9 @@ class GenerationHandle:
         """time.monotonic() at submission: what the Usage event's timings count from."""
         self.seed = sequence.sampler.seed
         """The sampling seed in use (chosen by the server when the request set none)."""
+        self.max_tokens = sequence.budget
+        """The tokens the request may generate: its max_tokens, or the server's default (within
+        the context) where it set none."""
 
     def events(self) -> AsyncIterator[Event]:
         return self._sequence.mailbox.events()

@@ -123,12 +123,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             # Headers go out only once the request is accepted: until then a failure is
             # trailers-only, which clients may retry transparently (UNAVAILABLE).
             # The seed lets a client continue this stream elsewhere with the same draws.
-            # The model lets a client check that a continuation runs on the same model.
+            # The model lets a client check that a continuation runs on the same model, and the
+            # token budget that a continuation elsewhere asks for the same length.
             await context.send_initial_metadata(
                 (
                     ("x-request-id", request_id),
                     ("x-tokenwire-seed", str(handle.seed)),
                     (model_identity.HEADER, convert.model_header(self._slot.get())),
+                    ("x-tokenwire-max-tokens", str(handle.max_tokens)),
                 )
             )
             async for event in handle.events():
