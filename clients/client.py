@@ -114,6 +114,34 @@ def _closed_call(closed: bool) -> Cancelled:
     return Cancelled(grpc.StatusCode.CANCELLED, f"the call was cancelled{why}")
 
 
+async def cancel_everywhere(
+    stubs: Sequence[pb_grpc.GenerationServiceAsyncStub],
+    request_id: str,
+    timeout_s: float,
+    metadata: tuple[tuple[str, str], ...],
+) -> bool:
+    """Ask every stub at once to cancel `request_id` (a stream may have moved to any of their
+    targets): True as soon as one had it running (the others are not waited for), False once
+    none had; the first failure, as its TokenwireError, where every target failed."""
+    request = pb.CancelRequest(request_id=request_id)
+    asks = [
+        asyncio.ensure_future(stub.Cancel(request, timeout=timeout_s, metadata=metadata))
+        for stub in stubs
+    ]
+    failures: list[grpc.RpcError] = []
+    try:
+        for ask in asyncio.as_completed(asks):
+            try:
+                if (await ask).cancelled:
+                    return True
+            except grpc.RpcError as error:
+                failures.append(error)
+    finally:
+        for ask in asks:
+            ask.cancel()
+    return _none_cancelled(failures, len(asks))
+
+
 def _none_cancelled(failures: list[grpc.RpcError], asked: int) -> bool:
     """False (no target had the stream running), or the first failure where every target
     failed."""
@@ -270,24 +298,9 @@ class AsyncTokenwireClient:
         addresses (ipv4:a,b or dns:///) reaches the address its balancer picks: closing the
         stream's generator cancels it wherever it runs."""
         self._check_open()
-        request = pb.CancelRequest(request_id=request_id)
-        metadata = self.security.metadata()
-        asks = [
-            asyncio.ensure_future(stub.Cancel(request, timeout=self.timeout_s, metadata=metadata))
-            for stub in self._stubs
-        ]
-        failures: list[grpc.RpcError] = []
-        try:
-            for ask in asyncio.as_completed(asks):
-                try:
-                    if (await ask).cancelled:
-                        return True
-                except grpc.RpcError as error:
-                    failures.append(error)
-        finally:
-            for ask in asks:
-                ask.cancel()
-        return _none_cancelled(failures, len(asks))
+        return await cancel_everywhere(
+            self._stubs, request_id, self.timeout_s, self.security.metadata()
+        )
 
     async def tokenize(
         self, text: str, *, add_special_tokens: bool = True, with_pieces: bool = False

@@ -226,6 +226,9 @@ class CutRelay(Relay):
     GetModelInfo answers come from that other server (as when replicas behind one channel, or
     a target replaced since its answer was kept, serve different models)."""
 
+    ends_quietly = False
+    """Whether a cut stream ends with OK (no Usage, no Completion) instead of UNAVAILABLE."""
+
     def __init__(
         self,
         target: str,
@@ -246,6 +249,8 @@ class CutRelay(Relay):
             yield message
             if self._cut(message):
                 call.cancel()
+                if self.ends_quietly:
+                    return
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica went away")
 
     async def GetModelInfo(
@@ -703,17 +708,7 @@ class EndsEarly(CutRelay):
     """A replica whose streams end with OK, no Usage and no Completion, right after relaying
     the message `cut` picks: a stream cut short without an error."""
 
-    async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.GenerateResponse]:
-        call = self._stub.Generate(request)
-        header = await call.initial_metadata()
-        await context.send_initial_metadata([(k, v) for k, v in header if k in RELAYED])
-        async for message in call:
-            yield message
-            if self._cut(message):
-                call.cancel()
-                return
+    ends_quietly = True
 
 
 class StartsOver(CutRelay):

@@ -17,7 +17,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tokenwire.client import failover
-from tokenwire.client.client import CHANNEL_OPTIONS
+from tokenwire.client.client import CHANNEL_OPTIONS, cancel_everywhere
 from tokenwire.client.errors import TokenwireError, from_rpc_error, from_status
 from tokenwire.client.failover import RETRYABLE, CutShort, Resumption, ServedModel, Targets
 from tokenwire.client.messages import (
@@ -430,29 +430,14 @@ class Upstream:
 
     async def cancel(self, request_id: str) -> bool:
         """Cancel on every target at once (a stream may have moved); True as soon as one had
-        it (the others' answers are not waited for), False once none had it."""
-        asks = [
-            asyncio.ensure_future(
-                stub.Cancel(
-                    pb.CancelRequest(request_id=request_id),
-                    timeout=CANCEL_TIMEOUT_S,
-                    metadata=self._metadata,
-                )
-            )
-            for stub in self._stubs
-        ]
+        it (the others' answers are not waited for), False once none had it; EdgeError where
+        no target could be asked."""
         try:
-            for ask in asyncio.as_completed(asks):
-                try:
-                    if (await ask).cancelled:
-                        return True
-                except grpc.RpcError as error:
-                    if len(self._stubs) == 1:
-                        raise edge_error(from_rpc_error(error)) from None
-            return False
-        finally:
-            for ask in asks:
-                ask.cancel()
+            return await cancel_everywhere(
+                self._stubs, request_id, CANCEL_TIMEOUT_S, self._metadata
+            )
+        except TokenwireError as error:
+            raise edge_error(error) from None
 
 
 def _time_left(limit_s: float) -> Callable[[], float]:
