@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import grpc
 
 from tokenwire.client import blocking
-from tokenwire.client.errors import Cancelled, DeadlineExceeded, from_rpc_error
+from tokenwire.client.errors import Cancelled, DeadlineExceeded, ModelMismatch, from_rpc_error
 from tokenwire.client.failover import CutShort, Resumption, ServedModel, Targets
 from tokenwire.client.messages import (
     Completion,
@@ -214,7 +214,7 @@ class AsyncTokenwireClient:
         name), a target that answers UNAVAILABLE before the stream starts, or a stream that
         breaks with UNAVAILABLE, goes on at the next target (see failover.py) unless failover
         is False: the continuation gets the time left, and runs only where the same model is
-        served (else ModelMismatch)."""
+        served (a target serving another passes it on; ModelMismatch where none left does)."""
         self._check_open()
         seconds = self.timeout_s if timeout_s is None else _timeout(timeout_s)
         return self._stream(prompt, options or GenerateOptions(), seconds, failover)
@@ -251,10 +251,12 @@ class AsyncTokenwireClient:
                 if call is None or not call.cancelled() or (task and task.cancelling()):
                     raise
                 raise _closed_call(self._closed) from None
-            except grpc.RpcError as error:
-                if not resume.may_continue(error.code(), failover):
-                    raise from_rpc_error(error) from None
-                self._targets.move_on(resume, error.code())
+            except (ModelMismatch, grpc.RpcError) as broken:
+                # A target gone away, or one serving another model, passes the stream on.
+                error = broken if isinstance(broken, ModelMismatch) else from_rpc_error(broken)
+                if not resume.may_continue(error.code, failover):
+                    raise resume.ending(error) from None
+                self._targets.move_on(resume, error.code)
                 await asyncio.sleep(resume.backoff_s)
             finally:
                 if call is not None:
@@ -402,10 +404,12 @@ class TokenwireClient:
                         if _ended(event):
                             return
                 raise CutShort
-            except grpc.RpcError as error:
-                if not resume.may_continue(error.code(), failover):
-                    raise from_rpc_error(error) from None
-                self._targets.move_on(resume, error.code())
+            except (ModelMismatch, grpc.RpcError) as broken:
+                # A target gone away, or one serving another model, passes the stream on.
+                error = broken if isinstance(broken, ModelMismatch) else from_rpc_error(broken)
+                if not resume.may_continue(error.code, failover):
+                    raise resume.ending(error) from None
+                self._targets.move_on(resume, error.code)
                 time.sleep(resume.backoff_s)
             finally:
                 if call is not None:

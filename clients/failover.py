@@ -33,7 +33,7 @@ from typing import Any
 
 import grpc
 
-from tokenwire.client.errors import DeadlineExceeded, ModelMismatch, ServerError
+from tokenwire.client.errors import DeadlineExceeded, ModelMismatch, ServerError, TokenwireError
 from tokenwire.common import model_identity
 from tokenwire.v1 import generate_pb2 as pb
 
@@ -145,6 +145,9 @@ class Resumption:
     begun: bool = False
     """A server accepted an attempt (or another edge began the stream): the next attempt
     retries the stream, and replaces it where that server still runs it."""
+    mismatch: ModelMismatch | None = None
+    """The last target found serving another model than the stream's: what the stream ends
+    with where its failovers run out, rather than a later target's going away."""
 
     @classmethod
     def start(cls, request: pb.GenerateRequest, timeout_s: float, target: int = 0) -> Resumption:
@@ -229,11 +232,20 @@ class Resumption:
         if self.model is None or not self.continuing:
             self.model, self.model_target = served, target
         elif served != self.model:
-            raise ModelMismatch(
+            self.mismatch = ModelMismatch(
                 grpc.StatusCode.UNAVAILABLE,
                 f"the stream cannot continue on {target}: it serves {served}, but the stream's "
                 f"tokens came from {self.model} on {self.model_target}",
             )
+            raise self.mismatch
+
+    def ending(self, error: TokenwireError) -> TokenwireError:
+        """The error a stream that cannot go on ends with: `error`, or, where that is only a
+        target gone away, the model mismatch found on the way (the reason no target served
+        the rest)."""
+        if self.mismatch is not None and error.code in RETRYABLE:
+            return self.mismatch
+        return error
 
     def model_check_s(self) -> float:
         """The time a target's model check may take: MODEL_CHECK_S, or what is left."""

@@ -228,6 +228,9 @@ class CutRelay(Relay):
 
     ends_quietly = False
     """Whether a cut stream ends with OK (no Usage, no Completion) instead of UNAVAILABLE."""
+    dies = False
+    """Whether the replica is gone after its first cut: every later stream UNAVAILABLE."""
+    gone = False
 
     def __init__(
         self,
@@ -242,6 +245,8 @@ class CutRelay(Relay):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.GenerateResponse]:
+        if self.gone:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica is gone")
         call = self._stub.Generate(request)
         header = await call.initial_metadata()
         await context.send_initial_metadata([(k, v) for k, v in header if k in RELAYED])
@@ -249,6 +254,7 @@ class CutRelay(Relay):
             yield message
             if self._cut(message):
                 call.cancel()
+                self.gone = self.dies
                 if self.ends_quietly:
                     return
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica went away")
@@ -261,9 +267,14 @@ class CutRelay(Relay):
 
 @contextlib.asynccontextmanager
 async def cut_relay(
-    target: str, cut: Callable[[pb.GenerateResponse], bool], info_target: str | None = None
+    target: str,
+    cut: Callable[[pb.GenerateResponse], bool],
+    info_target: str | None = None,
+    *,
+    dies: bool = False,
 ) -> AsyncIterator[CutRelay]:
     relay = CutRelay(target, cut, info_target)
+    relay.dies = dies
     await relay.start()
     try:
         yield relay
@@ -480,8 +491,9 @@ async def _sse(http: httpx.AsyncClient, body: dict[str, Any]) -> list[ServerSent
 async def test_client_refuses_to_continue_on_another_model(
     served: RunningServer, gpt2: RunningServer
 ) -> None:
-    """A stream of the bundled model whose replica dies continues nowhere when the next target
-    serves gpt2: ModelMismatch naming both models, after the bundled model's tokens only."""
+    """A stream of the bundled model whose replica dies continues nowhere when the only other
+    target serves gpt2: ModelMismatch naming both models, after the bundled model's tokens
+    only."""
     options = GenerateOptions(max_tokens=16, temperature=0.0, ignore_eos=True)
     events: list[StreamEvent] = []
 
@@ -490,7 +502,7 @@ async def test_client_refuses_to_continue_on_another_model(
             events.append(event)
 
     async with (
-        cut_relay(served.target, _after_token(3)) as relay,
+        cut_relay(served.target, _after_token(3), dies=True) as relay,
         AsyncTokenwireClient([relay.target, gpt2.target]) as client,
     ):
         with pytest.raises(ModelMismatch) as raised:
@@ -507,7 +519,7 @@ async def test_edge_refuses_to_continue_on_another_model(
     """Through the edge, the same break ends the native stream with an UNAVAILABLE `error`
     event naming both models instead of gpt2's tokens."""
     body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
-    async with cut_relay(served.target, _after_token(3)) as relay:
+    async with cut_relay(served.target, _after_token(3), dies=True) as relay:
         edge = await start_edge(f"{relay.target},{gpt2.target}")
         try:
             async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
@@ -623,7 +635,7 @@ async def test_client_checks_the_model_of_the_replica_that_streams(
     options = GenerateOptions(max_tokens=16, temperature=0.0, ignore_eos=True)
     events: list[StreamEvent] = []
     async with (
-        cut_relay(served.target, _after_token(0)) as relay,
+        cut_relay(served.target, _after_token(0), dies=True) as relay,
         cut_relay(gpt2.target, _never, info_target=served.target) as disguised,
         AsyncTokenwireClient([relay.target, disguised.target]) as client,
     ):
@@ -642,7 +654,7 @@ async def test_the_blocking_client_checks_the_model_of_the_replica_that_streams(
     options = GenerateOptions(max_tokens=16, temperature=0.0, ignore_eos=True)
     events: list[StreamEvent] = []
     async with (
-        cut_relay(served.target, _after_token(0)) as relay,
+        cut_relay(served.target, _after_token(0), dies=True) as relay,
         cut_relay(gpt2.target, _never, info_target=served.target) as disguised,
     ):
 
@@ -662,7 +674,7 @@ async def test_edge_checks_the_model_of_the_replica_that_streams(
     names the bundled model ends the native stream with an UNAVAILABLE `error` naming both."""
     body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
     async with (
-        cut_relay(served.target, _after_token(0)) as relay,
+        cut_relay(served.target, _after_token(0), dies=True) as relay,
         cut_relay(gpt2.target, _never, info_target=served.target) as disguised,
     ):
         edge = await start_edge(f"{relay.target},{disguised.target}")
@@ -876,3 +888,34 @@ async def test_a_continuation_asks_for_the_length_its_first_server_gave(
 
 def _tenth_token(message: pb.GenerateResponse) -> bool:
     return message.WhichOneof("event") == "token" and message.token.index == 9
+
+
+async def test_client_passes_a_target_of_another_model_for_the_next(
+    served: RunningServer, gpt2: RunningServer
+) -> None:
+    """A stream whose replica dies goes past a next target that serves gpt2 to the one after
+    it, which serves the stream's model: every token once, one Usage, one Completion."""
+    options = GenerateOptions(max_tokens=16, temperature=0.0, ignore_eos=True)
+    async with (
+        cut_relay(served.target, _after_token(3), dies=True) as relay,
+        AsyncTokenwireClient([relay.target, gpt2.target, served.target]) as client,
+    ):
+        events = [event async for event in client.generate(PROMPT, options)]
+    _assert_one_sequence(events, 16)
+
+
+async def test_edge_passes_a_target_of_another_model_for_the_next(
+    served: RunningServer, gpt2: RunningServer
+) -> None:
+    """Through the edge, the same stream goes past the gpt2 target and ends with `done`, its
+    16 tokens each once."""
+    body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    async with cut_relay(served.target, _after_token(3), dies=True) as relay:
+        edge = await start_edge(f"{relay.target},{gpt2.target},{served.target}")
+        try:
+            async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
+                events = await _sse(http, body)
+        finally:
+            await edge.edge.stop()
+    assert [e.event for e in events] == ["token"] * 16 + ["usage", "done"]
+    assert [json.loads(e.data)["index"] for e in events[:16]] == list(range(16))

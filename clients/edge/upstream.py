@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tokenwire.client import failover
 from tokenwire.client.client import CHANNEL_OPTIONS, cancel_everywhere
-from tokenwire.client.errors import TokenwireError, from_rpc_error, from_status
+from tokenwire.client.errors import ModelMismatch, TokenwireError, from_rpc_error, from_status
 from tokenwire.client.failover import RETRYABLE, CutShort, Resumption, ServedModel, Targets
 from tokenwire.client.messages import (
     ModelInfo,
@@ -145,7 +145,7 @@ class UpstreamStream:
     async def _continue(self, error: grpc.RpcError) -> None:
         """Reopen the call elsewhere after a retryable break; raise when it cannot."""
         if self._reopen is None or not self._resume.may_continue(error.code()):
-            raise from_rpc_error(error) from None
+            raise self._resume.ending(from_rpc_error(error)) from None
         call = await self._reopen(self._resume, error.code())
         if self._cancelled:
             call.cancel()  # cancel() came while the stream was moving to this call
@@ -294,11 +294,14 @@ class Upstream:
         """A call that resume.target, or the next one after each UNAVAILABLE, accepted;
         the TokenwireError of the refusal that ends the attempts."""
         while True:
-            outcome = await self._attempt(resume, request_id)
+            try:
+                outcome = await self._attempt(resume, request_id)
+            except ModelMismatch as mismatch:
+                outcome = mismatch  # a target serving another model passes it on too
             if not isinstance(outcome, TokenwireError):
                 return outcome
             if not resume.may_continue(outcome.code):
-                raise outcome
+                raise resume.ending(outcome)
             self._targets.move_on(resume, outcome.code)
             await asyncio.sleep(resume.backoff_s)
 
