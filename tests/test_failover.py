@@ -518,14 +518,7 @@ async def test_edge_refuses_to_continue_on_another_model(
 ) -> None:
     """Through the edge, the same break ends the native stream with an UNAVAILABLE `error`
     event naming both models instead of gpt2's tokens."""
-    body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
-    async with cut_relay(served.target, _after_token(3), dies=True) as relay:
-        edge = await start_edge(f"{relay.target},{gpt2.target}")
-        try:
-            async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
-                events = await _sse(http, body)
-        finally:
-            await edge.edge.stop()
+    events = await _edge_stream_cut_after_token_3(served, [gpt2.target])
     assert [e.event for e in events] == ["token"] * 4 + ["error"]
     error = json.loads(events[-1].data)
     assert error["code"] == "UNAVAILABLE"
@@ -909,13 +902,21 @@ async def test_edge_passes_a_target_of_another_model_for_the_next(
 ) -> None:
     """Through the edge, the same stream goes past the gpt2 target and ends with `done`, its
     16 tokens each once."""
-    body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
-    async with cut_relay(served.target, _after_token(3), dies=True) as relay:
-        edge = await start_edge(f"{relay.target},{gpt2.target},{served.target}")
-        try:
-            async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
-                events = await _sse(http, body)
-        finally:
-            await edge.edge.stop()
+    events = await _edge_stream_cut_after_token_3(served, [gpt2.target, served.target])
     assert [e.event for e in events] == ["token"] * 16 + ["usage", "done"]
     assert [json.loads(e.data)["index"] for e in events[:16]] == list(range(16))
+
+
+async def _edge_stream_cut_after_token_3(
+    served: RunningServer, then: list[str]
+) -> list[ServerSentEvent]:
+    """A native stream of 16 tokens through an edge whose first target, a replica of `served`,
+    dies after token 3; the edge's other targets are `then`."""
+    body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    async with cut_relay(served.target, _after_token(3), dies=True) as relay:
+        edge = await start_edge(",".join([relay.target, *then]))
+        try:
+            async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
+                return await _sse(http, body)
+        finally:
+            await edge.edge.stop()
