@@ -14,6 +14,7 @@ import asyncio
 import functools
 import json
 import math
+import queue
 import time
 from collections.abc import AsyncGenerator, Generator, Sequence
 from typing import Any, TypeVar
@@ -138,8 +139,14 @@ async def cancel_everywhere(
                 failures.append(error)
     finally:
         for ask in asks:
+            if ask.done() and not ask.cancelled():
+                ask.exception()  # read: a failure beside a True is no unread task error
             ask.cancel()
     return _none_cancelled(failures, len(asks))
+
+
+CANCEL_TIMEOUT_S = 10.0
+"""How long a cancel waits for each target's answer (all are asked at once)."""
 
 
 def _none_cancelled(failures: list[grpc.RpcError], asked: int) -> bool:
@@ -247,10 +254,10 @@ class AsyncTokenwireClient:
             except asyncio.CancelledError:
                 # grpc.aio raises CancelledError in the reader of a call that close() cancelled;
                 # only the cancellation of the reading task itself should propagate as one.
-                task = asyncio.current_task()
-                if call is None or not call.cancelled() or (task and task.cancelling()):
+                closing = self._closing_error(call)
+                if closing is None:
                     raise
-                raise _closed_call(self._closed) from None
+                raise closing from None
             except (ModelMismatch, grpc.RpcError) as broken:
                 # A target gone away, or one serving another model, passes the stream on.
                 error = broken if isinstance(broken, ModelMismatch) else from_rpc_error(broken)
@@ -261,6 +268,16 @@ class AsyncTokenwireClient:
             finally:
                 if call is not None:
                     call.cancel()
+
+    def _closing_error(self, call: grpc.aio.Call | None) -> Cancelled | None:
+        """The error of a stream that close() cancelled (during its call, or during its model
+        check, before any call); None where the cancellation is the reading task's own."""
+        task = asyncio.current_task()
+        if task and task.cancelling():
+            return None
+        if self._closed or (call is not None and call.cancelled()):
+            return _closed_call(self._closed)
+        return None
 
     async def _confirm_model(self, resume: Resumption) -> None:
         """ModelMismatch unless resume.target may carry on the stream (see failover.Targets)."""
@@ -301,7 +318,7 @@ class AsyncTokenwireClient:
         stream's generator cancels it wherever it runs."""
         self._check_open()
         return await cancel_everywhere(
-            self._stubs, request_id, self.timeout_s, self.security.metadata()
+            self._stubs, request_id, min(self.timeout_s, CANCEL_TIMEOUT_S), self.security.metadata()
         )
 
     async def tokenize(
@@ -448,15 +465,18 @@ class TokenwireClient:
         self._check_open()
         request = pb.CancelRequest(request_id=request_id)
         metadata = self.security.metadata()
+        timeout = min(self.timeout_s, CANCEL_TIMEOUT_S)
+        answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
         asks = [
-            stub.Cancel.future(request, timeout=self.timeout_s, metadata=metadata)
-            for stub in self._stubs
+            stub.Cancel.future(request, timeout=timeout, metadata=metadata) for stub in self._stubs
         ]
+        for ask in asks:
+            ask.add_done_callback(answers.put)
         failures: list[grpc.RpcError] = []
         try:
-            for ask in asks:
+            for _ in asks:  # as they answer, not in the targets' order
                 try:
-                    if ask.result().cancelled:
+                    if answers.get().result().cancelled:
                         return True
                 except grpc.RpcError as error:
                     failures.append(error)

@@ -145,6 +145,10 @@ class Resumption:
     begun: bool = False
     """A server accepted an attempt (or another edge began the stream): the next attempt
     retries the stream, and replaces it where that server still runs it."""
+    budget: int | None = None
+    """The tokens the first server that accepted the stream gave it (`x-tokenwire-max-tokens`):
+    a continuation of a request that left max_tokens to its server asks for this length, since
+    another replica's default may differ."""
     mismatch: ModelMismatch | None = None
     """The last target found serving another model than the stream's: what the stream ends
     with where its failovers run out, rather than a later target's going away."""
@@ -159,6 +163,8 @@ class Resumption:
         message.CopyFrom(self.first)
         message.request_id = message.request_id or self.request_id
         message.retry = self.begun
+        if message.max_tokens == 0 and self.budget is not None and self.continuing:
+            message.max_tokens = self.budget
         return continued(message, self.delivered, self.seed)
 
     def see_metadata(
@@ -168,19 +174,23 @@ class Resumption:
         the request id, and the model of the server that streams (ModelMismatch when a
         continuation's is not the one whose tokens were delivered). A server sends the request
         id when it accepts a stream (a refusal has none): the stream has begun."""
+        accepted = False
         for key, value in metadata or ():
             text = value.decode() if isinstance(value, bytes) else value
             if key == "x-tokenwire-seed" and self.seed is None:
                 self.seed = int(text)
-            elif key == "x-tokenwire-max-tokens" and self.first.max_tokens == 0:
-                # A request that left max_tokens to the server asks every continuation for the
-                # length its first server gave it: another replica's default may differ.
-                self.first.max_tokens = int(text)
+            elif key == "x-tokenwire-max-tokens" and self.budget is None:
+                self.budget = int(text)
             elif key == "x-request-id":
                 self.begun = True
                 self.request_id = self.request_id or text
+                accepted = True
             elif key == model_identity.HEADER and (served := ServedModel.of_header(text)):
                 self.confirm_model(target, served)
+        if accepted:
+            # Accepted, and of the stream's model (confirm_model raised otherwise): a
+            # mismatch met on the way is no longer why the stream may end.
+            self.mismatch = None
 
     def timeout_s(self) -> float:
         """The time left for the next attempt; DeadlineExceeded when none is."""

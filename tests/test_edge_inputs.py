@@ -504,7 +504,13 @@ def test_a_negative_seed_is_its_64_bit_twos_complement() -> None:
 
 @pytest.mark.parametrize(
     ("host", "status"),
-    [("attacker.example:8000", 403), ("localhost:8000", 200), ("[::1]:8000", 200)],
+    [
+        ("attacker.example:8000", 403),
+        ("localhost:8000", 200),
+        ("[::1]:8000", 200),
+        ("LOCALHOST.:8000", 200),
+        ("[::ffff:127.0.0.1]:8000", 200),
+    ],
 )
 async def test_a_loopback_edge_answers_only_requests_naming_a_loopback_host(
     http: httpx.AsyncClient, host: str, status: int
@@ -518,9 +524,9 @@ async def test_a_loopback_edge_answers_only_requests_naming_a_loopback_host(
 
 
 async def test_a_loopback_edge_answers_the_hosts_it_is_told_to(served: RunningServer) -> None:
-    """With TOKENWIRE_ALLOWED_HOSTS naming a reverse proxy's Host, a loopback edge serves
-    requests naming it, and still refuses others."""
-    edge = await start_edge(served.target, allowed_hosts=("api.example.com",))
+    """With TOKENWIRE_ALLOWED_HOSTS naming a reverse proxy's Host (its port and case do not
+    matter), a loopback edge serves requests naming it, and still refuses others."""
+    edge = await start_edge(served.target, allowed_hosts=("api.example.com:8443",))
     try:
         async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
             named = await http.get("/healthz", headers={"Host": "API.example.com"})

@@ -613,3 +613,29 @@ async def test_a_stream_whose_meta_was_evicted_leaves_nothing_to_its_ids_next_st
         replay = await _events(on_b, "GET", "/v1/generate/evicted/events")
     assert [e.event for e in answer] == ["token", "usage", "done"]
     assert [(e.id, e.data) for e in replay] == [(e.id, e.data) for e in answer]
+
+
+async def test_a_running_stream_whose_meta_was_evicted_keeps_its_id(
+    paced: RunningServer, redis_server: RedisServer
+) -> None:
+    """Where Redis dropped a running stream's meta (eviction), its id stays taken while the
+    stream holds its lease: a new stream of that id is a 409, and leaves the running one's
+    events alone."""
+    a, b = await _pair(paced.target, redis_server.url)
+    headers = {"X-Request-ID": "live-evicted"}
+    long = {"prompt": "x", "max_tokens": 150, "ignore_eos": True}
+    try:
+        async with (
+            httpx.AsyncClient(base_url=a.url, timeout=30) as on_a,
+            httpx.AsyncClient(base_url=b.url, timeout=30) as on_b,
+            aioredis.Redis(port=redis_server.port) as admin,
+        ):
+            await _first(on_a, 3, long, headers=headers)
+            assert await admin.delete("tokenwire:resume:live-evicted:meta") == 1
+            again = await on_b.post("/v1/generate", json={**long, "max_tokens": 1}, headers=headers)
+            kept = await admin.xlen("tokenwire:resume:live-evicted:events")
+    finally:
+        await a.edge.stop()
+        await b.edge.stop()
+    assert again.status_code == 409
+    assert kept >= 3

@@ -156,7 +156,7 @@ async def test_the_upstream_timeout_covers_every_target_a_call_tries(
     """A /tokenize that a failing replica passes on to the next target has one upstream
     timeout for both: the first replica's four attempts (0.2 s each, then UNAVAILABLE) take
     0.8-1.5 s of its 2 s, the second would answer after 1.3 s more, and the caller gets a 504
-    when the 2 s are up instead of an answer after 2.1 s or more."""
+    when the 2 s are up instead of an answer (200) after 2.1 s or more."""
     replicas = [
         SlowReplica(served.target, 0.2, gives_up=True),
         SlowReplica(served.target, 1.3, gives_up=False),
@@ -174,7 +174,7 @@ async def test_the_upstream_timeout_covers_every_target_a_call_tries(
         for replica in replicas:
             await replica.stop()
     assert error["code"] == "deadline_exceeded", error
-    assert took < 2.1, took
+    assert took < 2.8, took  # the old code answered 200 after 2.1 s or more
 
 
 @pytest.mark.parametrize(

@@ -133,10 +133,15 @@ class CrossSiteMiddleware:
 
 
 def _host_name(header: str) -> str:
-    """The host part of a Host header value ("[::1]:8000" -> "::1", "a:80" -> "a")."""
+    """The host part of a Host header value, or of an allowed name, as compared: lowercase,
+    without port, brackets or a trailing dot ("[::1]:8000" -> "::1", "A.example.:80" ->
+    "a.example")."""
+    header = header.strip().lower()
     if header.startswith("["):
-        return header[1 : header.find("]")] if "]" in header else header
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+        name = header[1 : header.find("]")] if "]" in header else header
+    else:
+        name = header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+    return name.rstrip(".")
 
 
 class LoopbackHostMiddleware:
@@ -147,7 +152,7 @@ class LoopbackHostMiddleware:
 
     def __init__(self, app: ASGIApp, allowed: tuple[str, ...] = ()) -> None:
         self.app = app
-        self.allowed = frozenset(name.lower() for name in allowed)
+        self.allowed = frozenset(_host_name(name) for name in allowed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not self._allows(Headers(scope=scope).get("host", "")):
@@ -161,7 +166,7 @@ class LoopbackHostMiddleware:
         await self.app(scope, receive, send)
 
     def _allows(self, header: str) -> bool:
-        host = _host_name(header).lower()
+        host = _host_name(header)
         return is_loopback(host) or host in self.allowed
 
 

@@ -67,11 +67,13 @@ class Keys:
         return [self.events, self.ids, self.meta]
 
 
-# KEYS: meta, events, ids, lease, watch; ARGV: ttl ms. 1 when the id was free and is now
-# claimed. What a stream of the id left without its meta (evicted under memory pressure, or
-# expired a moment apart) is deleted with the claim: the new stream's events and ids start
-# empty, and none of an earlier caller's is ever read as this one's.
+# KEYS: meta, events, ids, lease, watch; ARGV: ttl ms. 1 when the id was free (no meta, and
+# no lease: a stream whose meta alone was evicted still runs under it) and is now claimed.
+# What a stream of the id left without its meta (evicted under memory pressure, or expired a
+# moment apart) is deleted with the claim: the new stream's events and ids start empty, and
+# none of an earlier caller's is ever read as this one's.
 CLAIM = """
+if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 if redis.call('HSETNX', KEYS[1], 'state', 'claimed') == 0 then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])

@@ -17,7 +17,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tokenwire.client import failover
-from tokenwire.client.client import CHANNEL_OPTIONS, cancel_everywhere
+from tokenwire.client.client import CANCEL_TIMEOUT_S, CHANNEL_OPTIONS, cancel_everywhere
 from tokenwire.client.errors import ModelMismatch, TokenwireError, from_rpc_error, from_status
 from tokenwire.client.failover import RETRYABLE, CutShort, Resumption, ServedModel, Targets
 from tokenwire.client.messages import (
@@ -38,8 +38,6 @@ from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
 GenerateCall = grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateResponse]
 OWNER_TAG = 16
-CANCEL_TIMEOUT_S = 10.0
-"""How long a cancel waits for each target's answer (all targets are asked at once)."""
 """Characters of a caller's principal (its key's fingerprint) that scope its ids upstream."""
 Reopen = Callable[[Resumption, grpc.StatusCode], Awaitable[GenerateCall]]
 Reply = TypeVar("Reply")
