@@ -920,3 +920,22 @@ async def _edge_stream_cut_after_token_3(
                 return await _sse(http, body)
         finally:
             await edge.edge.stop()
+
+
+async def test_a_retry_before_any_token_takes_the_next_servers_own_default(
+    served: RunningServer, onnx_model: OnnxCausalLM, tokenizer: Tokenizer
+) -> None:
+    """A stream that left max_tokens to its server and broke before its first token starts
+    over at the next target with nothing to continue: that server's own default (20) decides
+    its length, not the first server's budget (128), which only a continuation asks for."""
+    other = await start_server(onnx_model, tokenizer, default_max_tokens=20)
+    relay = LosesFirstStream(served.target)
+    await relay.start()
+    try:
+        async with AsyncTokenwireClient([relay.target, other.target]) as client:
+            options = GenerateOptions(temperature=0.0, ignore_eos=True)
+            events = [event async for event in client.generate(PROMPT, options)]
+    finally:
+        await relay.stop()
+        await other.server.drain()
+    _assert_one_sequence(events, 20)
