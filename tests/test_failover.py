@@ -939,3 +939,41 @@ async def test_a_retry_before_any_token_takes_the_next_servers_own_default(
         await relay.stop()
         await other.server.drain()
     _assert_one_sequence(events, 20)
+
+
+class SlowModelCheck(CutRelay):
+    """A replica whose GetModelInfo answers only after `delay_s`, counting the calls."""
+
+    checks = 0
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetModelInfoResponse:
+        self.checks += 1
+        await asyncio.sleep(5.0)
+        return await super().GetModelInfo(request, context)
+
+
+async def test_closing_the_client_during_a_failovers_model_check_cancels_the_stream(
+    served: RunningServer,
+) -> None:
+    """A client closed while a broken stream asks its next target's model (before any call
+    there) ends that stream with Cancelled, as a close during a call does."""
+    slow = SlowModelCheck(served.target, lambda message: False)
+    await slow.start()
+    try:
+        async with cut_relay(served.target, _after_token(3)) as first:
+            client = AsyncTokenwireClient([first.target, slow.target])
+            stream = client.generate(PROMPT, SHORT)
+
+            async def read() -> None:
+                async for _ in stream:
+                    pass
+
+            reading = asyncio.ensure_future(read())
+            assert await eventually(lambda: slow.checks >= 1, within_s=10)
+            await client.close()
+            with pytest.raises(Cancelled):
+                await reading
+    finally:
+        await slow.stop()
