@@ -185,17 +185,8 @@ def run_generate(
     """Stream to `out` (default: the standard output at the time of the call), report on
     `err`; 0 for a finished stream, 1 for one that failed or was cut short, 2 for bad settings,
     130 for Ctrl-C, 141 when the reader of the output left."""
-    err = _errors(err)
-    connected = _connection(args, err)
-    if connected is None:
-        return 2
-    target, security = connected
-    out = sys.stdout if out is None else out
-    if out is None:  # started with stdout closed (`>&-`)
-        err.write("error: no standard output to write the completion to\n")
-        return 1
     # A write that fails unwinds through the stream, which cancels its call.
-    return _written(lambda: _stream(args, target, security, out, err), out, err)
+    return _run(args, out, err, "the completion", _stream)
 
 
 def run_tokenize(
@@ -205,6 +196,19 @@ def run_tokenize(
     string, tab-separated, one a line) on `out`; 0, 1 for a call that failed (an `error:` line
     on `err`), 2 for bad settings, 130 for Ctrl-C, 141 when the reader of the output left (as
     `generate` answers)."""
+    return _run(args, out, err, "the ids", _tokenize)
+
+
+Work = Callable[[argparse.Namespace, str, ChannelSecurity, TextIO, TextIO], int]
+"""A command's work: its arguments, target, security, output and error streams -> status."""
+
+
+def _run(
+    args: argparse.Namespace, out: TextIO | None, err: TextIO | None, what: str, work: Work
+) -> int:
+    """`work` with the command's connection settings and output (the standard output at the
+    time of the call, unless given); 2 for bad settings, 1 without an output to write `what`
+    to, else work's status or its output's failure (see _written)."""
     err = _errors(err)
     connected = _connection(args, err)
     if connected is None:
@@ -212,9 +216,9 @@ def run_tokenize(
     target, security = connected
     out = sys.stdout if out is None else out
     if out is None:  # started with stdout closed (`>&-`)
-        err.write("error: no standard output to write the ids to\n")
+        err.write(f"error: no standard output to write {what} to\n")
         return 1
-    return _written(lambda: _tokenize(args, target, security, out, err), out, err)
+    return _written(lambda: work(args, target, security, out, err), out, err)
 
 
 def _written(write: Callable[[], int], out: TextIO, err: TextIO) -> int:
