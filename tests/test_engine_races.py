@@ -92,7 +92,9 @@ async def test_a_long_prompt_shared_by_two_event_loops_serves_both(
 
     def from_another_loop() -> None:
         async def submit() -> FinishReason | None:
-            handle = await engine.submit_async(GenerationRequest("b", LONG, max_tokens=2))
+            handle = await engine.submit_async(
+                GenerationRequest("b", LONG, max_tokens=2, ignore_eos=True)
+            )
             return await _outcome(handle.events())
 
         try:
@@ -101,7 +103,9 @@ async def test_a_long_prompt_shared_by_two_event_loops_serves_both(
             other["outcome"] = exc
 
     try:
-        first = asyncio.create_task(engine.submit_async(GenerationRequest("a", LONG, max_tokens=2)))
+        first = asyncio.create_task(
+            engine.submit_async(GenerationRequest("a", LONG, max_tokens=2, ignore_eos=True))
+        )
         assert await asyncio.to_thread(engine.started.wait, 10)
         thread = threading.Thread(target=from_another_loop)
         thread.start()
