@@ -7,14 +7,16 @@ deltas, finish reason and Usage as if nothing had happened.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
 from tests.conftest import RunningServer, collect, greedy, start_server
-from tests.fakes import ScriptedModel
+from tests.fakes import CountingModel, ScriptedModel
 from tokenwire.server.config import BUNDLED_MODEL_DIR
 from tokenwire.server.domain import (
     CompletionEvent,
@@ -27,7 +29,8 @@ from tokenwire.server.domain import (
     UsageEvent,
 )
 from tokenwire.server.engine import Engine, EngineConfig, ModelSpec, OnnxCausalLM
-from tokenwire.server.engine.engine import LONG_PROMPT_CHARS
+from tokenwire.server.engine.engine import LONG_PROMPT_CHARS, GenerationHandle
+from tokenwire.server.engine.padding import Padding
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
@@ -173,6 +176,96 @@ async def test_an_int4_graphs_continuation_is_the_uninterrupted_tail(
         engine.shutdown()
     assert model.steps_continuations
     assert rest == whole[k:]
+
+
+INT8 = BUNDLED_MODEL_DIR.parent / "fixtures-int8" / "llama-dynamic"
+
+
+@pytest.mark.parametrize("model_dir", [INT4, INT8], ids=["int4", "int8-dynamic"])
+async def test_a_continuation_fed_one_id_per_forward_holds_no_other_prompt_back(
+    model_dir: Path,
+) -> None:
+    """Where a continuation's ids go in one per forward (int4's MatMulNBits, a dynamically
+    quantised int8 graph), they go in with the decode steps: a request that arrives right
+    after a continuation of 100 ids has all its tokens before the continuation's first new
+    one (fed as prefills, the 100 ids held every prompt behind them for 100 forwards), and
+    the continuation is still the uninterrupted stream's tail."""
+    model = OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=2)
+    engine = Engine(model, Tokenizer.from_dir(model_dir), EngineConfig(prefill_chunk_tokens=256))
+    engine.start()
+    prompt = (96, 54, 246, 206, 44, 14, 143, 234, 62, 134)
+
+    def request(
+        name: str, max_tokens: int, continuation: tuple[int, ...] = ()
+    ) -> GenerationRequest:
+        return GenerationRequest(
+            name,
+            "",
+            prompt_ids=prompt,
+            max_tokens=max_tokens,
+            sampling=SamplingParams(temperature=0.0),
+            ignore_eos=True,
+            continuation=continuation,
+        )
+
+    order: list[str] = []
+
+    async def run(handle: GenerationHandle, name: str) -> list[int]:
+        ids = []
+        async for event in handle.events():
+            if isinstance(event, TokenEvent):
+                ids.append(event.token_id)
+                order.append(f"{name} token")
+        order.append(f"{name} end")
+        return ids
+
+    try:
+        whole = [t.token_id for t in _tokens(await _events(engine, request("whole", 110)))]
+        resumed = engine.submit(request("resumed", 110, tuple(whole[:100])))
+        fresh = engine.submit(request("fresh", 2))
+        rest, _ = await asyncio.gather(run(resumed, "resumed"), run(fresh, "fresh"))
+    finally:
+        engine.shutdown()
+    assert model.steps_continuations or model.padding is Padding.ALONE
+    assert rest == whole[100:]
+    assert order.index("fresh end") < order.index("resumed token")
+
+
+async def test_continuations_resumed_together_feed_their_ids_in_the_same_decode_steps() -> None:
+    """Two streams resumed at once on the int4 graph (a replica taking over streams) each
+    cost one prefill forward, their prompt's: both feed their 60 ids in shared decode forwards
+    (two rows each), instead of 120 single-id forwards in turn, and both are exact."""
+    model = CountingModel(INT4, provider="cpu", intra_op_threads=2)
+    engine = Engine(model, Tokenizer.from_dir(INT4), EngineConfig(prefill_chunk_tokens=256))
+    engine.start()
+    prompts = [(96, 54, 246, 206, 44, 14, 143, 234, 62, 134), (164, 162, 210, 41, 287, 159)]
+
+    def request(prompt: tuple[int, ...], continuation: tuple[int, ...] = ()) -> GenerationRequest:
+        return GenerationRequest(
+            f"{prompt[0]}-{len(continuation)}",
+            "",
+            prompt_ids=prompt,
+            max_tokens=70,
+            sampling=SamplingParams(temperature=0.0),
+            ignore_eos=True,
+            continuation=continuation,
+        )
+
+    async def ids(prompt: tuple[int, ...], continuation: tuple[int, ...] = ()) -> list[int]:
+        events = await _events(engine, request(prompt, continuation))
+        return [t.token_id for t in _tokens(events)]
+
+    try:
+        wholes = [await ids(p) for p in prompts]
+        model.forget()
+        rests = await asyncio.gather(
+            *(ids(p, tuple(w[:60])) for p, w in zip(prompts, wholes, strict=True))
+        )
+    finally:
+        engine.shutdown()
+    assert rests == [w[60:] for w in wholes]
+    assert len(model.prefills) == 2
+    assert sum(rows == 2 for rows, _ in model.decodes) >= 59
 
 
 async def test_continuing_at_max_tokens_minus_one_yields_one_token(engine: Engine) -> None:

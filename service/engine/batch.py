@@ -8,7 +8,7 @@ the width of the cohort it will join, a row whose prompt is wider than every coh
 cohort of its own, and cohorts never trim. With NONE only rows of equal length share a cohort,
 and with ALONE every row is a cohort of its own; such a graph's positions in one forward change
 each other as its rows do, so a prompt is fed whole, never in chunks, and the ids of a
-continuation one per forward, as the stream it continues computed them.
+continuation one per forward, in decode steps, as the stream it continues computed them.
 Each cohort costs one forward per step; all of them decode in the same scheduler step.
 
 A graph with a width limit (one that reads the attention mask's width, as LongRoPE's tables do)
@@ -91,6 +91,15 @@ class Placement:
         """May rows share a forward at all?"""
         return self.padding is not Padding.ALONE
 
+    def feeds_in_decode(self, seq: Sequence) -> bool:
+        """Does this request's continuation go in one id per forward? Where one forward's
+        positions change each other (ALONE), or where a position computed in a prefill rounds
+        unlike the same position computed in a decode step (steps_continuations), the ids
+        go in as the stream it continues computed them: in decode steps, beside the running
+        rows (which neither holds the prefill queue nor costs them a forward)."""
+        stepped = self._steps or self.padding is Padding.ALONE
+        return stepped and len(seq.context_ids) > len(seq.prompt_ids)
+
     def shares_prefill(self, seq: Sequence) -> bool:
         """May this prompt share a prefill forward with others? (Not one with a continuation
         the model takes one id per forward.)"""
@@ -99,20 +108,15 @@ class Placement:
         return self._width is None or len(seq.context_ids) <= self._width
 
     def prefill_chunk(self, seq: Sequence, chunk: int) -> int:
-        """Prompt positions the next prefill forward of `seq` alone feeds: up to `chunk`, but a
-        first chunk past the width limit where the prompt is wider than it, and no chunk across
+        """Positions the next prefill forward of `seq` alone feeds: up to `chunk`, but a first
+        chunk past the width limit where the prompt is wider than it, and no chunk across
         the limit where only a continuation takes the context past it. Where rows change
-        each other (ALONE), so do the positions of one forward: the prompt goes in whole and
-        each id of a continuation one at a time, as the stream it continues computed them."""
-        prompt = len(seq.prompt_ids)
+        each other (ALONE), so do the positions of one forward: the prompt goes in whole.
+        A prefill ends at `seq.prefill_end` (the prompt, where the continuation's ids go in
+        in decode steps)."""
         if self.padding is Padding.ALONE:
-            return prompt - seq.prefilled if seq.prefilled < prompt else 1
-        if self._steps and len(seq.context_ids) > prompt:
-            # The continuation's ids one per forward, as its stream's decode steps fed them.
-            if seq.prefilled >= prompt:
-                return 1
-            return min(self._chunk_within(seq, chunk), prompt - seq.prefilled)
-        return self._chunk_within(seq, chunk)
+            return seq.prefill_end - seq.prefilled
+        return min(self._chunk_within(seq, chunk), seq.prefill_end - seq.prefilled)
 
     def _chunk_within(self, seq: Sequence, chunk: int) -> int:
         left = len(seq.context_ids) - seq.prefilled
@@ -180,7 +184,7 @@ class Placement:
 
     def slot_prefill(self, group: list[Sequence], size: int) -> SlotPrefill | None:
         """Free slots to prefill `group` in, when its whole prompts fit this forward."""
-        if self._slots is None or any(len(s.context_ids) > size for s in group):
+        if self._slots is None or any(s.prefill_end > size for s in group):
             return None
         return self._slots.prefill(len(group))
 

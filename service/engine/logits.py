@@ -60,6 +60,19 @@ class HostLogits:
         return best_ids(self._array[:, :limit])
 
 
+class RowsOf:
+    """Some rows of a step's logits, in the order given."""
+
+    def __init__(self, logits: Logits, rows: list[int]) -> None:
+        self._logits, self._rows = logits, rows
+
+    def host(self) -> FloatArray:
+        return self._logits.host()[self._rows]
+
+    def argmax(self, limit: int) -> IntArray:
+        return self._logits.argmax(limit)[self._rows]
+
+
 class LogitsReader:
     """Reads logits held in OrtValues: their argmax where they are, or all of them on the host.
 

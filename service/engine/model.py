@@ -515,7 +515,8 @@ ROW_QUANTIZERS = frozenset({"MatMulNBits"})
 change each other, but one position computed in a prefill rounds about 1e-7 of the logit
 scale unlike the same position computed in a decode step, which a quantisation step can turn
 into 1e-2 and another token: a continuation, whose stream computed its ids in decode steps,
-feeds them one per forward too (a resume then costs one forward per delivered token)."""
+feeds them one per forward too, in decode steps (a resume then costs a decode step per
+delivered token, shared with the running rows)."""
 
 
 def _from_onnxruntime(exc: Exception) -> bool:

@@ -31,7 +31,7 @@ import structlog
 from tokenwire.server.domain import FinishReason
 from tokenwire.server.engine.batch import Cohort, DecodeCache, Placement
 from tokenwire.server.engine.kv_cache import BatchKvCache
-from tokenwire.server.engine.logits import Logits
+from tokenwire.server.engine.logits import Logits, RowsOf
 from tokenwire.server.engine.mailbox import Delivery, Mailbox, Publisher
 from tokenwire.server.engine.model import CausalLM
 from tokenwire.server.engine.observer import EngineObserver, StepRecord
@@ -112,6 +112,8 @@ class Scheduler:
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._prefilling: list[Sequence] = []
         self._cohorts: list[Cohort] = []
+        self._feeding: set[Sequence] = set()
+        """Running rows whose decode steps still feed a continuation's ids."""
         self._cancels: dict[Sequence | None, FinishReason] = {}
         self._finished: list[Sequence] = []
         self._outgoing: list[tuple[Mailbox, Delivery]] = []
@@ -225,6 +227,8 @@ class Scheduler:
         self._members[sequence] = None
         if sequence.request.deadline is not None:
             self._timed.add(sequence)
+        if self._placement.feeds_in_decode(sequence):
+            sequence.prefill_end = len(sequence.prompt_ids)
         self._waiting.append(sequence)
         if sequence.ended_by_caller is not None:
             # Ended before it was handed over (cancelled while its prompt was tokenized): it
@@ -274,6 +278,8 @@ class Scheduler:
         for cohort in self._cohorts:
             self._finished.extend(cohort.drop_finished(trim=self._placement.trims))
         self._cohorts = [c for c in self._cohorts if c.rows]
+        if self._feeding:
+            self._feeding = {s for s in self._feeding if s.feeding and not s.finished}
 
     def _kv_usage(self) -> float:
         """The share of the KV cache in use: of a preallocated cache, its rows taken (each
@@ -307,7 +313,7 @@ class Scheduler:
         if (
             head.prefilled > 0
             or head.solo
-            or len(head.context_ids) > self._chunk
+            or head.prefill_end > self._chunk
             or not self._placement.shares_forwards()
             or not self._placement.shares_prefill(head)
         ):
@@ -317,17 +323,15 @@ class Scheduler:
             if (
                 seq.prefilled > 0
                 or seq.solo
-                or len(seq.context_ids) > budget
+                or seq.prefill_end > budget
                 or not self._placement.shares_prefill(seq)
             ):
                 break
-            if not self._placement.groups_mixed_lengths() and len(seq.context_ids) != len(
-                head.context_ids
-            ):
+            if not self._placement.groups_mixed_lengths() and seq.prefill_end != head.prefill_end:
                 break
             group.append(seq)
-            budget -= len(seq.context_ids)
-            size = max(size, len(seq.context_ids))
+            budget -= seq.prefill_end
+            size = max(size, seq.prefill_end)
         return group, size
 
     def _prefill(self) -> int:
@@ -342,20 +346,33 @@ class Scheduler:
             self._prefill_failed(group, exc)
             self._placement.release_chunk_slot(self._prefilling)
             return 0
-        done = [s for s in group if s.prefilled == len(s.context_ids)]
+        done = [s for s in group if s.prefilled == s.prefill_end]
         if not done:  # one prompt, prefilled in chunks: its cache waits for the next chunk
             group[0].cache = cache
             return size
         for seq in done:
             seq.cache = None
         self._prefilling = [s for s in self._prefilling if s not in done]
-        self._chooser.choose(done, logits, time.monotonic())
+        self._choose(done, logits)
         alive = [i for i, s in enumerate(done) if not self._retire(s)]
         if alive:
+            rows = [done[i] for i in alive]
             cache.keep(alive, trim=self._placement.trims)
-            self._placement.join(self._cohorts, [done[i] for i in alive], cache)
+            self._placement.join(self._cohorts, rows, cache)
+            self._feeding.update(s for s in rows if s.feeding)
         self._placement.release_chunk_slot(self._prefilling)
-        return sum(len(s.context_ids) for s in done) if len(group) > 1 else size
+        return sum(s.prefill_end for s in done) if len(group) > 1 else size
+
+    def _choose(self, rows: list[Sequence], logits: Logits) -> None:
+        """Choose the next token of every row but those still feeding a continuation's ids
+        (their logits are of a position whose token the stream already has)."""
+        if not any(s.feeding for s in rows):
+            self._chooser.choose(rows, logits, time.monotonic())
+            return
+        choosing = [i for i, s in enumerate(rows) if not s.feeding]
+        if choosing:
+            some = [rows[i] for i in choosing]
+            self._chooser.choose(some, RowsOf(logits, choosing), time.monotonic())
 
     def _prefill_failed(self, group: list[Sequence], exc: Exception) -> None:
         if len(group) > 1:
@@ -381,13 +398,13 @@ class Scheduler:
             if seq.scheduled_at is None:
                 seq.scheduled_at = started
         chunked = group[0].cache if len(group) == 1 else None
-        if chunked is None and len(group) == 1 and len(group[0].context_ids) > size:
+        if chunked is None and len(group) == 1 and group[0].prefill_end > size:
             chunked = self._placement.chunk_slot()
         cache: BatchKvCache | SlotPrefill
         in_slots = None if chunked is not None else self._placement.slot_prefill(group, size)
         if in_slots is not None:
             cache = in_slots
-            chunks = [s.context_ids for s in group]
+            chunks = [s.context_ids[: s.prefill_end] for s in group]
             real = [len(c) for c in chunks]
             ids = [_padded(c, size, True) for c in chunks]
             positions = [_padded(list(range(len(c))), size, True) for c in chunks]
@@ -399,7 +416,7 @@ class Scheduler:
             real = [size]
         else:
             width = size
-            if len(group) > 1 or len(group[0].context_ids) == size:
+            if len(group) > 1 or group[0].prefill_end == size:
                 width = self._placement.prefill_width(self._cohorts, size, group)
             left_aligned = self._placement.left_aligned
             cache = self._model.new_cache(len(group), width - size, left_aligned=left_aligned)
@@ -430,8 +447,11 @@ class Scheduler:
     def _decode_run(self, rows: list[Sequence], cache: DecodeCache) -> None:
         """One decode forward over these rows of a cohort's cache."""
         self._decoded += len(rows)
-        ids = np.asarray([[s.generated[-1]] for s in rows], dtype=np.int64)
-        positions = np.asarray([[s.next_position] for s in rows], dtype=np.int64)
+        if self._feeding:
+            ids, positions = self._fed(rows)
+        else:
+            ids = np.asarray([[s.generated[-1]] for s in rows], dtype=np.int64)
+            positions = np.asarray([[s.next_position] for s in rows], dtype=np.int64)
         mask = cache.mask_with(1)
         try:
             logits, present = self._model.forward(
@@ -449,7 +469,24 @@ class Scheduler:
                 seq.fail("decode step failed", exc)
         else:
             cache.advance(present, mask)
-            self._chooser.choose(rows, logits, time.monotonic())
+            if self._feeding:
+                self._choose(rows, logits)
+            else:
+                self._chooser.choose(rows, logits, time.monotonic())
+
+    def _fed(self, rows: list[Sequence]) -> tuple[np.ndarray, np.ndarray]:
+        """A decode forward's ids and positions where rows feed a continuation: such a row's
+        next id (the last one is its newest token, as any row's), the others' newest tokens."""
+        ids, positions = [], []
+        for s in rows:
+            if s.feeding:
+                ids.append([s.context_ids[s.prefilled]])
+                positions.append([s.prefilled])
+                s.prefilled += 1
+            else:
+                ids.append([s.generated[-1]])
+                positions.append([s.next_position])
+        return np.asarray(ids, dtype=np.int64), np.asarray(positions, dtype=np.int64)
 
     def _publish(self) -> None:
         """Collect the step's events; `_flush` hands them over."""
@@ -511,6 +548,7 @@ class Scheduler:
         self._waiting.clear()
         self._prefilling.clear()
         self._cohorts.clear()
+        self._feeding.clear()
         self._placement.clear()
         self._publish()
         self._flush()

@@ -54,7 +54,11 @@ class Sequence:
     solo: bool = False
     """Prefill this request alone (a group prefill that included it failed)."""
     context_ids: list[int] = dataclasses.field(default_factory=list)
-    """What the prefill feeds: the prompt, then the tokens a continued generation already has."""
+    """The prompt, then the tokens a continued generation already has."""
+    prefill_end: int = dataclasses.field(init=False)
+    """How many of context_ids the prefill feeds: all of them, or only the prompt where the
+    continuation's ids go in one per forward, in decode steps beside the running rows
+    (Placement.feeds_in_decode); `prefilled` then goes on counting them there."""
     reservation: int = dataclasses.field(init=False)
     """KV-cache entries this request may need: its prompt plus its token budget."""
     stop_ids: frozenset[int] = dataclasses.field(init=False)
@@ -77,6 +81,7 @@ class Sequence:
     def __post_init__(self) -> None:
         request = self.request
         self.context_ids = self.prompt_ids + list(request.continuation)
+        self.prefill_end = len(self.context_ids)
         self.reservation = len(self.prompt_ids) + self.budget
         eos = frozenset() if request.ignore_eos else self.eos_ids
         self.stop_ids = eos | frozenset(request.stop_token_ids)
@@ -97,6 +102,11 @@ class Sequence:
     def finished(self) -> bool:
         """Ended for any reason: completed, cancelled, expired, or failed."""
         return self.finish_reason is not None or self.error is not None
+
+    @property
+    def feeding(self) -> bool:
+        """Whether the next decode step feeds a continuation id rather than a chosen token."""
+        return self.prefilled < len(self.context_ids)
 
     @property
     def next_position(self) -> int:
