@@ -577,6 +577,40 @@ async def test_a_takeover_on_another_model_ends_the_stream_with_an_error(
     assert MODEL in error["message"]
 
 
+async def test_a_takeover_asks_for_the_length_the_first_server_gave(
+    paced: RunningServer, spec: ModelSpec, tokenizer: Tokenizer, redis_server: RedisServer
+) -> None:
+    """A stream that leaves max_tokens to its server (default 128), taken over by an edge
+    whose server's default is 20, still runs to 128 tokens: the budget the first server
+    announced is stored with the stream, and the continuation asks for it."""
+    token = tokenizer.encode(" x")[0]
+    model = ScriptedModel(spec, dict.fromkeys(range(spec.context_length), token), 0.01)
+    short = await start_server(model, tokenizer, default_max_tokens=20)
+    settings = {"resume_store": redis_server.url, "resume_window_s": 2.0, "resume_lease_s": 0.5}
+    a = await start_edge(paced.target, **settings)
+    b = await start_edge(short.target, **settings)
+    try:
+        async with (
+            httpx.AsyncClient(base_url=a.url, timeout=30) as on_a,
+            httpx.AsyncClient(base_url=b.url, timeout=30) as on_b,
+        ):
+            first = await _first(on_a, 3, {"prompt": "x"}, headers={"X-Request-ID": "b1"})
+            store = a.store
+            assert isinstance(store, RedisStreams)
+            assert await eventually(lambda: not store.followers)  # A's reader has left
+            await store.close()  # edge A dies: it stops generating, and its lease lapses
+            last = {"Last-Event-ID": first[-1].id}
+            rest = await _events(on_b, "GET", "/v1/generate", headers=last)
+    finally:
+        await a.edge.stop()
+        await b.edge.stop()
+        await short.server.drain()
+    events = first + rest
+    assert [e.event for e in events[-2:]] == ["usage", "done"]
+    indices = [json.loads(e.data)["index"] for e in events if e.event == "token"]
+    assert indices == list(range(paced.engine.config.default_max_tokens))
+
+
 async def test_a_stream_cancelled_on_its_own_edge_ends_with_usage_then_done(
     paced: RunningServer, redis_server: RedisServer
 ) -> None:

@@ -3,7 +3,8 @@
 Keys of one stream (all under `tokenwire:resume:<request_id>:`, all expiring):
 
 - `meta`   hash: `state` (claimed | open | done), `principal`, `request` (the accepted
-           GenerateRequest, serialized), `seed` (the one the server announced), `first` (the
+           GenerateRequest, serialized), `seed` (the one the server announced), `budget` (the
+           max_tokens it gave the stream: what a continuation asks for), `first` (the
            lowest seq still kept), `cancel` (set when a cancel reached another edge), `holder`
            (the generation that last took the lease);
 - `events` stream: one entry per event, entry id `0-<seq>`, fields `n` (name), `d` (JSON data);

@@ -163,6 +163,7 @@ class RedisStreams:
             "principal": _principal(owner),
             "request": request.SerializeToString(),
             "seed": "" if upstream.seed is None else str(upstream.seed),
+            "budget": "" if upstream.budget is None else str(upstream.budget),
             "model": "" if upstream.model is None else upstream.model.header(),
             "first": 1,
             "holder": holder,
@@ -242,6 +243,7 @@ class RedisStreams:
         delivered = Delivered(
             ids=struct.unpack(f"<{len(packed) // 4}I", packed),
             seed=int(meta[b"seed"]) if meta.get(b"seed") else None,
+            budget=int(meta[b"budget"]) if meta.get(b"budget") else None,
             # The continuation must run on the model whose tokens were stored (a stream begun
             # before the edges stored it continues unchecked).
             model=ServedModel.of_header(meta.get(b"model", b"").decode()),

@@ -61,12 +61,13 @@ class Failover:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Delivered:
-    """What a stream begun elsewhere delivered: its token ids, the seed its server announced
-    and the model whose tokens they are (None where it is not known)."""
+    """What a stream begun elsewhere delivered: its token ids, the seed and the max_tokens
+    its server announced, and the model whose tokens they are (None where it is not known)."""
 
     ids: tuple[int, ...]
     seed: int | None
     model: ServedModel | None
+    budget: int | None
 
 
 class UpstreamStream:
@@ -107,6 +108,11 @@ class UpstreamStream:
     def seed(self) -> int | None:
         """The sampling seed the server announced (`x-tokenwire-seed`)."""
         return self._resume.seed
+
+    @property
+    def budget(self) -> int | None:
+        """The max_tokens the server gave the stream (`x-tokenwire-max-tokens`)."""
+        return self._resume.budget
 
     @property
     def model(self) -> ServedModel | None:
@@ -253,6 +259,7 @@ class Upstream:
         resume = Resumption.start(request, self._timeout_s, self._targets.next)
         if after is not None:
             resume.delivered, resume.seed, resume.begun = list(after.ids), after.seed, True
+            resume.budget = after.budget
             resume.model, resume.model_target = after.model, "the edge that began the stream"
         try:
             call = await self._accepted(resume, server_id)
