@@ -72,3 +72,25 @@ def test_a_row_whose_text_breaks_as_it_ends_fails_with_an_error(
     assert rows[0].finished
     assert rows[1].generated == [7]
     assert rows[1].error is None
+
+
+class _BrokenPush(TextStream):
+    """A text pipeline that raises on every token."""
+
+    def push(self, token_id: int, *, armed: bool = True) -> tuple[str, str | None]:
+        raise ValueError("push broke")
+
+
+def test_a_token_whose_text_breaks_is_not_counted(loop: asyncio.AbstractEventLoop) -> None:
+    """A row whose text pipeline breaks on its token fails without that token: its stream
+    never got it, so its record counts no generated token and no token time."""
+    tokenizer = Tokenizer.from_dir(BUNDLED_MODEL_DIR)
+    row = _row(loop, tokenizer, 0, SamplingParams(temperature=0.0))
+    broken = TextStream.create(tokenizer, ())
+    row.text = _BrokenPush(broken.detokenizer, broken.matcher)
+    logits = np.zeros((1, VOCAB), dtype=np.float32)
+    logits[0, 7] = 5.0
+    TokenChooser(VOCAB, tokenizer.token_text).choose([row], HostLogits(logits), 0.0)
+    assert row.error is not None
+    record = row.record(1.0)
+    assert (record.completion_tokens, record.token_times) == (0, ())

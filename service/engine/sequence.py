@@ -184,11 +184,16 @@ class Sequence:
     ) -> None:
         """Record a sampled token, queue its event, and finish when a stop condition holds."""
         self.generated.append(token_id)
+        try:
+            own, own_bytes = None, None
+            if logprob is not None:  # a token's own text and bytes only serve logprobs
+                own, own_bytes = self.text.token_text(token_id), self.text.token_bytes(token_id)
+            _, delta = self._stops_at(token_id)
+        except BaseException:
+            # The token's event is never queued: no Usage, metric or log counts it.
+            self.generated.pop()
+            raise
         self.token_times.append(now)
-        own, own_bytes = None, None
-        if logprob is not None:  # a token's own text and bytes only serve logprobs
-            own, own_bytes = self.text.token_text(token_id), self.text.token_bytes(token_id)
-        _, delta = self._stops_at(token_id)
         index = len(self.generated) - 1
         self.outbox.append(TokenEvent(delta, token_id, index, logprob, top, own, own_bytes))
         if self.finish_reason is not None:
