@@ -103,6 +103,21 @@ async def test_every_decoded_row_counts_in_its_steps_batch_size(slow: RunningSer
     assert sum(step.batch_size for step in _records(slow).steps) == 8
 
 
+async def test_a_step_that_runs_no_forward_records_no_step_duration(
+    slow: RunningServer, tokenizer: Tokenizer
+) -> None:
+    """A continuation that brings every token ends at once: the step that ends it runs no
+    forward, so its record carries the engine's state but no step duration (the step
+    histogram counts forwards' steps only)."""
+    token = tokenizer.encode(" x")[0]
+    handle = slow.engine.submit(_request("all", 2, continuation=(token, token)))
+    assert isinstance([event async for event in handle.events()][-1], CompletionEvent)
+    await _recorded(slow, "all")
+    steps = _records(slow).steps
+    assert steps
+    assert [s for s in steps if s.stepped and not (s.batch_size or s.prefill_tokens)] == []
+
+
 async def test_a_continued_stream_counts_only_the_tokens_generated_here(
     onnx_model: OnnxCausalLM, tokenizer: Tokenizer
 ) -> None:

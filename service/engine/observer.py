@@ -67,8 +67,8 @@ class StepRecord:
     kv_usage: float = 0.0
     """Share of the KV-cache token budget reserved by running requests (prompt + max_tokens)."""
     stepped: bool = True
-    """False for a record of the engine's state alone, where no step completed (one failed, or
-    the loop ended): its duration is no step's."""
+    """False for a record of the engine's state alone, where no step completed (one failed, the
+    loop ended, or the step only ended requests and ran no forward): its duration is no step's."""
 
 
 class EngineObserver(Protocol):

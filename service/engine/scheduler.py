@@ -191,6 +191,8 @@ class Scheduler:
                 running=self.running,
                 waiting=self.waiting,
                 kv_usage=self._kv_usage(),
+                # A step that only ended requests ran no forward: no step's duration.
+                stepped=bool(prefill_tokens or self._decoded),
             )
         )
 
