@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 
 import pytest
@@ -17,6 +18,7 @@ from tokenwire.server.domain import (
     TokenEvent,
 )
 from tokenwire.server.engine import Engine, ModelSpec, OnnxCausalLM, RequestRecord, StepRecord
+from tokenwire.server.engine.engine import LONG_PROMPT_CHARS
 from tokenwire.server.tokenizer import Tokenizer
 
 STEP_S = 0.3
@@ -116,6 +118,35 @@ async def test_a_step_that_runs_no_forward_records_no_step_duration(
     steps = _records(slow).steps
     assert steps
     assert [s for s in steps if s.stepped and not (s.batch_size or s.prefill_tokens)] == []
+
+
+async def test_long_prompts_waiting_for_the_tokenizer_count_as_waiting(
+    slow: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two long prompts held on the tokenizer thread hold places in the capacity: the
+    engine's gauges count them waiting while they wait (an idle-looking server that refuses
+    requests misleads a load balancer), and stop counting them once they ran."""
+    gate = threading.Event()
+    encode = Engine._encode_released
+
+    def gated(engine: Engine, request: GenerationRequest) -> list[int]:
+        gate.wait(10)
+        return encode(engine, request)
+
+    monkeypatch.setattr(Engine, "_encode_released", gated)
+    long = "#" * (LONG_PROMPT_CHARS + 100)
+    submits = [
+        asyncio.ensure_future(slow.engine.submit_async(_request(f"long{i}", 1, prompt=long)))
+        for i in range(2)
+    ]
+    steps = _records(slow).steps
+    try:
+        assert await eventually(lambda: bool(steps) and steps[-1].waiting == 2)
+    finally:
+        gate.set()
+    for handle in await asyncio.gather(*submits):
+        assert isinstance([event async for event in handle.events()][-1], CompletionEvent)
+    assert await eventually(lambda: steps[-1].waiting == 0 and steps[-1].running == 0)
 
 
 async def test_a_continued_stream_counts_only_the_tokens_generated_here(

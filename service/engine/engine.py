@@ -38,7 +38,7 @@ from tokenwire.server.engine.request_checks import (
     check_ids,
 )
 from tokenwire.server.engine.sampling import Sampler
-from tokenwire.server.engine.scheduler import Cancel, Scheduler, Submit
+from tokenwire.server.engine.scheduler import Cancel, Refresh, Scheduler, Submit
 from tokenwire.server.engine.sequence import Sequence
 from tokenwire.server.tokenizer import TextStream, Tokenizer
 
@@ -151,6 +151,7 @@ class Engine:
             observer=self._observer,
             on_finished=self._release,
             token_text=tokenizer.token_text,
+            tokenizing=lambda: len(self._tokenizing_requests),
         )
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -264,6 +265,7 @@ class Engine:
                     # between: nothing else can take it meanwhile.
                     with self._lock:
                         self._tokenizing_requests.remove(waiting)
+                    self._scheduler.post(Refresh())
                 return self._submit(request, arrived_at, prompt_ids, waiting)
             return self._submit(request, arrived_at, prompt_ids)
         except TokenwireError as exc:
@@ -421,7 +423,8 @@ class Engine:
             # (_admit), not before: this one may yet be refused.
             waiting = Tokenizing(request.request_id, _goes_on(request), order=next(self._arrivals))
             self._tokenizing_requests.append(waiting)
-            return waiting
+        self._scheduler.post(Refresh())  # the gauges count it waiting
+        return waiting
 
     def _replaces(self, request: GenerationRequest) -> bool:
         """Whether the request continues the caller's running request of its id (under the

@@ -65,7 +65,17 @@ class Shutdown:
     pass
 
 
-Command = Submit | Cancel | Shutdown
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refresh:
+    """Wakes the loop to record the engine's gauges: a long prompt began or ended waiting for
+    the tokenizer, which changes them while no step may run."""
+
+
+Command = Submit | Cancel | Shutdown | Refresh
+
+
+def _none() -> int:
+    return 0
 
 
 class Scheduler:
@@ -83,8 +93,12 @@ class Scheduler:
         observer: EngineObserver,
         on_finished: Callable[[Sequence], None],
         token_text: Callable[[int], str] = str,
+        tokenizing: Callable[[], int] = _none,
     ) -> None:
         self._model = model
+        self._tokenizing = tokenizing
+        """Requests whose long prompts wait for the tokenizer: waiting, as far as the gauges
+        tell (they hold places in the capacity before the scheduler sees them)."""
         self._chooser = TokenChooser(vocab_limit, token_text)
         # A graph that writes its cache in place gets one preallocated buffer, sized by the
         # KV budget: every slot holds the longest request (context_tokens positions).
@@ -189,7 +203,7 @@ class Scheduler:
                 prefill_tokens=prefill_tokens,
                 duration=time.monotonic() - started,
                 running=self.running,
-                waiting=self.waiting,
+                waiting=self.waiting + self._tokenizing(),
                 kv_usage=self._kv_usage(),
                 # A step that only ended requests ran no forward: no step's duration.
                 stepped=bool(prefill_tokens or self._decoded),
@@ -200,7 +214,15 @@ class Scheduler:
         """The engine's state where no step completed (a step failed, or the loop ends)."""
         self._decoded = 0
         self._observer.step_finished(
-            StepRecord(0, 0, 0.0, self.running, self.waiting, self._kv_usage(), stepped=False)
+            StepRecord(
+                0,
+                0,
+                0.0,
+                self.running,
+                self.waiting + self._tokenizing(),
+                self._kv_usage(),
+                stepped=False,
+            )
         )
 
     def _has_work(self) -> bool:
@@ -209,6 +231,7 @@ class Scheduler:
     def _take_commands(self) -> bool:
         """Absorb queued commands, blocking only while idle. False means shut down."""
         block = not self._has_work()
+        refresh = False
         while True:
             if not block and self._inbox.empty():
                 return True
@@ -221,9 +244,11 @@ class Scheduler:
                 return False
             if isinstance(command, Submit):
                 self._enqueue(command.sequence)
+            elif isinstance(command, Refresh):
+                refresh = True  # an iteration follows, which records the gauges
             else:
                 self._cancels[command.sequence] = command.reason
-            block = not self._has_work() and not self._cancels
+            block = not self._has_work() and not self._cancels and not refresh
 
     def _enqueue(self, sequence: Sequence) -> None:
         self._members[sequence] = None
