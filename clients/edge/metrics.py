@@ -6,6 +6,7 @@ import enum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# The server's time-to-first-token buckets (its queue waits included: tens of seconds and more).
 TTFT_BUCKETS = (
     0.001,
     0.0025,
@@ -24,6 +25,12 @@ TTFT_BUCKETS = (
     5.0,
     7.5,
     10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    320.0,
+    640.0,
 )
 
 
