@@ -10,6 +10,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import start_edge, start_server
+from tokenwire.edge.metrics import Outcome
 from tokenwire.server.engine import OnnxCausalLM
 from tokenwire.server.telemetry.metrics import ServerMetrics
 from tokenwire.server.tokenizer import Tokenizer
@@ -44,3 +45,23 @@ async def test_every_dashboard_metric_exists_in_the_live_exposition(
     assert len(dashboard["panels"]) >= 10
     assert used
     assert used <= exposed, sorted(used - exposed)
+
+
+def _outcomes_selected(expr: str) -> set[str]:
+    """The edge outcomes a query's tokenwire_edge_streams_total selector keeps (its `outcome`
+    matchers applied to every Outcome; PromQL regexes match the whole value)."""
+    [selector] = re.findall(r"tokenwire_edge_streams_total(?:\{([^}]*)\})?", expr)
+    kept = {str(o) for o in Outcome}
+    for op, value in re.findall(r'outcome\s*(=~|!~|!=|=)\s*"([^"]*)"', selector):
+        matches = {o for o in kept if (re.fullmatch(value, o) if "~" in op else o == value)}
+        kept = matches if op in ("=", "=~") else kept - matches
+    return kept
+
+
+def test_the_edge_outcome_panel_counts_each_request_once() -> None:
+    """The panel "Edge streams by outcome" shows every outcome a request ends with and not
+    `resumed`, which counts resumes beside those outcomes (the disconnects panel shows it)."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    [panel] = [p for p in dashboard["panels"] if p["title"] == "Edge streams by outcome"]
+    [target] = panel["targets"]
+    assert _outcomes_selected(target["expr"]) == {str(o) for o in Outcome} - {Outcome.RESUMED}
