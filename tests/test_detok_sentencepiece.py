@@ -4,8 +4,10 @@ adds after the prompt, so the space its "▁" stands for is kept, from the first
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
+import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -49,6 +51,38 @@ def test_a_resumed_stream_goes_on_with_the_text_of_the_uninterrupted_one(
             loop, sp_tokenizer, prompt, max_tokens=len(rest), continuation=tuple(rest[:delivered])
         )
         assert deltas(accept_all(resumed, rest[delivered:])) == whole[delivered:]
+
+
+def test_a_prompt_ending_in_special_tokens_keeps_the_first_tokens_leading_space(
+    loop: asyncio.AbstractEventLoop, sp_tokenizer: Tokenizer
+) -> None:
+    """Prompt "Hello" and then five </s> (special, decoding to nothing), generated "▁world":
+    the stream says " world", as decode(prompt + generated) continues the text before them,
+    however many special tokens end the prompt."""
+    eos = sp_tokenizer.token_id("</s>")
+    assert eos is not None
+    assert sp_tokenizer.decode([eos]) == ""
+    ids = sp_tokenizer.encode("Hello") + [eos] * 5
+    generated = sp_tokenizer.encode(" world")[-1:]
+    events = accept_all(sequence(loop, sp_tokenizer, ids, max_tokens=1), generated)
+    assert deltas(events) == [" world"] == [_after_prompt(sp_tokenizer, ids, generated)]
+
+
+def test_an_added_tokens_bytes_are_the_text_it_streams(
+    loop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> None:
+    """A non-special added token "▁foo" streams " foo" (the decoder turns its "▁" into a space,
+    added tokens too): its logprobs bytes are b" foo", the bytes of that text, not of "▁foo"."""
+    folder = sentencepiece.write(tmp_path, "llama2")
+    inner = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    inner.add_tokens([tokenizers.AddedToken("▁foo", special=False, normalized=False)])
+    inner.save(str(folder / "tokenizer.json"))
+    tokenizer = Tokenizer.from_dir(folder)
+    foo = tokenizer.token_id("▁foo")
+    assert foo is not None
+    events = accept_all(sequence(loop, tokenizer, tokenizer.encode("Hello"), max_tokens=1), [foo])
+    assert deltas(events) == [" foo"]
+    assert tokenizer.token_bytes(foo) == b" foo"
 
 
 @pytest.mark.parametrize("prompt", ["Hello \ufffd", "a\ufffd", "Hello \ufffd world"])

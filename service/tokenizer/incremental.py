@@ -111,11 +111,17 @@ _PROMPT_TAIL_IDS = (4, 23)
 
 
 def _prompt_tail(tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> list[int]:
-    """The shortest tail of the prompt (within _PROMPT_TAIL_IDS, or the whole prompt if
-    shorter) that begins on a whole character, or none. One that begins inside a character
+    """The shortest tail of the prompt's text ids (within _PROMPT_TAIL_IDS, or all of them if
+    fewer) that begins on a whole character, or none. One that begins inside a character
     decodes its first bytes as U+FFFD (with byte fallback, its whole run of byte tokens):
     its text is then not the end of the whole prompt's, which is decoded only then (a
-    U+FFFD the prompt's text holds, one it was sent with, is the end of it too)."""
+    U+FFFD the prompt's text holds, one it was sent with, is the end of it too). Special
+    tokens decode to nothing and are left out: a prompt that ends in several (chat turns'
+    markers) still gives its first token the text before them, whose end decides that
+    token's leading space (SentencePiece) or joins its "##" piece (WordPiece)."""
+    special = tokenizer.special_ids
+    if special:
+        prompt_ids = [i for i in prompt_ids if i not in special]
     fewest, most = _PROMPT_TAIL_IDS
     count = len(prompt_ids)
     whole: str | None = None

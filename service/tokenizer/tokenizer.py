@@ -265,18 +265,17 @@ class Tokenizer:
         where token_text holds only part of a character (U+FFFD), so that the bytes of
         consecutive tokens join into the characters they spell. Exact for byte-level BPE
         vocabularies (GPT-2's byte alphabet) and byte fallback tokens (`<0xNN>`); an added
-        token is its content. Computed per call, only for requests that ask for logprobs."""
-        added = self._added_content.get(token_id)
-        if added is not None:
-            return added.encode()
+        token goes through the decoder as the stream's text does (SentencePiece's "▁foo" is
+        " foo"). Computed per call, only for requests that ask for logprobs."""
         piece = self.inner.id_to_token(token_id)
         spelt = None if piece is None else self._piece_bytes(piece)
         return self.token_text(token_id).encode() if spelt is None else spelt
 
     @functools.cached_property
-    def _added_content(self) -> dict[int, str]:
-        """Added tokens by id: decoded as their content, never through the model's decoder."""
-        return {int(i): t.content for i, t in self.inner.get_added_tokens_decoder().items()}
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the special added tokens: text decodes without them."""
+        added = self.inner.get_added_tokens_decoder().items()
+        return frozenset(int(i) for i, token in added if token.special)
 
     @functools.cached_property
     def _piece_bytes(self) -> Callable[[str], bytes | None]:
