@@ -4,10 +4,11 @@ When a stream breaks with UNAVAILABLE (the server died, or went away past its dr
 client asks the next target to continue the same generation: same prompt and options, the
 seed the first server reported (`x-tokenwire-seed`), and the token ids already delivered as
 `continuation_ids`. The server streams from the next index with the uninterrupted stream's
-text, finish conditions and Usage, so the caller sees one event sequence: no index twice, none
-missing, one Usage, one Completion. A stream that breaks after its Usage keeps that Usage (its
-counts and timings are the real ones) and takes only the Completion from the continuation,
-which has nothing left to generate.
+text and finish conditions, and a Usage that counts the whole stream's tokens (its timings are
+the continuation's), so the caller sees one event sequence: no index twice, none missing, one
+Usage, one Completion. A stream that breaks after its Usage keeps that Usage (its counts and
+timings are the real ones) and takes only the Completion from the continuation, which has
+nothing left to generate.
 
 The same rule opens a stream: a target that answers UNAVAILABLE before any event passes the
 request to the next one (with a single target, to the same one again, with the backoff, until
