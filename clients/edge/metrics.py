@@ -6,32 +6,7 @@ import enum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-# The server's time-to-first-token buckets (its queue waits included: tens of seconds and more).
-TTFT_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.02,
-    0.04,
-    0.06,
-    0.08,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
-    160.0,
-    320.0,
-    640.0,
-)
+from tokenwire.common.buckets import TTFT_BUCKETS
 
 
 class RouteName(enum.StrEnum):
