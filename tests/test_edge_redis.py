@@ -545,33 +545,42 @@ async def renamed(spec: ModelSpec, tokenizer: Tokenizer) -> AsyncIterator[Runnin
     await running.server.drain()
 
 
+async def _taken_over(
+    a_target: str, b_target: str, redis_url: str, body: dict[str, object], request_id: str
+) -> list[ServerSentEvent]:
+    """A native stream begun on edge A (serving from a_target) whose edge dies after 3
+    events, resumed by Last-Event-ID on edge B (serving from b_target), which takes it over:
+    every event the caller got, A's and then B's."""
+    settings = {"resume_store": redis_url, "resume_window_s": 2.0, "resume_lease_s": 0.5}
+    a = await start_edge(a_target, **settings)
+    b = await start_edge(b_target, **settings)
+    try:
+        async with (
+            httpx.AsyncClient(base_url=a.url, timeout=30) as on_a,
+            httpx.AsyncClient(base_url=b.url, timeout=30) as on_b,
+        ):
+            first = await _first(on_a, 3, body, headers={"X-Request-ID": request_id})
+            store = a.store
+            assert isinstance(store, RedisStreams)
+            assert await eventually(lambda: not store.followers)  # A's reader has left
+            await store.close()  # edge A dies: it stops generating, and its lease lapses
+            last = {"Last-Event-ID": first[-1].id}
+            return first + await _events(on_b, "GET", "/v1/generate", headers=last)
+    finally:
+        await a.edge.stop()
+        await b.edge.stop()
+
+
 async def test_a_takeover_on_another_model_ends_the_stream_with_an_error(
     paced: RunningServer, renamed: RunningServer, redis_server: RedisServer
 ) -> None:
     """Edge A's stream of the bundled model, taken over by edge B whose server serves another
     model: B splices none of that model's tokens in, the stream ends with an UNAVAILABLE
     `error` event naming both models."""
-    settings = {"resume_store": redis_server.url, "resume_window_s": 2.0, "resume_lease_s": 0.5}
-    a = await start_edge(paced.target, **settings)
-    b = await start_edge(renamed.target, **settings)
     body = {"prompt": "x", "max_tokens": 400, "ignore_eos": True}
-    try:
-        async with (
-            httpx.AsyncClient(base_url=a.url, timeout=30) as on_a,
-            httpx.AsyncClient(base_url=b.url, timeout=30) as on_b,
-        ):
-            first = await _first(on_a, 3, body, headers={"X-Request-ID": "m1"})
-            store = a.store
-            assert isinstance(store, RedisStreams)
-            assert await eventually(lambda: not store.followers)  # A's reader has left
-            await store.close()  # edge A dies: it stops generating, and its lease lapses
-            last = {"Last-Event-ID": first[-1].id}
-            rest = await _events(on_b, "GET", "/v1/generate", headers=last)
-    finally:
-        await a.edge.stop()
-        await b.edge.stop()
-    assert rest[-1].event == "error"
-    error = json.loads(rest[-1].data)
+    events = await _taken_over(paced.target, renamed.target, redis_server.url, body, "m1")
+    assert events[-1].event == "error"
+    error = json.loads(events[-1].data)
     assert error["code"] == "UNAVAILABLE", error
     assert "another-model" in error["message"]
     assert MODEL in error["message"]
@@ -586,26 +595,12 @@ async def test_a_takeover_asks_for_the_length_the_first_server_gave(
     token = tokenizer.encode(" x")[0]
     model = ScriptedModel(spec, dict.fromkeys(range(spec.context_length), token), 0.01)
     short = await start_server(model, tokenizer, default_max_tokens=20)
-    settings = {"resume_store": redis_server.url, "resume_window_s": 2.0, "resume_lease_s": 0.5}
-    a = await start_edge(paced.target, **settings)
-    b = await start_edge(short.target, **settings)
     try:
-        async with (
-            httpx.AsyncClient(base_url=a.url, timeout=30) as on_a,
-            httpx.AsyncClient(base_url=b.url, timeout=30) as on_b,
-        ):
-            first = await _first(on_a, 3, {"prompt": "x"}, headers={"X-Request-ID": "b1"})
-            store = a.store
-            assert isinstance(store, RedisStreams)
-            assert await eventually(lambda: not store.followers)  # A's reader has left
-            await store.close()  # edge A dies: it stops generating, and its lease lapses
-            last = {"Last-Event-ID": first[-1].id}
-            rest = await _events(on_b, "GET", "/v1/generate", headers=last)
+        events = await _taken_over(
+            paced.target, short.target, redis_server.url, {"prompt": "x"}, "b1"
+        )
     finally:
-        await a.edge.stop()
-        await b.edge.stop()
         await short.server.drain()
-    events = first + rest
     assert [e.event for e in events[-2:]] == ["usage", "done"]
     indices = [json.loads(e.data)["index"] for e in events if e.event == "token"]
     assert indices == list(range(paced.engine.config.default_max_tokens))
