@@ -424,7 +424,11 @@ async def grpc_load(port: int) -> list[dict[str, Any]]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
 
-        async def one(ids: list[int], new: int, sampled: bool) -> dict[str, Any]:
+        async def one(
+            ids: list[int], new: int, sampled: bool, at: float | None = None
+        ) -> dict[str, Any]:
+            """One stream; its clock starts at `at`, the request's scheduled arrival, where
+            given (as the static-batching server's clocks do), else when it is sent."""
             sampling = (
                 pb.SamplingParams(
                     temperature=SAMPLED["temperature"],
@@ -437,7 +441,7 @@ async def grpc_load(port: int) -> list[dict[str, Any]]:
             request = pb.GenerateRequest(
                 prompt_ids=ids, max_tokens=new, ignore_eos=True, sampling=sampling
             )
-            sent, times = time.perf_counter(), []
+            sent, times = time.perf_counter() if at is None else at, []
             call: Any = stub.Generate(request, timeout=600)
             async for message in call:
                 if message.WhichOneof("event") == "token":
@@ -474,14 +478,16 @@ async def load(
     one: Any, streams: int, arrival: str, rate: float, sampled: bool
 ) -> list[dict[str, Any]]:
     """One load: request i at its arrival offset (peers.arrival_offsets), asking for its
-    length (peers.output_lengths), with prompt i."""
+    length (peers.output_lengths), with prompt i; each request's clock starts at its scheduled
+    arrival (passed on), not when this client gets round to sending it."""
     offsets = arrival_offsets(streams, arrival, rate)
     lengths = output_lengths(arrival, len(offsets), NEW_TOKENS)
     ids = prompts(len(offsets))
     started, tasks = time.perf_counter(), []
     for i, offset in enumerate(offsets):
         await asyncio.sleep(max(0.0, started + offset - time.perf_counter()))
-        tasks.append(asyncio.create_task(one(ids[i], lengths[i], sampled)))
+        stream = one(ids[i], lengths[i], sampled, started + offset)
+        tasks.append(asyncio.create_task(stream))
     return list(await asyncio.gather(*tasks))
 
 

@@ -35,6 +35,7 @@ from tokenizers import Tokenizer
 
 from tokenwire.common.stats import percentile
 from tokenwire.server.cpus import CpuBudget, cpu_budget
+from tokenwire.server.engine import EngineConfig
 from tokenwire.server.process import TokenwireProcess
 from tokenwire.server.tokenizer import Tokenizer as ServerTokenizer
 from tokenwire.v1 import generate_pb2 as pb
@@ -78,11 +79,12 @@ def make_prompt(tokenizer: Tokenizer, n: int, seed: int = 0) -> str:
 
 
 class Process(TokenwireProcess):
-    """A tokenwire subprocess, ready once its JSON log says so; its log tells its port."""
+    """A tokenwire subprocess, ready once its JSON log says so; its log tells its port, and its
+    ready event the settings it runs with (`ready`)."""
 
     def __init__(self, args: list[str], env: dict[str, str], ready_event: str) -> None:
         super().__init__(*args, env={"TOKENWIRE_LOG_FORMAT": "json", **env})
-        self.wait_for(ready_event, 180)
+        self.ready = self.wait_for(ready_event, 180)
         listening = "server.listening" if args[0] == "serve" else "edge.listening"
         self.port = self.listening_port(listening)
 
@@ -108,9 +110,17 @@ def start_server(model_dir: Path, metrics: bool = False, chunk: int = 256) -> Pr
 
 
 async def one_stream(
-    stub: pb_grpc.GenerationServiceStub, prompt: str, new: int, *, decoding: str = "greedy"
+    stub: pb_grpc.GenerationServiceStub,
+    prompt: str,
+    new: int,
+    at: float | None = None,
+    *,
+    decoding: str = "greedy",
 ) -> dict[str, Any]:
-    """One stream of `new` tokens: greedy, or sampled with SAMPLINGS[decoding]."""
+    """One stream of `new` tokens: greedy, or sampled with SAMPLINGS[decoding]. Its clock
+    starts at `at`, the request's scheduled arrival (time.perf_counter()), where given, else
+    when it is sent: a client late to send counts against the stream, as it does for the peers
+    that serve the same load (their clocks run from each request's arrival)."""
     settings = SAMPLINGS.get(decoding, {"temperature": 0.0})
     sampling = pb.SamplingParams(
         temperature=settings["temperature"],
@@ -118,7 +128,7 @@ async def one_stream(
         top_p=settings.get("top_p", 1.0),
     )
     request = pb.GenerateRequest(prompt=prompt, max_tokens=new, ignore_eos=True, sampling=sampling)
-    sent = time.perf_counter()
+    sent = time.perf_counter() if at is None else at
     times: list[float] = []
     call: Any = stub.Generate(request, timeout=600)  # an aio call: the stubs type the sync one
     async for message in call:
@@ -127,9 +137,12 @@ async def one_stream(
     return {"sent": sent, "times": times}
 
 
-async def edge_stream(http: httpx.AsyncClient, prompt: str, new: int) -> dict[str, Any]:
+async def edge_stream(
+    http: httpx.AsyncClient, prompt: str, new: int, at: float | None = None
+) -> dict[str, Any]:
+    """one_stream through the SSE edge (greedy), its clock started likewise."""
     body = {"prompt": prompt, "max_tokens": new, "ignore_eos": True, "temperature": 0}
-    sent = time.perf_counter()
+    sent = time.perf_counter() if at is None else at
     times: list[float] = []
     async with aconnect_sse(http, "POST", "/v1/generate", json=body) as source:
         async for event in source.aiter_sse():
@@ -160,6 +173,7 @@ def stream_row(
         "tokens_per_s": rates[len(rates) // 2],
         # Run-to-run spread of identical runs: differences below it are noise.
         "tokens_per_s_spread": (rates[-1] - rates[0]) / rates[len(rates) // 2],
+        "spread_over": "runs",
         "per_stream_tokens_per_s": statistics.median(per_stream),
         "repeats": len(runs),
         "ttft_p50_ms": pct(ttft, 50),
@@ -179,20 +193,26 @@ def stream_row(
 async def run_load(
     open_stream: Any, prompts: list[str], concurrency: int, arrival: str, rate: float | None
 ) -> list[dict[str, Any]]:
-    """One load: open_stream(prompt, max_tokens) for each request, at its arrival time."""
+    """One load: open_stream(prompt, max_tokens, arrival) for each request, at its arrival
+    time; each request's clock starts at its scheduled arrival (`arrival`, passed on), as the
+    peers' clocks do, not when this client gets round to sending it."""
     offsets = arrival_offsets(concurrency, arrival, rate)
     lengths = output_lengths(arrival, len(offsets), NEW_TOKENS)
+    started = time.perf_counter()
     if arrival == "burst":
         return list(
             await asyncio.gather(
-                *(open_stream(prompts[i % len(prompts)], lengths[i]) for i in range(concurrency))
+                *(
+                    open_stream(prompts[i % len(prompts)], lengths[i], started)
+                    for i in range(concurrency)
+                )
             )
         )
     tasks = []
-    started = time.perf_counter()
     for i, offset in enumerate(offsets):
         await asyncio.sleep(max(0.0, started + offset - time.perf_counter()))
-        tasks.append(asyncio.create_task(open_stream(prompts[i % len(prompts)], lengths[i])))
+        stream = open_stream(prompts[i % len(prompts)], lengths[i], started + offset)
+        tasks.append(asyncio.create_task(stream))
     return list(await asyncio.gather(*tasks))
 
 
@@ -260,7 +280,7 @@ async def service_rows(
                     continue
                 rate = c / durations[c] if arrival == "poisson" else None
                 row = await measure(
-                    lambda p, n, stub=stub: one_stream(stub, p, n),
+                    functools.partial(one_stream, stub),
                     prompts,
                     c,
                     arrival,
@@ -308,7 +328,7 @@ async def paired_rows(
                 for _ in range(rounds * (3 if c == 1 else 1)):
                     via["grpc"].append(
                         await run_load(
-                            lambda p, n, stub=stub: one_stream(stub, p, n),
+                            functools.partial(one_stream, stub),
                             prompts,
                             c,
                             "burst",
@@ -317,7 +337,7 @@ async def paired_rows(
                     )
                     via["edge"].append(
                         await run_load(
-                            lambda p, n: edge_stream(http, p, n), prompts, c, "burst", None
+                            functools.partial(edge_stream, http), prompts, c, "burst", None
                         )
                     )
                 for transport, runs in via.items():
@@ -354,7 +374,7 @@ async def metrics_ab(model_dir: Path, prompts: list[str], rounds: int) -> list[d
                     for _ in range(3):
                         runs[metrics].append(
                             await run_load(
-                                lambda p, n, stub=stub: one_stream(stub, p, n),
+                                functools.partial(one_stream, stub),
                                 prompts,
                                 16,
                                 "burst",
@@ -436,7 +456,7 @@ async def headline(
                 by_round[batch].append([])
                 for _ in range(3 if batch == 1 else 1):
                     run, server_s, client_s = await costed_load(
-                        lambda p, n, stub=stub: one_stream(stub, p, n),
+                        functools.partial(one_stream, stub),
                         prompts,
                         batch,
                         "burst",
@@ -456,6 +476,7 @@ async def headline(
                 **median,
                 "repeats": len(found),
                 "tokens_per_s_spread": (rates[-1] - rates[0]) / rates[len(rates) // 2],
+                "spread_over": "rounds",
                 "rounds": [{k: r[k] for k in ("tokens_per_s", "ttft_p50_ms")} for r in found],
             }
         )
@@ -592,7 +613,7 @@ async def graph_round(
             / NEW_TOKENS
         )
         row = await measure(
-            lambda p, n, stub=stub: one_stream(stub, p, n),
+            functools.partial(one_stream, stub),
             prompts,
             c,
             arrival,
@@ -612,7 +633,7 @@ async def graph_round(
         # Sampled decoding, a burst of 16 against GenAI's static batch of 16 sampling alike.
         keep(found, peer("genai", model_dir, 16, decoding=decoding))
         row = await measure(
-            lambda p, n, stub=stub, d=decoding: one_stream(stub, p, n, decoding=d),
+            functools.partial(one_stream, stub, decoding=decoding),
             prompts,
             16,
             "burst",
@@ -635,9 +656,7 @@ async def static_policies(
     the warm-up: one run of each policy on the load (its rate from one burst of 16 through
     tokenwire, as a round has it), the faster by tokens/s. Every counted round then runs the
     pick alone, so the row keeps no faster noise of two runs."""
-    burst = await run_load(
-        lambda p, n, stub=stub: one_stream(stub, p, n), prompts, 16, "burst", None
-    )
+    burst = await run_load(functools.partial(one_stream, stub), prompts, 16, "burst", None)
     rate = 16 * stream_row([burst], None)["per_stream_tokens_per_s"] / NEW_TOKENS
     picks = {}
     for arrival in ("poisson", MIXED):
@@ -655,8 +674,11 @@ async def static_policies(
 
 def median_row(graph: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The median round by tokens/s, with every round's tokens/s and TTFT p50 (for the paired
-    ratios, which divide within a round)."""
+    ratios, which divide within a round), and the spread of tokens/s over the rounds (highest
+    less lowest, over the median; `repeats` counts the rounds). A round's own spread, over the
+    runs inside it, is not the row's: the median round's would pass for the spread of all."""
     median = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
+    rates = sorted(r["tokens_per_s"] for r in runs)
     print(
         f"  {graph:10s} {median['system']:16s} {median['transport']:12s} "
         f"c={median['concurrency']:<3d} {median['arrival']:12s} "
@@ -667,6 +689,8 @@ def median_row(graph: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         **median,
         "graph": graph,
         "repeats": len(runs),
+        "tokens_per_s_spread": (rates[-1] - rates[0]) / median["tokens_per_s"],
+        "spread_over": "rounds",
         "rounds": [{k: r[k] for k in ("tokens_per_s", "ttft_p50_ms")} for r in runs],
     }
 
@@ -864,26 +888,70 @@ def machine() -> dict[str, Any]:
     }
 
 
-def peer_knobs(genai_dir: Path, rows: list[dict[str, Any]]) -> dict[str, str]:
-    """Every setting each system ran with, as written in the report."""
+def model_facts(onnx_dir: Path) -> dict[str, Any]:
+    """The benchmark model as built (bench/build_models.py, its MANIFEST.json): size, context,
+    vocabulary, and how many ids its tokenizer names (tokenwire samples over those, GenAI over
+    every column of the logits: the two must be equal for sampled rows to compare alike)."""
+    config = json.loads((onnx_dir / "config.json").read_text())
+    manifest = json.loads((onnx_dir / "MANIFEST.json").read_text())
+    return {
+        "name": "bench-56m",
+        "layers": config["num_hidden_layers"],
+        "hidden": config["hidden_size"],
+        "vocab": config["vocab_size"],
+        "tokenizer_vocab": ServerTokenizer.from_dir(onnx_dir).vocab_size,
+        "context": config["max_position_embeddings"],
+        "params_millions": round(manifest["parameters"] / 1e6, 1),
+        "training": f"trained for {manifest['hyperparameters']['steps']} steps on CPython's "
+        "sources",
+        "corpus_chars": manifest["corpus"]["chars"],
+        "dtype": "fp32",
+        "provider": "CPUExecutionProvider",
+    }
+
+
+def slot_cache_text(max_batch: int, max_kv_tokens: int, context: int) -> str:
+    """The preallocated cache tokenwire's scheduler makes on a graph that writes its cache in
+    place (service/engine/scheduler.py: min(max batch, max_kv_tokens // context) slots)."""
+    slots = min(max_batch, max(1, max_kv_tokens // context))
+    return f"{slots} slots x {context} positions"
+
+
+def peer_knobs(
+    genai_dir: Path, rows: list[dict[str, Any]], server: dict[str, Any], model: dict[str, Any]
+) -> dict[str, str]:
+    """Every setting each system ran with, as written in the report; `server` is tokenwire's
+    server.started log record (the limits it ran with), `model` model_facts."""
     genai = json.loads((genai_dir / "genai_config.json").read_text())
     n = threads().cpus
     options = {**genai["model"]["decoder"].get("session_options", {}), "intra_op_num_threads": n}
+    share = genai.get("search", {}).get("past_present_share_buffer")
     engine = next(r["knobs"] for r in rows if r["system"] == "ort-genai-engine")
     picks = {r["arrival"]: r["policy"] for r in rows if r["system"] == "ort-genai-static-server"}
+    context, vocab, named = model["context"], model["vocab"], model["tokenizer_vocab"]
+    alone = EngineConfig(max_batch_size=16)
+    kv = server["max_kv_tokens"]
+    search = (
+        "search options max_length = min_length = prompt + new tokens (GenAI forbids EOS "
+        "until min_length, which is how EOS is ignored), batch_size the rows; "
+        f"past_present_share_buffer {json.dumps(share)} (genai_config.json's search section: "
+        "one key/value buffer of max_length positions per Generator, written in place); "
+        f"it samples over every one of the {vocab} columns of the logits"
+    )
     return {
         "ort-genai": "model.decoder.session_options "
         + json.dumps(options, sort_keys=True)
         + f" (genai_config.json's, with intra_op_num_threads {n} set when the session is made, "
-        "og.Config.overlay); greedy search, static batch; one Generator per batch shape, made "
-        "before the clock and reused for every run (Generator.rewind_to(0) between runs, which "
-        "gives a fresh Generator's greedy ids and prefills the new prompt), the clock started "
-        "before the prompt tokens are appended; the sampled rows set do_sample and their "
-        "settings as search options; where a row has no top-k, GenAI runs with top_k 0 (its "
-        "nucleus path) and with top_k = the vocabulary size (a partial sort of the whole row), "
-        "and the faster is the row (the builder's genai_config.json default, top_k 50, would "
-        "cut every row to 50 candidates)",
-        "ort-genai-static-server": "GenAI's Generator (same session options) behind a "
+        f"og.Config.overlay); greedy search, static batch; {search}; one Generator per batch "
+        "shape, made before the clock and reused for every run (Generator.rewind_to(0) between "
+        "runs, which gives a fresh Generator's greedy ids and prefills the new prompt), the "
+        "clock started before the prompt tokens are appended; the sampled rows set do_sample "
+        "and their settings as search options; where a row has no top-k, GenAI runs with "
+        "top_k 0 (its nucleus path) and with top_k = the vocabulary size (a partial sort of "
+        "the whole row), and the faster is the row (the builder's genai_config.json default, "
+        "top_k 50, would cut every row to 50 candidates)",
+        "ort-genai-static-server": "GenAI's Generator (same session options and search "
+        "options, max_length = min_length = prompt + the group's longest request) behind a "
         "static-batching server on tokenwire's staggered arrivals and prompts: when the "
         "Generator is free it runs the requests that have arrived, at most 16, together to "
         "the end ('queued'), or first waits until 16 have arrived or none are left to come "
@@ -891,26 +959,45 @@ def peer_knobs(genai_dir: Path, rows: list[dict[str, Any]]) -> dict[str, str]:
         f"the faster by tokens/s) and runs every counted round: {json.dumps(picks)}; "
         "Generators reused as in ort-genai: with equal lengths one per number of rows, made "
         "before the load; with mixed lengths one per (rows, longest request) made when first "
-        "needed, inside the requests' clocks; every request's clock runs from its arrival",
+        "needed, inside the requests' clocks (its rows record how many and how long, "
+        "generators_made_in_clock and generator_making_ms_in_clock); every request's clock "
+        "runs from its arrival",
         "ort-genai-engine": "og.Engine on the fp32 graph; genai_config.json engine "
         + json.dumps(engine["engine"], sort_keys=True)
         + ", model.decoder.session_options "
         + json.dumps(engine["session_options"], sort_keys=True)
+        + f", search past_present_share_buffer {json.dumps(share)}"
         + "; the static-batching scheduler (the dynamic one needs a paged-attention graph, "
         "which GenAI's builder writes for CUDA and WebGPU only), which runs at most 4 requests "
         "at a time and takes new ones when all of them have finished; the Engine made before "
         "the load, each request begun at its arrival time, between Engine steps, its clock "
         "started before its Request is made; greedy (TurnOptions do_sample false), min and "
-        "max generated tokens 128; tokenwire's prompts and arrival times",
+        "max generated tokens both the request's own length (so EOS is ignored until then): "
+        f"{NEW_TOKENS} in the burst and poisson loads, in {MIXED} the request's seeded draw "
+        f"(16-{2 * NEW_TOKENS - 16}); tokenwire's prompts and arrival times",
         "ort-loop": f"intra_op_num_threads {n}, inter_op_num_threads 1, "
         "ORT_ENABLE_ALL, spinning on; one session.run per token, numpy argmax; without "
         "tokenwire's session.force_spinning_stop, which cost this loop 1-2 % in a side test "
-        "(nothing else runs between its steps)",
+        "(nothing else runs between its steps), so its workers spin between steps and its "
+        "CPU per token counts that spinning",
         "tokenwire": f"defaults of `tokenwire serve` (intra_op_threads {n}, the default it "
         "resolves to, set explicitly; inter_op_threads 1, spinning on within a step and "
-        "stopped between steps (session.force_spinning_stop), prefill chunk 256) with "
-        "TOKENWIRE_MAX_BATCH_SIZE 32 and TOKENWIRE_MAX_QUEUE 256; the engine alone with the "
-        f"same model settings ({n} intra-op threads)",
+        "stopped between steps (session.force_spinning_stop), prefill chunk "
+        f"{server['prefill_chunk_tokens']}) with TOKENWIRE_MAX_BATCH_SIZE "
+        f"{server['max_batch_size']} and TOKENWIRE_MAX_QUEUE {server['max_queue']}; KV cache: "
+        f"max_kv_tokens {kv} (prompt + max_tokens of all running requests together; beyond "
+        f"it requests queue), a request up to the model's context of {context} positions; on "
+        "the GenAI graphs (GroupQueryAttention, which writes its cache in place) one cache "
+        f"preallocated at start, "
+        f"{slot_cache_text(server['max_batch_size'], kv, context)}; on the Optimum graph a "
+        "cache that grows each step; requests ignore EOS (ignore_eos) and ask for their "
+        "length as max_tokens; it samples over the ids its tokenizer names, "
+        f"{named} of the model's {vocab}; the engine alone (bench/engine_alone.py) with the "
+        f"same model settings ({n} intra-op threads) and EngineConfig(max_batch_size=16), "
+        f"the rest EngineConfig's defaults (max_kv_tokens {alone.max_kv_tokens}, prefill chunk "
+        f"{alone.prefill_chunk_tokens}: "
+        f"{slot_cache_text(alone.max_batch_size, alone.max_kv_tokens, context)} on the GenAI "
+        "graphs)",
     }
 
 
@@ -1028,7 +1115,9 @@ async def main(quick: bool) -> None:
     long_prompt = make_prompt(tokenizer, 400, 99)
     started = time.time()
     rows: list[dict[str, Any]] = []
+    model_info = model_facts(onnx_dir)
     server = start_server(onnx_dir, metrics=True)
+    ready = server.ready
     try:
         print("headline: plain loop, GenAI and tokenwire taking turns", flush=True)
         rows += await headline(server, model, prompts, rounds=2 if quick else 3)
@@ -1062,16 +1151,13 @@ async def main(quick: bool) -> None:
     print("transport ceiling (a stand-in model of 0.2 ms per step)", flush=True)
     ceiling = transport_ceiling()
     result = {
-        "schema": 1,
-        "model": {
-            "name": "bench-56m",
-            "layers": 8,
-            "hidden": 512,
-            "vocab": 32000,
-            "params_millions": 41.7,
-            "training": "trained for 80 steps on CPython's sources",
-            "dtype": "fp32",
-            "provider": "CPUExecutionProvider",
+        # 2: rows' spread over their rounds (spread_over), clocks from scheduled arrivals,
+        # the model's tokenizer size, the server's limits, the static server's Generators.
+        "schema": 2,
+        "model": model_info,
+        "server": {
+            key: ready[key]
+            for key in ("max_batch_size", "max_queue", "max_kv_tokens", "prefill_chunk_tokens")
         },
         "workload": {
             "prompt_tokens": PROMPT_TOKENS,
@@ -1096,7 +1182,7 @@ async def main(quick: bool) -> None:
         "wall_s": round(time.time() - started, 1),
         # One intra-op thread count for every system (tokenwire's cpu_budget), and its source.
         "threads": {"intra_op_threads": threads().cpus, "source": threads().source},
-        "peer_knobs": peer_knobs(genai_dir, rows),
+        "peer_knobs": peer_knobs(genai_dir, rows, ready, model_info),
         "rows": rows,
         "fairness": fair,
         "transport": ceiling,
