@@ -132,7 +132,9 @@ INFORMATIONAL = [
     (
         "service_overhead_cpu_ms_per_token_c1",
         "Optimum fp32 graph, 1 stream: CPU ms per token above the plain loop's process, server "
-        "process only",
+        "process only; the loop runs without session.force_spinning_stop, so its CPU counts "
+        "workers spinning between its steps and this difference can read below 0 (not "
+        "tokenwire using less CPU than ONNX Runtime)",
     ),
     (
         "service_with_client_cpu_ms_per_token_c1",
@@ -141,7 +143,7 @@ INFORMATIONAL = [
     (
         "service_with_client_overhead_cpu_ms_per_token_c1",
         "Optimum fp32 graph, 1 stream: CPU ms per token above the plain loop's process, server "
-        "process + load generator",
+        "process + load generator (the loop's CPU counts its spinning workers likewise)",
     ),
     ("edge_c16_vs_grpc_c16", "SSE edge vs direct gRPC tokens/s, 16 streams"),
     ("edge_ttft_p50_added_ms", "TTFT p50 the SSE edge adds (ms)"),
@@ -191,6 +193,24 @@ def cpu_cells(row: dict[str, Any]) -> str:
     return " | ".join("" if v is None else f"{v:.2f}" for v in (server, whole))
 
 
+def spread_cell(row: dict[str, Any]) -> str:
+    """A row's run-to-run spread of tokens/s, (highest - lowest) / median, and over what: as
+    the row records it (`spread_over`, from schema 2), else over its rounds where it has them
+    (older rows of the GenAI graphs kept their median round's own spread, over the runs in that
+    round, which is not the row's), else over its runs; a row of one run has none."""
+    over, spread = row.get("spread_over"), row.get("tokens_per_s_spread")
+    count = int(row.get("repeats") or 1)
+    rounds = row.get("rounds") or []
+    if over is None and len(rounds) > 1:
+        rates = sorted(r["tokens_per_s"] for r in rounds)
+        spread, over, count = (rates[-1] - rates[0]) / rates[len(rates) // 2], "rounds", len(rates)
+    if count < 2:
+        return "1 run"
+    if spread is None:
+        return f"not recorded ({count} {over or 'runs'})"
+    return f"{spread:.0%} ({count} {over or 'runs'})"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| run | tokens/s | spread | per stream | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 "
@@ -199,14 +219,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     )
     lines = [head]
     for r in rows:
-        spread = r.get("tokens_per_s_spread")
-        runs = (
-            f"{spread:.0%} ({r['repeats']} runs)"
-            if spread is not None and r.get("repeats", 1) > 1
-            else ""
-        )
         lines.append(
-            f"| {label(r)} | {r['tokens_per_s']:.1f} | {runs} | {r['per_stream_tokens_per_s']:.1f} | "
+            f"| {label(r)} | {r['tokens_per_s']:.1f} | {spread_cell(r)} | {r['per_stream_tokens_per_s']:.1f} | "
             f"{r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {r['itl_p50_ms']:.2f} | "
             f"{r['itl_p99_ms']:.2f} | {cpu_cells(r)} |"
         )
@@ -217,9 +231,11 @@ def targets(
     ratios: dict[str, float],
     goals: list[tuple[str, str, float, str]] | None = None,
     rounds: dict[str, list[float]] | None = None,
+    missing: str = "not in this run",
 ) -> str:
     """One line per goal; given `rounds` (the per-round values of the paired ratios), a column
-    with their lowest and highest."""
+    with their lowest and highest. A goal the results lack gets a line saying so (`missing`),
+    not silence."""
     paired = rounds is not None
     lines = [
         "| target | value |" + (" rounds (min-max) |" if paired else "") + " goal | |",
@@ -228,6 +244,9 @@ def targets(
     for key, op, goal, text in TARGETS if goals is None else goals:
         value = ratios.get(key)
         if value is None:
+            lines.append(
+                f"| {text} (`{key}`) | - |{' - |' if paired else ''} {op} {goal} | {missing} |"
+            )
             continue
         met = value >= goal if op == ">=" else value <= goal
         each = (rounds or {}).get(key)
@@ -248,6 +267,7 @@ def informational(ratios: dict[str, float], rounds: dict[str, list[float]]) -> s
     for key, text in INFORMATIONAL:
         value = ratios.get(key)
         if value is None:
+            lines.append(f"| {text} (`{key}`) | not in this run | |")
             continue
         each = rounds.get(key)
         spread = f"{min(each):.2f}-{max(each):.2f} ({len(each)})" if each else ""
@@ -408,6 +428,9 @@ GPU_TARGETS = [
 ]
 
 
+GPU_MISSING = "not measured on the GPU (the GPU run predates this target)"
+
+
 def gpu_label(row: dict[str, Any]) -> str:
     sampled = ", sampled" if row.get("decoding") == "sampled" else ""
     if row["system"] == "ort-genai":
@@ -429,10 +452,21 @@ def gpu_label(row: dict[str, Any]) -> str:
     return f"tokenwire {row['transport']} {streams} ({row['arrival']}, {cache}{sampled})"
 
 
-def gpu_section(gpu: dict[str, Any]) -> str:
-    """Tables for each model of bench/results/gpu.json (bench/gpu.py)."""
-    m = gpu["machine"]
+def gpu_run(gpu: dict[str, Any]) -> str:
+    """When and on which commit the GPU run was made."""
+    return f"{gpu.get('date', 'an unrecorded date')}, commit {gpu.get('git_commit', '?')}"
+
+
+def gpu_section(gpu: dict[str, Any], result: dict[str, Any]) -> str:
+    """Tables for each model of bench/results/gpu.json (bench/gpu.py), headed by how old the
+    GPU run is beside the CPU run above."""
+    m, cpu = gpu["machine"], result["machine"]
     parts = [
+        f"**An older run than the CPU numbers above:** the GPU run of {gpu_run(gpu)}, against "
+        f"the CPU run of {cpu['date']}, commit {cpu['git_commit']}. The code has changed since "
+        "the GPU run and it has not been repeated: its numbers are that commit's, and targets "
+        "added after it read 'not measured on the GPU'.",
+        "",
         f"Regenerate with `bench/gpu.sh OUT_DIR` on a GPU machine (bench/gpu.py; results in "
         f"`bench/results/gpu.json`). Machine: {m['gpu']}, {m['cpu_cores']} CPU cores, Python "
         f"{m['python']}, ONNX Runtime {m['onnxruntime']} (onnxruntime-gpu, CUDA provider), "
@@ -462,7 +496,7 @@ def gpu_section(gpu: dict[str, Any]) -> str:
                 for r in rows
             ),
             "",
-            targets(entry.get("ratios", {}), GPU_TARGETS),
+            targets(entry.get("ratios", {}), GPU_TARGETS, missing=GPU_MISSING),
         ]
         for check in checks:
             parts += ["", greedy_check(check)]
@@ -538,14 +572,35 @@ README = ROOT / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
+README_GPU_EXTRAS = [
+    (
+        "grpc_c16_staggered_vs_genai_static_server",
+        "Staggered vs GenAI's static-batching server on the same arrivals:",
+        "staggered streams vs GenAI's static-batching server",
+    ),
+    (
+        "grpc_c16_mixed_vs_genai_static_server",
+        "The same with mixed lengths:",
+        "the same with mixed lengths",
+    ),
+    (
+        "grpc_c16_sampled_vs_genai_b16_sampled",
+        "16 sampling streams vs GenAI sampling alike:",
+        "16 sampling streams vs GenAI sampling alike",
+    ),
+]
+"""The GPU ratios the README line gives where the GPU run has them: key, the words before
+the value, the name for the list of those it lacks."""
+
+
 def readme_gpu(gpu: dict[str, Any] | None) -> list[str]:
     if gpu is None:
         return []
     lines = [
         f"- on an {gpu['machine']['gpu'].split(',')[0]} (CUDA provider, the same fp16 GenAI "
         "graph for both; tokenwire replays its decode steps as CUDA graphs, GenAI's row is its "
-        "best: CUDA graphs at batch 1, where it can capture them; the GPU run of "
-        f"{gpu.get('date', 'an unrecorded date')}, commit {gpu.get('git_commit', '?')}):"
+        "best: CUDA graphs at batch 1, where it can capture them), from an older run than the "
+        f"lines above, not repeated since: the GPU run of {gpu_run(gpu)}:"
     ]
     for name, entry in gpu["models"].items():
         r = entry.get("ratios")
@@ -563,20 +618,13 @@ def readme_gpu(gpu: dict[str, Any] | None) -> list[str]:
             f"{r['grpc_c16_staggered_vs_genai_b16']:.2f}x GenAI's static batch of 16 (the engine "
             f"alone: {r['engine_c16_vs_genai_b16']:.2f}x); CUDA graphs "
             f"{r['cuda_graph_vs_uncaptured_b1']:.1f}x uncaptured steps at 1 stream."
-            + "".join(
-                f" {text} {r[key]:.2f}x."
-                for key, text in (
-                    (
-                        "grpc_c16_staggered_vs_genai_static_server",
-                        "Staggered vs GenAI's static-batching server on the same arrivals:",
-                    ),
-                    ("grpc_c16_mixed_vs_genai_static_server", "The same with mixed lengths:"),
-                    (
-                        "grpc_c16_sampled_vs_genai_b16_sampled",
-                        "16 sampling streams vs GenAI sampling alike:",
-                    ),
-                )
-                if key in r
+            + "".join(f" {text} {r[key]:.2f}x." for key, text, _ in README_GPU_EXTRAS if key in r)
+            + (
+                " Not measured on the GPU (the GPU run predates them): "
+                + ", ".join(what for key, _, what in README_GPU_EXTRAS if key not in r)
+                + "."
+                if any(key not in r for key, _, _ in README_GPU_EXTRAS)
+                else ""
             )
         )
     return lines
@@ -627,6 +675,24 @@ def threads_text(result: dict[str, Any]) -> str:
     )
 
 
+def readme_width(result: dict[str, Any]) -> str:
+    """Where tokenwire sampled over fewer ids than GenAI (a tokenizer smaller than the model's
+    vocabulary, or one not recorded: results before schema 2), the words that say so."""
+    model = result["model"]
+    vocab = model.get("vocab", 32000)
+    named = model.get("tokenizer_vocab")
+    if named is None:
+        return (
+            f" (in this run tokenwire sampled over the 20,489 ids its tokenizer had, GenAI over "
+            f"all {vocab:,}: about 2.5 % of the top-p ratio is that)"
+        )
+    if named < vocab:
+        return (
+            f" (tokenwire sampled over the {named:,} ids its tokenizer has, GenAI over {vocab:,})"
+        )
+    return ""
+
+
 def readme_block(result: dict[str, Any], gpu: dict[str, Any] | None = None) -> str:
     r = result["ratios"]
 
@@ -649,9 +715,12 @@ def readme_block(result: dict[str, Any], gpu: dict[str, Any] | None = None) -> s
             START,
             f"On a {result['machine']['cores']}-core {cpu_name(result['machine']['cpu'])} CPU, "
             f"{result['model'].get('params_millions', 56)}M-parameter Llama "
-            f"{result['model'].get('training', 'with random weights')}, 32-token prompts, 128 new tokens, every system on "
-            f"the same ONNX Runtime GenAI graph, {threads_text(result)} "
-            f"({result['machine']['date']}):",
+            f"{result['model'].get('training', 'with random weights')}, 32-token prompts, 128 new "
+            f"tokens, {threads_text(result)} ({result['machine']['date']}). Every comparison "
+            "with GenAI or the plain ORT loop runs all its systems on the same ONNX Runtime "
+            "GenAI graph (fp32, or int4 where said); the SSE-edge and metrics lines measure "
+            "tokenwire alone, serving the Optimum-layout export of the same weights, and the "
+            "transport line a stand-in model:",
             "",
             f"- one stream over gRPC, fp32: {svc1['tokens_per_s']:.0f} tokens/s, TTFT p50 "
             f"{svc1['ttft_p50_ms']:.0f} ms = {r['genai_graph_b1_vs_genai_b1']:.2f}x ONNX Runtime "
@@ -673,15 +742,14 @@ def readme_block(result: dict[str, Any], gpu: dict[str, Any] | None = None) -> s
             f"- 16 streams sampling (temperature 0.8, top-k 50, top-p 0.95) at once: "
             f"{r['genai_graph_c16_sampled_vs_genai_b16_sampled']:.2f}x GenAI's static batch of "
             f"16 sampling alike; OpenAI-style (temperature 0.7, top-p 0.9, no top-k): "
-            f"{r['genai_graph_c16_top_p_vs_genai_b16_top_p']:.2f}x;",
+            f"{r['genai_graph_c16_top_p_vs_genai_b16_top_p']:.2f}x{readme_width(result)};",
             f"- int4 weights, one stream: {int4['tokens_per_s']:.0f} tokens/s = "
             f"{r['int4_b1_vs_genai_int4_b1']:.2f}x GenAI int4;",
             *readme_transport(result.get("transport")),
-            f"- SSE edge: {r['edge_c16_vs_grpc_c16']:.2f}x direct gRPC tokens/s at 16 streams, "
-            f"+{r['edge_ttft_p50_added_ms']:.1f} ms TTFT p50;",
-            f"- metrics exporter on vs off: {r['metrics_on_vs_off_c16']:.2f}x;"
-            if gpu
-            else f"- metrics exporter on vs off: {r['metrics_on_vs_off_c16']:.2f}x.",
+            f"- SSE edge (Optimum graph): {r['edge_c16_vs_grpc_c16']:.2f}x direct gRPC tokens/s "
+            f"at 16 streams, +{r['edge_ttft_p50_added_ms']:.1f} ms TTFT p50;",
+            f"- metrics exporter on vs off (Optimum graph): {r['metrics_on_vs_off_c16']:.2f}x"
+            + (";" if gpu else "."),
             *readme_gpu(gpu),
             "",
             "Full table, plots, the targets missed and why: [docs/benchmarks.md](docs/benchmarks.md)"
@@ -726,9 +794,157 @@ def transport(found: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def knobs(peer_knobs: dict[str, str]) -> str:
-    """One line per system: the settings it ran with."""
-    return "\n".join(f"- `{name}` ran with: {text}" for name, text in sorted(peer_knobs.items()))
+OLD_KNOBS = (
+    "- settings this run's knobs above leave out or misstate (results before schema 2 did not "
+    "write them; the benchmark code of the run's commit ran with them): GenAI's Generator "
+    "with search options max_length = min_length = prompt + new tokens (EOS is forbidden until "
+    "min_length, which is how GenAI ignores it) and past_present_share_buffer true "
+    "(genai_config.json's search section); GenAI's Engine with min and max generated tokens "
+    "both the request's own length, which in poisson-mixed is the request's seeded draw "
+    "(16-240), not 128; tokenwire's server with max_kv_tokens 16384, each request up to the "
+    "model's context of 512 positions, on the GenAI graphs one cache preallocated at start of "
+    "32 slots x 512 positions, on the Optimum graph a cache that grows each step; the engine "
+    "alone with EngineConfig(max_batch_size=16), the rest its defaults (16 slots x 512 "
+    "positions on the GenAI graphs); and tokenwire's TTFT and latency clocks started when its "
+    "client sent each request, not at the request's scheduled arrival, where the peers serving "
+    "the same load start theirs (a client late to send flattered tokenwire's staggered TTFT "
+    "a little)"
+)
+"""What results of schema 1 lack in their knobs, true of the code that made them."""
+
+
+def knobs(result: dict[str, Any]) -> str:
+    """One line per system: the settings it ran with; for older results, what they left out."""
+    lines = [
+        f"- `{name}` ran with: {text}"
+        for name, text in sorted(result.get("peer_knobs", {}).items())
+    ]
+    if result.get("schema", 1) < 2:
+        lines.append(OLD_KNOBS)
+    return "\n".join(lines)
+
+
+def sampling_width(result: dict[str, Any]) -> str:
+    """How many ids each system samples over: tokenwire over those its tokenizer names (at most
+    the model's vocabulary), GenAI over every column of the logits."""
+    model = result["model"]
+    vocab = model.get("vocab", 32000)
+    named = model.get("tokenizer_vocab")
+    if named is None:
+        return (
+            "tokenizer size not recorded in this run: the benchmark model of results before "
+            "schema 2 had a tokenizer of 20,489 tokens (trained on 4 MB of CPython's sources) "
+            f"over its {vocab:,}-row embedding, so tokenwire sampled over 20,489 ids and GenAI "
+            f"over all {vocab:,}; sampling 16 such rows at top-p took tokenwire's sampler "
+            "0.75 ms a step against 1.10 ms at the full width (0.26 against 0.30 ms with "
+            "top-k 50), which flatters the top-p ratio by about 2.5 %"
+        )
+    if named >= vocab:
+        return (
+            f"its tokenizer names all {vocab:,} ids, so tokenwire and GenAI sample over the same "
+            f"{vocab:,}"
+        )
+    return (
+        f"its tokenizer names {named:,} of the {vocab:,} ids: tokenwire samples over those "
+        f"{named:,}, GenAI over all {vocab:,} (a narrower row is cheaper to sample, which "
+        "flatters tokenwire's sampled ratios)"
+    )
+
+
+PLACEHOLDER = re.compile(r"\{\{([^{}]*)\}\}")
+"""{{name}} in bench/analysis.md: a figure of the published run, filled from latest.json."""
+NOT_IN_RUN = "not in this run"
+
+
+def find_row(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def analysis_values(result: dict[str, Any], gpu: dict[str, Any] | None = None) -> dict[str, str]:
+    """Every figure bench/analysis.md may quote of the published run (and when the GPU run
+    was made), by placeholder name: `ratio:KEY` and `rounds:KEY` for each ratio and its rounds
+    (min-max), and the named ones below. A figure the run lacks reads NOT_IN_RUN."""
+    ratios, rows, m = result["ratios"], result["rows"], result["machine"]
+    values = {
+        "run": f"{m['date']}, commit {m['git_commit']}",
+        "gpu_run": "(none recorded)" if gpu is None else gpu_run(gpu),
+        "run_minutes": f"{result['wall_s'] / 60:.0f}",
+        "edge_ttft_added_ms": f"{ratios['edge_ttft_p50_added_ms']:.1f}",
+        **{f"ratio:{key}": f"{value:.2f}" for key, value in ratios.items()},
+        **{
+            f"rounds:{key}": f"{min(each):.2f}-{max(each):.2f}"
+            for key, each in result.get("ratio_rounds", {}).items()
+        },
+    }
+    # Single-stream peers: how far their slowest round fell below their fastest.
+    lows = [
+        min(x["tokens_per_s"] for x in r["rounds"]) / max(x["tokens_per_s"] for x in r["rounds"])
+        for r in rows
+        if r["system"] in ("ort-loop", "ort-genai")
+        and r["concurrency"] == 1
+        and len(r.get("rounds", [])) > 1
+    ]
+    values["peer_round_low_pct"] = f"{min(lows) * 100:.0f}" if lows else NOT_IN_RUN
+    # GenAI's Generator at one stream: CPU per token, and the bound a server's 0.33 ms of CPU
+    # per token outside ONNX Runtime sets on the same cores (arithmetic, not a measurement).
+    for graph, name in (("genai-int4", "int4"), ("genai-fp32", "fp32")):
+        row = (
+            find_row(rows, graph=graph, system="ort-genai", concurrency=1, decoding="greedy") or {}
+        )
+        cpu = row.get("cpu_ms_per_token")
+        values[f"genai_cpu_ms_{name}"] = NOT_IN_RUN if cpu is None else f"{cpu:.2f}"
+        values[f"genai_token_ms_{name}"] = (
+            f"{1000 / row['tokens_per_s']:.2f}" if row else NOT_IN_RUN
+        )
+        values[f"bound_{name}"] = NOT_IN_RUN if cpu is None else f"{cpu / (cpu + 0.33):.2f}"
+    fair = {f["prefill_chunk_tokens"]: f for f in result.get("fairness", [])}
+    for chunk in (256, 64):
+        f = fair.get(chunk)
+        values[f"fair_worst_ms_{chunk}"] = (
+            NOT_IN_RUN if f is None else f"{f['itl_max_ms_during_prefill']:.0f}"
+        )
+        values[f"fair_ttft_ms_{chunk}"] = (
+            NOT_IN_RUN if f is None else f"{f['long_prompt_ttft_ms']:.0f}"
+        )
+    normal = [f["itl_p50_ms_otherwise"] for f in fair.values()]
+    values["fair_normal_ms"] = f"{min(normal):.1f}-{max(normal):.1f}" if normal else NOT_IN_RUN
+    ceiling = result.get("transport") or {"rows": []}
+    for transport, name in (("engine-alone", "alone"), ("grpc", "grpc"), ("grpc-bare", "bare")):
+        for c in (16, 64):
+            found = find_row(ceiling["rows"], transport=transport, concurrency=c)
+            values[f"transport_{name}_{c}"] = (
+                NOT_IN_RUN if found is None else f"{round(found['tokens_per_s'], -2):,.0f}"
+            )
+    static = (
+        find_row(
+            rows, graph="genai-fp32", system="ort-genai-static-server", arrival="poisson-mixed"
+        )
+        or {}
+    )
+    making = static.get("generator_making_ms_in_clock")
+    values["static_mixed_making"] = (
+        "not recorded in this run"
+        if making is None
+        else f"{static['generators_made_in_clock']} Generators made inside the requests' "
+        f"clocks, {making:.0f} ms of the {static['span_s']:.1f} s span "
+        f"({making / 10 / static['span_s']:.1f} %)"
+    )
+    return values
+
+
+def fill(text: str, values: dict[str, str], source: Path = ANALYSIS) -> str:
+    """`text` with every {{name}} replaced by values[name]; an unknown name stops the report
+    (a figure nobody fills would be printed as a stale or empty one)."""
+    unknown = sorted({name for name in PLACEHOLDER.findall(text) if name not in values})
+    if unknown:
+        raise SystemExit(
+            f"{source}: unknown placeholder(s) {', '.join(unknown)}; report.py analysis_values "
+            f"names: {', '.join(sorted(values))}"
+        )
+    filled = PLACEHOLDER.sub(lambda found: values[found.group(1)], text)
+    if "{{" in filled or "}}" in filled:
+        raise SystemExit(f"{source}: a placeholder is not closed ({{{{name}}}})")
+    return filled
 
 
 def main() -> None:
@@ -737,19 +953,20 @@ def main() -> None:
     update_readme(result, gpu)
     plots([row for row in result["rows"] if "graph" not in row])
     m, w = result["machine"], result["workload"]
-    analysis = ANALYSIS.read_text() if ANALYSIS.exists() else ""
+    analysis = fill(ANALYSIS.read_text(), analysis_values(result, gpu)) if ANALYSIS.exists() else ""
     doc = f"""# Benchmarks
 
-Regenerate with `make bench` (about 13 minutes on 2 cores once its environment and models exist;
-`make bench-quick` for a shorter run).
+Regenerate with `make bench` (this run measured for {result["wall_s"] / 60:.0f} minutes on
+{m["cores"]} cores, once its environment and models existed; `make bench-quick` for a shorter run).
 Everything below comes from `bench/results/latest.json`, measured side by side in one run.
 
 - machine: {m["cpu"]}, {m["cores"]} cores; Python {m["python"]}; ONNX Runtime {m["onnxruntime_service"]}
   (service, CPU provider of onnxruntime-gpu) / {m["onnxruntime_peers"]} (peers); ONNX Runtime GenAI
   {m["onnxruntime_genai"]}; commit {m["git_commit"]}; {m["date"]}{" (quick run)" if result["quick"] else ""}
-- model: Llama, 8 layers, hidden 512, vocab 32000, {result["model"].get("params_millions", 56)}M parameters
+- model: Llama, 8 layers, hidden 512, vocab {result["model"].get("vocab", 32000)}, {result["model"].get("params_millions", 56)}M parameters
   (the output layer shares the embedding's weights), {result["model"].get("training", "with random weights")}
   (`bench/build_models.py`): its next-token distributions are peaked as a trained model's, which is what sampled rows need;
+  {sampling_width(result)};
   fp32, CPU; the same weights in the Optimum layout (tokenwire and the plain loop) and the GenAI
   format
 - workload: prompt {w["prompt_tokens"]} tokens, {w["new_tokens"]} new tokens, greedy, EOS ignored;
@@ -757,7 +974,7 @@ Everything below comes from `bench/results/latest.json`, measured side by side i
   loads: 32 Poisson arrivals keeping about 16 in flight, every request asking for
   {w["new_tokens"]} tokens (`poisson`) or, on the same arrivals, for mixed lengths (`poisson-mixed`,
   {w.get("mixed_output_lengths", "not measured in this run")})
-{knobs(result.get("peer_knobs", {}))}
+{knobs(result)}
 
 ## Targets
 
@@ -803,7 +1020,7 @@ How many tokens/s one server process delivers when the model costs next to nothi
 
 ## GPU
 
-{gpu_section(gpu) if gpu else "No GPU run is recorded (`bench/gpu.sh` makes one)."}
+{gpu_section(gpu, result) if gpu else "No GPU run is recorded (`bench/gpu.sh` makes one)."}
 
 {analysis}
 """
