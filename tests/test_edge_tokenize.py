@@ -72,26 +72,30 @@ async def test_tokenize_counts_messages_as_the_chat_route_does(http: httpx.Async
     assert counted["count"] == usage["prompt_tokens"] > 0
 
 
-async def test_messages_get_no_bos_added_as_on_the_chat_route() -> None:
-    """Before a model whose tokenizer adds BOS, /tokenize of messages still counts the chat
-    route's prompt_tokens (the rendered template is tokenized without special tokens added),
-    while a prompt gets its BOS."""
+async def test_a_chat_without_a_template_of_the_models_own_gets_its_bos() -> None:
+    """Before a model with no chat template whose tokenizer adds BOS, a chat rendered with the
+    default template gets that BOS, as the same text sent as a prompt does (the model's own
+    template would write it), and /tokenize of the messages counts what the chat route
+    reports as its prompt_tokens."""
     model = OnnxCausalLM(LLAMA, provider="cpu", intra_op_threads=1)
-    running = await start_server(model, Tokenizer.from_dir(LLAMA))
+    tokenizer = Tokenizer.from_dir(LLAMA)
+    running = await start_server(model, tokenizer)
     edge = await start_edge(running.target)
     try:
         async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
             counted = await _ok(http, "/tokenize", {"messages": TURNS})
             chat = await _ok(http, "/v1/chat/completions", {"messages": TURNS, "max_tokens": 1})
-            prompt = await _ok(http, "/tokenize", {"prompt": "Hello"})
-            bare = await _ok(http, "/tokenize", {"prompt": "Hello", "add_special_tokens": False})
     finally:
         await edge.edge.stop()
         await running.server.drain()
+    bos = tokenizer.encode("Hello", add_special_tokens=True)[0]
+    assert bos not in tokenizer.encode("Hello")
+    ids = counted["tokens"]
+    assert isinstance(ids, list)
+    assert ids[0] == bos
     usage = chat["usage"]
     assert isinstance(usage, dict)
-    assert counted["count"] == usage["prompt_tokens"]
-    assert prompt["count"] == bare["count"] + 1
+    assert counted["count"] == usage["prompt_tokens"] == len(ids)
 
 
 async def test_add_generation_prompt_false_leaves_out_the_assistant_turn(

@@ -59,6 +59,7 @@ async def _begin(request: Request, *, chat: bool) -> _Call:
     turns = chat_turns(fields) if chat else None
     parsed = read_request(fields, request_id, chat=chat)
     info = await ctx.upstream.model_info()
+    parsed = parsed.for_model(info)
     check_model(parsed.model, info, ctx.settings.model_aliases)
     check_max_tokens(parsed, info)
     check_generations(parsed.n, len(parsed.choices), info)
@@ -76,7 +77,7 @@ async def _begin(request: Request, *, chat: bool) -> _Call:
             # made in parallel one X-Request-ID). These routes address no stream by its id,
             # so this one runs under the id made unique rather than being refused.
             request_id = account.request_id = unique_id(request_id)
-            parsed = read_request(fields, request_id, chat=chat)
+            parsed = read_request(fields, request_id, chat=chat).for_model(info)
             upstreams = await open_generations(
                 ctx.upstream, prompts, parsed.choices, account.route, owner
             )

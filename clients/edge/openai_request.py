@@ -169,6 +169,15 @@ class OpenAIRequest:
         where = f"prompt[{generation // self.n}]"
         return self.names | {"prompt": where, "prompt_ids": where}
 
+    def for_model(self, info: ModelInfo) -> OpenAIRequest:
+        """The request as the served model takes it: a chat rendered with the default template
+        (the model has none) holds none of the special tokens the model expects, so its
+        tokenizer adds them (BOS), as it does to the same text sent as a completions prompt."""
+        if not self.chat or info.chat_template:
+            return self
+        added = tuple(dataclasses.replace(c, add_special_tokens=None) for c in self.choices)
+        return dataclasses.replace(self, choices=added)
+
     def prompts(self, chat_prompt: str = "") -> list[str]:
         """The prompt text of each generation, in the order of `choices`."""
         texts = (chat_prompt,) if self.chat else self.texts
@@ -362,7 +371,8 @@ def _options(
             logit_bias=fields.token_biases("logit_bias"),
             min_tokens=fields.integer("min_tokens", 0) or 0,
             request_id=request_id,
-            # A rendered chat template already holds the special tokens (BOS) the model expects.
+            # A rendered chat template already holds the special tokens (BOS) the model
+            # expects (without a template of the model's own, see OpenAIRequest.for_model).
             add_special_tokens=False if chat else None,
         )
     prompt = "messages" if chat else "prompt"

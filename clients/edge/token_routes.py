@@ -87,14 +87,16 @@ async def _read(request: Request, known: frozenset[str]) -> tuple[EdgeContext, F
 def _text(fields: Fields, info: ModelInfo) -> tuple[str, bool, str]:
     """The text to tokenize, whether special tokens are added to it, and the field it came
     from: a `prompt` as sent (special tokens added unless add_special_tokens is false), or the
-    `messages` as the chat route renders them (none added unless add_special_tokens is true)."""
+    `messages` as the chat route renders them (none added unless add_special_tokens is true,
+    or the model has no chat template: see OpenAIRequest.for_model)."""
     if fields.has("messages"):
         if fields.has("prompt"):
             raise EdgeError.invalid("prompt", "give prompt or messages, not both")
         turns = chat_turns(fields)
         generation = fields.boolean("add_generation_prompt", True)
         text = chat_prompt(turns, info, add_generation_prompt=generation)
-        return text, fields.boolean("add_special_tokens", False), "messages"
+        default = not info.chat_template
+        return text, fields.boolean("add_special_tokens", default), "messages"
     if fields.has("add_generation_prompt"):
         raise EdgeError.invalid("add_generation_prompt", "is read only with messages")
     if not fields.has("prompt"):
