@@ -246,6 +246,28 @@ def test_a_template_that_reads_strings_or_parts_renders_string_content_as_it_did
     )
 
 
+# Llama 4's way: a string printed as it is, each text part trimmed.
+STRING_AS_IS_OR_PARTS_TRIMMED = (
+    "{% for m in messages %}<{{ m['role'] }}>"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for item in m['content'] %}{{ item['text'] | trim }}{% endfor %}{% endif %}"
+    "</{{ m['role'] }}>{% endfor %}"
+)
+
+
+def test_a_template_with_a_string_branch_gets_string_content_as_a_string() -> None:
+    """A template that prints string content as it is and trims each text part (Llama 4's)
+    keeps the spaces and newlines of a turn sent as a string, as transformers renders it, and
+    trims the parts of a turn sent as parts."""
+    turns = [
+        {"role": "user", "content": "  padded \n"},
+        {"role": "assistant", "content": [{"type": "text", "text": " part "}]},
+    ]
+    assert chat_prompt(turns, _info(STRING_AS_IS_OR_PARTS_TRIMMED)) == (
+        "<user>  padded \n</user><assistant>part</assistant>"
+    )
+
+
 def test_a_template_that_prints_one_turns_content_whole_renders_its_text() -> None:
     """A template that loops over the user's content but prints the system turn's whole
     (`{{ content }}`, `| trim`) renders that turn's text, its parts joined by newlines, not

@@ -6,8 +6,10 @@ text and takes `indent`."""
 from __future__ import annotations
 
 import datetime
+import enum
 import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 import jinja2
@@ -94,26 +96,43 @@ def _is_content(node: jinja2.nodes.Node) -> bool:
     return isinstance(node, jinja2.nodes.Getattr) and node.attr == "content"
 
 
+class Reading(enum.Enum):
+    """How a template reads a message's content."""
+
+    STRING = "string"
+    """As one string (it never loops over content)."""
+    PARTS = "parts"
+    """As OpenAI's list of text parts, only (SmolVLM's, llava's): a string is one part."""
+    AS_SENT = "as sent"
+    """A string as a string, parts as parts: it tests `content is string` (Gemma 3's,
+    Llama 4's, Qwen2-VL's), and prints a string as transformers gives it (Llama 4's trims
+    each part, not a string)."""
+
+
 @functools.lru_cache(maxsize=8)
-def reads_content_parts(template: str) -> bool:
+def content_reading(template: str) -> Reading:
     """Whether the template loops over a message's content, directly or through a variable
-    set from it: it reads content as OpenAI's list of text parts (Gemma 3's, Llama 4's,
-    SmolVLM's, llava's), where other templates read content as one string (vLLM tells the two
-    apart the same way)."""
+    set from it (it then reads content as text parts, as vLLM tells the two apart), and
+    whether it also reads a string content as one (`is string`)."""
     try:
         tree = _jinja.parse(template)
     except TemplateSyntaxError:
-        return False
+        return Reading.STRING
     names = {
         node.target.name
         for node in tree.find_all(jinja2.nodes.Assign)
         if isinstance(node.target, jinja2.nodes.Name) and _is_content(node.node)
     }
-    return any(
-        _is_content(loop.iter)
-        or (isinstance(loop.iter, jinja2.nodes.Name) and loop.iter.name in names)
-        for loop in tree.find_all(jinja2.nodes.For)
-    )
+
+    def content(node: jinja2.nodes.Node) -> bool:
+        return _is_content(node) or (isinstance(node, jinja2.nodes.Name) and node.name in names)
+
+    if not any(content(loop.iter) for loop in tree.find_all(jinja2.nodes.For)):
+        return Reading.STRING
+    tests = tree.find_all(jinja2.nodes.Test)
+    if any(test.name == "string" and content(test.node) for test in tests):
+        return Reading.AS_SENT
+    return Reading.PARTS
 
 
 class _TextParts(list[dict[str, str]]):
@@ -138,11 +157,20 @@ def _as_parts(content: str | list[dict[str, str]]) -> _TextParts:
     return _TextParts([{"type": "text", "text": content}] if isinstance(content, str) else content)
 
 
-def _as_template_reads(turns: list[dict[str, Any]], parts: bool) -> list[dict[str, Any]]:
+def _as_template_reads(turns: list[dict[str, Any]], reading: Reading) -> list[dict[str, Any]]:
     """The turns with each content as the template reads content: every turn's as text parts
-    (a string as one part), or every turn's as one string."""
-    read = _as_parts if parts else _joined
+    (a string as one part), every turn's as one string, or strings as strings and parts as
+    parts."""
+    read: Callable[[str | list[dict[str, str]]], str | list[dict[str, str]]] = _as_sent
+    if reading is Reading.PARTS:
+        read = _as_parts
+    elif reading is Reading.STRING:
+        read = _joined
     return [{**turn, "content": read(turn["content"])} for turn in turns]
+
+
+def _as_sent(content: str | list[dict[str, str]]) -> str | list[dict[str, str]]:
+    return content if isinstance(content, str) else _as_parts(content)
 
 
 def chat_prompt(
@@ -150,7 +178,7 @@ def chat_prompt(
 ) -> str:
     """The turns rendered with the model's chat template (or the default one), by default
     followed by the assistant turn's start (add_generation_prompt). A template that loops over
-    content (see reads_content_parts) gets every turn's content as text parts, sent as a
+    content (see content_reading) gets every turn's content as text parts, sent as a
     string or not; any other gets every turn's as one string."""
     source = info.chat_template or DEFAULT_CHAT_TEMPLATE
     template = _compiled(source)
@@ -165,18 +193,19 @@ def chat_prompt(
         "documents": None,
         "add_generation_prompt": add_generation_prompt,
     }
-    parts = reads_content_parts(source)
+    reading = content_reading(source)
     try:
         try:
-            rendered = template.render(messages=_as_template_reads(turns, parts), **context)
+            rendered = template.render(messages=_as_template_reads(turns, reading), **context)
         except TemplateRefusal:
             raise
         except Exception:
-            if not parts:
+            if reading is Reading.STRING:
                 raise
             # A template that loops over some turns' content may still read others' as one
             # string (Mistral Small 3.1 prefixes the system turn's): it gets every turn's as one.
-            rendered = template.render(messages=_as_template_reads(turns, False), **context)
+            messages = _as_template_reads(turns, Reading.STRING)
+            rendered = template.render(messages=messages, **context)
     except TemplateRefusal as exc:
         # Model templates refuse some conversations (roles not alternating, ...).
         raise EdgeError.invalid(
