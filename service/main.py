@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import dataclasses
+import functools
 import os
 import signal
 import socket
+import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -77,6 +83,59 @@ def load_engine(settings: Settings, observer: EngineObserver | None = None) -> E
     return engine
 
 
+LOAD_THREAD = "tokenwire-model-load"
+
+
+def _load_off_loop(settings: Settings, observer: EngineObserver) -> asyncio.Future[Engine]:
+    """load_engine on a daemon thread of its own; its engine (or its error) in a future.
+
+    Not asyncio.to_thread: asyncio.run joins the default executor's threads before it
+    returns, so a process stopped during the load would wait for the load to end. A load
+    given up on (the future cancelled) runs on unwatched; the process does not wait for it."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Engine] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not future.done():  # else given up on
+            outcome()
+
+    def load() -> None:
+        try:
+            engine = context.run(load_engine, settings, observer)
+        except BaseException as exc:  # the waiting side decides what it means
+            outcome = functools.partial(future.set_exception, exc)
+        else:
+            outcome = functools.partial(future.set_result, engine)
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            loop.call_soon_threadsafe(settle, outcome)
+
+    threading.Thread(target=load, name=LOAD_THREAD, daemon=True).start()
+    return future
+
+
+async def _load_unless_stopped(
+    settings: Settings, observer: EngineObserver, stop: asyncio.Event
+) -> Engine | None:
+    """The loaded, warm engine; None when `stop` is set first (the load is given up on).
+    Raises what the load raises (ModelLoadError: a model the engine cannot drive)."""
+    if stop.is_set():
+        return None
+    loading = _load_off_loop(settings, observer)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((loading, stopping), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not stop.is_set():
+        return loading.result()
+    # A signal came first (or with the engine): it is never attached.
+    if loading.done() and loading.exception() is None:
+        loading.result().shutdown()
+    loading.cancel()
+    return None
+
+
 def metrics_tls(settings: Settings) -> MetricsTls | None:
     """The /metrics port's TLS files, when metrics_tls is on (the gRPC port's certificate)."""
     if not settings.metrics_tls or settings.tls_cert is None or settings.tls_key is None:
@@ -140,7 +199,7 @@ async def _serve(
                 address=host_port(settings.host, settings.metrics_port),
                 reason=str(exc),
             )
-            await server.drain()
+            await server.close("metrics_cannot_listen")
             return 2
         scheme = "http" if tls is None else "https"
         where = host_port(settings.host, metrics_port)
@@ -160,11 +219,16 @@ async def _serve(
         )
     resolved = dataclasses.replace(settings, intra_op_threads=threads.cpus)
     try:
-        engine = await asyncio.to_thread(load_engine, resolved, metrics)
+        engine = await _load_unless_stopped(resolved, metrics, stop)
     except ModelLoadError as exc:
         log.error("model.refused", model_dir=str(settings.model_dir), reason=str(exc))
-        await server.drain()
+        await server.close("model_refused")
         return 2
+    if engine is None:
+        # Stopped before it served: no notice and no drain (nothing reached the engine), so
+        # a pod deleted while its model loads goes at once rather than at its grace period.
+        await server.close("signal_during_load")
+        return 0
     rounding = engine.model.batch_rounding if isinstance(engine.model, OnnxCausalLM) else 0.0
     log.info(
         "model.loaded",
@@ -269,4 +333,12 @@ async def _main(settings: Settings) -> int:
 
 def serve(settings: Settings) -> int:
     configure_logging(settings.log_format)
-    return asyncio.run(_main(settings))
+    code = asyncio.run(_main(settings))
+    if any(t.name == LOAD_THREAD and t.is_alive() for t in threading.enumerate()):
+        # A load given up on at a signal still runs (ONNX Runtime building a session, or a
+        # warm-up step): exit without finalizing the interpreter under native code still
+        # running in it. The logs and the traces are out; the port is closed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -160,6 +160,15 @@ class TokenwireServer:
             engine.shutdown()
         log.info("server.stopped")
 
+    async def close(self, reason: str) -> None:
+        """Stop a server that never served (its start failed, or a signal came while the model
+        loaded): the port closes at once, with no notice and no drain, as nothing reached an
+        engine. The log line says why."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace=None)
+        self.servicer.tokens.shutdown()
+        log.info("server.stopped", reason=reason)
+
     async def _unless_hurried(self, wait: Awaitable[bool]) -> bool:
         """What `wait` returns, or False as soon as `hurry` is set (`wait` is cancelled)."""
         waiting = asyncio.ensure_future(wait)
