@@ -132,16 +132,41 @@ def test_probe_ports_match_container_ports(overlay: str) -> None:
                     assert action["port"] in declared, (deployment["metadata"]["name"], probe)
 
 
-@pytest.mark.parametrize("deployment", ["tokenwire-server", "tokenwire-edge"])
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_grace_period_covers_prestop_and_drain(overlay: str, deployment: str) -> None:
-    """terminationGracePeriodSeconds >= preStop sleep + TOKENWIRE_DRAIN_GRACE_S (both drain)."""
-    docs = _docs(overlay)
+def _grace_and_stop(docs: list[dict[str, Any]], deployment: str) -> tuple[float, float]:
+    """A Deployment's terminationGracePeriodSeconds, and the longest its pods' stop may take
+    before the process exits: the preStop sleep, then (both the server and the edge) the drain
+    notice (TOKENWIRE_DRAIN_NOTICE_S, 0 where the manifests leave it unset) and the drain
+    grace (TOKENWIRE_DRAIN_GRACE_S)."""
     spec = _find(docs, "Deployment", deployment)["spec"]["template"]["spec"]
     container = spec["containers"][0]
     pre_stop = float(container["lifecycle"]["preStop"]["exec"]["command"][-1])
-    drain = float(_env(docs)["TOKENWIRE_DRAIN_GRACE_S"])
-    assert spec["terminationGracePeriodSeconds"] >= pre_stop + drain
+    own = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    env = {**_env(docs), **own}
+    notice = float(env.get("TOKENWIRE_DRAIN_NOTICE_S", 0))
+    drain = float(env["TOKENWIRE_DRAIN_GRACE_S"])
+    return float(spec["terminationGracePeriodSeconds"]), pre_stop + notice + drain
+
+
+@pytest.mark.parametrize("deployment", ["tokenwire-server", "tokenwire-edge"])
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grace_period_covers_prestop_and_drain(overlay: str, deployment: str) -> None:
+    """terminationGracePeriodSeconds >= preStop sleep + TOKENWIRE_DRAIN_NOTICE_S +
+    TOKENWIRE_DRAIN_GRACE_S (both drain)."""
+    grace, stop = _grace_and_stop(_docs(overlay), deployment)
+    assert grace >= stop
+
+
+@pytest.mark.parametrize("deployment", ["tokenwire-server", "tokenwire-edge"])
+def test_a_drain_notice_counts_against_the_grace_period(tmp_path: Path, deployment: str) -> None:
+    """In a copy of k8s/ with TOKENWIRE_DRAIN_NOTICE_S=15, preStop (5 s) + notice + drain
+    grace (30 s) is more than the 45 s grace period: the invariant above no longer holds."""
+    copy = tmp_path / "k8s"
+    shutil.copytree(ROOT / "k8s", copy)
+    env = copy / "base" / "config.env"
+    env.write_text(env.read_text() + "TOKENWIRE_DRAIN_NOTICE_S=15\n")
+    docs = [d for d in yaml.safe_load_all(_render("cpu", copy)) if d]
+    grace, stop = _grace_and_stop(docs, deployment)
+    assert (grace, stop) == (45, 50)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
