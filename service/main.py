@@ -287,6 +287,15 @@ async def _serve(
             served=spec.context_length,
             reason=spec.context_cap,
         )
+    if settings.max_context_tokens > spec.context_length:
+        log.warning(
+            "model.max_context_tokens_capped",
+            max_context_tokens=settings.max_context_tokens,
+            context_length=spec.context_length,
+            reason=f"max_context_tokens ({settings.max_context_tokens}) is more than the "
+            f"model's context ({spec.context_length}): a request holds at most "
+            f"{spec.context_length} positions",
+        )
     metrics.describe_build(__version__, engine.model.spec.name, engine.model.provider)
     await server.attach(engine)
     log.info(
