@@ -10,6 +10,7 @@ from typing import Any, Literal, get_args
 from tokenwire.common import defaults, keys
 from tokenwire.common.keys import read_api_keys
 from tokenwire.common.settings import (
+    ENV_PREFIX,
     SettingsError,
     read_settings,
     require_collector_url,
@@ -145,6 +146,11 @@ def all_api_keys(s: Settings) -> tuple[str, ...]:
     return keys.all_api_keys(s.api_keys, s.api_keys_file)
 
 
+def _names(field: str) -> str:
+    """The variable and the flag that set a field (those named after it)."""
+    return f"{ENV_PREFIX}{field.upper()}, --{field.replace('_', '-')}"
+
+
 def _check_network(s: Settings) -> None:
     _require(0 <= s.port <= 65535, "port", "between 0 and 65535", s.port)
     _require(bool(s.host), "host", "non-empty", s.host)
@@ -216,12 +222,11 @@ def _check_api_keys(s: Settings) -> None:
 
 
 def _check_tls(s: Settings) -> None:
-    _require(
-        (s.tls_cert is None) == (s.tls_key is None),
-        "tls_key",
-        "set together with tls_cert",
-        s.tls_key,
-    )
+    pair = ("tls_cert", "tls_key")
+    for given, other in (pair, pair[::-1]):
+        value = getattr(s, given)
+        alone = value is not None and getattr(s, other) is None
+        _require(not alone, given, f"given with {other} ({_names(other)})", str(value))
     _require(
         s.tls_client_ca is None or s.tls_cert is not None,
         "tls_client_ca",

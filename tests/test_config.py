@@ -39,3 +39,24 @@ def test_a_kv_budget_no_default_request_fits_is_refused() -> None:
     env = {"TOKENWIRE_MAX_KV_TOKENS": "128", "TOKENWIRE_DEFAULT_MAX_TOKENS": "128"}
     with pytest.raises(SettingsError, match=r"max_kv_tokens: must be more than default_max"):
         Settings.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("env", "flags", "origin"),
+    [
+        ({}, {"tls_cert": Path("/etc/hostname")}, "--tls-cert"),
+        ({"TOKENWIRE_TLS_CERT": "/etc/hostname"}, {}, "TOKENWIRE_TLS_CERT"),
+    ],
+)
+def test_a_certificate_without_its_key_names_where_each_comes_from(
+    env: dict[str, str], flags: dict[str, Path], origin: str
+) -> None:
+    """tls_cert alone is refused naming the certificate and where it was given (flag or
+    variable), and the missing tls_key with its variable and flag."""
+    expected = (
+        "tls_cert: must be given with tls_key (TOKENWIRE_TLS_KEY, --tls-key), "
+        f"got '/etc/hostname' (from {origin})"
+    )
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env(env, **flags)
+    assert str(refused.value) == expected
