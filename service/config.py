@@ -157,6 +157,9 @@ def _check_network(s: Settings) -> None:
     _require(
         0 <= s.metrics_port <= 65535, "metrics_port", "between 0 (off) and 65535", s.metrics_port
     )
+    # Both fixed and the same: the second listener would fail only once the first is up.
+    same = s.metrics_port != 0 and s.metrics_port == s.port
+    _require(not same, "metrics_port", f"0 (off) or different from port ({_names('port')})", s.port)
     require_collector_url(s.otlp_endpoint, "otlp_endpoint")
 
 

@@ -60,3 +60,15 @@ def test_a_certificate_without_its_key_names_where_each_comes_from(
     with pytest.raises(SettingsError) as refused:
         Settings.from_env(env, **flags)
     assert str(refused.value) == expected
+
+
+def test_a_metrics_port_equal_to_the_grpc_port_is_refused_naming_both() -> None:
+    """metrics_port the same (nonzero) port as port is refused at once, naming both settings,
+    instead of failing later with the address in use."""
+    env = {"TOKENWIRE_PORT": "7000", "TOKENWIRE_METRICS_PORT": "7000"}
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env(env)
+    assert str(refused.value) == (
+        "metrics_port: must be 0 (off) or different from port (TOKENWIRE_PORT, --port), "
+        "got 7000 (from TOKENWIRE_METRICS_PORT)"
+    )
