@@ -10,8 +10,10 @@ COPY service ./service
 COPY clients ./clients
 # Settings rules, default ports, percentiles: shared by both, shipped by tokenwire-client.
 COPY common ./common
+# pip byte-compiles what it installs: the runtime's filesystem is read-only and it writes no
+# bytecode (PYTHONDONTWRITEBYTECODE), so modules left uncompiled are compiled at every start.
 RUN python -m venv /opt/tokenwire \
-    && /opt/tokenwire/bin/pip install --no-compile './clients[edge]' .
+    && /opt/tokenwire/bin/pip install './clients[edge]' .
 
 FROM python:3.11-slim
 ENV PATH=/opt/tokenwire/bin:$PATH \
