@@ -9,12 +9,17 @@ edge): the client alone never imports it, so it needs no tracing package.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import ClassVar, Self
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+
+FLUSH_LIMIT_S = 2.0
+"""The longest the last export at exit may take. The OTLP exporter retries an unreachable
+collector for up to its timeout (10 s), which would otherwise be added to every stop."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -62,5 +67,11 @@ class ProcessTracing:
         return self.provider.get_tracer(self.scope)
 
     def shutdown(self) -> None:
-        """Export what is still batched and stop the exporter."""
-        self.provider.shutdown()
+        """Export what is still batched, for at most FLUSH_LIMIT_S, and stop the exporter:
+        past the limit its retries end and the spans still batched are dropped."""
+        flush = threading.Thread(target=self.provider.shutdown, name="traces-flush", daemon=True)
+        flush.start()
+        flush.join(FLUSH_LIMIT_S)
+        if flush.is_alive() and self.exporter is not None:
+            self.exporter.shutdown()  # ends the retry it waits in (or the call in flight)
+            flush.join(FLUSH_LIMIT_S)

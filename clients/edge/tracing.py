@@ -11,7 +11,6 @@ The provider set-up is the server's too (`tokenwire.common.tracing`).
 from __future__ import annotations
 
 import dataclasses
-import threading
 from typing import ClassVar
 
 import structlog
@@ -35,27 +34,12 @@ _OPERATIONS = {
 _W3C = TraceContextTextMapPropagator()
 
 
-FLUSH_LIMIT_S = 2.0
-"""The longest the last export at exit may take. The OTLP exporter retries an unreachable
-collector for up to its timeout (10 s), which would otherwise be added to every stop."""
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class Tracing(ProcessTracing):
     """The edge's own tracer provider and exporter."""
 
     service: ClassVar[str] = SERVICE_NAME
     scope: ClassVar[str] = "tokenwire.edge"
-
-    def shutdown(self) -> None:
-        """Export what is still batched, for at most FLUSH_LIMIT_S, and stop the exporter:
-        past the limit its retries end and the spans still batched are dropped."""
-        flush = threading.Thread(target=self.provider.shutdown, name="traces-flush", daemon=True)
-        flush.start()
-        flush.join(FLUSH_LIMIT_S)
-        if flush.is_alive() and self.exporter is not None:
-            self.exporter.shutdown()  # ends the retry it waits in (or the call in flight)
-            flush.join(FLUSH_LIMIT_S)
 
 
 def upstream_metadata() -> tuple[tuple[str, str], ...]:
