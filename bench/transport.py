@@ -168,8 +168,8 @@ async def served(kind: str, step_s: float, streams: int, new: int) -> dict[str, 
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.GenerationServiceStub(channel)
 
-            def open_stream(prompt: str, n: int) -> Any:
-                return one_stream(stub, prompt, n)
+            def open_stream(prompt: str, n: int, at: float | None = None) -> Any:
+                return one_stream(stub, prompt, n, at)
 
             await run_load(open_stream, [PROMPT], streams, "burst", None)  # warm-up
             assert process.pid is not None
