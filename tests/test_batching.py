@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import grpc
 
 from tests.conftest import start_server
-from tests.fakes import RecordingObserver, ScriptedModel
+from tests.fakes import CountingModel, RecordingObserver, ScriptedModel
+from tokenwire.server.config import BUNDLED_MODEL_DIR
 from tokenwire.server.domain import GenerationRequest, SamplingParams, TokenEvent
 from tokenwire.server.engine import Engine, EngineConfig, ModelSpec, OnnxCausalLM
+from tokenwire.server.engine.logits import Logits
+from tokenwire.server.engine.types import CacheTensor, IntArray
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
@@ -141,3 +148,65 @@ async def test_cancellation_storm_leaves_nothing_running(
         await running.server.drain()
     assert counts == (0, 0, 0)
     assert len(finished) == 40
+
+
+class _HeldDecode(CountingModel):
+    """The bundled model, counting forwards; a decode step waits while `held` is clear."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.held = threading.Event()
+        self.held.set()
+        self.waiting = threading.Event()
+        """Set once a decode step waits."""
+        super().__init__(model_dir, provider="cpu", intra_op_threads=1)
+
+    def forward(
+        self, input_ids: IntArray, attention_mask: IntArray, *args: Any, **kwargs: Any
+    ) -> tuple[Logits, Sequence[CacheTensor]]:
+        if kwargs.get("decode") and not self.held.is_set():
+            self.waiting.set()
+            self.held.wait(10)
+        return super().forward(input_ids, attention_mask, *args, **kwargs)
+
+
+async def test_a_prefill_forward_computes_no_more_positions_than_the_chunk(
+    tokenizer: Tokenizer,
+) -> None:
+    """A 60-token prompt and fifteen 1-token prompts arriving in the same step, with a prefill
+    chunk of 64: no prefill forward computes more than 64 positions, padding included (each
+    row is as wide as the forward's longest prompt), so a running stream waits for at most one
+    chunk's worth of prefill per step (one group of 16 would compute 16 x 60)."""
+    model = _HeldDecode(BUNDLED_MODEL_DIR)
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=17, prefill_chunk_tokens=64))
+    engine.start()
+    one = tokenizer.encode(" x")[:1]
+    long = (one * 60)[:60]
+
+    async def ids(name: str, prompt: list[int], new: int) -> list[int]:
+        request = GenerationRequest(
+            name,
+            "",
+            prompt_ids=tuple(prompt),
+            max_tokens=new,
+            ignore_eos=True,
+            sampling=SamplingParams(temperature=0.0),
+        )
+        handle = engine.submit(request)
+        return [e.token_id async for e in handle.events() if isinstance(e, TokenEvent)]
+
+    try:
+        model.held.clear()
+        running = asyncio.ensure_future(ids("running", one, 8))
+        while not model.waiting.is_set():  # the running stream's first decode step waits
+            await asyncio.sleep(0.01)
+        model.forget()
+        burst = [asyncio.ensure_future(ids("long", long, 2))]
+        burst += [asyncio.ensure_future(ids(f"short{i}", one, 2)) for i in range(15)]
+        await asyncio.sleep(0.1)  # all submitted while the step is held
+        model.held.set()
+        await asyncio.gather(running, *burst)
+    finally:
+        model.held.set()
+        engine.shutdown()
+    assert model.prefills
+    assert max(rows * width for rows, width in model.prefills) <= 64

@@ -3,9 +3,9 @@
 Every iteration is one step boundary:
   1. apply cancels and expired deadlines (those rows leave the batch now);
   2. admit waiting requests while the batch has free rows;
-  3. run at most one prefill forward: either a group of fresh prompts that together fit the
-     prefill budget (left-padded into one batch), or one chunk of a long prompt, so a long
-     prompt delays running streams by one chunk per step, never by its whole prefill;
+  3. run at most one prefill forward: either a group of fresh prompts that, padded to the
+     longest of them, fit the prefill budget (one batch), or one chunk of a long prompt, so a
+     prefill delays running streams by one chunk's positions per step at most;
   4. run one batched decode forward per cohort of running rows (see batch.py);
   5. publish the step's events, one wake-up per consumer loop, just before the next forward:
      the consumers then write them while ONNX Runtime computes (it releases the GIL), and the
@@ -345,20 +345,20 @@ class Scheduler:
             or not self._placement.shares_prefill(head)
         ):
             return [head], self._placement.prefill_chunk(head, self._chunk)
-        group, size, budget = [], 0, self._chunk
+        group: list[Sequence] = []
+        size = 0
         for seq in self._prefilling:
-            if (
-                seq.prefilled > 0
-                or seq.solo
-                or seq.prefill_end > budget
-                or not self._placement.shares_prefill(seq)
-            ):
+            if seq.prefilled > 0 or seq.solo or not self._placement.shares_prefill(seq):
                 break
             if not self._placement.groups_mixed_lengths() and seq.prefill_end != head.prefill_end:
                 break
+            # Every row of the forward is as wide as its longest prompt: the budget counts the
+            # positions it computes, padding included, not the prompts' own tokens.
+            wider = max(size, seq.prefill_end)
+            if (len(group) + 1) * wider > self._chunk:
+                break
             group.append(seq)
-            budget -= seq.prefill_end
-            size = max(size, seq.prefill_end)
+            size = wider
         return group, size
 
     def _prefill(self) -> int:
