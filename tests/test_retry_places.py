@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import RunningServer, collect, eventually, greedy, start_server
 from tests.fakes import ScriptedModel
+from tokenwire.server.domain import GenerationRequest
 from tokenwire.server.engine import Engine, ModelSpec
 from tokenwire.server.engine.engine import LONG_PROMPT_CHARS
 from tokenwire.server.tokenizer import Tokenizer
@@ -167,3 +168,42 @@ async def test_of_two_long_retries_waiting_for_the_tokenizer_the_newer_wins(
         tokenizer_gate.set()
         ends = await asyncio.gather(_reason(first), _reason(older), _reason(newer))
     assert ends == ["FINISH_REASON_CANCELLED", "FINISH_REASON_CANCELLED", "FINISH_REASON_LENGTH"]
+
+
+@pytest.fixture
+async def roomy(spec: ModelSpec, tokenizer: Tokenizer) -> AsyncIterator[RunningServer]:
+    """Room for nine requests: one row and a queue of eight."""
+    running = await _server(spec, tokenizer, 1, 8)
+    yield running
+    await running.server.drain()
+
+
+async def test_long_prompts_whose_callers_left_are_not_tokenized(
+    roomy: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six different long prompts whose callers' deadlines pass while the first is on the
+    tokenizer thread (held there): the five still queued behind it leave the queue with their
+    callers and are never tokenized, so abandoned prompts queue no work beyond the places
+    their callers held."""
+    gate, started = threading.Event(), []
+    encode = Engine._encode_released
+
+    def gated(engine: Engine, request: GenerationRequest) -> list[int]:
+        started.append(request.request_id)
+        gate.wait(10)
+        return encode(engine, request)
+
+    monkeypatch.setattr(Engine, "_encode_released", gated)
+    async with grpc.aio.insecure_channel(roomy.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        try:
+            calls = [
+                stub.Generate(greedy(f"{i}{LONG}", 5, request_id=f"long{i}"), timeout=0.5)
+                for i in range(6)
+            ]
+            ends = await asyncio.gather(*map(_reason, calls))
+        finally:
+            gate.set()
+    await asyncio.sleep(0.5)  # time for any job still queued to run
+    assert ends == ["DEADLINE_EXCEEDED"] * 6
+    assert len(started) == 1

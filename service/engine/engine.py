@@ -132,7 +132,7 @@ class Engine:
         self._lock = threading.Lock()
         self._accepting = False
         self._tokenizing: concurrent.futures.ThreadPoolExecutor | None = None
-        self._encodings: dict[tuple[str, bool], concurrent.futures.Future[list[int]]] = {}
+        self._encodings: dict[tuple[str, bool], _Encoding] = {}
         """Long prompts being tokenized, by (prompt, add_special_tokens): one tokenizing each."""
         self._tokenizing_requests: list[Tokenizing] = []
         self._arrivals = itertools.count()
@@ -276,18 +276,22 @@ class Engine:
         """The long prompt's ids from the tokenizer thread. Requests that bring the same prompt
         while it is being tokenized (an OpenAI request's n choices, a client's retries) wait
         for that one tokenizing instead of queueing one each, whichever event loop they come
-        from. Unavailable if the engine shuts down first."""
+        from. Once no caller waits for it any more (they left, or their deadlines passed), a
+        tokenizing not yet begun leaves the thread's queue: abandoned long prompts never queue
+        work beyond the places their callers held. Unavailable if the engine shuts down first."""
         key = (request.prompt, request.add_special_tokens)
         with self._lock:
             self._check_accepting()  # no tokenizer thread made after shutdown()
-            pending = self._encodings.get(key)
-            made = pending is None
-            if pending is None:
+            encoding = self._encodings.get(key)
+            made = encoding is None
+            if encoding is None:
                 try:
                     pending = self._tokenizer_thread().submit(self._encode_released, request)
                 except RuntimeError:  # shut down since this request was checked
                     raise Unavailable("the server is shutting down") from None
-                self._encodings[key] = pending
+                encoding = self._encodings[key] = _Encoding(pending)
+            encoding.waiters += 1
+        pending = encoding.future
         if made:  # outside the lock: a future already done runs its callback at once
             pending.add_done_callback(lambda done: self._forget_encoding(key, done))
         try:
@@ -300,12 +304,21 @@ class Engine:
                 # shutdown() dropped the queued tokenizing, not the caller.
                 raise Unavailable("the server is shutting down") from None
             raise
+        finally:
+            with self._lock:
+                encoding.waiters -= 1
+                abandoned = not encoding.waiters and not pending.done()
+                if abandoned and self._encodings.get(key) is encoding:
+                    del self._encodings[key]  # a caller that comes now tokenizes anew
+            if abandoned:  # outside the lock: a cancel runs _forget_encoding at once
+                pending.cancel()  # nobody waits: one not yet begun leaves the queue
 
     def _forget_encoding(
         self, key: tuple[str, bool], done: concurrent.futures.Future[list[int]]
     ) -> None:
         with self._lock:
-            if self._encodings.get(key) is done:
+            encoding = self._encodings.get(key)
+            if encoding is not None and encoding.future is done:
                 del self._encodings[key]
 
     def _tokenizer_thread(self) -> concurrent.futures.ThreadPoolExecutor:
@@ -486,6 +499,14 @@ class Engine:
                 del self._active[sequence.request_id]
             self._leaving.discard(sequence)
             self._replaced.discard(sequence)
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Encoding:
+    """One long prompt's tokenizing, and how many callers wait for it."""
+
+    future: concurrent.futures.Future[list[int]]
+    waiters: int = 0
 
 
 def _goes_on(request: GenerationRequest) -> bool:
