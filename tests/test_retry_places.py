@@ -207,3 +207,28 @@ async def test_long_prompts_whose_callers_left_are_not_tokenized(
     await asyncio.sleep(0.5)  # time for any job still queued to run
     assert ends == ["DEADLINE_EXCEEDED"] * 6
     assert len(started) == 1
+
+
+async def test_a_cancelled_queued_request_gives_its_place_back_at_once(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """On a server with room for two (one row, a queue of one) and half-second steps, a
+    queued request cancelled gives its place back when Cancel answers, not at the next step:
+    a request of another id sent right after is taken, not refused as overloaded."""
+    token = tokenizer.encode(" x")[0]
+    model = ScriptedModel(spec, dict.fromkeys(range(spec.context_length), token), 0.5)
+    slow = await start_server(model, tokenizer, max_batch_size=1, max_queue=1)
+    try:
+        async with grpc.aio.insecure_channel(slow.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            running = stub.Generate(greedy("x", 3, request_id="running"))
+            await running.read()
+            queued = stub.Generate(greedy("y", 3, request_id="queued"))
+            await queued.initial_metadata()
+            reply = await stub.Cancel(pb.CancelRequest(request_id="queued"))
+            other = stub.Generate(greedy("z", 2, request_id="other"))
+            ends = await asyncio.gather(_reason(running), _reason(queued), _reason(other))
+    finally:
+        await slow.server.drain()
+    assert reply.cancelled
+    assert ends == ["FINISH_REASON_LENGTH", "FINISH_REASON_CANCELLED", "FINISH_REASON_LENGTH"]

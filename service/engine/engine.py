@@ -126,9 +126,7 @@ class Engine:
         """The requests by id, until they end or are cancelled."""
         self._leaving: set[Sequence] = set()
         """Cancelled requests whose id is free again but whose slot the decode thread has yet to
-        release: they still count against capacity and keep a drain waiting."""
-        self._replaced: set[Sequence] = set()
-        """Leaving requests a retry of their id replaced: their place is the retry's."""
+        release: they keep a drain waiting (not a place in the capacity: see _check_capacity)."""
         self._lock = threading.Lock()
         self._accepting = False
         self._tokenizing: concurrent.futures.ThreadPoolExecutor | None = None
@@ -405,8 +403,8 @@ class Engine:
             self._check_capacity(replacing=self._replaces(sequence.request))
             # A retry or continuation of the caller's own running stream: its caller lost that
             # stream (a broken connection the server has yet to notice) and goes on here.
-            if running is not None and self._end_locked(running, FinishReason.CANCELLED):
-                self._replaced.add(running)
+            if running is not None:
+                self._end_locked(running, FinishReason.CANCELLED)
             if _goes_on(sequence.request):
                 # An older retry still waiting for the tokenizer would replace this one later
                 # (a newer one will: of an id's retries the newest wins). `order` is this
@@ -451,13 +449,15 @@ class Engine:
         more. Where the KV budget lets fewer requests run at once than max_rows, the rest of
         those places wait too."""
         capacity = self.max_rows + self.config.max_queue
-        leaving = len(self._leaving) - len(self._replaced)
+        # A request that is leaving (cancelled, expired, replaced) holds no place: its row, if
+        # it has one, is free at the next step boundary, before any request is admitted to one.
         waiting = tokenizing_places(self._tokenizing_requests, self._active)
-        held = len(self._active) + leaving + waiting - replacing
+        held = len(self._active) + waiting - replacing
         if held >= capacity:
             raise Overloaded(
                 f"{held} requests are running, queued or being tokenized (limit {capacity}: "
-                f"{self.max_rows} rows decoded together + max_queue {self.config.max_queue})",
+                f"{self.max_rows} {'row' if self.max_rows == 1 else 'rows'} decoded together + "
+                f"max_queue {self.config.max_queue})",
                 retry_after_s=self.config.retry_after_s,
             )
 
@@ -498,7 +498,6 @@ class Engine:
             if self._active.get(sequence.request_id) is sequence:
                 del self._active[sequence.request_id]
             self._leaving.discard(sequence)
-            self._replaced.discard(sequence)
 
 
 @dataclasses.dataclass(eq=False, slots=True)
