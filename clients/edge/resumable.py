@@ -2,7 +2,11 @@
 connection can reconnect with Last-Event-ID and get exactly the events it missed.
 
 While nobody is connected, generation goes on for `window_s`; if nobody comes back by then the
-upstream RPC is cancelled. A finished stream stays readable for the same window.
+upstream RPC is cancelled. A finished stream stays readable for the same window. That clock runs
+from the stream's opening (a response that never reads it, HEAD's, does not keep it) and stops
+while a reader is attached; a reader about to attach (the first response, or a resume that
+found the stream) holds it off for ATTACH_S. Every stream ends with `done` or `error`: one
+dropped before it finished gets a GONE `error` for any reader still on it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ Encode = Callable[[StreamEvent | EdgeError], tuple[str, dict[str, Any]]]
 EXPIRED_MEMORY = 10_000
 CANCEL_WAIT_S = 2.0
 """How long a cancelled stream waits for the server's own end before it is cut here."""
+ATTACH_S = 2.0
+"""How long a reader about to attach (a resume that found the stream, or the response of the
+request that opened it) keeps the stream from expiring before its first read."""
 _SEQ = re.compile(r"[0-9]{1,18}", re.ASCII)
 
 
@@ -67,6 +74,11 @@ def expired_stream(request_id: str) -> EdgeError:
     return EdgeError(410, "GONE", f"stream {request_id} has expired")
 
 
+def stream_expired() -> EdgeError:
+    """The `error` event that ends a stream dropped before it finished."""
+    return EdgeError(410, "GONE", "stream expired: nobody read it within the resume window")
+
+
 def events_dropped(after_seq: int) -> EdgeError:
     """The 410 for a resume from a seq whose next events the buffer no longer holds."""
     return EdgeError(410, "GONE", f"events after {after_seq} are no longer buffered")
@@ -97,6 +109,21 @@ class ResumableStream:
         self._ended = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
         self._timer: asyncio.Task[None] | None = None
+        self.pending = 0
+        """Readers about to attach (see `reserve`)."""
+        self._reserved_until = 0.0
+
+    def reserve(self) -> None:
+        """A reader is about to attach: until it does, the expiry waits for it, ATTACH_S at the
+        most (a response whose body never starts, its client gone first, keeps nothing)."""
+        self.pending += 1
+        now = asyncio.get_running_loop().time()
+        self._reserved_until = max(self._reserved_until, now + ATTACH_S)
+
+    @property
+    def reserved(self) -> bool:
+        """Whether a reader about to attach holds the expiry off now."""
+        return self.pending > 0 and self._reserved_until > asyncio.get_running_loop().time()
 
     def start(self) -> None:
         self._pump = asyncio.create_task(self._run(), name=f"pump-{self.request_id}")
@@ -146,6 +173,10 @@ class ResumableStream:
         before this reader got them (it fell a whole buffer behind) end it with a 410 `error`
         event: a reader never skips one silently."""
         self.followers += 1
+        if self.pending > 0:
+            self.pending -= 1
+            if self.pending == 0:
+                self._reserved_until = 0.0
         self._stop_timer()
         cursor = after_seq + 1
         try:
@@ -199,6 +230,10 @@ class ResumableStream:
 
     async def _expire_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
+        if self.reserved:  # a reader about to attach: try again once its reservation ends
+            wait = self._reserved_until - asyncio.get_running_loop().time()
+            self._timer = asyncio.create_task(self._expire_after(wait))
+            return
         if self.followers == 0:
             self.registry.drop(self)
 
@@ -207,13 +242,17 @@ class ResumableStream:
             self._timer.cancel()
             self._timer = None
 
-    def abandon(self) -> None:
-        """Nobody came back: stop the upstream without telling anyone."""
+    def abandon(self, why: Callable[[], EdgeError] = stream_expired) -> None:
+        """Nobody came back: stop the upstream, and end the stream with `why`'s `error` event
+        for a reader that found it in the meantime (never a stream cut without an end)."""
         self._stop_timer()
         if not self.done:
             self.upstream.cancel()
             if self._pump is not None:
                 self._pump.cancel()
+            self.append(*self.registry.encode(why()))
+            self._finish()
+            self._stop_timer()  # _finish's expiry: the registry drops the stream itself
 
 
 class ResumableStreams:
@@ -275,10 +314,18 @@ class ResumableStreams:
         self._streams[request_id] = stream
         self._expired.pop(request_id, None)
         stream.start()
+        # Held for the response about to read it; expiring from now on, and not from its
+        # first reader's leaving, where a response never reads it (HEAD) or its client left
+        # before its body began.
+        stream.reserve()
+        stream.expire_later(self.window_s)
         return stream
 
     async def get(self, request_id: str, owner: str | None) -> ResumableStream:
-        return self.find(request_id, owner)
+        """The caller's stream, held for the reader about to attach (see `reserve`)."""
+        stream = self.find(request_id, owner)
+        stream.reserve()
+        return stream
 
     async def cancel(self, request_id: str, owner: str | None) -> bool:
         return await self.find(request_id, owner).cancel_at_server()
@@ -297,8 +344,7 @@ class ResumableStreams:
         if stream.done:
             stream.expire_later(self.window_s)
             return
-        if self.window_s == 0:
-            stream.abandon()
+        if self.window_s == 0 and not stream.reserved:
             self.drop(stream)
         else:
             stream.expire_later(self.window_s)
@@ -345,5 +391,9 @@ class ResumableStreams:
 
     async def close(self) -> None:
         for stream in list(self._streams.values()):
-            stream.abandon()
+            stream.abandon(_closing)
             self.drop(stream)
+
+
+def _closing() -> EdgeError:
+    return EdgeError(503, "UNAVAILABLE", "the edge is shutting down")
