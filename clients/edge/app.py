@@ -75,6 +75,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     else:
         error = EdgeError(exc.status_code, "HTTP_ERROR", str(exc.detail))
     headers = dict(exc.headers or {})
+    if "Allow" in headers:  # Starlette joins a set: the same list in the same order each time
+        headers["Allow"] = ", ".join(sorted(headers["Allow"].split(", ")))
     return JSONResponse(error.body_for(path), status_code=exc.status_code, headers=headers)
 
 
@@ -134,12 +136,26 @@ def _middleware(
     return middleware
 
 
+def _without_head(route: Route) -> Route:
+    """The route without the HEAD Starlette adds to a GET one: a HEAD of a generating route
+    would start (or attach to) a stream its headers-only answer never reads, so it is a 405."""
+    assert route.methods is not None
+    route.methods.discard("HEAD")
+    return route
+
+
 def _accounted_routes() -> Accounted:
     """The API routes that start or follow generations, with the label of their outcomes.
-    A cancel is not one: it ends a stream, whose own request counts the outcome."""
+    A cancel is not one: it ends a stream, whose own request counts the outcome. A request id
+    may hold '/': the stream routes take the rest of the path up to their last segment."""
     return [
-        (Route("/v1/generate", native.generate, methods=["GET", "POST"]), NATIVE),
-        (Route("/v1/generate/{request_id}/events", native.resume, methods=["GET"]), NATIVE),
+        (_without_head(Route("/v1/generate", native.generate, methods=["GET", "POST"])), NATIVE),
+        (
+            _without_head(
+                Route("/v1/generate/{request_id:path}/events", native.resume, methods=["GET"])
+            ),
+            NATIVE,
+        ),
         (Route("/v1/completions", openai_api.completions, methods=["POST"]), COMPLETIONS),
         (Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]), CHAT),
     ]
@@ -151,7 +167,7 @@ def _routes(settings: EdgeSettings, accounted: Accounted) -> list[BaseRoute]:
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         *(route for route, _ in accounted),
-        Route("/v1/generate/{request_id}/cancel", native.cancel, methods=["POST"]),
+        Route("/v1/generate/{request_id:path}/cancel", native.cancel, methods=["POST"]),
         Route("/v1/models", openai_api.models, methods=["GET"]),
         # A model id may hold slashes ("org/name"), as OpenAI's and the Hub's do.
         Route("/v1/models/{model:path}", openai_api.model, methods=["GET"]),

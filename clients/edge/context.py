@@ -25,12 +25,23 @@ _REQUEST_ID = re.compile(rf"[{_ID_CHAR}](?:[ {_ID_CHAR}]{{0,{MAX_REQUEST_ID - 2}
 
 
 @dataclasses.dataclass
+class Opening:
+    """A native stream whose id is claimed while the server is still opening it."""
+
+    owner: str | None
+    cancelled: bool = False
+    """A cancel came meanwhile: the stream is cancelled as soon as it opens."""
+
+
+@dataclasses.dataclass
 class EdgeContext:
     settings: EdgeSettings
     upstream: Upstream
     streams: ResumeStore
     metrics: EdgeMetrics
     drain: Drain = dataclasses.field(default_factory=Drain)
+    opening: dict[str, Opening] = dataclasses.field(default_factory=dict)
+    """Native streams being opened, by request id."""
 
     @staticmethod
     def of(request: Request) -> EdgeContext:

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from tokenwire.client.messages import GenerateOptions
 from tokenwire.edge.accounting import Account
 from tokenwire.edge.body import Fields, read_json
-from tokenwire.edge.context import EdgeContext, request_id_of, valid_request_id
+from tokenwire.edge.context import EdgeContext, Opening, request_id_of, valid_request_id
 from tokenwire.edge.errors import EdgeError, as_request_errors
 from tokenwire.edge.guards import principal_of
 from tokenwire.edge.native_format import native_frames
@@ -51,6 +51,9 @@ FIELDS = frozenset(
     }
 )
 QUERY_FIELDS = FIELDS | {"last_event_id"}
+UNADDRESSABLE = frozenset({".", ".."})
+"""Ids no URL path can name (clients and proxies resolve them as path segments): refused for
+a native stream, which the events and cancel routes address by its id."""
 
 
 def options_from(
@@ -138,14 +141,21 @@ async def _start(
     account = Account.of(request)
     prompt = fields.string("prompt")
     request_id = account.request_id = request_id_of(request, fields.string("request_id"))
+    if request_id in UNADDRESSABLE:
+        raise EdgeError.invalid("request_id", "may not be '.' or '..' (a path segment)")
     options = options_from(fields, request_id, known)
     await ctx.streams.claim(request_id)
+    owner = principal_of(request.scope)
+    # A cancel that comes while the server is still opening the stream is kept here.
+    opening = ctx.opening[request_id] = Opening(owner)
     try:
-        owner = principal_of(request.scope)
         [upstream] = await open_generations(ctx.upstream, [prompt], [options], account.route, owner)
         stream = await ctx.streams.open(upstream, request_id, owner)
     finally:
+        del ctx.opening[request_id]
         await ctx.streams.release(request_id)
+    if opening.cancelled:
+        await ctx.streams.cancel(request_id, owner)
     return _sse(request, stream, 0, timed=True)
 
 
@@ -163,7 +173,8 @@ async def generate_post(request: Request) -> Response:
 
 
 async def generate(request: Request) -> Response:
-    """One route for both methods, so a wrong method's 405 names both in `Allow`."""
+    """One route for both methods, so a wrong method's 405 names both in `Allow` (HEAD is one:
+    it would start a generation nothing reads)."""
     if request.method == "POST":
         return await generate_post(request)
     return await generate_get(request)
@@ -201,5 +212,12 @@ async def cancel(request: Request) -> Response:
     `cancelled` says whether it was still running (a stream that had ended stays as it was)."""
     ctx = EdgeContext.of(request)
     request_id = request.path_params["request_id"]
-    cancelled = await ctx.streams.cancel(request_id, principal_of(request.scope))
+    owner = principal_of(request.scope)
+    opening = ctx.opening.get(request_id)
+    if opening is not None and opening.owner == owner:
+        # Still opening: the stream is cancelled as soon as it opens (its readers get `usage`
+        # and `done` / cancelled, and the server stops it).
+        opening.cancelled = True
+        return JSONResponse({"request_id": request_id, "cancelled": True})
+    cancelled = await ctx.streams.cancel(request_id, owner)
     return JSONResponse({"request_id": request_id, "cancelled": cancelled})
