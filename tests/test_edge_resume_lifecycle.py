@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncGenerator
-from typing import Any
 
 import httpx
 import pytest
-from httpx_sse import ServerSentEvent, aconnect_sse
+from httpx_sse import ServerSentEvent
 
+from tests import sse
 from tests.conftest import RunningServer, eventually, start_edge
 from tokenwire.edge import native
 from tokenwire.edge.context import EdgeContext
@@ -29,17 +29,7 @@ async def _first_event(
 ) -> ServerSentEvent:
     """Start a stream under `request_id` and leave after its first event."""
     headers = {"X-Request-ID": request_id}
-    async with aconnect_sse(client, "POST", "/v1/generate", json=body, headers=headers) as source:
-        async for event in source.aiter_sse():
-            return event
-    raise AssertionError("the stream sent no event")
-
-
-async def _events(
-    client: httpx.AsyncClient, method: str, url: str, **kwargs: Any
-) -> tuple[httpx.Response, list[ServerSentEvent]]:
-    async with aconnect_sse(client, method, url, **kwargs) as source:
-        return source.response, [e async for e in source.aiter_sse()]
+    return await sse.first_event(client, "POST", "/v1/generate", json=body, headers=headers)
 
 
 async def test_a_stream_nobody_ever_reads_expires_after_the_window(
@@ -85,7 +75,7 @@ async def test_a_resume_as_the_window_runs_out_gets_the_whole_stream(
             stream = edge.streams._streams["late"]
             assert await eventually(lambda: stream.followers == 0, within_s=2)
             await asyncio.sleep(window - 0.02)
-            _, rest = await _events(
+            _, rest = await sse.events(
                 client, "GET", "/v1/generate/late/events", headers={"Last-Event-ID": first.id}
             )
     finally:

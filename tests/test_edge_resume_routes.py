@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from httpx_sse import ServerSentEvent, aconnect_sse
 
+from tests import sse
 from tests.conftest import RunningEdge, RunningServer, eventually, start_edge
 from tests.fakes import RecordingObserver
 from tests.replicas import Relay
@@ -29,23 +29,6 @@ async def http(paced: RunningServer) -> AsyncIterator[tuple[RunningEdge, httpx.A
     async with httpx.AsyncClient(base_url=edge.url, timeout=10) as client:
         yield edge, client
     await edge.edge.stop()
-
-
-async def _first_event(
-    client: httpx.AsyncClient, method: str, url: str, **kwargs: Any
-) -> ServerSentEvent:
-    """The first event of a stream (a new one or a resume), leaving it then."""
-    async with aconnect_sse(client, method, url, **kwargs) as source:
-        async for event in source.aiter_sse():
-            return event
-    raise AssertionError("the stream sent no event")
-
-
-async def _events(
-    client: httpx.AsyncClient, method: str, url: str, **kwargs: Any
-) -> tuple[httpx.Response, list[ServerSentEvent]]:
-    async with aconnect_sse(client, method, url, **kwargs) as source:
-        return source.response, [e async for e in source.aiter_sse()]
 
 
 async def test_head_of_generate_is_405_and_starts_nothing(paced: RunningServer) -> None:
@@ -103,7 +86,7 @@ async def test_a_cancel_while_the_stream_opens_is_accepted_and_cancels_it(
         async with httpx.AsyncClient(base_url=edge.url, timeout=10) as client:
             headers = {"X-Request-ID": "early"}
             reading = asyncio.create_task(
-                _events(client, "POST", "/v1/generate", json=LONG, headers=headers)
+                sse.events(client, "POST", "/v1/generate", json=LONG, headers=headers)
             )
             await asyncio.sleep(0.2)  # the request is in; the replica answers at 0.5 s
             reply = await client.post("/v1/generate/early/cancel", json={})
@@ -124,10 +107,10 @@ async def test_an_id_holding_a_slash_is_resumed_and_cancelled_by_path(
     """A request id with '/' in it (`org/run-1`) is named as is in the events and cancel
     routes' paths: the resume gets the next event, the cancel stops the stream."""
     _, client = http
-    first = await _first_event(
+    first = await sse.first_event(
         client, "POST", "/v1/generate", json=LONG, headers={"X-Request-ID": "org/run-1"}
     )
-    resumed = await _first_event(
+    resumed = await sse.first_event(
         client, "GET", "/v1/generate/org/run-1/events", headers={"Last-Event-ID": first.id}
     )
     reply = await client.post("/v1/generate/org/run-1/cancel", json={})
