@@ -118,12 +118,14 @@ async def test_an_id_holding_a_slash_is_resumed_and_cancelled_by_path(
     assert reply.json() == {"request_id": "org/run-1", "cancelled": True}
 
 
-@pytest.mark.parametrize("request_id", [".", ".."])
+@pytest.mark.parametrize("request_id", [".", "..", "x/.", "a/../b", "a//b", "x/"])
 async def test_a_dot_segment_id_is_refused_naming_request_id(
     http: tuple[RunningEdge, httpx.AsyncClient], request_id: str
 ) -> None:
-    """`.` and `..` are refused as a native stream's id (no URL path can name them: clients
-    resolve them as path segments) with a 400 naming request_id, before any stream starts."""
+    """An id with `.`, `..` or an empty segment among its `/`-separated parts is refused as a
+    native stream's id (no URL path keeps them: clients resolve dot segments, proxies merge
+    `//`, so `x/./cancel` would cancel stream `x`) with a 400 naming request_id, before any
+    stream starts."""
     edge, client = http
     reply = await client.post("/v1/generate", json={**LONG, "request_id": request_id})
     assert reply.status_code == 400

@@ -51,9 +51,15 @@ FIELDS = frozenset(
     }
 )
 QUERY_FIELDS = FIELDS | {"last_event_id"}
-UNADDRESSABLE = frozenset({".", ".."})
-"""Ids no URL path can name (clients and proxies resolve them as path segments): refused for
-a native stream, which the events and cancel routes address by its id."""
+UNADDRESSABLE = frozenset({".", "..", ""})
+"""Path segments no URL can keep (clients and proxies resolve `.` and `..`, and merge the empty
+segment of `//`): an id with one among its `/`-separated segments is refused for a native
+stream, which the events and cancel routes address by its id (`x/.` would name stream `x`)."""
+
+
+def addressable(request_id: str) -> bool:
+    """Whether a URL path can name the id as it is (see UNADDRESSABLE)."""
+    return not UNADDRESSABLE.intersection(request_id.split("/"))
 
 
 def options_from(
@@ -141,8 +147,11 @@ async def _start(
     account = Account.of(request)
     prompt = fields.string("prompt")
     request_id = account.request_id = request_id_of(request, fields.string("request_id"))
-    if request_id in UNADDRESSABLE:
-        raise EdgeError.invalid("request_id", "may not be '.' or '..' (a path segment)")
+    if not addressable(request_id):
+        raise EdgeError.invalid(
+            "request_id",
+            "may not hold '.', '..' or an empty segment between '/' (URL paths resolve them)",
+        )
     options = options_from(fields, request_id, known)
     await ctx.streams.claim(request_id)
     owner = principal_of(request.scope)
