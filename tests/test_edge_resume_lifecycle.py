@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator
 
 import httpx
 import pytest
-from httpx_sse import ServerSentEvent
+from httpx_sse import ServerSentEvent, aconnect_sse
 
 from tests import sse
 from tests.conftest import RunningServer, eventually, start_edge
@@ -102,3 +102,32 @@ async def test_a_reader_of_a_stream_dropped_unfinished_gets_a_gone_error(
     assert {event.name for event in rest[:-1]} == {"token"}
     assert rest[-1].name == "error"
     assert json.loads(rest[-1].data)["code"] == "GONE"
+
+
+async def test_a_refused_resume_holds_no_stream_past_its_readers(
+    paced: RunningServer,
+) -> None:
+    """With no resume window, a resume refused (its Last-Event-ID past the stream's last event)
+    holds nothing for a reader that will never come: when the stream's one reader then
+    leaves, the generation is cancelled at the server at once, not when the refused resume's
+    reservation lapses (2 s)."""
+    edge = await start_edge(paced.target, resume_window_s=0.0)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=10) as client:
+            headers = {"X-Request-ID": "kept"}
+            async with aconnect_sse(
+                client, "POST", "/v1/generate", json=LONG, headers=headers
+            ) as source:
+                first = await anext(aiter(source.aiter_sse()))
+                assert first.id == "kept:1"
+                refused = await client.get(
+                    "/v1/generate/kept/events", headers={"Last-Event-ID": "kept:9999"}
+                )
+            left = asyncio.get_running_loop().time()
+            stopped = await eventually(lambda: paced.engine.active_count == 0, within_s=3)
+            took = asyncio.get_running_loop().time() - left
+    finally:
+        await edge.edge.stop()
+    assert refused.status_code == 400
+    assert stopped
+    assert took < 1.0

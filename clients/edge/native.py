@@ -133,8 +133,14 @@ async def _resume(
         )
     account.request_id = request_id
     stream = await ctx.streams.get(request_id, principal_of(request.scope))
-    if await _check_resume(stream, seq):
+    try:
+        ended = await _check_resume(stream, seq)
+    except BaseException:
+        stream.leave_unread()
+        raise
+    if ended:
         # The reader has every event: 204 is what stops an EventSource's reconnecting.
+        stream.leave_unread()
         return Response(status_code=204)
     if stream.followers == 0 and not replay:
         account.resumed()

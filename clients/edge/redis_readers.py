@@ -214,6 +214,12 @@ class RedisStream:
         newest = stored_event(last[0]) if last else BufferedEvent(0, "", "")
         return int(first or 1), newest.seq, newest.name in rk.TERMINAL
 
+    def leave_unread(self) -> None:
+        """The resume that got this stream will not read it: its seat is given back now."""
+        seat, self._seat = self._seat, None
+        if seat is not None:
+            seat.release()
+
     async def follow(self, after_seq: int) -> AsyncGenerator[BufferedEvent, None]:
         store = self.store
         # The first reader of a stream this edge opened takes a seat whatever the bound.

@@ -120,6 +120,14 @@ class ResumableStream:
         now = asyncio.get_running_loop().time()
         self._reserved_until = max(self._reserved_until, now + ATTACH_S)
 
+    def leave_unread(self) -> None:
+        """A reader reserved for has attached, or will not (its resume was answered 204 or
+        refused): it no longer holds the expiry off."""
+        if self.pending > 0:
+            self.pending -= 1
+            if self.pending == 0:
+                self._reserved_until = 0.0
+
     @property
     def reserved(self) -> bool:
         """Whether a reader about to attach holds the expiry off now."""
@@ -173,10 +181,7 @@ class ResumableStream:
         before this reader got them (it fell a whole buffer behind) end it with a 410 `error`
         event: a reader never skips one silently."""
         self.followers += 1
-        if self.pending > 0:
-            self.pending -= 1
-            if self.pending == 0:
-                self._reserved_until = 0.0
+        self.leave_unread()  # the reader it was reserved for is here
         self._stop_timer()
         cursor = after_seq + 1
         try:

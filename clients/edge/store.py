@@ -46,6 +46,11 @@ class StoredStream(Protocol):
         (410, seq 0) when events this reader lacks are no longer kept."""
         ...
 
+    def leave_unread(self) -> None:
+        """The resume that got this stream will not read it (it was answered 204, or refused):
+        what the store held for its reader is given back."""
+        ...
+
 
 class ResumeStore(Protocol):
     """Every native stream an edge can serve a resume for."""
