@@ -102,8 +102,8 @@ class Placement:
 
     def shares_prefill(self, seq: Sequence) -> bool:
         """May this prompt share a prefill forward with others? (Not one with a continuation
-        the model takes one id per forward.)"""
-        if self._steps and len(seq.context_ids) > len(seq.prompt_ids):
+        the model takes one id per forward: see feeds_in_decode.)"""
+        if seq.prefill_end < len(seq.context_ids):
             return False
         return self._width is None or len(seq.context_ids) <= self._width
 
