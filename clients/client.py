@@ -245,8 +245,8 @@ class AsyncTokenwireClient:
                 name = self._targets.names[resume.target]
                 resume.see_metadata(await call.initial_metadata(), name)
                 async for message in call:
-                    if resume.admit(message):
-                        event = event_from_pb(message)
+                    if passed := resume.admit(message):
+                        event = event_from_pb(passed)
                         yield event
                         if _ended(event):
                             return
@@ -415,8 +415,8 @@ class TokenwireClient:
                 name = self._targets.names[resume.target]
                 header = functools.partial(resume.see_metadata, target=name)
                 for message in blocking.messages(call, resume.deadline, header):
-                    if resume.admit(message):
-                        event = event_from_pb(message)
+                    if passed := resume.admit(message):
+                        event = event_from_pb(passed)
                         yield event
                         if _ended(event):
                             return

@@ -8,7 +8,8 @@ text and finish conditions, and a Usage that counts the whole stream's tokens (i
 the continuation's), so the caller sees one event sequence: no index twice, none missing, one
 Usage, one Completion. A stream that breaks after its Usage keeps that Usage (its counts and
 timings are the real ones) and takes only the Completion from the continuation, which has
-nothing left to generate.
+nothing left to generate; where the continuation generates, the stream had been cancelled
+before its end, and it ends with a cancelled Completion.
 
 The same rule opens a stream: a target that answers UNAVAILABLE before any event passes the
 request to the next one (with a single target, to the same one again, with the backoff, until
@@ -204,13 +205,22 @@ class Resumption:
             )
         return left
 
-    def admit(self, message: pb.GenerateResponse) -> bool:
-        """Record one message; False for one not to pass on: a continuation's Usage when the
-        stream had delivered its own before it broke."""
+    def admit(self, message: pb.GenerateResponse) -> pb.GenerateResponse | None:
+        """Record one message and give the one to pass on in its place: itself, or None for
+        one not to pass on (a continuation's Usage when the stream had delivered its own before
+        it broke, and anything after the Completion).
+
+        A stream that broke between its Usage and its Completion had ended: its continuation
+        has nothing to generate where it had ended at its length, an EOS or stop id (delivered
+        as its last token) or a stop string. One that goes on generating shows the stream was
+        cancelled (Cancel, or a drain past its grace) before its end: the stream ends there,
+        with a cancelled Completion, as it did on its first server."""
         kind = message.WhichOneof("event")
+        if self.completed:
+            return None
         if kind == "usage":
             seen, self.usage_delivered = self.usage_delivered, True
-            return not seen
+            return None if seen else message
         if kind == "completion":
             self.completed = True
         if kind == "token":
@@ -223,14 +233,12 @@ class Resumption:
                     f"{len(self.delivered)} delivered tokens",
                 )
             if self.usage_delivered:
-                # Every token precedes the Usage: a continuation that has more was not the
-                # continuation of this stream.
-                raise ServerError(
-                    grpc.StatusCode.INTERNAL,
-                    f"the stream continued with token index {message.token.index} after its Usage",
+                self.completed = True
+                return pb.GenerateResponse(
+                    completion=pb.Completion(finish_reason=pb.FINISH_REASON_CANCELLED)
                 )
             self.delivered.append(message.token.id)
-        return True
+        return message
 
     @property
     def continuing(self) -> bool:

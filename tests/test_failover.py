@@ -380,6 +380,30 @@ async def test_a_stream_cut_after_its_usage_delivers_one_usage(
     assert completion.finish_reason == reason
 
 
+async def test_a_cancelled_stream_cut_after_its_usage_ends_cancelled(paced: RunningServer) -> None:
+    """A stream cancelled at its server (Cancel) whose replica dies between its Usage and its
+    Completion: the continuation would generate on, so the stream ends there with its one
+    Usage and a cancelled Completion, not an error."""
+    options = GenerateOptions(max_tokens=400, temperature=0.0, request_id="cut-cancelled")
+    events: list[StreamEvent] = []
+    async with (
+        cut_relay(paced.target, _after_usage) as relay,
+        AsyncTokenwireClient([relay.target, paced.target]) as client,
+        AsyncTokenwireClient(paced.target) as canceller,
+    ):
+        async for event in client.generate(PROMPT, options):
+            events.append(event)
+            if isinstance(event, Token) and event.index == 2:
+                assert await canceller.cancel("cut-cancelled")
+    tokens = [e for e in events if isinstance(e, Token)]
+    assert [type(e) for e in events] == [Token] * len(tokens) + [Usage, Completion]
+    usage, completion = events[-2:]
+    assert isinstance(usage, Usage)
+    assert usage.completion_tokens == len(tokens) < 400
+    assert isinstance(completion, Completion)
+    assert completion.finish_reason == "cancelled"
+
+
 async def test_the_blocking_client_delivers_one_usage_when_cut_after_it(
     served: RunningServer,
 ) -> None:
@@ -403,6 +427,35 @@ async def test_edge_stream_cut_after_its_usage_sends_one_usage(served: RunningSe
     async with cut_relay(served.target, _after_usage) as relay:
         events = await _through_edge(f"{relay.target},{served.target}", body)
     assert [e.event for e in events] == ["token"] * 8 + ["usage", "done"]
+
+
+async def test_edge_cancelled_stream_cut_after_its_usage_ends_done_cancelled(
+    paced: RunningServer,
+) -> None:
+    """Through the edge, a stream cancelled at its server whose replica dies between its Usage
+    and its Completion: the native stream ends with one `usage` and `done` cancelled, and the
+    continuation that would generate on is cancelled (its server holds no request after)."""
+    body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "request_id": "edge-cut"}
+    async with cut_relay(paced.target, _after_usage) as relay:
+        edge = await start_edge(f"{relay.target},{paced.target}")
+        try:
+            async with (
+                httpx.AsyncClient(base_url=edge.url, timeout=60) as http,
+                AsyncTokenwireClient(paced.target) as canceller,
+                aconnect_sse(http, "POST", "/v1/generate", json=body) as source,
+            ):
+                events = []
+                async for event in source.aiter_sse():
+                    events.append(event)
+                    if event.event == "token" and json.loads(event.data)["index"] == 2:
+                        assert await canceller.cancel("edge-cut")
+                    if event.event == "done":  # 400 tokens take 4 s: its continuation is gone
+                        assert await eventually(lambda: paced.engine.active_count == 0, 1.0)
+        finally:
+            await edge.edge.stop()
+    names = [e.event for e in events]
+    assert names == ["token"] * names.count("token") + ["usage", "done"]
+    assert json.loads(events[-1].data)["finish_reason"] == "cancelled"
 
 
 def _after_completion(message: pb.GenerateResponse) -> bool:

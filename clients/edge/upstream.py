@@ -126,8 +126,14 @@ class UpstreamStream:
                 try:
                     while (message := await self._call.read()) is not grpc.aio.EOF:
                         assert isinstance(message, pb.GenerateResponse)
-                        if self._resume.admit(message):
-                            yield self._as_caller_sees(event_from_pb(message))
+                        passed = self._resume.admit(message)
+                        if passed is not None:
+                            yield self._as_caller_sees(event_from_pb(passed))
+                        if passed is not message and self._resume.completed:
+                            # The stream had ended before its continuation (cancelled), which
+                            # would otherwise generate on.
+                            self._call.cancel()
+                            return
                     if not self._resume.completed:
                         raise CutShort
                     return
