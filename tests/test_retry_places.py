@@ -170,6 +170,27 @@ async def test_of_two_long_retries_waiting_for_the_tokenizer_the_newer_wins(
     assert ends == ["FINISH_REASON_CANCELLED", "FINISH_REASON_CANCELLED", "FINISH_REASON_LENGTH"]
 
 
+@pytest.mark.parametrize("second", ["short", "long"])
+async def test_an_id_taken_by_a_long_prompt_being_tokenized_refuses_a_newcomer_at_once(
+    two_places: RunningServer, tokenizer_gate: threading.Event, second: str
+) -> None:
+    """A request (not a retry) of the id of a long prompt still waiting for the tokenizer is
+    refused at once, INVALID_ARGUMENT naming request_id, as for a running request's id; the
+    long prompt, which took the id first, runs to its end."""
+    async with grpc.aio.insecure_channel(two_places.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        first = stub.Generate(greedy(LONG, 5, request_id="taken"))
+        assert await eventually(lambda: bool(two_places.engine._tokenizing_requests))
+        prompt = LONG if second == "long" else "x"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await collect(stub, greedy(prompt, 5, request_id="taken"))
+        tokenizer_gate.set()
+        end = await _reason(first)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request_id" in (refused.value.details() or "")
+    assert end == "FINISH_REASON_LENGTH"
+
+
 @pytest.fixture
 async def roomy(spec: ModelSpec, tokenizer: Tokenizer) -> AsyncIterator[RunningServer]:
     """Room for nine requests: one row and a queue of eight."""

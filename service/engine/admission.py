@@ -36,6 +36,17 @@ def tokenizing_places(waiting: Iterable[Tokenizing], running: Container[str]) ->
     return places
 
 
+def claims(waiting: Iterable[Tokenizing], request_id: str, before: int | None = None) -> bool:
+    """Whether a request of this id waits for the tokenizer, not cancelled (and arrived
+    `before` that order, where given): its id is taken, as a running request's is."""
+    return any(
+        entry.request_id == request_id
+        and not entry.cancelled
+        and (before is None or entry.order < before)
+        for entry in waiting
+    )
+
+
 def cancel_tokenizing(
     waiting: Iterable[Tokenizing], request_id: str, before: int | None = None
 ) -> bool:

@@ -27,7 +27,12 @@ from tokenwire.server.domain import (
     TokenwireError,
     Unavailable,
 )
-from tokenwire.server.engine.admission import Tokenizing, cancel_tokenizing, tokenizing_places
+from tokenwire.server.engine.admission import (
+    Tokenizing,
+    cancel_tokenizing,
+    claims,
+    tokenizing_places,
+)
 from tokenwire.server.engine.mailbox import Mailbox
 from tokenwire.server.engine.model import CausalLM
 from tokenwire.server.engine.observer import EngineObserver, GuardedObserver, NullObserver
@@ -396,10 +401,7 @@ class Engine:
         with self._lock:
             self._check_accepting()
             running = self._active.get(sequence.request_id)
-            if running is not None and not _goes_on(sequence.request):
-                raise InvalidRequest(
-                    "request_id", sequence.request_id, "must not match a running request's id"
-                )
+            self._check_id_free(sequence.request, order)
             self._check_capacity(replacing=self._replaces(sequence.request))
             # A retry or continuation of the caller's own running stream: its caller lost that
             # stream (a broken connection the server has yet to notice) and goes on here.
@@ -429,6 +431,7 @@ class Engine:
         """Take a place in the capacity for a long prompt while it waits for the tokenizer (a
         retry of the caller's running request takes that one's, see _admit)."""
         with self._lock:
+            self._check_id_free(request)
             self._check_capacity(replacing=self._replaces(request))
             # Older retries of its id waiting too are cancelled once this one is admitted
             # (_admit), not before: this one may yet be refused.
@@ -436,6 +439,16 @@ class Engine:
             self._tokenizing_requests.append(waiting)
         self._scheduler.post(Refresh())  # the gauges count it waiting
         return waiting
+
+    def _check_id_free(self, request: GenerationRequest, order: int | None = None) -> None:
+        """InvalidRequest where the request's id is the caller's running request's, or that of
+        one that came before it (before `order`, its arrival where it waited for the tokenizer
+        too) and still waits for the tokenizer, and the request is not a retry or continuation
+        (under the lock): the id was taken first, so the newcomer is refused at once."""
+        request_id = request.request_id
+        taken = request_id in self._active or claims(self._tokenizing_requests, request_id, order)
+        if taken and not _goes_on(request):
+            raise InvalidRequest("request_id", request_id, "must not match a running request's id")
 
     def _replaces(self, request: GenerationRequest) -> bool:
         """Whether the request continues the caller's running request of its id (under the
