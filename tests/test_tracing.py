@@ -230,6 +230,25 @@ async def test_refused_generate_span_has_error_status(fresh: Traced) -> None:
     assert attributes["error.type"] == "InvalidRequest"
 
 
+async def test_a_refused_generate_span_names_the_field_not_the_callers_value(
+    fresh: Traced,
+) -> None:
+    """A request refused for its prompt ends its span with a status that names the field and
+    the rule but not the prompt (the caller's own status quotes it)."""
+    secret = "SECRET-NOTE: the patient"
+    async with grpc.aio.insecure_channel(fresh.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        bad = greedy(secret, 2)
+        bad.prompt_ids.append(1)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await collect(stub, bad)
+    assert secret in (refused.value.details() or "")
+    (generate,) = await _spans(fresh.server_spans, 1)
+    description = generate.status.description or ""
+    assert description.startswith("INVALID_ARGUMENT: prompt: ")
+    assert "SECRET" not in description
+
+
 @dataclasses.dataclass
 class _Gate:
     reached: threading.Event

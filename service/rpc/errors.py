@@ -79,3 +79,9 @@ def log_rejected(exc: TokenwireError) -> None:
         log.info("request.rejected", code=type(exc).__name__, field=exc.field, reason=exc.reason)
     else:
         log.info("request.rejected", code=type(exc).__name__, reason=str(exc))
+
+
+def without_value(exc: TokenwireError) -> str:
+    """What a refusal says for logs and traces: the field and the rule, never the caller's
+    value (the caller's own status quotes it)."""
+    return f"{exc.field}: {exc.reason}" if isinstance(exc, InvalidRequest) else str(exc)

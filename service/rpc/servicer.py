@@ -31,7 +31,7 @@ from tokenwire.server.engine import (
 )
 from tokenwire.server.rpc import convert
 from tokenwire.server.rpc.auth import ANONYMOUS, ApiKeys
-from tokenwire.server.rpc.errors import abort, log_rejected, to_status
+from tokenwire.server.rpc.errors import abort, log_rejected, to_status, without_value
 from tokenwire.server.rpc.handlers import Malformed
 from tokenwire.server.rpc.tokens import TokenCalls
 from tokenwire.server.telemetry import ms, percentile
@@ -258,8 +258,9 @@ def _with_caller_value(exc: InvalidRequest, request_id: str) -> InvalidRequest:
 
 
 def _span_failed(span: GenerateSpan, exc: TokenwireError) -> None:
-    """End the call's span with the status the caller gets."""
-    span.refused(to_status(exc).code.name, type(exc).__name__, str(exc))
+    """End the call's span with the status the caller gets, and its reason without the
+    caller's value: prompts and stop strings are never in a trace."""
+    span.refused(to_status(exc).code.name, type(exc).__name__, without_value(exc))
 
 
 class _StreamSummary:
