@@ -148,7 +148,7 @@ class Resumption:
     """A server accepted an attempt (or another edge began the stream): the next attempt
     retries the stream, and replaces it where that server still runs it."""
     budget: int | None = None
-    """The tokens the first server that accepted the stream gave it (`x-tokenwire-max-tokens`):
+    """The tokens the server whose tokens the stream delivers gave it (`x-tokenwire-max-tokens`):
     a continuation of a request that left max_tokens to its server asks for this length, since
     another replica's default may differ."""
     mismatch: ModelMismatch | None = None
@@ -181,7 +181,9 @@ class Resumption:
             text = value.decode() if isinstance(value, bytes) else value
             if key == "x-tokenwire-seed" and self.seed is None:
                 self.seed = int(text)
-            elif key == "x-tokenwire-max-tokens" and self.budget is None:
+            elif key == "x-tokenwire-max-tokens" and not self.continuing:
+                # The budget of the server whose tokens a continuation goes on from: an
+                # attempt that broke before delivering any passes the stream on whole.
                 self.budget = int(text)
             elif key == "x-request-id":
                 self.begun = True

@@ -994,6 +994,29 @@ async def test_a_retry_before_any_token_takes_the_next_servers_own_default(
     _assert_one_sequence(events, 20)
 
 
+async def test_a_continuation_after_a_retry_asks_for_the_budget_of_the_server_that_streamed(
+    served: RunningServer, onnx_model: OnnxCausalLM, tokenizer: Tokenizer
+) -> None:
+    """A stream that left max_tokens to its servers, broke before its first token on one
+    (default 128), started over on another (default 20) and broke there after token 3: its
+    continuation asks for the 20 of the server whose tokens it delivered, not the 128 of the
+    one that streamed nothing."""
+    other = await start_server(onnx_model, tokenizer, default_max_tokens=20)
+    relay = LosesFirstStream(served.target)
+    await relay.start()
+    try:
+        async with (
+            cut_relay(other.target, _after_token(3), dies=True) as cut,
+            AsyncTokenwireClient([relay.target, cut.target, other.target]) as client,
+        ):
+            options = GenerateOptions(temperature=0.0, ignore_eos=True)
+            events = [event async for event in client.generate(PROMPT, options)]
+    finally:
+        await relay.stop()
+        await other.server.drain()
+    _assert_one_sequence(events, 20)
+
+
 class SlowModelCheck(CutRelay):
     """A replica whose GetModelInfo answers only after `delay_s`, counting the calls."""
 
