@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import math
 import queue
 import time
 from collections.abc import AsyncGenerator, Generator, Sequence
@@ -39,6 +38,7 @@ from tokenwire.client.messages import (
 from tokenwire.client.security import ChannelSecurity, aio_channel, sync_channel
 from tokenwire.client.targets import split_targets
 from tokenwire.common import defaults
+from tokenwire.common.settings import MAX_SECONDS
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
@@ -86,14 +86,18 @@ Reply = TypeVar("Reply")
 
 
 def _timeout(seconds: float) -> float:
-    """`timeout_s` as given, when it is a finite number of seconds above 0 (else ValueError:
-    0 or less would expire every call at once, inf is beyond what grpc can carry)."""
+    """`timeout_s` as given, when it is a number of seconds above 0 and at most MAX_SECONDS
+    (else ValueError: 0 or less would expire every call at once, and grpc's deadlines cannot
+    carry much more: 9e9 expires at once, 1e10 overflows)."""
     try:
-        valid = not isinstance(seconds, bool) and math.isfinite(seconds) and seconds > 0
+        valid = not isinstance(seconds, bool) and 0 < seconds <= MAX_SECONDS
     except TypeError:  # not a number at all
         valid = False
     if not valid:
-        raise ValueError(f"timeout_s: must be a finite number of seconds above 0, got {seconds!r}")
+        raise ValueError(
+            f"timeout_s: must be a number of seconds above 0 and at most {MAX_SECONDS}, "
+            f"got {seconds!r}"
+        )
     return seconds
 
 

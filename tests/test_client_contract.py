@@ -34,7 +34,7 @@ GENERATE = SERVICE.methods_by_name["Generate"]
 LONG = GenerateOptions(max_tokens=400, ignore_eos=True)
 NOWHERE = "127.0.0.1:9"
 """A target nothing is asked of: the tests that use it never reach a call."""
-BAD_TIMEOUTS = [0, -1, math.nan, math.inf]
+BAD_TIMEOUTS = [0, -1, math.nan, math.inf, 9e9, 1e10]
 CLI = [sys.executable, "-m", "tokenwire.client.command", "generate"]
 
 
@@ -70,8 +70,9 @@ def _scripted_stream(reason: int, status: grpc.StatusCode) -> list[object]:
 
 @pytest.mark.parametrize("timeout_s", BAD_TIMEOUTS)
 def test_a_client_refuses_a_timeout_that_is_not_a_finite_number_above_0(timeout_s: float) -> None:
-    """Both clients refuse timeout_s 0, -1, nan or inf when made, with ValueError naming
-    timeout_s (0 used to expire every call at once, inf to raise OverflowError)."""
+    """Both clients refuse timeout_s 0, -1, nan, inf or past 1,000,000 s when made, with
+    ValueError naming timeout_s (0 used to expire every call at once, inf and 1e10 to raise
+    OverflowError, 9e9 to expire every call at once)."""
     with pytest.raises(ValueError, match="timeout_s"):
         TokenwireClient(NOWHERE, timeout_s=timeout_s)
     with pytest.raises(ValueError, match="timeout_s"):
@@ -82,8 +83,8 @@ def test_a_client_refuses_a_timeout_that_is_not_a_finite_number_above_0(timeout_
 async def test_generate_refuses_a_timeout_that_is_not_a_finite_number_above_0(
     served: RunningServer, timeout_s: float
 ) -> None:
-    """generate(timeout_s=0, -1, nan or inf) is ValueError naming timeout_s (0 used to mean
-    the client's default)."""
+    """generate(timeout_s=0, -1, nan, inf or past 1,000,000 s) is ValueError naming timeout_s
+    (0 used to mean the client's default)."""
     async with AsyncTokenwireClient(served.target) as client:
         with pytest.raises(ValueError, match="timeout_s"):
             async for _ in client.generate("x", GenerateOptions(max_tokens=2), timeout_s=timeout_s):
