@@ -2,8 +2,12 @@
 
 A reader of the upstream queues the events; one writer appends them in order, each under the
 stream's lease (tokenwire.edge.redis_keys: a writer whose lease another edge took stops); a
-ticker refreshes the lease and the keys' TTL, sees a cancel asked on another edge, and ends a
-stream that nobody has read for the resume window.
+ticker refreshes the lease and the keys' TTL, sees a cancel asked on another edge, and drops a
+stream that nobody has read for the resume window. That window runs from the stream's opening
+and again from its last reader's leaving, on whichever edge; a reader about to attach (the
+response of the request that opened it, or a resume that found it, on any edge) holds the
+drop off for ATTACH_S at most. A stream dropped before it finished ends with a GONE `error`
+event, stored as its last: every reader still on it gets it, and a resume is a 410 from then.
 
 A write that fails (no connection free in time, a Redis error) is tried again, WRITE_RETRIES_S
 apart; when every try failed, the generation stops and this edge's readers of it end with an
@@ -29,7 +33,7 @@ from tokenwire.client.messages import Completion
 from tokenwire.edge import redis_keys as rk
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.redis_keys import Keys
-from tokenwire.edge.resumable import CANCEL_WAIT_S
+from tokenwire.edge.resumable import CANCEL_WAIT_S, stream_expired
 from tokenwire.edge.upstream import UpstreamStream
 
 if TYPE_CHECKING:
@@ -78,6 +82,8 @@ class Generation:
         self._skip_usage = skip_usage
         self._upstream: UpstreamStream | None = None
         self._cancelled = False
+        self._expired = False
+        """Dropped unread: its last event is the GONE `error`."""
         self._stopped = False
         """stop() was called: nothing more may be stored, not even the unfinished mark."""
         self._reader = asyncio.create_task(self._read(), name=f"read-{request_id}")
@@ -144,13 +150,16 @@ class Generation:
         token = struct.pack("<I", data["id"]) if name == "token" else b""
         final = name in rk.TERMINAL
         keys = [self.keys.lease, self.keys.events, self.keys.ids, self.keys.meta]
+        ttl_ms = self.store.live_ttl_ms
+        if final:
+            ttl_ms = self.store.expired_ttl_ms if self._expired else self.store.done_ttl_ms
         args = [
             self.holder,
             seq,
             name,
             payload,
             token,
-            self.store.done_ttl_ms if final else self.store.live_ttl_ms,
+            ttl_ms,
             "1" if final else "",
             self._keep(seq, len(payload) + len(name) + 24),
             self.store.lease_ms,
@@ -202,12 +211,13 @@ class Generation:
         return first
 
     async def _tick(self) -> None:
-        detached_since: float | None = None
+        # Unread from its opening: a response that never reads it does not keep it.
+        detached_since: float | None = time.monotonic()
         keys = self.keys
         while True:
             await asyncio.sleep(self.store.lease_s / 3)
             try:
-                watching, cancel = await self.store.script(
+                reading, cancel, reserved = await self.store.script(
                     "TICK",
                     [keys.lease, keys.events, keys.ids, keys.meta, keys.watch],
                     [self.holder, self.store.lease_ms, self.store.live_ttl_ms],
@@ -215,18 +225,19 @@ class Generation:
             except RedisError as error:
                 store_error(error)
                 continue
-            if watching < 0:
+            if reading < 0:
                 self.stop()
                 return
             if cancel:
                 self.cancel()
-            if watching or self._cancelled:
+            if reading or self._cancelled:
                 detached_since = None
                 continue
             now = time.monotonic()
             detached_since = detached_since or now
-            if now - detached_since >= self.store.window_s:
-                self._abandon()
+            # A reader about to attach: tried again once it has, or its reservation lapsed.
+            unread = now - detached_since >= self.store.window_s and not reserved
+            if unread and await self._abandon():
                 return
 
     async def cancel_at_server(self) -> bool:
@@ -268,12 +279,33 @@ class Generation:
         if asyncio.current_task() is not self._ticker:
             self._ticker.cancel()
 
-    def _abandon(self) -> None:
-        """Nobody read the stream for the window: stop, and forget it (410 from now on)."""
-        log.info("edge.stream_abandoned", request_id=self.request_id)
-        self.stop()
+    async def _abandon(self) -> bool:
+        """Nobody read the stream for the window: unless a reader came meanwhile, drop it (a
+        resume is a 410 from now on), stop generating, and end it with a GONE `error` event,
+        its last, kept a moment for the readers still on it. True when it was dropped (or had
+        ended, or its lease is another's)."""
+        if self._reader.done():
+            return False  # the server's stream ended: its last event is being written
         keys = self.keys
-        self.store.spawn(quietly(self.store.writes.delete(keys.lease, keys.watch, *keys.stored)))
+        try:
+            verdict = await self.store.script(
+                "ABANDON", [keys.lease, keys.meta, keys.watch], [self.holder]
+            )
+        except RedisError as error:
+            store_error(error)
+            return False
+        if verdict == rk.LOST:
+            self.stop()
+            return True
+        if not verdict:
+            return False
+        log.info("edge.stream_abandoned", request_id=self.request_id)
+        self._expired = self._cancelled = True
+        self._reader.cancel()
+        if self._upstream is not None:
+            self._upstream.cancel()
+        self._queue.put_nowait(self.store.encode(stream_expired()))
+        return True
 
 
 async def quietly(call: Awaitable[Any]) -> None:

@@ -2,7 +2,8 @@
 
 Keys of one stream (all under `tokenwire:resume:<request_id>:`, all expiring):
 
-- `meta`   hash: `state` (claimed | open | done), `principal`, `request` (the accepted
+- `meta`   hash: `state` (claimed | open | done | expired: dropped unread, its GONE `error`
+           being its last event), `principal`, `request` (the accepted
            GenerateRequest, serialized), `seed` (the one the server announced), `budget` (the
            max_tokens it gave the stream: what a continuation asks for), `first` (the
            lowest seq still kept), `cancel` (set when a cancel reached another edge), `holder`
@@ -12,8 +13,10 @@ Keys of one stream (all under `tokenwire:resume:<request_id>:`, all expiring):
            continuation sends as `continuation_ids`);
 - `lease`  string: the holder generating the stream (`<edge>:<generation>`); lapses
            `resume_lease_s` after that generation last refreshed it;
-- `watch`  sorted set: one member per edge with a reader of the stream attached, scored by when
-           it lapses (Redis' own clock, so edges' clocks never meet);
+- `watch`  sorted set: one member per edge with a reader of the stream attached, and one per
+           reader about to attach (`r:<edge>:<n>`: a resume that found the stream, or the
+           response of the request that opened it), each scored by when it lapses (Redis' own
+           clock, so edges' clocks never meet);
 - `gone`   string: the principal, kept ten minutes from the stream's opening, so an expired id
            answers 410 to its principal.
 
@@ -37,10 +40,18 @@ expired): ten minutes of tombstones, ~100 bytes each, one per stream opened in t
 CLAIM_MS = 60_000
 """An id claimed by an edge that died before the server answered is free again after this."""
 TERMINAL = frozenset({"done", "error"})
+RESERVED = "r:"
+"""The prefix of a `watch` member held for a reader about to attach (a plain one is an edge's
+readers): it holds the stream's expiry off, but does not restart its window."""
 
 LOST = -1
 WRITTEN = 0
 CANCEL_ASKED = 1
+
+UNKNOWN = 0
+FOUND = 1
+HELD = 2
+EXPIRED = 3
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -68,17 +79,58 @@ class Keys:
         return [self.events, self.ids, self.meta]
 
 
-# KEYS: meta, events, ids, lease, watch; ARGV: ttl ms. 1 when the id was free (no meta, and
-# no lease: a stream whose meta alone was evicted still runs under it) and is now claimed.
+# KEYS: meta, events, ids, lease, watch; ARGV: ttl ms. 1 when the id was free (no meta, or an
+# expired stream's whose last event is written; and no lease: a stream whose meta alone was
+# evicted still runs under it) and is now claimed.
 # What a stream of the id left without its meta (evicted under memory pressure, or expired a
 # moment apart) is deleted with the claim: the new stream's events and ids start empty, and
 # none of an earlier caller's is ever read as this one's.
 CLAIM = """
 if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
-if redis.call('HSETNX', KEYS[1], 'state', 'claimed') == 0 then return 0 end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state and state ~= 'expired' then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'state', 'claimed')
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 return 1
+"""
+
+# KEYS: meta, lease, gone, watch; ARGV: ttl ms, holder, lease ms, principal, gone s, member,
+# lapse ms, then the meta's fields and values. Opens a claimed id's stream under the holder's
+# lease, remembers its principal for GONE_S, and holds it for the response about to read it.
+OPEN = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 8))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[5])
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZADD', KEYS[4], ms + tonumber(ARGV[7]), ARGV[6])
+redis.call('PEXPIRE', KEYS[4], ARGV[7])
+return 1
+"""
+
+# KEYS: meta, gone, watch; ARGV: principal, member ('' for none), lapse ms. FOUND when the
+# principal's stream is stored (open or done), HELD when it is open and the member now holds
+# it for a reader about to attach (see WATCH; a store refusing writes holds nothing, and still
+# answers), EXPIRED when the id's stream expired (`gone` names the principal), else UNKNOWN.
+FIND = """
+local meta = redis.call('HMGET', KEYS[1], 'state', 'principal')
+if (meta[1] == 'open' or meta[1] == 'done') and meta[2] == ARGV[1] then
+  if meta[1] == 'open' and ARGV[2] ~= '' then
+    local now = redis.call('TIME')
+    local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+    local lapse = tonumber(ARGV[3])
+    if type(redis.pcall('ZADD', KEYS[3], ms + lapse, ARGV[2])) == 'number' then
+      if redis.call('PTTL', KEYS[3]) < lapse then redis.call('PEXPIRE', KEYS[3], lapse) end
+      return 2
+    end
+  end
+  return 1
+end
+if redis.call('GET', KEYS[2]) == ARGV[1] then return 3 end
+return 0
 """
 
 # KEYS: meta. Frees an id that was claimed but never opened.
@@ -88,7 +140,8 @@ return 0
 """
 
 # KEYS: lease, events, ids, meta; ARGV: holder, seq, name, data, token bytes, ttl ms, final,
-# first seq to keep (or ''), lease ms. LOST when the lease is another holder's, else WRITTEN
+# first seq to keep (or ''), lease ms. A final event ends an open stream (`done`; an expired
+# one stays so). LOST when the lease is another holder's, else WRITTEN
 # (also when this seq is stored already: a try whose answer was lost wrote it) or
 # CANCEL_ASKED (another edge asked for a cancel). A lease that lapsed with nobody taking it
 # since is the holder's again.
@@ -110,7 +163,9 @@ if ARGV[8] ~= '' then
 end
 for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
 if ARGV[7] == '1' then
-  redis.call('HSET', KEYS[4], 'state', 'done')
+  if redis.call('HGET', KEYS[4], 'state') == 'open' then
+    redis.call('HSET', KEYS[4], 'state', 'done')
+  end
   redis.call('DEL', KEYS[1])
   return 0
 end
@@ -119,13 +174,14 @@ return 0
 """
 
 # KEYS: lease, events, ids, meta, watch; ARGV: holder, lease ms, ttl ms.
-# {LOST, 0} when the stream ended or its lease is another holder's, else {edges reading,
-# cancel asked}. A lease that lapsed with nobody taking it since is the holder's again.
+# {LOST, 0, 0} when the stream ended or its lease is another holder's, else {edges reading,
+# cancel asked, readers about to attach}. A lease that lapsed with nobody taking it since is
+# the holder's again.
 TICK = """
-if redis.call('HGET', KEYS[4], 'state') ~= 'open' then return {-1, 0} end
+if redis.call('HGET', KEYS[4], 'state') ~= 'open' then return {-1, 0, 0} end
 local leased = redis.call('GET', KEYS[1])
 if leased ~= ARGV[1] and (leased or redis.call('HGET', KEYS[4], 'holder') ~= ARGV[1]) then
-  return {-1, 0}
+  return {-1, 0, 0}
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
@@ -134,7 +190,29 @@ local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ms)
 local cancel = 0
 if redis.call('HGET', KEYS[4], 'cancel') then cancel = 1 end
-return {redis.call('ZCARD', KEYS[5]), cancel}
+local reading, reserved = 0, 0
+for _, member in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
+  if string.sub(member, 1, 2) == 'r:' then reserved = reserved + 1 else reading = reading + 1 end
+end
+return {reading, cancel, reserved}
+"""
+
+# KEYS: lease, meta, watch; ARGV: holder. Drop a stream nobody reads: LOST when it ended or
+# its lease is another holder's, 0 when a reader (or one about to attach) came meanwhile, else
+# 1: it is `expired` from now on (a resume is a 410, and nobody takes it over); its holder
+# writes its GONE `error` as its last event.
+ABANDON = """
+if redis.call('HGET', KEYS[2], 'state') ~= 'open' then return -1 end
+local leased = redis.call('GET', KEYS[1])
+if leased ~= ARGV[1] and (leased or redis.call('HGET', KEYS[2], 'holder') ~= ARGV[1]) then
+  return -1
+end
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ms)
+if redis.call('ZCARD', KEYS[3]) > 0 then return 0 end
+redis.call('HSET', KEYS[2], 'state', 'expired')
+return 1
 """
 
 # KEYS: lease, meta; ARGV: holder, lease ms. 1 when the stream is open and its lease was free:
@@ -146,12 +224,18 @@ redis.call('HSET', KEYS[2], 'holder', ARGV[1])
 return 1
 """
 
-# KEYS: watch; ARGV: member (the edge), lapse ms. An edge says a reader is still there.
+# KEYS: watch; ARGV: member (an edge, or a reader about to attach), lapse ms. An edge says a
+# reader is still there, or one is about to attach. Never brings a lapse closer: the member's,
+# nor the key's, which another member's may need.
 WATCH = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local lapse = tonumber(ARGV[2])
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) < ms + lapse then
+  redis.call('ZADD', KEYS[1], ms + lapse, ARGV[1])
+end
+if redis.call('PTTL', KEYS[1]) < lapse then redis.call('PEXPIRE', KEYS[1], lapse) end
 return 1
 """
 

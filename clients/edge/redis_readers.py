@@ -9,7 +9,9 @@ with XRANGE, at its own pace, so a slow client holds a place and nothing more. W
 the tail marks the stream read from this edge (one member of the `watch` set per edge,
 refreshed every third of a lease) and, when nothing came for half a lease, checks that the
 stream is still stored and its generation alive: a stream whose edge died is taken over here.
-It ends for its readers with an `error` event (seq 0: no resume can name it) when the store
+A reader about to attach holds the stream with a `watch` member of its own
+(tokenwire.edge.redis_keys), which goes once the tail's mark holds the stream for it. It ends
+for its readers with an `error` event (seq 0: no resume can name it) when the store
 fails, the stream expires, or this edge's generation of it failed.
 """
 
@@ -29,7 +31,7 @@ from redis.exceptions import RedisError
 
 from tokenwire.edge import redis_keys as rk
 from tokenwire.edge.errors import EdgeError
-from tokenwire.edge.redis_generation import store_error
+from tokenwire.edge.redis_generation import quietly, store_error
 from tokenwire.edge.redis_keys import Keys
 from tokenwire.edge.redis_pools import Seat
 from tokenwire.edge.resumable import BufferedEvent, events_dropped, expired_stream
@@ -73,6 +75,10 @@ class Tail:
         self._recent: collections.deque[BufferedEvent] = collections.deque()
         self._recent_bytes = 0
         self._news = asyncio.Event()
+        self._marked = False
+        """The stream's `watch` set holds this edge's mark."""
+        self._reservations: list[str] = []
+        """Those of readers attached here, until the mark holds the stream for them."""
         self._task = asyncio.create_task(self._run(), name=f"tail-{request_id}")
 
     @property
@@ -97,6 +103,18 @@ class Tail:
         while self.last <= cursor and self.end is None and self.running:
             await self._news.wait()
 
+    def settle(self, reservation: str) -> None:
+        """A reader held for (see RedisStreams.get) has attached: what held the stream for it
+        goes as soon as this edge's mark holds it."""
+        self._reservations.append(reservation)
+        if self._marked:
+            self._settled()
+
+    def _settled(self) -> None:
+        members, self._reservations = self._reservations, []
+        if members:
+            self.store.spawn(quietly(self.store.reads.zrem(self.keys.watch, *members)))
+
     def fail(self, event: BufferedEvent) -> None:
         """End it for its readers with `event` (this edge's generation of the stream failed)."""
         self._ended(event)
@@ -120,6 +138,7 @@ class Tail:
         except RedisError as error:
             self._ended(made_up(store, store_error(error)))
         finally:
+            self._settled()  # the stream ended, or nobody reads it here any more
             self._wake()
 
     async def _follow(self) -> None:
@@ -134,6 +153,8 @@ class Tail:
                 with contextlib.suppress(RedisError):
                     watch = store.scripts["WATCH"]
                     await watch([keys.watch], [store.edge, 2 * store.lease_ms], client=store.reads)
+                    self._marked = True
+                    self._settled()
             reply = cast(
                 list[Any],
                 await store.waits.xread(
@@ -170,8 +191,8 @@ class Tail:
         pipe.hget(self.keys.meta, "state")
         pipe.exists(self.keys.lease)
         state, leased = await pipe.execute()
-        if state is None:
-            return False
+        if state is None or (state == b"expired" and not leased):
+            return False  # gone, or dropped by an edge that died before it wrote why
         if state == b"open" and not leased:
             await self.store.take_over(self.request_id)
         return True
@@ -191,13 +212,22 @@ class RedisStream:
 
     A stream a resume got holds the reader's seat from then (see RedisStreams.get); it is
     given back when its reader leaves, or when the stream is dropped unread (a resume answered
-    204, 400 or 410, or whose client left before its response began)."""
+    204, 400 or 410, or whose client left before its response began). Its `reservation` holds
+    the stream's expiry off until the reader attaches, or is given back with the seat (it
+    lapses by itself after ATTACH_S where neither comes)."""
 
-    def __init__(self, store: RedisStreams, request_id: str, seat: Seat | None = None) -> None:
+    def __init__(
+        self,
+        store: RedisStreams,
+        request_id: str,
+        seat: Seat | None = None,
+        reservation: str | None = None,
+    ) -> None:
         self.store = store
         self.request_id = request_id
         self.keys = Keys.of(request_id)
         self._seat = seat
+        self._reservation = reservation
         if seat is not None:
             weakref.finalize(self, seat.release)
 
@@ -215,16 +245,23 @@ class RedisStream:
         return int(first or 1), newest.seq, newest.name in rk.TERMINAL
 
     def leave_unread(self) -> None:
-        """The resume that got this stream will not read it: its seat is given back now."""
+        """The resume that got this stream will not read it: its seat and its reservation are
+        given back now."""
         seat, self._seat = self._seat, None
         if seat is not None:
             seat.release()
+        reservation, self._reservation = self._reservation, None
+        if reservation is not None:
+            self.store.spawn(quietly(self.store.reads.zrem(self.keys.watch, reservation)))
 
     async def follow(self, after_seq: int) -> AsyncGenerator[BufferedEvent, None]:
         store = self.store
         # The first reader of a stream this edge opened takes a seat whatever the bound.
         seat, self._seat = self._seat or store.seats.take(), None
+        reservation, self._reservation = self._reservation, None
         tail = store.attach(self.request_id, after_seq)
+        if reservation is not None:
+            tail.settle(reservation)
         try:
             async for event in self._events(tail, after_seq):
                 yield event

@@ -10,6 +10,14 @@ the stored request, the seed the server announced and the token ids already deli
 events follow on the same stream from the next seq, so a client that reconnects with
 `Last-Event-ID` gets exactly the events it lacks, whichever edge it reaches.
 
+A stream nobody reads expires after the resume window (tokenwire.edge.redis_generation: from
+its opening, and from its last reader's leaving on any edge), as in the in-memory store; a
+reader about to attach, on any edge, holds that off for ATTACH_S (a member of the stream's
+`watch` set, tokenwire.edge.redis_keys), given back as it attaches or as its resume is answered
+without it. A cancel that reaches an edge while another is still opening the stream (its id
+claimed, its server not yet answered) waits for it to open, then cancels it as any other:
+whose stream it is is known only then.
+
 Connections: writes, short reads and blocking reads have pools of their own, and readers are
 bounded (tokenwire.edge.redis_pools), so readers can neither stall a generation nor refuse a
 new stream; a resume past the bound is a 503 before its response starts.
@@ -18,6 +26,7 @@ new stream; a resume past the bound is a 503 before its response starts.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import struct
 import uuid
 from collections.abc import Awaitable, Coroutine
@@ -35,6 +44,7 @@ from tokenwire.edge.redis_keys import Keys
 from tokenwire.edge.redis_pools import MAX_CONNECTIONS, Pools, Seats, waiting_client
 from tokenwire.edge.redis_readers import Entry, RedisStream, Tail, made_up, stored_event
 from tokenwire.edge.resumable import (
+    ATTACH_S,
     Encode,
     expired_stream,
     id_taken,
@@ -49,12 +59,15 @@ T = TypeVar("T")
 SCRIPTS = (
     "CLAIM",
     "RELEASE_CLAIM",
+    "OPEN",
+    "FIND",
     "APPEND",
     "TICK",
     "TAKE",
     "WATCH",
     "ASK_CANCEL",
     "RELEASE_LEASE",
+    "ABANDON",
 )
 WRITE_WAIT_S = 1.0
 """How long a write waits for a free connection of its pool before the try fails (and is tried
@@ -66,8 +79,12 @@ BUSY_TRIES_S = (0.05, 0.1, 0.2, 0.4, 0.8)
 generation it continues still runs there (its edge stopped it a moment ago) and none of its
 tokens were delivered (a continuation with some replaces that generation at once)."""
 # A finished stream stays for the window, but never less than this: readers blocked on it must
-# still find its last event.
+# still find its last event. A stream dropped unread stays this long (its GONE `error`).
 MIN_DONE_MS = 1000
+ATTACH_MS = round(ATTACH_S * 1000)
+OPENING_WAITS_S = (0.01, 0.02, 0.05, 0.1)
+"""Waits between a cancel's looks at a stream another edge is still opening (the last one
+repeated), CLAIM_MS at most."""
 NATIVE = RouteName.NATIVE
 """The route of every stored stream (only native streams are kept), and of its failovers."""
 
@@ -96,6 +113,7 @@ class RedisStreams:
         self.lease_ms = max(1, round(settings.resume_lease_s * 1000))
         self.live_ttl_ms = round(settings.resume_window_s * 1000) + self.lease_ms
         self.done_ttl_ms = max(MIN_DONE_MS, round(settings.resume_window_s * 1000))
+        self.expired_ttl_ms = MIN_DONE_MS
         self.stream_bytes = settings.resume_stream_bytes
         self.total_bytes = settings.resume_total_bytes
         self.encode = encode
@@ -115,6 +133,7 @@ class RedisStreams:
         """Bytes of the events kept for the streams this edge generates, kept as they change
         (`bytes` sums them); bounded by total_bytes as events arrive (Generation._keep)."""
         self._claimed: set[str] = set()
+        self._reservations = itertools.count()
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -133,6 +152,10 @@ class RedisStreams:
     async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """One of the scripts, on the writers' pool."""
         return await self.scripts[name](keys=keys, args=args)
+
+    def reservation(self) -> str:
+        """A new member of a stream's `watch` set for a reader about to attach."""
+        return f"{rk.RESERVED}{self.edge}:{next(self._reservations)}"
 
     def holder(self) -> str:
         """A new generation's name in the lease it holds: this edge's, and its own."""
@@ -158,7 +181,9 @@ class RedisStreams:
         keys = Keys.of(request_id)
         request = upstream.request or pb.GenerateRequest()
         holder = self.holder()
-        meta = {
+        # Held for the response about to read it (see FIND).
+        reservation = self.reservation()
+        meta: dict[str, str | bytes | int] = {
             "state": "open",
             "principal": _principal(owner),
             "request": request.SerializeToString(),
@@ -168,46 +193,68 @@ class RedisStreams:
             "first": 1,
             "holder": holder,
         }
-        pipe = self.writes.pipeline(transaction=True)
-        pipe.hset(keys.meta, mapping=meta)  # type: ignore[arg-type]
-        pipe.pexpire(keys.meta, self.live_ttl_ms)
-        pipe.set(keys.lease, holder, px=self.lease_ms)
-        pipe.set(keys.gone, _principal(owner), ex=rk.GONE_S)
+        args = [
+            *(self.live_ttl_ms, holder, self.lease_ms, _principal(owner), rk.GONE_S),
+            *(reservation, ATTACH_MS),
+            *itertools.chain.from_iterable(meta.items()),
+        ]
         try:
-            await self.redis(pipe.execute())
+            await self.redis(
+                self.script("OPEN", [keys.meta, keys.lease, keys.gone, keys.watch], args)
+            )
         except EdgeError:
             upstream.cancel()
             raise
         self._claimed.discard(request_id)
         self._start(request_id, 1, _ready(upstream), holder, skip_usage=False)
-        return RedisStream(self, request_id)
+        return RedisStream(self, request_id, reservation=reservation)
 
     async def get(self, request_id: str, owner: str | None) -> RedisStream:
-        """The caller's stream, with a seat for its reader: a 503 when this edge's readers fill
-        the bound, answered before any call to the store."""
+        """The caller's stream, with a seat for its reader, and held for it until it attaches
+        (ATTACH_S at most): a 503 when this edge's readers fill the bound, answered before any
+        call to the store."""
         seat = self.seats.admit()
+        reservation = self.reservation()
         try:
-            await self._find(request_id, owner)
+            held = await self._find(request_id, owner, reservation)
         except BaseException:
             seat.release()
             raise
-        return RedisStream(self, request_id, seat)
+        return RedisStream(self, request_id, seat, reservation if held else None)
 
-    async def _find(self, request_id: str, owner: str | None) -> None:
-        """Nothing when the caller's stream is stored; 404 or 410 otherwise."""
+    async def _find(self, request_id: str, owner: str | None, reservation: str = "") -> bool:
+        """Whether `reservation` now holds the caller's stream (it is stored, open or done);
+        404 or 410 where it is not."""
         keys = Keys.of(request_id)
-        pipe = self.reads.pipeline(transaction=False)
-        pipe.hmget(keys.meta, ["state", "principal"])
-        pipe.get(keys.gone)
-        (state, principal), gone = await self.redis(pipe.execute())
-        caller = _principal(owner)
-        if state in (b"open", b"done") and principal == caller:
-            return
-        if gone == caller:
+        found: int = await self.redis(
+            self.scripts["FIND"](
+                keys=[keys.meta, keys.gone, keys.watch],
+                args=[_principal(owner), reservation, ATTACH_MS],
+                client=self.reads,
+            )
+        )
+        if found in (rk.FOUND, rk.HELD):
+            return found == rk.HELD
+        if found == rk.EXPIRED:
             raise expired_stream(request_id)
         raise unknown_stream(request_id)
 
+    async def _opened(self, request_id: str) -> None:
+        """Wait while the id is claimed and its stream not yet open (an edge is waiting for its
+        server to accept it): CLAIM_MS at most, which an edge that died meanwhile leaves it."""
+        meta = Keys.of(request_id).meta
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + rk.CLAIM_MS / 1000
+        waits = itertools.chain(OPENING_WAITS_S, itertools.repeat(OPENING_WAITS_S[-1]))
+        while await self.redis(self.reads.hget(meta, "state")) == b"claimed":
+            if loop.time() >= deadline:
+                return
+            await asyncio.sleep(next(waits))
+
     async def cancel(self, request_id: str, owner: str | None) -> bool:
+        """The caller's stream ended now (see ResumeStore.cancel); one still opening, on
+        another edge, once it is open (whose it is is known only then)."""
+        await self._opened(request_id)
         await self._find(request_id, owner)
         generation = self._generations.get(request_id)
         if generation is not None:

@@ -1,0 +1,228 @@
+"""A native stream's expiry and cancel in the shared (Redis) resume store, as in the in-memory
+one: a reader about to attach holds the expiry off, on whichever edge it came to; a stream
+dropped unfinished ends with a GONE `error` for its readers; a cancel that reaches another
+edge while the stream is still opening cancels it once open. Real servers and edges on
+127.0.0.1, one real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from httpx_sse import aconnect_sse
+
+from tests import sse
+from tests.conftest import RunningEdge, RunningServer, eventually, start_edge
+from tests.redisproc import RedisServer
+from tests.replicas import Relay
+from tokenwire.edge import native
+from tokenwire.edge.pipeline import Frame
+from tokenwire.edge.redis_readers import RedisStream
+from tokenwire.edge.redis_store import RedisStreams
+from tokenwire.edge.store import StoredStream
+from tokenwire.v1 import generate_pb2 as pb
+
+LONG = {"prompt": "x", "max_tokens": 450, "ignore_eos": True}
+"""About 4.5 s on the paced server (a token every 10 ms)."""
+SHORT = {"prompt": "x", "max_tokens": 60, "ignore_eos": True}
+
+
+async def _redis_edge(target: str, url: str, window_s: float) -> RunningEdge:
+    """An edge on the Redis store whose lease is refreshed (and expiry checked) every 0.1 s."""
+    return await start_edge(target, resume_store=url, resume_window_s=window_s, resume_lease_s=0.3)
+
+
+def _store(edge: RunningEdge) -> RedisStreams:
+    store = edge.store
+    assert isinstance(store, RedisStreams)
+    return store
+
+
+def _slow_start(
+    monkeypatch: pytest.MonkeyPatch, delay_s: float, started: asyncio.Event | None = None
+) -> None:
+    """Every response from now on begins reading its stream `delay_s` late (as a response
+    whose body waits for a slow proxy does); `started` is set as it begins."""
+    original = native.native_frames
+
+    async def slow(stream: StoredStream, after: int) -> AsyncGenerator[Frame, None]:
+        if started is not None:
+            started.set()
+        await asyncio.sleep(delay_s)
+        async for frame in original(stream, after):
+            yield frame
+
+    monkeypatch.setattr(native, "native_frames", slow)
+
+
+async def test_the_response_that_opened_a_stream_holds_it_until_it_reads(
+    paced: RunningServer, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no resume window, the response of the request that opened a stream, whose body
+    begins reading 0.4 s late (four expiry checks), still gets every event up to `done`: the
+    expiry waits for the reader about to attach."""
+    _slow_start(monkeypatch, 0.4)
+    edge = await _redis_edge(paced.target, redis_server.url, 0.0)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=10) as client:
+            headers = {"X-Request-ID": "opened"}
+            _, events = await sse.events(
+                client, "POST", "/v1/generate", json=SHORT, headers=headers
+            )
+    finally:
+        await edge.edge.stop()
+    assert [e.id for e in events] == [f"opened:{seq}" for seq in range(1, 63)]
+    assert json.loads(events[-1].data)["finish_reason"] == "length"
+
+
+async def test_a_resume_on_another_edge_holds_the_stream_until_it_reads(
+    paced: RunningServer, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no resume window, a resume on edge B that found edge A's stream, whose response
+    begins reading 0.5 s late, while A's one reader leaves meanwhile, still gets every event
+    after its Last-Event-ID up to `done`: A's expiry waits for the reader B is about to
+    attach."""
+    a = await _redis_edge(paced.target, redis_server.url, 0.0)
+    b = await _redis_edge(paced.target, redis_server.url, 0.0)
+    started = asyncio.Event()
+    body = {**SHORT, "max_tokens": 100}
+    try:
+        async with (
+            httpx.AsyncClient(base_url=a.url, timeout=10) as on_a,
+            httpx.AsyncClient(base_url=b.url, timeout=10) as on_b,
+        ):
+            headers = {"X-Request-ID": "found"}
+            async with aconnect_sse(
+                on_a, "POST", "/v1/generate", json=body, headers=headers
+            ) as source:
+                first = await anext(aiter(source.aiter_sse()))
+                _slow_start(monkeypatch, 0.5, started)
+                resume = asyncio.create_task(
+                    sse.events(
+                        on_b,
+                        "GET",
+                        "/v1/generate/found/events",
+                        headers={"Last-Event-ID": first.id},
+                    )
+                )
+                await asyncio.wait_for(started.wait(), 5)
+            # A's reader has left: nobody reads the stream, and its window is 0.
+            _, rest = await asyncio.wait_for(resume, 10)
+    finally:
+        await a.edge.stop()
+        await b.edge.stop()
+    assert [e.id for e in rest] == [f"found:{seq}" for seq in range(2, 103)]
+    assert json.loads(rest[-1].data)["finish_reason"] == "length"
+
+
+async def test_a_refused_resume_on_another_edge_holds_nothing_past_its_readers(
+    paced: RunningServer, redis_server: RedisServer
+) -> None:
+    """With no resume window, a resume on edge B refused (its Last-Event-ID past the stream's
+    last event) holds nothing for a reader that will never come: when the stream's one reader
+    on edge A then leaves, the generation is cancelled at the server at once, not when what
+    the refused resume held lapses (2 s)."""
+    a = await _redis_edge(paced.target, redis_server.url, 0.0)
+    b = await _redis_edge(paced.target, redis_server.url, 0.0)
+    try:
+        async with (
+            httpx.AsyncClient(base_url=a.url, timeout=10) as on_a,
+            httpx.AsyncClient(base_url=b.url, timeout=10) as on_b,
+        ):
+            headers = {"X-Request-ID": "kept"}
+            async with aconnect_sse(
+                on_a, "POST", "/v1/generate", json=LONG, headers=headers
+            ) as source:
+                first = await anext(aiter(source.aiter_sse()))
+                assert first.id == "kept:1"
+                refused = await on_b.get(
+                    "/v1/generate/kept/events", headers={"Last-Event-ID": "kept:9999"}
+                )
+            left = asyncio.get_running_loop().time()
+            stopped = await eventually(lambda: paced.engine.active_count == 0, within_s=3)
+            took = asyncio.get_running_loop().time() - left
+    finally:
+        await a.edge.stop()
+        await b.edge.stop()
+    assert refused.status_code == 400
+    assert stopped
+    assert took < 1.0
+
+
+async def test_a_reader_of_a_stream_dropped_unfinished_gets_a_gone_error(
+    paced: RunningServer, redis_server: RedisServer
+) -> None:
+    """A reader still on a stream that expired before it finished gets the stored events, then
+    an `error` event (GONE) saying it expired, with the next seq: never a stream that just
+    stops, nor one whose events vanish under its reader."""
+    edge = await _redis_edge(paced.target, redis_server.url, 0.3)
+    store = _store(edge)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=10) as client:
+            headers = {"X-Request-ID": "dropped"}
+            await sse.first_event(client, "POST", "/v1/generate", json=LONG, headers=headers)
+        reader = RedisStream(store, "dropped").follow(1)
+        assert await eventually(lambda: store.live == 0, within_s=4)
+        rest = [event async for event in reader]
+    finally:
+        await edge.edge.stop()
+    assert len(rest) > 1
+    assert {event.name for event in rest[:-1]} == {"token"}
+    assert [event.seq for event in rest] == list(range(2, len(rest) + 2))
+    assert rest[-1].name == "error"
+    assert json.loads(rest[-1].data)["code"] == "GONE"
+
+
+class SlowOpening(Relay):
+    """A replica whose Generate answers (its initial metadata) only after `delay_s`, as a
+    server tokenizing a long prompt does; the rest it relays at once."""
+
+    def __init__(self, target: str, delay_s: float) -> None:
+        super().__init__(target)
+        self._delay_s = delay_s
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        await asyncio.sleep(self._delay_s)
+        call = self._stub.Generate(request)
+        await context.send_initial_metadata(tuple(await call.initial_metadata()))
+        async for reply in call:
+            yield reply
+
+
+async def test_a_cancel_on_another_edge_while_the_stream_opens_cancels_it_once_open(
+    paced: RunningServer, redis_server: RedisServer
+) -> None:
+    """A cancel that reaches edge B while edge A's server is still opening the stream answers
+    `cancelled: true` (not 404), and the stream, once open, ends with `done` / cancelled
+    instead of running to its end."""
+    replica = SlowOpening(paced.target, 0.5)
+    await replica.start()
+    a = await _redis_edge(replica.target, redis_server.url, 2.0)
+    b = await _redis_edge(paced.target, redis_server.url, 2.0)
+    try:
+        async with (
+            httpx.AsyncClient(base_url=a.url, timeout=10) as on_a,
+            httpx.AsyncClient(base_url=b.url, timeout=10) as on_b,
+        ):
+            headers = {"X-Request-ID": "early"}
+            reading = asyncio.create_task(
+                sse.events(on_a, "POST", "/v1/generate", json=LONG, headers=headers)
+            )
+            await asyncio.sleep(0.2)  # A has claimed the id; the replica answers at 0.5 s
+            reply = await on_b.post("/v1/generate/early/cancel", json={})
+            _, events = await asyncio.wait_for(reading, 10)
+    finally:
+        await a.edge.stop()
+        await b.edge.stop()
+        await replica.stop()
+    assert reply.json() == {"request_id": "early", "cancelled": True}
+    assert events[-1].event == "done"
+    assert json.loads(events[-1].data)["finish_reason"] == "cancelled"
+    assert len(events) < 100
