@@ -59,6 +59,7 @@ def _request(
     sampling: SamplingParams | None = None,
     stop: tuple[str, ...] = (),
     ignore_eos: bool = False,
+    min_tokens: int = 0,
 ) -> GenerationRequest:
     return GenerationRequest(
         name,
@@ -68,6 +69,7 @@ def _request(
         stop=stop,
         ignore_eos=ignore_eos,
         continuation=continuation,
+        min_tokens=min_tokens,
     )
 
 
@@ -334,6 +336,39 @@ async def test_continuing_after_eos_ends_at_once(spec: ModelSpec, tokenizer: Tok
         engine.shutdown()
     assert _tokens(rest) == []
     assert _tail(rest) == (2, FinishReason.STOP, "")
+
+
+async def test_an_id_after_the_one_that_ended_the_stream_is_refused(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """Delivered ids that go on past an EOS (no uninterrupted stream has them) are
+    INVALID_ARGUMENT naming the first id after it, not a stream that ends at the EOS with
+    fewer tokens counted than were sent."""
+    eos = min(spec.eos_token_ids)
+    a = tokenizer.token_id("A")
+    assert a is not None
+    engine = _scripted(spec, tokenizer, "x", [a, eos, a])
+    try:
+        with pytest.raises(InvalidRequest, match=r"continuation_ids\[2\]"):
+            engine.submit(_request("r", 8, prompt="x", continuation=(a, eos, a)))
+    finally:
+        engine.shutdown()
+
+
+async def test_an_eos_before_min_tokens_in_a_continuation_is_refused(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """A delivered EOS before min_tokens, which the stream could not have chosen, is
+    INVALID_ARGUMENT naming its index, not a stream that ends there as STOP."""
+    eos = min(spec.eos_token_ids)
+    a = tokenizer.token_id("A")
+    assert a is not None
+    engine = _scripted(spec, tokenizer, "x", [a, eos])
+    try:
+        with pytest.raises(InvalidRequest, match=r"continuation_ids\[1\].*min_tokens"):
+            engine.submit(_request("r", 8, prompt="x", continuation=(a, eos), min_tokens=5))
+    finally:
+        engine.shutdown()
 
 
 async def test_the_seed_is_sent_before_the_first_token(stub: pb_grpc.GenerationServiceStub) -> None:

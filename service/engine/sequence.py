@@ -12,6 +12,7 @@ from tokenwire.server.domain import (
     Event,
     FinishReason,
     GenerationRequest,
+    InvalidRequest,
     TokenEvent,
     TopLogprob,
     UsageEvent,
@@ -121,10 +122,27 @@ class Sequence:
         """Take the tokens an interrupted stream already delivered: the text pipeline and the
         stop conditions see them as if they had just been generated, but no event is queued
         for them, so the stream goes on with the uninterrupted stream's indices and deltas. A
-        stream that had already ended (EOS, stop string, budget) ends again at once."""
-        for token_id in delivered:
+        stream that had already ended (EOS, stop string, budget) ends again at once.
+
+        InvalidRequest for ids no uninterrupted stream delivers: an id after the one that
+        ended it, or an EOS or stop id before min_tokens (where it cannot be chosen)."""
+        for i, token_id in enumerate(delivered):
+            if token_id in self.suppressed:
+                raise InvalidRequest(
+                    f"continuation_ids[{i}]",
+                    token_id,
+                    f"an EOS or stop token id cannot come before min_tokens "
+                    f"({self.request.min_tokens})",
+                )
             self.generated.append(token_id)
             if self._stops_at(token_id)[0] is not None:
+                if i + 1 < len(delivered):
+                    raise InvalidRequest(
+                        f"continuation_ids[{i + 1}]",
+                        delivered[i + 1],
+                        "the stream ended at the id before it (EOS, a stop token id or a stop "
+                        "string): no id follows the one that ended it",
+                    )
                 self._close(time.monotonic())
                 return
 
