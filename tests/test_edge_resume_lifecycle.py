@@ -53,20 +53,21 @@ async def test_a_stream_nobody_ever_reads_expires_after_the_window(
     assert (dropped, stopped) == (True, True)
 
 
-async def test_a_resume_as_the_window_runs_out_gets_the_whole_stream(
+async def test_a_resume_whose_reading_starts_past_the_window_gets_the_whole_stream(
     paced: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A resume that finds the stream 20 ms before its window ends, while its response takes
-    50 ms to start reading, still gets every event up to `done`: the expiry waits for it."""
+    """A resume that finds the stream as its last reader leaves, while its response starts
+    reading only after the stream's window has run out, still gets every event up to `done`:
+    the expiry waits for it."""
+    window = 0.5
     original = native.native_frames
 
     async def slow_start(stream: StoredStream, after: int) -> AsyncGenerator[Frame, None]:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(window + 0.3)
         async for frame in original(stream, after):
             yield frame
 
     monkeypatch.setattr(native, "native_frames", slow_start)
-    window = 0.3
     edge = await start_edge(paced.target, resume_window_s=window)
     body = {**LONG, "max_tokens": 60}
     try:
@@ -74,7 +75,6 @@ async def test_a_resume_as_the_window_runs_out_gets_the_whole_stream(
             first = await _first_event(client, "late", body)
             stream = edge.streams._streams["late"]
             assert await eventually(lambda: stream.followers == 0, within_s=2)
-            await asyncio.sleep(window - 0.02)
             _, rest = await sse.events(
                 client, "GET", "/v1/generate/late/events", headers={"Last-Event-ID": first.id}
             )
