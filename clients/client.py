@@ -299,14 +299,18 @@ class AsyncTokenwireClient:
         resume.confirm_model(self._targets.names[resume.target], served)
 
     async def _unary(
-        self, method: grpc.aio.UnaryUnaryMultiCallable[Request, Reply], request: Request
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Request, Reply],
+        request: Request,
+        grows: str = "request",
     ) -> Reply:
         """One unary call to the first target, within the client's timeout, with its key (the
-        channel retries UNAVAILABLE, as for every call); a failure as its TokenwireError."""
+        channel retries UNAVAILABLE, as for every call); a failure as its TokenwireError (one
+        too large for the channel names `grows`)."""
         try:
             return await method(request, timeout=self.timeout_s, metadata=self.security.metadata())
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            raise from_rpc_error(error, grows) from None
 
     async def model_info(self) -> ModelInfo:
         self._check_open()
@@ -334,13 +338,13 @@ class AsyncTokenwireClient:
         as for GenerateOptions."""
         self._check_open()
         request = tokenize_request(text, add_special_tokens, with_pieces)
-        return tokenization_from_pb(await self._unary(self._stub.Tokenize, request))
+        return tokenization_from_pb(await self._unary(self._stub.Tokenize, request, "text"))
 
     async def detokenize(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         """The text of token ids, special tokens' included unless skip_special_tokens."""
         self._check_open()
         request = detokenize_request(ids, skip_special_tokens)
-        return (await self._unary(self._stub.Detokenize, request)).text
+        return (await self._unary(self._stub.Detokenize, request, "token_ids")).text
 
 
 class TokenwireClient:
@@ -452,13 +456,16 @@ class TokenwireClient:
         resume.confirm_model(self._targets.names[resume.target], served)
 
     def _unary(
-        self, method: grpc.UnaryUnaryMultiCallable[Request, Reply], request: Request
+        self,
+        method: grpc.UnaryUnaryMultiCallable[Request, Reply],
+        request: Request,
+        grows: str = "request",
     ) -> Reply:
         """One unary call, as the async client's _unary makes it."""
         try:
             return method(request, timeout=self.timeout_s, metadata=self.security.metadata())
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            raise from_rpc_error(error, grows) from None
 
     def model_info(self) -> ModelInfo:
         self._check_open()
@@ -495,10 +502,10 @@ class TokenwireClient:
         """As the async client's tokenize."""
         self._check_open()
         request = tokenize_request(text, add_special_tokens, with_pieces)
-        return tokenization_from_pb(self._unary(self._stub.Tokenize, request))
+        return tokenization_from_pb(self._unary(self._stub.Tokenize, request, "text"))
 
     def detokenize(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         """The text of token ids, special tokens' included unless skip_special_tokens."""
         self._check_open()
         request = detokenize_request(ids, skip_special_tokens)
-        return self._unary(self._stub.Detokenize, request).text
+        return self._unary(self._stub.Detokenize, request, "token_ids").text

@@ -43,7 +43,7 @@ class InvalidArgument(TokenwireError):
 class RequestTooLarge(InvalidArgument):
     """The request is larger than the server's channel takes (gRPC's RESOURCE_EXHAUSTED for a
     message over its size limit, before the server reads it): no retry mends it. `field` is
-    prompt, what grows a request."""
+    what grows the request: Generate's prompt, Tokenize's text, Detokenize's token_ids."""
 
 
 class Overloaded(TokenwireError):
@@ -86,17 +86,21 @@ _BY_CODE: dict[grpc.StatusCode, type[TokenwireError]] = {
 }
 
 
-def from_rpc_error(error: grpc.RpcError) -> TokenwireError:
-    """Translate a grpc error (sync or aio) into the matching TokenwireError."""
-    return from_status(error.code(), str(error.details() or ""), error.trailing_metadata())
+def from_rpc_error(error: grpc.RpcError, grows: str = "prompt") -> TokenwireError:
+    """Translate a grpc error (sync or aio) into the matching TokenwireError; `grows` is the
+    request's field a RequestTooLarge names."""
+    return from_status(error.code(), str(error.details() or ""), error.trailing_metadata(), grows)
 
 
-def from_status(code: grpc.StatusCode, message: str, trailers: Trailers | None) -> TokenwireError:
+def from_status(
+    code: grpc.StatusCode, message: str, trailers: Trailers | None, grows: str = "prompt"
+) -> TokenwireError:
     """The TokenwireError of a call's final status: its code, message and trailing metadata
-    (a call refused before its headers gives these without raising an RpcError)."""
+    (a call refused before its headers gives these without raising an RpcError); `grows` is
+    the request's field a RequestTooLarge names."""
     field, retry_after = _rich_details(code, message, trailers or ())
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and TOO_LARGE in message:
-        return RequestTooLarge(code, message, field="prompt")
+        return RequestTooLarge(code, message, field=grows)
     cls = _BY_CODE.get(code, ServerError)
     # tokenwire's server sends every error with its google.rpc.Status in the trailers.
     channel = code in _CHANNEL_CODES and _rich_status(code, message, trailers or ()) is None

@@ -1,4 +1,4 @@
-"""A request's size is refused by what names the prompt: the server takes messages large enough
+"""A request's size is refused by what names the field that grew it (the prompt, for Generate): the server takes messages large enough
 for its own prompt limit to apply, and the edge answers gRPC's size refusal as 413 naming the
 prompt, not as a retryable overload."""
 
@@ -75,3 +75,17 @@ async def test_the_client_raises_a_request_over_the_message_limit_as_too_large(
     assert type(refused.value).__name__ == "RequestTooLarge"
     assert not isinstance(refused.value, Overloaded)
     assert refused.value.field == "prompt"
+
+
+async def test_a_tokenize_over_the_message_limit_names_text_and_a_detokenize_token_ids(
+    paced: RunningServer,
+) -> None:
+    """The Python client's RequestTooLarge names the field that grew the request: Tokenize's
+    `text`, Detokenize's `token_ids` (not Generate's `prompt`)."""
+    async with AsyncTokenwireClient(paced.target) as client:
+        with pytest.raises(InvalidArgument) as text:
+            await client.tokenize("a" * (5 * MIB))
+        with pytest.raises(InvalidArgument) as ids:
+            await client.detokenize([1] * (5 * MIB))
+    assert type(text.value).__name__ == type(ids.value).__name__ == "RequestTooLarge"
+    assert (text.value.field, ids.value.field) == ("text", "token_ids")
