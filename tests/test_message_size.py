@@ -1,6 +1,6 @@
-"""A request's size is refused by what names the field that grew it (the prompt, for Generate): the server takes messages large enough
-for its own prompt limit to apply, and the edge answers gRPC's size refusal as 413 naming the
-prompt, not as a retryable overload."""
+"""A request's size is refused by what names the field that grew it (the prompt, for Generate):
+the server takes messages large enough for its own prompt limit to apply, and the edge answers
+gRPC's size refusal as 413 naming the prompt, not as a retryable overload."""
 
 from __future__ import annotations
 
