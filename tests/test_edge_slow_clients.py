@@ -5,11 +5,13 @@ its time limit, so none can hold a connection, a request or a drain open for eve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
+import httpx
 import pytest
 
-from tests.conftest import RunningEdge, eventually
+from tests.conftest import RunningEdge, RunningServer, eventually, start_edge
 from tokenwire.edge import body, server
 
 SHORT_S = 0.3
@@ -85,3 +87,67 @@ async def test_a_client_leaving_mid_body_logs_no_error(
         ended = await eventually(lambda: not state.tasks and not state.connections)
     assert (reading, ended) == (True, True)
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+KEY = "k-slow"
+JSON = "Content-Type: application/json\r\n"
+KEYED = f"Authorization: Bearer {KEY}\r\n"
+
+
+async def _answered_then_held(port: int, head: str, held: list[asyncio.StreamWriter]) -> bytes:
+    """Send `head` (a request line and headers) announcing a 100-byte body, and none of it;
+    read the answer, then send one byte of the body. The answer's status code; the connection
+    goes on `held`."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    held.append(writer)
+    writer.write(f"{head}Host: 127.0.0.1\r\nContent-Length: 100\r\n\r\n".encode())
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in answer.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    await asyncio.wait_for(reader.readexactly(length), 5.0)
+    with contextlib.suppress(OSError):
+        writer.write(b"{")
+        await writer.drain()
+    return answer.split(b" ", 2)[1]
+
+
+async def _closed(edge: RunningEdge) -> bool:
+    """Whether the edge has no connection open, within 3 s."""
+    return await eventually(lambda: not edge.edge.server.server_state.connections, 3.0)
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        ("GET /healthz HTTP/1.1\r\n", b"200"),
+        ("GET /v1/models HTTP/1.1\r\n", b"401"),
+        (f"POST /v1/generate HTTP/1.1\r\n{JSON}{KEYED}", b"408"),
+    ],
+    ids=["probe", "no-key", "body-late"],
+)
+async def test_a_request_whose_body_its_route_leaves_unread_ends_its_connection(
+    served: RunningServer, monkeypatch: pytest.MonkeyPatch, head: str, status: bytes
+) -> None:
+    """A route that answers without reading the whole body (a probe, a 401 to a request
+    without a key, a 408) ends the connection with its answer: a client that goes on sending
+    that body holds nothing open. Two such clients on an edge of 2 connections leave a keyed
+    request served."""
+    monkeypatch.setattr(server, "HEAD_TIMEOUT_S", SHORT_S)
+    monkeypatch.setattr(body, "BODY_TIMEOUT_S", SHORT_S)
+    edge = await start_edge(served.target, api_keys=(KEY,), max_connections=2)
+    held: list[asyncio.StreamWriter] = []
+    try:
+        answers = [await _answered_then_held(edge.edge.port, head, held) for _ in range(2)]
+        closed = await _closed(edge)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{edge.edge.port}") as client:
+            keyed = await client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    finally:
+        for writer in held:
+            writer.close()
+        await edge.edge.stop()
+    assert answers == [status, status]
+    assert (closed, keyed.status_code) == (True, 200)

@@ -123,13 +123,15 @@ async def over_capacity(scope: Scope, receive: Receive, send: Send) -> None:
     await JSONResponse(body, status_code=503, headers=headers)(scope, receive, send)
 
 
-def closing(send: Send) -> Send:
-    """`send`, with `Connection: close` added to the response's head."""
+def closing(send: Send, when: Callable[[], bool] | None = None) -> Send:
+    """`send`, with `Connection: close` added to the response's head (with `when`, where it
+    holds as the head is sent), unless the head says so already."""
 
     async def send_closing(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            headers = [*message.get("headers", ()), (b"connection", b"close")]
-            message = {**message, "headers": headers}
+        if message["type"] == "http.response.start" and (when is None or when()):
+            headers = list(message.get("headers", ()))
+            if (b"connection", b"close") not in ((k.lower(), v.lower()) for k, v in headers):
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
         await send(message)
 
     return send_closing

@@ -65,6 +65,12 @@ class _EdgeH11(H11Protocol):
       response on a kept-alive connection, a whole request head must arrive within
       HEAD_TIMEOUT_S or the connection is closed (uvicorn's keep-alive timer stops at the first
       byte, so a head trickled in, or a connection that sends nothing, could hold it open);
+    - no keep-alive past a body left unread: a response that starts before its request's body
+      has arrived whole (a probe, a 401, a 413 or 408, any route that answers without reading
+      it) says `Connection: close`, and the connection closes once it is sent. Kept open, the
+      rest of that body could be trickled for ever, no deadline applying to it; a connection
+      is thus always under one: its request head's, its body's (the routes that read one),
+      or its response's (the send timeout);
     - a send timeout: a client that takes no data for `send_timeout_s` while the edge has some
       for it is cut, unsent data dropped. Its stream then ends as a disconnect does (an OpenAI
       stream's upstream calls are cancelled), and nothing waits to flush to it: uvicorn's own
@@ -107,7 +113,7 @@ class _EdgeH11(H11Protocol):
         """The app, for a request on a connection that opened within the cap; on one beyond
         it, a probe is answered and any other request refused, and the connection closes."""
         if not self._over_cap:
-            await self._app(scope, receive, send)
+            await self._app(scope, receive, closing(send, when=self._body_unread))
         elif scope.get("path") in PROBES:
             await self._app(scope, receive, closing(send))
         else:
@@ -119,10 +125,20 @@ class _EdgeH11(H11Protocol):
         if self.conn.their_state is not h11.IDLE:
             self._stop_head_timer()
 
+    def _body_unread(self) -> bool:
+        """Whether the request's body has yet to arrive whole (its response is starting)."""
+        return self.conn.their_state is h11.SEND_BODY
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self._await_head()
+        if not self.transport.is_closing():
+            if self.conn.their_state is h11.IDLE:
+                self._await_head()
+            elif self.cycle.response_complete:
+                # No next request is being served, and the client is not waiting for one:
+                # what it still sends has no deadline (a response that says close closes
+                # before this).
+                self.transport.close()
         if self.transport.get_write_buffer_size():
             self._watch_writes()  # from the response's last write
 
