@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import http.client
 import socket
 import ssl
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
 
-from tests.conftest import RunningServer, start_edge, start_server
+from tests.conftest import RunningServer, eventually_blocking, start_edge, start_server
 from tests.pki import Pki, make_pki, make_weak_pair
 from tokenwire.client import AsyncTokenwireClient, ChannelSecurity, Completion, GenerateOptions
 from tokenwire.client.errors import Unavailable
 from tokenwire.server.engine import OnnxCausalLM
-from tokenwire.server.telemetry.metrics import MetricsTls, ServerMetrics
+from tokenwire.server.telemetry.metrics import MetricsTls, ServerMetrics, _MetricsServer
 from tokenwire.server.tokenizer import Tokenizer
 
 SHORT = GenerateOptions(max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -169,6 +172,68 @@ def test_an_idle_connection_does_not_hold_up_tls_scrapes(pki: Pki) -> None:
         ) as response,
     ):
         assert response.status == 200
+
+
+def _trickle(sock: socket.socket, for_s: float) -> float | None:
+    """Send a byte of a request every 0.2 s for for_s, or until the server closes `sock`: the
+    seconds until it closed, None if it stayed open."""
+    started = time.monotonic()
+    sock.settimeout(0.2)
+    while (elapsed := time.monotonic() - started) < for_s:
+        try:
+            sock.sendall(b"G")
+            if sock.recv(1024) == b"":
+                return elapsed
+        except TimeoutError:
+            continue
+        except OSError:
+            return elapsed
+    return None
+
+
+def _scrape_status(url: str, context: ssl.SSLContext) -> int | None:
+    """The HTTP status of one scrape, None if the server closed the connection instead."""
+    try:
+        return _fetch_metrics(url, context)
+    except (OSError, http.client.HTTPException):
+        return None
+
+
+def test_a_tls_peer_trickling_its_request_is_cut_when_its_connection_time_is_up(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over TLS as in plaintext, a peer that completes its handshake, then sends its request a
+    byte every 0.2 s, is disconnected once the connection's time (1 s here) is up: with two
+    connections allowed, two such peers hold up a scrape no longer than that."""
+    monkeypatch.setattr(_MetricsServer, "timeout_s", 1.0)
+    monkeypatch.setattr(_MetricsServer, "max_connections", 2)
+    port, _ = ServerMetrics().serve(
+        "127.0.0.1", 0, MetricsTls(pki.server_cert, pki.server_key, pki.ca)
+    )
+    scraper = ssl.create_default_context(cafile=str(pki.ca))
+    scraper.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    peers = [
+        scraper.wrap_socket(
+            socket.create_connection(("127.0.0.1", port)), server_hostname="localhost"
+        )
+        for _ in range(2)
+    ]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            trickling = [pool.submit(_trickle, peer, 4.0) for peer in peers]
+            # Scraped while the peers still trickle, were they not cut.
+            time.sleep(2.0)
+            statuses: list[int | None] = []
+            url = f"https://localhost:{port}/metrics"
+            answered = eventually_blocking(
+                lambda: statuses.append(_scrape_status(url, scraper)) or 200 in statuses, 1.0
+            )
+            closed = [each.result() for each in trickling]
+    finally:
+        for peer in peers:
+            peer.close()
+    assert all(each is not None and each < 2.0 for each in closed), closed
+    assert answered, statuses
 
 
 def test_settings_refuse_a_certificate_without_its_key(pki: Pki) -> None:

@@ -197,22 +197,27 @@ class _MetricsServer(ThreadingMixIn, WSGIServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        # Shutting the socket down ends any read or write in progress, at the deadline.
-        deadline = threading.Timer(self.timeout_s, _cut, args=(request,))
-        deadline.daemon = True
-        deadline.start()
+        deadline = _Deadline(request, self.timeout_s)
         try:
             request.settimeout(self.timeout_s)
             if self.context is not None:
                 try:
-                    request = self.context.wrap_socket(request, server_side=True)
+                    # The TLS socket takes the connection over from the accepted one, which
+                    # then holds nothing: the deadline follows it, from before the handshake.
+                    request = self.context.wrap_socket(
+                        request, server_side=True, do_handshake_on_connect=False
+                    )
+                    deadline.follow(request)
+                    request.do_handshake()
                 except (OSError, ssl.SSLError):
-                    # A failed or abandoned handshake ends this connection only.
-                    self.shutdown_request(request)
-                    return
-            super().process_request_thread(request, client_address)
+                    return  # a failed or abandoned handshake ends this connection only
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
         finally:
-            deadline.cancel()
+            deadline.stop()  # before the socket is closed, and its number free for another
+            self.shutdown_request(request)
             self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -221,9 +226,44 @@ class _MetricsServer(ThreadingMixIn, WSGIServer):
         log.info("metrics.connection_failed", error=f"{type(error).__name__}: {error}")
 
 
-def _cut(request: socket.socket) -> None:
+class _Deadline:
+    """Shuts a connection's socket down `timeout_s` from now, which ends any read or write in
+    progress on it: the socket the connection uses by then (`follow`), never one closed
+    before (`stop`, before closing it)."""
+
+    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
+        self._sock: socket.socket | None = sock
+        self._passed = False
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(timeout_s, self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def follow(self, sock: socket.socket) -> None:
+        """Shut `sock` down at the deadline instead (at once, if it has passed)."""
+        with self._lock:
+            self._sock = sock
+            if self._passed:
+                _shut(sock)
+
+    def stop(self) -> None:
+        """No shutdown from now on (the socket may then be closed)."""
+        self._timer.cancel()
+        with self._lock:
+            self._sock = None
+
+    def _cut(self) -> None:
+        with self._lock:
+            self._passed = True
+            if self._sock is not None:
+                _shut(self._sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    # The plain socket's shutdown, also for a TLS one: the TLS socket's own would drop its TLS
+    # state, which the connection's thread may be reading or writing through.
     with contextlib.suppress(OSError):
-        request.shutdown(socket.SHUT_RDWR)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
