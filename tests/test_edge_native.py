@@ -477,3 +477,33 @@ async def test_a_last_event_id_whose_request_id_breaks_the_rule_is_400_without_e
         body = reply.json()
         assert body["error"]["field"] == "Last-Event-ID"
         assert len(reply.text) < 1024
+
+
+async def test_stream_events_end_in_a_blank_line_of_lf(paced: RunningServer) -> None:
+    """Every line of a native stream ends in "\\n" and every event, pings included, in
+    "\\n\\n": a client that splits the bytes on "\\n\\n" reads each event whole (there is no
+    "\\r" anywhere), as EventSource does."""
+    edge = await start_edge(paced.target, ping_s=1.0)
+    try:
+        async with (
+            httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
+            http.stream("POST", "/v1/generate", json={"prompt": "x", "max_tokens": 150}) as reply,
+        ):
+            raw = b"".join([chunk async for chunk in reply.aiter_raw()])
+    finally:
+        await edge.edge.stop()
+    assert b"\r" not in raw
+    *events, rest = raw.split(b"\n\n")
+    assert rest == b""
+    pings = [e for e in events if e.startswith(b": ping")]
+    assert pings
+    assert all(b"\n" not in e for e in pings)
+    named = [e.split(b"\n") for e in events if e not in pings]
+    assert [lines[1] for lines in named] == [b"event: token"] * 150 + [
+        b"event: usage",
+        b"event: done",
+    ]
+    assert all(
+        lines[0].startswith(b"id: ") and lines[2].startswith(b"data: ") and len(lines) == 3
+        for lines in named
+    )

@@ -309,3 +309,44 @@ async def test_a_whole_response_the_edge_cancels_is_503(paced: RunningServer) ->
     assert response.status_code == 503, response.text
     error = response.json()["error"]
     assert (error["type"], error["code"]) == ("service_unavailable", "cancelled")
+
+
+STREAMS = {
+    "completions": ("/v1/completions", {"prompt": "x"}),
+    "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+}
+
+
+@pytest.mark.parametrize(("path", "body"), STREAMS.values(), ids=STREAMS.keys())
+async def test_stream_events_end_in_a_blank_line_of_lf(
+    paced: RunningServer, path: str, body: dict[str, Any]
+) -> None:
+    """Every line of an OpenAI stream ends in "\\n" and every event, pings included, in
+    "\\n\\n", as OpenAI's and vLLM's streams do: a client that splits the bytes on "\\n\\n"
+    reads each chunk, the usage chunk and [DONE] (there is no "\\r" anywhere)."""
+    edge = await start_edge(paced.target, ping_s=1.0)
+    request = {
+        **body,
+        "model": MODEL,
+        "max_tokens": 150,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    try:
+        async with (
+            httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
+            http.stream("POST", path, json=request) as response,
+        ):
+            raw = b"".join([chunk async for chunk in response.aiter_raw()])
+    finally:
+        await edge.edge.stop()
+    assert b"\r" not in raw
+    *events, rest = raw.split(b"\n\n")
+    assert rest == b""
+    assert all(b"\n" not in e for e in events)  # one line each: a ping or one data line
+    pings = [e for e in events if e.startswith(b": ping")]
+    assert pings
+    data = [e.removeprefix(b"data: ") for e in events if e not in pings]
+    assert data[-1] == b"[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert chunks[-1]["usage"]["completion_tokens"] == 150

@@ -14,14 +14,12 @@ import json
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from sse_starlette import ServerSentEvent
-
 from tokenwire.client.messages import Completion, StreamEvent, Token, TopLogprob, Usage
 from tokenwire.edge.accounting import failed, finished
 from tokenwire.edge.errors import EdgeError
 from tokenwire.edge.logprob_json import finite_logprob, listed_alternatives
 from tokenwire.edge.metrics import Outcome
-from tokenwire.edge.pipeline import Frame
+from tokenwire.edge.pipeline import Frame, sse_event
 from tokenwire.edge.resumable import BufferedEvent
 from tokenwire.edge.store import StoredStream
 
@@ -86,7 +84,7 @@ async def native_frames(stream: StoredStream, after: int) -> AsyncGenerator[Fram
             # seq 0: an event this edge made up (the store failed), which no resume can name.
             event_id = f"{stream.request_id}:{event.seq}" if event.seq else None
             yield Frame(
-                ServerSentEvent(event.data, event=event.name, id=event_id),
+                sse_event(event.data, event=event.name, event_id=event_id),
                 token=event.name == "token",
                 outcome=ending(event),
             )

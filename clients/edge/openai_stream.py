@@ -27,7 +27,7 @@ from tokenwire.edge.openai_format import (
     openai_error,
     usage,
 )
-from tokenwire.edge.pipeline import Frame, merged
+from tokenwire.edge.pipeline import Frame, merged, sse_event
 from tokenwire.edge.upstream import UpstreamStream
 
 
@@ -64,11 +64,11 @@ class Chunks:
         body = self.shape.envelope([choice], chunk=True)
         if self.include_usage:
             body["usage"] = None
-        return ServerSentEvent(_json(body))
+        return sse_event(_json(body))
 
     def usage(self) -> ServerSentEvent:
         body = self.shape.envelope([], chunk=True) | {"usage": usage(self.usages, self.n)}
-        return ServerSentEvent(_json(body))
+        return sse_event(_json(body))
 
 
 async def openai_frames(
@@ -87,10 +87,10 @@ async def openai_frames(
                     yield Frame(chunk, token=isinstance(event, Token) and i == len(made) - 1)
         if include_usage:
             yield Frame(chunks.usage())
-        yield Frame(ServerSentEvent("[DONE]"), outcome=Outcome.COMPLETED)
+        yield Frame(sse_event("[DONE]"), outcome=Outcome.COMPLETED)
     except EdgeError as error:
         error = openai_error(error)
-        yield Frame(ServerSentEvent(_json(error.openai_body())), outcome=failed(error.code))
+        yield Frame(sse_event(_json(error.openai_body())), outcome=failed(error.code))
     finally:
         for upstream in upstreams:
             upstream.cancel()

@@ -27,6 +27,17 @@ from tokenwire.edge.metrics import Outcome, RouteName
 from tokenwire.edge.upstream import Upstream, UpstreamStream
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_SEPARATOR = "\n"
+"""The end of every line of an event stream, pings included: each event ends in a blank line,
+"\\n\\n", as OpenAI's, vLLM's and llama.cpp's events do, which clients that split a stream on
+"\\n\\n" need (EventSource and the browser page take any line end)."""
+
+
+def sse_event(
+    data: str, *, event: str | None = None, event_id: str | None = None
+) -> ServerSentEvent:
+    """One SSE event, its lines ended by SSE_SEPARATOR."""
+    return ServerSentEvent(data, event=event, id=event_id, sep=SSE_SEPARATOR)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -169,4 +180,4 @@ def sse_response(
 ) -> EventSourceResponse:
     """The HTTP response of an event stream (native or OpenAI)."""
     headers = {**SSE_HEADERS, "X-Request-ID": request_id}
-    return EventSourceResponse(events, headers=headers, ping=ping_s)
+    return EventSourceResponse(events, headers=headers, ping=ping_s, sep=SSE_SEPARATOR)
