@@ -98,6 +98,8 @@ WRONG_TYPES: dict[str, tuple[str, Any]] = {
     "service_tier as a boolean": ("service_tier", True),
     "prompt_cache_key as an object": ("prompt_cache_key", {}),
     "safety_identifier as an integer": ("safety_identifier", 9),
+    "best_of as a float": ("best_of", 1.0),
+    "echo as a string": ("echo", "false"),
 }
 
 
@@ -211,3 +213,75 @@ async def test_values_openai_refuses_are_400_naming_the_field(
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert (error["param"], error["code"]) == (param, code)
+
+
+# A chat field (or a message's) that is only accepted empty, sent as an object: (body, param).
+NOT_LISTS: dict[str, tuple[dict[str, Any], str]] = {
+    "tools": (_chat(tools={}), "tools"),
+    "functions": (_chat(functions={}), "functions"),
+    "a message's tool_calls": (
+        _chat(messages=[{"role": "assistant", "content": "a", "tool_calls": {}}, USER]),
+        "messages[0].tool_calls",
+    ),
+}
+
+
+@pytest.mark.parametrize(("body", "param"), NOT_LISTS.values(), ids=NOT_LISTS.keys())
+async def test_an_object_for_a_list_taken_only_empty_is_invalid_type(
+    http: httpx.AsyncClient, body: dict[str, Any], param: str
+) -> None:
+    """`tools`, `functions` and a message's `tool_calls`, accepted as [] (or null), sent as
+    an object ({}) are 400 `invalid_type` naming the field, as OpenAI answers: an object is
+    no empty list, and is never ignored."""
+    response = await http.post(CHAT_PATH, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (param, "invalid_type")
+    assert error["message"].startswith(f"{param}:")
+
+
+# A stop the server refuses, as sent, and the field the 400 names: (stop, param).
+BAD_STOPS: dict[str, tuple[Any, str]] = {
+    "one empty string": ("", "stop"),
+    "one string of 65 characters": ("s" * 65, "stop"),
+    "an empty string in a list": (["end", ""], "stop[1]"),
+    "a list of one string of 65 characters": (["s" * 65], "stop[0]"),
+}
+
+
+@pytest.mark.parametrize("path", [COMPLETIONS_PATH, CHAT_PATH])
+@pytest.mark.parametrize(("stop", "param"), BAD_STOPS.values(), ids=BAD_STOPS.keys())
+async def test_a_refused_stop_is_named_as_sent(
+    http: httpx.AsyncClient, path: str, stop: Any, param: str
+) -> None:
+    """A stop the server refuses (empty, longer than its limit) sent as one string is named
+    `stop`, in `param` and at the start of the message; an entry of a list is named by its
+    place (`stop[1]`)."""
+    body = _chat() if path == CHAT_PATH else {"prompt": "x", "max_tokens": 2}
+    response = await http.post(path, json=body | {"stop": stop})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (param, "invalid_value")
+    assert error["message"].startswith(f"{param}: ")
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        (COMPLETIONS_PATH, "max_tokens"),
+        (CHAT_PATH, "max_tokens"),
+        (CHAT_PATH, "max_completion_tokens"),
+    ],
+)
+@pytest.mark.parametrize("value", [-1, -(2**40)])
+async def test_a_negative_max_tokens_is_below_the_minimum_of_1(
+    http: httpx.AsyncClient, path: str, name: str, value: int
+) -> None:
+    """A negative max_tokens (or max_completion_tokens) is 400 `integer_below_min_value`
+    saying the field's minimum, 1, as 0 is: never a range from 0, which is refused too."""
+    body = {"model": MODEL, "messages": [USER]} if path == CHAT_PATH else {"prompt": "x"}
+    response = await http.post(path, json=body | {name: value})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (name, "integer_below_min_value")
+    assert error["message"] == f"{name}: must be at least 1, got {value}"

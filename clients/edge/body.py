@@ -147,12 +147,15 @@ class Fields:
             raise self._wrong_type(name, "must be a string")
         return value
 
-    def integer(self, name: str, default: int | None = None) -> int | None:
-        """An integer within INT_RANGES[name]; None (or default) when absent."""
+    def integer(
+        self, name: str, default: int | None = None, allowed: IntRange | None = None
+    ) -> int | None:
+        """An integer within `allowed` (by default INT_RANGES[name]); None (or default) when
+        absent."""
         value = self._source.get(name)
         if value is None:
             return default
-        allowed = INT_RANGES[name]
+        allowed = allowed or INT_RANGES[name]
         if self._from_query and isinstance(value, str):
             if not _QUERY_INT.fullmatch(value):
                 raise EdgeError.invalid(name, f"must be {allowed.describe()}")
@@ -267,6 +270,12 @@ class Fields:
 
     def raw(self, name: str) -> Any:
         return self._source.get(name)
+
+    def as_sent(self) -> dict[str, str]:
+        """The server's name of a field -> the field as this request sent it, where they
+        differ: one `stop` string is the server's `stop[0]` (a list's entries keep their
+        place, `stop[1]`)."""
+        return {"stop[0]": "stop"} if isinstance(self._source.get("stop"), str) else {}
 
 
 def as_float32(value: float) -> float:

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 from tokenwire.client.messages import GenerateOptions, ModelInfo
-from tokenwire.edge.body import UINT64_MAX, Fields
+from tokenwire.edge.body import UINT32_MAX, UINT64_MAX, Fields, IntRange
 from tokenwire.edge.errors import EdgeError, as_request_errors
+from tokenwire.edge.jsonsafe import OutOfRange
 from tokenwire.edge.openai_prompts import completion_prompts
 
 # Read below (or by the route); the extensions top_k, repetition_penalty and ignore_eos are the
@@ -59,7 +60,7 @@ SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority")
 
 
 def _empty(value: Any) -> bool:
-    return bool(value in ([], {}))
+    return bool(value == [])
 
 
 def _zero(value: Any) -> bool:
@@ -108,9 +109,25 @@ IDLE_BY_ROUTE: dict[bool, dict[str, Callable[[Any], bool]]] = {
     },
     False: {"echo": _false, "suffix": _no_suffix, "best_of": _one},
 }
+# The JSON type each of them has at OpenAI: a value of another type is 400 invalid_type naming
+# the field, whatever it holds (`tools: {}` is no list of tools, `best_of: 1.0` no integer).
+IDLE_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "tools": ((list,), "must be a list"),
+    "functions": ((list,), "must be a list"),
+    "modalities": ((list,), "must be a list"),
+    "tool_choice": ((str, dict), "must be a string or an object"),
+    "function_call": ((str, dict), "must be a string or an object"),
+    "parallel_tool_calls": ((bool,), "must be true or false"),
+    "response_format": ((dict,), "must be an object"),
+    "echo": ((bool,), "must be true or false"),
+    "suffix": ((str,), "must be a string"),
+    "best_of": ((int, OutOfRange), "must be an integer"),
+}
 MAX_N = 8
 COMPLETIONS_MAX_TOKENS = 16
 """max_tokens of a completions request that sets none: OpenAI's default (and vLLM's)."""
+MAX_TOKENS = IntRange(1, UINT32_MAX)
+"""max_tokens and max_completion_tokens as OpenAI takes them (then the server's cap)."""
 
 # The keys of the request's objects the edge reads (null is always fine, as at the top level);
 # any other is a 400 naming its path. `include_obfuscation` asks OpenAI to pad each delta with
@@ -224,12 +241,20 @@ def _check_idle(name: str, value: Any, idle: dict[str, Callable[[Any], bool]]) -
         raise EdgeError.invalid(
             name, "unrecognized request argument for this route", "unknown_parameter"
         )
-    if name == "parallel_tool_calls" and not _boolean(value):
-        raise EdgeError.invalid(name, "must be true or false", "invalid_type")
+    types, reason = IDLE_TYPES[name]
+    if not _of_type(value, types):
+        raise EdgeError.invalid(name, reason, "invalid_type")
     if not idle[name](value):
         raise EdgeError.invalid(
             name, f"is not supported by this server (only {_idle_hint(name)})", _code(name)
         )
+
+
+def _of_type(value: Any, types: tuple[type, ...]) -> bool:
+    """Whether `value` is of one of the JSON `types` (true and false are no integers)."""
+    if isinstance(value, bool):
+        return bool in types
+    return isinstance(value, types)
 
 
 def _check_keys(value: dict[str, Any], known: frozenset[str], where: str) -> None:
@@ -321,17 +346,19 @@ def _choice(
 
 
 def _max_tokens(fields: Fields, *, chat: bool) -> tuple[int, str]:
-    """The token cap and the field that gave it; OpenAI's rule: at least 1."""
+    """The token cap and the field that gave it; OpenAI's rule: at least 1 (0, the native
+    API's "the server's default", is no cap here)."""
     name = "max_completion_tokens" if chat and fields.has("max_completion_tokens") else "max_tokens"
     if name != "max_tokens" and fields.has("max_tokens"):
         raise EdgeError.invalid("max_tokens", "give max_tokens or max_completion_tokens, not both")
-    value = fields.integer(name)
+    sent = fields.raw(name)
+    if isinstance(sent, int) and not isinstance(sent, bool) and sent < 1:
+        raise EdgeError.invalid(name, f"must be at least 1, got {sent}", "integer_below_min_value")
+    value = fields.integer(name, allowed=MAX_TOKENS)
     if value is None:
         # OpenAI's defaults: 16 for completions (as vLLM takes it too); chat has none of its
         # own, so the server's default_max_tokens applies.
         return (0 if chat else COMPLETIONS_MAX_TOKENS), name
-    if value < 1:
-        raise EdgeError.invalid(name, f"must be at least 1, got {value}", "integer_below_min_value")
     return value, name
 
 
@@ -376,7 +403,7 @@ def _options(
             add_special_tokens=False if chat else None,
         )
     prompt = "messages" if chat else "prompt"
-    names = {"max_tokens": max_name, "prompt": prompt, "prompt_ids": prompt, "stop": "stop"}
+    names = {"max_tokens": max_name, "prompt": prompt, "prompt_ids": prompt} | fields.as_sent()
     return options, names
 
 
@@ -469,6 +496,8 @@ def _turn(message: Any, index: int) -> dict[str, Any]:
             raise EdgeError.invalid(
                 f"{where}.{key}", "unrecognized message field", "unknown_parameter"
             )
+        if key == "tool_calls" and not isinstance(value, list):
+            raise EdgeError.invalid(f"{where}.{key}", "must be a list", "invalid_type")
         if not IDLE_IN_MESSAGE[key](value):
             raise EdgeError.invalid(
                 f"{where}.{key}",
