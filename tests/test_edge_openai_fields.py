@@ -285,3 +285,26 @@ async def test_a_negative_max_tokens_is_below_the_minimum_of_1(
     error = response.json()["error"]
     assert (error["param"], error["code"]) == (name, "integer_below_min_value")
     assert error["message"] == f"{name}: must be at least 1, got {value}"
+
+
+# A request naming a model this edge does not serve, with a field it refuses too.
+UNKNOWN_MODEL_AND_BAD_FIELD: dict[str, tuple[str, dict[str, Any]]] = {
+    "max_tokens -1": (COMPLETIONS_PATH, {"prompt": "x", "max_tokens": -1}),
+    "temperature as a string": (COMPLETIONS_PATH, {"prompt": "x", "temperature": "0.7"}),
+    "an unknown field": (CHAT_PATH, {"messages": [USER], "bogus": 1}),
+    "no messages": (CHAT_PATH, {"messages": []}),
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "body"), UNKNOWN_MODEL_AND_BAD_FIELD.values(), ids=UNKNOWN_MODEL_AND_BAD_FIELD.keys()
+)
+async def test_an_unknown_model_is_404_whatever_else_is_wrong(
+    http: httpx.AsyncClient, path: str, body: dict[str, Any]
+) -> None:
+    """A request whose `model` this edge does not serve is the 404 `model_not_found` even
+    when a field of it would be a 400: the model is what the caller must fix first."""
+    response = await http.post(path, json=body | {"model": "org/other-model"})
+    assert response.status_code == 404, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("model", "model_not_found")

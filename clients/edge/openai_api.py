@@ -56,8 +56,14 @@ async def _begin(request: Request, *, chat: bool) -> _Call:
     account = Account.of(request)
     fields = Fields(await read_json(request, ctx.settings.max_body_bytes))
     request_id = account.request_id = request_id_of(request, "")
-    turns = chat_turns(fields) if chat else None
-    parsed = read_request(fields, request_id, chat=chat)
+    try:
+        turns = chat_turns(fields) if chat else None
+        parsed = read_request(fields, request_id, chat=chat)
+    except EdgeError:
+        unknown = await _unknown_model(ctx, fields)
+        if unknown is None:
+            raise
+        raise unknown from None
     info = await ctx.upstream.model_info()
     parsed = parsed.for_model(info)
     check_model(parsed.model, info, ctx.settings.model_aliases)
@@ -88,6 +94,21 @@ async def _begin(request: Request, *, chat: bool) -> _Call:
     account.details["choices"] = len(upstreams)
     shape = Shape(chat, base_id, info.model)
     return _Call(ctx, account, base_id, parsed, upstreams, shape)
+
+
+async def _unknown_model(ctx: EdgeContext, fields: Fields) -> EdgeError | None:
+    """The 404 of a request that names a model this edge does not serve, which comes before
+    what else is wrong with it, as at OpenAI (whose rules for a field are the named model's);
+    None where the model is served, named by no string, or unknown (no server answers)."""
+    model = fields.raw("model")
+    if not isinstance(model, str) or not model:
+        return None
+    try:
+        info = await ctx.upstream.model_info()
+        check_model(model, info, ctx.settings.model_aliases)
+    except EdgeError as error:
+        return error if error.openai_code == "model_not_found" else None
+    return None
 
 
 async def _respond(request: Request, *, chat: bool) -> Response:
