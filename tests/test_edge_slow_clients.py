@@ -133,11 +133,12 @@ async def test_a_request_whose_body_its_route_leaves_unread_ends_its_connection(
     served: RunningServer, monkeypatch: pytest.MonkeyPatch, head: str, status: bytes
 ) -> None:
     """A route that answers without reading the whole body (a probe, a 401 to a request
-    without a key, a 408) ends the connection with its answer: a client that goes on sending
-    that body holds nothing open. Two such clients on an edge of 2 connections leave a keyed
-    request served."""
+    without a key, a 408) ends the connection with its answer (after reading and dropping the
+    body's rest for LINGER_S at most): a client that goes on sending that body holds nothing
+    open. Two such clients on an edge of 2 connections leave a keyed request served."""
     monkeypatch.setattr(server, "HEAD_TIMEOUT_S", SHORT_S)
     monkeypatch.setattr(body, "BODY_TIMEOUT_S", SHORT_S)
+    monkeypatch.setattr(server, "LINGER_S", SHORT_S)
     edge = await start_edge(served.target, api_keys=(KEY,), max_connections=2)
     held: list[asyncio.StreamWriter] = []
     try:
@@ -151,3 +152,27 @@ async def test_a_request_whose_body_its_route_leaves_unread_ends_its_connection(
         await edge.edge.stop()
     assert answers == [status, status]
     assert (closed, keyed.status_code) == (True, 200)
+
+
+async def test_a_body_far_over_the_limit_gets_its_413_not_a_reset(served: RunningServer) -> None:
+    """A client that sends a 16 MiB body to an edge that takes 1 MiB reads its 413 every time:
+    the edge reads and drops the rest of the body while its answer goes out, rather than
+    closing on it unread (a connection reset, which took the answer with it)."""
+    edge = await start_edge(served.target)
+    content = b'{"prompt": "' + b"a" * (16 << 20) + b'"}'
+    statuses: list[int | str] = []
+    try:
+        for _ in range(3):
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{edge.edge.port}") as client:
+                try:
+                    response = await client.post(
+                        "/v1/generate",
+                        content=content,
+                        headers={"Content-Type": "application/json"},
+                    )
+                    statuses.append(response.status_code)
+                except httpx.TransportError as error:
+                    statuses.append(type(error).__name__)
+    finally:
+        await edge.edge.stop()
+    assert statuses == [413, 413, 413]

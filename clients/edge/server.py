@@ -21,7 +21,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import h11
@@ -56,6 +56,11 @@ CUT_WAIT_S = 2
 HEAD_TIMEOUT_S = 10.0
 """How long a connection may take to send a whole request head (request line and headers):
 one that connects and sends nothing, or trickles its headers, is closed then."""
+LINGER_S = 5.0
+"""How long a connection whose response went out before its request's body had arrived whole
+still reads (and drops) that body before it closes: closing with the body unread would reset
+the connection, which a client still sending can take before it reads the response (a 413
+lost as a connection reset)."""
 
 
 class _EdgeH11(H11Protocol):
@@ -67,10 +72,13 @@ class _EdgeH11(H11Protocol):
       byte, so a head trickled in, or a connection that sends nothing, could hold it open);
     - no keep-alive past a body left unread: a response that starts before its request's body
       has arrived whole (a probe, a 401, a 413 or 408, any route that answers without reading
-      it) says `Connection: close`, and the connection closes once it is sent. Kept open, the
-      rest of that body could be trickled for ever, no deadline applying to it; a connection
-      is thus always under one: its request head's, its body's (the routes that read one),
-      or its response's (the send timeout);
+      it) says `Connection: close`; once it is sent the connection stops sending (a FIN
+      after the response), reads and drops what the client still sends for LINGER_S at most,
+      then closes (as nginx's lingering close: closing at once, with the body unread, resets
+      the connection, and a client still sending may lose the response). Kept open, the rest
+      of that body could be trickled for ever, no deadline applying to it; a connection is
+      thus always under one: its request head's, its body's (the routes that read one), its
+      linger's, or its response's (the send timeout);
     - a send timeout: a client that takes no data for `send_timeout_s` while the edge has some
       for it is cut, unsent data dropped. Its stream then ends as a disconnect does (an OpenAI
       stream's upstream calls are cancelled), and nothing waits to flush to it: uvicorn's own
@@ -85,6 +93,7 @@ class _EdgeH11(H11Protocol):
     limits: ClassVar[ConnectionLimits]
     _head_timer: asyncio.TimerHandle | None = None
     _stall_timer: asyncio.TimerHandle | None = None
+    _linger_timer: asyncio.TimerHandle | None = None
     _unsent_at_watch = 0
     _over_cap = False
 
@@ -101,6 +110,7 @@ class _EdgeH11(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.transport = _LingerOnClose(transport, self._body_unread, self._linger)
         # Counted as it opens: a connection beyond the cap stays beyond it.
         self._over_cap = len(self.connections) > self.limits.max_connections
         if len(self.connections) > self.limits.max_connections + PROBE_ROOM:
@@ -121,6 +131,8 @@ class _EdgeH11(H11Protocol):
             await over_capacity(scope, receive, send)
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_timer is not None:
+            return  # the rest of a body whose response went out: dropped
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:
             self._stop_head_timer()
@@ -155,7 +167,19 @@ class _EdgeH11(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
         self._stop_stall_timer()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         super().connection_lost(exc)
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        """Close a connection whose request's body is still arriving: its response goes out
+        with a FIN after it, what the client still sends is read and dropped, and the
+        connection closes once the client closes its side, or LINGER_S from now."""
+        self._stop_head_timer()
+        self._linger_timer = self.loop.call_later(LINGER_S, transport.close)
+        if transport.can_write_eof():
+            transport.write_eof()
+        transport.resume_reading()
 
     def _await_head(self) -> None:
         self._stop_head_timer()
@@ -209,6 +233,79 @@ class _EdgeH11(H11Protocol):
 
 _RESET = struct.pack("ii", 1, 0)
 """SO_LINGER on with a 0 s timeout: close() resets the connection at once."""
+
+
+class _LingerOnClose(asyncio.Transport):
+    """A connection's transport whose close(), while `unread()` (the request's body is still
+    arriving), hands the transport to `linger` instead (see _EdgeH11): uvicorn closes a
+    connection whose response said `Connection: close` as soon as the response is written.
+    Once closing or lingering it reports is_closing(), so nothing more is written."""
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        unread: Callable[[], bool],
+        linger: Callable[[asyncio.Transport], None],
+    ) -> None:
+        super().__init__()
+        self._transport = transport
+        self._unread = unread
+        self._lingering = False
+        self._linger = linger
+
+    def close(self) -> None:
+        if self._lingering or self._transport.is_closing():
+            return
+        if self._unread():
+            self._lingering = True
+            self._linger(self._transport)
+        else:
+            self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._lingering or self._transport.is_closing()
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._transport.write(data)
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        self._transport.writelines(list_of_data)
+
+    def write_eof(self) -> None:
+        self._transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
 
 
 def _protocol_with(limits: ConnectionLimits) -> type[_EdgeH11]:
