@@ -143,16 +143,21 @@ async def test_x_request_id_is_passed_to_the_server_and_returned(http: httpx.Asy
         ({"prompt": "x", "max_tokens": 100_000}, "max_tokens"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
+        ({"prompt": "x", "stop": ""}, "stop"),
+        ({"prompt": "x", "stop": "s" * 65}, "stop"),
+        ({"prompt": "x", "stop": ["a", ""]}, "stop[1]"),
     ],
 )
 async def test_bad_input_is_400_naming_the_field(
     http: httpx.AsyncClient, body: dict[str, object], field: str
 ) -> None:
-    """Out-of-range or mistyped fields give HTTP 400 with the field named, before streaming."""
+    """Out-of-range or mistyped fields give HTTP 400 with the field named as the request sent
+    it (one stop string is `stop`, a list's entry `stop[i]`), before streaming."""
     response = await http.post("/v1/generate", json=body)
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["message"].startswith(f"{field}:")
+    assert error["field"] == field
     assert error["code"] == "INVALID_ARGUMENT"
 
 

@@ -164,7 +164,12 @@ async def _start(
     # A cancel that comes while the server is still opening the stream is kept here.
     opening = ctx.opening[request_id] = Opening(owner)
     try:
-        [upstream] = await open_generations(ctx.upstream, [prompt], [options], account.route, owner)
+        try:
+            [upstream] = await open_generations(
+                ctx.upstream, [prompt], [options], account.route, owner
+            )
+        except EdgeError as error:
+            raise error.renamed(fields.as_sent()) from None  # one stop string is `stop`
         stream = await ctx.streams.open(upstream, request_id, owner)
     finally:
         del ctx.opening[request_id]
