@@ -213,11 +213,14 @@ async def test_a_stream_cut_again_and_again_still_completes(
     """A stream whose every connection breaks after a few events resumes as often as it takes:
     only drops in a row that bring no event make the page give up."""
     page = await _open(browser, edge)
+    cuts = 0
 
     async def cut_short(route: Route) -> None:
+        nonlocal cuts
         response = await route.fetch()
-        events = (await response.body()).split(b"\r\n\r\n")
-        await route.fulfill(response=response, body=b"\r\n\r\n".join(events[:4]) + b"\r\n\r\n")
+        events = (await response.body()).split(b"\n\n")
+        cuts += len(events) > 5
+        await route.fulfill(response=response, body=b"\n\n".join(events[:4]) + b"\n\n")
 
     await page.route("**/v1/generate**", cut_short)
     await page.fill("#prompt", "def fib(n):")
@@ -232,6 +235,7 @@ async def test_a_stream_cut_again_and_again_still_completes(
         "done",
         "60",
     )
+    assert cuts >= 10
 
 
 async def test_a_late_cancel_answer_does_not_touch_the_next_run(
