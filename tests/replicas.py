@@ -5,6 +5,7 @@ replica going away); its model info is the real server's, answered at once."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -69,3 +70,26 @@ class SlowReplica(Relay):
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetModelInfoResponse:
         return await self._stub.GetModelInfo(request)
+
+
+class SlowOpening(Relay):
+    """A replica whose Generate answers (its initial metadata) only after `delay_s`, as a
+    server tokenizing a long prompt does; the rest it relays at once."""
+
+    def __init__(self, target: str, delay_s: float) -> None:
+        super().__init__(target)
+        self._delay_s = delay_s
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        await asyncio.sleep(self._delay_s)
+        call = self._stub.Generate(request)
+        await context.send_initial_metadata(tuple(await call.initial_metadata()))
+        async for reply in call:
+            yield reply
+
+    async def Cancel(
+        self, request: pb.CancelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CancelResponse:
+        return await self._stub.Cancel(request)

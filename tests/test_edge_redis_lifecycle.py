@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator
 
-import grpc
 import httpx
 import pytest
 from httpx_sse import aconnect_sse
@@ -19,13 +17,12 @@ from httpx_sse import aconnect_sse
 from tests import sse
 from tests.conftest import RunningEdge, RunningServer, eventually, start_edge
 from tests.redisproc import RedisServer
-from tests.replicas import Relay
+from tests.replicas import SlowOpening
 from tokenwire.edge import native
 from tokenwire.edge.pipeline import Frame
 from tokenwire.edge.redis_readers import RedisStream
 from tokenwire.edge.redis_store import RedisStreams
 from tokenwire.edge.store import StoredStream
-from tokenwire.v1 import generate_pb2 as pb
 
 LONG = {"prompt": "x", "max_tokens": 450, "ignore_eos": True}
 """About 4.5 s on the paced server (a token every 10 ms)."""
@@ -176,24 +173,6 @@ async def test_a_reader_of_a_stream_dropped_unfinished_gets_a_gone_error(
     assert [event.seq for event in rest] == list(range(2, len(rest) + 2))
     assert rest[-1].name == "error"
     assert json.loads(rest[-1].data)["code"] == "GONE"
-
-
-class SlowOpening(Relay):
-    """A replica whose Generate answers (its initial metadata) only after `delay_s`, as a
-    server tokenizing a long prompt does; the rest it relays at once."""
-
-    def __init__(self, target: str, delay_s: float) -> None:
-        super().__init__(target)
-        self._delay_s = delay_s
-
-    async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.GenerateResponse]:
-        await asyncio.sleep(self._delay_s)
-        call = self._stub.Generate(request)
-        await context.send_initial_metadata(tuple(await call.initial_metadata()))
-        async for reply in call:
-            yield reply
 
 
 async def test_a_cancel_on_another_edge_while_the_stream_opens_cancels_it_once_open(

@@ -6,18 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
 
-import grpc
 import httpx
 import pytest
 
 from tests import sse
 from tests.conftest import RunningEdge, RunningServer, eventually, start_edge
 from tests.fakes import RecordingObserver
-from tests.replicas import Relay
+from tests.replicas import SlowOpening
 from tokenwire.server.domain import FinishReason
-from tokenwire.v1 import generate_pb2 as pb
 
 LONG = {"prompt": "x", "max_tokens": 450, "ignore_eos": True}
 
@@ -48,29 +45,6 @@ async def test_head_of_generate_is_405_and_starts_nothing(paced: RunningServer) 
         await edge.edge.stop()
     assert (reply.status_code, reply.headers["allow"]) == (405, "GET, POST")
     assert running == (0, 0)
-
-
-class SlowOpening(Relay):
-    """A replica whose Generate answers (its initial metadata) only after `delay_s`, as a
-    server tokenizing a long prompt does; the rest it relays at once."""
-
-    def __init__(self, target: str, delay_s: float) -> None:
-        super().__init__(target)
-        self._delay_s = delay_s
-
-    async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.GenerateResponse]:
-        await asyncio.sleep(self._delay_s)
-        call = self._stub.Generate(request)
-        await context.send_initial_metadata(tuple(await call.initial_metadata()))
-        async for reply in call:
-            yield reply
-
-    async def Cancel(
-        self, request: pb.CancelRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.CancelResponse:
-        return await self._stub.Cancel(request)
 
 
 async def test_a_cancel_while_the_stream_opens_is_accepted_and_cancels_it(
