@@ -6,7 +6,6 @@ import asyncio
 import http.client
 import socket
 import struct
-import time
 import urllib.request
 from collections.abc import AsyncIterator
 
@@ -24,6 +23,7 @@ from tests.conftest import (
     start_server,
 )
 from tests.fakes import ScriptedModel
+from tests.sockets import closed_within
 from tokenwire.server.engine import CausalLM, ModelSpec, OnnxCausalLM
 from tokenwire.server.telemetry.metrics import ServerMetrics, _MetricsServer
 from tokenwire.server.tokenizer import Tokenizer
@@ -262,24 +262,6 @@ async def test_kv_cache_usage_is_reported_while_streaming(
     assert await eventually_awaited(released)
 
 
-def _closed_within(sock: socket.socket, limit_s: float, trickle: bool) -> float | None:
-    """Seconds until the server closed `sock` (None if still open after limit_s), sending a
-    byte of a request every 0.2 s meanwhile when `trickle`."""
-    started = time.monotonic()
-    sock.settimeout(0.2)
-    while (elapsed := time.monotonic() - started) < limit_s:
-        try:
-            if trickle:
-                sock.sendall(b"G")
-            if sock.recv(1024) == b"":
-                return elapsed
-        except TimeoutError:
-            continue
-        except OSError:
-            return elapsed
-    return None
-
-
 def _scrape_status(port: int) -> int | None:
     """The HTTP status of one scrape, None if the server closed the connection instead."""
     try:
@@ -297,7 +279,7 @@ def test_a_trickled_request_is_cut_when_its_connection_time_is_up(
     monkeypatch.setattr(_MetricsServer, "timeout_s", 1.0)
     port, _ = ServerMetrics().serve("127.0.0.1", 0)
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        closed = _closed_within(sock, 8.0, trickle=True)
+        closed = closed_within(sock, 8.0, trickle=True)
     assert closed is not None
     assert closed < 6.0  # the peer never stops sending: only the 1 s limit closes it
 
@@ -314,7 +296,7 @@ def test_connections_past_the_limit_are_closed_and_scrapes_resume_when_one_leave
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
     try:
         with socket.create_connection(("127.0.0.1", port)) as third:
-            refused = _closed_within(third, 5.0, trickle=False)
+            refused = closed_within(third, 5.0, trickle=False)
         idle.pop().close()
         # The slot comes back once the server has read the peer's end of file. Each scrape
         # holds the other slot until its thread ends, so one answered scrape is the proof.

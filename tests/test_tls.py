@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import RunningServer, eventually_blocking, start_edge, start_server
 from tests.pki import Pki, make_pki, make_weak_pair
+from tests.sockets import closed_within
 from tokenwire.client import AsyncTokenwireClient, ChannelSecurity, Completion, GenerateOptions
 from tokenwire.client.errors import Unavailable
 from tokenwire.server.engine import OnnxCausalLM
@@ -174,23 +175,6 @@ def test_an_idle_connection_does_not_hold_up_tls_scrapes(pki: Pki) -> None:
         assert response.status == 200
 
 
-def _trickle(sock: socket.socket, for_s: float) -> float | None:
-    """Send a byte of a request every 0.2 s for for_s, or until the server closes `sock`: the
-    seconds until it closed, None if it stayed open."""
-    started = time.monotonic()
-    sock.settimeout(0.2)
-    while (elapsed := time.monotonic() - started) < for_s:
-        try:
-            sock.sendall(b"G")
-            if sock.recv(1024) == b"":
-                return elapsed
-        except TimeoutError:
-            continue
-        except OSError:
-            return elapsed
-    return None
-
-
 def _scrape_status(url: str, context: ssl.SSLContext) -> int | None:
     """The HTTP status of one scrape, None if the server closed the connection instead."""
     try:
@@ -220,7 +204,7 @@ def test_a_tls_peer_trickling_its_request_is_cut_when_its_connection_time_is_up(
     ]
     try:
         with ThreadPoolExecutor(2) as pool:
-            trickling = [pool.submit(_trickle, peer, 4.0) for peer in peers]
+            trickling = [pool.submit(closed_within, peer, 4.0, True) for peer in peers]
             # Scraped while the peers still trickle, were they not cut.
             time.sleep(2.0)
             statuses: list[int | None] = []
