@@ -975,45 +975,46 @@ async def _edge_stream_cut_after_token_3(
             await edge.edge.stop()
 
 
-async def test_a_retry_before_any_token_takes_the_next_servers_own_default(
+@pytest.fixture
+async def loses_then_20(
     served: RunningServer, onnx_model: OnnxCausalLM, tokenizer: Tokenizer
+) -> AsyncIterator[tuple[str, str]]:
+    """Two targets: a replica of `served` (default max_tokens 128) whose first stream breaks
+    before its first token, and a server whose default max_tokens is 20."""
+    other = await start_server(onnx_model, tokenizer, default_max_tokens=20)
+    relay = LosesFirstStream(served.target)
+    await relay.start()
+    yield relay.target, other.target
+    await relay.stop()
+    await other.server.drain()
+
+
+async def test_a_retry_before_any_token_takes_the_next_servers_own_default(
+    loses_then_20: tuple[str, str],
 ) -> None:
     """A stream that left max_tokens to its server and broke before its first token starts
     over at the next target with nothing to continue: that server's own default (20) decides
     its length, not the first server's budget (128), which only a continuation asks for."""
-    other = await start_server(onnx_model, tokenizer, default_max_tokens=20)
-    relay = LosesFirstStream(served.target)
-    await relay.start()
-    try:
-        async with AsyncTokenwireClient([relay.target, other.target]) as client:
-            options = GenerateOptions(temperature=0.0, ignore_eos=True)
-            events = [event async for event in client.generate(PROMPT, options)]
-    finally:
-        await relay.stop()
-        await other.server.drain()
+    async with AsyncTokenwireClient(list(loses_then_20)) as client:
+        options = GenerateOptions(temperature=0.0, ignore_eos=True)
+        events = [event async for event in client.generate(PROMPT, options)]
     _assert_one_sequence(events, 20)
 
 
 async def test_a_continuation_after_a_retry_asks_for_the_budget_of_the_server_that_streamed(
-    served: RunningServer, onnx_model: OnnxCausalLM, tokenizer: Tokenizer
+    loses_then_20: tuple[str, str],
 ) -> None:
     """A stream that left max_tokens to its servers, broke before its first token on one
     (default 128), started over on another (default 20) and broke there after token 3: its
     continuation asks for the 20 of the server whose tokens it delivered, not the 128 of the
     one that streamed nothing."""
-    other = await start_server(onnx_model, tokenizer, default_max_tokens=20)
-    relay = LosesFirstStream(served.target)
-    await relay.start()
-    try:
-        async with (
-            cut_relay(other.target, _after_token(3), dies=True) as cut,
-            AsyncTokenwireClient([relay.target, cut.target, other.target]) as client,
-        ):
-            options = GenerateOptions(temperature=0.0, ignore_eos=True)
-            events = [event async for event in client.generate(PROMPT, options)]
-    finally:
-        await relay.stop()
-        await other.server.drain()
+    lossy, other = loses_then_20
+    async with (
+        cut_relay(other, _after_token(3), dies=True) as cut,
+        AsyncTokenwireClient([lossy, cut.target, other]) as client,
+    ):
+        options = GenerateOptions(temperature=0.0, ignore_eos=True)
+        events = [event async for event in client.generate(PROMPT, options)]
     _assert_one_sequence(events, 20)
 
 
