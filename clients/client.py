@@ -15,14 +15,14 @@ import functools
 import json
 import queue
 import time
-from collections.abc import AsyncGenerator, Generator, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from typing import Any, TypeVar
 
 import grpc
 
 from tokenwire.client import blocking
 from tokenwire.client.errors import Cancelled, DeadlineExceeded, ModelMismatch, from_rpc_error
-from tokenwire.client.failover import CutShort, Resumption, ServedModel, Targets
+from tokenwire.client.failover import RETRYABLE, CutShort, Resumption, ServedModel, Targets
 from tokenwire.client.messages import (
     Completion,
     GenerateOptions,
@@ -189,7 +189,6 @@ class AsyncTokenwireClient:
             else [aio_channel(t, self.security, CHANNEL_OPTIONS) for t in names]
         )
         self._stubs = [pb_grpc.GenerationServiceStub(c) for c in self._channels]
-        self._stub = self._stubs[0]
         self._targets = Targets(names)
         self._closed = False
 
@@ -300,22 +299,34 @@ class AsyncTokenwireClient:
 
     async def _unary(
         self,
-        method: grpc.aio.UnaryUnaryMultiCallable[Request, Reply],
+        method: Callable[
+            [pb_grpc.GenerationServiceAsyncStub], grpc.aio.UnaryUnaryMultiCallable[Request, Reply]
+        ],
         request: Request,
         grows: str = "request",
     ) -> Reply:
-        """One unary call to the first target, within the client's timeout, with its key (the
-        channel retries UNAVAILABLE, as for every call); a failure as its TokenwireError (one
-        too large for the channel names `grows`)."""
-        try:
-            return await method(request, timeout=self.timeout_s, metadata=self.security.metadata())
-        except grpc.RpcError as error:
-            raise from_rpc_error(error, grows) from None
+        """One unary call, within the client's timeout, with its key: to the target streams
+        start on, and on to the next (each once) where one is UNAVAILABLE, as a stream fails
+        over; a failure as its TokenwireError (one too large for the channel names `grows`)."""
+        deadline = time.monotonic() + self.timeout_s
+        index, left = self._targets.next, len(self._stubs)
+        while True:
+            left -= 1
+            try:
+                return await method(self._stubs[index])(
+                    request,
+                    timeout=max(0.0, deadline - time.monotonic()),
+                    metadata=self.security.metadata(),
+                )
+            except grpc.RpcError as error:
+                if error.code() not in RETRYABLE or not left:
+                    raise from_rpc_error(error, grows) from None
+                index = self._targets.skip(index, error.code())
 
     async def model_info(self) -> ModelInfo:
         self._check_open()
         return model_info_from_pb(
-            await self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest())
+            await self._unary(lambda stub: stub.GetModelInfo, pb.GetModelInfoRequest())
         )
 
     async def cancel(self, request_id: str) -> bool:
@@ -338,13 +349,13 @@ class AsyncTokenwireClient:
         as for GenerateOptions."""
         self._check_open()
         request = tokenize_request(text, add_special_tokens, with_pieces)
-        return tokenization_from_pb(await self._unary(self._stub.Tokenize, request, "text"))
+        return tokenization_from_pb(await self._unary(lambda stub: stub.Tokenize, request, "text"))
 
     async def detokenize(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         """The text of token ids, special tokens' included unless skip_special_tokens."""
         self._check_open()
         request = detokenize_request(ids, skip_special_tokens)
-        return (await self._unary(self._stub.Detokenize, request, "token_ids")).text
+        return (await self._unary(lambda stub: stub.Detokenize, request, "token_ids")).text
 
 
 class TokenwireClient:
@@ -368,7 +379,6 @@ class TokenwireClient:
             else [sync_channel(t, self.security, CHANNEL_OPTIONS) for t in names]
         )
         self._stubs = [pb_grpc.GenerationServiceStub(c) for c in self._channels]
-        self._stub = self._stubs[0]
         self._targets = Targets(names)
         self._closed = False
 
@@ -457,19 +467,33 @@ class TokenwireClient:
 
     def _unary(
         self,
-        method: grpc.UnaryUnaryMultiCallable[Request, Reply],
+        method: Callable[
+            [pb_grpc.GenerationServiceStub], grpc.UnaryUnaryMultiCallable[Request, Reply]
+        ],
         request: Request,
         grows: str = "request",
     ) -> Reply:
         """One unary call, as the async client's _unary makes it."""
-        try:
-            return method(request, timeout=self.timeout_s, metadata=self.security.metadata())
-        except grpc.RpcError as error:
-            raise from_rpc_error(error, grows) from None
+        deadline = time.monotonic() + self.timeout_s
+        index, left = self._targets.next, len(self._stubs)
+        while True:
+            left -= 1
+            try:
+                return method(self._stubs[index])(
+                    request,
+                    timeout=max(0.0, deadline - time.monotonic()),
+                    metadata=self.security.metadata(),
+                )
+            except grpc.RpcError as error:
+                if error.code() not in RETRYABLE or not left:
+                    raise from_rpc_error(error, grows) from None
+                index = self._targets.skip(index, error.code())
 
     def model_info(self) -> ModelInfo:
         self._check_open()
-        return model_info_from_pb(self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
+        return model_info_from_pb(
+            self._unary(lambda stub: stub.GetModelInfo, pb.GetModelInfoRequest())
+        )
 
     def cancel(self, request_id: str) -> bool:
         """As the async client's cancel: every target is asked at once."""
@@ -502,10 +526,10 @@ class TokenwireClient:
         """As the async client's tokenize."""
         self._check_open()
         request = tokenize_request(text, add_special_tokens, with_pieces)
-        return tokenization_from_pb(self._unary(self._stub.Tokenize, request, "text"))
+        return tokenization_from_pb(self._unary(lambda stub: stub.Tokenize, request, "text"))
 
     def detokenize(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         """The text of token ids, special tokens' included unless skip_special_tokens."""
         self._check_open()
         request = detokenize_request(ids, skip_special_tokens)
-        return self._unary(self._stub.Detokenize, request, "token_ids").text
+        return self._unary(lambda stub: stub.Detokenize, request, "token_ids").text

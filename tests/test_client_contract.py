@@ -252,3 +252,29 @@ async def test_the_cli_reports_output_it_cannot_write_in_one_line(
     assert done.stderr.startswith("error:"), done.stderr
     assert reason in done.stderr
     assert len(done.stderr.splitlines()) == 1, done.stderr
+
+
+async def test_the_async_clients_unary_calls_pass_a_target_that_is_down_for_the_next(
+    served: RunningServer,
+) -> None:
+    """With a target that refuses connections first, model_info, tokenize and detokenize are
+    answered by the next target, as a stream fails over (they asked the first one only)."""
+    async with AsyncTokenwireClient([NOWHERE, served.target], timeout_s=20) as client:
+        info = await client.model_info()
+        ids = (await client.tokenize("def f():")).ids
+        text = await client.detokenize(ids)
+    assert (info.vocab_size > 0, text) == (True, "def f():")
+
+
+async def test_the_blocking_clients_unary_calls_pass_a_target_that_is_down_for_the_next(
+    served: RunningServer,
+) -> None:
+    """The blocking client, too, asks the next target where the first refuses connections."""
+
+    def ask() -> tuple[int, str]:
+        with TokenwireClient([NOWHERE, served.target], timeout_s=20) as client:
+            info = client.model_info()
+            return info.vocab_size, client.detokenize(client.tokenize("def f():").ids)
+
+    vocab_size, text = await asyncio.to_thread(ask)
+    assert (vocab_size > 0, text) == (True, "def f():")
