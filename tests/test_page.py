@@ -288,3 +288,147 @@ async def test_a_late_cancel_answer_does_not_touch_the_next_run(
         await server.server.drain()
     assert stopped == "stopped"
     assert after == ("done", "length")
+
+
+FORWARDED = ("content-type", "accept", "authorization", "x-request-id", "last-event-id")
+
+
+async def _reach_the_edge(route: Route, edge: RunningEdge) -> httpx.Response:
+    """Send the page's request on to the edge and close the connection once the edge's answer
+    has begun, before its first event: the edge has the stream, and the server goes on
+    generating it. The answer's status and headers are returned."""
+    request = route.request
+    headers = {name: value for name, value in request.headers.items() if name in FORWARDED}
+    async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+        path = request.url.removeprefix(edge.url)
+        sent = http.build_request(
+            request.method, path, headers=headers, content=request.post_data_buffer
+        )
+        response = await http.send(sent, stream=True)
+        await response.aclose()
+    return response
+
+
+async def _headers_only(route: Route, edge: RunningEdge) -> None:
+    """The page's request reaches the edge, and the page gets the answer's status and content
+    type alone, as from a proxy that closes the connection before the first event."""
+    response = await _reach_the_edge(route, edge)
+    await route.fulfill(
+        status=response.status_code,
+        headers={"content-type": response.headers["content-type"]},
+        body=b"",
+    )
+
+
+async def _settled(page: Page) -> tuple[str | None, str | None]:
+    """The page's status and token count once its run is done or has failed."""
+    await page.wait_for_function(
+        "['done', 'error'].includes(document.getElementById('status').textContent)",
+        timeout=20_000,
+    )
+    return await page.text_content("#status"), await page.text_content("#count")
+
+
+async def test_a_stream_cut_before_its_first_event_resumes_from_its_start(
+    browser: Browser, edge: RunningEdge
+) -> None:
+    """A connection that breaks before the stream's first event (a proxy passed the answer's
+    headers, then closed it) is resumed, not given up: the page replays the stream from its
+    first event with GET /v1/generate/{request_id}/events and shows all of it, generated once."""
+    page = await _open(browser, edge)
+    methods: list[str] = []
+
+    async def cut_the_first_post(route: Route) -> None:
+        methods.append(route.request.method)
+        if methods == ["POST"]:
+            await _headers_only(route, edge)
+        else:
+            await route.continue_()
+
+    await page.route("**/v1/generate**", cut_the_first_post)
+    await page.fill("#prompt", "def fib(n):")
+    await page.fill("#max_tokens", "60")
+    await page.fill("#temperature", "0")
+    await page.click("#generate")
+    assert await _settled(page) == ("done", "60")
+    assert methods[:2] == ["POST", "GET"]
+    assert methods.count("POST") == 1
+
+
+@pytest.mark.parametrize("reached", [False, True], ids=["lost", "still-opening"])
+async def test_a_request_the_edge_does_not_know_yet_is_sent_again_under_its_id(
+    browser: Browser, edge: RunningEdge, reached: bool
+) -> None:
+    """A POST that breaks before its answer leaves the page not knowing whether the edge has the
+    stream. Its resume's 404 says the edge does not have it: the page sends the POST again under
+    the same request id, which starts the stream where the first never arrived, and is a 409
+    where the first is still opening the stream (it never runs twice): the page resumes then."""
+    page = await _open(browser, edge)
+    answers: list[tuple[str, int]] = []
+    page.on(
+        "response",
+        lambda response: (
+            answers.append((response.request.method, response.status))
+            if "/v1/generate" in response.url
+            else None
+        ),
+    )
+
+    async def first_post_breaks(route: Route) -> None:
+        if reached:
+            await _reach_the_edge(route, edge)
+        await route.abort("connectionreset")
+
+    async def first_resume_unknown(route: Route) -> None:
+        body = {"error": {"code": "NOT_FOUND", "status": 404, "message": "no stream"}}
+        await route.fulfill(status=404, json=body)
+
+    await page.route("**/v1/generate", first_post_breaks, times=1)
+    if reached:  # the edge's own answer while it opens the stream, which takes longer here
+        await page.route("**/events", first_resume_unknown, times=1)
+    await page.fill("#prompt", "def fib(n):")
+    await page.fill("#max_tokens", "60")
+    await page.fill("#temperature", "0")
+    await page.click("#generate")
+    assert await _settled(page) == ("done", "60")
+    if reached:
+        assert answers == [("GET", 404), ("POST", 409), ("GET", 200)]
+    else:
+        assert answers == [("GET", 404), ("POST", 200)]
+
+
+async def test_a_page_that_gives_up_cancels_its_stream(
+    browser: Browser, spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """When the page gives up on a stream, here because its resume after a connection broken
+    before the first event is refused (410), it shows why and cancels the stream: the server
+    stops generating it instead of running on for nobody."""
+    server, edge = await _looping(spec, tokenizer)
+    cancels: list[str] = []
+    try:
+        page = await _open(browser, edge)
+
+        async def refused(route: Route) -> None:
+            body = {"error": {"code": "GONE", "status": 410, "message": "events dropped"}}
+            await route.fulfill(status=410, json=body)
+
+        async def cancel(route: Route) -> None:
+            cancels.append(route.request.url)
+            await route.continue_()
+
+        await page.route("**/v1/generate", lambda route: _headers_only(route, edge))
+        await page.route("**/events", refused)
+        await page.route("**/cancel", cancel)
+        await page.fill("#prompt", LOOP)
+        await page.fill("#max_tokens", "450")
+        await page.click("#generate")
+        settled = await _settled(page)
+        shown = await page.text_content("#finish")
+        freed = await eventually(lambda: server.engine.active_count == 0, within_s=2)
+    finally:
+        await edge.edge.stop()
+        await server.server.drain()
+    assert settled == ("error", "0")
+    assert len(cancels) == 1
+    assert freed
+    assert shown == "error 410: events dropped"

@@ -1,4 +1,5 @@
-// tokenwire page: streams /v1/generate over fetch, resumes with Last-Event-ID after a drop.
+// tokenwire page: streams /v1/generate over fetch and resumes it after a drop, with Last-Event-ID
+// once it has an event, from the stream's first event before.
 "use strict";
 const $ = (id) => document.getElementById(id);
 let current = null; // the run on screen: { requestId, lastEventId, controller, stopped, ... }
@@ -107,9 +108,26 @@ function cancelUpstream(run) {
     .catch(() => {});
 }
 
+// What the page sends after an attempt that failed: "post" (start the stream), "resume" (GET
+// its events) or null (give up). `status` is the edge's refusal, null for a connection that
+// broke; `resumed`, whether an attempt failed before this one.
+function nextAttempt(status, wasPost, resumed, r) {
+  if (status === null) return "resume"; // the edge may have the stream: ask it
+  if (!resumed) return null; // the edge refused the request: no stream runs
+  if (status === 429 || status === 503) return wasPost ? "post" : "resume"; // busy: again
+  if (r.lastEventId !== null) return null;
+  // Before the first event a POST that broke may not have reached the edge. A resume's 404
+  // says it has no stream with the id (yet): the page sends the POST again under the same id,
+  // which the edge refuses (409) where the first is still opening the stream; then it resumes.
+  if (status === 404 && !wasPost) return "post";
+  if (status === 409 && wasPost) return "resume";
+  return null;
+}
+
 async function run() {
   const r = {
     requestId: newRequestId(), lastEventId: null, controller: null,
+    request: JSON.stringify(body()), // sent again as it was, whatever the form says by then
     finished: false, failed: false, stopped: false, progress: false,
   };
   current = r;
@@ -123,25 +141,26 @@ async function run() {
   setStatus("connecting", "streaming");
   let retries = 0;
   let resumed = false;
+  let attempt = "post";
   while (!r.finished && !r.stopped) {
     r.controller = new AbortController();
     r.progress = false;
+    let refused = null; // the status of an answer that is not the stream
     try {
       let response;
       const h = headers();
-      if (r.lastEventId === null) {
+      if (attempt === "post") {
         h["X-Request-ID"] = r.requestId;
-        response = await fetch("/v1/generate", { method: "POST", headers: h, body: JSON.stringify(body()), signal: r.controller.signal });
+        response = await fetch("/v1/generate", { method: "POST", headers: h, body: r.request, signal: r.controller.signal });
       } else {
-        h["Last-Event-ID"] = r.lastEventId;
+        // Without Last-Event-ID (no event yet) the edge replays the stream from its first event.
+        if (r.lastEventId !== null) h["Last-Event-ID"] = r.lastEventId;
         response = await fetch(`/v1/generate/${encodeURIComponent(r.requestId)}/events`, { headers: h, signal: r.controller.signal });
       }
       if (response.status === 204) { r.finished = true; break; } // every event was read
       if (!response.ok) {
-        const transient = resumed && (response.status === 429 || response.status === 503);
-        const text = `error ${response.status}: ${await errorText(response)}`;
-        if (!transient) { if (r === current) { $("finish").textContent = text; setStatus("error"); } break; }
-        throw new Error(text);
+        refused = response.status;
+        throw new Error(`error ${response.status}: ${await errorText(response)}`);
       }
       if (r === current) setStatus(resumed ? "resumed" : "streaming");
       await readEvents(response, (ev) => handle(ev, r, stats));
@@ -150,8 +169,11 @@ async function run() {
       if (r.stopped) break;
       // A resume that brought events starts the count again: only drops in a row give up.
       retries = r.progress ? 1 : retries + 1;
-      if (retries > MAX_RETRIES || r.lastEventId === null) {
-        if (r.lastEventId !== null) cancelUpstream(r);
+      attempt = nextAttempt(refused, attempt === "post", resumed, r);
+      if (retries > MAX_RETRIES || attempt === null) {
+        // Giving up, the page cancels the stream, so the server does not generate it for nobody
+        // (a refused first POST started none).
+        if (resumed || refused === null) cancelUpstream(r);
         if (r === current) { setStatus("error"); $("finish").textContent = String(e.message || e); }
         break;
       }
