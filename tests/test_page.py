@@ -432,3 +432,79 @@ async def test_a_page_that_gives_up_cancels_its_stream(
     assert len(cancels) == 1
     assert freed
     assert shown == "error 410: events dropped"
+
+
+async def _focused(page: Page) -> str:
+    return str(await page.evaluate("document.activeElement.id"))
+
+
+async def test_status_and_finish_are_announced_but_not_each_token(
+    browser: Browser, spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """Screen readers hear the status and the finish (an error's message included) politely as
+    they change, but not the output token by token: the output is a labelled region, not a live
+    one, marked busy while it streams."""
+    server, edge = await _looping(spec, tokenizer)
+    try:
+        page = await _open(browser, edge)
+        roles = [
+            await page.get_attribute("#status", "role"),
+            await page.get_attribute("#finish", "aria-live"),
+            await page.get_attribute("#output", "aria-live"),
+            await page.get_attribute("#output", "aria-label"),
+        ]
+        await page.fill("#prompt", LOOP)
+        await page.fill("#max_tokens", "450")
+        await page.click("#generate")
+        await page.wait_for_function("document.getElementById('output').textContent.length > 10")
+        streaming = await page.get_attribute("#output", "aria-busy")
+        await page.click("#stop_button")
+        stopped = await page.get_attribute("#output", "aria-busy")
+    finally:
+        await edge.edge.stop()
+        await server.server.drain()
+    assert roles == ["status", "polite", None, "output"]
+    assert (streaming, stopped) == ("true", "false")
+
+
+async def test_focus_stays_on_a_control_and_keys_generate_and_stop(
+    browser: Browser, spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """Generate hands the focus to Stop, and Stop, or the run's end, hands it back to Generate:
+    it never drops to the page's body. Ctrl+Enter generates and Escape stops, from the prompt
+    too, where the focus stays."""
+    server, edge = await _looping(spec, tokenizer)
+    try:
+        page = await _open(browser, edge)
+        shortcuts = [
+            await page.get_attribute("#generate", "aria-keyshortcuts"),
+            await page.get_attribute("#stop_button", "aria-keyshortcuts"),
+        ]
+        await page.fill("#prompt", LOOP)
+        await page.fill("#max_tokens", "450")
+        await page.click("#generate")
+        after_generate = await _focused(page)
+        await page.click("#stop_button")
+        after_stop = await _focused(page)
+
+        await page.focus("#prompt")
+        await page.keyboard.press("Control+Enter")
+        await page.wait_for_function("document.getElementById('output').textContent.length > 10")
+        by_key = await page.text_content("#status")
+        await page.keyboard.press("Escape")
+        stopped_by_key = (await page.text_content("#status"), await _focused(page))
+
+        await page.fill("#max_tokens", "3")
+        await page.click("#generate")
+        await page.wait_for_function("document.getElementById('status').textContent === 'done'")
+        after_the_end = await _focused(page)
+        idle = await eventually(lambda: server.engine.active_count == 0, within_s=2)
+    finally:
+        await edge.edge.stop()
+        await server.server.drain()
+    assert shortcuts == ["Control+Enter", "Escape"]
+    assert (after_generate, after_stop) == ("stop_button", "generate")
+    assert by_key == "streaming"
+    assert stopped_by_key == ("stopped", "prompt")
+    assert after_the_end == "generate"
+    assert idle

@@ -124,6 +124,16 @@ function nextAttempt(status, wasPost, resumed, r) {
   return null;
 }
 
+// Enables the controls of a page that is (or is not) streaming. The button that has the focus
+// and is about to be disabled hands it to the other one: focus never drops to the page's body.
+function setRunning(running) {
+  const [on, off] = running ? [$("stop_button"), $("generate")] : [$("generate"), $("stop_button")];
+  on.disabled = false;
+  if (document.activeElement === off) on.focus();
+  off.disabled = true;
+  $("output").setAttribute("aria-busy", String(running));
+}
+
 async function run() {
   const r = {
     requestId: newRequestId(), lastEventId: null, controller: null,
@@ -136,8 +146,7 @@ async function run() {
   $("request_id").textContent = r.requestId;
   $("count").textContent = "0";
   $("output").textContent = "";
-  $("generate").disabled = true;
-  $("stop_button").disabled = false;
+  setRunning(true);
   setStatus("connecting", "streaming");
   let retries = 0;
   let resumed = false;
@@ -185,8 +194,7 @@ async function run() {
   if (r !== current) return; // stopped, and another run owns the page now
   if (r.finished && !r.failed) setStatus("done");
   if (r.failed) setStatus("error");
-  $("generate").disabled = false;
-  $("stop_button").disabled = true;
+  setRunning(false);
 }
 
 function stop() {
@@ -198,11 +206,15 @@ function stop() {
   cancelUpstream(r);
   $("finish").textContent = "cancelled";
   setStatus("stopped", "done");
-  $("generate").disabled = false;
-  $("stop_button").disabled = true;
+  setRunning(false);
 }
 
 $("form").addEventListener("submit", (e) => { e.preventDefault(); run(); });
 $("stop_button").addEventListener("click", stop);
+// Ctrl+Enter (⌘+Enter on a Mac) generates and Escape stops, wherever the focus is.
+document.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && (e.ctrlKey || e.metaKey) && !$("generate").disabled) { e.preventDefault(); run(); }
+  else if (e.key === "Escape" && !$("stop_button").disabled) { e.preventDefault(); stop(); }
+});
 $("api_key").value = localStorage.getItem("tokenwire_api_key") || "";
 $("api_key").addEventListener("change", () => localStorage.setItem("tokenwire_api_key", $("api_key").value.trim()));
