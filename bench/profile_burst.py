@@ -54,6 +54,7 @@ class TimedModel:
         self.padding = model.padding
         self.width_limit = model.width_limit
         self.steps_continuations = model.steps_continuations
+        self.decodes_rows_alone = model.decodes_rows_alone
         self.prefill: list[float] = []
         self.decode: list[float] = []
 

@@ -63,6 +63,7 @@ class StandInModel:
     padding = Padding.SHIFTABLE
     width_limit: int | None = None
     steps_continuations = False
+    decodes_rows_alone = False
 
     def __init__(self, spec: ModelSpec, token: int, step_s: float) -> None:
         self.spec = spec

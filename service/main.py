@@ -170,6 +170,90 @@ async def run_server(
         tracing.shutdown()  # the spans still batched go out before the process ends
 
 
+def _log_loaded(engine: Engine, settings: Settings) -> None:
+    """The start-up lines that say how the loaded model is served: `model.loaded`, and a
+    warning for each way its serving departs from the plain one."""
+    rounding = engine.model.batch_rounding if isinstance(engine.model, OnnxCausalLM) else 0.0
+    rows_alone = engine.model.padding is Padding.ALONE or engine.model.decodes_rows_alone
+    log.info(
+        "model.loaded",
+        model_dir=str(settings.model_dir),
+        cache=engine.model.layout.describe() if isinstance(engine.model, OnnxCausalLM) else "",
+        padding=engine.model.padding.value,
+        kv_cache="preallocated, in place" if engine.kv_in_place else "batch tensors",
+        context_length=engine.model.spec.context_length,
+        request_tokens=engine.limits.context_length,
+        rows=engine.max_rows,
+        # The widest attention mask rows share forwards within (None: any); rows past it
+        # decode in forwards of their own.
+        width_limit=engine.model.width_limit,
+        batch_rounding=rounding,
+    )
+    if engine.max_rows < settings.max_batch_size:
+        log.warning(
+            "model.rows_limited",
+            rows=engine.max_rows,
+            max_batch_size=settings.max_batch_size,
+            reason=f"each row of the preallocated cache holds a whole request "
+            f"({engine.limits.context_length} positions), and max_kv_tokens "
+            f"({settings.max_kv_tokens}) holds {engine.max_rows}: raise max_kv_tokens (memory) "
+            "or lower max_context_tokens to decode more requests together",
+        )
+    if rounding and not rows_alone:
+        log.warning(
+            "model.batch_rounding",
+            relative=rounding,
+            reason="a row decoded beside others rounds differently from the same row "
+            "decoded alone, by this much of the logit scale: masked padding columns in front "
+            "of a shorter row change the order its attention sums in (left-padded graphs), or "
+            "ONNX Runtime computes a one-row product with another kernel than a batched one "
+            "(MatMulNBits on some CPUs, fp16 libraries on GPUs). A request served alone and in "
+            "a batch may get different tokens where two are nearly tied (greedy) or where a "
+            "seeded draw falls that near a boundary between two tokens, and a stream "
+            "continued after a failover may differ likewise",
+        )
+    if engine.model.decodes_rows_alone:
+        log.warning(
+            "model.unbatched",
+            reason="this CPU computes a row alone otherwise than beside others (batch_rounding "
+            "above 0) and the graph quantises each row's activations to int8 (MatMulNBits "
+            "with accuracy_level 4), which turns that rounding into other tokens a few dozen "
+            "steps on: every decode row runs in a forward of its own, and every prompt "
+            "prefills alone",
+            quantizers=["MatMulNBits"],
+            batch_rounding=rounding,
+        )
+    elif engine.model.padding is Padding.ALONE:
+        quantizers = (
+            engine.model.quantizes_activations if isinstance(engine.model, OnnxCausalLM) else []
+        )
+        log.warning(
+            "model.unbatched",
+            reason="rows sharing a forward would change each other's outputs (activations "
+            "quantised with scales over the whole batch, as dynamically quantised int8 graphs "
+            "do, or with fixed scales, where a padded row's rounding can cross a quantisation "
+            "step): every row decodes in a forward of its own",
+            quantizers=quantizers,
+        )
+    spec = engine.model.spec
+    if spec.context_cap:
+        log.warning(
+            "model.context_capped",
+            declared=spec.declared_context_length,
+            served=spec.context_length,
+            reason=spec.context_cap,
+        )
+    if settings.max_context_tokens > spec.context_length:
+        log.warning(
+            "model.max_context_tokens_capped",
+            max_context_tokens=settings.max_context_tokens,
+            context_length=spec.context_length,
+            reason=f"max_context_tokens ({settings.max_context_tokens}) is more than the "
+            f"model's context ({spec.context_length}): a request holds at most "
+            f"{spec.context_length} positions",
+        )
+
+
 async def _serve(
     settings: Settings, stop: asyncio.Event, server: TokenwireServer, metrics: ServerMetrics
 ) -> int:
@@ -229,73 +313,7 @@ async def _serve(
         # a pod deleted while its model loads goes at once rather than at its grace period.
         await server.close("signal_during_load")
         return 0
-    rounding = engine.model.batch_rounding if isinstance(engine.model, OnnxCausalLM) else 0.0
-    log.info(
-        "model.loaded",
-        model_dir=str(settings.model_dir),
-        cache=engine.model.layout.describe() if isinstance(engine.model, OnnxCausalLM) else "",
-        padding=engine.model.padding.value,
-        kv_cache="preallocated, in place" if engine.kv_in_place else "batch tensors",
-        context_length=engine.model.spec.context_length,
-        request_tokens=engine.limits.context_length,
-        rows=engine.max_rows,
-        # The widest attention mask rows share forwards within (None: any); rows past it
-        # decode in forwards of their own.
-        width_limit=engine.model.width_limit,
-        batch_rounding=rounding,
-    )
-    if engine.max_rows < settings.max_batch_size:
-        log.warning(
-            "model.rows_limited",
-            rows=engine.max_rows,
-            max_batch_size=settings.max_batch_size,
-            reason=f"each row of the preallocated cache holds a whole request "
-            f"({engine.limits.context_length} positions), and max_kv_tokens "
-            f"({settings.max_kv_tokens}) holds {engine.max_rows}: raise max_kv_tokens (memory) "
-            "or lower max_context_tokens to decode more requests together",
-        )
-    if rounding and engine.model.padding is not Padding.ALONE:
-        log.warning(
-            "model.batch_rounding",
-            relative=rounding,
-            reason="a row decoded beside others rounds differently from the same row "
-            "decoded alone, by this much of the logit scale: masked padding columns in front "
-            "of a shorter row change the order its attention sums in (left-padded graphs), or "
-            "ONNX Runtime computes a one-row product with another kernel than a batched one "
-            "(MatMulNBits on some CPUs, fp16 libraries on GPUs). A request served alone and in "
-            "a batch may get different tokens where two are nearly tied (greedy) or where a "
-            "seeded draw falls that near a boundary between two tokens, and a stream "
-            "continued after a failover may differ likewise",
-        )
-    if engine.model.padding is Padding.ALONE:
-        quantizers = (
-            engine.model.quantizes_activations if isinstance(engine.model, OnnxCausalLM) else []
-        )
-        log.warning(
-            "model.unbatched",
-            reason="rows sharing a forward would change each other's outputs (activations "
-            "quantised with scales over the whole batch, as dynamically quantised int8 graphs "
-            "do, or with fixed scales, where a padded row's rounding can cross a quantisation "
-            "step): every row decodes in a forward of its own",
-            quantizers=quantizers,
-        )
-    spec = engine.model.spec
-    if spec.context_cap:
-        log.warning(
-            "model.context_capped",
-            declared=spec.declared_context_length,
-            served=spec.context_length,
-            reason=spec.context_cap,
-        )
-    if settings.max_context_tokens > spec.context_length:
-        log.warning(
-            "model.max_context_tokens_capped",
-            max_context_tokens=settings.max_context_tokens,
-            context_length=spec.context_length,
-            reason=f"max_context_tokens ({settings.max_context_tokens}) is more than the "
-            f"model's context ({spec.context_length}): a request holds at most "
-            f"{spec.context_length} positions",
-        )
+    _log_loaded(engine, settings)
     metrics.describe_build(__version__, engine.model.spec.name, engine.model.provider)
     await server.attach(engine)
     log.info(

@@ -35,14 +35,16 @@ class EdgeProcess(LoggingProcess):
         self.url = str(self.wait_for("edge.listening")["url"]).rstrip("/")
 
 
-def rounding_at_start(*args: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """`tokenwire serve` with these arguments: its model.loaded line, and its
-    model.batch_rounding warning where model.loaded reports a rounding above 0 (else None)."""
+def rounding_at_start(
+    *args: str, warning: str = "model.batch_rounding"
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """`tokenwire serve` with these arguments: its model.loaded line, and its `warning` line
+    where model.loaded reports a rounding above 0 (else None)."""
     server = ServerProcess("--metrics-port", "0", *args)
     try:
         loaded = server.wait_for("model.loaded")
-        warning = server.wait_for("model.batch_rounding") if loaded["batch_rounding"] > 0 else None
-        return loaded, warning
+        said = server.wait_for(warning) if loaded["batch_rounding"] > 0 else None
+        return loaded, said
     finally:
         server.stop()
         server.close()

@@ -289,17 +289,19 @@ def test_a_graph_served_without_batching_says_so_at_start() -> None:
 
 
 @pytest.mark.slow
-def test_batch_rounding_is_reported_at_start() -> None:
+def test_batch_rounding_on_int4_is_reported_at_start_with_rows_decoding_alone() -> None:
     """model.loaded carries the batch rounding the load-time probe measures on the int4 GenAI
     graph (0 where this CPU computes a one-row MatMulNBits as a batched one), and where it is
-    above 0 a model.batch_rounding warning says what it means."""
+    above 0 a model.unbatched warning says every row decodes alone, naming MatMulNBits and
+    the rounding (the graph's int8 activations would turn it into other tokens)."""
     model_dir = BUNDLED_MODEL_DIR.parent / "fixtures-genai" / "llama-int4"
     measured = OnnxCausalLM(model_dir, provider="cpu").batch_rounding
-    loaded, warning = rounding_at_start("--model-dir", str(model_dir))
+    loaded, warning = rounding_at_start("--model-dir", str(model_dir), warning="model.unbatched")
     assert (loaded["batch_rounding"] > 0) == (measured > 0)
     if measured > 0:
         assert warning is not None
-        assert (warning["level"], warning["relative"]) == ("warning", loaded["batch_rounding"])
+        assert (warning["level"], warning["quantizers"]) == ("warning", ["MatMulNBits"])
+        assert warning["batch_rounding"] == loaded["batch_rounding"]
 
 
 def _onnx_folder_layout(tmp_path: Path) -> Path:

@@ -62,6 +62,7 @@ class Placement:
         *,
         width_limit: int | None = None,
         steps_continuations: bool = False,
+        rows_alone: bool = False,
     ) -> None:
         self.padding = padding
         self._steps = steps_continuations
@@ -69,6 +70,8 @@ class Placement:
         self._slots = slots if padding is Padding.RIGHT else None
         # Without the preallocated cache the model serves no context past its width limit.
         self._width = width_limit if self._slots is not None else None
+        self._rows_alone = rows_alone and self._slots is not None
+        """Each decode row runs alone in the preallocated cache, and prompts prefill alone."""
 
     @property
     def max_rows(self) -> int | None:
@@ -103,7 +106,7 @@ class Placement:
     def shares_prefill(self, seq: Sequence) -> bool:
         """May this prompt share a prefill forward with others? (Not one with a continuation
         the model takes one id per forward: see feeds_in_decode.)"""
-        if seq.prefill_end < len(seq.context_ids):
+        if seq.prefill_end < len(seq.context_ids) or self._rows_alone:
             return False
         return self._width is None or len(seq.context_ids) <= self._width
 
@@ -134,8 +137,11 @@ class Placement:
     def decode_runs(self, cohort: Cohort) -> list[tuple[list[Sequence], DecodeCache]]:
         """The forwards of a cohort's decode step: one, unless rows would see a mask wider than
         the width limit; each of those then runs alone, and the rows between them together
-        (all of them in one forward where a free slot lets the wide rows move to the end)."""
+        (all of them in one forward where a free slot lets the wide rows move to the end).
+        Where rows run alone (rows_alone), one forward per row."""
         cache = cohort.cache
+        if self._rows_alone and isinstance(cache, SlotKvCache) and len(cohort.rows) > 1:
+            return [([row], SlotRange(cache, i, 1)) for i, row in enumerate(cohort.rows)]
         if self._width is None or not isinstance(cache, SlotKvCache):
             return [(cohort.rows, cache)]
         wide = (cache.lengths[: cache.rows] >= self._width).tolist()

@@ -77,6 +77,9 @@ class CausalLM(Protocol):
     padding: Padding
     width_limit: int | None
     """The widest attention mask that rows sharing a forward do not notice (None: any)."""
+    decodes_rows_alone: bool
+    """Each decode row runs in a forward of its own, in the preallocated cache, and no prompt
+    shares a prefill: a row's rounding beside others could cross a quantisation step."""
 
     @property
     def steps_continuations(self) -> bool:
@@ -115,6 +118,11 @@ class CausalLM(Protocol):
 
 class OnnxCausalLM:
     """One ONNX Runtime session over a decoder with a KV cache. Not thread-safe: one caller."""
+
+    decodes_rows_alone = False
+    """Every decode row runs in a forward of its own in the preallocated cache, and every
+    prompt prefills alone: the graph quantises each row's activations (ROW_QUANTIZERS) and
+    the probe found a row rounding otherwise beside others than alone (see _probe)."""
 
     def __init__(
         self,
@@ -211,8 +219,10 @@ class OnnxCausalLM:
         ROW_QUANTIZERS)."""
         self._measure(graph, tolerance, max_kv_tokens)
         wants_static = self.captures_graphs if static_decode is None else static_decode
-        # Fixed bindings hold the live rows from slot 0; rows past a width limit run alone.
-        if wants_static and self.padding is Padding.RIGHT and self.width_limit is None:
+        # Fixed bindings hold the live rows from slot 0; rows past a width limit, and rows
+        # that decode alone, run alone.
+        alone = self.width_limit is not None or self.decodes_rows_alone
+        if wants_static and self.padding is Padding.RIGHT and not alone:
             logits_dtype = np.float16 if self._half else np.float32
             self._static = StaticDecode(
                 self.session, self.layout, self.device, logits_dtype, self.spec.vocab_size
@@ -264,6 +274,14 @@ class OnnxCausalLM:
                     "entries (as LongRoPE's tables do in ONNX Runtime GenAI's builder), and "
                     "without the preallocated cache rows past it cannot decode alone",
                 )
+        if self.batch_rounding and self.provider == CPU and self.quantizing_ops & ROW_QUANTIZERS:
+            # A row rounds otherwise beside others (MLAS's one-row MatMulNBits kernel), and the
+            # graph quantises each row's activations to int8: 1e-7 can cross a quantisation
+            # step and become 1e-2 of the logit scale, and other tokens, a few dozen steps on.
+            if self._slot_cache_kind():
+                self.decodes_rows_alone = True
+            else:
+                self.padding = Padding.ALONE
 
     def _check_last_position(self, graph: str, last: int) -> None:
         """A token at the last position the server may serve must decode: a graph whose
@@ -512,11 +530,15 @@ a graph decodes every row in a forward of its own."""
 ROW_QUANTIZERS = frozenset({"MatMulNBits"})
 """Operators that may quantise each row's activations to int8 (int4 weights with
 `accuracy_level` 4, as ONNX Runtime GenAI's builder writes them for the CPU). Rows do not
-change each other, but one position computed in a prefill rounds about 1e-7 of the logit
-scale unlike the same position computed in a decode step, which a quantisation step can turn
-into 1e-2 and another token: a continuation, whose stream computed its ids in decode steps,
-feeds them one per forward too, in decode steps (a resume then costs a decode step per
-delivered token, shared with the running rows)."""
+change each other's scales, but one position computed in a prefill rounds about 1e-7 of the
+logit scale unlike the same position computed in a decode step, which a quantisation step can
+turn into 1e-2 and another token: a continuation, whose stream computed its ids in decode
+steps, feeds them one per forward too, in decode steps (a resume then costs a decode step per
+delivered token, shared with the running rows). Where the CPU's kernels also compute a row
+alone otherwise than beside others (the probe's batch rounding above 0: MLAS's one-row path
+on CPUs without AVX-512), the same crossing makes a request's tokens depend on its
+neighbours, a few dozen steps on: there every decode row runs in a forward of its own
+(decodes_rows_alone)."""
 
 
 def _from_onnxruntime(exc: Exception) -> bool:

@@ -111,6 +111,7 @@ class Scheduler:
             slots,
             width_limit=model.width_limit,
             steps_continuations=model.steps_continuations,
+            rows_alone=model.decodes_rows_alone,
         )
         self._max_batch = min(max_batch_size, self._placement.max_rows or max_batch_size)
         self._chunk = prefill_chunk_tokens
