@@ -136,6 +136,35 @@ async def test_a_stream_cancelled_before_its_first_token_logs_no_latencies(
     assert not {"ttft_ms", "itl_p50_ms", "itl_p95_ms"} & set(line), line
 
 
+async def test_a_stream_its_caller_leaves_logs_its_duration_and_ttft(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """A stream whose caller leaves after its third token (no Usage reaches the handler) logs
+    its request.finished line with duration_ms and ttft_ms as the handler saw them, not
+    without any timing; no queue_ms or inter-token percentiles (the engine's, in its Usage)."""
+    running = await start_server(ScriptedModel(spec, {}, step_delay_s=0.01), tokenizer)
+    try:
+        with capture_logs() as logs:
+            async with grpc.aio.insecure_channel(running.target) as channel:
+                stub = pb_grpc.GenerationServiceStub(channel)
+                call = stub.Generate(greedy("x", max_tokens=300, request_id="left"))
+                tokens = 0
+                async for message in call:
+                    tokens += message.WhichOneof("event") == "token"
+                    if tokens == 3:
+                        call.cancel()
+                        break
+            assert await eventually(
+                lambda: any(e["event"] == "request.finished" for e in logs), within_s=5
+            )
+    finally:
+        await running.server.drain()
+    [line] = [e for e in logs if e["event"] == "request.finished"]
+    assert line["finish_reason"] == "cancelled"
+    assert 0 < line["ttft_ms"] <= line["duration_ms"]
+    assert not {"queue_ms", "itl_p50_ms", "itl_p95_ms"} & set(line), line
+
+
 async def test_cancel_of_an_unknown_id_reports_not_found(
     stub: pb_grpc.GenerationServiceStub,
 ) -> None:

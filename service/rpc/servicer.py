@@ -276,9 +276,13 @@ class _StreamSummary:
         self.stop_sequence = ""
         self.completed = False
         self.failed = False
+        self.first_token_at: float | None = None
+        """When the handler got the stream's first token (time.monotonic())."""
 
     def see(self, event: TokenEvent | UsageEvent | CompletionEvent) -> None:
         if isinstance(event, TokenEvent):
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
             self.tokens += 1
             if self.content_of is not None:
                 self.text.append(event.text)
@@ -309,6 +313,13 @@ class _StreamSummary:
                     "itl_p50_ms": ms(percentile(gaps, 50)),
                     "itl_p95_ms": ms(percentile(gaps, 95)),
                 }
+        else:
+            # Ended before its Usage (the caller left or cancelled, or the stream failed): the
+            # handler's own view, from the request's arrival to now and to its first token.
+            arrived = self.handle.arrived_at
+            fields["duration_ms"] = ms(time.monotonic() - arrived)
+            if self.first_token_at is not None:
+                fields["ttft_ms"] = ms(self.first_token_at - arrived)
         if self.content_of is not None:
             fields |= {"prompt": self.content_of.prompt, "completion": "".join(self.text)}
         log.info("request.finished", **fields)
