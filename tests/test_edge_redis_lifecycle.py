@@ -1,14 +1,17 @@
 """A native stream's expiry and cancel in the shared (Redis) resume store, as in the in-memory
 one: a reader about to attach holds the expiry off, on whichever edge it came to; a stream
-dropped unfinished ends with a GONE `error` for its readers; a cancel that reaches another
-edge while the stream is still opening cancels it once open. Real servers and edges on
-127.0.0.1, one real redis-server."""
+dropped unfinished ends with a GONE `error` for its readers, and one whose last event came as
+it was dropped ends as finished; a cancel that reaches another edge while the stream is still
+opening is answered at once and cancels it once open. Real servers and edges on 127.0.0.1, one
+real redis-server."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import httpx
 import pytest
@@ -20,13 +23,14 @@ from tests.redisproc import RedisServer
 from tests.replicas import SlowOpening
 from tokenwire.edge import native
 from tokenwire.edge.pipeline import Frame
-from tokenwire.edge.redis_readers import RedisStream
 from tokenwire.edge.redis_store import RedisStreams
 from tokenwire.edge.store import StoredStream
 
 LONG = {"prompt": "x", "max_tokens": 450, "ignore_eos": True}
 """About 4.5 s on the paced server (a token every 10 ms)."""
 SHORT = {"prompt": "x", "max_tokens": 60, "ignore_eos": True}
+K1 = {"Authorization": "Bearer k1"}
+K2 = {"Authorization": "Bearer k2"}
 
 
 async def _redis_edge(target: str, url: str, window_s: float) -> RunningEdge:
@@ -151,28 +155,65 @@ async def test_a_refused_resume_on_another_edge_holds_nothing_past_its_readers(
     assert took < 1.0
 
 
-async def test_a_reader_of_a_stream_dropped_unfinished_gets_a_gone_error(
+async def test_a_reader_on_a_stream_dropped_unfinished_gets_a_gone_error(
     paced: RunningServer, redis_server: RedisServer
 ) -> None:
-    """A reader still on a stream that expired before it finished gets the stored events, then
-    an `error` event (GONE) saying it expired, with the next seq: never a stream that just
-    stops, nor one whose events vanish under its reader."""
+    """A reader attached to a stream that is dropped unfinished (its edge's marks never reach
+    the store, so nobody reads it as far as the store knows, and its window passes) gets the
+    stored events, then an `error` event (GONE) saying it expired, with the next seq: never a
+    stream that just stops, nor one whose events vanish under its reader."""
     edge = await _redis_edge(paced.target, redis_server.url, 0.3)
     store = _store(edge)
+
+    async def unmarked(*_: Any, **__: Any) -> int:
+        return 1
+
+    store.scripts["WATCH"] = unmarked  # type: ignore[assignment]
     try:
         async with httpx.AsyncClient(base_url=edge.url, timeout=10) as client:
             headers = {"X-Request-ID": "dropped"}
-            await sse.first_event(client, "POST", "/v1/generate", json=LONG, headers=headers)
-        reader = RedisStream(store, "dropped").follow(1)
-        assert await eventually(lambda: store.live == 0, within_s=4)
-        rest = [event async for event in reader]
+            _, events = await sse.events(client, "POST", "/v1/generate", json=LONG, headers=headers)
     finally:
         await edge.edge.stop()
-    assert len(rest) > 1
-    assert {event.name for event in rest[:-1]} == {"token"}
-    assert [event.seq for event in rest] == list(range(2, len(rest) + 2))
-    assert rest[-1].name == "error"
-    assert json.loads(rest[-1].data)["code"] == "GONE"
+    assert len(events) > 1
+    assert {event.event for event in events[:-1]} == {"token"}
+    assert [event.id for event in events] == [f"dropped:{seq}" for seq in range(1, len(events) + 1)]
+    assert events[-1].event == "error"
+    assert json.loads(events[-1].data)["code"] == "GONE"
+    assert len(events) < 400
+
+
+async def test_a_stream_whose_last_event_comes_as_it_is_dropped_ends_as_finished(
+    paced: RunningServer, redis_server: RedisServer
+) -> None:
+    """A stream nobody read for its window, whose `done` (a cancel, here the edge's drain) is
+    queued while the edge drops it, ends with that `done` as a finished stream does: a replay
+    gets every event up to it, and its id stays taken (409), not a 410 for a stream that
+    finished and an id free again a second later."""
+    edge = await _redis_edge(paced.target, redis_server.url, 2.0)
+    store = _store(edge)
+    drop = store.scripts["ABANDON"]
+
+    async def dropped_as_cancelled(*args: Any, **kwargs: Any) -> Any:
+        verdict = await drop(*args, **kwargs)
+        store.cancel_all()  # comes while the drop's answer is on its way
+        return verdict
+
+    store.scripts["ABANDON"] = dropped_as_cancelled  # type: ignore[assignment]
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=10) as client:
+            headers = {"X-Request-ID": "raced"}
+            await sse.first_event(client, "POST", "/v1/generate", json=LONG, headers=headers)
+            assert await eventually(lambda: store.live == 0, within_s=6)
+            replay, events = await sse.events(client, "GET", "/v1/generate/raced/events")
+            again = await client.post("/v1/generate", json=SHORT, headers=headers)
+    finally:
+        await edge.edge.stop()
+    assert replay.status_code == 200
+    assert [event.id for event in events] == [f"raced:{seq}" for seq in range(1, len(events) + 1)]
+    assert events[-1].event == "done"
+    assert json.loads(events[-1].data)["finish_reason"] == "cancelled"
+    assert again.status_code == 409
 
 
 async def test_a_cancel_on_another_edge_while_the_stream_opens_cancels_it_once_open(
@@ -205,3 +246,66 @@ async def test_a_cancel_on_another_edge_while_the_stream_opens_cancels_it_once_o
     assert events[-1].event == "done"
     assert json.loads(events[-1].data)["finish_reason"] == "cancelled"
     assert len(events) < 100
+
+
+async def test_a_cancel_while_another_edge_opens_the_stream_is_answered_at_once(
+    paced: RunningServer, redis_server: RedisServer
+) -> None:
+    """With API keys, a cancel that reaches edge B while edge A's server takes 3 s to open the
+    stream is answered at once (within 1 s): for another key, the 404 of an unknown id; for
+    the key that opened it, `cancelled: true`, and the stream, once open, ends with `done` /
+    cancelled."""
+    replica = SlowOpening(paced.target, 3.0)
+    await replica.start()
+    keys = {"resume_window_s": 2.0, "resume_lease_s": 0.3, "api_keys": ("k1", "k2")}
+    a = await start_edge(replica.target, resume_store=redis_server.url, **keys)
+    b = await start_edge(paced.target, resume_store=redis_server.url, **keys)
+    try:
+        async with (
+            httpx.AsyncClient(base_url=a.url, timeout=10) as on_a,
+            httpx.AsyncClient(base_url=b.url, timeout=10) as on_b,
+        ):
+            headers = {**K1, "X-Request-ID": "opening"}
+            reading = asyncio.create_task(
+                sse.events(on_a, "POST", "/v1/generate", json=LONG, headers=headers)
+            )
+            await asyncio.sleep(0.3)  # A has claimed the id; the replica answers at 3 s
+            started = time.monotonic()
+            foreign = await on_b.post("/v1/generate/opening/cancel", json={}, headers=K2)
+            foreign_s = time.monotonic() - started
+            started = time.monotonic()
+            own = await on_b.post("/v1/generate/opening/cancel", json={}, headers=K1)
+            own_s = time.monotonic() - started
+            _, events = await asyncio.wait_for(reading, 10)
+    finally:
+        await a.edge.stop()
+        await b.edge.stop()
+        await replica.stop()
+    assert foreign.status_code == 404
+    assert foreign_s < 1.0
+    assert own.json() == {"request_id": "opening", "cancelled": True}
+    assert own_s < 1.0
+    assert events[-1].event == "done"
+    assert json.loads(events[-1].data)["finish_reason"] == "cancelled"
+    assert len(events) < 100
+
+
+async def test_a_cancel_of_an_id_whose_edge_died_opening_it_is_answered_at_once(
+    paced: RunningServer, redis_server: RedisServer
+) -> None:
+    """An id claimed by an edge that died before its server answered (its claim holds for a
+    minute): a cancel on another edge is answered at once, and that edge then stops at once,
+    with no request of it still waiting on the claim."""
+    a = await _redis_edge(paced.target, redis_server.url, 2.0)
+    await _store(a).claim("orphan")
+    await a.edge.stop()  # dies with the id claimed
+    b = await _redis_edge(paced.target, redis_server.url, 2.0)
+    try:
+        async with httpx.AsyncClient(base_url=b.url, timeout=10) as on_b:
+            reply = await asyncio.wait_for(on_b.post("/v1/generate/orphan/cancel", json={}), 1.0)
+    finally:
+        started = time.monotonic()
+        await b.edge.stop()
+        stop_s = time.monotonic() - started
+    assert reply.json() == {"request_id": "orphan", "cancelled": True}
+    assert stop_s < 1.0

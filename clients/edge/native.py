@@ -159,8 +159,8 @@ async def _start(
             "may not hold '.', '..' or an empty segment between '/' (URL paths resolve them)",
         )
     options = options_from(fields, request_id, known)
-    await ctx.streams.claim(request_id)
     owner = principal_of(request.scope)
+    await ctx.streams.claim(request_id, owner)
     # A cancel that comes while the server is still opening the stream is kept here.
     opening = ctx.opening[request_id] = Opening(owner)
     try:

@@ -8,6 +8,12 @@ and again from its last reader's leaving, on whichever edge; a reader about to a
 response of the request that opened it, or a resume that found it, on any edge) holds the
 drop off for ATTACH_S at most. A stream dropped before it finished ends with a GONE `error`
 event, stored as its last: every reader still on it gets it, and a resume is a 410 from then.
+The writer stores events in the order they came: a stream whose own last event (the server's,
+or a cancel's `done`) came before the GONE `error` ends with that event, as a finished stream.
+
+The budget and the model a stream's server gave it are stored with its first token: a stream
+taken over (or failed over) before any token was delivered has its new server's, which the
+next take-over asks for.
 
 A write that fails (no connection free in time, a Redis error) is tried again, WRITE_RETRIES_S
 apart; when every try failed, the generation stops and this edge's readers of it end with an
@@ -44,6 +50,8 @@ Opener = Callable[[], Awaitable[UpstreamStream]]
 UNFINISHED: tuple[str, dict[str, Any]] = ("", {})
 """Queued when the upstream ended: the stream's error unless a terminal event came first."""
 UNFINISHED_ERROR = EdgeError(502, "UNKNOWN", "the server ended the stream without a completion")
+DROPPED: tuple[str, dict[str, Any]] = ("gone", {})
+"""Queued when the stream was dropped unread: its GONE `error`, unless its last event came first."""
 WRITE_RETRIES_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 """Waits between the tries of one event's write: about 3 s of them, past a lease (a store
 that failed longer than that is down, not busy)."""
@@ -67,7 +75,7 @@ class Generation:
         opener: Opener,
         holder: str,
         *,
-        skip_usage: bool,
+        origin: tuple[str, str] | None,
     ) -> None:
         self.store = store
         self.request_id = request_id
@@ -79,11 +87,11 @@ class Generation:
         self._sizes: collections.deque[tuple[int, int]] = collections.deque()
         self._queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
         self._opener = opener
-        self._skip_usage = skip_usage
+        self._origin = origin
+        """The budget and model stored for a stream none of whose tokens were delivered (None
+        once one was): stored again with its first token where its server gave others."""
         self._upstream: UpstreamStream | None = None
         self._cancelled = False
-        self._expired = False
-        """Dropped unread: its last event is the GONE `error`."""
         self._stopped = False
         """stop() was called: nothing more may be stored, not even the unfinished mark."""
         self._reader = asyncio.create_task(self._read(), name=f"read-{request_id}")
@@ -101,13 +109,12 @@ class Generation:
     async def _read(self) -> None:
         try:
             self._upstream = await self._opener()
-            async for event in self._upstream.events():
-                name, data = self.store.encode(event)
-                if name == "usage" and self._skip_usage:
-                    continue  # the dead edge stored it already; only `done` was missing
-                self._queue.put_nowait((name, data))
-                if name in rk.TERMINAL:
-                    return
+            async with contextlib.aclosing(self._upstream.events()) as events:
+                async for event in events:
+                    name, data = self.store.encode(event)
+                    self._queue.put_nowait((name, data))
+                    if name in rk.TERMINAL:
+                        return
         except EdgeError as error:
             self._queue.put_nowait(self.store.encode(error))
         except Exception:
@@ -126,14 +133,19 @@ class Generation:
                 if self._stopped:
                     # A cancel may not reach a call into Redis in flight; the stop still holds.
                     return
+                ending = "done" if name in rk.TERMINAL else ""
                 if (name, data) == UNFINISHED:
                     name, data = self.store.encode(UNFINISHED_ERROR)
-                verdict = await self._append(name, data)
+                    ending = "done"
+                elif (name, data) == DROPPED:
+                    name, data = self.store.encode(stream_expired())
+                    ending = "gone"
+                verdict = await self._append(name, data, ending)
                 if verdict == rk.LOST:
                     log.info("edge.stream_lease_lost", request_id=self.request_id)
                     self.stop()
                     return
-                if name in rk.TERMINAL:
+                if ending:
                     return
                 if verdict == rk.CANCEL_ASKED:
                     self.cancel()
@@ -142,17 +154,18 @@ class Generation:
         finally:
             self._ticker.cancel()
 
-    async def _append(self, name: str, data: dict[str, Any]) -> int:
+    async def _append(self, name: str, data: dict[str, Any], ending: str) -> int:
         """Store one event, tried again WRITE_RETRIES_S apart while the store fails (the script
-        finds a seq a lost answer hid already stored); the last failure is raised."""
+        finds a seq a lost answer hid already stored); the last failure is raised. `ending`:
+        '' for an event that ends nothing, `done` for the stream's last one, `gone` for the
+        GONE `error` of a stream dropped unread."""
         seq = self.next_seq
         payload = json.dumps(data, separators=(",", ":"))
         token = struct.pack("<I", data["id"]) if name == "token" else b""
-        final = name in rk.TERMINAL
         keys = [self.keys.lease, self.keys.events, self.keys.ids, self.keys.meta]
         ttl_ms = self.store.live_ttl_ms
-        if final:
-            ttl_ms = self.store.expired_ttl_ms if self._expired else self.store.done_ttl_ms
+        if ending:
+            ttl_ms = self.store.expired_ttl_ms if ending == "gone" else self.store.done_ttl_ms
         args = [
             self.holder,
             seq,
@@ -160,10 +173,12 @@ class Generation:
             payload,
             token,
             ttl_ms,
-            "1" if final else "",
+            ending,
             self._keep(seq, len(payload) + len(name) + 24),
             self.store.lease_ms,
         ]
+        if name == "token":
+            args += self._first_token()
         for tries, wait_s in enumerate(WRITE_RETRIES_S):
             try:
                 verdict = await self.store.script("APPEND", keys, args)
@@ -181,6 +196,18 @@ class Generation:
             verdict = await self.store.script("APPEND", keys, args)  # the last try
         self.next_seq += 1
         return int(verdict)
+
+    def _first_token(self) -> list[str]:
+        """With the stream's first delivered token, the budget and model its server gave it
+        where they are not those stored ([] otherwise): a take-over (or a failover here) before
+        any token passed the stream to another server, whose they are now."""
+        origin, self._origin = self._origin, None
+        upstream = self._upstream
+        if origin is None or upstream is None:
+            return []
+        budget = "" if upstream.budget is None else str(upstream.budget)
+        model = "" if upstream.model is None else upstream.model.header()
+        return [] if (budget, model) == origin else [budget, model]
 
     def _fail(self, error: RedisError) -> None:
         """Every try of a write failed: stop generating; this edge's readers end with the
@@ -283,9 +310,10 @@ class Generation:
         """Nobody read the stream for the window: unless a reader came meanwhile, drop it (a
         resume is a 410 from now on), stop generating, and end it with a GONE `error` event,
         its last, kept a moment for the readers still on it. True when it was dropped (or had
-        ended, or its lease is another's)."""
-        if self._reader.done():
-            return False  # the server's stream ended: its last event is being written
+        ended, or its lease is another's). A last event that comes meanwhile (the server's, or a
+        cancel's) still ends the stream: it is written before the GONE `error` (see DROPPED)."""
+        if self._reader.done() or self._cancelled:
+            return False  # the stream's last event is being written
         keys = self.keys
         try:
             verdict = await self.store.script(
@@ -300,11 +328,11 @@ class Generation:
         if not verdict:
             return False
         log.info("edge.stream_abandoned", request_id=self.request_id)
-        self._expired = self._cancelled = True
+        self._cancelled = True
         self._reader.cancel()
         if self._upstream is not None:
             self._upstream.cancel()
-        self._queue.put_nowait(self.store.encode(stream_expired()))
+        self._queue.put_nowait(DROPPED)
         return True
 
 

@@ -3,11 +3,12 @@
 Keys of one stream (all under `tokenwire:resume:<request_id>:`, all expiring):
 
 - `meta`   hash: `state` (claimed | open | done | expired: dropped unread, its GONE `error`
-           being its last event), `principal`, `request` (the accepted
+           being its last event), `principal` (from the claim on), `request` (the accepted
            GenerateRequest, serialized), `seed` (the one the server announced), `budget` (the
-           max_tokens it gave the stream: what a continuation asks for), `first` (the
-           lowest seq still kept), `cancel` (set when a cancel reached another edge), `holder`
-           (the generation that last took the lease);
+           max_tokens the server whose tokens the stream delivers gave it: what a continuation
+           asks for), `model` (that server's `x-tokenwire-model`), `first` (the lowest seq
+           still kept), `cancel` (set when a cancel reached another edge, or came while the
+           stream was opening), `holder` (the generation that last took the lease);
 - `events` stream: one entry per event, entry id `0-<seq>`, fields `n` (name), `d` (JSON data);
 - `ids`    string: the token ids delivered so far, 4 bytes each, little-endian (what a
            continuation sends as `continuation_ids`);
@@ -39,6 +40,8 @@ GONE_S = 600
 expired): ten minutes of tombstones, ~100 bytes each, one per stream opened in them."""
 CLAIM_MS = 60_000
 """An id claimed by an edge that died before the server answered is free again after this."""
+FOREIGN = -1
+"""CANCEL_OPENING's answer for an id another principal claimed."""
 TERMINAL = frozenset({"done", "error"})
 RESERVED = "r:"
 """The prefix of a `watch` member held for a reader about to attach (a plain one is an edge's
@@ -79,9 +82,9 @@ class Keys:
         return [self.events, self.ids, self.meta]
 
 
-# KEYS: meta, events, ids, lease, watch; ARGV: ttl ms. 1 when the id was free (no meta, or an
-# expired stream's whose last event is written; and no lease: a stream whose meta alone was
-# evicted still runs under it) and is now claimed.
+# KEYS: meta, events, ids, lease, watch; ARGV: ttl ms, principal. 1 when the id was free (no
+# meta, or an expired stream's whose last event is written; and no lease: a stream whose meta
+# alone was evicted still runs under it) and is now claimed, by the principal.
 # What a stream of the id left without its meta (evicted under memory pressure, or expired a
 # moment apart) is deleted with the claim: the new stream's events and ids start empty, and
 # none of an earlier caller's is ever read as this one's.
@@ -90,7 +93,7 @@ if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state and state ~= 'expired' then return 0 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'state', 'claimed')
+redis.call('HSET', KEYS[1], 'state', 'claimed', 'principal', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 return 1
@@ -99,6 +102,7 @@ return 1
 # KEYS: meta, lease, gone, watch; ARGV: ttl ms, holder, lease ms, principal, gone s, member,
 # lapse ms, then the meta's fields and values. Opens a claimed id's stream under the holder's
 # lease, remembers its principal for GONE_S, and holds it for the response about to read it.
+# CANCEL_ASKED when a cancel came while it was opening (see CANCEL_OPENING), else WRITTEN.
 OPEN = """
 redis.call('HSET', KEYS[1], unpack(ARGV, 8))
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
@@ -108,6 +112,19 @@ local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('ZADD', KEYS[4], ms + tonumber(ARGV[7]), ARGV[6])
 redis.call('PEXPIRE', KEYS[4], ARGV[7])
+if redis.call('HGET', KEYS[1], 'cancel') then return 1 end
+return 0
+"""
+
+# KEYS: meta; ARGV: principal. A cancel of an id claimed and not yet open (its edge waits for
+# its server's answer): 1 when the principal claimed it (the stream is cancelled as it opens:
+# OPEN says so to its edge), FOREIGN when another principal did (to this one the id is
+# unknown), 0 when the id is not claimed (open, done, expired or unknown: FIND says which).
+CANCEL_OPENING = """
+local meta = redis.call('HMGET', KEYS[1], 'state', 'principal')
+if meta[1] ~= 'claimed' then return 0 end
+if meta[2] ~= ARGV[1] then return -1 end
+redis.call('HSET', KEYS[1], 'cancel', '1')
 return 1
 """
 
@@ -139,12 +156,15 @@ if redis.call('HGET', KEYS[1], 'state') == 'claimed' then return redis.call('DEL
 return 0
 """
 
-# KEYS: lease, events, ids, meta; ARGV: holder, seq, name, data, token bytes, ttl ms, final,
-# first seq to keep (or ''), lease ms. A final event ends an open stream (`done`; an expired
-# one stays so). LOST when the lease is another holder's, else WRITTEN
-# (also when this seq is stored already: a try whose answer was lost wrote it) or
-# CANCEL_ASKED (another edge asked for a cancel). A lease that lapsed with nobody taking it
-# since is the holder's again.
+# KEYS: lease, events, ids, meta; ARGV: holder, seq, name, data, token bytes, ttl ms, final
+# ('' for an event that ends nothing, `done` for the stream's last event, `gone` for the GONE
+# `error` of a stream dropped unread), first seq to keep (or ''), lease ms, and, with the first
+# token a server sent, the budget and model of that server (see the meta). A last event ends
+# the stream (`done`), also one that was being dropped (`expired`): it ended before its GONE
+# `error` was written, which then never is; a GONE `error` leaves it `expired`. LOST when the
+# lease is another holder's, else WRITTEN (also when this seq is stored already: a try whose
+# answer was lost wrote it) or CANCEL_ASKED (another edge asked for a cancel). A lease that
+# lapsed with nobody taking it since is the holder's again.
 APPEND = """
 local leased = redis.call('GET', KEYS[1])
 if leased ~= ARGV[1] then
@@ -157,13 +177,15 @@ local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
 if top and tonumber(string.match(top[1], '%d+$')) >= tonumber(ARGV[2]) then return 0 end
 redis.call('XADD', KEYS[2], '0-' .. ARGV[2], 'n', ARGV[3], 'd', ARGV[4])
 if ARGV[5] ~= '' then redis.call('APPEND', KEYS[3], ARGV[5]) end
+if ARGV[10] then redis.call('HSET', KEYS[4], 'budget', ARGV[10], 'model', ARGV[11]) end
 if ARGV[8] ~= '' then
   redis.call('XTRIM', KEYS[2], 'MINID', '0-' .. ARGV[8])
   redis.call('HSET', KEYS[4], 'first', ARGV[8])
 end
 for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
-if ARGV[7] == '1' then
-  if redis.call('HGET', KEYS[4], 'state') == 'open' then
+if ARGV[7] ~= '' then
+  local state = redis.call('HGET', KEYS[4], 'state')
+  if state == 'open' or (state == 'expired' and ARGV[7] == 'done') then
     redis.call('HSET', KEYS[4], 'state', 'done')
   end
   redis.call('DEL', KEYS[1])
@@ -200,7 +222,8 @@ return {reading, cancel, reserved}
 # KEYS: lease, meta, watch; ARGV: holder. Drop a stream nobody reads: LOST when it ended or
 # its lease is another holder's, 0 when a reader (or one about to attach) came meanwhile, else
 # 1: it is `expired` from now on (a resume is a 410, and nobody takes it over); its holder
-# writes its GONE `error` as its last event.
+# writes its GONE `error` as its last event, unless the stream's own last event was already on
+# its way there: that one ends it (`done`, see APPEND).
 ABANDON = """
 if redis.call('HGET', KEYS[2], 'state') ~= 'open' then return -1 end
 local leased = redis.call('GET', KEYS[1])

@@ -15,8 +15,9 @@ its opening, and from its last reader's leaving on any edge), as in the in-memor
 reader about to attach, on any edge, holds that off for ATTACH_S (a member of the stream's
 `watch` set, tokenwire.edge.redis_keys), given back as it attaches or as its resume is answered
 without it. A cancel that reaches an edge while another is still opening the stream (its id
-claimed, its server not yet answered) waits for it to open, then cancels it as any other:
-whose stream it is is known only then.
+claimed, its server not yet answered) is answered at once, as on the edge opening it: the
+claim names its principal, so the caller's own cancel is kept (the stream is cancelled as soon
+as it opens) and another principal's is the 404 of an unknown id.
 
 Connections: writes, short reads and blocking reads have pools of their own, and readers are
 bounded (tokenwire.edge.redis_pools), so readers can neither stall a generation nor refuse a
@@ -66,6 +67,7 @@ SCRIPTS = (
     "TAKE",
     "WATCH",
     "ASK_CANCEL",
+    "CANCEL_OPENING",
     "RELEASE_LEASE",
     "ABANDON",
 )
@@ -82,9 +84,6 @@ tokens were delivered (a continuation with some replaces that generation at once
 # still find its last event. A stream dropped unread stays this long (its GONE `error`).
 MIN_DONE_MS = 1000
 ATTACH_MS = round(ATTACH_S * 1000)
-OPENING_WAITS_S = (0.01, 0.02, 0.05, 0.1)
-"""Waits between a cancel's looks at a stream another edge is still opening (the last one
-repeated), CLAIM_MS at most."""
 NATIVE = RouteName.NATIVE
 """The route of every stored stream (only native streams are kept), and of its failovers."""
 
@@ -161,9 +160,10 @@ class RedisStreams:
         """A new generation's name in the lease it holds: this edge's, and its own."""
         return f"{self.edge}:{uuid.uuid4().hex[:12]}"
 
-    async def claim(self, request_id: str) -> None:
+    async def claim(self, request_id: str, owner: str | None = None) -> None:
         keys = Keys.of(request_id)
-        if not await self.redis(self.script("CLAIM", keys.claimed, [rk.CLAIM_MS])):
+        args = [rk.CLAIM_MS, _principal(owner)]
+        if not await self.redis(self.script("CLAIM", keys.claimed, args)):
             raise id_taken(self.window_s)
         self._claimed.add(request_id)
 
@@ -199,14 +199,19 @@ class RedisStreams:
             *itertools.chain.from_iterable(meta.items()),
         ]
         try:
-            await self.redis(
+            opened = await self.redis(
                 self.script("OPEN", [keys.meta, keys.lease, keys.gone, keys.watch], args)
             )
         except EdgeError:
             upstream.cancel()
             raise
         self._claimed.discard(request_id)
-        self._start(request_id, 1, _ready(upstream), holder, skip_usage=False)
+        origin = (str(meta["budget"]), str(meta["model"]))
+        generation = self._start(request_id, 1, _ready(upstream), holder, origin=origin)
+        if opened == rk.CANCEL_ASKED:
+            # The caller cancelled it on another edge while its server was opening it.
+            upstream.cancel()
+            generation.cancel()
         return RedisStream(self, request_id, reservation=reservation)
 
     async def get(self, request_id: str, owner: str | None) -> RedisStream:
@@ -239,22 +244,17 @@ class RedisStreams:
             raise expired_stream(request_id)
         raise unknown_stream(request_id)
 
-    async def _opened(self, request_id: str) -> None:
-        """Wait while the id is claimed and its stream not yet open (an edge is waiting for its
-        server to accept it): CLAIM_MS at most, which an edge that died meanwhile leaves it."""
-        meta = Keys.of(request_id).meta
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + rk.CLAIM_MS / 1000
-        waits = itertools.chain(OPENING_WAITS_S, itertools.repeat(OPENING_WAITS_S[-1]))
-        while await self.redis(self.reads.hget(meta, "state")) == b"claimed":
-            if loop.time() >= deadline:
-                return
-            await asyncio.sleep(next(waits))
-
     async def cancel(self, request_id: str, owner: str | None) -> bool:
         """The caller's stream ended now (see ResumeStore.cancel); one still opening, on
-        another edge, once it is open (whose it is is known only then)."""
-        await self._opened(request_id)
+        another edge, as soon as it opens (True at once: the cancel is kept with its claim)."""
+        meta = Keys.of(request_id).meta
+        opening: int = await self.redis(
+            self.scripts["CANCEL_OPENING"](keys=[meta], args=[_principal(owner)], client=self.reads)
+        )
+        if opening == rk.FOREIGN:
+            raise unknown_stream(request_id)
+        if opening:
+            return True
         await self._find(request_id, owner)
         generation = self._generations.get(request_id)
         if generation is not None:
@@ -287,13 +287,17 @@ class RedisStreams:
             return
         request = pb.GenerateRequest.FromString(meta[b"request"])
         packed = packed or b""
+        budget, model = meta.get(b"budget", b"").decode(), meta.get(b"model", b"").decode()
         delivered = Delivered(
             ids=struct.unpack(f"<{len(packed) // 4}I", packed),
             seed=int(meta[b"seed"]) if meta.get(b"seed") else None,
-            budget=int(meta[b"budget"]) if meta.get(b"budget") else None,
+            budget=int(budget) if budget else None,
             # The continuation must run on the model whose tokens were stored (a stream begun
             # before the edges stored it continues unchecked).
-            model=ServedModel.of_header(meta.get(b"model", b"").decode()),
+            model=ServedModel.of_header(model),
+            # Its edge died between its Usage and its Completion: a continuation that
+            # generates on shows the stream had been cancelled, and ends it so.
+            usage=last_name == "usage",
         )
         log.info(
             "edge.stream_taken_over",
@@ -306,16 +310,24 @@ class RedisStreams:
             owner = _owner(meta.get(b"principal"))
             return await _continued(self.upstream, request, request_id, delivered, owner)
 
-        generation = self._start(
-            request_id, last_seq + 1, reopen, holder, skip_usage=last_name == "usage"
-        )
+        # With nothing delivered, the server that accepts the continuation gives the stream
+        # its budget and model: stored with its first token.
+        fresh = not delivered.ids and not delivered.usage
+        origin = (budget, model) if fresh else None
+        generation = self._start(request_id, last_seq + 1, reopen, holder, origin=origin)
         if meta.get(b"cancel"):
             generation.cancel()
 
     def _start(
-        self, request_id: str, next_seq: int, opener: Opener, holder: str, *, skip_usage: bool
+        self,
+        request_id: str,
+        next_seq: int,
+        opener: Opener,
+        holder: str,
+        *,
+        origin: tuple[str, str] | None,
     ) -> Generation:
-        generation = Generation(self, request_id, next_seq, opener, holder, skip_usage=skip_usage)
+        generation = Generation(self, request_id, next_seq, opener, holder, origin=origin)
         self._generations[request_id] = generation
         return generation
 

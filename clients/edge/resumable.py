@@ -297,8 +297,9 @@ class ResumableStreams:
         """Bytes buffered by registered streams (summed, never tracked, so it cannot drift)."""
         return sum(stream.bytes for stream in self._streams.values())
 
-    async def claim(self, request_id: str) -> None:
-        """Reserve an id before the upstream call; 409 while a stream with it is resumable."""
+    async def claim(self, request_id: str, owner: str | None = None) -> None:
+        """Reserve an id before the upstream call; 409 while a stream with it is resumable.
+        `owner` is kept with the opening instead (native.py), which cancels see first."""
         if request_id in self._streams or request_id in self._claimed:
             raise id_taken(self.window_s)
         self._claimed.add(request_id)

@@ -55,8 +55,9 @@ class StoredStream(Protocol):
 class ResumeStore(Protocol):
     """Every native stream an edge can serve a resume for."""
 
-    async def claim(self, request_id: str) -> None:
-        """Reserve an id before the upstream call; EdgeError 409 while it is resumable."""
+    async def claim(self, request_id: str, owner: str | None = None) -> None:
+        """Reserve an id for the caller `owner` before the upstream call; EdgeError 409 while
+        it is resumable."""
         ...
 
     async def release(self, request_id: str) -> None:

@@ -8,7 +8,7 @@ import dataclasses
 import functools
 import hashlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -62,12 +62,14 @@ class Failover:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Delivered:
     """What a stream begun elsewhere delivered: its token ids, the seed and the max_tokens
-    its server announced, and the model whose tokens they are (None where it is not known)."""
+    its server announced, the model whose tokens they are (None where it is not known), and
+    whether its Usage was delivered (the stream broke between its Usage and its Completion)."""
 
     ids: tuple[int, ...]
     seed: int | None
     model: ServedModel | None
     budget: int | None
+    usage: bool = False
 
 
 class UpstreamStream:
@@ -119,7 +121,7 @@ class UpstreamStream:
         """The model whose tokens the stream delivers (`x-tokenwire-model`), when known."""
         return self._resume.model
 
-    async def events(self) -> AsyncIterator[StreamEvent]:
+    async def events(self) -> AsyncGenerator[StreamEvent, None]:
         """The generation's events; EdgeError when the call fails where it cannot continue."""
         try:
             while True:
@@ -127,12 +129,15 @@ class UpstreamStream:
                     while (message := await self._call.read()) is not grpc.aio.EOF:
                         assert isinstance(message, pb.GenerateResponse)
                         passed = self._resume.admit(message)
+                        ended = passed is not message and self._resume.completed
+                        if ended:
+                            # The stream had ended before its continuation (cancelled), which
+                            # would otherwise generate on: cancelled before its Completion goes
+                            # out, which a reader may take as the end and read no further.
+                            self._call.cancel()
                         if passed is not None:
                             yield self._as_caller_sees(event_from_pb(passed))
-                        if passed is not message and self._resume.completed:
-                            # The stream had ended before its continuation (cancelled), which
-                            # would otherwise generate on.
-                            self._call.cancel()
+                        if ended:
                             return
                     if not self._resume.completed:
                         raise CutShort
@@ -259,13 +264,15 @@ class Upstream:
         passes it to the next); raise EdgeError when the server refuses it. The stream's
         failovers share its deadline and count for `route`. With `after`, the stream continues
         a generation another edge began: from its delivered ids and seed, on the same model
-        only. `owner` is the caller's principal: the server sees the id scoped by it."""
+        only; after a delivered Usage, no second one is passed on, and a continuation that
+        generates on ends as cancelled (see Resumption.admit). `owner` is the caller's
+        principal: the server sees the id scoped by it."""
         server_id = upstream_id(request_id, owner)
         request = _with_id(request, server_id)
         resume = Resumption.start(request, self._timeout_s, self._targets.next)
         if after is not None:
             resume.delivered, resume.seed, resume.begun = list(after.ids), after.seed, True
-            resume.budget = after.budget
+            resume.budget, resume.usage_delivered = after.budget, after.usage
             resume.model, resume.model_target = after.model, "the edge that began the stream"
         try:
             call = await self._accepted(resume, server_id)
