@@ -6,13 +6,15 @@ JSON type is told apart from a value out of range by its code. Real server and e
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import MODEL, RunningEdge
+from tests.conftest import MODEL, RunningEdge, start_edge
 
 CHAT_PATH = "/v1/chat/completions"
 USER = {"role": "user", "content": "hi"}
@@ -303,8 +305,30 @@ async def test_an_unknown_model_is_404_whatever_else_is_wrong(
     http: httpx.AsyncClient, path: str, body: dict[str, Any]
 ) -> None:
     """A request whose `model` this edge does not serve is the 404 `model_not_found` even
-    when a field of it would be a 400: the model is what the caller must fix first."""
+    when a field of it would be a 400, once the edge knows the served model (here from
+    /v1/models): the model is what the caller must fix first."""
+    assert (await http.get("/v1/models")).status_code == 200
     response = await http.post(path, json=body | {"model": "org/other-model"})
     assert response.status_code == 404, response.text
     error = response.json()["error"]
     assert (error["param"], error["code"]) == ("model", "model_not_found")
+
+
+async def test_a_refused_request_naming_a_model_waits_for_no_server() -> None:
+    """A request the edge refuses for a field (best_of 2) that names a model is answered at
+    once even where the server takes connections and never answers: the model's check uses
+    what the edge already knows, and asks no server for it."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        edge = await start_edge(f"127.0.0.1:{silent.getsockname()[1]}")
+        try:
+            async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+                started = time.monotonic()
+                body = {"model": "whatever", "prompt": "x", "best_of": 2}
+                response = await http.post(COMPLETIONS_PATH, json=body)
+                took = time.monotonic() - started
+        finally:
+            await edge.edge.stop()
+    assert response.status_code == 400
+    assert took < 2.0

@@ -99,12 +99,13 @@ async def _begin(request: Request, *, chat: bool) -> _Call:
 async def _unknown_model(ctx: EdgeContext, fields: Fields) -> EdgeError | None:
     """The 404 of a request that names a model this edge does not serve, which comes before
     what else is wrong with it, as at OpenAI (whose rules for a field are the named model's);
-    None where the model is served, named by no string, or unknown (no server answers)."""
+    None where the model is served, named by no string, or not known yet: a refusal waits for
+    no server (the served model is asked once, by the first request that gets that far)."""
     model = fields.raw("model")
-    if not isinstance(model, str) or not model:
+    info = ctx.upstream.known_model_info
+    if not isinstance(model, str) or not model or info is None:
         return None
     try:
-        info = await ctx.upstream.model_info()
         check_model(model, info, ctx.settings.model_aliases)
     except EdgeError as error:
         return error if error.openai_code == "model_not_found" else None

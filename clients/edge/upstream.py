@@ -380,6 +380,11 @@ class Upstream:
         for call in list(self._opening):
             call.cancel()
 
+    @property
+    def known_model_info(self) -> ModelInfo | None:
+        """The served model where it has been asked already (None before), without a call."""
+        return self._info
+
     async def model_info(self) -> ModelInfo:
         """The served model, asked once."""
         if self._info is None:
