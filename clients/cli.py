@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 from tokenwire.client.client import DEFAULT_TARGET, TokenwireClient
-from tokenwire.client.errors import TokenwireError
+from tokenwire.client.errors import TokenwireError, Unauthenticated
 from tokenwire.client.messages import Completion, GenerateOptions, StreamEvent, Token, Usage
 from tokenwire.client.security import ChannelSecurity, SecurityError
 from tokenwire.client.targets import TARGET_RULE, names_a_target
@@ -51,7 +51,7 @@ def add_tokenize_command(sub: argparse._SubParsersAction[argparse.ArgumentParser
         action="store_false",
         help="add no special tokens (BOS), as for a prompt rendered from a chat template",
     )
-    p.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    p.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds (default 120)")
     add_flags(p, ConnectionSettings)
     p.set_defaults(run=run_tokenize)
 
@@ -90,20 +90,66 @@ class ConnectionSettings:
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="text to continue")
-    parser.add_argument("--max-tokens", type=int, default=0, help="0 = server default")
-    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--repetition-penalty", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--ignore-eos", action="store_true")
-    parser.add_argument("--request-id", default="")
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=0,
+        help="most tokens to generate (default 0: the server's default_max_tokens)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature, 0 to 2; 0 = greedy (default 1.0)",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="sample from the k most likely tokens only (default 0: off)",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="sample from the most likely tokens until their probability reaches p, in (0, 1] "
+        "(default 1.0: off)",
+    )
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help="penalise tokens already in the prompt or the output, in (0, 2] (default 1.0: off)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the sampling's random draws, for a reproducible stream (default: the "
+        "server picks one)",
+    )
+    parser.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        help="end the stream before this text (repeatable; default none)",
+    )
+    parser.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="keep generating past the end-of-sequence token, up to --max-tokens",
+    )
+    parser.add_argument(
+        "--request-id",
+        default="",
+        help="the request's id, in the server's logs and for a Cancel; 1 to 128 printable "
+        "ASCII characters (default: the server gives one)",
+    )
     parser.add_argument(
         "--timeout",
         type=float,
         default=120.0,
-        help="deadline in seconds of the whole stream, failovers included",
+        help="deadline in seconds of the whole stream, failovers included (default 120)",
     )
     parser.add_argument(
         "--stats", action="store_true", help="print TTFT, inter-token latency and tokens/s"
@@ -248,11 +294,13 @@ def _tokenize(
         err.write("\n[cancelled]\n")
         return 130
     except TokenwireError as exc:
-        err.write(f"error: {exc}\n")
+        _say(err, f"error: {_reason(exc, security)}\n")
         return 1
     if args.pieces:
-        pairs = zip(tokens.ids, tokens.pieces, strict=True)
-        out.writelines(f"{i}\t{json.dumps(piece, ensure_ascii=False)}\n" for i, piece in pairs)
+        for i, piece in zip(tokens.ids, tokens.pieces, strict=True):
+            # JSON's \u escapes where the output cannot hold the text: the same string, read.
+            text = json.dumps(piece, ensure_ascii=False)
+            out.write(f"{i}\t{text if _holds(out, text) else json.dumps(piece)}\n")
     else:
         out.write(" ".join(map(str, tokens.ids)) + "\n")
     out.flush()
@@ -299,6 +347,8 @@ def _stream(
     stats = StreamStats()
     completion: Completion | None = None
     usage: Usage | None = None
+    # Text written on a line not yet ended: an error then starts a line of its own.
+    line_open = False
     with TokenwireClient(target, timeout_s=args.timeout, security=security) as client:
         events: Generator[StreamEvent, None, None] | None = None
         try:
@@ -309,11 +359,14 @@ def _stream(
                     usage = event
                 elif isinstance(event, Completion):
                     completion = event
+                elif event.text and not args.json:
+                    line_open = not event.text.endswith("\n")
         except KeyboardInterrupt:
             err.write("\n[cancelled]\n")
             return 130
         except TokenwireError as exc:
-            err.write(f"\nerror: {exc}\n")
+            start = "\n" if line_open else ""
+            _say(err, f"{start}error: {_reason(exc, security)}\n")
             return 1
         finally:
             if events is not None:
@@ -337,10 +390,46 @@ def _show(event: StreamEvent, json_lines: bool, out: TextIO, stats: StreamStats)
     if json_lines:
         out.write(json.dumps(event_json(event)) + "\n")
     elif isinstance(event, Token):
-        out.write(event.text)
+        _say(out, event.text)
     else:
         return
     out.flush()
+
+
+def _reason(exc: TokenwireError, security: ChannelSecurity) -> str:
+    """What an `error:` line says of a failed call: the error, or for a key the server
+    refused, which flag or variable gives it."""
+    if not isinstance(exc, Unauthenticated) or exc.from_channel:
+        return str(exc)
+    where = "--api-key or TOKENWIRE_API_KEY"
+    if security.api_key:
+        return f"{exc.code.name}: the server refused the API key ({where})"
+    return f"{exc.code.name}: the server requires an API key: give it with {where}"
+
+
+def _holds(stream: TextIO, text: str) -> bool:
+    """Whether `stream` can write `text` as it is: its encoding holds every character (an
+    ASCII or cp1252 console does not hold all), or its error handler writes them anyway."""
+    encoding = getattr(stream, "encoding", None)
+    if not encoding or getattr(stream, "errors", "strict") != "strict":
+        return True
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        return False
+    except LookupError:  # an encoding Python does not know: let the write say
+        return True
+    return True
+
+
+def _say(stream: TextIO, text: str) -> None:
+    """Write `text`, each character `stream` cannot encode as its backslash escape (\\xe9,
+    \\u4e2d, \\U0001f389), as Python writes its own errors: all of the text reaches the
+    reader, instead of a write that fails in its middle."""
+    if not _holds(stream, text):
+        encoding = stream.encoding
+        text = text.encode(encoding, "backslashreplace").decode(encoding)
+    stream.write(text)
 
 
 def _discard(out: TextIO) -> None:

@@ -86,8 +86,17 @@ def test_cli_variables_reach_a_tls_mtls_keyed_server(
     assert done.returncode == 0, done.stderr
 
 
-def test_cli_without_a_key_reports_unauthenticated(secure_server: ServerProcess, pki: Pki) -> None:
-    """Over working mTLS but without a key, the CLI exits 1 naming UNAUTHENTICATED."""
+@pytest.mark.parametrize(
+    ("key", "says"),
+    [((), "the server requires an API key"), (("--api-key", "wrong"), "refused the API key")],
+    ids=["none", "wrong"],
+)
+def test_cli_without_a_key_reports_unauthenticated(
+    secure_server: ServerProcess, pki: Pki, key: tuple[str, ...], says: str
+) -> None:
+    """Over working mTLS but without a key (or with a wrong one), the CLI exits 1 with one
+    `error:` line naming UNAUTHENTICATED and where a key is given: --api-key or
+    TOKENWIRE_API_KEY."""
     done = _generate(
         secure_server.target,
         "--tls-ca",
@@ -96,10 +105,14 @@ def test_cli_without_a_key_reports_unauthenticated(secure_server: ServerProcess,
         str(pki.client_cert),
         "--tls-key",
         str(pki.client_key),
+        *key,
         env={},
     )
     assert done.returncode == 1
-    assert "UNAUTHENTICATED" in done.stderr
+    assert done.stderr.startswith("error: UNAUTHENTICATED: ")
+    assert says in done.stderr
+    assert "--api-key or TOKENWIRE_API_KEY" in done.stderr
+    assert done.stderr.count("\n") == 1
 
 
 def test_cli_refuses_a_client_certificate_without_its_key(pki: Pki) -> None:
