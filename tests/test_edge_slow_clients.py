@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import httpx
 import pytest
@@ -176,3 +177,21 @@ async def test_a_body_far_over_the_limit_gets_its_413_not_a_reset(served: Runnin
     finally:
         await edge.edge.stop()
     assert statuses == [413, 413, 413]
+
+
+async def test_an_edge_stops_at_once_while_a_connection_lingers(served: RunningServer) -> None:
+    """An edge told to stop while a connection reads and drops the rest of a body its answer
+    left unread closes that connection at once rather than after its linger (uvicorn waits
+    for every connection before it exits)."""
+    edge = await start_edge(served.target)
+    reader, writer = await asyncio.open_connection("127.0.0.1", edge.edge.port)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n")
+        await writer.drain()
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+        started = time.monotonic()
+        await edge.edge.stop()
+        took = time.monotonic() - started
+    finally:
+        writer.close()
+    assert took < 1.0

@@ -171,6 +171,13 @@ class _EdgeH11(H11Protocol):
             self._linger_timer.cancel()
         super().connection_lost(exc)
 
+    def shutdown(self) -> None:
+        """The edge is stopping: a connection that lingers closes at once, and none lingers
+        from now on (uvicorn waits for every connection to close before it exits)."""
+        if isinstance(self.transport, _LingerOnClose):
+            self.transport.stop_lingering()
+        super().shutdown()
+
     def _linger(self, transport: asyncio.Transport) -> None:
         """Close a connection whose request's body is still arriving: its response goes out
         with a FIN after it, what the client still sends is read and dropped, and the
@@ -235,6 +242,10 @@ _RESET = struct.pack("ii", 1, 0)
 """SO_LINGER on with a 0 s timeout: close() resets the connection at once."""
 
 
+def _never() -> bool:
+    return False
+
+
 class _LingerOnClose(asyncio.Transport):
     """A connection's transport whose close(), while `unread()` (the request's body is still
     arriving), hands the transport to `linger` instead (see _EdgeH11): uvicorn closes a
@@ -260,6 +271,13 @@ class _LingerOnClose(asyncio.Transport):
             self._lingering = True
             self._linger(self._transport)
         else:
+            self._transport.close()
+
+    def stop_lingering(self) -> None:
+        """Close without lingering from now on (the edge is stopping); a lingering connection
+        closes at once."""
+        self._unread = _never
+        if self._lingering:
             self._transport.close()
 
     def is_closing(self) -> bool:
