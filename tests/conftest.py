@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -248,3 +249,14 @@ async def cancelled_after(
                 reply = await canceller.post(f"/v1/generate/{request_id}/cancel", json={})
     assert reply is not None, f"the stream ended before {count} events"
     return events, reply
+
+
+@pytest.fixture
+def interruptible() -> Iterator[None]:
+    """Children get SIGINT's default disposition: a suite started as a background job inherits
+    an ignored SIGINT, which a child process would inherit too (and rightly ignore)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

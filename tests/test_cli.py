@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -21,17 +21,6 @@ from tokenwire.server.tokenizer import Tokenizer
 
 UNENCODABLE = "# 中文 café 🎉"
 """Text an ASCII console cannot show, from the BMP and beyond it."""
-
-
-@pytest.fixture
-def interruptible() -> Iterator[None]:
-    """Children get SIGINT's default disposition: a suite started as a background job inherits
-    an ignored SIGINT, which a child process would inherit too (and rightly ignore)."""
-    previous = signal.getsignal(signal.SIGINT)
-    if previous == signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
 
 
 async def _run_cli(

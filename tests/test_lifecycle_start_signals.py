@@ -6,22 +6,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def interruptible() -> Iterator[None]:
-    """Children get SIGINT's default disposition: a suite started as a background job inherits
-    an ignored SIGINT, which a child process would inherit too (and rightly ignore)."""
-    previous = signal.getsignal(signal.SIGINT)
-    if previous == signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
+pytestmark = pytest.mark.usefixtures("interruptible")
 
 
 def _signalled_while_importing(sig: signal.Signals, module: str, *argv: str) -> tuple[int, str]:

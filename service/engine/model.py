@@ -221,8 +221,7 @@ class OnnxCausalLM:
         wants_static = self.captures_graphs if static_decode is None else static_decode
         # Fixed bindings hold the live rows from slot 0; rows past a width limit, and rows
         # that decode alone, run alone.
-        alone = self.width_limit is not None or self.decodes_rows_alone
-        if wants_static and self.padding is Padding.RIGHT and not alone:
+        if wants_static and self.padding is Padding.RIGHT and not self._runs_rows_alone:
             logits_dtype = np.float16 if self._half else np.float32
             self._static = StaticDecode(
                 self.session, self.layout, self.device, logits_dtype, self.spec.vocab_size
@@ -302,6 +301,12 @@ class OnnxCausalLM:
                 f"{self.spec.context_length} tokens that {self.spec.config_file} states: "
                 f"{str(exc).strip().splitlines()[0]}"
             ) from exc
+
+    @property
+    def _runs_rows_alone(self) -> bool:
+        """Whether some decode rows run in forwards of their own (past a width limit, or all
+        of them where rows decode alone)."""
+        return self.width_limit is not None or self.decodes_rows_alone
 
     @property
     def decode_graphs(self) -> int:
