@@ -162,6 +162,29 @@ async def test_generate_span_tree_carries_gen_ai_attributes_and_the_usage_counts
     assert attributes["gen_ai.response.id"] == usage.request_id
 
 
+async def test_a_continuation_that_generates_nothing_has_no_prefill_or_decode_span(
+    fresh: Traced,
+) -> None:
+    """A continuation that brings every token of its stream generates none: like any stream
+    without a token, its Generate span has a queue child only, though its Usage counts the
+    delivered tokens."""
+    async with grpc.aio.insecure_channel(fresh.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        first = await collect(stub, greedy("def f():", 4))
+        delivered = [m.token.id for m in first if m.WhichOneof("event") == "token"]
+        await _spans(fresh.server_spans, 4)
+        fresh.clear()
+        again = greedy("def f():", 4, continuation_ids=delivered)
+        messages = await collect(stub, again)
+    usage = next(m.usage for m in messages if m.WhichOneof("event") == "usage")
+    assert (usage.completion_tokens, usage.time_to_first_token_ms) == (4, 0)
+    assert await eventually(
+        lambda: any(s.name == GENERATE_SPAN for s in fresh.server_spans.get_finished_spans())
+    )
+    spans = fresh.server_spans.get_finished_spans()
+    assert sorted(s.name for s in spans) == sorted([GENERATE_SPAN, "queue"])
+
+
 async def test_grpc_clients_traceparent_is_the_generate_spans_parent(fresh: Traced) -> None:
     """A traceparent sent as gRPC metadata by any client (not only the edge) is continued."""
     async with grpc.aio.insecure_channel(fresh.target) as channel:

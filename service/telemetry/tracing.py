@@ -126,11 +126,15 @@ class GenerateSpan:
         self.span.end()
 
     def _phases(self, usage: UsageEvent, arrived_at: float) -> None:
-        """queue: arrival to prefill start; prefill: to the first token; decode: to the end."""
+        """queue: arrival to prefill start; prefill: to the first token; decode: to the end.
+
+        A stream that generated no token here has neither prefill nor decode span."""
         start = self._ns(arrived_at)
         queued = start + _ns(usage.queue_time_s)
         self._child(QUEUE_SPAN, start, queued)
-        if usage.completion_tokens:
+        # Not completion_tokens: a continued stream's counts its continuation_ids too, tokens
+        # generated elsewhere; time to first token is 0 where none was generated here.
+        if usage.time_to_first_token_s > 0:
             first = start + _ns(usage.time_to_first_token_s)
             self._child(PREFILL_SPAN, queued, first)
             self._child(DECODE_SPAN, first, start + _ns(usage.total_time_s))
