@@ -55,6 +55,7 @@ class TimedModel:
         self.width_limit = model.width_limit
         self.steps_continuations = model.steps_continuations
         self.decodes_rows_alone = model.decodes_rows_alone
+        self.pads_single_rows = model.pads_single_rows
         self.prefill: list[float] = []
         self.decode: list[float] = []
 

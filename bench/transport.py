@@ -64,6 +64,7 @@ class StandInModel:
     width_limit: int | None = None
     steps_continuations = False
     decodes_rows_alone = False
+    pads_single_rows = False
 
     def __init__(self, spec: ModelSpec, token: int, step_s: float) -> None:
         self.spec = spec

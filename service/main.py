@@ -188,6 +188,12 @@ def _log_loaded(engine: Engine, settings: Settings) -> None:
         # decode in forwards of their own.
         width_limit=engine.model.width_limit,
         batch_rounding=rounding,
+        # A one-position forward of one row runs as two rows (a scratch row beside it): this
+        # CPU computes a one-row MatMulNBits this much otherwise than a batched one.
+        single_rows_padded=engine.model.pads_single_rows,
+        one_row_rounding=(
+            engine.model.one_row_rounding if isinstance(engine.model, OnnxCausalLM) else 0.0
+        ),
     )
     if engine.max_rows < settings.max_batch_size:
         log.warning(

@@ -49,6 +49,7 @@ class ScriptedModel:
     width_limit: int | None = None
     steps_continuations = False
     decodes_rows_alone = False
+    pads_single_rows = False
 
     def __init__(self, spec: ModelSpec, script: dict[int, int], step_delay_s: float = 0.0) -> None:
         self.spec = spec
@@ -128,6 +129,7 @@ class CountedPositionsModel:
         self.width_limit = None
         self.steps_continuations = False
         self.decodes_rows_alone = False
+        self.pads_single_rows = False
 
     def new_cache(self, rows: int, columns: int = 0, *, left_aligned: bool = False) -> BatchKvCache:
         return self.inner.new_cache(rows, columns, left_aligned=left_aligned)

@@ -65,6 +65,16 @@ FOLDERS |= {
         {"device_cache": True},
     ),
     "fixtures/llama device cache": (MODELS / "fixtures" / "llama", {"device_cache": True}),
+    # One position of one row computed beside a scratch row (what the int4 graph does on CPUs
+    # whose one-row MatMulNBits rounds otherwise), on bindings made per step and fixed ones.
+    "fixtures-genai/llama-int4 single rows padded": (
+        MODELS / "fixtures-genai" / "llama-int4",
+        {"pad_single_rows": True},
+    ),
+    "fixtures-genai/llama-fp32 single rows padded, fixed bindings": (
+        MODELS / "fixtures-genai" / "llama-fp32",
+        {"device_cache": True, "static_decode": True, "pad_single_rows": True},
+    ),
     "fixtures/gemma device cache": (MODELS / "fixtures" / "gemma", {"device_cache": True}),
     # The bundled model `make run` serves.
     "tiny-py": (MODELS / "tiny-py", {}),

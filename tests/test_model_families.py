@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
 from tests.conftest import RunningServer, collect, greedy, start_server
@@ -35,6 +36,7 @@ from tokenwire.server.engine import Engine, EngineConfig, OnnxCausalLM, Padding
 from tokenwire.server.engine.kv_cache import BatchKvCache
 from tokenwire.server.engine.logits import Logits
 from tokenwire.server.engine.padding import probe_width_limit
+from tokenwire.server.engine.slot_cache import SlotPrefill, scratch_pair
 from tokenwire.server.engine.types import CacheTensor, IntArray
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
@@ -409,8 +411,47 @@ async def test_int4_greedy_ids_are_the_same_alone_and_beside_another_request() -
             )
     finally:
         await running.server.drain()
-    assert model.decodes_rows_alone == (model.batch_rounding > 0)
+    assert not model.decodes_rows_alone
+    assert model.pads_single_rows == (model.one_row_rounding > 0)
     assert ids_of(beside) == by_itself
+
+
+def test_a_scratch_row_keeps_the_entries_of_the_slot_it_borrows() -> None:
+    """A lone row's decode step beside a scratch row in the slot held for a prompt being
+    prefilled in chunks leaves the prompt's 4 entries there as they were: the scratch row
+    writes only the entry after them (which the next chunk writes first)."""
+    model_dir = MODELS / "fixtures-genai" / "llama-fp32"
+    model = OnnxCausalLM(model_dir, provider="cpu", intra_op_threads=1, pad_single_rows=True)
+    slots = model.new_slot_cache(2, 16)
+    assert slots is not None
+
+    def prefill(into: SlotPrefill, ids: list[int]) -> None:
+        mask = into.mask_with(len(ids))
+        positions = np.arange(len(ids))[None, :] + into.lengths[:, None]
+        model.forward(np.asarray([ids]), mask, positions, into.tensors, in_place=True)
+        into.advance([], mask)
+
+    first = SlotPrefill(slots, 1)
+    prefill(first, [5, 6, 7, 8, 9])
+    slots.extend(first)
+    chunk = slots.chunked_prefill()
+    assert chunk is not None
+    prefill(chunk, [11, 12, 13, 14])
+    before = [b.to_host()[1].copy() for b in slots.buffers]
+    mask = slots.mask_with(1)
+    pair = scratch_pair(slots, np.asarray([[10]]), mask, np.asarray([[5]]))
+    model.forward(
+        pair.input_ids, pair.attention_mask, pair.position_ids, pair.tensors, in_place=True
+    )
+    after = [b.to_host()[1] for b in slots.buffers]
+    axis = model.layout.tensors[0].seq_axis - 1
+    for old, new in zip(before, after, strict=True):
+        assert np.array_equal(old.take(range(4), axis), new.take(range(4), axis))
+    changed = [
+        not np.array_equal(o.take(4, axis), n.take(4, axis))
+        for o, n in zip(before, after, strict=True)
+    ]
+    assert any(changed)
 
 
 def test_a_graph_that_reads_the_mask_width_keeps_its_declared_context() -> None:

@@ -289,19 +289,20 @@ def test_a_graph_served_without_batching_says_so_at_start() -> None:
 
 
 @pytest.mark.slow
-def test_batch_rounding_on_int4_is_reported_at_start_with_rows_decoding_alone() -> None:
-    """model.loaded carries the batch rounding the load-time probe measures on the int4 GenAI
-    graph (0 where this CPU computes a one-row MatMulNBits as a batched one), and where it is
-    above 0 a model.unbatched warning says every row decodes alone, naming MatMulNBits and
-    the rounding (the graph's int8 activations would turn it into other tokens)."""
+def test_the_int4_graph_is_served_batched_with_single_rows_padded_where_one_row_rounds_apart() -> (
+    None
+):
+    """model.loaded on the int4 GenAI graph reports batch rounding 0 and no model.unbatched
+    warning on any CPU: where this CPU computes a one-row MatMulNBits otherwise than a
+    batched one (the one-row rounding the probe measured, above 0), single rows are padded
+    to two and rows share forwards."""
     model_dir = BUNDLED_MODEL_DIR.parent / "fixtures-genai" / "llama-int4"
-    measured = OnnxCausalLM(model_dir, provider="cpu").batch_rounding
+    measured = OnnxCausalLM(model_dir, provider="cpu").one_row_rounding
     loaded, warning = rounding_at_start("--model-dir", str(model_dir), warning="model.unbatched")
-    assert (loaded["batch_rounding"] > 0) == (measured > 0)
-    if measured > 0:
-        assert warning is not None
-        assert (warning["level"], warning["quantizers"]) == ("warning", ["MatMulNBits"])
-        assert warning["batch_rounding"] == loaded["batch_rounding"]
+    assert warning is None
+    assert loaded["batch_rounding"] == 0.0
+    assert loaded["single_rows_padded"] == (measured > 0)
+    assert loaded["one_row_rounding"] == measured
 
 
 def _onnx_folder_layout(tmp_path: Path) -> Path:

@@ -14,7 +14,14 @@ import pytest
 
 from tokenwire.server.engine.kv_cache import BatchKvCache
 from tokenwire.server.engine.slot_buffer import ByteCopier, DeviceSlotBuffer, HostSlotBuffer
-from tokenwire.server.engine.slot_cache import BufferFactory, SlotKvCache, SlotPrefill, SlotRange
+from tokenwire.server.engine.slot_cache import (
+    BufferFactory,
+    ScratchPair,
+    SlotKvCache,
+    SlotPrefill,
+    SlotRange,
+    scratch_pair,
+)
 
 SHAPES = [(0, 1, 0, 2), (0, 1, 0, 2)]
 AXES = (2, 2)
@@ -206,3 +213,74 @@ def test_the_held_top_slot_is_given_up_by_release(new_cache: NewCache) -> None:
     cache.release()
     assert cache.free_slot
     assert cache.chunked_prefill() is not None
+
+
+def _pair(cache: SlotKvCache, prefill: SlotPrefill | None = None) -> ScratchPair:
+    """The scratch pair for token 7 at position 9 of the one row of `prefill`, or of the
+    cache's one live row."""
+    of = cache if prefill is None else prefill
+    return scratch_pair(
+        of,
+        np.asarray([[7]], dtype=np.int64),
+        of.mask_with(1),
+        np.asarray([[9]], dtype=np.int64),
+        np.asarray([0], dtype=np.int64),
+    )
+
+
+def test_a_lone_rows_scratch_row_takes_the_free_slot_above_from_its_first_entry(
+    new_cache: NewCache,
+) -> None:
+    """One live row of 3 entries computes its next position beside a scratch row in the free
+    slot above: two slots bound from the row's, the row first with its own mask, id and
+    position, the scratch row token 0 at entry 0."""
+    cache = new_cache(SHAPES, AXES, np.float32, slots=4, capacity=8)
+    cache.extend(_prefilled([3], 10.0))
+    cache.lengths[1] = 6  # a row that left: its slot keeps nothing
+    pair = _pair(cache)
+    assert pair.row == 0
+    assert pair.attention_mask.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
+    assert (pair.input_ids.tolist(), pair.position_ids.tolist()) == ([[7], [0]], [[9], [0]])
+    assert pair.last is not None
+    assert pair.last.tolist() == [0, 0]
+    assert pair.tensors == [b.bound(2, 0) for b in cache.buffers]
+
+
+def test_a_scratch_row_in_the_held_slot_writes_after_the_prompt_prefilled_there(
+    new_cache: NewCache,
+) -> None:
+    """Where the slot beside the row is held for a prompt prefilled in chunks (5 entries so
+    far), the scratch row writes after them, where the next chunk writes first."""
+    cache = new_cache(SHAPES, AXES, np.float32, slots=2, capacity=8)
+    cache.extend(_prefilled([3], 10.0))
+    chunk = cache.chunked_prefill()
+    assert chunk is not None
+    _write_prefill(chunk, [5], 40.0)
+    pair = _pair(cache)
+    assert pair.attention_mask.tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]
+    assert pair.position_ids.tolist() == [[9], [5]]
+
+
+def test_a_row_in_the_top_slot_pairs_with_the_live_row_below(new_cache: NewCache) -> None:
+    """A prompt prefilled in the top slot pairs with the slot below it, a live row of 4
+    entries: two slots bound from that one, the real row second, the scratch row after the
+    live row's entries (its next decode writes there first)."""
+    cache = new_cache(SHAPES, AXES, np.float32, slots=3, capacity=8)
+    cache.extend(_prefilled([2, 4], 10.0))
+    chunk = cache.chunked_prefill()
+    assert chunk is not None
+    assert chunk.first == 2
+    pair = _pair(cache, chunk)
+    assert pair.row == 1
+    assert pair.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert pair.position_ids.tolist() == [[4], [9]]
+    assert pair.tensors == [b.bound(2, 1) for b in cache.buffers]
+
+
+def test_a_single_slot_has_no_room_for_a_scratch_row(new_cache: NewCache) -> None:
+    """A cache of one slot refuses a scratch pair (the engine runs such a cache's one row
+    alone), never binding memory past its buffer."""
+    cache = new_cache(SHAPES, AXES, np.float32, slots=1, capacity=8)
+    cache.extend(_prefilled([3], 10.0))
+    with pytest.raises(ValueError, match="second slot"):
+        _pair(cache)

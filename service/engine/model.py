@@ -29,6 +29,7 @@ from tokenwire.server.engine.padding import (
     FP16_TOLERANCE,
     FP32_TOLERANCE,
     Padding,
+    pairs_agree,
     probe,
     probe_width_limit,
 )
@@ -80,6 +81,10 @@ class CausalLM(Protocol):
     decodes_rows_alone: bool
     """Each decode row runs in a forward of its own, in the preallocated cache, and no prompt
     shares a prefill: a row's rounding beside others could cross a quantisation step."""
+    pads_single_rows: bool
+    """A forward of one position of one row runs as two rows, the second a scratch row in a
+    neighbouring slot of the preallocated cache: the CPU computes a one-row product otherwise
+    than a batched one, and batches of two or more alike (see OnnxCausalLM)."""
 
     @property
     def steps_continuations(self) -> bool:
@@ -123,6 +128,12 @@ class OnnxCausalLM:
     """Every decode row runs in a forward of its own in the preallocated cache, and every
     prompt prefills alone: the graph quantises each row's activations (ROW_QUANTIZERS) and
     the probe found a row rounding otherwise beside others than alone (see _probe)."""
+    pads_single_rows = False
+    """A forward that would compute one position of one row computes two, the second a
+    scratch row in a neighbouring slot of the preallocated cache, so that no product has one
+    row: the graph quantises each row's activations (ROW_QUANTIZERS), the CPU computes a
+    one-row MatMulNBits otherwise than a batched one, and the probe found a row's logits the
+    same in every batch of two or more (padding.pairs_agree). Rows then share forwards."""
 
     def __init__(
         self,
@@ -139,6 +150,7 @@ class OnnxCausalLM:
         profile_prefix: str | None = None,
         max_kv_tokens: int | None = None,
         model_file: str = "",
+        pad_single_rows: bool | None = None,
     ) -> None:
         """device_cache: keep the cache in OrtValues on the session's device: a preallocated
         one where the graph writes in place (GroupQueryAttention), and otherwise each step's
@@ -154,7 +166,10 @@ class OnnxCausalLM:
         profile_prefix: record ONNX Runtime's profile (session.end_profiling() writes it).
         max_kv_tokens: the engine's KV budget: a graph padded on the right is probed for mask
         widths up to it (or the context), and its context capped where it reads the width.
-        model_file: the graph to load, relative to model_dir (spec.graph_path)."""
+        model_file: the graph to load, relative to model_dir (spec.graph_path).
+        pad_single_rows: compute every one-position forward of one row as two rows (default:
+        where the probe finds it needed and exact; True on any graph with a preallocated cache
+        tests that path)."""
         self.spec = ModelSpec.from_dir(model_dir)
         onnx_path = graph_path(model_dir, self.spec, model_file)
         options = _options((intra_op_threads, inter_op_threads), spinning, profile_prefix)
@@ -205,6 +220,10 @@ class OnnxCausalLM:
         self._static: StaticDecode | None = None
         self.padding = Padding.ALONE
         self.batch_rounding = 0.0
+        self.one_row_rounding = 0.0
+        """Where single rows are padded (pads_single_rows): how far a row computed alone
+        landed from the same row in a batch, relative to the logit scale (the rounding that
+        padding keeps from the served rows)."""
         """How far a row's logits beside other rows land from the same row's alone, relative
         to their scale (0: never). Above 0 where masked padding in front of a row changes the
         order its attention sums in (left-padded graphs), or where ONNX Runtime computes a
@@ -218,6 +237,13 @@ class OnnxCausalLM:
         """The graph's operators that quantise activations (ACTIVATION_QUANTIZERS,
         ROW_QUANTIZERS)."""
         self._measure(graph, tolerance, max_kv_tokens)
+        self._choose_decode(static_decode, pad_single_rows)
+
+    def _choose_decode(self, static_decode: bool | None, pad_single_rows: bool | None) -> None:
+        """How decode steps run, after the probe: on fixed bindings where asked (or where CUDA
+        graphs are captured), and single rows padded where asked (tests)."""
+        if pad_single_rows is not None and self._slot_cache_kind():
+            self.pads_single_rows = pad_single_rows
         wants_static = self.captures_graphs if static_decode is None else static_decode
         # Fixed bindings hold the live rows from slot 0; rows past a width limit, and rows
         # that decode alone, run alone.
@@ -277,10 +303,16 @@ class OnnxCausalLM:
             # A row rounds otherwise beside others (MLAS's one-row MatMulNBits kernel), and the
             # graph quantises each row's activations to int8: 1e-7 can cross a quantisation
             # step and become 1e-2 of the logit scale, and other tokens, a few dozen steps on.
-            if self._slot_cache_kind():
-                self.decodes_rows_alone = True
-            else:
+            if not self._slot_cache_kind():
                 self.padding = Padding.ALONE
+            elif self.width_limit is None and pairs_agree(self):
+                # MLAS computes one row otherwise than several, and any batch of two or more
+                # alike: no forward computes one row (a scratch row pads it), rows share the
+                # rest, and a row's tokens do not depend on its neighbours.
+                self.pads_single_rows = True
+                self.one_row_rounding, self.batch_rounding = self.batch_rounding, 0.0
+            else:
+                self.decodes_rows_alone = True
 
     def _check_last_position(self, graph: str, last: int) -> None:
         """A token at the last position the server may serve must decode: a graph whose
@@ -542,8 +574,9 @@ steps, feeds them one per forward too, in decode steps (a resume then costs a de
 delivered token, shared with the running rows). Where the CPU's kernels also compute a row
 alone otherwise than beside others (the probe's batch rounding above 0: MLAS's one-row path
 on CPUs without AVX-512), the same crossing makes a request's tokens depend on its
-neighbours, a few dozen steps on: there every decode row runs in a forward of its own
-(decodes_rows_alone)."""
+neighbours, a few dozen steps on: there no forward computes one row (pads_single_rows), or,
+where batches of two or more do not agree either, every decode row runs in a forward of its
+own (decodes_rows_alone)."""
 
 
 def _from_onnxruntime(exc: Exception) -> bool:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tokenwire.server.engine.slot_buffer import PastTensors
-from tokenwire.server.engine.slot_cache import SlotKvCache, SlotPrefill
+from tokenwire.server.engine.slot_cache import SlotKvCache, SlotPrefill, scratch_pair
 from tokenwire.server.engine.types import FloatArray
 
 if TYPE_CHECKING:
@@ -118,6 +118,68 @@ def probe(model: CausalLM, tolerance: float = FP32_TOLERANCE) -> tuple[Padding, 
     if shifted > tolerance:
         return Padding.FIXED, max(rounding, from_start)
     return Padding.SHIFTABLE, max(rounding, from_start, shifted)
+
+
+def pairs_agree(model: CausalLM) -> bool:
+    """Whether a row's logits are exactly the same beside a scratch row (as a single row is
+    padded: slot_cache.scratch_pair) as beside one and two other rows of other lengths, the
+    prompts prefilled together (padded on the right) and decoded together in place. Where
+    they are, padding single rows keeps a request's tokens independent of its neighbours on
+    a CPU that computes a one-row product otherwise than a batched one."""
+    rows = [
+        [int(i) for i in np.random.default_rng(seed).integers(0, model.spec.vocab_size, 16)]
+        for seed in (0, 2, 3)
+    ]
+    runs = [_in_slots(model, rows[:n]) for n in (1, 2, 3)]
+    alone = runs[0]
+    if alone is None:
+        return False
+    return all(run is not None and _distance(run[:, 0], alone[:, 0]) == 0.0 for run in runs[1:])
+
+
+def _in_slots(model: CausalLM, rows: list[list[int]]) -> FloatArray | None:
+    """Prompts of _PROMPT, _SHORT and _PROMPT + 2 ids (one per row) prefilled together in
+    place, then _DECODE steps of all rows together (a single row beside a scratch row); the
+    logits [step, row, vocab], or None where the model has no preallocated cache."""
+    lengths = [_PROMPT, _SHORT, _PROMPT + 2][: len(rows)]
+    size = max(lengths)
+    slots = model.new_slot_cache(len(rows) + 1, size + _DECODE + 1)
+    if slots is None:
+        return None
+    prefill = SlotPrefill(slots, len(rows))
+    mask = prefill.mask_with(size, lengths)
+    logits, _ = model.forward(
+        np.asarray([r[:n] + [0] * (size - n) for r, n in zip(rows, lengths, strict=True)]),
+        mask,
+        np.asarray([list(range(n)) + [0] * (size - n) for n in lengths]),
+        prefill.tensors,
+        prefill.last_positions(size, lengths),
+        in_place=True,
+    )
+    prefill.advance([], mask)
+    slots.extend(prefill)
+    steps = [logits.host()]
+    for step in range(_DECODE):
+        ids = np.asarray([[r[n + step]] for r, n in zip(rows, lengths, strict=True)])
+        positions = np.asarray([[n + step] for n in lengths])
+        mask = slots.mask_with(1)
+        if len(rows) == 1:
+            pair = scratch_pair(slots, ids, mask, positions)
+            out, _ = model.forward(
+                pair.input_ids,
+                pair.attention_mask,
+                pair.position_ids,
+                pair.tensors,
+                in_place=True,
+                decode=True,
+            )
+            got = out.host()[pair.row : pair.row + 1]
+        else:
+            out, _ = model.forward(ids, mask, positions, slots.tensors, in_place=True, decode=True)
+            got = out.host()
+        slots.advance([], mask)
+        steps.append(np.array(got))  # a decode step's logits land in a buffer the next reuses
+    return np.stack(steps).astype(np.float32)
 
 
 def probe_width_limit(

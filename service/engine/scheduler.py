@@ -24,6 +24,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Sequence as Sequence_
 
 import numpy as np
 import structlog
@@ -36,8 +37,9 @@ from tokenwire.server.engine.mailbox import Delivery, Mailbox, Publisher
 from tokenwire.server.engine.model import CausalLM
 from tokenwire.server.engine.observer import EngineObserver, StepRecord
 from tokenwire.server.engine.sequence import Sequence
-from tokenwire.server.engine.slot_cache import SlotPrefill
+from tokenwire.server.engine.slot_cache import SlotKvCache, SlotPrefill, scratch_pair
 from tokenwire.server.engine.token_choice import TokenChooser
+from tokenwire.server.engine.types import CacheTensor
 
 log = structlog.get_logger("tokenwire.engine")
 
@@ -114,6 +116,9 @@ class Scheduler:
             rows_alone=model.decodes_rows_alone,
         )
         self._max_batch = min(max_batch_size, self._placement.max_rows or max_batch_size)
+        self._pads = model.pads_single_rows and (self._placement.max_rows or 0) > 1
+        """One position of one row is computed as two rows (model.pads_single_rows); with a
+        single slot every request runs alone anyway."""
         self._chunk = prefill_chunk_tokens
         self._first_token_wait_s = FIRST_TOKEN_WAIT_S if model.provider == CPU else 0.0
         self._max_kv_tokens = max_kv_tokens
@@ -453,14 +458,12 @@ class Scheduler:
             ids = [_padded(c, size, left_aligned) for c in chunks]
             positions = [_padded(list(range(len(c))), size, left_aligned) for c in chunks]
         mask = cache.mask_with(size, real)
-        logits, present = self._model.forward(
+        logits, present = self._forward(
             np.asarray(ids, dtype=np.int64),
             mask,
             np.asarray(positions, dtype=np.int64),
-            cache.tensors,
+            cache,
             cache.last_positions(size, real),
-            in_place=cache.in_place,
-            before_run=self._flush,
         )
         cache.advance(present, mask)
         for seq, fed in zip(group, real, strict=True):
@@ -482,15 +485,7 @@ class Scheduler:
             positions = np.asarray([[s.next_position] for s in rows], dtype=np.int64)
         mask = cache.mask_with(1)
         try:
-            logits, present = self._model.forward(
-                ids,
-                mask,
-                positions,
-                cache.tensors,
-                in_place=cache.in_place,
-                decode=True,
-                before_run=self._flush,
-            )
+            logits, present = self._forward(ids, mask, positions, cache, decode=True)
         except Exception as exc:  # this forward's rows fail; other forwards decode on
             log.exception("engine.decode_failed", rows=len(rows), error=str(exc))
             for seq in rows:
@@ -501,6 +496,42 @@ class Scheduler:
                 self._choose(rows, logits)
             else:
                 self._chooser.choose(rows, logits, time.monotonic())
+
+    def _forward(
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        positions: np.ndarray,
+        cache: DecodeCache | BatchKvCache | SlotPrefill,
+        last: np.ndarray | None = None,
+        *,
+        decode: bool = False,
+    ) -> tuple[Logits, Sequence_[CacheTensor]]:
+        """One forward of the model over these rows of `cache`; where single rows are padded,
+        one position of one row runs beside a scratch row."""
+        if self._pads and ids.size == 1 and isinstance(cache, SlotKvCache | SlotPrefill):
+            pair = scratch_pair(cache, ids, mask, positions, last)
+            logits, present = self._model.forward(
+                pair.input_ids,
+                pair.attention_mask,
+                pair.position_ids,
+                pair.tensors,
+                pair.last,
+                in_place=True,
+                decode=decode,
+                before_run=self._flush,
+            )
+            return RowsOf(logits, [pair.row]), present
+        return self._model.forward(
+            ids,
+            mask,
+            positions,
+            cache.tensors,
+            last,
+            in_place=cache.in_place,
+            decode=decode,
+            before_run=self._flush,
+        )
 
     def _fed(self, rows: list[Sequence]) -> tuple[np.ndarray, np.ndarray]:
         """A decode forward's ids and positions where rows feed a continuation: such a row's

@@ -15,6 +15,7 @@ CUDA.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -160,6 +161,20 @@ class SlotKvCache:
         self.move_slot(source, target, int(self.lengths[source]))
         self.lengths[target] = self.lengths[source]
 
+    def beside(self, slot: int) -> tuple[int, int]:
+        """A slot next to `slot` for a scratch row (the one above, or below the top slot), and
+        the entries there that must stay: a live row's, or those of a prompt prefilled in the
+        held slot; none in a free slot. A scratch row writes its one entry right after them,
+        where that row's next forward writes its own before any forward reads it."""
+        if self.slots < 2:
+            raise ValueError("a scratch row needs a second slot")
+        other = slot + 1 if slot + 1 < self.slots else slot - 1
+        kept = other < self.rows or other >= self.slots - self.reserved
+        length = int(self.lengths[other]) if kept else 0
+        if length >= self.capacity:
+            raise ValueError(f"slot {other} is full: no entry is free for a scratch row")
+        return other, length
+
     def move_slot(self, source: int, target: int, length: int) -> None:
         """Copy slot `source`'s first `length` entries of every buffer into slot `target`."""
         for buffer, axis in zip(self.buffers, self.axes, strict=True):
@@ -206,6 +221,8 @@ class SlotPrefill:
 
     def advance(self, present: Sequence[CacheTensor | BoundTensor], mask: IntArray) -> None:
         self.lengths = mask.sum(axis=1)
+        # The cache knows how much of its slots is written (a scratch row beside them keeps it).
+        self.cache.lengths[self.first : self.first + self.rows] = self.lengths
 
     def keep(self, rows: list[int], *, trim: bool = True) -> list[int]:
         """Keep the given rows (ascending), packed down from the first slot."""
@@ -248,3 +265,47 @@ def _prefix_mask(lengths: IntArray, new_columns: int, real: Sequence[int] | None
     width = (int(lengths.max()) if len(lengths) else 0) + new_columns
     mask: IntArray = (np.arange(width) < ends[:, None]).astype(np.int64)
     return mask
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ScratchPair:
+    """A forward of one position of one row, computed as two rows: the row and a scratch row
+    in the slot beside it (SlotKvCache.beside), whose outputs are dropped."""
+
+    input_ids: IntArray
+    attention_mask: IntArray
+    position_ids: IntArray
+    tensors: list[BoundTensor]
+    last: IntArray | None
+    row: int
+    """The real row's index among the two."""
+
+
+def scratch_pair(
+    cache: SlotKvCache | SlotPrefill,
+    input_ids: IntArray,
+    attention_mask: IntArray,
+    position_ids: IntArray,
+    last: IntArray | None = None,
+) -> ScratchPair:
+    """The two-row forward that computes the one position of the one row of `cache` (live row
+    0, or a prompt prefilled in its slot) as it is computed beside any other row: some CPUs
+    compute a one-row product with another kernel than a batched one. The scratch row feeds
+    token 0 at the position right after the entries its slot keeps."""
+    slots, first = (cache, 0) if isinstance(cache, SlotKvCache) else (cache.cache, cache.first)
+    other, length = slots.beside(first)
+    row = 0 if other > first else 1
+    width = max(attention_mask.shape[1], length + 1)
+    mask: IntArray = np.zeros((2, width), dtype=np.int64)
+    mask[row, : attention_mask.shape[1]] = attention_mask[0]
+    mask[1 - row, : length + 1] = 1
+    ids: IntArray = np.zeros((2, 1), dtype=np.int64)
+    ids[row] = input_ids[0]
+    positions: IntArray = np.full((2, 1), length, dtype=np.int64)
+    positions[row] = position_ids[0]
+    pair_last = None
+    if last is not None:
+        pair_last = np.zeros(2, dtype=np.int64)
+        pair_last[row] = last[0]
+    tensors = [b.bound(2, min(first, other)) for b in slots.buffers]
+    return ScratchPair(ids, mask, positions, tensors, pair_last, row)
