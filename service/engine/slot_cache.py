@@ -55,6 +55,7 @@ class SlotKvCache:
         self.reserved = 0
         """Top slots held by a prompt being prefilled there in chunks (0 or 1)."""
         self._regions: dict[int, list[BoundTensor]] = {}
+        self._pairs: dict[int, list[BoundTensor]] = {}
 
     @property
     def slots(self) -> int:
@@ -160,6 +161,13 @@ class SlotKvCache:
     def _move(self, source: int, target: int) -> None:
         self.move_slot(source, target, int(self.lengths[source]))
         self.lengths[target] = self.lengths[source]
+
+    def pair(self, first: int) -> list[BoundTensor]:
+        """Slots first and first + 1 of every buffer (the same list for the same slots)."""
+        regions = self._pairs.get(first)
+        if regions is None:
+            regions = self._pairs[first] = [b.bound(2, first) for b in self.buffers]
+        return regions
 
     def beside(self, slot: int) -> tuple[int, int]:
         """A slot next to `slot` for a scratch row (the one above, or below the top slot), and
@@ -307,5 +315,4 @@ def scratch_pair(
     if last is not None:
         pair_last = np.zeros(2, dtype=np.int64)
         pair_last[row] = last[0]
-    tensors = [b.bound(2, min(first, other)) for b in slots.buffers]
-    return ScratchPair(ids, mask, positions, tensors, pair_last, row)
+    return ScratchPair(ids, mask, positions, slots.pair(min(first, other)), pair_last, row)
