@@ -172,13 +172,16 @@ class CountingModel(OnnxCausalLM):
         """(slots, capacity) of each preallocated cache made."""
         self.made: list[SlotKvCache] = []
         """Each preallocated cache made, to look into after the engine has used it."""
+        self.positions: list[int] = []
+        """How many positions (rows times new tokens) each forward computes, in order."""
         self.fail_on: set[int] = set()
         """Forwards (counted from 1 since the last `forget`) that raise instead of running."""
         super().__init__(model_dir, **options)
         self.forget()  # the load's probes are not served forwards
 
     def forget(self) -> None:
-        for record in (self.prefills, self.decodes, self.in_place, self.slot_caches, self.made):
+        records = (self.prefills, self.decodes, self.positions, self.in_place, self.slot_caches)
+        for record in (*records, self.made):
             record.clear()
 
     def new_slot_cache(self, slots: int, capacity: int) -> SlotKvCache | None:
@@ -194,6 +197,7 @@ class CountingModel(OnnxCausalLM):
         rows, width = attention_mask.shape
         (self.decodes if kwargs.get("decode") else self.prefills).append((rows, width))
         self.in_place.append(bool(kwargs.get("in_place")))
+        self.positions.append(int(input_ids.size))
         if len(self.prefills) + len(self.decodes) in self.fail_on:
             raise RuntimeError("a forward that fails")
         return super().forward(input_ids, attention_mask, *args, **kwargs)
