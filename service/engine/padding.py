@@ -36,14 +36,15 @@ a preallocated cache, the context is capped there (model.py).
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tokenwire.server.engine.logits import Logits, RowsOf
 from tokenwire.server.engine.slot_buffer import PastTensors
 from tokenwire.server.engine.slot_cache import SlotKvCache, SlotPrefill, scratch_pair
-from tokenwire.server.engine.types import FloatArray
+from tokenwire.server.engine.types import CacheTensor, FloatArray, IntArray
 
 if TYPE_CHECKING:
     from tokenwire.server.engine.model import CausalLM
@@ -120,6 +121,33 @@ def probe(model: CausalLM, tolerance: float = FP32_TOLERANCE) -> tuple[Padding, 
     return Padding.SHIFTABLE, max(rounding, from_start, shifted)
 
 
+def beside_scratch(
+    model: CausalLM,
+    cache: SlotKvCache | SlotPrefill,
+    input_ids: IntArray,
+    attention_mask: IntArray,
+    position_ids: IntArray,
+    *,
+    last: IntArray | None = None,
+    decode: bool = False,
+    before_run: Callable[[], None] | None = None,
+) -> tuple[Logits, Sequence[CacheTensor]]:
+    """The forward of one position of the one row of `cache`, computed beside a scratch row
+    (slot_cache.scratch_pair): that row's logits, as model.forward gives them."""
+    pair = scratch_pair(cache, input_ids, attention_mask, position_ids, last)
+    logits, present = model.forward(
+        pair.input_ids,
+        pair.attention_mask,
+        pair.position_ids,
+        pair.tensors,
+        pair.last,
+        in_place=True,
+        decode=decode,
+        before_run=before_run,
+    )
+    return RowsOf(logits, [pair.row]), present
+
+
 def pairs_agree(model: CausalLM) -> bool:
     """Whether a row's logits are exactly the same beside a scratch row (as a single row is
     padded: slot_cache.scratch_pair) as beside one and two other rows of other lengths, the
@@ -164,21 +192,11 @@ def _in_slots(model: CausalLM, rows: list[list[int]]) -> FloatArray | None:
         positions = np.asarray([[n + step] for n in lengths])
         mask = slots.mask_with(1)
         if len(rows) == 1:
-            pair = scratch_pair(slots, ids, mask, positions)
-            out, _ = model.forward(
-                pair.input_ids,
-                pair.attention_mask,
-                pair.position_ids,
-                pair.tensors,
-                in_place=True,
-                decode=True,
-            )
-            got = out.host()[pair.row : pair.row + 1]
+            out, _ = beside_scratch(model, slots, ids, mask, positions, decode=True)
         else:
             out, _ = model.forward(ids, mask, positions, slots.tensors, in_place=True, decode=True)
-            got = out.host()
         slots.advance([], mask)
-        steps.append(np.array(got))  # a decode step's logits land in a buffer the next reuses
+        steps.append(np.array(out.host()))  # a decode step's logits land in a reused buffer
     return np.stack(steps).astype(np.float32)
 
 

@@ -36,8 +36,9 @@ from tokenwire.server.engine.logits import Logits, RowsOf
 from tokenwire.server.engine.mailbox import Delivery, Mailbox, Publisher
 from tokenwire.server.engine.model import CausalLM
 from tokenwire.server.engine.observer import EngineObserver, StepRecord
+from tokenwire.server.engine.padding import beside_scratch
 from tokenwire.server.engine.sequence import Sequence
-from tokenwire.server.engine.slot_cache import SlotKvCache, SlotPrefill, scratch_pair
+from tokenwire.server.engine.slot_cache import SlotKvCache, SlotPrefill
 from tokenwire.server.engine.token_choice import TokenChooser
 from tokenwire.server.engine.types import CacheTensor
 
@@ -510,18 +511,16 @@ class Scheduler:
         """One forward of the model over these rows of `cache`; where single rows are padded,
         one position of one row runs beside a scratch row."""
         if self._pads and ids.size == 1 and isinstance(cache, SlotKvCache | SlotPrefill):
-            pair = scratch_pair(cache, ids, mask, positions, last)
-            logits, present = self._model.forward(
-                pair.input_ids,
-                pair.attention_mask,
-                pair.position_ids,
-                pair.tensors,
-                pair.last,
-                in_place=True,
+            return beside_scratch(
+                self._model,
+                cache,
+                ids,
+                mask,
+                positions,
+                last=last,
                 decode=decode,
                 before_run=self._flush,
             )
-            return RowsOf(logits, [pair.row]), present
         return self._model.forward(
             ids,
             mask,
