@@ -220,15 +220,15 @@ class OnnxCausalLM:
         self._static: StaticDecode | None = None
         self.padding = Padding.ALONE
         self.batch_rounding = 0.0
-        self.one_row_rounding = 0.0
-        """Where single rows are padded (pads_single_rows): how far a row computed alone
-        landed from the same row in a batch, relative to the logit scale (the rounding that
-        padding keeps from the served rows)."""
         """How far a row's logits beside other rows land from the same row's alone, relative
         to their scale (0: never). Above 0 where masked padding in front of a row changes the
         order its attention sums in (left-padded graphs), or where ONNX Runtime computes a
         one-row product with another kernel than a batched one, as MatMulNBits (int4) does on
         some CPUs: a request's tokens then round differently served alone and in a batch."""
+        self.one_row_rounding = 0.0
+        """Where single rows are padded (pads_single_rows): how far a row computed alone
+        landed from the same row in a batch, relative to the logit scale (the rounding that
+        padding keeps from the served rows)."""
         self.width_limit: int | None = None
         """The widest attention mask rows do not notice, where some wider one changes them (a
         graph that picks its rotary tables by the mask's width): rows past it decode alone in
