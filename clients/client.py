@@ -48,8 +48,11 @@ SERVICE = "tokenwire.v1.GenerationService"
 
 # Spread over every address a dns:/// or ipv4: target resolves to, skipping those whose health
 # (grpc.health.v1, watched by the channel) is not SERVING: a replica loading or draining gets
-# no new call, and a health check of the channel reaches a serving one. Retry UNAVAILABLE
-# transparently while nothing has been received (a replica that went away meanwhile).
+# no new call, and a health check of the channel reaches a serving one. Retry the unary calls'
+# UNAVAILABLE transparently while nothing has been received (a replica that went away
+# meanwhile). Not Generate: a stream whose connection broke before its headers may have been
+# accepted, and the same request sent again would be refused its id by the server that still
+# runs it; the client's own failover sends it again as a retry of that id (failover.py).
 SERVICE_CONFIG = json.dumps(
     {
         "loadBalancingConfig": [{"round_robin": {}}],
@@ -64,7 +67,8 @@ SERVICE_CONFIG = json.dumps(
                     "backoffMultiplier": 2,
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
-            }
+            },
+            {"name": [{"service": SERVICE, "method": "Generate"}]},
         ],
     }
 )
@@ -264,6 +268,7 @@ class AsyncTokenwireClient:
             except (ModelMismatch, grpc.RpcError) as broken:
                 # A target gone away, or one serving another model, passes the stream on.
                 error = broken if isinstance(broken, ModelMismatch) else from_rpc_error(broken)
+                resume.broke(error)
                 if not resume.may_continue(error.code, failover):
                     raise resume.ending(error) from None
                 self._targets.move_on(resume, error.code)
@@ -442,6 +447,7 @@ class TokenwireClient:
             except (ModelMismatch, grpc.RpcError) as broken:
                 # A target gone away, or one serving another model, passes the stream on.
                 error = broken if isinstance(broken, ModelMismatch) else from_rpc_error(broken)
+                resume.broke(error)
                 if not resume.may_continue(error.code, failover):
                     raise resume.ending(error) from None
                 self._targets.move_on(resume, error.code)

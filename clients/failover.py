@@ -145,8 +145,9 @@ class Resumption:
     completed: bool = False
     """The Completion was delivered: the stream is over, whatever its call does next."""
     begun: bool = False
-    """A server accepted an attempt (or another edge began the stream): the next attempt
-    retries the stream, and replaces it where that server still runs it."""
+    """A server accepted an attempt, or may have (see broke), or another edge began the
+    stream: the next attempt retries the stream, and replaces it where that server still runs
+    it."""
     budget: int | None = None
     """The tokens the server whose tokens the stream delivers gave it (`x-tokenwire-max-tokens`):
     a continuation of a request that left max_tokens to its server asks for this length, since
@@ -195,6 +196,14 @@ class Resumption:
             # Accepted, and of the stream's model (confirm_model raised otherwise): a
             # mismatch met on the way is no longer why the stream may end.
             self.mismatch = None
+
+    def broke(self, error: TokenwireError) -> None:
+        """Note how an attempt ended: UNAVAILABLE from this side's channel (a lost connection;
+        a server's refusal carries its status details) may have ended a stream its server had
+        accepted before its headers came, so the next attempt retries the stream's id rather
+        than being refused it as taken."""
+        if error.code == grpc.StatusCode.UNAVAILABLE and error.from_channel:
+            self.begun = True
 
     def timeout_s(self) -> float:
         """The time left for the next attempt; DeadlineExceeded when none is."""

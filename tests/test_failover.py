@@ -287,9 +287,11 @@ class LosesFirstStream(CutRelay):
     the server behind it runs that stream on (it has yet to notice the break); later streams
     pass through whole."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, *, headers: bool = True) -> None:
         super().__init__(target, lambda message: False)
         self.lost: list[Any] = []
+        self.headers = headers
+        """Whether the broken stream's headers reach the caller before the break."""
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -301,7 +303,8 @@ class LosesFirstStream(CutRelay):
         call = self._stub.Generate(request)
         self.lost.append(call)
         header = await call.initial_metadata()
-        await context.send_initial_metadata([(k, v) for k, v in header if k in RELAYED])
+        if self.headers:
+            await context.send_initial_metadata([(k, v) for k, v in header if k in RELAYED])
         await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica went away")
 
 
@@ -321,6 +324,58 @@ async def test_a_stream_broken_before_its_first_token_is_retried_in_its_place(
         await relay.stop()
     _assert_one_sequence(events, 12)
     assert len(relay.lost) == 1
+
+
+async def test_a_stream_broken_before_its_headers_arrived_is_retried_in_its_place(
+    paced: RunningServer,
+) -> None:
+    """A stream of the caller's own id whose connection breaks after its server accepted it
+    but before its headers arrived (the caller cannot tell it was accepted) is retried with
+    its id on the same server, which still runs the broken stream: the retry takes its place
+    and streams the whole generation, instead of being refused for a taken id."""
+    options = GenerateOptions(
+        max_tokens=12, temperature=0.0, ignore_eos=True, request_id="mine-before-headers"
+    )
+    relay = LosesFirstStream(paced.target, headers=False)
+    await relay.start()
+    try:
+        async with AsyncTokenwireClient([relay.target]) as client:
+            events = [event async for event in client.generate(PROMPT, options)]
+    finally:
+        await relay.stop()
+    _assert_one_sequence(events, 12)
+    assert len(relay.lost) == 1
+
+
+async def test_edge_stream_broken_before_its_headers_arrived_is_retried_in_its_place(
+    paced: RunningServer,
+) -> None:
+    """Through the edge (which sends every stream with an id of its own), a stream whose
+    connection breaks after its server accepted it but before its headers arrived is retried
+    on the same server as a retry of its id: the native stream gets its 12 tokens and ends
+    done, not an error for a taken id."""
+    body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    relay = LosesFirstStream(paced.target, headers=False)
+    await relay.start()
+    try:
+        events = await _through_edge(relay.target, body)
+    finally:
+        await relay.stop()
+    tokens = [e for e in events if e.event == "token"]
+    assert [json.loads(e.data)["index"] for e in tokens] == list(range(12))
+    assert events[-1].event == "done"
+    assert len(relay.lost) == 1
+
+
+def test_an_attempt_after_a_lost_connection_is_a_retry_and_after_a_refusal_is_not() -> None:
+    """UNAVAILABLE from a server (a refusal: it carries the server's status) leaves the next
+    attempt a fresh request; UNAVAILABLE from the caller's own channel (a lost connection,
+    after which the server may run the stream on) makes it a retry of the stream's id."""
+    resume = Resumption.start(pb.GenerateRequest(prompt="x"), 10.0)
+    resume.broke(Unavailable(grpc.StatusCode.UNAVAILABLE, "draining", from_channel=False))
+    assert not resume.request().retry
+    resume.broke(Unavailable(grpc.StatusCode.UNAVAILABLE, "Socket closed", from_channel=True))
+    assert resume.request().retry
 
 
 def test_only_an_attempt_after_an_accepted_one_is_a_retry() -> None:

@@ -335,7 +335,9 @@ class Upstream:
         try:
             header = dict(await call.initial_metadata())
         except grpc.RpcError as error:
-            return from_rpc_error(error)
+            broken = from_rpc_error(error)
+            resume.broke(broken)
+            return broken
         except asyncio.CancelledError:
             call.cancel()  # the HTTP client left before the server answered
             raise
@@ -344,8 +346,11 @@ class Upstream:
         if self._stopping and "x-request-id" not in header:
             raise EdgeError(503, "UNAVAILABLE", "the edge is shutting down; retry", retry_after_s=1)
         if "x-request-id" not in header:
-            # A refusal is trailers-only: no header, only a status with its details.
-            return await _refusal(call)
+            # A refusal is trailers-only: no header, only a status with its details (one
+            # without them is a lost connection, after which the server may run the stream).
+            refused = await _refusal(call)
+            resume.broke(refused)
+            return refused
         try:
             resume.see_metadata(header.items(), self._targets.names[resume.target])
         except TokenwireError:
