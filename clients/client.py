@@ -268,7 +268,7 @@ class AsyncTokenwireClient:
             except (ModelMismatch, grpc.RpcError) as broken:
                 # A target gone away, or one serving another model, passes the stream on.
                 error = broken if isinstance(broken, ModelMismatch) else from_rpc_error(broken)
-                resume.broke(error)
+                resume.broke(error, called=call is not None)
                 if not resume.may_continue(error.code, failover):
                     raise resume.ending(error) from None
                 self._targets.move_on(resume, error.code)
@@ -447,7 +447,7 @@ class TokenwireClient:
             except (ModelMismatch, grpc.RpcError) as broken:
                 # A target gone away, or one serving another model, passes the stream on.
                 error = broken if isinstance(broken, ModelMismatch) else from_rpc_error(broken)
-                resume.broke(error)
+                resume.broke(error, called=call is not None)
                 if not resume.may_continue(error.code, failover):
                     raise resume.ending(error) from None
                 self._targets.move_on(resume, error.code)

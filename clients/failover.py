@@ -40,6 +40,8 @@ from tokenwire.common import model_identity
 from tokenwire.v1 import generate_pb2 as pb
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+NOT_SENT = ("failed to connect to all addresses", "connections to all backends failing")
+"""What gRPC's channel says when it picked no connection for a call: the request never left."""
 MAX_FAILOVERS = 4
 MODEL_CHECK_S = 10.0
 """How long a target may take to say which model it serves before a stream moves on."""
@@ -197,12 +199,15 @@ class Resumption:
             # mismatch met on the way is no longer why the stream may end.
             self.mismatch = None
 
-    def broke(self, error: TokenwireError) -> None:
-        """Note how an attempt ended: UNAVAILABLE from this side's channel (a lost connection;
-        a server's refusal carries its status details) may have ended a stream its server had
+    def broke(self, error: TokenwireError, *, called: bool = True) -> None:
+        """Note how an attempt ended (`called`: its Generate call was made; not where its
+        model check failed first): UNAVAILABLE from this side's channel after the request may
+        have gone out (a lost connection; a server's refusal carries its status details, and
+        a channel that reached no server says so) may have ended a stream its server had
         accepted before its headers came, so the next attempt retries the stream's id rather
         than being refused it as taken."""
-        if error.code == grpc.StatusCode.UNAVAILABLE and error.from_channel:
+        unsent = not called or any(words in error.message for words in NOT_SENT)
+        if error.code == grpc.StatusCode.UNAVAILABLE and error.from_channel and not unsent:
             self.begun = True
 
     def timeout_s(self) -> float:

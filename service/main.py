@@ -190,7 +190,8 @@ def _log_loaded(engine: Engine, settings: Settings) -> None:
         batch_rounding=rounding,
         # A one-position forward of one row runs as two rows (a scratch row beside it): this
         # CPU computes a one-row MatMulNBits this much otherwise than a batched one.
-        single_rows_padded=engine.model.pads_single_rows,
+        # (With one slot every request runs alone, on the one-row kernel.)
+        single_rows_padded=engine.model.pads_single_rows and engine.max_rows > 1,
         one_row_rounding=(
             engine.model.one_row_rounding if isinstance(engine.model, OnnxCausalLM) else 0.0
         ),

@@ -368,11 +368,14 @@ async def test_edge_stream_broken_before_its_headers_arrived_is_retried_in_its_p
 
 
 def test_an_attempt_after_a_lost_connection_is_a_retry_and_after_a_refusal_is_not() -> None:
-    """UNAVAILABLE from a server (a refusal: it carries the server's status) leaves the next
-    attempt a fresh request; UNAVAILABLE from the caller's own channel (a lost connection,
-    after which the server may run the stream on) makes it a retry of the stream's id."""
+    """UNAVAILABLE from a server (a refusal: it carries the server's status), or from a
+    channel that reached no server, leaves the next attempt a fresh request; UNAVAILABLE from
+    the caller's own channel after the request went out (a lost connection, after which the
+    server may run the stream on) makes it a retry of the stream's id."""
     resume = Resumption.start(pb.GenerateRequest(prompt="x"), 10.0)
     resume.broke(Unavailable(grpc.StatusCode.UNAVAILABLE, "draining", from_channel=False))
+    unreached = "failed to connect to all addresses; last error: UNKNOWN: Connection refused"
+    resume.broke(Unavailable(grpc.StatusCode.UNAVAILABLE, unreached, from_channel=True))
     assert not resume.request().retry
     resume.broke(Unavailable(grpc.StatusCode.UNAVAILABLE, "Socket closed", from_channel=True))
     assert resume.request().retry
@@ -525,6 +528,34 @@ async def test_edge_stream_cut_after_its_completion_ends_once(served: RunningSer
     async with cut_relay(served.target, _after_completion) as relay:
         events = await _through_edge(f"{relay.target},{served.target}", body)
     assert [e.event for e in events] == ["token"] * 5 + ["usage", "done"]
+
+
+async def test_a_taken_id_is_refused_after_a_dead_target_too(paced: RunningServer) -> None:
+    """A second stream with the id of the caller's running stream is refused for its id
+    (INVALID_ARGUMENT naming request_id) when the client's first target was dead (connection
+    refused: no request left), as it is when sent straight to the server; the running stream
+    is not replaced and ends with all its tokens."""
+    # 3 s of tokens: still running when the second stream has found its first target dead.
+    options = GenerateOptions(
+        max_tokens=300, temperature=0.0, ignore_eos=True, request_id="taken-after-dead"
+    )
+    # Bound but not listening: connections are refused, and no other listener takes the port.
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{unused.getsockname()[1]}"
+        async with AsyncTokenwireClient([paced.target]) as first:
+            running = first.generate(PROMPT, options)
+            await anext(running)
+            async with AsyncTokenwireClient([dead, paced.target]) as second:
+                with pytest.raises(TokenwireError) as refused:
+                    await anext(second.generate(PROMPT, options))
+            rest = [event async for event in running]
+    assert (refused.value.code, refused.value.field) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "request_id",
+    )
+    assert isinstance(rest[-1], Completion)
+    assert sum(isinstance(e, Token) for e in rest) == 299
 
 
 @contextlib.contextmanager

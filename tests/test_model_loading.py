@@ -305,6 +305,16 @@ def test_the_int4_graph_is_served_batched_with_single_rows_padded_where_one_row_
     assert loaded["one_row_rounding"] == measured
 
 
+@pytest.mark.slow
+def test_a_one_slot_server_on_the_int4_graph_says_its_single_rows_are_not_padded() -> None:
+    """With --max-batch-size 1 every request runs alone on the one-row kernel: model.loaded
+    says single_rows_padded false, whatever the probe found for the graph."""
+    model_dir = BUNDLED_MODEL_DIR.parent / "fixtures-genai" / "llama-int4"
+    loaded, _ = rounding_at_start("--model-dir", str(model_dir), "--max-batch-size", "1")
+    assert loaded["rows"] == 1
+    assert loaded["single_rows_padded"] is False
+
+
 def _onnx_folder_layout(tmp_path: Path) -> Path:
     """The bundled model with its graph moved to onnx/model.onnx, configs at the top."""
     model_dir = tmp_path / "model"

@@ -158,23 +158,24 @@ def pairs_agree(model: CausalLM) -> bool:
         [int(i) for i in np.random.default_rng(seed).integers(0, model.spec.vocab_size, 16)]
         for seed in (0, 2, 3)
     ]
-    runs = [_in_slots(model, rows[:n]) for n in (1, 2, 3)]
-    alone = runs[0]
+    alone = _in_slots(model, rows[:1])
     if alone is None:
         return False
-    return all(run is not None and _distance(run[:, 0], alone[:, 0]) == 0.0 for run in runs[1:])
+    runs = [_in_slots(model, rows[:1], top=True), *(_in_slots(model, rows[:n]) for n in (2, 3))]
+    return all(run is not None and _distance(run[:, 0], alone[:, 0]) == 0.0 for run in runs)
 
 
-def _in_slots(model: CausalLM, rows: list[list[int]]) -> FloatArray | None:
+def _in_slots(model: CausalLM, rows: list[list[int]], *, top: bool = False) -> FloatArray | None:
     """Prompts of _PROMPT, _SHORT and _PROMPT + 2 ids (one per row) prefilled together in
-    place, then _DECODE steps of all rows together (a single row beside a scratch row); the
-    logits [step, row, vocab], or None where the model has no preallocated cache."""
+    place, then _DECODE steps of all rows together (a single row beside a scratch row: in the
+    slot above it, or, `top`, below it, the row in the top slot); the logits [step, row,
+    vocab], or None where the model has no preallocated cache."""
     lengths = [_PROMPT, _SHORT, _PROMPT + 2][: len(rows)]
     size = max(lengths)
     slots = model.new_slot_cache(len(rows) + 1, size + _DECODE + 1)
     if slots is None:
         return None
-    prefill = SlotPrefill(slots, len(rows))
+    prefill = SlotPrefill(slots, len(rows), slots.slots - 1 if top else None)
     mask = prefill.mask_with(size, lengths)
     logits, _ = model.forward(
         np.asarray([r[:n] + [0] * (size - n) for r, n in zip(rows, lengths, strict=True)]),
@@ -185,17 +186,19 @@ def _in_slots(model: CausalLM, rows: list[list[int]]) -> FloatArray | None:
         in_place=True,
     )
     prefill.advance([], mask)
-    slots.extend(prefill)
+    if not top:
+        slots.extend(prefill)
+    rows_in: SlotKvCache | SlotPrefill = prefill if top else slots
     steps = [logits.host()]
     for step in range(_DECODE):
         ids = np.asarray([[r[n + step]] for r, n in zip(rows, lengths, strict=True)])
         positions = np.asarray([[n + step] for n in lengths])
-        mask = slots.mask_with(1)
+        mask = rows_in.mask_with(1)
         if len(rows) == 1:
-            out, _ = beside_scratch(model, slots, ids, mask, positions, decode=True)
+            out, _ = beside_scratch(model, rows_in, ids, mask, positions, decode=True)
         else:
             out, _ = model.forward(ids, mask, positions, slots.tensors, in_place=True, decode=True)
-        slots.advance([], mask)
+        rows_in.advance([], mask)
         steps.append(np.array(out.host()))  # a decode step's logits land in a reused buffer
     return np.stack(steps).astype(np.float32)
 

@@ -121,7 +121,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         summary = _StreamSummary(handle, logged)
         try:
             # Headers go out only once the request is accepted: until then a failure is
-            # trailers-only, which clients may retry transparently (UNAVAILABLE).
+            # trailers-only, with its status details (a client tells a refusal from a lost
+            # connection by them, and sends the request elsewhere after UNAVAILABLE).
             # The seed lets a client continue this stream elsewhere with the same draws.
             # The model lets a client check that a continuation runs on the same model, and the
             # token budget that a continuation elsewhere asks for the same length.
