@@ -18,7 +18,7 @@ from tokenwire.server.domain import (
     TokenEvent,
 )
 from tokenwire.server.engine import Engine, ModelSpec, OnnxCausalLM, RequestRecord, StepRecord
-from tokenwire.server.engine.engine import LONG_PROMPT_CHARS
+from tokenwire.server.engine import engine as engine_module
 from tokenwire.server.tokenizer import Tokenizer
 
 STEP_S = 0.3
@@ -134,7 +134,9 @@ async def test_long_prompts_waiting_for_the_tokenizer_count_as_waiting(
         return encode(engine, request)
 
     monkeypatch.setattr(Engine, "_encode_released", gated)
-    long = "#" * (LONG_PROMPT_CHARS + 100)
+    # Long enough for the tokenizer's thread, short to prefill (the scripted forward is slow).
+    monkeypatch.setattr(engine_module, "LONG_PROMPT_CHARS", 16)
+    long = "#" * 40
     submits = [
         asyncio.ensure_future(slow.engine.submit_async(_request(f"long{i}", 1, prompt=long)))
         for i in range(2)
