@@ -315,15 +315,24 @@ async def test_a_stream_broken_before_its_first_token_is_retried_in_its_place(
     with its id on the same server, which still runs the broken stream: the retry takes its
     place and streams the whole generation, instead of being refused for a taken id."""
     options = GenerateOptions(max_tokens=12, temperature=0.0, ignore_eos=True)
-    relay = LosesFirstStream(paced.target)
+    events, lost = await _losing_the_first_stream(paced, options, headers=True)
+    _assert_one_sequence(events, 12)
+    assert lost == 1
+
+
+async def _losing_the_first_stream(
+    server: RunningServer, options: GenerateOptions, *, headers: bool
+) -> tuple[list[StreamEvent], int]:
+    """A stream's events through a LosesFirstStream relay in front of `server`, and how many
+    streams the relay broke."""
+    relay = LosesFirstStream(server.target, headers=headers)
     await relay.start()
     try:
         async with AsyncTokenwireClient([relay.target]) as client:
             events = [event async for event in client.generate(PROMPT, options)]
     finally:
         await relay.stop()
-    _assert_one_sequence(events, 12)
-    assert len(relay.lost) == 1
+    return events, len(relay.lost)
 
 
 async def test_a_stream_broken_before_its_headers_arrived_is_retried_in_its_place(
@@ -336,15 +345,9 @@ async def test_a_stream_broken_before_its_headers_arrived_is_retried_in_its_plac
     options = GenerateOptions(
         max_tokens=12, temperature=0.0, ignore_eos=True, request_id="mine-before-headers"
     )
-    relay = LosesFirstStream(paced.target, headers=False)
-    await relay.start()
-    try:
-        async with AsyncTokenwireClient([relay.target]) as client:
-            events = [event async for event in client.generate(PROMPT, options)]
-    finally:
-        await relay.stop()
+    events, lost = await _losing_the_first_stream(paced, options, headers=False)
     _assert_one_sequence(events, 12)
-    assert len(relay.lost) == 1
+    assert lost == 1
 
 
 async def test_edge_stream_broken_before_its_headers_arrived_is_retried_in_its_place(
