@@ -150,27 +150,36 @@ def beside_scratch(
 
 def pairs_agree(model: CausalLM) -> bool:
     """Whether a row's logits are exactly the same beside a scratch row (as a single row is
-    padded: slot_cache.scratch_pair) as beside one and two other rows of other lengths, the
-    prompts prefilled together (padded on the right) and decoded together in place. Where
-    they are, padding single rows keeps a request's tokens independent of its neighbours on
-    a CPU that computes a one-row product otherwise than a batched one."""
+    padded: slot_cache.scratch_pair; the scratch row above it, or below it in the top slot)
+    as beside one, two and eight other rows of other lengths (the row last of nine, where a
+    kernel that takes rows in tiles has its remainder), the prompts prefilled together
+    (padded on the right) and decoded together in place. Where they are, padding single rows
+    keeps a request's tokens independent of its neighbours on a CPU that computes a one-row
+    product otherwise than a batched one."""
     rows = [
         [int(i) for i in np.random.default_rng(seed).integers(0, model.spec.vocab_size, 16)]
-        for seed in (0, 2, 3)
+        for seed in range(9)
     ]
-    alone = _in_slots(model, rows[:1])
+    alone = _in_slots(model, rows[:1], [_PROMPT])
     if alone is None:
         return False
-    runs = [_in_slots(model, rows[:1], top=True), *(_in_slots(model, rows[:n]) for n in (2, 3))]
-    return all(run is not None and _distance(run[:, 0], alone[:, 0]) == 0.0 for run in runs)
+    others = [_SHORT, _PROMPT + 2] * 4
+    runs = [
+        (_in_slots(model, rows[:1], [_PROMPT], top=True), 0),
+        (_in_slots(model, rows[:2], [_PROMPT, _SHORT]), 0),
+        (_in_slots(model, rows[:3], [_PROMPT, *others[:2]]), 0),
+        (_in_slots(model, [*rows[1:], rows[0]], [*others, _PROMPT]), 8),
+    ]
+    return all(run is not None and _distance(run[:, i], alone[:, 0]) == 0.0 for run, i in runs)
 
 
-def _in_slots(model: CausalLM, rows: list[list[int]], *, top: bool = False) -> FloatArray | None:
-    """Prompts of _PROMPT, _SHORT and _PROMPT + 2 ids (one per row) prefilled together in
-    place, then _DECODE steps of all rows together (a single row beside a scratch row: in the
-    slot above it, or, `top`, below it, the row in the top slot); the logits [step, row,
-    vocab], or None where the model has no preallocated cache."""
-    lengths = [_PROMPT, _SHORT, _PROMPT + 2][: len(rows)]
+def _in_slots(
+    model: CausalLM, rows: list[list[int]], lengths: list[int], *, top: bool = False
+) -> FloatArray | None:
+    """Prompts of these lengths (one per row) prefilled together in place, then _DECODE steps
+    of all rows together (a single row beside a scratch row: in the slot above it, or, `top`,
+    below it, the row in the top slot); the logits [step, row, vocab], or None where the model
+    has no preallocated cache."""
     size = max(lengths)
     slots = model.new_slot_cache(len(rows) + 1, size + _DECODE + 1)
     if slots is None:
