@@ -104,8 +104,14 @@ def from_status(
     cls = _BY_CODE.get(code, ServerError)
     # tokenwire's server sends every error with its google.rpc.Status in the trailers.
     channel = code in _CHANNEL_CODES and _rich_status(code, message, trailers or ()) is None
+    if channel and UNHEALTHY in message:
+        message = f"{NOT_SERVING}: {message}"
     return cls(code, message, field=field, retry_after_s=retry_after, from_channel=channel)
 
+
+UNHEALTHY = "backend unhealthy"
+"""What gRPC's channel says where its health check finds no target SERVING."""
+NOT_SERVING = "no server reports SERVING on its health check (starting, draining or stopped)"
 
 TOO_LARGE = "message larger than max"
 """What gRPC says of a message over its size limit, sent (`Sent message larger than max`) or

@@ -1,5 +1,5 @@
 """A draining or drained server answers new calls UNAVAILABLE, which clients retry elsewhere,
-never CANCELLED (which they do not)."""
+never CANCELLED (which they do not); a client whose channel watches health says why."""
 
 from __future__ import annotations
 
@@ -7,9 +7,14 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+import httpx
 import pytest
+from grpc_health.v1 import health_pb2
 
-from tests.conftest import RunningServer, collect, eventually, greedy, start_server
+from tests.conftest import RunningServer, collect, eventually, greedy, start_edge, start_server
+from tokenwire.client import AsyncTokenwireClient
+from tokenwire.client.errors import NOT_SERVING, Unavailable
+from tokenwire.client.messages import GenerateOptions
 from tokenwire.server.engine import OnnxCausalLM
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
@@ -74,3 +79,30 @@ async def test_a_retrying_client_sees_only_unavailable_through_the_end_of_a_drai
         running.cancel()
     assert seen.count(grpc.StatusCode.CANCELLED) <= 1
     assert set(seen) - {grpc.StatusCode.CANCELLED} == {grpc.StatusCode.UNAVAILABLE}
+
+
+async def test_a_client_told_no_server_is_serving_says_so(doomed: RunningServer) -> None:
+    """The Python client, whose channel watches each server's health, against a server that
+    reports NOT_SERVING (as a draining one does): Unavailable whose message says no server
+    reports SERVING (starting, draining or stopped), not only gRPC's `backend unhealthy`."""
+    await doomed.server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    async with AsyncTokenwireClient([doomed.target], timeout_s=10) as client:
+        with pytest.raises(Unavailable) as caught:
+            async for _ in client.generate("x", GenerateOptions(max_tokens=1)):
+                pass
+    assert caught.value.message.startswith(NOT_SERVING)
+
+
+async def test_the_edge_told_no_server_is_serving_says_so(doomed: RunningServer) -> None:
+    """Through the edge, the same: a 503 whose message says no server reports SERVING, with
+    a Retry-After, rather than that the server cannot be reached."""
+    await doomed.server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    edge = await start_edge(doomed.target)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            response = await http.post("/v1/generate", json={"prompt": "x", "max_tokens": 1})
+    finally:
+        await edge.edge.stop()
+    assert response.status_code == 503
+    assert response.json()["error"]["message"] == NOT_SERVING
+    assert response.headers["retry-after"] == "1"

@@ -12,7 +12,12 @@ from typing import Any
 import grpc
 import structlog
 
-from tokenwire.client.errors import InvalidArgument, RequestTooLarge, TokenwireError
+from tokenwire.client.errors import (
+    NOT_SERVING,
+    InvalidArgument,
+    RequestTooLarge,
+    TokenwireError,
+)
 
 log = structlog.get_logger("tokenwire.edge")
 
@@ -179,6 +184,8 @@ def edge_error(error: TokenwireError) -> EdgeError:
         # and certificates, which the log keeps and HTTP callers do not get.
         log.warning("edge.upstream_failed", code=error.code.name, error=error.message)
         message = _CHANNEL_MESSAGES.get(error.code, "the server cannot be reached")
+        if NOT_SERVING in error.message:
+            message, retry = NOT_SERVING, retry or 1.0
     overflow = error.code == grpc.StatusCode.INVALID_ARGUMENT and CONTEXT_LENGTH in message
     return EdgeError(
         status,
