@@ -561,6 +561,33 @@ async def test_a_taken_id_is_refused_after_a_dead_target_too(paced: RunningServe
     assert sum(isinstance(e, Token) for e in rest) == 299
 
 
+async def test_a_taken_id_is_refused_after_a_target_that_went_away(
+    served: RunningServer, paced: RunningServer
+) -> None:
+    """A target whose model the client knows and that has since gone away (connection
+    refused on the Generate itself: gRPC's channel says it reached no server) leaves the next
+    attempt a fresh request: a second stream with the id of the caller's running stream on
+    the other target is refused for its id there, and the running stream goes on whole."""
+    options = GenerateOptions(
+        max_tokens=300, temperature=0.0, ignore_eos=True, request_id="taken-after-gone"
+    )
+    async with AsyncTokenwireClient([served.target, paced.target]) as client:
+        short = GenerateOptions(max_tokens=2, temperature=0.0, ignore_eos=True)
+        assert [e async for e in client.generate(PROMPT, short)]  # its model is known now
+        await served.server.drain()
+        async with AsyncTokenwireClient([paced.target]) as first:
+            running = first.generate(PROMPT, options)
+            await anext(running)
+            with pytest.raises(TokenwireError) as refused:
+                await anext(client.generate(PROMPT, options))
+            rest = [event async for event in running]
+    assert (refused.value.code, refused.value.field) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "request_id",
+    )
+    assert sum(isinstance(e, Token) for e in rest) == 299
+
+
 @contextlib.contextmanager
 def black_hole() -> Iterator[str]:
     """A target that takes TCP connections and never answers (a host gone silent)."""
