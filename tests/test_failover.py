@@ -562,7 +562,7 @@ async def test_a_taken_id_is_refused_after_a_dead_target_too(paced: RunningServe
 
 
 async def test_a_taken_id_is_refused_after_a_target_that_went_away(
-    served: RunningServer, paced: RunningServer
+    paced: RunningServer, onnx_model: OnnxCausalLM, tokenizer: Tokenizer
 ) -> None:
     """A target whose model the client knows and that has since gone away (connection
     refused on the Generate itself: gRPC's channel says it reached no server) leaves the next
@@ -571,10 +571,11 @@ async def test_a_taken_id_is_refused_after_a_target_that_went_away(
     options = GenerateOptions(
         max_tokens=300, temperature=0.0, ignore_eos=True, request_id="taken-after-gone"
     )
-    async with AsyncTokenwireClient([served.target, paced.target]) as client:
+    gone = await start_server(onnx_model, tokenizer)
+    async with AsyncTokenwireClient([gone.target, paced.target]) as client:
         short = GenerateOptions(max_tokens=2, temperature=0.0, ignore_eos=True)
         assert [e async for e in client.generate(PROMPT, short)]  # its model is known now
-        await served.server.drain()
+        await gone.server.drain()
         async with AsyncTokenwireClient([paced.target]) as first:
             running = first.generate(PROMPT, options)
             await anext(running)
