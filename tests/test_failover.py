@@ -546,19 +546,9 @@ async def test_a_taken_id_is_refused_after_a_dead_target_too(paced: RunningServe
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{unused.getsockname()[1]}"
-        async with AsyncTokenwireClient([paced.target]) as first:
-            running = first.generate(PROMPT, options)
-            await anext(running)
-            async with AsyncTokenwireClient([dead, paced.target]) as second:
-                with pytest.raises(TokenwireError) as refused:
-                    await anext(second.generate(PROMPT, options))
-            rest = [event async for event in running]
-    assert (refused.value.code, refused.value.field) == (
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "request_id",
-    )
-    assert isinstance(rest[-1], Completion)
-    assert sum(isinstance(e, Token) for e in rest) == 299
+        async with AsyncTokenwireClient([dead, paced.target]) as second:
+            refused, rest = await _second_of_a_running_id(paced, second, options)
+    _assert_refused_and_whole(refused, rest)
 
 
 async def test_a_taken_id_is_refused_after_a_target_that_went_away(
@@ -576,16 +566,29 @@ async def test_a_taken_id_is_refused_after_a_target_that_went_away(
         short = GenerateOptions(max_tokens=2, temperature=0.0, ignore_eos=True)
         assert [e async for e in client.generate(PROMPT, short)]  # its model is known now
         await gone.server.drain()
-        async with AsyncTokenwireClient([paced.target]) as first:
-            running = first.generate(PROMPT, options)
-            await anext(running)
-            with pytest.raises(TokenwireError) as refused:
-                await anext(client.generate(PROMPT, options))
-            rest = [event async for event in running]
-    assert (refused.value.code, refused.value.field) == (
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "request_id",
-    )
+        refused, rest = await _second_of_a_running_id(paced, client, options)
+    _assert_refused_and_whole(refused, rest)
+
+
+async def _second_of_a_running_id(
+    server: RunningServer, client: AsyncTokenwireClient, options: GenerateOptions
+) -> tuple[TokenwireError, list[StreamEvent]]:
+    """A stream of options.request_id running on `server` (its own client), and a second
+    stream of that id sent through `client`: the second's error, and the first's events after
+    its first token."""
+    async with AsyncTokenwireClient([server.target]) as first:
+        running = first.generate(PROMPT, options)
+        await anext(running)
+        with pytest.raises(TokenwireError) as refused:
+            await anext(client.generate(PROMPT, options))
+        return refused.value, [event async for event in running]
+
+
+def _assert_refused_and_whole(refused: TokenwireError, rest: list[StreamEvent]) -> None:
+    """The second stream was refused for its id; the running one went on to its end (300
+    tokens, the first read before)."""
+    assert (refused.code, refused.field) == (grpc.StatusCode.INVALID_ARGUMENT, "request_id")
+    assert isinstance(rest[-1], Completion)
     assert sum(isinstance(e, Token) for e in rest) == 299
 
 
