@@ -731,6 +731,63 @@ async def test_logprobs_name_each_tokens_own_text_while_a_stop_holds_text_back(
     assert probs.text_offset == [sum(map(len, tokens[:i])) for i in range(len(tokens))]
 
 
+async def _held_back_stream(sdk: openai.AsyncOpenAI, chat: bool, **fields: Any) -> list[Any]:
+    """The chunks of a greedy stream whose stop string begins with one of its token's text and
+    never completes, so that token's text is held back and sent joined to the next token's (the
+    token is one whose text before it ends in no part of the stop string, so it adds nothing)."""
+    asked: Any = True if chat else 0
+    whole = await _create(
+        sdk, chat, False, model=MODEL, max_tokens=6, temperature=0, logprobs=asked
+    )
+    probs = whole.choices[0].logprobs
+    tokens = [p.token for p in probs.content] if chat else probs.tokens
+    assert len(tokens) == 6
+    k = next(
+        k
+        for k in range(1, 5)
+        if tokens[k] and not any("".join(tokens[:k]).endswith(tokens[k][:j]) for j in range(1, 9))
+    )
+    stop = [tokens[k] + "\x00"]
+    return list(
+        await _create(
+            sdk, chat, True, model=MODEL, max_tokens=6, temperature=0, stop=stop, **fields
+        )
+    )
+
+
+def _texts(chunks: list[Any], chat: bool) -> list[str | None]:
+    """Each chunk's text (a chat delta's content), the role and finish chunks left out."""
+    choices = [c.choices[0] for c in chunks if c.choices and not c.choices[0].finish_reason]
+    if chat:
+        return [c.delta.content for c in choices if c.delta.role is None]
+    return [c.text for c in choices]
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
+async def test_a_token_that_adds_no_text_makes_no_chunk(
+    sdk: openai.AsyncOpenAI, chat: bool
+) -> None:
+    """A token whose text is held back (it could begin a stop string) sends no empty delta:
+    every content chunk carries text, as OpenAI's and vLLM's streams do."""
+    chunks = await _held_back_stream(sdk, chat)
+    texts = _texts(chunks, chat)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert texts
+    assert all(texts), texts
+    assert len(texts) < 6
+
+
+async def test_a_token_that_adds_no_text_keeps_its_chunk_with_logprobs(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    """With logprobs asked for, every token has its chunk, the held-back one too (empty
+    content, its logprob), so the stream's logprobs list every token."""
+    chunks = await _held_back_stream(sdk, True, logprobs=True)
+    texts = _texts(chunks, True)
+    assert len(texts) == 6
+    assert "" in texts
+
+
 async def test_completions_logprobs_n_lists_n_alternatives(sdk: openai.AsyncOpenAI) -> None:
     """Completions logprobs=2: the legacy top_logprobs holds up to 2 {text: logprob} per token."""
     reply = await sdk.completions.create(

@@ -43,22 +43,27 @@ class Chunks:
         # Each choice's next text_offset, counted as a whole response counts it.
         self.offsets = [TextOffsets() for _ in range(choices)]
 
-    def of(self, index: int, event: StreamEvent) -> list[ServerSentEvent]:
-        """The chunks an event makes: none for usage; a chat choice's role chunk before its
-        first; then the token's or the finish's."""
+    def of(self, index: int, event: StreamEvent) -> list[Frame]:
+        """The frames an event makes: none for usage; a chat choice's role chunk before its
+        first; then the token's or the finish's. A token that adds no text (an end-of-sequence
+        token, or text held back until a stop string is ruled out or a character completes)
+        makes no chunk unless it carries logprobs: OpenAI and vLLM send no empty deltas."""
         if isinstance(event, Usage):
             self.usages[index] = event
             return []
-        chunks = []
+        frames = []
         if self.first[index] and self.shape.chat:
-            chunks.append(self._chunk(self.shape.role(index)))
+            frames.append(Frame(self._chunk(self.shape.role(index))))
         self.first[index] = False
         if isinstance(event, Token):
             offset = self.offsets[index].of(event)
-            chunks.append(self._chunk(self.shape.delta(index, event, None, offset)))
+            if event.text or event.logprob is not None:
+                delta = self.shape.delta(index, event, None, offset)
+                frames.append(Frame(self._chunk(delta), token=True))
         else:
-            chunks.append(self._chunk(self.shape.delta(index, None, finish_reason(event))))
-        return chunks
+            delta = self.shape.delta(index, None, finish_reason(event))
+            frames.append(Frame(self._chunk(delta)))
+        return frames
 
     def _chunk(self, choice: dict[str, Any]) -> ServerSentEvent:
         body = self.shape.envelope([choice], chunk=True)
@@ -81,10 +86,8 @@ async def openai_frames(
     try:
         async with contextlib.aclosing(merged(upstreams)) as events:
             async for index, event in events:
-                made = chunks.of(index, event)
-                for i, chunk in enumerate(made):
-                    # The role chunk is no token: the last chunk an event makes is its own.
-                    yield Frame(chunk, token=isinstance(event, Token) and i == len(made) - 1)
+                for frame in chunks.of(index, event):
+                    yield frame
         if include_usage:
             yield Frame(chunks.usage())
         yield Frame(sse_event("[DONE]"), outcome=Outcome.COMPLETED)
