@@ -5,7 +5,7 @@ replica going away); its model info is the real server's, answered at once."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -74,16 +74,31 @@ class SlowReplica(Relay):
 
 class SlowOpening(Relay):
     """A replica whose Generate answers (its initial metadata) only after `delay_s`, as a
-    server tokenizing a long prompt does; the rest it relays at once."""
+    server tokenizing a long prompt does (only for the requests `slow` picks, where given);
+    the rest it relays at once."""
 
-    def __init__(self, target: str, delay_s: float) -> None:
+    def __init__(
+        self,
+        target: str,
+        delay_s: float,
+        slow: Callable[[pb.GenerateRequest], bool] | None = None,
+    ) -> None:
         super().__init__(target)
         self._delay_s = delay_s
+        self._slow = slow
+        self.left_early = 0
+        """Generate calls their caller cancelled before the answer (none of them reached the
+        real server)."""
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.GenerateResponse]:
-        await asyncio.sleep(self._delay_s)
+        try:
+            if self._slow is None or self._slow(request):
+                await asyncio.sleep(self._delay_s)
+        except asyncio.CancelledError:
+            self.left_early += 1
+            raise
         call = self._stub.Generate(request)
         await context.send_initial_metadata(tuple(await call.initial_metadata()))
         async for reply in call:
@@ -93,3 +108,8 @@ class SlowOpening(Relay):
         self, request: pb.CancelRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CancelResponse:
         return await self._stub.Cancel(request)
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetModelInfoResponse:
+        return await self._stub.GetModelInfo(request)

@@ -22,6 +22,7 @@ from tests.conftest import (
     start_server,
 )
 from tests.fakes import RecordingObserver
+from tests.replicas import SlowOpening
 from tokenwire.server.domain import FinishReason
 from tokenwire.server.engine import OnnxCausalLM
 from tokenwire.server.tokenizer import Tokenizer
@@ -155,6 +156,71 @@ async def test_client_disconnect_cancels_upstream_at_once(paced: RunningServer) 
         await edge.edge.stop()
     assert isinstance(paced.observer, RecordingObserver)
     record = paced.observer.finished["oai-drop"]
+    assert record.finish_reason == FinishReason.CANCELLED
+    assert record.completion_tokens < 450
+
+
+OPENING = {
+    "native": ("/v1/generate", {"prompt": "def long():", "max_tokens": 50}),
+    "completions stream": (
+        "/v1/completions",
+        {"model": MODEL, "prompt": "def long():", "max_tokens": 50, "stream": True},
+    ),
+    "chat whole": (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50},
+    ),
+}
+
+
+@pytest.mark.parametrize("route", sorted(OPENING))
+async def test_a_client_that_leaves_while_its_stream_opens_cancels_the_opening(
+    paced: RunningServer, route: str
+) -> None:
+    """An HTTP client that disconnects while its server is still opening the stream (as one
+    tokenizing a long prompt does) has its Generate call cancelled then, not once the server
+    answers: the server never starts the generation."""
+    replica = SlowOpening(paced.target, 3.0)
+    await replica.start()
+    edge = await start_edge(replica.target)
+    path, body = OPENING[route]
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            posting = asyncio.create_task(http.post(path, json=body))
+            await asyncio.sleep(0.5)  # the edge has called the replica, which answers at 3 s
+            posting.cancel()
+            await asyncio.wait({posting})
+        assert await eventually(lambda: replica.left_early == 1, within_s=1)
+    finally:
+        await edge.edge.stop()
+        await replica.stop()
+
+
+async def test_a_client_that_leaves_while_one_choice_opens_cancels_the_open_one(
+    paced: RunningServer,
+) -> None:
+    """With n=2, a client that disconnects while one choice's server is still opening it
+    cancels that opening and ends the choice that had opened already: nothing keeps
+    generating for a client that is gone."""
+    replica = SlowOpening(paced.target, 3.0, slow=lambda request: request.sampling.seed == 8)
+    await replica.start()
+    edge = await start_edge(replica.target)
+    body = {"model": MODEL, "prompt": "def", "max_tokens": 450, "n": 2, "seed": 7}
+    assert isinstance(paced.observer, RecordingObserver)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            posting = asyncio.create_task(
+                http.post("/v1/completions", json=body, headers={"X-Request-ID": "half"})
+            )
+            assert await eventually(lambda: paced.engine.active_count == 1, within_s=2)
+            posting.cancel()
+            await asyncio.wait({posting})
+        assert await eventually(lambda: replica.left_early == 1, within_s=1)
+        assert await eventually(lambda: paced.engine.active_count == 0, within_s=1)
+    finally:
+        await edge.edge.stop()
+        await replica.stop()
+    record = paced.observer.finished["half-0"]
     assert record.finish_reason == FinishReason.CANCELLED
     assert record.completion_tokens < 450
 

@@ -34,8 +34,9 @@ from tokenwire.edge.guards import (
     LoopbackHostMiddleware,
     SecurityHeadersMiddleware,
 )
-from tokenwire.edge.metrics import EdgeMetrics, RouteName
+from tokenwire.edge.metrics import EdgeMetrics, Outcome, RouteName
 from tokenwire.edge.native_format import native_event
+from tokenwire.edge.pipeline import ClientLeft
 from tokenwire.edge.settings import EdgeSettings
 from tokenwire.edge.store import resume_store
 from tokenwire.edge.tracing import Tracing, TracingMiddleware
@@ -54,6 +55,16 @@ async def _edge_error(request: Request, exc: Exception) -> Response:
     body = exc.body_for(request.url.path)
     headers = {**exc.headers(), **request_id_header(request.scope)}
     return JSONResponse(body, status_code=exc.status, headers=headers)
+
+
+async def _client_left(request: Request, exc: Exception) -> Response:
+    """A client that left before its response began: 499 (nginx's "client closed request",
+    which no one reads), counted as a disconnect by an accounted route's Account."""
+    assert isinstance(exc, ClientLeft)
+    account = request.scope.get(ACCOUNT)
+    if isinstance(account, Account):
+        account.end(Outcome.CLIENT_DISCONNECTED)
+    return Response(status_code=499)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -211,7 +222,11 @@ def create_app(
         routes=_routes(settings, accounted),
         middleware=_middleware(settings, ctx, traces, accounted),
         lifespan=lifespan,
-        exception_handlers={EdgeError: _edge_error, HTTPException: _http_error},
+        exception_handlers={
+            EdgeError: _edge_error,
+            HTTPException: _http_error,
+            ClientLeft: _client_left,
+        },
     )
     app.state.ctx = ctx
     return app

@@ -166,7 +166,7 @@ async def _start(
     try:
         try:
             [upstream] = await open_generations(
-                ctx.upstream, [prompt], [options], account.route, owner
+                request, ctx.upstream, [prompt], [options], route=account.route, owner=owner
             )
         except EdgeError as error:
             raise error.renamed(fields.as_sent()) from None  # one stop string is `stop`

@@ -8,10 +8,8 @@ call at once, streamed or not.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Coroutine
 from typing import Any
 
 from starlette.requests import Request
@@ -35,7 +33,13 @@ from tokenwire.edge.openai_request import (
 )
 from tokenwire.edge.openai_stream import openai_frames
 from tokenwire.edge.openai_template import chat_prompt
-from tokenwire.edge.pipeline import merged, open_generations, relay, sse_response
+from tokenwire.edge.pipeline import (
+    merged,
+    open_generations,
+    relay,
+    sse_response,
+    unless_client_leaves,
+)
 from tokenwire.edge.upstream import UpstreamStream
 
 
@@ -74,7 +78,7 @@ async def _begin(request: Request, *, chat: bool) -> _Call:
     try:
         try:
             upstreams = await open_generations(
-                ctx.upstream, prompts, parsed.choices, account.route, owner
+                request, ctx.upstream, prompts, parsed.choices, route=account.route, owner=owner
             )
         except EdgeError as error:
             if error.param != "request_id":
@@ -85,7 +89,7 @@ async def _begin(request: Request, *, chat: bool) -> _Call:
             request_id = account.request_id = unique_id(request_id)
             parsed = read_request(fields, request_id, chat=chat).for_model(info)
             upstreams = await open_generations(
-                ctx.upstream, prompts, parsed.choices, account.route, owner
+                request, ctx.upstream, prompts, parsed.choices, route=account.route, owner=owner
             )
     except EdgeError as error:
         raise openai_error(error.renamed(parsed.names_for(error.generation))) from None
@@ -120,36 +124,8 @@ async def _respond(request: Request, *, chat: bool) -> Response:
         )
         events = relay(call.account, frames, timed=True)
         return sse_response(events, call.request_id, call.ctx.settings.ping_s)
-    whole = await _until_disconnect(request, _whole(call))
-    if whole is None:
-        call.account.end(Outcome.CLIENT_DISCONNECTED)
-        return Response(status_code=499)
+    whole = await unless_client_leaves(request, _whole(call))
     return JSONResponse(whole, headers={"X-Request-ID": call.request_id})
-
-
-async def _until_disconnect(
-    request: Request, work: Coroutine[Any, Any, dict[str, Any]]
-) -> dict[str, Any] | None:
-    """The result of `work`, or None (work cancelled) when the HTTP client leaves first.
-
-    The body has been read, so the next ASGI message is the client's disconnect."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})
-    if task.cancelled():
-        return None
-    return task.result()
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _whole(call: _Call) -> dict[str, Any]:

@@ -16,9 +16,11 @@ import asyncio
 import contextlib
 import dataclasses
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
+from typing import TypeVar
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.requests import Request
 
 from tokenwire.client.messages import GenerateOptions, StreamEvent
 from tokenwire.edge.accounting import Account
@@ -31,6 +33,40 @@ SSE_SEPARATOR = "\n"
 """The end of every line of an event stream, pings included: each event ends in a blank line,
 "\\n\\n", as OpenAI's, vLLM's and llama.cpp's events do, which clients that split a stream on
 "\\n\\n" need (EventSource and the browser page take any line end)."""
+
+T = TypeVar("T")
+
+
+class ClientLeft(Exception):
+    """The HTTP client disconnected before its response began (answered 499, app.py)."""
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """The result of `work`; should the HTTP client disconnect first, `work` is cancelled
+    (and awaited) and ClientLeft raised. The request's body has been read, so the next ASGI
+    message is the client's disconnect (once disconnected, uvicorn answers every later
+    receive with it too, so a response that begins after this still sees it)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    left = False
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            left = True
+            task.cancel()
+            await asyncio.wait({task})
+    if left:
+        if not task.cancelled():
+            task.exception()  # retrieved: whatever it ended with, nobody is there to read it
+        raise ClientLeft
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def sse_event(
@@ -52,21 +88,35 @@ class Frame:
 
 
 async def open_generations(
+    request: Request,
     upstream: Upstream,
     prompts: Sequence[str],
     choices: Sequence[GenerateOptions],
+    *,
     route: RouteName,
     owner: str | None,
 ) -> list[UpstreamStream]:
     """Open one generation per choice, the choice's prompt beside it, for `owner`'s request on
-    `route` (the label of its failovers); if any is refused, cancel the others and raise."""
-    results = await asyncio.gather(
-        *(
-            upstream.open(o.to_pb(p), o.request_id, route=route, owner=owner)
-            for p, o in zip(prompts, choices, strict=True)
-        ),
-        return_exceptions=True,
-    )
+    `route` (the label of its failovers); if any is refused, cancel the others and raise. A
+    server may take a while to answer (it tokenizes a long prompt first): should the HTTP
+    client leave meanwhile, every call is cancelled then and ClientLeft raised."""
+    opening = [
+        asyncio.ensure_future(upstream.open(o.to_pb(p), o.request_id, route=route, owner=owner))
+        for p, o in zip(prompts, choices, strict=True)
+    ]
+    try:
+        results = await unless_client_leaves(
+            request, asyncio.gather(*opening, return_exceptions=True)
+        )
+    except BaseException:
+        # The calls still opening are cancelled; those that opened already end here.
+        for task in opening:
+            task.cancel()
+        await asyncio.wait(opening)
+        for task in opening:
+            if not task.cancelled() and task.exception() is None:
+                task.result().cancel()
+        raise
     opened = [r for r in results if isinstance(r, UpstreamStream)]
     for index, result in enumerate(results):
         if isinstance(result, BaseException):
