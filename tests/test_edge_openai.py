@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from tests import sse
 from tests.conftest import (
     MODEL,
     RunningEdge,
@@ -179,10 +180,12 @@ async def test_a_client_that_leaves_while_its_stream_opens_cancels_the_opening(
 ) -> None:
     """An HTTP client that disconnects while its server is still opening the stream (as one
     tokenizing a long prompt does) has its Generate call cancelled then, not once the server
-    answers: the server never starts the generation."""
+    answers: the server never starts the generation (a native stream where no stream is kept
+    for a resume)."""
     replica = SlowOpening(paced.target, 3.0)
     await replica.start()
-    edge = await start_edge(replica.target)
+    # Native streams are kept for a resume after a disconnect, unless the window is 0.
+    edge = await start_edge(replica.target, resume_window_s=0.0)
     path, body = OPENING[route]
     try:
         async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
@@ -194,6 +197,33 @@ async def test_a_client_that_leaves_while_its_stream_opens_cancels_the_opening(
     finally:
         await edge.edge.stop()
         await replica.stop()
+
+
+async def test_a_native_stream_whose_client_leaves_while_it_opens_is_kept_for_a_resume(
+    paced: RunningServer,
+) -> None:
+    """Where native streams are kept for a resume, a client that disconnects while its server
+    is still opening the stream does not cancel it: it opens, and the client, back by its id,
+    reads it to its end."""
+    replica = SlowOpening(paced.target, 1.0)
+    await replica.start()
+    edge = await start_edge(replica.target, resume_window_s=10.0)
+    body = {"prompt": "def long():", "max_tokens": 20}
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            headers = {"X-Request-ID": "back-later"}
+            posting = asyncio.create_task(http.post("/v1/generate", json=body, headers=headers))
+            await asyncio.sleep(0.3)  # the edge has called the replica, which answers at 1 s
+            posting.cancel()
+            await asyncio.wait({posting})
+            assert await eventually(lambda: paced.engine.active_count == 1, within_s=3)
+            _, events = await sse.events(http, "GET", "/v1/generate/back-later/events")
+    finally:
+        await edge.edge.stop()
+        await replica.stop()
+    assert replica.left_early == 0
+    assert events[-1].event == "done"
+    assert json.loads(events[-1].data)["finish_reason"] == "length"
 
 
 async def test_a_client_that_leaves_while_one_choice_opens_cancels_the_open_one(

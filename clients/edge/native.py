@@ -163,10 +163,13 @@ async def _start(
     await ctx.streams.claim(request_id, owner)
     # A cancel that comes while the server is still opening the stream is kept here.
     opening = ctx.opening[request_id] = Opening(owner)
+    # A client that leaves while the stream opens cancels it, unless streams are kept for a
+    # resume after a disconnect (the client may come back for it by its id).
+    watched = request if ctx.settings.resume_window_s == 0 else None
     try:
         try:
             [upstream] = await open_generations(
-                request, ctx.upstream, [prompt], [options], route=account.route, owner=owner
+                watched, ctx.upstream, [prompt], [options], route=account.route, owner=owner
             )
         except EdgeError as error:
             raise error.renamed(fields.as_sent()) from None  # one stop string is `stop`

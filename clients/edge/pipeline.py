@@ -88,7 +88,7 @@ class Frame:
 
 
 async def open_generations(
-    request: Request,
+    request: Request | None,
     upstream: Upstream,
     prompts: Sequence[str],
     choices: Sequence[GenerateOptions],
@@ -99,15 +99,18 @@ async def open_generations(
     """Open one generation per choice, the choice's prompt beside it, for `owner`'s request on
     `route` (the label of its failovers); if any is refused, cancel the others and raise. A
     server may take a while to answer (it tokenizes a long prompt first): should the HTTP
-    client leave meanwhile, every call is cancelled then and ClientLeft raised."""
+    client of `request` leave meanwhile, every call is cancelled then and ClientLeft raised
+    (None: the streams open whether or not their client is still there)."""
     opening = [
         asyncio.ensure_future(upstream.open(o.to_pb(p), o.request_id, route=route, owner=owner))
         for p, o in zip(prompts, choices, strict=True)
     ]
+    gathered = asyncio.gather(*opening, return_exceptions=True)
     try:
-        results = await unless_client_leaves(
-            request, asyncio.gather(*opening, return_exceptions=True)
-        )
+        if request is None:
+            results = await gathered
+        else:
+            results = await unless_client_leaves(request, gathered)
     except BaseException:
         # The calls still opening are cancelled; those that opened already end here.
         for task in opening:
