@@ -96,8 +96,11 @@ proto-breaking:
 proto-baseline:
 	cd protos && $(BUF) build -o baseline.binpb
 
+# Tests that time things run alone; the CPU-bound ones marked `compute` then run one worker
+# per core (pytest-xdist). `.venv/bin/pytest` alone runs every test in one process.
 pytest: install
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not compute"
+	$(BIN)/pytest -m compute -n auto
 
 proto: install
 	$(BIN)/python scripts/gen_proto.py

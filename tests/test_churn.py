@@ -100,7 +100,7 @@ CHURN = settings(
     print_blob=True,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.compute, pytest.mark.timeout(300)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,8 @@ from tests import sentencepiece
 from tests.sequences import accept_all, deltas, sequence
 from tokenwire.server.tokenizer import TextStream, Tokenizer
 
+pytestmark = pytest.mark.compute
+
 SENTENCE = "Hello world é;x a"
 
 

@@ -3,10 +3,13 @@ armed (it may begin earlier), and the output is the text before the earliest suc
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tokenwire.server.tokenizer import StopMatcher
+
+pytestmark = pytest.mark.compute
 
 STOPS = st.lists(st.text("ab", min_size=1, max_size=3), min_size=1, max_size=3, unique=True)
 PIECES = st.lists(st.text("abc", max_size=3), min_size=1, max_size=5)

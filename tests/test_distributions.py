@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.compute
+
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE_LIBRARIES = ("onnxruntime", "numpy", "tokenizers")
 TEST_TOOLS = ("pytest", "mypy", "playwright", "ruff", "hypothesis", "import-linter")

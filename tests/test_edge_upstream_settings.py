@@ -12,6 +12,8 @@ from cryptography.hazmat.primitives import serialization
 
 from tests.pki import make_pki
 
+pytestmark = pytest.mark.compute
+
 
 def _edge(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

@@ -20,6 +20,8 @@ from tokenwire.edge.settings import EdgeSettings
 from tokenwire.server.config import Settings
 from tokenwire.server.telemetry.metrics import ServerMetrics
 
+pytestmark = pytest.mark.compute
+
 ROOT = Path(__file__).resolve().parent.parent
 OVERLAYS = ["cpu", "gpu", "ha"]
 BIN = Path(sys.executable).parent

@@ -42,6 +42,8 @@ from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.compute
+
 MODELS = Path(__file__).resolve().parent.parent / "models"
 FIXTURES = MODELS / "fixtures"
 FOLDERS = sorted(p for p in MODELS.glob("fixtures*/*") if (p / "reference.json").exists())

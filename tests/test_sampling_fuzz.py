@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenwire.server.domain import SamplingParams
 from tokenwire.server.engine.sampling import Sampler, at_least_kth
+
+pytestmark = pytest.mark.compute
 
 SPECIAL = st.sampled_from([np.inf, -np.inf, np.nan, 3.0e38, -3.0e38, 0.0])
 LOGIT = st.one_of(st.floats(-50, 50, width=32), SPECIAL)

@@ -24,6 +24,8 @@ from tokenwire.server.rpc.errors import to_status
 from tokenwire.server.tokenizer import Tokenizer
 from tokenwire.server.up import UpSettings
 
+pytestmark = pytest.mark.compute
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Each source of one value: the flag, the variable, or nothing (the default).

@@ -16,6 +16,8 @@ from tokenwire.server.tokenizer import StopMatcher, TextStream, Tokenizer
 from tokenwire.v1 import generate_pb2 as pb
 from tokenwire.v1 import generate_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.compute
+
 MIXED = "print('héllo 🐍🚀 世界 данные')  # ✓ ok"
 PROMPT = "say:"
 
