@@ -86,6 +86,8 @@ class SlowOpening(Relay):
         super().__init__(target)
         self._delay_s = delay_s
         self._slow = slow
+        self.started = 0
+        """Generate calls begun."""
         self.left_early = 0
         """Generate calls their caller cancelled before the answer (none of them reached the
         real server)."""
@@ -93,6 +95,7 @@ class SlowOpening(Relay):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.GenerateResponse]:
+        self.started += 1
         try:
             if self._slow is None or self._slow(request):
                 await asyncio.sleep(self._delay_s)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -70,6 +71,39 @@ async def test_edge_counts_outcomes_and_client_ttft(served: RunningServer) -> No
     assert values[ttft] == 3
     assert values[("tokenwire_edge_active_streams", frozenset())] == 0
     assert values[("tokenwire_edge_resume_buffer_bytes", frozenset())] > 0
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+async def test_an_openai_stream_whose_tokens_add_no_text_has_its_ttft(
+    served: RunningServer, chat: bool
+) -> None:
+    """An OpenAI stream whose one token completes its stop string (so no chunk carries a
+    token's text) still records one TTFT: its first token reaches the client with the
+    choice's end."""
+    route, path = ("chat", "/v1/chat/completions") if chat else ("completions", "/v1/completions")
+    asked: dict[str, Any] = {"model": MODEL, "max_tokens": 1, "temperature": 0}
+    if chat:
+        asked["messages"] = [{"role": "user", "content": "def"}]
+    else:
+        asked["prompt"] = "def"
+    edge = await start_edge(served.target)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
+            whole = (await http.post(path, json=asked)).json()["choices"][0]
+            first = whole["message"]["content"] if chat else whole["text"]
+            assert first
+            body = {**asked, "max_tokens": 3, "stop": [first], "stream": True}
+            streamed = await http.post(path, json=body)
+            values = await _values(http)
+    finally:
+        await edge.edge.stop()
+    assert '"finish_reason":"stop"' in streamed.text
+    assert _streams(values, route, "completed") == 2
+    # The whole response records no TTFT; the stream records one.
+    assert (
+        values[("tokenwire_edge_time_to_first_token_seconds_count", frozenset({("route", route)}))]
+        == 1
+    )
 
 
 async def test_a_resume_refused_with_410_counts_no_outcome(served: RunningServer) -> None:

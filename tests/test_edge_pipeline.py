@@ -4,6 +4,7 @@ labelled by each request's own route, and the same conversion of an upstream fai
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -12,9 +13,16 @@ from typing import Any
 import httpx
 from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.requests import Request
+from starlette.types import Message
 
 from tests.conftest import MODEL, RunningServer, eventually, start_edge, start_server
 from tests.fakes import ScriptedModel
+from tests.replicas import SlowOpening
+from tokenwire.client.messages import GenerateOptions
+from tokenwire.edge.metrics import RouteName
+from tokenwire.edge.pipeline import open_generations
+from tokenwire.edge.upstream import Upstream
 from tokenwire.server.engine import ModelSpec
 from tokenwire.server.tokenizer import Tokenizer
 
@@ -278,3 +286,47 @@ async def test_a_stream_cancelled_by_the_edge_counts_cancelled_on_every_route(
         for route in REQUESTS
     }
     assert cancelled == dict.fromkeys(REQUESTS, 1.0)
+
+
+async def test_opening_cancelled_from_outside_leaves_no_unread_exception(
+    paced: RunningServer,
+) -> None:
+    """A request whose task is cancelled while its two streams open (as uvicorn cuts the
+    requests still running when the edge stops) cancels both openings and leaves asyncio no
+    exception nobody read to log."""
+    replica = SlowOpening(paced.target, 3.0)
+    await replica.start()
+    upstream = Upstream(replica.target)
+
+    async def stays() -> Message:  # the HTTP client stays connected
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    loop = asyncio.get_running_loop()
+    logged: list[str] = []
+    handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: logged.append(str(context["message"])))
+    try:
+        choices = [GenerateOptions(request_id=f"cut-{i}") for i in range(2)]
+        opening = asyncio.create_task(
+            open_generations(
+                Request({"type": "http"}, stays),
+                upstream,
+                ["def f():"] * 2,
+                choices,
+                route=RouteName.COMPLETIONS,
+                owner=None,
+            )
+        )
+        assert await eventually(lambda: replica.started == 2)
+        opening.cancel()
+        await asyncio.wait({opening})
+        assert await eventually(lambda: replica.left_early == 2, within_s=1)
+        del opening
+        gc.collect()
+        await asyncio.sleep(0.05)
+    finally:
+        loop.set_exception_handler(handler)
+        await upstream.close()
+        await replica.stop()
+    assert logged == []

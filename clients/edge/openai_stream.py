@@ -39,6 +39,9 @@ class Chunks:
         self.n = n
         self.include_usage = include_usage
         self.first = [True] * choices
+        # A choice's token whose text no chunk carried yet: the choice's next chunk carries it
+        # (its text, or its end), which is when the client sees that token (TTFT).
+        self.owed = [False] * choices
         self.usages: list[Usage | None] = [None] * choices
         # Each choice's next text_offset, counted as a whole response counts it.
         self.offsets = [TextOffsets() for _ in range(choices)]
@@ -60,9 +63,12 @@ class Chunks:
             if event.text or event.logprob is not None:
                 delta = self.shape.delta(index, event, None, offset)
                 frames.append(Frame(self._chunk(delta), token=True))
+                self.owed[index] = False
+            else:
+                self.owed[index] = True
         else:
             delta = self.shape.delta(index, None, finish_reason(event))
-            frames.append(Frame(self._chunk(delta)))
+            frames.append(Frame(self._chunk(delta), token=self.owed[index]))
         return frames
 
     def _chunk(self, choice: dict[str, Any]) -> ServerSentEvent:

@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
@@ -47,6 +47,9 @@ async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     message is the client's disconnect (once disconnected, uvicorn answers every later
     receive with it too, so a response that begins after this still sees it)."""
     task = asyncio.ensure_future(work)
+    # However this ends (the client gone, or this coroutine cancelled: the edge stopping), what
+    # `work` ended with is retrieved, so asyncio logs no exception nobody read.
+    task.add_done_callback(_retrieved)
     gone = asyncio.ensure_future(_disconnected(request))
     left = False
     try:
@@ -58,10 +61,13 @@ async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
             task.cancel()
             await asyncio.wait({task})
     if left:
-        if not task.cancelled():
-            task.exception()  # retrieved: whatever it ended with, nobody is there to read it
         raise ClientLeft
     return task.result()
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _disconnected(request: Request) -> None:
@@ -112,13 +118,12 @@ async def open_generations(
         else:
             results = await unless_client_leaves(request, gathered)
     except BaseException:
-        # The calls still opening are cancelled; those that opened already end here.
+        # The calls still opening are cancelled; a stream that opened all the same (before the
+        # cancel, or as it came) ends as its task does, even if this wait is cut short too.
         for task in opening:
             task.cancel()
+            task.add_done_callback(_end_opened)
         await asyncio.wait(opening)
-        for task in opening:
-            if not task.cancelled() and task.exception() is None:
-                task.result().cancel()
         raise
     opened = [r for r in results if isinstance(r, UpstreamStream)]
     for index, result in enumerate(results):
@@ -129,6 +134,11 @@ async def open_generations(
                 result.generation = index
             raise result
     return opened
+
+
+def _end_opened(task: asyncio.Future[UpstreamStream]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().cancel()
 
 
 HELD_PER_CHOICE = 4
