@@ -4,6 +4,7 @@ served as some other model, and none fails with a traceback."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -12,8 +13,10 @@ from typing import Any
 
 import pytest
 
+from tests.fakes import ScriptedModel
 from tokenwire.server.config import BUNDLED_MODEL_DIR, Settings
-from tokenwire.server.engine import ModelLoadError, ModelSpec, OnnxCausalLM
+from tokenwire.server.engine import Engine, ModelLoadError, ModelSpec, OnnxCausalLM
+from tokenwire.server.engine.types import IntArray
 from tokenwire.server.main import load_engine
 from tokenwire.server.tokenizer import Tokenizer, TokenizerLoadError
 
@@ -613,3 +616,72 @@ def test_a_graph_whose_outputs_cannot_be_read_is_refused_in_one_line() -> None:
     server says so in one line instead of a traceback."""
     with pytest.raises(ModelLoadError, match=r"model\.onnx gives outputs tokenwire cannot read"):
         _UnreadableOutputs(GENAI_LLAMA, provider="cpu")
+
+
+@pytest.mark.parametrize(
+    ("family", "key"), [("bart", "max_position_embeddings"), ("mpt", "max_seq_len")]
+)
+def test_a_context_longer_than_a_graph_that_counts_its_own_positions_is_refused(
+    tmp_path: Path, family: str, key: str
+) -> None:
+    """A graph that takes no position_ids (it counts positions from its past: BART's learned
+    table, MPT's ALiBi bias) whose config states a context past what it holds fails at load,
+    at the last position, not in the middle of the first long request."""
+    model_dir = _copy(FIXTURES / family, tmp_path)
+    _edit(model_dir / "config.json", **{key: 1024})
+    with pytest.raises(ModelLoadError, match=re.escape("fails at position 1023")):
+        OnnxCausalLM(model_dir, provider="cpu")
+
+
+def test_a_model_dir_whose_name_cannot_be_looked_up_is_refused(tmp_path: Path) -> None:
+    """A model dir the system cannot even look up (a name longer than the file system takes)
+    is refused naming it, not a traceback."""
+    with pytest.raises(ModelLoadError, match="cannot be read: File name too long"):
+        ModelSpec.from_dir(tmp_path / ("m" * 300))
+
+
+def test_a_chat_template_list_whose_entry_names_are_not_strings_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A chat_template list whose entry has a list for its name is refused naming the key."""
+    model_dir = _copy(LLAMA, tmp_path)
+    _edit(
+        model_dir / "tokenizer_config.json", chat_template=[{"name": ["default"], "template": "x"}]
+    )
+    with pytest.raises(ModelLoadError, match="chat_template must be a list of"):
+        ModelSpec.from_dir(model_dir)
+
+
+class _Positions(ScriptedModel):
+    """A scripted model that remembers the highest position any forward computes, and can
+    fail as ONNX Runtime does."""
+
+    highest = -1
+    fails = False
+
+    def forward(  # type: ignore[override]
+        self, input_ids: IntArray, attention_mask: IntArray, *args: Any, **kwargs: Any
+    ) -> Any:
+        if self.fails:
+            raise RuntimeError("Gather: indices element out of data bounds")
+        self.highest = max(self.highest, attention_mask.shape[1] - 1)
+        return super().forward(input_ids, attention_mask, *args, **kwargs)
+
+
+def test_the_warm_up_stays_within_the_context() -> None:
+    """With a context of 8 tokens, the warm-up (a short prompt, then a few tokens) computes
+    no position past 7: a graph whose tables end at its context warms up."""
+    spec = dataclasses.replace(ModelSpec.from_dir(BUNDLED_MODEL_DIR), context_length=8)
+    model = _Positions(spec, {})
+    Engine(model, Tokenizer.from_dir(BUNDLED_MODEL_DIR)).warm_up()
+    assert 0 <= model.highest < 8
+
+
+def test_a_graph_that_fails_the_warm_up_is_refused() -> None:
+    """A forward that ONNX Runtime fails during the warm-up is a ModelLoadError naming the
+    warm-up and ONNX Runtime's words (the server refuses the folder, exit status 2), not a
+    traceback."""
+    model = _Positions(ModelSpec.from_dir(BUNDLED_MODEL_DIR), {})
+    model.fails = True
+    with pytest.raises(ModelLoadError, match=r"fails the warm-up forwards .*: Gather"):
+        Engine(model, Tokenizer.from_dir(BUNDLED_MODEL_DIR)).warm_up()

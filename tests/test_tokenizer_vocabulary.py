@@ -108,3 +108,39 @@ async def test_the_ids_above_a_gap_in_the_tokenizers_ids_can_be_chosen(
         await running.server.drain()
     ids = [m.token.id for m in messages if m.WhichOneof("event") == "token"]
     assert ids == [top] * 3
+
+
+def test_a_tokenizer_that_adds_the_warm_up_texts_token_beyond_the_vocabulary_still_loads(
+    onnx_model: OnnxCausalLM, tokenizer: Tokenizer
+) -> None:
+    """The warm-up's own text encoding to an added token past the model's rows (a word the
+    tokenizer adds) neither fails the warm-up nor stops the load: the warm-up feeds only ids
+    the model has rows for."""
+    inner = HfTokenizer.from_str(tokenizer.inner.to_str())
+    inner.add_tokens(["warm_up"])
+    extended = Tokenizer(inner)
+    assert onnx_model.spec.vocab_size in extended.encode("def warm_up():\n    return")
+    Engine(onnx_model, extended).warm_up()
+
+
+def test_a_tokenizer_naming_far_fewer_ids_than_the_model_has_rows_is_logged(
+    spec: ModelSpec,
+) -> None:
+    """A tokenizer that names a tenth of the model's rows (most likely another model's) is
+    one warning at load with both sizes: tokens are chosen among the ids it names."""
+    size = spec.vocab_size // 10
+    words = HfTokenizer(models.WordLevel({f"w{i}": i for i in range(size)}, unk_token="w0"))
+    with capture_logs() as logs:
+        Engine(ScriptedModel(spec, {}), Tokenizer(words))
+    [warning] = [e for e in logs if e["event"] == "model.tokenizer_smaller_than_vocab"]
+    assert warning["log_level"] == "warning"
+    assert (warning["vocab_size"], warning["tokenizer_size"]) == (spec.vocab_size, size)
+
+
+def test_the_bundled_tokenizer_naming_every_row_logs_no_size_warning(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """A tokenizer that names every row of the model logs no size warning."""
+    with capture_logs() as logs:
+        Engine(ScriptedModel(spec, {}), tokenizer)
+    assert not [e for e in logs if e["event"] == "model.tokenizer_smaller_than_vocab"]

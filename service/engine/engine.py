@@ -34,7 +34,7 @@ from tokenwire.server.engine.admission import (
     tokenizing_places,
 )
 from tokenwire.server.engine.mailbox import Mailbox
-from tokenwire.server.engine.model import CausalLM
+from tokenwire.server.engine.model import CausalLM, from_onnxruntime
 from tokenwire.server.engine.observer import EngineObserver, GuardedObserver, NullObserver
 from tokenwire.server.engine.request_checks import (
     added_ids_beyond,
@@ -45,6 +45,7 @@ from tokenwire.server.engine.request_checks import (
 from tokenwire.server.engine.sampling import Sampler
 from tokenwire.server.engine.scheduler import Cancel, Refresh, Scheduler, Submit
 from tokenwire.server.engine.sequence import Sequence
+from tokenwire.server.engine.spec import ModelLoadError
 from tokenwire.server.tokenizer import TextStream, Tokenizer
 
 log = structlog.get_logger("tokenwire.engine")
@@ -159,8 +160,25 @@ class Engine:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def warm_up(self) -> None:
-        """Run one prefill and a few decode steps so the first request pays no set-up cost."""
-        ids = self.tokenizer.encode("def warm_up():\n    return") or [0]
+        """Run one prefill and a few decode steps so the first request pays no set-up cost:
+        ids the model has rows for (a tokenizer may add tokens beyond them), positions within
+        the context. A graph that fails them is refused (ModelLoadError), as one that fails
+        the load's probes is."""
+        try:
+            self._warm_up()
+        except Exception as exc:
+            if not from_onnxruntime(exc):
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelLoadError(
+                f"{self.model.spec.graph_file} fails the warm-up forwards (a short prompt and "
+                f"a few tokens): {first}"
+            ) from exc
+
+    def _warm_up(self) -> None:
+        steps = min(4, self.limits.context_length - 1)
+        ids = self.tokenizer.encode("def warm_up():\n    return")
+        ids = [i for i in ids if i < self._vocab][: self.limits.context_length - steps] or [0]
         mask = [[1] * len(ids)]
         logits, cache = self.model.forward(
             np.asarray([ids], dtype=np.int64),
@@ -168,8 +186,8 @@ class Engine:
             np.arange(len(ids), dtype=np.int64)[None, :],
             self.model.new_cache(1).tensors,
         )
-        for step in range(4):
-            token = int(logits.host()[0].argmax())
+        for step in range(steps):
+            token = int(logits.host()[0, : self._vocab].argmax())
             width = len(ids) + step + 1
             logits, cache = self.model.forward(
                 np.asarray([[token]], dtype=np.int64),

@@ -258,11 +258,16 @@ class OnnxCausalLM:
         describe it (a head size, or a context its tables lack) fails them, and says so."""
         try:
             self._probe(graph, tolerance, max_kv_tokens)
+            if not self._has_position_ids:
+                # After the probe's short forwards, which a config that does not describe the
+                # graph fails first (and says so), and within the context it settled on.
+                context = self.spec.context_length
+                self._check_last_position(graph, min(context, max_kv_tokens or context) - 1)
         except ModelLoadError:
             raise
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            if _from_onnxruntime(exc):
+            if from_onnxruntime(exc):
                 raise ModelLoadError(
                     f"{graph} fails a test forward at load, so {self.spec.config_file} may not "
                     f"describe it, or ONNX Runtime's {self.provider} cannot run it"
@@ -317,16 +322,20 @@ class OnnxCausalLM:
     def _check_last_position(self, graph: str, last: int) -> None:
         """A token at the last position the server may serve must decode: a graph whose
         position table is shorter than the context its config states (a learned table, a
-        rotary cache) fails here, not on the first long request."""
+        rotary cache, an ALiBi bias made for a shorter context) fails here, not on the first
+        long request. A graph that takes position_ids is given that position; one that
+        counts positions itself (from its past's length) is given a past that long, one row
+        of the cache the KV budget holds anyway."""
+        past = 0 if self._has_position_ids else last
         try:
             self.forward(
                 np.zeros((1, 1), dtype=np.int64),
-                np.ones((1, 1), dtype=np.int64),
+                np.ones((1, past + 1), dtype=np.int64),
                 np.full((1, 1), last, dtype=np.int64),
-                self.new_cache(1).tensors,
+                self.new_cache(1, past).tensors,
             )
         except Exception as exc:
-            if not _from_onnxruntime(exc):
+            if not from_onnxruntime(exc):
                 raise
             raise ModelLoadError(
                 f"{graph} fails at position {last}, within the context of "
@@ -431,7 +440,7 @@ class OnnxCausalLM:
         try:
             return self._static.run(feed, regions, before_run)
         except Exception as exc:
-            if not _from_onnxruntime(exc):
+            if not from_onnxruntime(exc):
                 raise
             log.warning(
                 "model.static_decode_failed",
@@ -579,7 +588,7 @@ where batches of two or more do not agree either, every decode row runs in a for
 own (decodes_rows_alone)."""
 
 
-def _from_onnxruntime(exc: Exception) -> bool:
+def from_onnxruntime(exc: Exception) -> bool:
     """An error ONNX Runtime raised running the graph (its own types, or RuntimeError)."""
     return type(exc).__module__.startswith("onnxruntime") or type(exc) is RuntimeError
 

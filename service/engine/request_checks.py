@@ -58,17 +58,33 @@ def check_continuation(continuation: tuple[int, ...], budget: int, vocab: int) -
             )
 
 
+SMALL_TOKENIZER = 0.9
+"""A tokenizer naming fewer than this share of the model's rows is logged at start."""
+
+
 def added_ids_beyond(tokenizer: Tokenizer, vocab_size: int) -> dict[int, str]:
     """The tokenizer's added tokens at ids the model has no row for (id -> text), logged once.
 
     Raises ModelLoadError when the tokenizer's own vocabulary is larger than the model's: that
-    tokenizer belongs to another model, and ordinary text would encode to ids beyond it."""
+    tokenizer belongs to another model, and ordinary text would encode to ids beyond it. One
+    that names far fewer ids than the model has rows is logged (model padding is a few per
+    cent)."""
     base = tokenizer.inner.get_vocab(with_added_tokens=False)
     base_size = max(base.values(), default=-1) + 1
     if base_size > vocab_size:
         raise ModelLoadError(
             f"tokenizer.json has a vocabulary of {base_size} tokens but the model's has "
             f"{vocab_size}: it is not this model's tokenizer"
+        )
+    if tokenizer.vocab_size < SMALL_TOKENIZER * vocab_size:
+        # Models pad their embedding by a few per cent at most; a tokenizer naming far fewer
+        # ids is most likely another model's, and tokens are chosen among the ids it names.
+        log.warning(
+            "model.tokenizer_smaller_than_vocab",
+            vocab_size=vocab_size,
+            tokenizer_size=tokenizer.vocab_size,
+            reason="tokens are chosen among the ids the tokenizer names, the model's other "
+            "rows masked: if this tokenizer is another model's, every answer is wrong",
         )
     beyond = {
         int(token_id): str(token.content)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -79,8 +80,7 @@ class ModelSpec:
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ModelSpec:
-        if not model_dir.is_dir():
-            raise ModelLoadError(f"model dir {model_dir} is not a directory")
+        _check_readable(model_dir)
         tokenizer_config = read_json(model_dir / "tokenizer_config.json", required=False)
         # The special tokens' text, as transformers reads it from the two files (the chat
         # template sees each by its name).
@@ -293,11 +293,16 @@ def _chat_template(model_dir: Path, tokenizer_config: dict[str, Any]) -> str:
     if template is None or isinstance(template, str):
         return template or ""
     if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        if len(named) != len(template) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in named.items()
+        if not all(
+            isinstance(t, dict)
+            and isinstance(t.get("name"), str)
+            and isinstance(t.get("template"), str)
+            for t in template
         ):
             raise ModelLoadError(f"{where} must be a list of {{name, template}} strings")
+        named = {t["name"]: t["template"] for t in template}
+        if len(named) != len(template):
+            raise ModelLoadError(f"{where} names a template twice")
         if "default" not in named:
             raise ModelLoadError(
                 f'{where} names templates {sorted(map(str, named))} but none "default", the '
@@ -305,6 +310,18 @@ def _chat_template(model_dir: Path, tokenizer_config: dict[str, Any]) -> str:
             )
         return str(named["default"])
     raise ModelLoadError(f"{where} must be a string, got {type(template).__name__}")
+
+
+def _check_readable(model_dir: Path) -> None:
+    """A ModelLoadError unless model_dir is a folder this process may list and read."""
+    try:
+        is_dir = model_dir.is_dir()
+    except OSError as exc:  # a name too long, a loop of links...
+        raise ModelLoadError(f"model dir {model_dir} cannot be read: {exc.strerror}") from exc
+    if not is_dir:
+        raise ModelLoadError(f"model dir {model_dir} is not a directory")
+    if not os.access(model_dir, os.R_OK | os.X_OK):
+        raise ModelLoadError(f"model dir {model_dir} cannot be read by this process")
 
 
 def read_text(path: Path) -> str:
@@ -318,7 +335,11 @@ def read_text(path: Path) -> str:
 
 
 def read_json(path: Path, *, required: bool = True) -> dict[str, Any]:
-    if not path.exists():
+    try:
+        present = path.exists()
+    except OSError as exc:  # a folder this process may not search
+        raise ModelLoadError(f"{path} cannot be read: {exc.strerror or exc}") from exc
+    if not present:
         if required:
             raise ModelLoadError(f"{path} is missing")
         return {}
