@@ -115,6 +115,14 @@ class RequestLimits:
     max_prompt_bytes: int
     max_stop_strings: int
     max_stop_length: int
+    kv_budget_bound: bool = False
+    """context_length is the server's KV budget (max_kv_tokens), below the model's context."""
+
+    @property
+    def context(self) -> str:
+        """The context length as refusals state it, with what sets it where not the model."""
+        bound = " (the server's max_kv_tokens)" if self.kv_budget_bound else ""
+        return f"{self.context_length}{bound}"
 
 
 MAX_STOP_TOKEN_IDS = 1024
@@ -203,7 +211,7 @@ class GenerationRequest:
             raise InvalidRequest(
                 "prompt_ids" if self.prompt_ids else "prompt",
                 f"<{prompt_tokens} tokens>",
-                f"must be shorter than the context length of {limits.context_length} tokens",
+                f"must be shorter than the context length of {limits.context} tokens",
             )
         if self.max_tokens == 0:
             budget = min(limits.default_max_tokens, room)
@@ -220,7 +228,7 @@ class GenerationRequest:
                 "max_tokens",
                 self.max_tokens,
                 f"must be at most {room}: the prompt has {prompt_tokens} tokens and the "
-                f"context length is {limits.context_length}",
+                f"context length is {limits.context}",
             )
         return self.max_tokens
 

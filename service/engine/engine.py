@@ -73,10 +73,18 @@ class EngineConfig:
     retry_after_s: float = 1.0
 
 
-def request_limits(config: EngineConfig, context_length: int) -> RequestLimits:
-    """The per-request bounds: each RequestLimits field is the config field of its name."""
-    names = {f.name for f in dataclasses.fields(RequestLimits)} - {"context_length"}
-    return RequestLimits(context_length=context_length, **{n: getattr(config, n) for n in names})
+def request_limits(config: EngineConfig, model_context: int) -> RequestLimits:
+    """The per-request bounds: each RequestLimits field is the config field of its name; the
+    context is the model's, or the KV budget where that is smaller."""
+    names = {f.name for f in dataclasses.fields(RequestLimits)} - {
+        "context_length",
+        "kv_budget_bound",
+    }
+    return RequestLimits(
+        context_length=min(model_context, config.max_kv_tokens),
+        kv_budget_bound=config.max_kv_tokens < model_context,
+        **{n: getattr(config, n) for n in names},
+    )
 
 
 class GenerationHandle:
@@ -126,7 +134,7 @@ class Engine:
         context = model.spec.context_length
         if self.config.max_context_tokens:
             context = min(context, self.config.max_context_tokens)
-        self.limits = request_limits(self.config, min(context, self.config.max_kv_tokens))
+        self.limits = request_limits(self.config, context)
         self._observer = GuardedObserver(observer or NullObserver())
         self._active: dict[str, Sequence] = {}
         """The requests by id, until they end or are cancelled."""
