@@ -685,3 +685,12 @@ def test_a_graph_that_fails_the_warm_up_is_refused() -> None:
     model.fails = True
     with pytest.raises(ModelLoadError, match=r"fails the warm-up forwards .*: Gather"):
         Engine(model, Tokenizer.from_dir(BUNDLED_MODEL_DIR)).warm_up()
+
+
+def test_a_folder_where_the_graph_should_be_is_named_as_not_a_file(tmp_path: Path) -> None:
+    """A model.onnx that is a folder is refused as not a file, not as a graph that is missing."""
+    model_dir = _copy(LLAMA, tmp_path)
+    (model_dir / "model.onnx").unlink()
+    (model_dir / "model.onnx").mkdir()
+    with pytest.raises(ModelLoadError, match=re.escape("model.onnx is not a file")):
+        OnnxCausalLM(model_dir, provider="cpu")

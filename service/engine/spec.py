@@ -174,9 +174,11 @@ def graph_path(model_dir: Path, spec: ModelSpec, model_file: str = "") -> Path:
 
 
 def _missing_graph(candidates: list[Path]) -> NoReturn:
-    if len(candidates) == 1:
-        what = "is not a file" if candidates[0].exists() else "is missing"
-        raise ModelLoadError(f"{candidates[0]} {what}")
+    present = [p for p in candidates if p.exists()]
+    if len(candidates) == 1 or present:
+        # Something stands where the graph should (a folder, say): that, not a missing file.
+        path = (present or candidates)[0]
+        raise ModelLoadError(f"{path} {'is not a file' if present else 'is missing'}")
     raise ModelLoadError(
         f"no graph to load: neither {' nor '.join(str(p) for p in candidates)} exists"
     )
