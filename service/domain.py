@@ -115,13 +115,14 @@ class RequestLimits:
     max_prompt_bytes: int
     max_stop_strings: int
     max_stop_length: int
-    kv_budget_bound: bool = False
-    """context_length is the server's KV budget (max_kv_tokens), below the model's context."""
+    context_set_by: str = ""
+    """The server setting context_length is, where it is below the model's context
+    (max_context_tokens or max_kv_tokens); empty where it is the model's."""
 
     @property
     def context(self) -> str:
         """The context length as refusals state it, with what sets it where not the model."""
-        bound = " (the server's max_kv_tokens)" if self.kv_budget_bound else ""
+        bound = f" (the server's {self.context_set_by})" if self.context_set_by else ""
         return f"{self.context_length}{bound}"
 
 

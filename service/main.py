@@ -71,7 +71,8 @@ def load_engine(settings: Settings, observer: EngineObserver | None = None) -> E
         inter_op_threads=settings.inter_op_threads,
         spinning=settings.ort_spinning,
         cuda_graph=settings.cuda_graph,
-        max_kv_tokens=settings.max_kv_tokens,
+        # The most tokens one request may hold here: what the load checks the graph for.
+        max_kv_tokens=min(settings.max_kv_tokens, settings.max_context_tokens or sys.maxsize),
         model_file=settings.model_file,
     )
     try:

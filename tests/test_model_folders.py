@@ -633,11 +633,34 @@ def test_a_context_longer_than_a_graph_that_counts_its_own_positions_is_refused(
         OnnxCausalLM(model_dir, provider="cpu")
 
 
+def test_a_graph_that_counts_its_positions_serves_under_a_max_context_tokens_cap(
+    tmp_path: Path,
+) -> None:
+    """A config that states more context than the graph's position table holds is served
+    where max_context_tokens keeps every request within the table: the load checks the
+    last position requests may reach, not the config's."""
+    model_dir = _copy(FIXTURES / "bart", tmp_path)
+    _edit(model_dir / "config.json", max_position_embeddings=1024)
+    settings = Settings(
+        model_dir=model_dir, provider="cpu", intra_op_threads=1, max_context_tokens=256
+    )
+    engine = load_engine(settings)
+    assert engine.limits.context_length == 256
+
+
 def test_a_model_dir_whose_name_cannot_be_looked_up_is_refused(tmp_path: Path) -> None:
     """A model dir the system cannot even look up (a name longer than the file system takes)
     is refused naming it, not a traceback."""
     with pytest.raises(ModelLoadError, match="cannot be read: File name too long"):
         ModelSpec.from_dir(tmp_path / ("m" * 300))
+
+
+def test_a_model_file_whose_name_cannot_be_looked_up_is_refused(tmp_path: Path) -> None:
+    """A model_file the system cannot look up (a name longer than the file system takes) is
+    refused naming it, not a traceback."""
+    model_dir = _copy(LLAMA, tmp_path)
+    with pytest.raises(ModelLoadError, match="cannot be read: File name too long"):
+        OnnxCausalLM(model_dir, provider="cpu", model_file="m" * 300 + ".onnx")
 
 
 def test_a_chat_template_list_whose_entry_names_are_not_strings_is_refused(

@@ -180,23 +180,23 @@ async def test_min_tokens_beyond_the_default_budget_is_invalid_argument(
     assert "set max_tokens" in details
 
 
-async def test_a_prompt_past_a_kv_budget_below_the_context_names_the_budget(
-    spec: ModelSpec, tokenizer: Tokenizer
+@pytest.mark.parametrize("setting", ["max_kv_tokens", "max_context_tokens"])
+async def test_a_prompt_past_a_server_limit_below_the_context_names_the_setting(
+    spec: ModelSpec, tokenizer: Tokenizer, setting: str
 ) -> None:
-    """Where the server's KV budget is below the model's context, a prompt too long for it is
-    INVALID_ARGUMENT saying the context length is the budget's, so the caller knows which
-    limit it met (the model's context is larger)."""
-    max_kv_tokens = 200
-    assert spec.context_length > max_kv_tokens
-    running = await start_server(ScriptedModel(spec, {}), tokenizer, max_kv_tokens=max_kv_tokens)
+    """Where a server setting (the KV budget, or max_context_tokens) holds requests below the
+    model's context, a prompt too long for it is INVALID_ARGUMENT saying the context length
+    is that setting's, so the caller knows which limit it met (the model's is larger)."""
+    assert spec.context_length > 200
+    running = await start_server(ScriptedModel(spec, {}), tokenizer, **{setting: 200})
     try:
         async with grpc.aio.insecure_channel(running.target) as channel:
             stub = pb_grpc.GenerationServiceStub(channel)
-            request = pb.GenerateRequest(prompt_ids=list(range(5, 5 + max_kv_tokens)))
+            request = pb.GenerateRequest(prompt_ids=list(range(5, 205)))
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await collect(stub, request)
     finally:
         await running.server.drain()
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    said = "must be shorter than the context length of 200 (the server's max_kv_tokens) tokens"
+    said = f"must be shorter than the context length of 200 (the server's {setting}) tokens"
     assert said in (caught.value.details() or "")

@@ -75,15 +75,18 @@ class EngineConfig:
 
 def request_limits(config: EngineConfig, model_context: int) -> RequestLimits:
     """The per-request bounds: each RequestLimits field is the config field of its name; the
-    context is the model's, or the KV budget where that is smaller."""
+    context is the model's, or max_context_tokens or the KV budget where smaller."""
     names = {f.name for f in dataclasses.fields(RequestLimits)} - {
         "context_length",
-        "kv_budget_bound",
+        "context_set_by",
     }
+    context, set_by = model_context, ""
+    for setting in ("max_context_tokens", "max_kv_tokens"):
+        value = getattr(config, setting)
+        if value and value < context:
+            context, set_by = value, setting
     return RequestLimits(
-        context_length=min(model_context, config.max_kv_tokens),
-        kv_budget_bound=config.max_kv_tokens < model_context,
-        **{n: getattr(config, n) for n in names},
+        context_length=context, context_set_by=set_by, **{n: getattr(config, n) for n in names}
     )
 
 
@@ -131,10 +134,7 @@ class Engine:
         self.config = config or EngineConfig()
         # A request holds at most the model's context (or less, as configured), and no more
         # than the whole KV budget.
-        context = model.spec.context_length
-        if self.config.max_context_tokens:
-            context = min(context, self.config.max_context_tokens)
-        self.limits = request_limits(self.config, context)
+        self.limits = request_limits(self.config, model.spec.context_length)
         self._observer = GuardedObserver(observer or NullObserver())
         self._active: dict[str, Sequence] = {}
         """The requests by id, until they end or are cancelled."""

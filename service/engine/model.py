@@ -164,8 +164,10 @@ class OnnxCausalLM:
         run uncaptured (logged). static_decode: run decode steps on fixed bindings (default:
         where CUDA graphs are captured; True on the CPU provider tests that path).
         profile_prefix: record ONNX Runtime's profile (session.end_profiling() writes it).
-        max_kv_tokens: the engine's KV budget: a graph padded on the right is probed for mask
-        widths up to it (or the context), and its context capped where it reads the width.
+        max_kv_tokens: the most tokens one request may hold on the server (its KV budget, or
+        its max_context_tokens where lower): the graph is checked up to it (or the context):
+        a graph padded on the right is probed for mask widths up to it, and its context capped
+        where it reads the width; a token at its last position must decode.
         model_file: the graph to load, relative to model_dir (spec.graph_path).
         pad_single_rows: compute every one-position forward of one row as two rows (default:
         where the probe finds it needed and exact; True on any graph with a preallocated cache
@@ -258,9 +260,10 @@ class OnnxCausalLM:
         describe it (a head size, or a context its tables lack) fails them, and says so."""
         try:
             self._probe(graph, tolerance, max_kv_tokens)
-            if not self._has_position_ids:
-                # After the probe's short forwards, which a config that does not describe the
-                # graph fails first (and says so), and within the context it settled on.
+            if not self._has_position_ids and self.padding is not Padding.RIGHT:
+                # A graph that counts its own positions, unless the probe decoded every width
+                # already (graphs padded on the right); after the probe's short forwards, which
+                # a config that does not describe the graph fails first (and says so).
                 context = self.spec.context_length
                 self._check_last_position(graph, min(context, max_kv_tokens or context) - 1)
         except ModelLoadError:
@@ -339,7 +342,8 @@ class OnnxCausalLM:
                 raise
             raise ModelLoadError(
                 f"{graph} fails at position {last}, within the context of "
-                f"{self.spec.context_length} tokens that {self.spec.config_file} states: "
+                f"{self.spec.context_length} tokens that {self.spec.config_file} states "
+                f"(max_context_tokens below it serves less): "
                 f"{str(exc).strip().splitlines()[0]}"
             ) from exc
 

@@ -168,8 +168,11 @@ def graph_path(model_dir: Path, spec: ModelSpec, model_file: str = "") -> Path:
     else:
         candidates = [model_dir / spec.graph_file, model_dir / "onnx" / spec.graph_file]
     for path in candidates:
-        if path.is_file():
-            return path
+        try:
+            if path.is_file():
+                return path
+        except OSError as exc:  # a name too long, a loop of links...
+            raise ModelLoadError(f"{path} cannot be read: {exc.strerror}") from exc
     return _missing_graph(candidates)
 
 
