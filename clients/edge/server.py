@@ -497,6 +497,12 @@ async def run_edge(settings: EdgeSettings) -> int:
     """Serve until SIGTERM/SIGINT, then drain and log `edge.stopped`; the exit status. A port
     that cannot be listened on is one log line and status 2."""
     edge = EdgeServer(settings)
+    # Signals are taken before the edge listens: one that comes right after `edge.listening`
+    # (or while it starts) drains, rather than killing the process.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         port = await edge.start()
     except OSError as exc:  # taken, or not allowed
@@ -506,10 +512,6 @@ async def run_edge(settings: EdgeSettings) -> int:
     url = f"http://{host_port(settings.host, port)}/"
     log.info("edge.listening", url=url, grpc_target=settings.grpc_target)
     warn_about_keys(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     assert edge._task is not None
     serving = edge._task
     stopping = asyncio.create_task(stop.wait())
