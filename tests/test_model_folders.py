@@ -547,6 +547,20 @@ def test_a_token_the_two_files_place_apart_is_refused(tmp_path: Path) -> None:
         Tokenizer.from_dir(model_dir)
 
 
+def test_a_token_declared_where_tokenizer_json_has_no_place_asks_if_the_files_match(
+    tmp_path: Path,
+) -> None:
+    """A token tokenizer_config.json declares at an id tokenizer.json cannot give it (another
+    model's tokenizer.json dropped beside this config) is refused asking whether the two files
+    come from the same model."""
+    model_dir = _copy(LLAMA, tmp_path)
+    _declare(model_dir, 400, "<extra>")
+    with pytest.raises(TokenizerLoadError) as caught:
+        Tokenizer.from_dir(model_dir)
+    assert "which tokenizer.json has no place for" in str(caught.value)
+    assert "from the same model?" in str(caught.value)
+
+
 @pytest.mark.parametrize(("content", "message"), [(None, "is missing"), ("{", "cannot be loaded")])
 def test_a_missing_or_broken_tokenizer_is_refused_naming_it(
     tmp_path: Path, content: str | None, message: str

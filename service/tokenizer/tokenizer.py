@@ -114,6 +114,9 @@ def template_tokens(config: dict[str, Any], special_tokens_map: dict[str, Any]) 
     return tokens
 
 
+_MIXED = " (are tokenizer.json and tokenizer_config.json from the same model?)"
+
+
 class TokenizerLoadError(RuntimeError):
     """tokenizer.json (or what tokenizer_config.json says of it) cannot be used."""
 
@@ -169,7 +172,7 @@ class Tokenizer:
             if held is not None and held != token_id:
                 raise TokenizerLoadError(
                     f"{config_path} declares {content!r} as id {token_id} but tokenizer.json "
-                    f"has it as id {held}"
+                    f"has it as id {held}{_MIXED}"
                 )
             special = entry.get("special") is True
             token = AddedToken(
@@ -185,7 +188,7 @@ class Tokenizer:
             if self.token_id(content) != token_id:
                 raise TokenizerLoadError(
                     f"{config_path} declares {content!r} as id {token_id}, which tokenizer.json "
-                    "has no place for"
+                    f"has no place for{_MIXED}"
                 )
 
     def _apply_flags(self, config: dict[str, Any], config_path: Path) -> None:
