@@ -190,7 +190,8 @@ async def test_a_client_that_leaves_while_its_stream_opens_cancels_the_opening(
     try:
         async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
             posting = asyncio.create_task(http.post(path, json=body))
-            await asyncio.sleep(0.5)  # the edge has called the replica, which answers at 3 s
+            # The edge has called the replica, which answers at 3 s.
+            assert await eventually(lambda: replica.started == 1, within_s=5)
             posting.cancel()
             await asyncio.wait({posting})
         assert await eventually(lambda: replica.left_early == 1, within_s=1)
@@ -213,7 +214,8 @@ async def test_a_native_stream_whose_client_leaves_while_it_opens_is_kept_for_a_
         async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
             headers = {"X-Request-ID": "back-later"}
             posting = asyncio.create_task(http.post("/v1/generate", json=body, headers=headers))
-            await asyncio.sleep(0.3)  # the edge has called the replica, which answers at 1 s
+            # The edge has called the replica, which answers at 1 s.
+            assert await eventually(lambda: replica.started == 1, within_s=5)
             posting.cancel()
             await asyncio.wait({posting})
             # The edge has opened the stream and keeps it, its client gone.
@@ -243,7 +245,9 @@ async def test_a_client_that_leaves_while_one_choice_opens_cancels_the_open_one(
             posting = asyncio.create_task(
                 http.post("/v1/completions", json=body, headers={"X-Request-ID": "half"})
             )
-            assert await eventually(lambda: paced.engine.active_count == 1, within_s=2)
+            # One choice runs; the other's call waits at the replica.
+            assert await eventually(lambda: replica.started == 2, within_s=5)
+            assert await eventually(lambda: paced.engine.active_count == 1, within_s=5)
             posting.cancel()
             await asyncio.wait({posting})
         assert await eventually(lambda: replica.left_early == 1, within_s=1)
