@@ -34,7 +34,7 @@ from tokenwire.server.engine.admission import (
     tokenizing_places,
 )
 from tokenwire.server.engine.mailbox import Mailbox
-from tokenwire.server.engine.model import CausalLM, from_onnxruntime
+from tokenwire.server.engine.model import CausalLM, first_line, from_onnxruntime
 from tokenwire.server.engine.observer import EngineObserver, GuardedObserver, NullObserver
 from tokenwire.server.engine.request_checks import (
     added_ids_beyond,
@@ -177,10 +177,9 @@ class Engine:
         except Exception as exc:
             if not from_onnxruntime(exc):
                 raise
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ModelLoadError(
                 f"{self.model.spec.graph_file} fails the warm-up forwards (a short prompt and "
-                f"a few tokens): {first}"
+                f"a few tokens): {first_line(exc)}"
             ) from exc
 
     def _warm_up(self) -> None:

@@ -264,12 +264,11 @@ class OnnxCausalLM:
                 # A graph that counts its own positions, unless the probe decoded every width
                 # already (graphs padded on the right); after the probe's short forwards, which
                 # a config that does not describe the graph fails first (and says so).
-                context = self.spec.context_length
-                self._check_last_position(graph, min(context, max_kv_tokens or context) - 1)
+                self._check_last_position(graph, self._widths(max_kv_tokens) - 1)
         except ModelLoadError:
             raise
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             if from_onnxruntime(exc):
                 raise ModelLoadError(
                     f"{graph} fails a test forward at load, so {self.spec.config_file} may not "
@@ -290,7 +289,7 @@ class OnnxCausalLM:
         """How the graph takes padding and batches (padding.py): its padding class, batch
         rounding and, for a graph padded on the right, the mask width it notices, every width
         the server can serve (the context, or the KV budget) decoded once."""
-        widths = min(self.spec.context_length, max_kv_tokens or self.spec.context_length)
+        widths = self._widths(max_kv_tokens)
         if self._has_position_ids:
             self._check_last_position(graph, widths - 1)
         if self.quantizes_activations:
@@ -322,6 +321,10 @@ class OnnxCausalLM:
             else:
                 self.decodes_rows_alone = True
 
+    def _widths(self, max_kv_tokens: int | None) -> int:
+        """The most tokens one request may hold: the context, or max_kv_tokens where lower."""
+        return min(self.spec.context_length, max_kv_tokens or self.spec.context_length)
+
     def _check_last_position(self, graph: str, last: int) -> None:
         """A token at the last position the server may serve must decode: a graph whose
         position table is shorter than the context its config states (a learned table, a
@@ -344,7 +347,7 @@ class OnnxCausalLM:
                 f"{graph} fails at position {last}, within the context of "
                 f"{self.spec.context_length} tokens that {self.spec.config_file} states "
                 f"(max_context_tokens below it serves less): "
-                f"{str(exc).strip().splitlines()[0]}"
+                f"{first_line(exc)}"
             ) from exc
 
     @property
@@ -448,7 +451,7 @@ class OnnxCausalLM:
                 raise
             log.warning(
                 "model.static_decode_failed",
-                error=(str(exc).strip().splitlines() or [type(exc).__name__])[0],
+                error=first_line(exc),
                 reason="decode steps run on bindings made per step from now on",
             )
             self._static = None
@@ -597,6 +600,11 @@ def from_onnxruntime(exc: Exception) -> bool:
     return type(exc).__module__.startswith("onnxruntime") or type(exc) is RuntimeError
 
 
+def first_line(exc: BaseException) -> str:
+    """An error's first line (ONNX Runtime's run several), or its type where it says nothing."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def _bound(view: object) -> BoundTensor:
     if not isinstance(view, BoundTensor):
         raise TypeError("an in-place step takes tensors bound by address")
@@ -633,7 +641,7 @@ def _session(
         try:
             return ort.InferenceSession(os.fspath(path), options, providers=capturing(providers))
         except Exception as exc:  # e.g. nodes the CUDA provider does not run: no graph capture
-            log.warning("engine.cuda_graph_unavailable", error=str(exc).splitlines()[0])
+            log.warning("engine.cuda_graph_unavailable", error=first_line(exc))
     try:
         return ort.InferenceSession(os.fspath(path), options, providers=providers)
     except Exception as exc:  # ORT raises its own unrelated exception types for bad files
