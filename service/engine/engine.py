@@ -34,7 +34,7 @@ from tokenwire.server.engine.admission import (
     tokenizing_places,
 )
 from tokenwire.server.engine.mailbox import Mailbox
-from tokenwire.server.engine.model import CausalLM, first_line, from_onnxruntime
+from tokenwire.server.engine.model import CausalLM, from_onnxruntime
 from tokenwire.server.engine.observer import EngineObserver, GuardedObserver, NullObserver
 from tokenwire.server.engine.request_checks import (
     added_ids_beyond,
@@ -45,7 +45,7 @@ from tokenwire.server.engine.request_checks import (
 from tokenwire.server.engine.sampling import Sampler
 from tokenwire.server.engine.scheduler import Cancel, Refresh, Scheduler, Submit
 from tokenwire.server.engine.sequence import Sequence
-from tokenwire.server.engine.spec import ModelLoadError
+from tokenwire.server.engine.spec import ModelLoadError, first_line
 from tokenwire.server.tokenizer import TextStream, Tokenizer
 
 log = structlog.get_logger("tokenwire.engine")

@@ -26,6 +26,7 @@ import numpy as np
 import onnxruntime as ort
 import structlog
 
+from tokenwire.server.engine.spec import first_line
 from tokenwire.server.engine.static_decode import CUDA, Providers, capturing, graph_run
 from tokenwire.server.engine.types import FloatArray, IntArray
 
@@ -118,7 +119,7 @@ class LogitsReader:
             if not self._capture:
                 raise
             # Capture refused at run time: every argmax runs uncaptured from now on.
-            log.warning("engine.argmax_graph_uncaptured", error=str(exc).splitlines()[0])
+            log.warning("engine.argmax_graph_uncaptured", error=first_line(exc))
             self._capture = False
             self._argmax.clear()
             return self.argmax(logits)

@@ -40,7 +40,7 @@ from tokenwire.server.engine.slot_buffer import (
     PastTensors,
 )
 from tokenwire.server.engine.slot_cache import SlotKvCache
-from tokenwire.server.engine.spec import ModelLoadError, ModelSpec, graph_path
+from tokenwire.server.engine.spec import ModelLoadError, ModelSpec, first_line, graph_path
 from tokenwire.server.engine.static_decode import (
     CUDA,
     StaticDecode,
@@ -598,11 +598,6 @@ own (decodes_rows_alone)."""
 def from_onnxruntime(exc: Exception) -> bool:
     """An error ONNX Runtime raised running the graph (its own types, or RuntimeError)."""
     return type(exc).__module__.startswith("onnxruntime") or type(exc) is RuntimeError
-
-
-def first_line(exc: BaseException) -> str:
-    """An error's first line (ONNX Runtime's run several), or its type where it says nothing."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _bound(view: object) -> BoundTensor:

@@ -27,6 +27,11 @@ class ModelLoadError(RuntimeError):
     """The model directory is missing a file or has a layout the engine cannot drive."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An error's first line (ONNX Runtime's run several), or its type where it says nothing."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 # First key present wins; the order follows how common each spelling is.
 ALIASES: dict[str, tuple[str, ...]] = {
     "vocab_size": ("vocab_size", "n_vocab", "padded_vocab_size"),
