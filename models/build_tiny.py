@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--intermediate", type=int, default=688)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=900)
     ap.add_argument("--batch", type=int, default=24)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)

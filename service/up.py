@@ -15,6 +15,7 @@ from typing import Literal
 
 from tokenwire.common import defaults
 from tokenwire.common.settings import host_family, host_port, require, require_seconds, setting
+from tokenwire.server.config import BUNDLED_MODEL_DIR
 from tokenwire.server.process import TokenwireProcess
 
 LogFormat = Literal["json", "console"]
@@ -30,6 +31,9 @@ class UpSettings:
     metrics_port: int = setting(defaults.METRICS_PORT, "the server's `/metrics` port; 0 = off")
     drain_grace_s: float = setting(
         defaults.DRAIN_GRACE_S, "drain grace of the edge, then of the server"
+    )
+    model_dir: Path = setting(
+        BUNDLED_MODEL_DIR, "model directory the server serves", shown="`models/tiny-py`"
     )
     # Console by default: `up` is for a terminal (serve and edge alone default to JSON).
     log_format: LogFormat = setting("console", "log format of both: `json` or `console`")
@@ -167,6 +171,8 @@ def run_up(settings: UpSettings) -> int:
         str(settings.grpc_port),
         "--metrics-port",
         str(settings.metrics_port),
+        "--model-dir",
+        str(settings.model_dir),
         *grace,
     )
     edge = _spawn(

@@ -315,6 +315,22 @@ async def test_each_call_logs_one_line_without_its_text(served: RunningServer) -
     assert "secret_function" not in str(lines)
 
 
+async def test_token_call_lines_name_the_callers_peer(served: RunningServer) -> None:
+    """The request.tokenize, request.detokenize and request.rejected lines of token calls
+    name the caller's peer, as a Generate request's lines do."""
+    with capture_logs() as logs:
+        reply = await _tokenize(served.target, "def f():")
+        await _detokenize(served.target, list(reply.token_ids))
+        await _refusal(_tokenize(served.target, ""))
+    lines = [e for e in logs if e["event"].startswith("request.")]
+    assert [e["event"] for e in lines] == [
+        "request.tokenize",
+        "request.detokenize",
+        "request.rejected",
+    ]
+    assert all(str(e.get("peer", "")).startswith("ipv4:127.0.0.1:") for e in lines), lines
+
+
 async def test_long_texts_beyond_what_the_server_holds_are_resource_exhausted(
     onnx_model: OnnxCausalLM, tokenizer: Tokenizer
 ) -> None:

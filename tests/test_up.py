@@ -9,13 +9,17 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
 from tests.conftest import MODEL
+from tokenwire.server.engine import ModelSpec
 from tokenwire.server.up import banner
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _free_ports(n: int) -> list[int]:
@@ -194,6 +198,24 @@ async def test_up_takes_its_ports_from_the_variables_serve_and_edge_read() -> No
     assert ready.status_code == 200
     assert scraped.status_code == 200
     assert proc.returncode == 0
+
+
+async def test_up_serves_the_model_folder_its_model_dir_names() -> None:
+    """`tokenwire up --model-dir <folder>` serves that folder: the edge lists its model, not
+    the bundled one."""
+    folder = ROOT / "models" / "fixtures" / "gpt2"
+    proc, _, http_port = await _start_up("--model-dir", str(folder))
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            listed = await http.get(f"http://127.0.0.1:{http_port}/v1/models")
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert [m["id"] for m in listed.json()["data"]] == [ModelSpec.from_dir(folder).name]
+    assert ModelSpec.from_dir(folder).name != MODEL
 
 
 async def test_up_whose_edge_cannot_start_stops_the_server_and_exits_2() -> None:

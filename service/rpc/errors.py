@@ -73,12 +73,14 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException)
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-def log_rejected(exc: TokenwireError) -> None:
-    """One line per refused request; names the field and the rule, never the caller's value."""
+def log_rejected(exc: TokenwireError, **fields: object) -> None:
+    """One line per refused request (with `fields`, such as the peer where no request's
+    context carries it); names the field and the rule, never the caller's value."""
     if isinstance(exc, InvalidRequest):
-        log.info("request.rejected", code=type(exc).__name__, field=exc.field, reason=exc.reason)
+        fields.update(field=exc.field, reason=exc.reason)
     else:
-        log.info("request.rejected", code=type(exc).__name__, reason=str(exc))
+        fields.update(reason=str(exc))
+    log.info("request.rejected", code=type(exc).__name__, **fields)
 
 
 def without_value(exc: TokenwireError) -> str:

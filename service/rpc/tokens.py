@@ -58,7 +58,7 @@ class TokenCalls:
         except TokenwireError as exc:
             await _refuse(context, exc)
             raise
-        _log("request.tokenize", len(tokens.ids), started, principal)
+        _log("request.tokenize", len(tokens.ids), started, principal, context)
         return convert.tokens_to_pb(tokens, engine.limits.context_length)
 
     async def detokenize(
@@ -79,7 +79,7 @@ class TokenCalls:
         except TokenwireError as exc:
             await _refuse(context, exc)
             raise
-        _log("request.detokenize", len(asked.token_ids), started, principal)
+        _log("request.detokenize", len(asked.token_ids), started, principal, context)
         return pb.DetokenizeResponse(text=text)
 
     def _open_engine(self) -> Engine:
@@ -120,13 +120,18 @@ def _check_in_model(ids: tuple[int, ...], engine: Engine) -> None:
 
 
 async def _refuse(context: Context, exc: TokenwireError) -> None:
-    """One request.rejected line (the field and the rule, never the value), then the status."""
-    log_rejected(exc)
+    """One request.rejected line (the field and the rule, never the value; the caller's peer),
+    then the status."""
+    log_rejected(exc, peer=context.peer())
     await abort(context, exc)
 
 
-def _log(event: str, tokens: int, started: float, principal: str) -> None:
-    fields: dict[str, object] = {"tokens": tokens, "duration_ms": ms(time.perf_counter() - started)}
+def _log(event: str, tokens: int, started: float, principal: str, context: Context) -> None:
+    fields: dict[str, object] = {
+        "tokens": tokens,
+        "duration_ms": ms(time.perf_counter() - started),
+        "peer": context.peer(),
+    }
     if principal != ANONYMOUS:
         fields["principal"] = principal
     log.info(event, **fields)
