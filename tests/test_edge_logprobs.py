@@ -240,6 +240,31 @@ async def test_text_offsets_of_a_character_spelt_in_byte_tokens_point_into_the_t
     assert whole["logprobs"]["text_offset"] == [0, 1, 1, 1, 1, 2] == streamed
 
 
+async def test_a_token_after_a_character_broken_off_starts_after_its_replacement(
+    spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """ "a", the first byte of "😀" alone, then "b": the text is "a\ufffdb" and "b" starts at
+    2, after the U+FFFD the broken-off byte became, streamed as whole."""
+    lead = _byte_token(tokenizer, "😀".encode()[0])
+    a, b = tokenizer.token_id("a"), tokenizer.token_id("b")
+    assert a is not None
+    assert b is not None
+    prompt = tokenizer.encode("x = ")
+    model = ScriptedModel.continuing(spec, len(prompt), [a, lead, b])
+    running = await start_server(model, tokenizer)
+    edge = await start_edge(running.target)
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "logprobs": 0}
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
+            whole = (await http.post("/v1/completions", json=body)).json()["choices"][0]
+            streamed = await _streamed_offsets(http, body | {"stream": True})
+    finally:
+        await edge.edge.stop()
+        await running.server.drain()
+    assert whole["text"] == "a\ufffdb"
+    assert whole["logprobs"]["text_offset"] == [0, 1, 2] == streamed
+
+
 async def _streamed_offsets(http: httpx.AsyncClient, body: dict[str, Any]) -> list[int]:
     offsets: list[int] = []
     async with aconnect_sse(http, "POST", "/v1/completions", json=body) as source:

@@ -167,10 +167,24 @@ class TextOffsets:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def of(self, token: Token) -> int:
-        """The token's offset; the next token's is past the characters its bytes complete."""
-        at = self.at
-        self.at += len(self._decoder.decode(token.own_bytes or b""))
+        """The token's offset; the next token's is past the characters its bytes complete.
+        Where its bytes break off a character the tokens before it began, the U+FFFD that
+        character becomes is theirs: the token starts after it."""
+        data = token.own_bytes or b""
+        pending, _ = self._decoder.getstate()
+        at = self.at + (1 if pending and data and _breaks(pending, data[:1]) else 0)
+        self.at += len(self._decoder.decode(data))
         return at
+
+
+def _breaks(pending: bytes, byte: bytes) -> bool:
+    """Whether `byte` cannot follow `pending`, the start of a UTF-8 character (which then
+    decodes as one U+FFFD)."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(pending + byte)
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
 def _logprob(token: Token) -> float | None:
