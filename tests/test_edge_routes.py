@@ -27,6 +27,18 @@ async def test_unknown_route_is_an_openai_json_404(http: httpx.AsyncClient, path
     assert (error["type"], error["code"]) == ("invalid_request_error", "unknown_url")
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions/", "/v1/completions/", "/tokenize/"])
+async def test_a_route_with_a_trailing_slash_is_a_json_404_naming_the_route(
+    http: httpx.AsyncClient, path: str
+) -> None:
+    """A POST to a route's path with a trailing slash is a JSON 404 that names the route, not
+    an empty redirect."""
+    response = await http.post(path, json={})
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/json"
+    assert path.rstrip("/") in response.json()["error"]["message"]
+
+
 async def test_unknown_native_route_is_a_native_json_404(http: httpx.AsyncClient) -> None:
     """An unknown path under /v1/generate is a 404 with the native error body."""
     response = await http.get("/v1/generate/some-id/nope")

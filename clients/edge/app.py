@@ -76,6 +76,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         error = EdgeError(405, "METHOD_NOT_ALLOWED", message, openai_code="method_not_allowed")
     elif exc.status_code == 404:
         message = f"no route {request.method} {path}"
+        if path.endswith("/") and path != "/":
+            message += f" (routes end without a slash: {path.rstrip('/')})"
         error = EdgeError(
             404,
             "NOT_FOUND",
@@ -228,5 +230,8 @@ def create_app(
             ClientLeft: _client_left,
         },
     )
+    # A path with a slash too many is a 404 naming the route, not a redirect built from the
+    # Host header (an empty 307 that SDKs follow with the body and others do not).
+    app.router.redirect_slashes = False
     app.state.ctx = ctx
     return app
