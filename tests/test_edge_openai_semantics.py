@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from httpx_sse import aconnect_sse
 
 from tests.conftest import (
     MODEL,
@@ -559,6 +560,69 @@ async def test_fields_that_cannot_change_the_answer_are_accepted(
         extra_body={"tools": [], "tool_choice": "none"},
     )
     assert [chunk async for chunk in reply] if stream else reply
+
+
+@pytest.mark.parametrize(("chat", "stream"), ROUTES)
+async def test_vllms_extensions_at_their_defaults_are_accepted(
+    sdk: openai.AsyncOpenAI, chat: bool, stream: bool
+) -> None:
+    """vLLM's skip_special_tokens (true), include_stop_str_in_output (false), and on chat
+    add_generation_prompt (true), continue_final_message (false) and chat_template_kwargs
+    ({}), at the defaults that are what the edge does, are accepted."""
+    extras: dict[str, Any] = {"skip_special_tokens": True, "include_stop_str_in_output": False}
+    if chat:
+        extras |= {
+            "add_generation_prompt": True,
+            "continue_final_message": False,
+            "chat_template_kwargs": {},
+        }
+    assert await _create(sdk, chat, stream, model=MODEL, max_tokens=2, extra_body=extras)
+
+
+VLLM_REFUSED = [
+    pytest.param(False, {"skip_special_tokens": False}, id="skip_special_tokens"),
+    pytest.param(False, {"include_stop_str_in_output": True}, id="include_stop_str_in_output"),
+    pytest.param(True, {"add_generation_prompt": False}, id="add_generation_prompt"),
+    pytest.param(True, {"continue_final_message": True}, id="continue_final_message"),
+    pytest.param(True, {"chat_template_kwargs": {"x": 1}}, id="chat_template_kwargs"),
+]
+
+
+@pytest.mark.parametrize(("chat", "extra"), VLLM_REFUSED)
+async def test_vllms_extensions_asking_for_what_the_edge_does_not_do_are_400_naming_them(
+    sdk: openai.AsyncOpenAI, chat: bool, extra: dict[str, Any]
+) -> None:
+    """A vLLM extension sent at a value other than its default (which the edge does not do)
+    is a 400 unsupported_parameter naming it."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await _create(sdk, chat, False, model=MODEL, max_tokens=2, extra_body=extra)
+    assert (_error(caught)["param"], _error(caught)["code"]) == (
+        next(iter(extra)),
+        "unsupported_parameter",
+    )
+
+
+async def test_a_stop_token_id_ends_a_completion_with_stop(
+    sdk: openai.AsyncOpenAI, edge: RunningEdge
+) -> None:
+    """stop_token_ids (vLLM's extension) ends the answer at the first of its ids the model
+    produces, finish_reason "stop", the id counted in the usage."""
+    body = {"prompt": "def f():", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    async with (
+        httpx.AsyncClient(base_url=edge.url, timeout=30) as http,
+        aconnect_sse(http, "POST", "/v1/generate", json=body) as source,
+    ):
+        ids = [json.loads(e.data)["id"] async for e in source.aiter_sse() if e.event == "token"]
+    reply = await sdk.completions.create(
+        model=MODEL,
+        prompt="def f():",
+        max_tokens=6,
+        temperature=0,
+        extra_body={"ignore_eos": True, "stop_token_ids": [ids[2]]},
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == ids.index(ids[2]) + 1
 
 
 async def test_completions_logprobs_zero_gives_the_chosen_tokens(sdk: openai.AsyncOpenAI) -> None:

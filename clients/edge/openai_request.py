@@ -21,8 +21,8 @@ from tokenwire.edge.errors import EdgeError, as_request_errors
 from tokenwire.edge.jsonsafe import OutOfRange
 from tokenwire.edge.openai_prompts import completion_prompts
 
-# Read below (or by the route); the extensions top_k, repetition_penalty and ignore_eos are the
-# native API's, as vLLM accepts them too.
+# Read below (or by the route); the extensions top_k, repetition_penalty, ignore_eos and
+# stop_token_ids are the native API's, as vLLM accepts them too.
 HONOURED = frozenset(
     {
         "model",
@@ -43,6 +43,7 @@ HONOURED = frozenset(
         "logit_bias",
         "min_p",
         "min_tokens",
+        "stop_token_ids",
     }
 )
 HONOURED_BY_ROUTE = {
@@ -95,10 +96,26 @@ def _boolean(value: Any) -> bool:
     return isinstance(value, bool)
 
 
-# Not supported: accepted only at the value that asks for nothing (null is always fine).
-IDLE_VALUE: dict[str, Callable[[Any], bool]] = {}
+def _true(value: Any) -> bool:
+    return value is True
+
+
+def _no_kwargs(value: Any) -> bool:
+    return bool(value == {})
+
+
+# Not supported: accepted only at the value that asks for nothing (null is always fine). vLLM's
+# extensions are here at their defaults, which are what this edge does (special tokens are
+# left out of the text, a stop string too), so a client that always sends them keeps working.
+IDLE_VALUE: dict[str, Callable[[Any], bool]] = {
+    "skip_special_tokens": _true,
+    "include_stop_str_in_output": _false,
+}
 IDLE_BY_ROUTE: dict[bool, dict[str, Callable[[Any], bool]]] = {
     True: {
+        "add_generation_prompt": _true,
+        "continue_final_message": _false,
+        "chat_template_kwargs": _no_kwargs,
         "tools": _empty,
         "functions": _empty,
         "tool_choice": _no_tools,
@@ -122,6 +139,11 @@ IDLE_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "echo": ((bool,), "must be true or false"),
     "suffix": ((str,), "must be a string"),
     "best_of": ((int, OutOfRange), "must be an integer"),
+    "skip_special_tokens": ((bool,), "must be true or false"),
+    "include_stop_str_in_output": ((bool,), "must be true or false"),
+    "add_generation_prompt": ((bool,), "must be true or false"),
+    "continue_final_message": ((bool,), "must be true or false"),
+    "chat_template_kwargs": ((dict,), "must be an object"),
 }
 MAX_N = 8
 COMPLETIONS_MAX_TOKENS = 16
@@ -279,6 +301,11 @@ def _idle_hint(name: str) -> str:
         "echo": "false",
         "suffix": '""',
         "best_of": "1",
+        "skip_special_tokens": "true",
+        "include_stop_str_in_output": "false",
+        "add_generation_prompt": "true",
+        "continue_final_message": "false",
+        "chat_template_kwargs": "{}",
     }
     return f"{hints.get(name, '0')} or null is accepted"
 
@@ -389,6 +416,7 @@ def _options(
             repetition_penalty=fields.number("repetition_penalty"),
             seed=fields.seed(),
             stop=fields.strings("stop"),
+            stop_token_ids=fields.token_ids("stop_token_ids"),
             ignore_eos=fields.boolean("ignore_eos"),
             logprobs=logprobs,
             top_logprobs=top_logprobs,
