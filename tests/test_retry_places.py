@@ -133,15 +133,21 @@ async def test_a_long_retry_being_tokenized_leaves_room_for_another_request(
     assert ends == ["FINISH_REASON_CANCELLED", "FINISH_REASON_LENGTH", "FINISH_REASON_LENGTH"]
 
 
+OVER_CONTEXT = " ".join(map(str, range(1500)))
+"""A long prompt (over LONG_PROMPT_CHARS) of more tokens than the bundled model's context."""
+
+
+@pytest.mark.parametrize("prompt", [LONG, OVER_CONTEXT], ids=["fits", "over-the-context"])
 async def test_cancel_reaches_a_request_whose_long_prompt_is_being_tokenized(
-    two_places: RunningServer, tokenizer_gate: threading.Event
+    two_places: RunningServer, tokenizer_gate: threading.Event, prompt: str
 ) -> None:
     """Cancel of a request whose long prompt waits for the tokenizer says it cancelled it, and
     the stream ends as cancelled (with its usage) as soon as the prompt is tokenized, without
-    generating; the server's capacity is whole again."""
+    generating, as Cancel said, even where the prompt turns out too long for the context; the
+    server's capacity is whole again."""
     async with grpc.aio.insecure_channel(two_places.target) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
-        waiting = asyncio.ensure_future(collect(stub, greedy(LONG, 50, request_id="long")))
+        waiting = asyncio.ensure_future(collect(stub, greedy(prompt, 50, request_id="long")))
         assert await eventually(lambda: bool(two_places.engine._tokenizing_requests))
         reply = await stub.Cancel(pb.CancelRequest(request_id="long"))
         tokenizer_gate.set()

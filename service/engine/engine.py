@@ -398,11 +398,17 @@ class Engine:
             prompt_ids = list(request.prompt_ids) or self.tokenizer.encode(
                 request.prompt, add_special_tokens=request.add_special_tokens
             )
-        if self._beyond_vocab and not request.prompt_ids:
-            check_encoded(prompt_ids, self._beyond_vocab, self.model.spec.vocab_size)
-        budget = request.token_budget(len(prompt_ids), self.limits)
-        check_ids(request, self._vocab)
-        check_continuation(request.continuation, budget, self._vocab)
+        cancelled = waited is not None and waited.cancelled
+        if cancelled:
+            # Cancelled while its prompt was tokenized: it ends so, generating nothing, as
+            # Cancel answered, whatever its ids would have been refused for.
+            budget = 0
+        else:
+            if self._beyond_vocab and not request.prompt_ids:
+                check_encoded(prompt_ids, self._beyond_vocab, self.model.spec.vocab_size)
+            budget = request.token_budget(len(prompt_ids), self.limits)
+            check_ids(request, self._vocab)
+            check_continuation(request.continuation, budget, self._vocab)
         sequence = Sequence(
             request=request,
             prompt_ids=prompt_ids,
@@ -413,7 +419,7 @@ class Engine:
             mailbox=Mailbox(asyncio.get_running_loop()),
             arrived_at=arrived_at,
         )
-        if waited is not None and waited.cancelled:
+        if cancelled:
             self._admit_cancelled(sequence)
         else:
             self._admit(sequence, None if waited is None else waited.order)
