@@ -221,23 +221,9 @@ async def test_text_offsets_of_a_character_spelt_in_byte_tokens_point_into_the_t
     the choice's text, streamed as whole: the byte tokens at the emoji, "b" right after it
     (not four characters on, where the tokens' own texts, U+FFFD each, would put it)."""
     emoji = [_byte_token(tokenizer, value) for value in "😀".encode()]
-    a, b = tokenizer.token_id("a"), tokenizer.token_id("b")
-    assert a is not None
-    assert b is not None
-    prompt = tokenizer.encode("x = ")
-    model = ScriptedModel.continuing(spec, len(prompt), [a, *emoji, b])
-    running = await start_server(model, tokenizer)
-    edge = await start_edge(running.target)
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": 6, "logprobs": 0}
-    try:
-        async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
-            whole = (await http.post("/v1/completions", json=body)).json()["choices"][0]
-            streamed = await _streamed_offsets(http, body | {"stream": True})
-    finally:
-        await edge.edge.stop()
-        await running.server.drain()
-    assert whole["text"] == "a😀b"
-    assert whole["logprobs"]["text_offset"] == [0, 1, 1, 1, 1, 2] == streamed
+    text, whole, streamed = await _offsets_around(spec, tokenizer, emoji)
+    assert text == "a😀b"
+    assert whole == [0, 1, 1, 1, 1, 2] == streamed
 
 
 async def test_a_token_after_a_character_broken_off_starts_after_its_replacement(
@@ -246,14 +232,24 @@ async def test_a_token_after_a_character_broken_off_starts_after_its_replacement
     """ "a", the first byte of "😀" alone, then "b": the text is "a\ufffdb" and "b" starts at
     2, after the U+FFFD the broken-off byte became, streamed as whole."""
     lead = _byte_token(tokenizer, "😀".encode()[0])
+    text, whole, streamed = await _offsets_around(spec, tokenizer, [lead])
+    assert text == "a\ufffdb"
+    assert whole == [0, 1, 2] == streamed
+
+
+async def _offsets_around(
+    spec: ModelSpec, tokenizer: Tokenizer, middle: list[int]
+) -> tuple[str, list[int], list[int]]:
+    """A completion of "a", the `middle` ids, then "b" from a scripted model, with logprobs:
+    its text and its text_offset list, whole and streamed."""
     a, b = tokenizer.token_id("a"), tokenizer.token_id("b")
     assert a is not None
     assert b is not None
     prompt = tokenizer.encode("x = ")
-    model = ScriptedModel.continuing(spec, len(prompt), [a, lead, b])
+    model = ScriptedModel.continuing(spec, len(prompt), [a, *middle, b])
     running = await start_server(model, tokenizer)
     edge = await start_edge(running.target)
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "logprobs": 0}
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": len(middle) + 2, "logprobs": 0}
     try:
         async with httpx.AsyncClient(base_url=edge.url, timeout=30) as http:
             whole = (await http.post("/v1/completions", json=body)).json()["choices"][0]
@@ -261,8 +257,7 @@ async def test_a_token_after_a_character_broken_off_starts_after_its_replacement
     finally:
         await edge.edge.stop()
         await running.server.drain()
-    assert whole["text"] == "a\ufffdb"
-    assert whole["logprobs"]["text_offset"] == [0, 1, 2] == streamed
+    return whole["text"], whole["logprobs"]["text_offset"], streamed
 
 
 async def _streamed_offsets(http: httpx.AsyncClient, body: dict[str, Any]) -> list[int]:

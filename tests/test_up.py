@@ -73,12 +73,9 @@ async def test_up_prints_the_urls_serves_and_stops_cleanly_on_ctrl_c() -> None:
                 json={"model": MODEL, "prompt": "import os", "max_tokens": 4},
             )
             scraped = await http.get(f"http://127.0.0.1:{metrics_port}/metrics")
-        proc.send_signal(signal.SIGINT)
-        await asyncio.wait_for(proc.communicate(), 60)
+        await _interrupt(proc)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await _kill_if_running(proc)
     text = "".join(banner)
     assert f"http://127.0.0.1:{http_port}/" in text
     assert f"127.0.0.1:{grpc_port} tokenwire.v1.GenerationService/Generate" in text
@@ -86,6 +83,19 @@ async def test_up_prints_the_urls_serves_and_stops_cleanly_on_ctrl_c() -> None:
     assert reply.status_code == 200
     assert "tokenwire_requests_total" in scraped.text
     assert proc.returncode == 0
+
+
+async def _interrupt(proc: asyncio.subprocess.Process) -> None:
+    """Ctrl-C to `up`, then wait (at most a minute) for it to exit."""
+    proc.send_signal(signal.SIGINT)
+    await asyncio.wait_for(proc.communicate(), 60)
+
+
+async def _kill_if_running(proc: asyncio.subprocess.Process) -> None:
+    """Kill `up` where a test failed before it exited."""
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
 
 
 async def _spawn_up(
@@ -187,12 +197,9 @@ async def test_up_takes_its_ports_from_the_variables_serve_and_edge_read() -> No
         async with httpx.AsyncClient(timeout=30) as http:
             ready = await http.get(f"http://127.0.0.1:{http_port}/readyz")
             scraped = await http.get(f"http://127.0.0.1:{metrics_port}/metrics")
-        proc.send_signal(signal.SIGINT)
-        await asyncio.wait_for(proc.communicate(), 60)
+        await _interrupt(proc)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await _kill_if_running(proc)
     listening = [r for r in _records(lines) if r["event"] == "server.listening"]
     assert [r["port"] for r in listening] == [grpc_port]
     assert ready.status_code == 200
@@ -208,12 +215,9 @@ async def test_up_serves_the_model_folder_its_model_dir_names() -> None:
     try:
         async with httpx.AsyncClient(timeout=30) as http:
             listed = await http.get(f"http://127.0.0.1:{http_port}/v1/models")
-        proc.send_signal(signal.SIGINT)
-        await asyncio.wait_for(proc.communicate(), 60)
+        await _interrupt(proc)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await _kill_if_running(proc)
     assert [m["id"] for m in listed.json()["data"]] == [ModelSpec.from_dir(folder).name]
     assert ModelSpec.from_dir(folder).name != MODEL
 
