@@ -22,7 +22,14 @@ import grpc
 
 from tokenwire.client import blocking
 from tokenwire.client.errors import Cancelled, DeadlineExceeded, ModelMismatch, from_rpc_error
-from tokenwire.client.failover import RETRYABLE, CutShort, Resumption, ServedModel, Targets
+from tokenwire.client.failover import (
+    CutShort,
+    Resumption,
+    ServedModel,
+    Targets,
+    attempt_s,
+    moves_on,
+)
 from tokenwire.client.messages import (
     Completion,
     GenerateOptions,
@@ -48,38 +55,47 @@ SERVICE = "tokenwire.v1.GenerationService"
 
 # Spread over every address a dns:/// or ipv4: target resolves to, skipping those whose health
 # (grpc.health.v1, watched by the channel) is not SERVING: a replica loading or draining gets
-# no new call, and a health check of the channel reaches a serving one. Retry the unary calls'
-# UNAVAILABLE transparently while nothing has been received (a replica that went away
-# meanwhile). Not Generate: a stream whose connection broke before its headers may have been
-# accepted, and the same request sent again would be refused its id by the server that still
-# runs it; the client's own failover sends it again as a retry of that id (failover.py).
-SERVICE_CONFIG = json.dumps(
-    {
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "healthCheckConfig": {"serviceName": ""},
-        "methodConfig": [
-            {
-                "name": [{"service": SERVICE}],
-                "retryPolicy": {
-                    "maxAttempts": 4,
-                    "initialBackoff": "0.1s",
-                    "maxBackoff": "1s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
+# no new call, and a health check of the channel reaches a serving one.
+BALANCING: dict[str, Any] = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": ""},
+}
+# With one target, retry the unary calls' UNAVAILABLE transparently while nothing has been
+# received (a replica that went away meanwhile). Not Generate: a stream whose connection broke
+# before its headers may have been accepted, and the same request sent again would be refused
+# its id by the server that still runs it; the client's own failover sends it again as a
+# retry of that id (failover.py). With several targets the client's own failover moves a call
+# a target answers UNAVAILABLE to the next at once, where the channel's backoff would first
+# hold it up to 0.7 s at each dead target.
+RETRIES: dict[str, Any] = {
+    "methodConfig": [
+        {
+            "name": [{"service": SERVICE}],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
             },
-            {"name": [{"service": SERVICE, "method": "Generate"}]},
-        ],
-    }
-)
-CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.service_config", SERVICE_CONFIG),
-    ("grpc.enable_retries", 1),
-    ("grpc.keepalive_time_ms", 30_000),
-    # A Tokenize or Detokenize reply grows with its input (a text's pieces, the text of its
-    # ids) past gRPC's 4 MiB default; the server bounds the input instead.
-    ("grpc.max_receive_message_length", -1),
-]
+        },
+        {"name": [{"service": SERVICE, "method": "Generate"}]},
+    ],
+}
+
+
+def channel_options(targets: int) -> list[tuple[str, Any]]:
+    """The options of each channel of a client (or an edge) that has `targets` targets."""
+    config = BALANCING | (RETRIES if targets == 1 else {})
+    return [
+        ("grpc.service_config", json.dumps(config)),
+        # Transparent retries (a call that never left, a connection closing under it) stay.
+        ("grpc.enable_retries", 1),
+        ("grpc.keepalive_time_ms", 30_000),
+        # A Tokenize or Detokenize reply grows with its input (a text's pieces, the text of
+        # its ids) past gRPC's 4 MiB default; the server bounds the input instead.
+        ("grpc.max_receive_message_length", -1),
+    ]
 
 
 CLOSED = "the tokenwire client is closed"
@@ -190,7 +206,7 @@ class AsyncTokenwireClient:
         self._channels = (
             [channel]
             if channel
-            else [aio_channel(t, self.security, CHANNEL_OPTIONS) for t in names]
+            else [aio_channel(t, self.security, channel_options(len(names))) for t in names]
         )
         self._stubs = [pb_grpc.GenerationServiceStub(c) for c in self._channels]
         self._targets = Targets(names)
@@ -319,14 +335,13 @@ class AsyncTokenwireClient:
             left -= 1
             try:
                 return await method(self._stubs[index])(
-                    request,
-                    timeout=max(0.0, deadline - time.monotonic()),
-                    metadata=self.security.metadata(),
+                    request, timeout=attempt_s(deadline, left), metadata=self.security.metadata()
                 )
             except grpc.RpcError as error:
-                if error.code() not in RETRYABLE or not left:
+                code = moves_on(error, deadline, left)
+                if code is None:
                     raise from_rpc_error(error, grows) from None
-                index = self._targets.skip(index, error.code())
+                index = self._targets.skip(index, code)
 
     async def model_info(self) -> ModelInfo:
         self._check_open()
@@ -381,7 +396,7 @@ class TokenwireClient:
         self._channels = (
             [channel]
             if channel
-            else [sync_channel(t, self.security, CHANNEL_OPTIONS) for t in names]
+            else [sync_channel(t, self.security, channel_options(len(names))) for t in names]
         )
         self._stubs = [pb_grpc.GenerationServiceStub(c) for c in self._channels]
         self._targets = Targets(names)
@@ -486,14 +501,13 @@ class TokenwireClient:
             left -= 1
             try:
                 return method(self._stubs[index])(
-                    request,
-                    timeout=max(0.0, deadline - time.monotonic()),
-                    metadata=self.security.metadata(),
+                    request, timeout=attempt_s(deadline, left), metadata=self.security.metadata()
                 )
             except grpc.RpcError as error:
-                if error.code() not in RETRYABLE or not left:
+                code = moves_on(error, deadline, left)
+                if code is None:
                     raise from_rpc_error(error, grows) from None
-                index = self._targets.skip(index, error.code())
+                index = self._targets.skip(index, code)
 
     def model_info(self) -> ModelInfo:
         self._check_open()

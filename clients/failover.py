@@ -47,6 +47,28 @@ MODEL_CHECK_S = 10.0
 """How long a target may take to say which model it serves before a stream moves on."""
 
 
+def attempt_s(deadline: float, others: int) -> float:
+    """How long a unary call (Tokenize, Detokenize, GetModelInfo) may wait for one target: what
+    is left of the call's deadline (time.monotonic()), and at most MODEL_CHECK_S while `others`
+    targets are left to try, so a target that takes connections and never answers costs the
+    call that long, as it costs a stream, before the call moves on."""
+    left = max(0.0, deadline - time.monotonic())
+    return min(left, MODEL_CHECK_S) if others else left
+
+
+def moves_on(error: grpc.RpcError, deadline: float, others: int) -> grpc.StatusCode | None:
+    """Where a unary call whose attempt failed with `error` goes on to the next target, the
+    code to skip this one with: its UNAVAILABLE, or UNAVAILABLE for an attempt that ran out
+    of its MODEL_CHECK_S while the call had time left; None where the error ends the call."""
+    if not others:
+        return None
+    code = error.code()
+    if code in RETRYABLE:
+        return code
+    timed_out = code == grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.UNAVAILABLE if timed_out and deadline - time.monotonic() > 0.01 else None
+
+
 def checked(error: grpc.RpcError, target: str) -> grpc.RpcError:
     """The error a model check of `target` that failed with `error` counts as: Unanswered
     where it ran out of its MODEL_CHECK_S, else its own."""

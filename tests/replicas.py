@@ -40,6 +40,27 @@ class Relay(pb_grpc.GenerationServiceServicer):
             await channel.close()
 
 
+class GoneReplica(Relay):
+    """Every Tokenize and GetModelInfo ends UNAVAILABLE at once (a replica going away),
+    counted in `asked`."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.asked = 0
+
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.TokenizeResponse:
+        self.asked += 1
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica went away")
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetModelInfoResponse:
+        self.asked += 1
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica went away")
+
+
 class SlowReplica(Relay):
     """Tokenize and Cancel take `delay_s`, then end UNAVAILABLE (with `gives_up`) or relay
     the real server's answer."""

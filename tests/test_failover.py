@@ -26,7 +26,7 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 
 from tests.conftest import MODEL, RunningServer, eventually, start_edge, start_server
 from tests.procs import ServerProcess
-from tests.replicas import Relay
+from tests.replicas import GoneReplica, Relay, SlowReplica
 from tokenwire.client import AsyncTokenwireClient, TokenwireClient, failover
 from tokenwire.client.errors import (
     Cancelled,
@@ -644,6 +644,65 @@ async def test_edge_openai_routes_move_on_from_a_target_that_never_answers(
             await edge.edge.stop()
     assert answer.status_code == 200
     assert answer.json()["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("blocking", [False, True], ids=["async", "blocking"])
+async def test_client_unary_calls_move_on_from_a_target_that_never_answers(
+    served: RunningServer, monkeypatch: pytest.MonkeyPatch, blocking: bool
+) -> None:
+    """Tokenize, Detokenize and GetModelInfo with a first target that takes connections and
+    never answers: each moves on after MODEL_CHECK_S (shortened here), as a stream does, and
+    is answered by the next target within the call's timeout."""
+    monkeypatch.setattr(failover, "MODEL_CHECK_S", 0.5)
+    with black_hole() as silent:
+        targets = [silent, served.target]
+        if blocking:
+            with TokenwireClient(targets, timeout_s=5) as sync:
+                ids = await asyncio.to_thread(lambda: sync.tokenize("x = 1").ids)
+                text = await asyncio.to_thread(sync.detokenize, ids)
+                info = await asyncio.to_thread(sync.model_info)
+        else:
+            async with AsyncTokenwireClient(targets, timeout_s=5) as client:
+                ids = (await client.tokenize("x = 1")).ids
+                text = await client.detokenize(ids)
+                info = await client.model_info()
+    assert text == "x = 1"
+    assert info.model == MODEL
+
+
+async def test_edge_tokenize_moves_on_from_a_target_that_stops_answering(
+    served: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The edge's /tokenize with a first target that says which model it serves but never
+    answers a Tokenize: answered by the next target after MODEL_CHECK_S (shortened here), not
+    a 504 at the upstream timeout."""
+    monkeypatch.setattr(failover, "MODEL_CHECK_S", 0.5)
+    stuck = SlowReplica(served.target, 30.0, gives_up=False)
+    await stuck.start()
+    edge = await start_edge(f"{stuck.target},{served.target}", upstream_timeout_s=5.0)
+    try:
+        async with httpx.AsyncClient(base_url=edge.url, timeout=60) as http:
+            answer = await http.post("/tokenize", json={"prompt": "x = 1"})
+    finally:
+        await edge.edge.stop()
+        await stuck.stop()
+    assert answer.status_code == 200, answer.text
+
+
+async def test_a_target_answering_unavailable_is_asked_once_before_the_next(
+    served: RunningServer,
+) -> None:
+    """With several targets, a unary call one answers UNAVAILABLE goes to the next at once:
+    the channel does not retry it there first (up to 0.7 s of backoff per dead target)."""
+    gone = GoneReplica(served.target)
+    await gone.start()
+    try:
+        async with AsyncTokenwireClient([gone.target, served.target], timeout_s=5) as client:
+            tokens = await client.tokenize("x = 1")
+    finally:
+        await gone.stop()
+    assert tokens.ids
+    assert gone.asked == 1
 
 
 async def _through_edge(targets: str, body: dict[str, Any]) -> list[ServerSentEvent]:

@@ -17,7 +17,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tokenwire.client import failover
-from tokenwire.client.client import CANCEL_TIMEOUT_S, CHANNEL_OPTIONS, cancel_everywhere
+from tokenwire.client.client import CANCEL_TIMEOUT_S, cancel_everywhere, channel_options
 from tokenwire.client.errors import ModelMismatch, TokenwireError, from_rpc_error, from_status
 from tokenwire.client.failover import RETRYABLE, CutShort, Resumption, ServedModel, Targets
 from tokenwire.client.messages import (
@@ -201,7 +201,8 @@ class Upstream:
         self._metadata = self._security.metadata()
         self._targets = Targets(split_targets(target))
         self._channels = [
-            aio_channel(t, self._security, CHANNEL_OPTIONS) for t in self._targets.names
+            aio_channel(t, self._security, channel_options(len(self._targets.names)))
+            for t in self._targets.names
         ]
         self._stubs = [pb_grpc.GenerationServiceStub(c) for c in self._channels]
         self._healths = [health_pb2_grpc.HealthStub(c) for c in self._channels]
@@ -400,10 +401,9 @@ class Upstream:
         """GetModelInfo of the first target that answers, from the next one on; a target that
         takes connections and never answers within MODEL_CHECK_S is passed over too."""
         index, reply = await self._first_answer(
-            lambda i: self._stubs[i].GetModelInfo(
-                pb.GetModelInfoRequest(), timeout=failover.MODEL_CHECK_S, metadata=self._metadata
-            ),
-            unanswered_passes=True,
+            lambda i, timeout: self._stubs[i].GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata
+            )
         )
         self._targets.remember(index, reply)
         return reply
@@ -411,37 +411,48 @@ class Upstream:
     async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
         """Tokenize on the first target that answers, as model_info asks, within the
         upstream timeout (one for all the targets it tries); EdgeError when it fails."""
-        left = _time_left(self._timeout_s)
         _, reply = await self._first_answer(
-            lambda i: self._stubs[i].Tokenize(request, timeout=left(), metadata=self._metadata)
+            lambda i, timeout: self._stubs[i].Tokenize(
+                request, timeout=timeout, metadata=self._metadata
+            ),
+            time.monotonic() + self._timeout_s,
         )
         return reply
 
     async def detokenize(self, request: pb.DetokenizeRequest) -> pb.DetokenizeResponse:
         """Detokenize, as tokenize asks."""
-        left = _time_left(self._timeout_s)
         _, reply = await self._first_answer(
-            lambda i: self._stubs[i].Detokenize(request, timeout=left(), metadata=self._metadata)
+            lambda i, timeout: self._stubs[i].Detokenize(
+                request, timeout=timeout, metadata=self._metadata
+            ),
+            time.monotonic() + self._timeout_s,
         )
         return reply
 
     async def _first_answer(
-        self, ask: Callable[[int], Awaitable[Reply]], *, unanswered_passes: bool = False
+        self, ask: Callable[[int, float], Awaitable[Reply]], deadline: float | None = None
     ) -> tuple[int, Reply]:
-        """The first target's answer to ask(index) and its index, from the next target on: one
-        that is UNAVAILABLE (with unanswered_passes, one whose call ran out of its time too)
-        passes the call to the next; EdgeError for any other failure, or for the last one."""
+        """The first target's answer to ask(index, timeout) and its index, from the next
+        target on, before `deadline` (time.monotonic()): one that is UNAVAILABLE, or that does
+        not answer within MODEL_CHECK_S while others are left (failover.attempt_s), passes the
+        call to the next; EdgeError for any other failure, or for the last one. With no
+        deadline (the model check) every target has MODEL_CHECK_S, the last one too."""
         index, left = self._targets.next, len(self._stubs)
         while True:
             left -= 1
             try:
-                return index, await ask(index)
+                if deadline is None:
+                    return index, await ask(index, failover.MODEL_CHECK_S)
+                return index, await ask(index, failover.attempt_s(deadline, left))
             except grpc.RpcError as failed:
-                name = self._targets.names[index]
-                error = failover.checked(failed, name) if unanswered_passes else failed
-                if error.code() not in RETRYABLE or not left:
-                    raise edge_error(from_rpc_error(error)) from None
-                index = self._targets.skip(index, error.code())
+                if deadline is None:
+                    failed = failover.checked(failed, self._targets.names[index])
+                    code = failed.code() if failed.code() in RETRYABLE and left else None
+                else:
+                    code = failover.moves_on(failed, deadline, left)
+                if code is None:
+                    raise edge_error(from_rpc_error(failed)) from None
+                index = self._targets.skip(index, code)
 
     async def ready(self) -> bool:
         """True when any target reports SERVING (cached for half a second): a stream opens
@@ -469,13 +480,6 @@ class Upstream:
             )
         except TokenwireError as error:
             raise edge_error(error) from None
-
-
-def _time_left(limit_s: float) -> Callable[[], float]:
-    """Seconds left of limit_s from now, each time it is asked (at least 1 ms: a call whose
-    time is gone then ends DEADLINE_EXCEEDED at once)."""
-    deadline = time.monotonic() + limit_s
-    return lambda: max(deadline - time.monotonic(), 0.001)
 
 
 def upstream_id(request_id: str, owner: str | None) -> str:
