@@ -290,11 +290,31 @@ async def test_a_cancel_while_another_edge_opens_the_stream_is_answered_at_once(
     assert len(events) < 100
 
 
+async def test_an_id_whose_edge_died_opening_it_is_free_a_lease_later(
+    paced: RunningServer, redis_server: RedisServer
+) -> None:
+    """An id claimed by an edge that died before its server answered is free again once that
+    edge's lease (0.3 s here) has lapsed, not a minute later: a new stream under it on another
+    edge is served."""
+    a = await _redis_edge(paced.target, redis_server.url, 2.0)
+    await _store(a).claim("orphaned")
+    await a.edge.stop()  # dies with the id claimed
+    b = await _redis_edge(paced.target, redis_server.url, 2.0)
+    headers = {"X-Request-ID": "orphaned"}
+    try:
+        await asyncio.sleep(0.6)
+        async with httpx.AsyncClient(base_url=b.url, timeout=10) as on_b:
+            _, events = await sse.events(on_b, "POST", "/v1/generate", json=SHORT, headers=headers)
+    finally:
+        await b.edge.stop()
+    assert events[-1].event == "done"
+
+
 async def test_a_cancel_of_an_id_whose_edge_died_opening_it_is_answered_at_once(
     paced: RunningServer, redis_server: RedisServer
 ) -> None:
     """An id claimed by an edge that died before its server answered (its claim holds for a
-    minute): a cancel on another edge is answered at once, and that edge then stops at once,
+    lease): a cancel on another edge is answered at once, and that edge then stops at once,
     with no request of it still waiting on the claim."""
     a = await _redis_edge(paced.target, redis_server.url, 2.0)
     await _store(a).claim("orphan")

@@ -38,8 +38,6 @@ PREFIX = "tokenwire:resume:"
 GONE_S = 600
 """How long an id is remembered after its stream was opened (410 instead of 404 once it
 expired): ten minutes of tombstones, ~100 bytes each, one per stream opened in them."""
-CLAIM_MS = 60_000
-"""An id claimed by an edge that died before the server answered is free again after this."""
 FOREIGN = -1
 """CANCEL_OPENING's answer for an id another principal claimed."""
 TERMINAL = frozenset({"done", "error"})
@@ -82,9 +80,11 @@ class Keys:
         return [self.events, self.ids, self.meta]
 
 
-# KEYS: meta, events, ids, lease, watch; ARGV: ttl ms, principal. 1 when the id was free (no
-# meta, or an expired stream's whose last event is written; and no lease: a stream whose meta
-# alone was evicted still runs under it) and is now claimed, by the principal.
+# KEYS: meta, events, ids, lease, watch; ARGV: ttl ms, principal, claimer. 1 when the id was
+# free (no meta, or an expired stream's whose last event is written; and no lease: a stream
+# whose meta alone was evicted still runs under it) and is now claimed, by the principal, for
+# the claiming edge (`claimer`), which renews it (RENEW_CLAIM) while its server opens the
+# stream: an edge that dies meanwhile leaves the id free a lease later.
 # What a stream of the id left without its meta (evicted under memory pressure, or expired a
 # moment apart) is deleted with the claim: the new stream's events and ids start empty, and
 # none of an earlier caller's is ever read as this one's.
@@ -93,7 +93,7 @@ if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state and state ~= 'expired' then return 0 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'state', 'claimed', 'principal', ARGV[2])
+redis.call('HSET', KEYS[1], 'state', 'claimed', 'principal', ARGV[2], 'claimer', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 return 1
@@ -150,9 +150,18 @@ if redis.call('GET', KEYS[2]) == ARGV[1] then return 3 end
 return 0
 """
 
-# KEYS: meta. Frees an id that was claimed but never opened.
+# KEYS: meta; ARGV: claimer, ttl ms. 1 when the claimer's claim (not yet opened) holds for
+# ttl ms more, 0 when it is no longer the claimer's.
+RENEW_CLAIM = """
+local meta = redis.call('HMGET', KEYS[1], 'state', 'claimer')
+if meta[1] ~= 'claimed' or meta[2] ~= ARGV[1] then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+
+# KEYS: meta; ARGV: claimer. Frees an id the claimer claimed and never opened.
 RELEASE_CLAIM = """
-if redis.call('HGET', KEYS[1], 'state') == 'claimed' then return redis.call('DEL', KEYS[1]) end
+local meta = redis.call('HMGET', KEYS[1], 'state', 'claimer')
+if meta[1] == 'claimed' and meta[2] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 

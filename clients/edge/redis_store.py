@@ -59,6 +59,7 @@ log = structlog.get_logger("tokenwire.edge")
 T = TypeVar("T")
 SCRIPTS = (
     "CLAIM",
+    "RENEW_CLAIM",
     "RELEASE_CLAIM",
     "OPEN",
     "FIND",
@@ -131,7 +132,9 @@ class RedisStreams:
         self.held = 0
         """Bytes of the events kept for the streams this edge generates, kept as they change
         (`bytes` sums them); bounded by total_bytes as events arrive (Generation._keep)."""
-        self._claimed: set[str] = set()
+        self._claimed: dict[str, asyncio.Task[None]] = {}
+        """The ids this edge claimed whose servers are opening their streams, each with the
+        task that renews its claim."""
         self._reservations = itertools.count()
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
@@ -161,16 +164,36 @@ class RedisStreams:
         return f"{self.edge}:{uuid.uuid4().hex[:12]}"
 
     async def claim(self, request_id: str, owner: str | None = None) -> None:
+        """Claim the id for a stream this edge's server is about to open, for a lease at a
+        time, renewed while it opens: an edge that dies meanwhile leaves it free a lease later."""
         keys = Keys.of(request_id)
-        args = [rk.CLAIM_MS, _principal(owner)]
+        args = [self.lease_ms, _principal(owner), self.edge]
         if not await self.redis(self.script("CLAIM", keys.claimed, args)):
             raise id_taken(self.window_s)
-        self._claimed.add(request_id)
+        self._claimed[request_id] = asyncio.create_task(self._hold_claim(keys.meta))
+
+    async def _hold_claim(self, meta: str) -> None:
+        """Renew a claim every third of a lease until it is opened or released (cancelled then)
+        or no longer this edge's; a renewal Redis fails is tried again at the next."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                if not await self.script("RENEW_CLAIM", [meta], [self.edge, self.lease_ms]):
+                    return
+            except RedisError as error:
+                store_error(error)
+
+    def _drop_claim(self, request_id: str) -> bool:
+        """Stop renewing the id's claim; whether this edge held one."""
+        renewing = self._claimed.pop(request_id, None)
+        if renewing is not None:
+            renewing.cancel()
+        return renewing is not None
 
     async def release(self, request_id: str) -> None:
-        if request_id in self._claimed:
-            self._claimed.discard(request_id)
-            await self.redis(self.script("RELEASE_CLAIM", [Keys.of(request_id).meta], []))
+        if self._drop_claim(request_id):
+            meta = Keys.of(request_id).meta
+            await self.redis(self.script("RELEASE_CLAIM", [meta], [self.edge]))
 
     async def open(
         self, upstream: UpstreamStream, request_id: str, owner: str | None
@@ -205,7 +228,7 @@ class RedisStreams:
         except EdgeError:
             upstream.cancel()
             raise
-        self._claimed.discard(request_id)
+        self._drop_claim(request_id)
         origin = (str(meta["budget"]), str(meta["model"]))
         generation = self._start(request_id, 1, _ready(upstream), holder, origin=origin)
         if opened == rk.CANCEL_ASKED:
@@ -389,8 +412,10 @@ class RedisStreams:
             generation.stop()
         for tail in self.tails.values():
             tail.stop()
+        for renewing in self._claimed.values():
+            renewing.cancel()  # an opening cut short: its claim lapses a lease later
         tasks = [t for g in self._generations.values() for t in g.tasks] + list(self._background)
-        tasks += [tail.task for tail in self.tails.values()]
+        tasks += [tail.task for tail in self.tails.values()] + list(self._claimed.values())
         await asyncio.gather(*tasks, return_exceptions=True)
         for client in (self.writes, self.reads, self.waits):
             await client.aclose()
