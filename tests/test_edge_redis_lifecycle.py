@@ -21,7 +21,7 @@ from tests import sse
 from tests.conftest import RunningEdge, RunningServer, eventually, start_edge
 from tests.redisproc import RedisServer
 from tests.replicas import SlowOpening
-from tokenwire.edge import native
+from tokenwire.edge import native, redis_readers
 from tokenwire.edge.pipeline import Frame
 from tokenwire.edge.redis_store import RedisStreams
 from tokenwire.edge.store import StoredStream
@@ -214,6 +214,42 @@ async def test_a_stream_whose_last_event_comes_as_it_is_dropped_ends_as_finished
     assert events[-1].event == "done"
     assert json.loads(events[-1].data)["finish_reason"] == "cancelled"
     assert again.status_code == 409
+
+
+async def _behind_a_lapsed_stream(
+    edge: RunningEdge, request_id: str, *, reopen: bool
+) -> list[tuple[int, str]]:
+    """A finished stream's reader that read its first event, then fell behind until the
+    stream's keys lapsed (its window of 1 s), after which (with `reopen`) another stream took
+    the id: the (seq, name) of what that reader gets. Readers read the store one event at a
+    time here (READ_COUNT), so the reader holds none of the rest when the keys lapse."""
+    headers = {"X-Request-ID": request_id}
+    async with httpx.AsyncClient(base_url=edge.url, timeout=10) as http:
+        await sse.events(http, "POST", "/v1/generate", json=SHORT, headers=headers)
+        reader = (await _store(edge).get(request_id, None)).follow(0)
+        first = await anext(reader)
+        await asyncio.sleep(1.5)  # the stream's keys lapse
+        if reopen:
+            body = {**SHORT, "max_tokens": 100}
+            await sse.events(http, "POST", "/v1/generate", json=body, headers=headers)
+        rest = [event async for event in reader]
+    return [(e.seq, e.name) for e in [first, *rest]]
+
+
+@pytest.mark.parametrize("reopen", [False, True], ids=["lapsed", "id-taken-since"])
+async def test_a_reader_behind_a_stream_whose_keys_lapsed_gets_a_gone_error(
+    paced: RunningServer, redis_server: RedisServer, reopen: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that fell behind a finished stream until its keys lapsed gets a GONE `error`
+    for the events it had not read: it does not end silently, nor go on with the events of a
+    stream that took the id since."""
+    monkeypatch.setattr(redis_readers, "READ_COUNT", 1)
+    edge = await _redis_edge(paced.target, redis_server.url, 1.0)
+    try:
+        read = await _behind_a_lapsed_stream(edge, f"behind-{reopen}", reopen=reopen)
+    finally:
+        await edge.edge.stop()
+    assert read == [(1, "token"), (0, "error")]
 
 
 async def test_a_cancel_on_another_edge_while_the_stream_opens_cancels_it_once_open(

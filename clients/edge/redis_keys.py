@@ -8,7 +8,10 @@ Keys of one stream (all under `tokenwire:resume:<request_id>:`, all expiring):
            max_tokens the server whose tokens the stream delivers gave it: what a continuation
            asks for), `model` (that server's `x-tokenwire-model`), `first` (the lowest seq
            still kept), `cancel` (set when a cancel reached another edge, or came while the
-           stream was opening), `holder` (the generation that last took the lease);
+           stream was opening), `holder` (the generation that last took the lease),
+           `instance` (the generation that opened it: a reader checks it is still the stream
+           it attached to, where the id's keys lapsed and another stream took the id since),
+           `claimer` (the edge that claimed the id);
 - `events` stream: one entry per event, entry id `0-<seq>`, fields `n` (name), `d` (JSON data);
 - `ids`    string: the token ids delivered so far, 4 bytes each, little-endian (what a
            continuation sends as `continuation_ids`);
@@ -131,9 +134,10 @@ return 1
 # KEYS: meta, gone, watch; ARGV: principal, member ('' for none), lapse ms. FOUND when the
 # principal's stream is stored (open or done), HELD when it is open and the member now holds
 # it for a reader about to attach (see WATCH; a store refusing writes holds nothing, and still
-# answers), EXPIRED when the id's stream expired (`gone` names the principal), else UNKNOWN.
+# answers), EXPIRED when the id's stream expired (`gone` names the principal), else UNKNOWN;
+# with the stream's instance (FOUND, HELD) or nil.
 FIND = """
-local meta = redis.call('HMGET', KEYS[1], 'state', 'principal')
+local meta = redis.call('HMGET', KEYS[1], 'state', 'principal', 'instance')
 if (meta[1] == 'open' or meta[1] == 'done') and meta[2] == ARGV[1] then
   if meta[1] == 'open' and ARGV[2] ~= '' then
     local now = redis.call('TIME')
@@ -141,13 +145,13 @@ if (meta[1] == 'open' or meta[1] == 'done') and meta[2] == ARGV[1] then
     local lapse = tonumber(ARGV[3])
     if type(redis.pcall('ZADD', KEYS[3], ms + lapse, ARGV[2])) == 'number' then
       if redis.call('PTTL', KEYS[3]) < lapse then redis.call('PEXPIRE', KEYS[3], lapse) end
-      return 2
+      return {2, meta[3]}
     end
   end
-  return 1
+  return {1, meta[3]}
 end
-if redis.call('GET', KEYS[2]) == ARGV[1] then return 3 end
-return 0
+if redis.call('GET', KEYS[2]) == ARGV[1] then return {3, false} end
+return {0, false}
 """
 
 # KEYS: meta; ARGV: claimer, ttl ms. 1 when the claimer's claim (not yet opened) holds for

@@ -55,17 +55,28 @@ def stored_event(entry: Entry) -> BufferedEvent:
 
 
 def made_up(store: RedisStreams, error: EdgeError) -> BufferedEvent:
-    """An error event this edge tells its reader, not stored (seq 0: it has no id)."""
+    """An error event this edge tells its reader, not stored (seq 0: it has no id), in the
+    compact JSON of the stored ones."""
     name, data = store.encode(error)
-    return BufferedEvent(0, name, json.dumps(data))
+    return BufferedEvent(0, name, json.dumps(data, separators=(",", ":")))
+
+
+def text_of(value: bytes | str | None) -> str | None:
+    """A Redis reply's text (replies are bytes), or None."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class Tail:
     """This edge's blocking read of one stream, for its readers here."""
 
-    def __init__(self, store: RedisStreams, request_id: str, after_seq: int) -> None:
+    def __init__(
+        self, store: RedisStreams, request_id: str, after_seq: int, instance: str | None
+    ) -> None:
         self.store = store
         self.request_id = request_id
+        self.instance = instance
+        """The stream's instance (meta `instance`): the tail ends where the id's keys are
+        another stream's."""
         self.keys = Keys.of(request_id)
         self.readers = 0
         self.last = after_seq
@@ -188,11 +199,13 @@ class Tail:
         """Nothing new for a while: is the stream still stored, and is its edge alive? A stream
         whose edge died is taken over here."""
         pipe = self.store.reads.pipeline(transaction=False)
-        pipe.hget(self.keys.meta, "state")
+        pipe.hmget(self.keys.meta, ["state", "instance"])
         pipe.exists(self.keys.lease)
-        state, leased = await pipe.execute()
+        (state, instance), leased = await pipe.execute()
         if state is None or (state == b"expired" and not leased):
             return False  # gone, or dropped by an edge that died before it wrote why
+        if text_of(instance) != self.instance:
+            return False  # its keys lapsed, and another stream has the id now
         if state == b"open" and not leased:
             await self.store.take_over(self.request_id)
         return True
@@ -220,11 +233,15 @@ class RedisStream:
         self,
         store: RedisStreams,
         request_id: str,
+        instance: str | None,
         seat: Seat | None = None,
         reservation: str | None = None,
     ) -> None:
         self.store = store
         self.request_id = request_id
+        self.instance = instance
+        """The stream's instance when it was found: a reader behind whose stream's keys
+        lapsed (another stream may have the id since) is told its events are gone."""
         self.keys = Keys.of(request_id)
         self._seat = seat
         self._reservation = reservation
@@ -259,7 +276,7 @@ class RedisStream:
         # The first reader of a stream this edge opened takes a seat whatever the bound.
         seat, self._seat = self._seat or store.seats.take(), None
         reservation, self._reservation = self._reservation, None
-        tail = store.attach(self.request_id, after_seq)
+        tail = store.attach(self.request_id, after_seq, self.instance)
         if reservation is not None:
             tail.settle(reservation)
         try:
@@ -277,6 +294,9 @@ class RedisStream:
                 batch = tail.after(cursor)
                 if batch is None or (not batch and (tail.end or not tail.running)):
                     batch = await self._stored_after(cursor)
+                    if batch is None:  # its keys lapsed: what it has not read is gone
+                        yield made_up(self.store, events_dropped(cursor))
+                        return
                 if not batch:
                     if tail.end is not None:
                         yield tail.end
@@ -296,8 +316,14 @@ class RedisStream:
         except RedisError as error:
             yield made_up(self.store, store_error(error))
 
-    async def _stored_after(self, cursor: int) -> list[BufferedEvent]:
-        entries = await self.store.reads.xrange(
-            self.keys.events, f"0-{cursor + 1}", count=READ_COUNT
-        )
+    async def _stored_after(self, cursor: int) -> list[BufferedEvent] | None:
+        """The stored events after seq `cursor`; None where the stream is no longer stored
+        (its keys lapsed while this reader was behind), or another stream has its id now."""
+        pipe = self.store.reads.pipeline(transaction=False)
+        pipe.hget(self.keys.meta, "instance")
+        pipe.exists(self.keys.meta)
+        pipe.xrange(self.keys.events, f"0-{cursor + 1}", count=READ_COUNT)
+        instance, stored, entries = await pipe.execute()
+        if not stored or text_of(instance) != self.instance:
+            return None
         return [stored_event(entry) for entry in cast(list[Entry], entries)]

@@ -43,7 +43,14 @@ from tokenwire.edge.metrics import RouteName
 from tokenwire.edge.redis_generation import Generation, Opener, quietly, store_error
 from tokenwire.edge.redis_keys import Keys
 from tokenwire.edge.redis_pools import MAX_CONNECTIONS, Pools, Seats, waiting_client
-from tokenwire.edge.redis_readers import Entry, RedisStream, Tail, made_up, stored_event
+from tokenwire.edge.redis_readers import (
+    Entry,
+    RedisStream,
+    Tail,
+    made_up,
+    stored_event,
+    text_of,
+)
 from tokenwire.edge.resumable import (
     ATTACH_S,
     Encode,
@@ -215,6 +222,7 @@ class RedisStreams:
             "model": "" if upstream.model is None else upstream.model.header(),
             "first": 1,
             "holder": holder,
+            "instance": holder,
         }
         args = [
             *(self.live_ttl_ms, holder, self.lease_ms, _principal(owner), rk.GONE_S),
@@ -235,7 +243,7 @@ class RedisStreams:
             # The caller cancelled it on another edge while its server was opening it.
             upstream.cancel()
             generation.cancel()
-        return RedisStream(self, request_id, reservation=reservation)
+        return RedisStream(self, request_id, holder, reservation=reservation)
 
     async def get(self, request_id: str, owner: str | None) -> RedisStream:
         """The caller's stream, with a seat for its reader, and held for it until it attaches
@@ -244,17 +252,19 @@ class RedisStreams:
         seat = self.seats.admit()
         reservation = self.reservation()
         try:
-            held = await self._find(request_id, owner, reservation)
+            held, instance = await self._find(request_id, owner, reservation)
         except BaseException:
             seat.release()
             raise
-        return RedisStream(self, request_id, seat, reservation if held else None)
+        return RedisStream(self, request_id, instance, seat, reservation if held else None)
 
-    async def _find(self, request_id: str, owner: str | None, reservation: str = "") -> bool:
-        """Whether `reservation` now holds the caller's stream (it is stored, open or done);
-        404 or 410 where it is not."""
+    async def _find(
+        self, request_id: str, owner: str | None, reservation: str = ""
+    ) -> tuple[bool, str | None]:
+        """Whether `reservation` now holds the caller's stream (it is stored, open or done),
+        and the stream's instance; 404 or 410 where it is not."""
         keys = Keys.of(request_id)
-        found: int = await self.redis(
+        found, instance = await self.redis(
             self.scripts["FIND"](
                 keys=[keys.meta, keys.gone, keys.watch],
                 args=[_principal(owner), reservation, ATTACH_MS],
@@ -262,7 +272,7 @@ class RedisStreams:
             )
         )
         if found in (rk.FOUND, rk.HELD):
-            return found == rk.HELD
+            return found == rk.HELD, text_of(instance)
         if found == rk.EXPIRED:
             raise expired_stream(request_id)
         raise unknown_stream(request_id)
@@ -365,11 +375,12 @@ class RedisStreams:
         if tail is not None:
             tail.fail(made_up(self, error))
 
-    def attach(self, request_id: str, after_seq: int) -> Tail:
-        """A reader of the stream joins this edge's tail of it (a new one if it has none)."""
+    def attach(self, request_id: str, after_seq: int, instance: str | None) -> Tail:
+        """A reader of the stream joins this edge's tail of it (a new one if it has none, or
+        one of another stream that had the id before)."""
         tail = self.tails.get(request_id)
-        if tail is None or not tail.running:
-            tail = self.tails[request_id] = Tail(self, request_id, after_seq)
+        if tail is None or not tail.running or tail.instance != instance:
+            tail = self.tails[request_id] = Tail(self, request_id, after_seq, instance)
         tail.readers += 1
         return tail
 
