@@ -301,6 +301,38 @@ async def test_a_repeated_query_parameter_is_400_naming_it(http: httpx.AsyncClie
     assert _native_field(response) == "max_tokens"
 
 
+@pytest.mark.parametrize(
+    ("query", "name"),
+    [
+        ("prompt=%FF%FE", "prompt"),
+        ("prompt=%ED%A0%80", "prompt"),  # an encoded surrogate
+        ("prompt=x&stop=%FF", "stop"),
+    ],
+)
+async def test_a_query_parameter_that_is_not_utf8_is_400_naming_it(
+    http: httpx.AsyncClient, query: str, name: str
+) -> None:
+    """GET /v1/generate with a parameter whose percent-decoded bytes are not UTF-8 is a 400
+    naming it, as a body that is not UTF-8 is, not a prompt (or stop string) of U+FFFD."""
+    response = await http.get(f"/v1/generate?{query}")
+    assert _native_field(response) == name
+
+
+async def test_query_text_is_percent_decoded_as_utf8(http: httpx.AsyncClient) -> None:
+    """GET /v1/generate?prompt=caf%C3%A9 streams the prompt "café": as many prompt tokens as
+    the same prompt in a body."""
+    posted = await http.post("/v1/generate", json={"prompt": "café", "max_tokens": 1})
+    got = await http.get("/v1/generate?prompt=caf%C3%A9&max_tokens=1")
+    assert _prompt_tokens(got.text) == _prompt_tokens(posted.text)
+
+
+def _prompt_tokens(stream: str) -> int:
+    """The prompt_tokens of the `usage` event of a whole SSE body."""
+    usage = stream.split("event: usage\n", 1)[1].split("\n", 1)[0]
+    count: int = json.loads(usage.removeprefix("data: "))["prompt_tokens"]
+    return count
+
+
 @pytest.mark.parametrize("value", ["\u00e9t\u00e9", "a" * 129, "a\tb", "x:1"])
 async def test_bad_x_request_id_header_is_400(http: httpx.AsyncClient, value: str) -> None:
     """X-Request-ID outside printable ASCII, or too long, is a 400 naming request_id."""

@@ -7,6 +7,8 @@ resume, relays it from there.
 
 from __future__ import annotations
 
+import urllib.parse
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -211,10 +213,29 @@ async def generate_get(request: Request) -> Response:
         return await _resume(request, ctx, last)
     # A repeated parameter stays a list: `stop` takes one (?stop=a&stop=b), any other field
     # refuses it, where keeping one of the values would drop the others silently.
-    params = request.query_params
-    values = {name: params.getlist(name) for name in params}
+    values = _query(request.scope["query_string"])
     query = {name: found[0] if len(found) == 1 else found for name, found in values.items()}
     return await _start(request, ctx, Fields(query, from_query=True), QUERY_FIELDS)
+
+
+def _query(raw: bytes) -> dict[str, list[str]]:
+    """The query's parameters, each with its values in order; a 400 naming the parameter
+    whose percent-decoded bytes are not UTF-8 (a body's bytes must be, and a query is the
+    same request), where decoding them would put U+FFFD in its place silently."""
+    values: dict[str, list[str]] = {}
+    for pair in raw.split(b"&"):
+        if not pair:
+            continue
+        name, _, value = pair.partition(b"=")
+        decoded = []
+        for part in (name, value):
+            try:
+                decoded.append(urllib.parse.unquote_to_bytes(part.replace(b"+", b" ")).decode())
+            except UnicodeDecodeError:
+                field = urllib.parse.unquote(name.decode("latin-1"), errors="replace")
+                raise EdgeError.invalid(field, "must be UTF-8 (percent-encoded)") from None
+        values.setdefault(decoded[0], []).append(decoded[1])
+    return values
 
 
 async def resume(request: Request) -> Response:
