@@ -542,14 +542,17 @@ def test_a_negative_seed_is_its_64_bit_twos_complement() -> None:
         ("[::1]:8000", 200),
         ("LOCALHOST.:8000", 200),
         ("[::ffff:127.0.0.1]:8000", 200),
+        ("[::1]evil.example", 403),
+        ("[::1].evil.example:80", 403),
+        ("localhost:80evil", 403),
     ],
 )
 async def test_a_loopback_edge_answers_only_requests_naming_a_loopback_host(
     http: httpx.AsyncClient, host: str, status: int
 ) -> None:
     """An edge listening on 127.0.0.1 refuses (403) a request whose Host header names another
-    site, as a page that rebinds its own name to 127.0.0.1 sends it, and serves one naming a
-    loopback address."""
+    site, as a page that rebinds its own name to 127.0.0.1 sends it (also after a bracketed
+    loopback address), and serves one naming a loopback address."""
     body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
     response = await http.post("/v1/completions", json=body, headers={"Host": host})
     assert response.status_code == status, response.text

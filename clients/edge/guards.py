@@ -137,10 +137,15 @@ def _host_name(header: str) -> str:
     without port, brackets or a trailing dot ("[::1]:8000" -> "::1", "A.example.:80" ->
     "a.example")."""
     header = header.strip().lower()
-    if header.startswith("["):
-        name = header[1 : header.find("]")] if "]" in header else header
+    if header.startswith("[") and "]" in header:
+        name, _, rest = header[1:].partition("]")
+    elif header.count(":") == 1:
+        name, rest = header.partition(":")[0], header[header.index(":") :]
     else:
-        name = header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+        name, rest = header, ""
+    port = rest[1:]
+    if rest and not (rest.startswith(":") and (port.isdigit() or not port) and port.isascii()):
+        return header  # anything but a port after the host ("[::1]evil.com"): no name of ours
     return name.rstrip(".")
 
 
