@@ -125,6 +125,25 @@ async def test_reflection_needs_a_key(keyed: RunningServer) -> None:
     assert replies[0].list_services_response.service
 
 
+@pytest.mark.parametrize(
+    "method",
+    ["/tokenwire.v1.GenerationService/NoSuchMethod", "/grpc.reflection.v1.ServerReflection/X"],
+)
+async def test_a_method_the_server_lacks_is_unauthenticated_without_a_key(
+    keyed: RunningServer, method: str
+) -> None:
+    """Without a key, a method the server does not have is UNAUTHENTICATED as every other
+    method but health is, so which methods exist is not told; with a key it is UNIMPLEMENTED."""
+    async with grpc.aio.insecure_channel(keyed.target) as channel:
+        call = channel.unary_unary(method)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call(b"", timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await call(b"", metadata=_bearer(K1), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 async def test_cancel_of_another_principals_stream_answers_like_an_unknown_id(
     keyed: RunningServer,
 ) -> None:

@@ -86,15 +86,19 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if method.startswith(OPEN_METHOD_PREFIXES) or self._keys.principal(metadata) is not None:
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
         if self._on_refused is not None:
             self._on_refused(method)
-        return _refusing(handler)
+        # A method the server lacks is refused alike: without a key, which methods exist (or
+        # which reflection versions) is not told either.
+        return _refusing(handler) if handler is not None else _REFUSING_ANY
 
 
 async def _refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+
+_REFUSING_ANY: Handler = grpc.stream_stream_rpc_method_handler(_refuse)
+"""Answers UNAUTHENTICATED to a call of any shape without reading a request."""
 
 
 def _refusing(handler: Handler) -> Handler:
