@@ -250,6 +250,46 @@ async def test_a_stream_cut_again_and_again_still_completes(
     assert cuts >= 10
 
 
+UNREACHABLE = (
+    b'event: error\ndata: {"code":"UNAVAILABLE","status":503,'
+    b'"message":"the resume store is unavailable"}'
+)
+"""The error event an edge makes up (no id) when its resume store is out of reach."""
+
+
+async def test_an_edge_error_without_an_id_is_resumed_past(
+    browser: Browser, edge: RunningEdge
+) -> None:
+    """A connection that ends with the edge's own 503 `error` (no id: the resume store was out
+    of reach) is resumed from the last event, as a dropped one is: the stream completes."""
+    page = await _open(browser, edge)
+    cut = False
+
+    async def store_out_of_reach(route: Route) -> None:
+        nonlocal cut
+        if cut:
+            await route.continue_()
+            return
+        cut = True
+        response = await route.fetch()
+        events = (await response.body()).split(b"\n\n")
+        await route.fulfill(response=response, body=b"\n\n".join([*events[:3], UNREACHABLE, b""]))
+
+    await page.route("**/v1/generate**", store_out_of_reach)
+    await page.fill("#prompt", "def fib(n):")
+    await page.fill("#max_tokens", "60")
+    await page.fill("#temperature", "0")
+    await page.click("#generate")
+    await page.wait_for_function(
+        "['done', 'error'].includes(document.getElementById('status').textContent)",
+        timeout=20_000,
+    )
+    assert (await page.text_content("#status"), await page.text_content("#count")) == (
+        "done",
+        "60",
+    )
+
+
 async def test_a_late_cancel_answer_does_not_touch_the_next_run(
     browser: Browser, spec: ModelSpec, tokenizer: Tokenizer
 ) -> None:
@@ -432,6 +472,41 @@ async def test_a_page_that_gives_up_cancels_its_stream(
     assert len(cancels) == 1
     assert freed
     assert shown == "error 410: events dropped"
+
+
+async def test_a_page_told_by_the_edge_its_events_are_gone_cancels_its_stream(
+    browser: Browser, spec: ModelSpec, tokenizer: Tokenizer
+) -> None:
+    """A resume answered with the edge's own GONE `error` (no id: the events it had not read
+    are no longer kept) ends the run with that error, and the page cancels the stream, which
+    the server would otherwise go on generating for nobody."""
+    server, edge = await _looping(spec, tokenizer)
+    cancels: list[str] = []
+    gone = b'event: error\ndata: {"code":"GONE","status":410,"message":"events dropped"}\n\n'
+    try:
+        page = await _open(browser, edge)
+
+        async def dropped(route: Route) -> None:
+            await route.fulfill(status=200, content_type="text/event-stream", body=gone)
+
+        async def cancel(route: Route) -> None:
+            cancels.append(route.request.url)
+            await route.continue_()
+
+        await page.route("**/v1/generate", lambda route: _headers_only(route, edge))
+        await page.route("**/events", dropped)
+        await page.route("**/cancel", cancel)
+        await page.fill("#prompt", LOOP)
+        await page.fill("#max_tokens", "450")
+        await page.click("#generate")
+        settled = await _settled(page)
+        freed = await eventually(lambda: server.engine.active_count == 0, within_s=2)
+    finally:
+        await edge.edge.stop()
+        await server.server.drain()
+    assert settled == ("error", "0")
+    assert len(cancels) == 1
+    assert freed
 
 
 async def _focused(page: Page) -> str:

@@ -66,6 +66,10 @@ async function readEvents(response, onEvent) {
 function handle(ev, run, stats) {
   if (run !== current) return; // a stopped run's last bytes
   const data = JSON.parse(ev.data); // before the id counts: a broken event is fetched again
+  // An error without an id is this edge's, not the stream's. A 503 (the resume store out of
+  // reach) ended this connection only: the page resumes from the last event, as after a drop
+  // that brought nothing.
+  if (ev.event === "error" && !ev.id && data.status === 503) return;
   if (ev.id) run.lastEventId = ev.id;
   run.progress = true;
   if (ev.event === "token") {
@@ -88,6 +92,8 @@ function handle(ev, run, stats) {
     $("finish").textContent = `error ${data.status}: ${data.message}`;
     run.finished = true;
     run.failed = true;
+    // The edge's own (410: events dropped): the page gives up on a stream that may still run.
+    if (!ev.id) cancelUpstream(run);
   }
 }
 
