@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from httpx_sse import aconnect_sse
 
 from tests import sse
@@ -344,6 +345,38 @@ async def test_an_id_whose_edge_died_opening_it_is_free_a_lease_later(
     finally:
         await b.edge.stop()
     assert events[-1].event == "done"
+
+
+async def test_an_edge_whose_claim_lapsed_while_its_server_opened_gives_the_id_up(
+    paced: RunningServer, redis_server: RedisServer
+) -> None:
+    """Edge A claims an id and its server takes 1 s to open the stream; meanwhile A's claim
+    lapses (deleted here, as when A could not renew it) and edge B claims the id. When A's
+    server answers, A does not open its stream over B's claim: its caller gets a 409, and B's
+    claim stands."""
+    replica = SlowOpening(paced.target, 1.0)
+    await replica.start()
+    a = await _redis_edge(replica.target, redis_server.url, 2.0)
+    b = await _redis_edge(paced.target, redis_server.url, 2.0)
+    meta = "tokenwire:resume:contested:meta"
+    try:
+        async with (
+            httpx.AsyncClient(base_url=a.url, timeout=10) as on_a,
+            aioredis.from_url(redis_server.url) as store,
+        ):
+            headers = {"X-Request-ID": "contested"}
+            opening = asyncio.create_task(on_a.post("/v1/generate", json=SHORT, headers=headers))
+            assert await eventually(lambda: replica.started > 0)
+            await store.delete(meta)
+            await _store(b).claim("contested")
+            answer = await asyncio.wait_for(opening, 10)
+            claimer = await store.hget(meta, "claimer")
+    finally:
+        await a.edge.stop()
+        await b.edge.stop()
+        await replica.stop()
+    assert answer.status_code == 409
+    assert claimer == _store(b).edge.encode()
 
 
 async def test_a_cancel_of_an_id_whose_edge_died_opening_it_is_answered_at_once(

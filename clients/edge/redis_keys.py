@@ -103,11 +103,15 @@ return 1
 """
 
 # KEYS: meta, lease, gone, watch; ARGV: ttl ms, holder, lease ms, principal, gone s, member,
-# lapse ms, then the meta's fields and values. Opens a claimed id's stream under the holder's
-# lease, remembers its principal for GONE_S, and holds it for the response about to read it.
-# CANCEL_ASKED when a cancel came while it was opening (see CANCEL_OPENING), else WRITTEN.
+# lapse ms, claimer, then the meta's fields and values. Opens a claimed id's stream under the
+# holder's lease, remembers its principal for GONE_S, and holds it for the response about to
+# read it. CANCEL_ASKED when a cancel came while it was opening (see CANCEL_OPENING), LOST
+# when the id is another's (the claim lapsed while its edge could not renew it, and another
+# edge claimed the id since), else WRITTEN.
 OPEN = """
-redis.call('HSET', KEYS[1], unpack(ARGV, 8))
+local claim = redis.call('HMGET', KEYS[1], 'state', 'claimer')
+if claim[1] and (claim[1] ~= 'claimed' or claim[2] ~= ARGV[8]) then return -1 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 9))
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[5])

@@ -226,7 +226,7 @@ class RedisStreams:
         }
         args = [
             *(self.live_ttl_ms, holder, self.lease_ms, _principal(owner), rk.GONE_S),
-            *(reservation, ATTACH_MS),
+            *(reservation, ATTACH_MS, self.edge),
             *itertools.chain.from_iterable(meta.items()),
         ]
         try:
@@ -237,6 +237,9 @@ class RedisStreams:
             upstream.cancel()
             raise
         self._drop_claim(request_id)
+        if opened == rk.LOST:
+            upstream.cancel()
+            raise id_taken(self.window_s)
         origin = (str(meta["budget"]), str(meta["model"]))
         generation = self._start(request_id, 1, _ready(upstream), holder, origin=origin)
         if opened == rk.CANCEL_ASKED:
