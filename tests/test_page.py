@@ -235,19 +235,17 @@ async def test_a_stream_cut_again_and_again_still_completes(
         await route.fulfill(response=response, body=b"\n\n".join(events[:4]) + b"\n\n")
 
     await page.route("**/v1/generate**", cut_short)
+    assert await _sixty_greedy_tokens(page) == ("done", "60")
+    assert cuts >= 10
+
+
+async def _sixty_greedy_tokens(page: Page) -> tuple[str | None, str | None]:
+    """Generate 60 greedy tokens on the page: its status and token count once settled."""
     await page.fill("#prompt", "def fib(n):")
     await page.fill("#max_tokens", "60")
     await page.fill("#temperature", "0")
     await page.click("#generate")
-    await page.wait_for_function(
-        "['done', 'error'].includes(document.getElementById('status').textContent)",
-        timeout=20_000,
-    )
-    assert (await page.text_content("#status"), await page.text_content("#count")) == (
-        "done",
-        "60",
-    )
-    assert cuts >= 10
+    return await _settled(page)
 
 
 UNREACHABLE = (
@@ -276,18 +274,7 @@ async def test_an_edge_error_without_an_id_is_resumed_past(
         await route.fulfill(response=response, body=b"\n\n".join([*events[:3], UNREACHABLE, b""]))
 
     await page.route("**/v1/generate**", store_out_of_reach)
-    await page.fill("#prompt", "def fib(n):")
-    await page.fill("#max_tokens", "60")
-    await page.fill("#temperature", "0")
-    await page.click("#generate")
-    await page.wait_for_function(
-        "['done', 'error'].includes(document.getElementById('status').textContent)",
-        timeout=20_000,
-    )
-    assert (await page.text_content("#status"), await page.text_content("#count")) == (
-        "done",
-        "60",
-    )
+    assert await _sixty_greedy_tokens(page) == ("done", "60")
 
 
 async def test_a_late_cancel_answer_does_not_touch_the_next_run(
@@ -437,27 +424,36 @@ async def test_a_request_the_edge_does_not_know_yet_is_sent_again_under_its_id(
         assert answers == [("GET", 404), ("POST", 200)]
 
 
+GONE_EVENT = b'event: error\ndata: {"code":"GONE","status":410,"message":"events dropped"}\n\n'
+"""The error event (no id) an edge makes up for a reader whose events are no longer kept."""
+
+
+@pytest.mark.parametrize("answer", ["refused", "error-event"])
 async def test_a_page_that_gives_up_cancels_its_stream(
-    browser: Browser, spec: ModelSpec, tokenizer: Tokenizer
+    browser: Browser, spec: ModelSpec, tokenizer: Tokenizer, answer: str
 ) -> None:
     """When the page gives up on a stream, here because its resume after a connection broken
-    before the first event is refused (410), it shows why and cancels the stream: the server
-    stops generating it instead of running on for nobody."""
+    before the first event is refused (410), or answered with the edge's own GONE `error` (no
+    id: the events are no longer kept), it shows why and cancels the stream: the server stops
+    generating it instead of running on for nobody."""
     server, edge = await _looping(spec, tokenizer)
     cancels: list[str] = []
     try:
         page = await _open(browser, edge)
 
-        async def refused(route: Route) -> None:
-            body = {"error": {"code": "GONE", "status": 410, "message": "events dropped"}}
-            await route.fulfill(status=410, json=body)
+        async def gone(route: Route) -> None:
+            if answer == "refused":
+                body = {"error": {"code": "GONE", "status": 410, "message": "events dropped"}}
+                await route.fulfill(status=410, json=body)
+            else:
+                await route.fulfill(status=200, content_type="text/event-stream", body=GONE_EVENT)
 
         async def cancel(route: Route) -> None:
             cancels.append(route.request.url)
             await route.continue_()
 
         await page.route("**/v1/generate", lambda route: _headers_only(route, edge))
-        await page.route("**/events", refused)
+        await page.route("**/events", gone)
         await page.route("**/cancel", cancel)
         await page.fill("#prompt", LOOP)
         await page.fill("#max_tokens", "450")
@@ -472,41 +468,6 @@ async def test_a_page_that_gives_up_cancels_its_stream(
     assert len(cancels) == 1
     assert freed
     assert shown == "error 410: events dropped"
-
-
-async def test_a_page_told_by_the_edge_its_events_are_gone_cancels_its_stream(
-    browser: Browser, spec: ModelSpec, tokenizer: Tokenizer
-) -> None:
-    """A resume answered with the edge's own GONE `error` (no id: the events it had not read
-    are no longer kept) ends the run with that error, and the page cancels the stream, which
-    the server would otherwise go on generating for nobody."""
-    server, edge = await _looping(spec, tokenizer)
-    cancels: list[str] = []
-    gone = b'event: error\ndata: {"code":"GONE","status":410,"message":"events dropped"}\n\n'
-    try:
-        page = await _open(browser, edge)
-
-        async def dropped(route: Route) -> None:
-            await route.fulfill(status=200, content_type="text/event-stream", body=gone)
-
-        async def cancel(route: Route) -> None:
-            cancels.append(route.request.url)
-            await route.continue_()
-
-        await page.route("**/v1/generate", lambda route: _headers_only(route, edge))
-        await page.route("**/events", dropped)
-        await page.route("**/cancel", cancel)
-        await page.fill("#prompt", LOOP)
-        await page.fill("#max_tokens", "450")
-        await page.click("#generate")
-        settled = await _settled(page)
-        freed = await eventually(lambda: server.engine.active_count == 0, within_s=2)
-    finally:
-        await edge.edge.stop()
-        await server.server.drain()
-    assert settled == ("error", "0")
-    assert len(cancels) == 1
-    assert freed
 
 
 async def _focused(page: Page) -> str:
