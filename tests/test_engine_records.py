@@ -16,6 +16,7 @@ from tokenwire.server.domain import (
     FinishReason,
     GenerationRequest,
     TokenEvent,
+    UsageEvent,
 )
 from tokenwire.server.engine import Engine, ModelSpec, OnnxCausalLM, RequestRecord, StepRecord
 from tokenwire.server.engine import engine as engine_module
@@ -92,6 +93,15 @@ async def test_queue_time_ends_when_the_prefill_starts(slow: RunningServer) -> N
     record = await _recorded(slow, "short")
     assert record.queue_time is not None
     assert record.queue_time >= 2 * STEP_S
+
+
+async def test_a_records_duration_is_its_usages_total_time(slow: RunningServer) -> None:
+    """The duration the engine records for a request (the duration metric's observation) is
+    the total time its Usage reports, the end its caller saw, not its release a step later."""
+    handle = slow.engine.submit(_request("timed", 2))
+    usage = next(e for e in [e async for e in handle.events()] if isinstance(e, UsageEvent))
+    record = await _recorded(slow, "timed")
+    assert record.finished_at - record.arrived_at == pytest.approx(usage.total_time_s, abs=1e-9)
 
 
 async def test_every_decoded_row_counts_in_its_steps_batch_size(slow: RunningServer) -> None:

@@ -46,6 +46,8 @@ class Sequence:
     cache: BatchKvCache | SlotPrefill | None = None
     """The cache of a prompt being prefilled in chunks, between its chunks."""
     scheduled_at: float | None = None
+    closed_at: float | None = None
+    """When its usage was taken (its end, as its caller's Usage times it)."""
     token_times: list[float] = dataclasses.field(default_factory=list)
     finish_reason: FinishReason | None = None
     stop_sequence: str = ""
@@ -246,6 +248,7 @@ class Sequence:
         self.end(self.ended_by_caller, time.monotonic())
 
     def _close(self, now: float) -> None:
+        self.closed_at = now
         with self._ending:
             if self.ended_by_caller is not None:
                 self.finish_reason, self.stop_sequence = self.ended_by_caller, ""
@@ -283,7 +286,9 @@ class Sequence:
             arrived_at=self.arrived_at,
             scheduled_at=self.scheduled_at,
             first_token_at=self.token_times[0] if self.token_times else None,
-            finished_at=now,
+            # Its end as its Usage times it, not its release a step later: the duration
+            # metric and the request's own timings (its log line) agree.
+            finished_at=self.closed_at if self.closed_at is not None else now,
             token_times=tuple(self.token_times),
             finish_reason=self.finish_reason,
         )
