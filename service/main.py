@@ -356,9 +356,8 @@ async def _main(settings: Settings) -> int:
         # The first SIGTERM/SIGINT drains; a second cuts the drain short, as the edge's does.
         if not stop.is_set():
             stop.set()
-        elif not hurry.is_set():
-            log.info("server.drain_cut_short")
-            hurry.set()
+        else:
+            hurry.set()  # the drain logs server.drain_cut_short where one runs
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

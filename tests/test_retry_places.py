@@ -158,6 +158,40 @@ async def test_cancel_reaches_a_request_whose_long_prompt_is_being_tokenized(
     assert await eventually(lambda: two_places.engine.active_count == 0)
 
 
+async def test_a_drain_refuses_the_long_prompts_waiting_for_the_tokenizer_itself(
+    two_places: RunningServer, tokenizer_gate: threading.Event
+) -> None:
+    """A drain refuses a long prompt still queued for the tokenizer at once, and one being
+    tokenized once it is, each with the server's own UNAVAILABLE (its reason, which clients
+    retry elsewhere), and waits for them: none is left to be cut by the transport's stop."""
+    async with grpc.aio.insecure_channel(two_places.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        calls = {
+            asyncio.ensure_future(collect(stub, greedy(LONG, 5, request_id="a"))),
+            asyncio.ensure_future(collect(stub, greedy(LONG + "\n", 5, request_id="b"))),
+        }
+        assert await eventually(lambda: len(two_places.engine._tokenizing_requests) == 2)
+        drain = asyncio.create_task(two_places.server.drain())
+        # One is on the (held) tokenizer thread, the other queued behind it: that one ends.
+        done, [tokenizing] = await asyncio.wait(calls, timeout=5, return_when="FIRST_COMPLETED")
+        refused_at_once = await _refusal(done.pop())
+        tokenizer_gate.set()
+        refused_once_tokenized = await _refusal(tokenizing)
+        await asyncio.wait_for(drain, 10)
+    for error in (refused_at_once, refused_once_tokenized):
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "Cancelling all calls" not in (error.details() or "")
+    assert "shutting down" in (refused_at_once.details() or "")
+    assert "not accepting" in (refused_once_tokenized.details() or "")
+
+
+async def _refusal(call: asyncio.Future[list[pb.GenerateResponse]]) -> grpc.aio.AioRpcError:
+    """The error a Generate call ended with (within 5 s)."""
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await asyncio.wait_for(call, 5)
+    return refused.value
+
+
 async def test_of_two_long_retries_waiting_for_the_tokenizer_the_newer_wins(
     two_places: RunningServer, tokenizer_gate: threading.Event
 ) -> None:

@@ -208,16 +208,28 @@ class Engine:
         self._accepting = True
 
     def stop_accepting(self) -> None:
-        self._accepting = False
+        """Take no more requests (a drain). Long inputs still queued for the tokenizer thread
+        leave its queue, refused Unavailable at once, as a request arriving now is: none was
+        admitted, and tokenizing one only to refuse it would hold the drain up; the one being
+        tokenized is refused once tokenized."""
+        with self._lock:
+            self._accepting = False
+            tokenizing = self._tokenizing
+        if tokenizing is not None:
+            tokenizing.shutdown(wait=False, cancel_futures=True)
 
     async def wait_idle(self, limit_s: float) -> bool:
-        """Wait until no request is active; False if limit_s passed first."""
+        """Wait until no request is active, and none waits for the tokenizer; False if
+        limit_s passed first."""
         deadline = time.monotonic() + limit_s
         # Requests are released on the decode thread; a short poll keeps that thread free of
         # event-loop bookkeeping and only runs while draining.
-        while self.active_count and time.monotonic() < deadline:  # noqa: ASYNC110
+        while not self._idle() and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
-        return self.active_count == 0
+        return self._idle()
+
+    def _idle(self) -> bool:
+        return self.active_count == 0 and not self._tokenizing_requests
 
     def shutdown(self) -> None:
         """Cancel whatever is left and stop the decode thread."""

@@ -147,10 +147,14 @@ class TokenwireServer:
             await self._unless_hurried(asyncio.sleep(settings.drain_notice_s, True))
         # The server keeps answering while streams finish: new requests get an explicit
         # UNAVAILABLE (which clients retry elsewhere) rather than a transport-level cancel.
-        if engine is not None and not await self._unless_hurried(
+        idle = engine is None or await self._unless_hurried(
             engine.wait_idle(settings.drain_grace_s)
-        ):
-            log.warning("server.drain_timeout", cancelled=engine.active_count)
+        )
+        if self.hurry.is_set():  # a second signal: the notice or the grace ended at once
+            log.info("server.drain_cut_short", cancelled=_active(engine))
+        elif not idle:
+            log.warning("server.drain_timeout", cancelled=_active(engine))
+        if engine is not None and not idle:
             engine.cancel_all(FinishReason.CANCELLED)
             await engine.wait_idle(2.0)
         await self._quiet_moment()
