@@ -34,9 +34,22 @@ K1 = {"Authorization": "Bearer k1"}
 K2 = {"Authorization": "Bearer k2"}
 
 
-async def _redis_edge(target: str, url: str, window_s: float) -> RunningEdge:
-    """An edge on the Redis store whose lease is refreshed (and expiry checked) every 0.1 s."""
-    return await start_edge(target, resume_store=url, resume_window_s=window_s, resume_lease_s=0.3)
+async def _redis_edge(target: str, url: str, window_s: float, lease_s: float = 0.3) -> RunningEdge:
+    """An edge on the Redis store whose lease is refreshed (and expiry checked) every third of
+    `lease_s` (0.1 s)."""
+    return await start_edge(
+        target, resume_store=url, resume_window_s=window_s, resume_lease_s=lease_s
+    )
+
+
+async def _lapsed(url: str, request_id: str) -> bool:
+    """Whether the id's keys in the store lapse (within 5 s)."""
+    async with aioredis.from_url(url) as store:
+        meta = f"tokenwire:resume:{request_id}:meta"
+        deadline = time.monotonic() + 5
+        while await store.exists(meta) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not await store.exists(meta)
 
 
 def _store(edge: RunningEdge) -> RedisStreams:
@@ -218,7 +231,7 @@ async def test_a_stream_whose_last_event_comes_as_it_is_dropped_ends_as_finished
 
 
 async def _behind_a_lapsed_stream(
-    edge: RunningEdge, request_id: str, *, reopen: bool
+    edge: RunningEdge, url: str, request_id: str, *, reopen: bool
 ) -> list[tuple[int, str]]:
     """A finished stream's reader that read its first event, then fell behind until the
     stream's keys lapsed (its window of 1 s), after which (with `reopen`) another stream took
@@ -229,7 +242,7 @@ async def _behind_a_lapsed_stream(
         await sse.events(http, "POST", "/v1/generate", json=SHORT, headers=headers)
         reader = (await _store(edge).get(request_id, None)).follow(0)
         first = await anext(reader)
-        await asyncio.sleep(1.5)  # the stream's keys lapse
+        assert await _lapsed(url, request_id)
         if reopen:
             body = {**SHORT, "max_tokens": 100}
             await sse.events(http, "POST", "/v1/generate", json=body, headers=headers)
@@ -247,7 +260,9 @@ async def test_a_reader_behind_a_stream_whose_keys_lapsed_gets_a_gone_error(
     monkeypatch.setattr(redis_readers, "READ_COUNT", 1)
     edge = await _redis_edge(paced.target, redis_server.url, 1.0)
     try:
-        read = await _behind_a_lapsed_stream(edge, f"behind-{reopen}", reopen=reopen)
+        read = await _behind_a_lapsed_stream(
+            edge, redis_server.url, f"behind-{reopen}", reopen=reopen
+        )
     finally:
         await edge.edge.stop()
     assert read == [(1, "token"), (0, "error")]
@@ -327,19 +342,19 @@ async def test_a_cancel_while_another_edge_opens_the_stream_is_answered_at_once(
     assert len(events) < 100
 
 
-async def test_an_id_whose_edge_died_opening_it_is_free_a_lease_later(
+async def test_an_id_whose_edge_died_opening_it_is_free_once_its_claim_lapses(
     paced: RunningServer, redis_server: RedisServer
 ) -> None:
-    """An id claimed by an edge that died before its server answered is free again once that
-    edge's lease (0.3 s here) has lapsed, not a minute later: a new stream under it on another
-    edge is served."""
+    """An id claimed by an edge that died before its server answered is free again once its
+    claim lapses (three of that edge's leases, 0.9 s here), not a minute later: a new stream
+    under it on another edge is served."""
     a = await _redis_edge(paced.target, redis_server.url, 2.0)
     await _store(a).claim("orphaned")
     await a.edge.stop()  # dies with the id claimed
     b = await _redis_edge(paced.target, redis_server.url, 2.0)
     headers = {"X-Request-ID": "orphaned"}
     try:
-        await asyncio.sleep(0.6)
+        assert await _lapsed(redis_server.url, "orphaned")
         async with httpx.AsyncClient(base_url=b.url, timeout=10) as on_b:
             _, events = await sse.events(on_b, "POST", "/v1/generate", json=SHORT, headers=headers)
     finally:
@@ -376,19 +391,49 @@ async def test_an_edge_whose_claim_lapsed_while_its_server_opened_gives_the_id_u
         await b.edge.stop()
         await replica.stop()
     assert answer.status_code == 409
-    assert claimer == _store(b).edge.encode()
+    assert claimer is not None
+    assert claimer.decode().startswith(f"{_store(b).edge}:")
+
+
+async def test_an_id_an_edge_is_opening_is_taken_there_even_where_its_claim_lapsed(
+    paced: RunningServer, redis_server: RedisServer
+) -> None:
+    """An edge whose server takes 1 s to open a stream refuses a second request under the same
+    id (409) even where the id's claim in the store has lapsed meanwhile (deleted here): the
+    second never claims it over the first, which opens its stream as asked."""
+    replica = SlowOpening(paced.target, 1.0)
+    await replica.start()
+    a = await _redis_edge(replica.target, redis_server.url, 2.0)
+    headers = {"X-Request-ID": "twice"}
+    try:
+        async with (
+            httpx.AsyncClient(base_url=a.url, timeout=10) as on_a,
+            aioredis.from_url(redis_server.url) as store,
+        ):
+            first = asyncio.create_task(
+                sse.events(on_a, "POST", "/v1/generate", json=SHORT, headers=headers)
+            )
+            assert await eventually(lambda: replica.started > 0)
+            await store.delete("tokenwire:resume:twice:meta")
+            second = await on_a.post("/v1/generate", json=SHORT, headers=headers)
+            _, events = await asyncio.wait_for(first, 10)
+    finally:
+        await a.edge.stop()
+        await replica.stop()
+    assert second.status_code == 409
+    assert events[-1].event == "done"
 
 
 async def test_a_cancel_of_an_id_whose_edge_died_opening_it_is_answered_at_once(
     paced: RunningServer, redis_server: RedisServer
 ) -> None:
-    """An id claimed by an edge that died before its server answered (its claim holds for a
-    lease): a cancel on another edge is answered at once, and that edge then stops at once,
-    with no request of it still waiting on the claim."""
-    a = await _redis_edge(paced.target, redis_server.url, 2.0)
+    """An id claimed by an edge that died before its server answered (its claim holds for
+    three leases, 30 s here): a cancel on another edge is answered at once, and that edge then
+    stops at once, with no request of it still waiting on the claim."""
+    a = await _redis_edge(paced.target, redis_server.url, 2.0, lease_s=10.0)
     await _store(a).claim("orphan")
     await a.edge.stop()  # dies with the id claimed
-    b = await _redis_edge(paced.target, redis_server.url, 2.0)
+    b = await _redis_edge(paced.target, redis_server.url, 2.0, lease_s=10.0)
     try:
         async with httpx.AsyncClient(base_url=b.url, timeout=10) as on_b:
             reply = await asyncio.wait_for(on_b.post("/v1/generate/orphan/cancel", json={}), 1.0)

@@ -36,7 +36,16 @@ async def test_a_route_with_a_trailing_slash_is_a_json_404_naming_the_route(
     response = await http.post(path, json={})
     assert response.status_code == 404
     assert response.headers["content-type"] == "application/json"
-    assert path.rstrip("/") in response.json()["error"]["message"]
+    assert f"without a slash: {path.rstrip('/')}" in response.json()["error"]["message"]
+
+
+async def test_a_404_names_no_route_for_an_unknown_path_with_a_trailing_slash(
+    http: httpx.AsyncClient,
+) -> None:
+    """An unknown path with a trailing slash (`/v1/nope/`) is a 404 that suggests no route."""
+    response = await http.post("/v1/nope/", json={})
+    assert response.status_code == 404
+    assert "without a slash" not in response.json()["error"]["message"]
 
 
 async def test_unknown_native_route_is_a_native_json_404(http: httpx.AsyncClient) -> None:

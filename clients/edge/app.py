@@ -13,7 +13,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tokenwire.common.settings import is_loopback
@@ -76,7 +76,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         error = EdgeError(405, "METHOD_NOT_ALLOWED", message, openai_code="method_not_allowed")
     elif exc.status_code == 404:
         message = f"no route {request.method} {path}"
-        if path.endswith("/") and path != "/":
+        if path.endswith("/") and _a_route(request, path.rstrip("/")):
             message += f" (routes end without a slash: {path.rstrip('/')})"
         error = EdgeError(
             404,
@@ -91,6 +91,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if "Allow" in headers:  # Starlette joins a set: the same list in the same order each time
         headers["Allow"] = ", ".join(sorted(headers["Allow"].split(", ")))
     return JSONResponse(error.body_for(path), status_code=exc.status_code, headers=headers)
+
+
+def _a_route(request: Request, path: str) -> bool:
+    """Whether one of the app's routes takes `path` (by any method)."""
+    scope = {**request.scope, "path": path}
+    return any(route.matches(scope)[0] != Match.NONE for route in request.app.router.routes)
 
 
 async def healthz(request: Request) -> Response:

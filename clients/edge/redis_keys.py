@@ -11,7 +11,7 @@ Keys of one stream (all under `tokenwire:resume:<request_id>:`, all expiring):
            stream was opening), `holder` (the generation that last took the lease),
            `instance` (the generation that opened it: a reader checks it is still the stream
            it attached to, where the id's keys lapsed and another stream took the id since),
-           `claimer` (the edge that claimed the id);
+           `claimer` (the name of the claim that opened it);
 - `events` stream: one entry per event, entry id `0-<seq>`, fields `n` (name), `d` (JSON data);
 - `ids`    string: the token ids delivered so far, 4 bytes each, little-endian (what a
            continuation sends as `continuation_ids`);
@@ -85,9 +85,9 @@ class Keys:
 
 # KEYS: meta, events, ids, lease, watch; ARGV: ttl ms, principal, claimer. 1 when the id was
 # free (no meta, or an expired stream's whose last event is written; and no lease: a stream
-# whose meta alone was evicted still runs under it) and is now claimed, by the principal, for
-# the claiming edge (`claimer`), which renews it (RENEW_CLAIM) while its server opens the
-# stream: an edge that dies meanwhile leaves the id free a lease later.
+# whose meta alone was evicted still runs under it) and is now claimed, by the principal, as
+# `claimer` (the claim's own name), which its edge renews (RENEW_CLAIM) while its server opens
+# the stream: an edge that dies meanwhile leaves the id free once the claim lapses.
 # What a stream of the id left without its meta (evicted under memory pressure, or expired a
 # moment apart) is deleted with the claim: the new stream's events and ids start empty, and
 # none of an earlier caller's is ever read as this one's.

@@ -173,6 +173,11 @@ class Tail:
                 ),
             )
             if reply:
+                if text_of(await store.reads.hget(keys.meta, "instance")) != self.instance:
+                    # Its keys went (evicted, or lost in a store's failover) and another
+                    # stream took the id: what was read is not this stream's.
+                    self._ended(made_up(store, events_dropped(self.last)))
+                    return
                 if self._keep([stored_event(entry) for entry in reply[0][1]]):
                     return  # the stream ended: its readers find its last event
             elif not await self._still_there():
@@ -319,11 +324,12 @@ class RedisStream:
     async def _stored_after(self, cursor: int) -> list[BufferedEvent] | None:
         """The stored events after seq `cursor`; None where the stream is no longer stored
         (its keys lapsed while this reader was behind), or another stream has its id now."""
-        pipe = self.store.reads.pipeline(transaction=False)
-        pipe.hget(self.keys.meta, "instance")
-        pipe.exists(self.keys.meta)
+        # One transaction: the meta and the events read at one moment, so events that lapsed
+        # between the two reads are never taken for a stream with none left.
+        pipe = self.store.reads.pipeline(transaction=True)
+        pipe.hmget(self.keys.meta, ["state", "instance"])
         pipe.xrange(self.keys.events, f"0-{cursor + 1}", count=READ_COUNT)
-        instance, stored, entries = await pipe.execute()
-        if not stored or text_of(instance) != self.instance:
+        (state, instance), entries = await pipe.execute()
+        if state is None or text_of(instance) != self.instance:
             return None
         return [stored_event(entry) for entry in cast(list[Entry], entries)]

@@ -91,6 +91,10 @@ tokens were delivered (a continuation with some replaces that generation at once
 # A finished stream stays for the window, but never less than this: readers blocked on it must
 # still find its last event. A stream dropped unread stays this long (its GONE `error`).
 MIN_DONE_MS = 1000
+CLAIM_LEASES = 3
+"""A claim holds this many leases, renewed every lease: one renewal the store answers late
+loses nothing, and an edge that dies while its server opens a stream leaves the id free that
+much later."""
 ATTACH_MS = round(ATTACH_S * 1000)
 NATIVE = RouteName.NATIVE
 """The route of every stored stream (only native streams are kept), and of its failovers."""
@@ -139,9 +143,11 @@ class RedisStreams:
         self.held = 0
         """Bytes of the events kept for the streams this edge generates, kept as they change
         (`bytes` sums them); bounded by total_bytes as events arrive (Generation._keep)."""
-        self._claimed: dict[str, asyncio.Task[None]] = {}
-        """The ids this edge claimed whose servers are opening their streams, each with the
-        task that renews its claim."""
+        self._claimed: dict[str, tuple[str, asyncio.Task[None]]] = {}
+        """The ids this edge claimed whose servers are opening their streams, each with its
+        claim's name (its `claimer` in the store) and the task that renews it."""
+        self._claiming: set[str] = set()
+        """The ids this edge is claiming now (their CLAIM not answered yet)."""
         self._reservations = itertools.count()
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
@@ -171,36 +177,55 @@ class RedisStreams:
         return f"{self.edge}:{uuid.uuid4().hex[:12]}"
 
     async def claim(self, request_id: str, owner: str | None = None) -> None:
-        """Claim the id for a stream this edge's server is about to open, for a lease at a
-        time, renewed while it opens: an edge that dies meanwhile leaves it free a lease later."""
-        keys = Keys.of(request_id)
-        args = [self.lease_ms, _principal(owner), self.edge]
-        if not await self.redis(self.script("CLAIM", keys.claimed, args)):
+        """Claim the id for a stream this edge's server is about to open, for CLAIM_LEASES
+        leases at a time, renewed while it opens: an edge that dies meanwhile leaves it free
+        that much later. Each claim has a name of its own (an edge whose claim lapsed opens
+        nothing over another's), and an id this edge is opening is taken here whatever the
+        store says, as in the in-memory store."""
+        if request_id in self._claimed or request_id in self._claiming:
             raise id_taken(self.window_s)
-        self._claimed[request_id] = asyncio.create_task(self._hold_claim(keys.meta))
+        keys = Keys.of(request_id)
+        claimer = self.holder()
+        args = [self._claim_ms, _principal(owner), claimer]
+        self._claiming.add(request_id)
+        try:
+            claimed = await self.redis(self.script("CLAIM", keys.claimed, args))
+        finally:
+            self._claiming.discard(request_id)
+        if not claimed:
+            raise id_taken(self.window_s)
+        renewing = asyncio.create_task(self._hold_claim(keys.meta, claimer))
+        self._claimed[request_id] = (claimer, renewing)
 
-    async def _hold_claim(self, meta: str) -> None:
-        """Renew a claim every third of a lease until it is opened or released (cancelled then)
-        or no longer this edge's; a renewal Redis fails is tried again at the next."""
+    @property
+    def _claim_ms(self) -> int:
+        return CLAIM_LEASES * self.lease_ms
+
+    async def _hold_claim(self, meta: str, claimer: str) -> None:
+        """Renew a claim every lease until it is opened or released (cancelled then) or no
+        longer this one's; a renewal Redis fails is tried again at the next."""
         while True:
-            await asyncio.sleep(self.lease_s / 3)
+            await asyncio.sleep(self.lease_s)
             try:
-                if not await self.script("RENEW_CLAIM", [meta], [self.edge, self.lease_ms]):
+                if not await self.script("RENEW_CLAIM", [meta], [claimer, self._claim_ms]):
                     return
             except RedisError as error:
                 store_error(error)
 
-    def _drop_claim(self, request_id: str) -> bool:
-        """Stop renewing the id's claim; whether this edge held one."""
-        renewing = self._claimed.pop(request_id, None)
-        if renewing is not None:
-            renewing.cancel()
-        return renewing is not None
+    def _drop_claim(self, request_id: str) -> str | None:
+        """Stop renewing the id's claim; the claim's name where this edge held one."""
+        held = self._claimed.pop(request_id, None)
+        if held is None:
+            return None
+        claimer, renewing = held
+        renewing.cancel()
+        return claimer
 
     async def release(self, request_id: str) -> None:
-        if self._drop_claim(request_id):
+        claimer = self._drop_claim(request_id)
+        if claimer is not None:
             meta = Keys.of(request_id).meta
-            await self.redis(self.script("RELEASE_CLAIM", [meta], [self.edge]))
+            await self.redis(self.script("RELEASE_CLAIM", [meta], [claimer]))
 
     async def open(
         self, upstream: UpstreamStream, request_id: str, owner: str | None
@@ -226,7 +251,7 @@ class RedisStreams:
         }
         args = [
             *(self.live_ttl_ms, holder, self.lease_ms, _principal(owner), rk.GONE_S),
-            *(reservation, ATTACH_MS, self.edge),
+            *(reservation, ATTACH_MS, self._claimed.get(request_id, ("",))[0]),
             *itertools.chain.from_iterable(meta.items()),
         ]
         try:
@@ -426,10 +451,11 @@ class RedisStreams:
             generation.stop()
         for tail in self.tails.values():
             tail.stop()
-        for renewing in self._claimed.values():
-            renewing.cancel()  # an opening cut short: its claim lapses a lease later
+        renewals = [renewing for _, renewing in self._claimed.values()]
+        for renewing in renewals:
+            renewing.cancel()  # an opening cut short: its claim lapses by itself
         tasks = [t for g in self._generations.values() for t in g.tasks] + list(self._background)
-        tasks += [tail.task for tail in self.tails.values()] + list(self._claimed.values())
+        tasks += [tail.task for tail in self.tails.values()] + renewals
         await asyncio.gather(*tasks, return_exceptions=True)
         for client in (self.writes, self.reads, self.waits):
             await client.aclose()

@@ -214,7 +214,7 @@ class Engine:
         tokenized is refused once tokenized."""
         with self._lock:
             self._accepting = False
-            tokenizing = self._tokenizing
+            tokenizing, self._tokenizing = self._tokenizing, None
         if tokenizing is not None:
             tokenizing.shutdown(wait=False, cancel_futures=True)
 
