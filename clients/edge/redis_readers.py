@@ -173,11 +173,6 @@ class Tail:
                 ),
             )
             if reply:
-                if text_of(await store.reads.hget(keys.meta, "instance")) != self.instance:
-                    # Its keys went (evicted, or lost in a store's failover) and another
-                    # stream took the id: what was read is not this stream's.
-                    self._ended(made_up(store, events_dropped(self.last)))
-                    return
                 if self._keep([stored_event(entry) for entry in reply[0][1]]):
                     return  # the stream ended: its readers find its last event
             elif not await self._still_there():

@@ -92,9 +92,10 @@ tokens were delivered (a continuation with some replaces that generation at once
 # still find its last event. A stream dropped unread stays this long (its GONE `error`).
 MIN_DONE_MS = 1000
 CLAIM_LEASES = 3
-"""A claim holds this many leases, renewed every lease: one renewal the store answers late
-loses nothing, and an edge that dies while its server opens a stream leaves the id free that
-much later."""
+MIN_CLAIM_MS = 3000
+"""A claim holds CLAIM_LEASES leases (at least MIN_CLAIM_MS), renewed every lease: a renewal
+the store, or a busy event loop, answers late loses nothing, and an edge that dies while its
+server opens a stream leaves the id free that much later."""
 ATTACH_MS = round(ATTACH_S * 1000)
 NATIVE = RouteName.NATIVE
 """The route of every stored stream (only native streams are kept), and of its failovers."""
@@ -178,10 +179,10 @@ class RedisStreams:
 
     async def claim(self, request_id: str, owner: str | None = None) -> None:
         """Claim the id for a stream this edge's server is about to open, for CLAIM_LEASES
-        leases at a time, renewed while it opens: an edge that dies meanwhile leaves it free
-        that much later. Each claim has a name of its own (an edge whose claim lapsed opens
-        nothing over another's), and an id this edge is opening is taken here whatever the
-        store says, as in the in-memory store."""
+        leases (at least MIN_CLAIM_MS) at a time, renewed every lease while it opens: an edge
+        that dies meanwhile leaves it free that much later. Each claim has a name of its own
+        (an edge whose claim lapsed opens nothing over another's), and an id this edge is
+        opening is taken here whatever the store says, as in the in-memory store."""
         if request_id in self._claimed or request_id in self._claiming:
             raise id_taken(self.window_s)
         keys = Keys.of(request_id)
@@ -199,7 +200,7 @@ class RedisStreams:
 
     @property
     def _claim_ms(self) -> int:
-        return CLAIM_LEASES * self.lease_ms
+        return max(CLAIM_LEASES * self.lease_ms, MIN_CLAIM_MS)
 
     async def _hold_claim(self, meta: str, claimer: str) -> None:
         """Renew a claim every lease until it is opened or released (cancelled then) or no
