@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tokenwire.client import failover
 from tokenwire.client.client import CANCEL_TIMEOUT_S, cancel_everywhere, channel_options
 from tokenwire.client.errors import ModelMismatch, TokenwireError, from_rpc_error, from_status
-from tokenwire.client.failover import RETRYABLE, CutShort, Resumption, ServedModel, Targets
+from tokenwire.client.failover import CutShort, Resumption, ServedModel, Targets
 from tokenwire.client.messages import (
     ModelInfo,
     StreamEvent,
@@ -440,16 +440,13 @@ class Upstream:
         index, left = self._targets.next, len(self._stubs)
         while True:
             left -= 1
+            until = time.monotonic() + failover.MODEL_CHECK_S if deadline is None else deadline
             try:
-                if deadline is None:
-                    return index, await ask(index, failover.MODEL_CHECK_S)
-                return index, await ask(index, failover.attempt_s(deadline, left))
+                return index, await ask(index, failover.attempt_s(until, left))
             except grpc.RpcError as failed:
-                if deadline is None:
+                if deadline is None:  # the model check: its time running out is UNAVAILABLE
                     failed = failover.checked(failed, self._targets.names[index])
-                    code = failed.code() if failed.code() in RETRYABLE and left else None
-                else:
-                    code = failover.moves_on(failed, deadline, left)
+                code = failover.moves_on(failed, until, left)
                 if code is None:
                     raise edge_error(from_rpc_error(failed)) from None
                 index = self._targets.skip(index, code)
